@@ -1,0 +1,3 @@
+"""
+The explorer: the registry of nodes, fed by heartbeats, and a proxy for calls to them.
+"""

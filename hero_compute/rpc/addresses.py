@@ -1,0 +1,226 @@
+"""
+The one address grammar of hero_compute (CONTRACT §1).
+
+Peers are named by URI: C{unix:///abs/path.sock} (or the legacy bare C{/abs/path.sock}),
+C{tcp://host:port}, C{tcp://[v6addr]:port} and C{tls://host:port}.  Listeners are named
+C{host:port} or C{[v6addr]:port}.  Everything that reads an address from a user, an
+environment variable or the wire goes through L{parse_address} or L{parse_listen}, so a
+bad value is rejected the same way everywhere, with the accepted forms in the message.
+"""
+
+import ipaddress
+import re
+
+import attrs
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    UNIXClientEndpoint,
+    quoteStringArgument,
+    wrapClientTLS,
+)
+
+ACCEPTED_FORMS = (
+    "unix:///abs/path.sock, /abs/path.sock, tcp://host:port, "
+    "tcp://[v6addr]:port, tls://host:port"
+)
+ACCEPTED_LISTEN_FORMS = "host:port, [v6addr]:port"
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_HOSTPORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]*)\Z")
+
+
+class AddressError(ValueError):
+    """
+    A value that is not an address of the accepted forms.
+
+    :param value: the rejected text
+    :param reason: why it was rejected
+    :param forms: the accepted forms, for the message
+    """
+
+    def __init__(self, value, reason, forms=ACCEPTED_FORMS):
+        ValueError.__init__(
+            self, f"invalid address {value!r}: {reason}; accepted forms: {forms}"
+        )
+        self.value = value
+        self.reason = reason
+
+
+@attrs.frozen
+class Address:
+    """
+    Where a peer listens: a Unix socket path, or a host and port over TCP or TLS.
+
+    :ivar scheme: C{"unix"}, C{"tcp"} or C{"tls"}
+    :ivar path: the absolute socket path (unix only)
+    :ivar host: an IPv4 or IPv6 address or a DNS name (tcp and tls only)
+    :ivar port: 1..65535 (tcp and tls only)
+    """
+
+    scheme: str
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def uri(self):
+        """
+        The canonical URI: legacy bare paths come out as C{unix://} URIs.
+        """
+        if self.scheme == "unix":
+            return "unix://" + self.path
+        return f"{self.scheme}://{_bracket(self.host)}:{self.port}"
+
+    @property
+    def is_unix(self):
+        """True for a local Unix socket."""
+        return self.scheme == "unix"
+
+    def client_endpoint(self, reactor, timeout=None):
+        """
+        A Twisted client endpoint that connects to this address.
+
+        :param reactor: the reactor to connect with
+        :param timeout: seconds allowed for the connection to be established
+        """
+        if self.scheme == "unix":
+            kwargs = {} if timeout is None else {"timeout": timeout}
+            return UNIXClientEndpoint(reactor, self.path, **kwargs)
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        endpoint = HostnameEndpoint(reactor, self.host.encode("ascii"), self.port, **kwargs)
+        if self.scheme == "tls":
+            # Imported here: TLS needs pyOpenSSL, which plain TCP and Unix users may
+            # not have installed.
+            from twisted.internet.ssl import optionsForClientTLS
+
+            return wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        return endpoint
+
+    def __str__(self):
+        return self.uri
+
+
+@attrs.frozen
+class ListenAddress:
+    """
+    A TCP address to listen on, C{host:port} or C{[v6addr]:port}.
+
+    Port 0 asks the kernel for a free port; the real one is in the C{listening on} log
+    line.
+
+    :ivar host: the interface address, IPv4 or IPv6 (or a name resolving to one)
+    :ivar port: 0..65535
+    """
+
+    host: str
+    port: int
+
+    @property
+    def is_ipv6(self):
+        """True when the host is an IPv6 literal."""
+        return ":" in self.host
+
+    def endpoint_string(self):
+        """
+        The Twisted server endpoint string for this address, for L{strports}.
+        """
+        kind = "tcp6" if self.is_ipv6 else "tcp"
+        return f"{kind}:{self.port}:interface={quoteStringArgument(self.host)}"
+
+    def __str__(self):
+        return f"{_bracket(self.host)}:{self.port}"
+
+
+def parse_address(value):
+    """
+    Parse a peer address of the grammar of CONTRACT §1.
+
+    :param value: the text, e.g. C{"tcp://10.0.0.5:9002"} or C{"/run/x.sock"}
+    :return: an L{Address}
+    :raise AddressError: naming the value and the accepted forms
+    """
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise AddressError(value, "an address is a string")
+    if not value:
+        raise AddressError(value, "empty")
+    if value.startswith("/"):
+        return Address("unix", path=_unix_path(value, value))
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise AddressError(value, "no scheme and not an absolute path")
+    scheme = scheme.lower()
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise AddressError(value, "a unix socket path must be absolute (unix:///path)")
+        return Address("unix", path=_unix_path(value, rest))
+    if scheme in ("tcp", "tls"):
+        if "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+            raise AddressError(value, "only host:port may follow the scheme")
+        host, port = _host_port(value, rest, ACCEPTED_FORMS, allow_zero=False)
+        return Address(scheme, host=host, port=port)
+    raise AddressError(value, f"unsupported scheme {scheme!r}")
+
+
+def parse_listen(value):
+    """
+    Parse a TCP listen address, C{host:port} or C{[v6addr]:port}.
+
+    :param value: the text, e.g. C{"0.0.0.0:9002"} or C{"[::1]:9002"}
+    :return: a L{ListenAddress}
+    :raise AddressError: naming the value and the accepted forms
+    """
+    if isinstance(value, ListenAddress):
+        return value
+    if not isinstance(value, str) or not value:
+        raise AddressError(value, "empty", ACCEPTED_LISTEN_FORMS)
+    host, port = _host_port(value, value, ACCEPTED_LISTEN_FORMS, allow_zero=True)
+    return ListenAddress(host, port)
+
+
+def _unix_path(value, path):
+    if "\x00" in path:
+        raise AddressError(value, "a socket path cannot contain NUL")
+    if path.endswith("/"):
+        raise AddressError(value, "a socket path names a file, not a directory")
+    return path
+
+
+def _host_port(value, text, forms, allow_zero):
+    match = _HOSTPORT.match(text)
+    if match is None:
+        raise AddressError(value, "expected host:port (IPv6 in brackets)", forms)
+    port = _port(value, match["port"], forms, allow_zero)
+    if match["v6"] is not None:
+        try:
+            addr = ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise AddressError(value, f"{match['v6']!r} is not an IPv6 address", forms)
+        return str(addr), port
+    host = match["host"]
+    if not host:
+        raise AddressError(value, "missing host", forms)
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            return str(ipaddress.IPv4Address(host)), port
+        except ValueError:
+            raise AddressError(value, f"{host!r} is not an IPv4 address", forms)
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise AddressError(value, f"{host!r} is not a valid host name", forms)
+    return host.lower(), port
+
+
+def _port(value, text, forms, allow_zero):
+    if not text.isascii() or not text.isdigit():
+        raise AddressError(value, "the port must be a number", forms)
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise AddressError(value, f"port {port} is out of range {low}..65535", forms)
+    return port
+
+
+def _bracket(host):
+    return f"[{host}]" if ":" in host else host

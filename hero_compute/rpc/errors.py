@@ -1,0 +1,179 @@
+"""
+Errors that cross the wire, and errors of the transport underneath.
+
+A handler raises one of the L{RpcError} subclasses; the dispatcher turns it into a
+JSON-RPC error object, and the client turns such an object back into the same class.
+Anything else a handler raises is a bug and becomes -32603 without details.
+"""
+
+from txjsonrpc_ng.jsonrpclib import Fault
+
+
+class RpcError(Fault):
+    """
+    A JSON-RPC error object: C{code}, C{message} and optional C{data}.
+
+    It is a txjsonrpc L{Fault}, so code written against txjsonrpc's fault handling
+    understands it too.
+
+    :param message: human-readable text for the caller
+    :param data: optional JSON-serialisable details
+    :param code: the error code; defaults to the class's own
+    """
+
+    code = -32603
+
+    def __init__(self, message, data=None, code=None):
+        if code is not None:
+            self.code = code
+        Fault.__init__(self, self.code, message)
+        self.message = message
+        self.data = data
+
+    def to_wire(self):
+        """
+        :return: the JSON-RPC error object for this error
+        """
+        error = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+    @classmethod
+    def from_wire(cls, error):
+        """
+        Rebuild the exception for an error object received from a peer, as the most
+        specific class that carries its code.
+
+        :param error: a JSON-RPC error object (a dict)
+        :return: an L{RpcError} instance
+        """
+        code = error.get("code")
+        if not isinstance(code, int) or isinstance(code, bool):
+            code = InternalError.code
+        message = error.get("message")
+        if not isinstance(message, str):
+            message = "error without a message"
+        klass = _BY_CODE.get(code, RpcError)
+        return klass(message, data=error.get("data"), code=code)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.code}: {self.message!r}>"
+
+    def __str__(self):
+        return f"{self.code}: {self.message}"
+
+
+class ParseError(RpcError):
+    """The body is not valid JSON."""
+
+    code = -32700
+
+
+class InvalidRequest(RpcError):
+    """The JSON is not a valid JSON-RPC 2.0 request object."""
+
+    code = -32600
+
+
+class MethodNotFound(RpcError):
+    """No such method."""
+
+    code = -32601
+
+
+class InvalidParams(RpcError):
+    """The params do not match the method's schema."""
+
+    code = -32602
+
+
+class InternalError(RpcError):
+    """The server failed; details are in its log, never on the wire."""
+
+    code = -32603
+
+
+class NodeNotFound(RpcError):
+    """The explorer has no node by that id."""
+
+    code = -32001
+
+
+class NodeOffline(RpcError):
+    """The node is known but has stopped heartbeating."""
+
+    code = -32002
+
+
+class NodeUnreachable(RpcError):
+    """Connecting to the node failed or the call timed out."""
+
+    code = -32003
+
+
+class VmNotFound(RpcError):
+    """The node has no VM by that id."""
+
+    code = -32004
+
+
+class InvalidVmState(RpcError):
+    """The VM's state (or the node's capacity) does not allow this operation."""
+
+    code = -32005
+
+
+class RefusedByPolicy(RpcError):
+    """The request is well-formed but not allowed."""
+
+    code = -32010
+
+
+_BY_CODE = {
+    klass.code: klass
+    for klass in (
+        ParseError,
+        InvalidRequest,
+        MethodNotFound,
+        InvalidParams,
+        InternalError,
+        NodeNotFound,
+        NodeOffline,
+        NodeUnreachable,
+        VmNotFound,
+        InvalidVmState,
+        RefusedByPolicy,
+    )
+}
+
+
+class TransportError(Exception):
+    """
+    The call did not produce a JSON-RPC response: the peer could not be reached, the
+    connection broke, or what came back was not JSON-RPC.
+
+    :param address: the L{hero_compute.rpc.addresses.Address} that was called
+    :param reason: what went wrong, for people
+    """
+
+    def __init__(self, address, reason):
+        Exception.__init__(self, f"{address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+class ConnectionRefused(TransportError):
+    """Nothing accepted the connection (refused, no such socket, no route)."""
+
+
+class CallTimedOut(TransportError):
+    """No complete response arrived within the call's timeout."""
+
+
+class ConnectionClosed(TransportError):
+    """The connection closed after the request was sent and before the response."""
+
+
+class BadResponse(TransportError):
+    """The peer answered, but not with a JSON-RPC response (HTTP error, bad JSON)."""

@@ -1,0 +1,119 @@
+"""
+Listeners: one process serves the same site on any number of Twisted server endpoint
+strings (its Unix socket, TCP, TLS, systemd-passed sockets).
+
+Each listener is a L{strports.service}, so a listener that cannot bind aborts start-up
+(twistd exits 1) instead of leaving a process that serves nothing.
+"""
+
+import ipaddress
+import os
+
+from twisted.application import service, strports
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+def unix_endpoint_string(path):
+    """
+    The server endpoint string for a Unix socket, mode 0660.
+
+    Twisted's C{lockfile} (on by default) keeps a C{PATH.lock} holding our pid: a stale
+    socket left by a crash is replaced on restart, while a live owner makes the bind fail.
+
+    :param path: the absolute socket path
+    """
+    return f"unix:{quoteStringArgument(path)}:mode=660:lockfile=1"
+
+
+def describe(host, tls=False):
+    """
+    An address URI for a bound listening port.
+
+    :param host: the result of C{port.getHost()}
+    :param tls: whether the listener speaks TLS
+    """
+    if isinstance(host, UNIXAddress):
+        name = host.name.decode() if isinstance(host.name, bytes) else host.name
+        return f"unix://{name}"
+    scheme = "tls" if tls else "tcp"
+    if isinstance(host, IPv6Address):
+        return f"{scheme}://[{host.host}]:{host.port}"
+    if isinstance(host, IPv4Address):
+        return f"{scheme}://{host.host}:{host.port}"
+    return str(host)
+
+
+@implementer(IStreamServerEndpoint)
+class _Announcing:
+    """
+    Wraps a server endpoint to log C{listening on ...} once it is bound, warn about
+    unauthenticated TCP on non-loopback addresses, and record the listener.
+    """
+
+    def __init__(self, endpoint, description, bound):
+        self._endpoint = endpoint
+        self._description = description
+        self._bound = bound
+
+    def listen(self, factory):
+        d = self._endpoint.listen(factory)
+        d.addCallback(self._announce)
+        return d
+
+    def _announce(self, port):
+        tls = self._description.split(":", 1)[0] in ("ssl", "tls")
+        uri = describe(port.getHost(), tls)
+        self._bound.append(uri)
+        log.info("listening on {uri}", uri=uri)
+        host = port.getHost()
+        if isinstance(host, (IPv4Address, IPv6Address)) and not tls:
+            try:
+                loopback = ipaddress.ip_address(host.host.split("%")[0]).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                log.warn(
+                    "{uri} is plain TCP on a non-loopback address: anyone who can reach "
+                    "it can call every method, unauthenticated. Restrict it with a "
+                    "firewall or VPN, or use TLS.",
+                    uri=uri,
+                )
+        return port
+
+
+class Listeners(service.MultiService):
+    """
+    The listeners of one process, all serving one factory.
+
+    :param factory: the protocol factory (an HTTP site)
+    :param descriptions: Twisted server endpoint strings
+    :param socket_dirs: directories to create (mode 0755) before binding, for the Unix
+        sockets among the descriptions
+    :param reactor: the reactor
+    """
+
+    def __init__(self, factory, descriptions, socket_dirs=(), reactor=None):
+        service.MultiService.__init__(self)
+        #: URIs of the bound listeners, in the order they came up.
+        self.bound = []
+        self._socket_dirs = tuple(socket_dirs)
+        for description in descriptions:
+            svc = strports.service(description, factory, reactor=reactor)
+            svc.endpoint = _Announcing(svc.endpoint, description, self.bound)
+            svc.setServiceParent(self)
+
+    def privilegedStartService(self):
+        for path in self._socket_dirs:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+        service.MultiService.privilegedStartService(self)
+
+    def stopService(self):
+        d = service.MultiService.stopService(self)
+        self.bound.clear()
+        return d

@@ -1,0 +1,289 @@
+"""
+The C{.oschema} format: a service's types and methods, from which we generate the
+OpenRPC document served by C{rpc.discover} and the JSON Schemas that validate params.
+
+An C{.oschema} file is TOML (read by the standard library's L{tomllib}); this module only
+gives the tables meaning:
+
+    [service]                       title, description
+    [types.NAME]                    description; fields.FIELD = FIELD-SPEC
+    [methods."ns.name"]             summary, description, errors = [codes],
+                                    params.PARAM = FIELD-SPEC, result = FIELD-SPEC
+
+A FIELD-SPEC is a JSON Schema as a TOML table, with three additions:
+  - C{optional = true} makes the field or param not required (all are required otherwise);
+  - C{type = "NAME"} where NAME is one of the file's [types] is a reference to it;
+  - C{items = "T"} is short for C{items = {type = "T"}}.
+Params are in declaration order, which is also the order of by-position params.
+"""
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import attrs
+from jsonschema import validators
+from jsonschema.exceptions import best_match
+
+from .errors import InvalidParams
+
+JSON_TYPES = frozenset(("string", "integer", "number", "boolean", "object", "array", "null"))
+
+#: The standard messages of the error codes a method may list.
+ERROR_MESSAGES = {
+    -32001: "node not found",
+    -32002: "node offline",
+    -32003: "node unreachable",
+    -32004: "VM not found",
+    -32005: "invalid VM state for this operation",
+    -32010: "refused by policy",
+}
+
+
+class SchemaError(Exception):
+    """An C{.oschema} file that does not follow the format."""
+
+
+@attrs.frozen
+class Param:
+    """
+    One named parameter of a method.
+
+    :ivar name: the parameter name
+    :ivar schema: its JSON Schema
+    :ivar required: whether a call must give it
+    """
+
+    name: str
+    schema: dict
+    required: bool
+
+
+@attrs.frozen
+class Method:
+    """
+    One method of a service: its params, result and errors, and the validator of its
+    params.
+
+    :ivar name: the method name, e.g. C{explorer.heartbeat}
+    :ivar params: L{Param}s in declaration order
+    """
+
+    name: str
+    summary: str
+    description: str
+    params: tuple
+    result: dict
+    errors: tuple
+    _validator: object = attrs.field(repr=False)
+
+    def coerce_params(self, params):
+        """
+        Check a call's params against the schema and return them by name.
+
+        :param params: the JSON-RPC C{params} member: a dict, a list (by position, in
+            declaration order) or None
+        :return: a dict of keyword arguments for the handler
+        :raise InvalidParams: naming the offending field
+        """
+        if params is None:
+            params = {}
+        elif isinstance(params, list):
+            if len(params) > len(self.params):
+                raise InvalidParams(
+                    f"{self.name} takes at most {len(self.params)} params, "
+                    f"{len(params)} given"
+                )
+            params = {p.name: value for p, value in zip(self.params, params)}
+        if self._validator.is_valid(params):
+            return params
+        error = best_match(self._validator.iter_errors(params))
+        field = ".".join(str(part) for part in error.absolute_path)
+        where = f"{field}: " if field else ""
+        raise InvalidParams(
+            f"invalid params for {self.name}: {where}{error.message}",
+            data={"field": field or None},
+        )
+
+
+@attrs.frozen
+class Schema:
+    """
+    A loaded C{.oschema}: the service's methods and named types.
+
+    :ivar title: the service's title
+    :ivar methods: L{Method}s by name
+    :ivar types: JSON Schemas of the named types, by name
+    """
+
+    title: str
+    description: str
+    methods: dict
+    types: dict
+
+    def openrpc(self, version):
+        """
+        The OpenRPC document of this service.
+
+        :param version: the service's version, for C{info.version}
+        :return: a JSON-serialisable dict
+        """
+        methods = []
+        for method in self.methods.values():
+            methods.append(
+                {
+                    "name": method.name,
+                    "summary": method.summary,
+                    "description": method.description,
+                    "paramStructure": "either",
+                    "params": [
+                        {"name": p.name, "required": p.required, "schema": p.schema}
+                        for p in method.params
+                    ],
+                    "result": {"name": "result", "schema": method.result},
+                    "errors": [
+                        {"code": code, "message": ERROR_MESSAGES.get(code, "error")}
+                        for code in method.errors
+                    ],
+                }
+            )
+        methods.append(
+            {
+                "name": "rpc.discover",
+                "summary": "This service's OpenRPC document.",
+                "params": [],
+                "result": {"name": "openrpc", "schema": {"type": "object"}},
+            }
+        )
+        return {
+            "openrpc": "1.3.2",
+            "info": {
+                "title": self.title,
+                "description": self.description,
+                "version": version,
+            },
+            "methods": methods,
+            "components": {"schemas": self.types},
+        }
+
+
+def load_schema(name):
+    """
+    Load one of the schemas shipped with hero_compute.
+
+    :param name: C{"explorer"} or C{"node"}
+    :return: a L{Schema}
+    """
+    return parse_schema(_schema_path(name).read_text("utf-8"), source=f"{name}.oschema")
+
+
+def _schema_path(name):
+    # Installed, the schemas travel as the package data of hero_compute.schemas (see
+    # setup.cfg); in a source checkout they are the top-level schemas/ folder.
+    try:
+        root = resources.files("hero_compute.schemas")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[2] / "schemas"
+    return root / name / f"{name}.oschema"
+
+
+def parse_schema(text, source="<schema>"):
+    """
+    Parse the text of an C{.oschema} file.
+
+    :param text: the TOML text
+    :param source: a name for error messages
+    :return: a L{Schema}
+    :raise SchemaError: when the text is not TOML or does not follow the format
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SchemaError(f"{source}: {e}") from None
+    _only(doc, {"service", "types", "methods"}, source)
+    service = _table(doc.get("service", {}), f"{source}: [service]")
+    type_tables = _table(doc.get("types", {}), f"{source}: [types]")
+    names = frozenset(type_tables)
+    types = {}
+    for tname, table in type_tables.items():
+        where = f"{source}: [types.{tname}]"
+        table = _table(table, where)
+        _only(table, {"description", "fields"}, where)
+        fields = _table(table.get("fields", {}), where)
+        types[tname] = _object(fields, names, where, closed=False)
+        types[tname]["description"] = table.get("description", "")
+    validator_class = validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
+    methods = {}
+    for mname, table in _table(doc.get("methods", {}), f"{source}: [methods]").items():
+        where = f"{source}: [methods.{mname!r}]"
+        table = _table(table, where)
+        _only(table, {"summary", "description", "params", "result", "errors"}, where)
+        param_table = _table(table.get("params", {}), where)
+        params = tuple(
+            Param(pname, _field(spec, names, f"{where} param {pname}"),
+                  not _table(spec, where).get("optional", False))
+            for pname, spec in param_table.items()
+        )
+        params_schema = _object(param_table, names, where, closed=True)
+        params_schema["components"] = {"schemas": types}
+        validator_class.check_schema(params_schema)
+        errors = table.get("errors", [])
+        if not all(isinstance(code, int) for code in errors):
+            raise SchemaError(f"{where}: errors must be a list of integer codes")
+        methods[mname] = Method(
+            name=mname,
+            summary=table.get("summary", ""),
+            description=table.get("description", ""),
+            params=params,
+            result=_field(table.get("result", {}), names, f"{where} result"),
+            errors=tuple(errors),
+            validator=validator_class(params_schema),
+        )
+    return Schema(
+        title=service.get("title", source),
+        description=service.get("description", ""),
+        methods=methods,
+        types=types,
+    )
+
+
+def _object(fields, names, where, closed):
+    schema = {"type": "object", "properties": {}, "required": []}
+    for fname, spec in fields.items():
+        schema["properties"][fname] = _field(spec, names, f"{where} field {fname}")
+        if not _table(spec, where).get("optional", False):
+            schema["required"].append(fname)
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _field(spec, names, where):
+    spec = dict(_table(spec, where))
+    spec.pop("optional", None)
+    kind = spec.get("type")
+    if isinstance(kind, str) and kind not in JSON_TYPES:
+        if kind not in names:
+            raise SchemaError(f"{where}: unknown type {kind!r}")
+        del spec["type"]
+        spec["$ref"] = f"#/components/schemas/{kind}"
+    items = spec.get("items")
+    if isinstance(items, str):
+        spec["items"] = _field({"type": items}, names, where)
+    elif isinstance(items, dict):
+        spec["items"] = _field(items, names, where)
+    if isinstance(spec.get("additionalProperties"), dict):
+        spec["additionalProperties"] = _field(spec["additionalProperties"], names, where)
+    return spec
+
+
+def _table(value, where):
+    if not isinstance(value, dict):
+        raise SchemaError(f"{where}: expected a table, got {value!r}")
+    return value
+
+
+def _only(table, allowed, where):
+    unknown = set(table) - allowed
+    if unknown:
+        raise SchemaError(f"{where}: unknown keys {sorted(unknown)}")

@@ -1,0 +1,371 @@
+"""
+The JSON-RPC 2.0 server: one resource, served at C{POST /rpc} on every listener of a
+process.
+
+txjsonrpc-ng's stock L{JSONRPC} resource speaks a mix of JSON-RPC 1.0 and 2.0: it has no
+batches, answers notifications, accepts requests without C{"jsonrpc": "2.0"}, reports
+internal errors as code 8002 with the exception's repr, sends C{"data": ""}, and serves
+GET and JSONP.  L{RpcResource} keeps its resource and fault types but replaces the
+dispatcher with one that follows the specification (section 7's examples are our tests).
+"""
+
+import inspect
+import io
+import json
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+from txjsonrpc_ng.web.jsonrpc import JSONRPC
+
+from .errors import (
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    ParseError,
+    RpcError,
+)
+
+#: Request bodies above this many bytes are refused with 413 before being read.
+MAX_BODY = 1024 * 1024
+
+#: Seconds an idle keep-alive connection is kept open.  Clients' pools close theirs
+#: sooner (see L{hero_compute.rpc.client}), so the server rarely closes one under a
+#: request in flight.
+IDLE_TIMEOUT = 75
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+log = Logger()
+
+
+@attrs.frozen
+class CallContext:
+    """
+    What a handler may know of the call besides its params.
+
+    :ivar transport: C{"unix"} or C{"tcp"}: how the request reached us
+    :ivar peer: the peer's address, for logs (C{host:port}, or C{"unix"})
+    :ivar secure: whether the connection is TLS
+    """
+
+    transport: str
+    peer: str
+    secure: bool = False
+
+    @classmethod
+    def from_request(cls, request):
+        """
+        :param request: a L{twisted.web.server.Request}
+        :return: the context of that request
+        """
+        host = request.getHost()
+        if isinstance(host, UNIXAddress):
+            return cls("unix", "unix", False)
+        peer = request.getClientAddress()
+        return cls("tcp", f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+                   request.isSecure())
+
+
+@attrs.frozen
+class _Handler:
+    func: object
+    signature: inspect.Signature
+    wants_context: bool
+
+
+class RpcResource(JSONRPC):
+    """
+    A spec-compliant JSON-RPC 2.0 resource.
+
+    Methods are plain callables registered by name; they take the params as keyword
+    arguments (by-position params are mapped to names through the schema) and return a
+    result or a Deferred of one.  They signal failure by raising an L{RpcError}; any
+    other exception is logged and becomes -32603 without details.
+
+    :param schema: an optional L{hero_compute.rpc.schema.Schema}; when given, params of
+        the methods it describes are validated, and C{rpc.discover} serves its OpenRPC
+        document
+    :param version: the service's version, for C{rpc.discover}
+    """
+
+    isLeaf = True
+
+    def __init__(self, schema=None, version="0"):
+        JSONRPC.__init__(self)
+        self._schema = schema
+        self._version = version
+        self._handlers = {}
+        if schema is not None:
+            self.register("rpc.discover", self._discover)
+
+    def register(self, name, func, context=False):
+        """
+        Publish a callable as a method.
+
+        :param name: the JSON-RPC method name
+        :param func: the callable
+        :param context: when true, C{func} gets a L{CallContext} as first argument
+        """
+        signature = inspect.signature(func)
+        if context:
+            first = next(iter(signature.parameters))
+            signature = signature.replace(
+                parameters=[p for n, p in signature.parameters.items() if n != first]
+            )
+        self._handlers[name] = _Handler(func, signature, context)
+
+    def method_names(self):
+        """:return: the names of all published methods"""
+        return set(self._handlers)
+
+    def _discover(self):
+        return self._schema.openrpc(self._version)
+
+    def render(self, request):
+        # Twisted's Resource.render answers 405 (with Allow) for verbs we have no
+        # render_ method for: only POST here.
+        if request.postpath not in ([], [b""]):
+            return resource.NoResource().render(request)
+        return resource.Resource.render(self, request)
+
+    def render_POST(self, request):
+        """
+        Dispatch one HTTP request: a single JSON-RPC request or a batch.
+        """
+        request.content.seek(0)
+        body = request.content.read()
+        context = CallContext.from_request(request)
+        d = self.handle_body(body, context)
+
+        def respond(payload):
+            if request.finished or request._disconnected:
+                return
+            if payload is None:
+                # Only notifications: JSON-RPC says send nothing, HTTP says 204.
+                request.setResponseCode(http.NO_CONTENT)
+            else:
+                request.setHeader(b"content-type", b"application/json")
+                request.setHeader(b"content-length", b"%d" % len(payload))
+                request.write(payload)
+            request.finish()
+
+        def cancel(_):
+            d.cancel()
+
+        request.notifyFinish().addErrback(cancel)
+        d.addCallback(respond)
+        d.addErrback(lambda f: log.failure("responding to an RPC request failed", f))
+        return server.NOT_DONE_YET
+
+    def handle_body(self, body, context):
+        """
+        Run the JSON-RPC request(s) in an HTTP body.
+
+        :param body: the raw bytes
+        :param context: the L{CallContext}
+        :return: a Deferred firing with the response body (bytes), or None when there is
+            nothing to send (only notifications)
+        """
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return defer.succeed(_dump(_error(None, ParseError(f"Parse error: {e}"))))
+        if isinstance(message, list):
+            if not message:
+                return defer.succeed(
+                    _dump(_error(None, InvalidRequest("Invalid Request: empty batch")))
+                )
+            d = defer.gatherResults(
+                [self._handle_one(item, context) for item in message], consumeErrors=True
+            )
+            d.addCallback(lambda responses: [r for r in responses if r is not None] or None)
+        else:
+            d = self._handle_one(message, context)
+        d.addCallback(lambda response: None if response is None else _dump(response))
+        return d
+
+    def _handle_one(self, message, context):
+        """
+        :return: a Deferred firing with a response object, or None for a notification
+        """
+        if not isinstance(message, dict):
+            return defer.succeed(
+                _error(None, InvalidRequest("Invalid Request: not an object"))
+            )
+        rid = message.get("id")
+        if not _valid_id(rid):
+            return defer.succeed(
+                _error(None, InvalidRequest("Invalid Request: id must be a string, a number or null"))
+            )
+        notification = "id" not in message
+        try:
+            handler, args, kwargs = self._prepare(message, context)
+        except RpcError as e:
+            # A request too broken to run is still answered when it carries an id: the
+            # caller could not otherwise tell it was refused.
+            return defer.succeed(None if notification and e.code != InvalidRequest.code
+                                 else _error(rid, e))
+        d = defer.maybeDeferred(handler.func, *args, **kwargs)
+        if notification:
+            d.addCallbacks(lambda _: None, lambda f: self._log_unexpected(f, message))
+            return d
+        d.addCallbacks(
+            lambda result: {"jsonrpc": "2.0", "result": result, "id": rid},
+            lambda f: _error(rid, self._as_rpc_error(f, message)),
+        )
+        return d
+
+    def _prepare(self, message, context):
+        if message.get("jsonrpc") != "2.0":
+            raise InvalidRequest('Invalid Request: "jsonrpc" must be exactly "2.0"')
+        name = message.get("method")
+        if not isinstance(name, str):
+            raise InvalidRequest('Invalid Request: "method" must be a string')
+        unknown = set(message) - {"jsonrpc", "method", "params", "id"}
+        if unknown:
+            raise InvalidRequest(f"Invalid Request: unknown members {sorted(unknown)}")
+        params = message.get("params")
+        if params is not None and not isinstance(params, (list, dict)):
+            raise InvalidRequest('Invalid Request: "params" must be an array or an object')
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise MethodNotFound(f"Method not found: {name}")
+        spec = self._schema.methods.get(name) if self._schema is not None else None
+        if spec is not None:
+            params = spec.coerce_params(params)
+        args, kwargs = ([], params) if isinstance(params, dict) else (params or [], {})
+        try:
+            handler.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InvalidParams(f"invalid params for {name}: {e}") from None
+        if handler.wants_context:
+            args = [context, *args]
+        return handler, args, kwargs
+
+    def _as_rpc_error(self, failure, message):
+        if failure.check(RpcError):
+            return failure.value
+        if failure.check(defer.CancelledError):
+            return InternalError("Internal error: the call was cancelled")
+        self._log_unexpected(failure, message)
+        return InternalError("Internal error")
+
+    def _log_unexpected(self, failure, message):
+        if not failure.check(RpcError, defer.CancelledError):
+            log.failure("method {method} failed", failure, method=message.get("method"))
+
+
+def _valid_id(rid):
+    return rid is None or (isinstance(rid, (str, int, float)) and not isinstance(rid, bool))
+
+
+def _error(rid, error):
+    return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
+
+
+def _dump(response):
+    try:
+        return _encode(response).encode("utf-8")
+    except (TypeError, ValueError):
+        log.failure("result is not JSON-serialisable")
+        if isinstance(response, list):
+            return _dump([_dump_one_safely(r) for r in response])
+        return _encode(_error(response.get("id"), InternalError("Internal error"))).encode()
+
+
+def _dump_one_safely(response):
+    try:
+        _encode(response)
+        return response
+    except (TypeError, ValueError):
+        return _error(response.get("id"), InternalError("Internal error"))
+
+
+class _Request(server.Request):
+    """
+    A request whose body is capped at L{MAX_BODY}: a chunked body that grows past it is
+    refused as soon as it does, and never buffered beyond that.
+    """
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length):
+        # Bodies are small and capped: keep them in memory (Twisted spills bodies over
+        # 100 kB, or of unknown length, to a temporary file).
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self._refused = True
+            self.content = io.BytesIO()
+            self.channel.refuse_too_large()
+            return
+        self.content.write(data)
+
+    def process(self):
+        if not self._refused:
+            server.Request.process(self)
+
+
+class _Channel(http.HTTPChannel):
+    """
+    An HTTP channel that answers 413 to a declared body over L{MAX_BODY} from its
+    headers alone, without reading the body.
+    """
+
+    _refused = False
+
+    def allHeadersReceived(self):
+        if self.length is not None and self.length > MAX_BODY:
+            self.refuse_too_large()
+            return
+        http.HTTPChannel.allHeadersReceived(self)
+
+    def refuse_too_large(self):
+        """Answer 413 and close the connection: the rest of the body is never read."""
+        if self._refused:
+            return
+        self._refused = True
+        body = b"request body larger than %d bytes\n" % MAX_BODY
+        self.transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+    def lineReceived(self, line):
+        if not self._refused:
+            http.HTTPChannel.lineReceived(self, line)
+
+    def rawDataReceived(self, data):
+        if not self._refused:
+            http.HTTPChannel.rawDataReceived(self, data)
+
+
+def make_site(rpc, idle_timeout=IDLE_TIMEOUT):
+    """
+    The HTTP site serving C{rpc} at C{/rpc}; every other path is 404.
+
+    :param rpc: an L{RpcResource}
+    :param idle_timeout: seconds before an idle connection is closed
+    :return: a L{twisted.web.server.Site}
+    """
+    root = resource.Resource()
+    root.putChild(b"rpc", rpc)
+    site = server.Site(root, timeout=idle_timeout)
+    site.protocol = _Channel
+    site.requestFactory = _Request
+    site.displayTracebacks = False
+    # Twisted's access log is one line per request; at thousands of heartbeats a second
+    # it would be most of the log and much of the CPU.
+    site.log = lambda request: None
+    return site
