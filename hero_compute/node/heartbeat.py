@@ -1,0 +1,169 @@
+"""
+Heartbeats from a node to its explorers: one independent loop per explorer.
+
+Each loop is scheduled with C{callLater} rather than a C{LoopingCall}: the delay after a
+tick depends on its outcome (the interval after success, an exponential backoff with
+jitter after failure), and a LoopingCall can only re-align to a fixed interval grid.  A
+tick returns only after its call finished or timed out, so ticks never overlap, and it
+catches its own failures, so the loop lives until stopped.
+"""
+
+import random
+import socket
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hero_compute.rpc.errors import RpcError, TransportError
+
+log = Logger()
+
+#: A backoff never waits longer than this, whatever the interval.
+MAX_BACKOFF = 60.0
+
+
+def backoff_delay(interval, failures, rand=random.random):
+    """
+    Seconds to wait after the C{failures}-th consecutive failure: exponential, capped at
+    5 × interval and at L{MAX_BACKOFF}, with jitter so a fleet that lost its explorer
+    does not come back in lockstep.
+
+    :param interval: the heartbeat interval
+    :param failures: consecutive failures so far (1 after the first)
+    :param rand: source of uniform numbers in [0, 1)
+    """
+    cap = min(5 * interval, MAX_BACKOFF)
+    base = min(cap, interval * 2 ** min(failures - 1, 30))
+    # Equal jitter: between half and all of the step, so the delay still grows.
+    return base / 2 + base / 2 * rand()
+
+
+@attrs.frozen
+class ExplorerState:
+    """
+    How heartbeats to one explorer are going, as shown by C{node.info}.
+
+    :ivar state: C{"ok"} or C{"failing"}
+    :ivar last_ok: Unix seconds of the last accepted heartbeat, or None
+    :ivar last_error: the last failure, or None
+    """
+
+    address: str
+    state: str = "failing"
+    last_ok: float | None = None
+    last_error: str | None = None
+    failures: int = 0
+
+    def to_wire(self):
+        """:return: the dict of C{node.info}'s C{explorers}"""
+        return {"address": self.address, "state": self.state, "last_ok": self.last_ok,
+                "last_error": self.last_error}
+
+
+class HeartbeatLoop(service.Service):
+    """
+    Heartbeats one explorer, every C{interval} seconds while it answers, backing off
+    while it does not.
+
+    :param clock: an C{IReactorTime}
+    :param client: an L{RpcClient}
+    :param address: the explorer's L{Address}
+    :param payload: a callable returning a Deferred of the heartbeat params for this
+        explorer (it chooses the address the node reports)
+    :param interval: seconds between heartbeats
+    :param rand: source of uniform numbers in [0, 1), for jitter
+    """
+
+    def __init__(self, clock, client, address, payload, interval, rand=random.random):
+        self.clock = clock
+        self._client = client
+        self.address = address
+        self._payload = payload
+        self.interval = interval
+        self._rand = rand
+        self.state = ExplorerState(address.uri)
+        self._call = None
+        self._tick = None
+
+    def startService(self):
+        service.Service.startService(self)
+        self._schedule(0)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._tick is not None:
+            self._tick.cancel()
+
+    def _schedule(self, delay):
+        if self.running:
+            self._call = self.clock.callLater(delay, self.beat)
+
+    def beat(self):
+        """
+        Send one heartbeat and schedule the next; never fails.
+
+        :return: a Deferred firing when this tick is over
+        """
+        self._call = None
+        started = self.clock.seconds()
+        d = defer.maybeDeferred(self._payload, self.address)
+        d.addCallback(lambda params: self._client.call(
+            self.address, "explorer.heartbeat", params, timeout=min(self.interval, 10.0)))
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(started,))
+        d.addErrback(lambda f: log.failure("heartbeat bookkeeping failed", f))
+        d.addBoth(lambda _: self._done(started))
+        self._tick = d
+        return d
+
+    def _succeeded(self, result):
+        if self.state.state != "ok":
+            log.info("explorer {address}: heartbeats accepted", address=self.address.uri)
+        self.state = attrs.evolve(self.state, state="ok", last_ok=self.clock.seconds(),
+                                  last_error=None, failures=0)
+
+    def _failed(self, failure, started):
+        if failure.check(defer.CancelledError):
+            return
+        first = self.state.state == "ok" or self.state.failures == 0
+        if failure.check(RpcError, TransportError):
+            reason = str(failure.value)
+        else:
+            reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            if first:
+                log.failure("heartbeat to {address} failed unexpectedly", failure,
+                            address=self.address.uri)
+        if first:
+            # Said once per transition, not at every retry.
+            log.warn("explorer {address}: heartbeat failing: {reason}",
+                     address=self.address.uri, reason=reason)
+        self.state = attrs.evolve(self.state, state="failing", last_error=reason,
+                                  failures=self.state.failures + 1)
+
+    def _done(self, started):
+        self._tick = None
+        if self.state.state == "ok":
+            delay = max(0.0, self.interval - (self.clock.seconds() - started))
+        else:
+            delay = backoff_delay(self.interval, self.state.failures, self._rand)
+        self._schedule(delay)
+
+
+def local_ip_towards(host, port):
+    """
+    The local IP address the kernel would use to reach C{host}: that of our connection
+    to an explorer there.  A connected UDP socket sends nothing; it only asks the
+    routing table.
+
+    :param host: an IP address literal
+    :param port: the peer's port
+    :return: the local address, as text
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]

@@ -1,0 +1,138 @@
+"""
+C{twistd node}: options and the service tree.
+
+Every option may also come from the environment (CONTRACT §2); the command line wins.
+"""
+
+import os
+import socket
+
+from twisted.python import usage
+
+from hero_compute.rpc.addresses import AddressError, parse_address
+from hero_compute.rpc.config import (
+    absolute_socket,
+    from_env,
+    listen_address,
+    seconds,
+    socket_dir,
+)
+
+
+def _advertise(text):
+    address = parse_address(text)
+    if address.scheme != "tcp":
+        raise ValueError(f"{text!r}: the advertise address must be tcp://host:port")
+    return address
+
+
+_advertise.coerceDoc = "tcp://host:port or tcp://[v6addr]:port."
+
+
+class Options(usage.Options):
+    """Options of C{twistd node}."""
+
+    synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--advertise URI] [--explorer URI]... "
+                "[--interval S] [--node-id ID] [--state-dir DIR]")
+    longdesc = (
+        "A hero_compute node: serves the VMs of this machine and heartbeats explorers. "
+        "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
+        "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR."
+    )
+    optParameters = [
+        ["socket", None, None,
+         "Unix socket [default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock].",
+         absolute_socket],
+        ["tcp", None, None,
+         "Also listen on TCP here, so remote explorers can reach this node "
+         "[default: $NODE_TCP_ADDR; unset: no TCP].", listen_address],
+        ["advertise", None, None,
+         "Address reported to TCP explorers [default: $NODE_ADVERTISE_ADDR, else the local "
+         "IP towards each explorer with the --tcp port].", _advertise],
+        ["interval", None, None,
+         "Seconds between heartbeats [default: $HEARTBEAT_INTERVAL or 10].", seconds],
+        ["node-id", None, None, "Node id [default: $NODE_ID, else generated once and "
+         "kept in the state dir]."],
+        ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
+        ["state-dir", None, None,
+         "State directory [default: $HERO_STATE_DIR or ~/hero/var/hero_compute]."],
+    ]
+
+    def __init__(self, env=None):
+        usage.Options.__init__(self)
+        self["explorer"] = []
+        self._env = os.environ if env is None else env
+
+    def opt_explorer(self, uri):
+        """
+        An explorer to heartbeat (unix:///path, /path, tcp://host:port); may repeat
+        [default: $EXPLORER_ADDRESSES, comma-separated, or the local explorer socket].
+        """
+        try:
+            self["explorer"].append(parse_address(uri))
+        except AddressError as e:
+            raise usage.UsageError(f"--explorer: {e}") from None
+
+    def postOptions(self):
+        env = self._env
+        from_env(self, "socket", env, "NODE_SOCKET", absolute_socket)
+        if self["socket"] is None:
+            self["socket"] = os.path.join(socket_dir(env), "hero_compute_server.sock")
+        from_env(self, "tcp", env, "NODE_TCP_ADDR", listen_address)
+        from_env(self, "advertise", env, "NODE_ADVERTISE_ADDR", _advertise)
+        from_env(self, "interval", env, "HEARTBEAT_INTERVAL", seconds)
+        if self["interval"] is None:
+            self["interval"] = 10.0
+        self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
+        self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
+        self["state-dir"] = (self["state-dir"] or env.get("HERO_STATE_DIR")
+                             or os.path.expanduser("~/hero/var/hero_compute"))
+        if not self["explorer"]:
+            self["explorer"] = self._explorers_from_env(env)
+        remote = [a.uri for a in self["explorer"] if not a.is_unix]
+        if remote and self["tcp"] is None:
+            raise usage.UsageError(
+                f"explorer(s) {', '.join(remote)} are reached over TCP, but this node has "
+                "no TCP listener, so they could never reach it back: set NODE_TCP_ADDR "
+                "(or --tcp), e.g. 0.0.0.0:9003, and NODE_ADVERTISE_ADDR (or --advertise) "
+                "if the explorer must use another address than this host's own"
+            )
+
+    def _explorers_from_env(self, env):
+        text = env.get("EXPLORER_ADDRESSES")
+        if not text:
+            return [parse_address(os.path.join(socket_dir(env), "hero_compute_explorer.sock"))]
+        addresses = []
+        for item in text.split(","):
+            item = item.strip()
+            try:
+                addresses.append(parse_address(item))
+            except AddressError as e:
+                raise usage.UsageError(f"EXPLORER_ADDRESSES={text!r}: {e}") from None
+        if len(set(addresses)) != len(addresses):
+            raise usage.UsageError(f"EXPLORER_ADDRESSES={text!r}: an explorer is listed twice")
+        return addresses
+
+
+def makeService(options):
+    """
+    Wire the node from its options; nothing is opened until it starts.
+    """
+    from twisted.internet import reactor
+
+    from .service import NodeService
+    from .vms import make_vm_manager
+
+    return NodeService(
+        reactor,
+        socket_path=options["socket"],
+        tcp=options["tcp"],
+        listen=[],
+        explorers=options["explorer"],
+        vms=make_vm_manager(reactor, options["state-dir"]),
+        state_dir=options["state-dir"],
+        node_id=options["node-id"],
+        name=options["name"],
+        advertise=options["advertise"],
+        interval=options["interval"],
+    )

@@ -1,0 +1,79 @@
+"""
+Helpers for the tap modules' C{Options}: coercers and environment fallbacks.
+
+The taps pass C{os.environ} in; nothing here reads the environment by itself.
+"""
+
+import os
+
+from twisted.python import usage
+
+from .addresses import AddressError, parse_address, parse_listen
+
+
+def socket_dir(env):
+    """
+    :param env: the environment mapping
+    :return: C{HERO_SOCKET_DIR}, or C{~/hero/var/sockets}
+    """
+    return env.get("HERO_SOCKET_DIR") or os.path.expanduser("~/hero/var/sockets")
+
+
+def seconds(text):
+    """
+    Coerce a positive, possibly fractional, number of seconds.
+
+    :raise ValueError: for anything else
+    """
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+seconds.coerceDoc = "A positive number of seconds (may be fractional)."
+
+
+def absolute_socket(text):
+    """
+    Coerce a Unix socket location: an absolute path or a C{unix://} URI.
+
+    :return: the absolute path
+    """
+    address = parse_address(text)
+    if not address.is_unix:
+        raise ValueError(f"{text!r} is not a Unix socket path or unix:/// URI")
+    return address.path
+
+
+absolute_socket.coerceDoc = "An absolute path, or unix:///abs/path.sock."
+
+
+def listen_address(text):
+    """Coerce a TCP listen address, C{host:port} or C{[v6addr]:port}."""
+    return parse_listen(text)
+
+
+listen_address.coerceDoc = "host:port or [v6addr]:port."
+
+
+def from_env(options, key, env, name, coerce):
+    """
+    Fill an option from the environment when the command line did not give it.
+
+    :param options: the L{usage.Options}
+    :param key: the option's key
+    :param env: the environment mapping
+    :param name: the variable's name
+    :param coerce: the option's coercer
+    :raise usage.UsageError: naming the variable when its value is bad
+    """
+    if options[key] is not None:
+        return
+    text = env.get(name)
+    if text is None or text == "":
+        return
+    try:
+        options[key] = coerce(text)
+    except (ValueError, AddressError) as e:
+        raise usage.UsageError(f"{name}={text!r}: {e}") from None
