@@ -1,0 +1,284 @@
+"""
+A client for the QEMU Machine Protocol (QMP) over a stream connection.
+
+QMP is line-delimited JSON.  On connect the server greets with C{{"QMP": ...}}; the
+client must then negotiate capabilities (C{qmp_capabilities}) before any other command
+is accepted.  Replies to commands come back in the order the commands were sent (we never
+ask for out-of-band execution), interleaved with asynchronous events such as
+C{SHUTDOWN}, C{STOP} and C{RESUME}.
+
+L{QmpProtocol} does exactly that and nothing QEMU-specific beyond it; L{connect_qmp}
+connects it to a Unix socket and waits for the handshake.
+"""
+
+import collections
+import json
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python import failure
+
+
+class QmpError(Exception):
+    """
+    QMP itself went wrong: the peer broke the protocol or the connection is gone.
+    """
+
+
+class QmpConnectionLost(QmpError):
+    """
+    The connection closed before the reply (or the handshake) arrived.
+
+    :ivar reason: the L{Failure} the connection was lost with
+    """
+
+    def __init__(self, reason):
+        QmpError.__init__(self, f"QMP connection lost: {reason.getErrorMessage()}")
+        self.reason = reason
+
+
+class QmpCommandError(QmpError):
+    """
+    QEMU answered a command with an error object.
+
+    :ivar error_class: QMP's error class, e.g. C{"CommandNotFound"}
+    :ivar desc: QEMU's human-readable description
+    """
+
+    def __init__(self, command, error_class, desc):
+        QmpError.__init__(self, f"QMP {command} failed: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class _Observers:
+    """
+    Deferreds handed out before an outcome is known, all fired when it is; later callers
+    get the outcome at once.  Each caller gets its own Deferred, so one caller cancelling
+    (a timeout) never disturbs another.
+    """
+
+    def __init__(self):
+        self._waiting = []
+        self._result = None
+        self._fired = False
+
+    def when(self):
+        if self._fired:
+            return self._make(self._result)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def fire(self, result):
+        if self._fired:
+            return
+        self._fired, self._result = True, result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            # A cancelled waiter ignores this (Deferred suppresses the second call).
+            if isinstance(result, failure.Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    @staticmethod
+    def _make(result):
+        if isinstance(result, failure.Failure):
+            return defer.fail(result)
+        return defer.succeed(result)
+
+
+class QmpProtocol(LineOnlyReceiver):
+    """
+    One QMP session.
+
+    Use L{when_ready} to learn that the handshake is done, L{execute} to run commands and
+    L{when_disconnected} to learn that the session is over.
+
+    :param on_event: called as C{on_event(name, data, timestamp)} for every asynchronous
+        event; C{data} is a dict (empty when the event has none), C{timestamp} Unix
+        seconds or C{None}.  Exceptions it raises are logged and otherwise ignored.
+    """
+
+    log = Logger()
+    delimiter = b"\n"
+    # query-* replies for large machines run to tens of KiB; a megabyte line means the
+    # peer is not QEMU.
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, on_event=None):
+        self._on_event = on_event
+        self._pending = collections.deque()
+        self._ready = _Observers()
+        self._disconnected = _Observers()
+        self._state = "greeting"
+        self.greeting = None
+
+    # -- public API -----------------------------------------------------------------
+
+    def when_ready(self):
+        """
+        :return: a Deferred that fires with the server's greeting (the C{QMP} object)
+            once capabilities are negotiated, or fails with L{QmpError} if the session
+            ends first
+        """
+        return self._ready.when()
+
+    def when_disconnected(self):
+        """
+        :return: a Deferred that fires with the connection-loss L{Failure} (as a
+            result, not an error) when the session ends
+        """
+        return self._disconnected.when()
+
+    def execute(self, command, arguments=None):
+        """
+        Run one command.
+
+        :param command: the QMP command name, e.g. C{"query-status"}
+        :param arguments: optional dict of arguments
+        :return: a Deferred firing with the C{return} value, or failing with
+            L{QmpCommandError} (QEMU refused) or L{QmpConnectionLost}
+        """
+        if self._state != "ready":
+            return defer.fail(QmpError(f"QMP session not ready ({self._state}) for {command}"))
+        return self._send(command, arguments)
+
+    def disconnect(self):
+        """
+        Close the session from our side.  QEMU keeps running; pending commands fail with
+        L{QmpConnectionLost}.
+        """
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- protocol -------------------------------------------------------------------
+
+    def _send(self, command, arguments):
+        message = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        d = defer.Deferred()
+        self._pending.append((command, d))
+        self.sendLine(json.dumps(message).encode("utf-8"))
+        return d
+
+    def lineReceived(self, line):
+        line = line.strip()
+        if not line:
+            return
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return self._protocol_error(f"not JSON: {line[:200]!r}")
+        if not isinstance(message, dict):
+            return self._protocol_error(f"not a JSON object: {line[:200]!r}")
+
+        if self._state == "greeting":
+            if "QMP" not in message:
+                return self._protocol_error(f"expected the QMP greeting, got {line[:200]!r}")
+            self.greeting = message["QMP"]
+            self._state = "negotiating"
+            self._send("qmp_capabilities", None).addCallbacks(
+                self._negotiated, self._negotiation_failed)
+        elif "event" in message:
+            self._event(message)
+        elif "return" in message or "error" in message:
+            self._reply(message)
+        else:
+            self._protocol_error(f"unexpected message {line[:200]!r}")
+
+    def lineLengthExceeded(self, line):
+        self._protocol_error(f"line longer than {self.MAX_LENGTH} bytes")
+
+    def _negotiated(self, _):
+        self._state = "ready"
+        self._ready.fire(self.greeting)
+
+    def _negotiation_failed(self, reason):
+        # Connection loss already failed the ready observers; anything else is QEMU
+        # refusing the handshake, after which the session is useless.
+        if not reason.check(QmpConnectionLost):
+            self._ready.fire(failure.Failure(QmpError(
+                f"capabilities negotiation failed: {reason.getErrorMessage()}")))
+            self.disconnect()
+
+    def _reply(self, message):
+        if not self._pending:
+            return self._protocol_error(f"reply without a command: {message!r}")
+        command, d = self._pending.popleft()
+        if "error" in message:
+            err = message["error"] if isinstance(message["error"], dict) else {}
+            d.errback(QmpCommandError(command, err.get("class", "GenericError"),
+                                      err.get("desc", repr(message["error"]))))
+        else:
+            d.callback(message["return"])
+
+    def _event(self, message):
+        data = message.get("data")
+        stamp = message.get("timestamp")
+        seconds = None
+        if isinstance(stamp, dict):
+            seconds = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(message["event"], data if isinstance(data, dict) else {}, seconds)
+        except Exception:
+            self.log.failure("QMP event handler failed for {event}", event=message["event"])
+
+    def _protocol_error(self, why):
+        self.log.warn("QMP protocol error, closing: {why}", why=why)
+        self._state = "broken"
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self._state = "closed"
+        lost = QmpConnectionLost(reason)
+        self._ready.fire(failure.Failure(lost))
+        pending, self._pending = self._pending, collections.deque()
+        for _, d in pending:
+            d.errback(lost)
+        self._disconnected.fire(reason)
+
+
+def connect_qmp(reactor, path, on_event=None, timeout=10.0):
+    """
+    Connect to a QMP Unix socket and negotiate capabilities.
+
+    :param reactor: an C{IReactorUNIX} and C{IReactorTime}
+    :param path: the socket's path
+    :param on_event: passed to L{QmpProtocol}
+    :param timeout: seconds for connecting and the handshake together
+    :return: a Deferred firing with the ready L{QmpProtocol}, or failing with
+        C{ConnectError}, L{QmpError} or C{TimeoutError}
+    """
+    endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=timeout)
+    factory = protocol.Factory.forProtocol(lambda: QmpProtocol(on_event))
+
+    async def connect():
+        proto = await endpoint.connect(factory)
+        ready = proto.when_ready()
+        ready.addTimeout(timeout, reactor)
+        try:
+            await ready
+        except BaseException:
+            # A half-open session would otherwise linger until QEMU exits.
+            proto.transport.abortConnection()
+            raise
+        return proto
+
+    return defer.Deferred.fromCoroutine(connect())
+
+
+__all__ = [
+    "QmpError",
+    "QmpConnectionLost",
+    "QmpCommandError",
+    "QmpProtocol",
+    "connect_qmp",
+]
