@@ -1,0 +1,72 @@
+"""
+Shared fixtures: failing tests on logged errors, and real twistd processes that are
+always stopped.
+"""
+
+import pytest
+from twisted.logger import LogLevel, globalLogPublisher
+
+from .support import Twistd
+
+
+class LoggedErrors:
+    """Errors logged in this process during a test; a test that expects some flushes them."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        if event.get("log_failure") is not None or event.get("log_level") in (
+            LogLevel.error, LogLevel.critical
+        ):
+            self.events.append(event)
+
+    def flush(self, exception_type=None):
+        """
+        Take the logged errors (of one exception type, if given) as expected.
+
+        :return: the flushed events
+        """
+        taken = [e for e in self.events if exception_type is None or (
+            e.get("log_failure") is not None and e["log_failure"].check(exception_type))]
+        self.events = [e for e in self.events if e not in taken]
+        return taken
+
+
+@pytest.fixture(autouse=True)
+def logged_errors():
+    """
+    Fail a test that logged an error it did not flush: pytest-twisted, unlike trial,
+    would otherwise let an unhandled failure pass silently.
+    """
+    errors = LoggedErrors()
+    globalLogPublisher.addObserver(errors)
+    yield errors
+    globalLogPublisher.removeObserver(errors)
+    if errors.events:
+        from twisted.logger import formatEvent
+
+        details = "\n".join(
+            formatEvent(e) + ("\n" + e["log_failure"].getTraceback()
+                              if e.get("log_failure") else "")
+            for e in errors.events
+        )
+        pytest.fail(f"errors were logged during the test:\n{details}")
+
+
+@pytest.fixture
+def twistd():
+    """
+    Start real twistd processes: C{twistd(args, env=..., netns=...)}; all are stopped
+    (and their output shown on failure) at the end of the test.
+    """
+    started = []
+
+    def start(args, env=None, netns=None, cwd=None):
+        process = Twistd(args, env=env, netns=netns, cwd=cwd)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

@@ -1,0 +1,202 @@
+"""
+Test helpers: a plain HTTP client for Unix and TCP (deliberately not our own client),
+real twistd processes, and bounded waiting.
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from hero_compute.rpc.addresses import parse_address
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An C{http.client} connection over a Unix socket."""
+
+    def __init__(self, path, timeout=10):
+        http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def connect(uri, timeout=10):
+    """
+    A plain C{http.client} connection to an address URI.
+
+    :param uri: C{unix:///...}, C{/path} or C{tcp://host:port}
+    """
+    address = parse_address(uri)
+    if address.is_unix:
+        return UnixHTTPConnection(address.path, timeout)
+    return http.client.HTTPConnection(address.host, address.port, timeout=timeout)
+
+
+def post(uri_or_conn, body, path="/rpc", method="POST", headers=None):
+    """
+    Send one HTTP request; the body is sent as given (bytes or str), or JSON-encoded.
+
+    :return: C{(status, headers, body bytes)}
+    """
+    conn = connect(uri_or_conn) if isinstance(uri_or_conn, str) else uri_or_conn
+    if not isinstance(body, (bytes, str)) and body is not None:
+        body = json.dumps(body)
+    conn.request(method, path, body=body,
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    data = response.read()
+    if isinstance(uri_or_conn, str):
+        conn.close()
+    return response.status, dict(response.getheaders()), data
+
+
+def rpc(uri, method, params=None, timeout=10):
+    """
+    One JSON-RPC call with a plain HTTP client.
+
+    :return: the whole response object
+    """
+    message = {"jsonrpc": "2.0", "method": method, "id": 1}
+    if params is not None:
+        message["params"] = params
+    conn = connect(uri, timeout)
+    try:
+        status, _, data = post(conn, message)
+    finally:
+        conn.close()
+    assert status == 200, (status, data)
+    return json.loads(data)
+
+
+def result(uri, method, params=None, timeout=10):
+    """One JSON-RPC call that must succeed; returns its result."""
+    response = rpc(uri, method, params, timeout)
+    assert "result" in response, response
+    return response["result"]
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
+    """
+    Poll until C{predicate()} is truthy; returns its value.
+
+    :raise AssertionError: after C{timeout} seconds
+    """
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # the peer may not be up yet
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} ({last_error!r})")
+
+
+class Twistd:
+    """
+    A real C{twistd -n} process, its output collected line by line.
+
+    :param args: the arguments after C{twistd -n --pidfile=}
+    :param env: extra environment
+    :param netns: run inside this network namespace (C{ip netns exec})
+    """
+
+    def __init__(self, args, env=None, netns=None, cwd=None):
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("EXPLORER_", "NODE_", "HERO_", "HEARTBEAT_"))}
+        full_env["PYTHONPATH"] = ROOT
+        full_env.update(env or {})
+        command = [TWISTD, "-n", "--pidfile=", *args]
+        if netns:
+            command = ["ip", "netns", "exec", netns, *command]
+        self.args = args
+        self.lines = []
+        self._cond = threading.Condition()
+        self.process = subprocess.Popen(
+            command, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def output(self):
+        """All output so far."""
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern, timeout=15.0, count=1):
+        """
+        Wait until C{count} lines match the regex C{pattern}.
+
+        :return: the list of matches
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                matches = [m for m in map(regex.search, self.lines) if m]
+                if len(matches) >= count:
+                    return matches
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process.poll() is not None and
+                                      not self.process.stdout.readable()):
+                    raise AssertionError(
+                        f"no line matching {pattern!r} after {timeout}s in:\n{self.output}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def listening(self, count=1, timeout=15.0):
+        """
+        Wait for C{count} C{listening on} lines.
+
+        :return: the URIs, in order
+        """
+        return [m.group(1) for m in
+                self.wait_for_line(r"listening on (\S+)", timeout, count)]
+
+    def tcp_uri(self):
+        """The first TCP URI this process listens on."""
+        return next(u for u in self.listening(count=2) if u.startswith("tcp://"))
+
+    def signal(self, signum):
+        """Send a signal to the process."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+
+    def stop(self, timeout=10.0):
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait(5)
+        return self.process.returncode
+
+    def kill(self):
+        """SIGKILL: no goodbye, no cleanup."""
+        self.signal(signal.SIGKILL)
+        self.process.wait(5)

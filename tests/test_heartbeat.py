@@ -1,0 +1,153 @@
+"""
+Heartbeat loops: schedule, backoff with jitter, per-explorer independence, clean stop.
+"""
+
+import pytest
+from hypothesis import given, strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from hero_compute.node.heartbeat import MAX_BACKOFF, HeartbeatLoop, backoff_delay
+from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.errors import ConnectionRefused, RefusedByPolicy
+
+
+class FakeClient:
+    """An RpcClient stand-in whose explorers are up or down, answering at once or never."""
+
+    def __init__(self):
+        self.calls = []
+        self.down = set()
+        self.hang = set()
+        self.refuse = set()
+
+    def call(self, address, method, params=None, timeout=None):
+        self.calls.append((address.uri, method, params, timeout))
+        if address.uri in self.down:
+            return defer.fail(ConnectionRefused(address, "refused"))
+        if address.uri in self.refuse:
+            return defer.fail(RefusedByPolicy("no"))
+        if address.uri in self.hang:
+            return defer.Deferred()
+        return defer.succeed({"accepted": True, "next_heartbeat": 10})
+
+
+def make_loop(clock, client, uri="unix:///tmp/e.sock", interval=10.0, rand=lambda: 1.0):
+    """A loop with a trivial payload."""
+    return HeartbeatLoop(clock, client, parse_address(uri), lambda a: {"node_id": "n"},
+                         interval, rand=rand)
+
+
+@given(interval=st.floats(0.01, 1000), failures=st.integers(1, 200),
+       r=st.floats(0, 0.999999))
+def test_backoff_bounds(interval, failures, r):
+    """Backoff is positive, never over 5 intervals nor 60 s, and at least half its step."""
+    delay = backoff_delay(interval, failures, lambda: r)
+    cap = min(5 * interval, MAX_BACKOFF)
+    assert 0 < delay <= cap
+    assert delay >= min(cap, interval * 2 ** (failures - 1)) / 2
+
+
+def test_backoff_grows_then_caps():
+    """Without jitter the steps double until the cap."""
+    steps = [backoff_delay(2.0, n, lambda: 1.0) for n in range(1, 6)]
+    assert steps == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert backoff_delay(30.0, 10, lambda: 1.0) == MAX_BACKOFF
+
+
+def test_heartbeats_on_schedule():
+    """A healthy explorer gets a heartbeat at start and every interval after."""
+    clock, client = Clock(), FakeClient()
+    loop = make_loop(clock, client)
+    loop.startService()
+    clock.advance(0)
+    assert len(client.calls) == 1
+    clock.pump([1] * 35)
+    assert len(client.calls) == 4
+    assert loop.state.state == "ok" and loop.state.last_ok == 30
+    assert client.calls[0][1] == "explorer.heartbeat"
+    assert client.calls[0][3] <= 10.0
+    loop.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_backoff_then_recovery_within_one_cap():
+    """A down explorer is retried with growing delays, and rejoined within one cap."""
+    clock, client = Clock(), FakeClient()
+    uri = "tcp://127.0.0.1:9"
+    client.down.add(uri)
+    loop = make_loop(clock, client, uri, interval=2.0)
+    loop.startService()
+    clock.advance(0)
+    times = [0.0]
+    for _ in range(60):
+        clock.advance(0.5)
+        if len(client.calls) > len(times):
+            times.append(clock.seconds())
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[:4] == [2.0, 4.0, 8.0, 10.0]
+    assert max(gaps) <= 10.0
+    assert loop.state.state == "failing" and "refused" in loop.state.last_error
+    client.down.clear()
+    back = clock.seconds()
+    while loop.state.state != "ok":
+        clock.advance(0.5)
+    assert clock.seconds() - back <= 10.0
+    loop.stopService()
+
+
+def test_refusal_is_failure_with_reason():
+    """An explorer's JSON-RPC refusal is a failing state carrying the message."""
+    clock, client = Clock(), FakeClient()
+    client.refuse.add("unix:///tmp/e.sock")
+    loop = make_loop(clock, client)
+    loop.startService()
+    clock.advance(0)
+    assert loop.state.state == "failing"
+    assert "-32010" in loop.state.last_error
+    loop.stopService()
+
+
+def test_hung_explorer_does_not_delay_another():
+    """One loop per explorer: a hung one does not delay heartbeats to a live one."""
+    clock, client = Clock(), FakeClient()
+    client.hang.add("unix:///tmp/hung.sock")
+    live = make_loop(clock, client, "unix:///tmp/live.sock")
+    hung = make_loop(clock, client, "unix:///tmp/hung.sock")
+    live.startService()
+    hung.startService()
+    clock.advance(0)
+    clock.pump([1] * 40)
+    live_calls = [c for c in client.calls if c[0] == "unix:///tmp/live.sock"]
+    assert len(live_calls) == 5
+    hung.stopService()
+    live.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_no_overlap_while_a_tick_is_pending():
+    """A tick still waiting for its answer is never joined by another."""
+    clock, client = Clock(), FakeClient()
+    client.hang.add("unix:///tmp/e.sock")
+    loop = make_loop(clock, client)
+    loop.startService()
+    clock.advance(0)
+    clock.pump([1] * 100)
+    assert len(client.calls) == 1
+    loop.stopService()
+
+
+def test_payload_error_is_survived(logged_errors):
+    """A payload that raises is logged once and retried; the loop keeps running."""
+    clock, client = Clock(), FakeClient()
+    loop = HeartbeatLoop(clock, client, parse_address("unix:///tmp/e.sock"),
+                         lambda a: 1 / 0, 1.0, rand=lambda: 1.0)
+    loop.startService()
+    clock.advance(0)
+    clock.pump([1] * 20)
+    assert loop.state.state == "failing"
+    assert "ZeroDivisionError" in loop.state.last_error
+    assert len(logged_errors.flush(ZeroDivisionError)) == 1
+    assert clock.getDelayedCalls()
+    loop.stopService()
+    assert not clock.getDelayedCalls()

@@ -1,0 +1,108 @@
+"""
+The explorer's registry: upserts, derived liveness, leave and removal.
+"""
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from hero_compute.explorer.registry import INodeRegistry, LivenessLog, Registry
+from hero_compute.rpc.errors import NodeNotFound
+
+
+def beat(registry, node_id="n1", transport="unix", address="unix:///tmp/n1.sock"):
+    """Record a minimal heartbeat."""
+    return registry.heartbeat(node_id=node_id, socket_path=address, transport=transport,
+                              name=node_id, version="1", capacity={}, usage={},
+                              vm_count=0, labels={})
+
+
+@pytest.fixture
+def clock():
+    """A clock at a realistic Unix time."""
+    c = Clock()
+    c.advance(1_700_000_000)
+    return c
+
+
+def test_registry_provides_interface(clock):
+    """The registry implements INodeRegistry."""
+    assert verifyObject(INodeRegistry, Registry(clock, 30))
+
+
+def test_heartbeat_upserts_and_keeps_first_seen(clock):
+    """A second heartbeat updates the record but keeps first_seen."""
+    registry = Registry(clock, 30)
+    first = beat(registry)
+    clock.advance(5)
+    second = beat(registry, address="tcp://10.0.0.1:9003", transport="tcp")
+    assert second.first_seen == first.first_seen
+    assert second.last_seen == first.last_seen + 5
+    assert registry.get("n1").socket_path == "tcp://10.0.0.1:9003"
+    assert registry.get("n1").transport == "tcp"
+    assert len(registry.records()) == 1
+
+
+def test_offline_after_silence_and_back(clock):
+    """A node is online until offline_after seconds of silence, then back with a beat."""
+    registry = Registry(clock, 30)
+    record = beat(registry)
+    clock.advance(30)
+    assert registry.status(registry.get("n1")) == "online"
+    clock.advance(0.5)
+    assert registry.status(registry.get("n1")) == "offline"
+    beat(registry)
+    assert registry.status(registry.get("n1")) == "online"
+    assert record.to_wire(clock.seconds(), 30)["status"] == "offline"
+
+
+def test_leave_is_offline_at_once(clock):
+    """explorer.leave makes a node offline immediately; a new heartbeat revives it."""
+    registry = Registry(clock, 30)
+    beat(registry)
+    registry.leave("n1")
+    assert registry.status(registry.get("n1")) == "offline"
+    beat(registry)
+    assert registry.status(registry.get("n1")) == "online"
+
+
+def test_unknown_node_errors(clock):
+    """get, leave and remove of an unknown node raise NodeNotFound (-32001)."""
+    registry = Registry(clock, 30)
+    for op in (registry.get, registry.leave, registry.remove):
+        with pytest.raises(NodeNotFound) as e:
+            op("nope")
+        assert e.value.code == -32001
+
+
+def test_remove_forgets(clock):
+    """remove drops the record."""
+    registry = Registry(clock, 30)
+    beat(registry)
+    registry.remove("n1")
+    assert registry.records() == []
+
+
+def test_liveness_log_reports_once(clock, logged_errors):
+    """The sweep logs a node going offline once, not at every sweep."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    observer = lambda e: seen.append(e) if "is offline" in e.get("log_format", "") else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        registry = Registry(clock, 3)
+        svc = LivenessLog(registry, clock, 1)
+        svc.startService()
+        beat(registry)
+        clock.pump([1] * 10)
+        assert len(seen) == 1
+        beat(registry)
+        clock.pump([1] * 2)
+        assert len(seen) == 1
+        clock.pump([1] * 3)
+        assert len(seen) == 2
+        svc.stopService()
+        assert not clock.getDelayedCalls()
+    finally:
+        globalLogPublisher.removeObserver(observer)
