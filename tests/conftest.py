@@ -70,3 +70,17 @@ def twistd():
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def short_tmp():
+    """
+    A short temporary directory: Unix socket paths are limited to 108 bytes, which
+    pytest's own tmp_path can exceed.
+    """
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="hc-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

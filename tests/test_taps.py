@@ -1,0 +1,116 @@
+"""
+twistd options: environment fallbacks, command-line precedence, clear errors for bad
+values, and makeService wiring without side effects.
+"""
+
+import pytest
+from twisted.python import usage
+
+from hero_compute.explorer import tap as explorer_tap
+from hero_compute.node import tap as node_tap
+
+
+def explorer_options(argv=(), **env):
+    """Parse explorer options against a given environment."""
+    options = explorer_tap.Options(env=env)
+    options.parseOptions(list(argv))
+    return options
+
+
+def node_options(argv=(), **env):
+    """Parse node options against a given environment."""
+    options = node_tap.Options(env=env)
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_explorer_defaults(monkeypatch):
+    """With no environment the explorer uses ~/hero/var/sockets, no TCP, 30 s."""
+    monkeypatch.setenv("HOME", "/home/op")
+    options = explorer_options()
+    assert options["socket"] == "/home/op/hero/var/sockets/hero_compute_explorer.sock"
+    assert options["tcp"] is None
+    assert options["offline-after"] == 30.0
+
+
+def test_explorer_env_and_override():
+    """Environment variables apply, and the command line overrides them."""
+    options = explorer_options(HERO_SOCKET_DIR="/s", EXPLORER_TCP_ADDR="[::1]:9002",
+                               NODE_OFFLINE_AFTER="2.5")
+    assert options["socket"] == "/s/hero_compute_explorer.sock"
+    assert str(options["tcp"]) == "[::1]:9002"
+    assert options["offline-after"] == 2.5
+    options = explorer_options(["--tcp", "127.0.0.1:1", "--socket", "unix:///x/e.sock",
+                                "--listen", "tcp:0", "--listen", "unix:/y"],
+                               EXPLORER_TCP_ADDR="0.0.0.0:9002", EXPLORER_SOCKET="/z")
+    assert str(options["tcp"]) == "127.0.0.1:1"
+    assert options["socket"] == "/x/e.sock"
+    assert options["listen"] == ["tcp:0", "unix:/y"]
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"EXPLORER_TCP_ADDR": "9002"}, "EXPLORER_TCP_ADDR"),
+    ({"EXPLORER_TCP_ADDR": "host:99999"}, "99999"),
+    ({"NODE_OFFLINE_AFTER": "-1"}, "NODE_OFFLINE_AFTER"),
+    ({"EXPLORER_SOCKET": "relative.sock"}, "EXPLORER_SOCKET"),
+])
+def test_explorer_bad_env(env, needle):
+    """A bad environment value is a usage error naming the variable or value."""
+    with pytest.raises(usage.UsageError) as e:
+        explorer_options(**env)
+    assert needle in str(e.value)
+
+
+def test_node_defaults(monkeypatch):
+    """With no environment the node reports to the local explorer socket over Unix."""
+    monkeypatch.setenv("HOME", "/home/op")
+    options = node_options()
+    assert options["socket"] == "/home/op/hero/var/sockets/hero_compute_server.sock"
+    assert [a.uri for a in options["explorer"]] == [
+        "unix:///home/op/hero/var/sockets/hero_compute_explorer.sock"]
+    assert options["interval"] == 10.0
+    assert options["state-dir"] == "/home/op/hero/var/hero_compute"
+    assert options["node-id"] is None
+
+
+def test_node_explorer_list():
+    """EXPLORER_ADDRESSES takes several comma-separated URIs of every form."""
+    options = node_options(
+        EXPLORER_ADDRESSES="unix:///a.sock, /b.sock,tcp://10.1.2.3:9002,tcp://[fd00::1]:9002",
+        NODE_TCP_ADDR="0.0.0.0:9003", HEARTBEAT_INTERVAL="0.5", NODE_ID="abc")
+    assert [a.uri for a in options["explorer"]] == [
+        "unix:///a.sock", "unix:///b.sock", "tcp://10.1.2.3:9002", "tcp://[fd00::1]:9002"]
+    assert options["interval"] == 0.5 and options["node-id"] == "abc"
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"EXPLORER_ADDRESSES": "tcp://x"}, "tcp://x"),
+    ({"EXPLORER_ADDRESSES": "http://e:1"}, "accepted forms"),
+    ({"EXPLORER_ADDRESSES": "/a.sock,/a.sock"}, "twice"),
+    ({"HEARTBEAT_INTERVAL": "0"}, "HEARTBEAT_INTERVAL"),
+    ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TCP_ADDR": "0.0.0.0:1"}, "advertise"),
+])
+def test_node_bad_env(env, needle):
+    """A bad node environment value is a usage error that says what is wrong."""
+    with pytest.raises(usage.UsageError) as e:
+        node_options(**env)
+    assert needle in str(e.value)
+
+
+def test_tcp_explorer_without_tcp_listener_refuses():
+    """A tcp:// explorer with no NODE_TCP_ADDR refuses to start, naming what to set."""
+    with pytest.raises(usage.UsageError) as e:
+        node_options(EXPLORER_ADDRESSES="tcp://10.0.0.1:9002")
+    assert "NODE_TCP_ADDR" in str(e.value) and "NODE_ADVERTISE_ADDR" in str(e.value)
+    with pytest.raises(usage.UsageError):
+        node_options(["--explorer", "tcp://10.0.0.1:9002"])
+    assert node_options(["--explorer", "tcp://10.0.0.1:9002", "--tcp", "0.0.0.0:9003"])
+
+
+def test_make_service_opens_nothing(tmp_path):
+    """makeService only wires: no socket or file exists until the service starts."""
+    explorer = explorer_tap.makeService(explorer_options(HERO_SOCKET_DIR=str(tmp_path / "s")))
+    node = node_tap.makeService(node_options(HERO_SOCKET_DIR=str(tmp_path / "s"),
+                                             HERO_STATE_DIR=str(tmp_path / "st")))
+    assert not list(tmp_path.iterdir())
+    assert len(list(explorer)) >= 1 and len(list(node)) >= 1
