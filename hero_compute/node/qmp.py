@@ -62,33 +62,40 @@ class _Observers:
 
     def __init__(self):
         self._waiting = []
-        self._result = None
-        self._fired = False
+        self._outcome = None
 
     def when(self):
-        if self._fired:
-            return self._make(self._result)
         d = defer.Deferred()
-        self._waiting.append(d)
+        if self._outcome is not None:
+            self._deliver(d)
+        else:
+            self._waiting.append(d)
         return d
 
-    def fire(self, result):
-        if self._fired:
+    def succeed(self, result):
+        """Fire every waiter with C{result} (never a L{Failure}: Deferreds errback those)."""
+        self._settle(("succeed", result))
+
+    def fail(self, reason):
+        """Fail every waiter with C{reason}."""
+        self._settle(("fail", reason))
+
+    def _settle(self, outcome):
+        if self._outcome is not None:
             return
-        self._fired, self._result = True, result
+        self._outcome = outcome
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            # A cancelled waiter ignores this (Deferred suppresses the second call).
-            if isinstance(result, failure.Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+            self._deliver(d)
 
-    @staticmethod
-    def _make(result):
-        if isinstance(result, failure.Failure):
-            return defer.fail(result)
-        return defer.succeed(result)
+    def _deliver(self, d):
+        how, value = self._outcome
+        # A waiter cancelled by its timeout ignores this: Deferred suppresses the
+        # second call after a cancellation.
+        if how == "fail":
+            d.errback(value)
+        else:
+            d.callback(value)
 
 
 class QmpProtocol(LineOnlyReceiver):
@@ -129,8 +136,8 @@ class QmpProtocol(LineOnlyReceiver):
 
     def when_disconnected(self):
         """
-        :return: a Deferred that fires with the connection-loss L{Failure} (as a
-            result, not an error) when the session ends
+        :return: a Deferred that fires, never fails, when the session ends, with the
+            exception the connection was lost with (e.g. C{ConnectionDone})
         """
         return self._disconnected.when()
 
@@ -196,13 +203,13 @@ class QmpProtocol(LineOnlyReceiver):
 
     def _negotiated(self, _):
         self._state = "ready"
-        self._ready.fire(self.greeting)
+        self._ready.succeed(self.greeting)
 
     def _negotiation_failed(self, reason):
         # Connection loss already failed the ready observers; anything else is QEMU
         # refusing the handshake, after which the session is useless.
         if not reason.check(QmpConnectionLost):
-            self._ready.fire(failure.Failure(QmpError(
+            self._ready.fail(failure.Failure(QmpError(
                 f"capabilities negotiation failed: {reason.getErrorMessage()}")))
             self.disconnect()
 
@@ -239,11 +246,11 @@ class QmpProtocol(LineOnlyReceiver):
     def connectionLost(self, reason=protocol.connectionDone):
         self._state = "closed"
         lost = QmpConnectionLost(reason)
-        self._ready.fire(failure.Failure(lost))
+        self._ready.fail(failure.Failure(lost))
         pending, self._pending = self._pending, collections.deque()
         for _, d in pending:
             d.errback(lost)
-        self._disconnected.fire(reason)
+        self._disconnected.succeed(reason.value)
 
 
 def connect_qmp(reactor, path, on_event=None, timeout=10.0):
