@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import attrs
-from jsonschema import validators
+from jsonschema import exceptions as jsonschema_exceptions, validators
 from jsonschema.exceptions import best_match
 
 from .errors import InvalidParams
@@ -213,6 +213,8 @@ def parse_schema(text, source="<schema>"):
         types[tname] = _object(fields, names, where, closed=False)
         types[tname]["description"] = table.get("description", "")
     validator_class = validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
+    for tname, tschema in types.items():
+        _check(validator_class, tschema, f"{source}: [types.{tname}]")
     methods = {}
     for mname, table in _table(doc.get("methods", {}), f"{source}: [methods]").items():
         where = f"{source}: [methods.{mname!r}]"
@@ -225,17 +227,21 @@ def parse_schema(text, source="<schema>"):
             for pname, spec in param_table.items()
         )
         params_schema = _object(param_table, names, where, closed=True)
+        _check(validator_class, params_schema, where)
         params_schema["components"] = {"schemas": types}
-        validator_class.check_schema(params_schema)
+        result = _field(table.get("result", {}), names, f"{where} result")
+        _check(validator_class, result, f"{where} result")
         errors = table.get("errors", [])
-        if not all(isinstance(code, int) for code in errors):
+        if not isinstance(errors, list) or not all(
+            isinstance(code, int) and not isinstance(code, bool) for code in errors
+        ):
             raise SchemaError(f"{where}: errors must be a list of integer codes")
         methods[mname] = Method(
             name=mname,
             summary=table.get("summary", ""),
             description=table.get("description", ""),
             params=params,
-            result=_field(table.get("result", {}), names, f"{where} result"),
+            result=result,
             errors=tuple(errors),
             validator=validator_class(params_schema),
         )
@@ -245,6 +251,16 @@ def parse_schema(text, source="<schema>"):
         methods=methods,
         types=types,
     )
+
+
+def _check(validator_class, schema, where):
+    # jsonschema's own SchemaError would escape as if the loader had crashed; a bad
+    # field spec is a mistake in the file, to be reported with where it is.
+    try:
+        validator_class.check_schema(schema)
+    except jsonschema_exceptions.SchemaError as e:
+        path = ".".join(str(part) for part in e.path)
+        raise SchemaError(f"{where}: {path + ': ' if path else ''}{e.message}") from None
 
 
 def _object(fields, names, where, closed):
