@@ -1,0 +1,59 @@
+"""
+The built wheel, installed in a fresh virtualenv, carries the schemas and the twistd
+plugins.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .support import ROOT
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A fresh venv with the wheel built from this tree installed in it."""
+    work = tmp_path_factory.mktemp("pkg")
+    # Build from a copy, with no PYTHONPATH: an in-tree build leaves an egg-info that a
+    # pip run on PYTHONPATH would take for an installed copy.
+    source = work / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(work / "dist"),
+                    str(source)], check=True, capture_output=True, timeout=300, env=env)
+    wheel = next((work / "dist").glob("hero_compute-*.whl"))
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True,
+                   capture_output=True, timeout=600, env=env)
+    return venv
+
+
+def run(venv, *args, cwd="/"):
+    """Run a command of the venv, away from the source tree."""
+    env = {"PATH": f"{venv}/bin:/usr/bin:/bin", "HOME": str(venv)}
+    return subprocess.run([*args], capture_output=True, text=True, timeout=60, cwd=cwd,
+                          env=env)
+
+
+def test_twistd_knows_both_commands(installed):
+    """twistd explorer --help and twistd node --help work from the installed wheel."""
+    for command in ("explorer", "node"):
+        done = run(installed, f"{installed}/bin/twistd", command, "--help")
+        assert done.returncode == 0, done.stderr
+        assert "--socket" in done.stdout and "--tcp" in done.stdout
+    assert "--explorer" in run(installed, f"{installed}/bin/twistd", "node", "--help").stdout
+
+
+def test_wheel_carries_schemas_and_cli(installed):
+    """The installed package loads both schemas and has the hero-compute command."""
+    done = run(installed, f"{installed}/bin/python", "-c",
+               "from hero_compute.rpc.schema import load_schema as l;"
+               "print(len(l('explorer').methods), len(l('node').methods))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7", "7"]
+    assert run(installed, f"{installed}/bin/hero-compute", "--help").returncode == 0
