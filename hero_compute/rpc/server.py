@@ -126,11 +126,17 @@ class RpcResource(JSONRPC):
         return self._schema.openrpc(self._version)
 
     def render(self, request):
-        # Twisted's Resource.render answers 405 (with Allow) for verbs we have no
-        # render_ method for: only POST here.
         if request.postpath not in ([], [b""]):
             return resource.NoResource().render(request)
-        return resource.Resource.render(self, request)
+        if request.method != b"POST":
+            # Not left to Resource.render: Twisted answers 501 to verbs outside its
+            # supportedMethods (PUT, DELETE, ...), and 500 to HEAD (render_HEAD calls a
+            # render_GET we do not have) while its Allow header offers HEAD.
+            request.setResponseCode(http.NOT_ALLOWED)
+            request.setHeader(b"allow", b"POST")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"only POST is allowed on /rpc\n"
+        return self.render_POST(request)
 
     def render_POST(self, request):
         """

@@ -1,0 +1,536 @@
+"""
+The JSON-RPC server at the HTTP level: paths, verbs, body limits, persistent and idle
+connections, internal errors that do not leak, params validation against a schema and
+C{rpc.discover}.
+
+Most tests run against the real spec server (a subprocess) over real sockets; those that
+need a schema or a short idle timeout serve in-process on a real Unix socket, with the
+blocking HTTP client in a thread.  A few dispatcher details are checked in memory.
+"""
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, threads
+
+from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.schema import load_schema, parse_schema
+from hero_compute.rpc.server import MAX_BODY, CallContext, RpcResource, make_site
+
+from .spec_server import SpecServer
+from .support import connect, post, wait_for
+
+SUM = {"jsonrpc": "2.0", "method": "sum", "params": [1, 2], "id": 7}
+
+
+@pytest.fixture(scope="module")
+def spec_server():
+    """The spec server, one process for the whole module."""
+    directory = tempfile.mkdtemp(prefix="spec")
+    server = SpecServer(f"{directory}/spec.sock")
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def uri(request, spec_server):
+    """The spec server's Unix socket URI, then its TCP (IPv4) URI."""
+    return getattr(spec_server, request.param)
+
+
+def assert_serving(uri):
+    """The server still answers a good request on a new connection."""
+    status, _, data = post(uri, SUM)
+    assert status == 200
+    assert json.loads(data) == {"jsonrpc": "2.0", "result": 3, "id": 7}
+
+
+def raw_socket(uri, timeout=5.0):
+    """A connected plain socket to a unix:// or tcp:// URI."""
+    address = parse_address(uri)
+    if address.is_unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = address.path
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET)
+        target = (address.host, address.port)
+    sock.settimeout(timeout)
+    sock.connect(target)
+    return sock
+
+
+def read_until_closed(sock, limit=1 << 20):
+    """
+    Everything the peer sends until it closes.
+
+    :raise AssertionError: when the peer does not close within the socket's timeout
+    """
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"the server did not close; got {b''.join(chunks)!r}")
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        assert sum(map(len, chunks)) < limit
+
+
+def rpc_body(value):
+    """A JSON-RPC response body, decoded."""
+    return json.loads(value)
+
+
+# Paths and verbs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/other", "/rpc/extra", "/rpcx", "/RPC"])
+def test_other_paths_are_404(uri, path):
+    """Any path but /rpc is 404, and the server goes on serving."""
+    status, _, _ = post(uri, SUM, path=path)
+    assert status == 404
+    assert_serving(uri)
+
+
+@pytest.mark.parametrize("verb", ["GET", "PUT", "DELETE", "PATCH"])
+def test_other_verbs_are_405(uri, verb):
+    """Any verb but POST on /rpc is 405, with an Allow header offering POST."""
+    status, headers, _ = post(uri, None if verb == "GET" else SUM, method=verb)
+    assert status == 405
+    assert "POST" in [m.strip() for m in headers["Allow"].split(",")]
+    assert_serving(uri)
+
+
+def test_head_is_405_not_500(uri):
+    """HEAD /rpc is refused like GET (405), not a server error."""
+    status, headers, _ = post(uri, None, method="HEAD")
+    assert status == 405
+    assert "POST" in headers["Allow"]
+    assert_serving(uri)
+
+
+# Body limits ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [MAX_BODY + 1, 10 * 1024 ** 3])
+def test_declared_oversize_is_413_without_the_body(uri, length):
+    """A Content-Length over 1 MiB is answered 413 from the headers alone, and the
+    connection is closed."""
+    sock = raw_socket(uri)
+    try:
+        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % length)
+        response = read_until_closed(sock)
+    finally:
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert_serving(uri)
+
+
+def test_chunked_oversize_is_413(uri):
+    """A chunked body that grows past 1 MiB is refused with 413 as soon as it does, and
+    the connection closed."""
+    sock = raw_socket(uri)
+    chunk = b" " * 65536
+    try:
+        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        while sent <= MAX_BODY:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+        response = read_until_closed(sock)
+    finally:
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert_serving(uri)
+
+
+def test_chunked_small_body_is_served(uri):
+    """A chunked body under the limit is read whole and answered."""
+    sock = raw_socket(uri)
+    body = json.dumps(SUM).encode()
+    try:
+        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (5, body[:5])
+                     + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:]) + b"0\r\n\r\n")
+        response = read_until_closed(sock)
+    finally:
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert rpc_body(response.split(b"\r\n\r\n", 1)[1])["result"] == 3
+
+
+def test_body_of_exactly_the_limit_is_served(uri):
+    """A body of exactly 1 MiB is not refused."""
+    body = json.dumps(SUM).encode()
+    body += b" " * (MAX_BODY - len(body))
+    assert len(body) == MAX_BODY
+    status, _, data = post(uri, body)
+    assert status == 200
+    assert rpc_body(data)["result"] == 3
+
+
+# Connections ---------------------------------------------------------------------------
+
+
+def test_persistent_connection(spec_server):
+    """Several requests on one HTTP/1.1 connection are served on that one connection."""
+    conn = connect(spec_server.tcp)
+    try:
+        peers = []
+        for _ in range(4):
+            status, headers, data = post(conn, {"jsonrpc": "2.0", "method": "peer", "id": 1})
+            assert status == 200
+            assert headers.get("Connection", "").lower() != "close"
+            peers.append(rpc_body(data)["result"])
+            sock = conn.sock
+            assert sock is not None
+        assert conn.sock is sock
+        assert len({p["peer"] for p in peers}) == 1
+        assert peers[0]["transport"] == "tcp"
+        assert peers[0]["peer"] == "%s:%d" % conn.sock.getsockname()[:2]
+    finally:
+        conn.close()
+
+
+def test_persistent_unix_connection(spec_server):
+    """Several requests on one Unix socket connection reuse it."""
+    conn = connect(spec_server.unix)
+    try:
+        post(conn, SUM)
+        sock = conn.sock
+        for _ in range(3):
+            status, _, data = post(conn, {"jsonrpc": "2.0", "method": "peer", "id": 2})
+            assert status == 200
+            assert rpc_body(data)["result"]["transport"] == "unix"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_slow_call_does_not_block_others(spec_server):
+    """A call whose result comes later does not hold up another connection."""
+    slow = connect(spec_server.tcp)
+    try:
+        slow.request("POST", "/rpc", body=json.dumps(
+            {"jsonrpc": "2.0", "method": "later", "params": [0.5, "late"], "id": 1}))
+        started = time.monotonic()
+        assert_serving(spec_server.unix)
+        assert time.monotonic() - started < 0.4
+        response = slow.getresponse()
+        assert rpc_body(response.read()) == {"jsonrpc": "2.0", "result": "late", "id": 1}
+        assert time.monotonic() - started >= 0.4
+    finally:
+        slow.close()
+
+
+# Errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["boom", "unserialisable"])
+def test_internal_errors_do_not_leak(uri, spec_server, method):
+    """An unexpected exception or an unserialisable result is -32603 with no details;
+    the failure is logged server-side."""
+    status, _, data = post(uri, {"jsonrpc": "2.0", "method": method, "id": "x"})
+    assert status == 200
+    response = rpc_body(data)
+    assert response["id"] == "x"
+    assert response["error"]["code"] == -32603
+    text = data.decode()
+    for leak in ("Traceback", "secret", "shadow", "RuntimeError", "TypeError",
+                 "spec_server", "object"):
+        assert leak not in text
+    assert "data" not in response["error"]
+    if method == "boom":
+        spec_server.wait_for_output("method boom failed")
+        spec_server.wait_for_output("RuntimeError: secret detail /etc/shadow")
+    else:
+        spec_server.wait_for_output("result is not JSON-serialisable")
+    assert_serving(uri)
+
+
+def test_internal_error_in_a_batch(uri):
+    """In a batch, only the failing request is -32603; the others are answered."""
+    status, _, data = post(uri, [
+        {"jsonrpc": "2.0", "method": "unserialisable", "id": 1},
+        {"jsonrpc": "2.0", "method": "boom", "id": 2},
+        {"jsonrpc": "2.0", "method": "sum", "params": [2, 2], "id": 3},
+    ])
+    assert status == 200
+    by_id = {r["id"]: r for r in rpc_body(data)}
+    assert by_id[1]["error"]["code"] == -32603
+    assert by_id[2]["error"]["code"] == -32603
+    assert by_id[3]["result"] == 4
+
+
+@pytest.mark.parametrize("body", [
+    b'{"jsonrpc":"2.0","method":"\xff\xfe","id":1}',
+    b"\xff\xfe\x00garbage",
+    b"\x80",
+])
+def test_non_utf8_body_is_parse_error(uri, body):
+    """A body that is not UTF-8 is -32700, and the server goes on serving."""
+    status, _, data = post(uri, body)
+    assert status == 200
+    assert rpc_body(data)["error"]["code"] == -32700
+    assert rpc_body(data)["id"] is None
+    assert_serving(uri)
+
+
+def test_empty_body_is_parse_error(uri):
+    """An empty body is -32700."""
+    status, _, data = post(uri, b"")
+    assert status == 200
+    assert rpc_body(data)["error"]["code"] == -32700
+
+
+def test_wrong_arity_without_schema(uri):
+    """Params that do not fit the handler's signature are -32602, not -32603."""
+    status, _, data = post(uri, {"jsonrpc": "2.0", "method": "subtract", "params": [1],
+                                 "id": 1})
+    assert rpc_body(data)["error"]["code"] == -32602
+    status, _, data = post(uri, {"jsonrpc": "2.0", "method": "subtract",
+                                 "params": {"minuend": 1, "nope": 2}, "id": 2})
+    assert rpc_body(data)["error"]["code"] == -32602
+
+
+# In-process servers --------------------------------------------------------------------
+
+SMALL = """
+[methods."geo.move"]
+summary = "Move a point."
+params.point = { type = "Point" }
+params.by = { type = "integer", minimum = 1 }
+
+[types.Point]
+fields.x = { type = "integer" }
+"""
+
+
+@pytest_twisted.async_yield_fixture
+async def serve():
+    """Serve RPC resources in-process on real Unix sockets: C{serve(rpc, **site_kwargs)}
+    returns the socket URI; all listeners are stopped at the end."""
+    started = []
+    directory = tempfile.mkdtemp(prefix="hc")
+
+    def start(rpc, **kwargs):
+        path = f"{directory}/s{len(started)}.sock"
+        listeners = Listeners(make_site(rpc, **kwargs), [unix_endpoint_string(path)])
+        listeners.startService()
+        started.append(listeners)
+        return listeners.bound[0]
+
+    yield start
+    for listeners in started:
+        await listeners.stopService()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def in_thread(f, *args, **kwargs):
+    """Run a blocking client call in a thread, bounded by its own socket timeouts."""
+    return threads.deferToThread(f, *args, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_params_error_names_the_field(serve):
+    """Params that do not match the schema are -32602 whose message names the field;
+    good params, by name or by position, reach the handler by name."""
+    rpc = RpcResource(schema=parse_schema(SMALL))
+    rpc.register("geo.move", lambda point, by: {"x": point["x"] + by})
+    uri = serve(rpc)
+    cases = [
+        ({"point": {"x": "one"}, "by": 1}, "point.x"),
+        ({"point": {"x": 1}, "by": 0}, "by"),
+        ([{"x": 1}, "two"], "by"),
+        ({"point": {"x": 1}}, "by"),
+        ({"point": {"x": 1}, "by": 1, "speed": 2}, "speed"),
+    ]
+    for params, field in cases:
+        _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "geo.move",
+                                                 "params": params, "id": 1})
+        error = rpc_body(data)["error"]
+        assert error["code"] == -32602, params
+        assert field in error["message"], (params, error)
+    for params in ({"point": {"x": 1}, "by": 2}, [{"x": 1}, 2]):
+        _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "geo.move",
+                                                 "params": params, "id": 2})
+        assert rpc_body(data) == {"jsonrpc": "2.0", "result": {"x": 3}, "id": 2}
+
+
+@pytest_twisted.ensureDeferred
+async def test_discover_lists_every_schema_method(serve):
+    """rpc.discover returns the OpenRPC document of the schema, every method listed."""
+    schema = load_schema("explorer")
+    rpc = RpcResource(schema=schema, version="9.9")
+    uri = serve(rpc)
+    _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "rpc.discover",
+                                             "id": 1})
+    document = rpc_body(data)["result"]
+    assert document["openrpc"].startswith("1.")
+    assert document["info"]["version"] == "9.9"
+    names = [m["name"] for m in document["methods"]]
+    assert set(names) == set(schema.methods) | {"rpc.discover"}
+    assert all("params" in m and "result" in m for m in document["methods"])
+    assert set(document["components"]["schemas"]) == set(schema.types)
+    assert "rpc.discover" in rpc.method_names()
+
+
+def _idle_close_after(uri):
+    sock = raw_socket(uri, timeout=5)
+    try:
+        started = time.monotonic()
+        assert read_until_closed(sock) == b""
+        return time.monotonic() - started
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_are_closed(serve):
+    """A connection that sends nothing is closed after the idle timeout."""
+    uri = serve(RpcResource(), idle_timeout=0.5)
+    elapsed = await in_thread(_idle_close_after, uri)
+    assert 0.3 <= elapsed < 3
+
+
+def _idle_after_a_request(uri):
+    conn = connect(uri, timeout=5)
+    try:
+        status, _, data = post(conn, {"jsonrpc": "2.0", "method": "ping", "id": 1})
+        assert status == 200
+        started = time.monotonic()
+        assert conn.sock.recv(1) == b""
+        return time.monotonic() - started
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_after_a_request_is_closed(serve):
+    """A kept-alive connection left idle after a request is closed after the timeout."""
+    rpc = RpcResource()
+    rpc.register("ping", lambda: "pong")
+    uri = serve(rpc, idle_timeout=0.5)
+    elapsed = await in_thread(_idle_after_a_request, uri)
+    assert 0.3 <= elapsed < 3
+
+
+def _send_and_hang_up(uri):
+    sock = raw_socket(uri)
+    body = json.dumps({"jsonrpc": "2.0", "method": "forever", "id": 1}).encode()
+    sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    time.sleep(0.2)
+    sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_cancelled_when_client_hangs_up(serve):
+    """A caller that disconnects mid-call cancels the handler's Deferred, quietly."""
+    cancelled = []
+    started = []
+
+    def forever():
+        started.append(True)
+        return defer.Deferred(lambda d: cancelled.append(True))
+
+    rpc = RpcResource()
+    rpc.register("forever", forever)
+    uri = serve(rpc)
+    await in_thread(_send_and_hang_up, uri)
+    await in_thread(wait_for, lambda: cancelled, timeout=5, what="cancellation")
+    assert started
+
+
+# In memory: the dispatcher alone --------------------------------------------------------
+
+
+def dispatch(rpc, message):
+    """Run one body through the dispatcher synchronously; decode the answer."""
+    body = message if isinstance(message, bytes) else json.dumps(message).encode()
+    results = []
+    rpc.handle_body(body, CallContext("unix", "unix")).addCallback(results.append)
+    assert results, "the dispatcher did not answer synchronously"
+    return None if results[0] is None else json.loads(results[0])
+
+
+@pytest.fixture
+def memory_rpc():
+    """An RPC resource with one method and one that wants the call context."""
+    rpc = RpcResource()
+    rpc.register("echo", lambda value=None: value)
+    rpc.register("where", lambda context: context.transport, context=True)
+    return rpc
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "method": "echo", "id": True},
+    {"jsonrpc": "2.0", "method": "echo", "id": {"a": 1}},
+    {"jsonrpc": "2.0", "method": "echo", "id": [1]},
+    {"jsonrpc": "1.0", "method": "echo", "id": 1},
+    {"method": "echo", "id": 1},
+    {"jsonrpc": "2.0", "id": 1},
+    {"jsonrpc": "2.0", "method": "echo", "params": "x", "id": 1},
+    {"jsonrpc": "2.0", "method": "echo", "params": 3, "id": 1},
+    {"jsonrpc": "2.0", "method": "echo", "id": 1, "extra": 1},
+    "just a string",
+    None,
+])
+def test_invalid_requests(memory_rpc, message):
+    """Requests that break the JSON-RPC 2.0 rules are -32600."""
+    response = dispatch(memory_rpc, message)
+    assert response["error"]["code"] == -32600
+    assert response["id"] in (None, 1)
+
+
+@pytest.mark.parametrize("rid", [1, "a", 1.5, None, 0, ""])
+def test_ids_are_echoed(memory_rpc, rid):
+    """Any valid id (string, number, null) comes back unchanged."""
+    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo",
+                                     "params": ["v"], "id": rid})
+    assert response == {"jsonrpc": "2.0", "result": "v", "id": rid}
+
+
+def test_notification_with_bad_params_is_silent(memory_rpc):
+    """A notification whose params do not fit gets no answer (there is no id to answer)."""
+    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo",
+                                 "params": [1, 2, 3]}) is None
+
+
+def test_handler_gets_the_context(memory_rpc):
+    """A handler registered with context=True gets the CallContext first."""
+    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where", "id": 1}
+                    )["result"] == "unix"
+
+
+def test_context_is_not_a_param(memory_rpc):
+    """The context is not something a caller can fill or must give."""
+    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where",
+                                     "params": ["tcp"], "id": 1})
+    assert response["error"]["code"] == -32602
+
+
+def test_rpc_discover_needs_a_schema(memory_rpc):
+    """Without a schema there is no rpc.discover."""
+    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "rpc.discover", "id": 1}
+                    )["error"]["code"] == -32601
+
+
+def test_duplicate_ids_in_a_batch(memory_rpc):
+    """A batch is answered request by request, even when ids repeat."""
+    response = dispatch(memory_rpc, [
+        {"jsonrpc": "2.0", "method": "echo", "params": [1], "id": 1},
+        {"jsonrpc": "2.0", "method": "echo", "params": [2], "id": 1},
+    ])
+    assert sorted(r["result"] for r in response) == [1, 2]
