@@ -145,10 +145,11 @@ def usage_of(vms):
 
 def make_vm_manager(reactor, state_dir):
     """
-    The node's VM manager: QEMU when the QEMU backend is available, else the in-memory
-    one (which keeps no VMs across restarts).
+    The node's VM manager: QEMU processes driven over QMP, kept under the state dir.
 
     :param reactor: the reactor
     :param state_dir: the node's state directory
     """
-    return MemoryVmManager(reactor)
+    from .qemu import QemuVmManager
+
+    return QemuVmManager(reactor=reactor, state_dir=state_dir)
