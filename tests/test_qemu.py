@@ -4,6 +4,9 @@ Tests for L{hero_compute.node.qemu.QemuVmManager} against real QEMU processes.
 The VMs are tiny (64 MB, 1 vCPU, 1 GB sparse disk) and boot nothing: SeaBIOS sits
 there, which is enough for QMP to report them running.  Nothing honours the ACPI
 power-down, so a graceful stop always waits out the (short) grace period.
+
+They use KVM where /dev/kvm is usable; set C{HERO_TEST_QEMU_ACCEL=tcg} to try the
+emulated path on a KVM host.
 """
 
 import json
@@ -16,6 +19,7 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.application.service import IService
 from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyObject
 
@@ -60,14 +64,22 @@ def pid_of(state_dir, vm_id):
 def alive(pid):
     """
     :param pid: a process id
-    :return: whether it runs (a zombie does not)
+    :return: whether any of its threads still runs (a zombie leader with threads
+        still exiting holds its files, and so QEMU's image locks)
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def is_qemu(pid):
@@ -99,6 +111,7 @@ def state_dir():
     """
     path = tempfile.mkdtemp(prefix="hq-", dir="/tmp")
     yield path
+    killed = []
     for vm_id in entries(path):
         try:
             pid = pid_of(path, vm_id)
@@ -106,6 +119,10 @@ def state_dir():
             continue
         if is_qemu(pid):
             os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.02)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -120,6 +137,7 @@ def managers(state_dir):
     def make(**kwargs):
         kwargs.setdefault("stop_grace", 1.0)
         kwargs.setdefault("start_timeout", 15.0)
+        kwargs.setdefault("accel", os.environ.get("HERO_TEST_QEMU_ACCEL", "kvm:tcg"))
         manager = QemuVmManager(reactor=reactor, state_dir=state_dir, **kwargs)
         manager.startService()
         made.append(manager)
@@ -191,7 +209,6 @@ async def fails_with(d, error_type):
 
 def test_interfaces(state_dir):
     """QemuVmManager provides IVmManager and is a service."""
-    from twisted.application.service import IService
     manager = QemuVmManager(reactor=reactor, state_dir=state_dir)
     assert verifyObject(IVmManager, manager)
     assert verifyObject(IService, manager)
@@ -482,6 +499,38 @@ async def test_qemu_start_failure(managers, state_dir, logged_errors):
     assert (await manager.get(vm.vm_id)).state == "error"
     assert not os.path.exists(os.path.join(state_dir, "vms", vm.vm_id, "qemu.pid"))
     assert logged_errors.flush()
+
+
+@needs_qemu
+@pytest_twisted.ensureDeferred
+async def test_announced_shutdown_is_stopped(managers, state_dir):
+    """A QEMU that announces SHUTDOWN before exiting (as on guest power-off) ends stopped."""
+    manager = managers()
+    vm = await create(manager)
+    await within(manager.start(vm.vm_id))
+    pid = pid_of(state_dir, vm.vm_id)
+    # Only one QMP client at a time: go through the manager's own session, as the
+    # guest's power-off would make QEMU emit SHUTDOWN on it and exit.
+    await within(manager._vms[vm.vm_id].qmp.execute("quit")).addErrback(lambda _: None)
+    await wait_state(manager, vm.vm_id, "stopped")
+    assert await wait_gone(pid)
+    assert manager.usage()["memory_mb"] == 0
+
+
+@needs_qemu
+@pytest_twisted.ensureDeferred
+async def test_delete_overtakes_graceful_stop(managers, state_dir):
+    """Deleting a VM that is waiting out a graceful stop quits it at once."""
+    manager = managers(stop_grace=30.0)
+    vm = await create(manager)
+    await within(manager.start(vm.vm_id))
+    graceful = manager.stop(vm.vm_id)
+    await wait_state(manager, vm.vm_id, "stopping")
+    started = time.monotonic()
+    assert await within(manager.delete(vm.vm_id), 10) is True
+    assert (await within(graceful, 1)).state == "stopped"
+    assert time.monotonic() - started < 10
+    assert entries(state_dir) == []
 
 
 # -- with QEMU: node restart ------------------------------------------------------------

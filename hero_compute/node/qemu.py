@@ -110,7 +110,10 @@ class QemuVmManager(service.Service):
         state directory's filesystem
     :param min_free_mb: free space the state directory's filesystem must keep
     :param image_dirs: when given, base images must lie under one of these directories
-        (an C{image} elsewhere is refused with -32010)
+        (an C{image} elsewhere is refused with -32010); without it any file the node can
+        read may become a VM's backing disk
+    :param accel: QEMU's accelerator list; C{"kvm:tcg"} takes KVM where C{/dev/kvm} is
+        usable and falls back to (much slower) emulation elsewhere
     """
 
     log = Logger()
@@ -127,6 +130,7 @@ class QemuVmManager(service.Service):
     _image_dirs: tuple | None = attrs.field(
         default=None, converter=lambda ds: None if ds is None else tuple(
             os.path.abspath(d) for d in ds))
+    _accel: str = "kvm:tcg"
     _vms: dict = attrs.field(init=False, factory=dict)
     # Names and resources of creates still running qemu-img, so two concurrent creates
     # cannot both take the last gigabyte or the same name.
@@ -265,6 +269,9 @@ class QemuVmManager(service.Service):
             vm = self._get(vm_id)
         except Exception:
             return defer.fail()
+        if vm.record.state == "stopping" and vm.qmp is not None:
+            # Do not wait out a graceful stop's grace for a VM about to be destroyed.
+            vm.qmp.execute("quit").addErrback(lambda _: None)
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._delete(vm)))
 
     def get(self, vm_id):
@@ -286,7 +293,7 @@ class QemuVmManager(service.Service):
         :return: the host's C{{vcpus, memory_mb, disk_gb}}: CPUs, C{MemTotal} and the size
             of the state directory's filesystem, in whole units
         """
-        st = os.statvfs(self._state_dir if os.path.isdir(self._state_dir) else "/")
+        st = os.statvfs(_existing(self._state_dir))
         return {
             "vcpus": os.cpu_count() or 1,
             "memory_mb": _mem_total_kb() // 1024,
@@ -358,7 +365,7 @@ class QemuVmManager(service.Service):
             raise InvalidVmState(
                 f"not enough disk: {disk_gb} GB asked, {max(disk_limit - disk_used, 0)} GB "
                 f"of {disk_limit} GB left for VMs on this node")
-        st = os.statvfs(self._state_dir)
+        st = os.statvfs(_existing(self._state_dir))
         free_mb = st.f_bavail * st.f_frsize // 1024 ** 2
         needed_mb = self._min_free_mb + -(-disk_gb * 1024 // _QCOW2_METADATA_RATIO)
         if free_mb < needed_mb:
@@ -420,7 +427,7 @@ class QemuVmManager(service.Service):
         record = vm.record
         return [
             "-name", "guest=" + _opt(record.name),
-            "-machine", "accel=kvm:tcg",
+            "-machine", f"accel={_opt(self._accel)}",
             "-m", str(record.memory_mb),
             "-smp", str(record.vcpus),
             "-drive", f"file={_opt(vm.path('disk.qcow2'))},format=qcow2,if=virtio",
@@ -487,6 +494,9 @@ class QemuVmManager(service.Service):
             d.addTimeout(max(deadline - self._reactor.seconds(), 0.1), self._reactor)
             status = await d
             if status.get("running"):
+                if self._closing:
+                    # stopService ran meanwhile; it leaves QEMU alone, and so do we.
+                    qmp.disconnect()
                 return
             if self._reactor.seconds() > deadline:
                 raise InvalidVmState(
@@ -667,6 +677,7 @@ class QemuVmManager(service.Service):
             self._remove_runtime(vm)
             self._set_state(vm, "stopped")
             return
+        vm.expect_exit = vm.guest_shutdown = False
         try:
             # Ours, alive: whatever state we crashed in, it runs now.
             vm.record = attrs.evolve(vm.record, state="running")
@@ -726,6 +737,13 @@ class QemuVmManager(service.Service):
                 pass
 
 
+def _existing(path):
+    """:return: C{path} or its nearest existing parent, for filesystem statistics"""
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def _field(record, key):
     return record[key] if isinstance(record, dict) else getattr(record, key)
 
@@ -749,13 +767,22 @@ def _kill(pid):
 
 def _alive(pid):
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    # The state letter follows the command name, which is in parentheses and may hold
-    # spaces; a zombie is dead for our purposes (its parent reaps it, not us).
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The state letter follows the command name, which is in parentheses and may
+        # hold spaces.  The leader turns zombie while other threads are still exiting
+        # and holding the disk's lock, so only all threads dead is gone; a zombie is not
+        # ours to reap (QEMU daemonized away from us).
+        if stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _mem_total_kb():
