@@ -10,6 +10,7 @@ blocking HTTP client in a thread.  A few dispatcher details are checked in memor
 
 import json
 import shutil
+import types
 import socket
 import tempfile
 import time
@@ -287,6 +288,15 @@ def test_non_utf8_body_is_parse_error(uri, body):
     assert_serving(uri)
 
 
+def test_deeply_nested_body_is_parse_error(uri):
+    """A body nested deeper than the JSON parser can go (a megabyte of "[") is -32700,
+    not a server error."""
+    status, _, data = post(uri, b"[" * MAX_BODY)
+    assert status == 200
+    assert rpc_body(data)["error"]["code"] == -32700
+    assert_serving(uri)
+
+
 def test_empty_body_is_parse_error(uri):
     """An empty body is -32700."""
     status, _, data = post(uri, b"")
@@ -534,3 +544,30 @@ def test_duplicate_ids_in_a_batch(memory_rpc):
         {"jsonrpc": "2.0", "method": "echo", "params": [2], "id": 1},
     ])
     assert sorted(r["result"] for r in response) == [1, 2]
+
+
+def test_nested_params_are_answered(memory_rpc):
+    """Params nested deep but parseable are echoed or refused, never an escaped error."""
+    depth = 2000
+    body = (b'{"jsonrpc":"2.0","method":"echo","params":[' + b"[" * depth + b"]" * depth
+            + b'],"id":1}')
+    assert dispatch(memory_rpc, body)["error"]["code"] in (-32700, -32603)
+
+
+def test_unexpected_error_while_preparing_is_internal_error(logged_errors):
+    """An unexpected exception while checking params is -32603, logged, and does not
+    take the rest of a batch down."""
+
+    class Exploding:
+        def coerce_params(self, params):
+            raise RuntimeError("validator bug")
+
+    rpc = RpcResource(schema=types.SimpleNamespace(methods={"bad": Exploding()}))
+    rpc.register("bad", lambda: None)
+    rpc.register("good", lambda: "ok")
+    response = dispatch(rpc, [{"jsonrpc": "2.0", "method": "bad", "id": 1},
+                              {"jsonrpc": "2.0", "method": "good", "id": 2}])
+    by_id = {r["id"]: r for r in response}
+    assert by_id[1]["error"] == {"code": -32603, "message": "Internal error"}
+    assert by_id[2]["result"] == "ok"
+    assert len(logged_errors.flush(RuntimeError)) == 1

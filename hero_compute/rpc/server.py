@@ -180,6 +180,9 @@ class RpcResource(JSONRPC):
             message = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             return defer.succeed(_dump(_error(None, ParseError(f"Parse error: {e}"))))
+        except RecursionError:
+            # A megabyte of "[" is well under MAX_BODY and too deep for json.loads.
+            return defer.succeed(_dump(_error(None, ParseError("Parse error: nested too deeply"))))
         if isinstance(message, list):
             if not message:
                 return defer.succeed(
@@ -215,6 +218,11 @@ class RpcResource(JSONRPC):
             # caller could not otherwise tell it was refused.
             return defer.succeed(None if notification and e.code != InvalidRequest.code
                                  else _error(rid, e))
+        except Exception:
+            # E.g. RecursionError from validating deeply nested params: raised here it
+            # would escape render_POST as a 500, and take the rest of a batch with it.
+            log.failure("preparing {method} failed", method=message.get("method"))
+            return defer.succeed(None if notification else _error(rid, InternalError("Internal error")))
         d = defer.maybeDeferred(handler.func, *args, **kwargs)
         if notification:
             d.addCallbacks(lambda _: None, lambda f: self._log_unexpected(f, message))
@@ -276,7 +284,7 @@ def _error(rid, error):
 def _dump(response):
     try:
         return _encode(response).encode("utf-8")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         log.failure("result is not JSON-serialisable")
         if isinstance(response, list):
             return _dump([_dump_one_safely(r) for r in response])
@@ -287,7 +295,7 @@ def _dump_one_safely(response):
     try:
         _encode(response)
         return response
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return _error(response.get("id"), InternalError("Internal error"))
 
 

@@ -1,0 +1,370 @@
+"""
+The JSON-RPC client against real servers in this process, over real Unix, TCP/IPv4 and
+TCP/IPv6 sockets: results, persistent connections, and each way a call can fail.
+"""
+
+import shutil
+import socket
+import tempfile
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, task
+from twisted.web import resource, server
+
+from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.errors import (
+    BadResponse,
+    CallTimedOut,
+    ConnectionClosed,
+    ConnectionRefused,
+    InvalidParams,
+    MethodNotFound,
+    RpcError,
+    TransportError,
+    VmNotFound,
+)
+from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.server import RpcResource, make_site
+
+
+async def eventually(predicate, timeout=5.0, what="condition"):
+    """Let the reactor run until C{predicate()} is true; fail after C{timeout} s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class Server:
+    """
+    The RPC server under test: its bound URIs, the server-side connections it accepted,
+    and what its handlers saw.
+    """
+
+    def __init__(self):
+        self.connections = []
+        self.open = set()
+        self.notified = []
+        self.cancelled = []
+        self.directory = tempfile.mkdtemp(prefix="hc")
+        rpc = RpcResource()
+        rpc.register("echo", lambda value=None: value)
+        rpc.register("where", lambda context: context.transport, context=True)
+        rpc.register("note", self.notified.append)
+        rpc.register("vm_missing", self._vm_missing)
+        rpc.register("custom", self._custom)
+        rpc.register("forever", self._forever)
+        site = make_site(rpc)
+        outer = self
+
+        class Counting(site.protocol):
+            def connectionMade(self):
+                outer.connections.append(self)
+                outer.open.add(self)
+                super().connectionMade()
+
+            def connectionLost(self, reason):
+                outer.open.discard(self)
+                super().connectionLost(reason)
+
+        site.protocol = Counting
+        self.listeners = Listeners(site, [
+            unix_endpoint_string(f"{self.directory}/rpc.sock"),
+            "tcp:0:interface=127.0.0.1",
+            r"tcp6:0:interface=\:\:1",
+        ])
+
+    @staticmethod
+    def _vm_missing(vm_id):
+        raise VmNotFound(f"no VM {vm_id}", data={"vm_id": vm_id})
+
+    @staticmethod
+    def _custom():
+        raise RpcError("custom failure", data=[1, "two"], code=-32099)
+
+    def _forever(self):
+        return defer.Deferred(lambda d: self.cancelled.append(True))
+
+    def uri(self, kind):
+        """The bound URI of one kind: unix, tcp or tcp6."""
+        for uri in self.listeners.bound:
+            if kind == "unix" and uri.startswith("unix://"):
+                return uri
+            if kind == "tcp" and uri.startswith("tcp://") and "[" not in uri:
+                return uri
+            if kind == "tcp6" and uri.startswith("tcp://["):
+                return uri
+        raise AssertionError(f"no {kind} listener in {self.listeners.bound}")
+
+
+@pytest_twisted.async_yield_fixture
+async def rpc_server():
+    """The RPC server, listening on unix, tcp 127.0.0.1:0 and tcp6 [::1]:0."""
+    srv = Server()
+    srv.listeners.startService()
+    assert len(srv.listeners.bound) == 3
+    yield srv
+    await srv.listeners.stopService()
+    for conn in list(srv.open):
+        conn.transport.abortConnection()
+    await eventually(lambda: not srv.open, what="server connections to close")
+    shutil.rmtree(srv.directory, ignore_errors=True)
+
+
+@pytest_twisted.async_yield_fixture
+async def client():
+    """An RpcClient with a 5 s default timeout, closed at the end."""
+    rpc_client = RpcClient(reactor, timeout=5.0, connect_timeout=2.0)
+    yield rpc_client
+    await rpc_client.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def raw_server():
+    """
+    Listen with any protocol factory on 127.0.0.1:0: C{raw_server(factory)} returns the
+    tcp:// URI.  Ports are closed and accepted connections aborted at the end.
+    """
+    ports = []
+    accepted = []
+
+    def start(factory):
+        build = factory.buildProtocol
+
+        def tracking(addr):
+            proto = build(addr)
+            accepted.append(proto)
+            return proto
+
+        factory.buildProtocol = tracking
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return f"tcp://127.0.0.1:{port.getHost().port}"
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+    for proto in accepted:
+        transport = getattr(proto, "transport", None)
+        if transport is not None and transport.connected:
+            transport.abortConnection()
+    await task.deferLater(reactor, 0.05, lambda: None)
+
+
+# Results -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, transport", [
+    ("unix", "unix"), ("tcp", "tcp"), ("tcp6", "tcp")])
+@pytest_twisted.ensureDeferred
+async def test_call_over_each_listener(rpc_server, client, kind, transport):
+    """The client reaches one server over unix://, tcp:// and tcp://[v6] alike."""
+    uri = rpc_server.uri(kind)
+    assert await client.call(uri, "echo", {"value": [1, "é", None]}) == [1, "é", None]
+    assert await client.call(uri, "echo", ["positional"]) == "positional"
+    assert await client.call(uri, "echo") is None
+    assert await client.call(uri, "where") == transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_with_address_object(rpc_server, client):
+    """An Address works where a URI does."""
+    address = parse_address(rpc_server.uri("tcp"))
+    assert await client.call(address, "echo", ["x"]) == "x"
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify(rpc_server, client):
+    """A notification runs the method and fires with None."""
+    assert await client.notify(rpc_server.uri("unix"), "note", ["hello"]) is None
+    assert rpc_server.notified == ["hello"]
+
+
+# Connections ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_are_reused(rpc_server, client):
+    """Sequential calls to one peer reuse one persistent connection per address."""
+    for kind in ("unix", "tcp", "tcp6"):
+        for n in range(5):
+            assert await client.call(rpc_server.uri(kind), "echo", [n]) == n
+    assert len(rpc_server.connections) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_calls_then_reuse(rpc_server, client):
+    """Concurrent calls open at most one connection each, and later calls reuse them."""
+    uri = rpc_server.uri("tcp")
+    results = await defer.gatherResults([client.call(uri, "echo", [n]) for n in range(3)])
+    assert results == [0, 1, 2]
+    opened = len(rpc_server.connections)
+    assert 1 <= opened <= 3
+    for n in range(4):
+        await client.call(uri, "echo", [n])
+    assert len(rpc_server.connections) == opened
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_closes_pooled_connections(rpc_server, client):
+    """close() closes the pooled connections, as the server sees it."""
+    await client.call(rpc_server.uri("unix"), "echo", [1])
+    await client.call(rpc_server.uri("tcp"), "echo", [1])
+    assert len(rpc_server.open) == 2
+    await client.close()
+    await eventually(lambda: not rpc_server.open, timeout=5, what="connections to close")
+
+
+# Failures ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_unix_socket_is_refused(client):
+    """A Unix socket that does not exist is ConnectionRefused, at once."""
+    directory = tempfile.mkdtemp(prefix="hc")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefused) as info:
+            await client.call(f"unix://{directory}/nope.sock", "echo")
+        assert time.monotonic() - started < 1
+        assert "nope.sock" in str(info.value)
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_tcp_port_is_refused(client):
+    """A TCP port nothing listens on is ConnectionRefused, at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefused) as info:
+        await client.call(f"tcp://127.0.0.1:{port}", "echo")
+    assert time.monotonic() - started < 1
+    assert info.value.address == parse_address(f"tcp://127.0.0.1:{port}")
+
+
+class _Silent(protocol.Protocol):
+    """Accepts a connection and never answers."""
+
+
+class _HangUp(protocol.Protocol):
+    """Reads a request's headers, then closes the connection without answering."""
+
+    def connectionMade(self):
+        self.buffer = b""
+
+    def dataReceived(self, data):
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_server_times_out(raw_server, client):
+    """A server that accepts but never answers is CallTimedOut after the call's timeout."""
+    uri = raw_server(protocol.Factory.forProtocol(_Silent))
+    started = time.monotonic()
+    with pytest.raises(CallTimedOut) as info:
+        await client.call(uri, "echo", timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 2
+    assert "0.3" in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_method_times_out_and_is_cancelled(rpc_server, client):
+    """A method that never returns is CallTimedOut, and the server cancels it when the
+    client gives up."""
+    with pytest.raises(CallTimedOut):
+        await client.call(rpc_server.uri("unix"), "forever", timeout=0.3)
+    await eventually(lambda: rpc_server.cancelled, what="the server to cancel the call")
+    # The timed-out connection is not reused; the next call still works.
+    assert await client.call(rpc_server.uri("unix"), "echo", [1]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_hang_up_is_connection_closed(raw_server, client):
+    """A server that closes the connection after reading the request is ConnectionClosed."""
+    uri = raw_server(protocol.Factory.forProtocol(_HangUp))
+    with pytest.raises(ConnectionClosed):
+        await client.call(uri, "echo", timeout=5)
+
+
+class _Fixed(resource.Resource):
+    """Answers every POST with a fixed status and body."""
+
+    isLeaf = True
+
+    def __init__(self, code, body):
+        resource.Resource.__init__(self)
+        self._code = code
+        self._body = body
+
+    def render_POST(self, request):
+        request.setResponseCode(self._code)
+        return self._body
+
+
+@pytest.mark.parametrize("code, body, complaint", [
+    (200, b"this is not json", "not JSON"),
+    (200, b"[1, 2]", "not a JSON-RPC response"),
+    (200, b'{"jsonrpc": "2.0", "id": 1}', "neither result nor error"),
+    (200, b'{"jsonrpc": "2.0", "error": "bad", "id": 1}', "error member"),
+    (500, b"<html>oops</html>", "HTTP 500"),
+    (404, b"not here", "HTTP 404"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_response(raw_server, client, code, body, complaint):
+    """An answer that is not a JSON-RPC response is BadResponse, saying why."""
+    uri = raw_server(server.Site(_Fixed(code, body)))
+    with pytest.raises(BadResponse) as info:
+        await client.call(uri, "echo")
+    assert complaint in str(info.value)
+    assert isinstance(info.value, TransportError)
+
+
+# JSON-RPC errors -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_method_not_found(rpc_server, client):
+    """An unknown method is MethodNotFound, carrying code and message."""
+    with pytest.raises(MethodNotFound) as info:
+        await client.call(rpc_server.uri("tcp"), "no.such.method")
+    assert info.value.code == -32601
+    assert "no.such.method" in info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_params(rpc_server, client):
+    """Params that do not fit are InvalidParams."""
+    with pytest.raises(InvalidParams) as info:
+        await client.call(rpc_server.uri("unix"), "echo", [1, 2, 3])
+    assert info.value.code == -32602
+
+
+@pytest_twisted.ensureDeferred
+async def test_application_error_keeps_code_message_data(rpc_server, client):
+    """A handler's domain error comes back as the same class, with message and data."""
+    with pytest.raises(VmNotFound) as info:
+        await client.call(rpc_server.uri("tcp6"), "vm_missing", {"vm_id": "vm-7"})
+    assert info.value.code == -32004
+    assert info.value.message == "no VM vm-7"
+    assert info.value.data == {"vm_id": "vm-7"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_error_code(rpc_server, client):
+    """An error code without a class of its own is a plain RpcError with that code."""
+    with pytest.raises(RpcError) as info:
+        await client.call(rpc_server.uri("unix"), "custom")
+    assert type(info.value) is RpcError
+    assert (info.value.code, info.value.message, info.value.data) == (
+        -32099, "custom failure", [1, "two"])
