@@ -191,7 +191,11 @@ class QemuVmManager(service.Service):
         if self._recovery is None:
             return defer.succeed(None)
         d = defer.Deferred()
-        self._recovery.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def done(result):
+            d.callback(None)
+            return result
+        self._recovery.addBoth(done)
         return d
 
     def kill_all(self):
@@ -232,10 +236,10 @@ class QemuVmManager(service.Service):
         try:
             vm = self._get(vm_id)
             self._check(vm, ("stopped", "error"), "start")
+            # Claim the transition now, so a second start in the same tick is refused.
+            self._set_state(vm, "starting")
         except Exception:
             return defer.fail()
-        # Claim the transition now, so a second start in the same tick is refused.
-        self._set_state(vm, "starting")
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm)))
 
     def stop(self, vm_id, force=False):
