@@ -20,24 +20,24 @@ def served(service):
     ("node", lambda tmp: node_tap.makeService(
         _parsed(node_tap.Options(env={"HERO_SOCKET_DIR": tmp, "HERO_STATE_DIR": tmp})))),
 ])
-def test_schema_matches_served_methods(name, build, tmp_path):
+def test_schema_matches_served_methods(name, build, short_tmp):
     """Every served method is in the schema, and every schema method is served."""
     schema = set(load_schema(name).methods)
-    methods = served(build(str(tmp_path)))
+    methods = served(build(short_tmp))
     assert methods - {"rpc.discover"} == schema
     assert "rpc.discover" in methods
 
 
-def test_params_match_handler_signatures(tmp_path):
+def test_params_match_handler_signatures(short_tmp):
     """Each schema method's params are exactly the keyword params of its handler."""
     import inspect
 
     for name, build in (
         ("explorer", lambda: explorer_tap.makeService(
-            _parsed(explorer_tap.Options(env={"HERO_SOCKET_DIR": str(tmp_path)})))),
+            _parsed(explorer_tap.Options(env={"HERO_SOCKET_DIR": short_tmp})))),
         ("node", lambda: node_tap.makeService(
-            _parsed(node_tap.Options(env={"HERO_SOCKET_DIR": str(tmp_path),
-                                          "HERO_STATE_DIR": str(tmp_path)})))),
+            _parsed(node_tap.Options(env={"HERO_SOCKET_DIR": short_tmp,
+                                          "HERO_STATE_DIR": short_tmp})))),
     ):
         service = build()
         for method in load_schema(name).methods.values():

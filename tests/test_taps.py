@@ -3,6 +3,8 @@ twistd options: environment fallbacks, command-line precedence, clear errors for
 values, and makeService wiring without side effects.
 """
 
+import os
+
 import pytest
 from twisted.python import usage
 
@@ -107,10 +109,10 @@ def test_tcp_explorer_without_tcp_listener_refuses():
     assert node_options(["--explorer", "tcp://10.0.0.1:9002", "--tcp", "0.0.0.0:9003"])
 
 
-def test_make_service_opens_nothing(tmp_path):
+def test_make_service_opens_nothing(short_tmp):
     """makeService only wires: no socket or file exists until the service starts."""
-    explorer = explorer_tap.makeService(explorer_options(HERO_SOCKET_DIR=str(tmp_path / "s")))
-    node = node_tap.makeService(node_options(HERO_SOCKET_DIR=str(tmp_path / "s"),
-                                             HERO_STATE_DIR=str(tmp_path / "st")))
-    assert not list(tmp_path.iterdir())
+    explorer = explorer_tap.makeService(explorer_options(HERO_SOCKET_DIR=f"{short_tmp}/s"))
+    node = node_tap.makeService(node_options(HERO_SOCKET_DIR=f"{short_tmp}/s",
+                                             HERO_STATE_DIR=f"{short_tmp}/st"))
+    assert not os.listdir(short_tmp)
     assert len(list(explorer)) >= 1 and len(list(node)) >= 1
