@@ -22,6 +22,7 @@ from twisted.internet import defer, threads
 from hero_compute.rpc.addresses import parse_address
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema, parse_schema
+from hero_compute.rpc import server as rpc_server
 from hero_compute.rpc.server import MAX_BODY, CallContext, RpcResource, make_site
 
 from .spec_server import SpecServer
@@ -133,6 +134,16 @@ def test_declared_oversize_is_413_without_the_body(uri, length):
     finally:
         sock.close()
     assert response.startswith(b"HTTP/1.1 413 ")
+    assert_serving(uri)
+
+
+@pytest.mark.parametrize("size", [MAX_BODY + 1, 8 * MAX_BODY])
+def test_oversize_body_sent_anyway_still_gets_413(uri, size):
+    """A client that sends its oversized body before reading still reads the 413 (the
+    server drains instead of resetting the connection under it)."""
+    status, headers, _ = post(uri, b" " * size)
+    assert status == 413
+    assert headers["Connection"] == "close"
     assert_serving(uri)
 
 
@@ -434,6 +445,32 @@ async def test_idle_after_a_request_is_closed(serve):
     uri = serve(rpc, idle_timeout=0.5)
     elapsed = await in_thread(_idle_after_a_request, uri)
     assert 0.3 <= elapsed < 3
+
+
+def _send_forever(uri, deadline):
+    sock = raw_socket(uri)
+    try:
+        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % (100 * 1024 ** 3))
+        started = time.monotonic()
+        while time.monotonic() - started < deadline:
+            try:
+                sock.sendall(b" " * 65536)
+            except OSError:
+                return time.monotonic() - started
+        raise AssertionError(f"the server still reads after {deadline} s")
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_a_refused_body_is_bounded(serve, monkeypatch):
+    """After a 413 the server discards the rest of the body for a bounded time only,
+    then drops a client that keeps sending."""
+    monkeypatch.setattr(rpc_server, "LINGER", 0.3)
+    uri = serve(RpcResource())
+    elapsed = await in_thread(_send_forever, uri, 5)
+    assert elapsed < 3
 
 
 def _send_and_hang_up(uri):

@@ -32,6 +32,10 @@ from .errors import (
 #: Request bodies above this many bytes are refused with 413 before being read.
 MAX_BODY = 1024 * 1024
 
+#: Seconds a refused oversized body is still read (and discarded) after the 413, so that
+#: the client gets to read the 413 instead of a connection reset.
+LINGER = 2.0
+
 #: Seconds an idle keep-alive connection is kept open.  Clients' pools close theirs
 #: sooner (see L{hero_compute.rpc.client}), so the server rarely closes one under a
 #: request in flight.
@@ -343,8 +347,17 @@ class _Channel(http.HTTPChannel):
             return
         http.HTTPChannel.allHeadersReceived(self)
 
+    _linger = None
+
     def refuse_too_large(self):
-        """Answer 413 and close the connection: the rest of the body is never read."""
+        """
+        Answer 413 and close the connection: the rest of the body is never buffered.
+
+        A client usually sends its whole body before reading the answer; closing at once
+        with its body unread makes the kernel reset the connection, and the client sees
+        a broken pipe instead of the 413.  So, like nginx's lingering close, we close our
+        side for writing and discard what still comes, for at most L{LINGER} seconds.
+        """
         if self._refused:
             return
         self._refused = True
@@ -354,7 +367,18 @@ class _Channel(http.HTTPChannel):
             b"Content-Type: text/plain\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
-        self.transport.loseConnection()
+        self.setTimeout(None)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._linger = self.callLater(LINGER, self.transport.abortConnection)
+
+    def connectionLost(self, reason):
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        http.HTTPChannel.connectionLost(self, reason)
 
     def lineReceived(self, line):
         if not self._refused:
