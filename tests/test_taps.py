@@ -116,3 +116,18 @@ def test_make_service_opens_nothing(short_tmp):
                                              HERO_STATE_DIR=f"{short_tmp}/st"))
     assert not os.listdir(short_tmp)
     assert len(list(explorer)) >= 1 and len(list(node)) >= 1
+
+
+def test_state_dir_too_long_is_refused():
+    """A state dir whose QMP socket paths could not fit is a usage error, not a crash."""
+    with pytest.raises(usage.UsageError) as e:
+        node_options(HERO_STATE_DIR="/" + "d" * 80)
+    assert "HERO_STATE_DIR" in str(e.value)
+
+
+def test_image_dirs():
+    """NODE_IMAGE_DIRS and --image-dir restrict base images; relative paths are refused."""
+    assert node_options(NODE_IMAGE_DIRS="/img:/srv/images")["image-dir"] == ["/img", "/srv/images"]
+    assert node_options(["--image-dir", "/a"], NODE_IMAGE_DIRS="/b")["image-dir"] == ["/a"]
+    with pytest.raises(usage.UsageError):
+        node_options(NODE_IMAGE_DIRS="rel")

@@ -10,6 +10,9 @@ import socket
 from twisted.python import usage
 
 from hero_compute.rpc.addresses import AddressError, parse_address
+
+# Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
+MAX_SOCKET_PATH = 107
 from hero_compute.rpc.config import (
     absolute_socket,
     from_env,
@@ -37,7 +40,8 @@ class Options(usage.Options):
     longdesc = (
         "A hero_compute node: serves the VMs of this machine and heartbeats explorers. "
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
-        "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR."
+        "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
+        "NODE_IMAGE_DIRS."
     )
     optParameters = [
         ["socket", None, None,
@@ -61,7 +65,17 @@ class Options(usage.Options):
     def __init__(self, env=None):
         usage.Options.__init__(self)
         self["explorer"] = []
+        self["image-dir"] = []
         self._env = os.environ if env is None else env
+
+    def opt_image_dir(self, path):
+        """
+        Only base images under this directory may back a VM's disk; may repeat
+        [default: $NODE_IMAGE_DIRS, colon-separated; unset: any file the node can read].
+        """
+        if not os.path.isabs(path):
+            raise usage.UsageError(f"--image-dir {path!r}: must be an absolute path")
+        self["image-dir"].append(path)
 
     def opt_explorer(self, uri):
         """
@@ -87,6 +101,21 @@ class Options(usage.Options):
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
         self["state-dir"] = (self["state-dir"] or env.get("HERO_STATE_DIR")
                              or os.path.expanduser("~/hero/var/hero_compute"))
+        state_dir = os.path.abspath(self["state-dir"])
+        self["state-dir"] = state_dir
+        longest = os.path.join(state_dir, "vms", "0" * 32, "qmp.sock")
+        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+            raise usage.UsageError(
+                f"state directory {state_dir!r} is too long: the QMP sockets of VMs under "
+                f"it would exceed the {MAX_SOCKET_PATH}-byte Unix socket path limit; "
+                "set a shorter HERO_STATE_DIR or --state-dir")
+        if not self["image-dir"] and env.get("NODE_IMAGE_DIRS"):
+            for path in env["NODE_IMAGE_DIRS"].split(":"):
+                if not os.path.isabs(path):
+                    raise usage.UsageError(
+                        f"NODE_IMAGE_DIRS={env['NODE_IMAGE_DIRS']!r}: {path!r} is not an "
+                        "absolute path")
+                self["image-dir"].append(path)
         if not self["explorer"]:
             self["explorer"] = self._explorers_from_env(env)
         remote = [a.uri for a in self["explorer"] if not a.is_unix]
@@ -129,7 +158,7 @@ def makeService(options):
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
-        vms=make_vm_manager(reactor, options["state-dir"]),
+        vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
         state_dir=options["state-dir"],
         node_id=options["node-id"],
         name=options["name"],
