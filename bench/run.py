@@ -476,7 +476,7 @@ def sec_transport(procs, tmp, res, cfg):
         except OSError:
             time.sleep(0.05)
     try:
-        c, reps = cfg["conns"], cfg["reps"]
+        c, reps = cfg["conns"], 1
         table = {}
         for close in (False, True):
             mode = "new conn/request" if close else "keep-alive"
@@ -594,6 +594,7 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
                 s["rps"], s["p50_ms"], s["p99_ms"],
                 explorer_cpu=round(cpu_share, 3), rss_mb=round(rss / 2**20, 1),
                 bytes_per_node=round(per_node), online=info["nodes"]["online"],
+                never_registered=n - info["nodes"]["online"] - info["nodes"]["offline"],
                 wrongly_offline=len(offline), gen_cpu=round(s["gen_cpu"], 3),
                 gen_late_p99_ms=_ms(loadgen.percentile(late, 0.99)),
                 expected_hb=round(expected), ok=s["ok"], err=s["errors"] + s["conn_errors"],
@@ -758,8 +759,24 @@ CATEGORIES = [
     ("registry", r"explorer/registry\.py"),
     ("address parsing", r"rpc/addresses\.py"),
     ("attrs-generated (__init__/evolve)", r"attrs|<attrs generated"),
-    ("socket send/recv (tcp.py/abstract.py)", r"twisted/internet/(tcp|unix|abstract)\.py"),
-    ("reactor poll (epoll)", r"epollreactor\.py"),
+    ("Content-Type parse (email.message via http._parseContentType)", r"_parseContentType"),
+    ("getHost/getsockname per request", r"getHost \(|_getsockname"),
+    ("response write + epoll register/unregister", r"EPollReactor\._(add|remove)"),
+]
+
+#: Self-time buckets (the leaf frame of each sample).
+SELF_BUCKETS = [
+    ("syscalls: recv/send/epoll (sendmsg, untilConcludes, doPoll, _add/_remove, doRead)",
+     r"sendmsg\.py|untilConcludes|doPoll|EPollReactor\._(add|remove)|Connection\.doRead|"
+     r"writeSomeData|_getsockname|getHost"),
+    ("jsonschema/referencing", r"jsonschema/|referencing/"),
+    ("email.* (Content-Type parsing)", r"email/"),
+    ("json encode/decode", r"json/"),
+    ("twisted.web", r"twisted/web/"),
+    ("Deferred", r"twisted/internet/defer\.py"),
+    ("twisted.logger", r"twisted/logger/"),
+    ("hero_compute", r"hero_compute/"),
+    ("inspect", r"inspect\.py"),
 ]
 
 
@@ -801,6 +818,11 @@ def summarize_profile(path, top=25):
         k += 1
         if k >= top:
             break
+    out += ["", "self-time buckets (leaf frame):"]
+    for label, rx in SELF_BUCKETS:
+        r = re.compile(rx)
+        c = sum(cnt for frames, cnt in stacks if r.search(frames[-1]))
+        out.append(f"  {100 * c / total:5.1f}%  {label}")
     out += ["", "categories (inclusive, a sample counts once per category):"]
     for label, rx in CATEGORIES:
         r = re.compile(rx)
@@ -832,13 +854,13 @@ def main(argv=None):
     cfg = {
         "conns": args.conns or 16,
         "reps": 1 if q else 2,
-        "dur": 3.0 if q else 6.0,
-        "warm": 1.0 if q else 1.5,
+        "dur": 2.0 if q else 6.0,
+        "warm": 0.7 if q else 1.5,
         "wrk": not args.no_wrk and shutil.which("wrk") is not None,
         "ingest_n": [int(x) for x in args.ingest_n.split(",")] if args.ingest_n
         else ([1000, 5000] if q else [1000, 10000, 50000]),
         "hb_interval": 10.0,
-        "hb_window": 5.0 if q else 15.0,
+        "hb_window": 4.0 if q else 15.0,
         "proxy_dur": 2.0 if q else 4.0,
         "fail_reps": 1 if q else 3,
         "profile_n": 5000 if q else 50000,
