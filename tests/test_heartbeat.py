@@ -151,3 +151,26 @@ def test_payload_error_is_survived(logged_errors):
     assert clock.getDelayedCalls()
     loop.stopService()
     assert not clock.getDelayedCalls()
+
+
+def test_warns_once_when_interval_exceeds_explorer_expectation():
+    """A node slower than the explorer's next_heartbeat warns once that it would flap."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    observer = lambda e: seen.append(e) if "expects a heartbeat" in e.get("log_format", "") else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        clock, client = Clock(), FakeClient()
+        fast = make_loop(clock, client, interval=10.0)
+        fast.startService()
+        clock.pump([1] * 30)
+        assert seen == []
+        fast.stopService()
+        slow = make_loop(clock, client, interval=20.0)
+        slow.startService()
+        clock.pump([1] * 60)
+        assert len(seen) == 1
+        slow.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observer)

@@ -123,6 +123,15 @@ class HeartbeatLoop(service.Service):
     def _succeeded(self, result):
         if self.state.state != "ok":
             log.info("explorer {address}: heartbeats accepted", address=self.address.uri)
+            expected = result.get("next_heartbeat") if isinstance(result, dict) else None
+            if isinstance(expected, (int, float)) and expected < self.interval:
+                # The explorer declares us offline after about 3 × next_heartbeat: with a
+                # longer interval this node would flap between online and offline.
+                log.warn(
+                    "explorer {address} expects a heartbeat every {expected:g} s but "
+                    "HEARTBEAT_INTERVAL is {interval:g} s: lower it, or raise the "
+                    "explorer's NODE_OFFLINE_AFTER",
+                    address=self.address.uri, expected=expected, interval=self.interval)
         self.state = attrs.evolve(self.state, state="ok", last_ok=self.clock.seconds(),
                                   last_error=None, failures=0)
 
