@@ -319,6 +319,7 @@ class _Fixed(resource.Resource):
     (200, b'{"jsonrpc": "2.0", "error": "bad", "id": 1}', "error member"),
     (500, b"<html>oops</html>", "HTTP 500"),
     (404, b"not here", "HTTP 404"),
+    (200, b" " * (16 * 1024 * 1024 + 1), "larger than"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_response(raw_server, client, code, body, complaint):

@@ -41,8 +41,7 @@ def test_params_match_handler_signatures(short_tmp):
     ):
         service = build()
         for method in load_schema(name).methods.values():
-            handler = service.rpc._handlers[method.name]
-            names = [p for p in handler.signature.parameters]
+            names = service.rpc.param_names(method.name)
             assert names == [p.name for p in method.params], method.name
 
 

@@ -8,6 +8,7 @@ environment variable or the wire goes through L{parse_address} or L{parse_listen
 bad value is rejected the same way everywhere, with the accepted forms in the message.
 """
 
+import functools
 import ipaddress
 import re
 
@@ -138,11 +139,18 @@ def parse_address(value):
     :param value: the text, e.g. C{"tcp://10.0.0.5:9002"} or C{"/run/x.sock"}
     :return: an L{Address}
     :raise AddressError: naming the value and the accepted forms
+
+    Results are cached: every heartbeat of a fleet re-parses the same addresses.
     """
     if isinstance(value, Address):
         return value
     if not isinstance(value, str):
         raise AddressError(value, "an address is a string")
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_text(value):
     if not value:
         raise AddressError(value, "empty")
     if value.startswith("/"):

@@ -10,13 +10,14 @@ no JSON-RPC answer came (refused, timed out, closed mid-call, not JSON-RPC).
 import itertools
 import json
 
-from twisted.internet import defer, error as ierror
+from twisted.internet import defer, error as ierror, protocol
+from twisted.web import http
 from twisted.web import client as wclient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from .addresses import parse_address
+from .addresses import AddressError, parse_address
 from .errors import (
     BadResponse,
     CallTimedOut,
@@ -24,6 +25,10 @@ from .errors import (
     ConnectionRefused,
     RpcError,
 )
+
+#: Responses larger than this are refused, so a misbehaving peer cannot make us buffer
+#: without bound (a proxied result passes through the explorer's memory).
+MAX_RESPONSE = 16 * 1024 * 1024
 
 #: Seconds a pooled idle connection is kept; below the server's idle timeout so that
 #: it is the client that closes, never the server under a request being sent.
@@ -138,7 +143,10 @@ class RpcClient:
         return self._post(address, message, timeout).addCallback(lambda _: None)
 
     def _post(self, address, message, timeout):
-        address = parse_address(address)
+        try:
+            address = parse_address(address)
+        except AddressError as e:
+            return defer.fail(e)
         timeout = self.timeout if timeout is None else timeout
         body = json.dumps(message, separators=(",", ":")).encode("utf-8")
         d = self._agent.request(
@@ -158,17 +166,56 @@ class RpcClient:
         return self._pool.closeCachedConnections()
 
 
+class _BodyReader(protocol.Protocol):
+    """
+    Collects a response body, up to L{MAX_RESPONSE} bytes.  Twisted's C{readBody}
+    cannot abort a body still arriving on our transports when its Deferred is cancelled
+    (as a timeout does); this one stops the transport.
+    """
+
+    def __init__(self, address):
+        self._address = address
+        self._chunks = []
+        self._size = 0
+        self.done = defer.Deferred(lambda _: self.transport.stopProducing())
+
+    def dataReceived(self, data):
+        self._size += len(data)
+        if self._size > MAX_RESPONSE:
+            self._chunks = []
+            self.transport.stopProducing()
+            if not self.done.called:
+                self.done.errback(BadResponse(
+                    self._address, f"response body larger than {MAX_RESPONSE} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        if self.done.called:
+            return
+        if reason.check(wclient.ResponseDone, http.PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def _read_body(response, address):
+    reader = _BodyReader(address)
+    response.deliverBody(reader)
+    return reader.done
+
+
 def _read(response, address):
     if response.code == 204:
-        return wclient.readBody(response).addCallback(lambda _: None)
+        return _read_body(response, address).addCallback(lambda _: None)
     if response.code != 200:
-        d = wclient.readBody(response)
+        d = _read_body(response, address)
 
         def fail(body):
             raise BadResponse(address, f"HTTP {response.code}: {body[:200]!r}")
 
-        return d.addBoth(fail)
-    return wclient.readBody(response).addCallback(_parse, address)
+        return d.addCallback(fail)
+    return _read_body(response, address).addCallback(_parse, address)
 
 
 def _parse(body, address):

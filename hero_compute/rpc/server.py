@@ -126,6 +126,14 @@ class RpcResource(JSONRPC):
         """:return: the names of all published methods"""
         return set(self._handlers)
 
+    def param_names(self, name):
+        """
+        :param name: a published method's name
+        :return: the names of the params its handler takes, in order (the call context
+            excluded)
+        """
+        return list(self._handlers[name].signature.parameters)
+
     def _discover(self):
         return self._schema.openrpc(self._version)
 
@@ -254,12 +262,16 @@ class RpcResource(JSONRPC):
             raise MethodNotFound(f"Method not found: {name}")
         spec = self._schema.methods.get(name) if self._schema is not None else None
         if spec is not None:
-            params = spec.coerce_params(params)
-        args, kwargs = ([], params) if isinstance(params, dict) else (params or [], {})
-        try:
-            handler.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise InvalidParams(f"invalid params for {name}: {e}") from None
+            # The schema names exactly the handler's params (the drift test holds us to
+            # it), so params it accepts always bind.
+            kwargs = spec.coerce_params(params)
+            args = []
+        else:
+            args, kwargs = ([], params) if isinstance(params, dict) else (params or [], {})
+            try:
+                handler.signature.bind(*args, **kwargs)
+            except TypeError as e:
+                raise InvalidParams(f"invalid params for {name}: {e}") from None
         if handler.wants_context:
             args = [context, *args]
         return handler, args, kwargs
