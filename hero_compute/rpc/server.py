@@ -159,8 +159,10 @@ class RpcResource(JSONRPC):
         context = CallContext.from_request(request)
         d = self.handle_body(body, context)
 
+        gone = []
+
         def respond(payload):
-            if request.finished or request._disconnected:
+            if request.finished or gone:
                 return
             if payload is None:
                 # Only notifications: JSON-RPC says send nothing, HTTP says 204.
@@ -172,6 +174,8 @@ class RpcResource(JSONRPC):
             request.finish()
 
         def cancel(_):
+            # The client hung up: stop the work, and answer no one.
+            gone.append(True)
             d.cancel()
 
         request.notifyFinish().addErrback(cancel)
