@@ -350,6 +350,18 @@ def _f(v):
     return str(v)
 
 
+def git_rev():
+    """The commit under test (plus '+dirty' when hero_compute/ has local changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hero_compute"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        return rev + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def machine():
     model = "?"
     try:
@@ -364,7 +376,7 @@ def machine():
                         capture_output=True, text=True, env=ENV).stdout.strip()
     pyv = subprocess.run([PY, "-c", "import platform; print(platform.python_version())"],
                          capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "cores": NCPU, "python": pyv, "twisted": tw,
+    return {"cpu": model, "cores": NCPU, "python": pyv, "twisted": tw, "commit": git_rev(),
             "kernel": platform.release(),
             "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
 
@@ -381,7 +393,7 @@ def render(results, mach, args):
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa
     text = [f"machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
             f"Twisted {mach['twisted']}, Linux {mach['kernel']}, "
-            f"RLIMIT_NOFILE hard {mach['nofile_hard']}",
+            f"RLIMIT_NOFILE hard {mach['nofile_hard']}, commit {mach['commit']}",
             f"mode: {'quick' if args.quick else 'full'}; sections: {','.join(args.sections)}",
             "", line, fmt(head), line] + [fmt(r) for r in rows] + [line, ""]
     for t in results.targets:
@@ -390,7 +402,7 @@ def render(results, mach, args):
         text.append("")
         text += [f"note: {n}" for n in results.notes]
     md = [f"**machine**: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
-          f"Twisted {mach['twisted']}, Linux {mach['kernel']}", "",
+          f"Twisted {mach['twisted']}, Linux {mach['kernel']}, commit {mach['commit']}", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     md += [""] + [f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['detail']}"
@@ -590,17 +602,28 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
         cpu_share = (cpu1 - cpu0) / (tw1 - tw0)
         per_node = (rss - rss_idle) / n
         expected = n * cfg["hb_window"] / interval
-        res.add("ingest", f"N={n:,} nodes, {conns:,} conns, every {interval:g}s",
+        res.add("ingest", f"N={n:,} nodes, {conns:,} conns, every {interval:g}s"
+                + (" (under py-spy)" if profile_out else ""),
                 s["rps"], s["p50_ms"], s["p99_ms"],
                 explorer_cpu=round(cpu_share, 3), rss_mb=round(rss / 2**20, 1),
                 bytes_per_node=round(per_node), online=info["nodes"]["online"],
                 never_registered=n - info["nodes"]["online"] - info["nodes"]["offline"],
                 wrongly_offline=len(offline), gen_cpu=round(s["gen_cpu"], 3),
-                gen_late_p99_ms=_ms(loadgen.percentile(late, 0.99)),
+                send_delay_p99_ms=_ms(loadgen.percentile(late, 0.99)),
                 expected_hb=round(expected), ok=s["ok"], err=s["errors"] + s["conn_errors"],
                 connect_s=round(connect_s, 1), nofile=nofile)
         if s["error_samples"]:
             res.note(f"ingest N={n}: error samples {s['error_samples']}")
+        if not profile_out:
+            rate = n / interval
+            ok = s["rps"] >= 0.98 * rate and (s["p99_ms"] or 1e9) < 50
+            if n >= 50000 or n == max(cfg["ingest_n"]):
+                res.target(f"ingest N={n:,}: >= {rate:,.0f} heartbeats/s with p99 < 50 ms "
+                           "on one core", ok,
+                           f"{s['rps']:,.0f}/s, p99 {s['p99_ms']} ms, explorer CPU "
+                           f"{cpu_share:.0%} of a core")
+            res.target(f"ingest N={n:,}: no node wrongly offline", not offline,
+                       f"{len(offline)} offline, {info['nodes']['online']} online")
         return s, cpu_share, len(offline), conns
     finally:
         for gp in gens:
@@ -876,7 +899,8 @@ def main(argv=None):
     res.note(f"ingest: RLIMIT_NOFILE raised to the hard limit {mach['nofile_hard']} in "
              "the explorer (preexec setrlimit) and generators; where N exceeds it, "
              "several simulated nodes share one connection, each on its own schedule; "
-             "latency is from the scheduled send time (includes generator lateness)")
+             "latency is from the scheduled send time; send_delay = scheduled -> written, i.e. "
+             "generator lateness plus waiting behind a shared connection's request in flight")
     tmp = tempfile.mkdtemp(prefix="hero-bench-")
     procs = Procs(tmp)
     t_start = time.monotonic()
@@ -904,6 +928,10 @@ def main(argv=None):
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     res.note(f"total wall time {time.monotonic() - t_start:.0f}s")
+    end_rev = git_rev()
+    if end_rev != mach["commit"]:
+        res.note(f"WARNING: the code changed during the run ({mach['commit']} -> {end_rev}); "
+                 "sections may have measured different versions")
     text, md = render(res, mach, args)
     print(text)
     out_dir = os.path.join(HERE, "results")
