@@ -39,6 +39,14 @@ PY = os.path.join(ROOT, ".venv", "bin", "python")
 if not os.path.exists(PY):
     PY = sys.executable
 TWISTD = os.path.join(os.path.dirname(PY), "twistd")
+
+
+def twistd_cmd():
+    """twistd of the venv; through the interpreter when the script is missing."""
+    if os.path.exists(TWISTD):
+        return [TWISTD]
+    return [PY, "-c", "import sys; sys.argv[0] = 'twistd'; "
+            "from twisted.scripts.twistd import run; run()"]
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 ENV.pop("EXPLORER_TCP_ADDR", None)
@@ -135,7 +143,7 @@ def wait_for(path, pattern, timeout=15.0, proc=None):
 def start_explorer(procs, tmp, name="explorer", offline_after=None, cpus=SERVER_CPU,
                    nofile=None, prefix=()):
     sock = os.path.join(tmp, f"{name}.sock")
-    cmd = list(prefix) + [TWISTD, "-n", "--pidfile=", "explorer", "--socket", sock,
+    cmd = list(prefix) + twistd_cmd() + ["-n", "--pidfile=", "explorer", "--socket", sock,
                           "--tcp", "127.0.0.1:0"]
     if offline_after is not None:
         cmd += ["--offline-after", str(offline_after)]
@@ -148,7 +156,7 @@ def start_explorer(procs, tmp, name="explorer", offline_after=None, cpus=SERVER_
 
 def start_node(procs, tmp, name, explorer_uri, interval=10.0, cpus=None):
     sock = os.path.join(tmp, f"{name}.sock")
-    cmd = [TWISTD, "-n", "--pidfile=", "node", "--socket", sock, "--tcp", "127.0.0.1:0",
+    cmd = twistd_cmd() + ["-n", "--pidfile=", "node", "--socket", sock, "--tcp", "127.0.0.1:0",
            "--explorer", explorer_uri, "--interval", str(interval),
            "--state-dir", os.path.join(tmp, f"{name}-state"), "--node-id", name]
     p = procs.start(cmd, name, cpus=cpus)
