@@ -11,7 +11,7 @@ import itertools
 import json
 
 from twisted.internet import defer, error as ierror, protocol
-from twisted.web import http
+from twisted.web.http import PotentialDataLoss
 from twisted.web import client as wclient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
@@ -193,7 +193,7 @@ class _BodyReader(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone):
         if self.done.called:
             return
-        if reason.check(wclient.ResponseDone, http.PotentialDataLoss):
+        if reason.check(wclient.ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(reason)

@@ -17,7 +17,10 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import resource, server
+# Names imported once: twisted.web.http is wrapped in a deprecation proxy whose every
+# attribute look-up costs microseconds, on the path of every header line.
+from twisted.web.http import NO_CONTENT, NOT_ALLOWED, HTTPChannel
 from txjsonrpc_ng.web.jsonrpc import JSONRPC
 
 from .errors import (
@@ -144,7 +147,7 @@ class RpcResource(JSONRPC):
             # Not left to Resource.render: Twisted answers 501 to verbs outside its
             # supportedMethods (PUT, DELETE, ...), and 500 to HEAD (render_HEAD calls a
             # render_GET we do not have) while its Allow header offers HEAD.
-            request.setResponseCode(http.NOT_ALLOWED)
+            request.setResponseCode(NOT_ALLOWED)
             request.setHeader(b"allow", b"POST")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"only POST is allowed on /rpc\n"
@@ -168,7 +171,7 @@ class RpcResource(JSONRPC):
                 return
             if payload is None:
                 # Only notifications: JSON-RPC says send nothing, HTTP says 204.
-                request.setResponseCode(http.NO_CONTENT)
+                request.setResponseCode(NO_CONTENT)
             else:
                 request.setHeader(b"content-type", b"application/json")
                 request.setHeader(b"content-length", b"%d" % len(payload))
@@ -329,10 +332,14 @@ class _Request(server.Request):
 
     _received = 0
     _refused = False
-    # JSON-RPC bodies are never HTML forms.  Twisted would otherwise parse every POST's
-    # Content-Type through the email package, looking for one: a quarter of the
-    # explorer's CPU at heartbeat load.
-    _parsePOSTFormSubmission = False
+
+    def __init__(self, *args, **kwargs):
+        server.Request.__init__(self, *args, **kwargs)
+        # JSON-RPC bodies are never HTML forms.  Twisted would otherwise parse every
+        # POST's Content-Type through the email package, looking for one: a fifth of
+        # the explorer's CPU at heartbeat load.  (Set after __init__, which sets it from
+        # the Site; a class attribute would be shadowed.)
+        self._parsePOSTFormSubmission = False
 
     def gotLength(self, length):
         # Bodies are small and capped: keep them in memory (Twisted spills bodies over
@@ -355,7 +362,7 @@ class _Request(server.Request):
             server.Request.process(self)
 
 
-class _Channel(http.HTTPChannel):
+class _Channel(HTTPChannel):
     """
     An HTTP channel that answers 413 to a declared body over L{MAX_BODY} from its
     headers alone, without reading the body.
@@ -377,7 +384,7 @@ class _Channel(http.HTTPChannel):
         if self.length is not None and self.length > MAX_BODY:
             self.refuse_too_large()
             return
-        http.HTTPChannel.allHeadersReceived(self)
+        super().allHeadersReceived()
 
     _linger = None
 
@@ -410,15 +417,15 @@ class _Channel(http.HTTPChannel):
     def connectionLost(self, reason):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
-        http.HTTPChannel.connectionLost(self, reason)
+        super().connectionLost(reason)
 
     def lineReceived(self, line):
         if not self._refused:
-            http.HTTPChannel.lineReceived(self, line)
+            super().lineReceived(line)
 
     def rawDataReceived(self, data):
         if not self._refused:
-            http.HTTPChannel.rawDataReceived(self, data)
+            super().rawDataReceived(data)
 
 
 def make_site(rpc, idle_timeout=IDLE_TIMEOUT):
