@@ -192,6 +192,115 @@ def test_body_of_exactly_the_limit_is_served(uri):
     assert rpc_body(data)["result"] == 3
 
 
+# HTTP/1.1 details ----------------------------------------------------------------------
+
+
+def _exchange(uri, raw, responses=1):
+    """Send raw bytes; return everything received until C{responses} are complete or
+    the server closes."""
+    sock = raw_socket(uri)
+    try:
+        sock.sendall(raw)
+        data = b""
+        while data.count(b"HTTP/1.1 ") - data.count(b"HTTP/1.1 100") < responses or (
+                not data.endswith(b"}") and b"Content-Length: 0" not in data
+                and not data.endswith(b"\n")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        sock.close()
+
+
+def _request(body, extra=b"", version=b"1.1"):
+    return (b"POST /rpc HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (version, len(body), extra, body))
+
+
+def test_pipelined_requests_are_answered_in_order(uri):
+    """Requests sent back to back on one connection get their answers in that order."""
+    bodies = [json.dumps({"jsonrpc": "2.0", "method": "sum", "params": [n, 1], "id": n}).encode()
+              for n in range(5)]
+    data = _exchange(uri, b"".join(_request(b) for b in bodies), responses=5)
+    results = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+               for part in data.split(b"HTTP/1.1 200")[1:]]
+    assert [r["id"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["result"] for r in results] == [1, 2, 3, 4, 5]
+
+
+def test_expect_100_continue(uri):
+    """A client that asks before sending its body (as curl does for large ones) is told
+    to go on, and then answered."""
+    body = json.dumps(SUM).encode()
+    sock = raw_socket(uri)
+    try:
+        head = _request(body, b"Expect: 100-continue\r\n")[: -len(body)]
+        sock.sendall(head)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        data = b""
+        while not data.endswith(b"}"):
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["result"] == 3
+    finally:
+        sock.close()
+
+
+def test_http10_closes_unless_asked_to_keep_alive(uri):
+    """An HTTP/1.0 request is answered and the connection closed; with
+    C{Connection: keep-alive} it is kept and says so."""
+    body = json.dumps(SUM).encode()
+    sock = raw_socket(uri)
+    try:
+        sock.sendall(_request(body, version=b"1.0"))
+        data = read_until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
+    finally:
+        sock.close()
+    data = _exchange(uri, _request(body, b"Connection: keep-alive\r\n", b"1.0") * 2, 2)
+    assert data.count(b"HTTP/1.1 200 ") == 2
+    assert b"Connection: keep-alive" in data
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"POST /rpc HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
+    (b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
+    (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"POST /rpc HTTP/1.1\r\n" + b"X-A: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+])
+def test_malformed_requests_get_a_status_and_a_close(uri, raw, status):
+    """A request that is not well-formed HTTP, or whose head is too large, is answered
+    with a 4xx status and its connection closed; others are still served."""
+    sock = raw_socket(uri)
+    try:
+        sock.sendall(raw)
+        data = read_until_closed(sock)
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 " + status + b" ")
+    assert_serving(uri)
+
+
+def test_upgrade_is_refused(uri):
+    """A request asking to switch protocols is refused with 400 and its connection
+    closed: we speak only HTTP/1.1, and its body would belong to the other protocol."""
+    body = json.dumps(SUM).encode()
+    sock = raw_socket(uri)
+    try:
+        sock.sendall(_request(body, b"Connection: Upgrade\r\nUpgrade: h2c\r\n")
+                     + b"PRI * HTTP/2.0\r\n\r\n")
+        data = read_until_closed(sock)
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b"upgrade" in data
+    assert_serving(uri)
+
+
 # Connections ---------------------------------------------------------------------------
 
 
@@ -609,32 +718,3 @@ def test_unexpected_error_while_preparing_is_internal_error(logged_errors):
     assert by_id[2]["result"] == "ok"
     assert len(logged_errors.flush(RuntimeError)) == 1
 
-
-def _post_form_typed(uri):
-    conn = connect(uri, timeout=5)
-    try:
-        body = json.dumps({"jsonrpc": "2.0", "method": "ping", "id": 1}).encode()
-        conn.request("POST", "/rpc", body,
-                     {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_post_bodies_are_not_parsed_as_forms(serve, monkeypatch):
-    """The Content-Type of a POST is never parsed for HTML forms (a fifth of the CPU of
-    heartbeat ingest went there), whatever it claims."""
-    from twisted.web import http as twisted_http
-
-    def refuse(line):
-        raise AssertionError(f"Content-Type parsed: {line!r}")
-
-    monkeypatch.setattr(twisted_http, "_parseContentType", refuse)
-    rpc = RpcResource()
-    rpc.register("ping", lambda: "pong")
-    uri = serve(rpc)
-    status, data = await in_thread(_post_form_typed, uri)
-    assert status == 200
-    assert json.loads(data)["result"] == "pong"
