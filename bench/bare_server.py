@@ -1,15 +1,20 @@
 """
-The framework floor: a bare Twisted web resource answering every POST with a fixed
-JSON body, served by the same L{make_site} (channel, request class, idle timeout, no
-access log) as the explorer, on a Unix socket and on TCP.
+The floors a JSON-RPC call is measured against, each answering every POST with a fixed
+JSON body on a Unix socket and on TCP:
 
-Usage: python bench/bare_server.py SOCKET_PATH  (prints C{listening on ...} lines)
+- C{twisted-web}: a bare Twisted web resource on a stock L{twisted.web.server.Site}
+  (access log off), the framework floor;
+- C{hero-http}: our own HTTP/1.1 protocol (L{make_site}) with a dispatcher that answers
+  without parsing, i.e. the cost of our transport alone.
+
+Usage: python bench/bare_server.py SOCKET_PATH [twisted-web|hero-http]
+(prints C{listening on ...} lines)
 """
 
 import sys
 
-from twisted.internet import reactor
-from twisted.web import resource
+from twisted.internet import defer, reactor
+from twisted.web import resource, server
 
 from hero_compute.rpc.server import make_site
 
@@ -30,8 +35,22 @@ class Fixed(resource.Resource):
         return BODY
 
 
+class FixedRpc:
+    """Stands in for an L{RpcResource}: every body gets the same answer."""
+
+    def handle_body(self, body, context):
+        return defer.succeed(BODY)
+
+
 def main():
-    site = make_site(Fixed())
+    kind = sys.argv[2] if len(sys.argv) > 2 else "twisted-web"
+    if kind == "twisted-web":
+        site = server.Site(Fixed())
+        site.log = lambda request: None
+    elif kind == "hero-http":
+        site = make_site(FixedRpc())
+    else:
+        sys.exit(f"unknown floor {kind!r}: twisted-web or hero-http")
     u = reactor.listenUNIX(sys.argv[1], site)
     t = reactor.listenTCP(0, site, interface="127.0.0.1")
     print(f"listening on unix://{u.getHost().name}", flush=True)
