@@ -106,3 +106,31 @@ def test_liveness_log_reports_once(clock, logged_errors):
         assert not clock.getDelayedCalls()
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def test_node_events_are_summed_up_beyond_a_burst(clock):
+    """Joins beyond LOG_BURST in one second are counted, not logged one by one, and
+    the count is logged by the next sweep."""
+    from twisted.logger import globalLogPublisher
+
+    from hero_compute.explorer.registry import LOG_BURST
+
+    seen = []
+    observer = lambda e: seen.append(e) if "node" in e.get("log_format", "") else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        registry = Registry(clock, 30)
+        svc = LivenessLog(registry, clock, 1)
+        svc.startService()
+        for n in range(LOG_BURST + 30):
+            beat(registry, node_id=f"n{n}")
+        joined = [e for e in seen if "joined from" in e["log_format"]]
+        assert len(joined) == LOG_BURST
+        clock.pump([1])
+        summary = [e for e in seen if "more nodes" in e["log_format"]]
+        assert [e["count"] for e in summary] == [30]
+        beat(registry, node_id="late")
+        assert seen[-1]["node_id"] == "late"
+        svc.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observer)

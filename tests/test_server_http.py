@@ -20,6 +20,7 @@ import pytest_twisted
 from twisted.internet import defer, threads
 
 from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.errors import InvalidParams
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema, parse_schema
 from hero_compute.rpc import server as rpc_server
@@ -718,3 +719,19 @@ def test_unexpected_error_while_preparing_is_internal_error(logged_errors):
     assert by_id[2]["result"] == "ok"
     assert len(logged_errors.flush(RuntimeError)) == 1
 
+
+
+def test_coroutine_handlers_are_awaited(memory_rpc):
+    """A handler written as C{async def} is awaited; its result or error is the answer."""
+    async def double(value):
+        return value * 2
+
+    async def refuse():
+        raise InvalidParams("no")
+
+    memory_rpc.register("double", double)
+    memory_rpc.register("refuse", refuse)
+    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "double", "params": [4],
+                                 "id": 1})["result"] == 8
+    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "refuse",
+                                 "id": 2})["error"]["code"] == -32602

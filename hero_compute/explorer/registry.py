@@ -17,6 +17,12 @@ from hero_compute.rpc.errors import NodeNotFound
 
 log = Logger()
 
+#: Node arrivals, returns and moves logged one line each per second; the rest of that
+#: second are counted and summed up in one line.  When an explorer restarts, its whole
+#: fleet re-registers within one heartbeat interval, and a line per node would cost
+#: more CPU than the heartbeats themselves while telling the operator nothing more.
+LOG_BURST = 20
+
 
 @attrs.frozen
 class NodeRecord:
@@ -103,6 +109,9 @@ class Registry:
     clock: object
     offline_after: float
     _nodes: dict = attrs.field(factory=dict)
+    _log_second: int = attrs.field(default=-1, init=False)
+    _logged: int = attrs.field(default=0, init=False)
+    _unlogged: int = attrs.field(default=0, init=False)
 
     def heartbeat(self, node_id, socket_path, transport, name, version, capacity, usage,
                   vm_count, labels):
@@ -123,15 +132,40 @@ class Registry:
         )
         self._nodes[node_id] = record
         if old is None:
-            log.info("node {node_id} ({name}) joined from {address}", node_id=node_id,
-                     name=name, address=socket_path)
+            self._note(now, "node {node_id} ({name}) joined from {address}",
+                       node_id=node_id, name=name, address=socket_path)
         elif old.status(now, self.offline_after) == "offline":
-            log.info("node {node_id} ({name}) is back online at {address}",
-                     node_id=node_id, name=name, address=socket_path)
+            self._note(now, "node {node_id} ({name}) is back online at {address}",
+                       node_id=node_id, name=name, address=socket_path)
         elif old.socket_path != socket_path:
-            log.info("node {node_id} moved from {old} to {new}", node_id=node_id,
-                     old=old.socket_path, new=socket_path)
+            self._note(now, "node {node_id} moved from {old} to {new}", node_id=node_id,
+                       old=old.socket_path, new=socket_path)
         return record
+
+    def _note(self, now, fmt, **fields):
+        self.flush_log(now)
+        if self._logged < LOG_BURST:
+            self._logged += 1
+            log.info(fmt, **fields)
+        else:
+            self._unlogged += 1
+
+    def flush_log(self, now):
+        """
+        Start a new second of node-event logging, summing up the events of the last
+        one that were not logged one by one.
+
+        :param now: the current time
+        """
+        second = int(now)
+        if second == self._log_second:
+            return
+        if self._unlogged:
+            log.info("{count} more nodes joined, came back or moved (not logged one by one)",
+                     count=self._unlogged)
+        self._log_second = second
+        self._logged = 0
+        self._unlogged = 0
 
     def leave(self, node_id):
         record = self.get(node_id)
@@ -175,6 +209,7 @@ class LivenessLog(service.Service):
         """Log nodes that went offline since the last sweep; never raises."""
         try:
             now = self._clock.seconds()
+            self._registry.flush_log(now)
             offline = set()
             for record in self._registry.records():
                 if record.status(now, self._registry.offline_after) == "offline":

@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols import policies
 from twisted.web import resource, server
 # Names imported once: twisted.web.http is wrapped in a deprecation proxy whose every
@@ -223,42 +224,60 @@ class RpcResource(JSONRPC):
                 return defer.succeed(
                     _dump(_error(None, InvalidRequest("Invalid Request: empty batch")))
                 )
-            d = defer.gatherResults(
-                [self._handle_one(item, context) for item in message], consumeErrors=True
-            )
+            responses = [self._handle_one(item, context) for item in message]
+            if any(isinstance(r, defer.Deferred) for r in responses):
+                d = defer.gatherResults(
+                    [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in responses],
+                    consumeErrors=True)
+            else:
+                d = defer.succeed(responses)
             d.addCallback(lambda responses: [r for r in responses if r is not None] or None)
         else:
-            d = self._handle_one(message, context)
+            response = self._handle_one(message, context)
+            if not isinstance(response, defer.Deferred):
+                # Most calls answer at once: no Deferred chain to build and run.
+                return defer.succeed(None if response is None else _dump(response))
+            d = response
         d.addCallback(lambda response: None if response is None else _dump(response))
         return d
 
     def _handle_one(self, message, context):
         """
-        :return: a Deferred firing with a response object, or None for a notification
+        :return: a response object, None for a notification, or a Deferred firing with
+            one of these when the handler answers later
         """
         if not isinstance(message, dict):
-            return defer.succeed(
-                _error(None, InvalidRequest("Invalid Request: not an object"))
-            )
+            return _error(None, InvalidRequest("Invalid Request: not an object"))
         rid = message.get("id")
         if not _valid_id(rid):
-            return defer.succeed(
-                _error(None, InvalidRequest("Invalid Request: id must be a string, a number or null"))
-            )
+            return _error(None, InvalidRequest(
+                "Invalid Request: id must be a string, a number or null"))
         notification = "id" not in message
         try:
             handler, args, kwargs = self._prepare(message, context)
         except RpcError as e:
             # A request too broken to run is still answered when it carries an id: the
             # caller could not otherwise tell it was refused.
-            return defer.succeed(None if notification and e.code != InvalidRequest.code
-                                 else _error(rid, e))
+            return (None if notification and e.code != InvalidRequest.code
+                    else _error(rid, e))
         except Exception:
             # E.g. RecursionError from validating deeply nested params: raised here it
             # would escape render_POST as a 500, and take the rest of a batch with it.
             log.failure("preparing {method} failed", method=message.get("method"))
-            return defer.succeed(None if notification else _error(rid, InternalError("Internal error")))
-        d = defer.maybeDeferred(handler.func, *args, **kwargs)
+            return None if notification else _error(rid, InternalError("Internal error"))
+        try:
+            result = handler.func(*args, **kwargs)
+        except Exception:
+            failure = Failure()
+            if notification:
+                self._log_unexpected(failure, message)
+                return None
+            return _error(rid, self._as_rpc_error(failure, message))
+        if inspect.iscoroutine(result):
+            result = defer.ensureDeferred(result)
+        if not isinstance(result, defer.Deferred):
+            return None if notification else {"jsonrpc": "2.0", "result": result, "id": rid}
+        d = result
         if notification:
             d.addCallbacks(lambda _: None, lambda f: self._log_unexpected(f, message))
             return d
