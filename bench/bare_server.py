@@ -13,7 +13,7 @@ Usage: python bench/bare_server.py SOCKET_PATH [twisted-web|hero-http]
 
 import sys
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.web import resource, server
 
 from hero_compute.rpc.server import make_site
@@ -38,8 +38,8 @@ class Fixed(resource.Resource):
 class FixedRpc:
     """Stands in for an L{RpcResource}: every body gets the same answer."""
 
-    def handle_body(self, body, context):
-        return defer.succeed(BODY)
+    def answer(self, body, context):
+        return BODY
 
 
 def main():

@@ -212,34 +212,35 @@ class RpcResource(JSONRPC):
         :return: a Deferred firing with the response body (bytes), or None when there is
             nothing to send (only notifications)
         """
+        answer = self.answer(body, context)
+        return answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
+
+    def answer(self, body, context):
+        """
+        Like L{handle_body}, but answers at once when every handler did: the response
+        body (bytes), None when there is nothing to send, or a Deferred of either.
+        """
         try:
             message = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
-            return defer.succeed(_dump(_error(None, ParseError(f"Parse error: {e}"))))
+            return _dump(_error(None, ParseError(f"Parse error: {e}")))
         except RecursionError:
             # A megabyte of "[" is well under MAX_BODY and too deep for json.loads.
-            return defer.succeed(_dump(_error(None, ParseError("Parse error: nested too deeply"))))
+            return _dump(_error(None, ParseError("Parse error: nested too deeply")))
         if isinstance(message, list):
             if not message:
-                return defer.succeed(
-                    _dump(_error(None, InvalidRequest("Invalid Request: empty batch")))
-                )
+                return _dump(_error(None, InvalidRequest("Invalid Request: empty batch")))
             responses = [self._handle_one(item, context) for item in message]
             if any(isinstance(r, defer.Deferred) for r in responses):
                 d = defer.gatherResults(
                     [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in responses],
                     consumeErrors=True)
-            else:
-                d = defer.succeed(responses)
-            d.addCallback(lambda responses: [r for r in responses if r is not None] or None)
-        else:
-            response = self._handle_one(message, context)
-            if not isinstance(response, defer.Deferred):
-                # Most calls answer at once: no Deferred chain to build and run.
-                return defer.succeed(None if response is None else _dump(response))
-            d = response
-        d.addCallback(lambda response: None if response is None else _dump(response))
-        return d
+                return d.addCallback(_dump_batch)
+            return _dump_batch(responses)
+        response = self._handle_one(message, context)
+        if isinstance(response, defer.Deferred):
+            return response.addCallback(lambda r: None if r is None else _dump(r))
+        return None if response is None else _dump(response)
 
     def _handle_one(self, message, context):
         """
@@ -337,6 +338,11 @@ def _valid_id(rid):
 
 def _error(rid, error):
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
+
+
+def _dump_batch(responses):
+    answered = [r for r in responses if r is not None]
+    return _dump(answered) if answered else None
 
 
 def _dump(response):
@@ -518,7 +524,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if self._paused and len(self._queue) <= MAX_QUEUED // 2 and not self._closing:
             self._paused = False
             self.transport.resumeProducing()
-        if self._inflight is None and not self._closing:
+        if self._inflight is None and not self._closing and self.timeOut is None:
             self.setTimeout(self.factory.idle_timeout)
 
     def _answer(self, message):
@@ -535,22 +541,29 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if self._context is None:
             # The addresses of a connection do not change: one system call each, once.
             self._context = CallContext.from_transport(self.transport)
+        answer = self.factory.rpc.answer(message.body, self._context)
+        if not isinstance(answer, defer.Deferred):
+            self._respond(answer, message)
+            return
+        # A call in progress is bounded by its own timeouts, not the idle one.
         self.setTimeout(None)
-        d = self.factory.rpc.handle_body(message.body, self._context)
-        self._inflight = d
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(message,),
-                       errbackArgs=(message,))
+        self._inflight = answer
+        answer.addCallbacks(self._answered, self._failed, callbackArgs=(message,),
+                            errbackArgs=(message,))
 
     def _answered(self, payload, message):
         self._inflight = None
         if self._lost:
             return
+        self._respond(payload, message)
+        self._next()
+
+    def _respond(self, payload, message):
         if payload is None:
             # Only notifications: JSON-RPC says send nothing, HTTP says 204.
             self._send(message, 204, None, b"")
         else:
             self._send(message, 200, b"application/json", payload)
-        self._next()
 
     def _failed(self, failure, message):
         self._inflight = None
