@@ -45,6 +45,11 @@ def test_accepted_addresses(text, expected):
     assert parse_address(text) == expected
 
 
+def test_longest_unix_path_is_accepted():
+    """A socket path of exactly 107 bytes (the kernel's limit) is accepted."""
+    assert parse_address("/" + "a" * 106).path == "/" + "a" * 106
+
+
 def test_legacy_bare_path_is_unix_uri():
     """A legacy bare path is the same address as its unix:// URI, and prints as one."""
     address = parse_address("/run/hero/x.sock")
@@ -99,6 +104,10 @@ def test_address_passes_through():
     "unix://",
     "unix:///run/dir/",
     "unix:///run/x\x00.sock",
+    "unix:///" + "a" * 107,
+    "/" + "é" * 54,
+    "tcp://10.0.0.5:" + "9" * 5000,
+    "tcp://10.0.0.5:000009002",
     "relative.sock",
     "./x.sock",
     "http://10.0.0.5:9002",
@@ -223,9 +232,10 @@ def ipv6_texts(draw):
     return addr.compressed
 
 
+# At most 3 × (8 characters × 4 UTF-8 bytes + "/") = 99 bytes: within the 107-byte limit.
 unix_paths = st.lists(
-    st.text(st.characters(blacklist_characters="/\x00"), min_size=1, max_size=20),
-    min_size=1, max_size=5,
+    st.text(st.characters(blacklist_characters="/\x00"), min_size=1, max_size=8),
+    min_size=1, max_size=3,
 ).map(lambda parts: "/" + "/".join(parts))
 
 

@@ -369,3 +369,16 @@ async def test_unknown_error_code(rpc_server, client):
     assert type(info.value) is RpcError
     assert (info.value.code, info.value.message, info.value.data) == (
         -32099, "custom failure", [1, "two"])
+
+
+def test_dns_failure_is_refused():
+    """A host name that does not resolve is a connect failure (the explorer's -32003),
+    not an unexpected error."""
+    from twisted.internet.error import DNSLookupError
+    from twisted.python.failure import Failure
+
+    from hero_compute.rpc.client import _transport_failure
+
+    address = parse_address("tcp://nowhere.invalid:9003")
+    with pytest.raises(ConnectionRefused):
+        _transport_failure(Failure(DNSLookupError("nowhere.invalid")), address, 5.0)

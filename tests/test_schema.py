@@ -109,7 +109,7 @@ def test_coerce_none(small):
     ({"point": {"x": 1}, "by": 0}, "by"),
     ({"point": {"x": 1}, "by": 1, "label": 5}, "label"),
     ([{"x": 1}, "two"], "by"),
-    ({"points": [{"x": 1}, {"y": 2}]}, "points.1"),
+    ({"points": [{"x": 1}, {"y": 2}]}, "points.1.x"),
 ])
 def test_invalid_params_name_the_field(small, params, field):
     """A param of the wrong type or range is -32602 whose message names the field."""
@@ -126,6 +126,14 @@ def test_missing_param(small):
     with pytest.raises(InvalidParams) as info:
         small.methods["geo.move"].coerce_params({"point": {"x": 1}})
     assert "'by'" in info.value.message
+    assert info.value.data == {"field": "by"}
+
+
+def test_missing_nested_member(small):
+    """A missing required member of a nested object is named by its full path."""
+    with pytest.raises(InvalidParams) as info:
+        small.methods["geo.move"].coerce_params({"point": {}, "by": 1})
+    assert info.value.data == {"field": "point.x"}
 
 
 def test_unknown_param(small):

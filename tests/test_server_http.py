@@ -271,6 +271,7 @@ def test_http10_closes_unless_asked_to_keep_alive(uri):
     (b"POST /rpc HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
     (b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
     (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"POST http://[bad/rpc HTTP/1.1\r\nConnection: close\r\n\r\n", b"400"),
     (b"POST /rpc HTTP/1.1\r\n" + b"X-A: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
 ])
 def test_malformed_requests_get_a_status_and_a_close(uri, raw, status):
@@ -640,6 +641,7 @@ def memory_rpc():
     {"jsonrpc": "2.0", "id": 1},
     {"jsonrpc": "2.0", "method": "echo", "params": "x", "id": 1},
     {"jsonrpc": "2.0", "method": "echo", "params": 3, "id": 1},
+    {"jsonrpc": "2.0", "method": "echo", "params": None, "id": 1},
     {"jsonrpc": "2.0", "method": "echo", "id": 1, "extra": 1},
     "just a string",
     None,
@@ -694,11 +696,16 @@ def test_duplicate_ids_in_a_batch(memory_rpc):
 
 
 def test_nested_params_are_answered(memory_rpc):
-    """Params nested deep but parseable are echoed or refused, never an escaped error."""
-    depth = 2000
+    """Params nested deep but still parseable (the parser stops at about 1,000 levels)
+    reach the handler and are echoed whole."""
+    depth = 900
     body = (b'{"jsonrpc":"2.0","method":"echo","params":[' + b"[" * depth + b"]" * depth
             + b'],"id":1}')
-    assert dispatch(memory_rpc, body)["error"]["code"] in (-32700, -32603)
+    result = dispatch(memory_rpc, body)["result"]
+    for _ in range(depth):
+        assert isinstance(result, list) and len(result) <= 1
+        result = result[0] if result else None
+    assert result is None
 
 
 def test_unexpected_error_while_preparing_is_internal_error(logged_errors):
@@ -735,3 +742,58 @@ def test_coroutine_handlers_are_awaited(memory_rpc):
                                  "id": 1})["result"] == 8
     assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "refuse",
                                  "id": 2})["error"]["code"] == -32602
+
+
+def test_lone_surrogates_are_answered(memory_rpc):
+    """A string holding a lone surrogate (a legal JSON escape with no UTF-8 form) is
+    echoed back escaped, alone and in a batch, and so is an unknown method's name."""
+    body = b'{"jsonrpc":"2.0","method":"echo","params":["\\ud800"],"id":1}'
+    assert dispatch(memory_rpc, body)["result"] == "\ud800"
+    assert dispatch(memory_rpc, b"[" + body + b"]")[0]["result"] == "\ud800"
+    unknown = b'{"jsonrpc":"2.0","method":"\\udfff","id":2}'
+    assert dispatch(memory_rpc, unknown)["error"]["code"] == -32601
+
+
+@pytest.mark.parametrize("body", [
+    b'{"jsonrpc":"2.0","method":"echo","params":[NaN],"id":1}',
+    b'{"jsonrpc":"2.0","method":"echo","params":[Infinity],"id":1}',
+    b'{"jsonrpc":"2.0","method":"echo","params":[-Infinity],"id":1}',
+])
+def test_non_json_constants_are_parse_errors(memory_rpc, body):
+    """NaN and Infinity are not JSON: -32700."""
+    assert dispatch(memory_rpc, body)["error"]["code"] == -32700
+
+
+def test_unrepresentable_values(memory_rpc, logged_errors):
+    """An id of 1e400 (infinite once parsed) is -32600 with a null id, and a result that
+    is not finite is -32603: nothing that is not JSON goes out."""
+    response = dispatch(memory_rpc, b'{"jsonrpc":"2.0","method":"echo","id":1e400}')
+    assert response["error"]["code"] == -32600 and response["id"] is None
+    response = dispatch(memory_rpc, b'{"jsonrpc":"2.0","method":"echo","params":[1e400],"id":3}')
+    assert response == {"jsonrpc": "2.0", "id": 3, "error": response["error"]}
+    assert response["error"]["code"] == -32603
+    assert logged_errors.flush(ValueError)
+
+
+def test_refusal_is_the_last_answer(logged_errors):
+    """When a pipelined request is refused while an earlier call still runs, the
+    refusal is the only answer: a late answer after it would be read as the answer to
+    the refused request.  (In memory: a transport that still takes writes after
+    C{loseConnection}, as a TLS one without half-close does.)"""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    rpc = RpcResource()
+    rpc.register("wait", defer.Deferred)
+    factory = rpc_server.RpcHTTPFactory(rpc, clock=Clock())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    wait = json.dumps({"jsonrpc": "2.0", "method": "wait", "id": 1}).encode()
+    proto.dataReceived(_request(wait))
+    assert transport.value() == b""
+    proto.dataReceived(b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    data = transport.value()
+    assert data.startswith(b"HTTP/1.1 413 ")
+    assert data.count(b"HTTP/1.1 ") == 1
+    assert transport.disconnecting

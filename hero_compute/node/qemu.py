@@ -29,12 +29,11 @@ from zope.interface import implementer
 
 from hero_compute.node.qmp import connect_qmp
 from hero_compute.node.vms import IVmManager, VmRecord, usage_of
+from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import (InvalidParams, InvalidVmState, RefusedByPolicy,
                                      VmNotFound)
 
 _ID = re.compile(r"\A[0-9a-f]{32}\Z")
-#: Linux's C{sun_path} is 108 bytes including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 #: QEMU's own floor for guest RAM is far lower, but below this no firmware boots.
 MIN_MEMORY_MB = 16
 #: The i440fx machine's limit without an IOMMU/x2APIC setup.
@@ -140,10 +139,10 @@ class QemuVmManager(service.Service):
 
     def __attrs_post_init__(self):
         longest = os.path.join(self._vms_dir, "0" * 32, "qmp.sock")
-        if len(os.fsencode(longest)) > _MAX_SOCKET_PATH:
+        if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise ValueError(
                 f"state directory {self._state_dir!r} is too long: QMP sockets under it "
-                f"would exceed the {_MAX_SOCKET_PATH}-byte Unix socket path limit; "
+                f"would exceed the {MAX_UNIX_PATH}-byte Unix socket path limit; "
                 f"use a shorter HERO_STATE_DIR / --state-dir")
 
     @property

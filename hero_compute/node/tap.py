@@ -9,10 +9,7 @@ import socket
 
 from twisted.python import usage
 
-from hero_compute.rpc.addresses import AddressError, parse_address
-
-# Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
-MAX_SOCKET_PATH = 107
+from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
 from hero_compute.rpc.config import (
     absolute_socket,
     from_env,
@@ -104,10 +101,10 @@ class Options(usage.Options):
         state_dir = os.path.abspath(self["state-dir"])
         self["state-dir"] = state_dir
         longest = os.path.join(state_dir, "vms", "0" * 32, "qmp.sock")
-        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise usage.UsageError(
                 f"state directory {state_dir!r} is too long: the QMP sockets of VMs under "
-                f"it would exceed the {MAX_SOCKET_PATH}-byte Unix socket path limit; "
+                f"it would exceed the {MAX_UNIX_PATH}-byte Unix socket path limit; "
                 "set a shorter HERO_STATE_DIR or --state-dir")
         if not self["image-dir"] and env.get("NODE_IMAGE_DIRS"):
             for path in env["NODE_IMAGE_DIRS"].split(":"):

@@ -187,9 +187,15 @@ def parse_listen(value):
     return ListenAddress(host, port)
 
 
+#: The longest Unix socket path the kernel accepts (sun_path is 108 bytes, NUL included).
+MAX_UNIX_PATH = 107
+
+
 def _unix_path(value, path):
     if "\x00" in path:
         raise AddressError(value, "a socket path cannot contain NUL")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
+        raise AddressError(value, f"a socket path is at most {MAX_UNIX_PATH} bytes")
     if path.endswith("/"):
         raise AddressError(value, "a socket path names a file, not a directory")
     return path
@@ -223,6 +229,9 @@ def _host_port(value, text, forms, allow_zero):
 def _port(value, text, forms, allow_zero):
     if not text.isascii() or not text.isdigit():
         raise AddressError(value, "the port must be a number", forms)
+    if len(text) > 5:
+        # Also keeps int() away from its limit on very long digit strings.
+        raise AddressError(value, "the port is out of range", forms)
     port = int(text)
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:

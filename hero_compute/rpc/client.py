@@ -243,7 +243,7 @@ def _transport_failure(failure, address, timeout):
         return failure
     if failure.check(defer.TimeoutError, ierror.TimeoutError):
         raise CallTimedOut(address, f"no response within {timeout:g} s")
-    if failure.check(ierror.ConnectError):
+    if failure.check(ierror.ConnectError, ierror.DNSLookupError):
         raise ConnectionRefused(address, f"cannot connect: {failure.getErrorMessage()}")
     if failure.check(wclient.ResponseNeverReceived, wclient.RequestTransmissionFailed,
                      wclient.ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone):

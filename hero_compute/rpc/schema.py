@@ -117,7 +117,13 @@ class Method:
             field = ".".join(str(p) for p in getattr(fast_error, "path", [])[1:])
             message = getattr(fast_error, "message", "invalid")
         else:
-            field = ".".join(str(part) for part in error.absolute_path)
+            path = [str(part) for part in error.absolute_path]
+            if error.validator == "required":
+                # jsonschema reports a missing member at its parent: name the member.
+                missing = [name for name in error.validator_value
+                           if isinstance(error.instance, dict) and name not in error.instance]
+                path += missing[:1]
+            field = ".".join(path)
             message = error.message
         where = f"{field}: " if field else ""
         raise InvalidParams(

@@ -12,6 +12,7 @@ dispatcher with one that follows the specification (section 7's examples are our
 import collections
 import inspect
 import json
+import math
 import time
 from email.utils import formatdate
 
@@ -50,7 +51,14 @@ LINGER = 2.0
 #: request in flight.
 IDLE_TIMEOUT = 75
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# NaN and Infinity are not JSON: a result holding one is an internal error, not a body
+# that strict parsers refuse.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
 
 log = Logger()
 
@@ -221,7 +229,7 @@ class RpcResource(JSONRPC):
         body (bytes), None when there is nothing to send, or a Deferred of either.
         """
         try:
-            message = json.loads(body)
+            message = json.loads(body, parse_constant=_no_constants)
         except (ValueError, UnicodeDecodeError) as e:
             return _dump(_error(None, ParseError(f"Parse error: {e}")))
         except RecursionError:
@@ -298,7 +306,7 @@ class RpcResource(JSONRPC):
         if unknown:
             raise InvalidRequest(f"Invalid Request: unknown members {sorted(unknown)}")
         params = message.get("params")
-        if params is not None and not isinstance(params, (list, dict)):
+        if "params" in message and not isinstance(params, (list, dict)):
             raise InvalidRequest('Invalid Request: "params" must be an array or an object')
         handler = self._handlers.get(name)
         if handler is None:
@@ -333,7 +341,9 @@ class RpcResource(JSONRPC):
 
 
 def _valid_id(rid):
-    return rid is None or (isinstance(rid, (str, int, float)) and not isinstance(rid, bool))
+    if isinstance(rid, float):
+        return math.isfinite(rid)  # 1e400 parses as inf, which cannot be echoed
+    return rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool))
 
 
 def _error(rid, error):
@@ -345,19 +355,33 @@ def _dump_batch(responses):
     return _dump(answered) if answered else None
 
 
+def _serialise(response):
+    """
+    :return: the UTF-8 JSON of C{response}
+    :raise TypeError, ValueError, RecursionError: when it is not JSON-serialisable
+    """
+    text = _encode(response)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (a legal JSON escape, say in a string id or a method name
+        # echoed in an error) has no UTF-8 form: escape it again.
+        return _encode_ascii(response).encode("ascii")
+
+
 def _dump(response):
     try:
-        return _encode(response).encode("utf-8")
+        return _serialise(response)
     except (TypeError, ValueError, RecursionError):
         log.failure("result is not JSON-serialisable")
         if isinstance(response, list):
-            return _dump([_dump_one_safely(r) for r in response])
-        return _encode(_error(response.get("id"), InternalError("Internal error"))).encode()
+            return _serialise([_dump_one_safely(r) for r in response])
+        return _serialise(_error(response.get("id"), InternalError("Internal error")))
 
 
 def _dump_one_safely(response):
     try:
-        _encode(response)
+        _serialise(response)
         return response
     except (TypeError, ValueError, RecursionError):
         return _error(response.get("id"), InternalError("Internal error"))
@@ -530,7 +554,11 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     def _answer(self, message):
         path = message.url.split(b"?", 1)[0]
         if not path.startswith(b"/"):
-            path = httptools.parse_url(message.url).path or b"/"
+            try:
+                path = httptools.parse_url(message.url).path or b"/"
+            except httptools.HttpParserInvalidURLError:
+                self._send(message, 400, b"text/plain; charset=utf-8", b"malformed URL\n")
+                return
         if path not in (b"/rpc", b"/rpc/"):
             self._send(message, 404, b"text/plain; charset=utf-8", b"no such resource\n")
             return
@@ -541,7 +569,13 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if self._context is None:
             # The addresses of a connection do not change: one system call each, once.
             self._context = CallContext.from_transport(self.transport)
-        answer = self.factory.rpc.answer(message.body, self._context)
+        try:
+            answer = self.factory.rpc.answer(message.body, self._context)
+        except Exception:
+            # The dispatcher answers every error itself; this is a bug, not a caller's.
+            log.failure("answering an RPC request failed")
+            self._send(message, 500, b"text/plain; charset=utf-8", b"internal error\n")
+            return
         if not isinstance(answer, defer.Deferred):
             self._respond(answer, message)
             return
@@ -553,7 +587,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
 
     def _answered(self, payload, message):
         self._inflight = None
-        if self._lost:
+        if self._lost or self._closing:
+            # Refused or closed meanwhile: an answer now would come after the refusal.
             return
         self._respond(payload, message)
         self._next()
@@ -567,7 +602,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
 
     def _failed(self, failure, message):
         self._inflight = None
-        if self._lost or failure.check(defer.CancelledError):
+        if self._lost or self._closing or failure.check(defer.CancelledError):
             return
         log.failure("answering an RPC request failed", failure)
         self._send(message, 500, b"text/plain; charset=utf-8", b"internal error\n")
