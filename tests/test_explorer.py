@@ -32,6 +32,8 @@ def sockets(tmp_path):
 
     path = tempfile.mkdtemp(prefix="hc-", dir="/tmp")
     yield path
+    # Every service using it has stopped by now: none may leave its socket behind.
+    assert not [n for n in os.listdir(path) if n.endswith((".sock", ".lock"))]
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     os.rmdir(path)
@@ -126,6 +128,29 @@ async def test_unix_node_registers_and_is_proxied(explorer, client, sockets):
     finally:
         await node.stopService()
     # The node said goodbye: offline at once, well before offline_after.
+    info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
+    assert info["status"] == "offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeats_stop_before_the_goodbye(explorer, client, sockets):
+    """On stop, a node's heartbeat loops are stopped before it sends explorer.leave, so
+    no heartbeat can land after the goodbye and bring it back online."""
+    unix, _ = uris(explorer)
+    node = start_node(sockets, [unix])
+    await wait_online(client, unix, "n1")
+    running_at_leave = []
+    call = node.client.call
+
+    def recording(address, method, params=None, timeout=None):
+        if method == "explorer.leave":
+            running_at_leave.append([loop.running for loop in node.heartbeats])
+        return call(address, method, params, timeout=timeout)
+
+    node.client.call = recording
+    await node.stopService()
+    assert running_at_leave == [[False]]
+    await task.deferLater(reactor, 0.5, lambda: None)
     info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
     assert info["status"] == "offline"
 

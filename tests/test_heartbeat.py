@@ -71,6 +71,17 @@ def test_heartbeats_on_schedule():
     assert not clock.getDelayedCalls()
 
 
+def test_call_timeout_is_no_longer_than_the_interval():
+    """Each heartbeat call is bounded by the interval when it is short."""
+    clock, client = Clock(), FakeClient()
+    loop = make_loop(clock, client, interval=2.0)
+    loop.startService()
+    clock.advance(0)
+    assert client.calls[0][3] <= 2.0
+    loop.stopService()
+    assert not clock.getDelayedCalls()
+
+
 def test_backoff_then_recovery_within_one_cap():
     """A down explorer is retried with growing delays, and rejoined within one cap."""
     clock, client = Clock(), FakeClient()
@@ -125,16 +136,44 @@ def test_hung_explorer_does_not_delay_another():
     assert not clock.getDelayedCalls()
 
 
-def test_no_overlap_while_a_tick_is_pending():
-    """A tick still waiting for its answer is never joined by another."""
+def test_no_overlap_and_a_hung_call_is_bounded():
+    """A tick still waiting for its answer is never joined by another; a call that never
+    answers (the fake ignores its timeout) is given up after the interval, and retried
+    after a backoff."""
     clock, client = Clock(), FakeClient()
     client.hang.add("unix:///tmp/e.sock")
-    loop = make_loop(clock, client)
+    loop = make_loop(clock, client, interval=2.0)
     loop.startService()
     clock.advance(0)
-    clock.pump([1] * 100)
+    clock.pump([0.1] * 19)
     assert len(client.calls) == 1
+    clock.pump([0.1] * 2)
+    assert loop.state.state == "failing" and "2 s" in loop.state.last_error
+    clock.pump([0.1] * 21)
+    assert len(client.calls) == 2
     loop.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_a_hung_payload_is_bounded():
+    """Building the payload (which may resolve the explorer's name) counts against the
+    same bound: an attempt stuck there fails after the interval and is retried."""
+    clock, client = Clock(), FakeClient()
+    payloads = []
+
+    def payload(address):
+        payloads.append(address)
+        return defer.Deferred()
+
+    loop = HeartbeatLoop(clock, client, parse_address("tcp://explorer.example:9002"),
+                         payload, 2.0, rand=lambda: 1.0)
+    loop.startService()
+    clock.pump([0.1] * 25)
+    assert loop.state.state == "failing"
+    clock.pump([0.1] * 25)
+    assert len(payloads) == 2 and client.calls == []
+    loop.stopService()
+    assert not clock.getDelayedCalls()
 
 
 def test_payload_error_is_survived(logged_errors):

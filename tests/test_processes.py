@@ -85,6 +85,20 @@ def test_live_socket_is_not_stolen_but_stale_one_is_replaced(twistd, short_tmp):
     assert result(f"unix://{path}", "explorer.info")["nodes"] == {"online": 0, "offline": 0}
 
 
+def test_stale_socket_with_a_live_pid_in_its_lock_is_replaced(twistd, short_tmp):
+    """A socket nothing listens on is replaced even when its lock names a live process
+    (in a container a restarted daemon often gets the crashed one's pid)."""
+    path = f"{short_tmp}/e.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    os.symlink(str(os.getpid()), path + ".lock")
+    explorer = twistd(["explorer", "--socket", path])
+    assert explorer.listening() == [f"unix://{path}"]
+    assert "removing stale socket" in explorer.output
+    assert result(f"unix://{path}", "explorer.info")["version"]
+
+
 def test_non_loopback_tcp_warns(twistd, short_tmp):
     """A plain TCP listener on a non-loopback address logs that it is unauthenticated."""
     explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", "0.0.0.0:0"])

@@ -9,6 +9,7 @@ blocking HTTP client in a thread.  A few dispatcher details are checked in memor
 """
 
 import json
+import os
 import shutil
 import types
 import socket
@@ -797,3 +798,26 @@ def test_refusal_is_the_last_answer(logged_errors):
     assert data.startswith(b"HTTP/1.1 413 ")
     assert data.count(b"HTTP/1.1 ") == 1
     assert transport.disconnecting
+
+
+def test_clear_stale_socket(tmp_path, logged_errors):
+    """A socket nothing listens on is removed with its lock; a live socket and a file
+    that is not a socket are left alone."""
+    from hero_compute.rpc.listeners import clear_stale_socket
+
+    stale, live, plain = (str(tmp_path / n) for n in ("stale.sock", "live.sock", "plain"))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale)
+    s.close()
+    os.symlink("1", stale + ".lock")
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(live)
+    listening.listen()
+    open(plain, "w").close()
+    try:
+        for path in (stale, live, plain, str(tmp_path / "missing")):
+            clear_stale_socket(path)
+        assert not os.path.lexists(stale) and not os.path.lexists(stale + ".lock")
+        assert os.path.exists(live) and os.path.exists(plain)
+    finally:
+        listening.close()

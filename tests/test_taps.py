@@ -55,6 +55,7 @@ def test_explorer_env_and_override():
     ({"EXPLORER_TCP_ADDR": "host:99999"}, "99999"),
     ({"NODE_OFFLINE_AFTER": "-1"}, "NODE_OFFLINE_AFTER"),
     ({"EXPLORER_SOCKET": "relative.sock"}, "EXPLORER_SOCKET"),
+    ({"HERO_SOCKET_DIR": "relative/dir"}, "HERO_SOCKET_DIR"),
 ])
 def test_explorer_bad_env(env, needle):
     """A bad environment value is a usage error naming the variable or value."""
@@ -91,6 +92,7 @@ def test_node_explorer_list():
     ({"EXPLORER_ADDRESSES": "/a.sock,/a.sock"}, "twice"),
     ({"HEARTBEAT_INTERVAL": "0"}, "HEARTBEAT_INTERVAL"),
     ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TCP_ADDR": "0.0.0.0:1"}, "advertise"),
+    ({"HERO_SOCKET_DIR": "relative/dir"}, "HERO_SOCKET_DIR"),
 ])
 def test_node_bad_env(env, needle):
     """A bad node environment value is a usage error that says what is wrong."""
@@ -131,3 +133,17 @@ def test_image_dirs():
     assert node_options(["--image-dir", "/a"], NODE_IMAGE_DIRS="/b")["image-dir"] == ["/a"]
     with pytest.raises(usage.UsageError):
         node_options(NODE_IMAGE_DIRS="rel")
+
+
+def test_node_explorer_listed_twice_on_the_command_line():
+    """--explorer naming the same explorer twice is refused, as in EXPLORER_ADDRESSES."""
+    with pytest.raises(usage.UsageError) as e:
+        node_options(["--explorer", "/a.sock", "--explorer", "unix:///a.sock"])
+    assert "twice" in str(e.value)
+
+
+def test_socket_dir_may_start_with_tilde(monkeypatch):
+    """HERO_SOCKET_DIR=~/x is the operator's home, as the default is."""
+    monkeypatch.setenv("HOME", "/home/op")
+    options = node_options(HERO_SOCKET_DIR="~/sockets")
+    assert options["socket"] == "/home/op/sockets/hero_compute_server.sock"

@@ -39,7 +39,7 @@ class ExplorerMethods:
     :param call_timeout: seconds allowed for a proxied call
     """
 
-    def __init__(self, registry, client, clock, listeners=None, call_timeout=60.0):
+    def __init__(self, registry, client, clock, listeners=None, call_timeout=90.0):
         self._registry = registry
         self._client = client
         self._clock = clock
@@ -159,7 +159,7 @@ class ExplorerService(service.MultiService):
     """
 
     def __init__(self, reactor, listen, socket_dirs=(), offline_after=30.0,
-                 call_timeout=60.0, connect_timeout=5.0):
+                 call_timeout=90.0, connect_timeout=5.0):
         service.MultiService.__init__(self)
         self.registry = Registry(reactor, offline_after)
         self.client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)

@@ -14,6 +14,7 @@ import socket
 import attrs
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import RpcError, TransportError
@@ -111,9 +112,13 @@ class HeartbeatLoop(service.Service):
         """
         self._call = None
         started = self.clock.seconds()
+        timeout = min(self.interval, 10.0)
         d = defer.maybeDeferred(self._payload, self.address)
         d.addCallback(lambda params: self._client.call(
-            self.address, "explorer.heartbeat", params, timeout=min(self.interval, 10.0)))
+            self.address, "explorer.heartbeat", params, timeout=timeout))
+        # The whole attempt, building the payload included (it may resolve the
+        # explorer's name), is bounded by the interval.
+        d.addTimeout(timeout, self.clock)
         d.addCallbacks(self._succeeded, self._failed, errbackArgs=(started,))
         d.addErrback(lambda f: log.failure("heartbeat bookkeeping failed", f))
         d.addBoth(lambda _: self._done(started))
@@ -139,7 +144,9 @@ class HeartbeatLoop(service.Service):
         if failure.check(defer.CancelledError):
             return
         first = self.state.state == "ok" or self.state.failures == 0
-        if failure.check(RpcError, TransportError):
+        if failure.check(defer.TimeoutError):
+            reason = f"no answer within {min(self.interval, 10.0):g} s"
+        elif failure.check(RpcError, TransportError, DNSLookupError):
             reason = str(failure.value)
         else:
             reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"

@@ -110,8 +110,11 @@ class NodeService(service.MultiService):
         service.MultiService.startService(self)
 
     def stopService(self):
-        # Say goodbye first, while the listeners still run: explorers mark us offline at
-        # once instead of after NODE_OFFLINE_AFTER.
+        # Stop heartbeating first (a heartbeat arriving after our goodbye would bring us
+        # back online), then say goodbye while the listeners still run: explorers mark
+        # us offline at once instead of after NODE_OFFLINE_AFTER.
+        for loop in self.heartbeats:
+            loop.stopService()
         goodbyes = [
             self.client.call(loop.address, "explorer.leave", {"node_id": self.node_id},
                              timeout=LEAVE_TIMEOUT).addErrback(lambda f: None)

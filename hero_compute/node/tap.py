@@ -115,6 +115,8 @@ class Options(usage.Options):
                 self["image-dir"].append(path)
         if not self["explorer"]:
             self["explorer"] = self._explorers_from_env(env)
+        elif len(set(self["explorer"])) != len(self["explorer"]):
+            raise usage.UsageError("--explorer: an explorer is listed twice")
         remote = [a.uri for a in self["explorer"] if not a.is_unix]
         if remote and self["tcp"] is None:
             raise usage.UsageError(

@@ -15,8 +15,14 @@ def socket_dir(env):
     """
     :param env: the environment mapping
     :return: C{HERO_SOCKET_DIR}, or C{~/hero/var/sockets}
+    :raise usage.UsageError: when it is not an absolute path
     """
-    return env.get("HERO_SOCKET_DIR") or os.path.expanduser("~/hero/var/sockets")
+    path = os.path.expanduser(env.get("HERO_SOCKET_DIR") or "~/hero/var/sockets")
+    if not os.path.isabs(path):
+        raise usage.UsageError(
+            f"HERO_SOCKET_DIR={path!r}: must be an absolute path (sockets are named by "
+            "unix:///abs/path URIs)")
+    return path
 
 
 def seconds(text):

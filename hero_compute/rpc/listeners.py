@@ -8,6 +8,9 @@ Each listener is a L{strports.service}, so a listener that cannot bind aborts st
 
 import ipaddress
 import os
+import re
+import socket
+import stat
 
 from twisted.application import service, strports
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -29,6 +32,58 @@ def unix_endpoint_string(path):
     :param path: the absolute socket path
     """
     return f"unix:{quoteStringArgument(path)}:mode=660:lockfile=1"
+
+
+def _unix_path_of(description):
+    """
+    The socket path of a C{unix:} server endpoint string, or None for other kinds.
+    """
+    kind, _, rest = description.partition(":")
+    if kind != "unix" or not rest:
+        return None
+    # Arguments are separated by unescaped colons; the path is the first positional
+    # one, or address=.
+    for arg in re.findall(r"(?:\\.|[^:\\])+", rest):
+        text = re.sub(r"\\(.)", r"\1", arg)
+        key, eq, value = text.partition("=")
+        if not eq:
+            return text
+        if key == "address":
+            return value
+    return None
+
+
+def clear_stale_socket(path):
+    """
+    Remove a Unix socket that nothing listens on any more (a crash left it), with its
+    lock file, so that it cannot block a restart; a live socket is left alone, and the
+    bind then fails clearly.
+
+    Twisted's lock file alone is not enough: it judges a lock by whether its pid is
+    alive, and in a container a restarted daemon often gets the very same pid.
+
+    :param path: the socket path
+    """
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        log.info("removing stale socket {path}: nothing listens on it", path=path)
+        for leftover in (path, path + ".lock"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+    except OSError:
+        pass
+    finally:
+        probe.close()
 
 
 def describe(host, tls=False):
@@ -111,6 +166,10 @@ class Listeners(service.MultiService):
     def privilegedStartService(self):
         for path in self._socket_dirs:
             os.makedirs(path, mode=0o755, exist_ok=True)
+        for svc in self:
+            path = _unix_path_of(svc.endpoint._description)
+            if path is not None:
+                clear_stale_socket(path)
         service.MultiService.privilegedStartService(self)
 
     def stopService(self):
