@@ -5,17 +5,18 @@ HTTP/1.1 connections, with a per-call timeout.
 Failures come out as one of two families: L{RpcError} when the peer answered with a
 JSON-RPC error object (same code, message and data), or a L{TransportError} subclass when
 no JSON-RPC answer came (refused, timed out, closed mid-call, not JSON-RPC).
+
+Like the server, it speaks HTTP/1.1 through C{httptools} rather than C{twisted.web}'s
+Agent: the explorer's proxy spent most of its time there (see the README's performance
+section), and one POST with a known length to a known peer needs none of its generality.
 """
 
+import collections
 import itertools
 import json
 
+import httptools
 from twisted.internet import defer, error as ierror, protocol
-from twisted.web.http import PotentialDataLoss
-from twisted.web import client as wclient
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
-from zope.interface import implementer
 
 from .addresses import AddressError, parse_address
 from .errors import (
@@ -34,61 +35,179 @@ MAX_RESPONSE = 16 * 1024 * 1024
 #: it is the client that closes, never the server under a request being sent.
 POOL_IDLE = 50
 
-_HEADERS = Headers({b"content-type": [b"application/json"], b"user-agent": [b"hero_compute"]})
 _ids = itertools.count(1)
 
 
-class _QuietFactory(wclient._HTTP11ClientFactory):
-    # Twisted logs "Starting factory" for every new pooled connection; at fleet scale
-    # that is most of the log.
-    noisy = False
+class _Closed(Exception):
+    """The connection ended before a whole response arrived."""
 
 
-@implementer(IBodyProducer)
-class _Body:
-    """A request body that is already all in memory."""
-
-    def __init__(self, data):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-@implementer(IAgentEndpointFactory)
-class _Endpoints:
+class _HTTPConnection(protocol.Protocol):
     """
-    Maps the synthetic host names of our request URLs back to addresses, so that one
-    L{Agent} and one pool serve Unix and TCP peers alike, one pool key per address.
+    One HTTP/1.1 connection to a peer, carrying one request at a time.
+
+    :ivar done: while a request is in flight, the Deferred of its (status, body)
     """
 
-    def __init__(self, reactor, connect_timeout):
+    done = None
+    lost = False
+
+    def __init__(self, pool, key):
+        self._pool = pool
+        self.key = key
+        self._idle_timer = None
+
+    def connectionMade(self):
+        self._parser = httptools.HttpResponseParser(self)
+
+    def request(self, body):
+        """
+        Send one POST; fires with C{(status, body)}.
+        """
+        self.done = defer.Deferred(self._cancel)
+        self._chunks = []
+        self._size = 0
+        self._complete = False
+        self.transport.write(
+            b"POST /rpc HTTP/1.1\r\nHost: hero-compute\r\nUser-Agent: hero_compute\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+        return self.done
+
+    def _cancel(self, d):
+        # The caller gave up (a timeout): this connection is in an unknown state.
+        if self.done is d:
+            self.done = None
+        self.transport.abortConnection()
+
+    # httptools callbacks
+
+    def on_body(self, body):
+        self._size += len(body)
+        if self._size > MAX_RESPONSE:
+            raise _TooLarge()
+        self._chunks.append(body)
+
+    def on_message_complete(self):
+        # Asked here: llhttp forgets it once the callback returns.
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        self._status = self._parser.get_status_code()
+
+    def dataReceived(self, data):
+        if self.done is None:
+            # Nothing asked: an idle peer talking out of turn cannot be trusted.
+            self.transport.abortConnection()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            self._fail(BadResponse(self._address(),
+                                   f"response body larger than {MAX_RESPONSE} bytes"))
+            return
+        except httptools.HttpParserError as e:
+            self._fail(BadResponse(self._address(), f"not an HTTP response: {e}"))
+            return
+        if self._complete:
+            d, self.done = self.done, None
+            status = self._status
+            body = b"".join(self._chunks)
+            self._chunks = []
+            if self._keep_alive:
+                self._pool.release(self)
+            else:
+                self.transport.loseConnection()
+            d.callback((status, body))
+
+    def _fail(self, reason):
+        d, self.done = self.done, None
+        self.transport.abortConnection()
+        d.errback(reason)
+
+    def _address(self):
+        return self.key
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.lost = True
+        self._pool.forget(self)
+        if self.done is not None:
+            d, self.done = self.done, None
+            d.errback(_Closed())
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Pool:
+    """
+    Idle persistent connections by peer address, at most C{max_per_peer} each, closed
+    after L{POOL_IDLE} seconds unused.
+    """
+
+    def __init__(self, reactor, connect_timeout, max_per_peer):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self._by_host = {}
-        self._urls = {}
+        self._max = max_per_peer
+        self._idle = collections.defaultdict(list)
+        self._all = set()
+        self._closing = []
 
-    def url_for(self, address):
-        url = self._urls.get(address)
-        if url is None:
-            host = b"peer%d.hero-compute.invalid" % len(self._urls)
-            self._by_host[host] = address
-            url = self._urls[address] = b"http://" + host + b"/rpc"
-        return url
+    def get(self, address):
+        """:return: a Deferred of a connected L{_HTTPConnection} to C{address}"""
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn._idle_timer is not None and conn._idle_timer.active():
+                conn._idle_timer.cancel()
+            conn._idle_timer = None
+            if not conn.lost:
+                return defer.succeed(conn)
+        endpoint = address.client_endpoint(self._reactor, self._connect_timeout)
+        factory = protocol.Factory()
+        factory.noisy = False
+        factory.protocol = lambda: _HTTPConnection(self, address)
+        d = endpoint.connect(factory)
+        d.addCallback(self._track)
+        return d
 
-    def endpointForURI(self, uri):
-        return self._by_host[uri.host].client_endpoint(self._reactor, self._connect_timeout)
+    def _track(self, conn):
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn):
+        """Put a connection whose response is complete back for reuse."""
+        idle = self._idle[conn.key]
+        if len(idle) >= self._max:
+            conn.transport.loseConnection()
+            return
+        idle.append(conn)
+        conn._idle_timer = self._reactor.callLater(POOL_IDLE, conn.transport.loseConnection)
+
+    def forget(self, conn):
+        """Drop a connection that is gone."""
+        self._all.discard(conn)
+        if conn._idle_timer is not None and conn._idle_timer.active():
+            conn._idle_timer.cancel()
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]
+        if not self._all and self._closing:
+            waiters, self._closing = self._closing, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close(self):
+        """Close every connection; fires once all are gone."""
+        if not self._all:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._closing.append(waiter)
+        for conn in list(self._all):
+            conn.transport.loseConnection()
+        return waiter
 
 
 class RpcClient:
@@ -99,19 +218,13 @@ class RpcClient:
     :param timeout: default seconds allowed for a whole call (connect included)
     :param connect_timeout: seconds allowed to establish a connection, so that a dead
         peer fails fast even when calls may legitimately take long
-    :param max_per_peer: persistent connections kept per peer
+    :param max_per_peer: idle persistent connections kept per peer
     """
 
     def __init__(self, reactor, timeout=10.0, connect_timeout=5.0, max_per_peer=4):
         self._reactor = reactor
         self.timeout = timeout
-        self._pool = wclient.HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = max_per_peer
-        self._pool.cachedConnectionTimeout = POOL_IDLE
-        self._pool.retryAutomatically = False
-        self._pool._factory = _QuietFactory
-        self._endpoints = _Endpoints(reactor, connect_timeout)
-        self._agent = wclient.Agent.usingEndpointFactory(reactor, self._endpoints, pool=self._pool)
+        self._pool = _Pool(reactor, connect_timeout, max_per_peer)
 
     def call(self, address, method, params=None, timeout=None):
         """
@@ -149,9 +262,8 @@ class RpcClient:
             return defer.fail(e)
         timeout = self.timeout if timeout is None else timeout
         body = json.dumps(message, separators=(",", ":")).encode("utf-8")
-        d = self._agent.request(
-            b"POST", self._endpoints.url_for(address), _HEADERS, _Body(body)
-        )
+        d = self._pool.get(address)
+        d.addCallback(lambda conn: conn.request(body))
         d.addCallback(_read, address)
         d.addTimeout(timeout, self._reactor)
         d.addErrback(_transport_failure, address, timeout)
@@ -163,59 +275,16 @@ class RpcClient:
 
         :return: a Deferred firing when they are closed
         """
-        return self._pool.closeCachedConnections()
-
-
-class _BodyReader(protocol.Protocol):
-    """
-    Collects a response body, up to L{MAX_RESPONSE} bytes.  Twisted's C{readBody}
-    cannot abort a body still arriving on our transports when its Deferred is cancelled
-    (as a timeout does); this one stops the transport.
-    """
-
-    def __init__(self, address):
-        self._address = address
-        self._chunks = []
-        self._size = 0
-        self.done = defer.Deferred(lambda _: self.transport.stopProducing())
-
-    def dataReceived(self, data):
-        self._size += len(data)
-        if self._size > MAX_RESPONSE:
-            self._chunks = []
-            self.transport.stopProducing()
-            if not self.done.called:
-                self.done.errback(BadResponse(
-                    self._address, f"response body larger than {MAX_RESPONSE} bytes"))
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        if self.done.called:
-            return
-        if reason.check(wclient.ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
-def _read_body(response, address):
-    reader = _BodyReader(address)
-    response.deliverBody(reader)
-    return reader.done
+        return self._pool.close()
 
 
 def _read(response, address):
-    if response.code == 204:
-        return _read_body(response, address).addCallback(lambda _: None)
-    if response.code != 200:
-        d = _read_body(response, address)
-
-        def fail(body):
-            raise BadResponse(address, f"HTTP {response.code}: {body[:200]!r}")
-
-        return d.addCallback(fail)
-    return _read_body(response, address).addCallback(_parse, address)
+    status, body = response
+    if status == 204:
+        return None
+    if status != 200:
+        raise BadResponse(address, f"HTTP {status}: {body[:200]!r}")
+    return _parse(body, address)
 
 
 def _parse(body, address):
@@ -241,14 +310,10 @@ def _result_of(message, address):
 def _transport_failure(failure, address, timeout):
     if failure.check(RpcError, BadResponse, ConnectionRefused, CallTimedOut, ConnectionClosed):
         return failure
-    if failure.check(defer.TimeoutError, ierror.TimeoutError):
+    if failure.check(defer.TimeoutError, ierror.TimeoutError, defer.CancelledError):
         raise CallTimedOut(address, f"no response within {timeout:g} s")
     if failure.check(ierror.ConnectError, ierror.DNSLookupError):
         raise ConnectionRefused(address, f"cannot connect: {failure.getErrorMessage()}")
-    if failure.check(wclient.ResponseNeverReceived, wclient.RequestTransmissionFailed,
-                     wclient.ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone):
-        reasons = getattr(failure.value, "reasons", None) or [failure]
-        if any(r.check(defer.CancelledError) for r in reasons):
-            raise CallTimedOut(address, f"no response within {timeout:g} s")
+    if failure.check(_Closed, ierror.ConnectionLost, ierror.ConnectionDone):
         raise ConnectionClosed(address, "the connection closed before the response")
     return failure
