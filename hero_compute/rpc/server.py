@@ -411,13 +411,14 @@ MAX_HEADERS = 64 * 1024
 MAX_QUEUED = 16
 
 
-@attrs.define
+@attrs.frozen
 class _Message:
     """One parsed HTTP request."""
 
     method: bytes
     url: bytes
     keep_alive: bool
+    http10: bool
     body: bytes
 
 
@@ -445,9 +446,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     the dispatcher; other paths are 404, other verbs 405.
 
     We parse with C{httptools} (llhttp, the parser of Node.js) rather than through
-    C{twisted.web.server}: a heartbeat costs the explorer about a third of the CPU this
-    way (see the README's performance section), and nothing of twisted.web's resource
-    tree, sessions or forms applies to one JSON endpoint.  The rules kept:
+    C{twisted.web.server}: a call costs about a third of the CPU it took there (see the
+    README's performance section), and nothing of twisted.web's resource tree, sessions
+    or forms applies to one JSON endpoint.  The rules kept:
     persistent connections (HTTP/1.1 by default, HTTP/1.0 on request), pipelined
     requests answered in order, chunked bodies, C{Expect: 100-continue}, bodies over
     C{max_body} refused with 413 from the headers alone or as soon as they grow past
@@ -510,8 +511,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._body.append(body)
 
     def on_message_complete(self):
-        self._queue.append(_Message(self._parser.get_method(), self._url,
-                                    self._parser.should_keep_alive(), b"".join(self._body)))
+        parser = self._parser
+        self._queue.append(_Message(parser.get_method(), self._url, parser.should_keep_alive(),
+                                    parser.get_http_version() == "1.0", b"".join(self._body)))
         self._body = []
 
     # -- the connection
@@ -618,7 +620,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             head.append(extra)
         if not message.keep_alive:
             head.append(b"Connection: close\r\n")
-        elif self._parser.get_http_version() == "1.0":
+        elif message.http10:
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
         if message.method != b"HEAD":
