@@ -312,6 +312,23 @@ class _Fixed(resource.Resource):
         return self._body
 
 
+class _Garbage(protocol.Protocol):
+    """Answers any request with bytes that are not HTTP."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_http_is_bad_response(raw_server, client):
+    """A peer answering something other than HTTP is BadResponse, and the client goes
+    on working with other peers."""
+    uri = raw_server(protocol.Factory.forProtocol(_Garbage))
+    with pytest.raises(BadResponse) as info:
+        await client.call(uri, "echo", timeout=5)
+    assert "not an HTTP response" in str(info.value)
+
+
 @pytest.mark.parametrize("code, body, complaint", [
     (200, b"this is not json", "not JSON"),
     (200, b"[1, 2]", "not a JSON-RPC response"),

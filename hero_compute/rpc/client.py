@@ -42,6 +42,10 @@ class _Closed(Exception):
     """The connection ended before a whole response arrived."""
 
 
+class _TooLarge(Exception):
+    """The response body grew past L{MAX_RESPONSE}."""
+
+
 class _HTTPConnection(protocol.Protocol):
     """
     One HTTP/1.1 connection to a peer, carrying one request at a time.
@@ -52,9 +56,9 @@ class _HTTPConnection(protocol.Protocol):
     done = None
     lost = False
 
-    def __init__(self, pool, key):
+    def __init__(self, pool, address):
         self._pool = pool
-        self.key = key
+        self.address = address
         self._idle_timer = None
 
     def connectionMade(self):
@@ -101,12 +105,14 @@ class _HTTPConnection(protocol.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            self._fail(BadResponse(self._address(),
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _TooLarge):
+                raise
+            self._fail(BadResponse(self.address,
                                    f"response body larger than {MAX_RESPONSE} bytes"))
             return
         except httptools.HttpParserError as e:
-            self._fail(BadResponse(self._address(), f"not an HTTP response: {e}"))
+            self._fail(BadResponse(self.address, f"not an HTTP response: {e}"))
             return
         if self._complete:
             d, self.done = self.done, None
@@ -124,19 +130,12 @@ class _HTTPConnection(protocol.Protocol):
         self.transport.abortConnection()
         d.errback(reason)
 
-    def _address(self):
-        return self.key
-
     def connectionLost(self, reason=protocol.connectionDone):
         self.lost = True
         self._pool.forget(self)
         if self.done is not None:
             d, self.done = self.done, None
             d.errback(_Closed())
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class _Pool:
@@ -177,7 +176,7 @@ class _Pool:
 
     def release(self, conn):
         """Put a connection whose response is complete back for reuse."""
-        idle = self._idle[conn.key]
+        idle = self._idle[conn.address]
         if len(idle) >= self._max:
             conn.transport.loseConnection()
             return
@@ -189,11 +188,11 @@ class _Pool:
         self._all.discard(conn)
         if conn._idle_timer is not None and conn._idle_timer.active():
             conn._idle_timer.cancel()
-        idle = self._idle.get(conn.key)
+        idle = self._idle.get(conn.address)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self._idle[conn.key]
+                del self._idle[conn.address]
         if not self._all and self._closing:
             waiters, self._closing = self._closing, []
             for waiter in waiters:
