@@ -83,54 +83,51 @@ def test_remove_forgets(clock):
     assert registry.records() == []
 
 
-def test_liveness_log_reports_once(clock, logged_errors):
-    """The sweep logs a node going offline once, not at every sweep."""
+@pytest.fixture
+def log_events():
+    """Every event logged during the test, in order."""
     from twisted.logger import globalLogPublisher
 
     seen = []
-    observer = lambda e: seen.append(e) if "is offline" in e.get("log_format", "") else None
-    globalLogPublisher.addObserver(observer)
-    try:
-        registry = Registry(clock, 3)
-        svc = LivenessLog(registry, clock, 1)
-        svc.startService()
-        beat(registry)
-        clock.pump([1] * 10)
-        assert len(seen) == 1
-        beat(registry)
-        clock.pump([1] * 2)
-        assert len(seen) == 1
-        clock.pump([1] * 3)
-        assert len(seen) == 2
-        svc.stopService()
-        assert not clock.getDelayedCalls()
-    finally:
-        globalLogPublisher.removeObserver(observer)
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
 
 
-def test_node_events_are_summed_up_beyond_a_burst(clock):
+def _with(events, text):
+    return [e for e in events if text in e.get("log_format", "")]
+
+
+def test_liveness_log_reports_once(clock, log_events):
+    """The sweep logs a node going offline once, not at every sweep."""
+    registry = Registry(clock, 3)
+    svc = LivenessLog(registry, clock, 1)
+    svc.startService()
+    beat(registry)
+    clock.pump([1] * 10)
+    assert len(_with(log_events, "is offline")) == 1
+    beat(registry)
+    clock.pump([1] * 2)
+    assert len(_with(log_events, "is offline")) == 1
+    clock.pump([1] * 3)
+    assert len(_with(log_events, "is offline")) == 2
+    svc.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_node_events_are_summed_up_beyond_a_burst(clock, log_events):
     """Joins beyond LOG_BURST in one second are counted, not logged one by one, and
     the count is logged by the next sweep."""
-    from twisted.logger import globalLogPublisher
-
     from hero_compute.explorer.registry import LOG_BURST
 
-    seen = []
-    observer = lambda e: seen.append(e) if "node" in e.get("log_format", "") else None
-    globalLogPublisher.addObserver(observer)
-    try:
-        registry = Registry(clock, 30)
-        svc = LivenessLog(registry, clock, 1)
-        svc.startService()
-        for n in range(LOG_BURST + 30):
-            beat(registry, node_id=f"n{n}")
-        joined = [e for e in seen if "joined from" in e["log_format"]]
-        assert len(joined) == LOG_BURST
-        clock.pump([1])
-        summary = [e for e in seen if "more nodes" in e["log_format"]]
-        assert [e["count"] for e in summary] == [30]
-        beat(registry, node_id="late")
-        assert seen[-1]["node_id"] == "late"
-        svc.stopService()
-    finally:
-        globalLogPublisher.removeObserver(observer)
+    registry = Registry(clock, 30)
+    svc = LivenessLog(registry, clock, 1)
+    svc.startService()
+    for n in range(LOG_BURST + 30):
+        beat(registry, node_id=f"n{n}")
+    assert len(_with(log_events, "joined from")) == LOG_BURST
+    clock.pump([1])
+    assert [e["count"] for e in _with(log_events, "more nodes")] == [30]
+    beat(registry, node_id="late")
+    assert log_events[-1]["node_id"] == "late"
+    svc.stopService()
