@@ -1,5 +1,5 @@
 """
-C{hero-compute}: the command-line client of an explorer (or of a node, with C{--node}).
+hero-compute: the command-line client of an explorer.
 
     hero-compute [--explorer URI] info
     hero-compute nodes [--status online|offline]
