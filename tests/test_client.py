@@ -219,6 +219,17 @@ async def test_close_closes_pooled_connections(rpc_server, client):
     await eventually(lambda: not rpc_server.open, timeout=5, what="connections to close")
 
 
+@pytest_twisted.ensureDeferred
+async def test_local_host_is_our_end_of_the_connection(rpc_server, client):
+    """local_host gives our address on a connection to the peer, and the next call
+    reuses that connection."""
+    assert await client.local_host(rpc_server.uri("tcp")) == "127.0.0.1"
+    assert await client.local_host(rpc_server.uri("tcp6")) == "::1"
+    opened = len(rpc_server.connections)
+    assert await client.call(rpc_server.uri("tcp"), "echo", [1]) == 1
+    assert len(rpc_server.connections) == opened
+
+
 # Failures ------------------------------------------------------------------------------
 
 

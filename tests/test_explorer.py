@@ -172,6 +172,20 @@ async def test_tcp_node_registers_with_tcp_address(explorer, client, sockets):
 
 
 @pytest_twisted.ensureDeferred
+async def test_explorer_named_by_host_name(explorer, client, sockets):
+    """A node given its explorer by name reports the address of its own end of the
+    connection to it."""
+    _, tcp = uris(explorer)
+    port = parse_address(tcp).port
+    node = start_node(sockets, [f"tcp://localhost:{port}"], tcp="127.0.0.1:0")
+    try:
+        info = await wait_online(client, tcp, "n1")
+        assert info["socket_path"] == f"tcp://127.0.0.1:{node.tcp_port()}"
+    finally:
+        await node.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_tcp_heartbeat_claiming_unix_is_refused(explorer, client):
     """A heartbeat over TCP that claims a unix:// address gets -32010 and is not recorded."""
     unix, tcp = uris(explorer)

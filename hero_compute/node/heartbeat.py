@@ -9,7 +9,6 @@ catches its own failures, so the loop lives until stopped.
 """
 
 import random
-import socket
 
 import attrs
 from twisted.application import service
@@ -167,19 +166,3 @@ class HeartbeatLoop(service.Service):
         else:
             delay = backoff_delay(self.interval, self.state.failures, self._rand)
         self._schedule(delay)
-
-
-def local_ip_towards(host, port):
-    """
-    The local IP address the kernel would use to reach C{host}: that of our connection
-    to an explorer there.  A connected UDP socket sends nothing; it only asks the
-    routing table.
-
-    :param host: an IP address literal
-    :param port: the peer's port
-    :return: the local address, as text
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((host, port))
-        return s.getsockname()[0]

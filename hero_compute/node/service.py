@@ -2,7 +2,6 @@
 The node's RPC methods and the service tree that serves them and heartbeats explorers.
 """
 
-import ipaddress
 import os
 import uuid
 
@@ -17,7 +16,7 @@ from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.server import RpcResource, make_site
 
-from .heartbeat import HeartbeatLoop, local_ip_towards
+from .heartbeat import HeartbeatLoop
 
 log = Logger()
 
@@ -79,6 +78,7 @@ class NodeService(service.MultiService):
         self._tcp = tcp
         self._advertise = advertise
         self.vms = vms
+        self._interval = interval
         self.client = RpcClient(reactor, timeout=interval)
         self.rpc = RpcResource(load_schema("node"), hero_compute.__version__)
         descriptions = [unix_endpoint_string(socket_path)]
@@ -140,12 +140,11 @@ class NodeService(service.MultiService):
         if self._advertise is not None:
             return self._advertise
         port = self.tcp_port()
-        host = explorer.host
-        d = defer.succeed(host)
-        if not _is_ip(host):
-            d = self._reactor.resolve(host)
-        d.addCallback(lambda ip: Address("tcp", host=local_ip_towards(ip, explorer.port),
-                                         port=port))
+        # Our address on the very connection the heartbeat will travel: right with
+        # several interfaces, policy routing, IPv6-only names, and whichever address
+        # of a name the connection ended up using.
+        d = self.client.local_host(explorer, timeout=min(self._interval, 10.0))
+        d.addCallback(lambda ip: Address("tcp", host=ip, port=port))
         return d
 
     def tcp_port(self):
@@ -181,14 +180,6 @@ class NodeService(service.MultiService):
 
         d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         return d.addCallback(params)
-
-
-def _is_ip(host):
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 class NodeMethods:

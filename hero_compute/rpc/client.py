@@ -254,6 +254,30 @@ class RpcClient:
             message["params"] = params
         return self._post(address, message, timeout).addCallback(lambda _: None)
 
+    def local_host(self, address, timeout=None):
+        """
+        Our own IP address on a connection to a peer (a pooled one, or a new one left in
+        the pool for the next call).
+
+        :param address: an L{Address} or address URI, tcp or tls
+        :return: a Deferred firing with the address, as text
+        """
+        try:
+            address = parse_address(address)
+        except AddressError as e:
+            return defer.fail(e)
+        timeout = self.timeout if timeout is None else timeout
+
+        def read(conn):
+            host = conn.transport.getHost().host
+            self._pool.release(conn)
+            return host
+
+        d = self._pool.get(address).addCallback(read)
+        d.addTimeout(timeout, self._reactor)
+        d.addErrback(_transport_failure, address, timeout)
+        return d
+
     def _post(self, address, message, timeout):
         try:
             address = parse_address(address)
