@@ -156,7 +156,7 @@ def test_no_overlap_and_a_hung_call_is_bounded():
 
 
 def test_a_hung_payload_is_bounded():
-    """Building the payload (which may resolve the explorer's name) counts against the
+    """Building the payload (which may connect to the explorer first) counts against the
     same bound: an attempt stuck there fails after the interval and is retried."""
     clock, client = Clock(), FakeClient()
     payloads = []

@@ -13,7 +13,6 @@ import random
 import attrs
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import DNSLookupError
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import RpcError, TransportError
@@ -115,8 +114,8 @@ class HeartbeatLoop(service.Service):
         d = defer.maybeDeferred(self._payload, self.address)
         d.addCallback(lambda params: self._client.call(
             self.address, "explorer.heartbeat", params, timeout=timeout))
-        # The whole attempt, building the payload included (it may resolve the
-        # explorer's name), is bounded by the interval.
+        # The whole attempt, building the payload included (for a TCP explorer it
+        # connects first, to learn our own address), is bounded by the interval.
         d.addTimeout(timeout, self.clock)
         d.addCallbacks(self._succeeded, self._failed, errbackArgs=(started,))
         d.addErrback(lambda f: log.failure("heartbeat bookkeeping failed", f))
@@ -145,7 +144,7 @@ class HeartbeatLoop(service.Service):
         first = self.state.state == "ok" or self.state.failures == 0
         if failure.check(defer.TimeoutError):
             reason = f"no answer within {min(self.interval, 10.0):g} s"
-        elif failure.check(RpcError, TransportError, DNSLookupError):
+        elif failure.check(RpcError, TransportError):
             reason = str(failure.value)
         else:
             reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
