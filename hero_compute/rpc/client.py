@@ -132,6 +132,7 @@ class _HTTPConnection(protocol.Protocol):
 
     def connectionLost(self, reason=protocol.connectionDone):
         self.lost = True
+        self._parser = None  # it holds our callbacks: no cycle, freed at once
         self._pool.forget(self)
         if self.done is not None:
             d, self.done = self.done, None

@@ -668,6 +668,10 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
 
     def connectionLost(self, reason=protocol.connectionDone):
         self._lost = True
+        # The parser holds our callbacks: without this cycle a closed connection is
+        # freed at once, not at the next full collection (at fleet scale those are
+        # the explorer's longest pauses).
+        self._parser = None
         self.setTimeout(None)
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
