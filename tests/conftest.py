@@ -1,11 +1,15 @@
 """
-Shared fixtures: failing tests on logged errors, and real twistd processes that are
-always stopped.
+Shared fixtures: failing tests on logged errors, real twistd processes that are always
+stopped, and the JSON-RPC spec server.
 """
+
+import shutil
+import tempfile
 
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
+from .spec_server import SpecServer
 from .support import Twistd
 
 
@@ -84,3 +88,19 @@ def short_tmp():
     path = tempfile.mkdtemp(prefix="hc-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def spec_server():
+    """The spec server, one process for the whole module."""
+    directory = tempfile.mkdtemp(prefix="spec")
+    server = SpecServer(f"{directory}/spec.sock")
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def uri(request, spec_server):
+    """The spec server's Unix socket URI, then its TCP (IPv4) URI."""
+    return getattr(spec_server, request.param)

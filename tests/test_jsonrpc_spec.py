@@ -8,29 +8,10 @@ and ids must match exactly.
 """
 
 import json
-import shutil
-import tempfile
 
 import pytest
 
-from .spec_server import SpecServer
 from .support import connect, post
-
-
-@pytest.fixture(scope="module")
-def spec_server():
-    """The spec server, one process for the whole module."""
-    directory = tempfile.mkdtemp(prefix="spec")
-    server = SpecServer(f"{directory}/spec.sock")
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(params=["unix", "tcp"])
-def uri(request, spec_server):
-    """The spec server's Unix socket URI, then its TCP (IPv4) URI."""
-    return getattr(spec_server, request.param)
 
 
 def call(uri, body):

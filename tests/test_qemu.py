@@ -23,7 +23,7 @@ from twisted.application.service import IService
 from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyObject
 
-from hero_compute.node.qemu import QemuVmManager
+from hero_compute.node.qemu import QemuVmManager, process_alive
 from hero_compute.node.vms import IVmManager
 from hero_compute.rpc.errors import InvalidParams, InvalidVmState, VmNotFound
 
@@ -61,27 +61,6 @@ def pid_of(state_dir, vm_id):
         return int(f.read())
 
 
-def alive(pid):
-    """
-    :param pid: a process id
-    :return: whether any of its threads still runs (a zombie leader with threads
-        still exiting holds its files, and so QEMU's image locks)
-    """
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
-            return True
-    return False
-
-
 def is_qemu(pid):
     """
     :param pid: a process id
@@ -89,7 +68,7 @@ def is_qemu(pid):
     """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"qemu-system" in f.read().split(b"\0")[0] and alive(pid)
+            return b"qemu-system" in f.read().split(b"\0")[0] and process_alive(pid)
     except OSError:
         return False
 
@@ -121,7 +100,7 @@ def state_dir():
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
     deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in killed) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in killed) and time.monotonic() < deadline:
         time.sleep(0.02)
     shutil.rmtree(path, ignore_errors=True)
 
@@ -187,7 +166,7 @@ async def wait_gone(pid, seconds=10):
     :return: whether the process ended in time
     """
     deadline = time.monotonic() + seconds
-    while alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             return False
         await sleep(0.05)

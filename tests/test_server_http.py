@@ -27,26 +27,9 @@ from hero_compute.rpc.schema import load_schema, parse_schema
 from hero_compute.rpc import server as rpc_server
 from hero_compute.rpc.server import MAX_BODY, CallContext, RpcResource, make_site
 
-from .spec_server import SpecServer
 from .support import connect, post, wait_for
 
 SUM = {"jsonrpc": "2.0", "method": "sum", "params": [1, 2], "id": 7}
-
-
-@pytest.fixture(scope="module")
-def spec_server():
-    """The spec server, one process for the whole module."""
-    directory = tempfile.mkdtemp(prefix="spec")
-    server = SpecServer(f"{directory}/spec.sock")
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(params=["unix", "tcp"])
-def uri(request, spec_server):
-    """The spec server's Unix socket URI, then its TCP (IPv4) URI."""
-    return getattr(spec_server, request.param)
 
 
 def assert_serving(uri):

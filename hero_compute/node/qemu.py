@@ -725,7 +725,7 @@ class QemuVmManager(service.Service):
     async def _wait_gone(self, pid, timeout):
         """:return: whether process C{pid} ended (or became a zombie) in time"""
         deadline = time.monotonic() + timeout
-        while _alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 return False
             await task.deferLater(self._reactor, 0.05, lambda: None)
@@ -768,7 +768,11 @@ def _kill(pid):
         pass
 
 
-def _alive(pid):
+def process_alive(pid):
+    """
+    :param pid: a process id
+    :return: whether any of its threads still runs
+    """
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
