@@ -11,6 +11,7 @@ from twisted.python import usage
 from hero_compute.rpc.config import (
     absolute_socket,
     from_env,
+    help_text,
     listen_address,
     seconds,
     socket_dir,
@@ -31,13 +32,13 @@ class Options(usage.Options):
     optParameters = [
         ["socket", None, None,
          "Unix socket [default: $EXPLORER_SOCKET or "
-         "$HERO_SOCKET_DIR/hero_compute_explorer.sock].", absolute_socket],
+         "$HERO_SOCKET_DIR/hero_compute_explorer.sock]", absolute_socket],
         ["tcp", None, None,
-         "Also listen on TCP here [default: $EXPLORER_TCP_ADDR; unset: no TCP].",
+         "Also listen on TCP here [default: $EXPLORER_TCP_ADDR; unset: no TCP]",
          listen_address],
         ["offline-after", None, None,
          "Seconds without a heartbeat before a node is offline "
-         "[default: $NODE_OFFLINE_AFTER or 30].", seconds],
+         "[default: $NODE_OFFLINE_AFTER or 30]", seconds],
     ]
 
     def __init__(self, env=None):
@@ -45,6 +46,7 @@ class Options(usage.Options):
         self["listen"] = []
         self._env = os.environ if env is None else env
 
+    @help_text
     def opt_listen(self, description):
         """
         Also listen on this Twisted server endpoint (unix:..., tcp:..., ssl:...,

@@ -13,6 +13,7 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 from hero_compute.rpc.config import (
     absolute_socket,
     from_env,
+    help_text,
     listen_address,
     seconds,
     socket_dir,
@@ -42,16 +43,16 @@ class Options(usage.Options):
     )
     optParameters = [
         ["socket", None, None,
-         "Unix socket [default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock].",
+         "Unix socket [default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock]",
          absolute_socket],
         ["tcp", None, None,
          "Also listen on TCP here, so remote explorers can reach this node "
-         "[default: $NODE_TCP_ADDR; unset: no TCP].", listen_address],
+         "[default: $NODE_TCP_ADDR; unset: no TCP]", listen_address],
         ["advertise", None, None,
          "Address reported to TCP explorers [default: $NODE_ADVERTISE_ADDR, else the local "
-         "IP towards each explorer with the --tcp port].", _advertise],
+         "address on its connection to each explorer, with the --tcp port]", _advertise],
         ["interval", None, None,
-         "Seconds between heartbeats [default: $HEARTBEAT_INTERVAL or 10].", seconds],
+         "Seconds between heartbeats [default: $HEARTBEAT_INTERVAL or 10]", seconds],
         ["node-id", None, None, "Node id [default: $NODE_ID, else generated once and "
          "kept in the state dir]."],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
@@ -65,6 +66,7 @@ class Options(usage.Options):
         self["image-dir"] = []
         self._env = os.environ if env is None else env
 
+    @help_text
     def opt_image_dir(self, path):
         """
         Only base images under this directory may back a VM's disk; may repeat
@@ -74,6 +76,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--image-dir {path!r}: must be an absolute path")
         self["image-dir"].append(path)
 
+    @help_text
     def opt_explorer(self, uri):
         """
         An explorer to heartbeat (unix:///path, /path, tcp://host:port); may repeat

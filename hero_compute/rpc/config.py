@@ -25,6 +25,15 @@ def socket_dir(env):
     return path
 
 
+def help_text(method):
+    """
+    Fold an C{opt_} method's docstring onto one line: C{--help} shows it verbatim, with
+    the source's indentation in the middle of a sentence otherwise.
+    """
+    method.__doc__ = " ".join(method.__doc__.split())
+    return method
+
+
 def seconds(text):
     """
     Coerce a positive, possibly fractional, number of seconds.
