@@ -323,6 +323,53 @@ class _Fixed(resource.Resource):
         return self._body
 
 
+class _CloseDelimited(protocol.Protocol):
+    """Answers with neither a length nor chunks: the body ends with the connection."""
+
+    def dataReceived(self, data):
+        self.transport.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n'
+                             b'{"jsonrpc": "2.0", "result": "whole", "id": 1}')
+        self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_delimited_response(raw_server, client):
+    """A response whose body ends with the connection (no length, no chunks) is read
+    whole."""
+    uri = raw_server(protocol.Factory.forProtocol(_CloseDelimited))
+    assert await client.call(uri, "echo", timeout=5) == "whole"
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_after_close_still_work(rpc_server, client):
+    """After close(), a call opens a fresh connection instead of reusing a closing one."""
+    uri = rpc_server.uri("tcp")
+    assert await client.call(uri, "echo", [1]) == 1
+    closed = client.close()
+    assert await client.call(uri, "echo", [2]) == 2
+    await closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_host_of_a_unix_address_is_refused(rpc_server, client):
+    """A Unix socket has no host address: local_host says so instead of failing
+    inside."""
+    with pytest.raises(ValueError):
+        await client.local_host(rpc_server.uri("unix"))
+
+
+def test_cancelled_connect_is_timed_out():
+    """A call timeout that cancels a connection still being made is CallTimedOut."""
+    from twisted.internet.error import ConnectingCancelledError
+    from twisted.python.failure import Failure
+
+    from hero_compute.rpc.client import _transport_failure
+
+    address = parse_address("tcp://127.0.0.1:9")
+    with pytest.raises(CallTimedOut):
+        _transport_failure(Failure(ConnectingCancelledError(None)), address, 1.0)
+
+
 class _Garbage(protocol.Protocol):
     """Answers any request with bytes that are not HTTP."""
 

@@ -759,28 +759,66 @@ def test_unrepresentable_values(memory_rpc, logged_errors):
     assert logged_errors.flush(ValueError)
 
 
-def test_refusal_is_the_last_answer(logged_errors):
-    """When a pipelined request is refused while an earlier call still runs, the
-    refusal is the only answer: a late answer after it would be read as the answer to
-    the refused request.  (In memory: a transport that still takes writes after
-    C{loseConnection}, as a TLS one without half-close does.)"""
+def _memory_protocol(rpc):
+    """An RpcHTTPProtocol on an in-memory transport."""
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    rpc = RpcResource()
-    rpc.register("wait", defer.Deferred)
-    factory = rpc_server.RpcHTTPFactory(rpc, clock=Clock())
-    proto = factory.buildProtocol(None)
+    proto = rpc_server.RpcHTTPFactory(rpc, clock=Clock()).buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
-    wait = json.dumps({"jsonrpc": "2.0", "method": "wait", "id": 1}).encode()
-    proto.dataReceived(_request(wait))
-    assert transport.value() == b""
+    return proto, transport
+
+
+def test_refusal_waits_for_earlier_answers():
+    """A request refused while an earlier pipelined call still runs is refused only
+    once that call is answered: answers stay in request order, and nothing is cancelled."""
+    pending = []
+
+    def wait():
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    rpc = RpcResource()
+    rpc.register("wait", wait)
+    proto, transport = _memory_protocol(rpc)
+    proto.dataReceived(_request(json.dumps({"jsonrpc": "2.0", "method": "wait", "id": 1}).encode()))
     proto.dataReceived(b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    proto.dataReceived(b"x" * 65536)
+    assert transport.value() == b""
+    pending[0].callback("done")
     data = transport.value()
-    assert data.startswith(b"HTTP/1.1 413 ")
-    assert data.count(b"HTTP/1.1 ") == 1
+    assert data.startswith(b"HTTP/1.1 200 ")
+    first, rest = data.split(b'"done"', 1)
+    assert b"HTTP/1.1 413 " in rest and data.count(b"HTTP/1.1 ") == 2
     assert transport.disconnecting
+
+
+def test_garbage_after_a_good_request_is_refused_after_its_answer():
+    """A good request followed by garbage in one packet gets its answer, then the 400."""
+    rpc = RpcResource()
+    rpc.register("echo", lambda value=None: value)
+    proto, transport = _memory_protocol(rpc)
+    body = json.dumps({"jsonrpc": "2.0", "method": "echo", "params": [5], "id": 1}).encode()
+    proto.dataReceived(_request(body) + b"GARBAGE\r\n\r\n")
+    data = transport.value()
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert data.index(b'"result":5') < data.index(b"HTTP/1.1 400 ")
+
+
+def test_many_pipelined_immediate_answers(logged_errors):
+    """Thousands of pipelined calls whose Deferreds have already fired are answered in
+    order, without recursing once per request."""
+    rpc = RpcResource()
+    rpc.register("now", lambda n: defer.succeed(n))
+    proto, transport = _memory_protocol(rpc)
+    count = 3000
+    proto.dataReceived(b"".join(
+        _request(json.dumps({"jsonrpc": "2.0", "method": "now", "params": [n], "id": n}).encode())
+        for n in range(count)))
+    answers = [json.loads(part.split(b"\r\n\r\n", 1)[1])
+               for part in transport.value().split(b"HTTP/1.1 200 OK")[1:]]
+    assert [a["result"] for a in answers] == list(range(count))
 
 
 def test_clear_stale_socket(tmp_path, logged_errors):

@@ -72,6 +72,8 @@ class _HTTPConnection(protocol.Protocol):
         self._chunks = []
         self._size = 0
         self._complete = False
+        self._headed = False
+        self._delimited = False
         self.transport.write(
             b"POST /rpc HTTP/1.1\r\nHost: hero-compute\r\nUser-Agent: hero_compute\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -85,6 +87,14 @@ class _HTTPConnection(protocol.Protocol):
         self.transport.abortConnection()
 
     # httptools callbacks
+
+    def on_header(self, name, value):
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self._delimited = True
+
+    def on_headers_complete(self):
+        self._headed = True
+        self._status = self._parser.get_status_code()
 
     def on_body(self, body):
         self._size += len(body)
@@ -136,7 +146,11 @@ class _HTTPConnection(protocol.Protocol):
         self._pool.forget(self)
         if self.done is not None:
             d, self.done = self.done, None
-            d.errback(_Closed())
+            if self._headed and not self._delimited and reason.check(ierror.ConnectionDone):
+                # A body without length or chunks ends where the connection does.
+                d.callback((self._status, b"".join(self._chunks)))
+            else:
+                d.errback(_Closed())
 
 
 class _Pool:
@@ -152,6 +166,7 @@ class _Pool:
         self._idle = collections.defaultdict(list)
         self._all = set()
         self._closing = []
+        self._closed = False
 
     def get(self, address):
         """:return: a Deferred of a connected L{_HTTPConnection} to C{address}"""
@@ -161,7 +176,7 @@ class _Pool:
             if conn._idle_timer is not None and conn._idle_timer.active():
                 conn._idle_timer.cancel()
             conn._idle_timer = None
-            if not conn.lost:
+            if not conn.lost and not getattr(conn.transport, "disconnecting", False):
                 return defer.succeed(conn)
         endpoint = address.client_endpoint(self._reactor, self._connect_timeout)
         factory = protocol.Factory()
@@ -178,7 +193,7 @@ class _Pool:
     def release(self, conn):
         """Put a connection whose response is complete back for reuse."""
         idle = self._idle[conn.address]
-        if len(idle) >= self._max:
+        if self._closed or len(idle) >= self._max:
             conn.transport.loseConnection()
             return
         idle.append(conn)
@@ -200,7 +215,11 @@ class _Pool:
                 waiter.callback(None)
 
     def close(self):
-        """Close every connection; fires once all are gone."""
+        """
+        Close every connection; fires once all are gone.  Calls still running finish,
+        and their connections are closed rather than kept.
+        """
+        self._closed = True
         if not self._all:
             return defer.succeed(None)
         waiter = defer.Deferred()
@@ -267,6 +286,8 @@ class RpcClient:
             address = parse_address(address)
         except AddressError as e:
             return defer.fail(e)
+        if address.is_unix:
+            return defer.fail(ValueError(f"{address.uri}: a Unix socket has no host address"))
         timeout = self.timeout if timeout is None else timeout
 
         def read(conn):
@@ -334,7 +355,8 @@ def _result_of(message, address):
 def _transport_failure(failure, address, timeout):
     if failure.check(RpcError, BadResponse, ConnectionRefused, CallTimedOut, ConnectionClosed):
         return failure
-    if failure.check(defer.TimeoutError, ierror.TimeoutError, defer.CancelledError):
+    if failure.check(defer.TimeoutError, ierror.TimeoutError, defer.CancelledError,
+                     ierror.ConnectingCancelledError):
         raise CallTimedOut(address, f"no response within {timeout:g} s")
     if failure.check(ierror.ConnectError, ierror.DNSLookupError):
         raise ConnectionRefused(address, f"cannot connect: {failure.getErrorMessage()}")

@@ -463,8 +463,11 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     _lost = False
     _linger = None
     _inflight = None
+    _refusal = None
+    _answering = False
 
     def connectionMade(self):
+        self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer
         self._parser = httptools.HttpRequestParser(self)
         self._queue = collections.deque()
         self._paused = False
@@ -498,9 +501,10 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     def on_headers_complete(self):
         if self._length is not None and self._length > self.factory.max_body:
             raise _Refused(413, b"request body larger than %d bytes\n" % self.factory.max_body)
-        if self._continue and self._parser.get_http_version() == "1.1":
+        if (self._continue and self._parser.get_http_version() == "1.1"
+                and self._inflight is None and not self._queue):
             # curl and others wait for this (a second, or forever) before sending
-            # the body.
+            # the body.  Not while an earlier answer is due: it would come first.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body):
@@ -519,8 +523,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     # -- the connection
 
     def dataReceived(self, data):
-        if self._closing:
-            return  # lingering after a refusal: read and discard
+        if self._closing or self._refusal is not None:
+            return  # refused: read and discard
         if self._inflight is None:
             self.resetTimeout()
         try:
@@ -529,28 +533,39 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             refused = e.__context__
             if not isinstance(refused, _Refused):
                 raise
-            self._refuse(refused.status, refused.message)
-            return
+            self._refusal = (refused.status, refused.message)
         except httptools.HttpParserUpgrade:
             # We speak nothing but HTTP/1.1, and llhttp leaves the body of an upgrade
             # request unread (it would be the other protocol's): refuse it whole.
-            self._refuse(400, b"protocol upgrades are not supported\n")
-            return
+            self._queue.pop()
+            self._refusal = (400, b"protocol upgrades are not supported\n")
         except httptools.HttpParserError as e:
-            self._refuse(400, b"malformed HTTP request: %s\n" % str(e).encode("ascii", "replace"))
-            return
+            self._refusal = (
+                400, b"malformed HTTP request: %s\n" % str(e).encode("ascii", "replace"))
         if len(self._queue) > MAX_QUEUED and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
         self._next()
 
     def _next(self):
-        while self._queue and self._inflight is None and not self._closing:
-            self._answer(self._queue.popleft())
-        if self._paused and len(self._queue) <= MAX_QUEUED // 2 and not self._closing:
+        if self._answering:
+            return  # an answer that came at once, inside the loop below: it goes on
+        self._answering = True
+        try:
+            while self._queue and self._inflight is None and not self._closing:
+                self._answer(self._queue.popleft())
+        finally:
+            self._answering = False
+        if self._closing or self._inflight is not None:
+            return
+        if self._refusal is not None and not self._queue:
+            # Every request before the bad one is answered: now the refusal.
+            self._refuse(*self._refusal)
+            return
+        if self._paused and len(self._queue) <= MAX_QUEUED // 2:
             self._paused = False
             self.transport.resumeProducing()
-        if self._inflight is None and not self._closing and self.timeOut is None:
+        if self.timeOut is None:
             self.setTimeout(self.factory.idle_timeout)
 
     def _answer(self, message):
@@ -628,7 +643,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self.transport.write(b"".join(head))
         if not message.keep_alive:
             self._closing = True
-            self.setTimeout(None)
+            # The idle timer stays: a peer that never reads its answer is cut off.
+            self.resetTimeout()
             self.transport.loseConnection()
 
     def _refuse(self, status, body):
@@ -651,11 +667,13 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (status, _REASONS[status], _http_date(), len(body), body))
-        if self._inflight is not None:
-            # A pipelined call is still running: its answer would now come out of order.
-            self._inflight.cancel()
         if self._paused:
             self.transport.resumeProducing()
+        if ISSLTransport.providedBy(self.transport):
+            # TLS cannot half-close (the lookup would reach the TCP socket under it):
+            # go on discarding what comes, then close.
+            self._linger = self.factory.clock.callLater(LINGER, self.transport.loseConnection)
+            return
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is None:
             self.transport.loseConnection()
@@ -664,7 +682,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._linger = self.factory.clock.callLater(LINGER, self.transport.abortConnection)
 
     def timeoutConnection(self):
-        self.transport.loseConnection()
+        # Abort, not close: a peer that stopped reading would keep a close waiting on
+        # our unsent answer for ever.
+        self.transport.abortConnection()
 
     def connectionLost(self, reason=protocol.connectionDone):
         self._lost = True
