@@ -894,3 +894,74 @@ def test_closed_connections_are_freed_without_the_cycle_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def _self_signed_pem(path):
+    """Write a throwaway key and self-signed certificate for 127.0.0.1 to C{path}."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    with open(path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _tls_exchange(port, raw):
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+        with context.wrap_socket(plain) as sock:
+            sock.sendall(raw)
+            data = b""
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            except (ssl.SSLError, OSError):
+                pass
+            return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_over_tls_is_413(tmp_path):
+    """Over TLS too, a declared oversized body gets its 413 (TLS cannot half-close, so
+    the connection lingers and then closes), and the listener goes on serving."""
+    pem = str(tmp_path / "server.pem")
+    _self_signed_pem(pem)
+    rpc = RpcResource()
+    rpc.register("echo", lambda value=None: value)
+    listeners = Listeners(make_site(rpc), [f"ssl:0:interface=127.0.0.1:privateKey={pem}"])
+    listeners.startService()
+    try:
+        port = int(listeners.bound[0].rsplit(":", 1)[1])
+        assert listeners.bound[0].startswith("tls://")
+        data = await in_thread(_tls_exchange, port, b"POST /rpc HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (MAX_BODY + 1, b"x" * 65536))
+        assert data.startswith(b"HTTP/1.1 413 ")
+        body = json.dumps({"jsonrpc": "2.0", "method": "echo", "params": [7], "id": 1}).encode()
+        data = await in_thread(_tls_exchange, port, _request(body, b"Connection: close\r\n"))
+        assert data.startswith(b"HTTP/1.1 200 ") and b'"result":7' in data
+    finally:
+        await listeners.stopService()
