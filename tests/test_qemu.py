@@ -542,10 +542,8 @@ async def test_restart_recovers(managers, state_dir):
     assert await wait_gone(pid)
 
 
-@needs_qemu
-@pytest_twisted.ensureDeferred
-async def test_restart_after_qemu_died(managers, state_dir):
-    """A VM whose QEMU died while the node was down is found stopped after restart."""
+async def _died_while_node_was_down(managers, state_dir):
+    """Start a VM, stop its manager (QEMU goes on), then kill its QEMU: the VM."""
     first = managers()
     vm = await create(first)
     await within(first.start(vm.vm_id))
@@ -553,6 +551,14 @@ async def test_restart_after_qemu_died(managers, state_dir):
     await within(first.stopService())
     os.kill(pid, signal.SIGKILL)
     assert await wait_gone(pid)
+    return vm
+
+
+@needs_qemu
+@pytest_twisted.ensureDeferred
+async def test_restart_after_qemu_died(managers, state_dir):
+    """A VM whose QEMU died while the node was down is found stopped after restart."""
+    vm = await _died_while_node_was_down(managers, state_dir)
 
     second = managers()
     await within(second.when_recovered())
@@ -564,13 +570,7 @@ async def test_restart_after_qemu_died(managers, state_dir):
 @pytest_twisted.ensureDeferred
 async def test_restart_ignores_reused_pid(managers, state_dir):
     """A pid file naming some other live process is not taken for our QEMU."""
-    first = managers()
-    vm = await create(first)
-    await within(first.start(vm.vm_id))
-    pid = pid_of(state_dir, vm.vm_id)
-    await within(first.stopService())
-    os.kill(pid, signal.SIGKILL)
-    assert await wait_gone(pid)
+    vm = await _died_while_node_was_down(managers, state_dir)
     with open(os.path.join(state_dir, "vms", vm.vm_id, "qemu.pid"), "w") as f:
         f.write(str(os.getpid()))
 

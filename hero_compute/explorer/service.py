@@ -27,6 +27,10 @@ log = Logger()
 #: reach anything else a node (or whatever answers at a node's address) might serve.
 PROXIED_PREFIXES = ("node.", "vm.")
 
+#: Seconds a proxied call may take: longer than a node's slowest operation, a graceful
+#: C{vm.stop} (about 65 s at worst).
+CALL_TIMEOUT = 90.0
+
 
 class ExplorerMethods:
     """
@@ -39,7 +43,7 @@ class ExplorerMethods:
     :param call_timeout: seconds allowed for a proxied call
     """
 
-    def __init__(self, registry, client, clock, listeners=None, call_timeout=90.0):
+    def __init__(self, registry, client, clock, listeners=None, call_timeout=CALL_TIMEOUT):
         self._registry = registry
         self._client = client
         self._clock = clock
@@ -159,7 +163,7 @@ class ExplorerService(service.MultiService):
     """
 
     def __init__(self, reactor, listen, socket_dirs=(), offline_after=30.0,
-                 call_timeout=90.0, connect_timeout=5.0):
+                 call_timeout=CALL_TIMEOUT, connect_timeout=5.0):
         service.MultiService.__init__(self)
         self.registry = Registry(reactor, offline_after)
         self.client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)

@@ -22,6 +22,9 @@ log = Logger()
 #: A backoff never waits longer than this, whatever the interval.
 MAX_BACKOFF = 60.0
 
+#: An attempt is bounded by the interval, and by this however long the interval.
+MAX_ATTEMPT = 10.0
+
 
 def backoff_delay(interval, failures, rand=random.random):
     """
@@ -81,6 +84,7 @@ class HeartbeatLoop(service.Service):
         self.address = address
         self._payload = payload
         self.interval = interval
+        self._attempt_timeout = min(interval, MAX_ATTEMPT)
         self._rand = rand
         self.state = ExplorerState(address.uri)
         self._call = None
@@ -110,7 +114,7 @@ class HeartbeatLoop(service.Service):
         """
         self._call = None
         started = self.clock.seconds()
-        timeout = min(self.interval, 10.0)
+        timeout = self._attempt_timeout
         d = defer.maybeDeferred(self._payload, self.address)
         d.addCallback(lambda params: self._client.call(
             self.address, "explorer.heartbeat", params, timeout=timeout))
@@ -143,7 +147,7 @@ class HeartbeatLoop(service.Service):
             return
         first = self.state.state == "ok" or self.state.failures == 0
         if failure.check(defer.TimeoutError):
-            reason = f"no answer within {min(self.interval, 10.0):g} s"
+            reason = f"no answer within {self._attempt_timeout:g} s"
         elif failure.check(RpcError, TransportError):
             reason = str(failure.value)
         else:

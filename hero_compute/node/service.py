@@ -78,7 +78,6 @@ class NodeService(service.MultiService):
         self._tcp = tcp
         self._advertise = advertise
         self.vms = vms
-        self._interval = interval
         self.client = RpcClient(reactor, timeout=interval)
         self.rpc = RpcResource(load_schema("node"), hero_compute.__version__)
         descriptions = [unix_endpoint_string(socket_path)]
@@ -143,7 +142,8 @@ class NodeService(service.MultiService):
         # Our address on the very connection the heartbeat will travel: right with
         # several interfaces, policy routing, IPv6-only names, and whichever address
         # of a name the connection ended up using.
-        d = self.client.local_host(explorer, timeout=min(self._interval, 10.0))
+        # Bounded by the heartbeat attempt it is part of.
+        d = self.client.local_host(explorer)
         d.addCallback(lambda ip: Address("tcp", host=ip, port=port))
         return d
 

@@ -25,8 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols import policies
 from twisted.web import resource, server
-# Names imported once: twisted.web.http is wrapped in a deprecation proxy whose every
-# attribute look-up costs microseconds, on the path of every header line.
 from twisted.web.http import NO_CONTENT, NOT_ALLOWED
 from txjsonrpc_ng.web.jsonrpc import JSONRPC
 
@@ -247,8 +245,8 @@ class RpcResource(JSONRPC):
             return _dump_batch(responses)
         response = self._handle_one(message, context)
         if isinstance(response, defer.Deferred):
-            return response.addCallback(lambda r: None if r is None else _dump(r))
-        return None if response is None else _dump(response)
+            return response.addCallback(_dump_single)
+        return _dump_single(response)
 
     def _handle_one(self, message, context):
         """
@@ -353,6 +351,10 @@ def _error(rid, error):
 def _dump_batch(responses):
     answered = [r for r in responses if r is not None]
     return _dump(answered) if answered else None
+
+
+def _dump_single(response):
+    return None if response is None else _dump(response)
 
 
 def _serialise(response):
