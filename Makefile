@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 DEBIAN_PACKAGES := python3-venv qemu-system-x86 qemu-utils iproute2 socat curl wrk
 
-.PHONY: install system-deps run test bench smoke clean
+.PHONY: install system-deps run test lint format bench smoke clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,21 @@ run: install
 	trap 'kill $$explorer 2>/dev/null; wait $$explorer' EXIT INT TERM; \
 	sleep 1; $(VENV)/bin/twistd -n --pidfile= node
 
+# FAST=1 skips the slow tests (the wheel build); CI runs everything.
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(if $(FAST),-m "not slow") $(PYTEST_ARGS)
+
+# What CI checks before the tests: style, types, and the dependency rules.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# Apply the formatter and the safe fixes.
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -12,6 +12,10 @@ import pytest
 
 from .support import ROOT
 
+#: Building and installing a wheel takes a while: ``make test FAST=1`` skips it locally;
+#: CI always runs it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
