@@ -1,0 +1,247 @@
+"""
+The heartbeat ingest section (N simulated nodes heartbeating one explorer) and the
+py-spy profile section, which profiles the explorer under the floor load and under
+ingest, then summarises the raw samples.  Each section is a function
+``(procs, tmp, res, cfg)``.
+"""
+
+import json
+import math
+import os
+import re
+import resource
+import signal
+import time
+from collections import Counter
+
+import loadgen
+from loadrun import run_closed, summarize, to_ms
+from procs import (CLIENT_CPU, HERE, PY, PYSPY, SERVER_CPU, proc_cpu, proc_rss, rpc,
+                   start_explorer)
+
+
+def sec_ingest(procs, tmp, res, cfg):
+    for n in cfg["ingest_n"]:
+        _ingest_one(procs, tmp, res, cfg, n)
+
+
+def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = hard
+    # The explorer's fd limit caps the connections; beyond it, several simulated nodes
+    # share one connection (each keeps its own 10 s schedule).
+    max_conns = max(100, min(nofile - 200, 60000))
+    conns = min(n, max_conns)
+    exp = start_explorer(procs, tmp, f"ingest{n}-explorer", cpus=SERVER_CPU, nofile=nofile)
+    pid = exp.pid
+    gens = []
+    spy = None
+    try:
+        # warm the code paths before taking the idle RSS
+        rpc(exp.sock, "explorer.info")
+        time.sleep(0.3)
+        rss_idle = proc_rss(pid)
+        per_gen_conns = 9000
+        ngen = max(1, math.ceil(conns / per_gen_conns))
+        first = 0
+        for g in range(ngen):
+            gconns = conns // ngen + (1 if g < conns % ngen else 0)
+            gnodes = n // ngen + (1 if g < n % ngen else 0)
+            srcs = []
+            for k in range(2, 2 + max(1, math.ceil(gconns / 5000))):
+                srcs += ["--src", f"127.0.{g + 1}.{k}"]
+            cmd = [PY, os.path.join(HERE, "loadgen.py"), "heartbeat", "--port", str(exp.port),
+                   "--nodes", str(gnodes), "--first", str(first), "--total-nodes", str(n),
+                   "--conns", str(gconns), "--interval", str(cfg["hb_interval"])] + srcs
+            first += gnodes
+            gens.append(procs.start(cmd, f"loadgen-hb{g}", cpus=CLIENT_CPU, stdin=True,
+                                    stdout_pipe=True))
+        connect_s = 0.0
+        for gp in gens:
+            line = gp.stdout.readline()
+            if not line:
+                raise RuntimeError(f"heartbeat generator died: {open(gp.logpath).read()[-1500:]}")
+            connect_s = max(connect_s, json.loads(line)["connect_s"])
+        interval = cfg["hb_interval"]
+        t0 = time.time() + 0.5
+        w0 = t0 + interval  # first round registers every node; measure the steady state
+        w1 = w0 + cfg["hb_window"]
+        end = w1 + 1.5
+        ctl = json.dumps({"t0": t0, "w0": w0, "w1": w1, "end": end}) + "\n"
+        for gp in gens:
+            gp.stdin.write(ctl.encode())
+            gp.stdin.flush()
+        time.sleep(max(0, w0 - time.time()))
+        cpu0, tw0 = proc_cpu(pid), time.time()
+        if profile_out:
+            spy = procs.start([PYSPY, "record", "-p", str(pid), "-r", "250", "-f", "raw",
+                               "-o", profile_out, "-d", str(int(cfg["hb_window"]))],
+                              "py-spy", cpus=CLIENT_CPU)
+        time.sleep(max(0, w1 - time.time()))
+        cpu1, tw1 = proc_cpu(pid), time.time()
+        rss = proc_rss(pid)
+        info = rpc(exp.sock, "explorer.info", timeout=30)
+        offline = rpc(exp.sock, "explorer.list_nodes", {"status": "offline"}, timeout=60)
+        outs = []
+        for gp in gens:
+            out, _ = gp.communicate(timeout=end - time.time() + 60)
+            procs.procs.remove(gp)
+            outs.append(json.loads(out.decode().strip().splitlines()[-1]))
+        gens = []
+        if spy:
+            spy.wait(30)
+            procs.procs.remove(spy)
+        s = summarize(outs)
+        late = loadgen.merge_histograms(o["lateness"] for o in outs)
+        cpu_share = (cpu1 - cpu0) / (tw1 - tw0)
+        per_node = (rss - rss_idle) / n
+        expected = n * cfg["hb_window"] / interval
+        res.add("ingest", f"N={n:,} nodes, {conns:,} conns, every {interval:g}s"
+                + (" (under py-spy)" if profile_out else ""),
+                s["rps"], s["p50_ms"], s["p99_ms"],
+                explorer_cpu=round(cpu_share, 3), rss_mb=round(rss / 2**20, 1),
+                bytes_per_node=round(per_node), online=info["nodes"]["online"],
+                never_registered=n - info["nodes"]["online"] - info["nodes"]["offline"],
+                wrongly_offline=len(offline), gen_cpu=round(s["gen_cpu"], 3),
+                send_delay_p99_ms=to_ms(loadgen.percentile(late, 0.99)),
+                expected_hb=round(expected), ok=s["ok"], err=s["errors"] + s["conn_errors"],
+                connect_s=round(connect_s, 1), nofile=nofile)
+        if s["error_samples"]:
+            res.note(f"ingest N={n}: error samples {s['error_samples']}")
+        if not profile_out:
+            rate = n / interval
+            ok = s["rps"] >= 0.98 * rate and (s["p99_ms"] or 1e9) < 50
+            if n >= 50000 or n == max(cfg["ingest_n"]):
+                res.target(f"ingest N={n:,}: >= {rate:,.0f} heartbeats/s with p99 < 50 ms "
+                           "on one core", ok,
+                           f"{s['rps']:,.0f}/s, p99 {s['p99_ms']} ms, explorer CPU "
+                           f"{cpu_share:.0%} of a core")
+            res.target(f"ingest N={n:,}: no node wrongly offline", not offline,
+                       f"{len(offline)} offline, {info['nodes']['online']} online")
+        return s, cpu_share, len(offline), conns
+    finally:
+        for gp in gens:
+            procs.stop(gp, signal.SIGKILL)
+        if spy:
+            procs.stop(spy)
+        procs.stop(exp)
+
+
+def sec_profile(procs, tmp, res, cfg):
+    """py-spy on the explorer under the floor load and under heartbeat ingest."""
+    if not os.path.exists(PYSPY):
+        res.note("profile skipped: py-spy not installed (pip install py-spy into the venv)")
+        return
+    out_dir = os.path.join(HERE, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    # floor: explorer.info over unix, keep-alive
+    exp = start_explorer(procs, tmp, "profile-explorer")
+    raw_floor = os.path.join(out_dir, "profile-floor.txt")
+    try:
+        spy = procs.start([PYSPY, "record", "-p", str(exp.pid), "-r", "250", "-f", "raw",
+                           "-o", raw_floor, "-d", str(int(cfg["dur"] + 1))], "py-spy",
+                          cpus=CLIENT_CPU)
+        r = run_closed(procs, exp.sock, cfg["conns"], cfg["dur"], 1.0)
+        spy.wait(30)
+        procs.procs.remove(spy)
+        res.add("profile", "explorer.info unix keep-alive under py-spy", r["rps"],
+                r["p50_ms"], r["p99_ms"])
+    finally:
+        procs.stop(exp)
+    raw_ingest = os.path.join(out_dir, "profile-ingest.txt")
+    n = cfg["profile_n"]
+    _ingest_one(procs, tmp, res, cfg, n, profile_out=raw_ingest)
+    for label, path in (("floor", raw_floor), ("ingest", raw_ingest)):
+        if os.path.exists(path):
+            summary = summarize_profile(path)
+            with open(os.path.join(out_dir, f"profile-{label}-summary.txt"), "w") as f:
+                f.write(summary)
+            print(f"\n=== profile: {label} ({path}) ===\n{summary}", flush=True)
+
+
+CATEGORIES = [
+    ("JSON decode (json.loads)", r"json/decoder\.py|\bloads \(json"),
+    ("JSON encode (_dump/encode)", r"json/encoder\.py|_dump \("),
+    ("schema coerce/validate (jsonschema)", r"jsonschema/|coerce_params"),
+    ("signature.bind (inspect)", r"inspect\.py"),
+    ("dispatch (_handle_one/_prepare)", r"_handle_one \(|_prepare \("),
+    ("Deferred machinery", r"twisted/internet/defer\.py"),
+    ("HTTP parsing/channel (twisted.web.http)", r"twisted/web/http\.py"),
+    ("twisted.web.server Request/Site", r"twisted/web/server\.py"),
+    ("HTTP headers (http_headers)", r"twisted/web/http_headers\.py"),
+    ("logging (twisted.logger)", r"twisted/logger/"),
+    ("CallContext.from_request", r"from_request \("),
+    ("explorer heartbeat handler", r"heartbeat \(hero_compute/explorer"),
+    ("registry", r"explorer/registry\.py"),
+    ("address parsing", r"rpc/addresses\.py"),
+    ("attrs-generated (__init__/evolve)", r"attrs|<attrs generated"),
+    ("Content-Type parse (email.message via http._parseContentType)", r"_parseContentType"),
+    ("getHost/getsockname per request", r"getHost \(|_getsockname"),
+    ("response write + epoll register/unregister", r"EPollReactor\._(add|remove)"),
+]
+
+#: Self-time buckets (the leaf frame of each sample).
+SELF_BUCKETS = [
+    ("syscalls: recv/send/epoll (sendmsg, untilConcludes, doPoll, _add/_remove, doRead)",
+     r"sendmsg\.py|untilConcludes|doPoll|EPollReactor\._(add|remove)|Connection\.doRead|"
+     r"writeSomeData|_getsockname|getHost"),
+    ("jsonschema/referencing", r"jsonschema/|referencing/"),
+    ("email.* (Content-Type parsing)", r"email/"),
+    ("json encode/decode", r"json/"),
+    ("twisted.web", r"twisted/web/"),
+    ("Deferred", r"twisted/internet/defer\.py"),
+    ("twisted.logger", r"twisted/logger/"),
+    ("hero_compute", r"hero_compute/"),
+    ("inspect", r"inspect\.py"),
+]
+
+
+def summarize_profile(path, top=25):
+    stacks = []
+    total = 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            stack, _, cnt = line.rpartition(" ")
+            try:
+                cnt = int(cnt)
+            except ValueError:
+                continue
+            frames = stack.split(";")
+            stacks.append((frames, cnt))
+            total += cnt
+    if not total:
+        return "no samples\n"
+    self_c, incl_c = Counter(), Counter()
+    for frames, cnt in stacks:
+        names = [re.sub(r":\d+\)$", ")", fr.strip()) for fr in frames]
+        self_c[names[-1]] += cnt
+        for nm in set(names):
+            incl_c[nm] += cnt
+    out = [f"samples: {total} (active only)", "", "top self time:"]
+    for nm, c in self_c.most_common(top):
+        out.append(f"  {100 * c / total:5.1f}%  {nm}")
+    out += ["", "top inclusive (non-boilerplate):"]
+    skip = ("<module>", "run (", "mainLoop", "runApp", "startReactor", "postApplication",
+            "runReactorWithLogging", "ApplicationRunner.run", "ReactorBase.run")
+    k = 0
+    for nm, c in incl_c.most_common(200):
+        if any(s in nm for s in skip):
+            continue
+        out.append(f"  {100 * c / total:5.1f}%  {nm}")
+        k += 1
+        if k >= top:
+            break
+    out += ["", "self-time buckets (leaf frame):"]
+    for label, rx in SELF_BUCKETS:
+        r = re.compile(rx)
+        c = sum(cnt for frames, cnt in stacks if r.search(frames[-1]))
+        out.append(f"  {100 * c / total:5.1f}%  {label}")
+    out += ["", "categories (inclusive, a sample counts once per category):"]
+    for label, rx in CATEGORIES:
+        r = re.compile(rx)
+        c = sum(cnt for frames, cnt in stacks if any(r.search(fr) for fr in frames))
+        out.append(f"  {100 * c / total:5.1f}%  {label}")
+    return "\n".join(out) + "\n"
