@@ -8,10 +8,11 @@ Layout of the state directory (all ours; nothing else writes there)::
     <state_dir>/vms/<vm_id>/qemu.pid    pid of its QEMU, while it runs
     <state_dir>/vms/<vm_id>/qmp.sock    its QMP socket, while it runs
 
-Modules: :mod:`.manager` (the lifecycle, :class:`QemuVmManager`), :mod:`.process` (QEMU's
-command line, finding and ending its process), :mod:`.store` (definitions on disk),
-:mod:`.admission` (what may be defined, bounds from the node schema) and :mod:`.disks`
-(``qemu-img``).
+Modules: :mod:`.manager` (the lifecycle and VM states, :class:`QemuVmManager`),
+:mod:`.machine` (one VM's QEMU over QMP: launch, attach, shut down), :mod:`.process`
+(QEMU's command line, finding and ending its process), :mod:`.store` (definitions on
+disk), :mod:`.admission` (what may be defined, bounds from the node schema) and
+:mod:`.disks` (``qemu-img``).
 """
 
 from .admission import Admission, Reservation, check_request, host_capacity

@@ -1,8 +1,9 @@
 """
 The VM lifecycle: :class:`QemuVmManager` runs the VMs of one node as QEMU processes
-driven over QMP.  What lives where on disk is :mod:`.store`'s business, QEMU's command
-line and processes :mod:`.process`'s, what may be defined :mod:`.admission`'s and disks
-:mod:`.disks`'.
+driven over QMP, and owns their states.  Talking to one VM's QEMU is
+:class:`~.machine.Machine`'s business, what lives where on disk :mod:`.store`'s, QEMU's
+command line and processes :mod:`.process`'s, what may be defined :mod:`.admission`'s and
+disks :mod:`.disks`'.
 """
 
 import os
@@ -10,11 +11,10 @@ import uuid
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hero_compute.node.qmp import connect_qmp
 from hero_compute.node.vms import IVmManager, VmRecord, usage_of
 from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
@@ -22,38 +22,8 @@ from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 from . import process
 from .admission import Admission, Reservation, check_request, host_capacity
 from .disks import create_disk
+from .machine import Machine
 from .store import DISK, QMP_SOCKET, VmStore
-
-
-@attrs.define(eq=False)
-class _Vm:
-    """
-    What the manager knows about one VM besides its record.
-
-    :ivar record: the current :class:`~hero_compute.node.vms.VmRecord`; replaced, never
-        mutated
-    :ivar directory: the VM's directory
-    :ivar qmp: the live :class:`~hero_compute.node.qmp.QmpProtocol` while we watch its
-        QEMU
-    :ivar lock: serialises start/stop/delete/recovery of this VM
-    :ivar expect_exit: we asked QEMU to go away, so losing QMP is not a failure
-    :ivar guest_shutdown: QEMU reported ``SHUTDOWN``: QEMU exits next, on purpose
-    """
-
-    record: VmRecord
-    directory: str
-    qmp: object = None
-    lock: defer.DeferredLock = attrs.field(factory=defer.DeferredLock)
-    expect_exit: bool = False
-    guest_shutdown: bool = False
-
-    @property
-    def vm_id(self):
-        return self.record.vm_id
-
-    def pid(self):
-        """:return: the pid of this VM's QEMU if it runs, else ``None``"""
-        return process.find_pid(self.directory)
 
 
 @implementer(IVmManager)
@@ -141,7 +111,7 @@ class QemuVmManager(service.Service):
         service.Service.startService(self)
         self._closing = False
         for record in self._store.load(known=self._vms):
-            self._vms[record.vm_id] = _Vm(record, self._store.directory(record.vm_id))
+            self._vms[record.vm_id] = self._machine(record)
         self.log.info("loaded {count} VM definitions from {path}", count=len(self._vms),
                       path=self._store.root)
         recoveries = [vm.lock.run(self._recover, vm) for vm in list(self._vms.values())
@@ -307,6 +277,10 @@ class QemuVmManager(service.Service):
             raise InvalidVmState(
                 f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
+    def _machine(self, record):
+        return Machine(record, self._store.directory(record.vm_id), self._reactor,
+                       on_lost=self._qmp_lost, closing=lambda: self._closing)
+
     async def _create(self, name, vcpus, memory_mb, disk_gb, image):
         check_request(name, vcpus, memory_mb, disk_gb, image)
         request = Reservation(name, memory_mb, disk_gb)
@@ -327,7 +301,7 @@ class QemuVmManager(service.Service):
             raise
         finally:
             del self._creating[vm_id]
-        self._vms[vm_id] = _Vm(record, directory)
+        self._vms[vm_id] = self._machine(record)
         self.log.info("created VM {vm_id} ({name}): {vcpus} vCPU, {memory_mb} MB, "
                       "{disk_gb} GB", vm_id=vm_id, name=name, vcpus=vcpus,
                       memory_mb=memory_mb, disk_gb=disk_gb)
@@ -340,24 +314,10 @@ class QemuVmManager(service.Service):
             # Deleted or stopped while we waited for the lock.
             raise InvalidVmState(f"cannot start VM {vm.vm_id}: it is {vm.record.state}")
         try:
-            stale = vm.pid()
-            if stale is not None:
-                # The VM errored while its QEMU lived on without QMP: that process is
-                # out of our control and holds the disk's lock.
-                self.log.warn("killing stale QEMU {pid} of VM {vm_id}", pid=stale,
-                              vm_id=vm.vm_id)
-                process.kill(stale)
-                await process.wait_gone(self._reactor, stale, 5)
-            process.remove_runtime(vm.directory)
-            vm.expect_exit = vm.guest_shutdown = False
-            await process.daemonize(
-                self._reactor, self._qemu,
-                process.qemu_argv(vm.record, vm.directory, self._accel),
-                vm.directory, self._start_timeout)
-            await self._attach(vm, self._start_timeout)
+            await vm.launch(self._qemu, self._accel, self._start_timeout)
         except BaseException as e:
             self.log.error("VM {vm_id} failed to start: {error}", vm_id=vm.vm_id, error=e)
-            await self._abandon(vm)
+            await vm.abandon()
             self._set_state(vm, "error")
             if isinstance(e, (InvalidVmState, defer.CancelledError)):
                 raise
@@ -372,55 +332,9 @@ class QemuVmManager(service.Service):
                       pid=vm.pid())
         return vm.record
 
-    async def _attach(self, vm, timeout):
-        """
-        Connect to a VM's QMP socket, wait until QEMU reports it running and watch it.
-        """
-        deadline = self._reactor.seconds() + timeout
-        qmp = await connect_qmp(self._reactor, os.path.join(vm.directory, QMP_SOCKET),
-                                on_event=lambda *a: self._event(vm, *a), timeout=timeout)
-        vm.qmp = qmp
-        qmp.when_disconnected().addCallback(self._qmp_lost, vm, qmp)
-        while True:
-            d = qmp.execute("query-status")
-            d.addTimeout(max(deadline - self._reactor.seconds(), 0.1), self._reactor)
-            status = await d
-            if status.get("running"):
-                if self._closing:
-                    # stopService ran meanwhile; it leaves QEMU alone, and so do we.
-                    qmp.disconnect()
-                return
-            if self._reactor.seconds() > deadline:
-                raise InvalidVmState(
-                    f"VM {vm.vm_id} is {status.get('status')!r}, not running")
-            await task.deferLater(self._reactor, 0.1, lambda: None)
-
-    async def _abandon(self, vm):
-        """Make sure nothing of a failed start keeps running."""
-        vm.expect_exit = True
-        if vm.qmp is not None:
-            vm.qmp.disconnect()
-            vm.qmp = None
-        pid = vm.pid()
-        if pid is not None:
-            process.kill(pid)
-            await process.wait_gone(self._reactor, pid, 5)
-        process.remove_runtime(vm.directory)
-
     # -- watching -------------------------------------------------------------------
 
-    def _event(self, vm, name, data, timestamp):
-        if name == "SHUTDOWN":
-            vm.guest_shutdown = True
-            self.log.info("VM {vm_id}: QEMU shutting down ({reason})", vm_id=vm.vm_id,
-                          reason=data.get("reason", "unknown"))
-        elif name in ("STOP", "RESUME", "RESET", "POWERDOWN", "GUEST_PANICKED"):
-            self.log.info("VM {vm_id}: QMP event {event} {data}", vm_id=vm.vm_id,
-                          event=name, data=data)
-
-    def _qmp_lost(self, reason, vm, qmp):
-        if vm.qmp is qmp:
-            vm.qmp = None
+    def _qmp_lost(self, vm, reason):
         if self._closing or vm.expect_exit or vm.record.state not in ("running",):
             return
         if vm.guest_shutdown:
@@ -440,58 +354,22 @@ class QemuVmManager(service.Service):
         if vm.record.state not in ("running", "starting"):
             raise InvalidVmState(f"cannot stop VM {vm.vm_id}: it is {vm.record.state}")
         self._set_state(vm, "stopping")
-        await self._shut_down(vm, force)
+        await vm.shut_down(force, self._stop_grace)
         self._set_state(vm, "stopped")
         self.log.info("VM {vm_id} stopped", vm_id=vm.vm_id)
         return vm.record
 
     async def _force_quit(self, vm):
         # The graceful stop holding the lock sees the connection go and finishes.
-        qmp = vm.qmp
-        if qmp is not None:
-            try:
-                await qmp.execute("quit").addTimeout(5, self._reactor)
-            except Exception:
-                pass
+        await vm.quit()
         return await vm.lock.run(lambda: defer.succeed(vm.record))
-
-    async def _shut_down(self, vm, force):
-        vm.expect_exit = True
-        pid = vm.pid()
-        qmp = vm.qmp
-        if qmp is not None:
-            gone = qmp.when_disconnected()
-            if not force:
-                await self._quietly(qmp.execute("system_powerdown"), 5)
-                await self._quietly(qmp.when_disconnected(), self._stop_grace)
-            if not gone.called:
-                await self._quietly(qmp.execute("quit"), 5)
-                await self._quietly(qmp.when_disconnected(), 10)
-            qmp.disconnect()
-        elif pid is not None:
-            # No QMP (an errored VM whose QEMU lives on): nothing to ask politely.
-            process.kill(pid)
-        if pid is not None and not await process.wait_gone(self._reactor, pid, 10):
-            self.log.warn("VM {vm_id}: QEMU {pid} ignored quit; killing it",
-                          vm_id=vm.vm_id, pid=pid)
-            process.kill(pid)
-            await process.wait_gone(self._reactor, pid, 5)
-        process.remove_runtime(vm.directory)
-
-    async def _quietly(self, d, timeout):
-        """Wait for ``d`` at most ``timeout`` seconds; a failure or timeout is no error."""
-        d.addTimeout(timeout, self._reactor)
-        try:
-            return await d
-        except Exception:
-            return None
 
     async def _delete(self, vm):
         if self._vms.get(vm.vm_id) is not vm:
             raise VmNotFound(f"no VM {vm.vm_id!r}")
         if vm.record.state != "stopped":
             self._set_state(vm, "stopping")
-            await self._shut_down(vm, force=True)
+            await vm.shut_down(True, self._stop_grace)
         del self._vms[vm.vm_id]
         # The definition goes first: a crash half-way through leaves a directory
         # without vm.json, which startService cleans up, never a VM without its disk.
@@ -520,7 +398,7 @@ class QemuVmManager(service.Service):
         try:
             # Ours, alive: whatever state we crashed in, it runs now.
             vm.record = attrs.evolve(vm.record, state="running")
-            await self._attach(vm, 10)
+            await vm.attach(10)
         except Exception as e:
             self.log.error("VM {vm_id}: QEMU {pid} runs but QMP does not answer ({error}); "
                            "marking it error", vm_id=vm.vm_id, pid=pid, error=e)
