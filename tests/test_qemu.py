@@ -1,5 +1,5 @@
 """
-Tests for L{hero_compute.node.qemu.QemuVmManager} against real QEMU processes.
+Tests for :class:`hero_compute.node.qemu.QemuVmManager` against real QEMU processes.
 
 The VMs are tiny (64 MB, 1 vCPU, 1 GB sparse disk) and boot nothing: SeaBIOS sits
 there, which is enough for QMP to report them running.  Nothing honours the ACPI
@@ -23,9 +23,11 @@ from twisted.application.service import IService
 from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyObject
 
-from hero_compute.node.qemu import QemuVmManager, process_alive
+from hero_compute.node.qemu import QemuVmManager, check_request, process_alive
+from hero_compute.node.qemu.store import record_from_wire
 from hero_compute.node.vms import IVmManager
 from hero_compute.rpc.errors import InvalidParams, InvalidVmState, VmNotFound
+from hero_compute.rpc.schema import load_schema
 
 HAVE_QEMU = bool(shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"))
 needs_qemu = pytest.mark.skipif(
@@ -217,13 +219,14 @@ def test_state_dir_too_long():
     {"vcpus": -1}, {"vcpus": 0}, {"memory_mb": -64}, {"memory_mb": 1}, {"disk_gb": 0},
     {"disk_gb": -5}, {"disk_gb": 1.5}, {"vcpus": True}, {"memory_mb": "64"},
     {"name": ""}, {"name": "a\nb"}, {"name": 7}, {"image": "relative/base.qcow2"},
-    {"image": "/nonexistent/base.qcow2"},
+    {"image": "/nonexistent/base.qcow2"}, {"vcpus": 100000}, {"memory_mb": 10 ** 9},
+    {"disk_gb": 10 ** 9}, {"name": "x" * 65}, {"name": "has space"},
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_input(managers, state_dir, spec):
     """
-    Malformed parameters (negative or fractional sizes, bad names, relative or missing
-    image) are InvalidParams and leave nothing behind.
+    Malformed parameters (sizes out of the schema's bounds or fractional, bad names,
+    relative or missing image) are InvalidParams and leave nothing behind.
 
     :param spec: the bad part of the request
     """
@@ -236,25 +239,77 @@ async def test_bad_input(managers, state_dir, spec):
     assert await manager.list() == []
 
 
+def _create_param(name):
+    """:return: the node schema's JSON Schema of one ``vm.create`` param"""
+    params = load_schema("node").methods["vm.create"].params
+    return next(p.schema for p in params if p.name == name)
+
+
 @pytest.mark.parametrize("spec, match", [
-    ({"vcpus": 100000}, "vcpus"),
-    ({"memory_mb": 10 ** 9}, "not enough memory"),
-    ({"disk_gb": 10 ** 9}, "not enough disk"),
+    ({"vcpus": os.cpu_count() + 1}, "vcpus"),
+    ({"memory_mb": _create_param("memory_mb")["maximum"]}, "not enough memory"),
+    ({"disk_gb": _create_param("disk_gb")["maximum"]}, "not enough disk"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_absurd_sizes(managers, state_dir, spec, match):
     """
-    Sizes beyond the host (by default the limits) are refused with InvalidVmState.
+    Sizes the schema allows but beyond the host (by default the limits) are refused with
+    InvalidVmState.
 
     :param spec: the excessive part of the request
     :param match: what the message must say
     """
     manager = managers()
+    key, value = next(iter(spec.items()))
+    if value > _create_param(key)["maximum"] or value <= manager.capacity()[key]:
+        pytest.skip(f"this host's {key} is not between the request and the schema's bound")
     request = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1}
     request.update(spec)
     err = await fails_with(manager.create("vm", **request), InvalidVmState)
     assert match in err.message
     assert entries(state_dir) == []
+
+
+_BOUNDS = [(name, keyword) for name in ("name", "vcpus", "memory_mb", "disk_gb")
+           for keyword in ("minimum", "maximum", "minLength", "maxLength")
+           if keyword in _create_param(name)]
+
+
+def test_schema_has_bounds():
+    """Every size and the name of vm.create are bounded in the schema."""
+    assert {name for name, _ in _BOUNDS} == {"name", "vcpus", "memory_mb", "disk_gb"}
+
+
+@pytest.mark.parametrize("param, keyword", _BOUNDS)
+def test_bounds_are_the_schemas(param, keyword):
+    """
+    The manager's bounds on a new VM are exactly vm.create's in the node schema: a
+    value at the schema's bound is accepted, one past it is InvalidParams.
+
+    :param param: a vm.create param
+    :param keyword: the JSON Schema keyword of one of its bounds
+    """
+    bound = _create_param(param)[keyword]
+    at, past = {
+        "minimum": (bound, bound - 1), "maximum": (bound, bound + 1),
+        "minLength": ("a" * bound, "a" * (bound - 1)),
+        "maxLength": ("a" * bound, "a" * (bound + 1)),
+    }[keyword]
+    request = {"name": "vm", "vcpus": 1, "memory_mb": 64, "disk_gb": 1}
+    check_request(**dict(request, **{param: at}))
+    with pytest.raises(InvalidParams, match=param):
+        check_request(**dict(request, **{param: past}))
+
+
+def test_loaded_records_follow_the_schema():
+    """A stored definition is loaded only if it is a VmInfo by the node schema."""
+    good = {"vm_id": "0" * 32, "name": "old name, from before", "vcpus": 1,
+            "memory_mb": 16, "disk_gb": 1, "image": None, "state": "stopped",
+            "created_at": 1.0}
+    assert record_from_wire(good).to_wire() == good
+    for bad in ({"memory_mb": "16"}, {"state": "paused"}, {"vcpus": 0}):
+        with pytest.raises(ValueError, match="not a VmInfo"):
+            record_from_wire(dict(good, **bad))
 
 
 @pytest_twisted.ensureDeferred

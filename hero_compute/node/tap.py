@@ -152,7 +152,7 @@ def makeService(options):
     from twisted.internet import reactor
 
     from .service import NodeService
-    from .vms import make_vm_manager
+    from .backends import make_vm_manager
 
     return NodeService(
         reactor,

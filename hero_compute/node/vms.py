@@ -142,27 +142,3 @@ def usage_of(vms):
         "disk_gb": sum(vm.disk_gb for vm in vms),
     }
 
-
-def make_vm_manager(reactor, state_dir, image_dirs=None):
-    """
-    The node's VM manager: QEMU processes driven over QMP, kept under the state dir.
-
-    A node without QEMU installed still starts (and warns): its VM methods then fail
-    with a clear error, while heartbeats and the rest keep working.
-
-    :param reactor: the reactor
-    :param state_dir: the node's state directory
-    :param image_dirs: directories base images must lie under, or None for any
-    """
-    import shutil
-
-    from twisted.logger import Logger
-
-    from .qemu import QemuVmManager
-
-    missing = [tool for tool in ("qemu-system-x86_64", "qemu-img") if not shutil.which(tool)]
-    if missing:
-        Logger().warn("{missing} not found: this node cannot run VMs "
-                      "(apt-get install qemu-system-x86 qemu-utils)",
-                      missing=" and ".join(missing))
-    return QemuVmManager(reactor=reactor, state_dir=state_dir, image_dirs=image_dirs)

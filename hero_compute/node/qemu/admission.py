@@ -1,0 +1,172 @@
+"""
+Admission of new VMs: whether a request is well-formed, whether its base image may be
+used, and whether the node has room for it.
+
+The bounds of a request (name, vCPUs, memory, disk) are those of ``vm.create`` in
+``schemas/node/node.oschema`` and nowhere else: the dispatcher checks them on the wire,
+and :func:`check_request` checks them with the same schema for callers that reach the
+manager directly.
+"""
+
+import functools
+import os
+
+import attrs
+
+from hero_compute.rpc.errors import InvalidParams, InvalidVmState, RefusedByPolicy
+from hero_compute.rpc.schema import load_schema
+
+#: qcow2 with 64 KiB clusters needs 8 bytes of L2 table per cluster: 1/8192 of the
+#: virtual size when the disk is fully allocated.
+_QCOW2_METADATA_RATIO = 8192
+
+
+@functools.cache
+def create_method():
+    """:return: the schema's ``vm.create``, a :class:`~hero_compute.rpc.schema.Method`"""
+    return load_schema("node").methods["vm.create"]
+
+
+def check_request(name, vcpus, memory_mb, disk_gb, image=None):
+    """
+    Check a VM's definition against the schema's ``vm.create`` params.
+
+    :raise InvalidParams: naming what is wrong
+    """
+    for key, value in (("vcpus", vcpus), ("memory_mb", memory_mb), ("disk_gb", disk_gb)):
+        # JSON Schema counts 2.0 as an integer; QEMU and qemu-img want "2".
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidParams(f"{key} must be an integer, not {value!r}")
+    params = {"name": name, "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb}
+    if image is not None:
+        params["image"] = image
+    create_method().coerce_params(params)
+
+
+@attrs.frozen
+class Reservation:
+    """
+    What one defined VM, or one being defined, holds of the node: its name, and memory
+    and disk even while it is stopped, so every defined VM can run at once.
+    """
+
+    name: str
+    memory_mb: int
+    disk_gb: int
+
+    @classmethod
+    def of(cls, record):
+        """
+        :param record: a :class:`~hero_compute.node.vms.VmRecord`
+        :return: what that VM holds
+        """
+        return cls(record.name, record.memory_mb, record.disk_gb)
+
+
+@attrs.frozen
+class Admission:
+    """
+    The node's policy for new VMs.
+
+    :ivar state_dir: the state directory, whose filesystem holds the disks
+    :ivar memory_limit_mb: memory for all defined VMs together; ``None``: the host's
+    :ivar disk_limit_gb: disk for all defined VMs together; ``None``: the size of the
+        state directory's filesystem
+    :ivar min_free_mb: free space the state directory's filesystem must keep
+    :ivar image_dirs: directories base images must lie under, or ``None`` for any file
+    """
+
+    state_dir: str
+    memory_limit_mb: int | None = None
+    disk_limit_gb: int | None = None
+    min_free_mb: int = 256
+    image_dirs: tuple | None = attrs.field(
+        default=None, converter=lambda ds: None if ds is None else tuple(
+            os.path.abspath(d) for d in ds))
+
+    def admit(self, request, vcpus, image, held, host):
+        """
+        Decide whether a VM the schema accepts may be defined here.
+
+        :param request: the new VM's :class:`Reservation`
+        :param vcpus: its virtual CPUs
+        :param image: its base image path, or ``None``
+        :param held: the :class:`Reservation`\\ s of every VM defined or being defined
+        :param host: the host's capacity, from :func:`host_capacity`
+        :return: the normalised image path, or ``None``
+        :raise InvalidParams: a relative or missing image
+        :raise RefusedByPolicy: an image outside ``image_dirs``
+        :raise InvalidVmState: a taken name, or not enough CPUs, memory or disk
+        """
+        if vcpus > host["vcpus"]:
+            raise InvalidVmState(f"vcpus={vcpus} exceeds this node's {host['vcpus']} CPUs")
+        image = self._image(image)
+        if request.name in {r.name for r in held}:
+            raise InvalidVmState(f"a VM named {request.name!r} already exists on this node")
+        mem_used = sum(r.memory_mb for r in held)
+        disk_used = sum(r.disk_gb for r in held)
+        mem_limit = host["memory_mb"] if self.memory_limit_mb is None else self.memory_limit_mb
+        disk_limit = host["disk_gb"] if self.disk_limit_gb is None else self.disk_limit_gb
+        if mem_used + request.memory_mb > mem_limit:
+            raise InvalidVmState(
+                f"not enough memory: {request.memory_mb} MB asked, "
+                f"{max(mem_limit - mem_used, 0)} MB of {mem_limit} MB left for VMs on "
+                f"this node")
+        if disk_used + request.disk_gb > disk_limit:
+            raise InvalidVmState(
+                f"not enough disk: {request.disk_gb} GB asked, "
+                f"{max(disk_limit - disk_used, 0)} GB of {disk_limit} GB left for VMs on "
+                f"this node")
+        st = os.statvfs(_existing(self.state_dir))
+        free_mb = st.f_bavail * st.f_frsize // 1024 ** 2
+        needed_mb = self.min_free_mb + -(-request.disk_gb * 1024 // _QCOW2_METADATA_RATIO)
+        if free_mb < needed_mb:
+            raise InvalidVmState(
+                f"not enough free space in {self.state_dir}: {free_mb} MB free, "
+                f"{needed_mb} MB needed for a {request.disk_gb} GB disk")
+        return image
+
+    def _image(self, image):
+        if image is None:
+            return None
+        if not isinstance(image, str) or not os.path.isabs(image):
+            raise InvalidParams(f"image must be an absolute path on the node, not {image!r}")
+        image = os.path.normpath(image)
+        if self.image_dirs is not None and not any(
+                os.path.commonpath([os.path.realpath(image), d]) == d
+                for d in self.image_dirs):
+            raise RefusedByPolicy(f"image {image!r} is outside the allowed image directories")
+        # InvalidParams, not InvalidVmState: the request names a file this node does not
+        # have; no VM state is involved and only different params can succeed.
+        if not os.path.isfile(image):
+            raise InvalidParams(f"image {image!r} does not exist or is not a regular file")
+        return image
+
+
+def host_capacity(state_dir):
+    """
+    :param state_dir: the node's state directory
+    :return: the host's ``{vcpus, memory_mb, disk_gb}``: CPUs, ``MemTotal`` and the size
+        of the state directory's filesystem, in whole units
+    """
+    st = os.statvfs(_existing(state_dir))
+    return {
+        "vcpus": os.cpu_count() or 1,
+        "memory_mb": _mem_total_kb() // 1024,
+        "disk_gb": st.f_blocks * st.f_frsize // 1024 ** 3,
+    }
+
+
+def _existing(path):
+    """:return: ``path`` or its nearest existing parent, for filesystem statistics"""
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _mem_total_kb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    raise RuntimeError("no MemTotal in /proc/meminfo")

@@ -1,0 +1,58 @@
+"""
+VM disks, made with ``qemu-img``: sparse qcow2 files, empty or overlaying a base image.
+"""
+
+import json
+import os
+import re
+
+from twisted.internet import utils
+
+from hero_compute.rpc.errors import InvalidParams, InvalidVmState
+
+from .process import last_line
+
+
+async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
+    """
+    Make a qcow2 disk.
+
+    :param reactor: provides ``IReactorProcess``
+    :param qemu_img: the ``qemu-img`` tool
+    :param path: the disk file to make
+    :param disk_gb: its virtual size in GB
+    :param image: a base image to back it (its format is detected), or ``None``
+    :raise InvalidParams: when ``image`` is no disk image ``qemu-img`` can read
+    :raise InvalidVmState: when ``qemu-img`` fails to make the disk
+    """
+    args = ["create", "-q", "-f", "qcow2"]
+    if image is not None:
+        args += ["-b", image, "-F", await image_format(reactor, qemu_img, image)]
+    args += [path, f"{disk_gb}G"]
+    out, err, code = await utils.getProcessOutputAndValue(
+        qemu_img, args, env=os.environ, path=os.path.dirname(path), reactor=reactor)
+    if code != 0:
+        raise InvalidVmState(f"could not create the disk: {last_line(err or out)}")
+
+
+async def image_format(reactor, qemu_img, image):
+    """
+    :param reactor: provides ``IReactorProcess``
+    :param qemu_img: the ``qemu-img`` tool
+    :param image: a disk image
+    :return: its format, as ``qemu-img`` detects it
+    :raise InvalidParams: when it is no image ``qemu-img`` can read
+    """
+    # -U: the base image may be open in running VMs already; info only reads.
+    out, err, code = await utils.getProcessOutputAndValue(
+        qemu_img, ["info", "-U", "--output=json", image], env=os.environ, reactor=reactor)
+    try:
+        if code != 0:
+            raise ValueError(last_line(err or out))
+        fmt = json.loads(out)["format"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidParams(
+            f"image {image!r} is not a disk image qemu-img can read: {e}") from None
+    if not isinstance(fmt, str) or not re.fullmatch(r"[a-z0-9_-]+", fmt):
+        raise InvalidParams(f"image {image!r} has an unusable format {fmt!r}")
+    return fmt

@@ -1,0 +1,412 @@
+"""
+The VM lifecycle: :class:`QemuVmManager` runs the VMs of one node as QEMU processes
+driven over QMP, and owns their states.  Talking to one VM's QEMU is
+:class:`~.machine.Machine`'s business, what lives where on disk :mod:`.store`'s, QEMU's
+command line and processes :mod:`.process`'s, what may be defined :mod:`.admission`'s and
+disks :mod:`.disks`'.
+"""
+
+import os
+import uuid
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hero_compute.node.vms import IVmManager, VmRecord, usage_of
+from hero_compute.rpc.addresses import MAX_UNIX_PATH
+from hero_compute.rpc.errors import InvalidVmState, VmNotFound
+
+from . import process
+from .admission import Admission, Reservation, check_request, host_capacity
+from .disks import create_disk
+from .machine import Machine
+from .store import DISK, QMP_SOCKET, VmStore
+
+
+@implementer(IVmManager)
+@attrs.define(eq=False)
+class QemuVmManager(service.Service):
+    """
+    Runs the VMs of one node as QEMU processes (KVM where ``/dev/kvm`` is usable, TCG
+    elsewhere: ``-machine accel=kvm:tcg``).
+
+    As a service, ``startService`` loads every definition from the state directory and
+    recovers the VMs that were running: a VM whose QEMU still runs (checked through
+    ``/proc/<pid>/cmdline``) is reconnected over QMP and stays ``running``; one whose QEMU
+    is gone becomes ``stopped``.  ``stopService`` only closes the QMP connections: the
+    QEMU processes keep running, as under libvirt, so restarting or upgrading the node
+    does not reboot its VMs.  Use :meth:`kill_all` to really get rid of them (tests,
+    decommissioning).
+
+    Resources: memory and disk are reserved when a VM is *defined*, so every defined VM
+    can run at once: ``create`` is refused (-32005) when the memory of all defined VMs
+    would exceed ``memory_limit_mb``, or their disks ``disk_limit_gb``.  Disks are sparse
+    qcow2 files, so they do not take their size at once; ``create`` is also refused when
+    the state directory's filesystem has less free space than ``min_free_mb`` plus the
+    metadata the new disk needs when fully written (1/8192 of its size): the VM could not
+    even start to fill its disk, and the node would be the first to run out of space.
+
+    :param reactor: provides ``IReactorProcess``, ``IReactorUNIX`` and ``IReactorTime``
+    :param state_dir: the node's state directory; VMs live in ``<state_dir>/vms``
+    :param qemu: the QEMU system emulator to run
+    :param qemu_img: the ``qemu-img`` tool to make disks with
+    :param stop_grace: seconds a guest gets to honour an ACPI power-down before ``stop``
+        makes QEMU quit
+    :param start_timeout: seconds for QEMU to start and report ``running``
+    :param memory_limit_mb: memory for all defined VMs together; default the host's
+    :param disk_limit_gb: disk for all defined VMs together; default the size of the
+        state directory's filesystem
+    :param min_free_mb: free space the state directory's filesystem must keep
+    :param image_dirs: when given, base images must lie under one of these directories
+        (an ``image`` elsewhere is refused with -32010); without it any file the node can
+        read may become a VM's backing disk
+    :param accel: QEMU's accelerator list; ``"kvm:tcg"`` takes KVM where ``/dev/kvm`` is
+        usable and falls back to (much slower) emulation elsewhere
+    """
+
+    log = Logger()
+
+    _reactor: object
+    _state_dir: str = attrs.field(converter=lambda p: os.path.abspath(os.fspath(p)))
+    _qemu: str = "qemu-system-x86_64"
+    _qemu_img: str = "qemu-img"
+    _stop_grace: float = 30.0
+    _start_timeout: float = 30.0
+    _memory_limit_mb: int | None = None
+    _disk_limit_gb: int | None = None
+    _min_free_mb: int = 256
+    _image_dirs: tuple | None = None
+    _accel: str = "kvm:tcg"
+    _admission: Admission = attrs.field(init=False)
+    _store: VmStore = attrs.field(init=False)
+    _vms: dict = attrs.field(init=False, factory=dict)
+    # Reservations of creates still running qemu-img, so two concurrent creates cannot
+    # both take the last gigabyte or the same name.
+    _creating: dict = attrs.field(init=False, factory=dict)
+    _recovery: object = attrs.field(init=False, default=None)
+    _closing: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self):
+        self._store = VmStore(os.path.join(self._state_dir, "vms"))
+        self._admission = Admission(self._state_dir, self._memory_limit_mb,
+                                    self._disk_limit_gb, self._min_free_mb,
+                                    self._image_dirs)
+        longest = os.path.join(self._store.directory("0" * 32), QMP_SOCKET)
+        if len(os.fsencode(longest)) > MAX_UNIX_PATH:
+            raise ValueError(
+                f"state directory {self._state_dir!r} is too long: QMP sockets under it "
+                f"would exceed the {MAX_UNIX_PATH}-byte Unix socket path limit; "
+                f"use a shorter HERO_STATE_DIR / --state-dir")
+
+    # -- service --------------------------------------------------------------------
+
+    def startService(self):
+        """
+        Load every VM definition and start recovering VMs that were running; see
+        :meth:`when_recovered`.
+        """
+        service.Service.startService(self)
+        self._closing = False
+        for record in self._store.load(known=self._vms):
+            self._vms[record.vm_id] = self._machine(record)
+        self.log.info("loaded {count} VM definitions from {path}", count=len(self._vms),
+                      path=self._store.root)
+        recoveries = [vm.lock.run(self._recover, vm) for vm in list(self._vms.values())
+                      if vm.record.state in ("starting", "running", "stopping")]
+        self._recovery = defer.DeferredList(recoveries, consumeErrors=True)
+        self._recovery.addCallback(lambda _: None)
+
+    def stopService(self):
+        """
+        Close every QMP connection and leave the QEMU processes running.
+
+        :return: a Deferred that fires when the connections are closed
+        """
+        service.Service.stopService(self)
+        self._closing = True
+        closed = []
+        for vm in self._vms.values():
+            if vm.qmp is not None:
+                d = vm.qmp.when_disconnected()
+                d.addTimeout(5, self._reactor)
+                closed.append(d)
+                vm.qmp.disconnect()
+        return defer.DeferredList(closed, consumeErrors=True).addCallback(lambda _: None)
+
+    def when_recovered(self):
+        """
+        :return: a Deferred that fires once the VMs found running at ``startService``
+            are reconnected or marked stopped
+        """
+        if self._recovery is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+
+        def done(result):
+            d.callback(None)
+            return result
+        self._recovery.addBoth(done)
+        return d
+
+    def kill_all(self):
+        """
+        Kill every QEMU process of this manager at once (SIGKILL), without waiting; for
+        test cleanup and decommissioning.  Records are left as they are.
+        """
+        for vm in self._vms.values():
+            vm.expect_exit = True
+            pid = vm.pid()
+            if pid is not None:
+                process.kill(pid)
+
+    # -- IVmManager -----------------------------------------------------------------
+
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
+        """
+        Define a VM and make its disk.
+
+        :param name: unique on this node
+        :param vcpus: virtual CPUs, 1 to the host's count
+        :param memory_mb: guest memory in MB
+        :param disk_gb: disk size in GB
+        :param image: an absolute path to a base image the disk starts from (a qcow2
+            overlay on top of it), or ``None`` for an empty disk
+        :return: a Deferred firing with its
+            :class:`~hero_compute.node.vms.VmRecord`, state ``stopped``
+        """
+        return defer.Deferred.fromCoroutine(
+            self._create(name, vcpus, memory_mb, disk_gb, image))
+
+    def start(self, vm_id):
+        """
+        Start a stopped or errored VM and wait until QEMU reports it running.
+
+        :param vm_id: the VM
+        :return: a Deferred firing with its
+            :class:`~hero_compute.node.vms.VmRecord`, state ``running``
+        """
+        try:
+            vm = self._get(vm_id)
+            self._check(vm, ("stopped", "error"), "start")
+            # Claim the transition now, so a second start in the same tick is refused.
+            self._set_state(vm, "starting")
+        except Exception:
+            return defer.fail()
+        return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm)))
+
+    def stop(self, vm_id, force=False):
+        """
+        Stop a VM: ACPI power-down, then ``quit`` after ``stop_grace`` seconds if the
+        guest has not shut down by itself; ``force`` quits at once.
+
+        :param vm_id: the VM
+        :param force: skip the power-down
+        :return: a Deferred firing with its
+            :class:`~hero_compute.node.vms.VmRecord`, state ``stopped``
+        """
+        try:
+            vm = self._get(vm_id)
+            allowed = ("running", "starting", "stopping") if force else ("running", "starting")
+            self._check(vm, allowed, "stop")
+        except Exception:
+            return defer.fail()
+        if force and vm.record.state == "stopping":
+            # A forced stop overtakes a graceful one that is waiting out its grace.
+            return defer.Deferred.fromCoroutine(self._force_quit(vm))
+        return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._stop(vm, force)))
+
+    def delete(self, vm_id):
+        """
+        Delete a VM with its disk, stopping it first (forcefully) if it runs.
+
+        :param vm_id: the VM
+        :return: a Deferred firing with ``True``
+        """
+        try:
+            vm = self._get(vm_id)
+        except Exception:
+            return defer.fail()
+        if vm.record.state == "stopping" and vm.qmp is not None:
+            # Do not wait out a graceful stop's grace for a VM about to be destroyed.
+            vm.qmp.execute("quit").addErrback(lambda _: None)
+        return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._delete(vm)))
+
+    def get(self, vm_id):
+        """
+        :param vm_id: the VM
+        :return: a Deferred firing with its :class:`~hero_compute.node.vms.VmRecord`
+        """
+        return defer.maybeDeferred(lambda: self._get(vm_id).record)
+
+    def list(self):
+        """
+        :return: a Deferred firing with every VM's
+            :class:`~hero_compute.node.vms.VmRecord`, oldest first
+        """
+        return defer.succeed(sorted((vm.record for vm in self._vms.values()),
+                                    key=lambda r: (r.created_at, r.vm_id)))
+
+    def capacity(self):
+        """
+        :return: the host's ``{vcpus, memory_mb, disk_gb}``, per
+            :func:`~.admission.host_capacity`
+        """
+        return host_capacity(self._state_dir)
+
+    def usage(self):
+        """
+        :return: what this node's VMs are given, per
+            :func:`~hero_compute.node.vms.usage_of`
+        """
+        return usage_of([vm.record for vm in self._vms.values()])
+
+    # -- create ---------------------------------------------------------------------
+
+    def _get(self, vm_id):
+        vm = self._vms.get(vm_id) if isinstance(vm_id, str) else None
+        if vm is None:
+            raise VmNotFound(f"no VM {vm_id!r}")
+        return vm
+
+    @staticmethod
+    def _check(vm, allowed, action):
+        if vm.record.state not in allowed:
+            raise InvalidVmState(
+                f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
+
+    def _machine(self, record):
+        return Machine(record, self._store.directory(record.vm_id), self._reactor,
+                       on_lost=self._qmp_lost, closing=lambda: self._closing)
+
+    async def _create(self, name, vcpus, memory_mb, disk_gb, image):
+        check_request(name, vcpus, memory_mb, disk_gb, image)
+        request = Reservation(name, memory_mb, disk_gb)
+        held = [Reservation.of(vm.record) for vm in self._vms.values()]
+        held += self._creating.values()
+        image = self._admission.admit(request, vcpus, image, held, self.capacity())
+        vm_id = uuid.uuid4().hex
+        self._creating[vm_id] = request
+        try:
+            directory = self._store.make_directory(vm_id)
+            await create_disk(self._reactor, self._qemu_img,
+                              os.path.join(directory, DISK), disk_gb, image)
+            record = VmRecord(vm_id, name, vcpus, memory_mb, disk_gb, image, "stopped",
+                              self._reactor.seconds())
+            self._store.save(record)
+        except BaseException:
+            self._store.discard(vm_id)
+            raise
+        finally:
+            del self._creating[vm_id]
+        self._vms[vm_id] = self._machine(record)
+        self.log.info("created VM {vm_id} ({name}): {vcpus} vCPU, {memory_mb} MB, "
+                      "{disk_gb} GB", vm_id=vm_id, name=name, vcpus=vcpus,
+                      memory_mb=memory_mb, disk_gb=disk_gb)
+        return record
+
+    # -- start ----------------------------------------------------------------------
+
+    async def _start(self, vm):
+        if vm.record.state != "starting":
+            # Deleted or stopped while we waited for the lock.
+            raise InvalidVmState(f"cannot start VM {vm.vm_id}: it is {vm.record.state}")
+        try:
+            await vm.launch(self._qemu, self._accel, self._start_timeout)
+        except BaseException as e:
+            self.log.error("VM {vm_id} failed to start: {error}", vm_id=vm.vm_id, error=e)
+            await vm.abandon()
+            self._set_state(vm, "error")
+            if isinstance(e, (InvalidVmState, defer.CancelledError)):
+                raise
+            if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
+                raise InvalidVmState(f"VM {vm.vm_id} did not start within "
+                                     f"{self._start_timeout} s") from None
+            # -32005 with QEMU's words rather than an opaque -32603: the operator needs
+            # them, and they hold nothing secret.
+            raise InvalidVmState(f"VM {vm.vm_id} failed to start: {e}") from None
+        self._set_state(vm, "running")
+        self.log.info("VM {vm_id} running as QEMU pid {pid}", vm_id=vm.vm_id,
+                      pid=vm.pid())
+        return vm.record
+
+    # -- watching -------------------------------------------------------------------
+
+    def _qmp_lost(self, vm, reason):
+        if self._closing or vm.expect_exit or vm.record.state not in ("running",):
+            return
+        if vm.guest_shutdown:
+            # The guest powered off by itself: QEMU exits after SHUTDOWN, as asked.
+            self.log.info("VM {vm_id} shut down by its guest", vm_id=vm.vm_id)
+            process.remove_runtime(vm.directory)
+            self._set_state(vm, "stopped")
+            return
+        self.log.error("VM {vm_id}: lost QMP connection to its QEMU unexpectedly "
+                       "({why}); marking it error", vm_id=vm.vm_id,
+                       why=reason)
+        self._set_state(vm, "error")
+
+    # -- stop and delete ------------------------------------------------------------
+
+    async def _stop(self, vm, force):
+        if vm.record.state not in ("running", "starting"):
+            raise InvalidVmState(f"cannot stop VM {vm.vm_id}: it is {vm.record.state}")
+        self._set_state(vm, "stopping")
+        await vm.shut_down(force, self._stop_grace)
+        self._set_state(vm, "stopped")
+        self.log.info("VM {vm_id} stopped", vm_id=vm.vm_id)
+        return vm.record
+
+    async def _force_quit(self, vm):
+        # The graceful stop holding the lock sees the connection go and finishes.
+        await vm.quit()
+        return await vm.lock.run(lambda: defer.succeed(vm.record))
+
+    async def _delete(self, vm):
+        if self._vms.get(vm.vm_id) is not vm:
+            raise VmNotFound(f"no VM {vm.vm_id!r}")
+        if vm.record.state != "stopped":
+            self._set_state(vm, "stopping")
+            await vm.shut_down(True, self._stop_grace)
+        del self._vms[vm.vm_id]
+        # The definition goes first: a crash half-way through leaves a directory
+        # without vm.json, which startService cleans up, never a VM without its disk.
+        self._store.remove(vm.vm_id)
+        self.log.info("deleted VM {vm_id} ({name})", vm_id=vm.vm_id, name=vm.record.name)
+        return True
+
+    # -- persistence and recovery ---------------------------------------------------
+
+    def _set_state(self, vm, state):
+        if vm.record.state == state:
+            return
+        vm.record = attrs.evolve(vm.record, state=state)
+        if self._vms.get(vm.vm_id) is vm:
+            self._store.save(vm.record)
+
+    async def _recover(self, vm):
+        pid = vm.pid()
+        if pid is None:
+            self.log.info("VM {vm_id} was {state} but its QEMU is gone; marking it stopped",
+                          vm_id=vm.vm_id, state=vm.record.state)
+            process.remove_runtime(vm.directory)
+            self._set_state(vm, "stopped")
+            return
+        vm.expect_exit = vm.guest_shutdown = False
+        try:
+            # Ours, alive: whatever state we crashed in, it runs now.
+            vm.record = attrs.evolve(vm.record, state="running")
+            await vm.attach(10)
+        except Exception as e:
+            self.log.error("VM {vm_id}: QEMU {pid} runs but QMP does not answer ({error}); "
+                           "marking it error", vm_id=vm.vm_id, pid=pid, error=e)
+            if vm.qmp is not None:
+                vm.expect_exit = True
+                vm.qmp.disconnect()
+            self._set_state(vm, "error")
+            return
+        self._store.save(vm.record)
+        self.log.info("VM {vm_id} recovered: QEMU {pid} still running", vm_id=vm.vm_id,
+                      pid=pid)

@@ -1,0 +1,147 @@
+"""
+VM definitions on disk: one directory per VM under ``<state_dir>/vms``, holding its
+definition (``vm.json``, the VmInfo and nothing else) and its disk.
+
+The definition is written last when a VM is made and removed first when it is deleted,
+so a directory without one is the remains of an operation cut short, never a VM.
+"""
+
+import functools
+import json
+import os
+import re
+import shutil
+
+import attrs
+import jsonschema
+from jsonschema.exceptions import best_match
+from twisted.logger import Logger
+
+from hero_compute.node.vms import VmRecord
+from hero_compute.rpc.schema import load_schema
+
+#: The file names inside a VM's directory.
+DEFINITION = "vm.json"
+DISK = "disk.qcow2"
+PIDFILE = "qemu.pid"
+QMP_SOCKET = "qmp.sock"
+
+_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+@functools.cache
+def _vm_info_validator():
+    types = load_schema("node").types
+    schema = dict(types["VmInfo"], components={"schemas": types})
+    return jsonschema.Draft202012Validator(schema)
+
+
+def record_from_wire(data):
+    """
+    A VM record from its definition, checked against the schema's ``VmInfo``: the node
+    never reports a record its own schema calls invalid.
+
+    :param data: the decoded ``vm.json``
+    :return: a :class:`~hero_compute.node.vms.VmRecord`
+    :raise ValueError: when ``data`` is no valid VmInfo
+    """
+    error = best_match(_vm_info_validator().iter_errors(data))
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path)
+        raise ValueError(f"not a VmInfo: {where + ': ' if where else ''}{error.message}")
+    return VmRecord(**{a.name: data[a.name] for a in attrs.fields(VmRecord)})
+
+
+@attrs.frozen
+class VmStore:
+    """
+    The VM directories under one root.
+
+    :ivar root: ``<state_dir>/vms``
+    """
+
+    log = Logger()
+
+    root: str
+
+    def directory(self, vm_id):
+        """:return: the directory of VM ``vm_id``"""
+        return os.path.join(self.root, vm_id)
+
+    def make_directory(self, vm_id):
+        """
+        Make a new VM's directory.
+
+        :return: its path
+        """
+        path = self.directory(vm_id)
+        os.makedirs(path)
+        return path
+
+    def save(self, record):
+        """
+        Write a VM's definition atomically: a crash leaves the old or the new one.
+
+        :param record: the :class:`~hero_compute.node.vms.VmRecord`
+        """
+        directory = self.directory(record.vm_id)
+        path = os.path.join(directory, DEFINITION)
+        tmp = path + ".tmp"
+        data = json.dumps(record.to_wire(), indent=2, sort_keys=True).encode("utf-8")
+        # A few hundred bytes: the synchronous write and fsync cost less than a thread
+        # hand-off would, and keep writes for one VM in order.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def load(self, known=()):
+        """
+        Read every definition, removing directories a crash left without one; a
+        definition that cannot be read is logged and left on disk for the operator.
+
+        :param known: ids to skip (already loaded)
+        :return: the :class:`~hero_compute.node.vms.VmRecord`\\ s found, by id order
+        """
+        os.makedirs(self.root, exist_ok=True)
+        records = []
+        for entry in sorted(os.listdir(self.root)):
+            directory = os.path.join(self.root, entry)
+            if not _ID.match(entry) or not os.path.isdir(directory) or entry in known:
+                continue
+            path = os.path.join(directory, DEFINITION)
+            if not os.path.exists(path):
+                self.log.warn("removing unfinished VM directory {path}", path=directory)
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    record = record_from_wire(json.load(f))
+                if record.vm_id != entry:
+                    raise ValueError(f"vm_id {record.vm_id!r} does not match its directory")
+            except Exception:
+                # Never delete what we cannot read.
+                self.log.failure("cannot load VM definition {path}; ignoring it", path=path)
+                continue
+            records.append(record)
+        return records
+
+    def remove(self, vm_id):
+        """Delete a VM's definition, then everything else in its directory."""
+        try:
+            os.unlink(os.path.join(self.directory(vm_id), DEFINITION))
+        except FileNotFoundError:
+            pass
+        self.discard(vm_id)
+
+    def discard(self, vm_id):
+        """Remove a VM directory that holds no definition (a create that failed)."""
+        shutil.rmtree(self.directory(vm_id), ignore_errors=True)
