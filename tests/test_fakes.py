@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from hero_compute.node.vms import IVmManager
+from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 from hero_compute.rpc.interfaces import IRpcClient
 
 from .fakes import FakeRpcClient, MemoryVmManager
@@ -24,8 +25,6 @@ def test_fake_rpc_client_provides_irpcclient():
 
 def test_memory_vm_manager_lifecycle():
     """A VM is created stopped, runs, counts in usage while running, and is deleted."""
-    from hero_compute.rpc.errors import InvalidVmState, VmNotFound
-
     vms = MemoryVmManager(Clock())
     vm = success_result_of(vms.create("a", 2, 256, 3))
     assert vm.state == "stopped"
