@@ -3,14 +3,11 @@ Shared fixtures: failing tests on logged errors, real twistd processes that are 
 stopped, and the JSON-RPC spec server.
 """
 
-import shutil
-import tempfile
-
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
 from .spec_server import SpecServer
-from .support import Twistd
+from .support import Twistd, make_short_tmp, remove_tmp
 
 
 class LoggedErrors:
@@ -79,25 +76,22 @@ def twistd():
 @pytest.fixture
 def short_tmp():
     """
-    A short temporary directory: Unix socket paths are limited to 108 bytes, which
-    pytest's own tmp_path can exceed.
+    A short temporary directory, removed at the end: Unix socket paths are limited to
+    107 bytes, which pytest's own tmp_path can exceed.
     """
-    import shutil
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="hc-", dir="/tmp")
+    path = make_short_tmp()
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tmp(path)
 
 
 @pytest.fixture(scope="module")
 def spec_server():
     """The spec server, one process for the whole module."""
-    directory = tempfile.mkdtemp(prefix="spec")
+    directory = make_short_tmp("spec-")
     server = SpecServer(f"{directory}/spec.sock")
     yield server
     server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_tmp(directory)
 
 
 @pytest.fixture(params=["unix", "tcp"])

@@ -1,23 +1,54 @@
 """
 Test helpers: a plain HTTP client for Unix and TCP (deliberately not our own client),
-real twistd processes, and bounded waiting.
+real twistd processes, bounded waiting, short temporary directories, and trial's
+checks of fired Deferreds.
 """
 
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+
+from twisted.trial.unittest import SynchronousTestCase
 
 from hero_compute.rpc.addresses import parse_address
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_trial = SynchronousTestCase()
+
+#: ``success_result_of(d)``: the result of a Deferred that has fired; fails the test
+#: (with the failure's traceback) if it has not fired or has failed.  Trial's own.
+success_result_of = _trial.successResultOf
+
+#: ``failure_result_of(d, *types)``: the :class:`Failure` of a Deferred that has
+#: failed with one of ``types``; fails the test otherwise.  Trial's own.
+failure_result_of = _trial.failureResultOf
+
+
+def make_short_tmp(prefix="hc-"):
+    """
+    A new short temporary directory under /tmp: Unix socket paths are limited to 107
+    bytes, which pytest's own ``tmp_path`` can exceed.  The caller removes it
+    (:func:`remove_tmp`).
+
+    :return: its path
+    """
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def remove_tmp(path):
+    """Remove a temporary directory and everything in it."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

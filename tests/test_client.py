@@ -3,9 +3,7 @@ The JSON-RPC client against real servers in this process, over real Unix, TCP/IP
 TCP/IPv6 sockets: results, persistent connections, and each way a call can fail.
 """
 
-import shutil
 import socket
-import tempfile
 import time
 
 import pytest
@@ -45,12 +43,12 @@ class Server:
     and what its handlers saw.
     """
 
-    def __init__(self):
+    def __init__(self, directory):
         self.connections = []
         self.open = set()
         self.notified = []
         self.cancelled = []
-        self.directory = tempfile.mkdtemp(prefix="hc")
+        self.directory = directory
         rpc = RpcResource()
         rpc.register("echo", lambda value=None: value)
         rpc.register("where", lambda context: context.transport, context=True)
@@ -102,9 +100,9 @@ class Server:
 
 
 @pytest_twisted.async_yield_fixture
-async def rpc_server():
+async def rpc_server(short_tmp):
     """The RPC server, listening on unix, tcp 127.0.0.1:0 and tcp6 [::1]:0."""
-    srv = Server()
+    srv = Server(short_tmp)
     srv.listeners.startService()
     assert len(srv.listeners.bound) == 3
     yield srv
@@ -112,7 +110,6 @@ async def rpc_server():
     for conn in list(srv.open):
         conn.transport.abortConnection()
     await eventually(lambda: not srv.open, what="server connections to close")
-    shutil.rmtree(srv.directory, ignore_errors=True)
 
 
 @pytest_twisted.async_yield_fixture
@@ -234,17 +231,13 @@ async def test_local_host_is_our_end_of_the_connection(rpc_server, client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_missing_unix_socket_is_refused(client):
+async def test_missing_unix_socket_is_refused(client, short_tmp):
     """A Unix socket that does not exist is ConnectionRefused, at once."""
-    directory = tempfile.mkdtemp(prefix="hc")
-    try:
-        started = time.monotonic()
-        with pytest.raises(ConnectionRefused) as info:
-            await client.call(f"unix://{directory}/nope.sock", "echo")
-        assert time.monotonic() - started < 1
-        assert "nope.sock" in str(info.value)
-    finally:
-        shutil.rmtree(directory)
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefused) as info:
+        await client.call(f"unix://{short_tmp}/nope.sock", "echo")
+    assert time.monotonic() - started < 1
+    assert "nope.sock" in str(info.value)
 
 
 @pytest_twisted.ensureDeferred

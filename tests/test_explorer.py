@@ -7,11 +7,12 @@ import os
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 
-from hero_compute.explorer.service import ExplorerService
-from hero_compute.node.service import NodeService
-from hero_compute.node.vms import MemoryVmManager
+from hero_compute.explorer.service import make_explorer
+from hero_compute.node.heartbeat import backoff_delay
+from hero_compute.node.service import make_node
 from hero_compute.rpc.addresses import parse_address, parse_listen
 from hero_compute.rpc.client import RpcClient
 from hero_compute.rpc.errors import (
@@ -24,28 +25,36 @@ from hero_compute.rpc.errors import (
 )
 from hero_compute.rpc.listeners import unix_endpoint_string
 
+from .fakes import MemoryVmManager
+
+#: A realistic Unix time for the explorer's clock.
+EPOCH = 1_700_000_000
+
 
 @pytest.fixture
-def sockets(tmp_path):
-    """A short socket directory (Unix socket paths are limited to 108 bytes)."""
-    import tempfile
+def sockets(short_tmp):
+    """The socket directory; every service using it has stopped by the end of the test,
+    and none may leave its socket behind."""
+    yield short_tmp
+    assert not [n for n in os.listdir(short_tmp) if n.endswith((".sock", ".lock"))]
 
-    path = tempfile.mkdtemp(prefix="hc-", dir="/tmp")
-    yield path
-    # Every service using it has stopped by now: none may leave its socket behind.
-    assert not [n for n in os.listdir(path) if n.endswith((".sock", ".lock"))]
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
+
+@pytest.fixture
+def clock():
+    """The explorer's clock: liveness moves only when the test says so."""
+    c = Clock()
+    c.advance(EPOCH)
+    return c
 
 
 @pytest_twisted.async_yield_fixture
-async def explorer(sockets):
-    """An explorer on a Unix socket and 127.0.0.1:0, offline after 1 s."""
-    svc = ExplorerService(
-        reactor,
-        [unix_endpoint_string(f"{sockets}/explorer.sock"),
-         parse_listen("127.0.0.1:0").endpoint_string()],
+async def explorer(sockets, clock):
+    """An explorer on a Unix socket and 127.0.0.1:0, offline after 1 s of its clock."""
+    svc = make_explorer(
+        reactor=reactor,
+        clock=clock,
+        listen=[unix_endpoint_string(f"{sockets}/explorer.sock"),
+                parse_listen("127.0.0.1:0").endpoint_string()],
         offline_after=1.0,
         call_timeout=2.0,
         connect_timeout=1.0,
@@ -71,41 +80,30 @@ def uris(svc):
     return unix, tcp
 
 
-async def sleep(seconds):
-    """Let the real reactor run for a while."""
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-def start_node(sockets, explorers, name="n1", tcp=None, interval=0.2):
-    """A node in this process with an in-memory VM manager."""
-    node = NodeService(
-        reactor,
+def start_node(sockets, explorers, name="n1", tcp=None, interval=0.2, clock=None):
+    """A node in this process with an in-memory VM manager; its heartbeats are scheduled
+    on its own clock (a new one unless given), so they go out only when a test says."""
+    node = make_node(
+        reactor=reactor,
+        clock=clock or Clock(),
         socket_path=f"{sockets}/{name}.sock",
         tcp=parse_listen(tcp) if tcp else None,
         listen=[],
         explorers=[parse_address(e) for e in explorers],
         vms=MemoryVmManager(reactor),
         state_dir=f"{sockets}/{name}-state",
+        interval=interval,
         node_id=name,
         name=name,
-        interval=interval,
     )
     node.privilegedStartService()
     node.startService()
     return node
 
 
-async def wait_online(client, uri, node_id, timeout=5.0):
-    """Wait until the explorer lists the node as online."""
-    for _ in range(int(timeout / 0.05)):
-        try:
-            info = await client.call(uri, "explorer.get_node", {"node_id": node_id})
-            if info["status"] == "online":
-                return info
-        except NodeNotFound:
-            pass
-        await sleep(0.05)
-    raise AssertionError(f"{node_id} never came online")
+async def heartbeat(node):
+    """Send one heartbeat to each of the node's explorers now, and wait for the answers."""
+    await defer.gatherResults([loop.beat() for loop in node.heartbeats])
 
 
 @pytest_twisted.ensureDeferred
@@ -114,7 +112,9 @@ async def test_unix_node_registers_and_is_proxied(explorer, client, sockets):
     unix, _ = uris(explorer)
     node = start_node(sockets, [unix])
     try:
-        info = await wait_online(client, unix, "n1")
+        await heartbeat(node)
+        info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
+        assert info["status"] == "online"
         assert info["socket_path"] == f"unix://{sockets}/n1.sock"
         assert info["transport"] == "unix"
         result = await client.call(unix, "explorer.call",
@@ -137,8 +137,9 @@ async def test_heartbeats_stop_before_the_goodbye(explorer, client, sockets):
     """On stop, a node's heartbeat loops are stopped before it sends explorer.leave, so
     no heartbeat can land after the goodbye and bring it back online."""
     unix, _ = uris(explorer)
-    node = start_node(sockets, [unix])
-    await wait_online(client, unix, "n1")
+    node_clock = Clock()
+    node = start_node(sockets, [unix], clock=node_clock)
+    await heartbeat(node)
     running_at_leave = []
     call = node.client.call
 
@@ -150,7 +151,7 @@ async def test_heartbeats_stop_before_the_goodbye(explorer, client, sockets):
     node.client.call = recording
     await node.stopService()
     assert running_at_leave == [[False]]
-    await task.deferLater(reactor, 0.5, lambda: None)
+    assert not node_clock.getDelayedCalls()
     info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
     assert info["status"] == "offline"
 
@@ -161,9 +162,10 @@ async def test_tcp_node_registers_with_tcp_address(explorer, client, sockets):
     _, tcp = uris(explorer)
     node = start_node(sockets, [tcp], tcp="127.0.0.1:0")
     try:
-        info = await wait_online(client, tcp, "n1")
-        assert info["transport"] == "tcp"
-        assert info["socket_path"] == f"tcp://127.0.0.1:{node.tcp_port()}"
+        await heartbeat(node)
+        info = await client.call(tcp, "explorer.get_node", {"node_id": "n1"})
+        assert info["status"] == "online" and info["transport"] == "tcp"
+        assert info["socket_path"] == f"tcp://127.0.0.1:{node.advertiser.tcp_port()}"
         result = await client.call(tcp, "explorer.call",
                                    {"node_id": "n1", "method": "vm.list"})
         assert result == []
@@ -179,8 +181,9 @@ async def test_explorer_named_by_host_name(explorer, client, sockets):
     port = parse_address(tcp).port
     node = start_node(sockets, [f"tcp://localhost:{port}"], tcp="127.0.0.1:0")
     try:
-        info = await wait_online(client, tcp, "n1")
-        assert info["socket_path"] == f"tcp://127.0.0.1:{node.tcp_port()}"
+        await heartbeat(node)
+        info = await client.call(tcp, "explorer.get_node", {"node_id": "n1"})
+        assert info["socket_path"] == f"tcp://127.0.0.1:{node.advertiser.tcp_port()}"
     finally:
         await node.stopService()
 
@@ -214,7 +217,7 @@ async def test_call_errors(explorer, client, sockets):
         await client.call(unix, "explorer.call", {"node_id": "x", "method": "node.info"})
     node = start_node(sockets, [unix])
     try:
-        await wait_online(client, unix, "n1")
+        await heartbeat(node)
         with pytest.raises(RefusedByPolicy):
             await client.call(unix, "explorer.call",
                               {"node_id": "n1", "method": "explorer.remove_node",
@@ -243,7 +246,7 @@ async def test_unreachable_node_fails_fast(explorer, client, sockets):
 
 
 @pytest_twisted.ensureDeferred
-async def test_list_filter_info_and_remove(explorer, client):
+async def test_list_filter_info_and_remove(explorer, client, clock):
     """list_nodes filters by status; info counts nodes and lists listeners; remove forgets."""
     unix, tcp = uris(explorer)
     for n in ("a", "b"):
@@ -261,28 +264,34 @@ async def test_list_filter_info_and_remove(explorer, client):
     assert await client.call(unix, "explorer.remove_node", {"node_id": "a"}) is True
     with pytest.raises(NodeNotFound):
         await client.call(unix, "explorer.get_node", {"node_id": "a"})
-    await sleep(1.1)
+    clock.advance(1.1)
     offline = await client.call(unix, "explorer.list_nodes", {"status": "offline"})
     assert [n["node_id"] for n in offline] == ["b"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_explorers_one_down(explorer, client, sockets):
-    """A node with a dead explorer keeps heartbeating the live one on schedule."""
+async def test_two_explorers_one_down(explorer, client, sockets, clock):
+    """A node with a dead explorer keeps heartbeating the live one: every round reaches
+    it, its next heartbeat is due an interval later while the dead one backs off, and
+    node.info shows one failing, one ok."""
     unix, _ = uris(explorer)
-    node = start_node(sockets, [f"unix://{sockets}/dead.sock", unix], interval=0.2)
+    dead = f"unix://{sockets}/dead.sock"
+    node_clock = Clock()
+    node = start_node(sockets, [dead, unix], interval=0.2, clock=node_clock)
     try:
-        await wait_online(client, unix, "n1")
         seen = []
-        for _ in range(10):
+        for _ in range(3):
+            await heartbeat(node)
             info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
             seen.append(info["last_seen"])
-            await sleep(0.2)
-        gaps = sorted({b - a for a, b in zip(seen, seen[1:]) if b != a})
-        assert len(set(seen)) >= 7
-        assert max(gaps) < 0.5
+            clock.advance(0.2)
+        assert seen == [EPOCH, EPOCH + 0.2, EPOCH + 0.4]
+        live, backing_off = sorted(c.getTime() for c in node_clock.getDelayedCalls())
+        assert live == 0.2
+        assert backoff_delay(0.2, 3, lambda: 0.0) <= backing_off <= backoff_delay(
+            0.2, 3, lambda: 1.0)
         info = await client.call(unix, "explorer.call", {"node_id": "n1", "method": "node.info"})
         states = {e["address"]: e["state"] for e in info["explorers"]}
-        assert states == {f"unix://{sockets}/dead.sock": "failing", unix: "ok"}
+        assert states == {dead: "failing", unix: "ok"}
     finally:
         await node.stopService()

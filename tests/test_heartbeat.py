@@ -1,35 +1,25 @@
 """
-Heartbeat loops: schedule, backoff with jitter, per-explorer independence, clean stop.
+Heartbeat loops: schedule, backoff with jitter, per-explorer independence, clean stop;
+and what a heartbeat says: the advertised address and the payload.
 """
 
-import pytest
 from hypothesis import given, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from hero_compute.node.heartbeat import MAX_BACKOFF, HeartbeatLoop, backoff_delay
-from hero_compute.rpc.addresses import parse_address
-from hero_compute.rpc.errors import ConnectionRefused, RefusedByPolicy
+from hero_compute.node.heartbeat import (
+    MAX_BACKOFF,
+    Advertiser,
+    HeartbeatLoop,
+    HeartbeatPayload,
+    backoff_delay,
+)
+from hero_compute.node.service import NodeIdentity
+from hero_compute.rpc.addresses import Address, parse_address, parse_listen
+from hero_compute.rpc.errors import ConnectionRefused
 
-
-class FakeClient:
-    """An RpcClient stand-in whose explorers are up or down, answering at once or never."""
-
-    def __init__(self):
-        self.calls = []
-        self.down = set()
-        self.hang = set()
-        self.refuse = set()
-
-    def call(self, address, method, params=None, timeout=None):
-        self.calls.append((address.uri, method, params, timeout))
-        if address.uri in self.down:
-            return defer.fail(ConnectionRefused(address, "refused"))
-        if address.uri in self.refuse:
-            return defer.fail(RefusedByPolicy("no"))
-        if address.uri in self.hang:
-            return defer.Deferred()
-        return defer.succeed({"accepted": True, "next_heartbeat": 10})
+from .fakes import FakeRpcClient, MemoryVmManager
+from .support import failure_result_of, success_result_of
 
 
 def make_loop(clock, client, uri="unix:///tmp/e.sock", interval=10.0, rand=lambda: 1.0):
@@ -57,7 +47,7 @@ def test_backoff_grows_then_caps():
 
 def test_heartbeats_on_schedule():
     """A healthy explorer gets a heartbeat at start and every interval after."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     loop = make_loop(clock, client)
     loop.startService()
     clock.advance(0)
@@ -73,7 +63,7 @@ def test_heartbeats_on_schedule():
 
 def test_call_timeout_is_no_longer_than_the_interval():
     """Each heartbeat call is bounded by the interval when it is short."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     loop = make_loop(clock, client, interval=2.0)
     loop.startService()
     clock.advance(0)
@@ -84,7 +74,7 @@ def test_call_timeout_is_no_longer_than_the_interval():
 
 def test_backoff_then_recovery_within_one_cap():
     """A down explorer is retried with growing delays, and rejoined within one cap."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     uri = "tcp://127.0.0.1:9"
     client.down.add(uri)
     loop = make_loop(clock, client, uri, interval=2.0)
@@ -109,7 +99,7 @@ def test_backoff_then_recovery_within_one_cap():
 
 def test_refusal_is_failure_with_reason():
     """An explorer's JSON-RPC refusal is a failing state carrying the message."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     client.refuse.add("unix:///tmp/e.sock")
     loop = make_loop(clock, client)
     loop.startService()
@@ -121,7 +111,7 @@ def test_refusal_is_failure_with_reason():
 
 def test_hung_explorer_does_not_delay_another():
     """One loop per explorer: a hung one does not delay heartbeats to a live one."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     client.hang.add("unix:///tmp/hung.sock")
     live = make_loop(clock, client, "unix:///tmp/live.sock")
     hung = make_loop(clock, client, "unix:///tmp/hung.sock")
@@ -140,7 +130,7 @@ def test_no_overlap_and_a_hung_call_is_bounded():
     """A tick still waiting for its answer is never joined by another; a call that never
     answers (the fake ignores its timeout) is given up after the interval, and retried
     after a backoff."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     client.hang.add("unix:///tmp/e.sock")
     loop = make_loop(clock, client, interval=2.0)
     loop.startService()
@@ -158,7 +148,7 @@ def test_no_overlap_and_a_hung_call_is_bounded():
 def test_a_hung_payload_is_bounded():
     """Building the payload (which may connect to the explorer first) counts against the
     same bound: an attempt stuck there fails after the interval and is retried."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     payloads = []
 
     def payload(address):
@@ -178,7 +168,7 @@ def test_a_hung_payload_is_bounded():
 
 def test_payload_error_is_survived(logged_errors):
     """A payload that raises is logged once and retried; the loop keeps running."""
-    clock, client = Clock(), FakeClient()
+    clock, client = Clock(), FakeRpcClient()
     loop = HeartbeatLoop(clock, client, parse_address("unix:///tmp/e.sock"),
                          lambda a: 1 / 0, 1.0, rand=lambda: 1.0)
     loop.startService()
@@ -200,7 +190,7 @@ def test_warns_once_when_interval_exceeds_explorer_expectation():
     observer = lambda e: seen.append(e) if "expects a heartbeat" in e.get("log_format", "") else None
     globalLogPublisher.addObserver(observer)
     try:
-        clock, client = Clock(), FakeClient()
+        clock, client = Clock(), FakeRpcClient()
         fast = make_loop(clock, client, interval=10.0)
         fast.startService()
         clock.pump([1] * 30)
@@ -213,3 +203,90 @@ def test_warns_once_when_interval_exceeds_explorer_expectation():
         slow.stopService()
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+class Bound:
+    """Listeners stand-in: the URIs bound so far."""
+
+    def __init__(self, *uris):
+        self.bound = list(uris)
+
+
+def advertiser(client, tcp="0.0.0.0:9003", advertise=None, bound=()):
+    """An Advertiser for a node on /n.sock and the given TCP listener."""
+    return Advertiser(unix=Address("unix", path="/n.sock"), client=client,
+                      listeners=Bound(*bound), tcp=parse_listen(tcp) if tcp else None,
+                      advertise=parse_address(advertise) if advertise else None)
+
+
+def test_advertiser_unix_explorer_gets_the_unix_socket():
+    """An explorer reached over Unix is told the node's Unix socket URI."""
+    d = advertiser(FakeRpcClient()).address_for(parse_address("unix:///e.sock"))
+    assert success_result_of(d).uri == "unix:///n.sock"
+
+
+def test_advertiser_tcp_explorer_gets_the_configured_address():
+    """A configured advertise address is what every TCP explorer is told."""
+    client = FakeRpcClient()
+    d = advertiser(client, advertise="tcp://node.example:7000").address_for(
+        parse_address("tcp://10.0.0.1:9002"))
+    assert success_result_of(d).uri == "tcp://node.example:7000"
+
+
+def test_advertiser_derives_local_ip_and_bound_port():
+    """Without one, a TCP explorer is told the node's own IP towards it and the port its
+    TCP listener actually bound."""
+    client = FakeRpcClient(host="10.0.0.7")
+    a = advertiser(client, tcp="0.0.0.0:0", bound=["unix:///n.sock", "tcp://0.0.0.0:41000"])
+    d = a.address_for(parse_address("tcp://10.0.0.1:9002"))
+    assert success_result_of(d).uri == "tcp://10.0.0.7:41000"
+
+
+def test_advertiser_fails_rather_than_raises():
+    """An explorer that cannot be reached makes a failed Deferred, never an exception."""
+    client = FakeRpcClient()
+    client.down.add("tcp://10.0.0.1:9002")
+    d = advertiser(client).address_for(parse_address("tcp://10.0.0.1:9002"))
+    failure_result_of(d, ConnectionRefused)
+    d = advertiser(client, tcp=None).address_for(parse_address("tcp://10.0.0.2:9002"))
+    failure_result_of(d, AttributeError)
+
+
+def test_payload_reports_identity_address_and_vms():
+    """The payload carries the node's id and name as they are at heartbeat time, the
+    advertised address and the VM counts."""
+    clock = Clock()
+    vms = MemoryVmManager(clock, host={"vcpus": 4, "memory_mb": 2048, "disk_gb": 20})
+    success_result_of(vms.create("a", 1, 128, 2))
+    identity = NodeIdentity("/nowhere")
+    payload = HeartbeatPayload(identity=identity, advertiser=advertiser(FakeRpcClient()),
+                               vms=vms)
+    identity.node_id, identity.name = "n1", "one"
+    params = success_result_of(payload.params(parse_address("unix:///e.sock")))
+    assert params["node_id"] == "n1" and params["name"] == "one"
+    assert params["socket_path"] == "unix:///n.sock"
+    assert params["capacity"]["vcpus"] == 4 and params["usage"]["disk_gb"] == 2
+    assert params["vm_count"] == 1
+
+
+def test_payload_fails_with_the_first_error():
+    """A payload whose address cannot be found fails with that error, unwrapped."""
+    client = FakeRpcClient()
+    client.down.add("tcp://10.0.0.1:9002")
+    payload = HeartbeatPayload(identity=NodeIdentity("/nowhere", "n1"),
+                               advertiser=advertiser(client), vms=MemoryVmManager(Clock()))
+    failure_result_of(payload.params(parse_address("tcp://10.0.0.1:9002")), ConnectionRefused)
+
+
+def test_beat_out_of_schedule_replaces_the_due_one():
+    """A heartbeat sent out of schedule replaces the one that was due: one call, and
+    the next one an interval later."""
+    clock, client = Clock(), FakeRpcClient()
+    loop = make_loop(clock, client)
+    loop.startService()
+    success_result_of(loop.beat())
+    clock.advance(0)
+    assert len(client.calls) == 1
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [10.0]
+    loop.stopService()
+    assert not clock.getDelayedCalls()

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -85,12 +84,12 @@ def entries(state_dir):
 
 
 @pytest.fixture
-def state_dir():
+def state_dir(short_tmp):
     """
     A short temporary state directory (QMP socket paths must fit in 107 bytes); every
     QEMU that left a pid file there is killed at the end, whatever the test did.
     """
-    path = tempfile.mkdtemp(prefix="hq-", dir="/tmp")
+    path = short_tmp
     yield path
     killed = []
     for vm_id in entries(path):
@@ -104,7 +103,6 @@ def state_dir():
     deadline = time.monotonic() + 5
     while any(process_alive(pid) for pid in killed) and time.monotonic() < deadline:
         time.sleep(0.02)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from twisted.test import iosim
 from hero_compute.node.qmp import (QmpCommandError, QmpConnectionLost, QmpError,
                                    QmpProtocol, connect_qmp)
 
+from .support import failure_result_of, success_result_of
+
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}},
                     "capabilities": ["oob"]}}
 
@@ -29,33 +31,6 @@ def _sent(transport):
     data = transport.value()
     transport.clear()
     return [json.loads(line) for line in data.splitlines() if line.strip()]
-
-
-def _result(d):
-    """
-    :param d: a Deferred that has fired
-    :return: its result; fails the test if it has not fired or failed
-    """
-    results, failures = [], []
-    d.addCallbacks(results.append, failures.append)
-    if failures:
-        failures[0].raiseException()
-    assert results, "Deferred has not fired"
-    return results[0]
-
-
-def _failure(d, *types):
-    """
-    :param d: a Deferred that has failed
-    :param types: the exception types expected
-    :return: the L{Failure}
-    """
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    assert isinstance(results[0], failure.Failure), f"succeeded with {results[0]!r}"
-    assert results[0].check(*types), results[0]
-    return results[0]
 
 
 @pytest.fixture
@@ -92,13 +67,13 @@ def test_handshake(qmp):
     assert _sent(qmp.transport) == [{"execute": "qmp_capabilities"}]
     assert not ready.called
     qmp.dataReceived(_line({"return": {}}))
-    assert _result(ready) == GREETING["QMP"]
-    assert _result(qmp.when_ready()) == GREETING["QMP"]
+    assert success_result_of(ready) == GREETING["QMP"]
+    assert success_result_of(qmp.when_ready()) == GREETING["QMP"]
 
 
 def test_execute_before_ready(qmp):
     """A command before the handshake is done fails instead of confusing QEMU."""
-    _failure(qmp.execute("query-status"), QmpError)
+    failure_result_of(qmp.execute("query-status"), QmpError)
     assert qmp.transport.value() == b""
 
 
@@ -115,11 +90,11 @@ def test_replies_in_order(qmp):
     ]
     qmp.dataReceived(_line({"return": {"status": "running", "running": True}})
                      + _line({"return": {}}))
-    assert _result(first) == {"status": "running", "running": True}
-    assert _result(second) == {}
+    assert success_result_of(first) == {"status": "running", "running": True}
+    assert success_result_of(second) == {}
     assert not third.called
     qmp.dataReceived(_line({"return": "7.2.0\r\n"}))
-    assert _result(third) == "7.2.0\r\n"
+    assert success_result_of(third) == "7.2.0\r\n"
 
 
 def test_events_between_replies(qmp, events):
@@ -131,7 +106,7 @@ def test_events_between_replies(qmp, events):
         + _line({"return": {}})
         + _line({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"},
                  "timestamp": {"seconds": 11, "microseconds": 0}}))
-    assert _result(d) == {}
+    assert success_result_of(d) == {}
     assert events == [("POWERDOWN", {}, 10.5),
                       ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"}, 11.0)]
 
@@ -149,7 +124,7 @@ def test_event_handler_failure_is_contained(qmp, logged_errors):
     qmp._on_event = boom
     d = qmp.execute("query-status")
     qmp.dataReceived(_line({"event": "STOP"}) + _line({"return": {"running": False}}))
-    assert _result(d) == {"running": False}
+    assert success_result_of(d) == {"running": False}
     assert qmp.transport.connected
     assert len(logged_errors.flush(RuntimeError)) == 1
 
@@ -162,10 +137,10 @@ def test_command_error(qmp):
     qmp.dataReceived(_line({"error": {"class": "CommandNotFound",
                                       "desc": "The command nope has not been found"}})
                      + _line({"return": {"running": True}}))
-    f = _failure(bad, QmpCommandError)
+    f = failure_result_of(bad, QmpCommandError)
     assert f.value.error_class == "CommandNotFound"
     assert "nope" in str(f.value)
-    assert _result(good) == {"running": True}
+    assert success_result_of(good) == {"running": True}
 
 
 def test_connection_lost_fails_pending(qmp):
@@ -174,10 +149,10 @@ def test_connection_lost_fails_pending(qmp):
     d = qmp.execute("quit")
     gone = qmp.when_disconnected()
     qmp.connectionLost(failure.Failure(error.ConnectionDone()))
-    _failure(d, QmpConnectionLost)
-    assert isinstance(_result(gone), error.ConnectionDone)
-    assert isinstance(_result(qmp.when_disconnected()), error.ConnectionDone)
-    _failure(qmp.execute("query-status"), QmpError)
+    failure_result_of(d, QmpConnectionLost)
+    assert isinstance(success_result_of(gone), error.ConnectionDone)
+    assert isinstance(success_result_of(qmp.when_disconnected()), error.ConnectionDone)
+    failure_result_of(qmp.execute("query-status"), QmpError)
 
 
 def test_connection_lost_before_ready(qmp):
@@ -185,7 +160,7 @@ def test_connection_lost_before_ready(qmp):
     ready = qmp.when_ready()
     qmp.dataReceived(_line(GREETING))
     qmp.connectionLost(failure.Failure(error.ConnectionLost()))
-    _failure(ready, QmpConnectionLost)
+    failure_result_of(ready, QmpConnectionLost)
 
 
 def test_bad_greeting_aborts(qmp):
@@ -194,7 +169,7 @@ def test_bad_greeting_aborts(qmp):
     qmp.dataReceived(_line({"return": {}}))
     assert qmp.transport.disconnecting or not qmp.transport.connected
     qmp.connectionLost(failure.Failure(error.ConnectionAborted()))
-    _failure(ready, QmpConnectionLost)
+    failure_result_of(ready, QmpConnectionLost)
 
 
 @pytest.mark.parametrize("garbage", [b"not json\r\n", b"[1, 2]\r\n",
@@ -211,7 +186,7 @@ def test_refused_capabilities(qmp):
     ready = qmp.when_ready()
     qmp.dataReceived(_line(GREETING))
     qmp.dataReceived(_line({"error": {"class": "GenericError", "desc": "no"}}))
-    _failure(ready, QmpError)
+    failure_result_of(ready, QmpError)
     assert qmp.transport.disconnecting
 
 
@@ -223,7 +198,7 @@ def test_split_and_joined_lines(qmp):
         qmp.dataReceived(data[i:i + 1])
     _sent(qmp.transport)
     qmp.dataReceived(_line({"return": {}}))
-    _result(ready)
+    success_result_of(ready)
 
 
 def test_cancelled_command_keeps_order(qmp):
@@ -231,11 +206,11 @@ def test_cancelled_command_keeps_order(qmp):
     _handshake(qmp)
     first = qmp.execute("query-status")
     first.cancel()
-    _failure(first, defer.CancelledError)
+    failure_result_of(first, defer.CancelledError)
     second = qmp.execute("query-kvm")
     qmp.dataReceived(_line({"return": {"running": True}})
                      + _line({"return": {"enabled": False}}))
-    assert _result(second) == {"enabled": False}
+    assert success_result_of(second) == {"enabled": False}
 
 
 class FakeQemu(protocol.Protocol):
@@ -289,12 +264,12 @@ def test_connect_qmp_waits_for_handshake():
     assert reactor.unixClients[0][0] == "/run/vm/qmp.sock"
     qemu = FakeQemu()
     pump = _connect(reactor, qemu)
-    proto = _result(d)
+    proto = success_result_of(d)
     assert isinstance(proto, QmpProtocol)
     assert qemu.received == [{"execute": "qmp_capabilities"}]
     status = proto.execute("query-status")
     pump.flush()
-    assert _result(status) == {"running": True}
+    assert success_result_of(status) == {"running": True}
     assert events == [("RESUME", {}, None)]
 
 
@@ -306,5 +281,5 @@ def test_connect_qmp_times_out():
     assert not d.called
     reactor.advance(5)
     pump.flush()
-    _failure(d, defer.TimeoutError, error.TimeoutError)
+    failure_result_of(d, defer.TimeoutError, error.TimeoutError)
     assert pump.clientIO.disconnecting or pump.clientIO.disconnected

@@ -6,15 +6,15 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from hero_compute.explorer.registry import INodeRegistry, LivenessLog, Registry
+from hero_compute.explorer.registry import Heartbeat, INodeRegistry, LivenessLog, Registry
 from hero_compute.rpc.errors import NodeNotFound
 
 
 def beat(registry, node_id="n1", transport="unix", address="unix:///tmp/n1.sock"):
     """Record a minimal heartbeat."""
-    return registry.heartbeat(node_id=node_id, socket_path=address, transport=transport,
-                              name=node_id, version="1", capacity={}, usage={},
-                              vm_count=0, labels={})
+    return registry.heartbeat(Heartbeat(
+        node_id=node_id, socket_path=address, transport=transport, name=node_id,
+        version="1", capacity={}, usage={}, vm_count=0, labels={}))
 
 
 @pytest.fixture

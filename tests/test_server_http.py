@@ -10,10 +10,8 @@ blocking HTTP client in a thread.  A few dispatcher details are checked in memor
 
 import json
 import os
-import shutil
 import types
 import socket
-import tempfile
 import time
 
 import pytest
@@ -27,7 +25,7 @@ from hero_compute.rpc.schema import load_schema, parse_schema
 from hero_compute.rpc import server as rpc_server
 from hero_compute.rpc.server import MAX_BODY, CallContext, RpcResource, make_site
 
-from .support import connect, post, wait_for
+from .support import connect, post, success_result_of, wait_for
 
 SUM = {"jsonrpc": "2.0", "method": "sum", "params": [1, 2], "id": 7}
 
@@ -434,11 +432,11 @@ fields.x = { type = "integer" }
 
 
 @pytest_twisted.async_yield_fixture
-async def serve():
+async def serve(short_tmp):
     """Serve RPC resources in-process on real Unix sockets: C{serve(rpc, **site_kwargs)}
     returns the socket URI; all listeners are stopped at the end."""
     started = []
-    directory = tempfile.mkdtemp(prefix="hc")
+    directory = short_tmp
 
     def start(rpc, **kwargs):
         path = f"{directory}/s{len(started)}.sock"
@@ -450,7 +448,6 @@ async def serve():
     yield start
     for listeners in started:
         await listeners.stopService()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def in_thread(f, *args, **kwargs):
@@ -601,10 +598,8 @@ async def test_call_cancelled_when_client_hangs_up(serve):
 def dispatch(rpc, message):
     """Run one body through the dispatcher synchronously; decode the answer."""
     body = message if isinstance(message, bytes) else json.dumps(message).encode()
-    results = []
-    rpc.handle_body(body, CallContext("unix", "unix")).addCallback(results.append)
-    assert results, "the dispatcher did not answer synchronously"
-    return None if results[0] is None else json.loads(results[0])
+    answer = success_result_of(rpc.handle_body(body, CallContext("unix", "unix")))
+    return None if answer is None else json.loads(answer)
 
 
 @pytest.fixture

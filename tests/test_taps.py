@@ -6,9 +6,11 @@ values, and makeService wiring without side effects.
 import os
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from hero_compute.explorer import tap as explorer_tap
+from hero_compute.explorer.registry import SWEEPS_PER_OFFLINE
 from hero_compute.node import tap as node_tap
 
 
@@ -113,11 +115,60 @@ def test_tcp_explorer_without_tcp_listener_refuses():
 
 def test_make_service_opens_nothing(short_tmp):
     """makeService only wires: no socket or file exists until the service starts."""
-    explorer = explorer_tap.makeService(explorer_options(HERO_SOCKET_DIR=f"{short_tmp}/s"))
-    node = node_tap.makeService(node_options(HERO_SOCKET_DIR=f"{short_tmp}/s",
-                                             HERO_STATE_DIR=f"{short_tmp}/st"))
+    reactor = MemoryReactorClock()
+    explorer_tap.makeService(explorer_options(HERO_SOCKET_DIR=f"{short_tmp}/s"), reactor)
+    node_tap.makeService(node_options(HERO_SOCKET_DIR=f"{short_tmp}/s",
+                                      HERO_STATE_DIR=f"{short_tmp}/st"), reactor)
     assert not os.listdir(short_tmp)
-    assert len(list(explorer)) >= 1 and len(list(node)) >= 1
+    assert not reactor.unixServers and not reactor.tcpServers
+    assert not reactor.getDelayedCalls()
+
+
+def test_explorer_tree(short_tmp):
+    """The explorer's whole tree, built against a memory reactor: its listeners (Unix,
+    --tcp, --listen) and the liveness sweep, which starts, listens and stops."""
+    reactor = MemoryReactorClock()
+    options = explorer_options(["--listen", "tcp:0:interface=127.0.0.2"],
+                               HERO_SOCKET_DIR=f"{short_tmp}/s",
+                               EXPLORER_TCP_ADDR="127.0.0.1:9002", NODE_OFFLINE_AFTER="8")
+    explorer = explorer_tap.makeService(options, reactor)
+    assert [child.name for child in explorer] == ["listeners", "liveness"]
+    assert len(list(explorer.getServiceNamed("listeners"))) == 3
+    explorer.privilegedStartService()
+    explorer.startService()
+    assert [u[0] for u in reactor.unixServers] == [f"{short_tmp}/s/hero_compute_explorer.sock"]
+    assert [(t[0], t[3]) for t in reactor.tcpServers] == [(9002, "127.0.0.1"),
+                                                           (0, "127.0.0.2")]
+    assert [c.getTime() for c in reactor.getDelayedCalls()] == [8 / SWEEPS_PER_OFFLINE]
+    explorer.stopService()
+    assert not reactor.getDelayedCalls()
+
+
+def test_node_tree(short_tmp):
+    """The node's whole tree, built against a memory reactor: its listeners, its VM
+    manager and one heartbeat loop per explorer; the node id is written only at start."""
+    reactor = MemoryReactorClock()
+    options = node_options(HERO_SOCKET_DIR=f"{short_tmp}/s", HERO_STATE_DIR=f"{short_tmp}/st",
+                           NODE_TCP_ADDR="127.0.0.1:9003",
+                           EXPLORER_ADDRESSES="/e1.sock,tcp://10.0.0.1:9002")
+    node = node_tap.makeService(options, reactor)
+    assert [child.name for child in node] == [
+        "listeners", "vms", "heartbeat unix:///e1.sock", "heartbeat tcp://10.0.0.1:9002"]
+    assert not os.path.exists(f"{short_tmp}/st")
+    node.privilegedStartService()
+    node.startService()
+    assert node.node_id == open(f"{short_tmp}/st/node_id").read().strip()
+    assert [u[0] for u in reactor.unixServers] == [f"{short_tmp}/s/hero_compute_server.sock"]
+    assert [(t[0], t[3]) for t in reactor.tcpServers] == [(9003, "127.0.0.1")]
+    # Both explorers are due a heartbeat at once.
+    assert [c.getTime() for c in reactor.getDelayedCalls()] == [0, 0]
+    reactor.advance(0)
+    assert reactor.unixClients[0][0] == "/e1.sock"
+    assert reactor.tcpClients[0][1] == 9002
+    d = node.stopService()
+    for call in reactor.getDelayedCalls():
+        call.cancel()
+    assert d.called
 
 
 def test_state_dir_too_long_is_refused():

@@ -2,8 +2,8 @@
 The registry of nodes: one record per node id, fed by heartbeats.
 
 Liveness is derived, not stored: a node is online while its last heartbeat is younger
-than C{offline_after} seconds and it has not said goodbye.  So a heartbeat is a single
-dict update, and no timer per node is needed to expire anybody; the L{LivenessLog}
+than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a single
+dict update, and no timer per node is needed to expire anybody; the :class:`LivenessLog`
 sweep exists only to tell operators, once, when a node goes quiet.
 """
 
@@ -23,6 +23,48 @@ log = Logger()
 #: more CPU than the heartbeats themselves while telling the operator nothing more.
 LOG_BURST = 20
 
+#: The liveness sweep runs this many times per ``offline_after``, so a node going quiet
+#: is reported at most a quarter of ``offline_after`` late ...
+SWEEPS_PER_OFFLINE = 4
+
+#: ... but never more often than this (seconds): a tiny ``offline_after`` in a test or
+#: a lab must not turn the sweep over a large fleet into a busy loop ...
+MIN_SWEEP = 0.5
+
+#: ... nor less often than this (seconds): the sweep also sums up the node events of
+#: the last second that were not logged one by one, which should not wait for long.
+MAX_SWEEP = 5.0
+
+
+def sweep_interval(offline_after):
+    """
+    Seconds between two liveness sweeps.
+
+    :param offline_after: seconds of silence after which a node is offline
+    """
+    return max(MIN_SWEEP, min(MAX_SWEEP, offline_after / SWEEPS_PER_OFFLINE))
+
+
+@attrs.frozen
+class Heartbeat:
+    """
+    One heartbeat as the explorer accepted it: built once per ``explorer.heartbeat``
+    call, defaults filled in and the address in canonical form.
+
+    :ivar socket_path: the node's address URI
+    :ivar transport: ``"unix"`` or ``"tcp"``: how the heartbeat arrived
+    """
+
+    node_id: str
+    socket_path: str
+    transport: str
+    name: str
+    version: str
+    capacity: dict
+    usage: dict
+    vm_count: int
+    labels: dict
+
 
 @attrs.frozen
 class NodeRecord:
@@ -30,8 +72,8 @@ class NodeRecord:
     What the explorer knows of one node, from its last heartbeat.
 
     :ivar socket_path: the node's address URI, as it reported it (canonical form)
-    :ivar transport: C{"unix"} or C{"tcp"}: how its last heartbeat arrived
-    :ivar left: the node said goodbye (C{explorer.leave}) after its last heartbeat
+    :ivar transport: ``"unix"`` or ``"tcp"``: how its last heartbeat arrived
+    :ivar left: the node said goodbye (``explorer.leave``) after its last heartbeat
     """
 
     node_id: str
@@ -49,14 +91,14 @@ class NodeRecord:
 
     def status(self, now, offline_after):
         """
-        :return: C{"online"} or C{"offline"} at time C{now}
+        :return: ``"online"`` or ``"offline"`` at time ``now``
         """
         if self.left or now - self.last_seen > offline_after:
             return "offline"
         return "online"
 
     def to_wire(self, now, offline_after):
-        """:return: the NodeInfo dict at time C{now}"""
+        """:return: the NodeInfo dict at time ``now``"""
         return {
             "node_id": self.node_id,
             "name": self.name,
@@ -76,33 +118,32 @@ class NodeRecord:
 class INodeRegistry(Interface):
     """The explorer's book of nodes."""
 
-    def heartbeat(node_id, socket_path, transport, name, version, capacity, usage,
-                  vm_count, labels):
-        """Record a heartbeat; returns the new L{NodeRecord}."""
+    def heartbeat(heartbeat):
+        """Record a :class:`Heartbeat`; returns the new :class:`NodeRecord`."""
 
     def leave(node_id):
-        """Mark a node offline at once; raises L{NodeNotFound}."""
+        """Mark a node offline at once; raises :class:`NodeNotFound`."""
 
     def get(node_id):
-        """Returns a L{NodeRecord}; raises L{NodeNotFound}."""
+        """Returns a :class:`NodeRecord`; raises :class:`NodeNotFound`."""
 
     def remove(node_id):
-        """Forget a node; raises L{NodeNotFound}."""
+        """Forget a node; raises :class:`NodeNotFound`."""
 
     def records():
-        """Returns all L{NodeRecord}s."""
+        """Returns all :class:`NodeRecord` s."""
 
     def status(record):
-        """Returns C{"online"} or C{"offline"} for a record, now."""
+        """Returns ``"online"`` or ``"offline"`` for a record, now."""
 
 
 @implementer(INodeRegistry)
 @attrs.define
 class Registry:
     """
-    The in-memory L{INodeRegistry}.
+    The in-memory :class:`INodeRegistry`.
 
-    :ivar clock: an C{IReactorTime}; its C{seconds()} are Unix seconds
+    :ivar clock: an ``IReactorTime``; its ``seconds()`` are Unix seconds
     :ivar offline_after: seconds of silence after which a node is offline
     """
 
@@ -113,20 +154,20 @@ class Registry:
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
 
-    def heartbeat(self, node_id, socket_path, transport, name, version, capacity, usage,
-                  vm_count, labels):
+    def heartbeat(self, heartbeat):
         now = self.clock.seconds()
+        node_id, name, socket_path = heartbeat.node_id, heartbeat.name, heartbeat.socket_path
         old = self._nodes.get(node_id)
         record = NodeRecord(
             node_id=node_id,
             name=name,
             socket_path=socket_path,
-            transport=transport,
-            version=version,
-            capacity=capacity,
-            usage=usage,
-            vm_count=vm_count,
-            labels=labels,
+            transport=heartbeat.transport,
+            version=heartbeat.version,
+            capacity=heartbeat.capacity,
+            usage=heartbeat.usage,
+            vm_count=heartbeat.vm_count,
+            labels=heartbeat.labels,
             first_seen=now if old is None else old.first_seen,
             last_seen=now,
         )
@@ -193,7 +234,7 @@ class LivenessLog(service.Service):
     """
     Logs, once per transition, each node that has gone offline by silence.
 
-    :param registry: the L{Registry}
+    :param registry: the :class:`Registry`
     :param clock: the clock to sweep with
     :param interval: seconds between sweeps
     """

@@ -19,27 +19,36 @@ from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.server import RpcResource, make_site
 
-from .registry import LivenessLog, Registry
+from .registry import Heartbeat, LivenessLog, Registry, sweep_interval
 
 log = Logger()
 
-#: Only these method families may be proxied: C{explorer.call} must not become a way to
+#: Only these method families may be proxied: ``explorer.call`` must not become a way to
 #: reach anything else a node (or whatever answers at a node's address) might serve.
 PROXIED_PREFIXES = ("node.", "vm.")
 
 #: Seconds a proxied call may take: longer than a node's slowest operation, a graceful
-#: C{vm.stop} (about 65 s at worst).
+#: ``vm.stop`` (about 65 s at worst).
 CALL_TIMEOUT = 90.0
+
+#: Seconds a proxied call may spend connecting: a node that cannot even be reached
+#: within this is reported unreachable (-32003) long before :data:`CALL_TIMEOUT`.
+CONNECT_TIMEOUT = 5.0
+
+#: A node is told to heartbeat this many times per ``offline_after`` (``next_heartbeat``
+#: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
+#: explorer, before it is declared offline.
+HEARTBEATS_PER_OFFLINE = 3
 
 
 class ExplorerMethods:
     """
-    The C{explorer.*} methods.
+    The ``explorer.*`` methods.
 
-    :param registry: an L{INodeRegistry}
-    :param client: an L{RpcClient} for proxied calls
+    :param registry: an :class:`INodeRegistry`
+    :param client: an :class:`RpcClient` for proxied calls
     :param clock: the clock, for uptime
-    :param listeners: a L{Listeners} (for C{explorer.info}), or None
+    :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
     :param call_timeout: seconds allowed for a proxied call
     """
 
@@ -53,7 +62,7 @@ class ExplorerMethods:
 
     def register(self, rpc):
         """
-        Publish the methods on an L{RpcResource}.
+        Publish the methods on an :class:`RpcResource`.
         """
         rpc.register("explorer.heartbeat", self.heartbeat, context=True)
         rpc.register("explorer.leave", self.leave)
@@ -68,7 +77,7 @@ class ExplorerMethods:
         """
         Record a node's heartbeat.
 
-        :param context: the L{CallContext}; a heartbeat over TCP claiming a Unix address
+        :param context: the :class:`CallContext`; a heartbeat over TCP claiming a Unix address
             is refused, since the explorer could never reach it and a proxy to it would
             reach the explorer's own host's sockets
         """
@@ -81,7 +90,7 @@ class ExplorerMethods:
                 f"a heartbeat over TCP cannot claim the Unix address {address.uri}: "
                 "set NODE_TCP_ADDR (and NODE_ADVERTISE_ADDR if needed) on the node"
             )
-        self._registry.heartbeat(
+        self._registry.heartbeat(Heartbeat(
             node_id=node_id,
             socket_path=address.uri,
             transport=context.transport,
@@ -91,8 +100,9 @@ class ExplorerMethods:
             usage=usage or {},
             vm_count=vm_count,
             labels=labels or {},
-        )
-        return {"accepted": True, "next_heartbeat": self._registry.offline_after / 3}
+        ))
+        return {"accepted": True,
+                "next_heartbeat": self._registry.offline_after / HEARTBEATS_PER_OFFLINE}
 
     def leave(self, node_id):
         """Mark a node offline at once."""
@@ -154,28 +164,55 @@ class ExplorerMethods:
 
 class ExplorerService(service.MultiService):
     """
-    The explorer: its listeners, its registry and the liveness log.
+    The explorer's root service; :func:`make_explorer` builds it and its children.
 
-    :param reactor: the reactor
-    :param listen: Twisted server endpoint strings to serve on
-    :param socket_dirs: directories to create for Unix sockets
-    :param offline_after: seconds of silence before a node is offline
+    :param registry: the :class:`Registry`
+    :param client: the :class:`RpcClient` of the proxy, closed when the explorer stops
+    :param rpc: the :class:`RpcResource` serving the methods
+    :param listeners: the :class:`Listeners`
     """
 
-    def __init__(self, reactor, listen, socket_dirs=(), offline_after=30.0,
-                 call_timeout=CALL_TIMEOUT, connect_timeout=5.0):
+    def __init__(self, registry, client, rpc, listeners):
         service.MultiService.__init__(self)
-        self.registry = Registry(reactor, offline_after)
-        self.client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
-        self.rpc = RpcResource(load_schema("explorer"), hero_compute.__version__)
-        self.listeners = Listeners(make_site(self.rpc), listen, socket_dirs, reactor)
-        self.methods = ExplorerMethods(self.registry, self.client, reactor, self.listeners,
-                                       call_timeout)
-        self.methods.register(self.rpc)
-        self.listeners.setServiceParent(self)
-        LivenessLog(self.registry, reactor, max(0.5, min(5.0, offline_after / 4))).setServiceParent(self)
+        self.registry = registry
+        self.client = client
+        self.rpc = rpc
+        self.listeners = listeners
 
     def stopService(self):
         d = service.MultiService.stopService(self)
         d.addBoth(lambda _: self.client.close())
         return d
+
+
+def make_explorer(*, reactor, clock, listen, offline_after, socket_dirs=(),
+                  call_timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT):
+    """
+    Build the explorer's service tree; nothing is opened until it starts::
+
+        ExplorerService
+        ├── "listeners": Listeners (one per endpoint string) -> site -> RpcResource
+        └── "liveness":  LivenessLog over the Registry
+
+    :param reactor: the reactor to listen and connect with
+    :param clock: an ``IReactorTime`` for liveness, uptime and the sweep (Unix seconds)
+    :param listen: Twisted server endpoint strings to serve on
+    :param socket_dirs: directories to create for Unix sockets when starting
+    :param offline_after: seconds of silence before a node is offline
+    :param call_timeout: seconds allowed for a proxied call
+    :param connect_timeout: seconds allowed to connect to a node
+    :return: the :class:`ExplorerService`
+    """
+    registry = Registry(clock, offline_after)
+    client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
+    rpc = RpcResource(load_schema("explorer"), hero_compute.__version__)
+    listeners = Listeners(make_site(rpc), listen, socket_dirs, reactor)
+    ExplorerMethods(registry, client, clock, listeners, call_timeout).register(rpc)
+
+    explorer = ExplorerService(registry, client, rpc, listeners)
+    listeners.setName("listeners")
+    listeners.setServiceParent(explorer)
+    liveness = LivenessLog(registry, clock, sweep_interval(offline_after))
+    liveness.setName("liveness")
+    liveness.setServiceParent(explorer)
+    return explorer

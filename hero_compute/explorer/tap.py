@@ -1,5 +1,5 @@
 """
-C{twistd explorer}: options and the service tree.
+``twistd explorer``: options and the service tree.
 
 Every option may also come from the environment (CONTRACT §2); the command line wins.
 """
@@ -18,9 +18,13 @@ from hero_compute.rpc.config import (
 )
 from hero_compute.rpc.listeners import unix_endpoint_string
 
+#: Seconds of silence before a node is offline, unless the operator says otherwise
+#: (``NODE_OFFLINE_AFTER``, CONTRACT §2).
+OFFLINE_AFTER = 30.0
+
 
 class Options(usage.Options):
-    """Options of C{twistd explorer}."""
+    """Options of ``twistd explorer``."""
 
     synopsis = "[--socket PATH] [--tcp HOST:PORT] [--listen ENDPOINT]... [--offline-after S]"
     longdesc = (
@@ -62,24 +66,30 @@ class Options(usage.Options):
         from_env(self, "tcp", env, "EXPLORER_TCP_ADDR", listen_address)
         from_env(self, "offline-after", env, "NODE_OFFLINE_AFTER", seconds)
         if self["offline-after"] is None:
-            self["offline-after"] = 30.0
+            self["offline-after"] = OFFLINE_AFTER
 
 
-def makeService(options):
+def makeService(options, reactor=None):
     """
     Wire the explorer from its options; nothing is opened until it starts.
-    """
-    from twisted.internet import reactor
 
-    from .service import ExplorerService
+    :param options: parsed :class:`Options`
+    :param reactor: the reactor (and clock), the global one by default
+    :return: the root service, built by :func:`~hero_compute.explorer.service.make_explorer`
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+
+    from .service import make_explorer
 
     listen = [unix_endpoint_string(options["socket"])]
     if options["tcp"] is not None:
         listen.append(options["tcp"].endpoint_string())
     listen.extend(options["listen"])
-    return ExplorerService(
-        reactor,
-        listen,
+    return make_explorer(
+        reactor=reactor,
+        clock=reactor,
+        listen=listen,
         socket_dirs=[os.path.dirname(options["socket"])],
         offline_after=options["offline-after"],
     )

@@ -1,7 +1,8 @@
 """
-Heartbeats from a node to its explorers: one independent loop per explorer.
+Heartbeats from a node to its explorers: one independent loop per explorer, what each
+heartbeat says, and which address it gives.
 
-Each loop is scheduled with C{callLater} rather than a C{LoopingCall}: the delay after a
+Each loop is scheduled with ``callLater`` rather than a ``LoopingCall``: the delay after a
 tick depends on its outcome (the interval after success, an exponential backoff with
 jitter after failure), and a LoopingCall can only re-align to a fixed interval grid.  A
 tick returns only after its call finished or timed out, so ticks never overlap, and it
@@ -15,6 +16,8 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+import hero_compute
+from hero_compute.rpc.addresses import Address
 from hero_compute.rpc.errors import RpcError, TransportError
 
 log = Logger()
@@ -28,8 +31,8 @@ MAX_ATTEMPT = 10.0
 
 def backoff_delay(interval, failures, rand=random.random):
     """
-    Seconds to wait after the C{failures}-th consecutive failure: exponential, capped at
-    5 × interval and at L{MAX_BACKOFF}, with jitter so a fleet that lost its explorer
+    Seconds to wait after the ``failures``-th consecutive failure: exponential, capped at
+    5 × interval and at :data:`MAX_BACKOFF`, with jitter so a fleet that lost its explorer
     does not come back in lockstep.
 
     :param interval: the heartbeat interval
@@ -45,9 +48,9 @@ def backoff_delay(interval, failures, rand=random.random):
 @attrs.frozen
 class ExplorerState:
     """
-    How heartbeats to one explorer are going, as shown by C{node.info}.
+    How heartbeats to one explorer are going, as shown by ``node.info``.
 
-    :ivar state: C{"ok"} or C{"failing"}
+    :ivar state: ``"ok"`` or ``"failing"``
     :ivar last_ok: Unix seconds of the last accepted heartbeat, or None
     :ivar last_error: the last failure, or None
     """
@@ -59,21 +62,21 @@ class ExplorerState:
     failures: int = 0
 
     def to_wire(self):
-        """:return: the dict of C{node.info}'s C{explorers}"""
+        """:return: the dict of ``node.info``'s ``explorers``"""
         return {"address": self.address, "state": self.state, "last_ok": self.last_ok,
                 "last_error": self.last_error}
 
 
 class HeartbeatLoop(service.Service):
     """
-    Heartbeats one explorer, every C{interval} seconds while it answers, backing off
+    Heartbeats one explorer, every ``interval`` seconds while it answers, backing off
     while it does not.
 
-    :param clock: an C{IReactorTime}
-    :param client: an L{RpcClient}
-    :param address: the explorer's L{Address}
+    :param clock: an ``IReactorTime``
+    :param client: an :class:`~hero_compute.rpc.interfaces.IRpcClient`
+    :param address: the explorer's :class:`Address`
     :param payload: a callable returning a Deferred of the heartbeat params for this
-        explorer (it chooses the address the node reports)
+        explorer (:meth:`HeartbeatPayload.params`)
     :param interval: seconds between heartbeats
     :param rand: source of uniform numbers in [0, 1), for jitter
     """
@@ -108,10 +111,13 @@ class HeartbeatLoop(service.Service):
 
     def beat(self):
         """
-        Send one heartbeat and schedule the next; never fails.
+        Send one heartbeat and schedule the next; never fails.  Called out of schedule
+        (between ticks), it replaces the heartbeat that was due.
 
         :return: a Deferred firing when this tick is over
         """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
         self._call = None
         started = self.clock.seconds()
         timeout = self._attempt_timeout
@@ -169,3 +175,97 @@ class HeartbeatLoop(service.Service):
         else:
             delay = backoff_delay(self.interval, self.state.failures, self._rand)
         self._schedule(delay)
+
+
+@attrs.define
+class Advertiser:
+    """
+    Chooses the address a node reports to each explorer: its Unix socket to an explorer
+    reached over Unix, its TCP address to one reached over TCP (the configured advertise
+    address, or its own IP on its connection to that explorer with its TCP port).
+
+    :ivar _unix: the node's Unix :class:`Address`
+    :ivar _client: an :class:`~hero_compute.rpc.interfaces.IRpcClient`, to learn the
+        node's own end of a connection to an explorer
+    :ivar _listeners: the node's :class:`~hero_compute.rpc.listeners.Listeners`, whose
+        bound URIs give the TCP port actually bound (port 0 in tests)
+    :ivar _tcp: the :class:`~hero_compute.rpc.addresses.ListenAddress` of the TCP
+        listener, or None
+    :ivar _advertise: the :class:`Address` to report to TCP explorers, or None to derive it
+    """
+
+    _unix: Address
+    _client: object
+    _listeners: object
+    _tcp: object = None
+    _advertise: Address | None = None
+
+    def address_for(self, explorer):
+        """
+        :param explorer: the explorer's :class:`Address`
+        :return: a Deferred of the :class:`Address` to report to it; it fails, never
+            raises
+        """
+        return defer.maybeDeferred(self._address_for, explorer)
+
+    def _address_for(self, explorer):
+        if explorer.is_unix:
+            return self._unix
+        if self._advertise is not None:
+            return self._advertise
+        port = self.tcp_port()
+        # Our address on the very connection the heartbeat will travel: right with
+        # several interfaces, policy routing, IPv6-only names, and whichever address
+        # of a name the connection ended up using.
+        # Bounded by the heartbeat attempt it is part of.
+        d = self._client.local_host(explorer)
+        d.addCallback(lambda ip: Address("tcp", host=ip, port=port))
+        return d
+
+    def tcp_port(self):
+        """:return: the bound port of the node's TCP listener"""
+        for uri in self._listeners.bound:
+            if uri.startswith("tcp://"):
+                return int(uri.rsplit(":", 1)[1])
+        return self._tcp.port
+
+
+@attrs.define
+class HeartbeatPayload:
+    """
+    Builds the params of a heartbeat to one explorer.
+
+    :ivar _identity: the node's identity (``node_id`` and ``name``), read at each
+        heartbeat: the id is known only once the node has started
+    :ivar _advertiser: the :class:`Advertiser`
+    :ivar _vms: the node's :class:`~hero_compute.node.vms.IVmManager`
+    """
+
+    _identity: object
+    _advertiser: Advertiser
+    _vms: object
+
+    def params(self, explorer):
+        """
+        :param explorer: the explorer's :class:`Address`
+        :return: a Deferred of the params dict of ``explorer.heartbeat``
+        """
+        d = defer.gatherResults([
+            self._advertiser.address_for(explorer),
+            defer.maybeDeferred(self._vms.list),
+        ], consumeErrors=True)
+
+        def params(results):
+            address, vms = results
+            return {
+                "node_id": self._identity.node_id,
+                "socket_path": address.uri,
+                "name": self._identity.name,
+                "version": hero_compute.__version__,
+                "capacity": self._vms.capacity(),
+                "usage": self._vms.usage(),
+                "vm_count": len(vms),
+            }
+
+        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        return d.addCallback(params)

@@ -5,6 +5,7 @@ The node's RPC methods and the service tree that serves them and heartbeats expl
 import os
 import uuid
 
+import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -16,7 +17,7 @@ from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.server import RpcResource, make_site
 
-from .heartbeat import HeartbeatLoop
+from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 
 log = Logger()
 
@@ -50,61 +51,72 @@ def load_node_id(state_dir):
     return node_id
 
 
+@attrs.define
+class NodeIdentity:
+    """
+    Who this node is.  The id is fixed by configuration, or read (made on first use) in
+    the state directory when the node starts, never while its tree is being built.
+
+    :ivar state_dir: the node's state directory
+    :ivar node_id: the id, or None until :meth:`load` has run
+    :ivar name: the node's human name
+    """
+
+    state_dir: str
+    node_id: str | None = None
+    name: str = ""
+
+    def load(self):
+        """
+        Read (or make) the persisted id, unless the id is known already.
+
+        :return: the id
+        """
+        if self.node_id is None:
+            self.node_id = load_node_id(self.state_dir)
+        return self.node_id
+
+
 class NodeService(service.MultiService):
     """
-    A node: its listeners, its VM manager and one heartbeat loop per explorer.
+    The node's root service; :func:`make_node` builds it and its children.
 
-    :param reactor: the reactor
-    :param socket_path: the node's Unix socket path
-    :param tcp: a L{ListenAddress} to also listen on, or None
-    :param listen: further Twisted server endpoint strings
-    :param explorers: L{Address}es of the explorers to heartbeat
-    :param vms: an L{IVmManager} (an C{IService} too when it has one)
-    :param state_dir: where the node id lives
-    :param node_id: a fixed id, or None to use the persisted one
-    :param name: the node's human name
-    :param advertise: the L{Address} reported to TCP explorers, or None to derive it
-    :param interval: seconds between heartbeats
+    :param identity: the :class:`NodeIdentity`
+    :param vms: the :class:`~hero_compute.node.vms.IVmManager`
+    :param client: the :class:`~hero_compute.rpc.interfaces.IRpcClient` heartbeats and
+        goodbyes go through, closed when the node stops
+    :param rpc: the :class:`RpcResource` serving the methods
+    :param listeners: the :class:`Listeners`
+    :param advertiser: the :class:`~hero_compute.node.heartbeat.Advertiser`
+    :param heartbeats: the :class:`HeartbeatLoop` s, one per explorer
     """
 
-    def __init__(self, reactor, socket_path, tcp, listen, explorers, vms, state_dir,
-                 node_id=None, name="", advertise=None, interval=10.0):
+    def __init__(self, identity, vms, client, rpc, listeners, advertiser, heartbeats):
         service.MultiService.__init__(self)
-        self._reactor = reactor
-        self.node_id = node_id
-        self.name = name
-        self._state_dir = state_dir
-        self.unix_address = Address("unix", path=socket_path)
-        self._tcp = tcp
-        self._advertise = advertise
+        self.identity = identity
         self.vms = vms
-        self.client = RpcClient(reactor, timeout=interval)
-        self.rpc = RpcResource(load_schema("node"), hero_compute.__version__)
-        descriptions = [unix_endpoint_string(socket_path)]
-        if tcp is not None:
-            descriptions.append(tcp.endpoint_string())
-        descriptions.extend(listen)
-        self.listeners = Listeners(make_site(self.rpc), descriptions,
-                                   [os.path.dirname(socket_path)], reactor)
-        self.listeners.setServiceParent(self)
-        if service.IService.providedBy(vms):
-            vms.setServiceParent(self)
-        self.heartbeats = [
-            HeartbeatLoop(reactor, self.client, address, self.heartbeat_params, interval)
-            for address in explorers
-        ]
-        for loop in self.heartbeats:
-            loop.setServiceParent(self)
-        NodeMethods(self).register(self.rpc)
+        self.client = client
+        self.rpc = rpc
+        self.listeners = listeners
+        self.advertiser = advertiser
+        self.heartbeats = list(heartbeats)
+
+    @property
+    def node_id(self):
+        """The node's id; None until it starts, unless configured."""
+        return self.identity.node_id
+
+    @property
+    def name(self):
+        """The node's human name."""
+        return self.identity.name
 
     def privilegedStartService(self):
-        if self.node_id is None:
-            self.node_id = load_node_id(self._state_dir)
+        self.identity.load()
         service.MultiService.privilegedStartService(self)
 
     def startService(self):
-        if self.node_id is None:
-            self.node_id = load_node_id(self._state_dir)
+        self.identity.load()
         log.info("node {node_id} ({name}) starting", node_id=self.node_id, name=self.name)
         service.MultiService.startService(self)
 
@@ -125,68 +137,67 @@ class NodeService(service.MultiService):
         d.addBoth(lambda _: self.client.close())
         return d
 
-    def advertised_address(self, explorer):
-        """
-        The address this node reports to an explorer: its Unix socket to an explorer
-        reached over Unix, its TCP address to one reached over TCP (the configured
-        advertise address, or the local IP towards that explorer with our TCP port).
 
-        :param explorer: the explorer's L{Address}
-        :return: an L{Address}
-        """
-        if explorer.is_unix:
-            return self.unix_address
-        if self._advertise is not None:
-            return self._advertise
-        port = self.tcp_port()
-        # Our address on the very connection the heartbeat will travel: right with
-        # several interfaces, policy routing, IPv6-only names, and whichever address
-        # of a name the connection ended up using.
-        # Bounded by the heartbeat attempt it is part of.
-        d = self.client.local_host(explorer)
-        d.addCallback(lambda ip: Address("tcp", host=ip, port=port))
-        return d
+def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state_dir,
+              interval, node_id=None, name="", advertise=None):
+    """
+    Build the node's service tree; nothing is opened and no file is read or written
+    until it starts::
 
-    def tcp_port(self):
-        """:return: the bound port of the node's TCP listener"""
-        for uri in self.listeners.bound:
-            if uri.startswith("tcp://"):
-                return int(uri.rsplit(":", 1)[1])
-        return self._tcp.port
+        NodeService
+        ├── "listeners": Listeners (Unix socket, TCP, more) -> site -> RpcResource
+        ├── "vms": the VM manager, when it is a service
+        └── "heartbeat <explorer URI>": one HeartbeatLoop per explorer
+                -> HeartbeatPayload -> Advertiser
 
-    def heartbeat_params(self, explorer):
-        """
-        The params of a heartbeat to one explorer.
+    :param reactor: the reactor to listen and connect with
+    :param clock: an ``IReactorTime`` scheduling the heartbeats
+    :param socket_path: the node's Unix socket path
+    :param tcp: a :class:`ListenAddress` to also listen on, or None
+    :param listen: further Twisted server endpoint strings
+    :param explorers: :class:`Address` es of the explorers to heartbeat
+    :param vms: an :class:`~hero_compute.node.vms.IVmManager` (an ``IService`` too when
+        it has one)
+    :param state_dir: where the node id lives
+    :param interval: seconds between heartbeats
+    :param node_id: a fixed id, or None to use the persisted one
+    :param name: the node's human name
+    :param advertise: the :class:`Address` reported to TCP explorers, or None to derive it
+    :return: the :class:`NodeService`
+    """
+    identity = NodeIdentity(state_dir, node_id, name)
+    client = RpcClient(reactor, timeout=interval)
+    rpc = RpcResource(load_schema("node"), hero_compute.__version__)
+    descriptions = [unix_endpoint_string(socket_path)]
+    if tcp is not None:
+        descriptions.append(tcp.endpoint_string())
+    descriptions.extend(listen)
+    listeners = Listeners(make_site(rpc), descriptions, [os.path.dirname(socket_path)],
+                          reactor)
+    advertiser = Advertiser(unix=Address("unix", path=socket_path), client=client,
+                            listeners=listeners, tcp=tcp, advertise=advertise)
+    payload = HeartbeatPayload(identity=identity, advertiser=advertiser, vms=vms)
+    heartbeats = [HeartbeatLoop(clock, client, address, payload.params, interval)
+                  for address in explorers]
 
-        :param explorer: the explorer's L{Address}
-        :return: a Deferred of the params dict
-        """
-        d = defer.gatherResults([
-            defer.maybeDeferred(self.advertised_address, explorer),
-            defer.maybeDeferred(self.vms.list),
-        ], consumeErrors=True)
-
-        def params(results):
-            address, vms = results
-            return {
-                "node_id": self.node_id,
-                "socket_path": address.uri,
-                "name": self.name,
-                "version": hero_compute.__version__,
-                "capacity": self.vms.capacity(),
-                "usage": self.vms.usage(),
-                "vm_count": len(vms),
-            }
-
-        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
-        return d.addCallback(params)
+    node = NodeService(identity, vms, client, rpc, listeners, advertiser, heartbeats)
+    listeners.setName("listeners")
+    listeners.setServiceParent(node)
+    if service.IService.providedBy(vms):
+        vms.setName("vms")
+        vms.setServiceParent(node)
+    for loop in heartbeats:
+        loop.setName(f"heartbeat {loop.address.uri}")
+        loop.setServiceParent(node)
+    NodeMethods(node).register(rpc)
+    return node
 
 
 class NodeMethods:
     """
-    The C{node.*} and C{vm.*} methods.
+    The ``node.*`` and ``vm.*`` methods.
 
-    :param node: the L{NodeService}
+    :param node: the :class:`NodeService`
     """
 
     def __init__(self, node):
@@ -194,7 +205,7 @@ class NodeMethods:
         self._vms = node.vms
 
     def register(self, rpc):
-        """Publish the methods on an L{RpcResource}."""
+        """Publish the methods on an :class:`RpcResource`."""
         rpc.register("node.info", self.info)
         rpc.register("vm.create", self.create)
         rpc.register("vm.start", lambda vm_id: self._wire(self._vms.start(vm_id)))

@@ -1,5 +1,5 @@
 """
-C{twistd node}: options and the service tree.
+``twistd node``: options and the service tree.
 
 Every option may also come from the environment (CONTRACT §2); the command line wins.
 """
@@ -31,7 +31,7 @@ _advertise.coerceDoc = "tcp://host:port or tcp://[v6addr]:port."
 
 
 class Options(usage.Options):
-    """Options of C{twistd node}."""
+    """Options of ``twistd node``."""
 
     synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--advertise URI] [--explorer URI]... "
                 "[--interval S] [--node-id ID] [--state-dir DIR]")
@@ -145,25 +145,31 @@ class Options(usage.Options):
         return addresses
 
 
-def makeService(options):
+def makeService(options, reactor=None):
     """
     Wire the node from its options; nothing is opened until it starts.
-    """
-    from twisted.internet import reactor
 
-    from .service import NodeService
+    :param options: parsed :class:`Options`
+    :param reactor: the reactor (and clock), the global one by default
+    :return: the root service, built by :func:`~hero_compute.node.service.make_node`
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+
+    from .service import make_node
     from .backends import make_vm_manager
 
-    return NodeService(
-        reactor,
+    return make_node(
+        reactor=reactor,
+        clock=reactor,
         socket_path=options["socket"],
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
         vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
         state_dir=options["state-dir"],
+        interval=options["interval"],
         node_id=options["node-id"],
         name=options["name"],
         advertise=options["advertise"],
-        interval=options["interval"],
     )
