@@ -1,0 +1,264 @@
+"""
+Join tokens and the explorer's trust decisions about nodes: who may enroll, renew, and
+heartbeat as which node id.  Independent of X.509: signing a CSR is injected as a
+callable ``sign(csr_pem, node_id) -> (cert_pem, serial)``, and the transport layer hands
+in what it verified of a peer's certificate (node id and serial).
+
+Decisions, and why:
+
+- A token is ``<6 chars>.<32 chars>`` of ``[a-z0-9]`` (like a kubeadm bootstrap token,
+  with a 165-bit secret part instead of 83); only its SHA-256 is stored.
+- :meth:`Enrollment.enroll` checks everything it can *before* using the token up (the
+  token names another node id, the id is taken), so a misconfigured ``NODE_ID`` can be
+  fixed and the same token retried: a retry gives its holder nothing the first try would
+  not have.  It then redeems the token (atomically, single use) and only *then* signs, so
+  one token can never produce two certificates; if signing fails the token is spent and
+  the operator makes another.
+- A token naming no node id enrolls only *new* ids: an id that is enrolled or revoked
+  needs a token created for it (``token create --node-id ID``).  Moving a name bound to
+  a certificate, or lifting a revocation, is an operator's explicit act.  Re-enrolling
+  revokes the id's earlier certificates.
+- Every token failure reads "invalid or expired token", whether the token never existed,
+  was used, or expired.
+"""
+
+import hashlib
+import math
+import re
+import secrets
+import string
+
+import attrs
+from twisted.logger import Logger
+
+from hero_compute.explorer.store import TokenRefused
+from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
+
+log = Logger()
+
+#: Token lifetime bounds and default, in seconds.
+MIN_TTL = 1
+MAX_TTL = 30 * 24 * 3600
+DEFAULT_TTL = 3600
+
+TOKEN_ALPHABET = string.ascii_lowercase + string.digits
+TOKEN_PATTERN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{32}")
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+INVALID_TOKEN = "invalid or expired token"
+
+
+def new_token():
+    """:return: a fresh random join token, ``<6 chars>.<32 chars>``"""
+    def part(n):
+        return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(n))
+    return f"{part(6)}.{part(32)}"
+
+
+def hash_token(token):
+    """:return: the hex SHA-256 of a whole token, the only form the store keeps"""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def hash_secret(secret):
+    """:return: the hex SHA-256 of a node secret's text, the only form the store keeps"""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def check_ttl(ttl):
+    """
+    :param ttl: a token lifetime in seconds
+    :return: ``ttl``, when it is a finite number within :data:`MIN_TTL`..:data:`MAX_TTL`
+    :raises InvalidParams: otherwise
+    """
+    if (not isinstance(ttl, (int, float)) or isinstance(ttl, bool)
+            or not math.isfinite(ttl) or not MIN_TTL <= ttl <= MAX_TTL):
+        raise InvalidParams(f"ttl must be a number of seconds from {MIN_TTL} to "
+                            f"{MAX_TTL} (30 days), not {ttl!r}")
+    return ttl
+
+
+def check_node_id(node_id):
+    """
+    :return: ``node_id``, when it is 1 to 64 of ``[A-Za-z0-9._-]``
+    :raises InvalidParams: otherwise
+    """
+    if not isinstance(node_id, str) or not NODE_ID_PATTERN.fullmatch(node_id):
+        raise InvalidParams(f"node_id must be 1 to 64 of A-Z a-z 0-9 . _ -, not {node_id!r}")
+    return node_id
+
+
+@attrs.define
+class Enrollment:
+    """
+    Tokens, enrollment, renewal, revocation, and the check of a node's credentials.
+
+    The methods are synchronous and never yield to the reactor between a check and the
+    change it guards, so in one explorer no two calls interleave; the store's
+    transactions cover anything beyond that.
+
+    :ivar store: the :class:`hero_compute.explorer.store.Store`
+    :ivar clock: an ``IReactorTime``; ``seconds()`` is Unix time
+    :ivar sign: ``sign(csr_pem, node_id) -> (cert_pem, serial)``, or ``None`` when this
+        explorer has no CA key (enrollment and renewal are then refused)
+    """
+
+    store: object
+    clock: object
+    sign: object = None
+
+    def create_token(self, ttl=DEFAULT_TTL, node_id=None):
+        """
+        Make a single-use join token.
+
+        :param ttl: seconds it stays valid
+        :param node_id: the only node id it may enroll, or ``None`` for any new id
+        :raises InvalidParams: bad ``ttl`` or ``node_id``
+        :return: ``{"token": str, "expires_at": float}``; the token itself is not kept
+        """
+        check_ttl(ttl)
+        if node_id is not None:
+            check_node_id(node_id)
+        token = new_token()
+        expires_at = self.clock.seconds() + ttl
+        self.store.add_token(hash_token(token), node_id, expires_at)
+        log.info("join token created for {who}, valid {ttl} s",
+                 who="any new node" if node_id is None else f"node {node_id}", ttl=ttl)
+        return {"token": token, "expires_at": expires_at}
+
+    def _signer(self):
+        if self.sign is None:
+            raise RefusedByPolicy("this explorer does not sign certificates: it has no "
+                                  "CA key (set EXPLORER_CA_KEY)")
+        return self.sign
+
+    def enroll(self, token, csr_pem, csr_node_id):
+        """
+        Enroll a node: check the token and the id, use the token up, sign the CSR.
+
+        :param token: the join token, as the node sent it
+        :param csr_pem: the node's CSR
+        :param csr_node_id: the node id the CSR asks for (read from it by the caller)
+        :raises RefusedByPolicy: no CA key; the token is invalid, used or expired; it
+            names another id; or the id is enrolled or revoked and the token does not
+            name it
+        :raises InvalidParams: ``csr_node_id`` is not a valid node id
+        :return: the certificate, PEM
+        """
+        sign = self._signer()
+        check_node_id(csr_node_id)
+        if not isinstance(token, str) or not TOKEN_PATTERN.fullmatch(token):
+            raise RefusedByPolicy(INVALID_TOKEN)
+        token_hash, now = hash_token(token), self.clock.seconds()
+        try:
+            allowed = self.store.peek_token(token_hash, now)
+        except TokenRefused:
+            raise RefusedByPolicy(INVALID_TOKEN) from None
+        if allowed is not None and allowed != csr_node_id:
+            raise RefusedByPolicy(f"this token does not allow node id {csr_node_id!r}")
+        identity = self.store.identity(csr_node_id)
+        if allowed is None and identity is not None and (identity.enrolled
+                                                         or identity.revoked):
+            state = "revoked" if identity.revoked else "already enrolled"
+            raise RefusedByPolicy(
+                f"node id {csr_node_id!r} is {state}; enrolling it again needs a token "
+                f"created for it (hero-compute token create --node-id {csr_node_id})")
+        try:
+            self.store.redeem_token(token_hash, now)
+        except TokenRefused:
+            raise RefusedByPolicy(INVALID_TOKEN) from None
+        cert_pem, serial = sign(csr_pem, csr_node_id)
+        self.store.mark_enrolled(csr_node_id, serial, now)
+        log.info("node {node_id} enrolled (certificate serial {serial:x})",
+                 node_id=csr_node_id, serial=serial)
+        return cert_pem
+
+    def renew(self, node_id, cert_serial, csr_pem):
+        """
+        Renew a node's certificate, authenticated by the current one.
+
+        :param node_id: the node id its verified certificate names
+        :param cert_serial: that certificate's serial
+        :param csr_pem: the CSR for the new certificate
+        :raises RefusedByPolicy: no CA key; the certificate or the id is revoked; or it
+            is not the id's current certificate
+        :return: the new certificate, PEM
+        """
+        sign = self._signer()
+        self._refuse_revoked(node_id, cert_serial)
+        identity = self.store.identity(node_id)
+        if identity is not None and identity.enrolled and identity.cert_serial != cert_serial:
+            raise RefusedByPolicy(f"certificate {cert_serial:x} is not the current one of "
+                                  f"node {node_id!r}; renew with the newest certificate")
+        now = self.clock.seconds()
+        cert_pem, serial = sign(csr_pem, node_id)
+        if not self.store.renew_serial(node_id, cert_serial, serial, now):
+            # Another renewal from the same certificate won: the certificate just signed
+            # must never become a second valid one for this id.
+            self.store.revoke_serial(serial, node_id, now)
+            raise RefusedByPolicy(f"certificate {cert_serial:x} of node {node_id!r} was "
+                                  f"renewed meanwhile; renew with the newest certificate")
+        log.info("node {node_id} renewed its certificate (serial {old:x} -> {new:x})",
+                 node_id=node_id, old=cert_serial, new=serial)
+        return cert_pem
+
+    def revoke(self, node_id):
+        """
+        Refuse a node id's certificates and secret from now on, until it enrolls again
+        with a token created for it.  An id never seen can be revoked too: it then
+        cannot join at all until such an enrollment.
+
+        :raises InvalidParams: ``node_id`` is not a valid node id
+        """
+        check_node_id(node_id)
+        self.store.revoke(node_id, self.clock.seconds())
+        log.info("node {node_id} revoked", node_id=node_id)
+
+    def _refuse_revoked(self, node_id, cert_serial):
+        identity = self.store.identity(node_id)
+        if identity is not None and identity.revoked:
+            raise RefusedByPolicy(f"node {node_id!r} is revoked; it must enroll again "
+                                  f"with a new token")
+        if self.store.is_revoked_serial(cert_serial):
+            raise RefusedByPolicy(f"certificate {cert_serial:x} of node {node_id!r} "
+                                  f"is revoked")
+
+    def check_node(self, node_id, secret=None, cert_serial=None):
+        """
+        Decide whether a heartbeat or leave may act for ``node_id``; call it after the
+        rate limits, since the first secret seen for an id is written to disk.
+
+        Over TLS (``cert_serial`` given: the transport verified a ``node/<node_id>``
+        certificate) the certificate decides: refused if it or the id is revoked, or if
+        the id is enrolled and it is neither its current certificate nor the one that
+        renewed into it.  A certificate made offline for an id that never enrolled is
+        accepted.  Otherwise the node secret decides: refused for an enrolled or revoked
+        id; without a secret, accepted only while none is bound; with one, bound on first
+        sight and from then on compared.
+
+        :param secret: the node secret as sent (the text), or ``None``
+        :param cert_serial: the serial of the peer's verified certificate, or ``None``
+            when the call did not come over TLS with a node certificate
+        :raises RefusedByPolicy: when refused, saying why
+        """
+        identity = self.store.identity(node_id)
+        if cert_serial is not None:
+            self._refuse_revoked(node_id, cert_serial)
+            if identity is not None and identity.enrolled and cert_serial not in (
+                    identity.cert_serial, identity.previous_serial):
+                raise RefusedByPolicy(f"certificate {cert_serial:x} is superseded for "
+                                      f"node {node_id!r}")
+            return
+        if identity is not None and identity.revoked:
+            raise RefusedByPolicy(f"node {node_id!r} is revoked; it must enroll again "
+                                  f"with a new token")
+        if identity is not None and identity.enrolled:
+            raise RefusedByPolicy(f"node {node_id!r} has enrolled: it is accepted only "
+                                  f"over TLS with its certificate")
+        if secret is None:
+            if identity is not None and identity.secret_sha256 is not None:
+                raise RefusedByPolicy(f"node {node_id!r} is bound to a secret; this "
+                                      f"call carries none")
+            return
+        if not self.store.bind_secret(node_id, hash_secret(secret)):
+            raise RefusedByPolicy(f"node {node_id!r} is bound to another secret")

@@ -1,0 +1,469 @@
+"""
+The explorer's durable state, in one SQLite file: the last known record of every node,
+node identities (secret bindings, enrollment, current certificate), join tokens (as
+hashes only) and revocations.  This is the only module that speaks SQL.
+
+The API is synchronous: the file is local and the writes are small and rare.  Nothing
+here is meant to run per heartbeat; the caller writes a node record only when something
+durable changed (see :func:`needs_save`) and flushes ``last_seen`` in batches with
+:meth:`Store.touch_nodes`.
+
+Every multi-statement change runs in one ``BEGIN IMMEDIATE`` transaction, so two
+connections to the same file (a restart overlapping a dying explorer, or a test) can
+never both redeem one token or interleave half-made changes.
+"""
+
+import contextlib
+import json
+import os
+import re
+import sqlite3
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+#: The schema this code writes.  A file with a higher ``PRAGMA user_version`` was made by
+#: a newer hero_compute and is refused rather than misread.
+SCHEMA_VERSION = 1
+
+#: The columns of a node record, as :class:`hero_compute.explorer.registry.NodeRecord`
+#: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
+NODE_FIELDS = ("node_id", "name", "socket_path", "transport", "version", "capacity",
+               "usage", "vm_count", "labels", "first_seen", "last_seen")
+
+#: The fields whose change is worth a write: a restarted explorer must show where each
+#: node was and what it was called.  ``usage``, ``vm_count`` and ``last_seen`` change with
+#: nearly every heartbeat and are left to :meth:`Store.touch_nodes` or the next save.
+DURABLE_FIELDS = ("name", "socket_path", "transport", "version", "capacity", "labels")
+
+_JSON_FIELDS = frozenset({"capacity", "usage", "labels"})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+_SCHEMA = (
+    """CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY, name TEXT NOT NULL, socket_path TEXT NOT NULL,
+        transport TEXT NOT NULL, version TEXT NOT NULL, capacity TEXT NOT NULL,
+        usage TEXT NOT NULL, vm_count INTEGER NOT NULL, labels TEXT NOT NULL,
+        first_seen REAL NOT NULL, last_seen REAL NOT NULL)""",
+    # Serials are lowercase hex text: X.509 serials run to 159 bits, past SQLite's
+    # 64-bit integers.
+    """CREATE TABLE identities (
+        node_id TEXT PRIMARY KEY, secret_sha256 TEXT,
+        enrolled INTEGER NOT NULL DEFAULT 0, cert_serial TEXT, previous_serial TEXT,
+        revoked_at REAL)""",
+    """CREATE TABLE tokens (
+        token_hash TEXT PRIMARY KEY, node_id TEXT, expires_at REAL NOT NULL,
+        used INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX tokens_by_expiry ON tokens (expires_at)",
+    """CREATE TABLE revoked_serials (
+        serial TEXT PRIMARY KEY, node_id TEXT NOT NULL, revoked_at REAL NOT NULL)""",
+    """CREATE TABLE revoked_secrets (
+        secret_sha256 TEXT PRIMARY KEY, node_id TEXT NOT NULL, revoked_at REAL NOT NULL)""",
+)
+
+
+class StoreError(Exception):
+    """The state file cannot be used: not a database, damaged, or from a newer version."""
+
+
+class TokenRefused(Exception):
+    """The token is unknown, used or expired: one exception, so no caller can tell which."""
+
+
+@attrs.frozen
+class Identity:
+    """
+    What the explorer holds about one node id's credentials.
+
+    :ivar secret_sha256: hex SHA-256 of the node secret bound to the id, or ``None``
+    :ivar enrolled: the id is bound to certificates issued by enrollment or renewal;
+        non-TLS heartbeats for it are refused
+    :ivar cert_serial: serial (an ``int``) of its current certificate, or ``None``
+    :ivar previous_serial: serial of the certificate the current one renewed, still
+        accepted so connections opened before a renewal keep working
+    :ivar revoked: the id is revoked: refused until it enrolls again
+    """
+
+    node_id: str
+    secret_sha256: str | None
+    enrolled: bool
+    cert_serial: int | None
+    previous_serial: int | None
+    revoked: bool
+
+
+def needs_save(old, new):
+    """
+    Whether a node's record changed in a way worth writing.
+
+    :param old: the previous record (a mapping with :data:`NODE_FIELDS`), or ``None``
+        on first sight
+    :param new: the new record
+    :return: ``True`` when :meth:`Store.save_node` should be called
+    """
+    return old is None or any(old[f] != new[f] for f in DURABLE_FIELDS)
+
+
+def _check_sha256(value, what):
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
+        # Catches the costly mistake of handing the store a token or secret in clear.
+        raise ValueError(f"{what} must be 64 lowercase hex characters (a SHA-256)")
+    return value
+
+
+def _serial_text(serial):
+    if not isinstance(serial, int) or isinstance(serial, bool) or serial < 0:
+        raise ValueError(f"a certificate serial must be a non-negative int, not {serial!r}")
+    return format(serial, "x")
+
+
+def _create_private(path):
+    """Create the state file 0600 and its directory 0700 when they are missing."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)  # makedirs' mode is subject to the umask
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+@attrs.define
+class Store:
+    """
+    The explorer's SQLite state.  Open with :meth:`open`; :meth:`close` when done.
+
+    SQLite's WAL and shared-memory files take the database file's mode, so they are
+    0600 too.
+
+    :ivar path: the database file
+    """
+
+    _db: sqlite3.Connection
+    path: str
+
+    @classmethod
+    def open(cls, path, timeout=5.0):
+        """
+        Open (creating when missing) the state file and bring its schema up to date.
+
+        :param path: the database file, e.g. ``EXPLORER_STATE_DIR/explorer.db``
+        :param timeout: seconds to wait for another connection's write lock
+        :raises StoreError: the file is not a database of ours, is damaged, or was
+            written by a newer version
+        :return: a :class:`Store`
+        """
+        path = os.fspath(path)
+        _create_private(path)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so no statement opens a
+        # transaction behind our back.
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        try:
+            store = cls(db, path)
+            store._prepare()
+        except sqlite3.OperationalError as e:  # locked, unreadable, disk full: not damage
+            db.close()
+            raise StoreError(f"{path}: cannot use the explorer state ({e})") from e
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise StoreError(f"{path}: not an SQLite database, or damaged ({e}); "
+                             f"move it aside to start with empty explorer state") from e
+        except BaseException:
+            db.close()
+            raise
+        return store
+
+    def _prepare(self):
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by a newer hero_compute (schema {version}; this "
+                f"version knows up to {SCHEMA_VERSION}); upgrade, or move the file aside")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode loses at most the last commits on power loss, never
+        # consistency; FULL would fsync every token and enrollment for little gain.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        if version < SCHEMA_VERSION:
+            with self._transaction():
+                # Another process may have created the schema while we waited for the lock.
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    self._create_schema()
+
+    def _create_schema(self):
+        tables = self._db.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        if tables:
+            raise StoreError(f"{self.path}: an SQLite database, but not hero_compute "
+                             f"explorer state; refusing to write into it")
+        for statement in _SCHEMA:
+            self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        # IMMEDIATE takes the write lock up front: a read-then-write (redeeming a
+        # token) cannot be overtaken by another connection between the two.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def close(self):
+        """Close the database; calling it again does nothing."""
+        self._db.close()
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def load_nodes(self):
+        """
+        :return: every stored node record, a list of dicts with :data:`NODE_FIELDS`,
+            ordered by node id; an undecodable row is logged and skipped, so one bad
+            record cannot hide the fleet
+        """
+        nodes = []
+        for row in self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes "
+                                    f"ORDER BY node_id"):
+            record = dict(zip(NODE_FIELDS, row))
+            try:
+                for field in _JSON_FIELDS:
+                    record[field] = json.loads(record[field])
+            except ValueError:
+                log.warn("skipping stored node {node_id}: undecodable record",
+                         node_id=record["node_id"])
+                continue
+            nodes.append(record)
+        return nodes
+
+    def save_node(self, record):
+        """
+        Store a node's record, replacing any earlier one.  Call it when
+        :func:`needs_save` says so, not per heartbeat.
+
+        :param record: a mapping with at least :data:`NODE_FIELDS` (others, such as
+            ``left`` or ``status``, are ignored), e.g. ``attrs.asdict(node_record)``
+        """
+        row = [json.dumps(record[f], sort_keys=True, allow_nan=False)
+               if f in _JSON_FIELDS else record[f] for f in NODE_FIELDS]
+        self._db.execute(f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_FIELDS)}) "
+                         f"VALUES ({', '.join('?' * len(NODE_FIELDS))})", row)
+
+    def touch_nodes(self, last_seen):
+        """
+        Record newer ``last_seen`` times in one transaction (e.g. every few minutes and
+        at shutdown), so ``NODE_FORGET_AFTER`` counts from the truth after a restart.
+
+        :param last_seen: a mapping of node id to last heartbeat time; unknown ids and
+            older times are ignored
+        """
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE nodes SET last_seen = ?1 WHERE node_id = ?2 AND last_seen < ?1",
+                [(seen, node_id) for node_id, seen in last_seen.items()])
+
+    def forget_node(self, node_id):
+        """:return: whether there was a record to drop (the identity stays; see
+        :meth:`forget_identity`)"""
+        return self._db.execute("DELETE FROM nodes WHERE node_id = ?",
+                                (node_id,)).rowcount > 0
+
+    # -- identities --------------------------------------------------------------------
+
+    def _identity_row(self, node_id):
+        return self._db.execute(
+            "SELECT secret_sha256, enrolled, cert_serial, previous_serial, revoked_at "
+            "FROM identities WHERE node_id = ?", (node_id,)).fetchone()
+
+    def identity(self, node_id):
+        """:return: the node id's :class:`Identity`, or ``None`` when nothing is held"""
+        row = self._identity_row(node_id)
+        if row is None:
+            return None
+        secret, enrolled, serial, previous, revoked_at = row
+        return Identity(node_id=node_id, secret_sha256=secret, enrolled=bool(enrolled),
+                        cert_serial=None if serial is None else int(serial, 16),
+                        previous_serial=None if previous is None else int(previous, 16),
+                        revoked=revoked_at is not None)
+
+    def bind_secret(self, node_id, secret_sha256):
+        """
+        Bind a node secret to an id on first sight, or check it against the bound one.
+
+        :param secret_sha256: hex SHA-256 of the secret
+        :return: ``True`` when the id is (now) bound to this secret; ``False`` when it is
+            bound to another, is revoked, or the secret was revoked
+        """
+        _check_sha256(secret_sha256, "secret_sha256")
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM revoked_secrets WHERE secret_sha256 = ?",
+                                (secret_sha256,)).fetchone():
+                return False
+            row = self._identity_row(node_id)
+            if row is None:
+                self._db.execute("INSERT INTO identities (node_id, secret_sha256) "
+                                 "VALUES (?, ?)", (node_id, secret_sha256))
+                return True
+            bound, revoked_at = row[0], row[4]
+            if revoked_at is not None:
+                return False
+            if bound is None:
+                self._db.execute("UPDATE identities SET secret_sha256 = ? "
+                                 "WHERE node_id = ?", (secret_sha256, node_id))
+                return True
+            return bound == secret_sha256
+
+    def mark_enrolled(self, node_id, cert_serial, now):
+        """
+        Bind an id to a newly enrolled certificate.  Any earlier certificates of the id
+        (current and previous) are revoked: a node enrolls again when its key is lost or
+        suspect.  A revoked state is lifted, for this certificate only.
+
+        :param cert_serial: the new certificate's serial (an ``int``)
+        :param now: the time, recorded against the serials it revokes
+        """
+        new = _serial_text(cert_serial)
+        with self._transaction():
+            row = self._identity_row(node_id)
+            if row is None:
+                self._db.execute("INSERT INTO identities (node_id) VALUES (?)", (node_id,))
+            else:
+                self._revoke_serials(node_id, (row[2], row[3]), now, keep=new)
+            self._db.execute(
+                "UPDATE identities SET enrolled = 1, cert_serial = ?, "
+                "previous_serial = NULL, revoked_at = NULL WHERE node_id = ?",
+                (new, node_id))
+
+    def renew_serial(self, node_id, old_serial, new_serial, now):
+        """
+        Replace an id's current certificate by a renewed one, if ``old_serial`` is still
+        current (compare-and-swap: of two renewals from one certificate only the first
+        wins).  The renewed certificate stays accepted as ``previous_serial``; the one
+        before it is revoked.  An id that never enrolled and is not revoked (its
+        certificate was made offline) becomes enrolled with the new certificate.
+
+        :return: whether the swap happened
+        """
+        old, new = _serial_text(old_serial), _serial_text(new_serial)
+        with self._transaction():
+            row = self._identity_row(node_id)
+            if row is None:
+                self._db.execute("INSERT INTO identities (node_id) VALUES (?)", (node_id,))
+            elif row[4] is not None or (row[1] and row[2] != old):
+                return False
+            else:
+                self._revoke_serials(node_id, (row[3],), now, keep=old)
+            self._db.execute("UPDATE identities SET enrolled = 1, cert_serial = ?, "
+                             "previous_serial = ? WHERE node_id = ?", (new, old, node_id))
+            return True
+
+    def forget_identity(self, node_id):
+        """
+        Forget an id's secret binding and enrollment, as when a node is removed.
+        Removing never undoes a revocation: a revoked id stays revoked, and revoked
+        serials and secrets stay refused.
+        """
+        with self._transaction():
+            self._db.execute("DELETE FROM identities WHERE node_id = ? "
+                             "AND revoked_at IS NULL", (node_id,))
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def add_token(self, token_hash, node_id, expires_at):
+        """
+        Store a join token by its hash.
+
+        :param token_hash: hex SHA-256 of the token
+        :param node_id: the only node id it may enroll, or ``None`` for any new one
+        :param expires_at: Unix time after which it is refused
+        """
+        _check_sha256(token_hash, "token_hash")
+        self._db.execute("INSERT INTO tokens (token_hash, node_id, expires_at) "
+                         "VALUES (?, ?, ?)", (token_hash, node_id, expires_at))
+
+    def peek_token(self, token_hash, now):
+        """
+        Check a token without using it up.
+
+        :return: the node id it allows, or ``None`` when it names none
+        :raises TokenRefused: unknown, used or expired
+        """
+        row = self._db.execute(
+            "SELECT node_id FROM tokens WHERE token_hash = ? AND used = 0 "
+            "AND expires_at > ?", (_check_sha256(token_hash, "token_hash"), now)).fetchone()
+        if row is None:
+            raise TokenRefused()
+        return row[0]
+
+    def redeem_token(self, token_hash, now):
+        """
+        Use a token up, atomically: of two redeems only one succeeds.  Expired tokens
+        are purged on the way.
+
+        :return: the node id it allows, or ``None`` when it names none
+        :raises TokenRefused: unknown, used or expired
+        """
+        _check_sha256(token_hash, "token_hash")
+        with self._transaction():
+            self._purge_tokens(now)
+            row = self._db.execute("SELECT node_id FROM tokens WHERE token_hash = ? "
+                                   "AND used = 0", (token_hash,)).fetchone()
+            if row is not None:
+                self._db.execute("UPDATE tokens SET used = 1 WHERE token_hash = ?",
+                                 (token_hash,))
+        # Raised after the commit, so a refusal still keeps the purge.
+        if row is None:
+            raise TokenRefused()
+        return row[0]
+
+    def _purge_tokens(self, now):
+        # Used tokens are kept until they expire, so the record shows they were used.
+        self._db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
+
+    # -- revocation --------------------------------------------------------------------
+
+    def revoke(self, node_id, now):
+        """
+        Revoke a node id: its current and previous certificates and its bound secret are
+        refused from now on, and the id stays revoked until it enrolls again.
+
+        :param now: the time of revocation
+        """
+        with self._transaction():
+            row = self._identity_row(node_id)
+            if row is None:
+                self._db.execute("INSERT INTO identities (node_id) VALUES (?)", (node_id,))
+            else:
+                self._revoke_serials(node_id, (row[2], row[3]), now)
+                if row[0] is not None:
+                    self._db.execute("INSERT OR IGNORE INTO revoked_secrets VALUES (?, ?, ?)",
+                                     (row[0], node_id, now))
+            self._db.execute(
+                "UPDATE identities SET secret_sha256 = NULL, enrolled = 0, "
+                "cert_serial = NULL, previous_serial = NULL, "
+                "revoked_at = coalesce(revoked_at, ?) WHERE node_id = ?", (now, node_id))
+
+    def revoke_serial(self, serial, node_id, now):
+        """Refuse one certificate from now on, e.g. one signed but never handed out."""
+        with self._transaction():
+            self._revoke_serials(node_id, (_serial_text(serial),), now)
+
+    def _revoke_serials(self, node_id, serials, now, keep=None):
+        self._db.executemany(
+            "INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
+            [(s, node_id, now) for s in serials if s is not None and s != keep])
+
+    def is_revoked_serial(self, serial):
+        """:return: whether the certificate with this serial has been revoked"""
+        return self._db.execute("SELECT 1 FROM revoked_serials WHERE serial = ?",
+                                (_serial_text(serial),)).fetchone() is not None

@@ -1,0 +1,363 @@
+"""
+The explorer's SQLite state, against real files in a temporary directory.
+"""
+
+import hashlib
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+
+from hero_compute.explorer.store import (
+    NODE_FIELDS,
+    SCHEMA_VERSION,
+    Identity,
+    Store,
+    StoreError,
+    TokenRefused,
+    needs_save,
+)
+
+NOW = 1_700_000_000.0
+
+
+def sha(text):
+    """The hex SHA-256 of a text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def node(node_id="n1", **changes):
+    """A node record as the registry would hand it over."""
+    record = {"node_id": node_id, "name": node_id, "socket_path": "tcp://10.0.0.1:9003",
+              "transport": "tcp", "version": "1", "capacity": {"vcpus": 4},
+              "usage": {"vcpus": 1}, "vm_count": 1, "labels": {"zone": "a"},
+              "first_seen": NOW, "last_seen": NOW + 5}
+    record.update(changes)
+    return record
+
+
+@pytest.fixture
+def path(tmp_path):
+    """Where the state file goes: in a directory that does not exist yet."""
+    return tmp_path / "state" / "explorer.db"
+
+
+@pytest.fixture
+def store(path):
+    """An open store, closed after the test."""
+    s = Store.open(path)
+    yield s
+    s.close()
+
+
+def reopen(store):
+    """Close a store and open its file again, as a restarted explorer would."""
+    store.close()
+    return Store.open(store.path)
+
+
+def test_file_and_directory_are_private(store, path):
+    """The state file is created 0600 and its missing directory 0700."""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_wal_mode_and_schema_version(store, path):
+    """The file is in WAL mode and carries the schema version."""
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        raw.close()
+
+
+def test_nodes_survive_reopen(store):
+    """Saved node records come back, whole and in node id order, after a reopen."""
+    store.save_node(node("n2"))
+    store.save_node({**node("n1"), "left": True, "status": "online"})
+    store = reopen(store)
+    try:
+        assert store.load_nodes() == [node("n1"), node("n2")]
+        assert set(store.load_nodes()[0]) == set(NODE_FIELDS)
+    finally:
+        store.close()
+
+
+def test_save_node_replaces_and_forget_node_removes(store):
+    """Saving again replaces the record; forgetting drops it and says whether it was there."""
+    store.save_node(node())
+    store.save_node(node(socket_path="tcp://10.0.0.2:9003"))
+    assert [r["socket_path"] for r in store.load_nodes()] == ["tcp://10.0.0.2:9003"]
+    assert store.forget_node("n1") is True
+    assert store.forget_node("n1") is False
+    assert store.load_nodes() == []
+
+
+def test_touch_nodes_only_moves_last_seen_forward(store):
+    """touch_nodes records newer last_seen times and ignores older ones and unknown ids."""
+    store.save_node(node("n1"))
+    store.save_node(node("n2"))
+    store.touch_nodes({"n1": NOW + 100, "n2": NOW, "ghost": NOW})
+    seen = {r["node_id"]: r["last_seen"] for r in store.load_nodes()}
+    assert seen == {"n1": NOW + 100, "n2": NOW + 5}
+
+
+def test_a_bad_row_does_not_hide_the_fleet(store, path):
+    """A node row whose JSON is damaged is skipped; the others load."""
+    store.save_node(node("n1"))
+    store.save_node(node("n2"))
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE nodes SET labels = '{nope' WHERE node_id = 'n1'")
+    raw.commit()
+    raw.close()
+    assert [r["node_id"] for r in store.load_nodes()] == ["n2"]
+
+
+def test_needs_save_only_for_durable_changes():
+    """A record needs saving on first sight and on durable changes, not on usage."""
+    assert needs_save(None, node())
+    assert not needs_save(node(), node(usage={"vcpus": 3}, vm_count=3, last_seen=NOW + 9))
+    assert needs_save(node(), node(socket_path="tcp://10.0.0.9:9003"))
+    assert needs_save(node(), node(labels={"zone": "b"}))
+    assert needs_save(node(), node(name="renamed"))
+
+
+def test_secret_binds_on_first_sight(store):
+    """The first secret binds the id; the same one is accepted and another refused."""
+    assert store.identity("n1") is None
+    assert store.bind_secret("n1", sha("s1")) is True
+    assert store.bind_secret("n1", sha("s1")) is True
+    assert store.bind_secret("n1", sha("s2")) is False
+    assert store.identity("n1") == Identity("n1", sha("s1"), False, None, None, False)
+
+
+def test_store_refuses_a_secret_in_clear(store):
+    """A value that is not a SHA-256 hex digest is refused, so no secret lands in clear."""
+    with pytest.raises(ValueError, match="SHA-256"):
+        store.bind_secret("n1", "a" * 63 + "G")
+    with pytest.raises(ValueError, match="SHA-256"):
+        store.add_token("abcdef.0123456789abcdef0123456789abcdef", None, NOW)
+
+
+def test_forget_identity_unbinds_the_secret(store):
+    """After the id is forgotten, a new secret can bind it."""
+    store.bind_secret("n1", sha("s1"))
+    store.forget_identity("n1")
+    assert store.identity("n1") is None
+    assert store.bind_secret("n1", sha("s2")) is True
+
+
+def test_redeem_is_single_use(store):
+    """A token redeems once, returning its node id; the second redeem is refused."""
+    store.add_token(sha("t1"), "n1", NOW + 60)
+    assert store.peek_token(sha("t1"), NOW) == "n1"
+    assert store.redeem_token(sha("t1"), NOW) == "n1"
+    with pytest.raises(TokenRefused):
+        store.redeem_token(sha("t1"), NOW)
+    with pytest.raises(TokenRefused):
+        store.peek_token(sha("t1"), NOW)
+
+
+def test_token_naming_no_node_redeems_to_none(store):
+    """A token naming no node id redeems to None."""
+    store.add_token(sha("t1"), None, NOW + 60)
+    assert store.redeem_token(sha("t1"), NOW) is None
+
+
+def test_expired_token_is_refused_and_purged(store, path):
+    """An expired token is refused, and redeeming purges expired rows."""
+    store.add_token(sha("old"), None, NOW + 60)
+    store.add_token(sha("new"), None, NOW + 600)
+    with pytest.raises(TokenRefused):
+        store.peek_token(sha("old"), NOW + 60)
+    with pytest.raises(TokenRefused):
+        store.redeem_token(sha("old"), NOW + 60)
+    with pytest.raises(TokenRefused):
+        store.redeem_token(sha("unknown"), NOW + 60)
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("SELECT token_hash FROM tokens").fetchall() == [(sha("new"),)]
+    finally:
+        raw.close()
+
+
+def test_used_token_stays_used_after_reopen(store):
+    """A redeemed token is still refused after a restart."""
+    store.add_token(sha("t1"), None, NOW + 60)
+    store.redeem_token(sha("t1"), NOW)
+    store = reopen(store)
+    try:
+        with pytest.raises(TokenRefused):
+            store.redeem_token(sha("t1"), NOW)
+    finally:
+        store.close()
+
+
+def test_concurrent_redeems_from_two_connections(store):
+    """Of several threads, each with its own connection, only one redeems a token."""
+    store.add_token(sha("t1"), "n1", NOW + 60)
+    threads, start, results = 8, threading.Barrier(8), []
+
+    def attempt():
+        mine = Store.open(store.path)
+        try:
+            start.wait()
+            mine.redeem_token(sha("t1"), NOW)
+            results.append("ok")
+        except TokenRefused:
+            results.append("refused")
+        finally:
+            mine.close()
+
+    workers = [threading.Thread(target=attempt) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(results) == ["ok"] + ["refused"] * (threads - 1)
+
+
+def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
+    """A redeem that starts while another is mid-transaction waits, then is refused cleanly."""
+    store.add_token(sha("t1"), "n1", NOW + 60)
+    inside, results = threading.Event(), {}
+    purge = Store._purge_tokens
+
+    def slow_purge(self, now):
+        purge(self, now)
+        if threading.current_thread().name == "first":
+            inside.set()
+            time.sleep(0.3)  # the second redeem starts while this one is mid-way
+
+    monkeypatch.setattr(Store, "_purge_tokens", slow_purge)
+
+    def attempt(name):
+        mine = Store.open(store.path)
+        try:
+            if name == "second":
+                inside.wait(5)
+            results[name] = mine.redeem_token(sha("t1"), NOW)
+        except (TokenRefused, sqlite3.Error) as e:
+            results[name] = e
+        finally:
+            mine.close()
+
+    workers = [threading.Thread(target=attempt, args=(n,), name=n)
+               for n in ("first", "second")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert results["first"] == "n1"
+    assert isinstance(results["second"], TokenRefused)
+
+
+def test_enrollment_records_serial_and_revokes_earlier_ones(store):
+    """Enrolling records the serial; enrolling again revokes the earlier certificate."""
+    big = 2 ** 158 + 12345  # X.509 serials do not fit SQLite integers
+    store.bind_secret("n1", sha("s1"))
+    store.mark_enrolled("n1", big, NOW)
+    assert store.identity("n1") == Identity("n1", sha("s1"), True, big, None, False)
+    store.mark_enrolled("n1", 7, NOW)
+    assert store.is_revoked_serial(big)
+    assert not store.is_revoked_serial(7)
+
+
+def test_renew_serial_is_compare_and_swap(store):
+    """Renewal swaps only from the current serial, keeps it as previous, revokes older."""
+    store.mark_enrolled("n1", 1, NOW)
+    assert store.renew_serial("n1", 1, 2, NOW)
+    assert not store.renew_serial("n1", 1, 3, NOW)
+    assert store.renew_serial("n1", 2, 4, NOW)
+    identity = store.identity("n1")
+    assert (identity.cert_serial, identity.previous_serial) == (4, 2)
+    assert store.is_revoked_serial(1)
+    assert not store.is_revoked_serial(2)
+
+
+def test_renew_serial_adopts_an_offline_certificate(store):
+    """An id that never enrolled becomes enrolled by renewing its offline certificate."""
+    assert store.renew_serial("n1", 10, 11, NOW)
+    assert store.identity("n1") == Identity("n1", None, True, 11, 10, False)
+
+
+def test_revoke_refuses_serials_and_secret_and_survives_reopen(store):
+    """Revocation refuses the certificate and the secret, and a restart keeps it."""
+    store.bind_secret("n1", sha("s1"))
+    store.mark_enrolled("n1", 5, NOW)
+    store.renew_serial("n1", 5, 6, NOW)
+    store.revoke("n1", NOW)
+    store = reopen(store)
+    try:
+        assert store.is_revoked_serial(5) and store.is_revoked_serial(6)
+        assert store.identity("n1") == Identity("n1", None, False, None, None, True)
+        assert store.bind_secret("n1", sha("s1")) is False
+        assert store.bind_secret("n1", sha("s2")) is False
+        assert store.renew_serial("n1", 6, 7, NOW) is False
+    finally:
+        store.close()
+
+
+def test_removal_never_undoes_revocation(store):
+    """Forgetting a revoked id keeps it revoked, and its old secret stays refused anywhere."""
+    store.bind_secret("n1", sha("s1"))
+    store.revoke("n1", NOW)
+    store.forget_identity("n1")
+    assert store.identity("n1").revoked
+    assert store.bind_secret("n2", sha("s1")) is False
+
+
+def test_enrolling_lifts_revocation_for_the_new_certificate_only(store):
+    """A revoked id that enrolls again is no longer revoked; its old serial still is."""
+    store.mark_enrolled("n1", 5, NOW)
+    store.revoke("n1", NOW)
+    store.mark_enrolled("n1", 9, NOW)
+    assert store.identity("n1") == Identity("n1", None, True, 9, None, False)
+    assert store.is_revoked_serial(5)
+    assert not store.is_revoked_serial(9)
+
+
+def test_open_twice_in_a_row_and_at_once(path):
+    """Opening, closing and opening again works, as do two connections at once."""
+    first = Store.open(path)
+    first.save_node(node())
+    first.close()
+    first.close()
+    second, third = Store.open(path), Store.open(path)
+    try:
+        assert second.load_nodes() == third.load_nodes() == [node()]
+    finally:
+        second.close()
+        third.close()
+
+
+def test_not_a_database_is_a_clear_error(tmp_path):
+    """A file that is not SQLite is refused with a message naming it."""
+    bogus = tmp_path / "explorer.db"
+    bogus.write_bytes(b"this is not a database, just some text " * 100)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        Store.open(bogus)
+    assert bogus.read_bytes().startswith(b"this is not a database")
+
+
+def test_newer_schema_is_refused(path):
+    """A file from a newer schema version is refused rather than misread."""
+    Store.open(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(StoreError, match="newer hero_compute"):
+        Store.open(path)
+
+
+def test_foreign_database_is_refused(tmp_path):
+    """An SQLite file of some other program is not written into."""
+    other = tmp_path / "other.db"
+    raw = sqlite3.connect(other)
+    raw.execute("CREATE TABLE accounts (id INTEGER)")
+    raw.close()
+    with pytest.raises(StoreError, match="not hero_compute"):
+        Store.open(other)
