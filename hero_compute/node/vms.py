@@ -2,14 +2,12 @@
 The VM manager seam: what the node's RPC methods need from whatever runs VMs.
 
 L{IVmManager} is implemented for real by L{hero_compute.node.qemu.QemuVmManager} (QEMU
-processes driven over QMP) and, for fast tests of the RPC layer, by L{MemoryVmManager}.
+processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager``.
 """
 
 import attrs
-from twisted.internet import defer
-from zope.interface import Interface, implementer
+from zope.interface import Interface
 
-from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
 #: The states of a VM, as on the wire.
 STATES = ("stopped", "starting", "running", "stopping", "error")
@@ -69,63 +67,6 @@ class IVmManager(Interface):
 
     def usage():
         """Returns the C{{vcpus, memory_mb, disk_gb}} given to this node's VMs."""
-
-
-@implementer(IVmManager)
-@attrs.define
-class MemoryVmManager:
-    """
-    An in-memory L{IVmManager}: the lifecycle rules without any process behind them.
-
-    :ivar clock: an C{IReactorTime} for C{created_at}
-    :ivar host: the capacity to report
-    """
-
-    clock: object
-    host: dict = attrs.field(factory=lambda: {"vcpus": 0, "memory_mb": 0, "disk_gb": 0})
-    _vms: dict = attrs.field(factory=dict)
-    _next: int = 0
-
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
-        self._next += 1
-        vm = VmRecord(f"vm-{self._next}", name, vcpus, memory_mb, disk_gb, image,
-                      "stopped", self.clock.seconds())
-        self._vms[vm.vm_id] = vm
-        return defer.succeed(vm)
-
-    def _transition(self, vm_id, allowed, new_state):
-        vm = self._get(vm_id)
-        if vm.state not in allowed:
-            raise InvalidVmState(f"VM {vm_id} is {vm.state}")
-        vm = self._vms[vm_id] = attrs.evolve(vm, state=new_state)
-        return vm
-
-    def start(self, vm_id):
-        return defer.maybeDeferred(self._transition, vm_id, ("stopped", "error"), "running")
-
-    def stop(self, vm_id, force=False):
-        return defer.maybeDeferred(self._transition, vm_id, ("running", "starting"), "stopped")
-
-    def delete(self, vm_id):
-        return defer.maybeDeferred(lambda: bool(self._vms.pop(self._get(vm_id).vm_id)))
-
-    def get(self, vm_id):
-        return defer.maybeDeferred(self._get, vm_id)
-
-    def _get(self, vm_id):
-        try:
-            return self._vms[vm_id]
-        except KeyError:
-            raise VmNotFound(f"no VM {vm_id!r}") from None
-
-    def list(self):
-        return defer.succeed(list(self._vms.values()))
-
-    def capacity(self):
-        return dict(self.host)
-
-    def usage(self):
-        return usage_of(self._vms.values())
 
 
 def usage_of(vms):
