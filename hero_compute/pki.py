@@ -160,7 +160,12 @@ def spki_pin(cert):
 
     :param cert: a :class:`cryptography.x509.Certificate`
     """
-    return "sha256:" + hashlib.sha256(_spki(cert.public_key())).hexdigest()
+    return public_key_pin(cert.public_key())
+
+
+def public_key_pin(public_key):
+    """:return: the pin of a public key, as :func:`spki_pin` of a certificate holding it"""
+    return "sha256:" + hashlib.sha256(_spki(public_key)).hexdigest()
 
 
 def _spki(public_key):
