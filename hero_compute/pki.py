@@ -488,12 +488,12 @@ def create_cert(ca_dir, role, name, dns=(), ips=(), days=90, out=None, force=Fal
     prefix = out if out is not None else f"{role}-{name}"
     cert_path, key_path = f"{prefix}.pem", f"{prefix}-key.pem"
     ca = CertificateAuthority.from_directory(ca_dir)
+    key = make_key()
+    cert = ca.issue(role, name, key.public_key(), dns=dns, ips=ips, days=days)
     if not force:
         for path in (cert_path, key_path):
             if os.path.lexists(path):
                 raise PkiError(f"{path} exists; refusing to overwrite it (use --force)")
-    key = make_key()
-    cert = ca.issue(role, name, key.public_key(), dns=dns, ips=ips, days=days)
     write_file(key_path, dump_private_key(key), 0o600)
     write_file(cert_path, dump_certificate(cert), 0o644)
     return cert_path, key_path
