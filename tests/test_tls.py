@@ -191,6 +191,23 @@ class _Presenting:
 
 
 @pytest_twisted.ensureDeferred
+async def test_expired_client_certificate_fails_the_handshake(fleet, serve):
+    """A fleet certificate issued with a clock 100 days back for 90 days is refused."""
+    import datetime
+
+    ca = pki.CertificateAuthority.from_directory(str(fleet["dir"] / "ca"))
+    key = pki.make_key()
+    then = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=100)
+    old = ca.issue("client", "c", key.public_key(), days=90, now=then)
+    port, factory = serve(tls.ServerTLS(material(fleet, "explorer/e1")))
+    client = await connect(port, tls.ClientTLS(tls.Credentials(ca.certificate, old, key),
+                                               tls.Expected("explorer")))
+    reason = await refused(client, factory)
+    assert reason.check(SSL.Error), reason
+    assert [server.received for server in factory.connections] == [b""]
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_node_fails_the_handshake_before_any_data(fleet, serve):
     """A client expecting node/a refuses a server holding node/b: no byte reaches it."""
     port, factory = serve(tls.ServerTLS(material(fleet, "node/b")))
