@@ -347,6 +347,18 @@ async def test_fetch_peer_chain_fails_when_nothing_listens():
         await tls.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
 
 
+@pytest_twisted.ensureDeferred
+async def test_fetch_peer_chain_times_out_on_a_silent_server():
+    """A server that accepts but never speaks TLS makes the fetch time out."""
+    silent = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
+                               interface="127.0.0.1")
+    try:
+        with pytest.raises(defer.TimeoutError):
+            await tls.fetch_peer_chain(reactor, "127.0.0.1", silent.getHost().port, 0.3)
+    finally:
+        await silent.stopListening()
+
+
 def test_identity_of_checks_the_trust_domain(fleet):
     """A certificate's identity is read in its trust domain and refused in another."""
     cert = pki.load_certificate(fleet["node/a"][0])

@@ -24,6 +24,8 @@ handshake, then talks to the explorer over an ordinary verified connection, so t
 never goes to a server that has not proven it holds a certificate of the pinned CA.
 """
 
+import functools
+
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -253,7 +255,7 @@ class _Reloadable:
         try:
             credentials = self._material.load()
             self._check(credentials)
-            context = _context(credentials, self._verify)
+            context = _context(credentials, functools.partial(self._verify, credentials))
         except SSL.Error as e:
             raise TLSConfigError(f"OpenSSL refused the TLS material: {e}") from None
         self._context, self.credentials = context, credentials
@@ -276,7 +278,7 @@ class ServerTLS(_Reloadable):
         if credentials.certificate is None:
             raise TLSConfigError("a TLS listener needs a certificate and its key")
 
-    def _verify(self, connection, cert, errno, depth, ok):
+    def _verify(self, credentials, connection, cert, errno, depth, ok):
         return bool(ok)
 
     def serverConnectionForTLS(self, tlsProtocol):
@@ -300,10 +302,10 @@ class ClientTLS(_Reloadable):
         self.expected = expected
         _Reloadable.__init__(self, material)
 
-    def _verify(self, connection, cert, errno, depth, ok):
+    def _verify(self, credentials, connection, cert, errno, depth, ok):
         if not ok or depth != 0:
             return bool(ok)
-        identity = identity_of(cert, self.credentials.trust_domain)
+        identity = identity_of(cert, credentials.trust_domain)
         if self.expected.allows(identity):
             return True
         log.warn("TLS peer refused: its certificate names {identity}, expected {expected}",
@@ -369,10 +371,13 @@ def fetch_peer_chain(reactor, host, port, timeout=10):
         it fails if the server cannot be reached or the handshake fails, and with
         :class:`twisted.internet.defer.TimeoutError` after ``timeout``
     """
-    state = {"connecting": None, "protocol": None}
+    state = {"connecting": None, "protocol": None, "cancelled": False}
 
     def cancel(d):
+        # Whatever the teardown reports, the caller sees the cancellation (or timeout).
+        state["cancelled"] = True
         if state["protocol"] is not None:
+            state["protocol"]._done = None
             state["protocol"].transport.abortConnection()
         elif state["connecting"] is not None:
             state["connecting"].cancel()
@@ -386,7 +391,7 @@ def fetch_peer_chain(reactor, host, port, timeout=10):
         state["protocol"] = proto
 
     def failed(failure):
-        if not done.called:
+        if not state["cancelled"] and not done.called:
             done.errback(failure)
 
     connecting.addCallbacks(connected, failed)
