@@ -18,6 +18,7 @@ import sys
 
 from twisted.internet import defer, task
 
+from hero_compute.cli_tls import add_tls_commands, run as run_tls
 from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.rpc.client import RpcClient
 from hero_compute.rpc.config import socket_dir
@@ -65,6 +66,7 @@ def parser(env):
     raw = sub.add_parser("rpc", help="call a method of the explorer itself")
     raw.add_argument("method")
     raw.add_argument("params", nargs="?", type=_params)
+    add_tls_commands(sub)
     return p
 
 
@@ -112,6 +114,8 @@ def main(argv=None, env=None):
         args = parser(env).parse_args(argv)
     except SystemExit as e:
         sys.exit(64 if e.code else 0)
+    if args.command == "tls":
+        sys.exit(run_tls(args))
 
     def run(reactor):
         d = defer.ensureDeferred(_run(reactor, args, sys.stdout, sys.stderr))

@@ -1,0 +1,501 @@
+"""
+The fleet's offline PKI, in the manner of ``nomad tls``: one CA per fleet, and certificates
+whose single URI SAN ``spiffe://<trust-domain>/<role>/<name>`` says who their holder is.
+
+Keys and certificates are made with :mod:`cryptography` only; nothing here encodes ASN.1
+by hand.  Keys are ECDSA P-256: small certificates and cheap handshakes.
+
+The trust domain is chosen when the CA is created and written into the CA certificate as
+its own URI SAN ``spiffe://<trust-domain>``, so a CA file alone says which identities it
+vouches for.  The CA pin, ``sha256:<64 hex>``, is the SHA-256 of the CA's
+SubjectPublicKeyInfo DER, as kubeadm's ``--discovery-token-ca-cert-hash``: it survives
+re-issuing the CA certificate with the same key.
+
+This module knows nothing of Twisted or the network; :mod:`hero_compute.rpc.tls` builds
+TLS on it.
+"""
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import re
+import tempfile
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+#: The roles a certificate may name (contract §6).
+ROLES = ("explorer", "node", "client")
+DEFAULT_TRUST_DOMAIN = "hero-compute"
+CA_FILE = "ca.pem"
+CA_KEY_FILE = "ca-key.pem"
+
+# SPIFFE: a trust domain is lowercase letters, digits, '.', '-', '_'; we add the contract's
+# name rule, so an identity is exactly two path segments with nothing around them.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SPIFFE_ID = re.compile(r"spiffe://([^/?#]*)/([^/?#]*)/([^/?#]*)")
+_CA_ID = re.compile(r"spiffe://([^/?#]*)")
+#: Slack on ``not_valid_before`` for peers whose clocks run a little behind ours.
+_BACKDATE = datetime.timedelta(minutes=5)
+
+
+class PkiError(Exception):
+    """A PKI operation could not be done (missing CA, a file in the way, a bad CSR)."""
+
+
+class IdentityError(PkiError, ValueError):
+    """A trust domain, role, name or SPIFFE id that the contract does not allow."""
+
+
+@attrs.frozen
+class SpiffeId:
+    """
+    Who a certificate says its holder is: ``spiffe://<trust_domain>/<role>/<name>``.
+
+    :ivar trust_domain: the fleet's trust domain, e.g. ``hero-compute``
+    :ivar role: ``explorer``, ``node`` or ``client``
+    :ivar name: the explorer or client name, or the node id
+    """
+
+    trust_domain: str
+    role: str
+    name: str
+
+    @property
+    def uri(self):
+        """The identity as a ``spiffe://`` URI."""
+        return f"spiffe://{self.trust_domain}/{self.role}/{self.name}"
+
+    def __str__(self):
+        return self.uri
+
+
+def check_trust_domain(trust_domain):
+    """
+    :return: ``trust_domain`` if SPIFFE allows it (lowercase ``[a-z0-9._-]``)
+    :raises IdentityError: otherwise
+    """
+    if not isinstance(trust_domain, str) or not _TRUST_DOMAIN.fullmatch(trust_domain) \
+            or trust_domain in (".", ".."):
+        raise IdentityError(
+            f"invalid trust domain {trust_domain!r}: use lowercase letters, digits, "
+            f"'.', '-' and '_'")
+    return trust_domain
+
+
+def check_name(role, name):
+    """
+    :return: ``(role, name)`` if they make a valid identity
+    :raises IdentityError: for an unknown role, or a name outside ``[A-Za-z0-9._-]{1,64}``
+    """
+    if role not in ROLES:
+        raise IdentityError(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        what = "node id" if role == "node" else f"{role} name"
+        raise IdentityError(
+            f"invalid {what} {name!r}: use 1 to 64 of A-Z a-z 0-9 '.' '-' '_'")
+    return role, name
+
+
+def format_spiffe_id(trust_domain, role, name):
+    """
+    :return: the URI ``spiffe://<trust_domain>/<role>/<name>``, validated
+    :raises IdentityError: if a part is invalid
+    """
+    check_trust_domain(trust_domain)
+    check_name(role, name)
+    return SpiffeId(trust_domain, role, name).uri
+
+
+def parse_spiffe_id(uri):
+    """
+    Parse a workload identity; nothing but ``spiffe://<td>/<role>/<name>`` is accepted
+    (no port, user info, query, fragment, percent-encoding or further segments).
+
+    :rtype: SpiffeId
+    :raises IdentityError: if ``uri`` is not such an identity
+    """
+    match = _SPIFFE_ID.fullmatch(uri) if isinstance(uri, str) else None
+    if match is None:
+        raise IdentityError(f"not a hero_compute SPIFFE id: {uri!r}")
+    trust_domain, role, name = match.groups()
+    check_trust_domain(trust_domain)
+    check_name(role, name)
+    return SpiffeId(trust_domain, role, name)
+
+
+def uri_sans(cert):
+    """:return: the URI SANs of ``cert``, as a list of strings (maybe empty)"""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return san.value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def trust_domain_of(ca_cert):
+    """
+    The trust domain a CA certificate vouches for, from its URI SAN ``spiffe://<td>``.
+
+    :raises IdentityError: if it has no such SAN (not a hero_compute CA)
+    """
+    uris = uri_sans(ca_cert)
+    match = _CA_ID.fullmatch(uris[0]) if len(uris) == 1 else None
+    if match is None:
+        raise IdentityError(
+            f"not a hero_compute CA: its URI SANs are {uris!r}, expected one spiffe://<td>")
+    return check_trust_domain(match.group(1))
+
+
+def spki_pin(cert):
+    """
+    The pin of a certificate's public key: ``sha256:`` and the hex SHA-256 of its
+    SubjectPublicKeyInfo DER (kubeadm's discovery-token-ca-cert-hash).
+
+    :param cert: a :class:`cryptography.x509.Certificate`
+    """
+    return public_key_pin(cert.public_key())
+
+
+def public_key_pin(public_key):
+    """:return: the pin of a public key, as :func:`spki_pin` of a certificate holding it"""
+    return "sha256:" + hashlib.sha256(_spki(public_key)).hexdigest()
+
+
+def _spki(public_key):
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# PEM helpers
+
+
+def make_key():
+    """:return: a new ECDSA P-256 private key"""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def dump_certificate(cert):
+    """:return: ``cert`` as PEM bytes"""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def dump_private_key(key):
+    """:return: ``key`` as unencrypted PKCS#8 PEM bytes"""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise PkiError(f"cannot read {path}: {e.strerror}") from None
+
+
+def load_certificates(path):
+    """
+    :return: every certificate in the PEM file ``path``, in order (at least one)
+    :raises PkiError: if the file is unreadable or holds no certificate
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(_read(path))
+    except ValueError:
+        certs = []
+    if not certs:
+        raise PkiError(f"{path} holds no PEM certificate")
+    return certs
+
+
+def load_certificate(path):
+    """:return: the first certificate in the PEM file ``path``"""
+    return load_certificates(path)[0]
+
+
+def load_private_key(path):
+    """
+    :return: the (unencrypted) private key in the PEM file ``path``
+    :raises PkiError: if it is unreadable or not a private key
+    """
+    try:
+        return serialization.load_pem_private_key(_read(path), password=None)
+    except (ValueError, TypeError) as e:
+        raise PkiError(f"{path} holds no usable private key: {e}") from None
+
+
+def write_file(path, data, mode=0o600, force=True):
+    """
+    Write ``data`` to ``path`` atomically (a temporary file renamed over it) with exactly
+    ``mode``, whatever the umask: a reader never sees a partial key, nor a key that was
+    world-readable for a moment.
+
+    :param force: replace an existing file; when false, an existing file is an error
+    :raises PkiError: if ``path`` exists and ``force`` is false
+    """
+    path = os.fspath(path)
+    if not force and os.path.lexists(path):
+        raise PkiError(f"{path} exists; refusing to overwrite it (use --force)")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _now(now):
+    return now if now is not None else datetime.datetime.now(datetime.timezone.utc)
+
+
+def _key_usage(**flags):
+    names = ("digital_signature", "content_commitment", "key_encipherment",
+             "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign",
+             "encipher_only", "decipher_only")
+    return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
+
+
+def _usable_public_key(key):
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in ("secp256r1", "secp384r1"):
+            return key
+    elif isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+        return key
+    raise PkiError("unsupported key: use ECDSA P-256/P-384 or RSA of 2048 bits or more")
+
+
+def create_ca(directory, trust_domain=DEFAULT_TRUST_DOMAIN, days=3650, force=False,
+              now=None):
+    """
+    Create the fleet CA: ``directory/ca.pem`` (0644) and ``directory/ca-key.pem`` (0600).
+
+    :param directory: created (0700) when missing
+    :param trust_domain: written into the CA as its URI SAN ``spiffe://<trust_domain>``
+    :param days: validity
+    :param force: replace an existing CA (every certificate it issued stops being trusted)
+    :param now: the issue time (tests); default the current time
+    :return: the CA pin, ``sha256:<64 hex>``
+    :raises PkiError: if a CA is already there and ``force`` is false
+    """
+    check_trust_domain(trust_domain)
+    if days < 1:
+        raise IdentityError(f"invalid validity {days} days: at least 1")
+    cert_path = os.path.join(directory, CA_FILE)
+    key_path = os.path.join(directory, CA_KEY_FILE)
+    if not force:
+        for path in (cert_path, key_path):
+            if os.path.lexists(path):
+                raise PkiError(f"{path} exists; refusing to overwrite a CA (use --force)")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    now = _now(now)
+    key = make_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # The key first: a ca.pem without its key is a half-made CA nobody can use.
+    write_file(key_path, dump_private_key(key), 0o600)
+    write_file(cert_path, dump_certificate(cert), 0o644)
+    return spki_pin(cert)
+
+
+@attrs.frozen
+class CertificateAuthority:
+    """
+    The fleet CA: its certificate and key, issuing identity certificates.
+
+    :ivar certificate: the CA certificate
+    :ivar key: its private key
+    :ivar trust_domain: read from the certificate's URI SAN
+    """
+
+    certificate: x509.Certificate
+    key: object = attrs.field(repr=False)
+    trust_domain: str = attrs.field(init=False)
+
+    @trust_domain.default
+    def _trust_domain(self):
+        return trust_domain_of(self.certificate)
+
+    def __attrs_post_init__(self):
+        if _spki(self.key.public_key()) != _spki(self.certificate.public_key()):
+            raise PkiError("the CA key does not belong to the CA certificate")
+
+    @classmethod
+    def from_directory(cls, directory):
+        """
+        Load ``directory/ca.pem`` and ``directory/ca-key.pem``.
+
+        :raises PkiError: if either is missing or unusable
+        """
+        if not os.path.isdir(directory):
+            raise PkiError(f"CA directory {directory} does not exist "
+                           f"(create one with: hero-compute tls ca create --dir {directory})")
+        return cls(load_certificate(os.path.join(directory, CA_FILE)),
+                   load_private_key(os.path.join(directory, CA_KEY_FILE)))
+
+    @classmethod
+    def from_pem(cls, cert_pem, key_pem):
+        """Load a CA from PEM bytes of its certificate and its private key."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise PkiError(f"not a PEM CA certificate and key: {e}") from None
+        return cls(cert, key)
+
+    @property
+    def pin(self):
+        """The CA pin, ``sha256:<64 hex>``."""
+        return spki_pin(self.certificate)
+
+    def issue(self, role, name, public_key, dns=(), ips=(), days=90, now=None):
+        """
+        Issue an identity certificate.
+
+        :param role: ``explorer``, ``node`` or ``client``
+        :param name: the name (the node id for a node)
+        :param public_key: the holder's public key
+        :param dns: DNS names to add as SANs
+        :param ips: IP addresses (strings or :mod:`ipaddress` objects) to add as SANs
+        :param days: validity, cut to the CA's own end of validity
+        :param now: the issue time (tests); default the current time
+        :return: a :class:`cryptography.x509.Certificate` with exactly one URI SAN,
+            ``spiffe://<trust_domain>/<role>/<name>``, for both TLS server and client use
+        :raises IdentityError: for an invalid role, name, DNS name or address
+        """
+        uri = format_spiffe_id(self.trust_domain, role, name)
+        if days < 1:
+            raise IdentityError(f"invalid validity {days} days: at least 1")
+        sans = [x509.UniformResourceIdentifier(uri)]
+        for host in dns:
+            if not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9*._-]{1,253}", host):
+                raise IdentityError(f"invalid DNS name {host!r}")
+            sans.append(x509.DNSName(host.lower()))
+        for ip in ips:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+            except ValueError:
+                raise IdentityError(f"invalid IP address {ip!r}") from None
+        public_key = _usable_public_key(public_key)
+        now = _now(now)
+        not_after = min(now + datetime.timedelta(days=days),
+                        self.certificate.not_valid_after_utc)
+        ca_ski = self.certificate.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(
+                digital_signature=True,
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey)), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
+                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def sign_csr(self, csr_pem, role, name, days=90, now=None):
+        """
+        Issue a certificate for the key of a certificate signing request.
+
+        Only the CSR's public key is used: whatever names or extensions it asks for are
+        ignored, the caller decides ``role`` and ``name`` (from a token, or from the
+        certificate the renewal came over).
+
+        :param csr_pem: the CSR, PEM (bytes or str)
+        :raises PkiError: if it is not a PEM CSR, its signature is wrong (the sender does
+            not hold the key), or its key type is unsupported
+        """
+        if isinstance(csr_pem, str):
+            csr_pem = csr_pem.encode("ascii", "replace")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise PkiError("not a PEM certificate signing request") from None
+        try:
+            valid = csr.is_signature_valid
+        except (ValueError, InvalidSignature):
+            valid = False
+        if not valid:
+            raise PkiError("the CSR's signature does not verify")
+        return self.issue(role, name, csr.public_key(), days=days, now=now)
+
+
+def make_csr(key, node_id):
+    """
+    A node's certificate signing request, for enrollment or renewal.
+
+    :param key: the node's private key (:func:`make_key`)
+    :param node_id: the node id, as the subject's common name (informative only: the
+        explorer decides the identity)
+    :return: the CSR as PEM bytes
+    """
+    check_name("node", node_id)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def create_cert(ca_dir, role, name, dns=(), ips=(), days=90, out=None, force=False):
+    """
+    Issue a certificate and a new key with the CA in ``ca_dir``, and write them to
+    ``PREFIX.pem`` (0644) and ``PREFIX-key.pem`` (0600).
+
+    :param out: ``PREFIX``; default ``<role>-<name>`` in the current directory
+    :param force: replace existing files
+    :return: ``(cert_path, key_path)``
+    :raises IdentityError: for an invalid role, name, DNS name or address
+    :raises PkiError: for a missing CA, or files in the way
+    """
+    check_name(role, name)
+    prefix = out if out is not None else f"{role}-{name}"
+    cert_path, key_path = f"{prefix}.pem", f"{prefix}-key.pem"
+    ca = CertificateAuthority.from_directory(ca_dir)
+    key = make_key()
+    cert = ca.issue(role, name, key.public_key(), dns=dns, ips=ips, days=days)
+    if not force:
+        for path in (cert_path, key_path):
+            if os.path.lexists(path):
+                raise PkiError(f"{path} exists; refusing to overwrite it (use --force)")
+    write_file(key_path, dump_private_key(key), 0o600)
+    write_file(cert_path, dump_certificate(cert), 0o644)
+    return cert_path, key_path

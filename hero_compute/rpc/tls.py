@@ -1,0 +1,433 @@
+"""
+TLS for listeners and clients: mutual authentication against the fleet CA, and the SPIFFE
+identity of the peer (contract §6).
+
+Every side presents its certificate with the CA behind it and verifies the other's chain
+against the CA with OpenSSL (pyOpenSSL).  A server asks for a client certificate but lets a
+client without one in (``VERIFY_PEER`` without ``FAIL_IF_NO_PEER_CERT``): such a caller may
+still enroll and discover; what anyone may call is decided above the transport, from
+:func:`peer_identity`.  A client checks who the server is *inside* the handshake, in the
+verify callback, so a server that is not the one expected ends the handshake before a
+single byte of the request is sent.
+
+Identities are read this way: the trust domain is checked with ``service_identity``
+(``extract_patterns`` and a ``URI_ID``); the role and name come from the certificate's one
+URI SAN, read with ``cryptography``.  ``service_identity`` matches a URI-ID only on its
+scheme and host, so it cannot check a path; and it splits a URI pattern at the colon,
+keeping ``//host/path`` as the host, so ``URI_ID("spiffe://td")`` would match no
+``spiffe://td/...`` SAN as extracted.  We therefore give it each URI pattern's authority
+(``td``) to match, which keeps its DNS-name rules (case, IDNA) for the trust domain.
+
+Enrollment (a node with a join token and a CA pin but no certificate yet) uses
+:func:`fetch_peer_chain` and :func:`ca_from_chain` to learn the CA from the explorer's own
+handshake, then talks to the explorer over an ordinary verified connection, so the token
+never goes to a server that has not proven it holds a certificate of the pinned CA.
+"""
+
+import functools
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import DNSPattern, URI_ID, URIPattern, verify_service_identity
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from hero_compute import pki
+
+log = Logger()
+
+#: Who a peer's certificate says it is (the same record the PKI issues).
+PeerIdentity = pki.SpiffeId
+
+# Forward secrecy and AEAD only, for TLS 1.2 (TLS 1.3 suites are all of that kind).
+_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class TLSConfigError(Exception):
+    """TLS material that cannot be used: unreadable, mismatched, or not of the fleet CA."""
+
+
+class ChainError(Exception):
+    """A server's certificate chain does not prove what enrollment needs (see the text)."""
+
+
+def _cryptography(cert):
+    return cert.to_cryptography() if isinstance(cert, crypto.X509) else cert
+
+
+def _authority(pattern):
+    # service_identity keeps "//td/role/name" as the host of spiffe://td/role/name.
+    host = pattern.dns_pattern.pattern.removeprefix(b"//").split(b"/", 1)[0]
+    return URIPattern(protocol_pattern=pattern.protocol_pattern,
+                      dns_pattern=DNSPattern.from_bytes(host))
+
+
+def identity_of(cert, trust_domain):
+    """
+    The identity a certificate names in a trust domain.
+
+    Only the name is read here; that the certificate chains to the fleet CA is for the
+    TLS handshake (or the caller) to have checked.
+
+    :param cert: a :class:`cryptography.x509.Certificate` or :class:`OpenSSL.crypto.X509`
+    :param trust_domain: the fleet's trust domain
+    :return: a :class:`PeerIdentity`, or ``None`` if the certificate does not carry
+        exactly one URI SAN that is a valid ``spiffe://<trust_domain>/<role>/<name>``
+    """
+    cert = _cryptography(cert)
+    uris = pki.uri_sans(cert)
+    if len(uris) != 1:  # an X.509-SVID has exactly one URI SAN
+        return None
+    try:
+        identity = pki.parse_spiffe_id(uris[0])
+        patterns = [_authority(p) for p in extract_patterns(cert)
+                    if isinstance(p, URIPattern)]
+        verify_service_identity(patterns, [URI_ID(f"spiffe://{trust_domain}")], [])
+    except (pki.IdentityError, CertificateError, VerificationError, ValueError):
+        return None
+    if identity.trust_domain != trust_domain:
+        return None
+    return identity
+
+
+def peer_identity(transport, trust_domain):
+    """
+    The identity of the peer on a TLS transport made by :class:`ServerTLS` or
+    :class:`ClientTLS`, whose handshake verified the peer's chain against the fleet CA.
+
+    :param transport: a protocol's ``transport`` (a Twisted TLS transport; anything else
+        has no peer identity)
+    :return: a :class:`PeerIdentity`, or ``None`` (no TLS, no client certificate, or no
+        valid identity in ``trust_domain``)
+    """
+    get = getattr(transport, "getPeerCertificate", None)
+    cert = get() if get is not None else None
+    return identity_of(cert, trust_domain) if cert is not None else None
+
+
+@attrs.frozen
+class Expected:
+    """
+    Whom a client means to reach: one identity (``Expected("node", node_id)``, the
+    explorer's proxy) or any holder of a role (``Expected("explorer")``, a node).
+    """
+
+    role: str
+    name: str | None = None
+
+    def allows(self, identity):
+        """:return: whether ``identity`` (a :class:`PeerIdentity` or ``None``) fits"""
+        return identity is not None and identity.role == self.role and (
+            self.name is None or identity.name == self.name)
+
+    def __str__(self):
+        return f"{self.role}/{self.name if self.name is not None else '*'}"
+
+
+@attrs.frozen
+class Credentials:
+    """
+    Loaded TLS material: the fleet CA, and our certificate and key (both, or neither for
+    a client that has none yet).  Checked on creation: the key fits the certificate and
+    the certificate is issued by the CA.
+
+    :ivar trust_domain: the CA's trust domain
+    """
+
+    ca: x509.Certificate
+    certificate: x509.Certificate | None = None
+    key: object = attrs.field(default=None, repr=False)
+    trust_domain: str = attrs.field(init=False)
+
+    @trust_domain.default
+    def _trust_domain(self):
+        try:
+            return pki.trust_domain_of(self.ca)
+        except pki.IdentityError as e:
+            raise TLSConfigError(str(e)) from None
+
+    def __attrs_post_init__(self):
+        if (self.certificate is None) != (self.key is None):
+            raise TLSConfigError("a certificate needs its key, and a key its certificate")
+        if self.certificate is None:
+            return
+        if pki.spki_pin(self.certificate) != pki.public_key_pin(self.key.public_key()):
+            raise TLSConfigError("the private key does not belong to the certificate")
+        try:
+            self.certificate.verify_directly_issued_by(self.ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise TLSConfigError("the certificate is not issued by the CA") from None
+
+    def load(self):
+        """:return: itself (in-memory credentials are their own source)"""
+        return self
+
+
+@attrs.frozen
+class TLSMaterial:
+    """
+    Where TLS material lives: PEM files, read on each :meth:`load` (so a reload picks up
+    renewed files).
+
+    :ivar cert_path: our certificate (``None`` for a client without one)
+    :ivar key_path: its private key (``None`` likewise)
+    :ivar ca_path: the fleet CA certificate
+    """
+
+    cert_path: str | None
+    key_path: str | None
+    ca_path: str
+
+    def load(self):
+        """
+        :rtype: Credentials
+        :raises TLSConfigError: naming the file and what is wrong with it
+        """
+        try:
+            ca = pki.load_certificate(self.ca_path)
+            cert = key = None
+            if self.cert_path is not None:
+                cert = pki.load_certificate(self.cert_path)
+            if self.key_path is not None:
+                key = pki.load_private_key(self.key_path)
+            return Credentials(ca, cert, key)
+        except pki.PkiError as e:
+            raise TLSConfigError(str(e)) from None
+        except TLSConfigError as e:
+            raise TLSConfigError(f"{self.cert_path}, {self.key_path}, {self.ca_path}: {e}"
+                                 ) from None
+
+
+def _context(credentials, verify):
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION)
+    ctx.set_cipher_list(_CIPHERS)
+    # Needed by a server that verifies clients, or a resumed session fails the handshake.
+    ctx.set_session_id(b"hero_compute")
+    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(credentials.ca))
+    ctx.add_client_ca(credentials.ca)  # tells clients which certificate to send
+    if credentials.certificate is not None:
+        ctx.use_certificate(credentials.certificate)
+        ctx.use_privatekey(credentials.key)
+        ctx.check_privatekey()
+        # The CA goes with the leaf: an enrolling node learns it from the chain.
+        ctx.add_extra_chain_cert(credentials.ca)
+    ctx.set_verify(SSL.VERIFY_PEER, verify)
+    return ctx
+
+
+class _Reloadable:
+    """A connection creator whose context is rebuilt from its material on reload."""
+
+    def __init__(self, material):
+        self._material = material
+        self._context = None
+        #: The :class:`Credentials` in use.
+        self.credentials = None
+        self.reload()
+
+    @property
+    def trust_domain(self):
+        """The trust domain of the CA in use."""
+        return self.credentials.trust_domain
+
+    def reload(self):
+        """
+        Read the material again and use it for new connections; open connections go on
+        with what they had.
+
+        :raises TLSConfigError: if the material is unusable; the previous context (if
+            any) stays in use
+        """
+        try:
+            credentials = self._material.load()
+            self._check(credentials)
+            context = _context(credentials, functools.partial(self._verify, credentials))
+        except SSL.Error as e:
+            raise TLSConfigError(f"OpenSSL refused the TLS material: {e}") from None
+        self._context, self.credentials = context, credentials
+
+    def _check(self, credentials):
+        pass
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS(_Reloadable):
+    """
+    The TLS side of a listener: presents our certificate and the CA, asks every client
+    for a certificate and verifies one if offered; clients without one are let in.
+
+    :param material: a :class:`TLSMaterial` (or :class:`Credentials`) with a certificate
+    :raises TLSConfigError: if the material is unusable
+    """
+
+    def _check(self, credentials):
+        if credentials.certificate is None:
+            raise TLSConfigError("a TLS listener needs a certificate and its key")
+
+    def _verify(self, credentials, connection, cert, errno, depth, ok):
+        return bool(ok)
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        """:return: a new :class:`OpenSSL.SSL.Connection` with the current context"""
+        return SSL.Connection(self._context, None)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS(_Reloadable):
+    """
+    The TLS side of an outgoing connection: presents our certificate (if we have one),
+    verifies the server's chain against the CA, and fails the handshake unless the
+    server's certificate names the ``expected`` peer.
+
+    :param material: a :class:`TLSMaterial` or :class:`Credentials`
+    :param expected: an :class:`Expected` peer
+    :raises TLSConfigError: if the material is unusable
+    """
+
+    def __init__(self, material, expected):
+        self.expected = expected
+        _Reloadable.__init__(self, material)
+
+    def _verify(self, credentials, connection, cert, errno, depth, ok):
+        if not ok or depth != 0:
+            return bool(ok)
+        identity = identity_of(cert, credentials.trust_domain)
+        if self.expected.allows(identity):
+            return True
+        log.warn("TLS peer refused: its certificate names {identity}, expected {expected}",
+                 identity=identity, expected=self.expected)
+        return False
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        """:return: a new :class:`OpenSSL.SSL.Connection` with the current context"""
+        return SSL.Connection(self._context, None)
+
+
+def tls_server_factory(creator, factory):
+    """
+    Wrap a server protocol factory in TLS, to listen on any stream endpoint (a plain
+    ``tcp:`` listener beside the Unix and TCP ones, in the same reactor).
+
+    :param creator: a :class:`ServerTLS`
+    :param factory: the application's protocol factory (the HTTP site)
+    """
+    return TLSMemoryBIOFactory(creator, False, factory)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _AnyServer:
+    """A client TLS side that verifies nothing: only for reading a chain, never data."""
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_verify(SSL.VERIFY_NONE)
+        return SSL.Connection(ctx, None)
+
+
+@implementer(IHandshakeListener)
+class _ChainReader(protocol.Protocol):
+    """Takes the server's chain once the handshake is done, sends nothing, hangs up."""
+
+    def __init__(self, done):
+        self._done = done
+
+    def handshakeCompleted(self):
+        chain = self.transport.getHandle().get_peer_cert_chain(as_cryptography=True) or []
+        done, self._done = self._done, None
+        self.transport.loseConnection()
+        if done is not None and not done.called:
+            done.callback(chain)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        done, self._done = self._done, None
+        if done is not None and not done.called:
+            done.errback(reason)
+
+
+def fetch_peer_chain(reactor, host, port, timeout=10):
+    """
+    The certificate chain a TLS server presents, from a handshake that verifies nothing
+    and after which the connection is closed without a byte of application data.
+
+    :param host: an IP address or DNS name
+    :param port: the TLS port
+    :param timeout: seconds for the whole exchange
+    :return: a Deferred of a list of :class:`cryptography.x509.Certificate`, leaf first;
+        it fails if the server cannot be reached or the handshake fails, and with
+        :class:`twisted.internet.defer.TimeoutError` after ``timeout``
+    """
+    state = {"connecting": None, "protocol": None, "cancelled": False}
+
+    def cancel(d):
+        # Whatever the teardown reports, the caller sees the cancellation (or timeout).
+        state["cancelled"] = True
+        if state["protocol"] is not None:
+            state["protocol"]._done = None
+            state["protocol"].transport.abortConnection()
+        elif state["connecting"] is not None:
+            state["connecting"].cancel()
+
+    done = defer.Deferred(cancel)
+    factory = protocol.Factory.forProtocol(lambda: _ChainReader(done))
+    endpoint = wrapClientTLS(_AnyServer(), HostnameEndpoint(reactor, host, port, timeout))
+    connecting = state["connecting"] = endpoint.connect(factory)
+
+    def connected(proto):
+        state["protocol"] = proto
+
+    def failed(failure):
+        if not state["cancelled"] and not done.called:
+            done.errback(failure)
+
+    connecting.addCallbacks(connected, failed)
+    done.addTimeout(timeout, reactor)
+    return done
+
+
+def ca_from_chain(chain, pin):
+    """
+    The fleet CA from a chain got by :func:`fetch_peer_chain`, if the chain proves the
+    server holds an explorer certificate of the CA with that pin.
+
+    :param chain: the certificates, leaf first
+    :param pin: the CA pin, ``sha256:<64 hex>`` (``NODE_CA_PIN``)
+    :return: the CA :class:`cryptography.x509.Certificate`
+    :raises ChainError: saying why the chain is refused
+    """
+    pin = pin.strip().lower()
+    if not chain:
+        raise ChainError("the server presented no certificate")
+    leaf = chain[0]
+    pinned = [cert for cert in chain if pki.spki_pin(cert) == pin]
+    if not pinned:
+        raise ChainError(f"no certificate in the server's chain has the pin {pin}: "
+                         f"wrong pin, or not this fleet's explorer")
+    ca = pinned[0]
+    try:
+        trust_domain = pki.trust_domain_of(ca)
+    except pki.IdentityError as e:
+        raise ChainError(f"the pinned certificate is not a fleet CA: {e}") from None
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ChainError("the server's certificate is not issued by the pinned CA") from None
+    identity = identity_of(leaf, trust_domain)
+    if not Expected("explorer").allows(identity):
+        raise ChainError(f"the server's certificate names {identity or 'no identity'} "
+                         f"of trust domain {trust_domain}, not an explorer")
+    return ca
