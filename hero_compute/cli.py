@@ -19,8 +19,8 @@ import sys
 from twisted.internet import defer, task
 
 from hero_compute.rpc.addresses import AddressError, parse_address
-from hero_compute.rpc.client import RpcClient
-from hero_compute.rpc.config import socket_dir
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.options import socket_dir
 from hero_compute.rpc.errors import RpcError, TransportError
 
 

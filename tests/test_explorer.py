@@ -13,7 +13,7 @@ from hero_compute.explorer.service import ExplorerService
 from hero_compute.node.service import NodeService
 from hero_compute.node.vms import MemoryVmManager
 from hero_compute.rpc.addresses import parse_address, parse_listen
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.errors import (
     InvalidParams,
     NodeNotFound,

@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 import hero_compute
 from hero_compute.rpc.addresses import AddressError, parse_address
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import (
     InvalidParams,
     NodeOffline,
@@ -15,9 +15,10 @@ from hero_compute.rpc.errors import (
     RefusedByPolicy,
     TransportError,
 )
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
-from hero_compute.rpc.server import RpcResource, make_site
 
 from .registry import LivenessLog, Registry
 
@@ -53,7 +54,7 @@ class ExplorerMethods:
 
     def register(self, rpc):
         """
-        Publish the methods on an L{RpcResource}.
+        Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
         """
         rpc.register("explorer.heartbeat", self.heartbeat, context=True)
         rpc.register("explorer.leave", self.leave)
@@ -167,8 +168,8 @@ class ExplorerService(service.MultiService):
         service.MultiService.__init__(self)
         self.registry = Registry(reactor, offline_after)
         self.client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
-        self.rpc = RpcResource(load_schema("explorer"), hero_compute.__version__)
-        self.listeners = Listeners(make_site(self.rpc), listen, socket_dirs, reactor)
+        self.rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__)
+        self.listeners = Listeners(make_factory(self.rpc), listen, socket_dirs, reactor)
         self.methods = ExplorerMethods(self.registry, self.client, reactor, self.listeners,
                                        call_timeout)
         self.methods.register(self.rpc)

@@ -11,10 +11,11 @@ from twisted.logger import Logger
 
 import hero_compute
 from hero_compute.rpc.addresses import Address
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
-from hero_compute.rpc.server import RpcResource, make_site
 
 from .heartbeat import HeartbeatLoop
 
@@ -79,12 +80,12 @@ class NodeService(service.MultiService):
         self._advertise = advertise
         self.vms = vms
         self.client = RpcClient(reactor, timeout=interval)
-        self.rpc = RpcResource(load_schema("node"), hero_compute.__version__)
+        self.rpc = Dispatcher(load_schema("node"), hero_compute.__version__)
         descriptions = [unix_endpoint_string(socket_path)]
         if tcp is not None:
             descriptions.append(tcp.endpoint_string())
         descriptions.extend(listen)
-        self.listeners = Listeners(make_site(self.rpc), descriptions,
+        self.listeners = Listeners(make_factory(self.rpc), descriptions,
                                    [os.path.dirname(socket_path)], reactor)
         self.listeners.setServiceParent(self)
         if service.IService.providedBy(vms):
@@ -194,7 +195,7 @@ class NodeMethods:
         self._vms = node.vms
 
     def register(self, rpc):
-        """Publish the methods on an L{RpcResource}."""
+        """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
         rpc.register("node.info", self.info)
         rpc.register("vm.create", self.create)
         rpc.register("vm.start", lambda vm_id: self._wire(self._vms.start(vm_id)))
