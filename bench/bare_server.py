@@ -4,7 +4,7 @@ JSON body on a Unix socket and on TCP:
 
 - C{twisted-web}: a bare Twisted web resource on a stock L{twisted.web.server.Site}
   (access log off), the framework floor;
-- C{hero-http}: our own HTTP/1.1 protocol (L{make_site}) with a dispatcher that answers
+- C{hero-http}: our own HTTP/1.1 protocol (L{make_factory}) with a dispatcher that answers
   without parsing, i.e. the cost of our transport alone.
 
 Usage: python bench/bare_server.py SOCKET_PATH [twisted-web|hero-http]
@@ -16,7 +16,7 @@ import sys
 from twisted.internet import reactor
 from twisted.web import resource, server
 
-from hero_compute.rpc.server import make_site
+from hero_compute.rpc.http_server import make_factory
 
 BODY = (b'{"jsonrpc":"2.0","result":{"version":"0.1.0","uptime_s":1.0,'
         b'"listeners":[],"nodes":{"online":0,"offline":0}},"id":1}')
@@ -36,7 +36,7 @@ class Fixed(resource.Resource):
 
 
 class FixedRpc:
-    """Stands in for an L{RpcResource}: every body gets the same answer."""
+    """Stands in for a L{Dispatcher}: every body gets the same answer."""
 
     def answer(self, body, context):
         return BODY
@@ -48,7 +48,7 @@ def main():
         site = server.Site(Fixed())
         site.log = lambda request: None
     elif kind == "hero-http":
-        site = make_site(FixedRpc())
+        site = make_factory(FixedRpc())
     else:
         sys.exit(f"unknown floor {kind!r}: twisted-web or hero-http")
     u = reactor.listenUNIX(sys.argv[1], site)

@@ -20,8 +20,8 @@ from twisted.internet import defer, task
 
 from hero_compute.cli_tls import add_tls_commands, run as run_tls
 from hero_compute.rpc.addresses import AddressError, parse_address
-from hero_compute.rpc.client import RpcClient
-from hero_compute.rpc.config import socket_dir
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.options import socket_dir
 from hero_compute.rpc.errors import RpcError, TransportError
 
 

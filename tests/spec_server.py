@@ -1,7 +1,7 @@
 """
 A tiny JSON-RPC server for the transport's end-to-end tests: the example methods of the
 JSON-RPC 2.0 specification (section 7), plus a few that misbehave, served by
-L{hero_compute.rpc.server.RpcResource} (no schema) on a Unix socket, TCP over IPv4 and
+:class:`hero_compute.rpc.dispatch.Dispatcher` (no schema) on a Unix socket, TCP over IPv4 and
 TCP over IPv6 at once.
 
 Run as C{python tests/spec_server.py /abs/path.sock}; it logs one C{listening on URI}
@@ -20,18 +20,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def build_resource(reactor):
+def build_dispatcher(reactor):
     """
-    The RPC resource with the specification's example methods.
+    The dispatcher with the specification's example methods.
 
     :param reactor: the reactor, for the method whose result comes later
-    :return: an L{hero_compute.rpc.server.RpcResource}
+    :return: a :class:`hero_compute.rpc.dispatch.Dispatcher`
     """
     from twisted.internet import task
 
-    from hero_compute.rpc.server import RpcResource
+    from hero_compute.rpc.dispatch import Dispatcher
 
-    rpc = RpcResource()
+    rpc = Dispatcher()
     notified = []
 
     def subtract(minuend, subtrahend):
@@ -92,12 +92,12 @@ def main(path):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
-    from hero_compute.rpc.server import make_site
+    from hero_compute.rpc.http_server import make_factory
 
     sys.stdout.reconfigure(line_buffering=True)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],
                                      redirectStandardIO=False)
-    site = make_site(build_resource(reactor))
+    site = make_factory(build_dispatcher(reactor))
     listeners = Listeners(site, [
         unix_endpoint_string(path),
         "tcp:0:interface=127.0.0.1",

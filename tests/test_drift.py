@@ -30,7 +30,6 @@ def test_schema_matches_served_methods(name, build, short_tmp):
 
 def test_params_match_handler_signatures(short_tmp):
     """Each schema method's params are exactly the keyword params of its handler."""
-    import inspect
 
     for name, build in (
         ("explorer", lambda: explorer_tap.makeService(

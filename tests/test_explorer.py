@@ -14,7 +14,7 @@ from hero_compute.explorer.service import make_explorer
 from hero_compute.node.heartbeat import backoff_delay
 from hero_compute.node.service import make_node
 from hero_compute.rpc.addresses import parse_address, parse_listen
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.errors import (
     InvalidParams,
     NodeNotFound,

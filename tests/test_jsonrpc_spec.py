@@ -9,7 +9,6 @@ and ids must match exactly.
 
 import json
 
-import pytest
 
 from .support import connect, post
 

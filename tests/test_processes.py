@@ -9,7 +9,7 @@ import socket
 import stat
 import subprocess
 
-from .support import TWISTD, ROOT, result, rpc, wait_for
+from .support import TWISTD, ROOT, result, wait_for
 
 
 def test_default_unix_setup(twistd, short_tmp):

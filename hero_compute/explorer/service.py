@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 import hero_compute
 from hero_compute.rpc.addresses import AddressError, parse_address
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import (
     InvalidParams,
     NodeOffline,
@@ -15,9 +15,10 @@ from hero_compute.rpc.errors import (
     RefusedByPolicy,
     TransportError,
 )
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
-from hero_compute.rpc.server import RpcResource, make_site
 
 from .registry import Heartbeat, LivenessLog, Registry, sweep_interval
 
@@ -62,7 +63,7 @@ class ExplorerMethods:
 
     def register(self, rpc):
         """
-        Publish the methods on an :class:`RpcResource`.
+        Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
         """
         rpc.register("explorer.heartbeat", self.heartbeat, context=True)
         rpc.register("explorer.leave", self.leave)
@@ -168,7 +169,7 @@ class ExplorerService(service.MultiService):
 
     :param registry: the :class:`Registry`
     :param client: the :class:`RpcClient` of the proxy, closed when the explorer stops
-    :param rpc: the :class:`RpcResource` serving the methods
+    :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
     """
 
@@ -191,7 +192,7 @@ def make_explorer(*, reactor, clock, listen, offline_after, socket_dirs=(),
     Build the explorer's service tree; nothing is opened until it starts::
 
         ExplorerService
-        ├── "listeners": Listeners (one per endpoint string) -> site -> RpcResource
+        ├── "listeners": Listeners (one per endpoint string) -> HTTP factory -> Dispatcher
         └── "liveness":  LivenessLog over the Registry
 
     :param reactor: the reactor to listen and connect with
@@ -205,8 +206,8 @@ def make_explorer(*, reactor, clock, listen, offline_after, socket_dirs=(),
     """
     registry = Registry(clock, offline_after)
     client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
-    rpc = RpcResource(load_schema("explorer"), hero_compute.__version__)
-    listeners = Listeners(make_site(rpc), listen, socket_dirs, reactor)
+    rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__)
+    listeners = Listeners(make_factory(rpc), listen, socket_dirs, reactor)
     ExplorerMethods(registry, client, clock, listeners, call_timeout).register(rpc)
 
     explorer = ExplorerService(registry, client, rpc, listeners)

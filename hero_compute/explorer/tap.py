@@ -8,7 +8,7 @@ import os
 
 from twisted.python import usage
 
-from hero_compute.rpc.config import (
+from hero_compute.options import (
     absolute_socket,
     from_env,
     help_text,

@@ -12,10 +12,11 @@ from twisted.logger import Logger
 
 import hero_compute
 from hero_compute.rpc.addresses import Address
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
-from hero_compute.rpc.server import RpcResource, make_site
 
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 
@@ -85,7 +86,7 @@ class NodeService(service.MultiService):
     :param vms: the :class:`~hero_compute.node.vms.IVmManager`
     :param client: the :class:`~hero_compute.rpc.interfaces.IRpcClient` heartbeats and
         goodbyes go through, closed when the node stops
-    :param rpc: the :class:`RpcResource` serving the methods
+    :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
     :param advertiser: the :class:`~hero_compute.node.heartbeat.Advertiser`
     :param heartbeats: the :class:`HeartbeatLoop` s, one per explorer
@@ -145,7 +146,7 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
     until it starts::
 
         NodeService
-        ├── "listeners": Listeners (Unix socket, TCP, more) -> site -> RpcResource
+        ├── "listeners": Listeners (Unix socket, TCP, more) -> HTTP factory -> Dispatcher
         ├── "vms": the VM manager, when it is a service
         └── "heartbeat <explorer URI>": one HeartbeatLoop per explorer
                 -> HeartbeatPayload -> Advertiser
@@ -167,12 +168,12 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
     """
     identity = NodeIdentity(state_dir, node_id, name)
     client = RpcClient(reactor, timeout=interval)
-    rpc = RpcResource(load_schema("node"), hero_compute.__version__)
+    rpc = Dispatcher(load_schema("node"), hero_compute.__version__)
     descriptions = [unix_endpoint_string(socket_path)]
     if tcp is not None:
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
-    listeners = Listeners(make_site(rpc), descriptions, [os.path.dirname(socket_path)],
+    listeners = Listeners(make_factory(rpc), descriptions, [os.path.dirname(socket_path)],
                           reactor)
     advertiser = Advertiser(unix=Address("unix", path=socket_path), client=client,
                             listeners=listeners, tcp=tcp, advertise=advertise)
@@ -205,7 +206,7 @@ class NodeMethods:
         self._vms = node.vms
 
     def register(self, rpc):
-        """Publish the methods on an :class:`RpcResource`."""
+        """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
         rpc.register("node.info", self.info)
         rpc.register("vm.create", self.create)
         rpc.register("vm.start", lambda vm_id: self._wire(self._vms.start(vm_id)))

@@ -10,7 +10,7 @@ import socket
 from twisted.python import usage
 
 from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
-from hero_compute.rpc.config import (
+from hero_compute.options import (
     absolute_socket,
     from_env,
     help_text,

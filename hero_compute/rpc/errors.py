@@ -1,7 +1,7 @@
 """
 Errors that cross the wire, and errors of the transport underneath.
 
-A handler raises one of the L{RpcError} subclasses; the dispatcher turns it into a
+A handler raises one of the :class:`RpcError` subclasses; the dispatcher turns it into a
 JSON-RPC error object, and the client turns such an object back into the same class.
 Anything else a handler raises is a bug and becomes -32603 without details.
 """
@@ -11,9 +11,9 @@ from txjsonrpc_ng.jsonrpclib import Fault
 
 class RpcError(Fault):
     """
-    A JSON-RPC error object: C{code}, C{message} and optional C{data}.
+    A JSON-RPC error object: ``code``, ``message`` and optional ``data``.
 
-    It is a txjsonrpc L{Fault}, so code written against txjsonrpc's fault handling
+    It is a txjsonrpc ``Fault``, so code written against txjsonrpc's fault handling
     understands it too.
 
     :param message: human-readable text for the caller
@@ -22,6 +22,9 @@ class RpcError(Fault):
     """
 
     code = -32603
+    #: The standard message of the class's code (the specification's for its own codes,
+    #: ours for the application's), listed in the OpenRPC document's ``errors``.
+    summary = "error"
 
     def __init__(self, message, data=None, code=None):
         if code is not None:
@@ -46,7 +49,7 @@ class RpcError(Fault):
         specific class that carries its code.
 
         :param error: a JSON-RPC error object (a dict)
-        :return: an L{RpcError} instance
+        :return: an :class:`RpcError` instance
         """
         code = error.get("code")
         if not isinstance(code, int) or isinstance(code, bool):
@@ -68,66 +71,77 @@ class ParseError(RpcError):
     """The body is not valid JSON."""
 
     code = -32700
+    summary = "Parse error"
 
 
 class InvalidRequest(RpcError):
     """The JSON is not a valid JSON-RPC 2.0 request object."""
 
     code = -32600
+    summary = "Invalid Request"
 
 
 class MethodNotFound(RpcError):
     """No such method."""
 
     code = -32601
+    summary = "Method not found"
 
 
 class InvalidParams(RpcError):
     """The params do not match the method's schema."""
 
     code = -32602
+    summary = "Invalid params"
 
 
 class InternalError(RpcError):
     """The server failed; details are in its log, never on the wire."""
 
     code = -32603
+    summary = "Internal error"
 
 
 class NodeNotFound(RpcError):
     """The explorer has no node by that id."""
 
     code = -32001
+    summary = "node not found"
 
 
 class NodeOffline(RpcError):
     """The node is known but has stopped heartbeating."""
 
     code = -32002
+    summary = "node offline"
 
 
 class NodeUnreachable(RpcError):
     """Connecting to the node failed or the call timed out."""
 
     code = -32003
+    summary = "node unreachable"
 
 
 class VmNotFound(RpcError):
     """The node has no VM by that id."""
 
     code = -32004
+    summary = "VM not found"
 
 
 class InvalidVmState(RpcError):
     """The VM's state (or the node's capacity) does not allow this operation."""
 
     code = -32005
+    summary = "invalid VM state for this operation"
 
 
 class RefusedByPolicy(RpcError):
     """The request is well-formed but not allowed."""
 
     code = -32010
+    summary = "refused by policy"
 
 
 _BY_CODE = {
@@ -147,13 +161,16 @@ _BY_CODE = {
     )
 }
 
+#: The standard message of every code we define, by code.
+ERROR_MESSAGES = {code: klass.summary for code, klass in _BY_CODE.items()}
+
 
 class TransportError(Exception):
     """
     The call did not produce a JSON-RPC response: the peer could not be reached, the
     connection broke, or what came back was not JSON-RPC.
 
-    :param address: the L{hero_compute.rpc.addresses.Address} that was called
+    :param address: the :class:`~hero_compute.rpc.addresses.Address` that was called
     :param reason: what went wrong, for people
     """
 

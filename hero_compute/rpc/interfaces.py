@@ -8,7 +8,7 @@ from zope.interface import Attribute, Interface
 class IRpcClient(Interface):
     """
     Calls JSON-RPC methods on peers named by address URI (the real one is
-    :class:`hero_compute.rpc.client.RpcClient`).
+    :class:`hero_compute.rpc.http_client.RpcClient`).
     """
 
     timeout = Attribute("Default seconds allowed for a whole call, connect included.")

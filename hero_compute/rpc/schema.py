@@ -26,19 +26,9 @@ import fastjsonschema
 from jsonschema import exceptions as jsonschema_exceptions, validators
 from jsonschema.exceptions import best_match
 
-from .errors import InvalidParams
+from .errors import ERROR_MESSAGES, InvalidParams
 
 JSON_TYPES = frozenset(("string", "integer", "number", "boolean", "object", "array", "null"))
-
-#: The standard messages of the error codes a method may list.
-ERROR_MESSAGES = {
-    -32001: "node not found",
-    -32002: "node offline",
-    -32003: "node unreachable",
-    -32004: "VM not found",
-    -32005: "invalid VM state for this operation",
-    -32010: "refused by policy",
-}
 
 
 class SchemaError(Exception):

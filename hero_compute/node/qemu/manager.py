@@ -4,6 +4,9 @@ driven over QMP, and owns their states.  Talking to one VM's QEMU is
 :class:`~.machine.Machine`'s business, what lives where on disk :mod:`.store`'s, QEMU's
 command line and processes :mod:`.process`'s, what may be defined :mod:`.admission`'s and
 disks :mod:`.disks`'.
+
+Long because: the state machine of a VM (every transition, its lock and its persisted
+record) reads best in one place; everything else is already split out.
 """
 
 import os

@@ -1,31 +1,32 @@
 """
 The JSON-RPC server at the HTTP level: paths, verbs, body limits, persistent and idle
 connections, internal errors that do not leak, params validation against a schema and
-C{rpc.discover}.
+``rpc.discover``.
 
 Most tests run against the real spec server (a subprocess) over real sockets; those that
 need a schema or a short idle timeout serve in-process on a real Unix socket, with the
-blocking HTTP client in a thread.  A few dispatcher details are checked in memory.
+blocking HTTP client in a thread.  A few protocol details are checked in memory, with
+an injected clock.  The dispatcher alone is tested in ``test_dispatch``.
 """
 
 import json
 import os
-import types
 import socket
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from hero_compute.rpc.addresses import parse_address
-from hero_compute.rpc.errors import InvalidParams
+from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.http_server import LINGER, MAX_BODY, RpcHTTPFactory, make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema, parse_schema
-from hero_compute.rpc import server as rpc_server
-from hero_compute.rpc.server import MAX_BODY, CallContext, RpcResource, make_site
 
-from .support import connect, post, success_result_of, wait_for
+from .support import connect, post, wait_for
 
 SUM = {"jsonrpc": "2.0", "method": "sum", "params": [1, 2], "id": 7}
 
@@ -440,7 +441,7 @@ async def serve(short_tmp):
 
     def start(rpc, **kwargs):
         path = f"{directory}/s{len(started)}.sock"
-        listeners = Listeners(make_site(rpc, **kwargs), [unix_endpoint_string(path)])
+        listeners = Listeners(make_factory(rpc, **kwargs), [unix_endpoint_string(path)])
         listeners.startService()
         started.append(listeners)
         return listeners.bound[0]
@@ -459,7 +460,7 @@ def in_thread(f, *args, **kwargs):
 async def test_schema_params_error_names_the_field(serve):
     """Params that do not match the schema are -32602 whose message names the field;
     good params, by name or by position, reach the handler by name."""
-    rpc = RpcResource(schema=parse_schema(SMALL))
+    rpc = Dispatcher(schema=parse_schema(SMALL))
     rpc.register("geo.move", lambda point, by: {"x": point["x"] + by})
     uri = serve(rpc)
     cases = [
@@ -485,7 +486,7 @@ async def test_schema_params_error_names_the_field(serve):
 async def test_discover_lists_every_schema_method(serve):
     """rpc.discover returns the OpenRPC document of the schema, every method listed."""
     schema = load_schema("explorer")
-    rpc = RpcResource(schema=schema, version="9.9")
+    rpc = Dispatcher(schema=schema, version="9.9")
     uri = serve(rpc)
     _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "rpc.discover",
                                              "id": 1})
@@ -512,7 +513,7 @@ def _idle_close_after(uri):
 @pytest_twisted.ensureDeferred
 async def test_idle_connections_are_closed(serve):
     """A connection that sends nothing is closed after the idle timeout."""
-    uri = serve(RpcResource(), idle_timeout=0.5)
+    uri = serve(Dispatcher(), idle_timeout=0.5)
     elapsed = await in_thread(_idle_close_after, uri)
     assert 0.3 <= elapsed < 3
 
@@ -532,45 +533,49 @@ def _idle_after_a_request(uri):
 @pytest_twisted.ensureDeferred
 async def test_idle_after_a_request_is_closed(serve):
     """A kept-alive connection left idle after a request is closed after the timeout."""
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("ping", lambda: "pong")
     uri = serve(rpc, idle_timeout=0.5)
     elapsed = await in_thread(_idle_after_a_request, uri)
     assert 0.3 <= elapsed < 3
 
 
-def _send_forever(uri, deadline):
-    sock = raw_socket(uri)
-    try:
-        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                     % (100 * 1024 ** 3))
-        started = time.monotonic()
-        while time.monotonic() - started < deadline:
-            try:
-                sock.sendall(b" " * 65536)
-            except OSError:
-                return time.monotonic() - started
-        raise AssertionError(f"the server still reads after {deadline} s")
-    finally:
-        sock.close()
+class _HalfClosingTransport(StringTransport):
+    """An in-memory transport that can close its writing side, as TCP and Unix ones can."""
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
 
 
-@pytest_twisted.ensureDeferred
-async def test_draining_a_refused_body_is_bounded(serve, monkeypatch):
-    """After a 413 the server discards the rest of the body for a bounded time only,
+def test_draining_a_refused_body_is_bounded():
+    """After a 413 the server discards the rest of the body for LINGER seconds only,
     then drops a client that keeps sending."""
-    monkeypatch.setattr(rpc_server, "LINGER", 0.3)
-    uri = serve(RpcResource())
-    elapsed = await in_thread(_send_forever, uri, 5)
-    assert elapsed < 3
+    clock = Clock()
+    proto = RpcHTTPFactory(Dispatcher(), clock=clock).buildProtocol(None)
+    transport = _HalfClosingTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                       % (100 * 1024 ** 3))
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.write_closed and not transport.disconnecting
+    for _ in range(10):
+        proto.dataReceived(b" " * 65536)
+        clock.advance(LINGER / 20)
+    assert not transport.disconnecting
+    clock.advance(LINGER)
+    assert transport.disconnected  # aborted, not closed gracefully
+    proto.connectionLost()
+    assert not clock.getDelayedCalls()
 
 
-def _send_and_hang_up(uri):
+def _send_and_hang_up(uri, started):
     sock = raw_socket(uri)
     body = json.dumps({"jsonrpc": "2.0", "method": "forever", "id": 1}).encode()
     sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                  % (len(body), body))
-    time.sleep(0.2)
+    wait_for(lambda: started, timeout=5, interval=0.01, what="the call to start")
     sock.close()
 
 
@@ -584,182 +589,17 @@ async def test_call_cancelled_when_client_hangs_up(serve):
         started.append(True)
         return defer.Deferred(lambda d: cancelled.append(True))
 
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("forever", forever)
     uri = serve(rpc)
-    await in_thread(_send_and_hang_up, uri)
+    await in_thread(_send_and_hang_up, uri, started)
     await in_thread(wait_for, lambda: cancelled, timeout=5, what="cancellation")
     assert started
 
 
-# In memory: the dispatcher alone --------------------------------------------------------
-
-
-def dispatch(rpc, message):
-    """Run one body through the dispatcher synchronously; decode the answer."""
-    body = message if isinstance(message, bytes) else json.dumps(message).encode()
-    answer = success_result_of(rpc.handle_body(body, CallContext("unix", "unix")))
-    return None if answer is None else json.loads(answer)
-
-
-@pytest.fixture
-def memory_rpc():
-    """An RPC resource with one method and one that wants the call context."""
-    rpc = RpcResource()
-    rpc.register("echo", lambda value=None: value)
-    rpc.register("where", lambda context: context.transport, context=True)
-    return rpc
-
-
-@pytest.mark.parametrize("message", [
-    {"jsonrpc": "2.0", "method": "echo", "id": True},
-    {"jsonrpc": "2.0", "method": "echo", "id": {"a": 1}},
-    {"jsonrpc": "2.0", "method": "echo", "id": [1]},
-    {"jsonrpc": "1.0", "method": "echo", "id": 1},
-    {"method": "echo", "id": 1},
-    {"jsonrpc": "2.0", "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "params": "x", "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "params": 3, "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "params": None, "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "id": 1, "extra": 1},
-    "just a string",
-    None,
-])
-def test_invalid_requests(memory_rpc, message):
-    """Requests that break the JSON-RPC 2.0 rules are -32600."""
-    response = dispatch(memory_rpc, message)
-    assert response["error"]["code"] == -32600
-    assert response["id"] in (None, 1)
-
-
-@pytest.mark.parametrize("rid", [1, "a", 1.5, None, 0, ""])
-def test_ids_are_echoed(memory_rpc, rid):
-    """Any valid id (string, number, null) comes back unchanged."""
-    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo",
-                                     "params": ["v"], "id": rid})
-    assert response == {"jsonrpc": "2.0", "result": "v", "id": rid}
-
-
-def test_notification_with_bad_params_is_silent(memory_rpc):
-    """A notification whose params do not fit gets no answer (there is no id to answer)."""
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo",
-                                 "params": [1, 2, 3]}) is None
-
-
-def test_handler_gets_the_context(memory_rpc):
-    """A handler registered with context=True gets the CallContext first."""
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where", "id": 1}
-                    )["result"] == "unix"
-
-
-def test_context_is_not_a_param(memory_rpc):
-    """The context is not something a caller can fill or must give."""
-    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where",
-                                     "params": ["tcp"], "id": 1})
-    assert response["error"]["code"] == -32602
-
-
-def test_rpc_discover_needs_a_schema(memory_rpc):
-    """Without a schema there is no rpc.discover."""
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "rpc.discover", "id": 1}
-                    )["error"]["code"] == -32601
-
-
-def test_duplicate_ids_in_a_batch(memory_rpc):
-    """A batch is answered request by request, even when ids repeat."""
-    response = dispatch(memory_rpc, [
-        {"jsonrpc": "2.0", "method": "echo", "params": [1], "id": 1},
-        {"jsonrpc": "2.0", "method": "echo", "params": [2], "id": 1},
-    ])
-    assert sorted(r["result"] for r in response) == [1, 2]
-
-
-def test_nested_params_are_answered(memory_rpc):
-    """Params nested deep but still parseable (the parser stops at about 1,000 levels)
-    reach the handler and are echoed whole."""
-    depth = 900
-    body = (b'{"jsonrpc":"2.0","method":"echo","params":[' + b"[" * depth + b"]" * depth
-            + b'],"id":1}')
-    result = dispatch(memory_rpc, body)["result"]
-    for _ in range(depth):
-        assert isinstance(result, list) and len(result) <= 1
-        result = result[0] if result else None
-    assert result is None
-
-
-def test_unexpected_error_while_preparing_is_internal_error(logged_errors):
-    """An unexpected exception while checking params is -32603, logged, and does not
-    take the rest of a batch down."""
-
-    class Exploding:
-        def coerce_params(self, params):
-            raise RuntimeError("validator bug")
-
-    rpc = RpcResource(schema=types.SimpleNamespace(methods={"bad": Exploding()}))
-    rpc.register("bad", lambda: None)
-    rpc.register("good", lambda: "ok")
-    response = dispatch(rpc, [{"jsonrpc": "2.0", "method": "bad", "id": 1},
-                              {"jsonrpc": "2.0", "method": "good", "id": 2}])
-    by_id = {r["id"]: r for r in response}
-    assert by_id[1]["error"] == {"code": -32603, "message": "Internal error"}
-    assert by_id[2]["result"] == "ok"
-    assert len(logged_errors.flush(RuntimeError)) == 1
-
-
-
-def test_coroutine_handlers_are_awaited(memory_rpc):
-    """A handler written as C{async def} is awaited; its result or error is the answer."""
-    async def double(value):
-        return value * 2
-
-    async def refuse():
-        raise InvalidParams("no")
-
-    memory_rpc.register("double", double)
-    memory_rpc.register("refuse", refuse)
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "double", "params": [4],
-                                 "id": 1})["result"] == 8
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "refuse",
-                                 "id": 2})["error"]["code"] == -32602
-
-
-def test_lone_surrogates_are_answered(memory_rpc):
-    """A string holding a lone surrogate (a legal JSON escape with no UTF-8 form) is
-    echoed back escaped, alone and in a batch, and so is an unknown method's name."""
-    body = b'{"jsonrpc":"2.0","method":"echo","params":["\\ud800"],"id":1}'
-    assert dispatch(memory_rpc, body)["result"] == "\ud800"
-    assert dispatch(memory_rpc, b"[" + body + b"]")[0]["result"] == "\ud800"
-    unknown = b'{"jsonrpc":"2.0","method":"\\udfff","id":2}'
-    assert dispatch(memory_rpc, unknown)["error"]["code"] == -32601
-
-
-@pytest.mark.parametrize("body", [
-    b'{"jsonrpc":"2.0","method":"echo","params":[NaN],"id":1}',
-    b'{"jsonrpc":"2.0","method":"echo","params":[Infinity],"id":1}',
-    b'{"jsonrpc":"2.0","method":"echo","params":[-Infinity],"id":1}',
-])
-def test_non_json_constants_are_parse_errors(memory_rpc, body):
-    """NaN and Infinity are not JSON: -32700."""
-    assert dispatch(memory_rpc, body)["error"]["code"] == -32700
-
-
-def test_unrepresentable_values(memory_rpc, logged_errors):
-    """An id of 1e400 (infinite once parsed) is -32600 with a null id, and a result that
-    is not finite is -32603: nothing that is not JSON goes out."""
-    response = dispatch(memory_rpc, b'{"jsonrpc":"2.0","method":"echo","id":1e400}')
-    assert response["error"]["code"] == -32600 and response["id"] is None
-    response = dispatch(memory_rpc, b'{"jsonrpc":"2.0","method":"echo","params":[1e400],"id":3}')
-    assert response == {"jsonrpc": "2.0", "id": 3, "error": response["error"]}
-    assert response["error"]["code"] == -32603
-    assert logged_errors.flush(ValueError)
-
-
 def _memory_protocol(rpc):
     """An RpcHTTPProtocol on an in-memory transport."""
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-
-    proto = rpc_server.RpcHTTPFactory(rpc, clock=Clock()).buildProtocol(None)
+    proto = RpcHTTPFactory(rpc, clock=Clock()).buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport
@@ -774,7 +614,7 @@ def test_refusal_waits_for_earlier_answers():
         pending.append(defer.Deferred())
         return pending[-1]
 
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("wait", wait)
     proto, transport = _memory_protocol(rpc)
     proto.dataReceived(_request(json.dumps({"jsonrpc": "2.0", "method": "wait", "id": 1}).encode()))
@@ -791,7 +631,7 @@ def test_refusal_waits_for_earlier_answers():
 
 def test_garbage_after_a_good_request_is_refused_after_its_answer():
     """A good request followed by garbage in one packet gets its answer, then the 400."""
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("echo", lambda value=None: value)
     proto, transport = _memory_protocol(rpc)
     body = json.dumps({"jsonrpc": "2.0", "method": "echo", "params": [5], "id": 1}).encode()
@@ -804,7 +644,7 @@ def test_garbage_after_a_good_request_is_refused_after_its_answer():
 def test_many_pipelined_immediate_answers(logged_errors):
     """Thousands of pipelined calls whose Deferreds have already fired are answered in
     order, without recursing once per request."""
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("now", lambda n: defer.succeed(n))
     proto, transport = _memory_protocol(rpc)
     count = 3000
@@ -839,29 +679,6 @@ def test_clear_stale_socket(tmp_path, logged_errors):
         listening.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_resource_in_a_twisted_web_site():
-    """RpcResource still serves JSON-RPC as a twisted.web resource, for embedding: a
-    call, a notification (204), and 405 for another verb."""
-    from treq.testing import StubTreq
-    from twisted.web.resource import Resource
-
-    rpc = RpcResource()
-    rpc.register("echo", lambda value=None: value)
-    root = Resource()
-    root.putChild(b"rpc", rpc)
-    treq = StubTreq(root)
-    response = await treq.post("http://example.invalid/rpc", data=json.dumps(
-        {"jsonrpc": "2.0", "method": "echo", "params": ["hi"], "id": 1}).encode())
-    assert response.code == 200
-    assert json.loads(await response.content()) == {"jsonrpc": "2.0", "result": "hi", "id": 1}
-    response = await treq.post("http://example.invalid/rpc", data=b'{"jsonrpc":"2.0","method":"echo"}')
-    assert response.code == 204
-    response = await treq.get("http://example.invalid/rpc")
-    assert response.code == 405
-    assert response.headers.getRawHeaders(b"allow") == [b"POST"]
-
-
 def test_closed_connections_are_freed_without_the_cycle_collector():
     """A connection's protocol is freed as soon as it is closed and dropped, with no
     reference cycle left for the cycle collector (whose full passes are the explorer's
@@ -869,12 +686,9 @@ def test_closed_connections_are_freed_without_the_cycle_collector():
     import gc
     import weakref
 
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("echo", lambda value=None: value)
-    factory = rpc_server.RpcHTTPFactory(rpc, clock=Clock())
+    factory = RpcHTTPFactory(rpc, clock=Clock())
     gc.disable()
     try:
         proto = factory.buildProtocol(None)
@@ -945,9 +759,9 @@ async def test_oversized_body_over_tls_is_413(tmp_path):
     the connection lingers and then closes), and the listener goes on serving."""
     pem = str(tmp_path / "server.pem")
     _self_signed_pem(pem)
-    rpc = RpcResource()
+    rpc = Dispatcher()
     rpc.register("echo", lambda value=None: value)
-    listeners = Listeners(make_site(rpc), [f"ssl:0:interface=127.0.0.1:privateKey={pem}"])
+    listeners = Listeners(make_factory(rpc), [f"ssl:0:interface=127.0.0.1:privateKey={pem}"])
     listeners.startService()
     try:
         port = int(listeners.bound[0].rsplit(":", 1)[1])

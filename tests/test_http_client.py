@@ -12,7 +12,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.web import resource, server
 
 from hero_compute.rpc.addresses import parse_address
-from hero_compute.rpc.client import RpcClient
+from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import (
     BadResponse,
     CallTimedOut,
@@ -24,8 +24,9 @@ from hero_compute.rpc.errors import (
     TransportError,
     VmNotFound,
 )
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
-from hero_compute.rpc.server import RpcResource, make_site
 
 
 async def eventually(predicate, timeout=5.0, what="condition"):
@@ -49,14 +50,14 @@ class Server:
         self.notified = []
         self.cancelled = []
         self.directory = directory
-        rpc = RpcResource()
+        rpc = Dispatcher()
         rpc.register("echo", lambda value=None: value)
         rpc.register("where", lambda context: context.transport, context=True)
         rpc.register("note", self.notified.append)
         rpc.register("vm_missing", self._vm_missing)
         rpc.register("custom", self._custom)
         rpc.register("forever", self._forever)
-        site = make_site(rpc)
+        site = make_factory(rpc)
         outer = self
 
         class Counting(site.protocol):
@@ -356,7 +357,7 @@ def test_cancelled_connect_is_timed_out():
     from twisted.internet.error import ConnectingCancelledError
     from twisted.python.failure import Failure
 
-    from hero_compute.rpc.client import _transport_failure
+    from hero_compute.rpc.http_client import _transport_failure
 
     address = parse_address("tcp://127.0.0.1:9")
     with pytest.raises(CallTimedOut):
@@ -445,7 +446,7 @@ def test_dns_failure_is_refused():
     from twisted.internet.error import DNSLookupError
     from twisted.python.failure import Failure
 
-    from hero_compute.rpc.client import _transport_failure
+    from hero_compute.rpc.http_client import _transport_failure
 
     address = parse_address("tcp://nowhere.invalid:9003")
     with pytest.raises(ConnectionRefused):

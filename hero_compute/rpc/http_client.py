@@ -2,11 +2,12 @@
 The JSON-RPC client: calls any address URI (unix, tcp, tls) over a pool of persistent
 HTTP/1.1 connections, with a per-call timeout.
 
-Failures come out as one of two families: L{RpcError} when the peer answered with a
-JSON-RPC error object (same code, message and data), or a L{TransportError} subclass when
-no JSON-RPC answer came (refused, timed out, closed mid-call, not JSON-RPC).
+Failures come out as one of two families: :class:`.RpcError` when the peer answered
+with a JSON-RPC error object (same code, message and data), or a
+:class:`.TransportError` subclass when no JSON-RPC answer came (refused, timed out,
+closed mid-call, not JSON-RPC).
 
-Like the server, it speaks HTTP/1.1 through C{httptools} rather than C{twisted.web}'s
+Like the server, it speaks HTTP/1.1 through ``httptools`` rather than ``twisted.web``'s
 Agent: the explorer's proxy spent most of its time there (see the README's performance
 section), and one POST with a known length to a known peer needs none of its generality.
 """
@@ -43,7 +44,7 @@ class _Closed(Exception):
 
 
 class _TooLarge(Exception):
-    """The response body grew past L{MAX_RESPONSE}."""
+    """The response body grew past :data:`MAX_RESPONSE`."""
 
 
 class _HTTPConnection(protocol.Protocol):
@@ -59,14 +60,13 @@ class _HTTPConnection(protocol.Protocol):
     def __init__(self, pool, address):
         self._pool = pool
         self.address = address
-        self._idle_timer = None
 
     def connectionMade(self):
         self._parser = httptools.HttpResponseParser(self)
 
     def request(self, body):
         """
-        Send one POST; fires with C{(status, body)}.
+        Send one POST; fires with ``(status, body)``.
         """
         self.done = defer.Deferred(self._cancel)
         self._chunks = []
@@ -155,8 +155,9 @@ class _HTTPConnection(protocol.Protocol):
 
 class _Pool:
     """
-    Idle persistent connections by peer address, at most C{max_per_peer} each, closed
-    after L{POOL_IDLE} seconds unused.
+    Idle persistent connections by peer address, at most ``max_per_peer`` each, closed
+    after :data:`POOL_IDLE` seconds unused.  The pool owns the timers of its idle
+    connections: a connection knows nothing of being pooled.
     """
 
     def __init__(self, reactor, connect_timeout, max_per_peer):
@@ -164,18 +165,17 @@ class _Pool:
         self._connect_timeout = connect_timeout
         self._max = max_per_peer
         self._idle = collections.defaultdict(list)
+        self._timers = {}  # idle connection -> the DelayedCall that closes it
         self._all = set()
         self._closing = []
         self._closed = False
 
     def get(self, address):
-        """:return: a Deferred of a connected L{_HTTPConnection} to C{address}"""
+        """:return: a Deferred of a connected :class:`_HTTPConnection` to ``address``"""
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
-            if conn._idle_timer is not None and conn._idle_timer.active():
-                conn._idle_timer.cancel()
-            conn._idle_timer = None
+            self._stop_timer(conn)
             if not conn.lost and not getattr(conn.transport, "disconnecting", False):
                 return defer.succeed(conn)
         endpoint = address.client_endpoint(self._reactor, self._connect_timeout)
@@ -197,13 +197,17 @@ class _Pool:
             conn.transport.loseConnection()
             return
         idle.append(conn)
-        conn._idle_timer = self._reactor.callLater(POOL_IDLE, conn.transport.loseConnection)
+        self._timers[conn] = self._reactor.callLater(POOL_IDLE, conn.transport.loseConnection)
+
+    def _stop_timer(self, conn):
+        timer = self._timers.pop(conn, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def forget(self, conn):
         """Drop a connection that is gone."""
         self._all.discard(conn)
-        if conn._idle_timer is not None and conn._idle_timer.active():
-            conn._idle_timer.cancel()
+        self._stop_timer(conn)
         idle = self._idle.get(conn.address)
         if idle and conn in idle:
             idle.remove(conn)
@@ -249,12 +253,12 @@ class RpcClient:
         """
         Call a method and wait for its result.
 
-        :param address: an L{Address} or address URI
+        :param address: an :class:`.Address` or address URI
         :param method: the method name
         :param params: a dict (by name), a list (by position) or None
         :param timeout: seconds for this call; the client's default when None
-        :return: a Deferred firing with the result, or failing with L{RpcError} or a
-            L{TransportError}
+        :return: a Deferred firing with the result, or failing with :class:`.RpcError`
+            or a :class:`.TransportError`
         """
         message = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
         if params is not None:
@@ -279,7 +283,7 @@ class RpcClient:
         Our own IP address on a connection to a peer (a pooled one, or a new one left in
         the pool for the next call).
 
-        :param address: an L{Address} or address URI, tcp or tls
+        :param address: an :class:`.Address` or address URI, tcp or tls
         :return: a Deferred firing with the address, as text
         """
         try:

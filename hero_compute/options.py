@@ -1,20 +1,21 @@
 """
-Helpers for the tap modules' C{Options}: coercers and environment fallbacks.
+Helpers for the command lines' options (the taps' ``Options``, the CLI's defaults):
+coercers and environment fallbacks.
 
-The taps pass C{os.environ} in; nothing here reads the environment by itself.
+The callers pass ``os.environ`` in; nothing here reads the environment by itself.
 """
 
 import os
 
 from twisted.python import usage
 
-from .addresses import AddressError, parse_address, parse_listen
+from hero_compute.rpc.addresses import AddressError, parse_address, parse_listen
 
 
 def socket_dir(env):
     """
     :param env: the environment mapping
-    :return: C{HERO_SOCKET_DIR}, or C{~/hero/var/sockets}
+    :return: ``HERO_SOCKET_DIR``, or ``~/hero/var/sockets``
     :raise usage.UsageError: when it is not an absolute path
     """
     path = os.path.expanduser(env.get("HERO_SOCKET_DIR") or "~/hero/var/sockets")
@@ -27,7 +28,7 @@ def socket_dir(env):
 
 def help_text(method):
     """
-    Fold an C{opt_} method's docstring onto one line: C{--help} shows it verbatim, with
+    Fold an ``opt_`` method's docstring onto one line: ``--help`` shows it verbatim, with
     the source's indentation in the middle of a sentence otherwise.
     """
     method.__doc__ = " ".join(method.__doc__.split())
@@ -51,7 +52,7 @@ seconds.coerceDoc = "A positive number of seconds (may be fractional)."
 
 def absolute_socket(text):
     """
-    Coerce a Unix socket location: an absolute path or a C{unix://} URI.
+    Coerce a Unix socket location: an absolute path or a ``unix://`` URI.
 
     :return: the absolute path
     """
@@ -65,7 +66,7 @@ absolute_socket.coerceDoc = "An absolute path, or unix:///abs/path.sock."
 
 
 def listen_address(text):
-    """Coerce a TCP listen address, C{host:port} or C{[v6addr]:port}."""
+    """Coerce a TCP listen address, ``host:port`` or ``[v6addr]:port``."""
     return parse_listen(text)
 
 
@@ -76,7 +77,7 @@ def from_env(options, key, env, name, coerce):
     """
     Fill an option from the environment when the command line did not give it.
 
-    :param options: the L{usage.Options}
+    :param options: the :class:`twisted.python.usage.Options`
     :param key: the option's key
     :param env: the environment mapping
     :param name: the variable's name

@@ -1,0 +1,315 @@
+"""
+The JSON-RPC 2.0 dispatcher: bodies in, response bodies out, with no HTTP in sight.
+
+It follows the specification (section 7's examples are our tests): batches,
+notifications (answered with nothing), ``"jsonrpc": "2.0"`` required, and the standard
+codes; an unexpected exception is logged and becomes -32603 without details.  Errors
+become JSON-RPC error objects here and nowhere else.
+
+The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`) hand it
+the raw body and a :class:`CallContext`; between the two sits one optional check, the
+``authorize`` hook, given the context and the method name before the params are even
+looked at.
+"""
+
+import inspect
+import json
+import math
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .errors import (
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    ParseError,
+    RpcError,
+)
+
+log = Logger()
+
+# NaN and Infinity are not JSON: a result holding one is an internal error, not a body
+# that strict parsers refuse.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@attrs.frozen
+class CallContext:
+    """
+    What a handler (and the ``authorize`` hook) may know of the call besides its params.
+
+    :ivar transport: ``"unix"`` or ``"tcp"``: how the request reached us
+    :ivar peer: the peer's address, for logs (``host:port``, or ``"unix"``)
+    :ivar secure: whether the connection is TLS
+    """
+
+    transport: str
+    peer: str
+    secure: bool = False
+
+    @classmethod
+    def from_transport(cls, transport):
+        """
+        :param transport: the transport of a connection
+        :return: the context of the calls on that connection
+        """
+        if isinstance(transport.getHost(), UNIXAddress):
+            return cls("unix", "unix", False)
+        peer = transport.getPeer()
+        return cls("tcp", f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+                   ISSLTransport.providedBy(transport))
+
+
+@attrs.frozen
+class _Handler:
+    func: object
+    signature: inspect.Signature
+    wants_context: bool
+
+
+class Dispatcher:
+    """
+    Runs the JSON-RPC request(s) of a body against the methods registered on it.
+
+    Methods are plain callables registered by name; they take the params as keyword
+    arguments (by-position params are mapped to names through the schema) and return a
+    result, a Deferred of one, or a coroutine.  They signal failure by raising an
+    :class:`~hero_compute.rpc.errors.RpcError`; any other exception is logged and becomes
+    -32603 without details.
+
+    :param schema: an optional :class:`hero_compute.rpc.schema.Schema`; when given, params
+        of the methods it describes are validated, and ``rpc.discover`` serves its
+        OpenRPC document
+    :param version: the service's version, for ``rpc.discover``
+    :param authorize: an optional callable ``(context, method_name)``, called once a
+        call's method is known to exist and before its params are checked; it refuses
+        the call by raising an :class:`~hero_compute.rpc.errors.RpcError` (for instance
+        :class:`~hero_compute.rpc.errors.RefusedByPolicy`).  Handlers never check
+        permissions themselves.
+    """
+
+    def __init__(self, schema=None, version="0", authorize=None):
+        self._schema = schema
+        self._version = version
+        self._authorize = authorize
+        self._handlers = {}
+        if schema is not None:
+            self.register("rpc.discover", self._discover)
+
+    def register(self, name, func, context=False):
+        """
+        Publish a callable as a method.
+
+        :param name: the JSON-RPC method name
+        :param func: the callable
+        :param context: when true, ``func`` gets a :class:`CallContext` as first argument
+        """
+        signature = inspect.signature(func)
+        if context:
+            first = next(iter(signature.parameters))
+            signature = signature.replace(
+                parameters=[p for n, p in signature.parameters.items() if n != first]
+            )
+        self._handlers[name] = _Handler(func, signature, context)
+
+    def method_names(self):
+        """:return: the names of all published methods"""
+        return set(self._handlers)
+
+    def param_names(self, name):
+        """
+        :param name: a published method's name
+        :return: the names of the params its handler takes, in order (the call context
+            excluded)
+        """
+        return list(self._handlers[name].signature.parameters)
+
+    def _discover(self):
+        return self._schema.openrpc(self._version)
+
+    def answer(self, body, context):
+        """
+        Run the JSON-RPC request(s) in a body; answer at once when every handler did.
+
+        :param body: the raw bytes of the body
+        :param context: the :class:`CallContext` of the call
+        :return: the response body (bytes), None when there is nothing to send (only
+            notifications), or a Deferred firing with either when a handler answers later
+        """
+        try:
+            message = json.loads(body, parse_constant=_no_constants)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _dump(_error(None, ParseError(f"Parse error: {e}")))
+        except RecursionError:
+            # A megabyte of "[" is well under the body limit and too deep for json.loads.
+            return _dump(_error(None, ParseError("Parse error: nested too deeply")))
+        if isinstance(message, list):
+            if not message:
+                return _dump(_error(None, InvalidRequest("Invalid Request: empty batch")))
+            responses = [self._handle_one(item, context) for item in message]
+            if any(isinstance(r, defer.Deferred) for r in responses):
+                d = defer.gatherResults(
+                    [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in responses],
+                    consumeErrors=True)
+                return d.addCallback(_dump_batch)
+            return _dump_batch(responses)
+        response = self._handle_one(message, context)
+        if isinstance(response, defer.Deferred):
+            return response.addCallback(_dump_single)
+        return _dump_single(response)
+
+    def _handle_one(self, message, context):
+        """
+        :return: a response object, None for a notification, or a Deferred firing with
+            one of these when the handler answers later
+        """
+        if not isinstance(message, dict):
+            return _error(None, InvalidRequest("Invalid Request: not an object"))
+        rid = message.get("id")
+        if not _valid_id(rid):
+            return _error(None, InvalidRequest(
+                "Invalid Request: id must be a string, a number or null"))
+        notification = "id" not in message
+        try:
+            handler, args, kwargs = self._prepare(message, context)
+        except RpcError as e:
+            # A request too broken to run is still answered when it carries an id: the
+            # caller could not otherwise tell it was refused.
+            return (None if notification and e.code != InvalidRequest.code
+                    else _error(rid, e))
+        except Exception:
+            # E.g. RecursionError from validating deeply nested params: raised here it
+            # would escape to the transport as a 500, and take the rest of a batch with it.
+            log.failure("preparing {method} failed", method=message.get("method"))
+            return None if notification else _error(rid, InternalError("Internal error"))
+        try:
+            result = handler.func(*args, **kwargs)
+        except Exception:
+            failure = Failure()
+            if notification:
+                _log_unexpected(failure, message)
+                return None
+            return _error(rid, _as_rpc_error(failure, message))
+        if inspect.iscoroutine(result):
+            result = defer.ensureDeferred(result)
+        if not isinstance(result, defer.Deferred):
+            return None if notification else {"jsonrpc": "2.0", "result": result, "id": rid}
+        d = result
+        if notification:
+            d.addCallbacks(lambda _: None, lambda f: _log_unexpected(f, message))
+            return d
+        d.addCallbacks(
+            lambda result: {"jsonrpc": "2.0", "result": result, "id": rid},
+            lambda f: _error(rid, _as_rpc_error(f, message)),
+        )
+        return d
+
+    def _prepare(self, message, context):
+        if message.get("jsonrpc") != "2.0":
+            raise InvalidRequest('Invalid Request: "jsonrpc" must be exactly "2.0"')
+        name = message.get("method")
+        if not isinstance(name, str):
+            raise InvalidRequest('Invalid Request: "method" must be a string')
+        unknown = set(message) - {"jsonrpc", "method", "params", "id"}
+        if unknown:
+            raise InvalidRequest(f"Invalid Request: unknown members {sorted(unknown)}")
+        params = message.get("params")
+        if "params" in message and not isinstance(params, (list, dict)):
+            raise InvalidRequest('Invalid Request: "params" must be an array or an object')
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise MethodNotFound(f"Method not found: {name}")
+        if self._authorize is not None:
+            # The one place a permission is checked: who (the context) may call what.
+            self._authorize(context, name)
+        spec = self._schema.methods.get(name) if self._schema is not None else None
+        if spec is not None:
+            # The schema names exactly the handler's params (the drift test holds us to
+            # it), so params it accepts always bind.
+            kwargs = spec.coerce_params(params)
+            args = []
+        else:
+            args, kwargs = ([], params) if isinstance(params, dict) else (params or [], {})
+            try:
+                handler.signature.bind(*args, **kwargs)
+            except TypeError as e:
+                raise InvalidParams(f"invalid params for {name}: {e}") from None
+        if handler.wants_context:
+            args = [context, *args]
+        return handler, args, kwargs
+
+
+def _as_rpc_error(failure, message):
+    if failure.check(RpcError):
+        return failure.value
+    if failure.check(defer.CancelledError):
+        return InternalError("Internal error: the call was cancelled")
+    _log_unexpected(failure, message)
+    return InternalError("Internal error")
+
+
+def _log_unexpected(failure, message):
+    if not failure.check(RpcError, defer.CancelledError):
+        log.failure("method {method} failed", failure, method=message.get("method"))
+
+
+def _valid_id(rid):
+    if isinstance(rid, float):
+        return math.isfinite(rid)  # 1e400 parses as inf, which cannot be echoed
+    return rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool))
+
+
+def _error(rid, error):
+    return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
+
+
+def _dump_batch(responses):
+    answered = [r for r in responses if r is not None]
+    return _dump(answered) if answered else None
+
+
+def _dump_single(response):
+    return None if response is None else _dump(response)
+
+
+def _serialise(response):
+    """
+    :return: the UTF-8 JSON of ``response``
+    :raise TypeError, ValueError, RecursionError: when it is not JSON-serialisable
+    """
+    text = _encode(response)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (a legal JSON escape, say in a string id or a method name
+        # echoed in an error) has no UTF-8 form: escape it again.
+        return _encode_ascii(response).encode("ascii")
+
+
+def _dump(response):
+    try:
+        return _serialise(response)
+    except (TypeError, ValueError, RecursionError):
+        log.failure("result is not JSON-serialisable")
+        if isinstance(response, list):
+            return _serialise([_dump_one_safely(r) for r in response])
+        return _serialise(_error(response.get("id"), InternalError("Internal error")))
+
+
+def _dump_one_safely(response):
+    try:
+        _serialise(response)
+        return response
+    except (TypeError, ValueError, RecursionError):
+        return _error(response.get("id"), InternalError("Internal error"))

@@ -1,0 +1,420 @@
+"""
+HTTP/1.1 for the JSON-RPC endpoint: ``POST /rpc`` runs the body through a
+:class:`~hero_compute.rpc.dispatch.Dispatcher`; other paths are 404, other verbs 405.
+
+We parse with ``httptools`` (llhttp, the parser of Node.js) rather than through
+``twisted.web.server``: a call costs about a third of the CPU it took there (see the
+README's performance section), and nothing of twisted.web's resource tree, sessions or
+forms applies to one JSON endpoint.  As in uvicorn's ``httptools_impl``, each request is
+one record (:class:`_Request`) from its first byte to its answer; the protocol holds only
+the connection's state.
+
+Long because: it is one state machine (parsing, pipelining,
+refusing, lingering, idling): split, its rules would have to be read in two places.
+"""
+
+import collections
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+import attrs
+import httptools
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.protocols import policies
+
+from .dispatch import CallContext
+
+log = Logger()
+
+#: Request bodies above this many bytes are refused with 413 before being read.
+MAX_BODY = 1024 * 1024
+
+#: Limits on what precedes a body: generous for JSON-RPC, small enough that a peer
+#: cannot make us buffer much.
+MAX_URL = 8 * 1024
+MAX_HEADERS = 64 * 1024
+
+#: Pipelined requests parsed ahead of the one being answered before we stop reading.
+MAX_QUEUED = 16
+
+#: Seconds a refused oversized body is still read (and discarded) after the 413, so that
+#: the client gets to read the 413 instead of a connection reset.
+LINGER = 2.0
+
+#: Seconds an idle keep-alive connection is kept open.  Clients' pools close theirs
+#: sooner (see :data:`hero_compute.rpc.http_client.POOL_IDLE`), so the server rarely
+#: closes one under a request in flight.
+IDLE_TIMEOUT = 75
+
+#: The status line of every status we send, reason phrase from :class:`http.HTTPStatus`.
+#: Call sites name statuses by number: an ``HTTPStatus`` member costs a Python-level
+#: ``__hash__`` per lookup, about a microsecond a request in all.
+_STATUS_LINES = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode("ascii"))
+    for status in (200, 204, 400, 404, 405, 413, 414, 431, 500)
+}
+
+_TEXT = b"text/plain; charset=utf-8"
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop reading a request we will not serve."""
+
+    def __init__(self, status, message):
+        Exception.__init__(self, status, message)
+        self.status = status
+        self.message = message
+
+
+@attrs.define
+class _Request:
+    """
+    One request-response cycle: what the parser has told us of a request so far, then
+    what its answer needs.
+
+    :ivar head: bytes of header names and values so far, against :data:`MAX_HEADERS`
+    :ivar length: the declared ``Content-Length``, or None
+    :ivar expect_continue: whether the client waits for ``100 Continue``
+    :ivar chunks: the body's parts while it arrives
+    :ivar size: the body's size so far
+    :ivar method: the request method, once the request is complete
+    :ivar keep_alive: whether the connection stays open after the answer
+    :ivar http10: whether the request was HTTP/1.0
+    :ivar body: the whole body, once the request is complete
+    """
+
+    url: bytes = b""
+    head: int = 0
+    length: object = None
+    expect_continue: bool = False
+    chunks: list = attrs.Factory(list)
+    size: int = 0
+    method: bytes = b""
+    keep_alive: bool = True
+    http10: bool = False
+    body: bytes = b""
+
+
+class _HTTPDate:
+    """The Date header value, formatted at most once a second."""
+
+    def __init__(self):
+        self._second = None
+        self._value = b""
+
+    def __call__(self):
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+_http_date = _HTTPDate()
+
+
+class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
+    """
+    HTTP/1.1 for one connection to a dispatcher.
+
+    The rules kept: persistent connections (HTTP/1.1 by default, HTTP/1.0 on request),
+    pipelined requests answered in order, chunked bodies, ``Expect: 100-continue``,
+    bodies over ``max_body`` refused with 413 from the headers alone or as soon as they
+    grow past it, never buffered beyond it, idle connections closed, and a call
+    cancelled when its client hangs up.
+    """
+
+    factory = None
+    _parser = None
+    _parsing = None
+    _context = None
+    _closing = False
+    _lost = False
+    _linger = None
+    _inflight = None
+    _refusal = None
+    _answering = False
+
+    def connectionMade(self):
+        self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue = collections.deque()
+        self._paused = False
+        self.setTimeout(self.factory.idle_timeout)
+
+    # -- parsing (httptools callbacks)
+
+    def on_message_begin(self):
+        self._parsing = _Request()
+
+    def on_url(self, url):
+        request = self._parsing
+        request.url += url
+        if len(request.url) > MAX_URL:
+            raise _Refused(414,
+                           b"request target longer than %d bytes\n" % MAX_URL)
+
+    def on_header(self, name, value):
+        request = self._parsing
+        request.head += len(name) + len(value)
+        if request.head > MAX_HEADERS:
+            raise _Refused(431,
+                           b"request headers larger than %d bytes\n" % MAX_HEADERS)
+        name = name.lower()
+        if name == b"content-length":
+            request.length = int(value) if value.strip().isdigit() else None
+        elif name == b"expect" and value.lower() == b"100-continue":
+            request.expect_continue = True
+
+    def on_headers_complete(self):
+        request = self._parsing
+        if request.length is not None and request.length > self.factory.max_body:
+            raise _Refused(413,
+                           b"request body larger than %d bytes\n" % self.factory.max_body)
+        if (request.expect_continue and self._parser.get_http_version() == "1.1"
+                and self._inflight is None and not self._queue):
+            # curl and others wait for this (a second, or forever) before sending
+            # the body.  Not while an earlier answer is due: it would come first.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body):
+        request = self._parsing
+        request.size += len(body)
+        if request.size > self.factory.max_body:
+            request.chunks = []
+            raise _Refused(413,
+                           b"request body larger than %d bytes\n" % self.factory.max_body)
+        request.chunks.append(body)
+
+    def on_message_complete(self):
+        parser = self._parser
+        request, self._parsing = self._parsing, None
+        request.method = parser.get_method()
+        request.keep_alive = parser.should_keep_alive()
+        request.http10 = parser.get_http_version() == "1.0"
+        request.body = b"".join(request.chunks)
+        request.chunks = None
+        self._queue.append(request)
+
+    # -- the connection
+
+    def dataReceived(self, data):
+        if self._closing or self._refusal is not None:
+            return  # refused: read and discard
+        if self._inflight is None:
+            self.resetTimeout()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            refused = e.__context__
+            if not isinstance(refused, _Refused):
+                raise
+            self._refusal = (refused.status, refused.message)
+        except httptools.HttpParserUpgrade:
+            # We speak nothing but HTTP/1.1, and llhttp leaves the body of an upgrade
+            # request unread (it would be the other protocol's): refuse it whole.
+            self._queue.pop()
+            self._refusal = (400, b"protocol upgrades are not supported\n")
+        except httptools.HttpParserError as e:
+            self._refusal = (400, b"malformed HTTP request: %s\n"
+                             % str(e).encode("ascii", "replace"))
+        if len(self._queue) > MAX_QUEUED and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        self._next()
+
+    def _next(self):
+        if self._answering:
+            return  # an answer that came at once, inside the loop below: it goes on
+        self._answering = True
+        try:
+            while self._queue and self._inflight is None and not self._closing:
+                self._answer(self._queue.popleft())
+        finally:
+            self._answering = False
+        if self._closing or self._inflight is not None:
+            return
+        if self._refusal is not None and not self._queue:
+            # Every request before the bad one is answered: now the refusal.
+            self._refuse(*self._refusal)
+            return
+        if self._paused and len(self._queue) <= MAX_QUEUED // 2:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self.timeOut is None:
+            self.setTimeout(self.factory.idle_timeout)
+
+    def _answer(self, request):
+        path = request.url.split(b"?", 1)[0]
+        if not path.startswith(b"/"):
+            try:
+                path = httptools.parse_url(request.url).path or b"/"
+            except httptools.HttpParserInvalidURLError:
+                self._send(request, 400, _TEXT, b"malformed URL\n")
+                return
+        if path not in (b"/rpc", b"/rpc/"):
+            self._send(request, 404, _TEXT, b"no such resource\n")
+            return
+        if request.method != b"POST":
+            self._send(request, 405, _TEXT,
+                       b"only POST is allowed on /rpc\n", b"Allow: POST\r\n")
+            return
+        if self._context is None:
+            # The addresses of a connection do not change: one system call each, once.
+            self._context = CallContext.from_transport(self.transport)
+        try:
+            answer = self.factory.dispatcher.answer(request.body, self._context)
+        except Exception:
+            # The dispatcher answers every error itself; this is a bug, not a caller's.
+            log.failure("answering an RPC request failed")
+            self._send(request, 500, _TEXT, b"internal error\n")
+            return
+        if not isinstance(answer, defer.Deferred):
+            self._respond(answer, request)
+            return
+        # A call in progress is bounded by its own timeouts, not the idle one.
+        self.setTimeout(None)
+        self._inflight = answer
+        answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,),
+                            errbackArgs=(request,))
+
+    def _answered(self, payload, request):
+        self._inflight = None
+        if self._lost or self._closing:
+            # Refused or closed meanwhile: an answer now would come after the refusal.
+            return
+        self._respond(payload, request)
+        self._next()
+
+    def _respond(self, payload, request):
+        if payload is None:
+            # Only notifications: JSON-RPC says send nothing, HTTP says 204.
+            self._send(request, 204, None, b"")
+        else:
+            self._send(request, 200, b"application/json", payload)
+
+    def _failed(self, failure, request):
+        self._inflight = None
+        if self._lost or self._closing or failure.check(defer.CancelledError):
+            return
+        log.failure("answering an RPC request failed", failure)
+        self._send(request, 500, _TEXT, b"internal error\n")
+        self._next()
+
+    def _send(self, request, status, ctype, body, extra=b""):
+        head = [b"%sDate: %s\r\n" % (_STATUS_LINES[status], _http_date())]
+        if ctype is not None:
+            head.append(b"Content-Type: %s\r\n" % ctype)
+        if status != 204:
+            head.append(b"Content-Length: %d\r\n" % len(body))
+        if extra:
+            head.append(extra)
+        if not request.keep_alive:
+            head.append(b"Connection: close\r\n")
+        elif request.http10:
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        if request.method != b"HEAD":
+            head.append(body)
+        self.transport.write(b"".join(head))
+        if not request.keep_alive:
+            self._closing = True
+            # The idle timer stays: a peer that never reads its answer is cut off.
+            self.resetTimeout()
+            self.transport.loseConnection()
+
+    def _refuse(self, status, body):
+        """
+        Answer an error and close the connection; the rest of the request is never
+        buffered.
+
+        A client usually sends its whole body before reading the answer; closing at
+        once with its body unread makes the kernel reset the connection, and the client
+        sees a broken pipe instead of our status.  So, like nginx's lingering close, we
+        close our side for writing and discard what still comes, for at most
+        ``factory.linger`` seconds.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._queue.clear()
+        self.setTimeout(None)
+        self.transport.write(
+            b"%sDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (_STATUS_LINES[status], _http_date(), len(body), body))
+        if self._paused:
+            self.transport.resumeProducing()
+        linger = self.factory.linger
+        if ISSLTransport.providedBy(self.transport):
+            # TLS cannot half-close (the lookup would reach the TCP socket under it):
+            # go on discarding what comes, then close.
+            self._linger = self.factory.clock.callLater(linger, self.transport.loseConnection)
+            return
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._linger = self.factory.clock.callLater(linger, self.transport.abortConnection)
+
+    def timeoutConnection(self):
+        # Abort, not close: a peer that stopped reading would keep a close waiting on
+        # our unsent answer for ever.
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self._lost = True
+        # The parser holds our callbacks: without this cycle a closed connection is
+        # freed at once, not at the next full collection (at fleet scale those are
+        # the explorer's longest pauses).
+        self._parser = None
+        self._parsing = None
+        self.setTimeout(None)
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._queue.clear()
+        if self._inflight is not None:
+            # The client hung up: stop the work, and answer no one.
+            self._inflight.cancel()
+
+
+class RpcHTTPFactory(protocol.Factory):
+    """
+    Serves a dispatcher over HTTP/1.1 with :class:`RpcHTTPProtocol`.
+
+    :ivar dispatcher: the :class:`~hero_compute.rpc.dispatch.Dispatcher`
+    :ivar idle_timeout: seconds before an idle connection is closed
+    :ivar max_body: request bodies above this many bytes are refused with 413
+    :ivar linger: seconds the rest of a refused request is read and discarded
+    :ivar clock: the reactor, for timers
+    """
+
+    protocol = RpcHTTPProtocol
+    # One "Starting factory" line per listener is noise in an operator's log.
+    noisy = False
+
+    def __init__(self, dispatcher, idle_timeout=IDLE_TIMEOUT, max_body=MAX_BODY,
+                 clock=None, linger=LINGER):
+        from twisted.internet import reactor
+
+        self.dispatcher = dispatcher
+        self.idle_timeout = idle_timeout
+        self.max_body = max_body
+        self.linger = linger
+        self.clock = reactor if clock is None else clock
+
+
+def make_factory(dispatcher, idle_timeout=IDLE_TIMEOUT):
+    """
+    The HTTP server of ``dispatcher``: ``POST /rpc`` answers JSON-RPC, every other path
+    is 404.
+
+    :param dispatcher: a :class:`~hero_compute.rpc.dispatch.Dispatcher`
+    :param idle_timeout: seconds before an idle connection is closed
+    :return: an :class:`RpcHTTPFactory`, to listen with
+    """
+    return RpcHTTPFactory(dispatcher, idle_timeout)
