@@ -199,10 +199,15 @@ def test_tcp_client_endpoint(text):
 
 
 def test_tls_client_endpoint():
-    """A tls address gives a client endpoint that is not plain TCP."""
-    pytest.importorskip("OpenSSL")
-    endpoint = parse_address("tls://explorer.example.com:9443").client_endpoint(
-        MemoryReactorClock())
+    """A tls address with fleet TLS material gives a client endpoint that is not plain
+    TCP; without material it is refused rather than checked against the system's CAs."""
+    from hero_compute.rpc.tls import ClientTLS
+
+    address = parse_address("tls://explorer.example.com:9443")
+    with pytest.raises(ValueError, match="no TLS material"):
+        address.client_endpoint(MemoryReactorClock())
+    creator = ClientTLS.__new__(ClientTLS)  # the endpoint only holds it
+    endpoint = address.client_endpoint(MemoryReactorClock(), tls=creator)
     assert IStreamClientEndpoint.providedBy(endpoint)
     assert not isinstance(endpoint, HostnameEndpoint)
 

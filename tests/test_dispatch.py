@@ -186,12 +186,13 @@ def test_synchronous_handlers_are_answered_without_a_deferred(memory_rpc):
 
 
 def test_authorize_sees_context_and_method_before_params():
-    """The authorize hook gets the call context and the method name of every call to a
-    method that exists, before its params are checked; what it raises is the answer."""
+    """The authorize hook gets the call context, the method name and the raw params of
+    every call to a method that exists, before its params are checked; what it raises is
+    the answer."""
     seen = []
 
-    def authorize(context, method):
-        seen.append((context, method))
+    def authorize(context, method, params):
+        seen.append((context, method, params))
         if method == "secret":
             raise RefusedByPolicy("not for you")
 
@@ -205,4 +206,4 @@ def test_authorize_sees_context_and_method_before_params():
     assert refused["error"]["code"] == RefusedByPolicy.code
     assert dispatch(rpc, {"jsonrpc": "2.0", "method": "nope", "id": 3}, tcp
                     )["error"]["code"] == -32601
-    assert seen == [(tcp, "open"), (tcp, "secret")]
+    assert seen == [(tcp, "open", None), (tcp, "secret", [1, 2])]

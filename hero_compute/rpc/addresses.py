@@ -77,24 +77,28 @@ class Address:
         """True for a local Unix socket."""
         return self.scheme == "unix"
 
-    def client_endpoint(self, reactor, timeout=None):
+    def client_endpoint(self, reactor, timeout=None, tls=None):
         """
         A Twisted client endpoint that connects to this address.
 
         :param reactor: the reactor to connect with
         :param timeout: seconds allowed for the connection to be established
+        :param tls: for a ``tls://`` address, the connection creator that verifies the
+            peer (a :class:`~hero_compute.rpc.tls.ClientTLS`): peers are checked against
+            the fleet CA and their SPIFFE identity, never the system's CAs and host name
+        :raise ValueError: for a ``tls://`` address without ``tls``
         """
-        if self.scheme == "unix":
-            kwargs = {} if timeout is None else {"timeout": timeout}
-            return UNIXClientEndpoint(reactor, self.path, **kwargs)
         kwargs = {} if timeout is None else {"timeout": timeout}
+        if self.scheme == "unix":
+            return UNIXClientEndpoint(reactor, self.path, **kwargs)
         endpoint = HostnameEndpoint(reactor, self.host.encode("ascii"), self.port, **kwargs)
         if self.scheme == "tls":
-            # Imported here: TLS needs pyOpenSSL, which plain TCP and Unix users may
-            # not have installed.
-            from twisted.internet.ssl import optionsForClientTLS
-
-            return wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+            if tls is None:
+                raise ValueError(
+                    f"{self.uri}: no TLS material (the fleet CA, and a certificate) to "
+                    "reach a tls:// address with"
+                )
+            return wrapClientTLS(tls, endpoint)
         return endpoint
 
     def __str__(self):

@@ -8,8 +8,8 @@ become JSON-RPC error objects here and nowhere else.
 
 The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`) hand it
 the raw body and a :class:`CallContext`; between the two sits one optional check, the
-``authorize`` hook, given the context and the method name before the params are even
-looked at.
+``authorize`` hook, given the context, the method name and the raw params before the
+params are checked against the schema.
 """
 
 import inspect
@@ -49,26 +49,47 @@ class CallContext:
     """
     What a handler (and the ``authorize`` hook) may know of the call besides its params.
 
-    :ivar transport: ``"unix"`` or ``"tcp"``: how the request reached us
+    :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how the request reached us
     :ivar peer: the peer's address, for logs (``host:port``, or ``"unix"``)
-    :ivar secure: whether the connection is TLS
+    :ivar identity: over TLS, the verified identity of the peer's certificate
+        (a :class:`~hero_compute.rpc.tls.PeerIdentity`), or None
+    :ivar serial: over TLS, the serial number of the peer's certificate, or None
+    :ivar host: the peer's IP address (TCP and TLS), or None
     """
 
     transport: str
     peer: str
-    secure: bool = False
+    identity: object = None
+    serial: int | None = None
+    host: str | None = None
+
+    @property
+    def secure(self):
+        """Whether the connection is TLS."""
+        return self.transport == "tls"
 
     @classmethod
-    def from_transport(cls, transport):
+    def from_transport(cls, transport, trust_domain=None):
         """
-        :param transport: the transport of a connection
+        :param transport: the transport of a connection whose TLS handshake (if any) is
+            done: call this once the first request has arrived
+        :param trust_domain: the fleet's trust domain, to read a TLS peer's identity
         :return: the context of the calls on that connection
         """
         if isinstance(transport.getHost(), UNIXAddress):
-            return cls("unix", "unix", False)
+            return cls("unix", "unix")
         peer = transport.getPeer()
-        return cls("tcp", f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
-                   ISSLTransport.providedBy(transport))
+        host = getattr(peer, "host", None)
+        where = f"{host or '?'}:{getattr(peer, 'port', '?')}"
+        if not ISSLTransport.providedBy(transport):
+            return cls("tcp", where, host=host)
+        cert = transport.getPeerCertificate()
+        if cert is None or trust_domain is None:
+            return cls("tls", where, host=host)
+        from .tls import identity_of
+
+        return cls("tls", where, identity_of(cert, trust_domain), cert.get_serial_number(),
+                   host)
 
 
 @attrs.frozen
@@ -92,8 +113,9 @@ class Dispatcher:
         of the methods it describes are validated, and ``rpc.discover`` serves its
         OpenRPC document
     :param version: the service's version, for ``rpc.discover``
-    :param authorize: an optional callable ``(context, method_name)``, called once a
-        call's method is known to exist and before its params are checked; it refuses
+    :param authorize: an optional callable ``(context, method_name, params)``, called
+        once a call's method is known to exist and before its params are checked (they
+        are the raw params: a dict, a list or None); it refuses
         the call by raising an :class:`~hero_compute.rpc.errors.RpcError` (for instance
         :class:`~hero_compute.rpc.errors.RefusedByPolicy`).  Handlers never check
         permissions themselves.
@@ -232,7 +254,7 @@ class Dispatcher:
             raise MethodNotFound(f"Method not found: {name}")
         if self._authorize is not None:
             # The one place a permission is checked: who (the context) may call what.
-            self._authorize(context, name)
+            self._authorize(context, name, params)
         spec = self._schema.methods.get(name) if self._schema is not None else None
         if spec is not None:
             # The schema names exactly the handler's params (the drift test holds us to

@@ -57,9 +57,11 @@ class _HTTPConnection(protocol.Protocol):
     done = None
     lost = False
 
-    def __init__(self, pool, address):
+    def __init__(self, pool, address, key):
         self._pool = pool
         self.address = address
+        #: The pool's key: the address, and the TLS peer expected there.
+        self.key = key
 
     def connectionMade(self):
         self._parser = httptools.HttpResponseParser(self)
@@ -160,8 +162,9 @@ class _Pool:
     connections: a connection knows nothing of being pooled.
     """
 
-    def __init__(self, reactor, connect_timeout, max_per_peer):
+    def __init__(self, reactor, connect_timeout, max_per_peer, tls=None):
         self._reactor = reactor
+        self._tls = tls
         self._connect_timeout = connect_timeout
         self._max = max_per_peer
         self._idle = collections.defaultdict(list)
@@ -170,18 +173,30 @@ class _Pool:
         self._closing = []
         self._closed = False
 
-    def get(self, address):
-        """:return: a Deferred of a connected :class:`_HTTPConnection` to ``address``"""
-        idle = self._idle.get(address)
+    def get(self, address, expect=None):
+        """
+        :param address: an :class:`.Address`
+        :param expect: over TLS, the :class:`~hero_compute.rpc.tls.Expected` peer; a
+            connection verified for one peer is never reused for another
+        :return: a Deferred of a connected :class:`_HTTPConnection` to ``address``
+        """
+        key = (address, expect)
+        idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             self._stop_timer(conn)
             if not conn.lost and not getattr(conn.transport, "disconnecting", False):
                 return defer.succeed(conn)
-        endpoint = address.client_endpoint(self._reactor, self._connect_timeout)
+        creator = None
+        if address.scheme == "tls" and self._tls is not None:
+            creator = self._tls if expect is None else self._tls.expecting(expect)
+        try:
+            endpoint = address.client_endpoint(self._reactor, self._connect_timeout, creator)
+        except ValueError as e:
+            return defer.fail(ConnectionRefused(address, str(e)))
         factory = protocol.Factory()
         factory.noisy = False
-        factory.protocol = lambda: _HTTPConnection(self, address)
+        factory.protocol = lambda: _HTTPConnection(self, address, key)
         d = endpoint.connect(factory)
         d.addCallback(self._track)
         return d
@@ -192,7 +207,7 @@ class _Pool:
 
     def release(self, conn):
         """Put a connection whose response is complete back for reuse."""
-        idle = self._idle[conn.address]
+        idle = self._idle[conn.key]
         if self._closed or len(idle) >= self._max:
             conn.transport.loseConnection()
             return
@@ -208,11 +223,11 @@ class _Pool:
         """Drop a connection that is gone."""
         self._all.discard(conn)
         self._stop_timer(conn)
-        idle = self._idle.get(conn.address)
+        idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self._idle[conn.address]
+                del self._idle[conn.key]
         if not self._all and self._closing:
             waiters, self._closing = self._closing, []
             for waiter in waiters:
@@ -242,14 +257,18 @@ class RpcClient:
     :param connect_timeout: seconds allowed to establish a connection, so that a dead
         peer fails fast even when calls may legitimately take long
     :param max_per_peer: idle persistent connections kept per peer
+    :param tls: a :class:`~hero_compute.rpc.tls.ClientTLS` for ``tls://`` peers (our
+        certificate and the fleet CA), or None: ``tls://`` peers are then refused
     """
 
-    def __init__(self, reactor, timeout=10.0, connect_timeout=5.0, max_per_peer=4):
+    def __init__(self, reactor, timeout=10.0, connect_timeout=5.0, max_per_peer=4,
+                 tls=None):
         self._reactor = reactor
         self.timeout = timeout
-        self._pool = _Pool(reactor, connect_timeout, max_per_peer)
+        self.tls = tls
+        self._pool = _Pool(reactor, connect_timeout, max_per_peer, tls)
 
-    def call(self, address, method, params=None, timeout=None):
+    def call(self, address, method, params=None, timeout=None, expect=None):
         """
         Call a method and wait for its result.
 
@@ -257,17 +276,20 @@ class RpcClient:
         :param method: the method name
         :param params: a dict (by name), a list (by position) or None
         :param timeout: seconds for this call; the client's default when None
+        :param expect: over TLS, the :class:`~hero_compute.rpc.tls.Expected` peer (the
+            handshake fails, before anything is sent, unless the peer's certificate
+            names it); None: the client's own expectation
         :return: a Deferred firing with the result, or failing with :class:`.RpcError`
             or a :class:`.TransportError`
         """
         message = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
         if params is not None:
             message["params"] = params
-        d = self._post(address, message, timeout)
+        d = self._post(address, message, timeout, expect)
         d.addCallback(_result_of, address)
         return d
 
-    def notify(self, address, method, params=None, timeout=None):
+    def notify(self, address, method, params=None, timeout=None, expect=None):
         """
         Send a notification: the peer runs the method and answers nothing.
 
@@ -276,7 +298,7 @@ class RpcClient:
         message = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             message["params"] = params
-        return self._post(address, message, timeout).addCallback(lambda _: None)
+        return self._post(address, message, timeout, expect).addCallback(lambda _: None)
 
     def local_host(self, address, timeout=None):
         """
@@ -304,14 +326,14 @@ class RpcClient:
         d.addErrback(_transport_failure, address, timeout)
         return d
 
-    def _post(self, address, message, timeout):
+    def _post(self, address, message, timeout, expect=None):
         try:
             address = parse_address(address)
         except AddressError as e:
             return defer.fail(e)
         timeout = self.timeout if timeout is None else timeout
         body = json.dumps(message, separators=(",", ":")).encode("utf-8")
-        d = self._pool.get(address)
+        d = self._pool.get(address, expect)
         d.addCallback(lambda conn: conn.request(body))
         d.addCallback(_read, address)
         d.addTimeout(timeout, self._reactor)
@@ -332,7 +354,9 @@ def _read(response, address):
     if status == 204:
         return None
     if status != 200:
-        raise BadResponse(address, f"HTTP {status}: {body[:200]!r}")
+        # Never a byte of what answered: it may be another service the address was
+        # aimed at (CONTRACT §6).  Its status and size are enough to tell what happened.
+        raise BadResponse(address, f"HTTP {status} with a {len(body)}-byte body")
     return _parse(body, address)
 
 
@@ -340,7 +364,7 @@ def _parse(body, address):
     try:
         return json.loads(body)
     except ValueError:
-        raise BadResponse(address, f"the response is not JSON: {body[:200]!r}")
+        raise BadResponse(address, f"the response is not JSON ({len(body)} bytes)")
 
 
 def _result_of(message, address):

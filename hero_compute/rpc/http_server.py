@@ -264,7 +264,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             return
         if self._context is None:
             # The addresses of a connection do not change: one system call each, once.
-            self._context = CallContext.from_transport(self.transport)
+            self._context = CallContext.from_transport(self.transport,
+                                                       self.factory.trust_domain)
         try:
             answer = self.factory.dispatcher.answer(request.body, self._context)
         except Exception:
@@ -391,9 +392,12 @@ class RpcHTTPFactory(protocol.Factory):
     :ivar max_body: request bodies above this many bytes are refused with 413
     :ivar linger: seconds the rest of a refused request is read and discarded
     :ivar clock: the reactor, for timers
+    :ivar trust_domain: the fleet's trust domain, by which TLS peers are identified; set
+        by the service once its TLS material is loaded (None: no TLS identities)
     """
 
     protocol = RpcHTTPProtocol
+    trust_domain = None
     # One "Starting factory" line per listener is noise in an operator's log.
     noisy = False
 

@@ -294,27 +294,65 @@ class ClientTLS(_Reloadable):
     server's certificate names the ``expected`` peer.
 
     :param material: a :class:`TLSMaterial` or :class:`Credentials`
-    :param expected: an :class:`Expected` peer
+    :param expected: an :class:`Expected` peer; None refuses every peer until a creator
+        of :meth:`expecting` says whom
     :raises TLSConfigError: if the material is unusable
     """
 
-    def __init__(self, material, expected):
+    def __init__(self, material, expected=None):
         self.expected = expected
         _Reloadable.__init__(self, material)
+
+    def expecting(self, expected):
+        """
+        A creator that shares this one's context (and its reloads) but expects another
+        peer: the explorer's proxy makes one per node id without re-reading any file.
+
+        :param expected: an :class:`Expected` peer
+        """
+        return _Expecting(self, expected)
 
     def _verify(self, credentials, connection, cert, errno, depth, ok):
         if not ok or depth != 0:
             return bool(ok)
+        return self._check_peer(credentials, self.expected, cert)
+
+    @staticmethod
+    def _check_peer(credentials, expected, cert):
         identity = identity_of(cert, credentials.trust_domain)
-        if self.expected.allows(identity):
+        if expected is not None and expected.allows(identity):
             return True
         log.warn("TLS peer refused: its certificate names {identity}, expected {expected}",
-                 identity=identity, expected=self.expected)
+                 identity=identity, expected=expected)
         return False
 
     def clientConnectionForTLS(self, tlsProtocol):
         """:return: a new :class:`OpenSSL.SSL.Connection` with the current context"""
         return SSL.Connection(self._context, None)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.frozen
+class _Expecting:
+    """A :class:`ClientTLS` expecting one particular peer (see :meth:`ClientTLS.expecting`)."""
+
+    parent: ClientTLS
+    expected: Expected
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        """:return: a new :class:`OpenSSL.SSL.Connection` that expects our peer"""
+        parent = self.parent
+        credentials = parent.credentials
+        connection = SSL.Connection(parent._context, None)
+
+        def verify(connection, cert, errno, depth, ok):
+            if not ok or depth != 0:
+                return bool(ok)
+            return parent._check_peer(credentials, self.expected, cert)
+
+        # This connection's own check: whom to expect is ours, the rest the context's.
+        connection.set_verify(SSL.VERIFY_PEER, verify)
+        return connection
 
 
 def tls_server_factory(creator, factory):

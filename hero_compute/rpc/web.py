@@ -23,10 +23,13 @@ def context_of(request):
     :return: the :class:`~hero_compute.rpc.dispatch.CallContext` of that request
     """
     if isinstance(request.getHost(), UNIXAddress):
-        return CallContext("unix", "unix", False)
+        return CallContext("unix", "unix")
     peer = request.getClientAddress()
-    return CallContext("tcp", f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
-                       request.isSecure())
+    host = getattr(peer, "host", None)
+    # Embedded under twisted.web, TLS peers are not identified: only the roles of
+    # unauthenticated callers apply.
+    return CallContext("tls" if request.isSecure() else "tcp",
+                       f"{host or '?'}:{getattr(peer, 'port', '?')}", host=host)
 
 
 class RpcResource(resource.Resource):
