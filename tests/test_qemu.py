@@ -217,20 +217,23 @@ def test_state_dir_too_long():
     {"vcpus": -1}, {"vcpus": 0}, {"memory_mb": -64}, {"memory_mb": 1}, {"disk_gb": 0},
     {"disk_gb": -5}, {"disk_gb": 1.5}, {"vcpus": True}, {"memory_mb": "64"},
     {"name": ""}, {"name": "a\nb"}, {"name": 7}, {"image": "relative/base.qcow2"},
-    {"image": "/nonexistent/base.qcow2"}, {"vcpus": 100000}, {"memory_mb": 10 ** 9},
+    {"image": "images/nonexistent.qcow2"}, {"vcpus": 100000}, {"memory_mb": 10 ** 9},
     {"disk_gb": 10 ** 9}, {"name": "x" * 65}, {"name": "has space"},
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_input(managers, state_dir, spec):
     """
     Malformed parameters (sizes out of the schema's bounds or fractional, bad names,
-    relative or missing image) are InvalidParams and leave nothing behind.
+    relative image, or one missing from the image directory) are InvalidParams and
+    leave nothing behind.
 
     :param spec: the bad part of the request
     """
     manager = managers()
     request = {"name": "vm", "vcpus": 1, "memory_mb": 64, "disk_gb": 1}
     request.update(spec)
+    if request.get("image", "").startswith("images/"):
+        request["image"] = os.path.join(state_dir, request["image"])
     name = request.pop("name")
     await fails_with(manager.create(name, **request), InvalidParams)
     assert entries(state_dir) == []
@@ -382,7 +385,8 @@ async def test_limits(managers, state_dir):
 @pytest_twisted.ensureDeferred
 async def test_image_is_backing_file(managers, state_dir):
     """A base image becomes the disk's backing file, with its detected format."""
-    base = os.path.join(state_dir, "base.raw")
+    os.mkdir(os.path.join(state_dir, "images"))
+    base = os.path.join(state_dir, "images", "base.raw")
     subprocess.check_call(["qemu-img", "create", "-q", "-f", "raw", base, "16M"])
     manager = managers()
     vm = await create(manager, image=base)
@@ -398,7 +402,8 @@ async def test_image_is_backing_file(managers, state_dir):
 @pytest_twisted.ensureDeferred
 async def test_image_not_an_image(managers, state_dir):
     """An image qemu-img cannot read is InvalidParams and leaves no VM directory."""
-    bogus = os.path.join(state_dir, "broken.qcow2")
+    os.mkdir(os.path.join(state_dir, "images"))
+    bogus = os.path.join(state_dir, "images", "broken.qcow2")
     with open(bogus, "wb") as f:
         # qcow2's magic with a version that does not exist: probed as qcow2, unreadable.
         f.write(b"QFI\xfb\0\0\0\x09" + b"\0" * 200)
@@ -522,13 +527,13 @@ async def test_kill_marks_error(managers, state_dir, logged_errors):
 @needs_qemu
 @pytest_twisted.ensureDeferred
 async def test_qemu_start_failure(managers, state_dir, logged_errors):
-    """A QEMU that cannot start leaves the VM in error with QEMU's reason, nothing running."""
+    """A QEMU that cannot start leaves the VM stopped, with QEMU's reason, nothing running."""
     manager = managers()
     vm = await create(manager)
     os.unlink(os.path.join(state_dir, "vms", vm.vm_id, "disk.qcow2"))
     err = await fails_with(manager.start(vm.vm_id), InvalidVmState)
     assert "disk.qcow2" in err.message
-    assert (await manager.get(vm.vm_id)).state == "error"
+    assert (await manager.get(vm.vm_id)).state == "stopped"
     assert not os.path.exists(os.path.join(state_dir, "vms", vm.vm_id, "qemu.pid"))
     assert logged_errors.flush()
 

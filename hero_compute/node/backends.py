@@ -20,7 +20,8 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
 
     :param reactor: the reactor
     :param state_dir: the node's state directory
-    :param image_dirs: directories base images must lie under, or ``None`` for any
+    :param image_dirs: directories base images must lie under; ``None`` or empty (no
+        ``NODE_IMAGE_DIRS``): ``<state_dir>/images`` only
     :return: a :class:`~hero_compute.node.qemu.QemuVmManager`
     """
     missing = [tool for tool in ("qemu-system-x86_64", "qemu-img") if not shutil.which(tool)]
@@ -28,4 +29,5 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
         log.warn("{missing} not found: this node cannot run VMs "
                  "(apt-get install qemu-system-x86 qemu-utils)",
                  missing=" and ".join(missing))
-    return QemuVmManager(reactor=reactor, state_dir=state_dir, image_dirs=image_dirs)
+    return QemuVmManager(reactor=reactor, state_dir=state_dir,
+                         image_dirs=image_dirs or None)

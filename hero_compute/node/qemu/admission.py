@@ -13,8 +13,10 @@ import os
 
 import attrs
 
-from hero_compute.rpc.errors import InvalidParams, InvalidVmState, RefusedByPolicy
+from hero_compute.rpc.errors import InvalidParams, InvalidVmState
 from hero_compute.rpc.schema import load_schema
+
+from .images import ImagePolicy
 
 #: qcow2 with 64 KiB clusters needs 8 bytes of L2 table per cluster: 1/8192 of the
 #: virtual size when the disk is fully allocated.
@@ -68,21 +70,28 @@ class Admission:
     """
     The node's policy for new VMs.
 
+    Memory and disk are reserved when a VM is *defined*, so every defined VM can run at
+    once: a create is refused (-32005) when the memory of all defined VMs would exceed
+    ``memory_limit_mb``, or their disks ``disk_limit_gb``.  Disks are sparse qcow2
+    files, so they do not take their size at once; a create is also refused when the
+    state directory's filesystem has less free space than ``min_free_mb`` plus the
+    metadata the new disk needs when fully written (1/8192 of its size): the VM could
+    not even start to fill its disk, and the node would be the first to run out of
+    space.  Base images are :class:`~.images.ImagePolicy`'s business.
+
     :ivar state_dir: the state directory, whose filesystem holds the disks
     :ivar memory_limit_mb: memory for all defined VMs together; ``None``: the host's
     :ivar disk_limit_gb: disk for all defined VMs together; ``None``: the size of the
         state directory's filesystem
     :ivar min_free_mb: free space the state directory's filesystem must keep
-    :ivar image_dirs: directories base images must lie under, or ``None`` for any file
+    :ivar images: the base images allowed, an :class:`~.images.ImagePolicy`
     """
 
     state_dir: str
     memory_limit_mb: int | None = None
     disk_limit_gb: int | None = None
     min_free_mb: int = 256
-    image_dirs: tuple | None = attrs.field(
-        default=None, converter=lambda ds: None if ds is None else tuple(
-            os.path.abspath(d) for d in ds))
+    images: ImagePolicy = attrs.field(kw_only=True)
 
     def admit(self, request, vcpus, image, held, host):
         """
@@ -93,14 +102,15 @@ class Admission:
         :param image: its base image path, or ``None``
         :param held: the :class:`Reservation`\\ s of every VM defined or being defined
         :param host: the host's capacity, from :func:`host_capacity`
-        :return: the normalised image path, or ``None``
+        :return: the resolved image path, per :meth:`~.images.ImagePolicy.resolve`, or
+            ``None``
         :raise InvalidParams: a relative or missing image
-        :raise RefusedByPolicy: an image outside ``image_dirs``
+        :raise RefusedByPolicy: an image outside the image directories
         :raise InvalidVmState: a taken name, or not enough CPUs, memory or disk
         """
         if vcpus > host["vcpus"]:
             raise InvalidVmState(f"vcpus={vcpus} exceeds this node's {host['vcpus']} CPUs")
-        image = self._image(image)
+        image = self.images.resolve(image)
         if request.name in {r.name for r in held}:
             raise InvalidVmState(f"a VM named {request.name!r} already exists on this node")
         mem_used = sum(r.memory_mb for r in held)
@@ -124,22 +134,6 @@ class Admission:
             raise InvalidVmState(
                 f"not enough free space in {self.state_dir}: {free_mb} MB free, "
                 f"{needed_mb} MB needed for a {request.disk_gb} GB disk")
-        return image
-
-    def _image(self, image):
-        if image is None:
-            return None
-        if not isinstance(image, str) or not os.path.isabs(image):
-            raise InvalidParams(f"image must be an absolute path on the node, not {image!r}")
-        image = os.path.normpath(image)
-        if self.image_dirs is not None and not any(
-                os.path.commonpath([os.path.realpath(image), d]) == d
-                for d in self.image_dirs):
-            raise RefusedByPolicy(f"image {image!r} is outside the allowed image directories")
-        # InvalidParams, not InvalidVmState: the request names a file this node does not
-        # have; no VM state is involved and only different params can succeed.
-        if not os.path.isfile(image):
-            raise InvalidParams(f"image {image!r} does not exist or is not a regular file")
         return image
 
 

@@ -11,11 +11,12 @@ from twisted.internet import utils
 from hero_compute.rpc.errors import InvalidParams, InvalidVmState
 
 from .process import last_line
+from .store import FILE_MODE
 
 
 async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
     """
-    Make a qcow2 disk.
+    Make a qcow2 disk, readable and writable by its owner only.
 
     :param reactor: provides ``IReactorProcess``
     :param qemu_img: the ``qemu-img`` tool
@@ -33,6 +34,9 @@ async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
         qemu_img, args, env=os.environ, path=os.path.dirname(path), reactor=reactor)
     if code != 0:
         raise InvalidVmState(f"could not create the disk: {last_line(err or out)}")
+    # qemu-img creates it 0644 less the umask; the directory (0700) kept it private
+    # meanwhile.
+    os.chmod(path, FILE_MODE)
 
 
 async def image_format(reactor, qemu_img, image):

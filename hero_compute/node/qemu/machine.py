@@ -7,7 +7,7 @@ to its QEMU and reports when QMP goes away.
 import os
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 
 from hero_compute.node.qmp import connect_qmp
@@ -65,7 +65,23 @@ class Machine:
         :param qemu: the QEMU system emulator
         :param accel: QEMU's accelerator list
         :param timeout: seconds for QEMU to start and report ``running``
+        :raise InvalidVmState: when it does not start, with QEMU's reason; nothing of
+            it is left running then
         """
+        try:
+            await self._launch(qemu, accel, timeout)
+        except BaseException as e:
+            await self.abandon()
+            if isinstance(e, (InvalidVmState, defer.CancelledError)):
+                raise
+            if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
+                raise InvalidVmState(f"VM {self.vm_id} did not start within "
+                                     f"{timeout} s") from None
+            # -32005 with QEMU's words rather than an opaque -32603: the operator needs
+            # them, and they hold nothing secret.
+            raise InvalidVmState(f"VM {self.vm_id} failed to start: {e}") from None
+
+    async def _launch(self, qemu, accel, timeout):
         stale = self.pid()
         if stale is not None:
             # The VM errored while its QEMU lived on without QMP: that process is out
@@ -106,6 +122,48 @@ class Machine:
                 raise InvalidVmState(
                     f"VM {self.vm_id} is {status.get('status')!r}, not running")
             await task.deferLater(reactor, 0.1, lambda: None)
+
+    async def recover(self, timeout):
+        """
+        Take this VM back after the node restarted: reconnect to its QEMU if that runs.
+
+        :param timeout: seconds for QMP to answer
+        :return: the VM's state: ``"running"``, ``"stopped"`` when its QEMU is gone, or
+            ``"error"`` when QEMU runs but QMP does not answer
+        """
+        pid = self.pid()
+        if pid is None:
+            self.log.info("VM {vm_id} was {state} but its QEMU is gone; marking it stopped",
+                          vm_id=self.vm_id, state=self.record.state)
+            process.remove_runtime(self.directory)
+            return "stopped"
+        self.expect_exit = self.guest_shutdown = False
+        try:
+            await self.attach(timeout)
+        except Exception as e:
+            self.log.error("VM {vm_id}: QEMU {pid} runs but QMP does not answer ({error}); "
+                           "marking it error", vm_id=self.vm_id, pid=pid, error=e)
+            if self.qmp is not None:
+                self.expect_exit = True
+                self.qmp.disconnect()
+            return "error"
+        self.log.info("VM {vm_id} recovered: QEMU {pid} still running", vm_id=self.vm_id,
+                      pid=pid)
+        return "running"
+
+    def detach(self, timeout):
+        """
+        Close the QMP connection, if any, leaving QEMU running.
+
+        :param timeout: seconds to wait for the connection to close
+        :return: a Deferred that fires when it is closed
+        """
+        if self.qmp is None:
+            return defer.succeed(None)
+        d = self.qmp.when_disconnected()
+        d.addTimeout(timeout, self._reactor)
+        self.qmp.disconnect()
+        return d
 
     async def abandon(self):
         """Make sure nothing of a failed start keeps running."""

@@ -14,7 +14,7 @@ import uuid
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -25,6 +25,7 @@ from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 from . import process
 from .admission import Admission, Reservation, check_request, host_capacity
 from .disks import create_disk
+from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
 from .store import DISK, QMP_SOCKET, VmStore
 
@@ -44,13 +45,7 @@ class QemuVmManager(service.Service):
     does not reboot its VMs.  Use :meth:`kill_all` to really get rid of them (tests,
     decommissioning).
 
-    Resources: memory and disk are reserved when a VM is *defined*, so every defined VM
-    can run at once: ``create`` is refused (-32005) when the memory of all defined VMs
-    would exceed ``memory_limit_mb``, or their disks ``disk_limit_gb``.  Disks are sparse
-    qcow2 files, so they do not take their size at once; ``create`` is also refused when
-    the state directory's filesystem has less free space than ``min_free_mb`` plus the
-    metadata the new disk needs when fully written (1/8192 of its size): the VM could not
-    even start to fill its disk, and the node would be the first to run out of space.
+    Resources are reserved when a VM is *defined*; see :class:`~.admission.Admission`.
 
     :param reactor: provides ``IReactorProcess``, ``IReactorUNIX`` and ``IReactorTime``
     :param state_dir: the node's state directory; VMs live in ``<state_dir>/vms``
@@ -63,9 +58,9 @@ class QemuVmManager(service.Service):
     :param disk_limit_gb: disk for all defined VMs together; default the size of the
         state directory's filesystem
     :param min_free_mb: free space the state directory's filesystem must keep
-    :param image_dirs: when given, base images must lie under one of these directories
-        (an ``image`` elsewhere is refused with -32010); without it any file the node can
-        read may become a VM's backing disk
+    :param image_dirs: base images must lie under one of these directories (an
+        ``image`` elsewhere is refused with -32010); default ``<state_dir>/images``.
+        See :mod:`.images`
     :param accel: QEMU's accelerator list; ``"kvm:tcg"`` takes KVM where ``/dev/kvm`` is
         usable and falls back to (much slower) emulation elsewhere
     """
@@ -94,9 +89,11 @@ class QemuVmManager(service.Service):
 
     def __attrs_post_init__(self):
         self._store = VmStore(os.path.join(self._state_dir, "vms"))
+        if self._image_dirs is None:
+            self._image_dirs = default_image_dirs(self._state_dir)
         self._admission = Admission(self._state_dir, self._memory_limit_mb,
                                     self._disk_limit_gb, self._min_free_mb,
-                                    self._image_dirs)
+                                    images=ImagePolicy(self._image_dirs))
         longest = os.path.join(self._store.directory("0" * 32), QMP_SOCKET)
         if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise ValueError(
@@ -130,13 +127,7 @@ class QemuVmManager(service.Service):
         """
         service.Service.stopService(self)
         self._closing = True
-        closed = []
-        for vm in self._vms.values():
-            if vm.qmp is not None:
-                d = vm.qmp.when_disconnected()
-                d.addTimeout(5, self._reactor)
-                closed.append(d)
-                vm.qmp.disconnect()
+        closed = [vm.detach(5) for vm in self._vms.values()]
         return defer.DeferredList(closed, consumeErrors=True).addCallback(lambda _: None)
 
     def when_recovered(self):
@@ -185,7 +176,9 @@ class QemuVmManager(service.Service):
 
     def start(self, vm_id):
         """
-        Start a stopped or errored VM and wait until QEMU reports it running.
+        Start a stopped or errored VM and wait until QEMU reports it running.  A start
+        that fails (its base image no longer allowed, QEMU failing, the state directory
+        full) leaves the VM in the state it had.
 
         :param vm_id: the VM
         :return: a Deferred firing with its
@@ -194,11 +187,12 @@ class QemuVmManager(service.Service):
         try:
             vm = self._get(vm_id)
             self._check(vm, ("stopped", "error"), "start")
+            was = vm.record.state
             # Claim the transition now, so a second start in the same tick is refused.
-            self._set_state(vm, "starting")
+            self._set_state(vm, "starting", claim="start")
         except Exception:
             return defer.fail()
-        return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm)))
+        return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm, was)))
 
     def stop(self, vm_id, force=False):
         """
@@ -312,24 +306,20 @@ class QemuVmManager(service.Service):
 
     # -- start ----------------------------------------------------------------------
 
-    async def _start(self, vm):
+    async def _start(self, vm, was):
         if vm.record.state != "starting":
             # Deleted or stopped while we waited for the lock.
             raise InvalidVmState(f"cannot start VM {vm.vm_id}: it is {vm.record.state}")
         try:
+            # Again at each start: a directory on the resolved image's way may have been
+            # swapped for a symlink since the create.
+            self._admission.images.check_stored(vm.record.image)
             await vm.launch(self._qemu, self._accel, self._start_timeout)
         except BaseException as e:
-            self.log.error("VM {vm_id} failed to start: {error}", vm_id=vm.vm_id, error=e)
-            await vm.abandon()
-            self._set_state(vm, "error")
-            if isinstance(e, (InvalidVmState, defer.CancelledError)):
-                raise
-            if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
-                raise InvalidVmState(f"VM {vm.vm_id} did not start within "
-                                     f"{self._start_timeout} s") from None
-            # -32005 with QEMU's words rather than an opaque -32603: the operator needs
-            # them, and they hold nothing secret.
-            raise InvalidVmState(f"VM {vm.vm_id} failed to start: {e}") from None
+            self.log.error("VM {vm_id} not started: {error}", vm_id=vm.vm_id, error=e)
+            # Nothing of it runs: it is what it was before, and can be started again.
+            self._set_state(vm, was)
+            raise
         self._set_state(vm, "running")
         self.log.info("VM {vm_id} running as QEMU pid {pid}", vm_id=vm.vm_id,
                       pid=vm.pid())
@@ -356,6 +346,7 @@ class QemuVmManager(service.Service):
     async def _stop(self, vm, force):
         if vm.record.state not in ("running", "starting"):
             raise InvalidVmState(f"cannot stop VM {vm.vm_id}: it is {vm.record.state}")
+        # Not claimed like a start: stopping must work on a full disk too.
         self._set_state(vm, "stopping")
         await vm.shut_down(force, self._stop_grace)
         self._set_state(vm, "stopped")
@@ -382,34 +373,30 @@ class QemuVmManager(service.Service):
 
     # -- persistence and recovery ---------------------------------------------------
 
-    def _set_state(self, vm, state):
-        if vm.record.state == state:
-            return
-        vm.record = attrs.evolve(vm.record, state=state)
+    def _set_state(self, vm, state, claim=None):
+        """
+        Change a VM's state and save it.  A claim (an action, e.g. ``"start"``) takes
+        effect only once saved, else the action is refused; any other change has
+        happened already, so a failed save is only logged.
+        """
+        record = attrs.evolve(vm.record, state=state)
         if self._vms.get(vm.vm_id) is vm:
-            self._store.save(vm.record)
+            try:
+                self._store.save(record)
+            except OSError as e:
+                if claim is not None:
+                    raise InvalidVmState(f"cannot {claim} VM {vm.vm_id}: could not record "
+                                         f"its state: {e.strerror or e}") from None
+                # A restart recovers transition states from the processes it finds.
+                self.log.failure("VM {vm_id}: could not save state {state}",
+                                 vm_id=vm.vm_id, state=state)
+        vm.record = record
 
     async def _recover(self, vm):
-        pid = vm.pid()
-        if pid is None:
-            self.log.info("VM {vm_id} was {state} but its QEMU is gone; marking it stopped",
-                          vm_id=vm.vm_id, state=vm.record.state)
-            process.remove_runtime(vm.directory)
-            self._set_state(vm, "stopped")
-            return
-        vm.expect_exit = vm.guest_shutdown = False
-        try:
-            # Ours, alive: whatever state we crashed in, it runs now.
+        if vm.pid() is not None:
+            # Ours, alive: whatever state we crashed in, it runs now, and losing QMP from
+            # here on is an error as for any running VM.
             vm.record = attrs.evolve(vm.record, state="running")
-            await vm.attach(10)
-        except Exception as e:
-            self.log.error("VM {vm_id}: QEMU {pid} runs but QMP does not answer ({error}); "
-                           "marking it error", vm_id=vm.vm_id, pid=pid, error=e)
-            if vm.qmp is not None:
-                vm.expect_exit = True
-                vm.qmp.disconnect()
-            self._set_state(vm, "error")
-            return
-        self._store.save(vm.record)
-        self.log.info("VM {vm_id} recovered: QEMU {pid} still running", vm_id=vm.vm_id,
-                      pid=pid)
+        state = await vm.recover(10)
+        # Saved even when unchanged in memory: "starting" or "stopping" may be on disk.
+        self._set_state(vm, "error" if vm.record.state == "error" else state)

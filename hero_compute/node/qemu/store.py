@@ -28,6 +28,21 @@ QMP_SOCKET = "qmp.sock"
 
 _ID = re.compile(r"\A[0-9a-f]{32}\Z")
 
+#: A VM's directory and everything in it are the node's alone: a guest's disk holds
+#: whatever its owner put there.  Set with chmod, so the umask cannot widen them.
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_directory(path):
+    """
+    Make ``path`` (or take the existing one) and restrict it to its owner.
+
+    :param path: a directory
+    """
+    os.makedirs(path, mode=DIRECTORY_MODE, exist_ok=True)
+    os.chmod(path, DIRECTORY_MODE)
+
 
 @functools.cache
 def _vm_info_validator():
@@ -74,8 +89,10 @@ class VmStore:
 
         :return: its path
         """
+        private_directory(self.root)
         path = self.directory(vm_id)
-        os.makedirs(path)
+        os.mkdir(path, DIRECTORY_MODE)
+        os.chmod(path, DIRECTORY_MODE)
         return path
 
     def save(self, record):
@@ -90,8 +107,9 @@ class VmStore:
         data = json.dumps(record.to_wire(), indent=2, sort_keys=True).encode("utf-8")
         # A few hundred bytes: the synchronous write and fsync cost less than a thread
         # hand-off would, and keep writes for one VM in order.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
+            os.fchmod(fd, FILE_MODE)
             os.write(fd, data)
             os.fsync(fd)
         finally:
@@ -107,11 +125,12 @@ class VmStore:
         """
         Read every definition, removing directories a crash left without one; a
         definition that cannot be read is logged and left on disk for the operator.
+        Directories and disks made by an older node with looser modes are restricted.
 
         :param known: ids to skip (already loaded)
         :return: the :class:`~hero_compute.node.vms.VmRecord`\\ s found, by id order
         """
-        os.makedirs(self.root, exist_ok=True)
+        private_directory(self.root)
         records = []
         for entry in sorted(os.listdir(self.root)):
             directory = os.path.join(self.root, entry)
@@ -131,6 +150,7 @@ class VmStore:
                 # Never delete what we cannot read.
                 self.log.failure("cannot load VM definition {path}; ignoring it", path=path)
                 continue
+            _restrict(directory)
             records.append(record)
         return records
 
@@ -145,3 +165,12 @@ class VmStore:
     def discard(self, vm_id):
         """Remove a VM directory that holds no definition (a create that failed)."""
         shutil.rmtree(self.directory(vm_id), ignore_errors=True)
+
+
+def _restrict(directory):
+    """Give a VM directory and its disk the modes a new VM gets."""
+    os.chmod(directory, DIRECTORY_MODE)
+    try:
+        os.chmod(os.path.join(directory, DISK), FILE_MODE)
+    except FileNotFoundError:
+        pass
