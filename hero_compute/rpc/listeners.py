@@ -158,10 +158,38 @@ class Listeners(service.MultiService):
         #: URIs of the bound listeners, in the order they came up.
         self.bound = []
         self._socket_dirs = tuple(socket_dirs)
+        self._factory = factory
         for description in descriptions:
             svc = strports.service(description, factory, reactor=reactor)
             svc.endpoint = _Announcing(svc.endpoint, description, self.bound)
             svc.setServiceParent(self)
+
+    def add_tls(self, address, creator, reactor=None):
+        """
+        Also serve mutual TLS on a TCP address, in the same reactor as the others.  Like
+        the others, it aborts start-up when it cannot bind.
+
+        :param address: a :class:`~hero_compute.rpc.addresses.ListenAddress`
+        :param creator: a :class:`~hero_compute.rpc.tls.ServerTLS` (reloadable: new
+            connections use its current certificate)
+        """
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet import endpoints
+
+        from .tls import tls_server_factory
+
+        if reactor is None:
+            from twisted.internet import reactor
+        description = address.endpoint_string()
+        endpoint = endpoints.serverFromString(reactor, description)
+        svc = StreamServerEndpointService(
+            _Announcing(endpoint, "tls:" + description, self.bound),
+            tls_server_factory(creator, self._factory),
+        )
+        # As strports.service does: a bind failure aborts twistd instead of being logged.
+        svc._raiseSynchronously = True
+        svc.setServiceParent(self)
+        return svc
 
     def privilegedStartService(self):
         for path in self._socket_dirs:
