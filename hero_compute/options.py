@@ -93,3 +93,29 @@ def from_env(options, key, env, name, coerce):
         options[key] = coerce(text)
     except (ValueError, AddressError) as e:
         raise usage.UsageError(f"{name}={text!r}: {e}") from None
+
+
+def absolute_path(text):
+    """Coerce an absolute file or directory path (``~`` is expanded)."""
+    path = os.path.expanduser(text)
+    if not os.path.isabs(path):
+        raise ValueError(f"{text!r} is not an absolute path")
+    return path
+
+
+absolute_path.coerceDoc = "An absolute path."
+
+
+def state_dir(env, name, default):
+    """
+    :param env: the environment mapping
+    :param name: the variable naming the directory (e.g. ``EXPLORER_STATE_DIR``)
+    :param default: its default, e.g. ``~/hero/var/hero_compute_explorer``
+    :return: the absolute directory
+    :raise usage.UsageError: naming the variable when it is not absolute
+    """
+    text = env.get(name) or default
+    try:
+        return absolute_path(text)
+    except ValueError as e:
+        raise usage.UsageError(f"{name}={text!r}: {e}") from None

@@ -145,12 +145,19 @@ class Twistd:
     :param args: the arguments after C{twistd -n --pidfile=}
     :param env: extra environment
     :param netns: run inside this network namespace (C{ip netns exec})
+
+    Unless ``env`` names a ``HOME``, the process gets a fresh one of its own, removed
+    when it is stopped: the default state directories live under it, and no test may
+    share state with another, or with the machine's user, by accident.
     """
 
     def __init__(self, args, env=None, netns=None, cwd=None):
         full_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("EXPLORER_", "NODE_", "HERO_", "HEARTBEAT_"))}
         full_env["PYTHONPATH"] = ROOT
+        self._home = None
+        if "HOME" not in (env or {}):
+            self._home = full_env["HOME"] = tempfile.mkdtemp(prefix="hc-home-")
         full_env.update(env or {})
         command = [TWISTD, "-n", "--pidfile=", *args]
         if netns:
@@ -225,6 +232,9 @@ class Twistd:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.process.wait(5)
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = None
         return self.process.returncode
 
     def kill(self):

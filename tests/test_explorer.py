@@ -56,6 +56,7 @@ async def explorer(sockets, clock):
         listen=[unix_endpoint_string(f"{sockets}/explorer.sock"),
                 parse_listen("127.0.0.1:0").endpoint_string()],
         offline_after=1.0,
+        state_dir=f"{sockets}/state",
         call_timeout=2.0,
         connect_timeout=1.0,
     )

@@ -191,15 +191,22 @@ def test_shipped_schemas_load(name):
 
 
 def test_explorer_methods_match_contract():
-    """The explorer schema has the methods of CONTRACT §4 with their params."""
+    """The explorer schema has the methods of CONTRACT §4 and §6 with their params."""
     schema = load_schema("explorer")
     assert set(schema.methods) == {
         "explorer.heartbeat", "explorer.leave", "explorer.list_nodes",
-        "explorer.get_node", "explorer.remove_node", "explorer.call", "explorer.info"}
+        "explorer.get_node", "explorer.remove_node", "explorer.call", "explorer.info",
+        "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke"}
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
     assert heartbeat == {"node_id": True, "socket_path": True, "name": False,
                          "version": False, "capacity": False, "usage": False,
-                         "vm_count": False, "labels": False}
+                         "vm_count": False, "labels": False, "secret": False}
+    params = {m: [p.name for p in schema.methods[m].params] for m in (
+        "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke",
+        "explorer.leave")}
+    assert params == {"explorer.create_token": ["ttl", "node_id"],
+                      "explorer.enroll": ["token", "csr"], "explorer.renew": ["csr"],
+                      "explorer.revoke": ["node_id"], "explorer.leave": ["node_id", "secret"]}
     assert "unix://" in schema.methods["explorer.heartbeat"].params[1].schema["description"]
 
 

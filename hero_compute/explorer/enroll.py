@@ -23,6 +23,7 @@ Decisions, and why:
 """
 
 import hashlib
+import hmac
 import math
 import re
 import secrets
@@ -260,5 +261,11 @@ class Enrollment:
                 raise RefusedByPolicy(f"node {node_id!r} is bound to a secret; this "
                                       f"call carries none")
             return
-        if not self.store.bind_secret(node_id, hash_secret(secret)):
+        digest = hash_secret(secret)
+        if identity is not None and identity.secret_sha256 is not None:
+            # The steady state, on every heartbeat: a comparison in memory, no write.
+            if not hmac.compare_digest(identity.secret_sha256, digest):
+                raise RefusedByPolicy(f"node {node_id!r} is bound to another secret")
+            return
+        if not self.store.bind_secret(node_id, digest):
             raise RefusedByPolicy(f"node {node_id!r} is bound to another secret")

@@ -52,7 +52,9 @@ class Heartbeat:
     call, defaults filled in and the address in canonical form.
 
     :ivar socket_path: the node's address URI
-    :ivar transport: ``"unix"`` or ``"tcp"``: how the heartbeat arrived
+    :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how the heartbeat arrived
+    :ivar remote: it came from another host (a non-loopback peer): the proxy may then
+        not be aimed at this host's own addresses (CONTRACT §6)
     """
 
     node_id: str
@@ -64,6 +66,7 @@ class Heartbeat:
     usage: dict
     vm_count: int
     labels: dict
+    remote: bool = False
 
 
 @attrs.frozen
@@ -72,8 +75,10 @@ class NodeRecord:
     What the explorer knows of one node, from its last heartbeat.
 
     :ivar socket_path: the node's address URI, as it reported it (canonical form)
-    :ivar transport: ``"unix"`` or ``"tcp"``: how its last heartbeat arrived
-    :ivar left: the node said goodbye (``explorer.leave``) after its last heartbeat
+    :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how its last heartbeat arrived
+    :ivar left: the node said goodbye (``explorer.leave``) after its last heartbeat, or
+        the record was loaded at start-up and the node has not heartbeated since
+    :ivar remote: its last heartbeat came from another host
     """
 
     node_id: str
@@ -88,6 +93,7 @@ class NodeRecord:
     first_seen: float
     last_seen: float
     left: bool = False
+    remote: bool = False
 
     def status(self, now, offline_after):
         """
@@ -170,6 +176,7 @@ class Registry:
             labels=heartbeat.labels,
             first_seen=now if old is None else old.first_seen,
             last_seen=now,
+            remote=heartbeat.remote,
         )
         self._nodes[node_id] = record
         if old is None:
@@ -212,6 +219,20 @@ class Registry:
         record = self.get(node_id)
         self._nodes[node_id] = attrs.evolve(record, left=True)
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
+
+    def find(self, node_id):
+        """:return: the node's :class:`NodeRecord`, or None"""
+        return self._nodes.get(node_id)
+
+    def load(self, records):
+        """
+        Take records kept from an earlier run (start-up): each is offline until its node
+        heartbeats again.
+
+        :param records: :class:`NodeRecord` s
+        """
+        for record in records:
+            self._nodes[record.node_id] = attrs.evolve(record, left=True)
 
     def get(self, node_id):
         try:

@@ -1,32 +1,28 @@
 """
-The explorer's RPC methods, its proxy to nodes, and the service tree that serves them.
+The explorer's RPC methods and the service tree that serves them.
 """
+
+import os
 
 from twisted.application import service
 from twisted.logger import Logger
 
 import hero_compute
 from hero_compute.rpc.addresses import AddressError, parse_address
+from hero_compute.rpc.authz import EXPLORER_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
-from hero_compute.rpc.errors import (
-    InvalidParams,
-    NodeOffline,
-    NodeUnreachable,
-    RefusedByPolicy,
-    TransportError,
-)
+from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 
-from .registry import Heartbeat, LivenessLog, Registry, sweep_interval
+from .proxy import Proxy, forbidden_target, is_loopback
+from .registry import Heartbeat, LivenessLog, NodeRecord, Registry, sweep_interval
+from .store import DURABLE_FIELDS
+from .trust import ExplorerTrust
 
 log = Logger()
-
-#: Only these method families may be proxied: ``explorer.call`` must not become a way to
-#: reach anything else a node (or whatever answers at a node's address) might serve.
-PROXIED_PREFIXES = ("node.", "vm.")
 
 #: Seconds a proxied call may take: longer than a node's slowest operation, a graceful
 #: ``vm.stop`` (about 65 s at worst).
@@ -44,43 +40,51 @@ HEARTBEATS_PER_OFFLINE = 3
 
 class ExplorerMethods:
     """
-    The ``explorer.*`` methods.
+    The ``explorer.*`` methods.  Who may call which is decided before they run (the
+    roles table, :data:`~hero_compute.rpc.authz.EXPLORER_POLICY`); what is left here is
+    per-node state: a node's secret or certificate, and where it may be reached.
 
     :param registry: an :class:`INodeRegistry`
-    :param client: an :class:`RpcClient` for proxied calls
+    :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy` for ``explorer.call``
     :param clock: the clock, for uptime
+    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust` (state,
+        tokens, certificates)
     :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
-    :param call_timeout: seconds allowed for a proxied call
     """
 
-    def __init__(self, registry, client, clock, listeners=None, call_timeout=CALL_TIMEOUT):
+    def __init__(self, registry, proxy, clock, trust, listeners=None):
         self._registry = registry
-        self._client = client
+        self._proxy = proxy
         self._clock = clock
+        self._trust = trust
         self._listeners = listeners
         self._started = clock.seconds()
-        self.call_timeout = call_timeout
 
     def register(self, rpc):
         """
         Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
         """
         rpc.register("explorer.heartbeat", self.heartbeat, context=True)
-        rpc.register("explorer.leave", self.leave)
+        rpc.register("explorer.leave", self.leave, context=True)
         rpc.register("explorer.list_nodes", self.list_nodes)
         rpc.register("explorer.get_node", self.get_node)
         rpc.register("explorer.remove_node", self.remove_node)
-        rpc.register("explorer.call", self.call)
+        rpc.register("explorer.call", self._proxy.call)
         rpc.register("explorer.info", self.info)
+        rpc.register("explorer.create_token", self._trust.create_token)
+        rpc.register("explorer.enroll", self._trust.enroll)
+        rpc.register("explorer.renew", self._trust.renew, context=True)
+        rpc.register("explorer.revoke", self.revoke)
 
     def heartbeat(self, context, node_id, socket_path, name=None, version="", capacity=None,
-                  usage=None, vm_count=0, labels=None):
+                  usage=None, vm_count=0, labels=None, secret=None):
         """
         Record a node's heartbeat.
 
-        :param context: the :class:`CallContext`; a heartbeat over TCP claiming a Unix address
-            is refused, since the explorer could never reach it and a proxy to it would
-            reach the explorer's own host's sockets
+        :param context: the :class:`CallContext`: how it came (a heartbeat over the
+            network claiming a Unix address, or a local one, is refused) and, over TLS,
+            the certificate that speaks for the node
+        :param secret: the node secret, which the node id is bound to (CONTRACT §6)
         """
         try:
             address = parse_address(socket_path)
@@ -88,10 +92,24 @@ class ExplorerMethods:
             raise InvalidParams(f"socket_path: {e}") from None
         if context.transport != "unix" and address.is_unix:
             raise RefusedByPolicy(
-                f"a heartbeat over TCP cannot claim the Unix address {address.uri}: "
-                "set NODE_TCP_ADDR (and NODE_ADVERTISE_ADDR if needed) on the node"
+                f"a heartbeat over {context.transport.upper()} cannot claim the Unix "
+                f"address {address.uri}: set NODE_TCP_ADDR or NODE_TLS_ADDR (and "
+                "NODE_ADVERTISE_ADDR if needed) on the node"
             )
-        self._registry.heartbeat(Heartbeat(
+        if context.transport == "tls" and address.scheme != "tls":
+            raise RefusedByPolicy(
+                f"a node that heartbeats over TLS must be reached over TLS, not at "
+                f"{address.uri}: set NODE_TLS_ADDR on the node"
+            )
+        remote = context.transport != "unix" and not is_loopback(context.host)
+        if remote:
+            reason = forbidden_target(address.host)
+            if reason is not None:
+                raise RefusedByPolicy(
+                    f"a node on another host may not advertise {address.uri}: {reason}")
+        self._trust.check_node(node_id, secret, context)
+        old = self._registry.find(node_id)
+        record = self._registry.heartbeat(Heartbeat(
             node_id=node_id,
             socket_path=address.uri,
             transport=context.transport,
@@ -101,12 +119,19 @@ class ExplorerMethods:
             usage=usage or {},
             vm_count=vm_count,
             labels=labels or {},
+            remote=remote,
         ))
+        if old is None or any(getattr(old, f) != getattr(record, f) for f in DURABLE_FIELDS):
+            # Written on first sight and when the address, name or labels change: never
+            # per heartbeat (last_seen is flushed in batches).
+            self._trust.save_node(record)
         return {"accepted": True,
                 "next_heartbeat": self._registry.offline_after / HEARTBEATS_PER_OFFLINE}
 
-    def leave(self, node_id):
-        """Mark a node offline at once."""
+    def leave(self, context, node_id, secret=None):
+        """Mark a node offline at once (its secret or certificate must speak for it)."""
+        self._registry.get(node_id)
+        self._trust.check_node(node_id, secret, context)
         self._registry.leave(node_id)
         return True
 
@@ -124,31 +149,17 @@ class ExplorerMethods:
         )
 
     def remove_node(self, node_id):
-        """Forget a node."""
+        """Forget a node, and what bound its id: its next heartbeat binds it anew."""
         self._registry.remove(node_id)
+        self._trust.forget_node(node_id)
         return True
 
-    def call(self, node_id, method, params=None):
-        """
-        Proxy a call to a node over its address; its result, or its error unchanged.
-        """
-        if not method.startswith(PROXIED_PREFIXES):
-            raise RefusedByPolicy(
-                f"explorer.call proxies only node.* and vm.* methods, not {method!r}"
-            )
-        record = self._registry.get(node_id)
-        if self._registry.status(record) != "online":
-            raise NodeOffline(f"node {node_id} is offline (last seen {record.last_seen:.0f})")
-        d = self._client.call(record.socket_path, method, params, timeout=self.call_timeout)
-
-        def unreachable(failure):
-            failure.trap(TransportError)
-            raise NodeUnreachable(
-                f"node {node_id} at {record.socket_path} is unreachable: "
-                f"{failure.value.reason}"
-            )
-
-        return d.addErrback(unreachable)
+    def revoke(self, node_id):
+        """Refuse a node's certificates and secret from now on; it goes offline."""
+        self._trust.revoke(node_id)
+        if self._registry.find(node_id) is not None:
+            self._registry.leave(node_id)
+        return True
 
     def info(self):
         """About this explorer."""
@@ -167,32 +178,52 @@ class ExplorerService(service.MultiService):
     """
     The explorer's root service; :func:`make_explorer` builds it and its children.
 
+    On start it opens its state (the fleet as last known, identities, tokens) and its
+    TLS material, before any listener binds.
+
     :param registry: the :class:`Registry`
     :param client: the :class:`RpcClient` of the proxy, closed when the explorer stops
     :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
+    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust`
     """
 
-    def __init__(self, registry, client, rpc, listeners):
+    def __init__(self, registry, client, rpc, listeners, trust):
         service.MultiService.__init__(self)
         self.registry = registry
         self.client = client
         self.rpc = rpc
         self.listeners = listeners
+        self.trust = trust
+
+    def privilegedStartService(self):
+        self.trust.open()
+        self.registry.load(NodeRecord(**n) for n in self.trust.load_nodes())
+        self.trust.start_tls(self.listeners, self.client)
+        service.MultiService.privilegedStartService(self)
+
+    def startService(self):
+        if not self.trust.opened:
+            self.privilegedStartService()
+        service.MultiService.startService(self)
 
     def stopService(self):
         d = service.MultiService.stopService(self)
         d.addBoth(lambda _: self.client.close())
+        d.addBoth(lambda _: self.trust.close(
+            {r.node_id: r.last_seen for r in self.registry.records()}))
         return d
 
 
-def make_explorer(*, reactor, clock, listen, offline_after, socket_dirs=(),
-                  call_timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT):
+def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_dirs=(),
+                  tls=None, call_timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT,
+                  node_cert_days=90.0):
     """
     Build the explorer's service tree; nothing is opened until it starts::
 
-        ExplorerService
-        ├── "listeners": Listeners (one per endpoint string) -> HTTP factory -> Dispatcher
+        ExplorerService (opens the state and TLS material on start)
+        ├── "listeners": Listeners (one per endpoint string, and mutual TLS)
+        │                -> HTTP factory -> authorization -> Dispatcher
         └── "liveness":  LivenessLog over the Registry
 
     :param reactor: the reactor to listen and connect with
@@ -200,20 +231,37 @@ def make_explorer(*, reactor, clock, listen, offline_after, socket_dirs=(),
     :param listen: Twisted server endpoint strings to serve on
     :param socket_dirs: directories to create for Unix sockets when starting
     :param offline_after: seconds of silence before a node is offline
+    :param state_dir: the directory of ``explorer.db`` (``EXPLORER_STATE_DIR``)
+    :param tls: an :class:`~hero_compute.explorer.trust.TLSSettings`, or None
     :param call_timeout: seconds allowed for a proxied call
     :param connect_timeout: seconds allowed to connect to a node
+    :param node_cert_days: life of the certificates it signs for nodes, in days
     :return: the :class:`ExplorerService`
     """
     registry = Registry(clock, offline_after)
     client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
-    rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__)
-    listeners = Listeners(make_factory(rpc), listen, socket_dirs, reactor)
-    ExplorerMethods(registry, client, clock, listeners, call_timeout).register(rpc)
+    rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__, authorize=_authorize)
+    factory = make_factory(rpc)
+    listeners = Listeners(factory, listen, socket_dirs, reactor)
+    trust = ExplorerTrust(
+        clock=clock,
+        reactor=reactor,
+        db_path=os.path.join(state_dir, "explorer.db"),
+        tls=tls,
+        factory=factory,
+        node_cert_days=node_cert_days,
+    )
+    proxy = Proxy(client, registry, call_timeout)
+    ExplorerMethods(registry, proxy, clock, trust, listeners).register(rpc)
 
-    explorer = ExplorerService(registry, client, rpc, listeners)
+    explorer = ExplorerService(registry, client, rpc, listeners, trust)
     listeners.setName("listeners")
     listeners.setServiceParent(explorer)
     liveness = LivenessLog(registry, clock, sweep_interval(offline_after))
     liveness.setName("liveness")
     liveness.setServiceParent(explorer)
     return explorer
+
+
+def _authorize(context, method, params):
+    EXPLORER_POLICY.check(context.transport, context.identity, method, params)

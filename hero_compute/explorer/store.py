@@ -148,6 +148,10 @@ class Store:
 
     _db: sqlite3.Connection
     path: str
+    # Heartbeats check identities and serials on every call: answered from memory,
+    # and the store's own writes keep these in step (one explorer owns its file).
+    _identities: dict = attrs.field(factory=dict, init=False, repr=False)
+    _revoked_serials: set = attrs.field(factory=set, init=False, repr=False)
 
     @classmethod
     def open(cls, path, timeout=5.0):
@@ -196,6 +200,8 @@ class Store:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 if version == 0:
                     self._create_schema()
+        self._revoked_serials.update(
+            int(serial, 16) for (serial,) in self._db.execute("SELECT serial FROM revoked_serials"))
 
     def _create_schema(self):
         tables = self._db.execute(
@@ -287,6 +293,14 @@ class Store:
 
     def identity(self, node_id):
         """:return: the node id's :class:`Identity`, or ``None`` when nothing is held"""
+        try:
+            return self._identities[node_id]
+        except KeyError:
+            pass
+        identity = self._identities[node_id] = self._read_identity(node_id)
+        return identity
+
+    def _read_identity(self, node_id):
         row = self._identity_row(node_id)
         if row is None:
             return None
@@ -305,6 +319,7 @@ class Store:
             bound to another, is revoked, or the secret was revoked
         """
         _check_sha256(secret_sha256, "secret_sha256")
+        self._identities.pop(node_id, None)
         with self._transaction():
             if self._db.execute("SELECT 1 FROM revoked_secrets WHERE secret_sha256 = ?",
                                 (secret_sha256,)).fetchone():
@@ -333,6 +348,7 @@ class Store:
         :param now: the time, recorded against the serials it revokes
         """
         new = _serial_text(cert_serial)
+        self._identities.pop(node_id, None)
         with self._transaction():
             row = self._identity_row(node_id)
             if row is None:
@@ -355,6 +371,7 @@ class Store:
         :return: whether the swap happened
         """
         old, new = _serial_text(old_serial), _serial_text(new_serial)
+        self._identities.pop(node_id, None)
         with self._transaction():
             row = self._identity_row(node_id)
             if row is None:
@@ -373,6 +390,7 @@ class Store:
         Removing never undoes a revocation: a revoked id stays revoked, and revoked
         serials and secrets stay refused.
         """
+        self._identities.pop(node_id, None)
         with self._transaction():
             self._db.execute("DELETE FROM identities WHERE node_id = ? "
                              "AND revoked_at IS NULL", (node_id,))
@@ -439,6 +457,7 @@ class Store:
 
         :param now: the time of revocation
         """
+        self._identities.pop(node_id, None)
         with self._transaction():
             row = self._identity_row(node_id)
             if row is None:
@@ -459,11 +478,11 @@ class Store:
             self._revoke_serials(node_id, (_serial_text(serial),), now)
 
     def _revoke_serials(self, node_id, serials, now, keep=None):
-        self._db.executemany(
-            "INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
-            [(s, node_id, now) for s in serials if s is not None and s != keep])
+        revoked = [s for s in serials if s is not None and s != keep]
+        self._db.executemany("INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
+                             [(s, node_id, now) for s in revoked])
+        self._revoked_serials.update(int(s, 16) for s in revoked)
 
     def is_revoked_serial(self, serial):
         """:return: whether the certificate with this serial has been revoked"""
-        return self._db.execute("SELECT 1 FROM revoked_serials WHERE serial = ?",
-                                (_serial_text(serial),)).fetchone() is not None
+        return serial in self._revoked_serials

@@ -9,12 +9,14 @@ import os
 from twisted.python import usage
 
 from hero_compute.options import (
+    absolute_path,
     absolute_socket,
     from_env,
     help_text,
     listen_address,
     seconds,
     socket_dir,
+    state_dir,
 )
 from hero_compute.rpc.listeners import unix_endpoint_string
 
@@ -22,16 +24,24 @@ from hero_compute.rpc.listeners import unix_endpoint_string
 #: (``NODE_OFFLINE_AFTER``, CONTRACT §2).
 OFFLINE_AFTER = 30.0
 
+#: Where the explorer keeps its state (``EXPLORER_STATE_DIR``, CONTRACT §6).
+STATE_DIR = "~/hero/var/hero_compute_explorer"
+
+#: Life of the certificates the explorer signs for nodes (they renew at two thirds).
+NODE_CERT_TTL = 90 * 86400.0
+
 
 class Options(usage.Options):
     """Options of ``twistd explorer``."""
 
-    synopsis = "[--socket PATH] [--tcp HOST:PORT] [--listen ENDPOINT]... [--offline-after S]"
+    synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
+                "[--offline-after S] [--state-dir DIR]")
     longdesc = (
         "The hero_compute explorer: the registry of nodes and a proxy to them. "
-        "It always listens on its Unix socket; --tcp and --listen add listeners. "
+        "It always listens on its Unix socket; --tcp, --tls and --listen add listeners. "
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
-        "NODE_OFFLINE_AFTER."
+        "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
+        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER."
     )
     optParameters = [
         ["socket", None, None,
@@ -40,9 +50,29 @@ class Options(usage.Options):
         ["tcp", None, None,
          "Also listen on TCP here [default: $EXPLORER_TCP_ADDR; unset: no TCP]",
          listen_address],
+        ["tls", None, None,
+         "Also serve mutual TLS here [default: $EXPLORER_TLS_ADDR; unset: no TLS]",
+         listen_address],
         ["offline-after", None, None,
          "Seconds without a heartbeat before a node is offline "
          "[default: $NODE_OFFLINE_AFTER or 30]", seconds],
+        ["state-dir", None, None,
+         "Where the explorer keeps its state (explorer.db, tls/) "
+         "[default: $EXPLORER_STATE_DIR or ~/hero/var/hero_compute_explorer]", absolute_path],
+        ["tls-cert", None, None,
+         "Our certificate [default: $EXPLORER_TLS_CERT or STATE_DIR/tls/explorer.pem]",
+         absolute_path],
+        ["tls-key", None, None,
+         "Its key [default: $EXPLORER_TLS_KEY or STATE_DIR/tls/explorer-key.pem]",
+         absolute_path],
+        ["tls-ca", None, None,
+         "The fleet CA [default: $EXPLORER_TLS_CA or STATE_DIR/tls/ca.pem]", absolute_path],
+        ["ca-key", None, None,
+         "The fleet CA's key: sign enrollments and renewals [default: $EXPLORER_CA_KEY; "
+         "unset: no signing]", absolute_path],
+        ["node-cert-ttl", None, None,
+         "Seconds of life of the node certificates it signs "
+         "[default: $EXPLORER_NODE_CERT_TTL or 90 days]", seconds],
     ]
 
     def __init__(self, env=None):
@@ -64,9 +94,23 @@ class Options(usage.Options):
         if self["socket"] is None:
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_explorer.sock")
         from_env(self, "tcp", env, "EXPLORER_TCP_ADDR", listen_address)
+        from_env(self, "tls", env, "EXPLORER_TLS_ADDR", listen_address)
         from_env(self, "offline-after", env, "NODE_OFFLINE_AFTER", seconds)
         if self["offline-after"] is None:
             self["offline-after"] = OFFLINE_AFTER
+        if self["state-dir"] is None:
+            self["state-dir"] = state_dir(env, "EXPLORER_STATE_DIR", STATE_DIR)
+        tls_dir = os.path.join(self["state-dir"], "tls")
+        for key, name, default in (("tls-cert", "EXPLORER_TLS_CERT", "explorer.pem"),
+                                   ("tls-key", "EXPLORER_TLS_KEY", "explorer-key.pem"),
+                                   ("tls-ca", "EXPLORER_TLS_CA", "ca.pem")):
+            from_env(self, key, env, name, absolute_path)
+            if self[key] is None:
+                self[key] = os.path.join(tls_dir, default)
+        from_env(self, "ca-key", env, "EXPLORER_CA_KEY", absolute_path)
+        from_env(self, "node-cert-ttl", env, "EXPLORER_NODE_CERT_TTL", seconds)
+        if self["node-cert-ttl"] is None:
+            self["node-cert-ttl"] = NODE_CERT_TTL
 
 
 def makeService(options, reactor=None):
@@ -81,6 +125,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
 
     from .service import make_explorer
+    from .trust import TLSSettings
 
     listen = [unix_endpoint_string(options["socket"])]
     if options["tcp"] is not None:
@@ -92,4 +137,13 @@ def makeService(options, reactor=None):
         listen=listen,
         socket_dirs=[os.path.dirname(options["socket"])],
         offline_after=options["offline-after"],
+        state_dir=options["state-dir"],
+        tls=TLSSettings(
+            listen=options["tls"],
+            cert=options["tls-cert"],
+            key=options["tls-key"],
+            ca=options["tls-ca"],
+            ca_key=options["ca-key"],
+        ),
+        node_cert_days=options["node-cert-ttl"] / 86400,
     )

@@ -268,6 +268,15 @@ class RpcClient:
         self.tls = tls
         self._pool = _Pool(reactor, connect_timeout, max_per_peer, tls)
 
+    def use_tls(self, tls):
+        """
+        Reach ``tls://`` peers with this material from now on (it arrives when the
+        service starts, after the client was built).
+
+        :param tls: a :class:`~hero_compute.rpc.tls.ClientTLS`
+        """
+        self.tls = self._pool._tls = tls
+
     def call(self, address, method, params=None, timeout=None, expect=None):
         """
         Call a method and wait for its result.

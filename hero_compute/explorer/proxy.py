@@ -1,0 +1,158 @@
+"""
+The proxy behind ``explorer.call``, and the rules that keep anyone from aiming it
+(CONTRACT §6).
+
+A node registered from another host (its heartbeat came from a non-loopback address)
+may not have the explorer connect to a loopback, link-local, unspecified or multicast
+address: otherwise a heartbeat saying ``tcp://127.0.0.1:6379`` or
+``tcp://169.254.169.254:80`` would turn the explorer into a way into its own host or its
+cloud's metadata service.  Literal addresses are refused at the heartbeat; names are
+resolved here, checked, and the connection goes to the very address that was checked.
+Over TLS the handshake fails, before a byte is sent, unless the peer's certificate names
+the node being called.
+"""
+
+import ipaddress
+import socket
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.errors import (
+    NodeOffline,
+    NodeUnreachable,
+    RefusedByPolicy,
+    TransportError,
+)
+from hero_compute.rpc.tls import Expected
+
+log = Logger()
+
+#: Only these method families may be proxied: ``explorer.call`` must not become a way to
+#: reach anything else a node (or whatever answers at a node's address) might serve.
+PROXIED_PREFIXES = ("node.", "vm.")
+
+
+def forbidden_target(host):
+    """
+    Why a node registered from another host may not be reached at ``host``, or None.
+
+    :param host: an IP address as text (names are resolved first)
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    for kind, forbidden in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("unspecified", ip.is_unspecified),
+        ("multicast", ip.is_multicast),
+    ):
+        if forbidden:
+            return f"{host} is a {kind} address"
+    return None
+
+
+def is_loopback(host):
+    """:return: whether ``host`` (an IP address as text, or None) is a loopback address"""
+    if host is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _resolve(host, port):
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+class Proxy:
+    """
+    Calls a node on behalf of an ``explorer.call``.
+
+    :param client: the :class:`~hero_compute.rpc.http_client.RpcClient` (with the
+        explorer's TLS material, if any)
+    :param registry: the :class:`~hero_compute.explorer.registry.Registry`
+    :param call_timeout: seconds allowed for a proxied call
+    :param resolve: ``resolve(host, port) -> Deferred of [ip, ...]``; by default the
+        system resolver in a thread
+    """
+
+    def __init__(self, client, registry, call_timeout, resolve=None):
+        self._client = client
+        self._registry = registry
+        self.call_timeout = call_timeout
+        self._resolve = resolve or (lambda host, port: threads.deferToThread(
+            _resolve, host, port))
+
+    def call(self, node_id, method, params=None):
+        """
+        Proxy a call to a node over its address.
+
+        :return: a Deferred of the node's result, or its error unchanged
+        """
+        if not method.startswith(PROXIED_PREFIXES):
+            raise RefusedByPolicy(
+                f"explorer.call proxies only node.* and vm.* methods, not {method!r}"
+            )
+        record = self._registry.get(node_id)
+        if self._registry.status(record) != "online":
+            raise NodeOffline(f"node {node_id} is offline (last seen {record.last_seen:.0f})")
+        address = parse_address(record.socket_path)
+        expect = Expected("node", node_id) if address.scheme == "tls" else None
+        if record.remote and not address.is_unix:
+            d = self._checked(address)
+        else:
+            d = defer.succeed(address)
+        d.addCallback(lambda target: self._client.call(
+            target, method, params, timeout=self.call_timeout, expect=expect))
+
+        def unreachable(failure):
+            failure.trap(TransportError)
+            raise NodeUnreachable(
+                f"node {node_id} at {record.socket_path} is unreachable: "
+                f"{failure.value.reason}"
+            )
+
+        return d.addErrback(unreachable)
+
+    def _checked(self, address):
+        """The address to connect to, resolved and checked; -32010 if forbidden."""
+        reason = forbidden_target(address.host)
+        if reason is not None:
+            return defer.fail(RefusedByPolicy(f"{address.uri}: {reason}"))
+        try:
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            pass
+        else:
+            return defer.succeed(address)
+
+        def check(hosts):
+            if not hosts:
+                raise NodeUnreachable(f"{address.uri}: the name resolves to nothing")
+            for host in hosts:
+                reason = forbidden_target(host)
+                if reason is not None:
+                    raise RefusedByPolicy(f"{address.uri}: {address.host} resolves to "
+                                          f"{reason.split(' is ', 1)[1]} ({host})")
+            host = hosts[0]
+            literal = f"[{host}]" if ":" in host else host
+            # Connect to the address just checked: resolving again could give another.
+            return parse_address(f"{address.scheme}://{literal}:{address.port}")
+
+        def failed(failure):
+            failure.trap(OSError)
+            raise NodeUnreachable(f"{address.uri}: cannot resolve {address.host}: "
+                                  f"{failure.getErrorMessage()}")
+
+        return self._resolve(address.host, address.port).addCallbacks(check, failed)

@@ -1,0 +1,243 @@
+"""
+The explorer's side of fleet trust (CONTRACT §6), opened when the explorer starts: its
+durable state (:mod:`.store`), tokens and certificates (:mod:`.enroll`), and its TLS
+material (a mutual-TLS listener, the proxy's client certificate, the CA key that signs
+enrollments), reloaded from its files on SIGHUP.
+
+The handlers here are what is left once the roles table has let a call through: they
+decide per node (is this the node's secret, its current certificate?), never per role.
+"""
+
+import datetime
+import os
+import signal
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from twisted.logger import Logger
+
+from hero_compute import pki
+from hero_compute.rpc.errors import InvalidParams
+from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
+
+from .enroll import DEFAULT_TTL, Enrollment, check_node_id
+from .store import Store
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """The explorer cannot start as configured; the message says what to change."""
+
+
+@attrs.frozen
+class TLSSettings:
+    """
+    Where the explorer's TLS material is, and whether it serves TLS.
+
+    :ivar listen: the :class:`~hero_compute.rpc.addresses.ListenAddress` of the mutual
+        TLS listener (``EXPLORER_TLS_ADDR``), or None
+    :ivar cert: our certificate (``explorer/<name>``), PEM file
+    :ivar key: its key
+    :ivar ca: the fleet CA certificate
+    :ivar ca_key: the fleet CA's key, to sign enrollments and renewals, or None
+    """
+
+    listen: object
+    cert: str
+    key: str
+    ca: str
+    ca_key: str | None = None
+
+
+def csr_node_id(csr_pem):
+    """
+    :param csr_pem: a PEM certificate signing request
+    :return: the node id it asks for (its subject's common name)
+    :raise InvalidParams: not a CSR, or no valid node id in it
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii", "replace"))
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        raise InvalidParams("csr: not a PEM certificate signing request") from None
+    if len(names) != 1:
+        raise InvalidParams("csr: its subject must hold one common name, the node id")
+    return check_node_id(names[0].value)
+
+
+class ExplorerTrust:
+    """
+    Identities, tokens, certificates and the explorer's TLS, behind the methods that
+    need them.
+
+    :param clock: ``IReactorTime`` (Unix seconds)
+    :param reactor: the reactor (signals are handed to it)
+    :param db_path: the SQLite state file
+    :param tls: :class:`TLSSettings`, or None for an explorer without TLS
+    :param factory: the HTTP factory, told the trust domain once the CA is loaded
+    :param node_cert_days: life of the node certificates it signs
+    """
+
+    def __init__(self, *, clock, reactor, db_path, tls, factory, node_cert_days=90.0):
+        self._clock = clock
+        self._reactor = reactor
+        self._db_path = db_path
+        self._tls = tls
+        self._factory = factory
+        self._node_cert_days = node_cert_days
+        self._store = None
+        self._enrollment = None
+        self._creators = []
+        self._ca = None
+        self._ca_pem = None
+        self._previous_hangup = None
+
+    @property
+    def opened(self):
+        """Whether :meth:`open` has run."""
+        return self._store is not None
+
+    def open(self):
+        """Open the state file; raises :class:`StartupError` if it cannot be used."""
+        from .store import StoreError
+
+        try:
+            self._store = Store.open(self._db_path)
+        except StoreError as e:
+            raise StartupError(f"{e} (EXPLORER_STATE_DIR)") from None
+        except OSError as e:
+            raise StartupError(f"cannot create the explorer state {self._db_path}: "
+                               f"{e.strerror} (set EXPLORER_STATE_DIR)") from None
+        # No signer until the CA key is loaded: without one, enrollment is refused
+        # before a token is looked at, so no token is used up for nothing.
+        self._enrollment = Enrollment(self._store, self._clock)
+
+    def load_nodes(self):
+        """:return: the node records kept from the last run (dicts)"""
+        return self._store.load_nodes()
+
+    def start_tls(self, listeners, client):
+        """
+        Load the TLS material and add the mutual-TLS listener, before listeners bind.
+
+        :param listeners: the :class:`~hero_compute.rpc.listeners.Listeners`
+        :param client: the proxy's :class:`~hero_compute.rpc.http_client.RpcClient`
+        """
+        tls = self._tls
+        if tls is None:
+            return
+        present = all(os.path.exists(p) for p in (tls.cert, tls.key, tls.ca))
+        if tls.listen is None and not present:
+            return
+        material = TLSMaterial(tls.cert, tls.key, tls.ca)
+        try:
+            server, proxy = ServerTLS(material), ClientTLS(material)
+        except TLSConfigError as e:
+            raise StartupError(
+                f"TLS material unusable: {e} (EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, "
+                "EXPLORER_TLS_CA; make them with: hero-compute tls cert create --explorer NAME)"
+            ) from None
+        self._creators = [server, proxy]
+        self._factory.trust_domain = server.trust_domain
+        client.use_tls(proxy)
+        if tls.ca_key is not None:
+            self._load_ca()
+            self._enrollment.sign = self._sign
+        if tls.listen is not None:
+            listeners.add_tls(tls.listen, server, self._reactor)
+        self._previous_hangup = signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+
+    def _load_ca(self):
+        try:
+            with open(self._tls.ca, "rb") as f:
+                cert_pem = f.read()
+            with open(self._tls.ca_key, "rb") as f:
+                key_pem = f.read()
+            self._ca = pki.CertificateAuthority.from_pem(cert_pem, key_pem)
+        except (OSError, pki.PkiError) as e:
+            raise StartupError(f"cannot use the CA key {self._tls.ca_key}: {e} "
+                               "(EXPLORER_CA_KEY)") from None
+        self._ca_pem = cert_pem.decode("ascii")
+
+    def reload(self):
+        """Read the TLS files again (after renewal, or new files and SIGHUP)."""
+        for creator in self._creators:
+            try:
+                creator.reload()
+            except TLSConfigError as e:
+                log.error("TLS material not reloaded, the old one stays in use: {error}",
+                          error=e)
+                return
+        log.info("TLS material reloaded")
+
+    def close(self, last_seen):
+        """
+        Flush the last heartbeat times and close the state file.
+
+        :param last_seen: node id -> last heartbeat time
+        """
+        if self._previous_hangup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hangup)
+            self._previous_hangup = None
+        if self._store is not None:
+            try:
+                self._store.touch_nodes(last_seen)
+            finally:
+                self._store.close()
+                self._store = None
+
+    # -- what the methods need ------------------------------------------------------
+
+    def check_node(self, node_id, secret, context):
+        """
+        Refuse a heartbeat or leave that neither the node's certificate nor its secret
+        speaks for.
+
+        :param context: the call's :class:`~hero_compute.rpc.dispatch.CallContext`
+        """
+        identity = context.identity
+        serial = context.serial if identity is not None and identity.role == "node" else None
+        self._enrollment.check_node(node_id, secret, serial)
+
+    def save_node(self, record):
+        """Keep a node's record (first sight, or a durable field changed)."""
+        self._store.save_node(attrs.asdict(record))
+
+    def forget_node(self, node_id):
+        """Forget a removed node's record and identity binding (not a revocation)."""
+        self._store.forget_node(node_id)
+        self._store.forget_identity(node_id)
+
+    def revoke(self, node_id):
+        """``explorer.revoke``: refuse the node's certificates and secret from now on."""
+        self._enrollment.revoke(node_id)
+
+    def create_token(self, ttl=None, node_id=None):
+        """``explorer.create_token``: a single-use join token."""
+        return self._enrollment.create_token(DEFAULT_TTL if ttl is None else ttl, node_id)
+
+    def enroll(self, token, csr):
+        """``explorer.enroll``: a token and a CSR for the node's certificate."""
+        node_id = csr_node_id(csr)
+        certificate = self._enrollment.enroll(token, csr, node_id)
+        return {"certificate": certificate, "ca": self._ca_pem}
+
+    def renew(self, context, csr):
+        """``explorer.renew``: a new certificate for the node whose certificate calls."""
+        identity = context.identity
+        return {"certificate": self._enrollment.renew(identity.name, context.serial, csr)}
+
+    def _sign(self, csr_pem, node_id):
+        try:
+            cert = self._ca.sign_csr(csr_pem, "node", node_id, days=self._node_cert_days,
+                                     now=_utc(self._clock.seconds()))
+        except pki.PkiError as e:
+            raise InvalidParams(f"csr: {e}") from None
+        return pki.dump_certificate(cert).decode("ascii"), cert.serial_number
+
+
+def _utc(seconds):
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
