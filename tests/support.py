@@ -76,6 +76,41 @@ def connect(uri, timeout=10):
     return http.client.HTTPConnection(address.host, address.port, timeout=timeout)
 
 
+def tls_connect(uri, ca, cert=None, key=None, timeout=10):
+    """
+    A plain ``http.client`` connection over TLS to a ``tls://`` URI, verifying the peer
+    against the fleet CA (not its host name: fleet peers are named by SPIFFE URIs).
+
+    :param ca: the fleet CA file
+    :param cert: our certificate file, or None to present none
+    :param key: its key file
+    """
+    import ssl
+
+    address = parse_address(uri)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return http.client.HTTPSConnection(address.host, address.port, timeout=timeout,
+                                       context=context)
+
+
+def rpc_over(conn, method, params=None):
+    """
+    One JSON-RPC call on an open connection (e.g. from :func:`tls_connect`).
+
+    :return: the whole response object
+    """
+    message = {"jsonrpc": "2.0", "method": method, "id": 1}
+    if params is not None:
+        message["params"] = params
+    status, _, data = post(conn, message)
+    assert status == 200, (status, data)
+    return json.loads(data)
+
+
 def post(uri_or_conn, body, path="/rpc", method="POST", headers=None):
     """
     Send one HTTP request; the body is sent as given (bytes or str), or JSON-encoded.
