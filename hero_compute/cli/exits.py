@@ -91,7 +91,7 @@ def explain(error, explorer):
         code, hint = UNREACHABLE, ("check that the node runs and that the explorer can "
                                    "connect to the address it advertises")
     elif isinstance(error, RefusedByPolicy):
-        code, hint = REFUSED, "refused by policy"
+        code, hint = REFUSED, "refused by policy: nothing was changed"
     message = f"error {error.code}: {error.message}"
     if error.data is not None:
         message += f"\n{json.dumps(error.data, indent=2, sort_keys=True)}"

@@ -13,6 +13,10 @@ from rich.table import Table
 from rich.text import Text
 
 
+#: Widest row printed before rich would squeeze columns.
+WIDE = 250
+
+
 class Output:
     """
     The command's stdout and stderr, and how to write to them.
@@ -26,8 +30,9 @@ class Output:
     def __init__(self, out, err, json_only=False, table=False):
         self.out = out
         self.err = err
-        self._console = Console(file=out, force_terminal=True if table else None,
-                                highlight=False, soft_wrap=False)
+        # Rows at their natural width, as kubectl prints them: a narrow terminal wraps
+        # them, but no id is ever cut or folded into pieces.
+        self._console = Console(file=out, highlight=False, width=WIDE)
         self._errors = Console(file=err, highlight=False)
         self.tables = not json_only and (table or self._console.is_terminal)
 
@@ -95,8 +100,10 @@ def table(columns, rows, title=None):
     :param columns: the column headers
     :param rows: sequences of cells (strings or rich text)
     """
-    t = Table(*columns, box=box.SIMPLE_HEAD, title=title, pad_edge=False,
-              header_style="bold", show_edge=False)
+    t = Table(box=box.SIMPLE_HEAD, title=title, pad_edge=False, header_style="bold",
+              show_edge=False)
+    for column in columns:
+        t.add_column(column, no_wrap=True)
     for row in rows:
         t.add_row(*map(_cell, row))
     return t

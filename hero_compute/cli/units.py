@@ -50,6 +50,8 @@ def format_mb(mb):
     """:return: a MiB count for reading: ``512M``, ``1.5G``, ``2T``"""
     if not isinstance(mb, (int, float)):
         return "?"
+    if mb == 0:
+        return "0"
     for unit, size in (("T", 1024 * 1024), ("G", 1024)):
         if mb >= size:
             return f"{mb / size:.4g}{unit}"

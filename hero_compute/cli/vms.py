@@ -7,6 +7,7 @@ with ``--wait`` return only once the VM has reached its target state (polling
 ``vm.get``), whatever the node's own call returned.
 """
 
+import argparse
 import time
 
 from rich.text import Text
@@ -23,6 +24,16 @@ POLL = 1.0
 
 #: Nodes asked at once by a fleet-wide ``vm list``.
 FLEET_CONCURRENCY = 32
+
+
+def _size(parse):
+    def coerce(text):
+        try:
+            return parse(text)
+        except ValueError as e:  # argparse shows only an ArgumentTypeError's own text
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return coerce
 
 
 def add_commands(sub, common):
@@ -44,9 +55,9 @@ def add_commands(sub, common):
     create.add_argument("node_id", metavar="NODE")
     create.add_argument("--name", required=True)
     create.add_argument("--vcpus", type=int, default=1, help="[default: 1]")
-    create.add_argument("--memory", type=memory_mb, required=True, metavar="SIZE",
+    create.add_argument("--memory", type=_size(memory_mb), required=True, metavar="SIZE",
                         help="e.g. 512M, 2G (binary units; a bare number is MiB)")
-    create.add_argument("--disk", type=disk_gb, required=True, metavar="SIZE",
+    create.add_argument("--disk", type=_size(disk_gb), required=True, metavar="SIZE",
                         help="e.g. 10G, 1T (binary units; a bare number is GiB)")
     create.add_argument("--image", metavar="PATH", help="base image on the node")
     create.add_argument("--start", action="store_true", help="start it once created")
