@@ -29,7 +29,7 @@ def cli(*args, env=None, timeout=60):
 
 
 def cli_tty(*args, env=None, timeout=60):
-    """Run the CLI with stdout on a pseudo-terminal; returns (exit status, stdout, stderr)."""
+    """Run the CLI with stdout on a pseudo-terminal; returns (status, stdout, stderr)."""
     master, slave = pty.openpty()
     process = subprocess.Popen(
         [*CLI, *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
@@ -67,7 +67,7 @@ def heartbeat(uri, node_id, **extra):
 
 
 def test_cli_talks_to_explorer(explorer):
-    """The CLI reads the default socket from HERO_SOCKET_DIR and maps errors to exit codes."""
+    """The CLI finds the socket through HERO_SOCKET_DIR and maps errors to exit codes."""
     env, _ = explorer
     code, out, _ = cli("info", env=env)
     assert code == 0 and json.loads(out)["nodes"] == {"online": 0, "offline": 0}
@@ -87,7 +87,7 @@ def test_cli_talks_to_explorer(explorer):
 
 
 def test_table_on_a_terminal_json_when_piped(explorer):
-    """nodes is a table on a terminal (name, status, usage, last seen) and JSON in a pipe."""
+    """nodes: a table on a terminal (name, status, usage, last seen), JSON in a pipe."""
     env, uri = explorer
     heartbeat(uri, "n1", name="alpha", capacity={"vcpus": 8, "memory_mb": 16384,
                                                  "disk_gb": 500},

@@ -18,7 +18,8 @@ from .test_cli import cli, cli_tty
 
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.skipif(not (shutil.which("qemu-system-x86_64") and shutil.which("qemu-img")),
+    pytest.mark.skipif(not (shutil.which("qemu-system-x86_64")
+                            and shutil.which("qemu-img")),
                        reason="qemu-system-x86_64 and qemu-img are not installed"),
 ]
 

@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-
 #: Widest row printed before rich would squeeze columns.
 WIDE = 250
 
