@@ -7,10 +7,12 @@ import json
 import os
 import pty
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -224,3 +226,22 @@ def test_version():
     """--version prints the package version."""
     code, out, _ = cli("--version")
     assert code == 0 and out.strip() == f"hero-compute {hero_compute.__version__}"
+
+
+def test_ctrl_c_is_an_interruption(short_tmp):
+    """SIGINT while waiting exits 130 saying so, not "cannot reach the explorer"."""
+    path = f"{short_tmp}/silent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    process = subprocess.Popen([*CLI, "--explorer", f"unix://{path}", "info"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"})
+    try:
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        listener.close()
+    assert process.returncode == 130 and "interrupted" in err
+    assert "cannot reach" not in err

@@ -21,7 +21,8 @@ command.
 
 Exit status: 0 success; 1 the call failed (a JSON-RPC error); 2 the explorer or the node
 could not be reached or did not answer in time; 3 no such node or VM; 4 refused by
-policy (-32010); 64 bad usage; 141 the output pipe was closed early (``| head``).
+policy (-32010); 64 bad usage; 130 interrupted (Ctrl-C); 141 the output pipe was
+closed early (``| head``).
 
 Modules: :mod:`.parser` (options), :mod:`.nodes`, :mod:`.vms`, :mod:`.explorer` (one
 command group each), :mod:`.output` (tables or JSON), :mod:`.exits` (exit codes and
@@ -81,27 +82,33 @@ def _closed_pipe():
 
 
 def _react(args, output):
-    codes = []
+    codes, stopping = [], []
 
     def run(reactor):
-        return defer.ensureDeferred(_run(reactor, args, output)).addCallback(codes.append)
+        # Ctrl-C stops the reactor, which closes our connections under the call: that
+        # is an interruption, not an unreachable explorer.
+        reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+        d = defer.ensureDeferred(_run(reactor, args, output, stopping))
+        return d.addCallback(codes.append)
 
     try:
         task.react(run)
     except SystemExit as e:
         if e.code:
             return e.code
-    # No code: interrupted (Ctrl-C stops the reactor before the command is done).
-    return codes[0] if codes else 130
+    return codes[0] if codes else exits.INTERRUPTED
 
 
-async def _run(reactor, args, output):
+async def _run(reactor, args, output, stopping=()):
     explorer = Explorer(reactor, args.explorer, args.timeout)
     try:
         return await args.run(explorer, args, output)
     except BrokenPipeError:
         return _closed_pipe()
     except (RpcError, TransportError, exits.Failure) as e:
+        if stopping:
+            output.error("interrupted")
+            return exits.INTERRUPTED
         if isinstance(e, NodeOffline):
             e.message = await _offline(explorer, e.message, getattr(args, "node_id", None))
         code, message = exits.explain(e, explorer.address.uri)

@@ -29,6 +29,8 @@ NOT_FOUND = 3
 REFUSED = 4
 #: Bad usage: unknown command or option, malformed argument.
 USAGE = 64
+#: Interrupted by Ctrl-C (SIGINT), as shells report it.
+INTERRUPTED = 130
 #: The output pipe was closed by its reader (``| head``): quiet, as if killed by SIGPIPE.
 CLOSED_PIPE = 141
 
@@ -41,6 +43,7 @@ exit status:
   {NOT_FOUND:<4}no such node or VM
   {REFUSED:<4}refused by policy (-32010)
   {USAGE:<4}bad usage
+  {INTERRUPTED:<4}interrupted (Ctrl-C)
   {CLOSED_PIPE:<4}the output pipe was closed early (e.g. | head)"""
 
 
