@@ -341,3 +341,45 @@ def test_state_file_is_private(explorer):
     wait_for(lambda: os.path.exists(f"{state}/explorer.db"), what="explorer.db")
     assert os.stat(f"{state}/explorer.db").st_mode & 0o777 == 0o600
     assert os.stat(state).st_mode & 0o777 == 0o700
+
+
+def cli(*args, env=None):
+    """Run the hero-compute CLI as a process; (exit status, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    from .support import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "hero_compute.cli", *args],
+                          capture_output=True, text=True, timeout=30,
+                          env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", **(env or {})})
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_over_tls_and_tokens(fleet, explorer):
+    """The CLI reaches a TLS explorer with a client certificate given as a prefix (or
+    through HERO_*), is refused without one, and mints tokens only where it may."""
+    prefix = fleet["client/ops"][0][: -len(".pem")]
+    result(explorer.unix, "explorer.heartbeat", heartbeat(ID_A, "unix:///tmp/a.sock"))
+    code, out, err = cli("--explorer", explorer.tls, "--ca", fleet["ca"], "--cert", prefix,
+                         "nodes", "--json")
+    assert code == 0, err
+    assert [n["node_id"] for n in json.loads(out)] == [ID_A]
+    code, out, err = cli("--explorer", explorer.tls, "nodes", "--json", env={
+        "HERO_CA": fleet["ca"], "HERO_CERT": fleet["client/ops"][0],
+        "HERO_KEY": fleet["client/ops"][1]})
+    assert code == 0 and json.loads(out)[0]["node_id"] == ID_A, err
+    code, _, err = cli("--explorer", explorer.tls, "--ca", fleet["ca"], "nodes", "--json")
+    assert code == 4 and "not allowed" in err
+    code, out, err = cli("--explorer", explorer.unix, "token", "create", "--ttl", "10m",
+                         "--node-id", "n9")
+    assert code == 0, err
+    token = out.strip()
+    assert "\n" not in token and len(token) > 30
+    _, csr = _csr("n9")
+    assert "result" in call(fleet, explorer, None, "explorer.enroll",
+                            {"token": token, "csr": csr})
+    code, _, err = cli("--explorer", explorer.tcp, "token", "create")
+    assert code == 4, err
+    code, _, err = cli("--explorer", explorer.tls, "nodes")
+    assert code == 64 and "--ca" in err

@@ -58,7 +58,7 @@ def main(argv=None, env=None):
     try:
         args = top.parse_args(argv)
         if args.command != "tls":
-            parser.complete(args, lambda: default_explorer(env))
+            parser.complete(args, lambda: default_explorer(env), env)
     except SystemExit as e:
         sys.exit(exits.USAGE if e.code else exits.OK)
     except ValueError as e:
@@ -104,7 +104,12 @@ def _react(args, output):
 
 
 async def _run(reactor, args, output, stopping=()):
-    explorer = Explorer(reactor, args.explorer, args.timeout)
+    try:
+        explorer = Explorer(reactor, args.explorer, args.timeout,
+                            tls_files=(args.ca, args.cert, args.key))
+    except ValueError as e:
+        output.error(str(e))
+        return exits.USAGE
     try:
         return await args.run(explorer, args, output)
     except BrokenPipeError:

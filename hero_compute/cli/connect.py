@@ -11,6 +11,7 @@ import os
 from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.options import socket_dir
 from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.tls import ClientTLS, Expected, TLSConfigError, TLSMaterial
 from hero_compute.rpc.errors import (
     CallTimedOut,
     MethodNotFound,
@@ -75,14 +76,25 @@ class Explorer:
     :param reactor: the reactor
     :param address: the explorer's :class:`~hero_compute.rpc.addresses.Address`
     :param timeout: seconds for every call, overriding :data:`TIMEOUTS`; None for those
+    :param tls_files: ``(ca, cert, key)`` files for a ``tls://`` explorer (cert and key
+        may be None: the explorer then lets us do next to nothing)
+    :raise ValueError: the TLS files cannot be used, saying why
     """
 
-    def __init__(self, reactor, address, timeout=None):
+    def __init__(self, reactor, address, timeout=None, tls_files=(None, None, None)):
         self.reactor = reactor
         self.address = address
         self._override = timeout
         connect = min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT)
-        self._client = RpcClient(reactor, timeout=DEFAULT_TIMEOUT, connect_timeout=connect)
+        tls = None
+        ca, cert, key = tls_files
+        if address.scheme == "tls":
+            try:
+                tls = ClientTLS(TLSMaterial(cert, key, ca), Expected("explorer"))
+            except TLSConfigError as e:
+                raise ValueError(f"TLS: {e}") from None
+        self._client = RpcClient(reactor, timeout=DEFAULT_TIMEOUT, connect_timeout=connect,
+                                 tls=tls)
 
     def timeout(self, method):
         """:return: the seconds allowed for a call of ``method``"""

@@ -7,12 +7,13 @@ import argparse
 
 import hero_compute
 
-from . import exits, explorer, nodes, tls, vms
+from . import exits, explorer, nodes, tls, tokens, vms
 from .connect import AddressError, parse_address
 
 #: The global options' values when the command line gives none (``--explorer``'s comes
 #: from the environment, see :func:`complete`).
-DEFAULTS = {"json": False, "table": False, "timeout": None, "explorer": None}
+DEFAULTS = {"json": False, "table": False, "timeout": None, "explorer": None,
+            "ca": None, "cert": None, "key": None}
 
 
 def _address(text):
@@ -41,12 +42,20 @@ def common_options():
     """
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--explorer", type=_address, metavar="URI",
-                        help="explorer address: unix:///path.sock, tcp://host:port "
+                        help="explorer address: unix:///path.sock, tcp://host:port, "
+                        "tls://host:port "
                         "[default: unix://$HERO_SOCKET_DIR/hero_compute_explorer.sock]")
     common.add_argument("--timeout", type=_seconds, metavar="S",
                         help="seconds allowed per call, instead of each operation's own "
                         "(15 s for reads, 60 s vm start, 100 s vm stop/delete, 120 s vm "
                         "create)")
+    common.add_argument("--ca", metavar="PEM",
+                        help="the fleet CA, for a tls:// explorer [default: $HERO_CA]")
+    common.add_argument("--cert", metavar="PEM|PREFIX",
+                        help="our client certificate for a tls:// explorer; a PREFIX alone "
+                        "means PREFIX.pem and PREFIX-key.pem [default: $HERO_CERT]")
+    common.add_argument("--key", metavar="PEM",
+                        help="the certificate's key [default: $HERO_KEY, or from --cert]")
     common.add_argument("--json", action="store_true",
                         help="print JSON (the default when stdout is not a terminal)")
     common.add_argument("--table", action="store_true",
@@ -69,21 +78,50 @@ def build(prog="hero-compute", description=None):
     nodes.add_commands(sub, common)
     vms.add_commands(sub, common)
     explorer.add_commands(sub, common)
+    tokens.add_commands(sub, common)
     tls.add_tls_commands(sub)
     return top
 
 
-def complete(args, default_explorer):
+def complete(args, default_explorer, env=None):
     """
     Fill the global options that the command line left out.
 
     :param args: the parsed namespace
     :param default_explorer: ``() -> URI`` of the default explorer
-    :raise ValueError: the default explorer cannot be worked out
+    :param env: the environment, for ``HERO_CA``, ``HERO_CERT`` and ``HERO_KEY``
+    :raise ValueError: the default explorer cannot be worked out, or the TLS files
+        are incomplete
     """
+    env = {} if env is None else env
     for name, value in DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)
     if args.explorer is None:
         args.explorer = parse_address(default_explorer())
+    args.ca = args.ca or env.get("HERO_CA") or None
+    args.cert = args.cert or env.get("HERO_CERT") or None
+    args.key = args.key or env.get("HERO_KEY") or None
+    args.cert, args.key = certificate_files(args.cert, args.key)
+    if args.explorer.scheme == "tls" and args.ca is None:
+        raise ValueError(f"{args.explorer.uri} is a TLS explorer: give the fleet CA with "
+                         "--ca (or HERO_CA), and a client certificate with --cert")
     return args
+
+
+def certificate_files(cert, key):
+    """
+    :param cert: ``--cert``: a certificate file, or a prefix (``PREFIX.pem`` and
+        ``PREFIX-key.pem``, as ``hero-compute tls cert create`` writes them), or None
+    :param key: ``--key``, or None to derive it from ``cert``
+    :return: ``(cert file, key file)``, both None when no certificate is given
+    """
+    if cert is None:
+        if key is not None:
+            raise ValueError("--key needs --cert")
+        return None, None
+    if key is not None:
+        return cert, key
+    if cert.endswith(".pem"):
+        return cert, cert[: -len(".pem")] + "-key.pem"
+    return cert + ".pem", cert + "-key.pem"
