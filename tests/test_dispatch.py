@@ -168,15 +168,56 @@ def test_non_json_constants_are_parse_errors(memory_rpc, body):
     assert dispatch(memory_rpc, body)["error"]["code"] == -32700
 
 
-def test_unrepresentable_values(memory_rpc, logged_errors):
-    """An id of 1e400 (infinite once parsed) is -32600 with a null id, and a result that
-    is not finite is -32603: nothing that is not JSON goes out."""
-    response = dispatch(memory_rpc, b'{"jsonrpc":"2.0","method":"echo","id":1e400}')
-    assert response["error"]["code"] == -32600 and response["id"] is None
-    response = dispatch(memory_rpc, b'{"jsonrpc":"2.0","method":"echo","params":[1e400],"id":3}')
+@pytest.mark.parametrize("body", [
+    b'{"jsonrpc":"2.0","method":"echo","id":1e400}',
+    b'{"jsonrpc":"2.0","method":"echo","params":[1e400],"id":3}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"value":{"gpu":-1e400}},"id":3}',
+])
+def test_non_finite_numbers_are_parse_errors(memory_rpc, body):
+    """1e400 (infinite once parsed) anywhere is a parse error (CONTRACT §7): it never
+    reaches a handler, so it can never be stored and break a listing."""
+    seen = []
+    memory_rpc.register("echo", lambda value=None: seen.append(value))
+    response = dispatch(memory_rpc, body)
+    assert response["error"]["code"] == -32700 and response["id"] is None
+    assert seen == []
+
+
+def test_non_finite_results_are_internal_errors(memory_rpc, logged_errors):
+    """A result that is not finite is -32603: nothing that is not JSON goes out."""
+    memory_rpc.register("inf", lambda: float("inf"))
+    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "inf", "id": 3})
     assert response == {"jsonrpc": "2.0", "id": 3, "error": response["error"]}
     assert response["error"]["code"] == -32603
     assert logged_errors.flush(ValueError)
+
+
+def test_batch_limit_refuses_the_whole_batch():
+    """A batch over the limit is one -32600 and none of it runs."""
+    ran = []
+    rpc = Dispatcher(max_batch=3)
+    rpc.register("one", lambda: ran.append(1) or 1)
+    call = {"jsonrpc": "2.0", "method": "one", "id": 1}
+    assert len(dispatch(rpc, [call] * 3)) == 3
+    ran.clear()
+    response = dispatch(rpc, [call] * 4)
+    assert response["error"]["code"] == -32600 and "at most 3" in response["error"]["message"]
+    assert ran == []
+
+
+def test_response_size_limit_is_per_item():
+    """A response over the limit becomes -32603 'response too large'; in a batch only
+    the items over it do, the others are answered."""
+    rpc = Dispatcher(max_response=1000)
+    rpc.register("big", lambda: "x" * 2000)
+    rpc.register("small", lambda: "ok")
+    alone = dispatch(rpc, {"jsonrpc": "2.0", "method": "big", "id": 1})
+    assert alone["error"] == {"code": -32603, "message": "response too large"}
+    batch = dispatch(rpc, [{"jsonrpc": "2.0", "method": "big", "id": 1},
+                           {"jsonrpc": "2.0", "method": "small", "id": 2}])
+    by_id = {r["id"]: r for r in batch}
+    assert by_id[1]["error"]["message"] == "response too large"
+    assert by_id[2]["result"] == "ok"
 
 
 def test_synchronous_handlers_are_answered_without_a_deferred(memory_rpc):

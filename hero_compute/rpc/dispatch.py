@@ -44,6 +44,21 @@ def _no_constants(name):
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text):
+    # 1e400 is valid JSON syntax but no number we could ever send back (it parses as
+    # infinity): refused at the door, it can never poison a record that others list.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+#: Requests in one batch, and bytes in one response body, unless the service says
+#: otherwise (CONTRACT §7: ``HERO_MAX_BATCH``, ``HERO_MAX_RESPONSE``).
+MAX_BATCH = 100
+MAX_RESPONSE = 16 * 1024 * 1024
+
+
 @attrs.frozen
 class CallContext:
     """
@@ -121,7 +136,10 @@ class Dispatcher:
         permissions themselves.
     """
 
-    def __init__(self, schema=None, version="0", authorize=None):
+    def __init__(self, schema=None, version="0", authorize=None, max_batch=MAX_BATCH,
+                 max_response=MAX_RESPONSE):
+        self.max_batch = max_batch
+        self.max_response = max_response
         self._schema = schema
         self._version = version
         self._authorize = authorize
@@ -170,26 +188,34 @@ class Dispatcher:
             notifications), or a Deferred firing with either when a handler answers later
         """
         try:
-            message = json.loads(body, parse_constant=_no_constants)
+            message = json.loads(body, parse_constant=_no_constants, parse_float=_finite)
         except (ValueError, UnicodeDecodeError) as e:
             return _dump(_error(None, ParseError(f"Parse error: {e}")))
         except RecursionError:
             # A megabyte of "[" is well under the body limit and too deep for json.loads.
             return _dump(_error(None, ParseError("Parse error: nested too deeply")))
+        limit = self.max_response
         if isinstance(message, list):
             if not message:
-                return _dump(_error(None, InvalidRequest("Invalid Request: empty batch")))
+                return _dump(_error(None, InvalidRequest("Invalid Request: empty batch")),
+                             limit)
+            if len(message) > self.max_batch:
+                # Refused whole, before any of it runs: a batch is how one small request
+                # asks for a great deal of work.
+                return _dump(_error(None, InvalidRequest(
+                    f"Invalid Request: a batch may hold at most {self.max_batch} "
+                    f"requests, not {len(message)}")), limit)
             responses = [self._handle_one(item, context) for item in message]
             if any(isinstance(r, defer.Deferred) for r in responses):
                 d = defer.gatherResults(
                     [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in responses],
                     consumeErrors=True)
-                return d.addCallback(_dump_batch)
-            return _dump_batch(responses)
+                return d.addCallback(_dump_batch, limit)
+            return _dump_batch(responses, limit)
         response = self._handle_one(message, context)
         if isinstance(response, defer.Deferred):
-            return response.addCallback(_dump_single)
-        return _dump_single(response)
+            return response.addCallback(_dump_single, limit)
+        return _dump_single(response, limit)
 
     def _handle_one(self, message, context):
         """
@@ -296,13 +322,17 @@ def _error(rid, error):
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
 
 
-def _dump_batch(responses):
+def _dump_batch(responses, limit=MAX_RESPONSE):
     answered = [r for r in responses if r is not None]
-    return _dump(answered) if answered else None
+    return _dump(answered, limit) if answered else None
 
 
-def _dump_single(response):
-    return None if response is None else _dump(response)
+def _dump_single(response, limit=MAX_RESPONSE):
+    return None if response is None else _dump(response, limit)
+
+
+def _too_large(response):
+    return _error(response.get("id"), InternalError("response too large"))
 
 
 def _serialise(response):
@@ -319,14 +349,23 @@ def _serialise(response):
         return _encode_ascii(response).encode("ascii")
 
 
-def _dump(response):
+def _dump(response, limit=MAX_RESPONSE):
     try:
-        return _serialise(response)
+        data = _serialise(response)
     except (TypeError, ValueError, RecursionError):
         log.failure("result is not JSON-serialisable")
         if isinstance(response, list):
             return _serialise([_dump_one_safely(r) for r in response])
         return _serialise(_error(response.get("id"), InternalError("Internal error")))
+    if len(data) <= limit:
+        return data
+    if not isinstance(response, list):
+        return _serialise(_too_large(response))
+    # Only the items that are too large become errors; the rest of the batch stands.
+    items = [_serialise(r) for r in response]
+    return b"[" + b",".join(
+        item if len(item) <= limit else _serialise(_too_large(r))
+        for item, r in zip(items, response, strict=True)) + b"]"
 
 
 def _dump_one_safely(response):

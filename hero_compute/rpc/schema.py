@@ -6,7 +6,8 @@ An C{.oschema} file is TOML (read by the standard library's L{tomllib}); this mo
 gives the tables meaning:
 
     [service]                       title, description
-    [types.NAME]                    description; fields.FIELD = FIELD-SPEC
+    [types.NAME]                    description; fields.FIELD = FIELD-SPEC;
+                                    closed = true (no other fields allowed)
     [methods."ns.name"]             summary, description, errors = [codes],
                                     params.PARAM = FIELD-SPEC, result = FIELD-SPEC
 
@@ -224,9 +225,9 @@ def parse_schema(text, source="<schema>"):
     for tname, table in type_tables.items():
         where = f"{source}: [types.{tname}]"
         table = _table(table, where)
-        _only(table, {"description", "fields"}, where)
+        _only(table, {"description", "fields", "closed"}, where)
         fields = _table(table.get("fields", {}), where)
-        types[tname] = _object(fields, names, where, closed=False)
+        types[tname] = _object(fields, names, where, closed=table.get("closed") is True)
         types[tname]["description"] = table.get("description", "")
     validator_class = validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
     for tname, tschema in types.items():
