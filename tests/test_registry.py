@@ -127,7 +127,56 @@ def test_node_events_are_summed_up_beyond_a_burst(clock, log_events):
         beat(registry, node_id=f"n{n}")
     assert len(_with(log_events, "joined from")) == LOG_BURST
     clock.pump([1])
-    assert [e["count"] for e in _with(log_events, "more nodes")] == [30]
+    assert [e["count"] for e in _with(log_events, "more node events")] == [30]
     beat(registry, node_id="late")
     assert log_events[-1]["node_id"] == "late"
     svc.stopService()
+
+
+def test_offline_lines_share_the_budget(clock, log_events):
+    """A fleet that goes quiet at once is logged one by one only up to LOG_BURST a
+    second, the rest summed up (200,000 warnings were 34 MB of logs)."""
+    from hero_compute.explorer.registry import LOG_BURST
+
+    registry = Registry(clock, 0.5)
+    svc = LivenessLog(registry, clock, 1)
+    svc.startService()
+    for n in range(LOG_BURST * 3):
+        beat(registry, node_id=f"n{n}")
+    del log_events[:]
+    clock.advance(1)  # the sweep: a new second, all 60 nodes are offline
+    assert len(_with(log_events, "is offline")) == LOG_BURST
+    clock.advance(1)
+    assert [e["count"] for e in _with(log_events, "more node events")] == [
+        LOG_BURST * 2, LOG_BURST * 2]  # the joins' rest, then the departures' rest
+    svc.stopService()
+
+
+def test_offline_nodes_are_forgotten(clock):
+    """A node offline for longer than forget_after is removed and reported."""
+    registry = Registry(clock, 1)
+    gone = []
+    svc = LivenessLog(registry, clock, 1, forget_after=10, forgotten=gone.append)
+    beat(registry, node_id="old")
+    clock.advance(5)
+    beat(registry, node_id="young")
+    clock.advance(6)
+    svc.sweep()
+    assert gone == ["old"] and [r.node_id for r in registry.records()] == ["young"]
+    assert registry.page(None, 10, lambda r: True) == ([registry.get("young")], None)
+
+
+def test_pages_are_stable_and_filtered(clock):
+    """Pages walk the fleet in node id order from a cursor, filtered, whatever joins."""
+    registry = Registry(clock, 30)
+    for n in (5, 1, 9, 3, 7):
+        beat(registry, node_id=f"n{n}")
+    page, cursor = registry.page(None, 2, lambda r: True)
+    assert [r.node_id for r in page] == ["n1", "n3"] and cursor == "n3"
+    beat(registry, node_id="n2")  # joins behind the cursor: not seen on later pages
+    page, cursor = registry.page(cursor, 2, lambda r: True)
+    assert [r.node_id for r in page] == ["n5", "n7"]
+    page, cursor = registry.page(cursor, 2, lambda r: True)
+    assert [r.node_id for r in page] == ["n9"] and cursor is None
+    odd, _ = registry.page(None, 10, lambda r: r.node_id in ("n3", "n9"))
+    assert [r.node_id for r in odd] == ["n3", "n9"]

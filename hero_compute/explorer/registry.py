@@ -7,6 +7,8 @@ dict update, and no timer per node is needed to expire anybody; the :class:`Live
 sweep exists only to tell operators, once, when a node goes quiet.
 """
 
+import bisect
+
 import attrs
 from twisted.application import service
 from twisted.internet import task
@@ -156,6 +158,9 @@ class Registry:
     clock: object
     offline_after: float
     _nodes: dict = attrs.field(factory=dict)
+    # Node ids in order, for paging (explorer.query_nodes): kept sorted as ids come
+    # and go, so a page costs a bisect and its own length, never a sort of the fleet.
+    _order: list = attrs.field(factory=list, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -180,6 +185,7 @@ class Registry:
         )
         self._nodes[node_id] = record
         if old is None:
+            bisect.insort(self._order, node_id)
             self._note(now, "node {node_id} ({name}) joined from {address}",
                        node_id=node_id, name=name, address=socket_path)
         elif old.status(now, self.offline_after) == "offline":
@@ -189,6 +195,14 @@ class Registry:
             self._note(now, "node {node_id} moved from {old} to {new}", node_id=node_id,
                        old=old.socket_path, new=socket_path)
         return record
+
+    def note(self, fmt, **fields):
+        """
+        Log a line about a node, within the same budget of :data:`LOG_BURST` lines a
+        second as joins (offline transitions, forgotten nodes, refusals): a fleet that
+        goes away at once is summed up, not listed.
+        """
+        self._note(self.clock.seconds(), fmt, **fields)
 
     def _note(self, now, fmt, **fields):
         self.flush_log(now)
@@ -209,8 +223,8 @@ class Registry:
         if second == self._log_second:
             return
         if self._unlogged:
-            log.info("{count} more nodes joined, came back or moved (not logged one by one)",
-                     count=self._unlogged)
+            log.info("{count} more node events (joins, returns, moves, departures) were "
+                     "not logged one by one", count=self._unlogged)
         self._log_second = second
         self._logged = 0
         self._unlogged = 0
@@ -233,6 +247,7 @@ class Registry:
         """
         for record in records:
             self._nodes[record.node_id] = attrs.evolve(record, left=True)
+        self._order = sorted(self._nodes)
 
     def get(self, node_id):
         try:
@@ -243,6 +258,32 @@ class Registry:
     def remove(self, node_id):
         self.get(node_id)
         del self._nodes[node_id]
+        index = bisect.bisect_left(self._order, node_id)
+        del self._order[index]
+
+    def __len__(self):
+        return len(self._nodes)
+
+    def page(self, after, limit, keep):
+        """
+        Records in node id order, after a cursor.
+
+        :param after: the last node id of the previous page, or None to start
+        :param limit: at most this many records
+        :param keep: ``keep(record) -> bool``, the filter
+        :return: ``(records, next cursor or None)``
+        """
+        order, nodes = self._order, self._nodes
+        start = 0 if after is None else bisect.bisect_right(order, after)
+        found = []
+        for index in range(start, len(order)):
+            record = nodes[order[index]]
+            if keep(record):
+                found.append(record)
+                if len(found) == limit:
+                    more = index + 1 < len(order)
+                    return found, (record.node_id if more else None)
+        return found, None
 
     def records(self):
         return list(self._nodes.values())
@@ -253,17 +294,22 @@ class Registry:
 
 class LivenessLog(service.Service):
     """
-    Logs, once per transition, each node that has gone offline by silence.
+    Logs, once per transition, each node that has gone offline by silence (within the
+    registry's log budget), and forgets nodes offline for longer than ``forget_after``.
 
     :param registry: the :class:`Registry`
     :param clock: the clock to sweep with
     :param interval: seconds between sweeps
+    :param forget_after: seconds offline after which a node is forgotten, or None
+    :param forgotten: called with each node id forgotten (to drop its stored record)
     """
 
-    def __init__(self, registry, clock, interval):
+    def __init__(self, registry, clock, interval, forget_after=None, forgotten=None):
         self._registry = registry
         self._clock = clock
         self._interval = interval
+        self._forget_after = forget_after
+        self._forgotten = forgotten
         self._offline = set()
         self._loop = None
 
@@ -271,19 +317,32 @@ class LivenessLog(service.Service):
         """Log nodes that went offline since the last sweep; never raises."""
         try:
             now = self._clock.seconds()
-            self._registry.flush_log(now)
+            registry = self._registry
+            registry.flush_log(now)
             offline = set()
-            for record in self._registry.records():
-                if record.status(now, self._registry.offline_after) == "offline":
+            forget = []
+            for record in registry.records():
+                if record.status(now, registry.offline_after) == "offline":
                     offline.add(record.node_id)
-                    if record.node_id not in self._offline and not record.left:
-                        log.warn(
+                    if (self._forget_after is not None
+                            and now - record.last_seen > self._forget_after):
+                        forget.append(record)
+                    elif record.node_id not in self._offline and not record.left:
+                        registry.note(
                             "node {node_id} ({name}) is offline: no heartbeat for "
                             "{silence:.0f} s",
                             node_id=record.node_id,
                             name=record.name,
                             silence=now - record.last_seen,
                         )
+            for record in forget:
+                registry.remove(record.node_id)
+                offline.discard(record.node_id)
+                registry.note("node {node_id} ({name}) forgotten: offline for {days:.1f} days",
+                              node_id=record.node_id, name=record.name,
+                              days=(now - record.last_seen) / 86400)
+                if self._forgotten is not None:
+                    self._forgotten(record.node_id)
             self._offline = offline
         except Exception:
             # A LoopingCall whose function raises stops for good.
