@@ -143,7 +143,7 @@ def issued(pem, ca, key, node_id):
     if not Expected("node", node_id).allows(identity):
         raise BadCertificate(f"the certificate names {identity or 'no identity'}, "
                              f"not node/{node_id}")
-    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc):
+    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
         raise BadCertificate("the certificate has already expired")
     return cert
 
@@ -164,15 +164,16 @@ async def enroll(reactor, explorer, node_id, token, pin, files, timeout=CALL_TIM
     try:
         ca = ca_from_chain(chain, pin)
     except ChainError as e:
-        raise EnrollmentRefused(f"{explorer.uri} is not trusted: {e} "
-                                f"(check NODE_CA_PIN); the join token was not sent") from None
+        raise EnrollmentRefused(f"{explorer.uri} is not trusted: {e} (check "
+                                f"NODE_CA_PIN); the join token was not sent") from None
     files.store_ca(ca)
     key = pki.make_key()
     csr = pki.make_csr(key, node_id).decode("ascii")
     client = RpcClient(reactor, timeout=timeout,
                        tls=ClientTLS(Credentials(ca), Expected("explorer")))
     try:
-        answer = await client.call(explorer, "explorer.enroll", {"token": token, "csr": csr})
+        answer = await client.call(explorer, "explorer.enroll",
+                                   {"token": token, "csr": csr})
     except RpcError as e:
         raise EnrollmentRefused(f"{explorer.uri} refused the enrollment: {e} "
                                 f"(a join token is single-use and expires: make a new "
@@ -420,7 +421,7 @@ class NodeTLS(service.MultiService):
         due = renewal_due(cert)
         log.info("certificate renewed, valid until {until}; next renewal at {due}",
                  until=cert.not_valid_after_utc.isoformat(),
-                 due=datetime.datetime.fromtimestamp(due, datetime.timezone.utc).isoformat())
+                 due=datetime.datetime.fromtimestamp(due, datetime.UTC).isoformat())
         if due <= self._clock.seconds():
             # A certificate due at once (a CA near its own end, or a skewed clock) must not
             # make the node hammer its explorers.
@@ -487,4 +488,5 @@ class NodeTLS(service.MultiService):
             return
         cert = self.credentials.certificate
         log.info("SIGHUP: TLS material reloaded from {path}, certificate valid until "
-                 "{until}", path=self._files.cert, until=cert.not_valid_after_utc.isoformat())
+                 "{until}", path=self._files.cert,
+                 until=cert.not_valid_after_utc.isoformat())
