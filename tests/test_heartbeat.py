@@ -290,3 +290,44 @@ def test_beat_out_of_schedule_replaces_the_due_one():
     assert [c.getTime() for c in clock.getDelayedCalls()] == [10.0]
     loop.stopService()
     assert not clock.getDelayedCalls()
+
+
+def test_payload_carries_the_secret_once_loaded():
+    """A loaded node secret goes in every heartbeat; before it is loaded, none is sent."""
+    identity = NodeIdentity("/nowhere", "n1")
+    payload = HeartbeatPayload(identity=identity, advertiser=advertiser(FakeRpcClient()),
+                               vms=MemoryVmManager(Clock()))
+    explorer = parse_address("unix:///e.sock")
+    assert "secret" not in success_result_of(payload.params(explorer))
+    identity.secret = "ab" * 32
+    assert success_result_of(payload.params(explorer))["secret"] == "ab" * 32
+
+
+def test_advertiser_tls_explorer_gets_the_tls_listener():
+    """A tls:// explorer is told tls://<own IP towards it>:<bound TLS port>, whatever the
+    TCP listener; a tcp:// one still gets the TCP port."""
+    client = FakeRpcClient(host="10.0.0.7")
+    a = Advertiser(unix=Address("unix", path="/n.sock"), client=client,
+                   listeners=Bound("tcp://0.0.0.0:41000", "tls://0.0.0.0:42000"),
+                   tcp=parse_listen("0.0.0.0:0"), tls=parse_listen("0.0.0.0:0"))
+    d = a.address_for(parse_address("tls://10.0.0.1:9004"))
+    assert success_result_of(d).uri == "tls://10.0.0.7:42000"
+    d = a.address_for(parse_address("tcp://10.0.0.1:9002"))
+    assert success_result_of(d).uri == "tcp://10.0.0.7:41000"
+
+
+def test_advertiser_configured_address_and_tls():
+    """A tls:// advertise address is told to tls:// explorers as it is, and its host with
+    the TCP port to tcp:// ones; a tcp:// one lends its host to the TLS port."""
+    client = FakeRpcClient()
+    both = dict(unix=Address("unix", path="/n.sock"), client=client, listeners=Bound(),
+                tcp=parse_listen("0.0.0.0:9003"), tls=parse_listen("0.0.0.0:9004"))
+    a = Advertiser(advertise=parse_address("tls://node.example:7004"), **both)
+    assert success_result_of(a.address_for(parse_address("tls://e:1"))).uri == \
+        "tls://node.example:7004"
+    assert success_result_of(a.address_for(parse_address("tcp://e:1"))).uri == \
+        "tcp://node.example:9003"
+    a = Advertiser(advertise=parse_address("tcp://node.example:7003"), **both)
+    assert success_result_of(a.address_for(parse_address("tls://e:1"))).uri == \
+        "tls://node.example:9004"
+    assert client.calls == []

@@ -198,3 +198,71 @@ def test_socket_dir_may_start_with_tilde(monkeypatch):
     monkeypatch.setenv("HOME", "/home/op")
     options = node_options(HERO_SOCKET_DIR="~/sockets")
     assert options["socket"] == "/home/op/sockets/hero_compute_server.sock"
+
+
+PIN = "sha256:" + "ab" * 32
+
+
+def test_tls_explorer_without_tls_listener_refuses():
+    """A tls:// explorer with no NODE_TLS_ADDR refuses to start, naming what to set; it
+    needs no NODE_TCP_ADDR."""
+    with pytest.raises(usage.UsageError) as e:
+        node_options(EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_JOIN_TOKEN="t",
+                     NODE_CA_PIN=PIN)
+    assert "NODE_TLS_ADDR" in str(e.value) and "NODE_TCP_ADDR" not in str(e.value)
+    options = node_options(EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_JOIN_TOKEN="t",
+                           NODE_CA_PIN=PIN, NODE_TLS_ADDR="0.0.0.0:9004")
+    assert options["tcp"] is None and str(options["tls"]) == "0.0.0.0:9004"
+    assert options["join-token"] == "t" and options["ca-pin"] == PIN
+
+
+def test_tls_without_material_or_enrollment_refuses(short_tmp):
+    """With TLS but neither certificate files nor a token and pin the node refuses to
+    start, naming NODE_JOIN_TOKEN, NODE_CA_PIN and hero-compute tls cert create."""
+    env = dict(EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_TLS_ADDR="0.0.0.0:9004",
+               HERO_STATE_DIR=f"{short_tmp}/st")
+    for extra in ({}, {"NODE_JOIN_TOKEN": "t"}, {"NODE_CA_PIN": PIN}):
+        with pytest.raises(usage.UsageError) as e:
+            node_options(**env, **extra)
+        message = str(e.value)
+        assert "NODE_JOIN_TOKEN" in message and "NODE_CA_PIN" in message
+        assert "tls cert create" in message and "\n" not in message
+    for name in ("c.pem", "k.pem", "ca.pem"):
+        open(f"{short_tmp}/{name}", "w").close()
+    options = node_options(["--tls-cert", f"{short_tmp}/c.pem"], **env,
+                           NODE_TLS_KEY=f"{short_tmp}/k.pem",
+                           NODE_TLS_CA=f"{short_tmp}/ca.pem")
+    assert options["tls-files"].cert == f"{short_tmp}/c.pem"
+    assert options["tls-files"].ca == f"{short_tmp}/ca.pem"
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"NODE_CA_PIN": "sha256:abc"}, "NODE_CA_PIN"),
+    ({"NODE_TLS_ADDR": "9004"}, "NODE_TLS_ADDR"),
+    ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TLS_ADDR": "0.0.0.0:1"}, "advertise"),
+])
+def test_node_bad_tls_env(env, needle):
+    """A bad TLS setting is a usage error naming it."""
+    with pytest.raises(usage.UsageError) as e:
+        node_options(**env)
+    assert needle in str(e.value)
+
+
+def test_node_tree_with_tls(short_tmp):
+    """With a tls:// explorer the tree gets a "tls" service holding that explorer's
+    heartbeat loop; makeService opens and reads nothing, and a tls:// advertise address
+    is accepted."""
+    reactor = MemoryReactorClock()
+    options = node_options(HERO_SOCKET_DIR=f"{short_tmp}/s",
+                           HERO_STATE_DIR=f"{short_tmp}/st", NODE_TLS_ADDR="127.0.0.1:9004",
+                           NODE_JOIN_TOKEN="t",
+                           NODE_CA_PIN=PIN, NODE_ADVERTISE_ADDR="tls://node.example:9004",
+                           EXPLORER_ADDRESSES="/e1.sock,tls://10.0.0.1:9004")
+    node = node_tap.makeService(options, reactor)
+    assert [child.name for child in node] == [
+        "listeners", "vms", "heartbeat unix:///e1.sock", "tls"]
+    assert [child.name for child in node.getServiceNamed("tls")] == [
+        "heartbeat tls://10.0.0.1:9004"]
+    assert [loop.address.uri for loop in node.heartbeats] == [
+        "unix:///e1.sock", "tls://10.0.0.1:9004"]
+    assert not os.listdir(short_tmp)

@@ -181,17 +181,23 @@ class HeartbeatLoop(service.Service):
 class Advertiser:
     """
     Chooses the address a node reports to each explorer: its Unix socket to an explorer
-    reached over Unix, its TCP address to one reached over TCP (the configured advertise
-    address, or its own IP on its connection to that explorer with its TCP port).
+    reached over Unix, its TCP address to one reached over TCP, its TLS address to one
+    reached over TLS.  The host of a TCP or TLS address is that of the configured
+    advertise address, or the node's own IP on its connection to that explorer; the port
+    is that of the listener of the same kind (an advertise address of that very scheme is
+    reported as it is).
 
     :ivar _unix: the node's Unix :class:`Address`
     :ivar _client: an :class:`~hero_compute.rpc.interfaces.IRpcClient`, to learn the
         node's own end of a connection to an explorer
     :ivar _listeners: the node's :class:`~hero_compute.rpc.listeners.Listeners`, whose
-        bound URIs give the TCP port actually bound (port 0 in tests)
+        bound URIs give the ports actually bound (port 0 in tests)
     :ivar _tcp: the :class:`~hero_compute.rpc.addresses.ListenAddress` of the TCP
         listener, or None
-    :ivar _advertise: the :class:`Address` to report to TCP explorers, or None to derive it
+    :ivar _advertise: a ``tcp://`` or ``tls://`` :class:`Address` whose host is reported
+        to remote explorers, or None to derive it
+    :ivar _tls: the :class:`~hero_compute.rpc.addresses.ListenAddress` of the TLS
+        listener, or None
     """
 
     _unix: Address
@@ -199,6 +205,7 @@ class Advertiser:
     _listeners: object
     _tcp: object = None
     _advertise: Address | None = None
+    _tls: object = None
 
     def address_for(self, explorer):
         """
@@ -211,23 +218,32 @@ class Advertiser:
     def _address_for(self, explorer):
         if explorer.is_unix:
             return self._unix
+        # To a tls:// explorer, our TLS listener: the explorer proxies over TLS and checks
+        # that our certificate names the node it calls.
+        scheme = "tls" if explorer.scheme == "tls" else "tcp"
         if self._advertise is not None:
-            return self._advertise
-        port = self.tcp_port()
+            if self._advertise.scheme == scheme:
+                return self._advertise
+            return Address(scheme, host=self._advertise.host, port=self.port(scheme))
+        port = self.port(scheme)
         # Our address on the very connection the heartbeat will travel: right with
         # several interfaces, policy routing, IPv6-only names, and whichever address
         # of a name the connection ended up using.
         # Bounded by the heartbeat attempt it is part of.
         d = self._client.local_host(explorer)
-        d.addCallback(lambda ip: Address("tcp", host=ip, port=port))
+        d.addCallback(lambda ip: Address(scheme, host=ip, port=port))
         return d
+
+    def port(self, scheme):
+        """:return: the bound port of the node's ``tcp`` or ``tls`` listener"""
+        for uri in self._listeners.bound:
+            if uri.startswith(scheme + "://"):
+                return int(uri.rsplit(":", 1)[1])
+        return (self._tls if scheme == "tls" else self._tcp).port
 
     def tcp_port(self):
         """:return: the bound port of the node's TCP listener"""
-        for uri in self._listeners.bound:
-            if uri.startswith("tcp://"):
-                return int(uri.rsplit(":", 1)[1])
-        return self._tcp.port
+        return self.port("tcp")
 
 
 @attrs.define
@@ -235,8 +251,8 @@ class HeartbeatPayload:
     """
     Builds the params of a heartbeat to one explorer.
 
-    :ivar _identity: the node's identity (``node_id`` and ``name``), read at each
-        heartbeat: the id is known only once the node has started
+    :ivar _identity: the node's identity (``node_id``, ``name`` and ``secret``), read at
+        each heartbeat: they are known only once the node has started
     :ivar _advertiser: the :class:`Advertiser`
     :ivar _vms: the node's :class:`~hero_compute.node.vms.IVmManager`
     """
@@ -257,7 +273,7 @@ class HeartbeatPayload:
 
         def params(results):
             address, vms = results
-            return {
+            result = {
                 "node_id": self._identity.node_id,
                 "socket_path": address.uri,
                 "name": self._identity.name,
@@ -266,6 +282,10 @@ class HeartbeatPayload:
                 "usage": self._vms.usage(),
                 "vm_count": len(vms),
             }
+            if self._identity.secret is not None:
+                # On every transport, TLS included: it binds the node id (CONTRACT §6).
+                result["secret"] = self._identity.secret
+            return result
 
         d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         return d.addCallback(params)

@@ -12,13 +12,16 @@ from twisted.logger import Logger
 
 import hero_compute
 from hero_compute.rpc.addresses import Address
+from hero_compute.rpc.authz import NODE_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
 
+from .enroll import ClientSide, NodeTLS, TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
+from .secret import load_or_create_secret
 
 log = Logger()
 
@@ -61,21 +64,38 @@ class NodeIdentity:
     :ivar state_dir: the node's state directory
     :ivar node_id: the id, or None until :meth:`load` has run
     :ivar name: the node's human name
+    :ivar secret: the node secret sent in heartbeats and leaves, or None until
+        :meth:`load` has run
     """
 
     state_dir: str
     node_id: str | None = None
     name: str = ""
+    secret: str | None = attrs.field(default=None, repr=False)
 
     def load(self):
         """
-        Read (or make) the persisted id, unless the id is known already.
+        Read (or make) the persisted id and secret, unless they are known already.
 
         :return: the id
+        :raise ~hero_compute.node.secret.SecretError: if the secret file is unusable
         """
         if self.node_id is None:
             self.node_id = load_node_id(self.state_dir)
+        if self.secret is None:
+            self.secret = load_or_create_secret(self.state_dir)
         return self.node_id
+
+
+def authorize(context, method, params):
+    """
+    The node's column of the roles table (CONTRACT §6), for the dispatcher: Unix callers,
+    ``client/*`` and ``explorer/*`` certificates may call everything, ``node/*`` nothing,
+    a TLS peer without a certificate only ``rpc.discover``, plain TCP as before.
+
+    :raise ~hero_compute.rpc.errors.RefusedByPolicy: -32010 for anything else
+    """
+    NODE_POLICY.check(context.transport, context.identity, method, params)
 
 
 class NodeService(service.MultiService):
@@ -90,9 +110,11 @@ class NodeService(service.MultiService):
     :param listeners: the :class:`Listeners`
     :param advertiser: the :class:`~hero_compute.node.heartbeat.Advertiser`
     :param heartbeats: the :class:`HeartbeatLoop` s, one per explorer
+    :param tls: the :class:`~hero_compute.node.enroll.NodeTLS`, or None without TLS
     """
 
-    def __init__(self, identity, vms, client, rpc, listeners, advertiser, heartbeats):
+    def __init__(self, identity, vms, client, rpc, listeners, advertiser, heartbeats,
+                 tls=None):
         service.MultiService.__init__(self)
         self.identity = identity
         self.vms = vms
@@ -101,6 +123,7 @@ class NodeService(service.MultiService):
         self.listeners = listeners
         self.advertiser = advertiser
         self.heartbeats = list(heartbeats)
+        self.tls = tls
 
     @property
     def node_id(self):
@@ -114,6 +137,10 @@ class NodeService(service.MultiService):
 
     def privilegedStartService(self):
         self.identity.load()
+        if self.tls is not None:
+            # Before the listeners bind, so that a TLS listener that cannot bind (or
+            # material that cannot be used) aborts start-up like the others.
+            self.tls.prepare()
         service.MultiService.privilegedStartService(self)
 
     def startService(self):
@@ -128,7 +155,7 @@ class NodeService(service.MultiService):
         for loop in self.heartbeats:
             loop.stopService()
         goodbyes = [
-            self.client.call(loop.address, "explorer.leave", {"node_id": self.node_id},
+            self.client.call(loop.address, "explorer.leave", self._leave_params(),
                              timeout=LEAVE_TIMEOUT).addErrback(lambda f: None)
             for loop in self.heartbeats
             if loop.state.state == "ok"
@@ -138,9 +165,16 @@ class NodeService(service.MultiService):
         d.addBoth(lambda _: self.client.close())
         return d
 
+    def _leave_params(self):
+        params = {"node_id": self.node_id}
+        if self.identity.secret is not None:
+            params["secret"] = self.identity.secret
+        return params
+
 
 def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state_dir,
-              interval, node_id=None, name="", advertise=None):
+              interval, node_id=None, name="", advertise=None, tls=None, tls_files=None,
+              join_token=None, ca_pin=None, stop=None):
     """
     Build the node's service tree; nothing is opened and no file is read or written
     until it starts::
@@ -148,8 +182,11 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
         NodeService
         ├── "listeners": Listeners (Unix socket, TCP, more) -> HTTP factory -> Dispatcher
         ├── "vms": the VM manager, when it is a service
-        └── "heartbeat <explorer URI>": one HeartbeatLoop per explorer
-                -> HeartbeatPayload -> Advertiser
+        ├── "heartbeat <explorer URI>": one HeartbeatLoop per unix/tcp explorer
+        │       -> HeartbeatPayload -> Advertiser
+        └── "tls": NodeTLS, when TLS is used: loads or enrolls for the material, then
+            adds the TLS listener to "listeners" and starts its children,
+            "heartbeat tls://...", one per tls:// explorer; renews the certificate
 
     :param reactor: the reactor to listen and connect with
     :param clock: an ``IReactorTime`` scheduling the heartbeats
@@ -163,25 +200,45 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
     :param interval: seconds between heartbeats
     :param node_id: a fixed id, or None to use the persisted one
     :param name: the node's human name
-    :param advertise: the :class:`Address` reported to TCP explorers, or None to derive it
+    :param advertise: the ``tcp://`` or ``tls://`` :class:`Address` (its host) reported
+        to remote explorers, or None to derive it
+    :param tls: a :class:`ListenAddress` to serve mutual TLS on, or None
+    :param tls_files: the :class:`~hero_compute.node.enroll.TLSFiles`; default under
+        ``state_dir/tls``
+    :param join_token: a join token to enroll with, when there is no certificate yet
+    :param ca_pin: the fleet CA's pin, ``sha256:<64 hex>``, to enroll with
+    :param stop: called when the node cannot go on (enrollment refused); by default
+        nothing is stopped but the enrollment
     :return: the :class:`NodeService`
     """
     identity = NodeIdentity(state_dir, node_id, name)
-    client = RpcClient(reactor, timeout=interval)
-    rpc = Dispatcher(load_schema("node"), hero_compute.__version__)
+    tls_explorers = [address for address in explorers if address.scheme == "tls"]
+    uses_tls = bool(tls_explorers) or tls is not None
+    client_side = ClientSide() if uses_tls else None
+    client = RpcClient(reactor, timeout=interval, tls=client_side)
+    rpc = Dispatcher(load_schema("node"), hero_compute.__version__, authorize=authorize)
     descriptions = [unix_endpoint_string(socket_path)]
     if tcp is not None:
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
-    listeners = Listeners(make_factory(rpc), descriptions, [os.path.dirname(socket_path)],
-                          reactor)
+    factory = make_factory(rpc)
+    listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
     advertiser = Advertiser(unix=Address("unix", path=socket_path), client=client,
-                            listeners=listeners, tcp=tcp, advertise=advertise)
+                            listeners=listeners, tcp=tcp, advertise=advertise, tls=tls)
     payload = HeartbeatPayload(identity=identity, advertiser=advertiser, vms=vms)
     heartbeats = [HeartbeatLoop(clock, client, address, payload.params, interval)
                   for address in explorers]
+    node_tls = None
+    if uses_tls:
+        node_tls = NodeTLS(
+            reactor=reactor, clock=clock,
+            files=tls_files or TLSFiles.in_state_dir(state_dir), identity=identity,
+            listeners=listeners, factory=factory, listen=tls, explorers=tls_explorers,
+            client=client, client_side=client_side, join_token=join_token, ca_pin=ca_pin,
+            stop=stop)
 
-    node = NodeService(identity, vms, client, rpc, listeners, advertiser, heartbeats)
+    node = NodeService(identity, vms, client, rpc, listeners, advertiser, heartbeats,
+                       node_tls)
     listeners.setName("listeners")
     listeners.setServiceParent(node)
     if service.IService.providedBy(vms):
@@ -189,7 +246,11 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
         vms.setServiceParent(node)
     for loop in heartbeats:
         loop.setName(f"heartbeat {loop.address.uri}")
-        loop.setServiceParent(node)
+        # TLS heartbeats wait for the TLS material: NodeTLS starts them.
+        loop.setServiceParent(node_tls if loop.address.scheme == "tls" else node)
+    if node_tls is not None:
+        node_tls.setName("tls")
+        node_tls.setServiceParent(node)
     NodeMethods(node).register(rpc)
     return node
 

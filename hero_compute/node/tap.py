@@ -5,6 +5,7 @@ Every option may also come from the environment (CONTRACT §2); the command line
 """
 
 import os
+import re
 import socket
 
 from twisted.python import usage
@@ -22,24 +23,42 @@ from hero_compute.options import (
 
 def _advertise(text):
     address = parse_address(text)
-    if address.scheme != "tcp":
-        raise ValueError(f"{text!r}: the advertise address must be tcp://host:port")
+    if address.scheme not in ("tcp", "tls"):
+        raise ValueError(f"{text!r}: the advertise address must be tcp://host:port or "
+                         "tls://host:port")
     return address
 
 
-_advertise.coerceDoc = "tcp://host:port or tcp://[v6addr]:port."
+_advertise.coerceDoc = "tcp://host:port, tls://host:port, or with [v6addr]."
+
+
+def _pin(text):
+    pin = text.strip().lower()
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
+        raise ValueError(f"{text!r} is not a CA pin: expected sha256:<64 hex digits>, as "
+                         "printed by hero-compute tls ca create or hero-compute tls pin")
+    return pin
+
+
+_pin.coerceDoc = "sha256:<64 hex>, as printed by hero-compute tls pin CA.pem."
+
+
+def _absolute(text):
+    return os.path.abspath(os.path.expanduser(text))
 
 
 class Options(usage.Options):
     """Options of ``twistd node``."""
 
-    synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--advertise URI] [--explorer URI]... "
-                "[--interval S] [--node-id ID] [--state-dir DIR]")
+    synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--advertise URI] "
+                "[--explorer URI]... [--interval S] [--node-id ID] [--state-dir DIR] "
+                "[--tls-cert PEM --tls-key PEM --tls-ca PEM] [--join-token T --ca-pin PIN]")
     longdesc = (
         "A hero_compute node: serves the VMs of this machine and heartbeats explorers. "
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
-        "NODE_IMAGE_DIRS."
+        "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
+        "NODE_JOIN_TOKEN, NODE_CA_PIN. SIGHUP re-reads the TLS certificate files."
     )
     optParameters = [
         ["socket", None, None,
@@ -48,9 +67,26 @@ class Options(usage.Options):
         ["tcp", None, None,
          "Also listen on TCP here, so remote explorers can reach this node "
          "[default: $NODE_TCP_ADDR; unset: no TCP]", listen_address],
+        ["tls", None, None,
+         "Also serve mutual TLS here, for tls:// explorers and clients with fleet "
+         "certificates [default: $NODE_TLS_ADDR; unset: no TLS]", listen_address],
         ["advertise", None, None,
-         "Address reported to TCP explorers [default: $NODE_ADVERTISE_ADDR, else the local "
-         "address on its connection to each explorer, with the --tcp port]", _advertise],
+         "Address (its host, or all of it for explorers of its scheme) reported to TCP and "
+         "TLS explorers [default: $NODE_ADVERTISE_ADDR, else the local address on its "
+         "connection to each explorer, with the --tcp or --tls port]", _advertise],
+        ["tls-cert", None, None,
+         "Node certificate [default: $NODE_TLS_CERT or STATE_DIR/tls/node.pem]", _absolute],
+        ["tls-key", None, None,
+         "Its private key [default: $NODE_TLS_KEY or STATE_DIR/tls/node-key.pem]",
+         _absolute],
+        ["tls-ca", None, None,
+         "Fleet CA certificate [default: $NODE_TLS_CA or STATE_DIR/tls/ca.pem]", _absolute],
+        ["join-token", None, None,
+         "Join token to enroll with a tls:// explorer when there is no certificate yet; "
+         "prefer $NODE_JOIN_TOKEN, which other users cannot see in ps"],
+        ["ca-pin", None, None,
+         "Pin of the fleet CA (sha256:<64 hex>) trusted for enrollment "
+         "[default: $NODE_CA_PIN]", _pin],
         ["interval", None, None,
          "Seconds between heartbeats [default: $HEARTBEAT_INTERVAL or 10]", seconds],
         ["node-id", None, None, "Node id [default: $NODE_ID, else generated once and "
@@ -120,13 +156,46 @@ class Options(usage.Options):
             self["explorer"] = self._explorers_from_env(env)
         elif len(set(self["explorer"])) != len(self["explorer"]):
             raise usage.UsageError("--explorer: an explorer is listed twice")
-        remote = [a.uri for a in self["explorer"] if not a.is_unix]
+        remote = [a.uri for a in self["explorer"] if a.scheme == "tcp"]
         if remote and self["tcp"] is None:
             raise usage.UsageError(
                 f"explorer(s) {', '.join(remote)} are reached over TCP, but this node has "
                 "no TCP listener, so they could never reach it back: set NODE_TCP_ADDR "
                 "(or --tcp), e.g. 0.0.0.0:9003, and NODE_ADVERTISE_ADDR (or --advertise) "
                 "if the explorer must use another address than this host's own"
+            )
+        self._tls_options(env)
+
+    def _tls_options(self, env):
+        from_env(self, "tls", env, "NODE_TLS_ADDR", listen_address)
+        for key, name in (("tls-cert", "NODE_TLS_CERT"), ("tls-key", "NODE_TLS_KEY"),
+                          ("tls-ca", "NODE_TLS_CA")):
+            from_env(self, key, env, name, _absolute)
+        self["join-token"] = self["join-token"] or env.get("NODE_JOIN_TOKEN") or None
+        from_env(self, "ca-pin", env, "NODE_CA_PIN", _pin)
+        from .enroll import TLSFiles
+
+        files = TLSFiles.in_state_dir(self["state-dir"], self["tls-cert"], self["tls-key"],
+                                      self["tls-ca"])
+        self["tls-files"] = files
+        secure = [a.uri for a in self["explorer"] if a.scheme == "tls"]
+        if secure and self["tls"] is None:
+            raise usage.UsageError(
+                f"explorer(s) {', '.join(secure)} are reached over TLS, but this node has "
+                "no TLS listener, so they could never reach it back: set NODE_TLS_ADDR "
+                "(or --tls), e.g. 0.0.0.0:9004, and NODE_ADVERTISE_ADDR (or --advertise) "
+                "if the explorer must use another address than this host's own"
+            )
+        if self["tls"] is None or files.exists():
+            return
+        # Checked here, not when the node starts: an operator sees it at once, and a
+        # service manager does not restart a node that can never come up.
+        if not (self["join-token"] and self["ca-pin"] and secure):
+            raise usage.UsageError(
+                f"no TLS certificate at {files.cert} (or its key or {files.ca}): set "
+                "NODE_JOIN_TOKEN and NODE_CA_PIN (or --join-token and --ca-pin) to enroll "
+                "with a tls:// explorer, or make one with hero-compute tls cert create "
+                "--node NODE_ID and point NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA at it"
             )
 
     def _explorers_from_env(self, env):
@@ -172,4 +241,10 @@ def makeService(options, reactor=None):
         node_id=options["node-id"],
         name=options["name"],
         advertise=options["advertise"],
+        tls=options["tls"],
+        tls_files=options["tls-files"],
+        join_token=options["join-token"],
+        ca_pin=options["ca-pin"],
+        # Enrollment refused (a wrong pin, a spent token): no retry can help.
+        stop=reactor.stop,
     )
