@@ -119,3 +119,32 @@ def state_dir(env, name, default):
         return absolute_path(text)
     except ValueError as e:
         raise usage.UsageError(f"{name}={text!r}: {e}") from None
+
+
+def limits(options, env):
+    """
+    The limits of CONTRACT §7: ``--limit NAME=VALUE`` options first (NAME as in
+    :class:`~hero_compute.rpc.limits.Limits`, or its variable's name), then the
+    environment.
+
+    :raise usage.UsageError: naming the option or variable whose value is bad
+    """
+    from hero_compute.rpc.limits import VARIABLES, limits_from
+
+    given = {}
+    by_variable = {name: field for field, (name, _) in VARIABLES.items()}
+    for item in options["limit"]:
+        name, eq, text = item.partition("=")
+        field = by_variable.get(name, name.replace("-", "_"))
+        if not eq or field not in VARIABLES:
+            raise usage.UsageError(
+                f"--limit {item!r}: expected NAME=VALUE with NAME one of "
+                f"{', '.join(sorted(VARIABLES))}")
+        try:
+            given[field] = VARIABLES[field][1](text)
+        except ValueError as e:
+            raise usage.UsageError(f"--limit {item!r}: {e}") from None
+    try:
+        return limits_from(env, **given)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None

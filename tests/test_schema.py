@@ -196,7 +196,8 @@ def test_explorer_methods_match_contract():
     assert set(schema.methods) == {
         "explorer.heartbeat", "explorer.leave", "explorer.list_nodes",
         "explorer.get_node", "explorer.remove_node", "explorer.call", "explorer.info",
-        "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke"}
+        "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke",
+        "explorer.query_nodes"}
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
     assert heartbeat == {"node_id": True, "socket_path": True, "name": False,
                          "version": False, "capacity": False, "usage": False,

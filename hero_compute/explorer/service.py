@@ -2,6 +2,7 @@
 The explorer's RPC methods and the service tree that serves them.
 """
 
+import collections
 import os
 
 from twisted.application import service
@@ -14,6 +15,7 @@ from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
+from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 
@@ -23,6 +25,13 @@ from .store import DURABLE_FIELDS
 from .trust import ExplorerTrust
 
 log = Logger()
+
+#: ``explorer.list_nodes`` answers at most this many nodes (CONTRACT §7); past it, one
+#: call would build tens of megabytes while everyone else waits.
+LIST_LIMIT = 10_000
+
+#: ``explorer.query_nodes``' page size, unless the caller asks for another.
+QUERY_LIMIT = 1000
 
 #: Seconds a proxied call may take: longer than a node's slowest operation, a graceful
 #: ``vm.stop`` (about 65 s at worst).
@@ -52,13 +61,18 @@ class ExplorerMethods:
     :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
     """
 
-    def __init__(self, registry, proxy, clock, trust, listeners=None):
+    def __init__(self, registry, proxy, clock, trust, listeners=None, limits=None):
         self._registry = registry
         self._proxy = proxy
         self._clock = clock
         self._trust = trust
         self._listeners = listeners
+        self._limits = limits or Limits()
         self._started = clock.seconds()
+        #: Refusals by reason, for metrics.
+        self.refusals = collections.Counter()
+        # New node ids per source address in the current minute: (minute, {host: n}).
+        self._new_ids = (None, {})
 
     def register(self, rpc):
         """
@@ -67,6 +81,7 @@ class ExplorerMethods:
         rpc.register("explorer.heartbeat", self.heartbeat, context=True)
         rpc.register("explorer.leave", self.leave, context=True)
         rpc.register("explorer.list_nodes", self.list_nodes)
+        rpc.register("explorer.query_nodes", self.query_nodes)
         rpc.register("explorer.get_node", self.get_node)
         rpc.register("explorer.remove_node", self.remove_node)
         rpc.register("explorer.call", self._proxy.call)
@@ -107,8 +122,10 @@ class ExplorerMethods:
             if reason is not None:
                 raise RefusedByPolicy(
                     f"a node on another host may not advertise {address.uri}: {reason}")
-        self._trust.check_node(node_id, secret, context)
         old = self._registry.find(node_id)
+        if old is None:
+            self._admit(node_id, context)
+        self._trust.check_node(node_id, secret, context)
         record = self._registry.heartbeat(Heartbeat(
             node_id=node_id,
             socket_path=address.uri,
@@ -128,6 +145,33 @@ class ExplorerMethods:
         return {"accepted": True,
                 "next_heartbeat": self._registry.offline_after / HEARTBEATS_PER_OFFLINE}
 
+    def _admit(self, node_id, context):
+        """Refuse a new node id beyond the registry's size or its source's rate."""
+        limits = self._limits
+        if len(self._registry) >= limits.max_nodes:
+            self._refuse("max_nodes", f"the registry is full ({limits.max_nodes} nodes, "
+                         "EXPLORER_MAX_NODES): new node ids are refused", context)
+        if context.transport == "unix":
+            return
+        minute = int(self._clock.seconds() // 60)
+        seen_minute, counts = self._new_ids
+        if seen_minute != minute:
+            counts = {}
+            self._new_ids = (minute, counts)
+        host = context.host or context.peer
+        count = counts.get(host, 0)
+        if count >= limits.new_nodes_per_addr:
+            self._refuse("new_nodes_per_addr",
+                         f"{host} has registered {count} new node ids this minute "
+                         f"(EXPLORER_NEW_NODES_PER_ADDR): try again later", context)
+        counts[host] = count + 1
+
+    def _refuse(self, reason, message, context):
+        self.refusals[reason] += 1
+        self._registry.note("refused ({reason}) from {peer}: {message}", reason=reason,
+                            peer=context.peer, message=message)
+        raise RefusedByPolicy(message)
+
     def leave(self, context, node_id, secret=None):
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
@@ -136,11 +180,37 @@ class ExplorerMethods:
         return True
 
     def list_nodes(self, status=None):
-        """All nodes, or those of one status."""
+        """All nodes, or those of one status: for small fleets (see :meth:`query_nodes`)."""
         now = self._clock.seconds()
         after = self._registry.offline_after
-        nodes = (r.to_wire(now, after) for r in self._registry.records())
-        return [n for n in nodes if status is None or n["status"] == status]
+        records = self._registry.records()
+        if status is not None:
+            records = [r for r in records if r.status(now, after) == status]
+        if len(records) > LIST_LIMIT:
+            raise RefusedByPolicy(
+                f"{len(records)} nodes: explorer.list_nodes answers at most {LIST_LIMIT}; "
+                "page through them with explorer.query_nodes")
+        return [r.to_wire(now, after) for r in records]
+
+    def query_nodes(self, status=None, labels=None, limit=QUERY_LIMIT, cursor=None):
+        """
+        A page of the fleet in node id order.
+
+        :param labels: only nodes carrying all of these labels
+        :param cursor: the ``next_cursor`` of the previous page
+        :return: ``{"nodes": [...], "next_cursor": str or None}``
+        """
+        now = self._clock.seconds()
+        after = self._registry.offline_after
+        wanted = tuple((labels or {}).items())
+
+        def keep(record):
+            if status is not None and record.status(now, after) != status:
+                return False
+            return all(record.labels.get(k) == v for k, v in wanted)
+
+        records, next_cursor = self._registry.page(cursor, limit, keep)
+        return {"nodes": [r.to_wire(now, after) for r in records], "next_cursor": next_cursor}
 
     def get_node(self, node_id):
         """One node."""
@@ -217,7 +287,7 @@ class ExplorerService(service.MultiService):
 
 def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_dirs=(),
                   tls=None, call_timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT,
-                  node_cert_days=90.0):
+                  node_cert_days=90.0, limits=None):
     """
     Build the explorer's service tree; nothing is opened until it starts::
 
@@ -236,11 +306,14 @@ def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_di
     :param call_timeout: seconds allowed for a proxied call
     :param connect_timeout: seconds allowed to connect to a node
     :param node_cert_days: life of the certificates it signs for nodes, in days
+    :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
     :return: the :class:`ExplorerService`
     """
+    limits = limits or Limits()
     registry = Registry(clock, offline_after)
     client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
-    rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__, authorize=_authorize)
+    rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__, authorize=_authorize,
+                     max_batch=limits.max_batch, max_response=limits.max_response)
     factory = make_factory(rpc)
     listeners = Listeners(factory, listen, socket_dirs, reactor)
     trust = ExplorerTrust(
@@ -252,12 +325,14 @@ def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_di
         node_cert_days=node_cert_days,
     )
     proxy = Proxy(client, registry, call_timeout)
-    ExplorerMethods(registry, proxy, clock, trust, listeners).register(rpc)
+    methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
+    methods.register(rpc)
 
     explorer = ExplorerService(registry, client, rpc, listeners, trust)
     listeners.setName("listeners")
     listeners.setServiceParent(explorer)
-    liveness = LivenessLog(registry, clock, sweep_interval(offline_after))
+    liveness = LivenessLog(registry, clock, sweep_interval(offline_after),
+                           forget_after=limits.forget_after, forgotten=trust.forget_record)
     liveness.setName("liveness")
     liveness.setServiceParent(explorer)
     return explorer

@@ -13,6 +13,7 @@ from hero_compute.options import (
     absolute_socket,
     from_env,
     help_text,
+    limits,
     listen_address,
     seconds,
     socket_dir,
@@ -78,6 +79,7 @@ class Options(usage.Options):
     def __init__(self, env=None):
         usage.Options.__init__(self)
         self["listen"] = []
+        self["limit"] = []
         self._env = os.environ if env is None else env
 
     @help_text
@@ -88,8 +90,18 @@ class Options(usage.Options):
         """
         self["listen"].append(description)
 
+    @help_text
+    def opt_limit(self, item):
+        """
+        Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or by its
+        variable: HERO_MAX_BATCH=50); may repeat [default: the HERO_* and EXPLORER_*
+        variables, or the defaults of the README's Limits section].
+        """
+        self["limit"].append(item)
+
     def postOptions(self):
         env = self._env
+        self["limits"] = limits(self, env)
         from_env(self, "socket", env, "EXPLORER_SOCKET", absolute_socket)
         if self["socket"] is None:
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_explorer.sock")
@@ -146,4 +158,5 @@ def makeService(options, reactor=None):
             ca_key=options["ca-key"],
         ),
         node_cert_days=options["node-cert-ttl"] / 86400,
+        limits=options["limits"],
     )

@@ -206,6 +206,11 @@ class ExplorerTrust:
         """Keep a node's record (first sight, or a durable field changed)."""
         self._store.save_node(attrs.asdict(record))
 
+    def forget_record(self, node_id):
+        """Drop a forgotten node's stored record; its identity binding stays."""
+        if self._store is not None:
+            self._store.forget_node(node_id)
+
     def forget_node(self, node_id):
         """Forget a removed node's record and identity binding (not a revocation)."""
         self._store.forget_node(node_id)

@@ -16,6 +16,7 @@ from hero_compute.rpc.authz import NODE_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
+from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
 
@@ -174,7 +175,7 @@ class NodeService(service.MultiService):
 
 def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state_dir,
               interval, node_id=None, name="", advertise=None, tls=None, tls_files=None,
-              join_token=None, ca_pin=None, stop=None):
+              join_token=None, ca_pin=None, stop=None, limits=None):
     """
     Build the node's service tree; nothing is opened and no file is read or written
     until it starts::
@@ -209,6 +210,7 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
     :param ca_pin: the fleet CA's pin, ``sha256:<64 hex>``, to enroll with
     :param stop: called when the node cannot go on (enrollment refused); by default
         nothing is stopped but the enrollment
+    :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
     :return: the :class:`NodeService`
     """
     identity = NodeIdentity(state_dir, node_id, name)
@@ -216,7 +218,9 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
     uses_tls = bool(tls_explorers) or tls is not None
     client_side = ClientSide() if uses_tls else None
     client = RpcClient(reactor, timeout=interval, tls=client_side)
-    rpc = Dispatcher(load_schema("node"), hero_compute.__version__, authorize=authorize)
+    limits = limits or Limits()
+    rpc = Dispatcher(load_schema("node"), hero_compute.__version__, authorize=authorize,
+                     max_batch=limits.max_batch, max_response=limits.max_response)
     descriptions = [unix_endpoint_string(socket_path)]
     if tcp is not None:
         descriptions.append(tcp.endpoint_string())

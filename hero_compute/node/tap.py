@@ -10,15 +10,16 @@ import socket
 
 from twisted.python import usage
 
-from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
 from hero_compute.options import (
     absolute_socket,
     from_env,
     help_text,
+    limits,
     listen_address,
     seconds,
     socket_dir,
 )
+from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
 
 
 def _advertise(text):
@@ -100,6 +101,7 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["explorer"] = []
         self["image-dir"] = []
+        self["limit"] = []
         self._env = os.environ if env is None else env
 
     @help_text
@@ -123,8 +125,17 @@ class Options(usage.Options):
         except AddressError as e:
             raise usage.UsageError(f"--explorer: {e}") from None
 
+    @help_text
+    def opt_limit(self, item):
+        """
+        Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or
+        HERO_MAX_BATCH=50); may repeat [default: the HERO_* variables].
+        """
+        self["limit"].append(item)
+
     def postOptions(self):
         env = self._env
+        self["limits"] = limits(self, env)
         from_env(self, "socket", env, "NODE_SOCKET", absolute_socket)
         if self["socket"] is None:
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_server.sock")
@@ -225,8 +236,8 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
 
-    from .service import make_node
     from .backends import make_vm_manager
+    from .service import make_node
 
     return make_node(
         reactor=reactor,
@@ -247,4 +258,5 @@ def makeService(options, reactor=None):
         ca_pin=options["ca-pin"],
         # Enrollment refused (a wrong pin, a spent token): no retry can help.
         stop=reactor.stop,
+        limits=options["limits"],
     )
