@@ -12,10 +12,10 @@ Over TLS the handshake fails, before a byte is sent, unless the peer's certifica
 the node being called.
 """
 
+import collections
 import ipaddress
-import socket
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from hero_compute.rpc.addresses import parse_address
@@ -26,6 +26,8 @@ from hero_compute.rpc.errors import (
     TransportError,
 )
 from hero_compute.rpc.tls import Expected
+
+from .resolver import ResolveError
 
 log = Logger()
 
@@ -70,11 +72,6 @@ def is_loopback(host):
     return (mapped or ip).is_loopback
 
 
-def _resolve(host, port):
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [info[4][0] for info in infos]
-
-
 class Proxy:
     """
     Calls a node on behalf of an ``explorer.call``.
@@ -83,16 +80,27 @@ class Proxy:
         explorer's TLS material, if any)
     :param registry: the :class:`~hero_compute.explorer.registry.Registry`
     :param call_timeout: seconds allowed for a proxied call
-    :param resolve: ``resolve(host, port) -> Deferred of [ip, ...]``; by default the
-        system resolver in a thread
+    :param resolve: ``resolve(host, port) -> Deferred of [ip, ...]``, failing with
+        :class:`~hero_compute.explorer.resolver.ResolveError`: a
+        :class:`~hero_compute.explorer.resolver.CachingResolver`'s
+    :param calls_per_node: calls in flight to one node; more are -32003 busy at once
+    :param calls_total: calls in flight in all; likewise
     """
 
-    def __init__(self, client, registry, call_timeout, resolve=None):
+    def __init__(self, client, registry, call_timeout, resolve, calls_per_node=16,
+                 calls_total=1024):
         self._client = client
         self._registry = registry
         self.call_timeout = call_timeout
-        self._resolve = resolve or (lambda host, port: threads.deferToThread(
-            _resolve, host, port))
+        self._resolve = resolve
+        self._per_node_limit = calls_per_node
+        self._total_limit = calls_total
+        #: Calls in flight, per node id and in all: a batch of a thousand calls to a
+        #: node that never answers must not take every descriptor the explorer has.
+        self.in_flight = collections.Counter()
+        self.total = 0
+        #: Calls refused busy, for metrics.
+        self.busy = 0
 
     def call(self, node_id, method, params=None):
         """
@@ -107,12 +115,18 @@ class Proxy:
         record = self._registry.get(node_id)
         if self._registry.status(record) != "online":
             raise NodeOffline(f"node {node_id} is offline (last seen {record.last_seen:.0f})")
+        if self.total >= self._total_limit or self.in_flight[node_id] >= self._per_node_limit:
+            self.busy += 1
+            scope = ("in all" if self.total >= self._total_limit
+                     else f"to node {node_id}")
+            raise NodeUnreachable(
+                f"busy: too many calls in flight {scope} (EXPLORER_CALLS_PER_NODE, "
+                "EXPLORER_CALLS_TOTAL); try again shortly")
         address = parse_address(record.socket_path)
         expect = Expected("node", node_id) if address.scheme == "tls" else None
-        if record.remote and not address.is_unix:
-            d = self._checked(address)
-        else:
-            d = defer.succeed(address)
+        self.in_flight[node_id] += 1
+        self.total += 1
+        d = self._target(address, record.remote)
         d.addCallback(lambda target: self._client.call(
             target, method, params, timeout=self.call_timeout, expect=expect))
 
@@ -123,13 +137,26 @@ class Proxy:
                 f"{failure.value.reason}"
             )
 
-        return d.addErrback(unreachable)
+        def done(result):
+            self.total -= 1
+            self.in_flight[node_id] -= 1
+            if not self.in_flight[node_id]:
+                del self.in_flight[node_id]
+            return result
 
-    def _checked(self, address):
-        """The address to connect to, resolved and checked; -32010 if forbidden."""
-        reason = forbidden_target(address.host)
-        if reason is not None:
-            return defer.fail(RefusedByPolicy(f"{address.uri}: {reason}"))
+        return d.addErrback(unreachable).addBoth(done)
+
+    def _target(self, address, remote):
+        """
+        The address to connect to: names resolved (through the bounded resolver) and,
+        for a node on another host, checked; -32010 if forbidden.
+        """
+        if address.is_unix:
+            return defer.succeed(address)
+        if remote:
+            reason = forbidden_target(address.host)
+            if reason is not None:
+                return defer.fail(RefusedByPolicy(f"{address.uri}: {reason}"))
         try:
             ipaddress.ip_address(address.host)
         except ValueError:
@@ -140,19 +167,19 @@ class Proxy:
         def check(hosts):
             if not hosts:
                 raise NodeUnreachable(f"{address.uri}: the name resolves to nothing")
-            for host in hosts:
-                reason = forbidden_target(host)
-                if reason is not None:
-                    raise RefusedByPolicy(f"{address.uri}: {address.host} resolves to "
-                                          f"{reason.split(' is ', 1)[1]} ({host})")
+            if remote:
+                for host in hosts:
+                    reason = forbidden_target(host)
+                    if reason is not None:
+                        raise RefusedByPolicy(f"{address.uri}: {address.host} resolves to "
+                                              f"{reason.split(' is ', 1)[1]} ({host})")
             host = hosts[0]
             literal = f"[{host}]" if ":" in host else host
             # Connect to the address just checked: resolving again could give another.
             return parse_address(f"{address.scheme}://{literal}:{address.port}")
 
         def failed(failure):
-            failure.trap(OSError)
-            raise NodeUnreachable(f"{address.uri}: cannot resolve {address.host}: "
-                                  f"{failure.getErrorMessage()}")
+            failure.trap(ResolveError)
+            raise NodeUnreachable(f"{address.uri}: {failure.getErrorMessage()}")
 
         return self._resolve(address.host, address.port).addCallbacks(check, failed)

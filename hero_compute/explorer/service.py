@@ -21,6 +21,7 @@ from hero_compute.rpc.schema import load_schema
 
 from .proxy import Proxy, forbidden_target, is_loopback
 from .registry import Heartbeat, LivenessLog, NodeRecord, Registry, sweep_interval
+from .resolver import CachingResolver
 from .store import DURABLE_FIELDS
 from .trust import ExplorerTrust
 
@@ -324,7 +325,8 @@ def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_di
         factory=factory,
         node_cert_days=node_cert_days,
     )
-    proxy = Proxy(client, registry, call_timeout)
+    proxy = Proxy(client, registry, call_timeout, CachingResolver(reactor).resolve,
+                  calls_per_node=limits.calls_per_node, calls_total=limits.calls_total)
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     methods.register(rpc)
 

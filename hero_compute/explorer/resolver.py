@@ -1,0 +1,98 @@
+"""
+Name resolution for the proxy that slow names cannot starve (CONTRACT §7).
+
+The system resolver blocks a thread per lookup; a dozen nodes advertising names that
+never resolve used to fill the reactor's ten threads, and every other name-addressed
+node then waited.  Here lookups run in a pool of their own, one at a time per name
+(callers of the same name share it), each bounded by a timeout, and answers are cached,
+failures too, for a while: a dead name costs one thread once per ``negative_ttl``.
+"""
+
+import socket
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger()
+
+
+class ResolveError(Exception):
+    """A name did not resolve (or not in time); the message says which and why."""
+
+
+def _lookup(host, port):
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+class CachingResolver:
+    """
+    :param reactor: the reactor (timers, and its shutdown stops the pool)
+    :param threads: lookups that may run at once
+    :param timeout: seconds a lookup may take before its callers are told it failed
+    :param ttl: seconds an answer is reused
+    :param negative_ttl: seconds a failure is reused
+    :param lookup: ``lookup(host, port) -> [ip, ...]``, blocking (tests inject one)
+    """
+
+    def __init__(self, reactor, threads=16, timeout=5.0, ttl=30.0, negative_ttl=30.0,
+                 lookup=_lookup):
+        self._reactor = reactor
+        self._timeout = timeout
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._lookup = lookup
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="hero-resolver")
+        self._started = False
+        self._cache = {}  # (host, port) -> (expires, addresses or ResolveError)
+        self._pending = {}  # (host, port) -> [waiting Deferreds]
+
+    def resolve(self, host, port):
+        """:return: a Deferred of the addresses of ``host``, failing with ResolveError"""
+        key = (host, port)
+        now = self._reactor.seconds()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            answer = cached[1]
+            if isinstance(answer, ResolveError):
+                return defer.fail(answer)
+            return defer.succeed(answer)
+        waiter = defer.Deferred()
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._pending[key] = [waiter]
+        if not self._started:
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+            self._started = True
+        d = threads.deferToThreadPool(self._reactor, self._pool, self._lookup, host, port)
+        d.addTimeout(self._timeout, self._reactor)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(key,),
+                       errbackArgs=(key,))
+        return waiter
+
+    def _answered(self, addresses, key):
+        self._settle(key, list(addresses), self._ttl)
+
+    def _failed(self, failure, key):
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            reason = f"no answer within {self._timeout:g} s"
+        else:
+            reason = failure.getErrorMessage()
+        self._settle(key, ResolveError(f"cannot resolve {key[0]}: {reason}"),
+                     self._negative_ttl)
+
+    def _settle(self, key, answer, ttl):
+        self._cache[key] = (self._reactor.seconds() + ttl, answer)
+        if len(self._cache) > 10_000:
+            # Bounded: a flood of distinct names must not grow the cache for ever.
+            now = self._reactor.seconds()
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        for waiter in self._pending.pop(key, []):
+            if isinstance(answer, ResolveError):
+                waiter.errback(answer)
+            else:
+                waiter.callback(answer)
