@@ -11,6 +11,7 @@ import re
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 #: The roles a certificate may name (contract §6).
 ROLES = ("explorer", "node", "client")
@@ -47,15 +48,15 @@ class SpiffeId:
     name: str
 
     @property
-    def uri(self):
+    def uri(self) -> str:
         """The identity as a ``spiffe://`` URI."""
         return f"spiffe://{self.trust_domain}/{self.role}/{self.name}"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.uri
 
 
-def check_trust_domain(trust_domain):
+def check_trust_domain(trust_domain: object) -> str:
     """
     :return: ``trust_domain`` if SPIFFE allows it (lowercase ``[a-z0-9._-]``)
     :raises IdentityError: otherwise
@@ -68,7 +69,7 @@ def check_trust_domain(trust_domain):
     return trust_domain
 
 
-def check_name(role, name):
+def check_name(role: str, name: object) -> tuple[str, str]:
     """
     :return: ``(role, name)`` if they make a valid identity
     :raises IdentityError: for an unknown role, or a name outside ``[A-Za-z0-9._-]{1,64}``
@@ -82,7 +83,7 @@ def check_name(role, name):
     return role, name
 
 
-def format_spiffe_id(trust_domain, role, name):
+def format_spiffe_id(trust_domain: str, role: str, name: str) -> str:
     """
     :return: the URI ``spiffe://<trust_domain>/<role>/<name>``, validated
     :raises IdentityError: if a part is invalid
@@ -92,7 +93,7 @@ def format_spiffe_id(trust_domain, role, name):
     return SpiffeId(trust_domain, role, name).uri
 
 
-def parse_spiffe_id(uri):
+def parse_spiffe_id(uri: object) -> SpiffeId:
     """
     Parse a workload identity; nothing but ``spiffe://<td>/<role>/<name>`` is accepted
     (no port, user info, query, fragment, percent-encoding or further segments).
@@ -109,7 +110,7 @@ def parse_spiffe_id(uri):
     return SpiffeId(trust_domain, role, name)
 
 
-def uri_sans(cert):
+def uri_sans(cert: x509.Certificate) -> list[str]:
     """:return: the URI SANs of ``cert``, as a list of strings (maybe empty)"""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -118,7 +119,7 @@ def uri_sans(cert):
     return san.value.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def trust_domain_of(ca_cert):
+def trust_domain_of(ca_cert: x509.Certificate) -> str:
     """
     The trust domain a CA certificate vouches for, from its URI SAN ``spiffe://<td>``.
 
@@ -132,7 +133,7 @@ def trust_domain_of(ca_cert):
     return check_trust_domain(match.group(1))
 
 
-def spki_pin(cert):
+def spki_pin(cert: x509.Certificate) -> str:
     """
     The pin of a certificate's public key: ``sha256:`` and the hex SHA-256 of its
     SubjectPublicKeyInfo DER (kubeadm's discovery-token-ca-cert-hash).
@@ -142,12 +143,12 @@ def spki_pin(cert):
     return public_key_pin(cert.public_key())
 
 
-def public_key_pin(public_key):
+def public_key_pin(public_key: PublicKeyTypes) -> str:
     """:return: the pin of a public key, as :func:`spki_pin` of a certificate holding it"""
     return "sha256:" + hashlib.sha256(_spki(public_key)).hexdigest()
 
 
-def _spki(public_key):
+def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 

@@ -8,22 +8,26 @@ import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .identity import PkiError
 
+#: A file name, as text or a path object.
+StrPath = str | os.PathLike[str]
 
-def dump_certificate(cert):
+
+def dump_certificate(cert: x509.Certificate) -> bytes:
     """:return: ``cert`` as PEM bytes"""
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def dump_private_key(key):
+def dump_private_key(key: PrivateKeyTypes) -> bytes:
     """:return: ``key`` as unencrypted PKCS#8 PEM bytes"""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
-def _read(path):
+def _read(path: StrPath) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -31,7 +35,7 @@ def _read(path):
         raise PkiError(f"cannot read {path}: {e.strerror}") from None
 
 
-def load_certificates(path):
+def load_certificates(path: StrPath) -> list[x509.Certificate]:
     """
     :return: every certificate in the PEM file ``path``, in order (at least one)
     :raises PkiError: if the file is unreadable or holds no certificate
@@ -45,12 +49,12 @@ def load_certificates(path):
     return certs
 
 
-def load_certificate(path):
+def load_certificate(path: StrPath) -> x509.Certificate:
     """:return: the first certificate in the PEM file ``path``"""
     return load_certificates(path)[0]
 
 
-def load_private_key(path):
+def load_private_key(path: StrPath) -> PrivateKeyTypes:
     """
     :return: the (unencrypted) private key in the PEM file ``path``
     :raises PkiError: if it is unreadable or not a private key
@@ -61,7 +65,7 @@ def load_private_key(path):
         raise PkiError(f"{path} holds no usable private key: {e}") from None
 
 
-def write_file(path, data, mode=0o600, force=True):
+def write_file(path: StrPath, data: bytes, mode: int = 0o600, force: bool = True) -> None:
     """
     Write ``data`` to ``path`` atomically (a temporary file renamed over it) with exactly
     ``mode``, whatever the umask: a reader never sees a partial key, nor a key that was
