@@ -27,7 +27,7 @@ def _advertise(text):
     return address
 
 
-_advertise.coerceDoc = "tcp://host:port or tcp://[v6addr]:port."
+setattr(_advertise, "coerceDoc", "tcp://host:port or tcp://[v6addr]:port.")  # noqa: B010
 
 
 class Options(usage.Options):
