@@ -6,10 +6,26 @@ The callers pass ``os.environ`` in; nothing here reads the environment by itself
 """
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.python import usage
 
 from hero_compute.rpc.addresses import AddressError, parse_address, parse_listen
+
+_Coercer = TypeVar("_Coercer", bound=Callable[..., Any])
+
+
+def coerce_doc(coerce: _Coercer, doc: str) -> _Coercer:
+    """
+    Give a coercer the text ``--help`` shows for its values (``usage.Options`` reads
+    its ``coerceDoc``).
+
+    :return: ``coerce``
+    """
+    # setattr: a function has no such attribute as far as mypy knows.
+    setattr(coerce, "coerceDoc", doc)  # noqa: B010
+    return coerce
 
 
 def socket_dir(env):
@@ -47,7 +63,7 @@ def seconds(text):
     return value
 
 
-seconds.coerceDoc = "A positive number of seconds (may be fractional)."
+coerce_doc(seconds, "A positive number of seconds (may be fractional).")
 
 
 def absolute_socket(text):
@@ -62,7 +78,7 @@ def absolute_socket(text):
     return address.path
 
 
-absolute_socket.coerceDoc = "An absolute path, or unix:///abs/path.sock."
+coerce_doc(absolute_socket, "An absolute path, or unix:///abs/path.sock.")
 
 
 def listen_address(text):
@@ -70,7 +86,7 @@ def listen_address(text):
     return parse_listen(text)
 
 
-listen_address.coerceDoc = "host:port or [v6addr]:port."
+coerce_doc(listen_address, "host:port or [v6addr]:port.")
 
 
 def from_env(options, key, env, name, coerce):
@@ -103,7 +119,7 @@ def absolute_path(text):
     return path
 
 
-absolute_path.coerceDoc = "An absolute path."
+coerce_doc(absolute_path, "An absolute path.")
 
 
 def state_dir(env, name, default):

@@ -383,3 +383,48 @@ def test_cli_over_tls_and_tokens(fleet, explorer):
     assert code == 4, err
     code, _, err = cli("--explorer", explorer.tls, "nodes")
     assert code == 64 and "--ca" in err
+
+
+def test_real_renewal_of_a_short_lived_certificate(twistd, short_tmp, fleet):
+    """With certificates of 6 s, a real node renews at two thirds of their life, again
+    and again, and stays online over TLS well past its first certificate's end."""
+    import time
+
+    cert, key = fleet["explorer/e1"]
+    explorer = twistd(["explorer"], env={
+        "HERO_SOCKET_DIR": short_tmp, "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+        "EXPLORER_TLS_ADDR": "127.0.0.1:0", "EXPLORER_TLS_CERT": cert,
+        "EXPLORER_TLS_KEY": key, "EXPLORER_TLS_CA": fleet["ca"],
+        "EXPLORER_CA_KEY": fleet["ca_key"], "EXPLORER_NODE_CERT_TTL": "6",
+        "NODE_OFFLINE_AFTER": "2"})
+    uris = explorer.listening(count=2)
+    unix = next(u for u in uris if u.startswith("unix://"))
+    tls = next(u for u in uris if u.startswith("tls://"))
+    token = result(unix, "explorer.create_token", {})["token"]
+    node = twistd(["node", "--socket", f"{short_tmp}/n.sock"], env={
+        "HERO_STATE_DIR": f"{short_tmp}/node", "EXPLORER_ADDRESSES": tls,
+        "NODE_TLS_ADDR": "127.0.0.1:0", "NODE_JOIN_TOKEN": token,
+        "NODE_CA_PIN": pki.spki_pin(pki.load_certificate(fleet["ca"])),
+        "NODE_ID": "short", "HEARTBEAT_INTERVAL": "0.5"})
+    wait_for(lambda: nodes(explorer_at(unix)).get("short", {}).get("status") == "online",
+             timeout=20, what="the node enrolled and online")
+    first = pki.load_certificate(f"{short_tmp}/node/tls/node.pem").serial_number
+    started = time.monotonic()
+    node.wait_for_line(r"certificate renewed", timeout=15, count=2)
+    assert time.monotonic() - started > 2  # not before two thirds of its life
+    assert pki.load_certificate(f"{short_tmp}/node/tls/node.pem").serial_number != first
+    time.sleep(1)
+    assert nodes(explorer_at(unix))["short"]["status"] == "online"
+    assert result(unix, "explorer.call", {"node_id": "short", "method": "node.info"}
+                  )["node_id"] == "short"
+
+
+def explorer_at(unix):
+    """Something :func:`nodes` can read the registry of."""
+
+    class At:
+        pass
+
+    at = At()
+    at.unix = unix
+    return at

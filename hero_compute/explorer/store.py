@@ -1,7 +1,8 @@
 """
 The explorer's durable state, in one SQLite file: the last known record of every node,
 node identities (secret bindings, enrollment, current certificate), join tokens (as
-hashes only) and revocations.  This is the only module that speaks SQL.
+hashes only) and revocations.  Only this module (and its tables, in :mod:`.store_schema`)
+speaks SQL.
 
 The API is synchronous: the file is local and the writes are small and rare.  Nothing
 here is meant to run per heartbeat; the caller writes a node record only when something
@@ -16,123 +17,30 @@ never both redeem one token or interleave half-made changes.
 import contextlib
 import json
 import os
-import re
 import sqlite3
 
 import attrs
 from twisted.logger import Logger
 
-log = Logger()
-
-#: The schema this code writes.  A file with a higher ``PRAGMA user_version`` was made by
-#: a newer hero_compute and is refused rather than misread.
-SCHEMA_VERSION = 1
-
-#: The columns of a node record, as :class:`hero_compute.explorer.registry.NodeRecord`
-#: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
-NODE_FIELDS = ("node_id", "name", "socket_path", "transport", "version", "capacity",
-               "usage", "vm_count", "labels", "first_seen", "last_seen")
-
-#: The fields whose change is worth a write: a restarted explorer must show where each
-#: node was and what it was called.  ``usage``, ``vm_count`` and ``last_seen`` change with
-#: nearly every heartbeat and are left to :meth:`Store.touch_nodes` or the next save.
-DURABLE_FIELDS = ("name", "socket_path", "transport", "version", "capacity", "labels")
-
-_JSON_FIELDS = frozenset({"capacity", "usage", "labels"})
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-_SCHEMA = (
-    """CREATE TABLE nodes (
-        node_id TEXT PRIMARY KEY, name TEXT NOT NULL, socket_path TEXT NOT NULL,
-        transport TEXT NOT NULL, version TEXT NOT NULL, capacity TEXT NOT NULL,
-        usage TEXT NOT NULL, vm_count INTEGER NOT NULL, labels TEXT NOT NULL,
-        first_seen REAL NOT NULL, last_seen REAL NOT NULL)""",
-    # Serials are lowercase hex text: X.509 serials run to 159 bits, past SQLite's
-    # 64-bit integers.
-    """CREATE TABLE identities (
-        node_id TEXT PRIMARY KEY, secret_sha256 TEXT,
-        enrolled INTEGER NOT NULL DEFAULT 0, cert_serial TEXT, previous_serial TEXT,
-        revoked_at REAL)""",
-    """CREATE TABLE tokens (
-        token_hash TEXT PRIMARY KEY, node_id TEXT, expires_at REAL NOT NULL,
-        used INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX tokens_by_expiry ON tokens (expires_at)",
-    """CREATE TABLE revoked_serials (
-        serial TEXT PRIMARY KEY, node_id TEXT NOT NULL, revoked_at REAL NOT NULL)""",
-    """CREATE TABLE revoked_secrets (
-        secret_sha256 TEXT PRIMARY KEY, node_id TEXT NOT NULL, revoked_at REAL NOT NULL)""",
+from .store_schema import (
+    DURABLE_FIELDS,
+    JSON_FIELDS,
+    NODE_FIELDS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Identity,
+    StoreError,
+    TokenRefused,
+    check_sha256,
+    create_private,
+    needs_save,
+    serial_text,
 )
 
+__all__ = ["DURABLE_FIELDS", "NODE_FIELDS", "SCHEMA_VERSION", "Identity", "Store",
+           "StoreError", "TokenRefused", "needs_save"]
 
-class StoreError(Exception):
-    """The state file cannot be used: not a database, damaged, or from a newer version."""
-
-
-class TokenRefused(Exception):
-    """The token is unknown, used or expired: one exception, so no caller can tell which."""
-
-
-@attrs.frozen
-class Identity:
-    """
-    What the explorer holds about one node id's credentials.
-
-    :ivar secret_sha256: hex SHA-256 of the node secret bound to the id, or ``None``
-    :ivar enrolled: the id is bound to certificates issued by enrollment or renewal;
-        non-TLS heartbeats for it are refused
-    :ivar cert_serial: serial (an ``int``) of its current certificate, or ``None``
-    :ivar previous_serial: serial of the certificate the current one renewed, still
-        accepted so connections opened before a renewal keep working
-    :ivar revoked: the id is revoked: refused until it enrolls again
-    """
-
-    node_id: str
-    secret_sha256: str | None
-    enrolled: bool
-    cert_serial: int | None
-    previous_serial: int | None
-    revoked: bool
-
-
-def needs_save(old, new):
-    """
-    Whether a node's record changed in a way worth writing.
-
-    :param old: the previous record (a mapping with :data:`NODE_FIELDS`), or ``None``
-        on first sight
-    :param new: the new record
-    :return: ``True`` when :meth:`Store.save_node` should be called
-    """
-    return old is None or any(old[f] != new[f] for f in DURABLE_FIELDS)
-
-
-def _check_sha256(value, what):
-    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
-        # Catches the costly mistake of handing the store a token or secret in clear.
-        raise ValueError(f"{what} must be 64 lowercase hex characters (a SHA-256)")
-    return value
-
-
-def _serial_text(serial):
-    if not isinstance(serial, int) or isinstance(serial, bool) or serial < 0:
-        raise ValueError(f"a certificate serial must be a non-negative int, not {serial!r}")
-    return format(serial, "x")
-
-
-def _create_private(path):
-    """Create the state file 0600 and its directory 0700 when they are missing."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        os.chmod(parent, 0o700)  # makedirs' mode is subject to the umask
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+log = Logger()
 
 
 @attrs.define
@@ -165,7 +73,7 @@ class Store:
         :return: a :class:`Store`
         """
         path = os.fspath(path)
-        _create_private(path)
+        create_private(path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so no statement opens a
         # transaction behind our back.
         db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
@@ -201,7 +109,8 @@ class Store:
                 if version == 0:
                     self._create_schema()
         self._revoked_serials.update(
-            int(serial, 16) for (serial,) in self._db.execute("SELECT serial FROM revoked_serials"))
+            int(serial, 16)
+            for (serial,) in self._db.execute("SELECT serial FROM revoked_serials"))
 
     def _create_schema(self):
         tables = self._db.execute(
@@ -209,7 +118,7 @@ class Store:
         if tables:
             raise StoreError(f"{self.path}: an SQLite database, but not hero_compute "
                              f"explorer state; refusing to write into it")
-        for statement in _SCHEMA:
+        for statement in SCHEMA:
             self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -241,9 +150,9 @@ class Store:
         nodes = []
         for row in self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes "
                                     f"ORDER BY node_id"):
-            record = dict(zip(NODE_FIELDS, row))
+            record = dict(zip(NODE_FIELDS, row, strict=True))
             try:
-                for field in _JSON_FIELDS:
+                for field in JSON_FIELDS:
                     record[field] = json.loads(record[field])
             except ValueError:
                 log.warn("skipping stored node {node_id}: undecodable record",
@@ -261,7 +170,7 @@ class Store:
             ``left`` or ``status``, are ignored), e.g. ``attrs.asdict(node_record)``
         """
         row = [json.dumps(record[f], sort_keys=True, allow_nan=False)
-               if f in _JSON_FIELDS else record[f] for f in NODE_FIELDS]
+               if f in JSON_FIELDS else record[f] for f in NODE_FIELDS]
         self._db.execute(f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_FIELDS)}) "
                          f"VALUES ({', '.join('?' * len(NODE_FIELDS))})", row)
 
@@ -318,7 +227,7 @@ class Store:
         :return: ``True`` when the id is (now) bound to this secret; ``False`` when it is
             bound to another, is revoked, or the secret was revoked
         """
-        _check_sha256(secret_sha256, "secret_sha256")
+        check_sha256(secret_sha256, "secret_sha256")
         self._identities.pop(node_id, None)
         with self._transaction():
             if self._db.execute("SELECT 1 FROM revoked_secrets WHERE secret_sha256 = ?",
@@ -347,7 +256,7 @@ class Store:
         :param cert_serial: the new certificate's serial (an ``int``)
         :param now: the time, recorded against the serials it revokes
         """
-        new = _serial_text(cert_serial)
+        new = serial_text(cert_serial)
         self._identities.pop(node_id, None)
         with self._transaction():
             row = self._identity_row(node_id)
@@ -370,7 +279,7 @@ class Store:
 
         :return: whether the swap happened
         """
-        old, new = _serial_text(old_serial), _serial_text(new_serial)
+        old, new = serial_text(old_serial), serial_text(new_serial)
         self._identities.pop(node_id, None)
         with self._transaction():
             row = self._identity_row(node_id)
@@ -405,7 +314,7 @@ class Store:
         :param node_id: the only node id it may enroll, or ``None`` for any new one
         :param expires_at: Unix time after which it is refused
         """
-        _check_sha256(token_hash, "token_hash")
+        check_sha256(token_hash, "token_hash")
         self._db.execute("INSERT INTO tokens (token_hash, node_id, expires_at) "
                          "VALUES (?, ?, ?)", (token_hash, node_id, expires_at))
 
@@ -418,7 +327,7 @@ class Store:
         """
         row = self._db.execute(
             "SELECT node_id FROM tokens WHERE token_hash = ? AND used = 0 "
-            "AND expires_at > ?", (_check_sha256(token_hash, "token_hash"), now)).fetchone()
+            "AND expires_at > ?", (check_sha256(token_hash, "token_hash"), now)).fetchone()
         if row is None:
             raise TokenRefused()
         return row[0]
@@ -431,7 +340,7 @@ class Store:
         :return: the node id it allows, or ``None`` when it names none
         :raises TokenRefused: unknown, used or expired
         """
-        _check_sha256(token_hash, "token_hash")
+        check_sha256(token_hash, "token_hash")
         with self._transaction():
             self._purge_tokens(now)
             row = self._db.execute("SELECT node_id FROM tokens WHERE token_hash = ? "
@@ -465,8 +374,9 @@ class Store:
             else:
                 self._revoke_serials(node_id, (row[2], row[3]), now)
                 if row[0] is not None:
-                    self._db.execute("INSERT OR IGNORE INTO revoked_secrets VALUES (?, ?, ?)",
-                                     (row[0], node_id, now))
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO revoked_secrets VALUES (?, ?, ?)",
+                        (row[0], node_id, now))
             self._db.execute(
                 "UPDATE identities SET secret_sha256 = NULL, enrolled = 0, "
                 "cert_serial = NULL, previous_serial = NULL, "
@@ -475,7 +385,7 @@ class Store:
     def revoke_serial(self, serial, node_id, now):
         """Refuse one certificate from now on, e.g. one signed but never handed out."""
         with self._transaction():
-            self._revoke_serials(node_id, (_serial_text(serial),), now)
+            self._revoke_serials(node_id, (serial_text(serial),), now)
 
     def _revoke_serials(self, node_id, serials, now, keep=None):
         revoked = [s for s in serials if s is not None and s != keep]

@@ -30,7 +30,7 @@ def _advertise(text):
     return address
 
 
-_advertise.coerceDoc = "tcp://host:port, tls://host:port, or with [v6addr]."
+setattr(_advertise, "coerceDoc", "tcp://host:port, tls://host:port, or with [v6addr].")  # noqa: B010
 
 
 def _pin(text):
@@ -41,7 +41,7 @@ def _pin(text):
     return pin
 
 
-_pin.coerceDoc = "sha256:<64 hex>, as printed by hero-compute tls pin CA.pem."
+setattr(_pin, "coerceDoc", "sha256:<64 hex>, as printed by hero-compute tls pin CA.pem.")  # noqa: B010
 
 
 def _absolute(text):

@@ -8,9 +8,12 @@ environment variable or the wire goes through L{parse_address} or L{parse_listen
 bad value is rejected the same way everywhere, with the accepted forms in the message.
 """
 
+from __future__ import annotations
+
 import functools
 import ipaddress
 import re
+from typing import Any
 
 import attrs
 from twisted.internet.endpoints import (
@@ -18,6 +21,10 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
     quoteStringArgument,
     wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IStreamClientEndpoint,
 )
 
 ACCEPTED_FORMS = (
@@ -39,7 +46,7 @@ class AddressError(ValueError):
     :param forms: the accepted forms, for the message
     """
 
-    def __init__(self, value, reason, forms=ACCEPTED_FORMS):
+    def __init__(self, value: object, reason: str, forms: str = ACCEPTED_FORMS) -> None:
         ValueError.__init__(
             self, f"invalid address {value!r}: {reason}; accepted forms: {forms}"
         )
@@ -64,20 +71,24 @@ class Address:
     port: int | None = None
 
     @property
-    def uri(self):
+    def uri(self) -> str:
         """
         The canonical URI: legacy bare paths come out as C{unix://} URIs.
         """
         if self.scheme == "unix":
+            assert self.path is not None
             return "unix://" + self.path
+        assert self.host is not None
         return f"{self.scheme}://{_bracket(self.host)}:{self.port}"
 
     @property
-    def is_unix(self):
+    def is_unix(self) -> bool:
         """True for a local Unix socket."""
         return self.scheme == "unix"
 
-    def client_endpoint(self, reactor, timeout=None, tls=None):
+    def client_endpoint(self, reactor: Any, timeout: float | None = None,
+                        tls: IOpenSSLClientConnectionCreator | None = None
+                        ) -> IStreamClientEndpoint:
         """
         A Twisted client endpoint that connects to this address.
 
@@ -88,10 +99,12 @@ class Address:
             the fleet CA and their SPIFFE identity, never the system's CAs and host name
         :raise ValueError: for a ``tls://`` address without ``tls``
         """
-        kwargs = {} if timeout is None else {"timeout": timeout}
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         if self.scheme == "unix":
             return UNIXClientEndpoint(reactor, self.path, **kwargs)
-        endpoint = HostnameEndpoint(reactor, self.host.encode("ascii"), self.port, **kwargs)
+        assert self.host is not None and self.port is not None
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            reactor, self.host.encode("ascii"), self.port, **kwargs)
         if self.scheme == "tls":
             if tls is None:
                 raise ValueError(
@@ -101,7 +114,7 @@ class Address:
             return wrapClientTLS(tls, endpoint)
         return endpoint
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.uri
 
 
@@ -121,22 +134,22 @@ class ListenAddress:
     port: int
 
     @property
-    def is_ipv6(self):
+    def is_ipv6(self) -> bool:
         """True when the host is an IPv6 literal."""
         return ":" in self.host
 
-    def endpoint_string(self):
+    def endpoint_string(self) -> str:
         """
         The Twisted server endpoint string for this address, for L{strports}.
         """
         kind = "tcp6" if self.is_ipv6 else "tcp"
         return f"{kind}:{self.port}:interface={quoteStringArgument(self.host)}"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{_bracket(self.host)}:{self.port}"
 
 
-def parse_address(value):
+def parse_address(value: object) -> Address:
     """
     Parse a peer address of the grammar of CONTRACT §1.
 
@@ -154,7 +167,7 @@ def parse_address(value):
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _parse_text(value):
+def _parse_text(value: str) -> Address:
     if not value:
         raise AddressError(value, "empty")
     if value.startswith("/"):
@@ -175,7 +188,7 @@ def _parse_text(value):
     raise AddressError(value, f"unsupported scheme {scheme!r}")
 
 
-def parse_listen(value):
+def parse_listen(value: object) -> ListenAddress:
     """
     Parse a TCP listen address, C{host:port} or C{[v6addr]:port}.
 
@@ -195,7 +208,7 @@ def parse_listen(value):
 MAX_UNIX_PATH = 107
 
 
-def _unix_path(value, path):
+def _unix_path(value: str, path: str) -> str:
     if "\x00" in path:
         raise AddressError(value, "a socket path cannot contain NUL")
     if len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH:
@@ -205,7 +218,7 @@ def _unix_path(value, path):
     return path
 
 
-def _host_port(value, text, forms, allow_zero):
+def _host_port(value: str, text: str, forms: str, allow_zero: bool) -> tuple[str, int]:
     match = _HOSTPORT.match(text)
     if match is None:
         raise AddressError(value, "expected host:port (IPv6 in brackets)", forms)
@@ -214,7 +227,8 @@ def _host_port(value, text, forms, allow_zero):
         try:
             addr = ipaddress.IPv6Address(match["v6"])
         except ValueError:
-            raise AddressError(value, f"{match['v6']!r} is not an IPv6 address", forms)
+            raise AddressError(
+                value, f"{match['v6']!r} is not an IPv6 address", forms) from None
         return str(addr), port
     host = match["host"]
     if not host:
@@ -223,14 +237,14 @@ def _host_port(value, text, forms, allow_zero):
         try:
             return str(ipaddress.IPv4Address(host)), port
         except ValueError:
-            raise AddressError(value, f"{host!r} is not an IPv4 address", forms)
+            raise AddressError(value, f"{host!r} is not an IPv4 address", forms) from None
     name = host[:-1] if host.endswith(".") else host
     if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
         raise AddressError(value, f"{host!r} is not a valid host name", forms)
     return host.lower(), port
 
 
-def _port(value, text, forms, allow_zero):
+def _port(value: str, text: str, forms: str, allow_zero: bool) -> int:
     if not text.isascii() or not text.isdigit():
         raise AddressError(value, "the port must be a number", forms)
     if len(text) > 5:
@@ -243,5 +257,5 @@ def _port(value, text, forms, allow_zero):
     return port
 
 
-def _bracket(host):
+def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host

@@ -12,14 +12,18 @@ the raw body and a :class:`CallContext`; between the two sits one optional check
 params are checked against the schema.
 """
 
+from __future__ import annotations
+
 import inspect
 import json
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import ISSLTransport, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,19 +36,31 @@ from .errors import (
     RpcError,
 )
 
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
+
+    from .schema import Schema
+
 log = Logger()
+
+#: What :meth:`Dispatcher.answer` returns: a response body, None (nothing to send), or a
+#: Deferred of either.
+Answer = Union[bytes, None, "defer.Deferred[bytes | None]"]
+#: One request's response object, None for a notification, or a Deferred of either.
+_Response = Union[dict[str, Any], None, "defer.Deferred[dict[str, Any] | None]"]
 
 # NaN and Infinity are not JSON: a result holding one is an internal error, not a body
 # that strict parsers refuse.
-_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False,
+                           separators=(",", ":")).encode
 _encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
-def _no_constants(name):
+def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite(text):
+def _finite(text: str) -> float:
     # 1e400 is valid JSON syntax but no number we could ever send back (it parses as
     # infinity): refused at the door, it can never poison a record that others list.
     value = float(text)
@@ -79,12 +95,13 @@ class CallContext:
     host: str | None = None
 
     @property
-    def secure(self):
+    def secure(self) -> bool:
         """Whether the connection is TLS."""
         return self.transport == "tls"
 
     @classmethod
-    def from_transport(cls, transport, trust_domain=None):
+    def from_transport(cls, transport: ITransport, trust_domain: str | None = None
+                       ) -> CallContext:
         """
         :param transport: the transport of a connection whose TLS handshake (if any) is
             done: call this once the first request has arrived
@@ -98,7 +115,8 @@ class CallContext:
         where = f"{host or '?'}:{getattr(peer, 'port', '?')}"
         if not ISSLTransport.providedBy(transport):
             return cls("tcp", where, host=host)
-        cert = transport.getPeerCertificate()
+        # Twisted's TLS gives pyOpenSSL's X509; the interface says only "object".
+        cert = cast("X509 | None", transport.getPeerCertificate())
         if cert is None or trust_domain is None:
             return cls("tls", where, host=host)
         from .tls import identity_of
@@ -109,7 +127,7 @@ class CallContext:
 
 @attrs.frozen
 class _Handler:
-    func: object
+    func: Callable[..., Any]
     signature: inspect.Signature
     wants_context: bool
 
@@ -136,18 +154,19 @@ class Dispatcher:
         permissions themselves.
     """
 
-    def __init__(self, schema=None, version="0", authorize=None, max_batch=MAX_BATCH,
-                 max_response=MAX_RESPONSE):
+    def __init__(self, schema: Schema | None = None, version: str = "0",
+                 authorize: Callable[[CallContext, str, Any], object] | None = None,
+                 max_batch: int = MAX_BATCH, max_response: int = MAX_RESPONSE) -> None:
         self.max_batch = max_batch
         self.max_response = max_response
         self._schema = schema
         self._version = version
         self._authorize = authorize
-        self._handlers = {}
+        self._handlers: dict[str, _Handler] = {}
         if schema is not None:
             self.register("rpc.discover", self._discover)
 
-    def register(self, name, func, context=False):
+    def register(self, name: str, func: Callable[..., Any], context: bool = False) -> None:
         """
         Publish a callable as a method.
 
@@ -163,11 +182,11 @@ class Dispatcher:
             )
         self._handlers[name] = _Handler(func, signature, context)
 
-    def method_names(self):
+    def method_names(self) -> set[str]:
         """:return: the names of all published methods"""
         return set(self._handlers)
 
-    def param_names(self, name):
+    def param_names(self, name: str) -> list[str]:
         """
         :param name: a published method's name
         :return: the names of the params its handler takes, in order (the call context
@@ -175,10 +194,11 @@ class Dispatcher:
         """
         return list(self._handlers[name].signature.parameters)
 
-    def _discover(self):
+    def _discover(self) -> dict[str, Any]:
+        assert self._schema is not None  # registered only with a schema
         return self._schema.openrpc(self._version)
 
-    def answer(self, body, context):
+    def answer(self, body: bytes | str, context: CallContext) -> Answer:
         """
         Run the JSON-RPC request(s) in a body; answer at once when every handler did.
 
@@ -208,16 +228,18 @@ class Dispatcher:
             responses = [self._handle_one(item, context) for item in message]
             if any(isinstance(r, defer.Deferred) for r in responses):
                 d = defer.gatherResults(
-                    [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in responses],
+                    [r if isinstance(r, defer.Deferred) else defer.succeed(r)
+                     for r in responses],
                     consumeErrors=True)
                 return d.addCallback(_dump_batch, limit)
-            return _dump_batch(responses, limit)
+            # None of them is a Deferred.
+            return _dump_batch(cast(list[dict[str, Any] | None], responses), limit)
         response = self._handle_one(message, context)
         if isinstance(response, defer.Deferred):
             return response.addCallback(_dump_single, limit)
         return _dump_single(response, limit)
 
-    def _handle_one(self, message, context):
+    def _handle_one(self, message: Any, context: CallContext) -> _Response:
         """
         :return: a response object, None for a notification, or a Deferred firing with
             one of these when the handler answers later
@@ -263,7 +285,8 @@ class Dispatcher:
         )
         return d
 
-    def _prepare(self, message, context):
+    def _prepare(self, message: dict[str, Any], context: CallContext
+                 ) -> tuple[_Handler, list[Any], dict[str, Any]]:
         if message.get("jsonrpc") != "2.0":
             raise InvalidRequest('Invalid Request: "jsonrpc" must be exactly "2.0"')
         name = message.get("method")
@@ -286,7 +309,7 @@ class Dispatcher:
             # The schema names exactly the handler's params (the drift test holds us to
             # it), so params it accepts always bind.
             kwargs = spec.coerce_params(params)
-            args = []
+            args: list[Any] = []
         else:
             args, kwargs = ([], params) if isinstance(params, dict) else (params or [], {})
             try:
@@ -298,8 +321,8 @@ class Dispatcher:
         return handler, args, kwargs
 
 
-def _as_rpc_error(failure, message):
-    if failure.check(RpcError):
+def _as_rpc_error(failure: Failure, message: dict[str, Any]) -> RpcError:
+    if isinstance(failure.value, RpcError):
         return failure.value
     if failure.check(defer.CancelledError):
         return InternalError("Internal error: the call was cancelled")
@@ -307,35 +330,36 @@ def _as_rpc_error(failure, message):
     return InternalError("Internal error")
 
 
-def _log_unexpected(failure, message):
+def _log_unexpected(failure: Failure, message: dict[str, Any]) -> None:
     if not failure.check(RpcError, defer.CancelledError):
         log.failure("method {method} failed", failure, method=message.get("method"))
 
 
-def _valid_id(rid):
+def _valid_id(rid: object) -> bool:
     if isinstance(rid, float):
         return math.isfinite(rid)  # 1e400 parses as inf, which cannot be echoed
     return rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool))
 
 
-def _error(rid, error):
+def _error(rid: Any, error: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
 
 
-def _dump_batch(responses, limit=MAX_RESPONSE):
+def _dump_batch(responses: list[dict[str, Any] | None],
+                limit: int = MAX_RESPONSE) -> bytes | None:
     answered = [r for r in responses if r is not None]
     return _dump(answered, limit) if answered else None
 
 
-def _dump_single(response, limit=MAX_RESPONSE):
+def _dump_single(response: dict[str, Any] | None, limit: int = MAX_RESPONSE) -> bytes | None:
     return None if response is None else _dump(response, limit)
 
 
-def _too_large(response):
+def _too_large(response: dict[str, Any]) -> dict[str, Any]:
     return _error(response.get("id"), InternalError("response too large"))
 
 
-def _serialise(response):
+def _serialise(response: object) -> bytes:
     """
     :return: the UTF-8 JSON of ``response``
     :raise TypeError, ValueError, RecursionError: when it is not JSON-serialisable
@@ -349,7 +373,8 @@ def _serialise(response):
         return _encode_ascii(response).encode("ascii")
 
 
-def _dump(response, limit=MAX_RESPONSE):
+def _dump(response: dict[str, Any] | list[dict[str, Any]],
+          limit: int = MAX_RESPONSE) -> bytes:
     try:
         data = _serialise(response)
     except (TypeError, ValueError, RecursionError):
@@ -368,7 +393,7 @@ def _dump(response, limit=MAX_RESPONSE):
         for item, r in zip(items, response, strict=True)) + b"]"
 
 
-def _dump_one_safely(response):
+def _dump_one_safely(response: dict[str, Any]) -> dict[str, Any]:
     try:
         _serialise(response)
         return response

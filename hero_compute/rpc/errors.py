@@ -6,6 +6,10 @@ JSON-RPC error object, and the client turns such an object back into the same cl
 Anything else a handler raises is a bug and becomes -32603 without details.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from txjsonrpc_ng.jsonrpclib import Fault
 
 
@@ -26,24 +30,24 @@ class RpcError(Fault):
     #: ours for the application's), listed in the OpenRPC document's ``errors``.
     summary = "error"
 
-    def __init__(self, message, data=None, code=None):
+    def __init__(self, message: str, data: Any = None, code: int | None = None) -> None:
         if code is not None:
             self.code = code
         Fault.__init__(self, self.code, message)
         self.message = message
         self.data = data
 
-    def to_wire(self):
+    def to_wire(self) -> dict[str, Any]:
         """
         :return: the JSON-RPC error object for this error
         """
-        error = {"code": self.code, "message": self.message}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.data is not None:
             error["data"] = self.data
         return error
 
     @classmethod
-    def from_wire(cls, error):
+    def from_wire(cls, error: dict[str, Any]) -> RpcError:
         """
         Rebuild the exception for an error object received from a peer, as the most
         specific class that carries its code.
@@ -60,10 +64,10 @@ class RpcError(Fault):
         klass = _BY_CODE.get(code, RpcError)
         return klass(message, data=error.get("data"), code=code)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.code}: {self.message!r}>"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
 
@@ -144,7 +148,7 @@ class RefusedByPolicy(RpcError):
     summary = "refused by policy"
 
 
-_BY_CODE = {
+_BY_CODE: dict[int, type[RpcError]] = {
     klass.code: klass
     for klass in (
         ParseError,
@@ -174,7 +178,7 @@ class TransportError(Exception):
     :param reason: what went wrong, for people
     """
 
-    def __init__(self, address, reason):
+    def __init__(self, address: object, reason: str) -> None:
         Exception.__init__(self, f"{address}: {reason}")
         self.address = address
         self.reason = reason

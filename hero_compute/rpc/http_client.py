@@ -10,16 +10,26 @@ closed mid-call, not JSON-RPC).
 Like the server, it speaks HTTP/1.1 through ``httptools`` rather than ``twisted.web``'s
 Agent: the explorer's proxy spent most of its time there (see the README's performance
 section), and one POST with a known length to a known peer needs none of its generality.
+
+Long because: the connection, the pool and the client are one mechanism (a connection
+releases itself to the pool, the pool times it out, the client maps its failures), and
+its type annotations; split, each part would reach into another's internals.
 """
+
+from __future__ import annotations
 
 import collections
 import itertools
 import json
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-from twisted.internet import defer, error as ierror, protocol
+from twisted.internet import defer, protocol
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.python.failure import Failure
 
-from .addresses import AddressError, parse_address
+from .addresses import Address, AddressError, parse_address
 from .errors import (
     BadResponse,
     CallTimedOut,
@@ -36,7 +46,15 @@ MAX_RESPONSE = 16 * 1024 * 1024
 #: it is the client that closes, never the server under a request being sent.
 POOL_IDLE = 50
 
+if TYPE_CHECKING:
+    from .tls import ClientTLS, Expected
+
 _ids = itertools.count(1)
+
+#: A peer address and the TLS peer expected there: what pooled connections are kept by.
+_Key = tuple[Address, "Expected | None"]
+#: An HTTP response: its status and its body.
+_Response = tuple[int, bytes]
 
 
 class _Closed(Exception):
@@ -54,24 +72,26 @@ class _HTTPConnection(protocol.Protocol):
     :ivar done: while a request is in flight, the Deferred of its (status, body)
     """
 
-    done = None
+    done: defer.Deferred[_Response] | None = None
     lost = False
+    # Connected over TCP, Unix or TLS: all of them can be aborted.
+    transport: ITCPTransport
 
-    def __init__(self, pool, address, key):
+    def __init__(self, pool: _Pool, address: Address, key: _Key) -> None:
         self._pool = pool
         self.address = address
         #: The pool's key: the address, and the TLS peer expected there.
         self.key = key
 
-    def connectionMade(self):
-        self._parser = httptools.HttpResponseParser(self)
+    def connectionMade(self) -> None:
+        self._parser: Any = httptools.HttpResponseParser(self)
 
-    def request(self, body):
+    def request(self, body: bytes) -> defer.Deferred[_Response]:
         """
         Send one POST; fires with ``(status, body)``.
         """
-        self.done = defer.Deferred(self._cancel)
-        self._chunks = []
+        done = self.done = defer.Deferred(self._cancel)
+        self._chunks: list[bytes] = []
         self._size = 0
         self._complete = False
         self._headed = False
@@ -80,9 +100,9 @@ class _HTTPConnection(protocol.Protocol):
             b"POST /rpc HTTP/1.1\r\nHost: hero-compute\r\nUser-Agent: hero_compute\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (len(body), body))
-        return self.done
+        return done
 
-    def _cancel(self, d):
+    def _cancel(self, d: defer.Deferred[_Response]) -> None:
         # The caller gave up (a timeout): this connection is in an unknown state.
         if self.done is d:
             self.done = None
@@ -90,27 +110,27 @@ class _HTTPConnection(protocol.Protocol):
 
     # httptools callbacks
 
-    def on_header(self, name, value):
+    def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
             self._delimited = True
 
-    def on_headers_complete(self):
+    def on_headers_complete(self) -> None:
         self._headed = True
-        self._status = self._parser.get_status_code()
+        self._status: int = self._parser.get_status_code()
 
-    def on_body(self, body):
+    def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > MAX_RESPONSE:
             raise _TooLarge()
         self._chunks.append(body)
 
-    def on_message_complete(self):
+    def on_message_complete(self) -> None:
         # Asked here: llhttp forgets it once the callback returns.
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive: bool = self._parser.should_keep_alive()
         self._status = self._parser.get_status_code()
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if self.done is None:
             # Nothing asked: an idle peer talking out of turn cannot be trusted.
             self.transport.abortConnection()
@@ -137,12 +157,13 @@ class _HTTPConnection(protocol.Protocol):
                 self.transport.loseConnection()
             d.callback((status, body))
 
-    def _fail(self, reason):
+    def _fail(self, reason: Exception) -> None:
         d, self.done = self.done, None
+        assert d is not None  # only while a request is in flight
         self.transport.abortConnection()
         d.errback(reason)
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
         self._parser = None  # it holds our callbacks: no cycle, freed at once
         self._pool.forget(self)
@@ -162,18 +183,22 @@ class _Pool:
     connections: a connection knows nothing of being pooled.
     """
 
-    def __init__(self, reactor, connect_timeout, max_per_peer, tls=None):
+    def __init__(self, reactor: Any, connect_timeout: float, max_per_peer: int,
+                 tls: ClientTLS | None = None) -> None:
         self._reactor = reactor
         self._tls = tls
         self._connect_timeout = connect_timeout
         self._max = max_per_peer
-        self._idle = collections.defaultdict(list)
-        self._timers = {}  # idle connection -> the DelayedCall that closes it
-        self._all = set()
-        self._closing = []
+        self._idle: collections.defaultdict[_Key, list[_HTTPConnection]] = (
+            collections.defaultdict(list))
+        # idle connection -> the DelayedCall that closes it
+        self._timers: dict[_HTTPConnection, IDelayedCall] = {}
+        self._all: set[_HTTPConnection] = set()
+        self._closing: list[defer.Deferred[None]] = []
         self._closed = False
 
-    def get(self, address, expect=None):
+    def get(self, address: Address, expect: Expected | None = None
+            ) -> defer.Deferred[_HTTPConnection]:
         """
         :param address: an :class:`.Address`
         :param expect: over TLS, the :class:`~hero_compute.rpc.tls.Expected` peer; a
@@ -191,35 +216,38 @@ class _Pool:
         if address.scheme == "tls" and self._tls is not None:
             creator = self._tls if expect is None else self._tls.expecting(expect)
         try:
-            endpoint = address.client_endpoint(self._reactor, self._connect_timeout, creator)
+            endpoint = address.client_endpoint(self._reactor, self._connect_timeout,
+                                               creator)
         except ValueError as e:
             return defer.fail(ConnectionRefused(address, str(e)))
         factory = protocol.Factory()
         factory.noisy = False
         factory.protocol = lambda: _HTTPConnection(self, address, key)
-        d = endpoint.connect(factory)
+        # The factory makes nothing but _HTTPConnection.
+        d = cast("defer.Deferred[_HTTPConnection]", endpoint.connect(factory))
         d.addCallback(self._track)
         return d
 
-    def _track(self, conn):
+    def _track(self, conn: _HTTPConnection) -> _HTTPConnection:
         self._all.add(conn)
         return conn
 
-    def release(self, conn):
+    def release(self, conn: _HTTPConnection) -> None:
         """Put a connection whose response is complete back for reuse."""
         idle = self._idle[conn.key]
         if self._closed or len(idle) >= self._max:
             conn.transport.loseConnection()
             return
         idle.append(conn)
-        self._timers[conn] = self._reactor.callLater(POOL_IDLE, conn.transport.loseConnection)
+        self._timers[conn] = self._reactor.callLater(POOL_IDLE,
+                                                     conn.transport.loseConnection)
 
-    def _stop_timer(self, conn):
+    def _stop_timer(self, conn: _HTTPConnection) -> None:
         timer = self._timers.pop(conn, None)
         if timer is not None and timer.active():
             timer.cancel()
 
-    def forget(self, conn):
+    def forget(self, conn: _HTTPConnection) -> None:
         """Drop a connection that is gone."""
         self._all.discard(conn)
         self._stop_timer(conn)
@@ -233,7 +261,7 @@ class _Pool:
             for waiter in waiters:
                 waiter.callback(None)
 
-    def close(self):
+    def close(self) -> defer.Deferred[None]:
         """
         Close every connection; fires once all are gone.  Calls still running finish,
         and their connections are closed rather than kept.
@@ -241,7 +269,7 @@ class _Pool:
         self._closed = True
         if not self._all:
             return defer.succeed(None)
-        waiter = defer.Deferred()
+        waiter: defer.Deferred[None] = defer.Deferred()
         self._closing.append(waiter)
         for conn in list(self._all):
             conn.transport.loseConnection()
@@ -261,14 +289,14 @@ class RpcClient:
         certificate and the fleet CA), or None: ``tls://`` peers are then refused
     """
 
-    def __init__(self, reactor, timeout=10.0, connect_timeout=5.0, max_per_peer=4,
-                 tls=None):
+    def __init__(self, reactor: Any, timeout: float = 10.0, connect_timeout: float = 5.0,
+                 max_per_peer: int = 4, tls: ClientTLS | None = None) -> None:
         self._reactor = reactor
         self.timeout = timeout
         self.tls = tls
         self._pool = _Pool(reactor, connect_timeout, max_per_peer, tls)
 
-    def use_tls(self, tls):
+    def use_tls(self, tls: ClientTLS) -> None:
         """
         Reach ``tls://`` peers with this material from now on (it arrives when the
         service starts, after the client was built).
@@ -277,7 +305,9 @@ class RpcClient:
         """
         self.tls = self._pool._tls = tls
 
-    def call(self, address, method, params=None, timeout=None, expect=None):
+    def call(self, address: Address | str, method: str, params: Any = None,
+             timeout: float | None = None, expect: Expected | None = None
+             ) -> defer.Deferred[Any]:
         """
         Call a method and wait for its result.
 
@@ -291,25 +321,33 @@ class RpcClient:
         :return: a Deferred firing with the result, or failing with :class:`.RpcError`
             or a :class:`.TransportError`
         """
-        message = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
+        try:
+            # Parsed here too: a BadResponse names the Address, as every other failure.
+            address = parse_address(address)
+        except AddressError as e:
+            return defer.fail(e)
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
         if params is not None:
             message["params"] = params
         d = self._post(address, message, timeout, expect)
         d.addCallback(_result_of, address)
         return d
 
-    def notify(self, address, method, params=None, timeout=None, expect=None):
+    def notify(self, address: Address | str, method: str, params: Any = None,
+               timeout: float | None = None, expect: Expected | None = None
+               ) -> defer.Deferred[None]:
         """
         Send a notification: the peer runs the method and answers nothing.
 
         :return: a Deferred firing with None once the peer has acknowledged it
         """
-        message = {"jsonrpc": "2.0", "method": method}
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             message["params"] = params
         return self._post(address, message, timeout, expect).addCallback(lambda _: None)
 
-    def local_host(self, address, timeout=None):
+    def local_host(self, address: Address | str, timeout: float | None = None
+                   ) -> defer.Deferred[str]:
         """
         Our own IP address on a connection to a peer (a pooled one, or a new one left in
         the pool for the next call).
@@ -322,10 +360,11 @@ class RpcClient:
         except AddressError as e:
             return defer.fail(e)
         if address.is_unix:
-            return defer.fail(ValueError(f"{address.uri}: a Unix socket has no host address"))
+            return defer.fail(
+                ValueError(f"{address.uri}: a Unix socket has no host address"))
         timeout = self.timeout if timeout is None else timeout
 
-        def read(conn):
+        def read(conn: _HTTPConnection) -> str:
             host = conn.transport.getHost().host
             self._pool.release(conn)
             return host
@@ -335,21 +374,22 @@ class RpcClient:
         d.addErrback(_transport_failure, address, timeout)
         return d
 
-    def _post(self, address, message, timeout, expect=None):
+    def _post(self, address: Address | str, message: dict[str, Any], timeout: float | None,
+              expect: Expected | None = None) -> defer.Deferred[Any]:
         try:
             address = parse_address(address)
         except AddressError as e:
             return defer.fail(e)
         timeout = self.timeout if timeout is None else timeout
         body = json.dumps(message, separators=(",", ":")).encode("utf-8")
-        d = self._pool.get(address, expect)
-        d.addCallback(lambda conn: conn.request(body))
-        d.addCallback(_read, address)
+        d = (self._pool.get(address, expect)
+             .addCallback(lambda conn: conn.request(body))
+             .addCallback(_read, address))
         d.addTimeout(timeout, self._reactor)
         d.addErrback(_transport_failure, address, timeout)
         return d
 
-    def close(self):
+    def close(self) -> defer.Deferred[None]:
         """
         Close the pooled connections.
 
@@ -358,7 +398,7 @@ class RpcClient:
         return self._pool.close()
 
 
-def _read(response, address):
+def _read(response: _Response, address: Address) -> Any:
     status, body = response
     if status == 204:
         return None
@@ -369,14 +409,15 @@ def _read(response, address):
     return _parse(body, address)
 
 
-def _parse(body, address):
+def _parse(body: bytes, address: Address) -> Any:
     try:
         return json.loads(body)
     except ValueError:
-        raise BadResponse(address, f"the response is not JSON ({len(body)} bytes)")
+        raise BadResponse(address,
+                          f"the response is not JSON ({len(body)} bytes)") from None
 
 
-def _result_of(message, address):
+def _result_of(message: Any, address: Address) -> Any:
     if not isinstance(message, dict):
         raise BadResponse(address, "the response is not a JSON-RPC response object")
     if "error" in message:
@@ -389,8 +430,9 @@ def _result_of(message, address):
     return message["result"]
 
 
-def _transport_failure(failure, address, timeout):
-    if failure.check(RpcError, BadResponse, ConnectionRefused, CallTimedOut, ConnectionClosed):
+def _transport_failure(failure: Failure, address: Address, timeout: float) -> Failure:
+    if failure.check(RpcError, BadResponse, ConnectionRefused, CallTimedOut,
+                     ConnectionClosed):
         return failure
     if failure.check(defer.TimeoutError, ierror.TimeoutError, defer.CancelledError,
                      ierror.ConnectingCancelledError):

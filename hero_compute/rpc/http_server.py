@@ -13,19 +13,24 @@ Long because: it is one state machine (parsing, pipelining,
 refusing, lingering, idling): split, its rules would have to be read in two places.
 """
 
+from __future__ import annotations
+
 import collections
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 import attrs
 import httptools
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols import policies
+from twisted.python.failure import Failure
 
-from .dispatch import CallContext
+from .dispatch import Answer, CallContext, Dispatcher
 
 log = Logger()
 
@@ -63,7 +68,7 @@ _TEXT = b"text/plain; charset=utf-8"
 class _Refused(Exception):
     """Raised from a parser callback to stop reading a request we will not serve."""
 
-    def __init__(self, status, message):
+    def __init__(self, status: int, message: bytes) -> None:
         Exception.__init__(self, status, message)
         self.status = status
         self.message = message
@@ -88,9 +93,9 @@ class _Request:
 
     url: bytes = b""
     head: int = 0
-    length: object = None
+    length: int | None = None
     expect_continue: bool = False
-    chunks: list = attrs.Factory(list)
+    chunks: list[bytes] | None = attrs.Factory(list)
     size: int = 0
     method: bytes = b""
     keep_alive: bool = True
@@ -101,11 +106,11 @@ class _Request:
 class _HTTPDate:
     """The Date header value, formatted at most once a second."""
 
-    def __init__(self):
-        self._second = None
+    def __init__(self) -> None:
+        self._second: int | None = None
         self._value = b""
 
-    def __call__(self):
+    def __call__(self) -> bytes:
         now = int(time.time())
         if now != self._second:
             self._second = now
@@ -127,38 +132,46 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     cancelled when its client hangs up.
     """
 
-    factory = None
-    _parser = None
-    _parsing = None
-    _context = None
+    factory: RpcHTTPFactory
+    # A TCP, Unix or TLS transport: ITCPTransport (abortConnection) and IPushProducer
+    # (pauseProducing), which no one interface of Twisted's names.
+    transport: Any
+    _parser: Any = None  # an httptools.HttpRequestParser: httptools has no types
+    _parsing: _Request | None = None
+    _context: CallContext | None = None
     _closing = False
     _lost = False
-    _linger = None
-    _inflight = None
-    _refusal = None
+    _linger: IDelayedCall | None = None
+    _inflight: defer.Deferred[bytes | None] | None = None
+    _refusal: tuple[int, bytes] | None = None
     _answering = False
 
-    def connectionMade(self):
-        self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's timer, on the factory's clock."""
+        return self.factory.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
-        self._queue = collections.deque()
+        self._queue: collections.deque[_Request] = collections.deque()
         self._paused = False
         self.setTimeout(self.factory.idle_timeout)
 
     # -- parsing (httptools callbacks)
 
-    def on_message_begin(self):
+    def on_message_begin(self) -> None:
         self._parsing = _Request()
 
-    def on_url(self, url):
+    def on_url(self, url: bytes) -> None:
         request = self._parsing
+        assert request is not None
         request.url += url
         if len(request.url) > MAX_URL:
             raise _Refused(414,
                            b"request target longer than %d bytes\n" % MAX_URL)
 
-    def on_header(self, name, value):
+    def on_header(self, name: bytes, value: bytes) -> None:
         request = self._parsing
+        assert request is not None
         request.head += len(name) + len(value)
         if request.head > MAX_HEADERS:
             raise _Refused(431,
@@ -169,8 +182,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         elif name == b"expect" and value.lower() == b"100-continue":
             request.expect_continue = True
 
-    def on_headers_complete(self):
+    def on_headers_complete(self) -> None:
         request = self._parsing
+        assert request is not None
         if request.length is not None and request.length > self.factory.max_body:
             raise _Refused(413,
                            b"request body larger than %d bytes\n" % self.factory.max_body)
@@ -180,8 +194,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             # the body.  Not while an earlier answer is due: it would come first.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def on_body(self, body):
+    def on_body(self, body: bytes) -> None:
         request = self._parsing
+        assert request is not None and request.chunks is not None
         request.size += len(body)
         if request.size > self.factory.max_body:
             request.chunks = []
@@ -189,9 +204,10 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
                            b"request body larger than %d bytes\n" % self.factory.max_body)
         request.chunks.append(body)
 
-    def on_message_complete(self):
+    def on_message_complete(self) -> None:
         parser = self._parser
         request, self._parsing = self._parsing, None
+        assert request is not None and request.chunks is not None
         request.method = parser.get_method()
         request.keep_alive = parser.should_keep_alive()
         request.http10 = parser.get_http_version() == "1.0"
@@ -201,7 +217,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
 
     # -- the connection
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if self._closing or self._refusal is not None:
             return  # refused: read and discard
         if self._inflight is None:
@@ -226,7 +242,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self.transport.pauseProducing()
         self._next()
 
-    def _next(self):
+    def _next(self) -> None:
         if self._answering:
             return  # an answer that came at once, inside the loop below: it goes on
         self._answering = True
@@ -247,7 +263,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if self.timeOut is None:
             self.setTimeout(self.factory.idle_timeout)
 
-    def _answer(self, request):
+    def _answer(self, request: _Request) -> None:
         path = request.url.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             try:
@@ -267,7 +283,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self._context = CallContext.from_transport(self.transport,
                                                        self.factory.trust_domain)
         try:
-            answer = self.factory.dispatcher.answer(request.body, self._context)
+            answer: Answer = self.factory.dispatcher.answer(request.body, self._context)
         except Exception:
             # The dispatcher answers every error itself; this is a bug, not a caller's.
             log.failure("answering an RPC request failed")
@@ -282,7 +298,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,),
                             errbackArgs=(request,))
 
-    def _answered(self, payload, request):
+    def _answered(self, payload: bytes | None, request: _Request) -> None:
         self._inflight = None
         if self._lost or self._closing:
             # Refused or closed meanwhile: an answer now would come after the refusal.
@@ -290,14 +306,14 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._respond(payload, request)
         self._next()
 
-    def _respond(self, payload, request):
+    def _respond(self, payload: bytes | None, request: _Request) -> None:
         if payload is None:
             # Only notifications: JSON-RPC says send nothing, HTTP says 204.
             self._send(request, 204, None, b"")
         else:
             self._send(request, 200, b"application/json", payload)
 
-    def _failed(self, failure, request):
+    def _failed(self, failure: Failure, request: _Request) -> None:
         self._inflight = None
         if self._lost or self._closing or failure.check(defer.CancelledError):
             return
@@ -305,7 +321,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._send(request, 500, _TEXT, b"internal error\n")
         self._next()
 
-    def _send(self, request, status, ctype, body, extra=b""):
+    def _send(self, request: _Request, status: int, ctype: bytes | None, body: bytes,
+              extra: bytes = b"") -> None:
         head = [b"%sDate: %s\r\n" % (_STATUS_LINES[status], _http_date())]
         if ctype is not None:
             head.append(b"Content-Type: %s\r\n" % ctype)
@@ -327,7 +344,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self.resetTimeout()
             self.transport.loseConnection()
 
-    def _refuse(self, status, body):
+    def _refuse(self, status: int, body: bytes) -> None:
         """
         Answer an error and close the connection; the rest of the request is never
         buffered.
@@ -353,7 +370,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if ISSLTransport.providedBy(self.transport):
             # TLS cannot half-close (the lookup would reach the TCP socket under it):
             # go on discarding what comes, then close.
-            self._linger = self.factory.clock.callLater(linger, self.transport.loseConnection)
+            self._linger = self.factory.clock.callLater(linger,
+                                                        self.transport.loseConnection)
             return
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is None:
@@ -362,12 +380,12 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         half_close()
         self._linger = self.factory.clock.callLater(linger, self.transport.abortConnection)
 
-    def timeoutConnection(self):
+    def timeoutConnection(self) -> None:
         # Abort, not close: a peer that stopped reading would keep a close waiting on
         # our unsent answer for ever.
         self.transport.abortConnection()
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
         # The parser holds our callbacks: without this cycle a closed connection is
         # freed at once, not at the next full collection (at fleet scale those are
@@ -383,7 +401,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self._inflight.cancel()
 
 
-class RpcHTTPFactory(protocol.Factory):
+class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
     """
     Serves a dispatcher over HTTP/1.1 with :class:`RpcHTTPProtocol`.
 
@@ -397,22 +415,24 @@ class RpcHTTPFactory(protocol.Factory):
     """
 
     protocol = RpcHTTPProtocol
-    trust_domain = None
+    trust_domain: str | None = None
     # One "Starting factory" line per listener is noise in an operator's log.
     noisy = False
 
-    def __init__(self, dispatcher, idle_timeout=IDLE_TIMEOUT, max_body=MAX_BODY,
-                 clock=None, linger=LINGER):
+    def __init__(self, dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT,
+                 max_body: int = MAX_BODY, clock: IReactorTime | None = None,
+                 linger: float = LINGER) -> None:
         from twisted.internet import reactor
 
         self.dispatcher = dispatcher
         self.idle_timeout = idle_timeout
         self.max_body = max_body
         self.linger = linger
-        self.clock = reactor if clock is None else clock
+        self.clock: IReactorTime = reactor if clock is None else clock
 
 
-def make_factory(dispatcher, idle_timeout=IDLE_TIMEOUT):
+def make_factory(dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT
+                 ) -> RpcHTTPFactory:
     """
     The HTTP server of ``dispatcher``: ``POST /rpc`` answers JSON-RPC, every other path
     is 404.

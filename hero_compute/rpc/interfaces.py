@@ -2,7 +2,12 @@
 Interfaces of the transport, for the code that uses it and for its fakes in tests.
 """
 
+from typing import Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from .addresses import Address
 
 
 class IRpcClient(Interface):
@@ -13,7 +18,8 @@ class IRpcClient(Interface):
 
     timeout = Attribute("Default seconds allowed for a whole call, connect included.")
 
-    def call(address, method, params=None, timeout=None):
+    def call(address: Address | str, method: str, params: Any = None,
+             timeout: float | None = None) -> Deferred[Any]:
         """
         Call a method and wait for its result.
 
@@ -25,21 +31,22 @@ class IRpcClient(Interface):
             ``TransportError``
         """
 
-    def notify(address, method, params=None, timeout=None):
+    def notify(address: Address | str, method: str, params: Any = None,
+               timeout: float | None = None) -> Deferred[None]:
         """
         Send a notification: the peer runs the method and answers nothing.
 
         :return: a Deferred firing with None once the peer has acknowledged it
         """
 
-    def local_host(address, timeout=None):
+    def local_host(address: Address | str, timeout: float | None = None) -> Deferred[str]:
         """
         Our own IP address on a connection to a TCP peer.
 
         :return: a Deferred firing with the address, as text
         """
 
-    def close():
+    def close() -> Deferred[None]:
         """
         Close the connections kept for later calls.
 

@@ -6,23 +6,38 @@ Each listener is a L{strports.service}, so a listener that cannot bind aborts st
 (twistd exits 1) instead of leaving a process that serves nothing.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import os
 import re
 import socket
 import stat
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service, strports
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import quoteStringArgument
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from .addresses import ListenAddress
+    from .tls import ServerTLS
 
 log = Logger()
 
 
-def unix_endpoint_string(path):
+def unix_endpoint_string(path: str) -> str:
     """
     The server endpoint string for a Unix socket, mode 0660.
 
@@ -34,7 +49,7 @@ def unix_endpoint_string(path):
     return f"unix:{quoteStringArgument(path)}:mode=660:lockfile=1"
 
 
-def _unix_path_of(description):
+def _unix_path_of(description: str) -> str | None:
     """
     The socket path of a C{unix:} server endpoint string, or None for other kinds.
     """
@@ -53,7 +68,7 @@ def _unix_path_of(description):
     return None
 
 
-def clear_stale_socket(path):
+def clear_stale_socket(path: str) -> None:
     """
     Remove a Unix socket that nothing listens on any more (a crash left it), with its
     lock file, so that it cannot block a restart; a live socket is left alone, and the
@@ -86,7 +101,7 @@ def clear_stale_socket(path):
         probe.close()
 
 
-def describe(host, tls=False):
+def describe(host: IAddress, tls: bool = False) -> str:
     """
     An address URI for a bound listening port.
 
@@ -111,17 +126,18 @@ class _Announcing:
     unauthenticated TCP on non-loopback addresses, and record the listener.
     """
 
-    def __init__(self, endpoint, description, bound):
+    def __init__(self, endpoint: IStreamServerEndpoint, description: str,
+                 bound: list[str]) -> None:
         self._endpoint = endpoint
         self._description = description
         self._bound = bound
 
-    def listen(self, factory):
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         d = self._endpoint.listen(factory)
         d.addCallback(self._announce)
         return d
 
-    def _announce(self, port):
+    def _announce(self, port: IListeningPort) -> IListeningPort:
         tls = self._description.split(":", 1)[0] in ("ssl", "tls")
         uri = describe(port.getHost(), tls)
         self._bound.append(uri)
@@ -153,10 +169,11 @@ class Listeners(service.MultiService):
     :param reactor: the reactor
     """
 
-    def __init__(self, factory, descriptions, socket_dirs=(), reactor=None):
+    def __init__(self, factory: Factory, descriptions: Iterable[str],
+                 socket_dirs: Iterable[str] = (), reactor: Any = None) -> None:
         service.MultiService.__init__(self)
         #: URIs of the bound listeners, in the order they came up.
-        self.bound = []
+        self.bound: list[str] = []
         self._socket_dirs = tuple(socket_dirs)
         self._factory = factory
         for description in descriptions:
@@ -164,7 +181,8 @@ class Listeners(service.MultiService):
             svc.endpoint = _Announcing(svc.endpoint, description, self.bound)
             svc.setServiceParent(self)
 
-    def add_tls(self, address, creator, reactor=None):
+    def add_tls(self, address: ListenAddress, creator: ServerTLS, reactor: Any = None
+                ) -> service.Service:
         """
         Also serve mutual TLS on a TCP address, in the same reactor as the others.  Like
         the others, it aborts start-up when it cannot bind.
@@ -191,16 +209,16 @@ class Listeners(service.MultiService):
         svc.setServiceParent(self)
         return svc
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         for path in self._socket_dirs:
             os.makedirs(path, mode=0o755, exist_ok=True)
         for svc in self:
-            path = _unix_path_of(svc.endpoint._description)
-            if path is not None:
-                clear_stale_socket(path)
+            socket_path = _unix_path_of(svc.endpoint._description)
+            if socket_path is not None:
+                clear_stale_socket(socket_path)
         service.MultiService.privilegedStartService(self)
 
-    def stopService(self):
-        d = service.MultiService.stopService(self)
+    def stopService(self) -> Deferred[None] | None:
+        d: Deferred[None] | None = service.MultiService.stopService(self)
         self.bound.clear()
         return d

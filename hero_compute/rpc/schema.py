@@ -18,18 +18,25 @@ A FIELD-SPEC is a JSON Schema as a TOML table, with three additions:
 Params are in declaration order, which is also the order of by-position params.
 """
 
+from __future__ import annotations
+
 import tomllib
+from collections.abc import Callable
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import fastjsonschema
-from jsonschema import exceptions as jsonschema_exceptions, validators
+from jsonschema import exceptions as jsonschema_exceptions
+from jsonschema import validators
 from jsonschema.exceptions import best_match
 
 from .errors import ERROR_MESSAGES, InvalidParams
 
-JSON_TYPES = frozenset(("string", "integer", "number", "boolean", "object", "array", "null"))
+JSON_TYPES = frozenset(
+    ("string", "integer", "number", "boolean", "object", "array", "null"))
 
 
 class SchemaError(Exception):
@@ -47,7 +54,7 @@ class Param:
     """
 
     name: str
-    schema: dict
+    schema: dict[str, Any]
     required: bool
 
 
@@ -64,17 +71,17 @@ class Method:
     name: str
     summary: str
     description: str
-    params: tuple
-    result: dict
-    errors: tuple
-    _validator: object = attrs.field(repr=False)
+    params: tuple[Param, ...]
+    result: dict[str, Any]
+    errors: tuple[int, ...]
+    _validator: Any = attrs.field(repr=False)  # a jsonschema validator
     # The same params schema compiled to Python by fastjsonschema: it decides whether
     # params are valid in microseconds (jsonschema interprets the schema at every call,
     # ~200 µs for a heartbeat: most of an explorer's ingest CPU).  jsonschema, the
     # reference, still explains what is wrong when they are not.
-    _fast: object = attrs.field(repr=False, default=None)
+    _fast: Callable[[Any], Any] | None = attrs.field(repr=False, default=None)
 
-    def coerce_params(self, params):
+    def coerce_params(self, params: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
         """
         Check a call's params against the schema and return them by name.
 
@@ -91,7 +98,7 @@ class Method:
                     f"{self.name} takes at most {len(self.params)} params, "
                     f"{len(params)} given"
                 )
-            params = {p.name: value for p, value in zip(self.params, params)}
+            params = {p.name: value for p, value in zip(self.params, params, strict=False)}
         if self._fast is not None:
             try:
                 self._fast(params)
@@ -102,7 +109,7 @@ class Method:
             return params
         else:
             fast_error = None
-        error = best_match(self._validator.iter_errors(params))
+        error: Any = best_match(self._validator.iter_errors(params))
         if error is None:
             # The two validators disagree; side with the stricter one and say why.
             field = ".".join(str(p) for p in getattr(fast_error, "path", [])[1:])
@@ -111,8 +118,9 @@ class Method:
             path = [str(part) for part in error.absolute_path]
             if error.validator == "required":
                 # jsonschema reports a missing member at its parent: name the member.
-                missing = [name for name in error.validator_value
-                           if isinstance(error.instance, dict) and name not in error.instance]
+                missing = [
+                    name for name in error.validator_value
+                    if isinstance(error.instance, dict) and name not in error.instance]
                 path += missing[:1]
             field = ".".join(path)
             message = error.message
@@ -135,17 +143,17 @@ class Schema:
 
     title: str
     description: str
-    methods: dict
-    types: dict
+    methods: dict[str, Method]
+    types: dict[str, dict[str, Any]]
 
-    def openrpc(self, version):
+    def openrpc(self, version: str) -> dict[str, Any]:
         """
         The OpenRPC document of this service.
 
         :param version: the service's version, for C{info.version}
         :return: a JSON-serialisable dict
         """
-        methods = []
+        methods: list[dict[str, Any]] = []
         for method in self.methods.values():
             methods.append(
                 {
@@ -184,7 +192,7 @@ class Schema:
         }
 
 
-def load_schema(name):
+def load_schema(name: str) -> Schema:
     """
     Load one of the schemas shipped with hero_compute.
 
@@ -194,17 +202,17 @@ def load_schema(name):
     return parse_schema(_schema_path(name).read_text("utf-8"), source=f"{name}.oschema")
 
 
-def _schema_path(name):
+def _schema_path(name: str) -> Traversable:
     # Installed, the schemas travel as the package data of hero_compute.schemas (see
     # setup.cfg); in a source checkout they are the top-level schemas/ folder.
     try:
-        root = resources.files("hero_compute.schemas")
+        root: Traversable = resources.files("hero_compute.schemas")
     except ModuleNotFoundError:
         root = Path(__file__).resolve().parents[2] / "schemas"
     return root / name / f"{name}.oschema"
 
 
-def parse_schema(text, source="<schema>"):
+def parse_schema(text: str, source: str = "<schema>") -> Schema:
     """
     Parse the text of an C{.oschema} file.
 
@@ -221,7 +229,7 @@ def parse_schema(text, source="<schema>"):
     service = _table(doc.get("service", {}), f"{source}: [service]")
     type_tables = _table(doc.get("types", {}), f"{source}: [types]")
     names = frozenset(type_tables)
-    types = {}
+    types: dict[str, dict[str, Any]] = {}
     for tname, table in type_tables.items():
         where = f"{source}: [types.{tname}]"
         table = _table(table, where)
@@ -232,7 +240,7 @@ def parse_schema(text, source="<schema>"):
     validator_class = validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
     for tname, tschema in types.items():
         _check(validator_class, tschema, f"{source}: [types.{tname}]")
-    methods = {}
+    methods: dict[str, Method] = {}
     for mname, table in _table(doc.get("methods", {}), f"{source}: [methods]").items():
         where = f"{source}: [methods.{mname!r}]"
         table = _table(table, where)
@@ -271,14 +279,14 @@ def parse_schema(text, source="<schema>"):
     )
 
 
-def _compile(schema, where):
+def _compile(schema: dict[str, Any], where: str) -> Callable[[Any], Any]:
     try:
         return fastjsonschema.compile(schema)
     except (fastjsonschema.JsonSchemaDefinitionException, ValueError, TypeError) as e:
         raise SchemaError(f"{where}: {e}") from None
 
 
-def _check(validator_class, schema, where):
+def _check(validator_class: Any, schema: dict[str, Any], where: str) -> None:
     # jsonschema's own SchemaError would escape as if the loader had crashed; a bad
     # field spec is a mistake in the file, to be reported with where it is.
     try:
@@ -288,8 +296,9 @@ def _check(validator_class, schema, where):
         raise SchemaError(f"{where}: {path + ': ' if path else ''}{e.message}") from None
 
 
-def _object(fields, names, where, closed):
-    schema = {"type": "object", "properties": {}, "required": []}
+def _object(fields: dict[str, Any], names: frozenset[str], where: str, closed: bool
+            ) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
     for fname, spec in fields.items():
         schema["properties"][fname] = _field(spec, names, f"{where} field {fname}")
         if not _table(spec, where).get("optional", False):
@@ -299,8 +308,8 @@ def _object(fields, names, where, closed):
     return schema
 
 
-def _field(spec, names, where):
-    spec = dict(_table(spec, where))
+def _field(table: object, names: frozenset[str], where: str) -> dict[str, Any]:
+    spec = dict(_table(table, where))
     spec.pop("optional", None)
     kind = spec.get("type")
     if isinstance(kind, str) and kind not in JSON_TYPES:
@@ -318,13 +327,13 @@ def _field(spec, names, where):
     return spec
 
 
-def _table(value, where):
+def _table(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SchemaError(f"{where}: expected a table, got {value!r}")
     return value
 
 
-def _only(table, allowed, where):
+def _only(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = set(table) - allowed
     if unknown:
         raise SchemaError(f"{where}: unknown keys {sorted(unknown)}")

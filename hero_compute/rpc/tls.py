@@ -24,24 +24,27 @@ handshake, then talks to the explorer over an ordinary verified connection, so t
 never goes to a server that has not proven it holds a certificate of the pinned CA.
 """
 
+from __future__ import annotations
+
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import extract_patterns
-from service_identity.hazmat import DNSPattern, URI_ID, URIPattern, verify_service_identity
-from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from service_identity.hazmat import URI_ID, DNSPattern, URIPattern, verify_service_identity
 from twisted.internet.interfaces import (
-    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from hero_compute import pki
@@ -55,26 +58,27 @@ PeerIdentity = pki.SpiffeId
 _CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
+#: OpenSSL's verify callback: (connection, certificate, errno, depth, ok) -> ok.
+_VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
+
+
 class TLSConfigError(Exception):
     """TLS material that cannot be used: unreadable, mismatched, or not of the fleet CA."""
 
 
-class ChainError(Exception):
-    """A server's certificate chain does not prove what enrollment needs (see the text)."""
-
-
-def _cryptography(cert):
+def _cryptography(cert: x509.Certificate | crypto.X509) -> x509.Certificate:
     return cert.to_cryptography() if isinstance(cert, crypto.X509) else cert
 
 
-def _authority(pattern):
+def _authority(pattern: Any) -> Any:  # service_identity has no types
     # service_identity keeps "//td/role/name" as the host of spiffe://td/role/name.
     host = pattern.dns_pattern.pattern.removeprefix(b"//").split(b"/", 1)[0]
     return URIPattern(protocol_pattern=pattern.protocol_pattern,
                       dns_pattern=DNSPattern.from_bytes(host))
 
 
-def identity_of(cert, trust_domain):
+def identity_of(cert: x509.Certificate | crypto.X509, trust_domain: str
+                ) -> PeerIdentity | None:
     """
     The identity a certificate names in a trust domain.
 
@@ -102,7 +106,7 @@ def identity_of(cert, trust_domain):
     return identity
 
 
-def peer_identity(transport, trust_domain):
+def peer_identity(transport: object, trust_domain: str) -> PeerIdentity | None:
     """
     The identity of the peer on a TLS transport made by :class:`ServerTLS` or
     :class:`ClientTLS`, whose handshake verified the peer's chain against the fleet CA.
@@ -127,12 +131,12 @@ class Expected:
     role: str
     name: str | None = None
 
-    def allows(self, identity):
+    def allows(self, identity: PeerIdentity | None) -> bool:
         """:return: whether ``identity`` (a :class:`PeerIdentity` or ``None``) fits"""
         return identity is not None and identity.role == self.role and (
             self.name is None or identity.name == self.name)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.role}/{self.name if self.name is not None else '*'}"
 
 
@@ -148,20 +152,20 @@ class Credentials:
 
     ca: x509.Certificate
     certificate: x509.Certificate | None = None
-    key: object = attrs.field(default=None, repr=False)
+    key: PrivateKeyTypes | None = attrs.field(default=None, repr=False)
     trust_domain: str = attrs.field(init=False)
 
     @trust_domain.default
-    def _trust_domain(self):
+    def _trust_domain(self) -> str:
         try:
             return pki.trust_domain_of(self.ca)
         except pki.IdentityError as e:
             raise TLSConfigError(str(e)) from None
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if (self.certificate is None) != (self.key is None):
             raise TLSConfigError("a certificate needs its key, and a key its certificate")
-        if self.certificate is None:
+        if self.certificate is None or self.key is None:
             return
         if pki.spki_pin(self.certificate) != pki.public_key_pin(self.key.public_key()):
             raise TLSConfigError("the private key does not belong to the certificate")
@@ -170,7 +174,7 @@ class Credentials:
         except (ValueError, TypeError, InvalidSignature):
             raise TLSConfigError("the certificate is not issued by the CA") from None
 
-    def load(self):
+    def load(self) -> Credentials:
         """:return: itself (in-memory credentials are their own source)"""
         return self
 
@@ -190,9 +194,9 @@ class TLSMaterial:
     key_path: str | None
     ca_path: str
 
-    def load(self):
+    def load(self) -> Credentials:
         """
-        :rtype: Credentials
+        :return: the credentials the files hold
         :raises TLSConfigError: naming the file and what is wrong with it
         """
         try:
@@ -210,18 +214,21 @@ class TLSMaterial:
                                  ) from None
 
 
-def _context(credentials, verify):
+def _context(credentials: Credentials, verify: _VerifyCallback) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION)
     ctx.set_cipher_list(_CIPHERS)
     # Needed by a server that verifies clients, or a resumed session fails the handshake.
     ctx.set_session_id(b"hero_compute")
-    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(credentials.ca))
+    store = ctx.get_cert_store()
+    assert store is not None  # a new context always has one
+    store.add_cert(crypto.X509.from_cryptography(credentials.ca))
     ctx.add_client_ca(credentials.ca)  # tells clients which certificate to send
-    if credentials.certificate is not None:
+    if credentials.certificate is not None and credentials.key is not None:
         ctx.use_certificate(credentials.certificate)
-        ctx.use_privatekey(credentials.key)
+        # pyOpenSSL raises TypeError for the kinds of key it cannot use (X25519, ...).
+        ctx.use_privatekey(credentials.key)  # type: ignore[arg-type]
         ctx.check_privatekey()
         # The CA goes with the leaf: an enrolling node learns it from the chain.
         ctx.add_extra_chain_cert(credentials.ca)
@@ -232,19 +239,20 @@ def _context(credentials, verify):
 class _Reloadable:
     """A connection creator whose context is rebuilt from its material on reload."""
 
-    def __init__(self, material):
+    _context: SSL.Context
+    #: The :class:`Credentials` in use.
+    credentials: Credentials
+
+    def __init__(self, material: TLSMaterial | Credentials) -> None:
         self._material = material
-        self._context = None
-        #: The :class:`Credentials` in use.
-        self.credentials = None
         self.reload()
 
     @property
-    def trust_domain(self):
+    def trust_domain(self) -> str:
         """The trust domain of the CA in use."""
         return self.credentials.trust_domain
 
-    def reload(self):
+    def reload(self) -> None:
         """
         Read the material again and use it for new connections; open connections go on
         with what they had.
@@ -260,8 +268,12 @@ class _Reloadable:
             raise TLSConfigError(f"OpenSSL refused the TLS material: {e}") from None
         self._context, self.credentials = context, credentials
 
-    def _check(self, credentials):
+    def _check(self, credentials: Credentials) -> None:
         pass
+
+    def _verify(self, credentials: Credentials, connection: SSL.Connection,
+                cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        raise NotImplementedError
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -274,14 +286,15 @@ class ServerTLS(_Reloadable):
     :raises TLSConfigError: if the material is unusable
     """
 
-    def _check(self, credentials):
+    def _check(self, credentials: Credentials) -> None:
         if credentials.certificate is None:
             raise TLSConfigError("a TLS listener needs a certificate and its key")
 
-    def _verify(self, credentials, connection, cert, errno, depth, ok):
+    def _verify(self, credentials: Credentials, connection: SSL.Connection,
+                cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         return bool(ok)
 
-    def serverConnectionForTLS(self, tlsProtocol):
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """:return: a new :class:`OpenSSL.SSL.Connection` with the current context"""
         return SSL.Connection(self._context, None)
 
@@ -299,11 +312,12 @@ class ClientTLS(_Reloadable):
     :raises TLSConfigError: if the material is unusable
     """
 
-    def __init__(self, material, expected=None):
+    def __init__(self, material: TLSMaterial | Credentials,
+                 expected: Expected | None = None) -> None:
         self.expected = expected
         _Reloadable.__init__(self, material)
 
-    def expecting(self, expected):
+    def expecting(self, expected: Expected) -> _Expecting:
         """
         A creator that shares this one's context (and its reloads) but expects another
         peer: the explorer's proxy makes one per node id without re-reading any file.
@@ -312,13 +326,15 @@ class ClientTLS(_Reloadable):
         """
         return _Expecting(self, expected)
 
-    def _verify(self, credentials, connection, cert, errno, depth, ok):
+    def _verify(self, credentials: Credentials, connection: SSL.Connection,
+                cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if not ok or depth != 0:
             return bool(ok)
         return self._check_peer(credentials, self.expected, cert)
 
     @staticmethod
-    def _check_peer(credentials, expected, cert):
+    def _check_peer(credentials: Credentials, expected: Expected | None,
+                    cert: crypto.X509) -> bool:
         identity = identity_of(cert, credentials.trust_domain)
         if expected is not None and expected.allows(identity):
             return True
@@ -326,7 +342,7 @@ class ClientTLS(_Reloadable):
                  identity=identity, expected=expected)
         return False
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """:return: a new :class:`OpenSSL.SSL.Connection` with the current context"""
         return SSL.Connection(self._context, None)
 
@@ -334,18 +350,19 @@ class ClientTLS(_Reloadable):
 @implementer(IOpenSSLClientConnectionCreator)
 @attrs.frozen
 class _Expecting:
-    """A :class:`ClientTLS` expecting one particular peer (see :meth:`ClientTLS.expecting`)."""
+    """A :class:`ClientTLS` expecting one peer (see :meth:`ClientTLS.expecting`)."""
 
     parent: ClientTLS
     expected: Expected
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """:return: a new :class:`OpenSSL.SSL.Connection` that expects our peer"""
         parent = self.parent
         credentials = parent.credentials
         connection = SSL.Connection(parent._context, None)
 
-        def verify(connection, cert, errno, depth, ok):
+        def verify(connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                   ok: int) -> bool:
             if not ok or depth != 0:
                 return bool(ok)
             return parent._check_peer(credentials, self.expected, cert)
@@ -355,7 +372,7 @@ class _Expecting:
         return connection
 
 
-def tls_server_factory(creator, factory):
+def tls_server_factory(creator: ServerTLS, factory: Factory) -> TLSMemoryBIOFactory:
     """
     Wrap a server protocol factory in TLS, to listen on any stream endpoint (a plain
     ``tcp:`` listener beside the Unix and TCP ones, in the same reactor).
@@ -366,106 +383,11 @@ def tls_server_factory(creator, factory):
     return TLSMemoryBIOFactory(creator, False, factory)
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _AnyServer:
-    """A client TLS side that verifies nothing: only for reading a chain, never data."""
+# Enrollment's helpers live in tls_enroll.py (they build on identity_of and Expected
+# above, hence the import at the end); they are re-exported here, where callers look.
+from .tls_enroll import ChainError, ca_from_chain, fetch_peer_chain  # noqa: E402
 
-    def clientConnectionForTLS(self, tlsProtocol):
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_verify(SSL.VERIFY_NONE)
-        return SSL.Connection(ctx, None)
-
-
-@implementer(IHandshakeListener)
-class _ChainReader(protocol.Protocol):
-    """Takes the server's chain once the handshake is done, sends nothing, hangs up."""
-
-    def __init__(self, done):
-        self._done = done
-
-    def handshakeCompleted(self):
-        chain = self.transport.getHandle().get_peer_cert_chain(as_cryptography=True) or []
-        done, self._done = self._done, None
-        self.transport.loseConnection()
-        if done is not None and not done.called:
-            done.callback(chain)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        done, self._done = self._done, None
-        if done is not None and not done.called:
-            done.errback(reason)
-
-
-def fetch_peer_chain(reactor, host, port, timeout=10):
-    """
-    The certificate chain a TLS server presents, from a handshake that verifies nothing
-    and after which the connection is closed without a byte of application data.
-
-    :param host: an IP address or DNS name
-    :param port: the TLS port
-    :param timeout: seconds for the whole exchange
-    :return: a Deferred of a list of :class:`cryptography.x509.Certificate`, leaf first;
-        it fails if the server cannot be reached or the handshake fails, and with
-        :class:`twisted.internet.defer.TimeoutError` after ``timeout``
-    """
-    state = {"connecting": None, "protocol": None, "cancelled": False}
-
-    def cancel(d):
-        # Whatever the teardown reports, the caller sees the cancellation (or timeout).
-        state["cancelled"] = True
-        if state["protocol"] is not None:
-            state["protocol"]._done = None
-            state["protocol"].transport.abortConnection()
-        elif state["connecting"] is not None:
-            state["connecting"].cancel()
-
-    done = defer.Deferred(cancel)
-    factory = protocol.Factory.forProtocol(lambda: _ChainReader(done))
-    endpoint = wrapClientTLS(_AnyServer(), HostnameEndpoint(reactor, host, port, timeout))
-    connecting = state["connecting"] = endpoint.connect(factory)
-
-    def connected(proto):
-        state["protocol"] = proto
-
-    def failed(failure):
-        if not state["cancelled"] and not done.called:
-            done.errback(failure)
-
-    connecting.addCallbacks(connected, failed)
-    done.addTimeout(timeout, reactor)
-    return done
-
-
-def ca_from_chain(chain, pin):
-    """
-    The fleet CA from a chain got by :func:`fetch_peer_chain`, if the chain proves the
-    server holds an explorer certificate of the CA with that pin.
-
-    :param chain: the certificates, leaf first
-    :param pin: the CA pin, ``sha256:<64 hex>`` (``NODE_CA_PIN``)
-    :return: the CA :class:`cryptography.x509.Certificate`
-    :raises ChainError: saying why the chain is refused
-    """
-    pin = pin.strip().lower()
-    if not chain:
-        raise ChainError("the server presented no certificate")
-    leaf = chain[0]
-    pinned = [cert for cert in chain if pki.spki_pin(cert) == pin]
-    if not pinned:
-        raise ChainError(f"no certificate in the server's chain has the pin {pin}: "
-                         f"wrong pin, or not this fleet's explorer")
-    ca = pinned[0]
-    try:
-        trust_domain = pki.trust_domain_of(ca)
-    except pki.IdentityError as e:
-        raise ChainError(f"the pinned certificate is not a fleet CA: {e}") from None
-    try:
-        leaf.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise ChainError("the server's certificate is not issued by the pinned CA") from None
-    identity = identity_of(leaf, trust_domain)
-    if not Expected("explorer").allows(identity):
-        raise ChainError(f"the server's certificate names {identity or 'no identity'} "
-                         f"of trust domain {trust_domain}, not an explorer")
-    return ca
+__all__ = ["ChainError", "ClientTLS", "Credentials", "Expected", "PeerIdentity",
+           "ServerTLS", "TLSConfigError", "TLSMaterial", "ca_from_chain",
+           "fetch_peer_chain",
+           "identity_of", "peer_identity", "tls_server_factory"]

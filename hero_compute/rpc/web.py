@@ -6,18 +6,21 @@ a service that already runs a ``twisted.web`` ``Site`` and wants ``/rpc`` among 
 resources.  It only adapts a request to a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
 """
 
+from __future__ import annotations
+
 from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http import NO_CONTENT, NOT_ALLOWED
 
-from .dispatch import CallContext
+from .dispatch import CallContext, Dispatcher
 
 log = Logger()
 
 
-def context_of(request):
+def context_of(request: server.Request) -> CallContext:
     """
     :param request: a :class:`twisted.web.server.Request`
     :return: the :class:`~hero_compute.rpc.dispatch.CallContext` of that request
@@ -42,13 +45,14 @@ class RpcResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, dispatcher):
+    def __init__(self, dispatcher: Dispatcher) -> None:
         resource.Resource.__init__(self)
         self.dispatcher = dispatcher
 
-    def render(self, request):
+    def render(self, request: server.Request) -> bytes | int:
         if request.postpath not in ([], [b""]):
-            return resource.NoResource().render(request)
+            page: bytes = resource.NoResource().render(request)
+            return page
         if request.method != b"POST":
             # Not left to Resource.render: Twisted answers 501 to verbs outside its
             # supportedMethods (PUT, DELETE, ...), and 500 to HEAD (render_HEAD calls a
@@ -59,17 +63,19 @@ class RpcResource(resource.Resource):
             return b"only POST is allowed on /rpc\n"
         return self.render_POST(request)
 
-    def render_POST(self, request):
+    def render_POST(self, request: server.Request) -> int:
         """
         Dispatch one HTTP request: a single JSON-RPC request or a batch.
         """
-        request.content.seek(0)
-        answer = self.dispatcher.answer(request.content.read(), context_of(request))
+        content = request.content
+        assert content is not None  # twisted.web reads every body into it
+        content.seek(0)
+        answer = self.dispatcher.answer(content.read(), context_of(request))
         d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
 
-        gone = []
+        gone: list[bool] = []
 
-        def respond(payload):
+        def respond(payload: bytes | None) -> None:
             if request.finished or gone:
                 return
             if payload is None:
@@ -81,7 +87,7 @@ class RpcResource(resource.Resource):
                 request.write(payload)
             request.finish()
 
-        def cancel(_):
+        def cancel(_: Failure) -> None:
             # The client hung up: stop the work, and answer no one.
             gone.append(True)
             d.cancel()

@@ -1,26 +1,12 @@
 """
-The fleet's offline PKI, in the manner of ``nomad tls``: one CA per fleet, and certificates
-whose single URI SAN ``spiffe://<trust-domain>/<role>/<name>`` says who their holder is.
-
-Keys and certificates are made with :mod:`cryptography` only; nothing here encodes ASN.1
-by hand.  Keys are ECDSA P-256: small certificates and cheap handshakes.
-
-The trust domain is chosen when the CA is created and written into the CA certificate as
-its own URI SAN ``spiffe://<trust-domain>``, so a CA file alone says which identities it
-vouches for.  The CA pin, ``sha256:<64 hex>``, is the SHA-256 of the CA's
-SubjectPublicKeyInfo DER, as kubeadm's ``--discovery-token-ca-cert-hash``: it survives
-re-issuing the CA certificate with the same key.
-
-This module knows nothing of Twisted or the network; :mod:`hero_compute.rpc.tls` builds
-TLS on it.
+The fleet CA: creating it, loading it, and issuing identity certificates (from a public
+key, or from a node's certificate signing request).
 """
 
 import datetime
-import hashlib
 import ipaddress
 import os
 import re
-import tempfile
 
 import attrs
 from cryptography import x509
@@ -29,151 +15,30 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: The roles a certificate may name (contract §6).
-ROLES = ("explorer", "node", "client")
-DEFAULT_TRUST_DOMAIN = "hero-compute"
+from .identity import (
+    DEFAULT_TRUST_DOMAIN,
+    IdentityError,
+    PkiError,
+    _spki,
+    check_name,
+    check_trust_domain,
+    format_spiffe_id,
+    spki_pin,
+    trust_domain_of,
+)
+from .pem import (
+    dump_certificate,
+    dump_private_key,
+    load_certificate,
+    load_private_key,
+    write_file,
+)
+
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
-
-# SPIFFE: a trust domain is lowercase letters, digits, '.', '-', '_'; we add the contract's
-# name rule, so an identity is exactly two path segments with nothing around them.
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SPIFFE_ID = re.compile(r"spiffe://([^/?#]*)/([^/?#]*)/([^/?#]*)")
-_CA_ID = re.compile(r"spiffe://([^/?#]*)")
 #: Slack on ``not_valid_before`` for peers whose clocks run a little behind ours.
 _BACKDATE = datetime.timedelta(minutes=5)
-
-
-class PkiError(Exception):
-    """A PKI operation could not be done (missing CA, a file in the way, a bad CSR)."""
-
-
-class IdentityError(PkiError, ValueError):
-    """A trust domain, role, name or SPIFFE id that the contract does not allow."""
-
-
-@attrs.frozen
-class SpiffeId:
-    """
-    Who a certificate says its holder is: ``spiffe://<trust_domain>/<role>/<name>``.
-
-    :ivar trust_domain: the fleet's trust domain, e.g. ``hero-compute``
-    :ivar role: ``explorer``, ``node`` or ``client``
-    :ivar name: the explorer or client name, or the node id
-    """
-
-    trust_domain: str
-    role: str
-    name: str
-
-    @property
-    def uri(self):
-        """The identity as a ``spiffe://`` URI."""
-        return f"spiffe://{self.trust_domain}/{self.role}/{self.name}"
-
-    def __str__(self):
-        return self.uri
-
-
-def check_trust_domain(trust_domain):
-    """
-    :return: ``trust_domain`` if SPIFFE allows it (lowercase ``[a-z0-9._-]``)
-    :raises IdentityError: otherwise
-    """
-    if not isinstance(trust_domain, str) or not _TRUST_DOMAIN.fullmatch(trust_domain) \
-            or trust_domain in (".", ".."):
-        raise IdentityError(
-            f"invalid trust domain {trust_domain!r}: use lowercase letters, digits, "
-            f"'.', '-' and '_'")
-    return trust_domain
-
-
-def check_name(role, name):
-    """
-    :return: ``(role, name)`` if they make a valid identity
-    :raises IdentityError: for an unknown role, or a name outside ``[A-Za-z0-9._-]{1,64}``
-    """
-    if role not in ROLES:
-        raise IdentityError(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
-        what = "node id" if role == "node" else f"{role} name"
-        raise IdentityError(
-            f"invalid {what} {name!r}: use 1 to 64 of A-Z a-z 0-9 '.' '-' '_'")
-    return role, name
-
-
-def format_spiffe_id(trust_domain, role, name):
-    """
-    :return: the URI ``spiffe://<trust_domain>/<role>/<name>``, validated
-    :raises IdentityError: if a part is invalid
-    """
-    check_trust_domain(trust_domain)
-    check_name(role, name)
-    return SpiffeId(trust_domain, role, name).uri
-
-
-def parse_spiffe_id(uri):
-    """
-    Parse a workload identity; nothing but ``spiffe://<td>/<role>/<name>`` is accepted
-    (no port, user info, query, fragment, percent-encoding or further segments).
-
-    :rtype: SpiffeId
-    :raises IdentityError: if ``uri`` is not such an identity
-    """
-    match = _SPIFFE_ID.fullmatch(uri) if isinstance(uri, str) else None
-    if match is None:
-        raise IdentityError(f"not a hero_compute SPIFFE id: {uri!r}")
-    trust_domain, role, name = match.groups()
-    check_trust_domain(trust_domain)
-    check_name(role, name)
-    return SpiffeId(trust_domain, role, name)
-
-
-def uri_sans(cert):
-    """:return: the URI SANs of ``cert``, as a list of strings (maybe empty)"""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return san.value.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def trust_domain_of(ca_cert):
-    """
-    The trust domain a CA certificate vouches for, from its URI SAN ``spiffe://<td>``.
-
-    :raises IdentityError: if it has no such SAN (not a hero_compute CA)
-    """
-    uris = uri_sans(ca_cert)
-    match = _CA_ID.fullmatch(uris[0]) if len(uris) == 1 else None
-    if match is None:
-        raise IdentityError(
-            f"not a hero_compute CA: its URI SANs are {uris!r}, expected one spiffe://<td>")
-    return check_trust_domain(match.group(1))
-
-
-def spki_pin(cert):
-    """
-    The pin of a certificate's public key: ``sha256:`` and the hex SHA-256 of its
-    SubjectPublicKeyInfo DER (kubeadm's discovery-token-ca-cert-hash).
-
-    :param cert: a :class:`cryptography.x509.Certificate`
-    """
-    return public_key_pin(cert.public_key())
-
-
-def public_key_pin(public_key):
-    """:return: the pin of a public key, as :func:`spki_pin` of a certificate holding it"""
-    return "sha256:" + hashlib.sha256(_spki(public_key)).hexdigest()
-
-
-def _spki(public_key):
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-# PEM helpers
+_DNS_NAME = re.compile(r"[A-Za-z0-9*._-]{1,253}")
 
 
 def make_key():
@@ -181,82 +46,8 @@ def make_key():
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def dump_certificate(cert):
-    """:return: ``cert`` as PEM bytes"""
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def dump_private_key(key):
-    """:return: ``key`` as unencrypted PKCS#8 PEM bytes"""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _read(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise PkiError(f"cannot read {path}: {e.strerror}") from None
-
-
-def load_certificates(path):
-    """
-    :return: every certificate in the PEM file ``path``, in order (at least one)
-    :raises PkiError: if the file is unreadable or holds no certificate
-    """
-    try:
-        certs = x509.load_pem_x509_certificates(_read(path))
-    except ValueError:
-        certs = []
-    if not certs:
-        raise PkiError(f"{path} holds no PEM certificate")
-    return certs
-
-
-def load_certificate(path):
-    """:return: the first certificate in the PEM file ``path``"""
-    return load_certificates(path)[0]
-
-
-def load_private_key(path):
-    """
-    :return: the (unencrypted) private key in the PEM file ``path``
-    :raises PkiError: if it is unreadable or not a private key
-    """
-    try:
-        return serialization.load_pem_private_key(_read(path), password=None)
-    except (ValueError, TypeError) as e:
-        raise PkiError(f"{path} holds no usable private key: {e}") from None
-
-
-def write_file(path, data, mode=0o600, force=True):
-    """
-    Write ``data`` to ``path`` atomically (a temporary file renamed over it) with exactly
-    ``mode``, whatever the umask: a reader never sees a partial key, nor a key that was
-    world-readable for a moment.
-
-    :param force: replace an existing file; when false, an existing file is an error
-    :raises PkiError: if ``path`` exists and ``force`` is false
-    """
-    path = os.fspath(path)
-    if not force and os.path.lexists(path):
-        raise PkiError(f"{path} exists; refusing to overwrite it (use --force)")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _now(now):
-    return now if now is not None else datetime.datetime.now(datetime.timezone.utc)
+    return now if now is not None else datetime.datetime.now(datetime.UTC)
 
 
 def _key_usage(**flags):
@@ -352,8 +143,9 @@ class CertificateAuthority:
         :raises PkiError: if either is missing or unusable
         """
         if not os.path.isdir(directory):
-            raise PkiError(f"CA directory {directory} does not exist "
-                           f"(create one with: hero-compute tls ca create --dir {directory})")
+            raise PkiError(
+                f"CA directory {directory} does not exist "
+                f"(create one with: hero-compute tls ca create --dir {directory})")
         return cls(load_certificate(os.path.join(directory, CA_FILE)),
                    load_private_key(os.path.join(directory, CA_KEY_FILE)))
 
@@ -392,7 +184,7 @@ class CertificateAuthority:
             raise IdentityError(f"invalid validity {days} days: at least 1")
         sans = [x509.UniformResourceIdentifier(uri)]
         for host in dns:
-            if not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9*._-]{1,253}", host):
+            if not isinstance(host, str) or not _DNS_NAME.fullmatch(host):
                 raise IdentityError(f"invalid DNS name {host!r}")
             sans.append(x509.DNSName(host.lower()))
         for ip in ips:
