@@ -413,7 +413,8 @@ class NodeTLS(service.MultiService):
             self._files.store(cert, key)
             self.reload()
             return cert
-        raise TransportError("; ".join(reasons) or "no tls:// explorer")
+        raise TransportError(", ".join(e.uri for e in self._explorers) or "no explorer",
+                             "; ".join(reasons) or "no tls:// explorer to renew with")
 
     def _renewed(self, cert):
         self._working = None
@@ -459,6 +460,9 @@ class NodeTLS(service.MultiService):
         creator.reload()
         if self.server_tls is not None:
             self.server_tls.reload()
+        # Pooled connections still present the old certificate: renewal is accepted
+        # only from the current one.
+        self._client.retire_connections()
         if self._working is None:
             self._schedule_renewal()
 

@@ -180,8 +180,10 @@ class CertificateAuthority:
         :raises IdentityError: for an invalid role, name, DNS name or address
         """
         uri = format_spiffe_id(self.trust_domain, role, name)
-        if days < 1:
-            raise IdentityError(f"invalid validity {days} days: at least 1")
+        # Fractions of a day are fine: an explorer may be told to sign certificates of
+        # minutes (EXPLORER_NODE_CERT_TTL), e.g. to exercise renewal.
+        if not days > 0:
+            raise IdentityError(f"invalid validity {days} days: must be positive")
         sans = [x509.UniformResourceIdentifier(uri)]
         for host in dns:
             if not isinstance(host, str) or not _DNS_NAME.fullmatch(host):
@@ -204,7 +206,9 @@ class CertificateAuthority:
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
+            # Never more than a tenth of the life: a holder renews at two thirds of
+            # not_before..not_after, which a long slack would skew for short lives.
+            .not_valid_before(now - min(_BACKDATE, datetime.timedelta(days=days) / 10))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(

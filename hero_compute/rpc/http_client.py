@@ -196,6 +196,9 @@ class _Pool:
         self._all: set[_HTTPConnection] = set()
         self._closing: list[defer.Deferred[None]] = []
         self._closed = False
+        # Connections made before the last retire() are not reused (old TLS material).
+        self._generation = 0
+        self._born: dict[_HTTPConnection, int] = {}
 
     def get(self, address: Address, expect: Expected | None = None
             ) -> defer.Deferred[_HTTPConnection]:
@@ -230,12 +233,26 @@ class _Pool:
 
     def _track(self, conn: _HTTPConnection) -> _HTTPConnection:
         self._all.add(conn)
+        self._born[conn] = self._generation
         return conn
+
+    def retire(self) -> None:
+        """
+        Make new connections from now on: idle ones close now, busy ones once their
+        call is done.  After a certificate renewal, so that the peer sees the new one.
+        """
+        self._generation += 1
+        idle, self._idle = self._idle, collections.defaultdict(list)
+        for conns in idle.values():
+            for conn in conns:
+                self._stop_timer(conn)
+                conn.transport.loseConnection()
 
     def release(self, conn: _HTTPConnection) -> None:
         """Put a connection whose response is complete back for reuse."""
         idle = self._idle[conn.key]
-        if self._closed or len(idle) >= self._max:
+        if (self._closed or len(idle) >= self._max
+                or self._born.get(conn) != self._generation):
             conn.transport.loseConnection()
             return
         idle.append(conn)
@@ -250,6 +267,7 @@ class _Pool:
     def forget(self, conn: _HTTPConnection) -> None:
         """Drop a connection that is gone."""
         self._all.discard(conn)
+        self._born.pop(conn, None)
         self._stop_timer(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
@@ -304,6 +322,11 @@ class RpcClient:
         :param tls: a :class:`~hero_compute.rpc.tls.ClientTLS`
         """
         self.tls = self._pool._tls = tls
+        self._pool.retire()
+
+    def retire_connections(self) -> None:
+        """New calls use new connections (e.g. after our TLS material was reloaded)."""
+        self._pool.retire()
 
     def call(self, address: Address | str, method: str, params: Any = None,
              timeout: float | None = None, expect: Expected | None = None
