@@ -2,13 +2,13 @@
 The floors a JSON-RPC call is measured against, each answering every POST with a fixed
 JSON body on a Unix socket and on TCP:
 
-- C{twisted-web}: a bare Twisted web resource on a stock L{twisted.web.server.Site}
+- ``twisted-web``: a bare Twisted web resource on a stock :obj:`twisted.web.server.Site`
   (access log off), the framework floor;
-- C{hero-http}: our own HTTP/1.1 protocol (L{make_factory}) with a dispatcher that answers
+- ``hero-http``: our own HTTP/1.1 protocol (:obj:`make_factory`) with a dispatcher that answers
   without parsing, i.e. the cost of our transport alone.
 
 Usage: python bench/bare_server.py SOCKET_PATH [twisted-web|hero-http]
-(prints C{listening on ...} lines)
+(prints ``listening on ...`` lines)
 """
 
 import sys
@@ -36,7 +36,7 @@ class Fixed(resource.Resource):
 
 
 class FixedRpc:
-    """Stands in for a L{Dispatcher}: every body gets the same answer."""
+    """Stands in for a :obj:`Dispatcher`: every body gets the same answer."""
 
     def answer(self, body, context):
         return BODY

@@ -1,14 +1,14 @@
 """
 A small, efficient HTTP/1.1 JSON-RPC load generator (asyncio Protocols, raw bytes).
 
-Run as a separate process by L{bench.run}; it prints one JSON object on stdout.
+Run as a separate process by :obj:`bench.run`; it prints one JSON object on stdout.
 
 Modes:
 
-- C{closed}: C{--conns} connections in a closed loop (send, await the response, send
-  again), either persistent or with a new connection per request (C{--close}).  Works
+- ``closed``: ``--conns`` connections in a closed loop (send, await the response, send
+  again), either persistent or with a new connection per request (``--close``).  Works
   over Unix sockets and TCP alike, so Unix vs TCP is measured with the same client.
-- C{heartbeat}: simulated nodes, each heartbeating every C{--interval} seconds on a
+- ``heartbeat``: simulated nodes, each heartbeating every ``--interval`` seconds on a
   fixed, phase-spread schedule (open loop) over persistent TCP connections.
 
 Latencies go into a log-bucketed histogram (2% buckets) so that processes can be merged.
@@ -45,7 +45,7 @@ class Histogram:
 
 
 def merge_histograms(dicts):
-    """Merge histogram dicts (as produced by L{Histogram.to_json})."""
+    """Merge histogram dicts (as produced by :obj:`Histogram.to_json`)."""
     out = {}
     for d in dicts:
         for k, v in d.items():

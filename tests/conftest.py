@@ -58,7 +58,7 @@ def logged_errors():
 @pytest.fixture
 def twistd():
     """
-    Start real twistd processes: C{twistd(args, env=..., netns=...)}; all are stopped
+    Start real twistd processes: ``twistd(args, env=..., netns=...)``; all are stopped
     (and their output shown on failure) at the end of the test.
     """
     started = []

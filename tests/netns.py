@@ -36,8 +36,8 @@ def netns_available():
 
 class Lab:
     """
-    A switch and hosts.  C{add_host(name, index)} gives host C{name} the address
-    C{192.0.2.<index>}; C{cut(name)} and C{mend(name)} take its link down and up.
+    A switch and hosts.  ``add_host(name, index)`` gives host ``name`` the address
+    ``192.0.2.<index>``; ``cut(name)`` and ``mend(name)`` take its link down and up.
     """
 
     def __init__(self):

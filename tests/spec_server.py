@@ -4,8 +4,8 @@ JSON-RPC 2.0 specification (section 7), plus a few that misbehave, served by
 :class:`hero_compute.rpc.dispatch.Dispatcher` (no schema) on a Unix socket, TCP over IPv4 and
 TCP over IPv6 at once.
 
-Run as C{python tests/spec_server.py /abs/path.sock}; it logs one C{listening on URI}
-line per listener to stdout.  L{SpecServer} runs it as a subprocess for tests.
+Run as ``python tests/spec_server.py /abs/path.sock``; it logs one ``listening on URI``
+line per listener to stdout.  :obj:`SpecServer` runs it as a subprocess for tests.
 """
 
 import os
@@ -86,7 +86,7 @@ def build_dispatcher(reactor):
 
 
 def main(path):
-    """Serve on C{path}, 127.0.0.1 and ::1 (ephemeral ports) until SIGTERM."""
+    """Serve on ``path``, 127.0.0.1 and ::1 (ephemeral ports) until SIGTERM."""
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -143,7 +143,7 @@ class SpecServer:
             return "\n".join(self.lines)
 
     def listening(self, count, timeout=15.0):
-        """:return: the URIs of the first C{count} C{listening on} lines"""
+        """:return: the URIs of the first ``count`` ``listening on`` lines"""
         regex = re.compile(r"listening on (\S+)")
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -157,7 +157,7 @@ class SpecServer:
                 self._cond.wait(min(remaining, 0.2))
 
     def wait_for_output(self, text, timeout=5.0):
-        """Wait until C{text} appears in the output; raise AssertionError otherwise."""
+        """Wait until ``text`` appears in the output; raise AssertionError otherwise."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while text not in "\n".join(self.lines):

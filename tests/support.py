@@ -52,7 +52,7 @@ def remove_tmp(path):
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    """An C{http.client} connection over a Unix socket."""
+    """An ``http.client`` connection over a Unix socket."""
 
     def __init__(self, path, timeout=10):
         http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
@@ -66,9 +66,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 def connect(uri, timeout=10):
     """
-    A plain C{http.client} connection to an address URI.
+    A plain ``http.client`` connection to an address URI.
 
-    :param uri: C{unix:///...}, C{/path} or C{tcp://host:port}
+    :param uri: ``unix:///...``, ``/path`` or ``tcp://host:port``
     """
     address = parse_address(uri)
     if address.is_unix:
@@ -115,7 +115,7 @@ def post(uri_or_conn, body, path="/rpc", method="POST", headers=None):
     """
     Send one HTTP request; the body is sent as given (bytes or str), or JSON-encoded.
 
-    :return: C{(status, headers, body bytes)}
+    :return: ``(status, headers, body bytes)``
     """
     conn = connect(uri_or_conn) if isinstance(uri_or_conn, str) else uri_or_conn
     if not isinstance(body, (bytes, str)) and body is not None:
@@ -156,9 +156,9 @@ def result(uri, method, params=None, timeout=10):
 
 def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
     """
-    Poll until C{predicate()} is truthy; returns its value.
+    Poll until ``predicate()`` is truthy; returns its value.
 
-    :raise AssertionError: after C{timeout} seconds
+    :raise AssertionError: after ``timeout`` seconds
     """
     deadline = time.monotonic() + timeout
     last_error = None
@@ -175,11 +175,11 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
 
 class Twistd:
     """
-    A real C{twistd -n} process, its output collected line by line.
+    A real ``twistd -n`` process, its output collected line by line.
 
-    :param args: the arguments after C{twistd -n --pidfile=}
+    :param args: the arguments after ``twistd -n --pidfile=``
     :param env: extra environment
-    :param netns: run inside this network namespace (C{ip netns exec})
+    :param netns: run inside this network namespace (``ip netns exec``)
 
     Unless ``env`` names a ``HOME``, the process gets a fresh one of its own, removed
     when it is stopped: the default state directories live under it, and no test may
@@ -222,7 +222,7 @@ class Twistd:
 
     def wait_for_line(self, pattern, timeout=15.0, count=1):
         """
-        Wait until C{count} lines match the regex C{pattern}.
+        Wait until ``count`` lines match the regex ``pattern``.
 
         :return: the list of matches
         """
@@ -242,7 +242,7 @@ class Twistd:
 
     def listening(self, count=1, timeout=15.0):
         """
-        Wait for C{count} C{listening on} lines.
+        Wait for ``count`` ``listening on`` lines.
 
         :return: the URIs, in order
         """

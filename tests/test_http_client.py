@@ -30,7 +30,7 @@ from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 
 
 async def eventually(predicate, timeout=5.0, what="condition"):
-    """Let the reactor run until C{predicate()} is true; fail after C{timeout} s."""
+    """Let the reactor run until ``predicate()`` is true; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -124,7 +124,7 @@ async def client():
 @pytest_twisted.async_yield_fixture
 async def raw_server():
     """
-    Listen with any protocol factory on 127.0.0.1:0: C{raw_server(factory)} returns the
+    Listen with any protocol factory on 127.0.0.1:0: ``raw_server(factory)`` returns the
     tcp:// URI.  Ports are closed and accepted connections aborted at the end.
     """
     ports = []

@@ -180,7 +180,7 @@ def test_body_of_exactly_the_limit_is_served(uri):
 
 
 def _exchange(uri, raw, responses=1):
-    """Send raw bytes; return everything received until C{responses} are complete or
+    """Send raw bytes; return everything received until ``responses`` are complete or
     the server closes."""
     sock = raw_socket(uri)
     try:
@@ -235,7 +235,7 @@ def test_expect_100_continue(uri):
 
 def test_http10_closes_unless_asked_to_keep_alive(uri):
     """An HTTP/1.0 request is answered and the connection closed; with
-    C{Connection: keep-alive} it is kept and says so."""
+    ``Connection: keep-alive`` it is kept and says so."""
     body = json.dumps(SUM).encode()
     sock = raw_socket(uri)
     try:
@@ -434,7 +434,7 @@ fields.x = { type = "integer" }
 
 @pytest_twisted.async_yield_fixture
 async def serve(short_tmp):
-    """Serve RPC resources in-process on real Unix sockets: C{serve(rpc, **site_kwargs)}
+    """Serve RPC resources in-process on real Unix sockets: ``serve(rpc, **site_kwargs)``
     returns the socket URI; all listeners are stopped at the end."""
     started = []
     directory = short_tmp
@@ -706,7 +706,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector():
 
 
 def _self_signed_pem(path):
-    """Write a throwaway key and self-signed certificate for 127.0.0.1 to C{path}."""
+    """Write a throwaway key and self-signed certificate for 127.0.0.1 to ``path``."""
     import datetime
     import ipaddress
 

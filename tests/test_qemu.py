@@ -5,7 +5,7 @@ The VMs are tiny (64 MB, 1 vCPU, 1 GB sparse disk) and boot nothing: SeaBIOS sit
 there, which is enough for QMP to report them running.  Nothing honours the ACPI
 power-down, so a graceful stop always waits out the (short) grace period.
 
-They use KVM where /dev/kvm is usable; set C{HERO_TEST_QEMU_ACCEL=tcg} to try the
+They use KVM where /dev/kvm is usable; set ``HERO_TEST_QEMU_ACCEL=tcg`` to try the
 emulated path on a KVM host.
 """
 
@@ -42,7 +42,7 @@ def within(d, seconds=WAIT):
     """
     :param d: a Deferred
     :param seconds: how long it may take
-    :return: C{d}, failing with a timeout after C{seconds}
+    :return: ``d``, failing with a timeout after ``seconds``
     """
     return defer.ensureDeferred(d).addTimeout(seconds, reactor)
 
@@ -77,7 +77,7 @@ def is_qemu(pid):
 def entries(state_dir):
     """
     :param state_dir: the manager's state directory
-    :return: the names under its C{vms} directory
+    :return: the names under its ``vms`` directory
     """
     path = os.path.join(state_dir, "vms")
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
@@ -108,7 +108,7 @@ def state_dir(short_tmp):
 @pytest.fixture
 def managers(state_dir):
     """
-    Make started managers on C{state_dir}: C{managers(**kwargs)}.  At the end all their
+    Make started managers on ``state_dir``: ``managers(**kwargs)``.  At the end all their
     QEMUs are killed and the services stopped.
     """
     made = []
@@ -131,7 +131,7 @@ def managers(state_dir):
 
 async def create(manager, name="vm", **kwargs):
     """
-    :param manager: a L{QemuVmManager}
+    :param manager: a :obj:`QemuVmManager`
     :param name: the VM's name
     :return: the record of a new tiny VM
     """
@@ -142,9 +142,9 @@ async def create(manager, name="vm", **kwargs):
 
 async def wait_state(manager, vm_id, state, seconds=WAIT):
     """
-    Wait until a VM reaches C{state}.
+    Wait until a VM reaches ``state``.
 
-    :param manager: a L{QemuVmManager}
+    :param manager: a :obj:`QemuVmManager`
     :param vm_id: the VM
     :param state: the state to wait for
     :param seconds: how long to wait at most

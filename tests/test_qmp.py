@@ -1,5 +1,5 @@
 """
-Tests for L{hero_compute.node.qmp}: the QMP client protocol over in-memory transports.
+Tests for :obj:`hero_compute.node.qmp`: the QMP client protocol over in-memory transports.
 """
 
 import json
@@ -25,7 +25,7 @@ def _line(obj):
 
 def _sent(transport):
     """
-    :param transport: a L{StringTransport}
+    :param transport: a :obj:`StringTransport`
     :return: the JSON messages written to it since the last call, emptying it
     """
     data = transport.value()
@@ -41,7 +41,7 @@ def events():
 
 @pytest.fixture
 def qmp(events):
-    """:return: a connected L{QmpProtocol} that has not yet seen the greeting"""
+    """:return: a connected :obj:`QmpProtocol` that has not yet seen the greeting"""
     proto = QmpProtocol(on_event=lambda *event: events.append(event))
     proto.makeConnection(StringTransport())
     return proto
@@ -51,7 +51,7 @@ def _handshake(proto):
     """
     Play QEMU's side of the handshake.
 
-    :param proto: a fresh L{QmpProtocol}
+    :param proto: a fresh :obj:`QmpProtocol`
     """
     proto.dataReceived(_line(GREETING))
     assert _sent(proto.transport) == [{"execute": "qmp_capabilities"}]
@@ -215,7 +215,7 @@ def test_cancelled_command_keeps_order(qmp):
 
 class FakeQemu(protocol.Protocol):
     """
-    QEMU's side of QMP, just enough for the handshake and C{query-status}.
+    QEMU's side of QMP, just enough for the handshake and ``query-status``.
 
     :ivar greet: whether to send the greeting on connect
     """
@@ -241,11 +241,11 @@ class FakeQemu(protocol.Protocol):
 
 def _connect(reactor, server):
     """
-    Connect the client the reactor was asked for to C{server} through iosim.
+    Connect the client the reactor was asked for to ``server`` through iosim.
 
-    :param reactor: a L{MemoryReactorClock} after L{connect_qmp}
+    :param reactor: a :obj:`MemoryReactorClock` after :obj:`connect_qmp`
     :param server: the peer protocol
-    :return: the L{IOPump}
+    :return: the :obj:`IOPump`
     """
     factory = reactor.unixClients[0][1]
     client = factory.buildProtocol(None)

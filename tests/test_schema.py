@@ -1,5 +1,5 @@
 """
-The C{.oschema} format: parsing small inline schemas, params validation and coercion, the
+The ``.oschema`` format: parsing small inline schemas, params validation and coercion, the
 shipped schemas, the generated OpenRPC document, and a fuzzed parser.
 """
 

@@ -1,13 +1,13 @@
 """
 A client for the QEMU Machine Protocol (QMP) over a stream connection.
 
-QMP is line-delimited JSON.  On connect the server greets with C{{"QMP": ...}}; the
-client must then negotiate capabilities (C{qmp_capabilities}) before any other command
+QMP is line-delimited JSON.  On connect the server greets with ``{"QMP": ...}``; the
+client must then negotiate capabilities (``qmp_capabilities``) before any other command
 is accepted.  Replies to commands come back in the order the commands were sent (we never
 ask for out-of-band execution), interleaved with asynchronous events such as
-C{SHUTDOWN}, C{STOP} and C{RESUME}.
+``SHUTDOWN``, ``STOP`` and ``RESUME``.
 
-L{QmpProtocol} does exactly that and nothing QEMU-specific beyond it; L{connect_qmp}
+:obj:`QmpProtocol` does exactly that and nothing QEMU-specific beyond it; :obj:`connect_qmp`
 connects it to a Unix socket and waits for the handshake.
 """
 
@@ -30,7 +30,7 @@ class QmpConnectionLost(QmpError):
     """
     The connection closed before the reply (or the handshake) arrived.
 
-    :ivar reason: the L{Failure} the connection was lost with
+    :ivar reason: the :obj:`Failure` the connection was lost with
     """
 
     def __init__(self, reason):
@@ -42,7 +42,7 @@ class QmpCommandError(QmpError):
     """
     QEMU answered a command with an error object.
 
-    :ivar error_class: QMP's error class, e.g. C{"CommandNotFound"}
+    :ivar error_class: QMP's error class, e.g. ``"CommandNotFound"``
     :ivar desc: QEMU's human-readable description
     """
 
@@ -73,11 +73,11 @@ class _Observers:
         return d
 
     def succeed(self, result):
-        """Fire every waiter with C{result} (never a L{Failure}: Deferreds errback those)."""
+        """Fire every waiter with ``result`` (never a :obj:`Failure`: Deferreds errback those)."""
         self._settle(("succeed", result))
 
     def fail(self, reason):
-        """Fail every waiter with C{reason}."""
+        """Fail every waiter with ``reason``."""
         self._settle(("fail", reason))
 
     def _settle(self, outcome):
@@ -102,12 +102,12 @@ class QmpProtocol(LineOnlyReceiver):
     """
     One QMP session.
 
-    Use L{when_ready} to learn that the handshake is done, L{execute} to run commands and
-    L{when_disconnected} to learn that the session is over.
+    Use :obj:`when_ready` to learn that the handshake is done, :obj:`execute` to run commands and
+    :obj:`when_disconnected` to learn that the session is over.
 
-    :param on_event: called as C{on_event(name, data, timestamp)} for every asynchronous
-        event; C{data} is a dict (empty when the event has none), C{timestamp} Unix
-        seconds or C{None}.  Exceptions it raises are logged and otherwise ignored.
+    :param on_event: called as ``on_event(name, data, timestamp)`` for every asynchronous
+        event; ``data`` is a dict (empty when the event has none), ``timestamp`` Unix
+        seconds or ``None``.  Exceptions it raises are logged and otherwise ignored.
     """
 
     log = Logger()
@@ -128,8 +128,8 @@ class QmpProtocol(LineOnlyReceiver):
 
     def when_ready(self):
         """
-        :return: a Deferred that fires with the server's greeting (the C{QMP} object)
-            once capabilities are negotiated, or fails with L{QmpError} if the session
+        :return: a Deferred that fires with the server's greeting (the ``QMP`` object)
+            once capabilities are negotiated, or fails with :obj:`QmpError` if the session
             ends first
         """
         return self._ready.when()
@@ -137,7 +137,7 @@ class QmpProtocol(LineOnlyReceiver):
     def when_disconnected(self):
         """
         :return: a Deferred that fires, never fails, when the session ends, with the
-            exception the connection was lost with (e.g. C{ConnectionDone})
+            exception the connection was lost with (e.g. ``ConnectionDone``)
         """
         return self._disconnected.when()
 
@@ -145,10 +145,10 @@ class QmpProtocol(LineOnlyReceiver):
         """
         Run one command.
 
-        :param command: the QMP command name, e.g. C{"query-status"}
+        :param command: the QMP command name, e.g. ``"query-status"``
         :param arguments: optional dict of arguments
-        :return: a Deferred firing with the C{return} value, or failing with
-            L{QmpCommandError} (QEMU refused) or L{QmpConnectionLost}
+        :return: a Deferred firing with the ``return`` value, or failing with
+            :obj:`QmpCommandError` (QEMU refused) or :obj:`QmpConnectionLost`
         """
         if self._state != "ready":
             return defer.fail(QmpError(f"QMP session not ready ({self._state}) for {command}"))
@@ -157,7 +157,7 @@ class QmpProtocol(LineOnlyReceiver):
     def disconnect(self):
         """
         Close the session from our side.  QEMU keeps running; pending commands fail with
-        L{QmpConnectionLost}.
+        :obj:`QmpConnectionLost`.
         """
         if self.transport is not None:
             self.transport.loseConnection()
@@ -257,12 +257,12 @@ def connect_qmp(reactor, path, on_event=None, timeout=10.0):
     """
     Connect to a QMP Unix socket and negotiate capabilities.
 
-    :param reactor: an C{IReactorUNIX} and C{IReactorTime}
+    :param reactor: an ``IReactorUNIX`` and ``IReactorTime``
     :param path: the socket's path
-    :param on_event: passed to L{QmpProtocol}
+    :param on_event: passed to :obj:`QmpProtocol`
     :param timeout: seconds for connecting and the handshake together
-    :return: a Deferred firing with the ready L{QmpProtocol}, or failing with
-        C{ConnectError}, L{QmpError} or C{TimeoutError}
+    :return: a Deferred firing with the ready :obj:`QmpProtocol`, or failing with
+        ``ConnectError``, :obj:`QmpError` or ``TimeoutError``
     """
     endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=timeout)
     factory = protocol.Factory.forProtocol(lambda: QmpProtocol(on_event))

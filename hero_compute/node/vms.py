@@ -1,7 +1,7 @@
 """
 The VM manager seam: what the node's RPC methods need from whatever runs VMs.
 
-L{IVmManager} is implemented for real by L{hero_compute.node.qemu.QemuVmManager} (QEMU
+:obj:`IVmManager` is implemented for real by :obj:`hero_compute.node.qemu.QemuVmManager` (QEMU
 processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager``.
 """
 
@@ -16,10 +16,10 @@ STATES = ("stopped", "starting", "running", "stopping", "error")
 @attrs.frozen
 class VmRecord:
     """
-    One VM's definition and state, as reported by C{vm.get} (VmInfo).
+    One VM's definition and state, as reported by ``vm.get`` (VmInfo).
 
     :ivar vm_id: stable id
-    :ivar state: one of L{STATES}
+    :ivar state: one of :obj:`STATES`
     :ivar created_at: Unix seconds
     """
 
@@ -40,41 +40,41 @@ class VmRecord:
 class IVmManager(Interface):
     """
     Runs the VMs of one node.  Every method returns a Deferred (or a value) and raises
-    L{VmNotFound} (-32004) for unknown ids and L{InvalidVmState} (-32005) for an
+    :obj:`VmNotFound` (-32004) for unknown ids and :obj:`InvalidVmState` (-32005) for an
     operation the VM's state, or the node's capacity, does not allow.
     """
 
     def create(name, vcpus, memory_mb, disk_gb, image=None):
-        """Define a VM and its disk; returns its L{VmRecord}, state C{stopped}."""
+        """Define a VM and its disk; returns its :obj:`VmRecord`, state ``stopped``."""
 
     def start(vm_id):
-        """Start a stopped (or errored) VM; returns its L{VmRecord}."""
+        """Start a stopped (or errored) VM; returns its :obj:`VmRecord`."""
 
     def stop(vm_id, force=False):
-        """Stop a running VM; returns its L{VmRecord}."""
+        """Stop a running VM; returns its :obj:`VmRecord`."""
 
     def delete(vm_id):
         """Stop if needed and delete a VM with its disk; returns True."""
 
     def get(vm_id):
-        """Returns one L{VmRecord}."""
+        """Returns one :obj:`VmRecord`."""
 
     def list():
-        """Returns all L{VmRecord}s."""
+        """Returns all :obj:`VmRecord`s."""
 
     def capacity():
-        """Returns the host's C{{vcpus, memory_mb, disk_gb}}."""
+        """Returns the host's ``{vcpus, memory_mb, disk_gb}``."""
 
     def usage():
-        """Returns the C{{vcpus, memory_mb, disk_gb}} given to this node's VMs."""
+        """Returns the ``{vcpus, memory_mb, disk_gb}`` given to this node's VMs."""
 
 
 def usage_of(vms):
     """
     The resources given to VMs: disks count always, CPU and memory only while running.
 
-    :param vms: L{VmRecord}s
-    :return: C{{vcpus, memory_mb, disk_gb}}
+    :param vms: :obj:`VmRecord`s
+    :return: ``{vcpus, memory_mb, disk_gb}``
     """
     live = [vm for vm in vms if vm.state in ("starting", "running", "stopping")]
     return {

@@ -1,10 +1,10 @@
 """
 The one address grammar of hero_compute (CONTRACT §1).
 
-Peers are named by URI: C{unix:///abs/path.sock} (or the legacy bare C{/abs/path.sock}),
-C{tcp://host:port}, C{tcp://[v6addr]:port} and C{tls://host:port}.  Listeners are named
-C{host:port} or C{[v6addr]:port}.  Everything that reads an address from a user, an
-environment variable or the wire goes through L{parse_address} or L{parse_listen}, so a
+Peers are named by URI: ``unix:///abs/path.sock`` (or the legacy bare ``/abs/path.sock``),
+``tcp://host:port``, ``tcp://[v6addr]:port`` and ``tls://host:port``.  Listeners are named
+``host:port`` or ``[v6addr]:port``.  Everything that reads an address from a user, an
+environment variable or the wire goes through :obj:`parse_address` or :obj:`parse_listen`, so a
 bad value is rejected the same way everywhere, with the accepted forms in the message.
 """
 
@@ -59,7 +59,7 @@ class Address:
     """
     Where a peer listens: a Unix socket path, or a host and port over TCP or TLS.
 
-    :ivar scheme: C{"unix"}, C{"tcp"} or C{"tls"}
+    :ivar scheme: ``"unix"``, ``"tcp"`` or ``"tls"``
     :ivar path: the absolute socket path (unix only)
     :ivar host: an IPv4 or IPv6 address or a DNS name (tcp and tls only)
     :ivar port: 1..65535 (tcp and tls only)
@@ -73,7 +73,7 @@ class Address:
     @property
     def uri(self) -> str:
         """
-        The canonical URI: legacy bare paths come out as C{unix://} URIs.
+        The canonical URI: legacy bare paths come out as ``unix://`` URIs.
         """
         if self.scheme == "unix":
             assert self.path is not None
@@ -121,9 +121,9 @@ class Address:
 @attrs.frozen
 class ListenAddress:
     """
-    A TCP address to listen on, C{host:port} or C{[v6addr]:port}.
+    A TCP address to listen on, ``host:port`` or ``[v6addr]:port``.
 
-    Port 0 asks the kernel for a free port; the real one is in the C{listening on} log
+    Port 0 asks the kernel for a free port; the real one is in the ``listening on`` log
     line.
 
     :ivar host: the interface address, IPv4 or IPv6 (or a name resolving to one)
@@ -140,7 +140,7 @@ class ListenAddress:
 
     def endpoint_string(self) -> str:
         """
-        The Twisted server endpoint string for this address, for L{strports}.
+        The Twisted server endpoint string for this address, for :obj:`strports`.
         """
         kind = "tcp6" if self.is_ipv6 else "tcp"
         return f"{kind}:{self.port}:interface={quoteStringArgument(self.host)}"
@@ -153,8 +153,8 @@ def parse_address(value: object) -> Address:
     """
     Parse a peer address of the grammar of CONTRACT §1.
 
-    :param value: the text, e.g. C{"tcp://10.0.0.5:9002"} or C{"/run/x.sock"}
-    :return: an L{Address}
+    :param value: the text, e.g. ``"tcp://10.0.0.5:9002"`` or ``"/run/x.sock"``
+    :return: an :obj:`Address`
     :raise AddressError: naming the value and the accepted forms
 
     Results are cached: every heartbeat of a fleet re-parses the same addresses.
@@ -190,10 +190,10 @@ def _parse_text(value: str) -> Address:
 
 def parse_listen(value: object) -> ListenAddress:
     """
-    Parse a TCP listen address, C{host:port} or C{[v6addr]:port}.
+    Parse a TCP listen address, ``host:port`` or ``[v6addr]:port``.
 
-    :param value: the text, e.g. C{"0.0.0.0:9002"} or C{"[::1]:9002"}
-    :return: a L{ListenAddress}
+    :param value: the text, e.g. ``"0.0.0.0:9002"`` or ``"[::1]:9002"``
+    :return: a :obj:`ListenAddress`
     :raise AddressError: naming the value and the accepted forms
     """
     if isinstance(value, ListenAddress):

@@ -2,7 +2,7 @@
 Listeners: one process serves the same site on any number of Twisted server endpoint
 strings (its Unix socket, TCP, TLS, systemd-passed sockets).
 
-Each listener is a L{strports.service}, so a listener that cannot bind aborts start-up
+Each listener is a :obj:`strports.service`, so a listener that cannot bind aborts start-up
 (twistd exits 1) instead of leaving a process that serves nothing.
 """
 
@@ -41,7 +41,7 @@ def unix_endpoint_string(path: str) -> str:
     """
     The server endpoint string for a Unix socket, mode 0660.
 
-    Twisted's C{lockfile} (on by default) keeps a C{PATH.lock} holding our pid: a stale
+    Twisted's ``lockfile`` (on by default) keeps a ``PATH.lock`` holding our pid: a stale
     socket left by a crash is replaced on restart, while a live owner makes the bind fail.
 
     :param path: the absolute socket path
@@ -51,7 +51,7 @@ def unix_endpoint_string(path: str) -> str:
 
 def _unix_path_of(description: str) -> str | None:
     """
-    The socket path of a C{unix:} server endpoint string, or None for other kinds.
+    The socket path of a ``unix:`` server endpoint string, or None for other kinds.
     """
     kind, _, rest = description.partition(":")
     if kind != "unix" or not rest:
@@ -105,7 +105,7 @@ def describe(host: IAddress, tls: bool = False) -> str:
     """
     An address URI for a bound listening port.
 
-    :param host: the result of C{port.getHost()}
+    :param host: the result of ``port.getHost()``
     :param tls: whether the listener speaks TLS
     """
     if isinstance(host, UNIXAddress):
@@ -122,7 +122,7 @@ def describe(host: IAddress, tls: bool = False) -> str:
 @implementer(IStreamServerEndpoint)
 class _Announcing:
     """
-    Wraps a server endpoint to log C{listening on ...} once it is bound, warn about
+    Wraps a server endpoint to log ``listening on ...`` once it is bound, warn about
     unauthenticated TCP on non-loopback addresses, and record the listener.
     """
 

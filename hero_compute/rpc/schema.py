@@ -1,8 +1,8 @@
 """
-The C{.oschema} format: a service's types and methods, from which we generate the
-OpenRPC document served by C{rpc.discover} and the JSON Schemas that validate params.
+The ``.oschema`` format: a service's types and methods, from which we generate the
+OpenRPC document served by ``rpc.discover`` and the JSON Schemas that validate params.
 
-An C{.oschema} file is TOML (read by the standard library's L{tomllib}); this module only
+An ``.oschema`` file is TOML (read by the standard library's :obj:`tomllib`); this module only
 gives the tables meaning:
 
     [service]                       title, description
@@ -12,9 +12,9 @@ gives the tables meaning:
                                     params.PARAM = FIELD-SPEC, result = FIELD-SPEC
 
 A FIELD-SPEC is a JSON Schema as a TOML table, with three additions:
-  - C{optional = true} makes the field or param not required (all are required otherwise);
-  - C{type = "NAME"} where NAME is one of the file's [types] is a reference to it;
-  - C{items = "T"} is short for C{items = {type = "T"}}.
+  - ``optional = true`` makes the field or param not required (all are required otherwise);
+  - ``type = "NAME"`` where NAME is one of the file's [types] is a reference to it;
+  - ``items = "T"`` is short for ``items = {type = "T"}``.
 Params are in declaration order, which is also the order of by-position params.
 """
 
@@ -40,7 +40,7 @@ JSON_TYPES = frozenset(
 
 
 class SchemaError(Exception):
-    """An C{.oschema} file that does not follow the format."""
+    """An ``.oschema`` file that does not follow the format."""
 
 
 @attrs.frozen
@@ -64,8 +64,8 @@ class Method:
     One method of a service: its params, result and errors, and the validator of its
     params.
 
-    :ivar name: the method name, e.g. C{explorer.heartbeat}
-    :ivar params: L{Param}s in declaration order
+    :ivar name: the method name, e.g. ``explorer.heartbeat``
+    :ivar params: :obj:`Param`s in declaration order
     """
 
     name: str
@@ -85,7 +85,7 @@ class Method:
         """
         Check a call's params against the schema and return them by name.
 
-        :param params: the JSON-RPC C{params} member: a dict, a list (by position, in
+        :param params: the JSON-RPC ``params`` member: a dict, a list (by position, in
             declaration order) or None
         :return: a dict of keyword arguments for the handler
         :raise InvalidParams: naming the offending field
@@ -134,10 +134,10 @@ class Method:
 @attrs.frozen
 class Schema:
     """
-    A loaded C{.oschema}: the service's methods and named types.
+    A loaded ``.oschema``: the service's methods and named types.
 
     :ivar title: the service's title
-    :ivar methods: L{Method}s by name
+    :ivar methods: :obj:`Method`s by name
     :ivar types: JSON Schemas of the named types, by name
     """
 
@@ -150,7 +150,7 @@ class Schema:
         """
         The OpenRPC document of this service.
 
-        :param version: the service's version, for C{info.version}
+        :param version: the service's version, for ``info.version``
         :return: a JSON-serialisable dict
         """
         methods: list[dict[str, Any]] = []
@@ -196,8 +196,8 @@ def load_schema(name: str) -> Schema:
     """
     Load one of the schemas shipped with hero_compute.
 
-    :param name: C{"explorer"} or C{"node"}
-    :return: a L{Schema}
+    :param name: ``"explorer"`` or ``"node"``
+    :return: a :obj:`Schema`
     """
     return parse_schema(_schema_path(name).read_text("utf-8"), source=f"{name}.oschema")
 
@@ -214,11 +214,11 @@ def _schema_path(name: str) -> Traversable:
 
 def parse_schema(text: str, source: str = "<schema>") -> Schema:
     """
-    Parse the text of an C{.oschema} file.
+    Parse the text of an ``.oschema`` file.
 
     :param text: the TOML text
     :param source: a name for error messages
-    :return: a L{Schema}
+    :return: a :obj:`Schema`
     :raise SchemaError: when the text is not TOML or does not follow the format
     """
     try:
