@@ -18,8 +18,10 @@ from twisted.web import resource, server
 
 from hero_compute.rpc.http_server import make_factory
 
-BODY = (b'{"jsonrpc":"2.0","result":{"version":"0.1.0","uptime_s":1.0,'
-        b'"listeners":[],"nodes":{"online":0,"offline":0}},"id":1}')
+BODY = (
+    b'{"jsonrpc":"2.0","result":{"version":"0.1.0","uptime_s":1.0,'
+    b'"listeners":[],"nodes":{"online":0,"offline":0}},"id":1}'
+)
 
 
 class Fixed(resource.Resource):

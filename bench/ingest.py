@@ -16,8 +16,17 @@ from collections import Counter
 
 import loadgen
 from loadrun import run_closed, summarize, to_ms
-from procs import (CLIENT_CPU, HERE, PY, PYSPY, SERVER_CPU, proc_cpu, proc_rss, rpc,
-                   start_explorer)
+from procs import (
+    CLIENT_CPU,
+    HERE,
+    PY,
+    PYSPY,
+    SERVER_CPU,
+    proc_cpu,
+    proc_rss,
+    rpc,
+    start_explorer,
+)
 
 
 def sec_ingest(procs, tmp, res, cfg):
@@ -50,17 +59,36 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
             srcs = []
             for k in range(2, 2 + max(1, math.ceil(gconns / 5000))):
                 srcs += ["--src", f"127.0.{g + 1}.{k}"]
-            cmd = [PY, os.path.join(HERE, "loadgen.py"), "heartbeat", "--port", str(exp.port),
-                   "--nodes", str(gnodes), "--first", str(first), "--total-nodes", str(n),
-                   "--conns", str(gconns), "--interval", str(cfg["hb_interval"])] + srcs
+            cmd = [
+                PY,
+                os.path.join(HERE, "loadgen.py"),
+                "heartbeat",
+                "--port",
+                str(exp.port),
+                "--nodes",
+                str(gnodes),
+                "--first",
+                str(first),
+                "--total-nodes",
+                str(n),
+                "--conns",
+                str(gconns),
+                "--interval",
+                str(cfg["hb_interval"]),
+            ] + srcs
             first += gnodes
-            gens.append(procs.start(cmd, f"loadgen-hb{g}", cpus=CLIENT_CPU, stdin=True,
-                                    stdout_pipe=True))
+            gens.append(
+                procs.start(
+                    cmd, f"loadgen-hb{g}", cpus=CLIENT_CPU, stdin=True, stdout_pipe=True
+                )
+            )
         connect_s = 0.0
         for gp in gens:
             line = gp.stdout.readline()
             if not line:
-                raise RuntimeError(f"heartbeat generator died: {open(gp.logpath).read()[-1500:]}")
+                raise RuntimeError(
+                    f"heartbeat generator died: {open(gp.logpath).read()[-1500:]}"
+                )
             connect_s = max(connect_s, json.loads(line)["connect_s"])
         interval = cfg["hb_interval"]
         t0 = time.time() + 0.5
@@ -74,9 +102,24 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
         time.sleep(max(0, w0 - time.time()))
         cpu0, tw0 = proc_cpu(pid), time.time()
         if profile_out:
-            spy = procs.start([PYSPY, "record", "-p", str(pid), "-r", "250", "-f", "raw",
-                               "-o", profile_out, "-d", str(int(cfg["hb_window"]))],
-                              "py-spy", cpus=CLIENT_CPU)
+            spy = procs.start(
+                [
+                    PYSPY,
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    profile_out,
+                    "-d",
+                    str(int(cfg["hb_window"])),
+                ],
+                "py-spy",
+                cpus=CLIENT_CPU,
+            )
         time.sleep(max(0, w1 - time.time()))
         cpu1, tw1 = proc_cpu(pid), time.time()
         rss = proc_rss(pid)
@@ -96,28 +139,45 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
         cpu_share = (cpu1 - cpu0) / (tw1 - tw0)
         per_node = (rss - rss_idle) / n
         expected = n * cfg["hb_window"] / interval
-        res.add("ingest", f"N={n:,} nodes, {conns:,} conns, every {interval:g}s"
-                + (" (under py-spy)" if profile_out else ""),
-                s["rps"], s["p50_ms"], s["p99_ms"],
-                explorer_cpu=round(cpu_share, 3), rss_mb=round(rss / 2**20, 1),
-                bytes_per_node=round(per_node), online=info["nodes"]["online"],
-                never_registered=n - info["nodes"]["online"] - info["nodes"]["offline"],
-                wrongly_offline=len(offline), gen_cpu=round(s["gen_cpu"], 3),
-                send_delay_p99_ms=to_ms(loadgen.percentile(late, 0.99)),
-                expected_hb=round(expected), ok=s["ok"], err=s["errors"] + s["conn_errors"],
-                connect_s=round(connect_s, 1), nofile=nofile)
+        res.add(
+            "ingest",
+            f"N={n:,} nodes, {conns:,} conns, every {interval:g}s"
+            + (" (under py-spy)" if profile_out else ""),
+            s["rps"],
+            s["p50_ms"],
+            s["p99_ms"],
+            explorer_cpu=round(cpu_share, 3),
+            rss_mb=round(rss / 2**20, 1),
+            bytes_per_node=round(per_node),
+            online=info["nodes"]["online"],
+            never_registered=n - info["nodes"]["online"] - info["nodes"]["offline"],
+            wrongly_offline=len(offline),
+            gen_cpu=round(s["gen_cpu"], 3),
+            send_delay_p99_ms=to_ms(loadgen.percentile(late, 0.99)),
+            expected_hb=round(expected),
+            ok=s["ok"],
+            err=s["errors"] + s["conn_errors"],
+            connect_s=round(connect_s, 1),
+            nofile=nofile,
+        )
         if s["error_samples"]:
             res.note(f"ingest N={n}: error samples {s['error_samples']}")
         if not profile_out:
             rate = n / interval
             ok = s["rps"] >= 0.98 * rate and (s["p99_ms"] or 1e9) < 50
             if n >= 50000 or n == max(cfg["ingest_n"]):
-                res.target(f"ingest N={n:,}: >= {rate:,.0f} heartbeats/s with p99 < 50 ms "
-                           "on one core", ok,
-                           f"{s['rps']:,.0f}/s, p99 {s['p99_ms']} ms, explorer CPU "
-                           f"{cpu_share:.0%} of a core")
-            res.target(f"ingest N={n:,}: no node wrongly offline", not offline,
-                       f"{len(offline)} offline, {info['nodes']['online']} online")
+                res.target(
+                    f"ingest N={n:,}: >= {rate:,.0f} heartbeats/s with p99 < 50 ms "
+                    "on one core",
+                    ok,
+                    f"{s['rps']:,.0f}/s, p99 {s['p99_ms']} ms, explorer CPU "
+                    f"{cpu_share:.0%} of a core",
+                )
+            res.target(
+                f"ingest N={n:,}: no node wrongly offline",
+                not offline,
+                f"{len(offline)} offline, {info['nodes']['online']} online",
+            )
         return s, cpu_share, len(offline), conns
     finally:
         for gp in gens:
@@ -138,14 +198,34 @@ def sec_profile(procs, tmp, res, cfg):
     exp = start_explorer(procs, tmp, "profile-explorer")
     raw_floor = os.path.join(out_dir, "profile-floor.txt")
     try:
-        spy = procs.start([PYSPY, "record", "-p", str(exp.pid), "-r", "250", "-f", "raw",
-                           "-o", raw_floor, "-d", str(int(cfg["dur"] + 1))], "py-spy",
-                          cpus=CLIENT_CPU)
+        spy = procs.start(
+            [
+                PYSPY,
+                "record",
+                "-p",
+                str(exp.pid),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                raw_floor,
+                "-d",
+                str(int(cfg["dur"] + 1)),
+            ],
+            "py-spy",
+            cpus=CLIENT_CPU,
+        )
         r = run_closed(procs, exp.sock, cfg["conns"], cfg["dur"], 1.0)
         spy.wait(30)
         procs.procs.remove(spy)
-        res.add("profile", "explorer.info unix keep-alive under py-spy", r["rps"],
-                r["p50_ms"], r["p99_ms"])
+        res.add(
+            "profile",
+            "explorer.info unix keep-alive under py-spy",
+            r["rps"],
+            r["p50_ms"],
+            r["p99_ms"],
+        )
     finally:
         procs.stop(exp)
     raw_ingest = os.path.join(out_dir, "profile-ingest.txt")
@@ -182,9 +262,11 @@ CATEGORIES = [
 
 #: Self-time buckets (the leaf frame of each sample).
 SELF_BUCKETS = [
-    ("syscalls: recv/send/epoll (sendmsg, untilConcludes, doPoll, _add/_remove, doRead)",
-     r"sendmsg\.py|untilConcludes|doPoll|EPollReactor\._(add|remove)|Connection\.doRead|"
-     r"writeSomeData|_getsockname|getHost"),
+    (
+        "syscalls: recv/send/epoll (sendmsg, untilConcludes, doPoll, _add/_remove, doRead)",
+        r"sendmsg\.py|untilConcludes|doPoll|EPollReactor\._(add|remove)|Connection\.doRead|"
+        r"writeSomeData|_getsockname|getHost",
+    ),
     ("jsonschema/referencing", r"jsonschema/|referencing/"),
     ("email.* (Content-Type parsing)", r"email/"),
     ("json encode/decode", r"json/"),
@@ -224,8 +306,17 @@ def summarize_profile(path, top=25):
     for nm, c in self_c.most_common(top):
         out.append(f"  {100 * c / total:5.1f}%  {nm}")
     out += ["", "top inclusive (non-boilerplate):"]
-    skip = ("<module>", "run (", "mainLoop", "runApp", "startReactor", "postApplication",
-            "runReactorWithLogging", "ApplicationRunner.run", "ReactorBase.run")
+    skip = (
+        "<module>",
+        "run (",
+        "mainLoop",
+        "runApp",
+        "startReactor",
+        "postApplication",
+        "runReactorWithLogging",
+        "ApplicationRunner.run",
+        "ReactorBase.run",
+    )
     k = 0
     for nm, c in incl_c.most_common(200):
         if any(s in nm for s in skip):

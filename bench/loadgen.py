@@ -21,7 +21,6 @@ import json
 import math
 import os
 import resource
-import socket
 import sys
 import time
 
@@ -86,9 +85,12 @@ def cpu_seconds():
 
 def http_request(body, close=False, host=b"bench"):
     return (
-        b"POST /rpc HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+        b"POST /rpc HTTP/1.1\r\nHost: "
+        + host
+        + b"\r\nContent-Type: application/json\r\n"
         + (b"Connection: close\r\n" if close else b"")
-        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
     )
 
 
@@ -117,12 +119,12 @@ class _Parser:
                 length = 0
             else:
                 j = head.find(b"\r", i + 16)
-                length = int(head[i + 16:j if j >= 0 else len(head)])
+                length = int(head[i + 16 : j if j >= 0 else len(head)])
             total = end + 4 + length
             if len(buf) < total:
                 return out
             status = int(head[9:12])
-            out.append((status, buf[end + 4:total]))
+            out.append((status, buf[end + 4 : total]))
             self.buf = buf[total:]
 
 
@@ -217,7 +219,9 @@ class ClosedLoop:
                 if self.srcs:
                     kw["local_addr"] = (self.srcs[self.src_i % len(self.srcs)], 0)
                     self.src_i += 1
-                await self.loop.create_connection(lambda: _ClosedConn(self), a.host, a.port, **kw)
+                await self.loop.create_connection(
+                    lambda: _ClosedConn(self), a.host, a.port, **kw
+                )
             self.active += 1
         except OSError as e:
             self.stats.conn_errors += 1
@@ -243,9 +247,13 @@ class ClosedLoop:
         await asyncio.sleep(0.2)
         s = self.stats
         return {
-            "ok": s.ok, "errors": s.errors, "conn_errors": s.conn_errors,
-            "error_samples": s.error_samples, "duration": a.duration,
-            "cpu_s": c1 - c0, "hist": s.hist.to_json(),
+            "ok": s.ok,
+            "errors": s.errors,
+            "conn_errors": s.conn_errors,
+            "error_samples": s.error_samples,
+            "duration": a.duration,
+            "cpu_s": c1 - c0,
+            "hist": s.hist.to_json(),
         }
 
 
@@ -315,8 +323,17 @@ class HeartbeatGen:
             '"name":"bench-%06d","version":"0.1.0",'
             '"capacity":{"vcpus":16,"memory_mb":65536,"disk_gb":1000},'
             '"usage":{"vcpus":%d,"memory_mb":%d,"disk_gb":100},"vm_count":%d}}'
-            % (nid, nid, 1 + (nid >> 8) % 250, 1 + nid % 250, 9003,
-               nid, nid % 16, (nid % 64) * 1024, nid % 8)
+            % (
+                nid,
+                nid,
+                1 + (nid >> 8) % 250,
+                1 + nid % 250,
+                9003,
+                nid,
+                nid % 16,
+                (nid % 64) * 1024,
+                nid % 8,
+            )
         ).encode()
         self.sent_total += 1
         return http_request(body)
@@ -344,12 +361,18 @@ class HeartbeatGen:
             async with sem:
                 while True:
                     try:
-                        _, p = await asyncio.wait_for(loop.create_connection(
-                            lambda: _HbConn(self), a.host, a.port,
-                            local_addr=(srcs[i % len(srcs)], 0)), 5)
+                        _, p = await asyncio.wait_for(
+                            loop.create_connection(
+                                lambda: _HbConn(self),
+                                a.host,
+                                a.port,
+                                local_addr=(srcs[i % len(srcs)], 0),
+                            ),
+                            5,
+                        )
                         conns[i] = p
                         return
-                    except (OSError, asyncio.TimeoutError) as e:
+                    except (TimeoutError, OSError) as e:
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"connect {i}: {e}") from None
                         await asyncio.sleep(0.05)
@@ -400,10 +423,17 @@ class HeartbeatGen:
                 c.transport.close()
         s = self.stats
         return {
-            "ok": s.ok, "errors": s.errors, "conn_errors": s.conn_errors,
-            "error_samples": s.error_samples, "duration": w1 - w0, "cpu_s": c1 - c0,
-            "hist": s.hist.to_json(), "lateness": s.lateness.to_json(),
-            "pending_at_end": pending, "connect_s": connect_s, "sent_total": self.sent_total,
+            "ok": s.ok,
+            "errors": s.errors,
+            "conn_errors": s.conn_errors,
+            "error_samples": s.error_samples,
+            "duration": w1 - w0,
+            "cpu_s": c1 - c0,
+            "hist": s.hist.to_json(),
+            "lateness": s.lateness.to_json(),
+            "pending_at_end": pending,
+            "connect_s": connect_s,
+            "sent_total": self.sent_total,
         }
 
 
@@ -422,7 +452,9 @@ def main(argv=None):
     p.add_argument("--duration", type=float, default=5.0)
     # heartbeat mode
     p.add_argument("--nodes", type=int, default=1000, help="nodes in this generator")
-    p.add_argument("--first", type=int, default=0, help="index of this generator's first node")
+    p.add_argument(
+        "--first", type=int, default=0, help="index of this generator's first node"
+    )
     p.add_argument("--total-nodes", type=int, default=0)
     p.add_argument("--interval", type=float, default=10.0)
     p.add_argument("--connect-concurrency", type=int, default=128)

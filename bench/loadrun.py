@@ -13,14 +13,35 @@ import loadgen
 from procs import CLIENT_CPU, HERE, PY, proc_cpu
 
 
-def run_closed(procs, target, conns, duration, warmup, close=False, body=None,
-               expect='"result"', nprocs=1, server_pid=None):
+def run_closed(
+    procs,
+    target,
+    conns,
+    duration,
+    warmup,
+    close=False,
+    body=None,
+    expect='"result"',
+    nprocs=1,
+    server_pid=None,
+):
     """Run the Python closed-loop generator (nprocs processes); merged stats."""
     per = [conns // nprocs + (1 if i < conns % nprocs else 0) for i in range(nprocs)]
     ps = []
     for i, c in enumerate(per):
-        cmd = [PY, os.path.join(HERE, "loadgen.py"), "closed", "--conns", str(c),
-               "--duration", str(duration), "--warmup", str(warmup), "--expect", expect]
+        cmd = [
+            PY,
+            os.path.join(HERE, "loadgen.py"),
+            "closed",
+            "--conns",
+            str(c),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--expect",
+            expect,
+        ]
         cmd += ["--unix", target] if isinstance(target, str) else ["--port", str(target)]
         if close:
             cmd.append("--close")
@@ -61,7 +82,8 @@ def summarize(outs, hist_key="hist"):
     dur = max(o["duration"] for o in outs)
     ok = sum(o["ok"] for o in outs)
     res = {
-        "ok": ok, "rps": ok / dur if dur else 0.0,
+        "ok": ok,
+        "rps": ok / dur if dur else 0.0,
         "errors": sum(o["errors"] for o in outs),
         "conn_errors": sum(o["conn_errors"] for o in outs),
         "p50_ms": to_ms(loadgen.percentile(h, 0.50)),
@@ -96,8 +118,18 @@ def run_wrk(procs, tmp, port, conns, duration, close=False, server_pid=None):
     lua = os.path.join(tmp, "close.lua" if close else "keep.lua")
     with open(lua, "w") as f:
         f.write(WRK_LUA % ('wrk.headers["Connection"] = "close"' if close else ""))
-    cmd = ["wrk", "-t", "1", "-c", str(conns), "-d", f"{max(1, int(duration))}s",
-           "-s", lua, f"http://127.0.0.1:{port}/rpc"]
+    cmd = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(conns),
+        "-d",
+        f"{max(1, int(duration))}s",
+        "-s",
+        lua,
+        f"http://127.0.0.1:{port}/rpc",
+    ]
     p = procs.start(cmd, "loadgen-wrk", cpus=CLIENT_CPU, stdout_pipe=True)
     t0 = time.monotonic()
     g0 = proc_cpu(p.pid)
@@ -114,17 +146,27 @@ def run_wrk(procs, tmp, port, conns, duration, close=False, server_pid=None):
     d = json.loads(m.group(1))
     dur = d["duration_us"] / 1e6
     ok = d["requests"] - d["non2xx"]
-    r = {"ok": ok, "rps": ok / dur, "errors": d["errors"] + d["non2xx"],
-            "conn_errors": d["connect"], "p50_ms": d["p50_us"] / 1000,
-            "p99_ms": d["p99_us"] / 1000, "gen_cpu": gen, "error_samples": []}
+    r = {
+        "ok": ok,
+        "rps": ok / dur,
+        "errors": d["errors"] + d["non2xx"],
+        "conn_errors": d["connect"],
+        "p50_ms": d["p50_us"] / 1000,
+        "p99_ms": d["p99_us"] / 1000,
+        "gen_cpu": gen,
+        "error_samples": [],
+    }
     return _with_server(r, srv)
 
 
 def details(r, **more):
     """The detail columns of a load run."""
-    d = {"srv_cpu": r.get("srv_cpu"), "us_per_req": r.get("us_per_req"),
-         "gen_cpu": None if r.get("gen_cpu") is None else round(r["gen_cpu"], 3),
-         "err": r["errors"] + r["conn_errors"]}
+    d = {
+        "srv_cpu": r.get("srv_cpu"),
+        "us_per_req": r.get("us_per_req"),
+        "gen_cpu": None if r.get("gen_cpu") is None else round(r["gen_cpu"], 3),
+        "err": r["errors"] + r["conn_errors"],
+    }
     d.update(more)
     return d
 
@@ -133,4 +175,3 @@ def best_of(fn, reps):
     """Best (highest req/s) of ``reps`` runs: the floor of a noisy VM is its best run."""
     runs = [fn() for _ in range(reps)]
     return max(runs, key=lambda r: r["rps"])
-

@@ -29,8 +29,11 @@ def twistd_cmd():
     """twistd of the venv; through the interpreter when the script is missing."""
     if os.path.exists(TWISTD):
         return [TWISTD]
-    return [PY, "-c", "import sys; sys.argv[0] = 'twistd'; "
-            "from twisted.scripts.twistd import run; run()"]
+    return [
+        PY,
+        "-c",
+        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+    ]
 
 
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")
@@ -73,7 +76,10 @@ class Procs:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
         p = subprocess.Popen(
-            cmd, env=ENV, cwd=self.tmp, preexec_fn=pre,
+            cmd,
+            env=ENV,
+            cwd=self.tmp,
+            preexec_fn=pre,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else logf,
             stderr=logf if stdout_pipe else subprocess.STDOUT,
@@ -99,7 +105,9 @@ class Procs:
     def stop_all(self):
         for p in list(self.procs):
             try:
-                self.stop(p, signal.SIGKILL if p.name.startswith("loadgen") else signal.SIGTERM)
+                self.stop(
+                    p, signal.SIGKILL if p.name.startswith("loadgen") else signal.SIGTERM
+                )
             except Exception:
                 pass
 
@@ -110,7 +118,7 @@ def wait_for(path, pattern, timeout=15.0, proc=None):
     rx = re.compile(pattern)
     while time.monotonic() < deadline:
         try:
-            with open(path, "r", errors="replace") as f:
+            with open(path, errors="replace") as f:
                 m = rx.search(f.read())
             if m:
                 return m
@@ -124,11 +132,15 @@ def wait_for(path, pattern, timeout=15.0, proc=None):
     raise RuntimeError(f"{pattern!r} not seen in {path} within {timeout}s:\n{tail}")
 
 
-def start_explorer(procs, tmp, name="explorer", offline_after=None, cpus=SERVER_CPU,
-                   nofile=None, prefix=()):
+def start_explorer(
+    procs, tmp, name="explorer", offline_after=None, cpus=SERVER_CPU, nofile=None, prefix=()
+):
     sock = os.path.join(tmp, f"{name}.sock")
-    cmd = list(prefix) + twistd_cmd() + ["-n", "--pidfile=", "explorer", "--socket", sock,
-                          "--tcp", "127.0.0.1:0"]
+    cmd = (
+        list(prefix)
+        + twistd_cmd()
+        + ["-n", "--pidfile=", "explorer", "--socket", sock, "--tcp", "127.0.0.1:0"]
+    )
     if offline_after is not None:
         cmd += ["--offline-after", str(offline_after)]
     p = procs.start(cmd, name, cpus=cpus, nofile=nofile)
@@ -140,9 +152,23 @@ def start_explorer(procs, tmp, name="explorer", offline_after=None, cpus=SERVER_
 
 def start_node(procs, tmp, name, explorer_uri, interval=10.0, cpus=None):
     sock = os.path.join(tmp, f"{name}.sock")
-    cmd = twistd_cmd() + ["-n", "--pidfile=", "node", "--socket", sock, "--tcp", "127.0.0.1:0",
-           "--explorer", explorer_uri, "--interval", str(interval),
-           "--state-dir", os.path.join(tmp, f"{name}-state"), "--node-id", name]
+    cmd = twistd_cmd() + [
+        "-n",
+        "--pidfile=",
+        "node",
+        "--socket",
+        sock,
+        "--tcp",
+        "127.0.0.1:0",
+        "--explorer",
+        explorer_uri,
+        "--interval",
+        str(interval),
+        "--state-dir",
+        os.path.join(tmp, f"{name}-state"),
+        "--node-id",
+        name,
+    ]
     p = procs.start(cmd, name, cpus=cpus)
     m = wait_for(p.logpath, r"listening on tcp://127\.0\.0\.1:(\d+)", proc=p)
     p.sock, p.port, p.node_id = sock, int(m.group(1)), name
@@ -165,8 +191,14 @@ def proc_rss(pid):
 
 def rpc(target, method, params=None, timeout=10.0):
     """One JSON-RPC call over a fresh connection; target is a socket path or a port."""
-    body = json.dumps({"jsonrpc": "2.0", "method": method, "id": 1,
-                       **({"params": params} if params is not None else {})}).encode()
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "method": method,
+            "id": 1,
+            **({"params": params} if params is not None else {}),
+        }
+    ).encode()
     if isinstance(target, int):
         s = socket.create_connection(("127.0.0.1", target), timeout=timeout)
     else:
@@ -189,4 +221,3 @@ def rpc(target, method, params=None, timeout=10.0):
                 return msg["result"]
     finally:
         s.close()
-

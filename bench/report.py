@@ -10,7 +10,6 @@ import subprocess
 from procs import ENV, NCPU, PY, ROOT, log
 
 
-
 class Results:
     def __init__(self):
         self.rows = []
@@ -18,11 +17,19 @@ class Results:
         self.targets = []
 
     def add(self, section, case, tput=None, p50=None, p99=None, **extra):
-        row = {"section": section, "case": case, "throughput": tput, "p50_ms": p50,
-               "p99_ms": p99, "extra": extra}
+        row = {
+            "section": section,
+            "case": case,
+            "throughput": tput,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "extra": extra,
+        }
         self.rows.append(row)
-        log(f"{section:9} {case:42} {_f(tput):>10} {_f(p50):>8} {_f(p99):>8} "
-            + " ".join(f"{k}={_f(v)}" for k, v in extra.items()))
+        log(
+            f"{section:9} {case:42} {_f(tput):>10} {_f(p50):>8} {_f(p99):>8} "
+            + " ".join(f"{k}={_f(v)}" for k, v in extra.items())
+        )
         return row
 
     def target(self, name, met, detail):
@@ -47,10 +54,20 @@ def _f(v):
 def git_rev():
     """The commit under test (plus '+dirty' when hero_compute/ has local changes)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hero_compute"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hero_compute"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return rev + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
@@ -66,40 +83,75 @@ def machine():
                     break
     except OSError:
         pass
-    tw = subprocess.run([PY, "-c", "import twisted; print(twisted.__version__)"],
-                        capture_output=True, text=True, env=ENV).stdout.strip()
-    pyv = subprocess.run([PY, "-c", "import platform; print(platform.python_version())"],
-                         capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "cores": NCPU, "python": pyv, "twisted": tw, "commit": git_rev(),
-            "kernel": platform.release(),
-            "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+    tw = subprocess.run(
+        [PY, "-c", "import twisted; print(twisted.__version__)"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    ).stdout.strip()
+    pyv = subprocess.run(
+        [PY, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "cpu": model,
+        "cores": NCPU,
+        "python": pyv,
+        "twisted": tw,
+        "commit": git_rev(),
+        "kernel": platform.release(),
+        "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
 
 
 def render(results, mach, args):
     head = ["section", "case", "throughput", "p50 ms", "p99 ms", "details"]
     rows = []
     for r in results.rows:
-        rows.append([r["section"], r["case"], _f(r["throughput"]), _f(r["p50_ms"]),
-                     _f(r["p99_ms"]),
-                     " ".join(f"{k}={_f(v)}" for k, v in r["extra"].items())])
+        rows.append(
+            [
+                r["section"],
+                r["case"],
+                _f(r["throughput"]),
+                _f(r["p50_ms"]),
+                _f(r["p99_ms"]),
+                " ".join(f"{k}={_f(v)}" for k, v in r["extra"].items()),
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = "  ".join("-" * w for w in widths)
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa
-    text = [f"machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
+    text = (
+        [
+            f"machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
             f"Twisted {mach['twisted']}, Linux {mach['kernel']}, "
             f"RLIMIT_NOFILE hard {mach['nofile_hard']}, commit {mach['commit']}",
             f"mode: {'quick' if args.quick else 'full'}; sections: {','.join(args.sections)}",
-            "", line, fmt(head), line] + [fmt(r) for r in rows] + [line, ""]
+            "",
+            line,
+            fmt(head),
+            line,
+        ]
+        + [fmt(r) for r in rows]
+        + [line, ""]
+    )
     for t in results.targets:
         text.append(f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['detail']}")
     if results.notes:
         text.append("")
         text += [f"note: {n}" for n in results.notes]
-    md = [f"**machine**: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
-          f"Twisted {mach['twisted']}, Linux {mach['kernel']}, commit {mach['commit']}", "",
-          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md = [
+        f"**machine**: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
+        f"Twisted {mach['twisted']}, Linux {mach['kernel']}, commit {mach['commit']}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    md += [""] + [f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['detail']}"
-                  for t in results.targets]
+    md += [""] + [
+        f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['detail']}"
+        for t in results.targets
+    ]
     md += [""] + [f"- note: {n}" for n in results.notes]
     return "\n".join(text), "\n".join(md) + "\n"

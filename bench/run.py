@@ -44,18 +44,25 @@ DEFAULT_SECTIONS = ["floor", "transport", "ingest", "proxy", "failure"]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="~1-2 minute run")
-    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                    help=f"comma-separated subset of {','.join(SECTIONS)} "
-                         f"(default: all but profile; 'all' for everything)")
+    ap.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} "
+        f"(default: all but profile; 'all' for everything)",
+    )
     ap.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
     ap.add_argument("--ingest-n", help="comma-separated node counts for ingest")
     ap.add_argument("--conns", type=int, help="connections for floor/transport")
     args = ap.parse_args(argv)
-    args.sections = list(SECTIONS) if args.sections == "all" else [
-        s.strip() for s in args.sections.split(",") if s.strip()]
+    args.sections = (
+        list(SECTIONS)
+        if args.sections == "all"
+        else [s.strip() for s in args.sections.split(",") if s.strip()]
+    )
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
         ap.error(f"unknown sections {bad}; choose from {list(SECTIONS)}")
@@ -66,7 +73,8 @@ def main(argv=None):
         "dur": 2.0 if q else 6.0,
         "warm": 0.7 if q else 1.5,
         "wrk": not args.no_wrk and shutil.which("wrk") is not None,
-        "ingest_n": [int(x) for x in args.ingest_n.split(",")] if args.ingest_n
+        "ingest_n": [int(x) for x in args.ingest_n.split(",")]
+        if args.ingest_n
         else ([1000, 5000] if q else [1000, 10000, 50000]),
         "hb_interval": 10.0,
         "hb_window": 4.0 if q else 15.0,
@@ -76,17 +84,23 @@ def main(argv=None):
     }
     mach = machine()
     res = Results()
-    res.note(f"server processes pinned to CPU {sorted(SERVER_CPU) if SERVER_CPU else '-'}, "
-             f"load generators to CPU {sorted(CLIENT_CPU) if CLIENT_CPU else '-'} "
-             "(socat, proxy and failure runs unpinned)")
-    res.note(f"floor/transport: {cfg['conns']} concurrent connections, closed loop; "
-             "(py) = bench/loadgen.py, (wrk) = wrk -t1 with a Lua POST script; "
-             "gen_cpu = generator CPU share of one core")
-    res.note(f"ingest: RLIMIT_NOFILE raised to the hard limit {mach['nofile_hard']} in "
-             "the explorer (preexec setrlimit) and generators; where N exceeds it, "
-             "several simulated nodes share one connection, each on its own schedule; "
-             "latency is from the scheduled send time; send_delay = scheduled -> written, i.e. "
-             "generator lateness plus waiting behind a shared connection's request in flight")
+    res.note(
+        f"server processes pinned to CPU {sorted(SERVER_CPU) if SERVER_CPU else '-'}, "
+        f"load generators to CPU {sorted(CLIENT_CPU) if CLIENT_CPU else '-'} "
+        "(socat, proxy and failure runs unpinned)"
+    )
+    res.note(
+        f"floor/transport: {cfg['conns']} concurrent connections, closed loop; "
+        "(py) = bench/loadgen.py, (wrk) = wrk -t1 with a Lua POST script; "
+        "gen_cpu = generator CPU share of one core"
+    )
+    res.note(
+        f"ingest: RLIMIT_NOFILE raised to the hard limit {mach['nofile_hard']} in "
+        "the explorer (preexec setrlimit) and generators; where N exceeds it, "
+        "several simulated nodes share one connection, each on its own schedule; "
+        "latency is from the scheduled send time; send_delay = scheduled -> written, i.e. "
+        "generator lateness plus waiting behind a shared connection's request in flight"
+    )
     tmp = tempfile.mkdtemp(prefix="hero-bench-")
     procs = Procs(tmp)
     t_start = time.monotonic()
@@ -116,15 +130,24 @@ def main(argv=None):
     res.note(f"total wall time {time.monotonic() - t_start:.0f}s")
     end_rev = git_rev()
     if end_rev != mach["commit"]:
-        res.note(f"WARNING: the code changed during the run ({mach['commit']} -> {end_rev}); "
-                 "sections may have measured different versions")
+        res.note(
+            f"WARNING: the code changed during the run ({mach['commit']} -> {end_rev}); "
+            "sections may have measured different versions"
+        )
     text, md = render(res, mach, args)
     print(text)
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = {"machine": mach, "quick": q, "sections": args.sections, "config": cfg,
-            "rows": res.rows, "targets": res.targets, "notes": res.notes}
+    data = {
+        "machine": mach,
+        "quick": q,
+        "sections": args.sections,
+        "config": cfg,
+        "rows": res.rows,
+        "targets": res.targets,
+        "notes": res.notes,
+    }
     for name in (stamp, "latest"):
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)

@@ -22,8 +22,11 @@ def sec_floor(procs, tmp, res, cfg):
     floors = {}
     for kind in ("twisted-web", "hero-http"):
         sock = os.path.join(tmp, f"bare-{kind}.sock")
-        p = procs.start([PY, os.path.join(HERE, "bare_server.py"), sock, kind],
-                        f"bare-{kind}", cpus=SERVER_CPU)
+        p = procs.start(
+            [PY, os.path.join(HERE, "bare_server.py"), sock, kind],
+            f"bare-{kind}",
+            cpus=SERVER_CPU,
+        )
         m = wait_for(p.logpath, r"listening on tcp://127\.0\.0\.1:(\d+)", proc=p)
         floors[kind] = (p, sock, int(m.group(1)))
     try:
@@ -34,29 +37,50 @@ def sec_floor(procs, tmp, res, cfg):
 
         def load(label, gen, target, pid):
             if gen == "py":
-                return best_of(lambda: run_closed(procs, target, c, cfg["dur"], cfg["warm"],
-                                                  server_pid=pid), reps)
-            return best_of(lambda: run_wrk(procs, tmp, target, c, cfg["dur"],
-                                           server_pid=pid), reps)
+                return best_of(
+                    lambda: run_closed(
+                        procs, target, c, cfg["dur"], cfg["warm"], server_pid=pid
+                    ),
+                    reps,
+                )
+            return best_of(
+                lambda: run_wrk(procs, tmp, target, c, cfg["dur"], server_pid=pid), reps
+            )
 
         for label, gen in runs:
-            pick = (lambda sock, port: sock) if label == "unix" else (lambda sock, port: port)
+            pick = (
+                (lambda sock, port: sock) if label == "unix" else (lambda sock, port: port)
+            )
             r_rpc = load(label, gen, pick(exp.sock, exp.port), exp.pid)
             ratios = {}
             for kind, (p, sock, port) in floors.items():
                 r = load(label, gen, pick(sock, port), p.pid)
-                res.add("floor", f"{kind} fixed body, {label}, keep-alive ({gen})", r["rps"],
-                        r["p50_ms"], r["p99_ms"], **details(r))
+                res.add(
+                    "floor",
+                    f"{kind} fixed body, {label}, keep-alive ({gen})",
+                    r["rps"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    **details(r),
+                )
                 ratios[kind] = (r_rpc["rps"] / r["rps"] if r["rps"] else 0, r)
-            res.add("floor", f"explorer.info, {label}, keep-alive ({gen})", r_rpc["rps"],
-                    r_rpc["p50_ms"], r_rpc["p99_ms"],
-                    **details(r_rpc, **{f"ratio_vs_{k}": round(v[0], 3)
-                                        for k, v in ratios.items()}))
+            res.add(
+                "floor",
+                f"explorer.info, {label}, keep-alive ({gen})",
+                r_rpc["rps"],
+                r_rpc["p50_ms"],
+                r_rpc["p99_ms"],
+                **details(
+                    r_rpc, **{f"ratio_vs_{k}": round(v[0], 3) for k, v in ratios.items()}
+                ),
+            )
             ratio, r_bare = ratios["twisted-web"]
-            res.target(f"floor {label} ({gen}): JSON-RPC >= 80% of bare twisted.web",
-                       ratio >= 0.8,
-                       f"{ratio:.0%} by calls/s ({r_rpc['rps']:.0f} vs {r_bare['rps']:.0f}); "
-                       f"vs our HTTP layer with no dispatch {ratios['hero-http'][0]:.0%}")
+            res.target(
+                f"floor {label} ({gen}): JSON-RPC >= 80% of bare twisted.web",
+                ratio >= 0.8,
+                f"{ratio:.0%} by calls/s ({r_rpc['rps']:.0f} vs {r_bare['rps']:.0f}); "
+                f"vs our HTTP layer with no dispatch {ratios['hero-http'][0]:.0%}",
+            )
     finally:
         procs.stop(exp)
         for p, _, _ in floors.values():
@@ -71,8 +95,15 @@ def sec_transport(procs, tmp, res, cfg):
     s.bind(("127.0.0.1", 0))
     socat_port = s.getsockname()[1]
     s.close()
-    socat = procs.start(["socat", f"TCP-LISTEN:{socat_port},fork,reuseaddr,bind=127.0.0.1,backlog=1024",
-                         f"UNIX-CONNECT:{exp.sock}"], "socat", cpus=None)
+    socat = procs.start(
+        [
+            "socat",
+            f"TCP-LISTEN:{socat_port},fork,reuseaddr,bind=127.0.0.1,backlog=1024",
+            f"UNIX-CONNECT:{exp.sock}",
+        ],
+        "socat",
+        cpus=None,
+    )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
@@ -85,35 +116,74 @@ def sec_transport(procs, tmp, res, cfg):
         table = {}
         for close in (False, True):
             mode = "new conn/request" if close else "keep-alive"
-            runs = [("unix", "py", exp.sock), ("tcp native", "py", exp.port),
-                    ("tcp via socat", "py", socat_port)]
+            runs = [
+                ("unix", "py", exp.sock),
+                ("tcp native", "py", exp.port),
+                ("tcp via socat", "py", socat_port),
+            ]
             if cfg["wrk"]:
-                runs += [("tcp native", "wrk", exp.port), ("tcp via socat", "wrk", socat_port)]
+                runs += [
+                    ("tcp native", "wrk", exp.port),
+                    ("tcp via socat", "wrk", socat_port),
+                ]
             for label, gen, target in runs:
                 if gen == "py":
-                    fn = lambda: run_closed(procs, target, c, cfg["dur"], cfg["warm"],  # noqa
-                                            close=close, server_pid=exp.pid)
+                    fn = lambda: run_closed(
+                        procs,
+                        target,
+                        c,
+                        cfg["dur"],
+                        cfg["warm"],  # noqa
+                        close=close,
+                        server_pid=exp.pid,
+                    )
                 else:
-                    fn = lambda: run_wrk(procs, tmp, target, c, cfg["dur"], close=close,  # noqa
-                                         server_pid=exp.pid)
+                    fn = lambda: run_wrk(
+                        procs,
+                        tmp,
+                        target,
+                        c,
+                        cfg["dur"],
+                        close=close,  # noqa
+                        server_pid=exp.pid,
+                    )
                 r = best_of(fn, reps)
                 table[(label, close, gen)] = r
-                res.add("transport", f"{label}, {mode} ({gen})", r["rps"], r["p50_ms"],
-                        r["p99_ms"], **details(r))
+                res.add(
+                    "transport",
+                    f"{label}, {mode} ({gen})",
+                    r["rps"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    **details(r),
+                )
             for gen in ("py", "wrk"):
-                n, s_ = table.get(("tcp native", close, gen)), table.get(("tcp via socat", close, gen))
+                n, s_ = (
+                    table.get(("tcp native", close, gen)),
+                    table.get(("tcp via socat", close, gen)),
+                )
                 if not n or not s_ or not s_["rps"]:
                     continue
                 ratio = n["rps"] / s_["rps"]
                 need = 1.5 if close else 1.0
-                res.add("transport", f"ratio native/socat, {mode} ({gen})", round(ratio, 2),
-                        p50_native_over_socat=round(n["p50_ms"] / s_["p50_ms"], 2)
-                        if s_["p50_ms"] else None)
-                res.target(f"native TCP >= {need}x socat, {mode} ({gen})", ratio >= need,
-                           f"{ratio:.2f}x ({n['rps']:.0f} vs {s_['rps']:.0f} req/s, p50 "
-                           f"{n['p50_ms']} vs {s_['p50_ms']} ms)")
-        res.note("transport: srv_cpu is the explorer's CPU only; through socat the "
-                 "socat processes add their own CPU, unpinned")
+                res.add(
+                    "transport",
+                    f"ratio native/socat, {mode} ({gen})",
+                    round(ratio, 2),
+                    p50_native_over_socat=round(n["p50_ms"] / s_["p50_ms"], 2)
+                    if s_["p50_ms"]
+                    else None,
+                )
+                res.target(
+                    f"native TCP >= {need}x socat, {mode} ({gen})",
+                    ratio >= need,
+                    f"{ratio:.2f}x ({n['rps']:.0f} vs {s_['rps']:.0f} req/s, p50 "
+                    f"{n['p50_ms']} vs {s_['p50_ms']} ms)",
+                )
+        res.note(
+            "transport: srv_cpu is the explorer's CPU only; through socat the "
+            "socat processes add their own CPU, unpinned"
+        )
     finally:
         procs.stop(socat, signal.SIGTERM)
         procs.stop(exp)
@@ -127,8 +197,10 @@ def sec_proxy(procs, tmp, res, cfg):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             nodes = {x["node_id"]: x for x in rpc(exp.sock, "explorer.list_nodes")}
-            if all(k in nodes and nodes[k]["status"] == "online"
-                   for k in (nu.node_id, nt.node_id)):
+            if all(
+                k in nodes and nodes[k]["status"] == "online"
+                for k in (nu.node_id, nt.node_id)
+            ):
                 break
             time.sleep(0.1)
         else:
@@ -138,23 +210,51 @@ def sec_proxy(procs, tmp, res, cfg):
         info = '{"jsonrpc":"2.0","method":"node.info","id":1}'
 
         def via(node_id):
-            return json.dumps({"jsonrpc": "2.0", "method": "explorer.call", "id": 1,
-                               "params": {"node_id": node_id, "method": "node.info"}})
+            return json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "explorer.call",
+                    "id": 1,
+                    "params": {"node_id": node_id, "method": "node.info"},
+                }
+            )
 
         cases = [
             ("direct node.info, unix", nu.sock, info, None),
-            ("explorer.call (unix) -> node unix://", exp.sock, via(nu.node_id),
-             "direct node.info, unix"),
+            (
+                "explorer.call (unix) -> node unix://",
+                exp.sock,
+                via(nu.node_id),
+                "direct node.info, unix",
+            ),
             ("direct node.info, tcp", nt.port, info, None),
-            ("explorer.call (tcp) -> node tcp://", exp.port, via(nt.node_id),
-             "direct node.info, tcp"),
+            (
+                "explorer.call (tcp) -> node tcp://",
+                exp.port,
+                via(nt.node_id),
+                "direct node.info, tcp",
+            ),
         ]
         got = {}
         for name, target, body, base in cases:
-            r1 = run_closed(procs, target, 1, cfg["proxy_dur"], cfg["warm"], body=body,
-                            expect='"node_id"')
-            rn = run_closed(procs, target, 8, cfg["proxy_dur"], cfg["warm"], body=body,
-                            expect='"node_id"')
+            r1 = run_closed(
+                procs,
+                target,
+                1,
+                cfg["proxy_dur"],
+                cfg["warm"],
+                body=body,
+                expect='"node_id"',
+            )
+            rn = run_closed(
+                procs,
+                target,
+                8,
+                cfg["proxy_dur"],
+                cfg["warm"],
+                body=body,
+                expect='"node_id"',
+            )
             got[name] = (r1, rn)
             extra = {"rps_8conns": rn["rps"], "err": r1["errors"] + rn["errors"]}
             if base:
@@ -162,10 +262,15 @@ def sec_proxy(procs, tmp, res, cfg):
                 extra["added_p50_ms"] = round(r1["p50_ms"] - b1["p50_ms"], 3)
                 extra["added_p99_ms"] = round(r1["p99_ms"] - b1["p99_ms"], 3)
                 extra["tput_ratio"] = round(rn["rps"] / bn["rps"], 3) if bn["rps"] else None
-                res.target(f"proxy adds < 1 ms p50 ({name})", extra["added_p50_ms"] < 1.0,
-                           f"+{extra['added_p50_ms']:.3f} ms p50, +{extra['added_p99_ms']:.3f}"
-                           f" ms p99, throughput x{extra['tput_ratio']}")
-            res.add("proxy", name + " (1 conn)", r1["rps"], r1["p50_ms"], r1["p99_ms"], **extra)
+                res.target(
+                    f"proxy adds < 1 ms p50 ({name})",
+                    extra["added_p50_ms"] < 1.0,
+                    f"+{extra['added_p50_ms']:.3f} ms p50, +{extra['added_p99_ms']:.3f}"
+                    f" ms p99, throughput x{extra['tput_ratio']}",
+                )
+            res.add(
+                "proxy", name + " (1 conn)", r1["rps"], r1["p50_ms"], r1["p99_ms"], **extra
+            )
     finally:
         procs.stop(nu)
         procs.stop(nt)
@@ -184,7 +289,12 @@ def sec_failure(procs, tmp, res, cfg):
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:
                     try:
-                        if rpc(exp.sock, "explorer.get_node", {"node_id": node_id})["status"] == "online":
+                        if (
+                            rpc(exp.sock, "explorer.get_node", {"node_id": node_id})[
+                                "status"
+                            ]
+                            == "online"
+                        ):
                             break
                     except RuntimeError:
                         pass
@@ -209,12 +319,19 @@ def sec_failure(procs, tmp, res, cfg):
                 except RuntimeError:
                     pass
             ok = [t for t in times if t is not None]
-            res.add("failure", f"{how} -> offline (offline_after={after:g}s, interval 1s)",
-                    None, round(sorted(ok)[len(ok) // 2] * 1000, 1) if ok else None,
-                    round(max(ok) * 1000, 1) if ok else None,
-                    min_ms=round(min(ok) * 1000, 1) if ok else None, reps=len(times),
-                    undetected=len(times) - len(ok))
-        res.note("failure rows: p50/p99 columns are the median/max detection time in ms "
-                 "over the repetitions (polling explorer.get_node every 50 ms)")
+            res.add(
+                "failure",
+                f"{how} -> offline (offline_after={after:g}s, interval 1s)",
+                None,
+                round(sorted(ok)[len(ok) // 2] * 1000, 1) if ok else None,
+                round(max(ok) * 1000, 1) if ok else None,
+                min_ms=round(min(ok) * 1000, 1) if ok else None,
+                reps=len(times),
+                undetected=len(times) - len(ok),
+            )
+        res.note(
+            "failure rows: p50/p99 columns are the median/max detection time in ms "
+            "over the repetitions (polling explorer.get_node every 50 ms)"
+        )
     finally:
         procs.stop(exp)

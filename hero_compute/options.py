@@ -38,7 +38,8 @@ def socket_dir(env):
     if not os.path.isabs(path):
         raise usage.UsageError(
             f"HERO_SOCKET_DIR={path!r}: must be an absolute path (sockets are named by "
-            "unix:///abs/path URIs)")
+            "unix:///abs/path URIs)"
+        )
     return path
 
 
@@ -155,7 +156,8 @@ def limits(options, env):
         if not eq or field not in VARIABLES:
             raise usage.UsageError(
                 f"--limit {item!r}: expected NAME=VALUE with NAME one of "
-                f"{', '.join(sorted(VARIABLES))}")
+                f"{', '.join(sorted(VARIABLES))}"
+            )
         try:
             given[field] = VARIABLES[field][1](text)
         except ValueError as e:

@@ -18,7 +18,8 @@ class LoggedErrors:
 
     def __call__(self, event):
         if event.get("log_failure") is not None or event.get("log_level") in (
-            LogLevel.error, LogLevel.critical
+            LogLevel.error,
+            LogLevel.critical,
         ):
             self.events.append(event)
 
@@ -28,8 +29,12 @@ class LoggedErrors:
 
         :return: the flushed events
         """
-        taken = [e for e in self.events if exception_type is None or (
-            e.get("log_failure") is not None and e["log_failure"].check(exception_type))]
+        taken = [
+            e
+            for e in self.events
+            if exception_type is None
+            or (e.get("log_failure") is not None and e["log_failure"].check(exception_type))
+        ]
         self.events = [e for e in self.events if e not in taken]
         return taken
 
@@ -48,8 +53,8 @@ def logged_errors():
         from twisted.logger import formatEvent
 
         details = "\n".join(
-            formatEvent(e) + ("\n" + e["log_failure"].getTraceback()
-                              if e.get("log_failure") else "")
+            formatEvent(e)
+            + ("\n" + e["log_failure"].getTraceback() if e.get("log_failure") else "")
             for e in errors.events
         )
         pytest.fail(f"errors were logged during the test:\n{details}")

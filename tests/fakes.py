@@ -8,7 +8,12 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from hero_compute.node.vms import IVmManager, VmRecord, usage_of
-from hero_compute.rpc.errors import ConnectionRefused, InvalidVmState, RefusedByPolicy, VmNotFound
+from hero_compute.rpc.errors import (
+    ConnectionRefused,
+    InvalidVmState,
+    RefusedByPolicy,
+    VmNotFound,
+)
 from hero_compute.rpc.interfaces import IRpcClient
 
 
@@ -30,8 +35,16 @@ class MemoryVmManager:
 
     def create(self, name, vcpus, memory_mb, disk_gb, image=None):
         self._next += 1
-        vm = VmRecord(f"vm-{self._next}", name, vcpus, memory_mb, disk_gb, image,
-                      "stopped", self.clock.seconds())
+        vm = VmRecord(
+            f"vm-{self._next}",
+            name,
+            vcpus,
+            memory_mb,
+            disk_gb,
+            image,
+            "stopped",
+            self.clock.seconds(),
+        )
         self._vms[vm.vm_id] = vm
         return defer.succeed(vm)
 
@@ -46,7 +59,9 @@ class MemoryVmManager:
         return defer.maybeDeferred(self._transition, vm_id, ("stopped", "error"), "running")
 
     def stop(self, vm_id, force=False):
-        return defer.maybeDeferred(self._transition, vm_id, ("running", "starting"), "stopped")
+        return defer.maybeDeferred(
+            self._transition, vm_id, ("running", "starting"), "stopped"
+        )
 
     def delete(self, vm_id):
         return defer.maybeDeferred(lambda: bool(self._vms.pop(self._get(vm_id).vm_id)))

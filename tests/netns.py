@@ -54,8 +54,20 @@ class Lab:
         ns = f"hc{name}{self.tag}"
         host_if, switch_if = f"h{index}x{self.tag}", f"s{index}x{self.tag}"
         _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "netns", ns, "type", "veth", "peer", "name", switch_if,
-            "netns", self.switch)
+        _ip(
+            "link",
+            "add",
+            host_if,
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            switch_if,
+            "netns",
+            self.switch,
+        )
         _ip("-n", self.switch, "link", "set", switch_if, "master", "br0")
         _ip("-n", self.switch, "link", "set", switch_if, "up")
         _ip("-n", ns, "addr", "add", f"{SUBNET}.{index}/24", "dev", host_if)

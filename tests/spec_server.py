@@ -91,18 +91,23 @@ def main(path):
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
     from hero_compute.rpc.http_server import make_factory
+    from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 
     sys.stdout.reconfigure(line_buffering=True)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(sys.stdout)], redirectStandardIO=False
+    )
     site = make_factory(build_dispatcher(reactor))
-    listeners = Listeners(site, [
-        unix_endpoint_string(path),
-        "tcp:0:interface=127.0.0.1",
-        r"tcp6:0:interface=\:\:1",
-    ], reactor=reactor)
+    listeners = Listeners(
+        site,
+        [
+            unix_endpoint_string(path),
+            "tcp:0:interface=127.0.0.1",
+            r"tcp6:0:interface=\:\:1",
+        ],
+        reactor=reactor,
+    )
     listeners.startService()
     reactor.addSystemEventTrigger("before", "shutdown", listeners.stopService)
     reactor.run()
@@ -121,7 +126,10 @@ class SpecServer:
         self._cond = threading.Condition()
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "spec_server.py"), path],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         threading.Thread(target=self._read, daemon=True).start()

@@ -93,8 +93,9 @@ def tls_connect(uri, ca, cert=None, key=None, timeout=10):
     context.load_verify_locations(ca)
     if cert is not None:
         context.load_cert_chain(cert, key)
-    return http.client.HTTPSConnection(address.host, address.port, timeout=timeout,
-                                       context=context)
+    return http.client.HTTPSConnection(
+        address.host, address.port, timeout=timeout, context=context
+    )
 
 
 def rpc_over(conn, method, params=None):
@@ -120,8 +121,12 @@ def post(uri_or_conn, body, path="/rpc", method="POST", headers=None):
     conn = connect(uri_or_conn) if isinstance(uri_or_conn, str) else uri_or_conn
     if not isinstance(body, (bytes, str)) and body is not None:
         body = json.dumps(body)
-    conn.request(method, path, body=body,
-                 headers={"Content-Type": "application/json", **(headers or {})})
+    conn.request(
+        method,
+        path,
+        body=body,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     response = conn.getresponse()
     data = response.read()
     if isinstance(uri_or_conn, str):
@@ -187,8 +192,11 @@ class Twistd:
     """
 
     def __init__(self, args, env=None, netns=None, cwd=None):
-        full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("EXPLORER_", "NODE_", "HERO_", "HEARTBEAT_"))}
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("EXPLORER_", "NODE_", "HERO_", "HEARTBEAT_"))
+        }
         full_env["PYTHONPATH"] = ROOT
         self._home = None
         if "HOME" not in (env or {}):
@@ -201,8 +209,13 @@ class Twistd:
         self.lines = []
         self._cond = threading.Condition()
         self.process = subprocess.Popen(
-            command, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            command,
+            env=full_env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -234,10 +247,12 @@ class Twistd:
                 if len(matches) >= count:
                     return matches
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process.poll() is not None and
-                                      not self.process.stdout.readable()):
+                if remaining <= 0 or (
+                    self.process.poll() is not None and not self.process.stdout.readable()
+                ):
                     raise AssertionError(
-                        f"no line matching {pattern!r} after {timeout}s in:\n{self.output}")
+                        f"no line matching {pattern!r} after {timeout}s in:\n{self.output}"
+                    )
                 self._cond.wait(min(remaining, 0.2))
 
     def listening(self, count=1, timeout=15.0):
@@ -246,8 +261,9 @@ class Twistd:
 
         :return: the URIs, in order
         """
-        return [m.group(1) for m in
-                self.wait_for_line(r"listening on (\S+)", timeout, count)]
+        return [
+            m.group(1) for m in self.wait_for_line(r"listening on (\S+)", timeout, count)
+        ]
 
     def tcp_uri(self):
         """The first TCP URI this process listens on."""

@@ -6,11 +6,12 @@ value and the accepted forms in the message), and properties over generated addr
 import ipaddress
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
 
 from hero_compute.rpc.addresses import (
     ACCEPTED_FORMS,
@@ -23,23 +24,33 @@ from hero_compute.rpc.addresses import (
 )
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("unix:///run/hero/x.sock", Address("unix", path="/run/hero/x.sock")),
-    ("UNIX:///run/x.sock", Address("unix", path="/run/x.sock")),
-    ("/run/hero/x.sock", Address("unix", path="/run/hero/x.sock")),
-    ("tcp://10.0.0.5:9002", Address("tcp", host="10.0.0.5", port=9002)),
-    ("tcp://127.0.0.1:1", Address("tcp", host="127.0.0.1", port=1)),
-    ("tcp://explorer.example.com:65535",
-     Address("tcp", host="explorer.example.com", port=65535)),
-    ("tcp://Explorer.Example.COM:80", Address("tcp", host="explorer.example.com", port=80)),
-    ("tcp://localhost:9002", Address("tcp", host="localhost", port=9002)),
-    ("tcp://[::1]:9002", Address("tcp", host="::1", port=9002)),
-    ("tcp://[2001:DB8:0:0:0:0:0:1]:443", Address("tcp", host="2001:db8::1", port=443)),
-    ("tls://10.0.0.5:9443", Address("tls", host="10.0.0.5", port=9443)),
-    ("tls://explorer.example.com:9443",
-     Address("tls", host="explorer.example.com", port=9443)),
-    ("tls://[fd00::5]:9443", Address("tls", host="fd00::5", port=9443)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("unix:///run/hero/x.sock", Address("unix", path="/run/hero/x.sock")),
+        ("UNIX:///run/x.sock", Address("unix", path="/run/x.sock")),
+        ("/run/hero/x.sock", Address("unix", path="/run/hero/x.sock")),
+        ("tcp://10.0.0.5:9002", Address("tcp", host="10.0.0.5", port=9002)),
+        ("tcp://127.0.0.1:1", Address("tcp", host="127.0.0.1", port=1)),
+        (
+            "tcp://explorer.example.com:65535",
+            Address("tcp", host="explorer.example.com", port=65535),
+        ),
+        (
+            "tcp://Explorer.Example.COM:80",
+            Address("tcp", host="explorer.example.com", port=80),
+        ),
+        ("tcp://localhost:9002", Address("tcp", host="localhost", port=9002)),
+        ("tcp://[::1]:9002", Address("tcp", host="::1", port=9002)),
+        ("tcp://[2001:DB8:0:0:0:0:0:1]:443", Address("tcp", host="2001:db8::1", port=443)),
+        ("tls://10.0.0.5:9443", Address("tls", host="10.0.0.5", port=9443)),
+        (
+            "tls://explorer.example.com:9443",
+            Address("tls", host="explorer.example.com", port=9443),
+        ),
+        ("tls://[fd00::5]:9443", Address("tls", host="fd00::5", port=9443)),
+    ],
+)
 def test_accepted_addresses(text, expected):
     """Every accepted form of CONTRACT §1 parses to the expected address."""
     assert parse_address(text) == expected
@@ -72,53 +83,56 @@ def test_address_passes_through():
     assert parse_address(address) is address
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "tcp://10.0.0.5",
-    "tcp://10.0.0.5:",
-    "tcp://10.0.0.5:0",
-    "tcp://10.0.0.5:65536",
-    "tcp://10.0.0.5:99999999999999999999",
-    "tcp://10.0.0.5:http",
-    "tcp://10.0.0.5:-1",
-    "tcp://10.0.0.5:+80",
-    "tcp://10.0.0.5: 80",
-    "tcp://10.0.0.5:８０",
-    "tcp://:9002",
-    "tcp://[]:9002",
-    "tcp://::1:9002",
-    "tcp://2001:db8::1:9002",
-    "tcp://[::1]",
-    "tcp://[::1]9002",
-    "tcp://[not-v6]:9002",
-    "tcp://[1.2.3.4]:9002",
-    "tcp://999.1.1.1:9002",
-    "tcp://1.2.3:9002",
-    "tcp://-bad-.example:9002",
-    "tcp://a_b.example:9002",
-    "tcp://a b:9002",
-    "tcp://host:9002/rpc",
-    "tcp://user@host:9002",
-    "tcp://host:9002?x=1",
-    "unix://relative.sock",
-    "unix://",
-    "unix:///run/dir/",
-    "unix:///run/x\x00.sock",
-    "unix:///" + "a" * 107,
-    "/" + "é" * 54,
-    "tcp://10.0.0.5:" + "9" * 5000,
-    "tcp://10.0.0.5:000009002",
-    "relative.sock",
-    "./x.sock",
-    "http://10.0.0.5:9002",
-    "https://10.0.0.5:9002",
-    "ssl:host=1.2.3.4:port=1",
-    "10.0.0.5:9002",
-    "tcp:10.0.0.5:9002",
-    "garbage",
-    "://",
-    "\x00",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "tcp://10.0.0.5",
+        "tcp://10.0.0.5:",
+        "tcp://10.0.0.5:0",
+        "tcp://10.0.0.5:65536",
+        "tcp://10.0.0.5:99999999999999999999",
+        "tcp://10.0.0.5:http",
+        "tcp://10.0.0.5:-1",
+        "tcp://10.0.0.5:+80",
+        "tcp://10.0.0.5: 80",
+        "tcp://10.0.0.5:８０",
+        "tcp://:9002",
+        "tcp://[]:9002",
+        "tcp://::1:9002",
+        "tcp://2001:db8::1:9002",
+        "tcp://[::1]",
+        "tcp://[::1]9002",
+        "tcp://[not-v6]:9002",
+        "tcp://[1.2.3.4]:9002",
+        "tcp://999.1.1.1:9002",
+        "tcp://1.2.3:9002",
+        "tcp://-bad-.example:9002",
+        "tcp://a_b.example:9002",
+        "tcp://a b:9002",
+        "tcp://host:9002/rpc",
+        "tcp://user@host:9002",
+        "tcp://host:9002?x=1",
+        "unix://relative.sock",
+        "unix://",
+        "unix:///run/dir/",
+        "unix:///run/x\x00.sock",
+        "unix:///" + "a" * 107,
+        "/" + "é" * 54,
+        "tcp://10.0.0.5:" + "9" * 5000,
+        "tcp://10.0.0.5:000009002",
+        "relative.sock",
+        "./x.sock",
+        "http://10.0.0.5:9002",
+        "https://10.0.0.5:9002",
+        "ssl:host=1.2.3.4:port=1",
+        "10.0.0.5:9002",
+        "tcp:10.0.0.5:9002",
+        "garbage",
+        "://",
+        "\x00",
+    ],
+)
 def test_rejected_addresses(text):
     """A value outside the grammar is an AddressError naming it and the accepted forms."""
     with pytest.raises(AddressError) as info:
@@ -137,22 +151,39 @@ def test_rejected_non_strings(value):
     assert repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("0.0.0.0:9002", ListenAddress("0.0.0.0", 9002)),
-    ("127.0.0.1:0", ListenAddress("127.0.0.1", 0)),
-    ("localhost:65535", ListenAddress("localhost", 65535)),
-    ("[::]:9002", ListenAddress("::", 9002)),
-    ("[::1]:0", ListenAddress("::1", 0)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0.0.0.0:9002", ListenAddress("0.0.0.0", 9002)),
+        ("127.0.0.1:0", ListenAddress("127.0.0.1", 0)),
+        ("localhost:65535", ListenAddress("localhost", 65535)),
+        ("[::]:9002", ListenAddress("::", 9002)),
+        ("[::1]:0", ListenAddress("::1", 0)),
+    ],
+)
 def test_accepted_listen_addresses(text, expected):
     """Listen addresses are host:port or [v6addr]:port; port 0 means any free port."""
     assert parse_listen(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "", "9002", ":9002", "0.0.0.0", "0.0.0.0:", "0.0.0.0:65536", "0.0.0.0:x",
-    "::1:9002", "[::1]", "[zz]:1", "tcp://0.0.0.0:9002", "/run/x.sock", "garbage",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "9002",
+        ":9002",
+        "0.0.0.0",
+        "0.0.0.0:",
+        "0.0.0.0:65536",
+        "0.0.0.0:x",
+        "::1:9002",
+        "[::1]",
+        "[zz]:1",
+        "tcp://0.0.0.0:9002",
+        "/run/x.sock",
+        "garbage",
+    ],
+)
 def test_rejected_listen_addresses(text):
     """A bad listen address names the value and the listen forms."""
     with pytest.raises(AddressError) as info:
@@ -161,12 +192,15 @@ def test_rejected_listen_addresses(text):
     assert ACCEPTED_LISTEN_FORMS in str(info.value)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("0.0.0.0:9002", "tcp:9002:interface=0.0.0.0"),
-    ("127.0.0.1:0", "tcp:0:interface=127.0.0.1"),
-    ("[::]:9002", r"tcp6:9002:interface=\:\:"),
-    ("[::1]:0", r"tcp6:0:interface=\:\:1"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0.0.0.0:9002", "tcp:9002:interface=0.0.0.0"),
+        ("127.0.0.1:0", "tcp:0:interface=127.0.0.1"),
+        ("[::]:9002", r"tcp6:9002:interface=\:\:"),
+        ("[::1]:0", r"tcp6:0:interface=\:\:1"),
+    ],
+)
 def test_listen_endpoint_string(text, expected):
     """A listen address becomes the tcp: or tcp6: server endpoint string for it."""
     listen = parse_listen(text)
@@ -190,8 +224,9 @@ def test_unix_client_endpoint():
     assert (path, timeout) == ("/run/x.sock", 3)
 
 
-@pytest.mark.parametrize("text", ["tcp://10.0.0.5:9002", "tcp://[::1]:9002",
-                                  "tcp://explorer.example.com:9002"])
+@pytest.mark.parametrize(
+    "text", ["tcp://10.0.0.5:9002", "tcp://[::1]:9002", "tcp://explorer.example.com:9002"]
+)
 def test_tcp_client_endpoint(text):
     """A tcp address connects with a HostnameEndpoint (IPv4, IPv6 or a name)."""
     endpoint = parse_address(text).client_endpoint(MemoryReactorClock(), timeout=3)
@@ -216,8 +251,9 @@ def test_tls_client_endpoint():
 
 _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 _top = st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-dns_names = st.builds(lambda labels, top: ".".join([*labels, top]),
-                      st.lists(_label, max_size=4), _top)
+dns_names = st.builds(
+    lambda labels, top: ".".join([*labels, top]), st.lists(_label, max_size=4), _top
+)
 ports = st.integers(1, 65535)
 ipv4 = st.ip_addresses(v=4).map(str)
 
@@ -240,7 +276,8 @@ def ipv6_texts(draw):
 # At most 3 × (8 characters × 4 UTF-8 bytes + "/") = 99 bytes: within the 107-byte limit.
 unix_paths = st.lists(
     st.text(st.characters(blacklist_characters="/\x00"), min_size=1, max_size=8),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 ).map(lambda parts: "/" + "/".join(parts))
 
 
@@ -253,8 +290,7 @@ def address_texts(draw):
     if kind == "bare":
         return draw(unix_paths)
     scheme = draw(st.sampled_from(["tcp", "tls", "TCP"]))
-    host = {"v4": ipv4, "v6": ipv6_texts().map(lambda h: f"[{h}]"),
-            "dns": dns_names}[kind]
+    host = {"v4": ipv4, "v6": ipv6_texts().map(lambda h: f"[{h}]"), "dns": dns_names}[kind]
     return f"{scheme}://{draw(host)}:{draw(ports)}"
 
 
@@ -277,8 +313,10 @@ def test_ipv6_any_spelling(addr, port):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(ipv4, st.ip_addresses(v=6).map(lambda a: f"[{a}]"), dns_names),
-       st.integers(0, 65535))
+@given(
+    st.one_of(ipv4, st.ip_addresses(v=6).map(lambda a: f"[{a}]"), dns_names),
+    st.integers(0, 65535),
+)
 def test_listen_round_trip(host, port):
     """A listen address prints back to text that parses to the same listen address."""
     listen = parse_listen(f"{host}:{port}")
@@ -287,11 +325,16 @@ def test_listen_round_trip(host, port):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(
-    st.text(),
-    st.builds(lambda s, t: s + t, st.sampled_from(
-        ["unix://", "tcp://", "tls://", "tcp://[", "/", "http://"]), st.text()),
-))
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(
+            lambda s, t: s + t,
+            st.sampled_from(["unix://", "tcp://", "tls://", "tcp://[", "/", "http://"]),
+            st.text(),
+        ),
+    )
+)
 def test_arbitrary_text_parses_or_is_address_error(text):
     """Arbitrary text either parses or raises AddressError, never anything else."""
     for parse in (parse_address, parse_listen):

@@ -9,13 +9,30 @@ from hero_compute.rpc.authz import EXPLORER_POLICY, NODE_POLICY
 from hero_compute.rpc.errors import RefusedByPolicy
 
 EXPLORER_METHODS = [
-    "explorer.heartbeat", "explorer.leave", "explorer.list_nodes", "explorer.query_nodes",
-    "explorer.get_node", "explorer.remove_node", "explorer.call", "explorer.info",
-    "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke",
+    "explorer.heartbeat",
+    "explorer.leave",
+    "explorer.list_nodes",
+    "explorer.query_nodes",
+    "explorer.get_node",
+    "explorer.remove_node",
+    "explorer.call",
+    "explorer.info",
+    "explorer.create_token",
+    "explorer.enroll",
+    "explorer.renew",
+    "explorer.revoke",
     "rpc.discover",
 ]
-NODE_METHODS = ["node.info", "vm.create", "vm.start", "vm.stop", "vm.delete", "vm.get",
-                "vm.list", "rpc.discover"]
+NODE_METHODS = [
+    "node.info",
+    "vm.create",
+    "vm.start",
+    "vm.stop",
+    "vm.delete",
+    "vm.get",
+    "vm.list",
+    "rpc.discover",
+]
 
 
 @attrs.frozen
@@ -40,11 +57,11 @@ CALLERS = {
 #: The contract's explorer column, written out per caller (params name node "a").
 EXPLORER_ALLOWED = {
     "unix": set(EXPLORER_METHODS),
-    "tcp": set(EXPLORER_METHODS) - {
-        "explorer.remove_node", "explorer.revoke", "explorer.create_token"},
+    "tcp": set(EXPLORER_METHODS)
+    - {"explorer.remove_node", "explorer.revoke", "explorer.create_token"},
     "tls-anonymous": {"explorer.enroll", "rpc.discover"},
-    "client": set(EXPLORER_METHODS) - {
-        "explorer.heartbeat", "explorer.leave", "explorer.enroll", "explorer.renew"},
+    "client": set(EXPLORER_METHODS)
+    - {"explorer.heartbeat", "explorer.leave", "explorer.enroll", "explorer.renew"},
     "node-a": {"explorer.heartbeat", "explorer.leave", "explorer.renew", "explorer.info"},
     "explorer": set(),
     "tls-unknown-role": set(),
@@ -86,13 +103,16 @@ def test_node_table(caller):
 
 
 @pytest.mark.parametrize("method", ["explorer.heartbeat", "explorer.leave"])
-@pytest.mark.parametrize("params", [
-    {"node_id": "b"},           # another node
-    {},                         # none named
-    ["a"],                      # positional: no name to check, so refused
-    {"node_id": "a/../b"},
-    {"node_id": ["a"]},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"node_id": "b"},  # another node
+        {},  # none named
+        ["a"],  # positional: no name to check, so refused
+        {"node_id": "a/../b"},
+        {"node_id": ["a"]},
+    ],
+)
 def test_node_certificate_speaks_only_for_itself(method, params):
     """A node/a certificate cannot heartbeat or leave as anyone but a."""
     with pytest.raises(RefusedByPolicy) as e:

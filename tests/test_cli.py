@@ -25,8 +25,13 @@ CLI = [sys.executable, "-m", "hero_compute.cli"]
 
 def cli(*args, env=None, timeout=60):
     """Run the CLI with stdout piped; returns (exit status, stdout, stderr)."""
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", **(env or {})})
+    done = subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", **(env or {})},
+    )
     return done.returncode, done.stdout, done.stderr
 
 
@@ -34,8 +39,12 @@ def cli_tty(*args, env=None, timeout=60):
     """Run the CLI with stdout on a pseudo-terminal; returns (status, stdout, stderr)."""
     master, slave = pty.openpty()
     process = subprocess.Popen(
-        [*CLI, *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
-        env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", "TERM": "xterm", **(env or {})})
+        [*CLI, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", "TERM": "xterm", **(env or {})},
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -64,8 +73,11 @@ def explorer(twistd, short_tmp):
 
 def heartbeat(uri, node_id, **extra):
     """Register a node with the explorer."""
-    return result(uri, "explorer.heartbeat",
-                  {"node_id": node_id, "socket_path": f"/tmp/{node_id}.sock", **extra})
+    return result(
+        uri,
+        "explorer.heartbeat",
+        {"node_id": node_id, "socket_path": f"/tmp/{node_id}.sock", **extra},
+    )
 
 
 def test_cli_talks_to_explorer(explorer):
@@ -73,8 +85,12 @@ def test_cli_talks_to_explorer(explorer):
     env, _ = explorer
     code, out, _ = cli("info", env=env)
     assert code == 0 and json.loads(out)["nodes"] == {"online": 0, "offline": 0}
-    code, out, _ = cli("rpc", "explorer.heartbeat",
-                       '{"node_id": "n1", "socket_path": "/tmp/n1.sock"}', env=env)
+    code, out, _ = cli(
+        "rpc",
+        "explorer.heartbeat",
+        '{"node_id": "n1", "socket_path": "/tmp/n1.sock"}',
+        env=env,
+    )
     assert code == 0 and json.loads(out)["accepted"] is True
     code, out, _ = cli("nodes", "--status", "online", env=env)
     assert [n["node_id"] for n in json.loads(out)] == ["n1"]
@@ -91,14 +107,30 @@ def test_cli_talks_to_explorer(explorer):
 def test_table_on_a_terminal_json_when_piped(explorer):
     """nodes: a table on a terminal (name, status, usage, last seen), JSON in a pipe."""
     env, uri = explorer
-    heartbeat(uri, "n1", name="alpha", capacity={"vcpus": 8, "memory_mb": 16384,
-                                                 "disk_gb": 500},
-              usage={"vcpus": 2, "memory_mb": 1024, "disk_gb": 20}, vm_count=2)
+    heartbeat(
+        uri,
+        "n1",
+        name="alpha",
+        capacity={"vcpus": 8, "memory_mb": 16384, "disk_gb": 500},
+        usage={"vcpus": 2, "memory_mb": 1024, "disk_gb": 20},
+        vm_count=2,
+    )
     code, out, err = cli_tty("nodes", env=env)
     assert code == 0 and err == ""
     lines = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out).splitlines()
-    assert lines[0].split() == ["NAME", "ID", "STATUS", "TRANSPORT", "ADDRESS", "VMS",
-                                "VCPUS", "MEMORY", "DISK", "LAST", "SEEN"]
+    assert lines[0].split() == [
+        "NAME",
+        "ID",
+        "STATUS",
+        "TRANSPORT",
+        "ADDRESS",
+        "VMS",
+        "VCPUS",
+        "MEMORY",
+        "DISK",
+        "LAST",
+        "SEEN",
+    ]
     row = lines[2].split()
     assert row[:6] == ["alpha", "n1", "online", "unix", "unix:///tmp/n1.sock", "2"]
     assert row[6:9] == ["2/8", "1G/16G", "20G/500G"] and row[-2:] == ["s", "ago"]
@@ -148,8 +180,9 @@ def test_timeout_is_not_unreachable(short_tmp):
     held = []
     threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
     try:
-        code, _, err = cli("--explorer", f"unix://{path}", "info", "--timeout", "1",
-                           timeout=20)
+        code, _, err = cli(
+            "--explorer", f"unix://{path}", "info", "--timeout", "1", timeout=20
+        )
     finally:
         listener.close()
     assert code == 2 and "timed out" in err and "within 1 s" in err
@@ -182,8 +215,9 @@ def test_usage_errors(explorer):
     env, _ = explorer
     code, _, err = cli("vm", "create", "n1", env=env)
     assert code == 64 and "--name, --memory, --disk" in err
-    code, _, err = cli("vm", "create", "n1", "--name", "x", "--memory", "12Q", "--disk",
-                       "1G", env=env)
+    code, _, err = cli(
+        "vm", "create", "n1", "--name", "x", "--memory", "12Q", "--disk", "1G", env=env
+    )
     assert code == 64 and "M, G or T" in err
     code, _, err = cli("rpc", "explorer.info", "{not json", env=env)
     assert code == 64 and "params must be JSON" in err
@@ -207,16 +241,32 @@ def test_closed_pipe_is_quiet(explorer):
     labels = {f"k{i}": "v" * 100 for i in range(8)}
     conn = connect(uri)
     for batch in range(10):
-        status, _, _ = post(conn, [
-            {"jsonrpc": "2.0", "id": i, "method": "explorer.heartbeat",
-             "params": {"node_id": f"n{batch}-{i}", "socket_path": "/tmp/x.sock",
-                        "labels": labels}} for i in range(100)])
+        status, _, _ = post(
+            conn,
+            [
+                {
+                    "jsonrpc": "2.0",
+                    "id": i,
+                    "method": "explorer.heartbeat",
+                    "params": {
+                        "node_id": f"n{batch}-{i}",
+                        "socket_path": "/tmp/x.sock",
+                        "labels": labels,
+                    },
+                }
+                for i in range(100)
+            ],
+        )
         assert status == 200
     conn.close()
     command = " ".join([*CLI, "nodes", "--json"]) + " | head -c 1"
-    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                          timeout=60, env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin",
-                                           **env})
+    done = subprocess.run(
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", **env},
+    )
     assert done.stdout == "[" and done.stderr == ""
     size = len(cli("nodes", "--json", env=env)[1])
     assert size > 1_000_000
@@ -234,9 +284,13 @@ def test_ctrl_c_is_an_interruption(short_tmp):
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(8)
-    process = subprocess.Popen([*CLI, "--explorer", f"unix://{path}", "info"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"})
+    process = subprocess.Popen(
+        [*CLI, "--explorer", f"unix://{path}", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"},
+    )
     try:
         time.sleep(2)
         process.send_signal(signal.SIGINT)

@@ -18,9 +18,10 @@ from .test_cli import cli, cli_tty
 
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.skipif(not (shutil.which("qemu-system-x86_64")
-                            and shutil.which("qemu-img")),
-                       reason="qemu-system-x86_64 and qemu-img are not installed"),
+    pytest.mark.skipif(
+        not (shutil.which("qemu-system-x86_64") and shutil.which("qemu-img")),
+        reason="qemu-system-x86_64 and qemu-img are not installed",
+    ),
 ]
 
 TINY = ["--vcpus", "1", "--memory", "64M", "--disk", "1G"]
@@ -32,13 +33,30 @@ def fleet(twistd, short_tmp):
     env = {"HERO_SOCKET_DIR": short_tmp}
     (euri,) = twistd(["explorer"], env=env).listening()
     state = f"{short_tmp}/st"
-    twistd(["node", "--socket", f"{short_tmp}/n.sock", "--explorer", euri,
-            "--interval", "0.5", "--state-dir", state, "--node-id", "n1"], env=env)
-    wait_for(lambda: result(euri, "explorer.list_nodes", {"status": "online"}),
-             what="node online")
+    twistd(
+        [
+            "node",
+            "--socket",
+            f"{short_tmp}/n.sock",
+            "--explorer",
+            euri,
+            "--interval",
+            "0.5",
+            "--state-dir",
+            state,
+            "--node-id",
+            "n1",
+        ],
+        env=env,
+    )
+    wait_for(
+        lambda: result(euri, "explorer.list_nodes", {"status": "online"}),
+        what="node online",
+    )
     yield env
-    pids = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64.*{state}"],
-                          capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(
+        ["pgrep", "-f", f"qemu-system-x86_64.*{state}"], capture_output=True, text=True
+    ).stdout.split()
     for pid in pids:
         os.kill(int(pid), signal.SIGKILL)
 
@@ -71,8 +89,9 @@ def test_vm_lifecycle(fleet):
 
 def test_graceful_stop_waits_past_grace(fleet):
     """A graceful stop --wait outlasts the node's 30 s grace and ends stopped, exit 0."""
-    code, out, err = cli("vm", "create", "n1", "--name", "slow", *TINY, "--start",
-                         "--wait", env=fleet)
+    code, out, err = cli(
+        "vm", "create", "n1", "--name", "slow", *TINY, "--start", "--wait", env=fleet
+    )
     assert code == 0 and json.loads(out)["state"] == "running", err
     started = time.monotonic()
     code, out, err = cli("vm", "stop", "n1", "slow", "--wait", env=fleet, timeout=120)

@@ -36,20 +36,23 @@ def memory_rpc():
     return rpc
 
 
-@pytest.mark.parametrize("message", [
-    {"jsonrpc": "2.0", "method": "echo", "id": True},
-    {"jsonrpc": "2.0", "method": "echo", "id": {"a": 1}},
-    {"jsonrpc": "2.0", "method": "echo", "id": [1]},
-    {"jsonrpc": "1.0", "method": "echo", "id": 1},
-    {"method": "echo", "id": 1},
-    {"jsonrpc": "2.0", "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "params": "x", "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "params": 3, "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "params": None, "id": 1},
-    {"jsonrpc": "2.0", "method": "echo", "id": 1, "extra": 1},
-    "just a string",
-    None,
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"jsonrpc": "2.0", "method": "echo", "id": True},
+        {"jsonrpc": "2.0", "method": "echo", "id": {"a": 1}},
+        {"jsonrpc": "2.0", "method": "echo", "id": [1]},
+        {"jsonrpc": "1.0", "method": "echo", "id": 1},
+        {"method": "echo", "id": 1},
+        {"jsonrpc": "2.0", "id": 1},
+        {"jsonrpc": "2.0", "method": "echo", "params": "x", "id": 1},
+        {"jsonrpc": "2.0", "method": "echo", "params": 3, "id": 1},
+        {"jsonrpc": "2.0", "method": "echo", "params": None, "id": 1},
+        {"jsonrpc": "2.0", "method": "echo", "id": 1, "extra": 1},
+        "just a string",
+        None,
+    ],
+)
 def test_invalid_requests(memory_rpc, message):
     """Requests that break the JSON-RPC 2.0 rules are -32600."""
     response = dispatch(memory_rpc, message)
@@ -60,42 +63,55 @@ def test_invalid_requests(memory_rpc, message):
 @pytest.mark.parametrize("rid", [1, "a", 1.5, None, 0, ""])
 def test_ids_are_echoed(memory_rpc, rid):
     """Any valid id (string, number, null) comes back unchanged."""
-    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo",
-                                     "params": ["v"], "id": rid})
+    response = dispatch(
+        memory_rpc, {"jsonrpc": "2.0", "method": "echo", "params": ["v"], "id": rid}
+    )
     assert response == {"jsonrpc": "2.0", "result": "v", "id": rid}
 
 
 def test_notification_with_bad_params_is_silent(memory_rpc):
     """A notification whose params do not fit gets no answer (there is no id to answer)."""
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo",
-                                 "params": [1, 2, 3]}) is None
+    assert (
+        dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "echo", "params": [1, 2, 3]})
+        is None
+    )
 
 
 def test_handler_gets_the_context(memory_rpc):
     """A handler registered with context=True gets the CallContext first."""
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where", "id": 1}
-                    )["result"] == "unix"
+    assert (
+        dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where", "id": 1})["result"]
+        == "unix"
+    )
 
 
 def test_context_is_not_a_param(memory_rpc):
     """The context is not something a caller can fill or must give."""
-    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "where",
-                                     "params": ["tcp"], "id": 1})
+    response = dispatch(
+        memory_rpc, {"jsonrpc": "2.0", "method": "where", "params": ["tcp"], "id": 1}
+    )
     assert response["error"]["code"] == -32602
 
 
 def test_rpc_discover_needs_a_schema(memory_rpc):
     """Without a schema there is no rpc.discover."""
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "rpc.discover", "id": 1}
-                    )["error"]["code"] == -32601
+    assert (
+        dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "rpc.discover", "id": 1})[
+            "error"
+        ]["code"]
+        == -32601
+    )
 
 
 def test_duplicate_ids_in_a_batch(memory_rpc):
     """A batch is answered request by request, even when ids repeat."""
-    response = dispatch(memory_rpc, [
-        {"jsonrpc": "2.0", "method": "echo", "params": [1], "id": 1},
-        {"jsonrpc": "2.0", "method": "echo", "params": [2], "id": 1},
-    ])
+    response = dispatch(
+        memory_rpc,
+        [
+            {"jsonrpc": "2.0", "method": "echo", "params": [1], "id": 1},
+            {"jsonrpc": "2.0", "method": "echo", "params": [2], "id": 1},
+        ],
+    )
     assert sorted(r["result"] for r in response) == [1, 2]
 
 
@@ -103,8 +119,12 @@ def test_nested_params_are_answered(memory_rpc):
     """Params nested deep but still parseable (the parser stops at about 1,000 levels)
     reach the handler and are echoed whole."""
     depth = 900
-    body = (b'{"jsonrpc":"2.0","method":"echo","params":[' + b"[" * depth + b"]" * depth
-            + b'],"id":1}')
+    body = (
+        b'{"jsonrpc":"2.0","method":"echo","params":['
+        + b"[" * depth
+        + b"]" * depth
+        + b'],"id":1}'
+    )
     result = dispatch(memory_rpc, body)["result"]
     for _ in range(depth):
         assert isinstance(result, list) and len(result) <= 1
@@ -123,17 +143,22 @@ def test_unexpected_error_while_preparing_is_internal_error(logged_errors):
     rpc = Dispatcher(schema=types.SimpleNamespace(methods={"bad": Exploding()}))
     rpc.register("bad", lambda: None)
     rpc.register("good", lambda: "ok")
-    response = dispatch(rpc, [{"jsonrpc": "2.0", "method": "bad", "id": 1},
-                              {"jsonrpc": "2.0", "method": "good", "id": 2}])
+    response = dispatch(
+        rpc,
+        [
+            {"jsonrpc": "2.0", "method": "bad", "id": 1},
+            {"jsonrpc": "2.0", "method": "good", "id": 2},
+        ],
+    )
     by_id = {r["id"]: r for r in response}
     assert by_id[1]["error"] == {"code": -32603, "message": "Internal error"}
     assert by_id[2]["result"] == "ok"
     assert len(logged_errors.flush(RuntimeError)) == 1
 
 
-
 def test_coroutine_handlers_are_awaited(memory_rpc):
     """A handler written as ``async def`` is awaited; its result or error is the answer."""
+
     async def double(value):
         return value * 2
 
@@ -142,10 +167,18 @@ def test_coroutine_handlers_are_awaited(memory_rpc):
 
     memory_rpc.register("double", double)
     memory_rpc.register("refuse", refuse)
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "double", "params": [4],
-                                 "id": 1})["result"] == 8
-    assert dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "refuse",
-                                 "id": 2})["error"]["code"] == -32602
+    assert (
+        dispatch(
+            memory_rpc, {"jsonrpc": "2.0", "method": "double", "params": [4], "id": 1}
+        )["result"]
+        == 8
+    )
+    assert (
+        dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "refuse", "id": 2})["error"][
+            "code"
+        ]
+        == -32602
+    )
 
 
 def test_lone_surrogates_are_answered(memory_rpc):
@@ -158,21 +191,27 @@ def test_lone_surrogates_are_answered(memory_rpc):
     assert dispatch(memory_rpc, unknown)["error"]["code"] == -32601
 
 
-@pytest.mark.parametrize("body", [
-    b'{"jsonrpc":"2.0","method":"echo","params":[NaN],"id":1}',
-    b'{"jsonrpc":"2.0","method":"echo","params":[Infinity],"id":1}',
-    b'{"jsonrpc":"2.0","method":"echo","params":[-Infinity],"id":1}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","method":"echo","params":[NaN],"id":1}',
+        b'{"jsonrpc":"2.0","method":"echo","params":[Infinity],"id":1}',
+        b'{"jsonrpc":"2.0","method":"echo","params":[-Infinity],"id":1}',
+    ],
+)
 def test_non_json_constants_are_parse_errors(memory_rpc, body):
     """NaN and Infinity are not JSON: -32700."""
     assert dispatch(memory_rpc, body)["error"]["code"] == -32700
 
 
-@pytest.mark.parametrize("body", [
-    b'{"jsonrpc":"2.0","method":"echo","id":1e400}',
-    b'{"jsonrpc":"2.0","method":"echo","params":[1e400],"id":3}',
-    b'{"jsonrpc":"2.0","method":"echo","params":{"value":{"gpu":-1e400}},"id":3}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","method":"echo","id":1e400}',
+        b'{"jsonrpc":"2.0","method":"echo","params":[1e400],"id":3}',
+        b'{"jsonrpc":"2.0","method":"echo","params":{"value":{"gpu":-1e400}},"id":3}',
+    ],
+)
 def test_non_finite_numbers_are_parse_errors(memory_rpc, body):
     """1e400 (infinite once parsed) anywhere is a parse error (CONTRACT §7): it never
     reaches a handler, so it can never be stored and break a listing."""
@@ -201,7 +240,9 @@ def test_batch_limit_refuses_the_whole_batch():
     assert len(dispatch(rpc, [call] * 3)) == 3
     ran.clear()
     response = dispatch(rpc, [call] * 4)
-    assert response["error"]["code"] == -32600 and "at most 3" in response["error"]["message"]
+    assert (
+        response["error"]["code"] == -32600 and "at most 3" in response["error"]["message"]
+    )
     assert ran == []
 
 
@@ -213,8 +254,13 @@ def test_response_size_limit_is_per_item():
     rpc.register("small", lambda: "ok")
     alone = dispatch(rpc, {"jsonrpc": "2.0", "method": "big", "id": 1})
     assert alone["error"] == {"code": -32603, "message": "response too large"}
-    batch = dispatch(rpc, [{"jsonrpc": "2.0", "method": "big", "id": 1},
-                           {"jsonrpc": "2.0", "method": "small", "id": 2}])
+    batch = dispatch(
+        rpc,
+        [
+            {"jsonrpc": "2.0", "method": "big", "id": 1},
+            {"jsonrpc": "2.0", "method": "small", "id": 2},
+        ],
+    )
     by_id = {r["id"]: r for r in batch}
     assert by_id[1]["error"]["message"] == "response too large"
     assert by_id[2]["result"] == "ok"
@@ -222,7 +268,9 @@ def test_response_size_limit_is_per_item():
 
 def test_synchronous_handlers_are_answered_without_a_deferred(memory_rpc):
     """A call whose handler returns a plain value is answered at once, as bytes."""
-    answer = memory_rpc.answer(b'{"jsonrpc":"2.0","method":"echo","params":[1],"id":1}', UNIX)
+    answer = memory_rpc.answer(
+        b'{"jsonrpc":"2.0","method":"echo","params":[1],"id":1}', UNIX
+    )
     assert answer == b'{"jsonrpc":"2.0","result":1,"id":1}'
 
 
@@ -241,10 +289,15 @@ def test_authorize_sees_context_and_method_before_params():
     rpc.register("secret", lambda: "s")
     rpc.register("open", lambda: "o")
     tcp = CallContext("tcp", "10.0.0.1:5000")
-    assert dispatch(rpc, {"jsonrpc": "2.0", "method": "open", "id": 1}, tcp)["result"] == "o"
-    refused = dispatch(rpc, {"jsonrpc": "2.0", "method": "secret", "params": [1, 2], "id": 2},
-                       tcp)
+    assert (
+        dispatch(rpc, {"jsonrpc": "2.0", "method": "open", "id": 1}, tcp)["result"] == "o"
+    )
+    refused = dispatch(
+        rpc, {"jsonrpc": "2.0", "method": "secret", "params": [1, 2], "id": 2}, tcp
+    )
     assert refused["error"]["code"] == RefusedByPolicy.code
-    assert dispatch(rpc, {"jsonrpc": "2.0", "method": "nope", "id": 3}, tcp
-                    )["error"]["code"] == -32601
+    assert (
+        dispatch(rpc, {"jsonrpc": "2.0", "method": "nope", "id": 3}, tcp)["error"]["code"]
+        == -32601
+    )
     assert seen == [(tcp, "open", None), (tcp, "secret", [1, 2])]

@@ -14,12 +14,25 @@ def served(service):
     return service.rpc.method_names()
 
 
-@pytest.mark.parametrize("name, build", [
-    ("explorer", lambda tmp: explorer_tap.makeService(
-        _parsed(explorer_tap.Options(env={"HERO_SOCKET_DIR": tmp})))),
-    ("node", lambda tmp: node_tap.makeService(
-        _parsed(node_tap.Options(env={"HERO_SOCKET_DIR": tmp, "HERO_STATE_DIR": tmp})))),
-])
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        (
+            "explorer",
+            lambda tmp: explorer_tap.makeService(
+                _parsed(explorer_tap.Options(env={"HERO_SOCKET_DIR": tmp}))
+            ),
+        ),
+        (
+            "node",
+            lambda tmp: node_tap.makeService(
+                _parsed(
+                    node_tap.Options(env={"HERO_SOCKET_DIR": tmp, "HERO_STATE_DIR": tmp})
+                )
+            ),
+        ),
+    ],
+)
 def test_schema_matches_served_methods(name, build, short_tmp):
     """Every served method is in the schema, and every schema method is served."""
     schema = set(load_schema(name).methods)
@@ -32,11 +45,22 @@ def test_params_match_handler_signatures(short_tmp):
     """Each schema method's params are exactly the keyword params of its handler."""
 
     for name, build in (
-        ("explorer", lambda: explorer_tap.makeService(
-            _parsed(explorer_tap.Options(env={"HERO_SOCKET_DIR": short_tmp})))),
-        ("node", lambda: node_tap.makeService(
-            _parsed(node_tap.Options(env={"HERO_SOCKET_DIR": short_tmp,
-                                          "HERO_STATE_DIR": short_tmp})))),
+        (
+            "explorer",
+            lambda: explorer_tap.makeService(
+                _parsed(explorer_tap.Options(env={"HERO_SOCKET_DIR": short_tmp}))
+            ),
+        ),
+        (
+            "node",
+            lambda: node_tap.makeService(
+                _parsed(
+                    node_tap.Options(
+                        env={"HERO_SOCKET_DIR": short_tmp, "HERO_STATE_DIR": short_tmp}
+                    )
+                )
+            ),
+        ),
     ):
         service = build()
         for method in load_schema(name).methods.values():

@@ -75,8 +75,9 @@ def test_token_format_and_expiry(enrollment, clock):
     assert first["expires_at"] == clock.seconds() + DEFAULT_TTL
 
 
-@pytest.mark.parametrize("ttl", [0, 0.5, MAX_TTL + 1, -5, True, "1h", float("nan"),
-                                 float("inf"), None])
+@pytest.mark.parametrize(
+    "ttl", [0, 0.5, MAX_TTL + 1, -5, True, "1h", float("nan"), float("inf"), None]
+)
 def test_ttl_out_of_bounds_is_invalid(enrollment, ttl):
     """A ttl that is not a number from 1 s to 30 days is refused as -32602."""
     with pytest.raises(InvalidParams, match="ttl must be"):
@@ -115,8 +116,16 @@ def test_token_expires(enrollment, clock, signer):
     assert signer.signed == []
 
 
-@pytest.mark.parametrize("token", ["", "nope", "abcdef.0123456789abcdef0123456789abcdef",
-                                   "ABCDEF.0123456789ABCDEF0123456789ABCDEF", None])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "nope",
+        "abcdef.0123456789abcdef0123456789abcdef",
+        "ABCDEF.0123456789ABCDEF0123456789ABCDEF",
+        None,
+    ],
+)
 def test_unknown_tokens_all_read_the_same(enrollment, token):
     """Garbage and unknown tokens get exactly the message an expired one does."""
     with pytest.raises(RefusedByPolicy) as caught:
@@ -168,6 +177,7 @@ def test_revoked_then_enrolled_again(enrollment, store):
 
 def test_signing_failure_spends_the_token(enrollment, store):
     """If signing fails the token is used up and nothing is recorded: one token, at most one certificate."""
+
     def broken(csr_pem, node_id):
         raise RuntimeError("CA key unreadable")
 

@@ -14,7 +14,6 @@ from hero_compute.explorer.service import make_explorer
 from hero_compute.node.heartbeat import backoff_delay
 from hero_compute.node.service import make_node
 from hero_compute.rpc.addresses import parse_address, parse_listen
-from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.errors import (
     InvalidParams,
     NodeNotFound,
@@ -23,6 +22,7 @@ from hero_compute.rpc.errors import (
     RefusedByPolicy,
     VmNotFound,
 )
+from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.listeners import unix_endpoint_string
 
 from .fakes import MemoryVmManager
@@ -53,8 +53,10 @@ async def explorer(sockets, clock):
     svc = make_explorer(
         reactor=reactor,
         clock=clock,
-        listen=[unix_endpoint_string(f"{sockets}/explorer.sock"),
-                parse_listen("127.0.0.1:0").endpoint_string()],
+        listen=[
+            unix_endpoint_string(f"{sockets}/explorer.sock"),
+            parse_listen("127.0.0.1:0").endpoint_string(),
+        ],
         offline_after=1.0,
         state_dir=f"{sockets}/state",
         call_timeout=2.0,
@@ -118,13 +120,20 @@ async def test_unix_node_registers_and_is_proxied(explorer, client, sockets):
         assert info["status"] == "online"
         assert info["socket_path"] == f"unix://{sockets}/n1.sock"
         assert info["transport"] == "unix"
-        result = await client.call(unix, "explorer.call",
-                                   {"node_id": "n1", "method": "node.info"})
+        result = await client.call(
+            unix, "explorer.call", {"node_id": "n1", "method": "node.info"}
+        )
         assert result["node_id"] == "n1"
         assert result["explorers"][0]["state"] == "ok"
-        created = await client.call(unix, "explorer.call", {
-            "node_id": "n1", "method": "vm.create",
-            "params": {"name": "a", "vcpus": 1, "memory_mb": 128, "disk_gb": 1}})
+        created = await client.call(
+            unix,
+            "explorer.call",
+            {
+                "node_id": "n1",
+                "method": "vm.create",
+                "params": {"name": "a", "vcpus": 1, "memory_mb": 128, "disk_gb": 1},
+            },
+        )
         assert created["state"] == "stopped"
     finally:
         await node.stopService()
@@ -167,8 +176,9 @@ async def test_tcp_node_registers_with_tcp_address(explorer, client, sockets):
         info = await client.call(tcp, "explorer.get_node", {"node_id": "n1"})
         assert info["status"] == "online" and info["transport"] == "tcp"
         assert info["socket_path"] == f"tcp://127.0.0.1:{node.advertiser.tcp_port()}"
-        result = await client.call(tcp, "explorer.call",
-                                   {"node_id": "n1", "method": "vm.list"})
+        result = await client.call(
+            tcp, "explorer.call", {"node_id": "n1", "method": "vm.list"}
+        )
         assert result == []
     finally:
         await node.stopService()
@@ -194,8 +204,11 @@ async def test_tcp_heartbeat_claiming_unix_is_refused(explorer, client):
     """A heartbeat over TCP that claims a unix:// address gets -32010 and is not recorded."""
     unix, tcp = uris(explorer)
     with pytest.raises(RefusedByPolicy) as e:
-        await client.call(tcp, "explorer.heartbeat",
-                          {"node_id": "evil", "socket_path": "unix:///run/docker.sock"})
+        await client.call(
+            tcp,
+            "explorer.heartbeat",
+            {"node_id": "evil", "socket_path": "unix:///run/docker.sock"},
+        )
     assert e.value.code == -32010
     assert await client.call(unix, "explorer.list_nodes") == []
 
@@ -205,8 +218,9 @@ async def test_bad_socket_path_is_invalid_params(explorer, client):
     """A heartbeat with an unparsable address gets -32602 naming it and the accepted forms."""
     unix, _ = uris(explorer)
     with pytest.raises(InvalidParams) as e:
-        await client.call(unix, "explorer.heartbeat",
-                          {"node_id": "n", "socket_path": "http://x:1"})
+        await client.call(
+            unix, "explorer.heartbeat", {"node_id": "n", "socket_path": "http://x:1"}
+        )
     assert "http://x:1" in e.value.message and "tcp://host:port" in e.value.message
 
 
@@ -220,13 +234,21 @@ async def test_call_errors(explorer, client, sockets):
     try:
         await heartbeat(node)
         with pytest.raises(RefusedByPolicy):
-            await client.call(unix, "explorer.call",
-                              {"node_id": "n1", "method": "explorer.remove_node",
-                               "params": {"node_id": "n1"}})
+            await client.call(
+                unix,
+                "explorer.call",
+                {
+                    "node_id": "n1",
+                    "method": "explorer.remove_node",
+                    "params": {"node_id": "n1"},
+                },
+            )
         with pytest.raises(VmNotFound) as e:
-            await client.call(unix, "explorer.call",
-                              {"node_id": "n1", "method": "vm.get",
-                               "params": {"vm_id": "nope"}})
+            await client.call(
+                unix,
+                "explorer.call",
+                {"node_id": "n1", "method": "vm.get", "params": {"vm_id": "nope"}},
+            )
         assert e.value.code == -32004 and "nope" in e.value.message
     finally:
         await node.stopService()
@@ -239,10 +261,15 @@ async def test_call_errors(explorer, client, sockets):
 async def test_unreachable_node_fails_fast(explorer, client, sockets):
     """A node online by heartbeat but whose socket is gone gets -32003, not a hang."""
     unix, _ = uris(explorer)
-    await client.call(unix, "explorer.heartbeat",
-                      {"node_id": "ghost", "socket_path": f"unix://{sockets}/ghost.sock"})
+    await client.call(
+        unix,
+        "explorer.heartbeat",
+        {"node_id": "ghost", "socket_path": f"unix://{sockets}/ghost.sock"},
+    )
     with pytest.raises(NodeUnreachable) as e:
-        await client.call(unix, "explorer.call", {"node_id": "ghost", "method": "node.info"})
+        await client.call(
+            unix, "explorer.call", {"node_id": "ghost", "method": "node.info"}
+        )
     assert e.value.code == -32003
 
 
@@ -251,9 +278,16 @@ async def test_list_filter_info_and_remove(explorer, client, clock):
     """list_nodes filters by status; info counts nodes and lists listeners; remove forgets."""
     unix, tcp = uris(explorer)
     for n in ("a", "b"):
-        await client.call(unix, "explorer.heartbeat",
-                          {"node_id": n, "socket_path": f"/tmp/{n}.sock", "vm_count": 2,
-                           "capacity": {"vcpus": 4, "memory_mb": 1024, "disk_gb": 10}})
+        await client.call(
+            unix,
+            "explorer.heartbeat",
+            {
+                "node_id": n,
+                "socket_path": f"/tmp/{n}.sock",
+                "vm_count": 2,
+                "capacity": {"vcpus": 4, "memory_mb": 1024, "disk_gb": 10},
+            },
+        )
     await client.call(unix, "explorer.leave", {"node_id": "b"})
     online = await client.call(unix, "explorer.list_nodes", {"status": "online"})
     assert [n["node_id"] for n in online] == ["a"]
@@ -289,9 +323,14 @@ async def test_two_explorers_one_down(explorer, client, sockets, clock):
         assert seen == [EPOCH, EPOCH + 0.2, EPOCH + 0.4]
         live, backing_off = sorted(c.getTime() for c in node_clock.getDelayedCalls())
         assert live == 0.2
-        assert backoff_delay(0.2, 3, lambda: 0.0) <= backing_off <= backoff_delay(
-            0.2, 3, lambda: 1.0)
-        info = await client.call(unix, "explorer.call", {"node_id": "n1", "method": "node.info"})
+        assert (
+            backoff_delay(0.2, 3, lambda: 0.0)
+            <= backing_off
+            <= backoff_delay(0.2, 3, lambda: 1.0)
+        )
+        info = await client.call(
+            unix, "explorer.call", {"node_id": "n1", "method": "node.info"}
+        )
         states = {e["address"]: e["state"] for e in info["explorers"]}
         assert states == {dead: "failing", unix: "ok"}
     finally:

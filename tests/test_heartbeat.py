@@ -3,7 +3,8 @@ Heartbeat loops: schedule, backoff with jitter, per-explorer independence, clean
 and what a heartbeat says: the advertised address and the payload.
 """
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -24,12 +25,14 @@ from .support import failure_result_of, success_result_of
 
 def make_loop(clock, client, uri="unix:///tmp/e.sock", interval=10.0, rand=lambda: 1.0):
     """A loop with a trivial payload."""
-    return HeartbeatLoop(clock, client, parse_address(uri), lambda a: {"node_id": "n"},
-                         interval, rand=rand)
+    return HeartbeatLoop(
+        clock, client, parse_address(uri), lambda a: {"node_id": "n"}, interval, rand=rand
+    )
 
 
-@given(interval=st.floats(0.01, 1000), failures=st.integers(1, 200),
-       r=st.floats(0, 0.999999))
+@given(
+    interval=st.floats(0.01, 1000), failures=st.integers(1, 200), r=st.floats(0, 0.999999)
+)
 def test_backoff_bounds(interval, failures, r):
     """Backoff is positive, never over 5 intervals nor 60 s, and at least half its step."""
     delay = backoff_delay(interval, failures, lambda: r)
@@ -155,8 +158,14 @@ def test_a_hung_payload_is_bounded():
         payloads.append(address)
         return defer.Deferred()
 
-    loop = HeartbeatLoop(clock, client, parse_address("tcp://explorer.example:9002"),
-                         payload, 2.0, rand=lambda: 1.0)
+    loop = HeartbeatLoop(
+        clock,
+        client,
+        parse_address("tcp://explorer.example:9002"),
+        payload,
+        2.0,
+        rand=lambda: 1.0,
+    )
     loop.startService()
     clock.pump([0.1] * 25)
     assert loop.state.state == "failing"
@@ -169,8 +178,14 @@ def test_a_hung_payload_is_bounded():
 def test_payload_error_is_survived(logged_errors):
     """A payload that raises is logged once and retried; the loop keeps running."""
     clock, client = Clock(), FakeRpcClient()
-    loop = HeartbeatLoop(clock, client, parse_address("unix:///tmp/e.sock"),
-                         lambda a: 1 / 0, 1.0, rand=lambda: 1.0)
+    loop = HeartbeatLoop(
+        clock,
+        client,
+        parse_address("unix:///tmp/e.sock"),
+        lambda a: 1 / 0,
+        1.0,
+        rand=lambda: 1.0,
+    )
     loop.startService()
     clock.advance(0)
     clock.pump([1] * 20)
@@ -187,7 +202,9 @@ def test_warns_once_when_interval_exceeds_explorer_expectation():
     from twisted.logger import globalLogPublisher
 
     seen = []
-    observer = lambda e: seen.append(e) if "expects a heartbeat" in e.get("log_format", "") else None
+    observer = lambda e: (
+        seen.append(e) if "expects a heartbeat" in e.get("log_format", "") else None
+    )
     globalLogPublisher.addObserver(observer)
     try:
         clock, client = Clock(), FakeRpcClient()
@@ -214,9 +231,13 @@ class Bound:
 
 def advertiser(client, tcp="0.0.0.0:9003", advertise=None, bound=()):
     """An Advertiser for a node on /n.sock and the given TCP listener."""
-    return Advertiser(unix=Address("unix", path="/n.sock"), client=client,
-                      listeners=Bound(*bound), tcp=parse_listen(tcp) if tcp else None,
-                      advertise=parse_address(advertise) if advertise else None)
+    return Advertiser(
+        unix=Address("unix", path="/n.sock"),
+        client=client,
+        listeners=Bound(*bound),
+        tcp=parse_listen(tcp) if tcp else None,
+        advertise=parse_address(advertise) if advertise else None,
+    )
 
 
 def test_advertiser_unix_explorer_gets_the_unix_socket():
@@ -229,7 +250,8 @@ def test_advertiser_tcp_explorer_gets_the_configured_address():
     """A configured advertise address is what every TCP explorer is told."""
     client = FakeRpcClient()
     d = advertiser(client, advertise="tcp://node.example:7000").address_for(
-        parse_address("tcp://10.0.0.1:9002"))
+        parse_address("tcp://10.0.0.1:9002")
+    )
     assert success_result_of(d).uri == "tcp://node.example:7000"
 
 
@@ -259,8 +281,9 @@ def test_payload_reports_identity_address_and_vms():
     vms = MemoryVmManager(clock, host={"vcpus": 4, "memory_mb": 2048, "disk_gb": 20})
     success_result_of(vms.create("a", 1, 128, 2))
     identity = NodeIdentity("/nowhere")
-    payload = HeartbeatPayload(identity=identity, advertiser=advertiser(FakeRpcClient()),
-                               vms=vms)
+    payload = HeartbeatPayload(
+        identity=identity, advertiser=advertiser(FakeRpcClient()), vms=vms
+    )
     identity.node_id, identity.name = "n1", "one"
     params = success_result_of(payload.params(parse_address("unix:///e.sock")))
     assert params["node_id"] == "n1" and params["name"] == "one"
@@ -273,9 +296,14 @@ def test_payload_fails_with_the_first_error():
     """A payload whose address cannot be found fails with that error, unwrapped."""
     client = FakeRpcClient()
     client.down.add("tcp://10.0.0.1:9002")
-    payload = HeartbeatPayload(identity=NodeIdentity("/nowhere", "n1"),
-                               advertiser=advertiser(client), vms=MemoryVmManager(Clock()))
-    failure_result_of(payload.params(parse_address("tcp://10.0.0.1:9002")), ConnectionRefused)
+    payload = HeartbeatPayload(
+        identity=NodeIdentity("/nowhere", "n1"),
+        advertiser=advertiser(client),
+        vms=MemoryVmManager(Clock()),
+    )
+    failure_result_of(
+        payload.params(parse_address("tcp://10.0.0.1:9002")), ConnectionRefused
+    )
 
 
 def test_beat_out_of_schedule_replaces_the_due_one():
@@ -295,8 +323,11 @@ def test_beat_out_of_schedule_replaces_the_due_one():
 def test_payload_carries_the_secret_once_loaded():
     """A loaded node secret goes in every heartbeat; before it is loaded, none is sent."""
     identity = NodeIdentity("/nowhere", "n1")
-    payload = HeartbeatPayload(identity=identity, advertiser=advertiser(FakeRpcClient()),
-                               vms=MemoryVmManager(Clock()))
+    payload = HeartbeatPayload(
+        identity=identity,
+        advertiser=advertiser(FakeRpcClient()),
+        vms=MemoryVmManager(Clock()),
+    )
     explorer = parse_address("unix:///e.sock")
     assert "secret" not in success_result_of(payload.params(explorer))
     identity.secret = "ab" * 32
@@ -307,9 +338,13 @@ def test_advertiser_tls_explorer_gets_the_tls_listener():
     """A tls:// explorer is told tls://<own IP towards it>:<bound TLS port>, whatever the
     TCP listener; a tcp:// one still gets the TCP port."""
     client = FakeRpcClient(host="10.0.0.7")
-    a = Advertiser(unix=Address("unix", path="/n.sock"), client=client,
-                   listeners=Bound("tcp://0.0.0.0:41000", "tls://0.0.0.0:42000"),
-                   tcp=parse_listen("0.0.0.0:0"), tls=parse_listen("0.0.0.0:0"))
+    a = Advertiser(
+        unix=Address("unix", path="/n.sock"),
+        client=client,
+        listeners=Bound("tcp://0.0.0.0:41000", "tls://0.0.0.0:42000"),
+        tcp=parse_listen("0.0.0.0:0"),
+        tls=parse_listen("0.0.0.0:0"),
+    )
     d = a.address_for(parse_address("tls://10.0.0.1:9004"))
     assert success_result_of(d).uri == "tls://10.0.0.7:42000"
     d = a.address_for(parse_address("tcp://10.0.0.1:9002"))
@@ -320,14 +355,25 @@ def test_advertiser_configured_address_and_tls():
     """A tls:// advertise address is told to tls:// explorers as it is, and its host with
     the TCP port to tcp:// ones; a tcp:// one lends its host to the TLS port."""
     client = FakeRpcClient()
-    both = dict(unix=Address("unix", path="/n.sock"), client=client, listeners=Bound(),
-                tcp=parse_listen("0.0.0.0:9003"), tls=parse_listen("0.0.0.0:9004"))
+    both = dict(
+        unix=Address("unix", path="/n.sock"),
+        client=client,
+        listeners=Bound(),
+        tcp=parse_listen("0.0.0.0:9003"),
+        tls=parse_listen("0.0.0.0:9004"),
+    )
     a = Advertiser(advertise=parse_address("tls://node.example:7004"), **both)
-    assert success_result_of(a.address_for(parse_address("tls://e:1"))).uri == \
-        "tls://node.example:7004"
-    assert success_result_of(a.address_for(parse_address("tcp://e:1"))).uri == \
-        "tcp://node.example:9003"
+    assert (
+        success_result_of(a.address_for(parse_address("tls://e:1"))).uri
+        == "tls://node.example:7004"
+    )
+    assert (
+        success_result_of(a.address_for(parse_address("tcp://e:1"))).uri
+        == "tcp://node.example:9003"
+    )
     a = Advertiser(advertise=parse_address("tcp://node.example:7003"), **both)
-    assert success_result_of(a.address_for(parse_address("tls://e:1"))).uri == \
-        "tls://node.example:9004"
+    assert (
+        success_result_of(a.address_for(parse_address("tls://e:1"))).uri
+        == "tls://node.example:9004"
+    )
     assert client.calls == []

@@ -45,9 +45,17 @@ def raw_image(path, size="16M"):
 
 def backing_file(state_dir, vm_id):
     """:return: the backing file recorded in a VM's disk"""
-    info = json.loads(subprocess.check_output(
-        ["qemu-img", "info", "-U", "--output=json",
-         os.path.join(state_dir, "vms", vm_id, "disk.qcow2")]))
+    info = json.loads(
+        subprocess.check_output(
+            [
+                "qemu-img",
+                "info",
+                "-U",
+                "--output=json",
+                os.path.join(state_dir, "vms", vm_id, "disk.qcow2"),
+            ]
+        )
+    )
     return info.get("backing-filename")
 
 
@@ -83,8 +91,9 @@ def same_shape(errors, paths):
 @pytest.fixture
 def tmpfs_state_dir(state_dir):
     """``state_dir`` on its own 8 MB tmpfs, unmounted at the end."""
-    subprocess.check_call(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
-                           state_dir])
+    subprocess.check_call(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", state_dir]
+    )
     yield state_dir
     # Lazily: a QEMU killed by the managers fixture may hold its disk a moment longer.
     subprocess.call(["umount", "-l", state_dir])
@@ -114,15 +123,19 @@ def fill(directory):
 
 # -- base images ------------------------------------------------------------------------
 
+
 @pytest_twisted.ensureDeferred
 async def test_host_files_refused_by_default(managers, state_dir):
     """With no image dirs configured, /etc/shadow and other host files are -32010."""
     manager = managers()
-    for image in ("/etc/shadow", "/etc/passwd", "/dev/sda",
-                  os.path.join(state_dir, "vms", "x", "disk.qcow2"),
-                  os.path.join(state_dir, "images", "..", "node_id")):
-        err = await fails_with(manager.create("vm", 1, 64, 1, image=image),
-                               RefusedByPolicy)
+    for image in (
+        "/etc/shadow",
+        "/etc/passwd",
+        "/dev/sda",
+        os.path.join(state_dir, "vms", "x", "disk.qcow2"),
+        os.path.join(state_dir, "images", "..", "node_id"),
+    ):
+        err = await fails_with(manager.create("vm", 1, 64, 1, image=image), RefusedByPolicy)
         assert err.code == -32010
     assert entries(state_dir) == []
     assert await manager.list() == []
@@ -146,8 +159,10 @@ async def test_refusal_does_not_tell_existence(managers, state_dir):
         (f"{state_dir}/link/../images/a", f"{state_dir}/x/../images/a", InvalidParams),
     ]
     for existing, absent, error in pairs:
-        errors = [await fails_with(manager.create("vm", 1, 64, 1, image=p), error)
-                  for p in (existing, absent)]
+        errors = [
+            await fails_with(manager.create("vm", 1, 64, 1, image=p), error)
+            for p in (existing, absent)
+        ]
         assert len(same_shape(errors, (existing, absent))) == 1
     # A symlink inside the image dir, pointing out: existing target or not, one answer.
     link = os.path.join(images, "link.raw")
@@ -197,8 +212,9 @@ async def test_resolved_image_is_stored_and_opened(managers, state_dir, tmp_path
 
 @needs_qemu
 @pytest_twisted.ensureDeferred
-async def test_symlink_swapped_in_refuses_start(managers, state_dir, tmp_path,
-                                                logged_errors):
+async def test_symlink_swapped_in_refuses_start(
+    managers, state_dir, tmp_path, logged_errors
+):
     """
     A symlink swapped into the stored image's path after create refuses the start
     (-32010) and leaves the VM stopped; undone, the VM starts.
@@ -252,6 +268,7 @@ async def test_image_dirs_narrowed_refuses_start(managers, state_dir, logged_err
 
 # -- modes ------------------------------------------------------------------------------
 
+
 @needs_qemu
 @pytest_twisted.ensureDeferred
 async def test_private_modes_whatever_the_umask(managers, state_dir):
@@ -277,8 +294,11 @@ async def test_loose_modes_tightened_on_load(managers, state_dir):
     vm = await create(manager)
     await within(manager.stopService())
     directory = os.path.join(state_dir, "vms", vm.vm_id)
-    for path, loose in ((os.path.join(state_dir, "vms"), 0o755), (directory, 0o755),
-                        (os.path.join(directory, "disk.qcow2"), 0o644)):
+    for path, loose in (
+        (os.path.join(state_dir, "vms"), 0o755),
+        (directory, 0o755),
+        (os.path.join(directory, "disk.qcow2"), 0o644),
+    ):
         os.chmod(path, loose)
     managers()
     assert mode(os.path.join(state_dir, "vms")) == 0o700
@@ -287,6 +307,7 @@ async def test_loose_modes_tightened_on_load(managers, state_dir):
 
 
 # -- a start that fails part-way --------------------------------------------------------
+
 
 @needs_root
 @needs_qemu
@@ -330,6 +351,7 @@ async def test_qemu_missing_leaves_stopped(managers, state_dir, logged_errors):
 
 # -- through a real node ----------------------------------------------------------------
 
+
 def kill_qemus(state_dir):
     """SIGKILL every QEMU that left a pid file under ``state_dir``."""
     for vm_id in entries(state_dir):
@@ -350,8 +372,18 @@ def test_through_node(twistd, short_tmp):
     """
     state = f"{short_tmp}/st"
     uri = f"unix://{short_tmp}/n.sock"
-    node = twistd(["node", "--socket", f"{short_tmp}/n.sock", "--state-dir", state,
-                   "--interval", "60"], env={"HOME": short_tmp})
+    node = twistd(
+        [
+            "node",
+            "--socket",
+            f"{short_tmp}/n.sock",
+            "--state-dir",
+            state,
+            "--interval",
+            "60",
+        ],
+        env={"HOME": short_tmp},
+    )
     node.listening()
     try:
         _through_node(uri, state)
@@ -367,8 +399,9 @@ def _through_node(uri, state):
     missing = f"/etc/no-such-{uuid.uuid4().hex}"
     answers = [call("vm.create", **vm, image=p)["error"] for p in ("/etc/shadow", missing)]
     assert {e["code"] for e in answers} == {-32010}
-    assert answers[0]["message"].replace("/etc/shadow", "X") == \
-        answers[1]["message"].replace(missing, "X")
+    assert answers[0]["message"].replace("/etc/shadow", "X") == answers[1][
+        "message"
+    ].replace(missing, "X")
     assert call("vm.list")["result"] == []
 
     base = raw_image(f"{state}/images/base.raw")

@@ -71,11 +71,14 @@ class Server:
                 super().connectionLost(reason)
 
         site.protocol = Counting
-        self.listeners = Listeners(site, [
-            unix_endpoint_string(f"{self.directory}/rpc.sock"),
-            "tcp:0:interface=127.0.0.1",
-            r"tcp6:0:interface=\:\:1",
-        ])
+        self.listeners = Listeners(
+            site,
+            [
+                unix_endpoint_string(f"{self.directory}/rpc.sock"),
+                "tcp:0:interface=127.0.0.1",
+                r"tcp6:0:interface=\:\:1",
+            ],
+        )
 
     @staticmethod
     def _vm_missing(vm_id):
@@ -156,8 +159,9 @@ async def raw_server():
 # Results -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, transport", [
-    ("unix", "unix"), ("tcp", "tcp"), ("tcp6", "tcp")])
+@pytest.mark.parametrize(
+    "kind, transport", [("unix", "unix"), ("tcp", "tcp"), ("tcp6", "tcp")]
+)
 @pytest_twisted.ensureDeferred
 async def test_call_over_each_listener(rpc_server, client, kind, transport):
     """The client reaches one server over unix://, tcp:// and tcp://[v6] alike."""
@@ -321,8 +325,10 @@ class _CloseDelimited(protocol.Protocol):
     """Answers with neither a length nor chunks: the body ends with the connection."""
 
     def dataReceived(self, data):
-        self.transport.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n'
-                             b'{"jsonrpc": "2.0", "result": "whole", "id": 1}')
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+            b'{"jsonrpc": "2.0", "result": "whole", "id": 1}'
+        )
         self.transport.loseConnection()
 
 
@@ -381,15 +387,18 @@ async def test_not_http_is_bad_response(raw_server, client):
     assert "not an HTTP response" in str(info.value)
 
 
-@pytest.mark.parametrize("code, body, complaint", [
-    (200, b"this is not json", "not JSON"),
-    (200, b"[1, 2]", "not a JSON-RPC response"),
-    (200, b'{"jsonrpc": "2.0", "id": 1}', "neither result nor error"),
-    (200, b'{"jsonrpc": "2.0", "error": "bad", "id": 1}', "error member"),
-    (500, b"<html>oops</html>", "HTTP 500"),
-    (404, b"not here", "HTTP 404"),
-    (200, b" " * (16 * 1024 * 1024 + 1), "larger than"),
-])
+@pytest.mark.parametrize(
+    "code, body, complaint",
+    [
+        (200, b"this is not json", "not JSON"),
+        (200, b"[1, 2]", "not a JSON-RPC response"),
+        (200, b'{"jsonrpc": "2.0", "id": 1}', "neither result nor error"),
+        (200, b'{"jsonrpc": "2.0", "error": "bad", "id": 1}', "error member"),
+        (500, b"<html>oops</html>", "HTTP 500"),
+        (404, b"not here", "HTTP 404"),
+        (200, b" " * (16 * 1024 * 1024 + 1), "larger than"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_bad_response(raw_server, client, code, body, complaint):
     """An answer that is not a JSON-RPC response is BadResponse, saying why."""
@@ -437,7 +446,10 @@ async def test_unknown_error_code(rpc_server, client):
         await client.call(rpc_server.uri("unix"), "custom")
     assert type(info.value) is RpcError
     assert (info.value.code, info.value.message, info.value.data) == (
-        -32099, "custom failure", [1, "two"])
+        -32099,
+        "custom failure",
+        [1, "two"],
+    )
 
 
 def test_dns_failure_is_refused():

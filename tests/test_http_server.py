@@ -62,7 +62,7 @@ def read_until_closed(sock, limit=1 << 20):
     while True:
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(f"the server did not close; got {b''.join(chunks)!r}")
         if not data:
             return b"".join(chunks)
@@ -106,14 +106,16 @@ def test_head_is_405_not_500(uri):
 # Body limits ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [MAX_BODY + 1, 10 * 1024 ** 3])
+@pytest.mark.parametrize("length", [MAX_BODY + 1, 10 * 1024**3])
 def test_declared_oversize_is_413_without_the_body(uri, length):
     """A Content-Length over 1 MiB is answered 413 from the headers alone, and the
     connection is closed."""
     sock = raw_socket(uri)
     try:
-        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % length)
+        sock.sendall(
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % length
+        )
         response = read_until_closed(sock)
     finally:
         sock.close()
@@ -137,8 +139,10 @@ def test_chunked_oversize_is_413(uri):
     sock = raw_socket(uri)
     chunk = b" " * 65536
     try:
-        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         sent = 0
         while sent <= MAX_BODY:
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -155,10 +159,13 @@ def test_chunked_small_body_is_served(uri):
     sock = raw_socket(uri)
     body = json.dumps(SUM).encode()
     try:
-        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n"
-                     + b"%x\r\n%s\r\n" % (5, body[:5])
-                     + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:]) + b"0\r\n\r\n")
+        sock.sendall(
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (5, body[:5])
+            + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:])
+            + b"0\r\n\r\n"
+        )
         response = read_until_closed(sock)
     finally:
         sock.close()
@@ -187,8 +194,10 @@ def _exchange(uri, raw, responses=1):
         sock.sendall(raw)
         data = b""
         while data.count(b"HTTP/1.1 ") - data.count(b"HTTP/1.1 100") < responses or (
-                not data.endswith(b"}") and b"Content-Length: 0" not in data
-                and not data.endswith(b"\n")):
+            not data.endswith(b"}")
+            and b"Content-Length: 0" not in data
+            and not data.endswith(b"\n")
+        ):
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -199,17 +208,23 @@ def _exchange(uri, raw, responses=1):
 
 
 def _request(body, extra=b"", version=b"1.1"):
-    return (b"POST /rpc HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (version, len(body), extra, body))
+    return (
+        b"POST /rpc HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (version, len(body), extra, body)
+    )
 
 
 def test_pipelined_requests_are_answered_in_order(uri):
     """Requests sent back to back on one connection get their answers in that order."""
-    bodies = [json.dumps({"jsonrpc": "2.0", "method": "sum", "params": [n, 1], "id": n}).encode()
-              for n in range(5)]
+    bodies = [
+        json.dumps({"jsonrpc": "2.0", "method": "sum", "params": [n, 1], "id": n}).encode()
+        for n in range(5)
+    ]
     data = _exchange(uri, b"".join(_request(b) for b in bodies), responses=5)
-    results = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
-               for part in data.split(b"HTTP/1.1 200")[1:]]
+    results = [
+        json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+        for part in data.split(b"HTTP/1.1 200")[1:]
+    ]
     assert [r["id"] for r in results] == [0, 1, 2, 3, 4]
     assert [r["result"] for r in results] == [1, 2, 3, 4, 5]
 
@@ -249,14 +264,20 @@ def test_http10_closes_unless_asked_to_keep_alive(uri):
     assert b"Connection: keep-alive" in data
 
 
-@pytest.mark.parametrize("raw, status", [
-    (b"GARBAGE\r\n\r\n", b"400"),
-    (b"POST /rpc HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
-    (b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
-    (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
-    (b"POST http://[bad/rpc HTTP/1.1\r\nConnection: close\r\n\r\n", b"400"),
-    (b"POST /rpc HTTP/1.1\r\n" + b"X-A: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
-])
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"POST /rpc HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
+        (
+            b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"400",
+        ),
+        (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
+        (b"POST http://[bad/rpc HTTP/1.1\r\nConnection: close\r\n\r\n", b"400"),
+        (b"POST /rpc HTTP/1.1\r\n" + b"X-A: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    ],
+)
 def test_malformed_requests_get_a_status_and_a_close(uri, raw, status):
     """A request that is not well-formed HTTP, or whose head is too large, is answered
     with a 4xx status and its connection closed; others are still served."""
@@ -276,8 +297,10 @@ def test_upgrade_is_refused(uri):
     body = json.dumps(SUM).encode()
     sock = raw_socket(uri)
     try:
-        sock.sendall(_request(body, b"Connection: Upgrade\r\nUpgrade: h2c\r\n")
-                     + b"PRI * HTTP/2.0\r\n\r\n")
+        sock.sendall(
+            _request(body, b"Connection: Upgrade\r\nUpgrade: h2c\r\n")
+            + b"PRI * HTTP/2.0\r\n\r\n"
+        )
         data = read_until_closed(sock)
     finally:
         sock.close()
@@ -295,7 +318,9 @@ def test_persistent_connection(spec_server):
     try:
         peers = []
         for _ in range(4):
-            status, headers, data = post(conn, {"jsonrpc": "2.0", "method": "peer", "id": 1})
+            status, headers, data = post(
+                conn, {"jsonrpc": "2.0", "method": "peer", "id": 1}
+            )
             assert status == 200
             assert headers.get("Connection", "").lower() != "close"
             peers.append(rpc_body(data)["result"])
@@ -328,8 +353,13 @@ def test_slow_call_does_not_block_others(spec_server):
     """A call whose result comes later does not hold up another connection."""
     slow = connect(spec_server.tcp)
     try:
-        slow.request("POST", "/rpc", body=json.dumps(
-            {"jsonrpc": "2.0", "method": "later", "params": [0.5, "late"], "id": 1}))
+        slow.request(
+            "POST",
+            "/rpc",
+            body=json.dumps(
+                {"jsonrpc": "2.0", "method": "later", "params": [0.5, "late"], "id": 1}
+            ),
+        )
         started = time.monotonic()
         assert_serving(spec_server.unix)
         assert time.monotonic() - started < 0.4
@@ -353,8 +383,15 @@ def test_internal_errors_do_not_leak(uri, spec_server, method):
     assert response["id"] == "x"
     assert response["error"]["code"] == -32603
     text = data.decode()
-    for leak in ("Traceback", "secret", "shadow", "RuntimeError", "TypeError",
-                 "spec_server", "object"):
+    for leak in (
+        "Traceback",
+        "secret",
+        "shadow",
+        "RuntimeError",
+        "TypeError",
+        "spec_server",
+        "object",
+    ):
         assert leak not in text
     assert "data" not in response["error"]
     if method == "boom":
@@ -367,11 +404,14 @@ def test_internal_errors_do_not_leak(uri, spec_server, method):
 
 def test_internal_error_in_a_batch(uri):
     """In a batch, only the failing request is -32603; the others are answered."""
-    status, _, data = post(uri, [
-        {"jsonrpc": "2.0", "method": "unserialisable", "id": 1},
-        {"jsonrpc": "2.0", "method": "boom", "id": 2},
-        {"jsonrpc": "2.0", "method": "sum", "params": [2, 2], "id": 3},
-    ])
+    status, _, data = post(
+        uri,
+        [
+            {"jsonrpc": "2.0", "method": "unserialisable", "id": 1},
+            {"jsonrpc": "2.0", "method": "boom", "id": 2},
+            {"jsonrpc": "2.0", "method": "sum", "params": [2, 2], "id": 3},
+        ],
+    )
     assert status == 200
     by_id = {r["id"]: r for r in rpc_body(data)}
     assert by_id[1]["error"]["code"] == -32603
@@ -379,11 +419,14 @@ def test_internal_error_in_a_batch(uri):
     assert by_id[3]["result"] == 4
 
 
-@pytest.mark.parametrize("body", [
-    b'{"jsonrpc":"2.0","method":"\xff\xfe","id":1}',
-    b"\xff\xfe\x00garbage",
-    b"\x80",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","method":"\xff\xfe","id":1}',
+        b"\xff\xfe\x00garbage",
+        b"\x80",
+    ],
+)
 def test_non_utf8_body_is_parse_error(uri, body):
     """A body that is not UTF-8 is -32700, and the server goes on serving."""
     status, _, data = post(uri, body)
@@ -411,11 +454,19 @@ def test_empty_body_is_parse_error(uri):
 
 def test_wrong_arity_without_schema(uri):
     """Params that do not fit the handler's signature are -32602, not -32603."""
-    status, _, data = post(uri, {"jsonrpc": "2.0", "method": "subtract", "params": [1],
-                                 "id": 1})
+    status, _, data = post(
+        uri, {"jsonrpc": "2.0", "method": "subtract", "params": [1], "id": 1}
+    )
     assert rpc_body(data)["error"]["code"] == -32602
-    status, _, data = post(uri, {"jsonrpc": "2.0", "method": "subtract",
-                                 "params": {"minuend": 1, "nope": 2}, "id": 2})
+    status, _, data = post(
+        uri,
+        {
+            "jsonrpc": "2.0",
+            "method": "subtract",
+            "params": {"minuend": 1, "nope": 2},
+            "id": 2,
+        },
+    )
     assert rpc_body(data)["error"]["code"] == -32602
 
 
@@ -471,14 +522,16 @@ async def test_schema_params_error_names_the_field(serve):
         ({"point": {"x": 1}, "by": 1, "speed": 2}, "speed"),
     ]
     for params, field in cases:
-        _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "geo.move",
-                                                 "params": params, "id": 1})
+        _, _, data = await in_thread(
+            post, uri, {"jsonrpc": "2.0", "method": "geo.move", "params": params, "id": 1}
+        )
         error = rpc_body(data)["error"]
         assert error["code"] == -32602, params
         assert field in error["message"], (params, error)
     for params in ({"point": {"x": 1}, "by": 2}, [{"x": 1}, 2]):
-        _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "geo.move",
-                                                 "params": params, "id": 2})
+        _, _, data = await in_thread(
+            post, uri, {"jsonrpc": "2.0", "method": "geo.move", "params": params, "id": 2}
+        )
         assert rpc_body(data) == {"jsonrpc": "2.0", "result": {"x": 3}, "id": 2}
 
 
@@ -488,8 +541,9 @@ async def test_discover_lists_every_schema_method(serve):
     schema = load_schema("explorer")
     rpc = Dispatcher(schema=schema, version="9.9")
     uri = serve(rpc)
-    _, _, data = await in_thread(post, uri, {"jsonrpc": "2.0", "method": "rpc.discover",
-                                             "id": 1})
+    _, _, data = await in_thread(
+        post, uri, {"jsonrpc": "2.0", "method": "rpc.discover", "id": 1}
+    )
     document = rpc_body(data)["result"]
     assert document["openrpc"].startswith("1.")
     assert document["info"]["version"] == "9.9"
@@ -556,8 +610,9 @@ def test_draining_a_refused_body_is_bounded():
     proto = RpcHTTPFactory(Dispatcher(), clock=clock).buildProtocol(None)
     transport = _HalfClosingTransport()
     proto.makeConnection(transport)
-    proto.dataReceived(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                       % (100 * 1024 ** 3))
+    proto.dataReceived(
+        b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (100 * 1024**3)
+    )
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     assert transport.write_closed and not transport.disconnecting
     for _ in range(10):
@@ -573,8 +628,9 @@ def test_draining_a_refused_body_is_bounded():
 def _send_and_hang_up(uri, started):
     sock = raw_socket(uri)
     body = json.dumps({"jsonrpc": "2.0", "method": "forever", "id": 1}).encode()
-    sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                 % (len(body), body))
+    sock.sendall(
+        b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     wait_for(lambda: started, timeout=5, interval=0.01, what="the call to start")
     sock.close()
 
@@ -617,7 +673,9 @@ def test_refusal_waits_for_earlier_answers():
     rpc = Dispatcher()
     rpc.register("wait", wait)
     proto, transport = _memory_protocol(rpc)
-    proto.dataReceived(_request(json.dumps({"jsonrpc": "2.0", "method": "wait", "id": 1}).encode()))
+    proto.dataReceived(
+        _request(json.dumps({"jsonrpc": "2.0", "method": "wait", "id": 1}).encode())
+    )
     proto.dataReceived(b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
     proto.dataReceived(b"x" * 65536)
     assert transport.value() == b""
@@ -648,11 +706,20 @@ def test_many_pipelined_immediate_answers(logged_errors):
     rpc.register("now", lambda n: defer.succeed(n))
     proto, transport = _memory_protocol(rpc)
     count = 3000
-    proto.dataReceived(b"".join(
-        _request(json.dumps({"jsonrpc": "2.0", "method": "now", "params": [n], "id": n}).encode())
-        for n in range(count)))
-    answers = [json.loads(part.split(b"\r\n\r\n", 1)[1])
-               for part in transport.value().split(b"HTTP/1.1 200 OK")[1:]]
+    proto.dataReceived(
+        b"".join(
+            _request(
+                json.dumps(
+                    {"jsonrpc": "2.0", "method": "now", "params": [n], "id": n}
+                ).encode()
+            )
+            for n in range(count)
+        )
+    )
+    answers = [
+        json.loads(part.split(b"\r\n\r\n", 1)[1])
+        for part in transport.value().split(b"HTTP/1.1 200 OK")[1:]
+    ]
     assert [a["result"] for a in answers] == list(range(count))
 
 
@@ -717,18 +784,31 @@ def _self_signed_pem(path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
     with open(path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -761,16 +841,26 @@ async def test_oversized_body_over_tls_is_413(tmp_path):
     _self_signed_pem(pem)
     rpc = Dispatcher()
     rpc.register("echo", lambda value=None: value)
-    listeners = Listeners(make_factory(rpc), [f"ssl:0:interface=127.0.0.1:privateKey={pem}"])
+    listeners = Listeners(
+        make_factory(rpc), [f"ssl:0:interface=127.0.0.1:privateKey={pem}"]
+    )
     listeners.startService()
     try:
         port = int(listeners.bound[0].rsplit(":", 1)[1])
         assert listeners.bound[0].startswith("tls://")
-        data = await in_thread(_tls_exchange, port, b"POST /rpc HTTP/1.1\r\nHost: x\r\n"
-                               b"Content-Length: %d\r\n\r\n%s" % (MAX_BODY + 1, b"x" * 65536))
+        data = await in_thread(
+            _tls_exchange,
+            port,
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (MAX_BODY + 1, b"x" * 65536),
+        )
         assert data.startswith(b"HTTP/1.1 413 ")
-        body = json.dumps({"jsonrpc": "2.0", "method": "echo", "params": [7], "id": 1}).encode()
-        data = await in_thread(_tls_exchange, port, _request(body, b"Connection: close\r\n"))
+        body = json.dumps(
+            {"jsonrpc": "2.0", "method": "echo", "params": [7], "id": 1}
+        ).encode()
+        data = await in_thread(
+            _tls_exchange, port, _request(body, b"Connection: close\r\n")
+        )
         assert data.startswith(b"HTTP/1.1 200 ") and b'"result":7' in data
     finally:
         await listeners.stopService()

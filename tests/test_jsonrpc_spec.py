@@ -9,7 +9,6 @@ and ids must match exactly.
 
 import json
 
-
 from .support import connect, post
 
 
@@ -58,20 +57,38 @@ def result(value, rid):
 
 def test_positional_params(uri):
     """rpc call with positional parameters: subtract [42, 23] is 19, [23, 42] is -19."""
-    assert normal(call(uri, {"jsonrpc": "2.0", "method": "subtract", "params": [42, 23],
-                             "id": 1})) == result(19, 1)
-    assert normal(call(uri, {"jsonrpc": "2.0", "method": "subtract", "params": [23, 42],
-                             "id": 2})) == result(-19, 2)
+    assert normal(
+        call(uri, {"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1})
+    ) == result(19, 1)
+    assert normal(
+        call(uri, {"jsonrpc": "2.0", "method": "subtract", "params": [23, 42], "id": 2})
+    ) == result(-19, 2)
 
 
 def test_named_params(uri):
     """rpc call with named parameters: the order of the names does not matter."""
-    assert normal(call(uri, {"jsonrpc": "2.0", "method": "subtract",
-                             "params": {"subtrahend": 23, "minuend": 42}, "id": 3})
-                  ) == result(19, 3)
-    assert normal(call(uri, {"jsonrpc": "2.0", "method": "subtract",
-                             "params": {"minuend": 42, "subtrahend": 23}, "id": 4})
-                  ) == result(19, 4)
+    assert normal(
+        call(
+            uri,
+            {
+                "jsonrpc": "2.0",
+                "method": "subtract",
+                "params": {"subtrahend": 23, "minuend": 42},
+                "id": 3,
+            },
+        )
+    ) == result(19, 3)
+    assert normal(
+        call(
+            uri,
+            {
+                "jsonrpc": "2.0",
+                "method": "subtract",
+                "params": {"minuend": 42, "subtrahend": 23},
+                "id": 4,
+            },
+        )
+    ) == result(19, 4)
 
 
 def test_notification(uri, spec_server):
@@ -89,8 +106,9 @@ def test_notification_of_missing_method(uri):
 
 def test_non_existent_method(uri):
     """rpc call of a non-existent method: -32601, with the request's id."""
-    assert normal(call(uri, {"jsonrpc": "2.0", "method": "foobar", "id": "1"})
-                  ) == error(-32601, "1")
+    assert normal(call(uri, {"jsonrpc": "2.0", "method": "foobar", "id": "1"})) == error(
+        -32601, "1"
+    )
 
 
 def test_invalid_json(uri):
@@ -101,14 +119,17 @@ def test_invalid_json(uri):
 
 def test_invalid_request_object(uri):
     """rpc call with an invalid Request object: -32600 with a null id."""
-    assert normal(call(uri, {"jsonrpc": "2.0", "method": 1, "params": "bar"})
-                  ) == error(-32600, None)
+    assert normal(call(uri, {"jsonrpc": "2.0", "method": 1, "params": "bar"})) == error(
+        -32600, None
+    )
 
 
 def test_batch_invalid_json(uri):
     """rpc call Batch with invalid JSON: a single -32700, not an array."""
-    body = ('[\n  {"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},\n'
-            '  {"jsonrpc": "2.0", "method"\n]')
+    body = (
+        '[\n  {"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},\n'
+        '  {"jsonrpc": "2.0", "method"\n]'
+    )
     assert normal(call(uri, body)) == error(-32700, None)
 
 
@@ -138,13 +159,16 @@ def test_mixed_batch(uri, spec_server):
         {"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},
         {"jsonrpc": "2.0", "method": "get_data", "id": "9"},
     ]
-    assert normal(call(uri, batch)) == sorted([
-        result(7, "1"),
-        result(19, "2"),
-        error(-32600, None),
-        error(-32601, "5"),
-        result(["hello", 5], "9"),
-    ], key=json.dumps)
+    assert normal(call(uri, batch)) == sorted(
+        [
+            result(7, "1"),
+            result(19, "2"),
+            error(-32600, None),
+            error(-32601, "5"),
+            result(["hello", 5], "9"),
+        ],
+        key=json.dumps,
+    )
     ran = call(uri, {"jsonrpc": "2.0", "method": "notifications", "id": 1})["result"]
     assert ["notify_hello", [7, uri]] in ran
 
@@ -165,8 +189,9 @@ def test_same_answers_on_one_connection(uri):
     conn = connect(uri)
     try:
         for rid in range(3):
-            status, _, data = post(conn, {"jsonrpc": "2.0", "method": "sum",
-                                          "params": [rid, 1], "id": rid})
+            status, _, data = post(
+                conn, {"jsonrpc": "2.0", "method": "sum", "params": [rid, 1], "id": rid}
+            )
             assert status == 200
             assert json.loads(data) == result(rid + 1, rid)
     finally:
@@ -175,5 +200,9 @@ def test_same_answers_on_one_connection(uri):
 
 def test_ipv6_listener_serves_the_same(spec_server):
     """The IPv6 TCP listener answers like the others."""
-    assert normal(call(spec_server.tcp6, {"jsonrpc": "2.0", "method": "subtract",
-                                          "params": [42, 23], "id": 1})) == result(19, 1)
+    assert normal(
+        call(
+            spec_server.tcp6,
+            {"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1},
+        )
+    ) == result(19, 1)

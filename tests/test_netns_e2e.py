@@ -32,27 +32,46 @@ def test_three_hosts(lab, twistd, short_tmp):
     n1_ip = lab.add_host("n1", 11)
     n2_ip = lab.add_host("n2", 12)
     home = f"{short_tmp}/ex"
-    explorer_env = {"HOME": home, "EXPLORER_TCP_ADDR": f"{explorer_ip}:9002",
-                    "NODE_OFFLINE_AFTER": str(OFFLINE_AFTER)}
+    explorer_env = {
+        "HOME": home,
+        "EXPLORER_TCP_ADDR": f"{explorer_ip}:9002",
+        "NODE_OFFLINE_AFTER": str(OFFLINE_AFTER),
+    }
     explorer = twistd(["explorer"], env=explorer_env, netns=lab.ns("ex"))
     euri = f"unix://{home}/hero/var/sockets/hero_compute_explorer.sock"
     assert explorer.listening(count=2) == [euri, f"tcp://{explorer_ip}:9002"]
     # The local node has no transport configuration at all, as before TCP existed; only
     # its interval is shortened to suit this test's short NODE_OFFLINE_AFTER.
-    local = twistd(["node"], env={"HOME": home, "HEARTBEAT_INTERVAL": str(INTERVAL),
-                                  "NODE_ID": "local"}, netns=lab.ns("ex"))
+    local = twistd(
+        ["node"],
+        env={"HOME": home, "HEARTBEAT_INTERVAL": str(INTERVAL), "NODE_ID": "local"},
+        netns=lab.ns("ex"),
+    )
     local.listening()
     for name in ("n1", "n2"):
-        twistd(["node", "--state-dir", f"{short_tmp}/{name}",
-                "--socket", f"{short_tmp}/{name}.sock"],
-               env={**node_env(explorer_ip, name), "HOME": f"{short_tmp}/{name}"},
-               netns=lab.ns(name)).listening(count=2)
+        twistd(
+            [
+                "node",
+                "--state-dir",
+                f"{short_tmp}/{name}",
+                "--socket",
+                f"{short_tmp}/{name}.sock",
+            ],
+            env={**node_env(explorer_ip, name), "HOME": f"{short_tmp}/{name}"},
+            netns=lab.ns(name),
+        ).listening(count=2)
 
     def online():
-        return {n["node_id"]: n for n in result(euri, "explorer.list_nodes", {"status": "online"})}
+        return {
+            n["node_id"]: n
+            for n in result(euri, "explorer.list_nodes", {"status": "online"})
+        }
 
     nodes = wait_for(lambda: len(online()) == 3 and online(), what="three nodes online")
-    assert nodes["local"]["socket_path"] == f"unix://{home}/hero/var/sockets/hero_compute_server.sock"
+    assert (
+        nodes["local"]["socket_path"]
+        == f"unix://{home}/hero/var/sockets/hero_compute_server.sock"
+    )
     assert nodes["local"]["transport"] == "unix"
     assert nodes["n1"]["socket_path"] == f"tcp://{n1_ip}:9003"
     assert nodes["n2"]["socket_path"] == f"tcp://{n2_ip}:9003"
@@ -64,8 +83,12 @@ def test_three_hosts(lab, twistd, short_tmp):
     # Cut n2 off: it goes offline within NODE_OFFLINE_AFTER plus one interval.
     lab.cut("n2")
     cut_at = time.monotonic()
-    wait_for(lambda: "n2" not in online(), timeout=OFFLINE_AFTER + INTERVAL + 1,
-             interval=0.05, what="n2 offline after its link was cut")
+    wait_for(
+        lambda: "n2" not in online(),
+        timeout=OFFLINE_AFTER + INTERVAL + 1,
+        interval=0.05,
+        what="n2 offline after its link was cut",
+    )
     assert time.monotonic() - cut_at <= OFFLINE_AFTER + INTERVAL + 0.5
     started = time.monotonic()
     error = rpc(euri, "explorer.call", {"node_id": "n2", "method": "node.info"})["error"]
@@ -76,12 +99,18 @@ def test_three_hosts(lab, twistd, short_tmp):
     # The link returns: n2 is back within one backoff cap (5 intervals).
     lab.mend("n2")
     wait_for(lambda: "n2" in online(), timeout=5 * INTERVAL + 2, what="n2 back online")
-    assert result(euri, "explorer.call", {"node_id": "n2", "method": "node.info"})["node_id"] == "n2"
+    assert (
+        result(euri, "explorer.call", {"node_id": "n2", "method": "node.info"})["node_id"]
+        == "n2"
+    )
 
     # The explorer restarts with an empty registry; every node registers again.
     explorer.kill()
     explorer = twistd(["explorer"], env=explorer_env, netns=lab.ns("ex"))
     explorer.listening(count=2)
-    nodes = wait_for(lambda: len(online()) == 3 and online(), timeout=5 * INTERVAL + 3,
-                     what="all nodes re-registered after the explorer restart")
+    nodes = wait_for(
+        lambda: len(online()) == 3 and online(),
+        timeout=5 * INTERVAL + 3,
+        what="all nodes re-registered after the explorer restart",
+    )
     assert nodes["n1"]["socket_path"] == f"tcp://{n1_ip}:9003"

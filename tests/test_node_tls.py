@@ -44,17 +44,28 @@ def fleet(short_tmp):
     """A fleet CA in a short tmp dir, with the explorer e1's certificate."""
     ca_dir = os.path.join(short_tmp, "ca")
     pin = pki.create_ca(ca_dir)
-    e1 = pki.create_cert(ca_dir, "explorer", "e1", ips=["127.0.0.1"],
-                         out=os.path.join(short_tmp, "e1"))
-    return {"dir": short_tmp, "ca_dir": ca_dir, "pin": pin, "e1": e1,
-            "ca": os.path.join(ca_dir, pki.CA_FILE),
-            "authority": pki.CertificateAuthority.from_directory(ca_dir)}
+    e1 = pki.create_cert(
+        ca_dir, "explorer", "e1", ips=["127.0.0.1"], out=os.path.join(short_tmp, "e1")
+    )
+    return {
+        "dir": short_tmp,
+        "ca_dir": ca_dir,
+        "pin": pin,
+        "e1": e1,
+        "ca": os.path.join(ca_dir, pki.CA_FILE),
+        "authority": pki.CertificateAuthority.from_directory(ca_dir),
+    }
 
 
 def cert_for(fleet, role, name):
     """A certificate and key of the fleet: ``(cert path, key path)``."""
-    return pki.create_cert(fleet["ca_dir"], role, name,
-                           out=os.path.join(fleet["dir"], f"{role}-{name}"), force=True)
+    return pki.create_cert(
+        fleet["ca_dir"],
+        role,
+        name,
+        out=os.path.join(fleet["dir"], f"{role}-{name}"),
+        force=True,
+    )
 
 
 class FakeExplorer:
@@ -75,8 +86,11 @@ class FakeExplorer:
         factory.trust_domain = self.authority.trust_domain
         cert, key = fleet["e1"]
         self.listeners = Listeners(factory, [], reactor=reactor)
-        self.listeners.add_tls(parse_listen("127.0.0.1:0"),
-                               ServerTLS(TLSMaterial(cert, key, fleet["ca"])), reactor)
+        self.listeners.add_tls(
+            parse_listen("127.0.0.1:0"),
+            ServerTLS(TLSMaterial(cert, key, fleet["ca"])),
+            reactor,
+        )
         self.listeners.startService()
         self.uri = self.listeners.bound[0]
 
@@ -90,24 +104,42 @@ class FakeExplorer:
             raise RefusedByPolicy("unknown token")
         then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
         cert = self.authority.sign_csr(csr, "node", "n1", days=3, now=then)
-        return {"certificate": pki.dump_certificate(cert).decode(),
-                "ca": pki.dump_certificate(self.authority.certificate).decode()}
+        return {
+            "certificate": pki.dump_certificate(cert).decode(),
+            "ca": pki.dump_certificate(self.authority.certificate).decode(),
+        }
 
     def renew(self, context, csr):
         self.calls.append(("explorer.renew", context, {"csr": csr}))
         cert = self.authority.sign_csr(csr, "node", context.identity.name, days=3)
         return {"certificate": pki.dump_certificate(cert).decode()}
 
-    def heartbeat(self, context, node_id, socket_path, name=None, version=None,
-                  capacity=None, usage=None, vm_count=None, labels=None, secret=None):
-        self.calls.append(("explorer.heartbeat", context,
-                           {"node_id": node_id, "socket_path": socket_path,
-                            "secret": secret}))
+    def heartbeat(
+        self,
+        context,
+        node_id,
+        socket_path,
+        name=None,
+        version=None,
+        capacity=None,
+        usage=None,
+        vm_count=None,
+        labels=None,
+        secret=None,
+    ):
+        self.calls.append(
+            (
+                "explorer.heartbeat",
+                context,
+                {"node_id": node_id, "socket_path": socket_path, "secret": secret},
+            )
+        )
         return {"accepted": True, "next_heartbeat": 10}
 
     def leave(self, context, node_id, secret=None):
-        self.calls.append(("explorer.leave", context,
-                           {"node_id": node_id, "secret": secret}))
+        self.calls.append(
+            ("explorer.leave", context, {"node_id": node_id, "secret": secret})
+        )
         return True
 
 
@@ -150,18 +182,28 @@ def node_of(fleet, explorers, clock=reactor, stops=None, interval=0.5, **kwargs)
     """A node n1 in the fleet's tmp dir with a TLS listener on 127.0.0.1:0."""
     state = os.path.join(fleet["dir"], "state")
     return make_node(
-        reactor=reactor, clock=clock, socket_path=os.path.join(fleet["dir"], "n.sock"),
-        tcp=None, listen=[], explorers=[parse_address(u) for u in explorers],
-        vms=MemoryVmManager(clock), state_dir=state, interval=interval, node_id="n1",
-        name="one", tls=parse_listen("127.0.0.1:0"),
+        reactor=reactor,
+        clock=clock,
+        socket_path=os.path.join(fleet["dir"], "n.sock"),
+        tcp=None,
+        listen=[],
+        explorers=[parse_address(u) for u in explorers],
+        vms=MemoryVmManager(clock),
+        state_dir=state,
+        interval=interval,
+        node_id="n1",
+        name="one",
+        tls=parse_listen("127.0.0.1:0"),
         stop=(lambda: stops.append("stopped")) if stops is not None else None,
-        **kwargs)
+        **kwargs,
+    )
 
 
 def tls_port(node):
     """The bound port of the node's TLS listener."""
-    return next(int(u.rsplit(":", 1)[1]) for u in node.listeners.bound
-                if u.startswith("tls://"))
+    return next(
+        int(u.rsplit(":", 1)[1]) for u in node.listeners.bound if u.startswith("tls://")
+    )
 
 
 def mode(path):
@@ -193,8 +235,10 @@ async def test_enrolls_then_heartbeats_over_tls_with_its_secret(fleet, explorer,
     assert params == {"node_id": "n1", "secret": secret}
 
     again = running(node_of(fleet, [explorer.uri]))
-    await until(lambda: len(explorer.of("explorer.heartbeat")) > len(beats) + 1,
-                "heartbeats without a token")
+    await until(
+        lambda: len(explorer.of("explorer.heartbeat")) > len(beats) + 1,
+        "heartbeats without a token",
+    )
     assert len(explorer.of("explorer.enroll")) == 1
     await again.stopService()
 
@@ -205,8 +249,9 @@ async def test_wrong_pin_sends_nothing_and_stops(fleet, explorer, running, logge
     writes no certificate, says why, and stops."""
     other = pki.create_ca(os.path.join(fleet["dir"], "other"))
     stops = []
-    node = running(node_of(fleet, [explorer.uri], stops=stops, join_token=TOKEN,
-                           ca_pin=other))
+    node = running(
+        node_of(fleet, [explorer.uri], stops=stops, join_token=TOKEN, ca_pin=other)
+    )
     await until(lambda: stops, "the node to stop")
     assert explorer.calls == []
     files = TLSFiles.in_state_dir(os.path.join(fleet["dir"], "state"))
@@ -223,8 +268,16 @@ async def test_renewal_at_two_thirds_reloads_the_listener(fleet, explorer, runni
     new certificate to a new connection; the next one follows the new certificate."""
     clock = Clock()
     clock.advance(time.time())
-    node = running(node_of(fleet, [explorer.uri], clock=clock, interval=1e6,
-                           join_token=TOKEN, ca_pin=fleet["pin"]))
+    node = running(
+        node_of(
+            fleet,
+            [explorer.uri],
+            clock=clock,
+            interval=1e6,
+            join_token=TOKEN,
+            ca_pin=fleet["pin"],
+        )
+    )
     await until(lambda: node.tls.credentials is not None, "enrollment")
     first = node.tls.credentials.certificate
     files = TLSFiles.in_state_dir(os.path.join(fleet["dir"], "state"))
@@ -282,11 +335,19 @@ async def test_roles_over_the_tls_listener(fleet, running):
 
 def start_node(fleet, explorer, **env):
     """A real ``twistd -n node`` enrolling with the fake explorer."""
-    return Twistd(["node"], env={
-        "HERO_SOCKET_DIR": os.path.join(fleet["dir"], "s"),
-        "HERO_STATE_DIR": os.path.join(fleet["dir"], "st"), "NODE_ID": "n1",
-        "EXPLORER_ADDRESSES": explorer.uri, "NODE_TLS_ADDR": "127.0.0.1:0",
-        "HEARTBEAT_INTERVAL": "0.3", "NODE_JOIN_TOKEN": TOKEN, **env})
+    return Twistd(
+        ["node"],
+        env={
+            "HERO_SOCKET_DIR": os.path.join(fleet["dir"], "s"),
+            "HERO_STATE_DIR": os.path.join(fleet["dir"], "st"),
+            "NODE_ID": "n1",
+            "EXPLORER_ADDRESSES": explorer.uri,
+            "NODE_TLS_ADDR": "127.0.0.1:0",
+            "HEARTBEAT_INTERVAL": "0.3",
+            "NODE_JOIN_TOKEN": TOKEN,
+            **env,
+        },
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -296,8 +357,12 @@ async def test_real_node_enrolls_heartbeats_and_reloads_on_sighup(fleet, explore
     node = start_node(fleet, explorer, NODE_CA_PIN=fleet["pin"])
     try:
         await until(lambda: explorer.of("explorer.heartbeat"), "a heartbeat")
-        uri = await until(lambda: [line.split()[-1] for line in node.lines
-                                   if "listening on tls://" in line], "the TLS listener")
+        uri = await until(
+            lambda: [
+                line.split()[-1] for line in node.lines if "listening on tls://" in line
+            ],
+            "the TLS listener",
+        )
         context, params = explorer.of("explorer.heartbeat")[0]
         assert params["socket_path"] == uri[0]
         assert str(context.identity).endswith("/node/n1") and params["secret"]

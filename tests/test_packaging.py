@@ -26,24 +26,50 @@ def installed(tmp_path_factory):
     # Build from a copy, with no PYTHONPATH: an in-tree build leaves an egg-info that a
     # pip run on PYTHONPATH would take for an installed copy.
     source = work / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache"))
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache"
+        ),
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(work / "dist"),
-                    str(source)], check=True, capture_output=True, timeout=300, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--outdir",
+            str(work / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
     wheel = next((work / "dist").glob("hero_compute-*.whl"))
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True,
-                   capture_output=True, timeout=600, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env
+    )
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env=env,
+    )
     return venv
 
 
 def run(venv, *args, cwd="/"):
     """Run a command of the venv, away from the source tree."""
     env = {"PATH": f"{venv}/bin:/usr/bin:/bin", "HOME": str(venv)}
-    return subprocess.run([*args], capture_output=True, text=True, timeout=60, cwd=cwd,
-                          env=env)
+    return subprocess.run(
+        [*args], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
+    )
 
 
 def test_twistd_knows_both_commands(installed):
@@ -52,14 +78,20 @@ def test_twistd_knows_both_commands(installed):
         done = run(installed, f"{installed}/bin/twistd", command, "--help")
         assert done.returncode == 0, done.stderr
         assert "--socket" in done.stdout and "--tcp" in done.stdout
-    assert "--explorer" in run(installed, f"{installed}/bin/twistd", "node", "--help").stdout
+    assert (
+        "--explorer" in run(installed, f"{installed}/bin/twistd", "node", "--help").stdout
+    )
 
 
 def test_wheel_carries_schemas_and_cli(installed):
     """The installed package loads both schemas and has the hero-compute command."""
-    done = run(installed, f"{installed}/bin/python", "-c",
-               "from hero_compute.rpc.schema import load_schema as l;"
-               "print(len(l('explorer').methods), len(l('node').methods))")
+    done = run(
+        installed,
+        f"{installed}/bin/python",
+        "-c",
+        "from hero_compute.rpc.schema import load_schema as l;"
+        "print(len(l('explorer').methods), len(l('node').methods))",
+    )
     assert done.returncode == 0, done.stderr
     expected = [str(len(load_schema(n).methods)) for n in ("explorer", "node")]
     assert done.stdout.split() == expected

@@ -9,7 +9,7 @@ import socket
 import stat
 import subprocess
 
-from .support import TWISTD, ROOT, result, wait_for
+from .support import ROOT, TWISTD, result, wait_for
 
 
 def test_default_unix_setup(twistd, short_tmp):
@@ -21,8 +21,10 @@ def test_default_unix_setup(twistd, short_tmp):
     node = twistd(["node"], env=env)
     assert node.listening() == [f"unix://{sockets}/hero_compute_server.sock"]
     euri = f"unix://{sockets}/hero_compute_explorer.sock"
-    nodes = wait_for(lambda: result(euri, "explorer.list_nodes", {"status": "online"}),
-                     what="node online")
+    nodes = wait_for(
+        lambda: result(euri, "explorer.list_nodes", {"status": "online"}),
+        what="node online",
+    )
     assert nodes[0]["socket_path"] == f"unix://{sockets}/hero_compute_server.sock"
     assert nodes[0]["transport"] == "unix"
     node_id = open(f"{short_tmp}/hero/var/hero_compute/node_id").read().strip()
@@ -42,8 +44,17 @@ def test_default_unix_setup(twistd, short_tmp):
 
 def test_unix_ipv4_ipv6_at_once(twistd, short_tmp):
     """One explorer serves the same methods on Unix, IPv4 and IPv6; each is reachable."""
-    explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", "127.0.0.1:0",
-                       "--listen", r"tcp6:0:interface=\:\:1"])
+    explorer = twistd(
+        [
+            "explorer",
+            "--socket",
+            f"{short_tmp}/e.sock",
+            "--tcp",
+            "127.0.0.1:0",
+            "--listen",
+            r"tcp6:0:interface=\:\:1",
+        ]
+    )
     uris = explorer.listening(count=3)
     assert uris[0] == f"unix://{short_tmp}/e.sock"
     assert uris[1].startswith("tcp://127.0.0.1:")
@@ -62,10 +73,14 @@ def test_tcp_listener_that_cannot_bind_exits_nonzero(twistd, short_tmp):
     blocker.listen()
     port = blocker.getsockname()[1]
     try:
-        explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock",
-                           "--tcp", f"127.0.0.1:{port}"])
+        explorer = twistd(
+            ["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", f"127.0.0.1:{port}"]
+        )
         assert explorer.process.wait(20) != 0
-        assert "Address already in use" in explorer.output or "Couldn't listen" in explorer.output
+        assert (
+            "Address already in use" in explorer.output
+            or "Couldn't listen" in explorer.output
+        )
     finally:
         blocker.close()
 
@@ -103,7 +118,9 @@ def test_non_loopback_tcp_warns(twistd, short_tmp):
     """A plain TCP listener on a non-loopback address logs that it is unauthenticated."""
     explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", "0.0.0.0:0"])
     explorer.wait_for_line("unauthenticated")
-    loopback = twistd(["explorer", "--socket", f"{short_tmp}/f.sock", "--tcp", "127.0.0.1:0"])
+    loopback = twistd(
+        ["explorer", "--socket", f"{short_tmp}/f.sock", "--tcp", "127.0.0.1:0"]
+    )
     loopback.listening(count=2)
     assert "unauthenticated" not in loopback.output
 
@@ -111,8 +128,13 @@ def test_non_loopback_tcp_warns(twistd, short_tmp):
 def run_twistd(args, env):
     """Run twistd to completion; returns (exit code, output)."""
     full_env = {"PATH": os.environ["PATH"], "PYTHONPATH": ROOT, **env}
-    done = subprocess.run([TWISTD, "-n", "--pidfile=", *args], env=full_env,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -130,20 +152,41 @@ def test_configuration_errors_refuse_to_start(short_tmp):
 
 def test_node_over_tcp_and_explorer_restart(twistd, short_tmp):
     """A node reporting over TCP re-registers after the explorer restarts on the same port."""
-    explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", "127.0.0.1:0"])
+    explorer = twistd(
+        ["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", "127.0.0.1:0"]
+    )
     tcp = explorer.tcp_uri()
-    node = twistd(["node", "--socket", f"{short_tmp}/n.sock", "--tcp", "127.0.0.1:0",
-                   "--explorer", tcp, "--interval", "0.3", "--state-dir", f"{short_tmp}/st"])
+    node = twistd(
+        [
+            "node",
+            "--socket",
+            f"{short_tmp}/n.sock",
+            "--tcp",
+            "127.0.0.1:0",
+            "--explorer",
+            tcp,
+            "--interval",
+            "0.3",
+            "--state-dir",
+            f"{short_tmp}/st",
+        ]
+    )
     node_tcp = node.tcp_uri()
     nodes = wait_for(lambda: result(tcp, "explorer.list_nodes"), what="node registered")
     assert nodes[0]["socket_path"] == node_tcp and nodes[0]["transport"] == "tcp"
     explorer.kill()
     port = tcp.rsplit(":", 1)[1]
-    explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock",
-                       "--tcp", f"127.0.0.1:{port}"])
+    explorer = twistd(
+        ["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", f"127.0.0.1:{port}"]
+    )
     explorer.listening(count=2)
-    nodes = wait_for(lambda: result(tcp, "explorer.list_nodes", {"status": "online"}),
-                     timeout=10, what="node back after explorer restart")
+    nodes = wait_for(
+        lambda: result(tcp, "explorer.list_nodes", {"status": "online"}),
+        timeout=10,
+        what="node back after explorer restart",
+    )
     assert nodes[0]["socket_path"] == node_tcp
-    info = result(tcp, "explorer.call", {"node_id": nodes[0]["node_id"], "method": "node.info"})
+    info = result(
+        tcp, "explorer.call", {"node_id": nodes[0]["node_id"], "method": "node.info"}
+    )
     assert info["explorers"][0]["state"] == "ok"

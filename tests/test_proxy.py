@@ -34,9 +34,20 @@ def registry_with(clock, *nodes):
     """A registry with these (node id, address, remote) nodes online."""
     registry = Registry(clock, 30)
     for node_id, address, remote in nodes:
-        registry.heartbeat(Heartbeat(node_id=node_id, socket_path=address, transport="tcp",
-                                     name=node_id, version="1", capacity={}, usage={},
-                                     vm_count=0, labels={}, remote=remote))
+        registry.heartbeat(
+            Heartbeat(
+                node_id=node_id,
+                socket_path=address,
+                transport="tcp",
+                name=node_id,
+                version="1",
+                capacity={},
+                usage={},
+                vm_count=0,
+                labels={},
+                remote=remote,
+            )
+        )
     return registry
 
 
@@ -49,8 +60,9 @@ def test_calls_in_flight_are_bounded_per_node_and_in_all():
     """Past the per-node or total limit a call is -32003 busy at once, without a
     connection; as calls finish, room comes back."""
     clock = Clock()
-    registry = registry_with(clock, ("a", "tcp://192.0.2.1:1", False),
-                             ("b", "tcp://192.0.2.2:1", False))
+    registry = registry_with(
+        clock, ("a", "tcp://192.0.2.1:1", False), ("b", "tcp://192.0.2.2:1", False)
+    )
     client = HeldClient()
     proxy = Proxy(client, registry, 5, never, calls_per_node=2, calls_total=3)
     held = [proxy.call("a", "vm.list"), proxy.call("a", "vm.list")]
@@ -66,8 +78,10 @@ def test_calls_in_flight_are_bounded_per_node_and_in_all():
     assert len(client.calls) == 4 and proxy.total == 3
 
 
-@pytest.mark.parametrize("resolved", [["127.0.0.1"], ["192.0.2.5", "::1"],
-                                      ["169.254.169.254"], ["::ffff:127.0.0.1"]])
+@pytest.mark.parametrize(
+    "resolved",
+    [["127.0.0.1"], ["192.0.2.5", "::1"], ["169.254.169.254"], ["::ffff:127.0.0.1"]],
+)
 def test_remote_node_names_are_checked_after_resolution(resolved):
     """A node registered from another host whose name resolves to this host's own
     addresses is refused (-32010) and nothing is connected."""
@@ -99,9 +113,18 @@ def test_local_nodes_may_use_loopback():
     assert client.calls[0][0].uri == "tcp://127.0.0.1:7000"
 
 
-@pytest.mark.parametrize("host, bad", [("127.0.0.2", True), ("::1", True), ("0.0.0.0", True),
-                                       ("224.0.0.1", True), ("fe80::1", True),
-                                       ("192.0.2.1", False), ("node.example", False)])
+@pytest.mark.parametrize(
+    "host, bad",
+    [
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("0.0.0.0", True),
+        ("224.0.0.1", True),
+        ("fe80::1", True),
+        ("192.0.2.1", False),
+        ("node.example", False),
+    ],
+)
 def test_forbidden_targets(host, bad):
     """Loopback, link-local, unspecified and multicast are forbidden; the rest is not."""
     assert (forbidden_target(host) is not None) is bad
@@ -125,8 +148,9 @@ def test_resolver_shares_lookups_and_caches_failures():
             raise OSError("no such name")
         return ["192.0.2.9"]
 
-    resolver = CachingResolver(clock, threads=2, timeout=0.2, negative_ttl=60,
-                               lookup=lookup)
+    resolver = CachingResolver(
+        clock, threads=2, timeout=0.2, negative_ttl=60, lookup=lookup
+    )
 
     async def scenario():
         first = resolver.resolve("dead.example", 1)
@@ -142,4 +166,3 @@ def test_resolver_shares_lookups_and_caches_failures():
         release.set()
 
     yield defer.ensureDeferred(scenario())
-

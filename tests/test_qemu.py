@@ -30,8 +30,10 @@ from hero_compute.rpc.schema import load_schema
 
 HAVE_QEMU = bool(shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"))
 needs_qemu = pytest.mark.skipif(
-    not HAVE_QEMU, reason="qemu-system-x86_64 and qemu-img are not installed "
-                          "(apt-get install qemu-system-x86 qemu-utils)")
+    not HAVE_QEMU,
+    reason="qemu-system-x86_64 and qemu-img are not installed "
+    "(apt-get install qemu-system-x86 qemu-utils)",
+)
 pytestmark = pytest.mark.qemu
 
 #: Bound on any single wait in these tests.
@@ -186,6 +188,7 @@ async def fails_with(d, error_type):
 
 # -- without QEMU: validation, capacity -------------------------------------------------
 
+
 def test_interfaces(state_dir):
     """QemuVmManager provides IVmManager and is a service."""
     manager = QemuVmManager(reactor=reactor, state_dir=state_dir)
@@ -202,7 +205,7 @@ def test_capacity_from_host(state_dir):
     assert manager.capacity() == {
         "vcpus": os.cpu_count(),
         "memory_mb": mem_kb // 1024,
-        "disk_gb": st.f_blocks * st.f_frsize // 1024 ** 3,
+        "disk_gb": st.f_blocks * st.f_frsize // 1024**3,
     }
     assert manager.usage() == {"vcpus": 0, "memory_mb": 0, "disk_gb": 0}
 
@@ -213,13 +216,30 @@ def test_state_dir_too_long():
         QemuVmManager(reactor=reactor, state_dir="/tmp/" + "x" * 80)
 
 
-@pytest.mark.parametrize("spec", [
-    {"vcpus": -1}, {"vcpus": 0}, {"memory_mb": -64}, {"memory_mb": 1}, {"disk_gb": 0},
-    {"disk_gb": -5}, {"disk_gb": 1.5}, {"vcpus": True}, {"memory_mb": "64"},
-    {"name": ""}, {"name": "a\nb"}, {"name": 7}, {"image": "relative/base.qcow2"},
-    {"image": "images/nonexistent.qcow2"}, {"vcpus": 100000}, {"memory_mb": 10 ** 9},
-    {"disk_gb": 10 ** 9}, {"name": "x" * 65}, {"name": "has space"},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"vcpus": -1},
+        {"vcpus": 0},
+        {"memory_mb": -64},
+        {"memory_mb": 1},
+        {"disk_gb": 0},
+        {"disk_gb": -5},
+        {"disk_gb": 1.5},
+        {"vcpus": True},
+        {"memory_mb": "64"},
+        {"name": ""},
+        {"name": "a\nb"},
+        {"name": 7},
+        {"image": "relative/base.qcow2"},
+        {"image": "images/nonexistent.qcow2"},
+        {"vcpus": 100000},
+        {"memory_mb": 10**9},
+        {"disk_gb": 10**9},
+        {"name": "x" * 65},
+        {"name": "has space"},
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_bad_input(managers, state_dir, spec):
     """
@@ -246,11 +266,14 @@ def _create_param(name):
     return next(p.schema for p in params if p.name == name)
 
 
-@pytest.mark.parametrize("spec, match", [
-    ({"vcpus": os.cpu_count() + 1}, "vcpus"),
-    ({"memory_mb": _create_param("memory_mb")["maximum"]}, "not enough memory"),
-    ({"disk_gb": _create_param("disk_gb")["maximum"]}, "not enough disk"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"vcpus": os.cpu_count() + 1}, "vcpus"),
+        ({"memory_mb": _create_param("memory_mb")["maximum"]}, "not enough memory"),
+        ({"disk_gb": _create_param("disk_gb")["maximum"]}, "not enough disk"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_absurd_sizes(managers, state_dir, spec, match):
     """
@@ -271,9 +294,12 @@ async def test_absurd_sizes(managers, state_dir, spec, match):
     assert entries(state_dir) == []
 
 
-_BOUNDS = [(name, keyword) for name in ("name", "vcpus", "memory_mb", "disk_gb")
-           for keyword in ("minimum", "maximum", "minLength", "maxLength")
-           if keyword in _create_param(name)]
+_BOUNDS = [
+    (name, keyword)
+    for name in ("name", "vcpus", "memory_mb", "disk_gb")
+    for keyword in ("minimum", "maximum", "minLength", "maxLength")
+    if keyword in _create_param(name)
+]
 
 
 def test_schema_has_bounds():
@@ -292,7 +318,8 @@ def test_bounds_are_the_schemas(param, keyword):
     """
     bound = _create_param(param)[keyword]
     at, past = {
-        "minimum": (bound, bound - 1), "maximum": (bound, bound + 1),
+        "minimum": (bound, bound - 1),
+        "maximum": (bound, bound + 1),
         "minLength": ("a" * bound, "a" * (bound - 1)),
         "maxLength": ("a" * bound, "a" * (bound + 1)),
     }[keyword]
@@ -304,9 +331,16 @@ def test_bounds_are_the_schemas(param, keyword):
 
 def test_loaded_records_follow_the_schema():
     """A stored definition is loaded only if it is a VmInfo by the node schema."""
-    good = {"vm_id": "0" * 32, "name": "old name, from before", "vcpus": 1,
-            "memory_mb": 16, "disk_gb": 1, "image": None, "state": "stopped",
-            "created_at": 1.0}
+    good = {
+        "vm_id": "0" * 32,
+        "name": "old name, from before",
+        "vcpus": 1,
+        "memory_mb": 16,
+        "disk_gb": 1,
+        "image": None,
+        "state": "stopped",
+        "created_at": 1.0,
+    }
     assert record_from_wire(good).to_wire() == good
     for bad in ({"memory_mb": "16"}, {"state": "paused"}, {"vcpus": 0}):
         with pytest.raises(ValueError, match="not a VmInfo"):
@@ -326,13 +360,14 @@ async def test_unknown_ids(managers):
 async def test_tiny_filesystem(managers, state_dir):
     """A filesystem without the required free space refuses creates, leaving nothing."""
     st = os.statvfs(state_dir)
-    manager = managers(min_free_mb=st.f_bavail * st.f_frsize // 1024 ** 2 + 1)
+    manager = managers(min_free_mb=st.f_bavail * st.f_frsize // 1024**2 + 1)
     err = await fails_with(manager.create("vm", 1, 64, 1), InvalidVmState)
     assert "free space" in err.message
     assert entries(state_dir) == []
 
 
 # -- with qemu-img: definitions and limits ---------------------------------------------
+
 
 @needs_qemu
 @pytest_twisted.ensureDeferred
@@ -346,9 +381,18 @@ async def test_create_defines_vm(managers, state_dir):
     assert sorted(os.listdir(directory)) == ["disk.qcow2", "vm.json"]
     with open(os.path.join(directory, "vm.json")) as f:
         assert json.load(f) == vm.to_wire()
-    info = json.loads(subprocess.check_output(
-        ["qemu-img", "info", "-U", "--output=json", os.path.join(directory, "disk.qcow2")]))
-    assert info["format"] == "qcow2" and info["virtual-size"] == 1024 ** 3
+    info = json.loads(
+        subprocess.check_output(
+            [
+                "qemu-img",
+                "info",
+                "-U",
+                "--output=json",
+                os.path.join(directory, "disk.qcow2"),
+            ]
+        )
+    )
+    assert info["format"] == "qcow2" and info["virtual-size"] == 1024**3
     assert await manager.get(vm.vm_id) == vm
     assert manager.usage() == {"vcpus": 0, "memory_mb": 0, "disk_gb": 1}
 
@@ -391,9 +435,17 @@ async def test_image_is_backing_file(managers, state_dir):
     manager = managers()
     vm = await create(manager, image=base)
     assert vm.image == base
-    info = json.loads(subprocess.check_output(
-        ["qemu-img", "info", "-U", "--output=json",
-         os.path.join(state_dir, "vms", vm.vm_id, "disk.qcow2")]))
+    info = json.loads(
+        subprocess.check_output(
+            [
+                "qemu-img",
+                "info",
+                "-U",
+                "--output=json",
+                os.path.join(state_dir, "vms", vm.vm_id, "disk.qcow2"),
+            ]
+        )
+    )
     assert info["backing-filename"] == base
     assert info["backing-filename-format"] == "raw"
 
@@ -413,6 +465,7 @@ async def test_image_not_an_image(managers, state_dir):
 
 
 # -- with QEMU: lifecycle ---------------------------------------------------------------
+
 
 @needs_qemu
 @pytest_twisted.ensureDeferred
@@ -509,8 +562,9 @@ async def test_kill_marks_error(managers, state_dir, logged_errors):
     manager = managers()
     victim = await create(manager, "victim")
     other = await create(manager, "other")
-    await within(defer.gatherResults([manager.start(victim.vm_id),
-                                      manager.start(other.vm_id)]))
+    await within(
+        defer.gatherResults([manager.start(victim.vm_id), manager.start(other.vm_id)])
+    )
     victim_pid, other_pid = pid_of(state_dir, victim.vm_id), pid_of(state_dir, other.vm_id)
     os.kill(victim_pid, signal.SIGKILL)
     await wait_state(manager, victim.vm_id, "error")
@@ -572,6 +626,7 @@ async def test_delete_overtakes_graceful_stop(managers, state_dir):
 
 # -- with QEMU: node restart ------------------------------------------------------------
 
+
 @needs_qemu
 @pytest_twisted.ensureDeferred
 async def test_restart_recovers(managers, state_dir):
@@ -591,7 +646,9 @@ async def test_restart_recovers(managers, state_dir):
     second = managers()
     await within(second.when_recovered())
     assert {vm.vm_id: vm.state for vm in await second.list()} == {
-        up.vm_id: "running", down.vm_id: "stopped"}
+        up.vm_id: "running",
+        down.vm_id: "stopped",
+    }
     assert pid_of(state_dir, up.vm_id) == pid and is_qemu(pid)
     assert (await second.get(up.vm_id)).created_at == up.created_at
     await fails_with(second.create("up", 1, 64, 1), InvalidVmState)

@@ -10,13 +10,22 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import failure
 from twisted.test import iosim
 
-from hero_compute.node.qmp import (QmpCommandError, QmpConnectionLost, QmpError,
-                                   QmpProtocol, connect_qmp)
+from hero_compute.node.qmp import (
+    QmpCommandError,
+    QmpConnectionLost,
+    QmpError,
+    QmpProtocol,
+    connect_qmp,
+)
 
 from .support import failure_result_of, success_result_of
 
-GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}},
-                    "capabilities": ["oob"]}}
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"major": 7, "minor": 2, "micro": 0}},
+        "capabilities": ["oob"],
+    }
+}
 
 
 def _line(obj):
@@ -88,8 +97,9 @@ def test_replies_in_order(qmp):
         {"execute": "system_powerdown"},
         {"execute": "human-monitor-command", "arguments": {"command-line": "info version"}},
     ]
-    qmp.dataReceived(_line({"return": {"status": "running", "running": True}})
-                     + _line({"return": {}}))
+    qmp.dataReceived(
+        _line({"return": {"status": "running", "running": True}}) + _line({"return": {}})
+    )
     assert success_result_of(first) == {"status": "running", "running": True}
     assert success_result_of(second) == {}
     assert not third.called
@@ -104,11 +114,19 @@ def test_events_between_replies(qmp, events):
     qmp.dataReceived(
         _line({"event": "POWERDOWN", "timestamp": {"seconds": 10, "microseconds": 500000}})
         + _line({"return": {}})
-        + _line({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"},
-                 "timestamp": {"seconds": 11, "microseconds": 0}}))
+        + _line(
+            {
+                "event": "SHUTDOWN",
+                "data": {"guest": True, "reason": "guest-shutdown"},
+                "timestamp": {"seconds": 11, "microseconds": 0},
+            }
+        )
+    )
     assert success_result_of(d) == {}
-    assert events == [("POWERDOWN", {}, 10.5),
-                      ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"}, 11.0)]
+    assert events == [
+        ("POWERDOWN", {}, 10.5),
+        ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"}, 11.0),
+    ]
 
 
 def test_event_handler_failure_is_contained(qmp, logged_errors):
@@ -121,6 +139,7 @@ def test_event_handler_failure_is_contained(qmp, logged_errors):
 
     def boom(*event):
         raise RuntimeError("handler bug")
+
     qmp._on_event = boom
     d = qmp.execute("query-status")
     qmp.dataReceived(_line({"event": "STOP"}) + _line({"return": {"running": False}}))
@@ -134,9 +153,17 @@ def test_command_error(qmp):
     _handshake(qmp)
     bad = qmp.execute("nope")
     good = qmp.execute("query-status")
-    qmp.dataReceived(_line({"error": {"class": "CommandNotFound",
-                                      "desc": "The command nope has not been found"}})
-                     + _line({"return": {"running": True}}))
+    qmp.dataReceived(
+        _line(
+            {
+                "error": {
+                    "class": "CommandNotFound",
+                    "desc": "The command nope has not been found",
+                }
+            }
+        )
+        + _line({"return": {"running": True}})
+    )
     f = failure_result_of(bad, QmpCommandError)
     assert f.value.error_class == "CommandNotFound"
     assert "nope" in str(f.value)
@@ -172,8 +199,10 @@ def test_bad_greeting_aborts(qmp):
     failure_result_of(ready, QmpConnectionLost)
 
 
-@pytest.mark.parametrize("garbage", [b"not json\r\n", b"[1, 2]\r\n",
-                                     _line({"surprise": 1}), _line({"return": {}})])
+@pytest.mark.parametrize(
+    "garbage",
+    [b"not json\r\n", b"[1, 2]\r\n", _line({"surprise": 1}), _line({"return": {}})],
+)
 def test_protocol_errors_abort(qmp, garbage):
     """Non-JSON, non-objects, unknown messages and unsolicited replies close the session."""
     _handshake(qmp)
@@ -195,7 +224,7 @@ def test_split_and_joined_lines(qmp):
     ready = qmp.when_ready()
     data = _line(GREETING)
     for i in range(len(data)):
-        qmp.dataReceived(data[i:i + 1])
+        qmp.dataReceived(data[i : i + 1])
     _sent(qmp.transport)
     qmp.dataReceived(_line({"return": {}}))
     success_result_of(ready)
@@ -208,8 +237,9 @@ def test_cancelled_command_keeps_order(qmp):
     first.cancel()
     failure_result_of(first, defer.CancelledError)
     second = qmp.execute("query-kvm")
-    qmp.dataReceived(_line({"return": {"running": True}})
-                     + _line({"return": {"enabled": False}}))
+    qmp.dataReceived(
+        _line({"return": {"running": True}}) + _line({"return": {"enabled": False}})
+    )
     assert success_result_of(second) == {"enabled": False}
 
 
@@ -235,8 +265,9 @@ class FakeQemu(protocol.Protocol):
             if message["execute"] == "qmp_capabilities":
                 self.transport.write(_line({"return": {}}))
             elif message["execute"] == "query-status":
-                self.transport.write(_line({"event": "RESUME"})
-                                     + _line({"return": {"running": True}}))
+                self.transport.write(
+                    _line({"event": "RESUME"}) + _line({"return": {"running": True}})
+                )
 
 
 def _connect(reactor, server):
@@ -249,8 +280,12 @@ def _connect(reactor, server):
     """
     factory = reactor.unixClients[0][1]
     client = factory.buildProtocol(None)
-    pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
-                         client, iosim.FakeTransport(client, isServer=False))
+    pump = iosim.connect(
+        server,
+        iosim.FakeTransport(server, isServer=True),
+        client,
+        iosim.FakeTransport(client, isServer=False),
+    )
     pump.flush()
     return pump
 
@@ -259,8 +294,9 @@ def test_connect_qmp_waits_for_handshake():
     """connect_qmp fires with a ready protocol after the handshake, over a real byte stream."""
     reactor = MemoryReactorClock()
     events = []
-    d = connect_qmp(reactor, "/run/vm/qmp.sock", on_event=lambda *e: events.append(e),
-                    timeout=5)
+    d = connect_qmp(
+        reactor, "/run/vm/qmp.sock", on_event=lambda *e: events.append(e), timeout=5
+    )
     assert reactor.unixClients[0][0] == "/run/vm/qmp.sock"
     qemu = FakeQemu()
     pump = _connect(reactor, qemu)

@@ -12,9 +12,19 @@ from hero_compute.rpc.errors import NodeNotFound
 
 def beat(registry, node_id="n1", transport="unix", address="unix:///tmp/n1.sock"):
     """Record a minimal heartbeat."""
-    return registry.heartbeat(Heartbeat(
-        node_id=node_id, socket_path=address, transport=transport, name=node_id,
-        version="1", capacity={}, usage={}, vm_count=0, labels={}))
+    return registry.heartbeat(
+        Heartbeat(
+            node_id=node_id,
+            socket_path=address,
+            transport=transport,
+            name=node_id,
+            version="1",
+            capacity={},
+            usage={},
+            vm_count=0,
+            labels={},
+        )
+    )
 
 
 @pytest.fixture
@@ -148,7 +158,9 @@ def test_offline_lines_share_the_budget(clock, log_events):
     assert len(_with(log_events, "is offline")) == LOG_BURST
     clock.advance(1)
     assert [e["count"] for e in _with(log_events, "more node events")] == [
-        LOG_BURST * 2, LOG_BURST * 2]  # the joins' rest, then the departures' rest
+        LOG_BURST * 2,
+        LOG_BURST * 2,
+    ]  # the joins' rest, then the departures' rest
     svc.stopService()
 
 

@@ -4,7 +4,8 @@ shipped schemas, the generated OpenRPC document, and a fuzzed parser.
 """
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import validators
 
 from hero_compute.rpc.errors import InvalidParams
@@ -59,7 +60,10 @@ def test_params_in_declaration_order(small):
     """Params keep declaration order, with required flags from optional = true."""
     move = small.methods["geo.move"]
     assert [(p.name, p.required) for p in move.params] == [
-        ("point", True), ("by", True), ("label", False)]
+        ("point", True),
+        ("by", True),
+        ("label", False),
+    ]
     assert move.errors == (-32004,)
     assert move.summary == "Move a point."
 
@@ -75,7 +79,9 @@ def test_items_shorthand(small):
     """items = "T" is short for items = {type = "T"}, refs included."""
     many = small.methods["geo.many"]
     assert many.params[0].schema == {
-        "type": "array", "items": {"$ref": "#/components/schemas/Point"}}
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/Point"},
+    }
     assert many.params[1].schema == {"type": "array", "items": {"type": "string"}}
 
 
@@ -94,7 +100,10 @@ def test_coerce_by_name(small):
 def test_coerce_by_position(small):
     """Positional params are mapped to names in declaration order."""
     assert small.methods["geo.move"].coerce_params([{"x": 1, "y": 2}, 3, "a"]) == {
-        "point": {"x": 1, "y": 2}, "by": 3, "label": "a"}
+        "point": {"x": 1, "y": 2},
+        "by": 3,
+        "label": "a",
+    }
 
 
 def test_coerce_none(small):
@@ -104,13 +113,16 @@ def test_coerce_none(small):
         small.methods["geo.move"].coerce_params(None)
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"point": {"x": "one"}, "by": 1}, "point.x"),
-    ({"point": {"x": 1}, "by": 0}, "by"),
-    ({"point": {"x": 1}, "by": 1, "label": 5}, "label"),
-    ([{"x": 1}, "two"], "by"),
-    ({"points": [{"x": 1}, {"y": 2}]}, "points.1.x"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"point": {"x": "one"}, "by": 1}, "point.x"),
+        ({"point": {"x": 1}, "by": 0}, "by"),
+        ({"point": {"x": 1}, "by": 1, "label": 5}, "label"),
+        ([{"x": 1}, "two"], "by"),
+        ({"points": [{"x": 1}, {"y": 2}]}, "points.1.x"),
+    ],
+)
 def test_invalid_params_name_the_field(small, params, field):
     """A param of the wrong type or range is -32602 whose message names the field."""
     name = "geo.many" if "points" in params else "geo.move"
@@ -150,26 +162,32 @@ def test_too_many_positional(small):
     assert "at most 3" in info.value.message
 
 
-@pytest.mark.parametrize("text, complaint", [
-    ("[service", "small.oschema"),
-    ("[nonsense]\nx = 1", "unknown keys ['nonsense']"),
-    ('[types.T]\ncolour = "red"', "unknown keys ['colour']"),
-    ('[methods."m"]\nsumary = "typo"', "unknown keys ['sumary']"),
-    ('[methods."m"]\nparams.p = { type = "Nope" }', "unknown type 'Nope'"),
-    ('[types.T]\nfields.f = { type = "Nope" }', "unknown type 'Nope'"),
-    ('[methods."m"]\nresult = { type = "Nope" }', "unknown type 'Nope'"),
-    ('[methods."m"]\nparams.p = { type = "array", items = "Nope" }', "unknown type 'Nope'"),
-    ('[methods."m"]\nerrors = ["x"]', "errors must be a list of integer codes"),
-    ('[methods."m"]\nerrors = 3', "errors must be a list of integer codes"),
-    ('[methods."m"]\nerrors = [true]', "errors must be a list of integer codes"),
-    ('[methods."m"]\nparams.p = 3', "expected a table"),
-    ('[types.T]\nfields.f = { type = "string", pattern = "[" }', "[types.T]"),
-    ('[types.T]\nfields.f = { minimum = "x" }', "[types.T]"),
-    ('[methods."m"]\nresult = { type = 3 }', "result"),
-    ('methods = 3', "expected a table"),
-    ('[methods."m"]\nparams.p = { type = 3 }', "small.oschema"),
-    ('[methods."m"]\nparams.p = { minimum = "x" }', "small.oschema"),
-])
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ("[service", "small.oschema"),
+        ("[nonsense]\nx = 1", "unknown keys ['nonsense']"),
+        ('[types.T]\ncolour = "red"', "unknown keys ['colour']"),
+        ('[methods."m"]\nsumary = "typo"', "unknown keys ['sumary']"),
+        ('[methods."m"]\nparams.p = { type = "Nope" }', "unknown type 'Nope'"),
+        ('[types.T]\nfields.f = { type = "Nope" }', "unknown type 'Nope'"),
+        ('[methods."m"]\nresult = { type = "Nope" }', "unknown type 'Nope'"),
+        (
+            '[methods."m"]\nparams.p = { type = "array", items = "Nope" }',
+            "unknown type 'Nope'",
+        ),
+        ('[methods."m"]\nerrors = ["x"]', "errors must be a list of integer codes"),
+        ('[methods."m"]\nerrors = 3', "errors must be a list of integer codes"),
+        ('[methods."m"]\nerrors = [true]', "errors must be a list of integer codes"),
+        ('[methods."m"]\nparams.p = 3', "expected a table"),
+        ('[types.T]\nfields.f = { type = "string", pattern = "[" }', "[types.T]"),
+        ('[types.T]\nfields.f = { minimum = "x" }', "[types.T]"),
+        ('[methods."m"]\nresult = { type = 3 }', "result"),
+        ("methods = 3", "expected a table"),
+        ('[methods."m"]\nparams.p = { type = 3 }', "small.oschema"),
+        ('[methods."m"]\nparams.p = { minimum = "x" }', "small.oschema"),
+    ],
+)
 def test_schema_errors(text, complaint):
     """A file that is not TOML, or does not follow the format, is a SchemaError saying
     where and why."""
@@ -185,7 +203,8 @@ def test_shipped_schemas_load(name):
     schema = load_schema(name)
     assert schema.methods
     check = validators.validator_for(
-        {"$schema": "https://json-schema.org/draft/2020-12/schema"}).check_schema
+        {"$schema": "https://json-schema.org/draft/2020-12/schema"}
+    ).check_schema
     for tname, tschema in schema.types.items():
         check(tschema)
 
@@ -194,20 +213,48 @@ def test_explorer_methods_match_contract():
     """The explorer schema has the methods of CONTRACT §4 and §6 with their params."""
     schema = load_schema("explorer")
     assert set(schema.methods) == {
-        "explorer.heartbeat", "explorer.leave", "explorer.list_nodes",
-        "explorer.get_node", "explorer.remove_node", "explorer.call", "explorer.info",
-        "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke",
-        "explorer.query_nodes"}
+        "explorer.heartbeat",
+        "explorer.leave",
+        "explorer.list_nodes",
+        "explorer.get_node",
+        "explorer.remove_node",
+        "explorer.call",
+        "explorer.info",
+        "explorer.create_token",
+        "explorer.enroll",
+        "explorer.renew",
+        "explorer.revoke",
+        "explorer.query_nodes",
+    }
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
-    assert heartbeat == {"node_id": True, "socket_path": True, "name": False,
-                         "version": False, "capacity": False, "usage": False,
-                         "vm_count": False, "labels": False, "secret": False}
-    params = {m: [p.name for p in schema.methods[m].params] for m in (
-        "explorer.create_token", "explorer.enroll", "explorer.renew", "explorer.revoke",
-        "explorer.leave")}
-    assert params == {"explorer.create_token": ["ttl", "node_id"],
-                      "explorer.enroll": ["token", "csr"], "explorer.renew": ["csr"],
-                      "explorer.revoke": ["node_id"], "explorer.leave": ["node_id", "secret"]}
+    assert heartbeat == {
+        "node_id": True,
+        "socket_path": True,
+        "name": False,
+        "version": False,
+        "capacity": False,
+        "usage": False,
+        "vm_count": False,
+        "labels": False,
+        "secret": False,
+    }
+    params = {
+        m: [p.name for p in schema.methods[m].params]
+        for m in (
+            "explorer.create_token",
+            "explorer.enroll",
+            "explorer.renew",
+            "explorer.revoke",
+            "explorer.leave",
+        )
+    }
+    assert params == {
+        "explorer.create_token": ["ttl", "node_id"],
+        "explorer.enroll": ["token", "csr"],
+        "explorer.renew": ["csr"],
+        "explorer.revoke": ["node_id"],
+        "explorer.leave": ["node_id", "secret"],
+    }
     assert "unix://" in schema.methods["explorer.heartbeat"].params[1].schema["description"]
 
 
@@ -215,14 +262,24 @@ def test_node_methods_match_contract():
     """The node schema has the methods of CONTRACT §4."""
     schema = load_schema("node")
     assert set(schema.methods) == {
-        "node.info", "vm.create", "vm.start", "vm.stop", "vm.delete", "vm.get", "vm.list"}
+        "node.info",
+        "vm.create",
+        "vm.start",
+        "vm.stop",
+        "vm.delete",
+        "vm.get",
+        "vm.list",
+    }
 
 
 def test_shipped_schema_validates_heartbeat():
     """A heartbeat with a wrong capacity is refused, naming the nested field."""
     heartbeat = load_schema("explorer").methods["explorer.heartbeat"]
-    good = {"node_id": "n1", "socket_path": "unix:///x.sock",
-            "capacity": {"vcpus": 4, "memory_mb": 1024, "disk_gb": 10}}
+    good = {
+        "node_id": "n1",
+        "socket_path": "unix:///x.sock",
+        "capacity": {"vcpus": 4, "memory_mb": 1024, "disk_gb": 10},
+    }
     assert heartbeat.coerce_params(good) == good
     with pytest.raises(InvalidParams) as info:
         heartbeat.coerce_params({**good, "capacity": {**good["capacity"], "vcpus": -1}})
@@ -236,8 +293,11 @@ def test_openrpc_document(name):
     schema = load_schema(name)
     document = schema.openrpc("1.2.3")
     assert document["openrpc"].startswith("1.")
-    assert document["info"] == {"title": schema.title, "description": schema.description,
-                                "version": "1.2.3"}
+    assert document["info"] == {
+        "title": schema.title,
+        "description": schema.description,
+        "version": "1.2.3",
+    }
     by_name = {m["name"]: m for m in document["methods"]}
     assert set(by_name) == set(schema.methods) | {"rpc.discover"}
     for mname, method in schema.methods.items():
@@ -272,19 +332,40 @@ def test_openrpc_refs_resolve():
         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"]
 
 
-_toml_keys = st.sampled_from(["service", "types", "methods", "fields", "params",
-                              "result", "type", "items", "optional", "errors", "x"])
+_toml_keys = st.sampled_from(
+    [
+        "service",
+        "types",
+        "methods",
+        "fields",
+        "params",
+        "result",
+        "type",
+        "items",
+        "optional",
+        "errors",
+        "x",
+    ]
+)
 _toml_values = st.recursive(
-    st.one_of(st.integers(), st.booleans(), st.text(max_size=8),
-              st.sampled_from(['"integer"', '"T"', '"Nope"', '"string"'])),
-    lambda inner: st.lists(inner, max_size=3).map(lambda v: "[" + ", ".join(map(str, v)) + "]")
-    | st.dictionaries(_toml_keys, inner, max_size=3).map(
-        lambda d: "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"),
+    st.one_of(
+        st.integers(),
+        st.booleans(),
+        st.text(max_size=8),
+        st.sampled_from(['"integer"', '"T"', '"Nope"', '"string"']),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3).map(lambda v: "[" + ", ".join(map(str, v)) + "]")
+        | st.dictionaries(_toml_keys, inner, max_size=3).map(
+            lambda d: "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"
+        )
+    ),
     max_leaves=6,
 )
 _toml_lines = st.one_of(
-    st.sampled_from(["[service]", "[types.T]", '[methods."m"]', "[methods]", "[types]",
-                     "[x]"]),
+    st.sampled_from(
+        ["[service]", "[types.T]", '[methods."m"]', "[methods]", "[types]", "[x]"]
+    ),
     st.builds(lambda k1, k2, v: f"{k1}.{k2} = {v}", _toml_keys, _toml_keys, _toml_values),
     st.builds(lambda k, v: f"{k} = {v}", _toml_keys, _toml_values),
 )

@@ -31,7 +31,8 @@ def test_private_whatever_the_umask(tmp_path):
 def test_two_nodes_get_different_secrets(tmp_path):
     """Secrets are random, not derived from anything a peer could know."""
     assert load_or_create_secret(str(tmp_path / "a")) != load_or_create_secret(
-        str(tmp_path / "b"))
+        str(tmp_path / "b")
+    )
 
 
 @pytest.mark.parametrize("content", ["", "short", "G" * 64, "A" * 64])

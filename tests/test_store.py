@@ -30,10 +30,19 @@ def sha(text):
 
 def node(node_id="n1", **changes):
     """A node record as the registry would hand it over."""
-    record = {"node_id": node_id, "name": node_id, "socket_path": "tcp://10.0.0.1:9003",
-              "transport": "tcp", "version": "1", "capacity": {"vcpus": 4},
-              "usage": {"vcpus": 1}, "vm_count": 1, "labels": {"zone": "a"},
-              "first_seen": NOW, "last_seen": NOW + 5}
+    record = {
+        "node_id": node_id,
+        "name": node_id,
+        "socket_path": "tcp://10.0.0.1:9003",
+        "transport": "tcp",
+        "version": "1",
+        "capacity": {"vcpus": 4},
+        "usage": {"vcpus": 1},
+        "vm_count": 1,
+        "labels": {"zone": "a"},
+        "first_seen": NOW,
+        "last_seen": NOW + 5,
+    }
     record.update(changes)
     return record
 
@@ -245,8 +254,9 @@ def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
         finally:
             mine.close()
 
-    workers = [threading.Thread(target=attempt, args=(n,), name=n)
-               for n in ("first", "second")]
+    workers = [
+        threading.Thread(target=attempt, args=(n,), name=n) for n in ("first", "second")
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -257,7 +267,7 @@ def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
 
 def test_enrollment_records_serial_and_revokes_earlier_ones(store):
     """Enrolling records the serial; enrolling again revokes the earlier certificate."""
-    big = 2 ** 158 + 12345  # X.509 serials do not fit SQLite integers
+    big = 2**158 + 12345  # X.509 serials do not fit SQLite integers
     store.bind_secret("n1", sha("s1"))
     store.mark_enrolled("n1", big, NOW)
     assert store.identity("n1") == Identity("n1", sha("s1"), True, big, None, False)

@@ -39,26 +39,41 @@ def test_explorer_defaults(monkeypatch):
 
 def test_explorer_env_and_override():
     """Environment variables apply, and the command line overrides them."""
-    options = explorer_options(HERO_SOCKET_DIR="/s", EXPLORER_TCP_ADDR="[::1]:9002",
-                               NODE_OFFLINE_AFTER="2.5")
+    options = explorer_options(
+        HERO_SOCKET_DIR="/s", EXPLORER_TCP_ADDR="[::1]:9002", NODE_OFFLINE_AFTER="2.5"
+    )
     assert options["socket"] == "/s/hero_compute_explorer.sock"
     assert str(options["tcp"]) == "[::1]:9002"
     assert options["offline-after"] == 2.5
-    options = explorer_options(["--tcp", "127.0.0.1:1", "--socket", "unix:///x/e.sock",
-                                "--listen", "tcp:0", "--listen", "unix:/y"],
-                               EXPLORER_TCP_ADDR="0.0.0.0:9002", EXPLORER_SOCKET="/z")
+    options = explorer_options(
+        [
+            "--tcp",
+            "127.0.0.1:1",
+            "--socket",
+            "unix:///x/e.sock",
+            "--listen",
+            "tcp:0",
+            "--listen",
+            "unix:/y",
+        ],
+        EXPLORER_TCP_ADDR="0.0.0.0:9002",
+        EXPLORER_SOCKET="/z",
+    )
     assert str(options["tcp"]) == "127.0.0.1:1"
     assert options["socket"] == "/x/e.sock"
     assert options["listen"] == ["tcp:0", "unix:/y"]
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"EXPLORER_TCP_ADDR": "9002"}, "EXPLORER_TCP_ADDR"),
-    ({"EXPLORER_TCP_ADDR": "host:99999"}, "99999"),
-    ({"NODE_OFFLINE_AFTER": "-1"}, "NODE_OFFLINE_AFTER"),
-    ({"EXPLORER_SOCKET": "relative.sock"}, "EXPLORER_SOCKET"),
-    ({"HERO_SOCKET_DIR": "relative/dir"}, "HERO_SOCKET_DIR"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"EXPLORER_TCP_ADDR": "9002"}, "EXPLORER_TCP_ADDR"),
+        ({"EXPLORER_TCP_ADDR": "host:99999"}, "99999"),
+        ({"NODE_OFFLINE_AFTER": "-1"}, "NODE_OFFLINE_AFTER"),
+        ({"EXPLORER_SOCKET": "relative.sock"}, "EXPLORER_SOCKET"),
+        ({"HERO_SOCKET_DIR": "relative/dir"}, "HERO_SOCKET_DIR"),
+    ],
+)
 def test_explorer_bad_env(env, needle):
     """A bad environment value is a usage error naming the variable or value."""
     with pytest.raises(usage.UsageError) as e:
@@ -72,7 +87,8 @@ def test_node_defaults(monkeypatch):
     options = node_options()
     assert options["socket"] == "/home/op/hero/var/sockets/hero_compute_server.sock"
     assert [a.uri for a in options["explorer"]] == [
-        "unix:///home/op/hero/var/sockets/hero_compute_explorer.sock"]
+        "unix:///home/op/hero/var/sockets/hero_compute_explorer.sock"
+    ]
     assert options["interval"] == 10.0
     assert options["state-dir"] == "/home/op/hero/var/hero_compute"
     assert options["node-id"] is None
@@ -82,20 +98,30 @@ def test_node_explorer_list():
     """EXPLORER_ADDRESSES takes several comma-separated URIs of every form."""
     options = node_options(
         EXPLORER_ADDRESSES="unix:///a.sock, /b.sock,tcp://10.1.2.3:9002,tcp://[fd00::1]:9002",
-        NODE_TCP_ADDR="0.0.0.0:9003", HEARTBEAT_INTERVAL="0.5", NODE_ID="abc")
+        NODE_TCP_ADDR="0.0.0.0:9003",
+        HEARTBEAT_INTERVAL="0.5",
+        NODE_ID="abc",
+    )
     assert [a.uri for a in options["explorer"]] == [
-        "unix:///a.sock", "unix:///b.sock", "tcp://10.1.2.3:9002", "tcp://[fd00::1]:9002"]
+        "unix:///a.sock",
+        "unix:///b.sock",
+        "tcp://10.1.2.3:9002",
+        "tcp://[fd00::1]:9002",
+    ]
     assert options["interval"] == 0.5 and options["node-id"] == "abc"
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"EXPLORER_ADDRESSES": "tcp://x"}, "tcp://x"),
-    ({"EXPLORER_ADDRESSES": "http://e:1"}, "accepted forms"),
-    ({"EXPLORER_ADDRESSES": "/a.sock,/a.sock"}, "twice"),
-    ({"HEARTBEAT_INTERVAL": "0"}, "HEARTBEAT_INTERVAL"),
-    ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TCP_ADDR": "0.0.0.0:1"}, "advertise"),
-    ({"HERO_SOCKET_DIR": "relative/dir"}, "HERO_SOCKET_DIR"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"EXPLORER_ADDRESSES": "tcp://x"}, "tcp://x"),
+        ({"EXPLORER_ADDRESSES": "http://e:1"}, "accepted forms"),
+        ({"EXPLORER_ADDRESSES": "/a.sock,/a.sock"}, "twice"),
+        ({"HEARTBEAT_INTERVAL": "0"}, "HEARTBEAT_INTERVAL"),
+        ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TCP_ADDR": "0.0.0.0:1"}, "advertise"),
+        ({"HERO_SOCKET_DIR": "relative/dir"}, "HERO_SOCKET_DIR"),
+    ],
+)
 def test_node_bad_env(env, needle):
     """A bad node environment value is a usage error that says what is wrong."""
     with pytest.raises(usage.UsageError) as e:
@@ -117,8 +143,10 @@ def test_make_service_opens_nothing(short_tmp):
     """makeService only wires: no socket or file exists until the service starts."""
     reactor = MemoryReactorClock()
     explorer_tap.makeService(explorer_options(HERO_SOCKET_DIR=f"{short_tmp}/s"), reactor)
-    node_tap.makeService(node_options(HERO_SOCKET_DIR=f"{short_tmp}/s",
-                                      HERO_STATE_DIR=f"{short_tmp}/st"), reactor)
+    node_tap.makeService(
+        node_options(HERO_SOCKET_DIR=f"{short_tmp}/s", HERO_STATE_DIR=f"{short_tmp}/st"),
+        reactor,
+    )
     assert not os.listdir(short_tmp)
     assert not reactor.unixServers and not reactor.tcpServers
     assert not reactor.getDelayedCalls()
@@ -128,17 +156,24 @@ def test_explorer_tree(short_tmp):
     """The explorer's whole tree, built against a memory reactor: its listeners (Unix,
     --tcp, --listen) and the liveness sweep, which starts, listens and stops."""
     reactor = MemoryReactorClock()
-    options = explorer_options(["--listen", "tcp:0:interface=127.0.0.2"],
-                               HERO_SOCKET_DIR=f"{short_tmp}/s",
-                               EXPLORER_TCP_ADDR="127.0.0.1:9002", NODE_OFFLINE_AFTER="8")
+    options = explorer_options(
+        ["--listen", "tcp:0:interface=127.0.0.2"],
+        HERO_SOCKET_DIR=f"{short_tmp}/s",
+        EXPLORER_TCP_ADDR="127.0.0.1:9002",
+        NODE_OFFLINE_AFTER="8",
+    )
     explorer = explorer_tap.makeService(options, reactor)
     assert [child.name for child in explorer] == ["listeners", "liveness"]
     assert len(list(explorer.getServiceNamed("listeners"))) == 3
     explorer.privilegedStartService()
     explorer.startService()
-    assert [u[0] for u in reactor.unixServers] == [f"{short_tmp}/s/hero_compute_explorer.sock"]
-    assert [(t[0], t[3]) for t in reactor.tcpServers] == [(9002, "127.0.0.1"),
-                                                           (0, "127.0.0.2")]
+    assert [u[0] for u in reactor.unixServers] == [
+        f"{short_tmp}/s/hero_compute_explorer.sock"
+    ]
+    assert [(t[0], t[3]) for t in reactor.tcpServers] == [
+        (9002, "127.0.0.1"),
+        (0, "127.0.0.2"),
+    ]
     assert [c.getTime() for c in reactor.getDelayedCalls()] == [8 / SWEEPS_PER_OFFLINE]
     explorer.stopService()
     assert not reactor.getDelayedCalls()
@@ -148,17 +183,26 @@ def test_node_tree(short_tmp):
     """The node's whole tree, built against a memory reactor: its listeners, its VM
     manager and one heartbeat loop per explorer; the node id is written only at start."""
     reactor = MemoryReactorClock()
-    options = node_options(HERO_SOCKET_DIR=f"{short_tmp}/s", HERO_STATE_DIR=f"{short_tmp}/st",
-                           NODE_TCP_ADDR="127.0.0.1:9003",
-                           EXPLORER_ADDRESSES="/e1.sock,tcp://10.0.0.1:9002")
+    options = node_options(
+        HERO_SOCKET_DIR=f"{short_tmp}/s",
+        HERO_STATE_DIR=f"{short_tmp}/st",
+        NODE_TCP_ADDR="127.0.0.1:9003",
+        EXPLORER_ADDRESSES="/e1.sock,tcp://10.0.0.1:9002",
+    )
     node = node_tap.makeService(options, reactor)
     assert [child.name for child in node] == [
-        "listeners", "vms", "heartbeat unix:///e1.sock", "heartbeat tcp://10.0.0.1:9002"]
+        "listeners",
+        "vms",
+        "heartbeat unix:///e1.sock",
+        "heartbeat tcp://10.0.0.1:9002",
+    ]
     assert not os.path.exists(f"{short_tmp}/st")
     node.privilegedStartService()
     node.startService()
     assert node.node_id == open(f"{short_tmp}/st/node_id").read().strip()
-    assert [u[0] for u in reactor.unixServers] == [f"{short_tmp}/s/hero_compute_server.sock"]
+    assert [u[0] for u in reactor.unixServers] == [
+        f"{short_tmp}/s/hero_compute_server.sock"
+    ]
     assert [(t[0], t[3]) for t in reactor.tcpServers] == [(9003, "127.0.0.1")]
     # Both explorers are due a heartbeat at once.
     assert [c.getTime() for c in reactor.getDelayedCalls()] == [0, 0]
@@ -180,7 +224,10 @@ def test_state_dir_too_long_is_refused():
 
 def test_image_dirs():
     """NODE_IMAGE_DIRS and --image-dir restrict base images; relative paths are refused."""
-    assert node_options(NODE_IMAGE_DIRS="/img:/srv/images")["image-dir"] == ["/img", "/srv/images"]
+    assert node_options(NODE_IMAGE_DIRS="/img:/srv/images")["image-dir"] == [
+        "/img",
+        "/srv/images",
+    ]
     assert node_options(["--image-dir", "/a"], NODE_IMAGE_DIRS="/b")["image-dir"] == ["/a"]
     with pytest.raises(usage.UsageError):
         node_options(NODE_IMAGE_DIRS="rel")
@@ -207,11 +254,16 @@ def test_tls_explorer_without_tls_listener_refuses():
     """A tls:// explorer with no NODE_TLS_ADDR refuses to start, naming what to set; it
     needs no NODE_TCP_ADDR."""
     with pytest.raises(usage.UsageError) as e:
-        node_options(EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_JOIN_TOKEN="t",
-                     NODE_CA_PIN=PIN)
+        node_options(
+            EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_JOIN_TOKEN="t", NODE_CA_PIN=PIN
+        )
     assert "NODE_TLS_ADDR" in str(e.value) and "NODE_TCP_ADDR" not in str(e.value)
-    options = node_options(EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_JOIN_TOKEN="t",
-                           NODE_CA_PIN=PIN, NODE_TLS_ADDR="0.0.0.0:9004")
+    options = node_options(
+        EXPLORER_ADDRESSES="tls://10.0.0.1:9004",
+        NODE_JOIN_TOKEN="t",
+        NODE_CA_PIN=PIN,
+        NODE_TLS_ADDR="0.0.0.0:9004",
+    )
     assert options["tcp"] is None and str(options["tls"]) == "0.0.0.0:9004"
     assert options["join-token"] == "t" and options["ca-pin"] == PIN
 
@@ -219,8 +271,11 @@ def test_tls_explorer_without_tls_listener_refuses():
 def test_tls_without_material_or_enrollment_refuses(short_tmp):
     """With TLS but neither certificate files nor a token and pin the node refuses to
     start, naming NODE_JOIN_TOKEN, NODE_CA_PIN and hero-compute tls cert create."""
-    env = dict(EXPLORER_ADDRESSES="tls://10.0.0.1:9004", NODE_TLS_ADDR="0.0.0.0:9004",
-               HERO_STATE_DIR=f"{short_tmp}/st")
+    env = dict(
+        EXPLORER_ADDRESSES="tls://10.0.0.1:9004",
+        NODE_TLS_ADDR="0.0.0.0:9004",
+        HERO_STATE_DIR=f"{short_tmp}/st",
+    )
     for extra in ({}, {"NODE_JOIN_TOKEN": "t"}, {"NODE_CA_PIN": PIN}):
         with pytest.raises(usage.UsageError) as e:
             node_options(**env, **extra)
@@ -229,18 +284,24 @@ def test_tls_without_material_or_enrollment_refuses(short_tmp):
         assert "tls cert create" in message and "\n" not in message
     for name in ("c.pem", "k.pem", "ca.pem"):
         open(f"{short_tmp}/{name}", "w").close()
-    options = node_options(["--tls-cert", f"{short_tmp}/c.pem"], **env,
-                           NODE_TLS_KEY=f"{short_tmp}/k.pem",
-                           NODE_TLS_CA=f"{short_tmp}/ca.pem")
+    options = node_options(
+        ["--tls-cert", f"{short_tmp}/c.pem"],
+        **env,
+        NODE_TLS_KEY=f"{short_tmp}/k.pem",
+        NODE_TLS_CA=f"{short_tmp}/ca.pem",
+    )
     assert options["tls-files"].cert == f"{short_tmp}/c.pem"
     assert options["tls-files"].ca == f"{short_tmp}/ca.pem"
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"NODE_CA_PIN": "sha256:abc"}, "NODE_CA_PIN"),
-    ({"NODE_TLS_ADDR": "9004"}, "NODE_TLS_ADDR"),
-    ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TLS_ADDR": "0.0.0.0:1"}, "advertise"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"NODE_CA_PIN": "sha256:abc"}, "NODE_CA_PIN"),
+        ({"NODE_TLS_ADDR": "9004"}, "NODE_TLS_ADDR"),
+        ({"NODE_ADVERTISE_ADDR": "unix:///x", "NODE_TLS_ADDR": "0.0.0.0:1"}, "advertise"),
+    ],
+)
 def test_node_bad_tls_env(env, needle):
     """A bad TLS setting is a usage error naming it."""
     with pytest.raises(usage.UsageError) as e:
@@ -253,16 +314,27 @@ def test_node_tree_with_tls(short_tmp):
     heartbeat loop; makeService opens and reads nothing, and a tls:// advertise address
     is accepted."""
     reactor = MemoryReactorClock()
-    options = node_options(HERO_SOCKET_DIR=f"{short_tmp}/s",
-                           HERO_STATE_DIR=f"{short_tmp}/st", NODE_TLS_ADDR="127.0.0.1:9004",
-                           NODE_JOIN_TOKEN="t",
-                           NODE_CA_PIN=PIN, NODE_ADVERTISE_ADDR="tls://node.example:9004",
-                           EXPLORER_ADDRESSES="/e1.sock,tls://10.0.0.1:9004")
+    options = node_options(
+        HERO_SOCKET_DIR=f"{short_tmp}/s",
+        HERO_STATE_DIR=f"{short_tmp}/st",
+        NODE_TLS_ADDR="127.0.0.1:9004",
+        NODE_JOIN_TOKEN="t",
+        NODE_CA_PIN=PIN,
+        NODE_ADVERTISE_ADDR="tls://node.example:9004",
+        EXPLORER_ADDRESSES="/e1.sock,tls://10.0.0.1:9004",
+    )
     node = node_tap.makeService(options, reactor)
     assert [child.name for child in node] == [
-        "listeners", "vms", "heartbeat unix:///e1.sock", "tls"]
+        "listeners",
+        "vms",
+        "heartbeat unix:///e1.sock",
+        "tls",
+    ]
     assert [child.name for child in node.getServiceNamed("tls")] == [
-        "heartbeat tls://10.0.0.1:9004"]
+        "heartbeat tls://10.0.0.1:9004"
+    ]
     assert [loop.address.uri for loop in node.heartbeats] == [
-        "unix:///e1.sock", "tls://10.0.0.1:9004"]
+        "unix:///e1.sock",
+        "tls://10.0.0.1:9004",
+    ]
     assert not os.listdir(short_tmp)

@@ -33,10 +33,13 @@ def fleet(tmp_path):
     paths = {"ca": os.path.join(ca_dir, "ca.pem"), "pin": pin, "dir": tmp_path}
     for role, name in (("explorer", "e1"), ("node", "a"), ("node", "b"), ("client", "c")):
         paths[f"{role}/{name}"] = pki.create_cert(
-            ca_dir, role, name, out=str(tmp_path / f"{role}-{name}"))
+            ca_dir, role, name, out=str(tmp_path / f"{role}-{name}")
+        )
     other = str(tmp_path / "other")
     pki.create_ca(other)
-    paths["other/node/a"] = pki.create_cert(other, "node", "a", out=str(tmp_path / "other-a"))
+    paths["other/node/a"] = pki.create_cert(
+        other, "node", "a", out=str(tmp_path / "other-a")
+    )
     paths["other-ca"] = os.path.join(other, "ca.pem")
     return paths
 
@@ -99,8 +102,9 @@ def serve():
     def start(creator):
         factory = protocol.Factory.forProtocol(Echo)
         factory.connections = []
-        port = reactor.listenTCP(0, tls.tls_server_factory(creator, factory),
-                                 interface="127.0.0.1")
+        port = reactor.listenTCP(
+            0, tls.tls_server_factory(creator, factory), interface="127.0.0.1"
+        )
         ports.append(port)
         return port.getHost().port, factory
 
@@ -130,18 +134,22 @@ async def refused(client, factory):
 
 def test_creators_provide_their_interfaces(fleet):
     """ServerTLS and ClientTLS provide Twisted's OpenSSL connection-creator interfaces."""
-    assert verifyObject(IOpenSSLServerConnectionCreator,
-                        tls.ServerTLS(material(fleet, "explorer/e1")))
-    assert verifyObject(IOpenSSLClientConnectionCreator,
-                        tls.ClientTLS(material(fleet, None), tls.Expected("explorer")))
+    assert verifyObject(
+        IOpenSSLServerConnectionCreator, tls.ServerTLS(material(fleet, "explorer/e1"))
+    )
+    assert verifyObject(
+        IOpenSSLClientConnectionCreator,
+        tls.ClientTLS(material(fleet, None), tls.Expected("explorer")),
+    )
 
 
 @pytest_twisted.ensureDeferred
 async def test_client_certificate_identifies_the_caller(fleet, serve):
     """A client with a fleet certificate is known to the server by role and name."""
     port, factory = serve(tls.ServerTLS(material(fleet, "node/a")))
-    client = await connect(port, tls.ClientTLS(material(fleet, "client/c"),
-                                               tls.Expected("node", "a")))
+    client = await connect(
+        port, tls.ClientTLS(material(fleet, "client/c"), tls.Expected("node", "a"))
+    )
     assert await within(client.echoed) == b"hello"
     assert factory.connections[0].identity == tls.PeerIdentity(TD, "client", "c")
     assert tls.peer_identity(client.transport, TD) == tls.PeerIdentity(TD, "node", "a")
@@ -153,8 +161,9 @@ async def test_client_certificate_identifies_the_caller(fleet, serve):
 async def test_client_without_certificate_has_no_identity(fleet, serve):
     """A client with no certificate gets through the handshake, with identity None."""
     port, factory = serve(tls.ServerTLS(material(fleet, "explorer/e1")))
-    client = await connect(port, tls.ClientTLS(material(fleet, None),
-                                               tls.Expected("explorer")))
+    client = await connect(
+        port, tls.ClientTLS(material(fleet, None), tls.Expected("explorer"))
+    )
     assert await within(client.echoed) == b"hello"
     assert factory.connections[0].identity is None
     client.transport.loseConnection()
@@ -197,11 +206,13 @@ async def test_expired_client_certificate_fails_the_handshake(fleet, serve):
 
     ca = pki.CertificateAuthority.from_directory(str(fleet["dir"] / "ca"))
     key = pki.make_key()
-    then = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=100)
+    then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=100)
     old = ca.issue("client", "c", key.public_key(), days=90, now=then)
     port, factory = serve(tls.ServerTLS(material(fleet, "explorer/e1")))
-    client = await connect(port, tls.ClientTLS(tls.Credentials(ca.certificate, old, key),
-                                               tls.Expected("explorer")))
+    client = await connect(
+        port,
+        tls.ClientTLS(tls.Credentials(ca.certificate, old, key), tls.Expected("explorer")),
+    )
     reason = await refused(client, factory)
     assert reason.check(SSL.Error), reason
     assert [server.received for server in factory.connections] == [b""]
@@ -211,8 +222,9 @@ async def test_expired_client_certificate_fails_the_handshake(fleet, serve):
 async def test_wrong_node_fails_the_handshake_before_any_data(fleet, serve):
     """A client expecting node/a refuses a server holding node/b: no byte reaches it."""
     port, factory = serve(tls.ServerTLS(material(fleet, "node/b")))
-    client = await connect(port, tls.ClientTLS(material(fleet, "explorer/e1"),
-                                               tls.Expected("node", "a")))
+    client = await connect(
+        port, tls.ClientTLS(material(fleet, "explorer/e1"), tls.Expected("node", "a"))
+    )
     reason = await refused(client, factory)
     assert reason.check(SSL.Error), reason
     assert [server.received for server in factory.connections] == [b""]
@@ -223,8 +235,9 @@ async def test_wrong_node_fails_the_handshake_before_any_data(fleet, serve):
 async def test_role_expectation_refuses_other_roles(fleet, serve):
     """A node expecting any explorer refuses a server that is a node."""
     port, factory = serve(tls.ServerTLS(material(fleet, "node/b")))
-    client = await connect(port, tls.ClientTLS(material(fleet, "node/a"),
-                                               tls.Expected("explorer")))
+    client = await connect(
+        port, tls.ClientTLS(material(fleet, "node/a"), tls.Expected("explorer"))
+    )
     reason = await refused(client, factory)
     assert reason.check(SSL.Error), reason
     assert [server.received for server in factory.connections] == [b""]
@@ -235,8 +248,9 @@ async def test_server_of_another_ca_fails_the_handshake(fleet, serve):
     """A server whose certificate is of another CA is refused even if it names node/a."""
     cert, key = fleet["other/node/a"]
     port, factory = serve(tls.ServerTLS(tls.TLSMaterial(cert, key, fleet["other-ca"])))
-    client = await connect(port, tls.ClientTLS(material(fleet, "explorer/e1"),
-                                               tls.Expected("node", "a")))
+    client = await connect(
+        port, tls.ClientTLS(material(fleet, "explorer/e1"), tls.Expected("node", "a"))
+    )
     reason = await refused(client, factory)
     assert reason.check(SSL.Error), reason
     assert [server.received for server in factory.connections] == [b""]
@@ -247,19 +261,24 @@ async def test_reload_swaps_the_certificate_for_new_connections(fleet, serve):
     """After reload, new connections see the new certificate and open ones go on."""
     prefix = str(fleet["dir"] / "served")
     pki.create_cert(str(fleet["dir"] / "ca"), "node", "a", out=prefix)
-    server = tls.ServerTLS(tls.TLSMaterial(f"{prefix}.pem", f"{prefix}-key.pem", fleet["ca"]))
+    server = tls.ServerTLS(
+        tls.TLSMaterial(f"{prefix}.pem", f"{prefix}-key.pem", fleet["ca"])
+    )
     port, factory = serve(server)
-    old = await connect(port, tls.ClientTLS(material(fleet, "client/c"),
-                                            tls.Expected("node", "a")))
+    old = await connect(
+        port, tls.ClientTLS(material(fleet, "client/c"), tls.Expected("node", "a"))
+    )
     await within(old.echoed)
 
     pki.create_cert(str(fleet["dir"] / "ca"), "node", "b", out=prefix, force=True)
     server.reload()
-    new = await connect(port, tls.ClientTLS(material(fleet, "client/c"),
-                                            tls.Expected("node", "b")))
+    new = await connect(
+        port, tls.ClientTLS(material(fleet, "client/c"), tls.Expected("node", "b"))
+    )
     assert await within(new.echoed) == b"hello"
-    stale = await connect(port, tls.ClientTLS(material(fleet, "client/c"),
-                                              tls.Expected("node", "a")))
+    stale = await connect(
+        port, tls.ClientTLS(material(fleet, "client/c"), tls.Expected("node", "a"))
+    )
     await within(stale.lost)
     assert stale.reason.check(SSL.Error)
 
@@ -276,7 +295,9 @@ def test_failed_reload_keeps_the_old_context(fleet):
     """A reload from a broken key file raises a clear error and keeps the old material."""
     prefix = str(fleet["dir"] / "served")
     pki.create_cert(str(fleet["dir"] / "ca"), "node", "a", out=prefix)
-    server = tls.ServerTLS(tls.TLSMaterial(f"{prefix}.pem", f"{prefix}-key.pem", fleet["ca"]))
+    server = tls.ServerTLS(
+        tls.TLSMaterial(f"{prefix}.pem", f"{prefix}-key.pem", fleet["ca"])
+    )
     before = server.credentials
     with open(f"{prefix}-key.pem", "wb") as f:
         f.write(b"garbage")
@@ -350,8 +371,9 @@ async def test_fetch_peer_chain_fails_when_nothing_listens():
 @pytest_twisted.ensureDeferred
 async def test_fetch_peer_chain_times_out_on_a_silent_server():
     """A server that accepts but never speaks TLS makes the fetch time out."""
-    silent = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
-                               interface="127.0.0.1")
+    silent = reactor.listenTCP(
+        0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1"
+    )
     try:
         with pytest.raises(defer.TimeoutError):
             await tls.fetch_peer_chain(reactor, "127.0.0.1", silent.getHost().port, 0.3)
@@ -377,26 +399,44 @@ def test_identity_of_refuses_certificates_without_one_spiffe_uri(tmp_path):
     pki.create_ca(ca_dir)
     ca = pki.CertificateAuthority.from_directory(ca_dir)
     key = pki.make_key()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(uris):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([])).issuer_name(ca.certificate.subject)
-                   .public_key(key.public_key()).serial_number(1)
-                   .not_valid_before(now).not_valid_after(now + datetime.timedelta(1)))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(ca.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(1))
+        )
         if uris:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(u) for u in uris]
+                ),
+                critical=True,
+            )
         return builder.sign(ca.key, hashes.SHA256())
 
     assert tls.identity_of(cert([]), TD) is None
-    assert tls.identity_of(cert([f"spiffe://{TD}/node/a", f"spiffe://{TD}/node/b"]),
-                           TD) is None
-    for uri in (f"spiffe://{TD}/node", f"spiffe://{TD}/admin/x", f"spiffe://{TD}:1/node/a",
-                f"spiffe://{TD}/node/a/b", f"spiffe://{TD}/node/a?x", f"https://{TD}/node/a"):
+    assert (
+        tls.identity_of(cert([f"spiffe://{TD}/node/a", f"spiffe://{TD}/node/b"]), TD)
+        is None
+    )
+    for uri in (
+        f"spiffe://{TD}/node",
+        f"spiffe://{TD}/admin/x",
+        f"spiffe://{TD}:1/node/a",
+        f"spiffe://{TD}/node/a/b",
+        f"spiffe://{TD}/node/a?x",
+        f"https://{TD}/node/a",
+    ):
         assert tls.identity_of(cert([uri]), TD) is None, uri
     assert tls.identity_of(cert([f"spiffe://{TD}/node/a"]), TD) == tls.PeerIdentity(
-        TD, "node", "a")
+        TD, "node", "a"
+    )
 
 
 def test_expected_matches_identity_or_role():

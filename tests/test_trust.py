@@ -27,15 +27,21 @@ def fleet(tmp_path_factory):
     ca_dir = base / "ca"
     pki.create_ca(str(ca_dir))
     out = {}
-    for role, name in (("explorer", "e1"), ("client", "ops"), ("node", ID_A),
-                       ("node", ID_B)):
-        cert, key = pki.create_cert(str(ca_dir), role, name, ips=["127.0.0.1"],
-                                    out=str(base / f"{role}-{name}"))
+    for role, name in (
+        ("explorer", "e1"),
+        ("client", "ops"),
+        ("node", ID_A),
+        ("node", ID_B),
+    ):
+        cert, key = pki.create_cert(
+            str(ca_dir), role, name, ips=["127.0.0.1"], out=str(base / f"{role}-{name}")
+        )
         out[f"{role}/{name}"] = (cert, key)
     stranger = base / "stranger"
     pki.create_ca(str(stranger))
-    out["stranger"] = pki.create_cert(str(stranger), "client", "ops",
-                                      out=str(base / "stranger-ops"))
+    out["stranger"] = pki.create_cert(
+        str(stranger), "client", "ops", out=str(base / "stranger-ops")
+    )
     out["ca"] = str(ca_dir / "ca.pem")
     out["ca_key"] = str(ca_dir / "ca-key.pem")
     out["dir"] = base
@@ -100,26 +106,43 @@ def nodes(explorer):
 
 def test_node_certificate_heartbeats_only_as_itself(fleet, explorer):
     """node/a's certificate heartbeats as a, but not as b: refused, b never appears."""
-    ok = call(fleet, explorer, f"node/{ID_A}", "explorer.heartbeat",
-              heartbeat(ID_A, "tls://127.0.0.1:9"))
+    ok = call(
+        fleet,
+        explorer,
+        f"node/{ID_A}",
+        "explorer.heartbeat",
+        heartbeat(ID_A, "tls://127.0.0.1:9"),
+    )
     assert ok["result"]["accepted"] is True
     assert nodes(explorer)[ID_A]["transport"] == "tls"
-    attack = call(fleet, explorer, f"node/{ID_A}", "explorer.heartbeat",
-                  heartbeat(ID_B, "tls://127.0.0.1:9"))
+    attack = call(
+        fleet,
+        explorer,
+        f"node/{ID_A}",
+        "explorer.heartbeat",
+        heartbeat(ID_B, "tls://127.0.0.1:9"),
+    )
     assert refused(attack)
     assert ID_B not in nodes(explorer)
 
 
 def test_node_certificate_cannot_call_remove_or_list(fleet, explorer):
     """A node certificate may not drive other nodes, remove them, or read the fleet."""
-    call(fleet, explorer, f"node/{ID_A}", "explorer.heartbeat",
-         heartbeat(ID_A, "tls://127.0.0.1:9"))
+    call(
+        fleet,
+        explorer,
+        f"node/{ID_A}",
+        "explorer.heartbeat",
+        heartbeat(ID_A, "tls://127.0.0.1:9"),
+    )
     before = nodes(explorer)
-    for method, params in (("explorer.call", {"node_id": ID_A, "method": "vm.list"}),
-                           ("explorer.remove_node", {"node_id": ID_A}),
-                           ("explorer.list_nodes", None),
-                           ("explorer.create_token", None),
-                           ("explorer.revoke", {"node_id": ID_A})):
+    for method, params in (
+        ("explorer.call", {"node_id": ID_A, "method": "vm.list"}),
+        ("explorer.remove_node", {"node_id": ID_A}),
+        ("explorer.list_nodes", None),
+        ("explorer.create_token", None),
+        ("explorer.revoke", {"node_id": ID_A}),
+    ):
         assert refused(call(fleet, explorer, f"node/{ID_B}", method, params)), method
     assert nodes(explorer) == before
 
@@ -127,9 +150,11 @@ def test_node_certificate_cannot_call_remove_or_list(fleet, explorer):
 def test_tls_without_certificate_may_only_enroll(fleet, explorer):
     """A TLS peer without a certificate gets rpc.discover and enroll, nothing else."""
     assert "result" in call(fleet, explorer, None, "rpc.discover")
-    for method, params in (("explorer.list_nodes", None),
-                           ("explorer.heartbeat", heartbeat("x", "tls://127.0.0.1:9")),
-                           ("explorer.info", None)):
+    for method, params in (
+        ("explorer.list_nodes", None),
+        ("explorer.heartbeat", heartbeat("x", "tls://127.0.0.1:9")),
+        ("explorer.info", None),
+    ):
         assert refused(call(fleet, explorer, None, method, params)), method
     assert "x" not in nodes(explorer)
 
@@ -145,9 +170,11 @@ def test_certificate_of_another_ca_fails_the_handshake(fleet, explorer):
 def test_plain_tcp_cannot_remove_revoke_or_mint(fleet, explorer):
     """Over plain TCP, remove_node, revoke and create_token are refused; nothing changes."""
     result(explorer.unix, "explorer.heartbeat", heartbeat(ID_A, "unix:///tmp/a.sock"))
-    for method, params in (("explorer.remove_node", {"node_id": ID_A}),
-                           ("explorer.revoke", {"node_id": ID_A}),
-                           ("explorer.create_token", {})):
+    for method, params in (
+        ("explorer.remove_node", {"node_id": ID_A}),
+        ("explorer.revoke", {"node_id": ID_A}),
+        ("explorer.create_token", {}),
+    ):
         assert refused(rpc(explorer.tcp, method, params)), method
     assert ID_A in nodes(explorer)
 
@@ -156,13 +183,21 @@ def test_plain_tcp_heartbeat_with_another_secret_is_refused(fleet, explorer):
     """A node id bound to its secret cannot be heartbeated or left by another peer over
     TCP, even after an explorer restart; the record keeps its address."""
     secret = secrets.token_hex(32)
-    assert "result" in rpc(explorer.tcp, "explorer.heartbeat",
-                           heartbeat(ID_A, "tcp://127.0.0.1:7001", secret))
-    for attack in (heartbeat(ID_A, "tcp://127.0.0.1:6666", secrets.token_hex(32)),
-                   heartbeat(ID_A, "tcp://127.0.0.1:6666")):
+    assert "result" in rpc(
+        explorer.tcp, "explorer.heartbeat", heartbeat(ID_A, "tcp://127.0.0.1:7001", secret)
+    )
+    for attack in (
+        heartbeat(ID_A, "tcp://127.0.0.1:6666", secrets.token_hex(32)),
+        heartbeat(ID_A, "tcp://127.0.0.1:6666"),
+    ):
         assert refused(rpc(explorer.tcp, "explorer.heartbeat", attack))
-    assert refused(rpc(explorer.tcp, "explorer.leave",
-                       {"node_id": ID_A, "secret": secrets.token_hex(32)}))
+    assert refused(
+        rpc(
+            explorer.tcp,
+            "explorer.leave",
+            {"node_id": ID_A, "secret": secrets.token_hex(32)},
+        )
+    )
     node = nodes(explorer)[ID_A]
     assert node["socket_path"] == "tcp://127.0.0.1:7001" and node["status"] == "online"
 
@@ -175,10 +210,16 @@ def test_plain_tcp_heartbeat_with_another_secret_is_refused(fleet, explorer):
         kept = {n["node_id"]: n for n in result(unix, "explorer.list_nodes")}
         assert kept[ID_A]["status"] == "offline"
         assert kept[ID_A]["socket_path"] == "tcp://127.0.0.1:7001"
-        assert refused(rpc(tcp, "explorer.heartbeat",
-                           heartbeat(ID_A, "tcp://127.0.0.1:6666", secrets.token_hex(32))))
-        assert "result" in rpc(tcp, "explorer.heartbeat",
-                               heartbeat(ID_A, "tcp://127.0.0.1:7001", secret))
+        assert refused(
+            rpc(
+                tcp,
+                "explorer.heartbeat",
+                heartbeat(ID_A, "tcp://127.0.0.1:6666", secrets.token_hex(32)),
+            )
+        )
+        assert "result" in rpc(
+            tcp, "explorer.heartbeat", heartbeat(ID_A, "tcp://127.0.0.1:7001", secret)
+        )
     finally:
         again.stop()
 
@@ -188,10 +229,16 @@ def test_remove_by_an_operator_unbinds(fleet, explorer):
     first, second = secrets.token_hex(32), secrets.token_hex(32)
     rpc(explorer.tcp, "explorer.heartbeat", heartbeat(ID_A, "tcp://127.0.0.1:7001", first))
     assert result(explorer.unix, "explorer.remove_node", {"node_id": ID_A}) is True
-    assert "result" in rpc(explorer.tcp, "explorer.heartbeat",
-                           heartbeat(ID_A, "tcp://127.0.0.1:7002", second))
-    assert refused(rpc(explorer.tcp, "explorer.heartbeat",
-                       heartbeat(ID_A, "tcp://127.0.0.1:7003", first)))
+    assert "result" in rpc(
+        explorer.tcp, "explorer.heartbeat", heartbeat(ID_A, "tcp://127.0.0.1:7002", second)
+    )
+    assert refused(
+        rpc(
+            explorer.tcp,
+            "explorer.heartbeat",
+            heartbeat(ID_A, "tcp://127.0.0.1:7003", first),
+        )
+    )
 
 
 def _csr(node_id):
@@ -204,8 +251,9 @@ def test_enrollment_by_token(fleet, explorer):
     CA; the token cannot be used twice, nor for another id."""
     token = result(explorer.unix, "explorer.create_token", {"node_id": "fresh"})["token"]
     _, wrong = _csr("other")
-    assert refused(call(fleet, explorer, None, "explorer.enroll",
-                        {"token": token, "csr": wrong}))
+    assert refused(
+        call(fleet, explorer, None, "explorer.enroll", {"token": token, "csr": wrong})
+    )
     _, csr = _csr("fresh")
     enrolled = call(fleet, explorer, None, "explorer.enroll", {"token": token, "csr": csr})
     cert = x509.load_pem_x509_certificate(enrolled["result"]["certificate"].encode())
@@ -223,8 +271,9 @@ def test_expired_token_is_refused(fleet, explorer):
 
     time.sleep(1.2)
     _, csr = _csr("late")
-    assert refused(call(fleet, explorer, None, "explorer.enroll",
-                        {"token": token, "csr": csr}))
+    assert refused(
+        call(fleet, explorer, None, "explorer.enroll", {"token": token, "csr": csr})
+    )
 
 
 def _write_pair(directory, name, cert_pem, key):
@@ -239,27 +288,51 @@ def test_renewal_and_revocation(fleet, explorer, tmp_path):
     certificates nor its secret are accepted, and it is offline."""
     token = result(explorer.unix, "explorer.create_token", {})["token"]
     key, csr = _csr("renewer")
-    pem = call(fleet, explorer, None, "explorer.enroll",
-               {"token": token, "csr": csr})["result"]["certificate"]
+    pem = call(fleet, explorer, None, "explorer.enroll", {"token": token, "csr": csr})[
+        "result"
+    ]["certificate"]
     first = _write_pair(tmp_path, "first", pem, key)
     fleet["node/renewer"] = first
-    assert call(fleet, explorer, "node/renewer", "explorer.heartbeat",
-                heartbeat("renewer", "tls://127.0.0.1:9"))["result"]["accepted"]
+    assert call(
+        fleet,
+        explorer,
+        "node/renewer",
+        "explorer.heartbeat",
+        heartbeat("renewer", "tls://127.0.0.1:9"),
+    )["result"]["accepted"]
     # Enrolled: plain TCP may no longer speak for it, whatever the secret.
-    assert refused(rpc(explorer.tcp, "explorer.heartbeat",
-                       heartbeat("renewer", "tcp://127.0.0.1:9", secrets.token_hex(32))))
+    assert refused(
+        rpc(
+            explorer.tcp,
+            "explorer.heartbeat",
+            heartbeat("renewer", "tcp://127.0.0.1:9", secrets.token_hex(32)),
+        )
+    )
     new_key, new_csr = _csr("renewer")
     renewed = call(fleet, explorer, "node/renewer", "explorer.renew", {"csr": new_csr})
-    fleet["node/renewer2"] = _write_pair(tmp_path, "second", renewed["result"]["certificate"],
-                                         new_key)
-    assert "result" in call(fleet, explorer, "node/renewer2", "explorer.heartbeat",
-                            heartbeat("renewer", "tls://127.0.0.1:9"))
+    fleet["node/renewer2"] = _write_pair(
+        tmp_path, "second", renewed["result"]["certificate"], new_key
+    )
+    assert "result" in call(
+        fleet,
+        explorer,
+        "node/renewer2",
+        "explorer.heartbeat",
+        heartbeat("renewer", "tls://127.0.0.1:9"),
+    )
 
     assert result(explorer.unix, "explorer.revoke", {"node_id": "renewer"}) is True
     assert nodes(explorer)["renewer"]["status"] == "offline"
     for who in ("node/renewer", "node/renewer2"):
-        assert refused(call(fleet, explorer, who, "explorer.heartbeat",
-                            heartbeat("renewer", "tls://127.0.0.1:9"))), who
+        assert refused(
+            call(
+                fleet,
+                explorer,
+                who,
+                "explorer.heartbeat",
+                heartbeat("renewer", "tls://127.0.0.1:9"),
+            )
+        ), who
     assert nodes(explorer)["renewer"]["status"] == "offline"
 
 
@@ -299,10 +372,18 @@ def test_proxy_refuses_a_node_whose_certificate_names_another(fleet, explorer):
     handshake fails (-32003) and not one byte of the call reaches that peer."""
     impostor = SilentTLSNode(*fleet[f"node/{ID_B}"], fleet["ca"])
     try:
-        call(fleet, explorer, f"node/{ID_A}", "explorer.heartbeat",
-             heartbeat(ID_A, f"tls://127.0.0.1:{impostor.port}"))
-        answer = rpc(explorer.unix, "explorer.call",
-                     {"node_id": ID_A, "method": "vm.list", "params": {"secret": "x"}})
+        call(
+            fleet,
+            explorer,
+            f"node/{ID_A}",
+            "explorer.heartbeat",
+            heartbeat(ID_A, f"tls://127.0.0.1:{impostor.port}"),
+        )
+        answer = rpc(
+            explorer.unix,
+            "explorer.call",
+            {"node_id": ID_A, "method": "vm.list", "params": {"secret": "x"}},
+        )
         assert answer["error"]["code"] == -32003
         assert impostor.received == b""
     finally:
@@ -324,9 +405,14 @@ def test_non_json_reply_bytes_never_reach_the_caller(explorer):
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        result(explorer.unix, "explorer.heartbeat",
-               heartbeat("leaky", f"tcp://127.0.0.1:{port}"))
-        answer = rpc(explorer.unix, "explorer.call", {"node_id": "leaky", "method": "vm.list"})
+        result(
+            explorer.unix,
+            "explorer.heartbeat",
+            heartbeat("leaky", f"tcp://127.0.0.1:{port}"),
+        )
+        answer = rpc(
+            explorer.unix, "explorer.call", {"node_id": "leaky", "method": "vm.list"}
+        )
         assert answer["error"]["code"] == -32003
         text = json.dumps(answer)
         assert "SECRET" not in text and "root" not in text
@@ -350,9 +436,13 @@ def cli(*args, env=None):
 
     from .support import ROOT
 
-    done = subprocess.run([sys.executable, "-m", "hero_compute.cli", *args],
-                          capture_output=True, text=True, timeout=30,
-                          env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-m", "hero_compute.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin", **(env or {})},
+    )
     return done.returncode, done.stdout, done.stderr
 
 
@@ -361,24 +451,35 @@ def test_cli_over_tls_and_tokens(fleet, explorer):
     through HERO_*), is refused without one, and mints tokens only where it may."""
     prefix = fleet["client/ops"][0][: -len(".pem")]
     result(explorer.unix, "explorer.heartbeat", heartbeat(ID_A, "unix:///tmp/a.sock"))
-    code, out, err = cli("--explorer", explorer.tls, "--ca", fleet["ca"], "--cert", prefix,
-                         "nodes", "--json")
+    code, out, err = cli(
+        "--explorer", explorer.tls, "--ca", fleet["ca"], "--cert", prefix, "nodes", "--json"
+    )
     assert code == 0, err
     assert [n["node_id"] for n in json.loads(out)] == [ID_A]
-    code, out, err = cli("--explorer", explorer.tls, "nodes", "--json", env={
-        "HERO_CA": fleet["ca"], "HERO_CERT": fleet["client/ops"][0],
-        "HERO_KEY": fleet["client/ops"][1]})
+    code, out, err = cli(
+        "--explorer",
+        explorer.tls,
+        "nodes",
+        "--json",
+        env={
+            "HERO_CA": fleet["ca"],
+            "HERO_CERT": fleet["client/ops"][0],
+            "HERO_KEY": fleet["client/ops"][1],
+        },
+    )
     assert code == 0 and json.loads(out)[0]["node_id"] == ID_A, err
     code, _, err = cli("--explorer", explorer.tls, "--ca", fleet["ca"], "nodes", "--json")
     assert code == 4 and "not allowed" in err
-    code, out, err = cli("--explorer", explorer.unix, "token", "create", "--ttl", "10m",
-                         "--node-id", "n9")
+    code, out, err = cli(
+        "--explorer", explorer.unix, "token", "create", "--ttl", "10m", "--node-id", "n9"
+    )
     assert code == 0, err
     token = out.strip()
     assert "\n" not in token and len(token) > 30
     _, csr = _csr("n9")
-    assert "result" in call(fleet, explorer, None, "explorer.enroll",
-                            {"token": token, "csr": csr})
+    assert "result" in call(
+        fleet, explorer, None, "explorer.enroll", {"token": token, "csr": csr}
+    )
     code, _, err = cli("--explorer", explorer.tcp, "token", "create")
     assert code == 4, err
     code, _, err = cli("--explorer", explorer.tls, "nodes")
@@ -391,23 +492,41 @@ def test_real_renewal_of_a_short_lived_certificate(twistd, short_tmp, fleet):
     import time
 
     cert, key = fleet["explorer/e1"]
-    explorer = twistd(["explorer"], env={
-        "HERO_SOCKET_DIR": short_tmp, "EXPLORER_STATE_DIR": f"{short_tmp}/state",
-        "EXPLORER_TLS_ADDR": "127.0.0.1:0", "EXPLORER_TLS_CERT": cert,
-        "EXPLORER_TLS_KEY": key, "EXPLORER_TLS_CA": fleet["ca"],
-        "EXPLORER_CA_KEY": fleet["ca_key"], "EXPLORER_NODE_CERT_TTL": "6",
-        "NODE_OFFLINE_AFTER": "2"})
+    explorer = twistd(
+        ["explorer"],
+        env={
+            "HERO_SOCKET_DIR": short_tmp,
+            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+            "EXPLORER_TLS_ADDR": "127.0.0.1:0",
+            "EXPLORER_TLS_CERT": cert,
+            "EXPLORER_TLS_KEY": key,
+            "EXPLORER_TLS_CA": fleet["ca"],
+            "EXPLORER_CA_KEY": fleet["ca_key"],
+            "EXPLORER_NODE_CERT_TTL": "6",
+            "NODE_OFFLINE_AFTER": "2",
+        },
+    )
     uris = explorer.listening(count=2)
     unix = next(u for u in uris if u.startswith("unix://"))
     tls = next(u for u in uris if u.startswith("tls://"))
     token = result(unix, "explorer.create_token", {})["token"]
-    node = twistd(["node", "--socket", f"{short_tmp}/n.sock"], env={
-        "HERO_STATE_DIR": f"{short_tmp}/node", "EXPLORER_ADDRESSES": tls,
-        "NODE_TLS_ADDR": "127.0.0.1:0", "NODE_JOIN_TOKEN": token,
-        "NODE_CA_PIN": pki.spki_pin(pki.load_certificate(fleet["ca"])),
-        "NODE_ID": "short", "HEARTBEAT_INTERVAL": "0.5"})
-    wait_for(lambda: nodes(explorer_at(unix)).get("short", {}).get("status") == "online",
-             timeout=20, what="the node enrolled and online")
+    node = twistd(
+        ["node", "--socket", f"{short_tmp}/n.sock"],
+        env={
+            "HERO_STATE_DIR": f"{short_tmp}/node",
+            "EXPLORER_ADDRESSES": tls,
+            "NODE_TLS_ADDR": "127.0.0.1:0",
+            "NODE_JOIN_TOKEN": token,
+            "NODE_CA_PIN": pki.spki_pin(pki.load_certificate(fleet["ca"])),
+            "NODE_ID": "short",
+            "HEARTBEAT_INTERVAL": "0.5",
+        },
+    )
+    wait_for(
+        lambda: nodes(explorer_at(unix)).get("short", {}).get("status") == "online",
+        timeout=20,
+        what="the node enrolled and online",
+    )
     first = pki.load_certificate(f"{short_tmp}/node/tls/node.pem").serial_number
     started = time.monotonic()
     node.wait_for_line(r"certificate renewed", timeout=15, count=2)
@@ -415,8 +534,12 @@ def test_real_renewal_of_a_short_lived_certificate(twistd, short_tmp, fleet):
     assert pki.load_certificate(f"{short_tmp}/node/tls/node.pem").serial_number != first
     time.sleep(1)
     assert nodes(explorer_at(unix))["short"]["status"] == "online"
-    assert result(unix, "explorer.call", {"node_id": "short", "method": "node.info"}
-                  )["node_id"] == "short"
+    assert (
+        result(unix, "explorer.call", {"node_id": "short", "method": "node.info"})[
+            "node_id"
+        ]
+        == "short"
+    )
 
 
 def explorer_at(unix):

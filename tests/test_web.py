@@ -22,11 +22,21 @@ async def test_resource_in_a_twisted_web_site():
     root = Resource()
     root.putChild(b"rpc", RpcResource(rpc))
     treq = StubTreq(root)
-    response = await treq.post("http://example.invalid/rpc", data=json.dumps(
-        {"jsonrpc": "2.0", "method": "echo", "params": ["hi"], "id": 1}).encode())
+    response = await treq.post(
+        "http://example.invalid/rpc",
+        data=json.dumps(
+            {"jsonrpc": "2.0", "method": "echo", "params": ["hi"], "id": 1}
+        ).encode(),
+    )
     assert response.code == 200
-    assert json.loads(await response.content()) == {"jsonrpc": "2.0", "result": "hi", "id": 1}
-    response = await treq.post("http://example.invalid/rpc", data=b'{"jsonrpc":"2.0","method":"echo"}')
+    assert json.loads(await response.content()) == {
+        "jsonrpc": "2.0",
+        "result": "hi",
+        "id": 1,
+    }
+    response = await treq.post(
+        "http://example.invalid/rpc", data=b'{"jsonrpc":"2.0","method":"echo"}'
+    )
     assert response.code == 204
     response = await treq.get("http://example.invalid/rpc")
     assert response.code == 405

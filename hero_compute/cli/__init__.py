@@ -105,8 +105,9 @@ def _react(args, output):
 
 async def _run(reactor, args, output, stopping=()):
     try:
-        explorer = Explorer(reactor, args.explorer, args.timeout,
-                            tls_files=(args.ca, args.cert, args.key))
+        explorer = Explorer(
+            reactor, args.explorer, args.timeout, tls_files=(args.ca, args.cert, args.key)
+        )
     except ValueError as e:
         output.error(str(e))
         return exits.USAGE
@@ -134,6 +135,6 @@ async def _offline(explorer, message, node_id):
     match = re.search(r"last seen (\d+(?:\.\d+)?)", message)
     if match:
         when = ago(float(match.group(1)), time.time())
-        return message[:match.start()] + f"last seen {when}" + message[match.end():]
+        return message[: match.start()] + f"last seen {when}" + message[match.end() :]
     seen = await last_seen(explorer, node_id) if node_id else None
     return f"{message} ({seen})" if seen else message

@@ -8,10 +8,8 @@ explorer address, with the per-operation timeouts of :data:`TIMEOUTS`.
 
 import os
 
-from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.options import socket_dir
-from hero_compute.rpc.http_client import RpcClient
-from hero_compute.rpc.tls import ClientTLS, Expected, TLSConfigError, TLSMaterial
+from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.rpc.errors import (
     CallTimedOut,
     MethodNotFound,
@@ -23,11 +21,23 @@ from hero_compute.rpc.errors import (
     TransportError,
     VmNotFound,
 )
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.tls import ClientTLS, Expected, TLSConfigError, TLSMaterial
 
 __all__ = [
-    "AddressError", "CallTimedOut", "Explorer", "MethodNotFound", "NodeNotFound",
-    "NodeOffline", "NodeUnreachable", "RefusedByPolicy", "RpcError", "TransportError",
-    "VmNotFound", "default_explorer", "parse_address",
+    "AddressError",
+    "CallTimedOut",
+    "Explorer",
+    "MethodNotFound",
+    "NodeNotFound",
+    "NodeOffline",
+    "NodeUnreachable",
+    "RefusedByPolicy",
+    "RpcError",
+    "TransportError",
+    "VmNotFound",
+    "default_explorer",
+    "parse_address",
 ]
 
 #: Seconds allowed to open a connection: a dead explorer fails fast whatever the call.
@@ -93,8 +103,9 @@ class Explorer:
                 tls = ClientTLS(TLSMaterial(cert, key, ca), Expected("explorer"))
             except TLSConfigError as e:
                 raise ValueError(f"TLS: {e}") from None
-        self._client = RpcClient(reactor, timeout=DEFAULT_TIMEOUT, connect_timeout=connect,
-                                 tls=tls)
+        self._client = RpcClient(
+            reactor, timeout=DEFAULT_TIMEOUT, connect_timeout=connect, tls=tls
+        )
 
     def timeout(self, method):
         """:return: the seconds allowed for a call of ``method``"""

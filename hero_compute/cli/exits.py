@@ -76,11 +76,13 @@ def explain(error, explorer):
     if isinstance(error, CallTimedOut):
         return UNREACHABLE, (
             f"timed out: {error.reason} from the explorer at {explorer}; the operation "
-            "may be slow or the explorer overloaded (raise --timeout)")
+            "may be slow or the explorer overloaded (raise --timeout)"
+        )
     if isinstance(error, TransportError):
         return UNREACHABLE, (
             f"cannot reach the explorer at {explorer}: {error.reason}\n"
-            "is the explorer running? check --explorer / HERO_SOCKET_DIR")
+            "is the explorer running? check --explorer / HERO_SOCKET_DIR"
+        )
     if not isinstance(error, RpcError):
         raise error
     code, hint = FAILED, None
@@ -91,8 +93,13 @@ def explain(error, explorer):
     elif isinstance(error, NodeOffline):
         code, hint = UNREACHABLE, "is its node process running?"
     elif isinstance(error, NodeUnreachable):
-        code, hint = UNREACHABLE, ("check that the node runs and that the explorer can "
-                                   "connect to the address it advertises")
+        code, hint = (
+            UNREACHABLE,
+            (
+                "check that the node runs and that the explorer can "
+                "connect to the address it advertises"
+            ),
+        )
     elif isinstance(error, RefusedByPolicy):
         code, hint = REFUSED, "refused by policy: nothing was changed"
     message = f"error {error.code}: {error.message}"

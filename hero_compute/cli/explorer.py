@@ -33,27 +33,39 @@ def add_commands(sub, common):
     :param sub: the subparsers action of the top parser
     :param common: the parent parser of the global options
     """
-    info = sub.add_parser("info", parents=[common],
-                          help="the explorer's version, uptime, listeners and node counts")
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="the explorer's version, uptime, listeners and node counts",
+    )
     info.set_defaults(run=show_info)
-    params_help = ("params as JSON: an object by name, e.g. '{\"vm_id\": \"abc\"}', "
-                   "or an array by position")
-    call = sub.add_parser("call", parents=[common],
-                          help="call a node.* or vm.* method on a node (raw JSON)",
-                          description="Call a method on a node through the explorer; the "
-                          "result is printed as JSON.")
+    params_help = (
+        'params as JSON: an object by name, e.g. \'{"vm_id": "abc"}\', '
+        "or an array by position"
+    )
+    call = sub.add_parser(
+        "call",
+        parents=[common],
+        help="call a node.* or vm.* method on a node (raw JSON)",
+        description="Call a method on a node through the explorer; the "
+        "result is printed as JSON.",
+    )
     call.add_argument("node_id", metavar="NODE")
     call.add_argument("method", metavar="METHOD", help="e.g. node.info, vm.list")
-    call.add_argument("params", nargs="?", type=params_json, metavar="PARAMS_JSON",
-                      help=params_help)
+    call.add_argument(
+        "params", nargs="?", type=params_json, metavar="PARAMS_JSON", help=params_help
+    )
     call.set_defaults(run=call_node)
-    raw = sub.add_parser("rpc", parents=[common],
-                         help="call a method of the explorer itself (raw JSON)",
-                         description="Call a method of the explorer; the result is "
-                         "printed as JSON.")
+    raw = sub.add_parser(
+        "rpc",
+        parents=[common],
+        help="call a method of the explorer itself (raw JSON)",
+        description="Call a method of the explorer; the result is printed as JSON.",
+    )
     raw.add_argument("method", metavar="METHOD", help="e.g. explorer.info, rpc.discover")
-    raw.add_argument("params", nargs="?", type=params_json, metavar="PARAMS_JSON",
-                     help=params_help)
+    raw.add_argument(
+        "params", nargs="?", type=params_json, metavar="PARAMS_JSON", help=params_help
+    )
     raw.set_defaults(run=call_explorer)
 
 
@@ -62,12 +74,17 @@ def info_fields(info, now=None):
     nodes = info.get("nodes") or {}
     uptime = info.get("uptime_s")
     started = ago(time.time() - uptime, time.time()) if uptime is not None else "?"
-    return fields([
-        ("version", info.get("version")),
-        ("started", started),
-        ("listeners", "\n".join(info.get("listeners") or []) or "-"),
-        ("nodes", f"{nodes.get('online', 0)} online, {nodes.get('offline', 0)} offline"),
-    ])
+    return fields(
+        [
+            ("version", info.get("version")),
+            ("started", started),
+            ("listeners", "\n".join(info.get("listeners") or []) or "-"),
+            (
+                "nodes",
+                f"{nodes.get('online', 0)} online, {nodes.get('offline', 0)} offline",
+            ),
+        ]
+    )
 
 
 async def show_info(explorer, args, output):
@@ -86,4 +103,3 @@ async def call_explorer(explorer, args, output):
     """``rpc METHOD [PARAMS_JSON]``."""
     output.emit(await explorer.call(args.method, args.params))
     return 0
-

@@ -27,15 +27,28 @@ def add_commands(sub, common):
     :param sub: the subparsers action of the top parser
     :param common: the parent parser of the global options
     """
-    nodes = sub.add_parser("nodes", parents=[common], help="list nodes",
-                           description="List the explorer's nodes (all pages).")
+    nodes = sub.add_parser(
+        "nodes",
+        parents=[common],
+        help="list nodes",
+        description="List the explorer's nodes (all pages).",
+    )
     nodes.add_argument("--status", choices=("online", "offline"))
-    nodes.add_argument("--label", type=_label, action="append", default=[],
-                       metavar="KEY=VALUE",
-                       help="only nodes with this label (repeat: all must match)")
+    nodes.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only nodes with this label (repeat: all must match)",
+    )
     nodes.set_defaults(run=list_nodes)
-    node = sub.add_parser("node", parents=[common], help="one node's record",
-                          description="Show one node as the explorer knows it.")
+    node = sub.add_parser(
+        "node",
+        parents=[common],
+        help="one node's record",
+        description="Show one node as the explorer knows it.",
+    )
     node.add_argument("node_id", metavar="ID")
     node.set_defaults(run=show_node)
 
@@ -94,31 +107,59 @@ def _by_name(node):
 def nodes_table(nodes, now=None):
     """:return: the ``nodes`` table"""
     now = time.time() if now is None else now
-    rows = [(n.get("name"), n.get("node_id"), styled_state(n.get("status")),
-             n.get("transport"), n.get("socket_path"), str(n.get("vm_count", 0)),
-             used_of(n, "vcpus"), used_of(n, "memory_mb", format_mb),
-             used_of(n, "disk_gb", _gb), ago(n.get("last_seen"), now))
-            for n in sorted(nodes, key=_by_name)]
-    return table(("NAME", "ID", "STATUS", "TRANSPORT", "ADDRESS", "VMS", "VCPUS",
-                  "MEMORY", "DISK", "LAST SEEN"), rows)
+    rows = [
+        (
+            n.get("name"),
+            n.get("node_id"),
+            styled_state(n.get("status")),
+            n.get("transport"),
+            n.get("socket_path"),
+            str(n.get("vm_count", 0)),
+            used_of(n, "vcpus"),
+            used_of(n, "memory_mb", format_mb),
+            used_of(n, "disk_gb", _gb),
+            ago(n.get("last_seen"), now),
+        )
+        for n in sorted(nodes, key=_by_name)
+    ]
+    return table(
+        (
+            "NAME",
+            "ID",
+            "STATUS",
+            "TRANSPORT",
+            "ADDRESS",
+            "VMS",
+            "VCPUS",
+            "MEMORY",
+            "DISK",
+            "LAST SEEN",
+        ),
+        rows,
+    )
 
 
 def node_fields(node, now=None):
     """:return: one node's record as a key/value table"""
     now = time.time() if now is None else now
     labels = node.get("labels") or {}
-    return fields([
-        ("name", node.get("name")), ("id", node.get("node_id")),
-        ("status", styled_state(node.get("status"))),
-        ("address", node.get("socket_path")), ("transport", node.get("transport")),
-        ("version", node.get("version")), ("VMs", node.get("vm_count")),
-        ("vCPUs", used_of(node, "vcpus")),
-        ("memory", used_of(node, "memory_mb", format_mb)),
-        ("disk", used_of(node, "disk_gb", _gb)),
-        ("last seen", ago(node.get("last_seen"), now)),
-        ("first seen", ago(node.get("first_seen"), now)),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
-    ])
+    return fields(
+        [
+            ("name", node.get("name")),
+            ("id", node.get("node_id")),
+            ("status", styled_state(node.get("status"))),
+            ("address", node.get("socket_path")),
+            ("transport", node.get("transport")),
+            ("version", node.get("version")),
+            ("VMs", node.get("vm_count")),
+            ("vCPUs", used_of(node, "vcpus")),
+            ("memory", used_of(node, "memory_mb", format_mb)),
+            ("disk", used_of(node, "disk_gb", _gb)),
+            ("last seen", ago(node.get("last_seen"), now)),
+            ("first seen", ago(node.get("first_seen"), now)),
+            ("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
+        ]
+    )
 
 
 async def list_nodes(explorer, args, output):
@@ -130,8 +171,9 @@ async def list_nodes(explorer, args, output):
 
 async def show_node(explorer, args, output):
     """``node ID``: one node."""
-    output.emit(await explorer.call("explorer.get_node", {"node_id": args.node_id}),
-                node_fields)
+    output.emit(
+        await explorer.call("explorer.get_node", {"node_id": args.node_id}), node_fields
+    )
     return 0
 
 

@@ -99,8 +99,13 @@ def table(columns, rows, title=None):
     :param columns: the column headers
     :param rows: sequences of cells (strings or rich text)
     """
-    t = Table(box=box.SIMPLE_HEAD, title=title, pad_edge=False, header_style="bold",
-              show_edge=False)
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        title=title,
+        pad_edge=False,
+        header_style="bold",
+        show_edge=False,
+    )
     for column in columns:
         t.add_column(column, no_wrap=True)
     for row in rows:
@@ -129,6 +134,11 @@ def _cell(value):
 
 def styled_state(state):
     """:return: a node status or VM state as rich text, green when healthy"""
-    colour = {"online": "green", "running": "green", "offline": "red", "error": "red",
-              "stopped": "dim"}.get(state, "yellow")
+    colour = {
+        "online": "green",
+        "running": "green",
+        "offline": "red",
+        "error": "red",
+        "stopped": "dim",
+    }.get(state, "yellow")
     return Text(str(state), style=colour)

@@ -12,8 +12,15 @@ from .connect import AddressError, parse_address
 
 #: The global options' values when the command line gives none (``--explorer``'s comes
 #: from the environment, see :func:`complete`).
-DEFAULTS = {"json": False, "table": False, "timeout": None, "explorer": None,
-            "ca": None, "cert": None, "key": None}
+DEFAULTS = {
+    "json": False,
+    "table": False,
+    "timeout": None,
+    "explorer": None,
+    "ca": None,
+    "cert": None,
+    "key": None,
+}
 
 
 def _address(text):
@@ -41,25 +48,48 @@ def common_options():
     was given before the command.
     """
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--explorer", type=_address, metavar="URI",
-                        help="explorer address: unix:///path.sock, tcp://host:port, "
-                        "tls://host:port "
-                        "[default: unix://$HERO_SOCKET_DIR/hero_compute_explorer.sock]")
-    common.add_argument("--timeout", type=_seconds, metavar="S",
-                        help="seconds allowed per call, instead of each operation's own "
-                        "(15 s for reads, 60 s vm start, 100 s vm stop/delete, 120 s vm "
-                        "create)")
-    common.add_argument("--ca", metavar="PEM",
-                        help="the fleet CA, for a tls:// explorer [default: $HERO_CA]")
-    common.add_argument("--cert", metavar="PEM|PREFIX",
-                        help="our client certificate for a tls:// explorer; a PREFIX alone "
-                        "means PREFIX.pem and PREFIX-key.pem [default: $HERO_CERT]")
-    common.add_argument("--key", metavar="PEM",
-                        help="the certificate's key [default: $HERO_KEY, or from --cert]")
-    common.add_argument("--json", action="store_true",
-                        help="print JSON (the default when stdout is not a terminal)")
-    common.add_argument("--table", action="store_true",
-                        help="print tables even when stdout is not a terminal")
+    common.add_argument(
+        "--explorer",
+        type=_address,
+        metavar="URI",
+        help="explorer address: unix:///path.sock, tcp://host:port, "
+        "tls://host:port "
+        "[default: unix://$HERO_SOCKET_DIR/hero_compute_explorer.sock]",
+    )
+    common.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="seconds allowed per call, instead of each operation's own "
+        "(15 s for reads, 60 s vm start, 100 s vm stop/delete, 120 s vm "
+        "create)",
+    )
+    common.add_argument(
+        "--ca",
+        metavar="PEM",
+        help="the fleet CA, for a tls:// explorer [default: $HERO_CA]",
+    )
+    common.add_argument(
+        "--cert",
+        metavar="PEM|PREFIX",
+        help="our client certificate for a tls:// explorer; a PREFIX alone "
+        "means PREFIX.pem and PREFIX-key.pem [default: $HERO_CERT]",
+    )
+    common.add_argument(
+        "--key",
+        metavar="PEM",
+        help="the certificate's key [default: $HERO_KEY, or from --cert]",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (the default when stdout is not a terminal)",
+    )
+    common.add_argument(
+        "--table",
+        action="store_true",
+        help="print tables even when stdout is not a terminal",
+    )
     return common
 
 
@@ -70,10 +100,15 @@ def build(prog="hero-compute", description=None):
     """
     common = common_options()
     top = argparse.ArgumentParser(
-        prog=prog, description=description, parents=[common], epilog=exits.CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("--version", action="version",
-                     version=f"%(prog)s {hero_compute.__version__}")
+        prog=prog,
+        description=description,
+        parents=[common],
+        epilog=exits.CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument(
+        "--version", action="version", version=f"%(prog)s {hero_compute.__version__}"
+    )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     nodes.add_commands(sub, common)
     vms.add_commands(sub, common)
@@ -104,8 +139,10 @@ def complete(args, default_explorer, env=None):
     args.key = args.key or env.get("HERO_KEY") or None
     args.cert, args.key = certificate_files(args.cert, args.key)
     if args.explorer.scheme == "tls" and args.ca is None:
-        raise ValueError(f"{args.explorer.uri} is a TLS explorer: give the fleet CA with "
-                         "--ca (or HERO_CA), and a client certificate with --cert")
+        raise ValueError(
+            f"{args.explorer.uri} is a TLS explorer: give the fleet CA with "
+            "--ca (or HERO_CA), and a client certificate with --cert"
+        )
     return args
 
 

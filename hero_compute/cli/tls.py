@@ -38,35 +38,60 @@ def add_tls_commands(subparsers):
     groups = tls.add_subparsers(dest="tls_group", required=True)
 
     ca = groups.add_parser("ca", help="the fleet CA").add_subparsers(
-        dest="tls_command", required=True)
+        dest="tls_command", required=True
+    )
     create = ca.add_parser("create", help="create the fleet CA; prints its pin")
-    create.add_argument("--dir", default=".",
-                        help="where to write ca.pem and ca-key.pem (created when "
-                             "missing) [default: the current directory]")
-    create.add_argument("--trust-domain", default=pki.DEFAULT_TRUST_DOMAIN,
-                        help=f"the fleet's SPIFFE trust domain "
-                             f"[default: {pki.DEFAULT_TRUST_DOMAIN}]")
+    create.add_argument(
+        "--dir",
+        default=".",
+        help="where to write ca.pem and ca-key.pem (created when "
+        "missing) [default: the current directory]",
+    )
+    create.add_argument(
+        "--trust-domain",
+        default=pki.DEFAULT_TRUST_DOMAIN,
+        help=f"the fleet's SPIFFE trust domain [default: {pki.DEFAULT_TRUST_DOMAIN}]",
+    )
     create.add_argument("--days", type=_days, default=3650, help="validity [default: 3650]")
-    create.add_argument("--force", action="store_true",
-                        help="replace an existing CA (its certificates stop being trusted)")
+    create.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (its certificates stop being trusted)",
+    )
     create.set_defaults(tls_run=_ca_create)
 
     cert = groups.add_parser("cert", help="identity certificates").add_subparsers(
-        dest="tls_command", required=True)
+        dest="tls_command", required=True
+    )
     create = cert.add_parser("create", help="issue a certificate and key with the CA")
-    create.add_argument("--ca-dir", required=True, help="the directory of ca.pem, ca-key.pem")
+    create.add_argument(
+        "--ca-dir", required=True, help="the directory of ca.pem, ca-key.pem"
+    )
     who = create.add_mutually_exclusive_group(required=True)
     who.add_argument("--explorer", metavar="NAME", help="an explorer's certificate")
     who.add_argument("--node", metavar="NODE_ID", help="a node's certificate")
     who.add_argument("--client", metavar="NAME", help="an operator's or script's")
-    create.add_argument("--dns", action="append", default=[], metavar="NAME",
-                        help="a DNS name to add (repeatable)")
-    create.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
-                        help="an IP address to add (repeatable)")
+    create.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name to add (repeatable)",
+    )
+    create.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="an IP address to add (repeatable)",
+    )
     create.add_argument("--days", type=_days, default=90, help="validity [default: 90]")
-    create.add_argument("--out", metavar="PREFIX",
-                        help="write PREFIX.pem and PREFIX-key.pem "
-                             "[default: <role>-<name> in the current directory]")
+    create.add_argument(
+        "--out",
+        metavar="PREFIX",
+        help="write PREFIX.pem and PREFIX-key.pem "
+        "[default: <role>-<name> in the current directory]",
+    )
     create.add_argument("--force", action="store_true", help="replace existing files")
     create.set_defaults(tls_run=_cert_create)
 
@@ -81,10 +106,19 @@ def _ca_create(args, out):
 
 
 def _cert_create(args, out):
-    role, name = next((role, getattr(args, role)) for role in pki.ROLES
-                      if getattr(args, role) is not None)
-    paths = pki.create_cert(args.ca_dir, role, name, dns=args.dns, ips=args.ip,
-                            days=args.days, out=args.out, force=args.force)
+    role, name = next(
+        (role, getattr(args, role)) for role in pki.ROLES if getattr(args, role) is not None
+    )
+    paths = pki.create_cert(
+        args.ca_dir,
+        role,
+        name,
+        dns=args.dns,
+        ips=args.ip,
+        days=args.days,
+        out=args.out,
+        force=args.force,
+    )
     for path in paths:
         print(path, file=out)
 

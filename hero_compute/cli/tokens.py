@@ -19,7 +19,8 @@ def duration(text):
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if match is None or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a duration such as 90, 30m, 1h or 7d")
+            f"{text!r}: expected a duration such as 90, 30m, 1h or 7d"
+        )
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
@@ -33,14 +34,24 @@ def add_commands(sub, common):
     token = sub.add_parser("token", parents=[common], help="join tokens for new nodes")
     actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = actions.add_parser(
-        "create", parents=[common], help="make a single-use join token",
+        "create",
+        parents=[common],
+        help="make a single-use join token",
         description="Ask the explorer for a single-use join token and print it on one "
-        "line. A node enrolls with it (NODE_JOIN_TOKEN, with NODE_CA_PIN).")
-    create.add_argument("--ttl", type=duration, default=3600.0, metavar="DURATION",
-                        help="how long it stays valid: seconds, or 30m, 1h, 7d "
-                        "[default: 1h]")
-    create.add_argument("--node-id", metavar="ID",
-                        help="the only node id it may enroll [default: any new node]")
+        "line. A node enrolls with it (NODE_JOIN_TOKEN, with NODE_CA_PIN).",
+    )
+    create.add_argument(
+        "--ttl",
+        type=duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="how long it stays valid: seconds, or 30m, 1h, 7d [default: 1h]",
+    )
+    create.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="the only node id it may enroll [default: any new node]",
+    )
     create.set_defaults(run=create_token)
 
 

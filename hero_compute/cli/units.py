@@ -24,8 +24,10 @@ def parse_size(text, unit):
     """
     match = _SIZE.fullmatch(text)
     if not match:
-        raise ValueError(f"{text!r} is not a size: use a number with M, G or T "
-                         f"(binary units), e.g. 512M, 2G, 1T")
+        raise ValueError(
+            f"{text!r} is not a size: use a number with M, G or T "
+            f"(binary units), e.g. 512M, 2G, 1T"
+        )
     number, suffix = float(match.group(1)), (match.group(2) or unit).upper()
     value = number * _MIB[suffix] / _MIB[unit]
     if not math.isfinite(value) or value <= 0:

@@ -43,68 +43,108 @@ def add_commands(sub, common):
     :param sub: the subparsers action of the top parser
     :param common: the parent parser of the global options
     """
-    vm = sub.add_parser("vm", parents=[common],
-                        help="VMs: list, create, start, stop, delete, show",
-                        description="Manage the VMs of nodes, through the explorer.")
+    vm = sub.add_parser(
+        "vm",
+        parents=[common],
+        help="VMs: list, create, start, stop, delete, show",
+        description="Manage the VMs of nodes, through the explorer.",
+    )
     cmds = vm.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
-    ls = cmds.add_parser("list", parents=[common], help="VMs of a node, or of every "
-                         "online node")
+    ls = cmds.add_parser(
+        "list", parents=[common], help="VMs of a node, or of every online node"
+    )
     ls.add_argument("node_id", metavar="NODE", nargs="?")
     ls.set_defaults(run=list_vms)
     create = cmds.add_parser("create", parents=[common], help="define a new VM")
     create.add_argument("node_id", metavar="NODE")
     create.add_argument("--name", required=True)
     create.add_argument("--vcpus", type=int, default=1, help="[default: 1]")
-    create.add_argument("--memory", type=_size(memory_mb), required=True, metavar="SIZE",
-                        help="e.g. 512M, 2G (binary units; a bare number is MiB)")
-    create.add_argument("--disk", type=_size(disk_gb), required=True, metavar="SIZE",
-                        help="e.g. 10G, 1T (binary units; a bare number is GiB)")
+    create.add_argument(
+        "--memory",
+        type=_size(memory_mb),
+        required=True,
+        metavar="SIZE",
+        help="e.g. 512M, 2G (binary units; a bare number is MiB)",
+    )
+    create.add_argument(
+        "--disk",
+        type=_size(disk_gb),
+        required=True,
+        metavar="SIZE",
+        help="e.g. 10G, 1T (binary units; a bare number is GiB)",
+    )
     create.add_argument("--image", metavar="PATH", help="base image on the node")
     create.add_argument("--start", action="store_true", help="start it once created")
     create.add_argument("--wait", action="store_true", help="with --start: until running")
     create.set_defaults(run=create_vm)
-    for name, text in (("start", "start a VM"), ("stop", "stop a VM (ACPI power-down, "
-                       "forced after the node's grace period)"), ("delete", "delete a VM "
-                       "and its disk"), ("show", "one VM")):
+    for name, text in (
+        ("start", "start a VM"),
+        ("stop", "stop a VM (ACPI power-down, forced after the node's grace period)"),
+        ("delete", "delete a VM and its disk"),
+        ("show", "one VM"),
+    ):
         p = cmds.add_parser(name, parents=[common], help=text)
         p.add_argument("node_id", metavar="NODE")
         p.add_argument("vm", metavar="VM", help="VM id or name")
         if name == "stop":
             p.add_argument("--force", action="store_true", help="power off at once")
         if name != "show":
-            p.add_argument("--wait", action="store_true",
-                           help="return once the VM is " + TARGETS[name][1])
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help="return once the VM is " + TARGETS[name][1],
+            )
         p.set_defaults(run=transition if name != "show" else show_vm, action=name)
 
 
 #: ``action: (method, target state, verb for the status line)``; None: gone.
-TARGETS = {"start": ("vm.start", "running", "starting"),
-           "stop": ("vm.stop", "stopped", "stopping"),
-           "delete": ("vm.delete", "deleted", "deleting")}
+TARGETS = {
+    "start": ("vm.start", "running", "starting"),
+    "stop": ("vm.stop", "stopped", "stopping"),
+    "delete": ("vm.delete", "deleted", "deleting"),
+}
 
 
 def vm_fields(vm):
     """:return: one VM as a key/value table"""
-    return fields([
-        ("name", vm.get("name")), ("id", vm.get("vm_id")),
-        ("state", styled_state(vm.get("state"))), ("vCPUs", vm.get("vcpus")),
-        ("memory", format_mb(vm.get("memory_mb"))),
-        ("disk", format_mb((vm.get("disk_gb") or 0) * 1024)),
-        ("image", vm.get("image") or "-"),
-        ("created", time.strftime("%Y-%m-%d %H:%M:%S",
-                                  time.localtime(vm.get("created_at") or 0))),
-    ])
+    return fields(
+        [
+            ("name", vm.get("name")),
+            ("id", vm.get("vm_id")),
+            ("state", styled_state(vm.get("state"))),
+            ("vCPUs", vm.get("vcpus")),
+            ("memory", format_mb(vm.get("memory_mb"))),
+            ("disk", format_mb((vm.get("disk_gb") or 0) * 1024)),
+            ("image", vm.get("image") or "-"),
+            (
+                "created",
+                time.strftime(
+                    "%Y-%m-%d %H:%M:%S", time.localtime(vm.get("created_at") or 0)
+                ),
+            ),
+        ]
+    )
 
 
 def vms_table(vms):
     """:return: a table of VMs (with a NODE column when they carry ``node_id``)"""
     fleet = any("node_id" in vm for vm in vms)
-    rows = [((vm.get("node_id"),) if fleet else ()) + (
-        vm.get("name"), vm.get("vm_id"), styled_state(vm.get("state")),
-        str(vm.get("vcpus")), format_mb(vm.get("memory_mb")),
-        format_mb((vm.get("disk_gb") or 0) * 1024)) for vm in vms]
-    return table((("NODE",) if fleet else ()) + (
-        "NAME", "ID", "STATE", "VCPUS", "MEMORY", "DISK"), rows)
+    rows = [
+        ((vm.get("node_id"),) if fleet else ())
+        + (
+            vm.get("name"),
+            vm.get("vm_id"),
+            styled_state(vm.get("state")),
+            str(vm.get("vcpus")),
+            format_mb(vm.get("memory_mb")),
+            format_mb((vm.get("disk_gb") or 0) * 1024),
+        )
+        for vm in vms
+    ]
+    return table(
+        (("NODE",) if fleet else ()) + ("NAME", "ID", "STATE", "VCPUS", "MEMORY", "DISK"),
+        rows,
+    )
 
 
 async def list_vms(explorer, args, output):
@@ -121,7 +161,8 @@ async def list_vms(explorer, args, output):
     ids = sorted(n["node_id"] for n in nodes)
     answers = await defer.DeferredList(
         [limit.run(lambda i=i: defer.ensureDeferred(one(i))) for i in ids],
-        consumeErrors=True)
+        consumeErrors=True,
+    )
     vms, code = [], 0
     for node_id, (ok, value) in zip(ids, answers, strict=True):
         if ok:
@@ -140,15 +181,19 @@ async def resolve(explorer, node_id, vm):
     :raise exits.Failure: no VM by that id or name
     """
     try:
-        return await explorer.node_call(node_id, "vm.get", {"vm_id": vm},
-                                        timeout=explorer.timeout("vm.get"))
+        return await explorer.node_call(
+            node_id, "vm.get", {"vm_id": vm}, timeout=explorer.timeout("vm.get")
+        )
     except VmNotFound:
         pass
     named = [v for v in await explorer.node_call(node_id, "vm.list") if v.get("name") == vm]
     if len(named) == 1:
         return named[0]
-    raise exits.Failure(f"no VM with id or name {vm!r} on node {node_id} "
-                        f"(hero-compute vm list {node_id} lists them)", exits.NOT_FOUND)
+    raise exits.Failure(
+        f"no VM with id or name {vm!r} on node {node_id} "
+        f"(hero-compute vm list {node_id} lists them)",
+        exits.NOT_FOUND,
+    )
 
 
 async def show_vm(explorer, args, output):
@@ -159,8 +204,12 @@ async def show_vm(explorer, args, output):
 
 async def create_vm(explorer, args, output):
     """``vm create NODE --name N --memory 512M --disk 10G ...``."""
-    params = {"name": args.name, "vcpus": args.vcpus, "memory_mb": args.memory,
-              "disk_gb": args.disk}
+    params = {
+        "name": args.name,
+        "vcpus": args.vcpus,
+        "memory_mb": args.memory,
+        "disk_gb": args.disk,
+    }
     if args.image:
         params["image"] = args.image
     with output.progress(f"creating VM {args.name} on {args.node_id}"):
@@ -184,15 +233,20 @@ async def transition(explorer, args, output):
         progress.update(vm["state"])
         op = defer.ensureDeferred(explorer.node_call(args.node_id, method, params))
         watcher = defer.ensureDeferred(
-            _watch(explorer, args.node_id, vm["vm_id"], progress, op))
+            _watch(explorer, args.node_id, vm["vm_id"], progress, op)
+        )
         watcher.addErrback(lambda f: f.trap(defer.CancelledError))
         try:
             result = await op
         finally:
             watcher.cancel()
         if args.wait:
-            result = await _until(explorer, args.node_id, vm["vm_id"], target, deadline,
-                                  progress) or result
+            result = (
+                await _until(
+                    explorer, args.node_id, vm["vm_id"], target, deadline, progress
+                )
+                or result
+            )
     if target == "deleted":
         output.emit(True, lambda _: Text(f"VM {vm['name']} deleted"))
     else:
@@ -229,10 +283,13 @@ async def _until(explorer, node_id, vm_id, target, deadline, progress):
         if vm["state"] == target:
             return vm
         if vm["state"] == "error":
-            raise exits.Failure(f"VM {vm['name']} is in state error (the node's log "
-                                "says why)")
+            raise exits.Failure(
+                f"VM {vm['name']} is in state error (the node's log says why)"
+            )
         if time.monotonic() >= deadline:
-            raise exits.Failure(f"VM {vm['name']} is still {vm['state']}, not {target}, "
-                                "after the time allowed (raise --timeout)",
-                                exits.UNREACHABLE)
+            raise exits.Failure(
+                f"VM {vm['name']} is still {vm['state']}, not {target}, "
+                "after the time allowed (raise --timeout)",
+                exits.UNREACHABLE,
+            )
         await task.deferLater(explorer.reactor, POLL, lambda: None)

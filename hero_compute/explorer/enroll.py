@@ -51,8 +51,10 @@ INVALID_TOKEN = "invalid or expired token"
 
 def new_token():
     """:return: a fresh random join token, ``<6 chars>.<32 chars>``"""
+
     def part(n):
         return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(n))
+
     return f"{part(6)}.{part(32)}"
 
 
@@ -72,10 +74,16 @@ def check_ttl(ttl):
     :return: ``ttl``, when it is a finite number within :data:`MIN_TTL`..:data:`MAX_TTL`
     :raises InvalidParams: otherwise
     """
-    if (not isinstance(ttl, (int, float)) or isinstance(ttl, bool)
-            or not math.isfinite(ttl) or not MIN_TTL <= ttl <= MAX_TTL):
-        raise InvalidParams(f"ttl must be a number of seconds from {MIN_TTL} to "
-                            f"{MAX_TTL} (30 days), not {ttl!r}")
+    if (
+        not isinstance(ttl, (int, float))
+        or isinstance(ttl, bool)
+        or not math.isfinite(ttl)
+        or not MIN_TTL <= ttl <= MAX_TTL
+    ):
+        raise InvalidParams(
+            f"ttl must be a number of seconds from {MIN_TTL} to "
+            f"{MAX_TTL} (30 days), not {ttl!r}"
+        )
     return ttl
 
 
@@ -85,7 +93,9 @@ def check_node_id(node_id):
     :raises InvalidParams: otherwise
     """
     if not isinstance(node_id, str) or not NODE_ID_PATTERN.fullmatch(node_id):
-        raise InvalidParams(f"node_id must be 1 to 64 of A-Z a-z 0-9 . _ -, not {node_id!r}")
+        raise InvalidParams(
+            f"node_id must be 1 to 64 of A-Z a-z 0-9 . _ -, not {node_id!r}"
+        )
     return node_id
 
 
@@ -123,14 +133,19 @@ class Enrollment:
         token = new_token()
         expires_at = self.clock.seconds() + ttl
         self.store.add_token(hash_token(token), node_id, expires_at)
-        log.info("join token created for {who}, valid {ttl} s",
-                 who="any new node" if node_id is None else f"node {node_id}", ttl=ttl)
+        log.info(
+            "join token created for {who}, valid {ttl} s",
+            who="any new node" if node_id is None else f"node {node_id}",
+            ttl=ttl,
+        )
         return {"token": token, "expires_at": expires_at}
 
     def _signer(self):
         if self.sign is None:
-            raise RefusedByPolicy("this explorer does not sign certificates: it has no "
-                                  "CA key (set EXPLORER_CA_KEY)")
+            raise RefusedByPolicy(
+                "this explorer does not sign certificates: it has no "
+                "CA key (set EXPLORER_CA_KEY)"
+            )
         return self.sign
 
     def enroll(self, token, csr_pem, csr_node_id):
@@ -158,20 +173,27 @@ class Enrollment:
         if allowed is not None and allowed != csr_node_id:
             raise RefusedByPolicy(f"this token does not allow node id {csr_node_id!r}")
         identity = self.store.identity(csr_node_id)
-        if allowed is None and identity is not None and (identity.enrolled
-                                                         or identity.revoked):
+        if (
+            allowed is None
+            and identity is not None
+            and (identity.enrolled or identity.revoked)
+        ):
             state = "revoked" if identity.revoked else "already enrolled"
             raise RefusedByPolicy(
                 f"node id {csr_node_id!r} is {state}; enrolling it again needs a token "
-                f"created for it (hero-compute token create --node-id {csr_node_id})")
+                f"created for it (hero-compute token create --node-id {csr_node_id})"
+            )
         try:
             self.store.redeem_token(token_hash, now)
         except TokenRefused:
             raise RefusedByPolicy(INVALID_TOKEN) from None
         cert_pem, serial = sign(csr_pem, csr_node_id)
         self.store.mark_enrolled(csr_node_id, serial, now)
-        log.info("node {node_id} enrolled (certificate serial {serial:x})",
-                 node_id=csr_node_id, serial=serial)
+        log.info(
+            "node {node_id} enrolled (certificate serial {serial:x})",
+            node_id=csr_node_id,
+            serial=serial,
+        )
         return cert_pem
 
     def renew(self, node_id, cert_serial, csr_pem):
@@ -188,19 +210,31 @@ class Enrollment:
         sign = self._signer()
         self._refuse_revoked(node_id, cert_serial)
         identity = self.store.identity(node_id)
-        if identity is not None and identity.enrolled and identity.cert_serial != cert_serial:
-            raise RefusedByPolicy(f"certificate {cert_serial:x} is not the current one of "
-                                  f"node {node_id!r}; renew with the newest certificate")
+        if (
+            identity is not None
+            and identity.enrolled
+            and identity.cert_serial != cert_serial
+        ):
+            raise RefusedByPolicy(
+                f"certificate {cert_serial:x} is not the current one of "
+                f"node {node_id!r}; renew with the newest certificate"
+            )
         now = self.clock.seconds()
         cert_pem, serial = sign(csr_pem, node_id)
         if not self.store.renew_serial(node_id, cert_serial, serial, now):
             # Another renewal from the same certificate won: the certificate just signed
             # must never become a second valid one for this id.
             self.store.revoke_serial(serial, node_id, now)
-            raise RefusedByPolicy(f"certificate {cert_serial:x} of node {node_id!r} was "
-                                  f"renewed meanwhile; renew with the newest certificate")
-        log.info("node {node_id} renewed its certificate (serial {old:x} -> {new:x})",
-                 node_id=node_id, old=cert_serial, new=serial)
+            raise RefusedByPolicy(
+                f"certificate {cert_serial:x} of node {node_id!r} was "
+                f"renewed meanwhile; renew with the newest certificate"
+            )
+        log.info(
+            "node {node_id} renewed its certificate (serial {old:x} -> {new:x})",
+            node_id=node_id,
+            old=cert_serial,
+            new=serial,
+        )
         return cert_pem
 
     def revoke(self, node_id):
@@ -218,11 +252,13 @@ class Enrollment:
     def _refuse_revoked(self, node_id, cert_serial):
         identity = self.store.identity(node_id)
         if identity is not None and identity.revoked:
-            raise RefusedByPolicy(f"node {node_id!r} is revoked; it must enroll again "
-                                  f"with a new token")
+            raise RefusedByPolicy(
+                f"node {node_id!r} is revoked; it must enroll again with a new token"
+            )
         if self.store.is_revoked_serial(cert_serial):
-            raise RefusedByPolicy(f"certificate {cert_serial:x} of node {node_id!r} "
-                                  f"is revoked")
+            raise RefusedByPolicy(
+                f"certificate {cert_serial:x} of node {node_id!r} is revoked"
+            )
 
     def check_node(self, node_id, secret=None, cert_serial=None):
         """
@@ -245,21 +281,29 @@ class Enrollment:
         identity = self.store.identity(node_id)
         if cert_serial is not None:
             self._refuse_revoked(node_id, cert_serial)
-            if identity is not None and identity.enrolled and cert_serial not in (
-                    identity.cert_serial, identity.previous_serial):
-                raise RefusedByPolicy(f"certificate {cert_serial:x} is superseded for "
-                                      f"node {node_id!r}")
+            if (
+                identity is not None
+                and identity.enrolled
+                and cert_serial not in (identity.cert_serial, identity.previous_serial)
+            ):
+                raise RefusedByPolicy(
+                    f"certificate {cert_serial:x} is superseded for node {node_id!r}"
+                )
             return
         if identity is not None and identity.revoked:
-            raise RefusedByPolicy(f"node {node_id!r} is revoked; it must enroll again "
-                                  f"with a new token")
+            raise RefusedByPolicy(
+                f"node {node_id!r} is revoked; it must enroll again with a new token"
+            )
         if identity is not None and identity.enrolled:
-            raise RefusedByPolicy(f"node {node_id!r} has enrolled: it is accepted only "
-                                  f"over TLS with its certificate")
+            raise RefusedByPolicy(
+                f"node {node_id!r} has enrolled: it is accepted only "
+                f"over TLS with its certificate"
+            )
         if secret is None:
             if identity is not None and identity.secret_sha256 is not None:
-                raise RefusedByPolicy(f"node {node_id!r} is bound to a secret; this "
-                                      f"call carries none")
+                raise RefusedByPolicy(
+                    f"node {node_id!r} is bound to a secret; this call carries none"
+                )
             return
         digest = hash_secret(secret)
         if identity is not None and identity.secret_sha256 is not None:

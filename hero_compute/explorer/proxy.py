@@ -87,8 +87,9 @@ class Proxy:
     :param calls_total: calls in flight in all; likewise
     """
 
-    def __init__(self, client, registry, call_timeout, resolve, calls_per_node=16,
-                 calls_total=1024):
+    def __init__(
+        self, client, registry, call_timeout, resolve, calls_per_node=16, calls_total=1024
+    ):
         self._client = client
         self._registry = registry
         self.call_timeout = call_timeout
@@ -114,21 +115,29 @@ class Proxy:
             )
         record = self._registry.get(node_id)
         if self._registry.status(record) != "online":
-            raise NodeOffline(f"node {node_id} is offline (last seen {record.last_seen:.0f})")
-        if self.total >= self._total_limit or self.in_flight[node_id] >= self._per_node_limit:
+            raise NodeOffline(
+                f"node {node_id} is offline (last seen {record.last_seen:.0f})"
+            )
+        if (
+            self.total >= self._total_limit
+            or self.in_flight[node_id] >= self._per_node_limit
+        ):
             self.busy += 1
-            scope = ("in all" if self.total >= self._total_limit
-                     else f"to node {node_id}")
+            scope = "in all" if self.total >= self._total_limit else f"to node {node_id}"
             raise NodeUnreachable(
                 f"busy: too many calls in flight {scope} (EXPLORER_CALLS_PER_NODE, "
-                "EXPLORER_CALLS_TOTAL); try again shortly")
+                "EXPLORER_CALLS_TOTAL); try again shortly"
+            )
         address = parse_address(record.socket_path)
         expect = Expected("node", node_id) if address.scheme == "tls" else None
         self.in_flight[node_id] += 1
         self.total += 1
         d = self._target(address, record.remote)
-        d.addCallback(lambda target: self._client.call(
-            target, method, params, timeout=self.call_timeout, expect=expect))
+        d.addCallback(
+            lambda target: self._client.call(
+                target, method, params, timeout=self.call_timeout, expect=expect
+            )
+        )
 
         def unreachable(failure):
             failure.trap(TransportError)
@@ -171,8 +180,10 @@ class Proxy:
                 for host in hosts:
                     reason = forbidden_target(host)
                     if reason is not None:
-                        raise RefusedByPolicy(f"{address.uri}: {address.host} resolves to "
-                                              f"{reason.split(' is ', 1)[1]} ({host})")
+                        raise RefusedByPolicy(
+                            f"{address.uri}: {address.host} resolves to "
+                            f"{reason.split(' is ', 1)[1]} ({host})"
+                        )
             host = hosts[0]
             literal = f"[{host}]" if ":" in host else host
             # Connect to the address just checked: resolving again could give another.

@@ -167,7 +167,11 @@ class Registry:
 
     def heartbeat(self, heartbeat):
         now = self.clock.seconds()
-        node_id, name, socket_path = heartbeat.node_id, heartbeat.name, heartbeat.socket_path
+        node_id, name, socket_path = (
+            heartbeat.node_id,
+            heartbeat.name,
+            heartbeat.socket_path,
+        )
         old = self._nodes.get(node_id)
         record = NodeRecord(
             node_id=node_id,
@@ -186,14 +190,29 @@ class Registry:
         self._nodes[node_id] = record
         if old is None:
             bisect.insort(self._order, node_id)
-            self._note(now, "node {node_id} ({name}) joined from {address}",
-                       node_id=node_id, name=name, address=socket_path)
+            self._note(
+                now,
+                "node {node_id} ({name}) joined from {address}",
+                node_id=node_id,
+                name=name,
+                address=socket_path,
+            )
         elif old.status(now, self.offline_after) == "offline":
-            self._note(now, "node {node_id} ({name}) is back online at {address}",
-                       node_id=node_id, name=name, address=socket_path)
+            self._note(
+                now,
+                "node {node_id} ({name}) is back online at {address}",
+                node_id=node_id,
+                name=name,
+                address=socket_path,
+            )
         elif old.socket_path != socket_path:
-            self._note(now, "node {node_id} moved from {old} to {new}", node_id=node_id,
-                       old=old.socket_path, new=socket_path)
+            self._note(
+                now,
+                "node {node_id} moved from {old} to {new}",
+                node_id=node_id,
+                old=old.socket_path,
+                new=socket_path,
+            )
         return record
 
     def note(self, fmt, **fields):
@@ -223,8 +242,11 @@ class Registry:
         if second == self._log_second:
             return
         if self._unlogged:
-            log.info("{count} more node events (joins, returns, moves, departures) were "
-                     "not logged one by one", count=self._unlogged)
+            log.info(
+                "{count} more node events (joins, returns, moves, departures) were "
+                "not logged one by one",
+                count=self._unlogged,
+            )
         self._log_second = second
         self._logged = 0
         self._unlogged = 0
@@ -324,8 +346,10 @@ class LivenessLog(service.Service):
             for record in registry.records():
                 if record.status(now, registry.offline_after) == "offline":
                     offline.add(record.node_id)
-                    if (self._forget_after is not None
-                            and now - record.last_seen > self._forget_after):
+                    if (
+                        self._forget_after is not None
+                        and now - record.last_seen > self._forget_after
+                    ):
                         forget.append(record)
                     elif record.node_id not in self._offline and not record.left:
                         registry.note(
@@ -338,9 +362,12 @@ class LivenessLog(service.Service):
             for record in forget:
                 registry.remove(record.node_id)
                 offline.discard(record.node_id)
-                registry.note("node {node_id} ({name}) forgotten: offline for {days:.1f} days",
-                              node_id=record.node_id, name=record.name,
-                              days=(now - record.last_seen) / 86400)
+                registry.note(
+                    "node {node_id} ({name}) forgotten: offline for {days:.1f} days",
+                    node_id=record.node_id,
+                    name=record.name,
+                    days=(now - record.last_seen) / 86400,
+                )
                 if self._forgotten is not None:
                     self._forgotten(record.node_id)
             self._offline = offline

@@ -36,8 +36,9 @@ class CachingResolver:
     :param lookup: ``lookup(host, port) -> [ip, ...]``, blocking (tests inject one)
     """
 
-    def __init__(self, reactor, threads=16, timeout=5.0, ttl=30.0, negative_ttl=30.0,
-                 lookup=_lookup):
+    def __init__(
+        self, reactor, threads=16, timeout=5.0, ttl=30.0, negative_ttl=30.0, lookup=_lookup
+    ):
         self._reactor = reactor
         self._timeout = timeout
         self._ttl = ttl
@@ -70,8 +71,9 @@ class CachingResolver:
             self._started = True
         d = threads.deferToThreadPool(self._reactor, self._pool, self._lookup, host, port)
         d.addTimeout(self._timeout, self._reactor)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(key,),
-                       errbackArgs=(key,))
+        d.addCallbacks(
+            self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,)
+        )
         return waiter
 
     def _answered(self, addresses, key):
@@ -82,8 +84,9 @@ class CachingResolver:
             reason = f"no answer within {self._timeout:g} s"
         else:
             reason = failure.getErrorMessage()
-        self._settle(key, ResolveError(f"cannot resolve {key[0]}: {reason}"),
-                     self._negative_ttl)
+        self._settle(
+            key, ResolveError(f"cannot resolve {key[0]}: {reason}"), self._negative_ttl
+        )
 
     def _settle(self, key, answer, ttl):
         self._cache[key] = (self._reactor.seconds() + ttl, answer)

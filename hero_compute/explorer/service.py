@@ -92,8 +92,19 @@ class ExplorerMethods:
         rpc.register("explorer.renew", self._trust.renew, context=True)
         rpc.register("explorer.revoke", self.revoke)
 
-    def heartbeat(self, context, node_id, socket_path, name=None, version="", capacity=None,
-                  usage=None, vm_count=0, labels=None, secret=None):
+    def heartbeat(
+        self,
+        context,
+        node_id,
+        socket_path,
+        name=None,
+        version="",
+        capacity=None,
+        usage=None,
+        vm_count=0,
+        labels=None,
+        secret=None,
+    ):
         """
         Record a node's heartbeat.
 
@@ -122,36 +133,47 @@ class ExplorerMethods:
             reason = forbidden_target(address.host)
             if reason is not None:
                 raise RefusedByPolicy(
-                    f"a node on another host may not advertise {address.uri}: {reason}")
+                    f"a node on another host may not advertise {address.uri}: {reason}"
+                )
         old = self._registry.find(node_id)
         if old is None:
             self._admit(node_id, context)
         self._trust.check_node(node_id, secret, context)
-        record = self._registry.heartbeat(Heartbeat(
-            node_id=node_id,
-            socket_path=address.uri,
-            transport=context.transport,
-            name=name or node_id,
-            version=version,
-            capacity=capacity or {},
-            usage=usage or {},
-            vm_count=vm_count,
-            labels=labels or {},
-            remote=remote,
-        ))
-        if old is None or any(getattr(old, f) != getattr(record, f) for f in DURABLE_FIELDS):
+        record = self._registry.heartbeat(
+            Heartbeat(
+                node_id=node_id,
+                socket_path=address.uri,
+                transport=context.transport,
+                name=name or node_id,
+                version=version,
+                capacity=capacity or {},
+                usage=usage or {},
+                vm_count=vm_count,
+                labels=labels or {},
+                remote=remote,
+            )
+        )
+        if old is None or any(
+            getattr(old, f) != getattr(record, f) for f in DURABLE_FIELDS
+        ):
             # Written on first sight and when the address, name or labels change: never
             # per heartbeat (last_seen is flushed in batches).
             self._trust.save_node(record)
-        return {"accepted": True,
-                "next_heartbeat": self._registry.offline_after / HEARTBEATS_PER_OFFLINE}
+        return {
+            "accepted": True,
+            "next_heartbeat": self._registry.offline_after / HEARTBEATS_PER_OFFLINE,
+        }
 
     def _admit(self, node_id, context):
         """Refuse a new node id beyond the registry's size or its source's rate."""
         limits = self._limits
         if len(self._registry) >= limits.max_nodes:
-            self._refuse("max_nodes", f"the registry is full ({limits.max_nodes} nodes, "
-                         "EXPLORER_MAX_NODES): new node ids are refused", context)
+            self._refuse(
+                "max_nodes",
+                f"the registry is full ({limits.max_nodes} nodes, "
+                "EXPLORER_MAX_NODES): new node ids are refused",
+                context,
+            )
         if context.transport == "unix":
             return
         minute = int(self._clock.seconds() // 60)
@@ -162,15 +184,22 @@ class ExplorerMethods:
         host = context.host or context.peer
         count = counts.get(host, 0)
         if count >= limits.new_nodes_per_addr:
-            self._refuse("new_nodes_per_addr",
-                         f"{host} has registered {count} new node ids this minute "
-                         f"(EXPLORER_NEW_NODES_PER_ADDR): try again later", context)
+            self._refuse(
+                "new_nodes_per_addr",
+                f"{host} has registered {count} new node ids this minute "
+                f"(EXPLORER_NEW_NODES_PER_ADDR): try again later",
+                context,
+            )
         counts[host] = count + 1
 
     def _refuse(self, reason, message, context):
         self.refusals[reason] += 1
-        self._registry.note("refused ({reason}) from {peer}: {message}", reason=reason,
-                            peer=context.peer, message=message)
+        self._registry.note(
+            "refused ({reason}) from {peer}: {message}",
+            reason=reason,
+            peer=context.peer,
+            message=message,
+        )
         raise RefusedByPolicy(message)
 
     def leave(self, context, node_id, secret=None):
@@ -190,7 +219,8 @@ class ExplorerMethods:
         if len(records) > LIST_LIMIT:
             raise RefusedByPolicy(
                 f"{len(records)} nodes: explorer.list_nodes answers at most {LIST_LIMIT}; "
-                "page through them with explorer.query_nodes")
+                "page through them with explorer.query_nodes"
+            )
         return [r.to_wire(now, after) for r in records]
 
     def query_nodes(self, status=None, labels=None, limit=QUERY_LIMIT, cursor=None):
@@ -211,7 +241,10 @@ class ExplorerMethods:
             return all(record.labels.get(k) == v for k, v in wanted)
 
         records, next_cursor = self._registry.page(cursor, limit, keep)
-        return {"nodes": [r.to_wire(now, after) for r in records], "next_cursor": next_cursor}
+        return {
+            "nodes": [r.to_wire(now, after) for r in records],
+            "next_cursor": next_cursor,
+        }
 
     def get_node(self, node_id):
         """One node."""
@@ -281,14 +314,28 @@ class ExplorerService(service.MultiService):
     def stopService(self):
         d = service.MultiService.stopService(self)
         d.addBoth(lambda _: self.client.close())
-        d.addBoth(lambda _: self.trust.close(
-            {r.node_id: r.last_seen for r in self.registry.records()}))
+        d.addBoth(
+            lambda _: self.trust.close(
+                {r.node_id: r.last_seen for r in self.registry.records()}
+            )
+        )
         return d
 
 
-def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_dirs=(),
-                  tls=None, call_timeout=CALL_TIMEOUT, connect_timeout=CONNECT_TIMEOUT,
-                  node_cert_days=90.0, limits=None):
+def make_explorer(
+    *,
+    reactor,
+    clock,
+    listen,
+    offline_after,
+    state_dir,
+    socket_dirs=(),
+    tls=None,
+    call_timeout=CALL_TIMEOUT,
+    connect_timeout=CONNECT_TIMEOUT,
+    node_cert_days=90.0,
+    limits=None,
+):
     """
     Build the explorer's service tree; nothing is opened until it starts::
 
@@ -313,8 +360,13 @@ def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_di
     limits = limits or Limits()
     registry = Registry(clock, offline_after)
     client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
-    rpc = Dispatcher(load_schema("explorer"), hero_compute.__version__, authorize=_authorize,
-                     max_batch=limits.max_batch, max_response=limits.max_response)
+    rpc = Dispatcher(
+        load_schema("explorer"),
+        hero_compute.__version__,
+        authorize=_authorize,
+        max_batch=limits.max_batch,
+        max_response=limits.max_response,
+    )
     factory = make_factory(rpc)
     listeners = Listeners(factory, listen, socket_dirs, reactor)
     trust = ExplorerTrust(
@@ -325,16 +377,27 @@ def make_explorer(*, reactor, clock, listen, offline_after, state_dir, socket_di
         factory=factory,
         node_cert_days=node_cert_days,
     )
-    proxy = Proxy(client, registry, call_timeout, CachingResolver(reactor).resolve,
-                  calls_per_node=limits.calls_per_node, calls_total=limits.calls_total)
+    proxy = Proxy(
+        client,
+        registry,
+        call_timeout,
+        CachingResolver(reactor).resolve,
+        calls_per_node=limits.calls_per_node,
+        calls_total=limits.calls_total,
+    )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     methods.register(rpc)
 
     explorer = ExplorerService(registry, client, rpc, listeners, trust)
     listeners.setName("listeners")
     listeners.setServiceParent(explorer)
-    liveness = LivenessLog(registry, clock, sweep_interval(offline_after),
-                           forget_after=limits.forget_after, forgotten=trust.forget_record)
+    liveness = LivenessLog(
+        registry,
+        clock,
+        sweep_interval(offline_after),
+        forget_after=limits.forget_after,
+        forgotten=trust.forget_record,
+    )
     liveness.setName("liveness")
     liveness.setServiceParent(explorer)
     return explorer

@@ -37,8 +37,16 @@ from .store_schema import (
     serial_text,
 )
 
-__all__ = ["DURABLE_FIELDS", "NODE_FIELDS", "SCHEMA_VERSION", "Identity", "Store",
-           "StoreError", "TokenRefused", "needs_save"]
+__all__ = [
+    "DURABLE_FIELDS",
+    "NODE_FIELDS",
+    "SCHEMA_VERSION",
+    "Identity",
+    "Store",
+    "StoreError",
+    "TokenRefused",
+    "needs_save",
+]
 
 log = Logger()
 
@@ -85,8 +93,10 @@ class Store:
             raise StoreError(f"{path}: cannot use the explorer state ({e})") from e
         except sqlite3.DatabaseError as e:
             db.close()
-            raise StoreError(f"{path}: not an SQLite database, or damaged ({e}); "
-                             f"move it aside to start with empty explorer state") from e
+            raise StoreError(
+                f"{path}: not an SQLite database, or damaged ({e}); "
+                f"move it aside to start with empty explorer state"
+            ) from e
         except BaseException:
             db.close()
             raise
@@ -97,7 +107,8 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: written by a newer hero_compute (schema {version}; this "
-                f"version knows up to {SCHEMA_VERSION}); upgrade, or move the file aside")
+                f"version knows up to {SCHEMA_VERSION}); upgrade, or move the file aside"
+            )
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode loses at most the last commits on power loss, never
         # consistency; FULL would fsync every token and enrollment for little gain.
@@ -110,14 +121,18 @@ class Store:
                     self._create_schema()
         self._revoked_serials.update(
             int(serial, 16)
-            for (serial,) in self._db.execute("SELECT serial FROM revoked_serials"))
+            for (serial,) in self._db.execute("SELECT serial FROM revoked_serials")
+        )
 
     def _create_schema(self):
         tables = self._db.execute(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+        ).fetchone()[0]
         if tables:
-            raise StoreError(f"{self.path}: an SQLite database, but not hero_compute "
-                             f"explorer state; refusing to write into it")
+            raise StoreError(
+                f"{self.path}: an SQLite database, but not hero_compute "
+                f"explorer state; refusing to write into it"
+            )
         for statement in SCHEMA:
             self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -148,15 +163,18 @@ class Store:
             record cannot hide the fleet
         """
         nodes = []
-        for row in self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes "
-                                    f"ORDER BY node_id"):
+        for row in self._db.execute(
+            f"SELECT {', '.join(NODE_FIELDS)} FROM nodes ORDER BY node_id"
+        ):
             record = dict(zip(NODE_FIELDS, row, strict=True))
             try:
                 for field in JSON_FIELDS:
                     record[field] = json.loads(record[field])
             except ValueError:
-                log.warn("skipping stored node {node_id}: undecodable record",
-                         node_id=record["node_id"])
+                log.warn(
+                    "skipping stored node {node_id}: undecodable record",
+                    node_id=record["node_id"],
+                )
                 continue
             nodes.append(record)
         return nodes
@@ -169,10 +187,17 @@ class Store:
         :param record: a mapping with at least :data:`NODE_FIELDS` (others, such as
             ``left`` or ``status``, are ignored), e.g. ``attrs.asdict(node_record)``
         """
-        row = [json.dumps(record[f], sort_keys=True, allow_nan=False)
-               if f in JSON_FIELDS else record[f] for f in NODE_FIELDS]
-        self._db.execute(f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_FIELDS)}) "
-                         f"VALUES ({', '.join('?' * len(NODE_FIELDS))})", row)
+        row = [
+            json.dumps(record[f], sort_keys=True, allow_nan=False)
+            if f in JSON_FIELDS
+            else record[f]
+            for f in NODE_FIELDS
+        ]
+        self._db.execute(
+            f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_FIELDS)}) "
+            f"VALUES ({', '.join('?' * len(NODE_FIELDS))})",
+            row,
+        )
 
     def touch_nodes(self, last_seen):
         """
@@ -185,20 +210,24 @@ class Store:
         with self._transaction():
             self._db.executemany(
                 "UPDATE nodes SET last_seen = ?1 WHERE node_id = ?2 AND last_seen < ?1",
-                [(seen, node_id) for node_id, seen in last_seen.items()])
+                [(seen, node_id) for node_id, seen in last_seen.items()],
+            )
 
     def forget_node(self, node_id):
         """:return: whether there was a record to drop (the identity stays; see
         :meth:`forget_identity`)"""
-        return self._db.execute("DELETE FROM nodes WHERE node_id = ?",
-                                (node_id,)).rowcount > 0
+        return (
+            self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount > 0
+        )
 
     # -- identities --------------------------------------------------------------------
 
     def _identity_row(self, node_id):
         return self._db.execute(
             "SELECT secret_sha256, enrolled, cert_serial, previous_serial, revoked_at "
-            "FROM identities WHERE node_id = ?", (node_id,)).fetchone()
+            "FROM identities WHERE node_id = ?",
+            (node_id,),
+        ).fetchone()
 
     def identity(self, node_id):
         """:return: the node id's :class:`Identity`, or ``None`` when nothing is held"""
@@ -214,10 +243,14 @@ class Store:
         if row is None:
             return None
         secret, enrolled, serial, previous, revoked_at = row
-        return Identity(node_id=node_id, secret_sha256=secret, enrolled=bool(enrolled),
-                        cert_serial=None if serial is None else int(serial, 16),
-                        previous_serial=None if previous is None else int(previous, 16),
-                        revoked=revoked_at is not None)
+        return Identity(
+            node_id=node_id,
+            secret_sha256=secret,
+            enrolled=bool(enrolled),
+            cert_serial=None if serial is None else int(serial, 16),
+            previous_serial=None if previous is None else int(previous, 16),
+            revoked=revoked_at is not None,
+        )
 
     def bind_secret(self, node_id, secret_sha256):
         """
@@ -230,20 +263,25 @@ class Store:
         check_sha256(secret_sha256, "secret_sha256")
         self._identities.pop(node_id, None)
         with self._transaction():
-            if self._db.execute("SELECT 1 FROM revoked_secrets WHERE secret_sha256 = ?",
-                                (secret_sha256,)).fetchone():
+            if self._db.execute(
+                "SELECT 1 FROM revoked_secrets WHERE secret_sha256 = ?", (secret_sha256,)
+            ).fetchone():
                 return False
             row = self._identity_row(node_id)
             if row is None:
-                self._db.execute("INSERT INTO identities (node_id, secret_sha256) "
-                                 "VALUES (?, ?)", (node_id, secret_sha256))
+                self._db.execute(
+                    "INSERT INTO identities (node_id, secret_sha256) VALUES (?, ?)",
+                    (node_id, secret_sha256),
+                )
                 return True
             bound, revoked_at = row[0], row[4]
             if revoked_at is not None:
                 return False
             if bound is None:
-                self._db.execute("UPDATE identities SET secret_sha256 = ? "
-                                 "WHERE node_id = ?", (secret_sha256, node_id))
+                self._db.execute(
+                    "UPDATE identities SET secret_sha256 = ? WHERE node_id = ?",
+                    (secret_sha256, node_id),
+                )
                 return True
             return bound == secret_sha256
 
@@ -267,7 +305,8 @@ class Store:
             self._db.execute(
                 "UPDATE identities SET enrolled = 1, cert_serial = ?, "
                 "previous_serial = NULL, revoked_at = NULL WHERE node_id = ?",
-                (new, node_id))
+                (new, node_id),
+            )
 
     def renew_serial(self, node_id, old_serial, new_serial, now):
         """
@@ -289,8 +328,11 @@ class Store:
                 return False
             else:
                 self._revoke_serials(node_id, (row[3],), now, keep=old)
-            self._db.execute("UPDATE identities SET enrolled = 1, cert_serial = ?, "
-                             "previous_serial = ? WHERE node_id = ?", (new, old, node_id))
+            self._db.execute(
+                "UPDATE identities SET enrolled = 1, cert_serial = ?, "
+                "previous_serial = ? WHERE node_id = ?",
+                (new, old, node_id),
+            )
             return True
 
     def forget_identity(self, node_id):
@@ -301,8 +343,10 @@ class Store:
         """
         self._identities.pop(node_id, None)
         with self._transaction():
-            self._db.execute("DELETE FROM identities WHERE node_id = ? "
-                             "AND revoked_at IS NULL", (node_id,))
+            self._db.execute(
+                "DELETE FROM identities WHERE node_id = ? AND revoked_at IS NULL",
+                (node_id,),
+            )
 
     # -- tokens ------------------------------------------------------------------------
 
@@ -315,8 +359,10 @@ class Store:
         :param expires_at: Unix time after which it is refused
         """
         check_sha256(token_hash, "token_hash")
-        self._db.execute("INSERT INTO tokens (token_hash, node_id, expires_at) "
-                         "VALUES (?, ?, ?)", (token_hash, node_id, expires_at))
+        self._db.execute(
+            "INSERT INTO tokens (token_hash, node_id, expires_at) VALUES (?, ?, ?)",
+            (token_hash, node_id, expires_at),
+        )
 
     def peek_token(self, token_hash, now):
         """
@@ -327,7 +373,9 @@ class Store:
         """
         row = self._db.execute(
             "SELECT node_id FROM tokens WHERE token_hash = ? AND used = 0 "
-            "AND expires_at > ?", (check_sha256(token_hash, "token_hash"), now)).fetchone()
+            "AND expires_at > ?",
+            (check_sha256(token_hash, "token_hash"), now),
+        ).fetchone()
         if row is None:
             raise TokenRefused()
         return row[0]
@@ -343,11 +391,14 @@ class Store:
         check_sha256(token_hash, "token_hash")
         with self._transaction():
             self._purge_tokens(now)
-            row = self._db.execute("SELECT node_id FROM tokens WHERE token_hash = ? "
-                                   "AND used = 0", (token_hash,)).fetchone()
+            row = self._db.execute(
+                "SELECT node_id FROM tokens WHERE token_hash = ? AND used = 0",
+                (token_hash,),
+            ).fetchone()
             if row is not None:
-                self._db.execute("UPDATE tokens SET used = 1 WHERE token_hash = ?",
-                                 (token_hash,))
+                self._db.execute(
+                    "UPDATE tokens SET used = 1 WHERE token_hash = ?", (token_hash,)
+                )
         # Raised after the commit, so a refusal still keeps the purge.
         if row is None:
             raise TokenRefused()
@@ -376,11 +427,14 @@ class Store:
                 if row[0] is not None:
                     self._db.execute(
                         "INSERT OR IGNORE INTO revoked_secrets VALUES (?, ?, ?)",
-                        (row[0], node_id, now))
+                        (row[0], node_id, now),
+                    )
             self._db.execute(
                 "UPDATE identities SET secret_sha256 = NULL, enrolled = 0, "
                 "cert_serial = NULL, previous_serial = NULL, "
-                "revoked_at = coalesce(revoked_at, ?) WHERE node_id = ?", (now, node_id))
+                "revoked_at = coalesce(revoked_at, ?) WHERE node_id = ?",
+                (now, node_id),
+            )
 
     def revoke_serial(self, serial, node_id, now):
         """Refuse one certificate from now on, e.g. one signed but never handed out."""
@@ -389,8 +443,10 @@ class Store:
 
     def _revoke_serials(self, node_id, serials, now, keep=None):
         revoked = [s for s in serials if s is not None and s != keep]
-        self._db.executemany("INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
-                             [(s, node_id, now) for s in revoked])
+        self._db.executemany(
+            "INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
+            [(s, node_id, now) for s in revoked],
+        )
         self._revoked_serials.update(int(s, 16) for s in revoked)
 
     def is_revoked_serial(self, serial):

@@ -18,8 +18,19 @@ SCHEMA_VERSION = 1
 
 #: The columns of a node record, as :class:`hero_compute.explorer.registry.NodeRecord`
 #: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
-NODE_FIELDS = ("node_id", "name", "socket_path", "transport", "version", "capacity",
-               "usage", "vm_count", "labels", "first_seen", "last_seen")
+NODE_FIELDS = (
+    "node_id",
+    "name",
+    "socket_path",
+    "transport",
+    "version",
+    "capacity",
+    "usage",
+    "vm_count",
+    "labels",
+    "first_seen",
+    "last_seen",
+)
 
 #: The fields whose change is worth a write: a restarted explorer must show where each
 #: node was and what it was called.  ``usage``, ``vm_count`` and ``last_seen`` change with
@@ -121,4 +132,3 @@ def create_private(path):
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
-

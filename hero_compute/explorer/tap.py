@@ -35,8 +35,10 @@ NODE_CERT_TTL = 90 * 86400.0
 class Options(usage.Options):
     """Options of ``twistd explorer``."""
 
-    synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
-                "[--offline-after S] [--state-dir DIR]")
+    synopsis = (
+        "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
+        "[--offline-after S] [--state-dir DIR]"
+    )
     longdesc = (
         "The hero_compute explorer: the registry of nodes and a proxy to them. "
         "It always listens on its Unix socket; --tcp, --tls and --listen add listeners. "
@@ -45,35 +47,81 @@ class Options(usage.Options):
         "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER."
     )
     optParameters = [
-        ["socket", None, None,
-         "Unix socket [default: $EXPLORER_SOCKET or "
-         "$HERO_SOCKET_DIR/hero_compute_explorer.sock]", absolute_socket],
-        ["tcp", None, None,
-         "Also listen on TCP here [default: $EXPLORER_TCP_ADDR; unset: no TCP]",
-         listen_address],
-        ["tls", None, None,
-         "Also serve mutual TLS here [default: $EXPLORER_TLS_ADDR; unset: no TLS]",
-         listen_address],
-        ["offline-after", None, None,
-         "Seconds without a heartbeat before a node is offline "
-         "[default: $NODE_OFFLINE_AFTER or 30]", seconds],
-        ["state-dir", None, None,
-         "Where the explorer keeps its state (explorer.db, tls/) "
-         "[default: $EXPLORER_STATE_DIR or ~/hero/var/hero_compute_explorer]", absolute_path],
-        ["tls-cert", None, None,
-         "Our certificate [default: $EXPLORER_TLS_CERT or STATE_DIR/tls/explorer.pem]",
-         absolute_path],
-        ["tls-key", None, None,
-         "Its key [default: $EXPLORER_TLS_KEY or STATE_DIR/tls/explorer-key.pem]",
-         absolute_path],
-        ["tls-ca", None, None,
-         "The fleet CA [default: $EXPLORER_TLS_CA or STATE_DIR/tls/ca.pem]", absolute_path],
-        ["ca-key", None, None,
-         "The fleet CA's key: sign enrollments and renewals [default: $EXPLORER_CA_KEY; "
-         "unset: no signing]", absolute_path],
-        ["node-cert-ttl", None, None,
-         "Seconds of life of the node certificates it signs "
-         "[default: $EXPLORER_NODE_CERT_TTL or 90 days]", seconds],
+        [
+            "socket",
+            None,
+            None,
+            "Unix socket [default: $EXPLORER_SOCKET or "
+            "$HERO_SOCKET_DIR/hero_compute_explorer.sock]",
+            absolute_socket,
+        ],
+        [
+            "tcp",
+            None,
+            None,
+            "Also listen on TCP here [default: $EXPLORER_TCP_ADDR; unset: no TCP]",
+            listen_address,
+        ],
+        [
+            "tls",
+            None,
+            None,
+            "Also serve mutual TLS here [default: $EXPLORER_TLS_ADDR; unset: no TLS]",
+            listen_address,
+        ],
+        [
+            "offline-after",
+            None,
+            None,
+            "Seconds without a heartbeat before a node is offline "
+            "[default: $NODE_OFFLINE_AFTER or 30]",
+            seconds,
+        ],
+        [
+            "state-dir",
+            None,
+            None,
+            "Where the explorer keeps its state (explorer.db, tls/) "
+            "[default: $EXPLORER_STATE_DIR or ~/hero/var/hero_compute_explorer]",
+            absolute_path,
+        ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "Our certificate [default: $EXPLORER_TLS_CERT or STATE_DIR/tls/explorer.pem]",
+            absolute_path,
+        ],
+        [
+            "tls-key",
+            None,
+            None,
+            "Its key [default: $EXPLORER_TLS_KEY or STATE_DIR/tls/explorer-key.pem]",
+            absolute_path,
+        ],
+        [
+            "tls-ca",
+            None,
+            None,
+            "The fleet CA [default: $EXPLORER_TLS_CA or STATE_DIR/tls/ca.pem]",
+            absolute_path,
+        ],
+        [
+            "ca-key",
+            None,
+            None,
+            "The fleet CA's key: sign enrollments and renewals [default: $EXPLORER_CA_KEY; "
+            "unset: no signing]",
+            absolute_path,
+        ],
+        [
+            "node-cert-ttl",
+            None,
+            None,
+            "Seconds of life of the node certificates it signs "
+            "[default: $EXPLORER_NODE_CERT_TTL or 90 days]",
+            seconds,
+        ],
     ]
 
     def __init__(self, env=None):
@@ -113,9 +161,11 @@ class Options(usage.Options):
         if self["state-dir"] is None:
             self["state-dir"] = state_dir(env, "EXPLORER_STATE_DIR", STATE_DIR)
         tls_dir = os.path.join(self["state-dir"], "tls")
-        for key, name, default in (("tls-cert", "EXPLORER_TLS_CERT", "explorer.pem"),
-                                   ("tls-key", "EXPLORER_TLS_KEY", "explorer-key.pem"),
-                                   ("tls-ca", "EXPLORER_TLS_CA", "ca.pem")):
+        for key, name, default in (
+            ("tls-cert", "EXPLORER_TLS_CERT", "explorer.pem"),
+            ("tls-key", "EXPLORER_TLS_KEY", "explorer-key.pem"),
+            ("tls-ca", "EXPLORER_TLS_CA", "ca.pem"),
+        ):
             from_env(self, key, env, name, absolute_path)
             if self[key] is None:
                 self[key] = os.path.join(tls_dir, default)

@@ -108,8 +108,10 @@ class ExplorerTrust:
         except StoreError as e:
             raise StartupError(f"{e} (EXPLORER_STATE_DIR)") from None
         except OSError as e:
-            raise StartupError(f"cannot create the explorer state {self._db_path}: "
-                               f"{e.strerror} (set EXPLORER_STATE_DIR)") from None
+            raise StartupError(
+                f"cannot create the explorer state {self._db_path}: "
+                f"{e.strerror} (set EXPLORER_STATE_DIR)"
+            ) from None
         # No signer until the CA key is loaded: without one, enrollment is refused
         # before a token is looked at, so no token is used up for nothing.
         self._enrollment = Enrollment(self._store, self._clock)
@@ -148,7 +150,8 @@ class ExplorerTrust:
         if tls.listen is not None:
             listeners.add_tls(tls.listen, server, self._reactor)
         self._previous_hangup = signal.signal(
-            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload)
+        )
 
     def _load_ca(self):
         try:
@@ -158,8 +161,9 @@ class ExplorerTrust:
                 key_pem = f.read()
             self._ca = pki.CertificateAuthority.from_pem(cert_pem, key_pem)
         except (OSError, pki.PkiError) as e:
-            raise StartupError(f"cannot use the CA key {self._tls.ca_key}: {e} "
-                               "(EXPLORER_CA_KEY)") from None
+            raise StartupError(
+                f"cannot use the CA key {self._tls.ca_key}: {e} (EXPLORER_CA_KEY)"
+            ) from None
         self._ca_pem = cert_pem.decode("ascii")
 
     def reload(self):
@@ -168,8 +172,9 @@ class ExplorerTrust:
             try:
                 creator.reload()
             except TLSConfigError as e:
-                log.error("TLS material not reloaded, the old one stays in use: {error}",
-                          error=e)
+                log.error(
+                    "TLS material not reloaded, the old one stays in use: {error}", error=e
+                )
                 return
         log.info("TLS material reloaded")
 
@@ -199,7 +204,9 @@ class ExplorerTrust:
         :param context: the call's :class:`~hero_compute.rpc.dispatch.CallContext`
         """
         identity = context.identity
-        serial = context.serial if identity is not None and identity.role == "node" else None
+        serial = (
+            context.serial if identity is not None and identity.role == "node" else None
+        )
         self._enrollment.check_node(node_id, secret, serial)
 
     def save_node(self, record):
@@ -237,8 +244,13 @@ class ExplorerTrust:
 
     def _sign(self, csr_pem, node_id):
         try:
-            cert = self._ca.sign_csr(csr_pem, "node", node_id, days=self._node_cert_days,
-                                     now=_utc(self._clock.seconds()))
+            cert = self._ca.sign_csr(
+                csr_pem,
+                "node",
+                node_id,
+                days=self._node_cert_days,
+                now=_utc(self._clock.seconds()),
+            )
         except pki.PkiError as e:
             raise InvalidParams(f"csr: {e}") from None
         return pki.dump_certificate(cert).decode("ascii"), cert.serial_number

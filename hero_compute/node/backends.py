@@ -24,10 +24,15 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
         ``NODE_IMAGE_DIRS``): ``<state_dir>/images`` only
     :return: a :class:`~hero_compute.node.qemu.QemuVmManager`
     """
-    missing = [tool for tool in ("qemu-system-x86_64", "qemu-img") if not shutil.which(tool)]
+    missing = [
+        tool for tool in ("qemu-system-x86_64", "qemu-img") if not shutil.which(tool)
+    ]
     if missing:
-        log.warn("{missing} not found: this node cannot run VMs "
-                 "(apt-get install qemu-system-x86 qemu-utils)",
-                 missing=" and ".join(missing))
-    return QemuVmManager(reactor=reactor, state_dir=state_dir,
-                         image_dirs=image_dirs or None)
+        log.warn(
+            "{missing} not found: this node cannot run VMs "
+            "(apt-get install qemu-system-x86 qemu-utils)",
+            missing=" and ".join(missing),
+        )
+    return QemuVmManager(
+        reactor=reactor, state_dir=state_dir, image_dirs=image_dirs or None
+    )

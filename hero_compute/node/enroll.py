@@ -76,9 +76,11 @@ class TLSFiles:
     def in_state_dir(cls, state_dir, cert=None, key=None, ca=None):
         """:return: the default files under ``state_dir/tls``, each overridable"""
         directory = os.path.join(state_dir, "tls")
-        return cls(cert or os.path.join(directory, "node.pem"),
-                   key or os.path.join(directory, "node-key.pem"),
-                   ca or os.path.join(directory, pki.CA_FILE))
+        return cls(
+            cert or os.path.join(directory, "node.pem"),
+            key or os.path.join(directory, "node-key.pem"),
+            ca or os.path.join(directory, pki.CA_FILE),
+        )
 
     def exists(self):
         """:return: whether the certificate, key and CA files are all there"""
@@ -141,8 +143,9 @@ def issued(pem, ca, key, node_id):
         raise BadCertificate(str(e)) from None
     identity = identity_of(cert, credentials.trust_domain)
     if not Expected("node", node_id).allows(identity):
-        raise BadCertificate(f"the certificate names {identity or 'no identity'}, "
-                             f"not node/{node_id}")
+        raise BadCertificate(
+            f"the certificate names {identity or 'no identity'}, not node/{node_id}"
+        )
     if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
         raise BadCertificate("the certificate has already expired")
     return cert
@@ -164,20 +167,26 @@ async def enroll(reactor, explorer, node_id, token, pin, files, timeout=CALL_TIM
     try:
         ca = ca_from_chain(chain, pin)
     except ChainError as e:
-        raise EnrollmentRefused(f"{explorer.uri} is not trusted: {e} (check "
-                                f"NODE_CA_PIN); the join token was not sent") from None
+        raise EnrollmentRefused(
+            f"{explorer.uri} is not trusted: {e} (check "
+            f"NODE_CA_PIN); the join token was not sent"
+        ) from None
     files.store_ca(ca)
     key = pki.make_key()
     csr = pki.make_csr(key, node_id).decode("ascii")
-    client = RpcClient(reactor, timeout=timeout,
-                       tls=ClientTLS(Credentials(ca), Expected("explorer")))
+    client = RpcClient(
+        reactor, timeout=timeout, tls=ClientTLS(Credentials(ca), Expected("explorer"))
+    )
     try:
-        answer = await client.call(explorer, "explorer.enroll",
-                                   {"token": token, "csr": csr})
+        answer = await client.call(
+            explorer, "explorer.enroll", {"token": token, "csr": csr}
+        )
     except RpcError as e:
-        raise EnrollmentRefused(f"{explorer.uri} refused the enrollment: {e} "
-                                f"(a join token is single-use and expires: make a new "
-                                f"one with hero-compute token create)") from None
+        raise EnrollmentRefused(
+            f"{explorer.uri} refused the enrollment: {e} "
+            f"(a join token is single-use and expires: make a new "
+            f"one with hero-compute token create)"
+        ) from None
     finally:
         await client.close()
     try:
@@ -185,8 +194,9 @@ async def enroll(reactor, explorer, node_id, token, pin, files, timeout=CALL_TIM
             raise BadCertificate("the answer is not an object")
         cert = issued(answer.get("certificate"), ca, key, node_id)
     except BadCertificate as e:
-        raise EnrollmentRefused(f"{explorer.uri} answered the enrollment with an "
-                                f"unusable certificate: {e}") from None
+        raise EnrollmentRefused(
+            f"{explorer.uri} answered the enrollment with an unusable certificate: {e}"
+        ) from None
     files.store(cert, key)
     return cert
 
@@ -249,9 +259,24 @@ class NodeTLS(service.MultiService):
     :param stop: called (no arguments) when the node cannot go on: enrollment refused
     """
 
-    def __init__(self, *, reactor, clock, files, identity, listeners, factory, listen,
-                 explorers, client, client_side, join_token=None, ca_pin=None,
-                 stop=None, rand=random.random):
+    def __init__(
+        self,
+        *,
+        reactor,
+        clock,
+        files,
+        identity,
+        listeners,
+        factory,
+        listen,
+        explorers,
+        client,
+        client_side,
+        join_token=None,
+        ca_pin=None,
+        stop=None,
+        rand=random.random,
+    ):
         service.MultiService.__init__(self)
         self._reactor, self._clock, self._files = reactor, clock, files
         self._identity, self._listeners, self._factory = identity, listeners, factory
@@ -263,8 +288,8 @@ class NodeTLS(service.MultiService):
         #: The :class:`~hero_compute.rpc.tls.ServerTLS` of the listener, once loaded.
         self.server_tls = None
         self._listener = None
-        self._working = None    # the enrollment or renewal under way
-        self._renewal = None    # the DelayedCall of the next renewal
+        self._working = None  # the enrollment or renewal under way
+        self._renewal = None  # the DelayedCall of the next renewal
         self._failures = 0
         self._previous_sighup = None
 
@@ -293,8 +318,9 @@ class NodeTLS(service.MultiService):
         self._client_side.creator = client
         self._factory.trust_domain = client.trust_domain
         if self._listen is not None and self._listener is None:
-            self._listener = self._listeners.add_tls(self._listen, self.server_tls,
-                                                     self._reactor)
+            self._listener = self._listeners.add_tls(
+                self._listen, self.server_tls, self._reactor
+            )
 
     def startService(self):
         # Not MultiService's: the children (TLS heartbeats) wait for the material.
@@ -310,7 +336,8 @@ class NodeTLS(service.MultiService):
             raise TLSConfigError(
                 f"no TLS material at {self._files.cert}: set NODE_JOIN_TOKEN and "
                 f"NODE_CA_PIN to enroll with a tls:// explorer, or make a certificate "
-                f"with hero-compute tls cert create --node {self._identity.node_id}")
+                f"with hero-compute tls cert create --node {self._identity.node_id}"
+            )
 
     def stopService(self):
         self._restore_sighup()
@@ -323,9 +350,11 @@ class NodeTLS(service.MultiService):
 
     def _ready(self):
         cert = self.credentials.certificate
-        log.info("TLS identity {identity}, certificate valid until {until}",
-                 identity=identity_of(cert, self.credentials.trust_domain),
-                 until=cert.not_valid_after_utc.isoformat())
+        log.info(
+            "TLS identity {identity}, certificate valid until {until}",
+            identity=identity_of(cert, self.credentials.trust_domain),
+            until=cert.not_valid_after_utc.isoformat(),
+        )
         for child in self:
             child.startService()
         self._schedule_renewal()
@@ -336,8 +365,14 @@ class NodeTLS(service.MultiService):
         while self.running:
             for explorer in self._explorers:
                 try:
-                    await enroll(self._reactor, explorer, node_id, self._token, self._pin,
-                                 self._files)
+                    await enroll(
+                        self._reactor,
+                        explorer,
+                        node_id,
+                        self._token,
+                        self._pin,
+                        self._files,
+                    )
                 except defer.CancelledError:
                     raise
                 except EnrollmentRefused as e:
@@ -346,12 +381,19 @@ class NodeTLS(service.MultiService):
                     return
                 except Exception as e:
                     if failures == 0:
-                        log.warn("enrollment with {uri} failed, will retry: {reason}",
-                                 uri=explorer.uri, reason=str(e) or type(e).__name__)
+                        log.warn(
+                            "enrollment with {uri} failed, will retry: {reason}",
+                            uri=explorer.uri,
+                            reason=str(e) or type(e).__name__,
+                        )
                     continue
-                log.info("enrolled with {uri} as node/{node_id}; material stored in "
-                         "{cert}, the join token is no longer needed",
-                         uri=explorer.uri, node_id=node_id, cert=self._files.cert)
+                log.info(
+                    "enrolled with {uri} as node/{node_id}; material stored in "
+                    "{cert}, the join token is no longer needed",
+                    uri=explorer.uri,
+                    node_id=node_id,
+                    cert=self._files.cert,
+                )
                 try:
                     self._load()
                     self._ready()
@@ -360,8 +402,9 @@ class NodeTLS(service.MultiService):
                     self._stop()
                 return
             failures += 1
-            await task.deferLater(self._clock, self._retry_delay(failures, ENROLL_RETRY),
-                                  lambda: None)
+            await task.deferLater(
+                self._clock, self._retry_delay(failures, ENROLL_RETRY), lambda: None
+            )
 
     def _retry_delay(self, failures, first=RETRY):
         # Equal jitter, as heartbeats: a fleet whose explorer was down does not come
@@ -402,8 +445,9 @@ class NodeTLS(service.MultiService):
         reasons = []
         for explorer in self._explorers:
             try:
-                answer = await self._client.call(explorer, "explorer.renew", {"csr": csr},
-                                                 timeout=CALL_TIMEOUT)
+                answer = await self._client.call(
+                    explorer, "explorer.renew", {"csr": csr}, timeout=CALL_TIMEOUT
+                )
             except (RpcError, TransportError) as e:
                 reasons.append(f"{explorer.uri}: {e}")
                 continue
@@ -413,16 +457,20 @@ class NodeTLS(service.MultiService):
             self._files.store(cert, key)
             self.reload()
             return cert
-        raise TransportError(", ".join(e.uri for e in self._explorers) or "no explorer",
-                             "; ".join(reasons) or "no tls:// explorer to renew with")
+        raise TransportError(
+            ", ".join(e.uri for e in self._explorers) or "no explorer",
+            "; ".join(reasons) or "no tls:// explorer to renew with",
+        )
 
     def _renewed(self, cert):
         self._working = None
         self._failures = 0
         due = renewal_due(cert)
-        log.info("certificate renewed, valid until {until}; next renewal at {due}",
-                 until=cert.not_valid_after_utc.isoformat(),
-                 due=datetime.datetime.fromtimestamp(due, datetime.UTC).isoformat())
+        log.info(
+            "certificate renewed, valid until {until}; next renewal at {due}",
+            until=cert.not_valid_after_utc.isoformat(),
+            due=datetime.datetime.fromtimestamp(due, datetime.UTC).isoformat(),
+        )
         if due <= self._clock.seconds():
             # A certificate due at once (a CA near its own end, or a skewed clock) must not
             # make the node hammer its explorers.
@@ -438,9 +486,12 @@ class NodeTLS(service.MultiService):
             return
         self._failures += 1
         delay = self._retry_delay(self._failures)
-        log.warn("certificate renewal failed (attempt {n}), retrying in {delay:.0f} s: "
-                 "{reason}", n=self._failures, delay=delay,
-                 reason=failure.getErrorMessage() or failure.type.__name__)
+        log.warn(
+            "certificate renewal failed (attempt {n}), retrying in {delay:.0f} s: {reason}",
+            n=self._failures,
+            delay=delay,
+            reason=failure.getErrorMessage() or failure.type.__name__,
+        )
         self._schedule_renewal(delay)
 
     def reload(self):
@@ -487,10 +538,14 @@ class NodeTLS(service.MultiService):
         try:
             self.reload()
         except (TLSConfigError, pki.PkiError) as e:
-            log.warn("SIGHUP: TLS material not reloaded, the previous stays in use: {e}",
-                     e=str(e))
+            log.warn(
+                "SIGHUP: TLS material not reloaded, the previous stays in use: {e}",
+                e=str(e),
+            )
             return
         cert = self.credentials.certificate
-        log.info("SIGHUP: TLS material reloaded from {path}, certificate valid until "
-                 "{until}", path=self._files.cert,
-                 until=cert.not_valid_after_utc.isoformat())
+        log.info(
+            "SIGHUP: TLS material reloaded from {path}, certificate valid until {until}",
+            path=self._files.cert,
+            until=cert.not_valid_after_utc.isoformat(),
+        )

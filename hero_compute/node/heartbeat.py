@@ -63,8 +63,12 @@ class ExplorerState:
 
     def to_wire(self):
         """:return: the dict of ``node.info``'s ``explorers``"""
-        return {"address": self.address, "state": self.state, "last_ok": self.last_ok,
-                "last_error": self.last_error}
+        return {
+            "address": self.address,
+            "state": self.state,
+            "last_ok": self.last_ok,
+            "last_error": self.last_error,
+        }
 
 
 class HeartbeatLoop(service.Service):
@@ -122,8 +126,11 @@ class HeartbeatLoop(service.Service):
         started = self.clock.seconds()
         timeout = self._attempt_timeout
         d = defer.maybeDeferred(self._payload, self.address)
-        d.addCallback(lambda params: self._client.call(
-            self.address, "explorer.heartbeat", params, timeout=timeout))
+        d.addCallback(
+            lambda params: self._client.call(
+                self.address, "explorer.heartbeat", params, timeout=timeout
+            )
+        )
         # The whole attempt, building the payload included (for a TCP explorer it
         # connects first, to learn our own address), is bounded by the interval.
         d.addTimeout(timeout, self.clock)
@@ -144,9 +151,17 @@ class HeartbeatLoop(service.Service):
                     "explorer {address} expects a heartbeat every {expected:g} s but "
                     "HEARTBEAT_INTERVAL is {interval:g} s: lower it, or raise the "
                     "explorer's NODE_OFFLINE_AFTER",
-                    address=self.address.uri, expected=expected, interval=self.interval)
-        self.state = attrs.evolve(self.state, state="ok", last_ok=self.clock.seconds(),
-                                  last_error=None, failures=0)
+                    address=self.address.uri,
+                    expected=expected,
+                    interval=self.interval,
+                )
+        self.state = attrs.evolve(
+            self.state,
+            state="ok",
+            last_ok=self.clock.seconds(),
+            last_error=None,
+            failures=0,
+        )
 
     def _failed(self, failure, started):
         if failure.check(defer.CancelledError):
@@ -159,14 +174,21 @@ class HeartbeatLoop(service.Service):
         else:
             reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
             if first:
-                log.failure("heartbeat to {address} failed unexpectedly", failure,
-                            address=self.address.uri)
+                log.failure(
+                    "heartbeat to {address} failed unexpectedly",
+                    failure,
+                    address=self.address.uri,
+                )
         if first:
             # Said once per transition, not at every retry.
-            log.warn("explorer {address}: heartbeat failing: {reason}",
-                     address=self.address.uri, reason=reason)
-        self.state = attrs.evolve(self.state, state="failing", last_error=reason,
-                                  failures=self.state.failures + 1)
+            log.warn(
+                "explorer {address}: heartbeat failing: {reason}",
+                address=self.address.uri,
+                reason=reason,
+            )
+        self.state = attrs.evolve(
+            self.state, state="failing", last_error=reason, failures=self.state.failures + 1
+        )
 
     def _done(self, started):
         self._tick = None
@@ -266,10 +288,13 @@ class HeartbeatPayload:
         :param explorer: the explorer's :class:`Address`
         :return: a Deferred of the params dict of ``explorer.heartbeat``
         """
-        d = defer.gatherResults([
-            self._advertiser.address_for(explorer),
-            defer.maybeDeferred(self._vms.list),
-        ], consumeErrors=True)
+        d = defer.gatherResults(
+            [
+                self._advertiser.address_for(explorer),
+                defer.maybeDeferred(self._vms.list),
+            ],
+            consumeErrors=True,
+        )
 
         def params(results):
             address, vms = results

@@ -151,7 +151,9 @@ class QmpProtocol(LineOnlyReceiver):
             :obj:`QmpCommandError` (QEMU refused) or :obj:`QmpConnectionLost`
         """
         if self._state != "ready":
-            return defer.fail(QmpError(f"QMP session not ready ({self._state}) for {command}"))
+            return defer.fail(
+                QmpError(f"QMP session not ready ({self._state}) for {command}")
+            )
         return self._send(command, arguments)
 
     def disconnect(self):
@@ -186,11 +188,14 @@ class QmpProtocol(LineOnlyReceiver):
 
         if self._state == "greeting":
             if "QMP" not in message:
-                return self._protocol_error(f"expected the QMP greeting, got {line[:200]!r}")
+                return self._protocol_error(
+                    f"expected the QMP greeting, got {line[:200]!r}"
+                )
             self.greeting = message["QMP"]
             self._state = "negotiating"
             self._send("qmp_capabilities", None).addCallbacks(
-                self._negotiated, self._negotiation_failed)
+                self._negotiated, self._negotiation_failed
+            )
         elif "event" in message:
             self._event(message)
         elif "return" in message or "error" in message:
@@ -209,8 +214,11 @@ class QmpProtocol(LineOnlyReceiver):
         # Connection loss already failed the ready observers; anything else is QEMU
         # refusing the handshake, after which the session is useless.
         if not reason.check(QmpConnectionLost):
-            self._ready.fail(failure.Failure(QmpError(
-                f"capabilities negotiation failed: {reason.getErrorMessage()}")))
+            self._ready.fail(
+                failure.Failure(
+                    QmpError(f"capabilities negotiation failed: {reason.getErrorMessage()}")
+                )
+            )
             self.disconnect()
 
     def _reply(self, message):
@@ -219,8 +227,13 @@ class QmpProtocol(LineOnlyReceiver):
         command, d = self._pending.popleft()
         if "error" in message:
             err = message["error"] if isinstance(message["error"], dict) else {}
-            d.errback(QmpCommandError(command, err.get("class", "GenericError"),
-                                      err.get("desc", repr(message["error"]))))
+            d.errback(
+                QmpCommandError(
+                    command,
+                    err.get("class", "GenericError"),
+                    err.get("desc", repr(message["error"])),
+                )
+            )
         else:
             d.callback(message["return"])
 
@@ -233,7 +246,9 @@ class QmpProtocol(LineOnlyReceiver):
         if self._on_event is None:
             return
         try:
-            self._on_event(message["event"], data if isinstance(data, dict) else {}, seconds)
+            self._on_event(
+                message["event"], data if isinstance(data, dict) else {}, seconds
+            )
         except Exception:
             self.log.failure("QMP event handler failed for {event}", event=message["event"])
 

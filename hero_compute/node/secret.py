@@ -35,7 +35,9 @@ def load_or_create_secret(state_dir: str) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
         if e.errno != errno.EEXIST:
-            raise SecretError(f"cannot create the node secret {path}: {e.strerror}") from None
+            raise SecretError(
+                f"cannot create the node secret {path}: {e.strerror}"
+            ) from None
         return _read(path)
     try:
         os.write(fd, (secret + "\n").encode("ascii"))

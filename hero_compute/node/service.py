@@ -114,8 +114,9 @@ class NodeService(service.MultiService):
     :param tls: the :class:`~hero_compute.node.enroll.NodeTLS`, or None without TLS
     """
 
-    def __init__(self, identity, vms, client, rpc, listeners, advertiser, heartbeats,
-                 tls=None):
+    def __init__(
+        self, identity, vms, client, rpc, listeners, advertiser, heartbeats, tls=None
+    ):
         service.MultiService.__init__(self)
         self.identity = identity
         self.vms = vms
@@ -156,8 +157,9 @@ class NodeService(service.MultiService):
         for loop in self.heartbeats:
             loop.stopService()
         goodbyes = [
-            self.client.call(loop.address, "explorer.leave", self._leave_params(),
-                             timeout=LEAVE_TIMEOUT).addErrback(lambda f: None)
+            self.client.call(
+                loop.address, "explorer.leave", self._leave_params(), timeout=LEAVE_TIMEOUT
+            ).addErrback(lambda f: None)
             for loop in self.heartbeats
             if loop.state.state == "ok"
         ]
@@ -173,9 +175,27 @@ class NodeService(service.MultiService):
         return params
 
 
-def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state_dir,
-              interval, node_id=None, name="", advertise=None, tls=None, tls_files=None,
-              join_token=None, ca_pin=None, stop=None, limits=None):
+def make_node(
+    *,
+    reactor,
+    clock,
+    socket_path,
+    tcp,
+    listen,
+    explorers,
+    vms,
+    state_dir,
+    interval,
+    node_id=None,
+    name="",
+    advertise=None,
+    tls=None,
+    tls_files=None,
+    join_token=None,
+    ca_pin=None,
+    stop=None,
+    limits=None,
+):
     """
     Build the node's service tree; nothing is opened and no file is read or written
     until it starts::
@@ -219,30 +239,53 @@ def make_node(*, reactor, clock, socket_path, tcp, listen, explorers, vms, state
     client_side = ClientSide() if uses_tls else None
     client = RpcClient(reactor, timeout=interval, tls=client_side)
     limits = limits or Limits()
-    rpc = Dispatcher(load_schema("node"), hero_compute.__version__, authorize=authorize,
-                     max_batch=limits.max_batch, max_response=limits.max_response)
+    rpc = Dispatcher(
+        load_schema("node"),
+        hero_compute.__version__,
+        authorize=authorize,
+        max_batch=limits.max_batch,
+        max_response=limits.max_response,
+    )
     descriptions = [unix_endpoint_string(socket_path)]
     if tcp is not None:
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
     factory = make_factory(rpc)
     listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
-    advertiser = Advertiser(unix=Address("unix", path=socket_path), client=client,
-                            listeners=listeners, tcp=tcp, advertise=advertise, tls=tls)
+    advertiser = Advertiser(
+        unix=Address("unix", path=socket_path),
+        client=client,
+        listeners=listeners,
+        tcp=tcp,
+        advertise=advertise,
+        tls=tls,
+    )
     payload = HeartbeatPayload(identity=identity, advertiser=advertiser, vms=vms)
-    heartbeats = [HeartbeatLoop(clock, client, address, payload.params, interval)
-                  for address in explorers]
+    heartbeats = [
+        HeartbeatLoop(clock, client, address, payload.params, interval)
+        for address in explorers
+    ]
     node_tls = None
     if uses_tls:
         node_tls = NodeTLS(
-            reactor=reactor, clock=clock,
-            files=tls_files or TLSFiles.in_state_dir(state_dir), identity=identity,
-            listeners=listeners, factory=factory, listen=tls, explorers=tls_explorers,
-            client=client, client_side=client_side, join_token=join_token, ca_pin=ca_pin,
-            stop=stop)
+            reactor=reactor,
+            clock=clock,
+            files=tls_files or TLSFiles.in_state_dir(state_dir),
+            identity=identity,
+            listeners=listeners,
+            factory=factory,
+            listen=tls,
+            explorers=tls_explorers,
+            client=client,
+            client_side=client_side,
+            join_token=join_token,
+            ca_pin=ca_pin,
+            stop=stop,
+        )
 
-    node = NodeService(identity, vms, client, rpc, listeners, advertiser, heartbeats,
-                       node_tls)
+    node = NodeService(
+        identity, vms, client, rpc, listeners, advertiser, heartbeats, node_tls
+    )
     listeners.setName("listeners")
     listeners.setServiceParent(node)
     if service.IService.providedBy(vms):
@@ -275,7 +318,9 @@ class NodeMethods:
         rpc.register("node.info", self.info)
         rpc.register("vm.create", self.create)
         rpc.register("vm.start", lambda vm_id: self._wire(self._vms.start(vm_id)))
-        rpc.register("vm.stop", lambda vm_id, force=False: self._wire(self._vms.stop(vm_id, force)))
+        rpc.register(
+            "vm.stop", lambda vm_id, force=False: self._wire(self._vms.stop(vm_id, force))
+        )
         rpc.register("vm.delete", lambda vm_id: self._vms.delete(vm_id))
         rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
         rpc.register("vm.list", self.list)
@@ -296,12 +341,14 @@ class NodeMethods:
         """About this node."""
         node = self._node
         d = defer.maybeDeferred(self._vms.list)
-        return d.addCallback(lambda vms: {
-            "node_id": node.node_id,
-            "name": node.name,
-            "version": hero_compute.__version__,
-            "capacity": self._vms.capacity(),
-            "usage": self._vms.usage(),
-            "vm_count": len(vms),
-            "explorers": [loop.state.to_wire() for loop in node.heartbeats],
-        })
+        return d.addCallback(
+            lambda vms: {
+                "node_id": node.node_id,
+                "name": node.name,
+                "version": hero_compute.__version__,
+                "capacity": self._vms.capacity(),
+                "usage": self._vms.usage(),
+                "vm_count": len(vms),
+                "explorers": [loop.state.to_wire() for loop in node.heartbeats],
+            }
+        )

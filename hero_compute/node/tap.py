@@ -25,8 +25,9 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 def _advertise(text):
     address = parse_address(text)
     if address.scheme not in ("tcp", "tls"):
-        raise ValueError(f"{text!r}: the advertise address must be tcp://host:port or "
-                         "tls://host:port")
+        raise ValueError(
+            f"{text!r}: the advertise address must be tcp://host:port or tls://host:port"
+        )
     return address
 
 
@@ -36,8 +37,10 @@ setattr(_advertise, "coerceDoc", "tcp://host:port, tls://host:port, or with [v6a
 def _pin(text):
     pin = text.strip().lower()
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
-        raise ValueError(f"{text!r} is not a CA pin: expected sha256:<64 hex digits>, as "
-                         "printed by hero-compute tls ca create or hero-compute tls pin")
+        raise ValueError(
+            f"{text!r} is not a CA pin: expected sha256:<64 hex digits>, as "
+            "printed by hero-compute tls ca create or hero-compute tls pin"
+        )
     return pin
 
 
@@ -51,9 +54,11 @@ def _absolute(text):
 class Options(usage.Options):
     """Options of ``twistd node``."""
 
-    synopsis = ("[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--advertise URI] "
-                "[--explorer URI]... [--interval S] [--node-id ID] [--state-dir DIR] "
-                "[--tls-cert PEM --tls-key PEM --tls-ca PEM] [--join-token T --ca-pin PIN]")
+    synopsis = (
+        "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--advertise URI] "
+        "[--explorer URI]... [--interval S] [--node-id ID] [--state-dir DIR] "
+        "[--tls-cert PEM --tls-key PEM --tls-ca PEM] [--join-token T --ca-pin PIN]"
+    )
     longdesc = (
         "A hero_compute node: serves the VMs of this machine and heartbeats explorers. "
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
@@ -62,39 +67,94 @@ class Options(usage.Options):
         "NODE_JOIN_TOKEN, NODE_CA_PIN. SIGHUP re-reads the TLS certificate files."
     )
     optParameters = [
-        ["socket", None, None,
-         "Unix socket [default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock]",
-         absolute_socket],
-        ["tcp", None, None,
-         "Also listen on TCP here, so remote explorers can reach this node "
-         "[default: $NODE_TCP_ADDR; unset: no TCP]", listen_address],
-        ["tls", None, None,
-         "Also serve mutual TLS here, for tls:// explorers and clients with fleet "
-         "certificates [default: $NODE_TLS_ADDR; unset: no TLS]", listen_address],
-        ["advertise", None, None,
-         "Address (its host, or all of it for explorers of its scheme) reported to TCP and "
-         "TLS explorers [default: $NODE_ADVERTISE_ADDR, else the local address on its "
-         "connection to each explorer, with the --tcp or --tls port]", _advertise],
-        ["tls-cert", None, None,
-         "Node certificate [default: $NODE_TLS_CERT or STATE_DIR/tls/node.pem]", _absolute],
-        ["tls-key", None, None,
-         "Its private key [default: $NODE_TLS_KEY or STATE_DIR/tls/node-key.pem]",
-         _absolute],
-        ["tls-ca", None, None,
-         "Fleet CA certificate [default: $NODE_TLS_CA or STATE_DIR/tls/ca.pem]", _absolute],
-        ["join-token", None, None,
-         "Join token to enroll with a tls:// explorer when there is no certificate yet; "
-         "prefer $NODE_JOIN_TOKEN, which other users cannot see in ps"],
-        ["ca-pin", None, None,
-         "Pin of the fleet CA (sha256:<64 hex>) trusted for enrollment "
-         "[default: $NODE_CA_PIN]", _pin],
-        ["interval", None, None,
-         "Seconds between heartbeats [default: $HEARTBEAT_INTERVAL or 10]", seconds],
-        ["node-id", None, None, "Node id [default: $NODE_ID, else generated once and "
-         "kept in the state dir]."],
+        [
+            "socket",
+            None,
+            None,
+            "Unix socket [default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock]",
+            absolute_socket,
+        ],
+        [
+            "tcp",
+            None,
+            None,
+            "Also listen on TCP here, so remote explorers can reach this node "
+            "[default: $NODE_TCP_ADDR; unset: no TCP]",
+            listen_address,
+        ],
+        [
+            "tls",
+            None,
+            None,
+            "Also serve mutual TLS here, for tls:// explorers and clients with fleet "
+            "certificates [default: $NODE_TLS_ADDR; unset: no TLS]",
+            listen_address,
+        ],
+        [
+            "advertise",
+            None,
+            None,
+            "Address (its host, or all of it for explorers of its scheme) reported to TCP and "
+            "TLS explorers [default: $NODE_ADVERTISE_ADDR, else the local address on its "
+            "connection to each explorer, with the --tcp or --tls port]",
+            _advertise,
+        ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "Node certificate [default: $NODE_TLS_CERT or STATE_DIR/tls/node.pem]",
+            _absolute,
+        ],
+        [
+            "tls-key",
+            None,
+            None,
+            "Its private key [default: $NODE_TLS_KEY or STATE_DIR/tls/node-key.pem]",
+            _absolute,
+        ],
+        [
+            "tls-ca",
+            None,
+            None,
+            "Fleet CA certificate [default: $NODE_TLS_CA or STATE_DIR/tls/ca.pem]",
+            _absolute,
+        ],
+        [
+            "join-token",
+            None,
+            None,
+            "Join token to enroll with a tls:// explorer when there is no certificate yet; "
+            "prefer $NODE_JOIN_TOKEN, which other users cannot see in ps",
+        ],
+        [
+            "ca-pin",
+            None,
+            None,
+            "Pin of the fleet CA (sha256:<64 hex>) trusted for enrollment "
+            "[default: $NODE_CA_PIN]",
+            _pin,
+        ],
+        [
+            "interval",
+            None,
+            None,
+            "Seconds between heartbeats [default: $HEARTBEAT_INTERVAL or 10]",
+            seconds,
+        ],
+        [
+            "node-id",
+            None,
+            None,
+            "Node id [default: $NODE_ID, else generated once and kept in the state dir].",
+        ],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
-        ["state-dir", None, None,
-         "State directory [default: $HERO_STATE_DIR or ~/hero/var/hero_compute]."],
+        [
+            "state-dir",
+            None,
+            None,
+            "State directory [default: $HERO_STATE_DIR or ~/hero/var/hero_compute].",
+        ],
     ]
 
     def __init__(self, env=None):
@@ -146,8 +206,11 @@ class Options(usage.Options):
             self["interval"] = 10.0
         self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
-        self["state-dir"] = (self["state-dir"] or env.get("HERO_STATE_DIR")
-                             or os.path.expanduser("~/hero/var/hero_compute"))
+        self["state-dir"] = (
+            self["state-dir"]
+            or env.get("HERO_STATE_DIR")
+            or os.path.expanduser("~/hero/var/hero_compute")
+        )
         state_dir = os.path.abspath(self["state-dir"])
         self["state-dir"] = state_dir
         longest = os.path.join(state_dir, "vms", "0" * 32, "qmp.sock")
@@ -155,13 +218,15 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"state directory {state_dir!r} is too long: the QMP sockets of VMs under "
                 f"it would exceed the {MAX_UNIX_PATH}-byte Unix socket path limit; "
-                "set a shorter HERO_STATE_DIR or --state-dir")
+                "set a shorter HERO_STATE_DIR or --state-dir"
+            )
         if not self["image-dir"] and env.get("NODE_IMAGE_DIRS"):
             for path in env["NODE_IMAGE_DIRS"].split(":"):
                 if not os.path.isabs(path):
                     raise usage.UsageError(
                         f"NODE_IMAGE_DIRS={env['NODE_IMAGE_DIRS']!r}: {path!r} is not an "
-                        "absolute path")
+                        "absolute path"
+                    )
                 self["image-dir"].append(path)
         if not self["explorer"]:
             self["explorer"] = self._explorers_from_env(env)
@@ -179,15 +244,19 @@ class Options(usage.Options):
 
     def _tls_options(self, env):
         from_env(self, "tls", env, "NODE_TLS_ADDR", listen_address)
-        for key, name in (("tls-cert", "NODE_TLS_CERT"), ("tls-key", "NODE_TLS_KEY"),
-                          ("tls-ca", "NODE_TLS_CA")):
+        for key, name in (
+            ("tls-cert", "NODE_TLS_CERT"),
+            ("tls-key", "NODE_TLS_KEY"),
+            ("tls-ca", "NODE_TLS_CA"),
+        ):
             from_env(self, key, env, name, _absolute)
         self["join-token"] = self["join-token"] or env.get("NODE_JOIN_TOKEN") or None
         from_env(self, "ca-pin", env, "NODE_CA_PIN", _pin)
         from .enroll import TLSFiles
 
-        files = TLSFiles.in_state_dir(self["state-dir"], self["tls-cert"], self["tls-key"],
-                                      self["tls-ca"])
+        files = TLSFiles.in_state_dir(
+            self["state-dir"], self["tls-cert"], self["tls-key"], self["tls-ca"]
+        )
         self["tls-files"] = files
         secure = [a.uri for a in self["explorer"] if a.scheme == "tls"]
         if secure and self["tls"] is None:
@@ -212,7 +281,9 @@ class Options(usage.Options):
     def _explorers_from_env(self, env):
         text = env.get("EXPLORER_ADDRESSES")
         if not text:
-            return [parse_address(os.path.join(socket_dir(env), "hero_compute_explorer.sock"))]
+            return [
+                parse_address(os.path.join(socket_dir(env), "hero_compute_explorer.sock"))
+            ]
         addresses = []
         for item in text.split(","):
             item = item.strip()
@@ -221,7 +292,9 @@ class Options(usage.Options):
             except AddressError as e:
                 raise usage.UsageError(f"EXPLORER_ADDRESSES={text!r}: {e}") from None
         if len(set(addresses)) != len(addresses):
-            raise usage.UsageError(f"EXPLORER_ADDRESSES={text!r}: an explorer is listed twice")
+            raise usage.UsageError(
+                f"EXPLORER_ADDRESSES={text!r}: an explorer is listed twice"
+            )
         return addresses
 
 

@@ -8,7 +8,6 @@ processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager
 import attrs
 from zope.interface import Interface
 
-
 #: The states of a VM, as on the wire.
 STATES = ("stopped", "starting", "running", "stopping", "error")
 
@@ -82,4 +81,3 @@ def usage_of(vms):
         "memory_mb": sum(vm.memory_mb for vm in live),
         "disk_gb": sum(vm.disk_gb for vm in vms),
     }
-

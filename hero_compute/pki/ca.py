@@ -51,9 +51,17 @@ def _now(now):
 
 
 def _key_usage(**flags):
-    names = ("digital_signature", "content_commitment", "key_encipherment",
-             "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign",
-             "encipher_only", "decipher_only")
+    names = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
     return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
 
 
@@ -66,8 +74,9 @@ def _usable_public_key(key):
     raise PkiError("unsupported key: use ECDSA P-256/P-384 or RSA of 2048 bits or more")
 
 
-def create_ca(directory, trust_domain=DEFAULT_TRUST_DOMAIN, days=3650, force=False,
-              now=None):
+def create_ca(
+    directory, trust_domain=DEFAULT_TRUST_DOMAIN, days=3650, force=False, now=None
+):
     """
     Create the fleet CA: ``directory/ca.pem`` (0644) and ``directory/ca-key.pem`` (0600).
 
@@ -94,17 +103,23 @@ def create_ca(directory, trust_domain=DEFAULT_TRUST_DOMAIN, days=3650, force=Fal
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} CA")])
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     # The key first: a ca.pem without its key is a half-made CA nobody can use.
@@ -145,9 +160,12 @@ class CertificateAuthority:
         if not os.path.isdir(directory):
             raise PkiError(
                 f"CA directory {directory} does not exist "
-                f"(create one with: hero-compute tls ca create --dir {directory})")
-        return cls(load_certificate(os.path.join(directory, CA_FILE)),
-                   load_private_key(os.path.join(directory, CA_KEY_FILE)))
+                f"(create one with: hero-compute tls ca create --dir {directory})"
+            )
+        return cls(
+            load_certificate(os.path.join(directory, CA_FILE)),
+            load_private_key(os.path.join(directory, CA_KEY_FILE)),
+        )
 
     @classmethod
     def from_pem(cls, cert_pem, key_pem):
@@ -196,10 +214,12 @@ class CertificateAuthority:
                 raise IdentityError(f"invalid IP address {ip!r}") from None
         public_key = _usable_public_key(public_key)
         now = _now(now)
-        not_after = min(now + datetime.timedelta(days=days),
-                        self.certificate.not_valid_after_utc)
+        not_after = min(
+            now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc
+        )
         ca_ski = self.certificate.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier).value
+            x509.SubjectKeyIdentifier
+        ).value
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -211,18 +231,27 @@ class CertificateAuthority:
             .not_valid_before(now - min(_BACKDATE, datetime.timedelta(days=days) / 10))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(
-                digital_signature=True,
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey)), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False)
+            .add_extension(
+                _key_usage(
+                    digital_signature=True,
+                    key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                           critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False)
+                critical=False,
+            )
             .sign(self.key, hashes.SHA256())
         )
 

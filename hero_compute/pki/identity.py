@@ -61,11 +61,15 @@ def check_trust_domain(trust_domain: object) -> str:
     :return: ``trust_domain`` if SPIFFE allows it (lowercase ``[a-z0-9._-]``)
     :raises IdentityError: otherwise
     """
-    if not isinstance(trust_domain, str) or not _TRUST_DOMAIN.fullmatch(trust_domain) \
-            or trust_domain in (".", ".."):
+    if (
+        not isinstance(trust_domain, str)
+        or not _TRUST_DOMAIN.fullmatch(trust_domain)
+        or trust_domain in (".", "..")
+    ):
         raise IdentityError(
             f"invalid trust domain {trust_domain!r}: use lowercase letters, digits, "
-            f"'.', '-' and '_'")
+            f"'.', '-' and '_'"
+        )
     return trust_domain
 
 
@@ -79,7 +83,8 @@ def check_name(role: str, name: object) -> tuple[str, str]:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         what = "node id" if role == "node" else f"{role} name"
         raise IdentityError(
-            f"invalid {what} {name!r}: use 1 to 64 of A-Z a-z 0-9 '.' '-' '_'")
+            f"invalid {what} {name!r}: use 1 to 64 of A-Z a-z 0-9 '.' '-' '_'"
+        )
     return role, name
 
 
@@ -129,7 +134,8 @@ def trust_domain_of(ca_cert: x509.Certificate) -> str:
     match = _CA_ID.fullmatch(uris[0]) if len(uris) == 1 else None
     if match is None:
         raise IdentityError(
-            f"not a hero_compute CA: its URI SANs are {uris!r}, expected one spiffe://<td>")
+            f"not a hero_compute CA: its URI SANs are {uris!r}, expected one spiffe://<td>"
+        )
     return check_trust_domain(match.group(1))
 
 
@@ -150,7 +156,8 @@ def public_key_pin(public_key: PublicKeyTypes) -> str:
 
 def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 # PEM helpers

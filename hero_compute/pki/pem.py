@@ -23,8 +23,11 @@ def dump_certificate(cert: x509.Certificate) -> bytes:
 
 def dump_private_key(key: PrivateKeyTypes) -> bytes:
     """:return: ``key`` as unencrypted PKCS#8 PEM bytes"""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _read(path: StrPath) -> bytes:

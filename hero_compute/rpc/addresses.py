@@ -86,9 +86,12 @@ class Address:
         """True for a local Unix socket."""
         return self.scheme == "unix"
 
-    def client_endpoint(self, reactor: Any, timeout: float | None = None,
-                        tls: IOpenSSLClientConnectionCreator | None = None
-                        ) -> IStreamClientEndpoint:
+    def client_endpoint(
+        self,
+        reactor: Any,
+        timeout: float | None = None,
+        tls: IOpenSSLClientConnectionCreator | None = None,
+    ) -> IStreamClientEndpoint:
         """
         A Twisted client endpoint that connects to this address.
 
@@ -104,7 +107,8 @@ class Address:
             return UNIXClientEndpoint(reactor, self.path, **kwargs)
         assert self.host is not None and self.port is not None
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor, self.host.encode("ascii"), self.port, **kwargs)
+            reactor, self.host.encode("ascii"), self.port, **kwargs
+        )
         if self.scheme == "tls":
             if tls is None:
                 raise ValueError(
@@ -228,7 +232,8 @@ def _host_port(value: str, text: str, forms: str, allow_zero: bool) -> tuple[str
             addr = ipaddress.IPv6Address(match["v6"])
         except ValueError:
             raise AddressError(
-                value, f"{match['v6']!r} is not an IPv6 address", forms) from None
+                value, f"{match['v6']!r} is not an IPv6 address", forms
+            ) from None
         return str(addr), port
     host = match["host"]
     if not host:

@@ -138,8 +138,12 @@ EXPLORER_POLICY = Policy(
         CLIENT: Grant(
             ALL,
             excluded=frozenset(
-                {"explorer.heartbeat", "explorer.leave", "explorer.enroll",
-                 "explorer.renew"}
+                {
+                    "explorer.heartbeat",
+                    "explorer.leave",
+                    "explorer.enroll",
+                    "explorer.renew",
+                }
             ),
         ),
         NODE: Grant(

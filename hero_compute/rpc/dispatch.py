@@ -51,8 +51,9 @@ _Response = Union[dict[str, Any], None, "defer.Deferred[dict[str, Any] | None]"]
 
 # NaN and Infinity are not JSON: a result holding one is an internal error, not a body
 # that strict parsers refuse.
-_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False,
-                           separators=(",", ":")).encode
+_encode = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":")
+).encode
 _encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
@@ -100,8 +101,9 @@ class CallContext:
         return self.transport == "tls"
 
     @classmethod
-    def from_transport(cls, transport: ITransport, trust_domain: str | None = None
-                       ) -> CallContext:
+    def from_transport(
+        cls, transport: ITransport, trust_domain: str | None = None
+    ) -> CallContext:
         """
         :param transport: the transport of a connection whose TLS handshake (if any) is
             done: call this once the first request has arrived
@@ -121,8 +123,9 @@ class CallContext:
             return cls("tls", where, host=host)
         from .tls import identity_of
 
-        return cls("tls", where, identity_of(cert, trust_domain), cert.get_serial_number(),
-                   host)
+        return cls(
+            "tls", where, identity_of(cert, trust_domain), cert.get_serial_number(), host
+        )
 
 
 @attrs.frozen
@@ -154,9 +157,14 @@ class Dispatcher:
         permissions themselves.
     """
 
-    def __init__(self, schema: Schema | None = None, version: str = "0",
-                 authorize: Callable[[CallContext, str, Any], object] | None = None,
-                 max_batch: int = MAX_BATCH, max_response: int = MAX_RESPONSE) -> None:
+    def __init__(
+        self,
+        schema: Schema | None = None,
+        version: str = "0",
+        authorize: Callable[[CallContext, str, Any], object] | None = None,
+        max_batch: int = MAX_BATCH,
+        max_response: int = MAX_RESPONSE,
+    ) -> None:
         self.max_batch = max_batch
         self.max_response = max_response
         self._schema = schema
@@ -217,20 +225,31 @@ class Dispatcher:
         limit = self.max_response
         if isinstance(message, list):
             if not message:
-                return _dump(_error(None, InvalidRequest("Invalid Request: empty batch")),
-                             limit)
+                return _dump(
+                    _error(None, InvalidRequest("Invalid Request: empty batch")), limit
+                )
             if len(message) > self.max_batch:
                 # Refused whole, before any of it runs: a batch is how one small request
                 # asks for a great deal of work.
-                return _dump(_error(None, InvalidRequest(
-                    f"Invalid Request: a batch may hold at most {self.max_batch} "
-                    f"requests, not {len(message)}")), limit)
+                return _dump(
+                    _error(
+                        None,
+                        InvalidRequest(
+                            f"Invalid Request: a batch may hold at most {self.max_batch} "
+                            f"requests, not {len(message)}"
+                        ),
+                    ),
+                    limit,
+                )
             responses = [self._handle_one(item, context) for item in message]
             if any(isinstance(r, defer.Deferred) for r in responses):
                 d = defer.gatherResults(
-                    [r if isinstance(r, defer.Deferred) else defer.succeed(r)
-                     for r in responses],
-                    consumeErrors=True)
+                    [
+                        r if isinstance(r, defer.Deferred) else defer.succeed(r)
+                        for r in responses
+                    ],
+                    consumeErrors=True,
+                )
                 return d.addCallback(_dump_batch, limit)
             # None of them is a Deferred.
             return _dump_batch(cast(list[dict[str, Any] | None], responses), limit)
@@ -248,16 +267,19 @@ class Dispatcher:
             return _error(None, InvalidRequest("Invalid Request: not an object"))
         rid = message.get("id")
         if not _valid_id(rid):
-            return _error(None, InvalidRequest(
-                "Invalid Request: id must be a string, a number or null"))
+            return _error(
+                None,
+                InvalidRequest("Invalid Request: id must be a string, a number or null"),
+            )
         notification = "id" not in message
         try:
             handler, args, kwargs = self._prepare(message, context)
         except RpcError as e:
             # A request too broken to run is still answered when it carries an id: the
             # caller could not otherwise tell it was refused.
-            return (None if notification and e.code != InvalidRequest.code
-                    else _error(rid, e))
+            return (
+                None if notification and e.code != InvalidRequest.code else _error(rid, e)
+            )
         except Exception:
             # E.g. RecursionError from validating deeply nested params: raised here it
             # would escape to the transport as a 500, and take the rest of a batch with it.
@@ -285,8 +307,9 @@ class Dispatcher:
         )
         return d
 
-    def _prepare(self, message: dict[str, Any], context: CallContext
-                 ) -> tuple[_Handler, list[Any], dict[str, Any]]:
+    def _prepare(
+        self, message: dict[str, Any], context: CallContext
+    ) -> tuple[_Handler, list[Any], dict[str, Any]]:
         if message.get("jsonrpc") != "2.0":
             raise InvalidRequest('Invalid Request: "jsonrpc" must be exactly "2.0"')
         name = message.get("method")
@@ -345,13 +368,16 @@ def _error(rid: Any, error: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
 
 
-def _dump_batch(responses: list[dict[str, Any] | None],
-                limit: int = MAX_RESPONSE) -> bytes | None:
+def _dump_batch(
+    responses: list[dict[str, Any] | None], limit: int = MAX_RESPONSE
+) -> bytes | None:
     answered = [r for r in responses if r is not None]
     return _dump(answered, limit) if answered else None
 
 
-def _dump_single(response: dict[str, Any] | None, limit: int = MAX_RESPONSE) -> bytes | None:
+def _dump_single(
+    response: dict[str, Any] | None, limit: int = MAX_RESPONSE
+) -> bytes | None:
     return None if response is None else _dump(response, limit)
 
 
@@ -373,8 +399,9 @@ def _serialise(response: object) -> bytes:
         return _encode_ascii(response).encode("ascii")
 
 
-def _dump(response: dict[str, Any] | list[dict[str, Any]],
-          limit: int = MAX_RESPONSE) -> bytes:
+def _dump(
+    response: dict[str, Any] | list[dict[str, Any]], limit: int = MAX_RESPONSE
+) -> bytes:
     try:
         data = _serialise(response)
     except (TypeError, ValueError, RecursionError):
@@ -388,9 +415,14 @@ def _dump(response: dict[str, Any] | list[dict[str, Any]],
         return _serialise(_too_large(response))
     # Only the items that are too large become errors; the rest of the batch stands.
     items = [_serialise(r) for r in response]
-    return b"[" + b",".join(
-        item if len(item) <= limit else _serialise(_too_large(r))
-        for item, r in zip(items, response, strict=True)) + b"]"
+    return (
+        b"["
+        + b",".join(
+            item if len(item) <= limit else _serialise(_too_large(r))
+            for item, r in zip(items, response, strict=True)
+        )
+        + b"]"
+    )
 
 
 def _dump_one_safely(response: dict[str, Any]) -> dict[str, Any]:

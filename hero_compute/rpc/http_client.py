@@ -99,7 +99,8 @@ class _HTTPConnection(protocol.Protocol):
         self.transport.write(
             b"POST /rpc HTTP/1.1\r\nHost: hero-compute\r\nUser-Agent: hero_compute\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body))
+            % (len(body), body)
+        )
         return done
 
     def _cancel(self, d: defer.Deferred[_Response]) -> None:
@@ -140,8 +141,9 @@ class _HTTPConnection(protocol.Protocol):
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _TooLarge):
                 raise
-            self._fail(BadResponse(self.address,
-                                   f"response body larger than {MAX_RESPONSE} bytes"))
+            self._fail(
+                BadResponse(self.address, f"response body larger than {MAX_RESPONSE} bytes")
+            )
             return
         except httptools.HttpParserError as e:
             self._fail(BadResponse(self.address, f"not an HTTP response: {e}"))
@@ -183,14 +185,20 @@ class _Pool:
     connections: a connection knows nothing of being pooled.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float, max_per_peer: int,
-                 tls: ClientTLS | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float,
+        max_per_peer: int,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self._reactor = reactor
         self._tls = tls
         self._connect_timeout = connect_timeout
         self._max = max_per_peer
         self._idle: collections.defaultdict[_Key, list[_HTTPConnection]] = (
-            collections.defaultdict(list))
+            collections.defaultdict(list)
+        )
         # idle connection -> the DelayedCall that closes it
         self._timers: dict[_HTTPConnection, IDelayedCall] = {}
         self._all: set[_HTTPConnection] = set()
@@ -200,8 +208,9 @@ class _Pool:
         self._generation = 0
         self._born: dict[_HTTPConnection, int] = {}
 
-    def get(self, address: Address, expect: Expected | None = None
-            ) -> defer.Deferred[_HTTPConnection]:
+    def get(
+        self, address: Address, expect: Expected | None = None
+    ) -> defer.Deferred[_HTTPConnection]:
         """
         :param address: an :class:`.Address`
         :param expect: over TLS, the :class:`~hero_compute.rpc.tls.Expected` peer; a
@@ -219,8 +228,9 @@ class _Pool:
         if address.scheme == "tls" and self._tls is not None:
             creator = self._tls if expect is None else self._tls.expecting(expect)
         try:
-            endpoint = address.client_endpoint(self._reactor, self._connect_timeout,
-                                               creator)
+            endpoint = address.client_endpoint(
+                self._reactor, self._connect_timeout, creator
+            )
         except ValueError as e:
             return defer.fail(ConnectionRefused(address, str(e)))
         factory = protocol.Factory()
@@ -251,13 +261,17 @@ class _Pool:
     def release(self, conn: _HTTPConnection) -> None:
         """Put a connection whose response is complete back for reuse."""
         idle = self._idle[conn.key]
-        if (self._closed or len(idle) >= self._max
-                or self._born.get(conn) != self._generation):
+        if (
+            self._closed
+            or len(idle) >= self._max
+            or self._born.get(conn) != self._generation
+        ):
             conn.transport.loseConnection()
             return
         idle.append(conn)
-        self._timers[conn] = self._reactor.callLater(POOL_IDLE,
-                                                     conn.transport.loseConnection)
+        self._timers[conn] = self._reactor.callLater(
+            POOL_IDLE, conn.transport.loseConnection
+        )
 
     def _stop_timer(self, conn: _HTTPConnection) -> None:
         timer = self._timers.pop(conn, None)
@@ -307,8 +321,14 @@ class RpcClient:
         certificate and the fleet CA), or None: ``tls://`` peers are then refused
     """
 
-    def __init__(self, reactor: Any, timeout: float = 10.0, connect_timeout: float = 5.0,
-                 max_per_peer: int = 4, tls: ClientTLS | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        max_per_peer: int = 4,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self._reactor = reactor
         self.timeout = timeout
         self.tls = tls
@@ -328,9 +348,14 @@ class RpcClient:
         """New calls use new connections (e.g. after our TLS material was reloaded)."""
         self._pool.retire()
 
-    def call(self, address: Address | str, method: str, params: Any = None,
-             timeout: float | None = None, expect: Expected | None = None
-             ) -> defer.Deferred[Any]:
+    def call(
+        self,
+        address: Address | str,
+        method: str,
+        params: Any = None,
+        timeout: float | None = None,
+        expect: Expected | None = None,
+    ) -> defer.Deferred[Any]:
         """
         Call a method and wait for its result.
 
@@ -356,9 +381,14 @@ class RpcClient:
         d.addCallback(_result_of, address)
         return d
 
-    def notify(self, address: Address | str, method: str, params: Any = None,
-               timeout: float | None = None, expect: Expected | None = None
-               ) -> defer.Deferred[None]:
+    def notify(
+        self,
+        address: Address | str,
+        method: str,
+        params: Any = None,
+        timeout: float | None = None,
+        expect: Expected | None = None,
+    ) -> defer.Deferred[None]:
         """
         Send a notification: the peer runs the method and answers nothing.
 
@@ -369,8 +399,9 @@ class RpcClient:
             message["params"] = params
         return self._post(address, message, timeout, expect).addCallback(lambda _: None)
 
-    def local_host(self, address: Address | str, timeout: float | None = None
-                   ) -> defer.Deferred[str]:
+    def local_host(
+        self, address: Address | str, timeout: float | None = None
+    ) -> defer.Deferred[str]:
         """
         Our own IP address on a connection to a peer (a pooled one, or a new one left in
         the pool for the next call).
@@ -384,7 +415,8 @@ class RpcClient:
             return defer.fail(e)
         if address.is_unix:
             return defer.fail(
-                ValueError(f"{address.uri}: a Unix socket has no host address"))
+                ValueError(f"{address.uri}: a Unix socket has no host address")
+            )
         timeout = self.timeout if timeout is None else timeout
 
         def read(conn: _HTTPConnection) -> str:
@@ -397,17 +429,24 @@ class RpcClient:
         d.addErrback(_transport_failure, address, timeout)
         return d
 
-    def _post(self, address: Address | str, message: dict[str, Any], timeout: float | None,
-              expect: Expected | None = None) -> defer.Deferred[Any]:
+    def _post(
+        self,
+        address: Address | str,
+        message: dict[str, Any],
+        timeout: float | None,
+        expect: Expected | None = None,
+    ) -> defer.Deferred[Any]:
         try:
             address = parse_address(address)
         except AddressError as e:
             return defer.fail(e)
         timeout = self.timeout if timeout is None else timeout
         body = json.dumps(message, separators=(",", ":")).encode("utf-8")
-        d = (self._pool.get(address, expect)
-             .addCallback(lambda conn: conn.request(body))
-             .addCallback(_read, address))
+        d = (
+            self._pool.get(address, expect)
+            .addCallback(lambda conn: conn.request(body))
+            .addCallback(_read, address)
+        )
         d.addTimeout(timeout, self._reactor)
         d.addErrback(_transport_failure, address, timeout)
         return d
@@ -436,8 +475,9 @@ def _parse(body: bytes, address: Address) -> Any:
     try:
         return json.loads(body)
     except ValueError:
-        raise BadResponse(address,
-                          f"the response is not JSON ({len(body)} bytes)") from None
+        raise BadResponse(
+            address, f"the response is not JSON ({len(body)} bytes)"
+        ) from None
 
 
 def _result_of(message: Any, address: Address) -> Any:
@@ -454,11 +494,16 @@ def _result_of(message: Any, address: Address) -> Any:
 
 
 def _transport_failure(failure: Failure, address: Address, timeout: float) -> Failure:
-    if failure.check(RpcError, BadResponse, ConnectionRefused, CallTimedOut,
-                     ConnectionClosed):
+    if failure.check(
+        RpcError, BadResponse, ConnectionRefused, CallTimedOut, ConnectionClosed
+    ):
         return failure
-    if failure.check(defer.TimeoutError, ierror.TimeoutError, defer.CancelledError,
-                     ierror.ConnectingCancelledError):
+    if failure.check(
+        defer.TimeoutError,
+        ierror.TimeoutError,
+        defer.CancelledError,
+        ierror.ConnectingCancelledError,
+    ):
         raise CallTimedOut(address, f"no response within {timeout:g} s")
     if failure.check(ierror.ConnectError, ierror.DNSLookupError):
         raise ConnectionRefused(address, f"cannot connect: {failure.getErrorMessage()}")

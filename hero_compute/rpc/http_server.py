@@ -166,16 +166,14 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         assert request is not None
         request.url += url
         if len(request.url) > MAX_URL:
-            raise _Refused(414,
-                           b"request target longer than %d bytes\n" % MAX_URL)
+            raise _Refused(414, b"request target longer than %d bytes\n" % MAX_URL)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self._parsing
         assert request is not None
         request.head += len(name) + len(value)
         if request.head > MAX_HEADERS:
-            raise _Refused(431,
-                           b"request headers larger than %d bytes\n" % MAX_HEADERS)
+            raise _Refused(431, b"request headers larger than %d bytes\n" % MAX_HEADERS)
         name = name.lower()
         if name == b"content-length":
             request.length = int(value) if value.strip().isdigit() else None
@@ -186,10 +184,15 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         request = self._parsing
         assert request is not None
         if request.length is not None and request.length > self.factory.max_body:
-            raise _Refused(413,
-                           b"request body larger than %d bytes\n" % self.factory.max_body)
-        if (request.expect_continue and self._parser.get_http_version() == "1.1"
-                and self._inflight is None and not self._queue):
+            raise _Refused(
+                413, b"request body larger than %d bytes\n" % self.factory.max_body
+            )
+        if (
+            request.expect_continue
+            and self._parser.get_http_version() == "1.1"
+            and self._inflight is None
+            and not self._queue
+        ):
             # curl and others wait for this (a second, or forever) before sending
             # the body.  Not while an earlier answer is due: it would come first.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -200,8 +203,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         request.size += len(body)
         if request.size > self.factory.max_body:
             request.chunks = []
-            raise _Refused(413,
-                           b"request body larger than %d bytes\n" % self.factory.max_body)
+            raise _Refused(
+                413, b"request body larger than %d bytes\n" % self.factory.max_body
+            )
         request.chunks.append(body)
 
     def on_message_complete(self) -> None:
@@ -235,8 +239,10 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self._queue.pop()
             self._refusal = (400, b"protocol upgrades are not supported\n")
         except httptools.HttpParserError as e:
-            self._refusal = (400, b"malformed HTTP request: %s\n"
-                             % str(e).encode("ascii", "replace"))
+            self._refusal = (
+                400,
+                b"malformed HTTP request: %s\n" % str(e).encode("ascii", "replace"),
+            )
         if len(self._queue) > MAX_QUEUED and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
@@ -275,13 +281,15 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self._send(request, 404, _TEXT, b"no such resource\n")
             return
         if request.method != b"POST":
-            self._send(request, 405, _TEXT,
-                       b"only POST is allowed on /rpc\n", b"Allow: POST\r\n")
+            self._send(
+                request, 405, _TEXT, b"only POST is allowed on /rpc\n", b"Allow: POST\r\n"
+            )
             return
         if self._context is None:
             # The addresses of a connection do not change: one system call each, once.
-            self._context = CallContext.from_transport(self.transport,
-                                                       self.factory.trust_domain)
+            self._context = CallContext.from_transport(
+                self.transport, self.factory.trust_domain
+            )
         try:
             answer: Answer = self.factory.dispatcher.answer(request.body, self._context)
         except Exception:
@@ -295,8 +303,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         # A call in progress is bounded by its own timeouts, not the idle one.
         self.setTimeout(None)
         self._inflight = answer
-        answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,),
-                            errbackArgs=(request,))
+        answer.addCallbacks(
+            self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,)
+        )
 
     def _answered(self, payload: bytes | None, request: _Request) -> None:
         self._inflight = None
@@ -321,8 +330,14 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._send(request, 500, _TEXT, b"internal error\n")
         self._next()
 
-    def _send(self, request: _Request, status: int, ctype: bytes | None, body: bytes,
-              extra: bytes = b"") -> None:
+    def _send(
+        self,
+        request: _Request,
+        status: int,
+        ctype: bytes | None,
+        body: bytes,
+        extra: bytes = b"",
+    ) -> None:
         head = [b"%sDate: %s\r\n" % (_STATUS_LINES[status], _http_date())]
         if ctype is not None:
             head.append(b"Content-Type: %s\r\n" % ctype)
@@ -363,15 +378,17 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self.transport.write(
             b"%sDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (_STATUS_LINES[status], _http_date(), len(body), body))
+            % (_STATUS_LINES[status], _http_date(), len(body), body)
+        )
         if self._paused:
             self.transport.resumeProducing()
         linger = self.factory.linger
         if ISSLTransport.providedBy(self.transport):
             # TLS cannot half-close (the lookup would reach the TCP socket under it):
             # go on discarding what comes, then close.
-            self._linger = self.factory.clock.callLater(linger,
-                                                        self.transport.loseConnection)
+            self._linger = self.factory.clock.callLater(
+                linger, self.transport.loseConnection
+            )
             return
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is None:
@@ -419,9 +436,14 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
     # One "Starting factory" line per listener is noise in an operator's log.
     noisy = False
 
-    def __init__(self, dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT,
-                 max_body: int = MAX_BODY, clock: IReactorTime | None = None,
-                 linger: float = LINGER) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_body: int = MAX_BODY,
+        clock: IReactorTime | None = None,
+        linger: float = LINGER,
+    ) -> None:
         from twisted.internet import reactor
 
         self.dispatcher = dispatcher
@@ -431,8 +453,9 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
         self.clock: IReactorTime = reactor if clock is None else clock
 
 
-def make_factory(dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT
-                 ) -> RpcHTTPFactory:
+def make_factory(
+    dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT
+) -> RpcHTTPFactory:
     """
     The HTTP server of ``dispatcher``: ``POST /rpc`` answers JSON-RPC, every other path
     is 404.

@@ -18,8 +18,12 @@ class IRpcClient(Interface):
 
     timeout = Attribute("Default seconds allowed for a whole call, connect included.")
 
-    def call(address: Address | str, method: str, params: Any = None,
-             timeout: float | None = None) -> Deferred[Any]:
+    def call(
+        address: Address | str,
+        method: str,
+        params: Any = None,
+        timeout: float | None = None,
+    ) -> Deferred[Any]:
         """
         Call a method and wait for its result.
 
@@ -31,8 +35,12 @@ class IRpcClient(Interface):
             ``TransportError``
         """
 
-    def notify(address: Address | str, method: str, params: Any = None,
-               timeout: float | None = None) -> Deferred[None]:
+    def notify(
+        address: Address | str,
+        method: str,
+        params: Any = None,
+        timeout: float | None = None,
+    ) -> Deferred[None]:
         """
         Send a notification: the peer runs the method and answers nothing.
 

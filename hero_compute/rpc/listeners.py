@@ -126,8 +126,9 @@ class _Announcing:
     unauthenticated TCP on non-loopback addresses, and record the listener.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, description: str,
-                 bound: list[str]) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, description: str, bound: list[str]
+    ) -> None:
         self._endpoint = endpoint
         self._description = description
         self._bound = bound
@@ -169,8 +170,13 @@ class Listeners(service.MultiService):
     :param reactor: the reactor
     """
 
-    def __init__(self, factory: Factory, descriptions: Iterable[str],
-                 socket_dirs: Iterable[str] = (), reactor: Any = None) -> None:
+    def __init__(
+        self,
+        factory: Factory,
+        descriptions: Iterable[str],
+        socket_dirs: Iterable[str] = (),
+        reactor: Any = None,
+    ) -> None:
         service.MultiService.__init__(self)
         #: URIs of the bound listeners, in the order they came up.
         self.bound: list[str] = []
@@ -181,8 +187,9 @@ class Listeners(service.MultiService):
             svc.endpoint = _Announcing(svc.endpoint, description, self.bound)
             svc.setServiceParent(self)
 
-    def add_tls(self, address: ListenAddress, creator: ServerTLS, reactor: Any = None
-                ) -> service.Service:
+    def add_tls(
+        self, address: ListenAddress, creator: ServerTLS, reactor: Any = None
+    ) -> service.Service:
         """
         Also serve mutual TLS on a TCP address, in the same reactor as the others.  Like
         the others, it aborts start-up when it cannot bind.

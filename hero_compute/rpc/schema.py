@@ -36,7 +36,8 @@ from jsonschema.exceptions import best_match
 from .errors import ERROR_MESSAGES, InvalidParams
 
 JSON_TYPES = frozenset(
-    ("string", "integer", "number", "boolean", "object", "array", "null"))
+    ("string", "integer", "number", "boolean", "object", "array", "null")
+)
 
 
 class SchemaError(Exception):
@@ -119,8 +120,10 @@ class Method:
             if error.validator == "required":
                 # jsonschema reports a missing member at its parent: name the member.
                 missing = [
-                    name for name in error.validator_value
-                    if isinstance(error.instance, dict) and name not in error.instance]
+                    name
+                    for name in error.validator_value
+                    if isinstance(error.instance, dict) and name not in error.instance
+                ]
                 path += missing[:1]
             field = ".".join(path)
             message = error.message
@@ -237,7 +240,9 @@ def parse_schema(text: str, source: str = "<schema>") -> Schema:
         fields = _table(table.get("fields", {}), where)
         types[tname] = _object(fields, names, where, closed=table.get("closed") is True)
         types[tname]["description"] = table.get("description", "")
-    validator_class = validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
+    validator_class = validators.validator_for(
+        {"$schema": "https://json-schema.org/draft/2020-12/schema"}
+    )
     for tname, tschema in types.items():
         _check(validator_class, tschema, f"{source}: [types.{tname}]")
     methods: dict[str, Method] = {}
@@ -247,8 +252,11 @@ def parse_schema(text: str, source: str = "<schema>") -> Schema:
         _only(table, {"summary", "description", "params", "result", "errors"}, where)
         param_table = _table(table.get("params", {}), where)
         params = tuple(
-            Param(pname, _field(spec, names, f"{where} param {pname}"),
-                  not _table(spec, where).get("optional", False))
+            Param(
+                pname,
+                _field(spec, names, f"{where} param {pname}"),
+                not _table(spec, where).get("optional", False),
+            )
             for pname, spec in param_table.items()
         )
         params_schema = _object(param_table, names, where, closed=True)
@@ -296,8 +304,9 @@ def _check(validator_class: Any, schema: dict[str, Any], where: str) -> None:
         raise SchemaError(f"{where}: {path + ': ' if path else ''}{e.message}") from None
 
 
-def _object(fields: dict[str, Any], names: frozenset[str], where: str, closed: bool
-            ) -> dict[str, Any]:
+def _object(
+    fields: dict[str, Any], names: frozenset[str], where: str, closed: bool
+) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
     for fname, spec in fields.items():
         schema["properties"][fname] = _field(spec, names, f"{where} field {fname}")

@@ -73,12 +73,14 @@ def _cryptography(cert: x509.Certificate | crypto.X509) -> x509.Certificate:
 def _authority(pattern: Any) -> Any:  # service_identity has no types
     # service_identity keeps "//td/role/name" as the host of spiffe://td/role/name.
     host = pattern.dns_pattern.pattern.removeprefix(b"//").split(b"/", 1)[0]
-    return URIPattern(protocol_pattern=pattern.protocol_pattern,
-                      dns_pattern=DNSPattern.from_bytes(host))
+    return URIPattern(
+        protocol_pattern=pattern.protocol_pattern, dns_pattern=DNSPattern.from_bytes(host)
+    )
 
 
-def identity_of(cert: x509.Certificate | crypto.X509, trust_domain: str
-                ) -> PeerIdentity | None:
+def identity_of(
+    cert: x509.Certificate | crypto.X509, trust_domain: str
+) -> PeerIdentity | None:
     """
     The identity a certificate names in a trust domain.
 
@@ -96,8 +98,9 @@ def identity_of(cert: x509.Certificate | crypto.X509, trust_domain: str
         return None
     try:
         identity = pki.parse_spiffe_id(uris[0])
-        patterns = [_authority(p) for p in extract_patterns(cert)
-                    if isinstance(p, URIPattern)]
+        patterns = [
+            _authority(p) for p in extract_patterns(cert) if isinstance(p, URIPattern)
+        ]
         verify_service_identity(patterns, [URI_ID(f"spiffe://{trust_domain}")], [])
     except (pki.IdentityError, CertificateError, VerificationError, ValueError):
         return None
@@ -133,8 +136,11 @@ class Expected:
 
     def allows(self, identity: PeerIdentity | None) -> bool:
         """:return: whether ``identity`` (a :class:`PeerIdentity` or ``None``) fits"""
-        return identity is not None and identity.role == self.role and (
-            self.name is None or identity.name == self.name)
+        return (
+            identity is not None
+            and identity.role == self.role
+            and (self.name is None or identity.name == self.name)
+        )
 
     def __str__(self) -> str:
         return f"{self.role}/{self.name if self.name is not None else '*'}"
@@ -210,8 +216,9 @@ class TLSMaterial:
         except pki.PkiError as e:
             raise TLSConfigError(str(e)) from None
         except TLSConfigError as e:
-            raise TLSConfigError(f"{self.cert_path}, {self.key_path}, {self.ca_path}: {e}"
-                                 ) from None
+            raise TLSConfigError(
+                f"{self.cert_path}, {self.key_path}, {self.ca_path}: {e}"
+            ) from None
 
 
 def _context(credentials: Credentials, verify: _VerifyCallback) -> SSL.Context:
@@ -271,8 +278,15 @@ class _Reloadable:
     def _check(self, credentials: Credentials) -> None:
         pass
 
-    def _verify(self, credentials: Credentials, connection: SSL.Connection,
-                cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    def _verify(
+        self,
+        credentials: Credentials,
+        connection: SSL.Connection,
+        cert: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
         raise NotImplementedError
 
 
@@ -290,8 +304,15 @@ class ServerTLS(_Reloadable):
         if credentials.certificate is None:
             raise TLSConfigError("a TLS listener needs a certificate and its key")
 
-    def _verify(self, credentials: Credentials, connection: SSL.Connection,
-                cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    def _verify(
+        self,
+        credentials: Credentials,
+        connection: SSL.Connection,
+        cert: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
         return bool(ok)
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
@@ -312,8 +333,9 @@ class ClientTLS(_Reloadable):
     :raises TLSConfigError: if the material is unusable
     """
 
-    def __init__(self, material: TLSMaterial | Credentials,
-                 expected: Expected | None = None) -> None:
+    def __init__(
+        self, material: TLSMaterial | Credentials, expected: Expected | None = None
+    ) -> None:
         self.expected = expected
         _Reloadable.__init__(self, material)
 
@@ -326,20 +348,31 @@ class ClientTLS(_Reloadable):
         """
         return _Expecting(self, expected)
 
-    def _verify(self, credentials: Credentials, connection: SSL.Connection,
-                cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    def _verify(
+        self,
+        credentials: Credentials,
+        connection: SSL.Connection,
+        cert: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
         if not ok or depth != 0:
             return bool(ok)
         return self._check_peer(credentials, self.expected, cert)
 
     @staticmethod
-    def _check_peer(credentials: Credentials, expected: Expected | None,
-                    cert: crypto.X509) -> bool:
+    def _check_peer(
+        credentials: Credentials, expected: Expected | None, cert: crypto.X509
+    ) -> bool:
         identity = identity_of(cert, credentials.trust_domain)
         if expected is not None and expected.allows(identity):
             return True
-        log.warn("TLS peer refused: its certificate names {identity}, expected {expected}",
-                 identity=identity, expected=expected)
+        log.warn(
+            "TLS peer refused: its certificate names {identity}, expected {expected}",
+            identity=identity,
+            expected=expected,
+        )
         return False
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
@@ -361,8 +394,9 @@ class _Expecting:
         credentials = parent.credentials
         connection = SSL.Connection(parent._context, None)
 
-        def verify(connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
-                   ok: int) -> bool:
+        def verify(
+            connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+        ) -> bool:
             if not ok or depth != 0:
                 return bool(ok)
             return parent._check_peer(credentials, self.expected, cert)
@@ -387,7 +421,18 @@ def tls_server_factory(creator: ServerTLS, factory: Factory) -> TLSMemoryBIOFact
 # above, hence the import at the end); they are re-exported here, where callers look.
 from .tls_enroll import ChainError, ca_from_chain, fetch_peer_chain  # noqa: E402
 
-__all__ = ["ChainError", "ClientTLS", "Credentials", "Expected", "PeerIdentity",
-           "ServerTLS", "TLSConfigError", "TLSMaterial", "ca_from_chain",
-           "fetch_peer_chain",
-           "identity_of", "peer_identity", "tls_server_factory"]
+__all__ = [
+    "ChainError",
+    "ClientTLS",
+    "Credentials",
+    "Expected",
+    "PeerIdentity",
+    "ServerTLS",
+    "TLSConfigError",
+    "TLSMaterial",
+    "ca_from_chain",
+    "fetch_peer_chain",
+    "identity_of",
+    "peer_identity",
+    "tls_server_factory",
+]

@@ -70,8 +70,9 @@ class _ChainReader(protocol.Protocol):
             done.errback(reason)
 
 
-def fetch_peer_chain(reactor: IReactorTCP, host: str, port: int,
-                     timeout: float = 10) -> defer.Deferred[list[x509.Certificate]]:
+def fetch_peer_chain(
+    reactor: IReactorTCP, host: str, port: int, timeout: float = 10
+) -> defer.Deferred[list[x509.Certificate]]:
     """
     The certificate chain a TLS server presents, from a handshake that verifies nothing
     and after which the connection is closed without a byte of application data.
@@ -134,8 +135,10 @@ def ca_from_chain(chain: list[x509.Certificate], pin: str) -> x509.Certificate:
     leaf = chain[0]
     pinned = [cert for cert in chain if pki.spki_pin(cert) == pin]
     if not pinned:
-        raise ChainError(f"no certificate in the server's chain has the pin {pin}: "
-                         f"wrong pin, or not this fleet's explorer")
+        raise ChainError(
+            f"no certificate in the server's chain has the pin {pin}: "
+            f"wrong pin, or not this fleet's explorer"
+        )
     ca = pinned[0]
     try:
         trust_domain = pki.trust_domain_of(ca)
@@ -145,9 +148,12 @@ def ca_from_chain(chain: list[x509.Certificate], pin: str) -> x509.Certificate:
         leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise ChainError(
-            "the server's certificate is not issued by the pinned CA") from None
+            "the server's certificate is not issued by the pinned CA"
+        ) from None
     identity = identity_of(leaf, trust_domain)
     if not Expected("explorer").allows(identity):
-        raise ChainError(f"the server's certificate names {identity or 'no identity'} "
-                         f"of trust domain {trust_domain}, not an explorer")
+        raise ChainError(
+            f"the server's certificate names {identity or 'no identity'} "
+            f"of trust domain {trust_domain}, not an explorer"
+        )
     return ca

@@ -31,8 +31,11 @@ def context_of(request: server.Request) -> CallContext:
     host = getattr(peer, "host", None)
     # Embedded under twisted.web, TLS peers are not identified: only the roles of
     # unauthenticated callers apply.
-    return CallContext("tls" if request.isSecure() else "tcp",
-                       f"{host or '?'}:{getattr(peer, 'port', '?')}", host=host)
+    return CallContext(
+        "tls" if request.isSecure() else "tcp",
+        f"{host or '?'}:{getattr(peer, 'port', '?')}",
+        host=host,
+    )
 
 
 class RpcResource(resource.Resource):

@@ -24,5 +24,13 @@ from .manager import QemuVmManager
 from .process import process_alive
 from .store import VmStore
 
-__all__ = ["Admission", "ImagePolicy", "QemuVmManager", "Reservation", "VmStore",
-           "check_request", "host_capacity", "process_alive"]
+__all__ = [
+    "Admission",
+    "ImagePolicy",
+    "QemuVmManager",
+    "Reservation",
+    "VmStore",
+    "check_request",
+    "host_capacity",
+    "process_alive",
+]

@@ -115,25 +115,30 @@ class Admission:
             raise InvalidVmState(f"a VM named {request.name!r} already exists on this node")
         mem_used = sum(r.memory_mb for r in held)
         disk_used = sum(r.disk_gb for r in held)
-        mem_limit = host["memory_mb"] if self.memory_limit_mb is None else self.memory_limit_mb
+        mem_limit = (
+            host["memory_mb"] if self.memory_limit_mb is None else self.memory_limit_mb
+        )
         disk_limit = host["disk_gb"] if self.disk_limit_gb is None else self.disk_limit_gb
         if mem_used + request.memory_mb > mem_limit:
             raise InvalidVmState(
                 f"not enough memory: {request.memory_mb} MB asked, "
                 f"{max(mem_limit - mem_used, 0)} MB of {mem_limit} MB left for VMs on "
-                f"this node")
+                f"this node"
+            )
         if disk_used + request.disk_gb > disk_limit:
             raise InvalidVmState(
                 f"not enough disk: {request.disk_gb} GB asked, "
                 f"{max(disk_limit - disk_used, 0)} GB of {disk_limit} GB left for VMs on "
-                f"this node")
+                f"this node"
+            )
         st = os.statvfs(_existing(self.state_dir))
-        free_mb = st.f_bavail * st.f_frsize // 1024 ** 2
+        free_mb = st.f_bavail * st.f_frsize // 1024**2
         needed_mb = self.min_free_mb + -(-request.disk_gb * 1024 // _QCOW2_METADATA_RATIO)
         if free_mb < needed_mb:
             raise InvalidVmState(
                 f"not enough free space in {self.state_dir}: {free_mb} MB free, "
-                f"{needed_mb} MB needed for a {request.disk_gb} GB disk")
+                f"{needed_mb} MB needed for a {request.disk_gb} GB disk"
+            )
         return image
 
 
@@ -147,7 +152,7 @@ def host_capacity(state_dir):
     return {
         "vcpus": os.cpu_count() or 1,
         "memory_mb": _mem_total_kb() // 1024,
-        "disk_gb": st.f_blocks * st.f_frsize // 1024 ** 3,
+        "disk_gb": st.f_blocks * st.f_frsize // 1024**3,
     }
 
 

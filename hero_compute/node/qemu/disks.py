@@ -31,7 +31,8 @@ async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
         args += ["-b", image, "-F", await image_format(reactor, qemu_img, image)]
     args += [path, f"{disk_gb}G"]
     out, err, code = await utils.getProcessOutputAndValue(
-        qemu_img, args, env=os.environ, path=os.path.dirname(path), reactor=reactor)
+        qemu_img, args, env=os.environ, path=os.path.dirname(path), reactor=reactor
+    )
     if code != 0:
         raise InvalidVmState(f"could not create the disk: {last_line(err or out)}")
     # qemu-img creates it 0644 less the umask; the directory (0700) kept it private
@@ -49,14 +50,16 @@ async def image_format(reactor, qemu_img, image):
     """
     # -U: the base image may be open in running VMs already; info only reads.
     out, err, code = await utils.getProcessOutputAndValue(
-        qemu_img, ["info", "-U", "--output=json", image], env=os.environ, reactor=reactor)
+        qemu_img, ["info", "-U", "--output=json", image], env=os.environ, reactor=reactor
+    )
     try:
         if code != 0:
             raise ValueError(last_line(err or out))
         fmt = json.loads(out)["format"]
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidParams(
-            f"image {image!r} is not a disk image qemu-img can read: {e}") from None
+            f"image {image!r} is not a disk image qemu-img can read: {e}"
+        ) from None
     if not isinstance(fmt, str) or not re.fullmatch(r"[a-z0-9_-]+", fmt):
         raise InvalidParams(f"image {image!r} has an unusable format {fmt!r}")
     return fmt

@@ -47,8 +47,11 @@ class ImagePolicy:
         they are resolved at each check, so they may be created, or be symlinks)
     """
 
-    image_dirs: tuple = attrs.field(converter=lambda ds: tuple(
-        os.path.normpath(os.path.abspath(os.fspath(d))) for d in ds))
+    image_dirs: tuple = attrs.field(
+        converter=lambda ds: tuple(
+            os.path.normpath(os.path.abspath(os.fspath(d))) for d in ds
+        )
+    )
 
     def resolve(self, image):
         """
@@ -64,7 +67,8 @@ class ImagePolicy:
             return None
         if not isinstance(image, str) or not os.path.isabs(image) or "\0" in image:
             raise InvalidParams(
-                f"image must be an absolute path on the node, not {image!r}")
+                f"image must be an absolute path on the node, not {image!r}"
+            )
         # Lexically first, so that nothing outside the image directories is even looked
         # at: realpath of "/etc/x/../../images/a" would otherwise tell whether /etc/x is
         # a symlink.
@@ -92,11 +96,13 @@ class ImagePolicy:
         """
         if resolved is None:
             return
-        if (os.path.realpath(resolved) != resolved
-                or not any(_under(resolved, d) for d in self._allowed())):
+        if os.path.realpath(resolved) != resolved or not any(
+            _under(resolved, d) for d in self._allowed()
+        ):
             raise RefusedByPolicy(
                 f"base image {resolved!r} is no longer an allowed image (a symlink on its "
-                f"path, or outside the allowed image directories); not starting the VM")
+                f"path, or outside the allowed image directories); not starting the VM"
+            )
 
     def _allowed(self):
         return tuple(os.path.realpath(d) for d in self.image_dirs)

@@ -75,8 +75,9 @@ class Machine:
             if isinstance(e, (InvalidVmState, defer.CancelledError)):
                 raise
             if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
-                raise InvalidVmState(f"VM {self.vm_id} did not start within "
-                                     f"{timeout} s") from None
+                raise InvalidVmState(
+                    f"VM {self.vm_id} did not start within {timeout} s"
+                ) from None
             # -32005 with QEMU's words rather than an opaque -32603: the operator needs
             # them, and they hold nothing secret.
             raise InvalidVmState(f"VM {self.vm_id} failed to start: {e}") from None
@@ -86,15 +87,20 @@ class Machine:
         if stale is not None:
             # The VM errored while its QEMU lived on without QMP: that process is out
             # of our control and holds the disk's lock.
-            self.log.warn("killing stale QEMU {pid} of VM {vm_id}", pid=stale,
-                          vm_id=self.vm_id)
+            self.log.warn(
+                "killing stale QEMU {pid} of VM {vm_id}", pid=stale, vm_id=self.vm_id
+            )
             process.kill(stale)
             await process.wait_gone(self._reactor, stale, 5)
         process.remove_runtime(self.directory)
         self.expect_exit = self.guest_shutdown = False
-        await process.daemonize(self._reactor, qemu,
-                                process.qemu_argv(self.record, self.directory, accel),
-                                self.directory, timeout)
+        await process.daemonize(
+            self._reactor,
+            qemu,
+            process.qemu_argv(self.record, self.directory, accel),
+            self.directory,
+            timeout,
+        )
         await self.attach(timeout)
 
     async def attach(self, timeout):
@@ -105,8 +111,12 @@ class Machine:
         """
         reactor = self._reactor
         deadline = reactor.seconds() + timeout
-        qmp = await connect_qmp(reactor, os.path.join(self.directory, QMP_SOCKET),
-                                on_event=self._event, timeout=timeout)
+        qmp = await connect_qmp(
+            reactor,
+            os.path.join(self.directory, QMP_SOCKET),
+            on_event=self._event,
+            timeout=timeout,
+        )
         self.qmp = qmp
         qmp.when_disconnected().addCallback(self._lost, qmp)
         while True:
@@ -120,7 +130,8 @@ class Machine:
                 return
             if reactor.seconds() > deadline:
                 raise InvalidVmState(
-                    f"VM {self.vm_id} is {status.get('status')!r}, not running")
+                    f"VM {self.vm_id} is {status.get('status')!r}, not running"
+                )
             await task.deferLater(reactor, 0.1, lambda: None)
 
     async def recover(self, timeout):
@@ -133,22 +144,31 @@ class Machine:
         """
         pid = self.pid()
         if pid is None:
-            self.log.info("VM {vm_id} was {state} but its QEMU is gone; marking it stopped",
-                          vm_id=self.vm_id, state=self.record.state)
+            self.log.info(
+                "VM {vm_id} was {state} but its QEMU is gone; marking it stopped",
+                vm_id=self.vm_id,
+                state=self.record.state,
+            )
             process.remove_runtime(self.directory)
             return "stopped"
         self.expect_exit = self.guest_shutdown = False
         try:
             await self.attach(timeout)
         except Exception as e:
-            self.log.error("VM {vm_id}: QEMU {pid} runs but QMP does not answer ({error}); "
-                           "marking it error", vm_id=self.vm_id, pid=pid, error=e)
+            self.log.error(
+                "VM {vm_id}: QEMU {pid} runs but QMP does not answer ({error}); "
+                "marking it error",
+                vm_id=self.vm_id,
+                pid=pid,
+                error=e,
+            )
             if self.qmp is not None:
                 self.expect_exit = True
                 self.qmp.disconnect()
             return "error"
-        self.log.info("VM {vm_id} recovered: QEMU {pid} still running", vm_id=self.vm_id,
-                      pid=pid)
+        self.log.info(
+            "VM {vm_id} recovered: QEMU {pid} still running", vm_id=self.vm_id, pid=pid
+        )
         return "running"
 
     def detach(self, timeout):
@@ -201,8 +221,9 @@ class Machine:
             # No QMP (an errored VM whose QEMU lives on): nothing to ask politely.
             process.kill(pid)
         if pid is not None and not await process.wait_gone(self._reactor, pid, 10):
-            self.log.warn("VM {vm_id}: QEMU {pid} ignored quit; killing it",
-                          vm_id=self.vm_id, pid=pid)
+            self.log.warn(
+                "VM {vm_id}: QEMU {pid} ignored quit; killing it", vm_id=self.vm_id, pid=pid
+            )
             process.kill(pid)
             await process.wait_gone(self._reactor, pid, 5)
         process.remove_runtime(self.directory)
@@ -223,11 +244,18 @@ class Machine:
     def _event(self, name, data, timestamp):
         if name == "SHUTDOWN":
             self.guest_shutdown = True
-            self.log.info("VM {vm_id}: QEMU shutting down ({reason})", vm_id=self.vm_id,
-                          reason=data.get("reason", "unknown"))
+            self.log.info(
+                "VM {vm_id}: QEMU shutting down ({reason})",
+                vm_id=self.vm_id,
+                reason=data.get("reason", "unknown"),
+            )
         elif name in ("STOP", "RESUME", "RESET", "POWERDOWN", "GUEST_PANICKED"):
-            self.log.info("VM {vm_id}: QMP event {event} {data}", vm_id=self.vm_id,
-                          event=name, data=data)
+            self.log.info(
+                "VM {vm_id}: QMP event {event} {data}",
+                vm_id=self.vm_id,
+                event=name,
+                data=data,
+            )
 
     def _lost(self, reason, qmp):
         if self.qmp is qmp:

@@ -91,15 +91,20 @@ class QemuVmManager(service.Service):
         self._store = VmStore(os.path.join(self._state_dir, "vms"))
         if self._image_dirs is None:
             self._image_dirs = default_image_dirs(self._state_dir)
-        self._admission = Admission(self._state_dir, self._memory_limit_mb,
-                                    self._disk_limit_gb, self._min_free_mb,
-                                    images=ImagePolicy(self._image_dirs))
+        self._admission = Admission(
+            self._state_dir,
+            self._memory_limit_mb,
+            self._disk_limit_gb,
+            self._min_free_mb,
+            images=ImagePolicy(self._image_dirs),
+        )
         longest = os.path.join(self._store.directory("0" * 32), QMP_SOCKET)
         if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise ValueError(
                 f"state directory {self._state_dir!r} is too long: QMP sockets under it "
                 f"would exceed the {MAX_UNIX_PATH}-byte Unix socket path limit; "
-                f"use a shorter HERO_STATE_DIR / --state-dir")
+                f"use a shorter HERO_STATE_DIR / --state-dir"
+            )
 
     # -- service --------------------------------------------------------------------
 
@@ -112,10 +117,16 @@ class QemuVmManager(service.Service):
         self._closing = False
         for record in self._store.load(known=self._vms):
             self._vms[record.vm_id] = self._machine(record)
-        self.log.info("loaded {count} VM definitions from {path}", count=len(self._vms),
-                      path=self._store.root)
-        recoveries = [vm.lock.run(self._recover, vm) for vm in list(self._vms.values())
-                      if vm.record.state in ("starting", "running", "stopping")]
+        self.log.info(
+            "loaded {count} VM definitions from {path}",
+            count=len(self._vms),
+            path=self._store.root,
+        )
+        recoveries = [
+            vm.lock.run(self._recover, vm)
+            for vm in list(self._vms.values())
+            if vm.record.state in ("starting", "running", "stopping")
+        ]
         self._recovery = defer.DeferredList(recoveries, consumeErrors=True)
         self._recovery.addCallback(lambda _: None)
 
@@ -142,6 +153,7 @@ class QemuVmManager(service.Service):
         def done(result):
             d.callback(None)
             return result
+
         self._recovery.addBoth(done)
         return d
 
@@ -172,7 +184,8 @@ class QemuVmManager(service.Service):
             :class:`~hero_compute.node.vms.VmRecord`, state ``stopped``
         """
         return defer.Deferred.fromCoroutine(
-            self._create(name, vcpus, memory_mb, disk_gb, image))
+            self._create(name, vcpus, memory_mb, disk_gb, image)
+        )
 
     def start(self, vm_id):
         """
@@ -206,7 +219,9 @@ class QemuVmManager(service.Service):
         """
         try:
             vm = self._get(vm_id)
-            allowed = ("running", "starting", "stopping") if force else ("running", "starting")
+            allowed = (
+                ("running", "starting", "stopping") if force else ("running", "starting")
+            )
             self._check(vm, allowed, "stop")
         except Exception:
             return defer.fail()
@@ -243,8 +258,12 @@ class QemuVmManager(service.Service):
         :return: a Deferred firing with every VM's
             :class:`~hero_compute.node.vms.VmRecord`, oldest first
         """
-        return defer.succeed(sorted((vm.record for vm in self._vms.values()),
-                                    key=lambda r: (r.created_at, r.vm_id)))
+        return defer.succeed(
+            sorted(
+                (vm.record for vm in self._vms.values()),
+                key=lambda r: (r.created_at, r.vm_id),
+            )
+        )
 
     def capacity(self):
         """
@@ -271,12 +290,16 @@ class QemuVmManager(service.Service):
     @staticmethod
     def _check(vm, allowed, action):
         if vm.record.state not in allowed:
-            raise InvalidVmState(
-                f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
+            raise InvalidVmState(f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
     def _machine(self, record):
-        return Machine(record, self._store.directory(record.vm_id), self._reactor,
-                       on_lost=self._qmp_lost, closing=lambda: self._closing)
+        return Machine(
+            record,
+            self._store.directory(record.vm_id),
+            self._reactor,
+            on_lost=self._qmp_lost,
+            closing=lambda: self._closing,
+        )
 
     async def _create(self, name, vcpus, memory_mb, disk_gb, image):
         check_request(name, vcpus, memory_mb, disk_gb, image)
@@ -288,10 +311,19 @@ class QemuVmManager(service.Service):
         self._creating[vm_id] = request
         try:
             directory = self._store.make_directory(vm_id)
-            await create_disk(self._reactor, self._qemu_img,
-                              os.path.join(directory, DISK), disk_gb, image)
-            record = VmRecord(vm_id, name, vcpus, memory_mb, disk_gb, image, "stopped",
-                              self._reactor.seconds())
+            await create_disk(
+                self._reactor, self._qemu_img, os.path.join(directory, DISK), disk_gb, image
+            )
+            record = VmRecord(
+                vm_id,
+                name,
+                vcpus,
+                memory_mb,
+                disk_gb,
+                image,
+                "stopped",
+                self._reactor.seconds(),
+            )
             self._store.save(record)
         except BaseException:
             self._store.discard(vm_id)
@@ -299,9 +331,14 @@ class QemuVmManager(service.Service):
         finally:
             del self._creating[vm_id]
         self._vms[vm_id] = self._machine(record)
-        self.log.info("created VM {vm_id} ({name}): {vcpus} vCPU, {memory_mb} MB, "
-                      "{disk_gb} GB", vm_id=vm_id, name=name, vcpus=vcpus,
-                      memory_mb=memory_mb, disk_gb=disk_gb)
+        self.log.info(
+            "created VM {vm_id} ({name}): {vcpus} vCPU, {memory_mb} MB, {disk_gb} GB",
+            vm_id=vm_id,
+            name=name,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+            disk_gb=disk_gb,
+        )
         return record
 
     # -- start ----------------------------------------------------------------------
@@ -321,8 +358,7 @@ class QemuVmManager(service.Service):
             self._set_state(vm, was)
             raise
         self._set_state(vm, "running")
-        self.log.info("VM {vm_id} running as QEMU pid {pid}", vm_id=vm.vm_id,
-                      pid=vm.pid())
+        self.log.info("VM {vm_id} running as QEMU pid {pid}", vm_id=vm.vm_id, pid=vm.pid())
         return vm.record
 
     # -- watching -------------------------------------------------------------------
@@ -336,9 +372,12 @@ class QemuVmManager(service.Service):
             process.remove_runtime(vm.directory)
             self._set_state(vm, "stopped")
             return
-        self.log.error("VM {vm_id}: lost QMP connection to its QEMU unexpectedly "
-                       "({why}); marking it error", vm_id=vm.vm_id,
-                       why=reason)
+        self.log.error(
+            "VM {vm_id}: lost QMP connection to its QEMU unexpectedly "
+            "({why}); marking it error",
+            vm_id=vm.vm_id,
+            why=reason,
+        )
         self._set_state(vm, "error")
 
     # -- stop and delete ------------------------------------------------------------
@@ -385,11 +424,14 @@ class QemuVmManager(service.Service):
                 self._store.save(record)
             except OSError as e:
                 if claim is not None:
-                    raise InvalidVmState(f"cannot {claim} VM {vm.vm_id}: could not record "
-                                         f"its state: {e.strerror or e}") from None
+                    raise InvalidVmState(
+                        f"cannot {claim} VM {vm.vm_id}: could not record "
+                        f"its state: {e.strerror or e}"
+                    ) from None
                 # A restart recovers transition states from the processes it finds.
-                self.log.failure("VM {vm_id}: could not save state {state}",
-                                 vm_id=vm.vm_id, state=state)
+                self.log.failure(
+                    "VM {vm_id}: could not save state {state}", vm_id=vm.vm_id, state=state
+                )
         vm.record = record
 
     async def _recover(self, vm):

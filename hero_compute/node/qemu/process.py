@@ -28,17 +28,25 @@ def qemu_argv(record, directory, accel):
     :return: a list of strings
     """
     return [
-        "-name", "guest=" + opt(record.name),
-        "-machine", f"accel={opt(accel)}",
-        "-m", str(record.memory_mb),
-        "-smp", str(record.vcpus),
-        "-drive", f"file={opt(os.path.join(directory, DISK))},format=qcow2,if=virtio",
+        "-name",
+        "guest=" + opt(record.name),
+        "-machine",
+        f"accel={opt(accel)}",
+        "-m",
+        str(record.memory_mb),
+        "-smp",
+        str(record.vcpus),
+        "-drive",
+        f"file={opt(os.path.join(directory, DISK))},format=qcow2,if=virtio",
         "-nodefaults",
         "-no-user-config",
-        "-display", "none",
+        "-display",
+        "none",
         "-daemonize",
-        "-pidfile", os.path.join(directory, PIDFILE),
-        "-qmp", _qmp_option(directory),
+        "-pidfile",
+        os.path.join(directory, PIDFILE),
+        "-qmp",
+        _qmp_option(directory),
     ]
 
 
@@ -57,13 +65,15 @@ async def daemonize(reactor, qemu, argv, directory, timeout):
     :param timeout: seconds QEMU may take
     :raise InvalidVmState: when QEMU fails, with its last line of output
     """
-    spawn = utils.getProcessOutputAndValue(qemu, argv, env=os.environ, path=directory,
-                                           reactor=reactor)
+    spawn = utils.getProcessOutputAndValue(
+        qemu, argv, env=os.environ, path=directory, reactor=reactor
+    )
     spawn.addTimeout(timeout, reactor)
     out, err, code = await spawn
     if code != 0:
         raise InvalidVmState(
-            f"QEMU could not start VM {os.path.basename(directory)}: {last_line(err or out)}")
+            f"QEMU could not start VM {os.path.basename(directory)}: {last_line(err or out)}"
+        )
 
 
 def find_pid(directory):
@@ -109,7 +119,7 @@ def process_alive(pid):
         # hold spaces.  The leader turns zombie while other threads are still exiting
         # and holding the disk's lock, so only all threads dead is gone; a zombie is not
         # ours to reap (QEMU daemonized away from us).
-        if stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
+        if stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X"):
             return True
     return False
 
@@ -159,7 +169,9 @@ def last_line(output):
     :param output: a tool's output, bytes
     :return: its last non-blank line, for an error message
     """
-    lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
+    lines = [
+        line for line in output.decode("utf-8", "replace").splitlines() if line.strip()
+    ]
     return lines[-1].strip() if lines else "no output"
 
 
