@@ -359,7 +359,8 @@ def make_explorer(
     """
     limits = limits or Limits()
     registry = Registry(clock, offline_after)
-    client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout)
+    client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout,
+                       max_response=limits.max_reply)
     rpc = Dispatcher(
         load_schema("explorer"),
         hero_compute.__version__,
@@ -367,7 +368,7 @@ def make_explorer(
         max_batch=limits.max_batch,
         max_response=limits.max_response,
     )
-    factory = make_factory(rpc)
+    factory = make_factory(rpc, limits=limits)
     listeners = Listeners(factory, listen, socket_dirs, reactor)
     trust = ExplorerTrust(
         clock=clock,

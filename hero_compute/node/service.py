@@ -250,7 +250,7 @@ def make_node(
     if tcp is not None:
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
-    factory = make_factory(rpc)
+    factory = make_factory(rpc, limits=limits)
     listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),

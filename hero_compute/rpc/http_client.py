@@ -121,7 +121,7 @@ class _HTTPConnection(protocol.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
-        if self._size > MAX_RESPONSE:
+        if self._size > self._pool.max_response:
             raise _TooLarge()
         self._chunks.append(body)
 
@@ -142,7 +142,7 @@ class _HTTPConnection(protocol.Protocol):
             if not isinstance(e.__context__, _TooLarge):
                 raise
             self._fail(
-                BadResponse(self.address, f"response body larger than {MAX_RESPONSE} bytes")
+                BadResponse(self.address, f"response body larger than {self._pool.max_response} bytes")
             )
             return
         except httptools.HttpParserError as e:
@@ -204,6 +204,7 @@ class _Pool:
         self._all: set[_HTTPConnection] = set()
         self._closing: list[defer.Deferred[None]] = []
         self._closed = False
+        self.max_response = MAX_RESPONSE
         # Connections made before the last retire() are not reused (old TLS material).
         self._generation = 0
         self._born: dict[_HTTPConnection, int] = {}
@@ -317,6 +318,7 @@ class RpcClient:
     :param connect_timeout: seconds allowed to establish a connection, so that a dead
         peer fails fast even when calls may legitimately take long
     :param max_per_peer: idle persistent connections kept per peer
+    :param max_response: bytes of a response body beyond which the call fails
     :param tls: a :class:`~hero_compute.rpc.tls.ClientTLS` for ``tls://`` peers (our
         certificate and the fleet CA), or None: ``tls://`` peers are then refused
     """
@@ -328,11 +330,14 @@ class RpcClient:
         connect_timeout: float = 5.0,
         max_per_peer: int = 4,
         tls: ClientTLS | None = None,
+        max_response: int = MAX_RESPONSE,
     ) -> None:
         self._reactor = reactor
         self.timeout = timeout
         self.tls = tls
         self._pool = _Pool(reactor, connect_timeout, max_per_peer, tls)
+        # A peer's answer is read whole before it is parsed: never more than this.
+        self._pool.max_response = max_response
 
     def use_tls(self, tls: ClientTLS) -> None:
         """

@@ -24,13 +24,26 @@ from typing import Any
 
 import attrs
 import httptools
+import os
+import resource
+
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.python.failure import Failure
 
+from zope.interface import implementer
+
 from .dispatch import Answer, CallContext, Dispatcher
+from .limits import Limits
 
 log = Logger()
 
@@ -59,7 +72,7 @@ IDLE_TIMEOUT = 75
 #: ``__hash__`` per lookup, about a microsecond a request in all.
 _STATUS_LINES = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode("ascii"))
-    for status in (200, 204, 400, 404, 405, 413, 414, 431, 500)
+    for status in (200, 204, 400, 404, 405, 408, 413, 414, 431, 500)
 }
 
 _TEXT = b"text/plain; charset=utf-8"
@@ -121,6 +134,7 @@ class _HTTPDate:
 _http_date = _HTTPDate()
 
 
+@implementer(IPushProducer)
 class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     """
     HTTP/1.1 for one connection to a dispatcher.
@@ -130,6 +144,11 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     bodies over ``max_body`` refused with 413 from the headers alone or as soon as they
     grow past it, never buffered beyond it, idle connections closed, and a call
     cancelled when its client hangs up.
+
+    Against a hostile peer (CONTRACT §7): a request head must arrive within
+    ``head_timeout`` of its first byte (408), however slowly it trickles; and we are the
+    transport's producer, so once ``max_unsent`` bytes of answers wait for a peer that
+    does not read, we stop reading (and answering) it until they drain.
     """
 
     factory: RpcHTTPFactory
@@ -145,6 +164,10 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     _inflight: defer.Deferred[bytes | None] | None = None
     _refusal: tuple[int, bytes] | None = None
     _answering = False
+    _head_timer: IDelayedCall | None = None
+    _write_paused = False
+    _reading_paused = False
+    _host: str | None = None
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         """TimeoutMixin's timer, on the factory's clock."""
@@ -155,11 +178,60 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._queue: collections.deque[_Request] = collections.deque()
         self._paused = False
         self.setTimeout(self.factory.idle_timeout)
+        # The transport tells us when answers pile up unsent (past its buffer size,
+        # which we set to our limit) and when they have drained.
+        transport = self.transport
+        while transport is not None:
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = self.factory.limits.max_unsent
+            transport = getattr(transport, "transport", None)
+        self.transport.registerProducer(self, True)
+
+    # -- IPushProducer: the transport's verdict on our unsent output
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        if not self._lost:
+            self._next()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _update_reading(self) -> None:
+        paused = self._paused or self._write_paused
+        if paused != self._reading_paused and not self._lost:
+            self._reading_paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     # -- parsing (httptools callbacks)
 
     def on_message_begin(self) -> None:
         self._parsing = _Request()
+        # The head's own deadline: the idle timer is reset by every byte, so one byte
+        # every few seconds would keep an unfinished head open for ever.
+        self._head_timer = self.factory.clock.callLater(
+            self.factory.limits.head_timeout, self._head_too_slow
+        )
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        self.factory.refused("head_timeout", self.transport)
+        self._refuse(408, b"request head not complete within %g s\n"
+                     % self.factory.limits.head_timeout)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
 
     def on_url(self, url: bytes) -> None:
         request = self._parsing
@@ -181,6 +253,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             request.expect_continue = True
 
     def on_headers_complete(self) -> None:
+        self._stop_head_timer()
         request = self._parsing
         assert request is not None
         if request.length is not None and request.length > self.factory.max_body:
@@ -245,7 +318,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             )
         if len(self._queue) > MAX_QUEUED and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._update_reading()
         self._next()
 
     def _next(self) -> None:
@@ -253,7 +326,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             return  # an answer that came at once, inside the loop below: it goes on
         self._answering = True
         try:
-            while self._queue and self._inflight is None and not self._closing:
+            while (self._queue and self._inflight is None and not self._closing
+                   and not self._write_paused):
                 self._answer(self._queue.popleft())
         finally:
             self._answering = False
@@ -265,7 +339,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             return
         if self._paused and len(self._queue) <= MAX_QUEUED // 2:
             self._paused = False
-            self.transport.resumeProducing()
+            self._update_reading()
         if self.timeOut is None:
             self.setTimeout(self.factory.idle_timeout)
 
@@ -380,8 +454,9 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (_STATUS_LINES[status], _http_date(), len(body), body)
         )
-        if self._paused:
-            self.transport.resumeProducing()
+        self._stop_head_timer()
+        self._paused = False
+        self._update_reading()
         linger = self.factory.linger
         if ISSLTransport.providedBy(self.transport):
             # TLS cannot half-close (the lookup would reach the TCP socket under it):
@@ -404,6 +479,12 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
+        self._stop_head_timer()
+        self.factory.closed(self)
+        # The transport holds us as its producer: break that cycle too.
+        unregister = getattr(self.transport, "unregisterProducer", None)
+        if unregister is not None:
+            unregister()
         # The parser holds our callbacks: without this cycle a closed connection is
         # freed at once, not at the next full collection (at fleet scale those are
         # the explorer's longest pauses).
@@ -443,6 +524,7 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
         max_body: int = MAX_BODY,
         clock: IReactorTime | None = None,
         linger: float = LINGER,
+        limits: Limits | None = None,
     ) -> None:
         from twisted.internet import reactor
 
@@ -451,10 +533,79 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
         self.max_body = max_body
         self.linger = linger
         self.clock: IReactorTime = reactor if clock is None else clock
+        self.limits = limits or Limits()
+        #: Refusals by limit, for metrics.
+        self.refusals: collections.Counter[str] = collections.Counter()
+        #: Open TCP/TLS connections per peer host (Unix ones are not counted).
+        self.per_host: collections.Counter[str] = collections.Counter()
+        #: Open connections in all.
+        self.open = 0
+        self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._last_log: dict[str, float] = {}
+        self._unlogged: collections.Counter[str] = collections.Counter()
+
+    def buildProtocol(self, addr: IAddress) -> RpcHTTPProtocol | None:  # type: ignore[override]  # None refuses, as Twisted allows
+        host = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
+        if host is not None:
+            limits = self.limits
+            if self.per_host[host] >= limits.max_conns_per_addr:
+                self.refused("max_conns_per_addr", None, host)
+                return None
+            if self._descriptors_short():
+                # The Unix socket is how the operator gets in to see what is wrong: TCP
+                # gives way while the descriptors kept for it would be used.
+                self.refused("fd_reserve", None, host)
+                return None
+        proto = protocol.Factory.buildProtocol(self, addr)
+        assert isinstance(proto, RpcHTTPProtocol)
+        proto._host = host
+        self.open += 1
+        if host is not None:
+            self.per_host[host] += 1
+        return proto
+
+    def _descriptors_short(self) -> bool:
+        reserve = self.limits.fd_reserve
+        if self._fd_limit <= 0 or self.open + 4 * reserve < self._fd_limit:
+            return False  # far from the limit: no system call on the hot path
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return False
+        return in_use + reserve >= self._fd_limit
+
+    def closed(self, proto: RpcHTTPProtocol) -> None:
+        """A connection of ours is gone."""
+        self.open -= 1
+        host = proto._host
+        if host is not None:
+            left = self.per_host[host] - 1
+            if left > 0:
+                self.per_host[host] = left
+            else:
+                del self.per_host[host]
+
+    def refused(self, limit: str, transport: Any, host: str | None = None) -> None:
+        """
+        Count a refusal, and log it at most once per limit every ten seconds (with how
+        many more there were): a flood of refusals must not become a flood of logs.
+        """
+        self.refusals[limit] += 1
+        if host is None and transport is not None:
+            host = getattr(transport.getPeer(), "host", "unix")
+        now = self.clock.seconds()
+        if now - self._last_log.get(limit, -1e9) < 10:
+            self._unlogged[limit] += 1
+            return
+        self._last_log[limit] = now
+        more = self._unlogged.pop(limit, 0)
+        log.warn("refused ({limit}) a connection from {host}{more}", limit=limit,
+                 host=host, more=f" (and {more} more since the last such line)" if more
+                 else "")
 
 
 def make_factory(
-    dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT
+    dispatcher: Dispatcher, idle_timeout: float = IDLE_TIMEOUT, limits: Limits | None = None
 ) -> RpcHTTPFactory:
     """
     The HTTP server of ``dispatcher``: ``POST /rpc`` answers JSON-RPC, every other path
@@ -462,6 +613,7 @@ def make_factory(
 
     :param dispatcher: a :class:`~hero_compute.rpc.dispatch.Dispatcher`
     :param idle_timeout: seconds before an idle connection is closed
+    :param limits: the :class:`~hero_compute.rpc.limits.Limits` against hostile peers
     :return: an :class:`RpcHTTPFactory`, to listen with
     """
-    return RpcHTTPFactory(dispatcher, idle_timeout)
+    return RpcHTTPFactory(dispatcher, idle_timeout, limits=limits)
