@@ -4,8 +4,8 @@ JSON body on a Unix socket and on TCP:
 
 - ``twisted-web``: a bare Twisted web resource on a stock :obj:`twisted.web.server.Site`
   (access log off), the framework floor;
-- ``hero-http``: our own HTTP/1.1 protocol (:obj:`make_factory`) with a dispatcher that answers
-  without parsing, i.e. the cost of our transport alone.
+- ``hero-http``: our own HTTP/1.1 protocol (:obj:`make_factory`) with a dispatcher that
+  answers without parsing, i.e. the cost of our transport alone.
 
 Usage: python bench/bare_server.py SOCKET_PATH [twisted-web|hero-http]
 (prints ``listening on ...`` lines)

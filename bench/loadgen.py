@@ -311,29 +311,19 @@ class HeartbeatGen:
         self.stats = Stats()
         self.win = (0.0, 0.0)
         self.sent_total = 0
-        a = args
         self.templates = {}
 
     def request_for(self, node):
         a = self.a
         nid = a.first + node
+        host = f"127.0.{1 + (nid >> 8) % 250}.{1 + nid % 250}"
         body = (
-            '{"jsonrpc":"2.0","method":"explorer.heartbeat","id":%d,"params":'
-            '{"node_id":"bench-%06d","socket_path":"tcp://127.0.%d.%d:%d",'
-            '"name":"bench-%06d","version":"0.1.0",'
+            f'{{"jsonrpc":"2.0","method":"explorer.heartbeat","id":{nid},"params":'
+            f'{{"node_id":"bench-{nid:06d}","socket_path":"tcp://{host}:9003",'
+            f'"name":"bench-{nid:06d}","version":"0.1.0",'
             '"capacity":{"vcpus":16,"memory_mb":65536,"disk_gb":1000},'
-            '"usage":{"vcpus":%d,"memory_mb":%d,"disk_gb":100},"vm_count":%d}}'
-            % (
-                nid,
-                nid,
-                1 + (nid >> 8) % 250,
-                1 + nid % 250,
-                9003,
-                nid,
-                nid % 16,
-                (nid % 64) * 1024,
-                nid % 8,
-            )
+            f'"usage":{{"vcpus":{nid % 16},"memory_mb":{(nid % 64) * 1024},"disk_gb":100}},'
+            f'"vm_count":{nid % 8}}}}}'
         ).encode()
         self.sent_total += 1
         return http_request(body)

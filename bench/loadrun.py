@@ -106,7 +106,8 @@ wrk.headers["Content-Type"] = "application/json"
 %s
 done = function(summary, latency, requests)
   io.write(string.format("WRKJSON {\\"requests\\":%%d,\\"duration_us\\":%%d,"
-    .. "\\"p50_us\\":%%d,\\"p99_us\\":%%d,\\"errors\\":%%d,\\"non2xx\\":%%d,\\"connect\\":%%d}\\n",
+    .. "\\"p50_us\\":%%d,\\"p99_us\\":%%d,\\"errors\\":%%d,"
+    .. "\\"non2xx\\":%%d,\\"connect\\":%%d}\\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
     summary.errors.read + summary.errors.write + summary.errors.timeout,
     summary.errors.status, summary.errors.connect))

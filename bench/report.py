@@ -119,15 +119,19 @@ def render(results, mach, args):
                 " ".join(f"{k}={_f(v)}" for k, v in r["extra"].items()),
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = "  ".join("-" * w for w in widths)
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa
+
+    def fmt(cells):
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+
     text = (
         [
             f"machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
             f"Twisted {mach['twisted']}, Linux {mach['kernel']}, "
             f"RLIMIT_NOFILE hard {mach['nofile_hard']}, commit {mach['commit']}",
-            f"mode: {'quick' if args.quick else 'full'}; sections: {','.join(args.sections)}",
+            f"mode: {'quick' if args.quick else 'full'}; "
+            f"sections: {','.join(args.sections)}",
             "",
             line,
             fmt(head),

@@ -5,6 +5,7 @@ and failure detection.  The heartbeat ingest and the py-spy profile are in
 ``ingest.py``.
 """
 
+import functools
 import json
 import os
 import signal
@@ -128,23 +129,25 @@ def sec_transport(procs, tmp, res, cfg):
                 ]
             for label, gen, target in runs:
                 if gen == "py":
-                    fn = lambda: run_closed(
+                    fn = functools.partial(
+                        run_closed,
                         procs,
                         target,
                         c,
                         cfg["dur"],
-                        cfg["warm"],  # noqa
+                        cfg["warm"],
                         close=close,
                         server_pid=exp.pid,
                     )
                 else:
-                    fn = lambda: run_wrk(
+                    fn = functools.partial(
+                        run_wrk,
                         procs,
                         tmp,
                         target,
                         c,
                         cfg["dur"],
-                        close=close,  # noqa
+                        close=close,
                         server_pid=exp.pid,
                     )
                 r = best_of(fn, reps)

@@ -1,17 +1,19 @@
 """
 Shared fixtures: failing tests on logged errors, real twistd processes that are always
-stopped, and the JSON-RPC spec server.
+stopped, the JSON-RPC spec server, and network namespaces for multi-host tests.
 """
 
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
+from .netns import Lab, netns_available
 from .spec_server import SpecServer
 from .support import Twistd, make_short_tmp, remove_tmp
 
 
 class LoggedErrors:
-    """Errors logged in this process during a test; a test that expects some flushes them."""
+    """Errors logged in this process during a test; a test that expects some flushes
+    them."""
 
     def __init__(self):
         self.events = []
@@ -103,3 +105,16 @@ def spec_server():
 def uri(request, spec_server):
     """The spec server's Unix socket URI, then its TCP (IPv4) URI."""
     return getattr(spec_server, request.param)
+
+
+@pytest.fixture
+def lab():
+    """A fresh switch for test hosts; skipped where namespaces cannot be made."""
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.destroy()

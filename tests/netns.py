@@ -9,8 +9,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
-
 SUBNET = "192.0.2"
 
 
@@ -93,16 +91,3 @@ class Lab:
         for ns, _, _ in self.hosts.values():
             _ip("netns", "del", ns, check=False)
         _ip("netns", "del", self.switch, check=False)
-
-
-@pytest.fixture
-def lab():
-    """A fresh switch for test hosts; skipped where namespaces cannot be made."""
-    reason = netns_available()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.destroy()

@@ -1,8 +1,8 @@
 """
 A tiny JSON-RPC server for the transport's end-to-end tests: the example methods of the
 JSON-RPC 2.0 specification (section 7), plus a few that misbehave, served by
-:class:`hero_compute.rpc.dispatch.Dispatcher` (no schema) on a Unix socket, TCP over IPv4 and
-TCP over IPv6 at once.
+:class:`hero_compute.rpc.dispatch.Dispatcher` (no schema) on a Unix socket, TCP over IPv4
+and TCP over IPv6 at once.
 
 Run as ``python tests/spec_server.py /abs/path.sock``; it logs one ``listening on URI``
 line per listener to stdout.  :obj:`SpecServer` runs it as a subprocess for tests.

@@ -67,7 +67,8 @@ def refused(match=None):
 
 
 def test_token_format_and_expiry(enrollment, clock):
-    """A token is <6>.<32> of [a-z0-9], fresh each time, and expires after an hour by default."""
+    """A token is <6>.<32> of [a-z0-9], fresh each time, and expires after an hour by
+    default."""
     first = enrollment.create_token()
     second = enrollment.create_token()
     assert TOKEN_PATTERN.fullmatch(first["token"])
@@ -162,7 +163,8 @@ def test_enrolled_id_needs_a_token_naming_it(enrollment, store):
 
 
 def test_revoked_then_enrolled_again(enrollment, store):
-    """A revoked id is refused until it enrolls with a token made for it; the old cert stays refused."""
+    """A revoked id is refused until it enrolls with a token made for it; the old cert stays
+    refused."""
     enrollment.enroll(enrollment.create_token()["token"], "CSR", "n1")
     enrollment.revoke("n1")
     with refused("revoked"):
@@ -176,7 +178,8 @@ def test_revoked_then_enrolled_again(enrollment, store):
 
 
 def test_signing_failure_spends_the_token(enrollment, store):
-    """If signing fails the token is used up and nothing is recorded: one token, at most one certificate."""
+    """If signing fails the token is used up and nothing is recorded: one token, at most one
+    certificate."""
 
     def broken(csr_pem, node_id):
         raise RuntimeError("CA key unreadable")
@@ -210,7 +213,8 @@ def test_renew_from_the_current_certificate(enrollment, store):
 
 
 def test_renew_with_a_stale_serial_is_refused(enrollment, signer):
-    """A certificate that has already been renewed cannot renew again, and nothing is signed."""
+    """A certificate that has already been renewed cannot renew again, and nothing is
+    signed."""
     enrollment.enroll(enrollment.create_token()["token"], "CSR", "n1")
     enrollment.renew("n1", 1, "CSR")
     with refused("not the current one"):
@@ -227,7 +231,8 @@ def test_renew_with_a_revoked_certificate_is_refused(enrollment):
 
 
 def test_renewal_lost_race_revokes_what_it_signed(enrollment, store, signer):
-    """If the serial changes while signing, the fresh certificate is revoked, not handed out."""
+    """If the serial changes while signing, the fresh certificate is revoked, not handed
+    out."""
     enrollment.enroll(enrollment.create_token()["token"], "CSR", "n1")
 
     def racing(csr_pem, node_id):
@@ -292,7 +297,8 @@ def test_revoked_node_secret_is_refused(enrollment):
 
 
 def test_tokens_and_secrets_never_stored_in_clear(enrollment, store, tmp_path):
-    """Neither a token, nor its secret half, nor a node secret appears in the state files."""
+    """Neither a token, nor its secret half, nor a node secret appears in the state
+    files."""
     token = enrollment.create_token(node_id="n1")["token"]
     used = enrollment.create_token()["token"]
     enrollment.enroll(used, "CSR", "n2")

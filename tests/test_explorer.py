@@ -168,7 +168,8 @@ async def test_heartbeats_stop_before_the_goodbye(explorer, client, sockets):
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_node_registers_with_tcp_address(explorer, client, sockets):
-    """A node reaching the explorer over TCP reports its tcp:// address and is proxied over TCP."""
+    """A node reaching the explorer over TCP reports its tcp:// address and is proxied over
+    TCP."""
     _, tcp = uris(explorer)
     node = start_node(sockets, [tcp], tcp="127.0.0.1:0")
     try:
@@ -201,7 +202,8 @@ async def test_explorer_named_by_host_name(explorer, client, sockets):
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_heartbeat_claiming_unix_is_refused(explorer, client):
-    """A heartbeat over TCP that claims a unix:// address gets -32010 and is not recorded."""
+    """A heartbeat over TCP that claims a unix:// address gets -32010 and is not
+    recorded."""
     unix, tcp = uris(explorer)
     with pytest.raises(RefusedByPolicy) as e:
         await client.call(
@@ -215,7 +217,8 @@ async def test_tcp_heartbeat_claiming_unix_is_refused(explorer, client):
 
 @pytest_twisted.ensureDeferred
 async def test_bad_socket_path_is_invalid_params(explorer, client):
-    """A heartbeat with an unparsable address gets -32602 naming it and the accepted forms."""
+    """A heartbeat with an unparsable address gets -32602 naming it and the accepted
+    forms."""
     unix, _ = uris(explorer)
     with pytest.raises(InvalidParams) as e:
         await client.call(
@@ -226,7 +229,8 @@ async def test_bad_socket_path_is_invalid_params(explorer, client):
 
 @pytest_twisted.ensureDeferred
 async def test_call_errors(explorer, client, sockets):
-    """call: -32001 unknown node, -32010 non-node method, node errors unchanged, -32002 offline."""
+    """call: -32001 unknown node, -32010 non-node method, node errors unchanged, -32002
+    offline."""
     unix, _ = uris(explorer)
     with pytest.raises(NodeNotFound):
         await client.call(unix, "explorer.call", {"node_id": "x", "method": "node.info"})
@@ -275,7 +279,8 @@ async def test_unreachable_node_fails_fast(explorer, client, sockets):
 
 @pytest_twisted.ensureDeferred
 async def test_list_filter_info_and_remove(explorer, client, clock):
-    """list_nodes filters by status; info counts nodes and lists listeners; remove forgets."""
+    """list_nodes filters by status; info counts nodes and lists listeners; remove
+    forgets."""
     unix, tcp = uris(explorer)
     for n in ("a", "b"):
         await client.call(

@@ -88,7 +88,7 @@ def test_backoff_then_recovery_within_one_cap():
         clock.advance(0.5)
         if len(client.calls) > len(times):
             times.append(clock.seconds())
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert gaps[:4] == [2.0, 4.0, 8.0, 10.0]
     assert max(gaps) <= 10.0
     assert loop.state.state == "failing" and "refused" in loop.state.last_error
@@ -202,9 +202,11 @@ def test_warns_once_when_interval_exceeds_explorer_expectation():
     from twisted.logger import globalLogPublisher
 
     seen = []
-    observer = lambda e: (
-        seen.append(e) if "expects a heartbeat" in e.get("log_format", "") else None
-    )
+
+    def observer(e):
+        if "expects a heartbeat" in e.get("log_format", ""):
+            seen.append(e)
+
     globalLogPublisher.addObserver(observer)
     try:
         clock, client = Clock(), FakeRpcClient()

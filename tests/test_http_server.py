@@ -63,7 +63,9 @@ def read_until_closed(sock, limit=1 << 20):
         try:
             data = sock.recv(65536)
         except TimeoutError:
-            raise AssertionError(f"the server did not close; got {b''.join(chunks)!r}")
+            raise AssertionError(
+                f"the server did not close; got {b''.join(chunks)!r}"
+            ) from None
         if not data:
             return b"".join(chunks)
         chunks.append(data)
@@ -270,7 +272,8 @@ def test_http10_closes_unless_asked_to_keep_alive(uri):
         (b"GARBAGE\r\n\r\n", b"400"),
         (b"POST /rpc HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
         (
-            b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
             b"400",
         ),
         (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
@@ -329,7 +332,8 @@ def test_persistent_connection(spec_server):
         assert conn.sock is sock
         assert len({p["peer"] for p in peers}) == 1
         assert peers[0]["transport"] == "tcp"
-        assert peers[0]["peer"] == "%s:%d" % conn.sock.getsockname()[:2]
+        host, port = conn.sock.getsockname()[:2]
+        assert peers[0]["peer"] == f"{host}:{port}"
     finally:
         conn.close()
 

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from .netns import lab  # noqa: F401 (fixture)
 from .support import result, rpc, wait_for
 
 OFFLINE_AFTER = 3.0
@@ -27,7 +26,8 @@ def node_env(explorer_ip, node_id):
 
 
 def test_three_hosts(lab, twistd, short_tmp):
-    """Remote nodes over TCP and a local one over Unix; link cuts, recovery, explorer restart."""
+    """Remote nodes over TCP and a local one over Unix; link cuts, recovery, explorer
+    restart."""
     explorer_ip = lab.add_host("ex", 1)
     n1_ip = lab.add_host("n1", 11)
     n2_ip = lab.add_host("n2", 12)

@@ -15,7 +15,6 @@ import pytest
 
 from hero_compute import pki
 
-from .netns import lab  # noqa: F401 (fixture)
 from .support import ROOT, result, rpc, wait_for
 
 INTERVAL = 1.0

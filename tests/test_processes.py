@@ -139,7 +139,8 @@ def run_twistd(args, env):
 
 
 def test_configuration_errors_refuse_to_start(short_tmp):
-    """Bad URIs in the environment and a TCP explorer without a TCP listener stop start-up."""
+    """Bad URIs in the environment and a TCP explorer without a TCP listener stop
+    start-up."""
     base = {"HOME": short_tmp}
     code, out = run_twistd(["node"], {**base, "EXPLORER_ADDRESSES": "tcp://10.9.9.9:9002"})
     assert code != 0 and "NODE_TCP_ADDR" in out
@@ -151,7 +152,8 @@ def test_configuration_errors_refuse_to_start(short_tmp):
 
 
 def test_node_over_tcp_and_explorer_restart(twistd, short_tmp):
-    """A node reporting over TCP re-registers after the explorer restarts on the same port."""
+    """A node reporting over TCP re-registers after the explorer restarts on the same
+    port."""
     explorer = twistd(
         ["explorer", "--socket", f"{short_tmp}/e.sock", "--tcp", "127.0.0.1:0"]
     )

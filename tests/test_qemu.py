@@ -197,7 +197,8 @@ def test_interfaces(state_dir):
 
 
 def test_capacity_from_host(state_dir):
-    """Capacity is the host's CPUs, MemTotal and the state filesystem's size, in whole units."""
+    """Capacity is the host's CPUs, MemTotal and the state filesystem's size, in whole
+    units."""
     manager = QemuVmManager(reactor=reactor, state_dir=state_dir)
     with open("/proc/meminfo") as f:
         mem_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
@@ -581,7 +582,8 @@ async def test_kill_marks_error(managers, state_dir, logged_errors):
 @needs_qemu
 @pytest_twisted.ensureDeferred
 async def test_qemu_start_failure(managers, state_dir, logged_errors):
-    """A QEMU that cannot start leaves the VM stopped, with QEMU's reason, nothing running."""
+    """A QEMU that cannot start leaves the VM stopped, with QEMU's reason, nothing
+    running."""
     manager = managers()
     vm = await create(manager)
     os.unlink(os.path.join(state_dir, "vms", vm.vm_id, "disk.qcow2"))
@@ -595,7 +597,8 @@ async def test_qemu_start_failure(managers, state_dir, logged_errors):
 @needs_qemu
 @pytest_twisted.ensureDeferred
 async def test_announced_shutdown_is_stopped(managers, state_dir):
-    """A QEMU that announces SHUTDOWN before exiting (as on guest power-off) ends stopped."""
+    """A QEMU that announces SHUTDOWN before exiting (as on guest power-off) ends
+    stopped."""
     manager = managers()
     vm = await create(manager)
     await within(manager.start(vm.vm_id))

@@ -291,7 +291,8 @@ def _connect(reactor, server):
 
 
 def test_connect_qmp_waits_for_handshake():
-    """connect_qmp fires with a ready protocol after the handshake, over a real byte stream."""
+    """connect_qmp fires with a ready protocol after the handshake, over a real byte
+    stream."""
     reactor = MemoryReactorClock()
     events = []
     d = connect_qmp(

@@ -96,7 +96,8 @@ def test_nodes_survive_reopen(store):
 
 
 def test_save_node_replaces_and_forget_node_removes(store):
-    """Saving again replaces the record; forgetting drops it and says whether it was there."""
+    """Saving again replaces the record; forgetting drops it and says whether it was
+    there."""
     store.save_node(node())
     store.save_node(node(socket_path="tcp://10.0.0.2:9003"))
     assert [r["socket_path"] for r in store.load_nodes()] == ["tcp://10.0.0.2:9003"]
@@ -230,7 +231,8 @@ def test_concurrent_redeems_from_two_connections(store):
 
 
 def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
-    """A redeem that starts while another is mid-transaction waits, then is refused cleanly."""
+    """A redeem that starts while another is mid-transaction waits, then is refused
+    cleanly."""
     store.add_token(sha("t1"), "n1", NOW + 60)
     inside, results = threading.Event(), {}
     purge = Store._purge_tokens
@@ -312,7 +314,8 @@ def test_revoke_refuses_serials_and_secret_and_survives_reopen(store):
 
 
 def test_removal_never_undoes_revocation(store):
-    """Forgetting a revoked id keeps it revoked, and its old secret stays refused anywhere."""
+    """Forgetting a revoked id keeps it revoked, and its old secret stays refused
+    anywhere."""
     store.bind_secret("n1", sha("s1"))
     store.revoke("n1", NOW)
     store.forget_identity("n1")

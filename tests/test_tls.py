@@ -8,7 +8,7 @@ import os
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -364,7 +364,7 @@ async def test_fetch_peer_chain_fails_when_nothing_listens():
     probe = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
     port = probe.getHost().port
     await probe.stopListening()
-    with pytest.raises(Exception):
+    with pytest.raises(error.ConnectError):
         await tls.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
 
 

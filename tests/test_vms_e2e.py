@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 
-from .netns import lab  # noqa: F401 (fixture)
 from .support import result, rpc, wait_for
 
 pytestmark = [

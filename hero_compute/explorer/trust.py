@@ -139,7 +139,8 @@ class ExplorerTrust:
         except TLSConfigError as e:
             raise StartupError(
                 f"TLS material unusable: {e} (EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, "
-                "EXPLORER_TLS_CA; make them with: hero-compute tls cert create --explorer NAME)"
+                "EXPLORER_TLS_CA; make them with: "
+                "hero-compute tls cert create --explorer NAME)"
             ) from None
         self._creators = [server, proxy]
         self._factory.trust_domain = server.trust_domain

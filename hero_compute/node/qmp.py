@@ -73,7 +73,8 @@ class _Observers:
         return d
 
     def succeed(self, result):
-        """Fire every waiter with ``result`` (never a :obj:`Failure`: Deferreds errback those)."""
+        """Fire every waiter with ``result`` (never a :obj:`Failure`: Deferreds errback
+        those)."""
         self._settle(("succeed", result))
 
     def fail(self, reason):
@@ -102,8 +103,8 @@ class QmpProtocol(LineOnlyReceiver):
     """
     One QMP session.
 
-    Use :obj:`when_ready` to learn that the handshake is done, :obj:`execute` to run commands and
-    :obj:`when_disconnected` to learn that the session is over.
+    Use :obj:`when_ready` to learn that the handshake is done, :obj:`execute` to run
+    commands and :obj:`when_disconnected` to learn that the session is over.
 
     :param on_event: called as ``on_event(name, data, timestamp)`` for every asynchronous
         event; ``data`` is a dict (empty when the event has none), ``timestamp`` Unix

@@ -71,7 +71,8 @@ class Options(usage.Options):
             "socket",
             None,
             None,
-            "Unix socket [default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock]",
+            "Unix socket "
+            "[default: $NODE_SOCKET or $HERO_SOCKET_DIR/hero_compute_server.sock]",
             absolute_socket,
         ],
         [
@@ -94,9 +95,9 @@ class Options(usage.Options):
             "advertise",
             None,
             None,
-            "Address (its host, or all of it for explorers of its scheme) reported to TCP and "
-            "TLS explorers [default: $NODE_ADVERTISE_ADDR, else the local address on its "
-            "connection to each explorer, with the --tcp or --tls port]",
+            "Address (its host, or all of it for explorers of its scheme) reported to TCP "
+            "and TLS explorers [default: $NODE_ADVERTISE_ADDR, else the local address on "
+            "its connection to each explorer, with the --tcp or --tls port]",
             _advertise,
         ],
         [

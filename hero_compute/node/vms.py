@@ -1,8 +1,8 @@
 """
 The VM manager seam: what the node's RPC methods need from whatever runs VMs.
 
-:obj:`IVmManager` is implemented for real by :obj:`hero_compute.node.qemu.QemuVmManager` (QEMU
-processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager``.
+:obj:`IVmManager` is implemented for real by :obj:`hero_compute.node.qemu.QemuVmManager`
+(QEMU processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager``.
 """
 
 import attrs

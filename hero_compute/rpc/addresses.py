@@ -4,8 +4,8 @@ The one address grammar of hero_compute (CONTRACT §1).
 Peers are named by URI: ``unix:///abs/path.sock`` (or the legacy bare ``/abs/path.sock``),
 ``tcp://host:port``, ``tcp://[v6addr]:port`` and ``tls://host:port``.  Listeners are named
 ``host:port`` or ``[v6addr]:port``.  Everything that reads an address from a user, an
-environment variable or the wire goes through :obj:`parse_address` or :obj:`parse_listen`, so a
-bad value is rejected the same way everywhere, with the accepted forms in the message.
+environment variable or the wire goes through :obj:`parse_address` or :obj:`parse_listen`,
+so a bad value is rejected the same way everywhere, with the accepted forms in the message.
 """
 
 from __future__ import annotations

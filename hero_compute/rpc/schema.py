@@ -2,8 +2,8 @@
 The ``.oschema`` format: a service's types and methods, from which we generate the
 OpenRPC document served by ``rpc.discover`` and the JSON Schemas that validate params.
 
-An ``.oschema`` file is TOML (read by the standard library's :obj:`tomllib`); this module only
-gives the tables meaning:
+An ``.oschema`` file is TOML (read by the standard library's :obj:`tomllib`); this module
+only gives the tables meaning:
 
     [service]                       title, description
     [types.NAME]                    description; fields.FIELD = FIELD-SPEC;

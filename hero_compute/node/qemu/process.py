@@ -72,7 +72,8 @@ async def daemonize(reactor, qemu, argv, directory, timeout):
     out, err, code = await spawn
     if code != 0:
         raise InvalidVmState(
-            f"QEMU could not start VM {os.path.basename(directory)}: {last_line(err or out)}"
+            f"QEMU could not start VM {os.path.basename(directory)}: "
+            f"{last_line(err or out)}"
         )
 
 
