@@ -29,8 +29,8 @@ from hero_compute.rpc.tls import (
     Expected,
     ServerTLS,
     TLSMaterial,
-    fetch_peer_chain,
 )
+from hero_compute.rpc.tls_enroll import fetch_peer_chain
 
 from .fakes import MemoryVmManager
 from .support import Twistd

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from hero_compute import pki
-from hero_compute.rpc import tls
+from hero_compute.rpc import tls, tls_enroll
 
 TD = "hero-compute"
 WAIT = 10
@@ -326,14 +326,14 @@ async def test_fetch_peer_chain_and_pin(fleet, serve):
     """The explorer's chain is read without sending data; the right pin yields the CA
     and a wrong pin is refused, saying so."""
     port, factory = serve(tls.ServerTLS(material(fleet, "explorer/e1")))
-    chain = await tls.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
+    chain = await tls_enroll.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
     ca = pki.load_certificate(fleet["ca"])
     assert chain[-1] == ca
-    assert tls.ca_from_chain(chain, fleet["pin"]) == ca
-    assert tls.ca_from_chain(chain, fleet["pin"].upper()) == ca
+    assert tls_enroll.ca_from_chain(chain, fleet["pin"]) == ca
+    assert tls_enroll.ca_from_chain(chain, fleet["pin"].upper()) == ca
     wrong = "sha256:" + "0" * 64
-    with pytest.raises(tls.ChainError, match="pin"):
-        tls.ca_from_chain(chain, wrong)
+    with pytest.raises(tls_enroll.ChainError, match="pin"):
+        tls_enroll.ca_from_chain(chain, wrong)
     for server in factory.connections:
         await within(server.lost)
     assert [server.received for server in factory.connections] == [b""]
@@ -343,9 +343,9 @@ async def test_fetch_peer_chain_and_pin(fleet, serve):
 async def test_ca_from_chain_wants_an_explorer(fleet, serve):
     """A chain of the pinned CA whose leaf is a node, not an explorer, is refused."""
     port, factory = serve(tls.ServerTLS(material(fleet, "node/a")))
-    chain = await tls.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
-    with pytest.raises(tls.ChainError, match="not an explorer"):
-        tls.ca_from_chain(chain, fleet["pin"])
+    chain = await tls_enroll.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
+    with pytest.raises(tls_enroll.ChainError, match="not an explorer"):
+        tls_enroll.ca_from_chain(chain, fleet["pin"])
     for server in factory.connections:
         await within(server.lost)
 
@@ -354,8 +354,8 @@ def test_ca_from_chain_wants_the_leaf_issued_by_the_pinned_ca(fleet):
     """A leaf of another CA next to the pinned CA certificate is refused."""
     other_leaf = pki.load_certificate(fleet["other/node/a"][0])
     ca = pki.load_certificate(fleet["ca"])
-    with pytest.raises(tls.ChainError, match="not issued by the pinned CA"):
-        tls.ca_from_chain([other_leaf, ca], fleet["pin"])
+    with pytest.raises(tls_enroll.ChainError, match="not issued by the pinned CA"):
+        tls_enroll.ca_from_chain([other_leaf, ca], fleet["pin"])
 
 
 @pytest_twisted.ensureDeferred
@@ -365,7 +365,7 @@ async def test_fetch_peer_chain_fails_when_nothing_listens():
     port = probe.getHost().port
     await probe.stopListening()
     with pytest.raises(error.ConnectError):
-        await tls.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
+        await tls_enroll.fetch_peer_chain(reactor, "127.0.0.1", port, WAIT)
 
 
 @pytest_twisted.ensureDeferred
@@ -376,7 +376,9 @@ async def test_fetch_peer_chain_times_out_on_a_silent_server():
     )
     try:
         with pytest.raises(defer.TimeoutError):
-            await tls.fetch_peer_chain(reactor, "127.0.0.1", silent.getHost().port, 0.3)
+            await tls_enroll.fetch_peer_chain(
+                reactor, "127.0.0.1", silent.getHost().port, 0.3
+            )
     finally:
         await silent.stopListening()
 

@@ -1,5 +1,8 @@
 """
 The explorer's RPC methods and the service tree that serves them.
+
+Long because: the explorer's methods and the one factory that wires them read best
+together: each method's collaborators are built a screen below it.
 """
 
 import collections
@@ -359,8 +362,12 @@ def make_explorer(
     """
     limits = limits or Limits()
     registry = Registry(clock, offline_after)
-    client = RpcClient(reactor, timeout=call_timeout, connect_timeout=connect_timeout,
-                       max_response=limits.max_reply)
+    client = RpcClient(
+        reactor,
+        timeout=call_timeout,
+        connect_timeout=connect_timeout,
+        max_response=limits.max_reply,
+    )
     rpc = Dispatcher(
         load_schema("explorer"),
         hero_compute.__version__,

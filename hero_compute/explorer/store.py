@@ -12,6 +12,9 @@ durable changed (see :func:`needs_save`) and flushes ``last_seen`` in batches wi
 Every multi-statement change runs in one ``BEGIN IMMEDIATE`` transaction, so two
 connections to the same file (a restart overlapping a dying explorer, or a test) can
 never both redeem one token or interleave half-made changes.
+
+Long because: it is the one module that speaks SQL, on purpose: every statement on the
+state file, and each transaction's boundaries, are reviewed in one place.
 """
 
 import contextlib

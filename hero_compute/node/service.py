@@ -20,9 +20,10 @@ from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
 
-from .enroll import ClientSide, NodeTLS, TLSFiles
+from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 from .secret import load_or_create_secret
+from .tls import ClientSide, NodeTLS
 
 log = Logger()
 

@@ -10,6 +10,9 @@ The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`
 the raw body and a :class:`CallContext`; between the two sits one optional check, the
 ``authorize`` hook, given the context, the method name and the raw params before the
 params are checked against the schema.
+
+Long because: JSON-RPC 2.0's rules (requests, batches, notifications, errors, what can
+be encoded) are one specification, kept in one reading.
 """
 
 from __future__ import annotations

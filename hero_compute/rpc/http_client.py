@@ -142,7 +142,10 @@ class _HTTPConnection(protocol.Protocol):
             if not isinstance(e.__context__, _TooLarge):
                 raise
             self._fail(
-                BadResponse(self.address, f"response body larger than {self._pool.max_response} bytes")
+                BadResponse(
+                    self.address,
+                    f"response body larger than {self._pool.max_response} bytes",
+                )
             )
             return
         except httptools.HttpParserError as e:

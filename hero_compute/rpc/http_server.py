@@ -16,6 +16,8 @@ refusing, lingering, idling): split, its rules would have to be read in two plac
 from __future__ import annotations
 
 import collections
+import os
+import resource
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -24,9 +26,6 @@ from typing import Any
 
 import attrs
 import httptools
-import os
-import resource
-
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -39,7 +38,6 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.python.failure import Failure
-
 from zope.interface import implementer
 
 from .dispatch import Answer, CallContext, Dispatcher
@@ -224,8 +222,10 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     def _head_too_slow(self) -> None:
         self._head_timer = None
         self.factory.refused("head_timeout", self.transport)
-        self._refuse(408, b"request head not complete within %g s\n"
-                     % self.factory.limits.head_timeout)
+        self._refuse(
+            408,
+            b"request head not complete within %g s\n" % self.factory.limits.head_timeout,
+        )
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -326,8 +326,12 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             return  # an answer that came at once, inside the loop below: it goes on
         self._answering = True
         try:
-            while (self._queue and self._inflight is None and not self._closing
-                   and not self._write_paused):
+            while (
+                self._queue
+                and self._inflight is None
+                and not self._closing
+                and not self._write_paused
+            ):
                 self._answer(self._queue.popleft())
         finally:
             self._answering = False
@@ -599,9 +603,12 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
             return
         self._last_log[limit] = now
         more = self._unlogged.pop(limit, 0)
-        log.warn("refused ({limit}) a connection from {host}{more}", limit=limit,
-                 host=host, more=f" (and {more} more since the last such line)" if more
-                 else "")
+        log.warn(
+            "refused ({limit}) a connection from {host}{more}",
+            limit=limit,
+            host=host,
+            more=f" (and {more} more since the last such line)" if more else "",
+        )
 
 
 def make_factory(

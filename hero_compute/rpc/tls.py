@@ -22,6 +22,9 @@ Enrollment (a node with a join token and a CA pin but no certificate yet) uses
 :func:`fetch_peer_chain` and :func:`ca_from_chain` to learn the CA from the explorer's own
 handshake, then talks to the explorer over an ordinary verified connection, so the token
 never goes to a server that has not proven it holds a certificate of the pinned CA.
+
+Long because: a peer's identity, the material it comes from and the contexts that check
+it are one trust decision; enrollment's helpers are apart, in :mod:`.tls_enroll`.
 """
 
 from __future__ import annotations
@@ -415,24 +418,3 @@ def tls_server_factory(creator: ServerTLS, factory: Factory) -> TLSMemoryBIOFact
     :param factory: the application's protocol factory (the HTTP site)
     """
     return TLSMemoryBIOFactory(creator, False, factory)
-
-
-# Enrollment's helpers live in tls_enroll.py (they build on identity_of and Expected
-# above, hence the import at the end); they are re-exported here, where callers look.
-from .tls_enroll import ChainError, ca_from_chain, fetch_peer_chain  # noqa: E402
-
-__all__ = [
-    "ChainError",
-    "ClientTLS",
-    "Credentials",
-    "Expected",
-    "PeerIdentity",
-    "ServerTLS",
-    "TLSConfigError",
-    "TLSMaterial",
-    "ca_from_chain",
-    "fetch_peer_chain",
-    "identity_of",
-    "peer_identity",
-    "tls_server_factory",
-]

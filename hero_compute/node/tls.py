@@ -1,0 +1,391 @@
+"""
+The node's TLS as a service: its material loaded or enrolled for, the mutual-TLS
+listener and the ``tls://`` heartbeats started once it exists, renewal past two thirds
+of the certificate's life, and reload on SIGHUP.  Enrollment and the files themselves
+are :mod:`.enroll`'s.
+"""
+
+import datetime
+import random
+import signal
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hero_compute import pki
+from hero_compute.rpc.errors import RpcError, TransportError
+from hero_compute.rpc.tls import (
+    ClientTLS,
+    Expected,
+    ServerTLS,
+    TLSConfigError,
+    identity_of,
+)
+
+from .enroll import (
+    CALL_TIMEOUT,
+    ENROLL_RETRY,
+    RETRY,
+    RETRY_CAP,
+    BadCertificate,
+    EnrollmentRefused,
+    enroll,
+    issued,
+    renewal_due,
+)
+
+log = Logger()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientSide:
+    """
+    The TLS side of the node's :class:`~hero_compute.rpc.http_client.RpcClient`, made
+    before any material exists (the client is wired when the tree is built) and pointing
+    at the :class:`~hero_compute.rpc.tls.ClientTLS` once it is loaded.
+
+    :ivar creator: the current :class:`~hero_compute.rpc.tls.ClientTLS`, or None
+    """
+
+    creator = None
+
+    def _current(self):
+        if self.creator is None:
+            raise TLSConfigError("no TLS material yet (the node has not enrolled)")
+        return self.creator
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        """:return: a connection of the current creator"""
+        return self._current().clientConnectionForTLS(tlsProtocol)
+
+    def expecting(self, expected):
+        """:return: a creator expecting ``expected``, resolved at connection time"""
+        return _LaterExpecting(self, expected)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.frozen
+class _LaterExpecting:
+    side: ClientSide
+    expected: Expected
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        creator = self.side._current().expecting(self.expected)
+        return creator.clientConnectionForTLS(tlsProtocol)
+
+
+class NodeTLS(service.MultiService):
+    """
+    The node's TLS: loads (or enrolls for) its material, then serves the TLS listener,
+    starts its children (the heartbeat loops of ``tls://`` explorers) and renews the
+    certificate on time.  ``SIGHUP`` re-reads the files.
+
+    :param reactor: the reactor (connections, ``callFromThread``)
+    :param clock: an ``IReactorTime`` scheduling renewals and retries
+    :param files: the :class:`TLSFiles`
+    :param identity: the node's identity (``node_id``, known once started)
+    :param listeners: the node's :class:`~hero_compute.rpc.listeners.Listeners`
+    :param factory: the node's HTTP factory, whose ``trust_domain`` is set once loaded
+    :param listen: the TLS :class:`~hero_compute.rpc.addresses.ListenAddress`, or None
+    :param explorers: the ``tls://`` explorer addresses (enrollment, renewal)
+    :param client: the node's RPC client (its TLS side is ``client_side``)
+    :param client_side: the :class:`ClientSide` of that client
+    :param join_token: ``NODE_JOIN_TOKEN``, or None
+    :param ca_pin: ``NODE_CA_PIN``, or None
+    :param stop: called (no arguments) when the node cannot go on: enrollment refused
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor,
+        clock,
+        files,
+        identity,
+        listeners,
+        factory,
+        listen,
+        explorers,
+        client,
+        client_side,
+        join_token=None,
+        ca_pin=None,
+        stop=None,
+        rand=random.random,
+    ):
+        service.MultiService.__init__(self)
+        self._reactor, self._clock, self._files = reactor, clock, files
+        self._identity, self._listeners, self._factory = identity, listeners, factory
+        self._listen, self._explorers = listen, list(explorers)
+        self._client, self._client_side = client, client_side
+        self._token, self._pin = join_token, ca_pin
+        self._stop = stop if stop is not None else (lambda: None)
+        self._rand = rand
+        #: The :class:`~hero_compute.rpc.tls.ServerTLS` of the listener, once loaded.
+        self.server_tls = None
+        self._listener = None
+        self._working = None  # the enrollment or renewal under way
+        self._renewal = None  # the DelayedCall of the next renewal
+        self._failures = 0
+        self._previous_sighup = None
+
+    @property
+    def credentials(self):
+        """The :class:`~hero_compute.rpc.tls.Credentials` in use, or None."""
+        creator = self._client_side.creator
+        return creator.credentials if creator is not None else None
+
+    def prepare(self):
+        """
+        Load the material if the files exist, and add the TLS listener; done once,
+        before the listeners start when it can be (so a listener that cannot bind aborts
+        start-up).
+
+        :raises TLSConfigError: if the files exist but cannot be used
+        """
+        if self.credentials is None and self._files.exists():
+            self._load()
+
+    def _load(self):
+        material = self._files.material()
+        client = ClientTLS(material, Expected("explorer"))
+        if self._listen is not None:
+            self.server_tls = ServerTLS(material)
+        self._client_side.creator = client
+        self._factory.trust_domain = client.trust_domain
+        if self._listen is not None and self._listener is None:
+            self._listener = self._listeners.add_tls(
+                self._listen, self.server_tls, self._reactor
+            )
+
+    def startService(self):
+        # Not MultiService's: the children (TLS heartbeats) wait for the material.
+        service.Service.startService(self)
+        self._install_sighup()
+        self.prepare()
+        if self.credentials is not None:
+            self._ready()
+        elif self._token and self._pin and self._explorers:
+            self._working = defer.ensureDeferred(self._enroll())
+            self._working.addErrback(lambda f: f.trap(defer.CancelledError))
+        else:
+            raise TLSConfigError(
+                f"no TLS material at {self._files.cert}: set NODE_JOIN_TOKEN and "
+                f"NODE_CA_PIN to enroll with a tls:// explorer, or make a certificate "
+                f"with hero-compute tls cert create --node {self._identity.node_id}"
+            )
+
+    def stopService(self):
+        self._restore_sighup()
+        if self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+        self._renewal = None
+        if self._working is not None:
+            self._working.cancel()
+        return service.MultiService.stopService(self)
+
+    def _ready(self):
+        cert = self.credentials.certificate
+        log.info(
+            "TLS identity {identity}, certificate valid until {until}",
+            identity=identity_of(cert, self.credentials.trust_domain),
+            until=cert.not_valid_after_utc.isoformat(),
+        )
+        for child in self:
+            child.startService()
+        self._schedule_renewal()
+
+    async def _enroll(self):
+        node_id = self._identity.node_id
+        failures = 0
+        while self.running:
+            for explorer in self._explorers:
+                try:
+                    await enroll(
+                        self._reactor,
+                        explorer,
+                        node_id,
+                        self._token,
+                        self._pin,
+                        self._files,
+                    )
+                except defer.CancelledError:
+                    raise
+                except EnrollmentRefused as e:
+                    log.error("enrollment refused, the node stops: {reason}", reason=str(e))
+                    self._stop()
+                    return
+                except Exception as e:
+                    if failures == 0:
+                        log.warn(
+                            "enrollment with {uri} failed, will retry: {reason}",
+                            uri=explorer.uri,
+                            reason=str(e) or type(e).__name__,
+                        )
+                    continue
+                log.info(
+                    "enrolled with {uri} as node/{node_id}; material stored in "
+                    "{cert}, the join token is no longer needed",
+                    uri=explorer.uri,
+                    node_id=node_id,
+                    cert=self._files.cert,
+                )
+                try:
+                    self._load()
+                    self._ready()
+                except Exception:
+                    log.failure("TLS could not start after enrollment; the node stops")
+                    self._stop()
+                return
+            failures += 1
+            await task.deferLater(
+                self._clock, self._retry_delay(failures, ENROLL_RETRY), lambda: None
+            )
+
+    def _retry_delay(self, failures, first=RETRY):
+        # Equal jitter, as heartbeats: a fleet whose explorer was down does not come
+        # back to it in lockstep.
+        step = min(RETRY_CAP, first * 2 ** min(failures - 1, 20))
+        return step / 2 + step / 2 * self._rand()
+
+    # Renewal
+
+    def _schedule_renewal(self, delay=None):
+        if not self.running:
+            return
+        if self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+        if delay is None:
+            due = renewal_due(self.credentials.certificate)
+            delay = max(0.0, due - self._clock.seconds())
+        self._renewal = self._clock.callLater(delay, self._renew_now)
+
+    def _renew_now(self):
+        self._renewal = None
+        self._working = defer.ensureDeferred(self.renew())
+        self._working.addCallbacks(self._renewed, self._renew_failed)
+        self._working.addErrback(lambda f: log.failure("renewal bookkeeping failed", f))
+
+    async def renew(self):
+        """
+        Renew the certificate now with the first ``tls://`` explorer that answers: a new
+        key, its CSR over the current certificate, the answer checked, stored, reloaded.
+
+        :return: the new certificate
+        :raises BadCertificate: if the answer is unusable
+        :raises TransportError: or :class:`RpcError`, if no explorer renewed it
+        """
+        node_id = self._identity.node_id
+        key = pki.make_key()
+        csr = pki.make_csr(key, node_id).decode("ascii")
+        reasons = []
+        for explorer in self._explorers:
+            try:
+                answer = await self._client.call(
+                    explorer, "explorer.renew", {"csr": csr}, timeout=CALL_TIMEOUT
+                )
+            except (RpcError, TransportError) as e:
+                reasons.append(f"{explorer.uri}: {e}")
+                continue
+            if not isinstance(answer, dict):
+                raise BadCertificate(f"{explorer.uri}: the answer is not an object")
+            cert = issued(answer.get("certificate"), self.credentials.ca, key, node_id)
+            self._files.store(cert, key)
+            self.reload()
+            return cert
+        raise TransportError(
+            ", ".join(e.uri for e in self._explorers) or "no explorer",
+            "; ".join(reasons) or "no tls:// explorer to renew with",
+        )
+
+    def _renewed(self, cert):
+        self._working = None
+        self._failures = 0
+        due = renewal_due(cert)
+        log.info(
+            "certificate renewed, valid until {until}; next renewal at {due}",
+            until=cert.not_valid_after_utc.isoformat(),
+            due=datetime.datetime.fromtimestamp(due, datetime.UTC).isoformat(),
+        )
+        if due <= self._clock.seconds():
+            # A certificate due at once (a CA near its own end, or a skewed clock) must not
+            # make the node hammer its explorers.
+            log.warn("the renewed certificate is already past two thirds of its life")
+            self._failures = 1
+            self._schedule_renewal(self._retry_delay(1))
+        else:
+            self._schedule_renewal()
+
+    def _renew_failed(self, failure):
+        self._working = None
+        if failure.check(defer.CancelledError):
+            return
+        self._failures += 1
+        delay = self._retry_delay(self._failures)
+        log.warn(
+            "certificate renewal failed (attempt {n}), retrying in {delay:.0f} s: {reason}",
+            n=self._failures,
+            delay=delay,
+            reason=failure.getErrorMessage() or failure.type.__name__,
+        )
+        self._schedule_renewal(delay)
+
+    def reload(self):
+        """
+        Re-read the files: new connections (the listener's and the client's) use them,
+        open ones go on; the next renewal follows the new certificate.
+
+        :raises TLSConfigError: if they cannot be used; the old material stays in use
+        """
+        creator = self._client_side.creator
+        if creator is None:
+            raise TLSConfigError("no TLS material loaded yet")
+        # Both checked before either is used: a half-applied reload would make the node
+        # present one certificate and dial with another.
+        material = self._files.material()
+        material.load()
+        creator.reload()
+        if self.server_tls is not None:
+            self.server_tls.reload()
+        # Pooled connections still present the old certificate: renewal is accepted
+        # only from the current one.
+        self._client.retire_connections()
+        if self._working is None:
+            self._schedule_renewal()
+
+    # SIGHUP
+
+    def _install_sighup(self):
+        try:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        except ValueError:  # not the main thread: no signals to be had
+            self._previous_sighup = None
+
+    def _restore_sighup(self):
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+
+    def _on_sighup(self, signum, frame):
+        # In a signal handler: only hand the work to the reactor thread.
+        self._reactor.callFromThread(self._reload_on_signal)
+
+    def _reload_on_signal(self):
+        try:
+            self.reload()
+        except (TLSConfigError, pki.PkiError) as e:
+            log.warn(
+                "SIGHUP: TLS material not reloaded, the previous stays in use: {e}",
+                e=str(e),
+            )
+            return
+        cert = self.credentials.certificate
+        log.info(
+            "SIGHUP: TLS material reloaded from {path}, certificate valid until {until}",
+            path=self._files.cert,
+            until=cert.not_valid_after_utc.isoformat(),
+        )
