@@ -92,10 +92,11 @@ def read_until_closed(sock, timeout):
 
 def test_pipelining_without_reading_is_bounded(explorer):
     """
-    ``rpc.discover`` (tens of kB an answer) pipelined without end on one TCP connection
-    whose answers are never read: past HERO_MAX_UNSENT of unsent answers the explorer
-    stops reading that peer, so its memory stays within 20 MB of before (unbounded, the
-    answers asked for would take hundreds of MB) while a Unix caller is served at once.
+    ``rpc.discover`` (about 10 kB an answer) pipelined without end on one TCP connection
+    whose answers are never read: past HERO_MAX_UNSENT (its default, 1 MiB) of unsent
+    answers the explorer stops reading that peer, so its memory stays within 20 MB of
+    before (unbounded, the answers asked for would take 200 MB) while a Unix caller is
+    served at once.
     """
     process = explorer()
     answer = len(
