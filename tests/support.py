@@ -185,13 +185,14 @@ class Twistd:
     :param args: the arguments after ``twistd -n --pidfile=``
     :param env: extra environment
     :param netns: run inside this network namespace (``ip netns exec``)
+    :param prefix: a command line to run twistd under, which must exec it (``prlimit``)
 
     Unless ``env`` names a ``HOME``, the process gets a fresh one of its own, removed
     when it is stopped: the default state directories live under it, and no test may
     share state with another, or with the machine's user, by accident.
     """
 
-    def __init__(self, args, env=None, netns=None, cwd=None):
+    def __init__(self, args, env=None, netns=None, cwd=None, prefix=None):
         full_env = {
             k: v
             for k, v in os.environ.items()
@@ -205,6 +206,10 @@ class Twistd:
         command = [TWISTD, "-n", "--pidfile=", *args]
         if netns:
             command = ["ip", "netns", "exec", netns, *command]
+        if prefix:
+            # A command that execs the rest in its own process (prlimit, unshare), so
+            # that the pid stays twistd's.
+            command = [*prefix, *command]
         self.args = args
         self.lines = []
         self._cond = threading.Condition()
@@ -292,3 +297,72 @@ class Twistd:
         """SIGKILL: no goodbye, no cleanup."""
         self.signal(signal.SIGKILL)
         self.process.wait(5)
+
+
+def rss_kb(pid):
+    """:return: the resident set size of process ``pid``, in KiB"""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid):
+    """:return: how many file descriptors process ``pid`` has open"""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Prober:
+    """
+    A well-behaved client in a thread: calls ``method`` on ``uri`` over and over, each
+    on a new connection, and records every latency (seconds), to show that a process
+    under attack keeps serving everyone else.  Use as a context manager.
+    """
+
+    def __init__(self, uri, method="explorer.info", interval=0.005):
+        self.uri = uri
+        self.method = method
+        self.interval = interval
+        self.latencies = []
+        self.errors = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                result(self.uri, self.method, timeout=5)
+            except Exception as e:
+                self.errors.append(repr(e))
+            self.latencies.append(time.monotonic() - started)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def worst(self):
+        """The longest latency seen (seconds)."""
+        return max(self.latencies)
+
+    def check(self, bound, at_least=5):
+        """
+        Assert every call succeeded, at least ``at_least`` were made, and none took
+        ``bound`` seconds or more.
+
+        :return: the worst latency
+        """
+        assert not self.errors, self.errors[:5]
+        assert len(self.latencies) >= at_least, self.latencies
+        assert self.worst < bound, (
+            f"worst latency {self.worst * 1000:.0f} ms over {len(self.latencies)} "
+            f"calls (bound {bound * 1000:.0f} ms)"
+        )
+        return self.worst

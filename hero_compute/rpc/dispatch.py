@@ -283,9 +283,19 @@ class Dispatcher:
             return (
                 None if notification and e.code != InvalidRequest.code else _error(rid, e)
             )
+        except RecursionError:
+            # Params nested nearly as deep as json.loads allows (a 970-deep array) pass
+            # the parser but not the validator, which recurses deeper (CONTRACT §7):
+            # the caller's mistake, answered -32602 without a traceback in the log per
+            # request (an attacker's log flood).
+            return (
+                None
+                if notification
+                else _error(rid, InvalidParams("Invalid params: nested too deeply"))
+            )
         except Exception:
-            # E.g. RecursionError from validating deeply nested params: raised here it
-            # would escape to the transport as a 500, and take the rest of a batch with it.
+            # A bug of ours: raised here it would escape to the transport as a 500, and
+            # take the rest of a batch with it.
             log.failure("preparing {method} failed", method=message.get("method"))
             return None if notification else _error(rid, InternalError("Internal error"))
         try:
