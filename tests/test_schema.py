@@ -379,3 +379,22 @@ def test_fuzzed_schema_text(text):
         parse_schema(text)
     except SchemaError:
         pass
+
+
+def test_errors_do_not_echo_large_values():
+    """A refused 900 kB label key is not quoted back whole: the message stays small."""
+    heartbeat = load_schema("explorer").methods["explorer.heartbeat"]
+    big = "k" * 900_000
+    with pytest.raises(InvalidParams) as e:
+        heartbeat.coerce_params(
+            {"node_id": "n1", "socket_path": "unix:///x.sock", "labels": {big: "v"}}
+        )
+    assert len(str(e.value)) < 1000 and len(e.value.data["field"] or "") < 1000
+
+
+def test_every_missing_param_is_named():
+    """All missing required params are named at once, not only the first."""
+    heartbeat = load_schema("explorer").methods["explorer.heartbeat"]
+    with pytest.raises(InvalidParams) as e:
+        heartbeat.coerce_params({"name": "x"})
+    assert "node_id" in str(e.value) and "socket_path" in str(e.value)

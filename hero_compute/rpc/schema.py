@@ -125,13 +125,27 @@ class Method:
                     if isinstance(error.instance, dict) and name not in error.instance
                 ]
                 path += missing[:1]
+                if len(missing) > 1:
+                    error.message = "missing required members: " + ", ".join(missing)
             field = ".".join(path)
             message = error.message
+        # The message quotes the value it refuses: never echo a peer's megabyte back.
+        field, message = _clip(field), _clip(message)
         where = f"{field}: " if field else ""
         raise InvalidParams(
             f"invalid params for {self.name}: {where}{message}",
             data={"field": field or None},
         )
+
+
+#: Characters of a refused value (or its path) quoted back in an error message.
+QUOTE_LIMIT = 200
+
+
+def _clip(text: str) -> str:
+    if len(text) <= QUOTE_LIMIT:
+        return text
+    return f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
 
 
 @attrs.frozen
