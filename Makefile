@@ -9,12 +9,15 @@ PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 DEBIAN_PACKAGES := python3-venv qemu-system-x86 qemu-utils iproute2 socat curl wrk
 
-.PHONY: install system-deps run test lint format bench smoke clean
+.PHONY: install system-deps run test lint format bench smoke clean install-systemd
 
+# The .pth puts this clone on the venv's path, so `.venv/bin/twistd -n explorer` finds
+# ./twisted/plugins without PYTHONPATH.
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hero_compute_source.pth"
 	touch $@
 
 install: system-deps $(VENV)/.installed
@@ -59,6 +62,27 @@ bench: install
 # Build the wheel, install it in a fresh venv, and show both twistd commands.
 smoke: install
 	$(VENV)/bin/pytest tests/test_packaging.py
+
+# As root: a venv in /opt/hero_compute with hero_compute installed (a wheel, not this
+# clone), the units, the hero user (sysusers.d) and /run/hero_compute (tmpfiles.d).
+# `make -n install-systemd` shows what it would do; DESTDIR=/tmp/x stages it instead
+# (then nothing is created or reloaded on this machine).
+OPT ?= /opt/hero_compute
+UNIT_DIR ?= /etc/systemd/system
+install-systemd:
+	$(PYTHON) -m venv $(DESTDIR)$(OPT)
+	$(DESTDIR)$(OPT)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(OPT)/bin/pip install -q .
+	install -d $(DESTDIR)$(UNIT_DIR) $(DESTDIR)/etc/sysusers.d $(DESTDIR)/etc/tmpfiles.d
+	install -m 0644 contrib/systemd/*.service contrib/systemd/*.socket $(DESTDIR)$(UNIT_DIR)/
+	install -m 0644 contrib/systemd/hero-compute.sysusers.conf $(DESTDIR)/etc/sysusers.d/hero-compute.conf
+	install -m 0644 contrib/systemd/hero-compute.tmpfiles.conf $(DESTDIR)/etc/tmpfiles.d/hero-compute.conf
+	if [ -z "$(DESTDIR)" ]; then \
+	  systemd-sysusers hero-compute.conf && \
+	  systemd-tmpfiles --create hero-compute.conf && \
+	  systemctl daemon-reload; \
+	fi
+	@echo "next: systemctl enable --now hero-compute-explorer.socket hero-compute-explorer.service hero-compute-node.service"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

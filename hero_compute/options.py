@@ -5,7 +5,9 @@ coercers and environment fallbacks.
 The callers pass ``os.environ`` in; nothing here reads the environment by itself.
 """
 
+import getopt
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -166,3 +168,121 @@ def limits(options, env):
         return limits_from(env, **given)
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
+
+
+class _NamedCoerce(usage.CoerceParameter):
+    """A coerced parameter whose bad value is reported with the option's name."""
+
+    def dispatch(self, parameterName, value):
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} requires a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except (ValueError, AddressError) as e:
+            raise usage.UsageError(f"--{parameterName} {value!r}: {e}") from None
+
+
+class TapOptions(usage.Options):
+    """
+    Options of a twistd plugin, for operators: run by twistd, a bad value (of an option
+    or a variable) ends the process with only its message, one line, while a misused
+    command line (an unknown option, a stray argument) still shows the usage.  Errors
+    the service meets when it starts, and that an operator can fix, are printed the
+    same way (:func:`print_startup_errors`).
+
+    Parsed outside twistd (tests, other programs), every error stays a
+    :class:`usage.UsageError`.
+
+    :cvar command: the twistd command, e.g. ``explorer``
+    """
+
+    command = ""
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        # Twisted's own wrapper says "Parameter type enforcement failed" and not which
+        # option it was.
+        dispatch = self._dispatch
+        for name, handler in list(dispatch.items()):
+            if isinstance(handler, usage.CoerceParameter):
+                dispatch[name] = _NamedCoerce(self, handler.coerce)
+
+    @property
+    def under_twistd(self):
+        """Whether twistd parses us, as the options of its subcommand."""
+        return getattr(self, "parent", None) is not None
+
+    def parseOptions(self, options=None):
+        if options is None:
+            options = sys.argv[1:]
+        try:
+            _, arguments = getopt.getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e)) from None
+        if arguments:
+            raise usage.UsageError(f"unexpected argument {arguments[0]!r}")
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if not self.under_twistd:
+                raise
+            # Not twistd's UsageError handling: it prints the whole usage first.
+            raise SystemExit(f"twistd {self.command}: {e}") from None
+
+
+def print_startup_errors(command, known, directories=()):
+    """
+    Print the errors an operator can fix that stop the service as it starts as one
+    line on stderr, without a traceback: twistd lets an exception from starting the
+    service propagate (after removing its pid file), and the interpreter hands it to
+    :data:`sys.excepthook`, which this replaces.  Anything else keeps its traceback.
+
+    :param command: the twistd command, e.g. ``explorer``
+    :param known: exception classes whose message is meant for the operator, or
+        ``(class, template)`` pairs to say more than the message (``{error}`` in the
+        template stands for it)
+    :param directories: ``(directory, variable)`` pairs: an ``OSError`` on a file under
+        one of them is reported naming the variable
+    """
+    previous = sys.excepthook
+    templates = [k if isinstance(k, tuple) else (k, "{error}") for k in known]
+    # The most specific first: a state directory may well lie in the socket directory.
+    directories = sorted(directories, key=lambda d: len(d[0]), reverse=True)
+
+    def hook(kind, value, tb):
+        message = None
+        for cls, template in templates:
+            if isinstance(value, cls):
+                message = template.format(error=value)
+                break
+        if message is not None:
+            pass
+        elif isinstance(value, OSError) and value.filename:
+            name = os.fsdecode(value.filename)
+            for directory, variable in directories:
+                if name == directory or name.startswith(directory.rstrip("/") + "/"):
+                    message = (
+                        f"cannot use {name} ({variable}): {value.strerror}; set "
+                        f"{variable} to a directory this user (uid {os.getuid()}) "
+                        "may write"
+                    )
+                    break
+        if message is None:
+            previous(kind, value, tb)
+            return
+        # The real stderr: twistd has pointed sys.stderr at its log by now.
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(f"twistd {command}: {message}\n")
+        stream.flush()
+
+    sys.excepthook = hook
+
+
+def source_of(options, key, env, name):
+    """
+    Where an option's value comes from, for messages: ``--key`` when the command line
+    gave it, else the variable (call it before :func:`from_env` fills the option).
+
+    :param name: the option's variable
+    """
+    return f"--{key}" if options[key] is not None else name

@@ -6,20 +6,22 @@ Every option may also come from the environment (CONTRACT §2); the command line
 
 import os
 
-from twisted.python import usage
-
 from hero_compute.options import (
+    TapOptions,
     absolute_path,
     absolute_socket,
     from_env,
     help_text,
     limits,
     listen_address,
+    print_startup_errors,
     seconds,
     socket_dir,
+    source_of,
     state_dir,
 )
 from hero_compute.rpc.listeners import unix_endpoint_string
+from hero_compute.rpc.systemd import notifier_for
 
 #: Seconds of silence before a node is offline, unless the operator says otherwise
 #: (``NODE_OFFLINE_AFTER``, CONTRACT §2).
@@ -32,8 +34,10 @@ STATE_DIR = "~/hero/var/hero_compute_explorer"
 NODE_CERT_TTL = 90 * 86400.0
 
 
-class Options(usage.Options):
+class Options(TapOptions):
     """Options of ``twistd explorer``."""
+
+    command = "explorer"
 
     synopsis = (
         "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
@@ -41,7 +45,10 @@ class Options(usage.Options):
     )
     longdesc = (
         "The hero_compute explorer: the registry of nodes and a proxy to them. "
-        "It always listens on its Unix socket; --tcp, --tls and --listen add listeners. "
+        "It listens on its Unix socket (with --listen systemd:..., socket-activated, only "
+        "on the sockets systemd passed, and on --socket or EXPLORER_SOCKET if given); "
+        "--tcp, --tls and --listen add listeners. Run two twistd in one "
+        "directory with --pidfile= (or distinct --pidfile), or they clash on twistd.pid. "
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
         "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER."
@@ -125,7 +132,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self, env=None):
-        usage.Options.__init__(self)
+        TapOptions.__init__(self)
         self["listen"] = []
         self["limit"] = []
         self._env = os.environ if env is None else env
@@ -150,9 +157,29 @@ class Options(usage.Options):
     def postOptions(self):
         env = self._env
         self["limits"] = limits(self, env)
+        sources = self["sources"] = {
+            "socket": source_of(self, "socket", env, "EXPLORER_SOCKET"),
+            "tcp": source_of(self, "tcp", env, "EXPLORER_TCP_ADDR"),
+            "tls": source_of(self, "tls", env, "EXPLORER_TLS_ADDR"),
+            "state-dir": source_of(self, "state-dir", env, "EXPLORER_STATE_DIR"),
+        }
+        explicit_socket = self["socket"] is not None or bool(env.get("EXPLORER_SOCKET"))
         from_env(self, "socket", env, "EXPLORER_SOCKET", absolute_socket)
         if self["socket"] is None:
+            sources["socket"] = "HERO_SOCKET_DIR"
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_explorer.sock")
+        # Socket-activated (--listen systemd:...), the explorer serves what systemd
+        # passed it, and its own socket only when asked to: binding the default path as
+        # well would replace the socket unit's.  (Not LISTEN_FDS: Twisted consumes it as
+        # it loads its endpoints, before options are parsed.)
+        self["bind-socket"] = explicit_socket or not any(
+            d.startswith("systemd:") for d in self["listen"]
+        )
+        self["notify-env"] = {
+            k: env[k]
+            for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+            if k in env
+        }
         from_env(self, "tcp", env, "EXPLORER_TCP_ADDR", listen_address)
         from_env(self, "tls", env, "EXPLORER_TLS_ADDR", listen_address)
         from_env(self, "offline-after", env, "NODE_OFFLINE_AFTER", seconds)
@@ -173,6 +200,37 @@ class Options(usage.Options):
         from_env(self, "node-cert-ttl", env, "EXPLORER_NODE_CERT_TTL", seconds)
         if self["node-cert-ttl"] is None:
             self["node-cert-ttl"] = NODE_CERT_TTL
+        if self.under_twistd:
+            self._clean_startup_errors()
+
+    def _clean_startup_errors(self):
+        import sqlite3
+
+        from hero_compute.rpc.listeners import StartupFailed
+        from hero_compute.rpc.tls import TLSConfigError
+
+        from .store import StoreError
+        from .trust import StartupError
+
+        database = os.path.join(self["state-dir"], "explorer.db")
+        print_startup_errors(
+            "explorer",
+            (
+                StartupFailed,
+                StartupError,
+                StoreError,
+                TLSConfigError,
+                (
+                    sqlite3.Error,
+                    f"cannot open the explorer state {database}: {{error}} "
+                    f"({self['sources']['state-dir']})",
+                ),
+            ),
+            [
+                (os.path.dirname(self["socket"]), self["sources"]["socket"]),
+                (self["state-dir"], self["sources"]["state-dir"]),
+            ],
+        )
 
 
 def makeService(options, reactor=None):
@@ -189,15 +247,23 @@ def makeService(options, reactor=None):
     from .service import make_explorer
     from .trust import TLSSettings
 
-    listen = [unix_endpoint_string(options["socket"])]
+    sources = options["sources"]
+    named = {}
+    listen = []
+    if options["bind-socket"]:
+        listen.append(unix_endpoint_string(options["socket"]))
+        named[listen[-1]] = named[os.path.dirname(options["socket"])] = sources["socket"]
     if options["tcp"] is not None:
         listen.append(options["tcp"].endpoint_string())
+        named[listen[-1]] = sources["tcp"]
+    if options["tls"] is not None:
+        named["tls:" + options["tls"].endpoint_string()] = sources["tls"]
     listen.extend(options["listen"])
-    return make_explorer(
+    explorer = make_explorer(
         reactor=reactor,
         clock=reactor,
         listen=listen,
-        socket_dirs=[os.path.dirname(options["socket"])],
+        socket_dirs=[os.path.dirname(options["socket"])] if options["bind-socket"] else [],
         offline_after=options["offline-after"],
         state_dir=options["state-dir"],
         tls=TLSSettings(
@@ -210,3 +276,10 @@ def makeService(options, reactor=None):
         node_cert_days=options["node-cert-ttl"] / 86400,
         limits=options["limits"],
     )
+    explorer.listeners.name_sources("explorer", named)
+    if options["notify-env"].get("NOTIFY_SOCKET"):
+        # Only under a service manager (Type=notify), so the tree is otherwise the same.
+        notifier_for(reactor, options["notify-env"], explorer.listeners).setServiceParent(
+            explorer
+        )
+    return explorer

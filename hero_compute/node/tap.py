@@ -11,15 +11,20 @@ import socket
 from twisted.python import usage
 
 from hero_compute.options import (
+    TapOptions,
     absolute_socket,
     from_env,
     help_text,
     limits,
     listen_address,
+    print_startup_errors,
     seconds,
     socket_dir,
+    source_of,
 )
 from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
+from hero_compute.rpc.listeners import unix_endpoint_string
+from hero_compute.rpc.systemd import notifier_for
 
 
 def _advertise(text):
@@ -51,8 +56,10 @@ def _absolute(text):
     return os.path.abspath(os.path.expanduser(text))
 
 
-class Options(usage.Options):
+class Options(TapOptions):
     """Options of ``twistd node``."""
+
+    command = "node"
 
     synopsis = (
         "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--advertise URI] "
@@ -64,7 +71,9 @@ class Options(usage.Options):
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN. SIGHUP re-reads the TLS certificate files."
+        "NODE_JOIN_TOKEN, NODE_CA_PIN. SIGHUP re-reads the TLS certificate files. Run "
+        "two twistd in one directory with --pidfile= (or distinct --pidfile), or they "
+        "clash on twistd.pid."
     )
     optParameters = [
         [
@@ -159,7 +168,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self, env=None):
-        usage.Options.__init__(self)
+        TapOptions.__init__(self)
         self["explorer"] = []
         self["image-dir"] = []
         self["limit"] = []
@@ -197,8 +206,20 @@ class Options(usage.Options):
     def postOptions(self):
         env = self._env
         self["limits"] = limits(self, env)
+        sources = self["sources"] = {
+            "socket": source_of(self, "socket", env, "NODE_SOCKET"),
+            "tcp": source_of(self, "tcp", env, "NODE_TCP_ADDR"),
+            "tls": source_of(self, "tls", env, "NODE_TLS_ADDR"),
+            "state-dir": source_of(self, "state-dir", env, "HERO_STATE_DIR"),
+        }
+        self["notify-env"] = {
+            k: env[k]
+            for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+            if k in env
+        }
         from_env(self, "socket", env, "NODE_SOCKET", absolute_socket)
         if self["socket"] is None:
+            sources["socket"] = "HERO_SOCKET_DIR"
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_server.sock")
         from_env(self, "tcp", env, "NODE_TCP_ADDR", listen_address)
         from_env(self, "advertise", env, "NODE_ADVERTISE_ADDR", _advertise)
@@ -242,6 +263,23 @@ class Options(usage.Options):
                 "if the explorer must use another address than this host's own"
             )
         self._tls_options(env)
+        if self.under_twistd:
+            self._clean_startup_errors()
+
+    def _clean_startup_errors(self):
+        from hero_compute.rpc.listeners import StartupFailed
+        from hero_compute.rpc.tls import TLSConfigError
+
+        from .secret import SecretError
+
+        print_startup_errors(
+            "node",
+            (StartupFailed, SecretError, TLSConfigError),
+            [
+                (os.path.dirname(self["socket"]), self["sources"]["socket"]),
+                (self["state-dir"], self["sources"]["state-dir"]),
+            ],
+        )
 
     def _tls_options(self, env):
         from_env(self, "tls", env, "NODE_TLS_ADDR", listen_address)
@@ -313,7 +351,7 @@ def makeService(options, reactor=None):
     from .backends import make_vm_manager
     from .service import make_node
 
-    return make_node(
+    node = make_node(
         reactor=reactor,
         clock=reactor,
         socket_path=options["socket"],
@@ -334,3 +372,17 @@ def makeService(options, reactor=None):
         stop=reactor.stop,
         limits=options["limits"],
     )
+    sources = options["sources"]
+    named = {
+        unix_endpoint_string(options["socket"]): sources["socket"],
+        os.path.dirname(options["socket"]): sources["socket"],
+    }
+    if options["tcp"] is not None:
+        named[options["tcp"].endpoint_string()] = sources["tcp"]
+    if options["tls"] is not None:
+        named["tls:" + options["tls"].endpoint_string()] = sources["tls"]
+    node.listeners.name_sources("node", named)
+    if options["notify-env"].get("NOTIFY_SOCKET"):
+        # Only under a service manager (Type=notify), so the tree is otherwise the same.
+        notifier_for(reactor, options["notify-env"], node.listeners).setServiceParent(node)
+    return node
