@@ -37,14 +37,14 @@ class Options(usage.Options):
 
     synopsis = (
         "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
-        "[--offline-after S] [--state-dir DIR]"
+        "[--offline-after S] [--state-dir DIR] [--metrics HOST:PORT]"
     )
     longdesc = (
         "The hero_compute explorer: the registry of nodes and a proxy to them. "
         "It always listens on its Unix socket; --tcp, --tls and --listen add listeners. "
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
-        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER."
+        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR."
     )
     optParameters = [
         [
@@ -67,6 +67,14 @@ class Options(usage.Options):
             None,
             None,
             "Also serve mutual TLS here [default: $EXPLORER_TLS_ADDR; unset: no TLS]",
+            listen_address,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (GET /metrics) here "
+            "[default: $EXPLORER_METRICS_ADDR; unset: no metrics]",
             listen_address,
         ],
         [
@@ -155,6 +163,7 @@ class Options(usage.Options):
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_explorer.sock")
         from_env(self, "tcp", env, "EXPLORER_TCP_ADDR", listen_address)
         from_env(self, "tls", env, "EXPLORER_TLS_ADDR", listen_address)
+        from_env(self, "metrics", env, "EXPLORER_METRICS_ADDR", listen_address)
         from_env(self, "offline-after", env, "NODE_OFFLINE_AFTER", seconds)
         if self["offline-after"] is None:
             self["offline-after"] = OFFLINE_AFTER
@@ -209,4 +218,7 @@ def makeService(options, reactor=None):
         ),
         node_cert_days=options["node-cert-ttl"] / 86400,
         limits=options["limits"],
+        metrics=None
+        if options["metrics"] is None
+        else options["metrics"].endpoint_string(),
     )
