@@ -7,6 +7,7 @@ together: each method's collaborators are built a screen below it.
 
 import collections
 import os
+import time
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -15,13 +16,15 @@ import hero_compute
 from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.rpc.authz import EXPLORER_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
-from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
+from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy, RpcError
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
+from hero_compute.rpc.metrics import Histogram
 from hero_compute.rpc.schema import load_schema
 
+from .metrics import HEARTBEAT_BUCKETS, CallStats, make_metrics
 from .proxy import Proxy, forbidden_target, is_loopback
 from .registry import Heartbeat, LivenessLog, NodeRecord, Registry, sweep_interval
 from .resolver import CachingResolver
@@ -51,6 +54,14 @@ CONNECT_TIMEOUT = 5.0
 HEARTBEATS_PER_OFFLINE = 3
 
 
+class _Refused(RefusedByPolicy):
+    """-32010 for a heartbeat, with the reason it is counted under in the metrics."""
+
+    def __init__(self, reason, message):
+        RefusedByPolicy.__init__(self, message)
+        self.reason = reason
+
+
 class ExplorerMethods:
     """
     The ``explorer.*`` methods.  Who may call which is decided before they run (the
@@ -75,6 +86,13 @@ class ExplorerMethods:
         self._started = clock.seconds()
         #: Refusals by reason, for metrics.
         self.refusals = collections.Counter()
+        #: Heartbeats accepted, refused by reason, and how long the accepted ones
+        #: took, for metrics.
+        self.heartbeats = 0
+        self.heartbeat_refusals = collections.Counter()
+        self.heartbeat_seconds = Histogram(HEARTBEAT_BUCKETS)
+        #: ``explorer.call``, counted by method and outcome, for metrics.
+        self.calls = CallStats(proxy)
         # New node ids per source address in the current minute: (minute, {host: n}).
         self._new_ids = (None, {})
 
@@ -88,7 +106,7 @@ class ExplorerMethods:
         rpc.register("explorer.query_nodes", self.query_nodes)
         rpc.register("explorer.get_node", self.get_node)
         rpc.register("explorer.remove_node", self.remove_node)
-        rpc.register("explorer.call", self._proxy.call)
+        rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
         rpc.register("explorer.create_token", self._trust.create_token)
         rpc.register("explorer.enroll", self._trust.enroll)
@@ -116,27 +134,68 @@ class ExplorerMethods:
             the certificate that speaks for the node
         :param secret: the node secret, which the node id is bound to (CONTRACT §6)
         """
+        started = time.perf_counter()
+        try:
+            answer = self._heartbeat(
+                context,
+                node_id,
+                socket_path,
+                name,
+                version,
+                capacity,
+                usage,
+                vm_count,
+                labels,
+                secret,
+            )
+        except RpcError as e:
+            # Ours say why; the others are the trust's: the node's secret or certificate
+            # does not speak for it.
+            self.heartbeat_refusals[getattr(e, "reason", "identity")] += 1
+            raise
+        self.heartbeats += 1
+        self.heartbeat_seconds.observe(time.perf_counter() - started)
+        return answer
+
+    def _heartbeat(
+        self,
+        context,
+        node_id,
+        socket_path,
+        name,
+        version,
+        capacity,
+        usage,
+        vm_count,
+        labels,
+        secret,
+    ):
         try:
             address = parse_address(socket_path)
         except AddressError as e:
-            raise InvalidParams(f"socket_path: {e}") from None
+            error = InvalidParams(f"socket_path: {e}")
+            error.reason = "socket_path"
+            raise error from None
         if context.transport != "unix" and address.is_unix:
-            raise RefusedByPolicy(
+            raise _Refused(
+                "unix_address",
                 f"a heartbeat over {context.transport.upper()} cannot claim the Unix "
                 f"address {address.uri}: set NODE_TCP_ADDR or NODE_TLS_ADDR (and "
-                "NODE_ADVERTISE_ADDR if needed) on the node"
+                "NODE_ADVERTISE_ADDR if needed) on the node",
             )
         if context.transport == "tls" and address.scheme != "tls":
-            raise RefusedByPolicy(
+            raise _Refused(
+                "tls_address",
                 f"a node that heartbeats over TLS must be reached over TLS, not at "
-                f"{address.uri}: set NODE_TLS_ADDR on the node"
+                f"{address.uri}: set NODE_TLS_ADDR on the node",
             )
         remote = context.transport != "unix" and not is_loopback(context.host)
         if remote:
             reason = forbidden_target(address.host)
             if reason is not None:
-                raise RefusedByPolicy(
-                    f"a node on another host may not advertise {address.uri}: {reason}"
+                raise _Refused(
+                    "forbidden_target",
+                    f"a node on another host may not advertise {address.uri}: {reason}",
                 )
         old = self._registry.find(node_id)
         if old is None:
@@ -203,7 +262,7 @@ class ExplorerMethods:
             peer=context.peer,
             message=message,
         )
-        raise RefusedByPolicy(message)
+        raise _Refused(reason, message)
 
     def leave(self, context, node_id, secret=None):
         """Mark a node offline at once (its secret or certificate must speak for it)."""
@@ -338,6 +397,7 @@ def make_explorer(
     connect_timeout=CONNECT_TIMEOUT,
     node_cert_days=90.0,
     limits=None,
+    metrics=None,
 ):
     """
     Build the explorer's service tree; nothing is opened until it starts::
@@ -345,7 +405,8 @@ def make_explorer(
         ExplorerService (opens the state and TLS material on start)
         ├── "listeners": Listeners (one per endpoint string, and mutual TLS)
         │                -> HTTP factory -> authorization -> Dispatcher
-        └── "liveness":  LivenessLog over the Registry
+        ├── "liveness":  LivenessLog over the Registry
+        └── "metrics":   GET /metrics and the reactor's lag, when asked for
 
     :param reactor: the reactor to listen and connect with
     :param clock: an ``IReactorTime`` for liveness, uptime and the sweep (Unix seconds)
@@ -358,6 +419,8 @@ def make_explorer(
     :param connect_timeout: seconds allowed to connect to a node
     :param node_cert_days: life of the certificates it signs for nodes, in days
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
+    :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
+        (``GET /metrics``), or None for none
     :return: the :class:`ExplorerService`
     """
     limits = limits or Limits()
@@ -408,6 +471,16 @@ def make_explorer(
     )
     liveness.setName("liveness")
     liveness.setServiceParent(explorer)
+    if metrics is not None:
+        make_metrics(
+            listen=metrics,
+            methods=methods,
+            registry=registry,
+            proxy=proxy,
+            factory=factory,
+            clock=clock,
+            reactor=reactor,
+        ).setServiceParent(explorer)
     return explorer
 
 

@@ -41,7 +41,7 @@ class Options(TapOptions):
 
     synopsis = (
         "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
-        "[--offline-after S] [--state-dir DIR]"
+        "[--offline-after S] [--state-dir DIR] [--metrics HOST:PORT]"
     )
     longdesc = (
         "The hero_compute explorer: the registry of nodes and a proxy to them. "
@@ -51,7 +51,7 @@ class Options(TapOptions):
         "directory with --pidfile= (or distinct --pidfile), or they clash on twistd.pid. "
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
-        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER."
+        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR."
     )
     optParameters = [
         [
@@ -74,6 +74,14 @@ class Options(TapOptions):
             None,
             None,
             "Also serve mutual TLS here [default: $EXPLORER_TLS_ADDR; unset: no TLS]",
+            listen_address,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (GET /metrics) here "
+            "[default: $EXPLORER_METRICS_ADDR; unset: no metrics]",
             listen_address,
         ],
         [
@@ -182,6 +190,7 @@ class Options(TapOptions):
         }
         from_env(self, "tcp", env, "EXPLORER_TCP_ADDR", listen_address)
         from_env(self, "tls", env, "EXPLORER_TLS_ADDR", listen_address)
+        from_env(self, "metrics", env, "EXPLORER_METRICS_ADDR", listen_address)
         from_env(self, "offline-after", env, "NODE_OFFLINE_AFTER", seconds)
         if self["offline-after"] is None:
             self["offline-after"] = OFFLINE_AFTER
@@ -275,6 +284,9 @@ def makeService(options, reactor=None):
         ),
         node_cert_days=options["node-cert-ttl"] / 86400,
         limits=options["limits"],
+        metrics=None
+        if options["metrics"] is None
+        else options["metrics"].endpoint_string(),
     )
     explorer.listeners.name_sources("explorer", named)
     if options["notify-env"].get("NOTIFY_SOCKET"):

@@ -22,6 +22,7 @@ from hero_compute.rpc.schema import load_schema
 
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
+from .metrics import make_metrics
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
@@ -196,6 +197,7 @@ def make_node(
     ca_pin=None,
     stop=None,
     limits=None,
+    metrics=None,
 ):
     """
     Build the node's service tree; nothing is opened and no file is read or written
@@ -206,9 +208,10 @@ def make_node(
         ├── "vms": the VM manager, when it is a service
         ├── "heartbeat <explorer URI>": one HeartbeatLoop per unix/tcp explorer
         │       -> HeartbeatPayload -> Advertiser
-        └── "tls": NodeTLS, when TLS is used: loads or enrolls for the material, then
-            adds the TLS listener to "listeners" and starts its children,
-            "heartbeat tls://...", one per tls:// explorer; renews the certificate
+        ├── "tls": NodeTLS, when TLS is used: loads or enrolls for the material, then
+        │   adds the TLS listener to "listeners" and starts its children,
+        │   "heartbeat tls://...", one per tls:// explorer; renews the certificate
+        └── "metrics": GET /metrics and the reactor's lag, when asked for
 
     :param reactor: the reactor to listen and connect with
     :param clock: an ``IReactorTime`` scheduling the heartbeats
@@ -232,6 +235,8 @@ def make_node(
     :param stop: called when the node cannot go on (enrollment refused); by default
         nothing is stopped but the enrollment
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
+    :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
+        (``GET /metrics``), or None for none
     :return: the :class:`NodeService`
     """
     identity = NodeIdentity(state_dir, node_id, name)
@@ -299,6 +304,10 @@ def make_node(
     if node_tls is not None:
         node_tls.setName("tls")
         node_tls.setServiceParent(node)
+    if metrics is not None:
+        make_metrics(
+            listen=metrics, node=node, factory=factory, clock=clock, reactor=reactor
+        ).setServiceParent(node)
     NodeMethods(node).register(rpc)
     return node
 

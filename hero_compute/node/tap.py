@@ -64,16 +64,17 @@ class Options(TapOptions):
     synopsis = (
         "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--advertise URI] "
         "[--explorer URI]... [--interval S] [--node-id ID] [--state-dir DIR] "
-        "[--tls-cert PEM --tls-key PEM --tls-ca PEM] [--join-token T --ca-pin PIN]"
+        "[--tls-cert PEM --tls-key PEM --tls-ca PEM] [--join-token T --ca-pin PIN] "
+        "[--metrics HOST:PORT]"
     )
     longdesc = (
         "A hero_compute node: serves the VMs of this machine and heartbeats explorers. "
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN. SIGHUP re-reads the TLS certificate files. Run "
-        "two twistd in one directory with --pidfile= (or distinct --pidfile), or they "
-        "clash on twistd.pid."
+        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR. SIGHUP re-reads the TLS "
+        "certificate files. Run two twistd in one directory with --pidfile= (or "
+        "distinct --pidfile), or they clash on twistd.pid."
     )
     optParameters = [
         [
@@ -98,6 +99,14 @@ class Options(TapOptions):
             None,
             "Also serve mutual TLS here, for tls:// explorers and clients with fleet "
             "certificates [default: $NODE_TLS_ADDR; unset: no TLS]",
+            listen_address,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (GET /metrics) here "
+            "[default: $NODE_METRICS_ADDR; unset: no metrics]",
             listen_address,
         ],
         [
@@ -222,6 +231,7 @@ class Options(TapOptions):
             sources["socket"] = "HERO_SOCKET_DIR"
             self["socket"] = os.path.join(socket_dir(env), "hero_compute_server.sock")
         from_env(self, "tcp", env, "NODE_TCP_ADDR", listen_address)
+        from_env(self, "metrics", env, "NODE_METRICS_ADDR", listen_address)
         from_env(self, "advertise", env, "NODE_ADVERTISE_ADDR", _advertise)
         from_env(self, "interval", env, "HEARTBEAT_INTERVAL", seconds)
         if self["interval"] is None:
@@ -371,6 +381,9 @@ def makeService(options, reactor=None):
         # Enrollment refused (a wrong pin, a spent token): no retry can help.
         stop=reactor.stop,
         limits=options["limits"],
+        metrics=None
+        if options["metrics"] is None
+        else options["metrics"].endpoint_string(),
     )
     sources = options["sources"]
     named = {

@@ -85,6 +85,9 @@ class QemuVmManager(service.Service):
     # both take the last gigabyte or the same name.
     _creating: dict = attrs.field(init=False, factory=dict)
     _recovery: object = attrs.field(init=False, default=None)
+    #: VMs whose QEMU started and reported running, and starts that failed: metrics.
+    starts: int = attrs.field(init=False, default=0)
+    start_failures: int = attrs.field(init=False, default=0)
     _closing: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self):
@@ -353,10 +356,12 @@ class QemuVmManager(service.Service):
             self._admission.images.check_stored(vm.record.image)
             await vm.launch(self._qemu, self._accel, self._start_timeout)
         except BaseException as e:
+            self.start_failures += 1
             self.log.error("VM {vm_id} not started: {error}", vm_id=vm.vm_id, error=e)
             # Nothing of it runs: it is what it was before, and can be started again.
             self._set_state(vm, was)
             raise
+        self.starts += 1
         self._set_state(vm, "running")
         self.log.info("VM {vm_id} running as QEMU pid {pid}", vm_id=vm.vm_id, pid=vm.pid())
         return vm.record

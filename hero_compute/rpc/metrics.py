@@ -1,0 +1,290 @@
+"""
+What both services need to be scraped by Prometheus: a histogram cheap enough for the
+hot path, the reactor's lag, the ``GET /metrics`` listener and the transport's metrics.
+
+Metrics are read when scraped: a service's objects keep plain counters (an ``int``
+increment on the hot path, nothing else), and a collector (``collect()``) turns their
+state into metric families at scrape time.  Each service has its own
+``prometheus_client.CollectorRegistry``, never the global one, so that a test can build
+several in one process.
+
+The page is rendered in the reactor thread, not through
+``prometheus_client.twisted.MetricsResource``: that one runs the collectors in the
+reactor's thread pool, where they would read dicts (the registry's nodes, the counters)
+while the reactor thread changes them, and importing it installs the default reactor.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
+from twisted.application import service, strports
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+from zope.interface import implementer
+
+import hero_compute
+
+from .http_server import RpcHTTPFactory
+from .listeners import describe
+
+log = Logger()
+
+#: Buckets of the reactor's lag, in seconds: anything past 0.1 s is felt by every caller.
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """
+    A latency histogram for one thread (the reactor's): an observation is a bisect and
+    two additions, without the lock ``prometheus_client.Histogram`` takes.
+
+    :param bounds: the buckets' upper bounds, ascending (``+Inf`` is implied)
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        #: Observations per bucket, not cumulative; the last is above every bound.
+        self.counts = [0] * (len(self.bounds) + 1)
+        #: The sum of the observations.
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """:return: the cumulative ``(le, count)`` pairs of the exposition format"""
+        total = 0
+        pairs = []
+        for bound, count in zip(
+            (*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True
+        ):
+            total += count
+            pairs.append((bound, float(total)))
+        return pairs
+
+
+def histogram_family(
+    name: str,
+    documentation: str,
+    labels: Sequence[str],
+    by: Iterable[tuple[Any, Histogram]],
+) -> HistogramMetricFamily:
+    """
+    :param by: ``(label values, histogram)`` pairs (a tuple of label values, or one)
+    :return: the metric family of several :class:`Histogram` s
+    """
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for values, histogram in by:
+        values = values if isinstance(values, tuple) else (values,)
+        family.add_metric(list(values), histogram.buckets(), histogram.sum)
+    return family
+
+
+class ReactorLag(service.Service):
+    """
+    How late the reactor runs a timer: one every ``interval`` seconds, and the delay
+    between when it was due and when it ran is the time every other event waited too.
+
+    :param clock: an ``IReactorTime``
+    :param interval: seconds between two measurements
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 1.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._due = 0.0
+        self._call: IDelayedCall | None = None
+        #: The last lag measured, in seconds.
+        self.last = 0.0
+        #: Every lag measured.
+        self.histogram = Histogram(LAG_BUCKETS)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._schedule()
+
+    def stopService(self) -> Deferred[None] | None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        service.Service.stopService(self)
+        return None
+
+    def _schedule(self) -> None:
+        self._due = self._clock.seconds() + self._interval
+        self._call = self._clock.callLater(self._interval, self._tick)
+
+    def _tick(self) -> None:
+        self.last = max(0.0, self._clock.seconds() - self._due)
+        self.histogram.observe(self.last)
+        self._schedule()
+
+
+class TransportCollector:
+    """
+    The metrics of a process's transport: its open connections, the limits that refused
+    something (CONTRACT §7), the reactor's lag and the version.
+
+    :param factory: the :class:`~hero_compute.rpc.http_server.RpcHTTPFactory` of the
+        process's listeners
+    :param lag: the :class:`ReactorLag`
+    :param refusals: returns more ``(limit, count)`` pairs, the service's own
+    """
+
+    def __init__(
+        self,
+        factory: RpcHTTPFactory,
+        lag: ReactorLag,
+        refusals: Callable[[], Iterable[tuple[str, int]]] = lambda: (),
+    ) -> None:
+        self._factory = factory
+        self._lag = lag
+        self._refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, read now."""
+        factory = self._factory
+        network = sum(factory.per_host.values())
+        connections = GaugeMetricFamily(
+            "hero_connections_open",
+            "Open JSON-RPC connections, by transport (network: TCP and TLS)",
+            labels=["transport"],
+        )
+        connections.add_metric(["unix"], factory.open - network)
+        connections.add_metric(["network"], network)
+        yield connections
+        yield GaugeMetricFamily(
+            "hero_connection_peers",
+            "Peer addresses with open TCP or TLS connections",
+            value=len(factory.per_host),
+        )
+        refusals = CounterMetricFamily(
+            "hero_refusals",
+            "Requests, connections or calls refused by a limit (CONTRACT §7)",
+            labels=["limit"],
+        )
+        for limit, count in (*factory.refusals.items(), *self._refusals()):
+            refusals.add_metric([limit], count)
+        yield refusals
+        yield GaugeMetricFamily(
+            "hero_reactor_lag_last_seconds",
+            "How late the reactor ran the last one-second timer",
+            value=self._lag.last,
+        )
+        yield histogram_family(
+            "hero_reactor_lag_seconds",
+            "How late the reactor runs a one-second timer",
+            [],
+            [((), self._lag.histogram)],
+        )
+        info = GaugeMetricFamily(
+            "hero_build_info", "The hero_compute version, as a label", labels=["version"]
+        )
+        info.add_metric([hero_compute.__version__], 1)
+        yield info
+
+
+def metrics_registry(*collectors: Any) -> CollectorRegistry:
+    """
+    A registry of its own for one service: these collectors, and the process's (CPU,
+    memory, descriptors, start time) and Python's.
+    """
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    for collector in collectors:
+        registry.register(collector)
+    return registry
+
+
+class MetricsPage(resource.Resource):
+    """
+    ``GET /metrics``: the registry in the format the scraper asks for (Prometheus text,
+    or OpenMetrics).
+
+    :param registry: the service's ``CollectorRegistry``
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        resource.Resource.__init__(self)
+        self._registry = registry
+
+    def render_GET(self, request: server.Request) -> bytes:
+        accept = request.getHeader("accept") or ""
+        encoder, content_type = choose_encoder(accept)
+        request.setHeader("content-type", content_type)
+        return encoder(self._registry)
+
+
+class _QuietSite(server.Site):
+    """A Site that does not log each request: a scrape every 15 s is not news."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+@implementer(IStreamServerEndpoint)
+class _Announcing:
+    """Logs ``listening on ...`` once the metrics endpoint is bound."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        d = self._endpoint.listen(factory)
+        d.addCallback(self._announce)
+        return d
+
+    def _announce(self, port: IListeningPort) -> IListeningPort:
+        uri = describe(port.getHost())
+        log.info("listening on {uri} (Prometheus metrics at /metrics)", uri=uri)
+        return port
+
+
+def metrics_listener(
+    registry: CollectorRegistry, description: str, reactor: Any = None
+) -> service.Service:
+    """
+    The listener of ``GET /metrics``, apart from the JSON-RPC ones (metrics are read by
+    a scraper on the operator's network, never by a node or a client).  Like those, it
+    is a :obj:`strports.service`, so a bind failure aborts start-up.
+
+    :param registry: the service's ``CollectorRegistry``
+    :param description: a Twisted server endpoint string
+    """
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsPage(registry))
+    site = _QuietSite(root)
+    # The page is small and rendered at once; a scraper that stalls is cut off.
+    site.timeOut = 30
+    svc = strports.service(description, site, reactor=reactor)
+    svc.endpoint = _Announcing(svc.endpoint)
+    return svc
