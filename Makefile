@@ -12,12 +12,14 @@ DEBIAN_PACKAGES := python3-venv qemu-system-x86 qemu-utils iproute2 socat curl w
 .PHONY: install system-deps run test lint format bench smoke clean install-systemd
 
 # The .pth puts this clone on the venv's path, so `.venv/bin/twistd -n explorer` finds
-# ./twisted/plugins without PYTHONPATH.
+# ./twisted/plugins without PYTHONPATH; .venv/bin/hero-compute is the CLI of the clone.
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hero_compute_source.pth"
+	printf '#!/bin/sh\nexec "%s" -P -m hero_compute.cli "$$@"\n' "$(abspath $(PY))" > $(VENV)/bin/hero-compute
+	chmod +x $(VENV)/bin/hero-compute
 	touch $@
 
 install: system-deps $(VENV)/.installed
