@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
-from hero_compute.explorer.service import make_explorer
+from hero_compute.explorer.tree import make_explorer
 from hero_compute.node.heartbeat import backoff_delay
 from hero_compute.node.service import make_node
 from hero_compute.rpc.addresses import parse_address, parse_listen

@@ -248,12 +248,12 @@ def makeService(options, reactor=None):
 
     :param options: parsed :class:`Options`
     :param reactor: the reactor (and clock), the global one by default
-    :return: the root service, built by :func:`~hero_compute.explorer.service.make_explorer`
+    :return: the root service, built by :func:`~hero_compute.explorer.tree.make_explorer`
     """
     if reactor is None:
         from twisted.internet import reactor
 
-    from .service import make_explorer
+    from .tree import make_explorer
     from .trust import TLSSettings
 
     sources = options["sources"]

@@ -2,6 +2,9 @@
 ``twistd node``: options and the service tree.
 
 Every option may also come from the environment (CONTRACT §2); the command line wins.
+
+Long because: the node has the most options (transports, TLS, enrollment, VMs, limits),
+each with its variable and its check; they are read together here, and nowhere else.
 """
 
 import os

@@ -1,0 +1,176 @@
+"""
+The explorer's service tree: :func:`make_explorer` wires the registry, the proxy, the
+trust state, the listeners and the methods from plain keyword arguments; nothing is
+opened until :class:`ExplorerService` starts.
+"""
+
+import os
+
+from twisted.application import service
+from twisted.logger import Logger
+
+import hero_compute
+from hero_compute.rpc.authz import EXPLORER_POLICY
+from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.http_client import RpcClient
+from hero_compute.rpc.http_server import make_factory
+from hero_compute.rpc.limits import Limits
+from hero_compute.rpc.listeners import Listeners
+from hero_compute.rpc.schema import load_schema
+
+from .metrics import make_metrics
+from .proxy import Proxy
+from .registry import LivenessLog, NodeRecord, Registry, sweep_interval
+from .resolver import CachingResolver
+from .service import CALL_TIMEOUT, CONNECT_TIMEOUT, ExplorerMethods
+from .trust import ExplorerTrust
+
+log = Logger()
+
+
+class ExplorerService(service.MultiService):
+    """
+    The explorer's root service; :func:`make_explorer` builds it and its children.
+
+    On start it opens its state (the fleet as last known, identities, tokens) and its
+    TLS material, before any listener binds.
+
+    :param registry: the :class:`Registry`
+    :param client: the :class:`RpcClient` of the proxy, closed when the explorer stops
+    :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
+    :param listeners: the :class:`Listeners`
+    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust`
+    """
+
+    def __init__(self, registry, client, rpc, listeners, trust):
+        service.MultiService.__init__(self)
+        self.registry = registry
+        self.client = client
+        self.rpc = rpc
+        self.listeners = listeners
+        self.trust = trust
+
+    def privilegedStartService(self):
+        self.trust.open()
+        self.registry.load(NodeRecord(**n) for n in self.trust.load_nodes())
+        self.trust.start_tls(self.listeners, self.client)
+        service.MultiService.privilegedStartService(self)
+
+    def startService(self):
+        if not self.trust.opened:
+            self.privilegedStartService()
+        service.MultiService.startService(self)
+
+    def stopService(self):
+        d = service.MultiService.stopService(self)
+        d.addBoth(lambda _: self.client.close())
+        d.addBoth(
+            lambda _: self.trust.close(
+                {r.node_id: r.last_seen for r in self.registry.records()}
+            )
+        )
+        return d
+
+
+def make_explorer(
+    *,
+    reactor,
+    clock,
+    listen,
+    offline_after,
+    state_dir,
+    socket_dirs=(),
+    tls=None,
+    call_timeout=CALL_TIMEOUT,
+    connect_timeout=CONNECT_TIMEOUT,
+    node_cert_days=90.0,
+    limits=None,
+    metrics=None,
+):
+    """
+    Build the explorer's service tree; nothing is opened until it starts::
+
+        ExplorerService (opens the state and TLS material on start)
+        ├── "listeners": Listeners (one per endpoint string, and mutual TLS)
+        │                -> HTTP factory -> authorization -> Dispatcher
+        ├── "liveness":  LivenessLog over the Registry
+        └── "metrics":   GET /metrics and the reactor's lag, when asked for
+
+    :param reactor: the reactor to listen and connect with
+    :param clock: an ``IReactorTime`` for liveness, uptime and the sweep (Unix seconds)
+    :param listen: Twisted server endpoint strings to serve on
+    :param socket_dirs: directories to create for Unix sockets when starting
+    :param offline_after: seconds of silence before a node is offline
+    :param state_dir: the directory of ``explorer.db`` (``EXPLORER_STATE_DIR``)
+    :param tls: an :class:`~hero_compute.explorer.trust.TLSSettings`, or None
+    :param call_timeout: seconds allowed for a proxied call
+    :param connect_timeout: seconds allowed to connect to a node
+    :param node_cert_days: life of the certificates it signs for nodes, in days
+    :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
+    :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
+        (``GET /metrics``), or None for none
+    :return: the :class:`ExplorerService`
+    """
+    limits = limits or Limits()
+    registry = Registry(clock, offline_after)
+    client = RpcClient(
+        reactor,
+        timeout=call_timeout,
+        connect_timeout=connect_timeout,
+        max_response=limits.max_reply,
+    )
+    rpc = Dispatcher(
+        load_schema("explorer"),
+        hero_compute.__version__,
+        authorize=_authorize,
+        max_batch=limits.max_batch,
+        max_response=limits.max_response,
+    )
+    factory = make_factory(rpc, limits=limits)
+    listeners = Listeners(factory, listen, socket_dirs, reactor)
+    trust = ExplorerTrust(
+        clock=clock,
+        reactor=reactor,
+        db_path=os.path.join(state_dir, "explorer.db"),
+        tls=tls,
+        factory=factory,
+        node_cert_days=node_cert_days,
+    )
+    proxy = Proxy(
+        client,
+        registry,
+        call_timeout,
+        CachingResolver(reactor).resolve,
+        calls_per_node=limits.calls_per_node,
+        calls_total=limits.calls_total,
+    )
+    methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
+    methods.register(rpc)
+
+    explorer = ExplorerService(registry, client, rpc, listeners, trust)
+    listeners.setName("listeners")
+    listeners.setServiceParent(explorer)
+    liveness = LivenessLog(
+        registry,
+        clock,
+        sweep_interval(offline_after),
+        forget_after=limits.forget_after,
+        forgotten=trust.forget_record,
+    )
+    liveness.setName("liveness")
+    liveness.setServiceParent(explorer)
+    if metrics is not None:
+        make_metrics(
+            listen=metrics,
+            methods=methods,
+            registry=registry,
+            proxy=proxy,
+            factory=factory,
+            clock=clock,
+            reactor=reactor,
+        ).setServiceParent(explorer)
+    return explorer
+
+
+def _authorize(context, method, params):
+    EXPLORER_POLICY.check(context.transport, context.identity, method, params)
