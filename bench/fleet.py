@@ -146,7 +146,12 @@ def _handshakes(procs, tmp, res, cfg, tls):
                 r["rps"],
                 r["p50_ms"],
                 r["p99_ms"],
-                **details(r, per_explorer_core_s=capacity),
+                **details(
+                    r,
+                    per_explorer_core_s=capacity,
+                    cycle_p50_ms=r.get("cycle_p50_ms"),
+                    cycle_p99_ms=r.get("cycle_p99_ms"),
+                ),
             )
             if r["error_samples"]:
                 res.note(f"tls {name}: error samples {r['error_samples']}")

@@ -165,10 +165,11 @@ class Stats:
 class _ClosedConn(asyncio.Protocol):
     """One closed-loop client connection (persistent: many requests)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, opened_at=0.0):
         self.r = runner
         self.parser = _Parser()
         self.sent_at = 0.0
+        self.opened_at = opened_at  # when connecting began (for the whole cycle)
         self.transport = None
 
     def connection_made(self, transport):
@@ -182,7 +183,7 @@ class _ClosedConn(asyncio.Protocol):
     def data_received(self, data):
         for status, body in self.parser.feed(data):
             now = time.perf_counter()
-            self.r.record(now, now - self.sent_at, status, body)
+            self.r.record(now, now - self.sent_at, status, body, now - self.opened_at)
             if self.r.running:
                 if self.r.close:
                     self.transport.close()
@@ -203,6 +204,7 @@ class ClosedLoop:
         self.request = http_request(args.body.encode(), close=args.close)
         self.expect = args.expect.encode() if args.expect else None
         self.stats = Stats()
+        self.cycle = Histogram()
         self.running = True
         self.measure_from = 0.0
         self.measure_to = 0.0
@@ -212,7 +214,7 @@ class ClosedLoop:
         self.srcs = args.src or []
         self.ssl = client_context(args.tls_ca, args.tls_cert) if args.tls_ca else None
 
-    def record(self, now, latency, status, body):
+    def record(self, now, latency, status, body, cycle):
         if not (self.measure_from <= now < self.measure_to):
             return
         if status != 200 or (self.expect and self.expect not in body):
@@ -220,6 +222,10 @@ class ClosedLoop:
             return
         self.stats.ok += 1
         self.stats.hist.add(latency)
+        if self.close:
+            # connect (and TLS handshake) + request + response: latency counts from
+            # the request's write only, as wrk does
+            self.cycle.add(cycle)
 
     def lost(self, proto):
         self.active -= 1
@@ -228,9 +234,10 @@ class ClosedLoop:
 
     async def open(self):
         a = self.args
+        t = time.perf_counter()
         try:
             if a.unix:
-                await self.loop.create_unix_connection(lambda: _ClosedConn(self), a.unix)
+                await self.loop.create_unix_connection(lambda: _ClosedConn(self, t), a.unix)
             else:
                 kw = {}
                 if self.srcs:
@@ -240,7 +247,7 @@ class ClosedLoop:
                     kw["ssl"] = self.ssl
                     kw["server_hostname"] = a.host
                 await self.loop.create_connection(
-                    lambda: _ClosedConn(self), a.host, a.port, **kw
+                    lambda: _ClosedConn(self, t), a.host, a.port, **kw
                 )
             self.active += 1
         except OSError as e:
@@ -274,6 +281,7 @@ class ClosedLoop:
             "duration": a.duration,
             "cpu_s": c1 - c0,
             "hist": s.hist.to_json(),
+            "cycle": self.cycle.to_json(),
         }
 
 

@@ -93,6 +93,10 @@ def summarize(outs, hist_key="hist"):
         "gen_cpu": sum(o["cpu_s"] for o in outs) / dur if dur else 0.0,
         "error_samples": sum((o["error_samples"] for o in outs), [])[:3],
     }
+    cycle = loadgen.merge_histograms(o.get("cycle", {}) for o in outs)
+    if cycle:
+        res["cycle_p50_ms"] = to_ms(loadgen.percentile(cycle, 0.50))
+        res["cycle_p99_ms"] = to_ms(loadgen.percentile(cycle, 0.99))
     return res
 
 
