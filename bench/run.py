@@ -3,8 +3,8 @@
 hero_compute benchmarks: framework floor, native TCP vs socat, heartbeat ingest, proxy
 overhead, failure detection, and (optionally) a py-spy profile of the explorer.
 
-    python bench/run.py                 # everything but the profile, < 10 minutes
-    python bench/run.py --quick         # ~1-2 minutes, smaller N and shorter runs
+    python bench/run.py                 # everything but the profile, about 11 minutes
+    python bench/run.py --quick         # ~3-4 minutes, smaller N and shorter runs
     python bench/run.py --sections floor,transport --quick
     python bench/run.py --sections profile --quick
     python bench/run.py --sections tls,hostile     # issues #9 and #10
