@@ -18,6 +18,7 @@ import loadgen
 from loadrun import run_closed, summarize, to_ms
 from procs import (
     CLIENT_CPU,
+    FLEET_ENV,
     HERE,
     PY,
     PYSPY,
@@ -34,17 +35,50 @@ def sec_ingest(procs, tmp, res, cfg):
         _ingest_one(procs, tmp, res, cfg, n)
 
 
-def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
+def _ingest_one(
+    procs,
+    tmp,
+    res,
+    cfg,
+    n,
+    profile_out=None,
+    tls=None,
+    hostile=None,
+    section="ingest",
+    label="",
+    targets=True,
+):
+    """
+    One ingest run of ``n`` simulated nodes; adds its row (and targets) and returns
+    ``(summary, explorer cpu share, wrongly offline, conns, extra)``.
+
+    :param tls: ``{"ca": ca.pem, "dir": <node index>.pem directory, "explorer_env":
+        {...}}``: heartbeat over mutual TLS, one connection and certificate per node
+    :param hostile: ``start(exp) -> finish() -> dict``, started once every generator
+        is connected (before the first heartbeat), finished after the window; its
+        dict goes into the row
+    """
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     nofile = hard
     # The explorer's fd limit caps the connections; beyond it, several simulated nodes
     # share one connection (each keeps its own 10 s schedule).
     max_conns = max(100, min(nofile - 200, 60000))
     conns = min(n, max_conns)
-    exp = start_explorer(procs, tmp, f"ingest{n}-explorer", cpus=SERVER_CPU, nofile=nofile)
+    if tls and conns < n:
+        raise RuntimeError(f"TLS ingest needs {n} connections; RLIMIT_NOFILE is {nofile}")
+    env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}))
+    exp = start_explorer(
+        procs,
+        tmp,
+        f"{section}{n}{'-tls' if tls else ''}{'-hostile' if hostile else ''}-explorer",
+        cpus=SERVER_CPU,
+        nofile=nofile,
+        env=env,
+    )
     pid = exp.pid
     gens = []
     spy = None
+    finish = None
     try:
         # warm the code paths before taking the idle RSS
         rpc(exp.sock, "explorer.info")
@@ -64,7 +98,7 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
                 os.path.join(HERE, "loadgen.py"),
                 "heartbeat",
                 "--port",
-                str(exp.port),
+                str(exp.tls_port if tls else exp.port),
                 "--nodes",
                 str(gnodes),
                 "--first",
@@ -76,6 +110,8 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
                 "--interval",
                 str(cfg["hb_interval"]),
             ] + srcs
+            if tls:
+                cmd += ["--tls-ca", tls["ca"], "--tls-dir", tls["dir"]]
             first += gnodes
             gens.append(
                 procs.start(
@@ -90,6 +126,8 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
                     f"heartbeat generator died: {open(gp.logpath).read()[-1500:]}"
                 )
             connect_s = max(connect_s, json.loads(line)["connect_s"])
+        if hostile:
+            finish = hostile(exp)
         interval = cfg["hb_interval"]
         t0 = time.time() + 0.5
         w0 = t0 + interval  # first round registers every node; measure the steady state
@@ -125,6 +163,8 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
         rss = proc_rss(pid)
         info = rpc(exp.sock, "explorer.info", timeout=30)
         offline = rpc(exp.sock, "explorer.list_nodes", {"status": "offline"}, timeout=60)
+        hostile_out = finish() if finish else {}
+        finish = None
         outs = []
         for gp in gens:
             out, _ = gp.communicate(timeout=end - time.time() + 60)
@@ -139,14 +179,10 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
         cpu_share = (cpu1 - cpu0) / (tw1 - tw0)
         per_node = (rss - rss_idle) / n
         expected = n * cfg["hb_window"] / interval
-        res.add(
-            "ingest",
-            f"N={n:,} nodes, {conns:,} conns, every {interval:g}s"
-            + (" (under py-spy)" if profile_out else ""),
-            s["rps"],
-            s["p50_ms"],
-            s["p99_ms"],
+        cpu_per_hb_us = cpu_share / s["rps"] * 1e6 if s["rps"] else None
+        extra = dict(
             explorer_cpu=round(cpu_share, 3),
+            cpu_per_hb_us=round(cpu_per_hb_us, 1) if cpu_per_hb_us else None,
             rss_mb=round(rss / 2**20, 1),
             bytes_per_node=round(per_node),
             online=info["nodes"]["online"],
@@ -158,11 +194,23 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
             ok=s["ok"],
             err=s["errors"] + s["conn_errors"],
             connect_s=round(connect_s, 1),
+            reconnected=sum(o.get("reconnected", 0) for o in outs),
             nofile=nofile,
+            **hostile_out,
+        )
+        res.add(
+            section,
+            f"N={n:,} nodes, {conns:,} conns, every {interval:g}s"
+            + (" (under py-spy)" if profile_out else "")
+            + label,
+            s["rps"],
+            s["p50_ms"],
+            s["p99_ms"],
+            **extra,
         )
         if s["error_samples"]:
-            res.note(f"ingest N={n}: error samples {s['error_samples']}")
-        if not profile_out:
+            res.note(f"{section} N={n}{label}: error samples {s['error_samples']}")
+        if targets and not profile_out:
             rate = n / interval
             ok = s["rps"] >= 0.98 * rate and (s["p99_ms"] or 1e9) < 50
             if n >= 50000 or n == max(cfg["ingest_n"]):
@@ -178,8 +226,10 @@ def _ingest_one(procs, tmp, res, cfg, n, profile_out=None):
                 not offline,
                 f"{len(offline)} offline, {info['nodes']['online']} online",
             )
-        return s, cpu_share, len(offline), conns
+        return s, cpu_share, len(offline), conns, extra
     finally:
+        if finish:
+            finish()
         for gp in gens:
             procs.stop(gp, signal.SIGKILL)
         if spy:

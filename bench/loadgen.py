@@ -11,6 +11,12 @@ Modes:
 - ``heartbeat``: simulated nodes, each heartbeating every ``--interval`` seconds on a
   fixed, phase-spread schedule (open loop) over persistent TCP connections.
 
+Either mode speaks mutual TLS with ``--tls-ca``: ``closed`` with one client certificate
+(``--tls-cert``, certificate and key in one PEM file; with ``--close`` every request
+is a fresh, full handshake), ``heartbeat`` with one connection per node, each with its
+own SSL context and node certificate ``--tls-dir/<node index>.pem`` (node id = the
+certificate's name), reporting ``tls://127.0.0.1:<port>`` as its address.
+
 Latencies go into a log-bucketed histogram (2% buckets) so that processes can be merged.
 """
 
@@ -21,6 +27,7 @@ import json
 import math
 import os
 import resource
+import ssl
 import sys
 import time
 
@@ -81,6 +88,15 @@ def raise_nofile():
 def cpu_seconds():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def client_context(ca, certfile=None):
+    """A TLS client context trusting the fleet CA, with our certificate if given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    if certfile:
+        ctx.load_cert_chain(certfile)
+    return ctx
 
 
 def http_request(body, close=False, host=b"bench"):
@@ -149,10 +165,11 @@ class Stats:
 class _ClosedConn(asyncio.Protocol):
     """One closed-loop client connection (persistent: many requests)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, opened_at=0.0):
         self.r = runner
         self.parser = _Parser()
         self.sent_at = 0.0
+        self.opened_at = opened_at  # when connecting began (for the whole cycle)
         self.transport = None
 
     def connection_made(self, transport):
@@ -166,7 +183,7 @@ class _ClosedConn(asyncio.Protocol):
     def data_received(self, data):
         for status, body in self.parser.feed(data):
             now = time.perf_counter()
-            self.r.record(now, now - self.sent_at, status, body)
+            self.r.record(now, now - self.sent_at, status, body, now - self.opened_at)
             if self.r.running:
                 if self.r.close:
                     self.transport.close()
@@ -187,6 +204,7 @@ class ClosedLoop:
         self.request = http_request(args.body.encode(), close=args.close)
         self.expect = args.expect.encode() if args.expect else None
         self.stats = Stats()
+        self.cycle = Histogram()
         self.running = True
         self.measure_from = 0.0
         self.measure_to = 0.0
@@ -194,8 +212,9 @@ class ClosedLoop:
         self.active = 0
         self.src_i = 0
         self.srcs = args.src or []
+        self.ssl = client_context(args.tls_ca, args.tls_cert) if args.tls_ca else None
 
-    def record(self, now, latency, status, body):
+    def record(self, now, latency, status, body, cycle):
         if not (self.measure_from <= now < self.measure_to):
             return
         if status != 200 or (self.expect and self.expect not in body):
@@ -203,6 +222,10 @@ class ClosedLoop:
             return
         self.stats.ok += 1
         self.stats.hist.add(latency)
+        if self.close:
+            # connect (and TLS handshake) + request + response: latency counts from
+            # the request's write only, as wrk does
+            self.cycle.add(cycle)
 
     def lost(self, proto):
         self.active -= 1
@@ -211,16 +234,20 @@ class ClosedLoop:
 
     async def open(self):
         a = self.args
+        t = time.perf_counter()
         try:
             if a.unix:
-                await self.loop.create_unix_connection(lambda: _ClosedConn(self), a.unix)
+                await self.loop.create_unix_connection(lambda: _ClosedConn(self, t), a.unix)
             else:
                 kw = {}
                 if self.srcs:
                     kw["local_addr"] = (self.srcs[self.src_i % len(self.srcs)], 0)
                     self.src_i += 1
+                if self.ssl:
+                    kw["ssl"] = self.ssl
+                    kw["server_hostname"] = a.host
                 await self.loop.create_connection(
-                    lambda: _ClosedConn(self), a.host, a.port, **kw
+                    lambda: _ClosedConn(self, t), a.host, a.port, **kw
                 )
             self.active += 1
         except OSError as e:
@@ -254,6 +281,7 @@ class ClosedLoop:
             "duration": a.duration,
             "cpu_s": c1 - c0,
             "hist": s.hist.to_json(),
+            "cycle": self.cycle.to_json(),
         }
 
 
@@ -316,10 +344,13 @@ class HeartbeatGen:
     def request_for(self, node):
         a = self.a
         nid = a.first + node
-        host = f"127.0.{1 + (nid >> 8) % 250}.{1 + nid % 250}"
+        if a.tls_dir:
+            addr = f"tls://127.0.0.1:{10000 + nid % 50000}"
+        else:
+            addr = f"tcp://127.0.{1 + (nid >> 8) % 250}.{1 + nid % 250}:9003"
         body = (
             f'{{"jsonrpc":"2.0","method":"explorer.heartbeat","id":{nid},"params":'
-            f'{{"node_id":"bench-{nid:06d}","socket_path":"tcp://{host}:9003",'
+            f'{{"node_id":"bench-{nid:06d}","socket_path":"{addr}",'
             f'"name":"bench-{nid:06d}","version":"0.1.0",'
             '"capacity":{"vcpus":16,"memory_mb":65536,"disk_gb":1000},'
             f'"usage":{{"vcpus":{nid % 16},"memory_mb":{(nid % 64) * 1024},"disk_gb":100}},'
@@ -339,16 +370,26 @@ class HeartbeatGen:
         self.stats.hist.add(now - scheduled)
         self.stats.lateness.add(max(sent - scheduled, 1e-7))
 
-    async def connect_all(self):
+    async def connect_all(self, conns=None, which=None):
+        """Connect every connection (or those in ``which``, into ``conns``)."""
         a = self.a
         loop = asyncio.get_running_loop()
         srcs = a.src or ["127.0.0.1"]
-        conns = [None] * a.conns
+        if conns is None:
+            conns = [None] * a.conns
         sem = asyncio.Semaphore(a.connect_concurrency)
         deadline = time.monotonic() + a.connect_timeout
 
+        if a.tls_dir and a.conns != a.nodes:
+            raise SystemExit("over TLS every node needs its own connection and certificate")
+
         async def one(i):
             async with sem:
+                kw = {}
+                if a.tls_dir:
+                    # node i of this generator: its own context and certificate
+                    path = os.path.join(a.tls_dir, f"{a.first + i}.pem")
+                    kw = {"ssl": client_context(a.tls_ca, path), "server_hostname": a.host}
                 while True:
                     try:
                         _, p = await asyncio.wait_for(
@@ -357,8 +398,9 @@ class HeartbeatGen:
                                 a.host,
                                 a.port,
                                 local_addr=(srcs[i % len(srcs)], 0),
+                                **kw,
                             ),
-                            5,
+                            10,
                         )
                         conns[i] = p
                         return
@@ -367,7 +409,9 @@ class HeartbeatGen:
                             raise RuntimeError(f"connect {i}: {e}") from None
                         await asyncio.sleep(0.05)
 
-        await asyncio.gather(*(one(i) for i in range(a.conns)))
+        await asyncio.gather(
+            *(one(i) for i in (range(a.conns) if which is None else which))
+        )
         return conns
 
     async def run(self):
@@ -379,6 +423,13 @@ class HeartbeatGen:
         print(json.dumps({"ready": True, "connect_s": connect_s}), flush=True)
         line = await loop.run_in_executor(None, sys.stdin.readline)
         ctl = json.loads(line)
+        # A connection that waited idle through a long connect phase (thousands of TLS
+        # handshakes, other generators) may have met the server's idle timeout: open
+        # it again, as a node would, before the first heartbeat.
+        lost = [i for i, c in enumerate(conns) if c.transport is None]
+        if lost:
+            await self.connect_all(conns, lost)
+        self.stats.conn_errors -= len(lost)
         t0, w0, w1, end = ctl["t0"], ctl["w0"], ctl["w1"], ctl["end"]
         self.win = (w0, w1)
         n = a.nodes
@@ -423,6 +474,7 @@ class HeartbeatGen:
             "lateness": s.lateness.to_json(),
             "pending_at_end": pending,
             "connect_s": connect_s,
+            "reconnected": len(lost),
             "sent_total": self.sent_total,
         }
 
@@ -449,6 +501,9 @@ def main(argv=None):
     p.add_argument("--interval", type=float, default=10.0)
     p.add_argument("--connect-concurrency", type=int, default=128)
     p.add_argument("--connect-timeout", type=float, default=90.0)
+    p.add_argument("--tls-ca", help="speak TLS, trusting this CA")
+    p.add_argument("--tls-cert", help="closed: our certificate and key (one PEM file)")
+    p.add_argument("--tls-dir", help="heartbeat: <node index>.pem for each node")
     a = p.parse_args(argv)
     a.total_nodes = a.total_nodes or a.nodes
     nofile = raise_nofile()

@@ -24,6 +24,7 @@ def run_closed(
     expect='"result"',
     nprocs=1,
     server_pid=None,
+    extra_args=(),
 ):
     """Run the Python closed-loop generator (nprocs processes); merged stats."""
     per = [conns // nprocs + (1 if i < conns % nprocs else 0) for i in range(nprocs)]
@@ -50,6 +51,7 @@ def run_closed(
                     cmd += ["--src", f"127.0.0.{k}"]
         if body:
             cmd += ["--body", body]
+        cmd += list(extra_args)
         ps.append(procs.start(cmd, f"loadgen{i}", cpus=CLIENT_CPU, stdout_pipe=True))
     srv = _server_cpu_window(server_pid, warmup + 0.3, duration - 0.3)
     outs = []
@@ -91,6 +93,10 @@ def summarize(outs, hist_key="hist"):
         "gen_cpu": sum(o["cpu_s"] for o in outs) / dur if dur else 0.0,
         "error_samples": sum((o["error_samples"] for o in outs), [])[:3],
     }
+    cycle = loadgen.merge_histograms(o.get("cycle", {}) for o in outs)
+    if cycle:
+        res["cycle_p50_ms"] = to_ms(loadgen.percentile(cycle, 0.50))
+        res["cycle_p99_ms"] = to_ms(loadgen.percentile(cycle, 0.99))
     return res
 
 

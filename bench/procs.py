@@ -38,8 +38,17 @@ def twistd_cmd():
 
 PYSPY = os.path.join(os.path.dirname(PY), "py-spy")
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-ENV.pop("EXPLORER_TCP_ADDR", None)
-ENV.pop("NODE_OFFLINE_AFTER", None)
+for _name in list(ENV):
+    # the benchmarks set what they need; nothing of the caller's explorer/node setup
+    # (addresses, TLS, state, limits) may leak in
+    if _name.startswith(("EXPLORER_", "NODE_", "HERO_")):
+        del ENV[_name]
+#: Explorer environment for a simulated fleet from a few loopback addresses (CONTRACT
+#: §7: "benchmarks that simulate a fleet from one address raise the per-address limits").
+FLEET_ENV = {
+    "EXPLORER_NEW_NODES_PER_ADDR": "1000000",
+    "HERO_MAX_CONNS_PER_ADDR": "1000000",
+}
 NCPU = os.cpu_count() or 1
 SERVER_CPU = {0} if NCPU > 1 else None
 CLIENT_CPU = set(range(1, NCPU)) if NCPU > 1 else None
@@ -62,7 +71,9 @@ class Procs:
         self.procs = []
         self.n = 0
 
-    def start(self, cmd, name, cpus=None, nofile=None, stdin=None, stdout_pipe=False):
+    def start(
+        self, cmd, name, cpus=None, nofile=None, stdin=None, stdout_pipe=False, env=None
+    ):
         self.n += 1
         logpath = os.path.join(self.tmp, f"{self.n:02d}-{name}.log")
         logf = open(logpath, "wb")
@@ -77,7 +88,7 @@ class Procs:
 
         p = subprocess.Popen(
             cmd,
-            env=ENV,
+            env=dict(ENV, **env) if env else ENV,
             cwd=self.tmp,
             preexec_fn=pre,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -133,9 +144,25 @@ def wait_for(path, pattern, timeout=15.0, proc=None):
 
 
 def start_explorer(
-    procs, tmp, name="explorer", offline_after=None, cpus=SERVER_CPU, nofile=None, prefix=()
+    procs,
+    tmp,
+    name="explorer",
+    offline_after=None,
+    cpus=SERVER_CPU,
+    nofile=None,
+    prefix=(),
+    env=None,
 ):
+    """
+    An explorer on a Unix socket in ``tmp`` and TCP on a free loopback port, with its
+    own state directory (never the user's ``~/hero``: a fleet from an earlier run would
+    show up offline).  ``env`` adds variables (e.g. :data:`FLEET_ENV`); with
+    ``EXPLORER_TLS_ADDR`` in it, its TLS port is ``p.tls_port``.
+    """
     sock = os.path.join(tmp, f"{name}.sock")
+    state = os.path.join(tmp, f"{name}-state")
+    os.makedirs(state, exist_ok=True)
+    env = dict(env or {}, EXPLORER_STATE_DIR=state)
     cmd = (
         list(prefix)
         + twistd_cmd()
@@ -143,10 +170,14 @@ def start_explorer(
     )
     if offline_after is not None:
         cmd += ["--offline-after", str(offline_after)]
-    p = procs.start(cmd, name, cpus=cpus, nofile=nofile)
+    p = procs.start(cmd, name, cpus=cpus, nofile=nofile, env=env)
     m = wait_for(p.logpath, r"listening on tcp://127\.0\.0\.1:(\d+)", proc=p)
     wait_for(p.logpath, r"listening on unix://", proc=p)
     p.sock, p.port = sock, int(m.group(1))
+    p.tls_port = None
+    if env.get("EXPLORER_TLS_ADDR"):
+        m = wait_for(p.logpath, r"listening on tls://127\.0\.0\.1:(\d+)", proc=p)
+        p.tls_port = int(m.group(1))
     return p
 
 

@@ -3,10 +3,11 @@
 hero_compute benchmarks: framework floor, native TCP vs socat, heartbeat ingest, proxy
 overhead, failure detection, and (optionally) a py-spy profile of the explorer.
 
-    python bench/run.py                 # everything but the profile, < 10 minutes
-    python bench/run.py --quick         # ~1-2 minutes, smaller N and shorter runs
+    python bench/run.py                 # everything but the profile, about 11 minutes
+    python bench/run.py --quick         # ~3-4 minutes, smaller N and shorter runs
     python bench/run.py --sections floor,transport --quick
     python bench/run.py --sections profile --quick
+    python bench/run.py --sections tls,hostile     # issues #9 and #10
 
 Only loopback addresses and Unix sockets in a temporary directory are used; every
 process started is killed on exit.  Results: one table on stdout, and
@@ -24,7 +25,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# the tree under test, for the certificates of the tls section (hero_compute.pki)
+sys.path.insert(1, os.path.dirname(HERE))
 
+import fleet  # noqa: E402
 import ingest  # noqa: E402
 import sections  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -38,9 +42,27 @@ SECTIONS = {
     "ingest": ingest.sec_ingest,
     "proxy": sections.sec_proxy,
     "failure": sections.sec_failure,
+    "tls": fleet.sec_tls,
+    "hostile": fleet.sec_hostile,
     "profile": ingest.sec_profile,
 }
-DEFAULT_SECTIONS = ["floor", "transport", "ingest", "proxy", "failure"]
+DEFAULT_SECTIONS = ["floor", "transport", "ingest", "proxy", "failure", "tls", "hostile"]
+
+
+def other_benchmarks():
+    """Pids of other ``bench/run.py`` processes (e.g. from another worktree)."""
+    pids = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"bench/run.py") for a in args[:3]):
+            pids.add(int(pid))
+    return pids
 
 
 def main(argv=None):
@@ -81,6 +103,9 @@ def main(argv=None):
         "proxy_dur": 2.0 if q else 4.0,
         "fail_reps": 1 if q else 3,
         "profile_n": 5000 if q else 50000,
+        "tls_n": 2000 if q else 10000,
+        "hostile_n": 2000 if q else 10000,
+        "loris_conns": 32,
     }
     mach = machine()
     res = Results()
@@ -101,6 +126,28 @@ def main(argv=None):
         "latency is from the scheduled send time; send_delay = scheduled -> written, i.e. "
         "generator lateness plus waiting behind a shared connection's request in flight"
     )
+    res.note(
+        "fleet sections (ingest, tls, hostile, profile): the explorer runs with "
+        "EXPLORER_NEW_NODES_PER_ADDR and HERO_MAX_CONNS_PER_ADDR raised to 1,000,000, "
+        "since the simulated fleet comes from a few loopback addresses; other limits "
+        "at their defaults; every explorer has its own EXPLORER_STATE_DIR"
+    )
+    if "tls" in args.sections:
+        res.note(
+            f"tls: {cfg['tls_n']:,} node certificates issued per run; the TLS and plain "
+            "TCP ingest rows are fresh explorers in the same run, ratio = explorer CPU "
+            "per heartbeat (cpu_per_hb_us); per_explorer_core_s = calls/s over the "
+            "explorer's CPU share, what one explorer core would sustain"
+        )
+    if "hostile" in args.sections:
+        res.note(
+            "hostile: one peer pipelines rpc.discover on one connection from "
+            "the start of the measured window and never reads; another keeps "
+            f"{cfg['loris_conns']} connections sending one byte of a never-ending "
+            "request head every 3 s (reconnecting when closed); HERO_HEAD_TIMEOUT and "
+            "HERO_MAX_UNSENT at their defaults; both from their own loopback address"
+        )
+    others_before = other_benchmarks()
     tmp = tempfile.mkdtemp(prefix="hero-bench-")
     procs = Procs(tmp)
     t_start = time.monotonic()
@@ -128,6 +175,13 @@ def main(argv=None):
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     res.note(f"total wall time {time.monotonic() - t_start:.0f}s")
+    others = others_before | other_benchmarks()
+    if others:
+        res.note(
+            f"WARNING: {len(others)} other benchmark run(s) were running on this machine "
+            "at the start or the end (pids " + ", ".join(map(str, sorted(others))) + "): "
+            "they share the cores, numbers are noisier than usual"
+        )
     end_rev = git_rev()
     if end_rev != mach["commit"]:
         res.note(
