@@ -27,6 +27,10 @@ from .store import Store
 log = Logger()
 
 
+#: Seconds new and changed node records wait to be written together.
+FLUSH_EVERY = 1.0
+
+
 class StartupError(Exception):
     """The explorer cannot start as configured; the message says what to change."""
 
@@ -89,6 +93,8 @@ class ExplorerTrust:
         self._node_cert_days = node_cert_days
         self._store = None
         self._enrollment = None
+        self._dirty = {}
+        self._flusher = None
         self._creators = []
         self._ca = None
         self._ca_pem = None
@@ -188,6 +194,9 @@ class ExplorerTrust:
         if self._previous_hangup is not None:
             signal.signal(signal.SIGHUP, self._previous_hangup)
             self._previous_hangup = None
+        if self._flusher is not None and self._flusher.active():
+            self._flusher.cancel()
+        self.flush()
         if self._store is not None:
             try:
                 self._store.touch_nodes(last_seen)
@@ -211,16 +220,36 @@ class ExplorerTrust:
         self._enrollment.check_node(node_id, secret, serial)
 
     def save_node(self, record):
-        """Keep a node's record (first sight, or a durable field changed)."""
-        self._store.save_node(attrs.asdict(record))
+        """
+        Keep a node's record (first sight, or a durable field changed): written with
+        the others of the same second in one transaction (:meth:`flush`).  A crash loses
+        at most that second of records, which their nodes' next heartbeats restore;
+        identities are never deferred.
+        """
+        self._dirty[record.node_id] = record
+        if self._flusher is None:
+            self._flusher = self._clock.callLater(FLUSH_EVERY, self.flush)
+
+    def flush(self):
+        """Write the records kept since the last flush; never raises."""
+        self._flusher = None
+        dirty, self._dirty = self._dirty, {}
+        if not dirty or self._store is None:
+            return
+        try:
+            self._store.save_nodes([attrs.asdict(r) for r in dirty.values()])
+        except Exception:
+            log.failure("could not keep {count} node records", count=len(dirty))
 
     def forget_record(self, node_id):
         """Drop a forgotten node's stored record; its identity binding stays."""
+        self._dirty.pop(node_id, None)
         if self._store is not None:
             self._store.forget_node(node_id)
 
     def forget_node(self, node_id):
         """Forget a removed node's record and identity binding (not a revocation)."""
+        self._dirty.pop(node_id, None)
         self._store.forget_node(node_id)
         self._store.forget_identity(node_id)
 
