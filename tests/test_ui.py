@@ -385,6 +385,12 @@ def test_browser_fleet(twistd, short_tmp, browser, axe_source, tmp_path):
         lambda: len(result(unix, "explorer.list_nodes", {"status": "online"})) == 2,
         what="both nodes online",
     )
+    vm = result(
+        f"unix://{short_tmp}/alpha.sock",
+        "vm.create",
+        {"name": "web", "vcpus": 1, "memory_mb": 64, "disk_gb": 1},
+        timeout=60,
+    )
     for i, rack in enumerate(("r1", "r2", "r2")):
         result(
             unix,
@@ -439,7 +445,11 @@ def test_browser_fleet(twistd, short_tmp, browser, axe_source, tmp_path):
         lambda: "ok" in browser.find_element("id", "explorers-body").text,
         what="the node's explorers",
     )
-    assert "No VMs." in browser.find_element("id", "vms-body").text
+    wait_for(
+        lambda: vm["vm_id"] in browser.find_element("id", "vms-body").text,
+        what="the node's VM",
+    )
+    assert "stopped" in browser.find_element("id", "vms-body").text
     assert unix in browser.find_element("id", "explorers-body").text
     browser.save_screenshot(str(tmp_path / "node.png"))
     if axe_source:
@@ -535,3 +545,41 @@ def test_browser_pages_through_5000_nodes(twistd, short_tmp, browser, tmp_path):
     )
     assert rpc(unix, "explorer.info")["result"]["nodes"]["online"] == 5000
     print(f"the whole test in {time.monotonic() - started:.1f} s")
+
+
+def test_ui_options():
+    """--ui and EXPLORER_UI_ADDR name the listener, the command line first; unset, none."""
+    from hero_compute.explorer.tap import Options
+
+    def parse(args, env):
+        options = Options(env={"HOME": "/nonexistent", **env})
+        options.parseOptions(args)
+        return options["ui"]
+
+    assert parse([], {}) is None
+    assert parse([], {"EXPLORER_UI_ADDR": "127.0.0.1:9200"}).endpoint_string() == (
+        parse(["--ui", "127.0.0.1:9200"], {}).endpoint_string()
+    )
+    assert (
+        "9201"
+        in parse(
+            ["--ui", "127.0.0.1:9201"], {"EXPLORER_UI_ADDR": "127.0.0.1:9200"}
+        ).endpoint_string()
+    )
+
+
+def test_ui_bind_failure_aborts_start(twistd, short_tmp):
+    """A dashboard address already taken stops the explorer with a non-zero exit."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        process = twistd(
+            ["explorer", "--socket", f"{short_tmp}/e.sock", "--ui", f"127.0.0.1:{port}"]
+        )
+        assert process.process.wait(15) != 0
+    finally:
+        taken.close()
