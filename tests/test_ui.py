@@ -220,6 +220,19 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
     assert "result" in answers[1] and answers[2]["error"]["code"] == -32010
 
 
+def test_dashboard_refuses_a_huge_body(twistd, short_tmp):
+    """A body over 1 MiB is not read: the connection is dropped, and the explorer lives."""
+    _, unix, _, url = start_explorer(twistd, short_tmp)
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        conn.request("POST", "/rpc", body=b"x" * (2 << 20))
+        conn.getresponse().read()
+    conn.close()
+    assert fetch(url)[0] == 302
+    assert result(unix, "explorer.info")["nodes"] == {"online": 0, "offline": 0}
+
+
 def test_rpc_listeners_do_not_serve_the_dashboard(twistd, short_tmp):
     """The JSON-RPC listeners (Unix and TCP) answer 404 or 405 for the dashboard's paths."""
     _, unix, tcp, url = start_explorer(twistd, short_tmp)

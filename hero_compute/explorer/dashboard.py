@@ -40,6 +40,9 @@ COOKIE = b"hero_ui"
 #: whoever holds the token could mint them without end).
 MAX_SESSIONS = 1000
 
+#: The largest request body read, as on the JSON-RPC listeners (CONTRACT §4).
+MAX_BODY = 1 << 20
+
 #: Sent with every answer: the page runs only its own script and style, may not be
 #: framed, and never leaks the token URL as a referrer.
 SECURITY_HEADERS = {
@@ -218,10 +221,34 @@ class DashboardRoot(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class _BoundedRequest(server.Request):
+    """
+    A request whose body may not pass :data:`MAX_BODY`: twisted.web would otherwise
+    buffer any size, before the session is even checked.  Past it, the connection is
+    dropped (the page never sends more than a few hundred bytes).
+    """
+
+    _received = 0
+
+    def gotLength(self, length):
+        if length is not None and length > MAX_BODY:
+            self.channel.transport.abortConnection()
+            return
+        server.Request.gotLength(self, length)
+
+    def handleContentChunk(self, data):
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self.channel.transport.abortConnection()
+            return
+        server.Request.handleContentChunk(self, data)
+
+
 class _QuietSite(server.Site):
     """A Site that does not log each request: the page polls every 2 s."""
 
     noisy = False
+    requestFactory = _BoundedRequest
 
     def log(self, request):
         pass
