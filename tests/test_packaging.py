@@ -96,3 +96,16 @@ def test_wheel_carries_schemas_and_cli(installed):
     expected = [str(len(load_schema(n).methods)) for n in ("explorer", "node")]
     assert done.stdout.split() == expected
     assert run(installed, f"{installed}/bin/hero-compute", "--help").returncode == 0
+
+
+def test_wheel_carries_the_dashboard(installed):
+    """The installed package carries the dashboard's static files, as it loads them."""
+    done = run(
+        installed,
+        f"{installed}/bin/python",
+        "-c",
+        "from hero_compute.explorer.dashboard import load_static;"
+        "print(sorted(n for n, b in load_static().items() if b))",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['app.js', 'index.html', 'style.css']"

@@ -6,6 +6,8 @@ Every option may also come from the environment (CONTRACT §2); the command line
 
 import os
 
+from twisted.python import usage
+
 from hero_compute.options import (
     TapOptions,
     absolute_path,
@@ -41,7 +43,8 @@ class Options(TapOptions):
 
     synopsis = (
         "[--socket PATH] [--tcp HOST:PORT] [--tls HOST:PORT] [--listen ENDPOINT]... "
-        "[--offline-after S] [--state-dir DIR] [--metrics HOST:PORT]"
+        "[--offline-after S] [--state-dir DIR] [--metrics HOST:PORT] "
+        "[--ui HOST:PORT]"
     )
     longdesc = (
         "The hero_compute explorer: the registry of nodes and a proxy to them. "
@@ -51,7 +54,8 @@ class Options(TapOptions):
         "directory with --pidfile= (or distinct --pidfile), or they clash on twistd.pid. "
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
-        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR."
+        "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR, "
+        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE."
     )
     optParameters = [
         [
@@ -83,6 +87,22 @@ class Options(TapOptions):
             "Serve Prometheus metrics (GET /metrics) here "
             "[default: $EXPLORER_METRICS_ADDR; unset: no metrics]",
             listen_address,
+        ],
+        [
+            "ui",
+            None,
+            None,
+            "Serve the read-only dashboard here; the URL with its token is logged at start "
+            "[default: $EXPLORER_UI_ADDR; unset: no dashboard]",
+            listen_address,
+        ],
+        [
+            "ui-token-file",
+            None,
+            None,
+            "Read the dashboard's token from this file instead of making a random one "
+            "[default: $EXPLORER_UI_TOKEN_FILE]",
+            absolute_path,
         ],
         [
             "offline-after",
@@ -191,6 +211,16 @@ class Options(TapOptions):
         from_env(self, "tcp", env, "EXPLORER_TCP_ADDR", listen_address)
         from_env(self, "tls", env, "EXPLORER_TLS_ADDR", listen_address)
         from_env(self, "metrics", env, "EXPLORER_METRICS_ADDR", listen_address)
+        from_env(self, "ui", env, "EXPLORER_UI_ADDR", listen_address)
+        from_env(self, "ui-token-file", env, "EXPLORER_UI_TOKEN_FILE", absolute_path)
+        self["ui-token"] = None
+        if self["ui"] is not None and self["ui-token-file"] is not None:
+            from .dashboard import read_token_file
+
+            try:
+                self["ui-token"] = read_token_file(self["ui-token-file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from e
         from_env(self, "offline-after", env, "NODE_OFFLINE_AFTER", seconds)
         if self["offline-after"] is None:
             self["offline-after"] = OFFLINE_AFTER
@@ -287,6 +317,9 @@ def makeService(options, reactor=None):
         metrics=None
         if options["metrics"] is None
         else options["metrics"].endpoint_string(),
+        ui=None if options["ui"] is None else options["ui"].endpoint_string(),
+        ui_token=options["ui-token"],
+        ui_token_file=options["ui-token-file"],
     )
     explorer.listeners.name_sources("explorer", named)
     if options["notify-env"].get("NOTIFY_SOCKET"):

@@ -18,6 +18,7 @@ from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 
+from .dashboard import make_dashboard
 from .metrics import make_metrics
 from .proxy import Proxy
 from .registry import LivenessLog, NodeRecord, Registry, sweep_interval
@@ -86,6 +87,9 @@ def make_explorer(
     node_cert_days=90.0,
     limits=None,
     metrics=None,
+    ui=None,
+    ui_token=None,
+    ui_token_file=None,
 ):
     """
     Build the explorer's service tree; nothing is opened until it starts::
@@ -94,7 +98,8 @@ def make_explorer(
         ├── "listeners": Listeners (one per endpoint string, and mutual TLS)
         │                -> HTTP factory -> authorization -> Dispatcher
         ├── "liveness":  LivenessLog over the Registry
-        └── "metrics":   GET /metrics and the reactor's lag, when asked for
+        ├── "metrics":   GET /metrics and the reactor's lag, when asked for
+        └── "dashboard": the read-only web page on its own listener, when asked for
 
     :param reactor: the reactor to listen and connect with
     :param clock: an ``IReactorTime`` for liveness, uptime and the sweep (Unix seconds)
@@ -109,6 +114,9 @@ def make_explorer(
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
     :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
         (``GET /metrics``), or None for none
+    :param ui: a Twisted server endpoint string to serve the dashboard on, or None
+    :param ui_token: the dashboard's access token, or None for a random one
+    :param ui_token_file: the file ``ui_token`` came from, named in the log
     :return: the :class:`ExplorerService`
     """
     limits = limits or Limits()
@@ -167,6 +175,15 @@ def make_explorer(
             proxy=proxy,
             factory=factory,
             clock=clock,
+            reactor=reactor,
+        ).setServiceParent(explorer)
+    if ui is not None:
+        make_dashboard(
+            listen=ui,
+            methods=methods,
+            limits=limits,
+            token=ui_token,
+            token_file=ui_token_file,
             reactor=reactor,
         ).setServiceParent(explorer)
     return explorer

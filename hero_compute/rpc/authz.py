@@ -57,6 +57,27 @@ class OwnName:
 
 
 @attrs.frozen
+class ParamIn:
+    """
+    A condition: the named param must be one of these values.
+
+    :ivar param: the param to look at
+    :ivar values: the values allowed
+    """
+
+    param: str
+    values: frozenset[str]
+
+    def allows(self, identity: Identity | None, params: object) -> bool:
+        """:return: whether ``params`` hold one of the allowed values"""
+        return isinstance(params, Mapping) and params.get(self.param) in self.values
+
+
+#: A condition on a call's params.
+Condition = OwnName | ParamIn
+
+
+@attrs.frozen
 class Grant:
     """
     What one kind of caller may call.
@@ -68,7 +89,7 @@ class Grant:
 
     methods: frozenset[str] | str
     excluded: frozenset[str] = frozenset()
-    conditions: Mapping[str, OwnName] = attrs.field(factory=dict)
+    conditions: Mapping[str, Condition] = attrs.field(factory=dict)
 
     def allows(self, method: str, identity: Identity | None, params: object) -> bool:
         """:return: whether this grant allows the call"""
@@ -179,5 +200,28 @@ NODE_POLICY = Policy(
         NODE: NOTHING,
         ANONYMOUS: Grant(frozenset({"rpc.discover"})),
         TCP: EVERYTHING,
+    },
+)
+
+#: The dashboard (``--ui``) acts as a client that only reads: what its page shows, and
+#: nothing that changes the fleet, whatever its session cookie is used for.  Checked
+#: before :data:`EXPLORER_POLICY`'s ``client`` row, which still applies.
+DASHBOARD_POLICY = Policy(
+    "explorer dashboard",
+    {
+        CLIENT: Grant(
+            frozenset(
+                {
+                    "explorer.info",
+                    "explorer.list_nodes",
+                    "explorer.query_nodes",
+                    "explorer.get_node",
+                    "explorer.call",
+                }
+            ),
+            conditions={
+                "explorer.call": ParamIn("method", frozenset({"node.info", "vm.list"}))
+            },
+        ),
     },
 )

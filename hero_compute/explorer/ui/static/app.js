@@ -1,0 +1,351 @@
+// The hero_compute dashboard: read-only, polling the explorer's JSON-RPC methods
+// through this listener's POST /rpc every 2 s.  No framework, no build step: every
+// value from the wire goes into the page through textContent, never as HTML.
+
+const POLL_MS = 2000;
+const SUMMARY_PAGE = 10000;
+
+const $ = (id) => document.getElementById(id);
+
+let rpcId = 0;
+class RpcError extends Error {
+  constructor(error) {
+    super(error.message);
+    this.code = error.code;
+  }
+}
+
+async function rpc(method, params) {
+  const response = await fetch("/rpc", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    credentials: "same-origin",
+    body: JSON.stringify({ jsonrpc: "2.0", id: ++rpcId, method, params: params || {} }),
+  });
+  if (response.status === 401) {
+    throw new RpcError({ code: 401, message: "session expired: open the token URL again" });
+  }
+  const answer = await response.json();
+  if (answer.error) throw new RpcError(answer.error);
+  return answer.result;
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "class") node.className = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function ago(seconds) {
+  const s = Math.max(0, Math.round(Date.now() / 1000 - seconds));
+  if (s < 120) return `${s} s ago`;
+  if (s < 7200) return `${Math.round(s / 60)} min ago`;
+  if (s < 172800) return `${Math.round(s / 3600)} h ago`;
+  return `${Math.round(s / 86400)} d ago`;
+}
+
+function mb(v) {
+  return v >= 1024 ? `${(v / 1024).toFixed(1)} GiB` : `${v} MiB`;
+}
+
+function fill(barSpan, used, total) {
+  const ratio = total > 0 ? Math.min(1, used / total) : 0;
+  barSpan.style.width = `${(ratio * 100).toFixed(1)}%`;
+  barSpan.parentElement.classList.toggle("high", ratio >= 0.9);
+}
+
+function bar(used, total) {
+  const span = el("span");
+  const outer = el("div", { class: "bar", "aria-hidden": "true" }, span);
+  fill(span, used, total);
+  return outer;
+}
+
+// Status is never colour alone: an icon of its own shape and the word.
+function statusCell(node) {
+  const online = node.status === "online";
+  return el(
+    "span",
+    { class: `status ${node.status}` },
+    el("span", { class: "icon", "aria-hidden": "true" }, online ? "●" : "✕"),
+    node.status,
+    el("span", { class: "seen" }, `last seen ${ago(node.last_seen)}`),
+  );
+}
+
+function usageCell(node) {
+  const cap = node.capacity || {};
+  const use = node.usage || {};
+  const rows = [
+    ["vCPU", use.vcpus || 0, cap.vcpus || 0, (v) => v],
+    ["Memory", use.memory_mb || 0, cap.memory_mb || 0, mb],
+    ["Disk", use.disk_gb || 0, cap.disk_gb || 0, (v) => `${v} GB`],
+  ];
+  const grid = el("div", { class: "use" });
+  for (const [name, used, total, fmt] of rows) {
+    grid.append(el("span", {}, name), bar(used, total), el("span", {}, `${fmt(used)} / ${fmt(total)}`));
+  }
+  return grid;
+}
+
+function labelTags(labels) {
+  const cell = el("span");
+  for (const [k, v] of Object.entries(labels || {})) cell.append(el("span", { class: "tag" }, `${k}=${v}`));
+  return cell;
+}
+
+// ---- state -------------------------------------------------------------------------
+
+const state = {
+  cursors: [null], // cursor of each page seen so far; the last is the current page's
+  next: null,
+  sort: { key: "node_id", dir: 1 },
+  timer: null,
+  updates: 0,
+  pendingAction: null, // performance.now() of a user action waiting for its render
+};
+
+function filters() {
+  const labels = {};
+  const text = $("f-label").value.trim();
+  if (text) {
+    for (const part of text.split(",")) {
+      const i = part.indexOf("=");
+      if (i < 1) throw new RpcError({ code: 0, message: `label filter "${part}" is not key=value` });
+      labels[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+    }
+  }
+  const query = { limit: Number($("f-limit").value) };
+  if ($("f-status").value) query.status = $("f-status").value;
+  if (Object.keys(labels).length) query.labels = labels;
+  return query;
+}
+
+// ---- the fleet view ----------------------------------------------------------------
+
+async function loadSummary() {
+  const totals = { online: 0, offline: 0, vms: 0, cap: { vcpus: 0, memory_mb: 0, disk_gb: 0 }, use: { vcpus: 0, memory_mb: 0, disk_gb: 0 } };
+  let cursor = null;
+  do {
+    const page = await rpc("explorer.query_nodes", cursor ? { limit: SUMMARY_PAGE, cursor } : { limit: SUMMARY_PAGE });
+    for (const node of page.nodes) {
+      totals[node.status === "online" ? "online" : "offline"] += 1;
+      // What offline nodes last reported is history, not capacity in use.
+      if (node.status !== "online") continue;
+      totals.vms += node.vm_count || 0;
+      for (const key of Object.keys(totals.cap)) {
+        totals.cap[key] += (node.capacity || {})[key] || 0;
+        totals.use[key] += (node.usage || {})[key] || 0;
+      }
+    }
+    cursor = page.next_cursor;
+  } while (cursor);
+  $("s-online").textContent = totals.online;
+  $("s-offline").textContent = totals.offline;
+  $("s-vms").textContent = totals.vms;
+  $("s-vcpus").textContent = `${totals.use.vcpus} of ${totals.cap.vcpus}`;
+  $("s-memory").textContent = `${mb(totals.use.memory_mb)} of ${mb(totals.cap.memory_mb)}`;
+  $("s-disk").textContent = `${totals.use.disk_gb} GB of ${totals.cap.disk_gb} GB`;
+  fill($("b-vcpus"), totals.use.vcpus, totals.cap.vcpus);
+  fill($("b-memory"), totals.use.memory_mb, totals.cap.memory_mb);
+  fill($("b-disk"), totals.use.disk_gb, totals.cap.disk_gb);
+}
+
+const HEADINGS = ["Name", "Id", "Status", "Transport", "Address", "Labels", "VMs", "Usage"];
+
+function nodeRow(node) {
+  const cells = [
+    el("a", { href: `#/node/${encodeURIComponent(node.node_id)}` }, node.name || node.node_id),
+    el("span", { class: "mono" }, node.node_id),
+    statusCell(node),
+    node.transport,
+    el("span", { class: "mono" }, node.socket_path),
+    labelTags(node.labels),
+    node.vm_count,
+    usageCell(node),
+  ];
+  const row = el("tr", { class: node.status, "data-node-id": node.node_id });
+  cells.forEach((cell, i) => row.append(el("td", { "data-th": HEADINGS[i] }, cell)));
+  return row;
+}
+
+function sortValue(node, key) {
+  const v = node[key];
+  return typeof v === "number" ? v : String(v ?? "").toLowerCase();
+}
+
+async function loadPage() {
+  const query = filters();
+  const cursor = state.cursors[state.cursors.length - 1];
+  if (cursor) query.cursor = cursor;
+  const page = await rpc("explorer.query_nodes", query);
+  state.next = page.next_cursor;
+  // Text filter and sorting act on the page at hand; status and labels are asked of the
+  // explorer, which pages through the whole fleet.
+  const text = $("f-text").value.trim().toLowerCase();
+  let nodes = page.nodes;
+  if (text) {
+    nodes = nodes.filter((n) =>
+      [n.name, n.node_id, n.socket_path, n.transport, ...Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`)]
+        .some((s) => String(s || "").toLowerCase().includes(text)),
+    );
+  }
+  const { key, dir } = state.sort;
+  nodes = [...nodes].sort((a, b) => {
+    const x = sortValue(a, key);
+    const y = sortValue(b, key);
+    return x < y ? -dir : x > y ? dir : 0;
+  });
+  const body = $("nodes-body");
+  const rows = nodes.map(nodeRow);
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "8" }, "No nodes match.")));
+  body.replaceChildren(...rows);
+  const number = state.cursors.length;
+  $("page-info").textContent = `Page ${number}: ${nodes.length} node${nodes.length === 1 ? "" : "s"}${text ? ` matching "${text}"` : ""}`;
+  $("prev").disabled = $("first").disabled = number === 1;
+  $("next").disabled = !state.next;
+}
+
+// ---- a node's view -----------------------------------------------------------------
+
+async function loadNode(nodeId) {
+  const [node, vms, info] = await Promise.allSettled([
+    rpc("explorer.get_node", { node_id: nodeId }),
+    rpc("explorer.call", { node_id: nodeId, method: "vm.list" }),
+    rpc("explorer.call", { node_id: nodeId, method: "node.info" }),
+  ]);
+  if (node.status === "rejected") throw node.reason;
+  const n = node.value;
+  $("node-title").textContent = `Node ${n.name || n.node_id}`;
+  const facts = [
+    ["Id", n.node_id],
+    ["Status", statusCell(n)],
+    ["Transport", n.transport],
+    ["Address", n.socket_path],
+    ["Version", n.version],
+    ["First seen", new Date(n.first_seen * 1000).toISOString()],
+    ["Labels", labelTags(n.labels)],
+    ["VMs", n.vm_count],
+    ["Usage", usageCell(n)],
+  ];
+  $("node-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  const unavailable = (why, cols) => [el("tr", {}, el("td", { colspan: String(cols) }, `Not available: ${why.message}`))];
+  $("vms-body").replaceChildren(
+    ...(vms.status === "rejected"
+      ? unavailable(vms.reason, 7)
+      : vms.value.length
+        ? vms.value.map((vm) =>
+            el("tr", {}, ...[vm.name, el("span", { class: "mono" }, vm.vm_id), vm.state, vm.vcpus, mb(vm.memory_mb), `${vm.disk_gb} GB`, vm.image || "—"].map((c) => el("td", {}, c))),
+          )
+        : [el("tr", {}, el("td", { colspan: "7" }, "No VMs."))]),
+  );
+  $("explorers-body").replaceChildren(
+    ...(info.status === "rejected"
+      ? unavailable(info.reason, 4)
+      : info.value.explorers.map((e) =>
+          el(
+            "tr",
+            {},
+            el("td", { class: "mono" }, e.address),
+            el("td", {}, el("span", { class: `status ${e.state === "ok" ? "online" : "offline"}` }, el("span", { class: "icon", "aria-hidden": "true" }, e.state === "ok" ? "●" : "✕"), e.state)),
+            el("td", {}, e.last_ok ? ago(e.last_ok) : "never"),
+            el("td", {}, e.last_error || "—"),
+          ),
+        )),
+  );
+}
+
+// ---- the loop ----------------------------------------------------------------------
+
+function route() {
+  const match = /^#\/node\/(.+)$/.exec(location.hash);
+  return match ? { view: "node", id: decodeURIComponent(match[1]) } : { view: "fleet" };
+}
+
+async function update() {
+  clearTimeout(state.timer);
+  const where = route();
+  $("fleet-view").hidden = where.view !== "fleet";
+  $("node-view").hidden = where.view !== "node";
+  const live = $("live");
+  try {
+    if (where.view === "node") await loadNode(where.id);
+    else await Promise.all([loadPage().then(markAction), loadSummary()]);
+    state.updates += 1;
+    live.classList.remove("stale");
+    live.textContent = `Live: updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    live.classList.add("stale");
+    live.textContent = `Not updated: ${error.message}`;
+  }
+  // For the tests (and the curious): how many updates ran.
+  document.body.dataset.updates = String(state.updates);
+  markAction();
+  // Polling, not a push channel: one request shape for page and scripts, nothing held
+  // open per viewer, and through an SSH tunnel it simply works; 2 s is well inside the
+  // offline threshold, so a node's fall shows within one update.
+  state.timer = setTimeout(update, POLL_MS);
+}
+
+// How long the last user action (a page, a filter) took until its table was shown.
+function markAction() {
+  if (state.pendingAction === null) return;
+  document.body.dataset.actionMs = (performance.now() - state.pendingAction).toFixed(1);
+  state.pendingAction = null;
+}
+
+function act(change) {
+  return () => {
+    state.pendingAction = performance.now();
+    change();
+    update();
+  };
+}
+
+function resetPaging() {
+  state.cursors = [null];
+}
+
+function init() {
+  $("next").addEventListener("click", act(() => state.next && state.cursors.push(state.next)));
+  $("prev").addEventListener("click", act(() => state.cursors.length > 1 && state.cursors.pop()));
+  $("first").addEventListener("click", act(resetPaging));
+  for (const id of ["f-status", "f-limit"]) $(id).addEventListener("change", act(resetPaging));
+  let typing = null;
+  for (const id of ["f-label", "f-text"]) {
+    $(id).addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(act(id === "f-label" ? resetPaging : () => {}), 250);
+    });
+  }
+  $("filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    act(resetPaging)();
+  });
+  for (const th of document.querySelectorAll("#nodes th[data-key]")) {
+    th.querySelector("button").addEventListener(
+      "click",
+      act(() => {
+        const key = th.dataset.key;
+        state.sort = { key, dir: state.sort.key === key ? -state.sort.dir : 1 };
+        for (const other of document.querySelectorAll("#nodes th[data-key]")) {
+          other.setAttribute("aria-sort", other === th ? (state.sort.dir === 1 ? "ascending" : "descending") : "none");
+        }
+      }),
+    );
+  }
+  window.addEventListener("hashchange", () => {
+    update();
+    $("main").focus();
+  });
+  update();
+}
+
+init();
