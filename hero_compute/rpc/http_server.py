@@ -163,6 +163,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     _refusal: tuple[int, bytes] | None = None
     _answering = False
     _head_timer: IDelayedCall | None = None
+    _in_head = False
     _write_paused = False
     _reading_paused = False
     _host: str | None = None
@@ -213,11 +214,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
 
     def on_message_begin(self) -> None:
         self._parsing = _Request()
-        # The head's own deadline: the idle timer is reset by every byte, so one byte
-        # every few seconds would keep an unfinished head open for ever.
-        self._head_timer = self.factory.clock.callLater(
-            self.factory.limits.head_timeout, self._head_too_slow
-        )
+        self._in_head = True
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -253,6 +250,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             request.expect_continue = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._stop_head_timer()
         request = self._parsing
         assert request is not None
@@ -315,6 +313,14 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self._refusal = (
                 400,
                 b"malformed HTTP request: %s\n" % str(e).encode("ascii", "replace"),
+            )
+        if self._in_head and self._head_timer is None and self._refusal is None:
+            # A head left unfinished by this read gets its own deadline, counted from
+            # now: the idle timer is reset by every byte, so one byte every few seconds
+            # would keep it open for ever.  (Armed only then: a head that arrives whole,
+            # nearly every one, costs no timer.)
+            self._head_timer = self.factory.clock.callLater(
+                self.factory.limits.head_timeout, self._head_too_slow
             )
         if len(self._queue) > MAX_QUEUED and not self._paused:
             self._paused = True
