@@ -44,6 +44,7 @@ def test_dashboard_policy_reads_only():
         ("explorer.query_nodes", {}),
         ("explorer.list_nodes", {}),
         ("explorer.get_node", {"node_id": "a"}),
+        ("explorer.node_history", {"node_id": "a"}),
         ("explorer.call", {"node_id": "a", "method": "node.info"}),
         ("explorer.call", {"node_id": "a", "method": "vm.list"}),
     ]:
@@ -191,6 +192,8 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
     assert ui_rpc(url, cookie, "explorer.info", {})["result"]["nodes"]["online"] == 1
     page = ui_rpc(url, cookie, "explorer.query_nodes", {"limit": 10})["result"]
     assert [n["node_id"] for n in page["nodes"]] == ["n1"]
+    history = ui_rpc(url, cookie, "explorer.node_history", {"node_id": "n1"})["result"]
+    assert history["node_id"] == "n1" and len(history["heartbeats"]) == 1
     for method, params in [
         ("explorer.remove_node", {"node_id": "n1"}),
         ("explorer.call", {"node_id": "n1", "method": "vm.start", "params": ["x"]}),
@@ -353,6 +356,14 @@ def rows(driver):
     )
 
 
+def sparkline_points(driver):
+    """How many points the node page's heartbeat sparkline (an inline SVG) has."""
+    return driver.execute_script(
+        "const line = document.querySelector('#node-facts svg.sparkline polyline');"
+        "return line ? line.points.numberOfItems : 0;"
+    )
+
+
 def axe(driver, source):
     """:return: axe-core's serious and critical violations on the page as shown"""
     driver.execute_script(source)
@@ -468,9 +479,20 @@ def test_browser_fleet(twistd, short_tmp, browser, axe_source, tmp_path):
     )
     assert "stopped" in browser.find_element("id", "vms-body").text
     assert unix in browser.find_element("id", "explorers-body").text
+    wait_for(lambda: sparkline_points(browser) >= 2, what="the node's heartbeat sparkline")
     browser.save_screenshot(str(tmp_path / "node.png"))
     if axe_source:
         violations["node"] = axe(browser, axe_source)
+
+    # A node that heartbeated five times: four gaps, four points on its sparkline.
+    for _ in range(4):
+        result(
+            unix,
+            "explorer.heartbeat",
+            {"node_id": "sim-0", "socket_path": f"unix://{short_tmp}/sim-0.sock"},
+        )
+    browser.get(url.split("?", 1)[0] + "#/node/sim-0")
+    wait_for(lambda: sparkline_points(browser) == 4, what="four points on sim-0's line")
 
     browser.get(url.split("?", 1)[0] + "#/")
     browser.set_window_size(390, 844)

@@ -92,6 +92,7 @@ class ExplorerMethods:
         rpc.register("explorer.list_nodes", self.list_nodes)
         rpc.register("explorer.query_nodes", self.query_nodes)
         rpc.register("explorer.get_node", self.get_node)
+        rpc.register("explorer.node_history", self.node_history)
         rpc.register("explorer.remove_node", self.remove_node)
         rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
@@ -300,6 +301,11 @@ class ExplorerMethods:
         return self._registry.get(node_id).to_wire(
             self._clock.seconds(), self._registry.offline_after
         )
+
+    def node_history(self, node_id):
+        """A node's last heartbeat times (Unix seconds, oldest first)."""
+        self._registry.get(node_id)
+        return {"node_id": node_id, "heartbeats": self._registry.history.times(node_id)}
 
     def remove_node(self, node_id):
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
