@@ -226,6 +226,66 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
     assert "result" in answers[1] and answers[2]["error"]["code"] == -32010
 
 
+def test_first_paint_without_javascript(twistd, short_tmp):
+    """
+    GET / writes the fleet's summary into the page itself (online and offline nodes,
+    VMs, vCPU, memory and disk of the online ones), escaped: readable with JavaScript
+    off, and a node named like a tag never becomes one.
+    """
+    _, unix, _, url = start_explorer(twistd, short_tmp)
+    for i, name in enumerate(["<script>alert(1)</script>", '"><img src=x>', "plain"]):
+        result(
+            unix,
+            "explorer.heartbeat",
+            {
+                "node_id": f"n{i}",
+                "socket_path": f"unix://{short_tmp}/n{i}.sock",
+                "name": name,
+                "capacity": {"vcpus": 16, "memory_mb": 4096, "disk_gb": 100},
+                "usage": {"vcpus": 3, "memory_mb": 1536, "disk_gb": 10},
+                "vm_count": 2,
+            },
+        )
+    result(unix, "explorer.leave", {"node_id": "n2"})
+    cookie = login(url)
+    status, headers, body = fetch(
+        url.split("?", 1)[0], path="/", headers={"Cookie": cookie}
+    )
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    for field, value in [
+        ("s-online", "2"),
+        ("s-offline", "1"),
+        ("s-vms", "4"),
+        ("s-vcpus", "6 of 32"),
+        ("s-memory", "3.0 GiB of 8.0 GiB"),
+        ("s-disk", "20 GB of 200 GB"),
+    ]:
+        assert re.search(rf'id="{field}">{re.escape(value)}<', page), (field, value)
+    assert "<noscript>" in page
+    # The page's own module script, and no other tag from a node's name.
+    assert page.count("<script") == 1 and "<img" not in page and "alert(1)" not in page
+
+
+def test_render_index_escapes():
+    """Every value written into the page is HTML-escaped."""
+    from hero_compute.explorer.dashboard import load_static, render_index
+
+    totals = dict.fromkeys(("vcpus", "memory_mb", "disk_gb"), 0)
+    page = render_index(
+        load_static()["index.html"],
+        {
+            "online": "<b>1</b>",
+            "offline": 0,
+            "vms": "&",
+            "capacity": totals,
+            "usage": totals,
+        },
+    ).decode()
+    assert 'id="s-online">&lt;b&gt;1&lt;/b&gt;<' in page and 'id="s-vms">&amp;<' in page
+    assert 'id="s-memory">0 MiB of 0 MiB<' in page
+
+
 def test_dashboard_refuses_a_huge_body(twistd, short_tmp):
     """A body over 1 MiB is not read: the connection is dropped, and the explorer lives."""
     _, unix, _, url = start_explorer(twistd, short_tmp)
