@@ -14,6 +14,7 @@ EXPLORER_METHODS = [
     "explorer.list_nodes",
     "explorer.query_nodes",
     "explorer.get_node",
+    "explorer.node_history",
     "explorer.remove_node",
     "explorer.call",
     "explorer.info",

@@ -192,3 +192,29 @@ def test_pages_are_stable_and_filtered(clock):
     assert [r.node_id for r in page] == ["n9"] and cursor is None
     odd, _ = registry.page(None, 10, lambda r: r.node_id in ("n3", "n9"))
     assert [r.node_id for r in odd] == ["n3", "n9"]
+
+
+def test_heartbeat_history_is_bounded_and_dropped(clock):
+    """
+    A node's heartbeat times are kept, oldest first, at most HISTORY of them; a node
+    removed (or forgotten) leaves none behind, and one never seen has none.
+    """
+    from hero_compute.explorer.history import HISTORY
+
+    registry = Registry(clock, 30)
+    for _ in range(HISTORY + 5):
+        beat(registry)
+        clock.advance(2)
+    times = registry.history.times("n1")
+    assert len(times) == HISTORY
+    assert times == [clock.seconds() - 2 * (HISTORY - i) for i in range(HISTORY)]
+    assert registry.history.times("nobody") == [] and "nobody" not in registry.history
+    beat(registry, "n2")
+    registry.remove("n1")
+    assert "n1" not in registry.history and registry.history.times("n2") == [
+        clock.seconds()
+    ]
+    log = LivenessLog(registry, clock, 1, forget_after=10)
+    clock.advance(100)
+    log.sweep()
+    assert len(registry) == 0 and not registry.history

@@ -217,6 +217,7 @@ def test_explorer_methods_match_contract():
         "explorer.leave",
         "explorer.list_nodes",
         "explorer.get_node",
+        "explorer.node_history",
         "explorer.remove_node",
         "explorer.call",
         "explorer.info",

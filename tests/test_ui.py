@@ -44,6 +44,7 @@ def test_dashboard_policy_reads_only():
         ("explorer.query_nodes", {}),
         ("explorer.list_nodes", {}),
         ("explorer.get_node", {"node_id": "a"}),
+        ("explorer.node_history", {"node_id": "a"}),
         ("explorer.call", {"node_id": "a", "method": "node.info"}),
         ("explorer.call", {"node_id": "a", "method": "vm.list"}),
     ]:
@@ -191,6 +192,8 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
     assert ui_rpc(url, cookie, "explorer.info", {})["result"]["nodes"]["online"] == 1
     page = ui_rpc(url, cookie, "explorer.query_nodes", {"limit": 10})["result"]
     assert [n["node_id"] for n in page["nodes"]] == ["n1"]
+    history = ui_rpc(url, cookie, "explorer.node_history", {"node_id": "n1"})["result"]
+    assert history["node_id"] == "n1" and len(history["heartbeats"]) == 1
     for method, params in [
         ("explorer.remove_node", {"node_id": "n1"}),
         ("explorer.call", {"node_id": "n1", "method": "vm.start", "params": ["x"]}),
@@ -221,6 +224,66 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
     )
     answers = {a["id"]: a for a in json.loads(data)}
     assert "result" in answers[1] and answers[2]["error"]["code"] == -32010
+
+
+def test_first_paint_without_javascript(twistd, short_tmp):
+    """
+    GET / writes the fleet's summary into the page itself (online and offline nodes,
+    VMs, vCPU, memory and disk of the online ones), escaped: readable with JavaScript
+    off, and a node named like a tag never becomes one.
+    """
+    _, unix, _, url = start_explorer(twistd, short_tmp)
+    for i, name in enumerate(["<script>alert(1)</script>", '"><img src=x>', "plain"]):
+        result(
+            unix,
+            "explorer.heartbeat",
+            {
+                "node_id": f"n{i}",
+                "socket_path": f"unix://{short_tmp}/n{i}.sock",
+                "name": name,
+                "capacity": {"vcpus": 16, "memory_mb": 4096, "disk_gb": 100},
+                "usage": {"vcpus": 3, "memory_mb": 1536, "disk_gb": 10},
+                "vm_count": 2,
+            },
+        )
+    result(unix, "explorer.leave", {"node_id": "n2"})
+    cookie = login(url)
+    status, headers, body = fetch(
+        url.split("?", 1)[0], path="/", headers={"Cookie": cookie}
+    )
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    for field, value in [
+        ("s-online", "2"),
+        ("s-offline", "1"),
+        ("s-vms", "4"),
+        ("s-vcpus", "6 of 32"),
+        ("s-memory", "3.0 GiB of 8.0 GiB"),
+        ("s-disk", "20 GB of 200 GB"),
+    ]:
+        assert re.search(rf'id="{field}">{re.escape(value)}<', page), (field, value)
+    assert "<noscript>" in page
+    # The page's own module script, and no other tag from a node's name.
+    assert page.count("<script") == 1 and "<img" not in page and "alert(1)" not in page
+
+
+def test_render_index_escapes():
+    """Every value written into the page is HTML-escaped."""
+    from hero_compute.explorer.dashboard import load_static, render_index
+
+    totals = dict.fromkeys(("vcpus", "memory_mb", "disk_gb"), 0)
+    page = render_index(
+        load_static()["index.html"],
+        {
+            "online": "<b>1</b>",
+            "offline": 0,
+            "vms": "&",
+            "capacity": totals,
+            "usage": totals,
+        },
+    ).decode()
+    assert 'id="s-online">&lt;b&gt;1&lt;/b&gt;<' in page and 'id="s-vms">&amp;<' in page
+    assert 'id="s-memory">0 MiB of 0 MiB<' in page
 
 
 def test_dashboard_refuses_a_huge_body(twistd, short_tmp):
@@ -353,6 +416,14 @@ def rows(driver):
     )
 
 
+def sparkline_points(driver):
+    """How many points the node page's heartbeat sparkline (an inline SVG) has."""
+    return driver.execute_script(
+        "const line = document.querySelector('#node-facts svg.sparkline polyline');"
+        "return line ? line.points.numberOfItems : 0;"
+    )
+
+
 def axe(driver, source):
     """:return: axe-core's serious and critical violations on the page as shown"""
     driver.execute_script(source)
@@ -468,9 +539,20 @@ def test_browser_fleet(twistd, short_tmp, browser, axe_source, tmp_path):
     )
     assert "stopped" in browser.find_element("id", "vms-body").text
     assert unix in browser.find_element("id", "explorers-body").text
+    wait_for(lambda: sparkline_points(browser) >= 2, what="the node's heartbeat sparkline")
     browser.save_screenshot(str(tmp_path / "node.png"))
     if axe_source:
         violations["node"] = axe(browser, axe_source)
+
+    # A node that heartbeated five times: four gaps, four points on its sparkline.
+    for _ in range(4):
+        result(
+            unix,
+            "explorer.heartbeat",
+            {"node_id": "sim-0", "socket_path": f"unix://{short_tmp}/sim-0.sock"},
+        )
+    browser.get(url.split("?", 1)[0] + "#/node/sim-0")
+    wait_for(lambda: sparkline_points(browser) == 4, what="four points on sim-0's line")
 
     browser.get(url.split("?", 1)[0] + "#/")
     browser.set_window_size(390, 844)

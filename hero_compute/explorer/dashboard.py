@@ -13,6 +13,7 @@ reading ones through (-32010 for the rest).  The static files ship in the packag
 
 import collections
 import hmac
+import html
 import os
 import secrets
 from importlib import resources
@@ -108,6 +109,35 @@ class Sessions:
         return sid in self._ids
 
 
+def _mb(value):
+    """Memory as the page's script writes it."""
+    return f"{value / 1024:.1f} GiB" if value >= 1024 else f"{value} MiB"
+
+
+def render_index(page, summary):
+    """
+    The page with the fleet's summary written in, so that it reads without JavaScript
+    (the script then keeps it up to date); every value is escaped.
+
+    :param page: index.html (bytes), whose summary fields hold a ``–``
+    :param summary: what :meth:`ExplorerMethods.summary` answers
+    :return: bytes
+    """
+    use, cap = summary["usage"], summary["capacity"]
+    values = {
+        "s-online": summary["online"],
+        "s-offline": summary["offline"],
+        "s-vms": summary["vms"],
+        "s-vcpus": f"{use['vcpus']} of {cap['vcpus']}",
+        "s-memory": f"{_mb(use['memory_mb'])} of {_mb(cap['memory_mb'])}",
+        "s-disk": f"{use['disk_gb']} GB of {cap['disk_gb']} GB",
+    }
+    text = page.decode("utf-8")
+    for name, value in values.items():
+        text = text.replace(f'id="{name}">–<', f'id="{name}">{html.escape(str(value))}<', 1)
+    return text.encode("utf-8")
+
+
 def _secure(request):
     for name, value in SECURITY_HEADERS.items():
         request.setHeader(name, value)
@@ -126,15 +156,18 @@ class DashboardRoot(resource.Resource):
     :param token: the access token (str)
     :param dispatcher: the read-only :class:`~hero_compute.rpc.dispatch.Dispatcher`
     :param files: ``{name: bytes}`` of the static files
+    :param summary: a callable answering the fleet's summary (to write into the page),
+        or None to serve the page as it is
     """
 
     isLeaf = True
 
-    def __init__(self, token, dispatcher, files):
+    def __init__(self, token, dispatcher, files, summary=None):
         resource.Resource.__init__(self)
         self._token = token.encode()
         self._dispatcher = dispatcher
         self._files = files
+        self._summary = summary
         self.sessions = Sessions()
 
     def render(self, request):
@@ -177,7 +210,9 @@ class DashboardRoot(resource.Resource):
                 "open the URL with the token that the explorer logged at start",
             )
         request.setHeader(b"content-type", STATIC["index.html"])
-        return self._files["index.html"]
+        if self._summary is None:
+            return self._files["index.html"]
+        return render_index(self._files["index.html"], self._summary())
 
     def _static(self, request, name):
         if name not in STATIC or name == "index.html":
@@ -311,7 +346,7 @@ def make_dashboard(*, listen, methods, limits, token=None, token_file=None, reac
         max_response=limits.max_response,
     )
     methods.register(rpc)
-    root = DashboardRoot(token, rpc, load_static())
+    root = DashboardRoot(token, rpc, load_static(), summary=methods.summary)
     site = _QuietSite(root)
     site.timeOut = 60
     svc = strports.service(listen, site, reactor=reactor)

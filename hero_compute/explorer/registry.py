@@ -17,6 +17,8 @@ from zope.interface import Interface, implementer
 
 from hero_compute.rpc.errors import NodeNotFound
 
+from .history import HeartbeatHistory
+
 log = Logger()
 
 #: Node arrivals, returns and moves logged one line each per second; the rest of that
@@ -161,6 +163,8 @@ class Registry:
     # Node ids in order, for paging (explorer.query_nodes): kept sorted as ids come
     # and go, so a page costs a bisect and its own length, never a sort of the fleet.
     _order: list = attrs.field(factory=list, init=False)
+    #: The last heartbeat times of each node (explorer.node_history).
+    history: HeartbeatHistory = attrs.field(factory=HeartbeatHistory, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -188,6 +192,7 @@ class Registry:
             remote=heartbeat.remote,
         )
         self._nodes[node_id] = record
+        self.history[node_id].append(now)
         if old is None:
             bisect.insort(self._order, node_id)
             self._note(
@@ -280,6 +285,7 @@ class Registry:
     def remove(self, node_id):
         self.get(node_id)
         del self._nodes[node_id]
+        self.history.pop(node_id, None)
         index = bisect.bisect_left(self._order, node_id)
         del self._order[index]
 

@@ -36,6 +36,9 @@ CALL_TIMEOUT = 90.0
 #: within this is reported unreachable (-32003) long before :data:`CALL_TIMEOUT`.
 CONNECT_TIMEOUT = 5.0
 
+#: The resources the fleet's summary adds up (CONTRACT §7's Resources).
+RESOURCES = ("vcpus", "memory_mb", "disk_gb")
+
 #: A node is told to heartbeat this many times per ``offline_after`` (``next_heartbeat``
 #: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
 #: explorer, before it is declared offline.
@@ -93,6 +96,7 @@ class ExplorerMethods:
         rpc.register("explorer.list_nodes", self.list_nodes)
         rpc.register("explorer.query_nodes", self.query_nodes)
         rpc.register("explorer.get_node", self.get_node)
+        rpc.register("explorer.node_history", self.node_history)
         rpc.register("explorer.remove_node", self.remove_node)
         rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
@@ -288,6 +292,11 @@ class ExplorerMethods:
             self._clock.seconds(), self._registry.offline_after
         )
 
+    def node_history(self, node_id):
+        """A node's last heartbeat times (Unix seconds, oldest first)."""
+        self._registry.get(node_id)
+        return {"node_id": node_id, "heartbeats": self._registry.history.times(node_id)}
+
     def remove_node(self, node_id):
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
         self._registry.remove(node_id)
@@ -300,6 +309,28 @@ class ExplorerMethods:
         if self._registry.find(node_id) is not None:
             self._registry.leave(node_id)
         return True
+
+    def summary(self):
+        """
+        The fleet's totals, as the dashboard's summary shows them: the VMs, capacity and
+        usage are the online nodes' (what offline ones last reported is history).
+
+        :return: ``{"online", "offline", "vms": int, "capacity", "usage": {resource: int}}``
+        """
+        now, after = self._clock.seconds(), self._registry.offline_after
+        totals = {"online": 0, "offline": 0, "vms": 0}
+        capacity = dict.fromkeys(RESOURCES, 0)
+        usage = dict.fromkeys(RESOURCES, 0)
+        for record in self._registry.records():
+            if record.status(now, after) != "online":
+                totals["offline"] += 1
+                continue
+            totals["online"] += 1
+            totals["vms"] += record.vm_count
+            for key in RESOURCES:
+                capacity[key] += record.capacity.get(key) or 0
+                usage[key] += record.usage.get(key) or 0
+        return {**totals, "capacity": capacity, "usage": usage}
 
     def info(self):
         """About this explorer."""

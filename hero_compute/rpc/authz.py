@@ -216,6 +216,7 @@ DASHBOARD_POLICY = Policy(
                     "explorer.list_nodes",
                     "explorer.query_nodes",
                     "explorer.get_node",
+                    "explorer.node_history",
                     "explorer.call",
                 }
             ),

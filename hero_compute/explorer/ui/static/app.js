@@ -5,6 +5,8 @@
 const POLL_MS = 2000;
 const SUMMARY_PAGE = 10000;
 
+const SVG_NS = "http://www.w3.org/2000/svg";
+
 const $ = (id) => document.getElementById(id);
 
 let rpcId = 0;
@@ -15,11 +17,12 @@ class RpcError extends Error {
   }
 }
 
-async function rpc(method, params) {
+async function rpc(method, params, signal) {
   const response = await fetch("/rpc", {
     method: "POST",
     headers: { "content-type": "application/json" },
     credentials: "same-origin",
+    signal,
     body: JSON.stringify({ jsonrpc: "2.0", id: ++rpcId, method, params: params || {} }),
   });
   if (response.status === 401) {
@@ -101,6 +104,29 @@ function labelTags(labels) {
   return cell;
 }
 
+// The gaps between a node's last heartbeats, as an inline SVG line (higher is slower).
+function sparkline(times) {
+  const gaps = times.slice(1).map((t, i) => t - times[i]);
+  if (gaps.length < 2) return "not enough heartbeats yet";
+  const [w, h, pad] = [240, 36, 3];
+  const min = Math.min(...gaps);
+  const max = Math.max(...gaps);
+  const points = gaps.map((gap, i) => {
+    const x = pad + (i * (w - 2 * pad)) / (gaps.length - 1);
+    const y = h - pad - ((gap - min) * (h - 2 * pad)) / (max - min || 1);
+    return `${x.toFixed(1)},${y.toFixed(1)}`;
+  });
+  const svg = document.createElementNS(SVG_NS, "svg");
+  const words = `${gaps.length} gaps between heartbeats, from ${min.toFixed(2)} s to ${max.toFixed(2)} s`;
+  for (const [key, value] of Object.entries({ class: "sparkline", viewBox: `0 0 ${w} ${h}`, width: w, height: h, role: "img", "aria-label": words })) {
+    svg.setAttribute(key, value);
+  }
+  const line = document.createElementNS(SVG_NS, "polyline");
+  line.setAttribute("points", points.join(" "));
+  svg.append(line);
+  return el("span", { class: "spark" }, svg, el("span", { class: "seen" }, `last gap ${gaps[gaps.length - 1].toFixed(2)} s; ${words}`));
+}
+
 // ---- state -------------------------------------------------------------------------
 
 const state = {
@@ -109,6 +135,8 @@ const state = {
   sort: { key: "node_id", dir: 1 },
   timer: null,
   updates: 0,
+  generation: 0, // of the latest update begun: an older one still running shows nothing
+  abort: null, // the AbortController of the latest update's summary
   pendingAction: null, // performance.now() of a user action waiting for its render
 };
 
@@ -130,11 +158,11 @@ function filters() {
 
 // ---- the fleet view ----------------------------------------------------------------
 
-async function loadSummary() {
+async function loadSummary(signal) {
   const totals = { online: 0, offline: 0, vms: 0, cap: { vcpus: 0, memory_mb: 0, disk_gb: 0 }, use: { vcpus: 0, memory_mb: 0, disk_gb: 0 } };
   let cursor = null;
   do {
-    const page = await rpc("explorer.query_nodes", cursor ? { limit: SUMMARY_PAGE, cursor } : { limit: SUMMARY_PAGE });
+    const page = await rpc("explorer.query_nodes", cursor ? { limit: SUMMARY_PAGE, cursor } : { limit: SUMMARY_PAGE }, signal);
     for (const node of page.nodes) {
       totals[node.status === "online" ? "online" : "offline"] += 1;
       // What offline nodes last reported is history, not capacity in use.
@@ -181,11 +209,12 @@ function sortValue(node, key) {
   return typeof v === "number" ? v : String(v ?? "").toLowerCase();
 }
 
-async function loadPage() {
+async function loadPage(generation) {
   const query = filters();
   const cursor = state.cursors[state.cursors.length - 1];
   if (cursor) query.cursor = cursor;
   const page = await rpc("explorer.query_nodes", query);
+  if (generation !== state.generation) return false;
   state.next = page.next_cursor;
   // Text filter and sorting act on the page at hand; status and labels are asked of the
   // explorer, which pages through the whole fleet.
@@ -211,16 +240,19 @@ async function loadPage() {
   $("page-info").textContent = `Page ${number}: ${nodes.length} node${nodes.length === 1 ? "" : "s"}${text ? ` matching "${text}"` : ""}`;
   $("prev").disabled = $("first").disabled = number === 1;
   $("next").disabled = !state.next;
+  return true;
 }
 
 // ---- a node's view -----------------------------------------------------------------
 
-async function loadNode(nodeId) {
-  const [node, vms, info] = await Promise.allSettled([
+async function loadNode(nodeId, generation) {
+  const [node, vms, info, history] = await Promise.allSettled([
     rpc("explorer.get_node", { node_id: nodeId }),
     rpc("explorer.call", { node_id: nodeId, method: "vm.list" }),
     rpc("explorer.call", { node_id: nodeId, method: "node.info" }),
+    rpc("explorer.node_history", { node_id: nodeId }),
   ]);
+  if (generation !== state.generation) return;
   if (node.status === "rejected") throw node.reason;
   const n = node.value;
   $("node-title").textContent = `Node ${n.name || n.node_id}`;
@@ -234,6 +266,7 @@ async function loadNode(nodeId) {
     ["Labels", labelTags(n.labels)],
     ["VMs", n.vm_count],
     ["Usage", usageCell(n)],
+    ["Heartbeats", history.status === "rejected" ? `Not available: ${history.reason.message}` : sparkline(history.value.heartbeats)],
   ];
   $("node-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   const unavailable = (why, cols) => [el("tr", {}, el("td", { colspan: String(cols) }, `Not available: ${why.message}`))];
@@ -269,21 +302,34 @@ function route() {
   return match ? { view: "node", id: decodeURIComponent(match[1]) } : { view: "fleet" };
 }
 
-async function update() {
+// A user action (a page, a filter) updates only the table: the summary does not depend on
+// it, and asking for the whole fleet alongside would make the page wait behind it.
+async function update(summary = true) {
   clearTimeout(state.timer);
+  const generation = ++state.generation;
+  // The whole fleet, for the summary, is the one heavy read: a newer update drops it.
+  state.abort?.abort();
+  const abort = (state.abort = new AbortController());
   const where = route();
   $("fleet-view").hidden = where.view !== "fleet";
   $("node-view").hidden = where.view !== "node";
   const live = $("live");
+  let failed = null;
   try {
-    if (where.view === "node") await loadNode(where.id);
-    else await Promise.all([loadPage().then(markAction), loadSummary()]);
+    if (where.view === "node") await loadNode(where.id, generation);
+    else await Promise.all([loadPage(generation).then((shown) => shown && markAction()), summary && loadSummary(abort.signal)]);
+  } catch (error) {
+    failed = error;
+  }
+  // A user action began a newer update while this one ran: that one reports, and polls.
+  if (generation !== state.generation) return;
+  if (failed) {
+    live.classList.add("stale");
+    live.textContent = `Not updated: ${failed.message}`;
+  } else {
     state.updates += 1;
     live.classList.remove("stale");
     live.textContent = `Live: updated ${new Date().toLocaleTimeString()}`;
-  } catch (error) {
-    live.classList.add("stale");
-    live.textContent = `Not updated: ${error.message}`;
   }
   // For the tests (and the curious): how many updates ran.
   document.body.dataset.updates = String(state.updates);
@@ -305,7 +351,7 @@ function act(change) {
   return () => {
     state.pendingAction = performance.now();
     change();
-    update();
+    update(false);
   };
 }
 
