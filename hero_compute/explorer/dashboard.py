@@ -21,17 +21,18 @@ from importlib import resources
 import attrs
 from twisted.application import strports
 from twisted.internet import defer
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.http import FOUND, NO_CONTENT, NOT_ALLOWED, UNAUTHORIZED
-from zope.interface import implementer
 
 import hero_compute
 from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
-from hero_compute.rpc.listeners import describe
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.tls import identity_of
+
+from .dashboard_listen import Announcing, TLSOnStart
 
 log = Logger()
 
@@ -158,16 +159,20 @@ class DashboardRoot(resource.Resource):
     :param files: ``{name: bytes}`` of the static files
     :param summary: a callable answering the fleet's summary (to write into the page),
         or None to serve the page as it is
+    :param tls: over TLS, a callable answering the listener's
+        :class:`~hero_compute.rpc.tls.ServerTLS`: a verified ``client/*`` certificate
+        then stands in for the token
     """
 
     isLeaf = True
 
-    def __init__(self, token, dispatcher, files, summary=None):
+    def __init__(self, token, dispatcher, files, summary=None, tls=None):
         resource.Resource.__init__(self)
         self._token = token.encode()
         self._dispatcher = dispatcher
         self._files = files
         self._summary = summary
+        self._tls = tls
         self.sessions = Sessions()
 
     def render(self, request):
@@ -182,7 +187,21 @@ class DashboardRoot(resource.Resource):
         return _refuse(request, 404, "not found")
 
     def _session(self, request):
-        return self.sessions.valid(request.getCookie(COOKIE))
+        return self.sessions.valid(request.getCookie(COOKIE)) or self._client(request)
+
+    def _client(self, request):
+        """Whether the request came over TLS with a verified ``client/*`` certificate."""
+        if self._tls is None:
+            return False
+        transport = request.channel.transport
+        if not ISSLTransport.providedBy(transport):
+            return False
+        cert = transport.getPeerCertificate()
+        creator = self._tls()
+        if cert is None or creator is None:
+            return False
+        identity = identity_of(cert, creator.trust_domain)
+        return identity is not None and identity.role == CLIENT
 
     def _root(self, request):
         if request.method not in (b"GET", b"HEAD"):
@@ -289,41 +308,9 @@ class _QuietSite(server.Site):
         pass
 
 
-@implementer(IStreamServerEndpoint)
-class _Announcing:
-    """Logs the dashboard's URL (with its token) once the endpoint is bound."""
-
-    def __init__(self, endpoint, token, token_file):
-        self._endpoint = endpoint
-        self._token = token
-        self._token_file = token_file
-
-    def listen(self, factory):
-        d = self._endpoint.listen(factory)
-        d.addCallback(self._announce)
-        return d
-
-    def _announce(self, port):
-        uri = describe(port.getHost())
-        url = "http" + uri[len("tcp") :] if uri.startswith("tcp://") else uri
-        if self._token_file is None:
-            log.info(
-                "listening on {uri} (dashboard: {url}/?token={token})",
-                uri=uri,
-                url=url,
-                token=self._token,
-            )
-        else:
-            log.info(
-                "listening on {uri} (dashboard: {url}/ with the token in {file})",
-                uri=uri,
-                url=url,
-                file=self._token_file,
-            )
-        return port
-
-
-def make_dashboard(*, listen, methods, limits, token=None, token_file=None, reactor=None):
+def make_dashboard(
+    *, listen, methods, limits, token=None, token_file=None, reactor=None, tls=None
+):
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
     aborts start-up.
@@ -334,6 +321,9 @@ def make_dashboard(*, listen, methods, limits, token=None, token_file=None, reac
     :param token: the access token, or None for a random one
     :param token_file: where ``token`` was read from, to name it in the log (it is then
         not logged)
+    :param tls: to serve it over mutual TLS, a callable answering the explorer's
+        :class:`~hero_compute.rpc.tls.ServerTLS` once it has started; a ``client/*``
+        certificate then stands in for the token
     :return: a service; its ``root`` is the :class:`DashboardRoot`
     """
     if token is None:
@@ -346,11 +336,12 @@ def make_dashboard(*, listen, methods, limits, token=None, token_file=None, reac
         max_response=limits.max_response,
     )
     methods.register(rpc)
-    root = DashboardRoot(token, rpc, load_static(), summary=methods.summary)
+    root = DashboardRoot(token, rpc, load_static(), summary=methods.summary, tls=tls)
     site = _QuietSite(root)
     site.timeOut = 60
-    svc = strports.service(listen, site, reactor=reactor)
-    svc.endpoint = _Announcing(svc.endpoint, token, token_file)
+    factory = site if tls is None else TLSOnStart(site, tls)
+    svc = strports.service(listen, factory, reactor=reactor)
+    svc.endpoint = Announcing(svc.endpoint, token, token_file, secure=tls is not None)
     svc.root = root
     svc.setName("dashboard")
     return svc

@@ -55,7 +55,7 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
         "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR, "
-        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE."
+        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE, EXPLORER_UI_TLS."
     )
     optParameters = [
         [
@@ -159,6 +159,15 @@ class Options(TapOptions):
         ],
     ]
 
+    optFlags = [
+        [
+            "ui-tls",
+            None,
+            "Serve the dashboard over mutual TLS with the explorer's material; a client "
+            "certificate then stands in for the token [default: $EXPLORER_UI_TLS]",
+        ],
+    ]
+
     def __init__(self, env=None):
         TapOptions.__init__(self)
         self["listen"] = []
@@ -213,6 +222,8 @@ class Options(TapOptions):
         from_env(self, "metrics", env, "EXPLORER_METRICS_ADDR", listen_address)
         from_env(self, "ui", env, "EXPLORER_UI_ADDR", listen_address)
         from_env(self, "ui-token-file", env, "EXPLORER_UI_TOKEN_FILE", absolute_path)
+        if env.get("EXPLORER_UI_TLS", "").lower() in ("1", "true", "yes"):
+            self["ui-tls"] = True
         self["ui-token"] = None
         if self["ui"] is not None and self["ui-token-file"] is not None:
             from .dashboard import read_token_file
@@ -320,6 +331,7 @@ def makeService(options, reactor=None):
         ui=None if options["ui"] is None else options["ui"].endpoint_string(),
         ui_token=options["ui-token"],
         ui_token_file=options["ui-token-file"],
+        ui_tls=bool(options["ui-tls"]),
     )
     explorer.listeners.name_sources("explorer", named)
     if options["notify-env"].get("NOTIFY_SOCKET"):

@@ -90,6 +90,7 @@ def make_explorer(
     ui=None,
     ui_token=None,
     ui_token_file=None,
+    ui_tls=False,
 ):
     """
     Build the explorer's service tree; nothing is opened until it starts::
@@ -117,6 +118,8 @@ def make_explorer(
     :param ui: a Twisted server endpoint string to serve the dashboard on, or None
     :param ui_token: the dashboard's access token, or None for a random one
     :param ui_token_file: the file ``ui_token`` came from, named in the log
+    :param ui_tls: serve the dashboard over mutual TLS with the explorer's material (a
+        ``client/*`` certificate then stands in for the token)
     :return: the :class:`ExplorerService`
     """
     limits = limits or Limits()
@@ -185,6 +188,7 @@ def make_explorer(
             token=ui_token,
             token_file=ui_token_file,
             reactor=reactor,
+            tls=(lambda: trust.server_tls) if ui_tls else None,
         ).setServiceParent(explorer)
     return explorer
 

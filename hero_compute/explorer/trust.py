@@ -99,6 +99,7 @@ class ExplorerTrust:
         self._ca = None
         self._ca_pem = None
         self._previous_hangup = None
+        self.server_tls = None
 
     @property
     def opened(self):
@@ -149,6 +150,8 @@ class ExplorerTrust:
                 "hero-compute tls cert create --explorer NAME)"
             ) from None
         self._creators = [server, proxy]
+        #: The mutual-TLS side of our listeners (the dashboard may use it too).
+        self.server_tls = server
         self._factory.trust_domain = server.trust_domain
         client.use_tls(proxy)
         if tls.ca_key is not None:

@@ -1,0 +1,118 @@
+"""
+The dashboard over mutual TLS: a ``client/*`` certificate stands in for the token; no
+certificate, or another role's, still gets 401.
+"""
+
+import http.client
+import json
+import ssl
+
+import pytest
+
+from hero_compute import pki
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A fleet CA and explorer, client and node certificates for 127.0.0.1."""
+    base = tmp_path_factory.mktemp("uipki")
+    pki.create_ca(str(base / "ca"))
+    out = {"ca": str(base / "ca" / "ca.pem")}
+    for role, name in (("explorer", "e1"), ("client", "ops"), ("node", "n1")):
+        out[role] = pki.create_cert(
+            str(base / "ca"),
+            role,
+            name,
+            ips=["127.0.0.1"],
+            out=str(base / f"{role}-{name}"),
+        )
+    return out
+
+
+@pytest.fixture
+def explorer(twistd, short_tmp, certs):
+    """An explorer whose dashboard listens on TLS (EXPLORER_UI_TLS)."""
+    cert, key = certs["explorer"]
+    process = twistd(
+        ["explorer"],
+        env={
+            "HERO_SOCKET_DIR": short_tmp,
+            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+            "EXPLORER_TLS_CERT": cert,
+            "EXPLORER_TLS_KEY": key,
+            "EXPLORER_TLS_CA": certs["ca"],
+            "EXPLORER_UI_ADDR": "127.0.0.1:0",
+            "EXPLORER_UI_TLS": "1",
+        },
+    )
+    line = process.wait_for_line(r"dashboard: https://127\.0\.0\.1:(\d+)/\?token=(\w+)")[0]
+    process.port, process.token = int(line.group(1)), line.group(2)
+    return process
+
+
+def get(explorer, certs, who, path="/", method="GET", body=None):
+    """One request to the dashboard over TLS as ``who`` (None: no certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(certs["ca"])
+    if who is not None:
+        context.load_cert_chain(*certs[who])
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", explorer.port, context=context, timeout=10
+    )
+    try:
+        conn.request(
+            method,
+            path,
+            body=body,
+            headers={"Content-Type": "application/json"} if body else {},
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_client_certificate_stands_in_for_the_token(explorer, certs):
+    """A client/* certificate opens the page and its read-only RPC without a token."""
+    status, page = get(explorer, certs, "client")
+    assert status == 200 and b"<html" in page.lower()
+    status, body = get(
+        explorer,
+        certs,
+        "client",
+        "/rpc",
+        "POST",
+        json.dumps({"jsonrpc": "2.0", "method": "explorer.info", "id": 1}),
+    )
+    assert status == 200 and "result" in json.loads(body)
+    status, body = get(
+        explorer,
+        certs,
+        "client",
+        "/rpc",
+        "POST",
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "explorer.remove_node",
+                "params": {"node_id": "x"},
+                "id": 2,
+            }
+        ),
+    )
+    assert json.loads(body)["error"]["code"] == -32010
+
+
+@pytest.mark.parametrize("who", [None, "node", "explorer"])
+def test_other_peers_still_need_the_token(explorer, certs, who):
+    """No certificate, or a node's or explorer's, is not a client: 401 without a token."""
+    assert get(explorer, certs, who)[0] == 401
+    rpc = json.dumps({"jsonrpc": "2.0", "method": "explorer.info", "id": 1})
+    assert get(explorer, certs, who, "/rpc", "POST", rpc)[0] == 401
+
+
+def test_token_still_works_over_tls(explorer, certs):
+    """Without a certificate, the logged token still trades for a session."""
+    status, _ = get(explorer, certs, None, f"/?token={explorer.token}")
+    assert status == 302
