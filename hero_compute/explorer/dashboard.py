@@ -20,17 +20,17 @@ from importlib import resources
 
 import attrs
 from twisted.application import strports
-from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
-from twisted.web.http import FOUND, NO_CONTENT, NOT_ALLOWED, UNAUTHORIZED
+from twisted.web.http import FOUND, NOT_ALLOWED, UNAUTHORIZED
 
 import hero_compute
 from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
+from hero_compute.rpc.web import RpcResource
 
 from .dashboard_listen import Announcing, TLSOnStart
 
@@ -169,7 +169,10 @@ class DashboardRoot(resource.Resource):
     def __init__(self, token, dispatcher, files, summary=None, tls=None):
         resource.Resource.__init__(self)
         self._token = token.encode()
-        self._dispatcher = dispatcher
+        # The page acts with a client's rights, read-only, whatever carried it here.
+        self._rpc_resource = RpcResource(
+            dispatcher, lambda request: CallContext("tls", "dashboard", identity=_IDENTITY)
+        )
         self._files = files
         self._summary = summary
         self._tls = tls
@@ -247,32 +250,7 @@ class DashboardRoot(resource.Resource):
             return _refuse(request, NOT_ALLOWED, "only POST is allowed on /rpc")
         if not self._session(request):
             return _refuse(request, UNAUTHORIZED, "no session")
-        content = request.content
-        content.seek(0)
-        answer = self._dispatcher.answer(
-            content.read(), CallContext("tls", "dashboard", identity=_IDENTITY)
-        )
-        d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
-        gone = []
-
-        def respond(payload):
-            if request.finished or gone:
-                return
-            if payload is None:
-                request.setResponseCode(NO_CONTENT)
-            else:
-                request.setHeader(b"content-type", b"application/json")
-                request.write(payload)
-            request.finish()
-
-        def cancel(_):
-            gone.append(True)
-            d.cancel()
-
-        request.notifyFinish().addErrback(cancel)
-        d.addCallback(respond)
-        d.addErrback(lambda f: log.failure("answering the dashboard failed", f))
-        return server.NOT_DONE_YET
+        return self._rpc_resource.render_POST(request)
 
 
 class _BoundedRequest(server.Request):

@@ -8,6 +8,8 @@ resources.  It only adapts a request to a :class:`~hero_compute.rpc.dispatch.Dis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
@@ -44,13 +46,20 @@ class RpcResource(resource.Resource):
     are 405 and child paths 404.
 
     :param dispatcher: the :class:`~hero_compute.rpc.dispatch.Dispatcher`
+    :param context: ``context(request) -> CallContext``, who is calling; by default
+        :func:`context_of` (the transport's)
     """
 
     isLeaf = True
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        context: Callable[[server.Request], CallContext] = context_of,
+    ) -> None:
         resource.Resource.__init__(self)
         self.dispatcher = dispatcher
+        self._context = context
 
     def render(self, request: server.Request) -> bytes | int:
         if request.postpath not in ([], [b""]):
@@ -73,7 +82,7 @@ class RpcResource(resource.Resource):
         content = request.content
         assert content is not None  # twisted.web reads every body into it
         content.seek(0)
-        answer = self.dispatcher.answer(content.read(), context_of(request))
+        answer = self.dispatcher.answer(content.read(), self._context(request))
         d = answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
 
         gone: list[bool] = []
