@@ -7,33 +7,12 @@ import pytest
 
 from hero_compute.rpc.authz import EXPLORER_POLICY, NODE_POLICY
 from hero_compute.rpc.errors import RefusedByPolicy
+from hero_compute.rpc.schema import load_schema
 
-EXPLORER_METHODS = [
-    "explorer.heartbeat",
-    "explorer.leave",
-    "explorer.list_nodes",
-    "explorer.query_nodes",
-    "explorer.get_node",
-    "explorer.node_history",
-    "explorer.remove_node",
-    "explorer.call",
-    "explorer.info",
-    "explorer.create_token",
-    "explorer.enroll",
-    "explorer.renew",
-    "explorer.revoke",
-    "rpc.discover",
-]
-NODE_METHODS = [
-    "node.info",
-    "vm.create",
-    "vm.start",
-    "vm.stop",
-    "vm.delete",
-    "vm.get",
-    "vm.list",
-    "rpc.discover",
-]
+#: Every method each service serves, from its schema: a method added later is walked
+#: too, and must find its place in the expectations below.
+EXPLORER_METHODS = sorted([*load_schema("explorer").methods, "rpc.discover"])
+NODE_METHODS = sorted([*load_schema("node").methods, "rpc.discover"])
 
 
 @attrs.frozen
