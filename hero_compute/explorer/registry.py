@@ -53,7 +53,11 @@ def sweep_interval(offline_after):
 class Heartbeat:
     """
     One heartbeat as the explorer accepted it: built once per ``explorer.heartbeat``
-    call, defaults filled in and the address in canonical form.
+    call, the address in canonical form.
+
+    A full heartbeat has every field, defaults filled in.  In a delta heartbeat (one
+    that names the explorer's session, see :mod:`.service`) a field left as None keeps
+    the node's last accepted value; only a node the registry holds may send one.
 
     :ivar socket_path: the node's address URI
     :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how the heartbeat arrived
@@ -64,19 +68,29 @@ class Heartbeat:
     node_id: str
     socket_path: str
     transport: str
-    name: str
-    version: str
-    capacity: dict
-    usage: dict
-    vm_count: int
-    labels: dict
+    name: str | None
+    version: str | None
+    capacity: dict | None
+    usage: dict | None
+    vm_count: int | None
+    labels: dict | None
     remote: bool = False
 
 
-@attrs.frozen
+#: The fields a heartbeat may leave out when the explorer holds them (a delta).
+KEPT_FIELDS = ("name", "version", "capacity", "usage", "vm_count", "labels")
+
+#: What a new node's first heartbeat changed: everything.
+NEW = (*KEPT_FIELDS, "transport", "socket_path")
+
+
+@attrs.define(eq=False)
 class NodeRecord:
     """
     What the explorer knows of one node, from its last heartbeat.
+
+    Only the :class:`Registry` changes a record (in place: a steady heartbeat then
+    allocates nothing); everyone else reads it.
 
     :ivar socket_path: the node's address URI, as it reported it (canonical form)
     :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how its last heartbeat arrived
@@ -170,55 +184,73 @@ class Registry:
     _unlogged: int = attrs.field(default=0, init=False)
 
     def heartbeat(self, heartbeat):
+        """
+        :return: ``(record, changed)``: the node's :class:`NodeRecord` and the names of
+            its fields this heartbeat changed (all of them for a new node)
+        """
         now = self.clock.seconds()
-        node_id, name, socket_path = (
-            heartbeat.node_id,
-            heartbeat.name,
-            heartbeat.socket_path,
-        )
-        old = self._nodes.get(node_id)
-        record = NodeRecord(
-            node_id=node_id,
-            name=name,
-            socket_path=socket_path,
-            transport=heartbeat.transport,
-            version=heartbeat.version,
-            capacity=heartbeat.capacity,
-            usage=heartbeat.usage,
-            vm_count=heartbeat.vm_count,
-            labels=heartbeat.labels,
-            first_seen=now if old is None else old.first_seen,
-            last_seen=now,
-            remote=heartbeat.remote,
-        )
-        self._nodes[node_id] = record
-        self.history[node_id].append(now)
-        if old is None:
+        node_id, socket_path = heartbeat.node_id, heartbeat.socket_path
+        record = self._nodes.get(node_id)
+        self.history.add(node_id, now)
+        if record is None:
+            record = self._nodes[node_id] = NodeRecord(
+                node_id=node_id,
+                name=heartbeat.name,
+                socket_path=socket_path,
+                transport=heartbeat.transport,
+                version=heartbeat.version,
+                capacity=heartbeat.capacity,
+                usage=heartbeat.usage,
+                vm_count=heartbeat.vm_count,
+                labels=heartbeat.labels,
+                first_seen=now,
+                last_seen=now,
+                remote=heartbeat.remote,
+            )
             bisect.insort(self._order, node_id)
             self._note(
                 now,
                 "node {node_id} ({name}) joined from {address}",
                 node_id=node_id,
-                name=name,
+                name=record.name,
                 address=socket_path,
             )
-        elif old.status(now, self.offline_after) == "offline":
+            return record, NEW
+        changed = []
+        for field in KEPT_FIELDS:
+            value = getattr(heartbeat, field)
+            # Equal values keep the record's objects: the heartbeat's copies are freed.
+            if value is not None and value != getattr(record, field):
+                setattr(record, field, value)
+                changed.append(field)
+        if record.transport != heartbeat.transport:
+            record.transport = heartbeat.transport
+            changed.append("transport")
+        old_address = record.socket_path
+        if old_address != socket_path:
+            record.socket_path = socket_path
+            changed.append("socket_path")
+        was_offline = record.status(now, self.offline_after) == "offline"
+        record.last_seen = now
+        record.left = False
+        record.remote = heartbeat.remote
+        if was_offline:
             self._note(
                 now,
                 "node {node_id} ({name}) is back online at {address}",
                 node_id=node_id,
-                name=name,
+                name=record.name,
                 address=socket_path,
             )
-        elif old.socket_path != socket_path:
+        elif old_address != socket_path:
             self._note(
                 now,
                 "node {node_id} moved from {old} to {new}",
                 node_id=node_id,
-                old=old.socket_path,
+                old=old_address,
                 new=socket_path,
             )
-        return record
+        return record, changed
 
     def note(self, fmt, **fields):
         """
@@ -258,7 +290,7 @@ class Registry:
 
     def leave(self, node_id):
         record = self.get(node_id)
-        self._nodes[node_id] = attrs.evolve(record, left=True)
+        record.left = True
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
 
     def find(self, node_id):
@@ -273,7 +305,8 @@ class Registry:
         :param records: :class:`NodeRecord` s
         """
         for record in records:
-            self._nodes[record.node_id] = attrs.evolve(record, left=True)
+            record.left = True
+            self._nodes[record.node_id] = record
         self._order = sorted(self._nodes)
 
     def get(self, node_id):

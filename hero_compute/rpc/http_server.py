@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from .dispatch import Answer, CallContext, Dispatcher
 from .limits import Limits
+from .sendnow import send_now
 
 log = Logger()
 
@@ -436,7 +437,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         head.append(b"\r\n")
         if request.method != b"HEAD":
             head.append(body)
-        self.transport.write(b"".join(head))
+        send_now(self.transport, b"".join(head))
         if not request.keep_alive:
             self._closing = True
             # The idle timer stays: a peer that never reads its answer is cut off.
