@@ -6,7 +6,8 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from hero_compute.explorer.registry import Heartbeat, INodeRegistry, LivenessLog, Registry
+from hero_compute.explorer.liveness import LivenessLog
+from hero_compute.explorer.registry import Heartbeat, INodeRegistry, Registry
 from hero_compute.rpc.errors import NodeNotFound
 
 

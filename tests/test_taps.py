@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from hero_compute.explorer import tap as explorer_tap
-from hero_compute.explorer.registry import SWEEPS_PER_OFFLINE
+from hero_compute.explorer.liveness import SWEEPS_PER_OFFLINE
 from hero_compute.node import tap as node_tap
 
 

@@ -19,9 +19,10 @@ from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 
 from .dashboard import make_dashboard
+from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
 from .proxy import Proxy
-from .registry import LivenessLog, NodeRecord, Registry, sweep_interval
+from .registry import NodeRecord, Registry
 from .resolver import CachingResolver
 from .service import CALL_TIMEOUT, CONNECT_TIMEOUT, ExplorerMethods
 from .trust import ExplorerTrust
