@@ -5,6 +5,7 @@ The explorer's RPC methods (the service tree that serves them is :mod:`.tree`'s)
 import collections
 import functools
 import secrets
+import sys
 import time
 
 from twisted.logger import Logger
@@ -71,10 +72,9 @@ class _StaleSession(InvalidParams):
 #: A heartbeat changing one of these is written to the store.
 _DURABLE = frozenset(DURABLE_FIELDS)
 
-#: Peer and target addresses, checked once per distinct address rather than once per
-#: heartbeat (``ipaddress`` parsing was a few percent of a heartbeat).
-_is_loopback = functools.lru_cache(maxsize=65536)(is_loopback)
-_forbidden_target = functools.lru_cache(maxsize=65536)(forbidden_target)
+#: Peer addresses, checked once per distinct peer rather than once per heartbeat
+#: (``ipaddress`` parsing was a few percent of a heartbeat).
+_is_loopback = functools.lru_cache(maxsize=4096)(is_loopback)
 
 
 class ExplorerMethods:
@@ -180,35 +180,20 @@ class ExplorerMethods:
             session this explorer does not hold the node's record for (it restarted,
             or forgot the node) is refused with -32602 and ``{"resend": "full"}``.
         """
-        try:
-            address = parse_address(socket_path)
-        except AddressError as e:
-            error = InvalidParams(f"socket_path: {e}")
-            error.reason = "socket_path"
-            raise error from None
         transport = context.transport
-        if transport != "unix" and address.is_unix:
-            raise _Refused(
-                "unix_address",
-                f"a heartbeat over {transport.upper()} cannot claim the Unix "
-                f"address {address.uri}: set NODE_TCP_ADDR or NODE_TLS_ADDR (and "
-                "NODE_ADVERTISE_ADDR if needed) on the node",
-            )
-        if transport == "tls" and address.scheme != "tls":
-            raise _Refused(
-                "tls_address",
-                f"a node that heartbeats over TLS must be reached over TLS, not at "
-                f"{address.uri}: set NODE_TLS_ADDR on the node",
-            )
         remote = transport != "unix" and not _is_loopback(context.host)
-        if remote:
-            reason = _forbidden_target(address.host)
-            if reason is not None:
-                raise _Refused(
-                    "forbidden_target",
-                    f"a node on another host may not advertise {address.uri}: {reason}",
-                )
         old = self._registry.find(node_id)
+        if (
+            old is not None
+            and socket_path == old.socket_path
+            and transport == old.transport
+            and remote == old.remote
+        ):
+            # The address its last heartbeat passed the checks with, from the same kind
+            # of peer: they would pass again (they depend on nothing else).
+            uri = socket_path
+        else:
+            uri = self._checked_address(socket_path, transport, remote)
         if session is not None:
             if session != self.session or old is None or old.left:
                 raise _StaleSession(node_id)
@@ -218,7 +203,8 @@ class ExplorerMethods:
         if session is None:
             # A full heartbeat: what it leaves out takes its default.
             name = name or node_id
-            version = "" if version is None else version
+            # One string for a fleet's few versions, not one per node.
+            version = "" if version is None else sys.intern(version)
             capacity = {} if capacity is None else capacity
             usage = {} if usage is None else usage
             vm_count = 0 if vm_count is None else vm_count
@@ -228,7 +214,7 @@ class ExplorerMethods:
         record, changed = self._registry.heartbeat(
             Heartbeat(
                 node_id=node_id,
-                socket_path=address.uri,
+                socket_path=uri,
                 transport=transport,
                 name=name,
                 version=version,
@@ -248,6 +234,41 @@ class ExplorerMethods:
             "next_heartbeat": self._next_heartbeat,
             "session": self.session,
         }
+
+    @staticmethod
+    def _checked_address(socket_path, transport, remote):
+        """
+        :return: the canonical URI of a heartbeat's address
+        :raise InvalidParams: it is no address
+        :raise _Refused: the node may not be reached there from this explorer
+        """
+        try:
+            address = parse_address(socket_path)
+        except AddressError as e:
+            error = InvalidParams(f"socket_path: {e}")
+            error.reason = "socket_path"
+            raise error from None
+        if transport != "unix" and address.is_unix:
+            raise _Refused(
+                "unix_address",
+                f"a heartbeat over {transport.upper()} cannot claim the Unix "
+                f"address {address.uri}: set NODE_TCP_ADDR or NODE_TLS_ADDR (and "
+                "NODE_ADVERTISE_ADDR if needed) on the node",
+            )
+        if transport == "tls" and address.scheme != "tls":
+            raise _Refused(
+                "tls_address",
+                f"a node that heartbeats over TLS must be reached over TLS, not at "
+                f"{address.uri}: set NODE_TLS_ADDR on the node",
+            )
+        if remote:
+            reason = forbidden_target(address.host)
+            if reason is not None:
+                raise _Refused(
+                    "forbidden_target",
+                    f"a node on another host may not advertise {address.uri}: {reason}",
+                )
+        return address.uri
 
     def _admit(self, node_id, context):
         """Refuse a new node id beyond the registry's size or its source's rate."""
