@@ -29,6 +29,7 @@ def started(clock, **kw):
     """A started :class:`ReactorLag` on ``clock``."""
     lag = ReactorLag(clock, **kw)
     lag.startService()
+    clock.advance(0)  # the reactor runs
     return lag
 
 
