@@ -3,8 +3,8 @@ The registry of nodes: one record per node id, fed by heartbeats.
 
 Liveness is derived, not stored: a node is online while its last heartbeat is younger
 than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a single
-dict update, and no timer per node is needed to expire anybody; the :class:`~.liveness.LivenessLog`
-sweep exists only to tell operators, once, when a node goes quiet.
+record update, and no timer per node is needed to expire anybody; the sweep of
+:mod:`.liveness` exists only to tell operators, once, when a node goes quiet.
 """
 
 import bisect
