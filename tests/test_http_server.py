@@ -868,3 +868,36 @@ async def test_oversized_body_over_tls_is_413(tmp_path):
         assert data.startswith(b"HTTP/1.1 200 ") and b'"result":7' in data
     finally:
         await listeners.stopService()
+
+
+def test_idle_sweep_is_one_timer_for_all_connections():
+    """However many connections, one timer sweeps the idle ones: a connection is cut
+    off within a quarter of the idle timeout after it, one with a call in flight is not,
+    and the timer goes when the last connection does."""
+    clock = Clock()
+    rpc = Dispatcher()
+    pending = defer.Deferred()
+    rpc.register("wait", lambda: pending)
+    factory = RpcHTTPFactory(rpc, idle_timeout=8.0, clock=clock)
+    conns = []
+    for _ in range(50):
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        conns.append((proto, transport))
+    assert len(clock.getDelayedCalls()) == 1
+    busy, busy_transport = conns[0]
+    body = b'{"jsonrpc":"2.0","method":"wait","id":1}'
+    busy.dataReceived(
+        b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    clock.advance(6)
+    talker, talker_transport = conns[1]
+    talker.dataReceived(b"P")  # a byte resets its idle time
+    clock.pump([1] * 4)  # 10 s: past the timeout for the silent ones, not for the talker
+    aborted = [t for _, t in conns if t.disconnecting]
+    assert len(aborted) == 48
+    assert not busy_transport.disconnecting and not talker_transport.disconnecting
+    for proto, _ in conns:
+        proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
