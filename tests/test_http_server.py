@@ -901,3 +901,54 @@ def test_idle_sweep_is_one_timer_for_all_connections():
     for proto, _ in conns:
         proto.connectionLost(None)
     assert clock.getDelayedCalls() == []
+
+
+def _pipeline_without_reading(uri, count):
+    """Pipeline ``count`` requests on one connection that never reads; keep it open
+    for a second, then hang up."""
+    sock = raw_socket(uri, timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = b'{"jsonrpc":"2.0","method":"big","id":1}'
+    one = b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    try:
+        sock.sendall(one * count)
+    except TimeoutError:
+        pass
+    time.sleep(1.0)
+    sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsent_limit_is_ours_not_the_read_size(short_tmp):
+    """Reading stops once HERO_MAX_UNSENT bytes of answers wait unsent, not at the
+    transport's small buffer size (which is also its read size)."""
+    from twisted.internet import reactor
+
+    from hero_compute.rpc.http_server import READ_SIZE
+    from hero_compute.rpc.limits import Limits
+
+    rpc = Dispatcher()
+    rpc.register("big", lambda: "x" * 20_000)
+    limit = 8 * READ_SIZE
+    factory = make_factory(rpc, limits=Limits(max_unsent=limit))
+    listeners = Listeners(factory, [unix_endpoint_string(f"{short_tmp}/u.sock")])
+    listeners.startService()
+    try:
+        seen = []
+
+        def look():
+            for proto in factory._connections:
+                t = proto.transport
+                unsent = len(t.dataBuffer) + t._tempDataLen
+                seen.append((proto._reading_paused, unsent, t.bufferSize))
+
+        reactor.callLater(0.8, look)
+        await in_thread(_pipeline_without_reading, listeners.bound[0], 400)
+    finally:
+        await listeners.stopService()
+    ((paused, unsent, read_size),) = seen
+    assert paused, "never stopped reading"
+    assert read_size == READ_SIZE
+    # Past the read size by far, within the limit plus one answer and the kernel's
+    # share.
+    assert 4 * READ_SIZE < unsent <= limit + 25_000, unsent

@@ -55,6 +55,9 @@ MAX_HEADERS = 64 * 1024
 #: Pipelined requests parsed ahead of the one being answered before we stop reading.
 MAX_QUEUED = 16
 
+#: Bytes asked of the socket per read (Twisted's default): see ``connectionMade``.
+READ_SIZE = 64 * 1024
+
 #: Seconds a refused oversized body is still read (and discarded) after the 413, so that
 #: the client gets to read the 413 instead of a connection reset.
 LINGER = 2.0
@@ -168,6 +171,9 @@ class RpcHTTPProtocol(protocol.Protocol):
     _head_timer: IDelayedCall | None = None
     _in_head = False
     _write_paused = False
+    #: Bytes of answers counted as waiting since the transport said it holds more than
+    #: its buffer size, or None when it has not (or has drained since).
+    _unsent: int | None = None
     _reading_paused = False
     _host: str | None = None
     #: Since when the connection is idle (no byte received, nothing in flight), for
@@ -182,22 +188,38 @@ class RpcHTTPProtocol(protocol.Protocol):
         self._paused = False
         self._idle_since = self.factory.clock.seconds()
         self.factory.opened(self)
-        # The transport tells us when answers pile up unsent (past its buffer size,
-        # which we set to our limit) and when they have drained.
+        # The transport tells us when answers pile up unsent past its buffer size,
+        # and when they have drained.  That size is also how much Twisted asks of the
+        # socket per read, and a read of a megabyte costs about 30 us more than one of
+        # 64 kB however little arrives: it stays small, and we count the rest of our
+        # limit ourselves (pauseProducing).
+        self._buffer_size = min(self.factory.limits.max_unsent, READ_SIZE)
         transport = self.transport
         while transport is not None:
             if hasattr(transport, "bufferSize"):
-                transport.bufferSize = self.factory.limits.max_unsent
+                transport.bufferSize = self._buffer_size
             transport = getattr(transport, "transport", None)
         self.transport.registerProducer(self, True)
 
     # -- IPushProducer: the transport's verdict on our unsent output
 
     def pauseProducing(self) -> None:
-        self._write_paused = True
-        self._update_reading()
+        # More than the transport's buffer size waits unsent: from now until it has
+        # drained, every answer counts towards our limit (an upper bound: some of it
+        # may go out meanwhile).
+        if self._unsent is None:
+            self._unsent = self._buffer_size
+        self._count_unsent(0)
+
+    def _count_unsent(self, sent: int) -> None:
+        assert self._unsent is not None
+        self._unsent += sent
+        if self._unsent > self.factory.limits.max_unsent and not self._write_paused:
+            self._write_paused = True
+            self._update_reading()
 
     def resumeProducing(self) -> None:
+        self._unsent = None
         self._write_paused = False
         self._update_reading()
         if not self._lost:
@@ -441,7 +463,10 @@ class RpcHTTPProtocol(protocol.Protocol):
         head.append(b"\r\n")
         if request.method != b"HEAD":
             head.append(body)
-        send_now(self.transport, b"".join(head))
+        data = b"".join(head)
+        send_now(self.transport, data)
+        if self._unsent is not None:
+            self._count_unsent(len(data))
         if not request.keep_alive:
             self._closing = True
             # The idle timer stays: a peer that never reads its answer is cut off.
