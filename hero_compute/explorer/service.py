@@ -357,9 +357,8 @@ class ExplorerMethods:
 
     def info(self):
         """About this explorer."""
-        counts = {"online": 0, "offline": 0}
-        for record in self._registry.records():
-            counts[self._registry.status(record)] += 1
+        offline = len(self._registry.offline(self._clock.seconds()))
+        counts = {"online": len(self._registry) - offline, "offline": offline}
         return {
             "version": hero_compute.__version__,
             "uptime_s": self._clock.seconds() - self._started,
