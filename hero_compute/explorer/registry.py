@@ -210,7 +210,7 @@ class Registry:
         if old_address != socket_path:
             record.socket_path = socket_path
             changed.append("socket_path")
-        was_offline = record.status(now, self.offline_after) == "offline"
+        was_offline = record.left or now - record.last_seen > self.offline_after
         record.last_seen = now
         record.left = False
         record.remote = heartbeat.remote
