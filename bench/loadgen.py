@@ -325,12 +325,20 @@ class _HbConn(asyncio.Protocol):
         self.parser = _Parser()
 
     def enqueue(self, scheduled, node):
+        g = self.g
+        if g.busy[node]:
+            # a node's ticks never overlap: while its last heartbeat is unanswered it
+            # sends no other (and the explorer's backlog stays bounded by N)
+            g.skipped += 1
+            g.failed(scheduled, "skipped: the previous heartbeat is unanswered")
+            return
+        g.busy[node] = 1
         if self.inflight is None and self.transport is not None:
             self._send(scheduled, node)
             return
         self.queue.append((scheduled, node))
         if self.transport is None and not self.connecting:
-            self.g.reopen(self)
+            g.reopen(self)
 
     def flush(self):
         if self.inflight is None and self.queue and self.transport is not None:
@@ -369,6 +377,7 @@ class _HbConn(asyncio.Protocol):
                 continue
             else:
                 g.failed(scheduled, f"{status} {body[:200]!r}")
+            g.busy[node] = 0
         self.flush()
 
     def connection_lost(self, exc):
@@ -389,6 +398,8 @@ class HeartbeatGen:
         # Prebuilt requests: the generator must cost far less per heartbeat than the
         # explorer it measures.
         self.full_req = [http_request(self.full_body(i)) for i in range(n)]
+        self.busy = bytearray(n)  # 1 while a node's heartbeat is queued or in flight
+        self.skipped = 0
         self.session = [None] * n  # bytes of the session a delta may use, or None
         self.delta_req = [None] * n
         self.delta_for = [None] * n  # the session delta_req[i] was built for
@@ -462,6 +473,7 @@ class HeartbeatGen:
         if conn.inflight is not None:
             self.lost_inflight += 1
             self.failed(conn.inflight[0], f"connection lost: {exc}")
+            self.busy[conn.inflight[2]] = 0
             conn.inflight = None
         if conn.queue and self.running:
             self.reopen(conn)
@@ -480,7 +492,9 @@ class HeartbeatGen:
         except (TimeoutError, OSError) as e:
             self.connect_failed += 1
             while conn.queue:
-                self.failed(conn.queue.popleft()[0], f"connect: {e}")
+                scheduled, node = conn.queue.popleft()
+                self.failed(scheduled, f"connect: {e}")
+                self.busy[node] = 0
         finally:
             conn.connecting = False
         conn.flush()
@@ -542,14 +556,23 @@ class HeartbeatGen:
         if lost:
             await self.connect_all(lost)
         self.stats.conn_errors -= len(lost)
-        t0, w0, w1 = ctl["t0"], ctl["w0"], ctl["w1"]
+        t0 = ctl["t0"]
         self.end = ctl["end"]
-        self.win = (w0, w1)
         self.running = True
         stop = asyncio.Event()
+        window = asyncio.Event()
+
+        def set_window(msg):
+            self.win = (msg["w0"], msg["w1"])
+            self.end = msg.get("end", self.end)
+            window.set()
+
+        if "w0" in ctl:
+            set_window(ctl)
 
         async def watch():
-            # "stop" on stdin ends the run early (a section that waits for an event)
+            # Later lines: the measured window {"w0", "w1", "end"} once the section
+            # knows it (e.g. once every node is registered), or "stop" to end early.
             while True:
                 line = await reader.readline()
                 if not line:
@@ -557,7 +580,9 @@ class HeartbeatGen:
                 if line.strip() == b"stop":
                     self.end = min(self.end, time.time())
                     stop.set()
+                    window.set()
                     return
+                set_window(json.loads(line))
 
         watcher = loop.create_task(watch())
         n, nconn = a.nodes, len(self.conns)
@@ -587,12 +612,16 @@ class HeartbeatGen:
 
         loop.call_at(mono0 + (t0 - wall0), tick)
 
-        async def until(t):
+        async def until(t, event=stop):
             try:
-                await asyncio.wait_for(stop.wait(), max(0.0, t - time.time()))
+                await asyncio.wait_for(event.wait(), max(0.0, t - time.time()))
             except TimeoutError:
                 pass
 
+        await until(self.end, window)
+        if not window.is_set():
+            self.win = (self.end, self.end)
+        w0, w1 = self.win
         await until(w0)
         c0 = cpu_seconds()
         await until(w1)
@@ -632,6 +661,7 @@ class HeartbeatGen:
             "sent_full": self.sent_full,
             "sent_delta": self.sent_delta,
             "resent_full": self.resent_full,
+            "skipped": self.skipped,
             "sessions_seen": len(self.sessions_seen),
         }
 

@@ -36,7 +36,7 @@ GOAL_DEFAULTS_BY_KEY = {"restart": {"n": 50_000}}
 
 
 def _goal_text(key, **fmt):
-    values = dict(GOAL_DEFAULTS, **GOAL_DEFAULTS_BY_KEY.get(key, {}), **fmt)
+    values = {**GOAL_DEFAULTS, **GOAL_DEFAULTS_BY_KEY.get(key, {}), **fmt}
     measure, goal = ROUND_TWO[key]
     return measure.format(**values), goal.format(**values)
 

@@ -12,7 +12,15 @@ import http.client
 import signal
 import time
 
-from ingest import collect, control, fleet_conns, gen_details, start_generators, wait_ready
+from ingest import (
+    REGISTER_BOUND,
+    collect,
+    control,
+    fleet_conns,
+    gen_details,
+    start_generators,
+    wait_ready,
+)
 from loadrun import summarize
 from procs import FLEET_ENV, SERVER_CPU, proc_cpu, rpc, start_explorer
 from prometheus_client.parser import text_string_to_metric_families
@@ -123,10 +131,10 @@ def sec_restart(procs, tmp, res, cfg):
         connect_s = wait_ready(gens)
         t0 = time.time() + 0.5
         # The schedule outlasts the worst case; "stop" ends it once measured.
-        end = t0 + 3 * interval + 60 + bound + cfg["restart_steady"]
+        end = t0 + 3 * interval + REGISTER_BOUND + 60 + bound + cfg["restart_steady"]
         control(gens, {"t0": t0, "w0": t0 + interval, "w1": end, "end": end})
         first, online, _ = _poll_online(
-            exp.sock, n, time.monotonic() + 0.5 + interval + 30, 0.5
+            exp.sock, n, time.monotonic() + 0.5 + interval + REGISTER_BOUND, 0.5
         )
         if first is None:
             raise RuntimeError(f"before the restart only {online} of {n} nodes came online")

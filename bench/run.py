@@ -104,6 +104,9 @@ def main(argv=None):
         help="simulated nodes send full heartbeats only (old nodes), never deltas",
     )
     ap.add_argument("--conns", type=int, help="connections for floor/transport")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (process logs)"
+    )
     args = ap.parse_args(argv)
     args.sections = (
         list(SECTIONS)
@@ -228,7 +231,10 @@ def main(argv=None):
             log(f"section {sec} took {time.monotonic() - t:.0f}s")
     finally:
         procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            log(f"process logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     res.note(f"total wall time {time.monotonic() - t_start:.0f}s")
     others = others_before | other_benchmarks()
     if others:
