@@ -165,6 +165,7 @@ def gen_details(outs):
         resent_full=sum(o["resent_full"] for o in outs),
         skipped=sum(o["skipped"] for o in outs),
         reconnected=sum(o.get("reconnected", 0) for o in outs),
+        timeouts=sum(o["timeouts"] for o in outs),
     )
 
 
@@ -334,6 +335,8 @@ def _ingest_one(
             err=s["errors"] + s["conn_errors"],
             # scheduled in the window, neither answered nor failed when the run ended
             unanswered=max(0, round(expected) - s["ok"] - s["errors"]),
+            pending_at_end=sum(o["pending_at_end"] for o in outs),
+            oldest_inflight_s=max(o["oldest_inflight_s"] for o in outs),
             connect_s=round(connect_s, 1),
             register_s=None if registered is None else round(registered - t0, 1),
             **gen_details(outs),

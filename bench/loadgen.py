@@ -167,7 +167,10 @@ class Stats:
 
     def error(self, what):
         self.errors += 1
-        if len(self.error_samples) < 5:
+        # one sample of each kind of error (a flood of one kind hides the others)
+        if len(self.error_samples) < 5 and not any(
+            x[:24] == what[:24] for x in self.error_samples
+        ):
             self.error_samples.append(what[:300])
 
 
@@ -410,6 +413,10 @@ class HeartbeatGen:
         self.lost_inflight = 0
         self.connect_failed = 0
         self.reconnected = 0
+        self.timeouts = 0
+        # as a node (node/heartbeat.py): an attempt is bounded by the interval, and by
+        # 10 s however long the interval
+        self.timeout = args.timeout or min(args.interval, 10.0)
 
     def address(self, nid):
         if self.a.tls_dir:
@@ -477,6 +484,25 @@ class HeartbeatGen:
             conn.inflight = None
         if conn.queue and self.running:
             self.reopen(conn)
+
+    def sweep(self):
+        """
+        Give up on answers older than the timeout, dropping their connection as a
+        node's client would (a connection the explorer never accepted, its listen
+        queue full, looks established here and is never answered).
+        """
+        if not self.running:
+            return
+        now = time.time()
+        for c in self.conns:
+            f = c.inflight
+            if f is not None and now - f[1] > self.timeout and c.transport is not None:
+                self.timeouts += 1
+                self.failed(f[0], f"timeout after {self.timeout:g} s")
+                self.busy[f[2]] = 0
+                c.inflight = None
+                c.transport.abort()
+        asyncio.get_running_loop().call_later(1.0, self.sweep)
 
     def reopen(self, conn):
         """Open a lost connection again; what waits on it is sent once it is open."""
@@ -585,6 +611,7 @@ class HeartbeatGen:
                 set_window(json.loads(line))
 
         watcher = loop.create_task(watch())
+        loop.call_later(1.0, self.sweep)
         n, nconn = a.nodes, len(self.conns)
         step = a.interval / n
         # The k-th heartbeat of this generator is node k % n's, due at
@@ -637,6 +664,8 @@ class HeartbeatGen:
                 break
             await asyncio.sleep(0.05)
         self.running = False
+        now = time.time()
+        oldest = max((now - c.inflight[1] for c in self.conns if c.inflight), default=0.0)
         watcher.cancel()
         for c in self.conns:
             if c.transport is not None:
@@ -652,10 +681,12 @@ class HeartbeatGen:
             "hist": s.hist.to_json(),
             "lateness": s.lateness.to_json(),
             "pending_at_end": pending,
+            "oldest_inflight_s": round(oldest, 1),
             "connect_s": connect_s,
             "reconnected": len(lost) + self.reconnected,
             "connect_failed": self.connect_failed,
             "lost_inflight": self.lost_inflight,
+            "timeouts": self.timeouts,
             "sent_total": self.sent_full + self.sent_delta,
             "mode": "full" if a.full else "delta",
             "sent_full": self.sent_full,
@@ -768,6 +799,13 @@ def main(argv=None):
     p.add_argument("--tls-ca", help="speak TLS, trusting this CA")
     p.add_argument("--tls-cert", help="closed: our certificate and key (one PEM file)")
     p.add_argument("--tls-dir", help="heartbeat: <node index>.pem for each node")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="heartbeat: seconds to wait for an answer before dropping the connection "
+        "[default: the interval, at most 10 s, as a node]",
+    )
     p.add_argument(
         "--full",
         action="store_true",
