@@ -55,6 +55,10 @@ def fleet_conns(n, tls=False):
 
 #: Seconds after the first interval that registering the whole fleet may take.
 REGISTER_BOUND = 60.0
+#: New nodes a second at most when an ingest run's fleet first registers: a fleet of
+#: 100,000 is not born in one interval, and the steady state is what ingest measures
+#: (the restart section is where the fleet comes back at once).
+REGISTER_RATE = 5000.0
 
 
 def wait_registered(sock, n, deadline, every=1.0):
@@ -257,16 +261,20 @@ def _ingest_one(
         if hostile:
             finish = hostile(exp)
         t0 = time.time() + 0.5
-        # The first round registers every node; the window measures the steady state
-        # after it.  A registration the explorer cannot keep up with (100,000 new
-        # nodes in one interval) leaves a backlog: then the window starts one interval
+        # The first round registers every node (at most REGISTER_RATE a second); the
+        # window measures the steady state after it.  A registration the explorer
+        # could not keep up with leaves a backlog: then the window starts one interval
         # after the last node registered.
-        control(gens, {"t0": t0, "end": t0 + 2 * interval + REGISTER_BOUND + 60})
-        registered = wait_registered(exp.sock, n, t0 + interval + REGISTER_BOUND)
+        ramp = n / REGISTER_RATE if n / REGISTER_RATE > interval else 0.0
+        control(
+            gens,
+            {"t0": t0, "ramp": ramp, "end": t0 + ramp + 2 * interval + REGISTER_BOUND + 60},
+        )
+        registered = wait_registered(exp.sock, n, t0 + ramp + interval + REGISTER_BOUND)
         if registered is None:
             w0 = time.time() + 1.0  # measure anyway: never_registered tells
-        elif registered <= t0 + interval + 2.0:
-            w0 = t0 + interval
+        elif registered <= t0 + ramp + interval + 2.0:
+            w0 = max(t0 + interval, registered + 1.0)
         else:
             w0 = registered + interval
         w0 = max(w0, time.time() + 0.5)
@@ -339,6 +347,7 @@ def _ingest_one(
             oldest_inflight_s=max(o["oldest_inflight_s"] for o in outs),
             connect_s=round(connect_s, 1),
             register_s=None if registered is None else round(registered - t0, 1),
+            ramp_s=round(ramp, 1),
             **gen_details(outs),
             nofile=nofile,
             **hostile_out,

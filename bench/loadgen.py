@@ -584,6 +584,15 @@ class HeartbeatGen:
         self.stats.conn_errors -= len(lost)
         t0 = ctl["t0"]
         self.end = ctl["end"]
+        ramp = ctl.get("ramp", 0.0)
+        # With a ramp, node i joins at a time of its own in [t0, t0 + ramp) (spread
+        # independently of its phase, so that joins come at an even rate) and sends
+        # from its first scheduled heartbeat after that.
+        joins = (
+            [t0 + ((a.first + i) * 0.6180339887498949) % 1.0 * ramp for i in range(a.nodes)]
+            if ramp
+            else None
+        )
         self.running = True
         stop = asyncio.Event()
         window = asyncio.Event()
@@ -633,8 +642,10 @@ class HeartbeatGen:
                 if due >= self.end:
                     return
                 node = k % n
-                self.conns[node % nconn].enqueue(due, node)
                 k += 1
+                if joins and due < joins[node]:
+                    continue
+                self.conns[node % nconn].enqueue(due, node)
             loop.call_at(mono0 + (due - wall0), tick)
 
         loop.call_at(mono0 + (t0 - wall0), tick)
