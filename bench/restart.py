@@ -18,6 +18,7 @@ from ingest import (
     control,
     fleet_conns,
     gen_details,
+    register_ramp,
     start_generators,
     wait_ready,
 )
@@ -131,10 +132,12 @@ def sec_restart(procs, tmp, res, cfg):
         connect_s = wait_ready(gens)
         t0 = time.time() + 0.5
         # The schedule outlasts the worst case; "stop" ends it once measured.
-        end = t0 + 3 * interval + REGISTER_BOUND + 60 + bound + cfg["restart_steady"]
-        control(gens, {"t0": t0, "w0": t0 + interval, "w1": end, "end": end})
+        end = t0 + n / 1000 + 3 * interval + REGISTER_BOUND + 60 + bound
+        end += cfg["restart_steady"]
+        ramp = register_ramp(n)
+        control(gens, {"t0": t0, "ramp": ramp, "w0": t0 + interval, "w1": end, "end": end})
         first, online, _ = _poll_online(
-            exp.sock, n, time.monotonic() + 0.5 + interval + REGISTER_BOUND, 0.5
+            exp.sock, n, time.monotonic() + 0.5 + ramp + interval + REGISTER_BOUND, 0.5
         )
         if first is None:
             raise RuntimeError(f"before the restart only {online} of {n} nodes came online")
