@@ -63,9 +63,12 @@ REGISTER_BOUND = 60.0
 REGISTER_RATE = 2500.0
 
 
-def register_ramp(n):
-    """:return: seconds over which ``n`` new nodes join (see :data:`REGISTER_RATE`)"""
-    return n / REGISTER_RATE
+def register_ramp(n, interval):
+    """
+    :return: seconds over which ``n`` new nodes join (see :data:`REGISTER_RATE`), or 0
+        when they may all join in their first interval
+    """
+    return n / REGISTER_RATE if n / REGISTER_RATE > interval else 0.0
 
 
 def wait_registered(sock, n, deadline, every=1.0):
@@ -272,7 +275,7 @@ def _ingest_one(
         # window measures the steady state after it.  A registration the explorer
         # could not keep up with leaves a backlog: then the window starts one interval
         # after the last node registered.
-        ramp = register_ramp(n)
+        ramp = register_ramp(n, interval)
         control(
             gens,
             {"t0": t0, "ramp": ramp, "end": t0 + ramp + 2 * interval + REGISTER_BOUND + 60},
@@ -281,7 +284,7 @@ def _ingest_one(
         if registered is None:
             w0 = time.time() + 1.0  # measure anyway: never_registered tells
         elif registered <= t0 + ramp + interval + 2.0:
-            w0 = max(t0 + interval, registered + 1.0)
+            w0 = t0 + ramp + interval  # every node's first heartbeat was due before
         else:
             w0 = registered + interval
         w0 = max(w0, time.time() + 0.5)

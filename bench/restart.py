@@ -134,7 +134,7 @@ def sec_restart(procs, tmp, res, cfg):
         # The schedule outlasts the worst case; "stop" ends it once measured.
         end = t0 + n / 1000 + 3 * interval + REGISTER_BOUND + 60 + bound
         end += cfg["restart_steady"]
-        ramp = register_ramp(n)
+        ramp = register_ramp(n, interval)
         control(gens, {"t0": t0, "ramp": ramp, "w0": t0 + interval, "w1": end, "end": end})
         first, online, _ = _poll_online(
             exp.sock, n, time.monotonic() + 0.5 + ramp + interval + REGISTER_BOUND, 0.5
