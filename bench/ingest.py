@@ -374,6 +374,12 @@ def _ingest_one(
         )
         if s["error_samples"]:
             res.note(f"{section} N={n}{label}: error samples {s['error_samples']}")
+        if s["gen_cpu"] > 0.7 * len(CLIENT_CPU or (0,)):
+            res.note(
+                f"WARNING: {section} N={n}{label}: the generators used "
+                f"{s['gen_cpu']:.0%} of the client core(s): they may be the bottleneck "
+                "(send_delay shows how late they sent)"
+            )
         if targets and not profile_out:
             if n == max(cfg["ingest_n"]):
                 rate = n / interval

@@ -5,8 +5,8 @@ explorer.query_nodes paged alongside), an explorer restart under a connected fle
 proxy overhead, failure detection, and (optionally) a py-spy profile of the explorer.
 Issue #12's goals are checked beside their rows and listed as a README-ready table.
 
-    python bench/run.py                 # everything but the profile
-    python bench/run.py --quick         # smaller N and shorter runs
+    python bench/run.py                 # everything but the profile, ~13 minutes
+    python bench/run.py --quick         # smaller N and shorter runs, ~5 minutes
     python bench/run.py --sections floor,transport --quick
     python bench/run.py --sections restart --quick
     python bench/run.py --sections profile --quick
