@@ -152,12 +152,16 @@ def start_explorer(
     nofile=None,
     prefix=(),
     env=None,
+    tcp="127.0.0.1:0",
 ):
     """
     An explorer on a Unix socket in ``tmp`` and TCP on a free loopback port, with its
     own state directory (never the user's ``~/hero``: a fleet from an earlier run would
     show up offline).  ``env`` adds variables (e.g. :data:`FLEET_ENV`); with
-    ``EXPLORER_TLS_ADDR`` in it, its TLS port is ``p.tls_port``.
+    ``EXPLORER_TLS_ADDR`` in it, its TLS port is ``p.tls_port``, with
+    ``EXPLORER_METRICS_ADDR`` its metrics port ``p.metrics_port``.  The same ``name``
+    again is the same socket and state directory (a restart, with ``tcp`` the port the
+    first one got).
     """
     sock = os.path.join(tmp, f"{name}.sock")
     state = os.path.join(tmp, f"{name}-state")
@@ -166,18 +170,24 @@ def start_explorer(
     cmd = (
         list(prefix)
         + twistd_cmd()
-        + ["-n", "--pidfile=", "explorer", "--socket", sock, "--tcp", "127.0.0.1:0"]
+        + ["-n", "--pidfile=", "explorer", "--socket", sock, "--tcp", tcp]
     )
     if offline_after is not None:
         cmd += ["--offline-after", str(offline_after)]
     p = procs.start(cmd, name, cpus=cpus, nofile=nofile, env=env)
-    m = wait_for(p.logpath, r"listening on tcp://127\.0\.0\.1:(\d+)", proc=p)
+    # the JSON-RPC listener's line ends at its port; the metrics' and dashboard's go on
+    m = wait_for(p.logpath, r"(?m)listening on tcp://127\.0\.0\.1:(\d+)\s*$", proc=p)
     wait_for(p.logpath, r"listening on unix://", proc=p)
-    p.sock, p.port = sock, int(m.group(1))
-    p.tls_port = None
+    p.sock, p.port, p.state = sock, int(m.group(1)), state
+    p.tls_port = p.metrics_port = None
     if env.get("EXPLORER_TLS_ADDR"):
         m = wait_for(p.logpath, r"listening on tls://127\.0\.0\.1:(\d+)", proc=p)
         p.tls_port = int(m.group(1))
+    if env.get("EXPLORER_METRICS_ADDR"):
+        m = wait_for(
+            p.logpath, r"listening on tcp://127\.0\.0\.1:(\d+) \(Prometheus", proc=p
+        )
+        p.metrics_port = int(m.group(1))
     return p
 
 

@@ -9,12 +9,45 @@ import subprocess
 
 from procs import ENV, NCPU, PY, ROOT, log
 
+#: Issue #12's performance goals ("Performance round two"), in the README's order:
+#: key -> (measure, goal), formatted with what the run measured (``n``, ``rate``,
+#: ``interval``); :data:`GOAL_DEFAULTS` are a full run's, for the goals not run.
+ROUND_TWO = {
+    "ingest": (
+        "heartbeat ingest, N = {n:,} nodes at a {interval:g} s interval",
+        ">= {rate:,.0f}/s sustained, p99 < 20 ms, no node wrongly offline, "
+        "<= 2 kB RSS per node",
+    ),
+    "restart": (
+        "explorer restart with N = {n:,} nodes connected",
+        "every node `online` again within one interval + 5 s ({limit:g} s); no reactor "
+        "pause > 200 ms during the re-registration, none > 50 ms in steady state",
+    ),
+    "query": (
+        "`explorer.query_nodes` page of 1,000 at N = {n:,}",
+        "p99 < 20 ms while ingest runs",
+    ),
+    "proxy": ("`explorer.call` throughput as a share of a direct call", ">= 60 %"),
+    "transport": ("native TCP / socat, keep-alive, wrk", ">= 1.2"),
+    "tls": ("TLS heartbeat CPU per heartbeat vs plain TCP", "<= 1.3x"),
+}
+GOAL_DEFAULTS = {"n": 100_000, "rate": 10_000, "interval": 10, "limit": 15}
+GOAL_DEFAULTS_BY_KEY = {"restart": {"n": 50_000}}
+
+
+def _goal_text(key, **fmt):
+    values = {**GOAL_DEFAULTS, **GOAL_DEFAULTS_BY_KEY.get(key, {}), **fmt}
+    measure, goal = ROUND_TWO[key]
+    return measure.format(**values), goal.format(**values)
+
 
 class Results:
     def __init__(self):
         self.rows = []
         self.notes = []
         self.targets = []
+        #: Issue #12's goals met or missed, one per :data:`ROUND_TWO` key.
+        self.goals = []
 
     def add(self, section, case, tput=None, p50=None, p99=None, **extra):
         row = {
@@ -35,8 +68,30 @@ class Results:
     def target(self, name, met, detail):
         self.targets.append({"target": name, "met": bool(met), "detail": detail})
 
+    def goal(self, key, result, met, row=None, **fmt):
+        """
+        One of issue #12's goals (:data:`ROUND_TWO`), beside its row.
+
+        :param result: what was measured, in words
+        :param met: True or False, or None where it could not be measured (n/a)
+        :param row: the row it is about (:meth:`add`'s), which shows it
+        :param fmt: the run's ``n``, ``rate``, ... for the goal's text
+        """
+        measure, goal = _goal_text(key, **fmt)
+        met = None if met is None else bool(met)
+        self.goals.append(
+            {"key": key, "measure": measure, "goal": goal, "result": result, "met": met}
+        )
+        if row is not None:
+            row["goal"] = f"{_verdict(met)}: {goal}"
+        log(f"goal {key}: {_verdict(met)} ({goal}): {result}")
+
     def note(self, text):
         self.notes.append(text)
+
+
+def _verdict(met):
+    return "n/a" if met is None else "MET" if met else "MISS"
 
 
 def _f(v):
@@ -105,8 +160,27 @@ def machine():
     }
 
 
+def goals_table(results):
+    """
+    Issue #12's goals as a Markdown table for the README, in :data:`ROUND_TWO`'s
+    order; a goal whose section did not run says so.
+    """
+    got = {g["key"]: g for g in results.goals}
+    md = ["| measure | goal | result | |", "|---|---|---|---|"]
+    for key in ROUND_TWO:
+        g = got.get(key)
+        if g is None:
+            measure, goal = _goal_text(key)
+            md.append(f"| {measure} | {goal} | not run | |")
+        else:
+            md.append(
+                f"| {g['measure']} | {g['goal']} | {g['result']} | {_verdict(g['met'])} |"
+            )
+    return md
+
+
 def render(results, mach, args):
-    head = ["section", "case", "throughput", "p50 ms", "p99 ms", "details"]
+    head = ["section", "case", "throughput", "p50 ms", "p99 ms", "goal", "details"]
     rows = []
     for r in results.rows:
         rows.append(
@@ -116,6 +190,7 @@ def render(results, mach, args):
                 _f(r["throughput"]),
                 _f(r["p50_ms"]),
                 _f(r["p99_ms"]),
+                r.get("goal", ""),
                 " ".join(f"{k}={_f(v)}" for k, v in r["extra"].items()),
             ]
         )
@@ -140,6 +215,14 @@ def render(results, mach, args):
         + [fmt(r) for r in rows]
         + [line, ""]
     )
+    if results.goals:
+        text.append("issue #12 goals:")
+    for g in results.goals:
+        text.append(
+            f"[{_verdict(g['met']):4}] {g['measure']}: {g['goal']}\n         {g['result']}"
+        )
+    if results.targets:
+        text.append("other targets:")
     for t in results.targets:
         text.append(f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['detail']}")
     if results.notes:
@@ -147,7 +230,14 @@ def render(results, mach, args):
         text += [f"note: {n}" for n in results.notes]
     md = [
         f"**machine**: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
-        f"Twisted {mach['twisted']}, Linux {mach['kernel']}, commit {mach['commit']}",
+        f"Twisted {mach['twisted']}, Linux {mach['kernel']}, commit {mach['commit']}"
+        f"{' (quick run)' if args.quick else ''}",
+        "",
+        "**Issue #12 goals** (README-ready):",
+        "",
+        *goals_table(results),
+        "",
+        "**All rows:**",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

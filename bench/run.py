@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """
-hero_compute benchmarks: framework floor, native TCP vs socat, heartbeat ingest, proxy
-overhead, failure detection, and (optionally) a py-spy profile of the explorer.
+hero_compute benchmarks: framework floor, native TCP vs socat, heartbeat ingest (with
+explorer.query_nodes paged alongside), an explorer restart under a connected fleet,
+proxy overhead, failure detection, and (optionally) a py-spy profile of the explorer.
+Issue #12's goals are checked beside their rows and listed as a README-ready table.
 
-    python bench/run.py                 # everything but the profile, about 11 minutes
-    python bench/run.py --quick         # ~3-4 minutes, smaller N and shorter runs
+    python bench/run.py                 # everything but the profile, ~13 minutes
+    python bench/run.py --quick         # smaller N and shorter runs, ~5 minutes
     python bench/run.py --sections floor,transport --quick
+    python bench/run.py --sections restart --quick
     python bench/run.py --sections profile --quick
     python bench/run.py --sections tls,hostile     # issues #9 and #10
+    python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
 
 Only loopback addresses and Unix sockets in a temporary directory are used; every
 process started is killed on exit.  Results: one table on stdout, and
@@ -30,6 +34,7 @@ sys.path.insert(1, os.path.dirname(HERE))
 
 import fleet  # noqa: E402
 import ingest  # noqa: E402
+import restart  # noqa: E402
 import sections  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
 from report import Results, git_rev, machine, render  # noqa: E402
@@ -40,13 +45,23 @@ SECTIONS = {
     "floor": sections.sec_floor,
     "transport": sections.sec_transport,
     "ingest": ingest.sec_ingest,
+    "restart": restart.sec_restart,
     "proxy": sections.sec_proxy,
     "failure": sections.sec_failure,
     "tls": fleet.sec_tls,
     "hostile": fleet.sec_hostile,
     "profile": ingest.sec_profile,
 }
-DEFAULT_SECTIONS = ["floor", "transport", "ingest", "proxy", "failure", "tls", "hostile"]
+DEFAULT_SECTIONS = [
+    "floor",
+    "transport",
+    "ingest",
+    "restart",
+    "proxy",
+    "failure",
+    "tls",
+    "hostile",
+]
 
 
 def other_benchmarks():
@@ -77,8 +92,21 @@ def main(argv=None):
         f"(default: all but profile; 'all' for everything)",
     )
     ap.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
-    ap.add_argument("--ingest-n", help="comma-separated node counts for ingest")
+    ap.add_argument(
+        "--ingest-n",
+        help="comma-separated node counts for ingest (the largest is checked against "
+        "the goal and has explorer.query_nodes paged alongside)",
+    )
+    ap.add_argument("--restart-n", type=int, help="node count for restart")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="simulated nodes send full heartbeats only (old nodes), never deltas",
+    )
     ap.add_argument("--conns", type=int, help="connections for floor/transport")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (process logs)"
+    )
     args = ap.parse_args(argv)
     args.sections = (
         list(SECTIONS)
@@ -97,9 +125,14 @@ def main(argv=None):
         "wrk": not args.no_wrk and shutil.which("wrk") is not None,
         "ingest_n": [int(x) for x in args.ingest_n.split(",")]
         if args.ingest_n
-        else ([1000, 5000] if q else [1000, 10000, 50000]),
+        else ([1000, 10000] if q else [1000, 10000, 100000]),
         "hb_interval": 10.0,
         "hb_window": 4.0 if q else 15.0,
+        "hb_full": args.full,
+        "query_rate": 5.0,
+        "restart_n": args.restart_n or (5000 if q else 50000),
+        "restart_steady": 5.0 if q else 10.0,
+        "restart_bound": 60.0,
         "proxy_dur": 2.0 if q else 4.0,
         "fail_reps": 1 if q else 3,
         "profile_n": 5000 if q else 50000,
@@ -124,10 +157,38 @@ def main(argv=None):
         "the explorer (preexec setrlimit) and generators; where N exceeds it, "
         "several simulated nodes share one connection, each on its own schedule; "
         "latency is from the scheduled send time; send_delay = scheduled -> written, i.e. "
-        "generator lateness plus waiting behind a shared connection's request in flight"
+        "generator lateness plus waiting behind a shared connection's request in flight; "
+        "hb_mode: 'delta' = the simulated nodes send delta heartbeats once the explorer "
+        "answers a session (SPEC-delta), 'full' = --full (old nodes); sent_full / "
+        "sent_delta / resent_full count every heartbeat of the run, the first round's "
+        "full ones included"
     )
+    if "ingest" in args.sections:
+        res.note(
+            f"query: during the measured window of the largest ingest run, one client "
+            f"on the explorer's Unix socket asks explorer.query_nodes for pages of "
+            f"1,000, {cfg['query_rate']:g} a second on one keep-alive connection, "
+            "following next_cursor and wrapping around; latency from the request's "
+            "write to its answer's last byte"
+        )
+    if "restart" in args.sections:
+        res.note(
+            f"restart: {cfg['restart_n']:,} simulated nodes; once all are online and "
+            "one more interval has passed, SIGTERM, wait for the exit, and a new "
+            "explorer on the same Unix socket, TCP and metrics ports and state directory "
+            "(as systemctl restart); online_s = from the new process's start until "
+            "every node is online (polled every 0.25 s over the Unix socket, at most "
+            f"{cfg['restart_bound']:g} s: explorer.query_nodes for the first offline "
+            "node after those seen online, explorer.info to confirm, since info walks "
+            "every record: info_ms_steady is one such call before the restart); "
+            "the generators open a lost "
+            "connection again when a node's next heartbeat is due, each node keeping "
+            "its schedule; reactor pauses from the explorer's hero_reactor_lag_seconds "
+            "histogram, scraped at the new explorer's start, when all are online, and "
+            f"{cfg['restart_steady']:g} s later"
+        )
     res.note(
-        "fleet sections (ingest, tls, hostile, profile): the explorer runs with "
+        "fleet sections (ingest, restart, tls, hostile, profile): the explorer runs with "
         "EXPLORER_NEW_NODES_PER_ADDR and HERO_MAX_CONNS_PER_ADDR raised to 1,000,000, "
         "since the simulated fleet comes from a few loopback addresses; other limits "
         "at their defaults; every explorer has its own EXPLORER_STATE_DIR"
@@ -173,7 +234,10 @@ def main(argv=None):
             log(f"section {sec} took {time.monotonic() - t:.0f}s")
     finally:
         procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            log(f"process logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     res.note(f"total wall time {time.monotonic() - t_start:.0f}s")
     others = others_before | other_benchmarks()
     if others:
@@ -199,6 +263,7 @@ def main(argv=None):
         "sections": args.sections,
         "config": cfg,
         "rows": res.rows,
+        "goals": res.goals,
         "targets": res.targets,
         "notes": res.notes,
     }

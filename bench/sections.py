@@ -168,8 +168,7 @@ def sec_transport(procs, tmp, res, cfg):
                 if not n or not s_ or not s_["rps"]:
                     continue
                 ratio = n["rps"] / s_["rps"]
-                need = 1.5 if close else 1.0
-                res.add(
+                row = res.add(
                     "transport",
                     f"ratio native/socat, {mode} ({gen})",
                     round(ratio, 2),
@@ -177,12 +176,20 @@ def sec_transport(procs, tmp, res, cfg):
                     if s_["p50_ms"]
                     else None,
                 )
-                res.target(
-                    f"native TCP >= {need}x socat, {mode} ({gen})",
-                    ratio >= need,
+                detail = (
                     f"{ratio:.2f}x ({n['rps']:.0f} vs {s_['rps']:.0f} req/s, p50 "
-                    f"{n['p50_ms']} vs {s_['p50_ms']} ms)",
+                    f"{n['p50_ms']} vs {s_['p50_ms']} ms)"
                 )
+                if not close and gen == "wrk":
+                    # issue #12's goal is measured with wrk: the Python generator
+                    # would be the bottleneck of both
+                    res.goal("transport", detail, ratio >= 1.2, row=row)
+                elif close:
+                    res.target(
+                        f"native TCP >= 1.5x socat, {mode} ({gen})", ratio >= 1.5, detail
+                    )
+        if not cfg["wrk"]:
+            res.goal("transport", "n/a: wrk not installed (or --no-wrk)", None)
         res.note(
             "transport: srv_cpu is the explorer's CPU only; through socat the "
             "socat processes add their own CPU, unpinned"
@@ -239,6 +246,7 @@ def sec_proxy(procs, tmp, res, cfg):
             ),
         ]
         got = {}
+        shares = []
         for name, target, body, base in cases:
             r1 = run_closed(
                 procs,
@@ -271,9 +279,23 @@ def sec_proxy(procs, tmp, res, cfg):
                     f"+{extra['added_p50_ms']:.3f} ms p50, +{extra['added_p99_ms']:.3f}"
                     f" ms p99, throughput x{extra['tput_ratio']}",
                 )
-            res.add(
+            row = res.add(
                 "proxy", name + " (1 conn)", r1["rps"], r1["p50_ms"], r1["p99_ms"], **extra
             )
+            if base:
+                shares.append((name, extra["tput_ratio"] or 0.0, rn["rps"], bn["rps"], row))
+        # issue #12: throughput at 8 connections as a share of the direct call's
+        res.goal(
+            "proxy",
+            "; ".join(
+                f"{name.split(' -> ')[1]}: {share:.0%} ({via:,.0f} vs {direct:,.0f} "
+                "calls/s, 8 conns)"
+                for name, share, via, direct, _ in shares
+            ),
+            all(share >= 0.6 for _, share, _, _, _ in shares),
+        )
+        for _, share, _, _, row in shares:
+            row["goal"] = f"{'MET' if share >= 0.6 else 'MISS'}: >= 60 %"
     finally:
         procs.stop(nu)
         procs.stop(nt)
