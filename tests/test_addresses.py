@@ -195,10 +195,10 @@ def test_rejected_listen_addresses(text):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("0.0.0.0:9002", "tcp:9002:interface=0.0.0.0"),
-        ("127.0.0.1:0", "tcp:0:interface=127.0.0.1"),
-        ("[::]:9002", r"tcp6:9002:interface=\:\:"),
-        ("[::1]:0", r"tcp6:0:interface=\:\:1"),
+        ("0.0.0.0:9002", "tcp:9002:interface=0.0.0.0:backlog=4096"),
+        ("127.0.0.1:0", "tcp:0:interface=127.0.0.1:backlog=4096"),
+        ("[::]:9002", r"tcp6:9002:interface=\:\::backlog=4096"),
+        ("[::1]:0", r"tcp6:0:interface=\:\:1:backlog=4096"),
     ],
 )
 def test_listen_endpoint_string(text, expected):

@@ -122,6 +122,12 @@ class Address:
         return self.uri
 
 
+#: Connections the kernel may hold for a TCP listener before we accept them.  Twisted's
+#: default, 50, is overrun when a fleet reconnects at once (an explorer restart: 20,000
+#: connections within a second); the kernel caps it at ``net.core.somaxconn``.
+LISTEN_BACKLOG = 4096
+
+
 @attrs.frozen
 class ListenAddress:
     """
@@ -147,7 +153,8 @@ class ListenAddress:
         The Twisted server endpoint string for this address, for :obj:`strports`.
         """
         kind = "tcp6" if self.is_ipv6 else "tcp"
-        return f"{kind}:{self.port}:interface={quoteStringArgument(self.host)}"
+        host = quoteStringArgument(self.host)
+        return f"{kind}:{self.port}:interface={host}:backlog={LISTEN_BACKLOG}"
 
     def __str__(self) -> str:
         return f"{_bracket(self.host)}:{self.port}"
