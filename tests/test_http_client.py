@@ -212,6 +212,20 @@ async def test_concurrent_calls_then_reuse(rpc_server, client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_as_many_idle_connections_as_calls_per_node_are_kept(rpc_server, client):
+    """Rounds of 16 concurrent calls (the explorer's default per-node limit) reuse the
+    connections of the first round: none is closed on release and reopened."""
+    uri = rpc_server.uri("unix")
+    for _ in range(3):
+        results = await defer.gatherResults(
+            [client.call(uri, "echo", [n]) for n in range(16)]
+        )
+        assert results == list(range(16))
+    assert len(rpc_server.connections) == 16
+    assert len(rpc_server.open) == 16
+
+
+@pytest_twisted.ensureDeferred
 async def test_close_closes_pooled_connections(rpc_server, client):
     """close() closes the pooled connections, as the server sees it."""
     await client.call(rpc_server.uri("unix"), "echo", [1])
