@@ -509,6 +509,9 @@ def test_dns_failure_is_refused():
             b'{"jsonrpc":"2.0","result":"18446744073709551616","id":1}',
             "18446744073709551616",
         ),
+        # What json always read from bytes: a byte order mark, UTF-16.
+        (b'\xef\xbb\xbf{"jsonrpc":"2.0","result":7,"id":1}', 7),
+        ('{"jsonrpc":"2.0","result":8,"id":1}'.encode("utf-16"), 8),
         # A lone surrogate escape is legal JSON text.
         (b'{"jsonrpc":"2.0","result":"\\ud800","id":1}', "\ud800"),
         (b'{"jsonrpc":"2.0","result":1e308,"id":1}', 1e308),
@@ -520,9 +523,9 @@ def test_dns_failure_is_refused():
 )
 @pytest_twisted.ensureDeferred
 async def test_results_parse_as_json_says(raw_server, client, body, result):
-    """Replies are read exactly as JSON defines them, whichever parser takes them: big
-    integers stay exact, lone surrogate escapes pass, and an error member wins over a
-    result."""
+    """Replies are read as they always were, whichever parser takes them: big integers
+    stay exact, lone surrogate escapes pass, a byte order mark or UTF-16 is understood,
+    and an error member wins over a result."""
     uri = raw_server(server.Site(_Fixed(200, body)))
     if isinstance(result, type):
         with pytest.raises(result):

@@ -605,10 +605,6 @@ def _finite(text: str) -> float:
     return value
 
 
-_decode_strictly = json.JSONDecoder(
-    parse_constant=_no_constants, parse_float=_finite
-).decode
-
 #: Runs of 19 digits or more: a number orjson would read as a float, where JSON (and
 #: Python's json) keep an integer exact; such a body takes the slower parser.
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
@@ -630,7 +626,8 @@ def _loads(body: bytes) -> Any:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
-    return _decode_strictly(body.decode("utf-8"))
+    # From bytes, as before: a byte order mark or UTF-16 is still read as it was.
+    return json.loads(body, parse_constant=_no_constants, parse_float=_finite)
 
 
 def _read(response: _Response, address: Address) -> Any:
