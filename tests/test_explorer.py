@@ -340,3 +340,135 @@ async def test_two_explorers_one_down(explorer, client, sockets, clock):
         assert states == {dead: "failing", unix: "ok"}
     finally:
         await node.stopService()
+
+
+# -- delta heartbeats (issue #12): the explorer keeps what a node leaves out
+
+
+def full_beat(node_id="d1", **fields):
+    """A full heartbeat's params."""
+    return {
+        "node_id": node_id,
+        "socket_path": f"/tmp/{node_id}.sock",
+        "name": f"name-{node_id}",
+        "version": "9",
+        "capacity": {"vcpus": 8, "memory_mb": 4096, "disk_gb": 50},
+        "usage": {"vcpus": 1, "memory_mb": 512, "disk_gb": 5},
+        "vm_count": 1,
+        "labels": {"zone": "a"},
+        **fields,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_delta_heartbeat_keeps_what_it_leaves_out(explorer, client, clock):
+    """A heartbeat naming the explorer's session changes only the fields it carries;
+    last_seen moves."""
+    unix, _ = uris(explorer)
+    ack = await client.call(unix, "explorer.heartbeat", full_beat())
+    session = ack["session"]
+    assert isinstance(session, str) and ack["accepted"] is True
+    before = await client.call(unix, "explorer.get_node", {"node_id": "d1"})
+    clock.advance(0.5)
+    again = await client.call(
+        unix,
+        "explorer.heartbeat",
+        {
+            "node_id": "d1",
+            "socket_path": "/tmp/d1.sock",
+            "session": session,
+            "usage": {"vcpus": 3, "memory_mb": 512, "disk_gb": 5},
+        },
+    )
+    assert again["session"] == session
+    after = await client.call(unix, "explorer.get_node", {"node_id": "d1"})
+    assert after["last_seen"] == before["last_seen"] + 0.5
+    assert after["usage"]["vcpus"] == 3
+    for field in ("name", "version", "capacity", "vm_count", "labels", "first_seen"):
+        assert after[field] == before[field], field
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_session_is_refused_and_records_nothing(explorer, client, clock):
+    """A delta with another session, for an unknown node, or for a node that left is
+    -32602 with data {"resend": "full"}; nothing is recorded, nobody is admitted."""
+    unix, _ = uris(explorer)
+    session = (await client.call(unix, "explorer.heartbeat", full_beat()))["session"]
+    before = await client.call(unix, "explorer.get_node", {"node_id": "d1"})
+    clock.advance(0.5)
+    attempts = [
+        {"node_id": "d1", "socket_path": "/tmp/d1.sock", "session": "another"},
+        {"node_id": "new", "socket_path": "/tmp/new.sock", "session": session},
+    ]
+    for params in attempts:
+        with pytest.raises(InvalidParams) as e:
+            await client.call(unix, "explorer.heartbeat", params)
+        assert e.value.data == {"resend": "full"}
+    assert await client.call(unix, "explorer.get_node", {"node_id": "d1"}) == before
+    with pytest.raises(NodeNotFound):
+        await client.call(unix, "explorer.get_node", {"node_id": "new"})
+    await client.call(unix, "explorer.leave", {"node_id": "d1"})
+    with pytest.raises(InvalidParams):
+        await client.call(
+            unix,
+            "explorer.heartbeat",
+            {"node_id": "d1", "socket_path": "/tmp/d1.sock", "session": session},
+        )
+    assert (await client.call(unix, "explorer.get_node", {"node_id": "d1"}))[
+        "status"
+    ] == "offline"
+    # A full heartbeat is always accepted, as from a node that knows no sessions.
+    idle = {"vcpus": 0, "memory_mb": 0, "disk_gb": 0}
+    await client.call(unix, "explorer.heartbeat", full_beat(usage=idle))
+    back = await client.call(unix, "explorer.get_node", {"node_id": "d1"})
+    assert back["status"] == "online" and back["usage"] == idle
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_sends_deltas_and_a_restarted_explorer_gets_it_whole(
+    sockets, clock, client
+):
+    """A real node's steady heartbeats are deltas; an explorer restarted on the same
+    socket and state refuses the first one and gets the full record in the same tick."""
+
+    def explorer():
+        svc = make_explorer(
+            reactor=reactor,
+            clock=clock,
+            listen=[unix_endpoint_string(f"{sockets}/explorer.sock")],
+            offline_after=1.0,
+            state_dir=f"{sockets}/state",
+        )
+        svc.privilegedStartService()
+        svc.startService()
+        return svc
+
+    first = explorer()
+    unix = f"unix://{sockets}/explorer.sock"
+    node = start_node(sockets, [unix])
+    try:
+        (loop,) = node.heartbeats
+        await heartbeat(node)
+        await heartbeat(node)
+        first_session = loop._session
+        assert first_session is not None
+        whole = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
+        await first.stopService()
+        # A restart ends the old process and its connections; in this one process,
+        # the node's pooled connection would go on reaching the stopped explorer.
+        await node.client.close()
+        second = explorer()
+        try:
+            await heartbeat(node)
+            assert loop.state.state == "ok"
+            assert loop._session not in (None, first_session)
+            again = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
+            assert again["status"] == "online"
+            for field in ("name", "version", "capacity", "usage", "vm_count"):
+                assert again[field] == whole[field], field
+        finally:
+            await node.stopService()
+            await second.stopService()
+    finally:
+        if first.running:
+            await first.stopService()

@@ -17,7 +17,7 @@ from hero_compute.node.heartbeat import (
 )
 from hero_compute.node.service import NodeIdentity
 from hero_compute.rpc.addresses import Address, parse_address, parse_listen
-from hero_compute.rpc.errors import ConnectionRefused
+from hero_compute.rpc.errors import ConnectionRefused, InvalidParams
 
 from .fakes import FakeRpcClient, MemoryVmManager
 from .support import failure_result_of, success_result_of
@@ -379,3 +379,122 @@ def test_advertiser_configured_address_and_tls():
         == "tls://node.example:9004"
     )
     assert client.calls == []
+
+
+# -- delta heartbeats: steady heartbeats carry only what changed
+
+
+FULL = {
+    "node_id": "n",
+    "socket_path": "unix:///tmp/n.sock",
+    "name": "n",
+    "version": "1",
+    "capacity": {"vcpus": 4},
+    "usage": {"vcpus": 0},
+    "vm_count": 0,
+    "secret": "ab" * 32,
+}
+
+
+def delta_loop(clock, client, payloads):
+    """A loop whose payloads are taken in turn from ``payloads`` (the last repeats)."""
+    it = iter(payloads)
+    last = {}
+
+    def payload(address):
+        last["p"] = next(it, last.get("p"))
+        return dict(last["p"])
+
+    return HeartbeatLoop(clock, client, parse_address("unix:///tmp/e.sock"), payload, 10.0)
+
+
+def sent(client):
+    """The params of every heartbeat sent."""
+    return [params for _, method, params, _ in client.calls]
+
+
+def test_delta_after_an_answer_with_a_session():
+    """Once the explorer names its session, a heartbeat carries the session, the
+    always-sent params and only the fields that changed."""
+    clock, client = Clock(), FakeRpcClient()
+    client.answer = {"accepted": True, "next_heartbeat": 10, "session": "s1"}
+    busy = dict(FULL, usage={"vcpus": 2}, vm_count=1)
+    loop = delta_loop(clock, client, [FULL, FULL, busy, busy])
+    for _ in range(4):
+        success_result_of(loop.beat())
+    first, second, third, fourth = sent(client)
+    assert first == FULL
+    assert second == {
+        "node_id": "n",
+        "socket_path": "unix:///tmp/n.sock",
+        "secret": FULL["secret"],
+        "session": "s1",
+    }
+    assert third == dict(second, usage={"vcpus": 2}, vm_count=1)
+    assert fourth == second
+
+
+def test_no_session_no_delta():
+    """An explorer that names no session (an older one) always gets the full record."""
+    clock, client = Clock(), FakeRpcClient()
+    loop = delta_loop(clock, client, [FULL])
+    for _ in range(3):
+        success_result_of(loop.beat())
+    assert sent(client) == [FULL] * 3
+
+
+def test_refused_delta_is_resent_whole_at_once():
+    """A delta the explorer refuses (it restarted) is followed at once by the full
+    heartbeat; after a failed tick, the next heartbeat is full."""
+    clock, client = Clock(), FakeRpcClient()
+    client.answer = {"accepted": True, "next_heartbeat": 10, "session": "s1"}
+    loop = delta_loop(clock, client, [FULL])
+    success_result_of(loop.beat())
+    uri = "unix:///tmp/e.sock"
+    client.refuse.add(uri)
+    success_result_of(loop.beat())  # the resend is refused too: the tick fails
+    assert loop.state.state == "failing"
+    assert [("session" in p) for p in sent(client)] == [False, True, False]
+    client.refuse.discard(uri)
+    client.calls.clear()
+    success_result_of(loop.beat())
+    assert sent(client) == [FULL]  # after a failure: full
+    success_result_of(loop.beat())
+    assert "session" in sent(client)[-1]
+
+
+def test_transport_failure_forgets_the_session():
+    """After a heartbeat that did not get through, the next one is full."""
+    clock, client = Clock(), FakeRpcClient()
+    client.answer = {"accepted": True, "next_heartbeat": 10, "session": "s1"}
+    loop = delta_loop(clock, client, [FULL])
+    success_result_of(loop.beat())
+    client.down.add("unix:///tmp/e.sock")
+    success_result_of(loop.beat())
+    client.down.clear()
+    success_result_of(loop.beat())
+    assert [("session" in p) for p in sent(client)] == [False, True, False]
+    assert loop.state.state == "ok"
+
+
+class RestartedExplorer(FakeRpcClient):
+    """An explorer that refuses every delta heartbeat, as one that restarted does."""
+
+    def call(self, address, method, params=None, timeout=None):
+        if "session" in params:
+            self.calls.append((address.uri, method, params, timeout))
+            return defer.fail(InvalidParams("stale", data={"resend": "full"}))
+        return FakeRpcClient.call(self, address, method, params, timeout)
+
+
+def test_explorer_that_lost_our_record_gets_it_in_the_same_tick():
+    """An explorer that refuses the delta (restarted) has the full record within the
+    same tick, and the loop stays ok."""
+    clock = Clock()
+    client = RestartedExplorer(answer={"accepted": True, "session": "s"})
+    loop = delta_loop(clock, client, [FULL])
+    success_result_of(loop.beat())
+    success_result_of(loop.beat())
+    assert loop.state.state == "ok"
+    assert [("session" in p) for p in sent(client)] == [False, True, False]
+    assert sent(client)[2] == FULL

@@ -6,13 +6,14 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from hero_compute.explorer.registry import Heartbeat, INodeRegistry, LivenessLog, Registry
+from hero_compute.explorer.liveness import LivenessLog
+from hero_compute.explorer.registry import Heartbeat, INodeRegistry, Registry
 from hero_compute.rpc.errors import NodeNotFound
 
 
 def beat(registry, node_id="n1", transport="unix", address="unix:///tmp/n1.sock"):
-    """Record a minimal heartbeat."""
-    return registry.heartbeat(
+    """Record a minimal heartbeat; returns the node's record."""
+    record, _ = registry.heartbeat(
         Heartbeat(
             node_id=node_id,
             socket_path=address,
@@ -25,6 +26,7 @@ def beat(registry, node_id="n1", transport="unix", address="unix:///tmp/n1.sock"
             labels={},
         )
     )
+    return record
 
 
 @pytest.fixture
@@ -44,10 +46,11 @@ def test_heartbeat_upserts_and_keeps_first_seen(clock):
     """A second heartbeat updates the record but keeps first_seen."""
     registry = Registry(clock, 30)
     first = beat(registry)
+    first_seen, last_seen = first.first_seen, first.last_seen
     clock.advance(5)
     second = beat(registry, address="tcp://10.0.0.1:9003", transport="tcp")
-    assert second.first_seen == first.first_seen
-    assert second.last_seen == first.last_seen + 5
+    assert second.first_seen == first_seen
+    assert second.last_seen == last_seen + 5
     assert registry.get("n1").socket_path == "tcp://10.0.0.1:9003"
     assert registry.get("n1").transport == "tcp"
     assert len(registry.records()) == 1
@@ -61,9 +64,10 @@ def test_offline_after_silence_and_back(clock):
     assert registry.status(registry.get("n1")) == "online"
     clock.advance(0.5)
     assert registry.status(registry.get("n1")) == "offline"
+    assert record.to_wire(clock.seconds(), 30)["status"] == "offline"
     beat(registry)
     assert registry.status(registry.get("n1")) == "online"
-    assert record.to_wire(clock.seconds(), 30)["status"] == "offline"
+    assert record.to_wire(clock.seconds(), 30)["status"] == "online"
 
 
 def test_leave_is_offline_at_once(clock):

@@ -238,6 +238,8 @@ def test_explorer_methods_match_contract():
         "vm_count": False,
         "labels": False,
         "secret": False,
+        # Beyond CONTRACT §4: the delta heartbeat's (issue #12), optional.
+        "session": False,
     }
     params = {
         m: [p.name for p in schema.methods[m].params]

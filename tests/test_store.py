@@ -374,3 +374,49 @@ def test_foreign_database_is_refused(tmp_path):
     raw.close()
     with pytest.raises(StoreError, match="not hero_compute"):
         Store.open(other)
+
+
+def test_records_are_written_a_chunk_per_reactor_turn(path):
+    """
+    A fleet's worth of new records is written :data:`FLUSH_CHUNK` per transaction, the
+    rest left to a later reactor turn, so the reactor never waits for all of them;
+    closing writes what is left at once.
+    """
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.registry import NodeRecord
+    from hero_compute.explorer.trust import FLUSH_CHUNK, FLUSH_EVERY, ExplorerTrust
+
+    clock = Clock()
+    trust = ExplorerTrust(clock=clock, reactor=clock, db_path=path, tls=None, factory=None)
+    trust.open()
+    batches = []
+    store = trust._store
+
+    class Recording:
+        """The store, noting each batch and whether the rest is left to a later turn."""
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def save_nodes(self, records):
+            batches.append((len(records), len(clock.getDelayedCalls())))
+            store.save_nodes(records)
+
+    trust._store = Recording()
+    total = FLUSH_CHUNK * 2 + 7
+    for i in range(total):
+        trust.save_node(NodeRecord(**node(f"n{i:05d}")))
+    clock.advance(FLUSH_EVERY)
+    assert batches == [(FLUSH_CHUNK, 1), (FLUSH_CHUNK, 1), (7, 0)]
+    stored = trust.load_nodes()
+    assert len(stored) == total and stored[0] == node("n00000")
+    batches.clear()
+    for i in range(total):
+        trust.save_node(NodeRecord(**node(f"n{i:05d}", name="renamed")))
+    trust.close({})
+    assert [n for n, _ in batches] == [FLUSH_CHUNK, FLUSH_CHUNK, 7]
+    assert not clock.getDelayedCalls()
+    again = Store.open(path)
+    assert {n["name"] for n in again.load_nodes()} == {"renamed"}
+    again.close()

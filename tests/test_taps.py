@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from hero_compute.explorer import tap as explorer_tap
-from hero_compute.explorer.registry import SWEEPS_PER_OFFLINE
+from hero_compute.explorer.liveness import SWEEPS_PER_OFFLINE
 from hero_compute.node import tap as node_tap
 
 
@@ -163,7 +163,7 @@ def test_explorer_tree(short_tmp):
         NODE_OFFLINE_AFTER="8",
     )
     explorer = explorer_tap.makeService(options, reactor)
-    assert [child.name for child in explorer] == ["listeners", "liveness"]
+    assert [child.name for child in explorer] == ["listeners", "liveness", "heap"]
     assert len(list(explorer.getServiceNamed("listeners"))) == 3
     explorer.privilegedStartService()
     explorer.startService()
@@ -174,7 +174,10 @@ def test_explorer_tree(short_tmp):
         (9002, "127.0.0.1"),
         (0, "127.0.0.2"),
     ]
-    assert [c.getTime() for c in reactor.getDelayedCalls()] == [8 / SWEEPS_PER_OFFLINE]
+    assert sorted(c.getTime() for c in reactor.getDelayedCalls()) == [
+        8 / SWEEPS_PER_OFFLINE,
+        3600.0,  # the heap's thaw
+    ]
     explorer.stopService()
     assert not reactor.getDelayedCalls()
 

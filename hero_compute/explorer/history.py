@@ -3,7 +3,7 @@ A short history of each node's heartbeats, for the dashboard's sparkline
 (``explorer.node_history``): bounded per node, and one append per heartbeat.
 """
 
-import collections
+import array
 
 #: Heartbeat arrival times kept per node: about a minute and a half at the usual pace.
 HISTORY = 30
@@ -11,13 +11,22 @@ HISTORY = 30
 
 class HeartbeatHistory(dict):
     """
-    ``{node_id: deque of Unix seconds}``, oldest first, each at most :data:`HISTORY`
-    long; a node's deque is made on its first heartbeat (``history[node_id]``).
+    ``{node_id: array of Unix seconds}``, oldest first, each at most :data:`HISTORY`
+    long.
+
+    An ``array('d')`` of 30 times takes about 300 bytes, where a ``deque`` of float
+    objects took 1.3 kB: at 100,000 nodes that is most of what the registry holds.
     """
 
-    def __missing__(self, node_id):
-        times = self[node_id] = collections.deque(maxlen=HISTORY)
-        return times
+    def add(self, node_id, when):
+        """Note a heartbeat of ``node_id`` at ``when`` (the oldest goes past the bound)."""
+        times = self.get(node_id)
+        if times is None:
+            self[node_id] = array.array("d", (when,))
+            return
+        if len(times) >= HISTORY:
+            del times[0]
+        times.append(when)
 
     def times(self, node_id):
         """:return: the node's kept heartbeat times (a list, oldest first)"""

@@ -20,9 +20,9 @@ from hero_compute.rpc.errors import (
     RefusedByPolicy,
     RpcError,
 )
+from hero_compute.rpc.lag import ReactorLag
 from hero_compute.rpc.metrics import (
     Histogram,
-    ReactorLag,
     TransportCollector,
     histogram_family,
     metrics_listener,
@@ -236,7 +236,7 @@ def make_metrics(*, listen, methods, registry, proxy, factory, clock, reactor=No
     metrics = service.MultiService()
     metrics.setName("metrics")
     metrics.registry = metrics_registry(
-        explorer, TransportCollector(factory, lag, explorer.refusals)
+        explorer, TransportCollector(factory, explorer.refusals), lag
     )
     lag.setServiceParent(metrics)
     metrics_listener(metrics.registry, listen, reactor).setServiceParent(metrics)

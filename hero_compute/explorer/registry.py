@@ -3,15 +3,13 @@ The registry of nodes: one record per node id, fed by heartbeats.
 
 Liveness is derived, not stored: a node is online while its last heartbeat is younger
 than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a single
-dict update, and no timer per node is needed to expire anybody; the :class:`LivenessLog`
+dict update, and no timer per node is needed to expire anybody; the :class:`~.liveness.LivenessLog`
 sweep exists only to tell operators, once, when a node goes quiet.
 """
 
 import bisect
 
 import attrs
-from twisted.application import service
-from twisted.internet import task
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -27,33 +25,16 @@ log = Logger()
 #: more CPU than the heartbeats themselves while telling the operator nothing more.
 LOG_BURST = 20
 
-#: The liveness sweep runs this many times per ``offline_after``, so a node going quiet
-#: is reported at most a quarter of ``offline_after`` late ...
-SWEEPS_PER_OFFLINE = 4
-
-#: ... but never more often than this (seconds): a tiny ``offline_after`` in a test or
-#: a lab must not turn the sweep over a large fleet into a busy loop ...
-MIN_SWEEP = 0.5
-
-#: ... nor less often than this (seconds): the sweep also sums up the node events of
-#: the last second that were not logged one by one, which should not wait for long.
-MAX_SWEEP = 5.0
-
-
-def sweep_interval(offline_after):
-    """
-    Seconds between two liveness sweeps.
-
-    :param offline_after: seconds of silence after which a node is offline
-    """
-    return max(MIN_SWEEP, min(MAX_SWEEP, offline_after / SWEEPS_PER_OFFLINE))
-
 
 @attrs.frozen
 class Heartbeat:
     """
     One heartbeat as the explorer accepted it: built once per ``explorer.heartbeat``
-    call, defaults filled in and the address in canonical form.
+    call, the address in canonical form.
+
+    A full heartbeat has every field, defaults filled in.  In a delta heartbeat (one
+    that names the explorer's session, see :mod:`.service`) a field left as None keeps
+    the node's last accepted value; only a node the registry holds may send one.
 
     :ivar socket_path: the node's address URI
     :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how the heartbeat arrived
@@ -64,19 +45,29 @@ class Heartbeat:
     node_id: str
     socket_path: str
     transport: str
-    name: str
-    version: str
-    capacity: dict
-    usage: dict
-    vm_count: int
-    labels: dict
+    name: str | None
+    version: str | None
+    capacity: dict | None
+    usage: dict | None
+    vm_count: int | None
+    labels: dict | None
     remote: bool = False
 
 
-@attrs.frozen
+#: The fields a heartbeat may leave out when the explorer holds them (a delta).
+KEPT_FIELDS = ("name", "version", "capacity", "usage", "vm_count", "labels")
+
+#: What a new node's first heartbeat changed: everything.
+NEW = (*KEPT_FIELDS, "transport", "socket_path")
+
+
+@attrs.define(eq=False)
 class NodeRecord:
     """
     What the explorer knows of one node, from its last heartbeat.
+
+    Only the :class:`Registry` changes a record (in place: a steady heartbeat then
+    allocates nothing); everyone else reads it.
 
     :ivar socket_path: the node's address URI, as it reported it (canonical form)
     :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how its last heartbeat arrived
@@ -170,55 +161,73 @@ class Registry:
     _unlogged: int = attrs.field(default=0, init=False)
 
     def heartbeat(self, heartbeat):
+        """
+        :return: ``(record, changed)``: the node's :class:`NodeRecord` and the names of
+            its fields this heartbeat changed (all of them for a new node)
+        """
         now = self.clock.seconds()
-        node_id, name, socket_path = (
-            heartbeat.node_id,
-            heartbeat.name,
-            heartbeat.socket_path,
-        )
-        old = self._nodes.get(node_id)
-        record = NodeRecord(
-            node_id=node_id,
-            name=name,
-            socket_path=socket_path,
-            transport=heartbeat.transport,
-            version=heartbeat.version,
-            capacity=heartbeat.capacity,
-            usage=heartbeat.usage,
-            vm_count=heartbeat.vm_count,
-            labels=heartbeat.labels,
-            first_seen=now if old is None else old.first_seen,
-            last_seen=now,
-            remote=heartbeat.remote,
-        )
-        self._nodes[node_id] = record
-        self.history[node_id].append(now)
-        if old is None:
+        node_id, socket_path = heartbeat.node_id, heartbeat.socket_path
+        record = self._nodes.get(node_id)
+        self.history.add(node_id, now)
+        if record is None:
+            record = self._nodes[node_id] = NodeRecord(
+                node_id=node_id,
+                name=heartbeat.name,
+                socket_path=socket_path,
+                transport=heartbeat.transport,
+                version=heartbeat.version,
+                capacity=heartbeat.capacity,
+                usage=heartbeat.usage,
+                vm_count=heartbeat.vm_count,
+                labels=heartbeat.labels,
+                first_seen=now,
+                last_seen=now,
+                remote=heartbeat.remote,
+            )
             bisect.insort(self._order, node_id)
             self._note(
                 now,
                 "node {node_id} ({name}) joined from {address}",
                 node_id=node_id,
-                name=name,
+                name=record.name,
                 address=socket_path,
             )
-        elif old.status(now, self.offline_after) == "offline":
+            return record, NEW
+        changed = []
+        for field in KEPT_FIELDS:
+            value = getattr(heartbeat, field)
+            # Equal values keep the record's objects: the heartbeat's copies are freed.
+            if value is not None and value != getattr(record, field):
+                setattr(record, field, value)
+                changed.append(field)
+        if record.transport != heartbeat.transport:
+            record.transport = heartbeat.transport
+            changed.append("transport")
+        old_address = record.socket_path
+        if old_address != socket_path:
+            record.socket_path = socket_path
+            changed.append("socket_path")
+        was_offline = record.status(now, self.offline_after) == "offline"
+        record.last_seen = now
+        record.left = False
+        record.remote = heartbeat.remote
+        if was_offline:
             self._note(
                 now,
                 "node {node_id} ({name}) is back online at {address}",
                 node_id=node_id,
-                name=name,
+                name=record.name,
                 address=socket_path,
             )
-        elif old.socket_path != socket_path:
+        elif old_address != socket_path:
             self._note(
                 now,
                 "node {node_id} moved from {old} to {new}",
                 node_id=node_id,
-                old=old.socket_path,
+                old=old_address,
                 new=socket_path,
             )
-        return record
+        return record, changed
 
     def note(self, fmt, **fields):
         """
@@ -258,7 +267,7 @@ class Registry:
 
     def leave(self, node_id):
         record = self.get(node_id)
-        self._nodes[node_id] = attrs.evolve(record, left=True)
+        record.left = True
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
 
     def find(self, node_id):
@@ -273,7 +282,8 @@ class Registry:
         :param records: :class:`NodeRecord` s
         """
         for record in records:
-            self._nodes[record.node_id] = attrs.evolve(record, left=True)
+            record.left = True
+            self._nodes[record.node_id] = record
         self._order = sorted(self._nodes)
 
     def get(self, node_id):
@@ -318,76 +328,3 @@ class Registry:
 
     def status(self, record):
         return record.status(self.clock.seconds(), self.offline_after)
-
-
-class LivenessLog(service.Service):
-    """
-    Logs, once per transition, each node that has gone offline by silence (within the
-    registry's log budget), and forgets nodes offline for longer than ``forget_after``.
-
-    :param registry: the :class:`Registry`
-    :param clock: the clock to sweep with
-    :param interval: seconds between sweeps
-    :param forget_after: seconds offline after which a node is forgotten, or None
-    :param forgotten: called with each node id forgotten (to drop its stored record)
-    """
-
-    def __init__(self, registry, clock, interval, forget_after=None, forgotten=None):
-        self._registry = registry
-        self._clock = clock
-        self._interval = interval
-        self._forget_after = forget_after
-        self._forgotten = forgotten
-        self._offline = set()
-        self._loop = None
-
-    def sweep(self):
-        """Log nodes that went offline since the last sweep; never raises."""
-        try:
-            now = self._clock.seconds()
-            registry = self._registry
-            registry.flush_log(now)
-            offline = set()
-            forget = []
-            for record in registry.records():
-                if record.status(now, registry.offline_after) == "offline":
-                    offline.add(record.node_id)
-                    if (
-                        self._forget_after is not None
-                        and now - record.last_seen > self._forget_after
-                    ):
-                        forget.append(record)
-                    elif record.node_id not in self._offline and not record.left:
-                        registry.note(
-                            "node {node_id} ({name}) is offline: no heartbeat for "
-                            "{silence:.0f} s",
-                            node_id=record.node_id,
-                            name=record.name,
-                            silence=now - record.last_seen,
-                        )
-            for record in forget:
-                registry.remove(record.node_id)
-                offline.discard(record.node_id)
-                registry.note(
-                    "node {node_id} ({name}) forgotten: offline for {days:.1f} days",
-                    node_id=record.node_id,
-                    name=record.name,
-                    days=(now - record.last_seen) / 86400,
-                )
-                if self._forgotten is not None:
-                    self._forgotten(record.node_id)
-            self._offline = offline
-        except Exception:
-            # A LoopingCall whose function raises stops for good.
-            log.failure("liveness sweep failed")
-
-    def startService(self):
-        service.Service.startService(self)
-        self._loop = task.LoopingCall(self.sweep)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=False)
-
-    def stopService(self):
-        service.Service.stopService(self)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()

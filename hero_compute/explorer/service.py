@@ -4,6 +4,8 @@ The explorer's RPC methods (the service tree that serves them is :mod:`.tree`'s)
 
 import collections
 import functools
+import secrets
+import sys
 import time
 
 from twisted.logger import Logger
@@ -53,6 +55,28 @@ class _Refused(RefusedByPolicy):
         self.reason = reason
 
 
+class _StaleSession(InvalidParams):
+    """-32602 for a delta heartbeat the explorer cannot apply: the node resends it whole."""
+
+    reason = "stale_session"
+
+    def __init__(self, node_id):
+        InvalidParams.__init__(
+            self,
+            f"explorer.heartbeat: this explorer holds no record of {node_id} for that "
+            "session (it restarted, or forgot the node): send the full heartbeat",
+            data={"resend": "full"},
+        )
+
+
+#: A heartbeat changing one of these is written to the store.
+_DURABLE = frozenset(DURABLE_FIELDS)
+
+#: Peer addresses, checked once per distinct peer rather than once per heartbeat
+#: (``ipaddress`` parsing was a few percent of a heartbeat).
+_is_loopback = functools.lru_cache(maxsize=4096)(is_loopback)
+
+
 class ExplorerMethods:
     """
     The ``explorer.*`` methods.  Who may call which is decided before they run (the
@@ -75,6 +99,9 @@ class ExplorerMethods:
         self._listeners = listeners
         self._limits = limits or Limits()
         self._started = clock.seconds()
+        #: Names this explorer process to its nodes: a delta heartbeat must carry it.
+        self.session = secrets.token_hex(8)
+        self._next_heartbeat = registry.offline_after / HEARTBEATS_PER_OFFLINE
         #: Refusals by reason, for metrics.
         self.refusals = collections.Counter()
         #: Heartbeats accepted, refused by reason, and how long the accepted ones
@@ -133,12 +160,13 @@ class ExplorerMethods:
         node_id,
         socket_path,
         name=None,
-        version="",
+        version=None,
         capacity=None,
         usage=None,
-        vm_count=0,
+        vm_count=None,
         labels=None,
         secret=None,
+        session=None,
     ):
         """
         Record a node's heartbeat.
@@ -147,6 +175,72 @@ class ExplorerMethods:
             network claiming a Unix address, or a local one, is refused) and, over TLS,
             the certificate that speaks for the node
         :param secret: the node secret, which the node id is bound to (CONTRACT §6)
+        :param session: the ``session`` of this explorer's last answer to the node: the
+            fields the node left out are unchanged since that heartbeat (a delta).  A
+            session this explorer does not hold the node's record for (it restarted,
+            or forgot the node) is refused with -32602 and ``{"resend": "full"}``.
+        """
+        transport = context.transport
+        remote = transport != "unix" and not _is_loopback(context.host)
+        old = self._registry.find(node_id)
+        if (
+            old is not None
+            and socket_path == old.socket_path
+            and transport == old.transport
+            and remote == old.remote
+        ):
+            # The address its last heartbeat passed the checks with, from the same kind
+            # of peer: they would pass again (they depend on nothing else).
+            uri = socket_path
+        else:
+            uri = self._checked_address(socket_path, transport, remote)
+        if session is not None:
+            if session != self.session or old is None or old.left:
+                raise _StaleSession(node_id)
+        elif old is None:
+            self._admit(node_id, context)
+        self._trust.check_node(node_id, secret, context)
+        if session is None:
+            # A full heartbeat: what it leaves out takes its default.
+            name = name or node_id
+            # One string for a fleet's few versions, not one per node.
+            version = "" if version is None else sys.intern(version)
+            capacity = {} if capacity is None else capacity
+            usage = {} if usage is None else usage
+            vm_count = 0 if vm_count is None else vm_count
+            labels = {} if labels is None else labels
+        elif name == "":
+            name = node_id
+        record, changed = self._registry.heartbeat(
+            Heartbeat(
+                node_id=node_id,
+                socket_path=uri,
+                transport=transport,
+                name=name,
+                version=version,
+                capacity=capacity,
+                usage=usage,
+                vm_count=vm_count,
+                labels=labels,
+                remote=remote,
+            )
+        )
+        if changed and not _DURABLE.isdisjoint(changed):
+            # Written on first sight and when the address, name or labels change: never
+            # per heartbeat (last_seen is flushed in batches).
+            self._trust.save_node(record)
+        return {
+            "accepted": True,
+            "next_heartbeat": self._next_heartbeat,
+            "session": self.session,
+        }
+
+    @staticmethod
+    def _checked_address(socket_path, transport, remote):
+        """
+        :return: the canonical URI of a heartbeat's address
+        :raise InvalidParams: it is no address
+        :raise _Refused: the node may not be reached there from this explorer
         """
         try:
             address = parse_address(socket_path)
@@ -154,20 +248,19 @@ class ExplorerMethods:
             error = InvalidParams(f"socket_path: {e}")
             error.reason = "socket_path"
             raise error from None
-        if context.transport != "unix" and address.is_unix:
+        if transport != "unix" and address.is_unix:
             raise _Refused(
                 "unix_address",
-                f"a heartbeat over {context.transport.upper()} cannot claim the Unix "
+                f"a heartbeat over {transport.upper()} cannot claim the Unix "
                 f"address {address.uri}: set NODE_TCP_ADDR or NODE_TLS_ADDR (and "
                 "NODE_ADVERTISE_ADDR if needed) on the node",
             )
-        if context.transport == "tls" and address.scheme != "tls":
+        if transport == "tls" and address.scheme != "tls":
             raise _Refused(
                 "tls_address",
                 f"a node that heartbeats over TLS must be reached over TLS, not at "
                 f"{address.uri}: set NODE_TLS_ADDR on the node",
             )
-        remote = context.transport != "unix" and not is_loopback(context.host)
         if remote:
             reason = forbidden_target(address.host)
             if reason is not None:
@@ -175,34 +268,7 @@ class ExplorerMethods:
                     "forbidden_target",
                     f"a node on another host may not advertise {address.uri}: {reason}",
                 )
-        old = self._registry.find(node_id)
-        if old is None:
-            self._admit(node_id, context)
-        self._trust.check_node(node_id, secret, context)
-        record = self._registry.heartbeat(
-            Heartbeat(
-                node_id=node_id,
-                socket_path=address.uri,
-                transport=context.transport,
-                name=name or node_id,
-                version=version,
-                capacity=capacity or {},
-                usage=usage or {},
-                vm_count=vm_count,
-                labels=labels or {},
-                remote=remote,
-            )
-        )
-        if old is None or any(
-            getattr(old, f) != getattr(record, f) for f in DURABLE_FIELDS
-        ):
-            # Written on first sight and when the address, name or labels change: never
-            # per heartbeat (last_seen is flushed in batches).
-            self._trust.save_node(record)
-        return {
-            "accepted": True,
-            "next_heartbeat": self._registry.offline_after / HEARTBEATS_PER_OFFLINE,
-        }
+        return address.uri
 
     def _admit(self, node_id, context):
         """Refuse a new node id beyond the registry's size or its source's rate."""

@@ -332,6 +332,9 @@ def makeService(options, reactor=None):
         ui_token=options["ui-token"],
         ui_token_file=options["ui-token-file"],
         ui_tls=bool(options["ui-tls"]),
+        # Its own process: the heap left by start-up (the fleet as last known) is
+        # frozen, so the cycle collector does not stop the reactor to walk it.
+        freeze_heap=True,
     )
     explorer.listeners.name_sources("explorer", named)
     if options["notify-env"].get("NOTIFY_SOCKET"):

@@ -14,14 +14,16 @@ from hero_compute.rpc.authz import EXPLORER_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
+from hero_compute.rpc.lag import FrozenHeap
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 
 from .dashboard import make_dashboard
+from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
 from .proxy import Proxy
-from .registry import LivenessLog, NodeRecord, Registry, sweep_interval
+from .registry import NodeRecord, Registry
 from .resolver import CachingResolver
 from .service import CALL_TIMEOUT, CONNECT_TIMEOUT, ExplorerMethods
 from .trust import ExplorerTrust
@@ -91,6 +93,7 @@ def make_explorer(
     ui_token=None,
     ui_token_file=None,
     ui_tls=False,
+    freeze_heap=False,
 ):
     """
     Build the explorer's service tree; nothing is opened until it starts::
@@ -100,7 +103,9 @@ def make_explorer(
         │                -> HTTP factory -> authorization -> Dispatcher
         ├── "liveness":  LivenessLog over the Registry
         ├── "metrics":   GET /metrics and the reactor's lag, when asked for
-        └── "dashboard": the read-only web page on its own listener, when asked for
+        ├── "dashboard": the read-only web page on its own listener, when asked for
+        └── "heap":      freezes the heap left by start-up, when asked for (last, so
+                         that it starts once everything else has)
 
     :param reactor: the reactor to listen and connect with
     :param clock: an ``IReactorTime`` for liveness, uptime and the sweep (Unix seconds)
@@ -120,6 +125,9 @@ def make_explorer(
     :param ui_token_file: the file ``ui_token`` came from, named in the log
     :param ui_tls: serve the dashboard over mutual TLS with the explorer's material (a
         ``client/*`` certificate then stands in for the token)
+    :param freeze_heap: keep the cycle collector's pauses short with a
+        :class:`~hero_compute.rpc.lag.FrozenHeap` (for a process of its own: it freezes
+        the whole interpreter's heap)
     :return: the :class:`ExplorerService`
     """
     limits = limits or Limits()
@@ -192,6 +200,10 @@ def make_explorer(
             reactor=reactor,
             tls=(lambda: trust.server_tls) if ui_tls else None,
         ).setServiceParent(explorer)
+    if freeze_heap:
+        heap = FrozenHeap(clock)
+        heap.setName("heap")
+        heap.setServiceParent(explorer)
     return explorer
 
 

@@ -28,6 +28,31 @@ MAX_BACKOFF = 60.0
 #: An attempt is bounded by the interval, and by this however long the interval.
 MAX_ATTEMPT = 10.0
 
+#: Params every heartbeat carries, changed or not; the others a delta heartbeat leaves
+#: out when unchanged since the last accepted one.
+ALWAYS_SENT = frozenset({"node_id", "socket_path", "secret"})
+
+
+def delta(params, accepted, session):
+    """
+    The delta heartbeat for ``params``: what changed since ``accepted`` (the params of
+    the last accepted heartbeat) and the explorer's ``session``; or ``params`` itself
+    when a delta cannot say it (no session, or a param has come or gone).
+
+    :param params: the full heartbeat params
+    :param accepted: the last accepted full params, or None
+    :param session: the ``session`` of the explorer's last answer, or None
+    """
+    if session is None or accepted is None or params.keys() != accepted.keys():
+        return params
+    changed = {
+        key: value
+        for key, value in params.items()
+        if key in ALWAYS_SENT or accepted[key] != value
+    }
+    changed["session"] = session
+    return changed
+
 
 def backoff_delay(interval, failures, rand=random.random):
     """
@@ -96,6 +121,10 @@ class HeartbeatLoop(service.Service):
         self.state = ExplorerState(address.uri)
         self._call = None
         self._tick = None
+        # The explorer's session and the params it last accepted, for delta heartbeats
+        # (steady heartbeats then carry only what changed).
+        self._session = None
+        self._accepted = None
 
     def startService(self):
         service.Service.startService(self)
@@ -126,11 +155,7 @@ class HeartbeatLoop(service.Service):
         started = self.clock.seconds()
         timeout = self._attempt_timeout
         d = defer.maybeDeferred(self._payload, self.address)
-        d.addCallback(
-            lambda params: self._client.call(
-                self.address, "explorer.heartbeat", params, timeout=timeout
-            )
-        )
+        d.addCallback(self._send, timeout)
         # The whole attempt, building the payload included (for a TCP explorer it
         # connects first, to learn our own address), is bounded by the interval.
         d.addTimeout(timeout, self.clock)
@@ -139,6 +164,29 @@ class HeartbeatLoop(service.Service):
         d.addBoth(lambda _: self._done(started))
         self._tick = d
         return d
+
+    def _send(self, params, timeout):
+        body = delta(params, self._accepted, self._session)
+        d = self._client.call(self.address, "explorer.heartbeat", body, timeout=timeout)
+        if body is not params:
+            # The explorer may no longer hold our record (it restarted, or forgot us):
+            # whatever it says against a delta, the full heartbeat follows at once.
+            d.addErrback(self._resend_full, params, timeout)
+        d.addCallback(self._accepted_with, params)
+        return d
+
+    def _resend_full(self, failure, params, timeout):
+        failure.trap(RpcError)
+        self._session = self._accepted = None
+        return self._client.call(
+            self.address, "explorer.heartbeat", params, timeout=timeout
+        )
+
+    def _accepted_with(self, result, params):
+        session = result.get("session") if isinstance(result, dict) else None
+        self._session = session if isinstance(session, str) else None
+        self._accepted = params
+        return result
 
     def _succeeded(self, result):
         if self.state.state != "ok":
@@ -164,6 +212,8 @@ class HeartbeatLoop(service.Service):
         )
 
     def _failed(self, failure, started):
+        # Whatever happened, the next heartbeat is a full one.
+        self._session = self._accepted = None
         if failure.check(defer.CancelledError):
             return
         first = self.state.state == "ok" or self.state.failures == 0

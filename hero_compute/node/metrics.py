@@ -11,8 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service
 from twisted.internet import defer
 
+from hero_compute.rpc.lag import ReactorLag
 from hero_compute.rpc.metrics import (
-    ReactorLag,
     TransportCollector,
     metrics_listener,
     metrics_registry,
@@ -118,7 +118,7 @@ def make_metrics(*, listen, node, factory, clock, reactor=None):
     metrics = service.MultiService()
     metrics.setName("metrics")
     metrics.registry = metrics_registry(
-        NodeCollector(node, clock), TransportCollector(factory, lag)
+        NodeCollector(node, clock), TransportCollector(factory), lag
     )
     lag.setServiceParent(metrics)
     metrics_listener(metrics.registry, listen, reactor).setServiceParent(metrics)

@@ -161,7 +161,8 @@ def parse_address(value: object) -> Address:
     :return: an :obj:`Address`
     :raise AddressError: naming the value and the accepted forms
 
-    Results are cached: every heartbeat of a fleet re-parses the same addresses.
+    Recent results are cached (the proxy parses a node's address per call; the
+    explorer's heartbeats parse only an address a node has not given before).
     """
     if isinstance(value, Address):
         return value
@@ -170,7 +171,7 @@ def parse_address(value: object) -> Address:
     return _parse_text(value)
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=4096)
 def _parse_text(value: str) -> Address:
     if not value:
         raise AddressError(value, "empty")

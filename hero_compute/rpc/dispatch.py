@@ -20,10 +20,12 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union, cast
 
 import attrs
+import orjson
 from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import ISSLTransport, ITransport
@@ -71,6 +73,34 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is not a finite number")
     return value
+
+
+#: A number of 19 digits or more (where a JSON number may start: after ``[``, ``,``,
+#: ``:`` or white space): orjson would read it as a float, where JSON (and Python's
+#: json) keep an integer exact; such a body takes the slower parser.  Digits inside a
+#: string (a hex secret) do not match, unless a string holds such a number itself,
+#: which only costs that body the slower parser.
+_LONG_NUMBER = re.compile(rb"[\[,:\s]-?[0-9]{19}")
+
+
+def loads(body: bytes | str) -> Any:
+    """
+    Parse a JSON body, strictly: NaN and Infinity are refused, and so is a number too
+    large to be finite (1e400).
+
+    ``orjson`` parses a heartbeat about four times as fast as ``json`` and refuses
+    exactly those; anything it does not take (a lone surrogate escape, nesting over 1024
+    deep, an integer past 64 bits, invalid JSON) goes through ``json``, which decides
+    and words the error as before.
+
+    :raise ValueError, UnicodeDecodeError, RecursionError: when it is not JSON we take
+    """
+    if isinstance(body, bytes) and _LONG_NUMBER.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body, parse_constant=_no_constants, parse_float=_finite)
 
 
 #: Requests in one batch, and bytes in one response body, unless the service says
@@ -219,7 +249,7 @@ class Dispatcher:
             notifications), or a Deferred firing with either when a handler answers later
         """
         try:
-            message = json.loads(body, parse_constant=_no_constants, parse_float=_finite)
+            message = loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             return _dump(_error(None, ParseError(f"Parse error: {e}")))
         except RecursionError:

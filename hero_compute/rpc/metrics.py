@@ -1,6 +1,7 @@
 """
 What both services need to be scraped by Prometheus: a histogram cheap enough for the
-hot path, the reactor's lag, the ``GET /metrics`` listener and the transport's metrics.
+hot path, the ``GET /metrics`` listener and the transport's metrics (the reactor's lag
+is :mod:`.lag`'s).
 
 Metrics are read when scraped: a service's objects keep plain counters (an ``int``
 increment on the hot path, nothing else), and a collector (``collect()``) turns their
@@ -34,10 +35,8 @@ from prometheus_client.utils import floatToGoString
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
-    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
@@ -50,9 +49,6 @@ from .http_server import RpcHTTPFactory
 from .listeners import describe
 
 log = Logger()
-
-#: Buckets of the reactor's lag, in seconds: anything past 0.1 s is felt by every caller.
-LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Histogram:
@@ -104,65 +100,22 @@ def histogram_family(
     return family
 
 
-class ReactorLag(service.Service):
-    """
-    How late the reactor runs a timer: one every ``interval`` seconds, and the delay
-    between when it was due and when it ran is the time every other event waited too.
-
-    :param clock: an ``IReactorTime``
-    :param interval: seconds between two measurements
-    """
-
-    def __init__(self, clock: IReactorTime, interval: float = 1.0) -> None:
-        self._clock = clock
-        self._interval = interval
-        self._due = 0.0
-        self._call: IDelayedCall | None = None
-        #: The last lag measured, in seconds.
-        self.last = 0.0
-        #: Every lag measured.
-        self.histogram = Histogram(LAG_BUCKETS)
-
-    def startService(self) -> None:
-        service.Service.startService(self)
-        self._schedule()
-
-    def stopService(self) -> Deferred[None] | None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        service.Service.stopService(self)
-        return None
-
-    def _schedule(self) -> None:
-        self._due = self._clock.seconds() + self._interval
-        self._call = self._clock.callLater(self._interval, self._tick)
-
-    def _tick(self) -> None:
-        self.last = max(0.0, self._clock.seconds() - self._due)
-        self.histogram.observe(self.last)
-        self._schedule()
-
-
 class TransportCollector:
     """
     The metrics of a process's transport: its open connections, the limits that refused
-    something (CONTRACT §7), the reactor's lag and the version.
+    something (CONTRACT §7) and the version.
 
     :param factory: the :class:`~hero_compute.rpc.http_server.RpcHTTPFactory` of the
         process's listeners
-    :param lag: the :class:`ReactorLag`
     :param refusals: returns more ``(limit, count)`` pairs, the service's own
     """
 
     def __init__(
         self,
         factory: RpcHTTPFactory,
-        lag: ReactorLag,
         refusals: Callable[[], Iterable[tuple[str, int]]] = lambda: (),
     ) -> None:
         self._factory = factory
-        self._lag = lag
         self._refusals = refusals
 
     def collect(self) -> Iterator[Metric]:
@@ -190,17 +143,6 @@ class TransportCollector:
         for limit, count in (*factory.refusals.items(), *self._refusals()):
             refusals.add_metric([limit], count)
         yield refusals
-        yield GaugeMetricFamily(
-            "hero_reactor_lag_last_seconds",
-            "How late the reactor ran the last one-second timer",
-            value=self._lag.last,
-        )
-        yield histogram_family(
-            "hero_reactor_lag_seconds",
-            "How late the reactor runs a one-second timer",
-            [],
-            [((), self._lag.histogram)],
-        )
         info = GaugeMetricFamily(
             "hero_build_info", "The hero_compute version, as a label", labels=["version"]
         )

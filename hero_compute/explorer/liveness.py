@@ -1,0 +1,105 @@
+"""
+The liveness sweep: tells operators, once, when a node goes quiet, and forgets nodes
+offline for too long.  Liveness itself is derived by the registry from each node's last
+heartbeat; the sweep only reports it.
+"""
+
+from twisted.application import service
+from twisted.internet import task
+from twisted.logger import Logger
+
+log = Logger()
+
+#: The liveness sweep runs this many times per ``offline_after``, so a node going quiet
+#: is reported at most a quarter of ``offline_after`` late ...
+SWEEPS_PER_OFFLINE = 4
+
+#: ... but never more often than this (seconds): a tiny ``offline_after`` in a test or
+#: a lab must not turn the sweep over a large fleet into a busy loop ...
+MIN_SWEEP = 0.5
+
+#: ... nor less often than this (seconds): the sweep also sums up the node events of
+#: the last second that were not logged one by one, which should not wait for long.
+MAX_SWEEP = 5.0
+
+
+def sweep_interval(offline_after):
+    """
+    Seconds between two liveness sweeps.
+
+    :param offline_after: seconds of silence after which a node is offline
+    """
+    return max(MIN_SWEEP, min(MAX_SWEEP, offline_after / SWEEPS_PER_OFFLINE))
+
+
+class LivenessLog(service.Service):
+    """
+    Logs, once per transition, each node that has gone offline by silence (within the
+    registry's log budget), and forgets nodes offline for longer than ``forget_after``.
+
+    :param registry: the :class:`Registry`
+    :param clock: the clock to sweep with
+    :param interval: seconds between sweeps
+    :param forget_after: seconds offline after which a node is forgotten, or None
+    :param forgotten: called with each node id forgotten (to drop its stored record)
+    """
+
+    def __init__(self, registry, clock, interval, forget_after=None, forgotten=None):
+        self._registry = registry
+        self._clock = clock
+        self._interval = interval
+        self._forget_after = forget_after
+        self._forgotten = forgotten
+        self._offline = set()
+        self._loop = None
+
+    def sweep(self):
+        """Log nodes that went offline since the last sweep; never raises."""
+        try:
+            now = self._clock.seconds()
+            registry = self._registry
+            registry.flush_log(now)
+            offline = set()
+            forget = []
+            for record in registry.records():
+                if record.status(now, registry.offline_after) == "offline":
+                    offline.add(record.node_id)
+                    if (
+                        self._forget_after is not None
+                        and now - record.last_seen > self._forget_after
+                    ):
+                        forget.append(record)
+                    elif record.node_id not in self._offline and not record.left:
+                        registry.note(
+                            "node {node_id} ({name}) is offline: no heartbeat for "
+                            "{silence:.0f} s",
+                            node_id=record.node_id,
+                            name=record.name,
+                            silence=now - record.last_seen,
+                        )
+            for record in forget:
+                registry.remove(record.node_id)
+                offline.discard(record.node_id)
+                registry.note(
+                    "node {node_id} ({name}) forgotten: offline for {days:.1f} days",
+                    node_id=record.node_id,
+                    name=record.name,
+                    days=(now - record.last_seen) / 86400,
+                )
+                if self._forgotten is not None:
+                    self._forgotten(record.node_id)
+            self._offline = offline
+        except Exception:
+            # A LoopingCall whose function raises stops for good.
+            log.failure("liveness sweep failed")
+
+    def startService(self):
+        service.Service.startService(self)
+        self._loop = task.LoopingCall(self.sweep)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
