@@ -667,7 +667,7 @@ def test_idle_connection_closes_after_pool_idle():
 async def test_small_requests_are_sent_at_once(rpc_server, client):
     """A request is written to the socket during the call, not left in the transport's
     buffer for the reactor's next turn (plain TCP and Unix)."""
-    from hero_compute.rpc.http_client import send_now
+    from hero_compute.rpc.sendnow import send_now
 
     for kind in ("unix", "tcp"):
         uri = rpc_server.uri(kind)
@@ -678,33 +678,3 @@ async def test_small_requests_are_sent_at_once(rpc_server, client):
         done = conn.request(b'{"jsonrpc":"2.0","method":"echo","params":[2],"id":9}', 5)
         assert (transport.dataBuffer, transport._tempDataLen) == (b"", 0)
         assert (await done)[0] == 200
-
-
-@pytest_twisted.ensureDeferred
-async def test_send_now_keeps_bytes_in_order(rpc_server, client):
-    """With bytes already buffered, send_now queues behind them instead of sending."""
-    from hero_compute.rpc.http_client import send_now
-
-    uri = rpc_server.uri("tcp")
-    assert await client.call(uri, "echo", [1]) == 1
-    conn = client._pool.take((parse_address(uri), None))
-    transport = conn.transport
-    sent = []
-    real_socket = transport.socket
-
-    class Watch:
-        def send(self, data):
-            sent.append(data)
-            return real_socket.send(data)
-
-        def __getattr__(self, name):
-            return getattr(real_socket, name)
-
-    transport.socket = Watch()
-    try:
-        transport.write(b"first")
-        send_now(transport, b"second")
-        assert sent == [] and transport._tempDataLen == len(b"firstsecond")
-    finally:
-        transport.socket = real_socket
-        transport.abortConnection()

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
-import re
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-import orjson
-from twisted.internet import defer, protocol, tcp, unix
+from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.python.failure import Failure
 
 from .addresses import Address, AddressError, parse_address
+from .dispatch import loads
 from .errors import (
     BadResponse,
     CallTimedOut,
@@ -39,6 +37,7 @@ from .errors import (
     ConnectionRefused,
     RpcError,
 )
+from .sendnow import send_now
 
 #: Responses larger than this are refused, so a misbehaving peer cannot make us buffer
 #: without bound (a proxied result passes through the explorer's memory).
@@ -74,45 +73,6 @@ class _Closed(Exception):
 
 class _TooLarge(Exception):
     """The response body grew past :data:`MAX_RESPONSE`."""
-
-
-#: The transports whose socket :func:`send_now` may write to directly: Twisted's own
-#: plain TCP and Unix clients, whose buffer attributes it reads to keep bytes in order.
-_DIRECT = (tcp.Client, unix.Client)
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """
-    Write ``data`` to a connection: what the socket takes at once is sent now, the rest
-    is buffered by the transport.
-
-    ``transport.write`` only buffers: it registers the socket for writability, sends
-    when the reactor next polls, and unregisters it; for a request the peer is waiting
-    to read that is two ``epoll_ctl`` and a trip through the reactor per call.  Only
-    when the transport's own buffer is empty (bytes never overtake bytes) and only for
-    Twisted's plain TCP and Unix transports; TLS and anything else get ``write``.
-
-    :param transport: the connection's transport
-    :param data: the bytes to send
-    """
-    if (
-        type(transport) in _DIRECT
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            # Would block, or broken: the transport meets it and closes its own way.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 class _HTTPConnection(protocol.Protocol):
@@ -594,42 +554,6 @@ def _message(method: str, params: Any, rid: int | None) -> bytes:
     return head + b',"id":%d}' % rid
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is too large a number")
-    return value
-
-
-#: Runs of 19 digits or more: a number orjson would read as a float, where JSON (and
-#: Python's json) keep an integer exact; such a body takes the slower parser.
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
-
-
-def _loads(body: bytes) -> Any:
-    """
-    Parse a response body, strictly: NaN, Infinity and numbers too large to be finite
-    (1e400) are not JSON, and a reply holding one is not a JSON-RPC reply.
-
-    ``orjson`` parses a reply several times as fast as ``json`` and refuses exactly
-    those; what it does not take (a lone surrogate escape, nesting over 1024 deep, an
-    integer past 64 bits, invalid JSON) goes through ``json``, which decides.
-
-    :raise ValueError, RecursionError: when it is not JSON we take
-    """
-    if _LONG_NUMBER.search(body) is None:
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    # From bytes, as before: a byte order mark or UTF-16 is still read as it was.
-    return json.loads(body, parse_constant=_no_constants, parse_float=_finite)
-
-
 def _read(response: _Response, address: Address) -> Any:
     """:return: the parsed body of a response, None for 204; or BadResponse"""
     status, body = response
@@ -640,7 +564,8 @@ def _read(response: _Response, address: Address) -> Any:
         # aimed at (CONTRACT §6).  Its status and size are enough to tell what happened.
         raise BadResponse(address, f"HTTP {status} with a {len(body)}-byte body")
     try:
-        return _loads(body)
+        # Strict: NaN, Infinity or 1e400 make it no JSON-RPC reply (CONTRACT §7).
+        return loads(body)
     except (ValueError, RecursionError):
         raise BadResponse(
             address, f"the response is not JSON ({len(body)} bytes)"
