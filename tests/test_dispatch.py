@@ -328,3 +328,127 @@ def test_big_integer_ids_are_echoed_exactly(memory_rpc):
     """An id of more than 64 bits comes back as sent, not as a float."""
     body = b'{"jsonrpc":"2.0","method":"echo","id":123456789012345678901234567}'
     assert dispatch(memory_rpc, body)["id"] == 123456789012345678901234567
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"a": [1, 2.5, "é", None, True]},  # a null: written by json
+        2**70,  # past orjson's 64 bits
+        "\ud800",  # a lone surrogate
+        {1: "one"},  # a key that is not a string
+        [
+            [
+                [
+                    [
+                        [
+                            [
+                                [
+                                    [
+                                        [
+                                            [
+                                                [
+                                                    [
+                                                        [
+                                                            [
+                                                                [
+                                                                    [
+                                                                        [
+                                                                            [
+                                                                                [
+                                                                                    [
+                                                                                        [
+                                                                                            [
+                                                                                                [
+                                                                                                    [
+                                                                                                        [
+                                                                                                            [
+                                                                                                                [
+                                                                                                                    [
+                                                                                                                        [
+                                                                                                                            [
+                                                                                                                                [
+                                                                                                                                    [
+                                                                                                                                        [
+                                                                                                                                            [
+                                                                                                                                                [
+                                                                                                                                                    [
+                                                                                                                                                        [
+                                                                                                                                                            [
+                                                                                                                                                                [
+                                                                                                                                                                    [
+                                                                                                                                                                        [
+                                                                                                                                                                            [
+                                                                                                                                                                                [
+                                                                                                                                                                                    [
+                                                                                                                                                                                        [
+                                                                                                                                                                                            [
+                                                                                                                                                                                                [
+                                                                                                                                                                                                    [
+                                                                                                                                                                                                        [
+                                                                                                                                                                                                            1
+                                                                                                                                                                                                        ]
+                                                                                                                                                                                                    ]
+                                                                                                                                                                                                ]
+                                                                                                                                                                                            ]
+                                                                                                                                                                                        ]
+                                                                                                                                                                                    ]
+                                                                                                                                                                                ]
+                                                                                                                                                                            ]
+                                                                                                                                                                        ]
+                                                                                                                                                                    ]
+                                                                                                                                                                ]
+                                                                                                                                                            ]
+                                                                                                                                                        ]
+                                                                                                                                                    ]
+                                                                                                                                                ]
+                                                                                                                                            ]
+                                                                                                                                        ]
+                                                                                                                                    ]
+                                                                                                                                ]
+                                                                                                                            ]
+                                                                                                                        ]
+                                                                                                                    ]
+                                                                                                                ]
+                                                                                                            ]
+                                                                                                        ]
+                                                                                                    ]
+                                                                                                ]
+                                                                                            ]
+                                                                                        ]
+                                                                                    ]
+                                                                                ]
+                                                                            ]
+                                                                        ]
+                                                                    ]
+                                                                ]
+                                                            ]
+                                                        ]
+                                                    ]
+                                                ]
+                                            ]
+                                        ]
+                                    ]
+                                ]
+                            ]
+                        ]
+                    ]
+                ]
+            ]
+        ],
+    ],
+)
+def test_results_are_written_as_json_would(memory_rpc, result):
+    """Whatever the fast writer cannot write exactly is written by json."""
+    memory_rpc.register("give", lambda: result)
+    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "give", "id": 1})
+    assert response == json.loads(json.dumps({"jsonrpc": "2.0", "result": result, "id": 1}))
+
+
+def test_non_finite_inside_a_result_is_an_internal_error(memory_rpc, logged_errors):
+    """A NaN deep in a large result (which orjson would write as null) is -32603."""
+    page = {"nodes": [{"load": 0.5}] * 999 + [{"load": float("nan")}]}
+    memory_rpc.register("page", lambda: page)
+    response = dispatch(memory_rpc, {"jsonrpc": "2.0", "method": "page", "id": 3})
+    assert response["error"]["code"] == -32603
+    assert logged_errors.flush(ValueError)

@@ -868,3 +868,87 @@ async def test_oversized_body_over_tls_is_413(tmp_path):
         assert data.startswith(b"HTTP/1.1 200 ") and b'"result":7' in data
     finally:
         await listeners.stopService()
+
+
+def test_idle_sweep_is_one_timer_for_all_connections():
+    """However many connections, one timer sweeps the idle ones: a connection is cut
+    off within a quarter of the idle timeout after it, one with a call in flight is not,
+    and the timer goes when the last connection does."""
+    clock = Clock()
+    rpc = Dispatcher()
+    pending = defer.Deferred()
+    rpc.register("wait", lambda: pending)
+    factory = RpcHTTPFactory(rpc, idle_timeout=8.0, clock=clock)
+    conns = []
+    for _ in range(50):
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        conns.append((proto, transport))
+    assert len(clock.getDelayedCalls()) == 1
+    busy, busy_transport = conns[0]
+    body = b'{"jsonrpc":"2.0","method":"wait","id":1}'
+    busy.dataReceived(
+        b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    clock.advance(6)
+    talker, talker_transport = conns[1]
+    talker.dataReceived(b"P")  # a byte resets its idle time
+    clock.pump([1] * 4)  # 10 s: past the timeout for the silent ones, not for the talker
+    aborted = [t for _, t in conns if t.disconnecting]
+    assert len(aborted) == 48
+    assert not busy_transport.disconnecting and not talker_transport.disconnecting
+    for proto, _ in conns:
+        proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def _pipeline_without_reading(uri, count):
+    """Pipeline ``count`` requests on one connection that never reads; keep it open
+    for a second, then hang up."""
+    sock = raw_socket(uri, timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = b'{"jsonrpc":"2.0","method":"big","id":1}'
+    one = b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    try:
+        sock.sendall(one * count)
+    except TimeoutError:
+        pass
+    time.sleep(1.0)
+    sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsent_limit_is_ours_not_the_read_size(short_tmp):
+    """Reading stops once HERO_MAX_UNSENT bytes of answers wait unsent, not at the
+    transport's small buffer size (which is also its read size)."""
+    from twisted.internet import reactor
+
+    from hero_compute.rpc.http_server import READ_SIZE
+    from hero_compute.rpc.limits import Limits
+
+    rpc = Dispatcher()
+    rpc.register("big", lambda: "x" * 20_000)
+    limit = 8 * READ_SIZE
+    factory = make_factory(rpc, limits=Limits(max_unsent=limit))
+    listeners = Listeners(factory, [unix_endpoint_string(f"{short_tmp}/u.sock")])
+    listeners.startService()
+    try:
+        seen = []
+
+        def look():
+            for proto in factory._connections:
+                t = proto.transport
+                unsent = len(t.dataBuffer) + t._tempDataLen
+                seen.append((proto._reading_paused, unsent, t.bufferSize))
+
+        reactor.callLater(0.8, look)
+        await in_thread(_pipeline_without_reading, listeners.bound[0], 400)
+    finally:
+        await listeners.stopService()
+    ((paused, unsent, read_size),) = seen
+    assert paused, "never stopped reading"
+    assert read_size == READ_SIZE
+    # Past the read size by far, within the limit plus one answer and the kernel's
+    # share.
+    assert 4 * READ_SIZE < unsent <= limit + 25_000, unsent

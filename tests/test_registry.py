@@ -222,3 +222,18 @@ def test_heartbeat_history_is_bounded_and_dropped(clock):
     clock.advance(100)
     log.sweep()
     assert len(registry) == 0 and not registry.history
+
+
+def test_offline_agrees_with_each_records_status(clock):
+    """The fleet-wide offline list is exactly the records whose status is offline,
+    at the boundary too."""
+    registry = Registry(clock, 30)
+    for n in range(6):
+        beat(registry, node_id=f"n{n}")
+        clock.advance(10)
+    registry.leave("n5")
+    for step in (0, 0.5, 9.5, 0.5, 10, 0.25, 30):
+        clock.advance(step)
+        now = clock.seconds()
+        expected = {r.node_id for r in registry.records() if r.status(now, 30) == "offline"}
+        assert {r.node_id for r in registry.offline(now)} == expected

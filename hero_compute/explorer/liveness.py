@@ -61,22 +61,21 @@ class LivenessLog(service.Service):
             registry.flush_log(now)
             offline = set()
             forget = []
-            for record in registry.records():
-                if record.status(now, registry.offline_after) == "offline":
-                    offline.add(record.node_id)
-                    if (
-                        self._forget_after is not None
-                        and now - record.last_seen > self._forget_after
-                    ):
-                        forget.append(record)
-                    elif record.node_id not in self._offline and not record.left:
-                        registry.note(
-                            "node {node_id} ({name}) is offline: no heartbeat for "
-                            "{silence:.0f} s",
-                            node_id=record.node_id,
-                            name=record.name,
-                            silence=now - record.last_seen,
-                        )
+            for record in registry.offline(now):
+                offline.add(record.node_id)
+                if (
+                    self._forget_after is not None
+                    and now - record.last_seen > self._forget_after
+                ):
+                    forget.append(record)
+                elif record.node_id not in self._offline and not record.left:
+                    registry.note(
+                        "node {node_id} ({name}) is offline: no heartbeat for "
+                        "{silence:.0f} s",
+                        node_id=record.node_id,
+                        name=record.name,
+                        silence=now - record.last_seen,
+                    )
             for record in forget:
                 registry.remove(record.node_id)
                 offline.discard(record.node_id)

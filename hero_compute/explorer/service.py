@@ -11,13 +11,13 @@ import time
 from twisted.logger import Logger
 
 import hero_compute
-from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy, RpcError
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.metrics import Histogram
 
 from .metrics import HEARTBEAT_BUCKETS, CallStats
-from .proxy import forbidden_target, is_loopback
+from .proxy import is_loopback
+from .reachable import Refused, checked_address
 from .registry import Heartbeat
 from .store import DURABLE_FIELDS
 
@@ -45,14 +45,6 @@ RESOURCES = ("vcpus", "memory_mb", "disk_gb")
 #: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
 #: explorer, before it is declared offline.
 HEARTBEATS_PER_OFFLINE = 3
-
-
-class _Refused(RefusedByPolicy):
-    """-32010 for a heartbeat, with the reason it is counted under in the metrics."""
-
-    def __init__(self, reason, message):
-        RefusedByPolicy.__init__(self, message)
-        self.reason = reason
 
 
 class _StaleSession(InvalidParams):
@@ -193,7 +185,7 @@ class ExplorerMethods:
             # of peer: they would pass again (they depend on nothing else).
             uri = socket_path
         else:
-            uri = self._checked_address(socket_path, transport, remote)
+            uri = checked_address(socket_path, transport, remote)
         if session is not None:
             if session != self.session or old is None or old.left:
                 raise _StaleSession(node_id)
@@ -235,41 +227,6 @@ class ExplorerMethods:
             "session": self.session,
         }
 
-    @staticmethod
-    def _checked_address(socket_path, transport, remote):
-        """
-        :return: the canonical URI of a heartbeat's address
-        :raise InvalidParams: it is no address
-        :raise _Refused: the node may not be reached there from this explorer
-        """
-        try:
-            address = parse_address(socket_path)
-        except AddressError as e:
-            error = InvalidParams(f"socket_path: {e}")
-            error.reason = "socket_path"
-            raise error from None
-        if transport != "unix" and address.is_unix:
-            raise _Refused(
-                "unix_address",
-                f"a heartbeat over {transport.upper()} cannot claim the Unix "
-                f"address {address.uri}: set NODE_TCP_ADDR or NODE_TLS_ADDR (and "
-                "NODE_ADVERTISE_ADDR if needed) on the node",
-            )
-        if transport == "tls" and address.scheme != "tls":
-            raise _Refused(
-                "tls_address",
-                f"a node that heartbeats over TLS must be reached over TLS, not at "
-                f"{address.uri}: set NODE_TLS_ADDR on the node",
-            )
-        if remote:
-            reason = forbidden_target(address.host)
-            if reason is not None:
-                raise _Refused(
-                    "forbidden_target",
-                    f"a node on another host may not advertise {address.uri}: {reason}",
-                )
-        return address.uri
-
     def _admit(self, node_id, context):
         """Refuse a new node id beyond the registry's size or its source's rate."""
         limits = self._limits
@@ -306,7 +263,7 @@ class ExplorerMethods:
             peer=context.peer,
             message=message,
         )
-        raise _Refused(reason, message)
+        raise Refused(reason, message)
 
     def leave(self, context, node_id, secret=None):
         """Mark a node offline at once (its secret or certificate must speak for it)."""
@@ -400,9 +357,8 @@ class ExplorerMethods:
 
     def info(self):
         """About this explorer."""
-        counts = {"online": 0, "offline": 0}
-        for record in self._registry.records():
-            counts[self._registry.status(record)] += 1
+        offline = len(self._registry.offline(self._clock.seconds()))
+        counts = {"online": len(self._registry) - offline, "offline": offline}
         return {
             "version": hero_compute.__version__,
             "uptime_s": self._clock.seconds() - self._started,

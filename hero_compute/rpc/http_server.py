@@ -19,14 +19,13 @@ import collections
 import os
 import resource
 import time
-from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
 import attrs
 import httptools
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
@@ -36,7 +35,6 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.logger import Logger
-from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -57,6 +55,9 @@ MAX_HEADERS = 64 * 1024
 #: Pipelined requests parsed ahead of the one being answered before we stop reading.
 MAX_QUEUED = 16
 
+#: Bytes asked of the socket per read (Twisted's default): see ``connectionMade``.
+READ_SIZE = 64 * 1024
+
 #: Seconds a refused oversized body is still read (and discarded) after the 413, so that
 #: the client gets to read the 413 instead of a connection reset.
 LINGER = 2.0
@@ -65,6 +66,10 @@ LINGER = 2.0
 #: sooner (see :data:`hero_compute.rpc.http_client.POOL_IDLE`), so the server rarely
 #: closes one under a request in flight.
 IDLE_TIMEOUT = 75
+
+#: Idle connections are swept this many times per ``idle_timeout``: one is closed
+#: between ``idle_timeout`` and a quarter more of it after its last byte.
+IDLE_SWEEPS = 4
 
 #: The status line of every status we send, reason phrase from :class:`http.HTTPStatus`.
 #: Call sites name statuses by number: an ``HTTPStatus`` member costs a Python-level
@@ -134,7 +139,7 @@ _http_date = _HTTPDate()
 
 
 @implementer(IPushProducer)
-class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
+class RpcHTTPProtocol(protocol.Protocol):
     """
     HTTP/1.1 for one connection to a dispatcher.
 
@@ -166,12 +171,14 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
     _head_timer: IDelayedCall | None = None
     _in_head = False
     _write_paused = False
+    #: Bytes of answers counted as waiting since the transport said it holds more than
+    #: its buffer size, or None when it has not (or has drained since).
+    _unsent: int | None = None
     _reading_paused = False
     _host: str | None = None
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """TimeoutMixin's timer, on the factory's clock."""
-        return self.factory.clock.callLater(period, func)
+    #: Since when the connection is idle (no byte received, nothing in flight), for
+    #: the factory's idle sweep; None while a call runs or a refusal lingers.
+    _idle_since: float | None = None
 
     def connectionMade(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -179,23 +186,40 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         # deque costs 600 bytes per connection (a fleet holds tens of thousands).
         self._queue: list[_Request] = []
         self._paused = False
-        self.setTimeout(self.factory.idle_timeout)
-        # The transport tells us when answers pile up unsent (past its buffer size,
-        # which we set to our limit) and when they have drained.
+        self._idle_since = self.factory.clock.seconds()
+        self.factory.opened(self)
+        # The transport tells us when answers pile up unsent past its buffer size,
+        # and when they have drained.  That size is also how much Twisted asks of the
+        # socket per read, and a read of a megabyte costs about 30 us more than one of
+        # 64 kB however little arrives: it stays small, and we count the rest of our
+        # limit ourselves (pauseProducing).
+        self._buffer_size = min(self.factory.limits.max_unsent, READ_SIZE)
         transport = self.transport
         while transport is not None:
             if hasattr(transport, "bufferSize"):
-                transport.bufferSize = self.factory.limits.max_unsent
+                transport.bufferSize = self._buffer_size
             transport = getattr(transport, "transport", None)
         self.transport.registerProducer(self, True)
 
     # -- IPushProducer: the transport's verdict on our unsent output
 
     def pauseProducing(self) -> None:
-        self._write_paused = True
-        self._update_reading()
+        # More than the transport's buffer size waits unsent: from now until it has
+        # drained, every answer counts towards our limit (an upper bound: some of it
+        # may go out meanwhile).
+        if self._unsent is None:
+            self._unsent = self._buffer_size
+        self._count_unsent(0)
+
+    def _count_unsent(self, sent: int) -> None:
+        assert self._unsent is not None
+        self._unsent += sent
+        if self._unsent > self.factory.limits.max_unsent and not self._write_paused:
+            self._write_paused = True
+            self._update_reading()
 
     def resumeProducing(self) -> None:
+        self._unsent = None
         self._write_paused = False
         self._update_reading()
         if not self._lost:
@@ -299,7 +323,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if self._closing or self._refusal is not None:
             return  # refused: read and discard
         if self._inflight is None:
-            self.resetTimeout()
+            self._idle_since = self.factory.clock.seconds()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -353,8 +377,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         if self._paused and len(self._queue) <= MAX_QUEUED // 2:
             self._paused = False
             self._update_reading()
-        if self.timeOut is None:
-            self.setTimeout(self.factory.idle_timeout)
+        if self._idle_since is None:
+            self._idle_since = self.factory.clock.seconds()
 
     def _answer(self, request: _Request) -> None:
         path = request.url.split(b"?", 1)[0]
@@ -388,7 +412,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             self._respond(answer, request)
             return
         # A call in progress is bounded by its own timeouts, not the idle one.
-        self.setTimeout(None)
+        self._idle_since = None
         self._inflight = answer
         answer.addCallbacks(
             self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,)
@@ -439,11 +463,14 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         head.append(b"\r\n")
         if request.method != b"HEAD":
             head.append(body)
-        send_now(self.transport, b"".join(head))
+        data = b"".join(head)
+        send_now(self.transport, data)
+        if self._unsent is not None:
+            self._count_unsent(len(data))
         if not request.keep_alive:
             self._closing = True
             # The idle timer stays: a peer that never reads its answer is cut off.
-            self.resetTimeout()
+            self._idle_since = self.factory.clock.seconds()
             self.transport.loseConnection()
 
     def _refuse(self, status: int, body: bytes) -> None:
@@ -461,7 +488,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
             return
         self._closing = True
         self._queue.clear()
-        self.setTimeout(None)
+        self._idle_since = None
         self.transport.write(
             b"%sDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -486,6 +513,8 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         self._linger = self.factory.clock.callLater(linger, self.transport.abortConnection)
 
     def timeoutConnection(self) -> None:
+        """Idle for longer than the factory's ``idle_timeout``: cut off."""
+        self._idle_since = None
         # Abort, not close: a peer that stopped reading would keep a close waiting on
         # our unsent answer for ever.
         self.transport.abortConnection()
@@ -503,7 +532,7 @@ class RpcHTTPProtocol(protocol.Protocol, policies.TimeoutMixin):
         # the explorer's longest pauses).
         self._parser = None
         self._parsing = None
-        self.setTimeout(None)
+        self._idle_since = None
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._queue.clear()
@@ -559,6 +588,10 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
         self._fd_counted_at = float("-inf")
         self._last_log: dict[str, float] = {}
         self._unlogged: collections.Counter[str] = collections.Counter()
+        # Connections, for the idle sweep: one timer for all of them, rather than one
+        # per connection re-armed by every read (600 bytes each, and a call per read).
+        self._connections: set[RpcHTTPProtocol] = set()
+        self._sweeper: task.LoopingCall | None = None
 
     def buildProtocol(self, addr: IAddress) -> RpcHTTPProtocol | None:  # type: ignore[override]  # None refuses, as Twisted allows
         host = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
@@ -595,8 +628,35 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
             self._fd_counted_at = now
         return self._fd_in_use + self.open + reserve >= self._fd_limit
 
+    def opened(self, proto: RpcHTTPProtocol) -> None:
+        """A connection of ours is up: it is swept when idle."""
+        self._connections.add(proto)
+        if self._sweeper is None:
+            self._sweeper = task.LoopingCall(self._sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(self.idle_timeout / IDLE_SWEEPS, now=False)
+
+    def _sweep(self) -> None:
+        """Cut off the connections idle for longer than ``idle_timeout``."""
+        try:
+            since = self.clock.seconds() - self.idle_timeout
+            for proto in [
+                p
+                for p in self._connections
+                if p._idle_since is not None and p._idle_since <= since
+            ]:
+                proto.timeoutConnection()
+        except Exception:
+            # A LoopingCall whose function raises stops for good.
+            log.failure("idle sweep failed")
+
     def closed(self, proto: RpcHTTPProtocol) -> None:
         """A connection of ours is gone."""
+        self._connections.discard(proto)
+        if not self._connections and self._sweeper is not None:
+            # Nothing to sweep: no timer left behind either.
+            self._sweeper.stop()
+            self._sweeper = None
         self.open -= 1
         host = proto._host
         if host is not None:
