@@ -9,6 +9,8 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from hero_compute.rpc.addresses import parse_address
@@ -27,6 +29,8 @@ from hero_compute.rpc.errors import (
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+
+from .support import failure_result_of, success_result_of
 
 
 async def eventually(predicate, timeout=5.0, what="condition"):
@@ -209,6 +213,20 @@ async def test_concurrent_calls_then_reuse(rpc_server, client):
     for n in range(4):
         await client.call(uri, "echo", [n])
     assert len(rpc_server.connections) == opened
+
+
+@pytest_twisted.ensureDeferred
+async def test_as_many_idle_connections_as_calls_per_node_are_kept(rpc_server, client):
+    """Rounds of 16 concurrent calls (the explorer's default per-node limit) reuse the
+    connections of the first round: none is closed on release and reopened."""
+    uri = rpc_server.uri("unix")
+    for _ in range(3):
+        results = await defer.gatherResults(
+            [client.call(uri, "echo", [n]) for n in range(16)]
+        )
+        assert results == list(range(16))
+    assert len(rpc_server.connections) == 16
+    assert len(rpc_server.open) == 16
 
 
 @pytest_twisted.ensureDeferred
@@ -397,6 +415,16 @@ async def test_not_http_is_bad_response(raw_server, client):
         (500, b"<html>oops</html>", "HTTP 500"),
         (404, b"not here", "HTTP 404"),
         (200, b" " * (16 * 1024 * 1024 + 1), "larger than"),
+        (200, b'{"jsonrpc": "2.0", "result": NaN, "id": 1}', "not JSON"),
+        (200, b'{"jsonrpc": "2.0", "result": [-Infinity], "id": 1}', "not JSON"),
+        (200, b'{"jsonrpc": "2.0", "result": {"x": 1e400}, "id": 1}', "not JSON"),
+        (
+            200,
+            b'{"jsonrpc": "2.0", "result": 2' + b"0" * 30 + b'e400, "id": 1}',
+            "not JSON",
+        ),
+        (200, b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (200, b'\xff{"jsonrpc": "2.0", "result": 1, "id": 1}', "not JSON"),
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -463,3 +491,190 @@ def test_dns_failure_is_refused():
     address = parse_address("tcp://nowhere.invalid:9003")
     with pytest.raises(ConnectionRefused):
         _transport_failure(Failure(DNSLookupError("nowhere.invalid")), address, 5.0)
+
+
+@pytest.mark.parametrize(
+    "body, result",
+    [
+        (
+            b'{"jsonrpc":"2.0","result":{"a":[1,2.5,"\\u00e9",null,true]},"id":1}',
+            {"a": [1, 2.5, "é", None, True]},
+        ),
+        # Past 64 bits: exact, as JSON says, never rounded to a float.
+        (
+            b'{"jsonrpc":"2.0","result":123456789012345678901234567890,"id":1}',
+            123456789012345678901234567890,
+        ),
+        (
+            b'{"jsonrpc":"2.0","result":"18446744073709551616","id":1}',
+            "18446744073709551616",
+        ),
+        # What json always read from bytes: a byte order mark, UTF-16.
+        (b'\xef\xbb\xbf{"jsonrpc":"2.0","result":7,"id":1}', 7),
+        ('{"jsonrpc":"2.0","result":8,"id":1}'.encode("utf-16"), 8),
+        # A lone surrogate escape is legal JSON text.
+        (b'{"jsonrpc":"2.0","result":"\\ud800","id":1}', "\ud800"),
+        (b'{"jsonrpc":"2.0","result":1e308,"id":1}', 1e308),
+        (
+            b'{"jsonrpc":"2.0","error":{"code":-32004,"message":"m"},"result":1,"id":1}',
+            VmNotFound,
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_results_parse_as_json_says(raw_server, client, body, result):
+    """Replies are read as they always were, whichever parser takes them: big integers
+    stay exact, lone surrogate escapes pass, a byte order mark or UTF-16 is understood,
+    and an error member wins over a result."""
+    uri = raw_server(server.Site(_Fixed(200, body)))
+    if isinstance(result, type):
+        with pytest.raises(result):
+            await client.call(uri, "echo")
+    else:
+        got = await client.call(uri, "echo")
+        assert got == result and type(got) is type(result)
+
+
+class _Recorder(protocol.Protocol):
+    """Records the request bodies it is sent and answers each with a fixed result."""
+
+    bodies: list
+
+    def dataReceived(self, data):
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.factory.bodies.append(body)
+        answer = b'{"jsonrpc":"2.0","result":1,"id":1}'
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_bodies(raw_server, client):
+    """Requests and notifications are the JSON-RPC objects they always were, ASCII on
+    the wire."""
+    import json
+
+    factory = protocol.Factory.forProtocol(_Recorder)
+    factory.bodies = []
+    uri = raw_server(factory)
+    await client.call(uri, "m.one")
+    await client.call(uri, "m.two", {"x": ["é", 1.5, None]})
+    await client.notify(uri, "m.three", [1])
+    first, second, third = (json.loads(body) for body in factory.bodies)
+    assert first == {"jsonrpc": "2.0", "method": "m.one", "id": first["id"]}
+    assert isinstance(first["id"], int) and second["id"] != first["id"]
+    assert second["params"] == {"x": ["é", 1.5, None]}
+    assert third == {"jsonrpc": "2.0", "method": "m.three", "params": [1]}
+    assert all(body.isascii() for body in factory.bodies)
+
+
+# Deadlines and sending, in memory -------------------------------------------------------
+
+
+def _memory_connection(max_per_peer=4):
+    """A pool on a Clock and one of its connections over a StringTransport."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from hero_compute.rpc.http_client import _HTTPConnection, _Pool
+
+    clock = Clock()
+    pool = _Pool(clock, 5.0, max_per_peer)
+    address = parse_address("tcp://192.0.2.1:9002")
+    conn = _HTTPConnection(pool, address, (address, None))
+    conn.makeConnection(StringTransport())
+    pool._track(conn)
+    return clock, pool, conn
+
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_call_times_out_at_its_deadline():
+    """A request not answered within its timeout fails with TimeoutError at that
+    moment, not before, and the connection is aborted."""
+    from hero_compute.rpc.http_client import POOL_IDLE
+
+    clock, pool, conn = _memory_connection()
+    done = conn.request(b"{}", 3.0)
+    clock.advance(2.9)
+    assert not done.called
+    clock.advance(0.1)
+    failure = failure_result_of(done)
+    failure.trap(defer.TimeoutError)
+    assert conn.transport.disconnecting
+    # A timeout longer than the idle time, on a fresh connection.
+    clock, pool, conn = _memory_connection()
+    done = conn.request(b"{}", POOL_IDLE + 40)
+    clock.advance(POOL_IDLE + 39)
+    assert not done.called
+    clock.advance(1)
+    failure_result_of(done).trap(defer.TimeoutError)
+
+
+def test_deadlines_move_later_without_new_timers():
+    """Calls and releases on a busy connection move its deadline later without
+    scheduling a timer each; the idle deadline still closes it, the call deadline
+    still times a call out."""
+    from hero_compute.rpc.http_client import POOL_IDLE
+
+    clock, pool, conn = _memory_connection()
+    timers = []
+    schedule = clock.callLater
+    clock.callLater = lambda *a, **kw: timers.append(a) or schedule(*a, **kw)
+    for n in range(100):
+        assert n == 0 or pool.take(conn.key) is conn
+        done = conn.request(b"{}", 90.0)
+        clock.advance(1)
+        conn.dataReceived(_OK)  # keep-alive: back in the pool
+        assert success_result_of(done) == (200, b"{}")
+    # One timer for the first request, one for its release (sooner), then one each
+    # time a timer came due and found the deadline moved (every POOL_IDLE seconds).
+    assert len(timers) <= 4, timers
+    assert len(clock.getDelayedCalls()) == 1
+    # Idle: closed POOL_IDLE after its last release, not before.
+    clock.advance(POOL_IDLE - 1)
+    assert not conn.transport.disconnecting
+    assert pool.take(conn.key) is conn
+    done = conn.request(b"{}", 90.0)
+    clock.advance(89.5)
+    assert not done.called
+    clock.advance(0.5)
+    failure_result_of(done).trap(defer.TimeoutError)
+    assert conn.transport.disconnecting
+
+
+def test_idle_connection_closes_after_pool_idle():
+    """A released connection closes POOL_IDLE seconds later, unless taken again."""
+    from hero_compute.rpc.http_client import POOL_IDLE
+
+    clock, pool, conn = _memory_connection()
+    done = conn.request(b"{}", 1.0)
+    conn.dataReceived(_OK)
+    success_result_of(done)
+    assert pool.take(conn.key) is conn
+    pool.release(conn)
+    clock.advance(POOL_IDLE - 0.5)
+    assert not conn.transport.disconnecting
+    clock.advance(0.5)
+    assert conn.transport.disconnecting
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert pool.take(conn.key) is None and not clock.getDelayedCalls()
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_requests_are_sent_at_once(rpc_server, client):
+    """A request is written to the socket during the call, not left in the transport's
+    buffer for the reactor's next turn (plain TCP and Unix)."""
+    from hero_compute.rpc.sendnow import send_now
+
+    for kind in ("unix", "tcp"):
+        uri = rpc_server.uri(kind)
+        assert await client.call(uri, "echo", [1]) == 1
+        conn = client._pool.take((parse_address(uri), None))
+        transport = conn.transport
+        send_now(transport, b"")  # nothing: nothing buffered, nothing sent
+        done = conn.request(b'{"jsonrpc":"2.0","method":"echo","params":[2],"id":9}', 5)
+        assert (transport.dataBuffer, transport._tempDataLen) == (b"", 0)
+        assert (await done)[0] == 200

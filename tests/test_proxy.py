@@ -13,7 +13,13 @@ from twisted.internet.task import Clock
 from hero_compute.explorer.proxy import Proxy, forbidden_target
 from hero_compute.explorer.registry import Heartbeat, Registry
 from hero_compute.explorer.resolver import CachingResolver, ResolveError
-from hero_compute.rpc.errors import NodeUnreachable, RefusedByPolicy
+from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.errors import (
+    ConnectionRefused,
+    NodeUnreachable,
+    RefusedByPolicy,
+    VmNotFound,
+)
 
 from .support import failure_result_of, success_result_of
 
@@ -76,6 +82,41 @@ def test_calls_in_flight_are_bounded_per_node_and_in_all():
     assert success_result_of(held[0]) == "ok"
     proxy.call("a", "vm.list")
     assert len(client.calls) == 4 and proxy.total == 3
+
+
+def test_outcomes_pass_through_and_free_their_room():
+    """A node's result and its JSON-RPC error come back unchanged, a transport failure
+    is -32003 naming the node and why, and every outcome frees its place."""
+    clock = Clock()
+    registry = registry_with(clock, ("a", "unix:///run/a.sock", False))
+    client = HeldClient()
+    proxy = Proxy(client, registry, 5, never, calls_per_node=3)
+    calls = [proxy.call("a", "vm.get", {"vm_id": "x"}) for _ in range(3)]
+    assert proxy.in_flight["a"] == 3 and proxy.total == 3
+    client.calls[0][2].callback({"vm_id": "x"})
+    client.calls[1][2].errback(VmNotFound("no VM x"))
+    client.calls[2][2].errback(
+        ConnectionRefused(parse_address("unix:///run/a.sock"), "cannot connect: no")
+    )
+    assert success_result_of(calls[0]) == {"vm_id": "x"}
+    assert failure_result_of(calls[1], VmNotFound).value.message == "no VM x"
+    unreachable = failure_result_of(calls[2], NodeUnreachable).value
+    assert "node a at unix:///run/a.sock is unreachable: cannot connect: no" in str(
+        unreachable
+    )
+    assert proxy.total == 0 and not proxy.in_flight
+
+
+def test_remote_node_on_a_forbidden_literal_takes_no_room():
+    """A node on another host advertising a loopback literal is -32010 at once:
+    nothing is connected and nothing is counted in flight."""
+    clock = Clock()
+    registry = registry_with(clock, ("a", "tcp://127.0.0.1:6379", True))
+    client = HeldClient()
+    proxy = Proxy(client, registry, 5, never)
+    failure = failure_result_of(proxy.call("a", "vm.list"), RefusedByPolicy)
+    assert "loopback" in str(failure.value)
+    assert client.calls == [] and proxy.total == 0 and not proxy.in_flight
 
 
 @pytest.mark.parametrize(

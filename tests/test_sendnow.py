@@ -107,8 +107,8 @@ async def test_more_than_the_socket_takes_is_buffered_in_order(endpoints_pair):
 
 
 def test_other_transports_get_write():
-    """A transport that is not Twisted's TCP or Unix server (TLS, a test's) is written
-    to as always."""
+    """A transport that is not Twisted's TCP or Unix one (TLS, a test's) is written to
+    as always."""
     from twisted.internet.testing import StringTransport
 
     transport = StringTransport()

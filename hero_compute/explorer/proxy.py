@@ -13,10 +13,12 @@ the node being called.
 """
 
 import collections
+import functools
 import ipaddress
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hero_compute.rpc.addresses import parse_address
 from hero_compute.rpc.errors import (
@@ -36,11 +38,24 @@ log = Logger()
 PROXIED_PREFIXES = ("node.", "vm.")
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_ip(host):
+    """:return: whether ``host`` is an IP address rather than a name"""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
 def forbidden_target(host):
     """
     Why a node registered from another host may not be reached at ``host``, or None.
 
     :param host: an IP address as text (names are resolved first)
+
+    Cached: every call to a node on another host asks again about the same address.
     """
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
@@ -130,48 +145,60 @@ class Proxy:
             )
         address = parse_address(record.socket_path)
         expect = Expected("node", node_id) if address.scheme == "tls" else None
+        target = self._literal_target(address, record.remote)
+        if isinstance(target, RefusedByPolicy):
+            return defer.fail(target)
         self.in_flight[node_id] += 1
         self.total += 1
-        d = self._target(address, record.remote)
-        d.addCallback(
-            lambda target: self._client.call(
+        if target is not None:
+            # A Unix socket or an IP address: nothing to wait for before the call.
+            d = self._client.call(
                 target, method, params, timeout=self.call_timeout, expect=expect
             )
-        )
-
-        def unreachable(failure):
-            failure.trap(TransportError)
-            raise NodeUnreachable(
-                f"node {node_id} at {record.socket_path} is unreachable: "
-                f"{failure.value.reason}"
+        else:
+            d = self._resolved(address, record.remote)
+            d.addCallback(
+                lambda target: self._client.call(
+                    target, method, params, timeout=self.call_timeout, expect=expect
+                )
             )
+        return d.addBoth(self._finished, node_id, record.socket_path)
 
-        def done(result):
-            self.total -= 1
-            self.in_flight[node_id] -= 1
-            if not self.in_flight[node_id]:
-                del self.in_flight[node_id]
-            return result
+    def _finished(self, result, node_id, socket_path):
+        """A call is over: room for another, and a transport failure is -32003."""
+        self.total -= 1
+        left = self.in_flight[node_id] - 1
+        if left:
+            self.in_flight[node_id] = left
+        else:
+            del self.in_flight[node_id]
+        if isinstance(result, Failure) and result.check(TransportError):
+            raise NodeUnreachable(
+                f"node {node_id} at {socket_path} is unreachable: {result.value.reason}"
+            )
+        return result
 
-        return d.addErrback(unreachable).addBoth(done)
-
-    def _target(self, address, remote):
+    def _literal_target(self, address, remote):
         """
-        The address to connect to: names resolved (through the bounded resolver) and,
-        for a node on another host, checked; -32010 if forbidden.
+        The address to connect to when it needs no resolving: a Unix socket, or an IP
+        address (checked, for a node on another host); None for a name.
+
+        :return: the :class:`~hero_compute.rpc.addresses.Address`, None, or the
+            :class:`~hero_compute.rpc.errors.RefusedByPolicy` to fail with
         """
         if address.is_unix:
-            return defer.succeed(address)
+            return address
         if remote:
             reason = forbidden_target(address.host)
             if reason is not None:
-                return defer.fail(RefusedByPolicy(f"{address.uri}: {reason}"))
-        try:
-            ipaddress.ip_address(address.host)
-        except ValueError:
-            pass
-        else:
-            return defer.succeed(address)
+                return RefusedByPolicy(f"{address.uri}: {reason}")
+        return address if _is_ip(address.host) else None
+
+    def _resolved(self, address, remote):
+        """
+        The address to connect to for a name: resolved (through the bounded resolver)
+        and, for a node on another host, checked; -32010 if forbidden.
+        """
 
         def check(hosts):
             if not hosts:

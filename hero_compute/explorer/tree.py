@@ -137,6 +137,8 @@ def make_explorer(
         timeout=call_timeout,
         connect_timeout=connect_timeout,
         max_response=limits.max_reply,
+        # As many kept warm as may run at once: fewer, and calls beyond them reconnect.
+        max_per_peer=limits.calls_per_node,
     )
     rpc = Dispatcher(
         load_schema("explorer"),

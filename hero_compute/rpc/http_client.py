@@ -18,7 +18,6 @@ its type annotations; split, each part would reach into another's internals.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 from typing import TYPE_CHECKING, Any, cast
@@ -30,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.python.failure import Failure
 
 from .addresses import Address, AddressError, parse_address
+from .dispatch import loads
 from .errors import (
     BadResponse,
     CallTimedOut,
@@ -37,6 +37,7 @@ from .errors import (
     ConnectionRefused,
     RpcError,
 )
+from .sendnow import send_now
 
 #: Responses larger than this are refused, so a misbehaving peer cannot make us buffer
 #: without bound (a proxied result passes through the explorer's memory).
@@ -46,10 +47,19 @@ MAX_RESPONSE = 16 * 1024 * 1024
 #: it is the client that closes, never the server under a request being sent.
 POOL_IDLE = 50
 
+#: Idle connections kept per peer: as many as the explorer lets run at once to one node
+#: (``EXPLORER_CALLS_PER_NODE``).  With fewer, every call beyond them closed its
+#: connection when done and the next one opened a new one: under 8 concurrent
+#: ``explorer.call`` a pool of 4 spent more time connecting than calling.
+MAX_IDLE_PER_PEER = 16
+
 if TYPE_CHECKING:
     from .tls import ClientTLS, Expected
 
 _ids = itertools.count(1)
+
+#: Seconds by which a connection's deadline may come early.
+_SLACK = 1e-4
 
 #: A peer address and the TLS peer expected there: what pooled connections are kept by.
 _Key = tuple[Address, "Expected | None"]
@@ -69,26 +79,38 @@ class _HTTPConnection(protocol.Protocol):
     """
     One HTTP/1.1 connection to a peer, carrying one request at a time.
 
+    It has one timer, for whichever deadline it is under: its call's timeout while a
+    request is in flight (the call then fails and the connection is aborted), the
+    pool's idle time while it waits in the pool (it is then closed).  Moving a deadline
+    later, what every call and every release does, touches no timer: the timer fires
+    at the earlier deadline, finds the later one and waits again.
+
     :ivar done: while a request is in flight, the Deferred of its (status, body)
     """
 
     done: defer.Deferred[_Response] | None = None
     lost = False
+    _timer: IDelayedCall | None = None
     # Connected over TCP, Unix or TLS: all of them can be aborted.
     transport: ITCPTransport
 
     def __init__(self, pool: _Pool, address: Address, key: _Key) -> None:
         self._pool = pool
+        self._clock = pool.reactor
         self.address = address
         #: The pool's key: the address, and the TLS peer expected there.
         self.key = key
+        #: The pool's generation when this connection was made.
+        self.generation = pool.generation
+        self._deadline = 0.0
 
     def connectionMade(self) -> None:
         self._parser: Any = httptools.HttpResponseParser(self)
 
-    def request(self, body: bytes) -> defer.Deferred[_Response]:
+    def request(self, body: bytes, timeout: float) -> defer.Deferred[_Response]:
         """
-        Send one POST; fires with ``(status, body)``.
+        Send one POST; fires with ``(status, body)``, or fails with
+        :class:`twisted.internet.defer.TimeoutError` after ``timeout`` seconds.
         """
         done = self.done = defer.Deferred(self._cancel)
         self._chunks: list[bytes] = []
@@ -96,15 +118,41 @@ class _HTTPConnection(protocol.Protocol):
         self._complete = False
         self._headed = False
         self._delimited = False
-        self.transport.write(
+        self.expire_in(timeout)
+        send_now(
+            self.transport,
             b"POST /rpc HTTP/1.1\r\nHost: hero-compute\r\nUser-Agent: hero_compute\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body)
+            % (len(body), body),
         )
         return done
 
+    def expire_in(self, seconds: float) -> None:
+        """
+        Set the deadline: ``seconds`` from now the call in flight times out, or, with
+        none, the connection closes.
+        """
+        self._deadline = deadline = self._clock.seconds() + seconds
+        timer = self._timer
+        if timer is not None:
+            if timer.getTime() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self._clock.callLater(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        left = self._deadline - self._clock.seconds()
+        # Not "> 0": a deadline a rounding error away would come back at once for ever.
+        if left > _SLACK:
+            self._timer = self._clock.callLater(left, self._expire)
+        elif self.done is not None:
+            self._fail(defer.TimeoutError())
+        else:
+            self.transport.loseConnection()
+
     def _cancel(self, d: defer.Deferred[_Response]) -> None:
-        # The caller gave up (a timeout): this connection is in an unknown state.
+        # The caller gave up: this connection is in an unknown state.
         if self.done is d:
             self.done = None
         self.transport.abortConnection()
@@ -153,14 +201,14 @@ class _HTTPConnection(protocol.Protocol):
             return
         if self._complete:
             d, self.done = self.done, None
-            status = self._status
-            body = b"".join(self._chunks)
+            chunks = self._chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._chunks = []
             if self._keep_alive:
                 self._pool.release(self)
             else:
                 self.transport.loseConnection()
-            d.callback((status, body))
+            d.callback((self._status, body))
 
     def _fail(self, reason: Exception) -> None:
         d, self.done = self.done, None
@@ -171,6 +219,9 @@ class _HTTPConnection(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
         self._parser = None  # it holds our callbacks: no cycle, freed at once
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._pool.forget(self)
         if self.done is not None:
             d, self.done = self.done, None
@@ -184,8 +235,8 @@ class _HTTPConnection(protocol.Protocol):
 class _Pool:
     """
     Idle persistent connections by peer address, at most ``max_per_peer`` each, closed
-    after :data:`POOL_IDLE` seconds unused.  The pool owns the timers of its idle
-    connections: a connection knows nothing of being pooled.
+    after :data:`POOL_IDLE` seconds unused (a released connection is given that
+    deadline).
     """
 
     def __init__(
@@ -195,22 +246,29 @@ class _Pool:
         max_per_peer: int,
         tls: ClientTLS | None = None,
     ) -> None:
-        self._reactor = reactor
+        self.reactor = reactor
         self._tls = tls
         self._connect_timeout = connect_timeout
         self._max = max_per_peer
-        self._idle: collections.defaultdict[_Key, list[_HTTPConnection]] = (
-            collections.defaultdict(list)
-        )
-        # idle connection -> the DelayedCall that closes it
-        self._timers: dict[_HTTPConnection, IDelayedCall] = {}
+        self._idle: dict[_Key, list[_HTTPConnection]] = {}
         self._all: set[_HTTPConnection] = set()
         self._closing: list[defer.Deferred[None]] = []
         self._closed = False
         self.max_response = MAX_RESPONSE
-        # Connections made before the last retire() are not reused (old TLS material).
-        self._generation = 0
-        self._born: dict[_HTTPConnection, int] = {}
+        #: Connections made before the last retire() are not reused (old TLS material).
+        self.generation = 0
+
+    def take(self, key: _Key) -> _HTTPConnection | None:
+        """
+        :param key: a peer address and the TLS peer expected there
+        :return: an idle connection to it, now the caller's, or None
+        """
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.lost and not getattr(conn.transport, "disconnecting", False):
+                return conn
+        return None
 
     def get(
         self, address: Address, expect: Expected | None = None
@@ -221,20 +279,23 @@ class _Pool:
             connection verified for one peer is never reused for another
         :return: a Deferred of a connected :class:`_HTTPConnection` to ``address``
         """
+        conn = self.take((address, expect))
+        if conn is not None:
+            return defer.succeed(conn)
+        return self.connect(address, expect)
+
+    def connect(
+        self, address: Address, expect: Expected | None = None
+    ) -> defer.Deferred[_HTTPConnection]:
+        """
+        :return: a Deferred of a new :class:`_HTTPConnection` to ``address``
+        """
         key = (address, expect)
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            self._stop_timer(conn)
-            if not conn.lost and not getattr(conn.transport, "disconnecting", False):
-                return defer.succeed(conn)
         creator = None
         if address.scheme == "tls" and self._tls is not None:
             creator = self._tls if expect is None else self._tls.expecting(expect)
         try:
-            endpoint = address.client_endpoint(
-                self._reactor, self._connect_timeout, creator
-            )
+            endpoint = address.client_endpoint(self.reactor, self._connect_timeout, creator)
         except ValueError as e:
             return defer.fail(ConnectionRefused(address, str(e)))
         factory = protocol.Factory()
@@ -247,7 +308,6 @@ class _Pool:
 
     def _track(self, conn: _HTTPConnection) -> _HTTPConnection:
         self._all.add(conn)
-        self._born[conn] = self._generation
         return conn
 
     def retire(self) -> None:
@@ -255,41 +315,35 @@ class _Pool:
         Make new connections from now on: idle ones close now, busy ones once their
         call is done.  After a certificate renewal, so that the peer sees the new one.
         """
-        self._generation += 1
-        idle, self._idle = self._idle, collections.defaultdict(list)
+        self.generation += 1
+        idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                self._stop_timer(conn)
                 conn.transport.loseConnection()
 
     def release(self, conn: _HTTPConnection) -> None:
         """Put a connection whose response is complete back for reuse."""
-        idle = self._idle[conn.key]
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
         if (
             self._closed
             or len(idle) >= self._max
-            or self._born.get(conn) != self._generation
+            or conn.generation != self.generation
+            or conn.lost
         ):
             conn.transport.loseConnection()
             return
         idle.append(conn)
-        self._timers[conn] = self._reactor.callLater(
-            POOL_IDLE, conn.transport.loseConnection
-        )
-
-    def _stop_timer(self, conn: _HTTPConnection) -> None:
-        timer = self._timers.pop(conn, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        conn.expire_in(POOL_IDLE)
 
     def forget(self, conn: _HTTPConnection) -> None:
         """Drop a connection that is gone."""
         self._all.discard(conn)
-        self._born.pop(conn, None)
-        self._stop_timer(conn)
         idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
+        if idle is not None:
+            if conn in idle:
+                idle.remove(conn)
             if not idle:
                 del self._idle[conn.key]
         if not self._all and self._closing:
@@ -331,7 +385,7 @@ class RpcClient:
         reactor: Any,
         timeout: float = 10.0,
         connect_timeout: float = 5.0,
-        max_per_peer: int = 4,
+        max_per_peer: int = MAX_IDLE_PER_PEER,
         tls: ClientTLS | None = None,
         max_response: int = MAX_RESPONSE,
     ) -> None:
@@ -382,11 +436,15 @@ class RpcClient:
             address = parse_address(address)
         except AddressError as e:
             return defer.fail(e)
-        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
-        if params is not None:
-            message["params"] = params
-        d = self._post(address, message, timeout, expect)
-        d.addCallback(_result_of, address)
+        if timeout is None:
+            timeout = self.timeout
+        d = self._post(address, _message(method, params, next(_ids)), timeout, expect)
+        d.addCallbacks(
+            _result_of,
+            _transport_failure,
+            callbackArgs=(address,),
+            errbackArgs=(address, timeout),
+        )
         return d
 
     def notify(
@@ -402,10 +460,19 @@ class RpcClient:
 
         :return: a Deferred firing with None once the peer has acknowledged it
         """
-        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            message["params"] = params
-        return self._post(address, message, timeout, expect).addCallback(lambda _: None)
+        try:
+            address = parse_address(address)
+        except AddressError as e:
+            return defer.fail(e)
+        if timeout is None:
+            timeout = self.timeout
+        d = self._post(address, _message(method, params, None), timeout, expect)
+        return d.addCallbacks(
+            _acknowledged,
+            _transport_failure,
+            callbackArgs=(address,),
+            errbackArgs=(address, timeout),
+        )
 
     def local_host(
         self, address: Address | str, timeout: float | None = None
@@ -439,25 +506,30 @@ class RpcClient:
 
     def _post(
         self,
-        address: Address | str,
-        message: dict[str, Any],
-        timeout: float | None,
+        address: Address,
+        body: bytes,
+        timeout: float,
         expect: Expected | None = None,
-    ) -> defer.Deferred[Any]:
-        try:
-            address = parse_address(address)
-        except AddressError as e:
-            return defer.fail(e)
-        timeout = self.timeout if timeout is None else timeout
-        body = json.dumps(message, separators=(",", ":")).encode("utf-8")
-        d = (
-            self._pool.get(address, expect)
-            .addCallback(lambda conn: conn.request(body))
-            .addCallback(_read, address)
-        )
+    ) -> defer.Deferred[_Response]:
+        """
+        POST ``body`` over a pooled connection, or a new one.
+
+        :return: a Deferred of the ``(status, body)`` of the response, failing as the
+            transport did (:func:`_transport_failure` says what that means)
+        """
+        conn = self._pool.take((address, expect))
+        if conn is not None:
+            return conn.request(body, timeout)
+        # Connecting counts against the call's time, and what is left is the request's.
+        deadline = self._reactor.seconds() + timeout
+        d = self._pool.connect(address, expect)
         d.addTimeout(timeout, self._reactor)
-        d.addErrback(_transport_failure, address, timeout)
-        return d
+        return d.addCallback(self._request_on, body, deadline)
+
+    def _request_on(
+        self, conn: _HTTPConnection, body: bytes, deadline: float
+    ) -> defer.Deferred[_Response]:
+        return conn.request(body, max(deadline - self._reactor.seconds(), 0.0))
 
     def close(self) -> defer.Deferred[None]:
         """
@@ -468,7 +540,22 @@ class RpcClient:
         return self._pool.close()
 
 
+#: Request bodies: ASCII (non-ASCII escaped), and NaN written as ``json`` always has.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _message(method: str, params: Any, rid: int | None) -> bytes:
+    """The body of a request (``rid`` an int) or a notification (``rid`` None)."""
+    head = b'{"jsonrpc":"2.0","method":%s' % _encode(method).encode("ascii")
+    if params is not None:
+        head += b',"params":%s' % _encode(params).encode("ascii")
+    if rid is None:
+        return head + b"}"
+    return head + b',"id":%d}' % rid
+
+
 def _read(response: _Response, address: Address) -> Any:
+    """:return: the parsed body of a response, None for 204; or BadResponse"""
     status, body = response
     if status == 204:
         return None
@@ -476,19 +563,22 @@ def _read(response: _Response, address: Address) -> Any:
         # Never a byte of what answered: it may be another service the address was
         # aimed at (CONTRACT §6).  Its status and size are enough to tell what happened.
         raise BadResponse(address, f"HTTP {status} with a {len(body)}-byte body")
-    return _parse(body, address)
-
-
-def _parse(body: bytes, address: Address) -> Any:
     try:
-        return json.loads(body)
-    except ValueError:
+        # Strict: NaN, Infinity or 1e400 make it no JSON-RPC reply (CONTRACT §7).
+        return loads(body)
+    except (ValueError, RecursionError):
         raise BadResponse(
             address, f"the response is not JSON ({len(body)} bytes)"
         ) from None
 
 
-def _result_of(message: Any, address: Address) -> Any:
+def _acknowledged(response: _Response, address: Address) -> None:
+    _read(response, address)
+
+
+def _result_of(response: _Response, address: Address) -> Any:
+    """:return: the result of a JSON-RPC response; or RpcError, or BadResponse"""
+    message = _read(response, address)
     if not isinstance(message, dict):
         raise BadResponse(address, "the response is not a JSON-RPC response object")
     if "error" in message:

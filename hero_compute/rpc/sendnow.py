@@ -1,5 +1,5 @@
 """
-Send an answer at once, instead of at the reactor's next turn.
+Send an answer (or a request) at once, instead of at the reactor's next turn.
 
 Twisted's ``transport.write`` only buffers: it registers the socket for writability,
 sends when the reactor next polls, then unregisters it.  For a small answer to a peer
@@ -10,8 +10,9 @@ rest (if any) to the transport, which then works exactly as before: buffering, t
 producer's pause past ``bufferSize``, and reporting a broken connection.
 
 It applies only when the transport's own buffer is empty (so bytes never overtake
-bytes) and only to Twisted's plain TCP and Unix server transports; anything else (TLS,
-a test's transport) gets ``transport.write``.
+bytes) and only to Twisted's plain TCP and Unix transports, server or client side (the
+client sends every proxied call's request with it); anything else (TLS, a test's
+transport) gets ``transport.write``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from twisted.internet import tcp, unix
 
 #: The transports whose socket we may write to directly: Twisted's own, whose buffer
 #: attributes (``dataBuffer``, ``_tempDataLen``) we read to keep the order of bytes.
-_DIRECT = (tcp.Server, unix.Server)
+_DIRECT = (tcp.Server, unix.Server, tcp.Client, unix.Client)
 
 
 def send_now(transport: Any, data: bytes) -> None:
