@@ -8,7 +8,12 @@ import ipaddress
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
@@ -225,12 +230,24 @@ def test_unix_client_endpoint():
 
 
 @pytest.mark.parametrize(
-    "text", ["tcp://10.0.0.5:9002", "tcp://[::1]:9002", "tcp://explorer.example.com:9002"]
+    "text, kind",
+    [
+        ("tcp://10.0.0.5:9002", TCP4ClientEndpoint),
+        ("tcp://[::1]:9002", TCP6ClientEndpoint),
+        ("tcp://explorer.example.com:9002", HostnameEndpoint),
+    ],
 )
-def test_tcp_client_endpoint(text):
-    """A tcp address connects with a HostnameEndpoint (IPv4, IPv6 or a name)."""
-    endpoint = parse_address(text).client_endpoint(MemoryReactorClock(), timeout=3)
-    assert isinstance(endpoint, HostnameEndpoint)
+def test_tcp_client_endpoint(text, kind):
+    """A tcp address connects straight to an IP address, and through the resolver
+    (HostnameEndpoint) to a name; with the timeout given."""
+    reactor = MemoryReactorClock()
+    endpoint = parse_address(text).client_endpoint(reactor, timeout=3)
+    assert type(endpoint) is kind
+    if kind is not HostnameEndpoint:
+        endpoint.connect(Factory())
+        host, port, _, timeout, _ = reactor.tcpClients[0]
+        assert (port, timeout) == (9002, 3)
+        assert host == parse_address(text).host
 
 
 def test_tls_client_endpoint():

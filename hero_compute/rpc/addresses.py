@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
     UNIXClientEndpoint,
     quoteStringArgument,
     wrapClientTLS,
@@ -106,9 +108,18 @@ class Address:
         if self.scheme == "unix":
             return UNIXClientEndpoint(reactor, self.path, **kwargs)
         assert self.host is not None and self.port is not None
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor, self.host.encode("ascii"), self.port, **kwargs
-        )
+        endpoint: IStreamClientEndpoint
+        try:
+            version = ipaddress.ip_address(self.host).version
+        except ValueError:
+            # A name: resolved (in a thread), every address tried, happy eyeballs.
+            endpoint = HostnameEndpoint(
+                reactor, self.host.encode("ascii"), self.port, **kwargs
+            )
+        else:
+            # An address already: straight to connect(), no resolver round trip.
+            literal = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
+            endpoint = literal(reactor, self.host, self.port, **kwargs)
         if self.scheme == "tls":
             if tls is None:
                 raise ValueError(
