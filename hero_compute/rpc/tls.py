@@ -52,6 +52,8 @@ from zope.interface import implementer
 
 from hero_compute import pki
 
+from .sendnow import SendNowTLS
+
 log = Logger()
 
 #: Who a peer's certificate says it is (the same record the PKI issues).
@@ -417,4 +419,7 @@ def tls_server_factory(creator: ServerTLS, factory: Factory) -> TLSMemoryBIOFact
     :param creator: a :class:`ServerTLS`
     :param factory: the application's protocol factory (the HTTP site)
     """
-    return TLSMemoryBIOFactory(creator, False, factory)
+    tls = TLSMemoryBIOFactory(creator, False, factory)
+    # Answers go out at once, not at the reactor's next turn (see .sendnow).
+    tls.protocol = SendNowTLS
+    return tls
