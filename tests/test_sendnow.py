@@ -1,13 +1,20 @@
 """
 send_now: answers go out at once when nothing is queued, and bytes never overtake
-bytes; over real TCP and Unix connections.
+bytes; over real TCP, Unix and mutual TLS connections.
 """
+
+import os
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, tcp, unix
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.protocols import tls as twisted_tls
+from zope.interface import implementer
 
-from hero_compute.rpc.sendnow import send_now
+from hero_compute import pki
+from hero_compute.rpc import tls
+from hero_compute.rpc.sendnow import SendNowTLS, send_now
 
 
 class Sink(protocol.Protocol):
@@ -24,18 +31,34 @@ class Sink(protocol.Protocol):
         self.done.callback(b"".join(self.data))
 
 
-async def exchange(server_endpoint, client_endpoint, script):
-    """Run ``script(transport)`` on the server side of one connection; return what the
-    client received and what ``script`` returned."""
+def under(transport):
+    """The transport that owns the socket: the TCP one under a TLS transport."""
+    return getattr(transport, "transport", None) or transport
+
+
+async def exchange(pair, script):
+    """Run ``script(transport)`` on the server side of one connection (over TLS: once
+    the handshake is done); return what the client received and what ``script``
+    returned."""
+    server_endpoint, client_endpoint, wrap = pair
     seen = defer.Deferred()
 
+    @implementer(IHandshakeListener)
     class Server(protocol.Protocol):
         def connectionMade(self):
+            if wrap is None:
+                self.run()
+
+        def handshakeCompleted(self):
+            self.run()
+
+        def run(self):
             result = script(self.transport)
             self.transport.loseConnection()
             seen.callback(result)
 
-    port = await server_endpoint.listen(protocol.Factory.forProtocol(Server))
+    factory = protocol.Factory.forProtocol(Server)
+    port = await server_endpoint.listen(factory if wrap is None else wrap(factory))
     try:
         sink = Sink()
         await client_endpoint(port).connect(protocol.Factory.forProtocol(lambda: sink))
@@ -45,70 +68,159 @@ async def exchange(server_endpoint, client_endpoint, script):
         await port.stopListening()
 
 
-@pytest.fixture(params=["tcp", "unix"])
+@pytest.fixture
+def fleet(tmp_path):
+    """A fleet CA, the explorer's certificate (the server) and a client's."""
+    ca_dir = str(tmp_path / "ca")
+    pki.create_ca(ca_dir)
+    ca = os.path.join(ca_dir, "ca.pem")
+    made = {
+        who: pki.create_cert(
+            ca_dir, *who.split("/"), out=str(tmp_path / who.replace("/", "-"))
+        )
+        for who in ("explorer/e1", "client/c")
+    }
+    return {who: tls.TLSMaterial(*made[who], ca) for who in made}
+
+
+def tcp_pair():
+    return (
+        endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+        lambda port: endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port
+        ),
+    )
+
+
+@pytest.fixture(params=["tcp", "unix", "tls"])
 def endpoints_pair(request, short_tmp):
-    """(server endpoint, client endpoint for a listening port) over TCP or Unix."""
+    """(server endpoint, client endpoint for a listening port, server wrapper) over
+    TCP, Unix, or mutual TLS as our listeners serve it."""
     if request.param == "tcp":
+        return (*tcp_pair(), None)
+    if request.param == "tls":
+        server, client = tcp_pair()
+        materials = request.getfixturevalue("fleet")
+        creator = tls.ServerTLS(materials["explorer/e1"])
+        client_tls = tls.ClientTLS(materials["client/c"], tls.Expected("explorer"))
         return (
-            endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
-            lambda port: endpoints.TCP4ClientEndpoint(
-                reactor, "127.0.0.1", port.getHost().port
-            ),
+            server,
+            lambda port: endpoints.wrapClientTLS(client_tls, client(port)),
+            lambda factory: tls.tls_server_factory(creator, factory),
         )
     path = f"{short_tmp}/s.sock"
     return (
         endpoints.UNIXServerEndpoint(reactor, path),
         lambda port: endpoints.UNIXClientEndpoint(reactor, path),
+        None,
     )
+
+
+def pending(transport):
+    """What the socket's transport holds unsent: (dataBuffer, _tempDataLen)."""
+    socket_transport = under(transport)
+    return (socket_transport.dataBuffer, socket_transport._tempDataLen)
 
 
 @pytest_twisted.ensureDeferred
 async def test_small_answer_leaves_nothing_buffered(endpoints_pair):
     """An answer the socket takes whole is sent during the call: the transport's
-    buffer stays empty (no trip through the reactor)."""
+    buffer stays empty (no trip through the reactor); over TLS, its record too."""
 
     def script(transport):
+        calls = len(reactor.getDelayedCalls())
         send_now(transport, b"hello")
-        return (transport.dataBuffer, transport._tempDataLen)
+        kind = type(under(transport))
+        return pending(transport), len(reactor.getDelayedCalls()) - calls, kind
 
-    received, buffered = await exchange(*endpoints_pair, script)
+    received, (buffered, new_calls, kind) = await exchange(endpoints_pair, script)
+    assert kind in (tcp.Server, unix.Server)  # whose buffer send_now reads
     assert received == b"hello"
     assert buffered == (b"", 0)
+    assert new_calls == 0  # no write held for a later turn (BufferingTLSTransport's)
 
 
 @pytest_twisted.ensureDeferred
-async def test_bytes_never_overtake_queued_bytes(endpoints_pair):
+async def test_bytes_never_overtake_queued_bytes(short_tmp):
     """With bytes already queued in the transport, send_now queues behind them."""
+    for pair in (
+        (*tcp_pair(), None),
+        (
+            endpoints.UNIXServerEndpoint(reactor, f"{short_tmp}/s.sock"),
+            lambda port: endpoints.UNIXClientEndpoint(reactor, f"{short_tmp}/s.sock"),
+            None,
+        ),
+    ):
 
-    def script(transport):
-        transport.write(b"first,")
-        send_now(transport, b"second")
-        return transport._tempDataLen
+        def script(transport):
+            transport.write(b"first,")
+            send_now(transport, b"second")
+            return transport._tempDataLen
 
-    received, queued = await exchange(*endpoints_pair, script)
-    assert received == b"first,second"
-    assert queued == len(b"first,second")
+        received, queued = await exchange(pair, script)
+        assert received == b"first,second"
+        assert queued == len(b"first,second")
 
 
 @pytest_twisted.ensureDeferred
 async def test_more_than_the_socket_takes_is_buffered_in_order(endpoints_pair):
     """A body larger than the socket's buffer: what the kernel took went out, the rest
-    is queued by the transport, and everything arrives in order."""
+    is queued by the transport (over TLS: the TCP one, as ciphertext), and everything
+    arrives in order, what came after it included."""
     body = bytes(range(256)) * (16 * 1024)  # 4 MiB
 
     def script(transport):
         send_now(transport, body)
         send_now(transport, b"tail")
-        return transport._tempDataLen + len(transport.dataBuffer)
+        data, temp = pending(transport)
+        return temp + len(data)
 
-    received, queued = await exchange(*endpoints_pair, script)
-    assert 0 < queued < len(body) + 4
+    received, queued = await exchange(endpoints_pair, script)
+    assert 0 < queued < len(body) * 1.01
     assert received == body + b"tail"
 
 
+@pytest_twisted.ensureDeferred
+async def test_tls_sends_everything_openssl_made(fleet):
+    """More ciphertext than one read of OpenSSL's buffer takes goes out whole and in
+    order."""
+    creator = tls.ServerTLS(fleet["explorer/e1"])
+    client_tls = tls.ClientTLS(fleet["client/c"], tls.Expected("explorer"))
+    server, client = tcp_pair()
+    pair = (
+        server,
+        lambda port: endpoints.wrapClientTLS(client_tls, client(port)),
+        lambda factory: tls.tls_server_factory(creator, factory),
+    )
+    parts = [bytes([i]) * 16384 for i in range(5)]  # 80 kB: records in one flush
+
+    def script(transport):
+        for part in parts:
+            assert transport._tlsConnection.send(part) == len(part)
+        transport._flushSendBIO()
+        return pending(transport)
+
+    received, _ = await exchange(pair, script)
+    assert received == b"".join(parts)
+
+
+def test_our_tls_transport_rests_on_twisted_internals(fleet):
+    """What SendNowTLS relies on in Twisted is still there: our listeners make it
+    (not BufferingTLSTransport), and it is a TLSMemoryBIOProtocol whose ciphertext
+    leaves through _flushSendBIO (the tests above find a tcp.Server under it)."""
+    factory = tls.tls_server_factory(
+        tls.ServerTLS(fleet["explorer/e1"]), protocol.Factory.forProtocol(protocol.Protocol)
+    )
+    assert factory.protocol is SendNowTLS
+    assert issubclass(SendNowTLS, twisted_tls.TLSMemoryBIOProtocol)
+    assert not issubclass(SendNowTLS, twisted_tls.BufferingTLSTransport)
+    assert callable(twisted_tls.TLSMemoryBIOProtocol._flushSendBIO)
+    assert SendNowTLS._flushSendBIO is not twisted_tls.TLSMemoryBIOProtocol._flushSendBIO
+
+
 def test_other_transports_get_write():
-    """A transport that is not Twisted's TCP or Unix one (TLS, a test's) is written to
-    as always."""
+    """A transport that is not Twisted's TCP or Unix one (a test's, a TLS one) is
+    written to as always."""
     from twisted.internet.testing import StringTransport
 
     transport = StringTransport()

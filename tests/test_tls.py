@@ -4,6 +4,7 @@ handshake, reload, and the enrollment chain check.
 """
 
 import os
+import socket
 
 import pytest
 import pytest_twisted
@@ -449,3 +450,49 @@ def test_expected_matches_identity_or_role():
     assert tls.Expected("node").allows(a)
     assert not tls.Expected("explorer").allows(a)
     assert not tls.Expected("node").allows(None)
+
+
+def test_contexts_release_idle_record_buffers(fleet):
+    """Server and client contexts free OpenSSL's record buffers between records (an
+    explorer holds an idle connection per node)."""
+    for creator in (
+        tls.ServerTLS(material(fleet, "explorer/e1")),
+        tls.ClientTLS(material(fleet, "node/a"), tls.Expected("explorer")),
+    ):
+        # set_mode adds to the mode and returns it: adding nothing reads it.
+        assert creator._context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS
+
+
+@pytest.mark.parametrize("version", ["TLSv1_3", "TLSv1_2"])
+@pytest_twisted.ensureDeferred
+async def test_server_resumes_no_session(fleet, serve, version):
+    """A client offering its previous session gets a full handshake: its certificate
+    is verified again (and the server sealed no session into a ticket)."""
+    import ssl
+
+    from twisted.internet import threads
+
+    port, factory = serve(tls.ServerTLS(material(fleet, "explorer/e1")))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(fleet["ca"])
+    context.load_cert_chain(*fleet["client/c"])
+    context.check_hostname = False
+    context.maximum_version = getattr(ssl.TLSVersion, version)
+
+    def call(session=None):
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+            with context.wrap_socket(raw, session=session) as conn:
+                conn.sendall(b"hello")
+                assert conn.recv(5) == b"hello"  # TLS 1.3 tickets arrive before it
+                return conn.session, conn.session_reused, conn.version()
+
+    session, _, got = await threads.deferToThread(call)
+    assert got == version.replace("_", ".")
+    assert session is not None
+    _, reused, _ = await threads.deferToThread(call, session)
+    assert not reused
+    for server in factory.connections:
+        await within(server.lost)
+    assert [server.identity for server in factory.connections] == [
+        tls.PeerIdentity(TD, "client", "c")
+    ] * 2
