@@ -237,3 +237,28 @@ def test_offline_agrees_with_each_records_status(clock):
         now = clock.seconds()
         expected = {r.node_id for r in registry.records() if r.status(now, 30) == "offline"}
         assert {r.node_id for r in registry.offline(now)} == expected
+
+
+def test_large_fleet_is_swept_a_slice_per_turn(clock):
+    """Past one slice the sweep goes a slice per reactor turn; a node silent when its
+    slice was looked at but back before the sweep ends is not reported, a removed one
+    is not forgotten twice."""
+    from hero_compute.rpc.slices import SLICE
+
+    registry = Registry(clock, 30)
+    forgotten = []
+    svc = LivenessLog(registry, clock, 5, forget_after=60, forgotten=forgotten.append)
+    count = 2 * SLICE + 10
+    for n in range(count):
+        beat(registry, node_id=f"n{n:05d}")
+    clock.advance(100)  # every node offline, past forget_after
+    beat(registry, node_id="n00000")  # back
+    d = svc.sweep()
+    assert d is not None and not d.called
+    beat(registry, node_id="n00001")  # back after its slice was looked at
+    registry.remove("n00002")  # removed meanwhile
+    clock.advance(0)  # Clock runs the remaining slices
+    assert d.called
+    assert len(forgotten) == count - 3
+    assert {"n00000", "n00001", "n00002"}.isdisjoint(forgotten)
+    assert {r.node_id for r in registry.records()} == {"n00000", "n00001"}

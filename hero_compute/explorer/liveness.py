@@ -8,6 +8,8 @@ from twisted.application import service
 from twisted.internet import task
 from twisted.logger import Logger
 
+from hero_compute.rpc.slices import in_slices
+
 log = Logger()
 
 #: The liveness sweep runs this many times per ``offline_after``, so a node going quiet
@@ -54,14 +56,43 @@ class LivenessLog(service.Service):
         self._loop = None
 
     def sweep(self):
-        """Log nodes that went offline since the last sweep; never raises."""
+        """
+        Log nodes that went offline since the last sweep, forget the long gone; never
+        fails.  A large fleet is gone through a slice per reactor turn.
+
+        :return: None when done, or a Deferred that fires when the last slice is
+        """
+        now = self._clock.seconds()
+        found = []
         try:
-            now = self._clock.seconds()
+            self._registry.flush_log(now)
+            d = in_slices(
+                self._clock,
+                self._registry.records(),
+                lambda records: found.extend(self._registry.offline(now, records)),
+            )
+        except Exception:
+            # A LoopingCall whose function raises stops for good.
+            log.failure("liveness sweep failed")
+            return None
+        if d is None:
+            self._report(now, found)
+            return None
+        d.addCallback(lambda _: self._report(now, found))
+        d.addErrback(lambda f: log.failure("liveness sweep failed", f))
+        return d
+
+    def _report(self, now, found):
+        """Log and forget what a sweep found offline at ``now``; never raises."""
+        try:
             registry = self._registry
-            registry.flush_log(now)
             offline = set()
             forget = []
-            for record in registry.offline(now):
+            for record in found:
+                if registry.find(record.node_id) is not record or not registry.offline(
+                    now, [record]
+                ):
+                    continue  # gone, or back, since its slice was looked at
                 offline.add(record.node_id)
                 if (
                     self._forget_after is not None
@@ -89,7 +120,6 @@ class LivenessLog(service.Service):
                     self._forgotten(record.node_id)
             self._offline = offline
         except Exception:
-            # A LoopingCall whose function raises stops for good.
             log.failure("liveness sweep failed")
 
     def startService(self):

@@ -134,8 +134,8 @@ class INodeRegistry(Interface):
     def records():
         """Returns all :class:`NodeRecord` s."""
 
-    def offline(now):
-        """Returns the :class:`NodeRecord` s offline at time ``now``."""
+    def offline(now, records=None):
+        """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
 
     def status(record):
         """Returns ``"online"`` or ``"offline"`` for a record, now."""
@@ -329,11 +329,13 @@ class Registry:
     def records(self):
         return list(self._nodes.values())
 
-    def offline(self, now):
-        # One comprehension over the fleet, no call per record: at 100,000 nodes this
-        # is 4 ms, where asking each record its status took 20.
+    def offline(self, now, records=None):
+        # One comprehension, no call per record: over 100,000 nodes this is a few ms,
+        # where asking each record its status took 20.
         cutoff = now - self.offline_after
-        return [r for r in self._nodes.values() if r.left or r.last_seen < cutoff]
+        if records is None:
+            records = self._nodes.values()
+        return [r for r in records if r.left or r.last_seen < cutoff]
 
     def status(self, record):
         return record.status(self.clock.seconds(), self.offline_after)

@@ -19,6 +19,7 @@ import collections
 import os
 import resource
 import time
+from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -41,6 +42,7 @@ from zope.interface import implementer
 from .dispatch import Answer, CallContext, Dispatcher
 from .limits import Limits
 from .sendnow import send_now
+from .slices import in_slices
 
 log = Logger()
 
@@ -636,19 +638,24 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
             self._sweeper.clock = self.clock
             self._sweeper.start(self.idle_timeout / IDLE_SWEEPS, now=False)
 
-    def _sweep(self) -> None:
-        """Cut off the connections idle for longer than ``idle_timeout``."""
+    def _sweep(self) -> defer.Deferred[None] | None:
+        """
+        Cut off the connections idle for longer than ``idle_timeout`` (tens of
+        thousands of them: a slice per reactor turn).
+        """
         try:
-            since = self.clock.seconds() - self.idle_timeout
-            for proto in [
-                p
-                for p in self._connections
-                if p._idle_since is not None and p._idle_since <= since
-            ]:
-                proto.timeoutConnection()
+            return in_slices(self.clock, list(self._connections), self._sweep_some)
         except Exception:
             # A LoopingCall whose function raises stops for good.
             log.failure("idle sweep failed")
+            return None
+
+    def _sweep_some(self, protos: Sequence[RpcHTTPProtocol]) -> None:
+        since = self.clock.seconds() - self.idle_timeout
+        for proto in protos:
+            idle = proto._idle_since
+            if idle is not None and idle <= since and not proto._lost:
+                proto.timeoutConnection()
 
     def closed(self, proto: RpcHTTPProtocol) -> None:
         """A connection of ours is gone."""
