@@ -262,3 +262,23 @@ def test_large_fleet_is_swept_a_slice_per_turn(clock):
     assert len(forgotten) == count - 3
     assert {"n00000", "n00001", "n00002"}.isdisjoint(forgotten)
     assert {r.node_id for r in registry.records()} == {"n00000", "n00001"}
+
+
+def test_metrics_count_nodes_by_status_and_transport(clock):
+    """hero_explorer_nodes: each node once, by its status now and its transport."""
+    from hero_compute.explorer.metrics import ExplorerCollector
+
+    registry = Registry(clock, 30)
+    for n, transport in enumerate(["unix", "tcp", "tcp", "tls", "tcp"]):
+        beat(registry, node_id=f"n{n}", transport=transport)
+    clock.advance(20)
+    beat(registry, node_id="n1", transport="tcp")  # the one tcp node still online later
+    registry.leave("n0")
+    clock.advance(15)
+    family = next(ExplorerCollector(None, registry, None).collect())
+    counts = {(s.labels["status"], s.labels["transport"]): s.value for s in family.samples}
+    assert counts[("online", "tcp")] == 1
+    assert counts[("offline", "tcp")] == 2
+    assert counts[("offline", "unix")] == 1 and counts[("offline", "tls")] == 1
+    assert counts[("online", "unix")] == 0 and counts[("online", "tls")] == 0
+    assert sum(counts.values()) == 5

@@ -6,6 +6,7 @@ in flight, refused busy), the HTTP factory (connections, refusals) and the react
 """
 
 import collections
+import operator
 import time
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -138,6 +139,9 @@ class CallStats:
         return result
 
 
+_TRANSPORT = operator.attrgetter("transport")
+
+
 class ExplorerCollector:
     """
     The explorer's own metric families.
@@ -154,11 +158,18 @@ class ExplorerCollector:
 
     def collect(self):
         """The metric families, read now."""
-        now = self._registry.clock.seconds()
-        after = self._registry.offline_after
-        counts = collections.Counter(
-            (r.status(now, after), r.transport) for r in self._registry.records()
-        )
+        # By transport, then the few offline ones taken off: C loops over the fleet,
+        # not a status() call per record (at 100,000 nodes that held the reactor for
+        # tens of milliseconds at every scrape).
+        records = self._registry.records()
+        offline = self._registry.offline(self._registry.clock.seconds(), records)
+        by_transport = collections.Counter(map(_TRANSPORT, records))
+        counts = collections.Counter()
+        for transport, count in collections.Counter(map(_TRANSPORT, offline)).items():
+            counts["offline", transport] = count
+            by_transport[transport] -= count
+        for transport, count in by_transport.items():
+            counts["online", transport] = count
         nodes = GaugeMetricFamily(
             "hero_explorer_nodes",
             "Nodes in the registry, by status and by how their last heartbeat came",
