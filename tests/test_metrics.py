@@ -199,7 +199,13 @@ def test_explorer_and_node_metrics(twistd, short_tmp):
     assert value(samples, "hero_node_usage_vcpus") == 0
     assert value(samples, "hero_node_qemu_starts_total") == 0
     assert value(samples, "hero_node_qemu_start_failures_total") == 0
-    assert value(samples, "hero_reactor_lag_seconds_bucket", le="0.2") > 0
+    # The node's lag histogram too: ticking (how late its ticks run depends on the
+    # machine's load, so only that they are counted, in the buckets the bench reads).
+    wait_for(
+        lambda: (value(scrape(node_metrics), "hero_reactor_lag_seconds_count") or 0) >= 5,
+        what="the node's lag monitor ticking",
+    )
+    assert value(scrape(node_metrics), "hero_reactor_lag_seconds_bucket", le="0.2") >= 0
     if shutil.which("qemu-img"):
         result(
             f"unix://{short_tmp}/n.sock",
