@@ -472,3 +472,36 @@ async def test_node_sends_deltas_and_a_restarted_explorer_gets_it_whole(
     finally:
         if first.running:
             await first.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_delta_cannot_speak_for_a_node_without_its_secret(explorer, client, clock):
+    """The attacker holds the explorer's session (any node gets it) and sends deltas
+    for a node bound to its secret, with another secret and with none: refused
+    (-32010), and the node's record is exactly as before."""
+    unix, tcp = uris(explorer)
+    secret = "ab" * 32
+    session = (
+        await client.call(
+            tcp,
+            "explorer.heartbeat",
+            full_beat("v1", socket_path="tcp://127.0.0.1:9", secret=secret),
+        )
+    )["session"]
+    before = await client.call(unix, "explorer.get_node", {"node_id": "v1"})
+    clock.advance(0.5)
+    for stolen in ({"secret": "cd" * 32}, {}):
+        with pytest.raises(RefusedByPolicy):
+            await client.call(
+                tcp,
+                "explorer.heartbeat",
+                {
+                    "node_id": "v1",
+                    "socket_path": "tcp://127.0.0.1:9",
+                    "session": session,
+                    "usage": {"vcpus": 99, "memory_mb": 0, "disk_gb": 0},
+                    "labels": {"zone": "evil"},
+                    **stolen,
+                },
+            )
+    assert await client.call(unix, "explorer.get_node", {"node_id": "v1"}) == before
