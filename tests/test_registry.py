@@ -282,3 +282,16 @@ def test_metrics_count_nodes_by_status_and_transport(clock):
     assert counts[("offline", "unix")] == 1 and counts[("offline", "tls")] == 1
     assert counts[("online", "unix")] == 0 and counts[("online", "tls")] == 0
     assert sum(counts.values()) == 5
+
+
+def test_unfiltered_page_is_the_filtered_page_keeping_all(clock):
+    """A page without a filter (an index slice) is the page a keep-all filter gives,
+    cursor included, from anywhere, to the end."""
+    registry = Registry(clock, 30)
+    for n in range(23):
+        beat(registry, node_id=f"n{n:03d}")
+    for limit in (1, 5, 23, 30):
+        for after in (None, "n000", "n010", "n021", "n022", "zzz"):
+            assert registry.page(after, limit, None) == registry.page(
+                after, limit, lambda r: True
+            ), (after, limit)

@@ -303,7 +303,10 @@ class ExplorerMethods:
                 return False
             return all(record.labels.get(k) == v for k, v in wanted)
 
-        records, next_cursor = self._registry.page(cursor, limit, keep)
+        filtered = status is not None or wanted
+        records, next_cursor = self._registry.page(
+            cursor, limit, keep if filtered else None
+        )
         return {
             "nodes": [r.to_wire(now, after) for r in records],
             "next_cursor": next_cursor,
