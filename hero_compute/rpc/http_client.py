@@ -431,21 +431,7 @@ class RpcClient:
         :return: a Deferred firing with the result, or failing with :class:`.RpcError`
             or a :class:`.TransportError`
         """
-        try:
-            # Parsed here too: a BadResponse names the Address, as every other failure.
-            address = parse_address(address)
-        except AddressError as e:
-            return defer.fail(e)
-        if timeout is None:
-            timeout = self.timeout
-        d = self._post(address, _message(method, params, next(_ids)), timeout, expect)
-        d.addCallbacks(
-            _result_of,
-            _transport_failure,
-            callbackArgs=(address,),
-            errbackArgs=(address, timeout),
-        )
-        return d
+        return self._send(address, method, params, next(_ids), timeout, expect)
 
     def notify(
         self,
@@ -460,15 +446,28 @@ class RpcClient:
 
         :return: a Deferred firing with None once the peer has acknowledged it
         """
+        return self._send(address, method, params, None, timeout, expect)
+
+    def _send(
+        self,
+        address: Address | str,
+        method: str,
+        params: Any,
+        rid: int | None,
+        timeout: float | None,
+        expect: Expected | None,
+    ) -> defer.Deferred[Any]:
+        """A request (``rid`` an int: fires with its result) or a notification."""
         try:
+            # Parsed here too: a BadResponse names the Address, as every other failure.
             address = parse_address(address)
         except AddressError as e:
             return defer.fail(e)
         if timeout is None:
             timeout = self.timeout
-        d = self._post(address, _message(method, params, None), timeout, expect)
+        d = self._post(address, _message(method, params, rid), timeout, expect)
         return d.addCallbacks(
-            _acknowledged,
+            _acknowledged if rid is None else _result_of,
             _transport_failure,
             callbackArgs=(address,),
             errbackArgs=(address, timeout),

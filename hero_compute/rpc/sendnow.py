@@ -58,10 +58,9 @@ def send_now(transport: Any, data: bytes) -> None:
     ):
         try:
             sent = transport.socket.send(data)
-        except BlockingIOError:
-            sent = 0
         except OSError:
-            # Let the transport meet the error and close the connection its own way.
+            # Full (EAGAIN), or broken: the transport buffers it, or meets the error
+            # and closes the connection its own way.
             sent = 0
         if sent == len(data):
             return
