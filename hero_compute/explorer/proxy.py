@@ -75,8 +75,14 @@ def forbidden_target(host):
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(host):
-    """:return: whether ``host`` (an IP address as text, or None) is a loopback address"""
+    """
+    :return: whether ``host`` (an IP address as text, or None) is a loopback address
+
+    Cached: every heartbeat over TCP asks about its peer (``ipaddress`` parsing was a
+    few percent of a heartbeat).
+    """
     if host is None:
         return False
     try:

@@ -64,10 +64,6 @@ class _StaleSession(InvalidParams):
 #: A heartbeat changing one of these is written to the store.
 _DURABLE = frozenset(DURABLE_FIELDS)
 
-#: Peer addresses, checked once per distinct peer rather than once per heartbeat
-#: (``ipaddress`` parsing was a few percent of a heartbeat).
-_is_loopback = functools.lru_cache(maxsize=4096)(is_loopback)
-
 
 class ExplorerMethods:
     """
@@ -173,7 +169,7 @@ class ExplorerMethods:
             or forgot the node) is refused with -32602 and ``{"resend": "full"}``.
         """
         transport = context.transport
-        remote = transport != "unix" and not _is_loopback(context.host)
+        remote = transport != "unix" and not is_loopback(context.host)
         old = self._registry.find(node_id)
         if (
             old is not None
