@@ -28,8 +28,9 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RedirectAgent,
+    ResponseNeverReceived,
 )
-from twisted.web.error import SchemeNotSupported
+from twisted.web.error import InfiniteRedirection, SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory
 from zope.interface import implementer
@@ -187,24 +188,22 @@ class _CheckedEndpoint:
 
 def _describe(failure):
     """:return: the :class:`FetchError` for a failed request"""
-    if failure.check(FetchError):
-        return failure.value
     error = failure.value
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        # ResponseFailed, ConnectError wrappers: the first reason is the cause.
-        for inner in reasons:
-            if inner.check(FetchError):
-                return inner.value
-        return FetchError(f"the request failed: {reasons[0].getErrorMessage()}")
-    name = type(error).__name__
-    if name == "ResponseNeverReceived":
+    if isinstance(error, FetchError):
+        return error
+    if isinstance(error, ResponseNeverReceived):
         return FetchError("the server closed the connection without answering")
-    if name == "InfiniteRedirection":
+    if isinstance(error, InfiniteRedirection):
         return FetchError(f"more than {MAX_REDIRECTS} redirects")
     if isinstance(error, SchemeNotSupported):
         return FetchError("redirected to a URL that is not http(s)")
-    return FetchError(f"the request failed: {failure.getErrorMessage() or name}")
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        # ResponseFailed wraps its causes: the first says what happened.
+        return _describe(reasons[0])
+    return FetchError(
+        f"the request failed: {failure.getErrorMessage() or type(error).__name__}"
+    )
 
 
 class Download:

@@ -295,6 +295,7 @@ class Images(service.Service):
         """
         if not _NAME.match(name):
             raise InvalidVmState(f"bad image name {name!r}")
+        host, port = check_url(url)
         if name in self.importing:
             raise InvalidVmState(f"image {name!r} is being imported already")
         path = os.path.join(self.directory, name)
@@ -308,7 +309,6 @@ class Images(service.Service):
                 f"{len(self.importing)} imports are running on this node, the most at "
                 "once; try again when one is done"
             )
-        host, port = check_url(url)
         entry = self.importing[name] = _Import(path)
         try:
             # Checked now so that a refused address is an error at once; checked again
