@@ -20,7 +20,7 @@ class ImageServer:
     - ``/cut/NAME``: Content-Length of the whole, then half of it, then the connection
       closes;
     - ``/slow/NAME``: chunks of :data:`CHUNK` bytes, one each time :meth:`release`
-      allows, with Content-Length;
+      allows for that name, with Content-Length;
     - ``/chunked/NAME``: the whole file without Content-Length (chunked);
     - ``/redirect/N/NAME``: N redirects, then ``/f/NAME``.
 
@@ -30,7 +30,7 @@ class ImageServer:
     def __init__(self, files):
         self.files = dict(files)
         self.requests = []
-        self._allowed = threading.Semaphore(0)
+        self._allowed = {name: threading.Semaphore(0) for name in self.files}
         self._closed = threading.Event()
         server = self
 
@@ -74,7 +74,7 @@ class ImageServer:
                     self.connection.shutdown(socket.SHUT_RDWR)
                 elif route == "slow":
                     for i in range(0, len(data), CHUNK):
-                        while not server._allowed.acquire(timeout=0.1):
+                        while not server._allowed[name].acquire(timeout=0.1):
                             if server._closed.is_set():
                                 return
                         self.wfile.write(data[i : i + CHUNK])
@@ -93,10 +93,10 @@ class ImageServer:
         """:return: the URL of ``name`` on ``route``"""
         return f"http://{host}:{self.port}/{route}/{name}"
 
-    def release(self, chunks=1):
-        """Let the slow route send ``chunks`` more chunks."""
+    def release(self, chunks=1, name="slow"):
+        """Let the slow route send ``chunks`` more chunks of ``name``."""
         for _ in range(chunks):
-            self._allowed.release()
+            self._allowed[name].release()
 
     def close(self):
         """Stop serving; slow responses still waiting end."""

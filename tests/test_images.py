@@ -4,6 +4,7 @@ on loopback (``NODE_IMAGE_FETCH_LOCAL=1``), and once through a real explorer.
 """
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -35,6 +36,8 @@ def server(qcow2):
         "two": os.urandom(2 * MIB),
         "three": os.urandom(3 * MIB),
         "slow": os.urandom(8 * CHUNK),
+        "stop": os.urandom(8 * CHUNK),
+        "kill": os.urandom(8 * CHUNK),
     }
     s = ImageServer(files)
     yield s
@@ -62,6 +65,7 @@ def node(twistd, short_tmp):
             env={"NODE_IMAGE_DIRS": image_dir, **(env or {})},
         )
         process.listening()
+        start.process = process
         return f"unix://{short_tmp}/n.sock", image_dir
 
     return start
@@ -248,6 +252,30 @@ def test_progress_visible_while_streaming(node, server):
     server.release(6)
     assert image(uri, "slow.raw")["state"] == "ready"
     assert files_in(images) == ["slow.raw"]
+
+
+def test_node_stop_or_crash_mid_import_leaves_nothing(node, server):
+    """A node stopped during an import removes its temporary file before it exits; one
+    killed with SIGKILL leaves it, and removes it when it starts again."""
+    for how in ("stop", "kill"):
+        uri, images = node({"NODE_IMAGE_FETCH_LOCAL": "1"})
+        start_import(uri, server.url("slow", how), how, sha256(server.files[how]))
+        server.release(1, how)
+        wait_for(
+            lambda: any(i.get("bytes_done") for i in result(uri, "node.images")),
+            what="a chunk received",
+        )
+        if how == "stop":
+            assert node.process.stop() == -signal.SIGTERM
+            assert "the node stopped during the import" in node.process.output
+            assert files_in(images) == []
+        else:
+            node.process.kill()
+            assert len(files_in(images)) == 1
+            uri, images = node({"NODE_IMAGE_FETCH_LOCAL": "1"})
+            wait_for(lambda: files_in(images) == [], what="leftover removed")
+            assert result(uri, "node.images") == []
+            node.process.stop()
 
 
 def test_loopback_refused_without_fetch_local(node, server):
