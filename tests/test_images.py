@@ -262,7 +262,7 @@ def test_node_stop_or_crash_mid_import_leaves_nothing(node, server):
         start_import(uri, server.url("slow", how), how, sha256(server.files[how]))
         server.release(1, how)
         wait_for(
-            lambda: any(i.get("bytes_done") for i in result(uri, "node.images")),
+            lambda uri=uri: any(i.get("bytes_done") for i in result(uri, "node.images")),
             what="a chunk received",
         )
         if how == "stop":
@@ -273,7 +273,7 @@ def test_node_stop_or_crash_mid_import_leaves_nothing(node, server):
             node.process.kill()
             assert len(files_in(images)) == 1
             uri, images = node({"NODE_IMAGE_FETCH_LOCAL": "1"})
-            wait_for(lambda: files_in(images) == [], what="leftover removed")
+            wait_for(lambda d=images: files_in(d) == [], what="leftover removed")
             assert result(uri, "node.images") == []
             node.process.stop()
 
