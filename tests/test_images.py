@@ -340,3 +340,30 @@ async def test_check_target_refuses_local_addresses():
             await check_target(reactor, host, 80, allow_local=False)
     assert await check_target(reactor, "127.0.0.1", 80, allow_local=True) == "127.0.0.1"
     assert await check_target(reactor, "192.0.2.1", 80, allow_local=False) == "192.0.2.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_checks_at_connect_time(server, tmp_path):
+    """A download (as each redirect does) resolves and checks its host when it
+    connects: a name resolving to loopback is refused, no request is sent, and the
+    temporary file is left to its owner to discard."""
+    from twisted.internet import reactor
+
+    from hero_compute.node.fetch import Download, FetchError, TempFile
+
+    file = TempFile(str(tmp_path / ".import-x"))
+    file.open()
+    download = Download(
+        reactor,
+        server.url("f", "two", host="localhost"),
+        file,
+        limit=10 * MIB,
+        allow_local=False,
+        progress=lambda done, total: None,
+    )
+    with pytest.raises(
+        FetchError, match="refused by policy: localhost resolves to a loopback address"
+    ):
+        await download.done
+    file.discard()
+    assert server.requests == [] and os.listdir(tmp_path) == []
