@@ -161,6 +161,7 @@ class Images(service.Service):
         self.importing = {}
         #: Failed imports, by name: ``{"path", "error"}``.
         self.failed = {}
+        #: ``resolved path -> ((mtime, size, inode), (format, virtual size))``
         self._info = {}
         self._info_limit = defer.DeferredSemaphore(INFO_CONCURRENCY)
 
@@ -222,6 +223,8 @@ class Images(service.Service):
                 except Exception:  # a symlink out of the directories, a subdirectory
                     continue
                 found.append((entry.name, entry.path, resolved, stat))
+        for gone in set(self._info) - {item[2] for item in found}:
+            del self._info[gone]  # the cache stays the size of the directories
         d = defer.gatherResults(
             [
                 self._info_limit.run(lambda i=item: defer.ensureDeferred(self._ready(*i)))
@@ -276,8 +279,8 @@ class Images(service.Service):
             info = json.loads(out) if code == 0 else {}
         except (OSError, ValueError):
             info = {}
-        fmt = info.get("format") if isinstance(info, dict) else None
-        virtual = info.get("virtual-size") if isinstance(info, dict) else None
+        info = info if isinstance(info, dict) else {}
+        fmt, virtual = info.get("format"), info.get("virtual-size")
         return (
             fmt if isinstance(fmt, str) else None,
             virtual if isinstance(virtual, int) and virtual >= 0 else None,
