@@ -367,3 +367,29 @@ async def test_download_checks_at_connect_time(server, tmp_path):
         await download.done
     file.discard()
     assert server.requests == [] and os.listdir(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_cut_when_the_server_goes_silent(server, tmp_path):
+    """A server that stops sending mid-body is cut after the idle time, with the bytes
+    received so far in the reason."""
+    from twisted.internet import reactor
+
+    from hero_compute.node.fetch import Download, FetchError, TempFile
+
+    file = TempFile(str(tmp_path / ".import-y"))
+    file.open()
+    server.release(1)
+    download = Download(
+        reactor,
+        server.url("slow", "slow"),
+        file,
+        limit=10 * MIB,
+        allow_local=True,
+        progress=lambda done, total: None,
+        idle=0.5,
+    )
+    with pytest.raises(FetchError, match=f"no data for 0.5 s after {CHUNK} bytes"):
+        await download.done
+    file.discard()
+    assert os.listdir(tmp_path) == []

@@ -141,6 +141,9 @@ class BodySink(protocol.Protocol):
 
     def _written(self, _):
         self._writing = False
+        if self._timer is not None:
+            # A slow disk is no idle server: the clock runs only while we can read.
+            self._timer.reset(self._idle)
         if self._paused and self._ended is None:
             self._paused = False
             self.transport.resumeProducing()
@@ -158,9 +161,7 @@ class BodySink(protocol.Protocol):
 
     def _stalled(self):
         self._timer = None
-        self._fail(
-            FetchError(f"no data for {self._idle:.0f} s after {self.received} bytes")
-        )
+        self._fail(FetchError(f"no data for {self._idle:g} s after {self.received} bytes"))
 
     def _fail(self, error):
         if self._error is None:
@@ -174,10 +175,10 @@ class BodySink(protocol.Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._ended = True
-        else:
-            self._ended = True
+        self._ended = True
+        # PotentialDataLoss: no length was announced, and the server closed; the
+        # digest tells whether it was all.
+        if not reason.check(ResponseDone, PotentialDataLoss):
             if self._error is None:
                 expected = "" if self._total is None else f" of {self._total}"
                 self._error = FetchError(
