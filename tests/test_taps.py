@@ -159,6 +159,7 @@ def test_explorer_tree(short_tmp):
     options = explorer_options(
         ["--listen", "tcp:0:interface=127.0.0.2"],
         HERO_SOCKET_DIR=f"{short_tmp}/s",
+        EXPLORER_STATE_DIR=f"{short_tmp}/state",
         EXPLORER_TCP_ADDR="127.0.0.1:9002",
         NODE_OFFLINE_AFTER="8",
     )
