@@ -260,7 +260,7 @@ def test_check_node_secret_rules(enrollment):
 def test_enrolled_node_is_refused_without_tls(enrollment):
     """Once enrolled, an id is refused over non-TLS transports even with its secret."""
     enrollment.check_node("n1", secret=SECRET)
-    enrollment.enroll(enrollment.create_token()["token"], "CSR", "n1")
+    enrollment.enroll(enrollment.create_token(node_id="n1")["token"], "CSR", "n1")
     with refused("only over TLS"):
         enrollment.check_node("n1", secret=SECRET)
     enrollment.check_node("n1", secret=SECRET, cert_serial=1)
