@@ -7,8 +7,12 @@ transport.  Each is refused, and the registry, identities and revocations are sh
 unchanged.
 """
 
+import json
 import os
+import re
 import sqlite3
+import ssl
+import threading
 import time
 
 import pytest
@@ -307,3 +311,65 @@ def test_enroll_is_refused_over_plain_tcp(fleet, explorer):
     _, csr = _csr("local")
     answer = rpc(explorer.unix, "explorer.enroll", {"token": token, "csr": csr})
     assert "certificate" in answer["result"], answer
+
+
+class AnsweringTLSNode(SilentTLSNode):
+    """A TLS server holding some node's certificate that answers every JSON-RPC call
+    with an empty list, on kept-alive connections, and records every byte it gets."""
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(10)
+                pending = b""
+                while data := tls.recv(65536):
+                    self.received += data
+                    pending += data
+                    while b"\r\n\r\n" in pending:
+                        head, rest = pending.split(b"\r\n\r\n", 1)
+                        length = int(
+                            re.search(rb"(?i)content-length: *(\d+)", head).group(1)
+                        )
+                        if len(rest) < length:
+                            break
+                        body, pending = rest[:length], rest[length:]
+                        rid = json.loads(body)["id"]
+                        reply = json.dumps({"jsonrpc": "2.0", "id": rid, "result": []})
+                        tls.sendall(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply.encode())
+                        )
+        except (OSError, ssl.SSLError):
+            pass
+
+
+def test_kept_connection_to_a_superseded_certificate_gets_nothing(
+    fleet, explorer, tmp_path
+):
+    """A connection the proxy keeps from before a re-enrollment is not reused: the
+    peer holding the old certificate gets no byte of the next call (-32003)."""
+    enroll_for(fleet, explorer, "kept", tmp_path, "kept-1")
+    holder = AnsweringTLSNode(*fleet["kept-1"], fleet["ca"])
+    try:
+        beat = heartbeat("kept", f"tls://127.0.0.1:{holder.port}")
+        assert "result" in call(fleet, explorer, "kept-1", "explorer.heartbeat", beat)
+        call_vm_list = {"node_id": "kept", "method": "vm.list"}
+        # While kept-1 is the node's certificate, its holder is the node.
+        assert result(explorer.unix, "explorer.call", call_vm_list) == []
+        enroll_for(fleet, explorer, "kept", tmp_path, "kept-2")
+        assert "result" in call(fleet, explorer, "kept-2", "explorer.heartbeat", beat)
+        before = len(holder.received)
+        answer = rpc(explorer.unix, "explorer.call", call_vm_list)
+        time.sleep(0.3)  # anything sent would have arrived by now
+        assert code(answer) == -32003, answer
+        assert len(holder.received) == before
+    finally:
+        holder.close()
