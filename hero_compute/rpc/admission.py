@@ -7,16 +7,16 @@ An :class:`Admission` per group of listeners counts the open connections per pee
 address, and all of them keep :attr:`~hero_compute.rpc.limits.Limits.fd_reserve`
 descriptors of the process free for the Unix socket (the operator's way in); a refused
 connection is closed at accept, before any byte is read and before a TLS handshake is
-begun.  A connection is counted once, by the
-outermost protocol of its stack: :class:`~hero_compute.rpc.http_server.RpcHTTPFactory`
-for plain TCP and Unix, :class:`AdmittedTLSFactory` in front of TLS, :class:`AdmittedSite`
-for ``twisted.web`` sites.
+begun.  A connection is counted once, by the outermost protocol of its stack:
+:class:`~hero_compute.rpc.http_server.RpcHTTPFactory` for plain TCP and Unix,
+:class:`AdmittedTLSFactory` in front of TLS, :class:`AdmittedSite` for ``twisted.web``
+sites.
 
 The head deadline (``HERO_HEAD_TIMEOUT``): over TLS the handshake must end within it,
 counted from accept (a peer that never starts it, or stalls inside its ClientHello, is
-cut off then); the request head then has its own deadline in the HTTP layer
-(:class:`~hero_compute.rpc.http_server.RpcHTTPProtocol`, or :class:`HeadDeadlineChannel`
-for ``twisted.web``).
+cut off then); each request head then has its own deadline from its first byte, in the
+HTTP layer (:class:`~hero_compute.rpc.http_server.RpcHTTPProtocol`, or
+:class:`HeadDeadlineChannel` for ``twisted.web``).
 """
 
 from __future__ import annotations
@@ -283,11 +283,6 @@ class HeadDeadlineChannel(http.HTTPChannel):  # type: ignore[misc]  # HTTPChanne
     _head_timer: IDelayedCall | None = None
     _in_head = True
 
-    def connectionMade(self) -> None:
-        http.HTTPChannel.connectionMade(self)
-        # From accept: behind TLS this covers the handshake as well.
-        self._arm()
-
     def _arm(self) -> None:
         admission = self._admission
         if admission is not None:
@@ -296,6 +291,8 @@ class HeadDeadlineChannel(http.HTTPChannel):  # type: ignore[misc]  # HTTPChanne
             )
 
     def dataReceived(self, data: bytes) -> None:
+        # Armed by the first byte of a head, as on the JSON-RPC listeners (a silent
+        # connection is the idle timeout's; behind TLS, the handshake is AdmittedTLS's).
         if self._in_head and self._head_timer is None:
             self._arm()
         http.HTTPChannel.dataReceived(self, data)
