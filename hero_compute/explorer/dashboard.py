@@ -242,7 +242,7 @@ class DashboardRoot(resource.Resource):
             return _refuse(
                 request,
                 UNAUTHORIZED,
-                "open the URL with the token that the explorer logged at start",
+                "open /?token= with the token in the file the explorer named at start",
             )
         request.setHeader(b"content-type", STATIC["index.html"])
         if self._summary is None:

@@ -92,7 +92,8 @@ class Options(TapOptions):
             "ui",
             None,
             None,
-            "Serve the read-only dashboard here; the URL with its token is logged at start "
+            "Serve the read-only dashboard here; its URL and the file holding its token "
+            "(STATE_DIR/ui-token, 0600) are logged at start "
             "[default: $EXPLORER_UI_ADDR; unset: no dashboard]",
             listen_address,
         ],
