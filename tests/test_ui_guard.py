@@ -272,3 +272,23 @@ def test_login_token_is_kept_in_a_private_file_not_in_the_log(dashboard):
     assert process.token not in process.output
     assert login(process)[0] == 302
     assert "result" in rpc(process.unix, "explorer.info")
+
+
+def test_ui_hosts_option():
+    """--ui-hosts and EXPLORER_UI_HOSTS give the names, the command line first; unset,
+    the --ui host and the defaults."""
+    from hero_compute.explorer.tap import Options
+
+    def parse(args, env):
+        options = Options(env={"HOME": "/nonexistent", **env})
+        options.parseOptions(["--ui", "10.1.2.3:9200", *args])
+        return options["ui-hosts"]
+
+    assert parse([], {}) == ["10.1.2.3", "localhost", "127.0.0.1", "[::1]"]
+    assert parse([], {"EXPLORER_UI_HOSTS": "a.example, b.example"}) == [
+        "a.example",
+        "b.example",
+    ]
+    assert parse(["--ui-hosts", "c.example"], {"EXPLORER_UI_HOSTS": "a.example"}) == [
+        "c.example"
+    ]
