@@ -20,6 +20,8 @@ from hero_compute.options import (
     help_text,
     limits,
     listen_address,
+    parse_capacity,
+    parse_labels,
     print_startup_errors,
     seconds,
     socket_dir,
@@ -75,7 +77,7 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR. SIGHUP re-reads the TLS "
+        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR, NODE_LABELS, NODE_CAPACITY. SIGHUP re-reads the TLS "
         "certificate files. Run two twistd in one directory with --pidfile= (or "
         "distinct --pidfile), or they clash on twistd.pid."
     )
@@ -172,6 +174,22 @@ class Options(TapOptions):
         ],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
         [
+            "labels",
+            None,
+            None,
+            "Labels sent in every heartbeat, key=value,key=value, for placement "
+            "[default: $NODE_LABELS; unset: none]",
+            parse_labels,
+        ],
+        [
+            "capacity",
+            None,
+            None,
+            "What this node's VMs may reserve in all, vcpus=N,memory=SIZE,disk=SIZE, any "
+            "subset [default: $NODE_CAPACITY; unset: the host's]",
+            parse_capacity,
+        ],
+        [
             "state-dir",
             None,
             None,
@@ -240,6 +258,8 @@ class Options(TapOptions):
         if self["interval"] is None:
             self["interval"] = 10.0
         self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
+        from_env(self, "labels", env, "NODE_LABELS", parse_labels)
+        from_env(self, "capacity", env, "NODE_CAPACITY", parse_capacity)
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
         self["state-dir"] = (
             self["state-dir"]
@@ -371,11 +391,17 @@ def makeService(options, reactor=None):
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
-        vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
+        vms=make_vm_manager(
+            reactor,
+            options["state-dir"],
+            options["image-dir"] or None,
+            capacity=options["capacity"],
+        ),
         state_dir=options["state-dir"],
         interval=options["interval"],
         node_id=options["node-id"],
         name=options["name"],
+        labels=options["labels"] or {},
         advertise=options["advertise"],
         tls=options["tls"],
         tls_files=options["tls-files"],
