@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from .support import rpc, result, wait_for
+from .support import result, rpc, wait_for
 
 SMALL_VM = {"vcpus": 1, "memory_mb": 512, "disk_gb": 5}
 
