@@ -47,9 +47,9 @@ def match(text, items, id_key):
                 f"{listed}\ngive more of the id",
                 exits.USAGE,
             )
-    hint = "" if len(text) >= MIN_PREFIX else f" (id prefixes need {MIN_PREFIX} characters)"
     raise exits.Failure(
-        f"no {kind} with id, name or id prefix {text!r}{hint}", exits.NOT_FOUND
+        f"no {kind} with id or name {text!r}, nor an id starting with it{_short(text)}",
+        exits.NOT_FOUND,
     )
 
 

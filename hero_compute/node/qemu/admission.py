@@ -115,7 +115,7 @@ class Admission:
         cpu_used = sum(r.vcpus for r in held)
         if cpu_used + vcpus > host["vcpus"]:
             raise InvalidVmState(
-                f"not enough vCPUs: {vcpus} asked, {max(host['vcpus'] - cpu_used, 0)} of "
+                f"not enough vcpus: {vcpus} asked, {max(host['vcpus'] - cpu_used, 0)} of "
                 f"{host['vcpus']} left for VMs on this node"
             )
         image = self.images.resolve(image)
