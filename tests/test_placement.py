@@ -89,11 +89,13 @@ def test_where_and_avoid_filter():
 def test_labels_change_with_the_heartbeat():
     """A node's labels are those of its last heartbeat that changed them."""
     node = record("a", BIG, labels={"zone": "x"})
-    placement = index(node)
+    placement = index(node, record("b", BIG, labels={"zone": "x"}))
+    assert placement.place(req(where={"zone": "x"}), 100.0) == "a"
     node.labels = {"zone": "y"}
     placement.update(node, ("labels",))
     with pytest.raises(NoFit):
-        placement.place(req(where={"zone": "x"}), 100.0)
+        placement.place(req(where={"zone": "x"}, avoid=["b"]), 100.0)
+    assert placement.place(req(where={"zone": "x"}), 100.0) == "b"
     assert placement.place(req(where={"zone": "y"}), 100.0) == "a"
 
 

@@ -99,7 +99,11 @@ def _vector(resources):
 
 class PlacementIndex:
     """
-    The columns placement reads, one row per node.
+    The columns placement reads, one row per node: for each resource its capacity,
+    usage, what reservations hold and what is free (capacity - usage - held, kept up to
+    date as they change, so a placement subtracts nothing), and per row the last
+    heartbeat and whether the node is gone.  One flat array per column: numpy's
+    reductions along a short axis of a two-dimensional array cost several times more.
 
     :param offline_after: seconds of silence after which a node is offline
     :param hold: seconds a reservation lasts at most (two heartbeat intervals)
@@ -112,15 +116,19 @@ class PlacementIndex:
         self._ids = []
         self._spare = []
         size = _GROW
-        self._capacity = np.zeros((size, 3))
-        self._usage = np.zeros((size, 3))
-        self._reserved = np.zeros((size, 3))
+        self._capacity = [np.zeros(size) for _ in RESOURCES]
+        self._usage = [np.zeros(size) for _ in RESOURCES]
+        self._held = [np.zeros(size) for _ in RESOURCES]
+        self._free = [np.zeros(size) for _ in RESOURCES]
         self._seen = np.full(size, -np.inf)
         # A row that is offline whatever its last heartbeat: a node that left, a
         # record loaded at start-up, a spare row.
         self._gone = np.ones(size, dtype=bool)
         self._labels = collections.defaultdict(set)
         self._row_labels = {}
+        # The rows of one label pair as an array, made when a placement asks for it and
+        # dropped when a node gains or loses that label.
+        self._label_rows = {}
         # Rows by node id order, for ties: rebuilt when a node comes or goes.
         self._rank = np.zeros(size, dtype=np.intp)
         self._rank_stale = True
@@ -148,16 +156,18 @@ class PlacementIndex:
 
     def _grow(self):
         extra = max(_GROW, len(self._seen))
-        for name, fill in (
-            ("_capacity", 0.0),
-            ("_usage", 0.0),
-            ("_reserved", 0.0),
-        ):
-            old = getattr(self, name)
-            setattr(self, name, np.concatenate([old, np.full((extra, 3), fill)]))
+        for columns in (self._capacity, self._usage, self._held, self._free):
+            for k, column in enumerate(columns):
+                columns[k] = np.concatenate([column, np.zeros(extra)])
         self._seen = np.concatenate([self._seen, np.full(extra, -np.inf)])
         self._gone = np.concatenate([self._gone, np.ones(extra, dtype=bool)])
         self._rank = np.concatenate([self._rank, np.zeros(extra, dtype=np.intp)])
+
+    def _refree(self, row):
+        for k in range(3):
+            self._free[k][row] = (
+                self._capacity[k][row] - self._usage[k][row] - self._held[k][row]
+            )
 
     # -- fed by the registry -------------------------------------------------------
 
@@ -172,12 +182,14 @@ class PlacementIndex:
         row = self._row(record.node_id)
         self._seen[row] = record.last_seen
         self._gone[row] = gone or record.left
-        if changed is None or "capacity" in changed:
-            self._capacity[row] = _vector(record.capacity)
-        if changed is None or "usage" in changed:
-            self._usage[row] = _vector(record.usage)
+        if changed is None or "capacity" in changed or "usage" in changed:
+            for k, amount in enumerate(_vector(record.capacity)):
+                self._capacity[k][row] = amount
+            for k, amount in enumerate(_vector(record.usage)):
+                self._usage[k][row] = amount
+            self._refree(row)
             pending = self._pending.get(record.node_id)
-            if pending:
+            if pending and (changed is None or "usage" in changed):
                 self._reflected(pending, record.usage)
         if changed is None or "labels" in changed:
             self._set_labels(row, record.labels)
@@ -186,6 +198,7 @@ class PlacementIndex:
         old = self._row_labels.pop(row, None)
         if old:
             for pair in old.items():
+                self._label_rows.pop(pair, None)
                 rows = self._labels[pair]
                 rows.discard(row)
                 if not rows:
@@ -193,6 +206,7 @@ class PlacementIndex:
         if labels:
             self._row_labels[row] = dict(labels)
             for pair in labels.items():
+                self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
 
     def left(self, node_id):
@@ -208,7 +222,9 @@ class PlacementIndex:
             return
         self._set_labels(row, None)
         self._gone[row] = True
-        self._capacity[row] = self._usage[row] = self._reserved[row] = 0
+        for columns in (self._capacity, self._usage, self._held, self._free):
+            for column in columns:
+                column[row] = 0
         self._ids[row] = None
         self._spare.append(row)
         self._rank_stale = True
@@ -226,9 +242,11 @@ class PlacementIndex:
         """
         row = self._rows[node_id]
         self._expire(now)
-        usage = dict(zip(RESOURCES, (int(x) for x in self._usage[row]), strict=True))
+        usage = {key: int(self._usage[k][row]) for k, key in enumerate(RESOURCES)}
         reservation = Reservation(node_id, tuple(amounts), usage, now + self.hold)
-        self._reserved[row] += amounts
+        for k, amount in enumerate(amounts):
+            self._held[k][row] += amount
+        self._refree(row)
         self._pending[node_id].append(reservation)
         self._expiring.append(reservation)
         return reservation
@@ -243,14 +261,18 @@ class PlacementIndex:
             return
         reservation.released = True
         row = self._rows.get(reservation.node_id)
-        if row is not None:
-            self._reserved[row] -= reservation.amounts
+        if row is None:
+            return
+        pending = self._pending[reservation.node_id]
+        pending.remove(reservation)
+        for k, amount in enumerate(reservation.amounts):
+            self._held[k][row] -= amount
+        if not pending:
+            del self._pending[reservation.node_id]
             # Sums of floats drift; a node with nothing held holds exactly nothing.
-            pending = self._pending[reservation.node_id]
-            pending.remove(reservation)
-            if not pending:
-                del self._pending[reservation.node_id]
-                self._reserved[row] = 0
+            for column in self._held:
+                column[row] = 0
+        self._refree(row)
 
     def _reflected(self, pending, usage):
         for reservation in list(pending):
@@ -265,8 +287,10 @@ class PlacementIndex:
     def reserved(self, node_id):
         """:return: the ``{resource: amount}`` held on a node now"""
         row = self._rows.get(node_id)
-        held = self._reserved[row] if row is not None else (0, 0, 0)
-        return dict(zip(RESOURCES, (int(round(x)) for x in held), strict=True))
+        return {
+            key: 0 if row is None else int(round(self._held[k][row]))
+            for k, key in enumerate(RESOURCES)
+        }
 
     # -- placing -------------------------------------------------------------------
 
@@ -280,61 +304,94 @@ class PlacementIndex:
         """
         self._expire(now)
         used = len(self._ids)
-        if request.where:
-            rows = self._matching(request.where)
-        else:
-            rows = None
         avoid = [self._rows[i] for i in request.avoid if i in self._rows]
-        considered = np.ones(used, dtype=bool)
-        considered[avoid] = False
-        for row in self._spare:
-            considered[row] = False
-        online = ~self._gone[:used] & (self._seen[:used] >= now - self.offline_after)
-        labelled = np.zeros(used, dtype=bool)
-        if rows is None:
-            labelled[:] = True
-        elif rows:
-            labelled[np.fromiter(rows, dtype=np.intp, count=len(rows))] = True
-        want = np.asarray(request.amounts, dtype=float)
-        capacity = self._capacity[:used]
-        free = capacity - self._usage[:used] - self._reserved[:used]
-        short = free < want
-        eligible = considered & online & labelled
-        fits = eligible & ~short.any(axis=1)
+        if request.where:
+            # Only the rows carrying every label: usually far fewer than the fleet.
+            sub = self._matching(request.where)
+            if avoid:
+                sub = sub[~np.isin(sub, avoid)]
+
+            def column(array):
+                return array[sub]
+
+        else:
+            sub = None
+
+            def column(array):
+                return array[:used]
+
+        want = request.amounts
+        fits = column(self._seen) >= now - self.offline_after
+        fits &= ~column(self._gone)
+        free = [column(f) for f in self._free]
+        for k in range(3):
+            fits &= free[k] >= want[k]
+        if sub is None and avoid:
+            fits[avoid] = False
         if not fits.any():
-            raise NoFit(self._counts(considered, online, labelled, short))
-        candidates = np.flatnonzero(fits)
-        after = free[candidates] - want
+            raise NoFit(self._counts(request, now, used, avoid))
         with np.errstate(divide="ignore", invalid="ignore"):
-            shares = np.where(
-                capacity[candidates] > 0, after / capacity[candidates], np.inf
-            )
-        scores = shares.min(axis=1)
-        best = scores.max() if request.strategy == "spread" else scores.min()
-        tied = candidates[scores == best]
+            # The free share of the scarcest resource once the VM is there; rows that
+            # do not fit get nonsense here and are masked below.
+            score = (free[0] - want[0]) / column(self._capacity[0])
+            for k in (1, 2):
+                np.minimum(
+                    score, (free[k] - want[k]) / column(self._capacity[k]), out=score
+                )
+        if request.strategy == "spread":
+            score[~fits] = -np.inf
+            best = score.max()
+        else:
+            score[~fits] = np.inf
+            best = score.min()
+        tied = np.flatnonzero(score == best)
+        if sub is not None:
+            tied = sub[tied]
         if len(tied) > 1:
             self._fresh_rank()
             tied = tied[[self._rank[tied].argmin()]]
         return self._ids[int(tied[0])]
 
     def _matching(self, where):
+        """:return: the rows carrying every label of ``where``, an array"""
+        if len(where) == 1:
+            (pair,) = where.items()
+            rows = self._label_rows.get(pair)
+            if rows is None:
+                found = self._labels.get(pair, ())
+                rows = np.fromiter(found, dtype=np.intp, count=len(found))
+                if found:
+                    self._label_rows[pair] = rows
+            return rows
         sets = []
         for pair in where.items():
-            rows = self._labels.get(pair)
-            if not rows:
-                return set()
-            sets.append(rows)
+            found = self._labels.get(pair)
+            if not found:
+                return np.zeros(0, dtype=np.intp)
+            sets.append(found)
         sets.sort(key=len)
-        return sets[0].intersection(*sets[1:])
+        rows = sets[0].intersection(*sets[1:])
+        return np.fromiter(rows, dtype=np.intp, count=len(rows))
 
-    def _counts(self, considered, online, labelled, short):
+    def _counts(self, request, now, used, avoid):
+        """Why each node was set aside: only when nothing fits, so a walk of it all."""
+        considered = np.ones(used, dtype=bool)
+        considered[avoid] = False
+        considered[self._spare] = False
+        online = ~self._gone[:used] & (self._seen[:used] >= now - self.offline_after)
         counts = {"offline": int((considered & ~online).sum())}
         left = considered & online
+        labelled = np.zeros(used, dtype=bool)
+        if request.where:
+            labelled[self._matching(request.where)] = True
+        else:
+            labelled[:] = True
         counts["labels"] = int((left & ~labelled).sum())
         left &= labelled
-        for column, key in enumerate(RESOURCES):
-            counts[key] = int((left & short[:, column]).sum())
-            left &= ~short[:, column]
+        for k, key in enumerate(RESOURCES):
+            short = self._free[k][:used] < request.amounts[k]
+            counts[key] = int((left & short).sum())
+            left &= ~short
         return counts
 
     def _fresh_rank(self):
