@@ -102,7 +102,7 @@ class PlacementIndex:
     The columns placement reads, one row per node: for each resource its capacity,
     usage, what reservations hold and what is free (capacity - usage - held, kept up to
     date as they change, so a placement subtracts nothing), and per row the last
-    heartbeat and whether the node is gone.  One flat array per column: numpy's
+    heartbeat.  One flat array per column: numpy's
     reductions along a short axis of a two-dimensional array cost several times more.
 
     :param offline_after: seconds of silence after which a node is offline
@@ -120,10 +120,10 @@ class PlacementIndex:
         self._usage = [np.zeros(size) for _ in RESOURCES]
         self._held = [np.zeros(size) for _ in RESOURCES]
         self._free = [np.zeros(size) for _ in RESOURCES]
+        # The last heartbeat of each row; minus infinity for a row that is offline
+        # whatever its last heartbeat (a node that left, a record loaded at start-up,
+        # a spare row), so that online is one comparison.
         self._seen = np.full(size, -np.inf)
-        # A row that is offline whatever its last heartbeat: a node that left, a
-        # record loaded at start-up, a spare row.
-        self._gone = np.ones(size, dtype=bool)
         self._labels = collections.defaultdict(set)
         self._row_labels = {}
         # The rows of one label pair as an array, made when a placement asks for it and
@@ -160,7 +160,6 @@ class PlacementIndex:
             for k, column in enumerate(columns):
                 columns[k] = np.concatenate([column, np.zeros(extra)])
         self._seen = np.concatenate([self._seen, np.full(extra, -np.inf)])
-        self._gone = np.concatenate([self._gone, np.ones(extra, dtype=bool)])
         self._rank = np.concatenate([self._rank, np.zeros(extra, dtype=np.intp)])
 
     def _refree(self, row):
@@ -179,9 +178,13 @@ class PlacementIndex:
         :param changed: the names of the fields the heartbeat changed, or None for all
         :param gone: the node is offline whatever its last heartbeat (loaded records)
         """
-        row = self._row(record.node_id)
-        self._seen[row] = record.last_seen
-        self._gone[row] = gone or record.left
+        row = self._rows.get(record.node_id)
+        if row is None:
+            row, changed = self._row(record.node_id), None
+        self._seen[row] = -np.inf if gone or record.left else record.last_seen
+        if changed is not None and not changed:
+            # A steady heartbeat (the ingest's hot path): its time is all there is.
+            return
         if changed is None or "capacity" in changed or "usage" in changed:
             for k, amount in enumerate(_vector(record.capacity)):
                 self._capacity[k][row] = amount
@@ -213,7 +216,7 @@ class PlacementIndex:
         """A node said goodbye (or was revoked): offline until it heartbeats."""
         row = self._rows.get(node_id)
         if row is not None:
-            self._gone[row] = True
+            self._seen[row] = -np.inf
 
     def remove(self, node_id):
         """Forget a node."""
@@ -221,7 +224,7 @@ class PlacementIndex:
         if row is None:
             return
         self._set_labels(row, None)
-        self._gone[row] = True
+        self._seen[row] = -np.inf
         for columns in (self._capacity, self._usage, self._held, self._free):
             for column in columns:
                 column[row] = 0
@@ -322,7 +325,6 @@ class PlacementIndex:
 
         want = request.amounts
         fits = column(self._seen) >= now - self.offline_after
-        fits &= ~column(self._gone)
         free = [column(f) for f in self._free]
         for k in range(3):
             fits &= free[k] >= want[k]
@@ -378,7 +380,7 @@ class PlacementIndex:
         considered = np.ones(used, dtype=bool)
         considered[avoid] = False
         considered[self._spare] = False
-        online = ~self._gone[:used] & (self._seen[:used] >= now - self.offline_after)
+        online = self._seen[:used] >= now - self.offline_after
         counts = {"offline": int((considered & ~online).sum())}
         left = considered & online
         labelled = np.zeros(used, dtype=bool)
