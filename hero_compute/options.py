@@ -3,6 +3,10 @@ Helpers for the command lines' options (the taps' ``Options``, the CLI's default
 coercers and environment fallbacks.
 
 The callers pass ``os.environ`` in; nothing here reads the environment by itself.
+
+Long because: every value format the taps and the CLI share (addresses, seconds,
+sizes, labels, capacities) is parsed here once, so an operator's ``16G`` or ``zone=a``
+means the same everywhere.
 """
 
 import getopt

@@ -12,6 +12,10 @@ advance answers "the best node" for every request, and bounding the walk of a so
 order breaks down in the common fleet of identical empty nodes (every node ties).
 
 Nothing here knows a reactor: the caller passes ``now``.
+
+Long because: the index's columns, the reservations that change them and the scoring
+that reads them are one record's invariants (free = capacity - usage - held), kept in
+one class.
 """
 
 import collections
