@@ -50,6 +50,10 @@ from .units import ago
 
 __all__ = ["main"]
 
+#: Commands whose ``node_id`` names a node that need not exist yet (``token create
+#: --node-id``), taken as written rather than resolved to a known node.
+NEW_NODE_IDS = frozenset({"token"})
+
 
 def main(argv=None, env=None):
     """
@@ -117,7 +121,7 @@ async def _run(reactor, args, output, stopping=()):
         output.error(str(e))
         return exits.USAGE
     try:
-        if getattr(args, "node_id", None):
+        if getattr(args, "node_id", None) and args.command not in NEW_NODE_IDS:
             # Every NODE argument: a full id, a unique name or a unique id prefix.
             args.node_id = await names.node_id(explorer, args.node_id)
         return await args.run(explorer, args, output)
