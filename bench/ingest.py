@@ -183,8 +183,11 @@ def gen_details(outs):
     )
 
 
-def start_pages(procs, sock, start, duration, rate, limit=1000):
-    """A client paging through ``explorer.query_nodes`` (``loadgen.py pages``)."""
+def start_pages(procs, sock, start, duration, rate, limit=1000, method=None, params=None):
+    """
+    A client paging through ``explorer.query_nodes`` (``loadgen.py pages``), or making
+    one other call (``method`` with ``params``) again and again.
+    """
     cmd = [
         PY,
         os.path.join(HERE, "loadgen.py"),
@@ -202,6 +205,8 @@ def start_pages(procs, sock, start, duration, rate, limit=1000):
         "--duration",
         str(duration),
     ]
+    if method:
+        cmd += ["--method", method, "--params", json.dumps(params or {})]
     return procs.start(cmd, "loadgen-pages", cpus=CLIENT_CPU, stdout_pipe=True)
 
 
@@ -224,6 +229,7 @@ def _ingest_one(
     label="",
     targets=True,
     pages=False,
+    caller=None,
 ):
     """
     One ingest run of ``n`` simulated nodes; adds its row (and targets) and returns
@@ -236,6 +242,8 @@ def _ingest_one(
         dict goes into the row
     :param pages: also page through ``explorer.query_nodes`` over the Unix socket
         during the measured window (the ``query`` row)
+    :param caller: ``(method, params, rate, row)`` instead of the pages: that call at
+        that rate during the window, ``row(res, out, n)`` adding its row
     """
     conns, nofile = fleet_conns(n, tls)
     env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}))
@@ -291,7 +299,12 @@ def _ingest_one(
         w1 = w0 + cfg["hb_window"]
         end = w1 + 1.5
         control(gens, {"w0": w0, "w1": w1, "end": end})
-        if pages:
+        if caller:
+            method, params, rate, _ = caller
+            pager = start_pages(
+                procs, exp.sock, w0, cfg["hb_window"], rate, method=method, params=params
+            )
+        elif pages:
             pager = start_pages(procs, exp.sock, w0, cfg["hb_window"], cfg["query_rate"])
         time.sleep(max(0, w0 - time.time()))
         cpu0, tw0 = proc_cpu(pid), time.time()
@@ -410,7 +423,7 @@ def _ingest_one(
                     f"{offline} offline, {info['nodes']['online']} online",
                 )
         if page_out:
-            _query_row(res, page_out, n)
+            (caller[3] if caller else _query_row)(res, page_out, n)
         return s, cpu_share, offline, conns, extra
     finally:
         if finish:

@@ -741,7 +741,11 @@ class Pages:
                 await asyncio.sleep(due - now)
             elif now - due > 1.0 / a.rate:
                 late += 1
-            params = {"limit": a.limit}
+            if a.params:
+                # A fixed call (explorer.place): no pages to follow.
+                params = json.loads(a.params)
+            else:
+                params = {"limit": a.limit}
             if cursor:
                 params["cursor"] = cursor
             body = json.dumps(
@@ -766,6 +770,8 @@ class Pages:
             hist.add(took)
             lat.append(round(took * 1000, 3))
             size += len(payload)
+            if a.params:
+                continue
             nodes += len(msg["result"]["nodes"])
             cursor = msg["result"]["next_cursor"]
             if cursor is None:
@@ -825,6 +831,7 @@ def main(argv=None):
     # pages mode
     p.add_argument("--method", default="explorer.query_nodes")
     p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--params", help="pages: these params (JSON) in every call, no paging")
     p.add_argument("--rate", type=float, default=5.0, help="pages: calls per second")
     p.add_argument("--count", type=int, default=100, help="pages: at most this many")
     p.add_argument("--start", type=float, help="pages: Unix time of the first call")

@@ -34,6 +34,7 @@ sys.path.insert(1, os.path.dirname(HERE))
 
 import fleet  # noqa: E402
 import ingest  # noqa: E402
+import placebench  # noqa: E402
 import restart  # noqa: E402
 import sections  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -50,6 +51,7 @@ SECTIONS = {
     "failure": sections.sec_failure,
     "tls": fleet.sec_tls,
     "hostile": fleet.sec_hostile,
+    "place": placebench.sec_place,
     "profile": ingest.sec_profile,
 }
 DEFAULT_SECTIONS = [
@@ -61,6 +63,7 @@ DEFAULT_SECTIONS = [
     "failure",
     "tls",
     "hostile",
+    "place",
 ]
 
 
@@ -98,6 +101,7 @@ def main(argv=None):
         "the goal and has explorer.query_nodes paged alongside)",
     )
     ap.add_argument("--restart-n", type=int, help="node count for restart")
+    ap.add_argument("--place-n", type=int, help="node count for place (issue 20)")
     ap.add_argument(
         "--full",
         action="store_true",
@@ -139,6 +143,7 @@ def main(argv=None):
         "tls_n": 2000 if q else 10000,
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
+        "place_n": args.place_n or (10000 if q else 100000),
     }
     mach = machine()
     res = Results()

@@ -16,6 +16,7 @@ from zope.interface import Interface, implementer
 from hero_compute.rpc.errors import NodeNotFound
 
 from .history import HeartbeatHistory
+from .placement import PlacementIndex
 
 log = Logger()
 
@@ -24,6 +25,11 @@ log = Logger()
 #: fleet re-registers within one heartbeat interval, and a line per node would cost
 #: more CPU than the heartbeats themselves while telling the operator nothing more.
 LOG_BURST = 20
+
+#: A node is told to heartbeat this many times per ``offline_after`` (``next_heartbeat``
+#: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
+#: explorer, before it is declared offline.
+HEARTBEATS_PER_OFFLINE = 3
 
 
 @attrs.frozen
@@ -159,6 +165,17 @@ class Registry:
     _order: list = attrs.field(factory=list, init=False)
     #: The last heartbeat times of each node (explorer.node_history).
     history: HeartbeatHistory = attrs.field(factory=HeartbeatHistory, init=False)
+    #: What placement reads (CONTRACT §9), kept as heartbeats arrive; a reservation
+    #: lapses after two heartbeat intervals.
+    placement: PlacementIndex = attrs.field(
+        default=attrs.Factory(
+            lambda self: PlacementIndex(
+                self.offline_after, 2 * self.offline_after / HEARTBEATS_PER_OFFLINE
+            ),
+            takes_self=True,
+        ),
+        init=False,
+    )
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -188,6 +205,7 @@ class Registry:
                 remote=heartbeat.remote,
             )
             bisect.insort(self._order, node_id)
+            self.placement.update(record)
             self._note(
                 now,
                 "node {node_id} ({name}) joined from {address}",
@@ -214,6 +232,7 @@ class Registry:
         record.last_seen = now
         record.left = False
         record.remote = heartbeat.remote
+        self.placement.update(record, changed)
         if was_offline:
             self._note(
                 now,
@@ -271,6 +290,7 @@ class Registry:
     def leave(self, node_id):
         record = self.get(node_id)
         record.left = True
+        self.placement.left(node_id)
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
 
     def find(self, node_id):
@@ -287,6 +307,7 @@ class Registry:
         for record in records:
             record.left = True
             self._nodes[record.node_id] = record
+            self.placement.update(record)
         self._order = sorted(self._nodes)
 
     def get(self, node_id):
@@ -298,6 +319,7 @@ class Registry:
     def remove(self, node_id):
         self.get(node_id)
         del self._nodes[node_id]
+        self.placement.remove(node_id)
         self.history.pop(node_id, None)
         index = bisect.bisect_left(self._order, node_id)
         del self._order[index]

@@ -11,7 +11,7 @@ from .qemu import QemuVmManager
 log = Logger()
 
 
-def make_vm_manager(reactor, state_dir, image_dirs=None):
+def make_vm_manager(reactor, state_dir, image_dirs=None, capacity=None):
     """
     The node's VM manager: QEMU processes driven over QMP, kept under the state dir.
 
@@ -22,6 +22,8 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
     :param state_dir: the node's state directory
     :param image_dirs: directories base images must lie under; ``None`` or empty (no
         ``NODE_IMAGE_DIRS``): ``<state_dir>/images`` only
+    :param capacity: ``NODE_CAPACITY``: what VMs may reserve in all, any of
+        ``vcpus``, ``memory_mb``, ``disk_gb`` (the host's for the others), or None
     :return: a :class:`~hero_compute.node.qemu.QemuVmManager`
     """
     missing = [
@@ -34,5 +36,8 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
             missing=" and ".join(missing),
         )
     return QemuVmManager(
-        reactor=reactor, state_dir=state_dir, image_dirs=image_dirs or None
+        reactor=reactor,
+        state_dir=state_dir,
+        image_dirs=image_dirs or None,
+        capacity_cap=capacity or {},
     )

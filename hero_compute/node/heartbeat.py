@@ -323,7 +323,8 @@ class HeartbeatPayload:
     """
     Builds the params of a heartbeat to one explorer.
 
-    :ivar _identity: the node's identity (``node_id``, ``name`` and ``secret``), read at
+    :ivar _identity: the node's identity (``node_id``, ``name``, ``secret`` and
+        ``labels``), read at
         each heartbeat: they are known only once the node has started
     :ivar _advertiser: the :class:`Advertiser`
     :ivar _vms: the node's :class:`~hero_compute.node.vms.IVmManager`
@@ -356,6 +357,9 @@ class HeartbeatPayload:
                 "capacity": self._vms.capacity(),
                 "usage": self._vms.usage(),
                 "vm_count": len(vms),
+                # In every full heartbeat; a delta leaves them out while unchanged
+                # and the explorer keeps them.
+                "labels": self._identity.labels,
             }
             if self._identity.secret is not None:
                 # On every transport, TLS included: it binds the node id (CONTRACT §6).

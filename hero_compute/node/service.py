@@ -71,11 +71,13 @@ class NodeIdentity:
     :ivar name: the node's human name
     :ivar secret: the node secret sent in heartbeats and leaves, or None until
         :meth:`load` has run
+    :ivar labels: the node's labels (``NODE_LABELS``), sent in every full heartbeat
     """
 
     state_dir: str
     node_id: str | None = None
     name: str = ""
+    labels: dict = attrs.field(factory=dict, kw_only=True)
     secret: str | None = attrs.field(default=None, repr=False)
 
     def load(self):
@@ -192,6 +194,7 @@ def make_node(
     interval,
     node_id=None,
     name="",
+    labels=None,
     advertise=None,
     tls=None,
     tls_files=None,
@@ -229,6 +232,7 @@ def make_node(
     :param interval: seconds between heartbeats
     :param node_id: a fixed id, or None to use the persisted one
     :param name: the node's human name
+    :param labels: the node's labels, ``{key: value}`` (CONTRACT §9)
     :param advertise: the ``tcp://`` or ``tls://`` :class:`Address` (its host) reported
         to remote explorers, or None to derive it
     :param tls: a :class:`ListenAddress` to serve mutual TLS on, or None
@@ -245,7 +249,7 @@ def make_node(
         ``state_dir/images``, with the default limits
     :return: the :class:`NodeService`
     """
-    identity = NodeIdentity(state_dir, node_id, name)
+    identity = NodeIdentity(state_dir, node_id, name, labels=dict(labels or {}))
     tls_explorers = [address for address in explorers if address.scheme == "tls"]
     uses_tls = bool(tls_explorers) or tls is not None
     client_side = ClientSide() if uses_tls else None
@@ -370,6 +374,7 @@ class NodeMethods:
                 "capacity": self._vms.capacity(),
                 "usage": self._vms.usage(),
                 "vm_count": len(vms),
+                "labels": node.identity.labels,
                 "explorers": [loop.state.to_wire() for loop in node.heartbeats],
             }
         )

@@ -20,6 +20,8 @@ from hero_compute.options import (
     help_text,
     limits,
     listen_address,
+    parse_capacity,
+    parse_labels,
     print_startup_errors,
     seconds,
     socket_dir,
@@ -175,6 +177,22 @@ class Options(TapOptions):
         ],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
         [
+            "labels",
+            None,
+            None,
+            "Labels sent in every heartbeat, key=value,key=value, for placement "
+            "[default: $NODE_LABELS; unset: none]",
+            parse_labels,
+        ],
+        [
+            "capacity",
+            None,
+            None,
+            "What this node's VMs may reserve in all, vcpus=N,memory=SIZE,disk=SIZE, any "
+            "subset [default: $NODE_CAPACITY; unset: the host's]",
+            parse_capacity,
+        ],
+        [
             "state-dir",
             None,
             None,
@@ -253,6 +271,8 @@ class Options(TapOptions):
         if self["interval"] is None:
             self["interval"] = 10.0
         self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
+        from_env(self, "labels", env, "NODE_LABELS", parse_labels)
+        from_env(self, "capacity", env, "NODE_CAPACITY", parse_capacity)
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
         self["state-dir"] = (
             self["state-dir"]
@@ -392,11 +412,17 @@ def makeService(options, reactor=None):
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
-        vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
+        vms=make_vm_manager(
+            reactor,
+            options["state-dir"],
+            options["image-dir"] or None,
+            capacity=options["capacity"],
+        ),
         state_dir=options["state-dir"],
         interval=options["interval"],
         node_id=options["node-id"],
         name=options["name"],
+        labels=options["labels"] or {},
         advertise=options["advertise"],
         tls=options["tls"],
         tls_files=options["tls-files"],

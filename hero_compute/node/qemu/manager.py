@@ -61,6 +61,8 @@ class QemuVmManager(service.Service):
     :param image_dirs: base images must lie under one of these directories (an
         ``image`` elsewhere is refused with -32010); default ``<state_dir>/images``.
         See :mod:`.images`
+    :param capacity_cap: ``NODE_CAPACITY``: any of ``vcpus``, ``memory_mb``,
+        ``disk_gb``, replacing the host's in :meth:`capacity` (what VMs may reserve)
     :param accel: QEMU's accelerator list; ``"kvm:tcg"`` takes KVM where ``/dev/kvm`` is
         usable and falls back to (much slower) emulation elsewhere
     """
@@ -78,6 +80,7 @@ class QemuVmManager(service.Service):
     _min_free_mb: int = 256
     _image_dirs: tuple | None = None
     _accel: str = "kvm:tcg"
+    _capacity_cap: dict = attrs.field(factory=dict)
     _admission: Admission = attrs.field(init=False)
     _store: VmStore = attrs.field(init=False)
     _vms: dict = attrs.field(init=False, factory=dict)
@@ -270,10 +273,11 @@ class QemuVmManager(service.Service):
 
     def capacity(self):
         """
-        :return: the host's ``{vcpus, memory_mb, disk_gb}``, per
-            :func:`~.admission.host_capacity`
+        :return: what this node's VMs may reserve in all, ``{vcpus, memory_mb,
+            disk_gb}``: the host's, per :func:`~.admission.host_capacity`, each replaced
+            by ``NODE_CAPACITY``'s when it gives one
         """
-        return host_capacity(self._state_dir)
+        return {**host_capacity(self._state_dir), **self._capacity_cap}
 
     def usage(self):
         """
@@ -306,7 +310,7 @@ class QemuVmManager(service.Service):
 
     async def _create(self, name, vcpus, memory_mb, disk_gb, image):
         check_request(name, vcpus, memory_mb, disk_gb, image)
-        request = Reservation(name, memory_mb, disk_gb)
+        request = Reservation(name, memory_mb, disk_gb, vcpus)
         held = [Reservation.of(vm.record) for vm in self._vms.values()]
         held += self._creating.values()
         image = self._admission.admit(request, vcpus, image, held, self.capacity())
