@@ -11,7 +11,7 @@ from .qemu import QemuVmManager
 log = Logger()
 
 
-def make_vm_manager(reactor, state_dir, image_dirs=None):
+def make_vm_manager(reactor, state_dir, image_dirs=None, console=None):
     """
     The node's VM manager: QEMU processes driven over QMP, kept under the state dir.
 
@@ -22,6 +22,8 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
     :param state_dir: the node's state directory
     :param image_dirs: directories base images must lie under; ``None`` or empty (no
         ``NODE_IMAGE_DIRS``): ``<state_dir>/images`` only
+    :param console: the :class:`~hero_compute.node.qemu.console.ConsoleSettings`, or
+        None for the defaults
     :return: a :class:`~hero_compute.node.qemu.QemuVmManager`
     """
     missing = [
@@ -33,6 +35,7 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
             "(apt-get install qemu-system-x86 qemu-utils)",
             missing=" and ".join(missing),
         )
+    extra = {} if console is None else {"console": console}
     return QemuVmManager(
-        reactor=reactor, state_dir=state_dir, image_dirs=image_dirs or None
+        reactor=reactor, state_dir=state_dir, image_dirs=image_dirs or None, **extra
     )

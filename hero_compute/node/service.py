@@ -14,15 +14,18 @@ import hero_compute
 from hero_compute.rpc.addresses import Address
 from hero_compute.rpc.authz import NODE_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.errors import InvalidParams
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 from .metrics import make_metrics
+from .qemu.console import DEFAULT_TAIL, console_route
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
@@ -99,6 +102,10 @@ def authorize(context, method, params):
     :raise ~hero_compute.rpc.errors.RefusedByPolicy: -32010 for anything else
     """
     NODE_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
 class NodeService(service.MultiService):
@@ -257,6 +264,10 @@ def make_node(
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
     factory = make_factory(rpc, limits=limits)
+    if hasattr(vms, "console"):
+        factory.upgrade = Routes(
+            [console_route(vms.console)], _authorize_route, limits.max_unsent
+        )
     listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),
@@ -334,6 +345,8 @@ class NodeMethods:
         rpc.register("vm.delete", lambda vm_id: self._vms.delete(vm_id))
         rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
         rpc.register("vm.list", self.list)
+        if hasattr(self._vms, "console"):
+            rpc.register("vm.console_log", self.console_log)
 
     def _wire(self, d):
         return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
@@ -346,6 +359,15 @@ class NodeMethods:
         """All VMs."""
         d = defer.maybeDeferred(self._vms.list)
         return d.addCallback(lambda vms: [vm.to_wire() for vm in vms])
+
+    def console_log(self, vm_id, bytes=DEFAULT_TAIL):  # noqa: A002 (the wire name)
+        """The end of a VM's serial console output."""
+        console = self._vms.console(vm_id)
+        if bytes > console.log.capacity:
+            raise InvalidParams(
+                f"bytes: at most {console.log.capacity} (NODE_CONSOLE_LOG) are kept"
+            )
+        return console.read(bytes)
 
     def info(self):
         """About this node."""

@@ -59,6 +59,17 @@ def _absolute(text):
     return os.path.abspath(os.path.expanduser(text))
 
 
+def _positive(text):
+    """:return: ``text`` as an integer of at least 1"""
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+_positive.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+
+
 class Options(TapOptions):
     """Options of ``twistd node``."""
 
@@ -172,6 +183,21 @@ class Options(TapOptions):
         ],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
         [
+            "console-log",
+            None,
+            None,
+            "Bytes of each VM's serial console kept [default: $NODE_CONSOLE_LOG or "
+            "1048576]",
+            _positive,
+        ],
+        [
+            "max-consoles",
+            None,
+            None,
+            "Console viewers at once per VM [default: $NODE_MAX_CONSOLES or 8]",
+            _positive,
+        ],
+        [
             "state-dir",
             None,
             None,
@@ -240,6 +266,8 @@ class Options(TapOptions):
         if self["interval"] is None:
             self["interval"] = 10.0
         self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
+        from_env(self, "console-log", env, "NODE_CONSOLE_LOG", _positive)
+        from_env(self, "max-consoles", env, "NODE_MAX_CONSOLES", _positive)
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
         self["state-dir"] = (
             self["state-dir"]
@@ -362,6 +390,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
 
     from .backends import make_vm_manager
+    from .qemu.console import DEFAULT_LOG, DEFAULT_MAX_CONSOLES, ConsoleSettings
     from .service import make_node
 
     node = make_node(
@@ -371,7 +400,15 @@ def makeService(options, reactor=None):
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
-        vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
+        vms=make_vm_manager(
+            reactor,
+            options["state-dir"],
+            options["image-dir"] or None,
+            console=ConsoleSettings(
+                options["console-log"] or DEFAULT_LOG,
+                options["max-consoles"] or DEFAULT_MAX_CONSOLES,
+            ),
+        ),
         state_dir=options["state-dir"],
         interval=options["interval"],
         node_id=options["node-id"],

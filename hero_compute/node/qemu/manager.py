@@ -24,6 +24,7 @@ from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
 from . import process
 from .admission import Admission, Reservation, check_request, host_capacity
+from .console import ConsoleSettings
 from .disks import create_disk
 from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
@@ -78,6 +79,7 @@ class QemuVmManager(service.Service):
     _min_free_mb: int = 256
     _image_dirs: tuple | None = None
     _accel: str = "kvm:tcg"
+    _console: ConsoleSettings = attrs.field(factory=ConsoleSettings)
     _admission: Admission = attrs.field(init=False)
     _store: VmStore = attrs.field(init=False)
     _vms: dict = attrs.field(init=False, factory=dict)
@@ -295,13 +297,19 @@ class QemuVmManager(service.Service):
         if vm.record.state not in allowed:
             raise InvalidVmState(f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
+    def console(self, vm_id):
+        """:return: the VM's :class:`~.console.SerialConsole`; VmNotFound if none"""
+        return self._get(vm_id).console
+
     def _machine(self, record):
+        directory = self._store.directory(record.vm_id)
         return Machine(
             record,
-            self._store.directory(record.vm_id),
+            directory,
             self._reactor,
             on_lost=self._qmp_lost,
             closing=lambda: self._closing,
+            console=self._console.make(directory, self._reactor),
         )
 
     async def _create(self, name, vcpus, memory_mb, disk_gb, image):

@@ -15,6 +15,7 @@ from twisted.internet import task, utils
 
 from hero_compute.rpc.errors import InvalidVmState
 
+from .console import TTY_SOCKET
 from .store import DISK, PIDFILE, QMP_SOCKET
 
 
@@ -47,6 +48,11 @@ def qemu_argv(record, directory, accel):
         os.path.join(directory, PIDFILE),
         "-qmp",
         _qmp_option(directory),
+        # The first serial port, kept by the node (console.py); QEMU never waits for it.
+        "-chardev",
+        f"socket,id=tty,path={opt(os.path.join(directory, TTY_SOCKET))},server=on,wait=off",
+        "-serial",
+        "chardev:tty",
     ]
 
 
@@ -158,7 +164,7 @@ def remove_runtime(directory):
 
     :param directory: the VM's directory
     """
-    for name in (PIDFILE, QMP_SOCKET):
+    for name in (PIDFILE, QMP_SOCKET, TTY_SOCKET):
         try:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
