@@ -13,7 +13,7 @@ import time
 from rich.text import Text
 from twisted.internet import defer, task
 
-from . import exits
+from . import console, exits
 from .connect import VmNotFound
 from .nodes import fetch_nodes
 from .output import fields, styled_state, table
@@ -95,6 +95,7 @@ def add_commands(sub, common):
                 help="return once the VM is " + TARGETS[name][1],
             )
         p.set_defaults(run=transition if name != "show" else show_vm, action=name)
+    console.add_commands(cmds, common)
 
 
 #: ``action: (method, target state, verb for the status line)``; None: gone.
