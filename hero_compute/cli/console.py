@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from . import exits
 from .connect import HTTPRefusal
+from .vms import resolve
 
 #: The byte of Ctrl-], which detaches (as in telnet and virsh).
 DETACH = b"\x1d"
@@ -59,8 +60,6 @@ def add_commands(cmds, common):
 
 async def console_log(explorer, args, output):
     """``vm log NODE VM [--bytes N]``."""
-    from .vms import resolve
-
     vm = await resolve(explorer, args.node_id, args.vm)
     params = {"vm_id": vm["vm_id"]}
     if args.bytes is not None:
@@ -135,8 +134,6 @@ def _write_out(data):
 
 async def console_vm(explorer, args, output):
     """``vm console NODE VM``."""
-    from .vms import resolve
-
     vm = await resolve(explorer, args.node_id, args.vm)
     session = _Session(_write_out)
     try:

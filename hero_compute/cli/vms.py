@@ -13,7 +13,7 @@ import time
 from rich.text import Text
 from twisted.internet import defer, task
 
-from . import console, exits
+from . import exits
 from .connect import VmNotFound
 from .nodes import fetch_nodes
 from .output import fields, styled_state, table
@@ -42,6 +42,7 @@ def add_commands(sub, common):
 
     :param sub: the subparsers action of the top parser
     :param common: the parent parser of the global options
+    :return: the group's subparsers action, for more commands
     """
     vm = sub.add_parser(
         "vm",
@@ -95,7 +96,7 @@ def add_commands(sub, common):
                 help="return once the VM is " + TARGETS[name][1],
             )
         p.set_defaults(run=transition if name != "show" else show_vm, action=name)
-    console.add_commands(cmds, common)
+    return cmds
 
 
 #: ``action: (method, target state, verb for the status line)``; None: gone.
