@@ -105,7 +105,7 @@ class WsClient:
         """Read what arrives before ``deadline``; False once the server closed."""
         try:
             events = self._read_events(deadline)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return True
         except (ConnectionError, OSError):
             self.closed = True
