@@ -32,7 +32,7 @@ def test_ring_keeps_the_last_bytes(tmp_path):
     path = str(tmp_path / CONSOLE_LOG)
     log = ConsoleLog(path, 1000)
     everything = b""
-    for i in range(300):
+    for _ in range(300):
         data = bytes(
             rng.randrange(256) for _ in range(rng.choice([0, 1, 7, 333, 999, 2500]))
         )
