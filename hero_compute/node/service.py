@@ -360,10 +360,12 @@ class NodeMethods:
         d = defer.maybeDeferred(self._vms.list)
         return d.addCallback(lambda vms: [vm.to_wire() for vm in vms])
 
-    def console_log(self, vm_id, bytes=DEFAULT_TAIL):  # noqa: A002 (the wire name)
+    def console_log(self, vm_id, bytes=None):  # noqa: A002 (the wire name)
         """The end of a VM's serial console output."""
         console = self._vms.console(vm_id)
-        if bytes > console.log.capacity:
+        if bytes is None:
+            bytes = min(DEFAULT_TAIL, console.log.capacity)  # noqa: A001
+        elif bytes > console.log.capacity:
             raise InvalidParams(
                 f"bytes: at most {console.log.capacity} (NODE_CONSOLE_LOG) are kept"
             )
