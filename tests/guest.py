@@ -31,6 +31,10 @@ another image directory and returns the new paths.  ``guest.qemu_argv()`` is the
 QEMU command line for it, for tests that want no node at all.
 
 When a package cannot be fetched (no mirror), the fixture skips with the reason.
+
+To get in: :func:`ssh_key` makes a key pair, :func:`ssh_argv` is a non-interactive
+``ssh`` command line for ``root`` on a forwarded port, :func:`ssh_until` retries it while
+the guest boots, :func:`free_port` finds a loopback port.
 """
 
 import fcntl
@@ -38,12 +42,15 @@ import gzip
 import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
 
 import attrs
 import pytest
+
+from . import support
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INIT_SCRIPT = os.path.join(HERE, "guest_init.sh")
@@ -63,6 +70,8 @@ PACKAGES = (
 #: Loaded by /init in this order after their dependencies (from modules.dep).
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "isofs")
 READY_LINE = b"hero-guest: ready"
+#: Bumped whenever :func:`_build` changes what it makes.
+BUILD = 1
 
 
 @attrs.frozen
@@ -136,13 +145,13 @@ def _versions(packages):
 
 def inputs_digest():
     """
-    :return: a short digest of everything the guest is built from (the init script, this
-        builder, the package versions the mirror offers), naming its cache directory
+    :return: a short digest of everything the guest is built from (the init script,
+        :data:`BUILD`, the package versions the mirror offers), naming its cache
+        directory
     """
-    digest = hashlib.sha256()
-    for path in (INIT_SCRIPT, os.path.abspath(__file__)):
-        with open(path, "rb") as f:
-            digest.update(f.read())
+    digest = hashlib.sha256(f"build {BUILD}".encode())
+    with open(INIT_SCRIPT, "rb") as f:
+        digest.update(f.read())
     kernel = _kernel_package()
     digest.update(repr([kernel, *PACKAGES, *_versions([kernel, *PACKAGES])]).encode())
     return kernel, digest.hexdigest()[:16]
@@ -326,6 +335,76 @@ def build_guest(cache_root=None):
         initrd=os.path.join(directory, "initrd.img"),
         directory=directory,
     )
+
+
+# -- reaching a guest -------------------------------------------------------------------
+
+
+def free_port():
+    """:return: a TCP port on 127.0.0.1 that was free a moment ago"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ssh_key(directory):
+    """
+    :param directory: where to put the key pair
+    :return: ``(private key path, public key line)`` of a new ed25519 key
+    """
+    path = os.path.join(directory, "id_ed25519")
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", path],
+        check=True,
+    )
+    with open(path + ".pub") as f:
+        return path, f.read().strip()
+
+
+def ssh_argv(key, port, host="127.0.0.1"):
+    """
+    :return: an ``ssh`` command line for ``root`` on a forwarded port, non-interactive
+        and trusting the guest's new host key
+    """
+    return [
+        "ssh",
+        "-i",
+        key,
+        "-p",
+        str(port),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        "LogLevel=ERROR",
+        f"root@{host}",
+    ]
+
+
+def ssh_until(key, port, command, timeout=60.0, host="127.0.0.1", prefix=()):
+    """
+    Run ``command`` in the guest over SSH, retrying while the guest boots.
+
+    :param prefix: a command line to run ``ssh`` under (``ip netns exec NS``)
+    :return: the completed process of the first successful attempt
+    """
+    done = []
+
+    def attempt():
+        run = subprocess.run(
+            [*prefix, *ssh_argv(key, port, host), command], capture_output=True, timeout=20
+        )
+        if run.returncode == 0:
+            done.append(run)
+        return bool(done)
+
+    support.wait_for(attempt, timeout=timeout, interval=0.5, what=f"ssh to port {port}")
+    return done[0]
 
 
 @pytest.fixture(scope="session")

@@ -351,9 +351,10 @@ class NodeMethods:
     def _wire(self, d):
         return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
-        """Define a VM."""
-        return self._wire(self._vms.create(name, vcpus, memory_mb, disk_gb, image))
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
+        """Define a VM; ``access`` holds the optional params of CONTRACT §8."""
+        d = self._vms.create(name, vcpus, memory_mb, disk_gb, image, **access)
+        return self._wire(d)
 
     def list(self):
         """All VMs."""
@@ -384,5 +385,6 @@ class NodeMethods:
                 "usage": self._vms.usage(),
                 "vm_count": len(vms),
                 "explorers": [loop.state.to_wire() for loop in node.heartbeats],
+                "accel": self._vms.accel(),
             }
         )

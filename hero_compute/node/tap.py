@@ -29,6 +29,8 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 from hero_compute.rpc.listeners import unix_endpoint_string
 from hero_compute.rpc.systemd import notifier_for
 
+from . import tap_vms
+
 
 def _advertise(text):
     address = parse_address(text)
@@ -86,7 +88,8 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR. SIGHUP re-reads the TLS "
+        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR, NODE_ACCEL, NODE_VM_BRIDGES, "
+        "NODE_VM_PORTS, NODE_VM_FORWARD_ADDR. SIGHUP re-reads the TLS "
         "certificate files. Run two twistd in one directory with --pidfile= (or "
         "distinct --pidfile), or they clash on twistd.pid."
     )
@@ -203,6 +206,7 @@ class Options(TapOptions):
             None,
             "State directory [default: $HERO_STATE_DIR or ~/hero/var/hero_compute].",
         ],
+        *tap_vms.OPT_PARAMETERS,
     ]
 
     def __init__(self, env=None):
@@ -304,6 +308,7 @@ class Options(TapOptions):
                 "if the explorer must use another address than this host's own"
             )
         self._tls_options(env)
+        tap_vms.post_options(self, env)
         if self.under_twistd:
             self._clean_startup_errors()
 
@@ -404,6 +409,8 @@ def makeService(options, reactor=None):
             reactor,
             options["state-dir"],
             options["image-dir"] or None,
+            accel=options["accel"],
+            network=options["vm-network"],
             console=ConsoleSettings(
                 options["console-log"] or DEFAULT_LOG,
                 options["max-consoles"] or DEFAULT_MAX_CONSOLES,

@@ -57,6 +57,17 @@ _MAGIC = b"HCTTYLOG"
 PATH = re.compile(r"/v1/vms/(?P<vm_id>[A-Za-z0-9_.-]{1,64})/console/?")
 
 
+def serial_args(directory: str) -> list[str]:
+    """:return: QEMU's first serial port on the node's socket (QEMU never waits for it)"""
+    path = os.path.join(directory, TTY_SOCKET).replace(",", ",,")
+    return [
+        "-chardev",
+        f"socket,id=tty,path={path},server=on,wait=off",
+        "-serial",
+        "chardev:tty",
+    ]
+
+
 class ConsoleLog:
     """
     The last ``capacity`` bytes of a serial port, in a ring file.

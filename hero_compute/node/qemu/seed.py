@@ -133,16 +133,6 @@ def check_hostname(hostname):
         )
 
 
-def default_hostname(name):
-    """
-    :param name: a VM name
-    :return: the host name a VM of that name gets when none is given: lower-cased, every
-        other character as ``-``, cut to 63 characters, never empty
-    """
-    label = re.sub(r"[^a-z0-9-]", "-", name.lower())[:63].strip("-")
-    return label or "vm"
-
-
 def meta_data(vm_id, hostname):
     """
     :return: the ``meta-data`` document
