@@ -15,6 +15,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import UNIXClientEndpoint
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import BytesMessage, Request
 
 from hero_compute.rpc.authz import NODE_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
@@ -251,3 +253,40 @@ async def test_our_client(server):
     with pytest.raises(HTTPRefusal) as refused:
         await connect(endpoint, "localhost", "/echo/busy", Handler(), 65536, 5, reactor)
     assert refused.value.status == 429 and "too many" in refused.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_upgrade_answers_earlier_requests_first(server):
+    """An upgrade sent right behind an RPC request on one connection is taken over only
+    once that request is answered, and frames sent behind it reach the handler."""
+    uri, _ = server
+    from .test_http_server import raw_socket
+
+    body = b'{"jsonrpc": "2.0", "method": "sum", "params": [2, 3], "id": 1}'
+    ws = WSConnection(ConnectionType.CLIENT)
+    upgrade = ws.send(Request(host="x", target="/echo/piped"))
+
+    def talk():
+        sock = raw_socket(uri)
+        sock.sendall(
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s%s"
+            % (len(body), body, upgrade)
+        )
+        data = b""
+        while b"101 " not in data:
+            data += sock.recv(65536)
+        ws.receive_data(data[data.index(b"HTTP/1.1 101") :])
+        list(ws.events())
+        sock.sendall(ws.send(BytesMessage(data=b"after")))
+        got = b""
+        while b"after" not in got:
+            ws.receive_data(sock.recv(65536))
+            got += b"".join(e.data for e in ws.events() if isinstance(e, BytesMessage))
+        sock.close()
+        return data
+
+    data = await in_thread(talk)
+    assert data.replace(b" ", b"").index(b'"result":5') < data.replace(b" ", b"").index(
+        b"HTTP/1.1101"
+    )
+    assert Echo.instances[0].got == b"after"
