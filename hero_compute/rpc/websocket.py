@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from .dispatch import CallContext
 from .errors import RefusedByPolicy
+from .sendnow import send_now
 
 log = Logger()
 
@@ -181,7 +182,9 @@ class WebSocket:
     def _write(self, data: bytes) -> None:
         if not data or self._gone:
             return
-        self.transport.write(data)
+        # At once, not at the reactor's next turn: a console relays keystrokes, and
+        # each hop's turn would add to the echo's round trip.
+        send_now(self.transport, data)
         if self._unsent is not None:
             self._unsent += len(data)
             if self._unsent > self._max_unsent:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hero_compute.rpc.errors import VmNotFound
+from hero_compute.rpc.sendnow import send_now
 from hero_compute.rpc.websocket import (
     GOING_AWAY,
     HTTPRefusal,
@@ -285,7 +286,7 @@ class SerialConsole:
     def input(self, data: bytes) -> None:
         """What a viewer typed, in the order it arrived."""
         if self._serial is not None:
-            self._serial.transport.write(data)
+            send_now(self._serial.transport, data)
 
     def input_paused(self, paused: bool) -> None:
         """QEMU reads slower than viewers type: stop (or resume) reading them."""
