@@ -174,3 +174,47 @@ def test_route_statuses(tmp_path):
         with pytest.raises(HTTPRefusal) as refused:
             route.accept(UpgradeRequest("console", {"vm_id": vm_id}, None))
         assert refused.value.status == status
+
+
+def test_input_backpressure_pauses_viewers(tmp_path):
+    """While QEMU does not take input, every viewer is not read, one attaching meanwhile
+    too; all are read again once it drains."""
+    console = SerialConsole(str(tmp_path), reactor, 100, 4)
+    console._serial = object()  # held, as far as attaching goes
+    first = console.attach()
+    a = Viewed()
+    first.opened(a)
+    console.input_paused(True)
+    b = Viewed()
+    console.attach().opened(b)
+    assert a.paused and b.paused
+    console.input_paused(False)
+    assert not a.paused and not b.paused
+
+
+def test_never_started_vm_has_an_empty_log(tmp_path):
+    """vm.console_log of a VM never started is empty and makes no file."""
+    console = SerialConsole(str(tmp_path), reactor, 100, 1)
+    assert console.read(50) == {"data": "", "size": 0}
+    assert not os.path.exists(console.log.path)
+
+
+def test_relay_backpressure_and_close():
+    """The explorer's relay passes frames both ways, stops reading the caller while the
+    node's leg is full, and closes one side when the other goes."""
+    from hero_compute.explorer.console import Relay
+
+    relay = Relay()
+    caller, node = Viewed(), Viewed()
+    caller.writable = node.writable = None
+    relay.caller.opened(caller)
+    relay.node.opened(node)
+    relay.caller.received(b"typed")
+    relay.node.received(b"printed")
+    assert node.sent == b"typed" and caller.sent == b"printed"
+    node.writable(False)
+    assert caller.paused
+    node.writable(True)
+    assert not caller.paused
+    relay.node.closed(1000)
+    assert caller.closed == 1001

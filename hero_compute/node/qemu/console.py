@@ -323,6 +323,8 @@ class SerialConsole:
         :param count: bytes wanted, at most the log's capacity
         :return: ``vm.console_log``'s result
         """
+        if self._serial is None and not os.path.exists(self.log.path):
+            return {"data": "", "size": 0}  # never started: no file made by a read
         data = self.log.tail(count)
         if self._serial is None:
             self.log.close()
