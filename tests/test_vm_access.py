@@ -16,6 +16,7 @@ import pytest
 
 from .guest import ssh_argv, ssh_key, ssh_until
 from .support import result, rpc, wait_for
+from .test_cli import cli
 
 pytestmark = [
     pytest.mark.qemu,
@@ -328,3 +329,77 @@ def test_bridge_mode_with_a_real_bridge_and_tap(fleet, guest, lab):
     assert ssh_until(key, 22, "hostname", host="10.0.2.15", prefix=inside).returncode == 0
     fleet.ok("vm.delete", vm_id=vm_id)
     assert taps(ns) == []
+
+
+def test_cli_create_with_key_and_kernel_then_vm_ssh(fleet, guest):
+    """hero-compute vm create --ssh-key --kernel --initrd --hostname --port --start,
+    then vm ssh NODE VM -- COMMAND runs the command in the guest."""
+    fleet.node()
+    wait_online(fleet)
+    key, _ = ssh_key(fleet.keys)
+    env = {"HERO_EXPLORER": fleet.euri}
+    code, out, err = cli(
+        "--explorer",
+        fleet.euri,
+        "vm",
+        "create",
+        fleet.node_id,
+        "--name",
+        "from-cli",
+        "--memory",
+        "256M",
+        "--disk",
+        "1G",
+        "--ssh-key",
+        key + ".pub",
+        "--hostname",
+        "cli-guest",
+        "--port",
+        "22",
+        "--port",
+        "5353/udp",
+        "--kernel",
+        guest.kernel,
+        "--initrd",
+        guest.initrd,
+        "--start",
+        "--wait",
+        env=env,
+    )
+    assert code == 0, err
+    vm = json.loads(out)
+    assert vm["state"] == "running" and vm["hostname"] == "cli-guest"
+    assert [(p["guest"], p["protocol"]) for p in vm["network"]["ports"]] == [
+        (22, "tcp"),
+        (5353, "udp"),
+    ]
+    ssh = ["-l", "root", "-i", key, "-o", "BatchMode=yes"]
+    ssh += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    answers = []
+
+    def attempt():
+        code, out, err = cli(
+            "--explorer",
+            fleet.euri,
+            "vm",
+            "ssh",
+            *ssh,
+            fleet.node_id,
+            "from-cli",
+            "--",
+            "hostname",
+            env=env,
+        )
+        answers.append((code, out, err))
+        if code != 0:
+            raise AssertionError(answers[-1])
+        return True
+
+    wait_for(attempt, timeout=60, interval=1, what=f"vm ssh {answers[-1:]}")
+    assert answers[-1][1].strip() == "cli-guest"
+    # Bad CLI arguments never reach the node.
+    code, _, err = cli(
+        "--explorer", fleet.euri, "vm", "create", fleet.node_id, "--name", "x",
+        "--memory", "64M", "--disk", "1G", "--port", "70000", env=env,
+    )  # fmt: skip
+    assert code == 64 and "HOST:]GUEST" in err
