@@ -14,7 +14,6 @@ import hero_compute
 from hero_compute.rpc.addresses import Address
 from hero_compute.rpc.authz import NODE_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
-from hero_compute.rpc.errors import InvalidParams
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
@@ -26,7 +25,7 @@ from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 from .images import Images
 from .metrics import make_metrics
-from .qemu.console import DEFAULT_TAIL, console_route
+from .qemu.console import console_route
 from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
@@ -357,7 +356,10 @@ class NodeMethods:
         rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
         rpc.register("vm.list", self.list)
         if hasattr(self._vms, "console"):
-            rpc.register("vm.console_log", self.console_log)
+            rpc.register(
+                "vm.console_log",
+                lambda vm_id, bytes=None: self._vms.console(vm_id).read(bytes),  # noqa: A002
+            )
 
     def _wire(self, d):
         return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
@@ -371,17 +373,6 @@ class NodeMethods:
         """All VMs."""
         d = defer.maybeDeferred(self._vms.list)
         return d.addCallback(lambda vms: [vm.to_wire() for vm in vms])
-
-    def console_log(self, vm_id, bytes=None):  # noqa: A002 (the wire name)
-        """The end of a VM's serial console output."""
-        console = self._vms.console(vm_id)
-        if bytes is None:
-            bytes = min(DEFAULT_TAIL, console.log.capacity)  # noqa: A001
-        elif bytes > console.log.capacity:
-            raise InvalidParams(
-                f"bytes: at most {console.log.capacity} (NODE_CONSOLE_LOG) are kept"
-            )
-        return console.read(bytes)
 
     def info(self):
         """About this node."""

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hero_compute.rpc.errors import VmNotFound
+from hero_compute.rpc.errors import InvalidParams, VmNotFound
 from hero_compute.rpc.sendnow import send_now
 from hero_compute.rpc.websocket import (
     GOING_AWAY,
@@ -318,11 +318,18 @@ class SerialConsole:
         if viewer in self.viewers:
             self.viewers.remove(viewer)
 
-    def read(self, count: int) -> dict[str, Any]:
+    def read(self, count: int | None = None) -> dict[str, Any]:
         """
-        :param count: bytes wanted, at most the log's capacity
+        :param count: bytes wanted (``vm.console_log``'s ``bytes``), at most the log's
+            capacity; None: :data:`DEFAULT_TAIL` or the capacity if smaller
         :return: ``vm.console_log``'s result
+        :raise InvalidParams: ``count`` beyond the capacity
         """
+        capacity = self.log.capacity
+        if count is None:
+            count = min(DEFAULT_TAIL, capacity)
+        elif count > capacity:
+            raise InvalidParams(f"bytes: at most {capacity} (NODE_CONSOLE_LOG) are kept")
         if self._serial is None and not os.path.exists(self.log.path):
             return {"data": "", "size": 0}  # never started: no file made by a read
         data = self.log.tail(count)
