@@ -274,6 +274,7 @@ def test_node_methods_match_contract():
         "vm.list",
         "node.images",
         "image.import",
+        "vm.console_log",
     }
 
 
