@@ -8,7 +8,9 @@ README's performance section), and nothing of twisted.web's resource tree, sessi
 forms applies to one JSON endpoint.  As in uvicorn's ``httptools_impl``, each request is
 one record (:class:`Request`) from its first byte to its answer; the protocol holds only
 the connection's state.  Who may connect at all is decided at accept, in
-:mod:`.admission`.
+:mod:`.admission`; a ``GET`` may switch protocols (a WebSocket) through :mod:`.upgrade`.
+
+Long because: the upgrade's few lines sit in the request loop whose order they keep.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .http_wire import (
 from .idle import IdleSweep
 from .limits import Limits
 from .sendnow import send_now
+from .upgrade import Upgrading
 
 log = Logger()
 
@@ -63,7 +66,7 @@ IDLE_TIMEOUT = 75
 
 
 @implementer(IPushProducer)
-class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
+class RpcHTTPProtocol(Upgrading, RequestParsing, Backpressure, protocol.Protocol):
     """
     HTTP/1.1 for one connection to a dispatcher.
 
@@ -95,9 +98,6 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
     #: Since when the connection is idle (no byte received, nothing in flight), for
     #: the factory's idle sweep; None while a call runs or a refusal lingers.
     _idle_since: float | None = None
-    #: What took the connection over after an upgrade (a WebSocket): it gets every
-    #: byte and the transport's producer calls from then on.
-    _upgraded: Any = None
 
     def connectionMade(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -109,18 +109,6 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
         self.factory.opened(self)
         self._produce(READ_SIZE)
 
-    def pauseProducing(self) -> None:
-        if self._upgraded is not None:
-            self._upgraded.pauseProducing()
-        else:
-            Backpressure.pauseProducing(self)
-
-    def resumeProducing(self) -> None:
-        if self._upgraded is not None:
-            self._upgraded.resumeProducing()
-        else:
-            Backpressure.resumeProducing(self)
-
     # -- the connection
 
     def _head_too_slow(self) -> None:
@@ -130,15 +118,8 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
         self._refuse(408, b"request head not complete within %g s\n" % timeout)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._upgraded is not None:
-            self._upgraded.dataReceived(data)
-            return
-        if self._queue and self._queue[-1].upgrade is not None:
-            # Bytes after an upgrade request not yet taken over: the new protocol's.
-            self._queue[-1].upgrade += data
-            return
-        if self._closing or self._refusal is not None:
-            return  # refused: read and discard
+        if self._pass_on(data) or self._closing or self._refusal is not None:
+            return  # upgraded (the new protocol's), or refused: read and discard
         if self._inflight is None:
             self._idle_since = self.factory.clock.seconds()
         try:
@@ -149,11 +130,9 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
                 raise
             self._refusal = (refused.status, refused.message)
         except httptools.HttpParserUpgrade as e:
-            # llhttp leaves what follows an upgrade request unread (it would be the
-            # other protocol's): a WebSocket route takes it, else it is refused whole.
-            if self._queue and self._queue[-1].headers is not None:
-                self._queue[-1].upgrade = data[e.args[0] :]
-            else:
+            # What follows an upgrade's head is the new protocol's: the hook's, else
+            # the request is refused whole.
+            if not self._upgrade_asked(data, e.args[0]):
                 self._queue.pop()
                 self._refusal = (400, b"protocol upgrades are not supported\n")
         except httptools.HttpParserError as e:
@@ -241,17 +220,6 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
             self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,)
         )
 
-    def _take_over(self, request: Request) -> None:
-        """Hand the connection to the upgrade hook, with the request's head as sent."""
-        assert request.headers is not None and request.upgrade is not None
-        head = b"GET %s HTTP/1.1\r\n%s\r\n" % (request.url, b"".join(request.headers))
-        context = CallContext.from_transport(self.transport, self.factory.trust_domain)
-        # Not idle any more in the HTTP sense: the new protocol has its own rules.
-        self._idle_since = None
-        self._upgraded = self.factory.upgrade(self.transport, head, context)
-        if request.upgrade:
-            self._upgraded.dataReceived(request.upgrade)
-
     def _answered(self, payload: bytes | None, request: Request) -> None:
         self._inflight = None
         if self._lost or self._closing:
@@ -334,9 +302,7 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
-        if self._upgraded is not None:
-            self._upgraded.connectionLost(reason)
-            self._upgraded = None
+        self._upgraded_lost(reason)
         self._stop_head_timer()
         self.factory.closed(self)
         # The transport holds us as its producer: break that cycle too.
@@ -372,10 +338,7 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
 
     protocol = RpcHTTPProtocol
     trust_domain: str | None = None
-    #: The upgrade hook, ``upgrade(transport, head, context)`` returning the protocol
-    #: that takes the connection over (see :class:`hero_compute.rpc.websocket.Routes`);
-    #: None: upgrades are refused with 400.
-    upgrade: Any = None
+    upgrade: Any = None  # the upgrade hook (see .upgrade); None refuses them with 400
     # One "Starting factory" line per listener is noise in an operator's log.
     noisy = False
 
