@@ -121,6 +121,10 @@ def node_params(method):
         "vm.start": {"vm_id": "nope"},
         "vm.stop": {"vm_id": "nope"},
         "vm.delete": {"vm_id": "nope"},
+        "vm.console_log": {"vm_id": "nope"},
+        "node.images": {},
+        # No URL, digest or name: -32602 when allowed, nothing fetched.
+        "image.import": {"name": "never"},
         "rpc.discover": {},
     }[method]
 

@@ -286,6 +286,7 @@ def test_node_methods_match_contract():
         "vm.list",
         "node.images",
         "image.import",
+        "vm.console_log",
     }
 
 

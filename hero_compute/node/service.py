@@ -19,11 +19,13 @@ from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 from .images import Images
 from .metrics import make_metrics
+from .qemu.console import console_route
 from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
@@ -103,6 +105,10 @@ def authorize(context, method, params):
     :raise ~hero_compute.rpc.errors.RefusedByPolicy: -32010 for anything else
     """
     NODE_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
 class NodeService(service.MultiService):
@@ -267,6 +273,10 @@ def make_node(
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
     factory = make_factory(rpc, limits=limits)
+    if hasattr(vms, "console"):
+        factory.upgrade = Routes(
+            [console_route(vms.console)], _authorize_route, limits.max_unsent
+        )
     listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),
@@ -349,13 +359,19 @@ class NodeMethods:
         rpc.register("vm.delete", lambda vm_id: self._vms.delete(vm_id))
         rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
         rpc.register("vm.list", self.list)
+        if hasattr(self._vms, "console"):
+            rpc.register(
+                "vm.console_log",
+                lambda vm_id, bytes=None: self._vms.console(vm_id).read(bytes),  # noqa: A002
+            )
 
     def _wire(self, d):
         return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
-        """Define a VM."""
-        return self._wire(self._vms.create(name, vcpus, memory_mb, disk_gb, image))
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
+        """Define a VM; ``access`` holds the optional params of CONTRACT §8."""
+        d = self._vms.create(name, vcpus, memory_mb, disk_gb, image, **access)
+        return self._wire(d)
 
     def list(self):
         """All VMs."""
@@ -376,5 +392,6 @@ class NodeMethods:
                 "vm_count": len(vms),
                 "labels": node.identity.labels,
                 "explorers": [loop.state.to_wire() for loop in node.heartbeats],
+                "accel": self._vms.accel(),
             }
         )
