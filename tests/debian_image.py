@@ -71,9 +71,9 @@ def mirror():
 
 
 def _digest(source):
-    return hashlib.sha256(f"{BUILD} {SUITE} {INCLUDE} {source} {CLOUD_CFG}".encode()).hexdigest()[
-        :16
-    ]
+    return hashlib.sha256(
+        f"{BUILD} {SUITE} {INCLUDE} {source} {CLOUD_CFG}".encode()
+    ).hexdigest()[:16]
 
 
 def _build(directory, source):

@@ -403,3 +403,51 @@ def test_cli_create_with_key_and_kernel_then_vm_ssh(fleet, guest):
         "--memory", "64M", "--disk", "1G", "--port", "70000", env=env,
     )  # fmt: skip
     assert code == 64 and "HOST:]GUEST" in err
+
+
+CLOUD_CONFIG = """\
+#cloud-config
+write_files:
+- path: /run/hero-user-data
+  content: seen
+"""
+
+
+@pytest.mark.slow
+def test_stock_cloud_init_in_debian_12_takes_the_seed(fleet, guest, debian):
+    """A real Debian 12 with stock cloud-init (debootstrap, NoCloud only) boots from its
+    disk image as the VM's base image, takes the seed's host name and puts the key on
+    its default user: ssh debian@ through the forward runs a command."""
+    fleet.node(
+        env={"NODE_IMAGE_DIRS": f"{fleet.images}:{guest.directory}:{debian.directory}"}
+    )
+    wait_online(fleet)
+    key, public = ssh_key(fleet.keys)
+    vm = fleet.ok(
+        "vm.create",
+        name="debian-12",
+        vcpus=1,
+        memory_mb=1024,
+        disk_gb=debian.size_gb,
+        image=debian.image,
+        ssh_keys=[public],
+        hostname="cloud-one",
+        user_data=CLOUD_CONFIG,
+        boot={"kernel": guest.kernel, "initrd": guest.initrd, "cmdline": debian.cmdline},
+    )
+    fleet.ok("vm.start", vm_id=vm["vm_id"])
+    port = vm["network"]["ports"][0]["host"]
+    answers = []
+
+    def attempt():
+        run = subprocess.run(
+            [*ssh_argv(key, port, user="debian"), "hostname; cat /run/hero-user-data"],
+            capture_output=True,
+            timeout=30,
+        )
+        answers.append(run)
+        return run.returncode == 0
+
+    wait_for(attempt, timeout=600, interval=5, what="ssh debian@ into Debian 12")
+    lines = answers[-1].stdout.decode().split()
+    assert lines == ["cloud-one", "seen"]

@@ -108,7 +108,7 @@ async def kvm_works(reactor, qemu, timeout=PROBE_TIMEOUT):
         probe = _Probe()
         try:
             transport = reactor.spawnProcess(probe, argv[0], argv, env=os.environ)
-        except OSError as e:
+        except Exception as e:  # OSError, or a reactor that cannot spawn at all
             return False, f"cannot run {qemu}: {e}"
         timer = reactor.callLater(timeout, _kill, transport)
         ended = await probe.ended
