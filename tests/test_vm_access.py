@@ -420,6 +420,8 @@ write_files:
 
 
 @pytest.mark.slow
+# The first run on a machine builds the image with debootstrap (about 5 minutes).
+@pytest.mark.timeout(1800)
 def test_stock_cloud_init_in_debian_12_takes_the_seed(fleet, guest, debian):
     """A real Debian 12 with stock cloud-init (debootstrap, NoCloud only) boots from its
     disk image as the VM's base image, takes the seed's host name and puts the key on
