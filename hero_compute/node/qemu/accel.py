@@ -159,6 +159,7 @@ class AccelChoice:
     def __init__(self, mode="auto"):
         self.mode = mode
         self.accel = None
+        self._started = False
         self._waiting = []
 
     def start(self, reactor, qemu):
@@ -168,10 +169,19 @@ class AccelChoice:
         :param reactor: provides ``IReactorProcess`` and ``IReactorTime``
         :param qemu: the QEMU system emulator
         """
-        if self.accel is None and not getattr(self, "_started", False):
+        if self.accel is None and not self._started:
             self._started = True
             d = defer.Deferred.fromCoroutine(choose_accel(reactor, qemu, self.mode))
+            d.addErrback(self._probe_failed)
             d.addCallback(self._decided)
+
+    def _probe_failed(self, failure):
+        # Starts wait for a decision: never leave them waiting.
+        log.warn(
+            "VMs run under tcg (the KVM probe itself failed: {error})",
+            error=failure.getErrorMessage(),
+        )
+        return "tcg"
 
     def _decided(self, accel):
         self.accel = accel
