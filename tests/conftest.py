@@ -6,7 +6,8 @@ stopped, the JSON-RPC spec server, and network namespaces for multi-host tests.
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
-from .guest import guest  # noqa: F401  (the session fixture of the test guest)
+from .debian_image import debian  # noqa: F401  (session fixture: a Debian 12 disk)
+from .guest import guest  # noqa: F401  (session fixture: the test guest)
 from .netns import Lab, netns_available
 from .spec_server import SpecServer
 from .support import Twistd, make_short_tmp, remove_tmp

@@ -361,7 +361,7 @@ def ssh_key(directory):
         return path, f.read().strip()
 
 
-def ssh_argv(key, port, host="127.0.0.1"):
+def ssh_argv(key, port, host="127.0.0.1", user="root"):
     """
     :return: an ``ssh`` command line for ``root`` on a forwarded port, non-interactive
         and trusting the guest's new host key
@@ -382,7 +382,7 @@ def ssh_argv(key, port, host="127.0.0.1"):
         "ConnectTimeout=5",
         "-o",
         "LogLevel=ERROR",
-        f"root@{host}",
+        f"{user}@{host}",
     ]
 
 

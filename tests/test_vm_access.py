@@ -327,6 +327,12 @@ def test_bridge_mode_with_a_real_bridge_and_tap(fleet, guest, lab):
     # And it still works after all that.
     fleet.ok("vm.start", vm_id=vm_id)
     assert ssh_until(key, 22, "hostname", host="10.0.2.15", prefix=inside).returncode == 0
+    fleet.ok("vm.stop", vm_id=vm_id, force=True)
+    # A bridge that went away: the start fails, the VM stays stopped, no tap is left.
+    ip("link", "del", "vmbr0")
+    assert fleet.call("vm.start", vm_id=vm_id)["error"]["code"] == -32005
+    assert fleet.ok("vm.get", vm_id=vm_id)["state"] == "stopped"
+    assert taps(ns) == []
     fleet.ok("vm.delete", vm_id=vm_id)
     assert taps(ns) == []
 
@@ -403,3 +409,75 @@ def test_cli_create_with_key_and_kernel_then_vm_ssh(fleet, guest):
         "--memory", "64M", "--disk", "1G", "--port", "70000", env=env,
     )  # fmt: skip
     assert code == 64 and "HOST:]GUEST" in err
+
+
+CLOUD_CONFIG = """\
+#cloud-config
+write_files:
+- path: /run/hero-user-data
+  content: seen
+"""
+
+
+@pytest.mark.slow
+# The first run on a machine builds the image with debootstrap (about 5 minutes).
+@pytest.mark.timeout(1800)
+def test_stock_cloud_init_in_debian_12_takes_the_seed(fleet, guest, debian):
+    """A real Debian 12 with stock cloud-init (debootstrap, NoCloud only) boots from its
+    disk image as the VM's base image, takes the seed's host name and puts the key on
+    its default user: ssh debian@ through the forward runs a command."""
+    fleet.node(
+        env={"NODE_IMAGE_DIRS": f"{fleet.images}:{guest.directory}:{debian.directory}"}
+    )
+    wait_online(fleet)
+    key, public = ssh_key(fleet.keys)
+    vm = fleet.ok(
+        "vm.create",
+        name="debian-12",
+        vcpus=1,
+        memory_mb=1024,
+        disk_gb=debian.size_gb,
+        image=debian.image,
+        ssh_keys=[public],
+        hostname="cloud-one",
+        user_data=CLOUD_CONFIG,
+        boot={"kernel": guest.kernel, "initrd": guest.initrd, "cmdline": debian.cmdline},
+    )
+    fleet.ok("vm.start", vm_id=vm["vm_id"])
+    port = vm["network"]["ports"][0]["host"]
+    answers = []
+
+    def attempt():
+        run = subprocess.run(
+            [*ssh_argv(key, port, user="debian"), "hostname; cat /run/hero-user-data"],
+            capture_output=True,
+            timeout=30,
+        )
+        answers.append(run)
+        return run.returncode == 0
+
+    wait_for(attempt, timeout=600, interval=5, what="ssh debian@ into Debian 12")
+    lines = answers[-1].stdout.decode().split()
+    assert lines == ["cloud-one", "seen"]
+
+
+def test_boot_file_swapped_for_a_symlink_is_refused_at_start(fleet, guest):
+    """A kernel that lay in an image directory at create but is a symlink out of it at
+    start: -32010, and the VM stays stopped."""
+    kernel, initrd = guest.copy_to(fleet.images)
+    fleet.node()
+    wait_online(fleet)
+    vm = fleet.ok(
+        "vm.create",
+        name="swapped",
+        vcpus=1,
+        memory_mb=64,
+        disk_gb=1,
+        boot={"kernel": kernel, "initrd": initrd},
+    )
+    assert vm["boot"]["kernel"] == kernel
+    os.unlink(kernel)
+    os.symlink("/etc/hostname", kernel)
+    assert fleet.call("vm.start", vm_id=vm["vm_id"])["error"]["code"] == -32010
+    assert fleet.ok("vm.get", vm_id=vm["vm_id"])["state"] == "stopped"
+    assert not qemu_pids(fleet.state)

@@ -108,7 +108,7 @@ async def kvm_works(reactor, qemu, timeout=PROBE_TIMEOUT):
         probe = _Probe()
         try:
             transport = reactor.spawnProcess(probe, argv[0], argv, env=os.environ)
-        except OSError as e:
+        except Exception as e:  # OSError, or a reactor that cannot spawn at all
             return False, f"cannot run {qemu}: {e}"
         timer = reactor.callLater(timeout, _kill, transport)
         ended = await probe.ended
@@ -159,6 +159,7 @@ class AccelChoice:
     def __init__(self, mode="auto"):
         self.mode = mode
         self.accel = None
+        self._started = False
         self._waiting = []
 
     def start(self, reactor, qemu):
@@ -168,10 +169,19 @@ class AccelChoice:
         :param reactor: provides ``IReactorProcess`` and ``IReactorTime``
         :param qemu: the QEMU system emulator
         """
-        if self.accel is None and not getattr(self, "_started", False):
+        if self.accel is None and not self._started:
             self._started = True
             d = defer.Deferred.fromCoroutine(choose_accel(reactor, qemu, self.mode))
+            d.addErrback(self._probe_failed)
             d.addCallback(self._decided)
+
+    def _probe_failed(self, failure):
+        # Starts wait for a decision: never leave them waiting.
+        log.warn(
+            "VMs run under tcg (the KVM probe itself failed: {error})",
+            error=failure.getErrorMessage(),
+        )
+        return "tcg"
 
     def _decided(self, accel):
         self.accel = accel

@@ -18,7 +18,7 @@ import os
 import attrs
 
 from hero_compute.node.vms import DEFAULT_CMDLINE, BootSpec, default_hostname
-from hero_compute.rpc.errors import InvalidParams, RpcError
+from hero_compute.rpc.errors import InvalidParams, InvalidVmState, RpcError
 
 from . import network as net
 from . import seed
@@ -165,17 +165,22 @@ async def prepare(reactor, policy, record, directory):
     :param record: the VM's :class:`~hero_compute.node.vms.VmRecord`
     :param directory: the VM's directory
     :raise RefusedByPolicy: a boot file no longer allowed
-    :raise InvalidVmState: a tap that cannot be made
+    :raise InvalidVmState: a seed that cannot be written, a tap that cannot be made
     """
     policy.check_stored(record)
     secrets = load_secrets(directory)
-    seed.write_seed(
-        os.path.join(directory, seed.SEED),
-        record.vm_id,
-        record.hostname,
-        secrets.get("ssh_keys") or [],
-        secrets.get("user_data"),
-    )
+    try:
+        seed.write_seed(
+            os.path.join(directory, seed.SEED),
+            record.vm_id,
+            record.hostname,
+            secrets.get("ssh_keys") or [],
+            secrets.get("user_data"),
+        )
+    except OSError as e:
+        raise InvalidVmState(
+            f"cannot write the seed of VM {record.vm_id}: {e.strerror or e}"
+        ) from None
     if record.network.bridge is not None:
         await net.create_tap(reactor, record.vm_id, record.network.bridge)
 
