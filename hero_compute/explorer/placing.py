@@ -69,20 +69,41 @@ class PlacementMethods:
         memory_mb: int,
         disk_gb: int,
         image: str | None = None,
+        ssh_keys: list | None = None,
+        user_data: str | None = None,
+        hostname: str | None = None,
+        network: str | None = None,
+        ports: list | None = None,
+        boot: dict | None = None,
         where: dict | None = None,
         strategy: str | None = None,
     ) -> dict:
         """
         Place a VM and define it on the chosen node; a node answering -32005 (no room
-        after all, a taken name) is set aside for the next candidate, three in all.
+        after all, a taken name, a forward's host port in use) is set aside for the next
+        candidate, three in all.  ``image`` to ``boot`` go to ``vm.create`` as given.
 
         :return: the node's VmInfo with ``node_id``
         :raise NoNodeFits: no candidate is left
         :raise InvalidVmState: the third candidate's -32005
         """
-        params = {"name": name, "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb}
-        if image is not None:
-            params["image"] = image
+        params: dict = {
+            "name": name,
+            "vcpus": vcpus,
+            "memory_mb": memory_mb,
+            "disk_gb": disk_gb,
+        }
+        for key, value in (
+            ("image", image),
+            ("ssh_keys", ssh_keys),
+            ("user_data", user_data),
+            ("hostname", hostname),
+            ("network", network),
+            ("ports", ports),
+            ("boot", boot),
+        ):
+            if value is not None:
+                params[key] = value
         amounts = (vcpus, memory_mb, disk_gb)
         avoid: set[str] = set()
         refused: RpcError | None = None

@@ -24,6 +24,7 @@ from hero_compute.rpc.websocket import Routes
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 from .images import Images
+from .methods import NodeMethods
 from .metrics import make_metrics
 from .qemu.console import console_route
 from .qemu.images import default_image_dirs
@@ -335,63 +336,3 @@ def make_node(
         ).setServiceParent(node)
     NodeMethods(node).register(rpc)
     return node
-
-
-class NodeMethods:
-    """
-    The ``node.*`` and ``vm.*`` methods.
-
-    :param node: the :class:`NodeService`
-    """
-
-    def __init__(self, node):
-        self._node = node
-        self._vms = node.vms
-
-    def register(self, rpc):
-        """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
-        rpc.register("node.info", self.info)
-        rpc.register("vm.create", self.create)
-        rpc.register("vm.start", lambda vm_id: self._wire(self._vms.start(vm_id)))
-        rpc.register(
-            "vm.stop", lambda vm_id, force=False: self._wire(self._vms.stop(vm_id, force))
-        )
-        rpc.register("vm.delete", lambda vm_id: self._vms.delete(vm_id))
-        rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
-        rpc.register("vm.list", self.list)
-        if hasattr(self._vms, "console"):
-            rpc.register(
-                "vm.console_log",
-                lambda vm_id, bytes=None: self._vms.console(vm_id).read(bytes),  # noqa: A002
-            )
-
-    def _wire(self, d):
-        return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
-
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
-        """Define a VM; ``access`` holds the optional params of CONTRACT §8."""
-        d = self._vms.create(name, vcpus, memory_mb, disk_gb, image, **access)
-        return self._wire(d)
-
-    def list(self):
-        """All VMs."""
-        d = defer.maybeDeferred(self._vms.list)
-        return d.addCallback(lambda vms: [vm.to_wire() for vm in vms])
-
-    def info(self):
-        """About this node."""
-        node = self._node
-        d = defer.maybeDeferred(self._vms.list)
-        return d.addCallback(
-            lambda vms: {
-                "node_id": node.node_id,
-                "name": node.name,
-                "version": hero_compute.__version__,
-                "capacity": self._vms.capacity(),
-                "usage": self._vms.usage(),
-                "vm_count": len(vms),
-                "labels": node.identity.labels,
-                "explorers": [loop.state.to_wire() for loop in node.heartbeats],
-                "accel": self._vms.accel(),
-            }
-        )
