@@ -577,12 +577,12 @@ def _memory_connection(max_per_peer=4):
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from hero_compute.rpc.http_client import _HTTPConnection, _Pool
+    from hero_compute.rpc.http_pool import HTTPConnection, Pool
 
     clock = Clock()
-    pool = _Pool(clock, 5.0, max_per_peer)
+    pool = Pool(clock, 5.0, max_per_peer)
     address = parse_address("tcp://192.0.2.1:9002")
-    conn = _HTTPConnection(pool, address, (address, None))
+    conn = HTTPConnection(pool, address, (address, None))
     conn.makeConnection(StringTransport())
     pool._track(conn)
     return clock, pool, conn
