@@ -1,5 +1,5 @@
 """
-:class:`~hero_compute.rpc.lag.FrozenHeap` in this process: what survives start-up and
+:class:`~hero_compute.rpc.heap.FrozenHeap` in this process: what survives start-up and
 each full collection is frozen, a thaw finds the cycles frozen objects made, and the
 explorer's side of a closed connection makes none (so freezing it cannot leak it).
 """
@@ -21,7 +21,7 @@ from hero_compute.explorer.tree import make_explorer
 from hero_compute.rpc.addresses import parse_listen
 from hero_compute.rpc.dispatch import CallContext
 from hero_compute.rpc.http_server import RpcHTTPProtocol
-from hero_compute.rpc.lag import FULL_EVERY, FrozenHeap
+from hero_compute.rpc.heap import FULL_EVERY, FrozenHeap
 
 #: Connections opened and closed by the cycle test.
 CONNECTIONS = 200

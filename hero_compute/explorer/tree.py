@@ -12,9 +12,9 @@ from twisted.logger import Logger
 import hero_compute
 from hero_compute.rpc.authz import EXPLORER_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.heap import FrozenHeap
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
-from hero_compute.rpc.lag import FrozenHeap
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
@@ -126,7 +126,7 @@ def make_explorer(
     :param ui_tls: serve the dashboard over mutual TLS with the explorer's material (a
         ``client/*`` certificate then stands in for the token)
     :param freeze_heap: keep the cycle collector's pauses short with a
-        :class:`~hero_compute.rpc.lag.FrozenHeap` (for a process of its own: it freezes
+        :class:`~hero_compute.rpc.heap.FrozenHeap` (for a process of its own: it freezes
         the whole interpreter's heap)
     :return: the :class:`ExplorerService`
     """
