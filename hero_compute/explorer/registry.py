@@ -8,6 +8,7 @@ record update, and no timer per node is needed to expire anybody; the sweep of
 """
 
 import bisect
+import collections
 
 import attrs
 from twisted.logger import Logger
@@ -344,3 +345,43 @@ class Registry:
 
     def status(self, record):
         return record.status(self.clock.seconds(), self.offline_after)
+
+
+class NewIds:
+    """
+    New node ids per source address over the last ``window`` seconds of an injected
+    clock: a sliding window, where a count per calendar minute let a flood place the
+    limit just before a minute's end and again just after (twice the limit in a second).
+
+    :param clock: an ``IReactorTime``
+    :param window: seconds a new id counts against its source
+    """
+
+    def __init__(self, clock, window=60.0):
+        self._clock = clock
+        self._window = window
+        self._seen = {}
+        self._sweep_at = clock.seconds() + window
+
+    def count(self, host):
+        """:return: the new ids ``host`` registered within the window"""
+        now = self._clock.seconds()
+        horizon = now - self._window
+        if now >= self._sweep_at:
+            # Sources gone quiet are dropped once per window: many addresses, each
+            # seen once, cannot make this grow without bound.
+            self._sweep_at = now + self._window
+            self._seen = {h: t for h, t in self._seen.items() if t[-1] > horizon}
+        times = self._seen.get(host)
+        if times is None:
+            return 0
+        while times and times[0] <= horizon:
+            times.popleft()
+        return len(times)
+
+    def add(self, host):
+        """Count one new id from ``host``, now."""
+        times = self._seen.get(host)
+        if times is None:
+            times = self._seen[host] = collections.deque()
+        times.append(self._clock.seconds())
