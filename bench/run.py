@@ -34,6 +34,7 @@ sys.path.insert(1, os.path.dirname(HERE))
 
 import fleet  # noqa: E402
 import ingest  # noqa: E402
+import pyspy  # noqa: E402
 import restart  # noqa: E402
 import sections  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -50,7 +51,7 @@ SECTIONS = {
     "failure": sections.sec_failure,
     "tls": fleet.sec_tls,
     "hostile": fleet.sec_hostile,
-    "profile": ingest.sec_profile,
+    "profile": pyspy.sec_profile,
 }
 DEFAULT_SECTIONS = [
     "floor",
