@@ -3,7 +3,6 @@ send_now: answers go out at once when nothing is queued, and bytes never overtak
 bytes; over real TCP, Unix and mutual TLS connections.
 """
 
-
 import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, tcp, unix

@@ -11,8 +11,9 @@ import bisect
 import collections
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from hero_compute.rpc.errors import NodeNotFound
 
@@ -120,8 +121,16 @@ class NodeRecord:
 class INodeRegistry(Interface):
     """The explorer's book of nodes."""
 
+    clock = Attribute("The ``IReactorTime`` of heartbeat times; Unix seconds.")
+    offline_after = Attribute("Seconds of silence after which a node is offline.")
+    history = Attribute("The :class:`HeartbeatHistory` of each node's heartbeat times.")
+
     def heartbeat(heartbeat):
-        """Record a :class:`Heartbeat`; returns the new :class:`NodeRecord`."""
+        """
+        Record a :class:`Heartbeat`; returns ``(record, changed)``: the new
+        :class:`NodeRecord` and the names of the fields this heartbeat changed (all of
+        them for a new node).
+        """
 
     def leave(node_id):
         """Mark a node offline at once; raises :class:`NodeNotFound`."""
@@ -135,11 +144,24 @@ class INodeRegistry(Interface):
     def records():
         """Returns all :class:`NodeRecord` s."""
 
+    def page(after, limit, keep):
+        """
+        Returns ``(records, next cursor or None)``: at most ``limit`` records in node id
+        order after the node id ``after`` (None: from the start), those ``keep(record)``
+        accepts (None: all).
+        """
+
     def offline(now, records=None):
         """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
 
     def status(record):
         """Returns ``"online"`` or ``"offline"`` for a record, now."""
+
+    def note(fmt, **fields):
+        """Log a line about a node, within the registry's budget of lines a second."""
+
+    def __len__():
+        """Returns how many nodes it holds."""
 
 
 @implementer(INodeRegistry)
@@ -152,7 +174,7 @@ class Registry:
     :ivar offline_after: seconds of silence after which a node is offline
     """
 
-    clock: object
+    clock: IReactorTime
     offline_after: float
     _nodes: dict = attrs.field(factory=dict)
     # Node ids in order, for paging (explorer.query_nodes): kept sorted as ids come

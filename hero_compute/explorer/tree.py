@@ -148,7 +148,9 @@ def make_explorer(
         max_response=limits.max_response,
     )
     factory = make_factory(rpc, limits=limits)
-    listeners = Listeners(factory, listen, socket_dirs, reactor)
+    # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
+    # generic in a type variable: it takes any protocol factory.
+    listeners = Listeners(factory, listen, socket_dirs, reactor)  # type: ignore[arg-type]
     trust = ExplorerTrust(
         clock=clock,
         reactor=reactor,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .addresses import Address, AddressError, parse_address
 from .codec import dumps_request, loads
@@ -40,6 +41,7 @@ from .http_pool import (
     Pool,
     Response,
 )
+from .interfaces import IRpcClient
 
 if TYPE_CHECKING:
     from .tls import ClientTLS, Expected
@@ -49,6 +51,7 @@ __all__ = ["MAX_IDLE_PER_PEER", "MAX_RESPONSE", "POOL_IDLE", "RpcClient"]
 _ids = itertools.count(1)
 
 
+@implementer(IRpcClient)
 class RpcClient:
     """
     Calls JSON-RPC methods on peers named by address URI.
