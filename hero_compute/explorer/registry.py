@@ -126,11 +126,7 @@ class INodeRegistry(Interface):
     history = Attribute("The :class:`HeartbeatHistory` of each node's heartbeat times.")
 
     def heartbeat(heartbeat):
-        """
-        Record a :class:`Heartbeat`; returns ``(record, changed)``: the new
-        :class:`NodeRecord` and the names of the fields this heartbeat changed (all of
-        them for a new node).
-        """
+        """Record a :class:`Heartbeat`; returns ``(record, changed)`` (see Registry)."""
 
     def leave(node_id):
         """Mark a node offline at once; raises :class:`NodeNotFound`."""
@@ -145,11 +141,7 @@ class INodeRegistry(Interface):
         """Returns all :class:`NodeRecord` s."""
 
     def page(after, limit, keep):
-        """
-        Returns ``(records, next cursor or None)``: at most ``limit`` records in node id
-        order after the node id ``after`` (None: from the start), those ``keep(record)``
-        accepts (None: all).
-        """
+        """Returns ``(records, next cursor or None)``, in node id order after ``after``."""
 
     def offline(now, records=None):
         """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
@@ -371,9 +363,8 @@ class Registry:
 
 class NewIds:
     """
-    New node ids per source address over the last ``window`` seconds of an injected
-    clock: a sliding window, where a count per calendar minute let a flood place the
-    limit just before a minute's end and again just after (twice the limit in a second).
+    New node ids per source address in the last ``window`` seconds of an injected clock
+    (a count per calendar minute let a flood place the limit twice in a second).
 
     :param clock: an ``IReactorTime``
     :param window: seconds a new id counts against its source
@@ -403,7 +394,4 @@ class NewIds:
 
     def add(self, host):
         """Count one new id from ``host``, now."""
-        times = self._seen.get(host)
-        if times is None:
-            times = self._seen[host] = collections.deque()
-        times.append(self._clock.seconds())
+        self._seen.setdefault(host, collections.deque()).append(self._clock.seconds())

@@ -12,7 +12,7 @@ catches its own failures, so the loop lives until stopped.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 from twisted.application import service
@@ -30,7 +30,14 @@ from .vms import IVmManager
 if TYPE_CHECKING:
     from hero_compute.rpc.listeners import Listeners
 
-    from .service import NodeIdentity
+
+class _Identity(Protocol):
+    """What a heartbeat reads of the node's identity (node/service.py's NodeIdentity)."""
+
+    node_id: str | None
+    name: str
+    secret: str | None
+
 
 log = Logger()
 
@@ -352,7 +359,7 @@ class HeartbeatPayload:
     :ivar _vms: the node's :class:`~hero_compute.node.vms.IVmManager`
     """
 
-    _identity: NodeIdentity
+    _identity: _Identity
     _advertiser: Advertiser
     _vms: IVmManager
 
