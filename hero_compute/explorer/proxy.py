@@ -20,7 +20,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hero_compute.rpc.addresses import parse_address
+# forbidden_target lives in rpc, shared with the node's image downloads; it is still
+# importable from here.
+from hero_compute.rpc.addresses import forbidden_target, parse_address
 from hero_compute.rpc.errors import (
     NodeOffline,
     NodeUnreachable,
@@ -35,7 +37,7 @@ log = Logger()
 
 #: Only these method families may be proxied: ``explorer.call`` must not become a way to
 #: reach anything else a node (or whatever answers at a node's address) might serve.
-PROXIED_PREFIXES = ("node.", "vm.")
+PROXIED_PREFIXES = ("node.", "vm.", "image.")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,33 +48,6 @@ def _is_ip(host):
     except ValueError:
         return False
     return True
-
-
-@functools.lru_cache(maxsize=4096)
-def forbidden_target(host):
-    """
-    Why a node registered from another host may not be reached at ``host``, or None.
-
-    :param host: an IP address as text (names are resolved first)
-
-    Cached: every call to a node on another host asks again about the same address.
-    """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
-    for kind, forbidden in (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("unspecified", ip.is_unspecified),
-        ("multicast", ip.is_multicast),
-    ):
-        if forbidden:
-            return f"{host} is a {kind} address"
-    return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,7 +107,8 @@ class Proxy:
         """
         if not method.startswith(PROXIED_PREFIXES):
             raise RefusedByPolicy(
-                f"explorer.call proxies only node.* and vm.* methods, not {method!r}"
+                "explorer.call proxies only node.*, vm.* and image.* methods, "
+                f"not {method!r}"
             )
         record = self._registry.get(node_id)
         if self._registry.status(record) != "online":

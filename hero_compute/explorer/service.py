@@ -116,7 +116,7 @@ class ExplorerMethods:
         rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
         rpc.register("explorer.create_token", self._trust.create_token)
-        rpc.register("explorer.enroll", self._trust.enroll)
+        rpc.register("explorer.enroll", self.enroll)
         rpc.register("explorer.renew", self._trust.renew, context=True)
         rpc.register("explorer.revoke", self.revoke)
 
@@ -324,6 +324,13 @@ class ExplorerMethods:
         self._registry.remove(node_id)
         self._trust.forget_node(node_id)
         return True
+
+    def enroll(self, token, csr):
+        """A certificate for a node, by join token; an id in the registry needs a
+        token made for it."""
+        return self._trust.enroll(
+            token, csr, lambda node_id: self._registry.find(node_id) is not None
+        )
 
     def revoke(self, node_id):
         """Refuse a node's certificates and secret from now on; it goes offline."""

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
 from hero_compute import pki
-from hero_compute.rpc.errors import InvalidParams
+from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
 from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
 
 from .enroll import DEFAULT_TTL, Enrollment, check_node_id
@@ -171,6 +171,8 @@ class ExplorerTrust:
         #: The mutual-TLS side of our listeners (the dashboard may use it too).
         self.server_tls = server
         self._factory.trust_domain = server.trust_domain
+        # The proxy talks only to a node's current, unrevoked certificate.
+        proxy.peer_check = self.certificate_refusal
         client.use_tls(proxy)
         if tls.ca_key is not None:
             self._load_ca()
@@ -237,10 +239,10 @@ class ExplorerTrust:
         :param context: the call's :class:`~hero_compute.rpc.dispatch.CallContext`
         """
         identity = context.identity
-        serial = (
-            context.serial if identity is not None and identity.role == "node" else None
-        )
-        self._enrolling.check_node(node_id, secret, serial)
+        if identity is not None and identity.role == "node":
+            self._enrolling.check_node(node_id, secret, context.serial, context.not_before)
+        else:
+            self._enrolling.check_node(node_id, secret)
 
     def save_node(self, record):
         """
@@ -297,16 +299,39 @@ class ExplorerTrust:
         """``explorer.create_token``: a single-use join token."""
         return self._enrolling.create_token(DEFAULT_TTL if ttl is None else ttl, node_id)
 
-    def enroll(self, token, csr):
-        """``explorer.enroll``: a token and a CSR for the node's certificate."""
+    def enroll(self, token, csr, registered=lambda node_id: False):
+        """
+        ``explorer.enroll``: a token and a CSR for the node's certificate.
+
+        :param registered: ``registered(node_id)``: whether the registry holds the id
+        """
         node_id = csr_node_id(csr)
-        certificate = self._enrolling.enroll(token, csr, node_id)
+        certificate = self._enrolling.enroll(token, csr, node_id, registered(node_id))
         return {"certificate": certificate, "ca": self._ca_pem}
 
     def renew(self, context, csr):
         """``explorer.renew``: a new certificate for the node whose certificate calls."""
         identity = context.identity
-        return {"certificate": self._enrolling.renew(identity.name, context.serial, csr)}
+        if identity is None or identity.role != "node" or context.serial is None:
+            # The roles table lets no other caller here; should one ever be let in,
+            # it is a refusal, not an internal error.
+            raise RefusedByPolicy("explorer.renew needs the node's own certificate")
+        return {
+            "certificate": self._enrolling.renew(
+                identity.name, context.serial, csr, context.not_before
+            )
+        }
+
+    def certificate_refusal(self, identity, serial, not_before):
+        """
+        The proxy's check of a node's TLS certificate, before anything is sent.
+
+        :param identity: the :class:`~hero_compute.rpc.tls.PeerIdentity` it names
+        :return: why the explorer must not talk to that peer, or None
+        """
+        if identity.role != "node" or self._enrollment is None:
+            return None
+        return self._enrollment.certificate_refusal(identity.name, serial, not_before)
 
     def _sign(self, csr_pem, node_id):
         # Handed to enrollment only once the CA is loaded.

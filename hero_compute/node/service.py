@@ -23,7 +23,9 @@ from hero_compute.rpc.schema import load_schema
 
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
+from .images import Images
 from .metrics import make_metrics
+from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
@@ -204,6 +206,7 @@ def make_node(
     stop=None,
     limits=None,
     metrics=None,
+    images=None,
 ):
     """
     Build the node's service tree; nothing is opened and no file is read or written
@@ -212,6 +215,7 @@ def make_node(
         NodeService
         ├── "listeners": Listeners (Unix socket, TCP, more) -> HTTP factory -> Dispatcher
         ├── "vms": the VM manager, when it is a service
+        ├── "images": the base images and their imports (node.images, image.import)
         ├── "heartbeat <explorer URI>": one HeartbeatLoop per unix/tcp explorer
         │       -> HeartbeatPayload -> Advertiser
         ├── "tls": NodeTLS, when TLS is used: loads or enrolls for the material, then
@@ -243,6 +247,8 @@ def make_node(
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
     :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
         (``GET /metrics``), or None for none
+    :param images: the :class:`~hero_compute.node.images.Images`; by default those of
+        ``state_dir/images``, with the default limits
     :return: the :class:`NodeService`
     """
     identity = NodeIdentity(state_dir, node_id, name)
@@ -311,6 +317,11 @@ def make_node(
     if service.IService.providedBy(vms):
         vms.setName("vms")
         vms.setServiceParent(node)
+    if images is None:
+        images = Images(reactor, default_image_dirs(state_dir))
+    images.setName("images")
+    images.setServiceParent(node)
+    images.register(rpc)
     for loop in heartbeats:
         loop.setName(f"heartbeat {loop.address.uri}")
         # TLS heartbeats wait for the TLS material: NodeTLS starts them.

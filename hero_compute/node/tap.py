@@ -29,6 +29,8 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 from hero_compute.rpc.listeners import unix_endpoint_string
 from hero_compute.rpc.systemd import notifier_for
 
+from .images import image_settings
+
 
 def _advertise(text):
     address = parse_address(text)
@@ -75,7 +77,8 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR. SIGHUP re-reads the TLS "
+        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR, NODE_IMAGE_MAX, "
+        "NODE_IMAGE_FETCH_LOCAL. SIGHUP re-reads the TLS "
         "certificate files. Run two twistd in one directory with --pidfile= (or "
         "distinct --pidfile), or they clash on twistd.pid."
     )
@@ -197,6 +200,16 @@ class Options(TapOptions):
         self["image-dir"].append(path)
 
     @help_text
+    def opt_image_max(self, text):
+        """Largest image image.import may bring, e.g. 20G [default: $NODE_IMAGE_MAX]."""
+        self["image-max"] = text
+
+    @help_text
+    def opt_image_fetch_local(self):
+        """image.import may fetch from loopback and link-local addresses."""
+        self["image-fetch-local"] = "1"
+
+    @help_text
     def opt_explorer(self, uri):
         """
         An explorer to heartbeat (unix:///path, /path, tcp://host:port); may repeat
@@ -263,6 +276,13 @@ class Options(TapOptions):
                         "absolute path"
                     )
                 self["image-dir"].append(path)
+        try:
+            self["images"] = image_settings(
+                self.get("image-max") or env.get("NODE_IMAGE_MAX"),
+                self.get("image-fetch-local") or env.get("NODE_IMAGE_FETCH_LOCAL"),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if not self["explorer"]:
             self["explorer"] = self._explorers_from_env(env)
         elif len(set(self["explorer"])) != len(self["explorer"]):
@@ -362,6 +382,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
 
     from .backends import make_vm_manager
+    from .images import make_images
     from .service import make_node
 
     node = make_node(
@@ -387,6 +408,9 @@ def makeService(options, reactor=None):
         metrics=None
         if options["metrics"] is None
         else options["metrics"].endpoint_string(),
+        images=make_images(
+            reactor, options["image-dir"], options["state-dir"], options["images"]
+        ),
     )
     sources = options["sources"]
     named = {
