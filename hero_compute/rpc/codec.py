@@ -37,12 +37,12 @@ def _finite(text: str) -> float:
     return value
 
 
-#: A number of 19 digits or more (where a JSON number may start: after ``[``, ``,``,
-#: ``:`` or white space): orjson would read it as a float, where JSON (and Python's
-#: json) keep an integer exact; such a body takes the slower parser.  Digits inside a
-#: string (a hex secret) do not match, unless a string holds such a number itself,
-#: which only costs that body the slower parser.
-_LONG_NUMBER = re.compile(rb"[\[,:\s]-?[0-9]{19}")
+#: A number of 19 digits or more (where a JSON number may start: at the start of the
+#: body, after ``[``, ``,``, ``:`` or white space): orjson would read it as a float,
+#: where JSON (and Python's json) keep an integer exact; such a body takes the slower
+#: parser.  Digits inside a string (a hex secret) do not match, unless a string holds
+#: such a number itself, which only costs that body the slower parser.
+_LONG_NUMBER = re.compile(rb"(?:^|[\[,:\s])-?[0-9]{19}")
 
 
 def loads(body: bytes | str) -> Any:
