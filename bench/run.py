@@ -37,6 +37,7 @@ import console_echo  # noqa: E402
 import fleet  # noqa: E402
 import ingest  # noqa: E402
 import placebench  # noqa: E402
+import pyspy  # noqa: E402
 import restart  # noqa: E402
 import sections  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -54,7 +55,7 @@ SECTIONS = {
     "tls": fleet.sec_tls,
     "hostile": fleet.sec_hostile,
     "place": placebench.sec_place,
-    "profile": ingest.sec_profile,
+    "profile": pyspy.sec_profile,
     "console": console_echo.sec_console,
 }
 DEFAULT_SECTIONS = [

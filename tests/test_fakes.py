@@ -7,6 +7,7 @@ from zope.interface.verify import verifyObject
 
 from hero_compute.node.vms import IVmManager
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
+from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.interfaces import IRpcClient
 
 from .fakes import FakeRpcClient, MemoryVmManager
@@ -21,6 +22,11 @@ def test_memory_vm_manager_provides_ivmmanager():
 def test_fake_rpc_client_provides_irpcclient():
     """FakeRpcClient provides IRpcClient."""
     assert verifyObject(IRpcClient, FakeRpcClient())
+
+
+def test_real_rpc_client_provides_irpcclient():
+    """RpcClient provides IRpcClient, so the fake stands in for exactly what it does."""
+    assert verifyObject(IRpcClient, RpcClient(Clock()))
 
 
 def test_memory_vm_manager_lifecycle():

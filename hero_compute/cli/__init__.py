@@ -95,7 +95,8 @@ def _closed_pipe():
 
 
 def _react(args, output):
-    codes, stopping = [], []
+    codes: list[int] = []
+    stopping: list[bool] = []
 
     def run(reactor):
         # Ctrl-C stops the reactor, which closes our connections under the call: that

@@ -8,10 +8,12 @@ record update, and no timer per node is needed to expire anybody; the sweep of
 """
 
 import bisect
+import collections
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from hero_compute.rpc.errors import NodeNotFound
 
@@ -125,8 +127,12 @@ class NodeRecord:
 class INodeRegistry(Interface):
     """The explorer's book of nodes."""
 
+    clock = Attribute("The ``IReactorTime`` of heartbeat times; Unix seconds.")
+    offline_after = Attribute("Seconds of silence after which a node is offline.")
+    history = Attribute("The :class:`HeartbeatHistory` of each node's heartbeat times.")
+
     def heartbeat(heartbeat):
-        """Record a :class:`Heartbeat`; returns the new :class:`NodeRecord`."""
+        """Record a :class:`Heartbeat`; returns ``(record, changed)`` (see Registry)."""
 
     def leave(node_id):
         """Mark a node offline at once; raises :class:`NodeNotFound`."""
@@ -140,11 +146,20 @@ class INodeRegistry(Interface):
     def records():
         """Returns all :class:`NodeRecord` s."""
 
+    def page(after, limit, keep):
+        """Returns ``(records, next cursor or None)``, in node id order after ``after``."""
+
     def offline(now, records=None):
         """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
 
     def status(record):
         """Returns ``"online"`` or ``"offline"`` for a record, now."""
+
+    def note(fmt, **fields):
+        """Log a line about a node, within the registry's budget of lines a second."""
+
+    def __len__():
+        """Returns how many nodes it holds."""
 
 
 @implementer(INodeRegistry)
@@ -157,7 +172,7 @@ class Registry:
     :ivar offline_after: seconds of silence after which a node is offline
     """
 
-    clock: object
+    clock: IReactorTime
     offline_after: float
     _nodes: dict = attrs.field(factory=dict)
     # Node ids in order, for paging (explorer.query_nodes): kept sorted as ids come
@@ -366,3 +381,39 @@ class Registry:
 
     def status(self, record):
         return record.status(self.clock.seconds(), self.offline_after)
+
+
+class NewIds:
+    """
+    New node ids per source address in the last ``window`` seconds of an injected clock
+    (a count per calendar minute let a flood place the limit twice in a second).
+
+    :param clock: an ``IReactorTime``
+    :param window: seconds a new id counts against its source
+    """
+
+    def __init__(self, clock, window=60.0):
+        self._clock = clock
+        self._window = window
+        self._seen = {}
+        self._sweep_at = clock.seconds() + window
+
+    def count(self, host):
+        """:return: the new ids ``host`` registered within the window"""
+        now = self._clock.seconds()
+        horizon = now - self._window
+        if now >= self._sweep_at:
+            # Sources gone quiet are dropped once per window: many addresses, each
+            # seen once, cannot make this grow without bound.
+            self._sweep_at = now + self._window
+            self._seen = {h: t for h, t in self._seen.items() if t[-1] > horizon}
+        times = self._seen.get(host)
+        if times is None:
+            return 0
+        while times and times[0] <= horizon:
+            times.popleft()
+        return len(times)
+
+    def add(self, host):
+        """Count one new id from ``host``, now."""
+        self._seen.setdefault(host, collections.deque()).append(self._clock.seconds())

@@ -4,6 +4,7 @@ The node's RPC methods and the service tree that serves them and heartbeats expl
 
 import os
 import uuid
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.application import service
@@ -30,6 +31,9 @@ from .qemu.console import console_route
 from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.tls import ClientTLS
 
 log = Logger()
 
@@ -145,8 +149,10 @@ class NodeService(service.MultiService):
         """The node's id; None until it starts, unless configured."""
         return self.identity.node_id
 
+    # Twisted's Service.name is a service's name in its parent; this one is the root
+    # of the node's tree, whose name (read-only) is the node's.
     @property
-    def name(self):
+    def name(self):  # type: ignore[override]
         """The node's human name."""
         return self.identity.name
 
@@ -260,7 +266,8 @@ def make_node(
     tls_explorers = [address for address in explorers if address.scheme == "tls"]
     uses_tls = bool(tls_explorers) or tls is not None
     client_side = ClientSide() if uses_tls else None
-    client = RpcClient(reactor, timeout=interval, tls=client_side)
+    # ClientSide stands in for the ClientTLS it will point at once enrolled.
+    client = RpcClient(reactor, timeout=interval, tls=cast("ClientTLS | None", client_side))
     limits = limits or Limits()
     rpc = Dispatcher(
         load_schema("node"),
@@ -278,7 +285,14 @@ def make_node(
         factory.upgrade = Routes(
             [console_route(vms.console)], _authorize_route, limits.max_unsent
         )
-    listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
+    # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
+    # generic in a type variable: it takes any protocol factory.
+    listeners = Listeners(
+        factory,  # type: ignore[arg-type]
+        descriptions,
+        [os.path.dirname(socket_path)],
+        reactor,
+    )
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),
         client=client,
