@@ -11,6 +11,7 @@ import os
 import sys
 import termios
 import tty
+from typing import Any
 
 from rich.text import Text
 from twisted.internet import defer
@@ -74,8 +75,8 @@ class _Session:
 
     def __init__(self, write):
         self._write = write
-        self.socket = None
-        self.done = defer.Deferred()
+        self.socket: Any = None
+        self.done: defer.Deferred = defer.Deferred()
 
     def opened(self, socket):
         self.socket = socket

@@ -128,7 +128,7 @@ def console_route(
             )
 
         def failed(failure: Failure) -> None:
-            if failure.check(HTTPRefusal):
+            if isinstance(failure.value, HTTPRefusal):
                 status = failure.value.status
                 if status in PASSED_ON:
                     raise HTTPRefusal(status, failure.value.message)

@@ -137,7 +137,7 @@ class PlacementIndex:
         self._rank = np.zeros(size, dtype=np.intp)
         self._rank_stale = True
         self._pending = collections.defaultdict(list)
-        self._expiring = collections.deque()
+        self._expiring: collections.deque = collections.deque()
 
     def __len__(self):
         return len(self._rows)

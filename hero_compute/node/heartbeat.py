@@ -37,6 +37,7 @@ class _Identity(Protocol):
     node_id: str | None
     name: str
     secret: str | None
+    labels: dict
 
 
 log = Logger()

@@ -284,7 +284,7 @@ class _ServerSocket(WebSocket):
         self._pending = None
         if failure.check(defer.CancelledError) or self._gone:
             return
-        if failure.check(HTTPRefusal):
+        if isinstance(failure.value, HTTPRefusal):
             status, message = failure.value.status, failure.value.message
         else:
             log.failure("accepting a WebSocket failed", failure)
