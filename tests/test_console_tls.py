@@ -25,7 +25,7 @@ from hero_compute.rpc.tls import ClientTLS, Expected, ServerTLS, TLSMaterial
 from hero_compute.rpc.websocket import HTTPRefusal, Route, Routes, UpgradeRequest
 from hero_compute.rpc.websocket_client import connect
 
-from .test_node_tls import cert_for, fleet  # noqa: F401  (the fleet CA fixture)
+from .test_node_tls import cert_for
 
 
 class Recorder:
@@ -49,7 +49,7 @@ class Recorder:
 
 
 @pytest_twisted.async_yield_fixture
-async def tls_node(fleet):  # noqa: F811
+async def tls_node(fleet):
     """A TLS listener as node ``n1`` serving the console route: ``(port, recorder)``."""
     recorder = Recorder()
     factory = make_factory(Dispatcher())
@@ -75,7 +75,7 @@ async def tls_node(fleet):  # noqa: F811
     await listeners.stopService()
 
 
-async def open_as(fleet, port, who):  # noqa: F811
+async def open_as(fleet, port, who):
     """Open the console of VM ``v`` on the node as ``role/name`` (None: no cert)."""
     cert, key = (None, None) if who is None else cert_for(fleet, *who.split("/"))
     creator = ClientTLS(TLSMaterial(cert, key, fleet["ca"]), Expected("node", "n1"))
@@ -86,7 +86,7 @@ async def open_as(fleet, port, who):  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_who_may_open_a_node_console(fleet, tls_node):  # noqa: F811
+async def test_who_may_open_a_node_console(fleet, tls_node):
     """node/* certificates and TLS peers without one are refused (403) before the route
     is asked; client/* and explorer/* open it."""
     port, recorder = tls_node
@@ -102,7 +102,7 @@ async def test_who_may_open_a_node_console(fleet, tls_node):  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_explorer_leg_checks_the_node_identity(fleet, tls_node):  # noqa: F811
+async def test_explorer_leg_checks_the_node_identity(fleet, tls_node):
     """The explorer's console leg to a node registered as ``a`` at an address where
     ``n1`` answers fails with 502 and sends nothing; to ``n1`` there it opens."""
     port, recorder = tls_node
