@@ -187,7 +187,28 @@ class ExplorerMethods:
                 raise _StaleSession(node_id)
         elif old is None:
             self._admit(node_id, context)
-        self._trust.check_node(node_id, secret, context)
+        checked = self._trust.check_node(node_id, secret, context)
+        args = (node_id, uri, transport, remote, session, name, version, capacity)
+        more = (usage, vm_count, labels)
+        if checked is not None:
+            # First sight of a secret with a shared store: bound there first.
+            return checked.addCallback(lambda _: self._accept(*args, *more))
+        return self._accept(*args, *more)
+
+    def _accept(
+        self,
+        node_id,
+        uri,
+        transport,
+        remote,
+        session,
+        name,
+        version,
+        capacity,
+        usage,
+        vm_count,
+        labels,
+    ):
         if session is None:
             # A full heartbeat: what it leaves out takes its default.
             name = name or node_id
@@ -264,7 +285,12 @@ class ExplorerMethods:
     def leave(self, context, node_id, secret=None):
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
-        self._trust.check_node(node_id, secret, context)
+        checked = self._trust.check_node(node_id, secret, context)
+        if checked is not None:
+            return checked.addCallback(lambda _: self._left(node_id))
+        return self._left(node_id)
+
+    def _left(self, node_id):
         self._registry.leave(node_id)
         return True
 
@@ -321,13 +347,26 @@ class ExplorerMethods:
 
     def remove_node(self, node_id):
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
-        self._registry.remove(node_id)
-        self._trust.forget_node(node_id)
+        self._registry.get(node_id)
+        forgotten = self._trust.forget_node(node_id)
+        if forgotten is not None:
+            # A shared store first: when it is down the node stays (-32007).
+            return forgotten.addCallback(lambda _: self._removed(node_id))
+        return self._removed(node_id)
+
+    def _removed(self, node_id):
+        if self._registry.find(node_id) is not None:
+            self._registry.remove(node_id)
         return True
 
     def revoke(self, node_id):
         """Refuse a node's certificates and secret from now on; it goes offline."""
-        self._trust.revoke(node_id)
+        revoked = self._trust.revoke(node_id)
+        if revoked is not None:
+            return revoked.addCallback(lambda _: self._revoked(node_id))
+        return self._revoked(node_id)
+
+    def _revoked(self, node_id):
         if self._registry.find(node_id) is not None:
             self._registry.leave(node_id)
         return True
@@ -363,4 +402,5 @@ class ExplorerMethods:
             "uptime_s": self._clock.seconds() - self._started,
             "listeners": list(self._listeners.bound) if self._listeners else [],
             "nodes": counts,
+            "store": self._trust.store_state,
         }

@@ -82,6 +82,7 @@ def make_explorer(
     listen,
     offline_after,
     state_dir,
+    database=None,
     socket_dirs=(),
     tls=None,
     call_timeout=CALL_TIMEOUT,
@@ -113,6 +114,8 @@ def make_explorer(
     :param socket_dirs: directories to create for Unix sockets when starting
     :param offline_after: seconds of silence before a node is offline
     :param state_dir: the directory of ``explorer.db`` (``EXPLORER_STATE_DIR``)
+    :param database: ``EXPLORER_DATABASE``: another SQLite file, or a
+        ``postgresql://`` URI; None for ``state_dir/explorer.db``
     :param tls: an :class:`~hero_compute.explorer.trust.TLSSettings`, or None
     :param call_timeout: seconds allowed for a proxied call
     :param connect_timeout: seconds allowed to connect to a node
@@ -152,7 +155,7 @@ def make_explorer(
     trust = ExplorerTrust(
         clock=clock,
         reactor=reactor,
-        db_path=os.path.join(state_dir, "explorer.db"),
+        db_path=database or os.path.join(state_dir, "explorer.db"),
         tls=tls,
         factory=factory,
         node_cert_days=node_cert_days,

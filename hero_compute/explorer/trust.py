@@ -16,14 +16,16 @@ import signal
 import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from hero_compute import pki
-from hero_compute.rpc.errors import InvalidParams
+from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
 from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
 
 from .enroll import DEFAULT_TTL, Enrollment, check_node_id
-from .store import Store
+from .store import is_postgres, open_store
 
 log = Logger()
 
@@ -84,7 +86,8 @@ class ExplorerTrust:
 
     :param clock: ``IReactorTime`` (Unix seconds)
     :param reactor: the reactor (signals are handed to it)
-    :param db_path: the SQLite state file
+    :param db_path: ``EXPLORER_DATABASE``: the SQLite state file, or a
+        ``postgresql://`` URI shared with other explorers
     :param tls: :class:`TLSSettings`, or None for an explorer without TLS
     :param factory: the HTTP factory, told the trust domain once the CA is loaded
     :param node_cert_days: life of the node certificates it signs
@@ -98,6 +101,9 @@ class ExplorerTrust:
         self._factory = factory
         self._node_cert_days = node_cert_days
         self._store = None
+        # A shared store is a server away: whatever writes to it runs on this one
+        # thread (in call order, as the reactor would have run them), never the reactor.
+        self._pool = None
         self._enrollment = None
         self._dirty = {}
         self._flusher = None
@@ -113,13 +119,16 @@ class ExplorerTrust:
         return self._store is not None
 
     def open(self):
-        """Open the state file; raises :class:`StartupError` if it cannot be used."""
+        """Open the state store; raises :class:`StartupError` if it cannot be used."""
         from .store import StoreError
 
+        variable = (
+            "EXPLORER_DATABASE" if is_postgres(self._db_path) else "EXPLORER_STATE_DIR"
+        )
         try:
-            self._store = Store.open(self._db_path)
+            self._store = open_store(self._db_path)
         except StoreError as e:
-            raise StartupError(f"{e} (EXPLORER_STATE_DIR)") from None
+            raise StartupError(f"{e} ({variable})") from None
         except OSError as e:
             raise StartupError(
                 f"cannot create the explorer state {self._db_path}: "
@@ -128,6 +137,30 @@ class ExplorerTrust:
         # No signer until the CA key is loaded: without one, enrollment is refused
         # before a token is looked at, so no token is used up for nothing.
         self._enrollment = Enrollment(self._store, self._clock)
+        if self._store.shared:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hero-store")
+            self._pool.start()
+        log.info(
+            "state store: {kind} {location}",
+            kind=self._store.kind,
+            location=self._store.location,
+        )
+
+    @property
+    def store_state(self):
+        """``{"kind", "state"}`` of the state store, for ``explorer.info`` and metrics."""
+        if self._store is None:
+            return {
+                "kind": "postgresql" if is_postgres(self._db_path) else "sqlite",
+                "state": "down",
+            }
+        return {"kind": self._store.kind, "state": self._store.state()}
+
+    def _blocking(self, f, *args, **kwargs):
+        """Run a store call: at once for a local file, on the store's thread otherwise."""
+        if self._pool is None:
+            return f(*args, **kwargs)
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
     def load_nodes(self):
         """:return: the node records kept from the last run (dicts)"""
@@ -206,11 +239,18 @@ class ExplorerTrust:
         if self._flusher is not None and self._flusher.active():
             self._flusher.cancel()
         self._flusher = None
+        if self._pool is not None:
+            # Lets what is queued finish first: nothing acknowledged is dropped.
+            self._pool.stop()
+            self._pool = None
         while self._dirty and self._store is not None:
-            self._write(self._take())
+            if not self._write(self._take()):
+                break
         if self._store is not None:
             try:
                 self._store.touch_nodes(last_seen)
+            except StoreUnavailable:
+                log.warn("state store down at shutdown: last heartbeat times not kept")
             finally:
                 self._store.close()
                 self._store = None
@@ -228,7 +268,14 @@ class ExplorerTrust:
         serial = (
             context.serial if identity is not None and identity.role == "node" else None
         )
+        if self._pool is not None and secret is not None and serial is None:
+            known = self._store.identity(node_id)
+            if known is None or known.secret_sha256 is None:
+                # First sight of a secret: it is bound in the shared store, on the
+                # store's thread; the answer waits for it (or -32007), the reactor not.
+                return self._blocking(self._enrollment.check_node, node_id, secret, serial)
         self._enrollment.check_node(node_id, secret, serial)
+        return None
 
     def save_node(self, record):
         """
@@ -244,15 +291,28 @@ class ExplorerTrust:
     def flush(self):
         """
         Write up to :data:`FLUSH_CHUNK` of the records kept since the last flush, and
-        the rest a reactor turn later; never raises.
+        the rest a reactor turn later; never raises.  To a shared store the write runs
+        on the store's thread; records it could not write are kept for the next flush.
         """
         self._flusher = None
         if not self._dirty or self._store is None:
             return
         records = self._take()
-        if self._dirty:
-            self._flusher = self._clock.callLater(0, self.flush)
-        self._write(records)
+        if self._pool is None:
+            if self._dirty:
+                self._flusher = self._clock.callLater(0, self.flush)
+            self._write(records)
+            return
+        d = self._blocking(self._write, records)
+        d.addCallback(self._written, records)
+
+    def _written(self, ok, records):
+        if not ok:
+            for record in records:
+                # A newer record taken since wins over the one that failed.
+                self._dirty.setdefault(record["node_id"], _record_from(record))
+        if self._dirty and self._flusher is None and self._store is not None:
+            self._flusher = self._clock.callLater(0 if ok else FLUSH_EVERY, self.flush)
 
     def _take(self):
         ids = list(itertools.islice(self._dirty, FLUSH_CHUNK))
@@ -262,39 +322,60 @@ class ExplorerTrust:
     def _write(self, records):
         try:
             self._store.save_nodes(records)
+        except StoreUnavailable:
+            return False
         except Exception:
             log.failure("could not keep {count} node records", count=len(records))
+        return True
 
     def forget_record(self, node_id):
         """Drop a forgotten node's stored record; its identity binding stays."""
         self._dirty.pop(node_id, None)
         if self._store is not None:
-            self._store.forget_node(node_id)
+            d = self._blocking(self._store.forget_node, node_id)
+            if d is not None:
+                # The next flush or heartbeat settles it; nothing waits on this one.
+                d.addErrback(lambda f: f.trap(StoreUnavailable))
 
     def forget_node(self, node_id):
-        """Forget a removed node's record and identity binding (not a revocation)."""
+        """
+        Forget a removed node's record and identity binding (not a revocation).
+
+        :return: None, or a Deferred when the store is shared
+        """
         self._dirty.pop(node_id, None)
-        self._store.forget_node(node_id)
+        return self._blocking(self._forget, node_id)
+
+    def _forget(self, node_id):
         self._store.forget_identity(node_id)
+        self._store.forget_node(node_id)
 
     def revoke(self, node_id):
         """``explorer.revoke``: refuse the node's certificates and secret from now on."""
-        self._enrollment.revoke(node_id)
+        return self._blocking(self._enrollment.revoke, node_id)
 
     def create_token(self, ttl=None, node_id=None):
         """``explorer.create_token``: a single-use join token."""
-        return self._enrollment.create_token(DEFAULT_TTL if ttl is None else ttl, node_id)
+        return self._blocking(
+            self._enrollment.create_token, DEFAULT_TTL if ttl is None else ttl, node_id
+        )
 
     def enroll(self, token, csr):
         """``explorer.enroll``: a token and a CSR for the node's certificate."""
         node_id = csr_node_id(csr)
+        return self._blocking(self._enroll, token, csr, node_id)
+
+    def _enroll(self, token, csr, node_id):
         certificate = self._enrollment.enroll(token, csr, node_id)
         return {"certificate": certificate, "ca": self._ca_pem}
 
     def renew(self, context, csr):
         """``explorer.renew``: a new certificate for the node whose certificate calls."""
         identity = context.identity
-        return {"certificate": self._enrollment.renew(identity.name, context.serial, csr)}
+        return self._blocking(self._renew, identity.name, context.serial, csr)
+
+    def _renew(self, name, serial, csr):
+        return {"certificate": self._enrollment.renew(name, serial, csr)}
 
     def _sign(self, csr_pem, node_id):
         try:
@@ -308,6 +389,13 @@ class ExplorerTrust:
         except pki.PkiError as e:
             raise InvalidParams(f"csr: {e}") from None
         return pki.dump_certificate(cert).decode("ascii"), cert.serial_number
+
+
+def _record_from(fields):
+    """A node record again, from the dict a failed flush took out of it."""
+    from .registry import NodeRecord
+
+    return NodeRecord(**fields)
 
 
 def _utc(seconds):

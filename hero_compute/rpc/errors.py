@@ -141,6 +141,21 @@ class InvalidVmState(RpcError):
     summary = "invalid VM state for this operation"
 
 
+class StoreUnavailable(RpcError):
+    """The explorer's shared state store cannot be reached; what needs it waits for it."""
+
+    code = -32007
+    summary = "state store unavailable"
+
+    def __init__(
+        self,
+        message: str = "state store unavailable",
+        data: Any = None,
+        code: int | None = None,
+    ) -> None:
+        RpcError.__init__(self, message, data, code)
+
+
 class RefusedByPolicy(RpcError):
     """The request is well-formed but not allowed."""
 
@@ -161,6 +176,7 @@ _BY_CODE: dict[int, type[RpcError]] = {
         NodeUnreachable,
         VmNotFound,
         InvalidVmState,
+        StoreUnavailable,
         RefusedByPolicy,
     )
 }

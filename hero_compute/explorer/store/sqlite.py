@@ -1,8 +1,8 @@
 """
-The explorer's durable state, in one SQLite file: the last known record of every node,
+The explorer's durable state in one SQLite file (the default backend of
+:class:`~hero_compute.explorer.store.IStore`): the last known record of every node,
 node identities (secret bindings, enrollment, current certificate), join tokens (as
-hashes only) and revocations.  Only this module (and its tables, in :mod:`.store_schema`)
-speaks SQL.
+hashes only) and revocations.  Its tables are in :mod:`.schema`.
 
 The API is synchronous: the file is local and the writes are small and rare.  Nothing
 here is meant to run per heartbeat; the caller writes a node record only when something
@@ -25,7 +25,7 @@ import sqlite3
 import attrs
 from twisted.logger import Logger
 
-from .store_schema import (
+from .schema import (
     DURABLE_FIELDS,
     JSON_FIELDS,
     NODE_FIELDS,
@@ -67,6 +67,9 @@ class Store:
 
     _db: sqlite3.Connection
     path: str
+    #: What ``explorer.info`` reports; the file is this explorer's own.
+    kind = "sqlite"
+    shared = False
     # Heartbeats check identities and serials on every call: answered from memory,
     # and the store's own writes keep these in step (one explorer owns its file).
     _identities: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -152,6 +155,15 @@ class Store:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    @property
+    def location(self):
+        """The file, as the log names it."""
+        return self.path
+
+    def state(self):
+        """:return: ``up``: a local file does not go away"""
+        return "up"
 
     def close(self):
         """Close the database; calling it again does nothing."""
