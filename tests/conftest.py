@@ -7,6 +7,7 @@ import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
 from .netns import Lab, netns_available
+from .pgserver import PgServer, binaries
 from .spec_server import SpecServer
 from .support import Twistd, make_short_tmp, remove_tmp
 
@@ -118,3 +119,18 @@ def lab():
         yield lab
     finally:
         lab.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the whole session, on a Unix socket in a temporary
+    directory; stopped and removed at the end."""
+    if binaries() is None:
+        pytest.fail("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()

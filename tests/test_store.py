@@ -1,5 +1,7 @@
 """
-The explorer's SQLite state, against real files in a temporary directory.
+The explorer's state store: one suite over both backends (SQLite in a temporary
+directory, and a real PostgreSQL server started for the session), and the SQLite file's
+own properties.
 """
 
 import hashlib
@@ -18,6 +20,7 @@ from hero_compute.explorer.store import (
     StoreError,
     TokenRefused,
     needs_save,
+    open_store,
 )
 
 NOW = 1_700_000_000.0
@@ -53,27 +56,48 @@ def path(tmp_path):
     return tmp_path / "state" / "explorer.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, path):
+    """Where a store lives: an SQLite file, or a new database on the test server."""
+    if request.param == "sqlite":
+        return path
+    return request.getfixturevalue("pg_server").new_database()
+
+
 @pytest.fixture
-def store(path):
-    """An open store, closed after the test."""
+def store(location):
+    """An open store of each backend, closed after the test."""
+    s = open_store(location)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(path):
+    """An open SQLite store, closed after the test (for what only a file has)."""
     s = Store.open(path)
     yield s
     s.close()
 
 
+def where(store):
+    """The location a store was opened from (for PostgreSQL, with its password)."""
+    return store._dsn if store.shared else store.path
+
+
 def reopen(store):
-    """Close a store and open its file again, as a restarted explorer would."""
+    """Close a store and open it again, as a restarted explorer would."""
     store.close()
-    return Store.open(store.path)
+    return open_store(where(store))
 
 
-def test_file_and_directory_are_private(store, path):
+def test_file_and_directory_are_private(sqlite_store, path):
     """The state file is created 0600 and its missing directory 0700."""
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
-def test_wal_mode_and_schema_version(store, path):
+def test_wal_mode_and_schema_version(sqlite_store, path):
     """The file is in WAL mode and carries the schema version."""
     raw = sqlite3.connect(path)
     try:
@@ -115,15 +139,15 @@ def test_touch_nodes_only_moves_last_seen_forward(store):
     assert seen == {"n1": NOW + 100, "n2": NOW + 5}
 
 
-def test_a_bad_row_does_not_hide_the_fleet(store, path):
+def test_a_bad_row_does_not_hide_the_fleet(sqlite_store, path):
     """A node row whose JSON is damaged is skipped; the others load."""
-    store.save_node(node("n1"))
-    store.save_node(node("n2"))
+    sqlite_store.save_node(node("n1"))
+    sqlite_store.save_node(node("n2"))
     raw = sqlite3.connect(path)
     raw.execute("UPDATE nodes SET labels = '{nope' WHERE node_id = 'n1'")
     raw.commit()
     raw.close()
-    assert [r["node_id"] for r in store.load_nodes()] == ["n2"]
+    assert [r["node_id"] for r in sqlite_store.load_nodes()] == ["n2"]
 
 
 def test_needs_save_only_for_durable_changes():
@@ -177,16 +201,16 @@ def test_token_naming_no_node_redeems_to_none(store):
     assert store.redeem_token(sha("t1"), NOW) is None
 
 
-def test_expired_token_is_refused_and_purged(store, path):
+def test_expired_token_is_refused_and_purged(sqlite_store, path):
     """An expired token is refused, and redeeming purges expired rows."""
-    store.add_token(sha("old"), None, NOW + 60)
-    store.add_token(sha("new"), None, NOW + 600)
+    sqlite_store.add_token(sha("old"), None, NOW + 60)
+    sqlite_store.add_token(sha("new"), None, NOW + 600)
     with pytest.raises(TokenRefused):
-        store.peek_token(sha("old"), NOW + 60)
+        sqlite_store.peek_token(sha("old"), NOW + 60)
     with pytest.raises(TokenRefused):
-        store.redeem_token(sha("old"), NOW + 60)
+        sqlite_store.redeem_token(sha("old"), NOW + 60)
     with pytest.raises(TokenRefused):
-        store.redeem_token(sha("unknown"), NOW + 60)
+        sqlite_store.redeem_token(sha("unknown"), NOW + 60)
     raw = sqlite3.connect(path)
     try:
         assert raw.execute("SELECT token_hash FROM tokens").fetchall() == [(sha("new"),)]
@@ -212,7 +236,7 @@ def test_concurrent_redeems_from_two_connections(store):
     threads, start, results = 8, threading.Barrier(8), []
 
     def attempt():
-        mine = Store.open(store.path)
+        mine = open_store(where(store))
         try:
             start.wait()
             mine.redeem_token(sha("t1"), NOW)
@@ -230,10 +254,10 @@ def test_concurrent_redeems_from_two_connections(store):
     assert sorted(results) == ["ok"] + ["refused"] * (threads - 1)
 
 
-def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
+def test_redeem_holds_the_write_lock_from_the_start(sqlite_store, monkeypatch):
     """A redeem that starts while another is mid-transaction waits, then is refused
     cleanly."""
-    store.add_token(sha("t1"), "n1", NOW + 60)
+    sqlite_store.add_token(sha("t1"), "n1", NOW + 60)
     inside, results = threading.Event(), {}
     purge = Store._purge_tokens
 
@@ -246,7 +270,7 @@ def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
     monkeypatch.setattr(Store, "_purge_tokens", slow_purge)
 
     def attempt(name):
-        mine = Store.open(store.path)
+        mine = Store.open(sqlite_store.path)
         try:
             if name == "second":
                 inside.wait(5)

@@ -95,6 +95,7 @@ class PostgresStore:
         self._dsn = dsn
         self.location = redact(dsn)
         self._conn = conn
+        self._generation = 0
         self._lock = threading.Lock()
         # The mirror: replaced or extended whole under _mirror, read without it (a dict
         # lookup and a set membership are atomic in CPython).
@@ -199,12 +200,18 @@ class PostgresStore:
         The connection, in a transaction; serialised with the other writers when
         ``write``.  A lost server becomes :class:`StoreUnavailable` (-32007).
         """
-        if self._watcher is not None and self._watcher.state == "down":
+        watcher = self._watcher
+        if watcher is not None and watcher.state == "down":
             raise StoreUnavailable()
         with self._lock:
             try:
+                generation = 0 if watcher is None else watcher.generation
+                if self._conn is not None and self._generation != generation:
+                    self._conn.close()
+                    self._conn = None
                 if self._conn is None or self._conn.closed:
                     self._conn = _connect(self._dsn)
+                    self._generation = generation
                 conn = self._conn
                 with conn.transaction():
                     if write:

@@ -54,6 +54,9 @@ class Watcher:
             target=self._run, name="hero-store-watch", daemon=True
         )
         self.state = "up"
+        #: Counts the server's comebacks: a connection made before the last one is
+        #: stale (its server went away) and is replaced before use.
+        self.generation = 0
         self._seq = None
         self._lost = False
 
@@ -90,6 +93,7 @@ class Watcher:
                     with self._store._mirror:
                         self._seq = self._store._reload(conn)
                     if self.state != "up":
+                        self.generation += 1
                         log.info("state store {db} is up again", db=self._store.location)
                     self.state, attempt = "up", 0
                 for _ in conn.notifies(timeout=POLL, stop_after=1):
