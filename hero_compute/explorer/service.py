@@ -188,27 +188,16 @@ class ExplorerMethods:
         elif old is None:
             self._admit(node_id, context)
         checked = self._trust.check_node(node_id, secret, context)
-        args = (node_id, uri, transport, remote, session, name, version, capacity)
-        more = (usage, vm_count, labels)
+        fields = (name, version, capacity, usage, vm_count, labels)
         if checked is not None:
             # First sight of a secret with a shared store: bound there first.
-            return checked.addCallback(lambda _: self._accept(*args, *more))
-        return self._accept(*args, *more)
+            return checked.addCallback(
+                lambda _: self._accept(node_id, uri, transport, remote, session, *fields)
+            )
+        return self._accept(node_id, uri, transport, remote, session, *fields)
 
-    def _accept(
-        self,
-        node_id,
-        uri,
-        transport,
-        remote,
-        session,
-        name,
-        version,
-        capacity,
-        usage,
-        vm_count,
-        labels,
-    ):
+    def _accept(self, node_id, uri, transport, remote, session, *fields):
+        name, version, capacity, usage, vm_count, labels = fields
         if session is None:
             # A full heartbeat: what it leaves out takes its default.
             name = name or node_id
@@ -402,5 +391,9 @@ class ExplorerMethods:
             "uptime_s": self._clock.seconds() - self._started,
             "listeners": list(self._listeners.bound) if self._listeners else [],
             "nodes": counts,
-            "store": self._trust.store_state,
+            "store": self.store_state(),
         }
+
+    def store_state(self):
+        """:return: ``{"kind", "state"}`` of the state store (``explorer.info``, metrics)"""
+        return self._trust.store_state

@@ -25,6 +25,7 @@ from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
 from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
 
 from .enroll import DEFAULT_TTL, Enrollment, check_node_id
+from .registry import NodeRecord
 from .store import is_postgres, open_store
 
 log = Logger()
@@ -310,7 +311,7 @@ class ExplorerTrust:
         if not ok:
             for record in records:
                 # A newer record taken since wins over the one that failed.
-                self._dirty.setdefault(record["node_id"], _record_from(record))
+                self._dirty.setdefault(record["node_id"], NodeRecord(**record))
         if self._dirty and self._flusher is None and self._store is not None:
             self._flusher = self._clock.callLater(0 if ok else FLUSH_EVERY, self.flush)
 
@@ -389,13 +390,6 @@ class ExplorerTrust:
         except pki.PkiError as e:
             raise InvalidParams(f"csr: {e}") from None
         return pki.dump_certificate(cert).decode("ascii"), cert.serial_number
-
-
-def _record_from(fields):
-    """A node record again, from the dict a failed flush took out of it."""
-    from .registry import NodeRecord
-
-    return NodeRecord(**fields)
 
 
 def _utc(seconds):
