@@ -36,9 +36,16 @@ CALLERS = {
 
 #: The contract's explorer column, written out per caller (params name node "a").
 EXPLORER_ALLOWED = {
-    "unix": set(EXPLORER_METHODS),
+    # Renewal is by the node's own certificate: none over Unix or plain TCP.
+    "unix": set(EXPLORER_METHODS) - {"explorer.renew"},
     "tcp": set(EXPLORER_METHODS)
-    - {"explorer.remove_node", "explorer.revoke", "explorer.create_token"},
+    - {
+        "explorer.remove_node",
+        "explorer.revoke",
+        "explorer.create_token",
+        "explorer.enroll",
+        "explorer.renew",
+    },
     "tls-anonymous": {"explorer.enroll", "rpc.discover"},
     "client": set(EXPLORER_METHODS)
     - {"explorer.heartbeat", "explorer.leave", "explorer.enroll", "explorer.renew"},

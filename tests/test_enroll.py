@@ -260,7 +260,7 @@ def test_check_node_secret_rules(enrollment):
 def test_enrolled_node_is_refused_without_tls(enrollment):
     """Once enrolled, an id is refused over non-TLS transports even with its secret."""
     enrollment.check_node("n1", secret=SECRET)
-    enrollment.enroll(enrollment.create_token()["token"], "CSR", "n1")
+    enrollment.enroll(enrollment.create_token(node_id="n1")["token"], "CSR", "n1")
     with refused("only over TLS"):
         enrollment.check_node("n1", secret=SECRET)
     enrollment.check_node("n1", secret=SECRET, cert_serial=1)
@@ -309,3 +309,63 @@ def test_tokens_and_secrets_never_stored_in_clear(enrollment, store, tmp_path):
     for clear in (token, token.split(".")[1], used, used.split(".")[1], SECRET):
         assert clear.encode() not in written
     assert re.search(rb"n1", written)  # and the table is there to be searched
+
+
+def _for(enrollment, node_id):
+    return enrollment.create_token(node_id=node_id)["token"]
+
+
+@pytest.mark.parametrize("known", ["secret", "registry", "revoked", "removed"])
+def test_generic_token_refuses_every_known_id(enrollment, store, known):
+    """A generic token is refused for an id bound to a secret, in the registry, revoked,
+    or removed after an enrollment; a token made for the id enrolls it."""
+    registered = False
+    if known == "secret":
+        enrollment.check_node("n1", secret=SECRET)
+    elif known == "registry":
+        registered = True
+    elif known == "revoked":
+        enrollment.revoke("n1")
+    else:
+        enrollment.enroll(_for(enrollment, "n1"), "CSR", "n1")
+        store.forget_identity("n1")
+    with refused("n1"):
+        enrollment.enroll(enrollment.create_token()["token"], "CSR", "n1", registered)
+    assert enrollment.enroll(_for(enrollment, "n1"), "CSR", "n1", registered)
+
+
+def test_proxy_accepts_only_the_current_certificate(enrollment, clock):
+    """The proxy's check: the current certificate passes; the one it renewed (still
+    accepted inbound) and one made offline before the enrollment do not."""
+    now = clock.seconds()
+    assert enrollment.certificate_refusal("n1", 50, now - 10) is None  # made offline
+    enrollment.enroll(_for(enrollment, "n1"), "CSR", "n1")
+    enrollment.renew("n1", 1, "CSR", now)
+    assert enrollment.certificate_refusal("n1", 2, now) is None
+    enrollment.check_node("n1", cert_serial=1, not_before=now)
+    assert "not the current" in enrollment.certificate_refusal("n1", 1, now)
+    assert "not the current" in enrollment.certificate_refusal("n1", 50, now - 10)
+
+
+def test_id_revocation_covers_offline_certificates_for_good(enrollment, store, clock):
+    """Revoking an id refuses a certificate of it made offline before, through
+    re-enrollment and removal; the certificate signed after the revocation passes,
+    backdated as it is."""
+    made = clock.seconds() - 60
+    enrollment.check_node("n1", cert_serial=500, not_before=made)
+    clock.advance(10)
+    enrollment.revoke("n1")
+    clock.advance(1)
+    enrollment.enroll(_for(enrollment, "n1"), "CSR", "n1")
+    store.forget_identity("n1")
+    store.forget_node("n1")
+    with refused("before the node was revoked"):
+        enrollment.check_node("n1", cert_serial=500, not_before=made)
+    with refused("before the node was revoked"):
+        enrollment.renew("n1", 500, "CSR", made)
+    assert enrollment.certificate_refusal("n1", 500, made)
+    backdated = clock.seconds() - 300
+    enrollment.check_node("n1", cert_serial=1, not_before=backdated)
+    assert enrollment.certificate_refusal("n1", 1, backdated) is None
+    # Made offline after the revocation: a new certificate, accepted.
+    enrollment.check_node("n1", cert_serial=600, not_before=clock.seconds())

@@ -444,3 +444,56 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
     again = Store.open(path)
     assert {n["name"] for n in again.load_nodes()} == {"renamed"}
     again.close()
+
+
+def test_id_revocation_outlives_enrollment_and_removal(store):
+    """An id's revocation time is kept through re-enrollment, removal and a reopen."""
+    store.mark_enrolled("n1", 1, NOW)
+    store.revoke("n1", NOW + 10)
+    store.mark_enrolled("n1", 2, NOW + 20)
+    store.forget_identity("n1")
+    store.forget_node("n1")
+    assert store.identity("n1") is None
+    store = reopen(store)
+    try:
+        assert store.id_revoked_at("n1") == NOW + 10
+        assert store.is_revoked_serial(1)
+        assert store.issued_at(2) == NOW + 20 and store.issued_at(99) is None
+        assert store.knows("n1")
+    finally:
+        store.close()
+
+
+def test_knows_every_kind_of_record(store):
+    """An id is known by a node record, a secret binding, or a revocation alone."""
+    assert not store.knows("n1")
+    store.save_node(node("n1"))
+    store.bind_secret("n2", sha("s"))
+    store.revoke("n3", NOW)
+    assert all(store.knows(n) for n in ("n1", "n2", "n3"))
+    assert not store.knows("n4")
+
+
+def test_schema_1_file_is_migrated(path):
+    """A file of schema 1 is brought to the current schema, its revocations kept."""
+    path.parent.mkdir(mode=0o700)
+    raw = sqlite3.connect(path)
+    from hero_compute.explorer.store.schema import SCHEMA
+
+    for statement in SCHEMA:
+        raw.execute(statement)
+    raw.execute("INSERT INTO identities (node_id, revoked_at) VALUES ('old', ?)", (NOW,))
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    store = Store.open(path)
+    try:
+        assert store.id_revoked_at("old") == NOW
+        assert store.identity("old").revoked
+    finally:
+        store.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        raw.close()

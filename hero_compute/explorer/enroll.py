@@ -14,10 +14,15 @@ Decisions, and why:
   not have.  It then redeems the token (atomically, single use) and only *then* signs, so
   one token can never produce two certificates; if signing fails the token is spent and
   the operator makes another.
-- A token naming no node id enrolls only *new* ids: an id that is enrolled or revoked
-  needs a token created for it (``token create --node-id ID``).  Moving a name bound to
-  a certificate, or lifting a revocation, is an operator's explicit act.  Re-enrolling
-  revokes the id's earlier certificates.
+- A token naming no node id enrolls only *new* ids: an id the explorer knows in any way
+  (a node record, in the registry or kept on disk, a secret binding, an enrollment, a
+  revocation, a certificate it signed) needs a token created for it (``token create
+  --node-id ID``).  Taking over a name in use, or lifting a revocation, is an operator's
+  explicit act.  Re-enrolling revokes the id's earlier certificates.
+- Revocation outlives re-enrollment and removal: revoked serials stay refused, and
+  revoking an id refuses every certificate for it issued before then (``not_valid_before``
+  earlier than the revocation), those made offline included, except the ones this
+  explorer signed after it.
 - Every token failure reads "invalid or expired token", whether the token never existed,
   was used, or expired.
 """
@@ -30,6 +35,8 @@ import secrets
 import string
 
 import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
 from hero_compute.explorer.store import TokenRefused
@@ -148,16 +155,17 @@ class Enrollment:
             )
         return self.sign
 
-    def enroll(self, token, csr_pem, csr_node_id):
+    def enroll(self, token, csr_pem, csr_node_id, registered=False):
         """
         Enroll a node: check the token and the id, use the token up, sign the CSR.
 
         :param token: the join token, as the node sent it
         :param csr_pem: the node's CSR
         :param csr_node_id: the node id the CSR asks for (read from it by the caller)
+        :param registered: whether the registry (in memory) holds a record of the id
         :raises RefusedByPolicy: no CA key; the token is invalid, used or expired; it
-            names another id; or the id is enrolled or revoked and the token does not
-            name it
+            names another id; or the id is known (see :meth:`Store.knows`, and
+            ``registered``) and the token does not name it
         :raises InvalidParams: ``csr_node_id`` is not a valid node id
         :return: the certificate, PEM
         """
@@ -172,15 +180,17 @@ class Enrollment:
             raise RefusedByPolicy(INVALID_TOKEN) from None
         if allowed is not None and allowed != csr_node_id:
             raise RefusedByPolicy(f"this token does not allow node id {csr_node_id!r}")
-        identity = self.store.identity(csr_node_id)
-        if (
-            allowed is None
-            and identity is not None
-            and (identity.enrolled or identity.revoked)
-        ):
-            state = "revoked" if identity.revoked else "already enrolled"
+        if allowed is None and (registered or self.store.knows(csr_node_id)):
+            identity = self.store.identity(csr_node_id)
+            state = (
+                "revoked"
+                if identity is not None and identity.revoked
+                else "already enrolled"
+                if identity is not None and identity.enrolled
+                else "known to this explorer"
+            )
             raise RefusedByPolicy(
-                f"node id {csr_node_id!r} is {state}; enrolling it again needs a token "
+                f"node id {csr_node_id!r} is {state}; enrolling it needs a token "
                 f"created for it (hero-compute token create --node-id {csr_node_id})"
             )
         try:
@@ -196,19 +206,20 @@ class Enrollment:
         )
         return cert_pem
 
-    def renew(self, node_id, cert_serial, csr_pem):
+    def renew(self, node_id, cert_serial, csr_pem, not_before=None):
         """
         Renew a node's certificate, authenticated by the current one.
 
         :param node_id: the node id its verified certificate names
         :param cert_serial: that certificate's serial
         :param csr_pem: the CSR for the new certificate
+        :param not_before: that certificate's ``not_valid_before`` (Unix seconds)
         :raises RefusedByPolicy: no CA key; the certificate or the id is revoked; or it
             is not the id's current certificate
         :return: the new certificate, PEM
         """
         sign = self._signer()
-        self._refuse_revoked(node_id, cert_serial)
+        self._refuse_revoked(node_id, cert_serial, not_before)
         identity = self.store.identity(node_id)
         if (
             identity is not None
@@ -249,18 +260,50 @@ class Enrollment:
         self.store.revoke(node_id, self.clock.seconds())
         log.info("node {node_id} revoked", node_id=node_id)
 
-    def _refuse_revoked(self, node_id, cert_serial):
+    def _refuse_revoked(self, node_id, cert_serial, not_before):
+        reason = self._revoked(node_id, cert_serial, not_before)
+        if reason is not None:
+            raise RefusedByPolicy(reason)
+
+    def _revoked(self, node_id, cert_serial, not_before):
+        """:return: why the certificate is revoked, or None"""
         identity = self.store.identity(node_id)
         if identity is not None and identity.revoked:
-            raise RefusedByPolicy(
-                f"node {node_id!r} is revoked; it must enroll again with a new token"
-            )
+            return f"node {node_id!r} is revoked; it must enroll again with a new token"
         if self.store.is_revoked_serial(cert_serial):
-            raise RefusedByPolicy(
-                f"certificate {cert_serial:x} of node {node_id!r} is revoked"
-            )
+            return f"certificate {cert_serial:x} of node {node_id!r} is revoked"
+        revoked_at = self.store.id_revoked_at(node_id)
+        # A certificate whose issue time is unknown counts as issued before.
+        if revoked_at is not None and (not_before is None or not_before < revoked_at):
+            issued = self.store.issued_at(cert_serial)
+            if issued is None or issued < revoked_at:
+                return (
+                    f"certificate {cert_serial:x} of node {node_id!r} was issued "
+                    f"before the node was revoked"
+                )
+        return None
 
-    def check_node(self, node_id, secret=None, cert_serial=None):
+    def certificate_refusal(self, node_id, cert_serial, not_before):
+        """
+        Whether the explorer's proxy may talk to a peer presenting this ``node/<id>``
+        certificate: only the id's current one, never a revoked or superseded one.
+
+        :param not_before: the certificate's ``not_valid_before`` (Unix seconds)
+        :return: why not, or None when it may
+        """
+        reason = self._revoked(node_id, cert_serial, not_before)
+        if reason is not None:
+            return reason
+        identity = self.store.identity(node_id)
+        if (
+            identity is not None
+            and identity.enrolled
+            and cert_serial != identity.cert_serial
+        ):
+            return f"certificate {cert_serial:x} is not the current one of node {node_id!r}"
+        return None
+
+    def check_node(self, node_id, secret=None, cert_serial=None, not_before=None):
         """
         Decide whether a heartbeat or leave may act for ``node_id``; call it after the
         rate limits, since the first secret seen for an id is written to disk.
@@ -276,11 +319,12 @@ class Enrollment:
         :param secret: the node secret as sent (the text), or ``None``
         :param cert_serial: the serial of the peer's verified certificate, or ``None``
             when the call did not come over TLS with a node certificate
+        :param not_before: that certificate's ``not_valid_before`` (Unix seconds)
         :raises RefusedByPolicy: when refused, saying why
         """
         identity = self.store.identity(node_id)
         if cert_serial is not None:
-            self._refuse_revoked(node_id, cert_serial)
+            self._refuse_revoked(node_id, cert_serial, not_before)
             if (
                 identity is not None
                 and identity.enrolled
@@ -313,3 +357,19 @@ class Enrollment:
             return
         if not self.store.bind_secret(node_id, digest):
             raise RefusedByPolicy(f"node {node_id!r} is bound to another secret")
+
+
+def csr_node_id(csr_pem):
+    """
+    :param csr_pem: a PEM certificate signing request
+    :return: the node id it asks for (its subject's common name)
+    :raise InvalidParams: not a CSR, or no valid node id in it
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii", "replace"))
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        raise InvalidParams("csr: not a PEM certificate signing request") from None
+    if len(names) != 1:
+        raise InvalidParams("csr: its subject must hold one common name, the node id")
+    return check_node_id(names[0].value)

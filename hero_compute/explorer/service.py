@@ -116,7 +116,7 @@ class ExplorerMethods:
         rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
         rpc.register("explorer.create_token", self._trust.create_token)
-        rpc.register("explorer.enroll", self._trust.enroll)
+        rpc.register("explorer.enroll", self.enroll)
         rpc.register("explorer.renew", self._trust.renew, context=True)
         rpc.register("explorer.revoke", self.revoke)
 
@@ -189,12 +189,10 @@ class ExplorerMethods:
             self._admit(node_id, context)
         checked = self._trust.check_node(node_id, secret, context)
         fields = (name, version, capacity, usage, vm_count, labels)
-        if checked is not None:
-            # First sight of a secret with a shared store: bound there first.
-            return checked.addCallback(
-                lambda _: self._accept(node_id, uri, transport, remote, session, *fields)
-            )
-        return self._accept(node_id, uri, transport, remote, session, *fields)
+        # With a shared store, a first sight of a secret is bound there first.
+        return _then(
+            checked, lambda: self._accept(node_id, uri, transport, remote, session, *fields)
+        )
 
     def _accept(self, node_id, uri, transport, remote, session, *fields):
         name, version, capacity, usage, vm_count, labels = fields
@@ -275,13 +273,7 @@ class ExplorerMethods:
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
         checked = self._trust.check_node(node_id, secret, context)
-        if checked is not None:
-            return checked.addCallback(lambda _: self._left(node_id))
-        return self._left(node_id)
-
-    def _left(self, node_id):
-        self._registry.leave(node_id)
-        return True
+        return _then(checked, lambda: self._registry.leave(node_id) or True)
 
     def list_nodes(self, status=None):
         """All nodes, or those of one status: for small fleets (see :meth:`query_nodes`)."""
@@ -337,23 +329,24 @@ class ExplorerMethods:
     def remove_node(self, node_id):
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
         self._registry.get(node_id)
-        forgotten = self._trust.forget_node(node_id)
-        if forgotten is not None:
-            # A shared store first: when it is down the node stays (-32007).
-            return forgotten.addCallback(lambda _: self._removed(node_id))
-        return self._removed(node_id)
+        # A shared store first: when it is down the node stays (-32007).
+        return _then(self._trust.forget_node(node_id), lambda: self._removed(node_id))
 
     def _removed(self, node_id):
         if self._registry.find(node_id) is not None:
             self._registry.remove(node_id)
         return True
 
+    def enroll(self, token, csr):
+        """A certificate for a node, by join token; an id in the registry needs a
+        token made for it."""
+        return self._trust.enroll(
+            token, csr, lambda node_id: self._registry.find(node_id) is not None
+        )
+
     def revoke(self, node_id):
         """Refuse a node's certificates and secret from now on; it goes offline."""
-        revoked = self._trust.revoke(node_id)
-        if revoked is not None:
-            return revoked.addCallback(lambda _: self._revoked(node_id))
-        return self._revoked(node_id)
+        return _then(self._trust.revoke(node_id), lambda: self._revoked(node_id))
 
     def _revoked(self, node_id):
         if self._registry.find(node_id) is not None:
@@ -395,5 +388,10 @@ class ExplorerMethods:
         }
 
     def store_state(self):
-        """:return: ``{"kind", "state"}`` of the state store (``explorer.info``, metrics)"""
+        """:return: the state store's ``{"kind", "state"}`` (for metrics too)"""
         return self._trust.store_state
+
+
+def _then(pending, after):
+    """``after()``, once ``pending`` (None, or a shared store's Deferred) is done."""
+    return after() if pending is None else pending.addCallback(lambda _: after())

@@ -14,17 +14,15 @@ import os
 import signal
 
 import attrs
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from hero_compute import pki
-from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
+from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy, StoreUnavailable
 from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
 
-from .enroll import DEFAULT_TTL, Enrollment, check_node_id
+from .enroll import DEFAULT_TTL, Enrollment, csr_node_id
 from .registry import NodeRecord
 from .store import is_postgres, open_store
 
@@ -62,22 +60,6 @@ class TLSSettings:
     key: str
     ca: str
     ca_key: str | None = None
-
-
-def csr_node_id(csr_pem):
-    """
-    :param csr_pem: a PEM certificate signing request
-    :return: the node id it asks for (its subject's common name)
-    :raise InvalidParams: not a CSR, or no valid node id in it
-    """
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii", "replace"))
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError:
-        raise InvalidParams("csr: not a PEM certificate signing request") from None
-    if len(names) != 1:
-        raise InvalidParams("csr: its subject must hold one common name, the node id")
-    return check_node_id(names[0].value)
 
 
 class ExplorerTrust:
@@ -151,10 +133,8 @@ class ExplorerTrust:
     def store_state(self):
         """``{"kind", "state"}`` of the state store, for ``explorer.info`` and metrics."""
         if self._store is None:
-            return {
-                "kind": "postgresql" if is_postgres(self._db_path) else "sqlite",
-                "state": "down",
-            }
+            kind = "postgresql" if is_postgres(self._db_path) else "sqlite"
+            return {"kind": kind, "state": "down"}
         return {"kind": self._store.kind, "state": self._store.state()}
 
     def _blocking(self, f, *args, **kwargs):
@@ -193,6 +173,8 @@ class ExplorerTrust:
         #: The mutual-TLS side of our listeners (the dashboard may use it too).
         self.server_tls = server
         self._factory.trust_domain = server.trust_domain
+        # The proxy talks only to a node's current, unrevoked certificate.
+        proxy.peer_check = self.certificate_refusal
         client.use_tls(proxy)
         if tls.ca_key is not None:
             self._load_ca()
@@ -266,16 +248,17 @@ class ExplorerTrust:
         :param context: the call's :class:`~hero_compute.rpc.dispatch.CallContext`
         """
         identity = context.identity
-        serial = (
-            context.serial if identity is not None and identity.role == "node" else None
-        )
+        if identity is not None and identity.role == "node":
+            serial, not_before = context.serial, context.not_before
+        else:
+            serial, not_before = None, None
         if self._pool is not None and secret is not None and serial is None:
             known = self._store.identity(node_id)
             if known is None or known.secret_sha256 is None:
                 # First sight of a secret: it is bound in the shared store, on the
                 # store's thread; the answer waits for it (or -32007), the reactor not.
-                return self._blocking(self._enrollment.check_node, node_id, secret, serial)
-        self._enrollment.check_node(node_id, secret, serial)
+                return self._blocking(self._enrollment.check_node, node_id, secret)
+        self._enrollment.check_node(node_id, secret, serial, not_before)
         return None
 
     def save_node(self, record):
@@ -361,22 +344,43 @@ class ExplorerTrust:
             self._enrollment.create_token, DEFAULT_TTL if ttl is None else ttl, node_id
         )
 
-    def enroll(self, token, csr):
-        """``explorer.enroll``: a token and a CSR for the node's certificate."""
-        node_id = csr_node_id(csr)
-        return self._blocking(self._enroll, token, csr, node_id)
+    def enroll(self, token, csr, registered=lambda node_id: False):
+        """
+        ``explorer.enroll``: a token and a CSR for the node's certificate.
 
-    def _enroll(self, token, csr, node_id):
-        certificate = self._enrollment.enroll(token, csr, node_id)
+        :param registered: ``registered(node_id)``: whether the registry holds the id
+        """
+        node_id = csr_node_id(csr)
+        return self._blocking(self._enroll, token, csr, node_id, registered(node_id))
+
+    def _enroll(self, token, csr, node_id, registered):
+        certificate = self._enrollment.enroll(token, csr, node_id, registered)
         return {"certificate": certificate, "ca": self._ca_pem}
 
     def renew(self, context, csr):
         """``explorer.renew``: a new certificate for the node whose certificate calls."""
         identity = context.identity
-        return self._blocking(self._renew, identity.name, context.serial, csr)
+        if identity is None or identity.role != "node" or context.serial is None:
+            # The roles table lets no other caller here; should one ever be let in,
+            # it is a refusal, not an internal error.
+            raise RefusedByPolicy("explorer.renew needs the node's own certificate")
+        return self._blocking(
+            self._renew, identity.name, context.serial, csr, context.not_before
+        )
 
-    def _renew(self, name, serial, csr):
-        return {"certificate": self._enrollment.renew(name, serial, csr)}
+    def _renew(self, name, serial, csr, not_before):
+        return {"certificate": self._enrollment.renew(name, serial, csr, not_before)}
+
+    def certificate_refusal(self, identity, serial, not_before):
+        """
+        The proxy's check of a node's TLS certificate, before anything is sent.
+
+        :param identity: the :class:`~hero_compute.rpc.tls.PeerIdentity` it names
+        :return: why the explorer must not talk to that peer, or None
+        """
+        if identity.role != "node" or self._enrollment is None:
+            return None
+        return self._enrollment.certificate_refusal(identity.name, serial, not_before)
 
     def _sign(self, csr_pem, node_id):
         try:

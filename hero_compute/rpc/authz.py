@@ -155,7 +155,8 @@ class Policy:
 EXPLORER_POLICY = Policy(
     "explorer",
     {
-        UNIX: EVERYTHING,
+        # Renewal is by the node's own certificate: a Unix caller has none to renew.
+        UNIX: Grant(ALL, excluded=frozenset({"explorer.renew"})),
         CLIENT: Grant(
             ALL,
             excluded=frozenset(
@@ -180,11 +181,19 @@ EXPLORER_POLICY = Policy(
         ANONYMOUS: Grant(frozenset({"explorer.enroll", "rpc.discover"})),
         # Plain TCP is as trusted as before, but what could take a fleet apart is kept to
         # callers who proved who they are; heartbeat and leave are bound by the node
-        # secret in the service itself (it is per-node state, not a role).
+        # secret in the service itself (it is per-node state, not a role).  Enrollment
+        # would carry the token and the certificate in clear, and there is no
+        # certificate to renew.
         TCP: Grant(
             ALL,
             excluded=frozenset(
-                {"explorer.remove_node", "explorer.revoke", "explorer.create_token"}
+                {
+                    "explorer.remove_node",
+                    "explorer.revoke",
+                    "explorer.create_token",
+                    "explorer.enroll",
+                    "explorer.renew",
+                }
             ),
         ),
     },

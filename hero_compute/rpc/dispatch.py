@@ -120,6 +120,8 @@ class CallContext:
         (a :class:`~hero_compute.rpc.tls.PeerIdentity`), or None
     :ivar serial: over TLS, the serial number of the peer's certificate, or None
     :ivar host: the peer's IP address (TCP and TLS), or None
+    :ivar not_before: over TLS, the ``not_valid_before`` of the peer's certificate
+        (Unix seconds), or None
     """
 
     transport: str
@@ -127,6 +129,7 @@ class CallContext:
     identity: object = None
     serial: int | None = None
     host: str | None = None
+    not_before: float | None = None
 
     @property
     def secure(self) -> bool:
@@ -154,10 +157,15 @@ class CallContext:
         cert = cast("X509 | None", transport.getPeerCertificate())
         if cert is None or trust_domain is None:
             return cls("tls", where, host=host)
-        from .tls import identity_of
+        from .tls import identity_of, not_before
 
         return cls(
-            "tls", where, identity_of(cert, trust_domain), cert.get_serial_number(), host
+            "tls",
+            where,
+            identity_of(cert, trust_domain),
+            cert.get_serial_number(),
+            host,
+            not_before(cert),
         )
 
 

@@ -90,6 +90,8 @@ class _HTTPConnection(protocol.Protocol):
 
     done: defer.Deferred[_Response] | None = None
     lost = False
+    #: Over TLS, ``(identity, serial, not_before)`` of the peer's certificate, once read.
+    peer: tuple[Any, int, float] | None = None
     _timer: IDelayedCall | None = None
     # Connected over TCP, Unix or TLS: all of them can be aborted.
     transport: ITCPTransport
@@ -266,9 +268,22 @@ class _Pool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if not conn.lost and not getattr(conn.transport, "disconnecting", False):
-                return conn
+            if conn.lost or getattr(conn.transport, "disconnecting", False):
+                continue
+            if key[1] is not None and not self._still_trusted(conn):
+                # Its certificate was revoked or superseded since the handshake.
+                conn.transport.loseConnection()
+                continue
+            return conn
         return None
+
+    def _still_trusted(self, conn: _HTTPConnection) -> bool:
+        tls = self._tls
+        if tls is None or tls.peer_check is None:
+            return True
+        if conn.peer is None:
+            conn.peer = tls.peer_of(conn.transport)
+        return conn.peer is not None and tls.accepts(*conn.peer)
 
     def get(
         self, address: Address, expect: Expected | None = None

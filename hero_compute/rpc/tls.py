@@ -114,6 +114,11 @@ def identity_of(
     return identity
 
 
+def not_before(cert: x509.Certificate | crypto.X509) -> float:
+    """:return: the certificate's ``not_valid_before``, in Unix seconds"""
+    return _cryptography(cert).not_valid_before_utc.timestamp()
+
+
 def peer_identity(transport: object, trust_domain: str) -> PeerIdentity | None:
     """
     The identity of the peer on a TLS transport made by :class:`ServerTLS` or
@@ -357,6 +362,11 @@ class ClientTLS(_Reloadable):
     :raises TLSConfigError: if the material is unusable
     """
 
+    #: ``peer_check(identity, serial, not_before) -> reason or None``: a further check
+    #: of a peer whose certificate names the expected identity (the explorer's proxy
+    #: refuses a node's revoked or superseded certificate); None accepts it.
+    peer_check: Callable[[PeerIdentity, int, float], str | None] | None = None
+
     def __init__(
         self, material: TLSMaterial | Credentials, expected: Expected | None = None
     ) -> None:
@@ -385,19 +395,50 @@ class ClientTLS(_Reloadable):
             return bool(ok)
         return self._check_peer(credentials, self.expected, cert)
 
-    @staticmethod
     def _check_peer(
-        credentials: Credentials, expected: Expected | None, cert: crypto.X509
+        self, credentials: Credentials, expected: Expected | None, cert: crypto.X509
     ) -> bool:
         identity = identity_of(cert, credentials.trust_domain)
-        if expected is not None and expected.allows(identity):
+        if expected is None or identity is None or not expected.allows(identity):
+            log.warn(
+                "TLS peer refused: its certificate names {identity}, expected {expected}",
+                identity=identity,
+                expected=expected,
+            )
+            return False
+        return self.accepts(identity, cert.get_serial_number(), not_before(cert))
+
+    def accepts(self, identity: PeerIdentity, serial: int, not_before: float) -> bool:
+        """
+        :param identity: what the peer's certificate names (already found to be the
+            expected peer)
+        :param serial: its serial
+        :param not_before: its ``not_valid_before`` (Unix seconds)
+        :return: whether :attr:`peer_check` (if any) accepts it, at the handshake or
+            when a pooled connection is reused; logs why not
+        """
+        check = self.peer_check
+        if check is None:
             return True
-        log.warn(
-            "TLS peer refused: its certificate names {identity}, expected {expected}",
-            identity=identity,
-            expected=expected,
-        )
+        reason = check(identity, serial, not_before)
+        if reason is None:
+            return True
+        log.warn("TLS peer {identity} refused: {reason}", identity=identity, reason=reason)
         return False
+
+    def peer_of(self, transport: object) -> tuple[PeerIdentity, int, float] | None:
+        """
+        :param transport: a connection's TLS transport, its handshake done
+        :return: ``(identity, serial, not_before)`` of its peer's certificate, or None
+        """
+        get = getattr(transport, "getPeerCertificate", None)
+        cert = get() if get is not None else None
+        if cert is None:
+            return None
+        identity = identity_of(cert, self.credentials.trust_domain)
+        if identity is None:
+            return None
+        return identity, cert.get_serial_number(), not_before(cert)
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """:return: a new :class:`OpenSSL.SSL.Connection` with the current context"""

@@ -101,6 +101,15 @@ class IStore(Interface):
     def is_revoked_serial(serial):
         """:return: whether the certificate serial is revoked, from memory"""
 
+    def id_revoked_at(node_id):
+        """:return: the last time the id was revoked, or ``None``, from memory"""
+
+    def issued_at(serial):
+        """:return: when a certificate was signed here, or ``None``"""
+
+    def knows(node_id):
+        """:return: whether anything is held about the id (it may call the server)"""
+
 
 def is_postgres(location):
     """

@@ -102,6 +102,10 @@ class PostgresStore:
         self._mirror = threading.Lock()
         self._identities = {}
         self._revoked_serials = set()
+        self._revoked_ids = {}
+        # Serial -> when it was signed, for the ids ever revoked (the only ones whose
+        # heartbeats ask): complete for them, so a miss means "not signed here".
+        self._issued_at = {}
         self._watcher = None
 
     @classmethod
@@ -159,6 +163,16 @@ class PostgresStore:
         self._revoked_serials = {
             int(s, 16) for (s,) in conn.execute("SELECT serial FROM revoked_serials")
         }
+        self._revoked_ids = dict(
+            conn.execute("SELECT node_id, revoked_at FROM revoked_ids")
+        )
+        self._issued_at = {
+            int(s, 16): at
+            for s, at in conn.execute(
+                "SELECT serial, issued_at FROM issued_serials WHERE node_id IN "
+                "(SELECT node_id FROM revoked_ids)"
+            )
+        }
         return seq
 
     def refresh(self, conn, node_ids):
@@ -168,6 +182,15 @@ class PostgresStore:
         serials = conn.execute(
             "SELECT serial FROM revoked_serials WHERE node_id = ANY(%s)", (ids,)
         ).fetchall()
+        revoked = dict(
+            conn.execute(
+                "SELECT node_id, revoked_at FROM revoked_ids WHERE node_id = ANY(%s)",
+                (ids,),
+            )
+        )
+        issued = conn.execute(
+            "SELECT serial, issued_at FROM issued_serials WHERE node_id = ANY(%s)", (ids,)
+        ).fetchall()
         found = {row[0]: _identity(row) for row in rows}
         for node_id in ids:
             if node_id in found:
@@ -175,6 +198,8 @@ class PostgresStore:
             else:
                 self._identities.pop(node_id, None)
         self._revoked_serials.update(int(s, 16) for (s,) in serials)
+        self._revoked_ids.update(revoked)
+        self._issued_at.update((int(s, 16), at) for s, at in issued)
 
     def state(self):
         """:return: ``up`` or ``down``, as the watcher last saw the server"""
@@ -354,6 +379,7 @@ class PostgresStore:
                 "previous_serial = NULL, revoked_at = NULL WHERE node_id = %s",
                 (new, node_id),
             )
+            self._issued(conn, new, node_id, now)
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
@@ -373,9 +399,35 @@ class PostgresStore:
                 "previous_serial = %s WHERE node_id = %s",
                 (new, old, node_id),
             )
+            self._issued(conn, new, node_id, now)
             self._changed(conn, node_id)
             self._mine(conn, node_id)
             return True
+
+    def _issued(self, conn, serial, node_id, now):
+        conn.execute(
+            "INSERT INTO issued_serials VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (serial, node_id, now),
+        )
+
+    def issued_at(self, serial):
+        """
+        :return: when a certificate was signed by an explorer of this database, for
+            ids ever revoked (the only ones asked about), or ``None``: from memory
+        """
+        return self._issued_at.get(serial)
+
+    def knows(self, node_id):
+        """:return: whether anything is held about the id (as :meth:`Store.knows`)"""
+        if node_id in self._revoked_ids or self.identity(node_id) is not None:
+            return True
+        with self._use() as conn:
+            return any(
+                conn.execute(
+                    f"SELECT 1 FROM {table} WHERE node_id = %s LIMIT 1", (node_id,)
+                ).fetchone()
+                for table in ("nodes", "revoked_serials", "issued_serials")
+            )
 
     def forget_identity(self, node_id):
         """Forget an id's binding; a revocation stays (as :meth:`Store.forget_identity`)."""
@@ -446,6 +498,13 @@ class PostgresStore:
                 "revoked_at = coalesce(revoked_at, %s) WHERE node_id = %s",
                 (now, node_id),
             )
+            # The latest revocation counts: it covers every certificate issued before.
+            conn.execute(
+                "INSERT INTO revoked_ids VALUES (%s, %s) ON CONFLICT (node_id) "
+                "DO UPDATE SET revoked_at = greatest(revoked_ids.revoked_at, "
+                "excluded.revoked_at)",
+                (node_id, now),
+            )
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
@@ -467,6 +526,10 @@ class PostgresStore:
     def is_revoked_serial(self, serial):
         """:return: whether the serial is revoked: from memory"""
         return serial in self._revoked_serials
+
+    def id_revoked_at(self, node_id):
+        """:return: the last time the id was revoked, or ``None``: from memory"""
+        return self._revoked_ids.get(node_id)
 
 
 def _connect(dsn):

@@ -14,7 +14,7 @@ import attrs
 
 #: The schema this code writes.  A file with a higher ``PRAGMA user_version`` was made by
 #: a newer hero_compute and is refused rather than misread.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The columns of a node record, as :class:`hero_compute.explorer.registry.NodeRecord`
 #: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
@@ -61,6 +61,26 @@ SCHEMA = (
     """CREATE TABLE revoked_secrets (
         secret_sha256 TEXT PRIMARY KEY, node_id TEXT NOT NULL, revoked_at REAL NOT NULL)""",
 )
+
+#: Schema 2: revocation that outlives re-enrollment and removal.  ``revoked_ids`` holds
+#: the last time each id was revoked (every certificate for it issued before then is
+#: refused, those made offline included); ``issued_serials`` the certificates this
+#: explorer signed and when, so one signed after a revocation is told from one before.
+#: Neither is ever deleted by removing a node.
+SCHEMA_2 = (
+    """CREATE TABLE revoked_ids (
+        node_id TEXT PRIMARY KEY, revoked_at REAL NOT NULL)""",
+    """CREATE TABLE issued_serials (
+        serial TEXT PRIMARY KEY, node_id TEXT NOT NULL, issued_at REAL NOT NULL)""",
+    "CREATE INDEX issued_serials_by_node ON issued_serials (node_id)",
+    # A file of schema 1 already holds revocations: carried over, so an upgrade lifts
+    # none.
+    """INSERT OR IGNORE INTO revoked_ids (node_id, revoked_at)
+        SELECT node_id, revoked_at FROM identities WHERE revoked_at IS NOT NULL""",
+)
+
+#: What brings a file of each older schema version to the next one.
+MIGRATIONS = {1: SCHEMA_2}
 
 
 class StoreError(Exception):

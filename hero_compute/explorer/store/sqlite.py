@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from .schema import (
     DURABLE_FIELDS,
     JSON_FIELDS,
+    MIGRATIONS,
     NODE_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -74,6 +75,10 @@ class Store:
     # and the store's own writes keep these in step (one explorer owns its file).
     _identities: dict = attrs.field(factory=dict, init=False, repr=False)
     _revoked_serials: set = attrs.field(factory=set, init=False, repr=False)
+    _revoked_ids: dict = attrs.field(factory=dict, init=False, repr=False)
+    # Serial -> when we signed it (or None): asked per heartbeat of a node enrolled again
+    # after a revocation.
+    _issued_at: dict = attrs.field(factory=dict, init=False, repr=False)
 
     @classmethod
     def open(cls, path, timeout=5.0):
@@ -125,10 +130,22 @@ class Store:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 if version == 0:
                     self._create_schema()
+                else:
+                    self._migrate(version)
         self._revoked_serials.update(
             int(serial, 16)
             for (serial,) in self._db.execute("SELECT serial FROM revoked_serials")
         )
+        self._revoked_ids.update(
+            self._db.execute("SELECT node_id, revoked_at FROM revoked_ids")
+        )
+
+    def _migrate(self, version):
+        while version < SCHEMA_VERSION:
+            for statement in MIGRATIONS[version]:
+                self._db.execute(statement)
+            version += 1
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _create_schema(self):
         tables = self._db.execute(
@@ -141,6 +158,9 @@ class Store:
             )
         for statement in SCHEMA:
             self._db.execute(statement)
+        for version in sorted(MIGRATIONS):
+            for statement in MIGRATIONS[version]:
+                self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -335,6 +355,7 @@ class Store:
                 "previous_serial = NULL, revoked_at = NULL WHERE node_id = ?",
                 (new, node_id),
             )
+            self._issued(new, node_id, now)
 
     def renew_serial(self, node_id, old_serial, new_serial, now):
         """
@@ -361,7 +382,46 @@ class Store:
                 "previous_serial = ? WHERE node_id = ?",
                 (new, old, node_id),
             )
+            self._issued(new, node_id, now)
             return True
+
+    def _issued(self, serial, node_id, now):
+        self._db.execute(
+            "INSERT OR IGNORE INTO issued_serials VALUES (?, ?, ?)", (serial, node_id, now)
+        )
+        self._issued_at.pop(int(serial, 16), None)
+
+    def issued_at(self, serial):
+        """
+        :param serial: a certificate serial (an ``int``)
+        :return: when this explorer signed that certificate (enrollment or renewal), or
+            ``None`` for one it never signed (made offline, or by another CA holder)
+        """
+        try:
+            return self._issued_at[serial]
+        except KeyError:
+            pass
+        row = self._db.execute(
+            "SELECT issued_at FROM issued_serials WHERE serial = ?", (serial_text(serial),)
+        ).fetchone()
+        issued = self._issued_at[serial] = None if row is None else row[0]
+        return issued
+
+    def knows(self, node_id):
+        """
+        :return: whether anything is held about the id: a node record, an identity
+            (secret binding, enrollment, revocation), a revocation of the id or of one
+            of its certificates, or a certificate signed for it; removing a node leaves
+            the revocations and the signed certificates, so a removed id stays known
+        """
+        if node_id in self._revoked_ids or self.identity(node_id) is not None:
+            return True
+        return any(
+            self._db.execute(
+                f"SELECT 1 FROM {table} WHERE node_id = ? LIMIT 1", (node_id,)
+            ).fetchone()
+            for table in ("nodes", "revoked_serials", "issued_serials")
+        )
 
     def forget_identity(self, node_id):
         """
@@ -463,6 +523,13 @@ class Store:
                 "revoked_at = coalesce(revoked_at, ?) WHERE node_id = ?",
                 (now, node_id),
             )
+            # The latest revocation counts: it covers every certificate issued before.
+            self._db.execute(
+                "INSERT INTO revoked_ids VALUES (?1, ?2) ON CONFLICT (node_id) "
+                "DO UPDATE SET revoked_at = max(revoked_at, ?2)",
+                (node_id, now),
+            )
+        self._revoked_ids[node_id] = max(now, self._revoked_ids.get(node_id, now))
 
     def revoke_serial(self, serial, node_id, now):
         """Refuse one certificate from now on, e.g. one signed but never handed out."""
@@ -480,3 +547,10 @@ class Store:
     def is_revoked_serial(self, serial):
         """:return: whether the certificate with this serial has been revoked"""
         return serial in self._revoked_serials
+
+    def id_revoked_at(self, node_id):
+        """
+        :return: the last time the id was revoked (kept through re-enrollment and
+            removal), or ``None`` if it never was
+        """
+        return self._revoked_ids.get(node_id)

@@ -39,6 +39,19 @@ POSTGRES = {
             seq bigserial PRIMARY KEY, node_id text NOT NULL,
             at double precision NOT NULL)""",
     ),
+    # Revocation that outlives re-enrollment and removal (issue 17), as SQLite's
+    # schema 2: the last revocation of each id, and every certificate signed and when.
+    2: (
+        """CREATE TABLE revoked_ids (
+            node_id text PRIMARY KEY, revoked_at double precision NOT NULL)""",
+        """CREATE TABLE issued_serials (
+            serial text PRIMARY KEY, node_id text NOT NULL,
+            issued_at double precision NOT NULL)""",
+        "CREATE INDEX issued_serials_by_node ON issued_serials (node_id)",
+        """INSERT INTO revoked_ids (node_id, revoked_at)
+            SELECT node_id, revoked_at FROM identities WHERE revoked_at IS NOT NULL
+            ON CONFLICT DO NOTHING""",
+    ),
 }
 
 #: The version the last step makes.
