@@ -103,6 +103,7 @@ def explorer_params(method, caller):
         "explorer.enroll": {"token": "aaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "csr": "x"},
         "explorer.renew": {"csr": "x"},
         "explorer.revoke": {"node_id": "ghost"},
+        "explorer.audit": {"limit": 5},
         "rpc.discover": {},
     }[method]
 

@@ -226,6 +226,8 @@ def test_explorer_methods_match_contract():
         "explorer.renew",
         "explorer.revoke",
         "explorer.query_nodes",
+        # CONTRACT §10.
+        "explorer.audit",
     }
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
     assert heartbeat == {

@@ -278,3 +278,15 @@ def test_database_down_under_load_loses_nothing(own_server, start_explorer):
 
     wait_for(renamed, timeout=5.0, what="the record kept while down written")
     assert own_server.password not in a.output
+
+
+def test_audit_is_shared(pair):
+    """A change made at A is in B's audit log (the store's), once A has written it."""
+    a, b = pair
+    assert result(a.unix, "explorer.revoke", {"node_id": "n-aud"}) is True
+
+    def at_b():
+        entries = result(b.unix, "explorer.audit", {"node_id": "n-aud"})["entries"]
+        return [(e["method"], e["outcome"]) for e in entries] == [("explorer.revoke", "ok")]
+
+    wait_for(at_b, timeout=5.0, what="A's entry at B")

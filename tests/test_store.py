@@ -415,7 +415,7 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
     trust = ExplorerTrust(clock=clock, reactor=clock, db_path=path, tls=None, factory=None)
     trust.open()
     batches = []
-    store = trust._store
+    store = trust.store
 
     class Recording:
         """The store, noting each batch and whether the rest is left to a later turn."""
@@ -427,7 +427,7 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
             batches.append((len(records), len(clock.getDelayedCalls())))
             store.save_nodes(records)
 
-    trust._store = Recording()
+    trust.store = Recording()
     total = FLUSH_CHUNK * 2 + 7
     for i in range(total):
         trust.save_node(NodeRecord(**node(f"n{i:05d}")))
@@ -494,6 +494,41 @@ def test_schema_1_file_is_migrated(path):
         store.close()
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         raw.close()
+
+
+def test_audit_entries_newest_first_and_filtered(store):
+    """Audit entries come back newest first, limited, and filtered by time and by node
+    (its own id or one of its VMs, never another id with the same prefix)."""
+    entries = [
+        {
+            "time": NOW + i,
+            "explorer": "e",
+            "caller": "unix:0",
+            "method": m,
+            "target": t,
+            "outcome": "ok",
+        }
+        for i, (m, t) in enumerate(
+            [
+                ("explorer.revoke", "n1"),
+                ("vm.start", "n1/vm-1"),
+                ("explorer.revoke", "n10"),
+                ("explorer.create_token", ""),
+            ]
+        )
+    ]
+    store.add_audit(entries[:2])
+    store.add_audit(entries[2:])
+    assert [e["method"] for e in store.audit()] == [
+        "explorer.create_token",
+        "explorer.revoke",
+        "vm.start",
+        "explorer.revoke",
+    ]
+    assert store.audit()[0] == entries[3]
+    assert [e["target"] for e in store.audit(node_id="n1")] == ["n1/vm-1", "n1"]
+    assert [e["target"] for e in store.audit(since=NOW + 2)] == ["", "n10"]
+    assert len(store.audit(limit=1)) == 1

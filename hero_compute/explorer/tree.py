@@ -5,6 +5,7 @@ opened until :class:`ExplorerService` starts.
 """
 
 import os
+import socket
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -19,6 +20,7 @@ from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 
+from .audit import AuditLog
 from .dashboard import make_dashboard
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
@@ -43,10 +45,13 @@ class ExplorerService(service.MultiService):
     :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
     :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust`
+    :param audit: the :class:`~hero_compute.explorer.audit.AuditLog`, written out
+        before the state closes
     """
 
-    def __init__(self, registry, client, rpc, listeners, trust):
+    def __init__(self, registry, client, rpc, listeners, trust, audit=None):
         service.MultiService.__init__(self)
+        self.audit = audit
         self.registry = registry
         self.client = client
         self.rpc = rpc
@@ -67,6 +72,8 @@ class ExplorerService(service.MultiService):
     def stopService(self):
         d = service.MultiService.stopService(self)
         d.addBoth(lambda _: self.client.close())
+        if self.audit is not None:
+            d.addBoth(lambda _: self.audit.stop())
         d.addBoth(
             lambda _: self.trust.close(
                 {r.node_id: r.last_seen for r in self.registry.records()}
@@ -169,9 +176,12 @@ def make_explorer(
         calls_total=limits.calls_total,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
-    methods.register(rpc)
+    audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
+    # Through the audit log's door: the methods that change something are recorded.
+    methods.register(audit.registrar(rpc))
+    rpc.register("explorer.audit", audit.query)
 
-    explorer = ExplorerService(registry, client, rpc, listeners, trust)
+    explorer = ExplorerService(registry, client, rpc, listeners, trust, audit)
     listeners.setName("listeners")
     listeners.setServiceParent(explorer)
     liveness = LivenessLog(

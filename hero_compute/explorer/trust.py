@@ -83,7 +83,7 @@ class ExplorerTrust:
         self._tls = tls
         self._factory = factory
         self._node_cert_days = node_cert_days
-        self._store = None
+        self.store = None
         # A shared store is a server away: whatever writes to it runs on this one
         # thread (in call order, as the reactor would have run them), never the reactor.
         self._pool = None
@@ -99,7 +99,7 @@ class ExplorerTrust:
     @property
     def opened(self):
         """Whether :meth:`open` has run."""
-        return self._store is not None
+        return self.store is not None
 
     def open(self):
         """Open the state store; raises :class:`StartupError` if it cannot be used."""
@@ -109,7 +109,7 @@ class ExplorerTrust:
             "EXPLORER_DATABASE" if is_postgres(self._db_path) else "EXPLORER_STATE_DIR"
         )
         try:
-            self._store = open_store(self._db_path)
+            self.store = open_store(self._db_path)
         except StoreError as e:
             raise StartupError(f"{e} ({variable})") from None
         except OSError as e:
@@ -119,25 +119,25 @@ class ExplorerTrust:
             ) from None
         # No signer until the CA key is loaded: without one, enrollment is refused
         # before a token is looked at, so no token is used up for nothing.
-        self._enrollment = Enrollment(self._store, self._clock)
-        if self._store.shared:
+        self._enrollment = Enrollment(self.store, self._clock)
+        if self.store.shared:
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hero-store")
             self._pool.start()
         log.info(
             "state store: {kind} {location}",
-            kind=self._store.kind,
-            location=self._store.location,
+            kind=self.store.kind,
+            location=self.store.location,
         )
 
     @property
     def store_state(self):
         """``{"kind", "state"}`` of the state store, for ``explorer.info`` and metrics."""
-        if self._store is None:
+        if self.store is None:
             kind = "postgresql" if is_postgres(self._db_path) else "sqlite"
             return {"kind": kind, "state": "down"}
-        return {"kind": self._store.kind, "state": self._store.state()}
+        return {"kind": self.store.kind, "state": self.store.state()}
 
-    def _blocking(self, f, *args, **kwargs):
+    def run_on_store(self, f, *args, **kwargs):
         """Run a store call: at once for a local file, on the store's thread otherwise."""
         if self._pool is None:
             return f(*args, **kwargs)
@@ -145,7 +145,7 @@ class ExplorerTrust:
 
     def load_nodes(self):
         """:return: the node records kept from the last run (dicts)"""
-        return self._store.load_nodes()
+        return self.store.load_nodes()
 
     def start_tls(self, listeners, client):
         """
@@ -226,17 +226,17 @@ class ExplorerTrust:
             # Lets what is queued finish first: nothing acknowledged is dropped.
             self._pool.stop()
             self._pool = None
-        while self._dirty and self._store is not None:
+        while self._dirty and self.store is not None:
             if not self._write(self._take()):
                 break
-        if self._store is not None:
+        if self.store is not None:
             try:
-                self._store.touch_nodes(last_seen)
+                self.store.touch_nodes(last_seen)
             except StoreUnavailable:
                 log.warn("state store down at shutdown: last heartbeat times not kept")
             finally:
-                self._store.close()
-                self._store = None
+                self.store.close()
+                self.store = None
 
     # -- what the methods need ------------------------------------------------------
 
@@ -253,11 +253,11 @@ class ExplorerTrust:
         else:
             serial, not_before = None, None
         if self._pool is not None and secret is not None and serial is None:
-            known = self._store.identity(node_id)
+            known = self.store.identity(node_id)
             if known is None or known.secret_sha256 is None:
                 # First sight of a secret: it is bound in the shared store, on the
                 # store's thread; the answer waits for it (or -32007), the reactor not.
-                return self._blocking(self._enrollment.check_node, node_id, secret)
+                return self.run_on_store(self._enrollment.check_node, node_id, secret)
         self._enrollment.check_node(node_id, secret, serial, not_before)
         return None
 
@@ -279,7 +279,7 @@ class ExplorerTrust:
         on the store's thread; records it could not write are kept for the next flush.
         """
         self._flusher = None
-        if not self._dirty or self._store is None:
+        if not self._dirty or self.store is None:
             return
         records = self._take()
         if self._pool is None:
@@ -287,7 +287,7 @@ class ExplorerTrust:
                 self._flusher = self._clock.callLater(0, self.flush)
             self._write(records)
             return
-        d = self._blocking(self._write, records)
+        d = self.run_on_store(self._write, records)
         d.addCallback(self._written, records)
 
     def _written(self, ok, records):
@@ -295,7 +295,7 @@ class ExplorerTrust:
             for record in records:
                 # A newer record taken since wins over the one that failed.
                 self._dirty.setdefault(record["node_id"], NodeRecord(**record))
-        if self._dirty and self._flusher is None and self._store is not None:
+        if self._dirty and self._flusher is None and self.store is not None:
             self._flusher = self._clock.callLater(0 if ok else FLUSH_EVERY, self.flush)
 
     def _take(self):
@@ -305,7 +305,7 @@ class ExplorerTrust:
 
     def _write(self, records):
         try:
-            self._store.save_nodes(records)
+            self.store.save_nodes(records)
         except StoreUnavailable:
             return False
         except Exception:
@@ -315,8 +315,8 @@ class ExplorerTrust:
     def forget_record(self, node_id):
         """Drop a forgotten node's stored record; its identity binding stays."""
         self._dirty.pop(node_id, None)
-        if self._store is not None:
-            d = self._blocking(self._store.forget_node, node_id)
+        if self.store is not None:
+            d = self.run_on_store(self.store.forget_node, node_id)
             if d is not None:
                 # The next flush or heartbeat settles it; nothing waits on this one.
                 d.addErrback(lambda f: f.trap(StoreUnavailable))
@@ -328,19 +328,19 @@ class ExplorerTrust:
         :return: None, or a Deferred when the store is shared
         """
         self._dirty.pop(node_id, None)
-        return self._blocking(self._forget, node_id)
+        return self.run_on_store(self._forget, node_id)
 
     def _forget(self, node_id):
-        self._store.forget_identity(node_id)
-        self._store.forget_node(node_id)
+        self.store.forget_identity(node_id)
+        self.store.forget_node(node_id)
 
     def revoke(self, node_id):
         """``explorer.revoke``: refuse the node's certificates and secret from now on."""
-        return self._blocking(self._enrollment.revoke, node_id)
+        return self.run_on_store(self._enrollment.revoke, node_id)
 
     def create_token(self, ttl=None, node_id=None):
         """``explorer.create_token``: a single-use join token."""
-        return self._blocking(
+        return self.run_on_store(
             self._enrollment.create_token, DEFAULT_TTL if ttl is None else ttl, node_id
         )
 
@@ -351,7 +351,7 @@ class ExplorerTrust:
         :param registered: ``registered(node_id)``: whether the registry holds the id
         """
         node_id = csr_node_id(csr)
-        return self._blocking(self._enroll, token, csr, node_id, registered(node_id))
+        return self.run_on_store(self._enroll, token, csr, node_id, registered(node_id))
 
     def _enroll(self, token, csr, node_id, registered):
         certificate = self._enrollment.enroll(token, csr, node_id, registered)
@@ -364,7 +364,7 @@ class ExplorerTrust:
             # The roles table lets no other caller here; should one ever be let in,
             # it is a refusal, not an internal error.
             raise RefusedByPolicy("explorer.renew needs the node's own certificate")
-        return self._blocking(
+        return self.run_on_store(
             self._renew, identity.name, context.serial, csr, context.not_before
         )
 

@@ -10,6 +10,7 @@ file, the default) and PostgreSQL (:mod:`.postgres`, shared by several explorers
 from zope.interface import Attribute, Interface
 
 from .schema import (
+    AUDIT_FIELDS,
     DURABLE_FIELDS,
     NODE_FIELDS,
     SCHEMA_VERSION,
@@ -21,6 +22,7 @@ from .schema import (
 from .sqlite import Store
 
 __all__ = [
+    "AUDIT_FIELDS",
     "DURABLE_FIELDS",
     "NODE_FIELDS",
     "SCHEMA_VERSION",
@@ -106,6 +108,12 @@ class IStore(Interface):
 
     def issued_at(serial):
         """:return: when a certificate was signed here, or ``None``"""
+
+    def add_audit(entries):
+        """Append audit entries (dicts with ``AUDIT_FIELDS``) in one transaction."""
+
+    def audit(since=None, limit=100, node_id=None):
+        """:return: audit entries, newest first"""
 
     def knows(node_id):
         """:return: whether anything is held about the id (it may call the server)"""

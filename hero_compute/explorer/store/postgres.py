@@ -29,6 +29,7 @@ from hero_compute.rpc.errors import StoreUnavailable
 
 from .migrations import LATEST, POSTGRES
 from .schema import (
+    AUDIT_FIELDS,
     JSON_FIELDS,
     NODE_FIELDS,
     Identity,
@@ -530,6 +531,28 @@ class PostgresStore:
     def id_revoked_at(self, node_id):
         """:return: the last time the id was revoked, or ``None``: from memory"""
         return self._revoked_ids.get(node_id)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def add_audit(self, entries):
+        """Append audit entries in one transaction."""
+        with self._use() as conn, conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO audit ({', '.join(AUDIT_FIELDS)}) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [[e[f] for f in AUDIT_FIELDS] for e in entries],
+            )
+
+    def audit(self, since=None, limit=100, node_id=None):
+        """:return: audit entries, newest first (as :meth:`Store.audit`)"""
+        with self._use() as conn:
+            rows = conn.execute(
+                f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit WHERE time >= %(since)s "
+                "AND (%(node)s::text IS NULL OR target = %(node)s "
+                "OR starts_with(target, %(node)s || '/')) ORDER BY id DESC LIMIT %(limit)s",
+                {"since": since or 0, "node": node_id, "limit": limit},
+            ).fetchall()
+        return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
 
 
 def _connect(dsn):

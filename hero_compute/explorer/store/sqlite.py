@@ -26,6 +26,7 @@ import attrs
 from twisted.logger import Logger
 
 from .schema import (
+    AUDIT_FIELDS,
     DURABLE_FIELDS,
     JSON_FIELDS,
     MIGRATIONS,
@@ -554,3 +555,32 @@ class Store:
             removal), or ``None`` if it never was
         """
         return self._revoked_ids.get(node_id)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def add_audit(self, entries):
+        """
+        Append audit entries in one transaction.
+
+        :param entries: mappings with :data:`AUDIT_FIELDS`
+        """
+        with self._transaction():
+            self._db.executemany(
+                f"INSERT INTO audit ({', '.join(AUDIT_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?)",
+                [[e[f] for f in AUDIT_FIELDS] for e in entries],
+            )
+
+    def audit(self, since=None, limit=100, node_id=None):
+        """
+        :param since: only entries at or after this Unix time
+        :param node_id: only entries whose target is this node (or one of its VMs)
+        :return: entries (dicts with :data:`AUDIT_FIELDS`), newest first
+        """
+        rows = self._db.execute(
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit WHERE time >= ?1 "
+            "AND (?2 IS NULL OR target = ?2 "
+            "OR substr(target, 1, length(?2) + 1) = ?2 || '/') "
+            "ORDER BY id DESC LIMIT ?3",
+            (since or 0, node_id, limit),
+        )
+        return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]

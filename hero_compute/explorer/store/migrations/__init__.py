@@ -52,6 +52,14 @@ POSTGRES = {
             SELECT node_id, revoked_at FROM identities WHERE revoked_at IS NOT NULL
             ON CONFLICT DO NOTHING""",
     ),
+    # The audit log, as SQLite's schema 3.
+    3: (
+        """CREATE TABLE audit (
+            id bigserial PRIMARY KEY, time double precision NOT NULL,
+            explorer text NOT NULL, caller text NOT NULL, method text NOT NULL,
+            target text NOT NULL, outcome text NOT NULL)""",
+        "CREATE INDEX audit_by_time ON audit (time)",
+    ),
 }
 
 #: The version the last step makes.
