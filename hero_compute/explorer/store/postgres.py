@@ -554,6 +554,32 @@ class PostgresStore:
             ).fetchall()
         return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
 
+    # -- state copy --------------------------------------------------------------------
+
+    def rows(self, table, columns):
+        """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
+        with self._use() as conn:
+            return [
+                list(r)
+                for r in conn.execute(
+                    f"SELECT {', '.join(columns)} FROM {table}{_order(table)}"
+                )
+            ]
+
+    def insert_rows(self, table, columns, rows):
+        """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
+        with self._use(write=True) as conn, conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join(['%s'] * len(columns))})",
+                rows,
+            )
+
+
+def _order(table):
+    # The audit log keeps its order through a copy (a new id per row).
+    return " ORDER BY id" if table == "audit" else ""
+
 
 def _connect(dsn):
     return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)

@@ -165,3 +165,24 @@ def create_private(path):
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+#: What ``hero-compute state copy`` carries, table by table, in an order that suits any
+#: future foreign keys: everything the store holds (CONTRACT §10).
+COPY_TABLES = {
+    "nodes": NODE_FIELDS,
+    "identities": (
+        "node_id",
+        "secret_sha256",
+        "enrolled",
+        "cert_serial",
+        "previous_serial",
+        "revoked_at",
+    ),
+    "tokens": ("token_hash", "node_id", "expires_at", "used"),
+    "revoked_serials": ("serial", "node_id", "revoked_at"),
+    "revoked_secrets": ("secret_sha256", "node_id", "revoked_at"),
+    "revoked_ids": ("node_id", "revoked_at"),
+    "issued_serials": ("serial", "node_id", "issued_at"),
+    "audit": AUDIT_FIELDS,
+}

@@ -584,3 +584,22 @@ class Store:
             (since or 0, node_id, limit),
         )
         return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
+
+    # -- state copy --------------------------------------------------------------------
+
+    def rows(self, table, columns):
+        """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
+        order = " ORDER BY id" if table == "audit" else ""
+        return [
+            list(r)
+            for r in self._db.execute(f"SELECT {', '.join(columns)} FROM {table}{order}")
+        ]
+
+    def insert_rows(self, table, columns, rows):
+        """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
+        with self._transaction():
+            self._db.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                rows,
+            )
