@@ -208,6 +208,10 @@ class CallTimedOut(TransportError):
     """No complete response arrived within the call's timeout."""
 
 
+class ConnectTimedOut(CallTimedOut):
+    """No connection could be made within the connect timeout: nothing was sent."""
+
+
 class ConnectionClosed(TransportError):
     """The connection closed after the request was sent and before the response."""
 
