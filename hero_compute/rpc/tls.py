@@ -10,37 +10,26 @@ still enroll and discover; what anyone may call is decided above the transport, 
 verify callback, so a server that is not the one expected ends the handshake before a
 single byte of the request is sent.
 
-Identities are read this way: the trust domain is checked with ``service_identity``
-(``extract_patterns`` and a ``URI_ID``); the role and name come from the certificate's one
-URI SAN, read with ``cryptography``.  ``service_identity`` matches a URI-ID only on its
-scheme and host, so it cannot check a path; and it splits a URI pattern at the colon,
-keeping ``//host/path`` as the host, so ``URI_ID("spiffe://td")`` would match no
-``spiffe://td/...`` SAN as extracted.  We therefore give it each URI pattern's authority
-(``td``) to match, which keeps its DNS-name rules (case, IDNA) for the trust domain.
+Identities are read in :mod:`.tls_peer` (re-exported here).  The explorer's proxy adds a
+check of its own to the name's (:attr:`ClientTLS.peer_check`): a node's certificate
+that is revoked or superseded fails the handshake too.
 
 Enrollment (a node with a join token and a CA pin but no certificate yet) uses
 :func:`fetch_peer_chain` and :func:`ca_from_chain` to learn the CA from the explorer's own
 handshake, then talks to the explorer over an ordinary verified connection, so the token
 never goes to a server that has not proven it holds a certificate of the pinned CA.
-
-Long because: a peer's identity, the material it comes from and the contexts that check
-it are one trust decision; enrollment's helpers are apart, in :mod:`.tls_enroll`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
-from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import extract_patterns
-from service_identity.hazmat import URI_ID, DNSPattern, URIPattern, verify_service_identity
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -53,11 +42,13 @@ from zope.interface import implementer
 from hero_compute import pki
 
 from .sendnow import SendNowTLS
+from .tls_peer import Expected as Expected
+from .tls_peer import PeerIdentity as PeerIdentity
+from .tls_peer import identity_of as identity_of
+from .tls_peer import not_before as not_before
+from .tls_peer import peer_identity as peer_identity
 
 log = Logger()
-
-#: Who a peer's certificate says it is (the same record the PKI issues).
-PeerIdentity = pki.SpiffeId
 
 # Forward secrecy and AEAD only, for TLS 1.2 (TLS 1.3 suites are all of that kind).
 _CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -69,91 +60,6 @@ _VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
 
 class TLSConfigError(Exception):
     """TLS material that cannot be used: unreadable, mismatched, or not of the fleet CA."""
-
-
-def _cryptography(cert: x509.Certificate | crypto.X509) -> x509.Certificate:
-    return cert.to_cryptography() if isinstance(cert, crypto.X509) else cert
-
-
-def _authority(pattern: Any) -> Any:  # service_identity has no types
-    # service_identity keeps "//td/role/name" as the host of spiffe://td/role/name.
-    host = pattern.dns_pattern.pattern.removeprefix(b"//").split(b"/", 1)[0]
-    return URIPattern(
-        protocol_pattern=pattern.protocol_pattern, dns_pattern=DNSPattern.from_bytes(host)
-    )
-
-
-def identity_of(
-    cert: x509.Certificate | crypto.X509, trust_domain: str
-) -> PeerIdentity | None:
-    """
-    The identity a certificate names in a trust domain.
-
-    Only the name is read here; that the certificate chains to the fleet CA is for the
-    TLS handshake (or the caller) to have checked.
-
-    :param cert: a :class:`cryptography.x509.Certificate` or :class:`OpenSSL.crypto.X509`
-    :param trust_domain: the fleet's trust domain
-    :return: a :class:`PeerIdentity`, or ``None`` if the certificate does not carry
-        exactly one URI SAN that is a valid ``spiffe://<trust_domain>/<role>/<name>``
-    """
-    cert = _cryptography(cert)
-    uris = pki.uri_sans(cert)
-    if len(uris) != 1:  # an X.509-SVID has exactly one URI SAN
-        return None
-    try:
-        identity = pki.parse_spiffe_id(uris[0])
-        patterns = [
-            _authority(p) for p in extract_patterns(cert) if isinstance(p, URIPattern)
-        ]
-        verify_service_identity(patterns, [URI_ID(f"spiffe://{trust_domain}")], [])
-    except (pki.IdentityError, CertificateError, VerificationError, ValueError):
-        return None
-    if identity.trust_domain != trust_domain:
-        return None
-    return identity
-
-
-def not_before(cert: x509.Certificate | crypto.X509) -> float:
-    """:return: the certificate's ``not_valid_before``, in Unix seconds"""
-    return _cryptography(cert).not_valid_before_utc.timestamp()
-
-
-def peer_identity(transport: object, trust_domain: str) -> PeerIdentity | None:
-    """
-    The identity of the peer on a TLS transport made by :class:`ServerTLS` or
-    :class:`ClientTLS`, whose handshake verified the peer's chain against the fleet CA.
-
-    :param transport: a protocol's ``transport`` (a Twisted TLS transport; anything else
-        has no peer identity)
-    :return: a :class:`PeerIdentity`, or ``None`` (no TLS, no client certificate, or no
-        valid identity in ``trust_domain``)
-    """
-    get = getattr(transport, "getPeerCertificate", None)
-    cert = get() if get is not None else None
-    return identity_of(cert, trust_domain) if cert is not None else None
-
-
-@attrs.frozen
-class Expected:
-    """
-    Whom a client means to reach: one identity (``Expected("node", node_id)``, the
-    explorer's proxy) or any holder of a role (``Expected("explorer")``, a node).
-    """
-
-    role: str
-    name: str | None = None
-
-    def allows(self, identity: PeerIdentity | None) -> bool:
-        """:return: whether ``identity`` (a :class:`PeerIdentity` or ``None``) fits"""
-        return (
-            identity is not None
-            and identity.role == self.role
-            and (self.name is None or identity.name == self.name)
-        )
-
-    def __str__(self) -> str:
-        return f"{self.role}/{self.name if self.name is not None else '*'}"
 
 
 @attrs.frozen
