@@ -12,6 +12,7 @@ Issue #12's goals are checked beside their rows and listed as a README-ready tab
     python bench/run.py --sections profile --quick
     python bench/run.py --sections tls,hostile     # issues #9 and #10
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
+    python bench/run.py --sections console         # issue #19: console echo
 
 Only loopback addresses and Unix sockets in a temporary directory are used; every
 process started is killed on exit.  Results: one table on stdout, and
@@ -32,6 +33,7 @@ sys.path.insert(0, HERE)
 # the tree under test, for the certificates of the tls section (hero_compute.pki)
 sys.path.insert(1, os.path.dirname(HERE))
 
+import console_echo  # noqa: E402
 import fleet  # noqa: E402
 import ingest  # noqa: E402
 import restart  # noqa: E402
@@ -51,6 +53,7 @@ SECTIONS = {
     "tls": fleet.sec_tls,
     "hostile": fleet.sec_hostile,
     "profile": ingest.sec_profile,
+    "console": console_echo.sec_console,
 }
 DEFAULT_SECTIONS = [
     "floor",
@@ -61,6 +64,7 @@ DEFAULT_SECTIONS = [
     "failure",
     "tls",
     "hostile",
+    "console",
 ]
 
 

@@ -6,6 +6,7 @@ stopped, the JSON-RPC spec server, and network namespaces for multi-host tests.
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
+from .guest import guest  # noqa: F401  (the session fixture of the test guest)
 from .netns import Lab, netns_available
 from .pgserver import PgServer, binaries
 from .spec_server import SpecServer

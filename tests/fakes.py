@@ -33,7 +33,7 @@ class MemoryVmManager:
     _vms: dict = attrs.field(factory=dict)
     _next: int = 0
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
         self._next += 1
         vm = VmRecord(
             f"vm-{self._next}",
@@ -80,6 +80,9 @@ class MemoryVmManager:
 
     def capacity(self):
         return dict(self.host)
+
+    def accel(self):
+        return "tcg"
 
     def usage(self):
         return usage_of(self._vms.values())

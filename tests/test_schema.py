@@ -264,7 +264,7 @@ def test_explorer_methods_match_contract():
 
 
 def test_node_methods_match_contract():
-    """The node schema has the methods of CONTRACT §4."""
+    """The node schema has the methods of CONTRACT §4 and §8."""
     schema = load_schema("node")
     assert set(schema.methods) == {
         "node.info",
@@ -274,6 +274,8 @@ def test_node_methods_match_contract():
         "vm.delete",
         "vm.get",
         "vm.list",
+        "node.images",
+        "image.import",
     }
 
 

@@ -159,6 +159,7 @@ def test_explorer_tree(short_tmp):
     options = explorer_options(
         ["--listen", "tcp:0:interface=127.0.0.2"],
         HERO_SOCKET_DIR=f"{short_tmp}/s",
+        EXPLORER_STATE_DIR=f"{short_tmp}/state",
         EXPLORER_TCP_ADDR="127.0.0.1:9002",
         NODE_OFFLINE_AFTER="8",
     )
@@ -184,7 +185,8 @@ def test_explorer_tree(short_tmp):
 
 def test_node_tree(short_tmp):
     """The node's whole tree, built against a memory reactor: its listeners, its VM
-    manager and one heartbeat loop per explorer; the node id is written only at start."""
+    manager, its images and one heartbeat loop per explorer; the node id is written
+    only at start."""
     reactor = MemoryReactorClock()
     options = node_options(
         HERO_SOCKET_DIR=f"{short_tmp}/s",
@@ -196,6 +198,7 @@ def test_node_tree(short_tmp):
     assert [child.name for child in node] == [
         "listeners",
         "vms",
+        "images",
         "heartbeat unix:///e1.sock",
         "heartbeat tcp://10.0.0.1:9002",
     ]
@@ -330,6 +333,7 @@ def test_node_tree_with_tls(short_tmp):
     assert [child.name for child in node] == [
         "listeners",
         "vms",
+        "images",
         "heartbeat unix:///e1.sock",
         "tls",
     ]

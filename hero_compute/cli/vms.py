@@ -13,7 +13,7 @@ import time
 from rich.text import Text
 from twisted.internet import defer, task
 
-from . import exits
+from . import exits, vm_access
 from .connect import VmNotFound
 from .nodes import fetch_nodes
 from .output import fields, styled_state, table
@@ -42,11 +42,12 @@ def add_commands(sub, common):
 
     :param sub: the subparsers action of the top parser
     :param common: the parent parser of the global options
+    :return: the group's subparsers action, for more commands
     """
     vm = sub.add_parser(
         "vm",
         parents=[common],
-        help="VMs: list, create, start, stop, delete, show",
+        help="VMs: list, create, start, stop, delete, show, ssh",
         description="Manage the VMs of nodes, through the explorer.",
     )
     cmds = vm.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
@@ -76,6 +77,7 @@ def add_commands(sub, common):
     create.add_argument("--image", metavar="PATH", help="base image on the node")
     create.add_argument("--start", action="store_true", help="start it once created")
     create.add_argument("--wait", action="store_true", help="with --start: until running")
+    vm_access.add_create_options(create)
     create.set_defaults(run=create_vm)
     for name, text in (
         ("start", "start a VM"),
@@ -95,6 +97,8 @@ def add_commands(sub, common):
                 help="return once the VM is " + TARGETS[name][1],
             )
         p.set_defaults(run=transition if name != "show" else show_vm, action=name)
+    vm_access.add_ssh_command(cmds, common, resolve)
+    return cmds
 
 
 #: ``action: (method, target state, verb for the status line)``; None: gone.
@@ -116,6 +120,7 @@ def vm_fields(vm):
             ("memory", format_mb(vm.get("memory_mb"))),
             ("disk", format_mb((vm.get("disk_gb") or 0) * 1024)),
             ("image", vm.get("image") or "-"),
+            *vm_access.access_fields(vm),
             (
                 "created",
                 time.strftime(
@@ -212,6 +217,7 @@ async def create_vm(explorer, args, output):
     }
     if args.image:
         params["image"] = args.image
+    params.update(vm_access.create_params(args))
     with output.progress(f"creating VM {args.name} on {args.node_id}"):
         vm = await explorer.node_call(args.node_id, "vm.create", params)
     if args.start:

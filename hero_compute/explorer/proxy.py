@@ -20,7 +20,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hero_compute.rpc.addresses import parse_address
+# forbidden_target lives in rpc, shared with the node's image downloads; it is still
+# importable from here.
+from hero_compute.rpc.addresses import forbidden_target, parse_address
 from hero_compute.rpc.errors import (
     NodeOffline,
     NodeUnreachable,
@@ -35,7 +37,7 @@ log = Logger()
 
 #: Only these method families may be proxied: ``explorer.call`` must not become a way to
 #: reach anything else a node (or whatever answers at a node's address) might serve.
-PROXIED_PREFIXES = ("node.", "vm.")
+PROXIED_PREFIXES = ("node.", "vm.", "image.")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,33 +48,6 @@ def _is_ip(host):
     except ValueError:
         return False
     return True
-
-
-@functools.lru_cache(maxsize=4096)
-def forbidden_target(host):
-    """
-    Why a node registered from another host may not be reached at ``host``, or None.
-
-    :param host: an IP address as text (names are resolved first)
-
-    Cached: every call to a node on another host asks again about the same address.
-    """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
-    for kind, forbidden in (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("unspecified", ip.is_unspecified),
-        ("multicast", ip.is_multicast),
-    ):
-        if forbidden:
-            return f"{host} is a {kind} address"
-    return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,7 +107,8 @@ class Proxy:
         """
         if not method.startswith(PROXIED_PREFIXES):
             raise RefusedByPolicy(
-                f"explorer.call proxies only node.* and vm.* methods, not {method!r}"
+                "explorer.call proxies only node.*, vm.* and image.* methods, "
+                f"not {method!r}"
             )
         record = self._registry.get(node_id)
         if self._registry.status(record) != "online":
@@ -169,6 +145,36 @@ class Proxy:
                 )
             )
         return d.addBoth(self._finished, node_id, record.socket_path)
+
+    def endpoint(self, node_id, reactor, connect_timeout):
+        """
+        Where to open a connection of our own to a node (a console), with the checks of
+        a call: online, the address policy, and over TLS the node's identity.
+
+        :param reactor: the reactor to connect with
+        :param connect_timeout: seconds allowed to connect
+        :return: a Deferred of ``(endpoint, address)``: an ``IStreamClientEndpoint``
+            and the :class:`~hero_compute.rpc.addresses.Address` it reaches
+        :raise NodeNotFound: or NodeOffline, at once
+        """
+        record = self._registry.get(node_id)
+        if self._registry.status(record) != "online":
+            raise NodeOffline(f"node {node_id} is offline")
+        address = parse_address(record.socket_path)
+        creator = None
+        if address.scheme == "tls" and self._client.tls is not None:
+            creator = self._client.tls.expecting(Expected("node", node_id))
+        target = self._literal_target(address, record.remote)
+        if isinstance(target, RefusedByPolicy):
+            return defer.fail(target)
+        d = (
+            defer.succeed(target)
+            if target is not None
+            else self._resolved(address, record.remote)
+        )
+        return d.addCallback(
+            lambda t: (t.client_endpoint(reactor, connect_timeout, creator), t)
+        )
 
     def _finished(self, result, node_id, socket_path):
         """A call is over: room for another, and a transport failure is -32003."""

@@ -19,8 +19,10 @@ from hero_compute.rpc.lag import FrozenHeap
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
 from .audit import AuditLog
+from .console import console_route
 from .dashboard import make_dashboard
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
@@ -175,6 +177,11 @@ def make_explorer(
         calls_per_node=limits.calls_per_node,
         calls_total=limits.calls_total,
     )
+    factory.upgrade = Routes(
+        [console_route(proxy, reactor, connect_timeout, limits.max_unsent)],
+        _authorize_route,
+        limits.max_unsent,
+    )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
     # Through the audit log's door: the methods that change something are recorded.
@@ -222,3 +229,7 @@ def make_explorer(
 
 def _authorize(context, method, params):
     EXPLORER_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    EXPLORER_POLICY.check_route(context.transport, context.identity, route, params)

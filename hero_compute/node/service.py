@@ -19,10 +19,14 @@ from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
+from .images import Images
 from .metrics import make_metrics
+from .qemu.console import console_route
+from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
@@ -99,6 +103,10 @@ def authorize(context, method, params):
     :raise ~hero_compute.rpc.errors.RefusedByPolicy: -32010 for anything else
     """
     NODE_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
 class NodeService(service.MultiService):
@@ -198,6 +206,7 @@ def make_node(
     stop=None,
     limits=None,
     metrics=None,
+    images=None,
 ):
     """
     Build the node's service tree; nothing is opened and no file is read or written
@@ -206,6 +215,7 @@ def make_node(
         NodeService
         ├── "listeners": Listeners (Unix socket, TCP, more) -> HTTP factory -> Dispatcher
         ├── "vms": the VM manager, when it is a service
+        ├── "images": the base images and their imports (node.images, image.import)
         ├── "heartbeat <explorer URI>": one HeartbeatLoop per unix/tcp explorer
         │       -> HeartbeatPayload -> Advertiser
         ├── "tls": NodeTLS, when TLS is used: loads or enrolls for the material, then
@@ -237,6 +247,8 @@ def make_node(
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
     :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
         (``GET /metrics``), or None for none
+    :param images: the :class:`~hero_compute.node.images.Images`; by default those of
+        ``state_dir/images``, with the default limits
     :return: the :class:`NodeService`
     """
     identity = NodeIdentity(state_dir, node_id, name)
@@ -257,6 +269,10 @@ def make_node(
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
     factory = make_factory(rpc, limits=limits)
+    if hasattr(vms, "console"):
+        factory.upgrade = Routes(
+            [console_route(vms.console)], _authorize_route, limits.max_unsent
+        )
     listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),
@@ -297,6 +313,11 @@ def make_node(
     if service.IService.providedBy(vms):
         vms.setName("vms")
         vms.setServiceParent(node)
+    if images is None:
+        images = Images(reactor, default_image_dirs(state_dir))
+    images.setName("images")
+    images.setServiceParent(node)
+    images.register(rpc)
     for loop in heartbeats:
         loop.setName(f"heartbeat {loop.address.uri}")
         # TLS heartbeats wait for the TLS material: NodeTLS starts them.
@@ -334,13 +355,19 @@ class NodeMethods:
         rpc.register("vm.delete", lambda vm_id: self._vms.delete(vm_id))
         rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
         rpc.register("vm.list", self.list)
+        if hasattr(self._vms, "console"):
+            rpc.register(
+                "vm.console_log",
+                lambda vm_id, bytes=None: self._vms.console(vm_id).read(bytes),  # noqa: A002
+            )
 
     def _wire(self, d):
         return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
-        """Define a VM."""
-        return self._wire(self._vms.create(name, vcpus, memory_mb, disk_gb, image))
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
+        """Define a VM; ``access`` holds the optional params of CONTRACT §8."""
+        d = self._vms.create(name, vcpus, memory_mb, disk_gb, image, **access)
+        return self._wire(d)
 
     def list(self):
         """All VMs."""
@@ -360,5 +387,6 @@ class NodeMethods:
                 "usage": self._vms.usage(),
                 "vm_count": len(vms),
                 "explorers": [loop.state.to_wire() for loop in node.heartbeats],
+                "accel": self._vms.accel(),
             }
         )

@@ -29,6 +29,9 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 from hero_compute.rpc.listeners import unix_endpoint_string
 from hero_compute.rpc.systemd import notifier_for
 
+from . import tap_vms
+from .images import image_settings
+
 
 def _advertise(text):
     address = parse_address(text)
@@ -59,6 +62,17 @@ def _absolute(text):
     return os.path.abspath(os.path.expanduser(text))
 
 
+def _positive(text):
+    """:return: ``text`` as an integer of at least 1"""
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+_positive.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+
+
 class Options(TapOptions):
     """Options of ``twistd node``."""
 
@@ -75,7 +89,9 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR. SIGHUP re-reads the TLS "
+        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR, NODE_ACCEL, NODE_VM_BRIDGES, "
+        "NODE_VM_PORTS, NODE_VM_FORWARD_ADDR, NODE_IMAGE_MAX, NODE_IMAGE_FETCH_LOCAL, "
+        "NODE_CONSOLE_LOG, NODE_MAX_CONSOLES. SIGHUP re-reads the TLS "
         "certificate files. Run two twistd in one directory with --pidfile= (or "
         "distinct --pidfile), or they clash on twistd.pid."
     )
@@ -172,11 +188,27 @@ class Options(TapOptions):
         ],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
         [
+            "console-log",
+            None,
+            None,
+            "Bytes of each VM's serial console kept [default: $NODE_CONSOLE_LOG or "
+            "1048576]",
+            _positive,
+        ],
+        [
+            "max-consoles",
+            None,
+            None,
+            "Console viewers at once per VM [default: $NODE_MAX_CONSOLES or 8]",
+            _positive,
+        ],
+        [
             "state-dir",
             None,
             None,
             "State directory [default: $HERO_STATE_DIR or ~/hero/var/hero_compute].",
         ],
+        *tap_vms.OPT_PARAMETERS,
     ]
 
     def __init__(self, env=None):
@@ -195,6 +227,16 @@ class Options(TapOptions):
         if not os.path.isabs(path):
             raise usage.UsageError(f"--image-dir {path!r}: must be an absolute path")
         self["image-dir"].append(path)
+
+    @help_text
+    def opt_image_max(self, text):
+        """Largest image image.import may bring, e.g. 20G [default: $NODE_IMAGE_MAX]."""
+        self["image-max"] = text
+
+    @help_text
+    def opt_image_fetch_local(self):
+        """image.import may fetch from loopback and link-local addresses."""
+        self["image-fetch-local"] = "1"
 
     @help_text
     def opt_explorer(self, uri):
@@ -240,6 +282,8 @@ class Options(TapOptions):
         if self["interval"] is None:
             self["interval"] = 10.0
         self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
+        from_env(self, "console-log", env, "NODE_CONSOLE_LOG", _positive)
+        from_env(self, "max-consoles", env, "NODE_MAX_CONSOLES", _positive)
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
         self["state-dir"] = (
             self["state-dir"]
@@ -263,6 +307,13 @@ class Options(TapOptions):
                         "absolute path"
                     )
                 self["image-dir"].append(path)
+        try:
+            self["images"] = image_settings(
+                self.get("image-max") or env.get("NODE_IMAGE_MAX"),
+                self.get("image-fetch-local") or env.get("NODE_IMAGE_FETCH_LOCAL"),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if not self["explorer"]:
             self["explorer"] = self._explorers_from_env(env)
         elif len(set(self["explorer"])) != len(self["explorer"]):
@@ -276,6 +327,7 @@ class Options(TapOptions):
                 "if the explorer must use another address than this host's own"
             )
         self._tls_options(env)
+        tap_vms.post_options(self, env)
         if self.under_twistd:
             self._clean_startup_errors()
 
@@ -362,6 +414,8 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
 
     from .backends import make_vm_manager
+    from .images import make_images
+    from .qemu.console import DEFAULT_LOG, DEFAULT_MAX_CONSOLES, ConsoleSettings
     from .service import make_node
 
     node = make_node(
@@ -371,7 +425,17 @@ def makeService(options, reactor=None):
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
-        vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
+        vms=make_vm_manager(
+            reactor,
+            options["state-dir"],
+            options["image-dir"] or None,
+            accel=options["accel"],
+            network=options["vm-network"],
+            console=ConsoleSettings(
+                options["console-log"] or DEFAULT_LOG,
+                options["max-consoles"] or DEFAULT_MAX_CONSOLES,
+            ),
+        ),
         state_dir=options["state-dir"],
         interval=options["interval"],
         node_id=options["node-id"],
@@ -387,6 +451,9 @@ def makeService(options, reactor=None):
         metrics=None
         if options["metrics"] is None
         else options["metrics"].endpoint_string(),
+        images=make_images(
+            reactor, options["image-dir"], options["state-dir"], options["images"]
+        ),
     )
     sources = options["sources"]
     named = {

@@ -283,3 +283,32 @@ def _port(value: str, text: str, forms: str, allow_zero: bool) -> int:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+@functools.lru_cache(maxsize=4096)
+def forbidden_target(host: str) -> str | None:
+    """
+    Why a peer on another host may not have us connect to ``host``, or None: the
+    address policy of the explorer's proxy and of the node's image downloads (CONTRACT
+    §6, §8): no loopback, link-local, unspecified or multicast targets.
+
+    :param host: an IP address as text (names are resolved first)
+
+    Cached: every call to a node on another host asks again about the same address.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    for kind, forbidden in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("unspecified", ip.is_unspecified),
+        ("multicast", ip.is_multicast),
+    ):
+        if forbidden:
+            return f"{host} is a {kind} address"
+    return None

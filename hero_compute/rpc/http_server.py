@@ -120,6 +120,10 @@ class _Request:
     keep_alive: bool = True
     http10: bool = False
     body: bytes = b""
+    #: A GET's header lines, kept only for a possible upgrade (see ``factory.upgrade``).
+    headers: list[bytes] | None = None
+    #: For an upgrade request: the bytes that followed its head.
+    upgrade: bytes | None = None
 
 
 class _HTTPDate:
@@ -181,6 +185,9 @@ class RpcHTTPProtocol(protocol.Protocol):
     #: Since when the connection is idle (no byte received, nothing in flight), for
     #: the factory's idle sweep; None while a call runs or a refusal lingers.
     _idle_since: float | None = None
+    #: What took the connection over after an upgrade (a WebSocket): it gets every
+    #: byte and the transport's producer calls from then on.
+    _upgraded: Any = None
 
     def connectionMade(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -206,6 +213,9 @@ class RpcHTTPProtocol(protocol.Protocol):
     # -- IPushProducer: the transport's verdict on our unsent output
 
     def pauseProducing(self) -> None:
+        if self._upgraded is not None:
+            self._upgraded.pauseProducing()
+            return
         # More than the transport's buffer size waits unsent: from now until it has
         # drained, every answer counts towards our limit (an upper bound: some of it
         # may go out meanwhile).
@@ -221,6 +231,9 @@ class RpcHTTPProtocol(protocol.Protocol):
             self._update_reading()
 
     def resumeProducing(self) -> None:
+        if self._upgraded is not None:
+            self._upgraded.resumeProducing()
+            return
         self._unsent = None
         self._write_paused = False
         self._update_reading()
@@ -262,6 +275,10 @@ class RpcHTTPProtocol(protocol.Protocol):
     def on_url(self, url: bytes) -> None:
         request = self._parsing
         assert request is not None
+        if self.factory.upgrade is not None and not request.url:
+            # Only a GET can be an upgrade: RPC requests pay nothing for keeping heads.
+            if self._parser.get_method() == b"GET":
+                request.headers = []
         request.url += url
         if len(request.url) > MAX_URL:
             raise _Refused(414, b"request target longer than %d bytes\n" % MAX_URL)
@@ -272,6 +289,8 @@ class RpcHTTPProtocol(protocol.Protocol):
         request.head += len(name) + len(value)
         if request.head > MAX_HEADERS:
             raise _Refused(431, b"request headers larger than %d bytes\n" % MAX_HEADERS)
+        if request.headers is not None:
+            request.headers.append(b"%s: %s\r\n" % (name, value))
         name = name.lower()
         if name == b"content-length":
             request.length = int(value) if value.strip().isdigit() else None
@@ -322,6 +341,13 @@ class RpcHTTPProtocol(protocol.Protocol):
     # -- the connection
 
     def dataReceived(self, data: bytes) -> None:
+        if self._upgraded is not None:
+            self._upgraded.dataReceived(data)
+            return
+        if self._queue and self._queue[-1].upgrade is not None:
+            # Bytes after an upgrade request not yet taken over: the new protocol's.
+            self._queue[-1].upgrade += data
+            return
         if self._closing or self._refusal is not None:
             return  # refused: read and discard
         if self._inflight is None:
@@ -333,11 +359,14 @@ class RpcHTTPProtocol(protocol.Protocol):
             if not isinstance(refused, _Refused):
                 raise
             self._refusal = (refused.status, refused.message)
-        except httptools.HttpParserUpgrade:
-            # We speak nothing but HTTP/1.1, and llhttp leaves the body of an upgrade
-            # request unread (it would be the other protocol's): refuse it whole.
-            self._queue.pop()
-            self._refusal = (400, b"protocol upgrades are not supported\n")
+        except httptools.HttpParserUpgrade as e:
+            # llhttp leaves what follows an upgrade request unread (it would be the
+            # other protocol's): a WebSocket route takes it, else it is refused whole.
+            if self._queue and self._queue[-1].headers is not None:
+                self._queue[-1].upgrade = data[e.args[0] :]
+            else:
+                self._queue.pop()
+                self._refusal = (400, b"protocol upgrades are not supported\n")
         except httptools.HttpParserError as e:
             self._refusal = (
                 400,
@@ -357,7 +386,7 @@ class RpcHTTPProtocol(protocol.Protocol):
         self._next()
 
     def _next(self) -> None:
-        if self._answering:
+        if self._answering or self._upgraded is not None:
             return  # an answer that came at once, inside the loop below: it goes on
         self._answering = True
         try:
@@ -370,7 +399,7 @@ class RpcHTTPProtocol(protocol.Protocol):
                 self._answer(self._queue.pop(0))
         finally:
             self._answering = False
-        if self._closing or self._inflight is not None:
+        if self._closing or self._inflight is not None or self._upgraded is not None:
             return
         if self._refusal is not None and not self._queue:
             # Every request before the bad one is answered: now the refusal.
@@ -383,6 +412,9 @@ class RpcHTTPProtocol(protocol.Protocol):
             self._idle_since = self.factory.clock.seconds()
 
     def _answer(self, request: _Request) -> None:
+        if request.upgrade is not None:
+            self._take_over(request)
+            return
         path = request.url.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             try:
@@ -419,6 +451,17 @@ class RpcHTTPProtocol(protocol.Protocol):
         answer.addCallbacks(
             self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,)
         )
+
+    def _take_over(self, request: _Request) -> None:
+        """Hand the connection to the upgrade hook, with the request's head as sent."""
+        assert request.headers is not None and request.upgrade is not None
+        head = b"GET %s HTTP/1.1\r\n%s\r\n" % (request.url, b"".join(request.headers))
+        context = CallContext.from_transport(self.transport, self.factory.trust_domain)
+        # Not idle any more in the HTTP sense: the new protocol has its own rules.
+        self._idle_since = None
+        self._upgraded = self.factory.upgrade(self.transport, head, context)
+        if request.upgrade:
+            self._upgraded.dataReceived(request.upgrade)
 
     def _answered(self, payload: bytes | None, request: _Request) -> None:
         self._inflight = None
@@ -523,6 +566,9 @@ class RpcHTTPProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
+        if self._upgraded is not None:
+            self._upgraded.connectionLost(reason)
+            self._upgraded = None
         self._stop_head_timer()
         self.factory.closed(self)
         # The transport holds us as its producer: break that cycle too.
@@ -558,6 +604,10 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
 
     protocol = RpcHTTPProtocol
     trust_domain: str | None = None
+    #: The upgrade hook, ``upgrade(transport, head, context)`` returning the protocol
+    #: that takes the connection over (see :class:`hero_compute.rpc.websocket.Routes`);
+    #: None: upgrades are refused with 400.
+    upgrade: Any = None
     # One "Starting factory" line per listener is noise in an operator's log.
     noisy = False
 

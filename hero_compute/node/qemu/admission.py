@@ -29,9 +29,10 @@ def create_method():
     return load_schema("node").methods["vm.create"]
 
 
-def check_request(name, vcpus, memory_mb, disk_gb, image=None):
+def check_request(name, vcpus, memory_mb, disk_gb, image=None, **access):
     """
-    Check a VM's definition against the schema's ``vm.create`` params.
+    Check a VM's definition against the schema's ``vm.create`` params; ``access`` holds
+    the optional ones of CONTRACT §8 (``None`` for absent).
 
     :raise InvalidParams: naming what is wrong
     """
@@ -42,6 +43,7 @@ def check_request(name, vcpus, memory_mb, disk_gb, image=None):
     params = {"name": name, "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb}
     if image is not None:
         params["image"] = image
+    params.update({key: value for key, value in access.items() if value is not None})
     create_method().coerce_params(params)
 
 
