@@ -13,6 +13,7 @@ hero-compute: the command-line client of an explorer and, through it, of its nod
     hero-compute vm show NODE VM
     hero-compute call NODE METHOD [PARAMS_JSON]    (a node.* or vm.* method of a node)
     hero-compute rpc METHOD [PARAMS_JSON]          (a method of the explorer itself)
+    hero-compute events [--follow] [--since N]
     hero-compute audit [--node NODE] [--limit N] [--since UNIX_TIME]
     hero-compute state copy --from DB --to DB     (SQLite file or postgresql:// URI)
     hero-compute info | --version

@@ -192,6 +192,28 @@ class Explorer:
             self.reactor,
         )
 
+    def events(self, since, handler):
+        """
+        Follow the explorer's event stream (``/v1/events``, a WebSocket).
+
+        :param since: replay the events after this seq first, or None for none
+        :param handler: the ``websocket.Handler`` that gets the frames
+        :return: a Deferred of the open ``WebSocket``, as :meth:`console`
+        """
+        endpoint = self.address.client_endpoint(
+            self.reactor, self._connect, self._client.tls
+        )
+        target = "/v1/events" if since is None else f"/v1/events?since={int(since)}"
+        return open_websocket(
+            endpoint,
+            self.address.host or "localhost",
+            target,
+            handler,
+            CONSOLE_UNSENT,
+            DEFAULT_TIMEOUT,
+            self.reactor,
+        )
+
     def close(self):
         """:return: a Deferred firing when the connections are closed"""
         return self._client.close()

@@ -7,7 +7,19 @@ import argparse
 
 import hero_compute
 
-from . import audit, console, exits, explorer, images, nodes, state, tls, tokens, vms
+from . import (
+    audit,
+    console,
+    events,
+    exits,
+    explorer,
+    images,
+    nodes,
+    state,
+    tls,
+    tokens,
+    vms,
+)
 from .connect import AddressError, parse_address
 
 #: The global options' values when the command line gives none (``--explorer``'s comes
@@ -122,6 +134,7 @@ def build(prog="hero-compute", description=None):
     explorer.add_commands(sub, common)
     tokens.add_commands(sub, common)
     audit.add_commands(sub, common)
+    events.add_commands(sub, common)
     state.add_commands(sub, common)
     tls.add_tls_commands(sub)
     return top

@@ -159,6 +159,8 @@ class Registry:
     _order: list = attrs.field(factory=list, init=False)
     #: The last heartbeat times of each node (explorer.node_history).
     history: HeartbeatHistory = attrs.field(factory=HeartbeatHistory, init=False)
+    #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
+    on_event: object = attrs.field(default=None, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -195,6 +197,8 @@ class Registry:
                 name=record.name,
                 address=socket_path,
             )
+            if self.on_event is not None:
+                self.on_event("node.online", node_id)
             return record, NEW
         changed = []
         for field in KEPT_FIELDS:
@@ -222,6 +226,8 @@ class Registry:
                 name=record.name,
                 address=socket_path,
             )
+            if self.on_event is not None:
+                self.on_event("node.online", node_id)
         elif old_address != socket_path:
             self._note(
                 now,
@@ -270,8 +276,10 @@ class Registry:
 
     def leave(self, node_id):
         record = self.get(node_id)
-        record.left = True
+        was_left, record.left = record.left, True
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
+        if self.on_event is not None and not was_left:
+            self.on_event("node.offline", node_id, reason="left")
 
     def find(self, node_id):
         """:return: the node's :class:`NodeRecord`, or None"""

@@ -24,6 +24,7 @@ from hero_compute.rpc.websocket import Routes
 from .audit import AuditLog
 from .console import console_route
 from .dashboard import make_dashboard
+from .events import EventLog
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
 from .proxy import Proxy
@@ -177,15 +178,20 @@ def make_explorer(
         calls_per_node=limits.calls_per_node,
         calls_total=limits.calls_total,
     )
+    events = EventLog(clock)
+    registry.on_event = events.node
     factory.upgrade = Routes(
-        [console_route(proxy, reactor, connect_timeout, limits.max_unsent)],
+        [
+            console_route(proxy, reactor, connect_timeout, limits.max_unsent),
+            events.route(),
+        ],
         _authorize_route,
         limits.max_unsent,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
     # Through the audit log's door: the methods that change something are recorded.
-    methods.register(audit.registrar(rpc))
+    methods.register(events.registrar(audit.registrar(rpc)))
     rpc.register("explorer.audit", audit.query)
 
     explorer = ExplorerService(registry, client, rpc, listeners, trust, audit)
