@@ -153,3 +153,15 @@ def test_cli_audit(explorer):
     assert done.returncode == 0, done.stderr
     assert "CALLER" in done.stdout and "n-other" in done.stdout
     assert "n-cli" not in done.stdout
+
+
+def test_console_attach_is_audited(explorer):
+    """Opening a VM console through the explorer is recorded with its caller and
+    outcome, here refused (no such node)."""
+    from .wsclient import refusal
+
+    assert refusal(explorer.unix, "/v1/nodes/nope/vms/v1/console") == 404
+    entries = result(explorer.unix, "explorer.audit", {"node_id": "nope"})["entries"]
+    assert [(e["method"], e["target"], e["outcome"], e["caller"]) for e in entries] == [
+        ("console.attach", "nope/v1", "refused 404", f"unix:{os.getuid()}")
+    ]

@@ -16,6 +16,7 @@ next write.  ``explorer.audit`` reads the store and adds the entries not yet wri
 import functools
 import inspect
 
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,6 +90,11 @@ def caller_of(context):
     if context.identity is not None:
         return context.identity.uri
     return f"{context.transport}:{context.peer}"
+
+
+def _refusal(error):
+    status = getattr(error, "status", None)
+    return f"refused {status}" if status is not None else _outcome(error)
 
 
 def _outcome(result):
@@ -232,6 +238,35 @@ class AuditLog:
             parameters=[context, *params]
         )
         return audited
+
+    def route(self, route, method, target):
+        """
+        :param route: a WebSocket :class:`~hero_compute.rpc.websocket.Route`
+        :param method: the name its openings are recorded under (``console.attach``)
+        :param target: ``target(params) -> str`` from the route's params
+        :return: the route, each opening recorded with its outcome
+        """
+        accept = route.accept
+
+        def audited(request):
+            caller, aim = caller_of(request.context), target(request.params)
+            try:
+                verdict = accept(request)
+            except Exception as e:
+                self.record(caller, method, aim, _refusal(e))
+                raise
+            d = defer.maybeDeferred(lambda: verdict)
+
+            def settled(outcome):
+                failed = isinstance(outcome, Failure)
+                self.record(
+                    caller, method, aim, _refusal(outcome.value) if failed else "ok"
+                )
+                return outcome
+
+            return d.addBoth(settled)
+
+        return attrs.evolve(route, accept=audited)
 
     def registrar(self, rpc):
         """

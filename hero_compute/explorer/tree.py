@@ -180,16 +180,18 @@ def make_explorer(
     )
     events = EventLog(clock)
     registry.on_event = events.node
+    audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
+    console = audit.route(
+        console_route(proxy, reactor, connect_timeout, limits.max_unsent),
+        "console.attach",
+        lambda params: f"{params['node_id']}/{params['vm_id']}",
+    )
     factory.upgrade = Routes(
-        [
-            console_route(proxy, reactor, connect_timeout, limits.max_unsent),
-            events.route(),
-        ],
+        [console, events.route()],
         _authorize_route,
         limits.max_unsent,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
-    audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
     # Through the audit log's door: the methods that change something are recorded.
     methods.register(events.registrar(audit.registrar(rpc)))
     rpc.register("explorer.audit", audit.query)
