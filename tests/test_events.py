@@ -176,3 +176,26 @@ def test_cli_events(explorer):
         timeout=60,
     )
     assert [json.loads(line)["node_id"] for line in done.stdout.splitlines()] == ["c2"]
+
+
+def test_vm_count_changes_in_heartbeats_are_vm_events(explorer):
+    """A heartbeat reporting more VMs makes vm.created, fewer vm.deleted, with the
+    counts; an unchanged count makes nothing."""
+    client = WsClient(explorer.unix, "/v1/events")
+    try:
+        for count in (0, 2, 2, 1):
+            result(
+                explorer.unix,
+                "explorer.heartbeat",
+                {"node_id": "v1", "socket_path": "unix:///tmp/x.sock", "vm_count": count},
+            )
+        got = wait_events(client, 3)
+        client.pump(time.monotonic() + 0.3)
+    finally:
+        client.close()
+    assert [(e["type"], e["data"]) for e in frames(client)] == [
+        ("node.online", {}),
+        ("vm.created", {"vm_count": 2, "was": 0}),
+        ("vm.deleted", {"vm_count": 1, "was": 2}),
+    ]
+    assert got

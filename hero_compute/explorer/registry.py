@@ -201,6 +201,7 @@ class Registry:
                 self.on_event("node.online", node_id)
             return record, NEW
         changed = []
+        vm_count = record.vm_count
         for field in KEPT_FIELDS:
             value = getattr(heartbeat, field)
             # Equal values keep the record's objects: the heartbeat's copies are freed.
@@ -236,6 +237,10 @@ class Registry:
                 old=old_address,
                 new=socket_path,
             )
+        if self.on_event is not None and record.vm_count != vm_count:
+            # VMs made or removed other than through this explorer: seen in heartbeats.
+            kind = "vm.created" if record.vm_count > vm_count else "vm.deleted"
+            self.on_event(kind, node_id, vm_count=record.vm_count, was=vm_count)
         return record, changed
 
     def note(self, fmt, **fields):
