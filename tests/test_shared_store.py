@@ -16,6 +16,7 @@ from hero_compute.explorer.store.migrations import LATEST
 
 from .pgserver import PgServer
 from .support import make_short_tmp, remove_tmp, result, rpc, wait_for
+from .test_metrics import metrics_uri, scrape, value
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def start_explorer(twistd, fleet):
     directory, over the database ``dsn``; the process, with ``.unix``."""
     dirs = []
 
-    def start(dsn, expect_listening=True):
+    def start(dsn, expect_listening=True, **extra):
         tmp = make_short_tmp()
         dirs.append(tmp)
         env = {
@@ -52,11 +53,13 @@ def start_explorer(twistd, fleet):
             "EXPLORER_TLS_CA": fleet["ca"],
             "EXPLORER_CA_KEY": fleet["ca_key"],
             "NODE_OFFLINE_AFTER": "5",
+            **extra,
         }
         process = twistd(["explorer"], env=env)
         process.env = env
         if expect_listening:
-            process.unix = process.listening()[0]
+            (found,) = process.wait_for_line(r"listening on (unix://\S+)")
+            process.unix = found.group(1)
         return process
 
     yield start
@@ -220,7 +223,9 @@ def test_database_down_under_load_loses_nothing(own_server, start_explorer):
     the store answers -32007, the store shows down; started again, it is up within
     seconds and every record acknowledged meanwhile is in the database."""
     dsn = own_server.new_database()
-    a = start_explorer(dsn)
+    a = start_explorer(dsn, EXPLORER_METRICS_ADDR="127.0.0.1:0")
+    metrics = metrics_uri(a)
+    assert value(scrape(metrics), "hero_explorer_store_up", kind="postgresql") == 1
     node_secrets = {f"n-{i}": secret() for i in range(20)}
     for node_id, s in node_secrets.items():
         assert "result" in beat(a, node_id, s)
@@ -246,6 +251,7 @@ def test_database_down_under_load_loses_nothing(own_server, start_explorer):
             timeout=10.0,
             what="the store down",
         )
+        assert value(scrape(metrics), "hero_explorer_store_up", kind="postgresql") == 0
         down = rpc(a.unix, "explorer.create_token")
         assert code(down) == -32007 and down["error"]["message"] == (
             "state store unavailable"
@@ -264,6 +270,7 @@ def test_database_down_under_load_loses_nothing(own_server, start_explorer):
             what="the store up again",
         )
         assert "result" in rpc(a.unix, "explorer.create_token")
+        assert value(scrape(metrics), "hero_explorer_store_up", kind="postgresql") == 1
     finally:
         stop.set()
         loader.join()
