@@ -224,6 +224,7 @@ def _ingest_one(
     label="",
     targets=True,
     pages=False,
+    env_extra=None,
 ):
     """
     One ingest run of ``n`` simulated nodes; adds its row (and targets) and returns
@@ -236,9 +237,11 @@ def _ingest_one(
         dict goes into the row
     :param pages: also page through ``explorer.query_nodes`` over the Unix socket
         during the measured window (the ``query`` row)
+    :param env_extra: more variables for the explorer (the store section's
+        ``EXPLORER_DATABASE``)
     """
     conns, nofile = fleet_conns(n, tls)
-    env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}))
+    env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}), **(env_extra or {}))
     exp = start_explorer(
         procs,
         tmp,
