@@ -191,6 +191,16 @@ class EventLog:
                 node_id = csr_node_id(params.get("csr") or "")
             self.emit(NODE_EVENTS[method], node_id=node_id, actor=actor)
             return
+        if method == "explorer.create_vm":
+            # Placed and created: the answer names the node chosen and the VM.
+            if isinstance(result, dict):
+                self.emit(
+                    "vm.created",
+                    node_id=result.get("node_id"),
+                    vm_id=result.get("vm_id"),
+                    actor=actor,
+                )
+            return
         inner_method = params.get("method")
         inner = params.get("params")
         vm_id = inner.get("vm_id") if isinstance(inner, dict) else None
@@ -220,7 +230,7 @@ class _Registrar:
         self._events = events
 
     def register(self, name: str, func: Any, context: bool = False) -> Any:
-        if name not in NODE_EVENTS and name != "explorer.call":
+        if name not in NODE_EVENTS and name not in ("explorer.call", "explorer.create_vm"):
             return self._rpc.register(name, func, context=context)
         signature = inspect.signature(func)
         params = list(signature.parameters.values())[1 if context else 0 :]
