@@ -118,6 +118,9 @@ def node_params(method):
         "vm.start": {"vm_id": "nope"},
         "vm.stop": {"vm_id": "nope"},
         "vm.delete": {"vm_id": "nope"},
+        "vm.console_log": {"vm_id": "nope"},
+        "node.images": {},
+        "image.import": {"name": "never"},  # no url: -32602 when allowed
         "rpc.discover": {},
     }[method]
 
