@@ -120,7 +120,8 @@ def node_params(method):
         "vm.delete": {"vm_id": "nope"},
         "vm.console_log": {"vm_id": "nope"},
         "node.images": {},
-        "image.import": {"name": "never"},  # no url: -32602 when allowed
+        # No URL, digest or name: -32602 when allowed, nothing fetched.
+        "image.import": {"name": "never"},
         "rpc.discover": {},
     }[method]
 

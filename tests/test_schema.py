@@ -276,6 +276,7 @@ def test_node_methods_match_contract():
         "vm.list",
         "node.images",
         "image.import",
+        "vm.console_log",
     }
 
 

@@ -84,11 +84,15 @@ def start_explorer(twistd, short_tmp, env=None, args=()):
         ],
         env=env,
     )
-    (match,) = process.wait_for_line(r"\(dashboard: (http://[^\s)]+)")
+    (match,) = process.wait_for_line(
+        r"\(dashboard: (http://\S+)/ with the token in (\S+)\)"
+    )
     process.listening(count=3)
     info = result(f"unix://{sock}", "explorer.info")
     tcp = next(u for u in info["listeners"] if u.startswith("tcp://"))
-    return process, f"unix://{sock}", tcp, match.group(1)
+    with open(match.group(2)) as f:
+        token = f.read().strip()
+    return process, f"unix://{sock}", tcp, f"{match.group(1)}/?token={token}"
 
 
 def fetch(url, method="GET", path=None, body=None, headers=None):
@@ -124,6 +128,12 @@ def login(url):
     return headers["set-cookie"].split(";", 1)[0]
 
 
+def origin(url):
+    """:return: the origin of a dashboard URL, as a browser sends it in ``Origin``"""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def ui_rpc(url, cookie, method, params):
     """One JSON-RPC call through the dashboard's ``POST /rpc``; the response object."""
     status, _, data = fetch(
@@ -131,7 +141,7 @@ def ui_rpc(url, cookie, method, params):
         "POST",
         "/rpc",
         json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}),
-        {"Content-Type": "application/json", "Cookie": cookie},
+        {"Content-Type": "application/json", "Cookie": cookie, "Origin": origin(url)},
     )
     assert status == 200, (status, data)
     return json.loads(data)
@@ -220,7 +230,7 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
                 },
             ]
         ),
-        {"Content-Type": "application/json", "Cookie": cookie},
+        {"Content-Type": "application/json", "Cookie": cookie, "Origin": origin(url)},
     )
     answers = {a["id"]: a for a in json.loads(data)}
     assert "result" in answers[1] and answers[2]["error"]["code"] == -32010
