@@ -13,6 +13,7 @@ Issue #12's goals are checked beside their rows and listed as a README-ready tab
     python bench/run.py --sections tls,hostile     # issues #9 and #10
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
     python bench/run.py --sections console         # issue #19: console echo
+    python bench/run.py --sections store --quick   # issue 21: PostgreSQL vs SQLite
 
 Only loopback addresses and Unix sockets in a temporary directory are used; every
 process started is killed on exit.  Results: one table on stdout, and
@@ -40,6 +41,7 @@ import placebench  # noqa: E402
 import pyspy  # noqa: E402
 import restart  # noqa: E402
 import sections  # noqa: E402
+import store  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
 from report import Results, git_rev, machine, render  # noqa: E402
 
@@ -57,6 +59,7 @@ SECTIONS = {
     "place": placebench.sec_place,
     "profile": pyspy.sec_profile,
     "console": console_echo.sec_console,
+    "store": store.sec_store,
 }
 DEFAULT_SECTIONS = [
     "floor",
@@ -69,6 +72,7 @@ DEFAULT_SECTIONS = [
     "hostile",
     "place",
     "console",
+    "store",
 ]
 
 

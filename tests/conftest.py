@@ -15,6 +15,7 @@ from hero_compute import pki
 from .debian_image import debian  # noqa: F401  (session fixture: a Debian 12 disk)
 from .guest import guest  # noqa: F401  (session fixture: the test guest)
 from .netns import Lab, netns_available
+from .pgserver import PgServer, binaries
 from .spec_server import SpecServer
 from .support import Twistd, make_short_tmp, remove_tmp
 
@@ -242,3 +243,16 @@ def fleet(fleet_pki, short_tmp):
         "dir": pathlib.Path(short_tmp),
         "authority": pki.CertificateAuthority.from_directory(fleet_pki["ca_dir"]),
     }
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the whole session, on a Unix socket in a temporary
+    directory; stopped and removed at the end."""
+    if binaries() is None:
+        pytest.fail("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()

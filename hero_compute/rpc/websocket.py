@@ -18,6 +18,7 @@ reading its peer while what the peer sends cannot be passed on.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -161,6 +162,11 @@ class WebSocket:
         """Send ``data`` as a binary message; a peer that does not read is dropped."""
         if self._open and not self._gone:
             self._write(self._ws.send(BytesMessage(data=data)))
+
+    def send_text(self, text: str) -> None:
+        """Send ``text`` as a text message (the event stream's JSON); likewise."""
+        if self._open and not self._gone:
+            self._write(self._ws.send(TextMessage(data=text)))
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Start the closing handshake; the transport closes once the peer answers."""
@@ -362,7 +368,9 @@ class Routes:
         else:
             socket.refuse(404, "no such resource")
             return socket
-        params = match.groupdict()
+        # The query's parameters too (``/v1/events?since=N``); the path's win.
+        query = urllib.parse.parse_qsl(request.target.partition("?")[2])
+        params = {**dict(query), **match.groupdict()}
         try:
             self._authorize(context, route.name, params)
         except RefusedByPolicy as e:
