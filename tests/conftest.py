@@ -243,6 +243,8 @@ def fleet(fleet_pki, short_tmp):
         "dir": pathlib.Path(short_tmp),
         "authority": pki.CertificateAuthority.from_directory(fleet_pki["ca_dir"]),
     }
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """A real PostgreSQL server for the whole session, on a Unix socket in a temporary

@@ -50,7 +50,7 @@ class _Printer:
         self._clock = clock
         self._follow = follow
         self.last = None
-        self.done = defer.Deferred()
+        self.done: defer.Deferred = defer.Deferred()
         self._quiet = None
 
     def opened(self, socket):

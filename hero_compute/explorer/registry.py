@@ -9,6 +9,7 @@ record update, and no timer per node is needed to expire anybody; the sweep of
 
 import bisect
 import collections
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -192,7 +193,7 @@ class Registry:
         init=False,
     )
     #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
-    on_event: object = attrs.field(default=None, init=False)
+    on_event: Any = attrs.field(default=None, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)

@@ -12,6 +12,7 @@ import datetime
 import itertools
 import os
 import signal
+from typing import Any
 
 import attrs
 from twisted.internet.threads import deferToThreadPool
@@ -83,11 +84,12 @@ class ExplorerTrust:
         self._tls = tls
         self._factory = factory
         self._node_cert_days = node_cert_days
-        self.store = None
+        # The IStore once started (see store/__init__.py); None before.
+        self.store: Any = None
         # A shared store is a server away: whatever writes to it runs on this one
         # thread (in call order, as the reactor would have run them), never the reactor.
-        self._pool = None
-        self._enrollment = None
+        self._pool: ThreadPool | None = None
+        self._enrollment: Any = None
         self._dirty = {}
         self._flusher = None
         self._creators = []
