@@ -349,8 +349,30 @@ class NodeMethods:
     def _wire(self, d):
         return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
-        """Define a VM; ``access`` holds the optional params of CONTRACT §8."""
+    def create(
+        self,
+        name,
+        vcpus,
+        memory_mb,
+        disk_gb,
+        image=None,
+        ssh_keys=None,
+        user_data=None,
+        hostname=None,
+        network=None,
+        ports=None,
+        boot=None,
+    ):
+        """Define a VM; the params after ``image`` are CONTRACT §8's, to reach it."""
+        given = {
+            "ssh_keys": ssh_keys,
+            "user_data": user_data,
+            "hostname": hostname,
+            "network": network,
+            "ports": ports,
+            "boot": boot,
+        }
+        access = {key: value for key, value in given.items() if value is not None}
         d = self._vms.create(name, vcpus, memory_mb, disk_gb, image, **access)
         return self._wire(d)
 
