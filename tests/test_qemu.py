@@ -398,7 +398,8 @@ async def test_create_defines_vm(managers, state_dir):
     )
     assert info["format"] == "qcow2" and info["virtual-size"] == 1024**3
     assert await manager.get(vm.vm_id) == vm
-    assert manager.usage() == {"vcpus": 0, "memory_mb": 0, "disk_gb": 1}
+    # A defined VM reserves all it may use, stopped or not (CONTRACT §9).
+    assert manager.usage() == {"vcpus": 1, "memory_mb": 64, "disk_gb": 1}
 
 
 @needs_qemu
@@ -415,15 +416,32 @@ async def test_duplicate_name(managers, state_dir):
 
 @needs_qemu
 @pytest_twisted.ensureDeferred
+async def test_capacity_cap_counts_every_defined_vm(managers, state_dir):
+    """NODE_CAPACITY replaces the host's in capacity() and caps the sum of every defined
+    VM's vCPUs, memory and disk, concurrent creates included (CONTRACT §9)."""
+    cap = {"vcpus": 3, "memory_mb": 256, "disk_gb": 10}
+    manager = managers(capacity_cap=cap)
+    assert manager.capacity() == cap
+    a = manager.create("a", 2, 64, 1)
+    err = await fails_with(manager.create("b", 2, 64, 1), InvalidVmState)
+    assert "not enough vcpus" in err.message
+    await within(a)
+    await within(manager.create("b", 1, 192, 1))
+    assert manager.usage() == {"vcpus": 3, "memory_mb": 256, "disk_gb": 2}
+    assert len(entries(state_dir)) == 2
+
+
+@needs_qemu
+@pytest_twisted.ensureDeferred
 async def test_limits(managers, state_dir):
     """Memory and disk limits count every defined VM, including concurrent creates."""
-    manager = managers(memory_limit_mb=128, disk_limit_gb=3)
+    manager = managers(memory_limit_mb=128, disk_limit_gb=3, capacity_cap={"vcpus": 64})
     a = manager.create("a", 1, 64, 2)
     b = manager.create("b", 1, 64, 1)
     err = await fails_with(manager.create("c", 1, 64, 1), InvalidVmState)
     assert "memory" in err.message
     await within(defer.gatherResults([a, b]))
-    manager2 = managers(memory_limit_mb=1024, disk_limit_gb=3)
+    manager2 = managers(memory_limit_mb=1024, disk_limit_gb=3, capacity_cap={"vcpus": 64})
     err = await fails_with(manager2.create("c", 1, 64, 1), InvalidVmState)
     assert "not enough disk" in err.message
     assert len(entries(state_dir)) == 2
@@ -611,7 +629,7 @@ async def test_announced_shutdown_is_stopped(managers, state_dir):
     await within(manager._vms[vm.vm_id].qmp.execute("quit")).addErrback(lambda _: None)
     await wait_state(manager, vm.vm_id, "stopped")
     assert await wait_gone(pid)
-    assert manager.usage()["memory_mb"] == 0
+    assert (await manager.get(vm.vm_id)).state == "stopped"
 
 
 @needs_qemu

@@ -27,7 +27,7 @@ def port_spec(text):
             f"{text!r}: expected [HOST:]GUEST[/tcp|/udp], e.g. 22, 8080:80, 53/udp"
         )
     host, guest, protocol = match.groups()
-    spec = {"guest": int(guest)}
+    spec: dict[str, int | str] = {"guest": int(guest)}
     if host:
         spec["host"] = int(host)
     if protocol:
@@ -86,7 +86,7 @@ def create_params(args):
     :return: the ``vm.create`` params its access options give
     :raise exits.Failure: an unreadable file, or --initrd/--cmdline without --kernel
     """
-    params = {}
+    params: dict = {}
     keys = []
     for path in args.ssh_key:
         lines = _read(path, "--ssh-key").splitlines()

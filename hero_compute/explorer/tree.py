@@ -12,13 +12,15 @@ from twisted.logger import Logger
 import hero_compute
 from hero_compute.rpc.authz import EXPLORER_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.heap import FrozenHeap
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
-from hero_compute.rpc.lag import FrozenHeap
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
+from .console import console_route
 from .dashboard import make_dashboard
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
@@ -93,6 +95,7 @@ def make_explorer(
     ui_token=None,
     ui_token_file=None,
     ui_tls=False,
+    ui_hosts=None,
     freeze_heap=False,
 ):
     """
@@ -122,11 +125,13 @@ def make_explorer(
         (``GET /metrics``), or None for none
     :param ui: a Twisted server endpoint string to serve the dashboard on, or None
     :param ui_token: the dashboard's access token, or None for a random one
-    :param ui_token_file: the file ``ui_token`` came from, named in the log
+    :param ui_token_file: the file ``ui_token`` came from, named in the log; without
+        one, a random token is kept in ``STATE_DIR/ui-token`` (0600)
     :param ui_tls: serve the dashboard over mutual TLS with the explorer's material (a
         ``client/*`` certificate then stands in for the token)
+    :param ui_hosts: the ``Host`` names the dashboard answers for, None for the defaults
     :param freeze_heap: keep the cycle collector's pauses short with a
-        :class:`~hero_compute.rpc.lag.FrozenHeap` (for a process of its own: it freezes
+        :class:`~hero_compute.rpc.heap.FrozenHeap` (for a process of its own: it freezes
         the whole interpreter's heap)
     :return: the :class:`ExplorerService`
     """
@@ -148,7 +153,9 @@ def make_explorer(
         max_response=limits.max_response,
     )
     factory = make_factory(rpc, limits=limits)
-    listeners = Listeners(factory, listen, socket_dirs, reactor)
+    # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
+    # generic in a type variable: it takes any protocol factory.
+    listeners = Listeners(factory, listen, socket_dirs, reactor)  # type: ignore[arg-type]
     trust = ExplorerTrust(
         clock=clock,
         reactor=reactor,
@@ -164,6 +171,11 @@ def make_explorer(
         CachingResolver(reactor).resolve,
         calls_per_node=limits.calls_per_node,
         calls_total=limits.calls_total,
+    )
+    factory.upgrade = Routes(
+        [console_route(proxy, reactor, connect_timeout, limits.max_unsent)],
+        _authorize_route,
+        limits.max_unsent,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     methods.register(rpc)
@@ -196,9 +208,11 @@ def make_explorer(
             methods=methods,
             limits=limits,
             token=ui_token,
-            token_file=ui_token_file,
+            token_file=ui_token_file or os.path.join(state_dir, "ui-token"),
             reactor=reactor,
             tls=(lambda: trust.server_tls) if ui_tls else None,
+            hosts=ui_hosts,
+            admission=factory.admission.sibling(),
         ).setServiceParent(explorer)
     if freeze_heap:
         heap = FrozenHeap(clock)
@@ -209,3 +223,7 @@ def make_explorer(
 
 def _authorize(context, method, params):
     EXPLORER_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    EXPLORER_POLICY.check_route(context.transport, context.identity, route, params)

@@ -177,7 +177,7 @@ class IVmManager(Interface):
         """Returns all :obj:`VmRecord`s."""
 
     def capacity():
-        """Returns the host's ``{vcpus, memory_mb, disk_gb}``."""
+        """Returns what VMs may reserve in all, ``{vcpus, memory_mb, disk_gb}``."""
 
     def usage():
         """Returns the ``{vcpus, memory_mb, disk_gb}`` given to this node's VMs."""
@@ -188,14 +188,15 @@ class IVmManager(Interface):
 
 def usage_of(vms):
     """
-    The resources given to VMs: disks count always, CPU and memory only while running.
+    The resources reserved by VMs: those of every defined VM, running or stopped, so
+    every defined VM can run at once (CONTRACT §9).
 
     :param vms: :obj:`VmRecord`s
     :return: ``{vcpus, memory_mb, disk_gb}``
     """
-    live = [vm for vm in vms if vm.state in ("starting", "running", "stopping")]
-    return {
-        "vcpus": sum(vm.vcpus for vm in live),
-        "memory_mb": sum(vm.memory_mb for vm in live),
-        "disk_gb": sum(vm.disk_gb for vm in vms),
-    }
+    vcpus = memory_mb = disk_gb = 0
+    for vm in vms:
+        vcpus += vm.vcpus
+        memory_mb += vm.memory_mb
+        disk_gb += vm.disk_gb
+    return {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb}

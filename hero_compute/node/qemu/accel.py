@@ -72,7 +72,7 @@ def probe_firmware():
 class _Probe(protocol.ProcessProtocol):
     def __init__(self):
         self.output = b""
-        self.ended = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
 
     def outReceived(self, data):
         self.output = (self.output + data)[-4096:]
@@ -197,6 +197,6 @@ class AccelChoice:
         """:return: a Deferred firing with QEMU's ``accel=`` value once decided"""
         if self.accel is not None:
             return defer.succeed(QEMU_ACCEL[self.accel])
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d.addCallback(QEMU_ACCEL.__getitem__)

@@ -24,6 +24,7 @@ from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 from . import access, process, recovery
 from .accel import AccelChoice
 from .admission import Admission, Reservation, check_request, host_capacity
+from .console import ConsoleSettings
 from .disks import create_disk
 from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
@@ -61,6 +62,8 @@ class QemuVmManager(service.Service):
     :param image_dirs: base images must lie under one of these directories (an
         ``image`` elsewhere is refused with -32010); default ``<state_dir>/images``.
         See :mod:`.images`
+    :param capacity_cap: ``NODE_CAPACITY``: any of ``vcpus``, ``memory_mb``,
+        ``disk_gb``, replacing the host's in :meth:`capacity` (what VMs may reserve)
     :param accel: ``NODE_ACCEL``: ``auto`` (see :mod:`.accel`), ``kvm`` or ``tcg``
     :param network: the :class:`~.network.NetworkPolicy` (bridges, forward ports)
     """
@@ -77,10 +80,12 @@ class QemuVmManager(service.Service):
     _disk_limit_gb: int | None = None
     _min_free_mb: int = 256
     _image_dirs: tuple | None = None
+    _capacity_cap: dict = attrs.field(factory=dict)
     _accel_mode: str = attrs.field(default="auto", alias="accel")
     _accel: AccelChoice = attrs.field(init=False)
     _network: NetworkPolicy = attrs.field(factory=NetworkPolicy)
     _access: access.AccessPolicy = attrs.field(init=False)
+    _console: ConsoleSettings = attrs.field(factory=ConsoleSettings)
     _admission: Admission = attrs.field(init=False)
     _store: VmStore = attrs.field(init=False)
     _vms: dict = attrs.field(init=False, factory=dict)
@@ -263,10 +268,11 @@ class QemuVmManager(service.Service):
 
     def capacity(self):
         """
-        :return: the host's ``{vcpus, memory_mb, disk_gb}``, per
-            :func:`~.admission.host_capacity`
+        :return: what this node's VMs may reserve in all, ``{vcpus, memory_mb,
+            disk_gb}``: the host's, per :func:`~.admission.host_capacity`, each replaced
+            by ``NODE_CAPACITY``'s when it gives one
         """
-        return host_capacity(self._state_dir)
+        return {**host_capacity(self._state_dir), **self._capacity_cap}
 
     def usage(self):
         """
@@ -292,18 +298,24 @@ class QemuVmManager(service.Service):
         if vm.record.state not in allowed:
             raise InvalidVmState(f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
+    def console(self, vm_id):
+        """:return: the VM's :class:`~.console.SerialConsole`; VmNotFound if none"""
+        return self._get(vm_id).console
+
     def _machine(self, record):
+        directory = self._store.directory(record.vm_id)
         return Machine(
             record,
-            self._store.directory(record.vm_id),
+            directory,
             self._reactor,
             on_lost=self._qmp_lost,
             closing=lambda: self._closing,
+            console=self._console.make(directory, self._reactor),
         )
 
     async def _create(self, name, vcpus, memory_mb, disk_gb, image, params):
         check_request(name, vcpus, memory_mb, disk_gb, image, **params)
-        request = Reservation(name, memory_mb, disk_gb)
+        request = Reservation(name, memory_mb, disk_gb, vcpus)
         held = [Reservation.of(vm.record) for vm in self._vms.values()]
         held += [r for r, _ in self._creating.values()]
         image = self._admission.admit(request, vcpus, image, held, self.capacity())

@@ -94,11 +94,11 @@ class NetworkPolicy:
         return VmNetwork(mode, mac, self._forwards(ports, set(held)))
 
     def _forwards(self, ports, held):
-        requests = [{"guest": 22}] if ports is None else ports
+        requests: list[dict] = [{"guest": 22}] if ports is None else ports
         seen = set()
         chosen = []
         for request in requests:
-            protocol = request.get("protocol") or "tcp"
+            protocol: str = request.get("protocol") or "tcp"
             guest = request["guest"]
             if (protocol, guest) in seen:
                 raise InvalidParams(

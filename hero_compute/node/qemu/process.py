@@ -15,6 +15,7 @@ from twisted.internet import task, utils
 
 from hero_compute.rpc.errors import InvalidVmState
 
+from .console import TTY_SOCKET, serial_args
 from .network import netdev_args
 from .seed import SEED
 from .store import DISK, PIDFILE, QMP_SOCKET
@@ -38,6 +39,7 @@ def qemu_argv(record, directory, accel):
         *disk_args(record, directory),
         *boot_args(record),
         *netdev_args(record.vm_id, record.network),
+        *serial_args(directory),
         *control_args(directory),
     ]
 
@@ -199,7 +201,7 @@ def remove_runtime(directory):
 
     :param directory: the VM's directory
     """
-    for name in (PIDFILE, QMP_SOCKET):
+    for name in (PIDFILE, QMP_SOCKET, TTY_SOCKET):
         try:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:

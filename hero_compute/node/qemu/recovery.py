@@ -64,7 +64,7 @@ def observe(d):
     """
     if d is None:
         return defer.succeed(None)
-    observer = defer.Deferred()
+    observer: defer.Deferred = defer.Deferred()
 
     def done(result):
         observer.callback(None)

@@ -181,7 +181,7 @@ def _text_part(text, kind, filename):
     part = email.mime.nonmultipart.MIMENonMultipart(maintype, subtype, charset="utf-8")
     # Unencoded (8bit) rather than base64, so the document reads as it was written.
     charset = email.charset.Charset("utf-8")
-    charset.body_encoding = None
+    charset.body_encoding = None  # type: ignore[assignment]  # None: 8bit
     part.set_payload(text, charset)
     part.add_header("Content-Disposition", "attachment", filename=filename)
     return part

@@ -73,7 +73,7 @@ def _upgrade(data):
     """A definition from before networks and seeds, with what such a VM has: its
     default host name, no network (it had no NIC), no keys, no kernel boot."""
     name = data.get("name")
-    defaults = {
+    defaults: dict[str, object] = {
         "hostname": default_hostname(name) if isinstance(name, str) else "vm",
         "network": {"mode": "none", "mac": mac_address(data["vm_id"]), "ports": []},
         "ssh_keys": [],
