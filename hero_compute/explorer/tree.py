@@ -176,6 +176,7 @@ def make_explorer(
         [console_route(proxy, reactor, connect_timeout, limits.max_unsent)],
         _authorize_route,
         limits.max_unsent,
+        reactor,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     methods.register(rpc)
