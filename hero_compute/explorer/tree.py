@@ -195,6 +195,7 @@ def make_explorer(
         [console, events.route()],
         _authorize_route,
         limits.max_unsent,
+        reactor,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     # Through the audit log's door: the methods that change something are recorded.
