@@ -85,8 +85,10 @@ def clean_reactor():
     if new_calls or new_selectables:
         from twisted.internet import reactor, task
 
-        for _ in range(10):
-            pytest_twisted.blockon(task.deferLater(reactor, 0.001, lambda: None))
+        # A TLS close (close_notify both ways) takes several turns, more on a loaded
+        # machine: up to 2 s, polled every 10 ms.
+        for _ in range(200):
+            pytest_twisted.blockon(task.deferLater(reactor, 0.01, lambda: None))
             new_calls, new_selectables = left()
             if not (new_calls or new_selectables):
                 return
