@@ -8,14 +8,8 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from hero_compute.node.heartbeat import (
-    MAX_BACKOFF,
-    Advertiser,
-    HeartbeatLoop,
-    HeartbeatPayload,
-    backoff_delay,
-    delta,
-)
+from hero_compute.node.advertise import Advertiser, HeartbeatPayload
+from hero_compute.node.heartbeat import MAX_BACKOFF, HeartbeatLoop, backoff_delay, delta
 from hero_compute.node.service import NodeIdentity
 from hero_compute.rpc.addresses import Address, parse_address, parse_listen
 from hero_compute.rpc.errors import ConnectionRefused, InvalidParams

@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from hero_compute.explorer.liveness import LivenessLog
-from hero_compute.explorer.registry import Heartbeat, INodeRegistry, NewIds, Registry
+from hero_compute.explorer.new_ids import NewIds
+from hero_compute.explorer.registry import Heartbeat, INodeRegistry, Registry
 from hero_compute.rpc.errors import NodeNotFound
 
 

@@ -410,8 +410,9 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
     """
     from twisted.internet.task import Clock
 
+    from hero_compute.explorer.record_writer import FLUSH_CHUNK, FLUSH_EVERY
     from hero_compute.explorer.registry import NodeRecord
-    from hero_compute.explorer.trust import FLUSH_CHUNK, FLUSH_EVERY, ExplorerTrust
+    from hero_compute.explorer.trust import ExplorerTrust
 
     clock = Clock()
     trust = ExplorerTrust(clock=clock, reactor=clock, db_path=path, tls=None, factory=None)

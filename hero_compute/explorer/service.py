@@ -16,6 +16,7 @@ from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.metrics import Histogram
 
 from .metrics import HEARTBEAT_BUCKETS, CallStats
+from .new_ids import NewIds
 from .placing import PlacementMethods
 from .proxy import is_loopback
 from .reachable import Refused, checked_address
@@ -95,8 +96,8 @@ class ExplorerMethods:
         self.heartbeat_seconds = Histogram(HEARTBEAT_BUCKETS)
         #: ``explorer.call``, counted by method and outcome, for metrics.
         self.calls = CallStats(proxy)
-        # New node ids per source address in the current minute: (minute, {host: n}).
-        self._new_ids = (None, {})
+        # New node ids per source address, in a sliding minute.
+        self._new_ids = NewIds(clock)
 
     def register(self, rpc):
         """
@@ -240,21 +241,16 @@ class ExplorerMethods:
             )
         if context.transport == "unix":
             return
-        minute = int(self._clock.seconds() // 60)
-        seen_minute, counts = self._new_ids
-        if seen_minute != minute:
-            counts = {}
-            self._new_ids = (minute, counts)
         host = context.host or context.peer
-        count = counts.get(host, 0)
+        count = self._new_ids.count(host)
         if count >= limits.new_nodes_per_addr:
             self._refuse(
                 "new_nodes_per_addr",
-                f"{host} has registered {count} new node ids this minute "
+                f"{host} has registered {count} new node ids in the last minute "
                 f"(EXPLORER_NEW_NODES_PER_ADDR): try again later",
                 context,
             )
-        counts[host] = count + 1
+        self._new_ids.add(host)
 
     def _refuse(self, reason, message, context):
         self.refusals[reason] += 1

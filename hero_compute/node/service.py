@@ -22,8 +22,9 @@ from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket import Routes
 
+from .advertise import Advertiser, HeartbeatPayload
 from .enroll import TLSFiles
-from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
+from .heartbeat import HeartbeatLoop
 from .images import Images
 from .methods import NodeMethods
 from .metrics import make_metrics
@@ -126,7 +127,7 @@ class NodeService(service.MultiService):
         goodbyes go through, closed when the node stops
     :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
-    :param advertiser: the :class:`~hero_compute.node.heartbeat.Advertiser`
+    :param advertiser: the :class:`~hero_compute.node.advertise.Advertiser`
     :param heartbeats: the :class:`HeartbeatLoop` s, one per explorer
     :param tls: the :class:`~hero_compute.node.enroll.NodeTLS`, or None without TLS
     """

@@ -12,23 +12,18 @@ durable changed (see :func:`needs_save`) and flushes ``last_seen`` in batches wi
 Every multi-statement change runs in one ``BEGIN IMMEDIATE`` transaction, so two
 connections to the same file (a restart overlapping a dying explorer, or a test) can
 never both redeem one token or interleave half-made changes.
-
-Long because: it is the one module that speaks SQL, on purpose: every statement on the
-state file, and each transaction's boundaries, are reviewed in one place.
 """
 
 import contextlib
-import json
 import os
 import sqlite3
 
 import attrs
-from twisted.logger import Logger
 
+from .rows import audit_entries, copy_order, node_records, node_rows
 from .schema import (
     AUDIT_FIELDS,
     DURABLE_FIELDS,
-    JSON_FIELDS,
     MIGRATIONS,
     NODE_FIELDS,
     SCHEMA,
@@ -36,11 +31,10 @@ from .schema import (
     Identity,
     StoreError,
     TokenRefused,
-    check_sha256,
     create_private,
     needs_save,
-    serial_text,
 )
+from .sqlite_trust import SqliteTrust
 
 __all__ = [
     "DURABLE_FIELDS",
@@ -53,11 +47,9 @@ __all__ = [
     "needs_save",
 ]
 
-log = Logger()
-
 
 @attrs.define
-class Store:
+class Store(SqliteTrust):
     """
     The explorer's SQLite state.  Open with :meth:`open`; :meth:`close` when done.
 
@@ -198,22 +190,9 @@ class Store:
             ordered by node id; an undecodable row is logged and skipped, so one bad
             record cannot hide the fleet
         """
-        nodes = []
-        for row in self._db.execute(
-            f"SELECT {', '.join(NODE_FIELDS)} FROM nodes ORDER BY node_id"
-        ):
-            record = dict(zip(NODE_FIELDS, row, strict=True))
-            try:
-                for field in JSON_FIELDS:
-                    record[field] = json.loads(record[field])
-            except ValueError:
-                log.warn(
-                    "skipping stored node {node_id}: undecodable record",
-                    node_id=record["node_id"],
-                )
-                continue
-            nodes.append(record)
-        return nodes
+        return node_records(
+            self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes ORDER BY node_id")
+        )
 
     def save_node(self, record):
         """
@@ -232,15 +211,7 @@ class Store:
 
         :param records: mappings as for :meth:`save_node`
         """
-        rows = [
-            [
-                json.dumps(record[f], sort_keys=True, allow_nan=False)
-                if f in JSON_FIELDS
-                else record[f]
-                for f in NODE_FIELDS
-            ]
-            for record in records
-        ]
+        rows = node_rows(records)
         with self._transaction():
             self._db.executemany(
                 f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_FIELDS)}) "
@@ -269,293 +240,6 @@ class Store:
             self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount > 0
         )
 
-    # -- identities --------------------------------------------------------------------
-
-    def _identity_row(self, node_id):
-        return self._db.execute(
-            "SELECT secret_sha256, enrolled, cert_serial, previous_serial, revoked_at "
-            "FROM identities WHERE node_id = ?",
-            (node_id,),
-        ).fetchone()
-
-    def identity(self, node_id):
-        """:return: the node id's :class:`Identity`, or ``None`` when nothing is held"""
-        try:
-            return self._identities[node_id]
-        except KeyError:
-            pass
-        identity = self._identities[node_id] = self._read_identity(node_id)
-        return identity
-
-    def _read_identity(self, node_id):
-        row = self._identity_row(node_id)
-        if row is None:
-            return None
-        secret, enrolled, serial, previous, revoked_at = row
-        return Identity(
-            node_id=node_id,
-            secret_sha256=secret,
-            enrolled=bool(enrolled),
-            cert_serial=None if serial is None else int(serial, 16),
-            previous_serial=None if previous is None else int(previous, 16),
-            revoked=revoked_at is not None,
-        )
-
-    def bind_secret(self, node_id, secret_sha256):
-        """
-        Bind a node secret to an id on first sight, or check it against the bound one.
-
-        :param secret_sha256: hex SHA-256 of the secret
-        :return: ``True`` when the id is (now) bound to this secret; ``False`` when it is
-            bound to another, is revoked, or the secret was revoked
-        """
-        check_sha256(secret_sha256, "secret_sha256")
-        self._identities.pop(node_id, None)
-        with self._transaction():
-            if self._db.execute(
-                "SELECT 1 FROM revoked_secrets WHERE secret_sha256 = ?", (secret_sha256,)
-            ).fetchone():
-                return False
-            row = self._identity_row(node_id)
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO identities (node_id, secret_sha256) VALUES (?, ?)",
-                    (node_id, secret_sha256),
-                )
-                return True
-            bound, revoked_at = row[0], row[4]
-            if revoked_at is not None:
-                return False
-            if bound is None:
-                self._db.execute(
-                    "UPDATE identities SET secret_sha256 = ? WHERE node_id = ?",
-                    (secret_sha256, node_id),
-                )
-                return True
-            return bound == secret_sha256
-
-    def mark_enrolled(self, node_id, cert_serial, now):
-        """
-        Bind an id to a newly enrolled certificate.  Any earlier certificates of the id
-        (current and previous) are revoked: a node enrolls again when its key is lost or
-        suspect.  A revoked state is lifted, for this certificate only.
-
-        :param cert_serial: the new certificate's serial (an ``int``)
-        :param now: the time, recorded against the serials it revokes
-        """
-        new = serial_text(cert_serial)
-        self._identities.pop(node_id, None)
-        with self._transaction():
-            row = self._identity_row(node_id)
-            if row is None:
-                self._db.execute("INSERT INTO identities (node_id) VALUES (?)", (node_id,))
-            else:
-                self._revoke_serials(node_id, (row[2], row[3]), now, keep=new)
-            self._db.execute(
-                "UPDATE identities SET enrolled = 1, cert_serial = ?, "
-                "previous_serial = NULL, revoked_at = NULL WHERE node_id = ?",
-                (new, node_id),
-            )
-            self._issued(new, node_id, now)
-
-    def renew_serial(self, node_id, old_serial, new_serial, now):
-        """
-        Replace an id's current certificate by a renewed one, if ``old_serial`` is still
-        current (compare-and-swap: of two renewals from one certificate only the first
-        wins).  The renewed certificate stays accepted as ``previous_serial``; the one
-        before it is revoked.  An id that never enrolled and is not revoked (its
-        certificate was made offline) becomes enrolled with the new certificate.
-
-        :return: whether the swap happened
-        """
-        old, new = serial_text(old_serial), serial_text(new_serial)
-        self._identities.pop(node_id, None)
-        with self._transaction():
-            row = self._identity_row(node_id)
-            if row is None:
-                self._db.execute("INSERT INTO identities (node_id) VALUES (?)", (node_id,))
-            elif row[4] is not None or (row[1] and row[2] != old):
-                return False
-            else:
-                self._revoke_serials(node_id, (row[3],), now, keep=old)
-            self._db.execute(
-                "UPDATE identities SET enrolled = 1, cert_serial = ?, "
-                "previous_serial = ? WHERE node_id = ?",
-                (new, old, node_id),
-            )
-            self._issued(new, node_id, now)
-            return True
-
-    def _issued(self, serial, node_id, now):
-        self._db.execute(
-            "INSERT OR IGNORE INTO issued_serials VALUES (?, ?, ?)", (serial, node_id, now)
-        )
-        self._issued_at.pop(int(serial, 16), None)
-
-    def issued_at(self, serial):
-        """
-        :param serial: a certificate serial (an ``int``)
-        :return: when this explorer signed that certificate (enrollment or renewal), or
-            ``None`` for one it never signed (made offline, or by another CA holder)
-        """
-        try:
-            return self._issued_at[serial]
-        except KeyError:
-            pass
-        row = self._db.execute(
-            "SELECT issued_at FROM issued_serials WHERE serial = ?", (serial_text(serial),)
-        ).fetchone()
-        issued = self._issued_at[serial] = None if row is None else row[0]
-        return issued
-
-    def knows(self, node_id):
-        """
-        :return: whether anything is held about the id: a node record, an identity
-            (secret binding, enrollment, revocation), a revocation of the id or of one
-            of its certificates, or a certificate signed for it; removing a node leaves
-            the revocations and the signed certificates, so a removed id stays known
-        """
-        if node_id in self._revoked_ids or self.identity(node_id) is not None:
-            return True
-        return any(
-            self._db.execute(
-                f"SELECT 1 FROM {table} WHERE node_id = ? LIMIT 1", (node_id,)
-            ).fetchone()
-            for table in ("nodes", "revoked_serials", "issued_serials")
-        )
-
-    def forget_identity(self, node_id):
-        """
-        Forget an id's secret binding and enrollment, as when a node is removed.
-        Removing never undoes a revocation: a revoked id stays revoked, and revoked
-        serials and secrets stay refused.
-        """
-        self._identities.pop(node_id, None)
-        with self._transaction():
-            self._db.execute(
-                "DELETE FROM identities WHERE node_id = ? AND revoked_at IS NULL",
-                (node_id,),
-            )
-
-    # -- tokens ------------------------------------------------------------------------
-
-    def add_token(self, token_hash, node_id, expires_at):
-        """
-        Store a join token by its hash.
-
-        :param token_hash: hex SHA-256 of the token
-        :param node_id: the only node id it may enroll, or ``None`` for any new one
-        :param expires_at: Unix time after which it is refused
-        """
-        check_sha256(token_hash, "token_hash")
-        self._db.execute(
-            "INSERT INTO tokens (token_hash, node_id, expires_at) VALUES (?, ?, ?)",
-            (token_hash, node_id, expires_at),
-        )
-
-    def peek_token(self, token_hash, now):
-        """
-        Check a token without using it up.
-
-        :return: the node id it allows, or ``None`` when it names none
-        :raises TokenRefused: unknown, used or expired
-        """
-        row = self._db.execute(
-            "SELECT node_id FROM tokens WHERE token_hash = ? AND used = 0 "
-            "AND expires_at > ?",
-            (check_sha256(token_hash, "token_hash"), now),
-        ).fetchone()
-        if row is None:
-            raise TokenRefused()
-        return row[0]
-
-    def redeem_token(self, token_hash, now):
-        """
-        Use a token up, atomically: of two redeems only one succeeds.  Expired tokens
-        are purged on the way.
-
-        :return: the node id it allows, or ``None`` when it names none
-        :raises TokenRefused: unknown, used or expired
-        """
-        check_sha256(token_hash, "token_hash")
-        with self._transaction():
-            self._purge_tokens(now)
-            row = self._db.execute(
-                "SELECT node_id FROM tokens WHERE token_hash = ? AND used = 0",
-                (token_hash,),
-            ).fetchone()
-            if row is not None:
-                self._db.execute(
-                    "UPDATE tokens SET used = 1 WHERE token_hash = ?", (token_hash,)
-                )
-        # Raised after the commit, so a refusal still keeps the purge.
-        if row is None:
-            raise TokenRefused()
-        return row[0]
-
-    def _purge_tokens(self, now):
-        # Used tokens are kept until they expire, so the record shows they were used.
-        self._db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
-
-    # -- revocation --------------------------------------------------------------------
-
-    def revoke(self, node_id, now):
-        """
-        Revoke a node id: its current and previous certificates and its bound secret are
-        refused from now on, and the id stays revoked until it enrolls again.
-
-        :param now: the time of revocation
-        """
-        self._identities.pop(node_id, None)
-        with self._transaction():
-            row = self._identity_row(node_id)
-            if row is None:
-                self._db.execute("INSERT INTO identities (node_id) VALUES (?)", (node_id,))
-            else:
-                self._revoke_serials(node_id, (row[2], row[3]), now)
-                if row[0] is not None:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO revoked_secrets VALUES (?, ?, ?)",
-                        (row[0], node_id, now),
-                    )
-            self._db.execute(
-                "UPDATE identities SET secret_sha256 = NULL, enrolled = 0, "
-                "cert_serial = NULL, previous_serial = NULL, "
-                "revoked_at = coalesce(revoked_at, ?) WHERE node_id = ?",
-                (now, node_id),
-            )
-            # The latest revocation counts: it covers every certificate issued before.
-            self._db.execute(
-                "INSERT INTO revoked_ids VALUES (?1, ?2) ON CONFLICT (node_id) "
-                "DO UPDATE SET revoked_at = max(revoked_at, ?2)",
-                (node_id, now),
-            )
-        self._revoked_ids[node_id] = max(now, self._revoked_ids.get(node_id, now))
-
-    def revoke_serial(self, serial, node_id, now):
-        """Refuse one certificate from now on, e.g. one signed but never handed out."""
-        with self._transaction():
-            self._revoke_serials(node_id, (serial_text(serial),), now)
-
-    def _revoke_serials(self, node_id, serials, now, keep=None):
-        revoked = [s for s in serials if s is not None and s != keep]
-        self._db.executemany(
-            "INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
-            [(s, node_id, now) for s in revoked],
-        )
-        self._revoked_serials.update(int(s, 16) for s in revoked)
-
-    def is_revoked_serial(self, serial):
-        """:return: whether the certificate with this serial has been revoked"""
-        return serial in self._revoked_serials
-
-    def id_revoked_at(self, node_id):
-        """
-        :return: the last time the id was revoked (kept through re-enrollment and
-            removal), or ``None`` if it never was
-        """
-        return self._revoked_ids.get(node_id)
-
     # -- audit -------------------------------------------------------------------------
 
     def add_audit(self, entries):
@@ -583,16 +267,17 @@ class Store:
             "ORDER BY id DESC LIMIT ?3",
             (since or 0, node_id, limit),
         )
-        return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
+        return audit_entries(rows)
 
     # -- state copy --------------------------------------------------------------------
 
     def rows(self, table, columns):
         """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
-        order = " ORDER BY id" if table == "audit" else ""
         return [
             list(r)
-            for r in self._db.execute(f"SELECT {', '.join(columns)} FROM {table}{order}")
+            for r in self._db.execute(
+                f"SELECT {', '.join(columns)} FROM {table}{copy_order(table)}"
+            )
         ]
 
     def insert_rows(self, table, columns, rows):

@@ -1,0 +1,83 @@
+"""
+Rows into records and back, the same for both backends (:mod:`.sqlite` and
+:mod:`.postgres`): only the SQL around them differs.
+"""
+
+import json
+
+from twisted.logger import Logger
+
+from .schema import AUDIT_FIELDS, JSON_FIELDS, NODE_FIELDS, Identity
+
+log = Logger()
+
+#: Reads ``identities`` rows in the order :func:`identity` takes them.
+SELECT_IDENTITY = (
+    "SELECT node_id, secret_sha256, enrolled, cert_serial, previous_serial, revoked_at "
+    "FROM identities"
+)
+
+
+def identity(row):
+    """
+    :param row: one row of :data:`SELECT_IDENTITY` from ``identities`` row
+    :return: its :class:`~.schema.Identity`
+    """
+    node_id, secret, enrolled, serial, previous, revoked_at = row
+    return Identity(
+        node_id=node_id,
+        secret_sha256=secret,
+        enrolled=bool(enrolled),
+        cert_serial=None if serial is None else int(serial, 16),
+        previous_serial=None if previous is None else int(previous, 16),
+        revoked=revoked_at is not None,
+    )
+
+
+def node_records(rows):
+    """
+    :param rows: ``nodes`` rows of :data:`~.schema.NODE_FIELDS`
+    :return: node records (dicts); an undecodable row is logged and skipped, so one
+        bad record cannot hide the fleet
+    """
+    nodes = []
+    for row in rows:
+        record = dict(zip(NODE_FIELDS, row, strict=True))
+        try:
+            for field in JSON_FIELDS:
+                record[field] = json.loads(record[field])
+        except ValueError:
+            log.warn(
+                "skipping stored node {node_id}: undecodable record",
+                node_id=record["node_id"],
+            )
+            continue
+        nodes.append(record)
+    return nodes
+
+
+def node_rows(records):
+    """
+    :param records: mappings with at least :data:`~.schema.NODE_FIELDS`
+    :return: their ``nodes`` rows, the JSON fields encoded
+    """
+    return [
+        [
+            json.dumps(record[f], sort_keys=True, allow_nan=False)
+            if f in JSON_FIELDS
+            else record[f]
+            for f in NODE_FIELDS
+        ]
+        for record in records
+    ]
+
+
+def audit_entries(rows):
+    """:return: audit rows of :data:`~.schema.AUDIT_FIELDS` as dicts"""
+    return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
+
+
+def copy_order(table):
+    """:return: the ``ORDER BY`` that keeps a copied table's order (the audit log's)"""
+    # The audit log keeps its order through a copy (a new id per row).
+    return " ORDER BY id" if table == "audit" else ""
