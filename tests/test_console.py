@@ -22,7 +22,8 @@ from hero_compute.node.qemu.console import (
     console_route,
 )
 from hero_compute.rpc.errors import VmNotFound
-from hero_compute.rpc.websocket import HTTPRefusal, UpgradeRequest
+from hero_compute.rpc.websocket import HTTPRefusal
+from hero_compute.rpc.websocket_server import UpgradeRequest
 
 
 def test_ring_keeps_the_last_bytes(tmp_path):

@@ -22,8 +22,9 @@ from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.tls import ClientTLS, Expected, ServerTLS, TLSMaterial
-from hero_compute.rpc.websocket import HTTPRefusal, Route, Routes, UpgradeRequest
+from hero_compute.rpc.websocket import HTTPRefusal
 from hero_compute.rpc.websocket_client import connect
+from hero_compute.rpc.websocket_server import Route, Routes, UpgradeRequest
 
 from .test_node_tls import cert_for
 

@@ -24,8 +24,9 @@ from hero_compute.rpc.errors import RefusedByPolicy
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
-from hero_compute.rpc.websocket import HTTPRefusal, Route, Routes
+from hero_compute.rpc.websocket import HTTPRefusal
 from hero_compute.rpc.websocket_client import connect
+from hero_compute.rpc.websocket_server import Route, Routes
 
 from .support import post
 from .wsclient import WsClient, refusal

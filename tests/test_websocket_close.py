@@ -24,13 +24,9 @@ from hero_compute.rpc.errors import RefusedByPolicy
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.tls import ClientTLS, Expected, ServerTLS, TLSMaterial
-from hero_compute.rpc.websocket import (
-    CLOSE_TIMEOUT,
-    HTTPRefusal,
-    Route,
-    Routes,
-)
+from hero_compute.rpc.websocket import CLOSE_TIMEOUT, HTTPRefusal
 from hero_compute.rpc.websocket_client import connect
+from hero_compute.rpc.websocket_server import Route, Routes
 
 from .test_node_tls import cert_for
 

@@ -241,7 +241,7 @@ class AuditLog:
 
     def route(self, route, method, target):
         """
-        :param route: a WebSocket :class:`~hero_compute.rpc.websocket.Route`
+        :param route: a WebSocket :class:`~hero_compute.rpc.websocket_server.Route`
         :param method: the name its openings are recorded under (``console.attach``)
         :param target: ``target(params) -> str`` from the route's params
         :return: the route, each opening recorded with its outcome

@@ -22,14 +22,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hero_compute.rpc.errors import NodeNotFound, NodeOffline, RefusedByPolicy
-from hero_compute.rpc.websocket import (
-    GOING_AWAY,
-    HTTPRefusal,
-    Route,
-    UpgradeRequest,
-    WebSocket,
-)
+from hero_compute.rpc.websocket import GOING_AWAY, HTTPRefusal, WebSocket
 from hero_compute.rpc.websocket_client import connect
+from hero_compute.rpc.websocket_server import Route, UpgradeRequest
 
 log = Logger()
 

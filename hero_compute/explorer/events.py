@@ -21,13 +21,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hero_compute.rpc.websocket import (
-    POLICY_VIOLATION,
-    HTTPRefusal,
-    Route,
-    UpgradeRequest,
-    WebSocket,
-)
+from hero_compute.rpc.websocket import POLICY_VIOLATION, HTTPRefusal, WebSocket
+from hero_compute.rpc.websocket_server import Route, UpgradeRequest
 
 from .audit import caller_of
 

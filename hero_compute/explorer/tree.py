@@ -19,7 +19,7 @@ from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
-from hero_compute.rpc.websocket import Routes
+from hero_compute.rpc.websocket_server import Routes
 
 from .audit import AuditLog
 from .console import console_route

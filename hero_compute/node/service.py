@@ -20,7 +20,7 @@ from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
-from hero_compute.rpc.websocket import Routes
+from hero_compute.rpc.websocket_server import Routes
 
 from .advertise import Advertiser, HeartbeatPayload
 from .enroll import TLSFiles

@@ -2,13 +2,11 @@
 ``twistd node``: options and the service tree.
 
 Every option may also come from the environment (CONTRACT §2); the command line wins.
-
-Long because: the node has the most options (transports, TLS, enrollment, VMs, limits),
-each with its variable and its check; they are read together here, and nowhere else.
+The TLS and enrollment options are :mod:`.tap_tls`'s, the image ones
+:mod:`.tap_images`'s, the VM ones :mod:`.tap_vms`'s.
 """
 
 import os
-import re
 import socket
 
 from twisted.python import usage
@@ -31,8 +29,7 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 from hero_compute.rpc.listeners import unix_endpoint_string
 from hero_compute.rpc.systemd import notifier_for
 
-from . import tap_vms
-from .images import image_settings
+from . import tap_images, tap_tls, tap_vms
 
 
 def _advertise(text):
@@ -45,23 +42,6 @@ def _advertise(text):
 
 
 setattr(_advertise, "coerceDoc", "tcp://host:port, tls://host:port, or with [v6addr].")  # noqa: B010
-
-
-def _pin(text):
-    pin = text.strip().lower()
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
-        raise ValueError(
-            f"{text!r} is not a CA pin: expected sha256:<64 hex digits>, as "
-            "printed by hero-compute tls ca create or hero-compute tls pin"
-        )
-    return pin
-
-
-setattr(_pin, "coerceDoc", "sha256:<64 hex>, as printed by hero-compute tls pin CA.pem.")  # noqa: B010
-
-
-def _absolute(text):
-    return os.path.abspath(os.path.expanduser(text))
 
 
 def _positive(text):
@@ -139,42 +119,7 @@ class Options(TapOptions):
             "its connection to each explorer, with the --tcp or --tls port]",
             _advertise,
         ],
-        [
-            "tls-cert",
-            None,
-            None,
-            "Node certificate [default: $NODE_TLS_CERT or STATE_DIR/tls/node.pem]",
-            _absolute,
-        ],
-        [
-            "tls-key",
-            None,
-            None,
-            "Its private key [default: $NODE_TLS_KEY or STATE_DIR/tls/node-key.pem]",
-            _absolute,
-        ],
-        [
-            "tls-ca",
-            None,
-            None,
-            "Fleet CA certificate [default: $NODE_TLS_CA or STATE_DIR/tls/ca.pem]",
-            _absolute,
-        ],
-        [
-            "join-token",
-            None,
-            None,
-            "Join token to enroll with a tls:// explorer when there is no certificate yet; "
-            "prefer $NODE_JOIN_TOKEN, which other users cannot see in ps",
-        ],
-        [
-            "ca-pin",
-            None,
-            None,
-            "Pin of the fleet CA (sha256:<64 hex>) trusted for enrollment "
-            "[default: $NODE_CA_PIN]",
-            _pin,
-        ],
+        *tap_tls.OPT_PARAMETERS,
         [
             "interval",
             None,
@@ -240,7 +185,7 @@ class Options(TapOptions):
     def opt_image_dir(self, path):
         """
         Only base images under this directory may back a VM's disk; may repeat
-        [default: $NODE_IMAGE_DIRS, colon-separated; unset: any file the node can read].
+        [default: $NODE_IMAGE_DIRS, colon-separated; unset: $HERO_STATE_DIR/images].
         """
         if not os.path.isabs(path):
             raise usage.UsageError(f"--image-dir {path!r}: must be an absolute path")
@@ -319,21 +264,7 @@ class Options(TapOptions):
                 f"it would exceed the {MAX_UNIX_PATH}-byte Unix socket path limit; "
                 "set a shorter HERO_STATE_DIR or --state-dir"
             )
-        if not self["image-dir"] and env.get("NODE_IMAGE_DIRS"):
-            for path in env["NODE_IMAGE_DIRS"].split(":"):
-                if not os.path.isabs(path):
-                    raise usage.UsageError(
-                        f"NODE_IMAGE_DIRS={env['NODE_IMAGE_DIRS']!r}: {path!r} is not an "
-                        "absolute path"
-                    )
-                self["image-dir"].append(path)
-        try:
-            self["images"] = image_settings(
-                self.get("image-max") or env.get("NODE_IMAGE_MAX"),
-                self.get("image-fetch-local") or env.get("NODE_IMAGE_FETCH_LOCAL"),
-            )
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+        tap_images.post_options(self, env)
         if not self["explorer"]:
             self["explorer"] = self._explorers_from_env(env)
         elif len(set(self["explorer"])) != len(self["explorer"]):
@@ -346,7 +277,7 @@ class Options(TapOptions):
                 "(or --tcp), e.g. 0.0.0.0:9003, and NODE_ADVERTISE_ADDR (or --advertise) "
                 "if the explorer must use another address than this host's own"
             )
-        self._tls_options(env)
+        tap_tls.post_options(self, env)
         tap_vms.post_options(self, env)
         if self.under_twistd:
             self._clean_startup_errors()
@@ -365,42 +296,6 @@ class Options(TapOptions):
                 (self["state-dir"], self["sources"]["state-dir"]),
             ],
         )
-
-    def _tls_options(self, env):
-        from_env(self, "tls", env, "NODE_TLS_ADDR", listen_address)
-        for key, name in (
-            ("tls-cert", "NODE_TLS_CERT"),
-            ("tls-key", "NODE_TLS_KEY"),
-            ("tls-ca", "NODE_TLS_CA"),
-        ):
-            from_env(self, key, env, name, _absolute)
-        self["join-token"] = self["join-token"] or env.get("NODE_JOIN_TOKEN") or None
-        from_env(self, "ca-pin", env, "NODE_CA_PIN", _pin)
-        from .enroll import TLSFiles
-
-        files = TLSFiles.in_state_dir(
-            self["state-dir"], self["tls-cert"], self["tls-key"], self["tls-ca"]
-        )
-        self["tls-files"] = files
-        secure = [a.uri for a in self["explorer"] if a.scheme == "tls"]
-        if secure and self["tls"] is None:
-            raise usage.UsageError(
-                f"explorer(s) {', '.join(secure)} are reached over TLS, but this node has "
-                "no TLS listener, so they could never reach it back: set NODE_TLS_ADDR "
-                "(or --tls), e.g. 0.0.0.0:9004, and NODE_ADVERTISE_ADDR (or --advertise) "
-                "if the explorer must use another address than this host's own"
-            )
-        if self["tls"] is None or files.exists():
-            return
-        # Checked here, not when the node starts: an operator sees it at once, and a
-        # service manager does not restart a node that can never come up.
-        if not (self["join-token"] and self["ca-pin"] and secure):
-            raise usage.UsageError(
-                f"no TLS certificate at {files.cert} (or its key or {files.ca}): set "
-                "NODE_JOIN_TOKEN and NODE_CA_PIN (or --join-token and --ca-pin) to enroll "
-                "with a tls:// explorer, or make one with hero-compute tls cert create "
-                "--node NODE_ID and point NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA at it"
-            )
 
     def _explorers_from_env(self, env):
         text = env.get("EXPLORER_ADDRESSES")

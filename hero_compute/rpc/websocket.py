@@ -4,7 +4,8 @@ WebSocket (RFC 6455) on top of our HTTP protocol, server and client, for the con
 
 ``wsproto`` does the protocol without doing I/O (as in uvicorn's ``wsproto_impl``): we
 hand it bytes and write what it gives back.  That fits our own httptools protocol, which
-parses the upgrade request and then hands the connection over (:class:`Routes`, set as
+parses the upgrade request and then hands the connection over
+(:class:`~.websocket_server.Routes`, set as
 :attr:`~hero_compute.rpc.http_server.RpcHTTPFactory.upgrade`), and Twisted client
 protocols alike; ``autobahn`` would bring its own HTTP server and framework, and
 ``websockets`` its own asyncio I/O.
@@ -17,42 +18,29 @@ reading its peer while what the peer sends cannot be passed on.
 
 from __future__ import annotations
 
-import re
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
-import attrs
-from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from wsproto import ConnectionType, WSConnection
+from wsproto import WSConnection
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Event,
     Ping,
-    RejectConnection,
-    RejectData,
-    Request,
     TextMessage,
 )
 from wsproto.utilities import RemoteProtocolError
 from zope.interface import implementer
 
-from .dispatch import CallContext
-from .errors import RefusedByPolicy
 from .sendnow import send_now
 
 log = Logger()
 
 #: Close codes (RFC 6455 §7.4.1).
 NORMAL, GOING_AWAY, POLICY_VIOLATION = 1000, 1001, 1008
-
-#: Bytes a client may send before its upgrade is answered (it should send none).
-MAX_EARLY = 64 * 1024
 
 #: Bytes of a refusal's body we keep on the client side, for the message.
 MAX_REFUSAL_BODY = 4096
@@ -92,43 +80,6 @@ class Handler(Protocol):
 
     def closed(self, code: int | None) -> None:
         """The connection is gone (``code``: the peer's close code, if it sent one)."""
-
-
-@attrs.frozen
-class UpgradeRequest:
-    """
-    An upgrade request matched to a route.
-
-    :ivar route: the route's name, e.g. ``"console"``, for the roles table
-    :ivar params: the route's named groups, e.g. ``{"vm_id": ...}``
-    :ivar context: who asks, as for a JSON-RPC call
-    """
-
-    route: str
-    params: Mapping[str, str]
-    context: CallContext
-
-
-#: ``accept(request)``: a :class:`Handler` (or a Deferred of one); raises (or fails
-#: with) :class:`HTTPRefusal` to refuse.
-Accept = Callable[[UpgradeRequest], Any]
-
-#: ``authorize(context, route, params)``: raises
-#: :class:`~hero_compute.rpc.errors.RefusedByPolicy` (see ``Policy.check_route``).
-Authorize = Callable[[CallContext, str, Mapping[str, str]], None]
-
-
-@attrs.frozen
-class Route:
-    """
-    :ivar name: the route's name in the roles table
-    :ivar pattern: a full-match regular expression of the path, with named groups
-    :ivar accept: see :data:`Accept`
-    """
-
-    name: str
-    pattern: re.Pattern[str]
-    accept: Accept
 
 
 @implementer(IPushProducer)
@@ -292,134 +243,3 @@ class WebSocket:
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.closed(self._code)
-
-
-class _ServerSocket(WebSocket):
-    """The server side: waits for the route's verdict, then answers the upgrade."""
-
-    _early = b""
-    _pending: defer.Deferred[Handler] | None = None
-
-    def answer(self, verdict: Handler | defer.Deferred[Handler]) -> None:
-        d: defer.Deferred[Handler] = (
-            verdict if isinstance(verdict, defer.Deferred) else defer.succeed(verdict)
-        )
-        self._pending = d
-        d.addCallbacks(self._accepted, self._refused)
-
-    def _accepted(self, handler: Handler) -> None:
-        self._pending = None
-        if self._gone:
-            handler.closed(None)
-            return
-        self.transport.write(self._ws.send(AcceptConnection()))
-        self._started(handler)
-        early, self._early = self._early, b""
-        if early:
-            self.dataReceived(early)
-
-    def _refused(self, failure: Failure) -> None:
-        self._pending = None
-        if failure.check(defer.CancelledError) or self._gone:
-            return
-        if isinstance(failure.value, HTTPRefusal):
-            status, message = failure.value.status, failure.value.message
-        else:
-            log.failure("accepting a WebSocket failed", failure)
-            status, message = 500, "internal error"
-        self.refuse(status, message)
-
-    def refuse(self, status: int, message: str) -> None:
-        """Answer the upgrade with an HTTP error and close."""
-        body = (message + "\n").encode("utf-8")
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close"),
-        ]
-        self.transport.write(
-            self._ws.send(RejectConnection(status, headers, has_body=True))
-            + self._ws.send(RejectData(body))
-        )
-        self._gone = True
-        self._hang_up()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.handler is None and not self._gone:
-            self._early += data
-            if len(self._early) > MAX_EARLY:
-                self._gone = True
-                self.transport.abortConnection()
-            return
-        WebSocket.dataReceived(self, data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-        WebSocket.connectionLost(self, reason)
-
-
-class Routes:
-    """
-    The WebSocket routes of a server: the HTTP protocol's upgrade hook.
-
-    :param routes: the :class:`Route` s
-    :param authorize: see :data:`Authorize`
-    :param max_unsent: bytes waiting for a peer beyond which it is dropped
-    :param clock: an ``IReactorTime`` (the reactor if None)
-    """
-
-    def __init__(
-        self,
-        routes: Sequence[Route],
-        authorize: Authorize,
-        max_unsent: int,
-        clock: Any = None,
-    ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._routes = list(routes)
-        self._authorize = authorize
-        self.max_unsent = max_unsent
-        self._clock = clock
-
-    def __call__(self, transport: Any, head: bytes, context: CallContext) -> WebSocket:
-        """
-        Take over a connection whose request (``head``, every byte of it) asks for an
-        upgrade.
-
-        :return: the :class:`WebSocket` that the HTTP protocol now passes bytes to
-        """
-        ws = WSConnection(ConnectionType.SERVER)
-        socket = _ServerSocket(transport, ws, self.max_unsent, self._clock)
-        try:
-            ws.receive_data(head)
-            request = next(e for e in ws.events() if isinstance(e, Request))
-        except (RemoteProtocolError, StopIteration) as e:
-            hint = getattr(e, "event_hint", None)
-            status = hint.status_code if isinstance(hint, RejectConnection) else 400
-            socket.refuse(status, f"not a WebSocket upgrade: {e}")
-            return socket
-        path = request.target.split("?", 1)[0]
-        for route in self._routes:
-            match = route.pattern.fullmatch(path)
-            if match is not None:
-                break
-        else:
-            socket.refuse(404, "no such resource")
-            return socket
-        # The query's parameters too (``/v1/events?since=N``); the path's win.
-        query = urllib.parse.parse_qsl(request.target.partition("?")[2])
-        params = {**dict(query), **match.groupdict()}
-        try:
-            self._authorize(context, route.name, params)
-        except RefusedByPolicy as e:
-            socket.refuse(403, str(e))
-            return socket
-        try:
-            verdict = route.accept(UpgradeRequest(route.name, params, context))
-        except HTTPRefusal as e:
-            socket.refuse(e.status, e.message)
-            return socket
-        socket.answer(verdict)
-        return socket

@@ -26,13 +26,8 @@ from zope.interface import implementer
 
 from hero_compute.rpc.errors import InvalidParams, VmNotFound
 from hero_compute.rpc.sendnow import send_now
-from hero_compute.rpc.websocket import (
-    GOING_AWAY,
-    HTTPRefusal,
-    Route,
-    UpgradeRequest,
-    WebSocket,
-)
+from hero_compute.rpc.websocket import GOING_AWAY, HTTPRefusal, WebSocket
+from hero_compute.rpc.websocket_server import Route, UpgradeRequest
 
 log = Logger()
 

@@ -5,11 +5,11 @@ business; disk layout :mod:`.store`'s, QEMU's command line :mod:`.process`'s, ad
 :mod:`.admission`'s, network, seed and boot :mod:`.access`'s, start-up :mod:`.recovery`'s.
 
 Long because: the state machine of a VM (every transition, its lock and its persisted
-record) reads best in one place; everything else is already split out.
+record) reads best in one place; everything else, defining a VM (:mod:`.define`)
+included, is already split out.
 """
 
 import os
-import uuid
 
 import attrs
 from twisted.application import service
@@ -17,19 +17,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hero_compute.node.vms import IVmManager, VmRecord, usage_of
+from hero_compute.node.vms import IVmManager, usage_of
 from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
-from . import access, process, recovery
+from . import access, define, process, recovery
 from .accel import AccelChoice
-from .admission import Admission, Reservation, check_request, host_capacity
+from .admission import Admission, host_capacity
 from .console import ConsoleSettings
-from .disks import create_disk
 from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
 from .network import NetworkPolicy
-from .store import DISK, QMP_SOCKET, VmStore
+from .store import QMP_SOCKET, VmStore
 
 
 @implementer(IVmManager)
@@ -92,6 +91,7 @@ class QemuVmManager(service.Service):
     # Reservations of creates still running qemu-img, so two concurrent creates cannot
     # both take the last gigabyte or the same name.
     _creating: dict = attrs.field(init=False, factory=dict)
+    _definer: define.Definer = attrs.field(init=False)
     _recovery: object = attrs.field(init=False, default=None)
     #: VMs whose QEMU started and reported running, and starts that failed: metrics.
     starts: int = attrs.field(init=False, default=0)
@@ -111,6 +111,16 @@ class QemuVmManager(service.Service):
         )
         self._access = access.AccessPolicy(self._network, self._admission.images)
         self._accel = AccelChoice(self._accel_mode)
+        self._definer = define.Definer(
+            self._reactor,
+            self._qemu_img,
+            self._store,
+            self._admission,
+            self._access,
+            self._vms,
+            self._creating,
+            self.capacity,
+        )
         longest = os.path.join(self._store.directory("0" * 32), QMP_SOCKET)
         if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise ValueError(
@@ -314,39 +324,10 @@ class QemuVmManager(service.Service):
         )
 
     async def _create(self, name, vcpus, memory_mb, disk_gb, image, params):
-        check_request(name, vcpus, memory_mb, disk_gb, image, **params)
-        request = Reservation(name, memory_mb, disk_gb, vcpus)
-        held = [Reservation.of(vm.record) for vm in self._vms.values()]
-        held += [r for r, _ in self._creating.values()]
-        image = self._admission.admit(request, vcpus, image, held, self.capacity())
-        vm_id = uuid.uuid4().hex
-        networks = [vm.record.network for vm in self._vms.values()]
-        networks += [a.fields["network"] for _, a in self._creating.values()]
-        planned = self._access.plan(vm_id, name, access.held_ports(networks), **params)
-        self._creating[vm_id] = (request, planned)
-        try:
-            directory = self._store.make_directory(vm_id)
-            access.save_secrets(directory, planned.secrets)
-            await create_disk(
-                self._reactor, self._qemu_img, os.path.join(directory, DISK), disk_gb, image
-            )
-            record = VmRecord(
-                vm_id,
-                name,
-                vcpus,
-                memory_mb,
-                disk_gb,
-                image,
-                "stopped",
-                self._reactor.seconds(),
-                **planned.fields,
-            )
-            self._store.save(record)
-        except BaseException:
-            self._store.discard(vm_id)
-            raise
-        finally:
-            del self._creating[vm_id]
+        record = await define.define_vm(
+            self._definer, name, vcpus, memory_mb, disk_gb, image, params
+        )
+        vm_id = record.vm_id
         self._vms[vm_id] = self._machine(record)
         self.log.info(
             "created VM {vm_id} ({name}): {vcpus} vCPU, {memory_mb} MB, {disk_gb} GB",
