@@ -187,10 +187,11 @@ async def list_vms(explorer, args, output):
 
     ids = sorted(n["node_id"] for n in nodes)
     answers = await defer.DeferredList(
-        [limit.run(lambda i=i: defer.ensureDeferred(one(i))) for i in ids],
+        [limit.run(lambda i: defer.ensureDeferred(one(i)), i) for i in ids],
         consumeErrors=True,
     )
-    vms, code = [], 0
+    vms: list[dict] = []
+    code = 0
     for node_id, (ok, value) in zip(ids, answers, strict=True):
         if ok:
             vms.extend(dict(vm, node_id=node_id) for vm in value)

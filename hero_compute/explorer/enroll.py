@@ -33,6 +33,7 @@ import math
 import re
 import secrets
 import string
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -121,9 +122,9 @@ class Enrollment:
         explorer has no CA key (enrollment and renewal are then refused)
     """
 
-    store: object
-    clock: object
-    sign: object = None
+    store: Any
+    clock: Any
+    sign: Any = None
 
     def create_token(self, ttl=DEFAULT_TTL, node_id=None):
         """

@@ -94,7 +94,7 @@ class Proxy:
         self._total_limit = calls_total
         #: Calls in flight, per node id and in all: a batch of a thousand calls to a
         #: node that never answers must not take every descriptor the explorer has.
-        self.in_flight = collections.Counter()
+        self.in_flight: collections.Counter[str] = collections.Counter()
         self.total = 0
         #: Calls refused busy, for metrics.
         self.busy = 0
@@ -184,7 +184,7 @@ class Proxy:
             self.in_flight[node_id] = left
         else:
             del self.in_flight[node_id]
-        if isinstance(result, Failure) and result.check(TransportError):
+        if isinstance(result, Failure) and isinstance(result.value, TransportError):
             raise NodeUnreachable(
                 f"node {node_id} at {socket_path} is unreachable: {result.value.reason}"
             )

@@ -88,11 +88,11 @@ class ExplorerMethods:
         self.session = secrets.token_hex(8)
         self._next_heartbeat = registry.offline_after / HEARTBEATS_PER_OFFLINE
         #: Refusals by reason, for metrics.
-        self.refusals = collections.Counter()
+        self.refusals: collections.Counter[str] = collections.Counter()
         #: Heartbeats accepted, refused by reason, and how long the accepted ones
         #: took, for metrics.
         self.heartbeats = 0
-        self.heartbeat_refusals = collections.Counter()
+        self.heartbeat_refusals: collections.Counter[str] = collections.Counter()
         self.heartbeat_seconds = Histogram(HEARTBEAT_BUCKETS)
         #: ``explorer.call``, counted by method and outcome, for metrics.
         self.calls = CallStats(proxy)

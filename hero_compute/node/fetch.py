@@ -177,7 +177,9 @@ class _CheckedEndpoint:
     def connect(self, factory):
         def to(address):
             kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-            endpoint = kind(self._reactor, address, self._port, timeout=CONNECT_TIMEOUT)
+            endpoint: IStreamClientEndpoint = kind(
+                self._reactor, address, self._port, timeout=CONNECT_TIMEOUT
+            )
             if self._tls is not None:
                 endpoint = wrapClientTLS(self._tls, endpoint)
             return endpoint.connect(factory)
@@ -240,7 +242,8 @@ class Download:
             ),
             redirectLimit=MAX_REDIRECTS,
         )
-        headers = Headers({b"User-Agent": [f"hero_compute/{hero_compute.__version__}"]})
+        agent_name = f"hero_compute/{hero_compute.__version__}".encode()
+        headers = Headers({b"User-Agent": [agent_name]})
         self._request = agent.request(b"GET", url.encode("ascii"), headers)
         d = self._request.addCallback(self._received)
         self.done = d.addErrback(self._failed)

@@ -227,7 +227,7 @@ class Images(service.Service):
             del self._info[gone]  # the cache stays the size of the directories
         d = defer.gatherResults(
             [
-                self._info_limit.run(lambda i=item: defer.ensureDeferred(self._ready(*i)))
+                self._info_limit.run(lambda i: defer.ensureDeferred(self._ready(*i)), item)
                 for item in found
             ],
             consumeErrors=True,

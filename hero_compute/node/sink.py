@@ -10,6 +10,7 @@ in one :class:`~hero_compute.node.fetch_errors.FetchError`.
 import errno
 import hashlib
 import os
+from typing import Any
 
 from twisted.internet import defer, protocol, threads
 from twisted.web.client import ResponseDone
@@ -32,7 +33,7 @@ class TempFile:
     def __init__(self, path):
         self.path = path
         self.digest = hashlib.sha256()
-        self._fd = None
+        self._fd: int | None = None
 
     def open(self):
         """Create it, 0644 (base images hold nothing secret), failing if it exists."""
@@ -40,15 +41,19 @@ class TempFile:
 
     def write(self, data):
         """Hash and write ``data`` whole."""
+        fd = self._fd
+        assert fd is not None, "write before open"
         self.digest.update(data)
         view = memoryview(data)
         while view:
-            view = view[os.write(self._fd, view) :]
+            view = view[os.write(fd, view) :]
 
     def finish(self):
         """Flush it to disk and close it."""
-        os.fsync(self._fd)
-        os.close(self._fd)
+        fd = self._fd
+        assert fd is not None, "finish before open"
+        os.fsync(fd)
+        os.close(fd)
         self._fd = None
 
     def discard(self):
@@ -76,6 +81,10 @@ class BodySink(protocol.Protocol):
     :ivar done: fires None once all of it is written, or fails with :class:`FetchError`
     """
 
+    # The response body's transport: a push producer too (pause, resume, stop), which
+    # ITransport does not say.
+    transport: Any
+
     def __init__(self, reactor, file, limit, total, progress, idle):
         self._reactor = reactor
         self._file = file
@@ -83,15 +92,16 @@ class BodySink(protocol.Protocol):
         self._total = total
         self._progress = progress
         self._idle = idle
-        self.done = defer.Deferred()
+        self.done: defer.Deferred[None] = defer.Deferred()
         self.received = 0
-        self._queue = []
+        self._queue: list[bytes] = []
         self._queued = 0
         self._writing = False
         self._paused = False
         self._ended = None
         self._error = None
-        self._timer = None
+        # Set from connectionMade on; Any: IDelayedCall | None, read where it is set.
+        self._timer: Any = None
 
     def abort(self, error):
         """Fail with ``error`` and drop the connection (once it is handed over)."""

@@ -5,6 +5,8 @@ to its QEMU and reports when QMP goes away.
 """
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet import defer, error, task
@@ -41,12 +43,13 @@ class Machine:
 
     record: VmRecord
     directory: str
-    _reactor: object
-    _on_lost: object
-    _closing: object
-    qmp: object = None
+    _reactor: Any
+    _on_lost: Callable[["Machine", Any], None]
+    _closing: Callable[[], bool]
+    #: The QMP connection while attached, or None
+    qmp: Any = None
     #: The :class:`~.console.SerialConsole`, or None
-    console: object = None
+    console: Any = None
     lock: defer.DeferredLock = attrs.field(factory=defer.DeferredLock)
     expect_exit: bool = False
     guest_shutdown: bool = False

@@ -403,7 +403,7 @@ class QemuVmManager(service.Service):
         await vm.quit()
         return await vm.lock.run(lambda: defer.succeed(vm.record))
 
-    async def _delete(self, vm):
+    async def _delete(self, vm: Machine):
         if self._vms.get(vm.vm_id) is not vm:
             raise VmNotFound(f"no VM {vm.vm_id!r}")
         if vm.record.state != "stopped":
@@ -419,7 +419,7 @@ class QemuVmManager(service.Service):
 
     # -- persistence ----------------------------------------------------------------
 
-    def _set_state(self, vm, state, claim=None):
+    def _set_state(self, vm: Machine, state, claim=None):
         """
         Change a VM's state and save it.  A claim (an action, e.g. ``"start"``) takes
         effect only once saved, else the action is refused; any other change has
