@@ -316,6 +316,34 @@ def test_new_ids_are_counted_in_a_sliding_window():
     assert window.count("192.0.2.1") == 0
 
 
+def test_explorer_refuses_new_ids_over_the_limit_across_a_minute_boundary():
+    """The explorer refuses a source's new ids beyond EXPLORER_NEW_NODES_PER_ADDR in
+    any 60 s of its clock, a calendar minute boundary between them or not (-32010)."""
+    from hero_compute.explorer.reachable import Refused
+    from hero_compute.explorer.service import ExplorerMethods
+    from hero_compute.rpc.dispatch import CallContext
+    from hero_compute.rpc.limits import Limits
+
+    clock = Clock()
+    clock.advance(59.5)  # half a second before a calendar minute ends
+    methods = ExplorerMethods(
+        Registry(clock, 30), None, clock, None, limits=Limits(new_nodes_per_addr=3)
+    )
+    context = CallContext("tcp", "192.0.2.1:40000", host="192.0.2.1")
+    for i in range(3):
+        methods._admit(f"new-{i}", context)
+    clock.advance(1)  # a new calendar minute: a per-minute count would start again
+    with pytest.raises(Refused) as refused:
+        methods._admit("new-3", context)
+    assert refused.value.code == -32010
+    assert "EXPLORER_NEW_NODES_PER_ADDR" in refused.value.message
+    assert methods.refusals == {"new_nodes_per_addr": 1}
+    other = CallContext("tcp", "192.0.2.2:40000", host="192.0.2.2")
+    methods._admit("new-4", other)  # per source
+    clock.advance(59)  # the first three are 60 s old
+    methods._admit("new-5", context)
+
+
 def test_new_ids_forget_quiet_sources():
     """A source seen once is dropped after a window: many addresses cannot grow it
     without bound."""
