@@ -33,6 +33,7 @@ from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
 from .dashboard_listen import Announcing, TLSOnStart
+from .ui_assets import VENDORED
 
 log = Logger()
 
@@ -61,6 +62,7 @@ STATIC = {
     "index.html": b"text/html; charset=utf-8",
     "app.js": b"text/javascript; charset=utf-8",
     "style.css": b"text/css; charset=utf-8",
+    **VENDORED,
 }
 
 
