@@ -98,6 +98,7 @@ def explorer_params(method, caller):
         "explorer.remove_node": {"node_id": "ghost"},
         "explorer.call": {"node_id": NODE, "method": "node.info"},
         "explorer.info": {},
+        "explorer.summary": {},
         "explorer.create_token": {"ttl": 60, "node_id": "tok"},
         # Not a CSR: an allowed enroll or renew is -32602, a refused one -32010.
         "explorer.enroll": {"token": "aaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "csr": "x"},

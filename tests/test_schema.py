@@ -226,6 +226,7 @@ def test_explorer_methods_match_contract():
         "explorer.renew",
         "explorer.revoke",
         "explorer.query_nodes",
+        "explorer.summary",
     }
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
     assert heartbeat == {

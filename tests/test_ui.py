@@ -38,10 +38,11 @@ class Client:
 
 
 def test_dashboard_policy_reads_only():
-    """The dashboard may read the fleet and call node.info and vm.list, nothing else."""
+    """The dashboard may read the fleet and its summary, call node.info and vm.list, no more."""
     for method, params in [
         ("explorer.info", {}),
         ("explorer.query_nodes", {}),
+        ("explorer.summary", {}),
         ("explorer.list_nodes", {}),
         ("explorer.get_node", {"node_id": "a"}),
         ("explorer.node_history", {"node_id": "a"}),
@@ -275,8 +276,7 @@ def test_render_index_escapes():
     page = render_index(
         load_static()["index.html"],
         {
-            "online": "<b>1</b>",
-            "offline": 0,
+            "nodes": {"online": "<b>1</b>", "offline": 0},
             "vms": "&",
             "capacity": totals,
             "usage": totals,

@@ -128,8 +128,8 @@ def render_index(page, summary):
     """
     use, cap = summary["usage"], summary["capacity"]
     values = {
-        "s-online": summary["online"],
-        "s-offline": summary["offline"],
+        "s-online": summary["nodes"]["online"],
+        "s-offline": summary["nodes"]["offline"],
         "s-vms": summary["vms"],
         "s-vcpus": f"{use['vcpus']} of {cap['vcpus']}",
         "s-memory": f"{_mb(use['memory_mb'])} of {_mb(cap['memory_mb'])}",

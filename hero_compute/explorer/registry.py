@@ -16,6 +16,7 @@ from zope.interface import Interface, implementer
 from hero_compute.rpc.errors import NodeNotFound
 
 from .history import HeartbeatHistory
+from .summary import FleetSummary
 
 log = Logger()
 
@@ -159,6 +160,13 @@ class Registry:
     _order: list = attrs.field(factory=list, init=False)
     #: The last heartbeat times of each node (explorer.node_history).
     history: HeartbeatHistory = attrs.field(factory=HeartbeatHistory, init=False)
+    #: The fleet's running sums (explorer.summary), kept as records change.
+    summary: FleetSummary = attrs.field(
+        default=attrs.Factory(
+            lambda self: FleetSummary(self.offline_after), takes_self=True
+        ),
+        init=False,
+    )
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -188,6 +196,7 @@ class Registry:
                 remote=heartbeat.remote,
             )
             bisect.insort(self._order, node_id)
+            self.summary.seen(record, NEW, now, new=True)
             self._note(
                 now,
                 "node {node_id} ({name}) joined from {address}",
@@ -214,6 +223,7 @@ class Registry:
         record.last_seen = now
         record.left = False
         record.remote = heartbeat.remote
+        self.summary.seen(record, changed, now)
         if was_offline:
             self._note(
                 now,
@@ -271,6 +281,7 @@ class Registry:
     def leave(self, node_id):
         record = self.get(node_id)
         record.left = True
+        self.summary.left(node_id)
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
 
     def find(self, node_id):
@@ -287,6 +298,7 @@ class Registry:
         for record in records:
             record.left = True
             self._nodes[record.node_id] = record
+            self.summary.loaded()
         self._order = sorted(self._nodes)
 
     def get(self, node_id):
@@ -298,6 +310,7 @@ class Registry:
     def remove(self, node_id):
         self.get(node_id)
         del self._nodes[node_id]
+        self.summary.removed(node_id)
         self.history.pop(node_id, None)
         index = bisect.bisect_left(self._order, node_id)
         del self._order[index]

@@ -224,6 +224,7 @@ DASHBOARD_POLICY = Policy(
                     "explorer.info",
                     "explorer.list_nodes",
                     "explorer.query_nodes",
+                    "explorer.summary",
                     "explorer.get_node",
                     "explorer.node_history",
                     "explorer.call",

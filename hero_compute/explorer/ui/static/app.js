@@ -3,7 +3,6 @@
 // value from the wire goes into the page through textContent, never as HTML.
 
 const POLL_MS = 2000;
-const SUMMARY_PAGE = 10000;
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -159,22 +158,9 @@ function filters() {
 // ---- the fleet view ----------------------------------------------------------------
 
 async function loadSummary(signal) {
-  const totals = { online: 0, offline: 0, vms: 0, cap: { vcpus: 0, memory_mb: 0, disk_gb: 0 }, use: { vcpus: 0, memory_mb: 0, disk_gb: 0 } };
-  let cursor = null;
-  do {
-    const page = await rpc("explorer.query_nodes", cursor ? { limit: SUMMARY_PAGE, cursor } : { limit: SUMMARY_PAGE }, signal);
-    for (const node of page.nodes) {
-      totals[node.status === "online" ? "online" : "offline"] += 1;
-      // What offline nodes last reported is history, not capacity in use.
-      if (node.status !== "online") continue;
-      totals.vms += node.vm_count || 0;
-      for (const key of Object.keys(totals.cap)) {
-        totals.cap[key] += (node.capacity || {})[key] || 0;
-        totals.use[key] += (node.usage || {})[key] || 0;
-      }
-    }
-    cursor = page.next_cursor;
-  } while (cursor);
+  // One call: the explorer keeps the sums as heartbeats arrive (explorer.summary).
+  const sum = await rpc("explorer.summary", {}, signal);
+  const totals = { online: sum.nodes.online, offline: sum.nodes.offline, vms: sum.vms, cap: sum.capacity, use: sum.usage };
   $("s-online").textContent = totals.online;
   $("s-offline").textContent = totals.offline;
   $("s-vms").textContent = totals.vms;
