@@ -38,7 +38,7 @@ class Client:
 
 
 def test_dashboard_policy_reads_only():
-    """The dashboard may read the fleet and its summary, call node.info and vm.list, no more."""
+    """The dashboard may read the fleet and its summary, call node.info and vm.list."""
     for method, params in [
         ("explorer.info", {}),
         ("explorer.query_nodes", {}),
