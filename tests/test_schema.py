@@ -227,6 +227,9 @@ def test_explorer_methods_match_contract():
         "explorer.revoke",
         "explorer.query_nodes",
         "explorer.summary",
+        "explorer.ui_token_create",
+        "explorer.ui_token_list",
+        "explorer.ui_token_revoke",
     }
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
     assert heartbeat == {

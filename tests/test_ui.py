@@ -14,9 +14,10 @@ import tempfile
 import time
 import urllib.parse
 
+import attrs
 import pytest
 
-from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY
+from hero_compute.rpc.authz import DASHBOARD_POLICY, UI_OPERATOR, UI_VIEWER
 from hero_compute.rpc.errors import RefusedByPolicy
 
 from .support import post, result, rpc, wait_for
@@ -30,37 +31,68 @@ AXE_VERSION = "4.14.1"
 AXE_DIR = os.path.join(tempfile.gettempdir(), f"hero-compute-axe-core-{AXE_VERSION}")
 
 
-class Client:
-    """The dashboard's identity, as :data:`DASHBOARD_POLICY` sees it."""
+@attrs.frozen
+class User:
+    """A dashboard user, as :data:`DASHBOARD_POLICY` sees it."""
 
-    role = CLIENT
-    name = "dashboard"
+    role: str
+    name: str = "someone"
 
 
-def test_dashboard_policy_reads_only():
-    """The dashboard may read the fleet and its summary, call node.info and vm.list."""
-    for method, params in [
-        ("explorer.info", {}),
-        ("explorer.query_nodes", {}),
-        ("explorer.summary", {}),
-        ("explorer.list_nodes", {}),
-        ("explorer.get_node", {"node_id": "a"}),
-        ("explorer.node_history", {"node_id": "a"}),
-        ("explorer.call", {"node_id": "a", "method": "node.info"}),
-        ("explorer.call", {"node_id": "a", "method": "vm.list"}),
-    ]:
-        DASHBOARD_POLICY.check("tls", Client(), method, params)
-    for method, params in [
-        ("explorer.remove_node", {"node_id": "a"}),
-        ("explorer.heartbeat", {"node_id": "a"}),
-        ("explorer.create_token", {}),
-        ("explorer.revoke", {"node_id": "a"}),
-        ("explorer.call", {"node_id": "a", "method": "vm.start"}),
-        ("explorer.call", ["a", "vm.list"]),
-        ("explorer.call", {"node_id": "a"}),
-    ]:
+VIEWER, OPERATOR = User(UI_VIEWER), User(UI_OPERATOR)
+
+#: What either role may call.
+READS = [
+    ("explorer.info", {}),
+    ("explorer.query_nodes", {}),
+    ("explorer.summary", {}),
+    ("explorer.list_nodes", {}),
+    ("explorer.get_node", {"node_id": "a"}),
+    ("explorer.node_history", {"node_id": "a"}),
+    ("explorer.call", {"node_id": "a", "method": "node.info"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.list"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.get"}),
+]
+
+#: What only an operator may call.
+WRITES = [
+    ("explorer.create_vm", {"name": "x"}),
+    ("explorer.place", {}),
+    ("explorer.call", {"node_id": "a", "method": "vm.create"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.start"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.stop"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.delete"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.console_log"}),
+]
+
+#: What neither may call.
+NEVER = [
+    ("explorer.remove_node", {"node_id": "a"}),
+    ("explorer.heartbeat", {"node_id": "a"}),
+    ("explorer.create_token", {}),
+    ("explorer.ui_token_create", {"user": "x", "role": "operator"}),
+    ("explorer.ui_token_revoke", {"user": "x"}),
+    ("explorer.revoke", {"node_id": "a"}),
+    ("explorer.call", {"node_id": "a", "method": "image.import"}),
+    ("explorer.call", ["a", "vm.list"]),
+    ("explorer.call", {"node_id": "a"}),
+]
+
+
+def test_dashboard_policy_by_role():
+    """Viewers read; operators also create, start, stop, delete VMs and read consoles;
+    neither removes nodes, makes tokens or accounts, or imports images."""
+    for method, params in READS:
+        DASHBOARD_POLICY.check("tls", VIEWER, method, params)
+        DASHBOARD_POLICY.check("tls", OPERATOR, method, params)
+    for method, params in WRITES:
+        DASHBOARD_POLICY.check("tls", OPERATOR, method, params)
         with pytest.raises(RefusedByPolicy):
-            DASHBOARD_POLICY.check("tls", Client(), method, params)
+            DASHBOARD_POLICY.check("tls", VIEWER, method, params)
+    for method, params in NEVER:
+        for user in (VIEWER, OPERATOR):
+            with pytest.raises(RefusedByPolicy):
+                DASHBOARD_POLICY.check("tls", user, method, params)
 
 
 def start_explorer(twistd, short_tmp, env=None, args=()):
@@ -125,14 +157,34 @@ def login(url):
     return headers["set-cookie"].split(";", 1)[0]
 
 
-def ui_rpc(url, cookie, method, params):
+def csrf_token(url, cookie):
+    """:return: the session's CSRF token, as the page carries it in a ``<meta>``"""
+    status, _, body = fetch(url, path="/", headers={"Cookie": cookie})
+    assert status == 200, status
+    match = re.search(rb'<meta name="csrf-token" content="([^"]+)">', body)
+    assert match, body[:500]
+    return match.group(1).decode()
+
+
+def page_headers(url, cookie):
+    """The headers the page's own script sends on ``POST /rpc``."""
+    parts = urllib.parse.urlsplit(url)
+    return {
+        "Content-Type": "application/json",
+        "Cookie": cookie,
+        "Origin": f"{parts.scheme}://{parts.netloc}",
+        "X-CSRF-Token": csrf_token(url, cookie),
+    }
+
+
+def ui_rpc(url, cookie, method, params, headers=None):
     """One JSON-RPC call through the dashboard's ``POST /rpc``; the response object."""
     status, _, data = fetch(
         url,
         "POST",
         "/rpc",
         json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}),
-        {"Content-Type": "application/json", "Cookie": cookie},
+        headers or page_headers(url, cookie),
     )
     assert status == 200, (status, data)
     return json.loads(data)
@@ -221,7 +273,7 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
                 },
             ]
         ),
-        {"Content-Type": "application/json", "Cookie": cookie},
+        page_headers(url, cookie),
     )
     answers = {a["id"]: a for a in json.loads(data)}
     assert "result" in answers[1] and answers[2]["error"]["code"] == -32010

@@ -5,6 +5,7 @@ certificate, or another role's, still gets 401.
 
 import http.client
 import json
+import re
 import ssl
 
 import pytest
@@ -50,8 +51,9 @@ def explorer(twistd, short_tmp, certs):
     return process
 
 
-def get(explorer, certs, who, path="/", method="GET", body=None):
-    """One request to the dashboard over TLS as ``who`` (None: no certificate)."""
+def get(explorer, certs, who, path="/", method="GET", body=None, csrf=None):
+    """One request to the dashboard over TLS as ``who`` (None: no certificate), as the
+    page's script makes it (its Origin, and ``csrf`` in ``X-CSRF-Token`` if given)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.load_verify_locations(certs["ca"])
@@ -61,12 +63,12 @@ def get(explorer, certs, who, path="/", method="GET", body=None):
         "127.0.0.1", explorer.port, context=context, timeout=10
     )
     try:
-        conn.request(
-            method,
-            path,
-            body=body,
-            headers={"Content-Type": "application/json"} if body else {},
-        )
+        headers = {"Origin": f"https://127.0.0.1:{explorer.port}"}
+        if body:
+            headers["Content-Type"] = "application/json"
+        if csrf is not None:
+            headers["X-CSRF-Token"] = csrf
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -74,17 +76,15 @@ def get(explorer, certs, who, path="/", method="GET", body=None):
 
 
 def test_client_certificate_stands_in_for_the_token(explorer, certs):
-    """A client/* certificate opens the page and its read-only RPC without a token."""
+    """A client/* certificate opens the page as an operator, and its RPC with the page's
+    CSRF token (403 without); removing a node is still not the dashboard's to do."""
     status, page = get(explorer, certs, "client")
     assert status == 200 and b"<html" in page.lower()
-    status, body = get(
-        explorer,
-        certs,
-        "client",
-        "/rpc",
-        "POST",
-        json.dumps({"jsonrpc": "2.0", "method": "explorer.info", "id": 1}),
-    )
+    assert b'<meta name="ui-role" content="operator">' in page
+    csrf = re.search(rb'<meta name="csrf-token" content="([^"]+)">', page)[1].decode()
+    info = json.dumps({"jsonrpc": "2.0", "method": "explorer.info", "id": 1})
+    assert get(explorer, certs, "client", "/rpc", "POST", info)[0] == 403
+    status, body = get(explorer, certs, "client", "/rpc", "POST", info, csrf)
     assert status == 200 and "result" in json.loads(body)
     status, body = get(
         explorer,
@@ -100,6 +100,7 @@ def test_client_certificate_stands_in_for_the_token(explorer, certs):
                 "id": 2,
             }
         ),
+        csrf,
     )
     assert json.loads(body)["error"]["code"] == -32010
 

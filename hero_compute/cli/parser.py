@@ -7,7 +7,7 @@ import argparse
 
 import hero_compute
 
-from . import exits, explorer, images, nodes, tls, tokens, vms
+from . import exits, explorer, images, nodes, tls, tokens, ui, vms
 from .connect import AddressError, parse_address
 
 #: The global options' values when the command line gives none (``--explorer``'s comes
@@ -115,6 +115,7 @@ def build(prog="hero-compute", description=None):
     images.add_commands(sub, common)
     explorer.add_commands(sub, common)
     tokens.add_commands(sub, common)
+    ui.add_commands(sub, common)
     tls.add_tls_commands(sub)
     return top
 

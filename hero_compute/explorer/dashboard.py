@@ -1,17 +1,18 @@
 """
-The dashboard (``--ui HOST:PORT``): a read-only web page of the fleet on a listener of
-its own, never on the JSON-RPC listeners.
+The dashboard (``--ui HOST:PORT``): a web page of the fleet on a listener of its own,
+never on the JSON-RPC listeners, for viewers and operators (CONTRACT §11).
 
 Access works like Jupyter's: the explorer logs one URL carrying a token (random, or read
 from ``EXPLORER_UI_TOKEN_FILE``); ``GET /?token=...`` trades it for a session cookie
 (HttpOnly, SameSite=Strict) and redirects to ``/``; without the cookie, 401.  The page
 then calls the explorer's JSON-RPC methods as a client would, through ``POST /rpc`` on
-this listener, where :data:`~hero_compute.rpc.authz.DASHBOARD_POLICY` lets only the
-reading ones through (-32010 for the rest).  The static files ship in the package
+this listener, with the session's CSRF token in ``X-CSRF-Token`` (403 without), where
+:data:`~hero_compute.rpc.authz.DASHBOARD_POLICY` lets through what the user's role may
+do (-32010 for the rest).  That token is a viewer; the accounts of
+:mod:`.ui_accounts` are viewers or operators.  The static files ship in the package
 (``ui/static``): no build step, no framework, nothing from another origin.
 """
 
-import collections
 import hmac
 import html
 import os
@@ -23,25 +24,22 @@ from twisted.application import strports
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
-from twisted.web.http import FOUND, NOT_ALLOWED, UNAUTHORIZED
+from twisted.web.http import FORBIDDEN, FOUND, NOT_ALLOWED, UNAUTHORIZED
 
 import hero_compute
-from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
+from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY, UI_VIEWER
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
 from .dashboard_listen import Announcing, TLSOnStart
+from .ui_accounts import STARTUP_USER, DashboardUser, UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
 
 log = Logger()
 
 COOKIE = b"hero_ui"
-
-#: Sessions kept at once; the oldest is forgotten past it (each costs a few bytes, but
-#: whoever holds the token could mint them without end).
-MAX_SESSIONS = 1000
 
 #: The largest request body read, as on the JSON-RPC listeners (CONTRACT §4).
 MAX_BODY = 1 << 20
@@ -67,49 +65,24 @@ STATIC = {
 
 
 @attrs.frozen
-class DashboardIdentity:
-    """Who the dashboard's calls are made as: a client, by the roles table."""
+class _AsClient:
+    """A dashboard user, as the explorer's own roles table sees it: a client."""
 
+    name: str
     role: str = CLIENT
-    name: str = "dashboard"
-
-
-_IDENTITY = DashboardIdentity()
 
 
 def _authorize(context, method, params):
     DASHBOARD_POLICY.check(context.transport, context.identity, method, params)
-    EXPLORER_POLICY.check(context.transport, context.identity, method, params)
+    EXPLORER_POLICY.check(
+        context.transport, _AsClient(context.identity.name), method, params
+    )
 
 
 def load_static():
     """:return: ``{name: bytes}`` of the page's files, from the installed package"""
     folder = resources.files("hero_compute.explorer").joinpath("ui", "static")
     return {name: folder.joinpath(name).read_bytes() for name in STATIC}
-
-
-class Sessions:
-    """The session ids handed out for the token, oldest first."""
-
-    def __init__(self, limit=MAX_SESSIONS):
-        self._ids = collections.OrderedDict()
-        self._limit = limit
-
-    def new(self):
-        """:return: a fresh session id"""
-        sid = secrets.token_urlsafe(32)
-        self._ids[sid] = True
-        while len(self._ids) > self._limit:
-            self._ids.popitem(last=False)
-        return sid
-
-    def valid(self, sid):
-        """:return: whether ``sid`` (bytes or str, or None) is a live session"""
-        if not sid:
-            return False
-        if isinstance(sid, bytes):
-            sid = sid.decode("ascii", "replace")
-        return sid in self._ids
 
 
 def _mb(value):
@@ -163,22 +136,31 @@ class DashboardRoot(resource.Resource):
         or None to serve the page as it is
     :param tls: over TLS, a callable answering the listener's
         :class:`~hero_compute.rpc.tls.ServerTLS`: a verified ``client/*`` certificate
-        then stands in for the token
+        then stands in for the token, as an operator
+    :param accounts: the :class:`~hero_compute.explorer.ui_accounts.UiAccounts` whose
+        login tokens and sessions are honoured (a private one if None)
     """
 
     isLeaf = True
 
-    def __init__(self, token, dispatcher, files, summary=None, tls=None):
+    def __init__(self, token, dispatcher, files, summary=None, tls=None, accounts=None):
         resource.Resource.__init__(self)
         self._token = token.encode()
-        # The page acts with a client's rights, read-only, whatever carried it here.
-        self._rpc_resource = RpcResource(
-            dispatcher, lambda request: CallContext("tls", "dashboard", identity=_IDENTITY)
-        )
+        # The page acts with a client's rights, narrowed to its user's role.
+        self._rpc_resource = RpcResource(dispatcher, self._context)
         self._files = files
         self._summary = summary
         self._tls = tls
-        self.sessions = Sessions()
+        if accounts is None:
+            from twisted.internet import reactor
+
+            accounts = UiAccounts(reactor)
+        self.sessions = accounts
+
+    @staticmethod
+    def _context(request):
+        session = request.dashboard_session
+        return CallContext("tls", "dashboard", identity=session.user)
 
     def render(self, request):
         _secure(request)
@@ -192,21 +174,24 @@ class DashboardRoot(resource.Resource):
         return _refuse(request, 404, "not found")
 
     def _session(self, request):
-        return self.sessions.valid(request.getCookie(COOKIE)) or self._client(request)
+        """:return: the request's :class:`.ui_accounts.Session`, or None"""
+        return self.sessions.session(request.getCookie(COOKIE)) or self._client(request)
 
     def _client(self, request):
-        """Whether the request came over TLS with a verified ``client/*`` certificate."""
+        """The operator session of a verified ``client/*`` certificate over TLS, or None."""
         if self._tls is None:
-            return False
+            return None
         transport = request.channel.transport
         if not ISSLTransport.providedBy(transport):
-            return False
+            return None
         cert = transport.getPeerCertificate()
         creator = self._tls()
         if cert is None or creator is None:
-            return False
+            return None
         identity = identity_of(cert, creator.trust_domain)
-        return identity is not None and identity.role == CLIENT
+        if identity is None or identity.role != CLIENT:
+            return None
+        return self.sessions.certificate_session(identity.name)
 
     def _root(self, request):
         if request.method not in (b"GET", b"HEAD"):
@@ -214,11 +199,17 @@ class DashboardRoot(resource.Resource):
             return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
         token = (request.args or {}).get(b"token")
         if token is not None:
-            if not hmac.compare_digest(token[0], self._token):
-                return _refuse(request, UNAUTHORIZED, "wrong token")
+            if hmac.compare_digest(token[0], self._token):
+                sid, _ = self.sessions.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
+            else:
+                # A user's login token: spent here, whatever follows.
+                login = self.sessions.redeem(token[0].decode("utf-8", "replace"))
+                if login is None:
+                    return _refuse(request, UNAUTHORIZED, "wrong, used or expired token")
+                sid, _ = login
             request.addCookie(
                 COOKIE,
-                self.sessions.new().encode(),
+                sid.encode(),
                 path=b"/",
                 httpOnly=True,
                 sameSite="strict",
@@ -227,16 +218,18 @@ class DashboardRoot(resource.Resource):
             request.setResponseCode(FOUND)
             request.setHeader(b"location", b"/")
             return b""
-        if not self._session(request):
+        session = self._session(request)
+        if not session:
             return _refuse(
                 request,
                 UNAUTHORIZED,
                 "open the URL with the token that the explorer logged at start",
             )
         request.setHeader(b"content-type", STATIC["index.html"])
+        page = with_session(self._files["index.html"], session)
         if self._summary is None:
-            return self._files["index.html"]
-        return render_index(self._files["index.html"], self._summary())
+            return page
+        return render_index(page, self._summary())
 
     def _static(self, request, name):
         if name not in STATIC or name == "index.html":
@@ -250,8 +243,13 @@ class DashboardRoot(resource.Resource):
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _refuse(request, NOT_ALLOWED, "only POST is allowed on /rpc")
-        if not self._session(request):
+        session = self._session(request)
+        if not session:
             return _refuse(request, UNAUTHORIZED, "no session")
+        if not csrf_ok(session, request):
+            # The session's cookie rides along with a forged request; its token does not.
+            return _refuse(request, FORBIDDEN, "no or wrong X-CSRF-Token")
+        request.dashboard_session = session
         return self._rpc_resource.render_POST(request)
 
 
@@ -316,12 +314,20 @@ def make_dashboard(
         max_response=limits.max_response,
     )
     methods.register(rpc)
-    root = DashboardRoot(token, rpc, load_static(), summary=methods.summary, tls=tls)
+    root = DashboardRoot(
+        token,
+        rpc,
+        load_static(),
+        summary=methods.summary,
+        tls=tls,
+        accounts=methods.accounts,
+    )
     site = _QuietSite(root)
     site.timeOut = 60
     factory = site if tls is None else TLSOnStart(site, tls)
     svc = strports.service(listen, factory, reactor=reactor)
     svc.endpoint = Announcing(svc.endpoint, token, token_file, secure=tls is not None)
+    methods.accounts.url_of = lambda: svc.endpoint.url
     svc.root = root
     svc.setName("dashboard")
     return svc

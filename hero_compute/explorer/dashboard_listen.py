@@ -52,6 +52,7 @@ class Announcing:
         self._token = token
         self._token_file = token_file
         self._secure = secure
+        self.url = None
 
     def listen(self, factory):
         d = self._endpoint.listen(factory)
@@ -62,6 +63,8 @@ class Announcing:
         uri = describe(port.getHost())
         scheme = "https" if self._secure else "http"
         url = scheme + uri[len("tcp") :] if uri.startswith("tcp://") else uri
+        #: Where the dashboard is, once bound (for the accounts' login URLs).
+        self.url = url
         if self._token_file is None:
             log.info(
                 "listening on {uri} (dashboard: {url}/?token={token})",

@@ -20,6 +20,7 @@ from .proxy import is_loopback
 from .reachable import Refused, checked_address
 from .registry import Heartbeat
 from .store import DURABLE_FIELDS
+from .ui_accounts import UiAccounts
 
 log = Logger()
 
@@ -98,6 +99,8 @@ class ExplorerMethods:
         self.calls = CallStats(proxy)
         # New node ids per source address in the current minute: (minute, {host: n}).
         self._new_ids = (None, {})
+        #: The dashboard's users: login tokens and sessions (CONTRACT §11).
+        self.accounts = UiAccounts(clock)
 
     def register(self, rpc):
         """
@@ -113,6 +116,7 @@ class ExplorerMethods:
         rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
         rpc.register("explorer.summary", self.summary)
+        self.accounts.register(rpc)
         rpc.register("explorer.create_token", self._trust.create_token)
         rpc.register("explorer.enroll", self.enroll)
         rpc.register("explorer.renew", self._trust.renew, context=True)
