@@ -149,8 +149,9 @@ def test_agrees_with_a_recount_under_random_changes(clock):
 def test_answer_is_a_copy():
     """A caller changing an answer does not change the sums."""
     summary = FleetSummary(OFFLINE_AFTER)
-    record = NodeRecord("a", "a", "unix:///a", "unix", "1", {"vcpus": 1}, {}, 0,
-                        {"k": "v"}, 0, 0)  # fmt: skip
+    record = NodeRecord(
+        "a", "a", "unix:///a", "unix", "1", {"vcpus": 1}, {}, 0, {"k": "v"}, 0, 0
+    )
     summary.seen(record, (), 0, new=True)
     answer = summary.answer(0)
     answer["labels"]["k"]["v"] = 99
@@ -165,8 +166,14 @@ def test_p99_at_100000_nodes(clock):
     registry = Registry(clock, OFFLINE_AFTER)
     cap = {"vcpus": 32, "memory_mb": 131072, "disk_gb": 2000}
     for i in range(100_000):
-        beat(registry, f"n{i:06d}", cap, {"vcpus": i % 32}, i % 7,
-             {"zone": f"z{i % 10}", "arch": "x86_64"})  # fmt: skip
+        beat(
+            registry,
+            f"n{i:06d}",
+            cap,
+            {"vcpus": i % 32},
+            i % 7,
+            {"zone": f"z{i % 10}", "arch": "x86_64"},
+        )
     rng = random.Random(1)
     times = []
     for _ in range(500):
@@ -180,8 +187,10 @@ def test_p99_at_100000_nodes(clock):
         times.append(time.perf_counter() - started)
     times.sort()
     p99 = times[int(len(times) * 0.99)]
-    print(f"explorer.summary at 100,000 nodes: p50 {times[250] * 1e3:.3f} ms, "
-          f"p99 {p99 * 1e3:.3f} ms")  # fmt: skip
+    print(
+        f"explorer.summary at 100,000 nodes: p50 {times[250] * 1e3:.3f} ms, "
+        f"p99 {p99 * 1e3:.3f} ms"
+    )
     assert p99 < 0.005
     # Silence of the whole fleet: each node expires once, and the answer is right.
     clock.advance(OFFLINE_AFTER + 1)

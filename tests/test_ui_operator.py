@@ -29,10 +29,17 @@ from .test_ui import (
 def cli(*args, explorer):
     """Run ``hero-compute`` against ``explorer``; the finished process."""
     return subprocess.run(
-        [shutil.which("hero-compute") or ".venv/bin/hero-compute", *args,
-         "--explorer", explorer],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            shutil.which("hero-compute") or ".venv/bin/hero-compute",
+            *args,
+            "--explorer",
+            explorer,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def make_login(unix, user, role, ttl=None):
@@ -105,26 +112,39 @@ def test_csrf_and_viewer_writes_refused(twistd, short_tmp):
     """Without the session's CSRF token (or with another session's) POST /rpc is 403 and
     nothing runs; a viewer's writes with it are -32010, and nothing changed."""
     _, unix, _, startup = start_explorer(twistd, short_tmp)
-    result(unix, "explorer.heartbeat",
-           {"node_id": "n1", "socket_path": f"unix://{short_tmp}/nobody.sock"})  # fmt: skip
+    result(
+        unix,
+        "explorer.heartbeat",
+        {"node_id": "n1", "socket_path": f"unix://{short_tmp}/nobody.sock"},
+    )
     viewer = login(startup)
     operator = login(make_login(unix, "bob", "operator"))
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "explorer.info"})
     headers = page_headers(startup, operator)
-    for change in ({"X-CSRF-Token": None}, {"X-CSRF-Token": "x" * 43},
-                   {"X-CSRF-Token": page_headers(startup, viewer)["X-CSRF-Token"]}):  # fmt: skip
+    for change in (
+        {"X-CSRF-Token": None},
+        {"X-CSRF-Token": "x" * 43},
+        {"X-CSRF-Token": page_headers(startup, viewer)["X-CSRF-Token"]},
+    ):
         sent = {k: v for k, v in {**headers, **change}.items() if v is not None}
         status, _, data = fetch(startup, "POST", "/rpc", body, sent)
         assert status == 403 and b"CSRF" in data, (change, status)
     assert "result" in ui_rpc(startup, operator, "explorer.info", {})
     for method, params in [
-        ("explorer.call", {"node_id": "n1", "method": "vm.create",
-                           "params": {"name": "x", "vcpus": 1, "memory_mb": 64,
-                                      "disk_gb": 1}}),
-        ("explorer.call", {"node_id": "n1", "method": "vm.start",
-                           "params": {"vm_id": "x"}}),
+        (
+            "explorer.call",
+            {
+                "node_id": "n1",
+                "method": "vm.create",
+                "params": {"name": "x", "vcpus": 1, "memory_mb": 64, "disk_gb": 1},
+            },
+        ),
+        (
+            "explorer.call",
+            {"node_id": "n1", "method": "vm.start", "params": {"vm_id": "x"}},
+        ),
         ("explorer.remove_node", {"node_id": "n1"}),
-    ]:  # fmt: skip
+    ]:
         error = ui_rpc(startup, viewer, method, params)["error"]
         assert error["code"] == -32010, (method, error)
     # An operator still may not remove nodes from the page.
@@ -187,8 +207,10 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     """
     _, unix, _, _ = start_explorer(twistd, short_tmp)
     start_node(twistd, short_tmp, unix, "gamma")
-    wait_for(lambda: result(unix, "explorer.list_nodes", {"status": "online"}),
-             what="the node online")  # fmt: skip
+    wait_for(
+        lambda: result(unix, "explorer.list_nodes", {"status": "online"}),
+        what="the node online",
+    )
     url = make_login(unix, "carol", "operator")
     parts = urllib.parse.urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc}"
@@ -196,9 +218,13 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     # Marks this document: a reload would lose it.
     browser.execute_script("window.__sameDocument = true;")
     browser.execute_script("location.hash = '#/create/gamma'")
-    wait_for(lambda: browser.execute_script(
-        "return document.getElementById('c-node').value") == "gamma",
-        what="the form with the node chosen")  # fmt: skip
+    wait_for(
+        lambda: (
+            browser.execute_script("return document.getElementById('c-node').value")
+            == "gamma"
+        ),
+        what="the form with the node chosen",
+    )
     if axe_source:
         assert axe(browser, axe_source) == []
     form = {"c-name": "webby", "c-vcpus": "1", "c-memory": "64", "c-disk": "1"}
@@ -217,28 +243,41 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
         assert axe(browser, axe_source) == []
 
     click_action(browser, vm_id, "start")
-    wait_for(lambda: vm_row(browser, "webby")[1] == "running", timeout=90,
-             what="the VM running in the page")  # fmt: skip
+    wait_for(
+        lambda: vm_row(browser, "webby")[1] == "running",
+        timeout=90,
+        what="the VM running in the page",
+    )
     assert "Starting webby: done." in status.text
     click_action(browser, vm_id, "force-stop")
-    wait_for(lambda: vm_row(browser, "webby")[1] == "stopped", timeout=60,
-             what="the VM stopped in the page")  # fmt: skip
+    wait_for(
+        lambda: vm_row(browser, "webby")[1] == "stopped",
+        timeout=60,
+        what="the VM stopped in the page",
+    )
     assert "Forcing webby off: done." in status.text
 
     click_action(browser, vm_id, "delete")
-    wait_for(lambda: browser.execute_script(
-        "return document.getElementById('confirm').open"), what="the confirmation")  # fmt: skip
+    wait_for(
+        lambda: browser.execute_script("return document.getElementById('confirm').open"),
+        what="the confirmation",
+    )
     assert vm_id in browser.find_element("id", "confirm-text").text
     browser.find_element("id", "confirm-cancel").click()
     assert vm_row(browser, "webby") is not None
     node = f"unix://{short_tmp}/gamma.sock"
     assert [v["vm_id"] for v in result(node, "vm.list")] == [vm_id]
     click_action(browser, vm_id, "delete")
-    wait_for(lambda: browser.execute_script(
-        "return document.getElementById('confirm').open"), what="the confirmation")  # fmt: skip
+    wait_for(
+        lambda: browser.execute_script("return document.getElementById('confirm').open"),
+        what="the confirmation",
+    )
     browser.find_element("id", "confirm-ok").click()
-    wait_for(lambda: vm_row(browser, "webby") is None, timeout=60,
-             what="the VM gone from the page")  # fmt: skip
+    wait_for(
+        lambda: vm_row(browser, "webby") is None,
+        timeout=60,
+        what="the VM gone from the page",
+    )
     assert "Deleting webby: done." in status.text
     assert result(node, "vm.list") == []
     assert browser.execute_script("return window.__sameDocument") is True
@@ -253,11 +292,17 @@ def test_browser_viewer_has_no_controls(twistd, short_tmp, browser, axe_source):
     """
     _, unix, _, startup = start_explorer(twistd, short_tmp)
     start_node(twistd, short_tmp, unix, "delta")
-    wait_for(lambda: result(unix, "explorer.list_nodes", {"status": "online"}),
-             what="the node online")  # fmt: skip
+    wait_for(
+        lambda: result(unix, "explorer.list_nodes", {"status": "online"}),
+        what="the node online",
+    )
     node = f"unix://{short_tmp}/delta.sock"
-    vm = result(node, "vm.create",
-                {"name": "kept", "vcpus": 1, "memory_mb": 64, "disk_gb": 1}, timeout=60)  # fmt: skip
+    vm = result(
+        node,
+        "vm.create",
+        {"name": "kept", "vcpus": 1, "memory_mb": 64, "disk_gb": 1},
+        timeout=60,
+    )
     open_page(browser, startup)
     assert not browser.find_element("id", "operator-links").is_displayed()
     browser.execute_script("location.hash = '#/node/delta'")
@@ -272,8 +317,10 @@ def test_browser_viewer_has_no_controls(twistd, short_tmp, browser, axe_source):
     if axe_source:
         assert axe(browser, axe_source) == []
     browser.execute_script("location.hash = '#/create/delta'")
-    wait_for(lambda: browser.find_element("id", "fleet-view").is_displayed(),
-             what="the fleet instead of the form")  # fmt: skip
+    wait_for(
+        lambda: browser.find_element("id", "fleet-view").is_displayed(),
+        what="the fleet instead of the form",
+    )
     answer = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "fetch('/rpc', {method: 'POST', headers: {'content-type': 'application/json',"
