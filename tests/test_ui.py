@@ -117,11 +117,15 @@ def start_explorer(twistd, short_tmp, env=None, args=()):
         ],
         env=env,
     )
-    (match,) = process.wait_for_line(r"\(dashboard: (http://[^\s)]+)")
+    (match,) = process.wait_for_line(
+        r"\(dashboard: (http://\S+)/ with the token in (\S+)\)"
+    )
     process.listening(count=3)
     info = result(f"unix://{sock}", "explorer.info")
     tcp = next(u for u in info["listeners"] if u.startswith("tcp://"))
-    return process, f"unix://{sock}", tcp, match.group(1)
+    with open(match.group(2)) as f:
+        token = f.read().strip()
+    return process, f"unix://{sock}", tcp, f"{match.group(1)}/?token={token}"
 
 
 def fetch(url, method="GET", path=None, body=None, headers=None):
@@ -157,6 +161,12 @@ def login(url):
     return headers["set-cookie"].split(";", 1)[0]
 
 
+def origin(url):
+    """:return: the origin of a dashboard URL, as a browser sends it in ``Origin``"""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def csrf_token(url, cookie):
     """:return: the session's CSRF token, as the page carries it in a ``<meta>``"""
     status, _, body = fetch(url, path="/", headers={"Cookie": cookie})
@@ -168,11 +178,10 @@ def csrf_token(url, cookie):
 
 def page_headers(url, cookie):
     """The headers the page's own script sends on ``POST /rpc``."""
-    parts = urllib.parse.urlsplit(url)
     return {
         "Content-Type": "application/json",
         "Cookie": cookie,
-        "Origin": f"{parts.scheme}://{parts.netloc}",
+        "Origin": origin(url),
         "X-CSRF-Token": csrf_token(url, cookie),
     }
 

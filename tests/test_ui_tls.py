@@ -46,8 +46,12 @@ def explorer(twistd, short_tmp, certs):
             "EXPLORER_UI_TLS": "1",
         },
     )
-    line = process.wait_for_line(r"dashboard: https://127\.0\.0\.1:(\d+)/\?token=(\w+)")[0]
-    process.port, process.token = int(line.group(1)), line.group(2)
+    line = process.wait_for_line(
+        r"dashboard: https://127\.0\.0\.1:(\d+)/ with the token in (\S+)\)"
+    )[0]
+    process.port = int(line.group(1))
+    with open(line.group(2)) as f:
+        process.token = f.read().strip()
     return process
 
 

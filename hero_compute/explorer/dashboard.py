@@ -2,14 +2,17 @@
 The dashboard (``--ui HOST:PORT``): a web page of the fleet on a listener of its own,
 never on the JSON-RPC listeners, for viewers and operators (CONTRACT §11).
 
-Access works like Jupyter's: the explorer logs one URL carrying a token (random, or read
+Access works like Jupyter's, but the token is never logged: the explorer logs the URL
+and the file that holds the token (random, kept 0600 in its state directory, or read
 from ``EXPLORER_UI_TOKEN_FILE``); ``GET /?token=...`` trades it for a session cookie
-(HttpOnly, SameSite=Strict) and redirects to ``/``; without the cookie, 401.  The page
-then calls the explorer's JSON-RPC methods as a client would, through ``POST /rpc`` on
-this listener, with the session's CSRF token in ``X-CSRF-Token`` (403 without), where
+(HttpOnly, SameSite=Strict, Secure over TLS) and redirects to ``/``; without the
+cookie, 401.  The page then calls the explorer's JSON-RPC methods as a client would,
+through ``POST /rpc`` on this listener, which needs a same-origin ``Origin`` and the
+session's CSRF token in ``X-CSRF-Token`` (403 otherwise), and where
 :data:`~hero_compute.rpc.authz.DASHBOARD_POLICY` lets through what the user's role may
-do (-32010 for the rest).  That token is a viewer; the accounts of
-:mod:`.ui_accounts` are viewers or operators.  The static files ship in the package
+do (-32010 for the rest).  That token is a viewer; the accounts of :mod:`.ui_accounts`
+are viewers or operators.  It answers only for its own host names (421 otherwise:
+:mod:`.dashboard_guard`).  The static files ship in the package
 (``ui/static``): no build step, no framework, nothing from another origin.
 """
 
@@ -27,12 +30,14 @@ from twisted.web import resource, server
 from twisted.web.http import FORBIDDEN, FOUND, NOT_ALLOWED, UNAUTHORIZED
 
 import hero_compute
+from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
 from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY, UI_VIEWER
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
+from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import Announcing, TLSOnStart
 from .ui_accounts import STARTUP_USER, DashboardUser, UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
@@ -137,13 +142,17 @@ class DashboardRoot(resource.Resource):
     :param tls: over TLS, a callable answering the listener's
         :class:`~hero_compute.rpc.tls.ServerTLS`: a verified ``client/*`` certificate
         then stands in for the token, as an operator
+    :param hosts: the ``Host`` names answered for (:class:`.HostGuard`), None for its
+        defaults
     :param accounts: the :class:`~hero_compute.explorer.ui_accounts.UiAccounts` whose
         login tokens and sessions are honoured (a private one if None)
     """
 
     isLeaf = True
 
-    def __init__(self, token, dispatcher, files, summary=None, tls=None, accounts=None):
+    def __init__(
+        self, token, dispatcher, files, summary=None, tls=None, hosts=None, accounts=None
+    ):
         resource.Resource.__init__(self)
         self._token = token.encode()
         # The page acts with a client's rights, narrowed to its user's role.
@@ -151,6 +160,7 @@ class DashboardRoot(resource.Resource):
         self._files = files
         self._summary = summary
         self._tls = tls
+        self._hosts = HostGuard(hosts)
         if accounts is None:
             from twisted.internet import reactor
 
@@ -164,6 +174,9 @@ class DashboardRoot(resource.Resource):
 
     def render(self, request):
         _secure(request)
+        if not self._hosts.allows(request):
+            # Not a name of ours: a rebound DNS name, most likely.  Nothing is done.
+            return _refuse(request, 421, "this dashboard does not answer for that host")
         path = request.postpath
         if path in ([], [b""]):
             return self._root(request)
@@ -213,6 +226,8 @@ class DashboardRoot(resource.Resource):
                 path=b"/",
                 httpOnly=True,
                 sameSite="strict",
+                # Never sent over plain http:// to the same host (on any port).
+                secure=request.isSecure(),
             )
             # Off the address bar and out of the history at once.
             request.setResponseCode(FOUND)
@@ -223,7 +238,7 @@ class DashboardRoot(resource.Resource):
             return _refuse(
                 request,
                 UNAUTHORIZED,
-                "open the URL with the token that the explorer logged at start",
+                "open /?token= with the token in the file the explorer named at start",
             )
         request.setHeader(b"content-type", STATIC["index.html"])
         page = with_session(self._files["index.html"], session)
@@ -246,6 +261,10 @@ class DashboardRoot(resource.Resource):
         session = self._session(request)
         if not session:
             return _refuse(request, UNAUTHORIZED, "no session")
+        if not same_origin(request):
+            # A cross-site form or script sends the session cookie along (a client
+            # certificate too): only the page itself may call.
+            return _refuse(request, FORBIDDEN, "cross-origin (or Origin-less) POST")
         if not csrf_ok(session, request):
             # The session's cookie rides along with a forged request; its token does not.
             return _refuse(request, FORBIDDEN, "no or wrong X-CSRF-Token")
@@ -276,7 +295,7 @@ class _BoundedRequest(server.Request):
         server.Request.handleContentChunk(self, data)
 
 
-class _QuietSite(server.Site):
+class _QuietSite(AdmittedSite):
     """A Site that does not log each request: the page polls every 2 s."""
 
     noisy = False
@@ -287,7 +306,16 @@ class _QuietSite(server.Site):
 
 
 def make_dashboard(
-    *, listen, methods, limits, token=None, token_file=None, reactor=None, tls=None
+    *,
+    listen,
+    methods,
+    limits,
+    token=None,
+    token_file=None,
+    reactor=None,
+    tls=None,
+    hosts=None,
+    admission=None,
 ):
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
@@ -297,13 +325,18 @@ def make_dashboard(
     :param methods: the :class:`~hero_compute.explorer.service.ExplorerMethods`
     :param limits: the :class:`~hero_compute.rpc.limits.Limits`
     :param token: the access token, or None for a random one
-    :param token_file: where ``token`` was read from, to name it in the log (it is then
-        not logged)
+    :param token_file: where ``token`` was read from, or where the random one is written
+        (0600) when the dashboard starts: named in the log, never the token itself
     :param tls: to serve it over mutual TLS, a callable answering the explorer's
         :class:`~hero_compute.rpc.tls.ServerTLS` once it has started; a ``client/*``
         certificate then stands in for the token
+    :param hosts: the ``Host`` names answered for (``EXPLORER_UI_HOSTS``), None for
+        :data:`~hero_compute.explorer.dashboard_guard.DEFAULT_HOSTS`
+    :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
+        connections are admitted at accept by the limits of its other listeners
     :return: a service; its ``root`` is the :class:`DashboardRoot`
     """
+    fresh = token is None
     if token is None:
         token = secrets.token_hex(24)
     rpc = Dispatcher(
@@ -320,13 +353,20 @@ def make_dashboard(
         load_static(),
         summary=methods.summary,
         tls=tls,
+        hosts=hosts,
         accounts=methods.accounts,
     )
     site = _QuietSite(root)
     site.timeOut = 60
-    factory = site if tls is None else TLSOnStart(site, tls)
+    site.admission = admission
+    factory = site
+    if tls is not None:
+        wrap = None if admission is None else AdmittedTLSFactory
+        factory = TLSOnStart(site, tls, wrap, admission)
     svc = strports.service(listen, factory, reactor=reactor)
-    svc.endpoint = Announcing(svc.endpoint, token, token_file, secure=tls is not None)
+    svc.endpoint = Announcing(
+        svc.endpoint, token, token_file, secure=tls is not None, write=fresh
+    )
     methods.accounts.url_of = lambda: svc.endpoint.url
     svc.root = root
     svc.setName("dashboard")

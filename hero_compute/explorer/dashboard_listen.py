@@ -1,7 +1,11 @@
 """
 The dashboard's listener: behind mutual TLS when asked (the explorer's material, loaded
-when it starts), and announced once bound with the URL to open.
+when it starts), and announced once bound with the URL to open and the file that holds
+the token (the token itself is never logged: logs are read by more people than the
+explorer's state directory).
 """
+
+import os
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -20,9 +24,11 @@ class TLSOnStart(protocol.Factory):
     when the explorer starts, so the TLS wrapper is made when the listener starts.
     """
 
-    def __init__(self, site, tls):
+    def __init__(self, site, tls, wrap=None, admission=None):
         self._site = site
         self._tls = tls
+        self._wrap = wrap
+        self._admission = admission
         self._wrapped = None
 
     def doStart(self):
@@ -32,7 +38,11 @@ class TLSOnStart(protocol.Factory):
                 "the dashboard over TLS (EXPLORER_UI_TLS) needs the explorer's TLS "
                 "material: EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA"
             )
-        self._wrapped = tls_server_factory(creator, self._site)
+        if self._wrap is None:
+            self._wrapped = tls_server_factory(creator, self._site)
+        else:
+            # Admitted at accept, before the TLS layer (CONTRACT §7).
+            self._wrapped = self._wrap(creator, self._site, self._admission)
         self._wrapped.doStart()
 
     def doStop(self):
@@ -43,18 +53,43 @@ class TLSOnStart(protocol.Factory):
         return self._wrapped.buildProtocol(addr)
 
 
+def write_token(path, token):
+    """
+    Keep the dashboard's token in ``path``, mode 0600 whatever the umask (its directory
+    is made 0700 if missing).
+
+    :param path: the file
+    :param token: the token (str)
+    """
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, token.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
 @implementer(IStreamServerEndpoint)
 class Announcing:
-    """Logs the dashboard's URL (with its token) once the endpoint is bound."""
+    """
+    Logs the dashboard's URL once the endpoint is bound, naming the file with the token.
 
-    def __init__(self, endpoint, token, token_file, secure=False):
+    :param write: write ``token`` to ``token_file`` first (a fresh random one); else it
+        was read from there
+    """
+
+    def __init__(self, endpoint, token, token_file, secure=False, write=False):
         self._endpoint = endpoint
         self._token = token
         self._token_file = token_file
         self._secure = secure
+        self._write = write
         self.url = None
 
     def listen(self, factory):
+        if self._write and self._token_file is not None:
+            write_token(self._token_file, self._token)
         d = self._endpoint.listen(factory)
         d.addCallback(self._announce)
         return d
@@ -66,12 +101,8 @@ class Announcing:
         #: Where the dashboard is, once bound (for the accounts' login URLs).
         self.url = url
         if self._token_file is None:
-            log.info(
-                "listening on {uri} (dashboard: {url}/?token={token})",
-                uri=uri,
-                url=url,
-                token=self._token,
-            )
+            # Only an embedder that gave neither a token file nor a state directory.
+            log.info("listening on {uri} (dashboard: {url}/)", uri=uri, url=url)
         else:
             log.info(
                 "listening on {uri} (dashboard: {url}/ with the token in {file})",

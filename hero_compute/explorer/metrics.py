@@ -250,5 +250,7 @@ def make_metrics(*, listen, methods, registry, proxy, factory, clock, reactor=No
         explorer, TransportCollector(factory, explorer.refusals), lag
     )
     lag.setServiceParent(metrics)
-    metrics_listener(metrics.registry, listen, reactor).setServiceParent(metrics)
+    metrics_listener(
+        metrics.registry, listen, reactor, factory.admission.sibling()
+    ).setServiceParent(metrics)
     return metrics

@@ -55,7 +55,7 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
         "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR, "
-        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE, EXPLORER_UI_TLS."
+        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE, EXPLORER_UI_TLS, EXPLORER_UI_HOSTS."
     )
     optParameters = [
         [
@@ -92,9 +92,19 @@ class Options(TapOptions):
             "ui",
             None,
             None,
-            "Serve the read-only dashboard here; the URL with its token is logged at start "
+            "Serve the read-only dashboard here; its URL and the file holding its token "
+            "(STATE_DIR/ui-token, 0600) are logged at start "
             "[default: $EXPLORER_UI_ADDR; unset: no dashboard]",
             listen_address,
+        ],
+        [
+            "ui-hosts",
+            None,
+            None,
+            "Comma-separated Host names the dashboard answers for (anything else: 421) "
+            "[default: $EXPLORER_UI_HOSTS or the --ui host, localhost, 127.0.0.1, "
+            "[::1]; IP literals of its listener always]",
+            str,
         ],
         [
             "ui-token-file",
@@ -224,6 +234,13 @@ class Options(TapOptions):
         from_env(self, "ui-token-file", env, "EXPLORER_UI_TOKEN_FILE", absolute_path)
         if env.get("EXPLORER_UI_TLS", "").lower() in ("1", "true", "yes"):
             self["ui-tls"] = True
+        from_env(self, "ui-hosts", env, "EXPLORER_UI_HOSTS", str)
+        if self["ui-hosts"] is not None:
+            self["ui-hosts"] = [h.strip() for h in self["ui-hosts"].split(",") if h.strip()]
+        elif self["ui"] is not None:
+            from .dashboard_guard import DEFAULT_HOSTS
+
+            self["ui-hosts"] = [self["ui"].host, *DEFAULT_HOSTS]
         self["ui-token"] = None
         if self["ui"] is not None and self["ui-token-file"] is not None:
             from .dashboard import read_token_file
@@ -332,6 +349,7 @@ def makeService(options, reactor=None):
         ui_token=options["ui-token"],
         ui_token_file=options["ui-token-file"],
         ui_tls=bool(options["ui-tls"]),
+        ui_hosts=options["ui-hosts"],
         # Its own process: the heap left by start-up (the fleet as last known) is
         # frozen, so the cycle collector does not stop the reactor to walk it.
         freeze_heap=True,

@@ -93,6 +93,7 @@ def make_explorer(
     ui_token=None,
     ui_token_file=None,
     ui_tls=False,
+    ui_hosts=None,
     freeze_heap=False,
 ):
     """
@@ -122,9 +123,11 @@ def make_explorer(
         (``GET /metrics``), or None for none
     :param ui: a Twisted server endpoint string to serve the dashboard on, or None
     :param ui_token: the dashboard's access token, or None for a random one
-    :param ui_token_file: the file ``ui_token`` came from, named in the log
+    :param ui_token_file: the file ``ui_token`` came from, named in the log; without
+        one, a random token is kept in ``STATE_DIR/ui-token`` (0600)
     :param ui_tls: serve the dashboard over mutual TLS with the explorer's material (a
         ``client/*`` certificate then stands in for the token)
+    :param ui_hosts: the ``Host`` names the dashboard answers for, None for the defaults
     :param freeze_heap: keep the cycle collector's pauses short with a
         :class:`~hero_compute.rpc.lag.FrozenHeap` (for a process of its own: it freezes
         the whole interpreter's heap)
@@ -196,9 +199,11 @@ def make_explorer(
             methods=methods,
             limits=limits,
             token=ui_token,
-            token_file=ui_token_file,
+            token_file=ui_token_file or os.path.join(state_dir, "ui-token"),
             reactor=reactor,
             tls=(lambda: trust.server_tls) if ui_tls else None,
+            hosts=ui_hosts,
+            admission=factory.admission.sibling(),
         ).setServiceParent(explorer)
     if freeze_heap:
         heap = FrozenHeap(clock)

@@ -121,5 +121,7 @@ def make_metrics(*, listen, node, factory, clock, reactor=None):
         NodeCollector(node, clock), TransportCollector(factory), lag
     )
     lag.setServiceParent(metrics)
-    metrics_listener(metrics.registry, listen, reactor).setServiceParent(metrics)
+    metrics_listener(
+        metrics.registry, listen, reactor, factory.admission.sibling()
+    ).setServiceParent(metrics)
     return metrics

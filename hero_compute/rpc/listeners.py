@@ -333,15 +333,22 @@ class Listeners(service.MultiService):
         from twisted.application.internet import StreamServerEndpointService
         from twisted.internet import endpoints
 
+        from .admission import AdmittedTLSFactory
         from .tls import tls_server_factory
 
         if reactor is None:
             from twisted.internet import reactor
         description = address.endpoint_string()
         endpoint = endpoints.serverFromString(reactor, description)
+        # Admitted at accept, before the TLS layer, by the same limits as plain TCP.
+        admission = getattr(self._factory, "admission", None)
+        tls = (
+            tls_server_factory(creator, self._factory)
+            if admission is None
+            else AdmittedTLSFactory(creator, self._factory, admission)
+        )
         svc = StreamServerEndpointService(
-            _Announcing(endpoint, "tls:" + description, self.bound),
-            tls_server_factory(creator, self._factory),
+            _Announcing(endpoint, "tls:" + description, self.bound), tls
         )
         # As strports.service does: a bind failure aborts twistd instead of being logged.
         svc._raiseSynchronously = True

@@ -45,6 +45,7 @@ from zope.interface import implementer
 
 import hero_compute
 
+from .admission import Admission, AdmittedSite
 from .http_server import RpcHTTPFactory
 from .listeners import describe
 
@@ -120,27 +121,27 @@ class TransportCollector:
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, read now."""
-        factory = self._factory
-        network = sum(factory.per_host.values())
+        admission = self._factory.admission
+        network = sum(admission.per_host.values())
         connections = GaugeMetricFamily(
             "hero_connections_open",
             "Open JSON-RPC connections, by transport (network: TCP and TLS)",
             labels=["transport"],
         )
-        connections.add_metric(["unix"], factory.open - network)
+        connections.add_metric(["unix"], admission.open - network)
         connections.add_metric(["network"], network)
         yield connections
         yield GaugeMetricFamily(
             "hero_connection_peers",
             "Peer addresses with open TCP or TLS connections",
-            value=len(factory.per_host),
+            value=len(admission.per_host),
         )
         refusals = CounterMetricFamily(
             "hero_refusals",
             "Requests, connections or calls refused by a limit (CONTRACT §7)",
             labels=["limit"],
         )
-        for limit, count in (*factory.refusals.items(), *self._refusals()):
+        for limit, count in (*admission.refusals.items(), *self._refusals()):
             refusals.add_metric([limit], count)
         yield refusals
         info = GaugeMetricFamily(
@@ -184,7 +185,7 @@ class MetricsPage(resource.Resource):
         return encoder(self._registry)
 
 
-class _QuietSite(server.Site):
+class _QuietSite(AdmittedSite):
     """A Site that does not log each request: a scrape every 15 s is not news."""
 
     noisy = False
@@ -212,7 +213,10 @@ class _Announcing:
 
 
 def metrics_listener(
-    registry: CollectorRegistry, description: str, reactor: Any = None
+    registry: CollectorRegistry,
+    description: str,
+    reactor: Any = None,
+    admission: Admission | None = None,
 ) -> service.Service:
     """
     The listener of ``GET /metrics``, apart from the JSON-RPC ones (metrics are read by
@@ -221,12 +225,15 @@ def metrics_listener(
 
     :param registry: the service's ``CollectorRegistry``
     :param description: a Twisted server endpoint string
+    :param admission: the process's :class:`~hero_compute.rpc.admission.Admission`,
+        to admit its connections by the same limits as the JSON-RPC listeners
     """
     root = resource.Resource()
     root.putChild(b"metrics", MetricsPage(registry))
     site = _QuietSite(root)
     # The page is small and rendered at once; a scraper that stalls is cut off.
     site.timeOut = 30
+    site.admission = admission
     svc = strports.service(description, site, reactor=reactor)
     svc.endpoint = _Announcing(svc.endpoint)
     return svc
