@@ -110,5 +110,5 @@ def test_wheel_carries_the_dashboard(installed):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(
-        sorted(["app.js", "index.html", "style.css", *VENDORED])
+        sorted(["app.js", "console.js", "index.html", "style.css", *VENDORED])
     )

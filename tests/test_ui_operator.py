@@ -5,6 +5,7 @@ in a real headless Chromium, an operator driving a real QEMU VM's life from the 
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -249,6 +250,41 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
         what="the VM running in the page",
     )
     assert "Starting webby: done." in status.text
+    if os.environ.get("HERO_UI_SCREENSHOTS"):
+        # The README's picture of the operator view: HERO_UI_SCREENSHOTS=docs.
+        browser.set_window_size(1100, 620)
+        browser.execute_script("document.getElementById('vms-title').scrollIntoView()")
+        browser.save_screenshot(
+            os.path.join(os.environ["HERO_UI_SCREENSHOTS"], "dashboard-operator.png")
+        )
+    # The console view: xterm.js from this origin, the log's tail, then the live stream
+    # (reconnecting while there is none).
+    click_action(browser, vm_id, "console")
+    wait_for(
+        lambda: browser.execute_script(
+            "return document.querySelector('#terminal .xterm-rows') !== null"
+        ),
+        what="the terminal",
+    )
+    wait_for(
+        lambda: (
+            browser.execute_script("return document.body.dataset.console")
+            in ("live", "down")
+        ),
+        timeout=20,
+        what="the console connected or not",
+    )
+    print("console:", browser.find_element("id", "console-state").text)
+    print(
+        "terminal:",
+        browser.execute_script(
+            "return document.querySelector('#terminal .xterm-rows').innerText"
+        ),
+    )
+    if axe_source:
+        assert axe(browser, axe_source) == []
+    browser.execute_script("history.back()")
+    wait_for(lambda: vm_row(browser, "webby"), what="back on the node page")
     click_action(browser, vm_id, "force-stop")
     wait_for(
         lambda: vm_row(browser, "webby")[1] == "stopped",

@@ -64,6 +64,7 @@ SECURITY_HEADERS = {
 STATIC = {
     "index.html": b"text/html; charset=utf-8",
     "app.js": b"text/javascript; charset=utf-8",
+    "console.js": b"text/javascript; charset=utf-8",
     "style.css": b"text/css; charset=utf-8",
     **VENDORED,
 }

@@ -7,6 +7,8 @@ const POLL_MS = 2000;
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+import { closeConsole, initConsole, openConsole } from "./console.js";
+
 const $ = (id) => document.getElementById(id);
 
 const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content || "";
@@ -447,11 +449,13 @@ async function update(summary = true) {
   if (where.view === "create" || where.view === "console") {
     // A form being filled in, or a terminal: nothing to poll.
     if (where.view === "create" && state.shown !== location.hash) await loadCreate(where.id).catch(() => {});
-    if (where.view === "console") openConsole(where.node, where.vm);
+    if (where.view === "console") openConsole(where.node, where.vm, rpc);
+    else closeConsole();
     state.shown = location.hash;
     return;
   }
   state.shown = location.hash;
+  closeConsole();
   const live = $("live");
   let failed = null;
   try {
@@ -504,6 +508,7 @@ function init() {
   if (OPERATOR) {
     $("vms-head").append(el("th", { scope: "col" }, "Actions"));
     $("vm-form").addEventListener("submit", submitCreate);
+    initConsole(rpc);
   }
   $("next").addEventListener("click", act(() => state.next && state.cursors.push(state.next)));
   $("prev").addEventListener("click", act(() => state.cursors.length > 1 && state.cursors.pop()));
@@ -540,6 +545,3 @@ function init() {
 }
 
 init();
-
-// Filled in by the console view, when there is one.
-function openConsole() {}
