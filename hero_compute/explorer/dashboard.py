@@ -37,6 +37,7 @@ from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
+from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import Announcing, TLSOnStart
 from .ui_accounts import STARTUP_USER, DashboardUser, UiAccounts, csrf_ok, with_session
@@ -147,12 +148,22 @@ class DashboardRoot(resource.Resource):
         defaults
     :param accounts: the :class:`~hero_compute.explorer.ui_accounts.UiAccounts` whose
         login tokens and sessions are honoured (a private one if None)
+    :param console_socket: a callable answering the explorer's Unix socket path (its
+        console relay), or None for no console
     """
 
     isLeaf = True
 
     def __init__(
-        self, token, dispatcher, files, summary=None, tls=None, hosts=None, accounts=None
+        self,
+        token,
+        dispatcher,
+        files,
+        summary=None,
+        tls=None,
+        hosts=None,
+        accounts=None,
+        console_socket=None,
     ):
         resource.Resource.__init__(self)
         self._token = token.encode()
@@ -162,9 +173,11 @@ class DashboardRoot(resource.Resource):
         self._summary = summary
         self._tls = tls
         self._hosts = HostGuard(hosts)
-        if accounts is None:
-            from twisted.internet import reactor
+        from twisted.internet import reactor
 
+        self._reactor = reactor
+        self._console_socket = console_socket
+        if accounts is None:
             accounts = UiAccounts(reactor)
         self.sessions = accounts
 
@@ -185,6 +198,10 @@ class DashboardRoot(resource.Resource):
             return self._static(request, path[1].decode("ascii", "replace"))
         if path == [b"rpc"]:
             return self._rpc(request)
+        if path[0] == b"v1":
+            return ui_console.serve(
+                request, self._session(request), self._console_socket, self._reactor
+            )
         return _refuse(request, 404, "not found")
 
     def _session(self, request):
@@ -317,6 +334,7 @@ def make_dashboard(
     tls=None,
     hosts=None,
     admission=None,
+    console_socket=None,
 ):
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
@@ -333,6 +351,8 @@ def make_dashboard(
         certificate then stands in for the token
     :param hosts: the ``Host`` names answered for (``EXPLORER_UI_HOSTS``), None for
         :data:`~hero_compute.explorer.dashboard_guard.DEFAULT_HOSTS`
+    :param console_socket: a callable answering the explorer's Unix socket path, for
+        the console (:mod:`.ui_console`)
     :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
         connections are admitted at accept by the limits of its other listeners
     :return: a service; its ``root`` is the :class:`DashboardRoot`
@@ -356,6 +376,7 @@ def make_dashboard(
         tls=tls,
         hosts=hosts,
         accounts=methods.accounts,
+        console_socket=console_socket,
     )
     site = _QuietSite(root)
     site.timeOut = 60

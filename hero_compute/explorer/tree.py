@@ -204,6 +204,7 @@ def make_explorer(
             tls=(lambda: trust.server_tls) if ui_tls else None,
             hosts=ui_hosts,
             admission=factory.admission.sibling(),
+            console_socket=lambda: _unix_socket(listeners.bound),
         ).setServiceParent(explorer)
     if freeze_heap:
         heap = FrozenHeap(clock)
@@ -214,3 +215,8 @@ def make_explorer(
 
 def _authorize(context, method, params):
     EXPLORER_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _unix_socket(bound):
+    """The path of the first Unix socket among bound listeners' URIs, or None."""
+    return next((u[len("unix://") :] for u in bound if u.startswith("unix://")), None)
