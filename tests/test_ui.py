@@ -501,8 +501,9 @@ def axe(driver, source):
     ]
 
 
-def start_node(twistd, short_tmp, unix, node_id):
-    """A real ``twistd node`` heartbeating every 0.5 s to the explorer."""
+def start_node(twistd, short_tmp, unix, node_id, env=None):
+    """A real ``twistd node`` heartbeating every 0.5 s to the explorer (``env`` added
+    to its environment)."""
     return twistd(
         [
             "node",
@@ -517,7 +518,7 @@ def start_node(twistd, short_tmp, unix, node_id):
             "--state-dir",
             f"{short_tmp}/{node_id}",
         ],
-        env={"NODE_NAME": f"host-{node_id}"},
+        env={"NODE_NAME": f"host-{node_id}", **(env or {})},
     )
 
 

@@ -10,9 +10,24 @@ import os
 import socket
 import urllib.parse
 
-from .support import result
-from .test_ui import login, start_explorer
-from .test_ui_operator import make_login
+import pytest
+
+from .support import result, wait_for
+from .test_ui import (
+    axe,
+    axe_source,  # noqa: F401  (a fixture)
+    browser,  # noqa: F401  (a fixture)
+    login,
+    start_explorer,
+    start_node,
+)
+from .test_ui_operator import (
+    click_action,
+    foreign_requests,
+    make_login,
+    open_page,
+    vm_row,
+)
 
 NODE = "n1"
 
@@ -88,17 +103,27 @@ def test_refused_upgrade_joins_nothing(twistd, short_tmp):
     on the same connection never reaches the explorer's Unix socket.
     """
     _, unix, _, startup = start_explorer(twistd, short_tmp)
-    result(unix, "explorer.heartbeat",
-           {"node_id": NODE, "socket_path": f"unix://{short_tmp}/nobody.sock"})  # fmt: skip
+    result(
+        unix,
+        "explorer.heartbeat",
+        {"node_id": NODE, "socket_path": f"unix://{short_tmp}/nobody.sock"},
+    )
     operator = login(make_login(unix, "olga", "operator"))
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "explorer.remove_node",
-                       "params": {"node_id": NODE}}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "explorer.remove_node",
+            "params": {"node_id": NODE},
+        }
+    ).encode()
     smuggled = (
         b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    answer = raw(startup, upgrade(startup, operator, path="/v1/nodes/ghost/vms/x/console"),
-                 smuggled)  # fmt: skip
+    answer = raw(
+        startup, upgrade(startup, operator, path="/v1/nodes/ghost/vms/x/console"), smuggled
+    )
     assert status(answer) in (400, 404, 502), answer
     assert answer.count(b"HTTP/1.1") == 1 and b"jsonrpc" not in answer, answer
     assert [n["node_id"] for n in result(unix, "explorer.list_nodes")] == [NODE]
@@ -106,3 +131,103 @@ def test_refused_upgrade_joins_nothing(twistd, short_tmp):
     assert status(answer) in (400, 404, 502), answer
     assert answer.count(b"HTTP/1.1") == 1 and b"jsonrpc" not in answer, answer
     assert [n["node_id"] for n in result(unix, "explorer.list_nodes")] == [NODE]
+
+
+def terminal_text(driver):
+    """What the console view's terminal holds (its whole buffer, scrollback too)."""
+    return driver.execute_script(
+        "const rows = document.querySelector('#terminal .xterm-accessibility-tree')"
+        " || document.querySelector('#terminal .xterm-rows');"
+        "return rows ? rows.textContent : '';"
+    )
+
+
+@pytest.mark.qemu
+def test_browser_console_of_the_test_guest(twistd, short_tmp, browser, axe_source, request):  # noqa: F811
+    """
+    In Chromium, as an operator: a VM made from the form with the test guest's kernel
+    boots; its console view shows the boot output (the log's tail, then live), a typed
+    command's echo and its output come back, a dropped stream reconnects; axe finds
+    nothing serious on the console view; nothing is fetched from another origin.
+    """
+    try:
+        guest = request.getfixturevalue("guest")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the test guest (tests/guest.py)")
+    _, unix, _, _ = start_explorer(twistd, short_tmp)
+    start_node(
+        twistd,
+        short_tmp,
+        unix,
+        "eps",
+        env={"NODE_IMAGE_DIRS": guest.directory, "NODE_ACCEL": "tcg"},
+    )
+    wait_for(
+        lambda: result(unix, "explorer.list_nodes", {"status": "online"}),
+        what="the node online",
+    )
+    url = make_login(unix, "olga", "operator")
+    parts = urllib.parse.urlsplit(url)
+    open_page(browser, url)
+    browser.execute_script("location.hash = '#/create/eps'")
+    wait_for(
+        lambda: (
+            browser.execute_script("return document.getElementById('c-node').value")
+            == "eps"
+        ),
+        what="the form with the node chosen",
+    )
+    for field, value in {
+        "c-name": "tty",
+        "c-vcpus": "1",
+        "c-memory": "256",
+        "c-disk": "1",
+        "c-kernel": guest.kernel,
+        "c-initrd": guest.initrd,
+    }.items():
+        element = browser.find_element("id", field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element("id", "c-submit").click()
+    wait_for(lambda: vm_row(browser, "tty"), timeout=60, what="the VM in the page")
+    vm_id, _ = vm_row(browser, "tty")
+    click_action(browser, vm_id, "start")
+    wait_for(
+        lambda: vm_row(browser, "tty")[1] == "running", timeout=90, what="the VM running"
+    )
+    click_action(browser, vm_id, "console")
+    wait_for(
+        lambda: browser.execute_script("return document.body.dataset.console") == "live",
+        timeout=30,
+        what="the console live",
+    )
+    wait_for(
+        lambda: guest.ready_line.decode() in terminal_text(browser),
+        timeout=120,
+        what="the guest's boot output in the terminal",
+    )
+    if axe_source:
+        assert axe(browser, axe_source) == []
+    typed = browser.find_element("css selector", "#terminal .xterm-helper-textarea")
+    typed.send_keys("echo sum-$((40+2))\n")
+    wait_for(
+        lambda: "sum-42" in terminal_text(browser).replace("echo sum-$((40+2))", ""),
+        timeout=30,
+        what="the command's output",
+    )
+    assert "echo sum-$((40+2))" in terminal_text(browser)
+    # A drop: the page reconnects by itself and the log's tail is shown again.
+    browser.execute_script("document.getElementById('console-reconnect').click()")
+    wait_for(
+        lambda: browser.execute_script("return document.body.dataset.console") == "live",
+        timeout=30,
+        what="the console live again",
+    )
+    wait_for(lambda: "sum-42" in terminal_text(browser), what="the tail again")
+    assert foreign_requests(browser, f"{parts.scheme}://{parts.netloc}") == []
+    browser.execute_script("history.back()")
+    wait_for(lambda: vm_row(browser, "tty"), what="back on the node page")
+    click_action(browser, vm_id, "force-stop")
+    wait_for(
+        lambda: vm_row(browser, "tty")[1] == "stopped", timeout=60, what="the VM stopped"
+    )

@@ -400,6 +400,7 @@ async function submitCreate(event) {
   const v = (name) => form.elements[name].value.trim();
   const params = { name: v("name"), vcpus: Number(v("vcpus")), memory_mb: Number(v("memory_mb")), disk_gb: Number(v("disk_gb")) };
   if (v("image")) params.image = v("image");
+  if (v("kernel")) params.boot = { kernel: v("kernel"), ...(v("initrd") ? { initrd: v("initrd") } : {}) };
   const keys = v("ssh_keys").split("\n").map((s) => s.trim()).filter(Boolean);
   if (keys.length) params.ssh_keys = keys;
   const node = v("node");
