@@ -216,6 +216,13 @@ def test_browser_console_of_the_test_guest(twistd, short_tmp, browser, axe_sourc
         what="the command's output",
     )
     assert "echo sum-$((40+2))" in terminal_text(browser)
+    if os.environ.get("HERO_UI_SCREENSHOTS"):
+        # The README's picture of the console: HERO_UI_SCREENSHOTS=docs.
+        browser.set_window_size(1000, 640)
+        browser.execute_script("document.getElementById('console-title').scrollIntoView()")
+        browser.save_screenshot(
+            os.path.join(os.environ["HERO_UI_SCREENSHOTS"], "dashboard-console.png")
+        )
     # A drop: the page reconnects by itself and the log's tail is shown again.
     browser.execute_script("document.getElementById('console-reconnect').click()")
     wait_for(
