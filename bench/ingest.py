@@ -10,14 +10,12 @@ restart section.
 import json
 import math
 import os
-import re
 import resource
 import signal
 import time
-from collections import Counter
 
-import loadgen
-from loadrun import run_closed, summarize, to_ms
+import loadcore
+from loadrun import summarize, to_ms
 from procs import (
     CLIENT_CPU,
     FLEET_ENV,
@@ -183,8 +181,11 @@ def gen_details(outs):
     )
 
 
-def start_pages(procs, sock, start, duration, rate, limit=1000):
-    """A client paging through ``explorer.query_nodes`` (``loadgen.py pages``)."""
+def start_pages(procs, sock, start, duration, rate, limit=1000, method=None, params=None):
+    """
+    A client paging through ``explorer.query_nodes`` (``loadgen.py pages``), or making
+    one other call (``method`` with ``params``) again and again.
+    """
     cmd = [
         PY,
         os.path.join(HERE, "loadgen.py"),
@@ -202,6 +203,8 @@ def start_pages(procs, sock, start, duration, rate, limit=1000):
         "--duration",
         str(duration),
     ]
+    if method:
+        cmd += ["--method", method, "--params", json.dumps(params or {})]
     return procs.start(cmd, "loadgen-pages", cpus=CLIENT_CPU, stdout_pipe=True)
 
 
@@ -224,6 +227,7 @@ def _ingest_one(
     label="",
     targets=True,
     pages=False,
+    caller=None,
 ):
     """
     One ingest run of ``n`` simulated nodes; adds its row (and targets) and returns
@@ -236,6 +240,8 @@ def _ingest_one(
         dict goes into the row
     :param pages: also page through ``explorer.query_nodes`` over the Unix socket
         during the measured window (the ``query`` row)
+    :param caller: ``(method, params, rate, row)`` instead of the pages: that call at
+        that rate during the window, ``row(res, out, n)`` adding its row
     """
     conns, nofile = fleet_conns(n, tls)
     env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}))
@@ -291,7 +297,12 @@ def _ingest_one(
         w1 = w0 + cfg["hb_window"]
         end = w1 + 1.5
         control(gens, {"w0": w0, "w1": w1, "end": end})
-        if pages:
+        if caller:
+            method, params, rate, _ = caller
+            pager = start_pages(
+                procs, exp.sock, w0, cfg["hb_window"], rate, method=method, params=params
+            )
+        elif pages:
             pager = start_pages(procs, exp.sock, w0, cfg["hb_window"], cfg["query_rate"])
         time.sleep(max(0, w0 - time.time()))
         cpu0, tw0 = proc_cpu(pid), time.time()
@@ -330,7 +341,7 @@ def _ingest_one(
             spy.wait(30)
             procs.procs.remove(spy)
         s = summarize(outs)
-        late = loadgen.merge_histograms(o["lateness"] for o in outs)
+        late = loadcore.merge_histograms(o["lateness"] for o in outs)
         cpu_share = (cpu1 - cpu0) / (tw1 - tw0)
         per_node = (rss - rss_idle) / n
         expected = n * cfg["hb_window"] / interval
@@ -347,7 +358,7 @@ def _ingest_one(
             wrongly_offline=offline,
             gen_cpu=round(s["gen_cpu"], 3),
             gens=len(outs),
-            send_delay_p99_ms=to_ms(loadgen.percentile(late, 0.99)),
+            send_delay_p99_ms=to_ms(loadcore.percentile(late, 0.99)),
             expected_hb=round(expected),
             ok=s["ok"],
             err=s["errors"] + s["conn_errors"],
@@ -410,7 +421,7 @@ def _ingest_one(
                     f"{offline} offline, {info['nodes']['online']} online",
                 )
         if page_out:
-            _query_row(res, page_out, n)
+            (caller[3] if caller else _query_row)(res, page_out, n)
         return s, cpu_share, offline, conns, extra
     finally:
         if finish:
@@ -427,8 +438,8 @@ def _ingest_one(
 def _query_row(res, out, n):
     """The ``query`` row and goal: query_nodes pages while the ingest ran."""
     h = {int(k): v for k, v in out["hist"].items()}
-    p50 = to_ms(loadgen.percentile(h, 0.5))
-    p99 = to_ms(loadgen.percentile(h, 0.99))
+    p50 = to_ms(loadcore.percentile(h, 0.5))
+    p99 = to_ms(loadcore.percentile(h, 0.99))
     row = res.add(
         "query",
         f"explorer.query_nodes limit 1,000, unix, during ingest N={n:,}",
@@ -452,154 +463,3 @@ def _query_row(res, out, n):
         row=row,
         n=n,
     )
-
-
-def sec_profile(procs, tmp, res, cfg):
-    """py-spy on the explorer under the floor load and under heartbeat ingest."""
-    if not os.path.exists(PYSPY):
-        res.note("profile skipped: py-spy not installed (pip install py-spy into the venv)")
-        return
-    out_dir = os.path.join(HERE, "results")
-    os.makedirs(out_dir, exist_ok=True)
-    # floor: explorer.info over unix, keep-alive
-    exp = start_explorer(procs, tmp, "profile-explorer")
-    raw_floor = os.path.join(out_dir, "profile-floor.txt")
-    try:
-        spy = procs.start(
-            [
-                PYSPY,
-                "record",
-                "-p",
-                str(exp.pid),
-                "-r",
-                "250",
-                "-f",
-                "raw",
-                "-o",
-                raw_floor,
-                "-d",
-                str(int(cfg["dur"] + 1)),
-            ],
-            "py-spy",
-            cpus=CLIENT_CPU,
-        )
-        r = run_closed(procs, exp.sock, cfg["conns"], cfg["dur"], 1.0)
-        spy.wait(30)
-        procs.procs.remove(spy)
-        res.add(
-            "profile",
-            "explorer.info unix keep-alive under py-spy",
-            r["rps"],
-            r["p50_ms"],
-            r["p99_ms"],
-        )
-    finally:
-        procs.stop(exp)
-    raw_ingest = os.path.join(out_dir, "profile-ingest.txt")
-    n = cfg["profile_n"]
-    _ingest_one(procs, tmp, res, cfg, n, profile_out=raw_ingest)
-    for label, path in (("floor", raw_floor), ("ingest", raw_ingest)):
-        if os.path.exists(path):
-            summary = summarize_profile(path)
-            with open(os.path.join(out_dir, f"profile-{label}-summary.txt"), "w") as f:
-                f.write(summary)
-            print(f"\n=== profile: {label} ({path}) ===\n{summary}", flush=True)
-
-
-CATEGORIES = [
-    ("JSON decode (json.loads)", r"json/decoder\.py|\bloads \(json"),
-    ("JSON encode (_dump/encode)", r"json/encoder\.py|_dump \("),
-    ("schema coerce/validate (jsonschema)", r"jsonschema/|coerce_params"),
-    ("signature.bind (inspect)", r"inspect\.py"),
-    ("dispatch (_handle_one/_prepare)", r"_handle_one \(|_prepare \("),
-    ("Deferred machinery", r"twisted/internet/defer\.py"),
-    ("HTTP parsing/channel (twisted.web.http)", r"twisted/web/http\.py"),
-    ("twisted.web.server Request/Site", r"twisted/web/server\.py"),
-    ("HTTP headers (http_headers)", r"twisted/web/http_headers\.py"),
-    ("logging (twisted.logger)", r"twisted/logger/"),
-    ("CallContext.from_request", r"from_request \("),
-    ("explorer heartbeat handler", r"heartbeat \(hero_compute/explorer"),
-    ("registry", r"explorer/registry\.py"),
-    ("address parsing", r"rpc/addresses\.py"),
-    ("attrs-generated (__init__/evolve)", r"attrs|<attrs generated"),
-    ("Content-Type parse (email.message via http._parseContentType)", r"_parseContentType"),
-    ("getHost/getsockname per request", r"getHost \(|_getsockname"),
-    ("response write + epoll register/unregister", r"EPollReactor\._(add|remove)"),
-]
-
-#: Self-time buckets (the leaf frame of each sample).
-SELF_BUCKETS = [
-    (
-        "syscalls: recv/send/epoll (sendmsg, untilConcludes, doPoll, _add/_remove, doRead)",
-        r"sendmsg\.py|untilConcludes|doPoll|EPollReactor\._(add|remove)|Connection\.doRead|"
-        r"writeSomeData|_getsockname|getHost",
-    ),
-    ("jsonschema/referencing", r"jsonschema/|referencing/"),
-    ("email.* (Content-Type parsing)", r"email/"),
-    ("json encode/decode", r"json/"),
-    ("twisted.web", r"twisted/web/"),
-    ("Deferred", r"twisted/internet/defer\.py"),
-    ("twisted.logger", r"twisted/logger/"),
-    ("hero_compute", r"hero_compute/"),
-    ("inspect", r"inspect\.py"),
-]
-
-
-def summarize_profile(path, top=25):
-    stacks = []
-    total = 0
-    with open(path, errors="replace") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            stack, _, cnt = line.rpartition(" ")
-            try:
-                cnt = int(cnt)
-            except ValueError:
-                continue
-            frames = stack.split(";")
-            stacks.append((frames, cnt))
-            total += cnt
-    if not total:
-        return "no samples\n"
-    self_c, incl_c = Counter(), Counter()
-    for frames, cnt in stacks:
-        names = [re.sub(r":\d+\)$", ")", fr.strip()) for fr in frames]
-        self_c[names[-1]] += cnt
-        for nm in set(names):
-            incl_c[nm] += cnt
-    out = [f"samples: {total} (active only)", "", "top self time:"]
-    for nm, c in self_c.most_common(top):
-        out.append(f"  {100 * c / total:5.1f}%  {nm}")
-    out += ["", "top inclusive (non-boilerplate):"]
-    skip = (
-        "<module>",
-        "run (",
-        "mainLoop",
-        "runApp",
-        "startReactor",
-        "postApplication",
-        "runReactorWithLogging",
-        "ApplicationRunner.run",
-        "ReactorBase.run",
-    )
-    k = 0
-    for nm, c in incl_c.most_common(200):
-        if any(s in nm for s in skip):
-            continue
-        out.append(f"  {100 * c / total:5.1f}%  {nm}")
-        k += 1
-        if k >= top:
-            break
-    out += ["", "self-time buckets (leaf frame):"]
-    for label, rx in SELF_BUCKETS:
-        r = re.compile(rx)
-        c = sum(cnt for frames, cnt in stacks if r.search(frames[-1]))
-        out.append(f"  {100 * c / total:5.1f}%  {label}")
-    out += ["", "categories (inclusive, a sample counts once per category):"]
-    for label, rx in CATEGORIES:
-        r = re.compile(rx)
-        c = sum(cnt for frames, cnt in stacks if any(r.search(fr) for fr in frames))
-        out.append(f"  {100 * c / total:5.1f}%  {label}")
-    return "\n".join(out) + "\n"

@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-import loadgen
+import loadcore
 from procs import CLIENT_CPU, HERE, PY, proc_cpu
 
 
@@ -80,7 +80,7 @@ def _with_server(r, srv):
 
 
 def summarize(outs, hist_key="hist"):
-    h = loadgen.merge_histograms(o[hist_key] for o in outs)
+    h = loadcore.merge_histograms(o[hist_key] for o in outs)
     dur = max(o["duration"] for o in outs)
     ok = sum(o["ok"] for o in outs)
     res = {
@@ -88,15 +88,15 @@ def summarize(outs, hist_key="hist"):
         "rps": ok / dur if dur else 0.0,
         "errors": sum(o["errors"] for o in outs),
         "conn_errors": sum(o["conn_errors"] for o in outs),
-        "p50_ms": to_ms(loadgen.percentile(h, 0.50)),
-        "p99_ms": to_ms(loadgen.percentile(h, 0.99)),
+        "p50_ms": to_ms(loadcore.percentile(h, 0.50)),
+        "p99_ms": to_ms(loadcore.percentile(h, 0.99)),
         "gen_cpu": sum(o["cpu_s"] for o in outs) / dur if dur else 0.0,
         "error_samples": sum((o["error_samples"] for o in outs), [])[:3],
     }
-    cycle = loadgen.merge_histograms(o.get("cycle", {}) for o in outs)
+    cycle = loadcore.merge_histograms(o.get("cycle", {}) for o in outs)
     if cycle:
-        res["cycle_p50_ms"] = to_ms(loadgen.percentile(cycle, 0.50))
-        res["cycle_p99_ms"] = to_ms(loadgen.percentile(cycle, 0.99))
+        res["cycle_p50_ms"] = to_ms(loadcore.percentile(cycle, 0.50))
+        res["cycle_p99_ms"] = to_ms(loadcore.percentile(cycle, 0.99))
     return res
 
 

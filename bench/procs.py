@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-import loadgen
+import loadcore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -247,8 +247,8 @@ def rpc(target, method, params=None, timeout=10.0):
         s.settimeout(timeout)
         s.connect(target)
     try:
-        s.sendall(loadgen.http_request(body, close=True))
-        p = loadgen._Parser()
+        s.sendall(loadcore.http_request(body, close=True))
+        p = loadcore.Parser()
         while True:
             data = s.recv(1 << 20)
             if not data:

@@ -30,9 +30,14 @@ ROUND_TWO = {
     "proxy": ("`explorer.call` throughput as a share of a direct call", ">= 60 %"),
     "transport": ("native TCP / socat, keep-alive, wrk", ">= 1.2"),
     "tls": ("TLS heartbeat CPU per heartbeat vs plain TCP", "<= 1.3x"),
+    # Issue 20's.
+    "place": (
+        "`explorer.place` at N = {n:,} while heartbeats arrive at {rate:,.0f}/s",
+        "p99 < 5 ms, and the ingest p99 still < 20 ms",
+    ),
 }
 GOAL_DEFAULTS = {"n": 100_000, "rate": 10_000, "interval": 10, "limit": 15}
-GOAL_DEFAULTS_BY_KEY = {"restart": {"n": 50_000}}
+GOAL_DEFAULTS_BY_KEY = {"restart": {"n": 50_000}, "place": {"rate": 5000}}
 
 
 def _goal_text(key, **fmt):

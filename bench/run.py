@@ -12,6 +12,7 @@ Issue #12's goals are checked beside their rows and listed as a README-ready tab
     python bench/run.py --sections profile --quick
     python bench/run.py --sections tls,hostile     # issues #9 and #10
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
+    python bench/run.py --sections console         # issue #19: console echo
 
 Only loopback addresses and Unix sockets in a temporary directory are used; every
 process started is killed on exit.  Results: one table on stdout, and
@@ -32,8 +33,11 @@ sys.path.insert(0, HERE)
 # the tree under test, for the certificates of the tls section (hero_compute.pki)
 sys.path.insert(1, os.path.dirname(HERE))
 
+import console_echo  # noqa: E402
 import fleet  # noqa: E402
 import ingest  # noqa: E402
+import placebench  # noqa: E402
+import pyspy  # noqa: E402
 import restart  # noqa: E402
 import sections  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -50,7 +54,9 @@ SECTIONS = {
     "failure": sections.sec_failure,
     "tls": fleet.sec_tls,
     "hostile": fleet.sec_hostile,
-    "profile": ingest.sec_profile,
+    "place": placebench.sec_place,
+    "profile": pyspy.sec_profile,
+    "console": console_echo.sec_console,
 }
 DEFAULT_SECTIONS = [
     "floor",
@@ -61,6 +67,8 @@ DEFAULT_SECTIONS = [
     "failure",
     "tls",
     "hostile",
+    "place",
+    "console",
 ]
 
 
@@ -98,6 +106,7 @@ def main(argv=None):
         "the goal and has explorer.query_nodes paged alongside)",
     )
     ap.add_argument("--restart-n", type=int, help="node count for restart")
+    ap.add_argument("--place-n", type=int, help="node count for place (issue 20)")
     ap.add_argument(
         "--full",
         action="store_true",
@@ -139,6 +148,7 @@ def main(argv=None):
         "tls_n": 2000 if q else 10000,
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
+        "place_n": args.place_n or (10000 if q else 100000),
     }
     mach = machine()
     res = Results()

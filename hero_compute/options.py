@@ -3,10 +3,16 @@ Helpers for the command lines' options (the taps' ``Options``, the CLI's default
 coercers and environment fallbacks.
 
 The callers pass ``os.environ`` in; nothing here reads the environment by itself.
+
+Long because: every value format the taps and the CLI share (addresses, seconds,
+sizes, labels, capacities) is parsed here once, so an operator's ``16G`` or ``zone=a``
+means the same everywhere.
 """
 
 import getopt
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -286,3 +292,127 @@ def source_of(options, key, env, name):
     :param name: the option's variable
     """
     return f"--{key}" if options[key] is not None else name
+
+
+#: A label key (CONTRACT §7): the explorer refuses a heartbeat carrying any other.
+_LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
+
+#: At most this many labels, of at most this many characters each (CONTRACT §7).
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([MGT]?)(?:i?B)?\s*", re.IGNORECASE)
+_MIB = {"M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def parse_size(text, unit, zero=False):
+    """
+    Parse a size into whole units.
+
+    :param text: e.g. ``512M``, ``1.5G``, ``10G``, ``1T``, or a bare number of ``unit``
+    :param unit: ``"M"`` or ``"G"``, the unit of the result (and of a bare number)
+    :param zero: whether zero is a size
+    :return: the size as an integer number of ``unit``
+    :raise ValueError: naming the text and the accepted forms
+    """
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ValueError(
+            f"{text!r} is not a size: use a number with M, G or T "
+            f"(binary units), e.g. 512M, 2G, 1T"
+        )
+    number, suffix = float(match.group(1)), (match.group(2) or unit).upper()
+    value = number * _MIB[suffix] / _MIB[unit]
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{text!r}: a size must be more than zero")
+    if value != int(value):
+        name = {"M": "MiB", "G": "GiB"}[unit]
+        raise ValueError(f"{text!r} is not a whole number of {name}")
+    return int(value)
+
+
+def pairs(text):
+    """
+    Split ``key=value,key=value`` (spaces around items ignored; an empty text is none).
+
+    :return: a list of ``(key, value)``
+    :raise ValueError: for an item without ``=``
+    """
+    found = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} is not key=value")
+        found.append((key.strip(), value.strip()))
+    return found
+
+
+def parse_labels(text):
+    """
+    Coerce ``NODE_LABELS``: ``key=value,key=value`` under the rules of CONTRACT §7.
+
+    :return: ``{key: value}``
+    :raise ValueError: naming the bad item
+    """
+    labels = {}
+    for key, value in pairs(text):
+        if not _LABEL_KEY.fullmatch(key):
+            raise ValueError(
+                f"label key {key!r}: 1 to 63 of the characters A-Z a-z 0-9 . _ / -"
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            raise ValueError(f"label {key}: its value is over {MAX_LABEL_VALUE} characters")
+        if key in labels:
+            raise ValueError(f"label {key} is given twice")
+        labels[key] = value
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{len(labels)} labels: at most {MAX_LABELS}")
+    return labels
+
+
+coerce_doc(parse_labels, "key=value,key=value (at most 32).")
+
+#: ``NODE_CAPACITY``'s keys, and the resource each one caps (with its unit).
+_CAPACITY_KEYS = {
+    "vcpus": ("vcpus", None),
+    "memory": ("memory_mb", "M"),
+    "disk": ("disk_gb", "G"),
+}
+
+#: The largest amount a heartbeat may carry (CONTRACT §7).
+MAX_AMOUNT = 2**31
+
+
+def parse_capacity(text):
+    """
+    Coerce ``NODE_CAPACITY``: ``vcpus=8,memory=16G,disk=200G``, any subset (memory a
+    bare number of MiB, disk of GiB, or with M, G, T).
+
+    :return: ``{resource: amount}`` with keys among ``vcpus``, ``memory_mb``, ``disk_gb``
+    :raise ValueError: naming the bad item
+    """
+    capacity = {}
+    for key, value in pairs(text):
+        if key not in _CAPACITY_KEYS:
+            raise ValueError(f"{key!r} is not one of vcpus, memory, disk")
+        resource, unit = _CAPACITY_KEYS[key]
+        if resource in capacity:
+            raise ValueError(f"{key} is given twice")
+        if unit is None:
+            if not value.isdigit():
+                raise ValueError(f"vcpus={value!r} is not a whole number")
+            amount = int(value)
+        else:
+            amount = parse_size(value, unit, zero=True)
+        if amount > MAX_AMOUNT:
+            raise ValueError(f"{key}={value!r} is over {MAX_AMOUNT} {resource[-2:]}")
+        capacity[resource] = amount
+    if not capacity:
+        raise ValueError("no vcpus, memory or disk given")
+    return capacity
+
+
+coerce_doc(parse_capacity, "vcpus=N,memory=SIZE,disk=SIZE, any subset (e.g. memory=16G).")

@@ -33,7 +33,7 @@ class MemoryVmManager:
     _vms: dict = attrs.field(factory=dict)
     _next: int = 0
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **access):
         self._next += 1
         vm = VmRecord(
             f"vm-{self._next}",
@@ -81,6 +81,9 @@ class MemoryVmManager:
     def capacity(self):
         return dict(self.host)
 
+    def accel(self):
+        return "tcg"
+
     def usage(self):
         return usage_of(self._vms.values())
 
@@ -97,6 +100,8 @@ class FakeRpcClient:
     :ivar refuse: URIs that answer with a -32010 error
     :ivar answer: the result of a call to a peer that is up
     :ivar host: the address :meth:`local_host` reports
+    :ivar tls: what :meth:`use_tls` was given
+    :ivar retired: how many times connections were retired
     """
 
     timeout: float = 10.0
@@ -107,8 +112,10 @@ class FakeRpcClient:
     answer: object = attrs.field(factory=lambda: {"accepted": True, "next_heartbeat": 10})
     host: str = "127.0.0.1"
     closed: bool = False
+    tls: object = None
+    retired: int = 0
 
-    def call(self, address, method, params=None, timeout=None):
+    def call(self, address, method, params=None, timeout=None, expect=None):
         self.calls.append((address.uri, method, params, timeout))
         if address.uri in self.down:
             return defer.fail(ConnectionRefused(address, "refused"))
@@ -118,7 +125,7 @@ class FakeRpcClient:
             return defer.Deferred()
         return defer.succeed(self.answer)
 
-    def notify(self, address, method, params=None, timeout=None):
+    def notify(self, address, method, params=None, timeout=None, expect=None):
         return self.call(address, method, params, timeout).addCallback(lambda _: None)
 
     def local_host(self, address, timeout=None):
@@ -127,6 +134,13 @@ class FakeRpcClient:
         if address.uri in self.hang:
             return defer.Deferred()
         return defer.succeed(self.host)
+
+    def use_tls(self, tls):
+        self.tls = tls
+        self.retired += 1
+
+    def retire_connections(self):
+        self.retired += 1
 
     def close(self):
         self.closed = True

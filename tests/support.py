@@ -178,6 +178,25 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what} ({last_error!r})")
 
 
+async def until(predicate, timeout=10.0, interval=0.005, what="condition"):
+    """
+    In the reactor: let it turn until ``predicate()`` is truthy; returns its value.
+    A wait on a condition, not on the clock: the interval only spaces the looks.
+
+    :raise AssertionError: after ``timeout`` seconds
+    """
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
 class Twistd:
     """
     A real ``twistd -n`` process, its output collected line by line.

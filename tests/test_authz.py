@@ -113,3 +113,19 @@ def test_refusal_names_caller_and_method():
         EXPLORER_POLICY.check("tcp", None, "explorer.remove_node", {"node_id": "a"})
     assert e.value.code == -32010
     assert "explorer.remove_node" in str(e.value) and "tcp" in str(e.value)
+
+
+@pytest.mark.parametrize("caller", sorted(CALLERS))
+def test_console_routes_follow_their_methods(caller):
+    """A console may be opened by exactly those who may call vm.start on the node and
+    explorer.call on the explorer; an unknown route by no one."""
+    transport, identity = CALLERS[caller]
+    for policy, method in ((NODE_POLICY, "vm.start"), (EXPLORER_POLICY, "explorer.call")):
+        try:
+            policy.check_route(transport, identity, "console", {"node_id": "a"})
+            opened = True
+        except RefusedByPolicy:
+            opened = False
+        assert opened == allowed(policy, caller, method, {"node_id": "a"})
+        with pytest.raises(RefusedByPolicy):
+            policy.check_route(transport, identity, "shell", {})

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -291,10 +290,13 @@ def test_ctrl_c_is_an_interruption(short_tmp):
         text=True,
         env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"},
     )
+    listener.settimeout(20)
     try:
-        time.sleep(2)
+        # Waiting for real: its request is on a connection we accepted and never answer.
+        conn, _ = listener.accept()
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=20)
+        conn.close()
     finally:
         listener.close()
     assert process.returncode == 130 and "interrupted" in err

@@ -303,27 +303,6 @@ def test_authorize_sees_context_and_method_before_params():
     assert seen == [(tcp, "open", None), (tcp, "secret", [1, 2])]
 
 
-@pytest.mark.parametrize(
-    "body, expected",
-    [
-        # orjson's ground: plain JSON.
-        (b'{"a":[1,2.5,"x",null,true]}', {"a": [1, 2.5, "x", None, True]}),
-        # Past orjson's: integers past 64 bits stay exact; lone surrogate escapes;
-        # a byte-order mark; UTF-16 (RFC 8259 allows json to detect it).
-        (b"[123456789012345678901234567890]", [123456789012345678901234567890]),
-        (b"[-9999999999999999999]", [-9999999999999999999]),
-        (b'["\\ud800"]', ["\ud800"]),
-        (b"\xef\xbb\xbf[1]", [1]),
-        ('["\u00e9"]'.encode("utf-16"), ["\u00e9"]),
-    ],
-)
-def test_loads_takes_what_json_takes(body, expected):
-    """The fast parser's answers are json's, in its ground and past it."""
-    from hero_compute.rpc.dispatch import loads
-
-    assert loads(body) == expected == json.loads(body)
-
-
 def test_big_integer_ids_are_echoed_exactly(memory_rpc):
     """An id of more than 64 bits comes back as sent, not as a float."""
     body = b'{"jsonrpc":"2.0","method":"echo","id":123456789012345678901234567}'

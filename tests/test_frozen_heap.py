@@ -1,5 +1,5 @@
 """
-:class:`~hero_compute.rpc.lag.FrozenHeap` in this process: what survives start-up and
+:class:`~hero_compute.rpc.heap.FrozenHeap` in this process: what survives start-up and
 each full collection is frozen, a thaw finds the cycles frozen objects made, and the
 explorer's side of a closed connection makes none (so freezing it cannot leak it).
 """
@@ -14,14 +14,16 @@ import httptools
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
 from hero_compute.explorer.tree import make_explorer
 from hero_compute.rpc.addresses import parse_listen
 from hero_compute.rpc.dispatch import CallContext
+from hero_compute.rpc.heap import FULL_EVERY, FrozenHeap
 from hero_compute.rpc.http_server import RpcHTTPProtocol
-from hero_compute.rpc.lag import FULL_EVERY, FrozenHeap
+
+from .support import until
 
 #: Connections opened and closed by the cycle test.
 CONNECTIONS = 200
@@ -151,8 +153,9 @@ async def test_closed_incoming_connections_leave_no_cycles(short_tmp):
             c.transport.loseConnection()
         await defer.gatherResults([c.closed for c in clients])
         del clients
-        for _ in range(5):  # the explorer's side sees the close a turn later
-            await deferLater(reactor, 0.02, lambda: None)
+        # The explorer's side sees the close a turn or more later.
+        factory = explorer.listeners._factory
+        await until(lambda: not factory._connections, what="the explorer's side to close")
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             gc.collect()

@@ -14,6 +14,7 @@ from hero_compute.node.heartbeat import (
     HeartbeatLoop,
     HeartbeatPayload,
     backoff_delay,
+    delta,
 )
 from hero_compute.node.service import NodeIdentity
 from hero_compute.rpc.addresses import Address, parse_address, parse_listen
@@ -292,6 +293,22 @@ def test_payload_reports_identity_address_and_vms():
     assert params["socket_path"] == "unix:///n.sock"
     assert params["capacity"]["vcpus"] == 4 and params["usage"]["disk_gb"] == 2
     assert params["vm_count"] == 1
+
+
+def test_payload_carries_the_labels_and_a_delta_leaves_them_out():
+    """NODE_LABELS go in every full heartbeat; a delta leaves them out while unchanged
+    (the explorer keeps them)."""
+    clock = Clock()
+    vms = MemoryVmManager(clock, host={"vcpus": 4, "memory_mb": 2048, "disk_gb": 20})
+    identity = NodeIdentity("/nowhere", "n1", "one", labels={"zone": "a"})
+    payload = HeartbeatPayload(
+        identity=identity, advertiser=advertiser(FakeRpcClient()), vms=vms
+    )
+    params = success_result_of(payload.params(parse_address("unix:///e.sock")))
+    assert params["labels"] == {"zone": "a"}
+    assert "labels" not in delta(params, dict(params), "s1")
+    changed = dict(params, labels={"zone": "b"})
+    assert delta(changed, params, "s1")["labels"] == {"zone": "b"}
 
 
 def test_payload_fails_with_the_first_error():

@@ -122,8 +122,10 @@ def test_pipelining_without_reading_is_bounded(explorer):
                 sent += 1
         except TimeoutError:
             pass  # the explorer stopped reading us: the bound at work
-        # Let it settle, then look at the explorer's memory.
-        time.sleep(1.0)
+        # Once it has served twenty more well-behaved calls, it has caught up with
+        # what it read: then look at its memory.
+        served = len(prober.latencies)
+        wait_for(lambda: len(prober.latencies) >= served + 20, what="twenty calls")
         after = rss_kb(process.pid)
         worst = prober.check(0.1)
     attacker.close()
@@ -290,10 +292,10 @@ def test_descriptor_reserve_keeps_the_unix_socket_open(explorer):
             sock.settimeout(5)
             sock.connect((process.host, process.port))
             held.append(sock)
-        # Give it the time to accept what it will.
-        time.sleep(0.5)
+        # Twenty Unix calls served: as many reactor turns, in which it accepted what
+        # it will of the 300.
         with Prober(process.unix) as prober:
-            time.sleep(0.5)
+            wait_for(lambda: len(prober.latencies) >= 20, what="twenty Unix calls")
         prober.check(0.1)
         fds = open_fds(process.pid)
         assert fds <= 256 - 64 + 1, fds

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -30,16 +30,12 @@ from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 
-from .support import failure_result_of, success_result_of
+from .support import failure_result_of, success_result_of, until
 
 
 async def eventually(predicate, timeout=5.0, what="condition"):
     """Let the reactor run until ``predicate()`` is true; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await until(predicate, timeout=timeout, interval=0.01, what=what)
 
 
 class Server:
@@ -157,7 +153,12 @@ async def raw_server():
         transport = getattr(proto, "transport", None)
         if transport is not None and transport.connected:
             transport.abortConnection()
-    await task.deferLater(reactor, 0.05, lambda: None)
+    await eventually(
+        lambda: all(
+            not getattr(p, "transport", None) or not p.transport.connected for p in accepted
+        ),
+        what="the aborted connections to close",
+    )
 
 
 # Results -------------------------------------------------------------------------------
@@ -577,12 +578,12 @@ def _memory_connection(max_per_peer=4):
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from hero_compute.rpc.http_client import _HTTPConnection, _Pool
+    from hero_compute.rpc.http_pool import HTTPConnection, Pool
 
     clock = Clock()
-    pool = _Pool(clock, 5.0, max_per_peer)
+    pool = Pool(clock, 5.0, max_per_peer)
     address = parse_address("tcp://192.0.2.1:9002")
-    conn = _HTTPConnection(pool, address, (address, None))
+    conn = HTTPConnection(pool, address, (address, None))
     conn.makeConnection(StringTransport())
     pool._track(conn)
     return clock, pool, conn

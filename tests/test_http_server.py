@@ -12,6 +12,7 @@ an injected clock.  The dispatcher alone is tested in ``test_dispatch``.
 import json
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -26,7 +27,7 @@ from hero_compute.rpc.http_server import LINGER, MAX_BODY, RpcHTTPFactory, make_
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema, parse_schema
 
-from .support import connect, post, wait_for
+from .support import connect, post, until, wait_for
 
 SUM = {"jsonrpc": "2.0", "method": "sum", "params": [1, 2], "id": 7}
 
@@ -903,9 +904,9 @@ def test_idle_sweep_is_one_timer_for_all_connections():
     assert clock.getDelayedCalls() == []
 
 
-def _pipeline_without_reading(uri, count):
+def _pipeline_without_reading(uri, count, looked):
     """Pipeline ``count`` requests on one connection that never reads; keep it open
-    for a second, then hang up."""
+    until ``looked`` is set (or 10 s), then hang up."""
     sock = raw_socket(uri, timeout=5)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     body = b'{"jsonrpc":"2.0","method":"big","id":1}'
@@ -914,7 +915,7 @@ def _pipeline_without_reading(uri, count):
         sock.sendall(one * count)
     except TimeoutError:
         pass
-    time.sleep(1.0)
+    looked.wait(10)
     sock.close()
 
 
@@ -922,8 +923,6 @@ def _pipeline_without_reading(uri, count):
 async def test_unsent_limit_is_ours_not_the_read_size(short_tmp):
     """Reading stops once HERO_MAX_UNSENT bytes of answers wait unsent, not at the
     transport's small buffer size (which is also its read size)."""
-    from twisted.internet import reactor
-
     from hero_compute.rpc.http_server import READ_SIZE
     from hero_compute.rpc.limits import Limits
 
@@ -942,8 +941,19 @@ async def test_unsent_limit_is_ours_not_the_read_size(short_tmp):
                 unsent = len(t.dataBuffer) + t._tempDataLen
                 seen.append((proto._reading_paused, unsent, t.bufferSize))
 
-        reactor.callLater(0.8, look)
-        await in_thread(_pipeline_without_reading, listeners.bound[0], 400)
+        looked = threading.Event()
+        sending = in_thread(_pipeline_without_reading, listeners.bound[0], 400, looked)
+        try:
+            # Sampled once the server has stopped reading (the thread holds the
+            # connection open until then), not at a guessed moment.
+            await until(
+                lambda: any(p._reading_paused for p in factory._connections),
+                what="the server to stop reading",
+            )
+            look()
+        finally:
+            looked.set()
+            await sending
     finally:
         await listeners.stopService()
     ((paused, unsent, read_size),) = seen

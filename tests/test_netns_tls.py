@@ -236,6 +236,8 @@ def test_fleet_over_tls(lab, twistd, short_tmp):
         )
     )
     short = result(euri, "explorer.create_token", {"ttl": 1})["token"]
+    # A wall-clock wait kept: the explorer is a real process on the real clock, and a
+    # token's shortest life is one second.
     time.sleep(1.2)
     assert refused(
         attack(
@@ -308,5 +310,7 @@ def test_fleet_over_tls(lab, twistd, short_tmp):
     # A revoked node: refused from then on, offline, and it stays so.
     assert result(euri, "explorer.revoke", {"node_id": "n2"}) is True
     nodes["n2"].wait_for_line(r"-32010|refused|revoked", timeout=10)
+    # A wall-clock wait kept: "it stays offline" is a claim about heartbeat intervals
+    # passing on a real node (which logs its failing heartbeats once, not each).
     time.sleep(3 * INTERVAL)
     assert listing()["n2"]["status"] == "offline"

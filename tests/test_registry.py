@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from hero_compute.explorer.liveness import LivenessLog
-from hero_compute.explorer.registry import Heartbeat, INodeRegistry, Registry
+from hero_compute.explorer.registry import Heartbeat, INodeRegistry, NewIds, Registry
 from hero_compute.rpc.errors import NodeNotFound
 
 
@@ -295,3 +295,33 @@ def test_unfiltered_page_is_the_filtered_page_keeping_all(clock):
             assert registry.page(after, limit, None) == registry.page(
                 after, limit, lambda r: True
             ), (after, limit)
+
+
+def test_new_ids_are_counted_in_a_sliding_window():
+    """New ids count against their source for 60 s of the injected clock from when
+    each came, across any minute boundary, and per source."""
+    clock = Clock()
+    clock.advance(59.5)  # half a second before a calendar minute ends
+    window = NewIds(clock)
+    for _ in range(3):
+        window.add("192.0.2.1")
+    clock.advance(1)  # a new calendar minute: a per-minute count would start again
+    window.add("192.0.2.1")
+    assert window.count("192.0.2.1") == 4
+    assert window.count("192.0.2.2") == 0
+    clock.advance(59)  # the first three are 60 s old
+    assert window.count("192.0.2.1") == 1
+    clock.advance(1)
+    assert window.count("192.0.2.1") == 0
+
+
+def test_new_ids_forget_quiet_sources():
+    """A source seen once is dropped after a window: many addresses cannot grow it
+    without bound."""
+    clock = Clock()
+    window = NewIds(clock)
+    for i in range(1000):
+        window.add(f"198.51.100.{i}")
+    clock.advance(61)
+    assert window.count("203.0.113.1") == 0
+    assert window._seen == {}

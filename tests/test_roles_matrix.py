@@ -116,6 +116,10 @@ def explorer_params(method, caller):
         "explorer.enroll": {"token": "aaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "csr": "x"},
         "explorer.renew": {"csr": "x"},
         "explorer.revoke": {"node_id": "ghost"},
+        # No VM fits a node with no capacity (-32006), and a create without its
+        # sizes is -32602: nothing is placed or made.
+        "explorer.place": {"vcpus": 64, "memory_mb": 1048576, "disk_gb": 65536},
+        "explorer.create_vm": {"name": "never"},
         "rpc.discover": {},
     }[method]
 
@@ -130,6 +134,10 @@ def node_params(method):
         "vm.start": {"vm_id": "nope"},
         "vm.stop": {"vm_id": "nope"},
         "vm.delete": {"vm_id": "nope"},
+        "vm.console_log": {"vm_id": "nope"},
+        "node.images": {},
+        # No URL, digest or name: -32602 when allowed, nothing fetched.
+        "image.import": {"name": "never"},
         "rpc.discover": {},
     }[method]
 

@@ -210,7 +210,7 @@ def test_shipped_schemas_load(name):
 
 
 def test_explorer_methods_match_contract():
-    """The explorer schema has the methods of CONTRACT §4 and §6 with their params."""
+    """The explorer schema has the methods of CONTRACT §4, §6 and §9 with their params."""
     schema = load_schema("explorer")
     assert set(schema.methods) == {
         "explorer.heartbeat",
@@ -230,6 +230,18 @@ def test_explorer_methods_match_contract():
         "explorer.ui_token_create",
         "explorer.ui_token_list",
         "explorer.ui_token_revoke",
+        "explorer.place",
+        "explorer.create_vm",
+    }
+    place = {p.name: p.required for p in schema.methods["explorer.place"].params}
+    assert place == {
+        "vcpus": True,
+        "memory_mb": True,
+        "disk_gb": True,
+        "where": False,
+        "strategy": False,
+        # Beyond CONTRACT §9's list but named in its -32006 rule; create_vm uses it.
+        "avoid": False,
     }
     heartbeat = {p.name: p.required for p in schema.methods["explorer.heartbeat"].params}
     assert heartbeat == {
@@ -278,6 +290,7 @@ def test_node_methods_match_contract():
         "vm.list",
         "node.images",
         "image.import",
+        "vm.console_log",
     }
 
 

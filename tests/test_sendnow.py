@@ -3,8 +3,6 @@ send_now: answers go out at once when nothing is queued, and bytes never overtak
 bytes; over real TCP, Unix and mutual TLS connections.
 """
 
-import os
-
 import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, tcp, unix
@@ -12,7 +10,6 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols import tls as twisted_tls
 from zope.interface import implementer
 
-from hero_compute import pki
 from hero_compute.rpc import tls
 from hero_compute.rpc.sendnow import SendNowTLS, send_now
 
@@ -68,19 +65,9 @@ async def exchange(pair, script):
         await port.stopListening()
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    """A fleet CA, the explorer's certificate (the server) and a client's."""
-    ca_dir = str(tmp_path / "ca")
-    pki.create_ca(ca_dir)
-    ca = os.path.join(ca_dir, "ca.pem")
-    made = {
-        who: pki.create_cert(
-            ca_dir, *who.split("/"), out=str(tmp_path / who.replace("/", "-"))
-        )
-        for who in ("explorer/e1", "client/c")
-    }
-    return {who: tls.TLSMaterial(*made[who], ca) for who in made}
+def material(fleet, who):
+    """The :class:`~hero_compute.rpc.tls.TLSMaterial` of ``who`` in the fleet."""
+    return tls.TLSMaterial(*fleet[who], fleet["ca"])
 
 
 def tcp_pair():
@@ -100,9 +87,9 @@ def endpoints_pair(request, short_tmp):
         return (*tcp_pair(), None)
     if request.param == "tls":
         server, client = tcp_pair()
-        materials = request.getfixturevalue("fleet")
-        creator = tls.ServerTLS(materials["explorer/e1"])
-        client_tls = tls.ClientTLS(materials["client/c"], tls.Expected("explorer"))
+        fleet = request.getfixturevalue("fleet")
+        creator = tls.ServerTLS(material(fleet, "explorer/e1"))
+        client_tls = tls.ClientTLS(material(fleet, "client/c"), tls.Expected("explorer"))
         return (
             server,
             lambda port: endpoints.wrapClientTLS(client_tls, client(port)),
@@ -184,8 +171,8 @@ async def test_more_than_the_socket_takes_is_buffered_in_order(endpoints_pair):
 async def test_tls_sends_everything_openssl_made(fleet):
     """More ciphertext than one read of OpenSSL's buffer takes goes out whole and in
     order."""
-    creator = tls.ServerTLS(fleet["explorer/e1"])
-    client_tls = tls.ClientTLS(fleet["client/c"], tls.Expected("explorer"))
+    creator = tls.ServerTLS(material(fleet, "explorer/e1"))
+    client_tls = tls.ClientTLS(material(fleet, "client/c"), tls.Expected("explorer"))
     server, client = tcp_pair()
     pair = (
         server,
@@ -209,7 +196,8 @@ def test_our_tls_transport_rests_on_twisted_internals(fleet):
     (not BufferingTLSTransport), and it is a TLSMemoryBIOProtocol whose ciphertext
     leaves through _flushSendBIO (the tests above find a tcp.Server under it)."""
     factory = tls.tls_server_factory(
-        tls.ServerTLS(fleet["explorer/e1"]), protocol.Factory.forProtocol(protocol.Protocol)
+        tls.ServerTLS(material(fleet, "explorer/e1")),
+        protocol.Factory.forProtocol(protocol.Protocol),
     )
     assert factory.protocol is SendNowTLS
     assert issubclass(SendNowTLS, twisted_tls.TLSMemoryBIOProtocol)

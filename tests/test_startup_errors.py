@@ -186,6 +186,24 @@ def test_bad_explorer_addresses(tmp):
     assert leftovers(tmp) == []
 
 
+@pytest.mark.parametrize(
+    "variable, value, needle",
+    [
+        ("NODE_LABELS", "zone", "is not key=value"),
+        ("NODE_LABELS", "bad key!=x", "label key"),
+        ("NODE_LABELS", "a=1,a=2", "twice"),
+        ("NODE_CAPACITY", "cpus=4", "not one of vcpus, memory, disk"),
+        ("NODE_CAPACITY", "memory=lots", "is not a size"),
+        ("NODE_CAPACITY", "vcpus=-1", "not a whole number"),
+    ],
+)
+def test_bad_labels_or_capacity(tmp, variable, value, needle):
+    """A bad NODE_LABELS or NODE_CAPACITY: one line naming the variable, nothing left."""
+    status, output = run_twistd(["node"], {"HERO_SOCKET_DIR": tmp, variable: value})
+    assert_clean_failure(status, output, f"{variable}={value!r}", needle)
+    assert leftovers(tmp) == []
+
+
 def test_bad_option_value(tmp):
     """A bad option value: only the message, naming the option."""
     status, output = run_twistd(["explorer", "--tcp", "nowhere"], {"HERO_SOCKET_DIR": tmp})

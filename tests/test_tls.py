@@ -3,7 +3,6 @@ Mutual TLS over real loopback sockets in the reactor: identities, refusals insid
 handshake, reload, and the enrollment chain check.
 """
 
-import os
 import socket
 
 import pytest
@@ -24,25 +23,6 @@ from hero_compute.rpc import tls, tls_enroll
 
 TD = "hero-compute"
 WAIT = 10
-
-
-@pytest.fixture
-def fleet(tmp_path):
-    """A fleet CA with explorer e1, nodes a and b, client c; and a foreign CA's node a."""
-    ca_dir = str(tmp_path / "ca")
-    pin = pki.create_ca(ca_dir)
-    paths = {"ca": os.path.join(ca_dir, "ca.pem"), "pin": pin, "dir": tmp_path}
-    for role, name in (("explorer", "e1"), ("node", "a"), ("node", "b"), ("client", "c")):
-        paths[f"{role}/{name}"] = pki.create_cert(
-            ca_dir, role, name, out=str(tmp_path / f"{role}-{name}")
-        )
-    other = str(tmp_path / "other")
-    pki.create_ca(other)
-    paths["other/node/a"] = pki.create_cert(
-        other, "node", "a", out=str(tmp_path / "other-a")
-    )
-    paths["other-ca"] = os.path.join(other, "ca.pem")
-    return paths
 
 
 def material(fleet, who):
@@ -205,7 +185,7 @@ async def test_expired_client_certificate_fails_the_handshake(fleet, serve):
     """A fleet certificate issued with a clock 100 days back for 90 days is refused."""
     import datetime
 
-    ca = pki.CertificateAuthority.from_directory(str(fleet["dir"] / "ca"))
+    ca = pki.CertificateAuthority.from_directory(fleet["ca_dir"])
     key = pki.make_key()
     then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=100)
     old = ca.issue("client", "c", key.public_key(), days=90, now=then)
@@ -261,7 +241,7 @@ async def test_server_of_another_ca_fails_the_handshake(fleet, serve):
 async def test_reload_swaps_the_certificate_for_new_connections(fleet, serve):
     """After reload, new connections see the new certificate and open ones go on."""
     prefix = str(fleet["dir"] / "served")
-    pki.create_cert(str(fleet["dir"] / "ca"), "node", "a", out=prefix)
+    pki.create_cert(fleet["ca_dir"], "node", "a", out=prefix)
     server = tls.ServerTLS(
         tls.TLSMaterial(f"{prefix}.pem", f"{prefix}-key.pem", fleet["ca"])
     )
@@ -271,7 +251,7 @@ async def test_reload_swaps_the_certificate_for_new_connections(fleet, serve):
     )
     await within(old.echoed)
 
-    pki.create_cert(str(fleet["dir"] / "ca"), "node", "b", out=prefix, force=True)
+    pki.create_cert(fleet["ca_dir"], "node", "b", out=prefix, force=True)
     server.reload()
     new = await connect(
         port, tls.ClientTLS(material(fleet, "client/c"), tls.Expected("node", "b"))
@@ -295,7 +275,7 @@ async def test_reload_swaps_the_certificate_for_new_connections(fleet, serve):
 def test_failed_reload_keeps_the_old_context(fleet):
     """A reload from a broken key file raises a clear error and keeps the old material."""
     prefix = str(fleet["dir"] / "served")
-    pki.create_cert(str(fleet["dir"] / "ca"), "node", "a", out=prefix)
+    pki.create_cert(fleet["ca_dir"], "node", "a", out=prefix)
     server = tls.ServerTLS(
         tls.TLSMaterial(f"{prefix}.pem", f"{prefix}-key.pem", fleet["ca"])
     )

@@ -20,34 +20,6 @@ from .support import result, rpc, rpc_over, tls_connect, wait_for
 ID_A, ID_B = "node-a", "node-b"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """A fleet CA, an explorer certificate, node/client certificates, and a stranger CA."""
-    base = tmp_path_factory.mktemp("pki")
-    ca_dir = base / "ca"
-    pki.create_ca(str(ca_dir))
-    out = {}
-    for role, name in (
-        ("explorer", "e1"),
-        ("client", "ops"),
-        ("node", ID_A),
-        ("node", ID_B),
-    ):
-        cert, key = pki.create_cert(
-            str(ca_dir), role, name, ips=["127.0.0.1"], out=str(base / f"{role}-{name}")
-        )
-        out[f"{role}/{name}"] = (cert, key)
-    stranger = base / "stranger"
-    pki.create_ca(str(stranger))
-    out["stranger"] = pki.create_cert(
-        str(stranger), "client", "ops", out=str(base / "stranger-ops")
-    )
-    out["ca"] = str(ca_dir / "ca.pem")
-    out["ca_key"] = str(ca_dir / "ca-key.pem")
-    out["dir"] = base
-    return out
-
-
 @pytest.fixture
 def explorer(twistd, short_tmp, fleet):
     """A real explorer on Unix, plain TCP and mutual TLS (loopback), able to sign."""
@@ -269,6 +241,8 @@ def test_expired_token_is_refused(fleet, explorer):
     token = result(explorer.unix, "explorer.create_token", {"ttl": 1})["token"]
     import time
 
+    # A wall-clock wait kept: the explorer is a real process on the real clock, and a
+    # token's shortest life is one second.
     time.sleep(1.2)
     _, csr = _csr("late")
     assert refused(
@@ -532,7 +506,11 @@ def test_real_renewal_of_a_short_lived_certificate(twistd, short_tmp, fleet):
     node.wait_for_line(r"certificate renewed", timeout=15, count=2)
     assert time.monotonic() - started > 2  # not before two thirds of its life
     assert pki.load_certificate(f"{short_tmp}/node/tls/node.pem").serial_number != first
-    time.sleep(1)
+    renewed_at = time.time()
+    wait_for(
+        lambda: nodes(explorer_at(unix))["short"]["last_seen"] > renewed_at + 0.5,
+        what="heartbeats on the renewed certificate",
+    )
     assert nodes(explorer_at(unix))["short"]["status"] == "online"
     assert (
         result(unix, "explorer.call", {"node_id": "short", "method": "node.info"})[

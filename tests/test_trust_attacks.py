@@ -23,8 +23,7 @@ from . import test_trust
 from .support import result, rpc, wait_for
 from .test_trust import SilentTLSNode, _csr, _write_pair, call, heartbeat, nodes
 
-# The same fleet and explorer as test_trust's.
-fleet = test_trust.fleet
+# The same explorer as test_trust's (and the fleet of tests/conftest.py).
 explorer = test_trust.explorer
 
 #: The explorer's tables that hold who may speak for which id (those that exist: a

@@ -4,16 +4,21 @@ hero-compute: the command-line client of an explorer and, through it, of its nod
 ::
 
     hero-compute [--explorer URI] [--timeout S] [--json | --table] COMMAND ...
-    hero-compute nodes [--status online|offline] [--label KEY=VALUE]...
+    hero-compute nodes [--status online|offline] [--where KEY=VALUE]...
     hero-compute node ID
     hero-compute vm list [NODE]
-    hero-compute vm create NODE --name N [--vcpus 2] --memory 512M --disk 10G
+    hero-compute vm create [NODE] --name N [--vcpus 2] --memory 512M --disk 10G
                                 [--image PATH] [--start [--wait]]
+                                [--where KEY=VALUE]... [--strategy spread|binpack]
     hero-compute vm start|stop|delete NODE VM [--wait]     (stop also --force)
     hero-compute vm show NODE VM
     hero-compute call NODE METHOD [PARAMS_JSON]    (a node.* or vm.* method of a node)
     hero-compute rpc METHOD [PARAMS_JSON]          (a method of the explorer itself)
     hero-compute info | --version
+
+NODE and VM: a full id, a unique name, or a unique id prefix of at least 4 characters
+(ambiguous: exit 64, listing them).  ``vm create`` without NODE lets the explorer place
+the VM.
 
 Results are tables when stdout is a terminal and JSON otherwise (or with ``--json``);
 ``call`` and ``rpc`` always print JSON.  Global options may come before or after the
@@ -37,13 +42,17 @@ import time
 
 from twisted.internet import defer, task
 
-from . import exits, parser, tls
+from . import exits, names, parser, tls
 from .connect import Explorer, NodeOffline, RpcError, TransportError, default_explorer
 from .nodes import last_seen
 from .output import Output
 from .units import ago
 
 __all__ = ["main"]
+
+#: Commands whose ``node_id`` names a node that need not exist yet (``token create
+#: --node-id``), taken as written rather than resolved to a known node.
+NEW_NODE_IDS = frozenset({"token"})
 
 
 def main(argv=None, env=None):
@@ -86,7 +95,8 @@ def _closed_pipe():
 
 
 def _react(args, output):
-    codes, stopping = [], []
+    codes: list[int] = []
+    stopping: list[bool] = []
 
     def run(reactor):
         # Ctrl-C stops the reactor, which closes our connections under the call: that
@@ -112,6 +122,9 @@ async def _run(reactor, args, output, stopping=()):
         output.error(str(e))
         return exits.USAGE
     try:
+        if getattr(args, "node_id", None) and args.command not in NEW_NODE_IDS:
+            # Every NODE argument: a full id, a unique name or a unique id prefix.
+            args.node_id = await names.node_id(explorer, args.node_id)
         return await args.run(explorer, args, output)
     except BrokenPipeError:
         return _closed_pipe()

@@ -23,11 +23,14 @@ from hero_compute.rpc.errors import (
 )
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.tls import ClientTLS, Expected, TLSConfigError, TLSMaterial
+from hero_compute.rpc.websocket import HTTPRefusal
+from hero_compute.rpc.websocket_client import connect as open_websocket
 
 __all__ = [
     "AddressError",
     "CallTimedOut",
     "Explorer",
+    "HTTPRefusal",
     "MethodNotFound",
     "NodeNotFound",
     "NodeOffline",
@@ -53,6 +56,9 @@ TIMEOUTS = {
     "vm.stop": 100.0,
     "vm.delete": 100.0,
 }
+
+#: Bytes of console input waiting for the explorer beyond which the console is dropped.
+CONSOLE_UNSENT = 1024 * 1024
 
 #: Seconds for reads (lists, info) and anything not in :data:`TIMEOUTS`.
 DEFAULT_TIMEOUT = 15.0
@@ -95,7 +101,7 @@ class Explorer:
         self.reactor = reactor
         self.address = address
         self._override = timeout
-        connect = min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT)
+        connect = self._connect = min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT)
         tls = None
         ca, cert, key = tls_files
         if address.scheme == "tls":
@@ -135,6 +141,29 @@ class Explorer:
             message["params"] = params
         seconds = timeout if timeout is not None else self.timeout(method)
         return await self.call("explorer.call", message, timeout=seconds)
+
+    def console(self, node_id, vm_id, handler):
+        """
+        Open a VM's serial console through the explorer (a WebSocket).
+
+        :param handler: the ``websocket.Handler`` of the session
+        :return: a Deferred of the open ``WebSocket``; fails with :class:`HTTPRefusal`
+            (the status the explorer or the node answered) or a connection failure
+        """
+        endpoint = self.address.client_endpoint(
+            self.reactor, self._connect, self._client.tls
+        )
+        target = f"/v1/nodes/{node_id}/vms/{vm_id}/console"
+        host = self.address.host or "localhost"
+        return open_websocket(
+            endpoint,
+            host,
+            target,
+            handler,
+            CONSOLE_UNSENT,
+            DEFAULT_TIMEOUT,
+            self.reactor,
+        )
 
     def close(self):
         """:return: a Deferred firing when the connections are closed"""

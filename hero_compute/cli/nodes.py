@@ -13,7 +13,8 @@ from .units import ago, format_mb
 PAGE = 1000
 
 
-def _label(text):
+def label(text):
+    """Coerce a ``KEY=VALUE`` label filter (``--where``, ``--label``)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r}: a label filter is KEY=VALUE")
@@ -35,8 +36,10 @@ def add_commands(sub, common):
     )
     nodes.add_argument("--status", choices=("online", "offline"))
     nodes.add_argument(
+        "--where",
         "--label",
-        type=_label,
+        dest="label",
+        type=label,
         action="append",
         default=[],
         metavar="KEY=VALUE",

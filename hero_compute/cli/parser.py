@@ -7,7 +7,7 @@ import argparse
 
 import hero_compute
 
-from . import exits, explorer, images, nodes, tls, tokens, ui, vms
+from . import console, exits, explorer, images, nodes, tls, tokens, ui, vms
 from .connect import AddressError, parse_address
 
 #: The global options' values when the command line gives none (``--explorer``'s comes
@@ -111,7 +111,7 @@ def build(prog="hero-compute", description=None):
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     nodes.add_commands(sub, common)
-    vms.add_commands(sub, common)
+    console.add_commands(vms.add_commands(sub, common), common)
     images.add_commands(sub, common)
     explorer.add_commands(sub, common)
     tokens.add_commands(sub, common)

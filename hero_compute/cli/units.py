@@ -6,36 +6,10 @@ Sizes are binary, as QEMU and ``qemu-img`` read them: ``M`` is MiB, ``G`` GiB, `
 of the field it fills (MiB for memory, GiB for disk), as on the wire.
 """
 
-import math
-import re
+from hero_compute import options
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([MGT]?)(?:i?B)?\s*", re.IGNORECASE)
-_MIB = {"M": 1, "G": 1024, "T": 1024 * 1024}
-
-
-def parse_size(text, unit):
-    """
-    Parse a size into whole units.
-
-    :param text: e.g. ``512M``, ``1.5G``, ``10G``, ``1T``, or a bare number of ``unit``
-    :param unit: ``"M"`` or ``"G"``, the unit of the result (and of a bare number)
-    :return: the size as a positive integer number of ``unit``
-    :raise ValueError: naming the text and the accepted forms
-    """
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise ValueError(
-            f"{text!r} is not a size: use a number with M, G or T "
-            f"(binary units), e.g. 512M, 2G, 1T"
-        )
-    number, suffix = float(match.group(1)), (match.group(2) or unit).upper()
-    value = number * _MIB[suffix] / _MIB[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r}: a size must be more than zero")
-    if value != int(value):
-        name = {"M": "MiB", "G": "GiB"}[unit]
-        raise ValueError(f"{text!r} is not a whole number of {name}")
-    return int(value)
+#: Sizes are parsed where the taps parse them too (``NODE_CAPACITY``).
+parse_size = options.parse_size
 
 
 def memory_mb(text):

@@ -1,9 +1,9 @@
 """
 ``hero-compute vm ...``: list, create, start, stop, delete and show VMs on nodes.
 
-A VM is named by its id or, failing that, by its name on that node.  ``start``,
-``stop`` and ``delete`` show a live status line on a terminal while the node works, and
-with ``--wait`` return only once the VM has reached its target state (polling
+A VM is named by its id, its name on that node, or a unique id prefix (:mod:`.names`).
+``start``, ``stop`` and ``delete`` show a live status line on a terminal while the node
+works, and with ``--wait`` return only once the VM has reached its target state (polling
 ``vm.get``), whatever the node's own call returned.
 """
 
@@ -13,9 +13,9 @@ import time
 from rich.text import Text
 from twisted.internet import defer, task
 
-from . import exits
+from . import exits, names, vm_access
 from .connect import VmNotFound
-from .nodes import fetch_nodes
+from .nodes import fetch_nodes, label
 from .output import fields, styled_state, table
 from .units import disk_gb, format_mb, memory_mb
 
@@ -42,11 +42,12 @@ def add_commands(sub, common):
 
     :param sub: the subparsers action of the top parser
     :param common: the parent parser of the global options
+    :return: the group's subparsers action, for more commands
     """
     vm = sub.add_parser(
         "vm",
         parents=[common],
-        help="VMs: list, create, start, stop, delete, show",
+        help="VMs: list, create, start, stop, delete, show, ssh",
         description="Manage the VMs of nodes, through the explorer.",
     )
     cmds = vm.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
@@ -55,8 +56,28 @@ def add_commands(sub, common):
     )
     ls.add_argument("node_id", metavar="NODE", nargs="?")
     ls.set_defaults(run=list_vms)
-    create = cmds.add_parser("create", parents=[common], help="define a new VM")
-    create.add_argument("node_id", metavar="NODE")
+    create = cmds.add_parser(
+        "create",
+        parents=[common],
+        help="define a new VM, on NODE or where the explorer places it",
+    )
+    create.add_argument(
+        "node_id", metavar="NODE", nargs="?", help="[default: the explorer places it]"
+    )
+    create.add_argument(
+        "--where",
+        type=label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="without NODE: only on nodes with this label (repeat: all must match)",
+    )
+    create.add_argument(
+        "--strategy",
+        choices=("spread", "binpack"),
+        help="without NODE: spread (the emptiest node, the default) or binpack "
+        "(the fullest that fits)",
+    )
     create.add_argument("--name", required=True)
     create.add_argument("--vcpus", type=int, default=1, help="[default: 1]")
     create.add_argument(
@@ -76,6 +97,7 @@ def add_commands(sub, common):
     create.add_argument("--image", metavar="PATH", help="base image on the node")
     create.add_argument("--start", action="store_true", help="start it once created")
     create.add_argument("--wait", action="store_true", help="with --start: until running")
+    vm_access.add_create_options(create)
     create.set_defaults(run=create_vm)
     for name, text in (
         ("start", "start a VM"),
@@ -95,6 +117,8 @@ def add_commands(sub, common):
                 help="return once the VM is " + TARGETS[name][1],
             )
         p.set_defaults(run=transition if name != "show" else show_vm, action=name)
+    vm_access.add_ssh_command(cmds, common, resolve)
+    return cmds
 
 
 #: ``action: (method, target state, verb for the status line)``; None: gone.
@@ -107,15 +131,18 @@ TARGETS = {
 
 def vm_fields(vm):
     """:return: one VM as a key/value table"""
+    placed = [("node", vm["node_id"])] if "node_id" in vm else []
     return fields(
         [
             ("name", vm.get("name")),
             ("id", vm.get("vm_id")),
+            *placed,
             ("state", styled_state(vm.get("state"))),
             ("vCPUs", vm.get("vcpus")),
             ("memory", format_mb(vm.get("memory_mb"))),
             ("disk", format_mb((vm.get("disk_gb") or 0) * 1024)),
             ("image", vm.get("image") or "-"),
+            *vm_access.access_fields(vm),
             (
                 "created",
                 time.strftime(
@@ -177,23 +204,10 @@ async def list_vms(explorer, args, output):
 
 async def resolve(explorer, node_id, vm):
     """
-    :return: the VmInfo of the VM whose id, or else name, is ``vm`` on the node
-    :raise exits.Failure: no VM by that id or name
+    :return: the VmInfo of the VM whose id, name or id prefix is ``vm`` on the node
+    :raise exits.Failure: no such VM, or several
     """
-    try:
-        return await explorer.node_call(
-            node_id, "vm.get", {"vm_id": vm}, timeout=explorer.timeout("vm.get")
-        )
-    except VmNotFound:
-        pass
-    named = [v for v in await explorer.node_call(node_id, "vm.list") if v.get("name") == vm]
-    if len(named) == 1:
-        return named[0]
-    raise exits.Failure(
-        f"no VM with id or name {vm!r} on node {node_id} "
-        f"(hero-compute vm list {node_id} lists them)",
-        exits.NOT_FOUND,
-    )
+    return await names.vm_info(explorer, node_id, vm)
 
 
 async def show_vm(explorer, args, output):
@@ -212,8 +226,24 @@ async def create_vm(explorer, args, output):
     }
     if args.image:
         params["image"] = args.image
-    with output.progress(f"creating VM {args.name} on {args.node_id}"):
-        vm = await explorer.node_call(args.node_id, "vm.create", params)
+    params.update(vm_access.create_params(args))
+    if args.node_id is None:
+        if args.where:
+            params["where"] = dict(args.where)
+        if args.strategy:
+            params["strategy"] = args.strategy
+        with output.progress(f"placing and creating VM {args.name}"):
+            vm = await explorer.call(
+                "explorer.create_vm", params, timeout=explorer.timeout("vm.create")
+            )
+        args.node_id = vm["node_id"]
+    elif args.where or args.strategy:
+        raise exits.Failure(
+            "--where and --strategy place the VM: give them or NODE, not both", exits.USAGE
+        )
+    else:
+        with output.progress(f"creating VM {args.name} on {args.node_id}"):
+            vm = await explorer.node_call(args.node_id, "vm.create", params)
     if args.start:
         args.vm, args.action = vm["vm_id"], "start"
         return await transition(explorer, args, output)

@@ -14,6 +14,10 @@ do (-32010 for the rest).  That token is a viewer; the accounts of :mod:`.ui_acc
 are viewers or operators.  It answers only for its own host names (421 otherwise:
 :mod:`.dashboard_guard`).  The static files ship in the package
 (``ui/static``): no build step, no framework, nothing from another origin.
+
+Long because: the listener's one resource routes every path (page, token exchange,
+static files, RPC, console) and holds each path's checks in one place; the accounts,
+the console splice, the guard and the listener live in modules of their own.
 """
 
 import hmac

@@ -10,7 +10,6 @@ import operator
 import time
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application import service
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -24,6 +23,7 @@ from hero_compute.rpc.errors import (
 from hero_compute.rpc.lag import ReactorLag
 from hero_compute.rpc.metrics import (
     Histogram,
+    MetricsService,
     TransportCollector,
     histogram_family,
     metrics_listener,
@@ -113,7 +113,7 @@ class CallStats:
             methods = load_schema("node").methods
         self._methods = frozenset(methods)
         #: Calls by ``(method, outcome)``.
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         #: A :class:`Histogram` of the calls' seconds, by method.
         self.seconds = {}
 
@@ -164,7 +164,7 @@ class ExplorerCollector:
         records = self._registry.records()
         offline = self._registry.offline(self._registry.clock.seconds(), records)
         by_transport = collections.Counter(map(_TRANSPORT, records))
-        counts = collections.Counter()
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for transport, count in collections.Counter(map(_TRANSPORT, offline)).items():
             counts["offline", transport] = count
             by_transport[transport] -= count
@@ -244,10 +244,8 @@ def make_metrics(*, listen, methods, registry, proxy, factory, clock, reactor=No
     """
     lag = ReactorLag(clock)
     explorer = ExplorerCollector(methods, registry, proxy)
-    metrics = service.MultiService()
-    metrics.setName("metrics")
-    metrics.registry = metrics_registry(
-        explorer, TransportCollector(factory, explorer.refusals), lag
+    metrics = MetricsService(
+        metrics_registry(explorer, TransportCollector(factory, explorer.refusals), lag)
     )
     lag.setServiceParent(metrics)
     metrics_listener(

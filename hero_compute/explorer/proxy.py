@@ -146,6 +146,36 @@ class Proxy:
             )
         return d.addBoth(self._finished, node_id, record.socket_path)
 
+    def endpoint(self, node_id, reactor, connect_timeout):
+        """
+        Where to open a connection of our own to a node (a console), with the checks of
+        a call: online, the address policy, and over TLS the node's identity.
+
+        :param reactor: the reactor to connect with
+        :param connect_timeout: seconds allowed to connect
+        :return: a Deferred of ``(endpoint, address)``: an ``IStreamClientEndpoint``
+            and the :class:`~hero_compute.rpc.addresses.Address` it reaches
+        :raise NodeNotFound: or NodeOffline, at once
+        """
+        record = self._registry.get(node_id)
+        if self._registry.status(record) != "online":
+            raise NodeOffline(f"node {node_id} is offline")
+        address = parse_address(record.socket_path)
+        creator = None
+        if address.scheme == "tls" and self._client.tls is not None:
+            creator = self._client.tls.expecting(Expected("node", node_id))
+        target = self._literal_target(address, record.remote)
+        if isinstance(target, RefusedByPolicy):
+            return defer.fail(target)
+        d = (
+            defer.succeed(target)
+            if target is not None
+            else self._resolved(address, record.remote)
+        )
+        return d.addCallback(
+            lambda t: (t.client_endpoint(reactor, connect_timeout, creator), t)
+        )
+
     def _finished(self, result, node_id, socket_path):
         """A call is over: room for another, and a transport failure is -32003."""
         self.total -= 1

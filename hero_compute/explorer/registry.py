@@ -5,17 +5,24 @@ Liveness is derived, not stored: a node is online while its last heartbeat is yo
 than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a single
 record update, and no timer per node is needed to expire anybody; the sweep of
 :mod:`.liveness` exists only to tell operators, once, when a node goes quiet.
+
+Long because: the registry is the one place that sees every change to a record, so it
+keeps what is derived from them in step (the placement index, the fleet's summary):
+each such hook is a line here rather than a second walk of the fleet elsewhere.
 """
 
 import bisect
+import collections
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from hero_compute.rpc.errors import NodeNotFound
 
 from .history import HeartbeatHistory
+from .placement import PlacementIndex
 from .summary import FleetSummary
 
 log = Logger()
@@ -25,6 +32,11 @@ log = Logger()
 #: fleet re-registers within one heartbeat interval, and a line per node would cost
 #: more CPU than the heartbeats themselves while telling the operator nothing more.
 LOG_BURST = 20
+
+#: A node is told to heartbeat this many times per ``offline_after`` (``next_heartbeat``
+#: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
+#: explorer, before it is declared offline.
+HEARTBEATS_PER_OFFLINE = 3
 
 
 @attrs.frozen
@@ -120,8 +132,12 @@ class NodeRecord:
 class INodeRegistry(Interface):
     """The explorer's book of nodes."""
 
+    clock = Attribute("The ``IReactorTime`` of heartbeat times; Unix seconds.")
+    offline_after = Attribute("Seconds of silence after which a node is offline.")
+    history = Attribute("The :class:`HeartbeatHistory` of each node's heartbeat times.")
+
     def heartbeat(heartbeat):
-        """Record a :class:`Heartbeat`; returns the new :class:`NodeRecord`."""
+        """Record a :class:`Heartbeat`; returns ``(record, changed)`` (see Registry)."""
 
     def leave(node_id):
         """Mark a node offline at once; raises :class:`NodeNotFound`."""
@@ -135,11 +151,20 @@ class INodeRegistry(Interface):
     def records():
         """Returns all :class:`NodeRecord` s."""
 
+    def page(after, limit, keep):
+        """Returns ``(records, next cursor or None)``, in node id order after ``after``."""
+
     def offline(now, records=None):
         """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
 
     def status(record):
         """Returns ``"online"`` or ``"offline"`` for a record, now."""
+
+    def note(fmt, **fields):
+        """Log a line about a node, within the registry's budget of lines a second."""
+
+    def __len__():
+        """Returns how many nodes it holds."""
 
 
 @implementer(INodeRegistry)
@@ -152,7 +177,7 @@ class Registry:
     :ivar offline_after: seconds of silence after which a node is offline
     """
 
-    clock: object
+    clock: IReactorTime
     offline_after: float
     _nodes: dict = attrs.field(factory=dict)
     # Node ids in order, for paging (explorer.query_nodes): kept sorted as ids come
@@ -160,6 +185,17 @@ class Registry:
     _order: list = attrs.field(factory=list, init=False)
     #: The last heartbeat times of each node (explorer.node_history).
     history: HeartbeatHistory = attrs.field(factory=HeartbeatHistory, init=False)
+    #: What placement reads (CONTRACT §9), kept as heartbeats arrive; a reservation
+    #: lapses after two heartbeat intervals.
+    placement: PlacementIndex = attrs.field(
+        default=attrs.Factory(
+            lambda self: PlacementIndex(
+                self.offline_after, 2 * self.offline_after / HEARTBEATS_PER_OFFLINE
+            ),
+            takes_self=True,
+        ),
+        init=False,
+    )
     #: The fleet's running sums (explorer.summary), kept as records change.
     summary: FleetSummary = attrs.field(
         default=attrs.Factory(
@@ -196,6 +232,7 @@ class Registry:
                 remote=heartbeat.remote,
             )
             bisect.insort(self._order, node_id)
+            self.placement.update(record)
             self.summary.seen(record, NEW, now, new=True)
             self._note(
                 now,
@@ -223,6 +260,7 @@ class Registry:
         record.last_seen = now
         record.left = False
         record.remote = heartbeat.remote
+        self.placement.update(record, changed)
         self.summary.seen(record, changed, now)
         if was_offline:
             self._note(
@@ -281,6 +319,7 @@ class Registry:
     def leave(self, node_id):
         record = self.get(node_id)
         record.left = True
+        self.placement.left(node_id)
         self.summary.left(node_id)
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
 
@@ -298,6 +337,7 @@ class Registry:
         for record in records:
             record.left = True
             self._nodes[record.node_id] = record
+            self.placement.update(record)
             self.summary.loaded()
         self._order = sorted(self._nodes)
 
@@ -310,6 +350,7 @@ class Registry:
     def remove(self, node_id):
         self.get(node_id)
         del self._nodes[node_id]
+        self.placement.remove(node_id)
         self.summary.removed(node_id)
         self.history.pop(node_id, None)
         index = bisect.bisect_left(self._order, node_id)
@@ -357,3 +398,39 @@ class Registry:
 
     def status(self, record):
         return record.status(self.clock.seconds(), self.offline_after)
+
+
+class NewIds:
+    """
+    New node ids per source address in the last ``window`` seconds of an injected clock
+    (a count per calendar minute let a flood place the limit twice in a second).
+
+    :param clock: an ``IReactorTime``
+    :param window: seconds a new id counts against its source
+    """
+
+    def __init__(self, clock, window=60.0):
+        self._clock = clock
+        self._window = window
+        self._seen = {}
+        self._sweep_at = clock.seconds() + window
+
+    def count(self, host):
+        """:return: the new ids ``host`` registered within the window"""
+        now = self._clock.seconds()
+        horizon = now - self._window
+        if now >= self._sweep_at:
+            # Sources gone quiet are dropped once per window: many addresses, each
+            # seen once, cannot make this grow without bound.
+            self._sweep_at = now + self._window
+            self._seen = {h: t for h, t in self._seen.items() if t[-1] > horizon}
+        times = self._seen.get(host)
+        if times is None:
+            return 0
+        while times and times[0] <= horizon:
+            times.popleft()
+        return len(times)
+
+    def add(self, host):
+        """Count one new id from ``host``, now."""
+        self._seen.setdefault(host, collections.deque()).append(self._clock.seconds())

@@ -59,7 +59,7 @@ class CachingResolver:
             if isinstance(answer, ResolveError):
                 return defer.fail(answer)
             return defer.succeed(answer)
-        waiter = defer.Deferred()
+        waiter: defer.Deferred[list[str]] = defer.Deferred()
         waiting = self._pending.get(key)
         if waiting is not None:
             waiting.append(waiter)

@@ -16,9 +16,10 @@ from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.metrics import Histogram
 
 from .metrics import HEARTBEAT_BUCKETS, CallStats
+from .placing import PlacementMethods
 from .proxy import is_loopback
 from .reachable import Refused, checked_address
-from .registry import Heartbeat
+from .registry import HEARTBEATS_PER_OFFLINE, Heartbeat
 from .store import DURABLE_FIELDS
 from .ui_accounts import UiAccounts
 
@@ -38,11 +39,6 @@ CALL_TIMEOUT = 90.0
 #: Seconds a proxied call may spend connecting: a node that cannot even be reached
 #: within this is reported unreachable (-32003) long before :data:`CALL_TIMEOUT`.
 CONNECT_TIMEOUT = 5.0
-
-#: A node is told to heartbeat this many times per ``offline_after`` (``next_heartbeat``
-#: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
-#: explorer, before it is declared offline.
-HEARTBEATS_PER_OFFLINE = 3
 
 
 class _StaleSession(InvalidParams):
@@ -121,6 +117,7 @@ class ExplorerMethods:
         rpc.register("explorer.enroll", self.enroll)
         rpc.register("explorer.renew", self._trust.renew, context=True)
         rpc.register("explorer.revoke", self.revoke)
+        PlacementMethods(self._registry, self.calls.call, self._clock).register(rpc)
 
     def _counted(self, handler):
         """

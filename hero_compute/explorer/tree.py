@@ -12,13 +12,15 @@ from twisted.logger import Logger
 import hero_compute
 from hero_compute.rpc.authz import EXPLORER_POLICY
 from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.heap import FrozenHeap
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
-from hero_compute.rpc.lag import FrozenHeap
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
+from .console import console_route
 from .dashboard import make_dashboard
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
@@ -129,7 +131,7 @@ def make_explorer(
         ``client/*`` certificate then stands in for the token)
     :param ui_hosts: the ``Host`` names the dashboard answers for, None for the defaults
     :param freeze_heap: keep the cycle collector's pauses short with a
-        :class:`~hero_compute.rpc.lag.FrozenHeap` (for a process of its own: it freezes
+        :class:`~hero_compute.rpc.heap.FrozenHeap` (for a process of its own: it freezes
         the whole interpreter's heap)
     :return: the :class:`ExplorerService`
     """
@@ -151,7 +153,9 @@ def make_explorer(
         max_response=limits.max_response,
     )
     factory = make_factory(rpc, limits=limits)
-    listeners = Listeners(factory, listen, socket_dirs, reactor)
+    # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
+    # generic in a type variable: it takes any protocol factory.
+    listeners = Listeners(factory, listen, socket_dirs, reactor)  # type: ignore[arg-type]
     trust = ExplorerTrust(
         clock=clock,
         reactor=reactor,
@@ -167,6 +171,11 @@ def make_explorer(
         CachingResolver(reactor).resolve,
         calls_per_node=limits.calls_per_node,
         calls_total=limits.calls_total,
+    )
+    factory.upgrade = Routes(
+        [console_route(proxy, reactor, connect_timeout, limits.max_unsent)],
+        _authorize_route,
+        limits.max_unsent,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
     methods.register(rpc)
@@ -215,6 +224,10 @@ def make_explorer(
 
 def _authorize(context, method, params):
     EXPLORER_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    EXPLORER_POLICY.check_route(context.transport, context.identity, route, params)
 
 
 def _unix_socket(bound):

@@ -97,12 +97,12 @@ class ExplorerTrust:
         self._tls = tls
         self._factory = factory
         self._node_cert_days = node_cert_days
-        self._store = None
-        self._enrollment = None
+        self._store: Store | None = None
+        self._enrollment: Enrollment | None = None
         self._dirty = {}
         self._flusher = None
         self._creators = []
-        self._ca = None
+        self._ca: pki.CertificateAuthority | None = None
         self._ca_pem = None
         self._previous_hangup = None
         self.server_tls = None
@@ -129,9 +129,21 @@ class ExplorerTrust:
         # before a token is looked at, so no token is used up for nothing.
         self._enrollment = Enrollment(self._store, self._clock)
 
+    @property
+    def _opened(self) -> Store:
+        """The state file; only between start and stop."""
+        assert self._store is not None, "the explorer's state is not open"
+        return self._store
+
+    @property
+    def _enrolling(self) -> Enrollment:
+        """Enrollment; only once the state file is open."""
+        assert self._enrollment is not None, "the explorer's state is not open"
+        return self._enrollment
+
     def load_nodes(self):
         """:return: the node records kept from the last run (dicts)"""
-        return self._store.load_nodes()
+        return self._opened.load_nodes()
 
     def start_tls(self, listeners, client):
         """
@@ -164,7 +176,7 @@ class ExplorerTrust:
         client.use_tls(proxy)
         if tls.ca_key is not None:
             self._load_ca()
-            self._enrollment.sign = self._sign
+            self._enrolling.sign = self._sign
         if tls.listen is not None:
             listeners.add_tls(tls.listen, server, self._reactor)
         self._previous_hangup = signal.signal(
@@ -228,9 +240,9 @@ class ExplorerTrust:
         """
         identity = context.identity
         if identity is not None and identity.role == "node":
-            self._enrollment.check_node(node_id, secret, context.serial, context.not_before)
+            self._enrolling.check_node(node_id, secret, context.serial, context.not_before)
         else:
-            self._enrollment.check_node(node_id, secret)
+            self._enrolling.check_node(node_id, secret)
 
     def save_node(self, record):
         """
@@ -263,7 +275,7 @@ class ExplorerTrust:
 
     def _write(self, records):
         try:
-            self._store.save_nodes(records)
+            self._opened.save_nodes(records)
         except Exception:
             log.failure("could not keep {count} node records", count=len(records))
 
@@ -276,16 +288,16 @@ class ExplorerTrust:
     def forget_node(self, node_id):
         """Forget a removed node's record and identity binding (not a revocation)."""
         self._dirty.pop(node_id, None)
-        self._store.forget_node(node_id)
-        self._store.forget_identity(node_id)
+        self._opened.forget_node(node_id)
+        self._opened.forget_identity(node_id)
 
     def revoke(self, node_id):
         """``explorer.revoke``: refuse the node's certificates and secret from now on."""
-        self._enrollment.revoke(node_id)
+        self._enrolling.revoke(node_id)
 
     def create_token(self, ttl=None, node_id=None):
         """``explorer.create_token``: a single-use join token."""
-        return self._enrollment.create_token(DEFAULT_TTL if ttl is None else ttl, node_id)
+        return self._enrolling.create_token(DEFAULT_TTL if ttl is None else ttl, node_id)
 
     def enroll(self, token, csr, registered=lambda node_id: False):
         """
@@ -294,7 +306,7 @@ class ExplorerTrust:
         :param registered: ``registered(node_id)``: whether the registry holds the id
         """
         node_id = csr_node_id(csr)
-        certificate = self._enrollment.enroll(token, csr, node_id, registered(node_id))
+        certificate = self._enrolling.enroll(token, csr, node_id, registered(node_id))
         return {"certificate": certificate, "ca": self._ca_pem}
 
     def renew(self, context, csr):
@@ -305,7 +317,7 @@ class ExplorerTrust:
             # it is a refusal, not an internal error.
             raise RefusedByPolicy("explorer.renew needs the node's own certificate")
         return {
-            "certificate": self._enrollment.renew(
+            "certificate": self._enrolling.renew(
                 identity.name, context.serial, csr, context.not_before
             )
         }
@@ -322,6 +334,8 @@ class ExplorerTrust:
         return self._enrollment.certificate_refusal(identity.name, serial, not_before)
 
     def _sign(self, csr_pem, node_id):
+        # Handed to enrollment only once the CA is loaded.
+        assert self._ca is not None
         try:
             cert = self._ca.sign_csr(
                 csr_pem,

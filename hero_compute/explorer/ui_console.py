@@ -16,6 +16,7 @@ read stops the other from being read).
 """
 
 import re
+from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -83,9 +84,11 @@ def upgrade_head(request, path):
 class _Browser(protocol.Protocol):
     """The browser's connection, once taken from ``twisted.web``."""
 
+    transport: Any
+
     def __init__(self, channel):
         self._channel = channel
-        self.explorer = None
+        self.explorer: Any = None
         self._early = b""
 
     def dataReceived(self, data):
@@ -112,6 +115,7 @@ class _Browser(protocol.Protocol):
 class _Explorer(protocol.Protocol):
     """Our connection to the explorer's Unix socket."""
 
+    transport: Any
     open = False
 
     def __init__(self, browser, head, clock):

@@ -11,7 +11,15 @@ from .qemu import QemuVmManager
 log = Logger()
 
 
-def make_vm_manager(reactor, state_dir, image_dirs=None):
+def make_vm_manager(
+    reactor,
+    state_dir,
+    image_dirs=None,
+    capacity=None,
+    accel="auto",
+    network=None,
+    console=None,
+):
     """
     The node's VM manager: QEMU processes driven over QMP, kept under the state dir.
 
@@ -22,6 +30,13 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
     :param state_dir: the node's state directory
     :param image_dirs: directories base images must lie under; ``None`` or empty (no
         ``NODE_IMAGE_DIRS``): ``<state_dir>/images`` only
+    :param capacity: ``NODE_CAPACITY``: what VMs may reserve in all, any of
+        ``vcpus``, ``memory_mb``, ``disk_gb`` (the host's for the others), or None
+    :param accel: ``NODE_ACCEL``: ``auto``, ``kvm`` or ``tcg``
+    :param network: the :class:`~hero_compute.node.qemu.network.NetworkPolicy`, or
+        ``None`` for the defaults
+    :param console: the :class:`~hero_compute.node.qemu.console.ConsoleSettings`, or
+        None for the defaults
     :return: a :class:`~hero_compute.node.qemu.QemuVmManager`
     """
     missing = [
@@ -33,6 +48,14 @@ def make_vm_manager(reactor, state_dir, image_dirs=None):
             "(apt-get install qemu-system-x86 qemu-utils)",
             missing=" and ".join(missing),
         )
+    extra = {} if network is None else {"network": network}
+    if console is not None:
+        extra["console"] = console
     return QemuVmManager(
-        reactor=reactor, state_dir=state_dir, image_dirs=image_dirs or None
+        reactor=reactor,
+        state_dir=state_dir,
+        image_dirs=image_dirs or None,
+        capacity_cap=capacity or {},
+        accel=accel,
+        **extra,
     )

@@ -9,16 +9,36 @@ tick returns only after its call finished or timed out, so ticks never overlap, 
 catches its own failures, so the loop lives until stopped.
 """
 
+from __future__ import annotations
+
 import random
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import hero_compute
-from hero_compute.rpc.addresses import Address
+from hero_compute.rpc.addresses import Address, ListenAddress
 from hero_compute.rpc.errors import RpcError, TransportError
+from hero_compute.rpc.interfaces import IRpcClient
+
+from .vms import IVmManager
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.listeners import Listeners
+
+
+class _Identity(Protocol):
+    """What a heartbeat reads of the node's identity (node/service.py's NodeIdentity)."""
+
+    node_id: str | None
+    name: str
+    secret: str | None
+    labels: dict
+
 
 log = Logger()
 
@@ -273,11 +293,11 @@ class Advertiser:
     """
 
     _unix: Address
-    _client: object
-    _listeners: object
-    _tcp: object = None
+    _client: IRpcClient
+    _listeners: Listeners
+    _tcp: ListenAddress | None = None
     _advertise: Address | None = None
-    _tls: object = None
+    _tls: ListenAddress | None = None
 
     def address_for(self, explorer):
         """
@@ -311,11 +331,22 @@ class Advertiser:
         for uri in self._listeners.bound:
             if uri.startswith(scheme + "://"):
                 return int(uri.rsplit(":", 1)[1])
-        return (self._tls if scheme == "tls" else self._tcp).port
+        listen = self._tls if scheme == "tls" else self._tcp
+        if listen is None:
+            # As before the check: the heartbeat to that explorer fails with it.
+            raise AttributeError(f"this node has no {scheme} listener")
+        return listen.port
 
     def tcp_port(self):
         """:return: the bound port of the node's TCP listener"""
         return self.port("tcp")
+
+
+def _first_failure(failure: Failure) -> Failure:
+    """The failure inside a :class:`~twisted.internet.defer.FirstError`, or itself."""
+    if failure.check(defer.FirstError):
+        return cast(defer.FirstError, failure.value).subFailure
+    return failure
 
 
 @attrs.define
@@ -323,15 +354,16 @@ class HeartbeatPayload:
     """
     Builds the params of a heartbeat to one explorer.
 
-    :ivar _identity: the node's identity (``node_id``, ``name`` and ``secret``), read at
+    :ivar _identity: the node's identity (``node_id``, ``name``, ``secret`` and
+        ``labels``), read at
         each heartbeat: they are known only once the node has started
     :ivar _advertiser: the :class:`Advertiser`
     :ivar _vms: the node's :class:`~hero_compute.node.vms.IVmManager`
     """
 
-    _identity: object
+    _identity: _Identity
     _advertiser: Advertiser
-    _vms: object
+    _vms: IVmManager
 
     def params(self, explorer):
         """
@@ -356,11 +388,14 @@ class HeartbeatPayload:
                 "capacity": self._vms.capacity(),
                 "usage": self._vms.usage(),
                 "vm_count": len(vms),
+                # In every full heartbeat; a delta leaves them out while unchanged
+                # and the explorer keeps them.
+                "labels": self._identity.labels,
             }
             if self._identity.secret is not None:
                 # On every transport, TLS included: it binds the node id (CONTRACT §6).
                 result["secret"] = self._identity.secret
             return result
 
-        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        d.addErrback(_first_failure)
         return d.addCallback(params)

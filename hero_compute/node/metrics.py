@@ -8,11 +8,11 @@ the VM manager (VMs by state, capacity and usage, QEMU starts), the heartbeat lo
 import collections
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application import service
 from twisted.internet import defer
 
 from hero_compute.rpc.lag import ReactorLag
 from hero_compute.rpc.metrics import (
+    MetricsService,
     TransportCollector,
     metrics_listener,
     metrics_registry,
@@ -29,7 +29,7 @@ def _settled(result):
     A result that is already there: the VM list (a Deferred of the QEMU manager's is
     always fired); None if it is not, or failed.
     """
-    box = []
+    box: list[object] = []
     defer.maybeDeferred(lambda: result).addBoth(box.append)
     return box[0] if box and isinstance(box[0], list) else None
 
@@ -115,10 +115,8 @@ def make_metrics(*, listen, node, factory, clock, reactor=None):
     :return: a ``MultiService``; its ``registry`` is the ``CollectorRegistry``
     """
     lag = ReactorLag(clock)
-    metrics = service.MultiService()
-    metrics.setName("metrics")
-    metrics.registry = metrics_registry(
-        NodeCollector(node, clock), TransportCollector(factory), lag
+    metrics = MetricsService(
+        metrics_registry(NodeCollector(node, clock), TransportCollector(factory), lag)
     )
     lag.setServiceParent(metrics)
     metrics_listener(

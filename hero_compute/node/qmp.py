@@ -13,6 +13,7 @@ connects it to a Unix socket and waits for the handshake.
 
 import collections
 import json
+from typing import Any
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
@@ -61,11 +62,11 @@ class _Observers:
     """
 
     def __init__(self):
-        self._waiting = []
-        self._outcome = None
+        self._waiting: list[defer.Deferred[Any]] = []
+        self._outcome: tuple[str, Any] | None = None
 
     def when(self):
-        d = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
         if self._outcome is not None:
             self._deliver(d)
         else:
@@ -90,6 +91,7 @@ class _Observers:
             self._deliver(d)
 
     def _deliver(self, d):
+        assert self._outcome is not None  # delivered only once there is one
         how, value = self._outcome
         # A waiter cancelled by its timeout ignores this: Deferred suppresses the
         # second call after a cancellation.
@@ -119,7 +121,9 @@ class QmpProtocol(LineOnlyReceiver):
 
     def __init__(self, on_event=None):
         self._on_event = on_event
-        self._pending = collections.deque()
+        self._pending: collections.deque[tuple[str, defer.Deferred[Any]]] = (
+            collections.deque()
+        )
         self._ready = _Observers()
         self._disconnected = _Observers()
         self._state = "greeting"
@@ -171,7 +175,7 @@ class QmpProtocol(LineOnlyReceiver):
         message = {"execute": command}
         if arguments:
             message["arguments"] = arguments
-        d = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
         self._pending.append((command, d))
         self.sendLine(json.dumps(message).encode("utf-8"))
         return d
@@ -257,7 +261,8 @@ class QmpProtocol(LineOnlyReceiver):
         self.log.warn("QMP protocol error, closing: {why}", why=why)
         self._state = "broken"
         if self.transport is not None:
-            self.transport.abortConnection()
+            # A Unix connection: it can be aborted (ITransport does not say so).
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason=protocol.connectionDone):
         self._state = "closed"

@@ -4,6 +4,7 @@ The node's RPC methods and the service tree that serves them and heartbeats expl
 
 import os
 import uuid
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.application import service
@@ -19,14 +20,20 @@ from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
 from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.websocket import Routes
 
 from .enroll import TLSFiles
 from .heartbeat import Advertiser, HeartbeatLoop, HeartbeatPayload
 from .images import Images
+from .methods import NodeMethods
 from .metrics import make_metrics
+from .qemu.console import console_route
 from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.tls import ClientTLS
 
 log = Logger()
 
@@ -71,11 +78,13 @@ class NodeIdentity:
     :ivar name: the node's human name
     :ivar secret: the node secret sent in heartbeats and leaves, or None until
         :meth:`load` has run
+    :ivar labels: the node's labels (``NODE_LABELS``), sent in every full heartbeat
     """
 
     state_dir: str
     node_id: str | None = None
     name: str = ""
+    labels: dict = attrs.field(factory=dict, kw_only=True)
     secret: str | None = attrs.field(default=None, repr=False)
 
     def load(self):
@@ -101,6 +110,10 @@ def authorize(context, method, params):
     :raise ~hero_compute.rpc.errors.RefusedByPolicy: -32010 for anything else
     """
     NODE_POLICY.check(context.transport, context.identity, method, params)
+
+
+def _authorize_route(context, route, params):
+    NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
 class NodeService(service.MultiService):
@@ -136,8 +149,10 @@ class NodeService(service.MultiService):
         """The node's id; None until it starts, unless configured."""
         return self.identity.node_id
 
+    # Twisted's Service.name is a service's name in its parent; this one is the root
+    # of the node's tree, whose name (read-only) is the node's.
     @property
-    def name(self):
+    def name(self):  # type: ignore[override]
         """The node's human name."""
         return self.identity.name
 
@@ -192,6 +207,7 @@ def make_node(
     interval,
     node_id=None,
     name="",
+    labels=None,
     advertise=None,
     tls=None,
     tls_files=None,
@@ -229,6 +245,7 @@ def make_node(
     :param interval: seconds between heartbeats
     :param node_id: a fixed id, or None to use the persisted one
     :param name: the node's human name
+    :param labels: the node's labels, ``{key: value}`` (CONTRACT §9)
     :param advertise: the ``tcp://`` or ``tls://`` :class:`Address` (its host) reported
         to remote explorers, or None to derive it
     :param tls: a :class:`ListenAddress` to serve mutual TLS on, or None
@@ -245,11 +262,12 @@ def make_node(
         ``state_dir/images``, with the default limits
     :return: the :class:`NodeService`
     """
-    identity = NodeIdentity(state_dir, node_id, name)
+    identity = NodeIdentity(state_dir, node_id, name, labels=dict(labels or {}))
     tls_explorers = [address for address in explorers if address.scheme == "tls"]
     uses_tls = bool(tls_explorers) or tls is not None
     client_side = ClientSide() if uses_tls else None
-    client = RpcClient(reactor, timeout=interval, tls=client_side)
+    # ClientSide stands in for the ClientTLS it will point at once enrolled.
+    client = RpcClient(reactor, timeout=interval, tls=cast("ClientTLS | None", client_side))
     limits = limits or Limits()
     rpc = Dispatcher(
         load_schema("node"),
@@ -263,7 +281,18 @@ def make_node(
         descriptions.append(tcp.endpoint_string())
     descriptions.extend(listen)
     factory = make_factory(rpc, limits=limits)
-    listeners = Listeners(factory, descriptions, [os.path.dirname(socket_path)], reactor)
+    if hasattr(vms, "console"):
+        factory.upgrade = Routes(
+            [console_route(vms.console)], _authorize_route, limits.max_unsent
+        )
+    # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
+    # generic in a type variable: it takes any protocol factory.
+    listeners = Listeners(
+        factory,  # type: ignore[arg-type]
+        descriptions,
+        [os.path.dirname(socket_path)],
+        reactor,
+    )
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),
         client=client,
@@ -321,55 +350,3 @@ def make_node(
         ).setServiceParent(node)
     NodeMethods(node).register(rpc)
     return node
-
-
-class NodeMethods:
-    """
-    The ``node.*`` and ``vm.*`` methods.
-
-    :param node: the :class:`NodeService`
-    """
-
-    def __init__(self, node):
-        self._node = node
-        self._vms = node.vms
-
-    def register(self, rpc):
-        """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
-        rpc.register("node.info", self.info)
-        rpc.register("vm.create", self.create)
-        rpc.register("vm.start", lambda vm_id: self._wire(self._vms.start(vm_id)))
-        rpc.register(
-            "vm.stop", lambda vm_id, force=False: self._wire(self._vms.stop(vm_id, force))
-        )
-        rpc.register("vm.delete", lambda vm_id: self._vms.delete(vm_id))
-        rpc.register("vm.get", lambda vm_id: self._wire(self._vms.get(vm_id)))
-        rpc.register("vm.list", self.list)
-
-    def _wire(self, d):
-        return defer.maybeDeferred(lambda: d).addCallback(lambda vm: vm.to_wire())
-
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
-        """Define a VM."""
-        return self._wire(self._vms.create(name, vcpus, memory_mb, disk_gb, image))
-
-    def list(self):
-        """All VMs."""
-        d = defer.maybeDeferred(self._vms.list)
-        return d.addCallback(lambda vms: [vm.to_wire() for vm in vms])
-
-    def info(self):
-        """About this node."""
-        node = self._node
-        d = defer.maybeDeferred(self._vms.list)
-        return d.addCallback(
-            lambda vms: {
-                "node_id": node.node_id,
-                "name": node.name,
-                "version": hero_compute.__version__,
-                "capacity": self._vms.capacity(),
-                "usage": self._vms.usage(),
-                "vm_count": len(vms),
-                "explorers": [loop.state.to_wire() for loop in node.heartbeats],
-            }
-        )

@@ -20,6 +20,8 @@ from hero_compute.options import (
     help_text,
     limits,
     listen_address,
+    parse_capacity,
+    parse_labels,
     print_startup_errors,
     seconds,
     socket_dir,
@@ -29,6 +31,7 @@ from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_addres
 from hero_compute.rpc.listeners import unix_endpoint_string
 from hero_compute.rpc.systemd import notifier_for
 
+from . import tap_vms
 from .images import image_settings
 
 
@@ -61,6 +64,17 @@ def _absolute(text):
     return os.path.abspath(os.path.expanduser(text))
 
 
+def _positive(text):
+    """:return: ``text`` as an integer of at least 1"""
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+_positive.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+
+
 class Options(TapOptions):
     """Options of ``twistd node``."""
 
@@ -77,8 +91,9 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, NODE_SOCKET, NODE_TCP_ADDR, NODE_ADVERTISE_ADDR, "
         "EXPLORER_ADDRESSES, HEARTBEAT_INTERVAL, NODE_ID, NODE_NAME, HERO_STATE_DIR, "
         "NODE_IMAGE_DIRS, NODE_TLS_ADDR, NODE_TLS_CERT, NODE_TLS_KEY, NODE_TLS_CA, "
-        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR, NODE_IMAGE_MAX, "
-        "NODE_IMAGE_FETCH_LOCAL. SIGHUP re-reads the TLS "
+        "NODE_JOIN_TOKEN, NODE_CA_PIN, NODE_METRICS_ADDR, NODE_ACCEL, NODE_VM_BRIDGES, "
+        "NODE_VM_PORTS, NODE_VM_FORWARD_ADDR, NODE_IMAGE_MAX, NODE_IMAGE_FETCH_LOCAL, "
+        "NODE_CONSOLE_LOG, NODE_MAX_CONSOLES. SIGHUP re-reads the TLS "
         "certificate files. Run two twistd in one directory with --pidfile= (or "
         "distinct --pidfile), or they clash on twistd.pid."
     )
@@ -175,11 +190,43 @@ class Options(TapOptions):
         ],
         ["name", None, None, "Human name [default: $NODE_NAME or the host name]."],
         [
+            "labels",
+            None,
+            None,
+            "Labels sent in every heartbeat, key=value,key=value, for placement "
+            "[default: $NODE_LABELS; unset: none]",
+            parse_labels,
+        ],
+        [
+            "capacity",
+            None,
+            None,
+            "What this node's VMs may reserve in all, vcpus=N,memory=SIZE,disk=SIZE, any "
+            "subset [default: $NODE_CAPACITY; unset: the host's]",
+            parse_capacity,
+        ],
+        [
+            "console-log",
+            None,
+            None,
+            "Bytes of each VM's serial console kept [default: $NODE_CONSOLE_LOG or "
+            "1048576]",
+            _positive,
+        ],
+        [
+            "max-consoles",
+            None,
+            None,
+            "Console viewers at once per VM [default: $NODE_MAX_CONSOLES or 8]",
+            _positive,
+        ],
+        [
             "state-dir",
             None,
             None,
             "State directory [default: $HERO_STATE_DIR or ~/hero/var/hero_compute].",
         ],
+        *tap_vms.OPT_PARAMETERS,
     ]
 
     def __init__(self, env=None):
@@ -253,6 +300,10 @@ class Options(TapOptions):
         if self["interval"] is None:
             self["interval"] = 10.0
         self["node-id"] = self["node-id"] or env.get("NODE_ID") or None
+        from_env(self, "labels", env, "NODE_LABELS", parse_labels)
+        from_env(self, "capacity", env, "NODE_CAPACITY", parse_capacity)
+        from_env(self, "console-log", env, "NODE_CONSOLE_LOG", _positive)
+        from_env(self, "max-consoles", env, "NODE_MAX_CONSOLES", _positive)
         self["name"] = self["name"] or env.get("NODE_NAME") or socket.gethostname()
         self["state-dir"] = (
             self["state-dir"]
@@ -296,6 +347,7 @@ class Options(TapOptions):
                 "if the explorer must use another address than this host's own"
             )
         self._tls_options(env)
+        tap_vms.post_options(self, env)
         if self.under_twistd:
             self._clean_startup_errors()
 
@@ -383,6 +435,7 @@ def makeService(options, reactor=None):
 
     from .backends import make_vm_manager
     from .images import make_images
+    from .qemu.console import DEFAULT_LOG, DEFAULT_MAX_CONSOLES, ConsoleSettings
     from .service import make_node
 
     node = make_node(
@@ -392,11 +445,23 @@ def makeService(options, reactor=None):
         tcp=options["tcp"],
         listen=[],
         explorers=options["explorer"],
-        vms=make_vm_manager(reactor, options["state-dir"], options["image-dir"] or None),
+        vms=make_vm_manager(
+            reactor,
+            options["state-dir"],
+            options["image-dir"] or None,
+            capacity=options["capacity"],
+            accel=options["accel"],
+            network=options["vm-network"],
+            console=ConsoleSettings(
+                options["console-log"] or DEFAULT_LOG,
+                options["max-consoles"] or DEFAULT_MAX_CONSOLES,
+            ),
+        ),
         state_dir=options["state-dir"],
         interval=options["interval"],
         node_id=options["node-id"],
         name=options["name"],
+        labels=options["labels"] or {},
         advertise=options["advertise"],
         tls=options["tls"],
         tls_files=options["tls-files"],

@@ -7,12 +7,14 @@ import datetime
 import ipaddress
 import os
 import re
+from typing import cast
 
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .identity import (
@@ -128,6 +130,12 @@ def create_ca(
     return spki_pin(cert)
 
 
+def _issuer(key: object) -> CertificateIssuerPrivateKeyTypes:
+    # Any private key PEM loads; whether it is the certificate's (and so one that can
+    # sign) is checked when the CA is made.
+    return cast(CertificateIssuerPrivateKeyTypes, key)
+
+
 @attrs.frozen
 class CertificateAuthority:
     """
@@ -139,7 +147,7 @@ class CertificateAuthority:
     """
 
     certificate: x509.Certificate
-    key: object = attrs.field(repr=False)
+    key: CertificateIssuerPrivateKeyTypes = attrs.field(repr=False)
     trust_domain: str = attrs.field(init=False)
 
     @trust_domain.default
@@ -164,7 +172,7 @@ class CertificateAuthority:
             )
         return cls(
             load_certificate(os.path.join(directory, CA_FILE)),
-            load_private_key(os.path.join(directory, CA_KEY_FILE)),
+            _issuer(load_private_key(os.path.join(directory, CA_KEY_FILE))),
         )
 
     @classmethod
@@ -175,7 +183,7 @@ class CertificateAuthority:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as e:
             raise PkiError(f"not a PEM CA certificate and key: {e}") from None
-        return cls(cert, key)
+        return cls(cert, _issuer(key))
 
     @property
     def pin(self):
@@ -202,7 +210,7 @@ class CertificateAuthority:
         # minutes (EXPLORER_NODE_CERT_TTL), e.g. to exercise renewal.
         if not days > 0:
             raise IdentityError(f"invalid validity {days} days: must be positive")
-        sans = [x509.UniformResourceIdentifier(uri)]
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
         for host in dns:
             if not isinstance(host, str) or not _DNS_NAME.fullmatch(host):
                 raise IdentityError(f"invalid DNS name {host!r}")

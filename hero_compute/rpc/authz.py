@@ -134,10 +134,13 @@ class Policy:
     :ivar service: the service's name, for messages
     :ivar grants: per kind of caller, its :class:`Grant`; a kind not listed may call
         nothing
+    :ivar routes: per WebSocket route (CONTRACT §8), the method whose callers may open
+        it
     """
 
     service: str
     grants: Mapping[str, Grant]
+    routes: Mapping[str, str] = attrs.field(factory=dict)
 
     def check(
         self, transport: str, identity: Identity | None, method: str, params: Any
@@ -157,6 +160,19 @@ class Policy:
         else:
             who = f"a caller over {transport}"
         raise RefusedByPolicy(f"{method} is not allowed to {who} on the {self.service}")
+
+    def check_route(
+        self, transport: str, identity: Identity | None, route: str, params: Any
+    ) -> None:
+        """
+        Refuse opening a WebSocket route to whoever may not call its method.
+
+        :raise RefusedByPolicy: likewise, or for a route not in :attr:`routes`
+        """
+        method = self.routes.get(route)
+        if method is None:
+            raise RefusedByPolicy(f"no route {route!r} on the {self.service}")
+        self.check(transport, identity, method, params)
 
 
 #: CONTRACT §6, the explorer's column.
@@ -206,6 +222,8 @@ EXPLORER_POLICY = Policy(
             ),
         ),
     },
+    # A console through the explorer is a proxied call held open.
+    routes={"console": "explorer.call"},
 )
 
 #: CONTRACT §6, the node's column.
@@ -219,6 +237,8 @@ NODE_POLICY = Policy(
         ANONYMOUS: Grant(frozenset({"rpc.discover"})),
         TCP: EVERYTHING,
     },
+    # Typing on a VM's console is as much power over it as starting it.
+    routes={"console": "vm.start"},
 )
 
 #: What a dashboard viewer may call: what the page shows, nothing that changes the fleet.

@@ -9,29 +9,24 @@ become JSON-RPC error objects here and nowhere else.
 The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`) hand it
 the raw body and a :class:`CallContext`; between the two sits one optional check, the
 ``authorize`` hook, given the context, the method name and the raw params before the
-params are checked against the schema.
-
-Long because: JSON-RPC 2.0's rules (requests, batches, notifications, errors, what can
-be encoded) are one specification, kept in one reading.
+params are checked against the schema.  Bodies are read and written by
+:mod:`~hero_compute.rpc.codec`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union, cast
 
 import attrs
-import orjson
 from twisted.internet import defer
-from twisted.internet.address import UNIXAddress
-from twisted.internet.interfaces import ISSLTransport, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .codec import dumps, loads
+from .context import CallContext
 from .errors import (
     InternalError,
     InvalidParams,
@@ -42,9 +37,11 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from OpenSSL.crypto import X509
-
     from .schema import Schema
+
+# CallContext is part of the dispatcher's interface (handlers and the authorize hook
+# receive one): importable from here, as the transports do.
+__all__ = ["MAX_BATCH", "MAX_RESPONSE", "Answer", "CallContext", "Dispatcher"]
 
 log = Logger()
 
@@ -54,119 +51,10 @@ Answer = Union[bytes, None, "defer.Deferred[bytes | None]"]
 #: One request's response object, None for a notification, or a Deferred of either.
 _Response = Union[dict[str, Any], None, "defer.Deferred[dict[str, Any] | None]"]
 
-# NaN and Infinity are not JSON: a result holding one is an internal error, not a body
-# that strict parsers refuse.
-_encode = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":")
-).encode
-_encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    # 1e400 is valid JSON syntax but no number we could ever send back (it parses as
-    # infinity): refused at the door, it can never poison a record that others list.
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is not a finite number")
-    return value
-
-
-#: A number of 19 digits or more (where a JSON number may start: after ``[``, ``,``,
-#: ``:`` or white space): orjson would read it as a float, where JSON (and Python's
-#: json) keep an integer exact; such a body takes the slower parser.  Digits inside a
-#: string (a hex secret) do not match, unless a string holds such a number itself,
-#: which only costs that body the slower parser.
-_LONG_NUMBER = re.compile(rb"[\[,:\s]-?[0-9]{19}")
-
-
-def loads(body: bytes | str) -> Any:
-    """
-    Parse a JSON body, strictly: NaN and Infinity are refused, and so is a number too
-    large to be finite (1e400).
-
-    ``orjson`` parses a heartbeat about four times as fast as ``json`` and refuses
-    exactly those; anything it does not take (a lone surrogate escape, nesting over 1024
-    deep, an integer past 64 bits, invalid JSON) goes through ``json``, which decides
-    and words the error as before.
-
-    :raise ValueError, UnicodeDecodeError, RecursionError: when it is not JSON we take
-    """
-    if isinstance(body, bytes) and _LONG_NUMBER.search(body) is None:
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(body, parse_constant=_no_constants, parse_float=_finite)
-
-
 #: Requests in one batch, and bytes in one response body, unless the service says
 #: otherwise (CONTRACT §7: ``HERO_MAX_BATCH``, ``HERO_MAX_RESPONSE``).
 MAX_BATCH = 100
 MAX_RESPONSE = 16 * 1024 * 1024
-
-
-@attrs.frozen
-class CallContext:
-    """
-    What a handler (and the ``authorize`` hook) may know of the call besides its params.
-
-    :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how the request reached us
-    :ivar peer: the peer's address, for logs (``host:port``, or ``"unix"``)
-    :ivar identity: over TLS, the verified identity of the peer's certificate
-        (a :class:`~hero_compute.rpc.tls.PeerIdentity`), or None
-    :ivar serial: over TLS, the serial number of the peer's certificate, or None
-    :ivar host: the peer's IP address (TCP and TLS), or None
-    :ivar not_before: over TLS, the ``not_valid_before`` of the peer's certificate
-        (Unix seconds), or None
-    """
-
-    transport: str
-    peer: str
-    identity: object = None
-    serial: int | None = None
-    host: str | None = None
-    not_before: float | None = None
-
-    @property
-    def secure(self) -> bool:
-        """Whether the connection is TLS."""
-        return self.transport == "tls"
-
-    @classmethod
-    def from_transport(
-        cls, transport: ITransport, trust_domain: str | None = None
-    ) -> CallContext:
-        """
-        :param transport: the transport of a connection whose TLS handshake (if any) is
-            done: call this once the first request has arrived
-        :param trust_domain: the fleet's trust domain, to read a TLS peer's identity
-        :return: the context of the calls on that connection
-        """
-        if isinstance(transport.getHost(), UNIXAddress):
-            return cls("unix", "unix")
-        peer = transport.getPeer()
-        host = getattr(peer, "host", None)
-        where = f"{host or '?'}:{getattr(peer, 'port', '?')}"
-        if not ISSLTransport.providedBy(transport):
-            return cls("tcp", where, host=host)
-        # Twisted's TLS gives pyOpenSSL's X509; the interface says only "object".
-        cert = cast("X509 | None", transport.getPeerCertificate())
-        if cert is None or trust_domain is None:
-            return cls("tls", where, host=host)
-        from .tls import identity_of, not_before
-
-        return cls(
-            "tls",
-            where,
-            identity_of(cert, trust_domain),
-            cert.get_serial_number(),
-            host,
-            not_before(cert),
-        )
 
 
 @attrs.frozen
@@ -436,53 +324,26 @@ def _too_large(response: dict[str, Any]) -> dict[str, Any]:
     return _error(response.get("id"), InternalError("response too large"))
 
 
-def _serialise(response: object) -> bytes:
-    """
-    :return: the UTF-8 JSON of ``response``
-    :raise TypeError, ValueError, RecursionError: when it is not JSON-serialisable
-
-    ``orjson`` writes a page of a thousand nodes in a tenth of ``json``'s time.  It
-    refuses what it cannot write as ``json`` would (integers past 64 bits, lone
-    surrogates, keys that are not strings, nesting past 254): those go to ``json``.
-    The one thing it writes differently, a NaN or infinity (as ``null``), cannot hide:
-    any ``null`` in its output sends the response through ``json``, which refuses it.
-    """
-    try:
-        data = orjson.dumps(response)
-    except TypeError:
-        pass
-    else:
-        if b"null" not in data:
-            return data
-    text = _encode(response)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate (a legal JSON escape, say in a string id or a method name
-        # echoed in an error) has no UTF-8 form: escape it again.
-        return _encode_ascii(response).encode("ascii")
-
-
 def _dump(
     response: dict[str, Any] | list[dict[str, Any]], limit: int = MAX_RESPONSE
 ) -> bytes:
     try:
-        data = _serialise(response)
+        data = dumps(response)
     except (TypeError, ValueError, RecursionError):
         log.failure("result is not JSON-serialisable")
         if isinstance(response, list):
-            return _serialise([_dump_one_safely(r) for r in response])
-        return _serialise(_error(response.get("id"), InternalError("Internal error")))
+            return dumps([_dump_one_safely(r) for r in response])
+        return dumps(_error(response.get("id"), InternalError("Internal error")))
     if len(data) <= limit:
         return data
     if not isinstance(response, list):
-        return _serialise(_too_large(response))
+        return dumps(_too_large(response))
     # Only the items that are too large become errors; the rest of the batch stands.
-    items = [_serialise(r) for r in response]
+    items = [dumps(r) for r in response]
     return (
         b"["
         + b",".join(
-            item if len(item) <= limit else _serialise(_too_large(r))
+            item if len(item) <= limit else dumps(_too_large(r))
             for item, r in zip(items, response, strict=True)
         )
         + b"]"
@@ -491,7 +352,7 @@ def _dump(
 
 def _dump_one_safely(response: dict[str, Any]) -> dict[str, Any]:
     try:
-        _serialise(response)
+        dumps(response)
         return response
     except (TypeError, ValueError, RecursionError):
         return _error(response.get("id"), InternalError("Internal error"))

@@ -141,6 +141,14 @@ class InvalidVmState(RpcError):
     summary = "invalid VM state for this operation"
 
 
+class NoNodeFits(RpcError):
+    """No online node fits a placement (CONTRACT §9); ``data`` counts the nodes set
+    aside by each reason."""
+
+    code = -32006
+    summary = "no node fits"
+
+
 class RefusedByPolicy(RpcError):
     """The request is well-formed but not allowed."""
 

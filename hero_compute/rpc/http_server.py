@@ -8,7 +8,9 @@ README's performance section), and nothing of twisted.web's resource tree, sessi
 forms applies to one JSON endpoint.  As in uvicorn's ``httptools_impl``, each request is
 one record (:class:`Request`) from its first byte to its answer; the protocol holds only
 the connection's state.  Who may connect at all is decided at accept, in
-:mod:`.admission`.
+:mod:`.admission`; a ``GET`` may switch protocols (a WebSocket) through :mod:`.upgrade`.
+
+Long because: the upgrade's few lines sit in the request loop whose order they keep.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .http_wire import (
 from .idle import IdleSweep
 from .limits import Limits
 from .sendnow import send_now
+from .upgrade import Upgrading
 
 log = Logger()
 
@@ -63,7 +66,7 @@ IDLE_TIMEOUT = 75
 
 
 @implementer(IPushProducer)
-class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
+class RpcHTTPProtocol(Upgrading, RequestParsing, Backpressure, protocol.Protocol):
     """
     HTTP/1.1 for one connection to a dispatcher.
 
@@ -115,8 +118,8 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
         self._refuse(408, b"request head not complete within %g s\n" % timeout)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing or self._refusal is not None:
-            return  # refused: read and discard
+        if self._pass_on(data) or self._closing or self._refusal is not None:
+            return  # upgraded (the new protocol's), or refused: read and discard
         if self._inflight is None:
             self._idle_since = self.factory.clock.seconds()
         try:
@@ -126,11 +129,12 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
             if not isinstance(refused, Refused):
                 raise
             self._refusal = (refused.status, refused.message)
-        except httptools.HttpParserUpgrade:
-            # We speak nothing but HTTP/1.1, and llhttp leaves the body of an upgrade
-            # request unread (it would be the other protocol's): refuse it whole.
-            self._queue.pop()
-            self._refusal = (400, b"protocol upgrades are not supported\n")
+        except httptools.HttpParserUpgrade as e:
+            # What follows an upgrade's head is the new protocol's: the hook's, else
+            # the request is refused whole.
+            if not self._upgrade_asked(data, e.args[0]):
+                self._queue.pop()
+                self._refusal = (400, b"protocol upgrades are not supported\n")
         except httptools.HttpParserError as e:
             self._refusal = (
                 400,
@@ -150,7 +154,7 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
         self._next()
 
     def _next(self) -> None:
-        if self._answering:
+        if self._answering or self._upgraded is not None:
             return  # an answer that came at once, inside the loop below: it goes on
         self._answering = True
         try:
@@ -163,7 +167,7 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
                 self._answer(self._queue.pop(0))
         finally:
             self._answering = False
-        if self._closing or self._inflight is not None:
+        if self._closing or self._inflight is not None or self._upgraded is not None:
             return
         if self._refusal is not None and not self._queue:
             # Every request before the bad one is answered: now the refusal.
@@ -176,6 +180,9 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
             self._idle_since = self.factory.clock.seconds()
 
     def _answer(self, request: Request) -> None:
+        if request.upgrade is not None:
+            self._take_over(request)
+            return
         path = request.url.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             try:
@@ -295,6 +302,7 @@ class RpcHTTPProtocol(RequestParsing, Backpressure, protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
+        self._upgraded_lost(reason)
         self._stop_head_timer()
         self.factory.closed(self)
         # The transport holds us as its producer: break that cycle too.
@@ -330,6 +338,7 @@ class RpcHTTPFactory(protocol.Factory[RpcHTTPProtocol]):
 
     protocol = RpcHTTPProtocol
     trust_domain: str | None = None
+    upgrade: Any = None  # the upgrade hook (see .upgrade); None refuses them with 400
     # One "Starting factory" line per listener is noise in an operator's log.
     noisy = False
 

@@ -71,6 +71,10 @@ class Request:
     keep_alive: bool = True
     http10: bool = False
     body: bytes = b""
+    #: A GET's header lines, kept only for a possible upgrade (see ``factory.upgrade``).
+    headers: list[bytes] | None = None
+    #: For an upgrade request: the bytes that followed its head.
+    upgrade: bytes | None = None
 
 
 class _HTTPDate:
@@ -160,6 +164,10 @@ class RequestParsing:
     def on_url(self, url: bytes) -> None:
         request = self._parsing
         assert request is not None
+        if self.factory.upgrade is not None and not request.url:
+            # Only a GET can be an upgrade: RPC requests pay nothing for keeping heads.
+            if self._parser.get_method() == b"GET":
+                request.headers = []
         request.url += url
         if len(request.url) > MAX_URL:
             raise Refused(414, b"request target longer than %d bytes\n" % MAX_URL)
@@ -170,6 +178,8 @@ class RequestParsing:
         request.head += len(name) + len(value)
         if request.head > MAX_HEADERS:
             raise Refused(431, b"request headers larger than %d bytes\n" % MAX_HEADERS)
+        if request.headers is not None:
+            request.headers.append(b"%s: %s\r\n" % (name, value))
         name = name.lower()
         if name == b"content-length":
             request.length = int(value) if value.strip().isdigit() else None

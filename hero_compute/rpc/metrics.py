@@ -164,6 +164,21 @@ def metrics_registry(*collectors: Any) -> CollectorRegistry:
     return registry
 
 
+class MetricsService(service.MultiService):
+    """
+    The ``metrics`` service of a process, parent of what measures (the reactor-lag
+    monitor) and of the listener that serves :attr:`registry`.
+
+    :param registry: the ``CollectorRegistry`` served
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        service.MultiService.__init__(self)
+        self.setName("metrics")
+        #: The ``CollectorRegistry`` served.
+        self.registry = registry
+
+
 class MetricsPage(resource.Resource):
     """
     ``GET /metrics``: the registry in the format the scraper asks for (Prometheus text,

@@ -29,9 +29,10 @@ def create_method():
     return load_schema("node").methods["vm.create"]
 
 
-def check_request(name, vcpus, memory_mb, disk_gb, image=None):
+def check_request(name, vcpus, memory_mb, disk_gb, image=None, **access):
     """
-    Check a VM's definition against the schema's ``vm.create`` params.
+    Check a VM's definition against the schema's ``vm.create`` params; ``access`` holds
+    the optional ones of CONTRACT §8 (``None`` for absent).
 
     :raise InvalidParams: naming what is wrong
     """
@@ -42,19 +43,22 @@ def check_request(name, vcpus, memory_mb, disk_gb, image=None):
     params = {"name": name, "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb}
     if image is not None:
         params["image"] = image
+    params.update({key: value for key, value in access.items() if value is not None})
     create_method().coerce_params(params)
 
 
 @attrs.frozen
 class Reservation:
     """
-    What one defined VM, or one being defined, holds of the node: its name, and memory
-    and disk even while it is stopped, so every defined VM can run at once.
+    What one defined VM, or one being defined, holds of the node: its name, and its
+    CPUs, memory and disk even while it is stopped, so every defined VM can run at once
+    (CONTRACT §9).
     """
 
     name: str
     memory_mb: int
     disk_gb: int
+    vcpus: int = 0
 
     @classmethod
     def of(cls, record):
@@ -62,7 +66,7 @@ class Reservation:
         :param record: a :class:`~hero_compute.node.vms.VmRecord`
         :return: what that VM holds
         """
-        return cls(record.name, record.memory_mb, record.disk_gb)
+        return cls(record.name, record.memory_mb, record.disk_gb, record.vcpus)
 
 
 @attrs.frozen
@@ -70,9 +74,10 @@ class Admission:
     """
     The node's policy for new VMs.
 
-    Memory and disk are reserved when a VM is *defined*, so every defined VM can run at
-    once: a create is refused (-32005) when the memory of all defined VMs would exceed
-    ``memory_limit_mb``, or their disks ``disk_limit_gb``.  Disks are sparse qcow2
+    CPUs, memory and disk are reserved when a VM is *defined*, so every defined VM can
+    run at once: a create is refused (-32005) when the CPUs, memory or disks of all
+    defined VMs would exceed the node's capacity (``NODE_CAPACITY``, by default the
+    host's; ``memory_limit_mb`` and ``disk_limit_gb`` override it).  Disks are sparse qcow2
     files, so they do not take their size at once; a create is also refused when the
     state directory's filesystem has less free space than ``min_free_mb`` plus the
     metadata the new disk needs when fully written (1/8192 of its size): the VM could
@@ -101,15 +106,20 @@ class Admission:
         :param vcpus: its virtual CPUs
         :param image: its base image path, or ``None``
         :param held: the :class:`Reservation`\\ s of every VM defined or being defined
-        :param host: the host's capacity, from :func:`host_capacity`
+        :param host: the node's capacity: :func:`host_capacity` with ``NODE_CAPACITY``
+            over it
         :return: the resolved image path, per :meth:`~.images.ImagePolicy.resolve`, or
             ``None``
         :raise InvalidParams: a relative or missing image
         :raise RefusedByPolicy: an image outside the image directories
         :raise InvalidVmState: a taken name, or not enough CPUs, memory or disk
         """
-        if vcpus > host["vcpus"]:
-            raise InvalidVmState(f"vcpus={vcpus} exceeds this node's {host['vcpus']} CPUs")
+        cpu_used = sum(r.vcpus for r in held)
+        if cpu_used + vcpus > host["vcpus"]:
+            raise InvalidVmState(
+                f"not enough vcpus: {vcpus} asked, {max(host['vcpus'] - cpu_used, 0)} of "
+                f"{host['vcpus']} left for VMs on this node"
+            )
         image = self.images.resolve(image)
         if request.name in {r.name for r in held}:
             raise InvalidVmState(f"a VM named {request.name!r} already exists on this node")

@@ -45,6 +45,8 @@ class Machine:
     _on_lost: object
     _closing: object
     qmp: object = None
+    #: The :class:`~.console.SerialConsole`, or None
+    console: object = None
     lock: defer.DeferredLock = attrs.field(factory=defer.DeferredLock)
     expect_exit: bool = False
     guest_shutdown: bool = False
@@ -111,6 +113,8 @@ class Machine:
         """
         reactor = self._reactor
         deadline = reactor.seconds() + timeout
+        if self.console is not None:
+            self.console.connect()
         qmp = await connect_qmp(
             reactor,
             os.path.join(self.directory, QMP_SOCKET),
@@ -178,6 +182,8 @@ class Machine:
         :param timeout: seconds to wait for the connection to close
         :return: a Deferred that fires when it is closed
         """
+        if self.console is not None:
+            self.console.disconnect()
         if self.qmp is None:
             return defer.succeed(None)
         d = self.qmp.when_disconnected()
@@ -188,6 +194,8 @@ class Machine:
     async def abandon(self):
         """Make sure nothing of a failed start keeps running."""
         self.expect_exit = True
+        if self.console is not None:
+            self.console.disconnect()
         if self.qmp is not None:
             self.qmp.disconnect()
             self.qmp = None

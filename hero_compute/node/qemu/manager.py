@@ -1,9 +1,8 @@
 """
 The VM lifecycle: :class:`QemuVmManager` runs the VMs of one node as QEMU processes
-driven over QMP, and owns their states.  Talking to one VM's QEMU is
-:class:`~.machine.Machine`'s business, what lives where on disk :mod:`.store`'s, QEMU's
-command line and processes :mod:`.process`'s, what may be defined :mod:`.admission`'s and
-disks :mod:`.disks`'.
+driven over QMP, and owns their states.  One VM's QEMU is :class:`~.machine.Machine`'s
+business; disk layout :mod:`.store`'s, QEMU's command line :mod:`.process`'s, admission
+:mod:`.admission`'s, network, seed and boot :mod:`.access`'s, start-up :mod:`.recovery`'s.
 
 Long because: the state machine of a VM (every transition, its lock and its persisted
 record) reads best in one place; everything else is already split out.
@@ -22,11 +21,14 @@ from hero_compute.node.vms import IVmManager, VmRecord, usage_of
 from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
-from . import process
+from . import access, process, recovery
+from .accel import AccelChoice
 from .admission import Admission, Reservation, check_request, host_capacity
+from .console import ConsoleSettings
 from .disks import create_disk
 from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
+from .network import NetworkPolicy
 from .store import DISK, QMP_SOCKET, VmStore
 
 
@@ -34,8 +36,7 @@ from .store import DISK, QMP_SOCKET, VmStore
 @attrs.define(eq=False)
 class QemuVmManager(service.Service):
     """
-    Runs the VMs of one node as QEMU processes (KVM where ``/dev/kvm`` is usable, TCG
-    elsewhere: ``-machine accel=kvm:tcg``).
+    Runs the VMs of one node as QEMU processes, under KVM or TCG (see :mod:`.accel`).
 
     As a service, ``startService`` loads every definition from the state directory and
     recovers the VMs that were running: a VM whose QEMU still runs (checked through
@@ -61,8 +62,10 @@ class QemuVmManager(service.Service):
     :param image_dirs: base images must lie under one of these directories (an
         ``image`` elsewhere is refused with -32010); default ``<state_dir>/images``.
         See :mod:`.images`
-    :param accel: QEMU's accelerator list; ``"kvm:tcg"`` takes KVM where ``/dev/kvm`` is
-        usable and falls back to (much slower) emulation elsewhere
+    :param capacity_cap: ``NODE_CAPACITY``: any of ``vcpus``, ``memory_mb``,
+        ``disk_gb``, replacing the host's in :meth:`capacity` (what VMs may reserve)
+    :param accel: ``NODE_ACCEL``: ``auto`` (see :mod:`.accel`), ``kvm`` or ``tcg``
+    :param network: the :class:`~.network.NetworkPolicy` (bridges, forward ports)
     """
 
     log = Logger()
@@ -77,7 +80,12 @@ class QemuVmManager(service.Service):
     _disk_limit_gb: int | None = None
     _min_free_mb: int = 256
     _image_dirs: tuple | None = None
-    _accel: str = "kvm:tcg"
+    _capacity_cap: dict = attrs.field(factory=dict)
+    _accel_mode: str = attrs.field(default="auto", alias="accel")
+    _accel: AccelChoice = attrs.field(init=False)
+    _network: NetworkPolicy = attrs.field(factory=NetworkPolicy)
+    _access: access.AccessPolicy = attrs.field(init=False)
+    _console: ConsoleSettings = attrs.field(factory=ConsoleSettings)
     _admission: Admission = attrs.field(init=False)
     _store: VmStore = attrs.field(init=False)
     _vms: dict = attrs.field(init=False, factory=dict)
@@ -101,6 +109,8 @@ class QemuVmManager(service.Service):
             self._min_free_mb,
             images=ImagePolicy(self._image_dirs),
         )
+        self._access = access.AccessPolicy(self._network, self._admission.images)
+        self._accel = AccelChoice(self._accel_mode)
         longest = os.path.join(self._store.directory("0" * 32), QMP_SOCKET)
         if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             raise ValueError(
@@ -125,13 +135,10 @@ class QemuVmManager(service.Service):
             count=len(self._vms),
             path=self._store.root,
         )
-        recoveries = [
-            vm.lock.run(self._recover, vm)
-            for vm in list(self._vms.values())
-            if vm.record.state in ("starting", "running", "stopping")
-        ]
-        self._recovery = defer.DeferredList(recoveries, consumeErrors=True)
-        self._recovery.addCallback(lambda _: None)
+        self._recovery = recovery.recover_all(
+            self._reactor, self._vms.values(), self._set_state
+        )
+        self._accel.start(self._reactor, self._qemu)
 
     def stopService(self):
         """
@@ -147,18 +154,9 @@ class QemuVmManager(service.Service):
     def when_recovered(self):
         """
         :return: a Deferred that fires once the VMs found running at ``startService``
-            are reconnected or marked stopped
+            are reconnected or marked stopped, and leftover taps removed
         """
-        if self._recovery is None:
-            return defer.succeed(None)
-        d = defer.Deferred()
-
-        def done(result):
-            d.callback(None)
-            return result
-
-        self._recovery.addBoth(done)
-        return d
+        return recovery.observe(self._recovery)
 
     def kill_all(self):
         """
@@ -173,9 +171,9 @@ class QemuVmManager(service.Service):
 
     # -- IVmManager -----------------------------------------------------------------
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None):
+    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **params):
         """
-        Define a VM and make its disk.
+        Define a VM and make its disk; ``params`` as :meth:`.access.AccessPolicy.plan`.
 
         :param name: unique on this node
         :param vcpus: virtual CPUs, 1 to the host's count
@@ -187,7 +185,7 @@ class QemuVmManager(service.Service):
             :class:`~hero_compute.node.vms.VmRecord`, state ``stopped``
         """
         return defer.Deferred.fromCoroutine(
-            self._create(name, vcpus, memory_mb, disk_gb, image)
+            self._create(name, vcpus, memory_mb, disk_gb, image, params)
         )
 
     def start(self, vm_id):
@@ -270,10 +268,11 @@ class QemuVmManager(service.Service):
 
     def capacity(self):
         """
-        :return: the host's ``{vcpus, memory_mb, disk_gb}``, per
-            :func:`~.admission.host_capacity`
+        :return: what this node's VMs may reserve in all, ``{vcpus, memory_mb,
+            disk_gb}``: the host's, per :func:`~.admission.host_capacity`, each replaced
+            by ``NODE_CAPACITY``'s when it gives one
         """
-        return host_capacity(self._state_dir)
+        return {**host_capacity(self._state_dir), **self._capacity_cap}
 
     def usage(self):
         """
@@ -281,6 +280,10 @@ class QemuVmManager(service.Service):
             :func:`~hero_compute.node.vms.usage_of`
         """
         return usage_of([vm.record for vm in self._vms.values()])
+
+    def accel(self):
+        """:return: ``kvm`` or ``tcg``, or ``probing`` until :mod:`.accel` decides"""
+        return self._accel.current()
 
     # -- create ---------------------------------------------------------------------
 
@@ -295,25 +298,35 @@ class QemuVmManager(service.Service):
         if vm.record.state not in allowed:
             raise InvalidVmState(f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
+    def console(self, vm_id):
+        """:return: the VM's :class:`~.console.SerialConsole`; VmNotFound if none"""
+        return self._get(vm_id).console
+
     def _machine(self, record):
+        directory = self._store.directory(record.vm_id)
         return Machine(
             record,
-            self._store.directory(record.vm_id),
+            directory,
             self._reactor,
             on_lost=self._qmp_lost,
             closing=lambda: self._closing,
+            console=self._console.make(directory, self._reactor),
         )
 
-    async def _create(self, name, vcpus, memory_mb, disk_gb, image):
-        check_request(name, vcpus, memory_mb, disk_gb, image)
-        request = Reservation(name, memory_mb, disk_gb)
+    async def _create(self, name, vcpus, memory_mb, disk_gb, image, params):
+        check_request(name, vcpus, memory_mb, disk_gb, image, **params)
+        request = Reservation(name, memory_mb, disk_gb, vcpus)
         held = [Reservation.of(vm.record) for vm in self._vms.values()]
-        held += self._creating.values()
+        held += [r for r, _ in self._creating.values()]
         image = self._admission.admit(request, vcpus, image, held, self.capacity())
         vm_id = uuid.uuid4().hex
-        self._creating[vm_id] = request
+        networks = [vm.record.network for vm in self._vms.values()]
+        networks += [a.fields["network"] for _, a in self._creating.values()]
+        planned = self._access.plan(vm_id, name, access.held_ports(networks), **params)
+        self._creating[vm_id] = (request, planned)
         try:
             directory = self._store.make_directory(vm_id)
+            access.save_secrets(directory, planned.secrets)
             await create_disk(
                 self._reactor, self._qemu_img, os.path.join(directory, DISK), disk_gb, image
             )
@@ -326,6 +339,7 @@ class QemuVmManager(service.Service):
                 image,
                 "stopped",
                 self._reactor.seconds(),
+                **planned.fields,
             )
             self._store.save(record)
         except BaseException:
@@ -354,10 +368,13 @@ class QemuVmManager(service.Service):
             # Again at each start: a directory on the resolved image's way may have been
             # swapped for a symlink since the create.
             self._admission.images.check_stored(vm.record.image)
-            await vm.launch(self._qemu, self._accel, self._start_timeout)
+            accel = await self._accel.decided()
+            await access.prepare(self._reactor, self._access, vm.record, vm.directory)
+            await vm.launch(self._qemu, accel, self._start_timeout)
         except BaseException as e:
             self.start_failures += 1
             self.log.error("VM {vm_id} not started: {error}", vm_id=vm.vm_id, error=e)
+            await access.release(self._reactor, vm.record)
             # Nothing of it runs: it is what it was before, and can be started again.
             self._set_state(vm, was)
             raise
@@ -371,6 +388,8 @@ class QemuVmManager(service.Service):
     def _qmp_lost(self, vm, reason):
         if self._closing or vm.expect_exit or vm.record.state not in ("running",):
             return
+        # QEMU is gone or out of our hands: its tap goes (a restart makes a new one).
+        defer.Deferred.fromCoroutine(access.release(self._reactor, vm.record))
         if vm.guest_shutdown:
             # The guest powered off by itself: QEMU exits after SHUTDOWN, as asked.
             self.log.info("VM {vm_id} shut down by its guest", vm_id=vm.vm_id)
@@ -393,6 +412,7 @@ class QemuVmManager(service.Service):
         # Not claimed like a start: stopping must work on a full disk too.
         self._set_state(vm, "stopping")
         await vm.shut_down(force, self._stop_grace)
+        await access.release(self._reactor, vm.record)
         self._set_state(vm, "stopped")
         self.log.info("VM {vm_id} stopped", vm_id=vm.vm_id)
         return vm.record
@@ -408,6 +428,7 @@ class QemuVmManager(service.Service):
         if vm.record.state != "stopped":
             self._set_state(vm, "stopping")
             await vm.shut_down(True, self._stop_grace)
+        await access.release(self._reactor, vm.record)
         del self._vms[vm.vm_id]
         # The definition goes first: a crash half-way through leaves a directory
         # without vm.json, which startService cleans up, never a VM without its disk.
@@ -415,7 +436,7 @@ class QemuVmManager(service.Service):
         self.log.info("deleted VM {vm_id} ({name})", vm_id=vm.vm_id, name=vm.record.name)
         return True
 
-    # -- persistence and recovery ---------------------------------------------------
+    # -- persistence ----------------------------------------------------------------
 
     def _set_state(self, vm, state, claim=None):
         """
@@ -438,12 +459,3 @@ class QemuVmManager(service.Service):
                     "VM {vm_id}: could not save state {state}", vm_id=vm.vm_id, state=state
                 )
         vm.record = record
-
-    async def _recover(self, vm):
-        if vm.pid() is not None:
-            # Ours, alive: whatever state we crashed in, it runs now, and losing QMP from
-            # here on is an error as for any running VM.
-            vm.record = attrs.evolve(vm.record, state="running")
-        state = await vm.recover(10)
-        # Saved even when unchanged in memory: "starting" or "stopping" may be on disk.
-        self._set_state(vm, "error" if vm.record.state == "error" else state)

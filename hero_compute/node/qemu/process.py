@@ -15,6 +15,9 @@ from twisted.internet import task, utils
 
 from hero_compute.rpc.errors import InvalidVmState
 
+from .console import TTY_SOCKET, serial_args
+from .network import netdev_args
+from .seed import SEED
 from .store import DISK, PIDFILE, QMP_SOCKET
 
 
@@ -22,11 +25,27 @@ def qemu_argv(record, directory, accel):
     """
     The arguments (after the executable) that run one VM, daemonized, with a QMP socket.
 
+    Built from parts (:func:`machine_args`, :func:`disk_args`, :func:`boot_args`,
+    :func:`network.netdev_args <.network.netdev_args>`, :func:`control_args`), so a
+    feature adds its own part.
+
     :param record: the VM's :class:`~hero_compute.node.vms.VmRecord`
     :param directory: the VM's directory
     :param accel: QEMU's accelerator list, e.g. ``"kvm:tcg"``
     :return: a list of strings
     """
+    return [
+        *machine_args(record, accel),
+        *disk_args(record, directory),
+        *boot_args(record),
+        *netdev_args(record.vm_id, record.network),
+        *serial_args(directory),
+        *control_args(directory),
+    ]
+
+
+def machine_args(record, accel):
+    """:return: the machine, its memory and CPUs, and no default devices"""
     return [
         "-name",
         "guest=" + opt(record.name),
@@ -36,12 +55,36 @@ def qemu_argv(record, directory, accel):
         str(record.memory_mb),
         "-smp",
         str(record.vcpus),
-        "-drive",
-        f"file={opt(os.path.join(directory, DISK))},format=qcow2,if=virtio",
         "-nodefaults",
         "-no-user-config",
         "-display",
         "none",
+    ]
+
+
+def disk_args(record, directory):
+    """:return: the VM's disk, and its NoCloud seed read-only when one is written"""
+    args = ["-drive", f"file={opt(os.path.join(directory, DISK))},format=qcow2,if=virtio"]
+    seed = os.path.join(directory, SEED)
+    if os.path.exists(seed):
+        args += ["-drive", f"file={opt(seed)},format=raw,if=virtio,readonly=on"]
+    return args
+
+
+def boot_args(record):
+    """:return: a direct kernel boot's kernel, initrd and command line, if any"""
+    boot = record.boot
+    if boot is None:
+        return []
+    args = ["-kernel", boot.kernel]
+    if boot.initrd is not None:
+        args += ["-initrd", boot.initrd]
+    return args + ["-append", boot.cmdline]
+
+
+def control_args(directory):
+    """:return: daemonizing, the pid file and the QMP socket"""
+    return [
         "-daemonize",
         "-pidfile",
         os.path.join(directory, PIDFILE),
@@ -158,7 +201,7 @@ def remove_runtime(directory):
 
     :param directory: the VM's directory
     """
-    for name in (PIDFILE, QMP_SOCKET):
+    for name in (PIDFILE, QMP_SOCKET, TTY_SOCKET):
         try:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:

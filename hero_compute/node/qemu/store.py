@@ -17,7 +17,7 @@ import jsonschema
 from jsonschema.exceptions import best_match
 from twisted.logger import Logger
 
-from hero_compute.node.vms import VmRecord
+from hero_compute.node.vms import VmRecord, default_hostname, mac_address
 from hero_compute.rpc.schema import load_schema
 
 #: The file names inside a VM's directory.
@@ -60,11 +60,26 @@ def record_from_wire(data):
     :return: a :class:`~hero_compute.node.vms.VmRecord`
     :raise ValueError: when ``data`` is no valid VmInfo
     """
+    if isinstance(data, dict) and isinstance(data.get("vm_id"), str):
+        data = _upgrade(data)
     error = best_match(_vm_info_validator().iter_errors(data))
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path)
         raise ValueError(f"not a VmInfo: {where + ': ' if where else ''}{error.message}")
-    return VmRecord(**{a.name: data[a.name] for a in attrs.fields(VmRecord)})
+    return VmRecord.from_wire(data)
+
+
+def _upgrade(data):
+    """A definition from before networks and seeds, with what such a VM has: its
+    default host name, no network (it had no NIC), no keys, no kernel boot."""
+    name = data.get("name")
+    defaults: dict[str, object] = {
+        "hostname": default_hostname(name) if isinstance(name, str) else "vm",
+        "network": {"mode": "none", "mac": mac_address(data["vm_id"]), "ports": []},
+        "ssh_keys": [],
+        "boot": None,
+    }
+    return {**defaults, **data}
 
 
 @attrs.frozen

@@ -99,11 +99,18 @@ function usageCell(node) {
     ["Memory", use.memory_mb || 0, cap.memory_mb || 0, mb],
     ["Disk", use.disk_gb || 0, cap.disk_gb || 0, (v) => `${v} GB`],
   ];
-  const grid = el("div", { class: "use" });
+  // Usage is what every defined VM reserves; capacity what VMs may reserve in all
+  // (the node's NODE_CAPACITY cap, else the host's).
+  const grid = el("div", { class: "use", title: "reserved by defined VMs / capacity (NODE_CAPACITY, else the host's)" });
   for (const [name, used, total, fmt] of rows) {
     grid.append(el("span", {}, name), bar(used, total), el("span", {}, `${fmt(used)} / ${fmt(total)}`));
   }
   return grid;
+}
+
+function capacityText(cap) {
+  if (!cap || !Object.keys(cap).length) return "—";
+  return `${cap.vcpus ?? "?"} vCPU, ${mb(cap.memory_mb ?? 0)} memory, ${cap.disk_gb ?? "?"} GB disk (what VMs may reserve)`;
 }
 
 function labelTags(labels) {
@@ -260,6 +267,7 @@ async function loadNode(nodeId, generation) {
     ["First seen", new Date(n.first_seen * 1000).toISOString()],
     ["Labels", labelTags(n.labels)],
     ["VMs", n.vm_count],
+    ["Capacity", capacityText(n.capacity)],
     ["Usage", usageCell(n)],
     ["Heartbeats", history.status === "rejected" ? `Not available: ${history.reason.message}` : sparkline(history.value.heartbeats)],
   ];
