@@ -144,6 +144,7 @@ def test_csrf_and_viewer_writes_refused(twistd, short_tmp):
             "explorer.call",
             {"node_id": "n1", "method": "vm.start", "params": {"vm_id": "x"}},
         ),
+        ("explorer.create_vm", {"name": "x", "vcpus": 1, "memory_mb": 64, "disk_gb": 1}),
         ("explorer.remove_node", {"node_id": "n1"}),
     ]:
         error = ui_rpc(startup, viewer, method, params)["error"]
@@ -316,6 +317,20 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     )
     assert "Deleting webby: done." in status.text
     assert result(node, "vm.list") == []
+    # Placed by the explorer (explorer.create_vm): the only node that fits gets it.
+    browser.execute_script("location.hash = '#/create'")
+    wait_for(
+        lambda: browser.find_element("id", "create-view").is_displayed(), what="the form"
+    )
+    for field, value in {**form, "c-name": "placed", "c-where": ""}.items():
+        element = browser.find_element("id", field)
+        element.clear()
+        element.send_keys(value)
+    assert browser.find_element("id", "c-node").get_attribute("value") == ""
+    browser.find_element("id", "c-submit").click()
+    wait_for(lambda: vm_row(browser, "placed"), timeout=60, what="the placed VM")
+    assert "on node gamma" in status.text
+    assert [v["name"] for v in result(node, "vm.list")] == ["placed"]
     assert browser.execute_script("return window.__sameDocument") is True
     assert foreign_requests(browser, origin) == []
 

@@ -397,7 +397,7 @@ async function loadCreate(nodeId) {
   const page = await rpc("explorer.query_nodes", { status: "online", limit: 500 });
   const options = [el("option", { value: "" }, "placed by the explorer")];
   for (const n of page.nodes) options.push(el("option", { value: n.node_id }, `${n.name} (${n.node_id})`));
-  const keep = nodeId ?? select.value;
+  const keep = nodeId || "";
   select.replaceChildren(...options);
   select.value = page.nodes.some((n) => n.node_id === keep) ? keep : "";
 }
