@@ -435,3 +435,13 @@ def test_browser_first_paint_at_100000_nodes(twistd, short_tmp, browser):  # noq
         assert browser.find_element("id", "s-vms").text == str(summary["vms"])
     print(f"first paint at 100,000 nodes (ms): {[round(t) for t in times]}")
     assert sorted(times)[1] < 1000, times
+
+
+def test_dashboard_user_names_itself_for_the_audit():
+    """A dashboard user's calls name it as ``dashboard:<user>`` (its identity's uri)."""
+    from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
+    from hero_compute.rpc.authz import UI_OPERATOR
+
+    assert DashboardUser(UI_OPERATOR, "alice").uri == "dashboard:alice"
+    session = UiAccounts(None).certificate_session("ops")
+    assert session.user.uri == "dashboard:client/ops" and session.user.role == UI_OPERATOR

@@ -65,6 +65,11 @@ class DashboardUser:
     role: str
     name: str
 
+    @property
+    def uri(self):
+        """Who this is in the audit log (CONTRACT §10: the dashboard user)."""
+        return f"dashboard:{self.name}"
+
 
 @attrs.frozen
 class Session:
