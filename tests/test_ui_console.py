@@ -238,3 +238,22 @@ def test_browser_console_of_the_test_guest(twistd, short_tmp, browser, axe_sourc
     wait_for(
         lambda: vm_row(browser, "tty")[1] == "stopped", timeout=60, what="the VM stopped"
     )
+
+
+def test_events_stream_refusals(twistd, short_tmp):
+    """/v1/events through the dashboard: no session 401, another origin 403, a bad
+    since 400; a viewer's is passed on to the explorer (its status alone when it is
+    refused there), nothing joined behind it."""
+    _, unix, _, startup = start_explorer(twistd, short_tmp)
+    viewer = login(startup)
+
+    def close(head):
+        return head.replace(b"Connection: Upgrade", b"Connection: Upgrade, close")
+
+    assert status(raw(startup, close(upgrade(startup, None, path="/v1/events")))) == 401
+    evil = upgrade(startup, viewer, path="/v1/events", origin="http://evil.example")
+    assert status(raw(startup, close(evil))) == 403
+    bad = upgrade(startup, viewer, path="/v1/events?since=x")
+    assert status(raw(startup, close(bad))) == 400
+    answer = raw(startup, upgrade(startup, viewer, path="/v1/events?since=0"))
+    assert status(answer) in (101, 400, 404), answer

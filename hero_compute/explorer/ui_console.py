@@ -1,8 +1,8 @@
 """
-The console through the dashboard (CONTRACT §11): ``GET
-/v1/nodes/<node_id>/vms/<vm_id>/console`` with a WebSocket upgrade on the dashboard's
-own origin, for operators, joined to the explorer's console relay (CONTRACT §8) on its
-own Unix socket.
+The console and the event stream through the dashboard (CONTRACT §11): ``GET
+/v1/nodes/<node_id>/vms/<vm_id>/console`` (operators) and ``GET /v1/events`` (every
+session) with a WebSocket upgrade on the dashboard's own origin, joined to the
+explorer's console relay (CONTRACT §8) and event stream (§10) on its own Unix socket.
 
 The dashboard does not speak WebSocket itself: once the session, its role and the
 ``Origin`` are checked here, the browser's connection is taken from ``twisted.web`` and
@@ -36,6 +36,9 @@ PATH = re.compile(
     rb"^/v1/nodes/(?P<node_id>[A-Za-z0-9._-]{1,64})"
     rb"/vms/(?P<vm_id>[A-Za-z0-9_.-]{1,64})/console/?$"
 )
+
+#: The event stream's path (CONTRACT §10), for every session.
+EVENTS = re.compile(rb"^/v1/events/?$")
 
 #: The request headers passed on to the explorer: the WebSocket handshake's own.
 PASSED = (b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version")
@@ -234,7 +237,8 @@ def _refuse(request, code, text):
 
 def serve(request, session, console_socket, reactor):
     """
-    ``GET /v1/nodes/<node_id>/vms/<vm_id>/console`` on the dashboard: checked, then
+    ``GET /v1/nodes/<node_id>/vms/<vm_id>/console`` or ``GET /v1/events`` on the
+    dashboard: checked, then
     :func:`splice` d.
 
     :param request: the browser's request (its ``Host`` already allowed)
@@ -250,11 +254,13 @@ def serve(request, session, console_socket, reactor):
     if not same_origin(request):
         # A WebSocket is not held to the same-origin policy: its Origin must be ours.
         return _refuse(request, FORBIDDEN, "cross-origin (or Origin-less) console")
-    if session.user.role != UI_OPERATOR:
-        return _refuse(request, FORBIDDEN, "the console is for operators")
     match = PATH.match(request.path)
     if match is None:
-        return _refuse(request, 404, "not found")
+        if EVENTS.match(request.path) is None:
+            return _refuse(request, 404, "not found")
+        return _events(request, session, console_socket, reactor)
+    if session.user.role != UI_OPERATOR:
+        return _refuse(request, FORBIDDEN, "the console is for operators")
     if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
         return _refuse(request, 400, "a WebSocket upgrade is expected here")
     socket_path = console_socket() if console_socket is not None else None
@@ -267,3 +273,19 @@ def serve(request, session, console_socket, reactor):
         node=match["node_id"].decode(),
     )
     return splice(request, request.path, socket_path, reactor)
+
+
+def _events(request, session, console_socket, reactor):
+    """``GET /v1/events[?since=N]``: the explorer's event stream, for every session."""
+    if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
+        return _refuse(request, 400, "a WebSocket upgrade is expected here")
+    since = (request.args or {}).get(b"since")
+    target = b"/v1/events"
+    if since:
+        if not since[0].isdigit() or len(since[0]) > 20:
+            return _refuse(request, 400, "since: a sequence number")
+        target += b"?since=" + since[0]
+    socket_path = console_socket() if console_socket is not None else None
+    if socket_path is None:
+        return _refuse(request, 503, "no event stream on this explorer")
+    return splice(request, target, socket_path, reactor)

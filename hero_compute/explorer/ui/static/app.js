@@ -486,10 +486,55 @@ async function update(summary = true) {
   // For the tests (and the curious): how many updates ran.
   document.body.dataset.updates = String(state.updates);
   markAction();
-  // Polling, not a push channel: one request shape for page and scripts, nothing held
-  // open per viewer, and through an SSH tunnel it simply works; 2 s is well inside the
-  // offline threshold, so a node's fall shows within one update.
-  state.timer = setTimeout(update, POLL_MS);
+  // While the event stream is up, events drive the updates; polling is the fallback
+  // (2 s is well inside the offline threshold, so a node's fall shows within one).
+  if (!events.live) state.timer = setTimeout(update, POLL_MS);
+}
+
+// ---- the event stream (GET /v1/events through this origin) -------------------------
+
+const EVENT_RETRY_MS = [1000, 2000, 5000, 10000, 30000];
+const events = { live: false, since: null, attempt: 0, pending: null, socket: null };
+
+// Several events in a burst make one update.
+function onEvent(message) {
+  try {
+    const event = JSON.parse(message.data);
+    if (Number.isInteger(event.seq)) events.since = event.seq;
+    document.body.dataset.lastEvent = event.type || "";
+  } catch {
+    return;
+  }
+  if (events.pending !== null) return;
+  events.pending = setTimeout(() => {
+    events.pending = null;
+    if (route().view === "fleet" || route().view === "node") update();
+  }, 100);
+}
+
+function followEvents() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const since = events.since === null ? "" : `?since=${events.since}`;
+  const socket = new WebSocket(`${scheme}//${location.host}/v1/events${since}`);
+  events.socket = socket;
+  socket.onopen = () => {
+    events.live = true;
+    events.attempt = 0;
+    document.body.dataset.events = "live";
+    clearTimeout(state.timer);
+    update();
+  };
+  socket.onmessage = onEvent;
+  socket.onclose = () => {
+    const was = events.live;
+    events.live = false;
+    document.body.dataset.events = "down";
+    // Back to polling at once, and the stream tried again later.
+    if (was) update();
+    const wait = EVENT_RETRY_MS[Math.min(events.attempt, EVENT_RETRY_MS.length - 1)];
+    events.attempt += 1;
+    setTimeout(followEvents, wait);
+  };
 }
 
 // How long the last user action (a page, a filter) took until its table was shown.
@@ -513,7 +558,7 @@ function resetPaging() {
 
 function init() {
   $("operator-links").hidden = !OPERATOR;
-  $("footer-text").textContent = OPERATOR ? "Signed in as an operator. Updated every 2 s." : "Read-only (viewer). Updated every 2 s.";
+  $("footer-text").textContent = OPERATOR ? "Signed in as an operator. Updated as events arrive (every 2 s without them)." : "Read-only (viewer). Updated as events arrive (every 2 s without them).";
   if (OPERATOR) {
     $("vms-head").append(el("th", { scope: "col" }, "Actions"));
     $("vm-form").addEventListener("submit", submitCreate);
@@ -546,6 +591,7 @@ function init() {
       }),
     );
   }
+  followEvents();
   window.addEventListener("hashchange", () => {
     update();
     $("main").focus();
