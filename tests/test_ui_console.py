@@ -257,3 +257,60 @@ def test_events_stream_refusals(twistd, short_tmp):
     assert status(raw(startup, close(bad))) == 400
     answer = raw(startup, upgrade(startup, viewer, path="/v1/events?since=0"))
     assert status(answer) in (101, 400, 404), answer
+
+
+def rpc_requests(driver):
+    """How many ``POST /rpc`` the page has made so far."""
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter((e) => e.name.endsWith('/rpc')).length;"
+    )
+
+
+def test_browser_follows_events(twistd, short_tmp, browser):  # noqa: F811
+    """
+    In Chromium, with the explorer's event stream up: the page makes no periodic RPC
+    (counted over 10 s); a node that stops shows offline after its event, without
+    polling; with the stream down (no such route) the page polls instead.
+    """
+    _, unix, _, startup = start_explorer(twistd, short_tmp)
+    nodes = {n: start_node(twistd, short_tmp, unix, n) for n in ("mu", "nu")}
+    wait_for(
+        lambda: len(result(unix, "explorer.list_nodes", {"status": "online"})) == 2,
+        what="both nodes online",
+    )
+    browser.get(startup)
+    wait_for(
+        lambda: browser.execute_script("return document.body.dataset.events"),
+        what="the event stream tried",
+    )
+    if browser.execute_script("return document.body.dataset.events") != "live":
+        # No event stream on this explorer: the page polls, as before.
+        before = rpc_requests(browser)
+        wait_for(
+            lambda: rpc_requests(browser) >= before + 4,
+            timeout=10,
+            what="polling while the stream is down",
+        )
+        pytest.skip("the explorer has no event stream (GET /v1/events)")
+    wait_for(
+        lambda: browser.find_element("id", "s-online").text == "2", what="both nodes shown"
+    )
+    before = rpc_requests(browser)
+    # Heartbeats of steady nodes make no event: nothing to ask for 10 s.
+    browser.execute_script("return new Promise((r) => setTimeout(r, 10000))")
+    assert rpc_requests(browser) - before <= 2, "periodic RPC polling with events up"
+    nodes["nu"].stop()
+    wait_for(
+        lambda: (
+            browser.execute_script("return document.body.dataset.lastEvent")
+            == "node.offline"
+        ),
+        timeout=15,
+        what="nu's offline event",
+    )
+    wait_for(
+        lambda: browser.find_element("id", "s-offline").text == "1",
+        timeout=5,
+        what="nu offline in the page",
+    )
