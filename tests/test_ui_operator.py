@@ -217,6 +217,9 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     parts = urllib.parse.urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc}"
     open_page(browser, url)
+    wait_for(lambda: browser.find_element("id", "s-online").text == "1", what="the fleet")
+    if axe_source:
+        assert axe(browser, axe_source) == []  # the fleet view, as an operator
     # Marks this document: a reload would lose it.
     browser.execute_script("window.__sameDocument = true;")
     browser.execute_script("location.hash = '#/create/gamma'")

@@ -3,9 +3,12 @@ The dashboard over mutual TLS: a ``client/*`` certificate stands in for the toke
 certificate, or another role's, still gets 401.
 """
 
+import base64
 import http.client
 import json
+import os
 import re
+import socket
 import ssl
 
 import pytest
@@ -121,3 +124,40 @@ def test_token_still_works_over_tls(explorer, certs):
     """Without a certificate, the logged token still trades for a session."""
     status, _ = get(explorer, certs, None, f"/?token={explorer.token}")
     assert status == 302
+
+
+def test_console_over_tls_for_a_client_certificate(explorer, certs):
+    """Over the TLS dashboard a client/* certificate (an operator) reaches the
+    explorer's console relay through the taken-over TLS connection (an unknown node:
+    the relay's 404), and a node certificate gets 401, nothing relayed."""
+    key = base64.b64encode(os.urandom(16)).decode()
+
+    def upgrade(who, path):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(certs["ca"])
+        context.load_cert_chain(*certs[who])
+        raw = socket.create_connection(("127.0.0.1", explorer.port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(
+                (
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{explorer.port}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                    f"Origin: https://127.0.0.1:{explorer.port}\r\n\r\n"
+                ).encode()
+            )
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except (TimeoutError, ssl.SSLError):
+                pass
+            return got
+
+    answer = upgrade("client", "/v1/nodes/ghost/vms/x/console")
+    assert answer.startswith(b"HTTP/1.1 404 "), answer
+    # The relay's status alone (the dashboard's own refusals carry a text body).
+    assert answer.count(b"HTTP/1.1") == 1 and b"Content-Length: 0" in answer, answer
+    answer = upgrade("node", "/v1/nodes/ghost/vms/x/console")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
