@@ -199,6 +199,8 @@ def take_over(request):
     else:
         transport.protocol = browser
     browser.makeConnection(transport)
+    # twisted.web stops reading a connection while it answers a request: read on.
+    transport.resumeProducing()
     return browser
 
 
