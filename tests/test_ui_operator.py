@@ -448,3 +448,27 @@ def test_dashboard_user_names_itself_for_the_audit():
     assert DashboardUser(UI_OPERATOR, "alice").uri == "dashboard:alice"
     session = UiAccounts(None).certificate_session("ops")
     assert session.user.uri == "dashboard:client/ops" and session.user.role == UI_OPERATOR
+
+
+def test_accounts_expire_and_are_bounded():
+    """A login token past its ttl is refused and dropped; the session it made ends when
+    the token would have; sessions beyond the limit push out the oldest."""
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
+    from hero_compute.rpc.authz import UI_VIEWER
+
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    accounts = UiAccounts(clock, limit=3)
+    late = accounts.create("ann", "viewer", ttl=60)["token"]
+    used = accounts.create("ann", "operator", ttl=60)["token"]
+    sid, session = accounts.redeem(used)
+    assert accounts.session(sid) is session and accounts.redeem(used) is None
+    clock.advance(61)
+    assert accounts.redeem(late) is None
+    assert accounts.session(sid) is None
+    assert accounts.list() == {"tokens": [], "sessions": []}
+    sids = [accounts.new_session(DashboardUser(UI_VIEWER, f"u{i}"))[0] for i in range(4)]
+    assert accounts.session(sids[0]) is None
+    assert all(accounts.session(s) for s in sids[1:])
