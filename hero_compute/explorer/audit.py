@@ -222,6 +222,10 @@ class AuditLog:
             except Exception as e:
                 self.record(caller, name, aim, _outcome(e))
                 raise
+            if inspect.iscoroutine(result):
+                # An async handler (explorer.create_vm): its outcome is known only
+                # once it has run, not when it is called.
+                result = defer.ensureDeferred(result)
             if isinstance(result, defer.Deferred):
 
                 def settled(outcome):
