@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Run from the source tree: twistd finds our plugins in ./twisted/plugins through
 # PYTHONPATH (an editable install of a flat layout would hide them).
 export PYTHONPATH := $(CURDIR)
-DEBIAN_PACKAGES := python3-venv qemu-system-x86 qemu-utils iproute2 socat curl wrk prometheus chromium chromium-driver openssh-client kmod debootstrap
+DEBIAN_PACKAGES := python3-venv qemu-system-x86 qemu-utils iproute2 socat curl wrk prometheus chromium chromium-driver openssh-client kmod debootstrap postgresql
 
 .PHONY: install system-deps run test lint format bench smoke clean install-systemd xterm
 

@@ -228,6 +228,7 @@ def _ingest_one(
     targets=True,
     pages=False,
     caller=None,
+    env_extra=None,
 ):
     """
     One ingest run of ``n`` simulated nodes; adds its row (and targets) and returns
@@ -242,9 +243,11 @@ def _ingest_one(
         during the measured window (the ``query`` row)
     :param caller: ``(method, params, rate, row)`` instead of the pages: that call at
         that rate during the window, ``row(res, out, n)`` adding its row
+    :param env_extra: more variables for the explorer (the store section's
+        ``EXPLORER_DATABASE``)
     """
     conns, nofile = fleet_conns(n, tls)
-    env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}))
+    env = dict(FLEET_ENV, **(tls["explorer_env"] if tls else {}), **(env_extra or {}))
     exp = start_explorer(
         procs,
         tmp,

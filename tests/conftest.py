@@ -15,6 +15,7 @@ from hero_compute import pki
 from .debian_image import debian  # noqa: F401  (session fixture: a Debian 12 disk)
 from .guest import guest  # noqa: F401  (session fixture: the test guest)
 from .netns import Lab, netns_available
+from .pgserver import PgServer, binaries
 from .spec_server import SpecServer
 from .support import Twistd, make_short_tmp, remove_tmp
 
@@ -84,8 +85,10 @@ def clean_reactor():
     if new_calls or new_selectables:
         from twisted.internet import reactor, task
 
-        for _ in range(10):
-            pytest_twisted.blockon(task.deferLater(reactor, 0.001, lambda: None))
+        # A TLS close (close_notify both ways) takes several turns, more on a loaded
+        # machine: up to 2 s, polled every 10 ms.
+        for _ in range(200):
+            pytest_twisted.blockon(task.deferLater(reactor, 0.01, lambda: None))
             new_calls, new_selectables = left()
             if not (new_calls or new_selectables):
                 return
@@ -242,3 +245,18 @@ def fleet(fleet_pki, short_tmp):
         "dir": pathlib.Path(short_tmp),
         "authority": pki.CertificateAuthority.from_directory(fleet_pki["ca_dir"]),
     }
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the whole session, on a Unix socket in a temporary
+    directory; stopped and removed at the end."""
+    if binaries() is None:
+        pytest.fail("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()

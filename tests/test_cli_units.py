@@ -176,7 +176,7 @@ def test_global_options_anywhere(argv):
     """--json means the same before or after the command; other globals keep defaults."""
     args = parser.complete(parser.build().parse_args(argv), lambda: "unix:///tmp/e.sock")
     assert args.json is True and args.table is False and args.timeout is None
-    assert args.explorer.uri == "unix:///tmp/e.sock"
+    assert args.explorer[0].uri == "unix:///tmp/e.sock"
 
 
 def test_option_after_command_wins_only_when_given():

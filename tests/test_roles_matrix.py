@@ -120,6 +120,7 @@ def explorer_params(method, caller):
         # sizes is -32602: nothing is placed or made.
         "explorer.place": {"vcpus": 64, "memory_mb": 1048576, "disk_gb": 65536},
         "explorer.create_vm": {"name": "never"},
+        "explorer.audit": {"limit": 5},
         "rpc.discover": {},
     }[method]
 

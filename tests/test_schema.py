@@ -232,6 +232,8 @@ def test_explorer_methods_match_contract():
         "explorer.ui_token_revoke",
         "explorer.place",
         "explorer.create_vm",
+        # CONTRACT §10.
+        "explorer.audit",
     }
     place = {p.name: p.required for p in schema.methods["explorer.place"].params}
     assert place == {

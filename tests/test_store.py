@@ -1,5 +1,7 @@
 """
-The explorer's SQLite state, against real files in a temporary directory.
+The explorer's state store: one suite over both backends (SQLite in a temporary
+directory, and a real PostgreSQL server started for the session), and the SQLite file's
+own properties.
 """
 
 import hashlib
@@ -18,6 +20,7 @@ from hero_compute.explorer.store import (
     StoreError,
     TokenRefused,
     needs_save,
+    open_store,
 )
 
 NOW = 1_700_000_000.0
@@ -53,27 +56,48 @@ def path(tmp_path):
     return tmp_path / "state" / "explorer.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, path):
+    """Where a store lives: an SQLite file, or a new database on the test server."""
+    if request.param == "sqlite":
+        return path
+    return request.getfixturevalue("pg_server").new_database()
+
+
 @pytest.fixture
-def store(path):
-    """An open store, closed after the test."""
+def store(location):
+    """An open store of each backend, closed after the test."""
+    s = open_store(location)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(path):
+    """An open SQLite store, closed after the test (for what only a file has)."""
     s = Store.open(path)
     yield s
     s.close()
 
 
+def where(store):
+    """The location a store was opened from (for PostgreSQL, with its password)."""
+    return store._dsn if store.shared else store.path
+
+
 def reopen(store):
-    """Close a store and open its file again, as a restarted explorer would."""
+    """Close a store and open it again, as a restarted explorer would."""
     store.close()
-    return Store.open(store.path)
+    return open_store(where(store))
 
 
-def test_file_and_directory_are_private(store, path):
+def test_file_and_directory_are_private(sqlite_store, path):
     """The state file is created 0600 and its missing directory 0700."""
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
-def test_wal_mode_and_schema_version(store, path):
+def test_wal_mode_and_schema_version(sqlite_store, path):
     """The file is in WAL mode and carries the schema version."""
     raw = sqlite3.connect(path)
     try:
@@ -115,15 +139,15 @@ def test_touch_nodes_only_moves_last_seen_forward(store):
     assert seen == {"n1": NOW + 100, "n2": NOW + 5}
 
 
-def test_a_bad_row_does_not_hide_the_fleet(store, path):
+def test_a_bad_row_does_not_hide_the_fleet(sqlite_store, path):
     """A node row whose JSON is damaged is skipped; the others load."""
-    store.save_node(node("n1"))
-    store.save_node(node("n2"))
+    sqlite_store.save_node(node("n1"))
+    sqlite_store.save_node(node("n2"))
     raw = sqlite3.connect(path)
     raw.execute("UPDATE nodes SET labels = '{nope' WHERE node_id = 'n1'")
     raw.commit()
     raw.close()
-    assert [r["node_id"] for r in store.load_nodes()] == ["n2"]
+    assert [r["node_id"] for r in sqlite_store.load_nodes()] == ["n2"]
 
 
 def test_needs_save_only_for_durable_changes():
@@ -177,16 +201,16 @@ def test_token_naming_no_node_redeems_to_none(store):
     assert store.redeem_token(sha("t1"), NOW) is None
 
 
-def test_expired_token_is_refused_and_purged(store, path):
+def test_expired_token_is_refused_and_purged(sqlite_store, path):
     """An expired token is refused, and redeeming purges expired rows."""
-    store.add_token(sha("old"), None, NOW + 60)
-    store.add_token(sha("new"), None, NOW + 600)
+    sqlite_store.add_token(sha("old"), None, NOW + 60)
+    sqlite_store.add_token(sha("new"), None, NOW + 600)
     with pytest.raises(TokenRefused):
-        store.peek_token(sha("old"), NOW + 60)
+        sqlite_store.peek_token(sha("old"), NOW + 60)
     with pytest.raises(TokenRefused):
-        store.redeem_token(sha("old"), NOW + 60)
+        sqlite_store.redeem_token(sha("old"), NOW + 60)
     with pytest.raises(TokenRefused):
-        store.redeem_token(sha("unknown"), NOW + 60)
+        sqlite_store.redeem_token(sha("unknown"), NOW + 60)
     raw = sqlite3.connect(path)
     try:
         assert raw.execute("SELECT token_hash FROM tokens").fetchall() == [(sha("new"),)]
@@ -212,7 +236,7 @@ def test_concurrent_redeems_from_two_connections(store):
     threads, start, results = 8, threading.Barrier(8), []
 
     def attempt():
-        mine = Store.open(store.path)
+        mine = open_store(where(store))
         try:
             start.wait()
             mine.redeem_token(sha("t1"), NOW)
@@ -230,10 +254,10 @@ def test_concurrent_redeems_from_two_connections(store):
     assert sorted(results) == ["ok"] + ["refused"] * (threads - 1)
 
 
-def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
+def test_redeem_holds_the_write_lock_from_the_start(sqlite_store, monkeypatch):
     """A redeem that starts while another is mid-transaction waits, then is refused
     cleanly."""
-    store.add_token(sha("t1"), "n1", NOW + 60)
+    sqlite_store.add_token(sha("t1"), "n1", NOW + 60)
     inside, results = threading.Event(), {}
     purge = Store._purge_tokens
 
@@ -248,7 +272,7 @@ def test_redeem_holds_the_write_lock_from_the_start(store, monkeypatch):
     monkeypatch.setattr(Store, "_purge_tokens", slow_purge)
 
     def attempt(name):
-        mine = Store.open(store.path)
+        mine = Store.open(sqlite_store.path)
         try:
             if name == "second":
                 inside.wait(5)
@@ -393,7 +417,7 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
     trust = ExplorerTrust(clock=clock, reactor=clock, db_path=path, tls=None, factory=None)
     trust.open()
     batches = []
-    store = trust._store
+    store = trust.store
 
     class Recording:
         """The store, noting each batch and whether the rest is left to a later turn."""
@@ -405,7 +429,7 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
             batches.append((len(records), len(clock.getDelayedCalls())))
             store.save_nodes(records)
 
-    trust._store = Recording()
+    trust.store = Recording()
     total = FLUSH_CHUNK * 2 + 7
     for i in range(total):
         trust.save_node(NodeRecord(**node(f"n{i:05d}")))
@@ -456,7 +480,7 @@ def test_schema_1_file_is_migrated(path):
     """A file of schema 1 is brought to the current schema, its revocations kept."""
     path.parent.mkdir(mode=0o700)
     raw = sqlite3.connect(path)
-    from hero_compute.explorer.store_schema import SCHEMA
+    from hero_compute.explorer.store.schema import SCHEMA
 
     for statement in SCHEMA:
         raw.execute(statement)
@@ -472,6 +496,41 @@ def test_schema_1_file_is_migrated(path):
         store.close()
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         raw.close()
+
+
+def test_audit_entries_newest_first_and_filtered(store):
+    """Audit entries come back newest first, limited, and filtered by time and by node
+    (its own id or one of its VMs, never another id with the same prefix)."""
+    entries = [
+        {
+            "time": NOW + i,
+            "explorer": "e",
+            "caller": "unix:0",
+            "method": m,
+            "target": t,
+            "outcome": "ok",
+        }
+        for i, (m, t) in enumerate(
+            [
+                ("explorer.revoke", "n1"),
+                ("vm.start", "n1/vm-1"),
+                ("explorer.revoke", "n10"),
+                ("explorer.create_token", ""),
+            ]
+        )
+    ]
+    store.add_audit(entries[:2])
+    store.add_audit(entries[2:])
+    assert [e["method"] for e in store.audit()] == [
+        "explorer.create_token",
+        "explorer.revoke",
+        "vm.start",
+        "explorer.revoke",
+    ]
+    assert store.audit()[0] == entries[3]
+    assert [e["target"] for e in store.audit(node_id="n1")] == ["n1/vm-1", "n1"]
+    assert [e["target"] for e in store.audit(since=NOW + 2)] == ["", "n10"]
+    assert len(store.audit(limit=1)) == 1

@@ -76,7 +76,8 @@ def fleet(twistd, short_tmp, guest):
                 env=full,
                 netns=netns,
             )
-            self.process.listening()
+            # Generous: a loaded machine (the whole suite on 2 cores) starts slowly.
+            self.process.listening(timeout=60)
             return self.process
 
         def call(self, method, **params):
@@ -97,7 +98,7 @@ def fleet(twistd, short_tmp, guest):
     os.makedirs(fleet.images)
     os.makedirs(fleet.keys)
     explorer = twistd(["explorer", "--socket", f"{short_tmp}/e.sock"])
-    explorer.listening()
+    explorer.listening(timeout=60)
     yield fleet
     for pid in qemu_pids(fleet.state):
         os.kill(pid, signal.SIGKILL)

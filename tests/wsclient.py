@@ -68,8 +68,11 @@ class WsClient:
         status, body = None, b""
         deadline = time.monotonic() + timeout
         while True:
-            for event in self._read_events(deadline):
+            events = self._read_events(deadline)
+            for n, event in enumerate(events):
                 if isinstance(event, AcceptConnection):
+                    # Messages may come in the same read as the answer (a replay).
+                    self._handle(events[n + 1 :])
                     return
                 if isinstance(event, RejectConnection):
                     status = event.status_code
@@ -110,6 +113,10 @@ class WsClient:
         except (ConnectionError, OSError):
             self.closed = True
             return False
+        self._handle(events)
+        return True
+
+    def _handle(self, events):
         for event in events:
             if isinstance(event, BytesMessage):
                 self.received += event.data
@@ -124,7 +131,6 @@ class WsClient:
                         self.sock.sendall(self.ws.send(event.response()))
                     except OSError:
                         pass
-        return True
 
     def read_until(self, needle, timeout=None, start=0):
         """

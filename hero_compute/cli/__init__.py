@@ -14,6 +14,9 @@ hero-compute: the command-line client of an explorer and, through it, of its nod
     hero-compute vm show NODE VM
     hero-compute call NODE METHOD [PARAMS_JSON]    (a node.* or vm.* method of a node)
     hero-compute rpc METHOD [PARAMS_JSON]          (a method of the explorer itself)
+    hero-compute events [--follow] [--since N]
+    hero-compute audit [--node NODE] [--limit N] [--since UNIX_TIME]
+    hero-compute state copy --from DB --to DB     (SQLite file or postgresql:// URI)
     hero-compute info | --version
 
 NODE and VM: a full id, a unique name, or a unique id prefix of at least 4 characters
@@ -66,7 +69,7 @@ def main(argv=None, env=None):
     top = parser.build(description=__doc__.split("\n\n")[0].strip())
     try:
         args = top.parse_args(argv)
-        if args.command != "tls":
+        if args.command not in ("tls", "state"):
             parser.complete(args, lambda: default_explorer(env), env)
     except SystemExit as e:
         sys.exit(exits.USAGE if e.code else exits.OK)
@@ -77,6 +80,11 @@ def main(argv=None, env=None):
     if args.command == "tls":
         # The offline PKI works on files alone: no explorer, no reactor.
         sys.exit(tls.run(args))
+    if args.command == "state":
+        # So does a state copy: on the stores alone.
+        from . import state
+
+        sys.exit(state.run(args, sys.stdout, sys.stderr))
     output = Output(sys.stdout, sys.stderr, json_only=args.json, table=args.table)
     try:
         code = _react(args, output)

@@ -2,8 +2,9 @@
 The CLI's one door to the transport: every import of :mod:`hero_compute.rpc` lives here,
 so a move inside ``rpc`` touches one file of the CLI.
 
-:class:`Explorer` wraps an :class:`~hero_compute.rpc.http_client.RpcClient` bound to one
-explorer address, with the per-operation timeouts of :data:`TIMEOUTS`.
+:class:`Explorer` wraps an :class:`~hero_compute.rpc.http_client.RpcClient` bound to the
+explorer addresses given (the next one used when one cannot be reached), with the
+per-operation timeouts of :data:`TIMEOUTS`.
 """
 
 import os
@@ -12,6 +13,8 @@ from hero_compute.options import socket_dir
 from hero_compute.rpc.addresses import AddressError, parse_address
 from hero_compute.rpc.errors import (
     CallTimedOut,
+    ConnectionRefused,
+    ConnectTimedOut,
     MethodNotFound,
     NodeNotFound,
     NodeOffline,
@@ -87,10 +90,14 @@ def default_explorer(env):
 
 class Explorer:
     """
-    Calls to one explorer, and through it to its nodes.
+    Calls to an explorer, and through it to its nodes.  Given several explorers (of one
+    fleet), a call that cannot reach one -- refused, or no connection in time, so
+    nothing was sent -- goes to the next, which is used from then on; only when none
+    can be reached does the call fail.
 
     :param reactor: the reactor
-    :param address: the explorer's :class:`~hero_compute.rpc.addresses.Address`
+    :param address: the explorers' :class:`~hero_compute.rpc.addresses.Address` es, a
+        list (or one)
     :param timeout: seconds for every call, overriding :data:`TIMEOUTS`; None for those
     :param tls_files: ``(ca, cert, key)`` files for a ``tls://`` explorer (cert and key
         may be None: the explorer then lets us do next to nothing)
@@ -99,12 +106,14 @@ class Explorer:
 
     def __init__(self, reactor, address, timeout=None, tls_files=(None, None, None)):
         self.reactor = reactor
-        self.address = address
+        self.addresses = list(address) if isinstance(address, list) else [address]
+        #: The explorer in use: the first, or the one that answered last.
+        self.address = self.addresses[0]
         self._override = timeout
         connect = self._connect = min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT)
         tls = None
         ca, cert, key = tls_files
-        if address.scheme == "tls":
+        if any(a.scheme == "tls" for a in self.addresses):
             try:
                 tls = ClientTLS(TLSMaterial(cert, key, ca), Expected("explorer"))
             except TLSConfigError as e:
@@ -127,7 +136,25 @@ class Explorer:
         :raise TransportError: no answer (refused, timed out, not JSON-RPC)
         """
         seconds = timeout if timeout is not None else self.timeout(method)
-        return await self._client.call(self.address, method, params, timeout=seconds)
+        start = self.addresses.index(self.address)
+        order = self.addresses[start:] + self.addresses[:start]
+        for address in order:
+            try:
+                result = await self._client.call(address, method, params, timeout=seconds)
+            except (ConnectionRefused, ConnectTimedOut):
+                if address is order[-1]:
+                    if len(order) > 1:
+                        raise ConnectionRefused(
+                            address,
+                            "no explorer could be reached (tried "
+                            + ", ".join(a.uri for a in order)
+                            + ")",
+                        ) from None
+                    raise
+                continue
+            self.address = address
+            return result
+        raise AssertionError("not reached")  # the loop returns or raises
 
     async def node_call(self, node_id, method, params=None, timeout=None):
         """
@@ -158,6 +185,28 @@ class Explorer:
         return open_websocket(
             endpoint,
             host,
+            target,
+            handler,
+            CONSOLE_UNSENT,
+            DEFAULT_TIMEOUT,
+            self.reactor,
+        )
+
+    def events(self, since, handler):
+        """
+        Follow the explorer's event stream (``/v1/events``, a WebSocket).
+
+        :param since: replay the events after this seq first, or None for none
+        :param handler: the ``websocket.Handler`` that gets the frames
+        :return: a Deferred of the open ``WebSocket``, as :meth:`console`
+        """
+        endpoint = self.address.client_endpoint(
+            self.reactor, self._connect, self._client.tls
+        )
+        target = "/v1/events" if since is None else f"/v1/events?since={int(since)}"
+        return open_websocket(
+            endpoint,
+            self.address.host or "localhost",
             target,
             handler,
             CONSOLE_UNSENT,

@@ -7,7 +7,20 @@ import argparse
 
 import hero_compute
 
-from . import console, exits, explorer, images, nodes, tls, tokens, ui, vms
+from . import (
+    audit,
+    console,
+    events,
+    exits,
+    explorer,
+    images,
+    nodes,
+    state,
+    tls,
+    tokens,
+    ui,
+    vms,
+)
 from .connect import AddressError, parse_address
 
 #: The global options' values when the command line gives none (``--explorer``'s comes
@@ -23,9 +36,15 @@ DEFAULTS = {
 }
 
 
-def _address(text):
+def addresses(text):
+    """
+    Coerce ``--explorer``/``HERO_EXPLORER``: one explorer URI, or a comma list of them
+    (the CLI moves to the next when one cannot be reached).
+
+    :return: a list of :class:`~hero_compute.rpc.addresses.Address`
+    """
     try:
-        return parse_address(text)
+        return [parse_address(part.strip()) for part in text.split(",")]
     except AddressError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -50,11 +69,11 @@ def common_options():
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument(
         "--explorer",
-        type=_address,
-        metavar="URI",
+        type=addresses,
+        metavar="URI[,URI...]",
         help="explorer address: unix:///path.sock, tcp://host:port, "
-        "tls://host:port "
-        "[default: unix://$HERO_SOCKET_DIR/hero_compute_explorer.sock]",
+        "tls://host:port; a comma list tries the next when one cannot be reached "
+        "[default: $HERO_EXPLORER or unix://$HERO_SOCKET_DIR/hero_compute_explorer.sock]",
     )
     common.add_argument(
         "--timeout",
@@ -116,6 +135,9 @@ def build(prog="hero-compute", description=None):
     explorer.add_commands(sub, common)
     tokens.add_commands(sub, common)
     ui.add_commands(sub, common)
+    audit.add_commands(sub, common)
+    events.add_commands(sub, common)
+    state.add_commands(sub, common)
     tls.add_tls_commands(sub)
     return top
 
@@ -134,15 +156,21 @@ def complete(args, default_explorer, env=None):
     for name, value in DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)
+    if args.explorer is None and env.get("HERO_EXPLORER"):
+        try:
+            args.explorer = addresses(env["HERO_EXPLORER"])
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"HERO_EXPLORER: {e}") from None
     if args.explorer is None:
-        args.explorer = parse_address(default_explorer())
+        args.explorer = [parse_address(default_explorer())]
     args.ca = args.ca or env.get("HERO_CA") or None
     args.cert = args.cert or env.get("HERO_CERT") or None
     args.key = args.key or env.get("HERO_KEY") or None
     args.cert, args.key = certificate_files(args.cert, args.key)
-    if args.explorer.scheme == "tls" and args.ca is None:
+    tls = [a for a in args.explorer if a.scheme == "tls"]
+    if tls and args.ca is None:
         raise ValueError(
-            f"{args.explorer.uri} is a TLS explorer: give the fleet CA with "
+            f"{tls[0].uri} is a TLS explorer: give the fleet CA with "
             "--ca (or HERO_CA), and a client certificate with --cert"
         )
     return args

@@ -166,7 +166,9 @@ def add_ssh_command(cmds, common, resolve):
     )
     # As with docker exec, ssh's own options go before NODE VM: everything after VM
     # is the command (argparse drops a "--" only before the subcommand's positionals).
-    ssh.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
+    ssh.add_argument(
+        "remote_command", nargs=argparse.REMAINDER, metavar="COMMAND", help="-- COMMAND..."
+    )
     ssh.set_defaults(run=ssh_vm, resolve=resolve)
 
 
@@ -218,7 +220,8 @@ async def ssh_vm(explorer, args, output):
     for option in args.ssh_option:
         argv += ["-o", option]
     argv.append(f"{args.login}@{host}" if args.login else host)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.remote_command
+    command = command[1:] if command[:1] == ["--"] else command
     if command:
         argv += ["--", *command]
     output.out.flush()

@@ -35,6 +35,8 @@ import secrets
 import string
 
 import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
 from hero_compute.explorer.store import TokenRefused
@@ -355,3 +357,19 @@ class Enrollment:
             return
         if not self.store.bind_secret(node_id, digest):
             raise RefusedByPolicy(f"node {node_id!r} is bound to another secret")
+
+
+def csr_node_id(csr_pem):
+    """
+    :param csr_pem: a PEM certificate signing request
+    :return: the node id it asks for (its subject's common name)
+    :raise InvalidParams: not a CSR, or no valid node id in it
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii", "replace"))
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        raise InvalidParams("csr: not a PEM certificate signing request") from None
+    if len(names) != 1:
+        raise InvalidParams("csr: its subject must hold one common name, the node id")
+    return check_node_id(names[0].value)

@@ -107,6 +107,8 @@ class LivenessLog(service.Service):
                         name=record.name,
                         silence=now - record.last_seen,
                     )
+                    if getattr(registry, "on_event", None) is not None:
+                        registry.on_event("node.offline", record.node_id, reason="silent")
             for record in forget:
                 registry.remove(record.node_id)
                 offline.discard(record.node_id)
@@ -118,6 +120,8 @@ class LivenessLog(service.Service):
                 )
                 if self._forgotten is not None:
                     self._forgotten(record.node_id)
+                if getattr(registry, "on_event", None) is not None:
+                    registry.on_event("node.removed", record.node_id, reason="forgotten")
             self._offline = offline
         except Exception:
             log.failure("liveness sweep failed")

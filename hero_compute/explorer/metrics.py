@@ -221,6 +221,14 @@ class ExplorerCollector:
             "Calls proxied to nodes and not yet answered",
             value=self._proxy.total,
         )
+        store = methods.store_state()
+        up = GaugeMetricFamily(
+            "hero_explorer_store_up",
+            "Whether the state store answers (1) or not (0), by kind (sqlite, postgresql)",
+            labels=["kind"],
+        )
+        up.add_metric([store["kind"]], 1 if store["state"] == "up" else 0)
+        yield up
 
     def refusals(self):
         """:return: ``(limit, count)`` of the explorer's own limits"""

@@ -6,13 +6,13 @@ than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a
 record update, and no timer per node is needed to expire anybody; the sweep of
 :mod:`.liveness` exists only to tell operators, once, when a node goes quiet.
 
-Long because: the registry is the one place that sees every change to a record, so it
-keeps what is derived from them in step (the placement index, the fleet's summary):
-each such hook is a line here rather than a second walk of the fleet elsewhere.
+Long because: it sees every change to a record, so it keeps what is derived from them
+(placement index, summary, events) in step, a line each, never a second walk.
 """
 
 import bisect
 import collections
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -203,6 +203,8 @@ class Registry:
         ),
         init=False,
     )
+    #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
+    on_event: Any = attrs.field(default=None, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -241,8 +243,11 @@ class Registry:
                 name=record.name,
                 address=socket_path,
             )
+            if self.on_event is not None:
+                self.on_event("node.online", node_id)
             return record, NEW
         changed = []
+        vm_count = record.vm_count
         for field in KEPT_FIELDS:
             value = getattr(heartbeat, field)
             # Equal values keep the record's objects: the heartbeat's copies are freed.
@@ -270,6 +275,8 @@ class Registry:
                 name=record.name,
                 address=socket_path,
             )
+            if self.on_event is not None:
+                self.on_event("node.online", node_id)
         elif old_address != socket_path:
             self._note(
                 now,
@@ -278,6 +285,10 @@ class Registry:
                 old=old_address,
                 new=socket_path,
             )
+        if self.on_event is not None and record.vm_count != vm_count:
+            # VMs made or removed other than through this explorer: seen in heartbeats.
+            kind = "vm.created" if record.vm_count > vm_count else "vm.deleted"
+            self.on_event(kind, node_id, vm_count=record.vm_count, was=vm_count)
         return record, changed
 
     def note(self, fmt, **fields):
@@ -318,10 +329,12 @@ class Registry:
 
     def leave(self, node_id):
         record = self.get(node_id)
-        record.left = True
+        was_left, record.left = record.left, True
         self.placement.left(node_id)
         self.summary.left(node_id)
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
+        if self.on_event is not None and not was_left:
+            self.on_event("node.offline", node_id, reason="left")
 
     def find(self, node_id):
         """:return: the node's :class:`NodeRecord`, or None"""

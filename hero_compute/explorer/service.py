@@ -186,7 +186,15 @@ class ExplorerMethods:
                 raise _StaleSession(node_id)
         elif old is None:
             self._admit(node_id, context)
-        self._trust.check_node(node_id, secret, context)
+        checked = self._trust.check_node(node_id, secret, context)
+        fields = (name, version, capacity, usage, vm_count, labels)
+        # With a shared store, a first sight of a secret is bound there first.
+        return _then(
+            checked, lambda: self._accept(node_id, uri, transport, remote, session, *fields)
+        )
+
+    def _accept(self, node_id, uri, transport, remote, session, *fields):
+        name, version, capacity, usage, vm_count, labels = fields
         if session is None:
             # A full heartbeat: what it leaves out takes its default.
             name = name or node_id
@@ -263,9 +271,8 @@ class ExplorerMethods:
     def leave(self, context, node_id, secret=None):
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
-        self._trust.check_node(node_id, secret, context)
-        self._registry.leave(node_id)
-        return True
+        checked = self._trust.check_node(node_id, secret, context)
+        return _then(checked, lambda: self._registry.leave(node_id) or True)
 
     def list_nodes(self, status=None):
         """All nodes, or those of one status: for small fleets (see :meth:`query_nodes`)."""
@@ -320,8 +327,13 @@ class ExplorerMethods:
 
     def remove_node(self, node_id):
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
-        self._registry.remove(node_id)
-        self._trust.forget_node(node_id)
+        self._registry.get(node_id)
+        # A shared store first: when it is down the node stays (-32007).
+        return _then(self._trust.forget_node(node_id), lambda: self._removed(node_id))
+
+    def _removed(self, node_id):
+        if self._registry.find(node_id) is not None:
+            self._registry.remove(node_id)
         return True
 
     def enroll(self, token, csr):
@@ -333,7 +345,9 @@ class ExplorerMethods:
 
     def revoke(self, node_id):
         """Refuse a node's certificates and secret from now on; it goes offline."""
-        self._trust.revoke(node_id)
+        return _then(self._trust.revoke(node_id), lambda: self._revoked(node_id))
+
+    def _revoked(self, node_id):
         if self._registry.find(node_id) is not None:
             self._registry.leave(node_id)
         return True
@@ -358,4 +372,14 @@ class ExplorerMethods:
             "uptime_s": self._clock.seconds() - self._started,
             "listeners": list(self._listeners.bound) if self._listeners else [],
             "nodes": counts,
+            "store": self.store_state(),
         }
+
+    def store_state(self):
+        """:return: the state store's ``{"kind", "state"}`` (for metrics too)"""
+        return self._trust.store_state
+
+
+def _then(pending, after):
+    """``after()``, once ``pending`` (None, or a shared store's Deferred) is done."""
+    return after() if pending is None else pending.addCallback(lambda _: after())

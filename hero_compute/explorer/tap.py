@@ -12,6 +12,7 @@ from hero_compute.options import (
     TapOptions,
     absolute_path,
     absolute_socket,
+    coerce_doc,
     from_env,
     help_text,
     limits,
@@ -36,6 +37,16 @@ STATE_DIR = "~/hero/var/hero_compute_explorer"
 NODE_CERT_TTL = 90 * 86400.0
 
 
+def _database(value):
+    """``EXPLORER_DATABASE``: a ``postgresql://`` URI as given, or an absolute path."""
+    from .store import is_postgres
+
+    return value if is_postgres(value) else absolute_path(value)
+
+
+coerce_doc(_database, "An absolute path, or a postgresql:// URI.")
+
+
 class Options(TapOptions):
     """Options of ``twistd explorer``."""
 
@@ -55,7 +66,8 @@ class Options(TapOptions):
         "Environment: HERO_SOCKET_DIR, EXPLORER_SOCKET, EXPLORER_TCP_ADDR, "
         "EXPLORER_TLS_ADDR, EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA, "
         "EXPLORER_CA_KEY, EXPLORER_STATE_DIR, NODE_OFFLINE_AFTER, EXPLORER_METRICS_ADDR, "
-        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE, EXPLORER_UI_TLS, EXPLORER_UI_HOSTS."
+        "EXPLORER_UI_ADDR, EXPLORER_UI_TOKEN_FILE, EXPLORER_UI_TLS, EXPLORER_UI_HOSTS, "
+        "EXPLORER_DATABASE."
     )
     optParameters = [
         [
@@ -129,6 +141,14 @@ class Options(TapOptions):
             "Where the explorer keeps its state (explorer.db, tls/) "
             "[default: $EXPLORER_STATE_DIR or ~/hero/var/hero_compute_explorer]",
             absolute_path,
+        ],
+        [
+            "database",
+            None,
+            None,
+            "The state store: an SQLite file, or a postgresql:// URI shared with other "
+            "explorers [default: $EXPLORER_DATABASE or STATE_DIR/explorer.db]",
+            _database,
         ],
         [
             "tls-cert",
@@ -254,6 +274,9 @@ class Options(TapOptions):
             self["offline-after"] = OFFLINE_AFTER
         if self["state-dir"] is None:
             self["state-dir"] = state_dir(env, "EXPLORER_STATE_DIR", STATE_DIR)
+        from_env(self, "database", env, "EXPLORER_DATABASE", _database)
+        if self["database"] is None:
+            self["database"] = os.path.join(self["state-dir"], "explorer.db")
         tls_dir = os.path.join(self["state-dir"], "tls")
         for key, name, default in (
             ("tls-cert", "EXPLORER_TLS_CERT", "explorer.pem"),
@@ -279,7 +302,7 @@ class Options(TapOptions):
         from .store import StoreError
         from .trust import StartupError
 
-        database = os.path.join(self["state-dir"], "explorer.db")
+        database = self["database"]
         print_startup_errors(
             "explorer",
             (
@@ -333,6 +356,7 @@ def makeService(options, reactor=None):
         socket_dirs=[os.path.dirname(options["socket"])] if options["bind-socket"] else [],
         offline_after=options["offline-after"],
         state_dir=options["state-dir"],
+        database=options["database"],
         tls=TLSSettings(
             listen=options["tls"],
             cert=options["tls-cert"],

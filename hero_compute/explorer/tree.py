@@ -5,6 +5,7 @@ opened until :class:`ExplorerService` starts.
 """
 
 import os
+import socket
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -20,8 +21,10 @@ from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket import Routes
 
+from .audit import AuditLog
 from .console import console_route
 from .dashboard import make_dashboard
+from .events import EventLog
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
 from .proxy import Proxy
@@ -45,10 +48,13 @@ class ExplorerService(service.MultiService):
     :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
     :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust`
+    :param audit: the :class:`~hero_compute.explorer.audit.AuditLog`, written out
+        before the state closes
     """
 
-    def __init__(self, registry, client, rpc, listeners, trust):
+    def __init__(self, registry, client, rpc, listeners, trust, audit=None):
         service.MultiService.__init__(self)
+        self.audit = audit
         self.registry = registry
         self.client = client
         self.rpc = rpc
@@ -69,6 +75,8 @@ class ExplorerService(service.MultiService):
     def stopService(self):
         d = service.MultiService.stopService(self)
         d.addBoth(lambda _: self.client.close())
+        if self.audit is not None:
+            d.addBoth(lambda _: self.audit.stop())
         d.addBoth(
             lambda _: self.trust.close(
                 {r.node_id: r.last_seen for r in self.registry.records()}
@@ -84,6 +92,7 @@ def make_explorer(
     listen,
     offline_after,
     state_dir,
+    database=None,
     socket_dirs=(),
     tls=None,
     call_timeout=CALL_TIMEOUT,
@@ -116,6 +125,8 @@ def make_explorer(
     :param socket_dirs: directories to create for Unix sockets when starting
     :param offline_after: seconds of silence before a node is offline
     :param state_dir: the directory of ``explorer.db`` (``EXPLORER_STATE_DIR``)
+    :param database: ``EXPLORER_DATABASE``: another SQLite file, or a
+        ``postgresql://`` URI; None for ``state_dir/explorer.db``
     :param tls: an :class:`~hero_compute.explorer.trust.TLSSettings`, or None
     :param call_timeout: seconds allowed for a proxied call
     :param connect_timeout: seconds allowed to connect to a node
@@ -159,7 +170,7 @@ def make_explorer(
     trust = ExplorerTrust(
         clock=clock,
         reactor=reactor,
-        db_path=os.path.join(state_dir, "explorer.db"),
+        db_path=database or os.path.join(state_dir, "explorer.db"),
         tls=tls,
         factory=factory,
         node_cert_days=node_cert_days,
@@ -172,15 +183,26 @@ def make_explorer(
         calls_per_node=limits.calls_per_node,
         calls_total=limits.calls_total,
     )
+    events = EventLog(clock)
+    registry.on_event = events.node
+    audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
+    console = audit.route(
+        console_route(proxy, reactor, connect_timeout, limits.max_unsent),
+        "console.attach",
+        lambda params: f"{params['node_id']}/{params['vm_id']}",
+    )
     factory.upgrade = Routes(
-        [console_route(proxy, reactor, connect_timeout, limits.max_unsent)],
+        [console, events.route()],
         _authorize_route,
         limits.max_unsent,
+        reactor,
     )
     methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
-    methods.register(rpc)
+    # Through the audit log's door: the methods that change something are recorded.
+    methods.register(events.registrar(audit.registrar(rpc)))
+    rpc.register("explorer.audit", audit.query)
 
-    explorer = ExplorerService(registry, client, rpc, listeners, trust)
+    explorer = ExplorerService(registry, client, rpc, listeners, trust, audit)
     listeners.setName("listeners")
     listeners.setServiceParent(explorer)
     liveness = LivenessLog(

@@ -12,18 +12,20 @@ import datetime
 import itertools
 import os
 import signal
+from typing import Any
 
 import attrs
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from hero_compute import pki
-from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
+from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy, StoreUnavailable
 from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
 
-from .enroll import DEFAULT_TTL, Enrollment, check_node_id
-from .store import Store
+from .enroll import DEFAULT_TTL, Enrollment, csr_node_id
+from .registry import NodeRecord
+from .store import is_postgres, open_store
 
 log = Logger()
 
@@ -61,22 +63,6 @@ class TLSSettings:
     ca_key: str | None = None
 
 
-def csr_node_id(csr_pem):
-    """
-    :param csr_pem: a PEM certificate signing request
-    :return: the node id it asks for (its subject's common name)
-    :raise InvalidParams: not a CSR, or no valid node id in it
-    """
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii", "replace"))
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError:
-        raise InvalidParams("csr: not a PEM certificate signing request") from None
-    if len(names) != 1:
-        raise InvalidParams("csr: its subject must hold one common name, the node id")
-    return check_node_id(names[0].value)
-
-
 class ExplorerTrust:
     """
     Identities, tokens, certificates and the explorer's TLS, behind the methods that
@@ -84,7 +70,8 @@ class ExplorerTrust:
 
     :param clock: ``IReactorTime`` (Unix seconds)
     :param reactor: the reactor (signals are handed to it)
-    :param db_path: the SQLite state file
+    :param db_path: ``EXPLORER_DATABASE``: the SQLite state file, or a
+        ``postgresql://`` URI shared with other explorers
     :param tls: :class:`TLSSettings`, or None for an explorer without TLS
     :param factory: the HTTP factory, told the trust domain once the CA is loaded
     :param node_cert_days: life of the node certificates it signs
@@ -97,8 +84,12 @@ class ExplorerTrust:
         self._tls = tls
         self._factory = factory
         self._node_cert_days = node_cert_days
-        self._store: Store | None = None
-        self._enrollment: Enrollment | None = None
+        # The IStore once started (see store/__init__.py); None before.
+        self.store: Any = None
+        # A shared store is a server away: whatever writes to it runs on this one
+        # thread (in call order, as the reactor would have run them), never the reactor.
+        self._pool: ThreadPool | None = None
+        self._enrollment: Any = None
         self._dirty = {}
         self._flusher = None
         self._creators = []
@@ -110,16 +101,19 @@ class ExplorerTrust:
     @property
     def opened(self):
         """Whether :meth:`open` has run."""
-        return self._store is not None
+        return self.store is not None
 
     def open(self):
-        """Open the state file; raises :class:`StartupError` if it cannot be used."""
+        """Open the state store; raises :class:`StartupError` if it cannot be used."""
         from .store import StoreError
 
+        variable = (
+            "EXPLORER_DATABASE" if is_postgres(self._db_path) else "EXPLORER_STATE_DIR"
+        )
         try:
-            self._store = Store.open(self._db_path)
+            self.store = open_store(self._db_path)
         except StoreError as e:
-            raise StartupError(f"{e} (EXPLORER_STATE_DIR)") from None
+            raise StartupError(f"{e} ({variable})") from None
         except OSError as e:
             raise StartupError(
                 f"cannot create the explorer state {self._db_path}: "
@@ -127,13 +121,29 @@ class ExplorerTrust:
             ) from None
         # No signer until the CA key is loaded: without one, enrollment is refused
         # before a token is looked at, so no token is used up for nothing.
-        self._enrollment = Enrollment(self._store, self._clock)
+        self._enrollment = Enrollment(self.store, self._clock)
+        if self.store.shared:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hero-store")
+            self._pool.start()
+        log.info(
+            "state store: {kind} {location}",
+            kind=self.store.kind,
+            location=self.store.location,
+        )
 
     @property
-    def _opened(self) -> Store:
-        """The state file; only between start and stop."""
-        assert self._store is not None, "the explorer's state is not open"
-        return self._store
+    def store_state(self):
+        """``{"kind", "state"}`` of the state store, for ``explorer.info`` and metrics."""
+        if self.store is None:
+            kind = "postgresql" if is_postgres(self._db_path) else "sqlite"
+            return {"kind": kind, "state": "down"}
+        return {"kind": self.store.kind, "state": self.store.state()}
+
+    def run_on_store(self, f, *args, **kwargs):
+        """Run a store call: at once for a local file, on the store's thread otherwise."""
+        if self._pool is None:
+            return f(*args, **kwargs)
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
     @property
     def _enrolling(self) -> Enrollment:
@@ -143,7 +153,7 @@ class ExplorerTrust:
 
     def load_nodes(self):
         """:return: the node records kept from the last run (dicts)"""
-        return self._opened.load_nodes()
+        return self.store.load_nodes()
 
     def start_tls(self, listeners, client):
         """
@@ -220,14 +230,21 @@ class ExplorerTrust:
         if self._flusher is not None and self._flusher.active():
             self._flusher.cancel()
         self._flusher = None
-        while self._dirty and self._store is not None:
-            self._write(self._take())
-        if self._store is not None:
+        if self._pool is not None:
+            # Lets what is queued finish first: nothing acknowledged is dropped.
+            self._pool.stop()
+            self._pool = None
+        while self._dirty and self.store is not None:
+            if not self._write(self._take()):
+                break
+        if self.store is not None:
             try:
-                self._store.touch_nodes(last_seen)
+                self.store.touch_nodes(last_seen)
+            except StoreUnavailable:
+                log.warn("state store down at shutdown: last heartbeat times not kept")
             finally:
-                self._store.close()
-                self._store = None
+                self.store.close()
+                self.store = None
 
     # -- what the methods need ------------------------------------------------------
 
@@ -240,9 +257,17 @@ class ExplorerTrust:
         """
         identity = context.identity
         if identity is not None and identity.role == "node":
-            self._enrolling.check_node(node_id, secret, context.serial, context.not_before)
+            serial, not_before = context.serial, context.not_before
         else:
-            self._enrolling.check_node(node_id, secret)
+            serial, not_before = None, None
+        if self._pool is not None and secret is not None and serial is None:
+            known = self.store.identity(node_id)
+            if known is None or known.secret_sha256 is None:
+                # First sight of a secret: it is bound in the shared store, on the
+                # store's thread; the answer waits for it (or -32007), the reactor not.
+                return self.run_on_store(self._enrollment.check_node, node_id, secret)
+        self._enrollment.check_node(node_id, secret, serial, not_before)
+        return None
 
     def save_node(self, record):
         """
@@ -258,15 +283,28 @@ class ExplorerTrust:
     def flush(self):
         """
         Write up to :data:`FLUSH_CHUNK` of the records kept since the last flush, and
-        the rest a reactor turn later; never raises.
+        the rest a reactor turn later; never raises.  To a shared store the write runs
+        on the store's thread; records it could not write are kept for the next flush.
         """
         self._flusher = None
-        if not self._dirty or self._store is None:
+        if not self._dirty or self.store is None:
             return
         records = self._take()
-        if self._dirty:
-            self._flusher = self._clock.callLater(0, self.flush)
-        self._write(records)
+        if self._pool is None:
+            if self._dirty:
+                self._flusher = self._clock.callLater(0, self.flush)
+            self._write(records)
+            return
+        d = self.run_on_store(self._write, records)
+        d.addCallback(self._written, records)
+
+    def _written(self, ok, records):
+        if not ok:
+            for record in records:
+                # A newer record taken since wins over the one that failed.
+                self._dirty.setdefault(record["node_id"], NodeRecord(**record))
+        if self._dirty and self._flusher is None and self.store is not None:
+            self._flusher = self._clock.callLater(0 if ok else FLUSH_EVERY, self.flush)
 
     def _take(self):
         ids = list(itertools.islice(self._dirty, FLUSH_CHUNK))
@@ -275,29 +313,44 @@ class ExplorerTrust:
 
     def _write(self, records):
         try:
-            self._opened.save_nodes(records)
+            self.store.save_nodes(records)
+        except StoreUnavailable:
+            return False
         except Exception:
             log.failure("could not keep {count} node records", count=len(records))
+        return True
 
     def forget_record(self, node_id):
         """Drop a forgotten node's stored record; its identity binding stays."""
         self._dirty.pop(node_id, None)
-        if self._store is not None:
-            self._store.forget_node(node_id)
+        if self.store is not None:
+            d = self.run_on_store(self.store.forget_node, node_id)
+            if d is not None:
+                # The next flush or heartbeat settles it; nothing waits on this one.
+                d.addErrback(lambda f: f.trap(StoreUnavailable))
 
     def forget_node(self, node_id):
-        """Forget a removed node's record and identity binding (not a revocation)."""
+        """
+        Forget a removed node's record and identity binding (not a revocation).
+
+        :return: None, or a Deferred when the store is shared
+        """
         self._dirty.pop(node_id, None)
-        self._opened.forget_node(node_id)
-        self._opened.forget_identity(node_id)
+        return self.run_on_store(self._forget, node_id)
+
+    def _forget(self, node_id):
+        self.store.forget_identity(node_id)
+        self.store.forget_node(node_id)
 
     def revoke(self, node_id):
         """``explorer.revoke``: refuse the node's certificates and secret from now on."""
-        self._enrolling.revoke(node_id)
+        return self.run_on_store(self._enrollment.revoke, node_id)
 
     def create_token(self, ttl=None, node_id=None):
         """``explorer.create_token``: a single-use join token."""
-        return self._enrolling.create_token(DEFAULT_TTL if ttl is None else ttl, node_id)
+        return self.run_on_store(
+            self._enrollment.create_token, DEFAULT_TTL if ttl is None else ttl, node_id
+        )
 
     def enroll(self, token, csr, registered=lambda node_id: False):
         """
@@ -306,7 +359,10 @@ class ExplorerTrust:
         :param registered: ``registered(node_id)``: whether the registry holds the id
         """
         node_id = csr_node_id(csr)
-        certificate = self._enrolling.enroll(token, csr, node_id, registered(node_id))
+        return self.run_on_store(self._enroll, token, csr, node_id, registered(node_id))
+
+    def _enroll(self, token, csr, node_id, registered):
+        certificate = self._enrollment.enroll(token, csr, node_id, registered)
         return {"certificate": certificate, "ca": self._ca_pem}
 
     def renew(self, context, csr):
@@ -316,11 +372,12 @@ class ExplorerTrust:
             # The roles table lets no other caller here; should one ever be let in,
             # it is a refusal, not an internal error.
             raise RefusedByPolicy("explorer.renew needs the node's own certificate")
-        return {
-            "certificate": self._enrolling.renew(
-                identity.name, context.serial, csr, context.not_before
-            )
-        }
+        return self.run_on_store(
+            self._renew, identity.name, context.serial, csr, context.not_before
+        )
+
+    def _renew(self, name, serial, csr, not_before):
+        return {"certificate": self._enrollment.renew(name, serial, csr, not_before)}
 
     def certificate_refusal(self, identity, serial, not_before):
         """

@@ -283,7 +283,7 @@ def make_node(
     factory = make_factory(rpc, limits=limits)
     if hasattr(vms, "console"):
         factory.upgrade = Routes(
-            [console_route(vms.console)], _authorize_route, limits.max_unsent
+            [console_route(vms.console)], _authorize_route, limits.max_unsent, reactor
         )
     # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
     # generic in a type variable: it takes any protocol factory.

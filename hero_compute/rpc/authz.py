@@ -223,7 +223,8 @@ EXPLORER_POLICY = Policy(
         ),
     },
     # A console through the explorer is a proxied call held open.
-    routes={"console": "explorer.call"},
+    # The event stream: whoever may read the fleet (CONTRACT §10).
+    routes={"console": "explorer.call", "events": "explorer.query_nodes"},
 )
 
 #: CONTRACT §6, the node's column.

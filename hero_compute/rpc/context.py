@@ -6,6 +6,8 @@ verified identity).
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import TYPE_CHECKING, cast
 
 import attrs
@@ -29,6 +31,8 @@ class CallContext:
     :ivar host: the peer's IP address (TCP and TLS), or None
     :ivar not_before: over TLS, the ``not_valid_before`` of the peer's certificate
         (Unix seconds), or None
+    :ivar uid: over a Unix socket, the peer process's user id (``SO_PEERCRED``), or
+        None
     """
 
     transport: str
@@ -37,6 +41,7 @@ class CallContext:
     serial: int | None = None
     host: str | None = None
     not_before: float | None = None
+    uid: int | None = None
 
     @property
     def secure(self) -> bool:
@@ -54,7 +59,7 @@ class CallContext:
         :return: the context of the calls on that connection
         """
         if isinstance(transport.getHost(), UNIXAddress):
-            return cls("unix", "unix")
+            return cls("unix", "unix", uid=_peer_uid(transport))
         peer = transport.getPeer()
         host = getattr(peer, "host", None)
         where = f"{host or '?'}:{getattr(peer, 'port', '?')}"
@@ -74,3 +79,14 @@ class CallContext:
             host,
             not_before(cert),
         )
+
+
+def _peer_uid(transport: ITransport) -> int | None:
+    # Who is at the other end of a Unix socket, for the audit log: the kernel's word
+    # (SO_PEERCRED: pid, uid, gid), not anything the peer says.
+    try:
+        handle = transport.getHandle()  # type: ignore[attr-defined]
+        creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except (AttributeError, OSError):
+        return None
+    return int(struct.unpack("3i", creds)[1])

@@ -149,6 +149,21 @@ class NoNodeFits(RpcError):
     summary = "no node fits"
 
 
+class StoreUnavailable(RpcError):
+    """The explorer's shared state store cannot be reached; what needs it waits for it."""
+
+    code = -32007
+    summary = "state store unavailable"
+
+    def __init__(
+        self,
+        message: str = "state store unavailable",
+        data: Any = None,
+        code: int | None = None,
+    ) -> None:
+        RpcError.__init__(self, message, data, code)
+
+
 class RefusedByPolicy(RpcError):
     """The request is well-formed but not allowed."""
 
@@ -169,6 +184,7 @@ _BY_CODE: dict[int, type[RpcError]] = {
         NodeUnreachable,
         VmNotFound,
         InvalidVmState,
+        StoreUnavailable,
         RefusedByPolicy,
     )
 }
@@ -198,6 +214,10 @@ class ConnectionRefused(TransportError):
 
 class CallTimedOut(TransportError):
     """No complete response arrived within the call's timeout."""
+
+
+class ConnectTimedOut(CallTimedOut):
+    """No connection could be made within the connect timeout: nothing was sent."""
 
 
 class ConnectionClosed(TransportError):

@@ -30,6 +30,7 @@ from .errors import (
     CallTimedOut,
     ConnectionClosed,
     ConnectionRefused,
+    ConnectTimedOut,
     RpcError,
 )
 from .http_pool import (
@@ -277,12 +278,10 @@ def _transport_failure(failure: Failure, address: Address, timeout: float) -> Fa
         RpcError, BadResponse, ConnectionRefused, CallTimedOut, ConnectionClosed
     ):
         return failure
-    if failure.check(
-        defer.TimeoutError,
-        ierror.TimeoutError,
-        defer.CancelledError,
-        ierror.ConnectingCancelledError,
-    ):
+    if failure.check(ierror.TimeoutError, ierror.ConnectingCancelledError):
+        # Still connecting: the request never left, so a caller may try elsewhere.
+        raise ConnectTimedOut(address, f"no connection within {timeout:g} s")
+    if failure.check(defer.TimeoutError, defer.CancelledError):
         raise CallTimedOut(address, f"no response within {timeout:g} s")
     if failure.check(ierror.ConnectError, ierror.DNSLookupError):
         raise ConnectionRefused(address, f"cannot connect: {failure.getErrorMessage()}")

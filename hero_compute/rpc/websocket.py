@@ -18,12 +18,13 @@ reading its peer while what the peer sends cannot be passed on.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from wsproto import ConnectionType, WSConnection
@@ -55,6 +56,11 @@ MAX_EARLY = 64 * 1024
 
 #: Bytes of a refusal's body we keep on the client side, for the message.
 MAX_REFUSAL_BODY = 4096
+
+#: Seconds a connection we close may take to go (the peer reading what we sent last,
+#: and answering TLS's close alert) before it is cut off: RFC 6455 §7.1.1 has the
+#: server close TCP after the closing handshake and a client wait a bounded time.
+CLOSE_TIMEOUT = 5.0
 
 
 class HTTPRefusal(Exception):
@@ -133,12 +139,17 @@ class WebSocket:
     :param transport: the connection's transport
     :param connection: the ``wsproto`` connection
     :param max_unsent: bytes waiting for the peer beyond which it is dropped
+    :param clock: an ``IReactorTime``, for the bound on a close (:data:`CLOSE_TIMEOUT`)
     """
 
-    def __init__(self, transport: Any, connection: WSConnection, max_unsent: int) -> None:
+    def __init__(
+        self, transport: Any, connection: WSConnection, max_unsent: int, clock: Any
+    ) -> None:
         self.transport = transport
         self._ws = connection
         self._max_unsent = max_unsent
+        self._clock = clock
+        self._closer: IDelayedCall | None = None
         self.handler: Handler | None = None
         #: Bytes counted as unsent since the transport said its buffer is full.
         self._unsent: int | None = None
@@ -162,12 +173,17 @@ class WebSocket:
         if self._open and not self._gone:
             self._write(self._ws.send(BytesMessage(data=data)))
 
+    def send_text(self, text: str) -> None:
+        """Send ``text`` as a text message (the event stream's JSON); likewise."""
+        if self._open and not self._gone:
+            self._write(self._ws.send(TextMessage(data=text)))
+
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Start the closing handshake; the transport closes once the peer answers."""
         if self._open and not self._gone:
             self._open = False
             self._write(self._ws.send(CloseConnection(code=code, reason=reason)))
-            self.transport.loseConnection()
+            self._hang_up()
 
     def pause_reading(self) -> None:
         """Read nothing more from the peer until :meth:`resume_reading`."""
@@ -240,15 +256,37 @@ class WebSocket:
             if self._open:
                 self._open = False
                 self._write(self._ws.send(event.response()))
-            self.transport.loseConnection()
+            self._hang_up()
         else:
             self._other(event)
 
     def _other(self, event: Event) -> None:
         """Handshake events, for the side that expects them."""
 
+    def _hang_up(self) -> None:
+        """Close the transport once what was written has gone, within CLOSE_TIMEOUT."""
+        # The transport holds a producer (the HTTP protocol on a server, us on a
+        # client), and a transport with one defers its close until it is unregistered:
+        # TLS for ever (not even its close alert goes out), TCP while it is paused.
+        # Both ends then keep the connection, a descriptor each, until the process
+        # stops: nothing of ours produces for it any more.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        if self._closer is None:
+            # A peer that does not read, or never answers TLS's close alert, would
+            # keep it open all the same.
+            self._closer = self._clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._closer = None
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         """The transport is gone: tell the handler once."""
+        if self._closer is not None:
+            if self._closer.active():
+                self._closer.cancel()
+            self._closer = None
         self._gone = True
         self._open = False
         handler, self.handler = self.handler, None
@@ -304,7 +342,7 @@ class _ServerSocket(WebSocket):
             + self._ws.send(RejectData(body))
         )
         self._gone = True
-        self.transport.loseConnection()
+        self._hang_up()
 
     def dataReceived(self, data: bytes) -> None:
         if self.handler is None and not self._gone:
@@ -328,14 +366,22 @@ class Routes:
     :param routes: the :class:`Route` s
     :param authorize: see :data:`Authorize`
     :param max_unsent: bytes waiting for a peer beyond which it is dropped
+    :param clock: an ``IReactorTime`` (the reactor if None)
     """
 
     def __init__(
-        self, routes: Sequence[Route], authorize: Authorize, max_unsent: int
+        self,
+        routes: Sequence[Route],
+        authorize: Authorize,
+        max_unsent: int,
+        clock: Any = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self._routes = list(routes)
         self._authorize = authorize
         self.max_unsent = max_unsent
+        self._clock = clock
 
     def __call__(self, transport: Any, head: bytes, context: CallContext) -> WebSocket:
         """
@@ -345,7 +391,7 @@ class Routes:
         :return: the :class:`WebSocket` that the HTTP protocol now passes bytes to
         """
         ws = WSConnection(ConnectionType.SERVER)
-        socket = _ServerSocket(transport, ws, self.max_unsent)
+        socket = _ServerSocket(transport, ws, self.max_unsent, self._clock)
         try:
             ws.receive_data(head)
             request = next(e for e in ws.events() if isinstance(e, Request))
@@ -362,7 +408,9 @@ class Routes:
         else:
             socket.refuse(404, "no such resource")
             return socket
-        params = match.groupdict()
+        # The query's parameters too (``/v1/events?since=N``); the path's win.
+        query = urllib.parse.parse_qsl(request.target.partition("?")[2])
+        params = {**dict(query), **match.groupdict()}
         try:
             self._authorize(context, route.name, params)
         except RefusedByPolicy as e:

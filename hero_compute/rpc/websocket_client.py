@@ -23,15 +23,19 @@ class ClientProtocol(protocol.Protocol):
     :param target: the request target, e.g. ``/v1/vms/<id>/console``
     :param handler: the :class:`Handler`, once accepted
     :param max_unsent: bytes waiting for the server beyond which it is dropped
+    :param clock: an ``IReactorTime``, for the bound on a close
     """
 
     transport: Any
 
-    def __init__(self, host: str, target: str, handler: Handler, max_unsent: int) -> None:
+    def __init__(
+        self, host: str, target: str, handler: Handler, max_unsent: int, clock: Any
+    ) -> None:
         self._host = host
         self._target = target
         self._handler = handler
         self._max_unsent = max_unsent
+        self._clock = clock
         #: Fires with the :class:`WebSocket` once accepted, or fails with
         #: :class:`HTTPRefusal` or the connection's failure.
         self.accepted: defer.Deferred[WebSocket] = defer.Deferred()
@@ -39,7 +43,7 @@ class ClientProtocol(protocol.Protocol):
 
     def connectionMade(self) -> None:
         ws = WSConnection(ConnectionType.CLIENT)
-        self.socket = _ClientSocket(self.transport, ws, self._max_unsent, self)
+        self.socket = _ClientSocket(self.transport, ws, self._max_unsent, self._clock, self)
         self.transport.registerProducer(self.socket, True)
         self.transport.write(ws.send(Request(host=self._host, target=self._target)))
 
@@ -56,9 +60,14 @@ class ClientProtocol(protocol.Protocol):
 
 class _ClientSocket(WebSocket):
     def __init__(
-        self, transport: Any, ws: WSConnection, max_unsent: int, owner: ClientProtocol
+        self,
+        transport: Any,
+        ws: WSConnection,
+        max_unsent: int,
+        clock: Any,
+        owner: ClientProtocol,
     ) -> None:
-        WebSocket.__init__(self, transport, ws, max_unsent)
+        WebSocket.__init__(self, transport, ws, max_unsent, clock)
         self._owner = owner
         self._status = 0
         self._body = b""
@@ -80,7 +89,7 @@ class _ClientSocket(WebSocket):
     def _rejected(self) -> None:
         owner = self._owner
         self._gone = True
-        self.transport.loseConnection()
+        self._hang_up()
         if not owner.accepted.called:
             text = self._body.decode("utf-8", "replace").strip()
             owner.accepted.errback(HTTPRefusal(self._status, text))
@@ -115,7 +124,7 @@ def connect(
     made: list[ClientProtocol] = []
 
     def build() -> ClientProtocol:
-        proto = ClientProtocol(host, target, handler, max_unsent)
+        proto = ClientProtocol(host, target, handler, max_unsent, clock)
         made.append(proto)
         return proto
 

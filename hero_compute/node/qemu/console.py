@@ -261,6 +261,8 @@ class SerialConsole:
         """Let go of the serial port (QEMU goes on running) and close the viewers."""
         self._wanted = False
         if self._serial is not None:
+            # A transport defers its close while it holds a producer paused: let go.
+            self._serial.transport.unregisterProducer()
             self._serial.transport.loseConnection()
 
     def serial_lost(self, serial: _Serial) -> None:

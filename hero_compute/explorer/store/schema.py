@@ -14,7 +14,7 @@ import attrs
 
 #: The schema this code writes.  A file with a higher ``PRAGMA user_version`` was made by
 #: a newer hero_compute and is refused rather than misread.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The columns of a node record, as :class:`hero_compute.explorer.registry.NodeRecord`
 #: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
@@ -79,8 +79,21 @@ SCHEMA_2 = (
         SELECT node_id, revoked_at FROM identities WHERE revoked_at IS NOT NULL""",
 )
 
+#: Schema 3: the audit log (CONTRACT §10): who changed what, when, with what outcome;
+#: never a token, secret, key or user data.
+SCHEMA_3 = (
+    """CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, explorer TEXT NOT NULL,
+        caller TEXT NOT NULL, method TEXT NOT NULL, target TEXT NOT NULL,
+        outcome TEXT NOT NULL)""",
+    "CREATE INDEX audit_by_time ON audit (time)",
+)
+
 #: What brings a file of each older schema version to the next one.
-MIGRATIONS = {1: SCHEMA_2}
+MIGRATIONS = {1: SCHEMA_2, 2: SCHEMA_3}
+
+#: The fields of an audit entry, in ``explorer.audit``'s order.
+AUDIT_FIELDS = ("time", "explorer", "caller", "method", "target", "outcome")
 
 
 class StoreError(Exception):
@@ -152,3 +165,24 @@ def create_private(path):
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+#: What ``hero-compute state copy`` carries, table by table, in an order that suits any
+#: future foreign keys: everything the store holds (CONTRACT §10).
+COPY_TABLES = {
+    "nodes": NODE_FIELDS,
+    "identities": (
+        "node_id",
+        "secret_sha256",
+        "enrolled",
+        "cert_serial",
+        "previous_serial",
+        "revoked_at",
+    ),
+    "tokens": ("token_hash", "node_id", "expires_at", "used"),
+    "revoked_serials": ("serial", "node_id", "revoked_at"),
+    "revoked_secrets": ("secret_sha256", "node_id", "revoked_at"),
+    "revoked_ids": ("node_id", "revoked_at"),
+    "issued_serials": ("serial", "node_id", "issued_at"),
+    "audit": AUDIT_FIELDS,
+}

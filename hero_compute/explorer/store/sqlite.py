@@ -1,8 +1,8 @@
 """
-The explorer's durable state, in one SQLite file: the last known record of every node,
+The explorer's durable state in one SQLite file (the default backend of
+:class:`~hero_compute.explorer.store.IStore`): the last known record of every node,
 node identities (secret bindings, enrollment, current certificate), join tokens (as
-hashes only) and revocations.  Only this module (and its tables, in :mod:`.store_schema`)
-speaks SQL.
+hashes only) and revocations.  Its tables are in :mod:`.schema`.
 
 The API is synchronous: the file is local and the writes are small and rare.  Nothing
 here is meant to run per heartbeat; the caller writes a node record only when something
@@ -25,7 +25,8 @@ import sqlite3
 import attrs
 from twisted.logger import Logger
 
-from .store_schema import (
+from .schema import (
+    AUDIT_FIELDS,
     DURABLE_FIELDS,
     JSON_FIELDS,
     MIGRATIONS,
@@ -68,6 +69,9 @@ class Store:
 
     _db: sqlite3.Connection
     path: str
+    #: What ``explorer.info`` reports; the file is this explorer's own.
+    kind = "sqlite"
+    shared = False
     # Heartbeats check identities and serials on every call: answered from memory,
     # and the store's own writes keep these in step (one explorer owns its file).
     _identities: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -172,6 +176,15 @@ class Store:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    @property
+    def location(self):
+        """The file, as the log names it."""
+        return self.path
+
+    def state(self):
+        """:return: ``up``: a local file does not go away"""
+        return "up"
 
     def close(self):
         """Close the database; calling it again does nothing."""
@@ -542,3 +555,51 @@ class Store:
             removal), or ``None`` if it never was
         """
         return self._revoked_ids.get(node_id)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def add_audit(self, entries):
+        """
+        Append audit entries in one transaction.
+
+        :param entries: mappings with :data:`AUDIT_FIELDS`
+        """
+        with self._transaction():
+            self._db.executemany(
+                f"INSERT INTO audit ({', '.join(AUDIT_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?)",
+                [[e[f] for f in AUDIT_FIELDS] for e in entries],
+            )
+
+    def audit(self, since=None, limit=100, node_id=None):
+        """
+        :param since: only entries at or after this Unix time
+        :param node_id: only entries whose target is this node (or one of its VMs)
+        :return: entries (dicts with :data:`AUDIT_FIELDS`), newest first
+        """
+        rows = self._db.execute(
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit WHERE time >= ?1 "
+            "AND (?2 IS NULL OR target = ?2 "
+            "OR substr(target, 1, length(?2) + 1) = ?2 || '/') "
+            "ORDER BY id DESC LIMIT ?3",
+            (since or 0, node_id, limit),
+        )
+        return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
+
+    # -- state copy --------------------------------------------------------------------
+
+    def rows(self, table, columns):
+        """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
+        order = " ORDER BY id" if table == "audit" else ""
+        return [
+            list(r)
+            for r in self._db.execute(f"SELECT {', '.join(columns)} FROM {table}{order}")
+        ]
+
+    def insert_rows(self, table, columns, rows):
+        """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
+        with self._transaction():
+            self._db.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                rows,
+            )

@@ -1,0 +1,56 @@
+"""
+The ``store`` section (issue 21): the heartbeat ingest with PostgreSQL as the state
+store against SQLite, explorer CPU per heartbeat side by side.  The goal: PostgreSQL
+within 10% (<= 1.10x), since heartbeats of known nodes never wait on the database.
+
+The server is a throw-away cluster on a Unix socket in a temporary directory (the
+tests' :class:`tests.pgserver.PgServer`: Debian's ``postgresql``).
+"""
+
+from ingest import _ingest_one
+
+#: PostgreSQL's explorer CPU per heartbeat may be at most this times SQLite's.
+GOAL = 1.10
+
+
+def sec_store(procs, tmp, res, cfg):
+    """Ingest of the smallest configured fleet over each store; the ratio beside it."""
+    from tests.pgserver import PgServer
+
+    n = min(cfg["ingest_n"])
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        per_hb = {}
+        for kind, database in (
+            ("sqlite", None),
+            ("postgresql", server.new_database()),
+        ):
+            _, _, _, _, extra = _ingest_one(
+                procs,
+                tmp,
+                res,
+                cfg,
+                n,
+                section="store",
+                label=f", {kind}",
+                targets=False,
+                env_extra={"EXPLORER_DATABASE": database} if database else None,
+            )
+            per_hb[kind] = extra["cpu_per_hb_us"]
+        row = res.rows[-1]
+        if per_hb["sqlite"] and per_hb["postgresql"]:
+            ratio = per_hb["postgresql"] / per_hb["sqlite"]
+            met = ratio <= GOAL
+            row["goal"] = f"{'MET' if met else 'MISS'}: <= {GOAL:.2f}x SQLite's CPU/hb"
+            res.target(
+                f"store: PostgreSQL explorer CPU per heartbeat <= {GOAL:.2f}x SQLite's",
+                met,
+                f"{per_hb['postgresql']} vs {per_hb['sqlite']} us per heartbeat "
+                f"({ratio:.2f}x), N={n:,}",
+            )
+        else:
+            res.target("store: CPU per heartbeat measured", False, str(per_hb))
+    finally:
+        server.remove()

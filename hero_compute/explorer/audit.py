@@ -1,0 +1,300 @@
+"""
+The audit log (CONTRACT §10): every call that changes something, with its time, this
+explorer, the caller, the method, the target and the outcome; never a token, secret,
+key or ``user_data`` (only the target, a node or VM id, is taken from the params).
+
+Methods are audited where they are published: :meth:`AuditLog.registrar` wraps the
+dispatcher's ``register``, so a method named in :data:`TARGETS` is audited whoever
+registers it (``explorer.place`` and ``explorer.create_vm`` included, once they exist).
+Anything else that changes something (a console attach) calls :meth:`AuditLog.record`.
+
+Entries are kept in memory and written in batches, like node records: the answer to a
+call never waits on the store, and entries the store could not take are kept for the
+next write.  ``explorer.audit`` reads the store and adds the entries not yet written.
+"""
+
+import functools
+import inspect
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hero_compute.rpc.errors import RpcError, StoreUnavailable
+
+from .enroll import csr_node_id
+from .store import AUDIT_FIELDS
+
+log = Logger()
+
+#: Seconds entries wait to be written together.
+FLUSH_EVERY = 1.0
+
+#: ``explorer.audit``'s default and largest ``limit``.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 10_000
+
+#: Proxied node methods that change nothing, so are not audited.
+READS = frozenset({"vm.get", "vm.list", "vm.console_log"})
+
+
+def _param(name):
+    return lambda context, params: params.get(name) or ""
+
+
+def _enrolling(context, params):
+    try:
+        return csr_node_id(params.get("csr") or "")
+    except RpcError:
+        return "?"
+
+
+def _renewing(context, params):
+    identity = context.identity
+    return identity.name if identity is not None else "?"
+
+
+def _proxied(context, params):
+    method = params.get("method")
+    if not isinstance(method, str) or not method.startswith("vm.") or method in READS:
+        return None
+    node_id, inner = params.get("node_id") or "", params.get("params")
+    vm_id = inner.get("vm_id") if isinstance(inner, dict) else None
+    return method, f"{node_id}/{vm_id}" if isinstance(vm_id, str) else node_id
+
+
+#: The audited methods and how to name each call's target from its context and its
+#: (named) params; None means "not audited" (a proxied read), and a pair names the
+#: method recorded too (the proxied ``vm.*`` one).
+TARGETS = {
+    "explorer.create_token": _param("node_id"),
+    "explorer.enroll": _enrolling,
+    "explorer.renew": _renewing,
+    "explorer.revoke": _param("node_id"),
+    "explorer.remove_node": _param("node_id"),
+    "explorer.place": _param("node_id"),
+    "explorer.create_vm": _param("name"),
+    "explorer.call": _proxied,
+}
+
+
+def caller_of(context):
+    """
+    :param context: a :class:`~hero_compute.rpc.dispatch.CallContext`
+    :return: who called, as the audit log names them: ``unix:<uid>``, the certificate's
+        SPIFFE id, or ``<transport>:<address>``
+    """
+    if context.transport == "unix":
+        return "unix:?" if context.uid is None else f"unix:{context.uid}"
+    if context.identity is not None:
+        return context.identity.uri
+    return f"{context.transport}:{context.peer}"
+
+
+def _refusal(error):
+    status = getattr(error, "status", None)
+    return f"refused {status}" if status is not None else _outcome(error)
+
+
+def _outcome(result):
+    if not isinstance(result, BaseException):
+        return "ok"
+    code = result.code if isinstance(result, RpcError) else -32603
+    return f"error {code}"
+
+
+class AuditLog:
+    """
+    :param clock: ``IReactorTime`` (Unix seconds)
+    :param explorer: this explorer's name in the entries
+    :param store: ``store()`` -> the open :class:`~hero_compute.explorer.store.IStore`,
+        or None
+    :param run: ``run(f, *args)``: call ``f`` where store calls run (at once, or on
+        the store's thread, returning a Deferred)
+    """
+
+    def __init__(self, clock, explorer, store, run):
+        self._clock = clock
+        self.explorer = explorer
+        self._store = store
+        self._run = run
+        self._pending = []
+        self._flusher = None
+
+    def record(self, caller, method, target, outcome):
+        """Add one entry, written with the others of the same second."""
+        self._pending.append(
+            {
+                "time": self._clock.seconds(),
+                "explorer": self.explorer,
+                "caller": caller,
+                "method": method,
+                "target": target,
+                "outcome": outcome,
+            }
+        )
+        if self._flusher is None:
+            self._flusher = self._clock.callLater(FLUSH_EVERY, self.flush)
+
+    def flush(self):
+        """Write the entries kept so far; those the store cannot take are kept."""
+        self._flusher = None
+        store = self._store()
+        if not self._pending or store is None:
+            return None
+        batch, self._pending = self._pending, []
+        d = defer.maybeDeferred(self._run, store.add_audit, batch)
+
+        def failed(failure):
+            self._pending[:0] = batch
+            if not failure.check(StoreUnavailable):
+                log.failure("audit entries not written", failure)
+            if self._flusher is None:
+                self._flusher = self._clock.callLater(FLUSH_EVERY, self.flush)
+
+        return d.addErrback(failed)
+
+    def stop(self):
+        """Write what is left (at shutdown), at once."""
+        if self._flusher is not None and self._flusher.active():
+            self._flusher.cancel()
+        self._flusher = None
+        store = self._store()
+        if self._pending and store is not None:
+            try:
+                store.add_audit(self._pending)
+                self._pending = []
+            except StoreUnavailable:
+                log.warn("state store down: {n} audit entries lost", n=len(self._pending))
+
+    def query(self, since=None, limit=DEFAULT_LIMIT, node_id=None):
+        """
+        ``explorer.audit``: entries newest first, those not yet written included.
+
+        :return: ``{"entries": [...]}`` (or a Deferred of it)
+        """
+        limit = max(1, min(int(limit), MAX_LIMIT))
+        store = self._store()
+        if store is None:
+            raise StoreUnavailable()
+        since = since or 0
+
+        def mine(entry):
+            target = entry["target"]
+            return entry["time"] >= since and (
+                node_id is None or target == node_id or target.startswith(node_id + "/")
+            )
+
+        pending = [dict(e) for e in reversed(self._pending) if mine(e)][:limit]
+        d = defer.maybeDeferred(self._run, store.audit, since, limit, node_id)
+        return d.addCallback(lambda stored: {"entries": (pending + stored)[:limit]})
+
+    def wrap(self, method, func, target, takes_context=False):
+        """
+        :param method: the method's name
+        :param func: its handler
+        :param target: ``target(context, params) -> str or None`` (None: not audited)
+        :param takes_context: whether ``func`` takes the call context first
+        :return: a handler taking the context first, recording each call's outcome
+        """
+        signature = inspect.signature(func)
+        params = list(signature.parameters.values())
+        if takes_context:
+            params = params[1:]
+
+        @functools.wraps(func)
+        def audited(context, *args, **kwargs):
+            try:
+                named = signature.replace(parameters=params).bind(*args, **kwargs).arguments
+                aim = target(context, named)
+            except (TypeError, ValueError):
+                aim = "?"
+            call = (context, *args) if takes_context else args
+            if aim is None:
+                return func(*call, **kwargs)
+            name = method
+            if isinstance(aim, tuple):
+                name, aim = aim
+            caller = caller_of(context)
+            try:
+                result = func(*call, **kwargs)
+            except Exception as e:
+                self.record(caller, name, aim, _outcome(e))
+                raise
+            if inspect.iscoroutine(result):
+                # An async handler (explorer.create_vm): its outcome is known only
+                # once it has run, not when it is called.
+                result = defer.ensureDeferred(result)
+            if isinstance(result, defer.Deferred):
+
+                def settled(outcome):
+                    value = outcome.value if isinstance(outcome, Failure) else outcome
+                    self.record(caller, name, aim, _outcome(value))
+                    return outcome
+
+                return result.addBoth(settled)
+            self.record(caller, name, aim, "ok")
+            return result
+
+        context = inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        audited.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[context, *params]
+        )
+        return audited
+
+    def route(self, route, method, target):
+        """
+        :param route: a WebSocket :class:`~hero_compute.rpc.websocket.Route`
+        :param method: the name its openings are recorded under (``console.attach``)
+        :param target: ``target(params) -> str`` from the route's params
+        :return: the route, each opening recorded with its outcome
+        """
+        accept = route.accept
+
+        def audited(request):
+            caller, aim = caller_of(request.context), target(request.params)
+            try:
+                verdict = accept(request)
+            except Exception as e:
+                self.record(caller, method, aim, _refusal(e))
+                raise
+            d = defer.maybeDeferred(lambda: verdict)
+
+            def settled(outcome):
+                failed = isinstance(outcome, Failure)
+                self.record(
+                    caller, method, aim, _refusal(outcome.value) if failed else "ok"
+                )
+                return outcome
+
+            return d.addBoth(settled)
+
+        return attrs.evolve(route, accept=audited)
+
+    def registrar(self, rpc):
+        """
+        :param rpc: a :class:`~hero_compute.rpc.dispatch.Dispatcher`
+        :return: an object whose ``register`` is the dispatcher's, auditing the methods
+            of :data:`TARGETS`
+        """
+        return _Registrar(rpc, self)
+
+
+class _Registrar:
+    def __init__(self, rpc, audit):
+        self._rpc = rpc
+        self._audit = audit
+
+    def register(self, name, func, context=False):
+        target = TARGETS.get(name)
+        if target is None:
+            return self._rpc.register(name, func, context=context)
+        wrapped = self._audit.wrap(name, func, target, takes_context=context)
+        return self._rpc.register(name, wrapped, context=True)
+
+    def __getattr__(self, name):
+        return getattr(self._rpc, name)
+
+
+__all__ = ["AUDIT_FIELDS", "TARGETS", "AuditLog", "caller_of"]
