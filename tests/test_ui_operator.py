@@ -336,6 +336,13 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     assert [v["name"] for v in result(node, "vm.list")] == ["placed"]
     assert browser.execute_script("return window.__sameDocument") is True
     assert foreign_requests(browser, origin) == []
+    # Every write is in the audit log with the dashboard user.
+    entries = result(unix, "explorer.audit", {"limit": 50})["entries"]
+    done = [
+        (e["method"], e["outcome"]) for e in entries if e["caller"] == "dashboard:carol"
+    ]
+    for method in ("vm.create", "vm.start", "vm.stop", "vm.delete", "explorer.create_vm"):
+        assert (method, "ok") in done, (method, entries)
 
 
 def test_browser_viewer_has_no_controls(twistd, short_tmp, browser, axe_source):  # noqa: F811

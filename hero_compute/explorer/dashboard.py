@@ -339,6 +339,7 @@ def make_dashboard(
     hosts=None,
     admission=None,
     console_socket=None,
+    register=None,
 ):
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
@@ -357,6 +358,9 @@ def make_dashboard(
         :data:`~hero_compute.explorer.dashboard_guard.DEFAULT_HOSTS`
     :param console_socket: a callable answering the explorer's Unix socket path, for
         the console (:mod:`.ui_console`)
+    :param register: ``register(dispatcher)`` publishing the methods on the
+        dashboard's dispatcher (through the audit log and the event log), or None for
+        ``methods.register``
     :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
         connections are admitted at accept by the limits of its other listeners
     :return: a service; its ``root`` is the :class:`DashboardRoot`
@@ -371,7 +375,7 @@ def make_dashboard(
         max_batch=limits.max_batch,
         max_response=limits.max_response,
     )
-    methods.register(rpc)
+    (register or methods.register)(rpc)
     root = DashboardRoot(
         token,
         rpc,

@@ -236,6 +236,10 @@ def make_explorer(
             hosts=ui_hosts,
             admission=factory.admission.sibling(),
             console_socket=lambda: _unix_socket(listeners.bound),
+            # The dashboard's writes are audited (as dashboard:<user>) and evented too.
+            register=lambda ui_rpc: methods.register(
+                events.registrar(audit.registrar(ui_rpc))
+            ),
         ).setServiceParent(explorer)
     if freeze_heap:
         heap = FrozenHeap(clock)
