@@ -131,6 +131,16 @@ def test_refused_upgrade_joins_nothing(twistd, short_tmp):
     assert status(answer) in (400, 404, 502), answer
     assert answer.count(b"HTTP/1.1") == 1 and b"jsonrpc" not in answer, answer
     assert [n["node_id"] for n in result(unix, "explorer.list_nodes")] == [NODE]
+    # Each attempt is in the audit log with the dashboard user and its outcome.
+    entries = result(unix, "explorer.audit", {})["entries"]
+    mine = [
+        (e["target"], e["outcome"])
+        for e in entries
+        if e["caller"] == "dashboard:olga" and e["method"] == "console.attach"
+    ]
+    assert ("ghost/x", "refused 404") in mine and (f"{NODE}/vm1", "refused 502") in mine, (
+        entries
+    )
 
 
 def terminal_text(driver):
@@ -223,6 +233,12 @@ def test_browser_console_of_the_test_guest(twistd, short_tmp, browser, axe_sourc
             continue
     assert answered(), terminal_text(browser)[-2000:]
     assert "echo sum-$((40+2))" in terminal_text(browser)
+    attaches = [
+        e["outcome"]
+        for e in result(unix, "explorer.audit", {})["entries"]
+        if e["caller"] == "dashboard:olga" and e["method"] == "console.attach"
+    ]
+    assert "ok" in attaches, attaches
     if os.environ.get("HERO_UI_SCREENSHOTS"):
         # The README's picture of the console: HERO_UI_SCREENSHOTS=docs.
         browser.set_window_size(1000, 640)

@@ -181,6 +181,8 @@ class DashboardRoot(resource.Resource):
 
         self._reactor = reactor
         self._console_socket = console_socket
+        #: ``audit(caller, method, target, outcome)``, for console attaches, or None.
+        self.audit = None
         if accounts is None:
             accounts = UiAccounts(reactor)
         self.sessions = accounts
@@ -204,7 +206,11 @@ class DashboardRoot(resource.Resource):
             return self._rpc(request)
         if path[0] == b"v1":
             return ui_console.serve(
-                request, self._session(request), self._console_socket, self._reactor
+                request,
+                self._session(request),
+                self._console_socket,
+                self._reactor,
+                self.audit,
             )
         return _refuse(request, 404, "not found")
 
@@ -340,6 +346,7 @@ def make_dashboard(
     admission=None,
     console_socket=None,
     register=None,
+    audit=None,
 ):
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
@@ -361,6 +368,8 @@ def make_dashboard(
     :param register: ``register(dispatcher)`` publishing the methods on the
         dashboard's dispatcher (through the audit log and the event log), or None for
         ``methods.register``
+    :param audit: ``audit(caller, method, target, outcome)`` (the audit log's
+        ``record``), for console attaches
     :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
         connections are admitted at accept by the limits of its other listeners
     :return: a service; its ``root`` is the :class:`DashboardRoot`
@@ -398,6 +407,7 @@ def make_dashboard(
         svc.endpoint, token, token_file, secure=tls is not None, write=fresh
     )
     methods.accounts.url_of = lambda: svc.endpoint.url
+    root.audit = audit
     svc.root = root
     svc.setName("dashboard")
     return svc

@@ -237,6 +237,7 @@ def make_explorer(
             admission=factory.admission.sibling(),
             console_socket=lambda: _unix_socket(listeners.bound),
             # The dashboard's writes are audited (as dashboard:<user>) and evented too.
+            audit=audit.record,
             register=lambda ui_rpc: methods.register(
                 events.registrar(audit.registrar(ui_rpc))
             ),

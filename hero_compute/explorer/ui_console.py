@@ -121,10 +121,11 @@ class _Explorer(protocol.Protocol):
     transport: Any
     open = False
 
-    def __init__(self, browser, head, clock):
+    def __init__(self, browser, head, clock, outcome):
         self._browser = browser
         self._head = head
         self._clock = clock
+        self._outcome = outcome
         self._answer = b""
         self._timer = None
 
@@ -152,6 +153,7 @@ class _Explorer(protocol.Protocol):
         if status != 101:
             self._refuse(status if status in _REASONS else 502)
             return
+        self._settle(101)
         self._stop_timer()
         self.open = True
         browser = self._browser.transport
@@ -162,7 +164,13 @@ class _Explorer(protocol.Protocol):
         self._answer = b""
         self._browser.flush()
 
+    def _settle(self, status):
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None:
+            outcome(status)
+
     def _refuse(self, status):
+        self._settle(status)
         self._stop_timer()
         if not self.open:
             self._browser.transport.write(status_only(status))
@@ -176,6 +184,7 @@ class _Explorer(protocol.Protocol):
 
     def connectionLost(self, reason=protocol.connectionDone):
         self._stop_timer()
+        self._settle(502)
         if not self.open and self._browser.transport is not None:
             self._browser.transport.write(status_only(502))
         if self._browser.transport is not None:
@@ -204,7 +213,7 @@ def take_over(request):
     return browser
 
 
-def splice(request, path, socket_path, reactor):
+def splice(request, path, socket_path, reactor, outcome=None):
     """
     Join the browser's upgrade request to the explorer's console relay.
 
@@ -212,16 +221,19 @@ def splice(request, path, socket_path, reactor):
     :param path: its path (bytes), matching :data:`PATH`
     :param socket_path: the explorer's Unix socket
     :param reactor: the reactor to connect with
+    :param outcome: called once with the explorer's status (101: joined), or None
     :return: :data:`NOT_DONE_YET`
     """
     head = upgrade_head(request, path)
     browser = take_over(request)
     endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=5)
     d = endpoint.connect(
-        protocol.Factory.forProtocol(lambda: _Explorer(browser, head, reactor))
+        protocol.Factory.forProtocol(lambda: _Explorer(browser, head, reactor, outcome))
     )
 
     def failed(failure):
+        if outcome is not None:
+            outcome(503)
         log.warn("dashboard console: the explorer's socket: {e}", e=failure.value)
         if browser.transport is not None:
             browser.transport.write(status_only(503))
@@ -237,7 +249,7 @@ def _refuse(request, code, text):
     return text.encode() + b"\n"
 
 
-def serve(request, session, console_socket, reactor):
+def serve(request, session, console_socket, reactor, audit=None):
     """
     ``GET /v1/nodes/<node_id>/vms/<vm_id>/console`` or ``GET /v1/events`` on the
     dashboard: checked, then
@@ -247,6 +259,8 @@ def serve(request, session, console_socket, reactor):
     :param session: its :class:`~hero_compute.explorer.ui_accounts.Session`, or None
     :param console_socket: a callable answering the explorer's Unix socket path, or None
     :param reactor: the reactor to connect with
+    :param audit: ``audit(caller, method, target, outcome)`` for console attaches (the
+        explorer records its own, as a Unix caller), or None
     """
     if request.method != b"GET":
         request.setHeader(b"allow", b"GET")
@@ -274,7 +288,14 @@ def serve(request, session, console_socket, reactor):
         vm=match["vm_id"].decode(),
         node=match["node_id"].decode(),
     )
-    return splice(request, request.path, socket_path, reactor)
+    target = f"{match['node_id'].decode()}/{match['vm_id'].decode()}"
+
+    def outcome(status):
+        if audit is not None:
+            verdict = "ok" if status == 101 else f"refused {status}"
+            audit(session.user.uri, "console.attach", target, verdict)
+
+    return splice(request, request.path, socket_path, reactor, outcome)
 
 
 def _events(request, session, console_socket, reactor):
