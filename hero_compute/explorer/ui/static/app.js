@@ -570,10 +570,14 @@ function init() {
   for (const id of ["f-status", "f-limit"]) $(id).addEventListener("change", act(resetPaging));
   let typing = null;
   for (const id of ["f-label", "f-text"]) {
-    $(id).addEventListener("input", () => {
-      clearTimeout(typing);
-      typing = setTimeout(act(id === "f-label" ? resetPaging : () => {}), 250);
-    });
+    // "change" too: a field emptied by a script or an autofill fires no "input", and
+    // with the event stream up no poll would pick the change up.
+    for (const kind of ["input", "change"]) {
+      $(id).addEventListener(kind, () => {
+        clearTimeout(typing);
+        typing = setTimeout(act(id === "f-label" ? resetPaging : () => {}), 250);
+      });
+    }
   }
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();
