@@ -92,6 +92,11 @@ def test_login_tokens_single_use_listed_and_revoked(twistd, short_tmp):
     assert fetch(url, path="/", headers={"Cookie": cookie})[0] == 401
     assert fetch(spare)[0] == 401
     assert fetch(url, path="/", headers={"Cookie": viewer})[0] == 200
+    entries = result(unix, "explorer.audit", {})["entries"]
+    made = [(e["method"], e["target"], e["outcome"]) for e in entries]
+    assert made.count(("explorer.ui_token_create", "alice", "ok")) == 2, made
+    assert ("explorer.ui_token_revoke", "alice", "ok") in made
+    assert token not in json.dumps(entries)
 
 
 def test_bad_accounts_refused(twistd, short_tmp):

@@ -75,6 +75,9 @@ TARGETS = {
     "explorer.remove_node": _param("node_id"),
     "explorer.place": _param("node_id"),
     "explorer.create_vm": _param("name"),
+    # Dashboard accounts (CONTRACT §11): the target is the user, never the token.
+    "explorer.ui_token_create": _param("user"),
+    "explorer.ui_token_revoke": _param("user"),
     "explorer.call": _proxied,
 }
 
