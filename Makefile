@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 DEBIAN_PACKAGES := python3-venv qemu-system-x86 qemu-utils iproute2 socat curl wrk prometheus chromium chromium-driver openssh-client kmod debootstrap postgresql
 
-.PHONY: install system-deps run test lint format bench smoke clean install-systemd
+.PHONY: install system-deps run test lint format bench smoke clean install-systemd xterm
 
 # The .pth puts this clone on the venv's path, so `.venv/bin/twistd -n explorer` finds
 # ./twisted/plugins without PYTHONPATH; .venv/bin/hero-compute is the CLI of the clone.
@@ -89,3 +89,19 @@ install-systemd:
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# The dashboard's terminal (xterm.js and its fit add-on), copied from npm at the versions
+# pinned in hero_compute/explorer/ui_assets.py: the only step, a copy.
+XTERM_VERSION = 6.0.0
+XTERM_FIT_VERSION = 0.11.0
+xterm:
+	tmp=$$(mktemp -d) && cd $$tmp && \
+	npm pack --silent @xterm/xterm@$(XTERM_VERSION) @xterm/addon-fit@$(XTERM_FIT_VERSION) && \
+	mkdir x f && tar xzf xterm-xterm-$(XTERM_VERSION).tgz -C x && \
+	tar xzf xterm-addon-fit-$(XTERM_FIT_VERSION).tgz -C f && \
+	dest=$(CURDIR)/hero_compute/explorer/ui/static && \
+	cp x/package/lib/xterm.js x/package/css/xterm.css $$dest/ && \
+	cp x/package/LICENSE $$dest/xterm-LICENSE.txt && \
+	cp f/package/lib/addon-fit.js $$dest/xterm-addon-fit.js && \
+	cp f/package/LICENSE $$dest/xterm-addon-fit-LICENSE.txt && \
+	rm -rf $$tmp

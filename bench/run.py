@@ -14,6 +14,7 @@ Issue #12's goals are checked beside their rows and listed as a README-ready tab
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
     python bench/run.py --sections console         # issue #19: console echo
     python bench/run.py --sections store --quick   # issue 21: PostgreSQL vs SQLite
+    python bench/run.py --sections boot --boot-rounds 2   # issue 19: boot to SSH
 
 Only loopback addresses and Unix sockets in a temporary directory are used; every
 process started is killed on exit.  Results: one table on stdout, and
@@ -34,6 +35,7 @@ sys.path.insert(0, HERE)
 # the tree under test, for the certificates of the tls section (hero_compute.pki)
 sys.path.insert(1, os.path.dirname(HERE))
 
+import bootbench  # noqa: E402
 import console_echo  # noqa: E402
 import fleet  # noqa: E402
 import ingest  # noqa: E402
@@ -60,6 +62,7 @@ SECTIONS = {
     "profile": pyspy.sec_profile,
     "console": console_echo.sec_console,
     "store": store.sec_store,
+    "boot": bootbench.sec_boot,
 }
 DEFAULT_SECTIONS = [
     "floor",
@@ -73,6 +76,7 @@ DEFAULT_SECTIONS = [
     "place",
     "console",
     "store",
+    "boot",
 ]
 
 
@@ -111,6 +115,9 @@ def main(argv=None):
     )
     ap.add_argument("--restart-n", type=int, help="node count for restart")
     ap.add_argument("--place-n", type=int, help="node count for place (issue 20)")
+    ap.add_argument(
+        "--boot-rounds", type=int, help="boot-to-SSH rounds per path (issue 19)"
+    )
     ap.add_argument(
         "--full",
         action="store_true",
@@ -153,6 +160,7 @@ def main(argv=None):
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
         "place_n": args.place_n or (10000 if q else 100000),
+        "boot_rounds": args.boot_rounds or (2 if q else 3),
     }
     mach = machine()
     res = Results()

@@ -165,3 +165,21 @@ def test_console_attach_is_audited(explorer):
     assert [(e["method"], e["target"], e["outcome"], e["caller"]) for e in entries] == [
         ("console.attach", "nope/v1", "refused 404", f"unix:{os.getuid()}")
     ]
+
+
+def test_placements_are_audited_with_their_outcome(explorer):
+    """``explorer.place`` and ``explorer.create_vm`` are recorded with the outcome
+    they had, not the moment they were called: with no node to place on, each is
+    ``error -32006``."""
+    ask = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1}
+    for method, params in (
+        ("explorer.place", ask),
+        ("explorer.create_vm", dict(ask, name="web", user_data="#cloud-config\n")),
+    ):
+        answer = rpc(explorer.unix, method, params)
+        assert answer["error"]["code"] == -32006, answer
+    entries = result(explorer.unix, "explorer.audit", {"limit": 10})["entries"]
+    got = {e["method"]: (e["target"], e["outcome"]) for e in entries}
+    assert got["explorer.place"] == ("", "error -32006")
+    assert got["explorer.create_vm"] == ("web", "error -32006")
+    assert "cloud-config" not in json.dumps(entries)

@@ -45,6 +45,10 @@ EXPLORER_ALLOWED = {
         "explorer.create_token",
         "explorer.enroll",
         "explorer.renew",
+        # Dashboard accounts: Unix socket or client certificate only (CONTRACT §11).
+        "explorer.ui_token_create",
+        "explorer.ui_token_list",
+        "explorer.ui_token_revoke",
     },
     "tls-anonymous": {"explorer.enroll", "rpc.discover"},
     "client": set(EXPLORER_METHODS)

@@ -32,17 +32,25 @@ CONNECTIONS = 200
 CONNECTION_TYPES = (tcp.Server, RpcHTTPProtocol, httptools.HttpRequestParser, CallContext)
 
 
+#: Frozen objects that may die between two looks at the count.
+SLACK = 100
+
+
 def test_start_freezes_and_full_collections_freeze_again():
     """Start-up's objects are frozen; what a full collection leaves is frozen too."""
     thresholds = gc.get_threshold()
     heap = FrozenHeap(Clock())
     heap.startService()
     try:
-        assert heap.frozen > 0 and gc.get_freeze_count() == heap.frozen
+        # A frozen object whose last reference goes (another thread's, a weak
+        # cache's) leaves the permanent generation: the count may drop a little,
+        # never grow, until the next full collection.
+        assert heap.frozen > 0
+        assert heap.frozen - SLACK <= gc.get_freeze_count() <= heap.frozen
         assert gc.get_threshold() == (*thresholds[:2], FULL_EVERY)
         kept = [[i] for i in range(1000)]  # lists: tracked by the collector
         gc.collect(1)
-        assert gc.get_freeze_count() == heap.frozen
+        assert heap.frozen - SLACK <= gc.get_freeze_count() <= heap.frozen
         gc.collect()
         assert gc.get_freeze_count() >= heap.frozen + len(kept)
     finally:

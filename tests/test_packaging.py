@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from hero_compute.explorer.ui_assets import VENDORED
 from hero_compute.rpc.schema import load_schema
 
 from .support import ROOT
@@ -99,7 +100,7 @@ def test_wheel_carries_schemas_and_cli(installed):
 
 
 def test_wheel_carries_the_dashboard(installed):
-    """The installed package carries the dashboard's static files, as it loads them."""
+    """The installed package carries the dashboard's files, xterm.js and its licence too."""
     done = run(
         installed,
         f"{installed}/bin/python",
@@ -108,4 +109,6 @@ def test_wheel_carries_the_dashboard(installed):
         "print(sorted(n for n, b in load_static().items() if b))",
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['app.js', 'index.html', 'style.css']"
+    assert done.stdout.strip() == str(
+        sorted(["app.js", "console.js", "index.html", "style.css", *VENDORED])
+    )

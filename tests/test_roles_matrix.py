@@ -66,7 +66,15 @@ EXPECTED_EXPLORER = {
     # refused" -- and (issue 17) enroll, whose token and certificate would cross in
     # clear, and renew, which has no certificate to renew.
     "tcp": _all_but(
-        EXPLORER_METHODS, "remove_node", "revoke", "create_token", "enroll", "renew"
+        EXPLORER_METHODS,
+        "remove_node",
+        "revoke",
+        "create_token",
+        "enroll",
+        "renew",
+        "ui_token_create",
+        "ui_token_list",
+        "ui_token_revoke",
     ),
 }
 
@@ -98,6 +106,11 @@ def explorer_params(method, caller):
         "explorer.remove_node": {"node_id": "ghost"},
         "explorer.call": {"node_id": NODE, "method": "node.info"},
         "explorer.info": {},
+        "explorer.summary": {},
+        # Invalid (-32602) where allowed: no account is made or ended.
+        "explorer.ui_token_create": {"user": "-", "role": "viewer"},
+        "explorer.ui_token_list": {},
+        "explorer.ui_token_revoke": {"user": "-"},
         "explorer.create_token": {"ttl": 60, "node_id": "tok"},
         # Not a CSR: an allowed enroll or renew is -32602, a refused one -32010.
         "explorer.enroll": {"token": "aaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "csr": "x"},

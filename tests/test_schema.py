@@ -226,6 +226,10 @@ def test_explorer_methods_match_contract():
         "explorer.renew",
         "explorer.revoke",
         "explorer.query_nodes",
+        "explorer.summary",
+        "explorer.ui_token_create",
+        "explorer.ui_token_list",
+        "explorer.ui_token_revoke",
         "explorer.place",
         "explorer.create_vm",
         # CONTRACT §10.

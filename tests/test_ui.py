@@ -14,9 +14,10 @@ import tempfile
 import time
 import urllib.parse
 
+import attrs
 import pytest
 
-from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY
+from hero_compute.rpc.authz import DASHBOARD_POLICY, UI_OPERATOR, UI_VIEWER
 from hero_compute.rpc.errors import RefusedByPolicy
 
 from .support import post, result, rpc, wait_for
@@ -30,36 +31,68 @@ AXE_VERSION = "4.14.1"
 AXE_DIR = os.path.join(tempfile.gettempdir(), f"hero-compute-axe-core-{AXE_VERSION}")
 
 
-class Client:
-    """The dashboard's identity, as :data:`DASHBOARD_POLICY` sees it."""
+@attrs.frozen
+class User:
+    """A dashboard user, as :data:`DASHBOARD_POLICY` sees it."""
 
-    role = CLIENT
-    name = "dashboard"
+    role: str
+    name: str = "someone"
 
 
-def test_dashboard_policy_reads_only():
-    """The dashboard may read the fleet and call node.info and vm.list, nothing else."""
-    for method, params in [
-        ("explorer.info", {}),
-        ("explorer.query_nodes", {}),
-        ("explorer.list_nodes", {}),
-        ("explorer.get_node", {"node_id": "a"}),
-        ("explorer.node_history", {"node_id": "a"}),
-        ("explorer.call", {"node_id": "a", "method": "node.info"}),
-        ("explorer.call", {"node_id": "a", "method": "vm.list"}),
-    ]:
-        DASHBOARD_POLICY.check("tls", Client(), method, params)
-    for method, params in [
-        ("explorer.remove_node", {"node_id": "a"}),
-        ("explorer.heartbeat", {"node_id": "a"}),
-        ("explorer.create_token", {}),
-        ("explorer.revoke", {"node_id": "a"}),
-        ("explorer.call", {"node_id": "a", "method": "vm.start"}),
-        ("explorer.call", ["a", "vm.list"]),
-        ("explorer.call", {"node_id": "a"}),
-    ]:
+VIEWER, OPERATOR = User(UI_VIEWER), User(UI_OPERATOR)
+
+#: What either role may call.
+READS = [
+    ("explorer.info", {}),
+    ("explorer.query_nodes", {}),
+    ("explorer.summary", {}),
+    ("explorer.list_nodes", {}),
+    ("explorer.get_node", {"node_id": "a"}),
+    ("explorer.node_history", {"node_id": "a"}),
+    ("explorer.call", {"node_id": "a", "method": "node.info"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.list"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.get"}),
+]
+
+#: What only an operator may call.
+WRITES = [
+    ("explorer.create_vm", {"name": "x"}),
+    ("explorer.place", {}),
+    ("explorer.call", {"node_id": "a", "method": "vm.create"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.start"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.stop"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.delete"}),
+    ("explorer.call", {"node_id": "a", "method": "vm.console_log"}),
+]
+
+#: What neither may call.
+NEVER = [
+    ("explorer.remove_node", {"node_id": "a"}),
+    ("explorer.heartbeat", {"node_id": "a"}),
+    ("explorer.create_token", {}),
+    ("explorer.ui_token_create", {"user": "x", "role": "operator"}),
+    ("explorer.ui_token_revoke", {"user": "x"}),
+    ("explorer.revoke", {"node_id": "a"}),
+    ("explorer.call", {"node_id": "a", "method": "image.import"}),
+    ("explorer.call", ["a", "vm.list"]),
+    ("explorer.call", {"node_id": "a"}),
+]
+
+
+def test_dashboard_policy_by_role():
+    """Viewers read; operators also create, start, stop, delete VMs and read consoles;
+    neither removes nodes, makes tokens or accounts, or imports images."""
+    for method, params in READS:
+        DASHBOARD_POLICY.check("tls", VIEWER, method, params)
+        DASHBOARD_POLICY.check("tls", OPERATOR, method, params)
+    for method, params in WRITES:
+        DASHBOARD_POLICY.check("tls", OPERATOR, method, params)
         with pytest.raises(RefusedByPolicy):
-            DASHBOARD_POLICY.check("tls", Client(), method, params)
+            DASHBOARD_POLICY.check("tls", VIEWER, method, params)
+    for method, params in NEVER:
+        for user in (VIEWER, OPERATOR):
+            with pytest.raises(RefusedByPolicy):
+                DASHBOARD_POLICY.check("tls", user, method, params)
 
 
 def start_explorer(twistd, short_tmp, env=None, args=()):
@@ -134,14 +167,33 @@ def origin(url):
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def ui_rpc(url, cookie, method, params):
+def csrf_token(url, cookie):
+    """:return: the session's CSRF token, as the page carries it in a ``<meta>``"""
+    status, _, body = fetch(url, path="/", headers={"Cookie": cookie})
+    assert status == 200, status
+    match = re.search(rb'<meta name="csrf-token" content="([^"]+)">', body)
+    assert match, body[:500]
+    return match.group(1).decode()
+
+
+def page_headers(url, cookie):
+    """The headers the page's own script sends on ``POST /rpc``."""
+    return {
+        "Content-Type": "application/json",
+        "Cookie": cookie,
+        "Origin": origin(url),
+        "X-CSRF-Token": csrf_token(url, cookie),
+    }
+
+
+def ui_rpc(url, cookie, method, params, headers=None):
     """One JSON-RPC call through the dashboard's ``POST /rpc``; the response object."""
     status, _, data = fetch(
         url,
         "POST",
         "/rpc",
         json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}),
-        {"Content-Type": "application/json", "Cookie": cookie, "Origin": origin(url)},
+        headers or page_headers(url, cookie),
     )
     assert status == 200, (status, data)
     return json.loads(data)
@@ -230,7 +282,7 @@ def test_dashboard_rpc_reads_only(twistd, short_tmp):
                 },
             ]
         ),
-        {"Content-Type": "application/json", "Cookie": cookie, "Origin": origin(url)},
+        page_headers(url, cookie),
     )
     answers = {a["id"]: a for a in json.loads(data)}
     assert "result" in answers[1] and answers[2]["error"]["code"] == -32010
@@ -285,8 +337,7 @@ def test_render_index_escapes():
     page = render_index(
         load_static()["index.html"],
         {
-            "online": "<b>1</b>",
-            "offline": 0,
+            "nodes": {"online": "<b>1</b>", "offline": 0},
             "vms": "&",
             "capacity": totals,
             "usage": totals,
@@ -450,8 +501,9 @@ def axe(driver, source):
     ]
 
 
-def start_node(twistd, short_tmp, unix, node_id):
-    """A real ``twistd node`` heartbeating every 0.5 s to the explorer."""
+def start_node(twistd, short_tmp, unix, node_id, env=None):
+    """A real ``twistd node`` heartbeating every 0.5 s to the explorer (``env`` added
+    to its environment)."""
     return twistd(
         [
             "node",
@@ -466,7 +518,7 @@ def start_node(twistd, short_tmp, unix, node_id):
             "--state-dir",
             f"{short_tmp}/{node_id}",
         ],
-        env={"NODE_NAME": f"host-{node_id}"},
+        env={"NODE_NAME": f"host-{node_id}", **(env or {})},
     )
 
 
@@ -523,11 +575,9 @@ def test_browser_fleet(twistd, short_tmp, browser, axe_source, tmp_path):
     if axe_source:
         violations["fleet"] = axe(browser, axe_source)
 
-    # A node stops (it says goodbye): offline within one update.
+    # A node stops (it says goodbye): offline with its event (or the next poll).
     nodes["beta"].stop()
-    next_update(browser)
-    next_update(browser)
-    assert "offline" in rows(browser)["beta"]
+    wait_for(lambda: "offline" in rows(browser)["beta"], timeout=10, what="beta offline")
     assert browser.find_element("id", "s-offline").text == "1"
     row = browser.find_element("css selector", 'tr[data-node-id="beta"]')
     assert "offline" in row.get_attribute("class")
@@ -594,7 +644,7 @@ def test_browser_fleet(twistd, short_tmp, browser, axe_source, tmp_path):
     browser.set_window_size(1280, 800)
     if os.environ.get("HERO_UI_SCREENSHOT"):
         browser.get(url.split("?", 1)[0] + "#/")
-        next_update(browser)
+        wait_for(lambda: updates(browser) > 0, what="the page shown")
         browser.save_screenshot(os.environ["HERO_UI_SCREENSHOT"])
     print("screenshots in", tmp_path, "axe serious/critical:", violations)
     if axe_source is None:

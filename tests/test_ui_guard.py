@@ -9,6 +9,7 @@ the login token never reaches the log.
 import http.client
 import json
 import os
+import re
 import ssl
 import stat
 
@@ -129,8 +130,15 @@ def login(process, host=None):
     return status, headers.get("set-cookie")
 
 
+def csrf(process, cookie):
+    """The session's CSRF token, from the page's ``<meta>`` (as its script reads it)."""
+    _, _, page = request(process, headers={"Host": own_host(process), "Cookie": cookie})
+    return re.search(rb'<meta name="csrf-token" content="([^"]+)">', page)[1].decode()
+
+
 def call(process, cookie, method="explorer.list_nodes", params=None, **headers):
-    """``POST /rpc`` with a session and the given headers (``Host`` defaults to ours)."""
+    """``POST /rpc`` with a session, its CSRF token and the given headers (``Host``
+    defaults to ours)."""
     body = json.dumps(
         {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
     ).encode()
@@ -138,6 +146,7 @@ def call(process, cookie, method="explorer.list_nodes", params=None, **headers):
         "Host": own_host(process),
         "Content-Type": "application/json",
         "Cookie": cookie,
+        "X-CSRF-Token": csrf(process, cookie),
         **headers,
     }
     return request(process, "POST", "/rpc", {k: v for k, v in sent.items() if v}, body)

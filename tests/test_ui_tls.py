@@ -3,8 +3,12 @@ The dashboard over mutual TLS: a ``client/*`` certificate stands in for the toke
 certificate, or another role's, still gets 401.
 """
 
+import base64
 import http.client
 import json
+import os
+import re
+import socket
 import ssl
 
 import pytest
@@ -54,8 +58,9 @@ def explorer(twistd, short_tmp, certs):
     return process
 
 
-def get(explorer, certs, who, path="/", method="GET", body=None):
-    """One request to the dashboard over TLS as ``who`` (None: no certificate)."""
+def get(explorer, certs, who, path="/", method="GET", body=None, csrf=None):
+    """One request to the dashboard over TLS as ``who`` (None: no certificate), as the
+    page's script makes it (its Origin, and ``csrf`` in ``X-CSRF-Token`` if given)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.load_verify_locations(certs["ca"])
@@ -65,17 +70,12 @@ def get(explorer, certs, who, path="/", method="GET", body=None):
         "127.0.0.1", explorer.port, context=context, timeout=10
     )
     try:
-        conn.request(
-            method,
-            path,
-            body=body,
-            headers={
-                "Content-Type": "application/json",
-                "Origin": f"https://127.0.0.1:{explorer.port}",
-            }
-            if body
-            else {},
-        )
+        headers = {"Origin": f"https://127.0.0.1:{explorer.port}"}
+        if body:
+            headers["Content-Type"] = "application/json"
+        if csrf is not None:
+            headers["X-CSRF-Token"] = csrf
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -83,17 +83,15 @@ def get(explorer, certs, who, path="/", method="GET", body=None):
 
 
 def test_client_certificate_stands_in_for_the_token(explorer, certs):
-    """A client/* certificate opens the page and its read-only RPC without a token."""
+    """A client/* certificate opens the page as an operator, and its RPC with the page's
+    CSRF token (403 without); removing a node is still not the dashboard's to do."""
     status, page = get(explorer, certs, "client")
     assert status == 200 and b"<html" in page.lower()
-    status, body = get(
-        explorer,
-        certs,
-        "client",
-        "/rpc",
-        "POST",
-        json.dumps({"jsonrpc": "2.0", "method": "explorer.info", "id": 1}),
-    )
+    assert b'<meta name="ui-role" content="operator">' in page
+    csrf = re.search(rb'<meta name="csrf-token" content="([^"]+)">', page)[1].decode()
+    info = json.dumps({"jsonrpc": "2.0", "method": "explorer.info", "id": 1})
+    assert get(explorer, certs, "client", "/rpc", "POST", info)[0] == 403
+    status, body = get(explorer, certs, "client", "/rpc", "POST", info, csrf)
     assert status == 200 and "result" in json.loads(body)
     status, body = get(
         explorer,
@@ -109,6 +107,7 @@ def test_client_certificate_stands_in_for_the_token(explorer, certs):
                 "id": 2,
             }
         ),
+        csrf,
     )
     assert json.loads(body)["error"]["code"] == -32010
 
@@ -125,3 +124,40 @@ def test_token_still_works_over_tls(explorer, certs):
     """Without a certificate, the logged token still trades for a session."""
     status, _ = get(explorer, certs, None, f"/?token={explorer.token}")
     assert status == 302
+
+
+def test_console_over_tls_for_a_client_certificate(explorer, certs):
+    """Over the TLS dashboard a client/* certificate (an operator) reaches the
+    explorer's console relay through the taken-over TLS connection (an unknown node:
+    the relay's 404), and a node certificate gets 401, nothing relayed."""
+    key = base64.b64encode(os.urandom(16)).decode()
+
+    def upgrade(who, path):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(certs["ca"])
+        context.load_cert_chain(*certs[who])
+        raw = socket.create_connection(("127.0.0.1", explorer.port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(
+                (
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{explorer.port}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                    f"Origin: https://127.0.0.1:{explorer.port}\r\n\r\n"
+                ).encode()
+            )
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except (TimeoutError, ssl.SSLError):
+                pass
+            return got
+
+    answer = upgrade("client", "/v1/nodes/ghost/vms/x/console")
+    assert answer.startswith(b"HTTP/1.1 404 "), answer
+    # The relay's status alone (the dashboard's own refusals carry a text body).
+    assert answer.count(b"HTTP/1.1") == 1 and b"Content-Length: 0" in answer, answer
+    answer = upgrade("node", "/v1/nodes/ghost/vms/x/console")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer

@@ -18,6 +18,7 @@ from . import (
     state,
     tls,
     tokens,
+    ui,
     vms,
 )
 from .connect import AddressError, parse_address
@@ -133,6 +134,7 @@ def build(prog="hero-compute", description=None):
     images.add_commands(sub, common)
     explorer.add_commands(sub, common)
     tokens.add_commands(sub, common)
+    ui.add_commands(sub, common)
     audit.add_commands(sub, common)
     events.add_commands(sub, common)
     state.add_commands(sub, common)

@@ -75,6 +75,9 @@ TARGETS = {
     "explorer.remove_node": _param("node_id"),
     "explorer.place": _param("node_id"),
     "explorer.create_vm": _param("name"),
+    # Dashboard accounts (CONTRACT §11): the target is the user, never the token.
+    "explorer.ui_token_create": _param("user"),
+    "explorer.ui_token_revoke": _param("user"),
     "explorer.call": _proxied,
 }
 
@@ -222,6 +225,10 @@ class AuditLog:
             except Exception as e:
                 self.record(caller, name, aim, _outcome(e))
                 raise
+            if inspect.iscoroutine(result):
+                # An async handler (explorer.create_vm): its outcome is known only
+                # once it has run, not when it is called.
+                result = defer.ensureDeferred(result)
             if isinstance(result, defer.Deferred):
 
                 def settled(outcome):

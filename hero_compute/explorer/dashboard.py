@@ -1,20 +1,25 @@
 """
-The dashboard (``--ui HOST:PORT``): a read-only web page of the fleet on a listener of
-its own, never on the JSON-RPC listeners.
+The dashboard (``--ui HOST:PORT``): a web page of the fleet on a listener of its own,
+never on the JSON-RPC listeners, for viewers and operators (CONTRACT §11).
 
 Access works like Jupyter's, but the token is never logged: the explorer logs the URL
 and the file that holds the token (random, kept 0600 in its state directory, or read
 from ``EXPLORER_UI_TOKEN_FILE``); ``GET /?token=...`` trades it for a session cookie
 (HttpOnly, SameSite=Strict, Secure over TLS) and redirects to ``/``; without the
 cookie, 401.  The page then calls the explorer's JSON-RPC methods as a client would,
-through ``POST /rpc`` on this listener, which needs a same-origin ``Origin`` (403
-otherwise), and where :data:`~hero_compute.rpc.authz.DASHBOARD_POLICY` lets only the
-reading ones through (-32010 for the rest).  It answers only for its own host names
-(421 otherwise: :mod:`.dashboard_guard`).  The static files ship in the package
+through ``POST /rpc`` on this listener, which needs a same-origin ``Origin`` and the
+session's CSRF token in ``X-CSRF-Token`` (403 otherwise), and where
+:data:`~hero_compute.rpc.authz.DASHBOARD_POLICY` lets through what the user's role may
+do (-32010 for the rest).  That token is a viewer; the accounts of :mod:`.ui_accounts`
+are viewers or operators.  It answers only for its own host names (421 otherwise:
+:mod:`.dashboard_guard`).  The static files ship in the package
 (``ui/static``): no build step, no framework, nothing from another origin.
+
+Long because: the listener's one resource routes every path (page, token exchange,
+static files, RPC, console) and holds each path's checks in one place; the accounts,
+the console splice, the guard and the listener live in modules of their own.
 """
 
-import collections
 import hmac
 import html
 import os
@@ -30,22 +35,21 @@ from twisted.web.http import FORBIDDEN, FOUND, NOT_ALLOWED, UNAUTHORIZED
 
 import hero_compute
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
-from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
+from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY, UI_VIEWER
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
+from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import Announcing, TLSOnStart
+from .ui_accounts import STARTUP_USER, DashboardUser, UiAccounts, csrf_ok, with_session
+from .ui_assets import VENDORED
 
 log = Logger()
 
 COOKIE = b"hero_ui"
-
-#: Sessions kept at once; the oldest is forgotten past it (each costs a few bytes, but
-#: whoever holds the token could mint them without end).
-MAX_SESSIONS = 1000
 
 #: The largest request body read, as on the JSON-RPC listeners (CONTRACT §4).
 MAX_BODY = 1 << 20
@@ -65,54 +69,31 @@ SECURITY_HEADERS = {
 STATIC = {
     "index.html": b"text/html; charset=utf-8",
     "app.js": b"text/javascript; charset=utf-8",
+    "console.js": b"text/javascript; charset=utf-8",
     "style.css": b"text/css; charset=utf-8",
+    **VENDORED,
 }
 
 
 @attrs.frozen
-class DashboardIdentity:
-    """Who the dashboard's calls are made as: a client, by the roles table."""
+class _AsClient:
+    """A dashboard user, as the explorer's own roles table sees it: a client."""
 
+    name: str
     role: str = CLIENT
-    name: str = "dashboard"
-
-
-_IDENTITY = DashboardIdentity()
 
 
 def _authorize(context, method, params):
     DASHBOARD_POLICY.check(context.transport, context.identity, method, params)
-    EXPLORER_POLICY.check(context.transport, context.identity, method, params)
+    EXPLORER_POLICY.check(
+        context.transport, _AsClient(context.identity.name), method, params
+    )
 
 
 def load_static():
     """:return: ``{name: bytes}`` of the page's files, from the installed package"""
     folder = resources.files("hero_compute.explorer").joinpath("ui", "static")
     return {name: folder.joinpath(name).read_bytes() for name in STATIC}
-
-
-class Sessions:
-    """The session ids handed out for the token, oldest first."""
-
-    def __init__(self, limit=MAX_SESSIONS):
-        self._ids = collections.OrderedDict()
-        self._limit = limit
-
-    def new(self):
-        """:return: a fresh session id"""
-        sid = secrets.token_urlsafe(32)
-        self._ids[sid] = True
-        while len(self._ids) > self._limit:
-            self._ids.popitem(last=False)
-        return sid
-
-    def valid(self, sid):
-        """:return: whether ``sid`` (bytes or str, or None) is a live session"""
-        if not sid:
-            return False
-        if isinstance(sid, bytes):
-            sid = sid.decode("ascii", "replace")
-        return sid in self._ids
 
 
 def _mb(value):
@@ -131,8 +112,8 @@ def render_index(page, summary):
     """
     use, cap = summary["usage"], summary["capacity"]
     values = {
-        "s-online": summary["online"],
-        "s-offline": summary["offline"],
+        "s-online": summary["nodes"]["online"],
+        "s-offline": summary["nodes"]["offline"],
         "s-vms": summary["vms"],
         "s-vcpus": f"{use['vcpus']} of {cap['vcpus']}",
         "s-memory": f"{_mb(use['memory_mb'])} of {_mb(cap['memory_mb'])}",
@@ -166,25 +147,50 @@ class DashboardRoot(resource.Resource):
         or None to serve the page as it is
     :param tls: over TLS, a callable answering the listener's
         :class:`~hero_compute.rpc.tls.ServerTLS`: a verified ``client/*`` certificate
-        then stands in for the token
+        then stands in for the token, as an operator
     :param hosts: the ``Host`` names answered for (:class:`.HostGuard`), None for its
         defaults
+    :param accounts: the :class:`~hero_compute.explorer.ui_accounts.UiAccounts` whose
+        login tokens and sessions are honoured (a private one if None)
+    :param console_socket: a callable answering the explorer's Unix socket path (its
+        console relay), or None for no console
     """
 
     isLeaf = True
 
-    def __init__(self, token, dispatcher, files, summary=None, tls=None, hosts=None):
+    def __init__(
+        self,
+        token,
+        dispatcher,
+        files,
+        summary=None,
+        tls=None,
+        hosts=None,
+        accounts=None,
+        console_socket=None,
+    ):
         resource.Resource.__init__(self)
         self._token = token.encode()
-        # The page acts with a client's rights, read-only, whatever carried it here.
-        self._rpc_resource = RpcResource(
-            dispatcher, lambda request: CallContext("tls", "dashboard", identity=_IDENTITY)
-        )
+        # The page acts with a client's rights, narrowed to its user's role.
+        self._rpc_resource = RpcResource(dispatcher, self._context)
         self._files = files
         self._summary = summary
         self._tls = tls
         self._hosts = HostGuard(hosts)
-        self.sessions = Sessions()
+        from twisted.internet import reactor
+
+        self._reactor = reactor
+        self._console_socket = console_socket
+        #: ``audit(caller, method, target, outcome)``, for console attaches, or None.
+        self.audit = None
+        if accounts is None:
+            accounts = UiAccounts(reactor)
+        self.sessions = accounts
+
+    @staticmethod
+    def _context(request):
+        session = request.dashboard_session
+        return CallContext("tls", "dashboard", identity=session.user)
 
     def render(self, request):
         _secure(request)
@@ -198,24 +204,35 @@ class DashboardRoot(resource.Resource):
             return self._static(request, path[1].decode("ascii", "replace"))
         if path == [b"rpc"]:
             return self._rpc(request)
+        if path[0] == b"v1":
+            return ui_console.serve(
+                request,
+                self._session(request),
+                self._console_socket,
+                self._reactor,
+                self.audit,
+            )
         return _refuse(request, 404, "not found")
 
     def _session(self, request):
-        return self.sessions.valid(request.getCookie(COOKIE)) or self._client(request)
+        """:return: the request's :class:`.ui_accounts.Session`, or None"""
+        return self.sessions.session(request.getCookie(COOKIE)) or self._client(request)
 
     def _client(self, request):
-        """Whether the request came over TLS with a verified ``client/*`` certificate."""
+        """The operator session of a verified ``client/*`` certificate over TLS, or None."""
         if self._tls is None:
-            return False
+            return None
         transport = request.channel.transport
         if not ISSLTransport.providedBy(transport):
-            return False
+            return None
         cert = transport.getPeerCertificate()
         creator = self._tls()
         if cert is None or creator is None:
-            return False
+            return None
         identity = identity_of(cert, creator.trust_domain)
-        return identity is not None and identity.role == CLIENT
+        if identity is None or identity.role != CLIENT:
+            return None
+        return self.sessions.certificate_session(identity.name)
 
     def _root(self, request):
         if request.method not in (b"GET", b"HEAD"):
@@ -223,11 +240,17 @@ class DashboardRoot(resource.Resource):
             return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
         token = (request.args or {}).get(b"token")
         if token is not None:
-            if not hmac.compare_digest(token[0], self._token):
-                return _refuse(request, UNAUTHORIZED, "wrong token")
+            if hmac.compare_digest(token[0], self._token):
+                sid, _ = self.sessions.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
+            else:
+                # A user's login token: spent here, whatever follows.
+                login = self.sessions.redeem(token[0].decode("utf-8", "replace"))
+                if login is None:
+                    return _refuse(request, UNAUTHORIZED, "wrong, used or expired token")
+                sid, _ = login
             request.addCookie(
                 COOKIE,
-                self.sessions.new().encode(),
+                sid.encode(),
                 path=b"/",
                 httpOnly=True,
                 sameSite="strict",
@@ -238,16 +261,18 @@ class DashboardRoot(resource.Resource):
             request.setResponseCode(FOUND)
             request.setHeader(b"location", b"/")
             return b""
-        if not self._session(request):
+        session = self._session(request)
+        if not session:
             return _refuse(
                 request,
                 UNAUTHORIZED,
                 "open /?token= with the token in the file the explorer named at start",
             )
         request.setHeader(b"content-type", STATIC["index.html"])
+        page = with_session(self._files["index.html"], session)
         if self._summary is None:
-            return self._files["index.html"]
-        return render_index(self._files["index.html"], self._summary())
+            return page
+        return render_index(page, self._summary())
 
     def _static(self, request, name):
         if name not in STATIC or name == "index.html":
@@ -261,12 +286,17 @@ class DashboardRoot(resource.Resource):
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _refuse(request, NOT_ALLOWED, "only POST is allowed on /rpc")
-        if not self._session(request):
+        session = self._session(request)
+        if not session:
             return _refuse(request, UNAUTHORIZED, "no session")
         if not same_origin(request):
             # A cross-site form or script sends the session cookie along (a client
             # certificate too): only the page itself may call.
             return _refuse(request, FORBIDDEN, "cross-origin (or Origin-less) POST")
+        if not csrf_ok(session, request):
+            # The session's cookie rides along with a forged request; its token does not.
+            return _refuse(request, FORBIDDEN, "no or wrong X-CSRF-Token")
+        request.dashboard_session = session
         return self._rpc_resource.render_POST(request)
 
 
@@ -314,6 +344,9 @@ def make_dashboard(
     tls=None,
     hosts=None,
     admission=None,
+    console_socket=None,
+    register=None,
+    audit=None,
 ):
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
@@ -330,6 +363,13 @@ def make_dashboard(
         certificate then stands in for the token
     :param hosts: the ``Host`` names answered for (``EXPLORER_UI_HOSTS``), None for
         :data:`~hero_compute.explorer.dashboard_guard.DEFAULT_HOSTS`
+    :param console_socket: a callable answering the explorer's Unix socket path, for
+        the console (:mod:`.ui_console`)
+    :param register: ``register(dispatcher)`` publishing the methods on the
+        dashboard's dispatcher (through the audit log and the event log), or None for
+        ``methods.register``
+    :param audit: ``audit(caller, method, target, outcome)`` (the audit log's
+        ``record``), for console attaches
     :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
         connections are admitted at accept by the limits of its other listeners
     :return: a service; its ``root`` is the :class:`DashboardRoot`
@@ -344,9 +384,16 @@ def make_dashboard(
         max_batch=limits.max_batch,
         max_response=limits.max_response,
     )
-    methods.register(rpc)
+    (register or methods.register)(rpc)
     root = DashboardRoot(
-        token, rpc, load_static(), summary=methods.summary, tls=tls, hosts=hosts
+        token,
+        rpc,
+        load_static(),
+        summary=methods.summary,
+        tls=tls,
+        hosts=hosts,
+        accounts=methods.accounts,
+        console_socket=console_socket,
     )
     site = _QuietSite(root)
     site.timeOut = 60
@@ -359,6 +406,8 @@ def make_dashboard(
     svc.endpoint = Announcing(
         svc.endpoint, token, token_file, secure=tls is not None, write=fresh
     )
+    methods.accounts.url_of = lambda: svc.endpoint.url
+    root.audit = audit
     svc.root = root
     svc.setName("dashboard")
     return svc

@@ -85,6 +85,7 @@ class Announcing:
         self._token_file = token_file
         self._secure = secure
         self._write = write
+        self.url = None
 
     def listen(self, factory):
         if self._write and self._token_file is not None:
@@ -97,6 +98,8 @@ class Announcing:
         uri = describe(port.getHost())
         scheme = "https" if self._secure else "http"
         url = scheme + uri[len("tcp") :] if uri.startswith("tcp://") else uri
+        #: Where the dashboard is, once bound (for the accounts' login URLs).
+        self.url = url
         if self._token_file is None:
             # Only an embedder that gave neither a token file nor a state directory.
             log.info("listening on {uri} (dashboard: {url}/)", uri=uri, url=url)

@@ -5,6 +5,9 @@ Liveness is derived, not stored: a node is online while its last heartbeat is yo
 than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a single
 record update, and no timer per node is needed to expire anybody; the sweep of
 :mod:`.liveness` exists only to tell operators, once, when a node goes quiet.
+
+Long because: it sees every change to a record, so it keeps what is derived from them
+(placement index, summary, events) in step, a line each, never a second walk.
 """
 
 import bisect
@@ -19,6 +22,7 @@ from hero_compute.rpc.errors import NodeNotFound
 
 from .history import HeartbeatHistory
 from .placement import PlacementIndex
+from .summary import FleetSummary
 
 log = Logger()
 
@@ -191,6 +195,13 @@ class Registry:
         ),
         init=False,
     )
+    #: The fleet's running sums (explorer.summary), kept as records change.
+    summary: FleetSummary = attrs.field(
+        default=attrs.Factory(
+            lambda self: FleetSummary(self.offline_after), takes_self=True
+        ),
+        init=False,
+    )
     #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
     on_event: Any = attrs.field(default=None, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
@@ -223,6 +234,7 @@ class Registry:
             )
             bisect.insort(self._order, node_id)
             self.placement.update(record)
+            self.summary.seen(record, NEW, now, new=True)
             self._note(
                 now,
                 "node {node_id} ({name}) joined from {address}",
@@ -253,6 +265,7 @@ class Registry:
         record.left = False
         record.remote = heartbeat.remote
         self.placement.update(record, changed)
+        self.summary.seen(record, changed, now)
         if was_offline:
             self._note(
                 now,
@@ -317,6 +330,7 @@ class Registry:
         record = self.get(node_id)
         was_left, record.left = record.left, True
         self.placement.left(node_id)
+        self.summary.left(node_id)
         log.info("node {node_id} ({name}) left", node_id=node_id, name=record.name)
         if self.on_event is not None and not was_left:
             self.on_event("node.offline", node_id, reason="left")
@@ -336,6 +350,7 @@ class Registry:
             record.left = True
             self._nodes[record.node_id] = record
             self.placement.update(record)
+            self.summary.loaded()
         self._order = sorted(self._nodes)
 
     def get(self, node_id):
@@ -348,6 +363,7 @@ class Registry:
         self.get(node_id)
         del self._nodes[node_id]
         self.placement.remove(node_id)
+        self.summary.removed(node_id)
         self.history.pop(node_id, None)
         index = bisect.bisect_left(self._order, node_id)
         del self._order[index]

@@ -22,6 +22,7 @@ from .proxy import is_loopback
 from .reachable import Refused, checked_address
 from .registry import HEARTBEATS_PER_OFFLINE, Heartbeat
 from .store import DURABLE_FIELDS
+from .ui_accounts import UiAccounts
 
 log = Logger()
 
@@ -39,9 +40,6 @@ CALL_TIMEOUT = 90.0
 #: Seconds a proxied call may spend connecting: a node that cannot even be reached
 #: within this is reported unreachable (-32003) long before :data:`CALL_TIMEOUT`.
 CONNECT_TIMEOUT = 5.0
-
-#: The resources the fleet's summary adds up (CONTRACT §7's Resources).
-RESOURCES = ("vcpus", "memory_mb", "disk_gb")
 
 
 class _StaleSession(InvalidParams):
@@ -98,6 +96,8 @@ class ExplorerMethods:
         self.calls = CallStats(proxy)
         # New node ids per source address, in a sliding minute.
         self._new_ids = NewIds(clock)
+        #: The dashboard's users: login tokens and sessions (CONTRACT §11).
+        self.accounts = UiAccounts(clock)
 
     def register(self, rpc):
         """
@@ -112,6 +112,8 @@ class ExplorerMethods:
         rpc.register("explorer.remove_node", self.remove_node)
         rpc.register("explorer.call", self.calls.call)
         rpc.register("explorer.info", self.info)
+        rpc.register("explorer.summary", self.summary)
+        self.accounts.register(rpc)
         rpc.register("explorer.create_token", self._trust.create_token)
         rpc.register("explorer.enroll", self.enroll)
         rpc.register("explorer.renew", self._trust.renew, context=True)
@@ -348,25 +350,14 @@ class ExplorerMethods:
 
     def summary(self):
         """
-        The fleet's totals, as the dashboard's summary shows them: the VMs, capacity and
-        usage are the online nodes' (what offline ones last reported is history).
+        The fleet's totals (CONTRACT §11), from the sums the registry keeps as
+        heartbeats arrive: capacity, usage, VMs and labels are the online nodes' (what
+        offline ones last reported is history).
 
-        :return: ``{"online", "offline", "vms": int, "capacity", "usage": {resource: int}}``
+        :return: ``{"nodes": {"online", "offline"}, "vms", "capacity", "usage",
+            "labels"}``
         """
-        now, after = self._clock.seconds(), self._registry.offline_after
-        totals = {"online": 0, "offline": 0, "vms": 0}
-        capacity = dict.fromkeys(RESOURCES, 0)
-        usage = dict.fromkeys(RESOURCES, 0)
-        for record in self._registry.records():
-            if record.status(now, after) != "online":
-                totals["offline"] += 1
-                continue
-            totals["online"] += 1
-            totals["vms"] += record.vm_count
-            for key in RESOURCES:
-                capacity[key] += record.capacity.get(key) or 0
-                usage[key] += record.usage.get(key) or 0
-        return {**totals, "capacity": capacity, "usage": usage}
+        return self._registry.summary.answer(self._clock.seconds())
 
     def info(self):
         """About this explorer."""

@@ -235,6 +235,12 @@ def make_explorer(
             tls=(lambda: trust.server_tls) if ui_tls else None,
             hosts=ui_hosts,
             admission=factory.admission.sibling(),
+            console_socket=lambda: _unix_socket(listeners.bound),
+            # The dashboard's writes are audited (as dashboard:<user>) and evented too.
+            audit=audit.record,
+            register=lambda ui_rpc: methods.register(
+                events.registrar(audit.registrar(ui_rpc))
+            ),
         ).setServiceParent(explorer)
     if freeze_heap:
         heap = FrozenHeap(clock)
@@ -249,3 +255,8 @@ def _authorize(context, method, params):
 
 def _authorize_route(context, route, params):
     EXPLORER_POLICY.check_route(context.transport, context.identity, route, params)
+
+
+def _unix_socket(bound):
+    """The path of the first Unix socket among bound listeners' URIs, or None."""
+    return next((u[len("unix://") :] for u in bound if u.startswith("unix://")), None)

@@ -23,6 +23,14 @@ from .errors import RefusedByPolicy
 UNIX, TCP, ANONYMOUS = "unix", "tcp", "anonymous"
 CLIENT, NODE, EXPLORER = "client", "node", "explorer"
 
+#: The dashboard's users (CONTRACT §11), as :data:`DASHBOARD_POLICY` knows them.
+UI_VIEWER, UI_OPERATOR = "ui-viewer", "ui-operator"
+
+#: The dashboard's accounts: made, listed and revoked by whoever may make join tokens.
+UI_ACCOUNT_METHODS = frozenset(
+    {"explorer.ui_token_create", "explorer.ui_token_list", "explorer.ui_token_revoke"}
+)
+
 #: Stands for every method of the service.
 ALL = "*"
 
@@ -209,6 +217,7 @@ EXPLORER_POLICY = Policy(
                     "explorer.create_token",
                     "explorer.enroll",
                     "explorer.renew",
+                    *UI_ACCOUNT_METHODS,
                 }
             ),
         ),
@@ -233,25 +242,43 @@ NODE_POLICY = Policy(
     routes={"console": "vm.start"},
 )
 
-#: The dashboard (``--ui``) acts as a client that only reads: what its page shows, and
-#: nothing that changes the fleet, whatever its session cookie is used for.  Checked
-#: before :data:`EXPLORER_POLICY`'s ``client`` row, which still applies.
+#: What a dashboard viewer may call: what the page shows, nothing that changes the fleet.
+_UI_READS = frozenset(
+    {
+        "explorer.info",
+        "explorer.summary",
+        "explorer.list_nodes",
+        "explorer.query_nodes",
+        "explorer.get_node",
+        "explorer.node_history",
+        "explorer.call",
+    }
+)
+
+#: The node methods a viewer may reach through ``explorer.call``.
+_UI_NODE_READS = frozenset({"node.info", "vm.list", "vm.get"})
+
+#: ... and an operator: the VM's lifecycle and its console too (CONTRACT §11).
+_UI_NODE_WRITES = frozenset(
+    {"vm.create", "vm.start", "vm.stop", "vm.delete", "vm.console_log"}
+)
+
+#: The dashboard (``--ui``) acts as a client with the rights of its user's role: a
+#: viewer only reads, whatever its session cookie is used for; an operator also
+#: creates (placed or on a node), starts, stops and deletes VMs, and nothing else
+#: (no tokens, revocations or removals).  Checked before :data:`EXPLORER_POLICY`'s
+#: ``client`` row, which still applies.
 DASHBOARD_POLICY = Policy(
     "explorer dashboard",
     {
-        CLIENT: Grant(
-            frozenset(
-                {
-                    "explorer.info",
-                    "explorer.list_nodes",
-                    "explorer.query_nodes",
-                    "explorer.get_node",
-                    "explorer.node_history",
-                    "explorer.call",
-                }
-            ),
+        UI_VIEWER: Grant(
+            _UI_READS,
+            conditions={"explorer.call": ParamIn("method", _UI_NODE_READS)},
+        ),
+        UI_OPERATOR: Grant(
+            _UI_READS | {"explorer.place", "explorer.create_vm"},
             conditions={
-                "explorer.call": ParamIn("method", frozenset({"node.info", "vm.list"}))
+                "explorer.call": ParamIn("method", _UI_NODE_READS | _UI_NODE_WRITES)
             },
         ),
     },

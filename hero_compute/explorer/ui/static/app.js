@@ -1,13 +1,21 @@
-// The hero_compute dashboard: read-only, polling the explorer's JSON-RPC methods
-// through this listener's POST /rpc every 2 s.  No framework, no build step: every
-// value from the wire goes into the page through textContent, never as HTML.
+// The hero_compute dashboard: the fleet for viewers, and VM actions for operators,
+// through the explorer's JSON-RPC methods on this listener's POST /rpc (every call with
+// the session's CSRF token).  No framework, no build step: every value from the wire
+// goes into the page through textContent, never as HTML.
 
 const POLL_MS = 2000;
-const SUMMARY_PAGE = 10000;
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+import { closeConsole, initConsole, openConsole } from "./console.js";
+
 const $ = (id) => document.getElementById(id);
+
+const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content || "";
+// Who we are: the server wrote them into the page.  An operator's controls are only
+// shown here; the server refuses a viewer's writes whatever the page does.
+const CSRF = meta("csrf-token");
+const OPERATOR = meta("ui-role") === "operator";
 
 let rpcId = 0;
 class RpcError extends Error {
@@ -20,7 +28,7 @@ class RpcError extends Error {
 async function rpc(method, params, signal) {
   const response = await fetch("/rpc", {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", "x-csrf-token": CSRF },
     credentials: "same-origin",
     signal,
     body: JSON.stringify({ jsonrpc: "2.0", id: ++rpcId, method, params: params || {} }),
@@ -166,22 +174,9 @@ function filters() {
 // ---- the fleet view ----------------------------------------------------------------
 
 async function loadSummary(signal) {
-  const totals = { online: 0, offline: 0, vms: 0, cap: { vcpus: 0, memory_mb: 0, disk_gb: 0 }, use: { vcpus: 0, memory_mb: 0, disk_gb: 0 } };
-  let cursor = null;
-  do {
-    const page = await rpc("explorer.query_nodes", cursor ? { limit: SUMMARY_PAGE, cursor } : { limit: SUMMARY_PAGE }, signal);
-    for (const node of page.nodes) {
-      totals[node.status === "online" ? "online" : "offline"] += 1;
-      // What offline nodes last reported is history, not capacity in use.
-      if (node.status !== "online") continue;
-      totals.vms += node.vm_count || 0;
-      for (const key of Object.keys(totals.cap)) {
-        totals.cap[key] += (node.capacity || {})[key] || 0;
-        totals.use[key] += (node.usage || {})[key] || 0;
-      }
-    }
-    cursor = page.next_cursor;
-  } while (cursor);
+  // One call: the explorer keeps the sums as heartbeats arrive (explorer.summary).
+  const sum = await rpc("explorer.summary", {}, signal);
+  const totals = { online: sum.nodes.online, offline: sum.nodes.offline, vms: sum.vms, cap: sum.capacity, use: sum.usage };
   $("s-online").textContent = totals.online;
   $("s-offline").textContent = totals.offline;
   $("s-vms").textContent = totals.vms;
@@ -278,14 +273,19 @@ async function loadNode(nodeId, generation) {
   ];
   $("node-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   const unavailable = (why, cols) => [el("tr", {}, el("td", { colspan: String(cols) }, `Not available: ${why.message}`))];
+  const cols = OPERATOR ? 8 : 7;
+  $("create-here").hidden = !OPERATOR;
+  $("create-here-link").href = `#/create/${encodeURIComponent(nodeId)}`;
   $("vms-body").replaceChildren(
     ...(vms.status === "rejected"
-      ? unavailable(vms.reason, 7)
+      ? unavailable(vms.reason, cols)
       : vms.value.length
-        ? vms.value.map((vm) =>
-            el("tr", {}, ...[vm.name, el("span", { class: "mono" }, vm.vm_id), vm.state, vm.vcpus, mb(vm.memory_mb), `${vm.disk_gb} GB`, vm.image || "—"].map((c) => el("td", {}, c))),
-          )
-        : [el("tr", {}, el("td", { colspan: "7" }, "No VMs."))]),
+        ? vms.value.map((vm) => {
+            const cells = [vm.name, el("span", { class: "mono" }, vm.vm_id), el("span", { class: "vm-state" }, vm.state), vm.vcpus, mb(vm.memory_mb), `${vm.disk_gb} GB`, vm.image || "—"];
+            if (OPERATOR) cells.push(vmActions(nodeId, vm));
+            return el("tr", { "data-vm-id": vm.vm_id, "data-state": vm.state }, ...cells.map((c) => el("td", {}, c)));
+          })
+        : [el("tr", {}, el("td", { colspan: String(cols) }, "No VMs."))]),
   );
   $("explorers-body").replaceChildren(
     ...(info.status === "rejected"
@@ -303,11 +303,143 @@ async function loadNode(nodeId, generation) {
   );
 }
 
+// ---- an operator's actions ----------------------------------------------------------
+
+// Says what is under way, then how it ended, in the status line (read out by screen
+// readers); the views are refreshed once it is over.
+async function perform(what, call) {
+  const status = $("action-status");
+  status.classList.remove("failed");
+  status.textContent = `${what}…`;
+  document.body.dataset.action = "running";
+  try {
+    const result = await call();
+    status.textContent = `${what}: done.`;
+    document.body.dataset.action = "done";
+    return result;
+  } catch (error) {
+    status.classList.add("failed");
+    status.textContent = `${what}: failed: ${error.message}${error.code ? ` (${error.code})` : ""}`;
+    document.body.dataset.action = "failed";
+    return undefined;
+  } finally {
+    update();
+  }
+}
+
+function confirmDialog(text, ok) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = text;
+  $("confirm-ok").textContent = ok;
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.returnValue = "";
+    dialog.showModal();
+    $("confirm-cancel").focus();
+  });
+}
+
+function vmCall(nodeId, method, params) {
+  return rpc("explorer.call", { node_id: nodeId, method, params });
+}
+
+function vmActions(nodeId, vm) {
+  const box = el("span", { class: "actions" });
+  const label = (verb) => `${verb} VM ${vm.name}`;
+  const button = (text, verb, handler, cls) => {
+    const b = el("button", { type: "button", "aria-label": label(verb), "data-action": verb.toLowerCase().replace(" ", "-") }, text);
+    if (cls) b.className = cls;
+    b.addEventListener("click", handler);
+    box.append(b);
+  };
+  const stopped = vm.state === "stopped" || vm.state === "error";
+  const on = vm.state === "running" || vm.state === "starting";
+  if (stopped) button("Start", "Start", () => perform(`Starting ${vm.name}`, () => vmCall(nodeId, "vm.start", { vm_id: vm.vm_id })));
+  if (on) {
+    button("Stop", "Stop", () => perform(`Stopping ${vm.name}`, () => vmCall(nodeId, "vm.stop", { vm_id: vm.vm_id })));
+    button("Force stop", "Force stop", () => perform(`Forcing ${vm.name} off`, () => vmCall(nodeId, "vm.stop", { vm_id: vm.vm_id, force: true })), "danger");
+  }
+  if (stopped) {
+    button("Delete", "Delete", async () => {
+      if (!(await confirmDialog(`Delete VM ${vm.name} (${vm.vm_id}) and its disk? This cannot be undone.`, "Delete"))) return;
+      await perform(`Deleting ${vm.name}`, () => vmCall(nodeId, "vm.delete", { vm_id: vm.vm_id }));
+    }, "danger");
+  }
+  const consoleLink = el("a", { href: `#/console/${encodeURIComponent(nodeId)}/${encodeURIComponent(vm.vm_id)}`, "aria-label": label("Console of"), "data-action": "console" }, "Console");
+  box.append(consoleLink);
+  return box;
+}
+
+// "22, 8080:80, 53/udp" as vm.create's ports.
+function parsePorts(text) {
+  return text.split(",").map((s) => s.trim()).filter(Boolean).map((part) => {
+    const m = /^(?:(\d+):)?(\d+)(?:\/(tcp|udp))?$/.exec(part);
+    if (!m) throw new RpcError({ code: 0, message: `port "${part}" is not GUEST, HOST:GUEST or GUEST/udp` });
+    const port = { guest: Number(m[2]) };
+    if (m[1]) port.host = Number(m[1]);
+    if (m[3]) port.protocol = m[3];
+    return port;
+  });
+}
+
+function parseLabels(text) {
+  const labels = {};
+  for (const part of text.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const i = part.indexOf("=");
+    if (i < 1) throw new RpcError({ code: 0, message: `label "${part}" is not key=value` });
+    labels[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+  }
+  return labels;
+}
+
+async function loadCreate(nodeId) {
+  const select = $("c-node");
+  const page = await rpc("explorer.query_nodes", { status: "online", limit: 500 });
+  const options = [el("option", { value: "" }, "placed by the explorer")];
+  for (const n of page.nodes) options.push(el("option", { value: n.node_id }, `${n.name} (${n.node_id})`));
+  const keep = nodeId || "";
+  select.replaceChildren(...options);
+  select.value = page.nodes.some((n) => n.node_id === keep) ? keep : "";
+}
+
+async function submitCreate(event) {
+  event.preventDefault();
+  const form = event.target;
+  const v = (name) => form.elements[name].value.trim();
+  const params = { name: v("name"), vcpus: Number(v("vcpus")), memory_mb: Number(v("memory_mb")), disk_gb: Number(v("disk_gb")) };
+  if (v("image")) params.image = v("image");
+  if (v("kernel")) params.boot = { kernel: v("kernel"), ...(v("initrd") ? { initrd: v("initrd") } : {}) };
+  const keys = v("ssh_keys").split("\n").map((s) => s.trim()).filter(Boolean);
+  if (keys.length) params.ssh_keys = keys;
+  const node = v("node");
+  $("c-submit").disabled = true;
+  try {
+    const result = await perform(`Creating ${params.name}`, async () => {
+      if (v("ports")) params.ports = parsePorts(v("ports"));
+      if (node) return { ...(await vmCall(node, "vm.create", params)), node_id: node };
+      const where = parseLabels(v("where"));
+      return rpc("explorer.create_vm", { ...params, ...(Object.keys(where).length ? { where } : {}), strategy: v("strategy") });
+    });
+    if (result) {
+      $("action-status").textContent = `Created ${result.name} (${result.vm_id}) on node ${result.node_id}.`;
+      location.hash = `#/node/${encodeURIComponent(result.node_id)}`;
+    }
+  } finally {
+    $("c-submit").disabled = false;
+  }
+}
+
 // ---- the loop ----------------------------------------------------------------------
 
 function route() {
-  const match = /^#\/node\/(.+)$/.exec(location.hash);
-  return match ? { view: "node", id: decodeURIComponent(match[1]) } : { view: "fleet" };
+  const hash = location.hash;
+  let match = /^#\/node\/(.+)$/.exec(hash);
+  if (match) return { view: "node", id: decodeURIComponent(match[1]) };
+  match = /^#\/create(?:\/(.+))?$/.exec(hash);
+  if (match && OPERATOR) return { view: "create", id: match[1] ? decodeURIComponent(match[1]) : null };
+  match = /^#\/console\/([^/]+)\/(.+)$/.exec(hash);
+  if (match && OPERATOR) return { view: "console", node: decodeURIComponent(match[1]), vm: decodeURIComponent(match[2]) };
+  return { view: "fleet" };
 }
 
 // A user action (a page, a filter) updates only the table: the summary does not depend on
@@ -319,8 +451,20 @@ async function update(summary = true) {
   state.abort?.abort();
   const abort = (state.abort = new AbortController());
   const where = route();
-  $("fleet-view").hidden = where.view !== "fleet";
-  $("node-view").hidden = where.view !== "node";
+  for (const view of ["fleet", "node", "create", "console"]) {
+    const section = $(`${view}-view`);
+    if (section) section.hidden = where.view !== view;
+  }
+  if (where.view === "create" || where.view === "console") {
+    // A form being filled in, or a terminal: nothing to poll.
+    if (where.view === "create" && state.shown !== location.hash) await loadCreate(where.id).catch(() => {});
+    if (where.view === "console") openConsole(where.node, where.vm, rpc);
+    else closeConsole();
+    state.shown = location.hash;
+    return;
+  }
+  state.shown = location.hash;
+  closeConsole();
   const live = $("live");
   let failed = null;
   try {
@@ -342,10 +486,55 @@ async function update(summary = true) {
   // For the tests (and the curious): how many updates ran.
   document.body.dataset.updates = String(state.updates);
   markAction();
-  // Polling, not a push channel: one request shape for page and scripts, nothing held
-  // open per viewer, and through an SSH tunnel it simply works; 2 s is well inside the
-  // offline threshold, so a node's fall shows within one update.
-  state.timer = setTimeout(update, POLL_MS);
+  // While the event stream is up, events drive the updates; polling is the fallback
+  // (2 s is well inside the offline threshold, so a node's fall shows within one).
+  if (!events.live) state.timer = setTimeout(update, POLL_MS);
+}
+
+// ---- the event stream (GET /v1/events through this origin) -------------------------
+
+const EVENT_RETRY_MS = [1000, 2000, 5000, 10000, 30000];
+const events = { live: false, since: null, attempt: 0, pending: null, socket: null };
+
+// Several events in a burst make one update.
+function onEvent(message) {
+  try {
+    const event = JSON.parse(message.data);
+    if (Number.isInteger(event.seq)) events.since = event.seq;
+    document.body.dataset.lastEvent = event.type || "";
+  } catch {
+    return;
+  }
+  if (events.pending !== null) return;
+  events.pending = setTimeout(() => {
+    events.pending = null;
+    if (route().view === "fleet" || route().view === "node") update();
+  }, 100);
+}
+
+function followEvents() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const since = events.since === null ? "" : `?since=${events.since}`;
+  const socket = new WebSocket(`${scheme}//${location.host}/v1/events${since}`);
+  events.socket = socket;
+  socket.onopen = () => {
+    events.live = true;
+    events.attempt = 0;
+    document.body.dataset.events = "live";
+    clearTimeout(state.timer);
+    update();
+  };
+  socket.onmessage = onEvent;
+  socket.onclose = () => {
+    const was = events.live;
+    events.live = false;
+    document.body.dataset.events = "down";
+    // Back to polling at once, and the stream tried again later.
+    if (was) update();
+    const wait = EVENT_RETRY_MS[Math.min(events.attempt, EVENT_RETRY_MS.length - 1)];
+    events.attempt += 1;
+    setTimeout(followEvents, wait);
+  };
 }
 
 // How long the last user action (a page, a filter) took until its table was shown.
@@ -368,16 +557,27 @@ function resetPaging() {
 }
 
 function init() {
+  $("operator-links").hidden = !OPERATOR;
+  $("footer-text").textContent = OPERATOR ? "Signed in as an operator. Updated as events arrive (every 2 s without them)." : "Read-only (viewer). Updated as events arrive (every 2 s without them).";
+  if (OPERATOR) {
+    $("vms-head").append(el("th", { scope: "col" }, "Actions"));
+    $("vm-form").addEventListener("submit", submitCreate);
+    initConsole(rpc);
+  }
   $("next").addEventListener("click", act(() => state.next && state.cursors.push(state.next)));
   $("prev").addEventListener("click", act(() => state.cursors.length > 1 && state.cursors.pop()));
   $("first").addEventListener("click", act(resetPaging));
   for (const id of ["f-status", "f-limit"]) $(id).addEventListener("change", act(resetPaging));
   let typing = null;
   for (const id of ["f-label", "f-text"]) {
-    $(id).addEventListener("input", () => {
-      clearTimeout(typing);
-      typing = setTimeout(act(id === "f-label" ? resetPaging : () => {}), 250);
-    });
+    // "change" too: a field emptied by a script or an autofill fires no "input", and
+    // with the event stream up no poll would pick the change up.
+    for (const kind of ["input", "change"]) {
+      $(id).addEventListener(kind, () => {
+        clearTimeout(typing);
+        typing = setTimeout(act(id === "f-label" ? resetPaging : () => {}), 250);
+      });
+    }
   }
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -395,6 +595,7 @@ function init() {
       }),
     );
   }
+  followEvents();
   window.addEventListener("hashchange", () => {
     update();
     $("main").focus();
