@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hero_compute.explorer.placement import PlacementIndex, Request  # noqa: E402
-from hero_compute.explorer.registry import NodeRecord  # noqa: E402
+from hero_compute.explorer.records import NodeRecord  # noqa: E402
 
 
 def percentiles(samples):

@@ -6,7 +6,7 @@ the registry feeds them, ``now`` passed in.
 import pytest
 
 from hero_compute.explorer.placement import NoFit, PlacementIndex, Request
-from hero_compute.explorer.registry import NodeRecord
+from hero_compute.explorer.records import NodeRecord
 
 BIG = {"vcpus": 16, "memory_mb": 32768, "disk_gb": 1000}
 SMALL = {"vcpus": 4, "memory_mb": 8192, "disk_gb": 100}

@@ -11,7 +11,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from hero_compute.explorer.proxy import Proxy, forbidden_target
-from hero_compute.explorer.registry import Heartbeat, Registry
+from hero_compute.explorer.records import Heartbeat
+from hero_compute.explorer.registry import Registry
 from hero_compute.explorer.resolver import CachingResolver, ResolveError
 from hero_compute.rpc.addresses import parse_address
 from hero_compute.rpc.errors import (

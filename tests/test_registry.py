@@ -8,7 +8,8 @@ from zope.interface.verify import verifyObject
 
 from hero_compute.explorer.liveness import LivenessLog
 from hero_compute.explorer.new_ids import NewIds
-from hero_compute.explorer.registry import Heartbeat, INodeRegistry, Registry
+from hero_compute.explorer.records import Heartbeat
+from hero_compute.explorer.registry import INodeRegistry, Registry
 from hero_compute.rpc.errors import NodeNotFound
 
 

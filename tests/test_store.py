@@ -411,7 +411,7 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
     from twisted.internet.task import Clock
 
     from hero_compute.explorer.record_writer import FLUSH_CHUNK, FLUSH_EVERY
-    from hero_compute.explorer.registry import NodeRecord
+    from hero_compute.explorer.records import NodeRecord
     from hero_compute.explorer.trust import ExplorerTrust
 
     clock = Clock()

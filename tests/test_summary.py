@@ -10,7 +10,8 @@ import time
 import pytest
 from twisted.internet.task import Clock
 
-from hero_compute.explorer.registry import Heartbeat, NodeRecord, Registry
+from hero_compute.explorer.records import Heartbeat, NodeRecord
+from hero_compute.explorer.registry import Registry
 from hero_compute.explorer.summary import RESOURCES, FleetSummary
 
 OFFLINE_AFTER = 30

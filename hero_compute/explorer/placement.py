@@ -178,7 +178,7 @@ class PlacementIndex:
         """
         Take a node's record after a heartbeat (or from the store at start-up).
 
-        :param record: the :class:`~.registry.NodeRecord`
+        :param record: the :class:`~.records.NodeRecord`
         :param changed: the names of the fields the heartbeat changed, or None for all
         :param gone: the node is offline whatever its last heartbeat (loaded records)
         """

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from hero_compute.rpc.errors import StoreUnavailable
 
-from .registry import NodeRecord
+from .records import NodeRecord
 
 log = Logger()
 

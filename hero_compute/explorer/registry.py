@@ -6,8 +6,9 @@ than ``offline_after`` seconds and it has not said goodbye.  So a heartbeat is a
 record update, and no timer per node is needed to expire anybody; the sweep of
 :mod:`.liveness` exists only to tell operators, once, when a node goes quiet.
 
-Long because: it sees every change to a record, so it keeps what is derived from them
-(placement index, summary, events) in step, a line each, never a second walk.
+It sees every change to a record, so it keeps what is derived from them (placement
+index, summary, events) in step, a line each, never a second walk.  The records
+themselves are :mod:`.records`'.
 """
 
 import bisect
@@ -22,6 +23,7 @@ from hero_compute.rpc.errors import NodeNotFound
 
 from .history import HeartbeatHistory
 from .placement import PlacementIndex
+from .records import KEPT_FIELDS, NEW, NodeRecord
 from .summary import FleetSummary
 
 log = Logger()
@@ -36,96 +38,6 @@ LOG_BURST = 20
 #: in the answer): it may then miss two heartbeats in a row, to a lost packet or a slow
 #: explorer, before it is declared offline.
 HEARTBEATS_PER_OFFLINE = 3
-
-
-@attrs.frozen
-class Heartbeat:
-    """
-    One heartbeat as the explorer accepted it: built once per ``explorer.heartbeat``
-    call, the address in canonical form.
-
-    A full heartbeat has every field, defaults filled in.  In a delta heartbeat (one
-    that names the explorer's session, see :mod:`.service`) a field left as None keeps
-    the node's last accepted value; only a node the registry holds may send one.
-
-    :ivar socket_path: the node's address URI
-    :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how the heartbeat arrived
-    :ivar remote: it came from another host (a non-loopback peer): the proxy may then
-        not be aimed at this host's own addresses (CONTRACT §6)
-    """
-
-    node_id: str
-    socket_path: str
-    transport: str
-    name: str | None
-    version: str | None
-    capacity: dict | None
-    usage: dict | None
-    vm_count: int | None
-    labels: dict | None
-    remote: bool = False
-
-
-#: The fields a heartbeat may leave out when the explorer holds them (a delta).
-KEPT_FIELDS = ("name", "version", "capacity", "usage", "vm_count", "labels")
-
-#: What a new node's first heartbeat changed: everything.
-NEW = (*KEPT_FIELDS, "transport", "socket_path")
-
-
-@attrs.define(eq=False)
-class NodeRecord:
-    """
-    What the explorer knows of one node, from its last heartbeat.
-
-    Only the :class:`Registry` changes a record (in place: a steady heartbeat then
-    allocates nothing); everyone else reads it.
-
-    :ivar socket_path: the node's address URI, as it reported it (canonical form)
-    :ivar transport: ``"unix"``, ``"tcp"`` or ``"tls"``: how its last heartbeat arrived
-    :ivar left: the node said goodbye (``explorer.leave``) after its last heartbeat, or
-        the record was loaded at start-up and the node has not heartbeated since
-    :ivar remote: its last heartbeat came from another host
-    """
-
-    node_id: str
-    name: str
-    socket_path: str
-    transport: str
-    version: str
-    capacity: dict
-    usage: dict
-    vm_count: int
-    labels: dict
-    first_seen: float
-    last_seen: float
-    left: bool = False
-    remote: bool = False
-
-    def status(self, now, offline_after):
-        """
-        :return: ``"online"`` or ``"offline"`` at time ``now``
-        """
-        if self.left or now - self.last_seen > offline_after:
-            return "offline"
-        return "online"
-
-    def to_wire(self, now, offline_after):
-        """:return: the NodeInfo dict at time ``now``"""
-        return {
-            "node_id": self.node_id,
-            "name": self.name,
-            "socket_path": self.socket_path,
-            "status": self.status(now, offline_after),
-            "last_seen": self.last_seen,
-            "first_seen": self.first_seen,
-            "transport": self.transport,
-            "version": self.version,
-            "capacity": self.capacity,
-            "usage": self.usage,
-            "vm_count": self.vm_count,
-            "labels": self.labels,
-        }
 
 
 class INodeRegistry(Interface):

@@ -20,7 +20,8 @@ from .new_ids import NewIds
 from .placing import PlacementMethods
 from .proxy import is_loopback
 from .reachable import Refused, checked_address
-from .registry import HEARTBEATS_PER_OFFLINE, Heartbeat
+from .records import Heartbeat
+from .registry import HEARTBEATS_PER_OFFLINE
 from .store import DURABLE_FIELDS
 from .ui_accounts import UiAccounts
 

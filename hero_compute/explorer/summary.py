@@ -26,7 +26,7 @@ def contribution(record):
     """
     What one online node adds to the sums.
 
-    :param record: a :class:`~hero_compute.explorer.registry.NodeRecord`
+    :param record: a :class:`~hero_compute.explorer.records.NodeRecord`
     :return: ``(capacity tuple, usage tuple, vm_count, labels dict)``
     """
     cap, use = record.capacity or {}, record.usage or {}
@@ -77,7 +77,7 @@ class FleetSummary:
         """
         A heartbeat was accepted (the record already holds it).
 
-        :param record: the node's :class:`~hero_compute.explorer.registry.NodeRecord`
+        :param record: the node's :class:`~hero_compute.explorer.records.NodeRecord`
         :param changed: the names of the fields the heartbeat changed
         :param now: its time
         :param new: the node was not known before

@@ -28,7 +28,8 @@ from .events import EventLog
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
 from .proxy import Proxy
-from .registry import NodeRecord, Registry
+from .records import NodeRecord
+from .registry import Registry
 from .resolver import CachingResolver
 from .service import CALL_TIMEOUT, CONNECT_TIMEOUT, ExplorerMethods
 from .trust import ExplorerTrust

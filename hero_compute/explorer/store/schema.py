@@ -16,7 +16,7 @@ import attrs
 #: a newer hero_compute and is refused rather than misread.
 SCHEMA_VERSION = 3
 
-#: The columns of a node record, as :class:`hero_compute.explorer.registry.NodeRecord`
+#: The columns of a node record, as :class:`hero_compute.explorer.records.NodeRecord`
 #: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
 NODE_FIELDS = (
     "node_id",
