@@ -5,11 +5,16 @@ processes and shown refused, with nothing changed.
 """
 
 import json
+import ssl
+import time
 
 import pytest
 
+from hero_compute import pki
+
 from .support import result, rpc
 from .test_startup_errors import assert_clean_failure, run_twistd
+from .wsclient import Refused, WsClient, refusal
 
 PASSWORD = "s3cr%zzetpw"
 
@@ -69,3 +74,77 @@ def test_proxied_image_import_is_audited_and_entries_stay_small(twistd, short_tm
     assert entries[1]["caller"].startswith("tcp:127.0.0.1:")
     assert entries[0]["method"].startswith("vm.xxx")
     assert len(json.dumps(entries)) < 2000
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A fleet CA, an explorer, a client and a node certificate."""
+    base = tmp_path_factory.mktemp("pki")
+    ca = str(base / "ca")
+    pki.create_ca(ca)
+    out = {"ca": f"{ca}/ca.pem"}
+    for role, name in (("explorer", "e1"), ("client", "ops"), ("node", "n-a")):
+        out[f"{role}/{name}"] = pki.create_cert(
+            ca, role, name, ips=["127.0.0.1"], out=str(base / f"{role}-{name}")
+        )
+    return out
+
+
+def tls_context(fleet, who):
+    """A client SSL context presenting ``who``'s certificate (None: none)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(fleet["ca"])
+    if who is not None:
+        context.load_cert_chain(*fleet[who])
+    return context
+
+
+def opened(uri, path):
+    """A WebSocket at ``path``, once the connections just closed are let go of."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return WsClient(uri, path, timeout=3)
+        except (ConnectionError, OSError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_event_stream_readers_and_their_limits(twistd, short_tmp, fleet):
+    """Only those who may query the fleet read events (no node/* certificate, no TLS
+    peer without one); a bad since is 400; open streams count against the per-address
+    limit, and the Unix socket is served all the while."""
+    cert, key = fleet["explorer/e1"]
+    explorer = twistd(
+        ["explorer"],
+        env={
+            "HERO_SOCKET_DIR": short_tmp,
+            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+            "EXPLORER_TCP_ADDR": "127.0.0.1:0",
+            "EXPLORER_TLS_ADDR": "127.0.0.1:0",
+            "EXPLORER_TLS_CERT": cert,
+            "EXPLORER_TLS_KEY": key,
+            "EXPLORER_TLS_CA": fleet["ca"],
+            "HERO_MAX_CONNS_PER_ADDR": "3",
+        },
+    )
+    uris = explorer.listening(count=3)
+    unix = next(u for u in uris if u.startswith("unix://"))
+    tcp = next(u for u in uris if u.startswith("tcp://"))
+    tls = next(u for u in uris if u.startswith("tls://"))
+    for who in ("node/n-a", None):
+        with pytest.raises(Refused) as refused:
+            WsClient(tls, "/v1/events", context=tls_context(fleet, who))
+        assert refused.value.status == 403
+    WsClient(tls, "/v1/events", context=tls_context(fleet, "client/ops")).close()
+    for since in ("x", "1e3", "9" * 5000, "0x10"):
+        assert refusal(tcp, f"/v1/events?since={since}") == 400
+    held = [opened(tcp, "/v1/events?since=-5") for _ in range(3)]
+    with pytest.raises((ConnectionError, OSError, Refused)):
+        WsClient(tcp, "/v1/events", timeout=3).close()
+    assert "result" in rpc(unix, "explorer.info")
+    held.pop().close()
+    opened(tcp, "/v1/events").close()
+    for client in held:
+        client.close()
