@@ -5,7 +5,9 @@ processes and shown refused, with nothing changed.
 """
 
 import json
+import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -148,3 +150,63 @@ def test_event_stream_readers_and_their_limits(twistd, short_tmp, fleet):
     opened(tcp, "/v1/events").close()
     for client in held:
         client.close()
+
+
+@pytest.fixture
+def hostile_node():
+    """A TCP server on loopback that refuses every request with HTTP 409 and a body a
+    terminal would obey (a title change, a screen clear) and that names itself."""
+    body = b"\x1b]0;PWNED\x07\x1b[2J" + b"node-chosen words " * 200
+    head = b"HTTP/1.1 409 Conflict\r\ncontent-length: %d\r\n\r\n" % len(body)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(head + body)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_a_node_refusal_body_never_reaches_the_console_caller(
+    twistd, short_tmp, hostile_node
+):
+    """A node refusing a console through the explorer passes on its status only: none
+    of its bytes (escape sequences, its own words) reach the caller."""
+    explorer = twistd(
+        ["explorer"],
+        env={"HERO_SOCKET_DIR": short_tmp, "EXPLORER_STATE_DIR": f"{short_tmp}/state"},
+    )
+    unix = explorer.listening(count=1)[0]
+    beat = {"node_id": "evil", "socket_path": f"tcp://127.0.0.1:{hostile_node}"}
+    assert result(unix, "explorer.heartbeat", beat)["accepted"] is True
+    with pytest.raises(Refused) as refused:
+        WsClient(unix, "/v1/nodes/evil/vms/v1/console")
+    assert refused.value.status == 409
+    assert b"\x1b" not in refused.value.body
+    assert b"PWNED" not in refused.value.body
+    assert b"node-chosen" not in refused.value.body
+    assert b"not running" in refused.value.body
