@@ -5,8 +5,11 @@ processes and shown refused, with nothing changed.
 """
 
 import json
+import os
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 
@@ -210,3 +213,74 @@ def test_a_node_refusal_body_never_reaches_the_console_caller(
     assert b"PWNED" not in refused.value.body
     assert b"node-chosen" not in refused.value.body
     assert b"not running" in refused.value.body
+
+
+def qemu_img(*args):
+    """Run ``qemu-img`` with these arguments."""
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_a_base_image_cannot_reach_host_files(twistd, short_tmp):
+    """A base image in the image directory whose backing file, external data file or
+    extents name a host file (the node's own TLS key here) is refused at vm.create,
+    and no VM, directory or disk is left behind."""
+    state = f"{short_tmp}/st"
+    images = f"{state}/images"
+    os.makedirs(images)
+    secret = f"{short_tmp}/node-key.pem"
+    with open(secret, "wb") as f:
+        f.write(b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 4000)
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        secret,
+        "-F",
+        "raw",
+        f"{images}/backed.qcow2",
+        "1M",
+    )
+    # data_file makes qemu-img write into the file it names: a copy, then renamed.
+    victim = f"{short_tmp}/victim.raw"
+    shutil.copy(secret, victim)
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"data_file={victim},data_file_raw=on",
+        f"{images}/datafile.qcow2",
+        "1M",
+    )
+    with open(f"{images}/extents.vmdk", "w") as f:
+        f.write(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+            f'createType="monolithicFlat"\nRW 8 FLAT "{secret}" 0\n'
+        )
+    node = twistd(
+        [
+            "node",
+            "--socket",
+            f"{short_tmp}/n.sock",
+            "--state-dir",
+            state,
+            "--interval",
+            "60",
+        ],
+        env={"HOME": short_tmp},
+    )
+    uri = node.listening()[0]
+    vm = {"name": "vm", "vcpus": 1, "memory_mb": 64, "disk_gb": 1}
+    for name, code in (
+        ("backed.qcow2", -32010),
+        ("datafile.qcow2", -32010),
+        ("extents.vmdk", -32602),
+    ):
+        answer = rpc(uri, "vm.create", {**vm, "image": f"{images}/{name}"}, timeout=60)
+        assert answer.get("error", {}).get("code") == code, (name, answer)
+    assert result(uri, "vm.list") == []
+    assert not os.listdir(f"{state}/vms") if os.path.isdir(f"{state}/vms") else True
