@@ -16,6 +16,7 @@ import time
 import pytest
 
 from hero_compute import pki
+from hero_compute.rpc.addresses import parse_address
 
 from .support import result, rpc
 from .test_startup_errors import assert_clean_failure, run_twistd
@@ -284,3 +285,70 @@ def test_a_base_image_cannot_reach_host_files(twistd, short_tmp):
         assert answer.get("error", {}).get("code") == code, (name, answer)
     assert result(uri, "vm.list") == []
     assert not os.listdir(f"{state}/vms") if os.path.isdir(f"{state}/vms") else True
+
+
+@pytest.fixture
+def silent_node():
+    """A TCP server on loopback that takes connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1]
+    server.close()
+
+
+def rss_kib(pid):
+    """:return: the resident set size of process ``pid``, in KiB"""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def test_bytes_after_a_queued_upgrade_are_bounded(twistd, short_tmp, silent_node):
+    """A client that pipelines a slow call, then an upgrade, then streams data is cut
+    off once what waits for the upgrade passes 64 KiB: the explorer's memory does not
+    grow with what it sends, and the explorer keeps serving."""
+    explorer = twistd(
+        ["explorer"],
+        env={
+            "HERO_SOCKET_DIR": short_tmp,
+            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+            "EXPLORER_TCP_ADDR": "127.0.0.1:0",
+        },
+    )
+    uris = explorer.listening(count=2)
+    unix = next(u for u in uris if u.startswith("unix://"))
+    tcp = parse_address(next(u for u in uris if u.startswith("tcp://")))
+    beat = {"node_id": "slow", "socket_path": f"tcp://127.0.0.1:{silent_node}"}
+    assert result(unix, "explorer.heartbeat", beat)["accepted"] is True
+    call = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "explorer.call",
+            "params": {"node_id": "slow", "method": "node.info"},
+        }
+    ).encode()
+    head = (
+        b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(call), call)
+    ) + (
+        b"GET /v1/events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    before = rss_kib(explorer.process.pid)
+    sent = 0
+    chunk = b"\x00" * (1 << 20)
+    with socket.create_connection((tcp.host, tcp.port), timeout=5) as sock:
+        sock.sendall(head)
+        try:
+            while sent < 300 * len(chunk):
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        grown = rss_kib(explorer.process.pid) - before
+    assert sent < 300 * len(chunk), "the explorer read every byte"
+    assert grown < 64 * 1024, f"{grown} KiB more after {sent} bytes"
+    assert "result" in rpc(unix, "explorer.info")
