@@ -352,3 +352,89 @@ def test_bytes_after_a_queued_upgrade_are_bounded(twistd, short_tmp, silent_node
     assert sent < 300 * len(chunk), "the explorer read every byte"
     assert grown < 64 * 1024, f"{grown} KiB more after {sent} bytes"
     assert "result" in rpc(unix, "explorer.info")
+
+
+@pytest.fixture
+def boasting_node():
+    """A TCP server on loopback answering every JSON-RPC call with a 3 MB ``vm_id``."""
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": {"vm_id": "v" * 3_000_000}}
+    ).encode()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, _, rest = data.partition(b"\r\n\r\n")
+                    length = int(
+                        next(
+                            line.split(b":")[1]
+                            for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-length:")
+                        )
+                    )
+                    while len(rest) < length:
+                        rest += conn.recv(65536)
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+                        % len(body)
+                        + body
+                    )
+                except (OSError, StopIteration, ValueError):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_a_node_answer_cannot_fill_the_event_ring(twistd, short_tmp, boasting_node):
+    """Events made from proxied calls keep a node's (or a caller's) oversized vm_id out:
+    each kept event stays small, whatever the node answered."""
+    explorer = twistd(
+        ["explorer"],
+        env={
+            "HERO_SOCKET_DIR": short_tmp,
+            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+            "EXPLORER_TCP_ADDR": "127.0.0.1:0",
+        },
+    )
+    uris = explorer.listening(count=2)
+    unix = next(u for u in uris if u.startswith("unix://"))
+    tcp = next(u for u in uris if u.startswith("tcp://"))
+    beat = {"node_id": "big", "socket_path": f"tcp://127.0.0.1:{boasting_node}"}
+    assert result(unix, "explorer.heartbeat", beat)["accepted"] is True
+    for _ in range(3):
+        answer = rpc(
+            tcp,
+            "explorer.call",
+            {"node_id": "big", "method": "vm.start", "params": {"vm_id": "w" * 100}},
+            timeout=30,
+        )
+        assert "result" in answer, str(answer)[:300]
+    reader = WsClient(unix, "/v1/events?since=0", timeout=10)
+    try:
+        deadline = time.monotonic() + 10
+        while reader.received.count(b"vm.started") < 3:
+            assert time.monotonic() < deadline, bytes(reader.received[:300])
+            reader.pump(deadline)
+    finally:
+        reader.close()
+    assert len(reader.received) < 10_000
