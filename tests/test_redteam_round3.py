@@ -438,3 +438,39 @@ def test_a_node_answer_cannot_fill_the_event_ring(twistd, short_tmp, boasting_no
     finally:
         reader.close()
     assert len(reader.received) < 10_000
+
+
+def test_console_path_tricks_and_bare_upgrades_are_refused(twistd, short_tmp):
+    """Console paths with dot segments, encoded characters or an overlong id are 404,
+    an upgrade without its WebSocket headers is 400, and the node keeps serving."""
+    node = twistd(
+        [
+            "node",
+            "--socket",
+            f"{short_tmp}/n.sock",
+            "--state-dir",
+            f"{short_tmp}/st",
+            "--interval",
+            "60",
+        ],
+        env={"HOME": short_tmp, "NODE_TCP_ADDR": "127.0.0.1:0"},
+    )
+    uris = node.listening(count=2)
+    unix = next(u for u in uris if u.startswith("unix://"))
+    tcp = parse_address(next(u for u in uris if u.startswith("tcp://")))
+    for path in (
+        "/v1/vms/../console",
+        "/v1/vms/%2e%2e/console",
+        "/v1/vms/a%2Fb/console",
+        "/v1/vms/" + "a" * 65 + "/console",
+        "/v1/vms/v1/console/../../../rpc",
+        "/v1/vms/nope/console",
+    ):
+        assert refusal(tcp.uri, path) == 404, path
+    with socket.create_connection((tcp.host, tcp.port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/vms/nope/console HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n"
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    assert result(unix, "vm.list") == []
