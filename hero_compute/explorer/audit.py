@@ -38,6 +38,13 @@ MAX_LIMIT = 10_000
 #: Proxied node methods that change nothing, so are not audited.
 READS = frozenset({"vm.get", "vm.list", "vm.console_log"})
 
+#: Proxied method families that change something on the node (``image.import``
+#: downloads into it); ``node.*`` only reads.
+AUDITED_PREFIXES = ("vm.", "image.")
+
+#: Characters kept of a proxied method's name and target.
+MAX_FIELD = 200
+
 
 def _param(name):
     return lambda context, params: params.get(name) or ""
@@ -57,11 +64,22 @@ def _renewing(context, params):
 
 def _proxied(context, params):
     method = params.get("method")
-    if not isinstance(method, str) or not method.startswith("vm.") or method in READS:
+    if (
+        not isinstance(method, str)
+        or not method.startswith(AUDITED_PREFIXES)
+        or method in READS
+    ):
         return None
     node_id, inner = params.get("node_id") or "", params.get("params")
     vm_id = inner.get("vm_id") if isinstance(inner, dict) else None
-    return method, f"{node_id}/{vm_id}" if isinstance(vm_id, str) else node_id
+    # Both come from the caller unchecked (the node checks them): an entry is kept
+    # small whatever was sent, or one request could write a megabyte of audit log.
+    target = f"{node_id}/{vm_id}" if isinstance(vm_id, str) else node_id
+    return _clip(method), _clip(target)
+
+
+def _clip(text):
+    return text if len(text) <= MAX_FIELD else text[: MAX_FIELD - 1] + "…"
 
 
 #: The audited methods and how to name each call's target from its context and its

@@ -34,8 +34,15 @@ PATH = re.compile(
     r"/vms/(?P<vm_id>[A-Za-z0-9_.-]{1,64})/console/?"
 )
 
-#: Statuses of the node passed on as they are; any other is a bad gateway.
-PASSED_ON = frozenset({403, 404, 409, 429})
+#: Statuses of the node passed on as they are, each with our own words: no byte of a
+#: node's refusal reaches the caller (CONTRACT §6), whose terminal may print it.  Any
+#: other status is a bad gateway.
+PASSED_ON = {
+    403: "node {node_id} refuses this explorer its consoles",
+    404: "no VM {vm_id} on node {node_id}",
+    409: "VM {vm_id} on node {node_id} is not running",
+    429: "VM {vm_id} on node {node_id} has as many consoles attached as it allows",
+}
 
 
 class _Side:
@@ -126,7 +133,8 @@ def console_route(
             if isinstance(failure.value, HTTPRefusal):
                 status = failure.value.status
                 if status in PASSED_ON:
-                    raise HTTPRefusal(status, failure.value.message)
+                    words = PASSED_ON[status].format(node_id=node_id, vm_id=vm_id)
+                    raise HTTPRefusal(status, words)
                 raise HTTPRefusal(502, f"node {node_id} answered HTTP {status}")
             if failure.check(RefusedByPolicy):
                 raise HTTPRefusal(403, failure.getErrorMessage())

@@ -31,6 +31,12 @@ log = Logger()
 #: Events kept for replay (the contract: at least the last 10,000).
 KEEP = 10_000
 
+#: What an event's ``vm_id`` may be (a VM's id or name); anything else is left out.
+_VM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+#: Characters kept of a proxied method's name in an event.
+_MAX_METHOD = 64
+
 #: Bytes sent to a reader whose transport is full before it is closed with 1008.
 MAX_BEHIND = 256 * 1024
 
@@ -192,7 +198,7 @@ class EventLog:
                 self.emit(
                     "vm.created",
                     node_id=result.get("node_id"),
-                    vm_id=result.get("vm_id"),
+                    vm_id=_vm_id(result.get("vm_id")),
                     actor=actor,
                 )
             return
@@ -201,6 +207,13 @@ class EventLog:
         vm_id = inner.get("vm_id") if isinstance(inner, dict) else None
         if isinstance(result, dict):
             vm_id = result.get("vm_id", vm_id)
+        # Both come from the caller and the node unchecked: an event kept for replay
+        # must stay small whatever they sent (a node answering with a 4 MiB vm_id
+        # would otherwise fill the ring with gigabytes).
+        vm_id = _vm_id(vm_id)
+        if isinstance(inner_method, str):
+            inner_method = inner_method[:_MAX_METHOD]
+        if isinstance(result, dict):
             if result.get("state") == "error":
                 self.emit(
                     "vm.error",
@@ -214,9 +227,13 @@ class EventLog:
             self.emit(
                 VM_EVENTS[inner_method],
                 node_id=params.get("node_id"),
-                vm_id=vm_id if isinstance(vm_id, str) else None,
+                vm_id=vm_id,
                 actor=actor,
             )
+
+
+def _vm_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and _VM_ID.fullmatch(value) else None
 
 
 class _Registrar:

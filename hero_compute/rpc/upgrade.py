@@ -12,6 +12,10 @@ from typing import Any
 from .dispatch import CallContext
 from .http_wire import Request
 
+#: Bytes a client may send after an upgrade's head while the requests before it are
+#: answered (as many as a WebSocket takes before its upgrade is answered).
+MAX_WAITING = 64 * 1024
+
 
 class Upgrading:
     """
@@ -37,7 +41,14 @@ class Upgrading:
             self._upgraded.dataReceived(data)
             return True
         if self._queue and self._queue[-1].upgrade is not None:
-            self._queue[-1].upgrade += data
+            waiting = self._queue[-1].upgrade
+            if len(waiting) + len(data) > MAX_WAITING:
+                # Nothing reads it until the requests before the upgrade are answered:
+                # kept, it would grow with all the client sends meanwhile.
+                self._queue[-1].upgrade = b""
+                self.transport.abortConnection()
+                return True
+            self._queue[-1].upgrade = waiting + data
             return True
         return False
 

@@ -99,6 +99,14 @@ class PostgresStore(PostgresTrust):
         :raises StoreError: unreachable, or a newer schema (never naming a password)
         """
         try:
+            conninfo_to_dict(dsn)
+        except psycopg.Error:
+            # libpq's parse errors quote the offending part, the password included.
+            raise StoreError(
+                f"{redact(dsn)}: not a libpq connection URI (check its quoting and "
+                "percent-encoding)"
+            ) from None
+        try:
             conn = _connect(dsn)
         except psycopg.Error as e:
             raise StoreError(f"{redact(dsn)}: cannot connect ({_reason(e)})") from None

@@ -8,7 +8,7 @@ import re
 
 from twisted.internet import utils
 
-from hero_compute.rpc.errors import InvalidParams, InvalidVmState
+from hero_compute.rpc.errors import InvalidParams, InvalidVmState, RefusedByPolicy
 
 from .process import last_line
 from .store import FILE_MODE
@@ -62,4 +62,32 @@ async def image_format(reactor, qemu_img, image):
         ) from None
     if not isinstance(fmt, str) or not re.fullmatch(r"[a-z0-9_-]+", fmt):
         raise InvalidParams(f"image {image!r} has an unusable format {fmt!r}")
+    _check_self_contained(image, fmt, json.loads(out))
     return fmt
+
+
+#: Base image formats we back a disk with: what cloud images ship in.  The others
+#: (vmdk extents, qed and qcow backing files, ...) may name any file of the host.
+BASE_FORMATS = frozenset({"raw", "qcow2"})
+
+
+def _check_self_contained(image, fmt, info):
+    # QEMU follows a base image's backing file and external data file wherever they
+    # point, at every start: the guest would read (and, with a data file, write) any
+    # file the node may open, its TLS key included, whatever NODE_IMAGE_DIRS says.
+    if fmt not in BASE_FORMATS:
+        raise InvalidParams(
+            f"image {image!r} is {fmt}; a base image is raw or qcow2",
+            data={"field": "image"},
+        )
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if "backing-filename" in info or "full-backing-filename" in info:
+        refers = "a backing file"
+    elif isinstance(data, dict) and "data-file" in data:
+        refers = "an external data file"
+    else:
+        return
+    raise RefusedByPolicy(
+        f"image {image!r} has {refers}: a base image must hold its data itself"
+    )
