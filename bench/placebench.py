@@ -4,7 +4,7 @@ explorer's Unix socket while a simulated fleet heartbeats it, so both the placem
 latency and the ingest's under it are measured.  A function ``(procs, tmp, res, cfg)``.
 """
 
-import loadgen
+import loadcore
 from ingest import _ingest_one
 from loadrun import to_ms
 
@@ -23,8 +23,8 @@ def sec_place(procs, tmp, res, cfg):
 
     def row(res, out, n):
         h = {int(k): v for k, v in out["hist"].items()}
-        got["p50"] = to_ms(loadgen.percentile(h, 0.5))
-        got["p99"] = to_ms(loadgen.percentile(h, 0.99))
+        got["p50"] = to_ms(loadcore.percentile(h, 0.5))
+        got["p99"] = to_ms(loadcore.percentile(h, 0.99))
         got["out"] = out
         got["row"] = res.add(
             "place",
