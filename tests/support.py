@@ -385,3 +385,35 @@ class Prober:
             f"calls (bound {bound * 1000:.0f} ms)"
         )
         return self.worst
+
+
+def start_tls_explorer(twistd, short_tmp, material, signing=True, **env):
+    """
+    A real explorer on Unix, plain TCP and mutual TLS (loopback), the one recipe the
+    trust, audit and attack tests share.
+
+    :param twistd: the ``twistd`` fixture
+    :param material: a fleet dict: ``"explorer/e1"`` (cert, key), ``"ca"``, ``"ca_key"``
+    :param signing: give it the CA key, so that it enrolls and renews
+    :param env: more variables (limits, timings)
+    :return: the process, with ``.unix``, ``.tcp``, ``.tls`` and ``.env``
+    """
+    cert, key = material["explorer/e1"]
+    env = {
+        "HERO_SOCKET_DIR": short_tmp,
+        "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+        "EXPLORER_TCP_ADDR": "127.0.0.1:0",
+        "EXPLORER_TLS_ADDR": "127.0.0.1:0",
+        "EXPLORER_TLS_CERT": cert,
+        "EXPLORER_TLS_KEY": key,
+        "EXPLORER_TLS_CA": material["ca"],
+        **({"EXPLORER_CA_KEY": material["ca_key"]} if signing else {}),
+        **env,
+    }
+    process = twistd(["explorer"], env=env)
+    uris = process.listening(count=3)
+    process.unix = next(u for u in uris if u.startswith("unix://"))
+    process.tcp = next(u for u in uris if u.startswith("tcp://"))
+    process.tls = next(u for u in uris if u.startswith("tls://"))
+    process.env = env
+    return process

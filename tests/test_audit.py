@@ -13,7 +13,7 @@ import pytest
 
 from hero_compute import pki
 
-from .support import ROOT, result, rpc, rpc_over, tls_connect
+from .support import ROOT, result, rpc, rpc_over, start_tls_explorer, tls_connect
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +33,7 @@ def fleet(tmp_path_factory):
 @pytest.fixture
 def explorer(twistd, short_tmp, fleet):
     """A real explorer on Unix, plain TCP and mutual TLS (loopback), able to sign."""
-    cert, key = fleet["explorer/e1"]
-    process = twistd(
-        ["explorer"],
-        env={
-            "HERO_SOCKET_DIR": short_tmp,
-            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
-            "EXPLORER_TCP_ADDR": "127.0.0.1:0",
-            "EXPLORER_TLS_ADDR": "127.0.0.1:0",
-            "EXPLORER_TLS_CERT": cert,
-            "EXPLORER_TLS_KEY": key,
-            "EXPLORER_TLS_CA": fleet["ca"],
-            "EXPLORER_CA_KEY": fleet["ca_key"],
-        },
-    )
-    uris = process.listening(count=3)
-    process.unix = next(u for u in uris if u.startswith("unix://"))
-    process.tcp = next(u for u in uris if u.startswith("tcp://"))
-    process.tls = next(u for u in uris if u.startswith("tls://"))
-    return process
+    return start_tls_explorer(twistd, short_tmp, fleet)
 
 
 def over_tls(explorer, fleet, who, method, params):

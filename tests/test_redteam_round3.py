@@ -18,7 +18,7 @@ import pytest
 from hero_compute import pki
 from hero_compute.rpc.addresses import parse_address
 
-from .support import result, rpc
+from .support import result, rpc, start_tls_explorer
 from .test_startup_errors import assert_clean_failure, run_twistd
 from .wsclient import Refused, WsClient, refusal
 
@@ -121,24 +121,10 @@ def test_event_stream_readers_and_their_limits(twistd, short_tmp, fleet):
     """Only those who may query the fleet read events (no node/* certificate, no TLS
     peer without one); a bad since is 400; open streams count against the per-address
     limit, and the Unix socket is served all the while."""
-    cert, key = fleet["explorer/e1"]
-    explorer = twistd(
-        ["explorer"],
-        env={
-            "HERO_SOCKET_DIR": short_tmp,
-            "EXPLORER_STATE_DIR": f"{short_tmp}/state",
-            "EXPLORER_TCP_ADDR": "127.0.0.1:0",
-            "EXPLORER_TLS_ADDR": "127.0.0.1:0",
-            "EXPLORER_TLS_CERT": cert,
-            "EXPLORER_TLS_KEY": key,
-            "EXPLORER_TLS_CA": fleet["ca"],
-            "HERO_MAX_CONNS_PER_ADDR": "3",
-        },
+    explorer = start_tls_explorer(
+        twistd, short_tmp, fleet, signing=False, HERO_MAX_CONNS_PER_ADDR="3"
     )
-    uris = explorer.listening(count=3)
-    unix = next(u for u in uris if u.startswith("unix://"))
-    tcp = next(u for u in uris if u.startswith("tcp://"))
-    tls = next(u for u in uris if u.startswith("tls://"))
+    unix, tcp, tls = explorer.unix, explorer.tcp, explorer.tls
     for who in ("node/n-a", None):
         with pytest.raises(Refused) as refused:
             WsClient(tls, "/v1/events", context=tls_context(fleet, who))

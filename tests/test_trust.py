@@ -15,7 +15,7 @@ from cryptography import x509
 
 from hero_compute import pki
 
-from .support import result, rpc, rpc_over, tls_connect, wait_for
+from .support import result, rpc, rpc_over, start_tls_explorer, tls_connect, wait_for
 
 ID_A, ID_B = "node-a", "node-b"
 
@@ -23,24 +23,7 @@ ID_A, ID_B = "node-a", "node-b"
 @pytest.fixture
 def explorer(twistd, short_tmp, fleet):
     """A real explorer on Unix, plain TCP and mutual TLS (loopback), able to sign."""
-    cert, key = fleet["explorer/e1"]
-    env = {
-        "HERO_SOCKET_DIR": short_tmp,
-        "EXPLORER_STATE_DIR": f"{short_tmp}/state",
-        "EXPLORER_TCP_ADDR": "127.0.0.1:0",
-        "EXPLORER_TLS_ADDR": "127.0.0.1:0",
-        "EXPLORER_TLS_CERT": cert,
-        "EXPLORER_TLS_KEY": key,
-        "EXPLORER_TLS_CA": fleet["ca"],
-        "EXPLORER_CA_KEY": fleet["ca_key"],
-    }
-    process = twistd(["explorer"], env=env)
-    uris = process.listening(count=3)
-    process.unix = next(u for u in uris if u.startswith("unix://"))
-    process.tcp = next(u for u in uris if u.startswith("tcp://"))
-    process.tls = next(u for u in uris if u.startswith("tls://"))
-    process.env = env
-    return process
+    return start_tls_explorer(twistd, short_tmp, fleet)
 
 
 def as_(fleet, explorer, who):

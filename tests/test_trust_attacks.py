@@ -20,7 +20,7 @@ import pytest
 from hero_compute import pki
 
 from . import test_trust
-from .support import result, rpc, wait_for
+from .support import result, rpc, start_tls_explorer, wait_for
 from .test_trust import SilentTLSNode, _csr, _write_pair, call, heartbeat, nodes
 
 # The same explorer as test_trust's (and the fleet of tests/conftest.py).
@@ -143,25 +143,9 @@ def test_generic_token_cannot_take_a_forgotten_but_known_id(
 ):
     """After NODE_FORGET_AFTER drops a node's record, its id stays bound to its secret:
     a generic token is refused for it, and the node, back, is accepted as itself."""
-    cert, key = fleet["explorer/e1"]
-    env = {
-        "HERO_SOCKET_DIR": short_tmp,
-        "EXPLORER_STATE_DIR": f"{short_tmp}/state",
-        "EXPLORER_TCP_ADDR": "127.0.0.1:0",
-        "EXPLORER_TLS_ADDR": "127.0.0.1:0",
-        "EXPLORER_TLS_CERT": cert,
-        "EXPLORER_TLS_KEY": key,
-        "EXPLORER_TLS_CA": fleet["ca"],
-        "EXPLORER_CA_KEY": fleet["ca_key"],
-        "NODE_OFFLINE_AFTER": "1",
-        "NODE_FORGET_AFTER": "1",
-    }
-    explorer = twistd(["explorer"], env=env)
-    uris = explorer.listening(count=3)
-    explorer.unix = next(u for u in uris if u.startswith("unix://"))
-    explorer.tcp = next(u for u in uris if u.startswith("tcp://"))
-    explorer.tls = next(u for u in uris if u.startswith("tls://"))
-    explorer.env = env
+    explorer = start_tls_explorer(
+        twistd, short_tmp, fleet, NODE_OFFLINE_AFTER="1", NODE_FORGET_AFTER="1"
+    )
     node_env = {"NODE_TCP_ADDR": "127.0.0.1:0"}
     node = start_node(twistd, short_tmp, "gone", explorer.tcp, **node_env)
     online(explorer, "gone")
