@@ -65,7 +65,7 @@ class LivenessLog(service.Service):
         now = self._clock.seconds()
         found = []
         try:
-            self._registry.flush_log(now)
+            self._registry.flush_log()
             d = in_slices(
                 self._clock,
                 self._registry.records(),

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from hero_compute.rpc.errors import NodeNotFound
+from hero_compute.rpc.throttle import Throttle
 
 from .history import HeartbeatHistory
 from .placement import PlacementIndex
@@ -116,9 +117,13 @@ class Registry:
     )
     #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
     on_event: Any = attrs.field(default=None, init=False)
-    _log_second: int = attrs.field(default=-1, init=False)
-    _logged: int = attrs.field(default=0, init=False)
-    _unlogged: int = attrs.field(default=0, init=False)
+    # LOG_BURST lines of node events a second, the rest summed up by flush_log.
+    _log: Throttle = attrs.field(
+        default=attrs.Factory(
+            lambda self: Throttle(self.clock, 1.0, LOG_BURST), takes_self=True
+        ),
+        init=False,
+    )
 
     def heartbeat(self, heartbeat):
         """
@@ -147,8 +152,7 @@ class Registry:
             bisect.insort(self._order, node_id)
             self.placement.update(record)
             self.summary.seen(record, NEW, now, new=True)
-            self._note(
-                now,
+            self.note(
                 "node {node_id} ({name}) joined from {address}",
                 node_id=node_id,
                 name=record.name,
@@ -179,8 +183,7 @@ class Registry:
         self.placement.update(record, changed)
         self.summary.seen(record, changed, now)
         if was_offline:
-            self._note(
-                now,
+            self.note(
                 "node {node_id} ({name}) is back online at {address}",
                 node_id=node_id,
                 name=record.name,
@@ -189,8 +192,7 @@ class Registry:
             if self.on_event is not None:
                 self.on_event("node.online", node_id)
         elif old_address != socket_path:
-            self._note(
-                now,
+            self.note(
                 "node {node_id} moved from {old} to {new}",
                 node_id=node_id,
                 old=old_address,
@@ -208,35 +210,23 @@ class Registry:
         second as joins (offline transitions, forgotten nodes, refusals): a fleet that
         goes away at once is summed up, not listed.
         """
-        self._note(self.clock.seconds(), fmt, **fields)
-
-    def _note(self, now, fmt, **fields):
-        self.flush_log(now)
-        if self._logged < LOG_BURST:
-            self._logged += 1
+        self.flush_log()
+        if self._log.offer() is not None:
             log.info(fmt, **fields)
-        else:
-            self._unlogged += 1
 
-    def flush_log(self, now):
+    def flush_log(self):
         """
-        Start a new second of node-event logging, summing up the events of the last
-        one that were not logged one by one.
-
-        :param now: the current time
+        Once the second of the last :data:`LOG_BURST` node-event lines is over, sum up
+        in one line the events of it that were not logged one by one.
         """
-        second = int(now)
-        if second == self._log_second:
-            return
-        if self._unlogged:
-            log.info(
-                "{count} more node events (joins, returns, moves, departures) were "
-                "not logged one by one",
-                count=self._unlogged,
-            )
-        self._log_second = second
-        self._logged = 0
-        self._unlogged = 0
+        if self._log.ready():
+            count = self._log.take()
+            if count:
+                log.info(
+                    "{count} more node events (joins, returns, moves, departures) were "
+                    "not logged one by one",
+                    count=count,
+                )
 
     def leave(self, node_id):
         record = self.get(node_id)

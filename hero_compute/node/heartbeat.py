@@ -18,6 +18,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hero_compute.rpc.backoff import retry_delay
 from hero_compute.rpc.errors import RpcError, TransportError
 
 log = Logger()
@@ -56,18 +57,16 @@ def delta(params, accepted, session):
 
 def backoff_delay(interval, failures, rand=random.random):
     """
-    Seconds to wait after the ``failures``-th consecutive failure: exponential, capped at
-    5 × interval and at :data:`MAX_BACKOFF`, with jitter so a fleet that lost its explorer
+    Seconds to wait after the ``failures``-th consecutive failure: exponential from
+    ``interval``, capped at 5 × interval and at :data:`MAX_BACKOFF`, with equal jitter
+    (:func:`~hero_compute.rpc.backoff.retry_delay`) so a fleet that lost its explorer
     does not come back in lockstep.
 
     :param interval: the heartbeat interval
     :param failures: consecutive failures so far (1 after the first)
     :param rand: source of uniform numbers in [0, 1)
     """
-    cap = min(5 * interval, MAX_BACKOFF)
-    base = min(cap, interval * 2 ** min(failures - 1, 30))
-    # Equal jitter: between half and all of the step, so the delay still grows.
-    return base / 2 + base / 2 * rand()
+    return retry_delay(failures, interval, min(5 * interval, MAX_BACKOFF), rand)
 
 
 @attrs.frozen

@@ -10,12 +10,13 @@ reconnects with jittered exponential backoff and, once back, reads the whole mir
 again (it cannot know what it missed).
 """
 
-import random
 import threading
 import time
 
 import psycopg
 from twisted.logger import Logger
+
+from hero_compute.rpc.backoff import retry_delay
 
 log = Logger()
 
@@ -25,7 +26,8 @@ CHANNEL = "hero_compute_changes"
 #: Longest wait for a notification before polling ``changes`` anyway.
 POLL = 0.5
 
-#: Reconnection delays: from BACKOFF_MIN doubling up to BACKOFF_MAX, times 0.5..1.5.
+#: Reconnection delays: steps from BACKOFF_MIN doubling up to BACKOFF_MAX, each delay
+#: between half and all of its step (:func:`~hero_compute.rpc.backoff.retry_delay`).
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 
@@ -106,9 +108,8 @@ class Watcher:
                 conn = None
                 self.lost(e)
                 self._lost = False
-                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt)
                 attempt += 1
-                self._stopping.wait(delay * random.uniform(0.5, 1.5))
+                self._stopping.wait(retry_delay(attempt, BACKOFF_MIN, BACKOFF_MAX))
         if conn is not None:
             conn.close()
 
