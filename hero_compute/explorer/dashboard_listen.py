@@ -50,6 +50,8 @@ class TLSOnStart(protocol.Factory):
             self._wrapped.doStop()
 
     def buildProtocol(self, addr):
+        # A listener starts its factory before it accepts anything.
+        assert self._wrapped is not None, "doStart comes first"
         return self._wrapped.buildProtocol(addr)
 
 

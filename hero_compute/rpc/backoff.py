@@ -26,7 +26,7 @@ def retry_step(failures: int, first: float, cap: float) -> float:
     :param cap: the longest step, in seconds
     """
     # The exponent is bounded so that a long outage does not overflow a float.
-    return min(cap, first * 2 ** min(max(failures, 1) - 1, 60))
+    return min(cap, first * 2.0 ** min(max(failures, 1) - 1, 60))
 
 
 def retry_delay(
