@@ -60,6 +60,21 @@ def help_text(method):
     return method
 
 
+def limit_help(*prefixes):
+    """
+    Fill ``{defaults}`` in an ``opt_limit`` docstring with the defaults of the
+    :class:`~hero_compute.rpc.limits.Limits` record (the only place they are written)
+    whose variables start with ``prefixes``; then fold it as :func:`help_text` does.
+    """
+    from hero_compute.rpc.limits import defaults_text
+
+    def fill(method):
+        method.__doc__ = method.__doc__.format(defaults=defaults_text(*prefixes))
+        return help_text(method)
+
+    return fill
+
+
 def seconds(text):
     """
     Coerce a positive, possibly fractional, number of seconds.

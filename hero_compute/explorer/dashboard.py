@@ -34,11 +34,9 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.http import FORBIDDEN, FOUND, NOT_ALLOWED, UNAUTHORIZED
 
-import hero_compute
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
 from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY, UI_VIEWER
-from hero_compute.rpc.dispatch import CallContext, Dispatcher
-from hero_compute.rpc.schema import load_schema
+from hero_compute.rpc.dispatch import CallContext, service_dispatcher
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
@@ -386,13 +384,7 @@ def make_dashboard(
     fresh = token is None
     if token is None:
         token = secrets.token_hex(24)
-    rpc = Dispatcher(
-        load_schema("explorer"),
-        hero_compute.__version__,
-        authorize=_authorize,
-        max_batch=limits.max_batch,
-        max_response=limits.max_response,
-    )
+    rpc = service_dispatcher("explorer", limits, _authorize)
     (register or methods.register)(rpc)
     root = DashboardRoot(
         token,

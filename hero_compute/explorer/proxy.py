@@ -29,6 +29,7 @@ from hero_compute.rpc.errors import (
     RefusedByPolicy,
     TransportError,
 )
+from hero_compute.rpc.limits import DEFAULTS
 from hero_compute.rpc.tls import Expected
 
 from .resolver import ResolveError
@@ -84,7 +85,13 @@ class Proxy:
     """
 
     def __init__(
-        self, client, registry, call_timeout, resolve, calls_per_node=16, calls_total=1024
+        self,
+        client,
+        registry,
+        call_timeout,
+        resolve,
+        calls_per_node=DEFAULTS.calls_per_node,
+        calls_total=DEFAULTS.calls_total,
     ):
         self._client = client
         self._registry = registry

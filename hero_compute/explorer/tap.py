@@ -15,6 +15,7 @@ from hero_compute.options import (
     coerce_doc,
     from_env,
     help_text,
+    limit_help,
     limits,
     listen_address,
     print_startup_errors,
@@ -212,12 +213,12 @@ class Options(TapOptions):
         """
         self["listen"].append(description)
 
-    @help_text
+    @limit_help("HERO_", "EXPLORER_", "NODE_FORGET_AFTER")
     def opt_limit(self, item):
         """
         Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or by its
         variable: HERO_MAX_BATCH=50); may repeat [default: the HERO_* and EXPLORER_*
-        variables, or the defaults of the README's Limits section].
+        variables and NODE_FORGET_AFTER, else {defaults}].
         """
         self["limit"].append(item)
 

@@ -10,15 +10,13 @@ import socket
 from twisted.application import service
 from twisted.logger import Logger
 
-import hero_compute
 from hero_compute.rpc.authz import EXPLORER_POLICY
-from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.dispatch import service_dispatcher
 from hero_compute.rpc.heap import FrozenHeap
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
-from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket_server import Routes
 
 from .audit import AuditLog
@@ -157,13 +155,7 @@ def make_explorer(
         # As many kept warm as may run at once: fewer, and calls beyond them reconnect.
         max_per_peer=limits.calls_per_node,
     )
-    rpc = Dispatcher(
-        load_schema("explorer"),
-        hero_compute.__version__,
-        authorize=_authorize,
-        max_batch=limits.max_batch,
-        max_response=limits.max_response,
-    )
+    rpc = service_dispatcher("explorer", limits, _authorize)
     factory = make_factory(rpc, limits=limits)
     # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
     # generic in a type variable: it takes any protocol factory.

@@ -11,15 +11,13 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-import hero_compute
 from hero_compute.rpc.addresses import Address
 from hero_compute.rpc.authz import NODE_POLICY
-from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.dispatch import service_dispatcher
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
-from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket_server import Routes
 
 from .advertise import Advertiser, HeartbeatPayload
@@ -270,13 +268,7 @@ def make_node(
     # ClientSide stands in for the ClientTLS it will point at once enrolled.
     client = RpcClient(reactor, timeout=interval, tls=cast("ClientTLS | None", client_side))
     limits = limits or Limits()
-    rpc = Dispatcher(
-        load_schema("node"),
-        hero_compute.__version__,
-        authorize=authorize,
-        max_batch=limits.max_batch,
-        max_response=limits.max_response,
-    )
+    rpc = service_dispatcher("node", limits, authorize)
     descriptions = [unix_endpoint_string(socket_path)]
     if tcp is not None:
         descriptions.append(tcp.endpoint_string())

@@ -16,6 +16,7 @@ from hero_compute.options import (
     absolute_socket,
     from_env,
     help_text,
+    limit_help,
     limits,
     listen_address,
     parse_capacity,
@@ -212,11 +213,12 @@ class Options(TapOptions):
         except AddressError as e:
             raise usage.UsageError(f"--explorer: {e}") from None
 
-    @help_text
+    @limit_help("HERO_")
     def opt_limit(self, item):
         """
         Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or
-        HERO_MAX_BATCH=50); may repeat [default: the HERO_* variables].
+        HERO_MAX_BATCH=50); may repeat [default: the HERO_* variables, else
+        {defaults}].
         """
         self["limit"].append(item)
 
