@@ -75,6 +75,9 @@ class INodeRegistry(Interface):
     def note(fmt, **fields):
         """Log a line about a node, within the registry's budget of lines a second."""
 
+    def flush_log():
+        """Sum up the node events not logged one by one, once their second is over."""
+
     def __len__():
         """Returns how many nodes it holds."""
 

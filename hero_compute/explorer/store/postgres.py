@@ -20,9 +20,11 @@ import threading
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from hero_compute.rpc.errors import StoreUnavailable
 
+from .interface import IStore
 from .migrations import LATEST, POSTGRES
 from .postgres_trust import PostgresTrust
 from .rows import (
@@ -61,6 +63,7 @@ def redact(dsn):
     return f"postgresql://{user}{host}{port}/{parts.get('dbname', '')}"
 
 
+@implementer(IStore)
 class PostgresStore(PostgresTrust):
     """
     The explorer's state in a PostgreSQL database.  Open with :meth:`open`.

@@ -19,7 +19,9 @@ import os
 import sqlite3
 
 import attrs
+from zope.interface import implementer
 
+from .interface import IStore
 from .rows import audit_entries, copy_order, node_records, node_rows
 from .schema import (
     AUDIT_FIELDS,
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 
+@implementer(IStore)
 @attrs.define
 class Store(SqliteTrust):
     """
