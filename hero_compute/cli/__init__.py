@@ -58,7 +58,7 @@ __all__ = ["main"]
 NEW_NODE_IDS = frozenset({"token"})
 
 
-def main(argv=None, env=None):
+def main(argv=None, env=None) -> None:
     """
     Run the command line and exit the process with its status.
 

@@ -9,7 +9,7 @@ from .output import table
 from .units import ago
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add ``audit``.
 
@@ -52,7 +52,7 @@ def audit_table(page):
     )
 
 
-async def show_audit(explorer, args, output):
+async def show_audit(explorer, args, output) -> int:
     """``audit``."""
     params = {"limit": args.limit}
     if args.node is not None:

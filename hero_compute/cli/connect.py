@@ -104,7 +104,9 @@ class Explorer:
     :raise ValueError: the TLS files cannot be used, saying why
     """
 
-    def __init__(self, reactor, address, timeout=None, tls_files=(None, None, None)):
+    def __init__(
+        self, reactor, address, timeout=None, tls_files=(None, None, None)
+    ) -> None:
         self.reactor = reactor
         self.addresses = list(address) if isinstance(address, list) else [address]
         #: The explorer in use: the first, or the one that answered last.

@@ -35,7 +35,7 @@ _REFUSED = {
 }
 
 
-def add_commands(cmds, common):
+def add_commands(cmds, common) -> None:
     """
     Add ``console`` and ``log`` to the ``vm`` group.
 
@@ -59,7 +59,7 @@ def add_commands(cmds, common):
     log.set_defaults(run=console_log)
 
 
-async def console_log(explorer, args, output):
+async def console_log(explorer, args, output) -> int:
     """``vm log NODE VM [--bytes N]``."""
     vm = await resolve(explorer, args.node_id, args.vm)
     params = {"vm_id": vm["vm_id"]}
@@ -73,22 +73,22 @@ async def console_log(explorer, args, output):
 class _Session:
     """The console's WebSocket handler: output to the terminal."""
 
-    def __init__(self, write):
+    def __init__(self, write) -> None:
         self._write = write
         self.socket: Any = None
         self.done: defer.Deferred = defer.Deferred()
 
-    def opened(self, socket):
+    def opened(self, socket) -> None:
         self.socket = socket
 
-    def received(self, data):
+    def received(self, data) -> None:
         self._write(data)
 
-    def closed(self, code):
+    def closed(self, code) -> None:
         if not self.done.called:
             self.done.callback(code)
 
-    def keys(self, data):
+    def keys(self, data) -> None:
         """What was typed: sent, up to a Ctrl-] (or the end of input), which detaches."""
         if data and DETACH not in data:
             self.socket.send(data)
@@ -105,7 +105,7 @@ class _Session:
 class _Keys:
     """Standard input, read by the reactor."""
 
-    def __init__(self, fd, session):
+    def __init__(self, fd, session) -> None:
         self._fd = fd
         self._session = session
 
@@ -120,20 +120,20 @@ class _Keys:
         self._session.keys(data)
         return None
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason) -> None:
         pass
 
-    def logPrefix(self):
+    def logPrefix(self) -> str:
         return "stdin"
 
 
-def _write_out(data):
+def _write_out(data) -> None:
     out = sys.stdout.buffer
     out.write(data)
     out.flush()
 
 
-async def console_vm(explorer, args, output):
+async def console_vm(explorer, args, output) -> int:
     """``vm console NODE VM``."""
     vm = await resolve(explorer, args.node_id, args.vm)
     session = _Session(_write_out)

@@ -56,7 +56,7 @@ class Failure(Exception):
     :param code: the exit code
     """
 
-    def __init__(self, message, code=FAILED):
+    def __init__(self, message, code=FAILED) -> None:
         Exception.__init__(self, message)
         self.message = message
         self.code = code

@@ -26,7 +26,7 @@ def params_json(text):
     return value
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add ``info``, ``call`` and ``rpc`` to the subcommands.
 
@@ -87,19 +87,19 @@ def info_fields(info, now=None):
     )
 
 
-async def show_info(explorer, args, output):
+async def show_info(explorer, args, output) -> int:
     """``info``."""
     output.emit(await explorer.call("explorer.info"), info_fields)
     return 0
 
 
-async def call_node(explorer, args, output):
+async def call_node(explorer, args, output) -> int:
     """``call NODE METHOD [PARAMS_JSON]``."""
     output.emit(await explorer.node_call(args.node_id, args.method, args.params))
     return 0
 
 
-async def call_explorer(explorer, args, output):
+async def call_explorer(explorer, args, output) -> int:
     """``rpc METHOD [PARAMS_JSON]``."""
     output.emit(await explorer.call(args.method, args.params))
     return 0

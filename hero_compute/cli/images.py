@@ -38,7 +38,7 @@ def _sha256(text):
     return text.lower()
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add the ``image`` group to the subcommands.
 
@@ -113,13 +113,13 @@ def image_fields(image):
     )
 
 
-async def list_images(explorer, args, output):
+async def list_images(explorer, args, output) -> int:
     """``image list NODE``."""
     output.emit(await explorer.node_call(args.node_id, "node.images"), images_table)
     return 0
 
 
-async def pull_image(explorer, args, output):
+async def pull_image(explorer, args, output) -> int:
     """``image pull NODE URL --sha256 HEX --name NAME``."""
     params = {"url": args.url, "name": args.name, "sha256": args.sha256}
     await explorer.node_call(args.node_id, "image.import", params)
@@ -135,7 +135,7 @@ async def pull_image(explorer, args, output):
         with Progress(*columns, console=console, transient=True) as bar:
             bar_task = bar.add_task("pull", total=None)
 
-            def show(image):
+            def show(image) -> None:
                 bar.update(
                     bar_task,
                     completed=image.get("bytes_done") or 0,

@@ -53,7 +53,7 @@ def match(text, items, id_key):
     )
 
 
-def _short(text):
+def _short(text) -> str:
     if len(text.rstrip("…")) >= MIN_PREFIX:
         return ""
     return f" (id prefixes need {MIN_PREFIX} characters)"

@@ -21,7 +21,7 @@ def label(text):
     return key, value
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add ``nodes`` and ``node`` to the subcommands.
 
@@ -88,7 +88,7 @@ async def fetch_nodes(call, status=None, labels=None, page=PAGE):
     return [n for n in listed if wanted <= (n.get("labels") or {}).items()]
 
 
-def used_of(node, key, fmt=str):
+def used_of(node, key, fmt=str) -> str:
     """
     :return: ``used/total`` of one resource of a node, e.g. ``2/8`` or ``512M/16G``
     """
@@ -165,14 +165,14 @@ def node_fields(node, now=None):
     )
 
 
-async def list_nodes(explorer, args, output):
+async def list_nodes(explorer, args, output) -> int:
     """``nodes``: every node, as a table or JSON."""
     nodes = await fetch_nodes(explorer.call, args.status, dict(args.label) or None)
     output.emit(nodes, nodes_table)
     return 0
 
 
-async def show_node(explorer, args, output):
+async def show_node(explorer, args, output) -> int:
     """``node ID``: one node."""
     output.emit(
         await explorer.call("explorer.get_node", {"node_id": args.node_id}), node_fields

@@ -26,7 +26,7 @@ class Output:
     :param table: ``--table`` was given: a table even when ``out`` is not a terminal
     """
 
-    def __init__(self, out, err, json_only=False, table=False):
+    def __init__(self, out, err, json_only: bool = False, table: bool = False) -> None:
         self.out = out
         self.err = err
         # Rows at their natural width, as kubectl prints them: a narrow terminal wraps
@@ -35,12 +35,12 @@ class Output:
         self._errors = Console(file=err, highlight=False)
         self.tables = not json_only and (table or self._console.is_terminal)
 
-    def json(self, data):
+    def json(self, data) -> None:
         """Write ``data`` as indented JSON, keys sorted."""
         self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         self.out.flush()
 
-    def emit(self, data, render=None):
+    def emit(self, data, render=None) -> None:
         """
         Write a result: ``render(data)`` (a rich renderable) on a terminal, JSON otherwise.
 
@@ -52,7 +52,7 @@ class Output:
         else:
             self.json(data)
 
-    def error(self, message):
+    def error(self, message) -> None:
         """Write a message to stderr, verbatim (no markup)."""
         self.err.write(f"hero-compute: {message}\n")
         self.err.flush()
@@ -79,13 +79,13 @@ class Progress:
     :ivar live: whether anyone sees it (polling for it is otherwise wasted)
     """
 
-    def __init__(self, text, status):
+    def __init__(self, text, status) -> None:
         self._text = text
         self._status = status
         self._started = time.monotonic()
         self.live = status is not None
 
-    def update(self, news):
+    def update(self, news) -> None:
         """Show ``news`` (e.g. the VM's state) after the text."""
         if self._status is not None:
             elapsed = time.monotonic() - self._started

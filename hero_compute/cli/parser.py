@@ -112,7 +112,7 @@ def common_options():
     return common
 
 
-def build(prog="hero-compute", description=None):
+def build(prog: str = "hero-compute", description=None):
     """
     :param description: the text under the usage line
     :return: the top :class:`argparse.ArgumentParser`

@@ -11,7 +11,7 @@ from hero_compute.explorer.store.copy import copy_between
 from . import exits
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add ``state copy``.
 

@@ -27,7 +27,7 @@ def _days(text):
     return days
 
 
-def add_tls_commands(subparsers):
+def add_tls_commands(subparsers) -> None:
     """
     Add the ``tls`` command group to the ``hero-compute`` parser.
 
@@ -100,12 +100,12 @@ def add_tls_commands(subparsers):
     pin.set_defaults(tls_run=_pin)
 
 
-def _ca_create(args, out):
+def _ca_create(args, out) -> None:
     pin = pki.create_ca(args.dir, args.trust_domain, days=args.days, force=args.force)
     print(pin, file=out)
 
 
-def _cert_create(args, out):
+def _cert_create(args, out) -> None:
     role, name = next(
         (role, getattr(args, role)) for role in pki.ROLES if getattr(args, role) is not None
     )
@@ -123,11 +123,11 @@ def _cert_create(args, out):
         print(path, file=out)
 
 
-def _pin(args, out):
+def _pin(args, out) -> None:
     print(pki.spki_pin(pki.load_certificate(args.ca_file)), file=out)
 
 
-def run(args, out=None, err=None):
+def run(args, out=None, err=None) -> int:
     """
     Run a parsed ``tls`` command.
 

@@ -24,7 +24,7 @@ def duration(text):
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add ``token create``.
 
@@ -55,7 +55,7 @@ def add_commands(sub, common):
     create.set_defaults(run=create_token)
 
 
-async def create_token(explorer, args, output):
+async def create_token(explorer, args, output) -> int:
     """``token create``."""
     params = {"ttl": args.ttl}
     if args.node_id is not None:

@@ -10,7 +10,7 @@ from .output import table
 from .tokens import duration
 
 
-def add_commands(sub, common):
+def add_commands(sub, common) -> None:
     """
     Add ``ui token create|list|revoke``.
 
@@ -62,7 +62,7 @@ def add_commands(sub, common):
     revoke.set_defaults(run=revoke_ui_user)
 
 
-async def create_ui_token(explorer, args, output):
+async def create_ui_token(explorer, args, output) -> int:
     """``ui token create``."""
     made = await explorer.call(
         "explorer.ui_token_create",
@@ -81,7 +81,7 @@ def _expiry(value):
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
 
 
-async def list_ui_tokens(explorer, args, output):
+async def list_ui_tokens(explorer, args, output) -> int:
     """``ui token list``."""
     listed = await explorer.call("explorer.ui_token_list", {})
     rows = [
@@ -93,7 +93,7 @@ async def list_ui_tokens(explorer, args, output):
     return 0
 
 
-async def revoke_ui_user(explorer, args, output):
+async def revoke_ui_user(explorer, args, output) -> int:
     """``ui token revoke``."""
     ended = await explorer.call("explorer.ui_token_revoke", {"user": args.user})
     if args.json:

@@ -22,7 +22,7 @@ def disk_gb(text):
     return parse_size(text, "G")
 
 
-def format_mb(mb):
+def format_mb(mb) -> str:
     """:return: a MiB count for reading: ``512M``, ``1.5G``, ``2T``"""
     if not isinstance(mb, (int, float)):
         return "?"
@@ -34,7 +34,7 @@ def format_mb(mb):
     return f"{mb:g}M"
 
 
-def ago(then, now):
+def ago(then, now) -> str:
     """
     How long ago a Unix time was, coarsely: ``3 s ago``, ``4 min ago``, ``2 h ago``,
     ``5 d ago``.

@@ -35,7 +35,7 @@ def port_spec(text):
     return spec
 
 
-def add_create_options(create):
+def add_create_options(create) -> None:
     """
     Add the access options to ``vm create``.
 
@@ -134,7 +134,7 @@ def access_fields(vm):
     ]
 
 
-def add_ssh_command(cmds, common, resolve):
+def add_ssh_command(cmds, common, resolve) -> None:
     """
     Add ``vm ssh`` to the ``vm`` group.
 

@@ -211,7 +211,7 @@ async def resolve(explorer, node_id, vm):
     return await names.vm_info(explorer, node_id, vm)
 
 
-async def show_vm(explorer, args, output):
+async def show_vm(explorer, args, output) -> int:
     """``vm show NODE VM``."""
     output.emit(await resolve(explorer, args.node_id, args.vm), vm_fields)
     return 0
@@ -252,7 +252,7 @@ async def create_vm(explorer, args, output):
     return 0
 
 
-async def transition(explorer, args, output):
+async def transition(explorer, args, output) -> int:
     """``vm start|stop|delete NODE VM [--force] [--wait]``."""
     method, target, verb = TARGETS[args.action]
     vm = await resolve(explorer, args.node_id, args.vm)
@@ -285,7 +285,7 @@ async def transition(explorer, args, output):
     return 0
 
 
-async def _watch(explorer, node_id, vm_id, progress, op):
+async def _watch(explorer, node_id, vm_id, progress, op) -> None:
     # Only worth a poll when someone watches the status line.
     while progress.live and not op.called:
         await task.deferLater(explorer.reactor, POLL, lambda: None)

@@ -15,6 +15,7 @@ next write.  ``explorer.audit`` reads the store and adds the entries not yet wri
 
 import functools
 import inspect
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -118,7 +119,7 @@ def _refusal(error):
     return f"refused {status}" if status is not None else _outcome(error)
 
 
-def _outcome(result):
+def _outcome(result) -> str:
     if not isinstance(result, BaseException):
         return "ok"
     code = result.code if isinstance(result, RpcError) else -32603
@@ -135,15 +136,15 @@ class AuditLog:
         the store's thread, returning a Deferred)
     """
 
-    def __init__(self, clock, explorer, store, run):
+    def __init__(self, clock, explorer, store, run) -> None:
         self._clock = clock
         self.explorer = explorer
         self._store = store
         self._run = run
-        self._pending = []
+        self._pending: list[dict[str, Any]] = []
         self._flusher = None
 
-    def record(self, caller, method, target, outcome):
+    def record(self, caller, method, target, outcome) -> None:
         """Add one entry, written with the others of the same second."""
         self._pending.append(
             {
@@ -167,7 +168,7 @@ class AuditLog:
         batch, self._pending = self._pending, []
         d = defer.maybeDeferred(self._run, store.add_audit, batch)
 
-        def failed(failure):
+        def failed(failure) -> None:
             self._pending[:0] = batch
             if not failure.check(StoreUnavailable):
                 log.failure("audit entries not written", failure)
@@ -176,7 +177,7 @@ class AuditLog:
 
         return d.addErrback(failed)
 
-    def stop(self):
+    def stop(self) -> None:
         """Write what is left (at shutdown), at once."""
         if self._flusher is not None and self._flusher.active():
             self._flusher.cancel()
@@ -211,7 +212,7 @@ class AuditLog:
         d = defer.maybeDeferred(self._run, store.audit, since, limit, node_id)
         return d.addCallback(lambda stored: {"entries": (pending + stored)[:limit]})
 
-    def wrap(self, method, func, target, takes_context=False):
+    def wrap(self, method, func, target, takes_context: bool = False):
         """
         :param method: the method's name
         :param func: its handler
@@ -303,11 +304,11 @@ class AuditLog:
 
 
 class _Registrar:
-    def __init__(self, rpc, audit):
+    def __init__(self, rpc, audit) -> None:
         self._rpc = rpc
         self._audit = audit
 
-    def register(self, name, func, context=False):
+    def register(self, name, func, context: bool = False):
         target = TARGETS.get(name)
         if target is None:
             return self._rpc.register(name, func, context=context)

@@ -85,7 +85,7 @@ class _AsClient:
     role: str = CLIENT
 
 
-def _authorize(context, method, params):
+def _authorize(context, method, params) -> None:
     DASHBOARD_POLICY.check(context.transport, context.identity, method, params)
     EXPLORER_POLICY.check(
         context.transport, _AsClient(context.identity.name), method, params
@@ -127,7 +127,7 @@ def render_index(page, summary):
     return text.encode("utf-8")
 
 
-def _secure(request):
+def _secure(request) -> None:
     for name, value in SECURITY_HEADERS.items():
         request.setHeader(name, value)
 
@@ -170,7 +170,7 @@ class DashboardRoot(resource.Resource):
         hosts=None,
         accounts=None,
         console_socket=None,
-    ):
+    ) -> None:
         resource.Resource.__init__(self)
         self._token = token.encode()
         # The page acts with a client's rights, narrowed to its user's role.
@@ -311,13 +311,13 @@ class _BoundedRequest(server.Request):
 
     _received = 0
 
-    def gotLength(self, length):
+    def gotLength(self, length) -> None:
         if length is not None and length > MAX_BODY:
             _abort(self)
             return
         server.Request.gotLength(self, length)
 
-    def handleContentChunk(self, data):
+    def handleContentChunk(self, data) -> None:
         self._received += len(data)
         if self._received > MAX_BODY:
             _abort(self)
@@ -336,7 +336,7 @@ class _QuietSite(AdmittedSite):
     noisy = False
     requestFactory = _BoundedRequest
 
-    def log(self, request):
+    def log(self, request) -> None:
         pass
 
 

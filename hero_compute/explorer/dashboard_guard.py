@@ -30,7 +30,7 @@ def _name(host):
     return host.rstrip(".") or None
 
 
-def _is_ip(name):
+def _is_ip(name) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -46,7 +46,7 @@ class HostGuard:
         literals; None for :data:`DEFAULT_HOSTS`
     """
 
-    def __init__(self, hosts=None):
+    def __init__(self, hosts=None) -> None:
         names = DEFAULT_HOSTS if hosts is None else hosts
         self.names = frozenset(n for n in map(_name, names) if n)
 

@@ -6,6 +6,7 @@ explorer's state directory).
 """
 
 import os
+from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -24,12 +25,12 @@ class TLSOnStart(protocol.Factory):
     when the explorer starts, so the TLS wrapper is made when the listener starts.
     """
 
-    def __init__(self, site, tls, wrap=None, admission=None):
+    def __init__(self, site, tls, wrap=None, admission=None) -> None:
         self._site = site
         self._tls = tls
         self._wrap = wrap
         self._admission = admission
-        self._wrapped = None
+        self._wrapped: Any = None
 
     def doStart(self):
         creator = self._tls()
@@ -45,7 +46,7 @@ class TLSOnStart(protocol.Factory):
             self._wrapped = self._wrap(creator, self._site, self._admission)
         self._wrapped.doStart()
 
-    def doStop(self):
+    def doStop(self) -> None:
         if self._wrapped is not None:
             self._wrapped.doStop()
 
@@ -55,7 +56,7 @@ class TLSOnStart(protocol.Factory):
         return self._wrapped.buildProtocol(addr)
 
 
-def write_token(path, token):
+def write_token(path, token) -> None:
     """
     Keep the dashboard's token in ``path``, mode 0600 whatever the umask (its directory
     is made 0700 if missing).
@@ -81,13 +82,15 @@ class Announcing:
         was read from there
     """
 
-    def __init__(self, endpoint, token, token_file, secure=False, write=False):
+    def __init__(
+        self, endpoint, token, token_file, secure: bool = False, write: bool = False
+    ) -> None:
         self._endpoint = endpoint
         self._token = token
         self._token_file = token_file
         self._secure = secure
         self._write = write
-        self.url = None
+        self.url: str | None = None
 
     def listen(self, factory):
         if self._write and self._token_file is not None:

@@ -18,7 +18,7 @@ class HeartbeatHistory(dict):
     objects took 1.3 kB: at 100,000 nodes that is most of what the registry holds.
     """
 
-    def add(self, node_id, when):
+    def add(self, node_id, when) -> None:
         """Note a heartbeat of ``node_id`` at ``when`` (the oldest goes past the bound)."""
         times = self.get(node_id)
         if times is None:

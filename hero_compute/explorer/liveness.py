@@ -46,14 +46,16 @@ class LivenessLog(service.Service):
     :param forgotten: called with each node id forgotten (to drop its stored record)
     """
 
-    def __init__(self, registry, clock, interval, forget_after=None, forgotten=None):
+    def __init__(
+        self, registry, clock, interval, forget_after=None, forgotten=None
+    ) -> None:
         self._registry = registry
         self._clock = clock
         self._interval = interval
         self._forget_after = forget_after
         self._forgotten = forgotten
-        self._offline = set()
-        self._loop = None
+        self._offline: set[str] = set()
+        self._loop: task.LoopingCall | None = None
 
     def sweep(self):
         """
@@ -82,7 +84,7 @@ class LivenessLog(service.Service):
         d.addErrback(lambda f: log.failure("liveness sweep failed", f))
         return d
 
-    def _report(self, now, found):
+    def _report(self, now, found) -> None:
         """Log and forget what a sweep found offline at ``now``; never raises."""
         try:
             registry = self._registry
@@ -126,13 +128,13 @@ class LivenessLog(service.Service):
         except Exception:
             log.failure("liveness sweep failed")
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         self._loop = task.LoopingCall(self.sweep)
         self._loop.clock = self._clock
         self._loop.start(self._interval, now=False)
 
-    def stopService(self):
+    def stopService(self) -> None:
         service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()

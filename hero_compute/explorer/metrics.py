@@ -107,7 +107,7 @@ class CallStats:
         The node schema's by default
     """
 
-    def __init__(self, proxy, methods=None):
+    def __init__(self, proxy, methods=None) -> None:
         self._proxy = proxy
         if methods is None:
             methods = load_schema("node").methods
@@ -115,7 +115,7 @@ class CallStats:
         #: Calls by ``(method, outcome)``.
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         #: A :class:`Histogram` of the calls' seconds, by method.
-        self.seconds = {}
+        self.seconds: dict[str, Histogram] = {}
 
     def call(self, node_id, method, params=None):
         """
@@ -151,7 +151,7 @@ class ExplorerCollector:
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy`
     """
 
-    def __init__(self, methods, registry, proxy):
+    def __init__(self, methods, registry, proxy) -> None:
         self._methods = methods
         self._registry = registry
         self._proxy = proxy

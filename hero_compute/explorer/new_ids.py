@@ -4,6 +4,7 @@ How many new node ids each source address registered lately: the count behind
 """
 
 import collections
+from typing import Any
 
 
 class NewIds:
@@ -15,10 +16,10 @@ class NewIds:
     :param window: seconds a new id counts against its source
     """
 
-    def __init__(self, clock, window=60.0):
+    def __init__(self, clock, window: float = 60.0) -> None:
         self._clock = clock
         self._window = window
-        self._seen = {}
+        self._seen: dict[str, Any] = {}
         self._sweep_at = clock.seconds() + window
 
     def count(self, host):
@@ -37,6 +38,6 @@ class NewIds:
             times.popleft()
         return len(times)
 
-    def add(self, host):
+    def add(self, host) -> None:
         """Count one new id from ``host``, now."""
         self._seen.setdefault(host, collections.deque()).append(self._clock.seconds())

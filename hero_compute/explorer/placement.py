@@ -41,7 +41,7 @@ class NoFit(Exception):
     :ivar counts: ``{reason: nodes}`` over :data:`REASONS`
     """
 
-    def __init__(self, counts):
+    def __init__(self, counts) -> None:
         Exception.__init__(self, "no node fits")
         self.counts = counts
 
@@ -113,12 +113,12 @@ class PlacementIndex:
     :param hold: seconds a reservation lasts at most (two heartbeat intervals)
     """
 
-    def __init__(self, offline_after, hold):
+    def __init__(self, offline_after, hold) -> None:
         self.offline_after = offline_after
         self.hold = hold
-        self._rows = {}
-        self._ids = []
-        self._spare = []
+        self._rows: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        self._spare: list[int] = []
         size = _GROW
         self._capacity = [np.zeros(size) for _ in RESOURCES]
         self._usage = [np.zeros(size) for _ in RESOURCES]
@@ -128,18 +128,22 @@ class PlacementIndex:
         # whatever its last heartbeat (a node that left, a record loaded at start-up,
         # a spare row), so that online is one comparison.
         self._seen = np.full(size, -np.inf)
-        self._labels = collections.defaultdict(set)
-        self._row_labels = {}
+        self._labels: collections.defaultdict[tuple[str, str], set[int]] = (
+            collections.defaultdict(set)
+        )
+        self._row_labels: dict[int, dict[str, str]] = {}
         # The rows of one label pair as an array, made when a placement asks for it and
         # dropped when a node gains or loses that label.
-        self._label_rows = {}
+        self._label_rows: dict[tuple[str, str], np.ndarray] = {}
         # Rows by node id order, for ties: rebuilt when a node comes or goes.
         self._rank = np.zeros(size, dtype=np.intp)
         self._rank_stale = True
-        self._pending = collections.defaultdict(list)
+        self._pending: collections.defaultdict[str, list[Reservation]] = (
+            collections.defaultdict(list)
+        )
         self._expiring: collections.deque = collections.deque()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._rows)
 
     def _row(self, node_id):
@@ -158,7 +162,7 @@ class PlacementIndex:
         self._rank_stale = True
         return row
 
-    def _grow(self):
+    def _grow(self) -> None:
         extra = max(_GROW, len(self._seen))
         for columns in (self._capacity, self._usage, self._held, self._free):
             for k, column in enumerate(columns):
@@ -166,7 +170,7 @@ class PlacementIndex:
         self._seen = np.concatenate([self._seen, np.full(extra, -np.inf)])
         self._rank = np.concatenate([self._rank, np.zeros(extra, dtype=np.intp)])
 
-    def _refree(self, row):
+    def _refree(self, row) -> None:
         for k in range(3):
             self._free[k][row] = (
                 self._capacity[k][row] - self._usage[k][row] - self._held[k][row]
@@ -174,7 +178,7 @@ class PlacementIndex:
 
     # -- fed by the registry -------------------------------------------------------
 
-    def update(self, record, changed=None, gone=False):
+    def update(self, record, changed=None, gone: bool = False) -> None:
         """
         Take a node's record after a heartbeat (or from the store at start-up).
 
@@ -201,7 +205,7 @@ class PlacementIndex:
         if changed is None or "labels" in changed:
             self._set_labels(row, record.labels)
 
-    def _set_labels(self, row, labels):
+    def _set_labels(self, row, labels) -> None:
         old = self._row_labels.pop(row, None)
         if old:
             for pair in old.items():
@@ -216,13 +220,13 @@ class PlacementIndex:
                 self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
 
-    def left(self, node_id):
+    def left(self, node_id) -> None:
         """A node said goodbye (or was revoked): offline until it heartbeats."""
         row = self._rows.get(node_id)
         if row is not None:
             self._seen[row] = -np.inf
 
-    def remove(self, node_id):
+    def remove(self, node_id) -> None:
         """Forget a node."""
         row = self._rows.pop(node_id, None)
         if row is None:
@@ -258,11 +262,11 @@ class PlacementIndex:
         self._expiring.append(reservation)
         return reservation
 
-    def created(self, reservation):
+    def created(self, reservation) -> None:
         """The VM exists: the next heartbeat showing another usage releases it."""
         reservation.created = True
 
-    def release(self, reservation):
+    def release(self, reservation) -> None:
         """Give a reservation back (the create failed, or it is reflected)."""
         if reservation.released:
             return
@@ -281,12 +285,12 @@ class PlacementIndex:
                 column[row] = 0
         self._refree(row)
 
-    def _reflected(self, pending, usage):
+    def _reflected(self, pending, usage) -> None:
         for reservation in list(pending):
             if reservation.created and usage != reservation.usage:
                 self.release(reservation)
 
-    def _expire(self, now):
+    def _expire(self, now) -> None:
         expiring = self._expiring
         while expiring and (expiring[0].released or expiring[0].expires <= now):
             self.release(expiring.popleft())
@@ -371,13 +375,13 @@ class PlacementIndex:
             return rows
         sets = []
         for pair in where.items():
-            found = self._labels.get(pair)
-            if not found:
+            matching = self._labels.get(pair)
+            if not matching:
                 return np.zeros(0, dtype=np.intp)
-            sets.append(found)
+            sets.append(matching)
         sets.sort(key=len)
-        rows = sets[0].intersection(*sets[1:])
-        return np.fromiter(rows, dtype=np.intp, count=len(rows))
+        common = sets[0].intersection(*sets[1:])
+        return np.fromiter(common, dtype=np.intp, count=len(common))
 
     def _counts(self, request, now, used, avoid):
         """Why each node was set aside: only when nothing fits, so a walk of it all."""
@@ -400,7 +404,7 @@ class PlacementIndex:
             left &= ~short
         return counts
 
-    def _fresh_rank(self):
+    def _fresh_rank(self) -> None:
         if not self._rank_stale:
             return
         ids = self._ids

@@ -25,13 +25,13 @@ class PlacementMethods:
     :param clock: an ``IReactorTime``
     """
 
-    def __init__(self, registry, call, clock):
+    def __init__(self, registry, call, clock) -> None:
         self._registry = registry
         self._index = registry.placement
         self._call = call
         self._clock = clock
 
-    def register(self, rpc):
+    def register(self, rpc) -> None:
         """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
         rpc.register("explorer.place", self.place)
         rpc.register("explorer.create_vm", self.create_vm)

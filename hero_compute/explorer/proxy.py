@@ -42,7 +42,7 @@ PROXIED_PREFIXES = ("node.", "vm.", "image.")
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_ip(host):
+def _is_ip(host) -> bool:
     """:return: whether ``host`` is an IP address rather than a name"""
     try:
         ipaddress.ip_address(host)
@@ -92,7 +92,7 @@ class Proxy:
         resolve,
         calls_per_node=DEFAULTS.calls_per_node,
         calls_total=DEFAULTS.calls_total,
-    ):
+    ) -> None:
         self._client = client
         self._registry = registry
         self.call_timeout = call_timeout

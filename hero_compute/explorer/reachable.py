@@ -12,7 +12,7 @@ from .proxy import forbidden_target
 class Refused(RefusedByPolicy):
     """-32010 for a heartbeat, with the reason it is counted under in the metrics."""
 
-    def __init__(self, reason, message):
+    def __init__(self, reason, message) -> None:
         RefusedByPolicy.__init__(self, message)
         self.reason = reason
 

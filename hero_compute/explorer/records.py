@@ -70,7 +70,7 @@ class NodeRecord:
     left: bool = False
     remote: bool = False
 
-    def status(self, now, offline_after):
+    def status(self, now, offline_after) -> str:
         """
         :return: ``"online"`` or ``"offline"`` at time ``now``
         """

@@ -207,7 +207,7 @@ class Registry:
             self.on_event(kind, node_id, vm_count=record.vm_count, was=vm_count)
         return record, changed
 
-    def note(self, fmt, **fields):
+    def note(self, fmt, **fields) -> None:
         """
         Log a line about a node, within the same budget of :data:`LOG_BURST` lines a
         second as joins (offline transitions, forgotten nodes, refusals): a fleet that
@@ -217,7 +217,7 @@ class Registry:
         if self._log.offer() is not None:
             log.info(fmt, **fields)
 
-    def flush_log(self):
+    def flush_log(self) -> None:
         """
         Once the second of the last :data:`LOG_BURST` node-event lines is over, sum up
         in one line the events of it that were not logged one by one.
@@ -231,7 +231,7 @@ class Registry:
                     count=count,
                 )
 
-    def leave(self, node_id):
+    def leave(self, node_id) -> None:
         record = self.get(node_id)
         was_left, record.left = record.left, True
         self.placement.left(node_id)
@@ -244,7 +244,7 @@ class Registry:
         """:return: the node's :class:`NodeRecord`, or None"""
         return self._nodes.get(node_id)
 
-    def load(self, records):
+    def load(self, records) -> None:
         """
         Take records kept from an earlier run (start-up): each is offline until its node
         heartbeats again.
@@ -264,7 +264,7 @@ class Registry:
         except KeyError:
             raise NodeNotFound(f"no node {node_id!r}") from None
 
-    def remove(self, node_id):
+    def remove(self, node_id) -> None:
         self.get(node_id)
         del self._nodes[node_id]
         self.placement.remove(node_id)
@@ -273,7 +273,7 @@ class Registry:
         index = bisect.bisect_left(self._order, node_id)
         del self._order[index]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._nodes)
 
     def page(self, after, limit, keep):

@@ -48,7 +48,7 @@ class _StaleSession(InvalidParams):
 
     reason = "stale_session"
 
-    def __init__(self, node_id):
+    def __init__(self, node_id) -> None:
         InvalidParams.__init__(
             self,
             f"explorer.heartbeat: this explorer holds no record of {node_id} for that "
@@ -75,7 +75,7 @@ class ExplorerMethods:
     :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
     """
 
-    def __init__(self, registry, proxy, clock, trust, listeners=None, limits=None):
+    def __init__(self, registry, proxy, clock, trust, listeners=None, limits=None) -> None:
         self._registry = registry
         self._proxy = proxy
         self._clock = clock
@@ -100,7 +100,7 @@ class ExplorerMethods:
         #: The dashboard's users: login tokens and sessions (CONTRACT §11).
         self.accounts = UiAccounts(clock)
 
-    def register(self, rpc):
+    def register(self, rpc) -> None:
         """
         Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
         """
@@ -232,7 +232,7 @@ class ExplorerMethods:
             "session": self.session,
         }
 
-    def _admit(self, node_id, context):
+    def _admit(self, node_id, context) -> None:
         """Refuse a new node id beyond the registry's size or its source's rate."""
         limits = self._limits
         if len(self._registry) >= limits.max_nodes:
@@ -328,7 +328,7 @@ class ExplorerMethods:
         # A shared store first: when it is down the node stays (-32007).
         return _then(self._trust.forget_node(node_id), lambda: self._removed(node_id))
 
-    def _removed(self, node_id):
+    def _removed(self, node_id) -> bool:
         if self._registry.find(node_id) is not None:
             self._registry.remove(node_id)
         return True
@@ -344,7 +344,7 @@ class ExplorerMethods:
         """Refuse a node's certificates and secret from now on; it goes offline."""
         return _then(self._trust.revoke(node_id), lambda: self._revoked(node_id))
 
-    def _revoked(self, node_id):
+    def _revoked(self, node_id) -> bool:
         if self._registry.find(node_id) is not None:
             self._registry.leave(node_id)
         return True

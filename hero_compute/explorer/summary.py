@@ -10,6 +10,7 @@ at the front, and are taken out before each answer, each once.
 """
 
 import collections
+from typing import Any
 
 #: The resources summed, in the order of a node's contribution.
 RESOURCES = ("vcpus", "memory_mb", "disk_gb")
@@ -47,17 +48,19 @@ class FleetSummary:
     :param offline_after: seconds without a heartbeat after which a node is offline
     """
 
-    def __init__(self, offline_after):
+    def __init__(self, offline_after) -> None:
         self._offline_after = offline_after
         # node id -> (last heartbeat, contribution), oldest heartbeat first.
-        self._online = collections.OrderedDict()
+        self._online: collections.OrderedDict[str, tuple[float, Any]] = (
+            collections.OrderedDict()
+        )
         self._offline = 0
         self._vms = 0
         self._capacity = [0] * len(RESOURCES)
         self._usage = [0] * len(RESOURCES)
-        self._labels = {}
+        self._labels: dict[str, dict[str, int]] = {}
 
-    def _add(self, part, sign):
+    def _add(self, part, sign) -> None:
         cap, use, vms, labels = part
         for i in range(len(RESOURCES)):
             self._capacity[i] += sign * cap[i]
@@ -73,7 +76,7 @@ class FleetSummary:
                 if not values:
                     del self._labels[key]
 
-    def seen(self, record, changed, now, new=False):
+    def seen(self, record, changed, now, new: bool = False) -> None:
         """
         A heartbeat was accepted (the record already holds it).
 
@@ -99,14 +102,14 @@ class FleetSummary:
             self._online.move_to_end(node_id)
         self._online[node_id] = (now, part)
 
-    def left(self, node_id):
+    def left(self, node_id) -> None:
         """A node said goodbye, or was revoked: offline at once."""
         held = self._online.pop(node_id, None)
         if held is not None:
             self._add(held[1], -1)
             self._offline += 1
 
-    def removed(self, node_id):
+    def removed(self, node_id) -> None:
         """A node was forgotten."""
         held = self._online.pop(node_id, None)
         if held is None:
@@ -114,11 +117,11 @@ class FleetSummary:
         else:
             self._add(held[1], -1)
 
-    def loaded(self, count=1):
+    def loaded(self, count: int = 1) -> None:
         """``count`` nodes were loaded from the store at start-up: offline until heard."""
         self._offline += count
 
-    def expire(self, now):
+    def expire(self, now) -> None:
         """Take out the nodes whose last heartbeat is older than ``offline_after``."""
         cutoff = now - self._offline_after
         online = self._online

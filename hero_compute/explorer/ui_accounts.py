@@ -66,7 +66,7 @@ class DashboardUser:
     name: str
 
     @property
-    def uri(self):
+    def uri(self) -> str:
         """Who this is in the audit log (CONTRACT §10: the dashboard user)."""
         return f"dashboard:{self.name}"
 
@@ -101,17 +101,19 @@ class UiAccounts:
     :param limit: sessions kept at once
     """
 
-    def __init__(self, clock, limit=MAX_SESSIONS):
+    def __init__(self, clock, limit=MAX_SESSIONS) -> None:
         self._clock = clock
         self._limit = limit
-        self._tokens = {}  # sha256 hex -> _Token
-        self._sessions = collections.OrderedDict()  # session id -> Session
+        self._tokens: dict[str, _Token] = {}  # sha256 hex -> _Token
+        self._sessions: collections.OrderedDict[str, Session] = (
+            collections.OrderedDict()
+        )  # session id -> Session
         self._cert_key = secrets.token_bytes(32)
         #: Answers the dashboard's URL (``http(s)://host:port``) once it listens, or
         #: None, for the login URLs.
         self.url_of = lambda: None
 
-    def register(self, rpc):
+    def register(self, rpc) -> None:
         """Publish ``explorer.ui_token_*`` on a dispatcher."""
         rpc.register("explorer.ui_token_create", self.create)
         rpc.register("explorer.ui_token_list", self.list)
@@ -223,7 +225,7 @@ class UiAccounts:
             DashboardUser(ROLES[entry.role], entry.user), entry.expires_at
         )
 
-    def _drop_expired(self, now):
+    def _drop_expired(self, now) -> None:
         for h in [h for h, t in self._tokens.items() if t.expires_at <= now]:
             del self._tokens[h]
 
@@ -264,7 +266,7 @@ class UiAccounts:
         csrf = hmac.new(self._cert_key, user.name.encode(), hashlib.sha256).hexdigest()
         return Session(user, csrf)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._sessions)
 
 

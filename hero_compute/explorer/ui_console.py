@@ -61,7 +61,7 @@ _REASONS = {
 }
 
 
-def status_only(status):
+def status_only(status) -> bytes:
     """:return: an HTTP/1.1 answer of ``status`` with no body, closing the connection"""
     reason = _REASONS.get(status, b"Error")
     return b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (
@@ -89,12 +89,12 @@ class _Browser(protocol.Protocol):
 
     transport: Any
 
-    def __init__(self, channel):
+    def __init__(self, channel) -> None:
         self._channel = channel
         self.explorer: Any = None
         self._early = b""
 
-    def dataReceived(self, data):
+    def dataReceived(self, data) -> None:
         if self.explorer is not None and self.explorer.open:
             self.explorer.transport.write(data)
             return
@@ -102,13 +102,13 @@ class _Browser(protocol.Protocol):
         if len(self._early) > MAX_HEAD:
             self.transport.abortConnection()
 
-    def flush(self):
+    def flush(self) -> None:
         """The splice is open: what the browser sent early goes on."""
         early, self._early = self._early, b""
         if early:
             self.explorer.transport.write(early)
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
         if self.explorer is not None and self.explorer.transport is not None:
             self.explorer.transport.loseConnection()
         # The channel's own end: its admission is released, its request finished.
@@ -121,7 +121,7 @@ class _Explorer(protocol.Protocol):
     transport: Any
     open = False
 
-    def __init__(self, browser, head, clock, outcome):
+    def __init__(self, browser, head, clock, outcome) -> None:
         self._browser = browser
         self._head = head
         self._clock = clock
@@ -129,12 +129,12 @@ class _Explorer(protocol.Protocol):
         self._answer = b""
         self._timer = None
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         self._browser.explorer = self
         self.transport.write(self._head)
         self._timer = self._clock.callLater(ANSWER_TIMEOUT, self._refuse, 502)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data) -> None:
         if self.open:
             self._browser.transport.write(data)
             return
@@ -164,12 +164,12 @@ class _Explorer(protocol.Protocol):
         self._answer = b""
         self._browser.flush()
 
-    def _settle(self, status):
+    def _settle(self, status) -> None:
         outcome, self._outcome = self._outcome, None
         if outcome is not None:
             outcome(status)
 
-    def _refuse(self, status):
+    def _refuse(self, status) -> None:
         self._settle(status)
         self._stop_timer()
         if not self.open:
@@ -177,12 +177,12 @@ class _Explorer(protocol.Protocol):
         self._browser.transport.loseConnection()
         self.transport.loseConnection()
 
-    def _stop_timer(self):
+    def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._stop_timer()
         self._settle(502)
         if not self.open and self._browser.transport is not None:
@@ -231,7 +231,7 @@ def splice(request, path, socket_path, reactor, outcome=None):
         protocol.Factory.forProtocol(lambda: _Explorer(browser, head, reactor, outcome))
     )
 
-    def failed(failure):
+    def failed(failure) -> None:
         if outcome is not None:
             outcome(503)
         log.warn("dashboard console: the explorer's socket: {e}", e=failure.value)
@@ -290,7 +290,7 @@ def serve(request, session, console_socket, reactor, audit=None):
     )
     target = f"{match['node_id'].decode()}/{match['vm_id'].decode()}"
 
-    def outcome(status):
+    def outcome(status) -> None:
         if audit is not None:
             verdict = "ok" if status == 101 else f"refused {status}"
             audit(session.user.uri, "console.attach", target, verdict)

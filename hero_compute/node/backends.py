@@ -16,7 +16,7 @@ def make_vm_manager(
     state_dir,
     image_dirs=None,
     capacity=None,
-    accel="auto",
+    accel: str = "auto",
     network=None,
     console=None,
 ):

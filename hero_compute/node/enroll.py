@@ -81,12 +81,12 @@ class TLSFiles:
         """:return: the :class:`~hero_compute.rpc.tls.TLSMaterial` of these files"""
         return TLSMaterial(self.cert, self.key, self.ca)
 
-    def store_ca(self, ca):
+    def store_ca(self, ca) -> None:
         """Write the CA certificate (atomically, 0644)."""
         _makedirs(self.ca)
         pki.write_file(self.ca, pki.dump_certificate(ca), 0o644)
 
-    def store(self, cert, key):
+    def store(self, cert, key) -> None:
         """
         Write a certificate and its key, each atomically and 0600.  The key goes first:
         a crash between the two leaves a pair that fails to load loudly rather than an
@@ -98,7 +98,7 @@ class TLSFiles:
         pki.write_file(self.cert, pki.dump_certificate(cert), 0o600)
 
 
-def _makedirs(path):
+def _makedirs(path) -> None:
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
 
 

@@ -59,7 +59,7 @@ CONNECT_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
 
 
-def _literal(host):
+def _literal(host) -> bool:
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -149,7 +149,7 @@ class CheckedEndpoints:
     :param allow_local: see :func:`check_target`
     """
 
-    def __init__(self, reactor, allow_local):
+    def __init__(self, reactor, allow_local) -> None:
         self._reactor = reactor
         self._allow_local = allow_local
         self._tls = BrowserLikePolicyForHTTPS()
@@ -167,7 +167,7 @@ class CheckedEndpoints:
 
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
-    def __init__(self, reactor, host, port, tls, allow_local):
+    def __init__(self, reactor, host, port, tls, allow_local) -> None:
         self._reactor = reactor
         self._host = host
         self._port = port
@@ -227,14 +227,14 @@ class Download:
 
     def __init__(
         self, reactor, url, file, *, limit, allow_local, progress, idle=IDLE_TIMEOUT
-    ):
+    ) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
         self._progress = progress
         self._idle = idle
-        self._body = None
-        self._aborted = None
+        self._body: BodySink | None = None
+        self._aborted: FetchError | None = None
         pool = HTTPConnectionPool(reactor, persistent=False)
         agent = RedirectAgent(
             Agent.usingEndpointFactory(
@@ -248,7 +248,7 @@ class Download:
         d = self._request.addCallback(self._received)
         self.done = d.addErrback(self._failed)
 
-    def abort(self, reason):
+    def abort(self, reason) -> None:
         """Stop the download; :attr:`done` then fails with ``reason``."""
         self._aborted = FetchError(reason)
         if self._body is not None:

@@ -12,6 +12,7 @@ catches its own failures, so the loop lives until stopped.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import attrs
 from twisted.application import service
@@ -109,7 +110,9 @@ class HeartbeatLoop(service.Service):
     :param rand: source of uniform numbers in [0, 1), for jitter
     """
 
-    def __init__(self, clock, client, address, payload, interval, rand=random.random):
+    def __init__(
+        self, clock, client, address, payload, interval, rand=random.random
+    ) -> None:
         self.clock = clock
         self._client = client
         self.address = address
@@ -119,17 +122,17 @@ class HeartbeatLoop(service.Service):
         self._rand = rand
         self.state = ExplorerState(address.uri)
         self._call = None
-        self._tick = None
+        self._tick: defer.Deferred[Any] | None = None
         # The explorer's session and the params it last accepted, for delta heartbeats
         # (steady heartbeats then carry only what changed).
-        self._session = None
+        self._session: str | None = None
         self._accepted = None
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         self._schedule(0)
 
-    def stopService(self):
+    def stopService(self) -> None:
         service.Service.stopService(self)
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -137,7 +140,7 @@ class HeartbeatLoop(service.Service):
         if self._tick is not None:
             self._tick.cancel()
 
-    def _schedule(self, delay):
+    def _schedule(self, delay) -> None:
         if self.running:
             self._call = self.clock.callLater(delay, self.beat)
 
@@ -187,7 +190,7 @@ class HeartbeatLoop(service.Service):
         self._accepted = params
         return result
 
-    def _succeeded(self, result):
+    def _succeeded(self, result) -> None:
         if self.state.state != "ok":
             log.info("explorer {address}: heartbeats accepted", address=self.address.uri)
             expected = result.get("next_heartbeat") if isinstance(result, dict) else None
@@ -210,7 +213,7 @@ class HeartbeatLoop(service.Service):
             failures=0,
         )
 
-    def _failed(self, failure, started):
+    def _failed(self, failure, started) -> None:
         # Whatever happened, the next heartbeat is a full one.
         self._session = self._accepted = None
         if failure.check(defer.CancelledError):
@@ -239,7 +242,7 @@ class HeartbeatLoop(service.Service):
             self.state, state="failing", last_error=reason, failures=self.state.failures + 1
         )
 
-    def _done(self, started):
+    def _done(self, started) -> None:
         self._tick = None
         if self.state.state == "ok":
             delay = max(0.0, self.interval - (self.clock.seconds() - started))

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+from typing import Any
 
 import attrs
 from twisted.application import service
@@ -144,11 +145,11 @@ class Images(service.Service):
         image_dirs,
         *,
         max_bytes=DEFAULT_IMAGE_MAX,
-        allow_local=False,
-        qemu_img="qemu-img",
+        allow_local: bool = False,
+        qemu_img: str = "qemu-img",
         max_imports=MAX_IMPORTS,
-        idle=60.0,
-    ):
+        idle: float = 60.0,
+    ) -> None:
         self._reactor = reactor
         self._policy = ImagePolicy(image_dirs)
         self.directory = self._policy.image_dirs[0]
@@ -158,14 +159,14 @@ class Images(service.Service):
         self._max_imports = max_imports
         self._idle = idle
         #: Imports in progress, by name.
-        self.importing = {}
+        self.importing: dict[str, _Import] = {}
         #: Failed imports, by name: ``{"path", "error"}``.
-        self.failed = {}
+        self.failed: dict[str, dict[str, str]] = {}
         #: ``resolved path -> ((mtime, size, inode), (format, virtual size))``
-        self._info = {}
+        self._info: dict[str, tuple[Any, Any]] = {}
         self._info_limit = defer.DeferredSemaphore(INFO_CONCURRENCY)
 
-    def register(self, rpc):
+    def register(self, rpc) -> None:
         """Publish ``node.images`` and ``image.import`` on a dispatcher."""
         rpc.register("node.images", self.list)
         rpc.register(
@@ -173,7 +174,7 @@ class Images(service.Service):
             lambda url, name, sha256: defer.ensureDeferred(self.start(url, name, sha256)),
         )
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         try:
             names = os.listdir(self.directory)
@@ -353,7 +354,7 @@ class Images(service.Service):
         return file
 
     @staticmethod
-    def _progress(entry, done, total):
+    def _progress(entry, done, total) -> None:
         entry.bytes_done = done
         entry.bytes_total = total
 

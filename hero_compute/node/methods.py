@@ -15,11 +15,11 @@ class NodeMethods:
     :param node: the :class:`NodeService`
     """
 
-    def __init__(self, node):
+    def __init__(self, node) -> None:
         self._node = node
         self._vms = node.vms
 
-    def register(self, rpc):
+    def register(self, rpc) -> None:
         """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
         rpc.register("node.info", self.info)
         rpc.register("vm.create", self.create)

@@ -42,7 +42,7 @@ class NodeCollector:
     :param clock: the ``IReactorTime`` heartbeats are stamped with
     """
 
-    def __init__(self, node, clock):
+    def __init__(self, node, clock) -> None:
         self._node = node
         self._clock = clock
 

@@ -100,7 +100,7 @@ class NodeIdentity:
         return self.node_id
 
 
-def authorize(context, method, params):
+def authorize(context, method, params) -> None:
     """
     The node's column of the roles table (CONTRACT §6), for the dispatcher: Unix callers,
     ``client/*`` and ``explorer/*`` certificates may call everything, ``node/*`` nothing,
@@ -111,7 +111,7 @@ def authorize(context, method, params):
     NODE_POLICY.check(context.transport, context.identity, method, params)
 
 
-def _authorize_route(context, route, params):
+def _authorize_route(context, route, params) -> None:
     NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
@@ -132,7 +132,7 @@ class NodeService(service.MultiService):
 
     def __init__(
         self, identity, vms, client, rpc, listeners, advertiser, heartbeats, tls=None
-    ):
+    ) -> None:
         service.MultiService.__init__(self)
         self.identity = identity
         self.vms = vms
@@ -155,7 +155,7 @@ class NodeService(service.MultiService):
         """The node's human name."""
         return self.identity.name
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         self.identity.load()
         if self.tls is not None:
             # Before the listeners bind, so that a TLS listener that cannot bind (or
@@ -163,7 +163,7 @@ class NodeService(service.MultiService):
             self.tls.prepare()
         service.MultiService.privilegedStartService(self)
 
-    def startService(self):
+    def startService(self) -> None:
         self.identity.load()
         log.info("node {node_id} ({name}) starting", node_id=self.node_id, name=self.name)
         service.MultiService.startService(self)
@@ -205,7 +205,7 @@ def make_node(
     state_dir,
     interval,
     node_id=None,
-    name="",
+    name: str = "",
     labels=None,
     advertise=None,
     tls=None,

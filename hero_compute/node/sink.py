@@ -30,16 +30,16 @@ class TempFile:
     :param path: where to create it (must not exist)
     """
 
-    def __init__(self, path):
+    def __init__(self, path) -> None:
         self.path = path
         self.digest = hashlib.sha256()
         self._fd: int | None = None
 
-    def open(self):
+    def open(self) -> None:
         """Create it, 0644 (base images hold nothing secret), failing if it exists."""
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
-    def write(self, data):
+    def write(self, data) -> None:
         """Hash and write ``data`` whole."""
         fd = self._fd
         assert fd is not None, "write before open"
@@ -48,7 +48,7 @@ class TempFile:
         while view:
             view = view[os.write(fd, view) :]
 
-    def finish(self):
+    def finish(self) -> None:
         """Flush it to disk and close it."""
         fd = self._fd
         assert fd is not None, "finish before open"
@@ -56,7 +56,7 @@ class TempFile:
         os.close(fd)
         self._fd = None
 
-    def discard(self):
+    def discard(self) -> None:
         """Close and remove it; nothing is left behind."""
         if self._fd is not None:
             os.close(self._fd)
@@ -85,7 +85,7 @@ class BodySink(protocol.Protocol):
     # ITransport does not say.
     transport: Any
 
-    def __init__(self, reactor, file, limit, total, progress, idle):
+    def __init__(self, reactor, file, limit, total, progress, idle) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
@@ -98,25 +98,25 @@ class BodySink(protocol.Protocol):
         self._queued = 0
         self._writing = False
         self._paused = False
-        self._ended = None
-        self._error = None
+        self._ended: bool | None = None
+        self._error: FetchError | None = None
         # Set from connectionMade on; Any: IDelayedCall | None, read where it is set.
         self._timer: Any = None
 
-    def abort(self, error):
+    def abort(self, error) -> None:
         """Fail with ``error`` and drop the connection (once it is handed over)."""
         if self.transport is None:
             self._error = error
         else:
             self._fail(error)
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         if self._error is not None:
             self.transport.stopProducing()
             return
         self._timer = self._reactor.callLater(self._idle, self._stalled)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data) -> None:
         if self._error is not None:
             return
         self._timer.reset(self._idle)
@@ -137,7 +137,7 @@ class BodySink(protocol.Protocol):
             self.transport.pauseProducing()
         self._write_next()
 
-    def _write_next(self):
+    def _write_next(self) -> None:
         if self._writing or not self._queue or self._error is not None:
             return
         chunk = b"".join(self._queue)
@@ -149,7 +149,7 @@ class BodySink(protocol.Protocol):
         )
         d.addCallbacks(self._written, self._write_failed)
 
-    def _written(self, _):
+    def _written(self, _) -> None:
         self._writing = False
         if self._timer is not None:
             # A slow disk is no idle server: the clock runs only while we can read.
@@ -160,7 +160,7 @@ class BodySink(protocol.Protocol):
         self._write_next()
         self._maybe_done()
 
-    def _write_failed(self, failure):
+    def _write_failed(self, failure) -> None:
         self._writing = False
         error = failure.value
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -169,11 +169,11 @@ class BodySink(protocol.Protocol):
             reason = f"cannot write the image: {failure.getErrorMessage()}"
         self._fail(FetchError(reason))
 
-    def _stalled(self):
+    def _stalled(self) -> None:
         self._timer = None
         self._fail(FetchError(f"no data for {self._idle:g} s after {self.received} bytes"))
 
-    def _fail(self, error):
+    def _fail(self, error) -> None:
         if self._error is None:
             self._error = error
             self._queue.clear()
@@ -181,7 +181,7 @@ class BodySink(protocol.Protocol):
                 self.transport.stopProducing()
         self._maybe_done()
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -196,7 +196,7 @@ class BodySink(protocol.Protocol):
                 )
         self._maybe_done()
 
-    def _maybe_done(self):
+    def _maybe_done(self) -> None:
         if self.done.called or self._writing or self._ended is None:
             return
         if self._error is not None:

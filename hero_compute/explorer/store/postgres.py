@@ -48,7 +48,7 @@ WRITE_LOCK = 0x6865726F01
 CONNECT_TIMEOUT = 3
 
 
-def redact(dsn):
+def redact(dsn) -> str:
     """
     :param dsn: a libpq connection string or ``postgresql://`` URI
     :return: ``postgresql://user@host:port/dbname``, safe to log: never a password
@@ -74,7 +74,7 @@ class PostgresStore(PostgresTrust):
     kind = "postgresql"
     shared = True
 
-    def __init__(self, dsn, conn):
+    def __init__(self, dsn, conn) -> None:
         self._dsn = dsn
         self.location = redact(dsn)
         self._conn = conn
@@ -89,10 +89,10 @@ class PostgresStore(PostgresTrust):
         # Serial -> when it was signed, for the ids ever revoked (the only ones whose
         # heartbeats ask): complete for them, so a miss means "not signed here".
         self._issued_at = {}
-        self._watcher = None
+        self._watcher: Watcher | None = None
 
     @classmethod
-    def open(cls, dsn, watch=True):
+    def open(cls, dsn, watch: bool = True):
         """
         Connect, migrate the schema under a lock, load the mirror and start watching.
 
@@ -166,7 +166,7 @@ class PostgresStore(PostgresTrust):
         }
         return seq
 
-    def refresh(self, conn, node_ids):
+    def refresh(self, conn, node_ids) -> None:
         """Re-read some ids into the mirror (the watcher, for others' changes)."""
         ids = list(node_ids)
         rows = conn.execute(SELECT_IDENTITY + " WHERE node_id = ANY(%s)", (ids,)).fetchall()
@@ -198,7 +198,7 @@ class PostgresStore(PostgresTrust):
             return "up" if self._conn is not None else "down"
         return self._watcher.state
 
-    def close(self):
+    def close(self) -> None:
         """Stop watching and close the connection; calling it again does nothing."""
         if self._watcher is not None:
             self._watcher.stop()
@@ -211,7 +211,7 @@ class PostgresStore(PostgresTrust):
     # -- the one door to the server ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _use(self, write=False):
+    def _use(self, write: bool = False):
         """
         The connection, in a transaction; serialised with the other writers when
         ``write``.  A lost server becomes :class:`StoreUnavailable` (-32007).
@@ -241,7 +241,7 @@ class PostgresStore(PostgresTrust):
                     self._watcher.lost(e)
                 raise StoreUnavailable() from None
 
-    def _changed(self, conn, node_id):
+    def _changed(self, conn, node_id) -> None:
         """Tell the other explorers (inside the writing transaction) and ourselves."""
         conn.execute(
             "INSERT INTO changes (node_id, at) VALUES (%s, extract(epoch FROM now()))",
@@ -249,7 +249,7 @@ class PostgresStore(PostgresTrust):
         )
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, node_id))
 
-    def _mine(self, conn, node_id):
+    def _mine(self, conn, node_id) -> None:
         # Our own write, seen at once (the others see it within the watcher's poll).
         with self._mirror:
             self.refresh(conn, [node_id])
@@ -264,11 +264,11 @@ class PostgresStore(PostgresTrust):
             ).fetchall()
         return node_records(rows)
 
-    def save_node(self, record):
+    def save_node(self, record) -> None:
         """Store one node record."""
         self.save_nodes([record])
 
-    def save_nodes(self, records):
+    def save_nodes(self, records) -> None:
         """Store many node records in one transaction."""
         rows = node_rows(records)
         updates = ", ".join(f"{f} = excluded.{f}" for f in NODE_FIELDS[1:])
@@ -280,7 +280,7 @@ class PostgresStore(PostgresTrust):
                 rows,
             )
 
-    def touch_nodes(self, last_seen):
+    def touch_nodes(self, last_seen) -> None:
         """Move stored ``last_seen`` times forward."""
         if not last_seen:
             return
@@ -298,7 +298,7 @@ class PostgresStore(PostgresTrust):
 
     # -- audit -------------------------------------------------------------------------
 
-    def add_audit(self, entries):
+    def add_audit(self, entries) -> None:
         """Append audit entries in one transaction."""
         with self._use() as conn, conn.cursor() as cur:
             cur.executemany(
@@ -307,7 +307,7 @@ class PostgresStore(PostgresTrust):
                 [[e[f] for f in AUDIT_FIELDS] for e in entries],
             )
 
-    def audit(self, since=None, limit=100, node_id=None):
+    def audit(self, since=None, limit: int = 100, node_id=None):
         """:return: audit entries, newest first (as :meth:`Store.audit`)"""
         with self._use() as conn:
             rows = conn.execute(
@@ -330,7 +330,7 @@ class PostgresStore(PostgresTrust):
                 )
             ]
 
-    def insert_rows(self, table, columns, rows):
+    def insert_rows(self, table, columns, rows) -> None:
         """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
         with self._use(write=True) as conn, conn.cursor() as cur:
             cur.executemany(

@@ -66,7 +66,7 @@ class PostgresTrust:
             self._mine(conn, node_id)
             return ok
 
-    def mark_enrolled(self, node_id, cert_serial, now):
+    def mark_enrolled(self, node_id, cert_serial, now) -> None:
         """Bind an id to a newly enrolled certificate (as :meth:`Store.mark_enrolled`)."""
         new = serial_text(cert_serial)
         with self._use(write=True) as conn:
@@ -84,7 +84,7 @@ class PostgresTrust:
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
-    def renew_serial(self, node_id, old_serial, new_serial, now):
+    def renew_serial(self, node_id, old_serial, new_serial, now) -> bool:
         """Compare-and-swap an id's certificate (as :meth:`Store.renew_serial`)."""
         old, new = serial_text(old_serial), serial_text(new_serial)
         with self._use(write=True) as conn:
@@ -105,7 +105,7 @@ class PostgresTrust:
             self._mine(conn, node_id)
             return True
 
-    def _issued(self, conn, serial, node_id, now):
+    def _issued(self, conn, serial, node_id, now) -> None:
         conn.execute(
             "INSERT INTO issued_serials VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
             (serial, node_id, now),
@@ -130,7 +130,7 @@ class PostgresTrust:
                 for table in ("nodes", "revoked_serials", "issued_serials")
             )
 
-    def forget_identity(self, node_id):
+    def forget_identity(self, node_id) -> None:
         """Forget an id's binding; a revocation stays (as :meth:`Store.forget_identity`)."""
         with self._use(write=True) as conn:
             conn.execute(
@@ -142,7 +142,7 @@ class PostgresTrust:
 
     # -- tokens ------------------------------------------------------------------------
 
-    def add_token(self, token_hash, node_id, expires_at):
+    def add_token(self, token_hash, node_id, expires_at) -> None:
         """Keep a join token by its hash."""
         check_sha256(token_hash, "token_hash")
         with self._use() as conn:
@@ -179,7 +179,7 @@ class PostgresTrust:
 
     # -- revocation --------------------------------------------------------------------
 
-    def revoke(self, node_id, now):
+    def revoke(self, node_id, now) -> None:
         """Revoke an id (as :meth:`Store.revoke`)."""
         with self._use(write=True) as conn:
             row = self._row(conn, node_id)
@@ -209,14 +209,14 @@ class PostgresTrust:
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
-    def revoke_serial(self, serial, node_id, now):
+    def revoke_serial(self, serial, node_id, now) -> None:
         """Refuse one certificate from now on."""
         with self._use(write=True) as conn:
             self._revoke_serials(conn, node_id, (serial_text(serial),), now)
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
-    def _revoke_serials(self, conn, node_id, serials, now, keep=None):
+    def _revoke_serials(self, conn, node_id, serials, now, keep=None) -> None:
         revoked = [s for s in serials if s is not None and s != keep]
         with conn.cursor() as cur:
             cur.executemany(
@@ -224,7 +224,7 @@ class PostgresTrust:
                 [(s, node_id, now) for s in revoked],
             )
 
-    def is_revoked_serial(self, serial):
+    def is_revoked_serial(self, serial) -> bool:
         """:return: whether the serial is revoked: from memory"""
         return serial in self._revoked_serials
 

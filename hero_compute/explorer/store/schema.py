@@ -151,7 +151,7 @@ def serial_text(serial):
     return format(serial, "x")
 
 
-def create_private(path):
+def create_private(path) -> None:
     """Create the state file 0600 and its directory 0700 when they are missing."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):

@@ -77,7 +77,7 @@ class Store(SqliteTrust):
     _issued_at: dict = attrs.field(factory=dict, init=False, repr=False)
 
     @classmethod
-    def open(cls, path, timeout=5.0):
+    def open(cls, path, timeout: float = 5.0):
         """
         Open (creating when missing) the state file and bring its schema up to date.
 
@@ -136,7 +136,7 @@ class Store(SqliteTrust):
             self._db.execute("SELECT node_id, revoked_at FROM revoked_ids")
         )
 
-    def _migrate(self, version):
+    def _migrate(self, version) -> None:
         while version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
                 self._db.execute(statement)
@@ -177,11 +177,11 @@ class Store(SqliteTrust):
         """The file, as the log names it."""
         return self.path
 
-    def state(self):
+    def state(self) -> str:
         """:return: ``up``: a local file does not go away"""
         return "up"
 
-    def close(self):
+    def close(self) -> None:
         """Close the database; calling it again does nothing."""
         self._db.close()
 
@@ -197,7 +197,7 @@ class Store(SqliteTrust):
             self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes ORDER BY node_id")
         )
 
-    def save_node(self, record):
+    def save_node(self, record) -> None:
         """
         Store a node's record, replacing any earlier one.  Call it when
         :func:`needs_save` says so, not per heartbeat.
@@ -207,7 +207,7 @@ class Store(SqliteTrust):
         """
         self.save_nodes([record])
 
-    def save_nodes(self, records):
+    def save_nodes(self, records) -> None:
         """
         Store many records in one transaction: a fleet registering at once costs a
         commit per batch, not one per node (a tenth of the CPU, measured).
@@ -222,7 +222,7 @@ class Store(SqliteTrust):
                 rows,
             )
 
-    def touch_nodes(self, last_seen):
+    def touch_nodes(self, last_seen) -> None:
         """
         Record newer ``last_seen`` times in one transaction (e.g. every few minutes and
         at shutdown), so ``NODE_FORGET_AFTER`` counts from the truth after a restart.
@@ -245,7 +245,7 @@ class Store(SqliteTrust):
 
     # -- audit -------------------------------------------------------------------------
 
-    def add_audit(self, entries):
+    def add_audit(self, entries) -> None:
         """
         Append audit entries in one transaction.
 
@@ -257,7 +257,7 @@ class Store(SqliteTrust):
                 [[e[f] for f in AUDIT_FIELDS] for e in entries],
             )
 
-    def audit(self, since=None, limit=100, node_id=None):
+    def audit(self, since=None, limit: int = 100, node_id=None):
         """
         :param since: only entries at or after this Unix time
         :param node_id: only entries whose target is this node (or one of its VMs)
@@ -283,7 +283,7 @@ class Store(SqliteTrust):
             )
         ]
 
-    def insert_rows(self, table, columns, rows):
+    def insert_rows(self, table, columns, rows) -> None:
         """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
         with self._transaction():
             self._db.executemany(

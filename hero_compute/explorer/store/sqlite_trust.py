@@ -85,7 +85,7 @@ class SqliteTrust:
                 return True
             return bound == secret_sha256
 
-    def mark_enrolled(self, node_id, cert_serial, now):
+    def mark_enrolled(self, node_id, cert_serial, now) -> None:
         """
         Bind an id to a newly enrolled certificate.  Any earlier certificates of the id
         (current and previous) are revoked: a node enrolls again when its key is lost or
@@ -109,7 +109,7 @@ class SqliteTrust:
             )
             self._issued(new, node_id, now)
 
-    def renew_serial(self, node_id, old_serial, new_serial, now):
+    def renew_serial(self, node_id, old_serial, new_serial, now) -> bool:
         """
         Replace an id's current certificate by a renewed one, if ``old_serial`` is still
         current (compare-and-swap: of two renewals from one certificate only the first
@@ -137,7 +137,7 @@ class SqliteTrust:
             self._issued(new, node_id, now)
             return True
 
-    def _issued(self, serial, node_id, now):
+    def _issued(self, serial, node_id, now) -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO issued_serials VALUES (?, ?, ?)", (serial, node_id, now)
         )
@@ -175,7 +175,7 @@ class SqliteTrust:
             for table in ("nodes", "revoked_serials", "issued_serials")
         )
 
-    def forget_identity(self, node_id):
+    def forget_identity(self, node_id) -> None:
         """
         Forget an id's secret binding and enrollment, as when a node is removed.
         Removing never undoes a revocation: a revoked id stays revoked, and revoked
@@ -190,7 +190,7 @@ class SqliteTrust:
 
     # -- tokens ------------------------------------------------------------------------
 
-    def add_token(self, token_hash, node_id, expires_at):
+    def add_token(self, token_hash, node_id, expires_at) -> None:
         """
         Store a join token by its hash.
 
@@ -244,13 +244,13 @@ class SqliteTrust:
             raise TokenRefused()
         return row[0]
 
-    def _purge_tokens(self, now):
+    def _purge_tokens(self, now) -> None:
         # Used tokens are kept until they expire, so the record shows they were used.
         self._db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
 
     # -- revocation --------------------------------------------------------------------
 
-    def revoke(self, node_id, now):
+    def revoke(self, node_id, now) -> None:
         """
         Revoke a node id: its current and previous certificates and its bound secret are
         refused from now on, and the id stays revoked until it enrolls again.
@@ -283,12 +283,12 @@ class SqliteTrust:
             )
         self._revoked_ids[node_id] = max(now, self._revoked_ids.get(node_id, now))
 
-    def revoke_serial(self, serial, node_id, now):
+    def revoke_serial(self, serial, node_id, now) -> None:
         """Refuse one certificate from now on, e.g. one signed but never handed out."""
         with self._transaction():
             self._revoke_serials(node_id, (serial_text(serial),), now)
 
-    def _revoke_serials(self, node_id, serials, now, keep=None):
+    def _revoke_serials(self, node_id, serials, now, keep=None) -> None:
         revoked = [s for s in serials if s is not None and s != keep]
         self._db.executemany(
             "INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
@@ -296,7 +296,7 @@ class SqliteTrust:
         )
         self._revoked_serials.update(int(s, 16) for s in revoked)
 
-    def is_revoked_serial(self, serial):
+    def is_revoked_serial(self, serial) -> bool:
         """:return: whether the certificate with this serial has been revoked"""
         return serial in self._revoked_serials
 

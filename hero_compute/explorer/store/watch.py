@@ -46,7 +46,7 @@ class Watcher:
     :ivar state: ``up`` or ``down``
     """
 
-    def __init__(self, dsn, store, connect):
+    def __init__(self, dsn, store, connect) -> None:
         self._dsn = dsn
         self._store = store
         self._connect = connect
@@ -62,16 +62,16 @@ class Watcher:
         self._seq = None
         self._lost = False
 
-    def start(self):
+    def start(self) -> None:
         """Start following."""
         self._thread.start()
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop, and wait (briefly) for the thread."""
         self._stopping.set()
         self._thread.join(timeout=5)
 
-    def lost(self, error):
+    def lost(self, error) -> None:
         """The store's own connection failed: mark the server down until we reconnect."""
         if self.state == "up":
             log.warn(
@@ -82,7 +82,7 @@ class Watcher:
         self.state = "down"
         self._lost = True
 
-    def _run(self):
+    def _run(self) -> None:
         conn, attempt, swept = None, 0, 0.0
         while not self._stopping.is_set():
             try:
@@ -113,7 +113,7 @@ class Watcher:
         if conn is not None:
             conn.close()
 
-    def _catch_up(self, conn):
+    def _catch_up(self, conn) -> None:
         rows = conn.execute(
             "SELECT seq, node_id FROM changes WHERE seq > %s ORDER BY seq", (self._seq,)
         ).fetchall()

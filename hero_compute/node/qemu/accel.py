@@ -40,6 +40,7 @@ The probe's code (GNU as, linked at 0xF0000; the reset vector at 0xFFFF0 jumps t
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
@@ -70,16 +71,16 @@ def probe_firmware():
 
 
 class _Probe(protocol.ProcessProtocol):
-    def __init__(self):
+    def __init__(self) -> None:
         self.output = b""
         self.ended: defer.Deferred = defer.Deferred()
 
-    def outReceived(self, data):
+    def outReceived(self, data) -> None:
         self.output = (self.output + data)[-4096:]
 
     errReceived = outReceived
 
-    def processExited(self, reason):
+    def processExited(self, reason) -> None:
         # Not processEnded: that also waits for every holder of the pipes to close.
         self.ended.callback(reason.value)
 
@@ -123,7 +124,7 @@ async def kvm_works(reactor, qemu, timeout=PROBE_TIMEOUT):
     return False, f"QEMU under KVM exited with {code}: {last[-1] if last else 'no output'}"
 
 
-def _kill(transport):
+def _kill(transport) -> None:
     try:
         transport.signalProcess("TERM")
     except error.ProcessExitedAlready:
@@ -156,13 +157,13 @@ class AccelChoice:
     :param mode: ``NODE_ACCEL``: ``auto``, ``kvm`` or ``tcg``
     """
 
-    def __init__(self, mode="auto"):
+    def __init__(self, mode: str = "auto") -> None:
         self.mode = mode
         self.accel = None
         self._started = False
-        self._waiting = []
+        self._waiting: list[defer.Deferred[Any]] = []
 
-    def start(self, reactor, qemu):
+    def start(self, reactor, qemu) -> None:
         """
         Decide, unless decided already.
 
@@ -175,7 +176,7 @@ class AccelChoice:
             d.addErrback(self._probe_failed)
             d.addCallback(self._decided)
 
-    def _probe_failed(self, failure):
+    def _probe_failed(self, failure) -> str:
         # Starts wait for a decision: never leave them waiting.
         log.warn(
             "VMs run under tcg (the KVM probe itself failed: {error})",
@@ -183,7 +184,7 @@ class AccelChoice:
         )
         return "tcg"
 
-    def _decided(self, accel):
+    def _decided(self, accel) -> None:
         self.accel = accel
         waiting, self._waiting = self._waiting, []
         for d in waiting:

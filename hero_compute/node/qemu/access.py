@@ -116,7 +116,7 @@ class AccessPolicy:
             message = e.faultString.replace("image ", f"boot.{what} ", 1)
             raise type(e)(message, data={"field": f"boot.{what}"}) from None
 
-    def check_stored(self, record):
+    def check_stored(self, record) -> None:
         """
         Check, before QEMU opens them, that a VM's boot files are still allowed.
 
@@ -127,7 +127,7 @@ class AccessPolicy:
             self.images.check_stored(record.boot.initrd)
 
 
-def save_secrets(directory, secrets):
+def save_secrets(directory, secrets) -> None:
     """
     Keep a VM's keys and user data in its directory (0600), if it has any.
 
@@ -185,7 +185,7 @@ async def prepare(reactor, policy, record, directory):
         await net.create_tap(reactor, record.vm_id, record.network.bridge)
 
 
-async def release(reactor, record):
+async def release(reactor, record) -> None:
     """
     Remove what :func:`prepare` made outside the VM's directory (its tap), once its
     QEMU is gone.  Safe to call when there is nothing to remove.

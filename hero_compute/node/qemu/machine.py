@@ -87,7 +87,7 @@ class Machine:
             # them, and they hold nothing secret.
             raise InvalidVmState(f"VM {self.vm_id} failed to start: {e}") from None
 
-    async def _launch(self, qemu, accel, timeout):
+    async def _launch(self, qemu, accel, timeout) -> None:
         stale = self.pid()
         if stale is not None:
             # The VM errored while its QEMU lived on without QMP: that process is out
@@ -141,7 +141,7 @@ class Machine:
                 )
             await task.deferLater(reactor, 0.1, lambda: None)
 
-    async def recover(self, timeout):
+    async def recover(self, timeout) -> str:
         """
         Take this VM back after the node restarted: reconnect to its QEMU if that runs.
 
@@ -194,7 +194,7 @@ class Machine:
         self.qmp.disconnect()
         return d
 
-    async def abandon(self):
+    async def abandon(self) -> None:
         """Make sure nothing of a failed start keeps running."""
         self.expect_exit = True
         if self.console is not None:
@@ -208,7 +208,7 @@ class Machine:
             await process.wait_gone(self._reactor, pid, 5)
         process.remove_runtime(self.directory)
 
-    async def shut_down(self, force, grace):
+    async def shut_down(self, force, grace) -> None:
         """
         End QEMU: ACPI power-down and ``grace`` seconds for the guest (unless
         ``force``), then ``quit``, then SIGKILL.
@@ -239,7 +239,7 @@ class Machine:
             await process.wait_gone(self._reactor, pid, 5)
         process.remove_runtime(self.directory)
 
-    async def quit(self):
+    async def quit(self) -> None:
         """Ask QEMU to quit at once, if we speak to it; no error if it does not answer."""
         if self.qmp is not None:
             await self._quietly(self.qmp.execute("quit"), 5)
@@ -252,7 +252,7 @@ class Machine:
         except Exception:
             return None
 
-    def _event(self, name, data, timestamp):
+    def _event(self, name, data, timestamp) -> None:
         if name == "SHUTDOWN":
             self.guest_shutdown = True
             self.log.info(
@@ -268,7 +268,7 @@ class Machine:
                 data=data,
             )
 
-    def _lost(self, reason, qmp):
+    def _lost(self, reason, qmp) -> None:
         if self.qmp is qmp:
             self.qmp = None
         self._on_lost(self, reason)

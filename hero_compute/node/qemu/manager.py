@@ -131,7 +131,7 @@ class QemuVmManager(service.Service):
 
     # -- service --------------------------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
         """
         Load every VM definition and start recovering VMs that were running; see
         :meth:`when_recovered`.
@@ -168,7 +168,7 @@ class QemuVmManager(service.Service):
         """
         return recovery.observe(self._recovery)
 
-    def kill_all(self):
+    def kill_all(self) -> None:
         """
         Kill every QEMU process of this manager at once (SIGKILL), without waiting; for
         test cleanup and decommissioning.  Records are left as they are.
@@ -218,7 +218,7 @@ class QemuVmManager(service.Service):
             return defer.fail()
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm, was)))
 
-    def stop(self, vm_id, force=False):
+    def stop(self, vm_id, force: bool = False):
         """
         Stop a VM: ACPI power-down, then ``quit`` after ``stop_grace`` seconds if the
         guest has not shut down by itself; ``force`` quits at once.
@@ -366,7 +366,7 @@ class QemuVmManager(service.Service):
 
     # -- watching -------------------------------------------------------------------
 
-    def _qmp_lost(self, vm, reason):
+    def _qmp_lost(self, vm, reason) -> None:
         if self._closing or vm.expect_exit or vm.record.state not in ("running",):
             return
         # QEMU is gone or out of our hands: its tap goes (a restart makes a new one).
@@ -403,7 +403,7 @@ class QemuVmManager(service.Service):
         await vm.quit()
         return await vm.lock.run(lambda: defer.succeed(vm.record))
 
-    async def _delete(self, vm: Machine):
+    async def _delete(self, vm: Machine) -> bool:
         if self._vms.get(vm.vm_id) is not vm:
             raise VmNotFound(f"no VM {vm.vm_id!r}")
         if vm.record.state != "stopped":

@@ -140,7 +140,7 @@ class NetworkPolicy:
         raise InvalidVmState(f"ports: no free {protocol} port left in {low}-{high}")
 
 
-def port_free(address, protocol, port):
+def port_free(address, protocol, port) -> bool:
     """
     :return: whether ``address:port`` can be bound now for ``protocol``
     """
@@ -214,7 +214,7 @@ async def create_tap(reactor, vm_id, bridge):
     )
 
 
-async def remove_tap(reactor, vm_id):
+async def remove_tap(reactor, vm_id) -> bool:
     """
     Remove VM ``vm_id``'s tap device if it exists.
 

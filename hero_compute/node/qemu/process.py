@@ -93,7 +93,7 @@ def control_args(directory):
     ]
 
 
-def _qmp_option(directory):
+def _qmp_option(directory) -> str:
     return f"unix:{opt(os.path.join(directory, QMP_SOCKET))},server=on,wait=off"
 
 
@@ -144,7 +144,7 @@ def find_pid(directory):
     return pid
 
 
-def process_alive(pid):
+def process_alive(pid) -> bool:
     """
     :param pid: a process id
     :return: whether any of its threads still runs
@@ -168,7 +168,7 @@ def process_alive(pid):
     return False
 
 
-def kill(pid):
+def kill(pid) -> None:
     """
     SIGKILL a process that may already be gone.
 
@@ -180,7 +180,7 @@ def kill(pid):
         pass
 
 
-async def wait_gone(reactor, pid, timeout):
+async def wait_gone(reactor, pid, timeout) -> bool:
     """
     :param reactor: provides ``IReactorTime``
     :param pid: a process id
@@ -195,7 +195,7 @@ async def wait_gone(reactor, pid, timeout):
     return True
 
 
-def remove_runtime(directory):
+def remove_runtime(directory) -> None:
     """
     Remove a VM's pid file and QMP socket, which only a running QEMU needs.
 

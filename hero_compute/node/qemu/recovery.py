@@ -31,7 +31,7 @@ def recover_all(reactor, machines, set_state):
     return d.addCallback(lambda _: None)
 
 
-async def _recover(vm, set_state):
+async def _recover(vm, set_state) -> None:
     if vm.pid() is not None:
         # Ours, alive: whatever state we crashed in, it runs now, and losing QMP from
         # here on is an error as for any running VM.

@@ -62,7 +62,7 @@ _MERGE = "dict(recurse_array,no_replace)+list(append)"
 class SeedError(ValueError):
     """A value that may not go into a seed; ``param`` names the bad parameter."""
 
-    def __init__(self, param, message):
+    def __init__(self, param, message) -> None:
         super().__init__(message)
         self.param = param
 
@@ -187,7 +187,7 @@ def _text_part(text, kind, filename):
     return part
 
 
-def write_seed(path, vm_id, hostname, ssh_keys, user_data):
+def write_seed(path, vm_id, hostname, ssh_keys, user_data) -> None:
     """
     Write a VM's seed volume, replacing any earlier one atomically.
 

@@ -34,7 +34,7 @@ DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 
 
-def private_directory(path):
+def private_directory(path) -> None:
     """
     Make ``path`` (or take the existing one) and restrict it to its owner.
 
@@ -110,7 +110,7 @@ class VmStore:
         os.chmod(path, DIRECTORY_MODE)
         return path
 
-    def save(self, record):
+    def save(self, record) -> None:
         """
         Write a VM's definition atomically: a crash leaves the old or the new one.
 
@@ -169,7 +169,7 @@ class VmStore:
             records.append(record)
         return records
 
-    def remove(self, vm_id):
+    def remove(self, vm_id) -> None:
         """Delete a VM's definition, then everything else in its directory."""
         try:
             os.unlink(os.path.join(self.directory(vm_id), DEFINITION))
@@ -177,12 +177,12 @@ class VmStore:
             pass
         self.discard(vm_id)
 
-    def discard(self, vm_id):
+    def discard(self, vm_id) -> None:
         """Remove a VM directory that holds no definition (a create that failed)."""
         shutil.rmtree(self.directory(vm_id), ignore_errors=True)
 
 
-def _restrict(directory):
+def _restrict(directory) -> None:
     """Give a VM directory and its disk the modes a new VM gets."""
     os.chmod(directory, DIRECTORY_MODE)
     try:
