@@ -3,13 +3,24 @@
 fleet, newest first (``explorer.audit``, CONTRACT §10).
 """
 
+from __future__ import annotations
+
+import argparse
 import time
+from typing import TYPE_CHECKING, Any
 
 from .output import table
 from .units import ago
 
+if TYPE_CHECKING:
+    from rich.table import Table
 
-def add_commands(sub, common) -> None:
+    from .connect import Explorer
+    from .output import Output
+    from .parser import Subparsers
+
+
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """
     Add ``audit``.
 
@@ -33,7 +44,7 @@ def add_commands(sub, common) -> None:
     audit.set_defaults(run=show_audit)
 
 
-def audit_table(page):
+def audit_table(page: dict[str, Any]) -> Table:
     """:return: ``explorer.audit``'s entries as a table"""
     now = time.time()
     return table(
@@ -52,7 +63,7 @@ def audit_table(page):
     )
 
 
-async def show_audit(explorer, args, output) -> int:
+async def show_audit(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``audit``."""
     params = {"limit": args.limit}
     if args.node is not None:

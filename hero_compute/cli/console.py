@@ -7,11 +7,14 @@ guest, Ctrl-C included) and ``Ctrl-]`` detaches; the VM keeps running.  Input th
 not a terminal (a pipe) is sent as it comes, and its end detaches too.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 import termios
 import tty
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from twisted.internet import defer
@@ -21,6 +24,12 @@ from zope.interface import implementer
 from . import exits
 from .connect import HTTPRefusal
 from .vms import resolve
+
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
+    from .parser import Subparsers
+
 
 #: The byte of Ctrl-], which detaches (as in telnet and virsh).
 DETACH = b"\x1d"
@@ -35,7 +44,7 @@ _REFUSED = {
 }
 
 
-def add_commands(cmds, common) -> None:
+def add_commands(cmds: Subparsers, common: argparse.ArgumentParser) -> None:
     """
     Add ``console`` and ``log`` to the ``vm`` group.
 
@@ -59,7 +68,7 @@ def add_commands(cmds, common) -> None:
     log.set_defaults(run=console_log)
 
 
-async def console_log(explorer, args, output) -> int:
+async def console_log(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm log NODE VM [--bytes N]``."""
     vm = await resolve(explorer, args.node_id, args.vm)
     params = {"vm_id": vm["vm_id"]}
@@ -133,7 +142,7 @@ def _write_out(data) -> None:
     out.flush()
 
 
-async def console_vm(explorer, args, output) -> int:
+async def console_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm console NODE VM``."""
     vm = await resolve(explorer, args.node_id, args.vm)
     session = _Session(_write_out)

@@ -6,13 +6,23 @@ it goes on until interrupted, and when the explorer closes a slow reader (1008) 
 resumes after the last event it printed.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, task
 
 from . import exits
 from .connect import HTTPRefusal
+
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
+    from .parser import Subparsers
+
 
 #: Seconds without a frame after which a replay (no ``--follow``) is taken as done.
 QUIET = 0.5
@@ -21,7 +31,7 @@ QUIET = 0.5
 TOO_SLOW = 1008
 
 
-def add_commands(sub, common) -> None:
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """
     Add ``events``.
 
@@ -86,7 +96,7 @@ class _Printer:
             self.done.callback(code)
 
 
-async def show_events(explorer, args, output):
+async def show_events(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``events``."""
     since = args.since
     while True:

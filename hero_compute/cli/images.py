@@ -6,8 +6,11 @@ polls ``node.images`` until the image is ready or failed, with a progress bar on
 terminal; a failed import exits non-zero with the node's reason.
 """
 
+from __future__ import annotations
+
 import argparse
 import re
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -25,6 +28,14 @@ from . import exits
 from .output import fields, table
 from .units import format_mb
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .connect import Explorer
+    from .output import Output
+    from .parser import Subparsers
+
+
 #: Seconds between ``node.images`` polls during a pull.
 POLL = 0.5
 
@@ -38,7 +49,7 @@ def _sha256(text):
     return text.lower()
 
 
-def add_commands(sub, common) -> None:
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """
     Add the ``image`` group to the subcommands.
 
@@ -71,11 +82,11 @@ def add_commands(sub, common) -> None:
     pull.set_defaults(run=pull_image)
 
 
-def _bytes(n):
+def _bytes(n: object) -> str:
     return format_mb(n / 2**20) if isinstance(n, int) else "-"
 
 
-def images_table(images):
+def images_table(images: list[dict[str, Any]]) -> Table:
     """:return: a table of ImageInfo"""
     rows = []
     for i in images:
@@ -84,7 +95,7 @@ def images_table(images):
             total = i.get("bytes_total")
             done = _bytes(i.get("bytes_done"))
             state = f"importing {done}" + (f"/{_bytes(total)}" if total else "")
-        colour = {"ready": "green", "failed": "red"}.get(i.get("state"), "yellow")
+        colour = {"ready": "green", "failed": "red"}.get(str(i.get("state")), "yellow")
         rows.append(
             (
                 i.get("name"),
@@ -99,7 +110,7 @@ def images_table(images):
     return table(("NAME", "STATE", "FORMAT", "SIZE", "VIRTUAL", "PATH", "ERROR"), rows)
 
 
-def image_fields(image):
+def image_fields(image: dict[str, Any]) -> Table:
     """:return: one ImageInfo as a key/value table"""
     return fields(
         [
@@ -113,13 +124,13 @@ def image_fields(image):
     )
 
 
-async def list_images(explorer, args, output) -> int:
+async def list_images(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``image list NODE``."""
     output.emit(await explorer.node_call(args.node_id, "node.images"), images_table)
     return 0
 
 
-async def pull_image(explorer, args, output) -> int:
+async def pull_image(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``image pull NODE URL --sha256 HEX --name NAME``."""
     params = {"url": args.url, "name": args.name, "sha256": args.sha256}
     await explorer.node_call(args.node_id, "image.import", params)

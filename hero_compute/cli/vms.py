@@ -7,8 +7,12 @@ works, and with ``--wait`` return only once the VM has reached its target state 
 ``vm.get``), whatever the node's own call returned.
 """
 
+from __future__ import annotations
+
 import argparse
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from twisted.internet import defer, task
@@ -19,6 +23,14 @@ from .nodes import fetch_nodes, label
 from .output import fields, styled_state, table
 from .units import disk_gb, format_mb, memory_mb
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .connect import Explorer
+    from .output import Output
+    from .parser import Subparsers
+
+
 #: Seconds between ``vm.get`` polls while waiting.
 POLL = 1.0
 
@@ -26,7 +38,7 @@ POLL = 1.0
 FLEET_CONCURRENCY = 32
 
 
-def _size(parse):
+def _size(parse: Callable[[str], int]) -> Callable[[str], int]:
     def coerce(text):
         try:
             return parse(text)
@@ -36,7 +48,7 @@ def _size(parse):
     return coerce
 
 
-def add_commands(sub, common):
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> Subparsers:
     """
     Add the ``vm`` group to the subcommands.
 
@@ -129,7 +141,7 @@ TARGETS = {
 }
 
 
-def vm_fields(vm):
+def vm_fields(vm: dict[str, Any]) -> Table:
     """:return: one VM as a key/value table"""
     placed = [("node", vm["node_id"])] if "node_id" in vm else []
     return fields(
@@ -153,11 +165,15 @@ def vm_fields(vm):
     )
 
 
-def vms_table(vms):
+#: The NODE column's cells of a table of one node's VMs: none.
+_NO_COLUMN: tuple[Any, ...] = ()
+
+
+def vms_table(vms: list[dict[str, Any]]) -> Table:
     """:return: a table of VMs (with a NODE column when they carry ``node_id``)"""
     fleet = any("node_id" in vm for vm in vms)
     rows = [
-        ((vm.get("node_id"),) if fleet else ())
+        ((vm.get("node_id"),) if fleet else _NO_COLUMN)
         + (
             vm.get("name"),
             vm.get("vm_id"),
@@ -174,7 +190,7 @@ def vms_table(vms):
     )
 
 
-async def list_vms(explorer, args, output):
+async def list_vms(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm list [NODE]``: one node's VMs, or every online node's."""
     if args.node_id:
         output.emit(await explorer.node_call(args.node_id, "vm.list"), vms_table)
@@ -203,7 +219,7 @@ async def list_vms(explorer, args, output):
     return code
 
 
-async def resolve(explorer, node_id, vm):
+async def resolve(explorer: Explorer, node_id: str, vm: str) -> dict[str, Any]:
     """
     :return: the VmInfo of the VM whose id, name or id prefix is ``vm`` on the node
     :raise exits.Failure: no such VM, or several
@@ -211,13 +227,13 @@ async def resolve(explorer, node_id, vm):
     return await names.vm_info(explorer, node_id, vm)
 
 
-async def show_vm(explorer, args, output) -> int:
+async def show_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm show NODE VM``."""
     output.emit(await resolve(explorer, args.node_id, args.vm), vm_fields)
     return 0
 
 
-async def create_vm(explorer, args, output):
+async def create_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm create NODE --name N --memory 512M --disk 10G ...``."""
     params = {
         "name": args.name,
@@ -252,7 +268,7 @@ async def create_vm(explorer, args, output):
     return 0
 
 
-async def transition(explorer, args, output) -> int:
+async def transition(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm start|stop|delete NODE VM [--force] [--wait]``."""
     method, target, verb = TARGETS[args.action]
     vm = await resolve(explorer, args.node_id, args.vm)
