@@ -3,6 +3,8 @@ A node as the explorer knows it: one :class:`Heartbeat` as accepted, and the
 :class:`NodeRecord` the :class:`~.registry.Registry` keeps from them.
 """
 
+from typing import Any
+
 import attrs
 
 
@@ -70,7 +72,7 @@ class NodeRecord:
     left: bool = False
     remote: bool = False
 
-    def status(self, now, offline_after) -> str:
+    def status(self, now: float, offline_after: float) -> str:
         """
         :return: ``"online"`` or ``"offline"`` at time ``now``
         """
@@ -78,7 +80,7 @@ class NodeRecord:
             return "offline"
         return "online"
 
-    def to_wire(self, now, offline_after):
+    def to_wire(self, now: float, offline_after: float) -> dict[str, Any]:
         """:return: the NodeInfo dict at time ``now``"""
         return {
             "node_id": self.node_id,

@@ -2,11 +2,15 @@
 The explorer's RPC methods (the service tree that serves them is :mod:`.tree`'s).
 """
 
+from __future__ import annotations
+
 import collections
 import functools
 import secrets
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.logger import Logger
 
@@ -25,7 +29,23 @@ from .registry import HEARTBEATS_PER_OFFLINE
 from .store import DURABLE_FIELDS
 from .ui_accounts import UiAccounts
 
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
+
+    from hero_compute.rpc.context import CallContext
+    from hero_compute.rpc.dispatch import Dispatcher
+    from hero_compute.rpc.listeners import Listeners
+
+    from .proxy import Proxy
+    from .records import NodeRecord
+    from .registry import Registry
+    from .trust import ExplorerTrust
+
+
 log = Logger()
+
+T = TypeVar("T")
 
 #: ``explorer.list_nodes`` answers at most this many nodes (CONTRACT §7); past it, one
 #: call would build tens of megabytes while everyone else waits.
@@ -48,7 +68,7 @@ class _StaleSession(InvalidParams):
 
     reason = "stale_session"
 
-    def __init__(self, node_id) -> None:
+    def __init__(self, node_id: str) -> None:
         InvalidParams.__init__(
             self,
             f"explorer.heartbeat: this explorer holds no record of {node_id} for that "
@@ -75,7 +95,15 @@ class ExplorerMethods:
     :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
     """
 
-    def __init__(self, registry, proxy, clock, trust, listeners=None, limits=None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        proxy: Proxy,
+        clock: IReactorTime,
+        trust: ExplorerTrust,
+        listeners: Listeners | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self._registry = registry
         self._proxy = proxy
         self._clock = clock
@@ -100,7 +128,7 @@ class ExplorerMethods:
         #: The dashboard's users: login tokens and sessions (CONTRACT §11).
         self.accounts = UiAccounts(clock)
 
-    def register(self, rpc) -> None:
+    def register(self, rpc: Dispatcher) -> None:
         """
         Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
         """
@@ -145,18 +173,18 @@ class ExplorerMethods:
 
     def heartbeat(
         self,
-        context,
-        node_id,
-        socket_path,
-        name=None,
-        version=None,
-        capacity=None,
-        usage=None,
-        vm_count=None,
-        labels=None,
-        secret=None,
-        session=None,
-    ):
+        context: CallContext,
+        node_id: str,
+        socket_path: str,
+        name: str | None = None,
+        version: str | None = None,
+        capacity: dict[str, int] | None = None,
+        usage: dict[str, int] | None = None,
+        vm_count: int | None = None,
+        labels: dict[str, str] | None = None,
+        secret: str | None = None,
+        session: str | None = None,
+    ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """
         Record a node's heartbeat.
 
@@ -265,13 +293,19 @@ class ExplorerMethods:
         )
         raise Refused(reason, message)
 
-    def leave(self, context, node_id, secret=None):
+    def leave(
+        self, context: CallContext, node_id: str, secret: str | None = None
+    ) -> bool | Deferred[bool]:
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
         checked = self._trust.check_node(node_id, secret, context)
-        return _then(checked, lambda: self._registry.leave(node_id) or True)
+        return _then(checked, lambda: self._left(node_id))
 
-    def list_nodes(self, status=None):
+    def _left(self, node_id: str) -> bool:
+        self._registry.leave(node_id)
+        return True
+
+    def list_nodes(self, status: str | None = None) -> list[dict[str, Any]]:
         """All nodes, or those of one status: for small fleets (see :meth:`query_nodes`)."""
         now = self._clock.seconds()
         after = self._registry.offline_after
@@ -285,7 +319,13 @@ class ExplorerMethods:
             )
         return [r.to_wire(now, after) for r in records]
 
-    def query_nodes(self, status=None, labels=None, limit=QUERY_LIMIT, cursor=None):
+    def query_nodes(
+        self,
+        status: str | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = QUERY_LIMIT,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
         """
         A page of the fleet in node id order.
 
@@ -297,7 +337,7 @@ class ExplorerMethods:
         after = self._registry.offline_after
         wanted = tuple((labels or {}).items())
 
-        def keep(record):
+        def keep(record: NodeRecord) -> bool:
             if status is not None and record.status(now, after) != status:
                 return False
             return all(record.labels.get(k) == v for k, v in wanted)
@@ -311,45 +351,45 @@ class ExplorerMethods:
             "next_cursor": next_cursor,
         }
 
-    def get_node(self, node_id):
+    def get_node(self, node_id: str) -> dict[str, Any]:
         """One node."""
         return self._registry.get(node_id).to_wire(
             self._clock.seconds(), self._registry.offline_after
         )
 
-    def node_history(self, node_id):
+    def node_history(self, node_id: str) -> dict[str, Any]:
         """A node's last heartbeat times (Unix seconds, oldest first)."""
         self._registry.get(node_id)
         return {"node_id": node_id, "heartbeats": self._registry.history.times(node_id)}
 
-    def remove_node(self, node_id):
+    def remove_node(self, node_id: str) -> bool | Deferred[bool]:
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
         self._registry.get(node_id)
         # A shared store first: when it is down the node stays (-32007).
         return _then(self._trust.forget_node(node_id), lambda: self._removed(node_id))
 
-    def _removed(self, node_id) -> bool:
+    def _removed(self, node_id: str) -> bool:
         if self._registry.find(node_id) is not None:
             self._registry.remove(node_id)
         return True
 
-    def enroll(self, token, csr):
+    def enroll(self, token: str, csr: str) -> Any:
         """A certificate for a node, by join token; an id in the registry needs a
         token made for it."""
         return self._trust.enroll(
             token, csr, lambda node_id: self._registry.find(node_id) is not None
         )
 
-    def revoke(self, node_id):
+    def revoke(self, node_id: str) -> bool | Deferred[bool]:
         """Refuse a node's certificates and secret from now on; it goes offline."""
         return _then(self._trust.revoke(node_id), lambda: self._revoked(node_id))
 
-    def _revoked(self, node_id) -> bool:
+    def _revoked(self, node_id: str) -> bool:
         if self._registry.find(node_id) is not None:
             self._registry.leave(node_id)
         return True
 
-    def summary(self):
+    def summary(self) -> dict[str, Any]:
         """
         The fleet's totals (CONTRACT §11), from the sums the registry keeps as
         heartbeats arrive: capacity, usage, VMs and labels are the online nodes' (what
@@ -360,7 +400,7 @@ class ExplorerMethods:
         """
         return self._registry.summary.answer(self._clock.seconds())
 
-    def info(self):
+    def info(self) -> dict[str, Any]:
         """About this explorer."""
         offline = len(self._registry.offline(self._clock.seconds()))
         counts = {"online": len(self._registry) - offline, "offline": offline}
@@ -372,11 +412,11 @@ class ExplorerMethods:
             "store": self.store_state(),
         }
 
-    def store_state(self):
+    def store_state(self) -> dict[str, str]:
         """:return: the state store's ``{"kind", "state"}`` (for metrics too)"""
         return self._trust.store_state
 
 
-def _then(pending, after):
+def _then(pending: Deferred[Any] | None, after: Callable[[], T]) -> T | Deferred[T]:
     """``after()``, once ``pending`` (None, or a shared store's Deferred) is done."""
     return after() if pending is None else pending.addCallback(lambda _: after())

@@ -9,8 +9,15 @@ of their last heartbeat (a heartbeat moves its node to the end), so those gone q
 at the front, and are taken out before each answer, each once.
 """
 
+from __future__ import annotations
+
 import collections
-from typing import Any
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .records import NodeRecord
+
 
 #: The resources summed, in the order of a node's contribution.
 RESOURCES = ("vcpus", "memory_mb", "disk_gb")
@@ -19,11 +26,13 @@ RESOURCES = ("vcpus", "memory_mb", "disk_gb")
 COUNTED = frozenset({"capacity", "usage", "vm_count", "labels"})
 
 
-def _number(value):
+def _number(value: object) -> int | float:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
-def contribution(record):
+def contribution(
+    record: NodeRecord,
+) -> tuple[tuple[int | float, ...], tuple[int | float, ...], int | float, dict[str, str]]:
     """
     What one online node adds to the sums.
 
@@ -48,7 +57,7 @@ class FleetSummary:
     :param offline_after: seconds without a heartbeat after which a node is offline
     """
 
-    def __init__(self, offline_after) -> None:
+    def __init__(self, offline_after: float) -> None:
         self._offline_after = offline_after
         # node id -> (last heartbeat, contribution), oldest heartbeat first.
         self._online: collections.OrderedDict[str, tuple[float, Any]] = (
@@ -76,7 +85,9 @@ class FleetSummary:
                 if not values:
                     del self._labels[key]
 
-    def seen(self, record, changed, now, new: bool = False) -> None:
+    def seen(
+        self, record: NodeRecord, changed: Collection[str], now: float, new: bool = False
+    ) -> None:
         """
         A heartbeat was accepted (the record already holds it).
 
@@ -102,14 +113,14 @@ class FleetSummary:
             self._online.move_to_end(node_id)
         self._online[node_id] = (now, part)
 
-    def left(self, node_id) -> None:
+    def left(self, node_id: str) -> None:
         """A node said goodbye, or was revoked: offline at once."""
         held = self._online.pop(node_id, None)
         if held is not None:
             self._add(held[1], -1)
             self._offline += 1
 
-    def removed(self, node_id) -> None:
+    def removed(self, node_id: str) -> None:
         """A node was forgotten."""
         held = self._online.pop(node_id, None)
         if held is None:
@@ -121,7 +132,7 @@ class FleetSummary:
         """``count`` nodes were loaded from the store at start-up: offline until heard."""
         self._offline += count
 
-    def expire(self, now) -> None:
+    def expire(self, now: float) -> None:
         """Take out the nodes whose last heartbeat is older than ``offline_after``."""
         cutoff = now - self._offline_after
         online = self._online
@@ -133,7 +144,7 @@ class FleetSummary:
             self._add(part, -1)
             self._offline += 1
 
-    def answer(self, now):
+    def answer(self, now: float) -> dict[str, Any]:
         """
         :param now: the current time
         :return: ``{"nodes": {"online", "offline"}, "vms", "capacity", "usage",
