@@ -57,7 +57,7 @@ NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 INVALID_TOKEN = "invalid or expired token"
 
 
-def new_token() -> str:
+def new_token():
     """:return: a fresh random join token, ``<6 chars>.<32 chars>``"""
 
     def part(n):
@@ -156,7 +156,7 @@ class Enrollment:
             )
         return self.sign
 
-    def enroll(self, token, csr_pem, csr_node_id, registered: bool = False):
+    def enroll(self, token, csr_pem, csr_node_id, registered=False):
         """
         Enroll a node: check the token and the id, use the token up, sign the CSR.
 
@@ -249,7 +249,7 @@ class Enrollment:
         )
         return cert_pem
 
-    def revoke(self, node_id) -> None:
+    def revoke(self, node_id):
         """
         Refuse a node id's certificates and secret from now on, until it enrolls again
         with a token created for it.  An id never seen can be revoked too: it then

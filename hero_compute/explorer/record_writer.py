@@ -40,7 +40,7 @@ class NodeRecordWriter:
     _flusher: Any
     run_on_store: Callable[..., Any]
 
-    def save_node(self, record) -> None:
+    def save_node(self, record):
         """
         Keep a node's record (first sight, or a durable field changed): written with
         the others of the same second in one transaction (:meth:`flush`).  A crash loses
@@ -51,7 +51,7 @@ class NodeRecordWriter:
         if self._flusher is None:
             self._flusher = self._clock.callLater(FLUSH_EVERY, self.flush)
 
-    def flush(self) -> None:
+    def flush(self):
         """
         Write up to :data:`FLUSH_CHUNK` of the records kept since the last flush, and
         the rest a reactor turn later; never raises.  To a shared store the write runs
@@ -69,7 +69,7 @@ class NodeRecordWriter:
         d = self.run_on_store(self._write, records)
         d.addCallback(self._written, records)
 
-    def _written(self, ok, records) -> None:
+    def _written(self, ok, records):
         if not ok:
             for record in records:
                 # A newer record taken since wins over the one that failed.
@@ -82,7 +82,7 @@ class NodeRecordWriter:
         # Not recursing: the store serialises the dicts in a record itself.
         return [attrs.asdict(self._dirty.pop(i), recurse=False) for i in ids]
 
-    def _write(self, records) -> bool:
+    def _write(self, records):
         try:
             self.store.save_nodes(records)
         except StoreUnavailable:
@@ -91,7 +91,7 @@ class NodeRecordWriter:
             log.failure("could not keep {count} node records", count=len(records))
         return True
 
-    def forget_record(self, node_id) -> None:
+    def forget_record(self, node_id):
         """Drop a forgotten node's stored record; its identity binding stays."""
         self._dirty.pop(node_id, None)
         if self.store is not None:

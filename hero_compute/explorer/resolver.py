@@ -9,6 +9,7 @@ failures too, for a while: a dead name costs one thread once per ``negative_ttl`
 """
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -39,12 +40,12 @@ class CachingResolver:
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         threads: int = 16,
         timeout: float = 5.0,
         ttl: float = 30.0,
         negative_ttl: float = 30.0,
-        lookup=_lookup,
+        lookup: Callable[[str, int], list[str]] = _lookup,
     ) -> None:
         self._reactor = reactor
         self._timeout = timeout
@@ -53,14 +54,12 @@ class CachingResolver:
         self._lookup = lookup
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="hero-resolver")
         self._started = False
-        self._cache: dict[
-            tuple[str, int], tuple[float, Any]
-        ] = {}  # (host, port) -> (expires, addresses or ResolveError)
-        self._pending: dict[
-            tuple[str, int], list[defer.Deferred[Any]]
-        ] = {}  # (host, port) -> [waiting Deferreds]
+        # (host, port) -> (expires, addresses or ResolveError)
+        self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
+        # (host, port) -> [waiting Deferreds]
+        self._pending: dict[tuple[str, int], list[defer.Deferred[Any]]] = {}
 
-    def resolve(self, host, port):
+    def resolve(self, host: str, port: int) -> defer.Deferred[list[str]]:
         """:return: a Deferred of the addresses of ``host``, failing with ResolveError"""
         key = (host, port)
         now = self._reactor.seconds()

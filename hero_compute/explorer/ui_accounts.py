@@ -105,9 +105,8 @@ class UiAccounts:
         self._clock = clock
         self._limit = limit
         self._tokens: dict[str, _Token] = {}  # sha256 hex -> _Token
-        self._sessions: collections.OrderedDict[str, Session] = (
-            collections.OrderedDict()
-        )  # session id -> Session
+        # session id -> Session, oldest first
+        self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self._cert_key = secrets.token_bytes(32)
         #: Answers the dashboard's URL (``http(s)://host:port``) once it listens, or
         #: None, for the login URLs.
