@@ -7,6 +7,9 @@ file, the default) and PostgreSQL (:mod:`.postgres`, shared by several explorers
 ``postgresql://`` URI is PostgreSQL.  Only this package speaks SQL.
 """
 
+import os
+from typing import Any
+
 from .interface import IStore
 from .schema import (
     AUDIT_FIELDS,
@@ -36,7 +39,7 @@ __all__ = [
 ]
 
 
-def is_postgres(location):
+def is_postgres(location: object) -> bool:
     """
     :param location: ``EXPLORER_DATABASE``: a path or a ``postgresql://`` URI
     :return: whether it names a PostgreSQL database
@@ -44,7 +47,7 @@ def is_postgres(location):
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location, **kwargs):
+def open_store(location: str | os.PathLike[str], **kwargs: Any) -> IStore:
     """
     Open the store ``location`` names, creating or migrating its schema.
 
@@ -56,5 +59,5 @@ def open_store(location, **kwargs):
     if is_postgres(location):
         from .postgres import PostgresStore
 
-        return PostgresStore.open(location, **kwargs)
+        return PostgresStore.open(str(location), **kwargs)
     return Store.open(location, **kwargs)

@@ -86,3 +86,9 @@ class IStore(Interface):
 
     def knows(node_id):
         """:return: whether anything is held about the id (it may call the server)"""
+
+    def rows(table, columns):
+        """:return: every row of a table of ``COPY_TABLES``, as lists (``state copy``)"""
+
+    def insert_rows(table, columns, rows):
+        """Append rows to a table of ``COPY_TABLES`` in one transaction (``state copy``)."""

@@ -14,8 +14,12 @@ first: writes from all explorers are serialised, a token is redeemed once in the
 fleet, and ``changes`` rows commit in ``seq`` order (the poll never skips one).
 """
 
+from __future__ import annotations
+
 import contextlib
 import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -92,7 +96,7 @@ class PostgresStore(PostgresTrust):
         self._watcher: Watcher | None = None
 
     @classmethod
-    def open(cls, dsn, watch: bool = True):
+    def open(cls, dsn: str, watch: bool = True) -> PostgresStore:
         """
         Connect, migrate the schema under a lock, load the mirror and start watching.
 
@@ -166,7 +170,7 @@ class PostgresStore(PostgresTrust):
         }
         return seq
 
-    def refresh(self, conn, node_ids) -> None:
+    def refresh(self, conn: psycopg.Connection[Any], node_ids: Iterable[str]) -> None:
         """Re-read some ids into the mirror (the watcher, for others' changes)."""
         ids = list(node_ids)
         rows = conn.execute(SELECT_IDENTITY + " WHERE node_id = ANY(%s)", (ids,)).fetchall()
@@ -192,7 +196,7 @@ class PostgresStore(PostgresTrust):
         self._revoked_ids.update(revoked)
         self._issued_at.update((int(s, 16), at) for s, at in issued)
 
-    def state(self):
+    def state(self) -> str:
         """:return: ``up`` or ``down``, as the watcher last saw the server"""
         if self._watcher is None:
             return "up" if self._conn is not None else "down"
@@ -256,7 +260,7 @@ class PostgresStore(PostgresTrust):
 
     # -- nodes -------------------------------------------------------------------------
 
-    def load_nodes(self):
+    def load_nodes(self) -> list[dict[str, Any]]:
         """:return: every stored node record, as :meth:`Store.load_nodes`"""
         with self._use() as conn:
             rows = conn.execute(
@@ -264,11 +268,11 @@ class PostgresStore(PostgresTrust):
             ).fetchall()
         return node_records(rows)
 
-    def save_node(self, record) -> None:
+    def save_node(self, record: Mapping[str, Any]) -> None:
         """Store one node record."""
         self.save_nodes([record])
 
-    def save_nodes(self, records) -> None:
+    def save_nodes(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Store many node records in one transaction."""
         rows = node_rows(records)
         updates = ", ".join(f"{f} = excluded.{f}" for f in NODE_FIELDS[1:])
@@ -280,7 +284,7 @@ class PostgresStore(PostgresTrust):
                 rows,
             )
 
-    def touch_nodes(self, last_seen) -> None:
+    def touch_nodes(self, last_seen: Mapping[str, float]) -> None:
         """Move stored ``last_seen`` times forward."""
         if not last_seen:
             return
@@ -290,7 +294,7 @@ class PostgresStore(PostgresTrust):
                 [(seen, node_id, seen) for node_id, seen in last_seen.items()],
             )
 
-    def forget_node(self, node_id):
+    def forget_node(self, node_id: str) -> bool:
         """:return: whether there was a record to drop"""
         with self._use() as conn:
             cur = conn.execute("DELETE FROM nodes WHERE node_id = %s", (node_id,))
@@ -298,7 +302,7 @@ class PostgresStore(PostgresTrust):
 
     # -- audit -------------------------------------------------------------------------
 
-    def add_audit(self, entries) -> None:
+    def add_audit(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """Append audit entries in one transaction."""
         with self._use() as conn, conn.cursor() as cur:
             cur.executemany(
@@ -307,7 +311,9 @@ class PostgresStore(PostgresTrust):
                 [[e[f] for f in AUDIT_FIELDS] for e in entries],
             )
 
-    def audit(self, since=None, limit: int = 100, node_id=None):
+    def audit(
+        self, since: float | None = None, limit: int = 100, node_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """:return: audit entries, newest first (as :meth:`Store.audit`)"""
         with self._use() as conn:
             rows = conn.execute(
@@ -320,7 +326,7 @@ class PostgresStore(PostgresTrust):
 
     # -- state copy --------------------------------------------------------------------
 
-    def rows(self, table, columns):
+    def rows(self, table: str, columns: Sequence[str]) -> list[list[Any]]:
         """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
         with self._use() as conn:
             return [
@@ -330,7 +336,9 @@ class PostgresStore(PostgresTrust):
                 )
             ]
 
-    def insert_rows(self, table, columns, rows) -> None:
+    def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
         """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
         with self._use(write=True) as conn, conn.cursor() as cur:
             cur.executemany(

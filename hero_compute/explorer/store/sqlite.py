@@ -14,9 +14,13 @@ connections to the same file (a restart overlapping a dying explorer, or a test)
 never both redeem one token or interleave half-made changes.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from zope.interface import implementer
@@ -77,7 +81,7 @@ class Store(SqliteTrust):
     _issued_at: dict = attrs.field(factory=dict, init=False, repr=False)
 
     @classmethod
-    def open(cls, path, timeout: float = 5.0):
+    def open(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> Store:
         """
         Open (creating when missing) the state file and bring its schema up to date.
 
@@ -173,7 +177,7 @@ class Store(SqliteTrust):
             raise
 
     @property
-    def location(self):
+    def location(self) -> str:
         """The file, as the log names it."""
         return self.path
 
@@ -187,7 +191,7 @@ class Store(SqliteTrust):
 
     # -- nodes -------------------------------------------------------------------------
 
-    def load_nodes(self):
+    def load_nodes(self) -> list[dict[str, Any]]:
         """
         :return: every stored node record, a list of dicts with :data:`NODE_FIELDS`,
             ordered by node id; an undecodable row is logged and skipped, so one bad
@@ -197,7 +201,7 @@ class Store(SqliteTrust):
             self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes ORDER BY node_id")
         )
 
-    def save_node(self, record) -> None:
+    def save_node(self, record: Mapping[str, Any]) -> None:
         """
         Store a node's record, replacing any earlier one.  Call it when
         :func:`needs_save` says so, not per heartbeat.
@@ -207,7 +211,7 @@ class Store(SqliteTrust):
         """
         self.save_nodes([record])
 
-    def save_nodes(self, records) -> None:
+    def save_nodes(self, records: Iterable[Mapping[str, Any]]) -> None:
         """
         Store many records in one transaction: a fleet registering at once costs a
         commit per batch, not one per node (a tenth of the CPU, measured).
@@ -222,7 +226,7 @@ class Store(SqliteTrust):
                 rows,
             )
 
-    def touch_nodes(self, last_seen) -> None:
+    def touch_nodes(self, last_seen: Mapping[str, float]) -> None:
         """
         Record newer ``last_seen`` times in one transaction (e.g. every few minutes and
         at shutdown), so ``NODE_FORGET_AFTER`` counts from the truth after a restart.
@@ -236,7 +240,7 @@ class Store(SqliteTrust):
                 [(seen, node_id) for node_id, seen in last_seen.items()],
             )
 
-    def forget_node(self, node_id):
+    def forget_node(self, node_id: str) -> bool:
         """:return: whether there was a record to drop (the identity stays; see
         :meth:`forget_identity`)"""
         return (
@@ -245,7 +249,7 @@ class Store(SqliteTrust):
 
     # -- audit -------------------------------------------------------------------------
 
-    def add_audit(self, entries) -> None:
+    def add_audit(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """
         Append audit entries in one transaction.
 
@@ -257,7 +261,9 @@ class Store(SqliteTrust):
                 [[e[f] for f in AUDIT_FIELDS] for e in entries],
             )
 
-    def audit(self, since=None, limit: int = 100, node_id=None):
+    def audit(
+        self, since: float | None = None, limit: int = 100, node_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """
         :param since: only entries at or after this Unix time
         :param node_id: only entries whose target is this node (or one of its VMs)
@@ -274,7 +280,7 @@ class Store(SqliteTrust):
 
     # -- state copy --------------------------------------------------------------------
 
-    def rows(self, table, columns):
+    def rows(self, table: str, columns: Sequence[str]) -> list[list[Any]]:
         """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
         return [
             list(r)
@@ -283,7 +289,9 @@ class Store(SqliteTrust):
             )
         ]
 
-    def insert_rows(self, table, columns, rows) -> None:
+    def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
         """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
         with self._transaction():
             self._db.executemany(

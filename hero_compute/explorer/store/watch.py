@@ -10,13 +10,21 @@ reconnects with jittered exponential backoff and, once back, reads the whole mir
 again (it cannot know what it missed).
 """
 
+from __future__ import annotations
+
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from twisted.logger import Logger
 
 from hero_compute.rpc.backoff import retry_delay
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
+
 
 log = Logger()
 
@@ -46,7 +54,12 @@ class Watcher:
     :ivar state: ``up`` or ``down``
     """
 
-    def __init__(self, dsn, store, connect) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        store: PostgresStore,
+        connect: Callable[[str], psycopg.Connection[Any]],
+    ) -> None:
         self._dsn = dsn
         self._store = store
         self._connect = connect
@@ -71,7 +84,7 @@ class Watcher:
         self._stopping.set()
         self._thread.join(timeout=5)
 
-    def lost(self, error) -> None:
+    def lost(self, error: BaseException) -> None:
         """The store's own connection failed: mark the server down until we reconnect."""
         if self.state == "up":
             log.warn(
