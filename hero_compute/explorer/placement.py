@@ -18,10 +18,18 @@ that reads them are one record's invariants (free = capacity - usage - held), ke
 one class.
 """
 
+from __future__ import annotations
+
 import collections
+from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import numpy as np
+
+if TYPE_CHECKING:
+    from .records import NodeRecord
+
 
 #: The resources a request asks for, in the order of the columns.
 RESOURCES = ("vcpus", "memory_mb", "disk_gb")
@@ -41,7 +49,7 @@ class NoFit(Exception):
     :ivar counts: ``{reason: nodes}`` over :data:`REASONS`
     """
 
-    def __init__(self, counts) -> None:
+    def __init__(self, counts: dict[str, int]) -> None:
         Exception.__init__(self, "no node fits")
         self.counts = counts
 
@@ -63,7 +71,15 @@ class Request:
     strategy: str = "spread"
 
     @classmethod
-    def of(cls, vcpus, memory_mb, disk_gb, where=None, avoid=(), strategy=None):
+    def of(
+        cls,
+        vcpus: int,
+        memory_mb: int,
+        disk_gb: int,
+        where: dict[str, str] | None = None,
+        avoid: Iterable[str] | None = (),
+        strategy: str | None = None,
+    ) -> Request:
         """:return: the :class:`Request` for the wire's params"""
         return cls(
             (vcpus, memory_mb, disk_gb),
@@ -113,7 +129,7 @@ class PlacementIndex:
     :param hold: seconds a reservation lasts at most (two heartbeat intervals)
     """
 
-    def __init__(self, offline_after, hold) -> None:
+    def __init__(self, offline_after: float, hold: float) -> None:
         self.offline_after = offline_after
         self.hold = hold
         self._rows: dict[str, int] = {}
@@ -178,7 +194,9 @@ class PlacementIndex:
 
     # -- fed by the registry -------------------------------------------------------
 
-    def update(self, record, changed=None, gone: bool = False) -> None:
+    def update(
+        self, record: NodeRecord, changed: Collection[str] | None = None, gone: bool = False
+    ) -> None:
         """
         Take a node's record after a heartbeat (or from the store at start-up).
 
@@ -220,13 +238,13 @@ class PlacementIndex:
                 self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
 
-    def left(self, node_id) -> None:
+    def left(self, node_id: str) -> None:
         """A node said goodbye (or was revoked): offline until it heartbeats."""
         row = self._rows.get(node_id)
         if row is not None:
             self._seen[row] = -np.inf
 
-    def remove(self, node_id) -> None:
+    def remove(self, node_id: str) -> None:
         """Forget a node."""
         row = self._rows.pop(node_id, None)
         if row is None:
@@ -244,7 +262,7 @@ class PlacementIndex:
 
     # -- reservations --------------------------------------------------------------
 
-    def reserve(self, node_id, amounts, now):
+    def reserve(self, node_id: str, amounts: Sequence[int], now: float) -> Reservation:
         """
         Hold ``amounts`` on a node until :meth:`created` and a heartbeat reflecting the
         VM, :meth:`release`, or :attr:`hold` seconds.
@@ -262,11 +280,11 @@ class PlacementIndex:
         self._expiring.append(reservation)
         return reservation
 
-    def created(self, reservation) -> None:
+    def created(self, reservation: Reservation) -> None:
         """The VM exists: the next heartbeat showing another usage releases it."""
         reservation.created = True
 
-    def release(self, reservation) -> None:
+    def release(self, reservation: Reservation) -> None:
         """Give a reservation back (the create failed, or it is reflected)."""
         if reservation.released:
             return
@@ -295,7 +313,7 @@ class PlacementIndex:
         while expiring and (expiring[0].released or expiring[0].expires <= now):
             self.release(expiring.popleft())
 
-    def reserved(self, node_id):
+    def reserved(self, node_id: str) -> dict[str, int]:
         """:return: the ``{resource: amount}`` held on a node now"""
         row = self._rows.get(node_id)
         return {
@@ -305,7 +323,7 @@ class PlacementIndex:
 
     # -- placing -------------------------------------------------------------------
 
-    def place(self, request, now):
+    def place(self, request: Request, now: float) -> str:
         """
         The node for ``request`` at time ``now``.
 
@@ -360,7 +378,9 @@ class PlacementIndex:
         if len(tied) > 1:
             self._fresh_rank()
             tied = tied[[self._rank[tied].argmin()]]
-        return self._ids[int(tied[0])]
+        node_id = self._ids[int(tied[0])]
+        assert node_id is not None  # a spare row is offline: it never fits
+        return node_id
 
     def _matching(self, where):
         """:return: the rows carrying every label of ``where``, an array"""

@@ -17,6 +17,8 @@ from twisted.internet.interfaces import ISSLTransport, ITransport
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
 
+    from hero_compute.pki import SpiffeId
+
 
 @attrs.frozen
 class CallContext:
@@ -37,7 +39,7 @@ class CallContext:
 
     transport: str
     peer: str
-    identity: object = None
+    identity: SpiffeId | None = None
     serial: int | None = None
     host: str | None = None
     not_before: float | None = None
