@@ -12,9 +12,13 @@ Over TLS the handshake fails, before a byte is sent, unless the peer's certifica
 the node being called.
 """
 
+from __future__ import annotations
+
 import collections
 import functools
 import ipaddress
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -34,6 +38,15 @@ from hero_compute.rpc.tls import Expected
 
 from .resolver import ResolveError
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamClientEndpoint
+
+    from hero_compute.rpc.addresses import Address
+    from hero_compute.rpc.interfaces import IRpcClient
+
+    from .registry import Registry
+
+
 log = Logger()
 
 #: Only these method families may be proxied: ``explorer.call`` must not become a way to
@@ -52,7 +65,7 @@ def _is_ip(host) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def is_loopback(host):
+def is_loopback(host: str | None) -> bool:
     """
     :return: whether ``host`` (an IP address as text, or None) is a loopback address
 
@@ -86,12 +99,12 @@ class Proxy:
 
     def __init__(
         self,
-        client,
-        registry,
-        call_timeout,
-        resolve,
-        calls_per_node=DEFAULTS.calls_per_node,
-        calls_total=DEFAULTS.calls_total,
+        client: IRpcClient,
+        registry: Registry,
+        call_timeout: float,
+        resolve: Callable[[str, int], defer.Deferred[list[str]]],
+        calls_per_node: int = DEFAULTS.calls_per_node,
+        calls_total: int = DEFAULTS.calls_total,
     ) -> None:
         self._client = client
         self._registry = registry
@@ -106,7 +119,7 @@ class Proxy:
         #: Calls refused busy, for metrics.
         self.busy = 0
 
-    def call(self, node_id, method, params=None):
+    def call(self, node_id: str, method: str, params: Any = None) -> defer.Deferred[Any]:
         """
         Proxy a call to a node over its address.
 
@@ -153,7 +166,9 @@ class Proxy:
             )
         return d.addBoth(self._finished, node_id, record.socket_path)
 
-    def endpoint(self, node_id, reactor, connect_timeout):
+    def endpoint(
+        self, node_id: str, reactor: Any, connect_timeout: float
+    ) -> defer.Deferred[tuple[IStreamClientEndpoint, Address]]:
         """
         Where to open a connection of our own to a node (a console), with the checks of
         a call: online, the address policy, and over TLS the node's identity.

@@ -14,17 +14,27 @@ TLS dashboard is an operator (its CSRF token is derived from its name, since it 
 cookie session).
 """
 
+from __future__ import annotations
+
 import collections
 import hashlib
 import hmac
 import re
 import secrets
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
 
 from hero_compute.rpc.authz import UI_OPERATOR, UI_VIEWER
 from hero_compute.rpc.errors import InvalidParams
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.server import Request
+
+    from hero_compute.rpc.dispatch import Dispatcher
+
 
 log = Logger()
 
@@ -101,7 +111,7 @@ class UiAccounts:
     :param limit: sessions kept at once
     """
 
-    def __init__(self, clock, limit=MAX_SESSIONS) -> None:
+    def __init__(self, clock: IReactorTime, limit: int = MAX_SESSIONS) -> None:
         self._clock = clock
         self._limit = limit
         self._tokens: dict[str, _Token] = {}  # sha256 hex -> _Token
@@ -112,7 +122,7 @@ class UiAccounts:
         #: None, for the login URLs.
         self.url_of = lambda: None
 
-    def register(self, rpc) -> None:
+    def register(self, rpc: Dispatcher) -> None:
         """Publish ``explorer.ui_token_*`` on a dispatcher."""
         rpc.register("explorer.ui_token_create", self.create)
         rpc.register("explorer.ui_token_list", self.list)
@@ -120,7 +130,7 @@ class UiAccounts:
 
     # -- login tokens
 
-    def create(self, user, role, ttl=DEFAULT_TTL):
+    def create(self, user: str, role: str, ttl: float = DEFAULT_TTL) -> dict[str, Any]:
         """
         A single-use login token for ``user``.
 
@@ -163,7 +173,7 @@ class UiAccounts:
             "url": url,
         }
 
-    def list(self):
+    def list(self) -> dict[str, list[dict[str, Any]]]:
         """
         :return: ``{"tokens": [{user, role, expires_at}], "sessions": [{user, role,
             expires_at}]}``, never a token or a session id
@@ -185,7 +195,7 @@ class UiAccounts:
         key = lambda e: (e["user"], e["expires_at"] or 0)  # noqa: E731
         return {"tokens": sorted(tokens, key=key), "sessions": sorted(sessions, key=key)}
 
-    def revoke(self, user):
+    def revoke(self, user: str) -> dict[str, int]:
         """
         End ``user``'s unused tokens and live sessions.
 
@@ -207,7 +217,7 @@ class UiAccounts:
         )
         return {"tokens": len(tokens), "sessions": len(sessions)}
 
-    def redeem(self, token):
+    def redeem(self, token: str) -> tuple[str, Session] | None:
         """
         Spend a login token.
 
@@ -224,13 +234,15 @@ class UiAccounts:
             DashboardUser(ROLES[entry.role], entry.user), entry.expires_at
         )
 
-    def _drop_expired(self, now) -> None:
+    def _drop_expired(self, now: float) -> None:
         for h in [h for h, t in self._tokens.items() if t.expires_at <= now]:
             del self._tokens[h]
 
     # -- sessions
 
-    def new_session(self, user, expires_at=None):
+    def new_session(
+        self, user: DashboardUser, expires_at: float | None = None
+    ) -> tuple[str, Session]:
         """:return: ``(session id, Session)`` for a :class:`DashboardUser`"""
         sid = secrets.token_urlsafe(32)
         session = Session(user, secrets.token_urlsafe(32), expires_at)
@@ -239,7 +251,7 @@ class UiAccounts:
             self._sessions.popitem(last=False)
         return sid, session
 
-    def session(self, sid):
+    def session(self, sid: bytes | str | None) -> Session | None:
         """
         :param sid: a session cookie's value (bytes or str), or None
         :return: its live :class:`Session`, or None
@@ -256,7 +268,7 @@ class UiAccounts:
             return None
         return session
 
-    def certificate_session(self, name):
+    def certificate_session(self, name: str) -> Session:
         """
         The session of a ``client/<name>`` certificate: an operator, with a CSRF token
         derived from its name (it has no cookie to hang one on).
@@ -269,11 +281,11 @@ class UiAccounts:
         return len(self._sessions)
 
 
-def _role_name(role):
+def _role_name(role: str) -> str:
     return next(k for k, v in ROLES.items() if v == role)
 
 
-def csrf_ok(session, request):
+def csrf_ok(session: Session, request: Request) -> bool:
     """
     :param session: the request's :class:`Session`
     :param request: a ``twisted.web`` request
@@ -285,7 +297,7 @@ def csrf_ok(session, request):
     return hmac.compare_digest(sent.strip(), session.csrf.encode())
 
 
-def with_session(page, session):
+def with_session(page: bytes, session: Session) -> bytes:
     """
     The page with the session's CSRF token and role written into its ``<meta>`` tags.
 
