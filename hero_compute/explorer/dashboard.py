@@ -20,12 +20,15 @@ static files, RPC, console) and holds each path's checks in one place; the accou
 the console splice, the guard and the listener live in modules of their own.
 """
 
+from __future__ import annotations
+
 import hmac
 import html
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from importlib import resources
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application import strports
@@ -48,6 +51,14 @@ from .ui_assets import VENDORED
 
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
+    from twisted.application.internet import StreamServerEndpointService
+
+    from hero_compute.rpc.admission import Admission
+    from hero_compute.rpc.dispatch import Dispatcher
+    from hero_compute.rpc.limits import Limits
+    from hero_compute.rpc.tls import ServerTLS
+
+    from .service import ExplorerMethods
 
 log = Logger()
 
@@ -92,18 +103,18 @@ def _authorize(context, method, params) -> None:
     )
 
 
-def load_static():
+def load_static() -> dict[str, bytes]:
     """:return: ``{name: bytes}`` of the page's files, from the installed package"""
     folder = resources.files("hero_compute.explorer").joinpath("ui", "static")
     return {name: folder.joinpath(name).read_bytes() for name in STATIC}
 
 
-def _mb(value):
+def _mb(value: float) -> str:
     """Memory as the page's script writes it."""
     return f"{value / 1024:.1f} GiB" if value >= 1024 else f"{value} MiB"
 
 
-def render_index(page, summary):
+def render_index(page: bytes, summary: dict[str, Any]) -> bytes:
     """
     The page with the fleet's summary written in, so that it reads without JavaScript
     (the script then keeps it up to date); every value is escaped.
@@ -132,7 +143,7 @@ def _secure(request) -> None:
         request.setHeader(name, value)
 
 
-def _refuse(request, code, text):
+def _refuse(request: server.Request, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     return text.encode() + b"\n"
@@ -162,14 +173,14 @@ class DashboardRoot(resource.Resource):
 
     def __init__(
         self,
-        token,
-        dispatcher,
-        files,
-        summary=None,
-        tls=None,
-        hosts=None,
-        accounts=None,
-        console_socket=None,
+        token: str,
+        dispatcher: Dispatcher,
+        files: dict[str, bytes],
+        summary: Callable[[], dict[str, Any]] | None = None,
+        tls: Callable[[], ServerTLS | None] | None = None,
+        hosts: Iterable[str] | None = None,
+        accounts: UiAccounts | None = None,
+        console_socket: Callable[[], str] | None = None,
     ) -> None:
         resource.Resource.__init__(self)
         self._token = token.encode()
@@ -184,7 +195,7 @@ class DashboardRoot(resource.Resource):
         self._reactor = reactor
         self._console_socket = console_socket
         #: ``audit(caller, method, target, outcome)``, for console attaches, or None.
-        self.audit = None
+        self.audit: Callable[[str, str, str | None, str], None] | None = None
         if accounts is None:
             accounts = UiAccounts(reactor)
         self.sessions = accounts
@@ -194,12 +205,12 @@ class DashboardRoot(resource.Resource):
         session = request.dashboard_session
         return CallContext("tls", "dashboard", identity=session.user)
 
-    def render(self, request):
+    def render(self, request: server.Request) -> bytes | int:
         _secure(request)
         if not self._hosts.allows(request):
             # Not a name of ours: a rebound DNS name, most likely.  Nothing is done.
             return _refuse(request, 421, "this dashboard does not answer for that host")
-        path = request.postpath
+        path = request.postpath or []  # a list here: twisted.web sets it before render
         if path in ([], [b""]):
             return self._root(request)
         if len(path) == 2 and path[0] == b"static":
@@ -342,19 +353,19 @@ class _QuietSite(AdmittedSite):
 
 def make_dashboard(
     *,
-    listen,
-    methods,
-    limits,
-    token=None,
-    token_file=None,
-    reactor=None,
-    tls=None,
-    hosts=None,
-    admission=None,
-    console_socket=None,
-    register=None,
-    audit=None,
-):
+    listen: str,
+    methods: ExplorerMethods,
+    limits: Limits,
+    token: str | None = None,
+    token_file: str | None = None,
+    reactor: Any = None,
+    tls: Callable[[], ServerTLS | None] | None = None,
+    hosts: Iterable[str] | None = None,
+    admission: Admission | None = None,
+    console_socket: Callable[[], str] | None = None,
+    register: Callable[[Dispatcher], object] | None = None,
+    audit: Callable[[str, str, str | None, str], None] | None = None,
+) -> StreamServerEndpointService:
     """
     The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
     aborts start-up.
@@ -415,7 +426,7 @@ def make_dashboard(
     return svc
 
 
-def read_token_file(path):
+def read_token_file(path: str) -> str:
     """
     :param path: a file holding the dashboard's token on its first line
     :return: the token
