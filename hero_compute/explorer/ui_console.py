@@ -15,8 +15,11 @@ Backpressure: each side's transport produces for the other's (a reader that does
 read stops the other from being read).
 """
 
+from __future__ import annotations
+
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -28,6 +31,12 @@ from twisted.web.server import NOT_DONE_YET
 from hero_compute.rpc.authz import UI_OPERATOR
 
 from .dashboard_guard import same_origin
+
+if TYPE_CHECKING:
+    from twisted.web.server import Request
+
+    from .ui_accounts import Session
+
 
 log = Logger()
 
@@ -61,7 +70,7 @@ _REASONS = {
 }
 
 
-def status_only(status) -> bytes:
+def status_only(status: int) -> bytes:
     """:return: an HTTP/1.1 answer of ``status`` with no body, closing the connection"""
     reason = _REASONS.get(status, b"Error")
     return b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (
@@ -70,7 +79,7 @@ def status_only(status) -> bytes:
     )
 
 
-def upgrade_head(request, path):
+def upgrade_head(request: Request, path: bytes) -> bytes:
     """
     :param request: the browser's ``twisted.web`` request
     :param path: its path (bytes)
@@ -191,7 +200,7 @@ class _Explorer(protocol.Protocol):
             self._browser.transport.loseConnection()
 
 
-def take_over(request):
+def take_over(request: Request) -> _Browser:
     """
     Take the browser's connection from ``twisted.web``, as autobahn's WebSocket resource
     does: the channel lets go of the transport and a :class:`_Browser` gets its bytes.
@@ -200,7 +209,8 @@ def take_over(request):
     """
     channel = request.channel
     channel.setTimeout(None)
-    transport = channel.transport
+    # A TCP or TLS transport, a producer too: twisted.web's channel types it as less.
+    transport: Any = channel.transport
     transport.unregisterProducer()
     browser = _Browser(channel)
     if isinstance(transport, ProtocolWrapper):
@@ -213,7 +223,13 @@ def take_over(request):
     return browser
 
 
-def splice(request, path, socket_path, reactor, outcome=None):
+def splice(
+    request: Request,
+    path: bytes,
+    socket_path: str,
+    reactor: Any,
+    outcome: Callable[[int], object] | None = None,
+) -> int:
     """
     Join the browser's upgrade request to the explorer's console relay.
 
@@ -249,7 +265,13 @@ def _refuse(request, code, text):
     return text.encode() + b"\n"
 
 
-def serve(request, session, console_socket, reactor, audit=None):
+def serve(
+    request: Request,
+    session: Session | None,
+    console_socket: Callable[[], str] | None,
+    reactor: Any,
+    audit: Callable[[str, str, str | None, str], None] | None = None,
+) -> bytes | int:
     """
     ``GET /v1/nodes/<node_id>/vms/<vm_id>/console`` or ``GET /v1/events`` on the
     dashboard: checked, then

@@ -52,7 +52,7 @@ WRITE_LOCK = 0x6865726F01
 CONNECT_TIMEOUT = 3
 
 
-def redact(dsn) -> str:
+def redact(dsn: str) -> str:
     """
     :param dsn: a libpq connection string or ``postgresql://`` URI
     :return: ``postgresql://user@host:port/dbname``, safe to log: never a password
@@ -78,7 +78,7 @@ class PostgresStore(PostgresTrust):
     kind = "postgresql"
     shared = True
 
-    def __init__(self, dsn, conn) -> None:
+    def __init__(self, dsn: str, conn: Any) -> None:
         self._dsn = dsn
         self.location = redact(dsn)
         self._conn = conn
