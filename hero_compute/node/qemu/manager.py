@@ -9,7 +9,10 @@ record) reads best in one place; everything else, defining a VM (:mod:`.define`)
 included, is already split out.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -29,6 +32,11 @@ from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
 from .network import NetworkPolicy
 from .store import QMP_SOCKET, VmStore
+
+if TYPE_CHECKING:
+    from hero_compute.node.vms import VmRecord
+
+    from .console import SerialConsole
 
 
 @implementer(IVmManager)
@@ -150,7 +158,7 @@ class QemuVmManager(service.Service):
         )
         self._accel.start(self._reactor, self._qemu)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         """
         Close every QMP connection and leave the QEMU processes running.
 
@@ -161,7 +169,7 @@ class QemuVmManager(service.Service):
         closed = [vm.detach(5) for vm in self._vms.values()]
         return defer.DeferredList(closed, consumeErrors=True).addCallback(lambda _: None)
 
-    def when_recovered(self):
+    def when_recovered(self) -> defer.Deferred[None]:
         """
         :return: a Deferred that fires once the VMs found running at ``startService``
             are reconnected or marked stopped, and leftover taps removed
@@ -181,7 +189,15 @@ class QemuVmManager(service.Service):
 
     # -- IVmManager -----------------------------------------------------------------
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **params):
+    def create(
+        self,
+        name: str,
+        vcpus: int,
+        memory_mb: int,
+        disk_gb: int,
+        image: str | None = None,
+        **params: Any,
+    ) -> defer.Deferred[VmRecord]:
         """
         Define a VM and make its disk; ``params`` as :meth:`.access.AccessPolicy.plan`.
 
@@ -198,7 +214,7 @@ class QemuVmManager(service.Service):
             self._create(name, vcpus, memory_mb, disk_gb, image, params)
         )
 
-    def start(self, vm_id):
+    def start(self, vm_id: str) -> defer.Deferred[VmRecord]:
         """
         Start a stopped or errored VM and wait until QEMU reports it running.  A start
         that fails (its base image no longer allowed, QEMU failing, the state directory
@@ -218,7 +234,7 @@ class QemuVmManager(service.Service):
             return defer.fail()
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm, was)))
 
-    def stop(self, vm_id, force: bool = False):
+    def stop(self, vm_id: str, force: bool = False) -> defer.Deferred[VmRecord]:
         """
         Stop a VM: ACPI power-down, then ``quit`` after ``stop_grace`` seconds if the
         guest has not shut down by itself; ``force`` quits at once.
@@ -241,7 +257,7 @@ class QemuVmManager(service.Service):
             return defer.Deferred.fromCoroutine(self._force_quit(vm))
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._stop(vm, force)))
 
-    def delete(self, vm_id):
+    def delete(self, vm_id: str) -> defer.Deferred[bool]:
         """
         Delete a VM with its disk, stopping it first (forcefully) if it runs.
 
@@ -257,14 +273,14 @@ class QemuVmManager(service.Service):
             vm.qmp.execute("quit").addErrback(lambda _: None)
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._delete(vm)))
 
-    def get(self, vm_id):
+    def get(self, vm_id: str) -> defer.Deferred[VmRecord]:
         """
         :param vm_id: the VM
         :return: a Deferred firing with its :class:`~hero_compute.node.vms.VmRecord`
         """
         return defer.maybeDeferred(lambda: self._get(vm_id).record)
 
-    def list(self):
+    def list(self) -> defer.Deferred[list[VmRecord]]:
         """
         :return: a Deferred firing with every VM's
             :class:`~hero_compute.node.vms.VmRecord`, oldest first
@@ -276,7 +292,7 @@ class QemuVmManager(service.Service):
             )
         )
 
-    def capacity(self):
+    def capacity(self) -> dict[str, int]:
         """
         :return: what this node's VMs may reserve in all, ``{vcpus, memory_mb,
             disk_gb}``: the host's, per :func:`~.admission.host_capacity`, each replaced
@@ -284,14 +300,14 @@ class QemuVmManager(service.Service):
         """
         return {**host_capacity(self._state_dir), **self._capacity_cap}
 
-    def usage(self):
+    def usage(self) -> dict[str, int]:
         """
         :return: what this node's VMs are given, per
             :func:`~hero_compute.node.vms.usage_of`
         """
         return usage_of([vm.record for vm in self._vms.values()])
 
-    def accel(self):
+    def accel(self) -> str:
         """:return: ``kvm`` or ``tcg``, or ``probing`` until :mod:`.accel` decides"""
         return self._accel.current()
 
@@ -308,7 +324,7 @@ class QemuVmManager(service.Service):
         if vm.record.state not in allowed:
             raise InvalidVmState(f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
-    def console(self, vm_id):
+    def console(self, vm_id: str) -> SerialConsole:
         """:return: the VM's :class:`~.console.SerialConsole`; VmNotFound if none"""
         return self._get(vm_id).console
 
