@@ -12,11 +12,13 @@ until the name is imported again.  Temporary files a crash left behind are remov
 the node starts.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -27,6 +29,10 @@ from hero_compute.rpc.errors import InvalidVmState
 
 from .fetch import Download, FetchError, TempFile, check_target, check_url
 from .qemu.images import ImagePolicy, default_image_dirs
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.dispatch import Dispatcher
+
 
 log = Logger()
 
@@ -46,7 +52,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def parse_size(text):
+def parse_size(text: str) -> int:
     """
     :param text: bytes, or a number with ``K``, ``M``, ``G``, ``T`` (binary units,
         optionally followed by ``iB`` or ``B``): ``20G``, ``512MiB``, ``1073741824``
@@ -63,7 +69,7 @@ def parse_size(text):
     return value
 
 
-def image_settings(max_text, local_text):
+def image_settings(max_text: str | None, local_text: str | None) -> tuple[int, bool]:
     """
     Check ``NODE_IMAGE_MAX`` and ``NODE_IMAGE_FETCH_LOCAL`` (or their options).
 
@@ -85,7 +91,9 @@ def image_settings(max_text, local_text):
     return max_bytes, local in ("1", "true", "yes")
 
 
-def make_images(reactor, image_dirs, state_dir, settings):
+def make_images(
+    reactor: Any, image_dirs: list[str], state_dir: str, settings: tuple[int, bool]
+) -> Images:
     """
     :param image_dirs: ``NODE_IMAGE_DIRS``, or empty for ``state_dir/images``
     :param settings: what :func:`image_settings` returned
@@ -141,13 +149,13 @@ class Images(service.Service):
 
     def __init__(
         self,
-        reactor,
-        image_dirs,
+        reactor: Any,
+        image_dirs: list[str],
         *,
-        max_bytes=DEFAULT_IMAGE_MAX,
+        max_bytes: int = DEFAULT_IMAGE_MAX,
         allow_local: bool = False,
         qemu_img: str = "qemu-img",
-        max_imports=MAX_IMPORTS,
+        max_imports: int = MAX_IMPORTS,
         idle: float = 60.0,
     ) -> None:
         self._reactor = reactor
@@ -166,7 +174,7 @@ class Images(service.Service):
         self._info: dict[str, tuple[Any, Any]] = {}
         self._info_limit = defer.DeferredSemaphore(INFO_CONCURRENCY)
 
-    def register(self, rpc) -> None:
+    def register(self, rpc: Dispatcher) -> None:
         """Publish ``node.images`` and ``image.import`` on a dispatcher."""
         rpc.register("node.images", self.list)
         rpc.register(
@@ -189,7 +197,7 @@ class Images(service.Service):
                 except OSError as e:
                     log.warn("cannot remove {path}: {e}", path=path, e=e)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[Any]:
         service.Service.stopService(self)
         waits = []
         for entry in self.importing.values():
@@ -201,7 +209,7 @@ class Images(service.Service):
 
     # -- node.images
 
-    def list(self):
+    def list(self) -> defer.Deferred[list[dict[str, Any]]]:
         """
         :return: a Deferred of the ImageInfo list: ready images of every directory
             (a name in several directories is listed once per directory), imports in
@@ -289,7 +297,7 @@ class Images(service.Service):
 
     # -- image.import
 
-    async def start(self, url, name, sha256):
+    async def start(self, url: str, name: str, sha256: str) -> dict[str, Any]:
         """
         Start importing ``url`` as ``name``; answers once the download has started.
 

@@ -2,9 +2,12 @@
 The node's RPC methods and the service tree that serves them and heartbeats explorers.
 """
 
+from __future__ import annotations
+
 import os
 import uuid
-from typing import TYPE_CHECKING, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application import service
@@ -32,7 +35,12 @@ from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
 if TYPE_CHECKING:
+    from hero_compute.rpc.context import CallContext
+    from hero_compute.rpc.dispatch import Dispatcher
+    from hero_compute.rpc.interfaces import IRpcClient
     from hero_compute.rpc.tls import ClientTLS
+
+    from .vms import IVmManager
 
 log = Logger()
 
@@ -40,7 +48,7 @@ log = Logger()
 LEAVE_TIMEOUT = 2.0
 
 
-def load_node_id(state_dir):
+def load_node_id(state_dir: str) -> str:
     """
     The node's persisted id, generated on first use.
 
@@ -86,7 +94,7 @@ class NodeIdentity:
     labels: dict = attrs.field(factory=dict, kw_only=True)
     secret: str | None = attrs.field(default=None, repr=False)
 
-    def load(self):
+    def load(self) -> str:
         """
         Read (or make) the persisted id and secret, unless they are known already.
 
@@ -100,7 +108,7 @@ class NodeIdentity:
         return self.node_id
 
 
-def authorize(context, method, params) -> None:
+def authorize(context: CallContext, method: str, params: Any) -> None:
     """
     The node's column of the roles table (CONTRACT §6), for the dispatcher: Unix callers,
     ``client/*`` and ``explorer/*`` certificates may call everything, ``node/*`` nothing,
@@ -111,7 +119,7 @@ def authorize(context, method, params) -> None:
     NODE_POLICY.check(context.transport, context.identity, method, params)
 
 
-def _authorize_route(context, route, params) -> None:
+def _authorize_route(context: CallContext, route: str, params: Any) -> None:
     NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
@@ -131,7 +139,15 @@ class NodeService(service.MultiService):
     """
 
     def __init__(
-        self, identity, vms, client, rpc, listeners, advertiser, heartbeats, tls=None
+        self,
+        identity: NodeIdentity,
+        vms: IVmManager,
+        client: IRpcClient,
+        rpc: Dispatcher,
+        listeners: Listeners,
+        advertiser: Advertiser,
+        heartbeats: Iterable[HeartbeatLoop],
+        tls: NodeTLS | None = None,
     ) -> None:
         service.MultiService.__init__(self)
         self.identity = identity
@@ -144,14 +160,14 @@ class NodeService(service.MultiService):
         self.tls = tls
 
     @property
-    def node_id(self):
+    def node_id(self) -> str | None:
         """The node's id; None until it starts, unless configured."""
         return self.identity.node_id
 
     # Twisted's Service.name is a service's name in its parent; this one is the root
     # of the node's tree, whose name (read-only) is the node's.
     @property
-    def name(self):  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]
         """The node's human name."""
         return self.identity.name
 
