@@ -7,12 +7,16 @@ Every way a body can end badly (too big, idle too long, cut, a write that fails)
 in one :class:`~hero_compute.node.fetch_errors.FetchError`.
 """
 
+from __future__ import annotations
+
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol, threads
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
@@ -30,7 +34,7 @@ class TempFile:
     :param path: where to create it (must not exist)
     """
 
-    def __init__(self, path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self.digest = hashlib.sha256()
         self._fd: int | None = None
@@ -39,7 +43,7 @@ class TempFile:
         """Create it, 0644 (base images hold nothing secret), failing if it exists."""
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
-    def write(self, data) -> None:
+    def write(self, data: bytes) -> None:
         """Hash and write ``data`` whole."""
         fd = self._fd
         assert fd is not None, "write before open"
@@ -85,7 +89,15 @@ class BodySink(protocol.Protocol):
     # ITransport does not say.
     transport: Any
 
-    def __init__(self, reactor, file, limit, total, progress, idle) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        file: TempFile,
+        limit: int,
+        total: int | None,
+        progress: Callable[[int, int | None], object],
+        idle: float,
+    ) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
@@ -103,7 +115,7 @@ class BodySink(protocol.Protocol):
         # Set from connectionMade on; Any: IDelayedCall | None, read where it is set.
         self._timer: Any = None
 
-    def abort(self, error) -> None:
+    def abort(self, error: FetchError) -> None:
         """Fail with ``error`` and drop the connection (once it is handed over)."""
         if self.transport is None:
             self._error = error
@@ -116,7 +128,7 @@ class BodySink(protocol.Protocol):
             return
         self._timer = self._reactor.callLater(self._idle, self._stalled)
 
-    def dataReceived(self, data) -> None:
+    def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
         self._timer.reset(self._idle)
@@ -181,7 +193,7 @@ class BodySink(protocol.Protocol):
                 self.transport.stopProducing()
         self._maybe_done()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -37,6 +37,8 @@ The probe's code (GNU as, linked at 0xF0000; the reset vector at 0xFFFF0 jumps t
     gdtdesc: .word gdtdesc - gdt - 1 ; .long gdt
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import tempfile
@@ -61,7 +63,7 @@ _CODE = bytes.fromhex(
 )
 
 
-def probe_firmware():
+def probe_firmware() -> bytes:
     """:return: the probe's 64 KiB firmware image (see the module's docstring)"""
     image = bytearray(b"\xf4" * 0x10000)
     image[: len(_CODE)] = _CODE
@@ -85,7 +87,9 @@ class _Probe(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-async def kvm_works(reactor, qemu, timeout=PROBE_TIMEOUT):
+async def kvm_works(
+    reactor: Any, qemu: str, timeout: float = PROBE_TIMEOUT
+) -> tuple[bool, str]:
     """
     Run the probe guest under KVM.
 
@@ -131,7 +135,7 @@ def _kill(transport) -> None:
         pass
 
 
-async def choose_accel(reactor, qemu, mode):
+async def choose_accel(reactor: Any, qemu: str, mode: str) -> str:
     """
     Decide the accelerator, logging which and why.
 
@@ -163,7 +167,7 @@ class AccelChoice:
         self._started = False
         self._waiting: list[defer.Deferred[Any]] = []
 
-    def start(self, reactor, qemu) -> None:
+    def start(self, reactor: Any, qemu: str) -> None:
         """
         Decide, unless decided already.
 
@@ -190,11 +194,11 @@ class AccelChoice:
         for d in waiting:
             d.callback(accel)
 
-    def current(self):
+    def current(self) -> str:
         """:return: ``kvm`` or ``tcg``, or ``probing`` until decided"""
         return self.accel or "probing"
 
-    def decided(self):
+    def decided(self) -> defer.Deferred[str]:
         """:return: a Deferred firing with QEMU's ``accel=`` value once decided"""
         if self.accel is not None:
             return defer.succeed(QEMU_ACCEL[self.accel])

@@ -4,6 +4,8 @@ QMP.  The manager decides the VM's state; a :class:`Machine` only does what it i
 to its QEMU and reports when QMP goes away.
 """
 
+from __future__ import annotations
+
 import os
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +46,7 @@ class Machine:
     record: VmRecord
     directory: str
     _reactor: Any
-    _on_lost: Callable[["Machine", Any], None]
+    _on_lost: Callable[[Machine, Any], None]
     _closing: Callable[[], bool]
     #: The QMP connection while attached, or None
     qmp: Any = None
@@ -55,15 +57,15 @@ class Machine:
     guest_shutdown: bool = False
 
     @property
-    def vm_id(self):
+    def vm_id(self) -> str:
         """The VM's id."""
         return self.record.vm_id
 
-    def pid(self):
+    def pid(self) -> int | None:
         """:return: the pid of this VM's QEMU if it runs, else ``None``"""
         return process.find_pid(self.directory)
 
-    async def launch(self, qemu, accel, timeout):
+    async def launch(self, qemu: str, accel: str, timeout: float) -> None:
         """
         Start QEMU for this VM and wait until it reports the VM running.
 
@@ -108,7 +110,7 @@ class Machine:
         )
         await self.attach(timeout)
 
-    async def attach(self, timeout):
+    async def attach(self, timeout: float) -> None:
         """
         Connect to the VM's QMP socket, wait until QEMU reports it running and watch it.
 
@@ -141,7 +143,7 @@ class Machine:
                 )
             await task.deferLater(reactor, 0.1, lambda: None)
 
-    async def recover(self, timeout) -> str:
+    async def recover(self, timeout: float) -> str:
         """
         Take this VM back after the node restarted: reconnect to its QEMU if that runs.
 
@@ -178,7 +180,7 @@ class Machine:
         )
         return "running"
 
-    def detach(self, timeout):
+    def detach(self, timeout: float) -> defer.Deferred[Any]:
         """
         Close the QMP connection, if any, leaving QEMU running.
 
@@ -208,7 +210,7 @@ class Machine:
             await process.wait_gone(self._reactor, pid, 5)
         process.remove_runtime(self.directory)
 
-    async def shut_down(self, force, grace) -> None:
+    async def shut_down(self, force: bool, grace: float) -> None:
         """
         End QEMU: ACPI power-down and ``grace`` seconds for the guest (unless
         ``force``), then ``quit``, then SIGKILL.
