@@ -12,7 +12,8 @@ catches its own failures, so the loop lives until stopped.
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -21,6 +22,13 @@ from twisted.logger import Logger
 
 from hero_compute.rpc.backoff import retry_delay
 from hero_compute.rpc.errors import RpcError, TransportError
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+    from hero_compute.rpc.addresses import Address
+    from hero_compute.rpc.interfaces import IRpcClient
+
 
 log = Logger()
 
@@ -35,7 +43,9 @@ MAX_ATTEMPT = 10.0
 ALWAYS_SENT = frozenset({"node_id", "socket_path", "secret"})
 
 
-def delta(params, accepted, session):
+def delta(
+    params: dict[str, Any], accepted: dict[str, Any] | None, session: str | None
+) -> dict[str, Any]:
     """
     The delta heartbeat for ``params``: what changed since ``accepted`` (the params of
     the last accepted heartbeat) and the explorer's ``session``; or ``params`` itself
@@ -56,7 +66,9 @@ def delta(params, accepted, session):
     return changed
 
 
-def backoff_delay(interval, failures, rand=random.random):
+def backoff_delay(
+    interval: float, failures: int, rand: Callable[[], float] = random.random
+) -> float:
     """
     Seconds to wait after the ``failures``-th consecutive failure: exponential from
     ``interval``, capped at 5 × interval and at :data:`MAX_BACKOFF`, with equal jitter
@@ -86,7 +98,7 @@ class ExplorerState:
     last_error: str | None = None
     failures: int = 0
 
-    def to_wire(self):
+    def to_wire(self) -> dict[str, Any]:
         """:return: the dict of ``node.info``'s ``explorers``"""
         return {
             "address": self.address,
@@ -111,7 +123,13 @@ class HeartbeatLoop(service.Service):
     """
 
     def __init__(
-        self, clock, client, address, payload, interval, rand=random.random
+        self,
+        clock: IReactorTime,
+        client: IRpcClient,
+        address: Address,
+        payload: Callable[[Address], defer.Deferred[dict[str, Any]]],
+        interval: float,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.clock = clock
         self._client = client
@@ -121,7 +139,7 @@ class HeartbeatLoop(service.Service):
         self._attempt_timeout = min(interval, MAX_ATTEMPT)
         self._rand = rand
         self.state = ExplorerState(address.uri)
-        self._call = None
+        self._call: IDelayedCall | None = None
         self._tick: defer.Deferred[Any] | None = None
         # The explorer's session and the params it last accepted, for delta heartbeats
         # (steady heartbeats then carry only what changed).
@@ -144,7 +162,7 @@ class HeartbeatLoop(service.Service):
         if self.running:
             self._call = self.clock.callLater(delay, self.beat)
 
-    def beat(self):
+    def beat(self) -> defer.Deferred[Any]:
         """
         Send one heartbeat and schedule the next; never fails.  Called out of schedule
         (between ticks), it replaces the heartbeat that was due.

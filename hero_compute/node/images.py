@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -92,7 +93,7 @@ def image_settings(max_text: str | None, local_text: str | None) -> tuple[int, b
 
 
 def make_images(
-    reactor: Any, image_dirs: list[str], state_dir: str, settings: tuple[int, bool]
+    reactor: Any, image_dirs: Sequence[str], state_dir: str, settings: tuple[int, bool]
 ) -> Images:
     """
     :param image_dirs: ``NODE_IMAGE_DIRS``, or empty for ``state_dir/images``
@@ -150,7 +151,7 @@ class Images(service.Service):
     def __init__(
         self,
         reactor: Any,
-        image_dirs: list[str],
+        image_dirs: Sequence[str],
         *,
         max_bytes: int = DEFAULT_IMAGE_MAX,
         allow_local: bool = False,
@@ -228,6 +229,7 @@ class Images(service.Service):
                     continue
                 try:
                     resolved = self._policy.resolve(entry.path)
+                    assert resolved is not None  # a path resolves to a path
                     stat = os.stat(resolved)
                 except Exception:  # a symlink out of the directories, a subdirectory
                     continue

@@ -4,14 +4,17 @@ VM's disk, and the limits of ``image.import``.  Part of the tap: each option als
 from its variable, the command line winning.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Mapping
 
 from twisted.python import usage
 
 from .images import image_settings
 
 
-def post_options(options, env):
+def post_options(options: usage.Options, env: Mapping[str, str]) -> None:
     """
     Fill the image options from the environment: ``options["image-dir"]`` from
     ``NODE_IMAGE_DIRS`` when no ``--image-dir`` was given, and ``options["images"]``.

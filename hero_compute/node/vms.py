@@ -5,8 +5,12 @@ The VM manager seam: what the node's RPC methods need from whatever runs VMs.
 (QEMU processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager``.
 """
 
+from __future__ import annotations
+
 import hashlib
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from zope.interface import Interface
@@ -17,7 +21,7 @@ STATES = ("stopped", "starting", "running", "stopping", "error")
 DEFAULT_CMDLINE = "console=ttyS0"
 
 
-def mac_address(vm_id):
+def mac_address(vm_id: str) -> str:
     """
     :param vm_id: a VM id
     :return: the VM's stable MAC address, ``52:54:00:xx:xx:xx`` (QEMU's locally
@@ -27,7 +31,7 @@ def mac_address(vm_id):
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
 
 
-def default_hostname(name):
+def default_hostname(name: str) -> str:
     """
     :param name: a VM name
     :return: the host name a VM of that name gets when none is given: lower-cased, every
@@ -64,12 +68,12 @@ class VmNetwork:
     ports: tuple = ()
 
     @property
-    def bridge(self):
+    def bridge(self) -> str | None:
         """The bridge's name in ``bridge`` mode, else ``None``."""
         return self.mode.partition(":")[2] if self.mode.startswith("bridge:") else None
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, data: dict[str, Any]) -> VmNetwork:
         """:return: the network of a VmInfo's ``network``"""
         ports = tuple(PortForward(**p) for p in data.get("ports", ()))
         return cls(data["mode"], data["mac"], ports)
@@ -122,12 +126,12 @@ class VmRecord:
     ssh_keys: tuple = ()
     boot: BootSpec | None = None
 
-    def to_wire(self):
+    def to_wire(self) -> dict[str, Any]:
         """:return: the VmInfo dict (JSON arrays as lists)"""
         return attrs.asdict(self, value_serializer=_lists)
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, data: dict[str, Any]) -> VmRecord:
         """
         :param data: a VmInfo dict (checked already), possibly from before networks
         :return: the record
@@ -186,7 +190,7 @@ class IVmManager(Interface):
         """Returns the accelerator VMs run under: ``kvm``, ``tcg`` or ``probing``."""
 
 
-def usage_of(vms):
+def usage_of(vms: Iterable[VmRecord]) -> dict[str, int]:
     """
     The resources reserved by VMs: those of every defined VM, running or stopped, so
     every defined VM can run at once (CONTRACT §9).

@@ -12,6 +12,7 @@ included, is already split out.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -86,7 +87,7 @@ class QemuVmManager(service.Service):
     _memory_limit_mb: int | None = None
     _disk_limit_gb: int | None = None
     _min_free_mb: int = 256
-    _image_dirs: tuple | None = None
+    _image_dirs: Sequence[str] | None = None
     _capacity_cap: dict = attrs.field(factory=dict)
     _accel_mode: str = attrs.field(default="auto", alias="accel")
     _accel: AccelChoice = attrs.field(init=False)
@@ -100,7 +101,7 @@ class QemuVmManager(service.Service):
     # both take the last gigabyte or the same name.
     _creating: dict = attrs.field(init=False, factory=dict)
     _definer: define.Definer = attrs.field(init=False)
-    _recovery: object = attrs.field(init=False, default=None)
+    _recovery: defer.Deferred[None] | None = attrs.field(init=False, default=None)
     #: VMs whose QEMU started and reported running, and starts that failed: metrics.
     starts: int = attrs.field(init=False, default=0)
     start_failures: int = attrs.field(init=False, default=0)
