@@ -49,37 +49,41 @@ class INodeRegistry(Interface):
     offline_after = Attribute("Seconds of silence after which a node is offline.")
     history = Attribute("The :class:`HeartbeatHistory` of each node's heartbeat times.")
 
-    def heartbeat(heartbeat):
+    def heartbeat(heartbeat: Heartbeat) -> tuple[NodeRecord, Collection[str]]:
         """Record a :class:`Heartbeat`; returns ``(record, changed)`` (see Registry)."""
 
-    def leave(node_id):
+    def leave(node_id: str) -> None:
         """Mark a node offline at once; raises :class:`NodeNotFound`."""
 
-    def get(node_id):
+    def get(node_id: str) -> NodeRecord:
         """Returns a :class:`NodeRecord`; raises :class:`NodeNotFound`."""
 
-    def remove(node_id):
+    def remove(node_id: str) -> None:
         """Forget a node; raises :class:`NodeNotFound`."""
 
-    def records():
+    def records() -> list[NodeRecord]:
         """Returns all :class:`NodeRecord` s."""
 
-    def page(after, limit, keep):
+    def page(
+        after: str | None, limit: int, keep: Callable[[NodeRecord], bool] | None
+    ) -> tuple[list[NodeRecord], str | None]:
         """Returns ``(records, next cursor or None)``, in node id order after ``after``."""
 
-    def offline(now, records=None):
+    def offline(
+        now: float, records: Iterable[NodeRecord] | None = None
+    ) -> list[NodeRecord]:
         """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
 
-    def status(record):
+    def status(record: NodeRecord) -> str:
         """Returns ``"online"`` or ``"offline"`` for a record, now."""
 
-    def note(fmt, **fields):
+    def note(fmt: str, **fields: Any) -> None:
         """Log a line about a node, within the registry's budget of lines a second."""
 
-    def flush_log():
+    def flush_log() -> None:
         """Sum up the node events not logged one by one, once their second is over."""
 
-    def __len__():
+    def __len__() -> int:
         """Returns how many nodes it holds."""
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 #: The states of a VM, as on the wire.
 STATES = ("stopped", "starting", "running", "stopping", "error")
@@ -158,35 +161,42 @@ class IVmManager(Interface):
     operation the VM's state, or the node's capacity, does not allow.
     """
 
-    def create(name, vcpus, memory_mb, disk_gb, image=None, **access):
+    def create(
+        name: str,
+        vcpus: int,
+        memory_mb: int,
+        disk_gb: int,
+        image: str | None = None,
+        **access: Any,
+    ) -> Deferred[VmRecord]:
         """
         Define a VM and its disk; returns its :obj:`VmRecord`, state ``stopped``.
         ``access`` holds the optional ``vm.create`` params of CONTRACT §8
         (``ssh_keys``, ``user_data``, ``hostname``, ``network``, ``ports``, ``boot``).
         """
 
-    def start(vm_id):
+    def start(vm_id: str) -> Deferred[VmRecord]:
         """Start a stopped (or errored) VM; returns its :obj:`VmRecord`."""
 
-    def stop(vm_id, force=False):
+    def stop(vm_id: str, force: bool = False) -> Deferred[VmRecord]:
         """Stop a running VM; returns its :obj:`VmRecord`."""
 
-    def delete(vm_id):
+    def delete(vm_id: str) -> Deferred[bool]:
         """Stop if needed and delete a VM with its disk; returns True."""
 
-    def get(vm_id):
+    def get(vm_id: str) -> Deferred[VmRecord]:
         """Returns one :obj:`VmRecord`."""
 
-    def list():
+    def list() -> Deferred[list[VmRecord]]:
         """Returns all :obj:`VmRecord`s."""
 
-    def capacity():
+    def capacity() -> dict[str, int]:
         """Returns what VMs may reserve in all, ``{vcpus, memory_mb, disk_gb}``."""
 
-    def usage():
+    def usage() -> dict[str, int]:
         """Returns the ``{vcpus, memory_mb, disk_gb}`` given to this node's VMs."""
 
-    def accel():
+    def accel() -> str:
         """Returns the accelerator VMs run under: ``kvm``, ``tcg`` or ``probing``."""
 
 
