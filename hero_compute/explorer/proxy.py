@@ -34,6 +34,7 @@ from hero_compute.rpc.errors import (
     TransportError,
 )
 from hero_compute.rpc.limits import DEFAULTS
+from hero_compute.rpc.throttle import REFUSALS_EVERY, Throttle
 from hero_compute.rpc.tls import Expected
 
 from .resolver import ResolveError
@@ -118,6 +119,9 @@ class Proxy:
         self.total = 0
         #: Calls refused busy, for metrics.
         self.busy = 0
+        # Busy refusals are logged as every limit is (CONTRACT §7): a line per
+        # REFUSALS_EVERY at most, the rest counted into the next.
+        self._busy_log = Throttle(registry.clock, REFUSALS_EVERY)
 
     def call(self, node_id: str, method: str, params: Any = None) -> defer.Deferred[Any]:
         """
@@ -141,6 +145,13 @@ class Proxy:
         ):
             self.busy += 1
             scope = "in all" if self.total >= self._total_limit else f"to node {node_id}"
+            more = self._busy_log.offer()
+            if more is not None:
+                log.warn(
+                    "refused (calls_in_flight) a call {scope}: busy{more}",
+                    scope=scope,
+                    more=f" (and {more} more since the last such line)" if more else "",
+                )
             raise NodeUnreachable(
                 f"busy: too many calls in flight {scope} (EXPLORER_CALLS_PER_NODE, "
                 "EXPLORER_CALLS_TOTAL); try again shortly"

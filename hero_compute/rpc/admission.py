@@ -36,12 +36,12 @@ from twisted.web import http, server
 
 from .limits import Limits
 from .sendnow import SendNowTLS
-from .throttle import Throttle
+from .throttle import REFUSALS_EVERY, Throttle
 
 log = Logger()
 
 #: A refusal of one limit is logged at most once per this many seconds.
-LOG_EVERY = 10.0
+LOG_EVERY = REFUSALS_EVERY
 
 #: The answer to a head that did not arrive in time.
 _REQUEST_TIMEOUT = (

@@ -18,6 +18,10 @@ from collections.abc import Hashable
 
 from twisted.internet.interfaces import IReactorTime
 
+#: Seconds between two lines about refusals by one limit (CONTRACT §7), wherever it is
+#: enforced: at accept, or a proxied call refused busy.
+REFUSALS_EVERY = 10.0
+
 
 class _Key:
     """One key's window: when it opened, lines written in it, occurrences held."""
