@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 from twisted.application import service
@@ -21,23 +21,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hero_compute.node.vms import IVmManager, usage_of
+from hero_compute.node.vms import IVmManager, VmRecord, usage_of
 from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
 from . import access, define, process, recovery
 from .accel import AccelChoice
 from .admission import Admission, host_capacity
-from .console import ConsoleSettings
+from .console import ConsoleSettings, SerialConsole
 from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
 from .network import NetworkPolicy
 from .store import QMP_SOCKET, VmStore
-
-if TYPE_CHECKING:
-    from hero_compute.node.vms import VmRecord
-
-    from .console import SerialConsole
 
 
 @implementer(IVmManager)
@@ -208,8 +203,7 @@ class QemuVmManager(service.Service):
         :param disk_gb: disk size in GB
         :param image: an absolute path to a base image the disk starts from (a qcow2
             overlay on top of it), or ``None`` for an empty disk
-        :return: a Deferred firing with its
-            :class:`~hero_compute.node.vms.VmRecord`, state ``stopped``
+        :return: a Deferred firing with its record, state ``stopped``
         """
         return defer.Deferred.fromCoroutine(
             self._create(name, vcpus, memory_mb, disk_gb, image, params)
@@ -275,17 +269,11 @@ class QemuVmManager(service.Service):
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._delete(vm)))
 
     def get(self, vm_id: str) -> defer.Deferred[VmRecord]:
-        """
-        :param vm_id: the VM
-        :return: a Deferred firing with its :class:`~hero_compute.node.vms.VmRecord`
-        """
+        """:return: a Deferred firing with VM ``vm_id``'s record"""
         return defer.maybeDeferred(lambda: self._get(vm_id).record)
 
     def list(self) -> defer.Deferred[list[VmRecord]]:
-        """
-        :return: a Deferred firing with every VM's
-            :class:`~hero_compute.node.vms.VmRecord`, oldest first
-        """
+        """:return: a Deferred firing with every VM's record, oldest first"""
         return defer.succeed(
             sorted(
                 (vm.record for vm in self._vms.values()),
