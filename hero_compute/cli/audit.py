@@ -17,10 +17,12 @@ if TYPE_CHECKING:
 
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``audit``.
 

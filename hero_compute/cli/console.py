@@ -28,7 +28,6 @@ from .vms import resolve
 if TYPE_CHECKING:
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 #: The byte of Ctrl-], which detaches (as in telnet and virsh).
@@ -44,7 +43,10 @@ _REFUSED = {
 }
 
 
-def add_commands(cmds: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    cmds: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``console`` and ``log`` to the ``vm`` group.
 

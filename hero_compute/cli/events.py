@@ -21,7 +21,6 @@ from .connect import HTTPRefusal
 if TYPE_CHECKING:
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 #: Seconds without a frame after which a replay (no ``--follow``) is taken as done.
@@ -31,7 +30,10 @@ QUIET = 0.5
 TOO_SLOW = 1008
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``events``.
 

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 def params_json(text: str) -> dict[str, Any] | list[Any]:
@@ -36,7 +35,10 @@ def params_json(text: str) -> dict[str, Any] | list[Any]:
     return value
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``info``, ``call`` and ``rpc`` to the subcommands.
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 #: Seconds between ``node.images`` polls during a pull.
@@ -49,7 +48,10 @@ def _sha256(text):
     return text.lower()
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add the ``image`` group to the subcommands.
 

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 #: Nodes asked for per ``explorer.query_nodes`` page.
@@ -33,7 +32,10 @@ def label(text: str) -> tuple[str, str]:
     return key, value
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``nodes`` and ``node`` to the subcommands.
 

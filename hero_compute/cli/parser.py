@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 import hero_compute
 
@@ -42,10 +42,6 @@ DEFAULTS = {
     "cert": None,
     "key": None,
 }
-
-
-#: The subcommands action of the top parser, which each module adds its commands to.
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def addresses(text: str) -> list[Address]:

@@ -8,18 +8,18 @@ be running on either.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from hero_compute.explorer.store import StoreError
 from hero_compute.explorer.store.copy import copy_between
 
 from . import exits
 
-if TYPE_CHECKING:
-    from .parser import Subparsers
 
-
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``state copy``.
 

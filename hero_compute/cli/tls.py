@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from hero_compute import pki
-
-if TYPE_CHECKING:
-    from .parser import Subparsers
 
 
 def _days(text: str) -> int:
@@ -33,7 +30,9 @@ def _days(text: str) -> int:
     return days
 
 
-def add_tls_commands(subparsers: Subparsers) -> None:
+def add_tls_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     """
     Add the ``tls`` command group to the ``hero-compute`` parser.
 

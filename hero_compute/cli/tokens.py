@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 #: Seconds in each unit ``--ttl`` accepts.
@@ -33,7 +32,10 @@ def duration(text: str) -> float:
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``token create``.
 

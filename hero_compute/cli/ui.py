@@ -16,10 +16,12 @@ from .tokens import duration
 if TYPE_CHECKING:
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``ui token create|list|revoke``.
 

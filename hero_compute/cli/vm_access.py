@@ -19,7 +19,6 @@ from .connect import parse_address
 if TYPE_CHECKING:
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 _PORT = re.compile(r"^(?:(\d{1,5}):)?(\d{1,5})(?:/(tcp|udp))?$")
@@ -145,7 +144,7 @@ def access_fields(vm: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def add_ssh_command(
-    cmds: Subparsers,
+    cmds: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
     resolve: Callable[[Explorer, str, str], Awaitable[dict[str, Any]]],
 ) -> None:

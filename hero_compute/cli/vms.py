@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
     from .connect import Explorer
     from .output import Output
-    from .parser import Subparsers
 
 
 #: Seconds between ``vm.get`` polls while waiting.
@@ -48,7 +47,10 @@ def _size(parse: Callable[[str], int]) -> Callable[[str], int]:
     return coerce
 
 
-def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> Subparsers:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """
     Add the ``vm`` group to the subcommands.
 

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
     from .proxy import Proxy
     from .registry import Registry
-    from .service import ExplorerMethods
 
 
 #: Buckets of the time an ``explorer.heartbeat`` takes to handle, in seconds (tens of
@@ -166,7 +165,7 @@ class ExplorerCollector:
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy`
     """
 
-    def __init__(self, methods: ExplorerMethods, registry: Registry, proxy: Proxy) -> None:
+    def __init__(self, methods: Any, registry: Registry, proxy: Proxy) -> None:
         self._methods = methods
         self._registry = registry
         self._proxy = proxy
@@ -256,7 +255,7 @@ class ExplorerCollector:
 def make_metrics(
     *,
     listen: str,
-    methods: ExplorerMethods,
+    methods: Any,
     registry: Registry,
     proxy: Proxy,
     factory: RpcHTTPFactory,

@@ -14,8 +14,6 @@ import hero_compute
 if TYPE_CHECKING:
     from hero_compute.rpc.dispatch import Dispatcher
 
-    from .service import NodeService
-
 
 class NodeMethods:
     """
@@ -24,7 +22,7 @@ class NodeMethods:
     :param node: the :class:`NodeService`
     """
 
-    def __init__(self, node: NodeService) -> None:
+    def __init__(self, node: Any) -> None:
         self._node = node
         self._vms = node.vms
 

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
     from twisted.internet.interfaces import IReactorTime
 
-    from .service import NodeService
-
 
 #: Bytes per unit of the wire's ``memory_mb`` and ``disk_gb``: Prometheus wants bytes.
 _BYTES = {"memory_mb": 2**20, "disk_gb": 2**30}
@@ -53,7 +51,7 @@ class NodeCollector:
     :param clock: the ``IReactorTime`` heartbeats are stamped with
     """
 
-    def __init__(self, node: NodeService, clock: IReactorTime) -> None:
+    def __init__(self, node: Any, clock: IReactorTime) -> None:
         self._node = node
         self._clock = clock
 

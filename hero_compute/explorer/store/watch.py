@@ -15,16 +15,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from twisted.logger import Logger
 
 from hero_compute.rpc.backoff import retry_delay
-
-if TYPE_CHECKING:
-    from .postgres import PostgresStore
-
 
 log = Logger()
 
@@ -57,7 +53,7 @@ class Watcher:
     def __init__(
         self,
         dsn: str,
-        store: PostgresStore,
+        store: Any,
         connect: Callable[[str], psycopg.Connection[Any]],
     ) -> None:
         self._dsn = dsn
