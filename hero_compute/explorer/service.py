@@ -10,22 +10,22 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
 import hero_compute
-from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy, RpcError
+from hero_compute.rpc.errors import RefusedByPolicy, RpcError
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.metrics import Histogram
 
 from .metrics import HEARTBEAT_BUCKETS, CallStats
 from .new_ids import NewIds
 from .placing import PlacementMethods
-from .proxy import is_loopback
+from .proxy import Proxy, is_loopback
 from .reachable import Refused, checked_address
-from .records import Heartbeat
-from .registry import HEARTBEATS_PER_OFFLINE
+from .records import Heartbeat, NodeRecord, StaleSession
+from .registry import HEARTBEATS_PER_OFFLINE, Registry
 from .store import DURABLE_FIELDS
 from .ui_accounts import UiAccounts
 
@@ -37,15 +37,10 @@ if TYPE_CHECKING:
     from hero_compute.rpc.dispatch import Dispatcher
     from hero_compute.rpc.listeners import Listeners
 
-    from .proxy import Proxy
-    from .records import NodeRecord
-    from .registry import Registry
     from .trust import ExplorerTrust
 
 
 log = Logger()
-
-T = TypeVar("T")
 
 #: ``explorer.list_nodes`` answers at most this many nodes (CONTRACT §7); past it, one
 #: call would build tens of megabytes while everyone else waits.
@@ -61,20 +56,6 @@ CALL_TIMEOUT = 90.0
 #: Seconds a proxied call may spend connecting: a node that cannot even be reached
 #: within this is reported unreachable (-32003) long before :data:`CALL_TIMEOUT`.
 CONNECT_TIMEOUT = 5.0
-
-
-class _StaleSession(InvalidParams):
-    """-32602 for a delta heartbeat the explorer cannot apply: the node resends it whole."""
-
-    reason = "stale_session"
-
-    def __init__(self, node_id: str) -> None:
-        InvalidParams.__init__(
-            self,
-            f"explorer.heartbeat: this explorer holds no record of {node_id} for that "
-            "session (it restarted, or forgot the node): send the full heartbeat",
-            data={"resend": "full"},
-        )
 
 
 #: A heartbeat changing one of these is written to the store.
@@ -213,7 +194,7 @@ class ExplorerMethods:
             uri = checked_address(socket_path, transport, remote)
         if session is not None:
             if session != self.session or old is None or old.left:
-                raise _StaleSession(node_id)
+                raise StaleSession(node_id)
         elif old is None:
             self._admit(node_id, context)
         checked = self._trust.check_node(node_id, secret, context)
@@ -299,11 +280,8 @@ class ExplorerMethods:
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
         checked = self._trust.check_node(node_id, secret, context)
-        return _then(checked, lambda: self._left(node_id))
-
-    def _left(self, node_id: str) -> bool:
-        self._registry.leave(node_id)
-        return True
+        leave: Callable[[str], object] = self._registry.leave
+        return _then(checked, lambda: leave(node_id) or True)
 
     def list_nodes(self, status: str | None = None) -> list[dict[str, Any]]:
         """All nodes, or those of one status: for small fleets (see :meth:`query_nodes`)."""
@@ -417,6 +395,6 @@ class ExplorerMethods:
         return self._trust.store_state
 
 
-def _then(pending: Deferred[Any] | None, after: Callable[[], T]) -> T | Deferred[T]:
+def _then(pending: Deferred[Any] | None, after: Callable[[], Any]) -> Any:
     """``after()``, once ``pending`` (None, or a shared store's Deferred) is done."""
     return after() if pending is None else pending.addCallback(lambda _: after())
