@@ -272,12 +272,8 @@ class Images(service.Service):
         """:return: ``(format, virtual size)``, both None when qemu-img cannot say"""
         try:
             # -U: the image may be open in running VMs; info only reads.
-            out, _, code = await run(
-                self._reactor,
-                self._qemu_img,
-                ["info", "-U", "--output=json", path],
-                INFO_TIMEOUT,
-            )
+            args = ["info", "-U", "--output=json", path]
+            out, _, code = await run(self._reactor, self._qemu_img, args, INFO_TIMEOUT)
             info = json.loads(out) if code == 0 else {}
         except (OSError, ValueError, ToolTimeout):
             info = {}

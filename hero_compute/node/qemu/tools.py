@@ -51,7 +51,7 @@ def run(reactor, executable, args, timeout, path=None):
     :return: a Deferred firing with ``(stdout, stderr, exit code)``, or failing with
         :class:`ToolTimeout` once the killed process has ended
     """
-    done = defer.Deferred()
+    done: defer.Deferred = defer.Deferred()
     collect = _Collect(done)
     process = reactor.spawnProcess(
         collect, executable, [executable, *args], env=os.environ, path=path
