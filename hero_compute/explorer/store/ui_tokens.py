@@ -66,8 +66,11 @@ class SqliteUiTokens:
 
     def _load_ui(self):
         self._ui_revoked.update(
-            self._db.execute(
-                "SELECT user_name, token_hash FROM ui_tokens WHERE revoked_at IS NOT NULL"
+            _by_user(
+                self._db.execute(
+                    "SELECT user_name, token_hash FROM ui_tokens "
+                    "WHERE revoked_at IS NOT NULL"
+                )
             )
         )
 
@@ -122,7 +125,7 @@ class SqliteUiTokens:
         """
         return _listing(
             self._db.execute(
-                f"{_SELECT_LISTING} WHERE expires_at > ? ORDER BY user_name, expires_at",
+                f"{_SELECT_LISTING} WHERE expires_at > ? ORDER BY user_name, expires_at, role",
                 (now,),
             )
         )
@@ -223,7 +226,7 @@ class PostgresUiTokens:
         """:return: the tokens not yet expired (as :meth:`Store.ui_tokens`)"""
         with self._use() as conn:
             rows = conn.execute(
-                f"{_SELECT_LISTING} WHERE expires_at > %s ORDER BY user_name, expires_at",
+                f"{_SELECT_LISTING} WHERE expires_at > %s ORDER BY user_name, expires_at, role",
                 (now,),
             ).fetchall()
         return _listing(rows)
