@@ -85,8 +85,9 @@ def sqlite_state(tmp_path):
 
 def test_copy_carries_everything_and_refuses_a_second_time(sqlite_state, pg_server):
     """Every table arrives whole (identities, secret hashes, tokens used and unused,
-    dashboard login tokens live and revoked, revocations, records, audit in order); the password is never printed; copying into
-    a database that holds something is refused, exit 1, nothing added."""
+    dashboard login tokens live and revoked, revocations, records, audit in order);
+    the password is never printed; copying into a database that holds something is
+    refused, exit 1, nothing added."""
     dsn = pg_server.new_database()
     done = cli("state", "copy", "--from", str(sqlite_state), "--to", dsn)
     assert done.returncode == 0, done.stderr

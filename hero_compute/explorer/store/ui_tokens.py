@@ -44,7 +44,8 @@ def _listing(rows):
 
 
 _SELECT_LISTING = (
-    "SELECT user_name, role, created_at, expires_at, used_at, revoked_at FROM ui_tokens"
+    "SELECT user_name, role, created_at, expires_at, used_at, revoked_at FROM ui_tokens "
+    "WHERE expires_at > {} ORDER BY user_name, expires_at, role"
 )
 
 
@@ -125,7 +126,7 @@ class SqliteUiTokens:
         """
         return _listing(
             self._db.execute(
-                f"{_SELECT_LISTING} WHERE expires_at > ? ORDER BY user_name, expires_at, role",
+                _SELECT_LISTING.format("?"),
                 (now,),
             )
         )
@@ -226,7 +227,7 @@ class PostgresUiTokens:
         """:return: the tokens not yet expired (as :meth:`Store.ui_tokens`)"""
         with self._use() as conn:
             rows = conn.execute(
-                f"{_SELECT_LISTING} WHERE expires_at > %s ORDER BY user_name, expires_at, role",
+                _SELECT_LISTING.format("%s"),
                 (now,),
             ).fetchall()
         return _listing(rows)
