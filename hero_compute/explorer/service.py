@@ -12,11 +12,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 import hero_compute
+from hero_compute.rpc.context import CallContext
+from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import RefusedByPolicy, RpcError
 from hero_compute.rpc.limits import Limits
+from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.metrics import Histogram
 
 from .metrics import HEARTBEAT_BUCKETS, CallStats
@@ -30,13 +35,6 @@ from .store import DURABLE_FIELDS
 from .ui_accounts import UiAccounts
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IReactorTime
-
-    from hero_compute.rpc.context import CallContext
-    from hero_compute.rpc.dispatch import Dispatcher
-    from hero_compute.rpc.listeners import Listeners
-
     from .trust import ExplorerTrust
 
 
@@ -107,7 +105,8 @@ class ExplorerMethods:
         # New node ids per source address, in a sliding minute.
         self._new_ids = NewIds(clock)
         #: The dashboard's users: login tokens and sessions (CONTRACT §11).
-        self.accounts = UiAccounts(clock)
+        #: Their login tokens are in the trust's store, sessions here.
+        self.accounts = UiAccounts(clock, lambda: trust.store, trust.run_on_store)
 
     def register(self, rpc: Dispatcher) -> None:
         """

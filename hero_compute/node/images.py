@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, threads, utils
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import InvalidVmState
 
 from .fetch import Download, FetchError, TempFile, check_target, check_url
+from .qemu.disks import INFO_TIMEOUT
 from .qemu.images import ImagePolicy, default_image_dirs
+from .qemu.tools import ToolTimeout, run
 
 if TYPE_CHECKING:
     from hero_compute.rpc.dispatch import Dispatcher
@@ -50,46 +52,6 @@ TEMP_PREFIX = ".import-"
 INFO_CONCURRENCY = 4
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """
-    :param text: bytes, or a number with ``K``, ``M``, ``G``, ``T`` (binary units,
-        optionally followed by ``iB`` or ``B``): ``20G``, ``512MiB``, ``1073741824``
-    :return: the size in bytes, at least 1
-    :raise ValueError: saying what is accepted
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    value = int(match.group(1)) * _UNITS[match.group(2).upper()] if match else 0
-    if value < 1:
-        raise ValueError(
-            f"{text!r} is not a size: expected bytes, or a number with K, M, G or T "
-            "(binary units), e.g. 20G"
-        )
-    return value
-
-
-def image_settings(max_text: str | None, local_text: str | None) -> tuple[int, bool]:
-    """
-    Check ``NODE_IMAGE_MAX`` and ``NODE_IMAGE_FETCH_LOCAL`` (or their options).
-
-    :param max_text: the largest image, as :func:`parse_size` reads it, or None
-    :param local_text: ``1`` (or ``true``, ``yes``) to allow local fetches, ``0``,
-        empty or None not to
-    :return: ``(max_bytes, allow_local)``
-    :raise ValueError: naming the variable
-    """
-    max_bytes = DEFAULT_IMAGE_MAX
-    if max_text:
-        try:
-            max_bytes = parse_size(max_text)
-        except ValueError as e:
-            raise ValueError(f"NODE_IMAGE_MAX (--image-max): {e}") from None
-    local = (local_text or "").strip().lower()
-    if local not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"NODE_IMAGE_FETCH_LOCAL={local_text!r}: expected 1 or 0")
-    return max_bytes, local in ("1", "true", "yes")
 
 
 def make_images(
@@ -97,7 +59,7 @@ def make_images(
 ) -> Images:
     """
     :param image_dirs: ``NODE_IMAGE_DIRS``, or empty for ``state_dir/images``
-    :param settings: what :func:`image_settings` returned
+    :param settings: what :func:`~.tap_images.image_settings` returned
     :return: the node's :class:`Images`
     """
     max_bytes, allow_local = settings
@@ -281,14 +243,10 @@ class Images(service.Service):
         """:return: ``(format, virtual size)``, both None when qemu-img cannot say"""
         try:
             # -U: the image may be open in running VMs; info only reads.
-            out, _, code = await utils.getProcessOutputAndValue(
-                self._qemu_img,
-                ["info", "-U", "--output=json", path],
-                env=os.environ,
-                reactor=self._reactor,
-            )
+            args = ["info", "-U", "--output=json", path]
+            out, _, code = await run(self._reactor, self._qemu_img, args, INFO_TIMEOUT)
             info = json.loads(out) if code == 0 else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, ToolTimeout):
             info = {}
         info = info if isinstance(info, dict) else {}
         fmt, virtual = info.get("format"), info.get("virtual-size")

@@ -40,6 +40,7 @@ from .rows import (
     node_rows,
 )
 from .schema import AUDIT_FIELDS, NODE_FIELDS, StoreError
+from .ui_tokens import PostgresUiTokens
 from .watch import CHANNEL, Watcher
 
 log = Logger()
@@ -68,7 +69,7 @@ def redact(dsn: str) -> str:
 
 
 @implementer(IStore)
-class PostgresStore(PostgresTrust):
+class PostgresStore(PostgresTrust, PostgresUiTokens):
     """
     The explorer's state in a PostgreSQL database.  Open with :meth:`open`.
 
@@ -93,6 +94,8 @@ class PostgresStore(PostgresTrust):
         # Serial -> when it was signed, for the ids ever revoked (the only ones whose
         # heartbeats ask): complete for them, so a miss means "not signed here".
         self._issued_at = {}
+        # Dashboard user -> the hashes of its revoked login tokens (.ui_tokens).
+        self._ui_revoked = {}
         self._watcher: Watcher | None = None
 
     @classmethod
@@ -168,6 +171,7 @@ class PostgresStore(PostgresTrust):
                 "(SELECT node_id FROM revoked_ids)"
             )
         }
+        self._load_ui(conn)
         return seq
 
     def refresh(self, conn: psycopg.Connection[Any], node_ids: Iterable[str]) -> None:
@@ -245,11 +249,17 @@ class PostgresStore(PostgresTrust):
                     self._watcher.lost(e)
                 raise StoreUnavailable() from None
 
-    def _changed(self, conn, node_id) -> None:
-        """Tell the other explorers (inside the writing transaction) and ourselves."""
+    def _changed(self, conn, node_id, kind: str = "node") -> None:
+        """
+        Tell the other explorers (inside the writing transaction) and ourselves.
+
+        :param node_id: the node id whose identity changed, or (``kind`` ``ui``) the
+            dashboard user whose login tokens were revoked
+        """
         conn.execute(
-            "INSERT INTO changes (node_id, at) VALUES (%s, extract(epoch FROM now()))",
-            (node_id,),
+            "INSERT INTO changes (node_id, at, kind) "
+            "VALUES (%s, extract(epoch FROM now()), %s)",
+            (node_id, kind),
         )
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, node_id))
 
