@@ -98,19 +98,26 @@ class IStore(Interface):
     def knows(node_id: str) -> bool:
         """:return: whether anything is held about the id (it may call the server)"""
 
-    def add_ui_token(token_hash, user, role, now, expires_at, limit):
+    def add_ui_token(
+        token_hash: str,
+        user: str,
+        role: str,
+        now: float,
+        expires_at: float,
+        limit: int,
+    ) -> bool:
         """Keep a dashboard login token's hash; :return: False if ``limit`` wait"""
 
-    def redeem_ui_token(token_hash, now):
+    def redeem_ui_token(token_hash: str, now: float) -> tuple[Any, ...] | None:
         """Spend a login token atomically; :return: ``(user, role, expires_at)`` or None"""
 
-    def ui_tokens(now):
+    def ui_tokens(now: float) -> list[dict[str, Any]]:
         """:return: the login tokens not yet expired (metadata only)"""
 
-    def revoke_ui_user(user, now):
+    def revoke_ui_user(user: str, now: float) -> int:
         """Revoke a dashboard user's tokens; :return: how many were waiting"""
 
-    def ui_token_revoked(user, token_hash):
+    def ui_token_revoked(user: str, token_hash: str) -> bool:
         """:return: whether that login token was revoked, from memory"""
 
     def rows(table: str, columns: Sequence[str]) -> list[list[Any]]:
