@@ -120,8 +120,9 @@ class Proxy:
         #: Calls refused busy, for metrics.
         self.busy = 0
         # Busy refusals are logged as every limit is (CONTRACT §7): a line per
-        # REFUSALS_EVERY at most, the rest counted into the next.
-        self._busy_log = Throttle(registry.clock, REFUSALS_EVERY)
+        # REFUSALS_EVERY at most, the rest counted into the next.  Made at the first
+        # refusal, on the registry's clock.
+        self._busy_log: Throttle | None = None
 
     def call(self, node_id: str, method: str, params: Any = None) -> defer.Deferred[Any]:
         """
@@ -145,6 +146,8 @@ class Proxy:
         ):
             self.busy += 1
             scope = "in all" if self.total >= self._total_limit else f"to node {node_id}"
+            if self._busy_log is None:
+                self._busy_log = Throttle(self._registry.clock, REFUSALS_EVERY)
             more = self._busy_log.offer()
             if more is not None:
                 log.warn(
