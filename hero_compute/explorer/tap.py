@@ -301,8 +301,8 @@ class Options(TapOptions):
         from hero_compute.rpc.listeners import StartupFailed
         from hero_compute.rpc.tls import TLSConfigError
 
+        from .state import StartupError
         from .store import StoreError
-        from .trust import StartupError
 
         database = self["database"]
         print_startup_errors(
@@ -336,8 +336,8 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
 
+    from .tls_material import TLSSettings
     from .tree import make_explorer
-    from .trust import TLSSettings
 
     sources = options["sources"]
     listen = []

@@ -15,10 +15,6 @@ from twisted.application import service
 from hero_compute.rpc.errors import RefusedByPolicy
 
 from .enroll import DEFAULT_TTL, Enrollment, csr_node_id
-from .state import StartupError
-from .tls_material import TLSSettings
-
-__all__ = ["ExplorerTrust", "StartupError", "TLSSettings"]
 
 
 class ExplorerTrust(service.Service):
