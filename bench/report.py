@@ -28,6 +28,12 @@ ROUND_TWO = {
         "p99 < 20 ms while ingest runs",
     ),
     "proxy": ("`explorer.call` throughput as a share of a direct call", ">= 60 %"),
+    # Issue 23's: one keep-alive connection, the proxied call's throughput over the
+    # direct one's.
+    "proxy1": (
+        "`explorer.call node.info` throughput / direct, one keep-alive connection",
+        ">= 0.75",
+    ),
     "transport": ("native TCP / socat, keep-alive, wrk", ">= 1.2"),
     "tls": ("TLS heartbeat CPU per heartbeat vs plain TCP", "<= 1.3x"),
     # Issue 20's.
