@@ -3,7 +3,8 @@
 hero_compute benchmarks: framework floor, native TCP vs socat, heartbeat ingest (with
 explorer.query_nodes paged alongside), an explorer restart under a connected fleet,
 proxy overhead, failure detection, and (optionally) a py-spy profile of the explorer.
-Issue #12's goals are checked beside their rows and listed as a README-ready table.
+Issue 23's goals (round three) and issue #12's (round two, rerun) are checked beside
+their rows and listed as README-ready tables.
 
     python bench/run.py                 # everything but the profile, ~13 minutes
     python bench/run.py --quick         # smaller N and shorter runs, ~5 minutes
@@ -12,6 +13,7 @@ Issue #12's goals are checked beside their rows and listed as a README-ready tab
     python bench/run.py --sections profile --quick
     python bench/run.py --sections tls,hostile     # issues #9 and #10
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
+    python bench/run.py --sections saturate        # issue 23: full heartbeats, capacity
     python bench/run.py --sections console         # issue #19: console echo
     python bench/run.py --sections store --quick   # issue 21: PostgreSQL vs SQLite
     python bench/run.py --sections boot --boot-rounds 2   # issue 19: boot to SSH
@@ -42,6 +44,7 @@ import ingest  # noqa: E402
 import placebench  # noqa: E402
 import pyspy  # noqa: E402
 import restart  # noqa: E402
+import saturate  # noqa: E402
 import sections  # noqa: E402
 import store  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -53,6 +56,7 @@ SECTIONS = {
     "floor": sections.sec_floor,
     "transport": sections.sec_transport,
     "ingest": ingest.sec_ingest,
+    "saturate": saturate.sec_saturate,
     "restart": restart.sec_restart,
     "proxy": sections.sec_proxy,
     "failure": sections.sec_failure,
@@ -68,6 +72,7 @@ DEFAULT_SECTIONS = [
     "floor",
     "transport",
     "ingest",
+    "saturate",
     "restart",
     "proxy",
     "failure",
@@ -159,6 +164,7 @@ def main(argv=None):
         "tls_n": 2000 if q else 10000,
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
+        "saturate_n": 20000 if q else 100_000,
         "place_n": args.place_n or (10000 if q else 100000),
         "boot_rounds": args.boot_rounds or (2 if q else 3),
     }

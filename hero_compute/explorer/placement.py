@@ -211,7 +211,8 @@ class PlacementIndex:
                 if not rows:
                     del self._labels[pair]
         if labels:
-            self._row_labels[row] = dict(labels)
+            # the record's own dict (never changed in place; shared among nodes)
+            self._row_labels[row] = labels
             for pair in labels.items():
                 self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
