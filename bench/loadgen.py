@@ -302,6 +302,7 @@ class Pages:
             "bytes": size,
             "wraps": wraps,
             "late": late,
+            "start": a.start,
         }
 
 

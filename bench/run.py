@@ -42,6 +42,7 @@ import console_echo  # noqa: E402
 import fleet  # noqa: E402
 import ingest  # noqa: E402
 import placebench  # noqa: E402
+import procs as procs_mod  # noqa: E402
 import pyspy  # noqa: E402
 import restart  # noqa: E402
 import saturate  # noqa: E402
@@ -132,6 +133,12 @@ def main(argv=None):
     ap.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (process logs)"
     )
+    ap.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="log the explorers' reactor stalls > 2 ms (collections, reads, timers) "
+        "into DIR (bench/stalls/sitecustomize.py); the place section sums its window up",
+    )
     args = ap.parse_args(argv)
     args.sections = (
         list(SECTIONS)
@@ -168,6 +175,12 @@ def main(argv=None):
         "place_n": args.place_n or (10000 if q else 100000),
         "boot_rounds": args.boot_rounds or (2 if q else 3),
     }
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
+        procs_mod.ENV["BENCH_TRACE"] = os.path.abspath(args.trace)
+        procs_mod.ENV["PYTHONPATH"] = (
+            os.path.join(HERE, "stalls") + os.pathsep + procs_mod.ENV["PYTHONPATH"]
+        )
     mach = machine()
     res = Results()
     res.note(
