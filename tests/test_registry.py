@@ -384,3 +384,5 @@ def test_equal_dicts_of_different_nodes_are_one_object(clock):
     nested = {"gpu": {"model": "x"}}
     c, _ = registry.heartbeat(_full("c", nested, {}))
     assert c.capacity is nested
+    d, _ = registry.heartbeat(_full("d", {"vcpus": 4.0}, {"zone": "z1"}))
+    assert type(d.capacity["vcpus"]) is float  # equal to a's, but what d sent

@@ -211,3 +211,5 @@ def test_equal_contributions_are_one_object(clock):
     assert answer["nodes"]["online"] == 3
     assert answer["capacity"]["vcpus"] == 12
     assert answer["labels"] == {"zone": {"a": 3}}
+    beat(registry, "f", capacity={"vcpus": 4.0}, labels={"zone": "a"})
+    assert type(registry.summary.answer(clock.seconds())["capacity"]["vcpus"]) is float

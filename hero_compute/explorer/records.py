@@ -56,7 +56,8 @@ class SharedValues:
         if type(value) is not dict:
             return value
         try:
-            key = tuple(value.items())
+            # Types too: 16 and 16.0 are equal, but a node's answer shows what it sent.
+            key = tuple((k, v, type(v)) for k, v in value.items())
             kept = self._kept.get(key)
         except TypeError:  # a value that is not hashable (a nested dict): its own
             return value

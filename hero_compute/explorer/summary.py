@@ -65,6 +65,10 @@ class FleetSummary:
         self._shared = {}
 
     def _share(self, part):
+        cap, use, vms, _ = part
+        if not all(type(x) is int for x in (*cap, *use, vms)):
+            # 16 and 16.0 are equal: sharing would change a sum's type (and its JSON).
+            return part
         shared = self._shared
         if len(shared) >= SHARED_PARTS:
             shared.clear()
