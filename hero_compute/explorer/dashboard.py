@@ -20,7 +20,6 @@ static files, RPC, console) and holds each path's checks in one place; the accou
 the console splice, the guard and the listener live in modules of their own.
 """
 
-import hmac
 import html
 import os
 import secrets
@@ -31,11 +30,11 @@ from twisted.application import strports
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
-from twisted.web.http import FORBIDDEN, FOUND, NOT_ALLOWED, UNAUTHORIZED
+from twisted.web.http import FORBIDDEN, NOT_ALLOWED, UNAUTHORIZED
 
 import hero_compute
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
-from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY, UI_VIEWER
+from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
@@ -44,7 +43,8 @@ from hero_compute.rpc.web import RpcResource
 from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import Announcing, TLSOnStart
-from .ui_accounts import STARTUP_USER, DashboardUser, UiAccounts, csrf_ok, with_session
+from .dashboard_login import exchange
+from .ui_accounts import UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
 
 log = Logger()
@@ -240,27 +240,7 @@ class DashboardRoot(resource.Resource):
             return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
         token = (request.args or {}).get(b"token")
         if token is not None:
-            if hmac.compare_digest(token[0], self._token):
-                sid, _ = self.sessions.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
-            else:
-                # A user's login token: spent here, whatever follows.
-                login = self.sessions.redeem(token[0].decode("utf-8", "replace"))
-                if login is None:
-                    return _refuse(request, UNAUTHORIZED, "wrong, used or expired token")
-                sid, _ = login
-            request.addCookie(
-                COOKIE,
-                sid.encode(),
-                path=b"/",
-                httpOnly=True,
-                sameSite="strict",
-                # Never sent over plain http:// to the same host (on any port).
-                secure=request.isSecure(),
-            )
-            # Off the address bar and out of the history at once.
-            request.setResponseCode(FOUND)
-            request.setHeader(b"location", b"/")
-            return b""
+            return exchange(request, self.sessions, token[0], self._token, COOKIE, _refuse)
         session = self._session(request)
         if not session:
             return _refuse(

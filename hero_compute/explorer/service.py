@@ -98,7 +98,8 @@ class ExplorerMethods:
         # New node ids per source address, in a sliding minute.
         self._new_ids = NewIds(clock)
         #: The dashboard's users: login tokens and sessions (CONTRACT §11).
-        self.accounts = UiAccounts(clock)
+        #: Their login tokens are in the trust's store, sessions here.
+        self.accounts = UiAccounts(clock, lambda: trust.store, trust.run_on_store)
 
     def register(self, rpc):
         """

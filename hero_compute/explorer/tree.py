@@ -156,6 +156,8 @@ def make_explorer(
         max_response=limits.max_reply,
         # As many kept warm as may run at once: fewer, and calls beyond them reconnect.
         max_per_peer=limits.calls_per_node,
+        # Its results are answers passed on: written again without a walk for NaNs.
+        relay=True,
     )
     rpc = Dispatcher(
         load_schema("explorer"),
