@@ -2,6 +2,8 @@
 The explorer's registry: upserts, derived liveness, leave and removal.
 """
 
+from types import SimpleNamespace
+
 import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
@@ -327,8 +329,10 @@ def test_explorer_refuses_new_ids_over_the_limit_across_a_minute_boundary():
 
     clock = Clock()
     clock.advance(59.5)  # half a second before a calendar minute ends
+    # No store behind it: only the accounts read the trust, at construction.
+    trust = SimpleNamespace(store=None, run_on_store=None)
     methods = ExplorerMethods(
-        Registry(clock, 30), None, clock, None, limits=Limits(new_nodes_per_addr=3)
+        Registry(clock, 30), None, clock, trust, limits=Limits(new_nodes_per_addr=3)
     )
     context = CallContext("tcp", "192.0.2.1:40000", host="192.0.2.1")
     for i in range(3):
