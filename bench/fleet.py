@@ -102,8 +102,22 @@ def sec_tls(procs, tmp, res, cfg):
         f"{x_tcp['cpu_per_hb_us']} us; {s_tls['rps']:,.0f} vs {s_tcp['rps']:,.0f} "
         f"heartbeats/s, p99 {s_tls['p99_ms']} vs {s_tcp['p99_ms']} ms; "
         f"{x_tls['hb_mode']})",
-        ratio is not None and ratio <= 1.3,
+        {3: ratio is not None and ratio <= 1.10, 2: ratio is not None and ratio <= 1.3},
         row=row,
+    )
+    # issue 23: the TLS run's own rate and p99; its goal is for N = 100,000 (a quick
+    # run's smaller fleet is reported, not judged)
+    res.goal(
+        "tls_ingest",
+        f"{s_tls['rps']:,.0f}/s, p99 {s_tls['p99_ms']} ms, {off_tls} wrongly offline "
+        f"({x_tls['hb_mode']})",
+        None
+        if n < 100_000
+        else s_tls["rps"] >= 0.99 * 10_000
+        and s_tls["p99_ms"] is not None
+        and s_tls["p99_ms"] < 20
+        and not off_tls,
+        n=n,
     )
     res.target(
         f"TLS ingest N={n:,}: >= {rate:,.0f} heartbeats/s, no node wrongly offline",

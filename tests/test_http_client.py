@@ -29,7 +29,8 @@ from hero_compute.rpc.errors import (
 )
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
-from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.listen import Listen
+from hero_compute.rpc.listeners import Listeners
 
 from .support import failure_result_of, success_result_of, until
 
@@ -75,7 +76,7 @@ class Server:
         self.listeners = Listeners(
             site,
             [
-                unix_endpoint_string(f"{self.directory}/rpc.sock"),
+                Listen.unix(f"{self.directory}/rpc.sock"),
                 "tcp:0:interface=127.0.0.1",
                 r"tcp6:0:interface=\:\:1",
             ],

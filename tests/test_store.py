@@ -419,13 +419,13 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
 
     from hero_compute.explorer.record_writer import FLUSH_CHUNK, FLUSH_EVERY
     from hero_compute.explorer.records import NodeRecord
-    from hero_compute.explorer.trust import ExplorerTrust
+    from hero_compute.explorer.state import ExplorerState
 
     clock = Clock()
-    trust = ExplorerTrust(clock=clock, reactor=clock, db_path=path, tls=None, factory=None)
-    trust.open()
+    state = ExplorerState(clock=clock, reactor=clock, db_path=path)
+    state.open()
     batches = []
-    store = trust.store
+    store = state.store
 
     class Recording:
         """The store, noting each batch and whether the rest is left to a later turn."""
@@ -437,18 +437,18 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
             batches.append((len(records), len(clock.getDelayedCalls())))
             store.save_nodes(records)
 
-    trust.store = Recording()
+    state.store = Recording()
     total = FLUSH_CHUNK * 2 + 7
     for i in range(total):
-        trust.save_node(NodeRecord(**node(f"n{i:05d}")))
+        state.records.save_node(NodeRecord(**node(f"n{i:05d}")))
     clock.advance(FLUSH_EVERY)
     assert batches == [(FLUSH_CHUNK, 1), (FLUSH_CHUNK, 1), (7, 0)]
-    stored = trust.load_nodes()
+    stored = state.load_nodes()
     assert len(stored) == total and stored[0] == node("n00000")
     batches.clear()
     for i in range(total):
-        trust.save_node(NodeRecord(**node(f"n{i:05d}", name="renamed")))
-    trust.close({})
+        state.records.save_node(NodeRecord(**node(f"n{i:05d}", name="renamed")))
+    state.close({})
     assert [n for n, _ in batches] == [FLUSH_CHUNK, FLUSH_CHUNK, 7]
     assert not clock.getDelayedCalls()
     again = Store.open(path)

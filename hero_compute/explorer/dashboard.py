@@ -30,7 +30,6 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 import attrs
-from twisted.application import strports
 from twisted.internet.interfaces import IProtocolFactory, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -39,12 +38,13 @@ from twisted.web.http import FORBIDDEN, NOT_ALLOWED, UNAUTHORIZED
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
 from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
 from hero_compute.rpc.dispatch import CallContext, service_dispatcher
+from hero_compute.rpc.listen import listener_service
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
 from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
-from .dashboard_listen import Announcing, TLSOnStart
+from .dashboard_listen import DashboardAnnouncement, TLSOnStart
 from .dashboard_login import exchange
 from .ui_accounts import UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from hero_compute.rpc.admission import Admission
     from hero_compute.rpc.dispatch import Dispatcher
     from hero_compute.rpc.limits import Limits
+    from hero_compute.rpc.listen import Listen
     from hero_compute.rpc.tls import ServerTLS
 
     from .service import ExplorerMethods
@@ -333,7 +334,7 @@ class _QuietSite(AdmittedSite):
 
 def make_dashboard(
     *,
-    listen: str,
+    listen: Listen,
     methods: ExplorerMethods,
     limits: Limits,
     token: str | None = None,
@@ -347,10 +348,9 @@ def make_dashboard(
     audit: Callable[[str, str, str | None, str], None] | None = None,
 ) -> StreamServerEndpointService:
     """
-    The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
-    aborts start-up.
+    The dashboard on its own listener; a bind failure aborts start-up.
 
-    :param listen: the Twisted server endpoint string to serve it on
+    :param listen: the :class:`~hero_compute.rpc.listen.Listen` to serve it on
     :param methods: the :class:`~hero_compute.explorer.service.ExplorerMethods`
     :param limits: the :class:`~hero_compute.rpc.limits.Limits`
     :param token: the access token, or None for a random one
@@ -394,11 +394,17 @@ def make_dashboard(
     if tls is not None:
         wrap = None if admission is None else AdmittedTLSFactory
         factory = TLSOnStart(site, tls, wrap, admission)
-    svc = strports.service(listen, factory, reactor=reactor)
-    svc.endpoint = Announcing(
-        svc.endpoint, token, token_file, secure=tls is not None, write=fresh
+    announcement = DashboardAnnouncement(
+        token, token_file, secure=tls is not None, write=fresh
     )
-    methods.accounts.url_of = lambda: svc.endpoint.url
+    svc = listener_service(
+        listen,
+        factory,
+        reactor,
+        before=announcement.before,
+        detail=announcement.detail,
+    )
+    methods.accounts.url_of = lambda: announcement.url
     root.audit = audit
     # Nobody reaches the page's resources through the service but a debugger or a test.
     svc.root = root  # type: ignore[attr-defined]

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from hero_compute.rpc.http_server import RpcHTTPFactory
+    from hero_compute.rpc.listen import Listen
 
     from .proxy import Proxy
     from .registry import Registry
@@ -254,7 +255,7 @@ class ExplorerCollector:
 
 def make_metrics(
     *,
-    listen: str,
+    listen: Listen,
     methods: Any,
     registry: Registry,
     proxy: Proxy,
@@ -265,7 +266,7 @@ def make_metrics(
     """
     The explorer's metrics: ``GET /metrics`` on its own listener, and the reactor's lag.
 
-    :param listen: the Twisted server endpoint string to serve them on
+    :param listen: the :class:`~hero_compute.rpc.listen.Listen` to serve them on
     :param methods: the :class:`~hero_compute.explorer.service.ExplorerMethods`
     :param registry: the :class:`~hero_compute.explorer.registry.Registry`
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy`

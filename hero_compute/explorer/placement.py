@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Collection, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -40,6 +40,9 @@ REASONS = ("offline", "labels", *RESOURCES)
 STRATEGIES = ("spread", "binpack")
 
 _GROW = 1024
+
+#: Tied rows compared by node id directly while the fleet's order is stale.
+FEW_TIES = 256
 
 
 class NoFit(Exception):
@@ -133,7 +136,7 @@ class PlacementIndex:
         self.offline_after = offline_after
         self.hold = hold
         self._rows: dict[str, int] = {}
-        self._ids: list[str | None] = []
+        self._ids: list[Any] = []  # node ids by row; None for a spare row
         self._spare: list[int] = []
         size = _GROW
         self._capacity = [np.zeros(size) for _ in RESOURCES]
@@ -233,7 +236,8 @@ class PlacementIndex:
                 if not rows:
                     del self._labels[pair]
         if labels:
-            self._row_labels[row] = dict(labels)
+            # the record's own dict (never changed in place; shared among nodes)
+            self._row_labels[row] = labels
             for pair in labels.items():
                 self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
@@ -376,6 +380,10 @@ class PlacementIndex:
         if sub is not None:
             tied = sub[tied]
         if len(tied) > 1:
+            if self._rank_stale and len(tied) <= FEW_TIES:
+                # A few ties: their ids compared, rather than the fleet's order rebuilt
+                # (about 20 ms at 100,000 nodes) on the first placement after a join.
+                return min(map(self._ids.__getitem__, tied.tolist()))
             self._fresh_rank()
             tied = tied[[self._rank[tied].argmin()]]
         node_id = self._ids[int(tied[0])]

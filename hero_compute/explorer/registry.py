@@ -25,7 +25,7 @@ from hero_compute.rpc.throttle import Throttle
 
 from .history import HeartbeatHistory
 from .placement import PlacementIndex
-from .records import KEPT_FIELDS, NEW, Heartbeat, NodeRecord
+from .records import KEPT_FIELDS, NEW, Heartbeat, NodeRecord, SharedValues
 from .summary import FleetSummary
 
 log = Logger()
@@ -125,6 +125,7 @@ class Registry:
     )
     #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
     on_event: Any = attrs.field(default=None, init=False)
+    _shared: SharedValues = attrs.field(factory=SharedValues, init=False)
     # LOG_BURST lines of node events a second, the rest summed up by flush_log.
     _log: Throttle = attrs.field(
         default=attrs.Factory(
@@ -143,19 +144,21 @@ class Registry:
         record = self._nodes.get(node_id)
         self.history.add(node_id, now)
         if record is None:
+            shared = self._shared
             # A new node's heartbeat is a full one (the service refuses a delta from a
             # node the registry does not hold): none of its fields is None.
             full: Any = heartbeat
             record = self._nodes[node_id] = NodeRecord(
                 node_id=node_id,
-                name=full.name,
+                # a node named after its id: one string, not two
+                name=node_id if full.name == node_id else full.name,
                 socket_path=socket_path,
                 transport=heartbeat.transport,
                 version=full.version,
-                capacity=full.capacity,
-                usage=full.usage,
+                capacity=shared(full.capacity),
+                usage=shared(full.usage),
                 vm_count=full.vm_count,
-                labels=full.labels,
+                labels=shared(full.labels),
                 first_seen=now,
                 last_seen=now,
                 remote=heartbeat.remote,
@@ -178,7 +181,7 @@ class Registry:
             value = getattr(heartbeat, field)
             # Equal values keep the record's objects: the heartbeat's copies are freed.
             if value is not None and value != getattr(record, field):
-                setattr(record, field, value)
+                setattr(record, field, self._shared(value))
                 changed.append(field)
         if record.transport != heartbeat.transport:
             record.transport = heartbeat.transport

@@ -10,10 +10,9 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, interfaces
 from twisted.logger import Logger
 
 import hero_compute
@@ -32,11 +31,8 @@ from .reachable import Refused, checked_address
 from .records import Heartbeat, NodeRecord, StaleSession
 from .registry import HEARTBEATS_PER_OFFLINE, Registry
 from .store import DURABLE_FIELDS
+from .trust import ExplorerTrust
 from .ui_accounts import UiAccounts
-
-if TYPE_CHECKING:
-    from .trust import ExplorerTrust
-
 
 log = Logger()
 
@@ -69,24 +65,28 @@ class ExplorerMethods:
     :param registry: an :class:`INodeRegistry`
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy` for ``explorer.call``
     :param clock: the clock, for uptime
-    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust` (state,
+    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust` (identities,
         tokens, certificates)
     :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
+    :param state: the :class:`~hero_compute.explorer.state.ExplorerState`: its record
+        writer keeps changed node records; its ``store_state`` is reported
     """
 
     def __init__(
         self,
         registry: Registry,
         proxy: Proxy,
-        clock: IReactorTime,
+        clock: interfaces.IReactorTime,
         trust: ExplorerTrust,
         listeners: Listeners | None = None,
         limits: Limits | None = None,
+        state: Any = None,
     ) -> None:
         self._registry = registry
         self._proxy = proxy
         self._clock = clock
         self._trust = trust
+        self._state = state
         self._listeners = listeners
         self._limits = limits or Limits()
         self._started = clock.seconds()
@@ -164,7 +164,7 @@ class ExplorerMethods:
         labels: dict[str, str] | None = None,
         secret: str | None = None,
         session: str | None = None,
-    ) -> dict[str, Any] | Deferred[dict[str, Any]]:
+    ) -> dict[str, Any] | defer.Deferred[dict[str, Any]]:
         """
         Record a node's heartbeat.
 
@@ -233,7 +233,7 @@ class ExplorerMethods:
         if changed and not _DURABLE.isdisjoint(changed):
             # Written on first sight and when the address, name or labels change: never
             # per heartbeat (last_seen is flushed in batches).
-            self._trust.save_node(record)
+            self._state.records.save_node(record)
         return {
             "accepted": True,
             "next_heartbeat": self._next_heartbeat,
@@ -275,7 +275,7 @@ class ExplorerMethods:
 
     def leave(
         self, context: CallContext, node_id: str, secret: str | None = None
-    ) -> bool | Deferred[bool]:
+    ) -> bool | defer.Deferred[bool]:
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
         checked = self._trust.check_node(node_id, secret, context)
@@ -339,7 +339,7 @@ class ExplorerMethods:
         self._registry.get(node_id)
         return {"node_id": node_id, "heartbeats": self._registry.history.times(node_id)}
 
-    def remove_node(self, node_id: str) -> bool | Deferred[bool]:
+    def remove_node(self, node_id: str) -> bool | defer.Deferred[bool]:
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
         self._registry.get(node_id)
         # A shared store first: when it is down the node stays (-32007).
@@ -357,7 +357,7 @@ class ExplorerMethods:
             token, csr, lambda node_id: self._registry.find(node_id) is not None
         )
 
-    def revoke(self, node_id: str) -> bool | Deferred[bool]:
+    def revoke(self, node_id: str) -> bool | defer.Deferred[bool]:
         """Refuse a node's certificates and secret from now on; it goes offline."""
         return _then(self._trust.revoke(node_id), lambda: self._revoked(node_id))
 
@@ -391,9 +391,9 @@ class ExplorerMethods:
 
     def store_state(self) -> dict[str, str]:
         """:return: the state store's ``{"kind", "state"}`` (for metrics too)"""
-        return self._trust.store_state
+        return self._state.store_state
 
 
-def _then(pending: Deferred[Any] | None, after: Callable[[], Any]) -> Any:
+def _then(pending: defer.Deferred[Any] | None, after: Callable[[], Any]) -> Any:
     """``after()``, once ``pending`` (None, or a shared store's Deferred) is done."""
     return after() if pending is None else pending.addCallback(lambda _: after())

@@ -141,7 +141,7 @@ class UiAccounts:
         self._cert_key = secrets.token_bytes(32)
         #: Answers the dashboard's URL (``http(s)://host:port``) once it listens, or
         #: None, for the login URLs.
-        self.url_of = lambda: None
+        self.url_of: Callable[[], str | None] = lambda: None
 
     def register(self, rpc: Dispatcher) -> None:
         """Publish ``explorer.ui_token_*`` on a dispatcher."""

@@ -37,6 +37,7 @@ from twisted.web import http, server
 from .limits import Limits
 from .sendnow import SendNowTLS
 from .throttle import REFUSALS_EVERY, Throttle
+from .twisted_private import handshake_done
 
 log = Logger()
 
@@ -218,9 +219,7 @@ class AdmittedTLS(SendNowTLS):
 
     def dataReceived(self, data: bytes) -> None:
         SendNowTLS.dataReceived(self, data)
-        # (Twisted says a handshake has ended only by this attribute, or to a wrapped
-        # protocol that is an IHandshakeListener, which ours are not.)
-        if self._deadline is not None and self._handshakeDone:
+        if self._deadline is not None and handshake_done(self):
             self._stop_deadline()
 
     def _handshake_too_slow(self) -> None:

@@ -27,12 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL.SSL import WantReadError
-from twisted.internet import tcp, unix
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-#: The transports whose socket we may write to directly: Twisted's own, whose buffer
-#: attributes (``dataBuffer``, ``_tempDataLen``) we read to keep the order of bytes.
-_DIRECT = (tcp.Server, unix.Server, tcp.Client, unix.Client)
+from .twisted_private import idle_socket, tls_connection
 
 #: Bytes read from OpenSSL's send buffer at a time (Twisted reads as much); a read that
 #: returns less has emptied it.
@@ -47,17 +44,10 @@ def send_now(transport: Any, data: bytes) -> None:
     :param transport: the connection's transport
     :param data: the bytes to send
     """
-    if (
-        type(transport) in _DIRECT
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-    ):
+    sock = idle_socket(transport)
+    if sock is not None:
         try:
-            sent = transport.socket.send(data)
+            sent = sock.send(data)
         except OSError:
             # Full (EAGAIN), or broken: the transport buffers it, or meets the error
             # and closes the connection its own way.
@@ -82,7 +72,7 @@ class SendNowTLS(TLSMemoryBIOProtocol):
     """
 
     def _flushSendBIO(self) -> None:
-        connection = self._tlsConnection
+        connection = tls_connection(self)
         try:
             data = connection.bio_read(_BIO_READ)
         except WantReadError:

@@ -18,7 +18,7 @@ class IStore(Interface):
     """
     What the explorer keeps across restarts, and shares with the other explorers of one
     database.  Every method is synchronous: a shared backend is called from a worker
-    thread (see :class:`hero_compute.explorer.trust.ExplorerTrust`), never the reactor,
+    thread (see :class:`hero_compute.explorer.state.ExplorerState`), never the reactor,
     except :meth:`identity`, :meth:`is_revoked_serial` and :meth:`ui_token_revoked`,
     which answer from memory.
     """
