@@ -251,7 +251,6 @@ class AdmittedTLSFactory(TLSServerFactory):
     """
 
     protocol = AdmittedTLS
-    noisy = False
 
     def __init__(self, creator: Any, factory: Factory, admission: Admission) -> None:
         TLSServerFactory.__init__(self, creator, factory)

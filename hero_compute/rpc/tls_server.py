@@ -10,20 +10,21 @@ The TLS is the same: :func:`server_context` makes from the same :class:`Credenti
 what :func:`hero_compute.rpc.tls._context` makes for pyOpenSSL (TLS 1.2 or later, the
 same ciphers, the chain to the fleet CA sent with our certificate, a client certificate
 asked for and verified against the CA if offered, no session tickets).  Who the peer is
-is read from its certificate above us, as before (:meth:`TLSServerProtocol.getPeerCertificate`
-gives pyOpenSSL's ``X509``, as Twisted's transport did).
+is read from its certificate above us, as before
+(:meth:`TLSServerProtocol.getPeerCertificate` gives pyOpenSSL's ``X509``, as Twisted's
+transport did).
 
 :class:`TLSServerProtocol` keeps the behaviour of Twisted's transport that our
 protocols see: the wrapped protocol is connected at once, its writes wait for the
 handshake, and it is told when the handshake ends if it is an
-:class:`~twisted.internet.interfaces.IHandshakeListener`; ``loseConnection`` sends ``close_notify`` (after a registered producer
-is unregistered) and closes once the peer has answered it; ``abortConnection`` drops
-everything; a handshake or record that fails ends the connection with the error (its
-alert sent first); a TCP close without ``close_notify`` is reported as
-:class:`~twisted.internet.error.ConnectionLost`.  Ciphertext leaves through
-:func:`~hero_compute.rpc.sendnow.send_now`: at once, and only what the socket does not
-take is buffered by the TCP transport, whose producer calls (``HERO_MAX_UNSENT``) our
-protocols get, as before.
+:class:`~twisted.internet.interfaces.IHandshakeListener`; ``loseConnection`` sends
+``close_notify`` (after a registered producer is unregistered) and closes once the peer
+has answered it; ``abortConnection`` drops everything; a handshake or record that fails
+ends the connection with the error (its alert sent first); a TCP close without
+``close_notify`` is reported as :class:`~twisted.internet.error.ConnectionLost`.
+Ciphertext leaves through :func:`~hero_compute.rpc.sendnow.send_now`: at once, and only
+what the socket does not take is buffered by the TCP transport, whose producer calls
+(``HERO_MAX_UNSENT``) our protocols get, as before.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IAddress, IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IHandshakeListener,
+    IProtocol,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -136,7 +142,7 @@ def _no_session_cache(ctx: ssl.SSLContext) -> None:
     try:
         lib = _LibSSL.get()
     except (OSError, AttributeError):
-        raise ssl.SSLError("cannot reach libssl.so.3 to turn off the session cache")
+        raise ssl.SSLError("no libssl.so.3 to turn off the session cache") from None
     if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
         raise ssl.SSLError("the ssl module does not use the system's libssl.so.3")
     handle = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
@@ -169,6 +175,9 @@ class TLSServerProtocol(ProtocolWrapper):
     _reason: Failure | None = None
     _producer: Any = None
     _peer: Any = _UNSET
+
+    def __init__(self, factory: TLSServerFactory, wrapped: IProtocol) -> None:
+        ProtocolWrapper.__init__(self, factory, wrapped)
 
     def makeConnection(self, transport: Any) -> None:
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -367,7 +376,8 @@ class TLSServerProtocol(ProtocolWrapper):
             self._peer = (
                 None if der is None else crypto.load_certificate(crypto.FILETYPE_ASN1, der)
             )
-        return self._peer
+        peer: crypto.X509 | None = self._peer
+        return peer
 
     def getHandle(self) -> ssl.SSLObject | None:
         """:return: the connection's :class:`ssl.SSLObject`"""
@@ -379,7 +389,7 @@ class TLSServerProtocol(ProtocolWrapper):
         return None
 
 
-class TLSServerFactory(WrappingFactory):
+class TLSServerFactory(WrappingFactory[TLSServerProtocol]):
     """
     TLS in front of ``factory``, on a listener of any stream endpoint.
 
@@ -388,13 +398,13 @@ class TLSServerFactory(WrappingFactory):
     :param factory: the application's protocol factory (the HTTP site)
     """
 
-    protocol = TLSServerProtocol
+    protocol: type[TLSServerProtocol] = TLSServerProtocol
     noisy = False
 
     def __init__(self, creator: Any, factory: Factory) -> None:
-        WrappingFactory.__init__(self, factory)
+        super().__init__(factory)
         self.creator = creator
 
-    def buildProtocol(self, addr: IAddress) -> TLSServerProtocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> TLSServerProtocol:
         """:return: the TLS transport of a new connection"""
         return self.protocol(self, self.wrappedFactory.buildProtocol(addr))
