@@ -48,6 +48,13 @@ GOAL_DEFAULTS_BY_KEY = {
     "boot": {"goal": 1.25},
 }
 
+# Issue 23's TLS ingest row (a hunk of its own: other round-three goals come apart).
+ROUND_TWO["tls_ingest"] = (
+    "heartbeat ingest over mutual TLS, N = {n:,} nodes (one certificate and "
+    "connection each), delta heartbeats at a {interval:g} s interval",
+    ">= {rate:,.0f}/s, p99 < 20 ms, no node wrongly offline",
+)
+
 
 def _goal_text(key, **fmt):
     values = {**GOAL_DEFAULTS, **GOAL_DEFAULTS_BY_KEY.get(key, {}), **fmt}

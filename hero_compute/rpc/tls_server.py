@@ -230,6 +230,8 @@ class TLSServerProtocol(ProtocolWrapper):
                 data = tls.read(_RECORD)
             except ssl.SSLWantReadError:
                 break
+            except ssl.SSLZeroReturnError:
+                data = b""  # close_notify, after ours
             except (ssl.SSLError, ValueError):
                 self._finished(Failure())
                 break
