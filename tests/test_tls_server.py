@@ -7,6 +7,7 @@ connection ends (close_notify, truncation, abort), waits and pushes back.
 import ctypes
 import socket
 import ssl
+import struct
 
 import pytest
 import pytest_twisted
@@ -234,8 +235,8 @@ async def test_abort_sends_nothing_more(fleet, serve):
 
     def call():
         conn = connect(port, client_context(fleet))
-        conn.sendall(b"hi")
         try:
+            conn.sendall(b"hi")
             return conn.recv(10)
         except (ssl.SSLError, OSError) as e:
             return e
@@ -314,3 +315,32 @@ def test_the_context_speaks_as_the_pyopenssl_one(fleet):
     suites = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
     assert suites and all(s.startswith("ECDHE-") for s in suites)
     assert all("GCM" in s or "CHACHA20" in s for s in suites)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_certificate_request_names_the_fleet_ca(fleet, serve):
+    """The server asks for a client certificate of the fleet CA, by name (a browser
+    offers only those)."""
+    from cryptography import x509
+    from OpenSSL import SSL
+
+    port, _ = serve()
+    ca = x509.load_pem_x509_certificate(open(fleet["ca"], "rb").read())
+
+    def call():
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_verify(SSL.VERIFY_NONE)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+            # pyOpenSSL reads the descriptor itself: blocking, bounded by SO_RCVTIMEO.
+            raw.setblocking(True)
+            raw.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", WAIT, 0)
+            )
+            conn = SSL.Connection(context, raw)
+            conn.set_connect_state()
+            conn.do_handshake()
+            names = conn.get_client_ca_list()
+            conn.close()
+            return [name.der() for name in names]
+
+    assert await threads.deferToThread(call) == [ca.subject.public_bytes()]
