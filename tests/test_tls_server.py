@@ -15,7 +15,7 @@ from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from zope.interface import implementer
 
-from hero_compute.rpc import tls, tls_server
+from hero_compute.rpc import tls, tls_context
 
 TD = "hero-compute"
 WAIT = 10
@@ -307,7 +307,7 @@ def test_the_context_speaks_as_the_pyopenssl_one(fleet):
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_OPTIONAL
     assert context.options & ssl.OP_NO_TICKET and context.options & ssl.OP_NO_RENEGOTIATION
-    lib = tls_server._LibSSL.get()
+    lib = tls_context._LibSSL.get()
     handle = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
     assert lib.SSL_CTX_ctrl(handle, 45, 0, None) == 0  # SSL_SESS_CACHE_OFF
     release_buffers = 0x10

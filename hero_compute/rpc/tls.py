@@ -42,12 +42,13 @@ from zope.interface import implementer
 
 from hero_compute import pki
 
+from .tls_context import server_context
 from .tls_peer import Expected as Expected
 from .tls_peer import PeerIdentity as PeerIdentity
 from .tls_peer import identity_of as identity_of
 from .tls_peer import not_before as not_before
 from .tls_peer import peer_identity as peer_identity
-from .tls_server import TLSServerFactory, server_context
+from .tls_server import TLSServerFactory
 
 log = Logger()
 
