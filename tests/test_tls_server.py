@@ -344,3 +344,44 @@ async def test_the_certificate_request_names_the_fleet_ca(fleet, serve):
             return [name.der() for name in names]
 
     assert await threads.deferToThread(call) == [ca.subject.public_bytes()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_handshake_deadline_ends_with_the_handshake(fleet):
+    """Admitted TLS: a handshake done in time stops the deadline (the connection
+    outlives it and is served); one never begun is cut off at it."""
+    import time
+
+    from hero_compute.rpc.admission import Admission, AdmittedTLSFactory
+    from hero_compute.rpc.limits import Limits
+
+    factory = protocol.Factory.forProtocol(Server)
+    factory.connections = []
+    admission = Admission(Limits(head_timeout=0.5))
+    creator = tls.ServerTLS(material(fleet, "explorer/e1"))
+    port = reactor.listenTCP(
+        0, AdmittedTLSFactory(creator, factory, admission), interface="127.0.0.1"
+    )
+    try:
+        number = port.getHost().port
+
+        def call():
+            conn = connect(number, client_context(fleet))
+            time.sleep(1.0)
+            conn.sendall(b"late")
+            conn.unwrap().close()
+            with socket.create_connection(("127.0.0.1", number), timeout=WAIT) as raw:
+                try:
+                    return raw.recv(10)  # never begins: cut off, nothing said
+                except ConnectionResetError:
+                    return b""
+
+        assert await threads.deferToThread(call) == b""
+        served, silent = factory.connections
+        await within(served.lost)
+        assert served.got == b"late"
+        assert served.reason.check(error.ConnectionDone)
+        await within(silent.lost)
+        assert admission.refusals["head_timeout"] == 1
+    finally:
+        await port.stopListening()

@@ -217,10 +217,8 @@ class AdmittedTLS(TLSServerProtocol):
         )
         TLSServerProtocol.makeConnection(self, transport)
 
-    def dataReceived(self, data: bytes) -> None:
-        TLSServerProtocol.dataReceived(self, data)
-        if self._deadline is not None and self._handshake_done:
-            self._stop_deadline()
+    def _handshake_ended(self) -> None:
+        self._stop_deadline()
 
     def _handshake_too_slow(self) -> None:
         self._deadline = None

@@ -113,8 +113,12 @@ class TLSServerProtocol(ProtocolWrapper):
             return
         self._handshake_done = True
         self._flush()
+        self._handshake_ended()
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
+
+    def _handshake_ended(self) -> None:
+        """The handshake has just succeeded (a hook for subclasses)."""
 
     def _read(self) -> None:
         tls, incoming = self._tls, self._incoming
@@ -153,6 +157,17 @@ class TLSServerProtocol(ProtocolWrapper):
         Encrypt and send ``data`` (held until the handshake ends); dropped once
         ``loseConnection`` was called, unless a producer is still registered.
         """
+        if self._handshake_done and not self.disconnecting and not self._tls_lost and data:
+            # An answer on an established connection: the one path to keep short.
+            tls = self._tls
+            assert tls is not None
+            try:
+                tls.write(data)
+            except (ssl.SSLError, ValueError):
+                self._finished(Failure())
+                return
+            send_now(self.transport, self._outgoing.read())
+            return
         if self.disconnecting and self._producer is None:
             return
         self._write(data)
