@@ -104,9 +104,10 @@ def sec_tls(procs, tmp, res, cfg):
         f"{x_tcp['cpu_per_hb_us']} us; {s_tls['rps']:,.0f} vs {s_tcp['rps']:,.0f} "
         f"heartbeats/s, p99 {s_tls['p99_ms']} vs {s_tcp['p99_ms']} ms; "
         f"{x_tls['hb_mode']})",
-        ratio is not None and ratio <= 1.10,
+        {3: ratio is not None and ratio <= 1.10, 2: ratio is not None and ratio <= 1.3},
         row=row,
     )
+    # (issue 23's tls_ingest goal has its own section, sec_tls_ingest, at its N)
     res.target(
         f"TLS ingest N={n:,}: >= {rate:,.0f} heartbeats/s, no node wrongly offline",
         s_tls["rps"] >= 0.98 * rate and not off_tls and not off_tcp,
@@ -130,23 +131,27 @@ def sec_tls_ingest(procs, tmp, res, cfg):
     row = res.rows[-1]
     rate = n / cfg["hb_interval"]
     p99 = s["p99_ms"]
-    res.goal(
-        "tls_ingest",
-        f"{s['rps']:,.0f}/s ({s['ok']:,} of {x['expected_hb']:,} answered), p99 {p99} "
-        f"ms, {offline} wrongly offline, {x['never_registered']} never registered; "
-        f"explorer CPU {x['explorer_cpu']:.0%} of a core, {x['cpu_per_hb_us']} us per "
-        f"heartbeat ({x['hb_mode']})",
+    met = (
         # 1% of slack for the heartbeats on the window's edges, as the ingest goal
         s["rps"] >= 0.99 * rate
         and p99 is not None
         and p99 < 20
         and offline == 0
         and x["never_registered"] == 0
-        and x["hb_mode"] == "delta",
+        and x["hb_mode"] == "delta"
+    )
+    res.goal(
+        "tls_ingest",
+        f"{s['rps']:,.0f}/s of {rate:,.0f}/s offered ({s['ok']:,} of "
+        f"{x['expected_hb']:,} answered), p99 {p99} ms, {offline} wrongly offline, "
+        f"{x['never_registered']} never registered; explorer CPU "
+        f"{x['explorer_cpu']:.0%} of a core, {x['cpu_per_hb_us']} us per heartbeat "
+        f"({x['hb_mode']})"
+        + ("" if n >= 100_000 else f"; {'met' if met else 'missed'} at this N"),
+        # the goal is for N = 100,000: a smaller fleet is reported, not judged
+        met if n >= 100_000 else None,
         row=row,
         n=n,
-        rate=rate,
-        interval=cfg["hb_interval"],
     )
 
 

@@ -67,7 +67,7 @@ class _ClosedConn(asyncio.Protocol):
 
     def send(self):
         self.sent_at = time.perf_counter()
-        self.transport.write(self.r.request)
+        self.transport.write(self.r.next_request())
 
     def data_received(self, data):
         for status, body in self.parser.feed(data):
@@ -102,8 +102,29 @@ class ClosedLoop:
         self.src_i = 0
         self.srcs = args.src or []
         self.ssl = client_context(args.tls_ca, args.tls_cert) if args.tls_ca else None
+        # --heartbeats: full heartbeats of that many node ids, round-robin
+        self.requests = None
+        self.sent = 0
+        self.answered = 0
+        self.primed = None
+        if args.heartbeats:
+            ids = _Ids(argparse.Namespace(first=0, tls_dir=None))
+            self.requests = [
+                http_request(HeartbeatGen.full_body(ids, i)) for i in range(args.heartbeats)
+            ]
+
+    def next_request(self):
+        if self.requests is None:
+            return self.request
+        self.sent += 1
+        if self.args.prime and self.sent >= len(self.requests):
+            self.running = False  # each id once: this is the last
+        return self.requests[(self.sent - 1) % len(self.requests)]
 
     def record(self, now, latency, status, body, cycle):
+        self.answered += 1
+        if self.primed is not None and self.answered >= len(self.requests):
+            self.primed.set()
         if not (self.measure_from <= now < self.measure_to):
             return
         if status != 200 or (self.expect and self.expect not in body):
@@ -153,8 +174,26 @@ class ClosedLoop:
         t0 = time.perf_counter()
         self.measure_from = t0 + a.warmup
         self.measure_to = self.measure_from + a.duration
+        if a.prime:
+            # Register every id once (as fast as the server answers), then stop.
+            self.primed = asyncio.Event()
+            self.measure_from, self.measure_to = t0, float("inf")
         for _ in range(a.conns):
             self.loop.create_task(self.open())
+        if a.prime:
+            try:
+                await asyncio.wait_for(self.primed.wait(), a.duration)
+            except TimeoutError:
+                pass
+            self.running = False
+            s = self.stats
+            return {
+                "ok": s.ok,
+                "errors": s.errors,
+                "error_samples": s.error_samples,
+                "primed": self.primed.is_set(),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
         await asyncio.sleep(a.warmup)
         c0 = cpu_seconds()
         await asyncio.sleep(a.duration)
@@ -172,6 +211,15 @@ class ClosedLoop:
             "hist": s.hist.to_json(),
             "cycle": self.cycle.to_json(),
         }
+
+
+class _Ids:
+    """What :meth:`HeartbeatGen.full_body` needs of a generator: node ids from 0."""
+
+    address = HeartbeatGen.address
+
+    def __init__(self, a):
+        self.a = a
 
 
 # ---------------------------------------------------------------- pages
@@ -254,6 +302,7 @@ class Pages:
             "bytes": size,
             "wraps": wraps,
             "late": late,
+            "start": a.start,
         }
 
 
@@ -270,6 +319,17 @@ def main(argv=None):
     p.add_argument("--expect", default='"result"')
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument(
+        "--heartbeats",
+        type=int,
+        default=0,
+        help="closed: full heartbeats of this many node ids, round-robin, not --body",
+    )
+    p.add_argument(
+        "--prime",
+        action="store_true",
+        help="closed --heartbeats: send each id once (within --duration), then stop",
+    )
     # heartbeat mode
     p.add_argument("--nodes", type=int, default=1000, help="nodes in this generator")
     p.add_argument(

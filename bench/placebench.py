@@ -4,9 +4,14 @@ explorer's Unix socket while a simulated fleet heartbeats it, so both the placem
 latency and the ingest's under it are measured.  A function ``(procs, tmp, res, cfg)``.
 """
 
+import glob
+import os
+
 import loadcore
 from ingest import _ingest_one
 from loadrun import to_ms
+from procs import ENV
+from stalls.sitecustomize import summary
 
 #: Heartbeats a second the fleet sends, whatever its size (issue 20's goal).
 HB_RATE = 5000.0
@@ -39,6 +44,8 @@ def sec_place(procs, tmp, res, cfg):
         )
         if out["error_samples"]:
             res.note(f"place: error samples {out['error_samples']}")
+        if ENV.get("BENCH_TRACE") and out.get("start"):
+            _trace_note(res, ENV["BENCH_TRACE"], out["start"], out["duration"])
 
     s, _, offline, _, _ = _ingest_one(
         procs,
@@ -67,4 +74,24 @@ def sec_place(procs, tmp, res, cfg):
         row=got.get("row"),
         n=n,
         rate=HB_RATE,
+    )
+
+
+def _trace_note(res, directory, start, duration):
+    """The explorer's reactor stalls during the window (``run.py --trace``)."""
+    sums = {}
+    for path in glob.glob(os.path.join(directory, "explorer-*.txt")):
+        for kind, (n, wall, cpu, top) in summary(path, start, start + duration).items():
+            old = sums.get(kind, (0, 0.0, 0.0, 0.0))
+            sums[kind] = (old[0] + n, old[1] + wall, old[2] + cpu, max(old[3], top))
+    res.note(
+        f"place: explorer reactor events > 2 ms during the {duration:g} s window "
+        "(kind: count, wall ms, of it CPU ms, longest wall ms): "
+        + (
+            "; ".join(
+                f"{kind}: {n}, {wall:.0f}, {cpu:.0f}, {top:.1f}"
+                for kind, (n, wall, cpu, top) in sorted(sums.items())
+            )
+            or "none"
+        )
     )

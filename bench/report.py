@@ -9,9 +9,43 @@ import subprocess
 
 from procs import ENV, NCPU, PY, ROOT, log
 
-#: Issue #12's performance goals ("Performance round two"), in the README's order:
-#: key -> (measure, goal), formatted with what the run measured (``n``, ``rate``,
-#: ``interval``); :data:`GOAL_DEFAULTS` are a full run's, for the goals not run.
+#: Issue 23's performance goals ("Performance round three"), in its table's order:
+#: key -> (measure, goal), formatted with what the run measured (``n``, ``rate``, ...);
+#: :data:`GOAL_DEFAULTS` are a full run's, for the goals not run.
+ROUND_THREE = {
+    "tls": (
+        "TLS / plain TCP, explorer CPU per heartbeat, same offered rate, one "
+        "certificate per node",
+        "<= 1.10x",
+    ),
+    "proxy1": (
+        "`explorer.call node.info` throughput / direct, one keep-alive connection",
+        ">= 0.75",
+    ),
+    "ingest_full": (
+        "saturating ingest, full heartbeats, N = {n:,} ids, one core",
+        ">= 15,000/s answered",
+    ),
+    "tls_ingest": (
+        "ingest, N = {n:,} nodes over mutual TLS, delta heartbeats",
+        ">= 10,000/s with p99 < 20 ms",
+    ),
+    "place": (
+        "`explorer.place` p99 at N = {n:,} under {rate:,.0f} heartbeats/s",
+        "p99 < 5 ms, and the ingest p99 still < 20 ms",
+    ),
+    "boot": (
+        "boot to SSH through the node / plain QEMU, same guest and seed (TCG)",
+        "<= {goal:g}x",
+    ),
+    "console": ("console echo round trip, added by the explorer", "< 2 ms (median)"),
+    "store": (
+        "explorer CPU per heartbeat with PostgreSQL as the store / with SQLite",
+        "<= 1.10x",
+    ),
+}
+#: Issue #12's goals ("Performance round two"), rerun in the same run since round three
+#: must not make anything else slower.  ``tls`` is in both rounds, with two goals.
 ROUND_TWO = {
     "ingest": (
         "heartbeat ingest, N = {n:,} nodes at a {interval:g} s interval",
@@ -30,17 +64,12 @@ ROUND_TWO = {
     "proxy": ("`explorer.call` throughput as a share of a direct call", ">= 60 %"),
     "transport": ("native TCP / socat, keep-alive, wrk", ">= 1.2"),
     "tls": ("TLS heartbeat CPU per heartbeat vs plain TCP", "<= 1.3x"),
-    # Issue 20's.
-    "place": (
-        "`explorer.place` at N = {n:,} while heartbeats arrive at {rate:,.0f}/s",
-        "p99 < 5 ms, and the ingest p99 still < 20 ms",
-    ),
-    # Issues 19 and 23's.
-    "boot": (
-        "boot to SSH through the node / plain QEMU, same guest and seed (TCG)",
-        "<= {goal:g}x",
-    ),
 }
+#: Each round's table: (number, title, goals), the newest first.
+ROUNDS = (
+    (3, "issue 23 goals (round three)", ROUND_THREE),
+    (2, "issue #12 goals (round two, rerun)", ROUND_TWO),
+)
 GOAL_DEFAULTS = {"n": 100_000, "rate": 10_000, "interval": 10, "limit": 15}
 GOAL_DEFAULTS_BY_KEY = {
     "restart": {"n": 50_000},
@@ -48,17 +77,10 @@ GOAL_DEFAULTS_BY_KEY = {
     "boot": {"goal": 1.25},
 }
 
-# Issue 23's TLS ingest row (a hunk of its own: other round-three goals come apart).
-ROUND_TWO["tls_ingest"] = (
-    "heartbeat ingest over mutual TLS, N = {n:,} nodes (one certificate and "
-    "connection each), delta heartbeats at a {interval:g} s interval",
-    ">= {rate:,.0f}/s, p99 < 20 ms, no node wrongly offline",
-)
 
-
-def _goal_text(key, **fmt):
+def _goal_text(goals, key, **fmt):
     values = {**GOAL_DEFAULTS, **GOAL_DEFAULTS_BY_KEY.get(key, {}), **fmt}
-    measure, goal = ROUND_TWO[key]
+    measure, goal = goals[key]
     return measure.format(**values), goal.format(**values)
 
 
@@ -67,7 +89,7 @@ class Results:
         self.rows = []
         self.notes = []
         self.targets = []
-        #: Issue #12's goals met or missed, one per :data:`ROUND_TWO` key.
+        #: Goals met or missed: one per key and round (:data:`ROUNDS`) it is in.
         self.goals = []
 
     def add(self, section, case, tput=None, p50=None, p99=None, **extra):
@@ -91,21 +113,38 @@ class Results:
 
     def goal(self, key, result, met, row=None, **fmt):
         """
-        One of issue #12's goals (:data:`ROUND_TWO`), beside its row.
+        A goal of each round whose table has ``key`` (:data:`ROUNDS`), beside its row.
 
         :param result: what was measured, in words
-        :param met: True or False, or None where it could not be measured (n/a)
+        :param met: True or False, or None where it could not be measured (n/a); a
+            dict ``{round: met}`` where the rounds set the same measure different goals
+            (``tls``)
         :param row: the row it is about (:meth:`add`'s), which shows it
         :param fmt: the run's ``n``, ``rate``, ... for the goal's text
         """
-        measure, goal = _goal_text(key, **fmt)
-        met = None if met is None else bool(met)
-        self.goals.append(
-            {"key": key, "measure": measure, "goal": goal, "result": result, "met": met}
-        )
+        verdicts = []
+        for rnd, _, goals in ROUNDS:
+            if key not in goals:
+                continue
+            measure, goal = _goal_text(goals, key, **fmt)
+            m = met.get(rnd) if isinstance(met, dict) else met
+            m = None if m is None else bool(m)
+            self.goals.append(
+                {
+                    "key": key,
+                    "round": rnd,
+                    "measure": measure,
+                    "goal": goal,
+                    "result": result,
+                    "met": m,
+                }
+            )
+            verdicts.append(f"{_verdict(m)}: {goal}" + (" (r2)" if rnd == 2 else ""))
+            log(f"goal {key} (round {rnd}): {_verdict(m)} ({goal}): {result}")
+        if not verdicts:
+            raise KeyError(f"no round has a goal {key!r}")
         if row is not None:
-            row["goal"] = f"{_verdict(met)}: {goal}"
-        log(f"goal {key}: {_verdict(met)} ({goal}): {result}")
+            row["goal"] = "; ".join(verdicts)
 
     def note(self, text):
         self.notes.append(text)
@@ -181,17 +220,17 @@ def machine():
     }
 
 
-def goals_table(results):
+def goals_table(results, rnd, goals):
     """
-    Issue #12's goals as a Markdown table for the README, in :data:`ROUND_TWO`'s
-    order; a goal whose section did not run says so.
+    One round's goals as a Markdown table for the README, in its table's order; a goal
+    whose section did not run says so.
     """
-    got = {g["key"]: g for g in results.goals}
+    got = {g["key"]: g for g in results.goals if g["round"] == rnd}
     md = ["| measure | goal | result | |", "|---|---|---|---|"]
-    for key in ROUND_TWO:
+    for key in goals:
         g = got.get(key)
         if g is None:
-            measure, goal = _goal_text(key)
+            measure, goal = _goal_text(goals, key)
             md.append(f"| {measure} | {goal} | not run | |")
         else:
             md.append(
@@ -236,12 +275,20 @@ def render(results, mach, args):
         + [fmt(r) for r in rows]
         + [line, ""]
     )
-    if results.goals:
-        text.append("issue #12 goals:")
-    for g in results.goals:
-        text.append(
-            f"[{_verdict(g['met']):4}] {g['measure']}: {g['goal']}\n         {g['result']}"
-        )
+    for rnd, title, goals in ROUNDS:
+        got = {g["key"]: g for g in results.goals if g["round"] == rnd}
+        if not got:
+            continue
+        text.append(f"{title}:")
+        for key in goals:
+            g = got.get(key)
+            if g is None:
+                text.append(f"[-   ] {_goal_text(goals, key)[0]}: not run")
+                continue
+            text.append(
+                f"[{_verdict(g['met']):4}] {g['measure']}: {g['goal']}\n"
+                f"         {g['result']}"
+            )
     if results.targets:
         text.append("other targets:")
     for t in results.targets:
@@ -254,10 +301,11 @@ def render(results, mach, args):
         f"Twisted {mach['twisted']}, Linux {mach['kernel']}, commit {mach['commit']}"
         f"{' (quick run)' if args.quick else ''}",
         "",
-        "**Issue #12 goals** (README-ready):",
-        "",
-        *goals_table(results),
-        "",
+    ]
+    for rnd, title, goals in ROUNDS:
+        md += [f"**{title[0].upper()}{title[1:]}** (README-ready):", ""]
+        md += goals_table(results, rnd, goals) + [""]
+    md += [
         "**All rows:**",
         "",
         "| " + " | ".join(head) + " |",

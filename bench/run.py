@@ -3,7 +3,8 @@
 hero_compute benchmarks: framework floor, native TCP vs socat, heartbeat ingest (with
 explorer.query_nodes paged alongside), an explorer restart under a connected fleet,
 proxy overhead, failure detection, and (optionally) a py-spy profile of the explorer.
-Issue #12's goals are checked beside their rows and listed as a README-ready table.
+Issue 23's goals (round three) and issue #12's (round two, rerun) are checked beside
+their rows and listed as README-ready tables.
 
     python bench/run.py                 # everything but the profile, ~13 minutes
     python bench/run.py --quick         # smaller N and shorter runs, ~5 minutes
@@ -13,6 +14,7 @@ Issue #12's goals are checked beside their rows and listed as a README-ready tab
     python bench/run.py --sections tls,hostile     # issues #9 and #10
     python bench/run.py --sections tls_ingest --tls-ingest-n 10000   # issue 23
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
+    python bench/run.py --sections saturate        # issue 23: full heartbeats, capacity
     python bench/run.py --sections console         # issue #19: console echo
     python bench/run.py --sections store --quick   # issue 21: PostgreSQL vs SQLite
     python bench/run.py --sections boot --boot-rounds 2   # issue 19: boot to SSH
@@ -41,8 +43,10 @@ import console_echo  # noqa: E402
 import fleet  # noqa: E402
 import ingest  # noqa: E402
 import placebench  # noqa: E402
+import procs as procs_mod  # noqa: E402
 import pyspy  # noqa: E402
 import restart  # noqa: E402
+import saturate  # noqa: E402
 import sections  # noqa: E402
 import store  # noqa: E402
 from procs import CLIENT_CPU, SERVER_CPU, Procs, log  # noqa: E402
@@ -54,6 +58,7 @@ SECTIONS = {
     "floor": sections.sec_floor,
     "transport": sections.sec_transport,
     "ingest": ingest.sec_ingest,
+    "saturate": saturate.sec_saturate,
     "restart": restart.sec_restart,
     "proxy": sections.sec_proxy,
     "failure": sections.sec_failure,
@@ -70,6 +75,7 @@ DEFAULT_SECTIONS = [
     "floor",
     "transport",
     "ingest",
+    "saturate",
     "restart",
     "proxy",
     "failure",
@@ -131,6 +137,12 @@ def main(argv=None):
     ap.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (process logs)"
     )
+    ap.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="log the explorers' reactor stalls > 2 ms (collections, reads, timers) "
+        "into DIR (bench/stalls/sitecustomize.py); the place section sums its window up",
+    )
     args = ap.parse_args(argv)
     args.sections = (
         list(SECTIONS)
@@ -164,9 +176,16 @@ def main(argv=None):
         "tls_ingest_n": args.tls_ingest_n or (10000 if q else 100000),
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
+        "saturate_n": 20000 if q else 100_000,
         "place_n": args.place_n or (10000 if q else 100000),
         "boot_rounds": args.boot_rounds or (2 if q else 3),
     }
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
+        procs_mod.ENV["BENCH_TRACE"] = os.path.abspath(args.trace)
+        procs_mod.ENV["PYTHONPATH"] = (
+            os.path.join(HERE, "stalls") + os.pathsep + procs_mod.ENV["PYTHONPATH"]
+        )
     mach = machine()
     res = Results()
     res.note(

@@ -42,15 +42,14 @@ def sec_store(procs, tmp, res, cfg):
         row = res.rows[-1]
         if per_hb["sqlite"] and per_hb["postgresql"]:
             ratio = per_hb["postgresql"] / per_hb["sqlite"]
-            met = ratio <= GOAL
-            row["goal"] = f"{'MET' if met else 'MISS'}: <= {GOAL:.2f}x SQLite's CPU/hb"
-            res.target(
-                f"store: PostgreSQL explorer CPU per heartbeat <= {GOAL:.2f}x SQLite's",
-                met,
-                f"{per_hb['postgresql']} vs {per_hb['sqlite']} us per heartbeat "
-                f"({ratio:.2f}x), N={n:,}",
+            res.goal(
+                "store",
+                f"{ratio:.2f}x ({per_hb['postgresql']} vs {per_hb['sqlite']} us per "
+                f"heartbeat), N={n:,}",
+                ratio <= GOAL,
+                row=row,
             )
         else:
-            res.target("store: CPU per heartbeat measured", False, str(per_hb))
+            res.goal("store", f"not measured: {per_hb}", None, row=row)
     finally:
         server.remove()

@@ -92,7 +92,8 @@ def main(path):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from hero_compute.rpc.http_server import make_factory
-    from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+    from hero_compute.rpc.listen import Listen
+    from hero_compute.rpc.listeners import Listeners
 
     sys.stdout.reconfigure(line_buffering=True)
     globalLogBeginner.beginLoggingTo(
@@ -102,7 +103,7 @@ def main(path):
     listeners = Listeners(
         site,
         [
-            unix_endpoint_string(path),
+            Listen.unix(path),
             "tcp:0:interface=127.0.0.1",
             r"tcp6:0:interface=\:\:1",
         ],

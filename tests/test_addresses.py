@@ -27,6 +27,7 @@ from hero_compute.rpc.addresses import (
     parse_address,
     parse_listen,
 )
+from hero_compute.rpc.listen import Listen
 
 
 @pytest.mark.parametrize(
@@ -200,17 +201,20 @@ def test_rejected_listen_addresses(text):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("0.0.0.0:9002", "tcp:9002:interface=0.0.0.0:backlog=4096"),
-        ("127.0.0.1:0", "tcp:0:interface=127.0.0.1:backlog=4096"),
-        ("[::]:9002", r"tcp6:9002:interface=\:\::backlog=4096"),
-        ("[::1]:0", r"tcp6:0:interface=\:\:1:backlog=4096"),
+        ("0.0.0.0:9002", (9002, 4096, "0.0.0.0")),
+        ("127.0.0.1:0", (0, 4096, "127.0.0.1")),
+        ("[::]:9002", (9002, 4096, "::")),
+        ("[::1]:0", (0, 4096, "::1")),
     ],
 )
-def test_listen_endpoint_string(text, expected):
-    """A listen address becomes the tcp: or tcp6: server endpoint string for it."""
+def test_listen_endpoint(text, expected):
+    """A listen address's record listens on its interface and port, backlog 4096."""
     listen = parse_listen(text)
-    assert listen.endpoint_string() == expected
-    assert listen.is_ipv6 == expected.startswith("tcp6")
+    reactor = MemoryReactorClock()
+    Listen.tcp(listen).server_endpoint(reactor).listen(Factory())
+    [(port, _, backlog, interface)] = reactor.tcpServers
+    assert (port, backlog, interface) == expected
+    assert listen.is_ipv6 == (":" in expected[2])
 
 
 def test_listen_address_str():

@@ -165,3 +165,24 @@ def test_placements_are_audited_with_their_outcome(explorer):
     assert got["explorer.place"] == ("", "error -32006")
     assert got["explorer.create_vm"] == ("web", "error -32006")
     assert "cloud-config" not in json.dumps(entries)
+
+
+def test_arguments_by_name_are_binds():
+    """A handler's arguments by name are what inspect's bind gives, by name or by
+    position, and what does not fit raises TypeError as bind does."""
+    import inspect
+
+    from hero_compute.explorer.audit import arguments_by_name
+
+    def handler(node_id, method, params=None):
+        return None
+
+    named = arguments_by_name(inspect.signature(handler))
+    assert named((), {"node_id": "n1", "method": "vm.start"}) == {
+        "node_id": "n1",
+        "method": "vm.start",
+    }
+    assert named(("n1",), {"method": "m"}) == {"node_id": "n1", "method": "m"}
+    for args, kwargs in (((), {"method": "m"}), ((), {"node_id": "n", "x": 1})):
+        with pytest.raises(TypeError):
+            named(args, kwargs)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hero_compute.rpc.codec import dumps, dumps_request, loads
+from hero_compute.rpc.codec import Parsed, dumps, dumps_request, loads, loads_result
 
 #: What ``json`` reads back into: the values of a JSON-RPC body, with what orjson
 #: decides differently mixed in (big integers, lone surrogates, NaN, deep nesting).
@@ -162,3 +162,32 @@ def test_a_null_beside_what_only_orjson_writes_goes_through_json(value, error):
     decide, as before."""
     with pytest.raises(error):
         dumps(value)
+
+
+@pytest.mark.parametrize(
+    ("body", "plain"),
+    [
+        (b'{"a":[1,2.5,null],"s":"1234567890123456789012345"}', True),
+        (b'{"a":12345678901234567890123}', False),
+        (b'{"a":"\\ud800"}', False),
+    ],
+)
+def test_loads_result_says_which_parser_read_it(body, plain):
+    """A run of 19 digits inside a string stays with orjson (plain); a 19-digit number
+    or a lone surrogate goes to json, and the value is what loads gives either way."""
+    value, got = loads_result(body)
+    assert got is plain
+    assert value == loads(body) == json.loads(body)
+    assert type(value["a"]) is type(json.loads(body)["a"])
+
+
+def test_a_parsed_object_is_written_as_the_dict_it_holds():
+    """A Parsed result (nulls and all) is written as json writes the same dict."""
+    value = {"node_id": "n1", "explorers": [{"last_error": None, "ok": 1.5}], "x": None}
+    response = {"jsonrpc": "2.0", "result": Parsed(value), "id": 3}
+    assert (
+        dumps(response)
+        == json.dumps(
+            {"jsonrpc": "2.0", "result": value, "id": 3}, separators=(",", ":")
+        ).encode()
+    )

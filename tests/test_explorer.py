@@ -23,7 +23,7 @@ from hero_compute.rpc.errors import (
     VmNotFound,
 )
 from hero_compute.rpc.http_client import RpcClient
-from hero_compute.rpc.listeners import unix_endpoint_string
+from hero_compute.rpc.listen import Listen
 
 from .fakes import MemoryVmManager
 
@@ -54,8 +54,8 @@ async def explorer(sockets, clock):
         reactor=reactor,
         clock=clock,
         listen=[
-            unix_endpoint_string(f"{sockets}/explorer.sock"),
-            parse_listen("127.0.0.1:0").endpoint_string(),
+            Listen.unix(f"{sockets}/explorer.sock"),
+            Listen.tcp(parse_listen("127.0.0.1:0")),
         ],
         offline_after=1.0,
         state_dir=f"{sockets}/state",
@@ -435,7 +435,7 @@ async def test_node_sends_deltas_and_a_restarted_explorer_gets_it_whole(
         svc = make_explorer(
             reactor=reactor,
             clock=clock,
-            listen=[unix_endpoint_string(f"{sockets}/explorer.sock")],
+            listen=[Listen.unix(f"{sockets}/explorer.sock")],
             offline_after=1.0,
             state_dir=f"{sockets}/state",
         )

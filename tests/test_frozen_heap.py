@@ -22,6 +22,7 @@ from hero_compute.rpc.addresses import parse_listen
 from hero_compute.rpc.dispatch import CallContext
 from hero_compute.rpc.heap import FULL_EVERY, FrozenHeap
 from hero_compute.rpc.http_server import RpcHTTPProtocol
+from hero_compute.rpc.listen import Listen
 
 from .support import until
 
@@ -144,7 +145,7 @@ async def test_closed_incoming_connections_leave_no_cycles(short_tmp):
     explorer = make_explorer(
         reactor=reactor,
         clock=reactor,
-        listen=[parse_listen("127.0.0.1:0").endpoint_string()],
+        listen=[Listen.tcp(parse_listen("127.0.0.1:0"))],
         offline_after=30.0,
         state_dir=f"{short_tmp}/state",
     )

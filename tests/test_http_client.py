@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from hero_compute.rpc.addresses import parse_address
+from hero_compute.rpc.codec import Parsed
 from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import (
     BadResponse,
@@ -28,7 +29,8 @@ from hero_compute.rpc.errors import (
 )
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
-from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.listen import Listen
+from hero_compute.rpc.listeners import Listeners
 
 from .support import failure_result_of, success_result_of, until
 
@@ -74,7 +76,7 @@ class Server:
         self.listeners = Listeners(
             site,
             [
-                unix_endpoint_string(f"{self.directory}/rpc.sock"),
+                Listen.unix(f"{self.directory}/rpc.sock"),
                 "tcp:0:interface=127.0.0.1",
                 r"tcp6:0:interface=\:\:1",
             ],
@@ -534,6 +536,31 @@ async def test_results_parse_as_json_says(raw_server, client, body, result):
     else:
         got = await client.call(uri, "echo")
         assert got == result and type(got) is type(result)
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b'{"jsonrpc":"2.0","result":{"a":[1,null]},"id":1}', Parsed),
+        (b'{"jsonrpc":"2.0","result":{"a":123456789012345678901234567890},"id":1}', dict),
+        (b'{"jsonrpc":"2.0","result":[1,null],"id":1}', list),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_relaying_client_marks_objects_orjson_read(raw_server, body, kind):
+    """RpcClient(relay=True), the explorer's proxy's, gives an object orjson read as a
+    Parsed (written back without the NaN walk), anything else as it was, equal to what
+    a plain client gives."""
+    uri = raw_server(server.Site(_Fixed(200, body)))
+    relaying = RpcClient(reactor, timeout=5.0, relay=True)
+    plain = RpcClient(reactor, timeout=5.0)
+    try:
+        got = await relaying.call(uri, "echo")
+        expected = await plain.call(uri, "echo")
+    finally:
+        await relaying.close()
+        await plain.close()
+    assert type(got) is kind and got == expected
 
 
 class _Recorder(protocol.Protocol):

@@ -24,7 +24,8 @@ from twisted.internet.testing import StringTransport
 from hero_compute.rpc.addresses import parse_address
 from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.http_server import LINGER, MAX_BODY, RpcHTTPFactory, make_factory
-from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.listen import Listen
+from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema, parse_schema
 
 from .support import connect, post, until, wait_for
@@ -497,7 +498,7 @@ async def serve(short_tmp):
 
     def start(rpc, **kwargs):
         path = f"{directory}/s{len(started)}.sock"
-        listeners = Listeners(make_factory(rpc, **kwargs), [unix_endpoint_string(path)])
+        listeners = Listeners(make_factory(rpc, **kwargs), [Listen.unix(path)])
         listeners.startService()
         started.append(listeners)
         return listeners.bound[0]
@@ -930,7 +931,7 @@ async def test_unsent_limit_is_ours_not_the_read_size(short_tmp):
     rpc.register("big", lambda: "x" * 20_000)
     limit = 8 * READ_SIZE
     factory = make_factory(rpc, limits=Limits(max_unsent=limit))
-    listeners = Listeners(factory, [unix_endpoint_string(f"{short_tmp}/u.sock")])
+    listeners = Listeners(factory, [Listen.unix(f"{short_tmp}/u.sock")])
     listeners.startService()
     try:
         seen = []

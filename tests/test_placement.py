@@ -5,7 +5,7 @@ the registry feeds them, ``now`` passed in.
 
 import pytest
 
-from hero_compute.explorer.placement import NoFit, PlacementIndex, Request
+from hero_compute.explorer.placement import FEW_TIES, NoFit, PlacementIndex, Request
 from hero_compute.explorer.records import NodeRecord
 
 BIG = {"vcpus": 16, "memory_mb": 32768, "disk_gb": 1000}
@@ -72,6 +72,18 @@ def test_ties_go_to_the_smallest_node_id():
     assert placement.place(req(strategy="binpack"), 100.0) == "n1"
     placement.remove("n1")
     assert placement.place(req(), 100.0) == "n2"
+
+
+def test_many_ties_and_a_join_go_to_the_smallest_node_id():
+    """Past FEW_TIES tied nodes too, before and after a join, the smallest id wins."""
+    ids = [f"n{k:04d}" for k in range(FEW_TIES + 50)]
+    placement = index(*(record(i, BIG) for i in reversed(ids)))
+    assert placement.place(req(), 100.0) == "n0000"
+    placement.update(record("m", BIG))  # a join: the order is stale again
+    assert placement.place(req(), 100.0) == "m"
+    placement.update(record("a", BIG, labels={"zone": "z"}))
+    placement.update(record("b", BIG, labels={"zone": "z"}))
+    assert placement.place(req(where={"zone": "z"}), 100.0) == "a"  # few ties
 
 
 def test_where_and_avoid_filter():

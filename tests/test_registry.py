@@ -2,6 +2,8 @@
 The explorer's registry: upserts, derived liveness, leave and removal.
 """
 
+from types import SimpleNamespace
+
 import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
@@ -327,8 +329,10 @@ def test_explorer_refuses_new_ids_over_the_limit_across_a_minute_boundary():
 
     clock = Clock()
     clock.advance(59.5)  # half a second before a calendar minute ends
+    # No store behind it: only the accounts read the trust, at construction.
+    trust = SimpleNamespace(store=None, run_on_store=None)
     methods = ExplorerMethods(
-        Registry(clock, 30), None, clock, None, limits=Limits(new_nodes_per_addr=3)
+        Registry(clock, 30), None, clock, trust, limits=Limits(new_nodes_per_addr=3)
     )
     context = CallContext("tcp", "192.0.2.1:40000", host="192.0.2.1")
     for i in range(3):
@@ -355,3 +359,34 @@ def test_new_ids_forget_quiet_sources():
     clock.advance(61)
     assert window.count("203.0.113.1") == 0
     assert window._seen == {}
+
+
+def _full(node_id, capacity, labels):
+    return Heartbeat(
+        node_id=node_id,
+        socket_path=f"unix:///tmp/{node_id}.sock",
+        transport="unix",
+        name=node_id,
+        version="1",
+        capacity=capacity,
+        usage={"vcpus": 1},
+        vm_count=0,
+        labels=labels,
+    )
+
+
+def test_equal_dicts_of_different_nodes_are_one_object(clock):
+    """Equal capacity and labels of two nodes are one dict each; a change is not."""
+    registry = Registry(clock, 30)
+    a, _ = registry.heartbeat(_full("a", {"vcpus": 4}, {"zone": "z1"}))
+    b, _ = registry.heartbeat(_full("b", {"vcpus": 4}, {"zone": "z1"}))
+    assert a.capacity is b.capacity and a.labels is b.labels and a.usage is b.usage
+    assert a.name is a.node_id
+    b, changed = registry.heartbeat(_full("b", {"vcpus": 8}, {"zone": "z1"}))
+    assert changed == ["capacity"]
+    assert (a.capacity, b.capacity) == ({"vcpus": 4}, {"vcpus": 8})
+    nested = {"gpu": {"model": "x"}}
+    c, _ = registry.heartbeat(_full("c", nested, {}))
+    assert c.capacity is nested
+    d, _ = registry.heartbeat(_full("d", {"vcpus": 4.0}, {"zone": "z1"}))
+    assert type(d.capacity["vcpus"]) is float  # equal to a's, but what d sent

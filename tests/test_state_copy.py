@@ -63,6 +63,9 @@ def sqlite_state(tmp_path):
     store.add_token(sha("t-live"), None, NOW + 10**9)
     store.add_token(sha("t-used"), "n4", NOW + 10**9)
     store.redeem_token(sha("t-used"), NOW)
+    store.add_ui_token(sha("u-live"), "ann", "operator", NOW, NOW + 10**9, 10)
+    store.add_ui_token(sha("u-gone"), "bob", "viewer", NOW, NOW + 10**9, 10)
+    store.revoke_ui_user("bob", NOW + 1)
     store.add_audit(
         [
             {
@@ -82,8 +85,9 @@ def sqlite_state(tmp_path):
 
 def test_copy_carries_everything_and_refuses_a_second_time(sqlite_state, pg_server):
     """Every table arrives whole (identities, secret hashes, tokens used and unused,
-    revocations, records, audit in order); the password is never printed; copying into
-    a database that holds something is refused, exit 1, nothing added."""
+    dashboard login tokens live and revoked, revocations, records, audit in order);
+    the password is never printed; copying into a database that holds something is
+    refused, exit 1, nothing added."""
     dsn = pg_server.new_database()
     done = cli("state", "copy", "--from", str(sqlite_state), "--to", dsn)
     assert done.returncode == 0, done.stderr
@@ -101,6 +105,13 @@ def test_copy_carries_everything_and_refuses_a_second_time(sqlite_state, pg_serv
         with pytest.raises(TokenRefused):
             target.redeem_token(sha("t-used"), NOW)
         assert target.redeem_token(sha("t-live"), NOW) is None
+        assert target.ui_token_revoked("bob", sha("u-gone"))
+        assert target.redeem_ui_token(sha("u-gone"), NOW) is None
+        assert target.redeem_ui_token(sha("u-live"), NOW) == (
+            "ann",
+            "operator",
+            NOW + 10**9,
+        )
         assert [e["method"] for e in target.audit()] == [
             "explorer.revoke",
             "explorer.create_token",

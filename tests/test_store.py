@@ -412,13 +412,13 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
 
     from hero_compute.explorer.record_writer import FLUSH_CHUNK, FLUSH_EVERY
     from hero_compute.explorer.records import NodeRecord
-    from hero_compute.explorer.trust import ExplorerTrust
+    from hero_compute.explorer.state import ExplorerState
 
     clock = Clock()
-    trust = ExplorerTrust(clock=clock, reactor=clock, db_path=path, tls=None, factory=None)
-    trust.open()
+    state = ExplorerState(clock=clock, reactor=clock, db_path=path)
+    state.open()
     batches = []
-    store = trust.store
+    store = state.store
 
     class Recording:
         """The store, noting each batch and whether the rest is left to a later turn."""
@@ -430,18 +430,18 @@ def test_records_are_written_a_chunk_per_reactor_turn(path):
             batches.append((len(records), len(clock.getDelayedCalls())))
             store.save_nodes(records)
 
-    trust.store = Recording()
+    state.store = Recording()
     total = FLUSH_CHUNK * 2 + 7
     for i in range(total):
-        trust.save_node(NodeRecord(**node(f"n{i:05d}")))
+        state.records.save_node(NodeRecord(**node(f"n{i:05d}")))
     clock.advance(FLUSH_EVERY)
     assert batches == [(FLUSH_CHUNK, 1), (FLUSH_CHUNK, 1), (7, 0)]
-    stored = trust.load_nodes()
+    stored = state.load_nodes()
     assert len(stored) == total and stored[0] == node("n00000")
     batches.clear()
     for i in range(total):
-        trust.save_node(NodeRecord(**node(f"n{i:05d}", name="renamed")))
-    trust.close({})
+        state.records.save_node(NodeRecord(**node(f"n{i:05d}", name="renamed")))
+    state.close({})
     assert [n for n, _ in batches] == [FLUSH_CHUNK, FLUSH_CHUNK, 7]
     assert not clock.getDelayedCalls()
     again = Store.open(path)
@@ -497,7 +497,7 @@ def test_schema_1_file_is_migrated(path):
         store.close()
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         raw.close()
 
@@ -535,3 +535,137 @@ def test_audit_entries_newest_first_and_filtered(store):
     assert [e["target"] for e in store.audit(node_id="n1")] == ["n1/vm-1", "n1"]
     assert [e["target"] for e in store.audit(since=NOW + 2)] == ["", "n10"]
     assert len(store.audit(limit=1)) == 1
+
+
+def test_ui_tokens_single_use_revoked_listed_and_kept(store):
+    """Dashboard login tokens: kept by hash, spent once, revoked per user (used ones
+    too, for their sessions), listed without a hash, and all of it kept on reopen."""
+    ann_op, ann_view, bob = sha("ann-op"), sha("ann-view"), sha("bob")
+    for h, user, role in [
+        (ann_op, "ann", "operator"),
+        (ann_view, "ann", "viewer"),
+        (bob, "bob", "viewer"),
+    ]:
+        assert store.add_ui_token(h, user, role, NOW, NOW + 3600, 10) is True
+    with pytest.raises(ValueError):
+        store.add_ui_token("a-token-in-clear", "ann", "viewer", NOW, NOW + 60, 10)
+    assert store.redeem_ui_token(ann_op, NOW + 1) == ("ann", "operator", NOW + 3600)
+    assert store.redeem_ui_token(ann_op, NOW + 2) is None
+    listed = store.ui_tokens(NOW + 2)
+    assert [(t["user"], t["role"], t["used"]) for t in listed] == [
+        ("ann", "operator", True),
+        ("ann", "viewer", False),
+        ("bob", "viewer", False),
+    ]
+    assert not any(h in repr(listed) for h in (ann_op, ann_view, bob))
+    assert not store.ui_token_revoked("ann", ann_op)
+    assert store.revoke_ui_user("ann", NOW + 3) == 1
+    assert store.ui_token_revoked("ann", ann_op) and store.ui_token_revoked("ann", ann_view)
+    assert store.redeem_ui_token(ann_view, NOW + 4) is None
+    assert not store.ui_token_revoked("bob", bob)
+    store = reopen(store)
+    try:
+        assert store.ui_token_revoked("ann", ann_op)
+        assert store.redeem_ui_token(bob, NOW + 5) == ("bob", "viewer", NOW + 3600)
+        assert [t["revoked"] for t in store.ui_tokens(NOW + 5)] == [True, True, False]
+    finally:
+        store.close()
+
+
+def test_ui_tokens_expire_are_purged_and_bounded(store):
+    """An expired login token is refused; expired rows (used, revoked or not) go when
+    the next token is made; past the limit of waiting tokens, none is added."""
+    store.add_ui_token(sha("old"), "ann", "viewer", NOW, NOW + 10, 10)
+    store.add_ui_token(sha("gone"), "bob", "viewer", NOW, NOW + 10, 10)
+    store.revoke_ui_user("bob", NOW + 1)
+    assert store.redeem_ui_token(sha("old"), NOW + 10) is None
+    assert len(store.ui_tokens(0)) == 2
+    assert store.add_ui_token(sha("new"), "ann", "viewer", NOW + 11, NOW + 100, 2)
+    assert [t["expires_at"] for t in store.ui_tokens(0)] == [NOW + 100]
+    assert store.add_ui_token(sha("two"), "ann", "viewer", NOW + 12, NOW + 100, 2)
+    assert (
+        store.add_ui_token(sha("three"), "ann", "viewer", NOW + 12, NOW + 100, 2) is False
+    )
+    assert store.redeem_ui_token(sha("three"), NOW + 13) is None
+
+
+def test_schema_3_file_is_migrated_keeping_its_records(path):
+    """A file of schema 3 (before the login tokens) is brought to schema 4 with its
+    nodes, identities, join tokens and audit log kept, and takes login tokens."""
+    from hero_compute.explorer.store.schema import MIGRATIONS, SCHEMA
+
+    path.parent.mkdir(mode=0o700)
+    raw = sqlite3.connect(path)
+    for statement in (*SCHEMA, *MIGRATIONS[1], *MIGRATIONS[2]):
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 3")
+    raw.commit()
+    raw.close()
+    # Written as a schema-3 explorer would have: its own statements, on that file.
+    with sqlite3.connect(path) as raw:
+        raw.execute(
+            "INSERT INTO identities (node_id, secret_sha256) VALUES ('n1', ?)", (sha("s"),)
+        )
+        raw.execute(
+            "INSERT INTO tokens (token_hash, node_id, expires_at) VALUES (?, NULL, ?)",
+            (sha("join"), NOW + 10**9),
+        )
+        raw.execute(
+            "INSERT INTO audit (time, explorer, caller, method, target, outcome) "
+            "VALUES (?, 'e', 'unix:0', 'explorer.revoke', 'n1', 'ok')",
+            (NOW,),
+        )
+    raw.close()
+    store = Store.open(path)
+    try:
+        store.save_node(node("n2"))
+        assert store.identity("n1").secret_sha256 == sha("s")
+        assert store.peek_token(sha("join"), NOW) is None
+        assert [e["method"] for e in store.audit()] == ["explorer.revoke"]
+        assert store.add_ui_token(sha("ui"), "ann", "viewer", NOW, NOW + 60, 10)
+    finally:
+        store.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 4
+    finally:
+        raw.close()
+
+
+def test_postgres_at_step_3_is_migrated_keeping_its_records(pg_server):
+    """A PostgreSQL database at step 3 is migrated to step 4 under the lock, its rows
+    kept (earlier change rows become node changes), and takes login tokens."""
+    import psycopg
+
+    from hero_compute.explorer.store.migrations import LATEST, POSTGRES
+
+    dsn = pg_server.new_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE hero_schema (version integer)")
+        for step in (1, 2, 3):
+            for statement in POSTGRES[step]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO hero_schema VALUES (%s)", (step,))
+        conn.execute(
+            "INSERT INTO identities (node_id, secret_sha256) VALUES ('n1', %s)", (sha("s"),)
+        )
+        conn.execute(
+            "INSERT INTO changes (node_id, at) VALUES ('n1', extract(epoch FROM now()))"
+        )
+        conn.execute(
+            "INSERT INTO audit (time, explorer, caller, method, target, outcome) "
+            "VALUES (%s, 'e', 'unix:0', 'explorer.revoke', 'n1', 'ok')",
+            (NOW,),
+        )
+    store = open_store(dsn)
+    try:
+        assert store.identity("n1").secret_sha256 == sha("s")
+        assert [e["method"] for e in store.audit()] == ["explorer.revoke"]
+        assert store.add_ui_token(sha("ui"), "ann", "viewer", NOW, NOW + 60, 10)
+        assert store.redeem_ui_token(sha("ui"), NOW) == ("ann", "viewer", NOW + 60)
+    finally:
+        store.close()
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT max(version) FROM hero_schema").fetchone()[0] == 4
+        assert LATEST == 4
+        assert conn.execute("SELECT kind FROM changes").fetchall()[0] == ("node",)

@@ -198,3 +198,18 @@ def test_p99_at_100000_nodes(clock):
     answer = registry.summary.answer(clock.seconds())
     assert answer["nodes"] == {"online": 0, "offline": 100_000}
     assert answer["labels"] == {} and answer["vms"] == 0
+
+
+def test_equal_contributions_are_one_object(clock):
+    """Nodes with equal fields share one contribution; the sums still count each."""
+    registry = Registry(clock, 30)
+    for i in range(3):
+        beat(registry, f"n{i}", capacity={"vcpus": 4}, labels={"zone": "a"})
+    online = registry.summary._online
+    assert len({id(online[f"n{i}"][1]) for i in range(3)}) == 1
+    answer = registry.summary.answer(clock.seconds())
+    assert answer["nodes"]["online"] == 3
+    assert answer["capacity"]["vcpus"] == 12
+    assert answer["labels"] == {"zone": {"a": 3}}
+    beat(registry, "f", capacity={"vcpus": 4.0}, labels={"zone": "a"})
+    assert type(registry.summary.answer(clock.seconds())["capacity"]["vcpus"]) is float

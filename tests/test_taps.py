@@ -164,7 +164,16 @@ def test_explorer_tree(short_tmp):
         NODE_OFFLINE_AFTER="8",
     )
     explorer = explorer_tap.makeService(options, reactor)
-    assert [child.name for child in explorer] == ["listeners", "liveness", "heap"]
+    assert [child.name for child in explorer] == [
+        "state",
+        "audit",
+        "trust",
+        "tls",
+        "client",
+        "listeners",
+        "liveness",
+        "heap",
+    ]
     assert len(list(explorer.getServiceNamed("listeners"))) == 3
     explorer.privilegedStartService()
     explorer.startService()
@@ -181,6 +190,40 @@ def test_explorer_tree(short_tmp):
     ]
     explorer.stopService()
     assert not reactor.getDelayedCalls()
+
+
+def test_explorer_tree_starts_in_its_order_and_stops_in_reverse(short_tmp):
+    """The explorer's children start in the order the tree lists them (the state is
+    open before any listener binds) and stop in the reverse order, each after the one
+    below it has stopped (the state store closes last)."""
+    reactor = MemoryReactorClock()
+    options = explorer_options(
+        HERO_SOCKET_DIR=f"{short_tmp}/s", EXPLORER_STATE_DIR=f"{short_tmp}/state"
+    )
+    explorer = explorer_tap.makeService(options, reactor)
+    seen = []
+    for child in explorer:
+        for step in ("privilegedStartService", "startService", "stopService"):
+            original = getattr(child, step)
+
+            def record(original=original, step=step, name=child.name):
+                seen.append((step, name, explorer.state.opened))
+                return original()
+
+            setattr(child, step, record)
+    names = [child.name for child in explorer]
+    explorer.privilegedStartService()
+    explorer.startService()
+    assert [n for s, n, _ in seen if s == "privilegedStartService"] == names
+    assert [n for s, n, _ in seen if s == "startService"] == names
+    # Every child after "state" found it open; the Unix socket bound after it.
+    assert all(opened for s, n, opened in seen if n != "state")
+    assert reactor.unixServers
+    seen.clear()
+    d = explorer.stopService()
+    assert d.called
+    assert [n for s, n, _ in seen] == list(reversed(names))
+    assert not explorer.state.opened
 
 
 def test_node_tree(short_tmp):

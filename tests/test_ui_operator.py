@@ -462,17 +462,19 @@ def test_dashboard_user_names_itself_for_the_audit():
     assert session.user.uri == "dashboard:client/ops" and session.user.role == UI_OPERATOR
 
 
-def test_accounts_expire_and_are_bounded():
+def test_accounts_expire_and_are_bounded(tmp_path):
     """A login token past its ttl is refused and dropped; the session it made ends when
     the token would have; sessions beyond the limit push out the oldest."""
     from twisted.internet.task import Clock
 
+    from hero_compute.explorer.store import Store
     from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
     from hero_compute.rpc.authz import UI_VIEWER
 
     clock = Clock()
     clock.advance(1_700_000_000)
-    accounts = UiAccounts(clock, limit=3)
+    store = Store.open(tmp_path / "explorer.db")
+    accounts = UiAccounts(clock, lambda: store, limit=3)
     late = accounts.create("ann", "viewer", ttl=60)["token"]
     used = accounts.create("ann", "operator", ttl=60)["token"]
     sid, session = accounts.redeem(used)
@@ -481,6 +483,10 @@ def test_accounts_expire_and_are_bounded():
     assert accounts.redeem(late) is None
     assert accounts.session(sid) is None
     assert accounts.list() == {"tokens": [], "sessions": []}
+    accounts.create("bob", "viewer", ttl=60)
+    # Made after the expiry: the expired rows are purged on the way.
+    assert [t["user"] for t in store.ui_tokens(0)] == ["bob"]
     sids = [accounts.new_session(DashboardUser(UI_VIEWER, f"u{i}"))[0] for i in range(4)]
     assert accounts.session(sids[0]) is None
     assert all(accounts.session(s) for s in sids[1:])
+    store.close()

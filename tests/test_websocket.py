@@ -23,7 +23,8 @@ from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import RefusedByPolicy
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
-from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.listen import Listen
+from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.websocket import HTTPRefusal
 from hero_compute.rpc.websocket_client import connect
 from hero_compute.rpc.websocket_server import Route, Routes
@@ -119,7 +120,7 @@ async def server(short_tmp):
         128 * 1024,
     )
     path = f"{short_tmp}/ws.sock"
-    listeners = Listeners(factory, [unix_endpoint_string(path)])
+    listeners = Listeners(factory, [Listen.unix(path)])
     listeners.startService()
     Echo.instances = []
     yield f"unix://{path}", hose

@@ -22,7 +22,8 @@ from hero_compute.rpc.addresses import parse_listen
 from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.errors import RefusedByPolicy
 from hero_compute.rpc.http_server import make_factory
-from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.listen import Listen
+from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.tls import ClientTLS, Expected, ServerTLS, TLSMaterial
 from hero_compute.rpc.websocket import CLOSE_TIMEOUT, HTTPRefusal
 from hero_compute.rpc.websocket_client import connect
@@ -77,7 +78,7 @@ def _server(kind, fleet, clock=reactor):
     )
     if kind == "unix":
         path = f"{fleet['dir']}/ws.sock"
-        listeners = Listeners(factory, [unix_endpoint_string(path)], reactor=reactor)
+        listeners = Listeners(factory, [Listen.unix(path)], reactor=reactor)
         listeners.startService()
         return factory, listeners, UNIXClientEndpoint(reactor, path)
     listeners = Listeners(factory, [], reactor=reactor)

@@ -20,31 +20,31 @@ static files, RPC, console) and holds each path's checks in one place; the accou
 the console splice, the guard and the listener live in modules of their own.
 """
 
-import hmac
 import html
 import os
 import secrets
 from importlib import resources
 
 import attrs
-from twisted.application import strports
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
-from twisted.web.http import FORBIDDEN, FOUND, NOT_ALLOWED, UNAUTHORIZED
+from twisted.web.http import FORBIDDEN, NOT_ALLOWED, UNAUTHORIZED
 
 import hero_compute
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
-from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY, UI_VIEWER
+from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
+from hero_compute.rpc.listen import listener_service
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
 from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
-from .dashboard_listen import Announcing, TLSOnStart
-from .ui_accounts import STARTUP_USER, DashboardUser, UiAccounts, csrf_ok, with_session
+from .dashboard_listen import DashboardAnnouncement, TLSOnStart
+from .dashboard_login import exchange
+from .ui_accounts import UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
 
 log = Logger()
@@ -240,27 +240,7 @@ class DashboardRoot(resource.Resource):
             return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
         token = (request.args or {}).get(b"token")
         if token is not None:
-            if hmac.compare_digest(token[0], self._token):
-                sid, _ = self.sessions.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
-            else:
-                # A user's login token: spent here, whatever follows.
-                login = self.sessions.redeem(token[0].decode("utf-8", "replace"))
-                if login is None:
-                    return _refuse(request, UNAUTHORIZED, "wrong, used or expired token")
-                sid, _ = login
-            request.addCookie(
-                COOKIE,
-                sid.encode(),
-                path=b"/",
-                httpOnly=True,
-                sameSite="strict",
-                # Never sent over plain http:// to the same host (on any port).
-                secure=request.isSecure(),
-            )
-            # Off the address bar and out of the history at once.
-            request.setResponseCode(FOUND)
-            request.setHeader(b"location", b"/")
-            return b""
+            return exchange(request, self.sessions, token[0], self._token, COOKIE, _refuse)
         session = self._session(request)
         if not session:
             return _refuse(
@@ -349,10 +329,9 @@ def make_dashboard(
     audit=None,
 ):
     """
-    The dashboard on its own listener, a :obj:`strports.service`, so that a bind failure
-    aborts start-up.
+    The dashboard on its own listener; a bind failure aborts start-up.
 
-    :param listen: the Twisted server endpoint string to serve it on
+    :param listen: the :class:`~hero_compute.rpc.listen.Listen` to serve it on
     :param methods: the :class:`~hero_compute.explorer.service.ExplorerMethods`
     :param limits: the :class:`~hero_compute.rpc.limits.Limits`
     :param token: the access token, or None for a random one
@@ -402,11 +381,17 @@ def make_dashboard(
     if tls is not None:
         wrap = None if admission is None else AdmittedTLSFactory
         factory = TLSOnStart(site, tls, wrap, admission)
-    svc = strports.service(listen, factory, reactor=reactor)
-    svc.endpoint = Announcing(
-        svc.endpoint, token, token_file, secure=tls is not None, write=fresh
+    announcement = DashboardAnnouncement(
+        token, token_file, secure=tls is not None, write=fresh
     )
-    methods.accounts.url_of = lambda: svc.endpoint.url
+    svc = listener_service(
+        listen,
+        factory,
+        reactor,
+        before=announcement.before,
+        detail=announcement.detail,
+    )
+    methods.accounts.url_of = lambda: announcement.url
     root.audit = audit
     svc.root = root
     svc.setName("dashboard")

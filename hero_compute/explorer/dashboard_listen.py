@@ -8,14 +8,8 @@ explorer's state directory).
 import os
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
-from zope.interface import implementer
 
-from hero_compute.rpc.listeners import describe
 from hero_compute.rpc.tls import tls_server_factory
-
-log = Logger()
 
 
 class TLSOnStart(protocol.Factory):
@@ -70,44 +64,40 @@ def write_token(path, token):
         os.close(fd)
 
 
-@implementer(IStreamServerEndpoint)
-class Announcing:
+class DashboardAnnouncement:
     """
-    Logs the dashboard's URL once the endpoint is bound, naming the file with the token.
+    What the dashboard's listener says once bound (through
+    :class:`~hero_compute.rpc.listen.Announcing`): its URL and the file with the token.
 
-    :param write: write ``token`` to ``token_file`` first (a fresh random one); else it
-        was read from there
+    :param token: the token
+    :param token_file: the file it is kept in, or None
+    :param secure: it is served over TLS (``https``)
+    :param write: write ``token`` to ``token_file`` before binding (a fresh random
+        one); else it was read from there
     """
 
-    def __init__(self, endpoint, token, token_file, secure=False, write=False):
-        self._endpoint = endpoint
+    def __init__(self, token, token_file, secure=False, write=False):
         self._token = token
         self._token_file = token_file
         self._secure = secure
         self._write = write
+        #: Where the dashboard is, once bound (for the accounts' login URLs).
         self.url = None
 
-    def listen(self, factory):
+    def before(self):
+        """Keep a fresh token in its file before the listener binds."""
         if self._write and self._token_file is not None:
             write_token(self._token_file, self._token)
-        d = self._endpoint.listen(factory)
-        d.addCallback(self._announce)
-        return d
 
-    def _announce(self, port):
-        uri = describe(port.getHost())
+    def detail(self, uri):
+        """
+        :param uri: the bound listener's URI
+        :return: what follows it in the ``listening on`` line
+        """
         scheme = "https" if self._secure else "http"
         url = scheme + uri[len("tcp") :] if uri.startswith("tcp://") else uri
-        #: Where the dashboard is, once bound (for the accounts' login URLs).
         self.url = url
         if self._token_file is None:
             # Only an embedder that gave neither a token file nor a state directory.
-            log.info("listening on {uri} (dashboard: {url}/)", uri=uri, url=url)
-        else:
-            log.info(
-                "listening on {uri} (dashboard: {url}/ with the token in {file})",
-                uri=uri,
-                url=url,
-                file=self._token_file,
-            )
-        return port
+            return f" (dashboard: {url}/)"
+        return f" (dashboard: {url}/ with the token in {self._token_file})"

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from hero_compute.rpc.websocket import POLICY_VIOLATION, HTTPRefusal, WebSocket
 from hero_compute.rpc.websocket_server import Route, UpgradeRequest
 
-from .audit import caller_of
+from .audit import arguments_by_name, caller_of
 
 log = Logger()
 
@@ -246,7 +246,7 @@ class _Registrar:
             return self._rpc.register(name, func, context=context)
         signature = inspect.signature(func)
         params = list(signature.parameters.values())[1 if context else 0 :]
-        bare = signature.replace(parameters=params)
+        named_by = arguments_by_name(signature.replace(parameters=params))
         events = self._events
 
         @functools.wraps(func)
@@ -255,7 +255,7 @@ class _Registrar:
 
             def done(value: Any) -> Any:
                 try:
-                    named = dict(bare.bind(*args, **kwargs).arguments)
+                    named = dict(named_by(args, kwargs))
                     events._done(name, ctx, named, value)
                 except Exception:
                     log.failure("event for {method} not made", method=name)

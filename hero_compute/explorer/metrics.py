@@ -242,7 +242,7 @@ def make_metrics(*, listen, methods, registry, proxy, factory, clock, reactor=No
     """
     The explorer's metrics: ``GET /metrics`` on its own listener, and the reactor's lag.
 
-    :param listen: the Twisted server endpoint string to serve them on
+    :param listen: the :class:`~hero_compute.rpc.listen.Listen` to serve them on
     :param methods: the :class:`~hero_compute.explorer.service.ExplorerMethods`
     :param registry: the :class:`~hero_compute.explorer.registry.Registry`
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy`

@@ -33,6 +33,9 @@ STRATEGIES = ("spread", "binpack")
 
 _GROW = 1024
 
+#: Tied rows compared by node id directly while the fleet's order is stale.
+FEW_TIES = 256
+
 
 class NoFit(Exception):
     """
@@ -211,7 +214,8 @@ class PlacementIndex:
                 if not rows:
                     del self._labels[pair]
         if labels:
-            self._row_labels[row] = dict(labels)
+            # the record's own dict (never changed in place; shared among nodes)
+            self._row_labels[row] = labels
             for pair in labels.items():
                 self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
@@ -354,6 +358,10 @@ class PlacementIndex:
         if sub is not None:
             tied = sub[tied]
         if len(tied) > 1:
+            if self._rank_stale and len(tied) <= FEW_TIES:
+                # A few ties: their ids compared, rather than the fleet's order rebuilt
+                # (about 20 ms at 100,000 nodes) on the first placement after a join.
+                return min(map(self._ids.__getitem__, tied.tolist()))
             self._fresh_rank()
             tied = tied[[self._rank[tied].argmin()]]
         return self._ids[int(tied[0])]

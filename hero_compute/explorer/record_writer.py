@@ -1,20 +1,16 @@
 """
 Node records on their way to the state store: kept in memory as heartbeats change
 them, written together once a second in bounded transactions, on the store's thread
-when the store is shared.  :class:`~hero_compute.explorer.trust.ExplorerTrust` is
-built on it.
+when the store is shared.  :class:`~hero_compute.explorer.state.ExplorerState` holds
+one, and writes what is left when it closes.
 """
 
 import itertools
-from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import StoreUnavailable
-
-from .records import NodeRecord
 
 log = Logger()
 
@@ -29,16 +25,29 @@ FLUSH_CHUNK = 500
 
 class NodeRecordWriter:
     """
-    The record writer; a base of ``ExplorerTrust``, which owns the store, the clock
-    and the store's thread.
+    The record writer of a state store.
+
+    :param state: the :class:`~hero_compute.explorer.state.ExplorerState`: its
+        ``store`` (None when closed), ``shared`` and ``run_on_store``
+    :param clock: ``IReactorTime``, to gather a second's records
     """
 
-    store: Any
-    _clock: Any
-    _pool: Any
-    _dirty: dict
-    _flusher: Any
-    run_on_store: Callable[..., Any]
+    def __init__(self, state, clock):
+        self._state = state
+        self._clock = clock
+        # node id -> the live record to write (the registry's, changed in place).
+        self._dirty = {}
+        self._flusher = None
+
+    @property
+    def store(self):
+        """The open store, or None."""
+        return self._state.store
+
+    @property
+    def pending(self):
+        """How many node records wait to be written."""
+        return len(self._dirty)
 
     def save_node(self, record):
         """
@@ -60,27 +69,33 @@ class NodeRecordWriter:
         self._flusher = None
         if not self._dirty or self.store is None:
             return
-        records = self._take()
-        if self._pool is None:
+        taken, rows = self._take()
+        if not self._state.shared:
             if self._dirty:
                 self._flusher = self._clock.callLater(0, self.flush)
-            self._write(records)
+            self._write(rows)
             return
-        d = self.run_on_store(self._write, records)
-        d.addCallback(self._written, records)
+        d = self._state.run_on_store(self._write, rows)
+        d.addCallback(self._written, taken)
 
-    def _written(self, ok, records):
+    def _written(self, ok, taken):
         if not ok:
-            for record in records:
-                # A newer record taken since wins over the one that failed.
-                self._dirty.setdefault(record["node_id"], NodeRecord(**record))
+            for record in taken:
+                # A newer change taken since wins; else the live record, as it is now.
+                self._dirty.setdefault(record.node_id, record)
         if self._dirty and self._flusher is None and self.store is not None:
             self._flusher = self._clock.callLater(0 if ok else FLUSH_EVERY, self.flush)
 
     def _take(self):
+        """
+        :return: up to :data:`FLUSH_CHUNK` records taken, and their snapshots (dicts):
+            the store's thread writes the snapshot while the registry goes on changing
+            the live records in place
+        """
         ids = list(itertools.islice(self._dirty, FLUSH_CHUNK))
+        taken = [self._dirty.pop(i) for i in ids]
         # Not recursing: the store serialises the dicts in a record itself.
-        return [attrs.asdict(self._dirty.pop(i), recurse=False) for i in ids]
+        return taken, [attrs.asdict(r, recurse=False) for r in taken]
 
     def _write(self, records):
         try:
@@ -91,11 +106,27 @@ class NodeRecordWriter:
             log.failure("could not keep {count} node records", count=len(records))
         return True
 
+    def stop(self):
+        """No more flushes by the clock (the state is closing)."""
+        if self._flusher is not None and self._flusher.active():
+            self._flusher.cancel()
+        self._flusher = None
+
+    def write_all(self):
+        """Write what is left now, in the caller's thread (the state is closing)."""
+        while self._dirty and self.store is not None:
+            if not self._write(self._take()[1]):
+                break
+
+    def drop(self, node_id):
+        """Write no record of a node any more (it is being forgotten)."""
+        self._dirty.pop(node_id, None)
+
     def forget_record(self, node_id):
         """Drop a forgotten node's stored record; its identity binding stays."""
         self._dirty.pop(node_id, None)
         if self.store is not None:
-            d = self.run_on_store(self.store.forget_node, node_id)
+            d = self._state.run_on_store(self.store.forget_node, node_id)
             if d is not None:
                 # The next flush or heartbeat settles it; nothing waits on this one.
                 d.addErrback(lambda f: f.trap(StoreUnavailable))

@@ -34,6 +34,40 @@ class Heartbeat:
     remote: bool = False
 
 
+#: Distinct dicts a :class:`SharedValues` keeps to share.
+SHARED_VALUES = 4096
+
+
+class SharedValues:
+    """
+    One dict object for equal ``capacity``, ``usage`` and ``labels`` of different
+    nodes: a fleet's nodes mostly report the same few, and each node's own copy (its
+    keys' strings included, which JSON decoding makes anew for every heartbeat) cost
+    some 600 bytes at 100,000 nodes.  A record's dicts are never changed in place (a
+    heartbeat replaces them), so sharing is safe.  Bounded: past
+    :data:`SHARED_VALUES` distinct values it starts over (only sharing is lost).
+    """
+
+    def __init__(self):
+        self._kept = {}
+
+    def __call__(self, value):
+        """:return: ``value``, or an equal dict already held (other values as given)"""
+        if type(value) is not dict:
+            return value
+        try:
+            # Types too: 16 and 16.0 are equal, but a node's answer shows what it sent.
+            key = tuple((k, v, type(v)) for k, v in value.items())
+            kept = self._kept.get(key)
+        except TypeError:  # a value that is not hashable (a nested dict): its own
+            return value
+        if kept is None:
+            if len(self._kept) >= SHARED_VALUES:
+                self._kept.clear()
+            kept = self._kept[key] = value
+        return kept
+
+
 #: The fields a heartbeat may leave out when the explorer holds them (a delta).
 KEPT_FIELDS = ("name", "version", "capacity", "usage", "vm_count", "labels")
 

@@ -23,7 +23,7 @@ from hero_compute.rpc.errors import NodeNotFound
 
 from .history import HeartbeatHistory
 from .placement import PlacementIndex
-from .records import KEPT_FIELDS, NEW, NodeRecord
+from .records import KEPT_FIELDS, NEW, NodeRecord, SharedValues
 from .summary import FleetSummary
 
 log = Logger()
@@ -116,6 +116,7 @@ class Registry:
     )
     #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
     on_event: Any = attrs.field(default=None, init=False)
+    _shared: SharedValues = attrs.field(factory=SharedValues, init=False)
     _log_second: int = attrs.field(default=-1, init=False)
     _logged: int = attrs.field(default=0, init=False)
     _unlogged: int = attrs.field(default=0, init=False)
@@ -130,16 +131,18 @@ class Registry:
         record = self._nodes.get(node_id)
         self.history.add(node_id, now)
         if record is None:
+            shared = self._shared
             record = self._nodes[node_id] = NodeRecord(
                 node_id=node_id,
-                name=heartbeat.name,
+                # a node named after its id: one string, not two
+                name=node_id if heartbeat.name == node_id else heartbeat.name,
                 socket_path=socket_path,
                 transport=heartbeat.transport,
                 version=heartbeat.version,
-                capacity=heartbeat.capacity,
-                usage=heartbeat.usage,
+                capacity=shared(heartbeat.capacity),
+                usage=shared(heartbeat.usage),
                 vm_count=heartbeat.vm_count,
-                labels=heartbeat.labels,
+                labels=shared(heartbeat.labels),
                 first_seen=now,
                 last_seen=now,
                 remote=heartbeat.remote,
@@ -163,7 +166,7 @@ class Registry:
             value = getattr(heartbeat, field)
             # Equal values keep the record's objects: the heartbeat's copies are freed.
             if value is not None and value != getattr(record, field):
-                setattr(record, field, value)
+                setattr(record, field, self._shared(value))
                 changed.append(field)
         if record.transport != heartbeat.transport:
             record.transport = heartbeat.transport

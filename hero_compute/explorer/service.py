@@ -70,16 +70,21 @@ class ExplorerMethods:
     :param registry: an :class:`INodeRegistry`
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy` for ``explorer.call``
     :param clock: the clock, for uptime
-    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust` (state,
+    :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust` (identities,
         tokens, certificates)
     :param listeners: a :class:`Listeners` (for ``explorer.info``), or None
+    :param state: the :class:`~hero_compute.explorer.state.ExplorerState`: its record
+        writer keeps changed node records; its ``store_state`` is reported
     """
 
-    def __init__(self, registry, proxy, clock, trust, listeners=None, limits=None):
+    def __init__(
+        self, registry, proxy, clock, trust, listeners=None, limits=None, state=None
+    ):
         self._registry = registry
         self._proxy = proxy
         self._clock = clock
         self._trust = trust
+        self._state = state
         self._listeners = listeners
         self._limits = limits or Limits()
         self._started = clock.seconds()
@@ -98,7 +103,8 @@ class ExplorerMethods:
         # New node ids per source address, in a sliding minute.
         self._new_ids = NewIds(clock)
         #: The dashboard's users: login tokens and sessions (CONTRACT §11).
-        self.accounts = UiAccounts(clock)
+        #: Their login tokens are in the trust's store, sessions here.
+        self.accounts = UiAccounts(clock, lambda: trust.store, trust.run_on_store)
 
     def register(self, rpc):
         """
@@ -225,7 +231,7 @@ class ExplorerMethods:
         if changed and not _DURABLE.isdisjoint(changed):
             # Written on first sight and when the address, name or labels change: never
             # per heartbeat (last_seen is flushed in batches).
-            self._trust.save_node(record)
+            self._state.records.save_node(record)
         return {
             "accepted": True,
             "next_heartbeat": self._next_heartbeat,
@@ -374,7 +380,7 @@ class ExplorerMethods:
 
     def store_state(self):
         """:return: the state store's ``{"kind", "state"}`` (for metrics too)"""
-        return self._trust.store_state
+        return self._state.store_state
 
 
 def _then(pending, after):

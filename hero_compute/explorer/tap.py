@@ -23,7 +23,7 @@ from hero_compute.options import (
     source_of,
     state_dir,
 )
-from hero_compute.rpc.listeners import unix_endpoint_string
+from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.systemd import notifier_for
 
 #: Seconds of silence before a node is offline, unless the operator says otherwise
@@ -228,6 +228,8 @@ class Options(TapOptions):
             "socket": source_of(self, "socket", env, "EXPLORER_SOCKET"),
             "tcp": source_of(self, "tcp", env, "EXPLORER_TCP_ADDR"),
             "tls": source_of(self, "tls", env, "EXPLORER_TLS_ADDR"),
+            "metrics": source_of(self, "metrics", env, "EXPLORER_METRICS_ADDR"),
+            "ui": source_of(self, "ui", env, "EXPLORER_UI_ADDR"),
             "state-dir": source_of(self, "state-dir", env, "EXPLORER_STATE_DIR"),
         }
         explicit_socket = self["socket"] is not None or bool(env.get("EXPLORER_SOCKET"))
@@ -299,8 +301,8 @@ class Options(TapOptions):
         from hero_compute.rpc.listeners import StartupFailed
         from hero_compute.rpc.tls import TLSConfigError
 
+        from .state import StartupError
         from .store import StoreError
-        from .trust import StartupError
 
         database = self["database"]
         print_startup_errors(
@@ -334,21 +336,16 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
 
+    from .tls_material import TLSSettings
     from .tree import make_explorer
-    from .trust import TLSSettings
 
     sources = options["sources"]
-    named = {}
     listen = []
     if options["bind-socket"]:
-        listen.append(unix_endpoint_string(options["socket"]))
-        named[listen[-1]] = named[os.path.dirname(options["socket"])] = sources["socket"]
+        listen.append(Listen.unix(options["socket"], sources["socket"]))
     if options["tcp"] is not None:
-        listen.append(options["tcp"].endpoint_string())
-        named[listen[-1]] = sources["tcp"]
-    if options["tls"] is not None:
-        named["tls:" + options["tls"].endpoint_string()] = sources["tls"]
-    listen.extend(options["listen"])
+        listen.append(Listen.tcp(options["tcp"], sources["tcp"]))
+    listen.extend(Listen.endpoint(d) for d in options["listen"])
     explorer = make_explorer(
         reactor=reactor,
         clock=reactor,
@@ -358,7 +355,9 @@ def makeService(options, reactor=None):
         state_dir=options["state-dir"],
         database=options["database"],
         tls=TLSSettings(
-            listen=options["tls"],
+            listen=None
+            if options["tls"] is None
+            else Listen.tls(options["tls"], sources["tls"]),
             cert=options["tls-cert"],
             key=options["tls-key"],
             ca=options["tls-ca"],
@@ -368,8 +367,8 @@ def makeService(options, reactor=None):
         limits=options["limits"],
         metrics=None
         if options["metrics"] is None
-        else options["metrics"].endpoint_string(),
-        ui=None if options["ui"] is None else options["ui"].endpoint_string(),
+        else Listen.tcp(options["metrics"], sources["metrics"]),
+        ui=None if options["ui"] is None else Listen.tcp(options["ui"], sources["ui"]),
         ui_token=options["ui-token"],
         ui_token_file=options["ui-token-file"],
         ui_tls=bool(options["ui-tls"]),
@@ -378,7 +377,6 @@ def makeService(options, reactor=None):
         # frozen, so the cycle collector does not stop the reactor to walk it.
         freeze_heap=True,
     )
-    explorer.listeners.name_sources("explorer", named)
     if options["notify-env"].get("NOTIFY_SOCKET"):
         # Only under a service manager (Type=notify), so the tree is otherwise the same.
         notifier_for(reactor, options["notify-env"], explorer.listeners).setServiceParent(

@@ -8,7 +8,9 @@ import os
 import socket
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import hero_compute
 from hero_compute.rpc.authz import EXPLORER_POLICY
@@ -28,10 +30,11 @@ from .events import EventLog
 from .liveness import LivenessLog, sweep_interval
 from .metrics import make_metrics
 from .proxy import Proxy
-from .records import NodeRecord
 from .registry import Registry
 from .resolver import CachingResolver
 from .service import CALL_TIMEOUT, CONNECT_TIMEOUT, ExplorerMethods
+from .state import ExplorerState
+from .tls_material import ExplorerTLS
 from .trust import ExplorerTrust
 
 log = Logger()
@@ -41,49 +44,69 @@ class ExplorerService(service.MultiService):
     """
     The explorer's root service; :func:`make_explorer` builds it and its children.
 
-    On start it opens its state (the fleet as last known, identities, tokens) and its
-    TLS material, before any listener binds.
+    Its children start in the order they were added (the tree in :func:`make_explorer`)
+    and stop in the reverse order, each once the one after it has stopped: the state
+    store opens first and closes last.
 
     :param registry: the :class:`Registry`
-    :param client: the :class:`RpcClient` of the proxy, closed when the explorer stops
+    :param client: the :class:`RpcClient` of the proxy
     :param rpc: the :class:`~hero_compute.rpc.dispatch.Dispatcher` serving the methods
     :param listeners: the :class:`Listeners`
+    :param state: the :class:`~hero_compute.explorer.state.ExplorerState`
     :param trust: the :class:`~hero_compute.explorer.trust.ExplorerTrust`
-    :param audit: the :class:`~hero_compute.explorer.audit.AuditLog`, written out
-        before the state closes
+    :param tls: the :class:`~hero_compute.explorer.tls_material.ExplorerTLS`
+    :param audit: the :class:`~hero_compute.explorer.audit.AuditLog`
     """
 
-    def __init__(self, registry, client, rpc, listeners, trust, audit=None):
+    def __init__(self, registry, client, rpc, listeners, state, trust, tls, audit):
         service.MultiService.__init__(self)
         self.audit = audit
         self.registry = registry
         self.client = client
         self.rpc = rpc
         self.listeners = listeners
+        self.state = state
         self.trust = trust
+        self.tls = tls
+        self._privileged = False
 
     def privilegedStartService(self):
-        self.trust.open()
-        self.registry.load(NodeRecord(**n) for n in self.trust.load_nodes())
-        self.trust.start_tls(self.listeners, self.client)
+        self._privileged = True
         service.MultiService.privilegedStartService(self)
 
     def startService(self):
-        if not self.trust.opened:
+        if not self._privileged:
+            # Started without twistd's privileged step (an embedder, a test): the
+            # listeners still clear stale sockets and explain a failed bind.
             self.privilegedStartService()
         service.MultiService.startService(self)
 
     def stopService(self):
-        d = service.MultiService.stopService(self)
-        d.addBoth(lambda _: self.client.close())
-        if self.audit is not None:
-            d.addBoth(lambda _: self.audit.stop())
-        d.addBoth(
-            lambda _: self.trust.close(
-                {r.node_id: r.last_seen for r in self.registry.records()}
-            )
-        )
+        self._privileged = False
+        service.Service.stopService(self)
+        d = defer.succeed(None)
+        for child in reversed(list(self)):
+            d.addBoth(_stop, child)
         return d
+
+
+def _stop(result, child):
+    """Stop ``child``, whatever the previous child's stop came to (logged if failed)."""
+    if isinstance(result, Failure):
+        log.failure("stopping a service", result)
+    return defer.maybeDeferred(child.stopService)
+
+
+class _OnStop(service.Service):
+    """A child that only calls ``stop()`` when the tree stops, in its turn."""
+
+    def __init__(self, name, stop):
+        self.setName(name)
+        self._stop = stop
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return self._stop()
 
 
 def make_explorer(
@@ -109,11 +132,20 @@ def make_explorer(
     freeze_heap=False,
 ):
     """
-    Build the explorer's service tree; nothing is opened until it starts::
+    Build the explorer's service tree; nothing is opened until it starts.  Children
+    start in this order, and stop in the reverse one::
 
-        ExplorerService (opens the state and TLS material on start)
-        ├── "listeners": Listeners (one per endpoint string, and mutual TLS)
-        │                -> HTTP factory -> authorization -> Dispatcher
+        ExplorerService
+        ├── "state":     ExplorerState: opens the state store and loads the fleet as
+        │                last known into the Registry; closes it last
+        ├── "audit":     writes the audit entries left at stop (AuditLog)
+        ├── "trust":     ExplorerTrust: identities, tokens, enrollment over the store
+        ├── "tls":       ExplorerTLS: the TLS material, the CA that signs, the proxy's
+        │                certificate; adds the mutual-TLS listener to "listeners";
+        │                reloads on SIGHUP
+        ├── "client":    closes the proxy's connections at stop (RpcClient)
+        ├── "listeners": Listeners (one per Listen record) -> HTTP factory ->
+        │                authorization -> Dispatcher
         ├── "liveness":  LivenessLog over the Registry
         ├── "metrics":   GET /metrics and the reactor's lag, when asked for
         ├── "dashboard": the read-only web page on its own listener, when asked for
@@ -122,7 +154,8 @@ def make_explorer(
 
     :param reactor: the reactor to listen and connect with
     :param clock: an ``IReactorTime`` for liveness, uptime and the sweep (Unix seconds)
-    :param listen: Twisted server endpoint strings to serve on
+    :param listen: :class:`~hero_compute.rpc.listen.Listen` records to serve on (or
+        Twisted server endpoint strings, as ``--listen`` takes them)
     :param socket_dirs: directories to create for Unix sockets when starting
     :param offline_after: seconds of silence before a node is offline
     :param state_dir: the directory of ``explorer.db`` (``EXPLORER_STATE_DIR``)
@@ -133,9 +166,10 @@ def make_explorer(
     :param connect_timeout: seconds allowed to connect to a node
     :param node_cert_days: life of the certificates it signs for nodes, in days
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
-    :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
-        (``GET /metrics``), or None for none
-    :param ui: a Twisted server endpoint string to serve the dashboard on, or None
+    :param metrics: a :class:`~hero_compute.rpc.listen.Listen` to serve Prometheus
+        metrics on (``GET /metrics``), or None for none
+    :param ui: a :class:`~hero_compute.rpc.listen.Listen` to serve the dashboard on, or
+        None
     :param ui_token: the dashboard's access token, or None for a random one
     :param ui_token_file: the file ``ui_token`` came from, named in the log; without
         one, a random token is kept in ``STATE_DIR/ui-token`` (0600)
@@ -156,6 +190,8 @@ def make_explorer(
         max_response=limits.max_reply,
         # As many kept warm as may run at once: fewer, and calls beyond them reconnect.
         max_per_peer=limits.calls_per_node,
+        # Its results are answers passed on: written again without a walk for NaNs.
+        relay=True,
     )
     rpc = Dispatcher(
         load_schema("explorer"),
@@ -167,13 +203,28 @@ def make_explorer(
     factory = make_factory(rpc, limits=limits)
     # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
     # generic in a type variable: it takes any protocol factory.
-    listeners = Listeners(factory, listen, socket_dirs, reactor)  # type: ignore[arg-type]
-    trust = ExplorerTrust(
+    listeners = Listeners(
+        factory,  # type: ignore[arg-type]
+        listen,
+        socket_dirs,
+        reactor,
+        role="explorer",
+    )
+    state = ExplorerState(
         clock=clock,
         reactor=reactor,
         db_path=database or os.path.join(state_dir, "explorer.db"),
-        tls=tls,
+        registry=registry,
+    )
+    trust = ExplorerTrust(clock=clock, state=state)
+    tls_material = ExplorerTLS(
+        clock=clock,
+        reactor=reactor,
+        settings=tls,
         factory=factory,
+        listeners=listeners,
+        client=client,
+        trust=trust,
         node_cert_days=node_cert_days,
     )
     proxy = Proxy(
@@ -186,7 +237,7 @@ def make_explorer(
     )
     events = EventLog(clock)
     registry.on_event = events.node
-    audit = AuditLog(clock, socket.gethostname(), lambda: trust.store, trust.run_on_store)
+    audit = AuditLog(clock, socket.gethostname(), lambda: state.store, state.run_on_store)
     console = audit.route(
         console_route(proxy, reactor, connect_timeout, limits.max_unsent),
         "console.attach",
@@ -198,12 +249,22 @@ def make_explorer(
         limits.max_unsent,
         reactor,
     )
-    methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits)
+    methods = ExplorerMethods(registry, proxy, clock, trust, listeners, limits, state=state)
     # Through the audit log's door: the methods that change something are recorded.
     methods.register(events.registrar(audit.registrar(rpc)))
     rpc.register("explorer.audit", audit.query)
 
-    explorer = ExplorerService(registry, client, rpc, listeners, trust, audit)
+    explorer = ExplorerService(
+        registry, client, rpc, listeners, state, trust, tls_material, audit
+    )
+    state.setName("state")
+    state.setServiceParent(explorer)
+    _OnStop("audit", audit.stop).setServiceParent(explorer)
+    trust.setName("trust")
+    trust.setServiceParent(explorer)
+    tls_material.setName("tls")
+    tls_material.setServiceParent(explorer)
+    _OnStop("client", client.close).setServiceParent(explorer)
     listeners.setName("listeners")
     listeners.setServiceParent(explorer)
     liveness = LivenessLog(
@@ -211,7 +272,7 @@ def make_explorer(
         clock,
         sweep_interval(offline_after),
         forget_after=limits.forget_after,
-        forgotten=trust.forget_record,
+        forgotten=state.records.forget_record,
     )
     liveness.setName("liveness")
     liveness.setServiceParent(explorer)
@@ -233,7 +294,7 @@ def make_explorer(
             token=ui_token,
             token_file=ui_token_file or os.path.join(state_dir, "ui-token"),
             reactor=reactor,
-            tls=(lambda: trust.server_tls) if ui_tls else None,
+            tls=(lambda: tls_material.server_tls) if ui_tls else None,
             hosts=ui_hosts,
             admission=factory.admission.sibling(),
             console_socket=lambda: _unix_socket(listeners.bound),

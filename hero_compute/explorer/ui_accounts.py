@@ -4,10 +4,21 @@ the sessions they are traded for.
 
 ``hero-compute ui token create --user NAME --role viewer|operator`` calls
 ``explorer.ui_token_create`` (Unix socket or client certificate) and prints a login URL;
-the token in it is kept only as its SHA-256, and is spent by its first use, for a
-session cookie.  Each session carries its own CSRF token, written into the page and
-required back in an ``X-CSRF-Token`` header on every ``POST /rpc``.  Revoking a user
-ends its tokens and its live sessions at once.
+the token in it is kept only as its SHA-256, in the explorer's store
+(:mod:`.store.ui_tokens`: the state file, or the PostgreSQL database every explorer of
+it shares), and is spent by its first use, at any explorer of the store, for a session
+cookie.  SHA-256 without salt or stretching is enough: a token is 256 random bits,
+nothing a dictionary or a brute force could find.  Each session carries its own CSRF
+token, written into the page and required back in an ``X-CSRF-Token`` header on every
+``POST /rpc``.  Revoking a user ends its tokens and its live sessions at once, here,
+and at the other explorers of a shared store as soon as they read the change (their
+sessions check the store's mirror of revoked tokens on every request).
+
+Sessions are this explorer's, in memory: a restart logs its browsers out (the login
+token is spent; an operator makes a new one).  Store calls run where the explorer runs
+them (:meth:`~.trust.ExplorerTrust.run_on_store`): at once for SQLite, on the store's
+thread for PostgreSQL, whose answers are then Deferreds; with the database down they
+are -32007, and a login is refused with 503 (its token is not spent).
 
 The explorer's start-up token makes viewer sessions; a ``client/*`` certificate on the
 TLS dashboard is an operator (its CSRF token is derived from its name, since it has no
@@ -21,10 +32,11 @@ import re
 import secrets
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from hero_compute.rpc.authz import UI_OPERATOR, UI_VIEWER
-from hero_compute.rpc.errors import InvalidParams
+from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
 
 log = Logger()
 
@@ -79,18 +91,13 @@ class Session:
     :ivar user: the :class:`DashboardUser`
     :ivar csrf: the token the page must send back on writes
     :ivar expires_at: Unix seconds after which it is over, or None (start-up token)
+    :ivar token_hash: the SHA-256 of the login token it was made from, or None
     """
 
     user: DashboardUser
     csrf: str
     expires_at: float | None = None
-
-
-@attrs.frozen
-class _Token:
-    user: str
-    role: str
-    expires_at: float
+    token_hash: str | None = None
 
 
 class UiAccounts:
@@ -98,13 +105,18 @@ class UiAccounts:
     The dashboard's login tokens and sessions, and the ``explorer.ui_token_*`` methods.
 
     :param clock: an ``IReactorTime`` (Unix seconds)
+    :param store: ``store()`` -> the open :class:`~hero_compute.explorer.store.IStore`
+        holding the login tokens, or None (then login tokens are -32007)
+    :param run: ``run(f, *args)``: call ``f`` where store calls run (at once, or on the
+        store's thread, answering a Deferred)
     :param limit: sessions kept at once
     """
 
-    def __init__(self, clock, limit=MAX_SESSIONS):
+    def __init__(self, clock, store=None, run=None, limit=MAX_SESSIONS):
         self._clock = clock
+        self._store = store or (lambda: None)
+        self._run = run or (lambda f, *args: f(*args))
         self._limit = limit
-        self._tokens = {}  # sha256 hex -> _Token
         self._sessions = collections.OrderedDict()  # session id -> Session
         self._cert_key = secrets.token_bytes(32)
         #: Answers the dashboard's URL (``http(s)://host:port``) once it listens, or
@@ -119,12 +131,18 @@ class UiAccounts:
 
     # -- login tokens
 
+    def _on_store(self, name, *args):
+        store = self._store()
+        if store is None:
+            raise StoreUnavailable()
+        return self._run(getattr(store, name), *args)
+
     def create(self, user, role, ttl=DEFAULT_TTL):
         """
-        A single-use login token for ``user``.
+        A single-use login token for ``user``, kept in the store as its hash.
 
         :return: ``{"user", "role", "expires_at", "token", "url"}`` (``url`` None when
-            the explorer runs no dashboard)
+            the explorer runs no dashboard), or a Deferred of it
         """
         if not isinstance(user, str) or not USER.match(user):
             raise InvalidParams(
@@ -138,14 +156,18 @@ class UiAccounts:
         if not 1 <= ttl <= MAX_TTL:
             raise InvalidParams(f"ttl: from 1 to {MAX_TTL} seconds")
         now = self._clock.seconds()
-        self._drop_expired(now)
-        if len(self._tokens) >= MAX_TOKENS:
+        token = secrets.token_urlsafe(32)
+        expires_at = now + ttl
+        kept = self._on_store(
+            "add_ui_token", _hash(token), user, role, now, expires_at, MAX_TOKENS
+        )
+        return _then(kept, lambda ok: self._made(ok, user, role, ttl, expires_at, token))
+
+    def _made(self, kept, user, role, ttl, expires_at, token):
+        if not kept:
             raise InvalidParams(
                 f"{MAX_TOKENS} login tokens wait to be used: revoke some first"
             )
-        token = secrets.token_urlsafe(32)
-        expires_at = now + ttl
-        self._tokens[_hash(token)] = _Token(user, role, expires_at)
         log.info(
             "dashboard login token made for {user} ({role}), valid {ttl:.0f} s",
             user=user,
@@ -164,14 +186,18 @@ class UiAccounts:
 
     def list(self):
         """
-        :return: ``{"tokens": [{user, role, expires_at}], "sessions": [{user, role,
-            expires_at}]}``, never a token or a session id
+        :return: ``{"tokens": [{user, role, created_at, expires_at}], "sessions":
+            [{user, role, expires_at}]}``: the unused tokens of the store, this
+            explorer's live sessions; never a token or a session id (or a Deferred)
         """
         now = self._clock.seconds()
-        self._drop_expired(now)
+        return _then(self._on_store("ui_tokens", now), self._listing)
+
+    def _listing(self, rows):
         tokens = [
-            {"user": t.user, "role": t.role, "expires_at": t.expires_at}
-            for t in self._tokens.values()
+            {k: t[k] for k in ("user", "role", "created_at", "expires_at")}
+            for t in rows
+            if not t["used"] and not t["revoked"]
         ]
         sessions = [
             {
@@ -179,60 +205,64 @@ class UiAccounts:
                 "role": _role_name(s.user.role),
                 "expires_at": s.expires_at,
             }
-            for s in self._sessions.values()
+            for sid, s in list(self._sessions.items())
+            if self.session(sid) is not None
         ]
         key = lambda e: (e["user"], e["expires_at"] or 0)  # noqa: E731
         return {"tokens": sorted(tokens, key=key), "sessions": sorted(sessions, key=key)}
 
     def revoke(self, user):
         """
-        End ``user``'s unused tokens and live sessions.
+        End ``user``'s tokens (at every explorer of the store) and this explorer's live
+        sessions of it; the other explorers end theirs when they read the change.
 
-        :return: ``{"tokens": n, "sessions": n}`` ended
+        :return: ``{"tokens": n, "sessions": n}``: unused tokens and sessions ended
+            (or a Deferred of it)
         """
         if not isinstance(user, str) or not USER.match(user):
             raise InvalidParams("user: a dashboard user name")
-        tokens = [h for h, t in self._tokens.items() if t.user == user]
-        for h in tokens:
-            del self._tokens[h]
+        waiting = self._on_store("revoke_ui_user", user, self._clock.seconds())
+        return _then(waiting, lambda n: self._revoked(user, n))
+
+    def _revoked(self, user, tokens):
         sessions = [sid for sid, s in self._sessions.items() if s.user.name == user]
         for sid in sessions:
             del self._sessions[sid]
         log.info(
             "dashboard user {user} revoked: {tokens} tokens, {sessions} sessions ended",
             user=user,
-            tokens=len(tokens),
+            tokens=tokens,
             sessions=len(sessions),
         )
-        return {"tokens": len(tokens), "sessions": len(sessions)}
+        return {"tokens": tokens, "sessions": len(sessions)}
 
     def redeem(self, token):
         """
-        Spend a login token.
+        Spend a login token, in the store.
 
         :param token: what the login URL carried (str)
+        :raises StoreUnavailable: no store (a Deferred fails with it when the database
+            is down)
         :return: a new :class:`Session` and its id, or None if the token is unknown,
-            spent or expired
+            spent, revoked or expired (or a Deferred of that)
         """
-        entry = self._tokens.pop(_hash(token), None)
-        now = self._clock.seconds()
-        if entry is None or entry.expires_at <= now:
-            return None
-        log.info("dashboard login by {user} ({role})", user=entry.user, role=entry.role)
-        return self.new_session(
-            DashboardUser(ROLES[entry.role], entry.user), entry.expires_at
-        )
+        token_hash = _hash(token)
+        found = self._on_store("redeem_ui_token", token_hash, self._clock.seconds())
+        return _then(found, lambda row: self._login(row, token_hash))
 
-    def _drop_expired(self, now):
-        for h in [h for h, t in self._tokens.items() if t.expires_at <= now]:
-            del self._tokens[h]
+    def _login(self, row, token_hash):
+        if row is None or row[1] not in ROLES:
+            return None
+        user, role, expires_at = row
+        log.info("dashboard login by {user} ({role})", user=user, role=role)
+        return self.new_session(DashboardUser(ROLES[role], user), expires_at, token_hash)
 
     # -- sessions
 
-    def new_session(self, user, expires_at=None):
+    def new_session(self, user, expires_at=None, token_hash=None):
         """:return: ``(session id, Session)`` for a :class:`DashboardUser`"""
         sid = secrets.token_urlsafe(32)
-        session = Session(user, secrets.token_urlsafe(32), expires_at)
+        session = Session(user, secrets.token_urlsafe(32), expires_at, token_hash)
         self._sessions[sid] = session
         while len(self._sessions) > self._limit:
             self._sessions.popitem(last=False)
@@ -250,10 +280,21 @@ class UiAccounts:
         session = self._sessions.get(sid)
         if session is None:
             return None
-        if session.expires_at is not None and session.expires_at <= self._clock.seconds():
+        if (
+            session.expires_at is not None and session.expires_at <= self._clock.seconds()
+        ) or self._revoked_elsewhere(session):
             del self._sessions[sid]
             return None
         return session
+
+    def _revoked_elsewhere(self, session):
+        if session.token_hash is None:
+            return False
+        store = self._store()
+        # From the store's mirror: no database call per request.
+        return store is not None and store.ui_token_revoked(
+            session.user.name, session.token_hash
+        )
 
     def certificate_session(self, name):
         """
@@ -266,6 +307,13 @@ class UiAccounts:
 
     def __len__(self):
         return len(self._sessions)
+
+
+def _then(result, after):
+    """``after(result)``, at once or once ``result`` (a Deferred) has fired."""
+    if isinstance(result, defer.Deferred):
+        return result.addCallback(after)
+    return after(result)
 
 
 def _role_name(role):

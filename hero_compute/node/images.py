@@ -19,13 +19,15 @@ import secrets
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, threads, utils
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import InvalidVmState
 
 from .fetch import Download, FetchError, TempFile, check_target, check_url
+from .qemu.disks import INFO_TIMEOUT
 from .qemu.images import ImagePolicy, default_image_dirs
+from .qemu.tools import ToolTimeout, run
 
 log = Logger()
 
@@ -270,14 +272,10 @@ class Images(service.Service):
         """:return: ``(format, virtual size)``, both None when qemu-img cannot say"""
         try:
             # -U: the image may be open in running VMs; info only reads.
-            out, _, code = await utils.getProcessOutputAndValue(
-                self._qemu_img,
-                ["info", "-U", "--output=json", path],
-                env=os.environ,
-                reactor=self._reactor,
-            )
+            args = ["info", "-U", "--output=json", path]
+            out, _, code = await run(self._reactor, self._qemu_img, args, INFO_TIMEOUT)
             info = json.loads(out) if code == 0 else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, ToolTimeout):
             info = {}
         info = info if isinstance(info, dict) else {}
         fmt, virtual = info.get("format"), info.get("virtual-size")

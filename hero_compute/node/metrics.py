@@ -108,7 +108,7 @@ def make_metrics(*, listen, node, factory, clock, reactor=None):
     """
     The node's metrics: ``GET /metrics`` on its own listener, and the reactor's lag.
 
-    :param listen: the Twisted server endpoint string to serve them on
+    :param listen: the :class:`~hero_compute.rpc.listen.Listen` to serve them on
     :param node: the :class:`~hero_compute.node.service.NodeService`
     :param factory: the HTTP factory of the JSON-RPC listeners
     :param clock: the ``IReactorTime`` to measure the lag with

@@ -18,7 +18,8 @@ from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
-from hero_compute.rpc.listeners import Listeners, unix_endpoint_string
+from hero_compute.rpc.listen import Listen
+from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket_server import Routes
 
@@ -218,6 +219,7 @@ def make_node(
     limits=None,
     metrics=None,
     images=None,
+    sources=None,
 ):
     """
     Build the node's service tree; nothing is opened and no file is read or written
@@ -238,7 +240,8 @@ def make_node(
     :param clock: an ``IReactorTime`` scheduling the heartbeats
     :param socket_path: the node's Unix socket path
     :param tcp: a :class:`ListenAddress` to also listen on, or None
-    :param listen: further Twisted server endpoint strings
+    :param listen: further :class:`~hero_compute.rpc.listen.Listen` records (or
+        Twisted server endpoint strings, as ``--listen`` takes them)
     :param explorers: :class:`Address` es of the explorers to heartbeat
     :param vms: an :class:`~hero_compute.node.vms.IVmManager` (an ``IService`` too when
         it has one)
@@ -257,10 +260,12 @@ def make_node(
     :param stop: called when the node cannot go on (enrollment refused); by default
         nothing is stopped but the enrollment
     :param limits: the :class:`~hero_compute.rpc.limits.Limits` (defaults otherwise)
-    :param metrics: a Twisted server endpoint string to serve Prometheus metrics on
-        (``GET /metrics``), or None for none
+    :param metrics: a :class:`~hero_compute.rpc.listen.Listen` to serve Prometheus
+        metrics on (``GET /metrics``), or None for none
     :param images: the :class:`~hero_compute.node.images.Images`; by default those of
         ``state_dir/images``, with the default limits
+    :param sources: the variable or option that set each listener, by ``"socket"``,
+        ``"tcp"`` and ``"tls"``, named when one cannot bind
     :return: the :class:`NodeService`
     """
     identity = NodeIdentity(state_dir, node_id, name, labels=dict(labels or {}))
@@ -277,10 +282,11 @@ def make_node(
         max_batch=limits.max_batch,
         max_response=limits.max_response,
     )
-    descriptions = [unix_endpoint_string(socket_path)]
+    sources = {"socket": "--socket", "tcp": "--tcp", "tls": "--tls", **(sources or {})}
+    listens = [Listen.unix(socket_path, sources["socket"])]
     if tcp is not None:
-        descriptions.append(tcp.endpoint_string())
-    descriptions.extend(listen)
+        listens.append(Listen.tcp(tcp, sources["tcp"]))
+    listens.extend(listen)
     factory = make_factory(rpc, limits=limits)
     if hasattr(vms, "console"):
         factory.upgrade = Routes(
@@ -290,9 +296,10 @@ def make_node(
     # generic in a type variable: it takes any protocol factory.
     listeners = Listeners(
         factory,  # type: ignore[arg-type]
-        descriptions,
+        listens,
         [os.path.dirname(socket_path)],
         reactor,
+        role="node",
     )
     advertiser = Advertiser(
         unix=Address("unix", path=socket_path),
@@ -316,7 +323,7 @@ def make_node(
             identity=identity,
             listeners=listeners,
             factory=factory,
-            listen=tls,
+            listen=None if tls is None else Listen.tls(tls, sources["tls"]),
             explorers=tls_explorers,
             client=client,
             client_side=client_side,

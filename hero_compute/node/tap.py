@@ -26,7 +26,7 @@ from hero_compute.options import (
     source_of,
 )
 from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
-from hero_compute.rpc.listeners import unix_endpoint_string
+from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.systemd import notifier_for
 
 from . import tap_images, tap_tls, tap_vms
@@ -227,6 +227,7 @@ class Options(TapOptions):
             "socket": source_of(self, "socket", env, "NODE_SOCKET"),
             "tcp": source_of(self, "tcp", env, "NODE_TCP_ADDR"),
             "tls": source_of(self, "tls", env, "NODE_TLS_ADDR"),
+            "metrics": source_of(self, "metrics", env, "NODE_METRICS_ADDR"),
             "state-dir": source_of(self, "state-dir", env, "HERO_STATE_DIR"),
         }
         self["notify-env"] = {
@@ -367,21 +368,12 @@ def makeService(options, reactor=None):
         limits=options["limits"],
         metrics=None
         if options["metrics"] is None
-        else options["metrics"].endpoint_string(),
+        else Listen.tcp(options["metrics"], options["sources"]["metrics"]),
         images=make_images(
             reactor, options["image-dir"], options["state-dir"], options["images"]
         ),
+        sources=options["sources"],
     )
-    sources = options["sources"]
-    named = {
-        unix_endpoint_string(options["socket"]): sources["socket"],
-        os.path.dirname(options["socket"]): sources["socket"],
-    }
-    if options["tcp"] is not None:
-        named[options["tcp"].endpoint_string()] = sources["tcp"]
-    if options["tls"] is not None:
-        named["tls:" + options["tls"].endpoint_string()] = sources["tls"]
-    node.listeners.name_sources("node", named)
     if options["notify-env"].get("NOTIFY_SOCKET"):
         # Only under a service manager (Type=notify), so the tree is otherwise the same.
         notifier_for(reactor, options["notify-env"], node.listeners).setServiceParent(node)

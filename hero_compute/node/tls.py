@@ -7,7 +7,6 @@ are :mod:`.enroll`'s.
 
 import datetime
 import random
-import signal
 
 import attrs
 from twisted.application import service
@@ -18,6 +17,7 @@ from zope.interface import implementer
 
 from hero_compute import pki
 from hero_compute.rpc.errors import RpcError, TransportError
+from hero_compute.rpc.sighup import HangupReload
 from hero_compute.rpc.tls import (
     ClientTLS,
     Expected,
@@ -131,7 +131,12 @@ class NodeTLS(service.MultiService):
         self._working = None  # the enrollment or renewal under way
         self._renewal = None  # the DelayedCall of the next renewal
         self._failures = 0
-        self._previous_sighup = None
+        self._hangup = HangupReload(
+            reactor,
+            self._reload_on_signal,
+            (TLSConfigError, pki.PkiError),
+            "TLS material",
+        )
 
     @property
     def credentials(self):
@@ -165,7 +170,7 @@ class NodeTLS(service.MultiService):
     def startService(self):
         # Not MultiService's: the children (TLS heartbeats) wait for the material.
         service.Service.startService(self)
-        self._install_sighup()
+        self._hangup.install()
         self.prepare()
         if self.credentials is not None:
             self._ready()
@@ -180,7 +185,7 @@ class NodeTLS(service.MultiService):
             )
 
     def stopService(self):
-        self._restore_sighup()
+        self._hangup.restore()
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
         self._renewal = None
@@ -357,35 +362,11 @@ class NodeTLS(service.MultiService):
         if self._working is None:
             self._schedule_renewal()
 
-    # SIGHUP
-
-    def _install_sighup(self):
-        try:
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
-        except ValueError:  # not the main thread: no signals to be had
-            self._previous_sighup = None
-
-    def _restore_sighup(self):
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
-
-    def _on_sighup(self, signum, frame):
-        # In a signal handler: only hand the work to the reactor thread.
-        self._reactor.callFromThread(self._reload_on_signal)
-
     def _reload_on_signal(self):
-        try:
-            self.reload()
-        except (TLSConfigError, pki.PkiError) as e:
-            log.warn(
-                "SIGHUP: TLS material not reloaded, the previous stays in use: {e}",
-                e=str(e),
-            )
-            return
+        """SIGHUP's reload: :meth:`reload`, and what it did, for the log."""
+        self.reload()
         cert = self.credentials.certificate
-        log.info(
-            "SIGHUP: TLS material reloaded from {path}, certificate valid until {until}",
-            path=self._files.cert,
-            until=cert.not_valid_after_utc.isoformat(),
+        return (
+            f"TLS material reloaded from {self._files.cert}, certificate valid until "
+            f"{cert.not_valid_after_utc.isoformat()}"
         )

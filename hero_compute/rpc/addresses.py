@@ -21,7 +21,6 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
-    quoteStringArgument,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
@@ -158,14 +157,6 @@ class ListenAddress:
     def is_ipv6(self) -> bool:
         """True when the host is an IPv6 literal."""
         return ":" in self.host
-
-    def endpoint_string(self) -> str:
-        """
-        The Twisted server endpoint string for this address, for :obj:`strports`.
-        """
-        kind = "tcp6" if self.is_ipv6 else "tcp"
-        host = quoteStringArgument(self.host)
-        return f"{kind}:{self.port}:interface={host}:backlog={LISTEN_BACKLOG}"
 
     def __str__(self) -> str:
         return f"{_bracket(self.host)}:{self.port}"

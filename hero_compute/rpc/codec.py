@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["dumps", "dumps_request", "loads"]
+__all__ = ["Parsed", "dumps", "dumps_request", "loads", "loads_result"]
 
 
 def _no_constants(name: str) -> Any:
@@ -44,6 +44,13 @@ def _finite(text: str) -> float:
 #: such a number itself, which only costs that body the slower parser.
 _LONG_NUMBER = re.compile(rb"(?:^|[\[,:\s])-?[0-9]{19}")
 
+#: Every digit to ``0``, everything else to a space: a body whose translation holds no
+#: run of 19 ``0``s has no such number, found in a fifth of the time the pattern takes
+#: (1 us against 8 us for a heartbeat; two bodies per proxied call).  Only a body with
+#: a run of 19 digits somewhere (a long hex string, or the number) asks the pattern.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+_DIGIT_RUN = b"0" * 19
+
 
 def loads(body: bytes | str) -> Any:
     """
@@ -56,12 +63,42 @@ def loads(body: bytes | str) -> Any:
 
     :raise ValueError, UnicodeDecodeError, RecursionError: when it is not JSON we take
     """
-    if isinstance(body, bytes) and _LONG_NUMBER.search(body) is None:
+    if isinstance(body, bytes) and (
+        _DIGIT_RUN not in body.translate(_DIGITS) or _LONG_NUMBER.search(body) is None
+    ):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
     return json.loads(body, parse_constant=_no_constants, parse_float=_finite)
+
+
+class Parsed(dict):  # type: ignore[type-arg]
+    """
+    A JSON object as ``orjson`` read it, passed on as it came (a proxied call's
+    result): :func:`dumps` writes it without walking it, since ``orjson`` parses no NaN
+    or infinity and makes only plain values.  The walk was 10 us of the explorer's
+    Python time per proxied ``node.info`` (its answer holds ``null``s).  Nothing may
+    change one after it was parsed.
+    """
+
+    __slots__ = ()
+
+
+def loads_result(body: bytes) -> tuple[Any, bool]:
+    """
+    :func:`loads`, telling whether ``orjson`` read the body: then every object in it
+    may become a :class:`Parsed`.
+
+    :return: ``(value, plain)``
+    :raise ValueError, UnicodeDecodeError, RecursionError: as :func:`loads`
+    """
+    if _DIGIT_RUN not in body.translate(_DIGITS) or _LONG_NUMBER.search(body) is None:
+        try:
+            return orjson.loads(body), True
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body, parse_constant=_no_constants, parse_float=_finite), False
 
 
 # NaN and Infinity are not JSON: a value holding one is refused (a result holding one is
@@ -97,7 +134,7 @@ def _plain(value: object) -> bool:
         elif kind is float:
             if item != item or item in _INFINITIES:
                 return False
-        elif kind not in _PLAIN:
+        elif kind not in _PLAIN and kind is not Parsed:
             return False
     return True
 

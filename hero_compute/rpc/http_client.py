@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .addresses import Address, AddressError, parse_address
-from .codec import dumps_request, loads
+from .codec import Parsed, dumps_request, loads_result
 from .errors import (
     BadResponse,
     CallTimedOut,
@@ -65,6 +65,9 @@ class RpcClient:
     :param max_response: bytes of a response body beyond which the call fails
     :param tls: a :class:`~hero_compute.rpc.tls.ClientTLS` for ``tls://`` peers (our
         certificate and the fleet CA), or None: ``tls://`` peers are then refused
+    :param relay: results that are objects come back as
+        :class:`~hero_compute.rpc.codec.Parsed` where ``orjson`` read them (the
+        explorer's proxy, which passes them on as they came); plain dicts otherwise
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class RpcClient:
         max_per_peer: int = MAX_IDLE_PER_PEER,
         tls: ClientTLS | None = None,
         max_response: int = MAX_RESPONSE,
+        relay: bool = False,
     ) -> None:
         self._reactor = reactor
+        self._result_of = _relayed_result_of if relay else _result_of
         self.timeout = timeout
         self.tls = tls
         self._pool = Pool(reactor, connect_timeout, max_per_peer, tls)
@@ -154,7 +159,7 @@ class RpcClient:
             timeout = self.timeout
         d = self._post(address, _message(method, params, rid), timeout, expect)
         return d.addCallbacks(
-            _acknowledged if rid is None else _result_of,
+            _acknowledged if rid is None else self._result_of,
             _transport_failure,
             callbackArgs=(address,),
             errbackArgs=(address, timeout),
@@ -238,16 +243,24 @@ def _message(method: str, params: Any, rid: int | None) -> bytes:
 
 def _read(response: Response, address: Address) -> Any:
     """:return: the parsed body of a response, None for 204; or BadResponse"""
+    return _parse(response, address)[0]
+
+
+def _parse(response: Response, address: Address) -> tuple[Any, bool]:
+    """
+    :return: the parsed body of a response (None for 204), and whether
+        :func:`~hero_compute.rpc.codec.loads_result` found it plain; or BadResponse
+    """
     status, body = response
     if status == 204:
-        return None
+        return None, True
     if status != 200:
         # Never a byte of what answered: it may be another service the address was
         # aimed at (CONTRACT §6).  Its status and size are enough to tell what happened.
         raise BadResponse(address, f"HTTP {status} with a {len(body)}-byte body")
     try:
         # Strict: NaN, Infinity or 1e400 make it no JSON-RPC reply (CONTRACT §7).
-        return loads(body)
+        return loads_result(body)
     except (ValueError, RecursionError):
         raise BadResponse(
             address, f"the response is not JSON ({len(body)} bytes)"
@@ -260,7 +273,22 @@ def _acknowledged(response: Response, address: Address) -> None:
 
 def _result_of(response: Response, address: Address) -> Any:
     """:return: the result of a JSON-RPC response; or RpcError, or BadResponse"""
-    message = _read(response, address)
+    result, _ = _result_and_plain(response, address)
+    return result
+
+
+def _relayed_result_of(response: Response, address: Address) -> Any:
+    """
+    :func:`_result_of`, an object ``orjson`` read coming back as a
+    :class:`~hero_compute.rpc.codec.Parsed`: the explorer's answer writes it again
+    without walking it for NaNs.
+    """
+    result, plain = _result_and_plain(response, address)
+    return Parsed(result) if plain and type(result) is dict else result
+
+
+def _result_and_plain(response: Response, address: Address) -> tuple[Any, bool]:
+    message, plain = _parse(response, address)
     if not isinstance(message, dict):
         raise BadResponse(address, "the response is not a JSON-RPC response object")
     if "error" in message:
@@ -270,7 +298,7 @@ def _result_of(response: Response, address: Address) -> Any:
         raise RpcError.from_wire(error)
     if "result" not in message:
         raise BadResponse(address, "the response has neither result nor error")
-    return message["result"]
+    return message["result"], plain
 
 
 def _transport_failure(failure: Failure, address: Address, timeout: float) -> Failure:

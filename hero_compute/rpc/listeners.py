@@ -1,45 +1,36 @@
 """
-Listeners: one process serves the same site on any number of Twisted server endpoint
-strings (its Unix socket, TCP, TLS, systemd-passed sockets).
+Listeners: one process serves the same site on any number of listeners, each a
+:class:`~hero_compute.rpc.listen.Listen` record (its Unix socket, TCP, TLS, and the
+operator's ``--listen`` endpoint strings: systemd-passed sockets and the like).
 
-Each listener is a :obj:`strports.service`, so a listener that cannot bind aborts start-up
-(twistd exits 1) instead of leaving a process that serves nothing.  That failure is a
-:class:`StartupFailed` whose message names the setting and the fix, and what the failed
-start had created (sockets, their lock files, the socket directory) is removed first.
-
-Long because: a bind failure is explained here, where the endpoint strings are known, one
-operator mistake (port taken, socket served, directory unwritable) per branch.
+A listener that cannot bind aborts start-up (twistd exits 1) instead of leaving a
+process that serves nothing.  That failure is a :class:`StartupFailed` whose message
+names the setting (the record's source) and the fix, and what the failed start had
+created (sockets, their lock files, the socket directory) is removed first.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
-import re
 import socket
 import stat
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from twisted.application import service, strports
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import (
-    IAddress,
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
-)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import implementer
+
+from .addresses import ListenAddress
+from .listen import Listen, describe, listener_service
 
 if TYPE_CHECKING:
-    from .addresses import ListenAddress
     from .tls import ServerTLS
+
+__all__ = ["Listeners", "StartupFailed", "clear_stale_socket", "describe"]
 
 log = Logger()
 
@@ -52,63 +43,6 @@ class StartupFailed(Exception):
     """
 
 
-def unix_endpoint_string(path: str) -> str:
-    """
-    The server endpoint string for a Unix socket, mode 0660.
-
-    Twisted's ``lockfile`` (on by default) keeps a ``PATH.lock`` holding our pid: a stale
-    socket left by a crash is replaced on restart, while a live owner makes the bind fail.
-
-    :param path: the absolute socket path
-    """
-    return f"unix:{quoteStringArgument(path)}:mode=660:lockfile=1"
-
-
-def _unix_path_of(description: str) -> str | None:
-    """
-    The socket path of a ``unix:`` server endpoint string, or None for other kinds.
-    """
-    kind, _, rest = description.partition(":")
-    if kind != "unix" or not rest:
-        return None
-    # Arguments are separated by unescaped colons; the path is the first positional
-    # one, or address=.
-    for arg in re.findall(r"(?:\\.|[^:\\])+", rest):
-        text = re.sub(r"\\(.)", r"\1", arg)
-        key, eq, value = text.partition("=")
-        if not eq:
-            return text
-        if key == "address":
-            return value
-    return None
-
-
-def _tcp_uri_of(description: str) -> str:
-    """
-    ``tcp://host:port`` for a ``tcp:``/``tcp6:`` server endpoint string (``tls://`` for
-    one prefixed ``tls:``), else the string.
-    """
-    scheme = "tcp"
-    if description.startswith("tls:"):
-        scheme, description = "tls", description[4:]
-    kind, _, rest = description.partition(":")
-    if kind not in ("tcp", "tcp6"):
-        return description
-    port, host = None, "0.0.0.0" if kind == "tcp" else "::"
-    for arg in re.findall(r"(?:\\.|[^:\\])+", rest):
-        text = re.sub(r"\\(.)", r"\1", arg)
-        key, eq, value = text.partition("=")
-        if not eq:
-            port = text
-        elif key == "port":
-            port = value
-        elif key == "interface":
-            host = value
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
-
-
 def _lock_owner(path: str) -> int | None:
     """The pid in a Twisted lock file (a symlink naming it), or None."""
     try:
@@ -117,17 +51,15 @@ def _lock_owner(path: str) -> int | None:
         return None
 
 
-def _why(error: BaseException, description: str, role: str, source: str) -> str:
+def _why(error: BaseException, listen: Listen, role: str) -> str:
     """
     One line for a listener that could not bind: what, which setting, how to fix it.
 
     :param error: what the endpoint's ``listen`` failed with
-    :param description: its server endpoint string
+    :param listen: its :class:`~hero_compute.rpc.listen.Listen`
     :param role: ``explorer`` or ``node``
-    :param source: the variable or option that asked for it
     """
-    path = _unix_path_of(description)
-    where = f"unix://{path}" if path is not None else _tcp_uri_of(description)
+    path, where, source = listen.path, listen.where, listen.source
     reason = error.socketError if isinstance(error, CannotListenError) else error
     if path is not None and reason == "Cannot acquire lock":
         pid = _lock_owner(path)
@@ -161,8 +93,12 @@ def _why(error: BaseException, description: str, role: str, source: str) -> str:
     return f"cannot listen on {where} ({source}): {text}"
 
 
-def _unusable(description: str, error: Exception) -> str:
+def _unusable(listen: Listen, error: Exception) -> str:
     """One line for a server endpoint string that names no usable endpoint."""
+    description = listen.description
+    if listen.kind != "endpoint":
+        return f"{listen.where} ({listen.source}): {error}"
+    assert description is not None
     if description.startswith("systemd:") and isinstance(error, (KeyError, IndexError)):
         return (
             f"--listen {description}: systemd passed no such socket (LISTEN_FDS, "
@@ -205,24 +141,6 @@ def clear_stale_socket(path: str) -> None:
         probe.close()
 
 
-def describe(host: IAddress, tls: bool = False) -> str:
-    """
-    An address URI for a bound listening port.
-
-    :param host: the result of ``port.getHost()``
-    :param tls: whether the listener speaks TLS
-    """
-    if isinstance(host, UNIXAddress):
-        name = host.name.decode() if isinstance(host.name, bytes) else host.name
-        return f"unix://{name}"
-    scheme = "tls" if tls else "tcp"
-    if isinstance(host, IPv6Address):
-        return f"{scheme}://[{host.host}]:{host.port}"
-    if isinstance(host, IPv4Address):
-        return f"{scheme}://{host.host}:{host.port}"
-    return str(host)
-
-
 def _makedirs(path: str, created: list[str]) -> None:
     """
     ``os.makedirs(path, 0o755)``, adding each directory it creates to ``created``,
@@ -246,100 +164,69 @@ def _makedirs(path: str, created: list[str]) -> None:
         created.append(directory)
 
 
-@implementer(IStreamServerEndpoint)
-class _Announcing:
-    """
-    Wraps a server endpoint to log ``listening on ...`` once it is bound, warn about
-    unauthenticated TCP on non-loopback addresses, and record the listener.
-    """
-
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, description: str, bound: list[str]
-    ) -> None:
-        self._endpoint = endpoint
-        self._description = description
-        self._bound = bound
-
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        d = self._endpoint.listen(factory)
-        d.addCallback(self._announce)
-        return d
-
-    def _announce(self, port: IListeningPort) -> IListeningPort:
-        tls = self._description.split(":", 1)[0] in ("ssl", "tls")
-        uri = describe(port.getHost(), tls)
-        self._bound.append(uri)
-        log.info("listening on {uri}", uri=uri)
-        host = port.getHost()
-        if isinstance(host, (IPv4Address, IPv6Address)) and not tls:
-            try:
-                loopback = ipaddress.ip_address(host.host.split("%")[0]).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
-                log.warn(
-                    "{uri} is plain TCP on a non-loopback address: anyone who can reach "
-                    "it can call every method, unauthenticated. Restrict it with a "
-                    "firewall or VPN, or use TLS.",
-                    uri=uri,
-                )
-        return port
-
-
 class Listeners(service.MultiService):
     """
     The listeners of one process, all serving one factory.
 
     :param factory: the protocol factory (an HTTP site)
-    :param descriptions: Twisted server endpoint strings
+    :param listens: :class:`~hero_compute.rpc.listen.Listen` records; a string is a
+        Twisted server endpoint string as an operator gives it to ``--listen``
     :param socket_dirs: directories to create (mode 0755) before binding, for the Unix
-        sockets among the descriptions
+        sockets among them
     :param reactor: the reactor
+    :param role: what the process is, ``explorer`` or ``node``, for start-up failures
+    :raise StartupFailed: for an endpoint string that names no usable endpoint
     """
 
     def __init__(
         self,
         factory: Factory,
-        descriptions: Iterable[str],
+        listens: Iterable[Listen | str],
         socket_dirs: Iterable[str] = (),
         reactor: Any = None,
+        role: str = "process",
     ) -> None:
         service.MultiService.__init__(self)
         #: URIs of the bound listeners, in the order they came up.
         self.bound: list[str] = []
         self._socket_dirs = tuple(socket_dirs)
         self._factory = factory
-        self._role = "process"
-        self._sources: dict[str, str] = {}
-        for description in descriptions:
-            try:
-                svc = strports.service(description, factory, reactor=reactor)
-            except (ValueError, KeyError, IndexError) as e:
-                raise StartupFailed(_unusable(description, e)) from None
-            svc.endpoint = _Announcing(svc.endpoint, description, self.bound)
-            svc.setServiceParent(self)
+        self._role = role
+        #: The :class:`~hero_compute.rpc.listen.Listen` of each child, by child.
+        self._listens: dict[service.IService, Listen] = {}
+        for listen in listens:
+            if isinstance(listen, str):
+                listen = Listen.endpoint(listen)
+            self._add(listen, factory, reactor)
+
+    def _add(self, listen: Listen, factory: Any, reactor: Any) -> service.Service:
+        try:
+            svc = listener_service(
+                listen, factory, reactor, bound=self.bound, warn_plain=True
+            )
+        except (ValueError, KeyError, IndexError) as e:
+            raise StartupFailed(_unusable(listen, e)) from None
+        self._listens[svc] = listen
+        svc.setServiceParent(self)
+        return svc
 
     def add_tls(
-        self, address: ListenAddress, creator: ServerTLS, reactor: Any = None
+        self, listen: Listen | ListenAddress, creator: ServerTLS, reactor: Any = None
     ) -> service.Service:
         """
         Also serve mutual TLS on a TCP address, in the same reactor as the others.  Like
         the others, it aborts start-up when it cannot bind.
 
-        :param address: a :class:`~hero_compute.rpc.addresses.ListenAddress`
+        :param listen: a ``tls`` :class:`~hero_compute.rpc.listen.Listen` (or a
+            :class:`~hero_compute.rpc.addresses.ListenAddress`, as ``--tls``)
         :param creator: a :class:`~hero_compute.rpc.tls.ServerTLS` (reloadable: new
             connections use its current certificate)
         """
-        from twisted.application.internet import StreamServerEndpointService
-        from twisted.internet import endpoints
-
         from .admission import AdmittedTLSFactory
         from .tls import tls_server_factory
 
-        if reactor is None:
-            from twisted.internet import reactor
-        description = address.endpoint_string()
-        endpoint = endpoints.serverFromString(reactor, description)
+        if not isinstance(listen, Listen):
+            listen = Listen.tls(listen)
         # Admitted at accept, before the TLS layer, by the same limits as plain TCP.
         admission = getattr(self._factory, "admission", None)
         tls = (
@@ -347,28 +234,7 @@ class Listeners(service.MultiService):
             if admission is None
             else AdmittedTLSFactory(creator, self._factory, admission)
         )
-        svc = StreamServerEndpointService(
-            _Announcing(endpoint, "tls:" + description, self.bound), tls
-        )
-        # As strports.service does: a bind failure aborts twistd instead of being logged.
-        svc._raiseSynchronously = True
-        svc.setServiceParent(self)
-        return svc
-
-    def name_sources(self, role: str, sources: dict[str, str]) -> None:
-        """
-        Say what the listeners are for, so that a start-up failure names the setting
-        the operator has to change.
-
-        :param role: the process, ``explorer`` or ``node``
-        :param sources: endpoint string (or ``tls:`` + it, or a socket directory) ->
-            the variable or option it came from, e.g. ``EXPLORER_TCP_ADDR``
-        """
-        self._role = role
-        self._sources.update(sources)
-
-    def _source(self, key: str, default: str = "--listen") -> str:
-        return self._sources.get(key, default)
+        return self._add(listen, tls, reactor)
 
     def privilegedStartService(self) -> None:
         created: list[str] = []
@@ -377,27 +243,30 @@ class Listeners(service.MultiService):
                 _makedirs(path, created)
         except OSError as e:
             self._undo(created)
-            source = self._source(path, "HERO_SOCKET_DIR")
+            source = self._dir_source(path)
             raise StartupFailed(
                 f"cannot create the socket directory {e.filename or path} ({source}): "
                 f"{e.strerror}; set {source} to a directory this user "
                 f"(uid {os.getuid()}) may create or write"
             ) from None
-        for svc in self:
-            socket_path = _unix_path_of(svc.endpoint._description)
-            if socket_path is not None:
-                clear_stale_socket(socket_path)
+        for listen in self._listens.values():
+            if listen.path is not None:
+                clear_stale_socket(listen.path)
         # Child by child rather than MultiService's loop: to know which one failed.
         service.Service.privilegedStartService(self)
         for svc in self:
             try:
                 svc.privilegedStartService()
             except (CannotListenError, OSError) as e:
-                description = svc.endpoint._description
                 self._undo(created)
-                raise StartupFailed(
-                    _why(e, description, self._role, self._source(description))
-                ) from None
+                raise StartupFailed(_why(e, self._listens[svc], self._role)) from None
+
+    def _dir_source(self, directory: str) -> str:
+        """The variable that set a socket directory: that of a socket in it."""
+        for listen in self._listens.values():
+            if listen.path is not None and os.path.dirname(listen.path) == directory:
+                return listen.source
+        return "HERO_SOCKET_DIR"
 
     def _undo(self, directories: list[str]) -> None:
         """
@@ -405,8 +274,8 @@ class Listeners(service.MultiService):
         ports are never closed, as the process exits; their sockets go with it), then
         the directories it created, if empty.
         """
-        for svc in self:
-            path = _unix_path_of(svc.endpoint._description)
+        for listen in self._listens.values():
+            path = listen.path
             if path is not None and _lock_owner(path) == os.getpid():
                 for leftover in (path, path + ".lock"):
                     try:

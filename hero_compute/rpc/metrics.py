@@ -32,22 +32,15 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
-from twisted.application import service, strports
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import (
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
-)
+from twisted.application import service
 from twisted.logger import Logger
 from twisted.web import http, resource, server
-from zope.interface import implementer
 
 import hero_compute
 
 from .admission import Admission, AdmittedSite
 from .http_server import RpcHTTPFactory
-from .listeners import describe
+from .listen import Listen, listener_service
 
 log = Logger()
 
@@ -209,37 +202,19 @@ class _QuietSite(AdmittedSite):
         pass
 
 
-@implementer(IStreamServerEndpoint)
-class _Announcing:
-    """Logs ``listening on ...`` once the metrics endpoint is bound."""
-
-    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
-        self._endpoint = endpoint
-
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        d = self._endpoint.listen(factory)
-        d.addCallback(self._announce)
-        return d
-
-    def _announce(self, port: IListeningPort) -> IListeningPort:
-        uri = describe(port.getHost())
-        log.info("listening on {uri} (Prometheus metrics at /metrics)", uri=uri)
-        return port
-
-
 def metrics_listener(
     registry: CollectorRegistry,
-    description: str,
+    listen: Listen,
     reactor: Any = None,
     admission: Admission | None = None,
 ) -> service.Service:
     """
     The listener of ``GET /metrics``, apart from the JSON-RPC ones (metrics are read by
-    a scraper on the operator's network, never by a node or a client).  Like those, it
-    is a :obj:`strports.service`, so a bind failure aborts start-up.
+    a scraper on the operator's network, never by a node or a client).  Like those, a
+    bind failure aborts start-up.
 
     :param registry: the service's ``CollectorRegistry``
-    :param description: a Twisted server endpoint string
+    :param listen: its :class:`~hero_compute.rpc.listen.Listen`
     :param admission: the process's :class:`~hero_compute.rpc.admission.Admission`,
         to admit its connections by the same limits as the JSON-RPC listeners
     """
@@ -249,6 +224,6 @@ def metrics_listener(
     # The page is small and rendered at once; a scraper that stalls is cut off.
     site.timeOut = 30
     site.admission = admission
-    svc = strports.service(description, site, reactor=reactor)
-    svc.endpoint = _Announcing(svc.endpoint)
-    return svc
+    return listener_service(
+        listen, site, reactor, detail=lambda uri: " (Prometheus metrics at /metrics)"
+    )

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp, unix
-
-#: The transports whose socket we may write to directly: Twisted's own, whose buffer
-#: attributes (``dataBuffer``, ``_tempDataLen``) we read to keep the order of bytes.
-_DIRECT = (tcp.Server, unix.Server, tcp.Client, unix.Client)
+from .twisted_private import idle_socket
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -41,17 +37,10 @@ def send_now(transport: Any, data: bytes) -> None:
     :param transport: the connection's transport
     :param data: the bytes to send
     """
-    if (
-        type(transport) in _DIRECT
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-    ):
+    sock = idle_socket(transport)
+    if sock is not None:
         try:
-            sent = transport.socket.send(data)
+            sent = sock.send(data)
         except OSError:
             # Full (EAGAIN), or broken: the transport buffers it, or meets the error
             # and closes the connection its own way.

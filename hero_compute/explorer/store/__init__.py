@@ -41,8 +41,9 @@ class IStore(Interface):
     """
     What the explorer keeps across restarts, and shares with the other explorers of one
     database.  Every method is synchronous: a shared backend is called from a worker
-    thread (see :class:`hero_compute.explorer.trust.ExplorerTrust`), never the reactor,
-    except :meth:`identity` and :meth:`is_revoked_serial`, which answer from memory.
+    thread (see :class:`hero_compute.explorer.state.ExplorerState`), never the reactor,
+    except :meth:`identity`, :meth:`is_revoked_serial` and :meth:`ui_token_revoked`,
+    which answer from memory.
     """
 
     kind = Attribute("``sqlite`` or ``postgresql``, as ``explorer.info`` reports it")
@@ -117,6 +118,21 @@ class IStore(Interface):
 
     def knows(node_id):
         """:return: whether anything is held about the id (it may call the server)"""
+
+    def add_ui_token(token_hash, user, role, now, expires_at, limit):
+        """Keep a dashboard login token's hash; :return: False if ``limit`` wait"""
+
+    def redeem_ui_token(token_hash, now):
+        """Spend a login token atomically; :return: ``(user, role, expires_at)`` or None"""
+
+    def ui_tokens(now):
+        """:return: the login tokens not yet expired (metadata only)"""
+
+    def revoke_ui_user(user, now):
+        """Revoke a dashboard user's tokens; :return: how many were waiting"""
+
+    def ui_token_revoked(user, token_hash):
+        """:return: whether that login token was revoked, from memory"""
 
 
 def is_postgres(location):

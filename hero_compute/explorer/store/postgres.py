@@ -34,6 +34,7 @@ from .rows import (
     node_rows,
 )
 from .schema import AUDIT_FIELDS, NODE_FIELDS, StoreError
+from .ui_tokens import PostgresUiTokens
 from .watch import CHANNEL, Watcher
 
 log = Logger()
@@ -61,7 +62,7 @@ def redact(dsn):
     return f"postgresql://{user}{host}{port}/{parts.get('dbname', '')}"
 
 
-class PostgresStore(PostgresTrust):
+class PostgresStore(PostgresTrust, PostgresUiTokens):
     """
     The explorer's state in a PostgreSQL database.  Open with :meth:`open`.
 
@@ -86,6 +87,8 @@ class PostgresStore(PostgresTrust):
         # Serial -> when it was signed, for the ids ever revoked (the only ones whose
         # heartbeats ask): complete for them, so a miss means "not signed here".
         self._issued_at = {}
+        # Dashboard user -> the hashes of its revoked login tokens (.ui_tokens).
+        self._ui_revoked = {}
         self._watcher = None
 
     @classmethod
@@ -161,6 +164,7 @@ class PostgresStore(PostgresTrust):
                 "(SELECT node_id FROM revoked_ids)"
             )
         }
+        self._load_ui(conn)
         return seq
 
     def refresh(self, conn, node_ids):
@@ -238,11 +242,17 @@ class PostgresStore(PostgresTrust):
                     self._watcher.lost(e)
                 raise StoreUnavailable() from None
 
-    def _changed(self, conn, node_id):
-        """Tell the other explorers (inside the writing transaction) and ourselves."""
+    def _changed(self, conn, node_id, kind="node"):
+        """
+        Tell the other explorers (inside the writing transaction) and ourselves.
+
+        :param node_id: the node id whose identity changed, or (``kind`` ``ui``) the
+            dashboard user whose login tokens were revoked
+        """
         conn.execute(
-            "INSERT INTO changes (node_id, at) VALUES (%s, extract(epoch FROM now()))",
-            (node_id,),
+            "INSERT INTO changes (node_id, at, kind) "
+            "VALUES (%s, extract(epoch FROM now()), %s)",
+            (node_id, kind),
         )
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, node_id))
 

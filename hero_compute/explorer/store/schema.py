@@ -14,7 +14,7 @@ import attrs
 
 #: The schema this code writes.  A file with a higher ``PRAGMA user_version`` was made by
 #: a newer hero_compute and is refused rather than misread.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The columns of a node record, as :class:`hero_compute.explorer.records.NodeRecord`
 #: names them; :meth:`Store.load_nodes` returns dicts with exactly these keys.
@@ -89,8 +89,31 @@ SCHEMA_3 = (
     "CREATE INDEX audit_by_time ON audit (time)",
 )
 
+#: Schema 4: the dashboard's login tokens (CONTRACT §11), by their SHA-256 only, with
+#: who they are for and what became of them.  A used or revoked row is kept until it
+#: expires (its session ends then too), so a revocation reaches the sessions it made.
+SCHEMA_4 = (
+    """CREATE TABLE ui_tokens (
+        token_hash TEXT PRIMARY KEY, user_name TEXT NOT NULL, role TEXT NOT NULL,
+        created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL,
+        revoked_at REAL)""",
+    "CREATE INDEX ui_tokens_by_user ON ui_tokens (user_name)",
+    "CREATE INDEX ui_tokens_by_expiry ON ui_tokens (expires_at)",
+)
+
 #: What brings a file of each older schema version to the next one.
-MIGRATIONS = {1: SCHEMA_2, 2: SCHEMA_3}
+MIGRATIONS = {1: SCHEMA_2, 2: SCHEMA_3, 3: SCHEMA_4}
+
+#: The columns of a dashboard login token's row (never the token: its hash).
+UI_TOKEN_FIELDS = (
+    "token_hash",
+    "user_name",
+    "role",
+    "created_at",
+    "expires_at",
+    "used_at",
+    "revoked_at",
+)
 
 #: The fields of an audit entry, in ``explorer.audit``'s order.
 AUDIT_FIELDS = ("time", "explorer", "caller", "method", "target", "outcome")
@@ -185,4 +208,5 @@ COPY_TABLES = {
     "revoked_ids": ("node_id", "revoked_at"),
     "issued_serials": ("serial", "node_id", "issued_at"),
     "audit": AUDIT_FIELDS,
+    "ui_tokens": UI_TOKEN_FIELDS,
 }

@@ -1,8 +1,9 @@
 """
 The explorer's durable state in one SQLite file (the default backend of
 :class:`~hero_compute.explorer.store.IStore`): the last known record of every node,
-node identities (secret bindings, enrollment, current certificate), join tokens (as
-hashes only) and revocations.  Its tables are in :mod:`.schema`.
+node identities (secret bindings, enrollment, current certificate), join tokens and
+dashboard login tokens (as hashes only: :mod:`.ui_tokens`) and revocations.  Its
+tables are in :mod:`.schema`.
 
 The API is synchronous: the file is local and the writes are small and rare.  Nothing
 here is meant to run per heartbeat; the caller writes a node record only when something
@@ -35,6 +36,7 @@ from .schema import (
     needs_save,
 )
 from .sqlite_trust import SqliteTrust
+from .ui_tokens import SqliteUiTokens
 
 __all__ = [
     "DURABLE_FIELDS",
@@ -49,7 +51,7 @@ __all__ = [
 
 
 @attrs.define
-class Store(SqliteTrust):
+class Store(SqliteTrust, SqliteUiTokens):
     """
     The explorer's SQLite state.  Open with :meth:`open`; :meth:`close` when done.
 
@@ -72,6 +74,8 @@ class Store(SqliteTrust):
     # Serial -> when we signed it (or None): asked per heartbeat of a node enrolled again
     # after a revocation.
     _issued_at: dict = attrs.field(factory=dict, init=False, repr=False)
+    # Dashboard user -> the hashes of its revoked login tokens (its sessions' check).
+    _ui_revoked: dict = attrs.field(factory=dict, init=False, repr=False)
 
     @classmethod
     def open(cls, path, timeout=5.0):
@@ -132,6 +136,7 @@ class Store(SqliteTrust):
         self._revoked_ids.update(
             self._db.execute("SELECT node_id, revoked_at FROM revoked_ids")
         )
+        self._load_ui()
 
     def _migrate(self, version):
         while version < SCHEMA_VERSION:

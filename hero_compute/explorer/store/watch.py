@@ -19,7 +19,8 @@ from twisted.logger import Logger
 
 log = Logger()
 
-#: The ``NOTIFY`` channel every identity change is announced on.
+#: The ``NOTIFY`` channel every identity change (and dashboard user revocation) is
+#: announced on.
 CHANNEL = "hero_compute_changes"
 
 #: Longest wait for a notification before polling ``changes`` anyway.
@@ -114,12 +115,18 @@ class Watcher:
 
     def _catch_up(self, conn):
         rows = conn.execute(
-            "SELECT seq, node_id FROM changes WHERE seq > %s ORDER BY seq", (self._seq,)
+            "SELECT seq, node_id, kind FROM changes WHERE seq > %s ORDER BY seq",
+            (self._seq,),
         ).fetchall()
         if not rows:
             return
+        nodes = {name for _, name, kind in rows if kind == "node"}
+        users = {name for _, name, kind in rows if kind == "ui"}
         with self._store._mirror:
-            self._store.refresh(conn, {node_id for _, node_id in rows})
+            if nodes:
+                self._store.refresh(conn, nodes)
+            if users:
+                self._store.refresh_ui(conn, users)
         self._seq = rows[-1][0]
 
     def _sweep(self, conn, swept):

@@ -6,12 +6,18 @@ import json
 import os
 import re
 
-from twisted.internet import utils
-
 from hero_compute.rpc.errors import InvalidParams, InvalidVmState, RefusedByPolicy
 
 from .process import last_line
 from .store import FILE_MODE
+from .tools import ToolTimeout, run
+
+#: Seconds ``qemu-img info`` may take on a base image: it reads a header or two.  A
+#: FIFO named by the image as an extent or backing file would block it for ever.
+INFO_TIMEOUT = 10.0
+
+#: Seconds ``qemu-img create`` may take: it writes a header, the disk stays sparse.
+CREATE_TIMEOUT = 60.0
 
 
 async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
@@ -30,9 +36,14 @@ async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
     if image is not None:
         args += ["-b", image, "-F", await image_format(reactor, qemu_img, image)]
     args += [path, f"{disk_gb}G"]
-    out, err, code = await utils.getProcessOutputAndValue(
-        qemu_img, args, env=os.environ, path=os.path.dirname(path), reactor=reactor
-    )
+    try:
+        out, err, code = await run(
+            reactor, qemu_img, args, CREATE_TIMEOUT, path=os.path.dirname(path)
+        )
+    except ToolTimeout:
+        raise InvalidVmState(
+            f"could not create the disk: qemu-img took over {CREATE_TIMEOUT:g} s"
+        ) from None
     if code != 0:
         raise InvalidVmState(f"could not create the disk: {last_line(err or out)}")
     # qemu-img creates it 0644 less the umask; the directory (0700) kept it private
@@ -49,9 +60,16 @@ async def image_format(reactor, qemu_img, image):
     :raise InvalidParams: when it is no image ``qemu-img`` can read
     """
     # -U: the base image may be open in running VMs already; info only reads.
-    out, err, code = await utils.getProcessOutputAndValue(
-        qemu_img, ["info", "-U", "--output=json", image], env=os.environ, reactor=reactor
-    )
+    try:
+        out, err, code = await run(
+            reactor, qemu_img, ["info", "-U", "--output=json", image], INFO_TIMEOUT
+        )
+    except ToolTimeout:
+        raise InvalidParams(
+            f"image {image!r} could not be read within {INFO_TIMEOUT:g} s "
+            "(does it name a file that never ends, such as a FIFO?)",
+            data={"field": "image"},
+        ) from None
     try:
         if code != 0:
             raise ValueError(last_line(err or out))

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from twisted.internet import task, utils
+from twisted.internet import task
 
 from hero_compute.rpc.errors import InvalidVmState
 
@@ -19,6 +19,7 @@ from .console import TTY_SOCKET, serial_args
 from .network import netdev_args
 from .seed import SEED
 from .store import DISK, PIDFILE, QMP_SOCKET
+from .tools import ToolTimeout, run
 
 
 def qemu_argv(record, directory, accel):
@@ -108,11 +109,12 @@ async def daemonize(reactor, qemu, argv, directory, timeout):
     :param timeout: seconds QEMU may take
     :raise InvalidVmState: when QEMU fails, with its last line of output
     """
-    spawn = utils.getProcessOutputAndValue(
-        qemu, argv, env=os.environ, path=directory, reactor=reactor
-    )
-    spawn.addTimeout(timeout, reactor)
-    out, err, code = await spawn
+    try:
+        out, err, code = await run(reactor, qemu, argv, timeout, path=directory)
+    except ToolTimeout:
+        raise InvalidVmState(
+            f"QEMU could not start VM {os.path.basename(directory)} within {timeout:g} s"
+        ) from None
     if code != 0:
         raise InvalidVmState(
             f"QEMU could not start VM {os.path.basename(directory)}: "

@@ -60,6 +60,17 @@ POSTGRES = {
             target text NOT NULL, outcome text NOT NULL)""",
         "CREATE INDEX audit_by_time ON audit (time)",
     ),
+    # The dashboard's login tokens, as SQLite's schema 4; a change row now says what
+    # changed: a node id's identity, or a dashboard user's tokens.
+    4: (
+        """CREATE TABLE ui_tokens (
+            token_hash text PRIMARY KEY, user_name text NOT NULL, role text NOT NULL,
+            created_at double precision NOT NULL, expires_at double precision NOT NULL,
+            used_at double precision, revoked_at double precision)""",
+        "CREATE INDEX ui_tokens_by_user ON ui_tokens (user_name)",
+        "CREATE INDEX ui_tokens_by_expiry ON ui_tokens (expires_at)",
+        "ALTER TABLE changes ADD COLUMN kind text NOT NULL DEFAULT 'node'",
+    ),
 }
 
 #: The version the last step makes.

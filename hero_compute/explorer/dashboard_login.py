@@ -1,0 +1,90 @@
+"""
+The dashboard's token exchange, ``GET /?token=...`` (CONTRACT §11): the explorer's
+start-up token (a viewer) or a user's login token, spent in the store, for a session
+cookie; then a redirect to ``/``, so the token leaves the address bar and the history.
+
+A login token is looked up in the store, which for PostgreSQL is a call on the store's
+thread: the answer waits for it, the reactor does not.  With the database down the
+login is refused with 503, and the token is left unspent.
+"""
+
+import hmac
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.http import FOUND, INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE, UNAUTHORIZED
+
+from hero_compute.rpc.authz import UI_VIEWER
+from hero_compute.rpc.errors import StoreUnavailable
+
+from .ui_accounts import STARTUP_USER, DashboardUser
+
+log = Logger()
+
+#: What a browser reads when its login cannot be checked.
+UNAVAILABLE = "the explorer's state store is unavailable: open the login URL again later"
+
+
+def exchange(request, accounts, token, startup, cookie, refuse):
+    """
+    Answer a ``GET /?token=...``.
+
+    :param request: the ``twisted.web`` request
+    :param accounts: the :class:`~hero_compute.explorer.ui_accounts.UiAccounts`
+    :param token: the token the URL carried (bytes)
+    :param startup: the explorer's start-up token (bytes)
+    :param cookie: the session cookie's name (bytes)
+    :param refuse: ``refuse(request, code, text)`` -> the body of a refusal
+    :return: the body, or ``NOT_DONE_YET`` while the store is asked
+    """
+    if hmac.compare_digest(token, startup):
+        sid, _ = accounts.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
+        return _logged_in(request, sid, cookie)
+    try:
+        # A user's login token: spent here, whatever follows.
+        login = accounts.redeem(token.decode("utf-8", "replace"))
+    except StoreUnavailable:
+        return refuse(request, SERVICE_UNAVAILABLE, UNAVAILABLE)
+    if not isinstance(login, defer.Deferred):
+        return _answer(request, login, cookie, refuse)
+    gone: list = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def failed(failure):
+        if failure.check(StoreUnavailable):
+            return refuse(request, SERVICE_UNAVAILABLE, UNAVAILABLE)
+        log.failure("dashboard login", failure)
+        return refuse(request, INTERNAL_SERVER_ERROR, "the login could not be checked")
+
+    def write(body):
+        # The browser may have left meanwhile: its token is spent all the same.
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    login.addCallbacks(lambda found: _answer(request, found, cookie, refuse), failed)
+    login.addCallback(write)
+    return server.NOT_DONE_YET
+
+
+def _answer(request, login, cookie, refuse):
+    if login is None:
+        return refuse(request, UNAUTHORIZED, "wrong, used, revoked or expired token")
+    sid, _ = login
+    return _logged_in(request, sid, cookie)
+
+
+def _logged_in(request, sid, cookie):
+    request.addCookie(
+        cookie,
+        sid.encode(),
+        path=b"/",
+        httpOnly=True,
+        sameSite="strict",
+        # Never sent over plain http:// to the same host (on any port).
+        secure=request.isSecure(),
+    )
+    request.setResponseCode(FOUND)
+    request.setHeader(b"location", b"/")
+    return b""

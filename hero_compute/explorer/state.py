@@ -1,0 +1,147 @@
+"""
+The explorer's state store as a service: opened first when the explorer starts (the
+fleet as last known goes into the registry before any listener binds), closed last
+when it stops, once what is buffered (node records, the last heartbeat times) is
+written.  Whatever writes to a shared store runs on the store's one thread.
+"""
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from hero_compute.rpc.errors import StoreUnavailable
+
+from .record_writer import NodeRecordWriter
+from .records import NodeRecord
+from .store import StoreError, is_postgres, open_store
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """The explorer cannot start as configured; the message says what to change."""
+
+
+class ExplorerState(service.Service):
+    """
+    The state store (:mod:`.store`), its thread when shared, and the
+    :class:`~.record_writer.NodeRecordWriter` of node records.
+
+    :param clock: ``IReactorTime`` (Unix seconds)
+    :param reactor: the reactor (the store's thread hands results back to it)
+    :param db_path: ``EXPLORER_DATABASE``: the SQLite state file, or a
+        ``postgresql://`` URI shared with other explorers
+    :param registry: the :class:`~.registry.Registry` loaded with the stored fleet on
+        start, whose last heartbeat times are kept at stop; or None
+    """
+
+    def __init__(self, *, clock, reactor, db_path, registry=None):
+        self._clock = clock
+        self._reactor = reactor
+        self._db_path = db_path
+        self._registry = registry
+        #: The IStore once started (see store/__init__.py); None before.
+        self.store: Any = None
+        # A shared store is a server away: whatever writes to it runs on this one
+        # thread (in call order, as the reactor would have run them), never the reactor.
+        self._pool: ThreadPool | None = None
+        #: Node records on their way to the store.
+        self.records = NodeRecordWriter(self, clock)
+
+    @property
+    def opened(self):
+        """Whether :meth:`open` has run (and :meth:`close` not since)."""
+        return self.store is not None
+
+    @property
+    def shared(self):
+        """Whether store calls run on the store's thread (a shared store)."""
+        return self._pool is not None
+
+    def privilegedStartService(self):
+        if not self.opened:
+            self.open()
+            if self._registry is not None:
+                self._registry.load(NodeRecord(**n) for n in self.store.load_nodes())
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if not self.opened:
+            self.privilegedStartService()
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        last_seen = (
+            {}
+            if self._registry is None
+            else {r.node_id: r.last_seen for r in self._registry.records()}
+        )
+        self.close(last_seen)
+
+    def open(self):
+        """Open the state store; raises :class:`StartupError` if it cannot be used."""
+        variable = (
+            "EXPLORER_DATABASE" if is_postgres(self._db_path) else "EXPLORER_STATE_DIR"
+        )
+        try:
+            self.store = open_store(self._db_path)
+        except StoreError as e:
+            raise StartupError(f"{e} ({variable})") from None
+        except OSError as e:
+            raise StartupError(
+                f"cannot create the explorer state {self._db_path}: "
+                f"{e.strerror} (set EXPLORER_STATE_DIR)"
+            ) from None
+        if self.store.shared:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hero-store")
+            self._pool.start()
+        log.info(
+            "state store: {kind} {location}",
+            kind=self.store.kind,
+            location=self.store.location,
+        )
+
+    @property
+    def store_state(self):
+        """``{"kind", "state"}`` of the state store, for ``explorer.info`` and metrics."""
+        if self.store is None:
+            kind = "postgresql" if is_postgres(self._db_path) else "sqlite"
+            return {"kind": kind, "state": "down"}
+        return {"kind": self.store.kind, "state": self.store.state()}
+
+    def run_on_store(self, f, *args, **kwargs):
+        """Run a store call: at once for a local file, on the store's thread otherwise."""
+        if self._pool is None:
+            return f(*args, **kwargs)
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def load_nodes(self):
+        """:return: the node records kept from the last run (dicts)"""
+        return self.store.load_nodes()
+
+    def close(self, last_seen):
+        """
+        Write the node records still buffered and the last heartbeat times, and close
+        the store.
+
+        :param last_seen: node id -> last heartbeat time
+        """
+        self.records.stop()
+        if self._pool is not None:
+            # Lets what is queued finish first: nothing acknowledged is dropped.
+            self._pool.stop()
+            self._pool = None
+        if self.store is None:
+            return
+        self.records.write_all()
+        try:
+            self.store.touch_nodes(last_seen)
+        except StoreUnavailable:
+            log.warn("state store down at shutdown: last heartbeat times not kept")
+        finally:
+            self.store.close()
+            self.store = None

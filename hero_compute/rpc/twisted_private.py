@@ -1,0 +1,54 @@
+"""
+The only module that reads (or sets) Twisted's private attributes.
+
+Each function names what we need from Twisted's internals and why; should Twisted
+rename one, this is the one place to follow it (``tests/test_sendnow.py``,
+``tests/test_hostile_tls.py`` and ``tests/test_listeners.py`` fail if one goes missing).
+Everything else imports from here.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import tcp, unix
+
+#: The transports whose socket we may write to directly: Twisted's own, whose buffer
+#: attributes (``dataBuffer``, ``_tempDataLen``) we read to keep the order of bytes.
+_DIRECT = (tcp.Server, unix.Server, tcp.Client, unix.Client)
+
+
+def idle_socket(transport: Any) -> socket.socket | None:
+    """
+    The socket under one of Twisted's plain TCP or Unix transports when nothing of
+    ours waits in its buffer, so that bytes written to it directly cannot overtake
+    bytes already written; None otherwise (another transport, a buffer holding data,
+    a connection closing).
+
+    :param transport: a connection's transport
+    """
+    if (
+        type(transport) in _DIRECT
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+    ):
+        sock: socket.socket = transport.socket
+        return sock
+    return None
+
+
+def raise_bind_errors(svc: StreamServerEndpointService) -> None:
+    """
+    Make a listener's bind failure raise from ``privilegedStartService`` (so twistd
+    exits) instead of being logged, as :obj:`twisted.application.strports.service`
+    does.
+
+    :param svc: the listener's service
+    """
+    svc._raiseSynchronously = True
