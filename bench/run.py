@@ -12,6 +12,7 @@ their rows and listed as README-ready tables.
     python bench/run.py --sections restart --quick
     python bench/run.py --sections profile --quick
     python bench/run.py --sections tls,hostile     # issues #9 and #10
+    python bench/run.py --sections tls_ingest --tls-ingest-n 10000   # issue 23
     python bench/run.py --sections ingest --full   # old nodes: no delta heartbeats
     python bench/run.py --sections saturate        # issue 23: full heartbeats, capacity
     python bench/run.py --sections console         # issue #19: console echo
@@ -62,6 +63,7 @@ SECTIONS = {
     "proxy": sections.sec_proxy,
     "failure": sections.sec_failure,
     "tls": fleet.sec_tls,
+    "tls_ingest": fleet.sec_tls_ingest,
     "hostile": fleet.sec_hostile,
     "place": placebench.sec_place,
     "profile": pyspy.sec_profile,
@@ -78,6 +80,7 @@ DEFAULT_SECTIONS = [
     "proxy",
     "failure",
     "tls",
+    "tls_ingest",
     "hostile",
     "place",
     "console",
@@ -121,6 +124,7 @@ def main(argv=None):
     )
     ap.add_argument("--restart-n", type=int, help="node count for restart")
     ap.add_argument("--place-n", type=int, help="node count for place (issue 20)")
+    ap.add_argument("--tls-ingest-n", type=int, help="node count for tls_ingest (issue 23)")
     ap.add_argument(
         "--boot-rounds", type=int, help="boot-to-SSH rounds per path (issue 19)"
     )
@@ -169,6 +173,7 @@ def main(argv=None):
         "fail_reps": 1 if q else 3,
         "profile_n": 5000 if q else 50000,
         "tls_n": 2000 if q else 10000,
+        "tls_ingest_n": args.tls_ingest_n or (10000 if q else 100000),
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
         "saturate_n": 20000 if q else 100_000,

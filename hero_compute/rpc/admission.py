@@ -30,14 +30,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from .limits import Limits
-from .sendnow import SendNowTLS
 from .throttle import REFUSALS_EVERY, Throttle
-from .twisted_private import handshake_done
+from .tls_server import TLSServerFactory, TLSServerProtocol
 
 log = Logger()
 
@@ -198,7 +196,7 @@ def _build_admitted(factory: _Builds, addr: IAddress) -> Any:
     return factory.buildProtocol(addr) if build is None else build(addr)
 
 
-class AdmittedTLS(SendNowTLS):
+class AdmittedTLS(TLSServerProtocol):
     """
     Our TLS transport, for a connection admitted at accept: it releases the admission
     when lost, and is cut off if its handshake has not ended within the head deadline.
@@ -215,12 +213,10 @@ class AdmittedTLS(SendNowTLS):
         self._deadline = admission.clock.callLater(
             admission.limits.head_timeout, self._handshake_too_slow
         )
-        SendNowTLS.makeConnection(self, transport)
+        TLSServerProtocol.makeConnection(self, transport)
 
-    def dataReceived(self, data: bytes) -> None:
-        SendNowTLS.dataReceived(self, data)
-        if self._deadline is not None and handshake_done(self):
-            self._stop_deadline()
+    def _handshake_ended(self) -> None:
+        self._stop_deadline()
 
     def _handshake_too_slow(self) -> None:
         self._deadline = None
@@ -237,10 +233,10 @@ class AdmittedTLS(SendNowTLS):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         self.factory.admission.release(self._host)
-        SendNowTLS.connectionLost(self, reason)
+        TLSServerProtocol.connectionLost(self, reason)
 
 
-class AdmittedTLSFactory(TLSMemoryBIOFactory):
+class AdmittedTLSFactory(TLSServerFactory):
     """
     Mutual TLS in front of ``factory``, with :class:`Admission` applied at accept,
     before the TLS layer.
@@ -251,10 +247,9 @@ class AdmittedTLSFactory(TLSMemoryBIOFactory):
     """
 
     protocol = AdmittedTLS
-    noisy = False
 
     def __init__(self, creator: Any, factory: Factory, admission: Admission) -> None:
-        TLSMemoryBIOFactory.__init__(self, creator, False, factory)
+        TLSServerFactory.__init__(self, creator, factory)
         self.admission = admission
 
     def buildProtocol(self, addr: IAddress) -> AdmittedTLS | None:  # type: ignore[override]  # None refuses, as Twisted allows

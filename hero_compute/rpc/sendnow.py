@@ -14,26 +14,19 @@ bytes) and only to Twisted's plain TCP and Unix transports, server or client sid
 client sends every proxied call's request with it); anything else (a test's transport,
 a TLS transport) gets ``transport.write``.
 
-Over TLS the same saving comes from :class:`SendNowTLS`, the TLS transport of our
-listeners: what OpenSSL makes of a write (the answer's record, and every handshake
-flight or alert) goes to the TCP transport under it through :func:`send_now`, at once,
-instead of through Twisted's :class:`~twisted.protocols.tls.BufferingTLSTransport`,
-which holds every write for a ``callLater(0)`` to gather small ones (we write one
-answer at a time) and then buffers the ciphertext in the TCP transport as above.
+Over TLS the same saving comes from the TLS transport of our listeners
+(:mod:`.tls_server`): what OpenSSL makes of a write (the answer's record, and every
+handshake flight or alert) goes to the TCP transport under it through :func:`send_now`,
+at once, instead of being held for a ``callLater(0)`` to gather small ones (as Twisted's
+:class:`~twisted.protocols.tls.BufferingTLSTransport` does; we write one answer at a
+time) and then buffered in the TCP transport as above.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL.SSL import WantReadError
-from twisted.protocols.tls import TLSMemoryBIOProtocol
-
-from .twisted_private import idle_socket, tls_connection
-
-#: Bytes read from OpenSSL's send buffer at a time (Twisted reads as much); a read that
-#: returns less has emptied it.
-_BIO_READ = 2**15
+from .twisted_private import idle_socket
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -56,34 +49,3 @@ def send_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
-
-
-class SendNowTLS(TLSMemoryBIOProtocol):
-    """
-    Twisted's TLS transport without its aggregation of small writes, sending its
-    ciphertext with :func:`send_now`: a write is encrypted and, if the socket takes it,
-    sent before it returns.
-
-    Everything else (handshake, reads, shutdown, producers) is
-    :class:`~twisted.protocols.tls.TLSMemoryBIOProtocol`'s.  All of its ciphertext
-    leaves through ``_flushSendBIO`` (``tests/test_sendnow.py`` fails if that stops
-    being so: the answers then wait for the reactor again, but stay correct and in
-    order, as the TCP transport under us is only ever written to from here).
-    """
-
-    def _flushSendBIO(self) -> None:
-        connection = tls_connection(self)
-        try:
-            data = connection.bio_read(_BIO_READ)
-        except WantReadError:
-            return  # nothing to send: OpenSSL made no record
-        if len(data) == _BIO_READ:
-            chunks = [data]
-            while len(data) == _BIO_READ:
-                try:
-                    data = connection.bio_read(_BIO_READ)
-                except WantReadError:
-                    break
-                chunks.append(data)
-            data = b"".join(chunks)
-        send_now(self.transport, data)

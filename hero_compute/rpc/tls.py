@@ -23,6 +23,7 @@ never goes to a server that has not proven it holds a certificate of the pinned 
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import Callable
 
 import attrs
@@ -36,17 +37,18 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from hero_compute import pki
 
-from .sendnow import SendNowTLS
+from .tls_context import server_context
 from .tls_peer import Expected as Expected
 from .tls_peer import PeerIdentity as PeerIdentity
 from .tls_peer import identity_of as identity_of
 from .tls_peer import not_before as not_before
 from .tls_peer import peer_identity as peer_identity
+from .tls_server import TLSServerFactory
 
 log = Logger()
 
@@ -234,6 +236,29 @@ class ServerTLS(_Reloadable):
     """
 
     _server = True
+    _ssl_context: ssl.SSLContext
+
+    def reload(self) -> None:
+        """
+        Read the material again and use it for new connections (both contexts: the
+        standard library's for our listeners, see :mod:`.tls_server`, and pyOpenSSL's
+        for :meth:`serverConnectionForTLS`); open connections go on with what they had.
+
+        :raises TLSConfigError: if the material is unusable; the previous contexts (if
+            any) stay in use
+        """
+        previous = getattr(self, "_context", None), getattr(self, "credentials", None)
+        _Reloadable.reload(self)
+        try:
+            self._ssl_context = server_context(self.credentials)
+        except (ssl.SSLError, OSError) as e:
+            if previous[0] is not None:
+                self._context, self.credentials = previous  # type: ignore[assignment]
+            raise TLSConfigError(f"OpenSSL refused the TLS material: {e}") from None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """:return: the standard library's context for a new connection"""
+        return self._ssl_context
 
     def _check(self, credentials: Credentials) -> None:
         if credentials.certificate is None:
@@ -377,15 +402,13 @@ class _Expecting:
         return connection
 
 
-def tls_server_factory(creator: ServerTLS, factory: Factory) -> TLSMemoryBIOFactory:
+def tls_server_factory(creator: ServerTLS, factory: Factory) -> TLSServerFactory:
     """
     Wrap a server protocol factory in TLS, to listen on any stream endpoint (a plain
-    ``tcp:`` listener beside the Unix and TCP ones, in the same reactor).
+    ``tcp:`` listener beside the Unix and TCP ones, in the same reactor): the standard
+    library's TLS, see :mod:`.tls_server`.
 
     :param creator: a :class:`ServerTLS`
     :param factory: the application's protocol factory (the HTTP site)
     """
-    tls = TLSMemoryBIOFactory(creator, False, factory)
-    # Answers go out at once, not at the reactor's next turn (see .sendnow).
-    tls.protocol = SendNowTLS
-    return tls
+    return TLSServerFactory(creator, factory)

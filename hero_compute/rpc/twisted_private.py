@@ -14,7 +14,6 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp, unix
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 #: The transports whose socket we may write to directly: Twisted's own, whose buffer
 #: attributes (``dataBuffer``, ``_tempDataLen``) we read to keep the order of bytes.
@@ -42,26 +41,6 @@ def idle_socket(transport: Any) -> socket.socket | None:
         sock: socket.socket = transport.socket
         return sock
     return None
-
-
-def tls_connection(protocol: TLSMemoryBIOProtocol) -> Any:
-    """
-    The ``OpenSSL.SSL.Connection`` of Twisted's TLS transport (its memory BIO is read
-    to send the ciphertext at once).
-
-    :param protocol: a :class:`~twisted.protocols.tls.TLSMemoryBIOProtocol`
-    """
-    return protocol._tlsConnection
-
-
-def handshake_done(protocol: TLSMemoryBIOProtocol) -> bool:
-    """
-    Whether a TLS transport's handshake has ended: Twisted says so only by this
-    attribute, or to a wrapped protocol that is an ``IHandshakeListener`` (ours are not).
-
-    :param protocol: a :class:`~twisted.protocols.tls.TLSMemoryBIOProtocol`
-    """
-    return bool(protocol._handshakeDone)
 
 
 def raise_bind_errors(svc: StreamServerEndpointService) -> None:
