@@ -60,6 +60,21 @@ def help_text(method):
     return method
 
 
+def limit_help(*prefixes):
+    """
+    Fill ``{defaults}`` in an ``opt_limit`` docstring with the defaults of the
+    :class:`~hero_compute.rpc.limits.Limits` record (the only place they are written)
+    whose variables start with ``prefixes``; then fold it as :func:`help_text` does.
+    """
+    from hero_compute.rpc.limits import defaults_text
+
+    def fill(method):
+        method.__doc__ = method.__doc__.format(defaults=defaults_text(*prefixes))
+        return help_text(method)
+
+    return fill
+
+
 def seconds(text):
     """
     Coerce a positive, possibly fractional, number of seconds.
@@ -204,7 +219,7 @@ class TapOptions(usage.Options):
 
     command = ""
 
-    def __init__(self):
+    def __init__(self) -> None:
         usage.Options.__init__(self)
         # Twisted's own wrapper says "Parameter type enforcement failed" and not which
         # option it was.
@@ -214,7 +229,7 @@ class TapOptions(usage.Options):
                 dispatch[name] = _NamedCoerce(self, handler.coerce)
 
     @property
-    def under_twistd(self):
+    def under_twistd(self) -> bool:
         """Whether twistd parses us, as the options of its subcommand."""
         return getattr(self, "parent", None) is not None
 
@@ -236,7 +251,7 @@ class TapOptions(usage.Options):
             raise SystemExit(f"twistd {self.command}: {e}") from None
 
 
-def print_startup_errors(command, known, directories=()):
+def print_startup_errors(command, known, directories=()) -> None:
     """
     Print the errors an operator can fix that stop the service as it starts as one
     line on stderr, without a traceback: twistd lets an exception from starting the
@@ -255,7 +270,7 @@ def print_startup_errors(command, known, directories=()):
     # The most specific first: a state directory may well lie in the socket directory.
     directories = sorted(directories, key=lambda d: len(d[0]), reverse=True)
 
-    def hook(kind, value, tb):
+    def hook(kind, value, tb) -> None:
         message = None
         for cls, template in templates:
             if isinstance(value, cls):
@@ -305,7 +320,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([MGT]?)(?:i?B)?\s*", re.IGNORECASE)
 _MIB = {"M": 1, "G": 1024, "T": 1024 * 1024}
 
 
-def parse_size(text, unit, zero=False):
+def parse_size(text, unit, zero: bool = False):
     """
     Parse a size into whole units.
 

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from hero_compute.explorer.proxy import Proxy, forbidden_target
 from hero_compute.explorer.records import Heartbeat
@@ -83,6 +84,29 @@ def test_calls_in_flight_are_bounded_per_node_and_in_all():
     assert success_result_of(held[0]) == "ok"
     proxy.call("a", "vm.list")
     assert len(client.calls) == 4 and proxy.total == 3
+
+
+def test_busy_refusals_are_logged_rate_limited():
+    """A busy refusal is logged at once, the next ones within 10 s only counted, and
+    the count said in the first line after them (CONTRACT §7)."""
+    clock = Clock()
+    registry = registry_with(clock, ("a", "tcp://192.0.2.1:1", False))
+    proxy = Proxy(HeldClient(), registry, 5, never, calls_per_node=1)
+    proxy.call("a", "vm.list")
+    with capturedLogs() as events:
+        for _ in range(4):
+            with pytest.raises(NodeUnreachable, match="busy"):
+                proxy.call("a", "vm.list")
+        clock.advance(10)
+        with pytest.raises(NodeUnreachable, match="busy"):
+            proxy.call("a", "vm.list")
+    lines = [formatEvent(e) for e in events if "calls_in_flight" in e["log_format"]]
+    assert lines == [
+        "refused (calls_in_flight) a call to node a: busy",
+        "refused (calls_in_flight) a call to node a: busy "
+        "(and 3 more since the last such line)",
+    ]
+    assert proxy.busy == 5
 
 
 def test_outcomes_pass_through_and_free_their_room():

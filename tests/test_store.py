@@ -11,11 +11,13 @@ import threading
 import time
 
 import pytest
+from zope.interface.verify import verifyObject
 
 from hero_compute.explorer.store import (
     NODE_FIELDS,
     SCHEMA_VERSION,
     Identity,
+    IStore,
     Store,
     StoreError,
     TokenRefused,
@@ -89,6 +91,11 @@ def reopen(store):
     """Close a store and open it again, as a restarted explorer would."""
     store.close()
     return open_store(where(store))
+
+
+def test_both_backends_provide_istore(store):
+    """Each backend provides IStore, so either stands in wherever the other does."""
+    assert verifyObject(IStore, store)
 
 
 def test_file_and_directory_are_private(sqlite_store, path):

@@ -38,10 +38,13 @@ messages), :mod:`.units` (sizes, times), :mod:`.connect` (the only door to
 :mod:`hero_compute.rpc`).
 """
 
+from __future__ import annotations
+
 import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 
 from twisted.internet import defer, task
 
@@ -58,7 +61,7 @@ __all__ = ["main"]
 NEW_NODE_IDS = frozenset({"token"})
 
 
-def main(argv=None, env=None):
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> None:
     """
     Run the command line and exit the process with its status.
 

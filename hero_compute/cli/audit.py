@@ -3,13 +3,26 @@
 fleet, newest first (``explorer.audit``, CONTRACT §10).
 """
 
+from __future__ import annotations
+
+import argparse
 import time
+from typing import TYPE_CHECKING, Any
 
 from .output import table
 from .units import ago
 
+if TYPE_CHECKING:
+    from rich.table import Table
 
-def add_commands(sub, common):
+    from .connect import Explorer
+    from .output import Output
+
+
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``audit``.
 
@@ -33,7 +46,7 @@ def add_commands(sub, common):
     audit.set_defaults(run=show_audit)
 
 
-def audit_table(page):
+def audit_table(page: dict[str, Any]) -> Table:
     """:return: ``explorer.audit``'s entries as a table"""
     now = time.time()
     return table(
@@ -52,7 +65,7 @@ def audit_table(page):
     )
 
 
-async def show_audit(explorer, args, output):
+async def show_audit(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``audit``."""
     params = {"limit": args.limit}
     if args.node is not None:

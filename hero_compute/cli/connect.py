@@ -7,7 +7,11 @@ explorer addresses given (the next one used when one cannot be reached), with th
 per-operation timeouts of :data:`TIMEOUTS`.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from hero_compute.options import socket_dir
 from hero_compute.rpc.addresses import AddressError, parse_address
@@ -28,6 +32,13 @@ from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.tls import ClientTLS, Expected, TLSConfigError, TLSMaterial
 from hero_compute.rpc.websocket import HTTPRefusal
 from hero_compute.rpc.websocket_client import connect as open_websocket
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from hero_compute.rpc.addresses import Address
+    from hero_compute.rpc.websocket import Handler, WebSocket
+
 
 __all__ = [
     "AddressError",
@@ -67,7 +78,7 @@ CONSOLE_UNSENT = 1024 * 1024
 DEFAULT_TIMEOUT = 15.0
 
 
-def timeout_for(method):
+def timeout_for(method: str) -> float:
     """
     :param method: a node or explorer method name
     :return: the seconds a call of it is allowed by default
@@ -75,7 +86,7 @@ def timeout_for(method):
     return TIMEOUTS.get(method, DEFAULT_TIMEOUT)
 
 
-def default_explorer(env):
+def default_explorer(env: Mapping[str, str]) -> str:
     """
     :param env: the environment mapping
     :return: the default explorer URI, from ``HERO_SOCKET_DIR``
@@ -104,7 +115,13 @@ class Explorer:
     :raise ValueError: the TLS files cannot be used, saying why
     """
 
-    def __init__(self, reactor, address, timeout=None, tls_files=(None, None, None)):
+    def __init__(
+        self,
+        reactor: Any,
+        address: Address | list[Address],
+        timeout: float | None = None,
+        tls_files: tuple[str | None, str | None, str | None] = (None, None, None),
+    ) -> None:
         self.reactor = reactor
         self.addresses = list(address) if isinstance(address, list) else [address]
         #: The explorer in use: the first, or the one that answered last.
@@ -114,6 +131,8 @@ class Explorer:
         tls = None
         ca, cert, key = tls_files
         if any(a.scheme == "tls" for a in self.addresses):
+            if ca is None:
+                raise ValueError("TLS: a tls:// explorer needs the fleet CA (--ca)")
             try:
                 tls = ClientTLS(TLSMaterial(cert, key, ca), Expected("explorer"))
             except TLSConfigError as e:
@@ -122,11 +141,13 @@ class Explorer:
             reactor, timeout=DEFAULT_TIMEOUT, connect_timeout=connect, tls=tls
         )
 
-    def timeout(self, method):
+    def timeout(self, method: str) -> float:
         """:return: the seconds allowed for a call of ``method``"""
         return self._override if self._override is not None else timeout_for(method)
 
-    async def call(self, method, params=None, timeout=None):
+    async def call(
+        self, method: str, params: Any = None, timeout: float | None = None
+    ) -> Any:
         """
         Call a method of the explorer itself.
 
@@ -156,20 +177,26 @@ class Explorer:
             return result
         raise AssertionError("not reached")  # the loop returns or raises
 
-    async def node_call(self, node_id, method, params=None, timeout=None):
+    async def node_call(
+        self,
+        node_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """
         Call a ``node.*`` or ``vm.*`` method on a node through ``explorer.call``.
 
         :param timeout: seconds, or None for :meth:`timeout` of the node method
         :return: the node's result
         """
-        message = {"node_id": node_id, "method": method}
+        message: dict[str, Any] = {"node_id": node_id, "method": method}
         if params is not None:
             message["params"] = params
         seconds = timeout if timeout is not None else self.timeout(method)
         return await self.call("explorer.call", message, timeout=seconds)
 
-    def console(self, node_id, vm_id, handler):
+    def console(self, node_id: str, vm_id: str, handler: Handler) -> Deferred[WebSocket]:
         """
         Open a VM's serial console through the explorer (a WebSocket).
 
@@ -192,7 +219,7 @@ class Explorer:
             self.reactor,
         )
 
-    def events(self, since, handler):
+    def events(self, since: int | None, handler: Handler) -> Deferred[WebSocket]:
         """
         Follow the explorer's event stream (``/v1/events``, a WebSocket).
 
@@ -214,6 +241,6 @@ class Explorer:
             self.reactor,
         )
 
-    def close(self):
+    def close(self) -> Deferred[None]:
         """:return: a Deferred firing when the connections are closed"""
         return self._client.close()

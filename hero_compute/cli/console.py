@@ -7,11 +7,14 @@ guest, Ctrl-C included) and ``Ctrl-]`` detaches; the VM keeps running.  Input th
 not a terminal (a pipe) is sent as it comes, and its end detaches too.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 import termios
 import tty
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from twisted.internet import defer
@@ -21,6 +24,11 @@ from zope.interface import implementer
 from . import exits
 from .connect import HTTPRefusal
 from .vms import resolve
+
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
+
 
 #: The byte of Ctrl-], which detaches (as in telnet and virsh).
 DETACH = b"\x1d"
@@ -35,7 +43,10 @@ _REFUSED = {
 }
 
 
-def add_commands(cmds, common):
+def add_commands(
+    cmds: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``console`` and ``log`` to the ``vm`` group.
 
@@ -59,7 +70,7 @@ def add_commands(cmds, common):
     log.set_defaults(run=console_log)
 
 
-async def console_log(explorer, args, output):
+async def console_log(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm log NODE VM [--bytes N]``."""
     vm = await resolve(explorer, args.node_id, args.vm)
     params = {"vm_id": vm["vm_id"]}
@@ -73,22 +84,22 @@ async def console_log(explorer, args, output):
 class _Session:
     """The console's WebSocket handler: output to the terminal."""
 
-    def __init__(self, write):
+    def __init__(self, write) -> None:
         self._write = write
         self.socket: Any = None
         self.done: defer.Deferred = defer.Deferred()
 
-    def opened(self, socket):
+    def opened(self, socket) -> None:
         self.socket = socket
 
-    def received(self, data):
+    def received(self, data) -> None:
         self._write(data)
 
-    def closed(self, code):
+    def closed(self, code) -> None:
         if not self.done.called:
             self.done.callback(code)
 
-    def keys(self, data):
+    def keys(self, data) -> None:
         """What was typed: sent, up to a Ctrl-] (or the end of input), which detaches."""
         if data and DETACH not in data:
             self.socket.send(data)
@@ -105,7 +116,7 @@ class _Session:
 class _Keys:
     """Standard input, read by the reactor."""
 
-    def __init__(self, fd, session):
+    def __init__(self, fd, session) -> None:
         self._fd = fd
         self._session = session
 
@@ -120,20 +131,20 @@ class _Keys:
         self._session.keys(data)
         return None
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason) -> None:
         pass
 
-    def logPrefix(self):
+    def logPrefix(self) -> str:
         return "stdin"
 
 
-def _write_out(data):
+def _write_out(data) -> None:
     out = sys.stdout.buffer
     out.write(data)
     out.flush()
 
 
-async def console_vm(explorer, args, output):
+async def console_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm console NODE VM``."""
     vm = await resolve(explorer, args.node_id, args.vm)
     session = _Session(_write_out)

@@ -6,13 +6,22 @@ it goes on until interrupted, and when the explorer closes a slow reader (1008) 
 resumes after the last event it printed.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, task
 
 from . import exits
 from .connect import HTTPRefusal
+
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
+
 
 #: Seconds without a frame after which a replay (no ``--follow``) is taken as done.
 QUIET = 0.5
@@ -21,7 +30,10 @@ QUIET = 0.5
 TOO_SLOW = 1008
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``events``.
 
@@ -46,30 +58,30 @@ def add_commands(sub, common):
 class _Printer:
     """The stream's handler: each frame a line on stdout."""
 
-    def __init__(self, clock, follow):
+    def __init__(self, clock, follow) -> None:
         self._clock = clock
         self._follow = follow
         self.last = None
         self.done: defer.Deferred = defer.Deferred()
         self._quiet = None
 
-    def opened(self, socket):
+    def opened(self, socket) -> None:
         self.socket = socket
         self._rearm()
 
-    def _rearm(self):
+    def _rearm(self) -> None:
         if self._follow:
             return
         if self._quiet is not None and self._quiet.active():
             self._quiet.cancel()
         self._quiet = self._clock.callLater(QUIET, self._stop)
 
-    def _stop(self):
+    def _stop(self) -> None:
         self.socket.close()
         if not self.done.called:
             self.done.callback(None)
 
-    def received(self, data):
+    def received(self, data) -> None:
         line = data.decode("utf-8")
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
@@ -79,14 +91,14 @@ class _Printer:
             pass
         self._rearm()
 
-    def closed(self, code):
+    def closed(self, code) -> None:
         if self._quiet is not None and self._quiet.active():
             self._quiet.cancel()
         if not self.done.called:
             self.done.callback(code)
 
 
-async def show_events(explorer, args, output):
+async def show_events(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``events``."""
     since = args.since
     while True:

@@ -5,6 +5,8 @@ Each failure says what happened and what to try next; the exit code tells a scri
 kind of failure it was (see :data:`CODES`).
 """
 
+from __future__ import annotations
+
 import json
 
 from .connect import (
@@ -56,13 +58,13 @@ class Failure(Exception):
     :param code: the exit code
     """
 
-    def __init__(self, message, code=FAILED):
+    def __init__(self, message: str, code: int = FAILED) -> None:
         Exception.__init__(self, message)
         self.message = message
         self.code = code
 
 
-def explain(error, explorer):
+def explain(error: BaseException, explorer: str) -> tuple[int, str]:
     """
     The exit code and message for a failed command.
 

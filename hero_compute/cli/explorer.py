@@ -3,15 +3,24 @@
 ``rpc METHOD [PARAMS_JSON]``.  Raw results are always JSON.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import time
+from typing import TYPE_CHECKING, Any
 
 from .output import fields
 from .units import ago
 
+if TYPE_CHECKING:
+    from rich.table import Table
 
-def params_json(text):
+    from .connect import Explorer
+    from .output import Output
+
+
+def params_json(text: str) -> dict[str, Any] | list[Any]:
     """
     Coerce the params argument: a JSON object (by name) or array (by position).
 
@@ -26,7 +35,10 @@ def params_json(text):
     return value
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``info``, ``call`` and ``rpc`` to the subcommands.
 
@@ -69,7 +81,7 @@ def add_commands(sub, common):
     raw.set_defaults(run=call_explorer)
 
 
-def info_fields(info, now=None):
+def info_fields(info: dict[str, Any], now: float | None = None) -> Table:
     """:return: ``explorer.info`` as a key/value table"""
     nodes = info.get("nodes") or {}
     uptime = info.get("uptime_s")
@@ -87,19 +99,21 @@ def info_fields(info, now=None):
     )
 
 
-async def show_info(explorer, args, output):
+async def show_info(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``info``."""
     output.emit(await explorer.call("explorer.info"), info_fields)
     return 0
 
 
-async def call_node(explorer, args, output):
+async def call_node(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``call NODE METHOD [PARAMS_JSON]``."""
     output.emit(await explorer.node_call(args.node_id, args.method, args.params))
     return 0
 
 
-async def call_explorer(explorer, args, output):
+async def call_explorer(
+    explorer: Explorer, args: argparse.Namespace, output: Output
+) -> int:
     """``rpc METHOD [PARAMS_JSON]``."""
     output.emit(await explorer.call(args.method, args.params))
     return 0

@@ -6,8 +6,11 @@ polls ``node.images`` until the image is ready or failed, with a progress bar on
 terminal; a failed import exits non-zero with the node's reason.
 """
 
+from __future__ import annotations
+
 import argparse
 import re
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -25,6 +28,13 @@ from . import exits
 from .output import fields, table
 from .units import format_mb
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .connect import Explorer
+    from .output import Output
+
+
 #: Seconds between ``node.images`` polls during a pull.
 POLL = 0.5
 
@@ -38,7 +48,10 @@ def _sha256(text):
     return text.lower()
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add the ``image`` group to the subcommands.
 
@@ -71,11 +84,11 @@ def add_commands(sub, common):
     pull.set_defaults(run=pull_image)
 
 
-def _bytes(n):
+def _bytes(n: object) -> str:
     return format_mb(n / 2**20) if isinstance(n, int) else "-"
 
 
-def images_table(images):
+def images_table(images: list[dict[str, Any]]) -> Table:
     """:return: a table of ImageInfo"""
     rows = []
     for i in images:
@@ -84,7 +97,7 @@ def images_table(images):
             total = i.get("bytes_total")
             done = _bytes(i.get("bytes_done"))
             state = f"importing {done}" + (f"/{_bytes(total)}" if total else "")
-        colour = {"ready": "green", "failed": "red"}.get(i.get("state"), "yellow")
+        colour = {"ready": "green", "failed": "red"}.get(str(i.get("state")), "yellow")
         rows.append(
             (
                 i.get("name"),
@@ -99,7 +112,7 @@ def images_table(images):
     return table(("NAME", "STATE", "FORMAT", "SIZE", "VIRTUAL", "PATH", "ERROR"), rows)
 
 
-def image_fields(image):
+def image_fields(image: dict[str, Any]) -> Table:
     """:return: one ImageInfo as a key/value table"""
     return fields(
         [
@@ -113,13 +126,13 @@ def image_fields(image):
     )
 
 
-async def list_images(explorer, args, output):
+async def list_images(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``image list NODE``."""
     output.emit(await explorer.node_call(args.node_id, "node.images"), images_table)
     return 0
 
 
-async def pull_image(explorer, args, output):
+async def pull_image(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``image pull NODE URL --sha256 HEX --name NAME``."""
     params = {"url": args.url, "name": args.name, "sha256": args.sha256}
     await explorer.node_call(args.node_id, "image.import", params)
@@ -135,7 +148,7 @@ async def pull_image(explorer, args, output):
         with Progress(*columns, console=console, transient=True) as bar:
             bar_task = bar.add_task("pull", total=None)
 
-            def show(image):
+            def show(image) -> None:
                 bar.update(
                     bar_task,
                     completed=image.get("bytes_done") or 0,

@@ -6,16 +6,24 @@ is unique.  Ambiguous: exit 64 listing the candidates; nothing: exit 3.
 A trailing ``…`` is ignored, so an id copied from a table cut short still works.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from . import exits
 from .connect import NodeNotFound, VmNotFound
 from .nodes import fetch_nodes
+
+if TYPE_CHECKING:
+    from .connect import Explorer
+
 
 #: An id prefix must be at least this long (as ``docker`` and ``virsh`` do, shorter
 #: prefixes match too much by accident).
 MIN_PREFIX = 4
 
 
-def match(text, items, id_key):
+def match(text: str, items: list[dict[str, Any]], id_key: str) -> dict[str, Any]:
     """
     The item ``text`` names among ``items``: its full id, its unique name, or a unique
     id prefix.
@@ -53,13 +61,13 @@ def match(text, items, id_key):
     )
 
 
-def _short(text):
+def _short(text: str) -> str:
     if len(text.rstrip("…")) >= MIN_PREFIX:
         return ""
     return f" (id prefixes need {MIN_PREFIX} characters)"
 
 
-async def node_id(explorer, text):
+async def node_id(explorer: Explorer, text: str) -> str:
     """
     :param explorer: the :class:`~.connect.Explorer`
     :param text: a NODE argument
@@ -82,7 +90,7 @@ async def node_id(explorer, text):
         raise unknown from None
 
 
-async def vm_info(explorer, node, text):
+async def vm_info(explorer: Explorer, node: str, text: str) -> dict[str, Any]:
     """
     :param node: the node id
     :param text: a VM argument

@@ -2,18 +2,29 @@
 ``hero-compute nodes`` and ``hero-compute node ID``: the fleet as the explorer sees it.
 """
 
+from __future__ import annotations
+
 import argparse
 import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from .connect import MethodNotFound
 from .output import fields, styled_state, table
 from .units import ago, format_mb
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .connect import Explorer
+    from .output import Output
+
+
 #: Nodes asked for per ``explorer.query_nodes`` page.
 PAGE = 1000
 
 
-def label(text):
+def label(text: str) -> tuple[str, str]:
     """Coerce a ``KEY=VALUE`` label filter (``--where``, ``--label``)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -21,7 +32,10 @@ def label(text):
     return key, value
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``nodes`` and ``node`` to the subcommands.
 
@@ -56,7 +70,12 @@ def add_commands(sub, common):
     node.set_defaults(run=show_node)
 
 
-async def fetch_nodes(call, status=None, labels=None, page=PAGE):
+async def fetch_nodes(
+    call: Callable[[str, Any], Awaitable[Any]],
+    status: str | None = None,
+    labels: dict[str, str] | None = None,
+    page: int = PAGE,
+) -> list[dict[str, Any]]:
     """
     Every node matching the filters: through ``explorer.query_nodes`` page by page, or
     ``explorer.list_nodes`` from an explorer that predates it (labels filtered here).
@@ -66,7 +85,7 @@ async def fetch_nodes(call, status=None, labels=None, page=PAGE):
     :param labels: a dict the nodes' labels must contain, or None
     :return: the list of NodeInfo
     """
-    query = {"limit": page}
+    query: dict[str, Any] = {"limit": page}
     if status:
         query["status"] = status
     if labels:
@@ -88,7 +107,7 @@ async def fetch_nodes(call, status=None, labels=None, page=PAGE):
     return [n for n in listed if wanted <= (n.get("labels") or {}).items()]
 
 
-def used_of(node, key, fmt=str):
+def used_of(node: dict[str, Any], key: str, fmt: Callable[[Any], str] = str) -> str:
     """
     :return: ``used/total`` of one resource of a node, e.g. ``2/8`` or ``512M/16G``
     """
@@ -99,15 +118,15 @@ def used_of(node, key, fmt=str):
     return f"{fmt(used) if used is not None else '?'}/{fmt(total) if total else '?'}"
 
 
-def _gb(value):
+def _gb(value: object) -> str:
     return format_mb(value * 1024) if isinstance(value, (int, float)) else "?"
 
 
-def _by_name(node):
+def _by_name(node: dict[str, Any]) -> tuple[str, str]:
     return str(node.get("name")), str(node.get("node_id"))
 
 
-def nodes_table(nodes, now=None):
+def nodes_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
     """:return: the ``nodes`` table"""
     now = time.time() if now is None else now
     rows = [
@@ -142,7 +161,7 @@ def nodes_table(nodes, now=None):
     )
 
 
-def node_fields(node, now=None):
+def node_fields(node: dict[str, Any], now: float | None = None) -> Table:
     """:return: one node's record as a key/value table"""
     now = time.time() if now is None else now
     labels = node.get("labels") or {}
@@ -165,14 +184,14 @@ def node_fields(node, now=None):
     )
 
 
-async def list_nodes(explorer, args, output):
+async def list_nodes(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``nodes``: every node, as a table or JSON."""
     nodes = await fetch_nodes(explorer.call, args.status, dict(args.label) or None)
     output.emit(nodes, nodes_table)
     return 0
 
 
-async def show_node(explorer, args, output):
+async def show_node(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``node ID``: one node."""
     output.emit(
         await explorer.call("explorer.get_node", {"node_id": args.node_id}), node_fields
@@ -180,7 +199,7 @@ async def show_node(explorer, args, output):
     return 0
 
 
-async def last_seen(explorer, node_id):
+async def last_seen(explorer: Explorer, node_id: str) -> str | None:
     """
     :return: ``last seen 3 min ago`` for a node, or None when the explorer cannot say
     """

@@ -3,14 +3,23 @@ Where results go: a :mod:`rich` table for a person at a terminal, JSON for every
 else (a pipe, a file, ``--json``), so scripts see what they always saw.
 """
 
+from __future__ import annotations
+
 import contextlib
 import json
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.status import Status
+
 
 #: Widest row printed before rich would squeeze columns.
 WIDE = 250
@@ -26,7 +35,9 @@ class Output:
     :param table: ``--table`` was given: a table even when ``out`` is not a terminal
     """
 
-    def __init__(self, out, err, json_only=False, table=False):
+    def __init__(
+        self, out: TextIO, err: TextIO, json_only: bool = False, table: bool = False
+    ) -> None:
         self.out = out
         self.err = err
         # Rows at their natural width, as kubectl prints them: a narrow terminal wraps
@@ -35,12 +46,14 @@ class Output:
         self._errors = Console(file=err, highlight=False)
         self.tables = not json_only and (table or self._console.is_terminal)
 
-    def json(self, data):
+    def json(self, data: Any) -> None:
         """Write ``data`` as indented JSON, keys sorted."""
         self.out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         self.out.flush()
 
-    def emit(self, data, render=None):
+    def emit(
+        self, data: Any, render: Callable[[Any], RenderableType] | None = None
+    ) -> None:
         """
         Write a result: ``render(data)`` (a rich renderable) on a terminal, JSON otherwise.
 
@@ -52,13 +65,13 @@ class Output:
         else:
             self.json(data)
 
-    def error(self, message):
+    def error(self, message: object) -> None:
         """Write a message to stderr, verbatim (no markup)."""
         self.err.write(f"hero-compute: {message}\n")
         self.err.flush()
 
     @contextlib.contextmanager
-    def progress(self, text):
+    def progress(self, text: str) -> Iterator[Progress]:
         """
         A live status line on stderr while a long call runs, only when stderr is a
         terminal: ``text``, then what :meth:`Progress.update` says, and the seconds spent.
@@ -79,20 +92,22 @@ class Progress:
     :ivar live: whether anyone sees it (polling for it is otherwise wasted)
     """
 
-    def __init__(self, text, status):
+    def __init__(self, text: str, status: Status | None) -> None:
         self._text = text
         self._status = status
         self._started = time.monotonic()
         self.live = status is not None
 
-    def update(self, news):
+    def update(self, news: str) -> None:
         """Show ``news`` (e.g. the VM's state) after the text."""
         if self._status is not None:
             elapsed = time.monotonic() - self._started
             self._status.update(Text(f"{self._text}{news} ({elapsed:.0f} s)"))
 
 
-def table(columns, rows, title=None):
+def table(
+    columns: Iterable[str], rows: Iterable[Sequence[Any]], title: str | None = None
+) -> Table:
     """
     A plain table: header row, no borders, like ``kubectl get`` and ``nomad status``.
 
@@ -113,7 +128,7 @@ def table(columns, rows, title=None):
     return t
 
 
-def fields(pairs):
+def fields(pairs: Iterable[tuple[str, Any]]) -> Table:
     """
     A two-column key/value table for one record (``node ID``, ``vm show``, ``info``).
 
@@ -127,12 +142,12 @@ def fields(pairs):
     return t
 
 
-def _cell(value):
+def _cell(value: Any) -> Text:
     # Names and labels come from nodes: never let them be read as rich markup.
     return value if isinstance(value, Text) else Text("" if value is None else str(value))
 
 
-def styled_state(state):
+def styled_state(state: Any) -> Text:
     """:return: a node status or VM state as rich text, green when healthy"""
     colour = {
         "online": "green",

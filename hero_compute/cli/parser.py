@@ -3,7 +3,11 @@ The argument parser: global options accepted before or after the command, and on
 group of commands per module.
 """
 
+from __future__ import annotations
+
 import argparse
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import hero_compute
 
@@ -23,6 +27,10 @@ from . import (
 )
 from .connect import AddressError, parse_address
 
+if TYPE_CHECKING:
+    from .connect import Address
+
+
 #: The global options' values when the command line gives none (``--explorer``'s comes
 #: from the environment, see :func:`complete`).
 DEFAULTS = {
@@ -36,7 +44,7 @@ DEFAULTS = {
 }
 
 
-def addresses(text):
+def addresses(text: str) -> list[Address]:
     """
     Coerce ``--explorer``/``HERO_EXPLORER``: one explorer URI, or a comma list of them
     (the CLI moves to the next when one cannot be reached).
@@ -49,7 +57,7 @@ def addresses(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _seconds(text):
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -59,7 +67,7 @@ def _seconds(text):
     return value
 
 
-def common_options():
+def common_options() -> argparse.ArgumentParser:
     """
     The global options as a parent parser, added to the top parser and to every command
     so that ``hero-compute nodes --json`` and ``hero-compute --json nodes`` agree.  Their
@@ -112,7 +120,9 @@ def common_options():
     return common
 
 
-def build(prog="hero-compute", description=None):
+def build(
+    prog: str = "hero-compute", description: str | None = None
+) -> argparse.ArgumentParser:
     """
     :param description: the text under the usage line
     :return: the top :class:`argparse.ArgumentParser`
@@ -142,7 +152,11 @@ def build(prog="hero-compute", description=None):
     return top
 
 
-def complete(args, default_explorer, env=None):
+def complete(
+    args: argparse.Namespace,
+    default_explorer: Callable[[], str],
+    env: Mapping[str, str] | None = None,
+) -> argparse.Namespace:
     """
     Fill the global options that the command line left out.
 
@@ -176,7 +190,7 @@ def complete(args, default_explorer, env=None):
     return args
 
 
-def certificate_files(cert, key):
+def certificate_files(cert: str | None, key: str | None) -> tuple[str | None, str | None]:
     """
     :param cert: ``--cert``: a certificate file, or a prefix (``PREFIX.pem`` and
         ``PREFIX-key.pem``, as ``hero-compute tls cert create`` writes them), or None

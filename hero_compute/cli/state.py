@@ -5,13 +5,21 @@ stores, e.g. its SQLite file into the PostgreSQL database explorers will share
 be running on either.
 """
 
+from __future__ import annotations
+
+import argparse
+from typing import TextIO
+
 from hero_compute.explorer.store import StoreError
 from hero_compute.explorer.store.copy import copy_between
 
 from . import exits
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``state copy``.
 
@@ -44,7 +52,7 @@ def add_commands(sub, common):
     )
 
 
-def run(args, out, err):
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     ``state copy``.
 

@@ -11,13 +11,16 @@ They work on files only, never on the network.  Errors are one line on stderr; e
 status 1 for a problem with files (missing CA, a file in the way), 64 for a bad value.
 """
 
+from __future__ import annotations
+
 import argparse
 import sys
+from typing import TextIO
 
 from hero_compute import pki
 
 
-def _days(text):
+def _days(text: str) -> int:
     try:
         days = int(text)
     except ValueError:
@@ -27,7 +30,9 @@ def _days(text):
     return days
 
 
-def add_tls_commands(subparsers):
+def add_tls_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     """
     Add the ``tls`` command group to the ``hero-compute`` parser.
 
@@ -100,12 +105,12 @@ def add_tls_commands(subparsers):
     pin.set_defaults(tls_run=_pin)
 
 
-def _ca_create(args, out):
+def _ca_create(args: argparse.Namespace, out: TextIO) -> None:
     pin = pki.create_ca(args.dir, args.trust_domain, days=args.days, force=args.force)
     print(pin, file=out)
 
 
-def _cert_create(args, out):
+def _cert_create(args: argparse.Namespace, out: TextIO) -> None:
     role, name = next(
         (role, getattr(args, role)) for role in pki.ROLES if getattr(args, role) is not None
     )
@@ -123,11 +128,13 @@ def _cert_create(args, out):
         print(path, file=out)
 
 
-def _pin(args, out):
+def _pin(args: argparse.Namespace, out: TextIO) -> None:
     print(pki.spki_pin(pki.load_certificate(args.ca_file)), file=out)
 
 
-def run(args, out=None, err=None):
+def run(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """
     Run a parsed ``tls`` command.
 

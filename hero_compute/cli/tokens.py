@@ -3,14 +3,22 @@
 the explorer (over its Unix socket, or with a client certificate), printed on one line.
 """
 
+from __future__ import annotations
+
 import argparse
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
+
 
 #: Seconds in each unit ``--ttl`` accepts.
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def duration(text):
+def duration(text: str) -> float:
     """
     Coerce a duration: seconds, or a number with ``s``, ``m``, ``h`` or ``d``.
 
@@ -24,7 +32,10 @@ def duration(text):
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``token create``.
 
@@ -55,7 +66,7 @@ def add_commands(sub, common):
     create.set_defaults(run=create_token)
 
 
-async def create_token(explorer, args, output):
+async def create_token(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``token create``."""
     params = {"ttl": args.ttl}
     if args.node_id is not None:

@@ -4,13 +4,24 @@
 (CONTRACT §11), made over the explorer's Unix socket or with a client certificate.
 """
 
+from __future__ import annotations
+
+import argparse
 import time
+from typing import TYPE_CHECKING
 
 from .output import table
 from .tokens import duration
 
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
 
-def add_commands(sub, common):
+
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
     """
     Add ``ui token create|list|revoke``.
 
@@ -62,7 +73,9 @@ def add_commands(sub, common):
     revoke.set_defaults(run=revoke_ui_user)
 
 
-async def create_ui_token(explorer, args, output):
+async def create_ui_token(
+    explorer: Explorer, args: argparse.Namespace, output: Output
+) -> int:
     """``ui token create``."""
     made = await explorer.call(
         "explorer.ui_token_create",
@@ -81,7 +94,9 @@ def _expiry(value):
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
 
 
-async def list_ui_tokens(explorer, args, output):
+async def list_ui_tokens(
+    explorer: Explorer, args: argparse.Namespace, output: Output
+) -> int:
     """``ui token list``."""
     listed = await explorer.call("explorer.ui_token_list", {})
     rows = [
@@ -93,7 +108,9 @@ async def list_ui_tokens(explorer, args, output):
     return 0
 
 
-async def revoke_ui_user(explorer, args, output):
+async def revoke_ui_user(
+    explorer: Explorer, args: argparse.Namespace, output: Output
+) -> int:
     """``ui token revoke``."""
     ended = await explorer.call("explorer.ui_token_revoke", {"user": args.user})
     if args.json:

@@ -6,23 +6,25 @@ Sizes are binary, as QEMU and ``qemu-img`` read them: ``M`` is MiB, ``G`` GiB, `
 of the field it fills (MiB for memory, GiB for disk), as on the wire.
 """
 
+from __future__ import annotations
+
 from hero_compute import options
 
 #: Sizes are parsed where the taps parse them too (``NODE_CAPACITY``).
 parse_size = options.parse_size
 
 
-def memory_mb(text):
+def memory_mb(text: str) -> int:
     """:return: ``text`` (e.g. ``512M``, ``2G``) in MiB, for ``memory_mb``"""
     return parse_size(text, "M")
 
 
-def disk_gb(text):
+def disk_gb(text: str) -> int:
     """:return: ``text`` (e.g. ``10G``, ``1T``) in GiB, for ``disk_gb``"""
     return parse_size(text, "G")
 
 
-def format_mb(mb):
+def format_mb(mb: object) -> str:
     """:return: a MiB count for reading: ``512M``, ``1.5G``, ``2T``"""
     if not isinstance(mb, (int, float)):
         return "?"
@@ -34,7 +36,7 @@ def format_mb(mb):
     return f"{mb:g}M"
 
 
-def ago(then, now):
+def ago(then: object, now: float) -> str:
     """
     How long ago a Unix time was, coarsely: ``3 s ago``, ``4 min ago``, ``2 h ago``,
     ``5 d ago``.

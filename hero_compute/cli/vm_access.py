@@ -5,17 +5,26 @@ Getting into VMs from the command line (CONTRACT §8): the access options of
 guest's port 22.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import exits
 from .connect import parse_address
 
+if TYPE_CHECKING:
+    from .connect import Explorer
+    from .output import Output
+
+
 _PORT = re.compile(r"^(?:(\d{1,5}):)?(\d{1,5})(?:/(tcp|udp))?$")
 
 
-def port_spec(text):
+def port_spec(text: str) -> dict[str, Any]:
     """
     Coerce ``--port [HOST:]GUEST[/udp]`` into a ``ports`` item.
 
@@ -35,7 +44,7 @@ def port_spec(text):
     return spec
 
 
-def add_create_options(create):
+def add_create_options(create: argparse.ArgumentParser) -> None:
     """
     Add the access options to ``vm create``.
 
@@ -72,7 +81,7 @@ def add_create_options(create):
     create.add_argument("--cmdline", help="with --kernel [default: console=ttyS0]")
 
 
-def _read(path, what):
+def _read(path: str, what: str) -> str:
     try:
         with open(os.path.expanduser(path), encoding="utf-8") as f:
             return f.read()
@@ -80,7 +89,7 @@ def _read(path, what):
         raise exits.Failure(f"{what} {path}: {e}", exits.USAGE) from None
 
 
-def create_params(args):
+def create_params(args: argparse.Namespace) -> dict[str, Any]:
     """
     :param args: the parsed ``vm create`` arguments
     :return: the ``vm.create`` params its access options give
@@ -114,7 +123,7 @@ def create_params(args):
     return params
 
 
-def access_fields(vm):
+def access_fields(vm: dict[str, Any]) -> list[tuple[str, Any]]:
     """
     :param vm: a VmInfo
     :return: ``(label, value)`` pairs of its access, for ``vm show``
@@ -134,7 +143,11 @@ def access_fields(vm):
     ]
 
 
-def add_ssh_command(cmds, common, resolve):
+def add_ssh_command(
+    cmds: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    resolve: Callable[[Explorer, str, str], Awaitable[dict[str, Any]]],
+) -> None:
     """
     Add ``vm ssh`` to the ``vm`` group.
 
@@ -172,7 +185,7 @@ def add_ssh_command(cmds, common, resolve):
     ssh.set_defaults(run=ssh_vm, resolve=resolve)
 
 
-def ssh_target(node, vm):
+def ssh_target(node: dict[str, Any], vm: dict[str, Any]) -> tuple[str, int]:
     """
     Where ``ssh`` reaches a VM's port 22.
 
@@ -199,7 +212,10 @@ def ssh_target(node, vm):
     local = address.is_unix
     listen = forward["address"]
     if listen in ("0.0.0.0", "::"):
-        return ("127.0.0.1" if local else address.host), forward["host"]
+        # A TCP or TLS address always has a host; a Unix one means this machine.
+        return (address.host if not local and address.host else "127.0.0.1"), forward[
+            "host"
+        ]
     if not local and listen.startswith("127."):
         raise exits.Failure(
             f"VM {vm.get('name')}'s port 22 is forwarded on {listen}:{forward['host']} of "
@@ -209,7 +225,7 @@ def ssh_target(node, vm):
     return listen, forward["host"]
 
 
-async def ssh_vm(explorer, args, output):
+async def ssh_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm ssh NODE VM [-- COMMAND...]``: replaces this process with ``ssh``."""
     vm = await args.resolve(explorer, args.node_id, args.vm)
     node = await explorer.call("explorer.get_node", {"node_id": args.node_id})

@@ -7,8 +7,12 @@ works, and with ``--wait`` return only once the VM has reached its target state 
 ``vm.get``), whatever the node's own call returned.
 """
 
+from __future__ import annotations
+
 import argparse
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from twisted.internet import defer, task
@@ -19,6 +23,13 @@ from .nodes import fetch_nodes, label
 from .output import fields, styled_state, table
 from .units import disk_gb, format_mb, memory_mb
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .connect import Explorer
+    from .output import Output
+
+
 #: Seconds between ``vm.get`` polls while waiting.
 POLL = 1.0
 
@@ -26,7 +37,7 @@ POLL = 1.0
 FLEET_CONCURRENCY = 32
 
 
-def _size(parse):
+def _size(parse: Callable[[str], int]) -> Callable[[str], int]:
     def coerce(text):
         try:
             return parse(text)
@@ -36,7 +47,10 @@ def _size(parse):
     return coerce
 
 
-def add_commands(sub, common):
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """
     Add the ``vm`` group to the subcommands.
 
@@ -129,7 +143,7 @@ TARGETS = {
 }
 
 
-def vm_fields(vm):
+def vm_fields(vm: dict[str, Any]) -> Table:
     """:return: one VM as a key/value table"""
     placed = [("node", vm["node_id"])] if "node_id" in vm else []
     return fields(
@@ -153,11 +167,15 @@ def vm_fields(vm):
     )
 
 
-def vms_table(vms):
+#: The NODE column's cells of a table of one node's VMs: none.
+_NO_COLUMN: tuple[Any, ...] = ()
+
+
+def vms_table(vms: list[dict[str, Any]]) -> Table:
     """:return: a table of VMs (with a NODE column when they carry ``node_id``)"""
     fleet = any("node_id" in vm for vm in vms)
     rows = [
-        ((vm.get("node_id"),) if fleet else ())
+        ((vm.get("node_id"),) if fleet else _NO_COLUMN)
         + (
             vm.get("name"),
             vm.get("vm_id"),
@@ -174,7 +192,7 @@ def vms_table(vms):
     )
 
 
-async def list_vms(explorer, args, output):
+async def list_vms(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm list [NODE]``: one node's VMs, or every online node's."""
     if args.node_id:
         output.emit(await explorer.node_call(args.node_id, "vm.list"), vms_table)
@@ -203,7 +221,7 @@ async def list_vms(explorer, args, output):
     return code
 
 
-async def resolve(explorer, node_id, vm):
+async def resolve(explorer: Explorer, node_id: str, vm: str) -> dict[str, Any]:
     """
     :return: the VmInfo of the VM whose id, name or id prefix is ``vm`` on the node
     :raise exits.Failure: no such VM, or several
@@ -211,13 +229,13 @@ async def resolve(explorer, node_id, vm):
     return await names.vm_info(explorer, node_id, vm)
 
 
-async def show_vm(explorer, args, output):
+async def show_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm show NODE VM``."""
     output.emit(await resolve(explorer, args.node_id, args.vm), vm_fields)
     return 0
 
 
-async def create_vm(explorer, args, output):
+async def create_vm(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm create NODE --name N --memory 512M --disk 10G ...``."""
     params = {
         "name": args.name,
@@ -252,7 +270,7 @@ async def create_vm(explorer, args, output):
     return 0
 
 
-async def transition(explorer, args, output):
+async def transition(explorer: Explorer, args: argparse.Namespace, output: Output) -> int:
     """``vm start|stop|delete NODE VM [--force] [--wait]``."""
     method, target, verb = TARGETS[args.action]
     vm = await resolve(explorer, args.node_id, args.vm)
@@ -285,7 +303,7 @@ async def transition(explorer, args, output):
     return 0
 
 
-async def _watch(explorer, node_id, vm_id, progress, op):
+async def _watch(explorer, node_id, vm_id, progress, op) -> None:
     # Only worth a poll when someone watches the status line.
     while progress.live and not op.called:
         await task.deferLater(explorer.reactor, POLL, lambda: None)

@@ -13,8 +13,12 @@ call never waits on the store, and entries the store could not take are kept for
 next write.  ``explorer.audit`` reads the store and adds the entries not yet written.
 """
 
+from __future__ import annotations
+
 import functools
 import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
@@ -25,6 +29,16 @@ from hero_compute.rpc.errors import RpcError, StoreUnavailable
 
 from .enroll import csr_node_id
 from .store import AUDIT_FIELDS
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+    from hero_compute.rpc.context import CallContext
+    from hero_compute.rpc.dispatch import Dispatcher
+    from hero_compute.rpc.websocket_server import Route
+
+    from .store import IStore
+
 
 log = Logger()
 
@@ -100,7 +114,7 @@ TARGETS = {
 }
 
 
-def caller_of(context):
+def caller_of(context: CallContext) -> str:
     """
     :param context: a :class:`~hero_compute.rpc.dispatch.CallContext`
     :return: who called, as the audit log names them: ``unix:<uid>``, the certificate's
@@ -118,7 +132,7 @@ def _refusal(error):
     return f"refused {status}" if status is not None else _outcome(error)
 
 
-def _outcome(result):
+def _outcome(result: object) -> str:
     if not isinstance(result, BaseException):
         return "ok"
     code = result.code if isinstance(result, RpcError) else -32603
@@ -135,15 +149,21 @@ class AuditLog:
         the store's thread, returning a Deferred)
     """
 
-    def __init__(self, clock, explorer, store, run):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        explorer: str,
+        store: Callable[[], IStore | None],
+        run: Callable[..., Any],
+    ) -> None:
         self._clock = clock
         self.explorer = explorer
         self._store = store
         self._run = run
-        self._pending = []
-        self._flusher = None
+        self._pending: list[dict[str, Any]] = []
+        self._flusher: IDelayedCall | None = None
 
-    def record(self, caller, method, target, outcome):
+    def record(self, caller: str, method: str, target: str | None, outcome: str) -> None:
         """Add one entry, written with the others of the same second."""
         self._pending.append(
             {
@@ -158,7 +178,7 @@ class AuditLog:
         if self._flusher is None:
             self._flusher = self._clock.callLater(FLUSH_EVERY, self.flush)
 
-    def flush(self):
+    def flush(self) -> defer.Deferred[Any] | None:
         """Write the entries kept so far; those the store cannot take are kept."""
         self._flusher = None
         store = self._store()
@@ -167,7 +187,7 @@ class AuditLog:
         batch, self._pending = self._pending, []
         d = defer.maybeDeferred(self._run, store.add_audit, batch)
 
-        def failed(failure):
+        def failed(failure) -> None:
             self._pending[:0] = batch
             if not failure.check(StoreUnavailable):
                 log.failure("audit entries not written", failure)
@@ -176,7 +196,7 @@ class AuditLog:
 
         return d.addErrback(failed)
 
-    def stop(self):
+    def stop(self) -> None:
         """Write what is left (at shutdown), at once."""
         if self._flusher is not None and self._flusher.active():
             self._flusher.cancel()
@@ -189,7 +209,12 @@ class AuditLog:
             except StoreUnavailable:
                 log.warn("state store down: {n} audit entries lost", n=len(self._pending))
 
-    def query(self, since=None, limit=DEFAULT_LIMIT, node_id=None):
+    def query(
+        self,
+        since: float | None = None,
+        limit: int = DEFAULT_LIMIT,
+        node_id: str | None = None,
+    ) -> dict[str, Any] | defer.Deferred[dict[str, Any]]:
         """
         ``explorer.audit``: entries newest first, those not yet written included.
 
@@ -211,7 +236,13 @@ class AuditLog:
         d = defer.maybeDeferred(self._run, store.audit, since, limit, node_id)
         return d.addCallback(lambda stored: {"entries": (pending + stored)[:limit]})
 
-    def wrap(self, method, func, target, takes_context=False):
+    def wrap(
+        self,
+        method: str,
+        func: Callable[..., Any],
+        target: Callable[[CallContext, Any], str | None],
+        takes_context: bool = False,
+    ) -> Callable[..., Any]:
         """
         :param method: the method's name
         :param func: its handler
@@ -266,7 +297,7 @@ class AuditLog:
         )
         return audited
 
-    def route(self, route, method, target):
+    def route(self, route: Route, method: str, target: Callable[[Any], str]) -> Route:
         """
         :param route: a WebSocket :class:`~hero_compute.rpc.websocket_server.Route`
         :param method: the name its openings are recorded under (``console.attach``)
@@ -295,7 +326,7 @@ class AuditLog:
 
         return attrs.evolve(route, accept=audited)
 
-    def registrar(self, rpc):
+    def registrar(self, rpc: Dispatcher) -> _Registrar:
         """
         :param rpc: a :class:`~hero_compute.rpc.dispatch.Dispatcher`
         :return: an object whose ``register`` is the dispatcher's, auditing the methods
@@ -305,18 +336,18 @@ class AuditLog:
 
 
 class _Registrar:
-    def __init__(self, rpc, audit):
+    def __init__(self, rpc: Dispatcher, audit: AuditLog) -> None:
         self._rpc = rpc
         self._audit = audit
 
-    def register(self, name, func, context=False):
+    def register(self, name: str, func: Callable[..., Any], context: bool = False) -> None:
         target = TARGETS.get(name)
         if target is None:
             return self._rpc.register(name, func, context=context)
         wrapped = self._audit.wrap(name, func, target, takes_context=context)
         return self._rpc.register(name, wrapped, context=True)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._rpc, name)
 
 

@@ -20,23 +20,25 @@ static files, RPC, console) and holds each path's checks in one place; the accou
 the console splice, the guard and the listener live in modules of their own.
 """
 
+from __future__ import annotations
+
 import html
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from importlib import resources
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IProtocolFactory, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.http import FORBIDDEN, NOT_ALLOWED, UNAUTHORIZED
 
-import hero_compute
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
 from hero_compute.rpc.authz import CLIENT, DASHBOARD_POLICY, EXPLORER_POLICY
-from hero_compute.rpc.dispatch import CallContext, Dispatcher
+from hero_compute.rpc.dispatch import CallContext, service_dispatcher
 from hero_compute.rpc.listen import listener_service
-from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.tls import identity_of
 from hero_compute.rpc.web import RpcResource
 
@@ -46,6 +48,18 @@ from .dashboard_listen import DashboardAnnouncement, TLSOnStart
 from .dashboard_login import exchange
 from .ui_accounts import UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
+
+if TYPE_CHECKING:
+    from cryptography.x509 import Certificate
+    from twisted.application.internet import StreamServerEndpointService
+
+    from hero_compute.rpc.admission import Admission
+    from hero_compute.rpc.dispatch import Dispatcher
+    from hero_compute.rpc.limits import Limits
+    from hero_compute.rpc.listen import Listen
+    from hero_compute.rpc.tls import ServerTLS
+
+    from .service import ExplorerMethods
 
 log = Logger()
 
@@ -83,25 +97,25 @@ class _AsClient:
     role: str = CLIENT
 
 
-def _authorize(context, method, params):
+def _authorize(context, method, params) -> None:
     DASHBOARD_POLICY.check(context.transport, context.identity, method, params)
     EXPLORER_POLICY.check(
         context.transport, _AsClient(context.identity.name), method, params
     )
 
 
-def load_static():
+def load_static() -> dict[str, bytes]:
     """:return: ``{name: bytes}`` of the page's files, from the installed package"""
     folder = resources.files("hero_compute.explorer").joinpath("ui", "static")
     return {name: folder.joinpath(name).read_bytes() for name in STATIC}
 
 
-def _mb(value):
+def _mb(value: float) -> str:
     """Memory as the page's script writes it."""
     return f"{value / 1024:.1f} GiB" if value >= 1024 else f"{value} MiB"
 
 
-def render_index(page, summary):
+def render_index(page: bytes, summary: dict[str, Any]) -> bytes:
     """
     The page with the fleet's summary written in, so that it reads without JavaScript
     (the script then keeps it up to date); every value is escaped.
@@ -125,12 +139,12 @@ def render_index(page, summary):
     return text.encode("utf-8")
 
 
-def _secure(request):
+def _secure(request) -> None:
     for name, value in SECURITY_HEADERS.items():
         request.setHeader(name, value)
 
 
-def _refuse(request, code, text):
+def _refuse(request: server.Request, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     return text.encode() + b"\n"
@@ -160,15 +174,15 @@ class DashboardRoot(resource.Resource):
 
     def __init__(
         self,
-        token,
-        dispatcher,
-        files,
-        summary=None,
-        tls=None,
-        hosts=None,
-        accounts=None,
-        console_socket=None,
-    ):
+        token: str,
+        dispatcher: Dispatcher,
+        files: dict[str, bytes],
+        summary: Callable[[], dict[str, Any]] | None = None,
+        tls: Callable[[], ServerTLS | None] | None = None,
+        hosts: Iterable[str] | None = None,
+        accounts: UiAccounts | None = None,
+        console_socket: Callable[[], str] | None = None,
+    ) -> None:
         resource.Resource.__init__(self)
         self._token = token.encode()
         # The page acts with a client's rights, narrowed to its user's role.
@@ -182,7 +196,7 @@ class DashboardRoot(resource.Resource):
         self._reactor = reactor
         self._console_socket = console_socket
         #: ``audit(caller, method, target, outcome)``, for console attaches, or None.
-        self.audit = None
+        self.audit: Callable[[str, str, str | None, str], None] | None = None
         if accounts is None:
             accounts = UiAccounts(reactor)
         self.sessions = accounts
@@ -192,12 +206,12 @@ class DashboardRoot(resource.Resource):
         session = request.dashboard_session
         return CallContext("tls", "dashboard", identity=session.user)
 
-    def render(self, request):
+    def render(self, request: server.Request) -> bytes | int:
         _secure(request)
         if not self._hosts.allows(request):
             # Not a name of ours: a rebound DNS name, most likely.  Nothing is done.
             return _refuse(request, 421, "this dashboard does not answer for that host")
-        path = request.postpath
+        path = request.postpath or []  # a list here: twisted.web sets it before render
         if path in ([], [b""]):
             return self._root(request)
         if len(path) == 2 and path[0] == b"static":
@@ -229,7 +243,7 @@ class DashboardRoot(resource.Resource):
         creator = self._tls()
         if cert is None or creator is None:
             return None
-        identity = identity_of(cert, creator.trust_domain)
+        identity = identity_of(cast("Certificate", cert), creator.trust_domain)
         if identity is None or identity.role != CLIENT:
             return None
         return self.sessions.certificate_session(identity.name)
@@ -289,18 +303,23 @@ class _BoundedRequest(server.Request):
 
     _received = 0
 
-    def gotLength(self, length):
+    def gotLength(self, length) -> None:
         if length is not None and length > MAX_BODY:
-            self.channel.transport.abortConnection()
+            _abort(self)
             return
         server.Request.gotLength(self, length)
 
-    def handleContentChunk(self, data):
+    def handleContentChunk(self, data) -> None:
         self._received += len(data)
         if self._received > MAX_BODY:
-            self.channel.transport.abortConnection()
+            _abort(self)
             return
         server.Request.handleContentChunk(self, data)
+
+
+def _abort(request: server.Request) -> None:
+    """Drop ``request``'s connection at once, whatever is left unsent."""
+    cast(ITCPTransport, request.channel.transport).abortConnection()
 
 
 class _QuietSite(AdmittedSite):
@@ -309,25 +328,25 @@ class _QuietSite(AdmittedSite):
     noisy = False
     requestFactory = _BoundedRequest
 
-    def log(self, request):
+    def log(self, request) -> None:
         pass
 
 
 def make_dashboard(
     *,
-    listen,
-    methods,
-    limits,
-    token=None,
-    token_file=None,
-    reactor=None,
-    tls=None,
-    hosts=None,
-    admission=None,
-    console_socket=None,
-    register=None,
-    audit=None,
-):
+    listen: Listen,
+    methods: ExplorerMethods,
+    limits: Limits,
+    token: str | None = None,
+    token_file: str | None = None,
+    reactor: Any = None,
+    tls: Callable[[], ServerTLS | None] | None = None,
+    hosts: Iterable[str] | None = None,
+    admission: Admission | None = None,
+    console_socket: Callable[[], str] | None = None,
+    register: Callable[[Dispatcher], object] | None = None,
+    audit: Callable[[str, str, str | None, str], None] | None = None,
+) -> StreamServerEndpointService:
     """
     The dashboard on its own listener; a bind failure aborts start-up.
 
@@ -356,13 +375,7 @@ def make_dashboard(
     fresh = token is None
     if token is None:
         token = secrets.token_hex(24)
-    rpc = Dispatcher(
-        load_schema("explorer"),
-        hero_compute.__version__,
-        authorize=_authorize,
-        max_batch=limits.max_batch,
-        max_response=limits.max_response,
-    )
+    rpc = service_dispatcher("explorer", limits, _authorize)
     (register or methods.register)(rpc)
     root = DashboardRoot(
         token,
@@ -377,7 +390,7 @@ def make_dashboard(
     site = _QuietSite(root)
     site.timeOut = 60
     site.admission = admission
-    factory = site
+    factory: IProtocolFactory = site
     if tls is not None:
         wrap = None if admission is None else AdmittedTLSFactory
         factory = TLSOnStart(site, tls, wrap, admission)
@@ -393,12 +406,13 @@ def make_dashboard(
     )
     methods.accounts.url_of = lambda: announcement.url
     root.audit = audit
-    svc.root = root
+    # Nobody reaches the page's resources through the service but a debugger or a test.
+    svc.root = root  # type: ignore[attr-defined]
     svc.setName("dashboard")
     return svc
 
 
-def read_token_file(path):
+def read_token_file(path: str) -> str:
     """
     :param path: a file holding the dashboard's token on its first line
     :return: the token

@@ -10,7 +10,15 @@ the names it was given (``EXPLORER_UI_HOSTS``) and for IP literals of its own li
 and anything else is 421 (Misdirected Request).
 """
 
+from __future__ import annotations
+
 import ipaddress
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twisted.web.server import Request
+
 
 #: The names answered for when ``EXPLORER_UI_HOSTS`` is not set, besides the listen host.
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -30,7 +38,7 @@ def _name(host):
     return host.rstrip(".") or None
 
 
-def _is_ip(name):
+def _is_ip(name) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -46,11 +54,11 @@ class HostGuard:
         literals; None for :data:`DEFAULT_HOSTS`
     """
 
-    def __init__(self, hosts=None):
+    def __init__(self, hosts: Iterable[str] | None = None) -> None:
         names = DEFAULT_HOSTS if hosts is None else hosts
         self.names = frozenset(n for n in map(_name, names) if n)
 
-    def allows(self, request):
+    def allows(self, request: Request) -> bool:
         """
         :param request: a ``twisted.web`` request
         :return: whether its ``Host`` is one of ours: a given name, or an IP literal of
@@ -70,7 +78,7 @@ class HostGuard:
         return ipaddress.ip_address(name) == ipaddress.ip_address(local.split("%")[0])
 
 
-def same_origin(request):
+def same_origin(request: Request) -> bool:
     """
     :param request: a ``twisted.web`` request whose ``Host`` :class:`HostGuard` allowed
     :return: whether its ``Origin`` names this very origin (scheme, host and port); a

@@ -6,6 +6,7 @@ explorer's state directory).
 """
 
 import os
+from typing import Any
 
 from twisted.internet import protocol
 
@@ -18,12 +19,12 @@ class TLSOnStart(protocol.Factory):
     when the explorer starts, so the TLS wrapper is made when the listener starts.
     """
 
-    def __init__(self, site, tls, wrap=None, admission=None):
+    def __init__(self, site, tls, wrap=None, admission=None) -> None:
         self._site = site
         self._tls = tls
         self._wrap = wrap
         self._admission = admission
-        self._wrapped = None
+        self._wrapped: Any = None
 
     def doStart(self):
         creator = self._tls()
@@ -39,15 +40,17 @@ class TLSOnStart(protocol.Factory):
             self._wrapped = self._wrap(creator, self._site, self._admission)
         self._wrapped.doStart()
 
-    def doStop(self):
+    def doStop(self) -> None:
         if self._wrapped is not None:
             self._wrapped.doStop()
 
     def buildProtocol(self, addr):
+        # A listener starts its factory before it accepts anything.
+        assert self._wrapped is not None, "doStart comes first"
         return self._wrapped.buildProtocol(addr)
 
 
-def write_token(path, token):
+def write_token(path, token) -> None:
     """
     Keep the dashboard's token in ``path``, mode 0600 whatever the umask (its directory
     is made 0700 if missing).
@@ -76,13 +79,15 @@ class DashboardAnnouncement:
         one); else it was read from there
     """
 
-    def __init__(self, token, token_file, secure=False, write=False):
+    def __init__(
+        self, token: str, token_file: str | None, secure: bool = False, write: bool = False
+    ) -> None:
         self._token = token
         self._token_file = token_file
         self._secure = secure
         self._write = write
         #: Where the dashboard is, once bound (for the accounts' login URLs).
-        self.url = None
+        self.url: str | None = None
 
     def before(self):
         """Keep a fresh token in its file before the listener binds."""

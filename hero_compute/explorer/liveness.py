@@ -4,11 +4,24 @@ offline for too long.  Liveness itself is derived by the registry from each node
 heartbeat; the sweep only reports it.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from twisted.application import service
 from twisted.internet import task
 from twisted.logger import Logger
 
 from hero_compute.rpc.slices import in_slices
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
+
+    from .records import NodeRecord
+    from .registry import Registry
+
 
 log = Logger()
 
@@ -25,7 +38,7 @@ MIN_SWEEP = 0.5
 MAX_SWEEP = 5.0
 
 
-def sweep_interval(offline_after):
+def sweep_interval(offline_after: float) -> float:
     """
     Seconds between two liveness sweeps.
 
@@ -46,16 +59,23 @@ class LivenessLog(service.Service):
     :param forgotten: called with each node id forgotten (to drop its stored record)
     """
 
-    def __init__(self, registry, clock, interval, forget_after=None, forgotten=None):
+    def __init__(
+        self,
+        registry: Registry,
+        clock: IReactorTime,
+        interval: float,
+        forget_after: float | None = None,
+        forgotten: Callable[[str], object] | None = None,
+    ) -> None:
         self._registry = registry
         self._clock = clock
         self._interval = interval
         self._forget_after = forget_after
         self._forgotten = forgotten
-        self._offline = set()
-        self._loop = None
+        self._offline: set[str] = set()
+        self._loop: task.LoopingCall | None = None
 
-    def sweep(self):
+    def sweep(self) -> Deferred[None] | None:
         """
         Log nodes that went offline since the last sweep, forget the long gone; never
         fails.  A large fleet is gone through a slice per reactor turn.
@@ -63,9 +83,9 @@ class LivenessLog(service.Service):
         :return: None when done, or a Deferred that fires when the last slice is
         """
         now = self._clock.seconds()
-        found = []
+        found: list[NodeRecord] = []
         try:
-            self._registry.flush_log(now)
+            self._registry.flush_log()
             d = in_slices(
                 self._clock,
                 self._registry.records(),
@@ -82,17 +102,18 @@ class LivenessLog(service.Service):
         d.addErrback(lambda f: log.failure("liveness sweep failed", f))
         return d
 
-    def _report(self, now, found):
+    def _report(self, now: float, found: list[NodeRecord]) -> None:
         """Log and forget what a sweep found offline at ``now``; never raises."""
         try:
             registry = self._registry
             offline = set()
-            forget = []
+            forget: list[NodeRecord] = []
             for record in found:
-                if registry.find(record.node_id) is not record or not registry.offline(
-                    now, [record]
-                ):
-                    continue  # gone, or back, since its slice was looked at
+                current = registry.find(record.node_id)
+                if current is None or current is not record:
+                    continue  # gone since its slice was looked at
+                if not registry.offline(now, [record]):
+                    continue  # back since its slice was looked at
                 offline.add(record.node_id)
                 if (
                     self._forget_after is not None
@@ -126,13 +147,13 @@ class LivenessLog(service.Service):
         except Exception:
             log.failure("liveness sweep failed")
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         self._loop = task.LoopingCall(self.sweep)
         self._loop.clock = self._clock
         self._loop.start(self._interval, now=False)
 
-    def stopService(self):
+    def stopService(self) -> None:
         service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()

@@ -5,9 +5,13 @@ accepted and refused, and how long they took), the proxy (calls by method and ou
 in flight, refused busy), the HTTP factory (connections, refusals) and the reactor's lag.
 """
 
+from __future__ import annotations
+
 import collections
 import operator
 import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer
@@ -30,6 +34,17 @@ from hero_compute.rpc.metrics import (
     metrics_registry,
 )
 from hero_compute.rpc.schema import load_schema
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from twisted.internet.interfaces import IReactorTime
+
+    from hero_compute.rpc.http_server import RpcHTTPFactory
+    from hero_compute.rpc.listen import Listen
+
+    from .proxy import Proxy
+    from .registry import Registry
+
 
 #: Buckets of the time an ``explorer.heartbeat`` takes to handle, in seconds (tens of
 #: microseconds when all is well).
@@ -77,7 +92,7 @@ TRANSPORTS = ("unix", "tcp", "tls")
 STATUSES = ("online", "offline")
 
 
-def call_outcome(result, busy):
+def call_outcome(result: object, busy: bool) -> str:
     """
     :param result: what a proxied call gave: its result, or a :class:`Failure`
     :param busy: whether the proxy refused it as busy
@@ -107,7 +122,7 @@ class CallStats:
         The node schema's by default
     """
 
-    def __init__(self, proxy, methods=None):
+    def __init__(self, proxy: Proxy, methods: Iterable[str] | None = None) -> None:
         self._proxy = proxy
         if methods is None:
             methods = load_schema("node").methods
@@ -115,9 +130,9 @@ class CallStats:
         #: Calls by ``(method, outcome)``.
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         #: A :class:`Histogram` of the calls' seconds, by method.
-        self.seconds = {}
+        self.seconds: dict[str, Histogram] = {}
 
-    def call(self, node_id, method, params=None):
+    def call(self, node_id: str, method: str, params: Any = None) -> defer.Deferred[Any]:
         """
         Proxy a call to a node (``explorer.call``).
 
@@ -129,7 +144,7 @@ class CallStats:
         # A busy refusal is synchronous: a later one counts another call's.
         return d.addBoth(self._done, method, started, self._proxy.busy != busy)
 
-    def _done(self, result, method, started, busy):
+    def _done(self, result: Any, method: str, started: float, busy: bool) -> Any:
         name = method if method in self._methods else "other"
         self.counts[name, call_outcome(result, busy)] += 1
         histogram = self.seconds.get(name)
@@ -151,12 +166,12 @@ class ExplorerCollector:
     :param proxy: the :class:`~hero_compute.explorer.proxy.Proxy`
     """
 
-    def __init__(self, methods, registry, proxy):
+    def __init__(self, methods: Any, registry: Registry, proxy: Proxy) -> None:
         self._methods = methods
         self._registry = registry
         self._proxy = proxy
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         """The metric families, read now."""
         # By transport, then the few offline ones taken off: C loops over the fleet,
         # not a status() call per record (at 100,000 nodes that held the reactor for
@@ -230,7 +245,7 @@ class ExplorerCollector:
         up.add_metric([store["kind"]], 1 if store["state"] == "up" else 0)
         yield up
 
-    def refusals(self):
+    def refusals(self) -> tuple[tuple[str, int], ...]:
         """:return: ``(limit, count)`` of the explorer's own limits"""
         return (
             *self._methods.refusals.items(),
@@ -238,7 +253,16 @@ class ExplorerCollector:
         )
 
 
-def make_metrics(*, listen, methods, registry, proxy, factory, clock, reactor=None):
+def make_metrics(
+    *,
+    listen: Listen,
+    methods: Any,
+    registry: Registry,
+    proxy: Proxy,
+    factory: RpcHTTPFactory,
+    clock: IReactorTime,
+    reactor: Any = None,
+) -> MetricsService:
     """
     The explorer's metrics: ``GET /metrics`` on its own listener, and the reactor's lag.
 

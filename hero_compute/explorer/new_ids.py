@@ -3,7 +3,13 @@ How many new node ids each source address registered lately: the count behind
 ``EXPLORER_NEW_NODES_PER_ADDR`` (CONTRACT §7), on the explorer's injected clock.
 """
 
+from __future__ import annotations
+
 import collections
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 
 class NewIds:
@@ -15,13 +21,13 @@ class NewIds:
     :param window: seconds a new id counts against its source
     """
 
-    def __init__(self, clock, window=60.0):
+    def __init__(self, clock: IReactorTime, window: float = 60.0) -> None:
         self._clock = clock
         self._window = window
-        self._seen = {}
+        self._seen: dict[str, collections.deque[float]] = {}
         self._sweep_at = clock.seconds() + window
 
-    def count(self, host):
+    def count(self, host: str) -> int:
         """:return: the new ids ``host`` registered within the window"""
         now = self._clock.seconds()
         horizon = now - self._window
@@ -37,6 +43,6 @@ class NewIds:
             times.popleft()
         return len(times)
 
-    def add(self, host):
+    def add(self, host: str) -> None:
         """Count one new id from ``host``, now."""
         self._seen.setdefault(host, collections.deque()).append(self._clock.seconds())

@@ -18,10 +18,18 @@ that reads them are one record's invariants (free = capacity - usage - held), ke
 one class.
 """
 
+from __future__ import annotations
+
 import collections
+from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
+
+if TYPE_CHECKING:
+    from .records import NodeRecord
+
 
 #: The resources a request asks for, in the order of the columns.
 RESOURCES = ("vcpus", "memory_mb", "disk_gb")
@@ -44,7 +52,7 @@ class NoFit(Exception):
     :ivar counts: ``{reason: nodes}`` over :data:`REASONS`
     """
 
-    def __init__(self, counts):
+    def __init__(self, counts: dict[str, int]) -> None:
         Exception.__init__(self, "no node fits")
         self.counts = counts
 
@@ -66,7 +74,15 @@ class Request:
     strategy: str = "spread"
 
     @classmethod
-    def of(cls, vcpus, memory_mb, disk_gb, where=None, avoid=(), strategy=None):
+    def of(
+        cls,
+        vcpus: int,
+        memory_mb: int,
+        disk_gb: int,
+        where: dict[str, str] | None = None,
+        avoid: Iterable[str] | None = (),
+        strategy: str | None = None,
+    ) -> Request:
         """:return: the :class:`Request` for the wire's params"""
         return cls(
             (vcpus, memory_mb, disk_gb),
@@ -116,12 +132,12 @@ class PlacementIndex:
     :param hold: seconds a reservation lasts at most (two heartbeat intervals)
     """
 
-    def __init__(self, offline_after, hold):
+    def __init__(self, offline_after: float, hold: float) -> None:
         self.offline_after = offline_after
         self.hold = hold
-        self._rows = {}
-        self._ids = []
-        self._spare = []
+        self._rows: dict[str, int] = {}
+        self._ids: list[Any] = []  # node ids by row; None for a spare row
+        self._spare: list[int] = []
         size = _GROW
         self._capacity = [np.zeros(size) for _ in RESOURCES]
         self._usage = [np.zeros(size) for _ in RESOURCES]
@@ -131,18 +147,22 @@ class PlacementIndex:
         # whatever its last heartbeat (a node that left, a record loaded at start-up,
         # a spare row), so that online is one comparison.
         self._seen = np.full(size, -np.inf)
-        self._labels = collections.defaultdict(set)
-        self._row_labels = {}
+        self._labels: collections.defaultdict[tuple[str, str], set[int]] = (
+            collections.defaultdict(set)
+        )
+        self._row_labels: dict[int, dict[str, str]] = {}
         # The rows of one label pair as an array, made when a placement asks for it and
         # dropped when a node gains or loses that label.
-        self._label_rows = {}
+        self._label_rows: dict[tuple[str, str], np.ndarray] = {}
         # Rows by node id order, for ties: rebuilt when a node comes or goes.
         self._rank = np.zeros(size, dtype=np.intp)
         self._rank_stale = True
-        self._pending = collections.defaultdict(list)
+        self._pending: collections.defaultdict[str, list[Reservation]] = (
+            collections.defaultdict(list)
+        )
         self._expiring: collections.deque = collections.deque()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._rows)
 
     def _row(self, node_id):
@@ -161,7 +181,7 @@ class PlacementIndex:
         self._rank_stale = True
         return row
 
-    def _grow(self):
+    def _grow(self) -> None:
         extra = max(_GROW, len(self._seen))
         for columns in (self._capacity, self._usage, self._held, self._free):
             for k, column in enumerate(columns):
@@ -169,7 +189,7 @@ class PlacementIndex:
         self._seen = np.concatenate([self._seen, np.full(extra, -np.inf)])
         self._rank = np.concatenate([self._rank, np.zeros(extra, dtype=np.intp)])
 
-    def _refree(self, row):
+    def _refree(self, row) -> None:
         for k in range(3):
             self._free[k][row] = (
                 self._capacity[k][row] - self._usage[k][row] - self._held[k][row]
@@ -177,7 +197,9 @@ class PlacementIndex:
 
     # -- fed by the registry -------------------------------------------------------
 
-    def update(self, record, changed=None, gone=False):
+    def update(
+        self, record: NodeRecord, changed: Collection[str] | None = None, gone: bool = False
+    ) -> None:
         """
         Take a node's record after a heartbeat (or from the store at start-up).
 
@@ -204,7 +226,7 @@ class PlacementIndex:
         if changed is None or "labels" in changed:
             self._set_labels(row, record.labels)
 
-    def _set_labels(self, row, labels):
+    def _set_labels(self, row, labels) -> None:
         old = self._row_labels.pop(row, None)
         if old:
             for pair in old.items():
@@ -220,13 +242,13 @@ class PlacementIndex:
                 self._label_rows.pop(pair, None)
                 self._labels[pair].add(row)
 
-    def left(self, node_id):
+    def left(self, node_id: str) -> None:
         """A node said goodbye (or was revoked): offline until it heartbeats."""
         row = self._rows.get(node_id)
         if row is not None:
             self._seen[row] = -np.inf
 
-    def remove(self, node_id):
+    def remove(self, node_id: str) -> None:
         """Forget a node."""
         row = self._rows.pop(node_id, None)
         if row is None:
@@ -244,7 +266,7 @@ class PlacementIndex:
 
     # -- reservations --------------------------------------------------------------
 
-    def reserve(self, node_id, amounts, now):
+    def reserve(self, node_id: str, amounts: Sequence[int], now: float) -> Reservation:
         """
         Hold ``amounts`` on a node until :meth:`created` and a heartbeat reflecting the
         VM, :meth:`release`, or :attr:`hold` seconds.
@@ -262,11 +284,11 @@ class PlacementIndex:
         self._expiring.append(reservation)
         return reservation
 
-    def created(self, reservation):
+    def created(self, reservation: Reservation) -> None:
         """The VM exists: the next heartbeat showing another usage releases it."""
         reservation.created = True
 
-    def release(self, reservation):
+    def release(self, reservation: Reservation) -> None:
         """Give a reservation back (the create failed, or it is reflected)."""
         if reservation.released:
             return
@@ -285,17 +307,17 @@ class PlacementIndex:
                 column[row] = 0
         self._refree(row)
 
-    def _reflected(self, pending, usage):
+    def _reflected(self, pending, usage) -> None:
         for reservation in list(pending):
             if reservation.created and usage != reservation.usage:
                 self.release(reservation)
 
-    def _expire(self, now):
+    def _expire(self, now) -> None:
         expiring = self._expiring
         while expiring and (expiring[0].released or expiring[0].expires <= now):
             self.release(expiring.popleft())
 
-    def reserved(self, node_id):
+    def reserved(self, node_id: str) -> dict[str, int]:
         """:return: the ``{resource: amount}`` held on a node now"""
         row = self._rows.get(node_id)
         return {
@@ -305,7 +327,7 @@ class PlacementIndex:
 
     # -- placing -------------------------------------------------------------------
 
-    def place(self, request, now):
+    def place(self, request: Request, now: float) -> str:
         """
         The node for ``request`` at time ``now``.
 
@@ -364,7 +386,9 @@ class PlacementIndex:
                 return min(map(self._ids.__getitem__, tied.tolist()))
             self._fresh_rank()
             tied = tied[[self._rank[tied].argmin()]]
-        return self._ids[int(tied[0])]
+        node_id = self._ids[int(tied[0])]
+        assert node_id is not None  # a spare row is offline: it never fits
+        return node_id
 
     def _matching(self, where):
         """:return: the rows carrying every label of ``where``, an array"""
@@ -379,13 +403,13 @@ class PlacementIndex:
             return rows
         sets = []
         for pair in where.items():
-            found = self._labels.get(pair)
-            if not found:
+            matching = self._labels.get(pair)
+            if not matching:
                 return np.zeros(0, dtype=np.intp)
-            sets.append(found)
+            sets.append(matching)
         sets.sort(key=len)
-        rows = sets[0].intersection(*sets[1:])
-        return np.fromiter(rows, dtype=np.intp, count=len(rows))
+        common = sets[0].intersection(*sets[1:])
+        return np.fromiter(common, dtype=np.intp, count=len(common))
 
     def _counts(self, request, now, used, avoid):
         """Why each node was set aside: only when nothing fits, so a walk of it all."""
@@ -408,7 +432,7 @@ class PlacementIndex:
             left &= ~short
         return counts
 
-    def _fresh_rank(self):
+    def _fresh_rank(self) -> None:
         if not self._rank_stale:
             return
         ids = self._ids

@@ -3,11 +3,25 @@
 :mod:`.placement`, which holds the index and the scoring.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import InvalidVmState, NoNodeFits, RpcError
 
 from .placement import NoFit, Request
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
+
+    from hero_compute.rpc.dispatch import Dispatcher
+
+    from .registry import Registry
+
 
 log = Logger()
 
@@ -25,13 +39,18 @@ class PlacementMethods:
     :param clock: an ``IReactorTime``
     """
 
-    def __init__(self, registry, call, clock):
+    def __init__(
+        self,
+        registry: Registry,
+        call: Callable[[str, str, Any], Deferred[Any]],
+        clock: IReactorTime,
+    ) -> None:
         self._registry = registry
         self._index = registry.placement
         self._call = call
         self._clock = clock
 
-    def register(self, rpc):
+    def register(self, rpc: Dispatcher) -> None:
         """Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`."""
         rpc.register("explorer.place", self.place)
         rpc.register("explorer.create_vm", self.create_vm)

@@ -12,9 +12,13 @@ Over TLS the handshake fails, before a byte is sent, unless the peer's certifica
 the node being called.
 """
 
+from __future__ import annotations
+
 import collections
 import functools
 import ipaddress
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -29,9 +33,20 @@ from hero_compute.rpc.errors import (
     RefusedByPolicy,
     TransportError,
 )
+from hero_compute.rpc.limits import DEFAULTS
+from hero_compute.rpc.throttle import REFUSALS_EVERY, Throttle
 from hero_compute.rpc.tls import Expected
 
 from .resolver import ResolveError
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamClientEndpoint
+
+    from hero_compute.rpc.addresses import Address
+    from hero_compute.rpc.interfaces import IRpcClient
+
+    from .registry import Registry
+
 
 log = Logger()
 
@@ -41,7 +56,7 @@ PROXIED_PREFIXES = ("node.", "vm.", "image.")
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_ip(host):
+def _is_ip(host) -> bool:
     """:return: whether ``host`` is an IP address rather than a name"""
     try:
         ipaddress.ip_address(host)
@@ -51,7 +66,7 @@ def _is_ip(host):
 
 
 @functools.lru_cache(maxsize=4096)
-def is_loopback(host):
+def is_loopback(host: str | None) -> bool:
     """
     :return: whether ``host`` (an IP address as text, or None) is a loopback address
 
@@ -84,8 +99,14 @@ class Proxy:
     """
 
     def __init__(
-        self, client, registry, call_timeout, resolve, calls_per_node=16, calls_total=1024
-    ):
+        self,
+        client: IRpcClient,
+        registry: Registry,
+        call_timeout: float,
+        resolve: Callable[[str, int], defer.Deferred[list[str]]],
+        calls_per_node: int = DEFAULTS.calls_per_node,
+        calls_total: int = DEFAULTS.calls_total,
+    ) -> None:
         self._client = client
         self._registry = registry
         self.call_timeout = call_timeout
@@ -98,8 +119,12 @@ class Proxy:
         self.total = 0
         #: Calls refused busy, for metrics.
         self.busy = 0
+        # Busy refusals are logged as every limit is (CONTRACT §7): a line per
+        # REFUSALS_EVERY at most, the rest counted into the next.  Made at the first
+        # refusal, on the registry's clock.
+        self._busy_log: Throttle | None = None
 
-    def call(self, node_id, method, params=None):
+    def call(self, node_id: str, method: str, params: Any = None) -> defer.Deferred[Any]:
         """
         Proxy a call to a node over its address.
 
@@ -121,6 +146,15 @@ class Proxy:
         ):
             self.busy += 1
             scope = "in all" if self.total >= self._total_limit else f"to node {node_id}"
+            if self._busy_log is None:
+                self._busy_log = Throttle(self._registry.clock, REFUSALS_EVERY)
+            more = self._busy_log.offer()
+            if more is not None:
+                log.warn(
+                    "refused (calls_in_flight) a call {scope}: busy{more}",
+                    scope=scope,
+                    more=f" (and {more} more since the last such line)" if more else "",
+                )
             raise NodeUnreachable(
                 f"busy: too many calls in flight {scope} (EXPLORER_CALLS_PER_NODE, "
                 "EXPLORER_CALLS_TOTAL); try again shortly"
@@ -146,7 +180,9 @@ class Proxy:
             )
         return d.addBoth(self._finished, node_id, record.socket_path)
 
-    def endpoint(self, node_id, reactor, connect_timeout):
+    def endpoint(
+        self, node_id: str, reactor: Any, connect_timeout: float
+    ) -> defer.Deferred[tuple[IStreamClientEndpoint, Address]]:
         """
         Where to open a connection of our own to a node (a console), with the checks of
         a call: online, the address policy, and over TLS the node's identity.

@@ -12,12 +12,12 @@ from .proxy import forbidden_target
 class Refused(RefusedByPolicy):
     """-32010 for a heartbeat, with the reason it is counted under in the metrics."""
 
-    def __init__(self, reason, message):
+    def __init__(self, reason: str, message: str) -> None:
         RefusedByPolicy.__init__(self, message)
         self.reason = reason
 
 
-def checked_address(socket_path, transport, remote):
+def checked_address(socket_path: str, transport: str, remote: bool) -> str:
     """
     :return: the canonical URI of a heartbeat's address
     :raise InvalidParams: it is no address

@@ -1,9 +1,14 @@
 """
-A node as the explorer knows it: one :class:`Heartbeat` as accepted, and the
-:class:`NodeRecord` the :class:`~.registry.Registry` keeps from them.
+A node as the explorer knows it: one :class:`Heartbeat` as accepted, the
+:class:`NodeRecord` the :class:`~.registry.Registry` keeps from them, and
+:class:`StaleSession`, the refusal of a delta heartbeat it cannot apply.
 """
 
+from typing import Any
+
 import attrs
+
+from hero_compute.rpc.errors import InvalidParams
 
 
 @attrs.frozen
@@ -104,7 +109,7 @@ class NodeRecord:
     left: bool = False
     remote: bool = False
 
-    def status(self, now, offline_after):
+    def status(self, now: float, offline_after: float) -> str:
         """
         :return: ``"online"`` or ``"offline"`` at time ``now``
         """
@@ -112,7 +117,7 @@ class NodeRecord:
             return "offline"
         return "online"
 
-    def to_wire(self, now, offline_after):
+    def to_wire(self, now: float, offline_after: float) -> dict[str, Any]:
         """:return: the NodeInfo dict at time ``now``"""
         return {
             "node_id": self.node_id,
@@ -128,3 +133,17 @@ class NodeRecord:
             "vm_count": self.vm_count,
             "labels": self.labels,
         }
+
+
+class StaleSession(InvalidParams):
+    """-32602 for a delta heartbeat the explorer cannot apply: the node resends it whole."""
+
+    reason = "stale_session"
+
+    def __init__(self, node_id: str) -> None:
+        InvalidParams.__init__(
+            self,
+            f"explorer.heartbeat: this explorer holds no record of {node_id} for that "
+            "session (it restarted, or forgot the node): send the full heartbeat",
+            data={"resend": "full"},
+        )

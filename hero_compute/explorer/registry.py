@@ -12,6 +12,7 @@ themselves are :mod:`.records`'.
 """
 
 import bisect
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import attrs
@@ -20,10 +21,11 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from hero_compute.rpc.errors import NodeNotFound
+from hero_compute.rpc.throttle import Throttle
 
 from .history import HeartbeatHistory
 from .placement import PlacementIndex
-from .records import KEPT_FIELDS, NEW, NodeRecord, SharedValues
+from .records import KEPT_FIELDS, NEW, Heartbeat, NodeRecord, SharedValues
 from .summary import FleetSummary
 
 log = Logger()
@@ -47,34 +49,41 @@ class INodeRegistry(Interface):
     offline_after = Attribute("Seconds of silence after which a node is offline.")
     history = Attribute("The :class:`HeartbeatHistory` of each node's heartbeat times.")
 
-    def heartbeat(heartbeat):
+    def heartbeat(heartbeat: Heartbeat) -> tuple[NodeRecord, Collection[str]]:
         """Record a :class:`Heartbeat`; returns ``(record, changed)`` (see Registry)."""
 
-    def leave(node_id):
+    def leave(node_id: str) -> None:
         """Mark a node offline at once; raises :class:`NodeNotFound`."""
 
-    def get(node_id):
+    def get(node_id: str) -> NodeRecord:
         """Returns a :class:`NodeRecord`; raises :class:`NodeNotFound`."""
 
-    def remove(node_id):
+    def remove(node_id: str) -> None:
         """Forget a node; raises :class:`NodeNotFound`."""
 
-    def records():
+    def records() -> list[NodeRecord]:
         """Returns all :class:`NodeRecord` s."""
 
-    def page(after, limit, keep):
+    def page(
+        after: str | None, limit: int, keep: Callable[[NodeRecord], bool] | None
+    ) -> tuple[list[NodeRecord], str | None]:
         """Returns ``(records, next cursor or None)``, in node id order after ``after``."""
 
-    def offline(now, records=None):
+    def offline(
+        now: float, records: Iterable[NodeRecord] | None = None
+    ) -> list[NodeRecord]:
         """Returns the :class:`NodeRecord` s (of ``records``, or all) offline at ``now``."""
 
-    def status(record):
+    def status(record: NodeRecord) -> str:
         """Returns ``"online"`` or ``"offline"`` for a record, now."""
 
-    def note(fmt, **fields):
+    def note(fmt: str, **fields: Any) -> None:
         """Log a line about a node, within the registry's budget of lines a second."""
 
-    def __len__():
+    def flush_log() -> None:
+        """Sum up the node events not logged one by one, once their second is over."""
+
+    def __len__() -> int:
         """Returns how many nodes it holds."""
 
 
@@ -117,11 +126,15 @@ class Registry:
     #: ``on_event(type, node_id, **data)`` for ``node.online``/``node.offline``, or None.
     on_event: Any = attrs.field(default=None, init=False)
     _shared: SharedValues = attrs.field(factory=SharedValues, init=False)
-    _log_second: int = attrs.field(default=-1, init=False)
-    _logged: int = attrs.field(default=0, init=False)
-    _unlogged: int = attrs.field(default=0, init=False)
+    # LOG_BURST lines of node events a second, the rest summed up by flush_log.
+    _log: Throttle = attrs.field(
+        default=attrs.Factory(
+            lambda self: Throttle(self.clock, 1.0, LOG_BURST), takes_self=True
+        ),
+        init=False,
+    )
 
-    def heartbeat(self, heartbeat):
+    def heartbeat(self, heartbeat: Heartbeat) -> tuple[NodeRecord, Collection[str]]:
         """
         :return: ``(record, changed)``: the node's :class:`NodeRecord` and the names of
             its fields this heartbeat changed (all of them for a new node)
@@ -132,17 +145,20 @@ class Registry:
         self.history.add(node_id, now)
         if record is None:
             shared = self._shared
+            # A new node's heartbeat is a full one (the service refuses a delta from a
+            # node the registry does not hold): none of its fields is None.
+            full: Any = heartbeat
             record = self._nodes[node_id] = NodeRecord(
                 node_id=node_id,
                 # a node named after its id: one string, not two
-                name=node_id if heartbeat.name == node_id else heartbeat.name,
+                name=node_id if full.name == node_id else full.name,
                 socket_path=socket_path,
                 transport=heartbeat.transport,
-                version=heartbeat.version,
-                capacity=shared(heartbeat.capacity),
-                usage=shared(heartbeat.usage),
-                vm_count=heartbeat.vm_count,
-                labels=shared(heartbeat.labels),
+                version=full.version,
+                capacity=shared(full.capacity),
+                usage=shared(full.usage),
+                vm_count=full.vm_count,
+                labels=shared(full.labels),
                 first_seen=now,
                 last_seen=now,
                 remote=heartbeat.remote,
@@ -150,8 +166,7 @@ class Registry:
             bisect.insort(self._order, node_id)
             self.placement.update(record)
             self.summary.seen(record, NEW, now, new=True)
-            self._note(
-                now,
+            self.note(
                 "node {node_id} ({name}) joined from {address}",
                 node_id=node_id,
                 name=record.name,
@@ -182,8 +197,7 @@ class Registry:
         self.placement.update(record, changed)
         self.summary.seen(record, changed, now)
         if was_offline:
-            self._note(
-                now,
+            self.note(
                 "node {node_id} ({name}) is back online at {address}",
                 node_id=node_id,
                 name=record.name,
@@ -192,8 +206,7 @@ class Registry:
             if self.on_event is not None:
                 self.on_event("node.online", node_id)
         elif old_address != socket_path:
-            self._note(
-                now,
+            self.note(
                 "node {node_id} moved from {old} to {new}",
                 node_id=node_id,
                 old=old_address,
@@ -205,43 +218,31 @@ class Registry:
             self.on_event(kind, node_id, vm_count=record.vm_count, was=vm_count)
         return record, changed
 
-    def note(self, fmt, **fields):
+    def note(self, fmt: str, **fields: Any) -> None:
         """
         Log a line about a node, within the same budget of :data:`LOG_BURST` lines a
         second as joins (offline transitions, forgotten nodes, refusals): a fleet that
         goes away at once is summed up, not listed.
         """
-        self._note(self.clock.seconds(), fmt, **fields)
-
-    def _note(self, now, fmt, **fields):
-        self.flush_log(now)
-        if self._logged < LOG_BURST:
-            self._logged += 1
+        self.flush_log()
+        if self._log.offer() is not None:
             log.info(fmt, **fields)
-        else:
-            self._unlogged += 1
 
-    def flush_log(self, now):
+    def flush_log(self) -> None:
         """
-        Start a new second of node-event logging, summing up the events of the last
-        one that were not logged one by one.
-
-        :param now: the current time
+        Once the second of the last :data:`LOG_BURST` node-event lines is over, sum up
+        in one line the events of it that were not logged one by one.
         """
-        second = int(now)
-        if second == self._log_second:
-            return
-        if self._unlogged:
-            log.info(
-                "{count} more node events (joins, returns, moves, departures) were "
-                "not logged one by one",
-                count=self._unlogged,
-            )
-        self._log_second = second
-        self._logged = 0
-        self._unlogged = 0
+        if self._log.ready():
+            count = self._log.take()
+            if count:
+                log.info(
+                    "{count} more node events (joins, returns, moves, departures) were "
+                    "not logged one by one",
+                    count=count,
+                )
 
-    def leave(self, node_id):
+    def leave(self, node_id: str) -> None:
         record = self.get(node_id)
         was_left, record.left = record.left, True
         self.placement.left(node_id)
@@ -250,11 +251,11 @@ class Registry:
         if self.on_event is not None and not was_left:
             self.on_event("node.offline", node_id, reason="left")
 
-    def find(self, node_id):
+    def find(self, node_id: str) -> NodeRecord | None:
         """:return: the node's :class:`NodeRecord`, or None"""
         return self._nodes.get(node_id)
 
-    def load(self, records):
+    def load(self, records: Iterable[NodeRecord]) -> None:
         """
         Take records kept from an earlier run (start-up): each is offline until its node
         heartbeats again.
@@ -268,13 +269,13 @@ class Registry:
             self.summary.loaded()
         self._order = sorted(self._nodes)
 
-    def get(self, node_id):
+    def get(self, node_id: str) -> NodeRecord:
         try:
             return self._nodes[node_id]
         except KeyError:
             raise NodeNotFound(f"no node {node_id!r}") from None
 
-    def remove(self, node_id):
+    def remove(self, node_id: str) -> None:
         self.get(node_id)
         del self._nodes[node_id]
         self.placement.remove(node_id)
@@ -283,10 +284,15 @@ class Registry:
         index = bisect.bisect_left(self._order, node_id)
         del self._order[index]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._nodes)
 
-    def page(self, after, limit, keep):
+    def page(
+        self,
+        after: str | None,
+        limit: int,
+        keep: Callable[[NodeRecord], bool] | None,
+    ) -> tuple[list[NodeRecord], str | None]:
         """
         Records in node id order, after a cursor.
 
@@ -312,10 +318,12 @@ class Registry:
                     return found, (record.node_id if more else None)
         return found, None
 
-    def records(self):
+    def records(self) -> list[NodeRecord]:
         return list(self._nodes.values())
 
-    def offline(self, now, records=None):
+    def offline(
+        self, now: float, records: Iterable[NodeRecord] | None = None
+    ) -> list[NodeRecord]:
         # One comprehension, no call per record: over 100,000 nodes this is a few ms,
         # where asking each record its status took 20.
         cutoff = now - self.offline_after
@@ -323,5 +331,5 @@ class Registry:
             records = self._nodes.values()
         return [r for r in records if r.left or r.last_seen < cutoff]
 
-    def status(self, record):
+    def status(self, record: NodeRecord) -> str:
         return record.status(self.clock.seconds(), self.offline_after)

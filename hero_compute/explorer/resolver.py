@@ -9,6 +9,8 @@ failures too, for a while: a dead name costs one thread once per ``negative_ttl`
 """
 
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -37,8 +39,14 @@ class CachingResolver:
     """
 
     def __init__(
-        self, reactor, threads=16, timeout=5.0, ttl=30.0, negative_ttl=30.0, lookup=_lookup
-    ):
+        self,
+        reactor: Any,
+        threads: int = 16,
+        timeout: float = 5.0,
+        ttl: float = 30.0,
+        negative_ttl: float = 30.0,
+        lookup: Callable[[str, int], list[str]] = _lookup,
+    ) -> None:
         self._reactor = reactor
         self._timeout = timeout
         self._ttl = ttl
@@ -46,10 +54,12 @@ class CachingResolver:
         self._lookup = lookup
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="hero-resolver")
         self._started = False
-        self._cache = {}  # (host, port) -> (expires, addresses or ResolveError)
-        self._pending = {}  # (host, port) -> [waiting Deferreds]
+        # (host, port) -> (expires, addresses or ResolveError)
+        self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
+        # (host, port) -> [waiting Deferreds]
+        self._pending: dict[tuple[str, int], list[defer.Deferred[Any]]] = {}
 
-    def resolve(self, host, port):
+    def resolve(self, host: str, port: int) -> defer.Deferred[list[str]]:
         """:return: a Deferred of the addresses of ``host``, failing with ResolveError"""
         key = (host, port)
         now = self._reactor.seconds()
@@ -76,10 +86,10 @@ class CachingResolver:
         )
         return waiter
 
-    def _answered(self, addresses, key):
+    def _answered(self, addresses, key) -> None:
         self._settle(key, list(addresses), self._ttl)
 
-    def _failed(self, failure, key):
+    def _failed(self, failure, key) -> None:
         if failure.check(defer.TimeoutError, defer.CancelledError):
             reason = f"no answer within {self._timeout:g} s"
         else:
@@ -88,7 +98,7 @@ class CachingResolver:
             key, ResolveError(f"cannot resolve {key[0]}: {reason}"), self._negative_ttl
         )
 
-    def _settle(self, key, answer, ttl):
+    def _settle(self, key, answer, ttl) -> None:
         self._cache[key] = (self._reactor.seconds() + ttl, answer)
         if len(self._cache) > 10_000:
             # Bounded: a flood of distinct names must not grow the cache for ever.

@@ -2,27 +2,36 @@
 The explorer's RPC methods (the service tree that serves them is :mod:`.tree`'s).
 """
 
+from __future__ import annotations
+
 import collections
 import functools
 import secrets
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet import defer, interfaces
 from twisted.logger import Logger
 
 import hero_compute
-from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy, RpcError
+from hero_compute.rpc.context import CallContext
+from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.errors import RefusedByPolicy, RpcError
 from hero_compute.rpc.limits import Limits
+from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.metrics import Histogram
 
 from .metrics import HEARTBEAT_BUCKETS, CallStats
 from .new_ids import NewIds
 from .placing import PlacementMethods
-from .proxy import is_loopback
+from .proxy import Proxy, is_loopback
 from .reachable import Refused, checked_address
-from .records import Heartbeat
-from .registry import HEARTBEATS_PER_OFFLINE
+from .records import Heartbeat, NodeRecord, StaleSession
+from .registry import HEARTBEATS_PER_OFFLINE, Registry
 from .store import DURABLE_FIELDS
+from .trust import ExplorerTrust
 from .ui_accounts import UiAccounts
 
 log = Logger()
@@ -41,20 +50,6 @@ CALL_TIMEOUT = 90.0
 #: Seconds a proxied call may spend connecting: a node that cannot even be reached
 #: within this is reported unreachable (-32003) long before :data:`CALL_TIMEOUT`.
 CONNECT_TIMEOUT = 5.0
-
-
-class _StaleSession(InvalidParams):
-    """-32602 for a delta heartbeat the explorer cannot apply: the node resends it whole."""
-
-    reason = "stale_session"
-
-    def __init__(self, node_id):
-        InvalidParams.__init__(
-            self,
-            f"explorer.heartbeat: this explorer holds no record of {node_id} for that "
-            "session (it restarted, or forgot the node): send the full heartbeat",
-            data={"resend": "full"},
-        )
 
 
 #: A heartbeat changing one of these is written to the store.
@@ -78,8 +73,15 @@ class ExplorerMethods:
     """
 
     def __init__(
-        self, registry, proxy, clock, trust, listeners=None, limits=None, state=None
-    ):
+        self,
+        registry: Registry,
+        proxy: Proxy,
+        clock: interfaces.IReactorTime,
+        trust: ExplorerTrust,
+        listeners: Listeners | None = None,
+        limits: Limits | None = None,
+        state: Any = None,
+    ) -> None:
         self._registry = registry
         self._proxy = proxy
         self._clock = clock
@@ -106,7 +108,7 @@ class ExplorerMethods:
         #: Their login tokens are in the trust's store, sessions here.
         self.accounts = UiAccounts(clock, lambda: trust.store, trust.run_on_store)
 
-    def register(self, rpc):
+    def register(self, rpc: Dispatcher) -> None:
         """
         Publish the methods on a :class:`~hero_compute.rpc.dispatch.Dispatcher`.
         """
@@ -151,18 +153,18 @@ class ExplorerMethods:
 
     def heartbeat(
         self,
-        context,
-        node_id,
-        socket_path,
-        name=None,
-        version=None,
-        capacity=None,
-        usage=None,
-        vm_count=None,
-        labels=None,
-        secret=None,
-        session=None,
-    ):
+        context: CallContext,
+        node_id: str,
+        socket_path: str,
+        name: str | None = None,
+        version: str | None = None,
+        capacity: dict[str, int] | None = None,
+        usage: dict[str, int] | None = None,
+        vm_count: int | None = None,
+        labels: dict[str, str] | None = None,
+        secret: str | None = None,
+        session: str | None = None,
+    ) -> dict[str, Any] | defer.Deferred[dict[str, Any]]:
         """
         Record a node's heartbeat.
 
@@ -191,7 +193,7 @@ class ExplorerMethods:
             uri = checked_address(socket_path, transport, remote)
         if session is not None:
             if session != self.session or old is None or old.left:
-                raise _StaleSession(node_id)
+                raise StaleSession(node_id)
         elif old is None:
             self._admit(node_id, context)
         checked = self._trust.check_node(node_id, secret, context)
@@ -238,7 +240,7 @@ class ExplorerMethods:
             "session": self.session,
         }
 
-    def _admit(self, node_id, context):
+    def _admit(self, node_id, context) -> None:
         """Refuse a new node id beyond the registry's size or its source's rate."""
         limits = self._limits
         if len(self._registry) >= limits.max_nodes:
@@ -271,13 +273,16 @@ class ExplorerMethods:
         )
         raise Refused(reason, message)
 
-    def leave(self, context, node_id, secret=None):
+    def leave(
+        self, context: CallContext, node_id: str, secret: str | None = None
+    ) -> bool | defer.Deferred[bool]:
         """Mark a node offline at once (its secret or certificate must speak for it)."""
         self._registry.get(node_id)
         checked = self._trust.check_node(node_id, secret, context)
-        return _then(checked, lambda: self._registry.leave(node_id) or True)
+        leave: Callable[[str], object] = self._registry.leave
+        return _then(checked, lambda: leave(node_id) or True)
 
-    def list_nodes(self, status=None):
+    def list_nodes(self, status: str | None = None) -> list[dict[str, Any]]:
         """All nodes, or those of one status: for small fleets (see :meth:`query_nodes`)."""
         now = self._clock.seconds()
         after = self._registry.offline_after
@@ -291,7 +296,13 @@ class ExplorerMethods:
             )
         return [r.to_wire(now, after) for r in records]
 
-    def query_nodes(self, status=None, labels=None, limit=QUERY_LIMIT, cursor=None):
+    def query_nodes(
+        self,
+        status: str | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = QUERY_LIMIT,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
         """
         A page of the fleet in node id order.
 
@@ -303,7 +314,7 @@ class ExplorerMethods:
         after = self._registry.offline_after
         wanted = tuple((labels or {}).items())
 
-        def keep(record):
+        def keep(record: NodeRecord) -> bool:
             if status is not None and record.status(now, after) != status:
                 return False
             return all(record.labels.get(k) == v for k, v in wanted)
@@ -317,45 +328,45 @@ class ExplorerMethods:
             "next_cursor": next_cursor,
         }
 
-    def get_node(self, node_id):
+    def get_node(self, node_id: str) -> dict[str, Any]:
         """One node."""
         return self._registry.get(node_id).to_wire(
             self._clock.seconds(), self._registry.offline_after
         )
 
-    def node_history(self, node_id):
+    def node_history(self, node_id: str) -> dict[str, Any]:
         """A node's last heartbeat times (Unix seconds, oldest first)."""
         self._registry.get(node_id)
         return {"node_id": node_id, "heartbeats": self._registry.history.times(node_id)}
 
-    def remove_node(self, node_id):
+    def remove_node(self, node_id: str) -> bool | defer.Deferred[bool]:
         """Forget a node, and what bound its id: its next heartbeat binds it anew."""
         self._registry.get(node_id)
         # A shared store first: when it is down the node stays (-32007).
         return _then(self._trust.forget_node(node_id), lambda: self._removed(node_id))
 
-    def _removed(self, node_id):
+    def _removed(self, node_id: str) -> bool:
         if self._registry.find(node_id) is not None:
             self._registry.remove(node_id)
         return True
 
-    def enroll(self, token, csr):
+    def enroll(self, token: str, csr: str) -> Any:
         """A certificate for a node, by join token; an id in the registry needs a
         token made for it."""
         return self._trust.enroll(
             token, csr, lambda node_id: self._registry.find(node_id) is not None
         )
 
-    def revoke(self, node_id):
+    def revoke(self, node_id: str) -> bool | defer.Deferred[bool]:
         """Refuse a node's certificates and secret from now on; it goes offline."""
         return _then(self._trust.revoke(node_id), lambda: self._revoked(node_id))
 
-    def _revoked(self, node_id):
+    def _revoked(self, node_id: str) -> bool:
         if self._registry.find(node_id) is not None:
             self._registry.leave(node_id)
         return True
 
-    def summary(self):
+    def summary(self) -> dict[str, Any]:
         """
         The fleet's totals (CONTRACT §11), from the sums the registry keeps as
         heartbeats arrive: capacity, usage, VMs and labels are the online nodes' (what
@@ -366,7 +377,7 @@ class ExplorerMethods:
         """
         return self._registry.summary.answer(self._clock.seconds())
 
-    def info(self):
+    def info(self) -> dict[str, Any]:
         """About this explorer."""
         offline = len(self._registry.offline(self._clock.seconds()))
         counts = {"online": len(self._registry) - offline, "offline": offline}
@@ -378,11 +389,11 @@ class ExplorerMethods:
             "store": self.store_state(),
         }
 
-    def store_state(self):
+    def store_state(self) -> dict[str, str]:
         """:return: the state store's ``{"kind", "state"}`` (for metrics too)"""
         return self._state.store_state
 
 
-def _then(pending, after):
+def _then(pending: defer.Deferred[Any] | None, after: Callable[[], Any]) -> Any:
     """``after()``, once ``pending`` (None, or a shared store's Deferred) is done."""
     return after() if pending is None else pending.addCallback(lambda _: after())

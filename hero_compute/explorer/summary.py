@@ -9,7 +9,15 @@ of their last heartbeat (a heartbeat moves its node to the end), so those gone q
 at the front, and are taken out before each answer, each once.
 """
 
+from __future__ import annotations
+
 import collections
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .records import NodeRecord
+
 
 #: The resources summed, in the order of a node's contribution.
 RESOURCES = ("vcpus", "memory_mb", "disk_gb")
@@ -21,11 +29,11 @@ SHARED_PARTS = 4096
 COUNTED = frozenset({"capacity", "usage", "vm_count", "labels"})
 
 
-def _number(value):
+def _number(value: object) -> int | float:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
-def contribution(record):
+def contribution(record: NodeRecord) -> tuple[Any, ...]:
     """
     What one online node adds to the sums.
 
@@ -50,19 +58,21 @@ class FleetSummary:
     :param offline_after: seconds without a heartbeat after which a node is offline
     """
 
-    def __init__(self, offline_after):
+    def __init__(self, offline_after: float) -> None:
         self._offline_after = offline_after
         # node id -> (last heartbeat, contribution), oldest heartbeat first.
-        self._online = collections.OrderedDict()
+        self._online: collections.OrderedDict[str, tuple[float, Any]] = (
+            collections.OrderedDict()
+        )
         self._offline = 0
         self._vms = 0
         self._capacity = [0] * len(RESOURCES)
         self._usage = [0] * len(RESOURCES)
-        self._labels = {}
+        self._labels: dict[str, dict[str, int]] = {}
         # One object for equal contributions and their parts: a fleet's nodes mostly
         # share capacity, labels and often usage, and a contribution per node cost some
         # 260 bytes at 100,000 nodes.  Bounded: past it, cleared (only sharing is lost).
-        self._shared = {}
+        self._shared: dict[Any, Any] = {}
 
     def _share(self, part):
         cap, use, vms, _ = part
@@ -78,7 +88,7 @@ class FleetSummary:
         except TypeError:  # a label value that is not hashable: kept as it is
             return part
 
-    def _add(self, part, sign):
+    def _add(self, part, sign) -> None:
         cap, use, vms, labels = part
         for i in range(len(RESOURCES)):
             self._capacity[i] += sign * cap[i]
@@ -94,7 +104,9 @@ class FleetSummary:
                 if not values:
                     del self._labels[key]
 
-    def seen(self, record, changed, now, new=False):
+    def seen(
+        self, record: NodeRecord, changed: Collection[str], now: float, new: bool = False
+    ) -> None:
         """
         A heartbeat was accepted (the record already holds it).
 
@@ -120,14 +132,14 @@ class FleetSummary:
             self._online.move_to_end(node_id)
         self._online[node_id] = (now, part)
 
-    def left(self, node_id):
+    def left(self, node_id: str) -> None:
         """A node said goodbye, or was revoked: offline at once."""
         held = self._online.pop(node_id, None)
         if held is not None:
             self._add(held[1], -1)
             self._offline += 1
 
-    def removed(self, node_id):
+    def removed(self, node_id: str) -> None:
         """A node was forgotten."""
         held = self._online.pop(node_id, None)
         if held is None:
@@ -135,11 +147,11 @@ class FleetSummary:
         else:
             self._add(held[1], -1)
 
-    def loaded(self, count=1):
+    def loaded(self, count: int = 1) -> None:
         """``count`` nodes were loaded from the store at start-up: offline until heard."""
         self._offline += count
 
-    def expire(self, now):
+    def expire(self, now: float) -> None:
         """Take out the nodes whose last heartbeat is older than ``offline_after``."""
         cutoff = now - self._offline_after
         online = self._online
@@ -151,7 +163,7 @@ class FleetSummary:
             self._add(part, -1)
             self._offline += 1
 
-    def answer(self, now):
+    def answer(self, now: float) -> dict[str, Any]:
         """
         :param now: the current time
         :return: ``{"nodes": {"online", "offline"}, "vms", "capacity", "usage",

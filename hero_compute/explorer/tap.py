@@ -15,6 +15,7 @@ from hero_compute.options import (
     coerce_doc,
     from_env,
     help_text,
+    limit_help,
     limits,
     listen_address,
     print_startup_errors,
@@ -198,26 +199,26 @@ class Options(TapOptions):
         ],
     ]
 
-    def __init__(self, env=None):
+    def __init__(self, env=None) -> None:
         TapOptions.__init__(self)
         self["listen"] = []
         self["limit"] = []
         self._env = os.environ if env is None else env
 
     @help_text
-    def opt_listen(self, description):
+    def opt_listen(self, description) -> None:
         """
         Also listen on this Twisted server endpoint (unix:..., tcp:..., ssl:...,
         systemd:...); may repeat.
         """
         self["listen"].append(description)
 
-    @help_text
-    def opt_limit(self, item):
+    @limit_help("HERO_", "EXPLORER_", "NODE_FORGET_AFTER")
+    def opt_limit(self, item) -> None:
         """
         Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or by its
         variable: HERO_MAX_BATCH=50); may repeat [default: the HERO_* and EXPLORER_*
-        variables, or the defaults of the README's Limits section].
+        variables and NODE_FORGET_AFTER, else {defaults}].
         """
         self["limit"].append(item)
 
@@ -295,7 +296,7 @@ class Options(TapOptions):
         if self.under_twistd:
             self._clean_startup_errors()
 
-    def _clean_startup_errors(self):
+    def _clean_startup_errors(self) -> None:
         import sqlite3
 
         from hero_compute.rpc.listeners import StartupFailed

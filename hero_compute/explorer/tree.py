@@ -12,15 +12,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-import hero_compute
 from hero_compute.rpc.authz import EXPLORER_POLICY
-from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.dispatch import service_dispatcher
 from hero_compute.rpc.heap import FrozenHeap
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listeners import Listeners
-from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket_server import Routes
 
 from .audit import AuditLog
@@ -193,13 +191,7 @@ def make_explorer(
         # Its results are answers passed on: written again without a walk for NaNs.
         relay=True,
     )
-    rpc = Dispatcher(
-        load_schema("explorer"),
-        hero_compute.__version__,
-        authorize=_authorize,
-        max_batch=limits.max_batch,
-        max_response=limits.max_response,
-    )
+    rpc = service_dispatcher("explorer", limits, _authorize)
     factory = make_factory(rpc, limits=limits)
     # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
     # generic in a type variable: it takes any protocol factory.

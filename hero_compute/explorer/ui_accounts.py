@@ -25,11 +25,15 @@ TLS dashboard is an operator (its CSRF token is derived from its name, since it 
 cookie session).
 """
 
+from __future__ import annotations
+
 import collections
 import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
@@ -37,6 +41,15 @@ from twisted.logger import Logger
 
 from hero_compute.rpc.authz import UI_OPERATOR, UI_VIEWER
 from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.server import Request
+
+    from hero_compute.rpc.dispatch import Dispatcher
+
+    from .store import IStore
+
 
 log = Logger()
 
@@ -78,7 +91,7 @@ class DashboardUser:
     name: str
 
     @property
-    def uri(self):
+    def uri(self) -> str:
         """Who this is in the audit log (CONTRACT §10: the dashboard user)."""
         return f"dashboard:{self.name}"
 
@@ -112,18 +125,25 @@ class UiAccounts:
     :param limit: sessions kept at once
     """
 
-    def __init__(self, clock, store=None, run=None, limit=MAX_SESSIONS):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: Callable[[], IStore | None] | None = None,
+        run: Callable[..., Any] | None = None,
+        limit: int = MAX_SESSIONS,
+    ) -> None:
         self._clock = clock
         self._store = store or (lambda: None)
         self._run = run or (lambda f, *args: f(*args))
         self._limit = limit
-        self._sessions = collections.OrderedDict()  # session id -> Session
+        # session id -> Session, oldest first
+        self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self._cert_key = secrets.token_bytes(32)
         #: Answers the dashboard's URL (``http(s)://host:port``) once it listens, or
         #: None, for the login URLs.
-        self.url_of = lambda: None
+        self.url_of: Callable[[], str | None] = lambda: None
 
-    def register(self, rpc):
+    def register(self, rpc: Dispatcher) -> None:
         """Publish ``explorer.ui_token_*`` on a dispatcher."""
         rpc.register("explorer.ui_token_create", self.create)
         rpc.register("explorer.ui_token_list", self.list)
@@ -137,7 +157,7 @@ class UiAccounts:
             raise StoreUnavailable()
         return self._run(getattr(store, name), *args)
 
-    def create(self, user, role, ttl=DEFAULT_TTL):
+    def create(self, user: str, role: str, ttl: float = DEFAULT_TTL) -> Any:
         """
         A single-use login token for ``user``, kept in the store as its hash.
 
@@ -184,7 +204,7 @@ class UiAccounts:
             "url": url,
         }
 
-    def list(self):
+    def list(self) -> Any:
         """
         :return: ``{"tokens": [{user, role, created_at, expires_at}], "sessions":
             [{user, role, expires_at}]}``: the unused tokens of the store, this
@@ -211,7 +231,7 @@ class UiAccounts:
         key = lambda e: (e["user"], e["expires_at"] or 0)  # noqa: E731
         return {"tokens": sorted(tokens, key=key), "sessions": sorted(sessions, key=key)}
 
-    def revoke(self, user):
+    def revoke(self, user: str) -> Any:
         """
         End ``user``'s tokens (at every explorer of the store) and this explorer's live
         sessions of it; the other explorers end theirs when they read the change.
@@ -236,7 +256,7 @@ class UiAccounts:
         )
         return {"tokens": tokens, "sessions": len(sessions)}
 
-    def redeem(self, token):
+    def redeem(self, token: str) -> Any:
         """
         Spend a login token, in the store.
 
@@ -259,7 +279,12 @@ class UiAccounts:
 
     # -- sessions
 
-    def new_session(self, user, expires_at=None, token_hash=None):
+    def new_session(
+        self,
+        user: DashboardUser,
+        expires_at: float | None = None,
+        token_hash: str | None = None,
+    ) -> tuple[str, Session]:
         """:return: ``(session id, Session)`` for a :class:`DashboardUser`"""
         sid = secrets.token_urlsafe(32)
         session = Session(user, secrets.token_urlsafe(32), expires_at, token_hash)
@@ -268,7 +293,7 @@ class UiAccounts:
             self._sessions.popitem(last=False)
         return sid, session
 
-    def session(self, sid):
+    def session(self, sid: bytes | str | None) -> Session | None:
         """
         :param sid: a session cookie's value (bytes or str), or None
         :return: its live :class:`Session`, or None
@@ -296,7 +321,7 @@ class UiAccounts:
             session.user.name, session.token_hash
         )
 
-    def certificate_session(self, name):
+    def certificate_session(self, name: str) -> Session:
         """
         The session of a ``client/<name>`` certificate: an operator, with a CSRF token
         derived from its name (it has no cookie to hang one on).
@@ -320,7 +345,7 @@ def _role_name(role):
     return next(k for k, v in ROLES.items() if v == role)
 
 
-def csrf_ok(session, request):
+def csrf_ok(session: Session, request: Request) -> bool:
     """
     :param session: the request's :class:`Session`
     :param request: a ``twisted.web`` request
@@ -332,7 +357,7 @@ def csrf_ok(session, request):
     return hmac.compare_digest(sent.strip(), session.csrf.encode())
 
 
-def with_session(page, session):
+def with_session(page: bytes, session: Session) -> bytes:
     """
     The page with the session's CSRF token and role written into its ``<meta>`` tags.
 

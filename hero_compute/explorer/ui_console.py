@@ -15,8 +15,11 @@ Backpressure: each side's transport produces for the other's (a reader that does
 read stops the other from being read).
 """
 
+from __future__ import annotations
+
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -28,6 +31,12 @@ from twisted.web.server import NOT_DONE_YET
 from hero_compute.rpc.authz import UI_OPERATOR
 
 from .dashboard_guard import same_origin
+
+if TYPE_CHECKING:
+    from twisted.web.server import Request
+
+    from .ui_accounts import Session
+
 
 log = Logger()
 
@@ -61,7 +70,7 @@ _REASONS = {
 }
 
 
-def status_only(status):
+def status_only(status: int) -> bytes:
     """:return: an HTTP/1.1 answer of ``status`` with no body, closing the connection"""
     reason = _REASONS.get(status, b"Error")
     return b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (
@@ -70,7 +79,7 @@ def status_only(status):
     )
 
 
-def upgrade_head(request, path):
+def upgrade_head(request: Request, path: bytes) -> bytes:
     """
     :param request: the browser's ``twisted.web`` request
     :param path: its path (bytes)
@@ -89,12 +98,12 @@ class _Browser(protocol.Protocol):
 
     transport: Any
 
-    def __init__(self, channel):
+    def __init__(self, channel) -> None:
         self._channel = channel
         self.explorer: Any = None
         self._early = b""
 
-    def dataReceived(self, data):
+    def dataReceived(self, data) -> None:
         if self.explorer is not None and self.explorer.open:
             self.explorer.transport.write(data)
             return
@@ -102,13 +111,13 @@ class _Browser(protocol.Protocol):
         if len(self._early) > MAX_HEAD:
             self.transport.abortConnection()
 
-    def flush(self):
+    def flush(self) -> None:
         """The splice is open: what the browser sent early goes on."""
         early, self._early = self._early, b""
         if early:
             self.explorer.transport.write(early)
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
         if self.explorer is not None and self.explorer.transport is not None:
             self.explorer.transport.loseConnection()
         # The channel's own end: its admission is released, its request finished.
@@ -121,7 +130,7 @@ class _Explorer(protocol.Protocol):
     transport: Any
     open = False
 
-    def __init__(self, browser, head, clock, outcome):
+    def __init__(self, browser, head, clock, outcome) -> None:
         self._browser = browser
         self._head = head
         self._clock = clock
@@ -129,12 +138,12 @@ class _Explorer(protocol.Protocol):
         self._answer = b""
         self._timer = None
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         self._browser.explorer = self
         self.transport.write(self._head)
         self._timer = self._clock.callLater(ANSWER_TIMEOUT, self._refuse, 502)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data) -> None:
         if self.open:
             self._browser.transport.write(data)
             return
@@ -164,12 +173,12 @@ class _Explorer(protocol.Protocol):
         self._answer = b""
         self._browser.flush()
 
-    def _settle(self, status):
+    def _settle(self, status) -> None:
         outcome, self._outcome = self._outcome, None
         if outcome is not None:
             outcome(status)
 
-    def _refuse(self, status):
+    def _refuse(self, status) -> None:
         self._settle(status)
         self._stop_timer()
         if not self.open:
@@ -177,12 +186,12 @@ class _Explorer(protocol.Protocol):
         self._browser.transport.loseConnection()
         self.transport.loseConnection()
 
-    def _stop_timer(self):
+    def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._stop_timer()
         self._settle(502)
         if not self.open and self._browser.transport is not None:
@@ -191,7 +200,7 @@ class _Explorer(protocol.Protocol):
             self._browser.transport.loseConnection()
 
 
-def take_over(request):
+def take_over(request: Request) -> _Browser:
     """
     Take the browser's connection from ``twisted.web``, as autobahn's WebSocket resource
     does: the channel lets go of the transport and a :class:`_Browser` gets its bytes.
@@ -200,7 +209,8 @@ def take_over(request):
     """
     channel = request.channel
     channel.setTimeout(None)
-    transport = channel.transport
+    # A TCP or TLS transport, a producer too: twisted.web's channel types it as less.
+    transport: Any = channel.transport
     transport.unregisterProducer()
     browser = _Browser(channel)
     if isinstance(transport, ProtocolWrapper):
@@ -213,7 +223,13 @@ def take_over(request):
     return browser
 
 
-def splice(request, path, socket_path, reactor, outcome=None):
+def splice(
+    request: Request,
+    path: bytes,
+    socket_path: str,
+    reactor: Any,
+    outcome: Callable[[int], object] | None = None,
+) -> int:
     """
     Join the browser's upgrade request to the explorer's console relay.
 
@@ -231,7 +247,7 @@ def splice(request, path, socket_path, reactor, outcome=None):
         protocol.Factory.forProtocol(lambda: _Explorer(browser, head, reactor, outcome))
     )
 
-    def failed(failure):
+    def failed(failure) -> None:
         if outcome is not None:
             outcome(503)
         log.warn("dashboard console: the explorer's socket: {e}", e=failure.value)
@@ -249,7 +265,13 @@ def _refuse(request, code, text):
     return text.encode() + b"\n"
 
 
-def serve(request, session, console_socket, reactor, audit=None):
+def serve(
+    request: Request,
+    session: Session | None,
+    console_socket: Callable[[], str] | None,
+    reactor: Any,
+    audit: Callable[[str, str, str | None, str], None] | None = None,
+) -> bytes | int:
     """
     ``GET /v1/nodes/<node_id>/vms/<vm_id>/console`` or ``GET /v1/events`` on the
     dashboard: checked, then
@@ -290,7 +312,7 @@ def serve(request, session, console_socket, reactor, audit=None):
     )
     target = f"{match['node_id'].decode()}/{match['vm_id'].decode()}"
 
-    def outcome(status):
+    def outcome(status) -> None:
         if audit is not None:
             verdict = "ok" if status == 101 else f"refused {status}"
             audit(session.user.uri, "console.attach", target, verdict)

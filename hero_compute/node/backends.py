@@ -2,24 +2,34 @@
 Which VM manager a node runs.
 """
 
+from __future__ import annotations
+
 import shutil
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
 from .qemu import QemuVmManager
 
+if TYPE_CHECKING:
+    from .qemu.console import ConsoleSettings
+    from .qemu.manager import QemuVmManager
+    from .qemu.network import NetworkPolicy
+
+
 log = Logger()
 
 
 def make_vm_manager(
-    reactor,
-    state_dir,
-    image_dirs=None,
-    capacity=None,
-    accel="auto",
-    network=None,
-    console=None,
-):
+    reactor: Any,
+    state_dir: str,
+    image_dirs: Sequence[str] | None = None,
+    capacity: dict[str, int] | None = None,
+    accel: str = "auto",
+    network: NetworkPolicy | None = None,
+    console: ConsoleSettings | None = None,
+) -> QemuVmManager:
     """
     The node's VM manager: QEMU processes driven over QMP, kept under the state dir.
 
@@ -48,7 +58,7 @@ def make_vm_manager(
             "(apt-get install qemu-system-x86 qemu-utils)",
             missing=" and ".join(missing),
         )
-    extra = {} if network is None else {"network": network}
+    extra: dict[str, Any] = {} if network is None else {"network": network}
     if console is not None:
         extra["console"] = console
     return QemuVmManager(

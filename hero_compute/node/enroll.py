@@ -9,8 +9,11 @@ read first (:func:`~hero_compute.rpc.tls_enroll.fetch_peer_chain`, no data sent)
 enrollment call then goes over a connection verified against that CA.
 """
 
+from __future__ import annotations
+
 import datetime
 import os
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from cryptography import x509
@@ -28,6 +31,10 @@ from hero_compute.rpc.tls import (
     identity_of,
 )
 from hero_compute.rpc.tls_enroll import ChainError, ca_from_chain, fetch_peer_chain
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.addresses import Address
+
 
 log = Logger()
 
@@ -64,7 +71,13 @@ class TLSFiles:
     ca: str
 
     @classmethod
-    def in_state_dir(cls, state_dir, cert=None, key=None, ca=None):
+    def in_state_dir(
+        cls,
+        state_dir: str,
+        cert: str | None = None,
+        key: str | None = None,
+        ca: str | None = None,
+    ) -> TLSFiles:
         """:return: the default files under ``state_dir/tls``, each overridable"""
         directory = os.path.join(state_dir, "tls")
         return cls(
@@ -73,20 +86,20 @@ class TLSFiles:
             ca or os.path.join(directory, pki.CA_FILE),
         )
 
-    def exists(self):
+    def exists(self) -> bool:
         """:return: whether the certificate, key and CA files are all there"""
         return all(os.path.exists(path) for path in (self.cert, self.key, self.ca))
 
-    def material(self):
+    def material(self) -> TLSMaterial:
         """:return: the :class:`~hero_compute.rpc.tls.TLSMaterial` of these files"""
         return TLSMaterial(self.cert, self.key, self.ca)
 
-    def store_ca(self, ca):
+    def store_ca(self, ca: x509.Certificate) -> None:
         """Write the CA certificate (atomically, 0644)."""
         _makedirs(self.ca)
         pki.write_file(self.ca, pki.dump_certificate(ca), 0o644)
 
-    def store(self, cert, key):
+    def store(self, cert: x509.Certificate, key: Any) -> None:
         """
         Write a certificate and its key, each atomically and 0600.  The key goes first:
         a crash between the two leaves a pair that fails to load loudly rather than an
@@ -98,11 +111,11 @@ class TLSFiles:
         pki.write_file(self.cert, pki.dump_certificate(cert), 0o600)
 
 
-def _makedirs(path):
+def _makedirs(path) -> None:
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
 
 
-def renewal_due(cert):
+def renewal_due(cert: x509.Certificate) -> float:
     """
     :param cert: a :class:`cryptography.x509.Certificate`
     :return: Unix seconds at two thirds of its life, when it should be renewed
@@ -112,11 +125,11 @@ def renewal_due(cert):
     return start + (end - start) * 2 / 3
 
 
-def issued(pem, ca, key, node_id):
+def issued(pem: object, ca: x509.Certificate, key: Any, node_id: str) -> x509.Certificate:
     """
     Check what an explorer issued us.
 
-    :param pem: the certificate, PEM text
+    :param pem: the certificate, PEM text (as the answer carried it: checked here)
     :param ca: the fleet CA we trust
     :param key: the key we asked a certificate for
     :return: the :class:`cryptography.x509.Certificate`
@@ -142,7 +155,15 @@ def issued(pem, ca, key, node_id):
     return cert
 
 
-async def enroll(reactor, explorer, node_id, token, pin, files, timeout=CALL_TIMEOUT):
+async def enroll(
+    reactor: Any,
+    explorer: Address,
+    node_id: str,
+    token: str,
+    pin: str,
+    files: TLSFiles,
+    timeout: float = CALL_TIMEOUT,
+) -> x509.Certificate:
     """
     Enroll with one explorer: learn the CA from its chain, trust it only with the pin,
     send a CSR with the join token, check and store what comes back.
@@ -154,6 +175,8 @@ async def enroll(reactor, explorer, node_id, token, pin, files, timeout=CALL_TIM
     :raises TransportError: or a Twisted connection error, when the explorer could not
         be reached (worth trying again)
     """
+    if explorer.host is None or explorer.port is None:
+        raise ValueError(f"{explorer.uri}: enrollment needs a tls:// explorer")
     chain = await fetch_peer_chain(reactor, explorer.host, explorer.port, timeout)
     try:
         ca = ca_from_chain(chain, pin)

@@ -12,9 +12,13 @@ turns the node into a way into its own host or its cloud's metadata service.
 The body goes to a :class:`~hero_compute.node.sink.BodySink`.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
 import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import (
@@ -42,6 +46,10 @@ from hero_compute.rpc.errors import InvalidVmState
 from .fetch_errors import FetchError, RefusedTarget
 from .sink import BodySink, TempFile
 
+if TYPE_CHECKING:
+    from twisted.web.client import URI
+
+
 __all__ = [
     "Download",
     "FetchError",
@@ -59,7 +67,7 @@ CONNECT_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
 
 
-def _literal(host):
+def _literal(host) -> bool:
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -72,7 +80,9 @@ def _getaddrinfo(host, port):
     return [info[4][0] for info in infos]
 
 
-def check_target(reactor, host, port, allow_local):
+def check_target(
+    reactor: Any, host: str, port: int, allow_local: bool
+) -> defer.Deferred[str]:
     """
     The address to connect to for ``host``, resolved and checked.
 
@@ -116,7 +126,7 @@ def _bad_url(url, why):
     return InvalidVmState(f"bad URL {url!r}: {why}; expected http(s)://host[:port]/path")
 
 
-def check_url(url):
+def check_url(url: str) -> tuple[str, int]:
     """
     :param url: the URL given to ``image.import``
     :return: ``(host, port)`` to check against the address policy
@@ -149,12 +159,12 @@ class CheckedEndpoints:
     :param allow_local: see :func:`check_target`
     """
 
-    def __init__(self, reactor, allow_local):
+    def __init__(self, reactor: Any, allow_local: bool) -> None:
         self._reactor = reactor
         self._allow_local = allow_local
         self._tls = BrowserLikePolicyForHTTPS()
 
-    def endpointForURI(self, uri):
+    def endpointForURI(self, uri: URI) -> _CheckedEndpoint:
         """:return: a :class:`_CheckedEndpoint` for the URI's host and port"""
         host = uri.host.decode("ascii")
         tls = None
@@ -167,7 +177,7 @@ class CheckedEndpoints:
 
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
-    def __init__(self, reactor, host, port, tls, allow_local):
+    def __init__(self, reactor, host, port, tls, allow_local) -> None:
         self._reactor = reactor
         self._host = host
         self._port = port
@@ -226,15 +236,23 @@ class Download:
     """
 
     def __init__(
-        self, reactor, url, file, *, limit, allow_local, progress, idle=IDLE_TIMEOUT
-    ):
+        self,
+        reactor: Any,
+        url: str,
+        file: TempFile,
+        *,
+        limit: int,
+        allow_local: bool,
+        progress: Callable[[int, int | None], object],
+        idle: float = IDLE_TIMEOUT,
+    ) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
         self._progress = progress
         self._idle = idle
-        self._body = None
-        self._aborted = None
+        self._body: BodySink | None = None
+        self._aborted: FetchError | None = None
         pool = HTTPConnectionPool(reactor, persistent=False)
         agent = RedirectAgent(
             Agent.usingEndpointFactory(
@@ -248,7 +266,7 @@ class Download:
         d = self._request.addCallback(self._received)
         self.done = d.addErrback(self._failed)
 
-    def abort(self, reason):
+    def abort(self, reason: str) -> None:
         """Stop the download; :attr:`done` then fails with ``reason``."""
         self._aborted = FetchError(reason)
         if self._body is not None:

@@ -11,7 +11,7 @@ class FetchError(Exception):
     :param reason: what happened, for an operator
     """
 
-    def __init__(self, reason):
+    def __init__(self, reason: str) -> None:
         Exception.__init__(self, reason)
         self.reason = reason
 

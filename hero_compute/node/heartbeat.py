@@ -12,13 +12,23 @@ catches its own failures, so the loop lives until stopped.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hero_compute.rpc.backoff import retry_delay
 from hero_compute.rpc.errors import RpcError, TransportError
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+    from hero_compute.rpc.addresses import Address
+    from hero_compute.rpc.interfaces import IRpcClient
+
 
 log = Logger()
 
@@ -33,7 +43,9 @@ MAX_ATTEMPT = 10.0
 ALWAYS_SENT = frozenset({"node_id", "socket_path", "secret"})
 
 
-def delta(params, accepted, session):
+def delta(
+    params: dict[str, Any], accepted: dict[str, Any] | None, session: str | None
+) -> dict[str, Any]:
     """
     The delta heartbeat for ``params``: what changed since ``accepted`` (the params of
     the last accepted heartbeat) and the explorer's ``session``; or ``params`` itself
@@ -54,20 +66,20 @@ def delta(params, accepted, session):
     return changed
 
 
-def backoff_delay(interval, failures, rand=random.random):
+def backoff_delay(
+    interval: float, failures: int, rand: Callable[[], float] = random.random
+) -> float:
     """
-    Seconds to wait after the ``failures``-th consecutive failure: exponential, capped at
-    5 × interval and at :data:`MAX_BACKOFF`, with jitter so a fleet that lost its explorer
+    Seconds to wait after the ``failures``-th consecutive failure: exponential from
+    ``interval``, capped at 5 × interval and at :data:`MAX_BACKOFF`, with equal jitter
+    (:func:`~hero_compute.rpc.backoff.retry_delay`) so a fleet that lost its explorer
     does not come back in lockstep.
 
     :param interval: the heartbeat interval
     :param failures: consecutive failures so far (1 after the first)
     :param rand: source of uniform numbers in [0, 1)
     """
-    cap = min(5 * interval, MAX_BACKOFF)
-    base = min(cap, interval * 2 ** min(failures - 1, 30))
-    # Equal jitter: between half and all of the step, so the delay still grows.
-    return base / 2 + base / 2 * rand()
+    return retry_delay(failures, interval, min(5 * interval, MAX_BACKOFF), rand)
 
 
 @attrs.frozen
@@ -86,7 +98,7 @@ class ExplorerState:
     last_error: str | None = None
     failures: int = 0
 
-    def to_wire(self):
+    def to_wire(self) -> dict[str, Any]:
         """:return: the dict of ``node.info``'s ``explorers``"""
         return {
             "address": self.address,
@@ -110,7 +122,15 @@ class HeartbeatLoop(service.Service):
     :param rand: source of uniform numbers in [0, 1), for jitter
     """
 
-    def __init__(self, clock, client, address, payload, interval, rand=random.random):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: IRpcClient,
+        address: Address,
+        payload: Callable[[Address], defer.Deferred[dict[str, Any]]],
+        interval: float,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         self.clock = clock
         self._client = client
         self.address = address
@@ -119,18 +139,18 @@ class HeartbeatLoop(service.Service):
         self._attempt_timeout = min(interval, MAX_ATTEMPT)
         self._rand = rand
         self.state = ExplorerState(address.uri)
-        self._call = None
-        self._tick = None
+        self._call: IDelayedCall | None = None
+        self._tick: defer.Deferred[Any] | None = None
         # The explorer's session and the params it last accepted, for delta heartbeats
         # (steady heartbeats then carry only what changed).
-        self._session = None
+        self._session: str | None = None
         self._accepted = None
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         self._schedule(0)
 
-    def stopService(self):
+    def stopService(self) -> None:
         service.Service.stopService(self)
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -138,11 +158,11 @@ class HeartbeatLoop(service.Service):
         if self._tick is not None:
             self._tick.cancel()
 
-    def _schedule(self, delay):
+    def _schedule(self, delay) -> None:
         if self.running:
             self._call = self.clock.callLater(delay, self.beat)
 
-    def beat(self):
+    def beat(self) -> defer.Deferred[Any]:
         """
         Send one heartbeat and schedule the next; never fails.  Called out of schedule
         (between ticks), it replaces the heartbeat that was due.
@@ -188,7 +208,7 @@ class HeartbeatLoop(service.Service):
         self._accepted = params
         return result
 
-    def _succeeded(self, result):
+    def _succeeded(self, result) -> None:
         if self.state.state != "ok":
             log.info("explorer {address}: heartbeats accepted", address=self.address.uri)
             expected = result.get("next_heartbeat") if isinstance(result, dict) else None
@@ -211,7 +231,7 @@ class HeartbeatLoop(service.Service):
             failures=0,
         )
 
-    def _failed(self, failure, started):
+    def _failed(self, failure, started) -> None:
         # Whatever happened, the next heartbeat is a full one.
         self._session = self._accepted = None
         if failure.check(defer.CancelledError):
@@ -240,7 +260,7 @@ class HeartbeatLoop(service.Service):
             self.state, state="failing", last_error=reason, failures=self.state.failures + 1
         )
 
-    def _done(self, started):
+    def _done(self, started) -> None:
         self._tick = None
         if self.state.state == "ok":
             delay = max(0.0, self.interval - (self.clock.seconds() - started))

@@ -12,10 +12,14 @@ until the name is imported again.  Temporary files a crash left behind are remov
 the node starts.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -28,6 +32,10 @@ from .fetch import Download, FetchError, TempFile, check_target, check_url
 from .qemu.disks import INFO_TIMEOUT
 from .qemu.images import ImagePolicy, default_image_dirs
 from .qemu.tools import ToolTimeout, run
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.dispatch import Dispatcher
+
 
 log = Logger()
 
@@ -44,52 +52,14 @@ TEMP_PREFIX = ".import-"
 INFO_CONCURRENCY = 4
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def parse_size(text):
-    """
-    :param text: bytes, or a number with ``K``, ``M``, ``G``, ``T`` (binary units,
-        optionally followed by ``iB`` or ``B``): ``20G``, ``512MiB``, ``1073741824``
-    :return: the size in bytes, at least 1
-    :raise ValueError: saying what is accepted
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    value = int(match.group(1)) * _UNITS[match.group(2).upper()] if match else 0
-    if value < 1:
-        raise ValueError(
-            f"{text!r} is not a size: expected bytes, or a number with K, M, G or T "
-            "(binary units), e.g. 20G"
-        )
-    return value
-
-
-def image_settings(max_text, local_text):
-    """
-    Check ``NODE_IMAGE_MAX`` and ``NODE_IMAGE_FETCH_LOCAL`` (or their options).
-
-    :param max_text: the largest image, as :func:`parse_size` reads it, or None
-    :param local_text: ``1`` (or ``true``, ``yes``) to allow local fetches, ``0``,
-        empty or None not to
-    :return: ``(max_bytes, allow_local)``
-    :raise ValueError: naming the variable
-    """
-    max_bytes = DEFAULT_IMAGE_MAX
-    if max_text:
-        try:
-            max_bytes = parse_size(max_text)
-        except ValueError as e:
-            raise ValueError(f"NODE_IMAGE_MAX (--image-max): {e}") from None
-    local = (local_text or "").strip().lower()
-    if local not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"NODE_IMAGE_FETCH_LOCAL={local_text!r}: expected 1 or 0")
-    return max_bytes, local in ("1", "true", "yes")
-
-
-def make_images(reactor, image_dirs, state_dir, settings):
+def make_images(
+    reactor: Any, image_dirs: Sequence[str], state_dir: str, settings: tuple[int, bool]
+) -> Images:
     """
     :param image_dirs: ``NODE_IMAGE_DIRS``, or empty for ``state_dir/images``
-    :param settings: what :func:`image_settings` returned
+    :param settings: what :func:`~.tap_images.image_settings` returned
     :return: the node's :class:`Images`
     """
     max_bytes, allow_local = settings
@@ -142,15 +112,15 @@ class Images(service.Service):
 
     def __init__(
         self,
-        reactor,
-        image_dirs,
+        reactor: Any,
+        image_dirs: Sequence[str],
         *,
-        max_bytes=DEFAULT_IMAGE_MAX,
-        allow_local=False,
-        qemu_img="qemu-img",
-        max_imports=MAX_IMPORTS,
-        idle=60.0,
-    ):
+        max_bytes: int = DEFAULT_IMAGE_MAX,
+        allow_local: bool = False,
+        qemu_img: str = "qemu-img",
+        max_imports: int = MAX_IMPORTS,
+        idle: float = 60.0,
+    ) -> None:
         self._reactor = reactor
         self._policy = ImagePolicy(image_dirs)
         self.directory = self._policy.image_dirs[0]
@@ -160,14 +130,14 @@ class Images(service.Service):
         self._max_imports = max_imports
         self._idle = idle
         #: Imports in progress, by name.
-        self.importing = {}
+        self.importing: dict[str, _Import] = {}
         #: Failed imports, by name: ``{"path", "error"}``.
-        self.failed = {}
+        self.failed: dict[str, dict[str, str]] = {}
         #: ``resolved path -> ((mtime, size, inode), (format, virtual size))``
-        self._info = {}
+        self._info: dict[str, tuple[Any, Any]] = {}
         self._info_limit = defer.DeferredSemaphore(INFO_CONCURRENCY)
 
-    def register(self, rpc):
+    def register(self, rpc: Dispatcher) -> None:
         """Publish ``node.images`` and ``image.import`` on a dispatcher."""
         rpc.register("node.images", self.list)
         rpc.register(
@@ -175,7 +145,7 @@ class Images(service.Service):
             lambda url, name, sha256: defer.ensureDeferred(self.start(url, name, sha256)),
         )
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         try:
             names = os.listdir(self.directory)
@@ -190,7 +160,7 @@ class Images(service.Service):
                 except OSError as e:
                     log.warn("cannot remove {path}: {e}", path=path, e=e)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[Any]:
         service.Service.stopService(self)
         waits = []
         for entry in self.importing.values():
@@ -202,7 +172,7 @@ class Images(service.Service):
 
     # -- node.images
 
-    def list(self):
+    def list(self) -> defer.Deferred[list[dict[str, Any]]]:
         """
         :return: a Deferred of the ImageInfo list: ready images of every directory
             (a name in several directories is listed once per directory), imports in
@@ -221,6 +191,7 @@ class Images(service.Service):
                     continue
                 try:
                     resolved = self._policy.resolve(entry.path)
+                    assert resolved is not None  # a path resolves to a path
                     stat = os.stat(resolved)
                 except Exception:  # a symlink out of the directories, a subdirectory
                     continue
@@ -286,7 +257,7 @@ class Images(service.Service):
 
     # -- image.import
 
-    async def start(self, url, name, sha256):
+    async def start(self, url: str, name: str, sha256: str) -> dict[str, Any]:
         """
         Start importing ``url`` as ``name``; answers once the download has started.
 
@@ -351,7 +322,7 @@ class Images(service.Service):
         return file
 
     @staticmethod
-    def _progress(entry, done, total):
+    def _progress(entry, done, total) -> None:
         entry.bytes_done = done
         entry.bytes_total = total
 

@@ -5,7 +5,11 @@ the VM manager (VMs by state, capacity and usage, QEMU starts), the heartbeat lo
 (connections, refusals) and the reactor's lag.
 """
 
+from __future__ import annotations
+
 import collections
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer
@@ -19,6 +23,11 @@ from hero_compute.rpc.metrics import (
 )
 
 from .vms import STATES
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from twisted.internet.interfaces import IReactorTime
+
 
 #: Bytes per unit of the wire's ``memory_mb`` and ``disk_gb``: Prometheus wants bytes.
 _BYTES = {"memory_mb": 2**20, "disk_gb": 2**30}
@@ -42,11 +51,11 @@ class NodeCollector:
     :param clock: the ``IReactorTime`` heartbeats are stamped with
     """
 
-    def __init__(self, node, clock):
+    def __init__(self, node: Any, clock: IReactorTime) -> None:
         self._node = node
         self._clock = clock
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         """The metric families, read now."""
         vms = self._node.vms
         records = _settled(vms.list())
@@ -84,23 +93,24 @@ class NodeCollector:
         )
         now = self._clock.seconds()
         for loop in self._node.heartbeats:
-            state = loop.state
-            up.add_metric([state.address], 1 if state.state == "ok" else 0)
-            if state.last_ok is not None:
-                age.add_metric([state.address], max(0.0, now - state.last_ok))
+            explorer = loop.state
+            up.add_metric([explorer.address], 1 if explorer.state == "ok" else 0)
+            if explorer.last_ok is not None:
+                age.add_metric([explorer.address], max(0.0, now - explorer.last_ok))
         yield up
         yield age
 
         # The QEMU manager counts its starts; another manager (a test's) may not.
         starts = getattr(vms, "starts", None)
         if starts is not None:
+            counted: Any = vms
             yield CounterMetricFamily(
                 "hero_node_qemu_starts", "VMs whose QEMU started and ran", value=starts
             )
             yield CounterMetricFamily(
                 "hero_node_qemu_start_failures",
                 "VM starts that failed (QEMU, its base image or the state directory)",
-                value=vms.start_failures,
+                value=counted.start_failures,
             )
 
 

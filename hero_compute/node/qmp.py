@@ -13,6 +13,7 @@ connects it to a Unix socket and waits for the handshake.
 
 import collections
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, endpoints, protocol
@@ -34,7 +35,7 @@ class QmpConnectionLost(QmpError):
     :ivar reason: the :obj:`Failure` the connection was lost with
     """
 
-    def __init__(self, reason):
+    def __init__(self, reason: failure.Failure) -> None:
         QmpError.__init__(self, f"QMP connection lost: {reason.getErrorMessage()}")
         self.reason = reason
 
@@ -47,7 +48,7 @@ class QmpCommandError(QmpError):
     :ivar desc: QEMU's human-readable description
     """
 
-    def __init__(self, command, error_class, desc):
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
         QmpError.__init__(self, f"QMP {command} failed: {error_class}: {desc}")
         self.command = command
         self.error_class = error_class
@@ -61,7 +62,7 @@ class _Observers:
     (a timeout) never disturbs another.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._waiting: list[defer.Deferred[Any]] = []
         self._outcome: tuple[str, Any] | None = None
 
@@ -73,16 +74,16 @@ class _Observers:
             self._waiting.append(d)
         return d
 
-    def succeed(self, result):
+    def succeed(self, result) -> None:
         """Fire every waiter with ``result`` (never a :obj:`Failure`: Deferreds errback
         those)."""
         self._settle(("succeed", result))
 
-    def fail(self, reason):
+    def fail(self, reason) -> None:
         """Fail every waiter with ``reason``."""
         self._settle(("fail", reason))
 
-    def _settle(self, outcome):
+    def _settle(self, outcome) -> None:
         if self._outcome is not None:
             return
         self._outcome = outcome
@@ -90,7 +91,7 @@ class _Observers:
         for d in waiting:
             self._deliver(d)
 
-    def _deliver(self, d):
+    def _deliver(self, d) -> None:
         assert self._outcome is not None  # delivered only once there is one
         how, value = self._outcome
         # A waiter cancelled by its timeout ignores this: Deferred suppresses the
@@ -119,7 +120,9 @@ class QmpProtocol(LineOnlyReceiver):
     # peer is not QEMU.
     MAX_LENGTH = 1 << 20
 
-    def __init__(self, on_event=None):
+    def __init__(
+        self, on_event: Callable[[str, dict[str, Any], float | None], object] | None = None
+    ) -> None:
         self._on_event = on_event
         self._pending: collections.deque[tuple[str, defer.Deferred[Any]]] = (
             collections.deque()
@@ -131,7 +134,7 @@ class QmpProtocol(LineOnlyReceiver):
 
     # -- public API -----------------------------------------------------------------
 
-    def when_ready(self):
+    def when_ready(self) -> defer.Deferred[dict[str, Any]]:
         """
         :return: a Deferred that fires with the server's greeting (the ``QMP`` object)
             once capabilities are negotiated, or fails with :obj:`QmpError` if the session
@@ -139,14 +142,16 @@ class QmpProtocol(LineOnlyReceiver):
         """
         return self._ready.when()
 
-    def when_disconnected(self):
+    def when_disconnected(self) -> defer.Deferred[Any]:
         """
         :return: a Deferred that fires, never fails, when the session ends, with the
             exception the connection was lost with (e.g. ``ConnectionDone``)
         """
         return self._disconnected.when()
 
-    def execute(self, command, arguments=None):
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None
+    ) -> defer.Deferred[Any]:
         """
         Run one command.
 
@@ -161,7 +166,7 @@ class QmpProtocol(LineOnlyReceiver):
             )
         return self._send(command, arguments)
 
-    def disconnect(self):
+    def disconnect(self) -> None:
         """
         Close the session from our side.  QEMU keeps running; pending commands fail with
         :obj:`QmpConnectionLost`.
@@ -180,7 +185,7 @@ class QmpProtocol(LineOnlyReceiver):
         self.sendLine(json.dumps(message).encode("utf-8"))
         return d
 
-    def lineReceived(self, line):
+    def lineReceived(self, line: bytes) -> None:
         line = line.strip()
         if not line:
             return
@@ -208,14 +213,14 @@ class QmpProtocol(LineOnlyReceiver):
         else:
             self._protocol_error(f"unexpected message {line[:200]!r}")
 
-    def lineLengthExceeded(self, line):
+    def lineLengthExceeded(self, line: bytes) -> None:
         self._protocol_error(f"line longer than {self.MAX_LENGTH} bytes")
 
-    def _negotiated(self, _):
+    def _negotiated(self, _) -> None:
         self._state = "ready"
         self._ready.succeed(self.greeting)
 
-    def _negotiation_failed(self, reason):
+    def _negotiation_failed(self, reason) -> None:
         # Connection loss already failed the ready observers; anything else is QEMU
         # refusing the handshake, after which the session is useless.
         if not reason.check(QmpConnectionLost):
@@ -242,7 +247,7 @@ class QmpProtocol(LineOnlyReceiver):
         else:
             d.callback(message["return"])
 
-    def _event(self, message):
+    def _event(self, message) -> None:
         data = message.get("data")
         stamp = message.get("timestamp")
         seconds = None
@@ -257,14 +262,14 @@ class QmpProtocol(LineOnlyReceiver):
         except Exception:
             self.log.failure("QMP event handler failed for {event}", event=message["event"])
 
-    def _protocol_error(self, why):
+    def _protocol_error(self, why) -> None:
         self.log.warn("QMP protocol error, closing: {why}", why=why)
         self._state = "broken"
         if self.transport is not None:
             # A Unix connection: it can be aborted (ITransport does not say so).
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason: failure.Failure = protocol.connectionDone) -> None:
         self._state = "closed"
         lost = QmpConnectionLost(reason)
         self._ready.fail(failure.Failure(lost))
@@ -274,7 +279,12 @@ class QmpProtocol(LineOnlyReceiver):
         self._disconnected.succeed(reason.value)
 
 
-def connect_qmp(reactor, path, on_event=None, timeout=10.0):
+def connect_qmp(
+    reactor: Any,
+    path: str,
+    on_event: Callable[[str, dict[str, Any], float | None], object] | None = None,
+    timeout: float = 10.0,
+) -> defer.Deferred[QmpProtocol]:
     """
     Connect to a QMP Unix socket and negotiate capabilities.
 

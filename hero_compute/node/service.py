@@ -2,25 +2,26 @@
 The node's RPC methods and the service tree that serves them and heartbeats explorers.
 """
 
+from __future__ import annotations
+
 import os
 import uuid
-from typing import TYPE_CHECKING, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-import hero_compute
 from hero_compute.rpc.addresses import Address
 from hero_compute.rpc.authz import NODE_POLICY
-from hero_compute.rpc.dispatch import Dispatcher
+from hero_compute.rpc.dispatch import service_dispatcher
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
 from hero_compute.rpc.limits import Limits
 from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.listeners import Listeners
-from hero_compute.rpc.schema import load_schema
 from hero_compute.rpc.websocket_server import Routes
 
 from .advertise import Advertiser, HeartbeatPayload
@@ -35,7 +36,12 @@ from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
 if TYPE_CHECKING:
+    from hero_compute.rpc.context import CallContext
+    from hero_compute.rpc.dispatch import Dispatcher
+    from hero_compute.rpc.interfaces import IRpcClient
     from hero_compute.rpc.tls import ClientTLS
+
+    from .vms import IVmManager
 
 log = Logger()
 
@@ -43,7 +49,7 @@ log = Logger()
 LEAVE_TIMEOUT = 2.0
 
 
-def load_node_id(state_dir):
+def load_node_id(state_dir: str) -> str:
     """
     The node's persisted id, generated on first use.
 
@@ -89,7 +95,7 @@ class NodeIdentity:
     labels: dict = attrs.field(factory=dict, kw_only=True)
     secret: str | None = attrs.field(default=None, repr=False)
 
-    def load(self):
+    def load(self) -> str:
         """
         Read (or make) the persisted id and secret, unless they are known already.
 
@@ -103,7 +109,7 @@ class NodeIdentity:
         return self.node_id
 
 
-def authorize(context, method, params):
+def authorize(context: CallContext, method: str, params: Any) -> None:
     """
     The node's column of the roles table (CONTRACT §6), for the dispatcher: Unix callers,
     ``client/*`` and ``explorer/*`` certificates may call everything, ``node/*`` nothing,
@@ -114,7 +120,7 @@ def authorize(context, method, params):
     NODE_POLICY.check(context.transport, context.identity, method, params)
 
 
-def _authorize_route(context, route, params):
+def _authorize_route(context: CallContext, route: str, params: Any) -> None:
     NODE_POLICY.check_route(context.transport, context.identity, route, params)
 
 
@@ -134,8 +140,16 @@ class NodeService(service.MultiService):
     """
 
     def __init__(
-        self, identity, vms, client, rpc, listeners, advertiser, heartbeats, tls=None
-    ):
+        self,
+        identity: NodeIdentity,
+        vms: IVmManager,
+        client: IRpcClient,
+        rpc: Dispatcher,
+        listeners: Listeners,
+        advertiser: Advertiser,
+        heartbeats: Iterable[HeartbeatLoop],
+        tls: NodeTLS | None = None,
+    ) -> None:
         service.MultiService.__init__(self)
         self.identity = identity
         self.vms = vms
@@ -147,18 +161,18 @@ class NodeService(service.MultiService):
         self.tls = tls
 
     @property
-    def node_id(self):
+    def node_id(self) -> str | None:
         """The node's id; None until it starts, unless configured."""
         return self.identity.node_id
 
     # Twisted's Service.name is a service's name in its parent; this one is the root
     # of the node's tree, whose name (read-only) is the node's.
     @property
-    def name(self):  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]
         """The node's human name."""
         return self.identity.name
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         self.identity.load()
         if self.tls is not None:
             # Before the listeners bind, so that a TLS listener that cannot bind (or
@@ -166,7 +180,7 @@ class NodeService(service.MultiService):
             self.tls.prepare()
         service.MultiService.privilegedStartService(self)
 
-    def startService(self):
+    def startService(self) -> None:
         self.identity.load()
         log.info("node {node_id} ({name}) starting", node_id=self.node_id, name=self.name)
         service.MultiService.startService(self)
@@ -208,7 +222,7 @@ def make_node(
     state_dir,
     interval,
     node_id=None,
-    name="",
+    name: str = "",
     labels=None,
     advertise=None,
     tls=None,
@@ -275,13 +289,7 @@ def make_node(
     # ClientSide stands in for the ClientTLS it will point at once enrolled.
     client = RpcClient(reactor, timeout=interval, tls=cast("ClientTLS | None", client_side))
     limits = limits or Limits()
-    rpc = Dispatcher(
-        load_schema("node"),
-        hero_compute.__version__,
-        authorize=authorize,
-        max_batch=limits.max_batch,
-        max_response=limits.max_response,
-    )
+    rpc = service_dispatcher("node", limits, authorize)
     sources = {"socket": "--socket", "tcp": "--tcp", "tls": "--tls", **(sources or {})}
     listens = [Listen.unix(socket_path, sources["socket"])]
     if tcp is not None:

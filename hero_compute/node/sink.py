@@ -7,12 +7,16 @@ Every way a body can end badly (too big, idle too long, cut, a write that fails)
 in one :class:`~hero_compute.node.fetch_errors.FetchError`.
 """
 
+from __future__ import annotations
+
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol, threads
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
@@ -30,16 +34,16 @@ class TempFile:
     :param path: where to create it (must not exist)
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.digest = hashlib.sha256()
         self._fd: int | None = None
 
-    def open(self):
+    def open(self) -> None:
         """Create it, 0644 (base images hold nothing secret), failing if it exists."""
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         """Hash and write ``data`` whole."""
         fd = self._fd
         assert fd is not None, "write before open"
@@ -48,7 +52,7 @@ class TempFile:
         while view:
             view = view[os.write(fd, view) :]
 
-    def finish(self):
+    def finish(self) -> None:
         """Flush it to disk and close it."""
         fd = self._fd
         assert fd is not None, "finish before open"
@@ -56,7 +60,7 @@ class TempFile:
         os.close(fd)
         self._fd = None
 
-    def discard(self):
+    def discard(self) -> None:
         """Close and remove it; nothing is left behind."""
         if self._fd is not None:
             os.close(self._fd)
@@ -85,7 +89,15 @@ class BodySink(protocol.Protocol):
     # ITransport does not say.
     transport: Any
 
-    def __init__(self, reactor, file, limit, total, progress, idle):
+    def __init__(
+        self,
+        reactor: Any,
+        file: TempFile,
+        limit: int,
+        total: int | None,
+        progress: Callable[[int, int | None], object],
+        idle: float,
+    ) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
@@ -98,25 +110,25 @@ class BodySink(protocol.Protocol):
         self._queued = 0
         self._writing = False
         self._paused = False
-        self._ended = None
-        self._error = None
+        self._ended: bool | None = None
+        self._error: FetchError | None = None
         # Set from connectionMade on; Any: IDelayedCall | None, read where it is set.
         self._timer: Any = None
 
-    def abort(self, error):
+    def abort(self, error: FetchError) -> None:
         """Fail with ``error`` and drop the connection (once it is handed over)."""
         if self.transport is None:
             self._error = error
         else:
             self._fail(error)
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         if self._error is not None:
             self.transport.stopProducing()
             return
         self._timer = self._reactor.callLater(self._idle, self._stalled)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
         self._timer.reset(self._idle)
@@ -137,7 +149,7 @@ class BodySink(protocol.Protocol):
             self.transport.pauseProducing()
         self._write_next()
 
-    def _write_next(self):
+    def _write_next(self) -> None:
         if self._writing or not self._queue or self._error is not None:
             return
         chunk = b"".join(self._queue)
@@ -149,7 +161,7 @@ class BodySink(protocol.Protocol):
         )
         d.addCallbacks(self._written, self._write_failed)
 
-    def _written(self, _):
+    def _written(self, _) -> None:
         self._writing = False
         if self._timer is not None:
             # A slow disk is no idle server: the clock runs only while we can read.
@@ -160,7 +172,7 @@ class BodySink(protocol.Protocol):
         self._write_next()
         self._maybe_done()
 
-    def _write_failed(self, failure):
+    def _write_failed(self, failure) -> None:
         self._writing = False
         error = failure.value
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -169,11 +181,11 @@ class BodySink(protocol.Protocol):
             reason = f"cannot write the image: {failure.getErrorMessage()}"
         self._fail(FetchError(reason))
 
-    def _stalled(self):
+    def _stalled(self) -> None:
         self._timer = None
         self._fail(FetchError(f"no data for {self._idle:g} s after {self.received} bytes"))
 
-    def _fail(self, error):
+    def _fail(self, error) -> None:
         if self._error is None:
             self._error = error
             self._queue.clear()
@@ -181,7 +193,7 @@ class BodySink(protocol.Protocol):
                 self.transport.stopProducing()
         self._maybe_done()
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -196,7 +208,7 @@ class BodySink(protocol.Protocol):
                 )
         self._maybe_done()
 
-    def _maybe_done(self):
+    def _maybe_done(self) -> None:
         if self.done.called or self._writing or self._ended is None:
             return
         if self._error is not None:

@@ -16,6 +16,7 @@ from hero_compute.options import (
     absolute_socket,
     from_env,
     help_text,
+    limit_help,
     limits,
     listen_address,
     parse_capacity,
@@ -174,7 +175,7 @@ class Options(TapOptions):
         *tap_vms.OPT_PARAMETERS,
     ]
 
-    def __init__(self, env=None):
+    def __init__(self, env=None) -> None:
         TapOptions.__init__(self)
         self["explorer"] = []
         self["image-dir"] = []
@@ -192,12 +193,12 @@ class Options(TapOptions):
         self["image-dir"].append(path)
 
     @help_text
-    def opt_image_max(self, text):
+    def opt_image_max(self, text) -> None:
         """Largest image image.import may bring, e.g. 20G [default: $NODE_IMAGE_MAX]."""
         self["image-max"] = text
 
     @help_text
-    def opt_image_fetch_local(self):
+    def opt_image_fetch_local(self) -> None:
         """image.import may fetch from loopback and link-local addresses."""
         self["image-fetch-local"] = "1"
 
@@ -212,11 +213,12 @@ class Options(TapOptions):
         except AddressError as e:
             raise usage.UsageError(f"--explorer: {e}") from None
 
-    @help_text
-    def opt_limit(self, item):
+    @limit_help("HERO_")
+    def opt_limit(self, item) -> None:
         """
         Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or
-        HERO_MAX_BATCH=50); may repeat [default: the HERO_* variables].
+        HERO_MAX_BATCH=50); may repeat [default: the HERO_* variables, else
+        {defaults}].
         """
         self["limit"].append(item)
 
@@ -283,7 +285,7 @@ class Options(TapOptions):
         if self.under_twistd:
             self._clean_startup_errors()
 
-    def _clean_startup_errors(self):
+    def _clean_startup_errors(self) -> None:
         from hero_compute.rpc.listeners import StartupFailed
         from hero_compute.rpc.tls import TLSConfigError
 

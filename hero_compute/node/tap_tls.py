@@ -4,8 +4,11 @@ key and fleet CA, and the join token and CA pin that enroll it when it has none.
 of the tap: each option also comes from its variable, the command line winning.
 """
 
+from __future__ import annotations
+
 import os
 import re
+from collections.abc import Mapping
 
 from twisted.python import usage
 
@@ -69,7 +72,7 @@ OPT_PARAMETERS = [
 ]
 
 
-def post_options(options, env):
+def post_options(options: usage.Options, env: Mapping[str, str]) -> None:
     """
     Fill the TLS options from the environment and defaults, and check that a node
     serving TLS has a certificate or the means to enroll for one

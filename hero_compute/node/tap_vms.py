@@ -4,8 +4,11 @@ may join, and the host ports and address of ``nat`` forwards.  Part of the tap: 
 option also comes from its variable, the command line winning.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import re
+from collections.abc import Mapping
 
 from twisted.python import usage
 
@@ -14,7 +17,7 @@ from hero_compute.options import from_env
 _BRIDGE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
-def accel_mode(text):
+def accel_mode(text: str) -> str:
     """Coerce ``NODE_ACCEL``: ``auto``, ``kvm`` or ``tcg``."""
     mode = text.strip().lower()
     if mode not in ("auto", "kvm", "tcg"):
@@ -22,7 +25,7 @@ def accel_mode(text):
     return mode
 
 
-def bridges(text):
+def bridges(text: str) -> tuple[str, ...]:
     """Coerce ``NODE_VM_BRIDGES``: a comma list of interface names."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     for name in names:
@@ -31,7 +34,7 @@ def bridges(text):
     return names
 
 
-def port_range(text):
+def port_range(text: str) -> tuple[int, int]:
     """Coerce ``NODE_VM_PORTS``: ``LOW-HIGH``, inclusive, within 1..65535."""
     match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text)
     if not match:
@@ -42,7 +45,7 @@ def port_range(text):
     return (low, high)
 
 
-def forward_address(text):
+def forward_address(text: str) -> str:
     """Coerce ``NODE_VM_FORWARD_ADDR``: an IPv4 address (QEMU forwards IPv4)."""
     try:
         return str(ipaddress.IPv4Address(text.strip()))
@@ -79,7 +82,7 @@ OPT_PARAMETERS = [
 ]
 
 
-def post_options(options, env):
+def post_options(options: usage.Options, env: Mapping[str, str]) -> None:
     """
     Fill the VM options from the environment and defaults, and build the node's
     network policy (``options["vm-network"]``).

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hero_compute import pki
+from hero_compute.rpc.backoff import retry_delay
 from hero_compute.rpc.errors import RpcError, TransportError
 from hero_compute.rpc.sighup import HangupReload
 from hero_compute.rpc.tls import (
@@ -252,10 +253,9 @@ class NodeTLS(service.MultiService):
             )
 
     def _retry_delay(self, failures, first=RETRY):
-        # Equal jitter, as heartbeats: a fleet whose explorer was down does not come
+        # Jittered as heartbeats are: a fleet whose explorer was down does not come
         # back to it in lockstep.
-        step = min(RETRY_CAP, first * 2 ** min(failures - 1, 20))
-        return step / 2 + step / 2 * self._rand()
+        return retry_delay(failures, first, RETRY_CAP, self._rand)
 
     # Renewal
 

@@ -5,11 +5,18 @@ The VM manager seam: what the node's RPC methods need from whatever runs VMs.
 (QEMU processes driven over QMP) and, for fast tests, by ``tests.fakes.MemoryVmManager``.
 """
 
+from __future__ import annotations
+
 import hashlib
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 #: The states of a VM, as on the wire.
 STATES = ("stopped", "starting", "running", "stopping", "error")
@@ -17,7 +24,7 @@ STATES = ("stopped", "starting", "running", "stopping", "error")
 DEFAULT_CMDLINE = "console=ttyS0"
 
 
-def mac_address(vm_id):
+def mac_address(vm_id: str) -> str:
     """
     :param vm_id: a VM id
     :return: the VM's stable MAC address, ``52:54:00:xx:xx:xx`` (QEMU's locally
@@ -27,7 +34,7 @@ def mac_address(vm_id):
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
 
 
-def default_hostname(name):
+def default_hostname(name: str) -> str:
     """
     :param name: a VM name
     :return: the host name a VM of that name gets when none is given: lower-cased, every
@@ -64,12 +71,12 @@ class VmNetwork:
     ports: tuple = ()
 
     @property
-    def bridge(self):
+    def bridge(self) -> str | None:
         """The bridge's name in ``bridge`` mode, else ``None``."""
         return self.mode.partition(":")[2] if self.mode.startswith("bridge:") else None
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, data: dict[str, Any]) -> VmNetwork:
         """:return: the network of a VmInfo's ``network``"""
         ports = tuple(PortForward(**p) for p in data.get("ports", ()))
         return cls(data["mode"], data["mac"], ports)
@@ -122,12 +129,12 @@ class VmRecord:
     ssh_keys: tuple = ()
     boot: BootSpec | None = None
 
-    def to_wire(self):
+    def to_wire(self) -> dict[str, Any]:
         """:return: the VmInfo dict (JSON arrays as lists)"""
         return attrs.asdict(self, value_serializer=_lists)
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, data: dict[str, Any]) -> VmRecord:
         """
         :param data: a VmInfo dict (checked already), possibly from before networks
         :return: the record
@@ -154,39 +161,46 @@ class IVmManager(Interface):
     operation the VM's state, or the node's capacity, does not allow.
     """
 
-    def create(name, vcpus, memory_mb, disk_gb, image=None, **access):
+    def create(
+        name: str,
+        vcpus: int,
+        memory_mb: int,
+        disk_gb: int,
+        image: str | None = None,
+        **access: Any,
+    ) -> Deferred[VmRecord]:
         """
         Define a VM and its disk; returns its :obj:`VmRecord`, state ``stopped``.
         ``access`` holds the optional ``vm.create`` params of CONTRACT §8
         (``ssh_keys``, ``user_data``, ``hostname``, ``network``, ``ports``, ``boot``).
         """
 
-    def start(vm_id):
+    def start(vm_id: str) -> Deferred[VmRecord]:
         """Start a stopped (or errored) VM; returns its :obj:`VmRecord`."""
 
-    def stop(vm_id, force=False):
+    def stop(vm_id: str, force: bool = False) -> Deferred[VmRecord]:
         """Stop a running VM; returns its :obj:`VmRecord`."""
 
-    def delete(vm_id):
+    def delete(vm_id: str) -> Deferred[bool]:
         """Stop if needed and delete a VM with its disk; returns True."""
 
-    def get(vm_id):
+    def get(vm_id: str) -> Deferred[VmRecord]:
         """Returns one :obj:`VmRecord`."""
 
-    def list():
+    def list() -> Deferred[list[VmRecord]]:
         """Returns all :obj:`VmRecord`s."""
 
-    def capacity():
+    def capacity() -> dict[str, int]:
         """Returns what VMs may reserve in all, ``{vcpus, memory_mb, disk_gb}``."""
 
-    def usage():
+    def usage() -> dict[str, int]:
         """Returns the ``{vcpus, memory_mb, disk_gb}`` given to this node's VMs."""
 
-    def accel():
+    def accel() -> str:
         """Returns the accelerator VMs run under: ``kvm``, ``tcg`` or ``probing``."""
 
 
-def usage_of(vms):
+def usage_of(vms: Iterable[VmRecord]) -> dict[str, int]:
     """
     The resources reserved by VMs: those of every defined VM, running or stopped, so
     every defined VM can run at once (CONTRACT §9).

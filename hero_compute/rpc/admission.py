@@ -34,12 +34,13 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from .limits import Limits
+from .throttle import REFUSALS_EVERY, Throttle
 from .tls_server import TLSServerFactory, TLSServerProtocol
 
 log = Logger()
 
 #: A refusal of one limit is logged at most once per this many seconds.
-LOG_EVERY = 10.0
+LOG_EVERY = REFUSALS_EVERY
 
 #: The answer to a head that did not arrive in time.
 _REQUEST_TIMEOUT = (
@@ -111,8 +112,8 @@ class Admission:
         self.per_host: collections.Counter[str] = collections.Counter()
         self.open = 0
         self.descriptors = Descriptors(self.clock)
-        self._last_log: dict[str, float] = {}
-        self._unlogged: collections.Counter[str] = collections.Counter()
+        # One refusal line per limit per LOG_EVERY, the others counted into the next.
+        self._log = Throttle(self.clock, LOG_EVERY)
 
     def sibling(self) -> Admission:
         """
@@ -122,7 +123,7 @@ class Admission:
         """
         other = Admission(self.limits, self.clock)
         other.refusals, other.descriptors = self.refusals, self.descriptors
-        other._last_log, other._unlogged = self._last_log, self._unlogged
+        other._log = self._log
         return other
 
     def admit(self, host: str | None) -> bool:
@@ -174,12 +175,9 @@ class Admission:
         self.refusals[limit] += 1
         if host is None and transport is not None:
             host = getattr(transport.getPeer(), "host", "unix")
-        now = self.clock.seconds()
-        if now - self._last_log.get(limit, -1e9) < LOG_EVERY:
-            self._unlogged[limit] += 1
+        more = self._log.offer(limit)
+        if more is None:
             return
-        self._last_log[limit] = now
-        more = self._unlogged.pop(limit, 0)
         log.warn(
             "refused ({limit}) a connection from {host}{more}",
             limit=limit,

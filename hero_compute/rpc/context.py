@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 from twisted.internet.address import UNIXAddress
@@ -16,6 +16,22 @@ from twisted.internet.interfaces import ISSLTransport, ITransport
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
+
+
+class CallerIdentity(Protocol):
+    """
+    Who a call is made as, beyond its transport: a TLS peer's verified SPIFFE id
+    (:class:`~hero_compute.pki.SpiffeId`), or a dashboard user.
+    """
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uri(self) -> str: ...
 
 
 @attrs.frozen
@@ -37,7 +53,7 @@ class CallContext:
 
     transport: str
     peer: str
-    identity: object = None
+    identity: CallerIdentity | None = None
     serial: int | None = None
     host: str | None = None
     not_before: float | None = None

@@ -35,13 +35,21 @@ from .errors import (
     ParseError,
     RpcError,
 )
+from .limits import DEFAULTS, Limits
 
 if TYPE_CHECKING:
     from .schema import Schema
 
 # CallContext is part of the dispatcher's interface (handlers and the authorize hook
 # receive one): importable from here, as the transports do.
-__all__ = ["MAX_BATCH", "MAX_RESPONSE", "Answer", "CallContext", "Dispatcher"]
+__all__ = [
+    "MAX_BATCH",
+    "MAX_RESPONSE",
+    "Answer",
+    "CallContext",
+    "Dispatcher",
+    "service_dispatcher",
+]
 
 log = Logger()
 
@@ -53,8 +61,8 @@ _Response = Union[dict[str, Any], None, "defer.Deferred[dict[str, Any] | None]"]
 
 #: Requests in one batch, and bytes in one response body, unless the service says
 #: otherwise (CONTRACT §7: ``HERO_MAX_BATCH``, ``HERO_MAX_RESPONSE``).
-MAX_BATCH = 100
-MAX_RESPONSE = 16 * 1024 * 1024
+MAX_BATCH = DEFAULTS.max_batch
+MAX_RESPONSE = DEFAULTS.max_response
 
 
 @attrs.frozen
@@ -281,6 +289,34 @@ class Dispatcher:
         if handler.wants_context:
             args = [context, *args]
         return handler, args, kwargs
+
+
+def service_dispatcher(
+    service: str,
+    limits: Limits,
+    authorize: Callable[[CallContext, str, Any], object] | None,
+) -> Dispatcher:
+    """
+    The dispatcher of a service, as the explorer, its dashboard and the node each build
+    theirs: the service's schema, the package's version for ``rpc.discover``, its
+    authorize hook and the batch and response limits.
+
+    :param service: ``"explorer"`` or ``"node"``, the schema's name
+    :param limits: the :class:`~hero_compute.rpc.limits.Limits`
+    :param authorize: the authorize hook (see :class:`Dispatcher`)
+    """
+    import hero_compute
+
+    # The schema's validators are compiled at load: not at import of the transport.
+    from .schema import load_schema
+
+    return Dispatcher(
+        load_schema(service),
+        hero_compute.__version__,
+        authorize=authorize,
+        max_batch=limits.max_batch,
+        max_response=limits.max_response,
+    )
 
 
 def _as_rpc_error(failure: Failure, message: dict[str, Any]) -> RpcError:

@@ -21,11 +21,13 @@ from twisted.python.failure import Failure
 
 from .addresses import Address
 from .errors import BadResponse, ConnectionRefused
+from .limits import DEFAULTS
 from .sendnow import send_now
 
 #: Responses larger than this are refused, so a misbehaving peer cannot make us buffer
-#: without bound (a proxied result passes through the explorer's memory).
-MAX_RESPONSE = 16 * 1024 * 1024
+#: without bound (a proxied result passes through the explorer's memory): by default as
+#: large as a server of ours may answer (``HERO_MAX_RESPONSE``).
+MAX_RESPONSE = DEFAULTS.max_response
 
 #: Seconds a pooled idle connection is kept; below the server's idle timeout so that
 #: it is the client that closes, never the server under a request being sent.
@@ -35,7 +37,7 @@ POOL_IDLE = 50
 #: (``EXPLORER_CALLS_PER_NODE``).  With fewer, every call beyond them closed its
 #: connection when done and the next one opened a new one: under 8 concurrent
 #: ``explorer.call`` a pool of 4 spent more time connecting than calling.
-MAX_IDLE_PER_PEER = 16
+MAX_IDLE_PER_PEER = DEFAULTS.calls_per_node
 
 if TYPE_CHECKING:
     from .tls import ClientTLS, Expected

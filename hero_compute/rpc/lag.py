@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .metrics import Histogram, histogram_family
+from .throttle import Throttle
 
 log = Logger()
 
@@ -72,12 +73,13 @@ class ReactorLag(service.Service):
         self._log_every = log_every
         self._call: IDelayedCall | None = None
         self._due = 0.0
+        # One line per log_every: a pause, or the sum of those held since the last.
+        self._log = Throttle(clock, log_every)
         # Pauses not yet logged: how many, their total and the longest, since when.
         self._held = 0
         self._held_total = 0.0
         self._held_longest = 0.0
         self._held_since = 0.0
-        self._quiet_until = 0.0
         #: The last lag measured, in seconds.
         self.last = 0.0
         #: Every lag measured, in seconds.
@@ -94,6 +96,7 @@ class ReactorLag(service.Service):
             self._call.cancel()
         self._call = None
         if self._held:
+            self._log.take()
             self._report(self._clock.seconds())
         service.Service.stopService(self)
         return None
@@ -114,7 +117,9 @@ class ReactorLag(service.Service):
             self._held += 1
             self._held_total += lag
             self._held_longest = max(self._held_longest, lag)
-        if self._held and now >= self._quiet_until:
+            if self._log.offer() is not None:
+                self._report(now)
+        elif self._held and self._log.flush():
             self._report(now)
 
     def _report(self, now: float) -> None:
@@ -137,7 +142,6 @@ class ReactorLag(service.Service):
             )
         self._held = 0
         self._held_total = self._held_longest = 0.0
-        self._quiet_until = now + self._log_every
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, read now."""

@@ -47,6 +47,11 @@ class Limits:
     forget_after: float = 7 * 86400.0
 
 
+#: The defaults of CONTRACT §7, the one place they are written: what a signature taking
+#: a single limit defaults to, and what ``--help`` says.
+DEFAULTS = Limits()
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -76,6 +81,25 @@ VARIABLES: Mapping[str, tuple[str, Callable[[str], object]]] = {
     "new_nodes_per_addr": ("EXPLORER_NEW_NODES_PER_ADDR", _positive_int),
     "forget_after": ("NODE_FORGET_AFTER", _positive_float),
 }
+
+
+def defaults_text(*prefixes: str) -> str:
+    """
+    The defaults of the limits whose variables start with one of ``prefixes``, as
+    ``--limit`` takes them (``max_batch=100, ...``), for ``--help``.
+
+    :param prefixes: ``"HERO_"``, ``"EXPLORER_"``, ``"NODE_"``
+    """
+    return ", ".join(
+        f"{field}={_text(getattr(DEFAULTS, field))}"
+        for field, (name, _) in VARIABLES.items()
+        if name.startswith(prefixes)
+    )
+
+
+def _text(value: object) -> str:
+    """A default as it would be typed: ``10`` for 10.0 seconds, bytes in full."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def limits_from(env: Mapping[str, str], **given: object) -> Limits:

@@ -4,13 +4,19 @@ e.g. an explorer's SQLite file into the PostgreSQL database several explorers wi
 share: identities, secret hashes, tokens, revocations, node records and the audit log.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 from . import is_postgres, open_store
 from .schema import COPY_TABLES, StoreError
 
+if TYPE_CHECKING:
+    from .interface import IStore
 
-def copy_state(source, target):
+
+def copy_state(source: IStore, target: IStore) -> dict[str, int]:
     """
     Copy every table of :data:`COPY_TABLES` from one open store into another, which
     must hold nothing yet (a copy never merges two fleets' identities).
@@ -35,7 +41,7 @@ def copy_state(source, target):
     return counts
 
 
-def copy_between(source, target):
+def copy_between(source: str, target: str) -> tuple[str, str, dict[str, int]]:
     """
     Open both stores (the source must exist), copy, close.
 

@@ -14,15 +14,21 @@ first: writes from all explorers are serialised, a token is redeemed once in the
 fleet, and ``changes`` rows commit in ``seq`` order (the poll never skips one).
 """
 
+from __future__ import annotations
+
 import contextlib
 import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from hero_compute.rpc.errors import StoreUnavailable
 
+from .interface import IStore
 from .migrations import LATEST, POSTGRES
 from .postgres_trust import PostgresTrust
 from .rows import (
@@ -47,7 +53,7 @@ WRITE_LOCK = 0x6865726F01
 CONNECT_TIMEOUT = 3
 
 
-def redact(dsn):
+def redact(dsn: str) -> str:
     """
     :param dsn: a libpq connection string or ``postgresql://`` URI
     :return: ``postgresql://user@host:port/dbname``, safe to log: never a password
@@ -62,6 +68,7 @@ def redact(dsn):
     return f"postgresql://{user}{host}{port}/{parts.get('dbname', '')}"
 
 
+@implementer(IStore)
 class PostgresStore(PostgresTrust, PostgresUiTokens):
     """
     The explorer's state in a PostgreSQL database.  Open with :meth:`open`.
@@ -72,7 +79,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
     kind = "postgresql"
     shared = True
 
-    def __init__(self, dsn, conn):
+    def __init__(self, dsn: str, conn: Any) -> None:
         self._dsn = dsn
         self.location = redact(dsn)
         self._conn = conn
@@ -89,10 +96,10 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
         self._issued_at = {}
         # Dashboard user -> the hashes of its revoked login tokens (.ui_tokens).
         self._ui_revoked = {}
-        self._watcher = None
+        self._watcher: Watcher | None = None
 
     @classmethod
-    def open(cls, dsn, watch=True):
+    def open(cls, dsn: str, watch: bool = True) -> PostgresStore:
         """
         Connect, migrate the schema under a lock, load the mirror and start watching.
 
@@ -167,7 +174,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
         self._load_ui(conn)
         return seq
 
-    def refresh(self, conn, node_ids):
+    def refresh(self, conn: psycopg.Connection[Any], node_ids: Iterable[str]) -> None:
         """Re-read some ids into the mirror (the watcher, for others' changes)."""
         ids = list(node_ids)
         rows = conn.execute(SELECT_IDENTITY + " WHERE node_id = ANY(%s)", (ids,)).fetchall()
@@ -193,13 +200,13 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
         self._revoked_ids.update(revoked)
         self._issued_at.update((int(s, 16), at) for s, at in issued)
 
-    def state(self):
+    def state(self) -> str:
         """:return: ``up`` or ``down``, as the watcher last saw the server"""
         if self._watcher is None:
             return "up" if self._conn is not None else "down"
         return self._watcher.state
 
-    def close(self):
+    def close(self) -> None:
         """Stop watching and close the connection; calling it again does nothing."""
         if self._watcher is not None:
             self._watcher.stop()
@@ -212,7 +219,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
     # -- the one door to the server ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _use(self, write=False):
+    def _use(self, write: bool = False):
         """
         The connection, in a transaction; serialised with the other writers when
         ``write``.  A lost server becomes :class:`StoreUnavailable` (-32007).
@@ -242,7 +249,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                     self._watcher.lost(e)
                 raise StoreUnavailable() from None
 
-    def _changed(self, conn, node_id, kind="node"):
+    def _changed(self, conn, node_id, kind: str = "node") -> None:
         """
         Tell the other explorers (inside the writing transaction) and ourselves.
 
@@ -256,14 +263,14 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
         )
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, node_id))
 
-    def _mine(self, conn, node_id):
+    def _mine(self, conn, node_id) -> None:
         # Our own write, seen at once (the others see it within the watcher's poll).
         with self._mirror:
             self.refresh(conn, [node_id])
 
     # -- nodes -------------------------------------------------------------------------
 
-    def load_nodes(self):
+    def load_nodes(self) -> list[dict[str, Any]]:
         """:return: every stored node record, as :meth:`Store.load_nodes`"""
         with self._use() as conn:
             rows = conn.execute(
@@ -271,11 +278,11 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
             ).fetchall()
         return node_records(rows)
 
-    def save_node(self, record):
+    def save_node(self, record: Mapping[str, Any]) -> None:
         """Store one node record."""
         self.save_nodes([record])
 
-    def save_nodes(self, records):
+    def save_nodes(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Store many node records in one transaction."""
         rows = node_rows(records)
         updates = ", ".join(f"{f} = excluded.{f}" for f in NODE_FIELDS[1:])
@@ -287,7 +294,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 rows,
             )
 
-    def touch_nodes(self, last_seen):
+    def touch_nodes(self, last_seen: Mapping[str, float]) -> None:
         """Move stored ``last_seen`` times forward."""
         if not last_seen:
             return
@@ -297,7 +304,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 [(seen, node_id, seen) for node_id, seen in last_seen.items()],
             )
 
-    def forget_node(self, node_id):
+    def forget_node(self, node_id: str) -> bool:
         """:return: whether there was a record to drop"""
         with self._use() as conn:
             cur = conn.execute("DELETE FROM nodes WHERE node_id = %s", (node_id,))
@@ -305,7 +312,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
 
     # -- audit -------------------------------------------------------------------------
 
-    def add_audit(self, entries):
+    def add_audit(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """Append audit entries in one transaction."""
         with self._use() as conn, conn.cursor() as cur:
             cur.executemany(
@@ -314,7 +321,9 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 [[e[f] for f in AUDIT_FIELDS] for e in entries],
             )
 
-    def audit(self, since=None, limit=100, node_id=None):
+    def audit(
+        self, since: float | None = None, limit: int = 100, node_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """:return: audit entries, newest first (as :meth:`Store.audit`)"""
         with self._use() as conn:
             rows = conn.execute(
@@ -327,7 +336,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
 
     # -- state copy --------------------------------------------------------------------
 
-    def rows(self, table, columns):
+    def rows(self, table: str, columns: Sequence[str]) -> list[list[Any]]:
         """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
         with self._use() as conn:
             return [
@@ -337,7 +346,9 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 )
             ]
 
-    def insert_rows(self, table, columns, rows):
+    def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
         """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
         with self._use(write=True) as conn, conn.cursor() as cur:
             cur.executemany(

@@ -5,12 +5,17 @@ lock and announced to the other explorers.  :class:`~.postgres.PostgresStore` is
 on it; the connection, the mirror and the node records are there.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .rows import SELECT_IDENTITY
 from .schema import TokenRefused, check_sha256, serial_text
+
+if TYPE_CHECKING:
+    from .schema import Identity
 
 
 class PostgresTrust:
@@ -29,14 +34,14 @@ class PostgresTrust:
 
     # -- identities --------------------------------------------------------------------
 
-    def identity(self, node_id):
+    def identity(self, node_id: str) -> Identity | None:
         """:return: the id's :class:`Identity`, or ``None``: from memory"""
         return self._identities.get(node_id)
 
     def _row(self, conn, node_id):
         return conn.execute(SELECT_IDENTITY + " WHERE node_id = %s", (node_id,)).fetchone()
 
-    def bind_secret(self, node_id, secret_sha256):
+    def bind_secret(self, node_id: str, secret_sha256: str) -> bool:
         """Bind a secret on first sight, or compare it (as :meth:`Store.bind_secret`)."""
         check_sha256(secret_sha256, "secret_sha256")
         with self._use(write=True) as conn:
@@ -66,7 +71,7 @@ class PostgresTrust:
             self._mine(conn, node_id)
             return ok
 
-    def mark_enrolled(self, node_id, cert_serial, now):
+    def mark_enrolled(self, node_id: str, cert_serial: int, now: float) -> None:
         """Bind an id to a newly enrolled certificate (as :meth:`Store.mark_enrolled`)."""
         new = serial_text(cert_serial)
         with self._use(write=True) as conn:
@@ -84,7 +89,9 @@ class PostgresTrust:
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
-    def renew_serial(self, node_id, old_serial, new_serial, now):
+    def renew_serial(
+        self, node_id: str, old_serial: int, new_serial: int, now: float
+    ) -> bool:
         """Compare-and-swap an id's certificate (as :meth:`Store.renew_serial`)."""
         old, new = serial_text(old_serial), serial_text(new_serial)
         with self._use(write=True) as conn:
@@ -105,20 +112,20 @@ class PostgresTrust:
             self._mine(conn, node_id)
             return True
 
-    def _issued(self, conn, serial, node_id, now):
+    def _issued(self, conn, serial, node_id, now) -> None:
         conn.execute(
             "INSERT INTO issued_serials VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
             (serial, node_id, now),
         )
 
-    def issued_at(self, serial):
+    def issued_at(self, serial: int) -> float | None:
         """
         :return: when a certificate was signed by an explorer of this database, for
             ids ever revoked (the only ones asked about), or ``None``: from memory
         """
         return self._issued_at.get(serial)
 
-    def knows(self, node_id):
+    def knows(self, node_id: str) -> bool:
         """:return: whether anything is held about the id (as :meth:`Store.knows`)"""
         if node_id in self._revoked_ids or self.identity(node_id) is not None:
             return True
@@ -130,7 +137,7 @@ class PostgresTrust:
                 for table in ("nodes", "revoked_serials", "issued_serials")
             )
 
-    def forget_identity(self, node_id):
+    def forget_identity(self, node_id: str) -> None:
         """Forget an id's binding; a revocation stays (as :meth:`Store.forget_identity`)."""
         with self._use(write=True) as conn:
             conn.execute(
@@ -142,7 +149,7 @@ class PostgresTrust:
 
     # -- tokens ------------------------------------------------------------------------
 
-    def add_token(self, token_hash, node_id, expires_at):
+    def add_token(self, token_hash: str, node_id: str | None, expires_at: float) -> None:
         """Keep a join token by its hash."""
         check_sha256(token_hash, "token_hash")
         with self._use() as conn:
@@ -151,7 +158,7 @@ class PostgresTrust:
                 (token_hash, node_id, expires_at),
             )
 
-    def peek_token(self, token_hash, now):
+    def peek_token(self, token_hash: str, now: float) -> str | None:
         """:return: the node id a live token allows; :raises TokenRefused:"""
         with self._use() as conn:
             row = conn.execute(
@@ -163,7 +170,7 @@ class PostgresTrust:
             raise TokenRefused()
         return row[0]
 
-    def redeem_token(self, token_hash, now):
+    def redeem_token(self, token_hash: str, now: float) -> str | None:
         """Use a token up, atomically across every explorer; :raises TokenRefused:"""
         check_sha256(token_hash, "token_hash")
         with self._use(write=True) as conn:
@@ -179,7 +186,7 @@ class PostgresTrust:
 
     # -- revocation --------------------------------------------------------------------
 
-    def revoke(self, node_id, now):
+    def revoke(self, node_id: str, now: float) -> None:
         """Revoke an id (as :meth:`Store.revoke`)."""
         with self._use(write=True) as conn:
             row = self._row(conn, node_id)
@@ -209,14 +216,14 @@ class PostgresTrust:
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
-    def revoke_serial(self, serial, node_id, now):
+    def revoke_serial(self, serial: int, node_id: str, now: float) -> None:
         """Refuse one certificate from now on."""
         with self._use(write=True) as conn:
             self._revoke_serials(conn, node_id, (serial_text(serial),), now)
             self._changed(conn, node_id)
             self._mine(conn, node_id)
 
-    def _revoke_serials(self, conn, node_id, serials, now, keep=None):
+    def _revoke_serials(self, conn, node_id, serials, now, keep=None) -> None:
         revoked = [s for s in serials if s is not None and s != keep]
         with conn.cursor() as cur:
             cur.executemany(
@@ -224,10 +231,10 @@ class PostgresTrust:
                 [(s, node_id, now) for s in revoked],
             )
 
-    def is_revoked_serial(self, serial):
+    def is_revoked_serial(self, serial: int) -> bool:
         """:return: whether the serial is revoked: from memory"""
         return serial in self._revoked_serials
 
-    def id_revoked_at(self, node_id):
+    def id_revoked_at(self, node_id: str) -> float | None:
         """:return: the last time the id was revoked, or ``None``: from memory"""
         return self._revoked_ids.get(node_id)

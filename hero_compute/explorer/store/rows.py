@@ -3,7 +3,11 @@ Rows into records and back, the same for both backends (:mod:`.sqlite` and
 :mod:`.postgres`): only the SQL around them differs.
 """
 
+from __future__ import annotations
+
 import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -18,7 +22,7 @@ SELECT_IDENTITY = (
 )
 
 
-def identity(row):
+def identity(row: Sequence[Any]) -> Identity:
     """
     :param row: one row of :data:`SELECT_IDENTITY` from ``identities`` row
     :return: its :class:`~.schema.Identity`
@@ -34,7 +38,7 @@ def identity(row):
     )
 
 
-def node_records(rows):
+def node_records(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     """
     :param rows: ``nodes`` rows of :data:`~.schema.NODE_FIELDS`
     :return: node records (dicts); an undecodable row is logged and skipped, so one
@@ -56,7 +60,7 @@ def node_records(rows):
     return nodes
 
 
-def node_rows(records):
+def node_rows(records: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
     """
     :param records: mappings with at least :data:`~.schema.NODE_FIELDS`
     :return: their ``nodes`` rows, the JSON fields encoded
@@ -72,12 +76,12 @@ def node_rows(records):
     ]
 
 
-def audit_entries(rows):
+def audit_entries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     """:return: audit rows of :data:`~.schema.AUDIT_FIELDS` as dicts"""
     return [dict(zip(AUDIT_FIELDS, row, strict=True)) for row in rows]
 
 
-def copy_order(table):
+def copy_order(table: str) -> str:
     """:return: the ``ORDER BY`` that keeps a copied table's order (the audit log's)"""
     # The audit log keeps its order through a copy (a new id per row).
     return " ORDER BY id" if table == "audit" else ""

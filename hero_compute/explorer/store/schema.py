@@ -7,8 +7,12 @@ Everything public here is re-exported by :mod:`hero_compute.explorer.store`; imp
 from there.
 """
 
+from __future__ import annotations
+
 import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -149,7 +153,7 @@ class Identity:
     revoked: bool
 
 
-def needs_save(old, new):
+def needs_save(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     """
     Whether a node's record changed in a way worth writing.
 
@@ -161,20 +165,20 @@ def needs_save(old, new):
     return old is None or any(old[f] != new[f] for f in DURABLE_FIELDS)
 
 
-def check_sha256(value, what):
+def check_sha256(value: object, what: str) -> str:
     if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
         # Catches the costly mistake of handing the store a token or secret in clear.
         raise ValueError(f"{what} must be 64 lowercase hex characters (a SHA-256)")
     return value
 
 
-def serial_text(serial):
+def serial_text(serial: object) -> str:
     if not isinstance(serial, int) or isinstance(serial, bool) or serial < 0:
         raise ValueError(f"a certificate serial must be a non-negative int, not {serial!r}")
     return format(serial, "x")
 
 
-def create_private(path):
+def create_private(path: str | os.PathLike[str]) -> None:
     """Create the state file 0600 and its directory 0700 when they are missing."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):

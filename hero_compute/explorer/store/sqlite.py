@@ -15,12 +15,18 @@ connections to the same file (a restart overlapping a dying explorer, or a test)
 never both redeem one token or interleave half-made changes.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
+from zope.interface import implementer
 
+from .interface import IStore
 from .rows import audit_entries, copy_order, node_records, node_rows
 from .schema import (
     AUDIT_FIELDS,
@@ -50,6 +56,7 @@ __all__ = [
 ]
 
 
+@implementer(IStore)
 @attrs.define
 class Store(SqliteTrust, SqliteUiTokens):
     """
@@ -78,7 +85,7 @@ class Store(SqliteTrust, SqliteUiTokens):
     _ui_revoked: dict = attrs.field(factory=dict, init=False, repr=False)
 
     @classmethod
-    def open(cls, path, timeout=5.0):
+    def open(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> Store:
         """
         Open (creating when missing) the state file and bring its schema up to date.
 
@@ -138,7 +145,7 @@ class Store(SqliteTrust, SqliteUiTokens):
         )
         self._load_ui()
 
-    def _migrate(self, version):
+    def _migrate(self, version) -> None:
         while version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
                 self._db.execute(statement)
@@ -175,21 +182,21 @@ class Store(SqliteTrust, SqliteUiTokens):
             raise
 
     @property
-    def location(self):
+    def location(self) -> str:
         """The file, as the log names it."""
         return self.path
 
-    def state(self):
+    def state(self) -> str:
         """:return: ``up``: a local file does not go away"""
         return "up"
 
-    def close(self):
+    def close(self) -> None:
         """Close the database; calling it again does nothing."""
         self._db.close()
 
     # -- nodes -------------------------------------------------------------------------
 
-    def load_nodes(self):
+    def load_nodes(self) -> list[dict[str, Any]]:
         """
         :return: every stored node record, a list of dicts with :data:`NODE_FIELDS`,
             ordered by node id; an undecodable row is logged and skipped, so one bad
@@ -199,7 +206,7 @@ class Store(SqliteTrust, SqliteUiTokens):
             self._db.execute(f"SELECT {', '.join(NODE_FIELDS)} FROM nodes ORDER BY node_id")
         )
 
-    def save_node(self, record):
+    def save_node(self, record: Mapping[str, Any]) -> None:
         """
         Store a node's record, replacing any earlier one.  Call it when
         :func:`needs_save` says so, not per heartbeat.
@@ -209,7 +216,7 @@ class Store(SqliteTrust, SqliteUiTokens):
         """
         self.save_nodes([record])
 
-    def save_nodes(self, records):
+    def save_nodes(self, records: Iterable[Mapping[str, Any]]) -> None:
         """
         Store many records in one transaction: a fleet registering at once costs a
         commit per batch, not one per node (a tenth of the CPU, measured).
@@ -224,7 +231,7 @@ class Store(SqliteTrust, SqliteUiTokens):
                 rows,
             )
 
-    def touch_nodes(self, last_seen):
+    def touch_nodes(self, last_seen: Mapping[str, float]) -> None:
         """
         Record newer ``last_seen`` times in one transaction (e.g. every few minutes and
         at shutdown), so ``NODE_FORGET_AFTER`` counts from the truth after a restart.
@@ -238,7 +245,7 @@ class Store(SqliteTrust, SqliteUiTokens):
                 [(seen, node_id) for node_id, seen in last_seen.items()],
             )
 
-    def forget_node(self, node_id):
+    def forget_node(self, node_id: str) -> bool:
         """:return: whether there was a record to drop (the identity stays; see
         :meth:`forget_identity`)"""
         return (
@@ -247,7 +254,7 @@ class Store(SqliteTrust, SqliteUiTokens):
 
     # -- audit -------------------------------------------------------------------------
 
-    def add_audit(self, entries):
+    def add_audit(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """
         Append audit entries in one transaction.
 
@@ -259,7 +266,9 @@ class Store(SqliteTrust, SqliteUiTokens):
                 [[e[f] for f in AUDIT_FIELDS] for e in entries],
             )
 
-    def audit(self, since=None, limit=100, node_id=None):
+    def audit(
+        self, since: float | None = None, limit: int = 100, node_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """
         :param since: only entries at or after this Unix time
         :param node_id: only entries whose target is this node (or one of its VMs)
@@ -276,7 +285,7 @@ class Store(SqliteTrust, SqliteUiTokens):
 
     # -- state copy --------------------------------------------------------------------
 
-    def rows(self, table, columns):
+    def rows(self, table: str, columns: Sequence[str]) -> list[list[Any]]:
         """:return: every row of a table of :data:`COPY_TABLES`, as lists"""
         return [
             list(r)
@@ -285,7 +294,9 @@ class Store(SqliteTrust, SqliteUiTokens):
             )
         ]
 
-    def insert_rows(self, table, columns, rows):
+    def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
         """Add rows to a table of :data:`COPY_TABLES`, in one transaction."""
         with self._transaction():
             self._db.executemany(

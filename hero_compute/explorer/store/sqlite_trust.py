@@ -5,12 +5,18 @@ only) and revocations.  :class:`~.sqlite.Store` is built on it; the file, its sc
 its transactions and the node records are there.
 """
 
+from __future__ import annotations
+
 import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from .rows import identity
 from .schema import TokenRefused, check_sha256, serial_text
+
+if TYPE_CHECKING:
+    from .schema import Identity
 
 
 class SqliteTrust:
@@ -37,7 +43,7 @@ class SqliteTrust:
             (node_id,),
         ).fetchone()
 
-    def identity(self, node_id):
+    def identity(self, node_id: str) -> Identity | None:
         """:return: the node id's :class:`Identity`, or ``None`` when nothing is held"""
         try:
             return self._identities[node_id]
@@ -52,7 +58,7 @@ class SqliteTrust:
             return None
         return identity((node_id, *row))
 
-    def bind_secret(self, node_id, secret_sha256):
+    def bind_secret(self, node_id: str, secret_sha256: str) -> bool:
         """
         Bind a node secret to an id on first sight, or check it against the bound one.
 
@@ -85,7 +91,7 @@ class SqliteTrust:
                 return True
             return bound == secret_sha256
 
-    def mark_enrolled(self, node_id, cert_serial, now):
+    def mark_enrolled(self, node_id: str, cert_serial: int, now: float) -> None:
         """
         Bind an id to a newly enrolled certificate.  Any earlier certificates of the id
         (current and previous) are revoked: a node enrolls again when its key is lost or
@@ -109,7 +115,9 @@ class SqliteTrust:
             )
             self._issued(new, node_id, now)
 
-    def renew_serial(self, node_id, old_serial, new_serial, now):
+    def renew_serial(
+        self, node_id: str, old_serial: int, new_serial: int, now: float
+    ) -> bool:
         """
         Replace an id's current certificate by a renewed one, if ``old_serial`` is still
         current (compare-and-swap: of two renewals from one certificate only the first
@@ -137,13 +145,13 @@ class SqliteTrust:
             self._issued(new, node_id, now)
             return True
 
-    def _issued(self, serial, node_id, now):
+    def _issued(self, serial, node_id, now) -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO issued_serials VALUES (?, ?, ?)", (serial, node_id, now)
         )
         self._issued_at.pop(int(serial, 16), None)
 
-    def issued_at(self, serial):
+    def issued_at(self, serial: int) -> float | None:
         """
         :param serial: a certificate serial (an ``int``)
         :return: when this explorer signed that certificate (enrollment or renewal), or
@@ -159,7 +167,7 @@ class SqliteTrust:
         issued = self._issued_at[serial] = None if row is None else row[0]
         return issued
 
-    def knows(self, node_id):
+    def knows(self, node_id: str) -> bool:
         """
         :return: whether anything is held about the id: a node record, an identity
             (secret binding, enrollment, revocation), a revocation of the id or of one
@@ -175,7 +183,7 @@ class SqliteTrust:
             for table in ("nodes", "revoked_serials", "issued_serials")
         )
 
-    def forget_identity(self, node_id):
+    def forget_identity(self, node_id: str) -> None:
         """
         Forget an id's secret binding and enrollment, as when a node is removed.
         Removing never undoes a revocation: a revoked id stays revoked, and revoked
@@ -190,7 +198,7 @@ class SqliteTrust:
 
     # -- tokens ------------------------------------------------------------------------
 
-    def add_token(self, token_hash, node_id, expires_at):
+    def add_token(self, token_hash: str, node_id: str | None, expires_at: float) -> None:
         """
         Store a join token by its hash.
 
@@ -204,7 +212,7 @@ class SqliteTrust:
             (token_hash, node_id, expires_at),
         )
 
-    def peek_token(self, token_hash, now):
+    def peek_token(self, token_hash: str, now: float) -> str | None:
         """
         Check a token without using it up.
 
@@ -220,7 +228,7 @@ class SqliteTrust:
             raise TokenRefused()
         return row[0]
 
-    def redeem_token(self, token_hash, now):
+    def redeem_token(self, token_hash: str, now: float) -> str | None:
         """
         Use a token up, atomically: of two redeems only one succeeds.  Expired tokens
         are purged on the way.
@@ -244,13 +252,13 @@ class SqliteTrust:
             raise TokenRefused()
         return row[0]
 
-    def _purge_tokens(self, now):
+    def _purge_tokens(self, now) -> None:
         # Used tokens are kept until they expire, so the record shows they were used.
         self._db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
 
     # -- revocation --------------------------------------------------------------------
 
-    def revoke(self, node_id, now):
+    def revoke(self, node_id: str, now: float) -> None:
         """
         Revoke a node id: its current and previous certificates and its bound secret are
         refused from now on, and the id stays revoked until it enrolls again.
@@ -283,12 +291,12 @@ class SqliteTrust:
             )
         self._revoked_ids[node_id] = max(now, self._revoked_ids.get(node_id, now))
 
-    def revoke_serial(self, serial, node_id, now):
+    def revoke_serial(self, serial: int, node_id: str, now: float) -> None:
         """Refuse one certificate from now on, e.g. one signed but never handed out."""
         with self._transaction():
             self._revoke_serials(node_id, (serial_text(serial),), now)
 
-    def _revoke_serials(self, node_id, serials, now, keep=None):
+    def _revoke_serials(self, node_id, serials, now, keep=None) -> None:
         revoked = [s for s in serials if s is not None and s != keep]
         self._db.executemany(
             "INSERT OR IGNORE INTO revoked_serials VALUES (?, ?, ?)",
@@ -296,11 +304,11 @@ class SqliteTrust:
         )
         self._revoked_serials.update(int(s, 16) for s in revoked)
 
-    def is_revoked_serial(self, serial):
+    def is_revoked_serial(self, serial: int) -> bool:
         """:return: whether the certificate with this serial has been revoked"""
         return serial in self._revoked_serials
 
-    def id_revoked_at(self, node_id):
+    def id_revoked_at(self, node_id: str) -> float | None:
         """
         :return: the last time the id was revoked (kept through re-enrollment and
             removal), or ``None`` if it never was

@@ -17,7 +17,7 @@ made in the last :data:`~hero_compute.explorer.ui_accounts.MAX_TTL` (30 days).
 """
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -75,7 +75,15 @@ class SqliteUiTokens:
             )
         )
 
-    def add_ui_token(self, token_hash, user, role, now, expires_at, limit):
+    def add_ui_token(
+        self,
+        token_hash: str,
+        user: str,
+        role: str,
+        now: float,
+        expires_at: float,
+        limit: int,
+    ) -> bool:
         """
         Keep a login token by its hash, unless ``limit`` tokens already wait to be used.
         Expired rows are purged on the way.
@@ -98,7 +106,7 @@ class SqliteUiTokens:
             )
             return True
 
-    def redeem_ui_token(self, token_hash, now):
+    def redeem_ui_token(self, token_hash: str, now: float) -> tuple[Any, ...] | None:
         """
         Spend a login token, atomically: of two redeems only one succeeds.
 
@@ -119,7 +127,7 @@ class SqliteUiTokens:
                 )
         return None if row is None else tuple(row)
 
-    def ui_tokens(self, now):
+    def ui_tokens(self, now: float) -> list[dict[str, Any]]:
         """
         :return: the tokens not yet expired, never a token or its hash: dicts of
             ``user, role, created_at, expires_at, used, revoked``, by user and expiry
@@ -131,7 +139,7 @@ class SqliteUiTokens:
             )
         )
 
-    def revoke_ui_user(self, user, now):
+    def revoke_ui_user(self, user: str, now: float) -> int:
         """
         Revoke every token of a user not yet expired, used ones included (their
         sessions end too).  Expired rows are purged on the way.
@@ -157,7 +165,7 @@ class SqliteUiTokens:
         self._ui_revoked[user] = frozenset(h for (h,) in hashes)
         return waiting
 
-    def ui_token_revoked(self, user, token_hash):
+    def ui_token_revoked(self, user: str, token_hash: str) -> bool:
         """:return: whether the user's token (a hash) was revoked: from memory"""
         return token_hash in self._ui_revoked.get(user, ())
 
@@ -181,7 +189,7 @@ class PostgresUiTokens:
             )
         )
 
-    def refresh_ui(self, conn, users):
+    def refresh_ui(self, conn: Any, users: Iterable[str]) -> None:
         """Re-read some users' revoked tokens into the mirror (the watcher)."""
         users = list(users)
         found = _by_user(
@@ -194,7 +202,15 @@ class PostgresUiTokens:
         for user in users:
             self._ui_revoked[user] = found.get(user, frozenset())
 
-    def add_ui_token(self, token_hash, user, role, now, expires_at, limit):
+    def add_ui_token(
+        self,
+        token_hash: str,
+        user: str,
+        role: str,
+        now: float,
+        expires_at: float,
+        limit: int,
+    ) -> bool:
         """Keep a login token by its hash (as :meth:`Store.add_ui_token`)."""
         check_sha256(token_hash, "token_hash")
         # Under the write lock: two explorers counting at once cannot both pass the limit.
@@ -212,7 +228,7 @@ class PostgresUiTokens:
             )
             return True
 
-    def redeem_ui_token(self, token_hash, now):
+    def redeem_ui_token(self, token_hash: str, now: float) -> tuple[Any, ...] | None:
         """Spend a login token, atomically across every explorer (one update)."""
         check_sha256(token_hash, "token_hash")
         with self._use() as conn:
@@ -223,7 +239,7 @@ class PostgresUiTokens:
             ).fetchone()
         return None if row is None else tuple(row)
 
-    def ui_tokens(self, now):
+    def ui_tokens(self, now: float) -> list[dict[str, Any]]:
         """:return: the tokens not yet expired (as :meth:`Store.ui_tokens`)"""
         with self._use() as conn:
             rows = conn.execute(
@@ -232,7 +248,7 @@ class PostgresUiTokens:
             ).fetchall()
         return _listing(rows)
 
-    def revoke_ui_user(self, user, now):
+    def revoke_ui_user(self, user: str, now: float) -> int:
         """Revoke a user's tokens (as :meth:`Store.revoke_ui_user`), and tell the others."""
         with self._use(write=True) as conn:
             conn.execute("DELETE FROM ui_tokens WHERE expires_at <= %s", (now,))
@@ -250,6 +266,6 @@ class PostgresUiTokens:
                 self.refresh_ui(conn, [user])
         return waiting
 
-    def ui_token_revoked(self, user, token_hash):
+    def ui_token_revoked(self, user: str, token_hash: str) -> bool:
         """:return: whether the user's token (a hash) was revoked: from memory"""
         return token_hash in self._ui_revoked.get(user, ())

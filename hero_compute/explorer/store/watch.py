@@ -10,12 +10,17 @@ reconnects with jittered exponential backoff and, once back, reads the whole mir
 again (it cannot know what it missed).
 """
 
-import random
+from __future__ import annotations
+
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from twisted.logger import Logger
+
+from hero_compute.rpc.backoff import retry_delay
 
 log = Logger()
 
@@ -26,7 +31,8 @@ CHANNEL = "hero_compute_changes"
 #: Longest wait for a notification before polling ``changes`` anyway.
 POLL = 0.5
 
-#: Reconnection delays: from BACKOFF_MIN doubling up to BACKOFF_MAX, times 0.5..1.5.
+#: Reconnection delays: steps from BACKOFF_MIN doubling up to BACKOFF_MAX, each delay
+#: between half and all of its step (:func:`~hero_compute.rpc.backoff.retry_delay`).
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 
@@ -45,7 +51,12 @@ class Watcher:
     :ivar state: ``up`` or ``down``
     """
 
-    def __init__(self, dsn, store, connect):
+    def __init__(
+        self,
+        dsn: str,
+        store: Any,
+        connect: Callable[[str], psycopg.Connection[Any]],
+    ) -> None:
         self._dsn = dsn
         self._store = store
         self._connect = connect
@@ -61,16 +72,16 @@ class Watcher:
         self._seq = None
         self._lost = False
 
-    def start(self):
+    def start(self) -> None:
         """Start following."""
         self._thread.start()
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop, and wait (briefly) for the thread."""
         self._stopping.set()
         self._thread.join(timeout=5)
 
-    def lost(self, error):
+    def lost(self, error: BaseException) -> None:
         """The store's own connection failed: mark the server down until we reconnect."""
         if self.state == "up":
             log.warn(
@@ -81,7 +92,7 @@ class Watcher:
         self.state = "down"
         self._lost = True
 
-    def _run(self):
+    def _run(self) -> None:
         conn, attempt, swept = None, 0, 0.0
         while not self._stopping.is_set():
             try:
@@ -107,13 +118,12 @@ class Watcher:
                 conn = None
                 self.lost(e)
                 self._lost = False
-                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt)
                 attempt += 1
-                self._stopping.wait(delay * random.uniform(0.5, 1.5))
+                self._stopping.wait(retry_delay(attempt, BACKOFF_MIN, BACKOFF_MAX))
         if conn is not None:
             conn.close()
 
-    def _catch_up(self, conn):
+    def _catch_up(self, conn) -> None:
         rows = conn.execute(
             "SELECT seq, node_id, kind FROM changes WHERE seq > %s ORDER BY seq",
             (self._seq,),

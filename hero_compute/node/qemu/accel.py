@@ -37,9 +37,12 @@ The probe's code (GNU as, linked at 0xF0000; the reset vector at 0xFFFF0 jumps t
     gdtdesc: .word gdtdesc - gdt - 1 ; .long gdt
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
@@ -60,7 +63,7 @@ _CODE = bytes.fromhex(
 )
 
 
-def probe_firmware():
+def probe_firmware() -> bytes:
     """:return: the probe's 64 KiB firmware image (see the module's docstring)"""
     image = bytearray(b"\xf4" * 0x10000)
     image[: len(_CODE)] = _CODE
@@ -70,21 +73,23 @@ def probe_firmware():
 
 
 class _Probe(protocol.ProcessProtocol):
-    def __init__(self):
+    def __init__(self) -> None:
         self.output = b""
         self.ended: defer.Deferred = defer.Deferred()
 
-    def outReceived(self, data):
+    def outReceived(self, data) -> None:
         self.output = (self.output + data)[-4096:]
 
     errReceived = outReceived
 
-    def processExited(self, reason):
+    def processExited(self, reason) -> None:
         # Not processEnded: that also waits for every holder of the pipes to close.
         self.ended.callback(reason.value)
 
 
-async def kvm_works(reactor, qemu, timeout=PROBE_TIMEOUT):
+async def kvm_works(
+    reactor: Any, qemu: str, timeout: float = PROBE_TIMEOUT
+) -> tuple[bool, str]:
     """
     Run the probe guest under KVM.
 
@@ -123,14 +128,14 @@ async def kvm_works(reactor, qemu, timeout=PROBE_TIMEOUT):
     return False, f"QEMU under KVM exited with {code}: {last[-1] if last else 'no output'}"
 
 
-def _kill(transport):
+def _kill(transport) -> None:
     try:
         transport.signalProcess("TERM")
     except error.ProcessExitedAlready:
         pass
 
 
-async def choose_accel(reactor, qemu, mode):
+async def choose_accel(reactor: Any, qemu: str, mode: str) -> str:
     """
     Decide the accelerator, logging which and why.
 
@@ -156,13 +161,13 @@ class AccelChoice:
     :param mode: ``NODE_ACCEL``: ``auto``, ``kvm`` or ``tcg``
     """
 
-    def __init__(self, mode="auto"):
+    def __init__(self, mode: str = "auto") -> None:
         self.mode = mode
         self.accel = None
         self._started = False
-        self._waiting = []
+        self._waiting: list[defer.Deferred[Any]] = []
 
-    def start(self, reactor, qemu):
+    def start(self, reactor: Any, qemu: str) -> None:
         """
         Decide, unless decided already.
 
@@ -175,7 +180,7 @@ class AccelChoice:
             d.addErrback(self._probe_failed)
             d.addCallback(self._decided)
 
-    def _probe_failed(self, failure):
+    def _probe_failed(self, failure) -> str:
         # Starts wait for a decision: never leave them waiting.
         log.warn(
             "VMs run under tcg (the KVM probe itself failed: {error})",
@@ -183,17 +188,17 @@ class AccelChoice:
         )
         return "tcg"
 
-    def _decided(self, accel):
+    def _decided(self, accel) -> None:
         self.accel = accel
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(accel)
 
-    def current(self):
+    def current(self) -> str:
         """:return: ``kvm`` or ``tcg``, or ``probing`` until decided"""
         return self.accel or "probing"
 
-    def decided(self):
+    def decided(self) -> defer.Deferred[str]:
         """:return: a Deferred firing with QEMU's ``accel=`` value once decided"""
         if self.accel is not None:
             return defer.succeed(QEMU_ACCEL[self.accel])

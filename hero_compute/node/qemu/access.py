@@ -12,8 +12,12 @@ the seed afresh and checks the boot files again (as the base image is), and make
 tap of a bridged VM; :func:`release` removes that tap once QEMU is gone.
 """
 
+from __future__ import annotations
+
 import json
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -24,6 +28,10 @@ from . import network as net
 from . import seed
 from .images import ImagePolicy
 from .store import FILE_MODE
+
+if TYPE_CHECKING:
+    from hero_compute.node.vms import VmNetwork, VmRecord
+
 
 #: Beside ``vm.json``: the SSH keys and user data, which VmInfo never shows.
 SECRETS = "seed.json"
@@ -56,16 +64,16 @@ class AccessPolicy:
 
     def plan(
         self,
-        vm_id,
-        name,
-        held_ports,
-        ssh_keys=None,
-        user_data=None,
-        hostname=None,
-        network=None,
-        ports=None,
-        boot=None,
-    ):
+        vm_id: str,
+        name: str,
+        held_ports: Iterable[tuple[str, int]],
+        ssh_keys: list[str] | None = None,
+        user_data: str | None = None,
+        hostname: str | None = None,
+        network: str | None = None,
+        ports: list[dict[str, Any]] | None = None,
+        boot: dict[str, Any] | None = None,
+    ) -> Access:
         """
         Check a new VM's access params and settle its network.
 
@@ -116,7 +124,7 @@ class AccessPolicy:
             message = e.faultString.replace("image ", f"boot.{what} ", 1)
             raise type(e)(message, data={"field": f"boot.{what}"}) from None
 
-    def check_stored(self, record):
+    def check_stored(self, record: VmRecord) -> None:
         """
         Check, before QEMU opens them, that a VM's boot files are still allowed.
 
@@ -127,7 +135,7 @@ class AccessPolicy:
             self.images.check_stored(record.boot.initrd)
 
 
-def save_secrets(directory, secrets):
+def save_secrets(directory: str, secrets: dict[str, Any]) -> None:
     """
     Keep a VM's keys and user data in its directory (0600), if it has any.
 
@@ -143,7 +151,7 @@ def save_secrets(directory, secrets):
         json.dump(secrets, f)
 
 
-def load_secrets(directory):
+def load_secrets(directory: str) -> dict[str, Any]:
     """
     :param directory: a VM's directory
     :return: its keys and user data (none for a VM defined before seeds)
@@ -155,7 +163,9 @@ def load_secrets(directory):
         return {"ssh_keys": [], "user_data": None}
 
 
-async def prepare(reactor, policy, record, directory):
+async def prepare(
+    reactor: Any, policy: AccessPolicy, record: VmRecord, directory: str
+) -> None:
     """
     Everything a VM needs before its QEMU starts: the seed, written afresh; its boot
     files checked again; its tap, in bridge mode.
@@ -185,7 +195,7 @@ async def prepare(reactor, policy, record, directory):
         await net.create_tap(reactor, record.vm_id, record.network.bridge)
 
 
-async def release(reactor, record):
+async def release(reactor: Any, record: VmRecord) -> None:
     """
     Remove what :func:`prepare` made outside the VM's directory (its tap), once its
     QEMU is gone.  Safe to call when there is nothing to remove.
@@ -197,7 +207,7 @@ async def release(reactor, record):
         await net.remove_tap(reactor, record.vm_id)
 
 
-def held_ports(networks):
+def held_ports(networks: Iterable[VmNetwork]) -> set[tuple[str, int]]:
     """
     :param networks: :class:`~hero_compute.node.vms.VmNetwork` s
     :return: the ``(protocol, host)`` pairs their forwards hold

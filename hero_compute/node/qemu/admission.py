@@ -8,8 +8,12 @@ and :func:`check_request` checks them with the same schema for callers that reac
 manager directly.
 """
 
+from __future__ import annotations
+
 import functools
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -18,18 +22,30 @@ from hero_compute.rpc.schema import load_schema
 
 from .images import ImagePolicy
 
+if TYPE_CHECKING:
+    from hero_compute.node.vms import VmRecord
+    from hero_compute.rpc.schema import Method
+
+
 #: qcow2 with 64 KiB clusters needs 8 bytes of L2 table per cluster: 1/8192 of the
 #: virtual size when the disk is fully allocated.
 _QCOW2_METADATA_RATIO = 8192
 
 
 @functools.cache
-def create_method():
+def create_method() -> Method:
     """:return: the schema's ``vm.create``, a :class:`~hero_compute.rpc.schema.Method`"""
     return load_schema("node").methods["vm.create"]
 
 
-def check_request(name, vcpus, memory_mb, disk_gb, image=None, **access):
+def check_request(
+    name: str,
+    vcpus: int,
+    memory_mb: int,
+    disk_gb: int,
+    image: str | None = None,
+    **access: Any,
+) -> None:
     """
     Check a VM's definition against the schema's ``vm.create`` params; ``access`` holds
     the optional ones of CONTRACT §8 (``None`` for absent).
@@ -61,7 +77,7 @@ class Reservation:
     vcpus: int = 0
 
     @classmethod
-    def of(cls, record):
+    def of(cls, record: VmRecord) -> Reservation:
         """
         :param record: a :class:`~hero_compute.node.vms.VmRecord`
         :return: what that VM holds
@@ -98,7 +114,14 @@ class Admission:
     min_free_mb: int = 256
     images: ImagePolicy = attrs.field(kw_only=True)
 
-    def admit(self, request, vcpus, image, held, host):
+    def admit(
+        self,
+        request: Reservation,
+        vcpus: int,
+        image: str | None,
+        held: Iterable[Reservation],
+        host: dict[str, int],
+    ) -> str | None:
         """
         Decide whether a VM the schema accepts may be defined here.
 
@@ -152,7 +175,7 @@ class Admission:
         return image
 
 
-def host_capacity(state_dir):
+def host_capacity(state_dir: str) -> dict[str, int]:
     """
     :param state_dir: the node's state directory
     :return: the host's ``{vcpus, memory_mb, disk_gb}``: CPUs, ``MemTotal`` and the size

@@ -4,10 +4,12 @@ created, its network plan, its directory and secrets, its disk, then its record.
 :class:`~.manager.QemuVmManager` runs it and keeps the VM that comes out.
 """
 
+from __future__ import annotations
+
 import os
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -17,6 +19,9 @@ from . import access
 from .admission import Admission, Reservation, check_request
 from .disks import create_disk
 from .store import DISK, VmStore
+
+if TYPE_CHECKING:
+    from hero_compute.node.vms import VmRecord
 
 
 @attrs.frozen
@@ -44,7 +49,15 @@ class Definer:
     capacity: Callable[[], dict]
 
 
-async def define_vm(where, name, vcpus, memory_mb, disk_gb, image, params):
+async def define_vm(
+    where: Definer,
+    name: str,
+    vcpus: int,
+    memory_mb: int,
+    disk_gb: int,
+    image: str | None,
+    params: dict[str, Any],
+) -> VmRecord:
     """
     Admit, plan and make a VM; its reservation holds while its disk is made.
 

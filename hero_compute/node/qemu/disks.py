@@ -2,9 +2,12 @@
 VM disks, made with ``qemu-img``: sparse qcow2 files, empty or overlaying a base image.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
+from typing import Any
 
 from hero_compute.rpc.errors import InvalidParams, InvalidVmState, RefusedByPolicy
 
@@ -20,7 +23,9 @@ INFO_TIMEOUT = 10.0
 CREATE_TIMEOUT = 60.0
 
 
-async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
+async def create_disk(
+    reactor: Any, qemu_img: str, path: str, disk_gb: int, image: str | None = None
+) -> None:
     """
     Make a qcow2 disk, readable and writable by its owner only.
 
@@ -51,7 +56,7 @@ async def create_disk(reactor, qemu_img, path, disk_gb, image=None):
     os.chmod(path, FILE_MODE)
 
 
-async def image_format(reactor, qemu_img, image):
+async def image_format(reactor: Any, qemu_img: str, image: str) -> str:
     """
     :param reactor: provides ``IReactorProcess``
     :param qemu_img: the ``qemu-img`` tool

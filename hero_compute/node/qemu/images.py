@@ -16,6 +16,8 @@ A path outside the image directories is refused with one message whether or not 
 exists: the node never probes, let alone reports on, files outside them.
 """
 
+from __future__ import annotations
+
 import os
 
 import attrs
@@ -26,7 +28,7 @@ from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
 DEFAULT_IMAGE_DIR = "images"
 
 
-def default_image_dirs(state_dir):
+def default_image_dirs(state_dir: str) -> tuple[str, ...]:
     """
     :param state_dir: the node's state directory
     :return: the image directories of a node configured with none
@@ -53,7 +55,7 @@ class ImagePolicy:
         )
     )
 
-    def resolve(self, image):
+    def resolve(self, image: str | None) -> str | None:
         """
         The file a requested base image names, if it is allowed.
 
@@ -86,7 +88,7 @@ class ImagePolicy:
             raise InvalidParams(f"image {image!r} does not exist or is not a regular file")
         return resolved
 
-    def check_stored(self, resolved):
+    def check_stored(self, resolved: str | None) -> None:
         """
         Check, before QEMU opens it, that a VM's stored base image is still allowed.
 

@@ -4,6 +4,8 @@ QMP.  The manager decides the VM's state; a :class:`Machine` only does what it i
 to its QEMU and reports when QMP goes away.
 """
 
+from __future__ import annotations
+
 import os
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +46,7 @@ class Machine:
     record: VmRecord
     directory: str
     _reactor: Any
-    _on_lost: Callable[["Machine", Any], None]
+    _on_lost: Callable[[Machine, Any], None]
     _closing: Callable[[], bool]
     #: The QMP connection while attached, or None
     qmp: Any = None
@@ -55,15 +57,15 @@ class Machine:
     guest_shutdown: bool = False
 
     @property
-    def vm_id(self):
+    def vm_id(self) -> str:
         """The VM's id."""
         return self.record.vm_id
 
-    def pid(self):
+    def pid(self) -> int | None:
         """:return: the pid of this VM's QEMU if it runs, else ``None``"""
         return process.find_pid(self.directory)
 
-    async def launch(self, qemu, accel, timeout):
+    async def launch(self, qemu: str, accel: str, timeout: float) -> None:
         """
         Start QEMU for this VM and wait until it reports the VM running.
 
@@ -87,7 +89,7 @@ class Machine:
             # them, and they hold nothing secret.
             raise InvalidVmState(f"VM {self.vm_id} failed to start: {e}") from None
 
-    async def _launch(self, qemu, accel, timeout):
+    async def _launch(self, qemu, accel, timeout) -> None:
         stale = self.pid()
         if stale is not None:
             # The VM errored while its QEMU lived on without QMP: that process is out
@@ -108,7 +110,7 @@ class Machine:
         )
         await self.attach(timeout)
 
-    async def attach(self, timeout):
+    async def attach(self, timeout: float) -> None:
         """
         Connect to the VM's QMP socket, wait until QEMU reports it running and watch it.
 
@@ -141,7 +143,7 @@ class Machine:
                 )
             await task.deferLater(reactor, 0.1, lambda: None)
 
-    async def recover(self, timeout):
+    async def recover(self, timeout: float) -> str:
         """
         Take this VM back after the node restarted: reconnect to its QEMU if that runs.
 
@@ -178,7 +180,7 @@ class Machine:
         )
         return "running"
 
-    def detach(self, timeout):
+    def detach(self, timeout: float) -> defer.Deferred[Any]:
         """
         Close the QMP connection, if any, leaving QEMU running.
 
@@ -194,7 +196,7 @@ class Machine:
         self.qmp.disconnect()
         return d
 
-    async def abandon(self):
+    async def abandon(self) -> None:
         """Make sure nothing of a failed start keeps running."""
         self.expect_exit = True
         if self.console is not None:
@@ -208,7 +210,7 @@ class Machine:
             await process.wait_gone(self._reactor, pid, 5)
         process.remove_runtime(self.directory)
 
-    async def shut_down(self, force, grace):
+    async def shut_down(self, force: bool, grace: float) -> None:
         """
         End QEMU: ACPI power-down and ``grace`` seconds for the guest (unless
         ``force``), then ``quit``, then SIGKILL.
@@ -239,7 +241,7 @@ class Machine:
             await process.wait_gone(self._reactor, pid, 5)
         process.remove_runtime(self.directory)
 
-    async def quit(self):
+    async def quit(self) -> None:
         """Ask QEMU to quit at once, if we speak to it; no error if it does not answer."""
         if self.qmp is not None:
             await self._quietly(self.qmp.execute("quit"), 5)
@@ -252,7 +254,7 @@ class Machine:
         except Exception:
             return None
 
-    def _event(self, name, data, timestamp):
+    def _event(self, name, data, timestamp) -> None:
         if name == "SHUTDOWN":
             self.guest_shutdown = True
             self.log.info(
@@ -268,7 +270,7 @@ class Machine:
                 data=data,
             )
 
-    def _lost(self, reason, qmp):
+    def _lost(self, reason, qmp) -> None:
         if self.qmp is qmp:
             self.qmp = None
         self._on_lost(self, reason)

@@ -9,7 +9,11 @@ record) reads best in one place; everything else, defining a VM (:mod:`.define`)
 included, is already split out.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from twisted.application import service
@@ -17,14 +21,14 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hero_compute.node.vms import IVmManager, usage_of
+from hero_compute.node.vms import IVmManager, VmRecord, usage_of
 from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
 from . import access, define, process, recovery
 from .accel import AccelChoice
 from .admission import Admission, host_capacity
-from .console import ConsoleSettings
+from .console import ConsoleSettings, SerialConsole
 from .images import ImagePolicy, default_image_dirs
 from .machine import Machine
 from .network import NetworkPolicy
@@ -78,7 +82,7 @@ class QemuVmManager(service.Service):
     _memory_limit_mb: int | None = None
     _disk_limit_gb: int | None = None
     _min_free_mb: int = 256
-    _image_dirs: tuple | None = None
+    _image_dirs: Sequence[str] | None = None
     _capacity_cap: dict = attrs.field(factory=dict)
     _accel_mode: str = attrs.field(default="auto", alias="accel")
     _accel: AccelChoice = attrs.field(init=False)
@@ -92,7 +96,7 @@ class QemuVmManager(service.Service):
     # both take the last gigabyte or the same name.
     _creating: dict = attrs.field(init=False, factory=dict)
     _definer: define.Definer = attrs.field(init=False)
-    _recovery: object = attrs.field(init=False, default=None)
+    _recovery: defer.Deferred[None] | None = attrs.field(init=False, default=None)
     #: VMs whose QEMU started and reported running, and starts that failed: metrics.
     starts: int = attrs.field(init=False, default=0)
     start_failures: int = attrs.field(init=False, default=0)
@@ -131,7 +135,7 @@ class QemuVmManager(service.Service):
 
     # -- service --------------------------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
         """
         Load every VM definition and start recovering VMs that were running; see
         :meth:`when_recovered`.
@@ -150,7 +154,7 @@ class QemuVmManager(service.Service):
         )
         self._accel.start(self._reactor, self._qemu)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         """
         Close every QMP connection and leave the QEMU processes running.
 
@@ -161,14 +165,14 @@ class QemuVmManager(service.Service):
         closed = [vm.detach(5) for vm in self._vms.values()]
         return defer.DeferredList(closed, consumeErrors=True).addCallback(lambda _: None)
 
-    def when_recovered(self):
+    def when_recovered(self) -> defer.Deferred[None]:
         """
         :return: a Deferred that fires once the VMs found running at ``startService``
             are reconnected or marked stopped, and leftover taps removed
         """
         return recovery.observe(self._recovery)
 
-    def kill_all(self):
+    def kill_all(self) -> None:
         """
         Kill every QEMU process of this manager at once (SIGKILL), without waiting; for
         test cleanup and decommissioning.  Records are left as they are.
@@ -181,7 +185,15 @@ class QemuVmManager(service.Service):
 
     # -- IVmManager -----------------------------------------------------------------
 
-    def create(self, name, vcpus, memory_mb, disk_gb, image=None, **params):
+    def create(
+        self,
+        name: str,
+        vcpus: int,
+        memory_mb: int,
+        disk_gb: int,
+        image: str | None = None,
+        **params: Any,
+    ) -> defer.Deferred[VmRecord]:
         """
         Define a VM and make its disk; ``params`` as :meth:`.access.AccessPolicy.plan`.
 
@@ -191,14 +203,13 @@ class QemuVmManager(service.Service):
         :param disk_gb: disk size in GB
         :param image: an absolute path to a base image the disk starts from (a qcow2
             overlay on top of it), or ``None`` for an empty disk
-        :return: a Deferred firing with its
-            :class:`~hero_compute.node.vms.VmRecord`, state ``stopped``
+        :return: a Deferred firing with its record, state ``stopped``
         """
         return defer.Deferred.fromCoroutine(
             self._create(name, vcpus, memory_mb, disk_gb, image, params)
         )
 
-    def start(self, vm_id):
+    def start(self, vm_id: str) -> defer.Deferred[VmRecord]:
         """
         Start a stopped or errored VM and wait until QEMU reports it running.  A start
         that fails (its base image no longer allowed, QEMU failing, the state directory
@@ -218,7 +229,7 @@ class QemuVmManager(service.Service):
             return defer.fail()
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._start(vm, was)))
 
-    def stop(self, vm_id, force=False):
+    def stop(self, vm_id: str, force: bool = False) -> defer.Deferred[VmRecord]:
         """
         Stop a VM: ACPI power-down, then ``quit`` after ``stop_grace`` seconds if the
         guest has not shut down by itself; ``force`` quits at once.
@@ -241,7 +252,7 @@ class QemuVmManager(service.Service):
             return defer.Deferred.fromCoroutine(self._force_quit(vm))
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._stop(vm, force)))
 
-    def delete(self, vm_id):
+    def delete(self, vm_id: str) -> defer.Deferred[bool]:
         """
         Delete a VM with its disk, stopping it first (forcefully) if it runs.
 
@@ -257,18 +268,12 @@ class QemuVmManager(service.Service):
             vm.qmp.execute("quit").addErrback(lambda _: None)
         return vm.lock.run(lambda: defer.Deferred.fromCoroutine(self._delete(vm)))
 
-    def get(self, vm_id):
-        """
-        :param vm_id: the VM
-        :return: a Deferred firing with its :class:`~hero_compute.node.vms.VmRecord`
-        """
+    def get(self, vm_id: str) -> defer.Deferred[VmRecord]:
+        """:return: a Deferred firing with VM ``vm_id``'s record"""
         return defer.maybeDeferred(lambda: self._get(vm_id).record)
 
-    def list(self):
-        """
-        :return: a Deferred firing with every VM's
-            :class:`~hero_compute.node.vms.VmRecord`, oldest first
-        """
+    def list(self) -> defer.Deferred[list[VmRecord]]:
+        """:return: a Deferred firing with every VM's record, oldest first"""
         return defer.succeed(
             sorted(
                 (vm.record for vm in self._vms.values()),
@@ -276,7 +281,7 @@ class QemuVmManager(service.Service):
             )
         )
 
-    def capacity(self):
+    def capacity(self) -> dict[str, int]:
         """
         :return: what this node's VMs may reserve in all, ``{vcpus, memory_mb,
             disk_gb}``: the host's, per :func:`~.admission.host_capacity`, each replaced
@@ -284,14 +289,14 @@ class QemuVmManager(service.Service):
         """
         return {**host_capacity(self._state_dir), **self._capacity_cap}
 
-    def usage(self):
+    def usage(self) -> dict[str, int]:
         """
         :return: what this node's VMs are given, per
             :func:`~hero_compute.node.vms.usage_of`
         """
         return usage_of([vm.record for vm in self._vms.values()])
 
-    def accel(self):
+    def accel(self) -> str:
         """:return: ``kvm`` or ``tcg``, or ``probing`` until :mod:`.accel` decides"""
         return self._accel.current()
 
@@ -308,7 +313,7 @@ class QemuVmManager(service.Service):
         if vm.record.state not in allowed:
             raise InvalidVmState(f"cannot {action} VM {vm.vm_id}: it is {vm.record.state}")
 
-    def console(self, vm_id):
+    def console(self, vm_id: str) -> SerialConsole:
         """:return: the VM's :class:`~.console.SerialConsole`; VmNotFound if none"""
         return self._get(vm_id).console
 
@@ -366,7 +371,7 @@ class QemuVmManager(service.Service):
 
     # -- watching -------------------------------------------------------------------
 
-    def _qmp_lost(self, vm, reason):
+    def _qmp_lost(self, vm, reason) -> None:
         if self._closing or vm.expect_exit or vm.record.state not in ("running",):
             return
         # QEMU is gone or out of our hands: its tap goes (a restart makes a new one).
@@ -403,7 +408,7 @@ class QemuVmManager(service.Service):
         await vm.quit()
         return await vm.lock.run(lambda: defer.succeed(vm.record))
 
-    async def _delete(self, vm: Machine):
+    async def _delete(self, vm: Machine) -> bool:
         if self._vms.get(vm.vm_id) is not vm:
             raise VmNotFound(f"no VM {vm.vm_id!r}")
         if vm.record.state != "stopped":

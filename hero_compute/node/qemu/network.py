@@ -16,11 +16,15 @@ Each VM's NIC has a stable MAC derived from its id
 (:func:`~hero_compute.node.vms.mac_address`).
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import random
 import shutil
 import socket
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from twisted.internet import utils
@@ -35,7 +39,7 @@ log = Logger()
 TAP_PREFIX = "hc"
 
 
-def tap_name(vm_id):
+def tap_name(vm_id: str) -> str:
     """:return: the name of VM ``vm_id``'s tap device"""
     return TAP_PREFIX + vm_id[:12]
 
@@ -55,7 +59,13 @@ class NetworkPolicy:
     ports: tuple = (20000, 29999)
     forward_address: str = "127.0.0.1"
 
-    def plan(self, vm_id, network, ports, held):
+    def plan(
+        self,
+        vm_id: str,
+        network: str | None,
+        ports: list[dict[str, Any]] | None,
+        held: Iterable[tuple[str, int]],
+    ) -> VmNetwork:
         """
         The network of a new VM.
 
@@ -140,7 +150,7 @@ class NetworkPolicy:
         raise InvalidVmState(f"ports: no free {protocol} port left in {low}-{high}")
 
 
-def port_free(address, protocol, port):
+def port_free(address: str, protocol: str, port: int) -> bool:
     """
     :return: whether ``address:port`` can be bound now for ``protocol``
     """
@@ -155,7 +165,7 @@ def port_free(address, protocol, port):
     return True
 
 
-def netdev_args(vm_id, network):
+def netdev_args(vm_id: str, network: VmNetwork) -> list[str]:
     """
     :param vm_id: the VM's id
     :param network: its :class:`~hero_compute.node.vms.VmNetwork`
@@ -188,7 +198,7 @@ async def _run_ip(reactor, *args):
     return code, (err or out).decode("utf-8", "replace").strip()
 
 
-async def create_tap(reactor, vm_id, bridge):
+async def create_tap(reactor: Any, vm_id: str, bridge: str) -> None:
     """
     Create VM ``vm_id``'s tap device, owned by this process's user, on ``bridge``, up.
 
@@ -214,7 +224,7 @@ async def create_tap(reactor, vm_id, bridge):
     )
 
 
-async def remove_tap(reactor, vm_id):
+async def remove_tap(reactor: Any, vm_id: str) -> bool:
     """
     Remove VM ``vm_id``'s tap device if it exists.
 

@@ -7,9 +7,12 @@ node leaves VMs running, and the next start of the node finds them again by pid 
 QMP socket.  Nothing here reaps: a zombie is its real parent's business.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import time
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
 
@@ -21,8 +24,11 @@ from .seed import SEED
 from .store import DISK, PIDFILE, QMP_SOCKET
 from .tools import ToolTimeout, run
 
+if TYPE_CHECKING:
+    from hero_compute.node.vms import VmRecord
 
-def qemu_argv(record, directory, accel):
+
+def qemu_argv(record: VmRecord, directory: str, accel: str) -> list[str]:
     """
     The arguments (after the executable) that run one VM, daemonized, with a QMP socket.
 
@@ -45,7 +51,7 @@ def qemu_argv(record, directory, accel):
     ]
 
 
-def machine_args(record, accel):
+def machine_args(record: VmRecord, accel: str) -> list[str]:
     """:return: the machine, its memory and CPUs, and no default devices"""
     return [
         "-name",
@@ -63,7 +69,7 @@ def machine_args(record, accel):
     ]
 
 
-def disk_args(record, directory):
+def disk_args(record: VmRecord, directory: str) -> list[str]:
     """:return: the VM's disk, and its NoCloud seed read-only when one is written"""
     args = ["-drive", f"file={opt(os.path.join(directory, DISK))},format=qcow2,if=virtio"]
     seed = os.path.join(directory, SEED)
@@ -72,7 +78,7 @@ def disk_args(record, directory):
     return args
 
 
-def boot_args(record):
+def boot_args(record: VmRecord) -> list[str]:
     """:return: a direct kernel boot's kernel, initrd and command line, if any"""
     boot = record.boot
     if boot is None:
@@ -83,7 +89,7 @@ def boot_args(record):
     return args + ["-append", boot.cmdline]
 
 
-def control_args(directory):
+def control_args(directory: str) -> list[str]:
     """:return: daemonizing, the pid file and the QMP socket"""
     return [
         "-daemonize",
@@ -94,11 +100,13 @@ def control_args(directory):
     ]
 
 
-def _qmp_option(directory):
+def _qmp_option(directory) -> str:
     return f"unix:{opt(os.path.join(directory, QMP_SOCKET))},server=on,wait=off"
 
 
-async def daemonize(reactor, qemu, argv, directory, timeout):
+async def daemonize(
+    reactor: Any, qemu: str, argv: list[str], directory: str, timeout: float
+) -> None:
     """
     Run QEMU until it has daemonized.
 
@@ -122,7 +130,7 @@ async def daemonize(reactor, qemu, argv, directory, timeout):
         )
 
 
-def find_pid(directory):
+def find_pid(directory: str) -> int | None:
     """
     :param directory: a VM's directory
     :return: the pid in the VM's pid file if that process is alive and really is this
@@ -146,7 +154,7 @@ def find_pid(directory):
     return pid
 
 
-def process_alive(pid):
+def process_alive(pid: int) -> bool:
     """
     :param pid: a process id
     :return: whether any of its threads still runs
@@ -170,7 +178,7 @@ def process_alive(pid):
     return False
 
 
-def kill(pid):
+def kill(pid: int) -> None:
     """
     SIGKILL a process that may already be gone.
 
@@ -182,7 +190,7 @@ def kill(pid):
         pass
 
 
-async def wait_gone(reactor, pid, timeout):
+async def wait_gone(reactor: Any, pid: int, timeout: float) -> bool:
     """
     :param reactor: provides ``IReactorTime``
     :param pid: a process id
@@ -197,7 +205,7 @@ async def wait_gone(reactor, pid, timeout):
     return True
 
 
-def remove_runtime(directory):
+def remove_runtime(directory: str) -> None:
     """
     Remove a VM's pid file and QMP socket, which only a running QEMU needs.
 
@@ -210,7 +218,7 @@ def remove_runtime(directory):
             pass
 
 
-def last_line(output):
+def last_line(output: bytes) -> str:
     """
     :param output: a tool's output, bytes
     :return: its last non-blank line, for an error message
@@ -221,7 +229,7 @@ def last_line(output):
     return lines[-1].strip() if lines else "no output"
 
 
-def opt(value):
+def opt(value: str) -> str:
     """
     :param value: a value for QEMU's comma-separated option syntax
     :return: it, with commas escaped

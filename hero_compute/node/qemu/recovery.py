@@ -4,13 +4,23 @@ whose QEMU died while the node was down (marked stopped), and taps such VMs left
 The manager owns the states; these functions only walk its machines.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
 import attrs
 from twisted.internet import defer
 
 from . import access
 
+if TYPE_CHECKING:
+    from .machine import Machine
 
-def recover_all(reactor, machines, set_state):
+
+def recover_all(
+    reactor: Any, machines: Iterable[Machine], set_state: Callable[[Machine, str], object]
+) -> defer.Deferred[None]:
     """
     Take back every VM that was starting, running or stopping, then remove the taps of
     every VM that does not run.
@@ -22,7 +32,7 @@ def recover_all(reactor, machines, set_state):
     """
     machines = list(machines)
     recoveries = [
-        vm.lock.run(lambda vm=vm: defer.Deferred.fromCoroutine(_recover(vm, set_state)))
+        vm.lock.run(_recovering, vm, set_state)
         for vm in machines
         if vm.record.state in ("starting", "running", "stopping")
     ]
@@ -31,7 +41,7 @@ def recover_all(reactor, machines, set_state):
     return d.addCallback(lambda _: None)
 
 
-async def _recover(vm, set_state):
+async def _recover(vm, set_state) -> None:
     if vm.pid() is not None:
         # Ours, alive: whatever state we crashed in, it runs now, and losing QMP from
         # here on is an error as for any running VM.
@@ -41,7 +51,13 @@ async def _recover(vm, set_state):
     set_state(vm, "error" if vm.record.state == "error" else state)
 
 
-def release_stopped(reactor, machines):
+def _recovering(
+    vm: Machine, set_state: Callable[[Machine, str], object]
+) -> defer.Deferred[None]:
+    return defer.Deferred.fromCoroutine(_recover(vm, set_state))
+
+
+def release_stopped(reactor: Any, machines: Iterable[Machine]) -> defer.Deferred[Any]:
     """
     Remove the taps a crash (of the node, or of QEMU while the node was down) left
     behind for VMs that do not run.
@@ -56,7 +72,7 @@ def release_stopped(reactor, machines):
     return defer.DeferredList(releases, consumeErrors=True)
 
 
-def observe(d):
+def observe(d: defer.Deferred[Any] | None) -> defer.Deferred[None]:
     """
     :param d: a Deferred that fires with ``None``, or ``None``
     :return: a new Deferred firing with ``None`` when ``d`` has, leaving ``d``'s own

@@ -15,6 +15,8 @@ would write them.
 This module also checks what goes into a seed: keys, host names, user data.
 """
 
+from __future__ import annotations
+
 import base64
 import binascii
 import email.charset
@@ -62,12 +64,12 @@ _MERGE = "dict(recurse_array,no_replace)+list(append)"
 class SeedError(ValueError):
     """A value that may not go into a seed; ``param`` names the bad parameter."""
 
-    def __init__(self, param, message):
+    def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
 
 
-def key_fingerprint(line):
+def key_fingerprint(line: str) -> str:
     """
     Check one OpenSSH public key line and return its fingerprint.
 
@@ -100,7 +102,7 @@ def key_fingerprint(line):
     return "SHA256:" + digest
 
 
-def check_keys(keys):
+def check_keys(keys: list[str]) -> list[str]:
     """
     :param keys: a list of OpenSSH public key lines
     :return: their fingerprints
@@ -111,7 +113,7 @@ def check_keys(keys):
     return [key_fingerprint(key) for key in keys]
 
 
-def check_user_data(user_data):
+def check_user_data(user_data: str) -> None:
     """
     :param user_data: cloud-init user data
     :raise SeedError: when it is over 64 KiB (UTF-8)
@@ -120,7 +122,7 @@ def check_user_data(user_data):
         raise SeedError("user_data", f"user_data is at most {MAX_USER_DATA} bytes")
 
 
-def check_hostname(hostname):
+def check_hostname(hostname: str) -> None:
     """
     :param hostname: a host name
     :raise SeedError: unless it is one RFC 1123 label in lower case
@@ -133,14 +135,14 @@ def check_hostname(hostname):
         )
 
 
-def meta_data(vm_id, hostname):
+def meta_data(vm_id: str, hostname: str) -> bytes:
     """
     :return: the ``meta-data`` document
     """
     return f"instance-id: {vm_id}\nlocal-hostname: {hostname}\n".encode()
 
 
-def user_data_document(ssh_keys, user_data):
+def user_data_document(ssh_keys: list[str], user_data: str | None) -> bytes:
     """
     :param ssh_keys: OpenSSH public key lines (checked)
     :param user_data: the caller's user data, or ``None``
@@ -187,7 +189,9 @@ def _text_part(text, kind, filename):
     return part
 
 
-def write_seed(path, vm_id, hostname, ssh_keys, user_data):
+def write_seed(
+    path: str, vm_id: str, hostname: str, ssh_keys: list[str], user_data: str | None
+) -> None:
     """
     Write a VM's seed volume, replacing any earlier one atomically.
 

@@ -6,11 +6,15 @@ The definition is written last when a VM is made and removed first when it is de
 so a directory without one is the remains of an operation cut short, never a VM.
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import os
 import re
 import shutil
+from collections.abc import Collection
+from typing import Any
 
 import attrs
 import jsonschema
@@ -34,7 +38,7 @@ DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 
 
-def private_directory(path):
+def private_directory(path: str) -> None:
     """
     Make ``path`` (or take the existing one) and restrict it to its owner.
 
@@ -51,7 +55,7 @@ def _vm_info_validator():
     return jsonschema.Draft202012Validator(schema)
 
 
-def record_from_wire(data):
+def record_from_wire(data: dict[str, Any]) -> VmRecord:
     """
     A VM record from its definition, checked against the schema's ``VmInfo``: the node
     never reports a record its own schema calls invalid.
@@ -94,11 +98,11 @@ class VmStore:
 
     root: str
 
-    def directory(self, vm_id):
+    def directory(self, vm_id: str) -> str:
         """:return: the directory of VM ``vm_id``"""
         return os.path.join(self.root, vm_id)
 
-    def make_directory(self, vm_id):
+    def make_directory(self, vm_id: str) -> str:
         """
         Make a new VM's directory.
 
@@ -110,7 +114,7 @@ class VmStore:
         os.chmod(path, DIRECTORY_MODE)
         return path
 
-    def save(self, record):
+    def save(self, record: VmRecord) -> None:
         """
         Write a VM's definition atomically: a crash leaves the old or the new one.
 
@@ -136,7 +140,7 @@ class VmStore:
         finally:
             os.close(dfd)
 
-    def load(self, known=()):
+    def load(self, known: Collection[str] = ()) -> list[VmRecord]:
         """
         Read every definition, removing directories a crash left without one; a
         definition that cannot be read is logged and left on disk for the operator.
@@ -169,7 +173,7 @@ class VmStore:
             records.append(record)
         return records
 
-    def remove(self, vm_id):
+    def remove(self, vm_id: str) -> None:
         """Delete a VM's definition, then everything else in its directory."""
         try:
             os.unlink(os.path.join(self.directory(vm_id), DEFINITION))
@@ -177,12 +181,12 @@ class VmStore:
             pass
         self.discard(vm_id)
 
-    def discard(self, vm_id):
+    def discard(self, vm_id: str) -> None:
         """Remove a VM directory that holds no definition (a create that failed)."""
         shutil.rmtree(self.directory(vm_id), ignore_errors=True)
 
 
-def _restrict(directory):
+def _restrict(directory) -> None:
     """Give a VM directory and its disk the modes a new VM gets."""
     os.chmod(directory, DIRECTORY_MODE)
     try:
