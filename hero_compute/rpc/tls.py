@@ -10,6 +10,10 @@ still enroll and discover; what anyone may call is decided above the transport, 
 verify callback, so a server that is not the one expected ends the handshake before a
 single byte of the request is sent.
 
+Long because: both sides' contexts reload from the same material, and the server keeps
+pyOpenSSL's context beside the standard library's (:mod:`.tls_server`) for the
+interface Twisted's TLS endpoints expect.
+
 Identities are read in :mod:`.tls_peer` (re-exported here).  The explorer's proxy adds a
 check of its own to the name's (:attr:`ClientTLS.peer_check`): a node's certificate
 that is revoked or superseded fails the handshake too.
