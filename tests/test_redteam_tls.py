@@ -441,3 +441,115 @@ def test_an_idle_tls_connection_holds_little_memory(twistd, short_tmp, fleet):
         conn.close()
     assert grown / 200 < 64, f"{grown / 200:.1f} KiB per idle connection"
     still_serving(explorer, fleet)
+
+
+def _call_as(explorer, ctx, method, params, session=None):
+    """One call with params on a new pyOpenSSL connection: ``(response, session)``."""
+    body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
+    message = (
+        b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+    )
+    with socket.create_connection(explorer.addr) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        conn = SSL.Connection(ctx, raw)
+        conn.set_connect_state()
+        if session is not None:
+            assert _lib.SSL_set_session(conn._ssl, session._session) == 1
+        conn.do_handshake()
+        conn.sendall(message)
+        data = b""
+        while not complete(data):
+            data += conn.recv(65536)
+        return answer(data), conn.get_session()
+
+
+def test_the_audit_names_the_verified_certificate_not_a_resumed_session(explorer, fleet):
+    """A token made by client/ops over TLS is audited as its SPIFFE id; the same
+    call offering ops's session without a certificate is refused, and audited (if at
+    all) as the anonymous TLS address, never as ops."""
+    ops = pyopenssl_context(fleet, "client/ops")
+    made, session = _call_as(explorer, ops, "explorer.create_token", {"node_id": "x1"})
+    assert "result" in made, made
+    for who in (None, "node/a"):
+        forged, _ = _call_as(
+            explorer,
+            pyopenssl_context(fleet, who),
+            "explorer.create_token",
+            {"node_id": "x2"},
+            session=session,
+        )
+        assert refused(forged), forged
+    entries = result(explorer.unix, "explorer.audit", {})
+    entries = entries.get("entries", entries) if isinstance(entries, dict) else entries
+    tokens = [e for e in entries if e["method"] == "explorer.create_token"]
+    callers = {e["target"]: e["caller"] for e in tokens}
+    assert callers.get("x1", "").endswith("/client/ops"), tokens
+    assert not any(
+        e["caller"].endswith("/client/ops") for e in tokens if e["target"] == "x2"
+    ), tokens
+
+
+def test_a_peer_that_does_not_read_its_answers_is_not_read(twistd, short_tmp, fleet):
+    """Thousands of pipelined calls from a client/ops peer that never reads: the
+    explorer stops reading it past HERO_MAX_UNSENT, its memory stays bounded, and it
+    keeps answering others."""
+    explorer = start_tls_explorer(twistd, short_tmp, fleet, HERO_MAX_UNSENT="65536")
+    address = parse_address(explorer.tls)
+    explorer.addr, explorer.pid = (address.host, address.port), explorer.process.pid
+    before = rss_kb(explorer.pid)
+    one = request("rpc.discover").replace(b"Connection: close\r\n", b"")
+    sent = 0
+    with socket.create_connection(explorer.addr, timeout=10) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with context(fleet, "client/ops").wrap_socket(raw) as conn:
+            conn.settimeout(0.5)
+            deadline = time.monotonic() + 10
+            try:
+                while sent < 50000 and time.monotonic() < deadline:
+                    conn.sendall(one * 10)
+                    sent += 10
+            except TimeoutError:
+                pass  # it stopped reading us: what we wanted
+            grown = rss_kb(explorer.pid) - before
+            still_serving(explorer, fleet)
+    assert sent < 50000, "the explorer read everything a peer that never reads sent"
+    assert grown < 64 * 1024, f"{grown} KiB more for one peer that does not read"
+
+
+@pytest.fixture
+def node(twistd, short_tmp, fleet):
+    """A real node (id ``a``) with a mutual-TLS listener on 127.0.0.1."""
+    cert, key = fleet["node/a"]
+    env = {
+        "HERO_STATE_DIR": f"{short_tmp}/node",
+        "HERO_SOCKET_DIR": f"{short_tmp}/nodesock",
+        "NODE_ID": "a",
+        "NODE_TLS_ADDR": "127.0.0.1:0",
+        "NODE_TLS_CERT": cert,
+        "NODE_TLS_KEY": key,
+        "NODE_TLS_CA": fleet["ca"],
+    }
+    process = twistd(["node", "--socket", f"{short_tmp}/node.sock"], env=env)
+    uris = process.listening(count=2)
+    address = parse_address(next(u for u in uris if u.startswith("tls://")))
+    process.addr = (address.host, address.port)
+    return process
+
+
+@pytest.mark.parametrize("version", [SSL.TLS1_3_VERSION, SSL.TLS1_2_VERSION])
+def test_a_node_gives_a_resumed_session_no_identity(node, fleet, version):
+    """On a node's listener, client/ops's session offered with no certificate or with
+    node/b's is not resumed: node.info is refused (only rpc.discover is open)."""
+    ops = pyopenssl_context(fleet, "client/ops", version)
+    allowed, session = _call_as(node, ops, "node.info", {})
+    assert "result" in allowed, allowed
+    for who in (None, "node/b"):
+        forged, _ = _call_as(
+            node, pyopenssl_context(fleet, who, version), "node.info", {}, session=session
+        )
+        assert refused(forged), forged
+    discover, _ = _call_as(
+        node, pyopenssl_context(fleet, None, version), "rpc.discover", {}
+    )
+    assert "result" in discover
