@@ -294,7 +294,7 @@ def test_a_trickled_handshake_is_cut_at_the_head_deadline(explorer, fleet):
 
 def test_a_head_trickled_after_the_handshake_gets_408_at_the_deadline(explorer, fleet):
     """A client that completes its handshake, then trickles a request head a byte
-    every 0.2 s, is answered 408 and closed at about HERO_HEAD_TIMEOUT."""
+    every 0.2 s, is answered 408 at about HERO_HEAD_TIMEOUT, and closed."""
     with socket.create_connection(explorer.addr, timeout=HEAD_TIMEOUT * 4) as raw:
         with context(fleet, "client/ops").wrap_socket(raw) as conn:
             start = time.monotonic()
@@ -315,6 +315,15 @@ def test_a_head_trickled_after_the_handshake_gets_408_at_the_deadline(explorer, 
                 if data:
                     break
             took = time.monotonic() - start
+            # Then closed, a linger (2 s) later, though we keep our end open.
+            conn.settimeout(5)
+            try:
+                while conn.recv(65536):
+                    pass
+            except TimeoutError:
+                pytest.fail("still open 5 s after the 408")
+            except (ssl.SSLError, OSError):
+                pass
     assert data.startswith(b"HTTP/1.1 408"), data[:100]
     assert HEAD_TIMEOUT - 0.5 <= took <= HEAD_TIMEOUT + 2, took
     still_serving(explorer, fleet)
@@ -553,3 +562,34 @@ def test_a_node_gives_a_resumed_session_no_identity(node, fleet, version):
         node, pyopenssl_context(fleet, None, version), "rpc.discover", {}
     )
     assert "result" in discover
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"POST /rpc HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n",
+    ],
+    ids=["400", "413"],
+)
+def test_a_refused_request_is_closed_after_its_linger(explorer, fleet, bad):
+    """A request refused with 400 or 413 over TLS, from a client that keeps its end
+    open and says nothing more, is closed a linger (2 s) after the answer, as over
+    TCP: it does not hold its connection, descriptor and admission for ever."""
+    with socket.create_connection(explorer.addr, timeout=10) as raw:
+        with context(fleet, "client/ops").wrap_socket(raw) as conn:
+            conn.sendall(bad)
+            conn.settimeout(6)
+            data = b""
+            start = time.monotonic()
+            try:
+                while chunk := conn.recv(65536):
+                    data += chunk
+            except TimeoutError:
+                pass
+            except (ssl.SSLError, ConnectionResetError):
+                pass  # cut off: what we wanted
+            took = time.monotonic() - start
+    assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413")), data[:100]
+    assert took < 5, f"still open {took:.1f} s after the refusal"
+    still_serving(explorer, fleet)
