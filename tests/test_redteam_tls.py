@@ -360,7 +360,10 @@ def _established(explorer, fleet, who="client/ops"):
             break
         except ssl.SSLWantReadError:
             sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
+            got = sock.recv(65536)
+            if not got:  # cut off (a starved machine): fail, never spin
+                raise ConnectionError("closed during the handshake")
+            incoming.write(got)
     sock.sendall(outgoing.read())
     return sock, tls, incoming, outgoing
 
