@@ -362,7 +362,7 @@ def _established(explorer, fleet, who="client/ops"):
             sock.sendall(outgoing.read())
             got = sock.recv(65536)
             if not got:  # cut off (a starved machine): fail, never spin
-                raise ConnectionError("closed during the handshake")
+                raise ConnectionError("closed during the handshake") from None
             incoming.write(got)
     sock.sendall(outgoing.read())
     return sock, tls, incoming, outgoing
