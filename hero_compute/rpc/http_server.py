@@ -273,6 +273,10 @@ class RpcHTTPProtocol(Upgrading, RequestParsing, Backpressure, protocol.Protocol
             self._closing = True
             # The idle timer stays: a peer that never reads its answer is cut off.
             self._idle_since = self.factory.clock.seconds()
+            # As twisted.web's channel does: a TLS transport sends its close_notify,
+            # and closes, only once no producer is registered (we produce nothing
+            # more), else the connection stays open until the idle timeout.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _refuse(self, status: int, body: bytes) -> None:

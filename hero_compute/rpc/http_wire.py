@@ -124,7 +124,7 @@ def refuse_and_linger(
     if ISSLTransport.providedBy(transport):
         # TLS cannot half-close (the lookup would reach the TCP socket under it): go
         # on discarding what comes, then close.
-        return clock.callLater(linger, transport.loseConnection)
+        return clock.callLater(linger, _close_tls, transport)
     half_close = getattr(transport, "loseWriteConnection", None)
     if half_close is None:
         transport.loseConnection()
@@ -226,3 +226,18 @@ class RequestParsing:
         request.body = b"".join(request.chunks)
         request.chunks = None
         self._queue.append(request)
+
+
+def _close_tls(transport: Any) -> None:
+    """
+    End a refused TLS connection at the end of its linger: our ``close_notify``, then
+    the abort that ends a TCP one (see :func:`refuse_and_linger`).
+
+    A TLS transport closes only once no producer is registered (our protocol is, for
+    back-pressure, until it is lost), then waits for the peer's ``close_notify``: a
+    plain ``loseConnection`` kept a refused connection, its descriptor and its
+    admission, for as long as the peer kept its end open.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+    transport.abortConnection()
