@@ -123,7 +123,10 @@ def sec_tls_ingest(procs, tmp, res, cfg):
     and one certificate per node, delta heartbeats, every node at the interval.
     """
     n = cfg["tls_ingest_n"]
-    tls, spent = make_pki(tmp, n)
+    # Its own directory: the tls section's PKI may be in tmp already.
+    own = os.path.join(tmp, "tls_ingest")
+    os.makedirs(own, exist_ok=True)
+    tls, spent = make_pki(own, n)
     res.note(f"tls_ingest: {n:,} node certificates issued in {spent:.0f} s")
     s, _, offline, _, x = _ingest_one(
         procs, tmp, res, cfg, n, tls=tls, section="tls_ingest", label=", TLS", targets=False
