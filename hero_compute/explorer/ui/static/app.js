@@ -327,12 +327,29 @@ async function perform(what, call) {
   }
 }
 
+// The answer of the opening still waiting for its "close" event, if any.
+let confirmPending = null;
+
 function confirmDialog(text, ok) {
   const dialog = $("confirm");
+  // A dialog's "close" event is a queued task: opened again before it ran (Cancel,
+  // then at once another Delete), the earlier opening takes its own answer now, and
+  // that late event must not answer this one.
+  if (confirmPending) confirmPending(!dialog.open && dialog.returnValue === "ok");
   $("confirm-text").textContent = text;
   $("confirm-ok").textContent = ok;
   return new Promise((resolve) => {
-    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    const settle = (answer) => {
+      if (confirmPending !== settle) return;
+      confirmPending = null;
+      dialog.removeEventListener("close", onClose);
+      resolve(answer);
+    };
+    const onClose = () => {
+      if (!dialog.open) settle(dialog.returnValue === "ok");
+    };
+    confirmPending = settle;
+    dialog.addEventListener("close", onClose);
     dialog.returnValue = "";
     dialog.showModal();
     $("confirm-cancel").focus();
