@@ -159,14 +159,8 @@ class TLSServerProtocol(ProtocolWrapper):
         """
         if self._handshake_done and not self.disconnecting and not self._tls_lost and data:
             # An answer on an established connection: the one path to keep short.
-            tls = self._tls
-            assert tls is not None
-            try:
-                tls.write(data)
-            except (ssl.SSLError, ValueError):
-                self._finished(Failure())
-                return
-            send_now(self.transport, self._outgoing.read())
+            if self._encrypt(data):
+                send_now(self.transport, self._outgoing.read())
             return
         if self.disconnecting and self._producer is None:
             return
@@ -184,14 +178,19 @@ class TLSServerProtocol(ProtocolWrapper):
             if self._producer is not None:
                 self._producer.pauseProducing()
             return
+        if self._encrypt(data):
+            self._flush()
+
+    def _encrypt(self, data: bytes) -> bool:
+        """:return: whether ``data`` is encrypted into the outgoing BIO (else lost)"""
         tls = self._tls
         assert tls is not None
         try:
             tls.write(data)
         except (ssl.SSLError, ValueError):
             self._finished(Failure())
-            return
-        self._flush()
+            return False
+        return True
 
     def _unwait(self) -> None:
         waiting, self._waiting = self._waiting, []
