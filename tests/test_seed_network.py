@@ -163,9 +163,24 @@ def test_mac_is_stable_and_local():
     assert mac_address("a" * 32).startswith("52:54:00:")
 
 
+def _free_range_outside_ephemeral(count):
+    """A run of free loopback ports above the kernel's ephemeral range.
+
+    A fixed range inside it (40100-40103 once) fails whenever some connection of a
+    neighbouring test happens to hold one of its ports (seen in CI).
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        high = int(f.read().split()[1])
+    for low in range(max(high + 1, 1024), 65536 - count, count):
+        if all(network.port_free("127.0.0.1", "tcp", p) for p in range(low, low + count)):
+            return low
+    pytest.fail("no free run of ports above the ephemeral range")
+
+
 def test_ports_are_picked_in_range_and_not_reused():
     """Without a host port the node picks free ones in its range, none twice."""
-    policy = NetworkPolicy(ports=(40100, 40103))
+    low = _free_range_outside_ephemeral(4)
+    policy = NetworkPolicy(ports=(low, low + 3))
     held = set()
     picked = []
     for i in range(4):
@@ -178,7 +193,7 @@ def test_ports_are_picked_in_range_and_not_reused():
         )
         picked.append(forward.host)
         held.add(("tcp", forward.host))
-    assert sorted(picked) == [40100, 40101, 40102, 40103]
+    assert sorted(picked) == [low, low + 1, low + 2, low + 3]
     with pytest.raises(InvalidVmState, match="no free tcp port"):
         policy.plan("9" * 32, None, None, held)
     # udp ports are another space.
@@ -217,11 +232,12 @@ def test_modes():
 
 def test_netdev_args():
     """nat: user netdev with one hostfwd per forward; bridge: the VM's tap; none: none."""
-    policy = NetworkPolicy(ports=(40200, 40200))
+    port = _free_range_outside_ephemeral(1)
+    policy = NetworkPolicy(ports=(port, port))
     vm_id = "c" * 32
-    nat = policy.plan(vm_id, None, [{"guest": 22, "host": 40200}], set())
+    nat = policy.plan(vm_id, None, [{"guest": 22, "host": port}], set())
     args = netdev_args(vm_id, nat)
-    assert args[1] == "user,id=net0,hostfwd=tcp:127.0.0.1:40200-:22"
+    assert args[1] == f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"
     assert args[3] == f"virtio-net-pci,netdev=net0,mac={mac_address(vm_id)}"
     bridged = netdev_args(vm_id, VmNetwork("bridge:br0", mac_address(vm_id)))
     assert bridged[1].startswith(f"tap,id=net0,ifname={network.tap_name(vm_id)},")
@@ -230,6 +246,7 @@ def test_netdev_args():
 
 def test_record_round_trip():
     """A record with every access field survives to_wire/from_wire."""
+    port = _free_range_outside_ephemeral(1)
     vm = VmRecord(
         "d" * 32,
         "n",
@@ -239,7 +256,7 @@ def test_record_round_trip():
         None,
         "stopped",
         1.0,
-        network=NetworkPolicy(ports=(40300, 40300)).plan("d" * 32, None, None, set()),
+        network=NetworkPolicy(ports=(port, port)).plan("d" * 32, None, None, set()),
         ssh_keys=("SHA256:x",),
     )
     assert VmRecord.from_wire(vm.to_wire()) == vm
