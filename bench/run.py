@@ -126,6 +126,9 @@ def main(argv=None):
     ap.add_argument("--place-n", type=int, help="node count for place (issue 20)")
     ap.add_argument("--tls-ingest-n", type=int, help="node count for tls_ingest (issue 23)")
     ap.add_argument(
+        "--store-n", type=int, help="node count for store, PostgreSQL vs SQLite (issue 23)"
+    )
+    ap.add_argument(
         "--boot-rounds", type=int, help="boot-to-SSH rounds per path (issue 19)"
     )
     ap.add_argument(
@@ -174,6 +177,7 @@ def main(argv=None):
         "profile_n": 5000 if q else 50000,
         "tls_n": 2000 if q else 10000,
         "tls_ingest_n": args.tls_ingest_n or (10000 if q else 100000),
+        "store_n": args.store_n or (1000 if q else 10000),
         "hostile_n": 2000 if q else 10000,
         "loris_conns": 32,
         "saturate_n": 20000 if q else 100_000,
