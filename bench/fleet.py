@@ -12,6 +12,7 @@ Fleet sections beyond plain ingest, each a function ``(procs, tmp, res, cfg)``:
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -122,7 +123,21 @@ def sec_tls_ingest(procs, tmp, res, cfg):
     Issue 23's fourth row: heartbeat ingest of N nodes over mutual TLS, one connection
     and one certificate per node, delta heartbeats, every node at the interval.
     """
-    n = cfg["tls_ingest_n"]
+    goal_n = n = cfg["tls_ingest_n"]
+    rate = n / cfg["hb_interval"]
+    # One connection per node: the explorer needs a descriptor for each.  Where the hard
+    # RLIMIT_NOFILE is lower (a container without CAP_SYS_RESOURCE), the stand-in is the
+    # largest fleet it allows at the goal's rate (a shorter interval): the same
+    # heartbeats a second over TLS, fewer connections held.  Reported, not judged.
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if n > nofile - 1000:
+        n = nofile - 1000
+        cfg = dict(cfg, hb_interval=n / rate)
+        res.note(
+            f"tls_ingest: {goal_n:,} connections need RLIMIT_NOFILE above {nofile:,} "
+            f"(the hard limit here, which this run may not raise); measured instead: "
+            f"{n:,} nodes every {cfg['hb_interval']:.2f} s, the same {rate:,.0f}/s"
+        )
     # Its own directory: the tls section's PKI may be in tmp already.
     own = os.path.join(tmp, "tls_ingest")
     os.makedirs(own, exist_ok=True)
@@ -132,7 +147,6 @@ def sec_tls_ingest(procs, tmp, res, cfg):
         procs, tmp, res, cfg, n, tls=tls, section="tls_ingest", label=", TLS", targets=False
     )
     row = res.rows[-1]
-    rate = n / cfg["hb_interval"]
     p99 = s["p99_ms"]
     met = (
         # 1% of slack for the heartbeats on the window's edges, as the ingest goal
@@ -150,7 +164,8 @@ def sec_tls_ingest(procs, tmp, res, cfg):
         f"{x['never_registered']} never registered; explorer CPU "
         f"{x['explorer_cpu']:.0%} of a core, {x['cpu_per_hb_us']} us per heartbeat "
         f"({x['hb_mode']})"
-        + ("" if n >= 100_000 else f"; {'met' if met else 'missed'} at this N"),
+        + ("" if n >= 100_000 else f"; {'met' if met else 'missed'} at N={n:,}")
+        + ("" if n == goal_n else f" (stand-in for N={goal_n:,}: see the note)"),
         # the goal is for N = 100,000: a smaller fleet is reported, not judged
         met if n >= 100_000 else None,
         row=row,

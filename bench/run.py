@@ -27,6 +27,7 @@ bench/results/<stamp>.json and .md (plus latest.json / latest.md).
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -103,6 +104,22 @@ def other_benchmarks():
         if any(a.endswith(b"bench/run.py") for a in args[:3]):
             pids.add(int(pid))
     return pids
+
+
+def raise_hard_nofile(want):
+    """
+    Raise the hard RLIMIT_NOFILE to ``want`` (capped by ``fs.nr_open``) for this run and
+    the processes it starts: root may (CAP_SYS_RESOURCE); anyone else keeps theirs, and
+    the section that needs more says so.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = min(want, int(f.read()))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, want))
+        except (OSError, ValueError) as e:
+            log(f"RLIMIT_NOFILE hard limit stays {hard}: {e}")
 
 
 def main(argv=None):
@@ -190,6 +207,8 @@ def main(argv=None):
         procs_mod.ENV["PYTHONPATH"] = (
             os.path.join(HERE, "stalls") + os.pathsep + procs_mod.ENV["PYTHONPATH"]
         )
+    if cfg["tls_ingest_n"] > 60000 and "tls_ingest" in args.sections:
+        raise_hard_nofile(cfg["tls_ingest_n"] + 20000)
     mach = machine()
     res = Results()
     res.note(

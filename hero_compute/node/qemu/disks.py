@@ -89,6 +89,24 @@ async def image_format(reactor: Any, qemu_img: str, image: str) -> str:
     return fmt
 
 
+async def recheck_base(reactor: Any, qemu_img: str, image: str) -> None:
+    """
+    Check a VM's base image again before QEMU opens it: QEMU follows whatever backing
+    file or data file the base names at that moment, and the file may have been
+    replaced in place since the VM was created.
+
+    :param reactor: provides ``IReactorProcess``
+    :param qemu_img: the ``qemu-img`` tool
+    :param image: the base image, as stored at create
+    :raise RefusedByPolicy: when it now names another file
+    :raise InvalidVmState: when it is no longer a usable base image
+    """
+    try:
+        await image_format(reactor, qemu_img, image)
+    except InvalidParams as e:
+        raise InvalidVmState(f"the VM's base image is no longer usable: {e.message}") from None
+
+
 #: Base image formats we back a disk with: what cloud images ship in.  The others
 #: (vmdk extents, qed and qcow backing files, ...) may name any file of the host.
 BASE_FORMATS = frozenset({"raw", "qcow2"})

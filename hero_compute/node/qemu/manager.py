@@ -25,7 +25,7 @@ from hero_compute.node.vms import IVmManager, VmRecord, usage_of
 from hero_compute.rpc.addresses import MAX_UNIX_PATH
 from hero_compute.rpc.errors import InvalidVmState, VmNotFound
 
-from . import access, define, process, recovery
+from . import access, define, disks, process, recovery
 from .accel import AccelChoice
 from .admission import Admission, host_capacity
 from .console import ConsoleSettings, SerialConsole
@@ -354,6 +354,8 @@ class QemuVmManager(service.Service):
             # Again at each start: a directory on the resolved image's way may have been
             # swapped for a symlink since the create.
             self._admission.images.check_stored(vm.record.image)
+            if vm.record.image is not None:
+                await disks.recheck_base(self._reactor, self._qemu_img, vm.record.image)
             accel = await self._accel.decided()
             await access.prepare(self._reactor, self._access, vm.record, vm.directory)
             await vm.launch(self._qemu, accel, self._start_timeout)
