@@ -104,7 +104,9 @@ async def recheck_base(reactor: Any, qemu_img: str, image: str) -> None:
     try:
         await image_format(reactor, qemu_img, image)
     except InvalidParams as e:
-        raise InvalidVmState(f"the VM's base image is no longer usable: {e.message}") from None
+        raise InvalidVmState(
+            f"the VM's base image is no longer usable: {e.message}"
+        ) from None
 
 
 #: Base image formats we back a disk with: what cloud images ship in.  The others
