@@ -363,21 +363,26 @@ class TinyNode(http.server.ThreadingHTTPServer):
 def silent_dns(short_tmp):
     """
     A command prefix running twistd with a resolv.conf of its own (in a mount namespace)
-    whose name server, a UDP socket on 127.0.0.1:53, never answers: every name not in
-    /etc/hosts hangs for 6 s.  Root only.
+    whose name server, a UDP socket on port 53 of a loopback address of this run's own
+    (127.x.y.z from the pid), never answers: every name not in /etc/hosts hangs for 6 s.
+    Root only.
     """
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a mount namespace and port 53 need root and unshare")
     if socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)[0][4][0] != "127.0.0.1":
         pytest.skip("localhost is not 127.0.0.1 first here")
+    # resolv.conf takes no port, so the address is what is ours: 127.0.0.1:53 was
+    # taken whenever another run of this test (or a local resolver) held it.
+    pid = os.getpid()
+    address = f"127.{(pid >> 16) & 255}.{(pid >> 8) & 255}.{pid & 255}"
     dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        dns.bind(("127.0.0.1", 53))
+        dns.bind((address, 53))
     except OSError as e:
-        pytest.skip(f"cannot bind 127.0.0.1:53: {e}")
+        pytest.skip(f"cannot bind {address}:53: {e}")
     conf = f"{short_tmp}/resolv.conf"
     with open(conf, "w") as f:
-        f.write("nameserver 127.0.0.1\noptions timeout:6 attempts:1\n")
+        f.write(f"nameserver {address}\noptions timeout:6 attempts:1\n")
     dns.setblocking(False)
     yield _SilentDNS(
         [
