@@ -38,12 +38,12 @@ def explorer(twistd, short_tmp):
 
 @pytest.fixture
 def dead_tcp():
-    """A loopback TCP address where nothing listens (bound, then closed)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"tcp://127.0.0.1:{port}"
+    """A loopback TCP address where nothing listens: bound and held, never listening,
+    so that a connection is refused and no other socket can take the port meanwhile (a
+    port closed before use is free for anyone's listener, in the ephemeral range)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_a_comma_list_parses_and_the_environment_is_used():

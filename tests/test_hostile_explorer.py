@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .support import Prober, open_fds, post, result, rpc, wait_for
+from .support import SERVED, Prober, open_fds, post, result, rpc, wait_for
 from .test_hostile_transport import explorer
 
 __all__ = ["explorer"]  # the fixture, shared
@@ -91,7 +91,8 @@ def test_calls_to_a_silent_node_are_bounded(explorer):
     Batches of 100 ``explorer.call`` to two nodes that accept and never answer, with
     EXPLORER_CALLS_PER_NODE=4 and EXPLORER_CALLS_TOTAL=6: at most 4 connections to
     either node and 6 in all are ever opened (the silent servers count them); every
-    other call is -32003 busy at once, and the Unix socket answers meanwhile.
+    other call is -32003 busy at once (queued behind the silent calls, it would wait out
+    the client's 10 s timeout), and the Unix socket answers meanwhile.
     """
     process = explorer(EXPLORER_CALLS_PER_NODE=4, EXPLORER_CALLS_TOTAL=6)
     silent = {"silent-a": SilentServer(), "silent-b": SilentServer()}
@@ -141,9 +142,9 @@ def test_calls_to_a_silent_node_are_bounded(explorer):
                 {"node_id": "silent-a", "method": "node.info"},
             )
             took = time.monotonic() - started
-            worst = prober.check(0.1)
+            worst = prober.check(SERVED)
         assert busy["error"]["code"] == -32003 and "busy" in busy["error"]["message"]
-        assert took < 0.1, took
+        assert took < SERVED, took
         assert all(count <= 4 for count in accepted.values()), accepted
         assert sum(accepted.values()) == 6, accepted
         # Six connections out, and the six batches' own connections in.
@@ -259,7 +260,7 @@ def test_flood_of_new_node_ids_is_bounded(explorer):
             answers.extend(json.loads(data))
         # A known node is not a new id: it heartbeats on, over TCP too.
         assert result(process.tcp, "explorer.heartbeat", GOOD)["accepted"] is True
-        prober.check(0.1, at_least=1)
+        prober.check(SERVED, at_least=1)
     accepted = [a for a in answers if "result" in a]
     refused = [a for a in answers if a.get("error", {}).get("code") == -32010]
     assert len(accepted) == 50 and len(refused) == 150, (len(accepted), len(refused))
@@ -362,21 +363,26 @@ class TinyNode(http.server.ThreadingHTTPServer):
 def silent_dns(short_tmp):
     """
     A command prefix running twistd with a resolv.conf of its own (in a mount namespace)
-    whose name server, a UDP socket on 127.0.0.1:53, never answers: every name not in
-    /etc/hosts hangs for 6 s.  Root only.
+    whose name server, a UDP socket on port 53 of a loopback address of this run's own
+    (127.x.y.z from the pid), never answers: every name not in /etc/hosts hangs for 6 s.
+    Root only.
     """
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a mount namespace and port 53 need root and unshare")
     if socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)[0][4][0] != "127.0.0.1":
         pytest.skip("localhost is not 127.0.0.1 first here")
+    # resolv.conf takes no port, so the address is what is ours: 127.0.0.1:53 was
+    # taken whenever another run of this test (or a local resolver) held it.
+    pid = os.getpid()
+    address = f"127.{(pid >> 16) & 255}.{(pid >> 8) & 255}.{pid & 255}"
     dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        dns.bind(("127.0.0.1", 53))
+        dns.bind((address, 53))
     except OSError as e:
-        pytest.skip(f"cannot bind 127.0.0.1:53: {e}")
+        pytest.skip(f"cannot bind {address}:53: {e}")
     conf = f"{short_tmp}/resolv.conf"
     with open(conf, "w") as f:
-        f.write("nameserver 127.0.0.1\noptions timeout:6 attempts:1\n")
+        f.write(f"nameserver {address}\noptions timeout:6 attempts:1\n")
     dns.setblocking(False)
     yield _SilentDNS(
         [
@@ -415,8 +421,9 @@ def test_dead_names_do_not_starve_live_ones(explorer, silent_dns):
     """
     Twelve nodes advertise names whose lookups hang (``tcp://dead-N.invalid:1``): while
     their calls wait on the resolver, a call to a node at ``tcp://localhost:PORT`` is
-    answered within a second; the dead calls fail (-32003) after the resolver's 5 s,
-    and a second round fails at once, from the cache, not another 5 s.
+    answered well within their 5 s (it does not queue behind them); the dead calls fail
+    (-32003) after the resolver's 5 s, and a second round fails at once, from the cache,
+    not another 5 s.
     """
     process = explorer(prefix=silent_dns)
     live = TinyNode()
@@ -454,7 +461,9 @@ def test_dead_names_do_not_starve_live_ones(explorer, silent_dns):
         live_took = time.monotonic() - started
         assert answer == {"ok": True}
         assert attack.is_alive(), "the dead names did not hang"
-        assert live_took < 1.0, live_took
+        # Half the 5 s a call queued behind the dead lookups would wait: 1 s was a
+        # tight margin on a loaded machine for a call that takes milliseconds.
+        assert live_took < 2.5, live_took
         attack.join(15)
         assert [a["error"]["code"] for a in first["answer"]] == [-32003] * 12
         assert all("within" in a["error"]["message"] for a in first["answer"])
@@ -464,7 +473,7 @@ def test_dead_names_do_not_starve_live_ones(explorer, silent_dns):
         again = json.loads(post(process.tcp, calls)[2])
         second = time.monotonic() - started
         assert [a["error"]["code"] for a in again] == [-32003] * 12
-        assert second < 0.5, second
+        assert second < 2.5, second
         assert result(
             process.unix, "explorer.call", {"node_id": "live", "method": "node.info"}
         ) == {"ok": True}

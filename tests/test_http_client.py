@@ -269,14 +269,15 @@ async def test_missing_unix_socket_is_refused(client, short_tmp):
 @pytest_twisted.ensureDeferred
 async def test_closed_tcp_port_is_refused(client):
     """A TCP port nothing listens on is ConnectionRefused, at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    started = time.monotonic()
-    with pytest.raises(ConnectionRefused) as info:
-        await client.call(f"tcp://127.0.0.1:{port}", "echo")
-    assert time.monotonic() - started < 1
+    # Bound and held, never listening: refused, and no other socket can listen on the
+    # port meanwhile (closed before use, it was anyone's to take).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefused) as info:
+            await client.call(f"tcp://127.0.0.1:{port}", "echo")
+        assert time.monotonic() - started < 1
     assert info.value.address == parse_address(f"tcp://127.0.0.1:{port}")
 
 

@@ -357,7 +357,9 @@ async def test_the_handshake_deadline_ends_with_the_handshake(fleet):
 
     factory = protocol.Factory.forProtocol(Server)
     factory.connections = []
-    admission = Admission(Limits(head_timeout=0.5))
+    # 1 s for the handshake (made in a thread of this process, against this reactor):
+    # 0.5 s left a loaded machine little room to finish it in time.
+    admission = Admission(Limits(head_timeout=1.0))
     creator = tls.ServerTLS(material(fleet, "explorer/e1"))
     port = reactor.listenTCP(
         0, AdmittedTLSFactory(creator, factory, admission), interface="127.0.0.1"
@@ -367,7 +369,7 @@ async def test_the_handshake_deadline_ends_with_the_handshake(fleet):
 
         def call():
             conn = connect(number, client_context(fleet))
-            time.sleep(1.0)
+            time.sleep(1.5)  # past the deadline: the handshake stopped it
             conn.sendall(b"late")
             conn.unwrap().close()
             with socket.create_connection(("127.0.0.1", number), timeout=WAIT) as raw:

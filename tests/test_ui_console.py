@@ -14,6 +14,7 @@ import pytest
 
 from .support import result, wait_for
 from .test_ui import (
+    STOPPED_INTERVAL,
     axe,
     axe_source,  # noqa: F401  (a fixture)
     browser,  # noqa: F401  (a fixture)
@@ -297,7 +298,10 @@ def test_browser_follows_events(twistd, short_tmp, browser):  # noqa: F811
     polling; with the stream down (no such route) the page polls instead.
     """
     _, unix, _, startup = start_explorer(twistd, short_tmp)
-    nodes = {n: start_node(twistd, short_tmp, unix, n) for n in ("mu", "nu")}
+    nodes = {
+        "mu": start_node(twistd, short_tmp, unix, "mu"),
+        "nu": start_node(twistd, short_tmp, unix, "nu", interval=STOPPED_INTERVAL),
+    }
     wait_for(
         lambda: len(result(unix, "explorer.list_nodes", {"status": "online"})) == 2,
         what="both nodes online",

@@ -35,8 +35,9 @@ from .test_node_tls import cert_for
 N = 4
 
 #: Seconds the connections get to go: well under CLOSE_TIMEOUT, so that it is the close
-#: itself that ends them, not the timer that cuts off a peer that does not answer.
-SETTLE = 1.0
+#: itself that ends them, not the timer that cuts off a peer that does not answer (3 s,
+#: not 1: TLS closes take several reactor turns, more on a loaded machine).
+SETTLE = 3.0
 
 
 class Console:
@@ -179,13 +180,17 @@ async def test_tls_peer_that_never_finishes_the_close_is_cut_off(fleet):
         answer = await threads.deferToThread(peer.do_handshake)
         answer = await threads.deferToThread(upgrade_then_close)
         assert answer.startswith(b"HTTP/1.1 101")
-        for _ in range(50):
+        # Conditions waited for up to 5 s each (they take a few turns; 1 s was little
+        # on a loaded machine, and advancing the clock before the timer is set
+        # would leave the connection open).
+        for _ in range(250):
             if any(c.active() for c in clock.getDelayedCalls()):
                 break
             await task.deferLater(reactor, 0.02, lambda: None)
+        assert any(c.active() for c in clock.getDelayedCalls()), "no close timer"
         assert factory.admission.open == 1  # closed, waiting for the peer
         clock.advance(CLOSE_TIMEOUT)
-        for _ in range(50):
+        for _ in range(250):
             if factory.admission.open == 0:
                 break
             await task.deferLater(reactor, 0.02, lambda: None)
