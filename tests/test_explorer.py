@@ -15,6 +15,7 @@ from hero_compute.node.heartbeat import backoff_delay
 from hero_compute.node.service import make_node
 from hero_compute.rpc.addresses import parse_address, parse_listen
 from hero_compute.rpc.errors import (
+    CallTimedOut,
     InvalidParams,
     NodeNotFound,
     NodeOffline,
@@ -162,6 +163,28 @@ async def test_heartbeats_stop_before_the_goodbye(explorer, client, sockets):
     await node.stopService()
     assert running_at_leave == [[False]]
     assert not node_clock.getDelayedCalls()
+    info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
+    assert info["status"] == "offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_goodbye_after_a_failed_heartbeat(explorer, client, sockets):
+    """A node whose last heartbeat failed (a slow answer, say) still says goodbye to an
+    explorer that accepted it before: offline at once, not after offline_after."""
+    unix, _ = uris(explorer)
+    node = start_node(sockets, [unix], clock=Clock())
+    await heartbeat(node)
+    call = node.client.call
+
+    def slow_heartbeat(address, method, params=None, timeout=None):
+        if method == "explorer.heartbeat":
+            return defer.fail(CallTimedOut(address, "no response within 0.3 s"))
+        return call(address, method, params, timeout=timeout)
+
+    node.client.call = slow_heartbeat
+    await heartbeat(node)
+    assert node.heartbeats[0].state.state == "failing"
+    await node.stopService()
     info = await client.call(unix, "explorer.get_node", {"node_id": "n1"})
     assert info["status"] == "offline"
 

@@ -147,9 +147,9 @@ def test_no_fit_counts_each_node_under_its_first_reason(fleet):
         "disk_gb": 3,
     }
     nodes["node-a"].stop()
-    # Its goodbye marks it offline at once; but a node whose last heartbeat failed
-    # (each is bounded by the 0.3 s interval, which a loaded machine can exceed) says
-    # none, and NODE_OFFLINE_AFTER does it.  What is counted is the point, not how soon.
+    # Its goodbye marks it offline at once; should the goodbye itself time out on a
+    # loaded machine, NODE_OFFLINE_AFTER does it.  What is counted is the point, not
+    # how soon.
     wait_for(
         lambda: (
             result(explorer, "explorer.get_node", {"node_id": "node-a"})["status"]

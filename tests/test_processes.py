@@ -14,9 +14,8 @@ from .support import ROOT, TWISTD, result, wait_for
 
 def test_default_unix_setup(twistd, short_tmp):
     """With only HOME set, explorer and node meet on the default sockets, mode 0660."""
-    # 1 s, not 0.3: each heartbeat is bounded by the interval, and a node whose last
-    # heartbeat failed (a loaded machine can make one take 0.3 s) says no goodbye, so
-    # the explorer would not show it offline at once after the stop below.
+    # 1 s, not 0.3: each heartbeat is bounded by the interval, and a loaded machine can
+    # make one take 0.3 s; the run below wants a calm fleet, not retries.
     env = {"HOME": short_tmp, "HEARTBEAT_INTERVAL": "1.0"}
     sockets = f"{short_tmp}/hero/var/sockets"
     explorer = twistd(["explorer"], env=env)

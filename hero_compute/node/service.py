@@ -196,7 +196,10 @@ class NodeService(service.MultiService):
                 loop.address, "explorer.leave", self._leave_params(), timeout=LEAVE_TIMEOUT
             ).addErrback(lambda f: None)
             for loop in self.heartbeats
-            if loop.state.state == "ok"
+            # Every explorer that ever accepted us, not only those whose last heartbeat
+            # went through: one slow answer must not leave us shown online until
+            # NODE_OFFLINE_AFTER.  One never reached costs at most LEAVE_TIMEOUT.
+            if loop.state.last_ok is not None
         ]
         d = defer.gatherResults(goodbyes)
         d.addBoth(lambda _: service.MultiService.stopService(self))
