@@ -21,10 +21,11 @@ FLUSH_EVERY = 1.0
 
 #: Node records written per transaction to a local store, one transaction per reactor
 #: turn: the write runs on the reactor, and a fleet registering at once (100,000
-#: changed records) would otherwise stop it for half a second.  250 take ~1.5 ms of
-#: CPU at 100,000 stored nodes (``bench/periodic_turns.py``), so a placement or a
-#: heartbeat arriving behind a turn waits at most that long.
-FLUSH_CHUNK = 250
+#: changed records) would otherwise stop it for over half a second.  200 take ~1.2 ms
+#: of CPU at 100,000 stored nodes (``bench/periodic_turns.py``; 500 took ~7 ms before
+#: shared dicts were encoded once), so a placement or a heartbeat arriving behind a
+#: turn waits about that long; smaller chunks cost more in all (a commit each).
+FLUSH_CHUNK = 200
 
 #: Node records per transaction to a shared store: its thread writes them, the reactor
 #: only takes their snapshot (~0.4 ms for 500), and each transaction costs a round trip
