@@ -10,14 +10,14 @@ The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`
 the raw body and a :class:`CallContext`; between the two sits one optional check, the
 ``authorize`` hook, given the context, the method name and the raw params before the
 params are checked against the schema.  Bodies are read and written by
-:mod:`~hero_compute.rpc.codec`.
+:mod:`~hero_compute.rpc.codec`, error objects and the response limit are in
+:mod:`~hero_compute.rpc.answers`.
 """
 
 from __future__ import annotations
 
 import collections
 import inspect
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -26,6 +26,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .answers import error as _error
+from .answers import over_limit, unserialisable, valid_id
 from .codec import dumps, loads
 from .context import CallContext
 from .errors import (
@@ -248,28 +250,11 @@ class Dispatcher:
         try:
             data = dumps(response)
         except (TypeError, ValueError, RecursionError):
-            return _unserialisable(response)
+            return unserialisable(response)
         limit = self.max_response
         if len(data) <= limit:
             return data
-        # Only the items that are too large become errors; the rest of a batch stands.
-        if isinstance(response, list):
-            items, answers = response, [dumps(r) for r in response]
-        else:
-            items, answers = [response], [data]
-        for i, answer in enumerate(answers):
-            if len(answer) > limit:
-                self.refused(
-                    "max_response",
-                    "a response of {size} bytes to {peer}: at most {most}",
-                    size=len(answer),
-                    peer=context.peer,
-                    most=limit,
-                )
-                answers[i] = dumps(_too_large(items[i]))
-        if not isinstance(response, list):
-            return answers[0]
-        return b"[" + b",".join(answers) + b"]"
+        return over_limit(response, data, limit, context.peer, self.refused)
 
     def _handle_one(self, message: Any, context: CallContext) -> _Response:
         """
@@ -279,7 +264,7 @@ class Dispatcher:
         if not isinstance(message, dict):
             return _error(None, InvalidRequest("Invalid Request: not an object"))
         rid = message.get("id")
-        if not _valid_id(rid):
+        if not valid_id(rid):
             return _error(
                 None,
                 InvalidRequest("Invalid Request: id must be a string, a number or null"),
@@ -410,33 +395,3 @@ def _as_rpc_error(failure: Failure, message: dict[str, Any]) -> RpcError:
 def _log_unexpected(failure: Failure, message: dict[str, Any]) -> None:
     if not failure.check(RpcError, defer.CancelledError):
         log.failure("method {method} failed", failure, method=message.get("method"))
-
-
-def _valid_id(rid: object) -> bool:
-    if isinstance(rid, float):
-        return math.isfinite(rid)  # 1e400 parses as inf, which cannot be echoed
-    return rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool))
-
-
-def _error(rid: Any, error: RpcError) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
-
-
-def _too_large(response: dict[str, Any]) -> dict[str, Any]:
-    return _error(response.get("id"), InternalError("response too large"))
-
-
-def _unserialisable(response: dict[str, Any] | list[dict[str, Any]]) -> bytes:
-    """The answer to a response that cannot be JSON: its items that can, -32603 others."""
-    log.failure("result is not JSON-serialisable")
-    if isinstance(response, list):
-        return dumps([_dump_one_safely(r) for r in response])
-    return dumps(_error(response.get("id"), InternalError("Internal error")))
-
-
-def _dump_one_safely(response: dict[str, Any]) -> dict[str, Any]:
-    try:
-        dumps(response)
-        return response
-    except (TypeError, ValueError, RecursionError):
-        return _error(response.get("id"), InternalError("Internal error"))
