@@ -9,6 +9,8 @@ import types
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
@@ -264,6 +266,64 @@ def test_response_size_limit_is_per_item():
     by_id = {r["id"]: r for r in batch}
     assert by_id[1]["error"]["message"] == "response too large"
     assert by_id[2]["result"] == "ok"
+
+
+TCP = CallContext("tcp", "192.0.2.7:4242", host="192.0.2.7")
+
+
+def refusal_lines(events, limit):
+    """The formatted log lines about refusals by ``limit``."""
+    return [formatEvent(e) for e in events if f"refused ({limit})" in e["log_format"]]
+
+
+def test_batch_refusals_are_logged_rate_limited():
+    """A batch over the limit is logged at once naming its size and peer, the next ones
+    within 10 s only counted and said in the first line after (CONTRACT §7); batches
+    within the limit log nothing; each refusal is counted for metrics."""
+    clock = Clock()
+    rpc = Dispatcher(max_batch=2, clock=clock)
+    rpc.register("one", lambda: 1)
+    call = {"jsonrpc": "2.0", "method": "one", "id": 1}
+    with capturedLogs() as events:
+        assert len(dispatch(rpc, [call] * 2, TCP)) == 2
+        for _ in range(5):
+            assert dispatch(rpc, [call] * 3, TCP)["error"]["code"] == -32600
+        clock.advance(9.9)
+        dispatch(rpc, [call] * 3, TCP)
+        clock.advance(0.1)
+        dispatch(rpc, [call] * 4, TCP)
+    assert refusal_lines(events, "max_batch") == [
+        "refused (max_batch) a batch of 3 requests from 192.0.2.7:4242: at most 2",
+        "refused (max_batch) a batch of 4 requests from 192.0.2.7:4242: at most 2 "
+        "(and 5 more since the last such line)",
+    ]
+    assert rpc.refusals == {"max_batch": 7}
+
+
+def test_responses_too_large_are_logged_rate_limited():
+    """Each response item over the limit is logged (size, peer) at most once per 10 s,
+    the rest counted into the next line, whether answered at once or later; answers
+    within the limit log nothing."""
+    clock = Clock()
+    rpc = Dispatcher(max_response=1000, clock=clock)
+    rpc.register("big", lambda: "x" * 2000)
+    rpc.register("later", lambda: defer.succeed("x" * 3000))
+    rpc.register("small", lambda: "ok")
+    big = {"jsonrpc": "2.0", "method": "big", "id": 1}
+    with capturedLogs() as events:
+        assert dispatch(rpc, {**big, "method": "small"}, TCP)["result"] == "ok"
+        assert dispatch(rpc, big, TCP)["error"]["message"] == "response too large"
+        batch = dispatch(rpc, [big, {**big, "id": 2}, {**big, "method": "small"}], TCP)
+        assert [a.get("result") for a in batch] == [None, None, "ok"]
+        clock.advance(10)
+        later = dispatch(rpc, {**big, "method": "later"}, TCP)
+        assert later["error"]["message"] == "response too large"
+    assert refusal_lines(events, "max_response") == [
+        "refused (max_response) a response of 2036 bytes to 192.0.2.7:4242: at most 1000",
+        "refused (max_response) a response of 3036 bytes to 192.0.2.7:4242: "
+        "at most 1000 (and 2 more since the last such line)",
+    ]
+    assert rpc.refusals == {"max_response": 4}
 
 
 def test_synchronous_handlers_are_answered_without_a_deferred(memory_rpc):

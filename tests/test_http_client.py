@@ -23,6 +23,7 @@ from hero_compute.rpc.errors import (
     ConnectionRefused,
     InvalidParams,
     MethodNotFound,
+    ResponseTooLarge,
     RpcError,
     TransportError,
     VmNotFound,
@@ -439,6 +440,8 @@ async def test_bad_response(raw_server, client, code, body, complaint):
         await client.call(uri, "echo")
     assert complaint in str(info.value)
     assert isinstance(info.value, TransportError)
+    # The proxy tells a reply over its limit (logged as a refusal) from the others.
+    assert isinstance(info.value, ResponseTooLarge) == (complaint == "larger than")
 
 
 # JSON-RPC errors -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from hero_compute.rpc.errors import (
     ConnectionRefused,
     NodeUnreachable,
     RefusedByPolicy,
+    ResponseTooLarge,
     VmNotFound,
 )
 
@@ -107,6 +108,37 @@ def test_busy_refusals_are_logged_rate_limited():
         "(and 3 more since the last such line)",
     ]
     assert proxy.busy == 5
+
+
+def test_replies_too_large_are_logged_rate_limited():
+    """A node's reply over the client's limit is -32003 and logged at once naming the
+    node, the next ones within 10 s only counted and said in the first line after
+    (CONTRACT §7); other transport failures are not such lines; each is counted."""
+    clock = Clock()
+    registry = registry_with(clock, ("a", "tcp://192.0.2.1:1", False))
+    client = HeldClient()
+    proxy = Proxy(client, registry, 5, never)
+    address = parse_address("tcp://192.0.2.1:1")
+
+    def fail(error):
+        d = proxy.call("a", "vm.list")
+        client.calls[-1][2].errback(error)
+        return failure_result_of(d, NodeUnreachable).value
+
+    with capturedLogs() as events:
+        assert "larger than 4096 bytes" in str(fail(ResponseTooLarge(address, 4096)))
+        for _ in range(3):
+            fail(ResponseTooLarge(address, 4096))
+        fail(ConnectionRefused(address, "cannot connect: no"))
+        clock.advance(10)
+        fail(ResponseTooLarge(address, 4096))
+    lines = [formatEvent(e) for e in events if "max_reply" in e["log_format"]]
+    assert lines == [
+        "refused (max_reply) the reply of node a at tcp://192.0.2.1:1: over 4096 bytes",
+        "refused (max_reply) the reply of node a at tcp://192.0.2.1:1: over 4096 bytes "
+        "(and 3 more since the last such line)",
+    ]
+    assert proxy.too_large == 5 and proxy.total == 0
 
 
 def test_outcomes_pass_through_and_free_their_room():

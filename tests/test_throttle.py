@@ -5,8 +5,9 @@ back as "and N more" or as a summary, keys apart.
 """
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 
-from hero_compute.rpc.throttle import Throttle
+from hero_compute.rpc.throttle import Throttle, log_refusal
 
 
 def test_first_line_is_written_then_one_per_window():
@@ -92,3 +93,26 @@ def test_keys_are_counted_apart():
     assert throttle.held("fd_reserve") == 0
     assert throttle.held("head_timeout") == 0 and throttle.take("head_timeout") == 0
     assert throttle.flush("head_timeout") == 0
+
+
+def test_refusal_lines_say_the_limit_and_how_many_more():
+    """log_refusal writes ``refused (<limit>) ...`` at once, holds the next ones of that
+    limit within the window, says their count in the next line, and keeps limits apart;
+    the limit's name is in the event's format (the kind of line is known from it)."""
+    clock = Clock()
+    throttle = Throttle(clock, 10.0)
+    logger = Logger()
+    with capturedLogs() as events:
+        log_refusal(logger, throttle, "max_batch", "a batch of {count}", count=4)
+        for _ in range(3):
+            log_refusal(logger, throttle, "max_batch", "a batch of {count}", count=5)
+        log_refusal(logger, throttle, "max_response", "a response")
+        clock.advance(10)
+        log_refusal(logger, throttle, "max_batch", "a batch of {count}", count=6)
+    assert [formatEvent(e) for e in events] == [
+        "refused (max_batch) a batch of 4",
+        "refused (max_response) a response",
+        "refused (max_batch) a batch of 6 (and 3 more since the last such line)",
+    ]
+    assert all(e["log_level"] == LogLevel.warn for e in events)
+    assert "max_batch" in events[0]["log_format"]

@@ -375,7 +375,8 @@ def make_dashboard(
     fresh = token is None
     if token is None:
         token = secrets.token_hex(24)
-    rpc = service_dispatcher("explorer", limits, _authorize)
+    clock = None if admission is None else admission.clock
+    rpc = service_dispatcher("explorer", limits, _authorize, clock)
     (register or methods.register)(rpc)
     root = DashboardRoot(
         token,

@@ -250,6 +250,7 @@ class ExplorerCollector:
         return (
             *self._methods.refusals.items(),
             ("calls_in_flight", self._proxy.busy),
+            ("max_reply", self._proxy.too_large),
         )
 
 

@@ -31,10 +31,11 @@ from hero_compute.rpc.errors import (
     NodeOffline,
     NodeUnreachable,
     RefusedByPolicy,
+    ResponseTooLarge,
     TransportError,
 )
 from hero_compute.rpc.limits import DEFAULTS
-from hero_compute.rpc.throttle import REFUSALS_EVERY, Throttle
+from hero_compute.rpc.throttle import REFUSALS_EVERY, Throttle, log_refusal
 from hero_compute.rpc.tls import Expected
 
 from .resolver import ResolveError
@@ -119,10 +120,13 @@ class Proxy:
         self.total = 0
         #: Calls refused busy, for metrics.
         self.busy = 0
-        # Busy refusals are logged as every limit is (CONTRACT §7): a line per
+        #: Calls whose reply was over the client's ``max_response`` (EXPLORER_MAX_REPLY),
+        #: for metrics.
+        self.too_large = 0
+        # Refusals are logged as every limit's are (CONTRACT §7): a line per limit per
         # REFUSALS_EVERY at most, the rest counted into the next.  Made at the first
         # refusal, on the registry's clock.
-        self._busy_log: Throttle | None = None
+        self._log: Throttle | None = None
 
     def call(self, node_id: str, method: str, params: Any = None) -> defer.Deferred[Any]:
         """
@@ -146,15 +150,7 @@ class Proxy:
         ):
             self.busy += 1
             scope = "in all" if self.total >= self._total_limit else f"to node {node_id}"
-            if self._busy_log is None:
-                self._busy_log = Throttle(self._registry.clock, REFUSALS_EVERY)
-            more = self._busy_log.offer()
-            if more is not None:
-                log.warn(
-                    "refused (calls_in_flight) a call {scope}: busy{more}",
-                    scope=scope,
-                    more=f" (and {more} more since the last such line)" if more else "",
-                )
+            self._refused("calls_in_flight", "a call {scope}: busy", scope=scope)
             raise NodeUnreachable(
                 f"busy: too many calls in flight {scope} (EXPLORER_CALLS_PER_NODE, "
                 "EXPLORER_CALLS_TOTAL); try again shortly"
@@ -212,6 +208,12 @@ class Proxy:
             lambda t: (t.client_endpoint(reactor, connect_timeout, creator), t)
         )
 
+    def _refused(self, limit: str, what: str, **fields: object) -> None:
+        """Log a refusal by ``limit``, rate-limited (see :func:`log_refusal`)."""
+        if self._log is None:
+            self._log = Throttle(self._registry.clock, REFUSALS_EVERY)
+        log_refusal(log, self._log, limit, what, **fields)
+
     def _finished(self, result, node_id, socket_path):
         """A call is over: room for another, and a transport failure is -32003."""
         self.total -= 1
@@ -221,6 +223,15 @@ class Proxy:
         else:
             del self.in_flight[node_id]
         if isinstance(result, Failure) and isinstance(result.value, TransportError):
+            if isinstance(result.value, ResponseTooLarge):
+                self.too_large += 1
+                self._refused(
+                    "max_reply",
+                    "the reply of node {node_id} at {address}: over {most} bytes",
+                    node_id=node_id,
+                    address=socket_path,
+                    most=result.value.limit,
+                )
             raise NodeUnreachable(
                 f"node {node_id} at {socket_path} is unreachable: {result.value.reason}"
             )

@@ -191,7 +191,7 @@ def make_explorer(
         # Its results are answers passed on: written again without a walk for NaNs.
         relay=True,
     )
-    rpc = service_dispatcher("explorer", limits, _authorize)
+    rpc = service_dispatcher("explorer", limits, _authorize, reactor)
     factory = make_factory(rpc, limits=limits)
     # rpc/listeners.py annotates its factory as a bare Factory, which mypy reads as
     # generic in a type variable: it takes any protocol factory.

@@ -292,7 +292,7 @@ def make_node(
     # ClientSide stands in for the ClientTLS it will point at once enrolled.
     client = RpcClient(reactor, timeout=interval, tls=cast("ClientTLS | None", client_side))
     limits = limits or Limits()
-    rpc = service_dispatcher("node", limits, authorize)
+    rpc = service_dispatcher("node", limits, authorize, reactor)
     sources = {"socket": "--socket", "tcp": "--tcp", "tls": "--tls", **(sources or {})}
     listens = [Listen.unix(socket_path, sources["socket"])]
     if tcp is not None:

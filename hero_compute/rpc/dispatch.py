@@ -10,13 +10,14 @@ The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`
 the raw body and a :class:`CallContext`; between the two sits one optional check, the
 ``authorize`` hook, given the context, the method name and the raw params before the
 params are checked against the schema.  Bodies are read and written by
-:mod:`~hero_compute.rpc.codec`.
+:mod:`~hero_compute.rpc.codec`, error objects and the response limit are in
+:mod:`~hero_compute.rpc.answers`.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -25,6 +26,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .answers import error as _error
+from .answers import over_limit, unserialisable, valid_id
 from .codec import dumps, loads
 from .context import CallContext
 from .errors import (
@@ -36,8 +39,11 @@ from .errors import (
     RpcError,
 )
 from .limits import DEFAULTS, Limits
+from .throttle import REFUSALS_EVERY, Throttle, log_refusal
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from .schema import Schema
 
 # CallContext is part of the dispatcher's interface (handlers and the authorize hook
@@ -92,6 +98,12 @@ class Dispatcher:
         the call by raising an :class:`~hero_compute.rpc.errors.RpcError` (for instance
         :class:`~hero_compute.rpc.errors.RefusedByPolicy`).  Handlers never check
         permissions themselves.
+    :param max_batch: requests in one batch; a larger batch is refused whole (-32600)
+    :param max_response: bytes of one response; a larger one is -32603
+    :param clock: the ``IReactorTime`` on which refusal lines are rate-limited (the
+        global reactor when None)
+    :ivar refusals: requests refused by a limit (``max_batch``, ``max_response``), by
+        limit, for metrics
     """
 
     def __init__(
@@ -101,9 +113,14 @@ class Dispatcher:
         authorize: Callable[[CallContext, str, Any], object] | None = None,
         max_batch: int = MAX_BATCH,
         max_response: int = MAX_RESPONSE,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_response = max_response
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self._clock = clock
+        # Made at the first refusal: nothing of it on the way of an answer.
+        self._log: Throttle | None = None
         self._schema = schema
         self._version = version
         self._authorize = authorize
@@ -155,28 +172,31 @@ class Dispatcher:
         try:
             message = loads(body)
         except (ValueError, UnicodeDecodeError) as e:
-            return _dump(_error(None, ParseError(f"Parse error: {e}")))
+            return dumps(_error(None, ParseError(f"Parse error: {e}")))
         except RecursionError:
             # A megabyte of "[" is well under the body limit and too deep for json.loads.
-            return _dump(_error(None, ParseError("Parse error: nested too deeply")))
-        limit = self.max_response
+            return dumps(_error(None, ParseError("Parse error: nested too deeply")))
         if isinstance(message, list):
             if not message:
-                return _dump(
-                    _error(None, InvalidRequest("Invalid Request: empty batch")), limit
-                )
+                return dumps(_error(None, InvalidRequest("Invalid Request: empty batch")))
             if len(message) > self.max_batch:
                 # Refused whole, before any of it runs: a batch is how one small request
                 # asks for a great deal of work.
-                return _dump(
+                self.refused(
+                    "max_batch",
+                    "a batch of {count} requests from {peer}: at most {most}",
+                    count=len(message),
+                    peer=context.peer,
+                    most=self.max_batch,
+                )
+                return dumps(
                     _error(
                         None,
                         InvalidRequest(
                             f"Invalid Request: a batch may hold at most {self.max_batch} "
                             f"requests, not {len(message)}"
                         ),
-                    ),
-                    limit,
+                    )
                 )
             responses = [self._handle_one(item, context) for item in message]
             if any(isinstance(r, defer.Deferred) for r in responses):
@@ -187,13 +207,54 @@ class Dispatcher:
                     ],
                     consumeErrors=True,
                 )
-                return d.addCallback(_dump_batch, limit)
+                return d.addCallback(self._dump_batch, context)
             # None of them is a Deferred.
-            return _dump_batch(cast(list[dict[str, Any] | None], responses), limit)
+            return self._dump_batch(cast(list[dict[str, Any] | None], responses), context)
         response = self._handle_one(message, context)
         if isinstance(response, defer.Deferred):
-            return response.addCallback(_dump_single, limit)
-        return _dump_single(response, limit)
+            return response.addCallback(self._dump_single, context)
+        return self._dump_single(response, context)
+
+    def refused(self, limit: str, what: str, **fields: object) -> None:
+        """
+        Count a request refused by a limit, and log it rate-limited (CONTRACT §7): one
+        line per limit every :data:`~hero_compute.rpc.throttle.REFUSALS_EVERY` seconds at
+        most, the others counted into the next (``and N more``).
+
+        :param limit: the limit's name, as in metrics
+        :param what: the rest of the line after ``refused (<limit>)``, a format string of
+            ``fields``
+        """
+        self.refusals[limit] += 1
+        if self._log is None:
+            clock = self._clock
+            if clock is None:
+                from twisted.internet import reactor as clock
+            self._log = Throttle(clock, REFUSALS_EVERY)  # type: ignore[arg-type]
+        log_refusal(log, self._log, limit, what, **fields)
+
+    def _dump_batch(
+        self, responses: list[dict[str, Any] | None], context: CallContext
+    ) -> bytes | None:
+        answered = [r for r in responses if r is not None]
+        return self._dump(answered, context) if answered else None
+
+    def _dump_single(
+        self, response: dict[str, Any] | None, context: CallContext
+    ) -> bytes | None:
+        return None if response is None else self._dump(response, context)
+
+    def _dump(
+        self, response: dict[str, Any] | list[dict[str, Any]], context: CallContext
+    ) -> bytes:
+        try:
+            data = dumps(response)
+        except (TypeError, ValueError, RecursionError):
+            return unserialisable(response)
+        limit = self.max_response
+        if len(data) <= limit:
+            return data
+        return over_limit(response, data, limit, context.peer, self.refused)
 
     def _handle_one(self, message: Any, context: CallContext) -> _Response:
         """
@@ -203,7 +264,7 @@ class Dispatcher:
         if not isinstance(message, dict):
             return _error(None, InvalidRequest("Invalid Request: not an object"))
         rid = message.get("id")
-        if not _valid_id(rid):
+        if not valid_id(rid):
             return _error(
                 None,
                 InvalidRequest("Invalid Request: id must be a string, a number or null"),
@@ -295,6 +356,7 @@ def service_dispatcher(
     service: str,
     limits: Limits,
     authorize: Callable[[CallContext, str, Any], object] | None,
+    clock: IReactorTime | None = None,
 ) -> Dispatcher:
     """
     The dispatcher of a service, as the explorer, its dashboard and the node each build
@@ -304,6 +366,7 @@ def service_dispatcher(
     :param service: ``"explorer"`` or ``"node"``, the schema's name
     :param limits: the :class:`~hero_compute.rpc.limits.Limits`
     :param authorize: the authorize hook (see :class:`Dispatcher`)
+    :param clock: the reactor, on which its refusal lines are rate-limited
     """
     import hero_compute
 
@@ -316,6 +379,7 @@ def service_dispatcher(
         authorize=authorize,
         max_batch=limits.max_batch,
         max_response=limits.max_response,
+        clock=clock,
     )
 
 
@@ -331,64 +395,3 @@ def _as_rpc_error(failure: Failure, message: dict[str, Any]) -> RpcError:
 def _log_unexpected(failure: Failure, message: dict[str, Any]) -> None:
     if not failure.check(RpcError, defer.CancelledError):
         log.failure("method {method} failed", failure, method=message.get("method"))
-
-
-def _valid_id(rid: object) -> bool:
-    if isinstance(rid, float):
-        return math.isfinite(rid)  # 1e400 parses as inf, which cannot be echoed
-    return rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool))
-
-
-def _error(rid: Any, error: RpcError) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
-
-
-def _dump_batch(
-    responses: list[dict[str, Any] | None], limit: int = MAX_RESPONSE
-) -> bytes | None:
-    answered = [r for r in responses if r is not None]
-    return _dump(answered, limit) if answered else None
-
-
-def _dump_single(
-    response: dict[str, Any] | None, limit: int = MAX_RESPONSE
-) -> bytes | None:
-    return None if response is None else _dump(response, limit)
-
-
-def _too_large(response: dict[str, Any]) -> dict[str, Any]:
-    return _error(response.get("id"), InternalError("response too large"))
-
-
-def _dump(
-    response: dict[str, Any] | list[dict[str, Any]], limit: int = MAX_RESPONSE
-) -> bytes:
-    try:
-        data = dumps(response)
-    except (TypeError, ValueError, RecursionError):
-        log.failure("result is not JSON-serialisable")
-        if isinstance(response, list):
-            return dumps([_dump_one_safely(r) for r in response])
-        return dumps(_error(response.get("id"), InternalError("Internal error")))
-    if len(data) <= limit:
-        return data
-    if not isinstance(response, list):
-        return dumps(_too_large(response))
-    # Only the items that are too large become errors; the rest of the batch stands.
-    items = [dumps(r) for r in response]
-    return (
-        b"["
-        + b",".join(
-            item if len(item) <= limit else dumps(_too_large(r))
-            for item, r in zip(items, response, strict=True)
-        )
-        + b"]"
-    )
-
-
-def _dump_one_safely(response: dict[str, Any]) -> dict[str, Any]:
-    try:
-        dumps(response)
-        return response
-    except (TypeError, ValueError, RecursionError):
-        return _error(response.get("id"), InternalError("Internal error"))

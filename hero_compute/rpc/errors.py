@@ -226,3 +226,15 @@ class ConnectionClosed(TransportError):
 
 class BadResponse(TransportError):
     """The peer answered, but not with a JSON-RPC response (HTTP error, bad JSON)."""
+
+
+class ResponseTooLarge(BadResponse):
+    """
+    The peer's response body grew past the limit of the call; it was read no further.
+
+    :param limit: that limit, in bytes
+    """
+
+    def __init__(self, address: object, limit: int) -> None:
+        BadResponse.__init__(self, address, f"response body larger than {limit} bytes")
+        self.limit = limit

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.python.failure import Failure
 
 from .addresses import Address
-from .errors import BadResponse, ConnectionRefused
+from .errors import BadResponse, ConnectionRefused, ResponseTooLarge
 from .limits import DEFAULTS
 from .sendnow import send_now
 
@@ -175,12 +175,7 @@ class HTTPConnection(protocol.Protocol):
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _TooLarge):
                 raise
-            self._fail(
-                BadResponse(
-                    self.address,
-                    f"response body larger than {self._pool.max_response} bytes",
-                )
-            )
+            self._fail(ResponseTooLarge(self.address, self._pool.max_response))
             return
         except httptools.HttpParserError as e:
             self._fail(BadResponse(self.address, f"not an HTTP response: {e}"))

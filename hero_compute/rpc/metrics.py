@@ -134,7 +134,11 @@ class TransportCollector:
             "Requests, connections or calls refused by a limit (CONTRACT §7)",
             labels=["limit"],
         )
-        for limit, count in (*admission.refusals.items(), *self._refusals()):
+        for limit, count in (
+            *admission.refusals.items(),
+            *self._factory.dispatcher.refusals.items(),
+            *self._refusals(),
+        ):
             refusals.add_metric([limit], count)
         yield refusals
         info = GaugeMetricFamily(

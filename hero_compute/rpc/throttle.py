@@ -1,7 +1,9 @@
 """
 How often a kind of log line may be written, the one rule behind every rate-limited log
 of the package (CONTRACT §7: each refusal is logged rate-limited): refusals at accept
-(:mod:`~hero_compute.rpc.admission`), the reactor's pauses (:mod:`~hero_compute.rpc.lag`)
+(:mod:`~hero_compute.rpc.admission`), batches and responses over their limits
+(:mod:`~hero_compute.rpc.dispatch`), proxied calls refused busy or answered too large
+(:mod:`hero_compute.explorer.proxy`), the reactor's pauses (:mod:`~hero_compute.rpc.lag`)
 and the explorer's node events (:mod:`hero_compute.explorer.registry`).
 
 A :class:`Throttle` lets ``burst`` lines of one key through per window of ``every``
@@ -17,10 +19,37 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 #: Seconds between two lines about refusals by one limit (CONTRACT §7), wherever it is
 #: enforced: at accept, or a proxied call refused busy.
 REFUSALS_EVERY = 10.0
+
+
+def log_refusal(
+    logger: Logger, throttle: Throttle, limit: str, what: str, **fields: object
+) -> None:
+    """
+    One refusal by a limit, logged if ``throttle`` lets a line of ``limit`` through now,
+    in the words of every refusal line: ``refused (<limit>) <what>``, and when some were
+    held since the last such line, `` (and N more since the last such line)``.
+
+    :param logger: the refusing module's logger
+    :param throttle: the refusals' :class:`Throttle`, keyed by limit
+    :param limit: the limit's name, as in metrics
+    :param what: the rest of the line: a format string of ``fields``
+    """
+    more = throttle.offer(limit)
+    if more is None:
+        return
+    # The limit's name is written into the format (it is one of ours, without braces):
+    # the kind of line is then known from the event's format alone.
+    logger.warn(
+        f"refused ({limit}) {what}{{more}}",
+        limit=limit,
+        more=f" (and {more} more since the last such line)" if more else "",
+        **fields,
+    )
 
 
 class _Key:

@@ -1,0 +1,208 @@
+"""
+Refusals by the limits of a request's body and of answers (CONTRACT §7: HERO_MAX_BATCH,
+HERO_MAX_RESPONSE, EXPLORER_MAX_REPLY), made by an attacker against a real ``twistd
+explorer``: each is refused on the wire, logged once, counted in ``hero_refusals``, and a
+flood of them is one line and then one ``and N more``, not a line each.
+"""
+
+import http.server
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from hero_compute.rpc.throttle import REFUSALS_EVERY
+
+from .support import Twistd, connect, post, result, rpc
+from .test_metrics import metrics_uri, scrape, value
+
+#: Refused requests sent after the first, within one window of the refusal log.
+FLOOD = 60
+
+
+@pytest.fixture
+def explorer(short_tmp):
+    """
+    ``explorer(**variables)``: a real explorer on its Unix socket, on TCP (127.0.0.1)
+    and with a metrics listener; ``.unix``, ``.tcp`` and ``.metrics`` are set.
+    """
+    started = []
+
+    def start(**variables):
+        sock = f"{short_tmp}/e.sock"
+        process = Twistd(
+            ["explorer", "--socket", sock, "--tcp", "127.0.0.1:0"]
+            + ["--metrics", "127.0.0.1:0"],
+            env={
+                "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+                **{name: str(value) for name, value in variables.items()},
+            },
+        )
+        started.append(process)
+        process.metrics = metrics_uri(process)
+        process.unix = f"unix://{sock}"
+        listeners = result(process.unix, "explorer.info")["listeners"]
+        process.tcp = next(u for u in listeners if u.startswith("tcp://"))
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def flood(process, limit, refuse):
+    """
+    Make the refused request once, FLOOD times more at once, then once more after the
+    refusal log's window: the log must hold exactly two lines about ``limit``, the
+    second saying how many were held in between.
+
+    :param refuse: makes one refused request and checks its answer on the wire
+    :return: the two log lines
+    """
+    refuse()
+    first = time.monotonic()
+    pattern = rf"refused \({limit}\) "
+    process.wait_for_line(pattern)
+    for _ in range(FLOOD):
+        refuse()
+    assert time.monotonic() - first < REFUSALS_EVERY - 1, "the flood was too slow"
+    assert len(process.wait_for_line(pattern)) == 1
+    time.sleep(max(0.0, first + REFUSALS_EVERY + 0.5 - time.monotonic()))
+    refuse()
+    process.wait_for_line(pattern + r".*\(and \d+ more since the last such line\)$")
+    lines = [line for line in process.lines if re.search(pattern, line)]
+    assert len(lines) == 2, lines
+    assert "more since" not in lines[0]
+    assert f"(and {FLOOD} more since the last such line)" in lines[1], lines[1]
+    samples = scrape(process.metrics)
+    assert value(samples, "hero_refusals_total", limit=limit) == FLOOD + 2
+    return lines
+
+
+def test_refused_batches_are_logged_rate_limited(explorer):
+    """
+    HERO_MAX_BATCH=3: a batch of 4 from a TCP peer is -32600 with none of it run, logged
+    ``refused (max_batch) a batch of 4 requests from 127.0.0.1:PORT: at most 3``; a flood
+    of them is that line and then one ``and N more``, and a batch of 3 is still served.
+    """
+    process = explorer(HERO_MAX_BATCH=3)
+    attacker = connect(process.tcp)
+    batch = [{"jsonrpc": "2.0", "method": "explorer.info", "id": i} for i in range(4)]
+
+    def refuse():
+        status, _, data = post(attacker, batch)
+        answer = json.loads(data)
+        assert status == 200 and answer["error"]["code"] == -32600, answer
+        assert "at most 3" in answer["error"]["message"]
+
+    lines = flood(process, "max_batch", refuse)
+    port = attacker.sock.getsockname()[1]
+    assert lines[0].endswith(
+        f"refused (max_batch) a batch of 4 requests from 127.0.0.1:{port}: at most 3"
+    ), lines[0]
+    status, _, data = post(attacker, batch[:3])
+    assert status == 200 and all("result" in a for a in json.loads(data))
+    attacker.close()
+
+
+def test_responses_too_large_are_logged_rate_limited(explorer):
+    """
+    HERO_MAX_RESPONSE=4096: ``rpc.discover`` (the OpenRPC document, larger) from a TCP
+    peer is -32603 ``response too large``, logged ``refused (max_response) a response of
+    N bytes to 127.0.0.1:PORT: at most 4096``; a flood of them is that line and then one
+    ``and N more``, and smaller answers are still given.
+    """
+    process = explorer(HERO_MAX_RESPONSE=4096)
+    attacker = connect(process.tcp)
+    message = {"jsonrpc": "2.0", "method": "rpc.discover", "id": 7}
+
+    def refuse():
+        status, _, data = post(attacker, message)
+        answer = json.loads(data)
+        assert status == 200 and answer["id"] == 7, answer
+        assert answer["error"] == {"code": -32603, "message": "response too large"}
+
+    lines = flood(process, "max_response", refuse)
+    port = attacker.sock.getsockname()[1]
+    assert re.search(
+        rf"refused \(max_response\) a response of \d+ bytes to 127\.0\.0\.1:{port}: "
+        r"at most 4096$",
+        lines[0],
+    ), lines[0]
+    assert "result" in rpc(process.tcp, "explorer.info")
+    attacker.close()
+
+
+class FatNode:
+    """A node that answers every call with a megabyte: a hostile node, on 127.0.0.1."""
+
+    def __init__(self):
+        body = json.dumps({"jsonrpc": "2.0", "result": "x" * (1 << 20), "id": 1}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the explorer hung up once it had read its fill
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_proxied_replies_too_large_are_logged_rate_limited(explorer):
+    """
+    EXPLORER_MAX_REPLY=65536 and a node answering every call with 1 MiB: each
+    ``explorer.call`` to it is -32003 (the reply read no further), logged ``refused
+    (max_reply) the reply of node fat at tcp://127.0.0.1:PORT: over 65536 bytes``; a
+    flood of them is that line and then one ``and N more``, and the explorer serves on.
+    """
+    process = explorer(EXPLORER_MAX_REPLY=65536)
+    fat = FatNode()
+    try:
+        address = f"tcp://127.0.0.1:{fat.port}"
+        heartbeat = {"node_id": "fat", "socket_path": address, "name": "fat"}
+        assert result(process.unix, "explorer.heartbeat", heartbeat)["accepted"]
+        attacker = connect(process.tcp)
+        call = {
+            "jsonrpc": "2.0",
+            "method": "explorer.call",
+            "params": {"node_id": "fat", "method": "node.info"},
+            "id": 1,
+        }
+
+        def refuse():
+            status, _, data = post(attacker, call)
+            answer = json.loads(data)
+            assert status == 200 and answer["error"]["code"] == -32003, answer
+            assert "larger than 65536 bytes" in answer["error"]["message"]
+            assert "xxxx" not in answer["error"]["message"]
+
+        lines = flood(process, "max_reply", refuse)
+        assert lines[0].endswith(
+            f"refused (max_reply) the reply of node fat at {address}: over 65536 bytes"
+        ), lines[0]
+        assert result(process.tcp, "explorer.get_node", {"node_id": "fat"})
+        attacker.close()
+    finally:
+        fat.close()
