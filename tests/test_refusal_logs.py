@@ -31,12 +31,12 @@ def explorer(short_tmp):
     started = []
 
     def start(**variables):
-        sock = f"{short_tmp}/e.sock"
+        sock = f"{short_tmp}/e{len(started)}.sock"
         process = Twistd(
             ["explorer", "--socket", sock, "--tcp", "127.0.0.1:0"]
             + ["--metrics", "127.0.0.1:0"],
             env={
-                "EXPLORER_STATE_DIR": f"{short_tmp}/state",
+                "EXPLORER_STATE_DIR": f"{short_tmp}/state{len(started)}",
                 **{name: str(value) for name, value in variables.items()},
             },
         )
@@ -52,36 +52,46 @@ def explorer(short_tmp):
         process.stop()
 
 
-def flood(process, limit, refuse):
+class Flood:
     """
-    Make the refused request once, FLOOD times more at once, then once more after the
-    refusal log's window: the log must hold exactly two lines about ``limit``, the
-    second saying how many were held in between.
+    Make the refused request once and FLOOD times more at once (:meth:`start`), then,
+    after the refusal log's window, once more (:meth:`finish`): the log must hold exactly
+    two lines about ``limit``, the second saying how many were held in between.  The
+    three cases below start their floods together and share one wait for the window.
 
     :param refuse: makes one refused request and checks its answer on the wire
-    :return: the two log lines
     """
-    refuse()
-    first = time.monotonic()
-    pattern = rf"refused \({limit}\) "
-    process.wait_for_line(pattern)
-    for _ in range(FLOOD):
-        refuse()
-    assert time.monotonic() - first < REFUSALS_EVERY - 1, "the flood was too slow"
-    assert len(process.wait_for_line(pattern)) == 1
-    time.sleep(max(0.0, first + REFUSALS_EVERY + 0.5 - time.monotonic()))
-    refuse()
-    process.wait_for_line(pattern + r".*\(and \d+ more since the last such line\)$")
-    lines = [line for line in process.lines if re.search(pattern, line)]
-    assert len(lines) == 2, lines
-    assert "more since" not in lines[0]
-    assert f"(and {FLOOD} more since the last such line)" in lines[1], lines[1]
-    samples = scrape(process.metrics)
-    assert value(samples, "hero_refusals_total", limit=limit) == FLOOD + 2
-    return lines
+
+    def __init__(self, process, limit, refuse):
+        self.process, self.limit, self.refuse = process, limit, refuse
+        self.pattern = rf"refused \({limit}\) "
+
+    def start(self):
+        """The first refusal, logged, then the flood: still one line."""
+        self.refuse()
+        self.first = time.monotonic()
+        self.process.wait_for_line(self.pattern)
+        for _ in range(FLOOD):
+            self.refuse()
+        assert time.monotonic() - self.first < REFUSALS_EVERY - 1, "the flood was too slow"
+        assert len(self.process.wait_for_line(self.pattern)) == 1
+
+    def finish(self):
+        """:return: the two log lines, once one more refusal came after the window"""
+        time.sleep(max(0.0, self.first + REFUSALS_EVERY + 0.5 - time.monotonic()))
+        self.refuse()
+        process, pattern = self.process, self.pattern
+        process.wait_for_line(pattern + r".*\(and \d+ more since the last such line\)$")
+        lines = [line for line in process.lines if re.search(pattern, line)]
+        assert len(lines) == 2, lines
+        assert "more since" not in lines[0]
+        assert f"(and {FLOOD} more since the last such line)" in lines[1], lines[1]
+        samples = scrape(process.metrics)
+        assert value(samples, "hero_refusals_total", limit=self.limit) == FLOOD + 2
+        return lines
 
 
-def test_refused_batches_are_logged_rate_limited(explorer):
+def batches(explorer):
     """
     HERO_MAX_BATCH=3: a batch of 4 from a TCP peer is -32600 with none of it run, logged
     ``refused (max_batch) a batch of 4 requests from 127.0.0.1:PORT: at most 3``; a flood
@@ -97,7 +107,7 @@ def test_refused_batches_are_logged_rate_limited(explorer):
         assert status == 200 and answer["error"]["code"] == -32600, answer
         assert "at most 3" in answer["error"]["message"]
 
-    lines = flood(process, "max_batch", refuse)
+    lines = yield Flood(process, "max_batch", refuse)
     port = attacker.sock.getsockname()[1]
     assert lines[0].endswith(
         f"refused (max_batch) a batch of 4 requests from 127.0.0.1:{port}: at most 3"
@@ -107,7 +117,7 @@ def test_refused_batches_are_logged_rate_limited(explorer):
     attacker.close()
 
 
-def test_responses_too_large_are_logged_rate_limited(explorer):
+def responses(explorer):
     """
     HERO_MAX_RESPONSE=4096: ``rpc.discover`` (the OpenRPC document, larger) from a TCP
     peer is -32603 ``response too large``, logged ``refused (max_response) a response of
@@ -124,7 +134,7 @@ def test_responses_too_large_are_logged_rate_limited(explorer):
         assert status == 200 and answer["id"] == 7, answer
         assert answer["error"] == {"code": -32603, "message": "response too large"}
 
-    lines = flood(process, "max_response", refuse)
+    lines = yield Flood(process, "max_response", refuse)
     port = attacker.sock.getsockname()[1]
     assert re.search(
         rf"refused \(max_response\) a response of \d+ bytes to 127\.0\.0\.1:{port}: "
@@ -170,7 +180,7 @@ class FatNode:
         self.server.server_close()
 
 
-def test_proxied_replies_too_large_are_logged_rate_limited(explorer):
+def replies(explorer, fat):
     """
     EXPLORER_MAX_REPLY=65536 and a node answering every call with 1 MiB: each
     ``explorer.call`` to it is -32003 (the reply read no further), logged ``refused
@@ -178,31 +188,47 @@ def test_proxied_replies_too_large_are_logged_rate_limited(explorer):
     flood of them is that line and then one ``and N more``, and the explorer serves on.
     """
     process = explorer(EXPLORER_MAX_REPLY=65536)
+    address = f"tcp://127.0.0.1:{fat.port}"
+    heartbeat = {"node_id": "fat", "socket_path": address, "name": "fat"}
+    assert result(process.unix, "explorer.heartbeat", heartbeat)["accepted"]
+    attacker = connect(process.tcp)
+    call = {
+        "jsonrpc": "2.0",
+        "method": "explorer.call",
+        "params": {"node_id": "fat", "method": "node.info"},
+        "id": 1,
+    }
+
+    def refuse():
+        status, _, data = post(attacker, call)
+        answer = json.loads(data)
+        assert status == 200 and answer["error"]["code"] == -32003, answer
+        assert "larger than 65536 bytes" in answer["error"]["message"]
+        assert "xxxx" not in answer["error"]["message"]
+
+    lines = yield Flood(process, "max_reply", refuse)
+    assert lines[0].endswith(
+        f"refused (max_reply) the reply of node fat at {address}: over 65536 bytes"
+    ), lines[0]
+    assert result(process.tcp, "explorer.get_node", {"node_id": "fat"})
+    attacker.close()
+
+
+def test_refusals_are_logged_rate_limited(explorer):
+    """
+    The three refusals (a batch over HERO_MAX_BATCH, a response over HERO_MAX_RESPONSE,
+    a node's reply over EXPLORER_MAX_REPLY), each against its own explorer, flooded
+    together: each is one line, then one ``and N more`` after the window (one wait for
+    the three, 10 s on the real clock), counted in hero_refusals_total.
+    """
     fat = FatNode()
     try:
-        address = f"tcp://127.0.0.1:{fat.port}"
-        heartbeat = {"node_id": "fat", "socket_path": address, "name": "fat"}
-        assert result(process.unix, "explorer.heartbeat", heartbeat)["accepted"]
-        attacker = connect(process.tcp)
-        call = {
-            "jsonrpc": "2.0",
-            "method": "explorer.call",
-            "params": {"node_id": "fat", "method": "node.info"},
-            "id": 1,
-        }
-
-        def refuse():
-            status, _, data = post(attacker, call)
-            answer = json.loads(data)
-            assert status == 200 and answer["error"]["code"] == -32003, answer
-            assert "larger than 65536 bytes" in answer["error"]["message"]
-            assert "xxxx" not in answer["error"]["message"]
-
-        lines = flood(process, "max_reply", refuse)
-        assert lines[0].endswith(
-            f"refused (max_reply) the reply of node fat at {address}: over 65536 bytes"
-        ), lines[0]
-        assert result(process.tcp, "explorer.get_node", {"node_id": "fat"})
-        attacker.close()
+        cases = [batches(explorer), responses(explorer), replies(explorer, fat)]
+        floods = [next(case) for case in cases]
+        for flood in floods:
+            flood.start()
+        for case, flood in zip(cases, floods, strict=True):
+            with pytest.raises(StopIteration):
+                case.send(flood.finish())
     finally:
         fat.close()
