@@ -240,10 +240,14 @@ class Dispatcher:
                 _log_unexpected(failure, message)
                 return None
             return _error(rid, _as_rpc_error(failure, message))
-        if inspect.iscoroutine(result):
-            result = defer.ensureDeferred(result)
         if not isinstance(result, defer.Deferred):
-            return None if notification else {"jsonrpc": "2.0", "result": result, "id": rid}
+            if not inspect.iscoroutine(result):
+                return (
+                    None
+                    if notification
+                    else {"jsonrpc": "2.0", "result": result, "id": rid}
+                )
+            result = defer.ensureDeferred(result)
         d = result
         if notification:
             d.addCallbacks(lambda _: None, lambda f: _log_unexpected(f, message))

@@ -125,6 +125,37 @@ class RpcClient:
         """
         return self._send(address, method, params, next(_ids), timeout, expect)
 
+    def relay(
+        self,
+        address: Address,
+        method: str,
+        params: Any,
+        timeout: float,
+        expect: Expected | None = None,
+    ) -> defer.Deferred[Response]:
+        """
+        :meth:`call`'s request without its reading, for a caller that reads the outcome
+        in a callback of its own (the explorer's proxy: one callback a call, not two).
+
+        :param address: a parsed :class:`.Address`
+        :return: a Deferred of the raw ``(status, body)``, or failing as the pool did;
+            :meth:`outcome` makes of either what :meth:`call` would have given
+        """
+        return self._post(address, _message(method, params, next(_ids)), timeout, expect)
+
+    def outcome(self, raw: Response | Failure, address: Address, timeout: float) -> Any:
+        """
+        :param raw: what a :meth:`relay` Deferred gave
+        :param address: the address it was sent to
+        :param timeout: the seconds it was allowed
+        :return: the call's result, as :meth:`call` gives it
+        :raise RpcError: the peer's error; or the :class:`.TransportError` that
+            :meth:`call` would have failed with
+        """
+        if isinstance(raw, Failure):
+            _transport_failure(raw, address, timeout).raiseException()
+        return self._result_of(raw, address)
+
     def notify(
         self,
         address: Address | str,
