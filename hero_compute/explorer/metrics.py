@@ -146,6 +146,9 @@ class CallStats:
         except Exception:
             # Counted as maybeDeferred would have had it, without its cost per call.
             d = defer.fail()
+        else:
+            if not isinstance(d, defer.Deferred):
+                d = defer.succeed(d)
         # A busy refusal is synchronous: a later one counts another call's.
         return d.addBoth(self._done, method, started, proxy.busy != busy)
 
