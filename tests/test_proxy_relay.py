@@ -146,20 +146,23 @@ class _Reader(protocol.Protocol):
 
     def connectionLost(self, reason):
         self.got.append("lost")
+        if self.fail == "lost too":
+            raise RuntimeError("lost badly")
 
 
 def test_lean_poll_reads_and_drops_only_a_failing_connection(logged_errors):
     """The lean loop hands each ready socket its data; a protocol that raises is logged
-    and its connection closed, the other one keeps reading."""
+    and its connection closed (a connectionLost that raises too is logged), the others
+    are served in the same turn and keep reading."""
     from twisted.internet import tcp
 
     r = EPollReactor()
     assert lean_poll(r)
     assert not lean_poll(Clock())
-    got_good, got_bad = [], []
+    got_good, got_bad, got_worse = [], [], []
     pairs = []
     try:
-        for got, fail in ((got_good, False), (got_bad, True)):
+        for got, fail in ((got_good, False), (got_bad, True), (got_worse, "lost too")):
             ours, theirs = socket.socketpair()
             ours.setblocking(False)
             proto = _Reader(got, fail)
@@ -171,9 +174,11 @@ def test_lean_poll_reads_and_drops_only_a_failing_connection(logged_errors):
             theirs.send(b"hello")
         r.doIteration(0.5)
         assert got_good == [b"hello"]
-        assert got_bad == ["lost"]
-        flushed = logged_errors.flush()
-        assert len(flushed) == 1 and "boom" in repr(flushed[0])
+        assert got_bad == got_worse == ["lost"]
+        flushed = sorted(repr(e) for e in logged_errors.flush())
+        assert len(flushed) == 3
+        assert sum("boom" in e for e in flushed) == 2
+        assert sum("lost badly" in e for e in flushed) == 1
         pairs[0][2].send(b"again")
         r.doIteration(0.5)
         assert got_good == [b"hello", b"again"]

@@ -68,6 +68,7 @@ def lean_poll(reactor: Any) -> bool:
     :return: whether it was changed
     """
     from twisted.internet.epollreactor import EPollReactor
+    from twisted.python import log
 
     if not isinstance(reactor, EPollReactor):
         return False
@@ -85,7 +86,14 @@ def lean_poll(reactor: Any) -> bool:
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
-                handle(selectable, fd, event)
+                try:
+                    handle(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    # What callWithLogger did: a connectionLost that raises is logged
+                    # and the other ready descriptors are still served this turn.
+                    log.err(None, "while handling a ready descriptor")
 
     patched: Any = reactor
     patched.doPoll = patched.doIteration = doPoll
