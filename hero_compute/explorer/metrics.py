@@ -139,10 +139,18 @@ class CallStats:
         :return: a Deferred of the node's result, or its error unchanged
         """
         started = time.perf_counter()
-        busy = self._proxy.busy
-        d = defer.maybeDeferred(self._proxy.call, node_id, method, params)
+        proxy = self._proxy
+        busy = proxy.busy
+        try:
+            d = proxy.call(node_id, method, params)
+        except Exception:
+            # Counted as maybeDeferred would have had it, without its cost per call.
+            d = defer.fail()
+        else:
+            if not isinstance(d, defer.Deferred):
+                d = defer.succeed(d)
         # A busy refusal is synchronous: a later one counts another call's.
-        return d.addBoth(self._done, method, started, self._proxy.busy != busy)
+        return d.addBoth(self._done, method, started, proxy.busy != busy)
 
     def _done(self, result: Any, method: str, started: float, busy: bool) -> Any:
         name = method if method in self._methods else "other"

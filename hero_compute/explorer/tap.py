@@ -26,6 +26,7 @@ from hero_compute.options import (
 )
 from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.systemd import notifier_for
+from hero_compute.rpc.twisted_private import lean_poll
 
 #: Seconds of silence before a node is offline, unless the operator says otherwise
 #: (``NODE_OFFLINE_AFTER``, CONTRACT §2).
@@ -336,6 +337,9 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
+
+    # Its own process: every read without the legacy log context around it.
+    lean_poll(reactor)
 
     from .tls_material import TLSSettings
     from .tree import make_explorer

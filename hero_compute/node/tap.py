@@ -29,6 +29,7 @@ from hero_compute.options import (
 from hero_compute.rpc.addresses import MAX_UNIX_PATH, AddressError, parse_address
 from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.systemd import notifier_for
+from hero_compute.rpc.twisted_private import lean_poll
 
 from . import tap_images, tap_tls, tap_vms
 
@@ -330,6 +331,9 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
+
+    # Its own process: every read without the legacy log context around it.
+    lean_poll(reactor)
 
     from .backends import make_vm_manager
     from .images import make_images

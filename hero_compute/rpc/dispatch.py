@@ -6,12 +6,10 @@ notifications (answered with nothing), ``"jsonrpc": "2.0"`` required, and the st
 codes; an unexpected exception is logged and becomes -32603 without details.  Errors
 become JSON-RPC error objects here and nowhere else.
 
-The transports (:mod:`hero_compute.rpc.http_server`, :mod:`hero_compute.rpc.web`) hand it
-the raw body and a :class:`CallContext`; between the two sits one optional check, the
-``authorize`` hook, given the context, the method name and the raw params before the
-params are checked against the schema.  Bodies are read and written by
-:mod:`~hero_compute.rpc.codec`, error objects and the response limit are in
-:mod:`~hero_compute.rpc.answers`.
+The transports (:mod:`~hero_compute.rpc.http_server`, :mod:`~hero_compute.rpc.web`) hand
+it the body and a :class:`CallContext`; the ``authorize`` hook sees the context, method
+and raw params before the schema does.  :mod:`~hero_compute.rpc.codec` reads and writes
+bodies, :mod:`~hero_compute.rpc.answers` has error objects and the response limit.
 """
 
 from __future__ import annotations
@@ -301,10 +299,14 @@ class Dispatcher:
                 _log_unexpected(failure, message)
                 return None
             return _error(rid, _as_rpc_error(failure, message))
-        if inspect.iscoroutine(result):
-            result = defer.ensureDeferred(result)
         if not isinstance(result, defer.Deferred):
-            return None if notification else {"jsonrpc": "2.0", "result": result, "id": rid}
+            if not inspect.iscoroutine(result):
+                return (
+                    None
+                    if notification
+                    else {"jsonrpc": "2.0", "result": result, "id": rid}
+                )
+            result = defer.ensureDeferred(result)
         d = result
         if notification:
             d.addCallbacks(lambda _: None, lambda f: _log_unexpected(f, message))
