@@ -8,10 +8,11 @@ import ctypes
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, reactor, threads
+from twisted.internet import defer, error, protocol, reactor, task, threads
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from zope.interface import implementer
 
@@ -387,3 +388,40 @@ async def test_the_handshake_deadline_ends_with_the_handshake(fleet):
         assert admission.refusals["head_timeout"] == 1
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_records_cut_across_tcp_reads_arrive_whole(fleet, serve):
+    """Records of 16 kB of plaintext, sent in pieces that end mid-record, reach the
+    protocol whole and in order (a read is sized to the ciphertext waiting, less than
+    such a record's plaintext once part of it was read)."""
+    port, factory = serve()
+    payload = bytes(range(256)) * 160  # 40,960 bytes: three records, two of them full
+
+    def send():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(fleet).wrap_bio(incoming, outgoing)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(payload)
+        wire = outgoing.read()
+        for at in range(0, len(wire), 1_000):
+            sock.sendall(wire[at : at + 1_000])
+            time.sleep(0.002)  # so most pieces are read apart
+        return sock
+
+    sock = await threads.deferToThread(send)
+    try:
+        for _ in range(WAIT * 100):
+            if factory.connections and len(factory.connections[0].got) >= len(payload):
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert factory.connections[0].got == payload
+    finally:
+        sock.close()
