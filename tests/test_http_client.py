@@ -710,3 +710,20 @@ async def test_small_requests_are_sent_at_once(rpc_server, client):
         done = conn.request(b'{"jsonrpc":"2.0","method":"echo","params":[2],"id":9}', 5)
         assert (transport.dataBuffer, transport._tempDataLen) == (b"", 0)
         assert (await done)[0] == 200
+
+
+def test_long_method_names_are_not_cached():
+    """A request head is cached for short method names only: a proxied method name is
+    the caller's, and 256 names of a megabyte must not stay in memory."""
+    from hero_compute.rpc import http_client
+
+    http_client._request_head.cache_clear()
+    assert http_client._message("node.info", None, 1) == (
+        b'{"jsonrpc":"2.0","method":"node.info","id":1}'
+    )
+    long_name = "node." + "x" * 100_000
+    body = http_client._message(long_name, {"a": 1}, 2)
+    assert body.startswith(b'{"jsonrpc":"2.0","method":"node.xxx') and body.endswith(
+        b',"params":{"a":1},"id":2}'
+    )
+    assert http_client._request_head.cache_info().currsize == 1

@@ -18,6 +18,7 @@ from hero_compute.explorer.resolver import CachingResolver, ResolveError
 from hero_compute.rpc.addresses import parse_address
 from hero_compute.rpc.errors import (
     ConnectionRefused,
+    InvalidParams,
     NodeUnreachable,
     RefusedByPolicy,
     ResponseTooLarge,
@@ -264,3 +265,31 @@ def test_resolver_shares_lookups_and_caches_failures():
         release.set()
 
     yield defer.ensureDeferred(scenario())
+
+
+@pytest_twisted.ensureDeferred
+async def test_params_the_encoder_refuses_free_their_slot(short_tmp):
+    """An attacker's params nested 1,000 deep (orjson reads them, json's encoder does
+    not) are -32602 and give their in-flight slot back: after more of them than
+    EXPLORER_CALLS_PER_NODE, a normal call to the node is tried, not refused busy."""
+    from twisted.internet import reactor
+
+    from hero_compute.rpc.http_client import RpcClient
+
+    client = RpcClient(reactor)
+    registry = registry_with(Clock(), ("n1", f"unix://{short_tmp}/absent.sock", None))
+    proxy = Proxy(client, registry, 5.0, never)
+    nested: list = []
+    for _ in range(1000):
+        nested = [nested]
+    try:
+        for _ in range(20):
+            with pytest.raises(InvalidParams, match="cannot be encoded"):
+                await proxy.call("n1", "node.info", {"x": nested})
+        assert (dict(proxy.in_flight), proxy.total) == ({}, 0)
+        with pytest.raises(NodeUnreachable) as e:
+            await proxy.call("n1", "node.info")
+        assert "busy" not in str(e.value)
+        assert (dict(proxy.in_flight), proxy.total) == ({}, 0)
+    finally:
+        await client.close()

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 # importable from here.
 from hero_compute.rpc.addresses import forbidden_target, parse_address
 from hero_compute.rpc.errors import (
+    InvalidParams,
     NodeOffline,
     NodeUnreachable,
     RefusedByPolicy,
@@ -169,22 +170,31 @@ class Proxy:
         # dict's own get and pop: Counter's += and del are Python code.
         in_flight[node_id] = in_flight.get(node_id, 0) + 1
         self.total += 1
+        # From here every path ends in _relayed or _finished, which give the slot back:
+        # a request that cannot even be encoded (params nested past the encoder's
+        # depth, say) fails in its Deferred, not before it.
         if target is not None and self._relay is not None:
-            d = self._relay(target, method, params, self.call_timeout, expect)
+            try:
+                d = self._relay(target, method, params, self.call_timeout, expect)
+            except Exception as e:
+                d = _not_sent(e)
             return d.addBoth(self._relayed, node_id, record.socket_path, target)
         if target is not None:
             # A Unix socket or an IP address: nothing to wait for before the call.
-            d = self._client.call(
-                target, method, params, timeout=self.call_timeout, expect=expect
-            )
+            d = self._send(target, method, params, expect)
         else:
             d = self._resolved(address, record.remote)
-            d.addCallback(
-                lambda target: self._client.call(
-                    target, method, params, timeout=self.call_timeout, expect=expect
-                )
-            )
+            d.addCallback(self._send, method, params, expect)
         return d.addBoth(self._finished, node_id, record.socket_path)
+
+    def _send(self, target, method, params, expect) -> defer.Deferred[Any]:
+        """The client's call, or a failed Deferred if it could not even be made."""
+        try:
+            return self._client.call(
+                target, method, params, timeout=self.call_timeout, expect=expect
+            )
+        except Exception as e:
+            return _not_sent(e)
 
     def endpoint(
         self, node_id: str, reactor: Any, connect_timeout: float
@@ -299,3 +309,16 @@ class Proxy:
             raise NodeUnreachable(f"{address.uri}: {failure.getErrorMessage()}")
 
         return self._resolve(address.host, address.port).addCallbacks(check, failed)
+
+
+def _not_sent(error: Exception) -> defer.Deferred[Any]:
+    """
+    :return: a failed Deferred for a request that could not even be made: params the
+        encoder refuses (nested past its depth; orjson, which read them, allows more)
+        are the caller's -32602, anything else stays what it was
+    """
+    if isinstance(error, (RecursionError, ValueError, TypeError)):
+        return defer.fail(
+            InvalidParams(f"params cannot be encoded for the node: {type(error).__name__}")
+        )
+    return defer.fail(error)

@@ -263,9 +263,17 @@ class RpcClient:
         return self._pool.close()
 
 
+#: Method names at most this long have their request head cached: a proxied method
+#: name comes from the caller, and 256 long ones must not hold a gigabyte.
+_CACHED_NAME = 64
+
+
 def _message(method: str, params: Any, rid: int | None) -> bytes:
     """The body of a request (``rid`` an int) or a notification (``rid`` None)."""
-    head = _request_head(method)
+    if len(method) <= _CACHED_NAME:
+        head = _request_head(method)
+    else:
+        head = b'{"jsonrpc":"2.0","method":%s' % dumps_request(method)
     if params is not None:
         head += b',"params":%s' % dumps_request(params)
     if rid is None:

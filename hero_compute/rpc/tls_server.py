@@ -122,11 +122,13 @@ class TLSServerProtocol(ProtocolWrapper):
         tls, incoming = self._tls, self._incoming
         assert tls is not None
         while not self._tls_lost:
-            # Asked for no more than the ciphertext waiting (the plaintext is less): the
-            # answer's bytes are made at that size, not at 16 kB and then shrunk, whose
-            # large allocation (with the consolidation of malloc's free lists it sets
-            # off) cost more than the decryption (issue 23).
-            size = min(incoming.pending, _RECORD) or _RECORD
+            # Asked for no more than the ciphertext waiting plus the plaintext OpenSSL
+            # holds: the answer's bytes are made at that size, not at 16 kB and then
+            # shrunk, whose large allocation (with the consolidation of malloc's free
+            # lists it sets off) cost more than the decryption (issue 23).  The held
+            # plaintext counts: a record's rest behind one byte of the next must come
+            # in one read, not a byte per call.
+            size = min(incoming.pending + tls.pending(), _RECORD) or _RECORD
             try:
                 data = tls.read(size)
             except ssl.SSLWantReadError:
