@@ -317,7 +317,7 @@ def _not_sent(error: Exception) -> defer.Deferred[Any]:
         encoder refuses (nested past its depth; orjson, which read them, allows more)
         are the caller's -32602, anything else stays what it was
     """
-    if isinstance(error, (RecursionError, ValueError, TypeError)):
+    if isinstance(error, RecursionError):
         return defer.fail(
             InvalidParams(f"params cannot be encoded for the node: {type(error).__name__}")
         )
