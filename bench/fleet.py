@@ -131,6 +131,8 @@ def sec_tls_ingest(procs, tmp, res, cfg):
     # heartbeats a second over TLS, fewer connections held.  Reported, not judged.
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if n > nofile - 1000:
+        if nofile < 2000:
+            raise RuntimeError(f"tls_ingest needs RLIMIT_NOFILE above 2,000, not {nofile}")
         n = nofile - 1000
         cfg = dict(cfg, hb_interval=n / rate)
         res.note(
