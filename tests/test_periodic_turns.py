@@ -16,11 +16,13 @@ from hero_compute.explorer.record_writer import (
     SHARED_FLUSH_CHUNK,
     NodeRecordWriter,
 )
-from hero_compute.explorer.records import Heartbeat, NodeRecord
+from hero_compute.explorer.records import NodeRecord
 from hero_compute.explorer.registry import Registry
 from hero_compute.explorer.store.rows import node_rows
 from hero_compute.explorer.store.schema import NODE_FIELDS
 from hero_compute.rpc.slices import SLICE
+
+from .test_summary import beat as summary_beat
 
 
 @pytest.fixture
@@ -43,18 +45,14 @@ def clock():
 
 
 def beat(registry, node_id):
-    registry.heartbeat(
-        Heartbeat(
-            node_id=node_id,
-            socket_path=f"unix:///tmp/{node_id}.sock",
-            transport="unix",
-            name=node_id,
-            version="1",
-            capacity={"vcpus": 4},
-            usage={"vcpus": 1},
-            vm_count=1,
-            labels={"zone": "a"},
-        )
+    """A full heartbeat of a small node."""
+    summary_beat(
+        registry,
+        node_id,
+        capacity={"vcpus": 4},
+        usage={"vcpus": 1},
+        vm_count=1,
+        labels={"zone": "a"},
     )
 
 

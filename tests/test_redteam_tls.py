@@ -116,10 +116,11 @@ def pyopenssl_context(fleet, who=None, version=SSL.TLS1_3_VERSION):
     return ctx
 
 
-def pyopenssl_call(explorer, ctx, session=None, before=None):
+def pyopenssl_call(explorer, ctx, session=None, before=None, message=None):
     """
     One call on a new pyOpenSSL connection (``before(conn)`` run after the handshake).
 
+    :param message: the request's bytes (default: the privileged method's)
     :return: ``(response or None if the connection died, session, resumed)``
     """
     with socket.create_connection(explorer.addr) as raw:
@@ -136,7 +137,7 @@ def pyopenssl_call(explorer, ctx, session=None, before=None):
         try:
             if before is not None:
                 before(conn)
-            conn.sendall(request(PRIVILEGED))
+            conn.sendall(request(PRIVILEGED) if message is None else message)
             while not complete(data):
                 data += conn.recv(65536)
         except (SSL.ZeroReturnError, SSL.SysCallError, SSL.Error, OSError):
@@ -465,18 +466,8 @@ def _call_as(explorer, ctx, method, params, session=None):
         b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
     )
-    with socket.create_connection(explorer.addr) as raw:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
-        conn = SSL.Connection(ctx, raw)
-        conn.set_connect_state()
-        if session is not None:
-            assert _lib.SSL_set_session(conn._ssl, session._session) == 1
-        conn.do_handshake()
-        conn.sendall(message)
-        data = b""
-        while not complete(data):
-            data += conn.recv(65536)
-        return answer(data), conn.get_session()
+    response, session, _ = pyopenssl_call(explorer, ctx, session, message=message)
+    return response, session
 
 
 def test_the_audit_names_the_verified_certificate_not_a_resumed_session(explorer, fleet):
