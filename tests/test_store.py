@@ -676,3 +676,59 @@ def test_postgres_at_step_3_is_migrated_keeping_its_records(pg_server):
         assert conn.execute("SELECT max(version) FROM hero_schema").fetchone()[0] == 4
         assert LATEST == 4
         assert conn.execute("SELECT kind FROM changes").fetchall()[0] == ("node",)
+
+
+def test_the_record_writers_chunks_reach_each_backend_whole(store):
+    """Through the record writer (a chunk a turn, each shared dict encoded once per
+    chunk), more than two chunks of records sharing some dicts and not others are all
+    stored on each backend, each with its own values."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.record_writer import (
+        FLUSH_CHUNK,
+        FLUSH_EVERY,
+        SHARED_FLUSH_CHUNK,
+        NodeRecordWriter,
+    )
+    from hero_compute.explorer.records import NodeRecord
+
+    class State:
+        shared = store.shared
+
+        def __init__(self):
+            self.store = store
+
+        def run_on_store(self, f, *args):
+            return defer.succeed(f(*args))
+
+    clock = Clock()
+    writer = NodeRecordWriter(State(), clock)
+    count = 2 * (SHARED_FLUSH_CHUNK if store.shared else FLUSH_CHUNK) + 7
+    common = {"vcpus": 4}
+    for n in range(count):
+        writer.save_node(
+            NodeRecord(
+                node_id=f"n{n:05d}",
+                name=f"n{n:05d}",
+                socket_path="tcp://10.0.0.1:9003",
+                transport="tcp",
+                version="1",
+                capacity=common,
+                usage={"vcpus": n % 5},
+                vm_count=n % 5,
+                labels={"zone": "a"} if n % 2 else {},
+                first_seen=NOW,
+                last_seen=NOW + n,
+            )
+        )
+    for _ in range(10):
+        clock.advance(FLUSH_EVERY)
+    assert writer.pending == 0
+    stored = store.load_nodes()
+    assert len(stored) == count
+    for n, row in enumerate(stored):
+        assert row["node_id"] == f"n{n:05d}"
+        assert row["capacity"] == {"vcpus": 4}
+        assert (row["usage"], row["vm_count"]) == ({"vcpus": n % 5}, n % 5)
+        assert row["labels"] == ({"zone": "a"} if n % 2 else {})
