@@ -727,3 +727,26 @@ def test_long_method_names_are_not_cached():
         b',"params":{"a":1},"id":2}'
     )
     assert http_client._request_head.cache_info().currsize == 1
+
+
+def test_params_too_deep_to_encode_fail_the_deferred():
+    """Params nested past the encoder's depth fail the call's Deferred with -32602
+    (call, notify and relay alike), never raise at the caller, who may have counted
+    the call in flight; nothing is sent."""
+    from twisted.internet import reactor
+
+    from hero_compute.rpc.errors import InvalidParams
+    from hero_compute.rpc.http_client import RpcClient
+
+    from .support import failure_result_of
+
+    nested: list = []
+    for _ in range(1000):
+        nested = [nested]
+    client = RpcClient(reactor)
+    for d in (
+        client.call("unix:///nowhere.sock", "node.info", {"x": nested}),
+        client.notify("unix:///nowhere.sock", "node.info", {"x": nested}),
+        client.relay("unix:///nowhere.sock", "node.info", {"x": nested}, 5.0, None),
+    ):
+        assert failure_result_of(d).check(InvalidParams)

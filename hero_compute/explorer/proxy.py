@@ -28,7 +28,6 @@ from twisted.python.failure import Failure
 # importable from here.
 from hero_compute.rpc.addresses import forbidden_target, parse_address
 from hero_compute.rpc.errors import (
-    InvalidParams,
     NodeOffline,
     NodeUnreachable,
     RefusedByPolicy,
@@ -170,14 +169,10 @@ class Proxy:
         # dict's own get and pop: Counter's += and del are Python code.
         in_flight[node_id] = in_flight.get(node_id, 0) + 1
         self.total += 1
-        # From here every path ends in _relayed or _finished, which give the slot back:
-        # a request that cannot even be encoded (params nested past the encoder's
-        # depth, say) fails in its Deferred, not before it.
+        # From here every path ends in _relayed or _finished, which give the slot back
+        # (the client fails a request it cannot even encode in its Deferred).
         if target is not None and self._relay is not None:
-            try:
-                d = self._relay(target, method, params, self.call_timeout, expect)
-            except Exception as e:
-                d = _not_sent(e)
+            d = self._relay(target, method, params, self.call_timeout, expect)
             return d.addBoth(self._relayed, node_id, record.socket_path, target)
         if target is not None:
             # A Unix socket or an IP address: nothing to wait for before the call.
@@ -188,13 +183,10 @@ class Proxy:
         return d.addBoth(self._finished, node_id, record.socket_path)
 
     def _send(self, target, method, params, expect) -> defer.Deferred[Any]:
-        """The client's call, or a failed Deferred if it could not even be made."""
-        try:
-            return self._client.call(
-                target, method, params, timeout=self.call_timeout, expect=expect
-            )
-        except Exception as e:
-            return _not_sent(e)
+        """The client's call to ``target``."""
+        return self._client.call(
+            target, method, params, timeout=self.call_timeout, expect=expect
+        )
 
     def endpoint(
         self, node_id: str, reactor: Any, connect_timeout: float
@@ -309,16 +301,3 @@ class Proxy:
             raise NodeUnreachable(f"{address.uri}: {failure.getErrorMessage()}")
 
         return self._resolve(address.host, address.port).addCallbacks(check, failed)
-
-
-def _not_sent(error: Exception) -> defer.Deferred[Any]:
-    """
-    :return: a failed Deferred for a request that could not even be made: params the
-        encoder refuses (nested past its depth; orjson, which read them, allows more)
-        are the caller's -32602, anything else stays what it was
-    """
-    if isinstance(error, RecursionError):
-        return defer.fail(
-            InvalidParams(f"params cannot be encoded for the node: {type(error).__name__}")
-        )
-    return defer.fail(error)

@@ -32,6 +32,7 @@ from .errors import (
     ConnectionClosed,
     ConnectionRefused,
     ConnectTimedOut,
+    InvalidParams,
     RpcError,
 )
 from .http_pool import (
@@ -142,7 +143,11 @@ class RpcClient:
         :return: a Deferred of the raw ``(status, body)``, or failing as the pool did;
             :meth:`outcome` makes of either what :meth:`call` would have given
         """
-        return self._post(address, _message(method, params, next(_ids)), timeout, expect)
+        try:
+            message = _message(method, params, next(_ids))
+        except InvalidParams as e:
+            return defer.fail(e)
+        return self._post(address, message, timeout, expect)
 
     def outcome(self, raw: Response | Failure, address: Address, timeout: float) -> Any:
         """
@@ -189,7 +194,11 @@ class RpcClient:
             return defer.fail(e)
         if timeout is None:
             timeout = self.timeout
-        d = self._post(address, _message(method, params, rid), timeout, expect)
+        try:
+            message = _message(method, params, rid)
+        except InvalidParams as e:
+            return defer.fail(e)
+        d = self._post(address, message, timeout, expect)
         return d.addCallbacks(
             _acknowledged if rid is None else self._result_of,
             _transport_failure,
@@ -269,13 +278,21 @@ _CACHED_NAME = 64
 
 
 def _message(method: str, params: Any, rid: int | None) -> bytes:
-    """The body of a request (``rid`` an int) or a notification (``rid`` None)."""
+    """
+    The body of a request (``rid`` an int) or a notification (``rid`` None).
+
+    :raise InvalidParams: when ``params`` nest deeper than the encoder goes (orjson,
+        which may have read them from a caller, allows more)
+    """
     if len(method) <= _CACHED_NAME:
         head = _request_head(method)
     else:
         head = b'{"jsonrpc":"2.0","method":%s' % dumps_request(method)
     if params is not None:
-        head += b',"params":%s' % dumps_request(params)
+        try:
+            head += b',"params":%s' % dumps_request(params)
+        except RecursionError:
+            raise InvalidParams("params cannot be encoded: nested too deeply") from None
     if rid is None:
         return head + b"}"
     return head + b',"id":%d}' % rid
