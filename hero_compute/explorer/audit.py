@@ -354,7 +354,9 @@ class _Registrar:
 __all__ = ["AUDIT_FIELDS", "TARGETS", "AuditLog", "caller_of"]
 
 
-def arguments_by_name(signature):
+def arguments_by_name(
+    signature: inspect.Signature,
+) -> Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]]:
     """
     :param signature: a handler's signature (without its context)
     :return: ``named(args, kwargs)``: a call's arguments by name, as
@@ -374,7 +376,7 @@ def arguments_by_name(signature):
         for p in signature.parameters.values()
     )
 
-    def named(args, kwargs):
+    def named(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if simple and not args and required <= kwargs.keys() <= names:
             return kwargs
         return signature.bind(*args, **kwargs).arguments

@@ -27,20 +27,24 @@ Decisions, and why:
   was used, or expired.
 """
 
+from __future__ import annotations
+
 import hashlib
 import hmac
 import math
 import re
 import secrets
 import string
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from hero_compute.explorer.store import TokenRefused
+from hero_compute.explorer.store import IStore, TokenRefused
 from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
 
 log = Logger()
@@ -56,27 +60,31 @@ NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 INVALID_TOKEN = "invalid or expired token"
 
+#: ``sign(csr_pem, node_id) -> (certificate PEM, serial)``: the fleet CA's signature on
+#: a node's CSR, for the node id the explorer decided.
+Signer = Callable[[str, str], tuple[str, int]]
 
-def new_token():
+
+def new_token() -> str:
     """:return: a fresh random join token, ``<6 chars>.<32 chars>``"""
 
-    def part(n):
+    def part(n: int) -> str:
         return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(n))
 
     return f"{part(6)}.{part(32)}"
 
 
-def hash_token(token):
+def hash_token(token: str) -> str:
     """:return: the hex SHA-256 of a whole token, the only form the store keeps"""
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
-def hash_secret(secret):
+def hash_secret(secret: str) -> str:
     """:return: the hex SHA-256 of a node secret's text, the only form the store keeps"""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def check_ttl(ttl):
+def check_ttl(ttl: object) -> float:
     """
     :param ttl: a token lifetime in seconds
     :return: ``ttl``, when it is a finite number within :data:`MIN_TTL`..:data:`MAX_TTL`
@@ -95,7 +103,7 @@ def check_ttl(ttl):
     return ttl
 
 
-def check_node_id(node_id):
+def check_node_id(node_id: object) -> str:
     """
     :return: ``node_id``, when it is 1 to 64 of ``[A-Za-z0-9._-]``
     :raises InvalidParams: otherwise
@@ -116,17 +124,19 @@ class Enrollment:
     change it guards, so in one explorer no two calls interleave; the store's
     transactions cover anything beyond that.
 
-    :ivar store: the :class:`hero_compute.explorer.store.Store`
+    :ivar store: the :class:`~hero_compute.explorer.store.IStore`
     :ivar clock: an ``IReactorTime``; ``seconds()`` is Unix time
-    :ivar sign: ``sign(csr_pem, node_id) -> (cert_pem, serial)``, or ``None`` when this
-        explorer has no CA key (enrollment and renewal are then refused)
+    :ivar sign: a :data:`Signer`, or ``None`` when this explorer has no CA key
+        (enrollment and renewal are then refused)
     """
 
-    store: Any
-    clock: Any
-    sign: Any = None
+    store: IStore
+    clock: IReactorTime
+    sign: Signer | None = None
 
-    def create_token(self, ttl=DEFAULT_TTL, node_id=None):
+    def create_token(
+        self, ttl: float = DEFAULT_TTL, node_id: str | None = None
+    ) -> dict[str, Any]:
         """
         Make a single-use join token.
 
@@ -148,7 +158,7 @@ class Enrollment:
         )
         return {"token": token, "expires_at": expires_at}
 
-    def _signer(self):
+    def _signer(self) -> Signer:
         if self.sign is None:
             raise RefusedByPolicy(
                 "this explorer does not sign certificates: it has no "
@@ -156,7 +166,9 @@ class Enrollment:
             )
         return self.sign
 
-    def enroll(self, token, csr_pem, csr_node_id, registered=False):
+    def enroll(
+        self, token: str, csr_pem: str, csr_node_id: str, registered: bool = False
+    ) -> str:
         """
         Enroll a node: check the token and the id, use the token up, sign the CSR.
 
@@ -207,7 +219,13 @@ class Enrollment:
         )
         return cert_pem
 
-    def renew(self, node_id, cert_serial, csr_pem, not_before=None):
+    def renew(
+        self,
+        node_id: str,
+        cert_serial: int,
+        csr_pem: str,
+        not_before: float | None = None,
+    ) -> str:
         """
         Renew a node's certificate, authenticated by the current one.
 
@@ -249,7 +267,7 @@ class Enrollment:
         )
         return cert_pem
 
-    def revoke(self, node_id):
+    def revoke(self, node_id: str) -> None:
         """
         Refuse a node id's certificates and secret from now on, until it enrolls again
         with a token created for it.  An id never seen can be revoked too: it then
@@ -261,12 +279,16 @@ class Enrollment:
         self.store.revoke(node_id, self.clock.seconds())
         log.info("node {node_id} revoked", node_id=node_id)
 
-    def _refuse_revoked(self, node_id, cert_serial, not_before):
+    def _refuse_revoked(
+        self, node_id: str, cert_serial: int, not_before: float | None
+    ) -> None:
         reason = self._revoked(node_id, cert_serial, not_before)
         if reason is not None:
             raise RefusedByPolicy(reason)
 
-    def _revoked(self, node_id, cert_serial, not_before):
+    def _revoked(
+        self, node_id: str, cert_serial: int, not_before: float | None
+    ) -> str | None:
         """:return: why the certificate is revoked, or None"""
         identity = self.store.identity(node_id)
         if identity is not None and identity.revoked:
@@ -284,7 +306,9 @@ class Enrollment:
                 )
         return None
 
-    def certificate_refusal(self, node_id, cert_serial, not_before):
+    def certificate_refusal(
+        self, node_id: str, cert_serial: int, not_before: float | None
+    ) -> str | None:
         """
         Whether the explorer's proxy may talk to a peer presenting this ``node/<id>``
         certificate: only the id's current one, never a revoked or superseded one.
@@ -304,7 +328,13 @@ class Enrollment:
             return f"certificate {cert_serial:x} is not the current one of node {node_id!r}"
         return None
 
-    def check_node(self, node_id, secret=None, cert_serial=None, not_before=None):
+    def check_node(
+        self,
+        node_id: str,
+        secret: str | None = None,
+        cert_serial: int | None = None,
+        not_before: float | None = None,
+    ) -> None:
         """
         Decide whether a heartbeat or leave may act for ``node_id``; call it after the
         rate limits, since the first secret seen for an id is written to disk.
@@ -360,7 +390,7 @@ class Enrollment:
             raise RefusedByPolicy(f"node {node_id!r} is bound to another secret")
 
 
-def csr_node_id(csr_pem):
+def csr_node_id(csr_pem: str) -> str:
     """
     :param csr_pem: a PEM certificate signing request
     :return: the node id it asks for (its subject's common name)

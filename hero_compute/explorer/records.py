@@ -53,10 +53,10 @@ class SharedValues:
     :data:`SHARED_VALUES` distinct values it starts over (only sharing is lost).
     """
 
-    def __init__(self):
-        self._kept = {}
+    def __init__(self) -> None:
+        self._kept: dict[tuple[tuple[Any, Any, type], ...], dict[Any, Any]] = {}
 
-    def __call__(self, value):
+    def __call__(self, value: Any) -> Any:
         """:return: ``value``, or an equal dict already held (other values as given)"""
         if type(value) is not dict:
             return value

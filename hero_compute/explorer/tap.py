@@ -4,7 +4,11 @@
 Every option may also come from the environment (CONTRACT §2); the command line wins.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
@@ -27,6 +31,9 @@ from hero_compute.options import (
 from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.systemd import notifier_for
 from hero_compute.rpc.twisted_private import lean_poll
+
+if TYPE_CHECKING:
+    from .tree import ExplorerService
 
 #: Seconds of silence before a node is offline, unless the operator says otherwise
 #: (``NODE_OFFLINE_AFTER``, CONTRACT §2).
@@ -200,14 +207,14 @@ class Options(TapOptions):
         ],
     ]
 
-    def __init__(self, env=None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
         TapOptions.__init__(self)
         self["listen"] = []
         self["limit"] = []
         self._env = os.environ if env is None else env
 
     @help_text
-    def opt_listen(self, description) -> None:
+    def opt_listen(self, description: str) -> None:
         """
         Also listen on this Twisted server endpoint (unix:..., tcp:..., ssl:...,
         systemd:...); may repeat.
@@ -215,7 +222,7 @@ class Options(TapOptions):
         self["listen"].append(description)
 
     @limit_help("HERO_", "EXPLORER_", "NODE_FORGET_AFTER")
-    def opt_limit(self, item) -> None:
+    def opt_limit(self, item: str) -> None:
         """
         Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or by its
         variable: HERO_MAX_BATCH=50); may repeat [default: the HERO_* and EXPLORER_*
@@ -223,7 +230,7 @@ class Options(TapOptions):
         """
         self["limit"].append(item)
 
-    def postOptions(self):
+    def postOptions(self) -> None:
         env = self._env
         self["limits"] = limits(self, env)
         sources = self["sources"] = {
@@ -327,7 +334,7 @@ class Options(TapOptions):
         )
 
 
-def makeService(options, reactor=None):
+def makeService(options: Options, reactor: Any = None) -> ExplorerService:
     """
     Wire the explorer from its options; nothing is opened until it starts.
 
@@ -345,7 +352,7 @@ def makeService(options, reactor=None):
     from .tree import make_explorer
 
     sources = options["sources"]
-    listen = []
+    listen: list[Listen] = []
     if options["bind-socket"]:
         listen.append(Listen.unix(options["socket"], sources["socket"]))
     if options["tcp"] is not None:

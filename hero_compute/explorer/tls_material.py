@@ -5,11 +5,15 @@ proxy's client certificate, and the fleet CA key that signs enrollments and rene
 reloaded from its files on SIGHUP.
 """
 
+from __future__ import annotations
+
 import datetime
 import os
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
+from twisted.internet.interfaces import IReactorTime
 
 from hero_compute import pki
 from hero_compute.rpc.errors import InvalidParams
@@ -17,6 +21,14 @@ from hero_compute.rpc.sighup import HangupReload
 from hero_compute.rpc.tls import ClientTLS, ServerTLS, TLSConfigError, TLSMaterial
 
 from .state import StartupError
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.http_server import RpcHTTPFactory
+    from hero_compute.rpc.interfaces import IRpcClient
+    from hero_compute.rpc.listen import Listen
+    from hero_compute.rpc.listeners import Listeners
+
+    from .trust import ExplorerTrust
 
 
 @attrs.frozen
@@ -32,7 +44,7 @@ class TLSSettings:
     :ivar ca_key: the fleet CA's key, to sign enrollments and renewals, or None
     """
 
-    listen: object
+    listen: Listen | None
     cert: str
     key: str
     ca: str
@@ -58,15 +70,15 @@ class ExplorerTLS(service.Service):
     def __init__(
         self,
         *,
-        clock,
-        reactor,
-        settings,
-        factory,
-        listeners,
-        client,
-        trust,
-        node_cert_days=90.0,
-    ):
+        clock: IReactorTime,
+        reactor: Any,
+        settings: TLSSettings | None,
+        factory: RpcHTTPFactory,
+        listeners: Listeners,
+        client: IRpcClient,
+        trust: ExplorerTrust,
+        node_cert_days: float = 90.0,
+    ) -> None:
         self._clock = clock
         self._reactor = reactor
         self._tls = settings
@@ -76,28 +88,28 @@ class ExplorerTLS(service.Service):
         self._trust = trust
         self._node_cert_days = node_cert_days
         self._loaded = False
-        self._creators = []
+        self._creators: list[ServerTLS | ClientTLS] = []
         self._ca: pki.CertificateAuthority | None = None
         #: The mutual-TLS side of our listeners (the dashboard may use it too).
-        self.server_tls = None
+        self.server_tls: ServerTLS | None = None
         self._hangup = HangupReload(reactor, self.reload, (TLSConfigError,), "TLS material")
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         if not self._loaded:
             self._loaded = True
             self._load()
         service.Service.privilegedStartService(self)
 
-    def startService(self):
+    def startService(self) -> None:
         if not self._loaded:
             self.privilegedStartService()
         service.Service.startService(self)
 
-    def stopService(self):
+    def stopService(self) -> None:
         service.Service.stopService(self)
         self._hangup.restore()
 
-    def _load(self):
+    def _load(self) -> None:
         """Load the TLS material and add the mutual-TLS listener, before they bind."""
         tls = self._tls
         if tls is None:
@@ -121,26 +133,26 @@ class ExplorerTLS(service.Service):
         proxy.peer_check = self._trust.certificate_refusal
         self._client.use_tls(proxy)
         if tls.ca_key is not None:
-            ca_pem = self._load_ca()
+            ca_pem = self._load_ca(tls.ca, tls.ca_key)
             self._trust.use_signer(self._sign, ca_pem)
         if tls.listen is not None:
             self._listeners.add_tls(tls.listen, server, self._reactor)
         self._hangup.install()
 
-    def _load_ca(self):
+    def _load_ca(self, ca: str, ca_key: str) -> str:
         try:
-            with open(self._tls.ca, "rb") as f:
+            with open(ca, "rb") as f:
                 cert_pem = f.read()
-            with open(self._tls.ca_key, "rb") as f:
+            with open(ca_key, "rb") as f:
                 key_pem = f.read()
             self._ca = pki.CertificateAuthority.from_pem(cert_pem, key_pem)
         except (OSError, pki.PkiError) as e:
             raise StartupError(
-                f"cannot use the CA key {self._tls.ca_key}: {e} (EXPLORER_CA_KEY)"
+                f"cannot use the CA key {ca_key}: {e} (EXPLORER_CA_KEY)"
             ) from None
         return cert_pem.decode("ascii")
 
-    def reload(self):
+    def reload(self) -> str:
         """
         Read the TLS files again (after renewal, or new files and SIGHUP).
 
@@ -151,7 +163,7 @@ class ExplorerTLS(service.Service):
             creator.reload()
         return "TLS material reloaded"
 
-    def _sign(self, csr_pem, node_id):
+    def _sign(self, csr_pem: str, node_id: str) -> tuple[str, int]:
         # Handed to enrollment only once the CA is loaded.
         assert self._ca is not None
         try:
@@ -167,5 +179,5 @@ class ExplorerTLS(service.Service):
         return pki.dump_certificate(cert).decode("ascii"), cert.serial_number
 
 
-def _utc(seconds):
+def _utc(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC)

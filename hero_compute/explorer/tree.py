@@ -4,20 +4,28 @@ trust state, the listeners and the methods from plain keyword arguments; nothing
 opened until :class:`ExplorerService` starts.
 """
 
+from __future__ import annotations
+
 import os
 import socket
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hero_compute.rpc.authz import EXPLORER_POLICY
-from hero_compute.rpc.dispatch import service_dispatcher
+from hero_compute.rpc.context import CallContext
+from hero_compute.rpc.dispatch import Dispatcher, service_dispatcher
 from hero_compute.rpc.heap import FrozenHeap
 from hero_compute.rpc.http_client import RpcClient
 from hero_compute.rpc.http_server import make_factory
+from hero_compute.rpc.interfaces import IRpcClient
 from hero_compute.rpc.limits import Limits
+from hero_compute.rpc.listen import Listen
 from hero_compute.rpc.listeners import Listeners
 from hero_compute.rpc.websocket_server import Routes
 
@@ -32,7 +40,7 @@ from .registry import Registry
 from .resolver import CachingResolver
 from .service import CALL_TIMEOUT, CONNECT_TIMEOUT, ExplorerMethods
 from .state import ExplorerState
-from .tls_material import ExplorerTLS
+from .tls_material import ExplorerTLS, TLSSettings
 from .trust import ExplorerTrust
 
 log = Logger()
@@ -56,7 +64,17 @@ class ExplorerService(service.MultiService):
     :param audit: the :class:`~hero_compute.explorer.audit.AuditLog`
     """
 
-    def __init__(self, registry, client, rpc, listeners, state, trust, tls, audit):
+    def __init__(
+        self,
+        registry: Registry,
+        client: IRpcClient,
+        rpc: Dispatcher,
+        listeners: Listeners,
+        state: ExplorerState,
+        trust: ExplorerTrust,
+        tls: ExplorerTLS,
+        audit: AuditLog,
+    ) -> None:
         service.MultiService.__init__(self)
         self.audit = audit
         self.registry = registry
@@ -68,18 +86,18 @@ class ExplorerService(service.MultiService):
         self.tls = tls
         self._privileged = False
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         self._privileged = True
         service.MultiService.privilegedStartService(self)
 
-    def startService(self):
+    def startService(self) -> None:
         if not self._privileged:
             # Started without twistd's privileged step (an embedder, a test): the
             # listeners still clear stale sockets and explain a failed bind.
             self.privilegedStartService()
         service.MultiService.startService(self)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         self._privileged = False
         service.Service.stopService(self)
         d = defer.succeed(None)
@@ -88,7 +106,7 @@ class ExplorerService(service.MultiService):
         return d
 
 
-def _stop(result, child):
+def _stop(result: object, child: service.IService) -> defer.Deferred[None]:
     """Stop ``child``, whatever the previous child's stop came to (logged if failed)."""
     if isinstance(result, Failure):
         log.failure("stopping a service", result)
@@ -98,37 +116,37 @@ def _stop(result, child):
 class _OnStop(service.Service):
     """A child that only calls ``stop()`` when the tree stops, in its turn."""
 
-    def __init__(self, name, stop):
+    def __init__(self, name: str, stop: Callable[[], object]) -> None:
         self.setName(name)
         self._stop = stop
 
-    def stopService(self):
+    def stopService(self) -> object:
         service.Service.stopService(self)
         return self._stop()
 
 
 def make_explorer(
     *,
-    reactor,
-    clock,
-    listen,
-    offline_after,
-    state_dir,
-    database=None,
-    socket_dirs=(),
-    tls=None,
-    call_timeout=CALL_TIMEOUT,
-    connect_timeout=CONNECT_TIMEOUT,
-    node_cert_days=90.0,
-    limits=None,
-    metrics=None,
-    ui=None,
-    ui_token=None,
-    ui_token_file=None,
-    ui_tls=False,
-    ui_hosts=None,
-    freeze_heap=False,
-):
+    reactor: Any,
+    clock: IReactorTime,
+    listen: Iterable[Listen | str],
+    offline_after: float,
+    state_dir: str,
+    database: str | None = None,
+    socket_dirs: Iterable[str] = (),
+    tls: TLSSettings | None = None,
+    call_timeout: float = CALL_TIMEOUT,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    node_cert_days: float = 90.0,
+    limits: Limits | None = None,
+    metrics: Listen | None = None,
+    ui: Listen | None = None,
+    ui_token: str | None = None,
+    ui_token_file: str | None = None,
+    ui_tls: bool = False,
+    ui_hosts: Iterable[str] | None = None,
+    freeze_heap: bool = False,
+) -> ExplorerService:
     """
     Build the explorer's service tree; nothing is opened until it starts.  Children
     start in this order, and stop in the reverse one::
@@ -159,7 +177,7 @@ def make_explorer(
     :param state_dir: the directory of ``explorer.db`` (``EXPLORER_STATE_DIR``)
     :param database: ``EXPLORER_DATABASE``: another SQLite file, or a
         ``postgresql://`` URI; None for ``state_dir/explorer.db``
-    :param tls: an :class:`~hero_compute.explorer.trust.TLSSettings`, or None
+    :param tls: a :class:`~hero_compute.explorer.tls_material.TLSSettings`, or None
     :param call_timeout: seconds allowed for a proxied call
     :param connect_timeout: seconds allowed to connect to a node
     :param node_cert_days: life of the certificates it signs for nodes, in days
@@ -289,7 +307,9 @@ def make_explorer(
             tls=(lambda: tls_material.server_tls) if ui_tls else None,
             hosts=ui_hosts,
             admission=factory.admission.sibling(),
-            console_socket=lambda: _unix_socket(listeners.bound),
+            # None when no Unix socket is bound, which the dashboard answers with 503;
+            # its annotation (dashboard.py) says str.
+            console_socket=lambda: _unix_socket(listeners.bound),  # type: ignore[arg-type,return-value]
             # The dashboard's writes are audited (as dashboard:<user>) and evented too.
             audit=audit.record,
             register=lambda ui_rpc: methods.register(
@@ -303,14 +323,14 @@ def make_explorer(
     return explorer
 
 
-def _authorize(context, method, params):
+def _authorize(context: CallContext, method: str, params: Any) -> None:
     EXPLORER_POLICY.check(context.transport, context.identity, method, params)
 
 
-def _authorize_route(context, route, params):
+def _authorize_route(context: CallContext, route: str, params: Any) -> None:
     EXPLORER_POLICY.check_route(context.transport, context.identity, route, params)
 
 
-def _unix_socket(bound):
+def _unix_socket(bound: Iterable[str]) -> str | None:
     """The path of the first Unix socket among bound listeners' URIs, or None."""
     return next((u[len("unix://") :] for u in bound if u.startswith("unix://")), None)

@@ -330,7 +330,7 @@ class UiAccounts:
         csrf = hmac.new(self._cert_key, user.name.encode(), hashlib.sha256).hexdigest()
         return Session(user, csrf)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._sessions)
 
 

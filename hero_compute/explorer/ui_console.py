@@ -268,7 +268,7 @@ def _refuse(request, code, text):
 def serve(
     request: Request,
     session: Session | None,
-    console_socket: Callable[[], str] | None,
+    console_socket: Callable[[], str | None] | None,
     reactor: Any,
     audit: Callable[[str, str, str | None, str], None] | None = None,
 ) -> bytes | int:
@@ -279,7 +279,8 @@ def serve(
 
     :param request: the browser's request (its ``Host`` already allowed)
     :param session: its :class:`~hero_compute.explorer.ui_accounts.Session`, or None
-    :param console_socket: a callable answering the explorer's Unix socket path, or None
+    :param console_socket: a callable answering the explorer's Unix socket path (None
+        while it has none), or None
     :param reactor: the reactor to connect with
     :param audit: ``audit(caller, method, target, outcome)`` for console attaches (the
         explorer records its own, as a Unix caller), or None

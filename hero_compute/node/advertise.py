@@ -5,7 +5,7 @@ addresses it gives each explorer (:class:`Advertiser`); :mod:`.heartbeat` sends 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
 from twisted.internet import defer
@@ -60,7 +60,7 @@ class Advertiser:
     _advertise: Address | None = None
     _tls: ListenAddress | None = None
 
-    def address_for(self, explorer):
+    def address_for(self, explorer: Address) -> defer.Deferred[Address]:
         """
         :param explorer: the explorer's :class:`Address`
         :return: a Deferred of the :class:`Address` to report to it; it fails, never
@@ -87,7 +87,7 @@ class Advertiser:
         d.addCallback(lambda ip: Address(scheme, host=ip, port=port))
         return d
 
-    def port(self, scheme):
+    def port(self, scheme: str) -> int:
         """:return: the bound port of the node's ``tcp`` or ``tls`` listener"""
         for uri in self._listeners.bound:
             if uri.startswith(scheme + "://"):
@@ -98,7 +98,7 @@ class Advertiser:
             raise AttributeError(f"this node has no {scheme} listener")
         return listen.port
 
-    def tcp_port(self):
+    def tcp_port(self) -> int:
         """:return: the bound port of the node's TCP listener"""
         return self.port("tcp")
 
@@ -126,20 +126,18 @@ class HeartbeatPayload:
     _advertiser: Advertiser
     _vms: IVmManager
 
-    def params(self, explorer):
+    def params(self, explorer: Address) -> defer.Deferred[dict[str, Any]]:
         """
         :param explorer: the explorer's :class:`Address`
         :return: a Deferred of the params dict of ``explorer.heartbeat``
         """
-        d = defer.gatherResults(
-            [
-                self._advertiser.address_for(explorer),
-                defer.maybeDeferred(self._vms.list),
-            ],
-            consumeErrors=True,
-        )
+        parts: list[defer.Deferred[Any]] = [
+            self._advertiser.address_for(explorer),
+            defer.maybeDeferred(self._vms.list),
+        ]
+        d = defer.gatherResults(parts, consumeErrors=True)
 
-        def params(results):
+        def params(results: list[Any]) -> dict[str, Any]:
             address, vms = results
             result = {
                 "node_id": self._identity.node_id,

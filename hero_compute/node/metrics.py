@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
     from twisted.internet.interfaces import IReactorTime
 
+    from hero_compute.rpc.http_server import RpcHTTPFactory
+    from hero_compute.rpc.listen import Listen
+
+    from .service import NodeService
+
 
 #: Bytes per unit of the wire's ``memory_mb`` and ``disk_gb``: Prometheus wants bytes.
 _BYTES = {"memory_mb": 2**20, "disk_gb": 2**30}
@@ -51,7 +56,7 @@ class NodeCollector:
     :param clock: the ``IReactorTime`` heartbeats are stamped with
     """
 
-    def __init__(self, node: Any, clock: IReactorTime) -> None:
+    def __init__(self, node: NodeService, clock: IReactorTime) -> None:
         self._node = node
         self._clock = clock
 
@@ -114,7 +119,14 @@ class NodeCollector:
             )
 
 
-def make_metrics(*, listen, node, factory, clock, reactor=None):
+def make_metrics(
+    *,
+    listen: Listen,
+    node: NodeService,
+    factory: RpcHTTPFactory,
+    clock: IReactorTime,
+    reactor: Any = None,
+) -> MetricsService:
     """
     The node's metrics: ``GET /metrics`` on its own listener, and the reactor's lag.
 

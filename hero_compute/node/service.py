@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import attrs
@@ -14,7 +14,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hero_compute.rpc.addresses import Address
+from hero_compute.rpc.addresses import Address, ListenAddress
 from hero_compute.rpc.authz import NODE_POLICY
 from hero_compute.rpc.dispatch import service_dispatcher
 from hero_compute.rpc.http_client import RpcClient
@@ -36,6 +36,8 @@ from .secret import load_or_create_secret
 from .tls import ClientSide, NodeTLS
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from hero_compute.rpc.context import CallContext
     from hero_compute.rpc.dispatch import Dispatcher
     from hero_compute.rpc.interfaces import IRpcClient
@@ -185,7 +187,7 @@ class NodeService(service.MultiService):
         log.info("node {node_id} ({name}) starting", node_id=self.node_id, name=self.name)
         service.MultiService.startService(self)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         # Stop heartbeating first (a heartbeat arriving after our goodbye would bring us
         # back online), then say goodbye while the listeners still run: explorers mark
         # us offline at once instead of after NODE_OFFLINE_AFTER.
@@ -203,8 +205,7 @@ class NodeService(service.MultiService):
         ]
         d = defer.gatherResults(goodbyes)
         d.addBoth(lambda _: service.MultiService.stopService(self))
-        d.addBoth(lambda _: self.client.close())
-        return d
+        return d.addBoth(lambda _: self.client.close())
 
     def _leave_params(self):
         params = {"node_id": self.node_id}
@@ -215,29 +216,29 @@ class NodeService(service.MultiService):
 
 def make_node(
     *,
-    reactor,
-    clock,
-    socket_path,
-    tcp,
-    listen,
-    explorers,
-    vms,
-    state_dir,
-    interval,
-    node_id=None,
+    reactor: Any,
+    clock: IReactorTime,
+    socket_path: str,
+    tcp: ListenAddress | None,
+    listen: Iterable[Listen | str],
+    explorers: Sequence[Address],
+    vms: IVmManager,
+    state_dir: str,
+    interval: float,
+    node_id: str | None = None,
     name: str = "",
-    labels=None,
-    advertise=None,
-    tls=None,
-    tls_files=None,
-    join_token=None,
-    ca_pin=None,
-    stop=None,
-    limits=None,
-    metrics=None,
-    images=None,
-    sources=None,
-):
+    labels: Mapping[str, str] | None = None,
+    advertise: Address | None = None,
+    tls: ListenAddress | None = None,
+    tls_files: TLSFiles | None = None,
+    join_token: str | None = None,
+    ca_pin: str | None = None,
+    stop: Callable[[], object] | None = None,
+    limits: Limits | None = None,
+    metrics: Listen | None = None,
+    images: Images | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> NodeService:
     """
     Build the node's service tree; nothing is opened and no file is read or written
     until it starts::
@@ -294,7 +295,7 @@ def make_node(
     limits = limits or Limits()
     rpc = service_dispatcher("node", limits, authorize, reactor)
     sources = {"socket": "--socket", "tcp": "--tcp", "tls": "--tls", **(sources or {})}
-    listens = [Listen.unix(socket_path, sources["socket"])]
+    listens: list[Listen | str] = [Listen.unix(socket_path, sources["socket"])]
     if tcp is not None:
         listens.append(Listen.tcp(tcp, sources["tcp"]))
     listens.extend(listen)
@@ -326,7 +327,7 @@ def make_node(
         for address in explorers
     ]
     node_tls = None
-    if uses_tls:
+    if client_side is not None:  # TLS is used
         node_tls = NodeTLS(
             reactor=reactor,
             clock=clock,

@@ -6,8 +6,12 @@ The TLS and enrollment options are :mod:`.tap_tls`'s, the image ones
 :mod:`.tap_images`'s, the VM ones :mod:`.tap_vms`'s.
 """
 
+from __future__ import annotations
+
 import os
 import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
@@ -32,6 +36,9 @@ from hero_compute.rpc.systemd import notifier_for
 from hero_compute.rpc.twisted_private import lean_poll
 
 from . import tap_images, tap_tls, tap_vms
+
+if TYPE_CHECKING:
+    from .service import NodeService
 
 
 def _advertise(text):
@@ -176,7 +183,7 @@ class Options(TapOptions):
         *tap_vms.OPT_PARAMETERS,
     ]
 
-    def __init__(self, env=None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
         TapOptions.__init__(self)
         self["explorer"] = []
         self["image-dir"] = []
@@ -184,7 +191,7 @@ class Options(TapOptions):
         self._env = os.environ if env is None else env
 
     @help_text
-    def opt_image_dir(self, path):
+    def opt_image_dir(self, path: str) -> None:
         """
         Only base images under this directory may back a VM's disk; may repeat
         [default: $NODE_IMAGE_DIRS, colon-separated; unset: $HERO_STATE_DIR/images].
@@ -194,7 +201,7 @@ class Options(TapOptions):
         self["image-dir"].append(path)
 
     @help_text
-    def opt_image_max(self, text) -> None:
+    def opt_image_max(self, text: str) -> None:
         """Largest image image.import may bring, e.g. 20G [default: $NODE_IMAGE_MAX]."""
         self["image-max"] = text
 
@@ -204,7 +211,7 @@ class Options(TapOptions):
         self["image-fetch-local"] = "1"
 
     @help_text
-    def opt_explorer(self, uri):
+    def opt_explorer(self, uri: str) -> None:
         """
         An explorer to heartbeat (unix:///path, /path, tcp://host:port); may repeat
         [default: $EXPLORER_ADDRESSES, comma-separated, or the local explorer socket].
@@ -215,7 +222,7 @@ class Options(TapOptions):
             raise usage.UsageError(f"--explorer: {e}") from None
 
     @limit_help("HERO_")
-    def opt_limit(self, item) -> None:
+    def opt_limit(self, item: str) -> None:
         """
         Set one limit of hostile load, NAME=VALUE (e.g. max_batch=50, or
         HERO_MAX_BATCH=50); may repeat [default: the HERO_* variables, else
@@ -223,7 +230,7 @@ class Options(TapOptions):
         """
         self["limit"].append(item)
 
-    def postOptions(self):
+    def postOptions(self) -> None:
         env = self._env
         self["limits"] = limits(self, env)
         sources = self["sources"] = {
@@ -321,7 +328,7 @@ class Options(TapOptions):
         return addresses
 
 
-def makeService(options, reactor=None):
+def makeService(options: Options, reactor: Any = None) -> NodeService:
     """
     Wire the node from its options; nothing is opened until it starts.
 

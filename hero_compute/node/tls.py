@@ -5,14 +5,25 @@ of the certificate's life, and reload on SIGHUP.  Enrollment and the files thems
 are :mod:`.enroll`'s.
 """
 
+from __future__ import annotations
+
 import datetime
 import random
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
+from cryptography import x509
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from hero_compute import pki
@@ -21,6 +32,7 @@ from hero_compute.rpc.errors import RpcError, TransportError
 from hero_compute.rpc.sighup import HangupReload
 from hero_compute.rpc.tls import (
     ClientTLS,
+    Credentials,
     Expected,
     ServerTLS,
     TLSConfigError,
@@ -34,10 +46,20 @@ from .enroll import (
     RETRY_CAP,
     BadCertificate,
     EnrollmentRefused,
+    TLSFiles,
     enroll,
     issued,
     renewal_due,
 )
+
+if TYPE_CHECKING:
+    from hero_compute.rpc.addresses import Address
+    from hero_compute.rpc.http_server import RpcHTTPFactory
+    from hero_compute.rpc.interfaces import IRpcClient
+    from hero_compute.rpc.listen import Listen
+    from hero_compute.rpc.listeners import Listeners
+
+    from .service import NodeIdentity
 
 log = Logger()
 
@@ -52,18 +74,18 @@ class ClientSide:
     :ivar creator: the current :class:`~hero_compute.rpc.tls.ClientTLS`, or None
     """
 
-    creator = None
+    creator: ClientTLS | None = None
 
-    def _current(self):
+    def _current(self) -> ClientTLS:
         if self.creator is None:
             raise TLSConfigError("no TLS material yet (the node has not enrolled)")
         return self.creator
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """:return: a connection of the current creator"""
         return self._current().clientConnectionForTLS(tlsProtocol)
 
-    def expecting(self, expected):
+    def expecting(self, expected: Expected) -> _LaterExpecting:
         """:return: a creator expecting ``expected``, resolved at connection time"""
         return _LaterExpecting(self, expected)
 
@@ -74,7 +96,7 @@ class _LaterExpecting:
     side: ClientSide
     expected: Expected
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         creator = self.side._current().expecting(self.expected)
         return creator.clientConnectionForTLS(tlsProtocol)
 
@@ -91,7 +113,7 @@ class NodeTLS(service.MultiService):
     :param identity: the node's identity (``node_id``, known once started)
     :param listeners: the node's :class:`~hero_compute.rpc.listeners.Listeners`
     :param factory: the node's HTTP factory, whose ``trust_domain`` is set once loaded
-    :param listen: the TLS :class:`~hero_compute.rpc.addresses.ListenAddress`, or None
+    :param listen: the TLS :class:`~hero_compute.rpc.listen.Listen`, or None
     :param explorers: the ``tls://`` explorer addresses (enrollment, renewal)
     :param client: the node's RPC client (its TLS side is ``client_side``)
     :param client_side: the :class:`ClientSide` of that client
@@ -103,21 +125,21 @@ class NodeTLS(service.MultiService):
     def __init__(
         self,
         *,
-        reactor,
-        clock,
-        files,
-        identity,
-        listeners,
-        factory,
-        listen,
-        explorers,
-        client,
-        client_side,
-        join_token=None,
-        ca_pin=None,
-        stop=None,
-        rand=random.random,
-    ):
+        reactor: Any,
+        clock: IReactorTime,
+        files: TLSFiles,
+        identity: NodeIdentity,
+        listeners: Listeners,
+        factory: RpcHTTPFactory,
+        listen: Listen | None,
+        explorers: Iterable[Address],
+        client: IRpcClient,
+        client_side: ClientSide,
+        join_token: str | None = None,
+        ca_pin: str | None = None,
+        stop: Callable[[], object] | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         service.MultiService.__init__(self)
         self._reactor, self._clock, self._files = reactor, clock, files
         self._identity, self._listeners, self._factory = identity, listeners, factory
@@ -127,10 +149,10 @@ class NodeTLS(service.MultiService):
         self._stop = stop if stop is not None else (lambda: None)
         self._rand = rand
         #: The :class:`~hero_compute.rpc.tls.ServerTLS` of the listener, once loaded.
-        self.server_tls = None
-        self._listener = None
-        self._working = None  # the enrollment or renewal under way
-        self._renewal = None  # the DelayedCall of the next renewal
+        self.server_tls: ServerTLS | None = None
+        self._listener: service.Service | None = None
+        self._working: defer.Deferred[Any] | None = None  # the enrollment or renewal
+        self._renewal: IDelayedCall | None = None  # the next renewal
         self._failures = 0
         self._hangup = HangupReload(
             reactor,
@@ -140,12 +162,12 @@ class NodeTLS(service.MultiService):
         )
 
     @property
-    def credentials(self):
+    def credentials(self) -> Credentials | None:
         """The :class:`~hero_compute.rpc.tls.Credentials` in use, or None."""
         creator = self._client_side.creator
         return creator.credentials if creator is not None else None
 
-    def prepare(self):
+    def prepare(self) -> None:
         """
         Load the material if the files exist, and add the TLS listener; done once,
         before the listeners start when it can be (so a listener that cannot bind aborts
@@ -156,19 +178,36 @@ class NodeTLS(service.MultiService):
         if self.credentials is None and self._files.exists():
             self._load()
 
-    def _load(self):
+    def _in_use(self) -> Credentials:
+        """The credentials in use, once loaded (everything that calls this runs after)."""
+        credentials = self.credentials
+        assert credentials is not None
+        return credentials
+
+    def _certificate(self) -> x509.Certificate:
+        """Our certificate in use (a node's material always has one), once loaded."""
+        cert = self._in_use().certificate
+        assert cert is not None
+        return cert
+
+    def _node_id(self) -> str:
+        """The node's id: the node loads it before it starts its children, us."""
+        node_id = self._identity.node_id
+        assert node_id is not None
+        return node_id
+
+    def _load(self) -> None:
         material = self._files.material()
         client = ClientTLS(material, Expected("explorer"))
-        if self._listen is not None:
-            self.server_tls = ServerTLS(material)
+        listen = self._listen
+        if listen is not None:
+            self.server_tls = server_tls = ServerTLS(material)
         self._client_side.creator = client
         self._factory.trust_domain = client.trust_domain
-        if self._listen is not None and self._listener is None:
-            self._listener = self._listeners.add_tls(
-                self._listen, self.server_tls, self._reactor
-            )
+        if listen is not None and self._listener is None:
+            self._listener = self._listeners.add_tls(listen, server_tls, self._reactor)
 
-    def startService(self):
+    def startService(self) -> None:
         # Not MultiService's: the children (TLS heartbeats) wait for the material.
         service.Service.startService(self)
         self._hangup.install()
@@ -176,7 +215,7 @@ class NodeTLS(service.MultiService):
         if self.credentials is not None:
             self._ready()
         elif self._token and self._pin and self._explorers:
-            self._working = defer.ensureDeferred(self._enroll())
+            self._working = defer.ensureDeferred(self._enroll(self._token, self._pin))
             self._working.addErrback(lambda f: f.trap(defer.CancelledError))
         else:
             raise TLSConfigError(
@@ -185,7 +224,7 @@ class NodeTLS(service.MultiService):
                 f"with hero-compute tls cert create --node {self._identity.node_id}"
             )
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         self._hangup.restore()
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
@@ -194,19 +233,19 @@ class NodeTLS(service.MultiService):
             self._working.cancel()
         return service.MultiService.stopService(self)
 
-    def _ready(self):
-        cert = self.credentials.certificate
+    def _ready(self) -> None:
+        cert = self._certificate()
         log.info(
             "TLS identity {identity}, certificate valid until {until}",
-            identity=identity_of(cert, self.credentials.trust_domain),
+            identity=identity_of(cert, self._in_use().trust_domain),
             until=cert.not_valid_after_utc.isoformat(),
         )
         for child in self:
             child.startService()
         self._schedule_renewal()
 
-    async def _enroll(self):
-        node_id = self._identity.node_id
+    async def _enroll(self, token: str, pin: str) -> None:
+        node_id = self._node_id()
         failures = 0
         while self.running:
             for explorer in self._explorers:
@@ -215,8 +254,8 @@ class NodeTLS(service.MultiService):
                         self._reactor,
                         explorer,
                         node_id,
-                        self._token,
-                        self._pin,
+                        token,
+                        pin,
                         self._files,
                     )
                 except defer.CancelledError:
@@ -265,7 +304,7 @@ class NodeTLS(service.MultiService):
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
         if delay is None:
-            due = renewal_due(self.credentials.certificate)
+            due = renewal_due(self._certificate())
             delay = max(0.0, due - self._clock.seconds())
         self._renewal = self._clock.callLater(delay, self._renew_now)
 
@@ -275,7 +314,7 @@ class NodeTLS(service.MultiService):
         self._working.addCallbacks(self._renewed, self._renew_failed)
         self._working.addErrback(lambda f: log.failure("renewal bookkeeping failed", f))
 
-    async def renew(self):
+    async def renew(self) -> x509.Certificate:
         """
         Renew the certificate now with the first ``tls://`` explorer that answers: a new
         key, its CSR over the current certificate, the answer checked, stored, reloaded.
@@ -284,7 +323,7 @@ class NodeTLS(service.MultiService):
         :raises BadCertificate: if the answer is unusable
         :raises TransportError: or :class:`RpcError`, if no explorer renewed it
         """
-        node_id = self._identity.node_id
+        node_id = self._node_id()
         key = pki.make_key()
         csr = pki.make_csr(key, node_id).decode("ascii")
         reasons = []
@@ -298,7 +337,7 @@ class NodeTLS(service.MultiService):
                 continue
             if not isinstance(answer, dict):
                 raise BadCertificate(f"{explorer.uri}: the answer is not an object")
-            cert = issued(answer.get("certificate"), self.credentials.ca, key, node_id)
+            cert = issued(answer.get("certificate"), self._in_use().ca, key, node_id)
             self._files.store(cert, key)
             self.reload()
             return cert
@@ -339,7 +378,7 @@ class NodeTLS(service.MultiService):
         )
         self._schedule_renewal(delay)
 
-    def reload(self):
+    def reload(self) -> None:
         """
         Re-read the files: new connections (the listener's and the client's) use them,
         open ones go on; the next renewal follows the new certificate.
@@ -365,7 +404,7 @@ class NodeTLS(service.MultiService):
     def _reload_on_signal(self):
         """SIGHUP's reload: :meth:`reload`, and what it did, for the log."""
         self.reload()
-        cert = self.credentials.certificate
+        cert = self._certificate()
         return (
             f"TLS material reloaded from {self._files.cert}, certificate valid until "
             f"{cert.not_valid_after_utc.isoformat()}"

@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from typing import cast
 
 import attrs
@@ -14,7 +15,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .identity import (
@@ -43,16 +47,16 @@ _BACKDATE = datetime.timedelta(minutes=5)
 _DNS_NAME = re.compile(r"[A-Za-z0-9*._-]{1,253}")
 
 
-def make_key():
+def make_key() -> ec.EllipticCurvePrivateKey:
     """:return: a new ECDSA P-256 private key"""
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _now(now):
+def _now(now: datetime.datetime | None) -> datetime.datetime:
     return now if now is not None else datetime.datetime.now(datetime.UTC)
 
 
-def _key_usage(**flags):
+def _key_usage(**flags: bool) -> x509.KeyUsage:
     names = (
         "digital_signature",
         "content_commitment",
@@ -67,7 +71,9 @@ def _key_usage(**flags):
     return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
 
 
-def _usable_public_key(key):
+def _usable_public_key(
+    key: CertificatePublicKeyTypes,
+) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name in ("secp256r1", "secp384r1"):
             return key
@@ -77,8 +83,12 @@ def _usable_public_key(key):
 
 
 def create_ca(
-    directory, trust_domain=DEFAULT_TRUST_DOMAIN, days=3650, force=False, now=None
-):
+    directory: str | os.PathLike[str],
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    days: int = 3650,
+    force: bool = False,
+    now: datetime.datetime | None = None,
+) -> str:
     """
     Create the fleet CA: ``directory/ca.pem`` (0644) and ``directory/ca-key.pem`` (0600).
 
@@ -151,15 +161,15 @@ class CertificateAuthority:
     trust_domain: str = attrs.field(init=False)
 
     @trust_domain.default
-    def _trust_domain(self):
+    def _trust_domain(self) -> str:
         return trust_domain_of(self.certificate)
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if _spki(self.key.public_key()) != _spki(self.certificate.public_key()):
             raise PkiError("the CA key does not belong to the CA certificate")
 
     @classmethod
-    def from_directory(cls, directory):
+    def from_directory(cls, directory: str | os.PathLike[str]) -> "CertificateAuthority":
         """
         Load ``directory/ca.pem`` and ``directory/ca-key.pem``.
 
@@ -176,7 +186,7 @@ class CertificateAuthority:
         )
 
     @classmethod
-    def from_pem(cls, cert_pem, key_pem):
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> "CertificateAuthority":
         """Load a CA from PEM bytes of its certificate and its private key."""
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
@@ -186,11 +196,20 @@ class CertificateAuthority:
         return cls(cert, _issuer(key))
 
     @property
-    def pin(self):
+    def pin(self) -> str:
         """The CA pin, ``sha256:<64 hex>``."""
         return spki_pin(self.certificate)
 
-    def issue(self, role, name, public_key, dns=(), ips=(), days=90, now=None):
+    def issue(
+        self,
+        role: str,
+        name: str,
+        public_key: CertificatePublicKeyTypes,
+        dns: Iterable[str] = (),
+        ips: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+        days: float = 90,
+        now: datetime.datetime | None = None,
+    ) -> x509.Certificate:
         """
         Issue an identity certificate.
 
@@ -263,7 +282,14 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
 
-    def sign_csr(self, csr_pem, role, name, days=90, now=None):
+    def sign_csr(
+        self,
+        csr_pem: bytes | str,
+        role: str,
+        name: str,
+        days: float = 90,
+        now: datetime.datetime | None = None,
+    ) -> x509.Certificate:
         """
         Issue a certificate for the key of a certificate signing request.
 
@@ -290,7 +316,7 @@ class CertificateAuthority:
         return self.issue(role, name, csr.public_key(), days=days, now=now)
 
 
-def make_csr(key, node_id):
+def make_csr(key: CertificateIssuerPrivateKeyTypes, node_id: str) -> bytes:
     """
     A node's certificate signing request, for enrollment or renewal.
 
@@ -308,7 +334,16 @@ def make_csr(key, node_id):
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def create_cert(ca_dir, role, name, dns=(), ips=(), days=90, out=None, force=False):
+def create_cert(
+    ca_dir: str | os.PathLike[str],
+    role: str,
+    name: str,
+    dns: Iterable[str] = (),
+    ips: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    days: float = 90,
+    out: str | None = None,
+    force: bool = False,
+) -> tuple[str, str]:
     """
     Issue a certificate and a new key with the CA in ``ca_dir``, and write them to
     ``PREFIX.pem`` (0644) and ``PREFIX-key.pem`` (0600).

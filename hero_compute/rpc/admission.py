@@ -103,7 +103,9 @@ class Admission:
     :ivar open: open connections of the group, Unix ones included
     """
 
-    def __init__(self, limits: Limits | None = None, clock: IReactorTime | None = None):
+    def __init__(
+        self, limits: Limits | None = None, clock: IReactorTime | None = None
+    ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.limits = limits or Limits()

@@ -9,8 +9,6 @@ forms applies to one JSON endpoint.  As in uvicorn's ``httptools_impl``, each re
 one record (:class:`Request`) from its first byte to its answer; the protocol holds only
 the connection's state.  Who may connect at all is decided at accept, in
 :mod:`.admission`; a ``GET`` may switch protocols (a WebSocket) through :mod:`.upgrade`.
-
-Long because: the upgrade's few lines sit in the request loop whose order they keep.
 """
 
 from __future__ import annotations
@@ -34,13 +32,12 @@ from .backpressure import Backpressure
 from .dispatch import Answer, CallContext, Dispatcher
 from .http_wire import (
     MAX_BODY,
-    STATUS_LINES,
     TEXT,
     Refused,
     Request,
     RequestParsing,
-    http_date,
     refuse_and_linger,
+    response,
 )
 from .idle import IdleSweep
 from .limits import Limits
@@ -251,21 +248,7 @@ class RpcHTTPProtocol(Upgrading, RequestParsing, Backpressure, protocol.Protocol
         body: bytes,
         extra: bytes = b"",
     ) -> None:
-        head = [b"%sDate: %s\r\n" % (STATUS_LINES[status], http_date())]
-        if ctype is not None:
-            head.append(b"Content-Type: %s\r\n" % ctype)
-        if status != 204:
-            head.append(b"Content-Length: %d\r\n" % len(body))
-        if extra:
-            head.append(extra)
-        if not request.keep_alive:
-            head.append(b"Connection: close\r\n")
-        elif request.http10:
-            head.append(b"Connection: keep-alive\r\n")
-        head.append(b"\r\n")
-        if request.method != b"HEAD":
-            head.append(body)
-        data = b"".join(head)
+        data = response(request, status, ctype, body, extra)
         send_now(self.transport, data)
         if self._unsent is not None:
             self._count_unsent(len(data))

@@ -1,8 +1,8 @@
 """
 HTTP/1.1 as our JSON-RPC listeners put it on the wire: the sizes a request may have, the
-record of one request, the status lines and ``Date`` header of our answers, and the
-lingering close of a refusal.  The state machine that uses them is
-:class:`~hero_compute.rpc.http_server.RpcHTTPProtocol`.
+record of one request, the bytes of our answers (status lines, ``Date`` header, the
+head a request's connection wants), and the lingering close of a refusal.  The state
+machine that uses them is :class:`~hero_compute.rpc.http_server.RpcHTTPProtocol`.
 """
 
 from __future__ import annotations
@@ -94,6 +94,38 @@ class _HTTPDate:
 
 #: ``http_date()``: the value of the ``Date`` header now.
 http_date = _HTTPDate()
+
+
+def response(
+    request: Request, status: int, ctype: bytes | None, body: bytes, extra: bytes = b""
+) -> bytes:
+    """
+    The bytes of an answer to ``request``, head and body, as the connection it came on
+    wants them: ``Connection: close`` when it ends after this answer, ``keep-alive`` for
+    an HTTP/1.0 client that keeps it, no body for a ``HEAD``.
+
+    :param request: the :class:`Request` answered
+    :param status: the HTTP status (one of :data:`STATUS_LINES`)
+    :param ctype: the ``Content-Type``, or None for none
+    :param body: the body (its length is sent unless the status is 204)
+    :param extra: more header lines, each ending in CRLF
+    :return: the bytes to send
+    """
+    head = [b"%sDate: %s\r\n" % (STATUS_LINES[status], http_date())]
+    if ctype is not None:
+        head.append(b"Content-Type: %s\r\n" % ctype)
+    if status != 204:
+        head.append(b"Content-Length: %d\r\n" % len(body))
+    if extra:
+        head.append(extra)
+    if not request.keep_alive:
+        head.append(b"Connection: close\r\n")
+    elif request.http10:
+        head.append(b"Connection: keep-alive\r\n")
+    head.append(b"\r\n")
+    if request.method != b"HEAD":
+        head.append(body)
+    return b"".join(head)
 
 
 def refuse_and_linger(

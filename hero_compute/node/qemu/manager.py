@@ -102,7 +102,7 @@ class QemuVmManager(service.Service):
     start_failures: int = attrs.field(init=False, default=0)
     _closing: bool = attrs.field(init=False, default=False)
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         self._store = VmStore(os.path.join(self._state_dir, "vms"))
         if self._image_dirs is None:
             self._image_dirs = default_image_dirs(self._state_dir)

@@ -10,6 +10,8 @@ that is a FIFO makes it block for ever, so every run here is killed at its deadl
 
 import os
 import signal
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import defer, error, protocol
 
@@ -39,7 +41,13 @@ class _Collect(protocol.ProcessProtocol):
             self.done.callback((b"".join(self.out), b"".join(self.err), code))
 
 
-def run(reactor, executable, args, timeout, path=None):
+def run(
+    reactor: Any,
+    executable: str,
+    args: Sequence[str],
+    timeout: float,
+    path: str | None = None,
+) -> defer.Deferred[tuple[bytes, bytes, int | None]]:
     """
     Run a tool to its end, or kill it at ``timeout``.
 
@@ -51,7 +59,7 @@ def run(reactor, executable, args, timeout, path=None):
     :return: a Deferred firing with ``(stdout, stderr, exit code)``, or failing with
         :class:`ToolTimeout` once the killed process has ended
     """
-    done: defer.Deferred = defer.Deferred()
+    done: defer.Deferred[tuple[bytes, bytes, int | None]] = defer.Deferred()
     collect = _Collect(done)
     process = reactor.spawnProcess(
         collect, executable, [executable, *args], env=os.environ, path=path
