@@ -369,7 +369,8 @@ def make_dashboard(
     :param audit: ``audit(caller, method, target, outcome)`` (the audit log's
         ``record``), for console attaches
     :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
-        connections are admitted at accept by the limits of its other listeners
+        connections are admitted at accept by the limits of its other listeners, and
+        the dashboard's refusals are counted in its ``refusals`` (read by the metrics)
     :return: a service; its ``root`` is the :class:`DashboardRoot`
     """
     fresh = token is None
@@ -377,6 +378,11 @@ def make_dashboard(
         token = secrets.token_hex(24)
     clock = None if admission is None else admission.clock
     rpc = service_dispatcher("explorer", limits, _authorize, clock)
+    if admission is not None:
+        # Its refusals (max_batch, max_response) are counted with the process's others,
+        # which the metrics read (hero_refusals_total{limit}, CONTRACT §7): this
+        # dispatcher is the dashboard's alone, and no metrics collector knows it.
+        rpc.refusals = admission.refusals
     (register or methods.register)(rpc)
     root = DashboardRoot(
         token,
