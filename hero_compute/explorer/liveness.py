@@ -226,12 +226,14 @@ class LivenessLog(service.Service):
                 registry.on_event("node.removed", record.node_id, reason="forgotten")
 
     def startService(self) -> None:
+        """Sweep every ``interval`` seconds, the first one ``interval`` from now."""
         service.Service.startService(self)
         self._loop = task.LoopingCall(self.sweep)
         self._loop.clock = self._clock
         self._loop.start(self._interval, now=False)
 
     def stopService(self) -> None:
+        """Sweep no more (a sweep under way finishes its slices)."""
         service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
