@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import attrs
 from twisted.internet.interfaces import IProtocolFactory, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.http import FORBIDDEN, NOT_ALLOWED, UNAUTHORIZED
 
 from hero_compute.rpc.admission import AdmittedSite, AdmittedTLSFactory
@@ -46,7 +46,7 @@ from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import DashboardAnnouncement, TLSOnStart
 from .dashboard_login import exchange
-from .ui_accounts import UiAccounts, csrf_ok, with_session
+from .ui_accounts import Session, UiAccounts, csrf_ok, with_session
 from .ui_assets import VENDORED
 
 if TYPE_CHECKING:
@@ -97,11 +97,12 @@ class _AsClient:
     role: str = CLIENT
 
 
-def _authorize(context, method, params) -> None:
-    DASHBOARD_POLICY.check(context.transport, context.identity, method, params)
-    EXPLORER_POLICY.check(
-        context.transport, _AsClient(context.identity.name), method, params
-    )
+def _authorize(context: CallContext, method: str, params: Any) -> None:
+    identity = context.identity
+    DASHBOARD_POLICY.check(context.transport, identity, method, params)
+    # Refused above without a user: the dashboard's table grants nothing anonymous.
+    assert identity is not None
+    EXPLORER_POLICY.check(context.transport, _AsClient(identity.name), method, params)
 
 
 def load_static() -> dict[str, bytes]:
@@ -139,7 +140,7 @@ def render_index(page: bytes, summary: dict[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-def _secure(request) -> None:
+def _secure(request: server.Request) -> None:
     for name, value in SECURITY_HEADERS.items():
         request.setHeader(name, value)
 
@@ -202,11 +203,17 @@ class DashboardRoot(resource.Resource):
         self.sessions = accounts
 
     @staticmethod
-    def _context(request):
+    def _context(request: Any) -> CallContext:
         session = request.dashboard_session
         return CallContext("tls", "dashboard", identity=session.user)
 
     def render(self, request: server.Request) -> bytes | int:
+        """
+        Answer any path: the page or the token exchange (``/``), a static file, ``POST
+        /rpc`` or the console (``/v1/...``), after the ``Host`` check.
+
+        :return: the body, or ``NOT_DONE_YET`` while an answer is on its way
+        """
         _secure(request)
         if not self._hosts.allows(request):
             # Not a name of ours: a rebound DNS name, most likely.  Nothing is done.
@@ -228,11 +235,11 @@ class DashboardRoot(resource.Resource):
             )
         return _refuse(request, 404, "not found")
 
-    def _session(self, request):
+    def _session(self, request: server.Request) -> Session | None:
         """:return: the request's :class:`.ui_accounts.Session`, or None"""
         return self.sessions.session(request.getCookie(COOKIE)) or self._client(request)
 
-    def _client(self, request):
+    def _client(self, request: server.Request) -> Session | None:
         """The operator session of a verified ``client/*`` certificate over TLS, or None."""
         if self._tls is None:
             return None
@@ -248,7 +255,7 @@ class DashboardRoot(resource.Resource):
             return None
         return self.sessions.certificate_session(identity.name)
 
-    def _root(self, request):
+    def _root(self, request: server.Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
@@ -268,7 +275,7 @@ class DashboardRoot(resource.Resource):
             return page
         return render_index(page, self._summary())
 
-    def _static(self, request, name):
+    def _static(self, request: server.Request, name: str) -> bytes:
         if name not in STATIC or name == "index.html":
             return _refuse(request, 404, "not found")
         if not self._session(request):
@@ -276,7 +283,7 @@ class DashboardRoot(resource.Resource):
         request.setHeader(b"content-type", STATIC[name])
         return self._files[name]
 
-    def _rpc(self, request):
+    def _rpc(self, request: Any) -> bytes | int:
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _refuse(request, NOT_ALLOWED, "only POST is allowed on /rpc")
@@ -303,13 +310,13 @@ class _BoundedRequest(server.Request):
 
     _received = 0
 
-    def gotLength(self, length) -> None:
+    def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY:
             _abort(self)
             return
         server.Request.gotLength(self, length)
 
-    def handleContentChunk(self, data) -> None:
+    def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
         if self._received > MAX_BODY:
             _abort(self)
@@ -328,8 +335,8 @@ class _QuietSite(AdmittedSite):
     noisy = False
     requestFactory = _BoundedRequest
 
-    def log(self, request) -> None:
-        pass
+    def log(self, request: http.Request) -> None:
+        """Nothing: a request is not news."""
 
 
 def make_dashboard(
@@ -369,7 +376,8 @@ def make_dashboard(
     :param audit: ``audit(caller, method, target, outcome)`` (the audit log's
         ``record``), for console attaches
     :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`:
-        connections are admitted at accept by the limits of its other listeners
+        connections are admitted at accept by the limits of its other listeners, and
+        the dashboard's refusals are counted in its ``refusals`` (read by the metrics)
     :return: a service; its ``root`` is the :class:`DashboardRoot`
     """
     fresh = token is None
@@ -377,6 +385,11 @@ def make_dashboard(
         token = secrets.token_hex(24)
     clock = None if admission is None else admission.clock
     rpc = service_dispatcher("explorer", limits, _authorize, clock)
+    if admission is not None:
+        # Its refusals (max_batch, max_response) are counted with the process's others,
+        # which the metrics read (hero_refusals_total{limit}, CONTRACT §7): this
+        # dispatcher is the dashboard's alone, and no metrics collector knows it.
+        rpc.refusals = admission.refusals
     (register or methods.register)(rpc)
     root = DashboardRoot(
         token,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
-def _name(host):
+def _name(host: str) -> str | None:
     """
     The host of a ``Host`` header value or a host name, without its port and brackets,
     lower-cased; None if there is none.
@@ -38,7 +38,7 @@ def _name(host):
     return host.rstrip(".") or None
 
 
-def _is_ip(name) -> bool:
+def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

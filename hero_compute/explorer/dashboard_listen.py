@@ -5,35 +5,65 @@ the token (the token itself is never logged: logs are read by more people than t
 explorer's state directory).
 """
 
+from __future__ import annotations
+
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
 
 from hero_compute.rpc.tls import tls_server_factory
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress
+
+    from hero_compute.rpc.admission import Admission
+    from hero_compute.rpc.tls import ServerTLS
 
 
 class TLSOnStart(protocol.Factory):
     """
     The dashboard's site behind mutual TLS, with the explorer's material: it is loaded
     when the explorer starts, so the TLS wrapper is made when the listener starts.
+
+    :param site: the dashboard's ``twisted.web`` site
+    :param tls: a callable answering the explorer's
+        :class:`~hero_compute.rpc.tls.ServerTLS`, None while it has none
+    :param wrap: ``wrap(creator, site, admission)`` making the TLS factory that admits
+        connections at accept (:class:`~hero_compute.rpc.admission.AdmittedTLSFactory`),
+        or None for a plain one
+    :param admission: the explorer's :class:`~hero_compute.rpc.admission.Admission`,
+        passed to ``wrap`` (without one, the TLS factory is a plain one)
     """
 
-    def __init__(self, site, tls, wrap=None, admission=None) -> None:
+    def __init__(
+        self,
+        site: protocol.Factory[Any],
+        tls: Callable[[], ServerTLS | None],
+        wrap: Callable[[ServerTLS, protocol.Factory[Any], Admission], protocol.Factory[Any]]
+        | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self._site = site
         self._tls = tls
         self._wrap = wrap
         self._admission = admission
-        self._wrapped: Any = None
+        self._wrapped: protocol.Factory[Any] | None = None
 
-    def doStart(self):
+    def doStart(self) -> None:
+        """
+        Make the TLS wrapper with the material loaded by now.
+
+        :raise ValueError: if the explorer has no TLS material
+        """
         creator = self._tls()
         if creator is None:
             raise ValueError(
                 "the dashboard over TLS (EXPLORER_UI_TLS) needs the explorer's TLS "
                 "material: EXPLORER_TLS_CERT, EXPLORER_TLS_KEY, EXPLORER_TLS_CA"
             )
-        if self._wrap is None:
+        if self._wrap is None or self._admission is None:
             self._wrapped = tls_server_factory(creator, self._site)
         else:
             # Admitted at accept, before the TLS layer (CONTRACT §7).
@@ -41,16 +71,18 @@ class TLSOnStart(protocol.Factory):
         self._wrapped.doStart()
 
     def doStop(self) -> None:
+        """Stop the TLS wrapper, if it was made."""
         if self._wrapped is not None:
             self._wrapped.doStop()
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol | None:
+        """:return: the TLS wrapper's protocol for a connection from ``addr``"""
         # A listener starts its factory before it accepts anything.
         assert self._wrapped is not None, "doStart comes first"
         return self._wrapped.buildProtocol(addr)
 
 
-def write_token(path, token) -> None:
+def write_token(path: str, token: str) -> None:
     """
     Keep the dashboard's token in ``path``, mode 0600 whatever the umask (its directory
     is made 0700 if missing).
@@ -89,12 +121,12 @@ class DashboardAnnouncement:
         #: Where the dashboard is, once bound (for the accounts' login URLs).
         self.url: str | None = None
 
-    def before(self):
+    def before(self) -> None:
         """Keep a fresh token in its file before the listener binds."""
         if self._write and self._token_file is not None:
             write_token(self._token_file, self._token)
 
-    def detail(self, uri):
+    def detail(self, uri: str) -> str:
         """
         :param uri: the bound listener's URI
         :return: what follows it in the ``listening on`` line

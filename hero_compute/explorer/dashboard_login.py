@@ -8,7 +8,11 @@ thread: the answer waits for it, the reactor does not.  With the database down t
 login is refused with 503, and the token is left unspent.
 """
 
+from __future__ import annotations
+
 import hmac
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -20,13 +24,28 @@ from hero_compute.rpc.errors import StoreUnavailable
 
 from .ui_accounts import STARTUP_USER, DashboardUser
 
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from .ui_accounts import Session, UiAccounts
+
 log = Logger()
+
+#: ``refuse(request, code, text)``: the body of a refusal, its code and type set.
+Refuse = Callable[[server.Request, int, str], bytes]
 
 #: What a browser reads when its login cannot be checked.
 UNAVAILABLE = "the explorer's state store is unavailable: open the login URL again later"
 
 
-def exchange(request, accounts, token, startup, cookie, refuse):
+def exchange(
+    request: server.Request,
+    accounts: UiAccounts,
+    token: bytes,
+    startup: bytes,
+    cookie: bytes,
+    refuse: Refuse,
+) -> bytes | int:
     """
     Answer a ``GET /?token=...``.
 
@@ -48,16 +67,16 @@ def exchange(request, accounts, token, startup, cookie, refuse):
         return refuse(request, SERVICE_UNAVAILABLE, UNAVAILABLE)
     if not isinstance(login, defer.Deferred):
         return _answer(request, login, cookie, refuse)
-    gone: list = []
+    gone: list[Failure] = []
     request.notifyFinish().addErrback(gone.append)
 
-    def failed(failure):
+    def failed(failure: Failure) -> bytes:
         if failure.check(StoreUnavailable):
             return refuse(request, SERVICE_UNAVAILABLE, UNAVAILABLE)
         log.failure("dashboard login", failure)
         return refuse(request, INTERNAL_SERVER_ERROR, "the login could not be checked")
 
-    def write(body):
+    def write(body: bytes) -> None:
         # The browser may have left meanwhile: its token is spent all the same.
         if not gone:
             request.write(body)
@@ -68,14 +87,19 @@ def exchange(request, accounts, token, startup, cookie, refuse):
     return server.NOT_DONE_YET
 
 
-def _answer(request, login, cookie, refuse):
+def _answer(
+    request: server.Request,
+    login: tuple[str, Session] | None,
+    cookie: bytes,
+    refuse: Refuse,
+) -> bytes:
     if login is None:
         return refuse(request, UNAUTHORIZED, "wrong, used, revoked or expired token")
     sid, _ = login
     return _logged_in(request, sid, cookie)
 
 
-def _logged_in(request, sid, cookie):
+def _logged_in(request: server.Request, sid: str, cookie: bytes) -> bytes:
     request.addCookie(
         cookie,
         sid.encode(),

@@ -18,6 +18,7 @@ while the reactor thread changes them, and importing it installs the default rea
 from __future__ import annotations
 
 import bisect
+import collections
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -97,7 +98,9 @@ def histogram_family(
 class TransportCollector:
     """
     The metrics of a process's transport: its open connections, the limits that refused
-    something (CONTRACT §7) and the version.
+    something (CONTRACT §7) and the version.  Refusals are read from the admission's
+    counter (shared by every listener of the process, and by the dashboard's dispatcher),
+    the listeners' dispatcher and ``refusals``, and summed by limit.
 
     :param factory: the :class:`~hero_compute.rpc.http_server.RpcHTTPFactory` of the
         process's listeners
@@ -134,11 +137,17 @@ class TransportCollector:
             "Requests, connections or calls refused by a limit (CONTRACT §7)",
             labels=["limit"],
         )
+        # One sample per limit: a limit refusing in more than one place (the JSON-RPC
+        # listeners' dispatcher and the dashboard's, both max_batch) is summed, never
+        # written twice under one label (a scraper rejects the page then).
+        by_limit: collections.Counter[str] = collections.Counter()
         for limit, count in (
             *admission.refusals.items(),
             *self._factory.dispatcher.refusals.items(),
             *self._refusals(),
         ):
+            by_limit[limit] += count
+        for limit, count in by_limit.items():
             refusals.add_metric([limit], count)
         yield refusals
         info = GaugeMetricFamily(
