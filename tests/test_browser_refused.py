@@ -9,6 +9,7 @@ what it aimed at is unchanged; our own clients, which send neither, are served. 
 dashboard, for browsers, has guards of its own (``test_ui*``).
 """
 
+import http.server
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 
 import pytest
 from twisted.internet.task import Clock
@@ -29,6 +31,7 @@ from hero_compute.rpc.http_wire import BROWSER_REFUSED
 
 from .support import ROOT, Twistd, connect, make_short_tmp, post, remove_tmp, result
 from .test_metrics import scrape
+from .test_ui import browser  # noqa: F401
 from .wsclient import WsClient
 
 pytestmark = [
@@ -364,6 +367,64 @@ def test_the_cli_is_served_over_tcp(site):
     )
     assert done.returncode == 0, done.stderr
     assert NODE in done.stdout
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    """The attacker's page: any page will do, its script is the test's."""
+
+    def do_GET(self):
+        body = b"<!doctype html><title>a page on another origin</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+#: What the page's script does, as any web page may: a WebSocket, then a "simple"
+#: cross-site POST (no preflight; its answer is opaque, but the call would have run).
+_ATTACK = """
+const [rpc, body, ws_url, done] = arguments;
+const out = {};
+new Promise((resolve) => {
+  const ws = new WebSocket(ws_url);
+  ws.onopen = () => { out.ws = "open"; ws.close(); };
+  ws.onclose = () => { out.ws = out.ws || "refused"; resolve(); };
+})
+  .then(() => fetch(rpc, {method: "POST", mode: "no-cors", body: body,
+                          headers: {"Content-Type": "text/plain"}}))
+  .then(() => { out.post = "sent"; }, () => { out.post = "failed"; })
+  .then(() => done(out));
+"""
+
+
+def test_a_real_browser_page_is_refused(site, browser):  # noqa: F811
+    """In Chromium, a page of another origin opens the VM's console with a ``WebSocket``
+    and stops the VM with a no-cors ``fetch``: both refused, the VM runs on, and the
+    explorer counts both refusals."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = ("hero_refusals_total", frozenset({("limit", "browser")}))
+    before = scrape(site.ex_metrics).get(key, 0)
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_port}/")
+        method, params = stop_vm(site, "explorer")
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+        port = parse_address(site.ex["tcp"]).port
+        out = browser.execute_async_script(
+            _ATTACK,
+            f"http://127.0.0.1:{port}/rpc",
+            body,
+            f"ws://127.0.0.1:{port}{site.console('explorer')}",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (out, site.vm_state()) == ({"post": "sent", "ws": "refused"}, "running")
+    assert scrape(site.ex_metrics)[key] == before + 2
 
 
 # In memory: what the parser does with a browser's header -------------------------------
