@@ -4,7 +4,7 @@ explorer and node (Unix, loopback TCP and mutual TLS) and a real QEMU guest unde
 The requests are the ones a browser sends for any site: a "simple" cross-site ``POST``
 (``Content-Type: text/plain``, no preflight) and a WebSocket handshake, both carrying
 ``Origin``; the same after a DNS rebinding (``Host`` of the attacker's name); and the
-fetch metadata (``Sec-Fetch-*``) alone.  Every one is 403 with nothing dispatched, and
+fetch metadata (``Sec-Fetch-Site``) alone.  Every one is 403 with nothing dispatched, and
 what it aimed at is unchanged; our own clients, which send neither, are served.  The
 dashboard, for browsers, has guards of its own (``test_ui*``).
 """
@@ -29,7 +29,16 @@ from hero_compute.rpc.dispatch import Dispatcher
 from hero_compute.rpc.http_server import RpcHTTPFactory
 from hero_compute.rpc.http_wire import BROWSER_REFUSED
 
-from .support import ROOT, Twistd, connect, make_short_tmp, post, remove_tmp, result
+from .support import (
+    ROOT,
+    Twistd,
+    connect,
+    make_short_tmp,
+    post,
+    remove_tmp,
+    result,
+    tls_connect,
+)
 from .test_metrics import scrape
 from .test_ui import browser  # noqa: F401
 from .wsclient import WsClient
@@ -293,7 +302,7 @@ def test_rebinding_is_refused(site, scheme):
     "headers",
     [
         ["Sec-Fetch-Site: cross-site", "Sec-Fetch-Mode: no-cors"],
-        ["sec-fetch-mode: navigate"],
+        ["sec-fetch-site: same-origin"],
         ["SEC-FETCH-DEST: empty"],
         ["ORIGIN: null"],
         ["Sec-Fetch-User: ?1"],
@@ -326,22 +335,23 @@ def test_refusals_are_counted_and_logged(site):
 
 @pytest.mark.parametrize("who,scheme", LISTENERS)
 def test_programs_are_still_served(site, who, scheme):
-    """Without ``Origin`` or ``Sec-Fetch-*`` (our clients, curl) requests are served on
-    every listener, whatever their ``Content-Type``: JSON, curl's ``-d`` form type, none."""
+    """Without ``Origin`` or a browser's fetch metadata (our clients, curl, Node.js's
+    ``fetch`` with its lone ``Sec-Fetch-Mode``) requests are served on every listener,
+    whatever their ``Content-Type``: JSON, curl's ``-d`` form type, none."""
     uri = site.uri(who, scheme)
     method = "explorer.info" if who == "explorer" else "node.info"
-    conn = connect(uri)
     if scheme == "tls":
-        from .support import tls_connect
-
         conn = tls_connect(uri, site.fleet["ca"], *site.fleet["client/ops"])
+    else:
+        conn = connect(uri)
     try:
         status, _, data = post(conn, {"jsonrpc": "2.0", "id": 1, "method": method})
         assert status == 200 and "result" in json.loads(data)
     finally:
         conn.close()
-    for ctype in (["Content-Type: application/x-www-form-urlencoded"], []):
-        status, _, data = exchange(site, uri, browser_post(method, {}, ctype))
+    undici = ["Content-Type: text/plain;charset=UTF-8", "Sec-Fetch-Mode: cors"]
+    for headers in (["Content-Type: application/x-www-form-urlencoded"], [], undici):
+        status, _, data = exchange(site, uri, browser_post(method, {}, headers))
         assert status == 200 and "result" in json.loads(data)
 
 

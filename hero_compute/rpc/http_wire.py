@@ -33,19 +33,21 @@ STATUS_LINES = {
 
 #: Request headers only browsers send: ``Origin`` (on every WebSocket handshake and
 #: every ``POST``, same-origin ones included, so after a DNS rebinding too) and the
-#: fetch metadata (``Sec-Fetch-*``).  A JSON-RPC listener is for programs; a request
-#: carrying one of these is a web page's, refused with 403 before anything runs
-#: (a "simple" cross-site ``POST`` is sent with no preflight, and a WebSocket is not
-#: held to the same-origin policy).  Browsers reach the explorer through its dashboard,
-#: which has guards of its own.
+#: fetch metadata a browser sends with ``Sec-Fetch-Mode`` (``-Site`` and ``-Dest``
+#: always, ``-User`` on a navigation).  A JSON-RPC listener is for programs; a request
+#: carrying one of these is a web page's, refused with 403 before anything runs (a
+#: "simple" cross-site ``POST`` is sent with no preflight, and a WebSocket is not held
+#: to the same-origin policy).  ``Sec-Fetch-Mode`` alone is not a browser's: Node.js's
+#: ``fetch`` (undici) sends it, and nothing else of these, on every request.  Browsers
+#: reach the explorer through its dashboard, which has guards of its own.
 BROWSER_HEADERS = frozenset(
-    (b"origin", b"sec-fetch-site", b"sec-fetch-mode", b"sec-fetch-dest", b"sec-fetch-user")
+    (b"origin", b"sec-fetch-site", b"sec-fetch-dest", b"sec-fetch-user")
 )
 
 #: The answer to a browser's request (see :data:`BROWSER_HEADERS`).
 BROWSER_REFUSED = (
-    b"a browser's request (Origin or Sec-Fetch-* header) is refused: this JSON-RPC "
-    b"listener is for programs; browsers use the explorer's dashboard\n"
+    b"a browser's request (Origin, Sec-Fetch-Site, -Dest or -User header) is refused: "
+    b"this JSON-RPC listener is for programs; browsers use the explorer's dashboard\n"
 )
 
 #: The content type of our plain-text answers (refusals, 404, 405).
