@@ -78,7 +78,9 @@ class Flood:
 
     def finish(self):
         """:return: the two log lines, once one more refusal came after the window"""
-        time.sleep(max(0.0, self.first + REFUSALS_EVERY + 0.5 - time.monotonic()))
+        # fixed wait: the claim is a line per window of the real process's clock; the
+        # window opened before the first refusal was answered (``first``)
+        time.sleep(max(0.0, self.first + REFUSALS_EVERY + 0.1 - time.monotonic()))
         self.refuse()
         process, pattern = self.process, self.pattern
         process.wait_for_line(pattern + r".*\(and \d+ more since the last such line\)$")
