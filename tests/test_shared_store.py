@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from hero_compute import pki
+from hero_compute.explorer.record_writer import FLUSH_EVERY
 from hero_compute.explorer.store import open_store
 from hero_compute.explorer.store.migrations import LATEST
 
@@ -259,12 +260,14 @@ def test_database_down_under_load_loses_nothing(own_server, start_explorer):
         assert code(beat(a, "n-new", secret())) == -32007
         # A durable change while down: acknowledged, so it must reach the database.
         assert "result" in beat(a, "n-quiet", quiet, name="renamed")
+        acknowledged = time.monotonic()
         before = beats[0]
-        # Long enough for the flush of that record to fail at least once.
-        time.sleep(2.5)
         # Known nodes went on meanwhile: a hundred more heartbeats answered, waited
         # for rather than expected by a fixed time (a loaded machine makes each slower).
         wait_for(lambda: beats[0] > before + 100, timeout=15.0, what="100 more heartbeats")
+        # fixed wait: the record's flush, FLUSH_EVERY after the heartbeat, must fail at
+        # least once before the store is back, and a failed flush shows nowhere
+        time.sleep(max(0.0, acknowledged + FLUSH_EVERY + 0.5 - time.monotonic()))
         own_server.start()
         wait_for(
             lambda: result(a.unix, "explorer.info")["store"]["state"] == "up",

@@ -265,16 +265,18 @@ def test_redeem_holds_the_write_lock_from_the_start(sqlite_store, monkeypatch):
     """A redeem that starts while another is mid-transaction waits, then is refused
     cleanly."""
     sqlite_store.add_token(sha("t1"), "n1", NOW + 60)
-    inside, results = threading.Event(), {}
+    inside, begun, results = threading.Event(), threading.Event(), {}
     purge = Store._purge_tokens
 
     def slow_purge(self, now):
         purge(self, now)
         if threading.current_thread().name == "first":
             inside.set()
-            # A wall-clock wait kept: the transaction is held open while the second
-            # redeem starts, and SQLite offers no hook to see it waiting on the lock.
-            time.sleep(0.3)
+            # The transaction is held open until the second redeem has begun its own.
+            begun.wait(5)
+            # fixed wait: from its BEGIN to its wait on the lock, for which SQLite has
+            # no hook (no statement runs while it waits)
+            time.sleep(0.05)
 
     monkeypatch.setattr(Store, "_purge_tokens", slow_purge)
 
@@ -283,6 +285,10 @@ def test_redeem_holds_the_write_lock_from_the_start(sqlite_store, monkeypatch):
         try:
             if name == "second":
                 inside.wait(5)
+                # Told at the start of each statement, before it takes any lock.
+                mine._db.set_trace_callback(
+                    lambda sql: sql.startswith("BEGIN") and begun.set()
+                )
             results[name] = mine.redeem_token(sha("t1"), NOW)
         except (TokenRefused, sqlite3.Error) as e:
             results[name] = e
