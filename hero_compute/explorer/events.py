@@ -187,7 +187,7 @@ class EventLog:
         if method in NODE_EVENTS:
             node_id = params.get("node_id")
             if method == "explorer.enroll":
-                from .enroll import csr_node_id
+                from .credentials import csr_node_id
 
                 node_id = csr_node_id(params.get("csr") or "")
             self.emit(NODE_EVENTS[method], node_id=node_id, actor=actor)
