@@ -20,11 +20,13 @@ from hero_compute.rpc.codec import dumps
 from hero_compute.rpc.dispatch import CallContext, Dispatcher
 from hero_compute.rpc.errors import InternalError
 
-from .support import Twistd, connect, post, result, success_result_of
+from .support import connect, post, result, success_result_of
 from .test_metrics import metrics_uri, scrape, value
 
 TCP = CallContext("tcp", "192.0.2.7:4242", host="192.0.2.7")
 TOO_LARGE = {"code": -32603, "message": "response too large"}
+#: Ids of every kind a response may echo, the long and the odd among them.
+IDS = [None, 0, -7, 2**70, "a", "\ud800", "null", 1.5, 1e300]
 
 
 def call(method, rid, **params):
@@ -199,13 +201,19 @@ def test_refusals_in_a_batch_are_logged():
     assert line.endswith("to 192.0.2.7:4242: at most 1000")
 
 
-@pytest.mark.parametrize("rid", [None, 0, -7, 2**70, "a", "\ud800", "null", 1.5, 1e300])
+@pytest.mark.parametrize("rid", IDS)
 def test_too_large_is_the_error_it_stands_for(rid):
     """``too_large`` writes exactly the -32603 error object the dispatcher would."""
     assert too_large(rid) == dumps(error(rid, InternalError("response too large")))
 
 
-def test_a_real_explorer_bounds_a_batch_of_reads(short_tmp):
+@pytest.mark.parametrize("rid", IDS)
+def test_room_is_the_errors_size(rid):
+    """The room kept for an item is its -32603's size and one byte beside it."""
+    assert room(rid) == len(too_large(rid)) + 1
+
+
+def test_a_real_explorer_bounds_a_batch_of_reads(twistd, short_tmp):
     """
     A real explorer with HERO_MAX_RESPONSE=16384 and 40 nodes: a batch of ten
     ``explorer.query_nodes`` (each ~12 KB, under the limit; together ~120 KB) over TCP
@@ -214,45 +222,36 @@ def test_a_real_explorer_bounds_a_batch_of_reads(short_tmp):
     then served.
     """
     sock = f"{short_tmp}/e.sock"
-    process = Twistd(
+    process = twistd(
         ["explorer", "--socket", sock, "--tcp", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
         env={"EXPLORER_STATE_DIR": f"{short_tmp}/state", "HERO_MAX_RESPONSE": "16384"},
     )
-    try:
-        metrics = metrics_uri(process)
-        unix = f"unix://{sock}"
-        listeners = result(unix, "explorer.info")["listeners"]
-        tcp = next(u for u in listeners if u.startswith("tcp://"))
-        for n in range(40):
-            labels = {f"k{j}": f"value-{n}-{j}" for j in range(8)}
-            heartbeat = {"node_id": f"n{n:02d}", "socket_path": f"/tmp/n{n}.sock"}
-            assert result(unix, "explorer.heartbeat", {**heartbeat, "labels": labels})
-        page = result(tcp, "explorer.query_nodes", {"limit": 1000})
-        size = len(json.dumps(page, separators=(",", ":")))
-        assert 8000 < size < 16000, size
-        batch = [call("explorer.query_nodes", i, limit=1000) for i in range(10)]
-        conn = connect(tcp)
-        status, _, body = post(conn, batch)
-        assert status == 200 and len(body) <= 16384, (status, len(body))
-        items = json.loads(body)
-        assert [item["id"] for item in items] == list(range(10))
-        assert len(items[0]["result"]["nodes"]) == 40
-        assert all(item["error"] == TOO_LARGE for item in items[1:])
-        process.wait_for_line(
-            r"refused \(max_response\) a response of \d+ bytes to 127\.0\.0\.1:\d+: "
-            r"at most 16384$"
-        )
-        samples = scrape(metrics)
-        assert value(samples, "hero_refusals_total", limit="max_response") == 9
-        status, _, body = post(conn, call("explorer.info", 11))
-        assert status == 200 and "result" in json.loads(body)
-        conn.close()
-        assert len(result(tcp, "explorer.query_nodes", {"limit": 10})["nodes"]) == 10
-    finally:
-        process.stop()
-
-
-@pytest.mark.parametrize("rid", [None, 0, -7, 2**70, "a", "\ud800", "null", 1.5, 1e300])
-def test_room_is_the_errors_size(rid):
-    """The room kept for an item is its -32603's size and one byte beside it."""
-    assert room(rid) == len(too_large(rid)) + 1
+    metrics = metrics_uri(process)
+    unix = f"unix://{sock}"
+    listeners = result(unix, "explorer.info")["listeners"]
+    tcp = next(u for u in listeners if u.startswith("tcp://"))
+    for n in range(40):
+        labels = {f"k{j}": f"value-{n}-{j}" for j in range(8)}
+        heartbeat = {"node_id": f"n{n:02d}", "socket_path": f"/tmp/n{n}.sock"}
+        assert result(unix, "explorer.heartbeat", {**heartbeat, "labels": labels})
+    page = result(tcp, "explorer.query_nodes", {"limit": 1000})
+    size = len(json.dumps(page, separators=(",", ":")))
+    assert 8000 < size < 16000, size
+    batch = [call("explorer.query_nodes", i, limit=1000) for i in range(10)]
+    conn = connect(tcp)
+    status, _, body = post(conn, batch)
+    assert status == 200 and len(body) <= 16384, (status, len(body))
+    items = json.loads(body)
+    assert [item["id"] for item in items] == list(range(10))
+    assert len(items[0]["result"]["nodes"]) == 40
+    assert all(item["error"] == TOO_LARGE for item in items[1:])
+    process.wait_for_line(
+        r"refused \(max_response\) a response of \d+ bytes to 127\.0\.0\.1:\d+: "
+        r"at most 16384$"
+    )
+    samples = scrape(metrics)
+    assert value(samples, "hero_refusals_total", limit="max_response") == 9
+    status, _, body = post(conn, call("explorer.info", 11))
+    assert status == 200 and "result" in json.loads(body)
+    conn.close()
+    assert len(result(tcp, "explorer.query_nodes", {"limit": 10})["nodes"]) == 10
