@@ -314,3 +314,19 @@ def test_forgetting_a_record_of_a_local_store(tmp_path):
     state.records.forget_record("n0")
     assert [n["node_id"] for n in state.load_nodes()] == ["n1"]
     state.close({})
+
+
+def test_a_state_stopped_and_opened_again_writes_records_again(tmp_path):
+    """After a stop, a state store opened again has its records written as before."""
+    path = tmp_path / "explorer.db"
+    clock = Clock()
+    state = ExplorerState(clock=clock, reactor=clock, db_path=path)
+    state.open()
+    state.records.save_node(record("n0"))
+    stopped = state.stopService()
+    assert stopped.called and state.store is None
+    state.open()
+    state.records.save_node(record("n1"))
+    clock.advance(FLUSH_EVERY)
+    assert [n["node_id"] for n in state.load_nodes()] == ["n0", "n1"]
+    state.close({})

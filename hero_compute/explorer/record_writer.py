@@ -352,14 +352,11 @@ class NodeRecordWriter:
     def _lose(self, count: int, why: str) -> int:
         """Give up the records still kept: logged once, with their count."""
         if count:
-            log.error(
-                "{count} node records lost at shutdown, not written to the state store "
-                "({why})",
-                count=count,
-                why=why,
-            )
+            msg = "{count} node records lost at shutdown, not written to the store ({why})"
+            log.error(msg, count=count, why=why)
         self._dirty.clear()
         self._failures.clear()
+        self._stopping = False  # the stop is over: a store opened again is written to
         return count
 
     def write_all(self) -> int:
