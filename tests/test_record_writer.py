@@ -330,3 +330,26 @@ def test_a_state_stopped_and_opened_again_writes_records_again(tmp_path):
     clock.advance(FLUSH_EVERY)
     assert [n["node_id"] for n in state.load_nodes()] == ["n0", "n1"]
     state.close({})
+
+
+def test_stop_ends_at_the_deadline_even_while_writes_succeed(logged_errors):
+    """At stop, writes that succeed but slowly are cut at the deadline: the rest is
+    said lost, once, as out of time."""
+    from hero_compute.explorer.record_writer import FLUSH_CHUNK, STOP_WITHIN
+
+    clock = Clock()
+    state = RecordingState(clock, shared=False)
+    writer = NodeRecordWriter(state, clock)
+    for n in range(2 * FLUSH_CHUNK + 1):
+        writer.save_node(record(f"n{n:04d}"))
+
+    def slow(rows):
+        clock.rightNow += STOP_WITHIN / 2  # each transaction takes half the deadline
+        return None
+
+    state.refuse = slow
+    finished = writer.finish(STOP_WITHIN)
+    assert finished.called and finished.result == 1
+    assert len(written(state)) == 2 * FLUSH_CHUNK
+    (lost,) = lines(logged_errors.flush())
+    assert "1 node records lost at shutdown" in lost and "out of time" in lost

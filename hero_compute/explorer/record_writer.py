@@ -334,14 +334,14 @@ class NodeRecordWriter:
             taken, rows = self._take(chunk)
             error = await defer.maybeDeferred(run, self._write, rows)
             self._settle(error, taken)
-            if error is None:
-                failed = 0
-                continue
-            failed, why = failed + 1, str(error) or type(error).__name__
             now = self._clock.seconds()
+            if error is None:
+                failed, why = 0, "out of time"
+            else:
+                failed, why = failed + 1, str(error) or type(error).__name__
             if failed > STOP_RETRIES or (deadline is not None and now >= deadline):
                 break
-            if not isinstance(error, StoreUnavailable):
+            if error is None or not isinstance(error, StoreUnavailable):
                 continue  # its records go alone now, and a bad one is dropped: progress
             if deadline is None:
                 break
