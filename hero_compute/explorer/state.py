@@ -161,7 +161,8 @@ class ExplorerState(service.Service):
 
     def load_nodes(self) -> list[dict[str, Any]]:
         """:return: the node records kept from the last run (dicts)"""
-        return self.store.load_nodes()
+        nodes: list[dict[str, Any]] = self.store.load_nodes()
+        return nodes
 
     def close(self, last_seen: Mapping[str, float]) -> None:
         """
