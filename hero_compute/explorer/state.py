@@ -3,8 +3,9 @@ The explorer's state store as a service: opened first when the explorer starts (
 fleet as last known goes into the registry before any listener binds), closed last
 when it stops, once what is buffered (node records, the last heartbeat times) is
 written: the node records within :data:`~.record_writer.STOP_WITHIN` seconds, waiting
-for the database if it is away for a moment (:meth:`~.record_writer.NodeRecordWriter.
-finish`).  Whatever writes to a shared store runs on the store's one thread.
+for the database if it is away for a moment
+(:meth:`~.record_writer.NodeRecordWriter.finish`).  Whatever writes to a shared store
+runs on the store's one thread.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ class ExplorerState(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         """
-        Write the node records still kept (:meth:`NodeRecordWriter.finish`: the chunk
-        in flight waited for, the database waited for while away, within
-        :data:`STOP_WITHIN` seconds), then :meth:`close`.
+        Write the node records still kept
+        (:meth:`~.record_writer.NodeRecordWriter.finish`: the chunk in flight waited
+        for, the database waited for while away, within
+        :data:`~.record_writer.STOP_WITHIN` seconds), then :meth:`close`.
 
         :return: a Deferred firing once the store is closed
         """
