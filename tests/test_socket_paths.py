@@ -211,6 +211,10 @@ def test_failed_start_leaves_the_path_alone(short_tmp, kind, option):
         status, output = run_twistd(["explorer", *args], {})
         line = assert_clean_failure(status, output, f"cannot listen on unix://{path}")
         assert "address already in use" in line and f"({option})" in line
+        if live is None:
+            assert "not a socket, and is left as it is" in line
+        else:
+            assert f"another process serves it (ss -xlp src {path})" in line
         after = os.lstat(path)
         assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
         if target is not None:

@@ -51,6 +51,24 @@ def _lock_owner(path: str) -> int | None:
         return None
 
 
+def _in_the_way(path: str, source: str) -> str:
+    """
+    What is at a socket path we could not bind, and what to do: another program's
+    socket, or something that is no socket (left where it is: it is not ours).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = stat.S_IFSOCK
+    if stat.S_ISSOCK(mode):
+        return f"another process serves it (ss -xlp src {path})"
+    what = "a symlink" if stat.S_ISLNK(mode) else "a file"
+    return (
+        f"it is {what}, not a socket, and is left as it is; remove it, or set "
+        f"{source} to another path"
+    )
+
+
 def _why(error: BaseException, listen: Listen, role: str) -> str:
     """
     One line for a listener that could not bind: what, which setting, how to fix it.
@@ -70,7 +88,7 @@ def _why(error: BaseException, listen: Listen, role: str) -> str:
     code = getattr(reason, "errno", None)
     if code == errno.EADDRINUSE:
         if path is not None:
-            hint = f"another process serves it (ss -xlp src {path})"
+            hint = _in_the_way(path, source)
         else:
             port = where.rsplit(":", 1)[-1]
             hint = f"another process has it (ss -ltnp 'sport = :{port}')"
