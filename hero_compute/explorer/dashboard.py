@@ -45,8 +45,8 @@ from hero_compute.rpc.web import RpcResource
 from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import DashboardAnnouncement, TLSOnStart
-from .dashboard_login import exchange
-from .ui_accounts import Session, UiAccounts, csrf_ok, with_session
+from .dashboard_login import csrf_ok, exchange, with_session
+from .ui_accounts import Session, UiAccounts
 from .ui_assets import VENDORED
 
 if TYPE_CHECKING:
@@ -232,6 +232,7 @@ class DashboardRoot(resource.Resource):
                 self._console_socket,
                 self._reactor,
                 self.audit,
+                self.sessions.hold,
             )
         return _refuse(request, 404, "not found")
 

@@ -22,7 +22,7 @@ from twisted.web.http import FOUND, INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE, 
 from hero_compute.rpc.authz import UI_VIEWER
 from hero_compute.rpc.errors import StoreUnavailable
 
-from .ui_accounts import STARTUP_USER, DashboardUser
+from .ui_accounts import STARTUP_USER, DashboardUser, SessionsFull, role_name
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
@@ -36,6 +36,9 @@ Refuse = Callable[[server.Request, int, str], bytes]
 
 #: What a browser reads when its login cannot be checked.
 UNAVAILABLE = "the explorer's state store is unavailable: open the login URL again later"
+
+#: What a browser reads when the explorer holds as many sessions as it keeps.
+FULL = "the dashboard has as many sessions as it keeps: try again later"
 
 
 def exchange(
@@ -57,14 +60,16 @@ def exchange(
     :param refuse: ``refuse(request, code, text)`` -> the body of a refusal
     :return: the body, or ``NOT_DONE_YET`` while the store is asked
     """
-    if hmac.compare_digest(token, startup):
-        sid, _ = accounts.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
-        return _logged_in(request, sid, cookie)
     try:
+        if hmac.compare_digest(token, startup):
+            sid, _ = accounts.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
+            return _logged_in(request, sid, cookie)
         # A user's login token: spent here, whatever follows.
         login = accounts.redeem(token.decode("utf-8", "replace"))
     except StoreUnavailable:
         return refuse(request, SERVICE_UNAVAILABLE, UNAVAILABLE)
+    except SessionsFull:
+        return refuse(request, SERVICE_UNAVAILABLE, FULL)
     if not isinstance(login, defer.Deferred):
         return _answer(request, login, cookie, refuse)
     gone: list[Failure] = []
@@ -73,6 +78,8 @@ def exchange(
     def failed(failure: Failure) -> bytes:
         if failure.check(StoreUnavailable):
             return refuse(request, SERVICE_UNAVAILABLE, UNAVAILABLE)
+        if failure.check(SessionsFull):
+            return refuse(request, SERVICE_UNAVAILABLE, FULL)
         log.failure("dashboard login", failure)
         return refuse(request, INTERNAL_SERVER_ERROR, "the login could not be checked")
 
@@ -112,3 +119,35 @@ def _logged_in(request: server.Request, sid: str, cookie: bytes) -> bytes:
     request.setResponseCode(FOUND)
     request.setHeader(b"location", b"/")
     return b""
+
+
+def csrf_ok(session: Session, request: server.Request) -> bool:
+    """
+    :param session: the request's :class:`Session`
+    :param request: a ``twisted.web`` request
+    :return: whether it carries the session's token in ``X-CSRF-Token``
+    """
+    sent = request.getHeader(b"x-csrf-token")
+    if sent is None:
+        return False
+    return hmac.compare_digest(sent.strip(), session.csrf.encode())
+
+
+def with_session(page: bytes, session: Session) -> bytes:
+    """
+    The page with the session's CSRF token and role written into its ``<meta>`` tags.
+
+    :param page: index.html (bytes) with empty ``csrf-token`` and ``ui-role`` metas
+    :param session: the :class:`Session`
+    :return: bytes
+    """
+    role = role_name(session.user.role)
+    return page.replace(
+        b'<meta name="csrf-token" content="">',
+        b'<meta name="csrf-token" content="%s">' % session.csrf.encode(),
+        1,
+    ).replace(
+        b'<meta name="ui-role" content="viewer">',
+        b'<meta name="ui-role" content="%s">' % role.encode(),
+        1,
+    )
