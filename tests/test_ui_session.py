@@ -23,6 +23,7 @@ from .support import result, rpc
 from .test_ui import fetch, login, start_explorer
 from .test_ui_console import status, upgrade
 from .test_ui_operator import make_login
+from .test_ui_store import dirs  # noqa: F401  (a fixture)
 
 NODE = "n1"
 
@@ -311,3 +312,39 @@ def test_accounts_hold_unit():
     accounts.hold(third, lambda: cut.append("third"))
     accounts.revoke("ann")
     assert cut[-1] == "third" and clock.getDelayedCalls() == []
+
+
+def test_revocation_at_another_explorer_cuts_console(twistd, pg_server, dirs):  # noqa: F811
+    """
+    Two explorers on one PostgreSQL database: an operator with a console and the event
+    stream open at B's dashboard is revoked at A; B closes both within 3 s, and what is
+    typed afterwards never reaches the VM (old code: B kept relaying).
+    """
+    env = {"EXPLORER_DATABASE": pg_server.new_database()}
+    _, unix_a, _, _ = start_explorer(twistd, dirs(), env=env)
+    here = dirs()
+    _, unix_b, _, ui_b = start_explorer(twistd, here, env=env)
+    node = StandInConsole(f"{here}/node.sock")
+    try:
+        result(
+            unix_b,
+            "explorer.heartbeat",
+            {"node_id": NODE, "socket_path": f"unix://{node.path}"},
+        )
+        url = make_login(unix_a, "mallory", "operator")
+        cookie = login(ui_b.split("/?", 1)[0] + "/?" + url.split("?", 1)[1])
+        console = Client(ui_b, cookie, console_path())
+        events = Client(ui_b, cookie, "/v1/events")
+        assert (console.status, events.status) == (101, 101)
+        console.send(b"before")
+        assert b"echo:before" in console.read_until(b"echo:before")
+        result(unix_a, "explorer.ui_token_revoke", {"user": "mallory"})
+        assert console.closed_within(3) and events.closed_within(1)
+        try:
+            console.send(b"after")
+        except OSError:
+            pass
+        time.sleep(0.5)
+        assert node.received == [b"before"], node.received
+    finally:
+        node.close()
