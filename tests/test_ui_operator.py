@@ -396,7 +396,7 @@ def test_browser_viewer_has_no_controls(twistd, short_tmp, browser, axe_source):
     answer = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "fetch('/rpc', {method: 'POST', headers: {'content-type': 'application/json',"
-        " 'x-csrf-token': document.querySelector('meta[name=csrf-token]').content},"
+        " 'x-csrf-token': sessionStorage.getItem('hero-ui-key')},"
         " body: JSON.stringify({jsonrpc: '2.0', id: 1, method: 'explorer.call',"
         " params: {node_id: 'delta', method: 'vm.delete', params: {vm_id: arguments[0]}}})"
         "}).then((r) => r.json()).then(done, (e) => done(String(e)));",

@@ -4,6 +4,7 @@ user's open console and event stream are cut at once; one user's logins (the sta
 token's) never log another user out; the start-up token's user name is not for anyone.
 """
 
+import json
 import os
 import socket
 import threading
@@ -20,7 +21,7 @@ from wsproto.events import (
 )
 
 from .support import result, rpc
-from .test_ui import fetch, login, start_explorer
+from .test_ui import KEYS, fetch, login, start_explorer
 from .test_ui_console import status, upgrade
 from .test_ui_operator import make_login
 from .test_ui_store import dirs  # noqa: F401  (a fixture)
@@ -91,10 +92,10 @@ class StandInConsole:
 class Client:
     """A browser's WebSocket through the dashboard, opened with a session's cookie."""
 
-    def __init__(self, url, cookie, path):
+    def __init__(self, url, cookie, path, **headers):
         host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.sock.sendall(upgrade(url, cookie, path=path))
+        self.sock.sendall(upgrade(url, cookie, path=path, **headers))
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(65536)
@@ -348,3 +349,92 @@ def test_revocation_at_another_explorer_cuts_console(twistd, pg_server, dirs):  
         assert node.received == [b"before"], node.received
     finally:
         node.close()
+
+
+def test_cookie_alone_gets_no_call_and_no_socket(twistd, short_tmp):
+    """
+    The session cookie reaches every port of the host (RFC 6265 §8.5).  With the
+    operator's cookie alone and a forged ``Origin``, outside a browser: the page holds
+    no CSRF token, ``POST /rpc`` (a read and a write) is 403, the console and the event
+    stream are 403; nothing reaches the node and nothing is audited.  With the key the
+    login redirect handed the page, the same calls work (old code: the page gave the
+    token, and the write ran as the operator).
+    """
+    unix, startup, node = console_setup(twistd, short_tmp)
+    try:
+        url = make_login(unix, "alice", "operator")
+        status_, headers, _ = fetch(url)
+        assert status_ == 302
+        port = startup.split("//", 1)[1].split("/", 1)[0].split(":")[1]
+        name, sid = headers["set-cookie"].split(";", 1)[0].split("=", 1)
+        assert name == f"hero_ui_{port}", name
+        key = headers["location"][len("/#k=") :]
+        stolen = f"{name}={sid}"
+        base = startup.split("/?", 1)[0]
+        page = fetch(base, path="/", headers={"Cookie": stolen})
+        assert page[0] == 200 and key.encode() not in page[2]
+        assert b'<meta name="csrf-token" content="">' in page[2]
+        write = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "explorer.call",
+                "params": {
+                    "node_id": NODE,
+                    "method": "vm.delete",
+                    "params": {"vm_id": "v"},
+                },
+            }
+        )
+        forged = {
+            "Cookie": stolen,
+            "Origin": base,
+            "Host": base.split("//", 1)[1],
+            "Content-Type": "application/json",
+        }
+        for guess in (None, "", sid):
+            sent = forged if guess is None else {**forged, "X-CSRF-Token": guess}
+            assert fetch(base, "POST", "/rpc", write, sent)[0] == 403
+        for path in (console_path(), "/v1/events"):
+            for protocol in (None, "hero-ui", f"hero-ui, k.{sid}", f"k.{key}"):
+                refused = Client(
+                    startup, stolen, path, **{"Sec-WebSocket-Protocol": protocol}
+                )
+                assert refused.status == 403, (path, protocol, refused.head)
+        time.sleep(0.5)
+        assert node.received == []
+        entries = result(unix, "explorer.audit", {})["entries"]
+        assert not [e for e in entries if e["caller"] == "dashboard:alice"], entries
+        # The page's own calls, with the key it was handed, still work.
+        read = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "explorer.list_nodes"})
+        answer = fetch(base, "POST", "/rpc", read, {**forged, "X-CSRF-Token": key})
+        assert answer[0] == 200 and "result" in json.loads(answer[2]), answer
+        KEYS[stolen] = key
+        console = Client(startup, stolen, console_path())
+        assert console.status == 101 and b"Sec-WebSocket-Protocol: hero-ui" in console.head
+        console.send(b"owner")
+        assert b"echo:owner" in console.read_until(b"echo:owner")
+    finally:
+        node.close()
+
+
+def test_two_dashboards_on_one_host_keep_their_cookies(twistd, dirs):  # noqa: F811
+    """Two explorers' dashboards on 127.0.0.1 name their cookies by port: a browser
+    holds both sessions at once, neither overwrites the other (old code: both
+    ``hero_ui``)."""
+    _, _, _, one = start_explorer(twistd, dirs())
+    _, _, _, two = start_explorer(twistd, dirs())
+    first, second = login(one), login(two)
+    assert first.split("=", 1)[0] != second.split("=", 1)[0]
+    both = f"{first}; {second}"
+    for url, cookie in ((one, first), (two, second)):
+        base = url.split("/?", 1)[0]
+        assert fetch(base, path="/", headers={"Cookie": both})[0] == 200
+        read = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "explorer.list_nodes"})
+        headers = {
+            "Cookie": both,
+            "Origin": base,
+            "Content-Type": "application/json",
+            "X-CSRF-Token": KEYS[cookie],
+        }
+        assert fetch(base, "POST", "/rpc", read, headers)[0] == 200

@@ -1,7 +1,12 @@
 """
 The dashboard's token exchange, ``GET /?token=...`` (CONTRACT §11): the explorer's
 start-up token (a viewer) or a user's login token, spent in the store, for a session
-cookie; then a redirect to ``/``, so the token leaves the address bar and the history.
+cookie; then a redirect to ``/#k=<CSRF token>``, so the token leaves the address bar
+and the history.  The session's CSRF token is handed out there only, once: the page keeps
+it in ``sessionStorage`` and sends it in ``X-CSRF-Token`` on ``POST /rpc`` and in
+``Sec-WebSocket-Protocol`` on its WebSockets.  So the cookie alone (which every port of
+the host receives, RFC 6265 §8.5) gets the page's shell, never a call or a socket.  A
+client certificate, which no other port receives, gets its token in the page.
 
 A login token is looked up in the store, which for PostgreSQL is a call on the store's
 thread: the answer waits for it, the reactor does not.  With the database down the
@@ -34,6 +39,16 @@ log = Logger()
 #: ``refuse(request, code, text)``: the body of a refusal, its code and type set.
 Refuse = Callable[[server.Request, int, str], bytes]
 
+#: The session cookie's name, followed by the listener's port: cookies are not
+#: port-scoped (RFC 6265 §8.5), so two dashboards on one host keep theirs apart.
+COOKIE = b"hero_ui_"
+
+
+def cookie_name(request: server.Request) -> bytes:
+    """:return: the session cookie's name on the listener ``request`` came to"""
+    return COOKIE + str(request.getHost().port).encode()
+
+
 #: What a browser reads when its login cannot be checked.
 UNAVAILABLE = "the explorer's state store is unavailable: open the login URL again later"
 
@@ -62,8 +77,8 @@ def exchange(
     """
     try:
         if hmac.compare_digest(token, startup):
-            sid, _ = accounts.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
-            return _logged_in(request, sid, cookie)
+            login = accounts.new_session(DashboardUser(UI_VIEWER, STARTUP_USER))
+            return _logged_in(request, login, cookie)
         # A user's login token: spent here, whatever follows.
         login = accounts.redeem(token.decode("utf-8", "replace"))
     except StoreUnavailable:
@@ -102,11 +117,11 @@ def _answer(
 ) -> bytes:
     if login is None:
         return refuse(request, UNAUTHORIZED, "wrong, used, revoked or expired token")
-    sid, _ = login
-    return _logged_in(request, sid, cookie)
+    return _logged_in(request, login, cookie)
 
 
-def _logged_in(request: server.Request, sid: str, cookie: bytes) -> bytes:
+def _logged_in(request: server.Request, login: tuple[str, Session], cookie: bytes) -> bytes:
+    sid, session = login
     request.addCookie(
         cookie,
         sid.encode(),
@@ -117,7 +132,8 @@ def _logged_in(request: server.Request, sid: str, cookie: bytes) -> bytes:
         secure=request.isSecure(),
     )
     request.setResponseCode(FOUND)
-    request.setHeader(b"location", b"/")
+    # In the fragment: never sent to a server, nor in a Referer.
+    request.setHeader(b"location", b"/#k=" + session.csrf.encode())
     return b""
 
 
@@ -133,18 +149,44 @@ def csrf_ok(session: Session, request: server.Request) -> bool:
     return hmac.compare_digest(sent.strip(), session.csrf.encode())
 
 
+#: The WebSocket subprotocol the page asks for, and the prefix of the one carrying the
+#: CSRF token beside it (a browser's WebSocket can set no other header).
+WS_PROTOCOL = b"hero-ui"
+WS_KEY = b"k."
+
+
+def csrf_ws_ok(session: Session, request: server.Request) -> bool:
+    """
+    :return: whether a WebSocket upgrade offers ``hero-ui`` and ``k.<the session's CSRF
+        token>`` in ``Sec-WebSocket-Protocol``
+    """
+    offered = [
+        p.strip()
+        for value in request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", [])
+        for p in value.split(b",")
+    ]
+    keys = [p[len(WS_KEY) :] for p in offered if p.startswith(WS_KEY)]
+    return (
+        WS_PROTOCOL in offered
+        and len(keys) == 1
+        and hmac.compare_digest(keys[0], session.csrf.encode())
+    )
+
+
 def with_session(page: bytes, session: Session) -> bytes:
     """
-    The page with the session's CSRF token and role written into its ``<meta>`` tags.
+    The page with the session's role written into its ``<meta>`` tags, and a client
+    certificate's CSRF token (a cookie session's is handed out at login only).
 
     :param page: index.html (bytes) with empty ``csrf-token`` and ``ui-role`` metas
     :param session: the :class:`Session`
     :return: bytes
     """
     role = role_name(session.user.role)
+    csrf = session.csrf.encode() if session.sid is None else b""
     return page.replace(
         b'<meta name="csrf-token" content="">',
-        b'<meta name="csrf-token" content="%s">' % session.csrf.encode(),
+        b'<meta name="csrf-token" content="%s">' % csrf,
         1,
     ).replace(
         b'<meta name="ui-role" content="viewer">',

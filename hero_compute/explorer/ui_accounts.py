@@ -9,10 +9,10 @@ the token in it is kept only as its SHA-256, in the explorer's store
 it shares), and is spent by its first use, at any explorer of the store, for a session
 cookie.  SHA-256 without salt or stretching is enough: a token is 256 random bits,
 nothing a dictionary or a brute force could find.  Each session carries its own CSRF
-token, written into the page and required back in an ``X-CSRF-Token`` header on every
-``POST /rpc``.  Revoking a user ends its tokens and its live sessions at once, here,
-and at the other explorers of a shared store as soon as they read the change (their
-sessions check the store's mirror of revoked tokens on every request).
+token, handed to the page once at login (:mod:`.dashboard_login`) and required back on
+every ``POST /rpc`` and WebSocket.  Revoking a user ends its tokens and its live sessions
+at once, here, and at the other explorers of a shared store as soon as they read the
+change (their sessions check the store's mirror of revoked tokens on every request).
 
 A session's open WebSockets (the console, the event stream) are held by session
 (:meth:`UiAccounts.hold`, :mod:`.ui_live`) and cut the moment it ends.

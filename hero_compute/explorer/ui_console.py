@@ -33,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET
 from hero_compute.rpc.authz import UI_OPERATOR
 
 from .dashboard_guard import same_origin
+from .dashboard_login import WS_PROTOCOL, csrf_ws_ok
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
@@ -183,6 +184,13 @@ class _Explorer(protocol.Protocol):
         self._settle(101)
         self._stop_timer()
         self.open = True
+        # The subprotocol the page asked for (beside its key), or its browser fails it.
+        self._answer = (
+            self._answer[:end]
+            + b"\r\nSec-WebSocket-Protocol: "
+            + WS_PROTOCOL
+            + self._answer[end:]
+        )
         browser = self._browser.transport
         # Each side stops being read while the other cannot take what it sends.
         browser.registerProducer(self.transport, True)
@@ -326,6 +334,9 @@ def serve(
     if not same_origin(request):
         # A WebSocket is not held to the same-origin policy: its Origin must be ours.
         return _refuse(request, FORBIDDEN, "cross-origin (or Origin-less) console")
+    if not csrf_ws_ok(session, request):
+        # The cookie reaches every port of the host; the key only the page.
+        return _refuse(request, FORBIDDEN, "no or wrong key in Sec-WebSocket-Protocol")
     match = PATH.match(request.path)
     if match is None:
         if EVENTS.match(request.path) is None:
