@@ -115,6 +115,8 @@ class _Browser(protocol.Protocol):
             self.explorer.transport.abortConnection()
         if self.transport is not None and not self.gone:
             self.transport.abortConnection()
+        # Its loss is reported a turn later: nothing may be joined to it meanwhile.
+        self.gone = True
 
     def dataReceived(self, data) -> None:
         if self.explorer is not None and self.explorer.open:
