@@ -220,3 +220,17 @@ def test_replay_in_slices_meets_the_live_stream_and_a_stuck_replay_is_closed():
     assert reader not in log.readers
     clock.advance(CLOSE_GRACE)
     assert not stuck.transport.connected
+
+
+def test_a_since_past_either_end_of_the_ring():
+    """A since beyond the last event reads live only (however large), one before the
+    first held event replays all that is held (however negative)."""
+    log = EventLog(Clock(), keep=10)
+    for n in range(15):
+        log.emit("node.online", node_id=f"n{n}")
+    ahead, behind = Socket(), Socket()
+    _Reader(log, 10**30).opened(ahead)
+    _Reader(log, -(10**30)).opened(behind)
+    log.emit("node.online", node_id="live")
+    assert ahead.seqs() == [16]
+    assert behind.seqs() == list(range(6, 17))

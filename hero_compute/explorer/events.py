@@ -137,6 +137,8 @@ class _Reader:
 
     def _writable(self, writable: bool) -> None:
         self._cancel()
+        if self.socket is None:
+            return
         if writable:
             self._behind = None
             self._replay()
@@ -256,6 +258,8 @@ class EventLog:
         :return: the held frames after ``since``, joined, and the last one's seq
         """
         parts, size, last = [], 0, since
+        if since >= self.seq:
+            return b"", since
         start = since + 1 - self.first
         for seq, frame in itertools.islice(self._ring, max(start, 0), None):
             parts.append(frame)
