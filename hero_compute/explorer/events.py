@@ -130,7 +130,7 @@ class _Reader:
         if self._cursor >= log_.seq:
             self._cursor = None
         socket.send_frames(frames)
-        if self._cursor is not None and self._behind is None and self.socket:
+        if self._cursor is not None and self._behind is None and self.socket is not None:
             # One slice per reader per turn: the other readers and callers are served
             # in between.
             self._next = log_.clock.callLater(0, self._replay)
