@@ -225,6 +225,14 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     wait_for(lambda: browser.find_element("id", "s-online").text == "1", what="the fleet")
     if axe_source:
         assert axe(browser, axe_source) == []  # the fleet view, as an operator
+    # CONTRACT §11: the page has the session's CSRF token in <meta name="csrf-token">
+    # (put there from the login's fragment; the served page carries it empty).
+    token = browser.execute_script(
+        "return document.querySelector('meta[name=\"csrf-token\"]').content"
+    )
+    assert token and token == browser.execute_script(
+        "return sessionStorage.getItem('hero-ui-key')"
+    )
     # Marks this document: a reload would lose it.
     browser.execute_script("window.__sameDocument = true;")
     browser.execute_script("location.hash = '#/create/gamma'")
@@ -460,7 +468,8 @@ def test_browser_first_paint_at_100000_nodes(twistd, short_tmp, browser):  # noq
 
 def test_dashboard_user_names_itself_for_the_audit():
     """A dashboard user's calls name it as ``dashboard:<user>`` (its identity's uri)."""
-    from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
+    from hero_compute.explorer.ui_accounts import UiAccounts
+    from hero_compute.explorer.ui_users import DashboardUser
     from hero_compute.rpc.authz import UI_OPERATOR
 
     assert DashboardUser(UI_OPERATOR, "alice").uri == "dashboard:alice"
@@ -475,7 +484,8 @@ def test_accounts_expire_and_are_bounded(tmp_path):
     from twisted.internet.task import Clock
 
     from hero_compute.explorer.store import Store
-    from hero_compute.explorer.ui_accounts import DashboardUser, SessionsFull, UiAccounts
+    from hero_compute.explorer.ui_accounts import UiAccounts
+    from hero_compute.explorer.ui_users import DashboardUser, SessionsFull
     from hero_compute.rpc.authz import UI_VIEWER
 
     clock = Clock()

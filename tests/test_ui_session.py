@@ -277,7 +277,8 @@ def test_accounts_hold_unit():
     """
     from twisted.internet.task import Clock
 
-    from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
+    from hero_compute.explorer.ui_accounts import UiAccounts
+    from hero_compute.explorer.ui_users import DashboardUser
     from hero_compute.rpc.authz import UI_OPERATOR
 
     class Mirror:

@@ -47,8 +47,9 @@ from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import DashboardAnnouncement, TLSOnStart
 from .dashboard_login import cookie_name, csrf_ok, exchange, with_session
-from .ui_accounts import Session, UiAccounts
+from .ui_accounts import UiAccounts
 from .ui_assets import VENDORED
+from .ui_users import Session
 
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
@@ -236,7 +237,7 @@ class DashboardRoot(resource.Resource):
         return _refuse(request, 404, "not found")
 
     def _session(self, request: server.Request) -> Session | None:
-        """:return: the request's :class:`.ui_accounts.Session`, or None"""
+        """:return: the request's :class:`.ui_users.Session`, or None"""
         return self.sessions.session(
             request.getCookie(cookie_name(request))
         ) or self._client(request)

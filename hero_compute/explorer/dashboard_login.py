@@ -27,12 +27,13 @@ from twisted.web.http import FOUND, INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE, 
 from hero_compute.rpc.authz import UI_VIEWER
 from hero_compute.rpc.errors import StoreUnavailable
 
-from .ui_accounts import STARTUP_USER, DashboardUser, SessionsFull, role_name
+from .ui_users import STARTUP_USER, DashboardUser, SessionsFull, role_name
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
-    from .ui_accounts import Session, UiAccounts
+    from .ui_accounts import UiAccounts
+    from .ui_users import Session
 
 log = Logger()
 

@@ -37,19 +37,26 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hero_compute.rpc.authz import UI_OPERATOR, UI_VIEWER
+from hero_compute.rpc.authz import UI_OPERATOR
 from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
 
 from .ui_live import LiveSockets
+from .ui_users import (
+    RESERVED_USERS,
+    ROLES,
+    USER,
+    DashboardUser,
+    Session,
+    SessionsFull,
+    role_name,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -60,9 +67,6 @@ if TYPE_CHECKING:
 
 
 log = Logger()
-
-#: The roles a dashboard user may have, by their name on the command line.
-ROLES = {"viewer": UI_VIEWER, "operator": UI_OPERATOR}
 
 #: A login token's life unless asked otherwise (seconds), and the longest one.
 DEFAULT_TTL = 8 * 3600
@@ -78,59 +82,9 @@ MAX_USER_SESSIONS = 100
 #: Login tokens waiting to be used, at most (each is a few bytes).
 MAX_TOKENS = 10_000
 
-#: A user name: what an operator would type, and safe in a log line and the audit.
-USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-
-#: The user name of sessions made with the explorer's start-up token.
-STARTUP_USER = "startup-token"
-
-#: User names no login token may be made for: the audit's names of built-in callers.
-RESERVED_USERS = frozenset({STARTUP_USER})
-
-
-class SessionsFull(Exception):
-    """:data:`MAX_SESSIONS` live sessions: no new login for now."""
-
 
 def _hash(token):
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
-
-
-@attrs.frozen
-class DashboardUser:
-    """
-    Who a dashboard call is made as: the identity its :class:`CallContext` carries.
-
-    :ivar role: :data:`~hero_compute.rpc.authz.UI_VIEWER` or ``UI_OPERATOR``
-    :ivar name: the user's name (or a client certificate's ``client/<name>``)
-    """
-
-    role: str
-    name: str
-
-    @property
-    def uri(self) -> str:
-        """Who this is in the audit log (CONTRACT §10: the dashboard user)."""
-        return f"dashboard:{self.name}"
-
-
-@attrs.frozen
-class Session:
-    """
-    One login.
-
-    :ivar user: the :class:`DashboardUser`
-    :ivar csrf: the token the page must send back on writes
-    :ivar expires_at: Unix seconds after which it is over, or None (start-up token)
-    :ivar token_hash: the SHA-256 of the login token it was made from, or None
-    :ivar sid: its id (the cookie's value), or None (a client certificate's)
-    """
-
-    user: DashboardUser
-    csrf: str
-    expires_at: float | None = None
-    token_hash: str | None = None
-    sid: str | None = None
 
 
 class UiAccounts:
@@ -425,8 +379,3 @@ def _then(result, after):
     if isinstance(result, defer.Deferred):
         return result.addCallback(after)
     return after(result)
-
-
-def role_name(role: str) -> str:
-    """:return: the name of a role (``viewer``, ``operator``)"""
-    return next(k for k, v in ROLES.items() if v == role)

@@ -38,7 +38,7 @@ from .dashboard_login import WS_PROTOCOL, csrf_ws_ok
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
-    from .ui_accounts import Session
+    from .ui_users import Session
 
 
 log = Logger()
@@ -314,7 +314,7 @@ def serve(
     :func:`splice` d.
 
     :param request: the browser's request (its ``Host`` already allowed)
-    :param session: its :class:`~hero_compute.explorer.ui_accounts.Session`, or None
+    :param session: its :class:`~hero_compute.explorer.ui_users.Session`, or None
     :param console_socket: a callable answering the explorer's Unix socket path (None
         while it has none), or None
     :param reactor: the reactor to connect with

@@ -22,6 +22,10 @@ if (fromLogin) {
 // Who we are: the server wrote the role into the page.  An operator's controls are only
 // shown here; the server refuses a viewer's writes whatever the page does.
 const CSRF = sessionKey();
+// CONTRACT §11: the page has the token in <meta name="csrf-token">.  The page served for
+// a cookie carries it empty (a cookie reaches every port of the host, the token must
+// not); the tab's copy goes there for scripts that read it.
+document.querySelector('meta[name="csrf-token"]')?.setAttribute("content", CSRF);
 const OPERATOR = meta("ui-role") === "operator";
 
 let rpcId = 0;
