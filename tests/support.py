@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -85,8 +86,6 @@ def tls_connect(uri, ca, cert=None, key=None, timeout=10):
     :param cert: our certificate file, or None to present none
     :param key: its key file
     """
-    import ssl
-
     address = parse_address(uri)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -176,6 +175,43 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
             last_error = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} ({last_error!r})")
+
+
+def past(unix_time):
+    """
+    Return once the wall clock is past ``unix_time`` (a token's ``expires_at``, say).
+
+    A real process's ttl ends on its real clock and nothing marks the moment, so this is
+    the suite's one wait for a ttl: measured from the process's own time stamp, not a
+    guess of how long has gone by since.
+    """
+    # fixed wait: a ttl on a real process's clock; no event marks its end
+    time.sleep(max(0.0, unix_time - time.time() + 0.05))
+
+
+def bio_handshake(sock, context):
+    """
+    A client TLS handshake over a connected raw socket through memory BIOs, so that the
+    test then decides what goes on the wire and when (records split, trickled, cut).
+
+    :param context: the client ``ssl.SSLContext``
+    :return: ``(SSLObject, incoming, outgoing)``, the handshake's last flight sent
+    :raise ConnectionError: the peer closed during the handshake
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            got = sock.recv(65536)
+            if not got:  # cut off (a starved machine): fail, never spin
+                raise ConnectionError("closed during the handshake") from None
+            incoming.write(got)
+    sock.sendall(outgoing.read())
+    return tls, incoming, outgoing
 
 
 async def until(predicate, timeout=10.0, interval=0.005, what="condition"):

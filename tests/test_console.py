@@ -11,7 +11,7 @@ import stat
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
 
 from hero_compute.node.qemu.console import (
@@ -24,6 +24,8 @@ from hero_compute.node.qemu.console import (
 from hero_compute.rpc.errors import VmNotFound
 from hero_compute.rpc.websocket import HTTPRefusal
 from hero_compute.rpc.websocket_server import UpgradeRequest
+
+from .support import until
 
 
 def test_ring_keeps_the_last_bytes(tmp_path):
@@ -101,15 +103,6 @@ class Viewed:
 
     def resume_reading(self):
         self.paused = False
-
-
-async def until(predicate, seconds=10):
-    """Wait (bounded) until ``predicate()`` holds."""
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 @pytest_twisted.async_yield_fixture

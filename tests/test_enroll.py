@@ -8,13 +8,8 @@ import re
 import pytest
 from twisted.internet.task import Clock
 
-from hero_compute.explorer.enroll import (
-    DEFAULT_TTL,
-    INVALID_TOKEN,
-    MAX_TTL,
-    TOKEN_PATTERN,
-    Enrollment,
-)
+from hero_compute.explorer.credentials import DEFAULT_TTL, MAX_TTL, TOKEN_PATTERN
+from hero_compute.explorer.enroll import INVALID_TOKEN, Enrollment
 from hero_compute.explorer.store import Store
 from hero_compute.rpc.errors import InvalidParams, RefusedByPolicy
 

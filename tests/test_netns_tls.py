@@ -15,7 +15,7 @@ import pytest
 
 from hero_compute import pki
 
-from .support import ROOT, result, rpc, wait_for
+from .support import ROOT, past, result, rpc, wait_for
 
 INTERVAL = 1.0
 pytestmark = pytest.mark.netns
@@ -235,10 +235,9 @@ def test_fleet_over_tls(lab, twistd, short_tmp):
             lab, "n2", tls_uri, "explorer.enroll", {"token": tokens["n1"], "csr": csr}, ca
         )
     )
-    short = result(euri, "explorer.create_token", {"ttl": 1})["token"]
-    # A wall-clock wait kept: the explorer is a real process on the real clock, and a
-    # token's shortest life is one second.
-    time.sleep(1.2)
+    made = result(euri, "explorer.create_token", {"ttl": 1})
+    short = made["token"]
+    past(made["expires_at"])  # a token's shortest life is one second
     assert refused(
         attack(
             lab,
@@ -310,7 +309,9 @@ def test_fleet_over_tls(lab, twistd, short_tmp):
     # A revoked node: refused from then on, offline, and it stays so.
     assert result(euri, "explorer.revoke", {"node_id": "n2"}) is True
     nodes["n2"].wait_for_line(r"-32010|refused|revoked", timeout=10)
-    # A wall-clock wait kept: "it stays offline" is a claim about heartbeat intervals
-    # passing on a real node (which logs its failing heartbeats once, not each).
-    time.sleep(3 * INTERVAL)
+    # fixed wait: "it stays offline" is a claim about heartbeats that come after the
+    # refusal, and a real node logs its failing heartbeats once, not each: it retries
+    # within one INTERVAL of the first refusal (backoff: half to all of it), so two
+    # take in at least one more refused heartbeat.
+    time.sleep(2 * INTERVAL)
     assert listing()["n2"]["status"] == "offline"

@@ -23,29 +23,35 @@ FLOOD = 60
 
 
 @pytest.fixture
-def explorer(short_tmp):
+def explorers(short_tmp):
     """
-    ``explorer(**variables)``: a real explorer on its Unix socket, on TCP (127.0.0.1)
-    and with a metrics listener; ``.unix``, ``.tcp`` and ``.metrics`` are set.
+    ``explorers(*variable_sets)``: real explorers, one per dict of variables, each on its
+    Unix socket, on TCP (127.0.0.1) and with a metrics listener; ``.unix``, ``.tcp`` and
+    ``.metrics`` are set.  All are started before any is waited for: they start
+    together, not one after the other.
     """
     started = []
 
-    def start(**variables):
-        sock = f"{short_tmp}/e{len(started)}.sock"
-        process = Twistd(
-            ["explorer", "--socket", sock, "--tcp", "127.0.0.1:0"]
-            + ["--metrics", "127.0.0.1:0"],
-            env={
-                "EXPLORER_STATE_DIR": f"{short_tmp}/state{len(started)}",
-                **{name: str(value) for name, value in variables.items()},
-            },
-        )
-        started.append(process)
-        process.metrics = metrics_uri(process)
-        process.unix = f"unix://{sock}"
-        listeners = result(process.unix, "explorer.info")["listeners"]
-        process.tcp = next(u for u in listeners if u.startswith("tcp://"))
-        return process
+    def start(*variable_sets):
+        processes = []
+        for variables in variable_sets:
+            sock = f"{short_tmp}/e{len(started)}.sock"
+            process = Twistd(
+                ["explorer", "--socket", sock, "--tcp", "127.0.0.1:0"]
+                + ["--metrics", "127.0.0.1:0"],
+                env={
+                    "EXPLORER_STATE_DIR": f"{short_tmp}/state{len(started)}",
+                    **{name: str(value) for name, value in variables.items()},
+                },
+            )
+            process.unix = f"unix://{sock}"
+            started.append(process)
+            processes.append(process)
+        for process in processes:
+            process.metrics = metrics_uri(process)
+            listeners = result(process.unix, "explorer.info")["listeners"]
+            process.tcp = next(u for u in listeners if u.startswith("tcp://"))
+        return processes
 
     yield start
     for process in started:
@@ -78,7 +84,9 @@ class Flood:
 
     def finish(self):
         """:return: the two log lines, once one more refusal came after the window"""
-        time.sleep(max(0.0, self.first + REFUSALS_EVERY + 0.5 - time.monotonic()))
+        # fixed wait: the claim is a line per window of the real process's clock; the
+        # window opened before the first refusal was answered (``first``)
+        time.sleep(max(0.0, self.first + REFUSALS_EVERY + 0.1 - time.monotonic()))
         self.refuse()
         process, pattern = self.process, self.pattern
         process.wait_for_line(pattern + r".*\(and \d+ more since the last such line\)$")
@@ -91,13 +99,13 @@ class Flood:
         return lines
 
 
-def batches(explorer):
+def batches(process):
     """
-    HERO_MAX_BATCH=3: a batch of 4 from a TCP peer is -32600 with none of it run, logged
-    ``refused (max_batch) a batch of 4 requests from 127.0.0.1:PORT: at most 3``; a flood
-    of them is that line and then one ``and N more``, and a batch of 3 is still served.
+    ``process``, an explorer with HERO_MAX_BATCH=3: a batch of 4 from a TCP peer is
+    -32600 with none of it run, logged ``refused (max_batch) a batch of 4 requests from
+    127.0.0.1:PORT: at most 3``; a flood of them is that line and then one ``and N
+    more``, and a batch of 3 is still served.
     """
-    process = explorer(HERO_MAX_BATCH=3)
     attacker = connect(process.tcp)
     batch = [{"jsonrpc": "2.0", "method": "explorer.info", "id": i} for i in range(4)]
 
@@ -117,14 +125,14 @@ def batches(explorer):
     attacker.close()
 
 
-def responses(explorer):
+def responses(process):
     """
-    HERO_MAX_RESPONSE=4096: ``rpc.discover`` (the OpenRPC document, larger) from a TCP
-    peer is -32603 ``response too large``, logged ``refused (max_response) a response of
-    N bytes to 127.0.0.1:PORT: at most 4096``; a flood of them is that line and then one
-    ``and N more``, and smaller answers are still given.
+    ``process``, an explorer with HERO_MAX_RESPONSE=4096: ``rpc.discover`` (the
+    OpenRPC document, larger) from a TCP peer is -32603 ``response too large``, logged
+    ``refused (max_response) a response of N bytes to 127.0.0.1:PORT: at most 4096``; a
+    flood of them is that line and then one ``and N more``, and smaller answers are
+    still given.
     """
-    process = explorer(HERO_MAX_RESPONSE=4096)
     attacker = connect(process.tcp)
     message = {"jsonrpc": "2.0", "method": "rpc.discover", "id": 7}
 
@@ -180,14 +188,14 @@ class FatNode:
         self.server.server_close()
 
 
-def replies(explorer, fat):
+def replies(process, fat):
     """
-    EXPLORER_MAX_REPLY=65536 and a node answering every call with 1 MiB: each
-    ``explorer.call`` to it is -32003 (the reply read no further), logged ``refused
-    (max_reply) the reply of node fat at tcp://127.0.0.1:PORT: over 65536 bytes``; a
-    flood of them is that line and then one ``and N more``, and the explorer serves on.
+    ``process``, an explorer with EXPLORER_MAX_REPLY=65536, and a node answering every
+    call with 1 MiB: each ``explorer.call`` to it is -32003 (the reply read no
+    further), logged ``refused (max_reply) the reply of node fat at
+    tcp://127.0.0.1:PORT: over 65536 bytes``; a flood of them is that line and then one
+    ``and N more``, and the explorer serves on.
     """
-    process = explorer(EXPLORER_MAX_REPLY=65536)
     address = f"tcp://127.0.0.1:{fat.port}"
     heartbeat = {"node_id": "fat", "socket_path": address, "name": "fat"}
     assert result(process.unix, "explorer.heartbeat", heartbeat)["accepted"]
@@ -214,7 +222,7 @@ def replies(explorer, fat):
     attacker.close()
 
 
-def test_refusals_are_logged_rate_limited(explorer):
+def test_refusals_are_logged_rate_limited(explorers):
     """
     The three refusals (a batch over HERO_MAX_BATCH, a response over HERO_MAX_RESPONSE,
     a node's reply over EXPLORER_MAX_REPLY), each against its own explorer, flooded
@@ -223,7 +231,16 @@ def test_refusals_are_logged_rate_limited(explorer):
     """
     fat = FatNode()
     try:
-        cases = [batches(explorer), responses(explorer), replies(explorer, fat)]
+        processes = explorers(
+            {"HERO_MAX_BATCH": 3},
+            {"HERO_MAX_RESPONSE": 4096},
+            {"EXPLORER_MAX_REPLY": 65536},
+        )
+        cases = [
+            batches(processes[0]),
+            responses(processes[1]),
+            replies(processes[2], fat),
+        ]
         floods = [next(case) for case in cases]
         for flood in floods:
             flood.start()

@@ -265,16 +265,18 @@ def test_redeem_holds_the_write_lock_from_the_start(sqlite_store, monkeypatch):
     """A redeem that starts while another is mid-transaction waits, then is refused
     cleanly."""
     sqlite_store.add_token(sha("t1"), "n1", NOW + 60)
-    inside, results = threading.Event(), {}
+    inside, begun, results = threading.Event(), threading.Event(), {}
     purge = Store._purge_tokens
 
     def slow_purge(self, now):
         purge(self, now)
         if threading.current_thread().name == "first":
             inside.set()
-            # A wall-clock wait kept: the transaction is held open while the second
-            # redeem starts, and SQLite offers no hook to see it waiting on the lock.
-            time.sleep(0.3)
+            # The transaction is held open until the second redeem has begun its own.
+            begun.wait(5)
+            # fixed wait: from its BEGIN to its wait on the lock, for which SQLite has
+            # no hook (no statement runs while it waits)
+            time.sleep(0.05)
 
     monkeypatch.setattr(Store, "_purge_tokens", slow_purge)
 
@@ -283,6 +285,10 @@ def test_redeem_holds_the_write_lock_from_the_start(sqlite_store, monkeypatch):
         try:
             if name == "second":
                 inside.wait(5)
+                # Told at the start of each statement, before it takes any lock.
+                mine._db.set_trace_callback(
+                    lambda sql: sql.startswith("BEGIN") and begun.set()
+                )
             results[name] = mine.redeem_token(sha("t1"), NOW)
         except (TokenRefused, sqlite3.Error) as e:
             results[name] = e
@@ -732,3 +738,41 @@ def test_the_record_writers_chunks_reach_each_backend_whole(store):
         assert row["capacity"] == {"vcpus": 4}
         assert (row["usage"], row["vm_count"]) == ({"vcpus": n % 5}, n % 5)
         assert row["labels"] == ({"zone": "a"} if n % 2 else {})
+
+
+def test_a_record_the_store_refuses_is_dropped_and_the_rest_stored(store, logged_errors):
+    """Through the record writer, a record neither backend can store (a NaN in its
+    labels) is dropped after MAX_FAILURES tries, logged, and the records of its chunk
+    are all stored on each backend."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.record_writer import (
+        MAX_FAILURES,
+        RETRY_MAX,
+        NodeRecordWriter,
+    )
+    from hero_compute.explorer.records import NodeRecord
+
+    class State:
+        shared = store.shared
+
+        def __init__(self):
+            self.store = store
+
+        def run_on_store(self, f, *args):
+            return defer.succeed(f(*args))
+
+    clock = Clock()
+    writer = NodeRecordWriter(State(), clock)
+    for n in range(7):
+        labels = {"load": float("nan")} if n == 3 else {"zone": "a"}
+        writer.save_node(NodeRecord(**node(f"n{n}", labels=labels)))
+    for _ in range(10 * MAX_FAILURES):
+        clock.advance(RETRY_MAX)
+    assert writer.pending == 0 and writer.dropped == 1
+    assert [n["node_id"] for n in store.load_nodes()] == [
+        f"n{n}" for n in range(7) if n != 3
+    ]
+    refused = logged_errors.flush(ValueError)
+    assert len(refused) == 2  # the chunk's failure, then the drop

@@ -19,6 +19,8 @@ from zope.interface import implementer
 
 from hero_compute.rpc import tls, tls_context
 
+from .support import bio_handshake, until
+
 TD = "hero-compute"
 WAIT = 10
 
@@ -352,39 +354,50 @@ async def test_the_certificate_request_names_the_fleet_ca(fleet, serve):
 async def test_the_handshake_deadline_ends_with_the_handshake(fleet):
     """Admitted TLS: a handshake done in time stops the deadline (the connection
     outlives it and is served); one never begun is cut off at it."""
-    import time
-
     from hero_compute.rpc.admission import Admission, AdmittedTLSFactory
     from hero_compute.rpc.limits import Limits
 
     factory = protocol.Factory.forProtocol(Server)
     factory.connections = []
-    # 1 s for the handshake (made in a thread of this process, against this reactor):
-    # 0.5 s left a loaded machine little room to finish it in time.
-    admission = Admission(Limits(head_timeout=1.0))
+    shaken = []
+    factory.on_handshake = shaken.append
+    # The deadline on a clock of the test's: it passes when the test says, after the
+    # handshake (made in a thread, against the real reactor) has ended, however slow.
+    clock = task.Clock()
+    admission = Admission(Limits(head_timeout=1.0), clock)
     creator = tls.ServerTLS(material(fleet, "explorer/e1"))
     port = reactor.listenTCP(
         0, AdmittedTLSFactory(creator, factory, admission), interface="127.0.0.1"
     )
     try:
         number = port.getHost().port
-
-        def call():
-            conn = connect(number, client_context(fleet))
-            time.sleep(1.5)  # past the deadline: the handshake stopped it
-            conn.sendall(b"late")
-            conn.unwrap().close()
-            with socket.create_connection(("127.0.0.1", number), timeout=WAIT) as raw:
-                try:
-                    return raw.recv(10)  # never begins: cut off, nothing said
-                except ConnectionResetError:
-                    return b""
-
-        assert await threads.deferToThread(call) == b""
-        served, silent = factory.connections
+        conn = await threads.deferToThread(connect, number, client_context(fleet))
+        try:
+            await until(lambda: shaken, timeout=WAIT, what="the handshake")
+            clock.advance(1.5)  # past the deadline: the handshake stopped it
+            await threads.deferToThread(conn.sendall, b"late")
+            await threads.deferToThread(lambda: conn.unwrap().close())
+        finally:
+            conn.close()
+        served = factory.connections[0]
         await within(served.lost)
         assert served.got == b"late"
         assert served.reason.check(error.ConnectionDone)
+        raw = socket.create_connection(("127.0.0.1", number), timeout=WAIT)
+        try:
+            await until(lambda: len(factory.connections) == 2, what="the second")
+            clock.advance(1.5)  # never begun: cut off at the deadline, nothing said
+
+            def heard():
+                try:
+                    return raw.recv(10)
+                except ConnectionResetError:
+                    return b""
+
+            assert await threads.deferToThread(heard) == b""
+        finally:
+            raw.close()
+        silent = factory.connections[1]
         await within(silent.lost)
         assert admission.refusals["head_timeout"] == 1
     finally:
@@ -401,28 +414,22 @@ async def test_full_records_cut_across_tcp_reads_arrive_whole(fleet, serve):
 
     def send():
         sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = client_context(fleet).wrap_bio(incoming, outgoing)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                incoming.write(sock.recv(65536))
+        tls, _, outgoing = bio_handshake(sock, client_context(fleet))
         tls.write(payload)
         wire = outgoing.read()
         for at in range(0, len(wire), 1_000):
             sock.sendall(wire[at : at + 1_000])
-            time.sleep(0.002)  # so most pieces are read apart
+            # fixed wait: the attack's pace, so that most pieces are read apart
+            time.sleep(0.002)
         return sock
 
     sock = await threads.deferToThread(send)
     try:
-        for _ in range(WAIT * 100):
-            if factory.connections and len(factory.connections[0].got) >= len(payload):
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(
+            lambda: factory.connections and len(factory.connections[0].got) >= len(payload),
+            timeout=WAIT,
+            what="the whole payload",
+        )
         assert factory.connections[0].got == payload
     finally:
         sock.close()

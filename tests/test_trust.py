@@ -15,7 +15,15 @@ from cryptography import x509
 
 from hero_compute import pki
 
-from .support import result, rpc, rpc_over, start_tls_explorer, tls_connect, wait_for
+from .support import (
+    past,
+    result,
+    rpc,
+    rpc_over,
+    start_tls_explorer,
+    tls_connect,
+    wait_for,
+)
 
 ID_A, ID_B = "node-a", "node-b"
 
@@ -221,12 +229,9 @@ def test_enrollment_by_token(fleet, explorer):
 
 def test_expired_token_is_refused(fleet, explorer):
     """A token past its time enrolls nobody."""
-    token = result(explorer.unix, "explorer.create_token", {"ttl": 1})["token"]
-    import time
-
-    # A wall-clock wait kept: the explorer is a real process on the real clock, and a
-    # token's shortest life is one second.
-    time.sleep(1.2)
+    made = result(explorer.unix, "explorer.create_token", {"ttl": 1})
+    token = made["token"]
+    past(made["expires_at"])  # a token's shortest life is one second
     _, csr = _csr("late")
     assert refused(
         call(fleet, explorer, None, "explorer.enroll", {"token": token, "csr": csr})
@@ -298,6 +303,8 @@ class SilentTLSNode:
 
     def __init__(self, cert, key, ca):
         self.received = b""
+        self.accepted = self.ended = 0
+        self._lock = threading.Lock()
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert, key)
         self.context.load_verify_locations(ca)
@@ -306,12 +313,30 @@ class SilentTLSNode:
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
 
+    def _accept(self):
+        """:return: the next connection, or None once closed"""
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return None
+        with self._lock:
+            self.accepted += 1
+        return conn
+
+    def _end(self):
+        with self._lock:
+            self.ended += 1
+
+    def all_ended(self):
+        """
+        Whether every connection made to it has ended: whatever a peer sent on them has
+        been received, since a peer's bytes come before its close.
+        """
+        with self._lock:
+            return self.accepted > 0 and self.ended == self.accepted
+
     def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
+        while conn := self._accept():
             try:
                 with self.context.wrap_socket(conn, server_side=True) as tls:
                     tls.settimeout(3)
@@ -319,6 +344,8 @@ class SilentTLSNode:
                         self.received += data
             except (OSError, ssl.SSLError):
                 pass
+            finally:
+                self._end()
 
     def close(self):
         self.sock.close()

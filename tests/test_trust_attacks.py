@@ -209,7 +209,7 @@ def proxied_call_to(fleet, explorer, node_id, current, impostor_key):
             "explorer.call",
             {"node_id": node_id, "method": "vm.create", "params": {"name": "secret-vm"}},
         )
-        time.sleep(0.3)  # anything sent would have arrived by now
+        wait_for(impostor.all_ended, what="the explorer's connections to it ended")
         assert registry(explorer) == reg and trust_state(explorer) == state
         return answer, impostor.received
     finally:
@@ -301,11 +301,7 @@ class AnsweringTLSNode(SilentTLSNode):
     with an empty list, on kept-alive connections, and records every byte it gets."""
 
     def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
+        while conn := self._accept():
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn):
@@ -332,6 +328,8 @@ class AnsweringTLSNode(SilentTLSNode):
                         )
         except (OSError, ssl.SSLError):
             pass
+        finally:
+            self._end()
 
 
 def test_kept_connection_to_a_superseded_certificate_gets_nothing(
@@ -351,7 +349,7 @@ def test_kept_connection_to_a_superseded_certificate_gets_nothing(
         assert "result" in call(fleet, explorer, "kept-2", "explorer.heartbeat", beat)
         before = len(holder.received)
         answer = rpc(explorer.unix, "explorer.call", call_vm_list)
-        time.sleep(0.3)  # anything sent would have arrived by now
+        wait_for(holder.all_ended, what="the explorer's connections to it ended")
         assert code(answer) == -32003, answer
         assert len(holder.received) == before
     finally:

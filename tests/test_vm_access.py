@@ -457,7 +457,9 @@ def test_stock_cloud_init_in_debian_12_takes_the_seed(fleet, guest, debian):
         answers.append(run)
         return run.returncode == 0
 
-    wait_for(attempt, timeout=600, interval=5, what="ssh debian@ into Debian 12")
+    # Tried each second: a guest whose sshd is not up yet refuses at once, and each
+    # second more between tries was a second more waited after it came up.
+    wait_for(attempt, timeout=600, interval=1, what="ssh debian@ into Debian 12")
     lines = answers[-1].stdout.decode().split()
     assert lines == ["cloud-one", "seen"]
 

@@ -94,7 +94,8 @@ def _accept_echo(request):
     if request.params["name"] == "busy":
         raise HTTPRefusal(429, "too many")
     if request.params["name"] == "later":
-        return task.deferLater(reactor, 0.05, Echo)
+        # Accepted a reactor turn later: the Deferred is unfired when returned.
+        return task.deferLater(reactor, 0, Echo)
     return Echo()
 
 

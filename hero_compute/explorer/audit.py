@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from hero_compute.rpc.errors import RpcError, StoreUnavailable
 
-from .enroll import csr_node_id
+from .credentials import csr_node_id
 from .store import AUDIT_FIELDS
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ from hero_compute.rpc.context import CallContext
 from hero_compute.rpc.errors import RefusedByPolicy
 from hero_compute.rpc.tls_peer import PeerIdentity
 
-from .enroll import DEFAULT_TTL, Enrollment, Signer, csr_node_id
+from .credentials import DEFAULT_TTL, csr_node_id
+from .enroll import Enrollment, Signer
 from .store import IStore
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ the VM manager (VMs by state, capacity and usage, QEMU starts), the heartbeat lo
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer
@@ -31,7 +31,19 @@ if TYPE_CHECKING:
     from hero_compute.rpc.http_server import RpcHTTPFactory
     from hero_compute.rpc.listen import Listen
 
-    from .service import NodeService
+    from .heartbeat import HeartbeatLoop
+    from .vms import IVmManager
+
+
+class _Node(Protocol):
+    """What the metrics read of the node (node/service.py's NodeService, which
+    imports this module)."""
+
+    @property
+    def vms(self) -> IVmManager: ...
+
+    @property
+    def heartbeats(self) -> Sequence[HeartbeatLoop]: ...
 
 
 #: Bytes per unit of the wire's ``memory_mb`` and ``disk_gb``: Prometheus wants bytes.
@@ -56,7 +68,7 @@ class NodeCollector:
     :param clock: the ``IReactorTime`` heartbeats are stamped with
     """
 
-    def __init__(self, node: NodeService, clock: IReactorTime) -> None:
+    def __init__(self, node: _Node, clock: IReactorTime) -> None:
         self._node = node
         self._clock = clock
 
@@ -122,7 +134,7 @@ class NodeCollector:
 def make_metrics(
     *,
     listen: Listen,
-    node: NodeService,
+    node: _Node,
     factory: RpcHTTPFactory,
     clock: IReactorTime,
     reactor: Any = None,

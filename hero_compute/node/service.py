@@ -33,7 +33,8 @@ from .metrics import make_metrics
 from .qemu.console import console_route
 from .qemu.images import default_image_dirs
 from .secret import load_or_create_secret
-from .tls import ClientSide, NodeTLS
+from .tls import NodeTLS
+from .tls_client import ClientSide
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime

@@ -2,7 +2,7 @@
 The node's TLS as a service: its material loaded or enrolled for, the mutual-TLS
 listener and the ``tls://`` heartbeats started once it exists, renewal past two thirds
 of the certificate's life, and reload on SIGHUP.  Enrollment and the files themselves
-are :mod:`.enroll`'s.
+are :mod:`.enroll`'s, the TLS side of the node's client :mod:`.tls_client`'s.
 """
 
 from __future__ import annotations
@@ -10,21 +10,13 @@ from __future__ import annotations
 import datetime
 import random
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import attrs
 from cryptography import x509
-from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IOpenSSLClientConnectionCreator,
-    IReactorTime,
-)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
 
 from hero_compute import pki
 from hero_compute.rpc.backoff import retry_delay
@@ -51,6 +43,7 @@ from .enroll import (
     issued,
     renewal_due,
 )
+from .tls_client import ClientSide
 
 if TYPE_CHECKING:
     from hero_compute.rpc.addresses import Address
@@ -59,46 +52,14 @@ if TYPE_CHECKING:
     from hero_compute.rpc.listen import Listen
     from hero_compute.rpc.listeners import Listeners
 
-    from .service import NodeIdentity
-
 log = Logger()
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class ClientSide:
-    """
-    The TLS side of the node's :class:`~hero_compute.rpc.http_client.RpcClient`, made
-    before any material exists (the client is wired when the tree is built) and pointing
-    at the :class:`~hero_compute.rpc.tls.ClientTLS` once it is loaded.
+class _Identity(Protocol):
+    """What TLS reads of the node's identity (node/service.py's NodeIdentity, whose
+    module imports this one)."""
 
-    :ivar creator: the current :class:`~hero_compute.rpc.tls.ClientTLS`, or None
-    """
-
-    creator: ClientTLS | None = None
-
-    def _current(self) -> ClientTLS:
-        if self.creator is None:
-            raise TLSConfigError("no TLS material yet (the node has not enrolled)")
-        return self.creator
-
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        """:return: a connection of the current creator"""
-        return self._current().clientConnectionForTLS(tlsProtocol)
-
-    def expecting(self, expected: Expected) -> _LaterExpecting:
-        """:return: a creator expecting ``expected``, resolved at connection time"""
-        return _LaterExpecting(self, expected)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-@attrs.frozen
-class _LaterExpecting:
-    side: ClientSide
-    expected: Expected
-
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        creator = self.side._current().expecting(self.expected)
-        return creator.clientConnectionForTLS(tlsProtocol)
+    node_id: str | None
 
 
 class NodeTLS(service.MultiService):
@@ -128,7 +89,7 @@ class NodeTLS(service.MultiService):
         reactor: Any,
         clock: IReactorTime,
         files: TLSFiles,
-        identity: NodeIdentity,
+        identity: _Identity,
         listeners: Listeners,
         factory: RpcHTTPFactory,
         listen: Listen | None,
