@@ -109,7 +109,7 @@ class _Reader:
     def opened(self, socket: WebSocket) -> None:
         self.socket = socket
         socket.writable = self._writable
-        _cap_send_buffer(socket.transport)
+        cap_send_buffer(socket.transport)
         self._log.readers.add(self)
         if self._cursor is not None:
             # The events no longer held are not waited for.
@@ -189,8 +189,13 @@ class _Reader:
         self._log.readers.discard(self)
 
 
-def _cap_send_buffer(transport: Any) -> None:
-    """Cap the kernel's send buffer of the socket under ``transport`` (TLS's too)."""
+def cap_send_buffer(transport: Any) -> None:
+    """
+    Cap the kernel's send buffer of the socket under ``transport`` (TLS's too) at
+    :data:`SEND_BUFFER`: an event reader's, here or the dashboard's browser.
+
+    :param transport: a connection's transport (or a wrapper over it)
+    """
     for _ in range(8):  # wrappers (TLS, policies) over the socket's transport
         get = getattr(transport, "getHandle", None)
         handle = get() if get is not None else None

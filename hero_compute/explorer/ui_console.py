@@ -12,7 +12,9 @@ are the explorer's one implementation.  Only a ``101`` answer opens the splice; 
 other answer is passed on as its status alone and both connections are closed, so that
 the browser's connection never becomes a connection to the Unix socket's other methods.
 Backpressure: each side's transport produces for the other's (a reader that does not
-read stops the other from being read).  Each splice is held by its session
+read stops the other from being read); an event reader's is capped as the explorer's
+own are, and it is cut once the explorer has given up on it (:class:`_Watched`).
+Each splice is held by its session
 (:meth:`~.ui_accounts.UiAccounts.hold`): when the session ends (revoked, expired), both
 connections are cut at once.
 """
@@ -20,6 +22,7 @@ connections are cut at once.
 from __future__ import annotations
 
 import re
+import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ from hero_compute.rpc.authz import UI_OPERATOR
 
 from .dashboard_guard import same_origin
 from .dashboard_login import WS_PROTOCOL, csrf_ws_ok
+from .events import cap_send_buffer
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
@@ -61,6 +65,9 @@ MAX_HEAD = 16 * 1024
 
 #: Seconds allowed for the explorer's answer to the upgrade.
 ANSWER_TIMEOUT = 30.0
+
+#: Seconds between looks at an event stream's explorer connection while it is not read.
+WATCH = 1.0
 
 _REASONS = {
     400: b"Bad Request",
@@ -108,6 +115,8 @@ class _Browser(protocol.Protocol):
         self.gone = False
         #: Called once the connection has closed (lets go of the session's hold).
         self.release: Callable[[], None] = lambda: None
+        #: Whether it reads the event stream (watched: :class:`_Watched`).
+        self.events = False
 
     def abort(self) -> None:
         """The session has ended: cut both connections, nothing more relayed."""
@@ -195,7 +204,10 @@ class _Explorer(protocol.Protocol):
         )
         browser = self._browser.transport
         # Each side stops being read while the other cannot take what it sends.
-        browser.registerProducer(self.transport, True)
+        producer = self.transport
+        if self._browser.events:
+            producer = _Watched(self.transport, browser, self._clock)
+        browser.registerProducer(producer, True)
         self.transport.registerProducer(browser, True)
         browser.write(self._answer)
         self._answer = b""
@@ -228,6 +240,48 @@ class _Explorer(protocol.Protocol):
             self._browser.transport.loseConnection()
 
 
+class _Watched:
+    """The explorer's connection as an event reader's producer.  Unread while the browser
+    takes nothing, its end (the explorer closing a reader that fell behind) would go
+    unseen, and what is held for the browser kept: while paused it is looked at every
+    :data:`WATCH` seconds, and once the explorer has hung up both connections are cut."""
+
+    def __init__(self, explorer: Any, browser: Any, clock: Any) -> None:
+        self._explorer, self._browser, self._clock = explorer, browser, clock
+        self._look_later: Any = None
+
+    def pauseProducing(self) -> None:
+        self._explorer.pauseProducing()
+        if self._look_later is None:
+            self._look_later = self._clock.callLater(WATCH, self._look)
+
+    def resumeProducing(self) -> None:
+        self._unwatch()
+        self._explorer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._unwatch()
+        self._explorer.stopProducing()
+
+    def _unwatch(self) -> None:
+        if self._look_later is not None and self._look_later.active():
+            self._look_later.cancel()
+        self._look_later = None
+
+    def _look(self) -> None:
+        self._look_later = None
+        fd = self._explorer.fileno()
+        if fd < 0:
+            return
+        poll = select.poll()
+        poll.register(fd, select.POLLRDHUP)
+        if poll.poll(0):
+            self._browser.abortConnection()
+            self._explorer.abortConnection()
+            return
+        self._look_later = self._clock.callLater(WATCH, self._look)
+
+
 def take_over(request: Request) -> _Browser:
     """
     Take the browser's connection from ``twisted.web``, as autobahn's WebSocket resource
@@ -258,6 +312,7 @@ def splice(
     reactor: Any,
     outcome: Callable[[int], object] | None = None,
     hold: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+    events: bool = False,
 ) -> int:
     """
     Join the browser's upgrade request to the explorer's console relay.
@@ -269,10 +324,16 @@ def splice(
     :param outcome: called once with the explorer's status (101: joined), or None
     :param hold: ``hold(abort)`` -> ``release``: ties the splice to its session
         (``abort()`` once the session ends), or None
+    :param events: whether it is the event stream (:data:`EVENTS`)
     :return: :data:`NOT_DONE_YET`
     """
     head = upgrade_head(request, path)
     browser = take_over(request)
+    if events:
+        # A browser taking nothing fills it, the explorer's is then not read and closes
+        # with 1008; uncapped, the kernel would take the whole replay for it unseen.
+        cap_send_buffer(browser.transport)
+        browser.events = True
     if hold is not None:
         browser.release = hold(browser.abort)
         if browser.gone:
@@ -380,4 +441,4 @@ def _events(request, console_socket, reactor, held):
     socket_path = console_socket() if console_socket is not None else None
     if socket_path is None:
         return _refuse(request, 503, "no event stream on this explorer")
-    return splice(request, target, socket_path, reactor, hold=held)
+    return splice(request, target, socket_path, reactor, hold=held, events=True)
