@@ -4,9 +4,9 @@ it arrives, bounded in size and in idle time, with the proxy's address policy.
 
 Every connection, the first and each redirect's, goes through :class:`CheckedEndpoints`:
 the host is resolved, every address it resolves to is checked against
-:func:`~hero_compute.rpc.addresses.forbidden_target` (unless local fetches are allowed),
-and the connection goes to the very address that was checked, so a name that resolves
-to ``127.0.0.1`` or ``169.254.169.254`` (at once, or only on the second lookup) never
+:func:`refused_target` (unless local fetches are allowed), and the connection goes to
+the very address that was checked, so a name that resolves to ``127.0.0.1`` or
+``169.254.169.254`` (at once, or only on the second lookup) never
 turns the node into a way into its own host or its cloud's metadata service.
 
 The body goes to a :class:`~hero_compute.node.sink.BodySink`.
@@ -57,6 +57,7 @@ __all__ = [
     "TempFile",
     "check_target",
     "check_url",
+    "refused_target",
 ]
 
 #: Redirects followed before giving up; each target is checked like the first.
@@ -65,6 +66,35 @@ MAX_REDIRECTS = 5
 #: Seconds to connect, and seconds without a byte before the download is cut.
 CONNECT_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
+
+
+#: Cloud metadata services that are neither link-local nor otherwise refused by
+#: :func:`~hero_compute.rpc.addresses.forbidden_target`: AWS's IMDS over IPv6 and
+#: Alibaba Cloud's.  Refused to imports too (an extension of CONTRACT §8's list).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200")
+)
+
+
+def refused_target(host: str) -> str | None:
+    """
+    Why an import may not connect to ``host``, or None: the proxy's address policy
+    (:func:`~hero_compute.rpc.addresses.forbidden_target`), and the known cloud
+    metadata addresses of :data:`METADATA_ADDRESSES`.
+
+    :param host: an IP address as text (names are resolved first)
+    """
+    reason = forbidden_target(host)
+    if reason is not None:
+        return reason
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if (mapped or ip) in METADATA_ADDRESSES:
+        return f"{host} is a cloud metadata address"
+    return None
 
 
 def _literal(host) -> bool:
@@ -94,7 +124,7 @@ def check_target(
     :return: a Deferred of the IP address (text), failing with :class:`RefusedTarget`
     """
     if _literal(host):
-        reason = None if allow_local else forbidden_target(host)
+        reason = None if allow_local else refused_target(host)
         if reason is not None:
             return defer.fail(RefusedTarget(f"refused by policy: {reason}"))
         return defer.succeed(host)
@@ -104,7 +134,7 @@ def check_target(
             raise RefusedTarget(f"{host} resolves to nothing")
         if not allow_local:
             for address in addresses:
-                reason = forbidden_target(address)
+                reason = refused_target(address)
                 if reason is not None:
                     kind = reason.split(" is ", 1)[1]
                     raise RefusedTarget(
