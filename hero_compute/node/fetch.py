@@ -67,6 +67,13 @@ MAX_REDIRECTS = 5
 CONNECT_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
 
+#: The least average rate of a body, in bytes per second over each
+#: :data:`RATE_WINDOW` seconds from its start: below it the download fails "too slow"
+#: (a server dripping a byte now and then is never idle, and would hold an import slot
+#: for good).
+MIN_RATE = 1024.0
+RATE_WINDOW = 30.0
+
 
 #: Cloud metadata services that are neither link-local nor otherwise refused by
 #: :func:`~hero_compute.rpc.addresses.forbidden_target`: AWS's IMDS over IPv6 and
@@ -261,6 +268,9 @@ class Download:
     :param allow_local: see :func:`check_target`
     :param progress: ``progress(bytes_done, bytes_total or None)``, as bytes arrive
     :param idle: seconds without a byte before the download is cut
+    :param min_rate: the least average bytes per second over each ``rate_window``
+        seconds of the body, or 0 for no minimum
+    :param rate_window: seconds the rate is averaged over
     :ivar done: a Deferred firing None once every byte is written (not yet synced), or
         failing with :class:`FetchError`; never before the last write has returned
     """
@@ -275,12 +285,16 @@ class Download:
         allow_local: bool,
         progress: Callable[[int, int | None], object],
         idle: float = IDLE_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        rate_window: float = RATE_WINDOW,
     ) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
         self._progress = progress
         self._idle = idle
+        self._min_rate = min_rate
+        self._rate_window = rate_window
         self._body: BodySink | None = None
         self._aborted: FetchError | None = None
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -307,7 +321,14 @@ class Download:
     def _received(self, response):
         total = None if response.length is UNKNOWN_LENGTH else response.length
         body = self._body = BodySink(
-            self._reactor, self._file, self._limit, total, self._progress, self._idle
+            self._reactor,
+            self._file,
+            self._limit,
+            total,
+            self._progress,
+            self._idle,
+            self._min_rate,
+            self._rate_window,
         )
         if self._aborted is not None:
             body.abort(self._aborted)
