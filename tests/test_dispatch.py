@@ -250,7 +250,7 @@ def test_batch_limit_refuses_the_whole_batch():
 
 def test_response_size_limit_is_per_item():
     """A response over the limit becomes -32603 'response too large'; in a batch only
-    the items over it do, the others are answered."""
+    the items that would take the body over it do, the others are answered."""
     rpc = Dispatcher(max_response=1000)
     rpc.register("big", lambda: "x" * 2000)
     rpc.register("small", lambda: "ok")

@@ -69,3 +69,40 @@ def test_listeners_take_records_and_strings():
     listeners.startService()
     assert [(t[0], t[3]) for t in reactor.tcpServers] == [(0, "127.0.0.1"), (0, "")]
     assert len(listeners.bound) == 2
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("unix:/run/a.sock", ("/run/a.sock", 50, 0o660, True)),
+        ("unix:/run/a.sock:mode=600", ("/run/a.sock", 50, 0o600, True)),
+        ("unix:/run/a.sock:640:7:0", ("/run/a.sock", 7, 0o640, False)),
+        (r"unix:address=/run/a\:b.sock:backlog=9", ("/run/a:b.sock", 9, 0o660, True)),
+    ],
+)
+def test_listen_unix_string_is_0660_unless_narrowed(description, expected):
+    """A --listen unix: string binds mode 0660 (not Twisted's 0666) unless its mode=
+    narrows it; its backlog and lockfile are Twisted's."""
+    reactor = MemoryReactorClock()
+    Listen.endpoint(description).server_endpoint(reactor).listen(Factory())
+    [(path, _, backlog, mode, want_pid)] = reactor.unixServers
+    assert (path, backlog, mode, want_pid) == expected
+
+
+@pytest.mark.parametrize(
+    "description, needle",
+    [
+        ("unix:/run/a.sock:mode=666", "mode=666 lets other users connect"),
+        ("unix:/run/a.sock:mode=4660", "mode=4660 lets other users connect"),
+        ("unix:/run/a.sock:mode=rw", "mode=rw is no octal mode"),
+        ("unix:/run/a.sock:owner=root", "unknown argument owner="),
+        ("unix:/run/a.sock:600:50:1:extra", "unexpected argument 'extra'"),
+    ],
+)
+def test_listen_unix_string_for_others_fails_startup(description, needle):
+    """A --listen unix: string whose mode lets other users in, or that Twisted would
+    not take, fails start-up naming it, before anything is bound."""
+    reactor = MemoryReactorClock()
+    with pytest.raises(StartupFailed, match=f"--listen {description}: {needle}"):
+        Listeners(Factory(), [description], reactor=reactor)
+    assert reactor.unixServers == []

@@ -196,21 +196,41 @@ def test_node_rows_encode_each_records_own_dicts():
         assert json.loads(row[at["labels"]]) == ({"n": str(n)} if n % 2 else {})
 
 
-class _State:
+class RecordingState:
     """Just what a record writer uses of the explorer's state, its store recording
-    each transaction and the turn it ran in."""
+    each transaction and the turn it ran in.  ``refuse(rows)``, when set, may return
+    an exception for a transaction to fail with instead (noted in ``refused``); with
+    ``held`` a list, store calls wait there until :meth:`run_held`."""
 
     def __init__(self, clock, shared):
         self.clock = clock
         self.shared = shared
         self.written = []
+        self.refused = []
+        self.refuse = None
+        self.held = None
         self.store = self
 
     def save_nodes(self, records):
-        self.written.append((self.clock.turn, [dict(r) for r in records]))
+        rows = [dict(r) for r in records]
+        error = None if self.refuse is None else self.refuse(rows)
+        if error is not None:
+            self.refused.append((self.clock.seconds(), [r["node_id"] for r in rows]))
+            raise error
+        self.written.append((getattr(self.clock, "turn", None), rows))
 
     def run_on_store(self, f, *args):
+        if self.held is not None:
+            d = defer.Deferred()
+            self.held.append((d, f, args))
+            return d
         return defer.succeed(f(*args))
+
+    def run_held(self):
+        """Run the store calls held so far, in order, as the store's thread would."""
+        while self.held:
+            d, f, args = self.held.pop(0)
+            d.callback(f(*args))
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -218,7 +238,7 @@ def test_flush_writes_every_record_a_chunk_per_turn(clock, shared):
     """A flush of a fleet's changed records writes at most a chunk per reactor turn
     (FLUSH_CHUNK to a local store, SHARED_FLUSH_CHUNK to a shared one), each record
     once, as it was when its chunk was taken."""
-    state = _State(clock, shared)
+    state = RecordingState(clock, shared)
     writer = NodeRecordWriter(state, clock)
     chunk = SHARED_FLUSH_CHUNK if shared else FLUSH_CHUNK
     count = 4 * chunk + 1

@@ -738,3 +738,41 @@ def test_the_record_writers_chunks_reach_each_backend_whole(store):
         assert row["capacity"] == {"vcpus": 4}
         assert (row["usage"], row["vm_count"]) == ({"vcpus": n % 5}, n % 5)
         assert row["labels"] == ({"zone": "a"} if n % 2 else {})
+
+
+def test_a_record_the_store_refuses_is_dropped_and_the_rest_stored(store, logged_errors):
+    """Through the record writer, a record neither backend can store (a NaN in its
+    labels) is dropped after MAX_FAILURES tries, logged, and the records of its chunk
+    are all stored on each backend."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.record_writer import (
+        MAX_FAILURES,
+        RETRY_MAX,
+        NodeRecordWriter,
+    )
+    from hero_compute.explorer.records import NodeRecord
+
+    class State:
+        shared = store.shared
+
+        def __init__(self):
+            self.store = store
+
+        def run_on_store(self, f, *args):
+            return defer.succeed(f(*args))
+
+    clock = Clock()
+    writer = NodeRecordWriter(State(), clock)
+    for n in range(7):
+        labels = {"load": float("nan")} if n == 3 else {"zone": "a"}
+        writer.save_node(NodeRecord(**node(f"n{n}", labels=labels)))
+    for _ in range(10 * MAX_FAILURES):
+        clock.advance(RETRY_MAX)
+    assert writer.pending == 0 and writer.dropped == 1
+    assert [n["node_id"] for n in store.load_nodes()] == [
+        f"n{n}" for n in range(7) if n != 3
+    ]
+    refused = logged_errors.flush(ValueError)
+    assert len(refused) == 2  # the chunk's failure, then the drop

@@ -14,6 +14,7 @@ import pytest
 
 from .support import result, wait_for
 from .test_ui import (
+    KEYS,
     STOPPED_INTERVAL,
     axe,
     axe_source,  # noqa: F401  (a fixture)
@@ -59,6 +60,8 @@ def upgrade(url, cookie, path=f"/v1/nodes/{NODE}/vms/vm1/console", origin=None, 
         "Sec-WebSocket-Version": "13",
         "Origin": origin or f"http://{parts.netloc}",
         "Cookie": cookie,
+        # What the page offers: its subprotocol and its session's key.
+        "Sec-WebSocket-Protocol": f"hero-ui, k.{KEYS[cookie]}" if cookie in KEYS else None,
         **more,
     }
     lines = [f"GET {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items() if v]

@@ -9,7 +9,6 @@ the login token never reaches the log.
 import http.client
 import json
 import os
-import re
 import ssl
 import stat
 
@@ -19,6 +18,7 @@ from hero_compute import pki
 from hero_compute.explorer.dashboard_guard import HostGuard
 
 from .support import result, rpc
+from .test_ui import KEYS
 
 HEARTBEAT = {
     "node_id": "n1",
@@ -127,13 +127,18 @@ def login(process, host=None):
         path=f"/?token={process.token}",
         headers={"Host": host or own_host(process)},
     )
-    return status, headers.get("set-cookie")
+    cookie = headers.get("set-cookie")
+    if cookie is not None:
+        KEYS[cookie.split(";", 1)[0]] = headers["location"][len("/#k=") :]
+    return status, cookie
 
 
 def csrf(process, cookie):
-    """The session's CSRF token, from the page's ``<meta>`` (as its script reads it)."""
+    """The session's CSRF token, as its login redirect's fragment handed it to the
+    page (the page got with the cookie never carries it)."""
     _, _, page = request(process, headers={"Host": own_host(process), "Cookie": cookie})
-    return re.search(rb'<meta name="csrf-token" content="([^"]+)">', page)[1].decode()
+    assert b'<meta name="csrf-token" content="">' in page
+    return KEYS[cookie]
 
 
 def call(process, cookie, method="explorer.list_nodes", params=None, **headers):

@@ -225,6 +225,14 @@ def test_browser_operator_drives_a_vm(twistd, short_tmp, browser, axe_source):  
     wait_for(lambda: browser.find_element("id", "s-online").text == "1", what="the fleet")
     if axe_source:
         assert axe(browser, axe_source) == []  # the fleet view, as an operator
+    # CONTRACT §11: the page has the session's CSRF token in <meta name="csrf-token">
+    # (put there from the login's fragment; the served page carries it empty).
+    token = browser.execute_script(
+        "return document.querySelector('meta[name=\"csrf-token\"]').content"
+    )
+    assert token and token == browser.execute_script(
+        "return sessionStorage.getItem('hero-ui-key')"
+    )
     # Marks this document: a reload would lose it.
     browser.execute_script("window.__sameDocument = true;")
     browser.execute_script("location.hash = '#/create/gamma'")
@@ -396,7 +404,7 @@ def test_browser_viewer_has_no_controls(twistd, short_tmp, browser, axe_source):
     answer = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "fetch('/rpc', {method: 'POST', headers: {'content-type': 'application/json',"
-        " 'x-csrf-token': document.querySelector('meta[name=csrf-token]').content},"
+        " 'x-csrf-token': sessionStorage.getItem('hero-ui-key')},"
         " body: JSON.stringify({jsonrpc: '2.0', id: 1, method: 'explorer.call',"
         " params: {node_id: 'delta', method: 'vm.delete', params: {vm_id: arguments[0]}}})"
         "}).then((r) => r.json()).then(done, (e) => done(String(e)));",
@@ -460,7 +468,8 @@ def test_browser_first_paint_at_100000_nodes(twistd, short_tmp, browser):  # noq
 
 def test_dashboard_user_names_itself_for_the_audit():
     """A dashboard user's calls name it as ``dashboard:<user>`` (its identity's uri)."""
-    from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
+    from hero_compute.explorer.ui_accounts import UiAccounts
+    from hero_compute.explorer.ui_users import DashboardUser
     from hero_compute.rpc.authz import UI_OPERATOR
 
     assert DashboardUser(UI_OPERATOR, "alice").uri == "dashboard:alice"
@@ -470,17 +479,19 @@ def test_dashboard_user_names_itself_for_the_audit():
 
 def test_accounts_expire_and_are_bounded(tmp_path):
     """A login token past its ttl is refused and dropped; the session it made ends when
-    the token would have; sessions beyond the limit push out the oldest."""
+    the token would have; past the per-user bound the user's own oldest session goes,
+    past the total a new login is refused."""
     from twisted.internet.task import Clock
 
     from hero_compute.explorer.store import Store
-    from hero_compute.explorer.ui_accounts import DashboardUser, UiAccounts
+    from hero_compute.explorer.ui_accounts import UiAccounts
+    from hero_compute.explorer.ui_users import DashboardUser, SessionsFull
     from hero_compute.rpc.authz import UI_VIEWER
 
     clock = Clock()
     clock.advance(1_700_000_000)
     store = Store.open(tmp_path / "explorer.db")
-    accounts = UiAccounts(clock, lambda: store, limit=3)
+    accounts = UiAccounts(clock, lambda: store, limit=3, per_user=2)
     late = accounts.create("ann", "viewer", ttl=60)["token"]
     used = accounts.create("ann", "operator", ttl=60)["token"]
     sid, session = accounts.redeem(used)
@@ -492,7 +503,11 @@ def test_accounts_expire_and_are_bounded(tmp_path):
     accounts.create("bob", "viewer", ttl=60)
     # Made after the expiry: the expired rows are purged on the way.
     assert [t["user"] for t in store.ui_tokens(0)] == ["bob"]
-    sids = [accounts.new_session(DashboardUser(UI_VIEWER, f"u{i}"))[0] for i in range(4)]
-    assert accounts.session(sids[0]) is None
-    assert all(accounts.session(s) for s in sids[1:])
+    # Per user, its own oldest goes; in all, a new login is refused (never another's).
+    mine = [accounts.new_session(DashboardUser(UI_VIEWER, "u"))[0] for _ in range(3)]
+    assert accounts.session(mine[0]) is None
+    other = accounts.new_session(DashboardUser(UI_VIEWER, "v"))[0]
+    with pytest.raises(SessionsFull):
+        accounts.new_session(DashboardUser(UI_VIEWER, "w"))
+    assert all(accounts.session(s) for s in [*mine[1:], other])
     store.close()

@@ -129,10 +129,13 @@ def test_token_still_works_over_tls(explorer, certs):
 def test_console_over_tls_for_a_client_certificate(explorer, certs):
     """Over the TLS dashboard a client/* certificate (an operator) reaches the
     explorer's console relay through the taken-over TLS connection (an unknown node:
-    the relay's 404), and a node certificate gets 401, nothing relayed."""
+    the relay's 404) with the page's key in Sec-WebSocket-Protocol (403 without), and
+    a node certificate gets 401, nothing relayed."""
     key = base64.b64encode(os.urandom(16)).decode()
+    page = get(explorer, certs, "client")[1]
+    csrf = re.search(rb'<meta name="csrf-token" content="([^"]+)">', page)[1].decode()
 
-    def upgrade(who, path):
+    def upgrade(who, path, protocol=f"hero-ui, k.{csrf}"):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.load_verify_locations(certs["ca"])
@@ -144,7 +147,9 @@ def test_console_over_tls_for_a_client_certificate(explorer, certs):
                     f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{explorer.port}\r\n"
                     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                    f"Origin: https://127.0.0.1:{explorer.port}\r\n\r\n"
+                    f"Origin: https://127.0.0.1:{explorer.port}\r\n"
+                    + (f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else "")
+                    + "\r\n"
                 ).encode()
             )
             got = b""
@@ -155,6 +160,8 @@ def test_console_over_tls_for_a_client_certificate(explorer, certs):
                 pass
             return got
 
+    answer = upgrade("client", "/v1/nodes/ghost/vms/x/console", protocol=None)
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
     answer = upgrade("client", "/v1/nodes/ghost/vms/x/console")
     assert answer.startswith(b"HTTP/1.1 404 "), answer
     # The relay's status alone (the dashboard's own refusals carry a text body).

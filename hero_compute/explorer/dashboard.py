@@ -5,15 +5,16 @@ never on the JSON-RPC listeners, for viewers and operators (CONTRACT §11).
 Access works like Jupyter's, but the token is never logged: the explorer logs the URL
 and the file that holds the token (random, kept 0600 in its state directory, or read
 from ``EXPLORER_UI_TOKEN_FILE``); ``GET /?token=...`` trades it for a session cookie
-(HttpOnly, SameSite=Strict, Secure over TLS) and redirects to ``/``; without the
-cookie, 401.  The page then calls the explorer's JSON-RPC methods as a client would,
-through ``POST /rpc`` on this listener, which needs a same-origin ``Origin`` and the
-session's CSRF token in ``X-CSRF-Token`` (403 otherwise), and where
+(``hero_ui_<port>``; HttpOnly, SameSite=Strict, Secure over TLS) and redirects to
+``/#k=<CSRF token>`` (:mod:`.dashboard_login`); without the cookie, 401.  The page then
+calls the explorer's JSON-RPC methods as a client would, through ``POST /rpc`` on this
+listener, which needs a same-origin ``Origin`` and the session's CSRF token in
+``X-CSRF-Token`` (403 otherwise), and where
 :data:`~hero_compute.rpc.authz.DASHBOARD_POLICY` lets through what the user's role may
 do (-32010 for the rest).  That token is a viewer; the accounts of :mod:`.ui_accounts`
 are viewers or operators.  It answers only for its own host names (421 otherwise:
-:mod:`.dashboard_guard`).  The static files ship in the package
-(``ui/static``): no build step, no framework, nothing from another origin.
+:mod:`.dashboard_guard`).  The static files ship in the package (``ui/static``): no build
+step, no framework, nothing from another origin.
 
 Long because: the listener's one resource routes every path (page, token exchange,
 static files, RPC, console) and holds each path's checks in one place; the accounts,
@@ -45,9 +46,10 @@ from hero_compute.rpc.web import RpcResource
 from . import ui_console
 from .dashboard_guard import HostGuard, same_origin
 from .dashboard_listen import DashboardAnnouncement, TLSOnStart
-from .dashboard_login import exchange
-from .ui_accounts import Session, UiAccounts, csrf_ok, with_session
+from .dashboard_login import cookie_name, csrf_ok, exchange, with_session
+from .ui_accounts import UiAccounts
 from .ui_assets import VENDORED
+from .ui_users import Session
 
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
@@ -62,8 +64,6 @@ if TYPE_CHECKING:
     from .service import ExplorerMethods
 
 log = Logger()
-
-COOKIE = b"hero_ui"
 
 #: The largest request body read, as on the JSON-RPC listeners (CONTRACT §4).
 MAX_BODY = 1 << 20
@@ -232,12 +232,15 @@ class DashboardRoot(resource.Resource):
                 self._console_socket,
                 self._reactor,
                 self.audit,
+                self.sessions.hold,
             )
         return _refuse(request, 404, "not found")
 
     def _session(self, request: server.Request) -> Session | None:
-        """:return: the request's :class:`.ui_accounts.Session`, or None"""
-        return self.sessions.session(request.getCookie(COOKIE)) or self._client(request)
+        """:return: the request's :class:`.ui_users.Session`, or None"""
+        return self.sessions.session(
+            request.getCookie(cookie_name(request))
+        ) or self._client(request)
 
     def _client(self, request: server.Request) -> Session | None:
         """The operator session of a verified ``client/*`` certificate over TLS, or None."""
@@ -261,7 +264,9 @@ class DashboardRoot(resource.Resource):
             return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
         token = (request.args or {}).get(b"token")
         if token is not None:
-            return exchange(request, self.sessions, token[0], self._token, COOKIE, _refuse)
+            return exchange(
+                request, self.sessions, token[0], self._token, cookie_name(request), _refuse
+            )
         session = self._session(request)
         if not session:
             return _refuse(

@@ -2,21 +2,35 @@
 The explorer's state store as a service: opened first when the explorer starts (the
 fleet as last known goes into the registry before any listener binds), closed last
 when it stops, once what is buffered (node records, the last heartbeat times) is
-written.  Whatever writes to a shared store runs on the store's one thread.
+written: the node records within :data:`~.record_writer.STOP_WITHIN` seconds, waiting
+for the database if it is away for a moment
+(:meth:`~.record_writer.NodeRecordWriter.finish`).  Whatever writes to a shared store
+runs on the store's one thread.
 """
 
-from typing import Any
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from hero_compute.rpc.errors import StoreUnavailable
 
-from .record_writer import NodeRecordWriter
+from .record_writer import STOP_WITHIN, NodeRecordWriter
 from .records import NodeRecord
 from .store import StoreError, is_postgres, open_store
+
+if TYPE_CHECKING:
+    import os
+
+    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+
+    from .registry import Registry
 
 log = Logger()
 
@@ -38,7 +52,14 @@ class ExplorerState(service.Service):
         start, whose last heartbeat times are kept at stop; or None
     """
 
-    def __init__(self, *, clock, reactor, db_path, registry=None):
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        reactor: IReactorFromThreads,
+        db_path: str | os.PathLike[str],
+        registry: Registry | None = None,
+    ) -> None:
         self._clock = clock
         self._reactor = reactor
         self._db_path = db_path
@@ -52,37 +73,54 @@ class ExplorerState(service.Service):
         self.records = NodeRecordWriter(self, clock)
 
     @property
-    def opened(self):
+    def opened(self) -> bool:
         """Whether :meth:`open` has run (and :meth:`close` not since)."""
         return self.store is not None
 
     @property
-    def shared(self):
+    def shared(self) -> bool:
         """Whether store calls run on the store's thread (a shared store)."""
         return self._pool is not None
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
+        """Open the store and load the registry with the stored fleet (before binding)."""
         if not self.opened:
             self.open()
             if self._registry is not None:
                 self._registry.load(NodeRecord(**n) for n in self.store.load_nodes())
         service.Service.privilegedStartService(self)
 
-    def startService(self):
+    def startService(self) -> None:
+        """Start; open the store first if :meth:`privilegedStartService` did not."""
         if not self.opened:
             self.privilegedStartService()
         service.Service.startService(self)
 
-    def stopService(self):
-        service.Service.stopService(self)
-        last_seen = (
-            {}
-            if self._registry is None
-            else {r.node_id: r.last_seen for r in self._registry.records()}
-        )
-        self.close(last_seen)
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Write the node records still kept
+        (:meth:`~.record_writer.NodeRecordWriter.finish`: the chunk in flight waited
+        for, the database waited for while away, within
+        :data:`~.record_writer.STOP_WITHIN` seconds), then :meth:`close`.
 
-    def open(self):
+        :return: a Deferred firing once the store is closed
+        """
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await self.records.finish(STOP_WITHIN)
+        except Exception:
+            log.failure("writing the last node records failed")
+        self.close(self._last_seen())
+
+    def _last_seen(self) -> dict[str, float]:
+        if self._registry is None:
+            return {}
+        return {r.node_id: r.last_seen for r in self._registry.records()}
+
+    def open(self) -> None:
         """Open the state store; raises :class:`StartupError` if it cannot be used."""
         variable = (
             "EXPLORER_DATABASE" if is_postgres(self._db_path) else "EXPLORER_STATE_DIR"
@@ -106,27 +144,33 @@ class ExplorerState(service.Service):
         )
 
     @property
-    def store_state(self):
+    def store_state(self) -> dict[str, str]:
         """``{"kind", "state"}`` of the state store, for ``explorer.info`` and metrics."""
         if self.store is None:
             kind = "postgresql" if is_postgres(self._db_path) else "sqlite"
             return {"kind": kind, "state": "down"}
         return {"kind": self.store.kind, "state": self.store.state()}
 
-    def run_on_store(self, f, *args, **kwargs):
-        """Run a store call: at once for a local file, on the store's thread otherwise."""
+    def run_on_store(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """
+        Run a store call: at once for a local file, on the store's thread otherwise.
+
+        :return: what ``f`` returns, or (shared) a Deferred of it
+        """
         if self._pool is None:
             return f(*args, **kwargs)
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
-    def load_nodes(self):
+    def load_nodes(self) -> list[dict[str, Any]]:
         """:return: the node records kept from the last run (dicts)"""
-        return self.store.load_nodes()
+        nodes: list[dict[str, Any]] = self.store.load_nodes()
+        return nodes
 
-    def close(self, last_seen):
+    def close(self, last_seen: Mapping[str, float]) -> None:
         """
-        Write the node records still buffered and the last heartbeat times, and close
-        the store.
+        Write the node records still buffered, at once (:meth:`stopService` has
+        written them already, waiting as needed), and the last heartbeat times, and
+        close the store.
 
         :param last_seen: node id -> last heartbeat time
         """

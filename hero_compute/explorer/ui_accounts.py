@@ -9,10 +9,17 @@ the token in it is kept only as its SHA-256, in the explorer's store
 it shares), and is spent by its first use, at any explorer of the store, for a session
 cookie.  SHA-256 without salt or stretching is enough: a token is 256 random bits,
 nothing a dictionary or a brute force could find.  Each session carries its own CSRF
-token, written into the page and required back in an ``X-CSRF-Token`` header on every
-``POST /rpc``.  Revoking a user ends its tokens and its live sessions at once, here,
-and at the other explorers of a shared store as soon as they read the change (their
-sessions check the store's mirror of revoked tokens on every request).
+token, handed to the page once at login (:mod:`.dashboard_login`) and required back on
+every ``POST /rpc`` and WebSocket.  Revoking a user ends its tokens and its live sessions
+at once, here, and at the other explorers of a shared store as soon as they read the
+change (their sessions check the store's mirror of revoked tokens on every request).
+
+A session's open WebSockets (the console, the event stream) are held by session
+(:meth:`UiAccounts.hold`, :mod:`.ui_live`) and cut the moment it ends.
+
+Sessions are bounded per user (:data:`MAX_USER_SESSIONS`, the oldest of the same user
+let go past it) and in all (:data:`MAX_SESSIONS`, new logins refused past it): one
+user's logins, the start-up token's above all, never end another user's session.
 
 Sessions are this explorer's, in memory: a restart logs its browsers out (the login
 token is spent; an operator makes a new one).  Store calls run where the explorer runs
@@ -30,21 +37,29 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hero_compute.rpc.authz import UI_OPERATOR, UI_VIEWER
+from hero_compute.rpc.authz import UI_OPERATOR
 from hero_compute.rpc.errors import InvalidParams, StoreUnavailable
+
+from .ui_live import LiveSockets
+from .ui_users import (
+    RESERVED_USERS,
+    ROLES,
+    USER,
+    DashboardUser,
+    Session,
+    SessionsFull,
+    role_name,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
-    from twisted.web.server import Request
 
     from hero_compute.rpc.dispatch import Dispatcher
 
@@ -53,64 +68,23 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-#: The roles a dashboard user may have, by their name on the command line.
-ROLES = {"viewer": UI_VIEWER, "operator": UI_OPERATOR}
-
 #: A login token's life unless asked otherwise (seconds), and the longest one.
 DEFAULT_TTL = 8 * 3600
 MAX_TTL = 30 * 86400
 
-#: Sessions kept at once; the oldest is forgotten past it (whoever holds the start-up
-#: token could mint them without end).
-MAX_SESSIONS = 1000
+#: Sessions kept at once; past it (once the expired ones are gone) a login is refused.
+MAX_SESSIONS = 10_000
+
+#: Sessions kept at once per user; the user's own oldest is let go past it (whoever
+#: holds the start-up token could mint them without end).
+MAX_USER_SESSIONS = 100
 
 #: Login tokens waiting to be used, at most (each is a few bytes).
 MAX_TOKENS = 10_000
 
-#: A user name: what an operator would type, and safe in a log line and the audit.
-USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-
-#: The user name of sessions made with the explorer's start-up token.
-STARTUP_USER = "startup-token"
-
 
 def _hash(token):
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
-
-
-@attrs.frozen
-class DashboardUser:
-    """
-    Who a dashboard call is made as: the identity its :class:`CallContext` carries.
-
-    :ivar role: :data:`~hero_compute.rpc.authz.UI_VIEWER` or ``UI_OPERATOR``
-    :ivar name: the user's name (or a client certificate's ``client/<name>``)
-    """
-
-    role: str
-    name: str
-
-    @property
-    def uri(self) -> str:
-        """Who this is in the audit log (CONTRACT §10: the dashboard user)."""
-        return f"dashboard:{self.name}"
-
-
-@attrs.frozen
-class Session:
-    """
-    One login.
-
-    :ivar user: the :class:`DashboardUser`
-    :ivar csrf: the token the page must send back on writes
-    :ivar expires_at: Unix seconds after which it is over, or None (start-up token)
-    :ivar token_hash: the SHA-256 of the login token it was made from, or None
-    """
-
-    user: DashboardUser
-    csrf: str
-    expires_at: float | None = None
-    token_hash: str | None = None
 
 
 class UiAccounts:
@@ -123,6 +97,7 @@ class UiAccounts:
     :param run: ``run(f, *args)``: call ``f`` where store calls run (at once, or on the
         store's thread, answering a Deferred)
     :param limit: sessions kept at once
+    :param per_user: sessions kept at once per user
     """
 
     def __init__(
@@ -131,13 +106,18 @@ class UiAccounts:
         store: Callable[[], IStore | None] | None = None,
         run: Callable[..., Any] | None = None,
         limit: int = MAX_SESSIONS,
+        per_user: int = MAX_USER_SESSIONS,
     ) -> None:
         self._clock = clock
         self._store = store or (lambda: None)
         self._run = run or (lambda f, *args: f(*args))
         self._limit = limit
+        self._per_user = per_user
         # session id -> Session, oldest first
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        # user name -> its session ids, oldest first
+        self._by_user: dict[str, collections.OrderedDict[str, None]] = {}
+        self._live = LiveSockets(clock, self._gone, self._end)
         self._cert_key = secrets.token_bytes(32)
         #: Answers the dashboard's URL (``http(s)://host:port``) once it listens, or
         #: None, for the login URLs.
@@ -169,6 +149,9 @@ class UiAccounts:
                 "user: 1 to 64 letters, digits, '.', '_', '@' or '-', starting with a "
                 "letter or digit"
             )
+        if user in RESERVED_USERS:
+            # The audit would not tell this user's writes from the built-in caller's.
+            raise InvalidParams(f"user: {user!r} is reserved for the start-up token")
         if role not in ROLES:
             raise InvalidParams("role: 'viewer' or 'operator'")
         if not isinstance(ttl, int | float) or isinstance(ttl, bool):
@@ -222,7 +205,7 @@ class UiAccounts:
         sessions = [
             {
                 "user": s.user.name,
-                "role": _role_name(s.user.role),
+                "role": role_name(s.user.role),
                 "expires_at": s.expires_at,
             }
             for sid, s in list(self._sessions.items())
@@ -245,9 +228,9 @@ class UiAccounts:
         return _then(waiting, lambda n: self._revoked(user, n))
 
     def _revoked(self, user, tokens):
-        sessions = [sid for sid, s in self._sessions.items() if s.user.name == user]
+        sessions = list(self._by_user.get(user, ()))
         for sid in sessions:
-            del self._sessions[sid]
+            self._end(sid)
         log.info(
             "dashboard user {user} revoked: {tokens} tokens, {sessions} sessions ended",
             user=user,
@@ -285,13 +268,70 @@ class UiAccounts:
         expires_at: float | None = None,
         token_hash: str | None = None,
     ) -> tuple[str, Session]:
-        """:return: ``(session id, Session)`` for a :class:`DashboardUser`"""
+        """
+        :return: ``(session id, Session)`` for a :class:`DashboardUser`; past the
+            user's bound its own oldest session ends (never another user's)
+        :raises SessionsFull: :data:`MAX_SESSIONS` live sessions already
+        """
+        mine = self._by_user.setdefault(user.name, collections.OrderedDict())
+        while len(mine) >= self._per_user:
+            self._end(next(iter(mine)))
+        if len(self._sessions) >= self._limit:
+            now = self._clock.seconds()
+            for sid in [
+                sid
+                for sid, s in self._sessions.items()
+                if s.expires_at is not None and s.expires_at <= now
+            ]:
+                self._end(sid)
+            if len(self._sessions) >= self._limit:
+                if not mine:
+                    del self._by_user[user.name]
+                raise SessionsFull()
         sid = secrets.token_urlsafe(32)
-        session = Session(user, secrets.token_urlsafe(32), expires_at, token_hash)
+        session = Session(user, secrets.token_urlsafe(32), expires_at, token_hash, sid)
         self._sessions[sid] = session
-        while len(self._sessions) > self._limit:
-            self._sessions.popitem(last=False)
+        mine[sid] = None
         return sid, session
+
+    def _end(self, sid: str) -> None:
+        """Forget a session and cut its open WebSockets."""
+        session = self._sessions.pop(sid, None)
+        if session is not None:
+            mine = self._by_user.get(session.user.name)
+            if mine is not None:
+                mine.pop(sid, None)
+                if not mine:
+                    del self._by_user[session.user.name]
+        self._live.cut(sid)
+
+    def hold(self, session: Session, abort: Callable[[], None]) -> Callable[[], None]:
+        """
+        Tie an open WebSocket to its session (:class:`.ui_live.LiveSockets`):
+        ``abort()`` is called at once when the session ends.
+
+        :param session: the connection's :class:`Session` (a client certificate's,
+            which no revocation here ends, is not held)
+        :param abort: cuts the connection
+        :return: ``release()``, to call once the connection has closed by itself
+        """
+        sid = session.sid
+        if sid is None:
+            return lambda: None
+        if self._sessions.get(sid) is not session:
+            # Ended between its check and now.
+            abort()
+            return lambda: None
+        return self._live.hold(
+            sid,
+            session.expires_at,
+            abort,
+            sweep=session.token_hash is not None and self._store() is not None,
+        )
+
+    def _gone(self, sid: str) -> bool:
+        session = self._sessions.get(sid)
+        return session is None or self._revoked_elsewhere(session)
 
     def session(self, sid: bytes | str | None) -> Session | None:
         """
@@ -308,7 +348,7 @@ class UiAccounts:
         if (
             session.expires_at is not None and session.expires_at <= self._clock.seconds()
         ) or self._revoked_elsewhere(session):
-            del self._sessions[sid]
+            self._end(sid)
             return None
         return session
 
@@ -339,39 +379,3 @@ def _then(result, after):
     if isinstance(result, defer.Deferred):
         return result.addCallback(after)
     return after(result)
-
-
-def _role_name(role):
-    return next(k for k, v in ROLES.items() if v == role)
-
-
-def csrf_ok(session: Session, request: Request) -> bool:
-    """
-    :param session: the request's :class:`Session`
-    :param request: a ``twisted.web`` request
-    :return: whether it carries the session's token in ``X-CSRF-Token``
-    """
-    sent = request.getHeader(b"x-csrf-token")
-    if sent is None:
-        return False
-    return hmac.compare_digest(sent.strip(), session.csrf.encode())
-
-
-def with_session(page: bytes, session: Session) -> bytes:
-    """
-    The page with the session's CSRF token and role written into its ``<meta>`` tags.
-
-    :param page: index.html (bytes) with empty ``csrf-token`` and ``ui-role`` metas
-    :param session: the :class:`Session`
-    :return: bytes
-    """
-    role = _role_name(session.user.role)
-    return page.replace(
-        b'<meta name="csrf-token" content="">',
-        b'<meta name="csrf-token" content="%s">' % session.csrf.encode(),
-        1,
-    ).replace(
-        b'<meta name="ui-role" content="viewer">',
-        b'<meta name="ui-role" content="%s">' % role.encode(),
-        1,
-    )

@@ -12,7 +12,9 @@ are the explorer's one implementation.  Only a ``101`` answer opens the splice; 
 other answer is passed on as its status alone and both connections are closed, so that
 the browser's connection never becomes a connection to the Unix socket's other methods.
 Backpressure: each side's transport produces for the other's (a reader that does not
-read stops the other from being read).
+read stops the other from being read).  Each splice is held by its session
+(:meth:`~.ui_accounts.UiAccounts.hold`): when the session ends (revoked, expired), both
+connections are cut at once.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from twisted.web.server import NOT_DONE_YET
 from hero_compute.rpc.authz import UI_OPERATOR
 
 from .dashboard_guard import same_origin
+from .dashboard_login import WS_PROTOCOL, csrf_ws_ok
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
-    from .ui_accounts import Session
+    from .ui_users import Session
 
 
 log = Logger()
@@ -102,6 +105,18 @@ class _Browser(protocol.Protocol):
         self._channel = channel
         self.explorer: Any = None
         self._early = b""
+        self.gone = False
+        #: Called once the connection has closed (lets go of the session's hold).
+        self.release: Callable[[], None] = lambda: None
+
+    def abort(self) -> None:
+        """The session has ended: cut both connections, nothing more relayed."""
+        if self.explorer is not None and self.explorer.transport is not None:
+            self.explorer.transport.abortConnection()
+        if self.transport is not None and not self.gone:
+            self.transport.abortConnection()
+        # Its loss is reported a turn later: nothing may be joined to it meanwhile.
+        self.gone = True
 
     def dataReceived(self, data) -> None:
         if self.explorer is not None and self.explorer.open:
@@ -118,6 +133,8 @@ class _Browser(protocol.Protocol):
             self.explorer.transport.write(early)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.gone = True
+        self.release()
         if self.explorer is not None and self.explorer.transport is not None:
             self.explorer.transport.loseConnection()
         # The channel's own end: its admission is released, its request finished.
@@ -140,6 +157,10 @@ class _Explorer(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self._browser.explorer = self
+        if self._browser.gone:
+            # Closed (or cut: its session ended) while we connected.
+            self.transport.abortConnection()
+            return
         self.transport.write(self._head)
         self._timer = self._clock.callLater(ANSWER_TIMEOUT, self._refuse, 502)
 
@@ -165,6 +186,13 @@ class _Explorer(protocol.Protocol):
         self._settle(101)
         self._stop_timer()
         self.open = True
+        # The subprotocol the page asked for (beside its key), or its browser fails it.
+        self._answer = (
+            self._answer[:end]
+            + b"\r\nSec-WebSocket-Protocol: "
+            + WS_PROTOCOL
+            + self._answer[end:]
+        )
         browser = self._browser.transport
         # Each side stops being read while the other cannot take what it sends.
         browser.registerProducer(self.transport, True)
@@ -229,6 +257,7 @@ def splice(
     socket_path: str,
     reactor: Any,
     outcome: Callable[[int], object] | None = None,
+    hold: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
 ) -> int:
     """
     Join the browser's upgrade request to the explorer's console relay.
@@ -238,10 +267,16 @@ def splice(
     :param socket_path: the explorer's Unix socket
     :param reactor: the reactor to connect with
     :param outcome: called once with the explorer's status (101: joined), or None
+    :param hold: ``hold(abort)`` -> ``release``: ties the splice to its session
+        (``abort()`` once the session ends), or None
     :return: :data:`NOT_DONE_YET`
     """
     head = upgrade_head(request, path)
     browser = take_over(request)
+    if hold is not None:
+        browser.release = hold(browser.abort)
+        if browser.gone:
+            return NOT_DONE_YET
     endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=5)
     d = endpoint.connect(
         protocol.Factory.forProtocol(lambda: _Explorer(browser, head, reactor, outcome))
@@ -271,6 +306,7 @@ def serve(
     console_socket: Callable[[], str | None] | None,
     reactor: Any,
     audit: Callable[[str, str, str | None, str], None] | None = None,
+    hold: Callable[[Session, Callable[[], None]], Callable[[], None]] | None = None,
 ) -> bytes | int:
     """
     ``GET /v1/nodes/<node_id>/vms/<vm_id>/console`` or ``GET /v1/events`` on the
@@ -278,26 +314,36 @@ def serve(
     :func:`splice` d.
 
     :param request: the browser's request (its ``Host`` already allowed)
-    :param session: its :class:`~hero_compute.explorer.ui_accounts.Session`, or None
+    :param session: its :class:`~hero_compute.explorer.ui_users.Session`, or None
     :param console_socket: a callable answering the explorer's Unix socket path (None
         while it has none), or None
     :param reactor: the reactor to connect with
     :param audit: ``audit(caller, method, target, outcome)`` for console attaches (the
         explorer records its own, as a Unix caller), or None
+    :param hold: ``hold(session, abort)`` -> ``release``
+        (:meth:`~.ui_accounts.UiAccounts.hold`): the splice ends with its session
     """
     if request.method != b"GET":
         request.setHeader(b"allow", b"GET")
         return _refuse(request, NOT_ALLOWED, "only GET is allowed here")
     if not session:
         return _refuse(request, UNAUTHORIZED, "no session")
+    live = session
+
+    def held(abort: Callable[[], None]) -> Callable[[], None]:
+        return (lambda: None) if hold is None else hold(live, abort)
+
     if not same_origin(request):
         # A WebSocket is not held to the same-origin policy: its Origin must be ours.
         return _refuse(request, FORBIDDEN, "cross-origin (or Origin-less) console")
+    if not csrf_ws_ok(session, request):
+        # The cookie reaches every port of the host; the key only the page.
+        return _refuse(request, FORBIDDEN, "no or wrong key in Sec-WebSocket-Protocol")
     match = PATH.match(request.path)
     if match is None:
         if EVENTS.match(request.path) is None:
             return _refuse(request, 404, "not found")
-        return _events(request, session, console_socket, reactor)
+        return _events(request, console_socket, reactor, held)
     if session.user.role != UI_OPERATOR:
         return _refuse(request, FORBIDDEN, "the console is for operators")
     if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
@@ -318,10 +364,10 @@ def serve(
             verdict = "ok" if status == 101 else f"refused {status}"
             audit(session.user.uri, "console.attach", target, verdict)
 
-    return splice(request, request.path, socket_path, reactor, outcome)
+    return splice(request, request.path, socket_path, reactor, outcome, held)
 
 
-def _events(request, session, console_socket, reactor):
+def _events(request, console_socket, reactor, held):
     """``GET /v1/events[?since=N]``: the explorer's event stream, for every session."""
     if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
         return _refuse(request, 400, "a WebSocket upgrade is expected here")
@@ -334,4 +380,4 @@ def _events(request, session, console_socket, reactor):
     socket_path = console_socket() if console_socket is not None else None
     if socket_path is None:
         return _refuse(request, 503, "no event stream on this explorer")
-    return splice(request, target, socket_path, reactor)
+    return splice(request, target, socket_path, reactor, hold=held)

@@ -1,8 +1,9 @@
 """
 What the dispatcher (:mod:`~hero_compute.rpc.dispatch`) answers with, beyond a handler's
-result: JSON-RPC error objects, ids it may echo, and a response body brought within the
-response limit (``HERO_MAX_RESPONSE``, CONTRACT §7): an item over it becomes -32603
-``response too large``, the rest of its batch stands.
+result: JSON-RPC error objects, ids it may echo, and the -32603 ``response too large``
+of an answer over the response limit (``HERO_MAX_RESPONSE``, CONTRACT §7).  A single
+response is checked here once written; a batch's body is bounded as it is written, item
+by item, in :mod:`~hero_compute.rpc.batch`.
 """
 
 from __future__ import annotations
@@ -31,53 +32,52 @@ def error(rid: Any, error: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": rid}
 
 
+#: The body of :func:`too_large` up to its id: the error is the same for every item.
+_TOO_LARGE_HEAD = (
+    b'{"jsonrpc":"2.0","error":{"code":-32603,"message":"response too large"},"id":'
+)
+
+
+def too_large(rid: Any) -> bytes:
+    """
+    :return: the encoded -32603 ``response too large`` answer to the request ``rid``,
+        the one an item over ``HERO_MAX_RESPONSE`` (CONTRACT §7) gets: the same bytes
+        as ``dumps(error(rid, InternalError("response too large")))``, without building
+        the error (a batch reckons the size of one for each of its items)
+    """
+    return b"%s%s}" % (_TOO_LARGE_HEAD, b"null" if rid is None else dumps(rid))
+
+
 def over_limit(
-    response: dict[str, Any] | list[dict[str, Any]],
+    response: dict[str, Any],
     data: bytes,
     limit: int,
     peer: str,
     refused: Callable[..., object],
 ) -> bytes:
     """
-    The body of a response whose encoding ``data`` is over ``limit`` bytes: each item
-    over it becomes -32603 ``response too large``; the rest of a batch stands.
+    The body of a single response whose encoding ``data`` is over ``limit`` bytes:
+    -32603 ``response too large`` (a batch's body is bounded as it is written, in
+    :mod:`~hero_compute.rpc.batch`).
 
     :param peer: the caller, for the log
-    :param refused: :meth:`~hero_compute.rpc.dispatch.Dispatcher.refused`, called for
-        each item refused, to count and log it
+    :param refused: :meth:`~hero_compute.rpc.dispatch.Dispatcher.refused`, to count and
+        log the refusal
     """
-    if isinstance(response, list):
-        items, answers = response, [dumps(r) for r in response]
-    else:
-        items, answers = [response], [data]
-    for i, answer in enumerate(answers):
-        if len(answer) > limit:
-            refused(
-                "max_response",
-                "a response of {size} bytes to {peer}: at most {most}",
-                size=len(answer),
-                peer=peer,
-                most=limit,
-            )
-            answers[i] = dumps(
-                error(items[i].get("id"), InternalError("response too large"))
-            )
-    if not isinstance(response, list):
-        return answers[0]
-    return b"[" + b",".join(answers) + b"]"
+    refused(
+        "max_response",
+        "a response of {size} bytes to {peer}: at most {most}",
+        size=len(data),
+        peer=peer,
+        most=limit,
+    )
+    return too_large(response.get("id"))
 
 
-def unserialisable(response: dict[str, Any] | list[dict[str, Any]]) -> bytes:
-    """The answer to a response that cannot be JSON: its items that can, -32603 others."""
+def unserialisable(response: dict[str, Any]) -> bytes:
+    """
+    The answer to a response that cannot be JSON: -32603 without details, the cause
+    logged (called where the encoder raised, so that the log has its traceback).
+    """
     log.failure("result is not JSON-serialisable")
-    if isinstance(response, list):
-        return dumps([_one_safely(r) for r in response])
     return dumps(error(response.get("id"), InternalError("Internal error")))
-
-
-def _one_safely(response: dict[str, Any]) -> dict[str, Any]:
-    try:
-        dumps(response)
-        return response
-    except (TypeError, ValueError, RecursionError):
-        return error(response.get("id"), InternalError("Internal error"))

@@ -9,7 +9,8 @@ become JSON-RPC error objects here and nowhere else.
 The transports (:mod:`~hero_compute.rpc.http_server`, :mod:`~hero_compute.rpc.web`) hand
 it the body and a :class:`CallContext`; the ``authorize`` hook sees the context, method
 and raw params before the schema does.  :mod:`~hero_compute.rpc.codec` reads and writes
-bodies, :mod:`~hero_compute.rpc.answers` has error objects and the response limit.
+bodies, :mod:`~hero_compute.rpc.answers` has error objects and the response limit, and
+:mod:`~hero_compute.rpc.batch` writes a batch's body within that limit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import collections
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Union
 
 import attrs
 from twisted.internet import defer
@@ -26,6 +27,7 @@ from twisted.python.failure import Failure
 
 from .answers import error as _error
 from .answers import over_limit, unserialisable, valid_id
+from .batch import answer_batch
 from .codec import dumps, loads
 from .context import CallContext
 from .errors import (
@@ -97,7 +99,8 @@ class Dispatcher:
         :class:`~hero_compute.rpc.errors.RefusedByPolicy`).  Handlers never check
         permissions themselves.
     :param max_batch: requests in one batch; a larger batch is refused whole (-32600)
-    :param max_response: bytes of one response; a larger one is -32603
+    :param max_response: bytes of one response body; a larger answer is -32603, and so
+        is each item of a batch that would take the batch's body past it
     :param clock: the ``IReactorTime`` on which refusal lines are rate-limited (the
         global reactor when None)
     :ivar refusals: requests refused by a limit (``max_batch``, ``max_response``), by
@@ -196,18 +199,9 @@ class Dispatcher:
                         ),
                     )
                 )
-            responses = [self._handle_one(item, context) for item in message]
-            if any(isinstance(r, defer.Deferred) for r in responses):
-                d = defer.gatherResults(
-                    [
-                        r if isinstance(r, defer.Deferred) else defer.succeed(r)
-                        for r in responses
-                    ],
-                    consumeErrors=True,
-                )
-                return d.addCallback(self._dump_batch, context)
-            # None of them is a Deferred.
-            return self._dump_batch(cast(list[dict[str, Any] | None], responses), context)
+            return answer_batch(
+                message, context, self._handle_one, self.max_response, self.refused
+            )
         response = self._handle_one(message, context)
         if isinstance(response, defer.Deferred):
             return response.addCallback(self._dump_single, context)
@@ -231,20 +225,12 @@ class Dispatcher:
             self._log = Throttle(clock, REFUSALS_EVERY)  # type: ignore[arg-type]
         log_refusal(log, self._log, limit, what, **fields)
 
-    def _dump_batch(
-        self, responses: list[dict[str, Any] | None], context: CallContext
-    ) -> bytes | None:
-        answered = [r for r in responses if r is not None]
-        return self._dump(answered, context) if answered else None
-
     def _dump_single(
         self, response: dict[str, Any] | None, context: CallContext
     ) -> bytes | None:
         return None if response is None else self._dump(response, context)
 
-    def _dump(
-        self, response: dict[str, Any] | list[dict[str, Any]], context: CallContext
-    ) -> bytes:
+    def _dump(self, response: dict[str, Any], context: CallContext) -> bytes:
         try:
             data = dumps(response)
         except (TypeError, ValueError, RecursionError):

@@ -28,8 +28,27 @@ MAX_HEADERS = 64 * 1024
 #: ``__hash__`` per lookup, about a microsecond a request in all.
 STATUS_LINES = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode("ascii"))
-    for status in (200, 204, 400, 404, 405, 408, 413, 414, 431, 500)
+    for status in (200, 204, 400, 403, 404, 405, 408, 413, 414, 431, 500)
 }
+
+#: Request headers only browsers send: ``Origin`` (on every WebSocket handshake and
+#: every ``POST``, same-origin ones included, so after a DNS rebinding too) and the
+#: fetch metadata a browser sends with ``Sec-Fetch-Mode`` (``-Site`` and ``-Dest``
+#: always, ``-User`` on a navigation).  A JSON-RPC listener is for programs; a request
+#: carrying one of these is a web page's, refused with 403 before anything runs (a
+#: "simple" cross-site ``POST`` is sent with no preflight, and a WebSocket is not held
+#: to the same-origin policy).  ``Sec-Fetch-Mode`` alone is not a browser's: Node.js's
+#: ``fetch`` (undici) sends it, and nothing else of these, on every request.  Browsers
+#: reach the explorer through its dashboard, which has guards of its own.
+BROWSER_HEADERS = frozenset(
+    (b"origin", b"sec-fetch-site", b"sec-fetch-dest", b"sec-fetch-user")
+)
+
+#: The answer to a browser's request (see :data:`BROWSER_HEADERS`).
+BROWSER_REFUSED = (
+    b"a browser's request (Origin, Sec-Fetch-Site, -Dest or -User header) is refused: "
+    b"this JSON-RPC listener is for programs; browsers use the explorer's dashboard\n"
+)
 
 #: The content type of our plain-text answers (refusals, 404, 405).
 TEXT = b"text/plain; charset=utf-8"
@@ -217,6 +236,11 @@ class RequestParsing:
             request.length = int(value) if value.strip().isdigit() else None
         elif name == b"expect" and value.lower() == b"100-continue":
             request.expect_continue = True
+        elif name in BROWSER_HEADERS:
+            # One set lookup per header, last: Content-Length, in every request, pays
+            # nothing for it.  Counted and logged (rate-limited) as refusals at accept.
+            self.factory.admission.refused("browser", self.transport)
+            raise Refused(403, BROWSER_REFUSED)
 
     def on_headers_complete(self) -> None:
         self._in_head = False

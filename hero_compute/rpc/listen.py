@@ -54,7 +54,8 @@ class Listen:
     :ivar path: the socket path (unix; an ``endpoint`` of ``unix:`` kind too)
     :ivar host: the interface (tcp and tls; an ``endpoint`` of ``tcp:`` kind too)
     :ivar port: the port, 0 for any (tcp and tls)
-    :ivar mode: the Unix socket's permissions
+    :ivar mode: the Unix socket's permissions (``unix``; an ``endpoint`` of ``unix:``
+        kind takes its ``mode=``, 0660 by default too)
     :ivar description: the endpoint string (``endpoint`` only)
     """
 
@@ -159,8 +160,53 @@ class Listen:
             kind = TCP6ServerEndpoint if ":" in self.host else TCP4ServerEndpoint
             return kind(reactor, self.port, LISTEN_BACKLOG, self.host)
         assert self.description is not None
+        if self.path is not None:
+            return _unix_endpoint(reactor, self.description)
         endpoint: IStreamServerEndpoint = serverFromString(reactor, self.description)
         return endpoint
+
+
+#: The arguments of a ``unix:`` endpoint string, in Twisted's positional order.
+_UNIX_ARGUMENTS = ("address", "mode", "backlog", "lockfile")
+
+
+def _unix_endpoint(reactor: Any, description: str) -> UNIXServerEndpoint:
+    """
+    The endpoint of a ``unix:`` string, as Twisted's parser reads it but for the mode:
+    0660 unless ``mode=`` narrows it (Twisted's default is 0666, and whoever may connect
+    to a Unix socket may call every method, CONTRACT §3, §6).
+
+    :raise ValueError: for an unknown argument, a value that is no number, or a mode
+        that lets other users connect
+    """
+    given = _arguments(description.partition(":")[2])
+    args: dict[str, str] = {}
+    for key, value in given.items():
+        if isinstance(key, int):
+            if key >= len(_UNIX_ARGUMENTS):
+                raise ValueError(f"unexpected argument {value!r}")
+            key = _UNIX_ARGUMENTS[key]
+        if key not in _UNIX_ARGUMENTS:
+            raise ValueError(
+                f"unknown argument {key}= (takes {', '.join(_UNIX_ARGUMENTS)})"
+            )
+        args[key] = value
+    try:
+        mode = int(args.get("mode", "660"), 8)
+    except ValueError:
+        raise ValueError(f"mode={args['mode']} is no octal mode (e.g. 600)") from None
+    if mode & ~0o770:
+        raise ValueError(
+            f"mode={args['mode']} lets other users connect, and a Unix caller may call "
+            "every method; leave mode= out for 0660, or narrow it (e.g. mode=600)"
+        )
+    return UNIXServerEndpoint(
+        reactor,
+        args["address"],
+        int(args.get("backlog", UNIX_BACKLOG)),
+        mode=mode,
+        wantPID=bool(int(args.get("lockfile", "1"))),
+    )
 
 
 def _arguments(text: str) -> dict[int | str, str]:

@@ -51,6 +51,24 @@ def _lock_owner(path: str) -> int | None:
         return None
 
 
+def _in_the_way(path: str, source: str) -> str:
+    """
+    What is at a socket path we could not bind, and what to do: another program's
+    socket, or something that is no socket (left where it is: it is not ours).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = stat.S_IFSOCK
+    if stat.S_ISSOCK(mode):
+        return f"another process serves it (ss -xlp src {path})"
+    what = "a symlink" if stat.S_ISLNK(mode) else "a file"
+    return (
+        f"it is {what}, not a socket, and is left as it is; remove it, or set "
+        f"{source} to another path"
+    )
+
+
 def _why(error: BaseException, listen: Listen, role: str) -> str:
     """
     One line for a listener that could not bind: what, which setting, how to fix it.
@@ -70,7 +88,7 @@ def _why(error: BaseException, listen: Listen, role: str) -> str:
     code = getattr(reason, "errno", None)
     if code == errno.EADDRINUSE:
         if path is not None:
-            hint = f"another process serves it (ss -xlp src {path})"
+            hint = _in_the_way(path, source)
         else:
             port = where.rsplit(":", 1)[-1]
             hint = f"another process has it (ss -ltnp 'sport = :{port}')"
@@ -242,7 +260,7 @@ class Listeners(service.MultiService):
             for path in self._socket_dirs:
                 _makedirs(path, created)
         except OSError as e:
-            self._undo(created)
+            self._undo(created, [])
             source = self._dir_source(path)
             raise StartupFailed(
                 f"cannot create the socket directory {e.filename or path} ({source}): "
@@ -252,14 +270,24 @@ class Listeners(service.MultiService):
         for listen in self._listens.values():
             if listen.path is not None:
                 clear_stale_socket(listen.path)
+        # Whose lock each path had before we bound: Twisted takes a path's lock before
+        # its bind can fail, so a lock naming us is ours only if it did not already.
+        owners: dict[str | None, int | None] = {
+            listen.path: _lock_owner(listen.path)
+            for listen in self._listens.values()
+            if listen.path is not None
+        }
         # Child by child rather than MultiService's loop: to know which one failed.
         service.Service.privilegedStartService(self)
+        bound: list[Listen] = []
         for svc in self:
+            listen = self._listens[svc]
             try:
                 svc.privilegedStartService()
             except (CannotListenError, OSError) as e:
-                self._undo(created)
-                raise StartupFailed(_why(e, self._listens[svc], self._role)) from None
+                self._undo(created, bound, listen, owners.get(listen.path))
+                raise StartupFailed(_why(e, listen, self._role)) from None
+            bound.append(listen)
 
     def _dir_source(self, directory: str) -> str:
         """The variable that set a socket directory: that of a socket in it."""
@@ -268,20 +296,41 @@ class Listeners(service.MultiService):
                 return listen.source
         return "HERO_SOCKET_DIR"
 
-    def _undo(self, directories: list[str]) -> None:
+    def _undo(
+        self,
+        directories: list[str],
+        bound: list[Listen],
+        failed: Listen | None = None,
+        owner: int | None = None,
+    ) -> None:
         """
-        Remove what a failed start made: our Unix sockets and their lock files (the
-        ports are never closed, as the process exits; their sockets go with it), then
-        the directories it created, if empty.
+        Remove what a failed start made, and only that: the Unix sockets it bound and
+        their lock files (the ports are never closed, as the process exits; their
+        sockets go with it), the lock file the listener that failed took, then the
+        directories it made, if empty.  Whatever was at the failed listener's path (a
+        file, a symlink, another program's socket) is not ours and stays.
+
+        :param directories: the directories it made, outermost first
+        :param bound: the listeners that bound
+        :param failed: the listener that could not bind, or None
+        :param owner: the pid its path's lock named before the start, or None
         """
-        for listen in self._listens.values():
-            path = listen.path
-            if path is not None and _lock_owner(path) == os.getpid():
-                for leftover in (path, path + ".lock"):
-                    try:
-                        os.unlink(leftover)
-                    except FileNotFoundError:
-                        pass
+        ours = []
+        for listen in bound:
+            if listen.path is not None:
+                ours.append(listen.path)
+                if _lock_owner(listen.path) == os.getpid():
+                    ours.append(listen.path + ".lock")
+        path = None if failed is None else failed.path
+        if path is not None:
+            took_lock = _lock_owner(path) == os.getpid() and owner != os.getpid()
+            if took_lock:
+                ours.append(path + ".lock")
+        for leftover in ours:
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
         for path in reversed(directories):
             try:
                 os.rmdir(path)

@@ -18,6 +18,7 @@ reading its peer while what the peer sends cannot be passed on.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,6 +50,27 @@ MAX_REFUSAL_BODY = 4096
 #: and answering TLS's close alert) before it is cut off: RFC 6455 §7.1.1 has the
 #: server close TCP after the closing handshake and a client wait a bounded time.
 CLOSE_TIMEOUT = 5.0
+
+
+def text_frame(text: str) -> bytes:
+    """
+    A server's text message as one frame, ready to write with
+    :meth:`WebSocket.send_frames`.
+
+    A server's frames are not masked (RFC 6455 §5.1) and we negotiate no extension, so
+    these bytes are the same for every peer: a message sent to many is encoded once.
+
+    :param text: the message
+    """
+    payload = text.encode("utf-8")
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload
 
 
 class HTTPRefusal(Exception):
@@ -128,6 +150,14 @@ class WebSocket:
         """Send ``text`` as a text message (the event stream's JSON); likewise."""
         if self._open and not self._gone:
             self._write(self._ws.send(TextMessage(data=text)))
+
+    def send_frames(self, frames: bytes) -> None:
+        """
+        Send whole frames made by :func:`text_frame` as they are (server side only: a
+        client's frames are masked); likewise.
+        """
+        if self._open and not self._gone:
+            self._write(frames)
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Start the closing handshake; the transport closes once the peer answers."""

@@ -7,14 +7,25 @@ const POLL_MS = 2000;
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
-import { closeConsole, initConsole, openConsole } from "./console.js";
+import { KEY_ITEM, closeConsole, initConsole, openConsole, sessionKey, wsProtocols } from "./console.js";
 
 const $ = (id) => document.getElementById(id);
 
 const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content || "";
-// Who we are: the server wrote them into the page.  An operator's controls are only
+// The login redirect's fragment (#k=...) carries the session's key, once: kept for this
+// tab, and out of the address bar and the history.
+const fromLogin = /^#k=([\w.-]+)$/.exec(location.hash);
+if (fromLogin) {
+  sessionStorage.setItem(KEY_ITEM, fromLogin[1]);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+// Who we are: the server wrote the role into the page.  An operator's controls are only
 // shown here; the server refuses a viewer's writes whatever the page does.
-const CSRF = meta("csrf-token");
+const CSRF = sessionKey();
+// CONTRACT §11: the page has the token in <meta name="csrf-token">.  The page served for
+// a cookie carries it empty (a cookie reaches every port of the host, the token must
+// not); the tab's copy goes there for scripts that read it.
+document.querySelector('meta[name="csrf-token"]')?.setAttribute("content", CSRF);
 const OPERATOR = meta("ui-role") === "operator";
 
 let rpcId = 0;
@@ -35,6 +46,10 @@ async function rpc(method, params, signal) {
   });
   if (response.status === 401) {
     throw new RpcError({ code: 401, message: "session expired: open the token URL again" });
+  }
+  if (response.status === 403) {
+    // This tab lacks the key its login handed out (an address copied to a new tab).
+    throw new RpcError({ code: 403, message: "this tab has no session key: open the token URL again" });
   }
   const answer = await response.json();
   if (answer.error) throw new RpcError(answer.error);
@@ -532,7 +547,7 @@ function onEvent(message) {
 function followEvents() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const since = events.since === null ? "" : `?since=${events.since}`;
-  const socket = new WebSocket(`${scheme}//${location.host}/v1/events${since}`);
+  const socket = new WebSocket(`${scheme}//${location.host}/v1/events${since}`, wsProtocols());
   events.socket = socket;
   socket.onopen = () => {
     events.live = true;

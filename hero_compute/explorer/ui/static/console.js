@@ -8,6 +8,19 @@ const RETRY_MS = [1000, 2000, 4000, 8000, 15000];
 
 const $ = (id) => document.getElementById(id);
 
+// The session's CSRF token: a client certificate's is in the page; a login's came once
+// in the login redirect's fragment (app.js keeps it in sessionStorage), never with the
+// cookie alone.
+export const KEY_ITEM = "hero-ui-key";
+export function sessionKey() {
+  return document.querySelector('meta[name="csrf-token"]')?.content || sessionStorage.getItem(KEY_ITEM) || "";
+}
+
+// A WebSocket can carry no header of ours: the key rides as a subprotocol.
+export function wsProtocols() {
+  return ["hero-ui", `k.${sessionKey()}`];
+}
+
 let loading = null; // the Promise of xterm.js being loaded, once
 let current = null; // the open console: {key, term, fit, socket, timer, closed}
 
@@ -99,7 +112,7 @@ async function connect(view, rpc) {
     view.term.write(`\r\n[the log is not available: ${error.message}]\r\n`);
   }
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const socket = new WebSocket(`${scheme}//${location.host}/v1/nodes/${encodeURIComponent(view.node)}/vms/${encodeURIComponent(view.vm)}/console`);
+  const socket = new WebSocket(`${scheme}//${location.host}/v1/nodes/${encodeURIComponent(view.node)}/vms/${encodeURIComponent(view.vm)}/console`, wsProtocols());
   socket.binaryType = "arraybuffer";
   view.socket = socket;
   socket.onopen = () => {
