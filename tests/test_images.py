@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import pytest_twisted
 
-from hero_compute.node.fetch import RefusedTarget, check_target
+from hero_compute.node.fetch import RefusedTarget, check_target, refused_target
 
 from .image_server import CHUNK, ImageServer, sha256
 from .support import result, rpc, wait_for
@@ -279,14 +279,16 @@ def test_node_stop_or_crash_mid_import_leaves_nothing(node, server):
 
 
 def test_loopback_refused_without_fetch_local(node, server):
-    """Without NODE_IMAGE_FETCH_LOCAL, loopback, link-local, unspecified and multicast
-    targets (literal or by name) are -32005 at once: no request reaches the server and
-    nothing is written."""
+    """Without NODE_IMAGE_FETCH_LOCAL, loopback, link-local, unspecified, multicast and
+    cloud metadata targets (literal or by name) are -32005 at once: no request reaches
+    the server and nothing is written."""
     uri, images = node()
     for host in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0", "169.254.169.254"):
         message = refused(uri, server.url("f", "two", host=host), "stolen")
         assert "refused by policy" in message, message
     assert "multicast" in refused(uri, "http://224.0.0.1/x", "stolen")
+    for url in ("http://100.100.100.200/latest/meta-data", "http://[fd00:ec2::254]/x"):
+        assert "cloud metadata address" in refused(uri, url, "stolen")
     assert server.requests == []
     assert files_in(images) == [] and result(uri, "node.images") == []
 
@@ -327,6 +329,44 @@ def test_import_through_explorer(twistd, short_tmp, server, qcow2):
         euri, "explorer.call", {"node_id": "n1", "method": "image.import", "params": params}
     )
     assert again["error"]["code"] == -32005
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["100.100.100.200", "fd00:ec2::254", "::ffff:100.100.100.200", "FD00:EC2:0::254"],
+)
+def test_refused_target_refuses_cloud_metadata_addresses(host):
+    """The import policy refuses the metadata services that are not link-local: AWS's
+    IMDS over IPv6 and Alibaba Cloud's, in any spelling."""
+    assert refused_target(host) == f"{host} is a cloud metadata address"
+
+
+@pytest.mark.parametrize(
+    "host, refused",
+    [
+        ("100.100.100.201", None),
+        ("fd00:ec2::253", None),
+        ("192.0.2.1", None),
+        ("169.254.169.254", "169.254.169.254 is a link-local address"),
+        ("127.0.0.1", "127.0.0.1 is a loopback address"),
+    ],
+)
+def test_refused_target_keeps_the_proxy_policy(host, refused):
+    """Beyond the metadata addresses, the import policy is the proxy's: their
+    neighbours pass, the other kinds are refused as before."""
+    assert refused_target(host) == refused
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_target_refuses_metadata_addresses():
+    """The connect-time check refuses the metadata addresses as literals, unless local
+    fetches are allowed."""
+    from twisted.internet import reactor
+
+    for host in ("100.100.100.200", "fd00:ec2::254"):
+        with pytest.raises(RefusedTarget, match="cloud metadata address"):
+            await check_target(reactor, host, 80, allow_local=False)
+    assert await check_target(reactor, "fd00:ec2::254", 80, allow_local=True)
 
 
 @pytest_twisted.ensureDeferred

@@ -8,6 +8,7 @@ sparse disk), never started: no guest is needed.
 import http.server
 import json
 import os
+import socket
 import socketserver
 import threading
 
@@ -34,8 +35,9 @@ def start_explorer(twistd, tmp, offline_after="3"):
     return f"unix://{tmp}/e.sock"
 
 
-def start_node(twistd, tmp, node_id, labels, capacity):
-    """A node heartbeating the explorer of ``tmp`` every 0.3 s; returns the process."""
+def start_node(twistd, tmp, node_id, labels, capacity, env=None):
+    """A node heartbeating the explorer of ``tmp`` every 0.3 s, with ``env`` added to its
+    environment; returns the process."""
     node = twistd(
         [
             "node",
@@ -50,7 +52,7 @@ def start_node(twistd, tmp, node_id, labels, capacity):
             "--node-id",
             node_id,
         ],
-        env={"NODE_LABELS": labels, "NODE_CAPACITY": capacity},
+        env={"NODE_LABELS": labels, "NODE_CAPACITY": capacity, **(env or {})},
     )
     node.listening()
     return node
@@ -329,3 +331,29 @@ def test_create_vm_stops_after_three_candidates(twistd, short_tmp, fakes):
     assert calls == [["vm.create"], ["vm.create"], ["vm.create"], []]
     # Nothing stays reserved: the first candidate is chosen again.
     assert place(explorer) == "fake0"
+
+
+def test_create_vm_reports_the_refusal_when_no_candidate_is_left(twistd, short_tmp):
+    """When the only node refuses with -32005 (its host port in use), create_vm returns
+    that refusal, not -32006 "no node fits", and nothing is created or held."""
+    explorer = start_explorer(twistd, short_tmp, offline_after="30")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        start_node(
+            twistd,
+            short_tmp,
+            "only",
+            "",
+            "vcpus=2,memory=2G,disk=20G",
+            env={"NODE_VM_PORTS": f"{port}-{port}"},
+        )
+        online(explorer, 1)
+        params = {"name": "v", **SMALL_VM, "ports": [{"guest": 22, "host": port}]}
+        error = rpc(explorer, "explorer.create_vm", params)["error"]
+    assert error["code"] == -32005, error
+    assert f"port {port} is in use" in error["message"], error
+    assert result(f"unix://{short_tmp}/only.sock", "vm.list") == []
+    # Nothing stays reserved: the node is still chosen for the same VM.
+    assert place(explorer) == "only"

@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from hero_compute import pki
+
 from .support import ROOT, TWISTD, Twistd, make_short_tmp, remove_tmp, result
 
 #: A line of twistd's usage text.
@@ -249,6 +251,32 @@ def test_tls_material_unusable(tmp):
         },
     )
     assert_clean_failure(status, output, junk, "EXPLORER_TLS_CERT")
+    assert leftovers(tmp) == []
+
+
+def test_tls_key_that_is_a_fifo(tmp):
+    """A key file replaced by a FIFO (nothing writes it) is refused at once, naming the
+    file, instead of blocking start-up in open()."""
+    ca_dir = os.path.join(tmp, "ca")
+    pki.create_ca(ca_dir)
+    cert, _ = pki.create_cert(
+        ca_dir, "explorer", "e1", ips=["127.0.0.1"], out=os.path.join(tmp, "e1")
+    )
+    fifo = os.path.join(tmp, "key.pem")
+    os.mkfifo(fifo)
+    status, output = run_twistd(
+        ["explorer"],
+        {
+            "HERO_SOCKET_DIR": tmp,
+            "EXPLORER_STATE_DIR": os.path.join(tmp, "state"),
+            "EXPLORER_TLS_ADDR": "127.0.0.1:0",
+            "EXPLORER_TLS_CERT": cert,
+            "EXPLORER_TLS_KEY": fifo,
+            "EXPLORER_TLS_CA": os.path.join(ca_dir, "ca.pem"),
+        },
+        timeout=20,
+    )
+    assert_clean_failure(status, output, fifo, "not a regular file", "EXPLORER_TLS_KEY")
     assert leftovers(tmp) == []
 
 

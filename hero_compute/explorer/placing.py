@@ -103,8 +103,9 @@ class PlacementMethods:
         candidate, three in all.  ``image`` to ``boot`` go to ``vm.create`` as given.
 
         :return: the node's VmInfo with ``node_id``
-        :raise NoNodeFits: no candidate is left
-        :raise InvalidVmState: the third candidate's -32005
+        :raise NoNodeFits: no candidate fits and none refused
+        :raise InvalidVmState: the last -32005, when the third candidate refused or
+            none is left after a refusal
         """
         params: dict = {
             "name": name,
@@ -127,9 +128,16 @@ class PlacementMethods:
         avoid: set[str] = set()
         refused: RpcError | None = None
         for _ in range(CANDIDATES):
-            node_id = self._choose(
-                Request.of(vcpus, memory_mb, disk_gb, where, avoid, strategy)
-            )
+            try:
+                node_id = self._choose(
+                    Request.of(vcpus, memory_mb, disk_gb, where, avoid, strategy)
+                )
+            except NoNodeFits:
+                # The refusals set aside every candidate: the caller must learn why
+                # (a host port in use, a taken name), not "no node fits".
+                if refused is not None:
+                    raise refused from None
+                raise
             reservation = self._index.reserve(node_id, amounts, self._clock.seconds())
             try:
                 vm = await self._call(node_id, "vm.create", params)

@@ -141,10 +141,8 @@ class ExplorerTLS(service.Service):
 
     def _load_ca(self, ca: str, ca_key: str) -> str:
         try:
-            with open(ca, "rb") as f:
-                cert_pem = f.read()
-            with open(ca_key, "rb") as f:
-                key_pem = f.read()
+            cert_pem = pki.read_pem_file(ca)
+            key_pem = pki.read_pem_file(ca_key)
             self._ca = pki.CertificateAuthority.from_pem(cert_pem, key_pem)
         except (OSError, pki.PkiError) as e:
             raise StartupError(

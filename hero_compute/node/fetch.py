@@ -4,9 +4,9 @@ it arrives, bounded in size and in idle time, with the proxy's address policy.
 
 Every connection, the first and each redirect's, goes through :class:`CheckedEndpoints`:
 the host is resolved, every address it resolves to is checked against
-:func:`~hero_compute.rpc.addresses.forbidden_target` (unless local fetches are allowed),
-and the connection goes to the very address that was checked, so a name that resolves
-to ``127.0.0.1`` or ``169.254.169.254`` (at once, or only on the second lookup) never
+:func:`refused_target` (unless local fetches are allowed), and the connection goes to
+the very address that was checked, so a name that resolves to ``127.0.0.1`` or
+``169.254.169.254`` (at once, or only on the second lookup) never
 turns the node into a way into its own host or its cloud's metadata service.
 
 The body goes to a :class:`~hero_compute.node.sink.BodySink`.
@@ -57,6 +57,7 @@ __all__ = [
     "TempFile",
     "check_target",
     "check_url",
+    "refused_target",
 ]
 
 #: Redirects followed before giving up; each target is checked like the first.
@@ -65,6 +66,42 @@ MAX_REDIRECTS = 5
 #: Seconds to connect, and seconds without a byte before the download is cut.
 CONNECT_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
+
+#: The least average rate of a body, in bytes per second over each
+#: :data:`RATE_WINDOW` seconds from its start: below it the download fails "too slow"
+#: (a server dripping a byte now and then is never idle, and would hold an import slot
+#: for good).
+MIN_RATE = 1024.0
+RATE_WINDOW = 30.0
+
+
+#: Cloud metadata services that are neither link-local nor otherwise refused by
+#: :func:`~hero_compute.rpc.addresses.forbidden_target`: AWS's IMDS over IPv6 and
+#: Alibaba Cloud's.  Refused to imports too (an extension of CONTRACT §8's list).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200")
+)
+
+
+def refused_target(host: str) -> str | None:
+    """
+    Why an import may not connect to ``host``, or None: the proxy's address policy
+    (:func:`~hero_compute.rpc.addresses.forbidden_target`), and the known cloud
+    metadata addresses of :data:`METADATA_ADDRESSES`.
+
+    :param host: an IP address as text (names are resolved first)
+    """
+    reason = forbidden_target(host)
+    if reason is not None:
+        return reason
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if (mapped or ip) in METADATA_ADDRESSES:
+        return f"{host} is a cloud metadata address"
+    return None
 
 
 def _literal(host) -> bool:
@@ -94,7 +131,7 @@ def check_target(
     :return: a Deferred of the IP address (text), failing with :class:`RefusedTarget`
     """
     if _literal(host):
-        reason = None if allow_local else forbidden_target(host)
+        reason = None if allow_local else refused_target(host)
         if reason is not None:
             return defer.fail(RefusedTarget(f"refused by policy: {reason}"))
         return defer.succeed(host)
@@ -104,7 +141,7 @@ def check_target(
             raise RefusedTarget(f"{host} resolves to nothing")
         if not allow_local:
             for address in addresses:
-                reason = forbidden_target(address)
+                reason = refused_target(address)
                 if reason is not None:
                     kind = reason.split(" is ", 1)[1]
                     raise RefusedTarget(
@@ -231,6 +268,9 @@ class Download:
     :param allow_local: see :func:`check_target`
     :param progress: ``progress(bytes_done, bytes_total or None)``, as bytes arrive
     :param idle: seconds without a byte before the download is cut
+    :param min_rate: the least average bytes per second over each ``rate_window``
+        seconds of the body, or 0 for no minimum
+    :param rate_window: seconds the rate is averaged over
     :ivar done: a Deferred firing None once every byte is written (not yet synced), or
         failing with :class:`FetchError`; never before the last write has returned
     """
@@ -245,12 +285,16 @@ class Download:
         allow_local: bool,
         progress: Callable[[int, int | None], object],
         idle: float = IDLE_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        rate_window: float = RATE_WINDOW,
     ) -> None:
         self._reactor = reactor
         self._file = file
         self._limit = limit
         self._progress = progress
         self._idle = idle
+        self._min_rate = min_rate
+        self._rate_window = rate_window
         self._body: BodySink | None = None
         self._aborted: FetchError | None = None
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -277,7 +321,14 @@ class Download:
     def _received(self, response):
         total = None if response.length is UNKNOWN_LENGTH else response.length
         body = self._body = BodySink(
-            self._reactor, self._file, self._limit, total, self._progress, self._idle
+            self._reactor,
+            self._file,
+            self._limit,
+            total,
+            self._progress,
+            self._idle,
+            self._min_rate,
+            self._rate_window,
         )
         if self._aborted is not None:
             body.abort(self._aborted)

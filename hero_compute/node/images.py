@@ -28,7 +28,15 @@ from twisted.logger import Logger
 
 from hero_compute.rpc.errors import InvalidVmState
 
-from .fetch import Download, FetchError, TempFile, check_target, check_url
+from .fetch import (
+    MIN_RATE,
+    RATE_WINDOW,
+    Download,
+    FetchError,
+    TempFile,
+    check_target,
+    check_url,
+)
 from .qemu.disks import INFO_TIMEOUT
 from .qemu.images import ImagePolicy, default_image_dirs
 from .qemu.tools import ToolTimeout, run
@@ -108,6 +116,9 @@ class Images(service.Service):
     :param qemu_img: the ``qemu-img`` tool, for formats and virtual sizes
     :param max_imports: imports at once
     :param idle: seconds without a byte before a download is cut
+    :param min_rate: the least average bytes per second of a download over each
+        ``rate_window`` seconds, or 0 for no minimum
+    :param rate_window: seconds the rate is averaged over
     """
 
     def __init__(
@@ -120,6 +131,8 @@ class Images(service.Service):
         qemu_img: str = "qemu-img",
         max_imports: int = MAX_IMPORTS,
         idle: float = 60.0,
+        min_rate: float = MIN_RATE,
+        rate_window: float = RATE_WINDOW,
     ) -> None:
         self._reactor = reactor
         self._policy = ImagePolicy(image_dirs)
@@ -129,6 +142,8 @@ class Images(service.Service):
         self._qemu_img = qemu_img
         self._max_imports = max_imports
         self._idle = idle
+        self._min_rate = min_rate
+        self._rate_window = rate_window
         #: Imports in progress, by name.
         self.importing: dict[str, _Import] = {}
         #: Failed imports, by name: ``{"path", "error"}``.
@@ -307,6 +322,8 @@ class Images(service.Service):
             allow_local=self.allow_local,
             progress=lambda done, total: self._progress(entry, done, total),
             idle=self._idle,
+            min_rate=self._min_rate,
+            rate_window=self._rate_window,
         )
         entry.finished = defer.ensureDeferred(
             self._complete(name, entry, file, sha256.lower())

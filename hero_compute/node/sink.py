@@ -3,8 +3,8 @@ Where a download's body goes: :class:`BodySink` receives it from the HTTP client
 has a :class:`TempFile` hash and write it on the reactor's thread pool, one chunk at a
 time.  The reactor only queues bytes, and stops reading from the server while too many
 wait (``pauseProducing``), so a slow disk slows the download instead of filling memory.
-Every way a body can end badly (too big, idle too long, cut, a write that fails) ends
-in one :class:`~hero_compute.node.fetch_errors.FetchError`.
+Every way a body can end badly (too big, idle too long, too slow, cut, a write that
+fails) ends in one :class:`~hero_compute.node.fetch_errors.FetchError`.
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ class BodySink(protocol.Protocol):
     :param total: the length the server announced, or None
     :param progress: ``progress(bytes_done, total)``, as bytes arrive
     :param idle: seconds without a byte before the body is cut
+    :param min_rate: the least average bytes per second over each ``window``, or 0 for
+        no minimum: a server dripping bytes would otherwise hold an import slot for
+        good, never idle long enough to be cut
+    :param window: seconds over which the rate is averaged; the first ends ``window``
+        seconds after the body starts (its grace period)
 
     :ivar done: fires None once all of it is written, or fails with :class:`FetchError`
     """
@@ -97,6 +102,8 @@ class BodySink(protocol.Protocol):
         total: int | None,
         progress: Callable[[int, int | None], object],
         idle: float,
+        min_rate: float = 0,
+        window: float = 30.0,
     ) -> None:
         self._reactor = reactor
         self._file = file
@@ -104,6 +111,8 @@ class BodySink(protocol.Protocol):
         self._total = total
         self._progress = progress
         self._idle = idle
+        self._min_rate = min_rate
+        self._window = window
         self.done: defer.Deferred[None] = defer.Deferred()
         self.received = 0
         self._queue: list[bytes] = []
@@ -114,6 +123,11 @@ class BodySink(protocol.Protocol):
         self._error: FetchError | None = None
         # Set from connectionMade on; Any: IDelayedCall | None, read where it is set.
         self._timer: Any = None
+        self._rate_timer: Any = None
+        # Bytes received when the current rate window began, and whether we paused the
+        # server in it (our disk's slowness is not the server's).
+        self._window_start = 0
+        self._held = False
 
     def abort(self, error: FetchError) -> None:
         """Fail with ``error`` and drop the connection (once it is handed over)."""
@@ -127,6 +141,8 @@ class BodySink(protocol.Protocol):
             self.transport.stopProducing()
             return
         self._timer = self._reactor.callLater(self._idle, self._stalled)
+        if self._min_rate > 0:
+            self._rate_timer = self._reactor.callLater(self._window, self._check_rate)
 
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
@@ -145,7 +161,7 @@ class BodySink(protocol.Protocol):
         self._queue.append(data)
         self._queued += len(data)
         if self._queued > HIGH_WATER and not self._paused:
-            self._paused = True
+            self._paused = self._held = True
             self.transport.pauseProducing()
         self._write_next()
 
@@ -185,6 +201,21 @@ class BodySink(protocol.Protocol):
         self._timer = None
         self._fail(FetchError(f"no data for {self._idle:g} s after {self.received} bytes"))
 
+    def _check_rate(self) -> None:
+        self._rate_timer = None
+        got = self.received - self._window_start
+        if got < self._min_rate * self._window and not self._held:
+            self._fail(
+                FetchError(
+                    f"too slow: {got} bytes in the last {self._window:g} s (the least "
+                    f"is {self._min_rate:g} bytes/s), after {self.received} bytes"
+                )
+            )
+            return
+        self._window_start = self.received
+        self._held = self._paused
+        self._rate_timer = self._reactor.callLater(self._window, self._check_rate)
+
     def _fail(self, error) -> None:
         if self._error is None:
             self._error = error
@@ -194,9 +225,10 @@ class BodySink(protocol.Protocol):
         self._maybe_done()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._rate_timer = None
         self._ended = True
         # PotentialDataLoss: no length was announced, and the server closed; the
         # digest tells whether it was all.

@@ -48,6 +48,7 @@ from .pem import (
     load_certificate,
     load_certificates,
     load_private_key,
+    read_pem_file,
     write_file,
 )
 
@@ -74,6 +75,7 @@ __all__ = [
     "make_key",
     "parse_spiffe_id",
     "public_key_pin",
+    "read_pem_file",
     "spki_pin",
     "trust_domain_of",
     "uri_sans",

@@ -4,6 +4,7 @@ writes with an exact mode (0600 for keys, whatever the umask).
 """
 
 import os
+import stat
 import tempfile
 
 from cryptography import x509
@@ -30,12 +31,46 @@ def dump_private_key(key: PrivateKeyTypes) -> bytes:
     )
 
 
-def _read(path: StrPath) -> bytes:
+#: The largest PEM file :func:`read_pem_file` reads: a CA bundle is a few kB.
+MAX_PEM_BYTES = 1 << 20
+
+
+def read_pem_file(path: StrPath, limit: int = MAX_PEM_BYTES) -> bytes:
+    """
+    Read a PEM file without ever blocking: it is opened non-blocking and must be a
+    regular file of at most ``limit`` bytes.  A reload runs on the reactor thread, where
+    a FIFO or a device put in a certificate's place would otherwise stall every
+    connection.
+
+    :return: the file's bytes
+    :raises PkiError: if it cannot be opened, is not a regular file, or is too big
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise PkiError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PkiError(f"cannot read {path}: not a regular file")
+        if info.st_size > limit:
+            raise PkiError(f"cannot read {path}: over {limit} bytes")
+        chunks = []
+        size = 0
+        # Bounded even if the file grows while it is read.
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise PkiError(f"cannot read {path}: over {limit} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise PkiError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def load_certificates(path: StrPath) -> list[x509.Certificate]:
@@ -44,7 +79,7 @@ def load_certificates(path: StrPath) -> list[x509.Certificate]:
     :raises PkiError: if the file is unreadable or holds no certificate
     """
     try:
-        certs = x509.load_pem_x509_certificates(_read(path))
+        certs = x509.load_pem_x509_certificates(read_pem_file(path))
     except ValueError:
         certs = []
     if not certs:
@@ -63,7 +98,7 @@ def load_private_key(path: StrPath) -> PrivateKeyTypes:
     :raises PkiError: if it is unreadable or not a private key
     """
     try:
-        return serialization.load_pem_private_key(_read(path), password=None)
+        return serialization.load_pem_private_key(read_pem_file(path), password=None)
     except (ValueError, TypeError) as e:
         raise PkiError(f"{path} holds no usable private key: {e}") from None
 
