@@ -684,11 +684,23 @@ def test_postgres_at_step_3_is_migrated_keeping_its_records(pg_server):
         assert conn.execute("SELECT kind FROM changes").fetchall()[0] == ("node",)
 
 
+class OnStore:
+    """What the record writer needs of the explorer's state: the store, run at once."""
+
+    def __init__(self, store):
+        self.store = store
+        self.shared = store.shared
+
+    def run_on_store(self, f, *args):
+        from twisted.internet import defer
+
+        return defer.succeed(f(*args))
+
+
 def test_the_record_writers_chunks_reach_each_backend_whole(store):
     """Through the record writer (a chunk a turn, each shared dict encoded once per
     chunk), more than two chunks of records sharing some dicts and not others are all
     stored on each backend, each with its own values."""
-    from twisted.internet import defer
     from twisted.internet.task import Clock
 
     from hero_compute.explorer.record_writer import (
@@ -699,17 +711,8 @@ def test_the_record_writers_chunks_reach_each_backend_whole(store):
     )
     from hero_compute.explorer.records import NodeRecord
 
-    class State:
-        shared = store.shared
-
-        def __init__(self):
-            self.store = store
-
-        def run_on_store(self, f, *args):
-            return defer.succeed(f(*args))
-
     clock = Clock()
-    writer = NodeRecordWriter(State(), clock)
+    writer = NodeRecordWriter(OnStore(store), clock)
     count = 2 * (SHARED_FLUSH_CHUNK if store.shared else FLUSH_CHUNK) + 7
     common = {"vcpus": 4}
     for n in range(count):
@@ -744,7 +747,6 @@ def test_a_record_the_store_refuses_is_dropped_and_the_rest_stored(store, logged
     """Through the record writer, a record neither backend can store (a NaN in its
     labels) is dropped after MAX_FAILURES tries, logged, and the records of its chunk
     are all stored on each backend."""
-    from twisted.internet import defer
     from twisted.internet.task import Clock
 
     from hero_compute.explorer.record_writer import (
@@ -754,17 +756,8 @@ def test_a_record_the_store_refuses_is_dropped_and_the_rest_stored(store, logged
     )
     from hero_compute.explorer.records import NodeRecord
 
-    class State:
-        shared = store.shared
-
-        def __init__(self):
-            self.store = store
-
-        def run_on_store(self, f, *args):
-            return defer.succeed(f(*args))
-
     clock = Clock()
-    writer = NodeRecordWriter(State(), clock)
+    writer = NodeRecordWriter(OnStore(store), clock)
     for n in range(7):
         labels = {"load": float("nan")} if n == 3 else {"zone": "a"}
         writer.save_node(NodeRecord(**node(f"n{n}", labels=labels)))
