@@ -217,7 +217,7 @@ class Options(TapOptions):
     def opt_listen(self, description: str) -> None:
         """
         Also listen on this Twisted server endpoint (unix:..., tcp:..., ssl:...,
-        systemd:...); may repeat.
+        systemd:...); may repeat.  A unix: socket is mode 0660 (mode= may only narrow it).
         """
         self["listen"].append(description)
 
