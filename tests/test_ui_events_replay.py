@@ -73,3 +73,44 @@ def test_dashboard_replay_readers_that_never_read_are_cut(twistd, short_tmp):
         assert reader.recv(65536).startswith(b"HTTP/1.1 101")
     finally:
         reader.close()
+
+
+class _Side:
+    """A connection's end as the watcher sees it: its descriptor, and whether it was cut."""
+
+    def __init__(self, fd):
+        self.fd, self.aborted = fd, False
+
+    def fileno(self):
+        return self.fd
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+def test_a_full_browser_is_cut_when_the_explorers_side_is_already_closed():
+    """
+    While the browser is full, the watcher finds the explorer's connection closed (lost
+    on a failed write, its descriptor gone): the browser's side is cut too, not left
+    waiting to drain for ever, and no timer is left.
+    """
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.ui_console import WATCH, _Watched
+
+    clock, explorer, browser = Clock(), _Side(7), _Side(8)
+    watched = _Watched(explorer, browser, clock)
+    watched.pauseProducing()
+    explorer.fd = -1
+    clock.advance(WATCH)
+    assert browser.aborted
+    assert clock.getDelayedCalls() == []

@@ -270,6 +270,25 @@ def test_reserved_user_name(twistd, short_tmp, user):
     assert result(unix, "explorer.ui_token_list")["tokens"] == []
 
 
+def test_the_per_user_cap_holds_at_one():
+    """
+    With one session a user, every login ends that user's previous one and the user's
+    table keeps the new one, so a revoke finds and ends it (a later login once went into
+    a table nothing held: the cap skipped every second login, revoke counted 0).
+    """
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.ui_accounts import UiAccounts
+    from hero_compute.explorer.ui_users import DashboardUser
+    from hero_compute.rpc.authz import UI_OPERATOR
+
+    accounts = UiAccounts(Clock(), per_user=1)
+    user = DashboardUser(UI_OPERATOR, "alice")
+    sids = [accounts.new_session(user)[0] for _ in range(6)]
+    assert [sid for sid in sids if accounts.session(sid) is not None] == sids[-1:]
+    assert len(accounts) == 1
+
+
 def test_accounts_hold_unit():
     """
     Without a reactor: a held WebSocket is aborted when its session is revoked, expires

@@ -276,6 +276,8 @@ class UiAccounts:
         mine = self._by_user.setdefault(user.name, collections.OrderedDict())
         while len(mine) >= self._per_user:
             self._end(next(iter(mine)))
+        # Ending the user's last session let go of its table: the new one goes in anew.
+        mine = self._by_user.setdefault(user.name, mine)
         if len(self._sessions) >= self._limit:
             now = self._clock.seconds()
             for sid in [

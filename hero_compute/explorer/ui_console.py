@@ -272,6 +272,8 @@ class _Watched:
         self._look_later = None
         fd = self._explorer.fileno()
         if fd < 0:
+            # The explorer's side is gone already: the browser's cannot drain, cut it.
+            self._browser.abortConnection()
             return
         poll = select.poll()
         poll.register(fd, select.POLLRDHUP)
