@@ -175,6 +175,12 @@ def _victim(kind, path, elsewhere):
         live = socket.socket(socket.AF_UNIX)
         live.bind(path)
         live.listen()
+        if kind == "another program's socket beside a stale lock":
+            # A crashed explorer's lock (a symlink naming a pid no longer running):
+            # Twisted takes such a lock and unlinks whatever is at the path to bind.
+            dead = subprocess.Popen(["true"])
+            dead.wait()
+            os.symlink(str(dead.pid), path + ".lock")
         return live
     return None
 
@@ -194,7 +200,13 @@ def _drain(listening):
 @pytest.mark.parametrize("option", ["--socket", "--listen"])
 @pytest.mark.parametrize(
     "kind",
-    ["regular file", "symlink to a file", "dangling symlink", "another program's socket"],
+    [
+        "regular file",
+        "symlink to a file",
+        "dangling symlink",
+        "another program's socket",
+        "another program's socket beside a stale lock",
+    ],
 )
 def test_failed_start_leaves_the_path_alone(short_tmp, kind, option):
     """A start that cannot bind a path holding a file, a symlink or another program's
@@ -231,7 +243,9 @@ def test_failed_start_leaves_the_path_alone(short_tmp, kind, option):
                 with accepted:
                     assert accepted.recv(64) == b"still here"
         assert sorted(os.listdir(short_tmp)) == sorted(
-            ["x.sock"] + (["victim"] if kind == "symlink to a file" else [])
+            ["x.sock"]
+            + (["victim"] if kind == "symlink to a file" else [])
+            + (["x.sock.lock"] if "stale lock" in kind else [])
         )
     finally:
         if live is not None:

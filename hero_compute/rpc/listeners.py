@@ -51,6 +51,20 @@ def _lock_owner(path: str) -> int | None:
         return None
 
 
+def _lock_is_live(path: str) -> bool:
+    """Whether a path's Twisted lock names a process alive (Twisted then leaves it)."""
+    pid = _lock_owner(path)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _in_the_way(path: str, source: str) -> str:
     """
     What is at a socket path we could not bind, and what to do: another program's
@@ -268,8 +282,15 @@ class Listeners(service.MultiService):
                 f"(uid {os.getuid()}) may create or write"
             ) from None
         for listen in self._listens.values():
-            if listen.path is not None:
-                clear_stale_socket(listen.path)
+            if listen.path is None:
+                continue
+            clear_stale_socket(listen.path)
+            # Left there, and no live lock: Twisted would take the lock as stale and
+            # unlink what is at the path (another program's live socket) to bind.
+            if os.path.lexists(listen.path) and not _lock_is_live(listen.path):
+                self._undo(created, [])
+                in_use = OSError(errno.EADDRINUSE, "address already in use")
+                raise StartupFailed(_why(in_use, listen, self._role))
         # Whose lock each path had before we bound: Twisted takes a path's lock before
         # its bind can fail, so a lock naming us is ours only if it did not already.
         owners: dict[str | None, int | None] = {
