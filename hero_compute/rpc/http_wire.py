@@ -33,8 +33,10 @@ STATUS_LINES = {
 
 #: Request headers only browsers send: ``Origin`` (on every WebSocket handshake and
 #: every ``POST``, same-origin ones included, so after a DNS rebinding too) and the
-#: fetch metadata a browser sends with ``Sec-Fetch-Mode`` (``-Site`` and ``-Dest``
-#: always, ``-User`` on a navigation).  A JSON-RPC listener is for programs; a request
+#: fetch metadata a browser sends with ``Sec-Fetch-Mode`` to secure origins (HTTPS and
+#: localhost: ``-Site`` and ``-Dest``, ``-User`` on a navigation; over plain HTTP to
+#: another address ``Origin`` alone speaks for the browser, which is enough for a
+#: ``POST`` and a WebSocket).  A JSON-RPC listener is for programs; a request
 #: carrying one of these is a web page's, refused with 403 before anything runs (a
 #: "simple" cross-site ``POST`` is sent with no preflight, and a WebSocket is not held
 #: to the same-origin policy).  ``Sec-Fetch-Mode`` alone is not a browser's: Node.js's
