@@ -353,3 +353,49 @@ def test_stop_ends_at_the_deadline_even_while_writes_succeed(logged_errors):
     assert len(written(state)) == 2 * FLUSH_CHUNK
     (lost,) = lines(logged_errors.flush())
     assert "1 node records lost at shutdown" in lost and "out of time" in lost
+
+
+def test_stop_gives_up_a_write_that_hangs_at_the_deadline(logged_errors):
+    """A write made by the stop that never returns (held on the store's thread) does
+    not hold the stop past its deadline: it fires then, its records said lost."""
+    from hero_compute.explorer.record_writer import STOP_WITHIN
+
+    clock = Clock()
+    state = RecordingState(clock, shared=True)
+    state.held = []
+    writer = NodeRecordWriter(state, clock)
+    for n in range(3):
+        writer.save_node(record(f"n{n}"))
+    finished = writer.finish(STOP_WITHIN)
+    assert len(state.held) == 1  # the stop's own chunk, never returning
+    clock.advance(STOP_WITHIN - 0.1)
+    assert not finished.called
+    clock.advance(0.1)
+    assert finished.called and finished.result == 3
+    (lost,) = lines(logged_errors.flush())
+    assert "3 node records lost at shutdown" in lost and "did not return" in lost
+    state.run_held()  # the write returning late changes nothing
+    assert writer.pending == 0 and not clock.getDelayedCalls()
+
+
+def test_a_node_dropped_during_the_stop_is_not_written_back():
+    """A node dropped while the stop's chunk is on the store's thread, when that write
+    fails (the store away), is not written on the stop's retry."""
+    clock = Clock()
+    state = RecordingState(clock, shared=True)
+    state.held = []
+    writer = NodeRecordWriter(state, clock)
+    writer.save_node(record("keep"))
+    writer.save_node(record("gone"))
+    state.refuse = failing(1)
+    finished = writer.finish(15.0)
+    assert len(state.held) == 1
+    writer.drop("gone")
+    state.run_held()
+    for _ in range(200):
+        if finished.called:
+            break
+        clock.advance(0.1)
+        state.run_held()
+    assert finished.called and finished.result == 0
+    assert written(state) == {"keep": "keep"}
