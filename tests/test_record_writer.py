@@ -6,10 +6,14 @@ failed included) or says how many it lost.  In memory, with a Clock; the same st
 against a real PostgreSQL server is in ``test_shared_store``.
 """
 
+import threading
+import time
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.threadpool import ThreadPool
 
 from hero_compute.explorer.record_writer import FLUSH_EVERY, NodeRecordWriter
 from hero_compute.explorer.records import NodeRecord
@@ -399,3 +403,55 @@ def test_a_node_dropped_during_the_stop_is_not_written_back():
         state.run_held()
     assert finished.called and finished.result == 0
     assert written(state) == {"keep": "keep"}
+
+
+class FromThreads:
+    """A reactor's ``callFromThread`` that only notes the calls (a test's clock runs
+    the rest)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callFromThread(self, f, *args):
+        self.calls.append((f, args))
+
+
+class StuckStore:
+    """A shared store whose closing calls are noted."""
+
+    shared = True
+
+    def __init__(self):
+        self.touched = []
+        self.closed = threading.Event()
+
+    def touch_nodes(self, last_seen):
+        self.touched.append(last_seen)
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_stop_does_not_wait_on_the_reactor_for_a_stuck_store_thread(logged_errors):
+    """A stop whose store thread is stuck in a call (a hung database) gives the reactor
+    back at once and completes at its deadline, the store forgotten; the store is
+    closed once that call returns."""
+    from hero_compute.explorer.record_writer import STOP_WITHIN
+
+    clock = Clock()
+    state = ExplorerState(clock=clock, reactor=FromThreads(), db_path="unused.db")
+    store = state.store = StuckStore()
+    state._pool = ThreadPool(minthreads=1, maxthreads=1, name="hero-store-test")
+    state._pool.start()
+    release = threading.Event()
+    state._pool.callInThread(release.wait, 5)
+    began = time.monotonic()
+    with capturedLogs() as events:
+        stopped = state.stopService()
+        assert time.monotonic() - began < 1 and not stopped.called
+        clock.advance(STOP_WITHIN)
+    assert stopped.called and state.store is None
+    assert [line for line in lines(events) if "did not return" in line]
+    assert store.touched == [] and not store.closed.is_set()
+    release.set()
+    assert store.closed.wait(10)
