@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -392,13 +392,13 @@ def _connect(dsn, timeout=STATEMENT_TIMEOUT):
         **KEEPALIVES,
     }
     options = f"{given.get('options', '')} -c statement_timeout={timeout}".strip()
-    return psycopg.connect(
+    conninfo = make_conninfo(
         dsn,
-        autocommit=True,
         connect_timeout=CONNECT_TIMEOUT,
         options=options,
         **{k: v for k, v in bounds.items() if k not in given},
     )
+    return psycopg.connect(conninfo, autocommit=True)
 
 
 def _reason(error):
