@@ -6,10 +6,14 @@ failed included) or says how many it lost.  In memory, with a Clock; the same st
 against a real PostgreSQL server is in ``test_shared_store``.
 """
 
+import threading
+import time
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.threadpool import ThreadPool
 
 from hero_compute.explorer.record_writer import FLUSH_EVERY, NodeRecordWriter
 from hero_compute.explorer.records import NodeRecord
@@ -353,3 +357,101 @@ def test_stop_ends_at_the_deadline_even_while_writes_succeed(logged_errors):
     assert len(written(state)) == 2 * FLUSH_CHUNK
     (lost,) = lines(logged_errors.flush())
     assert "1 node records lost at shutdown" in lost and "out of time" in lost
+
+
+def test_stop_gives_up_a_write_that_hangs_at_the_deadline(logged_errors):
+    """A write made by the stop that never returns (held on the store's thread) does
+    not hold the stop past its deadline: it fires then, its records said lost."""
+    from hero_compute.explorer.record_writer import STOP_WITHIN
+
+    clock = Clock()
+    state = RecordingState(clock, shared=True)
+    state.held = []
+    writer = NodeRecordWriter(state, clock)
+    for n in range(3):
+        writer.save_node(record(f"n{n}"))
+    finished = writer.finish(STOP_WITHIN)
+    assert len(state.held) == 1  # the stop's own chunk, never returning
+    clock.advance(STOP_WITHIN - 0.1)
+    assert not finished.called
+    clock.advance(0.1)
+    assert finished.called and finished.result == 3
+    (lost,) = lines(logged_errors.flush())
+    assert "3 node records lost at shutdown" in lost and "did not return" in lost
+    state.run_held()  # the write returning late changes nothing
+    assert writer.pending == 0 and not clock.getDelayedCalls()
+
+
+def test_a_node_dropped_during_the_stop_is_not_written_back():
+    """A node dropped while the stop's chunk is on the store's thread, when that write
+    fails (the store away), is not written on the stop's retry."""
+    clock = Clock()
+    state = RecordingState(clock, shared=True)
+    state.held = []
+    writer = NodeRecordWriter(state, clock)
+    writer.save_node(record("keep"))
+    writer.save_node(record("gone"))
+    state.refuse = failing(1)
+    finished = writer.finish(15.0)
+    assert len(state.held) == 1
+    writer.drop("gone")
+    state.run_held()
+    for _ in range(200):
+        if finished.called:
+            break
+        clock.advance(0.1)
+        state.run_held()
+    assert finished.called and finished.result == 0
+    assert written(state) == {"keep": "keep"}
+
+
+class FromThreads:
+    """A reactor's ``callFromThread`` that only notes the calls (a test's clock runs
+    the rest)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callFromThread(self, f, *args):
+        self.calls.append((f, args))
+
+
+class StuckStore:
+    """A shared store whose closing calls are noted."""
+
+    shared = True
+
+    def __init__(self):
+        self.touched = []
+        self.closed = threading.Event()
+
+    def touch_nodes(self, last_seen):
+        self.touched.append(last_seen)
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_stop_does_not_wait_on_the_reactor_for_a_stuck_store_thread(logged_errors):
+    """A stop whose store thread is stuck in a call (a hung database) gives the reactor
+    back at once and completes at its deadline, the store forgotten; the store is
+    closed once that call returns."""
+    from hero_compute.explorer.record_writer import STOP_WITHIN
+
+    clock = Clock()
+    state = ExplorerState(clock=clock, reactor=FromThreads(), db_path="unused.db")
+    store = state.store = StuckStore()
+    state._pool = ThreadPool(minthreads=1, maxthreads=1, name="hero-store-test")
+    state._pool.start()
+    release = threading.Event()
+    state._pool.callInThread(release.wait, 5)
+    began = time.monotonic()
+    with capturedLogs() as events:
+        stopped = state.stopService()
+        assert time.monotonic() - began < 1 and not stopped.called
+        clock.advance(STOP_WITHIN)
+    assert stopped.called and state.store is None
+    assert [line for line in lines(events) if "did not return" in line]
+    assert store.touched == [] and not store.closed.is_set()
+    release.set()
+    assert store.closed.wait(10)

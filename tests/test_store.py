@@ -24,6 +24,7 @@ from hero_compute.explorer.store import (
     needs_save,
     open_store,
 )
+from hero_compute.rpc.errors import StoreUnavailable
 
 NOW = 1_700_000_000.0
 
@@ -769,3 +770,28 @@ def test_a_record_the_store_refuses_is_dropped_and_the_rest_stored(store, logged
     ]
     refused = logged_errors.flush(ValueError)
     assert len(refused) == 2  # the chunk's failure, then the drop
+
+
+def test_postgres_statements_of_a_running_explorer_are_bounded(pg_server):
+    """A running explorer's PostgreSQL session has a statement timeout, set after its
+    migrations: a statement that hangs comes back as the store away.  ``state copy``'s
+    session (no watcher) has none."""
+    from hero_compute.explorer.store.postgres import STATEMENT_TIMEOUT
+
+    dsn = pg_server.new_database()
+    store = open_store(dsn)
+    try:
+        with store._use() as conn:
+            shown = conn.execute("SHOW statement_timeout").fetchone()[0]
+        assert shown == f"{STATEMENT_TIMEOUT // 1000}s"
+        with pytest.raises(StoreUnavailable), store._use() as conn:
+            conn.execute("SET LOCAL statement_timeout = 50")
+            conn.execute("SELECT pg_sleep(5)")
+    finally:
+        store.close()
+    copy = open_store(dsn, watch=False)
+    try:
+        with copy._use() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"
+    finally:
+        copy.close()

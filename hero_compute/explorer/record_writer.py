@@ -13,8 +13,10 @@ writes fail :data:`MAX_FAILURES` times is logged and dropped (counted in
 :attr:`NodeRecordWriter.dropped`; a later change to it is tried afresh), so that it
 cannot hold the others back for ever.  A graceful stop waits for the chunks in flight,
 then writes every record still kept (a failed chunk's too), waiting while the store is
-away, within :data:`STOP_WITHIN` seconds; what is not written by then is logged once,
-with its count.
+away, within :data:`STOP_WITHIN` seconds, each write it makes bounded by the time left
+(one that hangs on the store's thread is given up, its records counted lost); what is
+not written by then is logged once, with its count.  A node dropped meanwhile is not
+written back by a chunk that fails.
 """
 
 from __future__ import annotations
@@ -332,8 +334,22 @@ class NodeRecordWriter:
         failed, why = 0, ""
         while self._dirty and self.store is not None:
             taken, rows = self._take(chunk)
-            error = await defer.maybeDeferred(run, self._write, rows)
-            self._settle(error, taken)
+            if not self._in_flight:
+                self._forgotten = set()  # from now: the ids dropped during this write
+            written = defer.maybeDeferred(run, self._write, rows)
+            if deadline is not None and not written.called:
+                # A write that hangs (the store's thread keeps it) must not hold the
+                # stop past its deadline: its records are lost with the rest.
+                remaining = max(deadline - self._clock.seconds(), 0.0)
+                written.addTimeout(remaining, self._clock)
+            try:
+                error = await written
+            except defer.TimeoutError:
+                return self._lose(
+                    self.pending + len(taken),
+                    "a write to the state store did not return in time",
+                )
+            self._settle(error, taken, self._forgotten)
             now = self._clock.seconds()
             if error is None:
                 failed, why = 0, "out of time"
@@ -356,6 +372,7 @@ class NodeRecordWriter:
             log.error(msg, count=count, why=why)
         self._dirty.clear()
         self._failures.clear()
+        self._forgotten = set()
         self._stopping = False  # the stop is over: a store opened again is written to
         return count
 
@@ -378,7 +395,9 @@ class NodeRecordWriter:
         """Write no record of a node any more (it is being forgotten)."""
         self._dirty.pop(node_id, None)
         self._failures.pop(node_id, None)
-        if self._in_flight:
+        # A chunk being written (by a flush, or by the stop) that fails must not bring
+        # the record back.
+        if self._in_flight or self._stopping:
             self._forgotten.add(node_id)
 
     def forget_record(self, node_id: str) -> None:

@@ -6,10 +6,17 @@ written: the node records within :data:`~.record_writer.STOP_WITHIN` seconds, wa
 for the database if it is away for a moment
 (:meth:`~.record_writer.NodeRecordWriter.finish`).  Whatever writes to a shared store
 runs on the store's one thread.
+
+A stop never waits for that thread on the reactor: it is joined from another thread,
+until the stop's deadline.  A call stuck there past it (a hung database: its statement
+timeout, :data:`~.store.postgres.STATEMENT_TIMEOUT`, brings it back later) is left to
+finish on its own: the store is closed once it does, the last heartbeat times are not
+kept, and the stop completes at once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -109,11 +116,56 @@ class ExplorerState(service.Service):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        deadline = self._clock.seconds() + STOP_WITHIN
         try:
             await self.records.finish(STOP_WITHIN)
         except Exception:
             log.failure("writing the last node records failed")
-        self.close(self._last_seen())
+        if await self._join_store_thread(deadline):
+            self.close(self._last_seen())
+
+    async def _join_store_thread(self, deadline: float) -> bool:
+        """
+        Stop the store's thread, letting what is queued finish, joined off the
+        reactor until ``deadline``.
+
+        :return: whether it stopped (or there is none); if not, the store is left
+            to close once the call stuck there returns, and forgotten
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return True
+        store = self.store
+        joined: defer.Deferred[None] = defer.Deferred()
+        lock = threading.Lock()
+        ends: list[str] = []  # the first of "joined", "stuck"
+
+        def join() -> None:
+            pool.stop()
+            with lock:
+                ends.append("joined")
+            if ends[0] == "stuck":
+                store.close()
+            else:
+                self._reactor.callFromThread(joined.callback, None)
+
+        threading.Thread(target=join, name="hero-store-stop", daemon=True).start()
+        joined.addTimeout(max(deadline - self._clock.seconds(), 0.0), self._clock)
+        try:
+            await joined
+        except defer.TimeoutError:
+            with lock:
+                ends.append("stuck")
+            if ends[0] == "joined":
+                return True  # it stopped just now
+            self.records.stop()
+            self.store = None
+            log.warn(
+                "a call to the state store did not return by the stop's deadline: "
+                "last heartbeat times not kept"
+            )
+            return False
+        return True
 
     def _last_seen(self) -> dict[str, float]:
         if self._registry is None:

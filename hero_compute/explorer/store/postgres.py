@@ -12,6 +12,12 @@ fallback), so a heartbeat never waits on the database.
 Every write of an identity, token or revocation takes one advisory transaction lock
 first: writes from all explorers are serialised, a token is redeemed once in the whole
 fleet, and ``changes`` rows commit in ``seq`` order (the poll never skips one).
+
+A running explorer's statements are bounded (:data:`STATEMENT_TIMEOUT`, and TCP
+keepalives with :data:`TCP_USER_TIMEOUT` for a server gone silent): a write that hangs
+comes back to the store's thread as the database being away, so that a stopping
+explorer is not held by it for ever.  Migrations (waiting for another explorer's under
+the lock, or rewriting a large table) and ``state copy`` (whole tables) run unbounded.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -52,6 +58,18 @@ WRITE_LOCK = 0x6865726F01
 #: Seconds to wait for a connection to the server.
 CONNECT_TIMEOUT = 3
 
+#: Milliseconds a running explorer's statement may take (``statement_timeout``): its
+#: writes are a chunk of node records or one identity (milliseconds); one cancelled
+#: is a :class:`StoreUnavailable`, retried.
+STATEMENT_TIMEOUT = 10_000
+
+#: TCP keepalives (seconds: idle, then between probes, and probes unanswered) and
+#: milliseconds unacknowledged data may wait (``tcp_user_timeout``): a server gone
+#: without closing the connection is noticed in about 10 s, not the kernel's 15
+#: minutes.  libpq ignores them on a Unix socket.
+KEEPALIVES = {"keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+TCP_USER_TIMEOUT = 10_000
+
 
 def redact(dsn: str) -> str:
     """
@@ -79,8 +97,9 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
     kind = "postgresql"
     shared = True
 
-    def __init__(self, dsn: str, conn: Any) -> None:
+    def __init__(self, dsn: str, conn: Any, timeout: int = STATEMENT_TIMEOUT) -> None:
         self._dsn = dsn
+        self._timeout = timeout
         self.location = redact(dsn)
         self._conn = conn
         self._generation = 0
@@ -105,7 +124,8 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
 
         :param dsn: a ``postgresql://`` URI (libpq form; the password from it,
             ``PGPASSWORD`` or ``PGPASSFILE``)
-        :param watch: follow the other explorers' changes (off for ``state copy``)
+        :param watch: follow the other explorers' changes, statements bounded by
+            :data:`STATEMENT_TIMEOUT` (both off for ``state copy``)
         :raises StoreError: unreachable, or a newer schema (never naming a password)
         """
         try:
@@ -116,11 +136,12 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 f"{redact(dsn)}: not a libpq connection URI (check its quoting and "
                 "percent-encoding)"
             ) from None
+        timeout = STATEMENT_TIMEOUT if watch else 0
         try:
-            conn = _connect(dsn)
+            conn = _connect(dsn, timeout)
         except psycopg.Error as e:
             raise StoreError(f"{redact(dsn)}: cannot connect ({_reason(e)})") from None
-        store = cls(dsn, conn)
+        store = cls(dsn, conn, timeout)
         try:
             store._migrate()
             with store._mirror:
@@ -135,6 +156,8 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
 
     def _migrate(self):
         conn = self._conn
+        # Another explorer's migration is waited for, and a step may rewrite a table.
+        conn.execute("SET statement_timeout = 0")
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS hero_schema (version integer)")
@@ -153,6 +176,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 log.info("{db}: schema migrated to {step}", db=self.location, step=step)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+            conn.execute("RESET statement_timeout")
 
     def _reload(self, conn):
         """Read the whole mirror again (at start, and after the database was away)."""
@@ -234,7 +258,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                     self._conn.close()
                     self._conn = None
                 if self._conn is None or self._conn.closed:
-                    self._conn = _connect(self._dsn)
+                    self._conn = _connect(self._dsn, self._timeout)
                     self._generation = generation
                 conn = self._conn
                 with conn.transaction():
@@ -358,8 +382,23 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
             )
 
 
-def _connect(dsn):
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+def _connect(dsn, timeout=STATEMENT_TIMEOUT):
+    """Connect; ``timeout``: the session's ``statement_timeout`` (ms; 0: none)."""
+    given = conninfo_to_dict(dsn)
+    # The URI's own options and TCP settings are kept; the statement timeout is added.
+    bounds = {
+        "keepalives": 1,
+        "tcp_user_timeout": TCP_USER_TIMEOUT,
+        **KEEPALIVES,
+    }
+    options = f"{given.get('options', '')} -c statement_timeout={timeout}".strip()
+    conninfo = make_conninfo(
+        dsn,
+        connect_timeout=CONNECT_TIMEOUT,
+        options=options,
+        **{k: v for k, v in bounds.items() if k not in given},
+    )
+    return psycopg.connect(conninfo, autocommit=True)
 
 
 def _reason(error):
