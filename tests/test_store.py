@@ -776,7 +776,7 @@ def test_postgres_statements_of_a_running_explorer_are_bounded(pg_server):
     """A running explorer's PostgreSQL session has a statement timeout, set after its
     migrations: a statement that hangs comes back as the store away.  ``state copy``'s
     session (no watcher) has none."""
-    from hero_compute.explorer.store.postgres import STATEMENT_TIMEOUT
+    from hero_compute.explorer.store.pg_connect import STATEMENT_TIMEOUT
 
     dsn = pg_server.new_database()
     store = open_store(dsn)

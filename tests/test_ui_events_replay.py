@@ -105,10 +105,10 @@ def test_a_full_browser_is_cut_when_the_explorers_side_is_already_closed():
     """
     from twisted.internet.task import Clock
 
-    from hero_compute.explorer.ui_console import WATCH, _Watched
+    from hero_compute.explorer.ui_watch import WATCH, Watched
 
     clock, explorer, browser = Clock(), _Side(7), _Side(8)
-    watched = _Watched(explorer, browser, clock)
+    watched = Watched(explorer, browser, clock)
     watched.pauseProducing()
     explorer.fd = -1
     clock.advance(WATCH)

@@ -17,6 +17,9 @@ away, within :data:`STOP_WITHIN` seconds, each write it makes bounded by the tim
 (one that hangs on the store's thread is given up, its records counted lost); what is
 not written by then is logged once, with its count.  A node dropped meanwhile is not
 written back by a chunk that fails.
+
+Long because: the stop's flush shares the running flush's records kept, chunk in flight
+and dropped ids; apart, each half would reach into the other's state.
 """
 
 from __future__ import annotations

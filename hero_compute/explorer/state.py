@@ -9,7 +9,7 @@ runs on the store's one thread.
 
 A stop never waits for that thread on the reactor: it is joined from another thread,
 until the stop's deadline.  A call stuck there past it (a hung database: its statement
-timeout, :data:`~.store.postgres.STATEMENT_TIMEOUT`, brings it back later) is left to
+timeout, :data:`~.store.pg_connect.STATEMENT_TIMEOUT`, brings it back later) is left to
 finish on its own: the store is closed once it does, the last heartbeat times are not
 kept, and the stop completes at once.
 """

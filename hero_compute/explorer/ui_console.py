@@ -13,7 +13,7 @@ other answer is passed on as its status alone and both connections are closed, s
 the browser's connection never becomes a connection to the Unix socket's other methods.
 Backpressure: each side's transport produces for the other's (a reader that does not
 read stops the other from being read); an event reader's is capped as the explorer's
-own are, and it is cut once the explorer has given up on it (:class:`_Watched`).
+own are, and it is cut once the explorer has given up on it (:class:`~.ui_watch.Watched`).
 Each splice is held by its session
 (:meth:`~.ui_accounts.UiAccounts.hold`): when the session ends (revoked, expired), both
 connections are cut at once.
@@ -22,7 +22,6 @@ connections are cut at once.
 from __future__ import annotations
 
 import re
-import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from hero_compute.rpc.authz import UI_OPERATOR
 from .dashboard_guard import same_origin
 from .dashboard_login import WS_PROTOCOL, csrf_ws_ok
 from .events import cap_send_buffer
+from .ui_watch import Watched
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
@@ -65,9 +65,6 @@ MAX_HEAD = 16 * 1024
 
 #: Seconds allowed for the explorer's answer to the upgrade.
 ANSWER_TIMEOUT = 30.0
-
-#: Seconds between looks at an event stream's explorer connection while it is not read.
-WATCH = 1.0
 
 _REASONS = {
     400: b"Bad Request",
@@ -115,7 +112,7 @@ class _Browser(protocol.Protocol):
         self.gone = False
         #: Called once the connection has closed (lets go of the session's hold).
         self.release: Callable[[], None] = lambda: None
-        #: Whether it reads the event stream (watched: :class:`_Watched`).
+        #: Whether it reads the event stream (watched: :class:`~.ui_watch.Watched`).
         self.events = False
 
     def abort(self) -> None:
@@ -206,7 +203,7 @@ class _Explorer(protocol.Protocol):
         # Each side stops being read while the other cannot take what it sends.
         producer = self.transport
         if self._browser.events:
-            producer = _Watched(self.transport, browser, self._clock)
+            producer = Watched(self.transport, browser, self._clock)
         browser.registerProducer(producer, True)
         self.transport.registerProducer(browser, True)
         browser.write(self._answer)
@@ -238,50 +235,6 @@ class _Explorer(protocol.Protocol):
             self._browser.transport.write(status_only(502))
         if self._browser.transport is not None:
             self._browser.transport.loseConnection()
-
-
-class _Watched:
-    """The explorer's connection as an event reader's producer.  Unread while the browser
-    takes nothing, its end (the explorer closing a reader that fell behind) would go
-    unseen, and what is held for the browser kept: while paused it is looked at every
-    :data:`WATCH` seconds, and once the explorer has hung up both connections are cut."""
-
-    def __init__(self, explorer: Any, browser: Any, clock: Any) -> None:
-        self._explorer, self._browser, self._clock = explorer, browser, clock
-        self._look_later: Any = None
-
-    def pauseProducing(self) -> None:
-        self._explorer.pauseProducing()
-        if self._look_later is None:
-            self._look_later = self._clock.callLater(WATCH, self._look)
-
-    def resumeProducing(self) -> None:
-        self._unwatch()
-        self._explorer.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self._unwatch()
-        self._explorer.stopProducing()
-
-    def _unwatch(self) -> None:
-        if self._look_later is not None and self._look_later.active():
-            self._look_later.cancel()
-        self._look_later = None
-
-    def _look(self) -> None:
-        self._look_later = None
-        fd = self._explorer.fileno()
-        if fd < 0:
-            # The explorer's side is gone already: the browser's cannot drain, cut it.
-            self._browser.abortConnection()
-            return
-        poll = select.poll()
-        poll.register(fd, select.POLLRDHUP)
-        if poll.poll(0):
-            self._browser.abortConnection()
-            self._explorer.abortConnection()
-            return
-        self._look_later = self._clock.callLater(WATCH, self._look)
 
 
 def take_over(request: Request) -> _Browser:

@@ -13,10 +13,10 @@ Every write of an identity, token or revocation takes one advisory transaction l
 first: writes from all explorers are serialised, a token is redeemed once in the whole
 fleet, and ``changes`` rows commit in ``seq`` order (the poll never skips one).
 
-A running explorer's statements are bounded (:data:`STATEMENT_TIMEOUT`, and TCP
-keepalives with :data:`TCP_USER_TIMEOUT` for a server gone silent): a write that hangs
-comes back to the store's thread as the database being away, so that a stopping
-explorer is not held by it for ever.  Migrations (waiting for another explorer's under
+A running explorer's statements are bounded (:mod:`.pg_connect`: a statement timeout,
+and TCP keepalives for a server gone silent): a write that hangs comes back to the
+store's thread as the database being away, so that a stopping explorer is not held by
+it for ever.  Migrations (waiting for another explorer's under
 the lock, or rewriting a large table) and ``state copy`` (whole tables) run unbounded.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -36,6 +36,7 @@ from hero_compute.rpc.errors import StoreUnavailable
 
 from .interface import IStore
 from .migrations import LATEST, POSTGRES
+from .pg_connect import STATEMENT_TIMEOUT, connect, reason, redact
 from .postgres_trust import PostgresTrust
 from .rows import (
     SELECT_IDENTITY,
@@ -54,36 +55,6 @@ log = Logger()
 #: ``pg_advisory_lock`` keys: one for migrations, one for every identity write.
 MIGRATE_LOCK = 0x6865726F00
 WRITE_LOCK = 0x6865726F01
-
-#: Seconds to wait for a connection to the server.
-CONNECT_TIMEOUT = 3
-
-#: Milliseconds a running explorer's statement may take (``statement_timeout``): its
-#: writes are a chunk of node records or one identity (milliseconds); one cancelled
-#: is a :class:`StoreUnavailable`, retried.
-STATEMENT_TIMEOUT = 10_000
-
-#: TCP keepalives (seconds: idle, then between probes, and probes unanswered) and
-#: milliseconds unacknowledged data may wait (``tcp_user_timeout``): a server gone
-#: without closing the connection is noticed in about 10 s, not the kernel's 15
-#: minutes.  libpq ignores them on a Unix socket.
-KEEPALIVES = {"keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
-TCP_USER_TIMEOUT = 10_000
-
-
-def redact(dsn: str) -> str:
-    """
-    :param dsn: a libpq connection string or ``postgresql://`` URI
-    :return: ``postgresql://user@host:port/dbname``, safe to log: never a password
-    """
-    try:
-        parts = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "postgresql://(unparsable URI)"
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    host = parts.get("host", "")
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"postgresql://{user}{host}{port}/{parts.get('dbname', '')}"
 
 
 @implementer(IStore)
@@ -138,9 +109,9 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
             ) from None
         timeout = STATEMENT_TIMEOUT if watch else 0
         try:
-            conn = _connect(dsn, timeout)
+            conn = connect(dsn, timeout)
         except psycopg.Error as e:
-            raise StoreError(f"{redact(dsn)}: cannot connect ({_reason(e)})") from None
+            raise StoreError(f"{redact(dsn)}: cannot connect ({reason(e)})") from None
         store = cls(dsn, conn, timeout)
         try:
             store._migrate()
@@ -150,7 +121,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
             conn.close()
             raise
         if watch:
-            store._watcher = Watcher(dsn, store, _connect)
+            store._watcher = Watcher(dsn, store, connect)
             store._watcher.start()
         return store
 
@@ -258,7 +229,7 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                     self._conn.close()
                     self._conn = None
                 if self._conn is None or self._conn.closed:
-                    self._conn = _connect(self._dsn, self._timeout)
+                    self._conn = connect(self._dsn, self._timeout)
                     self._generation = generation
                 conn = self._conn
                 with conn.transaction():
@@ -380,30 +351,3 @@ class PostgresStore(PostgresTrust, PostgresUiTokens):
                 f"VALUES ({', '.join(['%s'] * len(columns))})",
                 rows,
             )
-
-
-def _connect(dsn, timeout=STATEMENT_TIMEOUT):
-    """Connect; ``timeout``: the session's ``statement_timeout`` (ms; 0: none)."""
-    given = conninfo_to_dict(dsn)
-    # The URI's own options and TCP settings are kept; the statement timeout is added.
-    bounds = {
-        "keepalives": 1,
-        "tcp_user_timeout": TCP_USER_TIMEOUT,
-        **KEEPALIVES,
-    }
-    options = f"{given.get('options', '')} -c statement_timeout={timeout}".strip()
-    conninfo = make_conninfo(
-        dsn,
-        connect_timeout=CONNECT_TIMEOUT,
-        options=options,
-        **{k: v for k, v in bounds.items() if k not in given},
-    )
-    return psycopg.connect(conninfo, autocommit=True)
-
-
-def _reason(error):
-    # libpq's messages name host, port and user, never the password; keep the first
-    # line only (the rest is hints about the server's log).
-    return (
-        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    )
