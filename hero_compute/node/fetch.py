@@ -1,6 +1,7 @@
 """
 One download for ``image.import``: an ``http(s)://`` URL streamed into a file, hashed as
-it arrives, bounded in size and in idle time, with the proxy's address policy.
+it arrives, bounded in size, in idle time, in rate and in the time to the response head,
+with the proxy's address policy.
 
 Every connection, the first and each redirect's, goes through :class:`CheckedEndpoints`:
 the host is resolved, every address it resolves to is checked against
@@ -73,6 +74,12 @@ IDLE_TIMEOUT = 60.0
 #: for good).
 MIN_RATE = 1024.0
 RATE_WINDOW = 30.0
+
+#: Seconds from the request, every redirect included, to the final response's head
+#: (connections, TLS handshakes and the heads of redirects count): the body's idle and
+#: rate limits start with the body, so a server that accepts and never answers, or
+#: drips its head, would otherwise hold an import slot for good.
+HEAD_TIMEOUT = 30.0
 
 
 #: Cloud metadata services that are neither link-local nor otherwise refused by
@@ -271,6 +278,8 @@ class Download:
     :param min_rate: the least average bytes per second over each ``rate_window``
         seconds of the body, or 0 for no minimum
     :param rate_window: seconds the rate is averaged over
+    :param head_timeout: seconds from the request to the response head, redirects
+        included, before the download fails "no response within"
     :ivar done: a Deferred firing None once every byte is written (not yet synced), or
         failing with :class:`FetchError`; never before the last write has returned
     """
@@ -287,6 +296,7 @@ class Download:
         idle: float = IDLE_TIMEOUT,
         min_rate: float = MIN_RATE,
         rate_window: float = RATE_WINDOW,
+        head_timeout: float = HEAD_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self._file = file
@@ -306,8 +316,13 @@ class Download:
         )
         agent_name = f"hero_compute/{hero_compute.__version__}".encode()
         headers = Headers({b"User-Agent": [agent_name]})
+        # Armed before the request: it may fail at once, and then disarms it.
+        self._head_timer = reactor.callLater(
+            head_timeout, self.abort, f"no response within {head_timeout:g} s"
+        )
         self._request = agent.request(b"GET", url.encode("ascii"), headers)
-        d = self._request.addCallback(self._received)
+        d = self._request.addBoth(self._head_over)
+        d.addCallback(self._received)
         self.done = d.addErrback(self._failed)
 
     def abort(self, reason: str) -> None:
@@ -315,8 +330,17 @@ class Download:
         self._aborted = FetchError(reason)
         if self._body is not None:
             self._body.abort(self._aborted)
-        elif not self._request.called:
+        else:
+            # Even when "called": waiting on a connection or a response, the chain is
+            # paused on an inner Deferred, which cancel() reaches and aborts; on a
+            # chain that has ended, cancel() does nothing.
             self._request.cancel()
+
+    def _head_over(self, result):
+        """Disarm the head's deadline, whatever ended the wait; pass ``result`` on."""
+        if self._head_timer.active():
+            self._head_timer.cancel()
+        return result
 
     def _received(self, response):
         total = None if response.length is UNKNOWN_LENGTH else response.length

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from hero_compute.rpc.errors import InvalidVmState
 
 from .fetch import (
+    HEAD_TIMEOUT,
     MIN_RATE,
     RATE_WINDOW,
     Download,
@@ -119,6 +120,8 @@ class Images(service.Service):
     :param min_rate: the least average bytes per second of a download over each
         ``rate_window`` seconds, or 0 for no minimum
     :param rate_window: seconds the rate is averaged over
+    :param head_timeout: seconds from a download's request to its response head,
+        redirects included
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class Images(service.Service):
         idle: float = 60.0,
         min_rate: float = MIN_RATE,
         rate_window: float = RATE_WINDOW,
+        head_timeout: float = HEAD_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self._policy = ImagePolicy(image_dirs)
@@ -144,6 +148,7 @@ class Images(service.Service):
         self._idle = idle
         self._min_rate = min_rate
         self._rate_window = rate_window
+        self._head_timeout = head_timeout
         #: Imports in progress, by name.
         self.importing: dict[str, _Import] = {}
         #: Failed imports, by name: ``{"path", "error"}``.
@@ -324,6 +329,7 @@ class Images(service.Service):
             idle=self._idle,
             min_rate=self._min_rate,
             rate_window=self._rate_window,
+            head_timeout=self._head_timeout,
         )
         entry.finished = defer.ensureDeferred(
             self._complete(name, entry, file, sha256.lower())
