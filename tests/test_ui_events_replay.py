@@ -6,6 +6,7 @@ own readers are, and then cut by the dashboard, instead of the kernel taking the
 replay for each.
 """
 
+import select
 import socket
 import time
 import urllib.parse
@@ -32,6 +33,20 @@ def silent_reader(url, cookie):
     return sock
 
 
+def ended_by(socks, deadline):
+    """Wait, reading nothing, until every socket's peer has closed or reset it (poll's
+    HUP, ERR or RDHUP), or until ``deadline`` (then the reads show what is open)."""
+    ended = select.POLLHUP | select.POLLERR | select.POLLRDHUP
+    waiting = {s.fileno(): s for s in socks}
+    poll = select.poll()
+    for fd in waiting:
+        poll.register(fd, ended)
+    while waiting and time.monotonic() < deadline:
+        for fd, _ in poll.poll(max(deadline - time.monotonic(), 0) * 1000):
+            poll.unregister(fd)
+            waiting.pop(fd, None)
+
+
 def test_dashboard_replay_readers_that_never_read_are_cut(twistd, short_tmp):
     """With the ring full, 10 dashboard ?since=0 readers of one viewer's session that
     read nothing: explorer.info over Unix still answers within 1 s, and within STALL +
@@ -55,9 +70,10 @@ def test_dashboard_replay_readers_that_never_read_are_cut(twistd, short_tmp):
         took = time.monotonic() - took
         assert took < 1.0, f"explorer.info took {took:.1f} s behind {READERS} replays"
         # Read nothing until the explorer has closed each (STALL after its connections
-        # filled, within a second or two) and cut it (CLOSE_GRACE later), and the
-        # dashboard has seen that.  Reading sooner would make it a reader that reads.
-        time.sleep(max(started + STALL + CLOSE_GRACE + 8 - time.monotonic(), 0))
+        # filled, within a second or two) and cut it (CLOSE_GRACE at the latest), and
+        # the dashboard has seen that: each connection's end is seen by poll, without
+        # reading.  Reading sooner would make it a reader that reads.
+        ended_by(socks, started + STALL + CLOSE_GRACE + 8)
         everything = read_all(socks, time.monotonic() + 5)
     finally:
         for s in socks:
