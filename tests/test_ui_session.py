@@ -289,6 +289,34 @@ def test_the_per_user_cap_holds_at_one():
     assert len(accounts) == 1
 
 
+def test_the_sweep_survives_a_failing_look(logged_errors):
+    """
+    The once-a-second sweep for revocations at other explorers logs a look that fails
+    and goes on: a session revoked elsewhere afterwards is still cut (stopped, the sweep
+    would have left every such session's sockets open).
+    """
+    from twisted.internet.task import Clock
+
+    from hero_compute.explorer.ui_live import SWEEP_INTERVAL, LiveSockets
+
+    clock, cut, revoked, looks = Clock(), [], set(), []
+
+    def ended(sid):
+        looks.append(sid)
+        if len(looks) == 1:
+            raise RuntimeError("the mirror is being replaced")
+        return sid in revoked
+
+    live = LiveSockets(clock, ended, lambda sid: live.cut(sid))
+    live.hold("s1", None, lambda: cut.append("s1"))
+    clock.advance(SWEEP_INTERVAL)
+    revoked.add("s1")
+    clock.advance(SWEEP_INTERVAL)
+    assert cut == ["s1"] and len(looks) == 2
+    assert clock.getDelayedCalls() == []
+    assert logged_errors.flush(RuntimeError)
+
+
 def test_accounts_hold_unit():
     """
     Without a reactor: a held WebSocket is aborted when its session is revoked, expires

@@ -17,9 +17,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
+from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
+
+log = Logger()
 
 #: Seconds between the looks at the store's mirror, while any session holds a
 #: WebSocket.
@@ -98,8 +101,14 @@ class LiveSockets:
             self._sweep = None
 
     def _look(self) -> None:
-        for sid in [sid for sid in self._held if self._ended(sid)]:
-            self._end(sid)
+        # A failure is logged and the sweep goes on: stopped, it would leave every
+        # session revoked elsewhere with its sockets open.
+        for sid in list(self._held):
+            try:
+                if self._ended(sid):
+                    self._end(sid)
+            except Exception:
+                log.failure("dashboard: checking a live session {sid:.8}", sid=sid)
 
     def __len__(self) -> int:
         return sum(len(aborts) for aborts in self._held.values())
