@@ -64,6 +64,15 @@ class Beats:
         self.conn.close()
 
 
+def fill_ring(unix):
+    """Make more events than the ring keeps (it then holds KEEP, the oldest gone)."""
+    beats = Beats(unix)
+    try:
+        beats.send(KEEP + 400)
+    finally:
+        beats.close()
+
+
 def silent_reader(uri):
     """A ``?since=0`` reader that sends its upgrade and reads nothing (not even the
     answer).  Its receive buffer is the default one: a tiny one would fill as well,
@@ -122,11 +131,7 @@ def test_replay_readers_that_never_read_starve_nobody_and_are_closed_with_1008(e
     Unix still answers within 1 s (the old code, replaying 10,000 frames each at once:
     3 s or more), and each is closed with 1008 (its part of the replay in order before
     the close) and cut within STALL + 5 s."""
-    beats = Beats(explorer.unix)
-    try:
-        beats.send(KEEP + 400)
-    finally:
-        beats.close()
+    fill_ring(explorer.unix)
     socks = []
     try:
         started = time.monotonic()

@@ -196,6 +196,23 @@ def test_node_rows_encode_each_records_own_dicts():
         assert json.loads(row[at["labels"]]) == ({"n": str(n)} if n % 2 else {})
 
 
+def record(node_id, name=None):
+    """A small node's record."""
+    return NodeRecord(
+        node_id=node_id,
+        name=name or node_id,
+        socket_path="unix:///x",
+        transport="unix",
+        version="1",
+        capacity={},
+        usage={},
+        vm_count=0,
+        labels={},
+        first_seen=1.0,
+        last_seen=2.0,
+    )
+
+
 class RecordingState:
     """Just what a record writer uses of the explorer's state, its store recording
     each transaction and the turn it ran in.  ``refuse(rows)``, when set, may return
@@ -242,24 +259,9 @@ def test_flush_writes_every_record_a_chunk_per_turn(clock, shared):
     writer = NodeRecordWriter(state, clock)
     chunk = SHARED_FLUSH_CHUNK if shared else FLUSH_CHUNK
     count = 4 * chunk + 1
-    records = [
-        NodeRecord(
-            node_id=f"n{n:05d}",
-            name="x",
-            socket_path="unix:///x",
-            transport="unix",
-            version="1",
-            capacity={},
-            usage={},
-            vm_count=0,
-            labels={},
-            first_seen=1.0,
-            last_seen=2.0,
-        )
-        for n in range(count)
-    ]
-    for record in records:
-        writer.save_node(record)
+    records = [record(f"n{n:05d}", "x") for n in range(count)]
+    for each in records:
+        writer.save_node(each)
     clock.advance(FLUSH_EVERY)
     assert [len(rows) for _, rows in state.written] == [chunk] * 4 + [1]
     assert len({turn for turn, _ in state.written}) == 5

@@ -16,29 +16,19 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.threadpool import ThreadPool
 
 from hero_compute.explorer.record_writer import FLUSH_EVERY, NodeRecordWriter
-from hero_compute.explorer.records import NodeRecord
 from hero_compute.explorer.state import ExplorerState
 from hero_compute.explorer.store import Store
 from hero_compute.rpc.errors import StoreUnavailable
 
-from .test_periodic_turns import RecordingState
+from .test_periodic_turns import RecordingState, record
 
 
-def record(node_id, name=None):
-    """A small node's record."""
-    return NodeRecord(
-        node_id=node_id,
-        name=name or node_id,
-        socket_path="unix:///x",
-        transport="unix",
-        version="1",
-        capacity={},
-        usage={},
-        vm_count=0,
-        labels={},
-        first_seen=1.0,
-        last_seen=2.0,
-    )
+def advance_until(d, clock, steps):
+    """Move ``clock`` on by 0.1 s steps, at most ``steps``, until ``d`` has fired."""
+    for _ in range(steps):
+        if d.called:
+            return
+        clock.advance(0.1)
 
 
 def written(state):
@@ -224,10 +214,7 @@ def test_stop_retries_a_store_away_for_a_moment(shared):
     state.refuse = failing(3)
     with capturedLogs() as events:
         finished = writer.finish(STOP_WITHIN)
-        for _ in range(100):
-            if finished.called:
-                break
-            clock.advance(0.1)
+        advance_until(finished, clock, 100)
     assert finished.called and finished.result == 0
     assert clock.seconds() < STOP_WITHIN
     assert written(state) == {f"n{n}": f"n{n}" for n in range(5)}
@@ -250,10 +237,7 @@ def test_stop_gives_up_at_the_deadline_and_says_how_many_are_lost(shared, logged
         writer.save_node(record(f"n{n}"))
     state.refuse = lambda rows: StoreUnavailable()
     finished = writer.finish(STOP_WITHIN)
-    for _ in range(1000):
-        if finished.called:
-            break
-        clock.advance(0.1)
+    advance_until(finished, clock, 1000)
     assert finished.called and finished.result == 7
     assert clock.seconds() <= STOP_WITHIN + 0.1
     assert 1 < len(state.refused) <= STOP_RETRIES + 1

@@ -11,10 +11,10 @@ import socket
 import time
 import urllib.parse
 
-from hero_compute.explorer.events import CLOSE_GRACE, KEEP, SEND_BUFFER, STALL
+from hero_compute.explorer.events import CLOSE_GRACE, SEND_BUFFER, STALL
 
 from .support import result
-from .test_events_replay import Beats, read_all
+from .test_events_replay import fill_ring, read_all
 from .test_ui import login, start_explorer
 from .test_ui_console import upgrade
 
@@ -56,11 +56,7 @@ def test_dashboard_replay_readers_that_never_read_are_cut(twistd, short_tmp):
     live, never closed, and reading found the whole 1 MB replay."""
     _, unix, _, startup = start_explorer(twistd, short_tmp)
     viewer = login(startup)
-    beats = Beats(unix)
-    try:
-        beats.send(KEEP + 400)
-    finally:
-        beats.close()
+    fill_ring(unix)
     socks = []
     try:
         started = time.monotonic()
